@@ -1,0 +1,47 @@
+//! `cargo xtask …`: everything an operator or CI runs, from a fresh machine.
+//!
+//! Every command that needs tools runs `setup` first, so a clean clone needs
+//! nothing but `cargo xtask demo` or `cargo xtask test`.
+
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, set up, demo and test the gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what builds and tests need (rust-src, bpf-linker, Debian packages); idempotent.
+    Setup,
+    /// Run the gateway on a throwaway PKI and show who gets through and who is refused.
+    Demo,
+    /// setup + fmt --check + clippy -D warnings + every test.
+    Test {
+        /// Skip fmt and clippy (quicker local loop).
+        #[arg(long)]
+        no_lint: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+        Command::Test { no_lint } => {
+            setup::run()?;
+            test::run(!no_lint)
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! `cargo xtask setup`: install what is missing, say what it does, and do
+//! nothing the second time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// Debian packages the tests and the demo drive: openssl (`s_client` as a new
+/// user would try the gateway), iproute2 (network namespaces).
+const DEBIAN_PACKAGES: &[&str] = &["openssl", "iproute2"];
+
+/// The LLVM major version of the nightly toolchain; bpf-linker must be built
+/// against the same one that rustc emits bitcode for.
+const LLVM_MAJOR: &str = "22";
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages(DEBIAN_PACKAGES)?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let installed = cmd::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => {
+            eprintln!("xtask: nightly rust-src: present");
+            Ok(())
+        }
+        Some(_) => cmd::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ])),
+        None => cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ])),
+    }
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if cmd::succeeds(Command::new("bpf-linker").arg("--version")) {
+        eprintln!("xtask: bpf-linker: present");
+        return Ok(());
+    }
+    // bpf-linker links LLVM dynamically; build it against the nightly
+    // toolchain's own libLLVM so both speak the same bitcode.
+    let sysroot = cmd::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("nightly rustc not found (rustup toolchain install nightly)")?;
+    let lib_dir = PathBuf::from(sysroot.trim()).join("lib");
+    let libllvm = find_libllvm(&lib_dir)?;
+    let prefix = tool_home().join(format!("llvm-{LLVM_MAJOR}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), libllvm.display()))?;
+    eprintln!(
+        "xtask: building bpf-linker against {} (about 2 minutes)",
+        libllvm.display()
+    );
+    cmd::run(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{LLVM_MAJOR}"),
+            ])
+            .arg("--force")
+            .env("LLVM_PREFIX", &prefix)
+            // The toolchain's libLLVM is not on the loader's path: point the
+            // binary at it, or it fails to start outside `rustup run`.
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", lib_dir.display()),
+            ),
+    )?;
+    if !cmd::succeeds(Command::new("bpf-linker").arg("--version")) {
+        bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn find_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {
+    let prefix = format!("libLLVM.so.{LLVM_MAJOR}");
+    let entries =
+        std::fs::read_dir(lib_dir).with_context(|| format!("reading {}", lib_dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            return Ok(entry.path());
+        }
+    }
+    bail!(
+        "no {prefix}* in {}: the nightly toolchain's LLVM is not version {LLVM_MAJOR}",
+        lib_dir.display()
+    )
+}
+
+/// Where setup keeps what must outlive `cargo clean` (the LLVM prefix that the
+/// installed bpf-linker was built against).
+fn tool_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+        .join(".cache/gateway-xtask")
+}
+
+/// Installs the Debian packages of `wanted` that are not installed yet.
+pub fn debian_packages(wanted: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|p| {
+            !cmd::output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: Debian packages: present ({})", wanted.join(", "));
+        return Ok(());
+    }
+    cmd::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    cmd::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
