@@ -6,7 +6,8 @@ use anyhow::{Context as _, anyhow};
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-env-changed=PATH");
-    let skip = std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let skip =
+        std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if !skip && which_bpf_linker().is_none() {
         // One clear line instead of aya-build's wall of linker errors.
         return Err(anyhow!(

@@ -1,1 +1,20 @@
+//! gateway: an eBPF-accelerated L4 mTLS gateway.
+//!
+//! The binary is a thin shell around [`app::build`] and [`app::App::run`];
+//! tests drive the same functions in-process. See ARCHITECTURE.md for the map.
 
+pub mod access_log;
+pub mod app;
+pub mod config;
+pub mod ebpf;
+pub mod forward;
+pub mod identity;
+pub mod listener;
+pub mod pki;
+pub mod policy;
+pub mod state;
+pub mod tls;
+pub mod upstream;
+
+pub use app::{App, AppError, ShutdownHandle, build};
+pub use config::Config;

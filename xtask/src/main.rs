@@ -11,7 +11,10 @@ mod test;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "cargo xtask", about = "Build, set up, demo and test the gateway")]
+#[command(
+    name = "cargo xtask",
+    about = "Build, set up, demo and test the gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

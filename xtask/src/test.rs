@@ -1,1 +1,3 @@
-pub fn run(_lint: bool) -> anyhow::Result<()> { Ok(()) }
+pub fn run(_lint: bool) -> anyhow::Result<()> {
+    Ok(())
+}

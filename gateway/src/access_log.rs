@@ -1,0 +1,123 @@
+//! One JSON line per connection, written when the connection ends.
+//!
+//! The same records go to in-process subscribers (tests, later the admin
+//! side), so what is asserted is exactly what the operator reads.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Policy let the client through.
+    Allow,
+    /// Policy or certificate checks refused the client.
+    Deny,
+    /// Refused before or without a policy decision (no route, timeouts, limits, I/O).
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccessRecord {
+    /// RFC 3339, UTC, when the connection ended.
+    pub time: String,
+    pub listener: String,
+    pub route: Option<String>,
+    pub client: String,
+    pub sni: Option<String>,
+    pub identity: Option<String>,
+    pub verdict: Verdict,
+    /// Why: the allow entry that matched, or what refused or ended the connection.
+    pub reason: String,
+    pub backend: Option<String>,
+    pub client_to_backend_bytes: u64,
+    pub backend_to_client_bytes: u64,
+    pub duration_ms: u64,
+    pub tls_version: Option<String>,
+    pub cipher_suite: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessLogError {
+    #[error("cannot open access log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+enum Sink {
+    Stdout,
+    Stderr,
+    File(Mutex<std::fs::File>),
+    Off,
+}
+
+pub struct AccessLog {
+    sink: Sink,
+    subscribers: broadcast::Sender<AccessRecord>,
+}
+
+impl AccessLog {
+    /// `target` is the config's `access_log`: "stdout", "stderr", "off" or a path.
+    pub fn open(target: &str, base: &std::path::Path) -> Result<Self, AccessLogError> {
+        let sink = match target {
+            "stdout" => Sink::Stdout,
+            "stderr" => Sink::Stderr,
+            "off" => Sink::Off,
+            path => {
+                let path = base.join(path);
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|source| AccessLogError::Open { path, source })?;
+                Sink::File(Mutex::new(file))
+            }
+        };
+        Ok(Self {
+            sink,
+            subscribers: broadcast::channel(4096).0,
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<AccessRecord> {
+        self.subscribers.subscribe()
+    }
+
+    pub fn emit(&self, record: AccessRecord) {
+        if !matches!(self.sink, Sink::Off) {
+            match serde_json::to_string(&record) {
+                Ok(mut line) => {
+                    line.push('\n');
+                    let written = match &self.sink {
+                        Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+                        Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+                        Sink::File(f) => f
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .write_all(line.as_bytes()),
+                        Sink::Off => Ok(()),
+                    };
+                    if let Err(e) = written {
+                        tracing::warn!(error = %e, "access log write failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "access log record not serialisable"),
+            }
+        }
+        // No subscriber is the normal case outside tests.
+        let _ = self.subscribers.send(record);
+    }
+}
+
+/// Now, as the access log writes times.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

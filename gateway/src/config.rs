@@ -1,0 +1,397 @@
+//! The configuration file: TOML parsed straight into typed structs.
+//!
+//! Unknown fields are errors (`deny_unknown_fields`) and every error names the
+//! file and the field's path, so an operator's typo never silently turns into a
+//! default. Parsing checks shape; `state` checks meaning (files, certificates).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::AllowEntry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: at `{field}`: {message}")]
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The whole configuration, as written by the operator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where access-log lines go: "stdout" (default), "stderr", "off" or a file path.
+    #[serde(default = "default_access_log")]
+    pub access_log: String,
+    /// How long live connections may finish after SIGTERM/SIGINT before they are closed.
+    #[serde(default = "default_drain_timeout", with = "duration")]
+    pub drain_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+    /// The directory relative paths are resolved against (the config file's).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The file this was read from, for messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    /// Server certificate chain (leaf first, then intermediates), PEM.
+    pub cert: PathBuf,
+    /// Private key for `cert`: PKCS#8, SEC1 or PKCS#1, PEM.
+    pub key: PathBuf,
+    /// Trust anchors for client certificates, PEM.
+    pub client_ca: PathBuf,
+    /// TLS versions offered: "1.3" (default) and, opt-in, "1.2".
+    #[serde(default = "default_tls_versions")]
+    pub tls_versions: Vec<TlsVersion>,
+    #[serde(default = "default_handshake_timeout", with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+    /// Connections served at once; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Backends tried per connection before giving up (at most the route's backend count).
+    #[serde(default = "default_connect_attempts")]
+    pub connect_attempts: usize,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// SNI names (exact, case-insensitive); none makes this the listener's default route.
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    /// `host:port` of each backend, tried round robin.
+    pub backends: Vec<String>,
+    /// Identities let through; empty refuses everyone.
+    #[serde(default)]
+    pub allow: Vec<AllowEntry>,
+    /// Let `cn:NAME` entries in `allow` match the subject common name (off: the CN is never used).
+    #[serde(default)]
+    pub match_common_name: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+fn default_access_log() -> String {
+    "stdout".into()
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_tls_versions() -> Vec<TlsVersion> {
+    vec![TlsVersion::Tls13]
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_connect_attempts() -> usize {
+    3
+}
+
+impl Config {
+    /// Reads, parses and checks the shape of a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, path, &base_dir)
+    }
+
+    /// Parses `text` as if read from `source`; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, source: &Path, base_dir: &Path) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: source.to_owned(),
+            field: String::new(),
+            message: e.to_string(),
+        })?;
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Parse {
+                path: source.to_owned(),
+                field,
+                message: e.into_inner().message().to_owned(),
+            }
+        })?;
+        config.base_dir = base_dir.to_owned();
+        config.source = source.to_owned();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Resolves a path from the file against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            message,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(self.invalid("no [[listeners]]: nothing to serve".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut binds = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}] ({:?})", l.name);
+            if l.name.is_empty() {
+                return Err(self.invalid(format!("listeners[{i}].name is empty")));
+            }
+            if !names.insert(&l.name) {
+                return Err(self.invalid(format!("{at}: listener name used twice")));
+            }
+            if l.bind.port() != 0 && !binds.insert(l.bind) {
+                return Err(self.invalid(format!("{at}: bind {} used twice", l.bind)));
+            }
+            if l.tls_versions.is_empty() {
+                return Err(self.invalid(format!("{at}.tls_versions is empty")));
+            }
+            if l.max_connections == 0 {
+                return Err(self.invalid(format!("{at}.max_connections must be at least 1")));
+            }
+            if l.connect_attempts == 0 {
+                return Err(self.invalid(format!("{at}.connect_attempts must be at least 1")));
+            }
+            for (what, d) in [
+                ("handshake_timeout", l.handshake_timeout),
+                ("connect_timeout", l.connect_timeout),
+                ("idle_timeout", l.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(self.invalid(format!("{at}.{what} must be more than 0")));
+                }
+            }
+            self.validate_routes(&at, l)?;
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self, at: &str, l: &ListenerConfig) -> Result<(), ConfigError> {
+        if l.routes.is_empty() {
+            return Err(self.invalid(format!("{at}: no [[listeners.routes]]")));
+        }
+        let mut route_names = std::collections::HashSet::new();
+        let mut snis = std::collections::HashMap::new();
+        let mut default_route: Option<&str> = None;
+        for (j, r) in l.routes.iter().enumerate() {
+            let rat = format!("{at}.routes[{j}] ({:?})", r.name);
+            if r.name.is_empty() {
+                return Err(self.invalid(format!("{at}.routes[{j}].name is empty")));
+            }
+            if !route_names.insert(&r.name) {
+                return Err(self.invalid(format!("{rat}: route name used twice")));
+            }
+            if r.backends.is_empty() {
+                return Err(self.invalid(format!("{rat}.backends is empty")));
+            }
+            for b in &r.backends {
+                if crate::upstream::split_host_port(b).is_none() {
+                    return Err(self.invalid(format!("{rat}.backends: {b:?} is not host:port")));
+                }
+            }
+            if r.server_names.is_empty() {
+                if let Some(other) = default_route {
+                    return Err(self.invalid(format!(
+                        "{rat}: two default routes (no server_names): {other:?} and {:?}",
+                        r.name
+                    )));
+                }
+                default_route = Some(&r.name);
+            }
+            for sni in &r.server_names {
+                if sni.contains('*') {
+                    return Err(self.invalid(format!(
+                        "{rat}.server_names: {sni:?}: wildcards are not supported, list names exactly"
+                    )));
+                }
+                if let Some(other) = snis.insert(sni.to_ascii_lowercase(), &r.name) {
+                    return Err(self.invalid(format!(
+                        "{rat}.server_names: {sni:?} is also claimed by route {other:?}"
+                    )));
+                }
+            }
+            for entry in &r.allow {
+                if matches!(entry, AllowEntry::CommonName(_)) && !r.match_common_name {
+                    return Err(self.invalid(format!(
+                        "{rat}.allow: {entry} needs match_common_name = true on the route"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Durations written as "250ms", "10s", "5m", "1h".
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{s:?} has no unit: write e.g. \"10s\", \"250ms\", \"5m\""))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} does not start with a whole number"))?;
+        match unit {
+            "ms" => Ok(Duration::from_millis(n)),
+            "s" => Ok(Duration::from_secs(n)),
+            "m" => Ok(Duration::from_secs(n * 60)),
+            "h" => Ok(Duration::from_secs(n * 3600)),
+            _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:8443"
+cert = "server-chain.pem"
+key = "server.key"
+client_ca = "client-roots.pem"
+
+[[listeners.routes]]
+name = "orders"
+server_names = ["orders.example.internal"]
+backends = ["127.0.0.1:9000", "127.0.0.1:9001"]
+allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.internal"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(
+            text,
+            Path::new("/etc/gateway/gateway.toml"),
+            Path::new("/etc/gateway"),
+        )
+    }
+
+    #[test]
+    fn accepts_the_documented_minimal_config() {
+        let c = parse(MINIMAL).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.tls_versions, vec![TlsVersion::Tls13]);
+        assert_eq!(l.routes[0].allow.len(), 2);
+        assert_eq!(
+            c.resolve(&l.cert),
+            PathBuf::from("/etc/gateway/server-chain.pem")
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_its_path_and_the_file() {
+        let text = MINIMAL.replace("allow =", "alow =");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("/etc/gateway/gateway.toml"), "{err}");
+        assert!(err.contains("listeners[0].routes[0]"), "{err}");
+        assert!(err.contains("alow"), "{err}");
+    }
+
+    #[test]
+    fn bad_allow_entry_is_refused_with_its_path() {
+        let text = MINIMAL.replace("dns:batch.example.internal", "dns:*.example.internal");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("listeners[0].routes[0].allow[1]"), "{err}");
+        assert!(err.contains("wildcard"), "{err}");
+    }
+
+    #[test]
+    fn two_default_routes_are_refused() {
+        let text = MINIMAL.replace("server_names = [\"orders.example.internal\"]", "")
+            + "\n[[listeners.routes]]\nname = \"b\"\nbackends = [\"127.0.0.1:1\"]\n";
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("two default routes"), "{err}");
+    }
+
+    #[test]
+    fn cn_entries_need_the_opt_in() {
+        let text = MINIMAL.replace("dns:batch.example.internal", "cn:legacy-client");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("match_common_name"), "{err}");
+        let ok = text.replace("allow =", "match_common_name = true\nallow =");
+        parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn durations_and_backends_are_checked() {
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("5m").unwrap(), Duration::from_secs(300));
+        assert!(duration::parse("10").is_err());
+        assert!(duration::parse("10d").is_err());
+        let text = MINIMAL.replace("127.0.0.1:9001", "127.0.0.1");
+        assert!(
+            parse(&text)
+                .unwrap_err()
+                .to_string()
+                .contains("not host:port")
+        );
+    }
+}

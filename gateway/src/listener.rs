@@ -1,0 +1,289 @@
+//! Accepting connections and carrying each one through its life:
+//! ClientHello → route by SNI → mTLS handshake (policy inside) → backend
+//! connect → forward → one access-log line.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rustls::AlertDescription;
+use rustls::server::Acceptor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::StartHandshake;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
+use crate::forward;
+use crate::policy;
+use crate::state::{ListenerState, Route};
+
+/// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
+/// can wait for it, and ends early when `close` fires.
+pub async fn accept_loop(
+    listener: Arc<ListenerState>,
+    socket: TcpListener,
+    log: Arc<AccessLog>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    close: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(listener.max_connections));
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            r = socket.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(listener = %listener.name, client = %peer,
+                max_connections = listener.max_connections, "connection refused: max_connections reached");
+            let mut conn = Conn::new(&listener, peer);
+            conn.reason = format!("max_connections ({}) reached", listener.max_connections);
+            log.emit(conn.record());
+            drop(stream);
+            continue;
+        };
+        let listener = listener.clone();
+        let log = log.clone();
+        let close = close.clone();
+        tracker.spawn(async move {
+            let record = serve(&listener, stream, peer, &close).await;
+            log.emit(record);
+            drop(permit);
+        });
+    }
+    tracing::info!(listener = %listener.name, "stopped accepting");
+}
+
+/// What is known about a connection so far, for its access-log line.
+struct Conn {
+    started: Instant,
+    listener: String,
+    client: SocketAddr,
+    route: Option<String>,
+    sni: Option<String>,
+    identity: Option<String>,
+    verdict: Verdict,
+    reason: String,
+    backend: Option<String>,
+    client_to_backend: u64,
+    backend_to_client: u64,
+    tls_version: Option<String>,
+    cipher_suite: Option<String>,
+}
+
+impl Conn {
+    fn new(listener: &ListenerState, client: SocketAddr) -> Self {
+        Self {
+            started: Instant::now(),
+            listener: listener.name.clone(),
+            client,
+            route: None,
+            sni: None,
+            identity: None,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            backend: None,
+            client_to_backend: 0,
+            backend_to_client: 0,
+            tls_version: None,
+            cipher_suite: None,
+        }
+    }
+
+    fn record(self) -> AccessRecord {
+        AccessRecord {
+            time: now_rfc3339(),
+            listener: self.listener,
+            route: self.route,
+            client: self.client.to_string(),
+            sni: self.sni,
+            identity: self.identity,
+            verdict: self.verdict,
+            reason: self.reason,
+            backend: self.backend,
+            client_to_backend_bytes: self.client_to_backend,
+            backend_to_client_bytes: self.backend_to_client,
+            duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            tls_version: self.tls_version,
+            cipher_suite: self.cipher_suite,
+        }
+    }
+}
+
+async fn serve(
+    listener: &ListenerState,
+    stream: TcpStream,
+    peer: SocketAddr,
+    close: &CancellationToken,
+) -> AccessRecord {
+    let mut conn = Conn::new(listener, peer);
+    let _ = stream.set_nodelay(true);
+    let handshake = tokio::time::timeout(
+        listener.handshake_timeout,
+        handshake(listener, stream, &mut conn),
+    );
+    let tls = tokio::select! {
+        r = handshake => match r {
+            Ok(Some(tls)) => tls,
+            Ok(None) => return conn.record(),
+            Err(_) => {
+                conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
+                return conn.record();
+            }
+        },
+        () = close.cancelled() => {
+            conn.reason = "closed during handshake: drain timeout at shutdown".into();
+            return conn.record();
+        }
+    };
+    let (route, mut tls) = tls;
+    let backend = route
+        .backends
+        .connect(listener.connect_attempts, listener.connect_timeout)
+        .await;
+    let backend = match backend {
+        Ok((backend, addr)) => {
+            conn.backend = Some(addr);
+            backend
+        }
+        Err(e) => {
+            tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
+                "closing client connection: no backend");
+            conn.reason = e.to_string();
+            // close_notify, so the client sees an orderly end rather than a reset.
+            let _ = tokio::time::timeout(listener.connect_timeout, tls.shutdown()).await;
+            return conn.record();
+        }
+    };
+    let transfer = forward::copy(tls, backend, listener.idle_timeout, close.clone()).await;
+    conn.client_to_backend = transfer.client_to_backend;
+    conn.backend_to_client = transfer.backend_to_client;
+    if transfer.end != forward::End::Completed {
+        // The policy verdict stays "allow"; append how it ended.
+        conn.reason = format!("{}; {}", conn.reason, transfer.end);
+    }
+    conn.record()
+}
+
+/// Reads the ClientHello, picks the route and runs the handshake with that
+/// route's policy in the verifier. `None` means refused; `conn` says why.
+async fn handshake(
+    listener: &ListenerState,
+    mut stream: TcpStream,
+    conn: &mut Conn,
+) -> Option<(Arc<Route>, TlsStream<TcpStream>)> {
+    let mut acceptor = Acceptor::default();
+    let mut buf = vec![0u8; 4096];
+    let accepted = loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) => {
+                conn.reason = "client closed before sending a ClientHello".into();
+                return None;
+            }
+            Ok(n) => n,
+            Err(e) => {
+                conn.reason = format!("reading ClientHello: {e}");
+                return None;
+            }
+        };
+        let mut input = &buf[..n];
+        while !input.is_empty() {
+            if let Err(e) = acceptor.read_tls(&mut input) {
+                conn.reason = format!("reading ClientHello: {e}");
+                return None;
+            }
+        }
+        match acceptor.accept() {
+            Ok(None) => continue,
+            Ok(Some(accepted)) => break accepted,
+            Err((e, mut alert)) => {
+                let mut out = Vec::new();
+                let _ = alert.write_all(&mut out);
+                let _ = stream.write_all(&out).await;
+                conn.reason = format!("bad ClientHello: {e}");
+                return None;
+            }
+        }
+    };
+    let sni = accepted.client_hello().server_name().map(str::to_owned);
+    conn.sni = sni.clone();
+    let Some(route) = listener.route_for(sni.as_deref()).cloned() else {
+        let _ = stream
+            .write_all(&crate::tls::plaintext_alert(
+                AlertDescription::UnrecognisedName,
+            ))
+            .await;
+        conn.reason = match sni {
+            Some(s) => format!("no route for server name {s:?} and no default route"),
+            None => "client sent no server name and there is no default route".into(),
+        };
+        return None;
+    };
+    conn.route = Some(route.name.clone());
+    let (config, decision) = match listener.tls.connection_config(route.policy.clone()) {
+        Ok(x) => x,
+        Err(e) => {
+            conn.reason = format!("TLS config: {e}");
+            return None;
+        }
+    };
+    let result = StartHandshake::from_parts(accepted, stream)
+        .into_stream(config)
+        .await;
+    let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    conn.identity = decision.identity.as_ref().map(ToString::to_string);
+    match (&result, decision.verdict) {
+        (_, Some(policy::Verdict::Deny(reason))) => {
+            conn.verdict = Verdict::Deny;
+            conn.reason = reason.to_string();
+        }
+        (Ok(_), Some(policy::Verdict::Allow { matched })) => {
+            conn.verdict = Verdict::Allow;
+            conn.reason = format!("allowed by {matched}");
+        }
+        (Err(e), _) => {
+            if let Some(refused) = decision.refused {
+                conn.verdict = Verdict::Deny;
+                conn.reason = refused;
+            } else {
+                conn.reason = format!("handshake failed: {e}");
+                let no_cert = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::NoCertificatesPresented));
+                if no_cert {
+                    conn.verdict = Verdict::Deny;
+                    conn.reason = "client presented no certificate".into();
+                }
+            }
+        }
+        (Ok(_), None) => {
+            // Unreachable with client auth mandatory; refuse rather than guess.
+            conn.reason = "handshake completed without a client certificate decision".into();
+            return None;
+        }
+    }
+    let tls = result.ok()?;
+    let (_, session) = tls.get_ref();
+    conn.tls_version = session.protocol_version().map(|v| match v {
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".to_owned(),
+        other => format!("{other:?}"),
+    });
+    conn.cipher_suite = session
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()));
+    Some((route, tls))
+}

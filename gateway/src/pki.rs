@@ -1,0 +1,170 @@
+//! Certificates from rcgen: a root, intermediates and leaves with the
+//! profiles the gateway expects (serverAuth for servers, clientAuth for
+//! clients). Tests, the demo and the benchmark build their PKI with this.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("SAN {0:?}: expected spiffe://… (or another URI), dns:NAME or email:ADDR")]
+    BadSan(String),
+}
+
+/// A certificate authority that can sign.
+pub struct Authority {
+    params: CertificateParams,
+    key: KeyPair,
+    /// This CA's certificate, PEM.
+    pub cert_pem: String,
+}
+
+/// What a leaf is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Server,
+    Client,
+    /// No extended key usage at all (to test that it is refused).
+    NoEku,
+}
+
+/// How to issue one leaf.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    pub common_name: String,
+    /// `spiffe://…` (any URI), `dns:NAME`, `email:ADDR`.
+    pub sans: Vec<String>,
+    pub profile: Profile,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    /// Mark the leaf as a CA (to test that a CA is refused as a client).
+    pub is_ca: bool,
+}
+
+impl LeafSpec {
+    pub fn new(profile: Profile, common_name: &str, sans: &[&str]) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            common_name: common_name.to_owned(),
+            sans: sans.iter().map(|s| (*s).to_owned()).collect(),
+            profile,
+            not_before: now - Duration::hours(1),
+            not_after: now + Duration::days(1),
+            is_ca: false,
+        }
+    }
+
+    pub fn server(common_name: &str, sans: &[&str]) -> Self {
+        Self::new(Profile::Server, common_name, sans)
+    }
+
+    pub fn client(common_name: &str, sans: &[&str]) -> Self {
+        Self::new(Profile::Client, common_name, sans)
+    }
+}
+
+/// An issued leaf: its certificate and its key, PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "gateway test PKI");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn san(s: &str) -> Result<SanType, PkiError> {
+    let bad = || PkiError::BadSan(s.to_owned());
+    let ia5 = |v: &str| v.to_owned().try_into().map_err(|_| bad());
+    if let Some(d) = s.strip_prefix("dns:") {
+        Ok(SanType::DnsName(ia5(d)?))
+    } else if let Some(e) = s.strip_prefix("email:") {
+        Ok(SanType::Rfc822Name(ia5(e)?))
+    } else if s.contains("://") {
+        Ok(SanType::URI(ia5(s)?))
+    } else {
+        Err(bad())
+    }
+}
+
+impl Authority {
+    /// A self-signed root that may sign one level of intermediates.
+    pub fn root(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = ca_params(common_name, 1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(3650);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            params,
+            key,
+        })
+    }
+
+    /// An intermediate that signs leaves only.
+    pub fn intermediate(&self, common_name: &str) -> Result<Self, PkiError> {
+        let params = ca_params(common_name, 0);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            params,
+            key,
+        })
+    }
+
+    pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&spec.common_name);
+        params.subject_alt_names = spec.sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.use_authority_key_identifier_extension = true;
+        if spec.is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+        } else {
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        }
+        params.extended_key_usages = match spec.profile {
+            Profile::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Profile::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Profile::NoEku => vec![],
+        };
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn ca_params(common_name: &str, path_len: u8) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(365);
+    params
+}

@@ -1,0 +1,204 @@
+//! Loading PEM files and checking our own certificate before we serve with it.
+//!
+//! Every error names the file and what is wrong with it, because the operator
+//! reading it is about to edit that file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificates { path: PathBuf },
+    #[error("{path}: not a PEM private key (PKCS#8, SEC1 or PKCS#1): {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("{path}: unsupported private key: {reason}")]
+    UnsupportedKey { path: PathBuf, reason: String },
+    #[error("{key}: private key does not match the certificate in {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("{path}: certificate is not valid DER: {reason}")]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("{path}: certificate {subject} expired at {not_after}")]
+    Expired {
+        path: PathBuf,
+        subject: String,
+        not_after: String,
+    },
+    #[error("{path}: certificate {subject} is not valid before {not_before}")]
+    NotYetValid {
+        path: PathBuf,
+        subject: String,
+        not_before: String,
+    },
+    #[error("{path}: certificate {subject} has no serverAuth extended key usage")]
+    NoServerAuth { path: PathBuf, subject: String },
+    #[error("{path}: chain does not verify: {reason}")]
+    ChainDoesNotVerify { path: PathBuf, reason: String },
+    #[error("{path}: not a usable trust anchor: {reason}")]
+    BadTrustAnchor { path: PathBuf, reason: String },
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+    std::fs::read(path).map_err(|source| CertError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Every certificate in a PEM file, in order.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| CertError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(CertError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| CertError::BadKey {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// A trust-anchor bundle (client CAs).
+pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| CertError::BadTrustAnchor {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// Loads the server chain and key and checks what would otherwise only show as
+/// failing handshakes: validity now, serverAuth, the key matching, the chain.
+pub fn load_server_identity(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, CertError> {
+    let chain = load_certs(cert_path)?;
+    let key = load_key(key_path)?;
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| CertError::UnsupportedKey {
+                path: key_path.to_owned(),
+                reason: e.to_string(),
+            })?;
+    let certified = CertifiedKey::new(chain.clone(), signing_key);
+    certified.keys_match().map_err(|_| CertError::KeyMismatch {
+        cert: cert_path.to_owned(),
+        key: key_path.to_owned(),
+    })?;
+    check_validity_now(cert_path, &chain[0])?;
+    check_server_auth(cert_path, &chain[0])?;
+    check_chain(cert_path, &chain, provider)?;
+    Ok(Arc::new(certified))
+}
+
+fn parse<'a>(path: &Path, der: &'a [u8]) -> Result<X509Certificate<'a>, CertError> {
+    X509Certificate::from_der(der)
+        .map(|(_, c)| c)
+        .map_err(|e| CertError::BadCertificate {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+fn check_validity_now(path: &Path, der: &CertificateDer<'_>) -> Result<(), CertError> {
+    let cert = parse(path, der)?;
+    let now = x509_parser::time::ASN1Time::now();
+    let v = cert.validity();
+    if v.not_after < now {
+        return Err(CertError::Expired {
+            path: path.to_owned(),
+            subject: cert.subject().to_string(),
+            not_after: v.not_after.to_string(),
+        });
+    }
+    if v.not_before > now {
+        return Err(CertError::NotYetValid {
+            path: path.to_owned(),
+            subject: cert.subject().to_string(),
+            not_before: v.not_before.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn check_server_auth(path: &Path, der: &CertificateDer<'_>) -> Result<(), CertError> {
+    let cert = parse(path, der)?;
+    let ok = match cert.extended_key_usage() {
+        Ok(Some(eku)) => eku.value.server_auth || eku.value.any,
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(CertError::NoServerAuth {
+            path: path.to_owned(),
+            subject: cert.subject().to_string(),
+        })
+    }
+}
+
+/// With intermediates in the file, the leaf must chain to the last of them:
+/// a file with the wrong intermediate makes every client fail later.
+fn check_chain(
+    path: &Path,
+    chain: &[CertificateDer<'static>],
+    provider: &CryptoProvider,
+) -> Result<(), CertError> {
+    let [leaf, middle @ .., top] = chain else {
+        return Ok(());
+    };
+    let anchor =
+        webpki::anchor_from_trusted_cert(top).map_err(|e| CertError::ChainDoesNotVerify {
+            path: path.to_owned(),
+            reason: format!("last certificate is not a CA: {e}"),
+        })?;
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::BadCertificate {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    ee.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        &[anchor],
+        middle,
+        UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| CertError::ChainDoesNotVerify {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,114 @@
+//! Connecting to a route's backends: round robin, bounded failover, a timeout
+//! per attempt.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no backend reachable after {attempts} attempt(s): {failures}")]
+    AllFailed { attempts: usize, failures: String },
+}
+
+/// `host:port` with a non-empty host and a numeric port (IPv6 as `[::1]:80`).
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
+#[derive(Debug)]
+pub struct Backends {
+    addrs: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Backends {
+    pub fn new(addrs: Vec<String>) -> Self {
+        Self {
+            addrs,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    /// Connects to the next backend in turn; on failure tries the following
+    /// ones, `attempts` in all (never more than there are backends).
+    pub async fn connect(
+        &self,
+        attempts: usize,
+        timeout: Duration,
+    ) -> Result<(TcpStream, String), UpstreamError> {
+        let attempts = attempts.clamp(1, self.addrs.len().max(1));
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for i in 0..attempts {
+            let addr = &self.addrs[(start + i) % self.addrs.len()];
+            match tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await {
+                Ok(Ok(stream)) => {
+                    // Interactive protocols behind us: do not hold small writes back.
+                    let _ = stream.set_nodelay(true);
+                    return Ok((stream, addr.clone()));
+                }
+                Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                Err(_) => failures.push(format!("{addr}: connect timed out after {timeout:?}")),
+            }
+            tracing::debug!(backend = %addr, "backend connect failed, trying the next");
+        }
+        Err(UpstreamError::AllFailed {
+            attempts,
+            failures: failures.join("; "),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("127.0.0.1:9000"), Some(("127.0.0.1", 9000)));
+        assert_eq!(
+            split_host_port("backend.internal:80"),
+            Some(("backend.internal", 80))
+        );
+        assert_eq!(split_host_port("[::1]:443"), Some(("::1", 443)));
+        assert_eq!(split_host_port("::1:443"), None);
+        assert_eq!(split_host_port("127.0.0.1"), None);
+        assert_eq!(split_host_port(":80"), None);
+        assert_eq!(split_host_port("h:99999"), None);
+    }
+
+    #[tokio::test]
+    async fn fails_over_to_the_next_backend_and_round_robins() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap().to_string();
+        // A port nobody listens on: bind, note it, close it.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap().to_string();
+        drop(dead);
+        let b = Backends::new(vec![dead_addr.clone(), live_addr.clone()]);
+        for _ in 0..4 {
+            let (_s, used) = b.connect(2, Duration::from_secs(2)).await.unwrap();
+            assert_eq!(used, live_addr);
+        }
+        let err = b.connect(1, Duration::from_secs(2)).await;
+        // With one attempt, every other call starts at the dead backend.
+        let err2 = b.connect(1, Duration::from_secs(2)).await;
+        assert!(
+            err.is_err() != err2.is_err(),
+            "round robin alternates the start"
+        );
+    }
+}
