@@ -29,13 +29,23 @@ pub enum IdentityError {
     Wildcard(String),
     #[error("certificate has a malformed subjectAltName extension: {0}")]
     BadSan(String),
+    #[error("certificate lacks the clientAuth extended key usage")]
+    NoClientAuth,
 }
 
 impl Identity {
-    /// Reads the identity of a leaf certificate (already verified by webpki).
+    /// Reads the identity of a client leaf (already chain-verified by webpki).
+    ///
+    /// webpki treats a missing EKU extension as "any purpose"; a client
+    /// identity must say clientAuth explicitly.
     pub fn from_leaf(der: &[u8]) -> Result<Identity, IdentityError> {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| IdentityError::BadDer(e.to_string()))?;
+        let client_auth =
+            matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth);
+        if !client_auth {
+            return Err(IdentityError::NoClientAuth);
+        }
         let mut id = Identity {
             serial: cert.tbs_certificate.raw_serial_as_string(),
             not_after: cert.validity().not_after.timestamp(),

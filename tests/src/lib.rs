@@ -1,1 +1,378 @@
+//! Harness for the end-to-end tests: a PKI on disk, echo backends that count
+//! who reached them, the whole gateway in-process, and mTLS clients.
+//!
+//! Everything binds to 127.0.0.1 on ephemeral ports and is torn down when its
+//! value drops, so tests run in parallel without stepping on each other.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use gateway::access_log::AccessRecord;
+use gateway::pki::{Authority, Issued, LeafSpec};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{AlertDescription, ClientConfig, RootCertStore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// How long any single step of a test may take before it counts as hung.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// Root → intermediate → leaves, written to a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub root: Authority,
+    pub intermediate: Authority,
+}
+
+/// A client's credentials: leaf + intermediate chain and key.
+#[derive(Clone)]
+pub struct ClientCreds {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_pem: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+pub const SPIFFE_FRONTEND: &str = "spiffe://example.internal/ns/shop/sa/frontend";
+pub const SPIFFE_OTHER: &str = "spiffe://example.internal/ns/shop/sa/intruder";
+
+impl Pki {
+    /// A PKI with the server's chain, key and client CA bundle on disk:
+    /// `server-chain.pem`, `server.key`, `client-roots.pem`.
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = Authority::root("gateway test root").expect("root");
+        let intermediate = root
+            .intermediate("gateway test intermediate")
+            .expect("intermediate");
+        let pki = Pki {
+            dir,
+            root,
+            intermediate,
+        };
+        let server = pki
+            .intermediate
+            .issue(&LeafSpec::server(
+                "gateway.example.internal",
+                &[
+                    "dns:orders.example.internal",
+                    "dns:billing.example.internal",
+                    "dns:gateway.example.internal",
+                ],
+            ))
+            .expect("server leaf");
+        pki.write(
+            "server-chain.pem",
+            &format!("{}{}", server.cert_pem, pki.intermediate.cert_pem),
+        );
+        pki.write("server.key", &server.key_pem);
+        pki.write("client-roots.pem", &pki.root.cert_pem);
+        pki.write("server-roots.pem", &pki.root.cert_pem);
+        pki
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.path(name);
+        std::fs::write(&p, contents).expect("write pki file");
+        p
+    }
+
+    /// A client certificate issued by the intermediate, sent with it.
+    pub fn client(&self, name: &str, spec: &LeafSpec) -> ClientCreds {
+        let issued = self.intermediate.issue(spec).expect("client leaf");
+        self.creds(name, &issued, &self.intermediate)
+    }
+
+    pub fn creds(&self, name: &str, issued: &Issued, issuer: &Authority) -> ClientCreds {
+        let chain_pem = format!("{}{}", issued.cert_pem, issuer.cert_pem);
+        let cert_path = self.write(&format!("{name}.pem"), &chain_pem);
+        let key_path = self.write(&format!("{name}.key"), &issued.key_pem);
+        ClientCreds {
+            chain: CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .expect("client chain"),
+            key_pem: issued.key_pem.clone(),
+            cert_path,
+            key_path,
+        }
+    }
+
+    /// The allowed client of the standard config.
+    pub fn frontend(&self) -> ClientCreds {
+        self.client(
+            "frontend",
+            &LeafSpec::client("frontend", &[SPIFFE_FRONTEND]),
+        )
+    }
+
+    /// A client config trusting our root, presenting `creds` (None: no certificate).
+    pub fn client_config(&self, creds: Option<&ClientCreds>) -> Arc<ClientConfig> {
+        self.client_config_versions(creds, rustls::DEFAULT_VERSIONS)
+    }
+
+    pub fn client_config_versions(
+        &self,
+        creds: Option<&ClientCreds>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(self.root.cert_pem.as_bytes()).expect("root pem"))
+            .expect("root");
+        let builder = ClientConfig::builder_with_provider(gateway::tls::provider())
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots);
+        let config = match creds {
+            Some(c) => builder
+                .with_client_auth_cert(
+                    c.chain.clone(),
+                    PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).expect("key"),
+                )
+                .expect("client auth"),
+            None => builder.with_no_client_auth(),
+        };
+        Arc::new(config)
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A backend that echoes what it reads and half-closes when the client does,
+/// counting the connections that reached it.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl EchoBackend {
+    pub async fn start() -> EchoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        EchoBackend {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens.
+pub fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// The standard listener config block for `pki`, bound to an ephemeral port.
+pub fn listener_toml(pki: &Pki, name: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[listeners]]
+name = "{name}"
+bind = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+{extra}
+"#,
+        cert = pki.path("server-chain.pem").display(),
+        key = pki.path("server.key").display(),
+        ca = pki.path("client-roots.pem").display(),
+    )
+}
+
+/// A route block: `server_names` empty makes it the default route.
+pub fn route_toml(
+    name: &str,
+    server_names: &[&str],
+    backends: &[SocketAddr],
+    allow: &[&str],
+) -> String {
+    let q = |v: Vec<String>| {
+        v.iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "\n[[listeners.routes]]\nname = \"{name}\"\nserver_names = [{}]\nbackends = [{}]\nallow = [{}]\n",
+        q(server_names.iter().map(|s| s.to_string()).collect()),
+        q(backends.iter().map(|a| a.to_string()).collect()),
+        q(allow.iter().map(|s| s.to_string()).collect()),
+    )
+}
+
+/// The gateway, built from TOML through the library and running in this process.
+pub struct RunningGateway {
+    pub app_addr: SocketAddr,
+    pub shutdown: gateway::ShutdownHandle,
+    pub log: broadcast::Receiver<AccessRecord>,
+    pub task: JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// `toml` may leave out `access_log`; it defaults to "off" here.
+    pub async fn start(pki: &Pki, toml: &str) -> RunningGateway {
+        let toml = if toml.contains("access_log") {
+            toml.to_owned()
+        } else {
+            format!("access_log = \"off\"\n{toml}")
+        };
+        let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+            .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"));
+        let app = gateway::build(&config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+        let name = &config.listeners[0].name;
+        let app_addr = app.local_addr(name).expect("listener bound");
+        let shutdown = app.shutdown_handle();
+        let log = app.access_log();
+        let task = tokio::spawn(app.run());
+        RunningGateway {
+            app_addr,
+            shutdown,
+            log,
+            task,
+        }
+    }
+
+    /// The next access-log record (waits for the connection to end).
+    pub async fn next_record(&mut self) -> AccessRecord {
+        tokio::time::timeout(STEP, self.log.recv())
+            .await
+            .expect("access log record within the step timeout")
+            .expect("access log channel open")
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.shutdown.shutdown();
+        self.task.abort();
+    }
+}
+
+/// Connects with TLS through `addr`, sending `sni`.
+pub async fn connect(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    tokio::time::timeout(STEP, TlsConnector::from(config).connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("TLS connect hung"))?
+}
+
+/// The TLS alert inside an I/O error from a rustls stream, if that is what it is.
+pub fn alert_of(e: &std::io::Error) -> Option<AlertDescription> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// Tries to talk through the gateway and returns the alert it was refused
+/// with. In TLS 1.3 the client finishes its side of the handshake before the
+/// server has judged the certificate, so the alert can arrive on first read.
+pub async fn refusal(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> AlertDescription {
+    let mut tls = match connect(addr, sni, config).await {
+        Ok(tls) => tls,
+        Err(e) => return alert_of(&e).unwrap_or_else(|| panic!("refused without an alert: {e}")),
+    };
+    let _ = tls.write_all(b"ping").await;
+    let _ = tls.flush().await;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(STEP, tls.read(&mut buf)).await {
+        Ok(Err(e)) => alert_of(&e).unwrap_or_else(|| panic!("refused without an alert: {e}")),
+        Ok(Ok(n)) => panic!("expected a refusal, but read {n} bytes through the gateway"),
+        Err(_) => panic!("expected a refusal, but the connection hung"),
+    }
+}
+
+/// Deterministic, non-repeating test payload.
+pub fn payload(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes `data` and closes (close_notify + FIN) while reading everything back.
+pub async fn echo_roundtrip(tls: TlsStream<TcpStream>, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await?;
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP * 3, r.read_to_end(&mut got))
+        .await
+        .map_err(|_| std::io::Error::other("echo read hung"))??;
+    writer.await.map_err(std::io::Error::other)??;
+    Ok(got)
+}
+
+/// The built `gateway` binary, next to this test's own executable.
+pub fn gateway_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir of the test binary");
+    let bin = dir.join("gateway");
+    assert!(
+        bin.is_file(),
+        "{} not built: run `cargo build -p gateway` first (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}

@@ -12,7 +12,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityError};
 use crate::policy::{Policy, Verdict};
 
 /// What the verifier concluded about the client, for the access log.
@@ -82,9 +82,14 @@ impl ClientCertVerifier for ConnectionVerifier {
             Ok(id) => id,
             Err(e) => {
                 self.record(|d| d.refused = Some(format!("client certificate refused: {e}")));
-                // bad_certificate: the certificate is well-formed and trusted,
-                // but what it names is not usable as an identity.
-                return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+                return Err(Error::InvalidCertificate(match e {
+                    // unsupported_certificate, as webpki answers for a
+                    // serverAuth-only leaf.
+                    IdentityError::NoClientAuth => CertificateError::InvalidPurpose,
+                    // bad_certificate: trusted, but what it names is not
+                    // usable as an identity.
+                    _ => CertificateError::NotValidForName,
+                }));
             }
         };
         let verdict = self.policy.decide(&identity);
