@@ -89,9 +89,10 @@ impl ConnectGuard {
             path: cgroup.to_owned(),
             source,
         })?;
-        // AllowMultiple: other programs on the same cgroup keep running.
+        // Single: on kernels with BPF links (5.7+) aya attaches by link, which
+        // never displaces other programs and refuses the ALLOW_MULTI flag.
         program
-            .attach(dir, CgroupAttachMode::AllowMultiple)
+            .attach(dir, CgroupAttachMode::Single)
             .map_err(|source| EbpfError::Program {
                 name: "connect4",
                 source,

@@ -1,0 +1,243 @@
+//! The built `gateway` binary, driven as an operator would: `check`, `run`,
+//! `openssl s_client` through it, SIGTERM.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::*;
+
+fn openssl_available() -> bool {
+    Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A config on disk for the binary, on an ephemeral port.
+fn write_config(pki: &Pki, backend: std::net::SocketAddr) -> std::path::PathBuf {
+    let toml = format!(
+        "access_log = \"{}\"\ndrain_timeout = \"5s\"\n",
+        pki.path("access.log").display()
+    ) + &listener_toml(pki, "edge", "")
+        + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND]);
+    pki.write("gateway.toml", &toml)
+}
+
+/// The address from the gateway's JSON "listening" log line.
+fn wait_listening(stderr: &std::path::Path) -> std::net::SocketAddr {
+    let until = Instant::now() + STEP;
+    loop {
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        for line in log.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "listening" {
+                return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "gateway did not start listening: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the child if the test fails before it is reaped.
+struct Reap(std::process::Child);
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn check_accepts_a_good_config_and_names_a_typo() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let out = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("backends", "backend");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gateway.toml")
+            && err.contains("listeners[0].routes[0]")
+            && err.contains("backend"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openssl_s_client_through_the_binary_then_sigterm_drains_and_exits_0() {
+    if !openssl_available() {
+        panic!("openssl is not installed: run `cargo xtask setup`");
+    }
+    let pki = Pki::new();
+    let (backend, accepted) = one_line_backend().await;
+    let config = write_config(&pki, backend);
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut gw = Reap(child);
+    let gw_log = || std::fs::read_to_string(pki.path("gateway.stderr")).unwrap_or_default();
+    let addr = wait_listening(&pki.path("gateway.stderr"));
+    let frontend = pki.frontend();
+
+    let ca = pki.path("server-roots.pem");
+    let creds = Some((frontend.cert_path.clone(), frontend.key_path.clone()));
+    let (stdout, stderr) = tokio::task::spawn_blocking({
+        let ca = ca.clone();
+        move || s_client(addr, ca, creds, "hello through openssl\n")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        stdout,
+        "hello through openssl\n",
+        "s_client: {stderr}\ngateway: {}",
+        gw_log()
+    );
+
+    let (stdout, stderr) =
+        tokio::task::spawn_blocking(move || s_client(addr, ca, None, "no cert\n"))
+            .await
+            .unwrap();
+    assert!(stdout.is_empty(), "refused client got data: {stdout}");
+    assert!(
+        stderr.contains("certificate required"),
+        "openssl should name the alert: {stderr}"
+    );
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the client with a certificate reached the backend"
+    );
+
+    // SIGTERM: drains (nothing live), exits 0.
+    let pid = gw.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let until = Instant::now() + STEP;
+    let status = loop {
+        if let Some(s) = gw.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < until, "gateway did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+
+    let log = std::fs::read_to_string(pki.path("access.log")).unwrap();
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2, "{log}");
+    assert_eq!(records[0]["verdict"], "allow");
+    assert_eq!(records[0]["client_to_backend_bytes"], 22);
+    assert_eq!(records[1]["verdict"], "deny");
+    assert_eq!(records[1]["reason"], "client presented no certificate");
+}
+
+/// `openssl s_client` as a user would run it; stdin closes after `input`, so
+/// s_client sends close_notify and prints whatever came back.
+fn s_client(
+    addr: std::net::SocketAddr,
+    ca: std::path::PathBuf,
+    creds: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    input: &str,
+) -> (String, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-quiet",
+        "-verify_return_error",
+        "-connect",
+        &addr.to_string(),
+    ])
+    .args(["-servername", "orders.example.internal", "-CAfile"])
+    .arg(ca);
+    if let Some((cert, key)) = creds {
+        // -cert sends only the leaf; -cert_chain adds the intermediate.
+        cmd.arg("-cert")
+            .arg(&cert)
+            .arg("-cert_chain")
+            .arg(&cert)
+            .arg("-key")
+            .arg(key);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client starts");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A backend that answers one line with the same line and closes, as a user
+/// trying the gateway by hand would set up: s_client exits when it closes.
+async fn one_line_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut s = tokio::io::BufReader::new(s);
+                let mut line = String::new();
+                if s.read_line(&mut line).await.is_ok() {
+                    let _ = s.get_mut().write_all(line.as_bytes()).await;
+                }
+                let _ = s.get_mut().shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
