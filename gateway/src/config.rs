@@ -344,6 +344,14 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../examples/gateway.toml");
+        let c = parse(text).unwrap();
+        assert_eq!(c.listeners[0].routes.len(), 2);
+        assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
     fn unknown_field_names_its_path_and_the_file() {
         let text = MINIMAL.replace("allow =", "alow =");
         let err = parse(&text).unwrap_err().to_string();

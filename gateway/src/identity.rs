@@ -93,10 +93,10 @@ impl fmt::Display for Identity {
         parts.extend(self.uris.iter().cloned());
         parts.extend(self.dns.iter().map(|d| format!("dns:{d}")));
         parts.extend(self.emails.iter().map(|e| format!("email:{e}")));
-        if parts.is_empty() {
-            if let Some(cn) = &self.common_name {
-                parts.push(format!("cn:{cn}"));
-            }
+        if parts.is_empty()
+            && let Some(cn) = &self.common_name
+        {
+            parts.push(format!("cn:{cn}"));
         }
         f.write_str(&parts.join(","))
     }
