@@ -17,6 +17,8 @@ pub enum Verdict {
     Allow,
     /// Policy or certificate checks refused the client.
     Deny,
+    /// Would have been denied; passed because the route is in audit mode.
+    Audit,
     /// Refused before or without a policy decision (no route, timeouts, limits, I/O).
     Error,
 }
@@ -27,6 +29,8 @@ pub struct AccessRecord {
     pub time: String,
     pub listener: String,
     pub route: Option<String>,
+    /// The route's mode: "enforce", "audit" or "off".
+    pub mode: Option<String>,
     pub client: String,
     pub sni: Option<String>,
     pub identity: Option<String>,

@@ -83,6 +83,15 @@ impl App {
             .and_then(|(_, s)| s.local_addr().ok())
     }
 
+    /// A listener's routes (with their counters).
+    pub fn routes(&self, listener: &str) -> Vec<Arc<crate::state::Route>> {
+        self.listeners
+            .iter()
+            .filter(|(l, _)| l.name == listener)
+            .flat_map(|(l, _)| l.routes.iter().cloned())
+            .collect()
+    }
+
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shutdown.clone())
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::AllowEntry;
+use crate::policy::{IdentityRule, TimeWindow, TimeWindowConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -40,6 +40,9 @@ pub struct Config {
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
+    /// Named client CA bundles (with their CRLs) that routes can narrow to.
+    #[serde(default)]
+    pub trust: std::collections::BTreeMap<String, TrustBundleConfig>,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -57,8 +60,11 @@ pub struct ListenerConfig {
     pub cert: PathBuf,
     /// Private key for `cert`: PKCS#8, SEC1 or PKCS#1, PEM.
     pub key: PathBuf,
-    /// Trust anchors for client certificates, PEM.
+    /// Trust anchors for client certificates, PEM (the listener's default bundle).
     pub client_ca: PathBuf,
+    /// CRLs (PEM) for `client_ca`; a revoked client is refused at the handshake.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
     /// TLS versions offered: "1.3" (default) and, opt-in, "1.2".
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<TlsVersion>,
@@ -88,10 +94,71 @@ pub struct RouteConfig {
     pub backends: Vec<String>,
     /// Identities let through; empty refuses everyone.
     #[serde(default)]
-    pub allow: Vec<AllowEntry>,
-    /// Let `cn:NAME` entries in `allow` match the subject common name (off: the CN is never used).
+    pub allow: Vec<IdentityRule>,
+    /// Identities refused even when `allow` matches: deny wins.
+    #[serde(default)]
+    pub deny: Vec<IdentityRule>,
+    /// Client source networks let through (CIDR); empty: any.
+    #[serde(default)]
+    pub allow_sources: Vec<ipnet::IpNet>,
+    /// Client source networks refused (CIDR); wins over `allow_sources`.
+    #[serde(default)]
+    pub deny_sources: Vec<ipnet::IpNet>,
+    /// When the route is open; empty: always.
+    #[serde(default)]
+    pub time_windows: Vec<TimeWindowConfig>,
+    /// Let `cn:NAME` entries match the subject common name (off: the CN is never used).
     #[serde(default)]
     pub match_common_name: bool,
+    /// `enforce` (refuse with a TLS alert), `audit` (log would-deny, let pass)
+    /// or `off` (TLS without client authentication).
+    #[serde(default)]
+    pub mode: Mode,
+    /// Accept only clients chaining to this named `[trust.NAME]` bundle
+    /// instead of the listener's `client_ca`.
+    pub trust: Option<String>,
+    /// Require a device-bound certificate.
+    pub device: Option<DeviceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+    Off,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+            Mode::Off => "off",
+        }
+    }
+}
+
+/// A client CA bundle and its revocation lists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleConfig {
+    /// Trust anchors, PEM.
+    pub ca: PathBuf,
+    /// CRLs, PEM.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+}
+
+/// The device half of "which user on which device".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The `[trust.NAME]` bundle of the device CA the client certificate must also chain to.
+    pub trust: String,
+    /// The URI SAN prefix of the device identity, e.g. "spiffe://example.internal/device/".
+    pub san_prefix: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -262,12 +329,36 @@ impl Config {
                     )));
                 }
             }
-            for entry in &r.allow {
-                if matches!(entry, AllowEntry::CommonName(_)) && !r.match_common_name {
+            for entry in r.allow.iter().chain(&r.deny) {
+                if matches!(entry, IdentityRule::CommonName(_)) && !r.match_common_name {
                     return Err(self.invalid(format!(
-                        "{rat}.allow: {entry} needs match_common_name = true on the route"
+                        "{rat}: {entry} needs match_common_name = true on the route"
                     )));
                 }
+            }
+            for (k, w) in r.time_windows.iter().enumerate() {
+                TimeWindow::compile(w)
+                    .map_err(|e| self.invalid(format!("{rat}.time_windows[{k}]: {e}")))?;
+            }
+            let known = |name: &str| self.trust.contains_key(name);
+            if let Some(t) = &r.trust
+                && !known(t)
+            {
+                return Err(self.invalid(format!("{rat}.trust: no [trust.{t}] bundle")));
+            }
+            if let Some(d) = &r.device {
+                if !known(&d.trust) {
+                    return Err(
+                        self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
+                    );
+                }
+                crate::policy::spiffe_prefix(&d.san_prefix)
+                    .map_err(|e| self.invalid(format!("{rat}.device.san_prefix: {e}")))?;
+            }
+            if r.mode == Mode::Off && (r.device.is_some() || r.trust.is_some()) {
+                return Err(self.invalid(format!(
+                    "{rat}: mode = \"off\" authenticates no client, so trust and device do not apply"
+                )));
             }
         }
         Ok(())

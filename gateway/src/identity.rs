@@ -73,6 +73,14 @@ impl Identity {
         Ok(id)
     }
 
+    /// The first URI SAN under `prefix`: the device this certificate is bound to.
+    pub fn device(&self, prefix: &str) -> Option<&str> {
+        self.uris
+            .iter()
+            .map(String::as_str)
+            .find(|u| u.starts_with(prefix) && u.len() > prefix.len())
+    }
+
     /// No SAN-based identity at all.
     pub fn is_empty(&self) -> bool {
         self.uris.is_empty() && self.dns.is_empty() && self.emails.is_empty()

@@ -16,7 +16,10 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::atomic::Ordering;
+
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
+use crate::config::Mode;
 use crate::forward;
 use crate::policy;
 use crate::state::{ListenerState, Route};
@@ -72,6 +75,7 @@ struct Conn {
     listener: String,
     client: SocketAddr,
     route: Option<String>,
+    mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
     verdict: Verdict,
@@ -90,6 +94,7 @@ impl Conn {
             listener: listener.name.clone(),
             client,
             route: None,
+            mode: None,
             sni: None,
             identity: None,
             verdict: Verdict::Error,
@@ -107,6 +112,7 @@ impl Conn {
             time: now_rfc3339(),
             listener: self.listener,
             route: self.route,
+            mode: self.mode.map(str::to_owned),
             client: self.client.to_string(),
             sni: self.sni,
             identity: self.identity,
@@ -232,7 +238,11 @@ async fn handshake(
         return None;
     };
     conn.route = Some(route.name.clone());
-    let (config, decision) = match listener.tls.connection_config(route.policy.clone()) {
+    conn.mode = Some(route.mode().as_str());
+    let (config, decision) = match listener
+        .tls
+        .connection_config(&route.auth, conn.client.ip())
+    {
         Ok(x) => x,
         Err(e) => {
             conn.reason = format!("TLS config: {e}");
@@ -243,38 +253,7 @@ async fn handshake(
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    conn.identity = decision.identity.as_ref().map(ToString::to_string);
-    match (&result, decision.verdict) {
-        (_, Some(policy::Verdict::Deny(reason))) => {
-            conn.verdict = Verdict::Deny;
-            conn.reason = reason.to_string();
-        }
-        (Ok(_), Some(policy::Verdict::Allow { matched })) => {
-            conn.verdict = Verdict::Allow;
-            conn.reason = format!("allowed by {matched}");
-        }
-        (Err(e), _) => {
-            if let Some(refused) = decision.refused {
-                conn.verdict = Verdict::Deny;
-                conn.reason = refused;
-            } else {
-                conn.reason = format!("handshake failed: {e}");
-                let no_cert = e
-                    .get_ref()
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .is_some_and(|r| matches!(r, rustls::Error::NoCertificatesPresented));
-                if no_cert {
-                    conn.verdict = Verdict::Deny;
-                    conn.reason = "client presented no certificate".into();
-                }
-            }
-        }
-        (Ok(_), None) => {
-            // Unreachable with client auth mandatory; refuse rather than guess.
-            conn.reason = "handshake completed without a client certificate decision".into();
-            return None;
-        }
-    }
+    judge(&route, &result, decision, conn);
     let tls = result.ok()?;
     let (_, session) = tls.get_ref();
     conn.tls_version = session.protocol_version().map(|v| match v {
@@ -286,4 +265,65 @@ async fn handshake(
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()));
     Some((route, tls))
+}
+
+/// Turns what the verifier decided and how the handshake ended into the
+/// access log's verdict and reason, and counts it on the route.
+fn judge<T>(
+    route: &Route,
+    result: &std::io::Result<T>,
+    decision: crate::tls::Decision,
+    conn: &mut Conn,
+) {
+    conn.identity = decision.identity.as_ref().map(ToString::to_string);
+    // Why the client would be (or was) refused, if it would be.
+    let objection = match (decision.refused, decision.verdict) {
+        (Some(refused), _) => Some(refused),
+        (None, Some(policy::Verdict::Deny(reason))) => Some(reason.to_string()),
+        (None, Some(policy::Verdict::Allow { matched })) => {
+            conn.reason = format!("allowed by {matched}");
+            None
+        }
+        // No certificate reached the verifier.
+        (None, None) => Some("client presented no certificate".to_owned()),
+    };
+    match (result, objection) {
+        (Ok(_), None) => {
+            conn.verdict = Verdict::Allow;
+            route.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        }
+        (Ok(_), Some(why)) if route.mode() == Mode::Audit => {
+            conn.verdict = Verdict::Audit;
+            conn.reason = format!("would deny: {why}");
+            route.stats.audited.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(route = %route.name, client = %conn.client, reason = %why,
+                "audit: would deny, letting through");
+        }
+        (Ok(_), Some(why)) => {
+            // Unreachable with enforcement in the verifier; refuse rather than guess.
+            conn.verdict = Verdict::Deny;
+            conn.reason = format!("refused after handshake: {why}");
+            route.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        (Err(e), objection) => {
+            let is_refusal = decision_was_refusal(e, objection.is_some());
+            if let (true, Some(why)) = (is_refusal, objection) {
+                conn.verdict = Verdict::Deny;
+                conn.reason = why;
+                route.stats.denied.fetch_add(1, Ordering::Relaxed);
+            } else {
+                conn.reason = format!("handshake failed: {e}");
+            }
+        }
+    }
+}
+
+/// A failed handshake is a refusal when the verifier objected, or when the
+/// client sent no certificate to a route that requires one.
+fn decision_was_refusal(e: &std::io::Error, verifier_objected: bool) -> bool {
+    let no_cert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::NoCertificatesPresented));
+    no_cert || verifier_objected
 }

@@ -3,10 +3,12 @@
 //! clients). Tests, the demo and the benchmark build their PKI with this.
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -73,6 +75,8 @@ impl LeafSpec {
 pub struct Issued {
     pub cert_pem: String,
     pub key_pem: String,
+    /// The certificate's serial number, as it would appear in a CRL.
+    pub serial: Vec<u8>,
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -146,10 +150,38 @@ impl Authority {
         };
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        let serial = X509Certificate::from_der(cert.der())
+            .map(|(_, c)| c.tbs_certificate.raw_serial().to_vec())
+            .unwrap_or_default();
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         })
+    }
+
+    /// A CRL signed by this CA revoking `serials`, valid for a day.
+    pub fn crl(&self, crl_number: u64, serials: &[&[u8]]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - Duration::minutes(1),
+            next_update: now + Duration::days(1),
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(s),
+                    revocation_time: now - Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params
+            .signed_by(&Issuer::from_params(&self.params, &self.key))?
+            .pem()?)
     }
 }
 

@@ -1,21 +1,28 @@
-//! Who may pass a route: allow entries and the decision over an identity.
+//! Who may pass a route, from where and when: identity rules, source CIDRs,
+//! time windows, a device requirement, and the decision over one client.
 //!
-//! Entries are parsed once, at config load, into [`AllowEntry`]; matching is
-//! exact (DNS names case-insensitively, as DNS is). There are no patterns:
-//! a wildcard in an entry is a config error, not a rule.
+//! Entries are parsed once, at config load; matching is exact (DNS names
+//! case-insensitively, as DNS is) or an explicit SPIFFE prefix. There are no
+//! patterns: a wildcard in an entry is a config error, not a rule. Deny wins
+//! over allow.
 
 use std::fmt;
+use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::identity::Identity;
 
-/// One identity a route lets through.
+/// One identity a rule names (in `allow` or `deny`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
-pub enum AllowEntry {
+pub enum IdentityRule {
     /// A URI SAN, SPIFFE IDs included: `spiffe://example.internal/ns/shop/sa/frontend`.
     Uri(String),
+    /// `spiffe-prefix:spiffe://example.internal/ns/shop/`: every SPIFFE ID under
+    /// that path. Must end with `/`, so `ns/shop/` never matches `ns/shopping`.
+    SpiffePrefix(String),
     /// `dns:NAME`: a DNS SAN.
     Dns(String),
     /// `email:ADDR`: an rfc822Name SAN.
@@ -24,13 +31,13 @@ pub enum AllowEntry {
     CommonName(String),
 }
 
-impl TryFrom<String> for AllowEntry {
+impl TryFrom<String> for IdentityRule {
     type Error = String;
 
     fn try_from(s: String) -> Result<Self, String> {
         if s.contains('*') {
             return Err(format!(
-                "{s:?}: wildcards are never allowed: name each identity exactly"
+                "{s:?}: wildcards are never allowed: name each identity exactly or use spiffe-prefix:"
             ));
         }
         let nonempty = |kind: &str, v: &str| {
@@ -41,7 +48,7 @@ impl TryFrom<String> for AllowEntry {
             }
         };
         if let Some(v) = s.strip_prefix("dns:") {
-            return Ok(AllowEntry::Dns(
+            return Ok(IdentityRule::Dns(
                 nonempty("DNS name", v)?.to_ascii_lowercase(),
             ));
         }
@@ -50,10 +57,15 @@ impl TryFrom<String> for AllowEntry {
             if !v.contains('@') {
                 return Err(format!("{s:?}: an email address needs an @"));
             }
-            return Ok(AllowEntry::Email(v));
+            return Ok(IdentityRule::Email(v));
         }
         if let Some(v) = s.strip_prefix("cn:") {
-            return Ok(AllowEntry::CommonName(nonempty("common name", v)?));
+            return Ok(IdentityRule::CommonName(nonempty("common name", v)?));
+        }
+        if let Some(v) = s.strip_prefix("spiffe-prefix:") {
+            return spiffe_prefix(v)
+                .map(IdentityRule::SpiffePrefix)
+                .map_err(|why| format!("{s:?}: {why}"));
         }
         match s.split_once("://") {
             Some((scheme, rest))
@@ -63,37 +75,196 @@ impl TryFrom<String> for AllowEntry {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
             {
-                Ok(AllowEntry::Uri(s))
+                Ok(IdentityRule::Uri(s))
             }
             _ => Err(format!(
-                "{s:?}: expected a URI (spiffe://…), dns:NAME, email:ADDR or cn:NAME"
+                "{s:?}: expected a URI (spiffe://…), spiffe-prefix:spiffe://…/, dns:NAME, email:ADDR or cn:NAME"
             )),
         }
     }
 }
 
-impl fmt::Display for AllowEntry {
+/// A SPIFFE path prefix: `spiffe://trust-domain/` or deeper, ending with `/`.
+pub fn spiffe_prefix(v: &str) -> Result<String, String> {
+    let Some(rest) = v.strip_prefix("spiffe://") else {
+        return Err("a SPIFFE prefix starts with spiffe://".into());
+    };
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("a SPIFFE prefix names a trust domain".into());
+    }
+    if !v.ends_with('/') {
+        return Err("a SPIFFE prefix ends with / (so ns/shop/ never matches ns/shopping)".into());
+    }
+    Ok(v.to_owned())
+}
+
+impl fmt::Display for IdentityRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AllowEntry::Uri(u) => f.write_str(u),
-            AllowEntry::Dns(d) => write!(f, "dns:{d}"),
-            AllowEntry::Email(e) => write!(f, "email:{e}"),
-            AllowEntry::CommonName(c) => write!(f, "cn:{c}"),
+            IdentityRule::Uri(u) => f.write_str(u),
+            IdentityRule::SpiffePrefix(p) => write!(f, "spiffe-prefix:{p}"),
+            IdentityRule::Dns(d) => write!(f, "dns:{d}"),
+            IdentityRule::Email(e) => write!(f, "email:{e}"),
+            IdentityRule::CommonName(c) => write!(f, "cn:{c}"),
         }
     }
 }
 
-/// A route's compiled authorization rules.
-#[derive(Debug, Clone)]
-pub struct Policy {
-    pub allow: Vec<AllowEntry>,
-    pub match_common_name: bool,
+impl IdentityRule {
+    fn matches(&self, id: &Identity, match_common_name: bool) -> bool {
+        match self {
+            IdentityRule::Uri(u) => id.uris.iter().any(|x| x == u),
+            IdentityRule::SpiffePrefix(p) => id
+                .uris
+                .iter()
+                .any(|x| x.starts_with(p.as_str()) && x.len() > p.len()),
+            IdentityRule::Dns(d) => id.dns.iter().any(|x| x.eq_ignore_ascii_case(d)),
+            IdentityRule::Email(e) => id.emails.iter().any(|x| x == e),
+            IdentityRule::CommonName(c) => {
+                match_common_name && id.common_name.as_deref() == Some(c.as_str())
+            }
+        }
+    }
 }
 
-/// What the policy says about one identity.
+/// Days and hours in one time zone when a route is open.
+#[derive(Debug, Clone)]
+pub struct TimeWindow {
+    /// Indexed by ISO weekday - 1 (Monday = 0).
+    days: [bool; 7],
+    /// Minutes since local midnight; `end` is exclusive. `end <= start` spans midnight
+    /// (the days then name the day the window opens).
+    start: u16,
+    end: u16,
+    tz: jiff::tz::TimeZone,
+    /// As written, for messages.
+    label: String,
+}
+
+/// A time window as written in the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindowConfig {
+    /// "mon" … "sun"; empty means every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// "HH:MM", local to `time_zone`.
+    pub start: String,
+    /// "HH:MM", exclusive; "24:00" is the end of the day.
+    pub end: String,
+    /// An IANA zone ("Europe/Berlin") or "UTC".
+    #[serde(default = "utc")]
+    pub time_zone: String,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+impl TimeWindow {
+    pub fn compile(c: &TimeWindowConfig) -> Result<TimeWindow, String> {
+        let mut days = [c.days.is_empty(); 7];
+        for d in &c.days {
+            let i = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+                .iter()
+                .position(|x| x.eq_ignore_ascii_case(d))
+                .ok_or_else(|| {
+                    format!("day {d:?}: expected mon, tue, wed, thu, fri, sat or sun")
+                })?;
+            days[i] = true;
+        }
+        let minutes = |s: &str| -> Result<u16, String> {
+            let (h, m) = s
+                .split_once(':')
+                .ok_or_else(|| format!("time {s:?}: expected HH:MM"))?;
+            let (h, m): (u16, u16) = (
+                h.parse().map_err(|_| format!("time {s:?}: bad hour"))?,
+                m.parse().map_err(|_| format!("time {s:?}: bad minute"))?,
+            );
+            if m > 59 || h > 24 || (h == 24 && m > 0) {
+                return Err(format!("time {s:?} is out of range"));
+            }
+            Ok(h * 60 + m)
+        };
+        let (start, end) = (minutes(&c.start)?, minutes(&c.end)?);
+        if start == end {
+            return Err(format!("window {}-{} is empty", c.start, c.end));
+        }
+        let tz = if c.time_zone.eq_ignore_ascii_case("UTC") {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::get(&c.time_zone)
+                .map_err(|e| format!("time zone {:?}: {e}", c.time_zone))?
+        };
+        let label = format!(
+            "{} {}-{} {}",
+            if c.days.is_empty() {
+                "daily".to_owned()
+            } else {
+                c.days.join(",")
+            },
+            c.start,
+            c.end,
+            c.time_zone
+        );
+        Ok(TimeWindow {
+            days,
+            start,
+            end,
+            tz,
+            label,
+        })
+    }
+
+    pub fn contains(&self, now: jiff::Timestamp) -> bool {
+        let local = now.to_zoned(self.tz.clone());
+        let minute =
+            u16::from(local.hour().unsigned_abs()) * 60 + u16::from(local.minute().unsigned_abs());
+        let today = usize::from(local.weekday().to_monday_zero_offset().unsigned_abs());
+        let yesterday = (today + 6) % 7;
+        if self.start < self.end {
+            self.days[today] && (self.start..self.end).contains(&minute)
+        } else {
+            (self.days[today] && minute >= self.start)
+                || (self.days[yesterday] && minute < self.end)
+        }
+    }
+}
+
+impl fmt::Display for TimeWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// A route's compiled rules.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub allow: Vec<IdentityRule>,
+    pub deny: Vec<IdentityRule>,
+    /// Empty: any source.
+    pub allow_sources: Vec<IpNet>,
+    pub deny_sources: Vec<IpNet>,
+    /// Empty: always open.
+    pub time_windows: Vec<TimeWindow>,
+    pub match_common_name: bool,
+    /// The URI prefix a device identity SAN must carry (the chain to the
+    /// device CA is checked by the TLS verifier).
+    pub device_san_prefix: Option<String>,
+}
+
+/// Who is asking, from where, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub identity: &'a Identity,
+    pub source: IpAddr,
+    pub now: jiff::Timestamp,
+}
+
+/// What the policy says about one client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let through; `matched` is the entry that matched.
+    /// Let through; `matched` is the allow entry that matched.
     Allow {
         matched: String,
     },
@@ -108,35 +279,78 @@ pub enum DenyReason {
     NoIdentity,
     #[error("identity {identity} is not in the route's allow list")]
     NotAllowed { identity: String },
+    #[error("identity {identity} is denied by {rule}")]
+    Denied { identity: String, rule: String },
+    #[error("source {client} is denied by {cidr}")]
+    SourceDenied { client: IpAddr, cidr: IpNet },
+    #[error("source {client} is not in the route's allowed sources")]
+    SourceNotAllowed { client: IpAddr },
+    #[error("outside the route's time windows ({windows})")]
+    OutsideTimeWindow { windows: String },
+    #[error("certificate carries no device identity (URI SAN under {prefix})")]
+    NoDeviceIdentity { prefix: String },
 }
 
 impl Policy {
-    pub fn decide(&self, identity: &Identity) -> Verdict {
+    pub fn decide(&self, s: Subject<'_>) -> Verdict {
+        let id = s.identity;
+        if let Some(rule) = self
+            .deny
+            .iter()
+            .find(|r| r.matches(id, self.match_common_name))
+        {
+            return Verdict::Deny(DenyReason::Denied {
+                identity: id.to_string(),
+                rule: rule.to_string(),
+            });
+        }
+        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&s.source)) {
+            return Verdict::Deny(DenyReason::SourceDenied {
+                client: s.source,
+                cidr: *cidr,
+            });
+        }
+        if !self.allow_sources.is_empty()
+            && !self.allow_sources.iter().any(|n| n.contains(&s.source))
+        {
+            return Verdict::Deny(DenyReason::SourceNotAllowed { client: s.source });
+        }
+        if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(s.now)) {
+            return Verdict::Deny(DenyReason::OutsideTimeWindow {
+                windows: self
+                    .time_windows
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        if let Some(prefix) = &self.device_san_prefix
+            && id.device(prefix).is_none()
+        {
+            return Verdict::Deny(DenyReason::NoDeviceIdentity {
+                prefix: prefix.clone(),
+            });
+        }
         if self.allow.is_empty() {
             return Verdict::Deny(DenyReason::NoAllowRules);
         }
-        let has_cn = self.match_common_name && identity.common_name.is_some();
-        if identity.is_empty() && !has_cn {
+        let has_cn = self.match_common_name && id.common_name.is_some();
+        if id.is_empty() && !has_cn {
             return Verdict::Deny(DenyReason::NoIdentity);
         }
-        for entry in &self.allow {
-            let hit = match entry {
-                AllowEntry::Uri(u) => identity.uris.iter().any(|x| x == u),
-                AllowEntry::Dns(d) => identity.dns.iter().any(|x| x.eq_ignore_ascii_case(d)),
-                AllowEntry::Email(e) => identity.emails.iter().any(|x| x == e),
-                AllowEntry::CommonName(c) => {
-                    self.match_common_name && identity.common_name.as_deref() == Some(c.as_str())
-                }
-            };
-            if hit {
-                return Verdict::Allow {
-                    matched: entry.to_string(),
-                };
-            }
+        match self
+            .allow
+            .iter()
+            .find(|r| r.matches(id, self.match_common_name))
+        {
+            Some(rule) => Verdict::Allow {
+                matched: rule.to_string(),
+            },
+            None => Verdict::Deny(DenyReason::NotAllowed {
+                identity: id.to_string(),
+            }),
         }
-        Verdict::Deny(DenyReason::NotAllowed {
-            identity: identity.to_string(),
-        })
     }
 }
 
@@ -144,8 +358,8 @@ impl Policy {
 mod tests {
     use super::*;
 
-    fn entry(s: &str) -> Result<AllowEntry, String> {
-        AllowEntry::try_from(s.to_owned())
+    fn rule(s: &str) -> Result<IdentityRule, String> {
+        IdentityRule::try_from(s.to_owned())
     }
 
     fn identity() -> Identity {
@@ -158,50 +372,87 @@ mod tests {
         }
     }
 
-    fn policy(entries: &[&str], cn: bool) -> Policy {
+    fn rules(entries: &[&str]) -> Vec<IdentityRule> {
+        entries.iter().map(|e| rule(e).unwrap()).collect()
+    }
+
+    fn allow(entries: &[&str]) -> Policy {
         Policy {
-            allow: entries.iter().map(|e| entry(e).unwrap()).collect(),
-            match_common_name: cn,
+            allow: rules(entries),
+            ..Policy::default()
         }
+    }
+
+    const NOON_WED_UTC: &str = "2026-11-18T12:00:00Z";
+
+    fn at(policy: &Policy, id: &Identity, source: &str, now: &str) -> Verdict {
+        policy.decide(Subject {
+            identity: id,
+            source: source.parse().unwrap(),
+            now: now.parse().unwrap(),
+        })
+    }
+
+    fn decide(policy: &Policy, id: &Identity) -> Verdict {
+        at(policy, id, "192.0.2.10", NOON_WED_UTC)
+    }
+
+    fn allowed(v: &Verdict) -> bool {
+        matches!(v, Verdict::Allow { .. })
     }
 
     #[test]
     fn parses_each_kind_and_refuses_the_rest() {
         assert_eq!(
-            entry("spiffe://td/x").unwrap(),
-            AllowEntry::Uri("spiffe://td/x".into())
+            rule("spiffe://td/x").unwrap(),
+            IdentityRule::Uri("spiffe://td/x".into())
         );
-        assert_eq!(entry("dns:A.b").unwrap(), AllowEntry::Dns("a.b".into()));
-        assert_eq!(entry("email:a@b").unwrap(), AllowEntry::Email("a@b".into()));
-        assert!(entry("dns:*.b").unwrap_err().contains("wildcard"));
-        assert!(entry("spiffe://td/*").is_err());
-        assert!(entry("frontend").is_err());
-        assert!(entry("dns:").is_err());
-        assert!(entry("email:nobody").is_err());
+        assert_eq!(rule("dns:A.b").unwrap(), IdentityRule::Dns("a.b".into()));
+        assert_eq!(
+            rule("email:a@b").unwrap(),
+            IdentityRule::Email("a@b".into())
+        );
+        assert_eq!(
+            rule("spiffe-prefix:spiffe://td/ns/").unwrap(),
+            IdentityRule::SpiffePrefix("spiffe://td/ns/".into())
+        );
+        assert!(rule("dns:*.b").unwrap_err().contains("wildcard"));
+        assert!(rule("spiffe://td/*").is_err());
+        assert!(
+            rule("spiffe-prefix:spiffe://td/ns")
+                .unwrap_err()
+                .contains("ends with /")
+        );
+        assert!(rule("spiffe-prefix:https://td/ns/").is_err());
+        assert!(rule("spiffe-prefix:spiffe:///").is_err());
+        assert!(rule("frontend").is_err());
+        assert!(rule("dns:").is_err());
+        assert!(rule("email:nobody").is_err());
     }
 
     #[test]
-    fn each_kind_matches_exactly() {
+    fn each_identity_kind_matches_exactly() {
         let id = identity();
         for e in [
             "spiffe://example.internal/ns/shop/sa/frontend",
             "dns:batch.example.internal",
             "email:ops@example.internal",
+            "spiffe-prefix:spiffe://example.internal/ns/shop/",
+            "spiffe-prefix:spiffe://example.internal/",
         ] {
-            assert!(
-                matches!(policy(&[e], false).decide(&id), Verdict::Allow { .. }),
-                "{e}"
-            );
+            assert!(allowed(&decide(&allow(&[e]), &id)), "{e}");
         }
         for e in [
             "spiffe://example.internal/ns/shop/sa/frontend2",
             "spiffe://example.internal/ns/shop",
+            "spiffe-prefix:spiffe://example.internal/ns/sho/",
+            "spiffe-prefix:spiffe://example.internal/ns/shop/sa/frontend/",
             "dns:example.internal",
             "email:OPS@example.internal",
         ] {
             assert!(
                 matches!(
-                    policy(&[e], false).decide(&id),
+                    decide(&allow(&[e]), &id),
                     Verdict::Deny(DenyReason::NotAllowed { .. })
                 ),
                 "{e}"
@@ -210,9 +461,121 @@ mod tests {
     }
 
     #[test]
+    fn deny_wins_over_allow() {
+        let mut p = allow(&["spiffe-prefix:spiffe://example.internal/ns/shop/"]);
+        p.deny = rules(&["spiffe://example.internal/ns/shop/sa/frontend"]);
+        assert_eq!(
+            decide(&p, &identity()),
+            Verdict::Deny(DenyReason::Denied {
+                identity: identity().to_string(),
+                rule: "spiffe://example.internal/ns/shop/sa/frontend".into()
+            })
+        );
+        let mut other = identity();
+        other.uris = vec!["spiffe://example.internal/ns/shop/sa/checkout".into()];
+        assert!(allowed(&decide(&p, &other)));
+    }
+
+    #[test]
+    fn source_cidrs_allow_and_deny() {
+        let mut p = allow(&["dns:batch.example.internal"]);
+        p.allow_sources = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        p.deny_sources = vec!["10.66.0.0/16".parse().unwrap()];
+        let id = identity();
+        assert!(allowed(&at(&p, &id, "10.1.2.3", NOON_WED_UTC)));
+        assert!(allowed(&at(&p, &id, "2001:db8::7", NOON_WED_UTC)));
+        assert!(matches!(
+            at(&p, &id, "192.0.2.1", NOON_WED_UTC),
+            Verdict::Deny(DenyReason::SourceNotAllowed { .. })
+        ));
+        assert!(matches!(
+            at(&p, &id, "10.66.1.1", NOON_WED_UTC),
+            Verdict::Deny(DenyReason::SourceDenied { .. })
+        ));
+    }
+
+    fn window(days: &[&str], start: &str, end: &str, tz: &str) -> TimeWindow {
+        TimeWindow::compile(&TimeWindowConfig {
+            days: days.iter().map(|d| d.to_string()).collect(),
+            start: start.into(),
+            end: end.into(),
+            time_zone: tz.into(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn time_windows_with_an_injected_clock_and_zones() {
+        let mut p = allow(&["dns:batch.example.internal"]);
+        p.time_windows = vec![window(
+            &["mon", "tue", "wed", "thu", "fri"],
+            "08:00",
+            "18:00",
+            "Europe/Berlin",
+        )];
+        let id = identity();
+        // Wednesday 12:00 UTC is 13:00 in Berlin (CET): open.
+        assert!(allowed(&at(&p, &id, "10.0.0.1", "2026-11-18T12:00:00Z")));
+        // 17:30 UTC is 18:30 in Berlin: closed, though it is before 18:00 UTC.
+        assert!(matches!(
+            at(&p, &id, "10.0.0.1", "2026-11-18T17:30:00Z"),
+            Verdict::Deny(DenyReason::OutsideTimeWindow { .. })
+        ));
+        // Saturday noon: closed.
+        assert!(!allowed(&at(&p, &id, "10.0.0.1", "2026-11-21T12:00:00Z")));
+        // Summer time moves the edge: 16:30 UTC in July is 18:30 CEST, closed.
+        assert!(!allowed(&at(&p, &id, "10.0.0.1", "2026-07-15T16:30:00Z")));
+        assert!(allowed(&at(&p, &id, "10.0.0.1", "2026-07-15T15:30:00Z")));
+    }
+
+    #[test]
+    fn overnight_windows_belong_to_the_day_they_open() {
+        let w = window(&["fri"], "22:00", "06:00", "UTC");
+        assert!(w.contains("2026-11-20T23:00:00Z".parse().unwrap())); // Fri 23:00
+        assert!(w.contains("2026-11-21T05:59:00Z".parse().unwrap())); // Sat 05:59
+        assert!(!w.contains("2026-11-21T06:00:00Z".parse().unwrap()));
+        assert!(!w.contains("2026-11-19T23:00:00Z".parse().unwrap())); // Thu 23:00
+        assert!(
+            TimeWindow::compile(&TimeWindowConfig {
+                days: vec!["funday".into()],
+                start: "01:00".into(),
+                end: "02:00".into(),
+                time_zone: "UTC".into()
+            })
+            .is_err()
+        );
+        assert!(
+            TimeWindow::compile(&TimeWindowConfig {
+                days: vec![],
+                start: "01:00".into(),
+                end: "02:00".into(),
+                time_zone: "Mars/Olympus".into()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn device_identity_is_required_when_configured() {
+        let mut p = allow(&["email:ops@example.internal"]);
+        p.device_san_prefix = Some("spiffe://example.internal/device/".into());
+        let mut id = identity();
+        assert!(matches!(
+            decide(&p, &id),
+            Verdict::Deny(DenyReason::NoDeviceIdentity { .. })
+        ));
+        id.uris
+            .push("spiffe://example.internal/device/laptop-7".into());
+        assert!(allowed(&decide(&p, &id)));
+    }
+
+    #[test]
     fn empty_allow_list_refuses_everyone() {
         assert_eq!(
-            policy(&[], false).decide(&identity()),
+            decide(&allow(&[]), &identity()),
             Verdict::Deny(DenyReason::NoAllowRules)
         );
     }
@@ -220,20 +583,16 @@ mod tests {
     #[test]
     fn common_name_only_counts_with_the_opt_in() {
         let id = identity();
-        assert!(matches!(
-            policy(&["cn:legacy"], true).decide(&id),
-            Verdict::Allow { .. }
-        ));
-        assert!(matches!(
-            policy(&["cn:legacy"], false).decide(&id),
-            Verdict::Deny(_)
-        ));
+        let mut p = allow(&["cn:legacy"]);
+        assert!(!allowed(&decide(&p, &id)));
+        p.match_common_name = true;
+        assert!(allowed(&decide(&p, &id)));
         let cn_only = Identity {
             common_name: Some("legacy".into()),
             ..Identity::default()
         };
         assert_eq!(
-            policy(&["dns:x"], false).decide(&cn_only),
+            decide(&allow(&["dns:x"]), &cn_only),
             Verdict::Deny(DenyReason::NoIdentity)
         );
     }

@@ -9,9 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{Config, ListenerConfig};
-use crate::policy::Policy;
-use crate::tls::{ListenerTls, TlsError};
+use std::sync::atomic::AtomicU64;
+
+use crate::config::{Config, ListenerConfig, Mode, RouteConfig};
+use crate::policy::{Policy, TimeWindow};
+use crate::tls::{BundleFiles, ListenerTls, RouteAuth, TlsError};
 use crate::upstream::Backends;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,12 @@ pub enum StateError {
         listener: String,
         #[source]
         source: TlsError,
+    },
+    #[error("listener {listener:?}, route {route:?}: {message}")]
+    Route {
+        listener: String,
+        route: String,
+        message: String,
     },
 }
 
@@ -48,8 +56,57 @@ pub struct ListenerState {
 #[derive(Debug)]
 pub struct Route {
     pub name: String,
-    pub policy: Arc<Policy>,
+    pub auth: RouteAuth,
     pub backends: Backends,
+    pub stats: RouteStats,
+}
+
+/// What a route decided, counted since start.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    /// Would have been denied, but the route is in audit mode.
+    pub audited: AtomicU64,
+}
+
+impl Route {
+    fn build(listener: &str, r: &RouteConfig) -> Result<Route, StateError> {
+        let time_windows = r
+            .time_windows
+            .iter()
+            .map(TimeWindow::compile)
+            .collect::<Result<_, _>>()
+            .map_err(|message| StateError::Route {
+                listener: listener.to_owned(),
+                route: r.name.clone(),
+                message,
+            })?;
+        let policy = Policy {
+            allow: r.allow.clone(),
+            deny: r.deny.clone(),
+            allow_sources: r.allow_sources.clone(),
+            deny_sources: r.deny_sources.clone(),
+            time_windows,
+            match_common_name: r.match_common_name,
+            device_san_prefix: r.device.as_ref().map(|d| d.san_prefix.clone()),
+        };
+        Ok(Route {
+            name: r.name.clone(),
+            auth: RouteAuth {
+                mode: r.mode,
+                trust: r.trust.clone(),
+                device_trust: r.device.as_ref().map(|d| d.trust.clone()),
+                policy: Arc::new(policy),
+            },
+            backends: Backends::new(r.backends.clone()),
+            stats: RouteStats::default(),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.auth.mode
+    }
 }
 
 impl State {
@@ -68,10 +125,25 @@ impl State {
 
 impl ListenerState {
     fn build(config: &Config, l: &ListenerConfig) -> Result<Self, StateError> {
+        let files = |ca: &std::path::Path, crls: &[std::path::PathBuf]| BundleFiles {
+            ca: config.resolve(ca),
+            crls: crls.iter().map(|c| config.resolve(c)).collect(),
+        };
+        // Only the bundles this listener's routes name are loaded for it.
+        let bundles = l
+            .routes
+            .iter()
+            .flat_map(|r| r.trust.iter().chain(r.device.iter().map(|d| &d.trust)))
+            .filter_map(|name| {
+                let b = config.trust.get(name)?;
+                Some((name.clone(), files(&b.ca, &b.crls)))
+            })
+            .collect();
         let tls = ListenerTls::load(
             &config.resolve(&l.cert),
             &config.resolve(&l.key),
-            &config.resolve(&l.client_ca),
+            &files(&l.client_ca, &l.crls),
+            &bundles,
             &l.tls_versions,
         )
         .map_err(|source| StateError::Listener {
@@ -80,27 +152,16 @@ impl ListenerState {
         })?;
         let mut by_sni = HashMap::new();
         let mut default_route = None;
-        let routes = l
-            .routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                if r.server_names.is_empty() {
-                    default_route = Some(i);
-                }
-                for sni in &r.server_names {
-                    by_sni.insert(sni.to_ascii_lowercase(), i);
-                }
-                Arc::new(Route {
-                    name: r.name.clone(),
-                    policy: Arc::new(Policy {
-                        allow: r.allow.clone(),
-                        match_common_name: r.match_common_name,
-                    }),
-                    backends: Backends::new(r.backends.clone()),
-                })
-            })
-            .collect();
+        let mut routes = Vec::new();
+        for (i, r) in l.routes.iter().enumerate() {
+            if r.server_names.is_empty() {
+                default_route = Some(i);
+            }
+            for sni in &r.server_names {
+                by_sni.insert(sni.to_ascii_lowercase(), i);
+            }
+            routes.push(Arc::new(Route::build(&l.name, r)?));
+        }
         Ok(ListenerState {
             name: l.name.clone(),
             bind: l.bind,

@@ -246,6 +246,8 @@ pub fn route_toml(
 /// The gateway, built from TOML through the library and running in this process.
 pub struct RunningGateway {
     pub app_addr: SocketAddr,
+    /// The first listener's routes, for their counters.
+    pub routes: Vec<Arc<gateway::state::Route>>,
     pub shutdown: gateway::ShutdownHandle,
     pub log: broadcast::Receiver<AccessRecord>,
     pub task: JoinHandle<()>,
@@ -266,15 +268,32 @@ impl RunningGateway {
             .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
         let name = &config.listeners[0].name;
         let app_addr = app.local_addr(name).expect("listener bound");
+        let routes = app.routes(name);
         let shutdown = app.shutdown_handle();
         let log = app.access_log();
         let task = tokio::spawn(app.run());
         RunningGateway {
             app_addr,
+            routes,
             shutdown,
             log,
             task,
         }
+    }
+
+    /// A route's counters: (allowed, denied, audited).
+    pub fn stats(&self, route: &str) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = self
+            .routes
+            .iter()
+            .find(|r| r.name == route)
+            .expect("route exists");
+        (
+            r.stats.allowed.load(Relaxed),
+            r.stats.denied.load(Relaxed),
+            r.stats.audited.load(Relaxed),
+        )
     }
 
     /// The next access-log record (waits for the connection to end).

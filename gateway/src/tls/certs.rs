@@ -10,7 +10,7 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,8 @@ pub enum CertError {
     NoServerAuth { path: PathBuf, subject: String },
     #[error("{path}: chain does not verify: {reason}")]
     ChainDoesNotVerify { path: PathBuf, reason: String },
+    #[error("{path}: not a PEM certificate revocation list: {reason}")]
+    BadCrl { path: PathBuf, reason: String },
     #[error("{path}: not a usable trust anchor: {reason}")]
     BadTrustAnchor { path: PathBuf, reason: String },
 }
@@ -92,6 +94,22 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, CertError> {
         })?;
     }
     Ok(roots)
+}
+
+/// Every CRL in a PEM file (at least one).
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+    let pem = read(path)?;
+    let bad = |reason: String| CertError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if crls.is_empty() {
+        return Err(bad("no X509 CRL block found".into()));
+    }
+    Ok(crls)
 }
 
 /// Loads the server chain and key and checks what would otherwise only show as

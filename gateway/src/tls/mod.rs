@@ -4,8 +4,10 @@
 pub mod certs;
 pub mod verifier;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
@@ -16,10 +18,11 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
-use crate::config::TlsVersion;
-use crate::policy::Policy;
+use crate::config::{Mode, TlsVersion};
+use crate::policy::{Policy, Verdict};
 pub use certs::CertError;
-use verifier::{ConnectionVerifier, Decision};
+use verifier::ConnectionVerifier;
+pub use verifier::Decision;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -36,11 +39,32 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+/// What a route asks of its clients' certificates.
+#[derive(Debug)]
+pub struct RouteAuth {
+    pub mode: Mode,
+    /// The trust bundle clients must chain to (None: the listener's `client_ca`).
+    pub trust: Option<String>,
+    /// The device CA bundle clients must also chain to.
+    pub device_trust: Option<String>,
+    pub policy: Arc<Policy>,
+}
+
+/// A client CA bundle as files, before loading.
+#[derive(Debug, Clone)]
+pub struct BundleFiles {
+    pub ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+}
+
 /// A listener's TLS material, loaded and checked once.
 pub struct ListenerTls {
     provider: Arc<CryptoProvider>,
     server_key: Arc<CertifiedKey>,
-    client_chain: Arc<dyn ClientCertVerifier>,
+    /// The listener's own `client_ca` (+ CRLs).
+    default_bundle: Arc<dyn ClientCertVerifier>,
+    /// Named `[trust.NAME]` bundles that routes narrow to.
+    bundles: HashMap<String, Arc<dyn ClientCertVerifier>>,
     versions: Vec<&'static SupportedProtocolVersion>,
 }
 
@@ -48,27 +72,50 @@ impl fmt::Debug for ListenerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ListenerTls")
             .field("versions", &self.versions)
+            .field("bundles", &self.bundles.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
+}
+
+fn bundle_verifier(
+    files: &BundleFiles,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let roots = certs::load_roots(&files.ca)?;
+    let mut crls = Vec::new();
+    for path in &files.crls {
+        crls.extend(certs::load_crls(path)?);
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let builder = if crls.is_empty() {
+        builder
+    } else {
+        // Revocation is about client leaves; intermediates are our own CAs
+        // and are withdrawn by changing the bundle. A leaf whose issuer has no
+        // CRL here stays unknown and is refused (fail closed).
+        builder.with_crls(crls).only_check_end_entity_revocation()
+    };
+    builder.build().map_err(|e| TlsError::Verifier {
+        path: files.ca.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 impl ListenerTls {
     pub fn load(
         cert: &Path,
         key: &Path,
-        client_ca: &Path,
+        client_ca: &BundleFiles,
+        bundles: &HashMap<String, BundleFiles>,
         versions: &[TlsVersion],
     ) -> Result<Self, TlsError> {
         let provider = provider();
         let server_key = certs::load_server_identity(cert, key, &provider)?;
-        let roots = certs::load_roots(client_ca)?;
-        let client_chain =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Verifier {
-                    path: client_ca.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+        let default_bundle = bundle_verifier(client_ca, &provider)?;
+        let bundles = bundles
+            .iter()
+            .map(|(name, files)| Ok((name.clone(), bundle_verifier(files, &provider)?)))
+            .collect::<Result<_, TlsError>>()?;
         let versions = versions
             .iter()
             .map(|v| match v {
@@ -79,23 +126,47 @@ impl ListenerTls {
         Ok(Self {
             provider,
             server_key,
-            client_chain,
+            default_bundle,
+            bundles,
             versions,
         })
     }
 
-    /// A `ServerConfig` for one connection on `policy`'s route; the verifier
-    /// writes what it decides into the returned slot.
+    fn bundle(&self, name: Option<&str>) -> Arc<dyn ClientCertVerifier> {
+        name.and_then(|n| self.bundles.get(n))
+            .unwrap_or(&self.default_bundle)
+            .clone()
+    }
+
+    /// A `ServerConfig` for one connection from `source` on a route; the
+    /// verifier writes what it decides into the returned slot.
     pub fn connection_config(
         &self,
-        policy: Arc<Policy>,
+        route: &RouteAuth,
+        source: IpAddr,
     ) -> Result<(Arc<ServerConfig>, Arc<Mutex<Decision>>), TlsError> {
         let decision = Arc::new(Mutex::new(Decision::default()));
-        let verifier = ConnectionVerifier::new(self.client_chain.clone(), policy, decision.clone());
-        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
-            .with_protocol_versions(&self.versions)?
-            .with_client_cert_verifier(Arc::new(verifier))
-            .with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&self.versions)?;
+        let builder = if route.mode == Mode::Off {
+            if let Ok(mut d) = decision.lock() {
+                d.verdict = Some(Verdict::Allow {
+                    matched: "mode off (no client authentication)".into(),
+                });
+            }
+            builder.with_no_client_auth()
+        } else {
+            let verifier = ConnectionVerifier {
+                chain: self.bundle(route.trust.as_deref()),
+                device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
+                policy: route.policy.clone(),
+                mode: route.mode,
+                source,
+                decision: decision.clone(),
+            };
+            builder.with_client_cert_verifier(Arc::new(verifier))
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
         // No resumption: a resumed session skips the client-certificate
         // verifier, and with it the route's policy. Every connection proves
         // itself in full.

@@ -1,10 +1,15 @@
-//! The client-certificate verifier: webpki's chain checks, then our identity
-//! rules, then the route's policy, all inside the handshake.
+//! The client-certificate verifier: webpki's chain checks (the route's trust
+//! bundle, CRLs, and the device CA where required), then our identity rules,
+//! then the route's policy, all inside the handshake.
 //!
-//! One `ConnectionVerifier` is made per connection so that what it decided
-//! (identity, verdict, reason) reaches the access log; the heavy parts (trust
-//! anchors, webpki) are shared.
+//! One `ConnectionVerifier` is made per connection, so it knows the client's
+//! source address and can hand what it decided (identity, verdict, reason) to
+//! the access log; the heavy parts (trust anchors, CRLs) are shared.
+//!
+//! In `audit` mode nothing here refuses: every would-deny is recorded and the
+//! handshake goes on, so operators can watch before they block.
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
@@ -12,8 +17,9 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+use crate::config::Mode;
 use crate::identity::{Identity, IdentityError};
-use crate::policy::{Policy, Verdict};
+use crate::policy::{Policy, Subject, Verdict};
 
 /// What the verifier concluded about the client, for the access log.
 #[derive(Debug, Clone, Default)]
@@ -25,30 +31,35 @@ pub struct Decision {
 }
 
 #[derive(Debug)]
-pub struct ConnectionVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
-    policy: Arc<Policy>,
-    decision: Arc<Mutex<Decision>>,
+pub(super) struct ConnectionVerifier {
+    pub(super) chain: Arc<dyn ClientCertVerifier>,
+    pub(super) device_chain: Option<Arc<dyn ClientCertVerifier>>,
+    pub(super) policy: Arc<Policy>,
+    pub(super) mode: Mode,
+    pub(super) source: IpAddr,
+    pub(super) decision: Arc<Mutex<Decision>>,
 }
 
 impl ConnectionVerifier {
-    pub fn new(
-        chain: Arc<dyn ClientCertVerifier>,
-        policy: Arc<Policy>,
-        decision: Arc<Mutex<Decision>>,
-    ) -> Self {
-        Self {
-            chain,
-            policy,
-            decision,
-        }
-    }
-
     fn record(&self, f: impl FnOnce(&mut Decision)) {
         // A poisoned lock only means another thread panicked mid-write; the
         // record is advisory (logging), so keep going with what is there.
         let mut d = self.decision.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut d);
+    }
+
+    /// Refuses in enforce mode; lets the handshake go on in audit mode.
+    fn refuse(&self, error: Error) -> Result<ClientCertVerified, Error> {
+        if self.mode == Mode::Audit {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(error)
+        }
+    }
+
+    fn refuse_certificate(&self, why: String, error: Error) -> Result<ClientCertVerified, Error> {
+        self.record(|d| d.refused = Some(format!("client certificate refused: {why}")));
+        self.refuse(error)
     }
 }
 
@@ -58,7 +69,7 @@ impl ClientCertVerifier for ConnectionVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mode == Mode::Enforce
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -75,24 +86,33 @@ impl ClientCertVerifier for ConnectionVerifier {
             .chain
             .verify_client_cert(end_entity, intermediates, now)
         {
-            self.record(|d| d.refused = Some(format!("client certificate refused: {e}")));
-            return Err(e);
+            return self.refuse_certificate(e.to_string(), e);
+        }
+        if let Some(device) = &self.device_chain
+            && let Err(e) = device.verify_client_cert(end_entity, intermediates, now)
+        {
+            // unknown_ca when it does not chain to the device CA at all.
+            return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
         }
         let identity = match Identity::from_leaf(end_entity) {
             Ok(id) => id,
             Err(e) => {
-                self.record(|d| d.refused = Some(format!("client certificate refused: {e}")));
-                return Err(Error::InvalidCertificate(match e {
+                let error = Error::InvalidCertificate(match e {
                     // unsupported_certificate, as webpki answers for a
                     // serverAuth-only leaf.
                     IdentityError::NoClientAuth => CertificateError::InvalidPurpose,
                     // bad_certificate: trusted, but what it names is not
                     // usable as an identity.
                     _ => CertificateError::NotValidForName,
-                }));
+                });
+                return self.refuse_certificate(e.to_string(), error);
             }
         };
-        let verdict = self.policy.decide(&identity);
+        let verdict = self.policy.decide(Subject {
+            identity: &identity,
+            source: self.source,
+            now: jiff::Timestamp::now(),
+        });
         let allowed = matches!(verdict, Verdict::Allow { .. });
         self.record(|d| {
             d.identity = Some(identity);
@@ -102,7 +122,7 @@ impl ClientCertVerifier for ConnectionVerifier {
             Ok(ClientCertVerified::assertion())
         } else {
             // access_denied: the client is who it says, but may not use this route.
-            Err(Error::InvalidCertificate(
+            self.refuse(Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
             ))
         }

@@ -1,0 +1,307 @@
+//! The policy model end to end: modes (enforce, audit, off), narrowing trust
+//! to one CA bundle, revocation by CRL, device-bound certificates, deny over
+//! allow and source networks, each through the real handshake.
+
+use gateway::access_log::Verdict;
+use gateway::pki::{Authority, LeafSpec};
+use gateway_tests::*;
+use rustls::AlertDescription;
+
+const SNI: &str = "orders.example.internal";
+
+fn route(backend: &EchoBackend, extra: &str) -> String {
+    route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]) + extra
+}
+
+#[tokio::test]
+async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = listener_toml(&pki, "edge", "") + &route(&backend, "mode = \"audit\"\n");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    // Another identity, no certificate at all, and an untrusted issuer all pass.
+    let other = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    let foreign_root = Authority::root("foreign").unwrap();
+    let foreign = foreign_root
+        .issue(&LeafSpec::client("f", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let foreign = pki.creds("foreign", &foreign, &foreign_root);
+    let cases = [
+        (
+            Some(&other),
+            "would deny: identity spiffe://example.internal/ns/shop/sa/intruder is not in the route's allow list",
+        ),
+        (None, "would deny: client presented no certificate"),
+        (
+            Some(&foreign),
+            "would deny: client certificate refused: invalid peer certificate: UnknownIssuer",
+        ),
+    ];
+    for (creds, reason) in cases {
+        let tls = connect(gw.app_addr, SNI, pki.client_config(creds))
+            .await
+            .unwrap();
+        assert_eq!(
+            echo_roundtrip(tls, b"audited".to_vec()).await.unwrap(),
+            b"audited"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Audit, "{rec:?}");
+        assert_eq!(rec.mode.as_deref(), Some("audit"));
+        assert_eq!(rec.reason, reason);
+    }
+    // The allowed client is simply allowed.
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    echo_roundtrip(tls, b"ok".to_vec()).await.unwrap();
+    assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
+    assert_eq!(gw.stats("orders"), (1, 0, 3));
+    assert_eq!(backend.accepted(), 4);
+}
+
+#[tokio::test]
+async fn mode_off_terminates_tls_without_asking_for_a_certificate() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = listener_toml(&pki, "edge", "") + &route(&backend, "mode = \"off\"\n");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(gw.app_addr, SNI, pki.client_config(None))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"plain tls".to_vec()).await.unwrap(),
+        b"plain tls"
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(
+        (rec.verdict, rec.mode.as_deref()),
+        (Verdict::Allow, Some("off"))
+    );
+    assert_eq!(rec.identity, None);
+}
+
+#[tokio::test]
+async fn a_service_certificate_cannot_open_a_user_route() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let users_root = Authority::root("users root").unwrap();
+    let users = users_root.intermediate("users int").unwrap();
+    let services_root = Authority::root("services root").unwrap();
+    let services = services_root.intermediate("services int").unwrap();
+    pki.write("users-ca.pem", &users_root.cert_pem);
+    pki.write("services-ca.pem", &services_root.cert_pem);
+    // The listener trusts both; the user route narrows to the users' CA.
+    pki.write(
+        "client-roots.pem",
+        &format!("{}{}", users_root.cert_pem, services_root.cert_pem),
+    );
+    let toml = format!(
+        "[trust.users]\nca = \"{}\"\n",
+        pki.path("users-ca.pem").display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "portal",
+            &[SNI],
+            &[backend.addr],
+            &["email:alice@example.internal", SPIFFE_FRONTEND],
+        )
+        + "trust = \"users\"\n";
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    let alice = users
+        .issue(&LeafSpec::client(
+            "alice",
+            &["email:alice@example.internal"],
+        ))
+        .unwrap();
+    let alice = pki.creds("alice", &alice, &users);
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&alice)))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"alice".to_vec()).await.unwrap(),
+        b"alice"
+    );
+    assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
+
+    // A service certificate, with an identity the route even lists.
+    let svc = services
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let svc = pki.creds("svc", &svc, &services);
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&svc))).await,
+        AlertDescription::UnknownCA
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny);
+    assert!(rec.reason.contains("UnknownIssuer"), "{}", rec.reason);
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn a_revoked_client_is_refused_at_the_handshake() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let revoked = pki
+        .intermediate
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let crl = pki.intermediate.crl(1, &[&revoked.serial]).unwrap();
+    pki.write("clients.crl.pem", &crl);
+    let revoked = pki.creds("revoked", &revoked, &pki.intermediate);
+    let toml = listener_toml(
+        &pki,
+        "edge",
+        &format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display()),
+    ) + &route(&backend, "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
+        AlertDescription::CertificateRevoked
+    );
+    let rec = gw.next_record().await;
+    assert!(rec.reason.contains("Revoked"), "{}", rec.reason);
+    // The same identity with a certificate that is not revoked passes.
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"fresh".to_vec()).await.unwrap(),
+        b"fresh"
+    );
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn device_routes_need_a_certificate_from_the_device_ca_naming_a_device() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let devices_root = Authority::root("devices root").unwrap();
+    let devices = devices_root.intermediate("devices int").unwrap();
+    pki.write("devices-ca.pem", &devices_root.cert_pem);
+    pki.write(
+        "client-roots.pem",
+        &format!("{}{}", pki.root.cert_pem, devices_root.cert_pem),
+    );
+    let toml = format!(
+        "[trust.devices]\nca = \"{}\"\n",
+        pki.path("devices-ca.pem").display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "admin",
+            &[SNI],
+            &[backend.addr],
+            &["email:alice@example.internal"],
+        )
+        + "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n";
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    let on_laptop = devices
+        .issue(&LeafSpec::client(
+            "alice",
+            &[
+                "email:alice@example.internal",
+                "spiffe://example.internal/device/laptop-7",
+            ],
+        ))
+        .unwrap();
+    let on_laptop = pki.creds("alice-laptop", &on_laptop, &devices);
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&on_laptop)))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"managed".to_vec()).await.unwrap(),
+        b"managed"
+    );
+    assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
+
+    // Right user, device CA, but no device SAN.
+    let no_device = devices
+        .issue(&LeafSpec::client(
+            "alice",
+            &["email:alice@example.internal"],
+        ))
+        .unwrap();
+    let no_device = pki.creds("alice-nodevice", &no_device, &devices);
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&no_device))).await,
+        AlertDescription::AccessDenied
+    );
+    assert!(gw.next_record().await.reason.contains("no device identity"));
+
+    // Right user and a device SAN, but from the ordinary users' CA.
+    let unmanaged = pki.client(
+        "alice-unmanaged",
+        &LeafSpec::client(
+            "alice",
+            &[
+                "email:alice@example.internal",
+                "spiffe://example.internal/device/home-pc",
+            ],
+        ),
+    );
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&unmanaged))).await,
+        AlertDescription::UnknownCA
+    );
+    assert!(
+        gw.next_record()
+            .await
+            .reason
+            .contains("not issued by the device CA")
+    );
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn deny_rules_and_source_networks_refuse_with_access_denied() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[backend.addr],
+            &["spiffe-prefix:spiffe://example.internal/ns/shop/"],
+        )
+        + &format!("deny = [\"{SPIFFE_OTHER}\"]\n");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    echo_roundtrip(tls, b"prefix".to_vec()).await.unwrap();
+    assert_eq!(
+        gw.next_record().await.reason,
+        "allowed by spiffe-prefix:spiffe://example.internal/ns/shop/"
+    );
+    let other = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&other))).await,
+        AlertDescription::AccessDenied
+    );
+    assert!(gw.next_record().await.reason.contains("is denied by"));
+
+    // Our clients come from 127.0.0.1.
+    let toml =
+        listener_toml(&pki, "edge", "") + &route(&backend, "deny_sources = [\"127.0.0.0/8\"]\n");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend()))).await,
+        AlertDescription::AccessDenied
+    );
+    assert_eq!(
+        gw.next_record().await.reason,
+        "source 127.0.0.1 is denied by 127.0.0.0/8"
+    );
+    let toml =
+        listener_toml(&pki, "edge", "") + &route(&backend, "allow_sources = [\"10.0.0.0/8\"]\n");
+    let gw = RunningGateway::start(&pki, &toml).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend()))).await,
+        AlertDescription::AccessDenied
+    );
+    assert_eq!(backend.accepted(), 1);
+}
