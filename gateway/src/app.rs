@@ -1,19 +1,31 @@
 //! The whole gateway as a value: `build(config)` loads and binds everything,
-//! `run()` serves until shut down. Tests run exactly this, in-process.
+//! `run()` serves until shut down, reloading when asked. Tests run exactly
+//! this, in-process.
+//!
+//! Reload builds a whole new state first and changes nothing when any part of
+//! it is invalid; otherwise it swaps each listener's state atomically (the
+//! next accept sees it, no accept is refused), starts new listeners, lets
+//! removed ones drain, and re-judges every live connection.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessLogError, AccessRecord};
 use crate::config::Config;
-use crate::listener;
-use crate::state::{ListenerState, State, StateError};
+use crate::listener::{self, Shared};
+use crate::registry::{self, Registry};
+use crate::state::{ListenerState, Route, State, StateError};
 
 /// After the drain timeout, how long closed connections get to write their
 /// last access-log line before run() returns anyway.
@@ -33,11 +45,87 @@ pub enum AppError {
     },
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, running state kept: {0}")]
+    Invalid(String),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub listeners_started: Vec<String>,
+    pub listeners_stopped: Vec<String>,
+    /// Live connections closed because the new state no longer allows them.
+    pub connections_closed: usize,
+}
+
+/// Reloads since start.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+struct ReloadRequest {
+    config: Config,
+    reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
+}
+
+/// Asks the running app to reload.
+#[derive(Clone)]
+pub struct ReloadHandle {
+    tx: mpsc::Sender<ReloadRequest>,
+    stats: Arc<ReloadStats>,
+}
+
+impl ReloadHandle {
+    pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ReloadRequest { config, reply })
+            .await
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        rx.await.map_err(|_| ReloadError::ShuttingDown)?
+    }
+
+    /// Reads the config file again and reloads; a file that does not parse is
+    /// a failed reload like any other.
+    pub async fn reload_file(&self, path: &Path) -> Result<ReloadReport, ReloadError> {
+        match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "reload refused, running state kept");
+                Err(ReloadError::Invalid(e.to_string()))
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &ReloadStats {
+        &self.stats
+    }
+}
+
+/// A listener that is serving.
+struct Running {
+    bind: SocketAddr,
+    current: Arc<ArcSwap<ListenerState>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
 pub struct App {
-    listeners: Vec<(Arc<ListenerState>, TcpListener)>,
+    bound: Vec<(Arc<ListenerState>, TcpListener)>,
     drain_timeout: Duration,
     access_log: Arc<AccessLog>,
     shutdown: CancellationToken,
+    registry: Arc<Registry>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    reload_rx: mpsc::Receiver<ReloadRequest>,
+    reload_stats: Arc<ReloadStats>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -50,42 +138,51 @@ impl ShutdownHandle {
     }
 }
 
+async fn bind(l: &ListenerState) -> Result<TcpListener, AppError> {
+    TcpListener::bind(l.bind)
+        .await
+        .map_err(|source| AppError::Bind {
+            listener: l.name.clone(),
+            bind: l.bind,
+            source,
+        })
+}
+
 /// Loads and checks all state, then binds every listener. Errors here are the
 /// operator's to fix; nothing has been served yet.
 pub async fn build(config: &Config) -> Result<App, AppError> {
     let state = State::from_config(config)?;
     let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
-    let mut listeners = Vec::new();
+    let mut bound = Vec::new();
     for l in state.listeners {
-        let socket = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| AppError::Bind {
-                listener: l.name.clone(),
-                bind: l.bind,
-                source,
-            })?;
-        listeners.push((l, socket));
+        let socket = bind(&l).await?;
+        bound.push((l, socket));
     }
+    let (reload_tx, reload_rx) = mpsc::channel(4);
     Ok(App {
-        listeners,
+        bound,
         drain_timeout: state.drain_timeout,
         access_log,
         shutdown: CancellationToken::new(),
+        registry: Arc::new(Registry::default()),
+        reload_tx,
+        reload_rx,
+        reload_stats: Arc::default(),
     })
 }
 
 impl App {
     /// The address a listener is bound to (its port when the config said 0).
     pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.bound
             .iter()
             .find(|(l, _)| l.name == listener)
             .and_then(|(_, s)| s.local_addr().ok())
     }
 
-    /// A listener's routes (with their counters).
-    pub fn routes(&self, listener: &str) -> Vec<Arc<crate::state::Route>> {
-        self.listeners
+    /// A listener's routes (with their counters), as built.
+    pub fn routes(&self, listener: &str) -> Vec<Arc<Route>> {
+        self.bound
             .iter()
             .filter(|(l, _)| l.name == listener)
             .flat_map(|(l, _)| l.routes.iter().cloned())
@@ -96,47 +193,77 @@ impl App {
         ShutdownHandle(self.shutdown.clone())
     }
 
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            tx: self.reload_tx.clone(),
+            stats: self.reload_stats.clone(),
+        }
+    }
+
+    /// Live connections right now.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
     /// Every access-log record from now on.
     pub fn access_log(&self) -> broadcast::Receiver<AccessRecord> {
         self.access_log.subscribe()
     }
 
-    /// Serves until the shutdown handle fires, then stops accepting, lets live
-    /// connections finish for up to the drain timeout, and closes the rest.
-    pub async fn run(self) {
-        let tracker = TaskTracker::new();
-        let close = CancellationToken::new();
-        let mut accept_loops = Vec::new();
-        for (l, socket) in self.listeners {
-            match socket.local_addr() {
-                Ok(addr) => {
-                    tracing::info!(listener = %l.name, %addr, routes = l.routes.len(), "listening")
+    /// Serves until the shutdown handle fires, reloading on request; then
+    /// stops accepting, lets live connections finish for up to the drain
+    /// timeout, and closes the rest.
+    pub async fn run(mut self) {
+        let shared = Shared {
+            log: self.access_log.clone(),
+            tracker: TaskTracker::new(),
+            registry: self.registry.clone(),
+            close: CancellationToken::new(),
+        };
+        let mut running = HashMap::new();
+        for (l, socket) in std::mem::take(&mut self.bound) {
+            let name = l.name.clone();
+            running.insert(name, self.start(l, socket, &shared));
+        }
+        let mut drain_timeout = self.drain_timeout;
+        let mut tick = tokio::time::interval(registry::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                Some(req) = self.reload_rx.recv() => {
+                    let result = self.reload(&req.config, &mut running, &shared).await;
+                    match &result {
+                        Ok(report) => {
+                            drain_timeout = req.config.drain_timeout;
+                            self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(?report, "reloaded");
+                        }
+                        Err(e) => {
+                            self.reload_stats.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(error = %e, "reload refused, running state kept");
+                        }
+                    }
+                    let _ = req.reply.send(result);
                 }
-                Err(e) => {
-                    tracing::warn!(listener = %l.name, error = %e, "listening (address unknown)")
+                _ = tick.tick() => {
+                    self.registry.tick(&snapshot(&running));
                 }
             }
-            accept_loops.push(tokio::spawn(listener::accept_loop(
-                l,
-                socket,
-                self.access_log.clone(),
-                tracker.clone(),
-                self.shutdown.clone(),
-                close.clone(),
-            )));
         }
-        self.shutdown.cancelled().await;
-        for handle in accept_loops {
+        for (_, r) in running.drain() {
+            r.stop.cancel();
             // The loop exits on the token; its socket closes with it.
-            let _ = handle.await;
+            let _ = r.task.await;
         }
+        let tracker = shared.tracker;
         tracker.close();
         tracing::info!(
             connections = tracker.len(),
-            drain_timeout = ?self.drain_timeout,
+            drain_timeout = ?drain_timeout,
             "shutting down: draining live connections"
         );
-        if tokio::time::timeout(self.drain_timeout, tracker.wait())
+        if tokio::time::timeout(drain_timeout, tracker.wait())
             .await
             .is_err()
         {
@@ -144,9 +271,98 @@ impl App {
                 connections = tracker.len(),
                 "drain timeout reached: closing the remaining connections"
             );
-            close.cancel();
+            shared.close.cancel();
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
         }
         tracing::info!("shutdown complete");
     }
+
+    fn start(&self, l: Arc<ListenerState>, socket: TcpListener, shared: &Shared) -> Running {
+        match socket.local_addr() {
+            Ok(addr) => {
+                tracing::info!(listener = %l.name, %addr, routes = l.routes.len(), "listening")
+            }
+            Err(e) => tracing::warn!(listener = %l.name, error = %e, "listening (address unknown)"),
+        }
+        let bind = l.bind;
+        let current = Arc::new(ArcSwap::new(l));
+        let stop = self.shutdown.child_token();
+        let task = tokio::spawn(listener::accept_loop(
+            current.clone(),
+            socket,
+            shared.clone(),
+            stop.clone(),
+        ));
+        Running {
+            bind,
+            current,
+            stop,
+            task,
+        }
+    }
+
+    async fn reload(
+        &self,
+        config: &Config,
+        running: &mut HashMap<String, Running>,
+        shared: &Shared,
+    ) -> Result<ReloadReport, ReloadError> {
+        let state = State::from_config(config).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        // Bind what is new before touching anything, so a port in use leaves
+        // the running state whole.
+        let mut fresh = Vec::new();
+        for l in &state.listeners {
+            let same = running.get(&l.name).is_some_and(|r| r.bind == l.bind);
+            if !same {
+                let socket = bind(l)
+                    .await
+                    .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+                fresh.push((l.clone(), socket));
+            }
+        }
+        let mut report = ReloadReport::default();
+        let keep: std::collections::HashSet<&str> =
+            state.listeners.iter().map(|l| l.name.as_str()).collect();
+        let gone: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                !keep.contains(name.as_str())
+                    || fresh
+                        .iter()
+                        .any(|(l, _)| &l.name == *name && l.bind != r.bind)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(r) = running.remove(&name) {
+                // Stop accepting; its live connections drain on their own.
+                r.stop.cancel();
+                report.listeners_stopped.push(name);
+            }
+        }
+        for l in &state.listeners {
+            if let Some(r) = running.get(&l.name) {
+                r.current.store(l.clone());
+            }
+        }
+        for (l, socket) in fresh {
+            report.listeners_started.push(l.name.clone());
+            let name = l.name.clone();
+            running.insert(name, self.start(l, socket, shared));
+        }
+        let current: HashMap<String, Arc<ListenerState>> = state
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.clone()))
+            .collect();
+        report.connections_closed = self.registry.reverify(&current);
+        Ok(report)
+    }
+}
+
+fn snapshot(running: &HashMap<String, Running>) -> HashMap<String, Arc<ListenerState>> {
+    running
+        .iter()
+        .map(|(name, r)| (name.clone(), r.current.load_full()))
+        .collect()
 }

@@ -77,6 +77,9 @@ pub struct ListenerConfig {
     /// Connections served at once; more are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Close connections older than this (re-authentication); none: no limit.
+    #[serde(default, with = "duration::option")]
+    pub max_connection_lifetime: Option<Duration>,
     /// Backends tried per connection before giving up (at most the route's backend count).
     #[serde(default = "default_connect_attempts")]
     pub connect_attempts: usize,
@@ -374,6 +377,17 @@ pub mod duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s = String::deserialize(d)?;
+            super::parse(&s).map(Some).map_err(serde::de::Error::custom)
+        }
     }
 
     pub fn parse(s: &str) -> Result<Duration, String> {

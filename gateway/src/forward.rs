@@ -27,8 +27,8 @@ pub enum End {
     Completed,
     /// No byte moved either way for this long.
     IdleTimeout(Duration),
-    /// The gateway closed it (drain timeout at shutdown).
-    Closed(&'static str),
+    /// The gateway closed it: drain timeout, or continuous verification.
+    Closed(String),
     /// A read or write failed.
     Error(String),
 }
@@ -52,8 +52,14 @@ pub struct Transfer {
 }
 
 /// Copies both ways until both directions are done, the connection idles out,
-/// or `close` fires.
-pub async fn copy<C, B>(client: C, backend: B, idle: Duration, close: CancellationToken) -> Transfer
+/// or `close` fires (then `why` says what closed it).
+pub async fn copy<C, B>(
+    client: C,
+    backend: B,
+    idle: Duration,
+    close: CancellationToken,
+    why: impl FnOnce() -> String,
+) -> Transfer
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -82,7 +88,7 @@ where
             Err(e) => End::Error(describe_io(&e)),
         },
         () = idle_watch => End::IdleTimeout(idle),
-        () = close.cancelled() => End::Closed("drain timeout at shutdown"),
+        () = close.cancelled() => End::Closed(why()),
     };
     Transfer {
         client_to_backend: from_client.load(Ordering::Relaxed),
@@ -176,6 +182,7 @@ mod tests {
             backend,
             Duration::from_secs(5),
             CancellationToken::new(),
+            String::new,
         ));
         client_peer.write_all(b"hello").await.unwrap();
         client_peer.shutdown().await.unwrap();
@@ -203,6 +210,7 @@ mod tests {
             backend,
             Duration::from_secs(30),
             CancellationToken::new(),
+            String::new,
         )
         .await;
         assert_eq!(t.end, End::IdleTimeout(Duration::from_secs(30)));

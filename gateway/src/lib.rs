@@ -12,6 +12,7 @@ pub mod identity;
 pub mod listener;
 pub mod pki;
 pub mod policy;
+pub mod registry;
 pub mod state;
 pub mod tls;
 pub mod upstream;

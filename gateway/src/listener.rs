@@ -10,31 +10,33 @@ use rustls::AlertDescription;
 use rustls::server::Acceptor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
 use crate::config::Mode;
 use crate::forward;
 use crate::policy;
+use crate::registry::{Live, Registry};
 use crate::state::{ListenerState, Route};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
-/// can wait for it, and ends early when `close` fires.
+/// can wait for it. Every accept reads the listener's current state, so a
+/// reload takes effect for the next connection and refuses none.
 pub async fn accept_loop(
-    listener: Arc<ListenerState>,
+    current: Arc<ArcSwap<ListenerState>>,
     socket: TcpListener,
-    log: Arc<AccessLog>,
-    tracker: TaskTracker,
+    shared: Shared,
     stop: CancellationToken,
-    close: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(listener.max_connections));
+    let active = Arc::new(AtomicUsize::new(0));
+    let name = current.load().name.clone();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -42,31 +44,57 @@ pub async fn accept_loop(
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let listener = current.load_full();
+        if active.load(Ordering::Relaxed) >= listener.max_connections {
             tracing::warn!(listener = %listener.name, client = %peer,
                 max_connections = listener.max_connections, "connection refused: max_connections reached");
             let mut conn = Conn::new(&listener, peer);
             conn.reason = format!("max_connections ({}) reached", listener.max_connections);
-            log.emit(conn.record());
+            shared.log.emit(conn.record());
             drop(stream);
             continue;
-        };
-        let listener = listener.clone();
-        let log = log.clone();
-        let close = close.clone();
-        tracker.spawn(async move {
-            let record = serve(&listener, stream, peer, &close).await;
-            log.emit(record);
-            drop(permit);
+        }
+        let slot = Slot::take(&active);
+        let shared = shared.clone();
+        shared.tracker.clone().spawn(async move {
+            let record = serve(&listener, stream, peer, &shared).await;
+            shared.log.emit(record);
+            drop(slot);
         });
     }
-    tracing::info!(listener = %listener.name, "stopped accepting");
+    tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// What every connection task shares with the app.
+#[derive(Clone)]
+pub struct Shared {
+    pub log: Arc<AccessLog>,
+    pub tracker: TaskTracker,
+    pub registry: Arc<Registry>,
+    /// Fires when the drain timeout is over: close what is left.
+    pub close: CancellationToken,
+}
+
+/// One of a listener's max_connections, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(active: &Arc<AtomicUsize>) -> Slot {
+        active.fetch_add(1, Ordering::Relaxed);
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// What is known about a connection so far, for its access-log line.
@@ -75,6 +103,8 @@ struct Conn {
     listener: String,
     client: SocketAddr,
     route: Option<String>,
+    /// The verified identity, handed to the registry once the connection is live.
+    identity_value: Option<crate::identity::Identity>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
@@ -94,6 +124,7 @@ impl Conn {
             listener: listener.name.clone(),
             client,
             route: None,
+            identity_value: None,
             mode: None,
             sni: None,
             identity: None,
@@ -132,8 +163,9 @@ async fn serve(
     listener: &ListenerState,
     stream: TcpStream,
     peer: SocketAddr,
-    close: &CancellationToken,
+    shared: &Shared,
 ) -> AccessRecord {
+    let close = &shared.close;
     let mut conn = Conn::new(listener, peer);
     let _ = stream.set_nodelay(true);
     let handshake = tokio::time::timeout(
@@ -155,6 +187,23 @@ async fn serve(
         }
     };
     let (route, mut tls) = tls;
+    // From here the connection is live: reloads and the tick re-judge it.
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let registration = shared.registry.register(
+        Live {
+            listener: listener.name.clone(),
+            route: route.name.clone(),
+            source: peer.ip(),
+            identity: conn.identity_value.take(),
+            chain,
+        },
+        close,
+    );
     let backend = route
         .backends
         .connect(listener.connect_attempts, listener.connect_timeout)
@@ -173,7 +222,18 @@ async fn serve(
             return conn.record();
         }
     };
-    let transfer = forward::copy(tls, backend, listener.idle_timeout, close.clone()).await;
+    let transfer = forward::copy(
+        tls,
+        backend,
+        listener.idle_timeout,
+        registration.close.clone(),
+        || {
+            registration
+                .reason()
+                .unwrap_or_else(|| "drain timeout at shutdown".into())
+        },
+    )
+    .await;
     conn.client_to_backend = transfer.client_to_backend;
     conn.backend_to_client = transfer.backend_to_client;
     if transfer.end != forward::End::Completed {
@@ -276,6 +336,7 @@ fn judge<T>(
     conn: &mut Conn,
 ) {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
+    conn.identity_value = decision.identity;
     // Why the client would be (or was) refused, if it would be.
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some(refused),

@@ -51,6 +51,7 @@ pub struct ListenerState {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub connect_attempts: usize,
+    pub max_connection_lifetime: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -174,6 +175,7 @@ impl ListenerState {
             idle_timeout: l.idle_timeout,
             max_connections: l.max_connections,
             connect_attempts: l.connect_attempts,
+            max_connection_lifetime: l.max_connection_lifetime,
         })
     }
 

@@ -246,6 +246,8 @@ pub fn route_toml(
 /// The gateway, built from TOML through the library and running in this process.
 pub struct RunningGateway {
     pub app_addr: SocketAddr,
+    pub reload: gateway::app::ReloadHandle,
+    pub registry: Arc<gateway::registry::Registry>,
     /// The first listener's routes, for their counters.
     pub routes: Vec<Arc<gateway::state::Route>>,
     pub shutdown: gateway::ShutdownHandle,
@@ -269,16 +271,32 @@ impl RunningGateway {
         let name = &config.listeners[0].name;
         let app_addr = app.local_addr(name).expect("listener bound");
         let routes = app.routes(name);
+        let reload = app.reload_handle();
+        let registry = app.registry();
         let shutdown = app.shutdown_handle();
         let log = app.access_log();
         let task = tokio::spawn(app.run());
         RunningGateway {
             app_addr,
+            reload,
+            registry,
             routes,
             shutdown,
             log,
             task,
         }
+    }
+
+    /// Reloads from TOML text, as `start` reads it.
+    pub async fn reload_toml(
+        &self,
+        pki: &Pki,
+        toml: &str,
+    ) -> Result<gateway::app::ReloadReport, gateway::app::ReloadError> {
+        let toml = format!("access_log = \"off\"\n{toml}");
+        let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+            .unwrap_or_else(|e| panic!("test config refused: {e}"));
+        self.reload.reload(config).await
     }
 
     /// A route's counters: (allowed, denied, audited).

@@ -138,6 +138,40 @@ impl ListenerTls {
             .clone()
     }
 
+    /// Verifies a live connection's client chain again, as its handshake
+    /// did but against this (possibly reloaded) state and enforcing. Err says why
+    /// the client would be refused now.
+    pub fn recheck(
+        &self,
+        route: &RouteAuth,
+        source: IpAddr,
+        chain: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> Result<(), String> {
+        let Some((leaf, intermediates)) = chain.split_first() else {
+            return Err("no client certificate".into());
+        };
+        let decision = Arc::new(Mutex::new(Decision::default()));
+        let verifier = ConnectionVerifier {
+            chain: self.bundle(route.trust.as_deref()),
+            device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
+            policy: route.policy.clone(),
+            mode: Mode::Enforce,
+            source,
+            decision: decision.clone(),
+        };
+        match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let d = decision.lock().unwrap_or_else(|p| p.into_inner());
+                Err(match (&d.refused, &d.verdict) {
+                    (Some(refused), _) => refused.clone(),
+                    (None, Some(Verdict::Deny(reason))) => reason.to_string(),
+                    _ => e.to_string(),
+                })
+            }
+        }
+    }
+
     /// A `ServerConfig` for one connection from `source` on a route; the
     /// verifier writes what it decides into the returned slot.
     pub fn connection_config(

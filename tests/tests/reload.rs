@@ -1,0 +1,369 @@
+//! Hot reload and continuous verification: a reload changes everything or
+//! nothing, drops no connection that is still allowed, and closes those that
+//! no longer are, with the reason in the access log.
+
+use std::time::{Duration, Instant};
+
+use gateway::access_log::Verdict;
+use gateway::app::ReloadError;
+use gateway::pki::LeafSpec;
+use gateway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+const SNI: &str = "orders.example.internal";
+
+fn config(
+    pki: &Pki,
+    backend: &EchoBackend,
+    listener_extra: &str,
+    allow: &[&str],
+    route_extra: &str,
+) -> String {
+    listener_toml(pki, "edge", listener_extra)
+        + &route_toml("orders", &[SNI], &[backend.addr], allow)
+        + route_extra
+}
+
+/// Sends `msg` and reads its echo back.
+async fn ping(tls: &mut TlsStream<TcpStream>, msg: &[u8]) -> std::io::Result<()> {
+    tls.write_all(msg).await?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(STEP, tls.read_exact(&mut buf))
+        .await
+        .map_err(std::io::Error::other)??;
+    assert_eq!(buf, msg);
+    Ok(())
+}
+
+/// Waits until the gateway closes `tls`; returns how long that took.
+async fn closed_within(tls: &mut TlsStream<TcpStream>, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(limit, tls.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {limit:?}"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn crl_update_closes_the_revoked_client_within_a_second_while_others_flow() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    let doomed = pki
+        .intermediate
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let doomed_serial = doomed.serial.clone();
+    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let mut a = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
+        .await
+        .unwrap();
+    let mut b = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    ping(&mut a, b"a before").await.unwrap();
+    ping(&mut b, b"b before").await.unwrap();
+
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&doomed_serial]).unwrap(),
+    );
+    let started = Instant::now();
+    let report = gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(report.connections_closed, 1);
+    closed_within(&mut a, Duration::from_secs(1)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "revoked client closed in {:?}",
+        started.elapsed()
+    );
+
+    let rec = gw.next_record().await;
+    assert_eq!(
+        rec.verdict,
+        Verdict::Allow,
+        "it was allowed when it connected"
+    );
+    assert!(
+        rec.reason.contains("no longer allowed after reload") && rec.reason.contains("Revoked"),
+        "{}",
+        rec.reason
+    );
+    // The other client keeps flowing, byte-exact.
+    let data = payload(1 << 20);
+    b.write_all(&data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    b.read_exact(&mut back).await.unwrap();
+    assert!(back == data);
+    // And the revoked certificate cannot come back.
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&doomed))).await,
+        rustls::AlertDescription::CertificateRevoked
+    );
+}
+
+#[tokio::test]
+async fn a_broken_config_on_reload_changes_nothing_and_is_reported() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let mut live = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    ping(&mut live, b"before").await.unwrap();
+
+    // A missing key file, and (separately) a port that cannot be bound: both
+    // would be half-applied states; neither may change anything.
+    let broken = toml
+        .replace("server.key", "missing.key")
+        .replace(SPIFFE_FRONTEND, SPIFFE_OTHER);
+    match gw.reload_toml(&pki, &broken).await {
+        Err(ReloadError::Invalid(e)) => assert!(
+            e.contains("missing.key") && e.contains("cannot read"),
+            "{e}"
+        ),
+        other => panic!("broken reload accepted: {other:?}"),
+    }
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap();
+    let second = listener_toml(&pki, "second", "").replace("127.0.0.1:0", &taken.to_string())
+        + &route_toml("r", &[], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let with_taken_port = toml.replace(SPIFFE_FRONTEND, SPIFFE_OTHER) + &second;
+    match gw.reload_toml(&pki, &with_taken_port).await {
+        Err(ReloadError::Invalid(e)) => assert!(e.contains("cannot bind"), "{e}"),
+        other => panic!("reload with a taken port accepted: {other:?}"),
+    }
+    assert_eq!(
+        gw.reload
+            .stats()
+            .failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // The old policy still holds: the live connection flows, the same client connects anew.
+    ping(&mut live, b"after").await.unwrap();
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"new".to_vec()).await.unwrap(), b"new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_200_concurrent_streams_loses_no_bytes_and_no_connection() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let client = pki.client_config(Some(&pki.frontend()));
+    let addr = gw.app_addr;
+    let mut streams = Vec::new();
+    for i in 0..200u32 {
+        let client = client.clone();
+        streams.push(tokio::spawn(async move {
+            let mut tls = connect(addr, SNI, client).await?;
+            // 32 rounds of 2 KiB each, so the streams span the reloads.
+            let data = payload(64 << 10);
+            for (round, chunk) in data.chunks(2048).enumerate() {
+                ping(&mut tls, chunk).await?;
+                if round % 8 == 0 {
+                    tokio::time::sleep(Duration::from_millis(10 + u64::from(i % 7))).await;
+                }
+            }
+            tls.shutdown().await?;
+            Ok::<_, std::io::Error>(data.len())
+        }));
+    }
+    // Reload repeatedly while they run: the allow list grows, nothing of ours changes.
+    let mut reloads = 0;
+    for n in 0..5 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let extra = format!("dns:extra-{n}.example.internal");
+        let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND, &extra], "");
+        let report = gw.reload_toml(&pki, &toml).await.unwrap();
+        assert_eq!(report.connections_closed, 0);
+        reloads += 1;
+        // New connections during the switch are served too.
+        let tls = connect(addr, SNI, client.clone()).await.unwrap();
+        assert_eq!(
+            echo_roundtrip(tls, b"during".to_vec()).await.unwrap(),
+            b"during"
+        );
+    }
+    let mut total = 0;
+    for s in streams {
+        total += s.await.unwrap().expect("stream survived the reloads");
+    }
+    assert_eq!(total, 200 * (64 << 10));
+    assert_eq!(reloads, 5);
+    assert_eq!(
+        gw.reload
+            .stats()
+            .succeeded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        5
+    );
+}
+
+#[tokio::test]
+async fn policy_changes_close_connections_that_are_no_longer_allowed() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let other = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    // Audit first: the intruder passes, as a would-deny.
+    let audit = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "mode = \"audit\"\n");
+    let mut gw = RunningGateway::start(&pki, &audit).await;
+    let mut intruder = connect(gw.app_addr, SNI, pki.client_config(Some(&other)))
+        .await
+        .unwrap();
+    let mut friend = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    ping(&mut intruder, b"watched").await.unwrap();
+    ping(&mut friend, b"fine").await.unwrap();
+
+    // Flip to enforce: the would-deny becomes a close; the friend stays.
+    let enforce = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    assert_eq!(
+        gw.reload_toml(&pki, &enforce)
+            .await
+            .unwrap()
+            .connections_closed,
+        1
+    );
+    closed_within(&mut intruder, Duration::from_secs(1)).await;
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Audit);
+    assert!(
+        rec.reason.contains("not in the route's allow list"),
+        "{}",
+        rec.reason
+    );
+    ping(&mut friend, b"still fine").await.unwrap();
+
+    // Roll back to audit: nothing closes. Then take the friend off the list.
+    assert_eq!(
+        gw.reload_toml(&pki, &audit)
+            .await
+            .unwrap()
+            .connections_closed,
+        0
+    );
+    let nobody = config(
+        &pki,
+        &backend,
+        "",
+        &["dns:someone-else.example.internal"],
+        "",
+    );
+    assert_eq!(
+        gw.reload_toml(&pki, &nobody)
+            .await
+            .unwrap()
+            .connections_closed,
+        1
+    );
+    closed_within(&mut friend, Duration::from_secs(1)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("no longer allowed after reload"),
+        "{}",
+        rec.reason
+    );
+}
+
+#[tokio::test]
+async fn a_connection_never_outlives_its_client_certificate() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let mut spec = LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let short = pki.client("short", &spec);
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&short)))
+        .await
+        .unwrap();
+    ping(&mut tls, b"while valid").await.unwrap();
+    closed_within(&mut tls, Duration::from_secs(5)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("client certificate expired"),
+        "{}",
+        rec.reason
+    );
+}
+
+#[tokio::test]
+async fn max_connection_lifetime_closes_old_connections() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(
+        &pki,
+        &backend,
+        "max_connection_lifetime = \"1s\"",
+        &[SPIFFE_FRONTEND],
+        "",
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    ping(&mut tls, b"x").await.unwrap();
+    let took = closed_within(&mut tls, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(500), "{took:?}");
+    assert!(
+        gw.next_record()
+            .await
+            .reason
+            .contains("max_connection_lifetime (1s) reached")
+    );
+}
+
+#[tokio::test]
+async fn new_listeners_start_and_removed_ones_drain() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let first = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let gw = RunningGateway::start(&pki, &first).await;
+    let mut on_first = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    ping(&mut on_first, b"first").await.unwrap();
+
+    let port = dead_port();
+    let second = listener_toml(&pki, "second", "").replace("127.0.0.1:0", &port.to_string())
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let report = gw.reload_toml(&pki, &second).await.unwrap();
+    assert_eq!(report.listeners_started, vec!["second".to_string()]);
+    assert_eq!(report.listeners_stopped, vec!["edge".to_string()]);
+    let tls = connect(port, SNI, pki.client_config(Some(&pki.frontend())))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"second".to_vec()).await.unwrap(),
+        b"second"
+    );
+    // The removed listener accepts nothing new, but its connection goes on.
+    let mut refused = false;
+    for _ in 0..50 {
+        if TcpStream::connect(gw.app_addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "removed listener still accepting");
+    ping(&mut on_first, b"still here").await.unwrap();
+    assert_eq!(gw.registry.len(), 1);
+}
