@@ -40,6 +40,10 @@ pub struct Config {
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
+    /// Reload when the config or any file it names changes (checked every 2 s).
+    /// SIGHUP reloads either way.
+    #[serde(default = "default_watch_files")]
+    pub watch_files: bool,
     /// Named client CA bundles (with their CRLs) that routes can narrow to.
     #[serde(default)]
     pub trust: std::collections::BTreeMap<String, TrustBundleConfig>,
@@ -177,6 +181,9 @@ fn default_access_log() -> String {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_watch_files() -> bool {
+    true
 }
 fn default_tls_versions() -> Vec<TlsVersion> {
     vec![TlsVersion::Tls13]

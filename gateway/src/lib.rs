@@ -16,6 +16,7 @@ pub mod registry;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use app::{App, AppError, ShutdownHandle, build};
 pub use config::Config;

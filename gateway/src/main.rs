@@ -93,27 +93,50 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     runtime.block_on(async {
         let app = gateway::build(&config).await?;
         let shutdown = app.shutdown_handle();
+        let reload = app.reload_handle();
+        let stop_watching = tokio_util::sync::CancellationToken::new();
+        if config.watch_files {
+            let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
+            tokio::spawn(async move {
+                gateway::watch::watch(&path, &config, reload, WATCH_INTERVAL, stop).await;
+            });
+        }
+        let path = path.to_owned();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals(&path, reload).await;
             shutdown.shutdown();
         });
         app.run().await;
+        stop_watching.cancel();
         Ok(())
     })
 }
 
-async fn wait_for_signal() {
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
+async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers; SIGTERM will kill without draining");
         return std::future::pending().await;
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutdown requested");
+    loop {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = hup.recv() => {
+                tracing::info!(signal = "SIGHUP", "reload requested");
+                // Errors are logged and counted by the reload itself.
+                let _ = reload.reload_file(path).await;
+                continue;
+            }
+        };
+        tracing::info!(signal = name, "shutdown requested");
+        return;
+    }
 }

@@ -241,3 +241,90 @@ async fn one_line_backend() -> (
     });
     (addr, accepted)
 }
+
+/// How many JSON log lines with this message the gateway has written.
+fn log_count(stderr: &std::path::Path, message: &str) -> usize {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .count()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + STEP;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_and_changed_files_reload_the_running_binary() {
+    let pki = Pki::new();
+    let (backend, _) = one_line_backend().await;
+    let config = write_config(&pki, backend);
+    let allowing = std::fs::read_to_string(&config).unwrap();
+    let stderr = pki.path("gateway.stderr");
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let gw = Reap(child);
+    let addr = wait_listening(&stderr);
+    let client = pki.client_config(Some(&pki.frontend()));
+    let sni = "orders.example.internal";
+    let tls = connect(addr, sni, client.clone()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"hi\n".to_vec()).await.unwrap(),
+        b"hi\n"
+    );
+
+    // SIGHUP after taking the frontend off the allow list.
+    std::fs::write(&config, allowing.replace(SPIFFE_FRONTEND, SPIFFE_OTHER)).unwrap();
+    let pid = gw.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("a reload", || log_count(&stderr, "reloaded") >= 1);
+    assert_eq!(
+        refusal(addr, sni, client.clone()).await,
+        rustls::AlertDescription::AccessDenied
+    );
+
+    // No signal: the file watcher sees the change.
+    let reloads = log_count(&stderr, "reloaded");
+    std::fs::write(&config, &allowing).unwrap();
+    wait_for("the watcher's reload", || {
+        log_count(&stderr, "reloaded") > reloads
+    });
+    let tls = connect(addr, sni, client.clone()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"back\n".to_vec()).await.unwrap(),
+        b"back\n"
+    );
+
+    // A broken file is refused and the running state stays.
+    std::fs::write(
+        &config,
+        allowing.replace("[[listeners]]", "[[listeners]]\nbogus = 1"),
+    )
+    .unwrap();
+    wait_for("the refused reload", || {
+        log_count(&stderr, "reload refused, running state kept") >= 1
+    });
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(log.contains("bogus"), "the refusal names the field: {log}");
+    let tls = connect(addr, sni, client).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"still\n".to_vec()).await.unwrap(),
+        b"still\n"
+    );
+}
