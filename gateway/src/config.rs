@@ -459,7 +459,8 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
     fn the_shipped_example_parses() {
         let text = include_str!("../../examples/gateway.toml");
         let c = parse(text).unwrap();
-        assert_eq!(c.listeners[0].routes.len(), 2);
+        assert_eq!(c.listeners[0].routes.len(), 3);
+        assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
     }
 
