@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::access_log::{AccessLog, AccessLogError, AccessRecord};
 use crate::config::Config;
 use crate::listener::{self, Shared};
+use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
 use crate::state::{ListenerState, Route, State, StateError};
 
@@ -126,6 +127,8 @@ pub struct App {
     reload_tx: mpsc::Sender<ReloadRequest>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
     reload_stats: Arc<ReloadStats>,
+    metrics: Arc<Metrics>,
+    admin: Option<TcpListener>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -151,13 +154,26 @@ async fn bind(l: &ListenerState) -> Result<TcpListener, AppError> {
 /// Loads and checks all state, then binds every listener. Errors here are the
 /// operator's to fix; nothing has been served yet.
 pub async fn build(config: &Config) -> Result<App, AppError> {
-    let state = State::from_config(config)?;
+    let metrics = Arc::new(Metrics::default());
+    let state = State::build(config, &metrics)?;
     let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
     let mut bound = Vec::new();
     for l in state.listeners {
         let socket = bind(&l).await?;
         bound.push((l, socket));
     }
+    let admin = match config.admin {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| AppError::Bind {
+                    listener: "admin".into(),
+                    bind: addr,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     Ok(App {
         bound,
@@ -168,6 +184,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         reload_tx,
         reload_rx,
         reload_stats: Arc::default(),
+        metrics,
+        admin,
     })
 }
 
@@ -200,6 +218,11 @@ impl App {
         }
     }
 
+    /// The admin endpoint's address, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
     /// Live connections right now.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
@@ -218,8 +241,21 @@ impl App {
             log: self.access_log.clone(),
             tracker: TaskTracker::new(),
             registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
             close: CancellationToken::new(),
         };
+        if let Some(socket) = self.admin.take() {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(%addr, "admin endpoint: GET /metrics");
+            }
+            tokio::spawn(crate::metrics::serve_admin(
+                socket,
+                self.metrics.clone(),
+                self.registry.clone(),
+                self.reload_stats.clone(),
+                self.shutdown.clone(),
+            ));
+        }
         let mut running = HashMap::new();
         for (l, socket) in std::mem::take(&mut self.bound) {
             let name = l.name.clone();
@@ -307,7 +343,8 @@ impl App {
         running: &mut HashMap<String, Running>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
-        let state = State::from_config(config).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let state =
+            State::build(config, &self.metrics).map_err(|e| ReloadError::Invalid(e.to_string()))?;
         // Bind what is new before touching anything, so a port in use leaves
         // the running state whole.
         let mut fresh = Vec::new();

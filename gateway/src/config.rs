@@ -40,6 +40,9 @@ pub struct Config {
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
+    /// Where to serve `GET /metrics` (Prometheus text); none: not served.
+    /// Bound at start; a reload does not move it.
+    pub admin: Option<SocketAddr>,
     /// Reload when the config or any file it names changes (checked every 2 s).
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]

@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod forward;
 pub mod identity;
 pub mod listener;
+pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod registry;

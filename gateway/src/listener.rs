@@ -54,6 +54,7 @@ pub async fn accept_loop(
         if active.load(Ordering::Relaxed) >= listener.max_connections {
             tracing::warn!(listener = %listener.name, client = %peer,
                 max_connections = listener.max_connections, "connection refused: max_connections reached");
+            shared.metrics.refused_max_connections(&listener.name);
             let mut conn = Conn::new(&listener, peer);
             conn.reason = format!("max_connections ({}) reached", listener.max_connections);
             shared.log.emit(conn.record());
@@ -77,6 +78,7 @@ pub struct Shared {
     pub log: Arc<AccessLog>,
     pub tracker: TaskTracker,
     pub registry: Arc<Registry>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Fires when the drain timeout is over: close what is left.
     pub close: CancellationToken,
 }

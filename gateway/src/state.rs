@@ -9,9 +9,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::atomic::AtomicU64;
-
 use crate::config::{Config, ListenerConfig, Mode, RouteConfig};
+use crate::metrics::{Metrics, RouteStats};
 use crate::policy::{Policy, TimeWindow};
 use crate::tls::{BundleFiles, ListenerTls, RouteAuth, TlsError};
 use crate::upstream::Backends;
@@ -59,20 +58,12 @@ pub struct Route {
     pub name: String,
     pub auth: RouteAuth,
     pub backends: Backends,
-    pub stats: RouteStats,
-}
-
-/// What a route decided, counted since start.
-#[derive(Debug, Default)]
-pub struct RouteStats {
-    pub allowed: AtomicU64,
-    pub denied: AtomicU64,
-    /// Would have been denied, but the route is in audit mode.
-    pub audited: AtomicU64,
+    /// Shared with the metrics, so counts survive reloads.
+    pub stats: Arc<RouteStats>,
 }
 
 impl Route {
-    fn build(listener: &str, r: &RouteConfig) -> Result<Route, StateError> {
+    fn build(listener: &str, r: &RouteConfig, metrics: &Metrics) -> Result<Route, StateError> {
         let time_windows = r
             .time_windows
             .iter()
@@ -101,7 +92,7 @@ impl Route {
                 policy: Arc::new(policy),
             },
             backends: Backends::new(r.backends.clone()),
-            stats: RouteStats::default(),
+            stats: metrics.route(listener, &r.name),
         })
     }
 
@@ -111,11 +102,17 @@ impl Route {
 }
 
 impl State {
+    /// Builds the state with fresh counters (for `gateway check`).
     pub fn from_config(config: &Config) -> Result<State, StateError> {
+        State::build(config, &Metrics::default())
+    }
+
+    /// Builds the state; routes count into `metrics`.
+    pub fn build(config: &Config, metrics: &Metrics) -> Result<State, StateError> {
         let listeners = config
             .listeners
             .iter()
-            .map(|l| ListenerState::build(config, l).map(Arc::new))
+            .map(|l| ListenerState::build(config, l, metrics).map(Arc::new))
             .collect::<Result<_, _>>()?;
         Ok(State {
             listeners,
@@ -125,7 +122,7 @@ impl State {
 }
 
 impl ListenerState {
-    fn build(config: &Config, l: &ListenerConfig) -> Result<Self, StateError> {
+    fn build(config: &Config, l: &ListenerConfig, metrics: &Metrics) -> Result<Self, StateError> {
         let files = |ca: &std::path::Path, crls: &[std::path::PathBuf]| BundleFiles {
             ca: config.resolve(ca),
             crls: crls.iter().map(|c| config.resolve(c)).collect(),
@@ -161,7 +158,7 @@ impl ListenerState {
             for sni in &r.server_names {
                 by_sni.insert(sni.to_ascii_lowercase(), i);
             }
-            routes.push(Arc::new(Route::build(&l.name, r)?));
+            routes.push(Arc::new(Route::build(&l.name, r, metrics)?));
         }
         Ok(ListenerState {
             name: l.name.clone(),

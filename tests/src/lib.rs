@@ -246,6 +246,8 @@ pub fn route_toml(
 /// The gateway, built from TOML through the library and running in this process.
 pub struct RunningGateway {
     pub app_addr: SocketAddr,
+    /// The admin endpoint, when the config has `admin`.
+    pub admin_addr: Option<SocketAddr>,
     pub reload: gateway::app::ReloadHandle,
     pub registry: Arc<gateway::registry::Registry>,
     /// The first listener's routes, for their counters.
@@ -272,12 +274,14 @@ impl RunningGateway {
         let app_addr = app.local_addr(name).expect("listener bound");
         let routes = app.routes(name);
         let reload = app.reload_handle();
+        let admin_addr = app.admin_addr();
         let registry = app.registry();
         let shutdown = app.shutdown_handle();
         let log = app.access_log();
         let task = tokio::spawn(app.run());
         RunningGateway {
             app_addr,
+            admin_addr,
             reload,
             registry,
             routes,
@@ -297,6 +301,22 @@ impl RunningGateway {
         let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
             .unwrap_or_else(|e| panic!("test config refused: {e}"));
         self.reload.reload(config).await
+    }
+
+    /// `GET /metrics` from the admin endpoint.
+    pub async fn scrape(&self) -> String {
+        let addr = self.admin_addr.expect("config has admin");
+        let mut s = TcpStream::connect(addr).await.expect("admin connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .expect("request");
+        let mut response = String::new();
+        tokio::time::timeout(STEP, s.read_to_string(&mut response))
+            .await
+            .expect("admin answered")
+            .expect("admin response");
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        response
     }
 
     /// A route's counters: (allowed, denied, audited).

@@ -367,3 +367,47 @@ async fn new_listeners_start_and_removed_ones_drain() {
     ping(&mut on_first, b"still here").await.unwrap();
     assert_eq!(gw.registry.len(), 1);
 }
+
+#[tokio::test]
+async fn decisions_are_counted_on_the_admin_endpoint_across_reloads() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let audit = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, "", &[SPIFFE_FRONTEND], "mode = \"audit\"\n")
+    );
+    let gw = RunningGateway::start(&pki, &audit).await;
+    let other = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&other)))
+        .await
+        .unwrap();
+    echo_roundtrip(tls, b"watched".to_vec()).await.unwrap();
+    let audited =
+        "gateway_route_decisions_total{listener=\"edge\",route=\"orders\",verdict=\"audit\"} 1";
+    let metrics = gw.scrape().await;
+    assert!(metrics.contains(audited), "{metrics}");
+
+    // Enforce after a reload: the audit count stays, the denial adds to it.
+    let enforce = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, "", &[SPIFFE_FRONTEND], "")
+    );
+    gw.reload_toml(&pki, &enforce).await.unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&other))).await,
+        rustls::AlertDescription::AccessDenied
+    );
+    let metrics = gw.scrape().await;
+    assert!(metrics.contains(audited), "{metrics}");
+    assert!(
+        metrics.contains(
+            "gateway_route_decisions_total{listener=\"edge\",route=\"orders\",verdict=\"deny\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gateway_live_connections 0"), "{metrics}");
+}

@@ -1,0 +1,159 @@
+//! Counters an operator scrapes, and the minimal Prometheus text endpoint
+//! that serves them (`admin` in the config).
+//!
+//! Route counters are keyed by listener and route name and live here, not in
+//! the route, so a reload (which rebuilds every route) does not reset them.
+//! Label values are the access log's words: one name for one idea.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::ReloadStats;
+use crate::registry::Registry;
+
+/// What a route decided, counted since start (across reloads).
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    /// Would have been denied, but the route is in audit mode.
+    pub audited: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
+    refused_max_connections: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// The counters of a route, the same ones before and after a reload.
+    pub fn route(&self, listener: &str, route: &str) -> Arc<RouteStats> {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((listener.to_owned(), route.to_owned()))
+            .or_default()
+            .clone()
+    }
+
+    pub fn refused_max_connections(&self, listener: &str) {
+        *self
+            .refused_max_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(listener.to_owned())
+            .or_default() += 1;
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self, registry: &Registry, reloads: &ReloadStats) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP gateway_route_decisions_total Client verdicts per route (allow, deny, audit), as in the access log.\n");
+        out.push_str("# TYPE gateway_route_decisions_total counter\n");
+        for ((listener, route), s) in self.routes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            for (verdict, n) in [
+                ("allow", &s.allowed),
+                ("deny", &s.denied),
+                ("audit", &s.audited),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "gateway_route_decisions_total{{listener=\"{}\",route=\"{}\",verdict=\"{verdict}\"}} {}",
+                    escape(listener),
+                    escape(route),
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP gateway_connections_refused_total Connections closed at accept.\n");
+        out.push_str("# TYPE gateway_connections_refused_total counter\n");
+        for (listener, n) in self
+            .refused_max_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "gateway_connections_refused_total{{listener=\"{}\",reason=\"max_connections\"}} {n}",
+                escape(listener)
+            );
+        }
+        out.push_str("# HELP gateway_live_connections Connections past the handshake right now.\n");
+        out.push_str("# TYPE gateway_live_connections gauge\n");
+        let _ = writeln!(out, "gateway_live_connections {}", registry.len());
+        out.push_str("# HELP gateway_reloads_total Reloads by result.\n");
+        out.push_str("# TYPE gateway_reloads_total counter\n");
+        let _ = writeln!(
+            out,
+            "gateway_reloads_total{{result=\"ok\"}} {}",
+            reloads.succeeded.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "gateway_reloads_total{{result=\"failed\"}} {}",
+            reloads.failed.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `stop`.
+pub async fn serve_admin(
+    socket: TcpListener,
+    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    reloads: Arc<ReloadStats>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (metrics, registry, reloads) = (metrics.clone(), registry.clone(), reloads.clone());
+        tokio::spawn(async move {
+            // The request line is all we need; bound what we read.
+            let mut buf = [0u8; 1024];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                    .await;
+            let Ok(Ok(n)) = read else { return };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics ") {
+                ("200 OK", metrics.render(&registry, &reloads))
+            } else {
+                (
+                    "404 Not Found",
+                    "only GET /metrics is served here\n".to_owned(),
+                )
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
