@@ -48,7 +48,7 @@ impl Entry {
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Entry>>,
+    live: Mutex<HashMap<u64, Arc<Entry>>>,
 }
 
 /// What a connection needs to hear that it must close, and why.
@@ -82,8 +82,14 @@ pub struct Live {
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live entries, so judging them (signature checks on reload) does
+    /// not hold up connections registering meanwhile.
+    fn snapshot(&self) -> Vec<Arc<Entry>> {
+        self.lock().values().cloned().collect()
     }
 
     /// Tracks a connection until the returned registration drops. `close` is
@@ -94,7 +100,7 @@ impl Registry {
         let why = Arc::new(Mutex::new(None));
         self.lock().insert(
             id,
-            Entry {
+            Arc::new(Entry {
                 listener: live.listener,
                 route: live.route,
                 source: live.source,
@@ -103,7 +109,7 @@ impl Registry {
                 opened: Instant::now(),
                 close: close.clone(),
                 why: why.clone(),
-            },
+            }),
         );
         Registration {
             id,
@@ -124,10 +130,9 @@ impl Registry {
     /// After a reload: judge every live connection against the new listeners.
     /// Returns how many were closed.
     pub fn reverify(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
-        let live = self.lock();
         let mut closed = 0;
-        for entry in live.values() {
-            if let Some(why) = reverify_one(entry, listeners) {
+        for entry in self.snapshot() {
+            if let Some(why) = reverify_one(&entry, listeners) {
                 entry.close(why);
                 closed += 1;
             }
@@ -139,10 +144,9 @@ impl Registry {
     /// signature work, which only a reload can change).
     pub fn tick(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
         let now = jiff::Timestamp::now();
-        let live = self.lock();
         let mut closed = 0;
-        for entry in live.values() {
-            if let Some(why) = tick_one(entry, listeners, now) {
+        for entry in self.snapshot() {
+            if let Some(why) = tick_one(&entry, listeners, now) {
                 entry.close(why);
                 closed += 1;
             }

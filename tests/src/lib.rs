@@ -109,6 +109,11 @@ impl Pki {
         }
     }
 
+    /// A client config presenting the allowed client's certificate.
+    pub fn frontend_config(&self) -> Arc<ClientConfig> {
+        self.client_config(Some(&self.frontend()))
+    }
+
     /// The allowed client of the standard config.
     pub fn frontend(&self) -> ClientCreds {
         self.client(
@@ -416,6 +421,28 @@ pub async fn echo_roundtrip(tls: TlsStream<TcpStream>, data: Vec<u8>) -> std::io
         .map_err(|_| std::io::Error::other("echo read hung"))??;
     writer.await.map_err(std::io::Error::other)??;
     Ok(got)
+}
+
+/// Waits for the gateway binary's JSON "listening" log line in `stderr` (a
+/// file it writes) and returns the address from it: with port 0 in the config
+/// this is the only way to learn the port without probing it.
+pub fn listening_addr(stderr: &Path) -> Result<SocketAddr, String> {
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        for line in log.lines() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                && v["fields"]["message"] == "listening"
+                && let Some(addr) = v["fields"]["addr"].as_str()
+            {
+                return addr.parse().map_err(|e| format!("bad address {addr}: {e}"));
+            }
+        }
+        if std::time::Instant::now() > until {
+            return Err(format!("gateway did not start listening:\n{log}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The built `gateway` binary, next to this test's own executable.

@@ -24,25 +24,18 @@ fn write_config(pki: &Pki, backend: std::net::SocketAddr) -> std::path::PathBuf 
     pki.write("gateway.toml", &toml)
 }
 
-/// The address from the gateway's JSON "listening" log line.
 fn wait_listening(stderr: &std::path::Path) -> std::net::SocketAddr {
-    let until = Instant::now() + STEP;
-    loop {
-        let log = std::fs::read_to_string(stderr).unwrap_or_default();
-        for line in log.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "listening" {
-                return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-            }
-        }
-        assert!(
-            Instant::now() < until,
-            "gateway did not start listening: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends `signal` ("TERM", "HUP") to the gateway.
+fn signal(child: &std::process::Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} failed");
 }
 
 /// Kills the child if the test fails before it is reaped.
@@ -139,14 +132,7 @@ async fn openssl_s_client_through_the_binary_then_sigterm_drains_and_exits_0() {
     );
 
     // SIGTERM: drains (nothing live), exits 0.
-    let pid = gw.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&gw.0, "TERM");
     let until = Instant::now() + STEP;
     let status = loop {
         if let Some(s) = gw.0.try_wait().unwrap() {
@@ -275,7 +261,7 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
         .unwrap();
     let gw = Reap(child);
     let addr = wait_listening(&stderr);
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     let sni = "orders.example.internal";
     let tls = connect(addr, sni, client.clone()).await.unwrap();
     assert_eq!(
@@ -285,14 +271,7 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
 
     // SIGHUP after taking the frontend off the allow list.
     std::fs::write(&config, allowing.replace(SPIFFE_FRONTEND, SPIFFE_OTHER)).unwrap();
-    let pid = gw.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(&gw.0, "HUP");
     wait_for("a reload", || log_count(&stderr, "reloaded") >= 1);
     assert_eq!(
         refusal(addr, sni, client.clone()).await,

@@ -52,7 +52,7 @@ async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
         assert_eq!(rec.reason, reason);
     }
     // The allowed client is simply allowed.
-    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     echo_roundtrip(tls, b"ok".to_vec()).await.unwrap();
@@ -165,7 +165,7 @@ async fn a_revoked_client_is_refused_at_the_handshake() {
     let rec = gw.next_record().await;
     assert!(rec.reason.contains("Revoked"), "{}", rec.reason);
     // The same identity with a certificate that is not revoked passes.
-    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     assert_eq!(
@@ -269,7 +269,7 @@ async fn deny_rules_and_source_networks_refuse_with_access_denied() {
         )
         + &format!("deny = [\"{SPIFFE_OTHER}\"]\n");
     let mut gw = RunningGateway::start(&pki, &toml).await;
-    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     echo_roundtrip(tls, b"prefix".to_vec()).await.unwrap();
@@ -289,7 +289,7 @@ async fn deny_rules_and_source_networks_refuse_with_access_denied() {
         listener_toml(&pki, "edge", "") + &route(&backend, "deny_sources = [\"127.0.0.0/8\"]\n");
     let mut gw = RunningGateway::start(&pki, &toml).await;
     assert_eq!(
-        refusal(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend()))).await,
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
         AlertDescription::AccessDenied
     );
     assert_eq!(
@@ -300,7 +300,7 @@ async fn deny_rules_and_source_networks_refuse_with_access_denied() {
         listener_toml(&pki, "edge", "") + &route(&backend, "allow_sources = [\"10.0.0.0/8\"]\n");
     let gw = RunningGateway::start(&pki, &toml).await;
     assert_eq!(
-        refusal(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend()))).await,
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
         AlertDescription::AccessDenied
     );
     assert_eq!(backend.accepted(), 1);

@@ -31,13 +31,9 @@ async fn allowed_client_echoes_8_mib_byte_exact_and_is_logged() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let mut gw = standard(&pki, &backend, "").await;
-    let tls = connect(
-        gw.app_addr,
-        ORDERS,
-        pki.client_config(Some(&pki.frontend())),
-    )
-    .await
-    .expect("handshake");
+    let tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .expect("handshake");
     let data = payload(8 << 20);
     let got = echo_roundtrip(tls, data.clone()).await.expect("echo");
     assert_eq!(got.len(), data.len());
@@ -67,13 +63,9 @@ async fn empty_stream_closes_cleanly() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let mut gw = standard(&pki, &backend, "").await;
-    let tls = connect(
-        gw.app_addr,
-        ORDERS,
-        pki.client_config(Some(&pki.frontend())),
-    )
-    .await
-    .expect("handshake");
+    let tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .expect("handshake");
     let got = echo_roundtrip(tls, Vec::new()).await.expect("clean close");
     assert!(got.is_empty());
     let rec = gw.next_record().await;
@@ -107,13 +99,9 @@ async fn client_half_close_reaches_the_backend_and_the_reply_still_flows() {
     let toml = listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[ORDERS], &[addr], &[SPIFFE_FRONTEND]);
     let _gw = RunningGateway::start(&pki, &toml).await;
-    let mut tls = connect(
-        _gw.app_addr,
-        ORDERS,
-        pki.client_config(Some(&pki.frontend())),
-    )
-    .await
-    .unwrap();
+    let mut tls = connect(_gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
     tls.write_all(&payload(100_000)).await.unwrap();
     tls.shutdown().await.unwrap(); // close_notify + FIN
     let mut reply = Vec::new();
@@ -142,13 +130,9 @@ async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
     let toml = listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[ORDERS], &[addr], &[SPIFFE_FRONTEND]);
     let gw = RunningGateway::start(&pki, &toml).await;
-    let mut tls = connect(
-        gw.app_addr,
-        ORDERS,
-        pki.client_config(Some(&pki.frontend())),
-    )
-    .await
-    .unwrap();
+    let mut tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
     let mut greeting = Vec::new();
     // EOF here is the backend's FIN, turned into close_notify by the gateway.
     tokio::time::timeout(STEP, tls.read_to_end(&mut greeting))
@@ -300,7 +284,7 @@ async fn sni_routes_to_different_backends_with_a_default_and_unknown_names_refus
         + &route_toml("orders", &[ORDERS], &[orders.addr], &[SPIFFE_FRONTEND])
         + &route_toml("billing", &[BILLING], &[billing.addr], &[SPIFFE_FRONTEND]);
     let mut gw = RunningGateway::start(&pki, &toml).await;
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     for (sni, backend) in [
         (ORDERS, &orders),
         (BILLING, &billing),
@@ -356,7 +340,7 @@ async fn failover_skips_a_dead_backend_and_all_down_closes_promptly() {
     let toml = listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[ORDERS], &[dead, live.addr], &[SPIFFE_FRONTEND]);
     let gw = RunningGateway::start(&pki, &toml).await;
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     for _ in 0..4 {
         let tls = connect(gw.app_addr, ORDERS, client.clone()).await.unwrap();
         assert_eq!(echo_roundtrip(tls, b"ok".to_vec()).await.unwrap(), b"ok");
@@ -400,7 +384,7 @@ async fn max_connections_refuses_the_one_too_many() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let mut gw = standard(&pki, &backend, "max_connections = 2").await;
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut tls = connect(gw.app_addr, ORDERS, client.clone()).await.unwrap();
@@ -474,7 +458,7 @@ async fn drain_on_shutdown_lets_a_live_transfer_finish_and_refuses_new_ones() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let mut gw = standard(&pki, &backend, "").await;
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     let mut tls = connect(gw.app_addr, ORDERS, client.clone()).await.unwrap();
     tls.write_all(b"before").await.unwrap();
     let mut buf = [0u8; 6];
@@ -512,13 +496,9 @@ async fn drain_timeout_closes_what_is_left() {
         listener_toml(&pki, "edge", "")
     ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
     let mut gw = RunningGateway::start(&pki, &toml).await;
-    let mut tls = connect(
-        gw.app_addr,
-        ORDERS,
-        pki.client_config(Some(&pki.frontend())),
-    )
-    .await
-    .unwrap();
+    let mut tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
     tls.write_all(b"idle after this").await.unwrap();
     let mut buf = [0u8; 15];
     tls.read_exact(&mut buf).await.unwrap();

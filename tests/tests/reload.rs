@@ -68,7 +68,7 @@ async fn crl_update_closes_the_revoked_client_within_a_second_while_others_flow(
     let mut a = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
         .await
         .unwrap();
-    let mut b = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let mut b = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     ping(&mut a, b"a before").await.unwrap();
@@ -118,7 +118,7 @@ async fn a_broken_config_on_reload_changes_nothing_and_is_reported() {
     let backend = EchoBackend::start().await;
     let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
     let gw = RunningGateway::start(&pki, &toml).await;
-    let mut live = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let mut live = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     ping(&mut live, b"before").await.unwrap();
@@ -153,7 +153,7 @@ async fn a_broken_config_on_reload_changes_nothing_and_is_reported() {
     );
     // The old policy still holds: the live connection flows, the same client connects anew.
     ping(&mut live, b"after").await.unwrap();
-    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     assert_eq!(echo_roundtrip(tls, b"new".to_vec()).await.unwrap(), b"new");
@@ -165,7 +165,7 @@ async fn reload_under_200_concurrent_streams_loses_no_bytes_and_no_connection() 
     let backend = EchoBackend::start().await;
     let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
     let gw = RunningGateway::start(&pki, &toml).await;
-    let client = pki.client_config(Some(&pki.frontend()));
+    let client = pki.frontend_config();
     let addr = gw.app_addr;
     let mut streams = Vec::new();
     for i in 0..200u32 {
@@ -226,7 +226,7 @@ async fn policy_changes_close_connections_that_are_no_longer_allowed() {
     let mut intruder = connect(gw.app_addr, SNI, pki.client_config(Some(&other)))
         .await
         .unwrap();
-    let mut friend = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let mut friend = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     ping(&mut intruder, b"watched").await.unwrap();
@@ -316,7 +316,7 @@ async fn max_connection_lifetime_closes_old_connections() {
         "",
     );
     let mut gw = RunningGateway::start(&pki, &toml).await;
-    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     ping(&mut tls, b"x").await.unwrap();
@@ -336,7 +336,7 @@ async fn new_listeners_start_and_removed_ones_drain() {
     let backend = EchoBackend::start().await;
     let first = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
     let gw = RunningGateway::start(&pki, &first).await;
-    let mut on_first = connect(gw.app_addr, SNI, pki.client_config(Some(&pki.frontend())))
+    let mut on_first = connect(gw.app_addr, SNI, pki.frontend_config())
         .await
         .unwrap();
     ping(&mut on_first, b"first").await.unwrap();
@@ -347,9 +347,7 @@ async fn new_listeners_start_and_removed_ones_drain() {
     let report = gw.reload_toml(&pki, &second).await.unwrap();
     assert_eq!(report.listeners_started, vec!["second".to_string()]);
     assert_eq!(report.listeners_stopped, vec!["edge".to_string()]);
-    let tls = connect(port, SNI, pki.client_config(Some(&pki.frontend())))
-        .await
-        .unwrap();
+    let tls = connect(port, SNI, pki.frontend_config()).await.unwrap();
     assert_eq!(
         echo_roundtrip(tls, b"second".to_vec()).await.unwrap(),
         b"second"

@@ -91,13 +91,13 @@ async fn demo(binary: &std::path::Path) -> Result<bool, String> {
 }
 
 async fn cases(pki: &Pki, backend: &EchoBackend, stderr: &std::path::Path) -> Result<bool, String> {
-    let addr = listening(stderr)?;
+    let addr = listening_addr(stderr)?;
     println!("demo: gateway listening on {addr}");
     let sni = "orders.example.internal";
     let mut ok = true;
 
     let data = payload(1 << 20);
-    let allowed = match connect(addr, sni, pki.client_config(Some(&pki.frontend()))).await {
+    let allowed = match connect(addr, sni, pki.frontend_config()).await {
         Ok(tls) => echo_roundtrip(tls, data.clone())
             .await
             .map_err(|e| e.to_string()),
@@ -154,24 +154,4 @@ async fn cases(pki: &Pki, backend: &EchoBackend, stderr: &std::path::Path) -> Re
         );
     }
     Ok(ok)
-}
-
-/// The address from the gateway's JSON "listening" log line.
-fn listening(stderr: &std::path::Path) -> Result<std::net::SocketAddr, String> {
-    let until = Instant::now() + STEP;
-    loop {
-        let log = std::fs::read_to_string(stderr).unwrap_or_default();
-        for line in log.lines() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-                && v["fields"]["message"] == "listening"
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                return addr.parse().map_err(|e| format!("bad address {addr}: {e}"));
-            }
-        }
-        if Instant::now() > until {
-            return Err(format!("gateway did not start listening:\n{log}"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
