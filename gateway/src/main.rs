@@ -34,6 +34,178 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// An internal PKI in a directory: root, intermediate, leaves, revocation.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a root CA (its key belongs offline afterwards) and an issuing intermediate.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Organisation name in the CA subjects.
+        #[arg(long, default_value = "gateway")]
+        name: String,
+        #[arg(long, value_enum, default_value_t = KeyArg::P256)]
+        key_type: KeyArg,
+        /// Name-constrain the intermediate to DNS names under this domain.
+        #[arg(long)]
+        permitted_dns: Option<String>,
+    },
+    /// Issue a certificate: server (serverAuth only), client or device (clientAuth only).
+    Issue {
+        #[arg(value_enum)]
+        kind: KindArg,
+        #[arg(long)]
+        dir: PathBuf,
+        /// File name (NAME.pem, NAME.key) and subject CN.
+        #[arg(long)]
+        name: String,
+        /// spiffe://… (any URI), dns:NAME or email:ADDR; repeat for more. No wildcards.
+        #[arg(long = "san", required = true)]
+        sans: Vec<String>,
+        /// Lifetime, e.g. 8h, 7d (default: client 24h, device 7d, server 90d).
+        #[arg(long)]
+        lifetime: Option<String>,
+        #[arg(long, value_enum, default_value_t = KeyArg::P256)]
+        key_type: KeyArg,
+    },
+    /// Revoke by hex serial or certificate file, and publish a fresh CRL.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        serial_or_cert: String,
+    },
+    /// Publish a fresh CRL (crl.pem) signed by the intermediate.
+    Crl {
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long until its next update, e.g. 7d.
+        #[arg(long, default_value = "7d")]
+        next_update: String,
+    },
+    /// Show what the gateway would see in a certificate and why it would refuse it.
+    Inspect {
+        file: PathBuf,
+        /// Also check the chain against these trust anchors.
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeyArg {
+    P256,
+    Ed25519,
+    Rsa,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Server,
+    Client,
+    Device,
+}
+
+fn key_type(k: KeyArg) -> gateway::pki::KeyType {
+    match k {
+        KeyArg::P256 => gateway::pki::KeyType::P256,
+        KeyArg::Ed25519 => gateway::pki::KeyType::Ed25519,
+        KeyArg::Rsa => gateway::pki::KeyType::Rsa2048,
+    }
+}
+
+/// "8h", "7d", "30m": lifetimes for certificates and CRLs.
+fn lifetime(s: &str) -> anyhow::Result<time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?}: expected e.g. 8h, 7d, 30m"))?;
+    Ok(match unit {
+        "m" => time::Duration::minutes(n),
+        "h" => time::Duration::hours(n),
+        "d" => time::Duration::days(n),
+        _ => anyhow::bail!("{s:?}: unit must be m, h or d"),
+    })
+}
+
+fn pki(command: PkiCommand) -> anyhow::Result<()> {
+    use gateway::pki::store::{InitSpec, Kind, Store};
+    match command {
+        PkiCommand::Init {
+            dir,
+            name,
+            key_type: k,
+            permitted_dns,
+        } => {
+            let store = Store::open(&dir);
+            store.init(&InitSpec {
+                name: &name,
+                key_type: key_type(k),
+                permitted_dns: permitted_dns.as_deref(),
+            })?;
+            println!("created root and intermediate CA in {}", dir.display());
+            println!(
+                "trust anchor for the gateway and clients: {}",
+                store.path("ca.pem").display()
+            );
+            println!(
+                "{} signs only the intermediate: move it offline now",
+                store.path("root.key").display()
+            );
+        }
+        PkiCommand::Issue {
+            kind,
+            dir,
+            name,
+            sans,
+            lifetime: l,
+            key_type: k,
+        } => {
+            let kind = match kind {
+                KindArg::Server => Kind::Server,
+                KindArg::Client => Kind::Client,
+                KindArg::Device => Kind::Device,
+            };
+            let l = l.as_deref().map(lifetime).transpose()?;
+            let (cert, key) = Store::open(&dir).issue(kind, &name, &sans, l, key_type(k))?;
+            println!(
+                "issued {} (chain) and {} (key, 0600)",
+                cert.display(),
+                key.display()
+            );
+        }
+        PkiCommand::Revoke {
+            dir,
+            serial_or_cert,
+        } => {
+            let store = Store::open(&dir);
+            let entry = store.revoke(&serial_or_cert)?;
+            println!(
+                "revoked {} (serial {}); published {}",
+                entry.name,
+                entry.serial,
+                store.path("crl.pem").display()
+            );
+        }
+        PkiCommand::Crl { dir, next_update } => {
+            let path = Store::open(&dir).publish_crl(lifetime(&next_update)?)?;
+            println!("published {}", path.display());
+        }
+        PkiCommand::Inspect { file, client_ca } => {
+            let report = gateway::pki::inspect::inspect(&file, client_ca.as_deref())?;
+            print!("{}", report.text);
+            if !report.refusals.is_empty() {
+                anyhow::bail!("the gateway would refuse this certificate");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -42,6 +214,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check { config } => check(&config),
+        Command::Pki { command } => pki(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,10 @@
 //! Certificates from rcgen: a root, intermediates and leaves with the
 //! profiles the gateway expects (serverAuth for servers, clientAuth for
-//! clients). Tests, the demo and the benchmark build their PKI with this.
+//! clients and devices). `gateway pki` keeps them in a directory (`store`);
+//! tests, the demo and the benchmark build throwaway ones with this.
+
+pub mod inspect;
+pub mod store;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -16,14 +20,46 @@ pub enum PkiError {
     Rcgen(#[from] rcgen::Error),
     #[error("SAN {0:?}: expected spiffe://… (or another URI), dns:NAME or email:ADDR")]
     BadSan(String),
+    #[error("SAN {0:?}: wildcards are refused: a certificate names one identity")]
+    Wildcard(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Store {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+/// Key algorithms for new keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyType {
+    #[default]
+    P256,
+    Ed25519,
+    Rsa2048,
+}
+
+impl KeyType {
+    fn generate(self) -> Result<KeyPair, PkiError> {
+        Ok(match self {
+            KeyType::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+            KeyType::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519)?,
+            KeyType::Rsa2048 => KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)?,
+        })
+    }
 }
 
 /// A certificate authority that can sign.
 pub struct Authority {
-    params: CertificateParams,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     /// This CA's certificate, PEM.
     pub cert_pem: String,
+    /// This CA's private key, PEM (keep it 0600; the root's belongs offline).
+    pub key_pem: String,
 }
 
 /// What a leaf is for.
@@ -46,6 +82,7 @@ pub struct LeafSpec {
     pub not_after: OffsetDateTime,
     /// Mark the leaf as a CA (to test that a CA is refused as a client).
     pub is_ca: bool,
+    pub key_type: KeyType,
 }
 
 impl LeafSpec {
@@ -58,6 +95,7 @@ impl LeafSpec {
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(1),
             is_ca: false,
+            key_type: KeyType::P256,
         }
     }
 
@@ -103,26 +141,60 @@ fn san(s: &str) -> Result<SanType, PkiError> {
 impl Authority {
     /// A self-signed root that may sign one level of intermediates.
     pub fn root(common_name: &str) -> Result<Self, PkiError> {
+        Self::new_root(common_name, KeyType::P256, 3650)
+    }
+
+    pub fn new_root(common_name: &str, key_type: KeyType, days: i64) -> Result<Self, PkiError> {
         let mut params = ca_params(common_name, 1);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(3650);
-        let key = KeyPair::generate()?;
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        let key = key_type.generate()?;
         let cert = params.self_signed(&key)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            params,
-            key,
-        })
+        Ok(Self::from_parts(params, key, cert.pem()))
     }
 
     /// An intermediate that signs leaves only.
     pub fn intermediate(&self, common_name: &str) -> Result<Self, PkiError> {
-        let params = ca_params(common_name, 0);
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        self.new_intermediate(common_name, KeyType::P256, 365, None)
+    }
+
+    /// An intermediate that signs leaves only; `permitted_dns` adds a name
+    /// constraint so it cannot issue for DNS names outside that domain.
+    pub fn new_intermediate(
+        &self,
+        common_name: &str,
+        key_type: KeyType,
+        days: i64,
+        permitted_dns: Option<&str>,
+    ) -> Result<Self, PkiError> {
+        let mut params = ca_params(common_name, 0);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        if let Some(domain) = permitted_dns {
+            params.name_constraints = Some(rcgen::NameConstraints {
+                permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(domain.to_owned())],
+                excluded_subtrees: vec![],
+            });
+        }
+        let key = key_type.generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Self::from_parts(params, key, cert.pem()))
+    }
+
+    fn from_parts(params: CertificateParams, key: KeyPair, cert_pem: String) -> Self {
+        let key_pem = key.serialize_pem();
+        Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            key_pem,
+        }
+    }
+
+    /// A CA from its certificate and key, as `gateway pki` stores them.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
         Ok(Self {
-            cert_pem: cert.pem(),
-            params,
-            key,
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
         })
     }
 
@@ -148,8 +220,8 @@ impl Authority {
             Profile::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Profile::NoEku => vec![],
         };
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        let key = spec.key_type.generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         let serial = X509Certificate::from_der(cert.der())
             .map(|(_, c)| c.tbs_certificate.raw_serial().to_vec())
             .unwrap_or_default();
@@ -162,10 +234,24 @@ impl Authority {
 
     /// A CRL signed by this CA revoking `serials`, valid for a day.
     pub fn crl(&self, crl_number: u64, serials: &[&[u8]]) -> Result<String, PkiError> {
+        self.crl_until(
+            crl_number,
+            serials,
+            OffsetDateTime::now_utc() + Duration::days(1),
+        )
+    }
+
+    /// A CRL signed by this CA revoking `serials`, with its next-update time.
+    pub fn crl_until(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        next_update: OffsetDateTime,
+    ) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(1),
-            next_update: now + Duration::days(1),
+            next_update,
             crl_number: SerialNumber::from(crl_number),
             issuing_distribution_point: None,
             revoked_certs: serials
@@ -179,9 +265,7 @@ impl Authority {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        Ok(params
-            .signed_by(&Issuer::from_params(&self.params, &self.key))?
-            .pem()?)
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

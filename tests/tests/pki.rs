@@ -1,0 +1,348 @@
+//! `gateway pki` as an operator runs it: what it writes verifies with the
+//! gateway and with openssl, is refused for the wrong purpose, and revocation
+//! reaches the gateway through the CRL.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gateway_tests::*;
+use rustls::AlertDescription;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Runs `gateway pki ARGS`; returns stdout, panics with stderr on failure.
+fn pki(args: &[&str]) -> String {
+    let out = Command::new(gateway_binary())
+        .arg("pki")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gateway pki {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pki_fails(args: &[&str]) -> String {
+    let out = Command::new(gateway_binary())
+        .arg("pki")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "gateway pki {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn openssl(args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl installed (cargo xtask setup)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Client credentials from a `gateway pki issue` pair.
+fn creds(dir: &Path, name: &str) -> ClientCreds {
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}.key"));
+    ClientCreds {
+        chain: CertificateDer::pem_file_iter(&cert_path)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap(),
+        key_pem: std::fs::read_to_string(&key_path).unwrap(),
+        cert_path,
+        key_path,
+    }
+}
+
+/// A gateway serving with the store's server certificate, trusting its CA.
+async fn gateway_on(
+    pki_dir: &Path,
+    harness: &Pki,
+    backend: &EchoBackend,
+    crl: bool,
+) -> RunningGateway {
+    let crls = if crl {
+        format!("crls = [\"{}\"]", s(&pki_dir.join("crl.pem")))
+    } else {
+        String::new()
+    };
+    let toml = format!(
+        "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n{crls}\n",
+        s(&pki_dir.join("gw.pem")),
+        s(&pki_dir.join("gw.key")),
+        s(&pki_dir.join("ca.pem")),
+    ) + &route_toml(
+        "orders",
+        &[],
+        &[backend.addr],
+        &["spiffe://example.internal/ns/shop/sa/frontend"],
+    );
+    RunningGateway::start(harness, &toml).await
+}
+
+/// A client config trusting the store's CA.
+fn client_config(dir: &Path, creds: Option<&ClientCreds>) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    std::sync::Arc::new(match creds {
+        Some(c) => b
+            .with_client_auth_cert(
+                c.chain.clone(),
+                PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    })
+}
+
+fn init(dir: &Path) {
+    pki(&["init", "--dir", s(dir), "--name", "Example"]);
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(dir),
+        "--name",
+        "gw",
+        "--san",
+        "dns:orders.example.internal",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issued_certificates_work_with_the_gateway_and_only_for_their_purpose() {
+    let harness = Pki::new();
+    let dir: PathBuf = harness.path("pki");
+    init(&dir);
+    for key in ["root.key", "intermediate.key", "gw.key"] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "frontend",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+    ]);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "frontend-ed",
+        "--key-type",
+        "ed25519",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+    ]);
+    let backend = EchoBackend::start().await;
+    let gw = gateway_on(&dir, &harness, &backend, false).await;
+    let sni = "orders.example.internal";
+    for name in ["frontend", "frontend-ed"] {
+        let c = creds(&dir, name);
+        let tls = connect(gw.app_addr, sni, client_config(&dir, Some(&c)))
+            .await
+            .unwrap();
+        assert_eq!(
+            echo_roundtrip(tls, name.as_bytes().to_vec()).await.unwrap(),
+            name.as_bytes()
+        );
+    }
+    // A server certificate presented as a client.
+    let server_as_client = creds(&dir, "gw");
+    assert_eq!(
+        refusal(
+            gw.app_addr,
+            sni,
+            client_config(&dir, Some(&server_as_client))
+        )
+        .await,
+        AlertDescription::UnsupportedCertificate
+    );
+    // A client certificate as the gateway's own: refused at start.
+    let toml = format!(
+        "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        s(&dir.join("frontend.pem")),
+        s(&dir.join("frontend.key")),
+        s(&dir.join("ca.pem"))
+    ) + &route_toml("r", &[], &[backend.addr], &["dns:x"]);
+    let config =
+        gateway::Config::parse(&toml, &harness.path("g.toml"), harness.dir.path()).unwrap();
+    let err = gateway::build(&config)
+        .await
+        .err()
+        .expect("client cert refused as server cert");
+    assert!(err.to_string().contains("no serverAuth"), "{err}");
+
+    // openssl agrees with what was written.
+    let (ok, out) = openssl(&[
+        "verify",
+        "-CAfile",
+        s(&dir.join("ca.pem")),
+        "-untrusted",
+        s(&dir.join("intermediate.pem")),
+        "-purpose",
+        "sslclient",
+        s(&dir.join("frontend.pem")),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl(&[
+        "verify",
+        "-CAfile",
+        s(&dir.join("ca.pem")),
+        "-untrusted",
+        s(&dir.join("intermediate.pem")),
+        "-purpose",
+        "sslserver",
+        s(&dir.join("frontend.pem")),
+    ]);
+    assert!(
+        !ok,
+        "a client certificate must not verify for server use: {out}"
+    );
+    let (ok, out) = openssl(&[
+        "crl",
+        "-in",
+        s(&dir.join("crl.pem")),
+        "-CAfile",
+        s(&dir.join("intermediate.pem")),
+        "-noout",
+    ]);
+    assert!(ok && out.contains("verify OK"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoke_publishes_a_crl_that_the_gateway_enforces() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "lost-laptop",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+    ]);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "frontend",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+    ]);
+    let out = pki(&["revoke", "--dir", s(&dir), s(&dir.join("lost-laptop.pem"))]);
+    assert!(out.contains("revoked lost-laptop"), "{out}");
+    let (ok, out) = openssl(&["crl", "-in", s(&dir.join("crl.pem")), "-noout", "-text"]);
+    assert!(ok && out.contains("Revoked Certificates"), "{out}");
+
+    let backend = EchoBackend::start().await;
+    let gw = gateway_on(&dir, &harness, &backend, true).await;
+    let sni = "orders.example.internal";
+    let lost = creds(&dir, "lost-laptop");
+    assert_eq!(
+        refusal(gw.app_addr, sni, client_config(&dir, Some(&lost))).await,
+        AlertDescription::CertificateRevoked
+    );
+    let ok = creds(&dir, "frontend");
+    let tls = connect(gw.app_addr, sni, client_config(&dir, Some(&ok)))
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"ok".to_vec()).await.unwrap(), b"ok");
+}
+
+#[test]
+fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    let err = pki_fails(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&dir),
+        "--name",
+        "star",
+        "--san",
+        "dns:*.example.internal",
+    ]);
+    assert!(err.contains("wildcard"), "{err}");
+    assert!(!dir.join("star.pem").exists());
+    assert!(pki_fails(&["init", "--dir", s(&dir)]).contains("already exists"));
+
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "alice",
+        "--san",
+        "email:alice@example.internal",
+        "--lifetime",
+        "8h",
+    ]);
+    let out = pki(&[
+        "inspect",
+        s(&dir.join("alice.pem")),
+        "--client-ca",
+        s(&dir.join("ca.pem")),
+    ]);
+    assert!(
+        out.contains("identity: email:alice@example.internal"),
+        "{out}"
+    );
+    assert!(out.contains("EKU:      clientAuth"), "{out}");
+    assert!(out.contains("verifies to"), "{out}");
+    // The server certificate, inspected as a client would be: refused, with why.
+    let out = Command::new(gateway_binary())
+        .args([
+            "pki",
+            "inspect",
+            s(&dir.join("gw.pem")),
+            "--client-ca",
+            s(&dir.join("ca.pem")),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("refused:  certificate lacks the clientAuth extended key usage"),
+        "{text}"
+    );
+}
