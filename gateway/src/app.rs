@@ -32,6 +32,9 @@ use crate::state::{ListenerState, Route, State, StateError};
 /// last access-log line before run() returns anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How often expiring certificates and CRLs are logged again.
+const EXPIRY_CHECK: Duration = Duration::from_secs(3600);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
@@ -129,6 +132,7 @@ pub struct App {
     reload_stats: Arc<ReloadStats>,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
+    expiry_warning: Duration,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -156,6 +160,7 @@ async fn bind(l: &ListenerState) -> Result<TcpListener, AppError> {
 pub async fn build(config: &Config) -> Result<App, AppError> {
     let metrics = Arc::new(Metrics::default());
     let state = State::build(config, &metrics)?;
+    metrics.set_expiries(crate::expiry::collect(config));
     let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
     let mut bound = Vec::new();
     for l in state.listeners {
@@ -186,6 +191,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         reload_stats: Arc::default(),
         metrics,
         admin,
+        expiry_warning: config.expiry_warning,
     })
 }
 
@@ -262,6 +268,10 @@ impl App {
             running.insert(name, self.start(l, socket, &shared));
         }
         let mut drain_timeout = self.drain_timeout;
+        let mut expiry_warning = self.expiry_warning;
+        // Fires at once, then hourly: expiring certificates are said again
+        // until someone renews them.
+        let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -272,6 +282,9 @@ impl App {
                     match &result {
                         Ok(report) => {
                             drain_timeout = req.config.drain_timeout;
+                            expiry_warning = req.config.expiry_warning;
+                            self.metrics.set_expiries(crate::expiry::collect(&req.config));
+                            self.metrics.warn_expiring(expiry_warning);
                             self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
                             tracing::info!(?report, "reloaded");
                         }
@@ -285,6 +298,7 @@ impl App {
                 _ = tick.tick() => {
                     self.registry.tick(&snapshot(&running));
                 }
+                _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
             }
         }
         for (_, r) in running.drain() {

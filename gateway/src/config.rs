@@ -40,6 +40,9 @@ pub struct Config {
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
+    /// Log a warning for certificates and CRLs running out within this.
+    #[serde(default = "default_expiry_warning", with = "duration")]
+    pub expiry_warning: Duration,
     /// Where to serve `GET /metrics` (Prometheus text); none: not served.
     /// Bound at start; a reload does not move it.
     pub admin: Option<SocketAddr>,
@@ -184,6 +187,9 @@ fn default_access_log() -> String {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_expiry_warning() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 fn default_watch_files() -> bool {
     true
@@ -414,7 +420,8 @@ pub mod duration {
             "s" => Ok(Duration::from_secs(n)),
             "m" => Ok(Duration::from_secs(n * 60)),
             "h" => Ok(Duration::from_secs(n * 3600)),
-            _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+            "d" => Ok(Duration::from_secs(n * 86_400)),
+            _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
         }
     }
 }
@@ -509,7 +516,8 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         );
         assert_eq!(duration::parse("5m").unwrap(), Duration::from_secs(300));
         assert!(duration::parse("10").is_err());
-        assert!(duration::parse("10d").is_err());
+        assert_eq!(duration::parse("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(duration::parse("10w").is_err());
         let text = MINIMAL.replace("127.0.0.1:9001", "127.0.0.1");
         assert!(
             parse(&text)

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod app;
 pub mod config;
 pub mod ebpf;
+pub mod expiry;
 pub mod forward;
 pub mod identity;
 pub mod listener;

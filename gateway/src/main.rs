@@ -29,10 +29,17 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate the config, certificates and keys without serving.
+    /// Validate the config, certificates and keys without serving; warn about
+    /// what expires soon.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Warn about certificates and CRLs running out within this (default: the config's expiry_warning).
+        #[arg(long)]
+        warn_within: Option<String>,
+        /// Fail when anything runs out within this.
+        #[arg(long, default_value = "1d")]
+        fail_within: String,
     },
     /// An internal PKI in a directory: root, intermediate, leaves, revocation.
     Pki {
@@ -213,7 +220,11 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => run(&config),
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            warn_within,
+            fail_within,
+        } => check(&config, warn_within.as_deref(), &fail_within),
         Command::Pki { command } => pki(command),
     };
     match result {
@@ -238,9 +249,33 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+fn check(
+    path: &std::path::Path,
+    warn_within: Option<&str>,
+    fail_within: &str,
+) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
+    let horizon = |s: &str| -> anyhow::Result<i64> {
+        let d = gateway::config::duration::parse(s).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(i64::try_from(d.as_secs())?)
+    };
+    let warn = match warn_within {
+        Some(w) => horizon(w)?,
+        None => i64::try_from(config.expiry_warning.as_secs())?,
+    };
+    let fail = horizon(fail_within)?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut critical = 0;
+    for e in gateway::expiry::collect(&config) {
+        let left = e.seconds_left(now);
+        if left <= fail {
+            critical += 1;
+            println!("critical: {}", gateway::expiry::describe(&e, now));
+        } else if left <= warn {
+            println!("warning: {}", gateway::expiry::describe(&e, now));
+        }
+    }
     for l in &state.listeners {
         println!(
             "listener {:?} on {}: {} route(s): {}",
@@ -253,6 +288,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    if critical > 0 {
+        anyhow::bail!("{critical} certificate(s) or CRL(s) run out within {fail_within}");
     }
     println!("{}: OK", path.display());
     Ok(())

@@ -30,6 +30,7 @@ pub struct RouteStats {
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
     refused_max_connections: Mutex<BTreeMap<String, u64>>,
+    expiries: Mutex<Vec<crate::expiry::Expiry>>,
 }
 
 impl Metrics {
@@ -41,6 +42,27 @@ impl Metrics {
             .entry((listener.to_owned(), route.to_owned()))
             .or_default()
             .clone()
+    }
+
+    /// The certificates and CRLs of the state now serving.
+    pub fn set_expiries(&self, expiries: Vec<crate::expiry::Expiry>) {
+        *self.expiries.lock().unwrap_or_else(|p| p.into_inner()) = expiries;
+    }
+
+    /// Logs a warning for each certificate or CRL running out within `horizon`.
+    pub fn warn_expiring(&self, horizon: std::time::Duration) {
+        let now = jiff::Timestamp::now().as_second();
+        let horizon = i64::try_from(horizon.as_secs()).unwrap_or(i64::MAX);
+        for e in self
+            .expiries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if e.seconds_left(now) <= horizon {
+                tracing::warn!(file = %e.file.display(), "{}", crate::expiry::describe(e, now));
+            }
+        }
     }
 
     pub fn refused_max_connections(&self, listener: &str) {
@@ -86,6 +108,38 @@ impl Metrics {
                 escape(listener)
             );
         }
+        let now = jiff::Timestamp::now().as_second();
+        out.push_str("# HELP gateway_certificate_expiry_seconds Seconds until a certificate the config names expires (negative: expired).\n");
+        out.push_str("# TYPE gateway_certificate_expiry_seconds gauge\n");
+        let expiries = self.expiries.lock().unwrap_or_else(|p| p.into_inner());
+        for e in expiries
+            .iter()
+            .filter(|e| e.kind == crate::expiry::Kind::Certificate)
+        {
+            let _ = writeln!(
+                out,
+                "gateway_certificate_expiry_seconds{{role=\"{}\",file=\"{}\",subject=\"{}\"}} {}",
+                escape(&e.role),
+                escape(&e.file.display().to_string()),
+                escape(&e.subject),
+                e.seconds_left(now)
+            );
+        }
+        out.push_str("# HELP gateway_crl_next_update_seconds Seconds until a CRL's next update (negative: stale).\n");
+        out.push_str("# TYPE gateway_crl_next_update_seconds gauge\n");
+        for e in expiries
+            .iter()
+            .filter(|e| e.kind == crate::expiry::Kind::Crl)
+        {
+            let _ = writeln!(
+                out,
+                "gateway_crl_next_update_seconds{{role=\"{}\",file=\"{}\"}} {}",
+                escape(&e.role),
+                escape(&e.file.display().to_string()),
+                e.seconds_left(now)
+            );
+        }
+        drop(expiries);
         out.push_str("# HELP gateway_live_connections Connections past the handshake right now.\n");
         out.push_str("# TYPE gateway_live_connections gauge\n");
         let _ = writeln!(out, "gateway_live_connections {}", registry.len());

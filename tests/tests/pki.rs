@@ -346,3 +346,75 @@ fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expiry_within_the_horizon_is_warned_about_failed_on_and_exported() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    pki(&["init", "--dir", s(&dir)]);
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&dir),
+        "--name",
+        "gw",
+        "--san",
+        "dns:orders.example.internal",
+        "--lifetime",
+        "10d",
+    ]);
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nexpiry_warning = \"30d\"\n[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\ncrls = [\"{}\"]\n",
+        s(&dir.join("gw.pem")),
+        s(&dir.join("gw.key")),
+        s(&dir.join("ca.pem")),
+        s(&dir.join("crl.pem")),
+    ) + &route_toml("orders", &[], &[backend.addr], &["dns:x.example.internal"]);
+    let config = harness.write("gateway.toml", &toml);
+
+    let check = |extra: &[&str]| {
+        let out = Command::new(gateway_binary())
+            .args(["check", "--config", s(&config)])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = check(&[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: listener edge cert certificate CN=gw"),
+        "{out}"
+    );
+    // Whole seconds in the certificate: "10 days" just after issue, then "9 days".
+    assert!(out.contains("expires in 9 days") || out.contains("expires in 10 days"), "{out}");
+    assert!(
+        !out.contains("CN=gateway root CA"),
+        "the root is far from expiry: {out}"
+    );
+    let (ok, out) = check(&["--fail-within", "14d"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("critical: listener edge cert"), "{out}");
+
+    // The running gateway exports seconds to expiry for certificates and the CRL.
+    let gw = RunningGateway::start(&harness, &std::fs::read_to_string(&config).unwrap()).await;
+    let metrics = gw.scrape().await;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("gateway_certificate_expiry_seconds{role=\"listener edge cert\"")
+                && l.contains("CN=gw")
+        })
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let secs: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((9 * 86_400..=10 * 86_400).contains(&secs), "{line}");
+    assert!(
+        metrics.contains("gateway_crl_next_update_seconds{role=\"listener edge crl\""),
+        "{metrics}"
+    );
+}

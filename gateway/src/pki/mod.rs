@@ -119,7 +119,6 @@ pub struct Issued {
 
 fn name(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "gateway test PKI");
     dn.push(DnType::CommonName, common_name);
     dn
 }
