@@ -132,6 +132,22 @@ pub struct RouteConfig {
     pub trust: Option<String>,
     /// Require a device-bound certificate.
     pub device: Option<DeviceConfig>,
+    /// Originate TLS to the backends (gateway → backend mTLS).
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+}
+
+/// How the gateway speaks TLS to a route's backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// Trust anchors that the backends' certificates must chain to, PEM.
+    pub ca: PathBuf,
+    /// The gateway's client certificate chain for backends that require one, PEM.
+    pub cert: Option<PathBuf>,
+    /// Its private key, PEM.
+    pub key: Option<PathBuf>,
+    /// The name the backend's certificate must carry (SNI too).
+    pub server_name: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -373,6 +389,19 @@ impl Config {
                 }
                 crate::policy::spiffe_prefix(&d.san_prefix)
                     .map_err(|e| self.invalid(format!("{rat}.device.san_prefix: {e}")))?;
+            }
+            if let Some(u) = &r.upstream_tls {
+                if u.cert.is_some() != u.key.is_some() {
+                    return Err(
+                        self.invalid(format!("{rat}.upstream_tls: cert and key go together"))
+                    );
+                }
+                if rustls_pki_types::ServerName::try_from(u.server_name.as_str()).is_err() {
+                    return Err(self.invalid(format!(
+                        "{rat}.upstream_tls.server_name: {:?} is not a DNS name or IP address",
+                        u.server_name
+                    )));
+                }
             }
             if r.mode == Mode::Off && (r.device.is_some() || r.trust.is_some()) {
                 return Err(self.invalid(format!(

@@ -208,7 +208,11 @@ async fn serve(
     );
     let backend = route
         .backends
-        .connect(listener.connect_attempts, listener.connect_timeout)
+        .connect(
+            listener.connect_attempts,
+            listener.connect_timeout,
+            route.upstream_tls.as_ref(),
+        )
         .await;
     let backend = match backend {
         Ok((backend, addr)) => {

@@ -58,12 +58,37 @@ pub struct Route {
     pub name: String,
     pub auth: RouteAuth,
     pub backends: Backends,
+    /// TLS towards the backends, when the route originates it.
+    pub upstream_tls: Option<crate::tls::UpstreamTls>,
     /// Shared with the metrics, so counts survive reloads.
     pub stats: Arc<RouteStats>,
 }
 
 impl Route {
-    fn build(listener: &str, r: &RouteConfig, metrics: &Metrics) -> Result<Route, StateError> {
+    fn build(
+        config: &Config,
+        listener: &str,
+        r: &RouteConfig,
+        metrics: &Metrics,
+    ) -> Result<Route, StateError> {
+        let upstream_tls = r
+            .upstream_tls
+            .as_ref()
+            .map(|u| {
+                let cert = u.cert.as_ref().map(|c| config.resolve(c));
+                let key = u.key.as_ref().map(|k| config.resolve(k));
+                crate::tls::UpstreamTls::load(
+                    &config.resolve(&u.ca),
+                    cert.as_deref().zip(key.as_deref()),
+                    &u.server_name,
+                )
+            })
+            .transpose()
+            .map_err(|e| StateError::Route {
+                listener: listener.to_owned(),
+                route: r.name.clone(),
+                message: format!("upstream_tls: {e}"),
+            })?;
         let time_windows = r
             .time_windows
             .iter()
@@ -92,6 +117,7 @@ impl Route {
                 policy: Arc::new(policy),
             },
             backends: Backends::new(r.backends.clone()),
+            upstream_tls,
             stats: metrics.route(listener, &r.name),
         })
     }
@@ -158,7 +184,7 @@ impl ListenerState {
             for sni in &r.server_names {
                 by_sni.insert(sni.to_ascii_lowercase(), i);
             }
-            routes.push(Arc::new(Route::build(&l.name, r, metrics)?));
+            routes.push(Arc::new(Route::build(config, &l.name, r, metrics)?));
         }
         Ok(ListenerState {
             name: l.name.clone(),

@@ -1,10 +1,63 @@
 //! Connecting to a route's backends: round robin, bounded failover, a timeout
 //! per attempt.
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::tls::UpstreamTls;
+
+/// A connection to a backend: plain TCP, or TLS the gateway originated.
+pub enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -42,24 +95,22 @@ impl Backends {
         &self.addrs
     }
 
-    /// Connects to the next backend in turn; on failure tries the following
-    /// ones, `attempts` in all (never more than there are backends).
+    /// Connects to the next backend in turn (with TLS when the route
+    /// originates it); on failure tries the following ones, `attempts` in all
+    /// (never more than there are backends). `timeout` bounds each attempt.
     pub async fn connect(
         &self,
         attempts: usize,
         timeout: Duration,
-    ) -> Result<(TcpStream, String), UpstreamError> {
+        tls: Option<&UpstreamTls>,
+    ) -> Result<(Upstream, String), UpstreamError> {
         let attempts = attempts.clamp(1, self.addrs.len().max(1));
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..attempts {
             let addr = &self.addrs[(start + i) % self.addrs.len()];
-            match tokio::time::timeout(timeout, TcpStream::connect(addr.as_str())).await {
-                Ok(Ok(stream)) => {
-                    // Interactive protocols behind us: do not hold small writes back.
-                    let _ = stream.set_nodelay(true);
-                    return Ok((stream, addr.clone()));
-                }
+            match tokio::time::timeout(timeout, attempt(addr, tls)).await {
+                Ok(Ok(stream)) => return Ok((stream, addr.clone())),
                 Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
                 Err(_) => failures.push(format!("{addr}: connect timed out after {timeout:?}")),
             }
@@ -69,6 +120,23 @@ impl Backends {
             attempts,
             failures: failures.join("; "),
         })
+    }
+}
+
+async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> {
+    let stream = TcpStream::connect(addr).await?;
+    // Interactive protocols behind us: do not hold small writes back.
+    let _ = stream.set_nodelay(true);
+    match tls {
+        None => Ok(Upstream::Plain(stream)),
+        Some(tls) => {
+            let stream = tls
+                .connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS to backend: {e}")))?;
+            Ok(Upstream::Tls(Box::new(stream)))
+        }
     }
 }
 
@@ -100,12 +168,12 @@ mod tests {
         drop(dead);
         let b = Backends::new(vec![dead_addr.clone(), live_addr.clone()]);
         for _ in 0..4 {
-            let (_s, used) = b.connect(2, Duration::from_secs(2)).await.unwrap();
+            let (_s, used) = b.connect(2, Duration::from_secs(2), None).await.unwrap();
             assert_eq!(used, live_addr);
         }
-        let err = b.connect(1, Duration::from_secs(2)).await;
+        let err = b.connect(1, Duration::from_secs(2), None).await;
         // With one attempt, every other call starts at the dead backend.
-        let err2 = b.connect(1, Duration::from_secs(2)).await;
+        let err2 = b.connect(1, Duration::from_secs(2), None).await;
         assert!(
             err.is_err() != err2.is_err(),
             "round robin alternates the start"

@@ -20,6 +20,10 @@ pub fn watched_files(config: &Config) -> Vec<PathBuf> {
     for l in &config.listeners {
         files.extend([&l.cert, &l.key, &l.client_ca].map(|p| config.resolve(p)));
         files.extend(l.crls.iter().map(|p| config.resolve(p)));
+        for u in l.routes.iter().filter_map(|r| r.upstream_tls.as_ref()) {
+            files.push(config.resolve(&u.ca));
+            files.extend(u.cert.iter().chain(&u.key).map(|p| config.resolve(p)));
+        }
     }
     for b in config.trust.values() {
         files.push(config.resolve(&b.ca));

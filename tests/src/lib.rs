@@ -203,6 +203,68 @@ impl Drop for EchoBackend {
     }
 }
 
+/// A backend that speaks TLS itself (with a certificate for `names` from the
+/// test PKI), optionally requires a client certificate chaining to the test
+/// root, and echoes.
+pub async fn tls_echo_backend(
+    pki: &Pki,
+    names: &[&str],
+    require_client: bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let sans: Vec<String> = names.iter().map(|n| format!("dns:{n}")).collect();
+    let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
+    let leaf = pki
+        .intermediate
+        .issue(&LeafSpec::server("backend", &sans))
+        .expect("backend leaf");
+    let chain = vec![
+        CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).expect("leaf"),
+        CertificateDer::from_pem_slice(pki.intermediate.cert_pem.as_bytes()).expect("int"),
+    ];
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
+    let builder = rustls::ServerConfig::builder_with_provider(gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions");
+    let builder = if require_client {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki.root.cert_pem.as_bytes()).expect("root"))
+            .expect("root");
+        builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                gateway::tls::provider(),
+            )
+            .build()
+            .expect("verifier"),
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = Arc::new(builder.with_single_cert(chain, key).expect("server config"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
 /// A port on 127.0.0.1 where nothing listens.
 pub fn dead_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -392,7 +392,10 @@ async fn expiry_within_the_horizon_is_warned_about_failed_on_and_exported() {
         "{out}"
     );
     // Whole seconds in the certificate: "10 days" just after issue, then "9 days".
-    assert!(out.contains("expires in 9 days") || out.contains("expires in 10 days"), "{out}");
+    assert!(
+        out.contains("expires in 9 days") || out.contains("expires in 10 days"),
+        "{out}"
+    );
     assert!(
         !out.contains("CN=gateway root CA"),
         "the root is far from expiry: {out}"

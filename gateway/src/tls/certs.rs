@@ -44,6 +44,8 @@ pub enum CertError {
     },
     #[error("{path}: certificate {subject} has no serverAuth extended key usage")]
     NoServerAuth { path: PathBuf, subject: String },
+    #[error("{path}: certificate {subject} has no clientAuth extended key usage")]
+    NoClientAuth { path: PathBuf, subject: String },
     #[error("{path}: chain does not verify: {reason}")]
     ChainDoesNotVerify { path: PathBuf, reason: String },
     #[error("{path}: not a PEM certificate revocation list: {reason}")]
@@ -110,6 +112,39 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
         return Err(bad("no X509 CRL block found".into()));
     }
     Ok(crls)
+}
+
+/// Loads the gateway's client chain and key (for upstream mTLS) with the
+/// same start-up checks as the server identity, but for clientAuth.
+pub fn load_client_identity(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+    let chain = load_certs(cert_path)?;
+    let key = load_key(key_path)?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| CertError::UnsupportedKey {
+            path: key_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    CertifiedKey::new(chain.clone(), signing_key)
+        .keys_match()
+        .map_err(|_| CertError::KeyMismatch {
+            cert: cert_path.to_owned(),
+            key: key_path.to_owned(),
+        })?;
+    check_validity_now(cert_path, &chain[0])?;
+    let cert = parse(cert_path, &chain[0])?;
+    if !matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth) {
+        return Err(CertError::NoClientAuth {
+            path: cert_path.to_owned(),
+            subject: cert.subject().to_string(),
+        });
+    }
+    Ok((chain, key))
 }
 
 /// Loads the server chain and key and checks what would otherwise only show as

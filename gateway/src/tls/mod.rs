@@ -219,6 +219,53 @@ impl ResolvesServerCert for OneCert {
     }
 }
 
+/// TLS towards a route's backends: their CA, the expected name, and our
+/// client certificate when they require one.
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    pub fn load(
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+        server_name: &str,
+    ) -> Result<Self, TlsError> {
+        let provider = provider();
+        let roots = certs::load_roots(ca)?;
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
+            .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => {
+                let certified = certs::load_client_identity(cert, key, &provider)?;
+                builder.with_client_auth_cert(certified.0, certified.1)?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let server_name =
+            rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
+                TlsError::Verifier {
+                    path: ca.display().to_string(),
+                    reason: format!("server_name {server_name:?}: {e}"),
+                }
+            })?;
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            server_name,
+        })
+    }
+}
+
 /// A fatal TLS alert as a plaintext record, for refusing before any TLS
 /// state exists (unknown SNI: no route, so no config to refuse with).
 pub fn plaintext_alert(description: rustls::AlertDescription) -> [u8; 7] {
