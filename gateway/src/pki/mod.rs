@@ -99,8 +99,11 @@ impl LeafSpec {
         }
     }
 
+    /// A server leaf valid for 90 days, as `gateway pki` issues them.
     pub fn server(common_name: &str, sans: &[&str]) -> Self {
-        Self::new(Profile::Server, common_name, sans)
+        let mut spec = Self::new(Profile::Server, common_name, sans);
+        spec.not_after = OffsetDateTime::now_utc() + Duration::days(90);
+        spec
     }
 
     pub fn client(common_name: &str, sans: &[&str]) -> Self {
