@@ -4,7 +4,7 @@
 //! the layout byte for byte, and `no_std` so the eBPF crate can use it.
 #![no_std]
 
-/// Counters the connect guard keeps per verdict, indexed by [`GuardCounter`].
+/// Counters the connect guard keeps, indexed by [`GuardCounter`].
 ///
 /// Stored in a `PerCpuArray<u64>`; the userspace side sums the CPUs.
 #[repr(u32)]
@@ -12,32 +12,70 @@
 pub enum GuardCounter {
     /// A connect() the program looked at.
     Seen = 0,
-    /// A connect() the program let through.
+    /// A connect() to a protected backend from the gateway: let through.
     Allowed = 1,
-    /// A connect() the program refused with EPERM.
+    /// A connect() to a protected backend from anyone else: refused (EPERM).
     Refused = 2,
+    /// Would have been refused; let through because enforcement is "audit".
+    Audited = 3,
 }
 
 impl GuardCounter {
     /// Number of counters: the size of the counter map.
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
-/// A protected backend as the eBPF maps key it: IPv4 address and port, both in
-/// network byte order as the kernel hands them to `cgroup/connect4`.
+/// How many protected-backend rules the maps hold (per address family).
+pub const MAX_RULES: u32 = 4096;
+
+/// What the guard does to a connect() that bypasses the gateway.
+pub mod enforcement {
+    /// Refuse it with EPERM.
+    pub const ENFORCE: u32 = 0;
+    /// Count it and let it through (staged rollout).
+    pub const AUDIT: u32 = 1;
+}
+
+/// The guard's settings, in a one-entry array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// cgroup v2 id of the gateway's own cgroup: its connects pass.
+    pub gateway_cgroup: u64,
+    /// [`enforcement::ENFORCE`] or [`enforcement::AUDIT`].
+    pub enforcement: u32,
+    /// Explicit padding: the struct is copied whole between the two sides.
+    pub _pad: u32,
+}
+
+/// A protected backend as the IPv4 map keys it: address and port in network
+/// byte order, as the kernel hands them to `cgroup/connect4`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendV4 {
     pub addr: u32,
     pub port: u16,
-    /// Explicit padding: the eBPF verifier and the hash map compare whole keys,
-    /// so no byte may be left uninitialised.
+    /// Explicit padding: the hash map compares whole keys, so no byte may be
+    /// left uninitialised.
+    pub _pad: u16,
+}
+
+/// A protected backend as the IPv6 map keys it (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendV6 {
+    pub addr: [u32; 4],
+    pub port: u16,
     pub _pad: u16,
 }
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both types are #[repr(C)], Copy, have no padding bytes left
-    // implicit and every bit pattern is a valid value.
+    // SAFETY: all are #[repr(C)], Copy, have no implicit padding (it is
+    // spelled out as fields) and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::BackendV4 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendV6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardConfig {}
 }

@@ -1,37 +1,112 @@
-//! The gateway's eBPF programs.
+//! The gateway's eBPF programs: the local guard.
 //!
-//! `connect4` is attached to the gateway's cgroup v2 hierarchy. For now it only
-//! counts connect() calls and lets them through; the guard (backend-only
-//! reachability) fills in the refusal logic and its maps.
+//! `connect4`/`connect6` run on every connect() in the cgroup subtree they
+//! are attached to. A connect to a protected backend passes only from the
+//! gateway's own cgroup; from anywhere else it is refused with EPERM (or, in
+//! audit, counted and let through). Everything else passes untouched.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
+    helpers::bpf_get_current_cgroup_id,
     macros::{cgroup_sock_addr, map},
-    maps::PerCpuArray,
+    maps::{Array, HashMap, PerCpuArray},
     programs::SockAddrContext,
 };
-use gateway_common::GuardCounter;
+use gateway_common::{BackendV4, BackendV6, GuardConfig, GuardCounter, MAX_RULES, enforcement};
 
 /// Verdicts a cgroup/connect program returns to the kernel.
 const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
 
 #[map]
 static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GuardCounter::COUNT, 0);
+
+#[map]
+static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+
+/// Protected backends → rule id (index into RULE_REFUSALS).
+#[map]
+static PROTECTED_V4: HashMap<BackendV4, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+
+#[map]
+static PROTECTED_V6: HashMap<BackendV6, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+
+/// Refusals (and audited would-be refusals) per rule.
+#[map]
+static RULE_REFUSALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     try_connect4(&ctx).unwrap_or(ALLOW)
 }
 
-fn try_connect4(_ctx: &SockAddrContext) -> Result<i32, i64> {
-    bump(GuardCounter::Seen);
-    bump(GuardCounter::Allowed);
-    Ok(ALLOW)
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx).unwrap_or(ALLOW)
 }
 
-fn bump(counter: GuardCounter) {
-    if let Some(slot) = GUARD_COUNTERS.get_ptr_mut(counter as u32) {
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
+    bump(&GUARD_COUNTERS, GuardCounter::Seen as u32);
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
+    let sa = unsafe { &*ctx.sock_addr };
+    let key = BackendV4 {
+        addr: sa.user_ip4,
+        // The port is the low 16 bits, already in network byte order.
+        port: sa.user_port as u16,
+        _pad: 0,
+    };
+    // SAFETY: the value is read once and copied out; the map is not resized.
+    match unsafe { PROTECTED_V4.get(&key) } {
+        Some(rule) => Ok(judge(*rule)),
+        None => Ok(ALLOW),
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
+    bump(&GUARD_COUNTERS, GuardCounter::Seen as u32);
+    let sa = ctx.sock_addr;
+    // The verifier only allows ctx loads at constant offsets from ctx itself:
+    // copying the array would walk a modified ctx pointer, so read each word.
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
+    let word = |i: usize| unsafe { core::ptr::read_volatile(&(*sa).user_ip6[i]) };
+    let key = BackendV6 {
+        addr: [word(0), word(1), word(2), word(3)],
+        // SAFETY: as above.
+        port: unsafe { (*sa).user_port } as u16,
+        _pad: 0,
+    };
+    // SAFETY: as in connect4.
+    match unsafe { PROTECTED_V6.get(&key) } {
+        Some(rule) => Ok(judge(*rule + MAX_RULES)),
+        None => Ok(ALLOW),
+    }
+}
+
+/// A connect to a protected backend: the gateway's cgroup passes.
+fn judge(rule: u32) -> i32 {
+    let Some(config) = GUARD_CONFIG.get(0) else {
+        // No config yet: refuse rather than guess (fail closed).
+        return REFUSE;
+    };
+    // SAFETY: the helper has no preconditions in cgroup programs.
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    if cgroup == config.gateway_cgroup {
+        bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
+        return ALLOW;
+    }
+    bump(&RULE_REFUSALS, rule);
+    if config.enforcement == enforcement::AUDIT {
+        bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
+        ALLOW
+    } else {
+        bump(&GUARD_COUNTERS, GuardCounter::Refused as u32);
+        REFUSE
+    }
+}
+
+fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
         // SAFETY: the pointer comes from the map lookup for this CPU's slot and
         // stays valid for the program's run; per-CPU slots have no concurrent writer.
         unsafe { *slot += 1 };

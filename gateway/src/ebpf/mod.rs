@@ -1,15 +1,17 @@
 //! The only module that talks to the kernel's BPF side (through aya).
 //!
-//! For now it loads the `connect4` program and attaches it to a cgroup v2
-//! directory, and reads its counters; the guard (backend-only reachability)
-//! builds its maps and refusal logic on this.
+//! The local guard: `connect4`/`connect6` on a cgroup v2 subtree refuse
+//! connects to protected backends from any process outside the gateway's own
+//! cgroup. Maps change in place, programs stay attached.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::PerCpuArray;
+use aya::maps::{Array, HashMap as AyaHashMap, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use gateway_common::GuardCounter;
+use gateway_common::{BackendV4, BackendV6, GuardConfig, GuardCounter, MAX_RULES, enforcement};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -31,6 +33,8 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("more than {0} protected backends per address family")]
+    TooManyRules(u32),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -54,67 +58,248 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-/// Counters the connect program keeps, summed over CPUs.
+/// Counters the guard keeps, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ConnectCounters {
+pub struct GuardCounters {
     pub seen: u64,
+    /// Connects to protected backends from the gateway.
     pub allowed: u64,
+    /// Bypass attempts refused with EPERM.
     pub refused: u64,
+    /// Bypass attempts let through in audit.
+    pub audited: u64,
 }
 
-/// The connect program attached to one cgroup; detached when dropped.
-pub struct ConnectGuard {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Refuse bypass attempts with EPERM.
+    Enforce,
+    /// Count bypass attempts and let them through (staged rollout).
+    Audit,
+}
+
+/// What the local guard protects, and for whom.
+#[derive(Debug, Clone)]
+pub struct GuardSpec {
+    /// Backends only the gateway may connect to.
+    pub protected: Vec<SocketAddr>,
+    /// The gateway's own cgroup v2 directory: connects from it pass.
+    pub gateway_cgroup: PathBuf,
+    pub enforcement: Enforcement,
+}
+
+/// The id the kernel gives a cgroup v2 directory (its inode number), as
+/// `bpf_get_current_cgroup_id` returns it.
+pub fn cgroup_id(dir: &Path) -> Result<u64, EbpfError> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir)
+        .map(|m| m.ino())
+        .map_err(|source| EbpfError::Cgroup {
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// The local guard: `connect4`/`connect6` attached to a cgroup subtree,
+/// refusing connects to protected backends from anyone but the gateway.
+/// Detached when dropped.
+pub struct LocalGuard {
     ebpf: Ebpf,
+    /// Stable rule ids (index into the per-rule counters), per backend.
+    rules: HashMap<SocketAddr, u32>,
 }
 
-impl ConnectGuard {
-    pub fn attach(cgroup: &Path) -> Result<Self, EbpfError> {
+const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+
+impl LocalGuard {
+    /// Loads the programs, fills the maps, then attaches to `attach_to`, so
+    /// protection starts complete (no connect sees half a rule set).
+    pub fn install(attach_to: &Path, spec: &GuardSpec) -> Result<Self, EbpfError> {
         if object().is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut ebpf = Ebpf::load(object())?;
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut("connect4")
-            .ok_or(EbpfError::MissingProgram("connect4"))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: "connect4",
+        let mut guard = Self {
+            ebpf: Ebpf::load(object())?,
+            rules: HashMap::new(),
+        };
+        guard.update(spec)?;
+        for name in PROGRAMS {
+            let program: &mut CgroupSockAddr = guard
+                .ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| EbpfError::Program { name, source })?;
+            program
+                .load()
+                .map_err(|source| EbpfError::Program { name, source })?;
+            let dir = std::fs::File::open(attach_to).map_err(|source| EbpfError::Cgroup {
+                path: attach_to.to_owned(),
                 source,
             })?;
-        program.load().map_err(|source| EbpfError::Program {
-            name: "connect4",
-            source,
-        })?;
-        let dir = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        // Single: on kernels with BPF links (5.7+) aya attaches by link, which
-        // never displaces other programs and refuses the ALLOW_MULTI flag.
-        program
-            .attach(dir, CgroupAttachMode::Single)
-            .map_err(|source| EbpfError::Program {
-                name: "connect4",
-                source,
-            })?;
-        Ok(Self { ebpf })
+            // Single: on kernels with BPF links (5.7+) aya attaches by link,
+            // which never displaces other programs and refuses ALLOW_MULTI.
+            program
+                .attach(dir, CgroupAttachMode::Single)
+                .map_err(|source| EbpfError::Program { name, source })?;
+        }
+        Ok(guard)
     }
 
-    pub fn counters(&self) -> Result<ConnectCounters, EbpfError> {
-        const NAME: &str = "GUARD_COUNTERS";
-        let map = self.ebpf.map(NAME).ok_or(EbpfError::MissingMap(NAME))?;
-        let array: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|_| EbpfError::MissingMap(NAME))?;
-        let sum = |c: GuardCounter| -> Result<u64, EbpfError> {
-            let values = array
-                .get(&(c as u32), 0)
-                .map_err(|source| EbpfError::Map { name: NAME, source })?;
-            Ok(values.iter().sum())
+    /// Changes the protected set and settings in place, programs attached:
+    /// new rules go in before stale ones come out, so there is no gap.
+    pub fn update(&mut self, spec: &GuardSpec) -> Result<(), EbpfError> {
+        let config = GuardConfig {
+            gateway_cgroup: cgroup_id(&spec.gateway_cgroup)?,
+            enforcement: match spec.enforcement {
+                Enforcement::Enforce => enforcement::ENFORCE,
+                Enforcement::Audit => enforcement::AUDIT,
+            },
+            _pad: 0,
         };
-        Ok(ConnectCounters {
+        let mut array: Array<_, GuardConfig> = Array::try_from(
+            self.ebpf
+                .map_mut("GUARD_CONFIG")
+                .ok_or(EbpfError::MissingMap("GUARD_CONFIG"))?,
+        )
+        .map_err(|_| EbpfError::MissingMap("GUARD_CONFIG"))?;
+        array.set(0, config, 0).map_err(|source| EbpfError::Map {
+            name: "GUARD_CONFIG",
+            source,
+        })?;
+
+        let wanted: std::collections::HashSet<SocketAddr> =
+            spec.protected.iter().copied().collect();
+        for addr in &wanted {
+            if !self.rules.contains_key(addr) {
+                let id = (0..MAX_RULES)
+                    .find(|id| !self.rules.values().any(|v| v == id))
+                    .ok_or(EbpfError::TooManyRules(MAX_RULES))?;
+                self.insert(*addr, id)?;
+                self.rules.insert(*addr, id);
+            }
+        }
+        let stale: Vec<SocketAddr> = self
+            .rules
+            .keys()
+            .filter(|a| !wanted.contains(a))
+            .copied()
+            .collect();
+        for addr in stale {
+            self.remove(addr)?;
+            self.rules.remove(&addr);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, addr: SocketAddr, id: u32) -> Result<(), EbpfError> {
+        match addr {
+            SocketAddr::V4(a) => {
+                let mut map: AyaHashMap<_, BackendV4, u32> = self.v4()?;
+                map.insert(key_v4(a), id, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: "PROTECTED_V4",
+                        source,
+                    })
+            }
+            SocketAddr::V6(a) => {
+                let mut map: AyaHashMap<_, BackendV6, u32> = self.v6()?;
+                map.insert(key_v6(a), id, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: "PROTECTED_V6",
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn remove(&mut self, addr: SocketAddr) -> Result<(), EbpfError> {
+        match addr {
+            SocketAddr::V4(a) => {
+                let mut map: AyaHashMap<_, BackendV4, u32> = self.v4()?;
+                map.remove(&key_v4(a)).map_err(|source| EbpfError::Map {
+                    name: "PROTECTED_V4",
+                    source,
+                })
+            }
+            SocketAddr::V6(a) => {
+                let mut map: AyaHashMap<_, BackendV6, u32> = self.v6()?;
+                map.remove(&key_v6(a)).map_err(|source| EbpfError::Map {
+                    name: "PROTECTED_V6",
+                    source,
+                })
+            }
+        }
+    }
+
+    fn v4(&mut self) -> Result<AyaHashMap<&mut aya::maps::MapData, BackendV4, u32>, EbpfError> {
+        AyaHashMap::try_from(
+            self.ebpf
+                .map_mut("PROTECTED_V4")
+                .ok_or(EbpfError::MissingMap("PROTECTED_V4"))?,
+        )
+        .map_err(|_| EbpfError::MissingMap("PROTECTED_V4"))
+    }
+
+    fn v6(&mut self) -> Result<AyaHashMap<&mut aya::maps::MapData, BackendV6, u32>, EbpfError> {
+        AyaHashMap::try_from(
+            self.ebpf
+                .map_mut("PROTECTED_V6")
+                .ok_or(EbpfError::MissingMap("PROTECTED_V6"))?,
+        )
+        .map_err(|_| EbpfError::MissingMap("PROTECTED_V6"))
+    }
+
+    fn per_cpu_sum(&self, name: &'static str, index: u32) -> Result<u64, EbpfError> {
+        let map = self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+        let array: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(|_| EbpfError::MissingMap(name))?;
+        let values = array
+            .get(&index, 0)
+            .map_err(|source| EbpfError::Map { name, source })?;
+        Ok(values.iter().sum())
+    }
+
+    pub fn counters(&self) -> Result<GuardCounters, EbpfError> {
+        let sum = |c: GuardCounter| self.per_cpu_sum("GUARD_COUNTERS", c as u32);
+        Ok(GuardCounters {
             seen: sum(GuardCounter::Seen)?,
             allowed: sum(GuardCounter::Allowed)?,
             refused: sum(GuardCounter::Refused)?,
+            audited: sum(GuardCounter::Audited)?,
         })
+    }
+
+    /// Bypass attempts (refused or audited) against one protected backend.
+    pub fn attempts(&self, backend: SocketAddr) -> Result<u64, EbpfError> {
+        let Some(id) = self.rules.get(&backend) else {
+            return Ok(0);
+        };
+        let index = if backend.is_ipv4() {
+            *id
+        } else {
+            id + MAX_RULES
+        };
+        self.per_cpu_sum("RULE_REFUSALS", index)
+    }
+}
+
+fn key_v4(a: std::net::SocketAddrV4) -> BackendV4 {
+    BackendV4 {
+        // The kernel's user_ip4 is the address in network byte order read as
+        // a native u32: the same bytes, in memory order.
+        addr: u32::from_ne_bytes(a.ip().octets()),
+        port: a.port().to_be(),
+        _pad: 0,
+    }
+}
+
+fn key_v6(a: std::net::SocketAddrV6) -> BackendV6 {
+    let o = a.ip().octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    BackendV6 {
+        addr: [word(0), word(4), word(8), word(12)],
+        port: a.port().to_be(),
+        _pad: 0,
     }
 }
