@@ -41,6 +41,8 @@ pub enum AppError {
     State(#[from] StateError),
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
     #[error("listener {listener:?}: cannot bind {bind}: {source}")]
     Bind {
         listener: String,
@@ -133,6 +135,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
     expiry_warning: Duration,
+    guard: Option<Arc<crate::guard::Guard>>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -161,6 +164,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let metrics = Arc::new(Metrics::default());
     let state = State::build(config, &metrics)?;
     metrics.set_expiries(crate::expiry::collect(config));
+    // Before any socket: with enforcement configured, no guard means no start.
+    let guard = crate::guard::Guard::install(config)?.map(Arc::new);
     let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
     let mut bound = Vec::new();
     for l in state.listeners {
@@ -192,6 +197,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         metrics,
         admin,
         expiry_warning: config.expiry_warning,
+        guard,
     })
 }
 
@@ -222,6 +228,11 @@ impl App {
             tx: self.reload_tx.clone(),
             stats: self.reload_stats.clone(),
         }
+    }
+
+    /// The eBPF guard, when the config enables it.
+    pub fn guard(&self) -> Option<Arc<crate::guard::Guard>> {
+        self.guard.clone()
     }
 
     /// The admin endpoint's address, when configured.
@@ -256,9 +267,12 @@ impl App {
             }
             tokio::spawn(crate::metrics::serve_admin(
                 socket,
-                self.metrics.clone(),
-                self.registry.clone(),
-                self.reload_stats.clone(),
+                crate::metrics::Sources {
+                    metrics: self.metrics.clone(),
+                    registry: self.registry.clone(),
+                    reloads: self.reload_stats.clone(),
+                    guard: self.guard.clone(),
+                },
                 self.shutdown.clone(),
             ));
         }
@@ -370,6 +384,13 @@ impl App {
                     .map_err(|e| ReloadError::Invalid(e.to_string()))?;
                 fresh.push((l.clone(), socket));
             }
+        }
+        // New backends are protected before any route can send to them (the
+        // swap comes after); a failed update leaves the old state serving.
+        if let Some(guard) = &self.guard {
+            guard
+                .update(config)
+                .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         }
         let mut report = ReloadReport::default();
         let keep: std::collections::HashSet<&str> =

@@ -43,6 +43,8 @@ pub struct Config {
     /// Log a warning for certificates and CRLs running out within this.
     #[serde(default = "default_expiry_warning", with = "duration")]
     pub expiry_warning: Duration,
+    /// The eBPF guard: only the gateway may connect to the routes' backends.
+    pub guard: Option<GuardSettings>,
     /// Where to serve `GET /metrics` (Prometheus text); none: not served.
     /// Bound at start; a reload does not move it.
     pub admin: Option<SocketAddr>,
@@ -167,6 +169,37 @@ impl Mode {
             Mode::Off => "off",
         }
     }
+}
+
+/// The local eBPF guard's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSettings {
+    /// `enforce` (bypasses get EPERM), `audit` (counted, let through) or `off`.
+    pub enforcement: GuardEnforcement,
+    /// The gateway's own cgroup, relative to the cgroup v2 mount; created if
+    /// missing, and the gateway moves itself into it.
+    #[serde(default = "default_guard_cgroup")]
+    pub cgroup: PathBuf,
+    /// The cgroup subtree whose processes are guarded, relative to the cgroup
+    /// v2 mount (default: all of it).
+    #[serde(default)]
+    pub attach_to: PathBuf,
+    /// Backends to protect besides the routes' own (`ip:port`).
+    #[serde(default)]
+    pub protect: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardEnforcement {
+    Enforce,
+    Audit,
+    Off,
+}
+
+fn default_guard_cgroup() -> PathBuf {
+    PathBuf::from("gateway")
 }
 
 /// A client CA bundle and its revocation lists.

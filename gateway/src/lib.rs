@@ -9,6 +9,7 @@ pub mod config;
 pub mod ebpf;
 pub mod expiry;
 pub mod forward;
+pub mod guard;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

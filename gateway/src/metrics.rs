@@ -165,14 +165,43 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Everything `GET /metrics` reports on.
+#[derive(Clone)]
+pub struct Sources {
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    pub reloads: Arc<ReloadStats>,
+    pub guard: Option<Arc<crate::guard::Guard>>,
+}
+
+impl Sources {
+    pub fn render(&self) -> String {
+        let mut out = self.metrics.render(&self.registry, &self.reloads);
+        if let Some(guard) = &self.guard {
+            match guard.counters() {
+                Ok(c) => {
+                    out.push_str("# HELP gateway_guard_connects_total Connects to protected backends seen by the eBPF guard.\n");
+                    out.push_str("# TYPE gateway_guard_connects_total counter\n");
+                    for (verdict, n) in [
+                        ("allow", c.allowed),
+                        ("deny", c.refused),
+                        ("audit", c.audited),
+                    ] {
+                        let _ = writeln!(
+                            out,
+                            "gateway_guard_connects_total{{verdict=\"{verdict}\"}} {n}"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading guard counters"),
+            }
+        }
+        out
+    }
+}
+
 /// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `stop`.
-pub async fn serve_admin(
-    socket: TcpListener,
-    metrics: Arc<Metrics>,
-    registry: Arc<Registry>,
-    reloads: Arc<ReloadStats>,
-    stop: CancellationToken,
-) {
+pub async fn serve_admin(socket: TcpListener, sources: Sources, stop: CancellationToken) {
     loop {
         let (mut stream, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -185,7 +214,7 @@ pub async fn serve_admin(
                 }
             },
         };
-        let (metrics, registry, reloads) = (metrics.clone(), registry.clone(), reloads.clone());
+        let sources = sources.clone();
         tokio::spawn(async move {
             // The request line is all we need; bound what we read.
             let mut buf = [0u8; 1024];
@@ -195,7 +224,7 @@ pub async fn serve_admin(
             let Ok(Ok(n)) = read else { return };
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if request.starts_with("GET /metrics ") {
-                ("200 OK", metrics.render(&registry, &reloads))
+                ("200 OK", sources.render())
             } else {
                 (
                     "404 Not Found",

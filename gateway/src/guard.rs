@@ -1,0 +1,135 @@
+//! The gateway's side of the eBPF guard: which backends to protect (every
+//! route's, resolved, plus explicit ones), the gateway's own cgroup, and
+//! keeping the kernel maps in step with reloads.
+//!
+//! Fail closed: when enforcement is configured and the programs cannot be
+//! installed, the gateway does not start.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::config::{Config, GuardEnforcement, GuardSettings};
+use crate::ebpf::{self, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("guard: no cgroup v2 hierarchy is mounted (see /proc/mounts)")]
+    NoCgroup2,
+    #[error("guard: cannot put the gateway into its cgroup {path}: {source}")]
+    JoinCgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("guard: backend {backend:?} does not resolve: {reason}")]
+    Resolve { backend: String, reason: String },
+    #[error("guard: {0}")]
+    Ebpf(#[from] EbpfError),
+}
+
+/// The installed guard.
+pub struct Guard {
+    local: Mutex<LocalGuard>,
+    gateway_cgroup: PathBuf,
+}
+
+/// Every backend the config's routes use, resolved, plus the explicit ones.
+pub fn protected(config: &Config, settings: &GuardSettings) -> Result<Vec<SocketAddr>, GuardError> {
+    let mut out = settings.protect.clone();
+    for l in &config.listeners {
+        for r in &l.routes {
+            for b in &r.backends {
+                let addrs = b.to_socket_addrs().map_err(|e| GuardError::Resolve {
+                    backend: b.clone(),
+                    reason: e.to_string(),
+                })?;
+                out.extend(addrs);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn enforcement(e: GuardEnforcement) -> Option<Enforcement> {
+    match e {
+        GuardEnforcement::Enforce => Some(Enforcement::Enforce),
+        GuardEnforcement::Audit => Some(Enforcement::Audit),
+        GuardEnforcement::Off => None,
+    }
+}
+
+impl Guard {
+    /// Installs the guard the config asks for (None when off or absent).
+    pub fn install(config: &Config) -> Result<Option<Guard>, GuardError> {
+        let Some(settings) = &config.guard else {
+            return Ok(None);
+        };
+        let Some(mode) = enforcement(settings.enforcement) else {
+            return Ok(None);
+        };
+        let mount = ebpf::cgroup2_mount().ok_or(GuardError::NoCgroup2)?;
+        let gateway_cgroup = mount.join(&settings.cgroup);
+        join_cgroup(&gateway_cgroup)?;
+        let spec = GuardSpec {
+            protected: protected(config, settings)?,
+            gateway_cgroup: gateway_cgroup.clone(),
+            enforcement: mode,
+        };
+        let attach_to = mount.join(&settings.attach_to);
+        let local = LocalGuard::install(&attach_to, &spec)?;
+        tracing::info!(
+            protected = spec.protected.len(),
+            enforcement = ?mode,
+            cgroup = %gateway_cgroup.display(),
+            attached = %attach_to.display(),
+            "guard installed: only the gateway reaches the backends"
+        );
+        Ok(Some(Guard {
+            local: Mutex::new(local),
+            gateway_cgroup,
+        }))
+    }
+
+    /// Brings the maps in step with a new config (before it serves).
+    pub fn update(&self, config: &Config) -> Result<(), GuardError> {
+        let Some(settings) = &config.guard else {
+            return Ok(());
+        };
+        // Turning the guard off or moving it needs a restart; a reload only
+        // changes what it protects and how strictly.
+        let mode = enforcement(settings.enforcement).unwrap_or(Enforcement::Audit);
+        let spec = GuardSpec {
+            protected: protected(config, settings)?,
+            gateway_cgroup: self.gateway_cgroup.clone(),
+            enforcement: mode,
+        };
+        self.local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update(&spec)?;
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<GuardCounters, GuardError> {
+        Ok(self
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters()?)
+    }
+}
+
+/// Creates the cgroup if needed and moves this whole process into it.
+fn join_cgroup(dir: &Path) -> Result<(), GuardError> {
+    let err = |source| GuardError::JoinCgroup {
+        path: dir.to_owned(),
+        source,
+    };
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    // "0" means the writing process, threads and all.
+    std::fs::write(dir.join("cgroup.procs"), "0").map_err(err)
+}

@@ -1,0 +1,170 @@
+//! The gateway with its eBPF guard: clients reach the backend through the
+//! gateway, a local process that bypasses it gets EPERM, a reload protects a
+//! new backend at once, audit lets bypasses through but counts them, and
+//! enforcement that cannot be installed stops the gateway from starting.
+//! Root only; the test process becomes "the gateway" by joining its cgroup.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gateway::ebpf::cgroup2_mount;
+use gateway_tests::*;
+
+const SNI: &str = "orders.example.internal";
+
+/// The test's cgroup subtree: `gw` (the gateway) and `other`. On drop the
+/// test process goes back where it was and the subtree is removed.
+struct Cgroups {
+    mount: PathBuf,
+    rel: PathBuf,
+    home: PathBuf,
+}
+
+impl Cgroups {
+    fn create(mount: &Path) -> Cgroups {
+        let rel = PathBuf::from(format!("gateway-e2e-guard-{}", std::process::id()));
+        for d in [rel.clone(), rel.join("other")] {
+            std::fs::create_dir(mount.join(&d)).unwrap();
+        }
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let home = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| mount.join(p.trim_start_matches('/')))
+            .unwrap_or_else(|| mount.to_owned());
+        Cgroups {
+            mount: mount.to_owned(),
+            rel,
+            home,
+        }
+    }
+
+    fn path(&self, leaf: &str) -> PathBuf {
+        self.mount.join(&self.rel).join(leaf)
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), "0");
+        for leaf in ["gw", "other", ""] {
+            let dir = self.path(leaf);
+            for _ in 0..50 {
+                if !dir.exists() || std::fs::remove_dir(&dir).is_ok() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
+    let script = format!(
+        "echo $$ > {} && exec 3<>/dev/tcp/{}/{}",
+        cgroup.join("cgroup.procs").display(),
+        addr.ip(),
+        addr.port()
+    );
+    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backends_are_reachable_only_through_the_gateway() {
+    if !is_root() {
+        eprintln!("skipped: the eBPF guard needs root");
+        return;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        eprintln!("skipped: no cgroup v2 hierarchy mounted");
+        return;
+    };
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let second = EchoBackend::start().await;
+    let guard = |mode: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n[guard]\nenforcement = \"{mode}\"\ncgroup = \"{}\"\nattach_to = \"{}\"\n",
+            cg.rel.join("gw").display(),
+            cg.rel.display()
+        )
+    };
+    let one = guard("enforce")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &one).await;
+
+    // Through the gateway: fine. Around it: EPERM.
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, payload(100_000)).await.unwrap(),
+        payload(100_000)
+    );
+    let err = connect_from(&cg.path("other"), backend.addr).expect_err("bypass refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    connect_from(&cg.path("other"), second.addr).expect("not a backend yet");
+
+    // A reload adding a backend protects it before it serves.
+    let two = guard("enforce")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[backend.addr, second.addr],
+            &[SPIFFE_FRONTEND],
+        );
+    gw.reload_toml(&pki, &two).await.unwrap();
+    let err = connect_from(&cg.path("other"), second.addr).expect_err("new backend protected");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    // Audit: the bypass goes through, and is counted.
+    gw.reload_toml(&pki, &(guard("audit") + &two[guard("enforce").len()..]))
+        .await
+        .unwrap();
+    connect_from(&cg.path("other"), backend.addr).expect("audit lets it through");
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"deny\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"audit\"} 1"),
+        "{metrics}"
+    );
+    drop(gw);
+
+    // Fail closed: enforcement that cannot be installed means no gateway.
+    let broken = one.replace(
+        &format!("attach_to = \"{}\"", cg.rel.display()),
+        "attach_to = \"no-such-cgroup\"",
+    );
+    let config = gateway::Config::parse(
+        &format!("access_log = \"off\"\n{broken}"),
+        &pki.path("g.toml"),
+        pki.dir.path(),
+    )
+    .unwrap();
+    let err = gateway::build(&config)
+        .await
+        .err()
+        .expect("no guard, no gateway");
+    assert!(err.to_string().contains("no-such-cgroup"), "{err}");
+}
