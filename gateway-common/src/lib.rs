@@ -69,6 +69,30 @@ pub struct BackendV6 {
     pub _pad: u16,
 }
 
+/// A bypass attempt, as the guard reports it through its ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BypassEvent {
+    /// Thread-group id (what userspace calls the pid).
+    pub pid: u32,
+    pub uid: u32,
+    pub cgroup: u64,
+    /// Destination address, network byte order; IPv4 uses the first word.
+    pub addr: [u32; 4],
+    /// 4 or 6.
+    pub family: u16,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// 1 when let through because enforcement is "audit", 0 when refused.
+    pub audited: u32,
+    /// The task's command name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// At most this many bypass events per CPU per second reach userspace; the
+/// counters still count every attempt.
+pub const EVENTS_PER_SECOND: u64 = 64;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are #[repr(C)], Copy, have no implicit padding (it is
@@ -78,4 +102,6 @@ mod user {
     unsafe impl aya::Pod for super::BackendV6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardConfig {}
+    // SAFETY: as above (56 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::BypassEvent {}
 }

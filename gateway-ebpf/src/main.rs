@@ -8,12 +8,18 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::bpf_get_current_cgroup_id,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, generated::bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::SockAddrContext,
 };
-use gateway_common::{BackendV4, BackendV6, GuardConfig, GuardCounter, MAX_RULES, enforcement};
+use gateway_common::{
+    BackendV4, BackendV6, BypassEvent, EVENTS_PER_SECOND, GuardConfig, GuardCounter, MAX_RULES,
+    enforcement,
+};
 
 /// Verdicts a cgroup/connect program returns to the kernel.
 const ALLOW: i32 = 1;
@@ -31,6 +37,14 @@ static PROTECTED_V4: HashMap<BackendV4, u32> = HashMap::with_max_entries(MAX_RUL
 
 #[map]
 static PROTECTED_V6: HashMap<BackendV6, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+
+/// Bypass attempts for userspace to log, rate-limited per CPU.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Per CPU: [second of the current window, events sent in it].
+#[map]
+static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Refusals (and audited would-be refusals) per rule.
 #[map]
@@ -58,7 +72,14 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     };
     // SAFETY: the value is read once and copied out; the map is not resized.
     match unsafe { PROTECTED_V4.get(&key) } {
-        Some(rule) => Ok(judge(*rule)),
+        Some(rule) => Ok(judge(
+            *rule,
+            Dest {
+                family: 4,
+                addr: [key.addr, 0, 0, 0],
+                port: key.port,
+            },
+        )),
         None => Ok(ALLOW),
     }
 }
@@ -78,13 +99,27 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     };
     // SAFETY: as in connect4.
     match unsafe { PROTECTED_V6.get(&key) } {
-        Some(rule) => Ok(judge(*rule + MAX_RULES)),
+        Some(rule) => Ok(judge(
+            *rule + MAX_RULES,
+            Dest {
+                family: 6,
+                addr: key.addr,
+                port: key.port,
+            },
+        )),
         None => Ok(ALLOW),
     }
 }
 
+/// Where a connect was going, for the event.
+struct Dest {
+    family: u16,
+    addr: [u32; 4],
+    port: u16,
+}
+
 /// A connect to a protected backend: the gateway's cgroup passes.
-fn judge(rule: u32) -> i32 {
+fn judge(rule: u32, dest: Dest) -> i32 {
     let Some(config) = GUARD_CONFIG.get(0) else {
         // No config yet: refuse rather than guess (fail closed).
         return REFUSE;
@@ -96,13 +131,50 @@ fn judge(rule: u32) -> i32 {
         return ALLOW;
     }
     bump(&RULE_REFUSALS, rule);
-    if config.enforcement == enforcement::AUDIT {
+    let audited = config.enforcement == enforcement::AUDIT;
+    report(cgroup, &dest, audited);
+    if audited {
         bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
         ALLOW
     } else {
         bump(&GUARD_COUNTERS, GuardCounter::Refused as u32);
         REFUSE
     }
+}
+
+/// Sends a bypass event unless this CPU already sent its share this second.
+fn report(cgroup: u64, dest: &Dest, audited: bool) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    // SAFETY: this CPU's slot, valid for the program's run, no concurrent writer.
+    let budget = unsafe { &mut *budget };
+    if budget[0] != second {
+        budget[0] = second;
+        budget[1] = 0;
+    }
+    if budget[1] >= EVENTS_PER_SECOND {
+        return;
+    }
+    budget[1] += 1;
+    let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    entry.write(BypassEvent {
+        pid: (pid_tgid >> 32) as u32,
+        uid: uid_gid as u32,
+        cgroup,
+        addr: dest.addr,
+        family: dest.family,
+        port: dest.port,
+        audited: audited as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
 }
 
 fn bump(map: &PerCpuArray<u64>, index: u32) {

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
-use crate::ebpf::{self, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard};
+use crate::ebpf::{
+    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -31,6 +33,7 @@ pub enum GuardError {
 pub struct Guard {
     local: Mutex<LocalGuard>,
     gateway_cgroup: PathBuf,
+    attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -78,7 +81,26 @@ impl Guard {
             enforcement: mode,
         };
         let attach_to = mount.join(&settings.attach_to);
-        let local = LocalGuard::install(&attach_to, &spec)?;
+        let mut local = LocalGuard::install(&attach_to, &spec)?;
+        let attempts = tokio::sync::broadcast::channel(1024).0;
+        let mut events = local.take_events()?;
+        let tx = attempts.clone();
+        tokio::spawn(async move {
+            while let Some(a) = events.next().await {
+                if a.audited {
+                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                        destination = %a.destination, "audit: bypass of the gateway let through");
+                } else {
+                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                        destination = %a.destination, "bypass of the gateway refused");
+                }
+                // No subscriber is the normal case outside tests.
+                let _ = tx.send(a);
+            }
+            tracing::error!(
+                "guard events stopped: bypass attempts are still counted but no longer logged"
+            );
+        });
         tracing::info!(
             protected = spec.protected.len(),
             enforcement = ?mode,
@@ -89,6 +111,7 @@ impl Guard {
         Ok(Some(Guard {
             local: Mutex::new(local),
             gateway_cgroup,
+            attempts,
         }))
     }
 
@@ -110,6 +133,11 @@ impl Guard {
             .unwrap_or_else(|p| p.into_inner())
             .update(&spec)?;
         Ok(())
+    }
+
+    /// Bypass attempts from now on (rate-limited in the kernel).
+    pub fn attempts(&self) -> tokio::sync::broadcast::Receiver<BypassAttempt> {
+        self.attempts.subscribe()
     }
 
     pub fn counters(&self) -> Result<GuardCounters, GuardError> {

@@ -317,6 +317,8 @@ pub struct RunningGateway {
     pub admin_addr: Option<SocketAddr>,
     pub reload: gateway::app::ReloadHandle,
     pub registry: Arc<gateway::registry::Registry>,
+    /// The eBPF guard, when the config enables it.
+    pub guard: Option<Arc<gateway::guard::Guard>>,
     /// The first listener's routes, for their counters.
     pub routes: Vec<Arc<gateway::state::Route>>,
     pub shutdown: gateway::ShutdownHandle,
@@ -343,6 +345,7 @@ impl RunningGateway {
         let reload = app.reload_handle();
         let admin_addr = app.admin_addr();
         let registry = app.registry();
+        let guard = app.guard();
         let shutdown = app.shutdown_handle();
         let log = app.access_log();
         let task = tokio::spawn(app.run());
@@ -351,6 +354,7 @@ impl RunningGateway {
             admin_addr,
             reload,
             registry,
+            guard,
             routes,
             shutdown,
             log,

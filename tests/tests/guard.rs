@@ -109,6 +109,7 @@ async fn backends_are_reachable_only_through_the_gateway() {
         + &listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
     let gw = RunningGateway::start(&pki, &one).await;
+    let mut attempts = gw.guard.as_ref().expect("guard installed").attempts();
 
     // Through the gateway: fine. Around it: EPERM.
     let tls = connect(gw.app_addr, SNI, pki.frontend_config())
@@ -120,6 +121,21 @@ async fn backends_are_reachable_only_through_the_gateway() {
     );
     let err = connect_from(&cg.path("other"), backend.addr).expect_err("bypass refused");
     assert!(err.contains("Operation not permitted"), "{err}");
+    // Who tried, as the kernel saw it.
+    let seen = tokio::time::timeout(STEP, attempts.recv())
+        .await
+        .expect("an event")
+        .unwrap();
+    assert_eq!(
+        (seen.comm.as_str(), seen.destination, seen.audited),
+        ("bash", backend.addr, false),
+        "{seen:?}"
+    );
+    assert!(seen.pid > 0);
+    assert_eq!(
+        seen.cgroup,
+        gateway::ebpf::cgroup_id(&cg.path("other")).unwrap()
+    );
     connect_from(&cg.path("other"), second.addr).expect("not a backend yet");
 
     // A reload adding a backend protects it before it serves.
@@ -140,6 +156,14 @@ async fn backends_are_reachable_only_through_the_gateway() {
         .await
         .unwrap();
     connect_from(&cg.path("other"), backend.addr).expect("audit lets it through");
+    let mut audited = None;
+    while let Ok(Ok(a)) = tokio::time::timeout(STEP, attempts.recv()).await {
+        if a.audited {
+            audited = Some(a);
+            break;
+        }
+    }
+    assert_eq!(audited.map(|a| a.destination), Some(backend.addr));
     let metrics = gw.scrape().await;
     assert!(
         metrics.contains("gateway_guard_connects_total{verdict=\"deny\"} 2"),

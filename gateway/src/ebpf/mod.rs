@@ -9,9 +9,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap as AyaHashMap, PerCpuArray};
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use gateway_common::{BackendV4, BackendV6, GuardConfig, GuardCounter, MAX_RULES, enforcement};
+use gateway_common::{
+    BackendV4, BackendV6, BypassEvent, GuardConfig, GuardCounter, MAX_RULES, enforcement,
+};
+use tokio::io::unix::AsyncFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -35,6 +38,8 @@ pub enum EbpfError {
     },
     #[error("more than {0} protected backends per address family")]
     TooManyRules(u32),
+    #[error("watching the guard's event ring buffer: {0}")]
+    Events(std::io::Error),
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -270,6 +275,19 @@ impl LocalGuard {
         })
     }
 
+    /// The bypass events (once; later calls fail). Needs a tokio runtime.
+    pub fn take_events(&mut self) -> Result<Events, EbpfError> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(EbpfError::MissingMap("EVENTS"))?;
+        let ring = RingBuf::try_from(map).map_err(|_| EbpfError::MissingMap("EVENTS"))?;
+        // SAFETY: the ring buffer owns its map fd; it stays open and the same
+        // for as long as the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| EbpfError::Events(e.into()))?;
+        Ok(Events { ring })
+    }
+
     /// Bypass attempts (refused or audited) against one protected backend.
     pub fn attempts(&self, backend: SocketAddr) -> Result<u64, EbpfError> {
         let Some(id) = self.rules.get(&backend) else {
@@ -282,6 +300,68 @@ impl LocalGuard {
         };
         self.per_cpu_sum("RULE_REFUSALS", index)
     }
+}
+
+/// Who tried to reach a protected backend around the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BypassAttempt {
+    pub pid: u32,
+    pub uid: u32,
+    pub cgroup: u64,
+    pub comm: String,
+    pub destination: SocketAddr,
+    /// Let through because enforcement is audit (else refused with EPERM).
+    pub audited: bool,
+}
+
+/// The guard's bypass events, as they arrive.
+pub struct Events {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Events {
+    /// The next event; None when the ring buffer can no longer be watched.
+    pub async fn next(&mut self) -> Option<BypassAttempt> {
+        loop {
+            let mut ready = self.ring.readable_mut().await.ok()?;
+            if let Some(item) = ready.get_inner_mut().next() {
+                match parse_event(&item) {
+                    Some(event) => return Some(event),
+                    None => continue,
+                }
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
+    if bytes.len() < std::mem::size_of::<BypassEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked above, BypassEvent is plain old data
+    // (every bit pattern valid) and read_unaligned needs no alignment.
+    let e: BypassEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let port = u16::from_be(e.port);
+    let bytes_of = |w: u32| w.to_ne_bytes();
+    let destination = if e.family == 4 {
+        SocketAddr::from((std::net::Ipv4Addr::from(bytes_of(e.addr[0])), port))
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in e.addr.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&bytes_of(*w));
+        }
+        SocketAddr::from((std::net::Ipv6Addr::from(o), port))
+    };
+    let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
+    Some(BypassAttempt {
+        pid: e.pid,
+        uid: e.uid,
+        cgroup: e.cgroup,
+        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        destination,
+        audited: e.audited != 0,
+    })
 }
 
 fn key_v4(a: std::net::SocketAddrV4) -> BackendV4 {
