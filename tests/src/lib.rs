@@ -526,3 +526,33 @@ pub fn gateway_binary() -> PathBuf {
     );
     bin
 }
+
+/// Whether the tests run as root (BPF and cgroup tests need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// Connects to `addr` from a shell that first moves itself into `cgroup`;
+/// Err carries the shell's stderr (e.g. "Operation not permitted").
+pub fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
+    let script = format!(
+        "echo $$ > {} && exec 3<>/dev/tcp/{}/{}",
+        cgroup.join("cgroup.procs").display(),
+        addr.ip(),
+        addr.port()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .expect("bash runs");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}

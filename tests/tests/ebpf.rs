@@ -3,11 +3,11 @@
 //! backend, the gateway's cgroup connects, audit counts and lets through, and
 //! updates apply in place. Root only; skips with a message otherwise.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use gateway::ebpf::{Enforcement, GuardSpec, LocalGuard, cgroup2_mount};
+use gateway_tests::{connect_from, is_root};
 
 /// A cgroup v2 subtree (with `gw` and `other` leaves) removed when the test
 /// ends, pass or fail.
@@ -45,31 +45,6 @@ impl Drop for TestCgroups {
                 eprintln!("warning: could not remove {}", dir.display());
             }
         }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    fn geteuid() -> u32;
-}
-
-/// Connects to `addr` from a shell placed in `cgroup`; Err carries its stderr.
-fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
-    let script = format!(
-        "echo $$ > {procs} && exec 3<>/dev/tcp/{ip}/{port}",
-        procs = cgroup.join("cgroup.procs").display(),
-        ip = addr.ip(),
-        port = addr.port()
-    );
-    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
 

@@ -4,9 +4,7 @@
 //! enforcement that cannot be installed stops the gateway from starting.
 //! Root only; the test process becomes "the gateway" by joining its cgroup.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use gateway::ebpf::cgroup2_mount;
 use gateway_tests::*;
@@ -58,30 +56,6 @@ impl Drop for Cgroups {
             }
         }
     }
-}
-
-fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
-    let script = format!(
-        "echo $$ > {} && exec 3<>/dev/tcp/{}/{}",
-        cgroup.join("cgroup.procs").display(),
-        addr.ip(),
-        addr.port()
-    );
-    let out = Command::new("bash").args(["-c", &script]).output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { geteuid() == 0 }
-}
-
-unsafe extern "C" {
-    fn geteuid() -> u32;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -121,22 +121,7 @@ pub fn load_client_identity(
     key_path: &Path,
     provider: &CryptoProvider,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
-    let chain = load_certs(cert_path)?;
-    let key = load_key(key_path)?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key.clone_key())
-        .map_err(|e| CertError::UnsupportedKey {
-            path: key_path.to_owned(),
-            reason: e.to_string(),
-        })?;
-    CertifiedKey::new(chain.clone(), signing_key)
-        .keys_match()
-        .map_err(|_| CertError::KeyMismatch {
-            cert: cert_path.to_owned(),
-            key: key_path.to_owned(),
-        })?;
-    check_validity_now(cert_path, &chain[0])?;
+    let (chain, key, _) = load_identity(cert_path, key_path, provider)?;
     let cert = parse(cert_path, &chain[0])?;
     if !matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth) {
         return Err(CertError::NoClientAuth {
@@ -147,6 +132,37 @@ pub fn load_client_identity(
     Ok((chain, key))
 }
 
+/// A chain and its key, loaded, matched to each other and valid now.
+fn load_identity(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        PrivateKeyDer<'static>,
+        CertifiedKey,
+    ),
+    CertError,
+> {
+    let chain = load_certs(cert_path)?;
+    let key = load_key(key_path)?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| CertError::UnsupportedKey {
+            path: key_path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(chain.clone(), signing_key);
+    certified.keys_match().map_err(|_| CertError::KeyMismatch {
+        cert: cert_path.to_owned(),
+        key: key_path.to_owned(),
+    })?;
+    check_validity_now(cert_path, &chain[0])?;
+    Ok((chain, key, certified))
+}
+
 /// Loads the server chain and key and checks what would otherwise only show as
 /// failing handshakes: validity now, serverAuth, the key matching, the chain.
 pub fn load_server_identity(
@@ -154,22 +170,7 @@ pub fn load_server_identity(
     key_path: &Path,
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, CertError> {
-    let chain = load_certs(cert_path)?;
-    let key = load_key(key_path)?;
-    let signing_key =
-        provider
-            .key_provider
-            .load_private_key(key)
-            .map_err(|e| CertError::UnsupportedKey {
-                path: key_path.to_owned(),
-                reason: e.to_string(),
-            })?;
-    let certified = CertifiedKey::new(chain.clone(), signing_key);
-    certified.keys_match().map_err(|_| CertError::KeyMismatch {
-        cert: cert_path.to_owned(),
-        key: key_path.to_owned(),
-    })?;
-    check_validity_now(cert_path, &chain[0])?;
+    let (chain, _, certified) = load_identity(cert_path, key_path, provider)?;
     check_server_auth(cert_path, &chain[0])?;
     check_chain(cert_path, &chain, provider)?;
     Ok(Arc::new(certified))
