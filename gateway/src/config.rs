@@ -188,6 +188,21 @@ pub struct GuardSettings {
     /// Backends to protect besides the routes' own (`ip:port`).
     #[serde(default)]
     pub protect: Vec<SocketAddr>,
+    /// Pin programs and maps in bpffs so protection survives the gateway's
+    /// exit and a restart takes over (`gateway guard --uninstall` removes it).
+    #[serde(default = "default_true")]
+    pub pin: bool,
+    /// Where the pins live (bpffs is mounted at /sys/fs/bpf if needed).
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/gateway")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

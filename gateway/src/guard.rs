@@ -79,6 +79,7 @@ impl Guard {
             protected: protected(config, settings)?,
             gateway_cgroup: gateway_cgroup.clone(),
             enforcement: mode,
+            pin_dir: settings.pin.then(|| settings.pin_dir.clone()),
         };
         let attach_to = mount.join(&settings.attach_to);
         let mut local = LocalGuard::install(&attach_to, &spec)?;
@@ -127,6 +128,8 @@ impl Guard {
             protected: protected(config, settings)?,
             gateway_cgroup: self.gateway_cgroup.clone(),
             enforcement: mode,
+            // Maps are already pinned (or not); an update only writes them.
+            pin_dir: None,
         };
         self.local
             .lock()

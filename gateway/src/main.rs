@@ -41,6 +41,14 @@ enum Command {
         #[arg(long, default_value = "1d")]
         fail_within: String,
     },
+    /// The eBPF guard outside a running gateway.
+    Guard {
+        /// Remove the pinned programs and maps a gateway left installed.
+        #[arg(long, required = true)]
+        uninstall: bool,
+        #[arg(long, default_value = "/sys/fs/bpf/gateway")]
+        pin_dir: PathBuf,
+    },
     /// An internal PKI in a directory: root, intermediate, leaves, revocation.
     Pki {
         #[command(subcommand)]
@@ -226,6 +234,17 @@ fn main() -> ExitCode {
             fail_within,
         } => check(&config, warn_within.as_deref(), &fail_within),
         Command::Pki { command } => pki(command),
+        Command::Guard {
+            uninstall: _,
+            pin_dir,
+        } => gateway::ebpf::uninstall(&pin_dir)
+            .map(|n| {
+                println!(
+                    "removed {n} pins from {}: the guard is off",
+                    pin_dir.display()
+                )
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

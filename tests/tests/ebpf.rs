@@ -17,7 +17,10 @@ struct TestCgroups {
 
 impl TestCgroups {
     fn create(mount: &Path) -> TestCgroups {
-        let root = mount.join(format!("gateway-guard-test-{}", std::process::id()));
+        // Unique per test in this binary (tests run in parallel threads).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = mount.join(format!("gateway-guard-test-{}-{n}", std::process::id()));
         for dir in [root.clone(), root.join("gw"), root.join("other")] {
             std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         }
@@ -69,6 +72,7 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
         protected: vec![protected],
         gateway_cgroup: cg.leaf("gw"),
         enforcement: Enforcement::Enforce,
+        pin_dir: None,
     };
     if let Some(v6) = &v6 {
         spec.protected.push(v6.local_addr().unwrap());
@@ -117,4 +121,82 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
 
     drop(guard);
     connect_from(&cg.leaf("other"), protected).expect("detached with the guard");
+}
+
+/// Removes the test's pins even when the test fails.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = gateway::ebpf::uninstall(&self.0);
+    }
+}
+
+#[test]
+fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
+    if !is_root() {
+        eprintln!("skipped: loading BPF programs needs root");
+        return;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        eprintln!("skipped: no cgroup v2 hierarchy mounted (see /proc/mounts)");
+        return;
+    };
+    let cg = TestCgroups::create(&mount);
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/gateway-test-{}",
+        std::process::id()
+    )));
+    let first = TcpListener::bind("127.0.0.1:0").unwrap();
+    let second = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (a, b) = (first.local_addr().unwrap(), second.local_addr().unwrap());
+    let mut spec = GuardSpec {
+        protected: vec![a],
+        gateway_cgroup: cg.leaf("gw"),
+        enforcement: Enforcement::Enforce,
+        pin_dir: Some(pins.0.clone()),
+    };
+
+    // The gateway exits: its guard object goes, the protection stays.
+    drop(LocalGuard::install(&cg.root, &spec).expect("install pinned"));
+    let err = connect_from(&cg.leaf("other"), a).expect_err("still protected after exit");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    // A restart with another backend set takes over the same maps.
+    spec.protected = vec![b];
+    let restarted = LocalGuard::install(&cg.root, &spec).expect("reinstall");
+    connect_from(&cg.leaf("other"), a).expect("no longer a backend: unprotected");
+    connect_from(&cg.leaf("other"), b).expect_err("new backend protected");
+    assert_eq!(
+        restarted.counters().unwrap().refused,
+        2,
+        "counters carried over in the pinned maps"
+    );
+    for program in ["connect4", "connect6"] {
+        let links = std::fs::read_dir(&pins.0)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("link-{program}-"))
+            })
+            .count();
+        assert_eq!(links, 1, "one {program} link after the takeover");
+    }
+    drop(restarted);
+
+    // Uninstall removes everything it installed.
+    let out = std::process::Command::new(gateway_tests::gateway_binary())
+        .args(["guard", "--uninstall", "--pin-dir"])
+        .arg(&pins.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.0.exists());
+    connect_from(&cg.leaf("other"), b).expect("guard off after uninstall");
 }

@@ -17,6 +17,8 @@ struct Cgroups {
     mount: PathBuf,
     rel: PathBuf,
     home: PathBuf,
+    /// The guard's bpffs pins for this test.
+    pins: PathBuf,
 }
 
 impl Cgroups {
@@ -35,6 +37,7 @@ impl Cgroups {
             mount: mount.to_owned(),
             rel,
             home,
+            pins: PathBuf::from(format!("/sys/fs/bpf/gateway-e2e-{}", std::process::id())),
         }
     }
 
@@ -45,6 +48,7 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
+        let _ = gateway::ebpf::uninstall(&self.pins);
         let _ = std::fs::write(self.home.join("cgroup.procs"), "0");
         for leaf in ["gw", "other", ""] {
             let dir = self.path(leaf);
@@ -74,9 +78,10 @@ async fn backends_are_reachable_only_through_the_gateway() {
     let second = EchoBackend::start().await;
     let guard = |mode: &str| {
         format!(
-            "admin = \"127.0.0.1:0\"\n[guard]\nenforcement = \"{mode}\"\ncgroup = \"{}\"\nattach_to = \"{}\"\n",
+            "admin = \"127.0.0.1:0\"\n[guard]\nenforcement = \"{mode}\"\ncgroup = \"{}\"\nattach_to = \"{}\"\npin_dir = \"{}\"\n",
             cg.rel.join("gw").display(),
-            cg.rel.display()
+            cg.rel.display(),
+            cg.pins.display()
         )
     };
     let one = guard("enforce")

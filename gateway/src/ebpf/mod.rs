@@ -40,6 +40,11 @@ pub enum EbpfError {
     TooManyRules(u32),
     #[error("watching the guard's event ring buffer: {0}")]
     Events(std::io::Error),
+    #[error("bpffs pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
@@ -91,6 +96,10 @@ pub struct GuardSpec {
     /// The gateway's own cgroup v2 directory: connects from it pass.
     pub gateway_cgroup: PathBuf,
     pub enforcement: Enforcement,
+    /// Where maps and links are pinned in bpffs, so protection survives the
+    /// gateway's exit and a restart takes over the same maps. None: the
+    /// programs detach when the guard is dropped.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// The id the kernel gives a cgroup v2 directory (its inode number), as
@@ -115,6 +124,74 @@ pub struct LocalGuard {
 }
 
 const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+const MAPS: [&str; 7] = [
+    "GUARD_COUNTERS",
+    "GUARD_CONFIG",
+    "PROTECTED_V4",
+    "PROTECTED_V6",
+    "RULE_REFUSALS",
+    "EVENTS",
+    "EVENT_BUDGET",
+];
+
+/// Mounts bpffs at `dir`'s bpffs root (/sys/fs/bpf) when nothing is mounted
+/// there yet, and creates `dir`.
+fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
+    let root = Path::new("/sys/fs/bpf");
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+        });
+    if dir.starts_with(root) && !mounted {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+        let (src, target, fstype) = (c("bpffs"), c("/sys/fs/bpf"), c("bpf"));
+        // SAFETY: all pointers are valid NUL-terminated strings for the call;
+        // no data argument is passed.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(EbpfError::Pin {
+                path: root.to_owned(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| EbpfError::Pin {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+/// Removes every pin under `dir` (links detach, maps go once unused) and `dir`.
+pub fn uninstall(dir: &Path) -> Result<usize, EbpfError> {
+    let pin_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| EbpfError::Pin { path, source }
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(pin_err(dir)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(pin_err(&path))?;
+        removed += 1;
+    }
+    std::fs::remove_dir(dir).map_err(pin_err(dir))?;
+    Ok(removed)
+}
 
 impl LocalGuard {
     /// Loads the programs, fills the maps, then attaches to `attach_to`, so
@@ -123,10 +200,23 @@ impl LocalGuard {
         if object().is_empty() {
             return Err(EbpfError::NotBuilt);
         }
+        let mut loader = aya::EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match &spec.pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            // Reuses the pinned map when a previous gateway left one.
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut guard = Self {
-            ebpf: Ebpf::load(object())?,
+            ebpf: loader.load(object())?,
             rules: HashMap::new(),
         };
+        guard.adopt_existing_rules()?;
         guard.update(spec)?;
         for name in PROGRAMS {
             let program: &mut CgroupSockAddr = guard
@@ -144,11 +234,69 @@ impl LocalGuard {
             })?;
             // Single: on kernels with BPF links (5.7+) aya attaches by link,
             // which never displaces other programs and refuses ALLOW_MULTI.
-            program
+            let link = program
                 .attach(dir, CgroupAttachMode::Single)
                 .map_err(|source| EbpfError::Program { name, source })?;
+            if let Some(pin_dir) = &spec.pin_dir {
+                // Pin the new link first, then let go of any a previous
+                // gateway pinned: both refuse in between, so no gap.
+                let fd_link: aya::programs::links::FdLink = program
+                    .take_link(link)
+                    .map_err(|source| EbpfError::Program { name, source })?
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| EbpfError::Pin {
+                        path: pin_dir.clone(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                let ours = pin_dir.join(format!("link-{name}-{}", std::process::id()));
+                let _ = std::fs::remove_file(&ours);
+                fd_link.pin(&ours).map_err(|e| EbpfError::Pin {
+                    path: ours.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                let prefix = format!("link-{name}-");
+                for old in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
+                    let path = old.path();
+                    let is_old =
+                        old.file_name().to_string_lossy().starts_with(&prefix) && path != ours;
+                    if is_old {
+                        // The last reference to an old link: removing it detaches it.
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
         }
         Ok(guard)
+    }
+
+    /// Takes over the rules a previous gateway left in pinned maps, so
+    /// stale entries are removed by the next update rather than lingering.
+    fn adopt_existing_rules(&mut self) -> Result<(), EbpfError> {
+        let mut found = Vec::new();
+        for item in self.v4()?.iter() {
+            let (k, id) = item.map_err(|source| EbpfError::Map {
+                name: "PROTECTED_V4",
+                source,
+            })?;
+            let ip = std::net::Ipv4Addr::from(k.addr.to_ne_bytes());
+            found.push((SocketAddr::from((ip, u16::from_be(k.port))), id));
+        }
+        for item in self.v6()?.iter() {
+            let (k, id) = item.map_err(|source| EbpfError::Map {
+                name: "PROTECTED_V6",
+                source,
+            })?;
+            let mut o = [0u8; 16];
+            for (i, w) in k.addr.iter().enumerate() {
+                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            found.push((
+                SocketAddr::from((std::net::Ipv6Addr::from(o), u16::from_be(k.port))),
+                id,
+            ));
+        }
+        self.rules.extend(found);
+        Ok(())
     }
 
     /// Changes the protected set and settings in place, programs attached:
