@@ -57,15 +57,23 @@ fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway"))
 }
 
+/// Where file systems of type `kind` are mounted, from /proc/mounts.
+fn mounts_of(kind: &str) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_dev, dir, fs) = (f.next()?, f.next()?, f.next()?);
+            (fs == kind).then(|| PathBuf::from(dir))
+        })
+        .collect()
+}
+
 /// Where cgroup v2 is mounted (not always /sys/fs/cgroup: hybrid hosts mount
 /// it at /sys/fs/cgroup/unified).
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (_dev, dir, kind) = (f.next()?, f.next()?, f.next()?);
-        (kind == "cgroup2").then(|| PathBuf::from(dir))
-    })
+    mounts_of("cgroup2").into_iter().next()
 }
 
 /// Counters the guard keeps, summed over CPUs.
@@ -138,23 +146,14 @@ const MAPS: [&str; 7] = [
 /// there yet, and creates `dir`.
 fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     let root = Path::new("/sys/fs/bpf");
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
-        });
-    if dir.starts_with(root) && !mounted {
-        let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
-        let (src, target, fstype) = (c("bpffs"), c("/sys/fs/bpf"), c("bpf"));
-        // SAFETY: all pointers are valid NUL-terminated strings for the call;
-        // no data argument is passed.
+    if dir.starts_with(root) && !mounts_of("bpf").iter().any(|m| m == root) {
+        // SAFETY: all pointers are valid NUL-terminated static strings; no
+        // data argument is passed.
         let rc = unsafe {
             libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
+                c"bpffs".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
                 0,
                 std::ptr::null(),
             )
