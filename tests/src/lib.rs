@@ -527,6 +527,20 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// The cgroup v2 mount when BPF tests can run here; otherwise says why the
+/// test is skipped and returns None.
+pub fn bpf_cgroup_or_skip() -> Option<PathBuf> {
+    if !is_root() {
+        eprintln!("skipped: loading BPF programs needs root");
+        return None;
+    }
+    let mount = gateway::ebpf::cgroup2_mount();
+    if mount.is_none() {
+        eprintln!("skipped: no cgroup v2 hierarchy mounted (see /proc/mounts)");
+    }
+    mount
+}
+
 /// Whether the tests run as root (BPF and cgroup tests need it).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -6,8 +6,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use gateway::ebpf::{Enforcement, GuardSpec, LocalGuard, cgroup2_mount};
-use gateway_tests::{connect_from, is_root};
+use gateway::ebpf::{Enforcement, GuardSpec, LocalGuard};
+use gateway_tests::{bpf_cgroup_or_skip, connect_from};
 
 /// A cgroup v2 subtree (with `gw` and `other` leaves) removed when the test
 /// ends, pass or fail.
@@ -53,12 +53,7 @@ impl Drop for TestCgroups {
 
 #[test]
 fn only_the_gateway_cgroup_reaches_protected_backends() {
-    if !is_root() {
-        eprintln!("skipped: loading BPF programs needs root");
-        return;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup v2 hierarchy mounted (see /proc/mounts)");
+    let Some(mount) = bpf_cgroup_or_skip() else {
         return;
     };
     let cg = TestCgroups::create(&mount);
@@ -134,12 +129,7 @@ impl Drop for Pins {
 
 #[test]
 fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
-    if !is_root() {
-        eprintln!("skipped: loading BPF programs needs root");
-        return;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup v2 hierarchy mounted (see /proc/mounts)");
+    let Some(mount) = bpf_cgroup_or_skip() else {
         return;
     };
     let cg = TestCgroups::create(&mount);

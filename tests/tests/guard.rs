@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use gateway::ebpf::cgroup2_mount;
 use gateway_tests::*;
 
 const SNI: &str = "orders.example.internal";
@@ -64,12 +63,7 @@ impl Drop for Cgroups {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_are_reachable_only_through_the_gateway() {
-    if !is_root() {
-        eprintln!("skipped: the eBPF guard needs root");
-        return;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup v2 hierarchy mounted");
+    let Some(mount) = bpf_cgroup_or_skip() else {
         return;
     };
     let cg = Cgroups::create(&mount);

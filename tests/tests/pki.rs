@@ -115,6 +115,20 @@ fn client_config(dir: &Path, creds: Option<&ClientCreds>) -> std::sync::Arc<rust
     })
 }
 
+/// `gateway pki issue client` with one SAN.
+fn issue_client(dir: &Path, name: &str, san: &str) {
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(dir),
+        "--name",
+        name,
+        "--san",
+        san,
+    ]);
+}
+
 fn init(dir: &Path) {
     pki(&["init", "--dir", s(dir), "--name", "Example"]);
     pki(&[
@@ -142,16 +156,11 @@ async fn issued_certificates_work_with_the_gateway_and_only_for_their_purpose() 
             & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }
-    pki(&[
-        "issue",
-        "client",
-        "--dir",
-        s(&dir),
-        "--name",
+    issue_client(
+        &dir,
         "frontend",
-        "--san",
         "spiffe://example.internal/ns/shop/sa/frontend",
-    ]);
+    );
     pki(&[
         "issue",
         "client",
@@ -245,26 +254,16 @@ async fn revoke_publishes_a_crl_that_the_gateway_enforces() {
     let harness = Pki::new();
     let dir = harness.path("pki");
     init(&dir);
-    pki(&[
-        "issue",
-        "client",
-        "--dir",
-        s(&dir),
-        "--name",
+    issue_client(
+        &dir,
         "lost-laptop",
-        "--san",
         "spiffe://example.internal/ns/shop/sa/frontend",
-    ]);
-    pki(&[
-        "issue",
-        "client",
-        "--dir",
-        s(&dir),
-        "--name",
+    );
+    issue_client(
+        &dir,
         "frontend",
-        "--san",
         "spiffe://example.internal/ns/shop/sa/frontend",
-    ]);
+    );
     let out = pki(&["revoke", "--dir", s(&dir), s(&dir.join("lost-laptop.pem"))]);
     assert!(out.contains("revoked lost-laptop"), "{out}");
     let (ok, out) = openssl(&["crl", "-in", s(&dir.join("crl.pem")), "-noout", "-text"]);
