@@ -91,10 +91,6 @@ impl Backends {
         }
     }
 
-    pub fn addrs(&self) -> &[String] {
-        &self.addrs
-    }
-
     /// Connects to the next backend in turn (with TLS when the route
     /// originates it); on failure tries the following ones, `attempts` in all
     /// (never more than there are backends). `timeout` bounds each attempt.
