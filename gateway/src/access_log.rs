@@ -43,6 +43,12 @@ pub struct AccessRecord {
     pub duration_ms: u64,
     pub tls_version: Option<String>,
     pub cipher_suite: Option<String>,
+    /// Where the bytes moved after the handshake: "kernel" (kTLS + splice) or "userspace".
+    #[serde(default)]
+    pub offload: Option<String>,
+    /// Why a connection that could have been offloaded stayed in userspace.
+    #[serde(default)]
+    pub offload_reason: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

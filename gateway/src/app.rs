@@ -162,6 +162,14 @@ async fn bind(l: &ListenerState) -> Result<TcpListener, AppError> {
 /// operator's to fix; nothing has been served yet.
 pub async fn build(config: &Config) -> Result<App, AppError> {
     let metrics = Arc::new(Metrics::default());
+    let wants_kernel = config
+        .listeners
+        .iter()
+        .any(|l| l.offload != crate::offload::Offload::Userspace);
+    if wants_kernel {
+        // Probed once; every connection's offload decision reads this.
+        tracing::info!("{}", crate::offload::KernelSupport::get().describe());
+    }
     let state = State::build(config, &metrics)?;
     metrics.set_expiries(crate::expiry::collect(config));
     // Before any socket: with enforcement configured, no guard means no start.

@@ -95,6 +95,10 @@ pub struct ListenerConfig {
     /// Backends tried per connection before giving up (at most the route's backend count).
     #[serde(default = "default_connect_attempts")]
     pub connect_attempts: usize,
+    /// Where client connections' TLS runs after the handshake: "auto"
+    /// (kernel TLS where the kernel takes it, else userspace), "kernel", "userspace".
+    #[serde(default)]
+    pub offload: crate::offload::Offload,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -150,6 +154,9 @@ pub struct UpstreamTlsConfig {
     pub key: Option<PathBuf>,
     /// The name the backend's certificate must carry (SNI too).
     pub server_name: String,
+    /// Where this upstream leg's TLS runs after the handshake (as the listener's `offload`).
+    #[serde(default)]
+    pub offload: crate::offload::Offload,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -22,9 +22,12 @@ use arc_swap::ArcSwap;
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
 use crate::config::Mode;
 use crate::forward;
+use crate::metrics::Metrics;
+use crate::offload::{self, Corked, Fallback, KernelSupport, Offload, splice};
 use crate::policy;
 use crate::registry::{Live, Registry};
 use crate::state::{ListenerState, Route};
+use crate::upstream::Upstream;
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
@@ -117,6 +120,8 @@ struct Conn {
     backend_to_client: u64,
     tls_version: Option<String>,
     cipher_suite: Option<String>,
+    offload: Option<&'static str>,
+    offload_reason: Option<String>,
 }
 
 impl Conn {
@@ -137,6 +142,8 @@ impl Conn {
             backend_to_client: 0,
             tls_version: None,
             cipher_suite: None,
+            offload: None,
+            offload_reason: None,
         }
     }
 
@@ -157,6 +164,8 @@ impl Conn {
             duration_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             tls_version: self.tls_version,
             cipher_suite: self.cipher_suite,
+            offload: self.offload.map(str::to_owned),
+            offload_reason: self.offload_reason,
         }
     }
 }
@@ -228,10 +237,13 @@ async fn serve(
             return conn.record();
         }
     };
-    let transfer = forward::copy(
+    let transfer = relay(
+        listener,
+        &route,
         tls,
         backend,
-        listener.idle_timeout,
+        &mut conn,
+        &shared.metrics,
         registration.close.clone(),
         || {
             registration
@@ -249,13 +261,113 @@ async fn serve(
     conn.record()
 }
 
+/// Picks the connection's path, kernel TLS + splice or userspace, and moves
+/// its bytes. Only a connection whose every TLS leg the kernel can take goes
+/// to the kernel; the decision is made before anything changes hands.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    listener: &ListenerState,
+    route: &Route,
+    tls: ClientTls,
+    backend: Upstream,
+    conn: &mut Conn,
+    metrics: &Metrics,
+    close: CancellationToken,
+    why: impl FnOnce() -> String,
+) -> forward::Transfer {
+    let upstream_offload = route.upstream_tls.as_ref().map(|u| u.offload);
+    match offload_plan(listener.offload, upstream_offload, &tls, &backend) {
+        Ok(()) => {
+            conn.offload = Some("kernel");
+            metrics.offload(&listener.name, "kernel", "none");
+            match into_kernel(tls, backend).await {
+                Ok((client, backend)) => {
+                    splice::forward(client, backend, listener.idle_timeout, close, why).await
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
+                        "closing connection: kernel TLS hand-off failed");
+                    forward::Transfer {
+                        client_to_backend: 0,
+                        backend_to_client: 0,
+                        end: forward::End::Error(e.to_string()),
+                    }
+                }
+            }
+        }
+        Err(fallback) => {
+            let (mut tls, mut backend) = (tls, backend);
+            tls.get_mut().0.uncork();
+            if let Upstream::Tls(t) = &mut backend {
+                t.get_mut().0.uncork();
+            }
+            if fallback != Fallback::Configured {
+                tracing::debug!(listener = %listener.name, client = %conn.client, reason = %fallback,
+                    "userspace path");
+            }
+            conn.offload = Some("userspace");
+            metrics.offload(&listener.name, "userspace", fallback.label());
+            conn.offload_reason = Some(fallback.to_string());
+            forward::copy(tls, backend, listener.idle_timeout, close, why).await
+        }
+    }
+}
+
+type ClientTls = TlsStream<Corked<TcpStream>>;
+
+/// Ok when every TLS leg can go to the kernel; then the kernel's TLS layer is
+/// attached to each (still without keys, so falling back stays possible).
+fn offload_plan(
+    listener: Offload,
+    upstream: Option<Offload>,
+    tls: &ClientTls,
+    backend: &Upstream,
+) -> Result<(), Fallback> {
+    if listener == Offload::Userspace || upstream == Some(Offload::Userspace) {
+        return Err(Fallback::Configured);
+    }
+    let support = KernelSupport::get();
+    let (io, session) = tls.get_ref();
+    offload::precheck(support, session, io)?;
+    if let Upstream::Tls(t) = backend {
+        let (io, session) = t.get_ref();
+        offload::precheck(support, session, io)?;
+    }
+    offload::attach(io)?;
+    if let Upstream::Tls(t) = backend {
+        offload::attach(t.get_ref().0)?;
+    }
+    Ok(())
+}
+
+/// Hands every TLS leg's keys to the kernel. Past the first key there is no
+/// way back, so an error here closes the connection.
+async fn into_kernel(
+    mut tls: ClientTls,
+    backend: Upstream,
+) -> Result<(splice::Side, splice::Side), offload::HandOffError> {
+    let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
+    tls.flush().await.map_err(flush)?;
+    let backend = match backend {
+        Upstream::Plain(s) => splice::Side::Plain(s),
+        Upstream::Tls(mut t) => {
+            t.flush().await.map_err(flush)?;
+            let (io, session) = t.into_inner();
+            splice::Side::Kernel(offload::hand_off(io, session.into())?)
+        }
+    };
+    let (io, session) = tls.into_inner();
+    let client = splice::Side::Kernel(offload::hand_off(io, session.into())?);
+    Ok((client, backend))
+}
+
 /// Reads the ClientHello, picks the route and runs the handshake with that
 /// route's policy in the verifier. `None` means refused; `conn` says why.
 async fn handshake(
     listener: &ListenerState,
     mut stream: TcpStream,
     conn: &mut Conn,
-) -> Option<(Arc<Route>, TlsStream<TcpStream>)> {
+) -> Option<(Arc<Route>, ClientTls)> {
     let mut acceptor = Acceptor::default();
     let mut buf = vec![0u8; 4096];
     let accepted = loop {
@@ -315,7 +427,9 @@ async fn handshake(
             return None;
         }
     };
-    let result = StartHandshake::from_parts(accepted, stream)
+    // Past the ClientHello, read record by record if the kernel may take over.
+    let corked = listener.offload != Offload::Userspace && KernelSupport::get().available();
+    let result = StartHandshake::from_parts(accepted, Corked::new(stream, corked))
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();

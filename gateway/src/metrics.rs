@@ -30,6 +30,8 @@ pub struct RouteStats {
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
     refused_max_connections: Mutex<BTreeMap<String, u64>>,
+    /// Connections by listener, path ("kernel", "userspace") and fallback reason.
+    offload: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     expiries: Mutex<Vec<crate::expiry::Expiry>>,
 }
 
@@ -74,6 +76,16 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Counts which path a connection took after its handshake, and why.
+    pub fn offload(&self, listener: &str, path: &'static str, reason: &'static str) {
+        *self
+            .offload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((listener.to_owned(), path, reason))
+            .or_default() += 1;
+    }
+
     /// Prometheus text exposition format.
     pub fn render(&self, registry: &Registry, reloads: &ReloadStats) -> String {
         let mut out = String::new();
@@ -105,6 +117,20 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "gateway_connections_refused_total{{listener=\"{}\",reason=\"max_connections\"}} {n}",
+                escape(listener)
+            );
+        }
+        out.push_str("# HELP gateway_offload_total Connections by where their bytes moved (kernel: kTLS + splice) and why a connection stayed in userspace.\n");
+        out.push_str("# TYPE gateway_offload_total counter\n");
+        for ((listener, path, reason), n) in self
+            .offload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "gateway_offload_total{{listener=\"{}\",path=\"{path}\",reason=\"{reason}\"}} {n}",
                 escape(listener)
             );
         }

@@ -51,6 +51,7 @@ pub struct ListenerState {
     pub max_connections: usize,
     pub connect_attempts: usize,
     pub max_connection_lifetime: Option<Duration>,
+    pub offload: crate::offload::Offload,
 }
 
 #[derive(Debug)]
@@ -81,6 +82,7 @@ impl Route {
                     &config.resolve(&u.ca),
                     cert.as_deref().zip(key.as_deref()),
                     &u.server_name,
+                    u.offload,
                 )
             })
             .transpose()
@@ -169,6 +171,7 @@ impl ListenerState {
             &files(&l.client_ca, &l.crls),
             &bundles,
             &l.tls_versions,
+            l.offload,
         )
         .map_err(|source| StateError::Listener {
             listener: l.name.clone(),
@@ -199,6 +202,7 @@ impl ListenerState {
             max_connections: l.max_connections,
             connect_attempts: l.connect_attempts,
             max_connection_lifetime: l.max_connection_lifetime,
+            offload: l.offload,
         })
     }
 

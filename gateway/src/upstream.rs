@@ -11,12 +11,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::offload::{Corked, KernelSupport, Offload};
 use crate::tls::UpstreamTls;
 
 /// A connection to a backend: plain TCP, or TLS the gateway originated.
 pub enum Upstream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<Corked<TcpStream>>>),
 }
 
 impl AsyncRead for Upstream {
@@ -126,9 +127,11 @@ async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> 
     match tls {
         None => Ok(Upstream::Plain(stream)),
         Some(tls) => {
+            // Read the handshake record by record if the kernel may take over.
+            let corked = tls.offload != Offload::Userspace && KernelSupport::get().available();
             let stream = tls
                 .connector
-                .connect(tls.server_name.clone(), stream)
+                .connect(tls.server_name.clone(), Corked::new(stream, corked))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("TLS to backend: {e}")))?;
             Ok(Upstream::Tls(Box::new(stream)))

@@ -153,6 +153,19 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// The test root as a trust anchor.
+    pub fn root_der(&self) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(self.root.cert_pem.as_bytes()).expect("root pem")
+    }
+}
+
+impl ClientCreds {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("key pem")
+    }
+}
+
 impl Default for Pki {
     fn default() -> Self {
         Self::new()
@@ -323,22 +336,74 @@ pub struct RunningGateway {
     pub routes: Vec<Arc<gateway::state::Route>>,
     pub shutdown: gateway::ShutdownHandle,
     pub log: broadcast::Receiver<AccessRecord>,
-    pub task: JoinHandle<()>,
+    pub task: Option<JoinHandle<()>>,
+    /// With `start_on_own_thread`: the thread the whole gateway runs on.
+    pub thread_id: Option<i32>,
 }
 
 impl RunningGateway {
     /// `toml` may leave out `access_log`; it defaults to "off" here.
     pub async fn start(pki: &Pki, toml: &str) -> RunningGateway {
+        let config = Self::config(pki, toml);
+        let app = gateway::build(&config)
+            .await
+            .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+        let mut gw = Self::handles(&config, &app);
+        gw.task = Some(tokio::spawn(app.run()));
+        gw
+    }
+
+    /// Like `start`, but the gateway runs alone on a thread of its own (a
+    /// single-threaded runtime), so what that thread reads and writes
+    /// (`thread_io`) is the gateway's I/O and nobody else's.
+    pub fn start_on_own_thread(pki: &Pki, toml: &str) -> RunningGateway {
+        let config = Self::config(pki, toml);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let app = gateway::build(&config)
+                    .await
+                    .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+                let mut gw = Self::handles(&config, &app);
+                // SAFETY: gettid has no preconditions.
+                gw.thread_id = Some(unsafe { libc::gettid() });
+                let _ = tx.send(gw);
+                app.run().await;
+            });
+        });
+        rx.recv_timeout(STEP).expect("gateway thread started")
+    }
+
+    /// Bytes the gateway's own thread has read and written through
+    /// read/write-family system calls (splice does not count), from
+    /// /proc/self/task/<tid>/io.
+    pub fn thread_io(&self) -> (u64, u64) {
+        let tid = self.thread_id.expect("started with start_on_own_thread");
+        let io = std::fs::read_to_string(format!("/proc/self/task/{tid}/io")).expect("task io");
+        let field = |name: &str| {
+            io.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} in {io}"))
+        };
+        (field("rchar:"), field("wchar:"))
+    }
+
+    fn config(pki: &Pki, toml: &str) -> gateway::Config {
         let toml = if toml.contains("access_log") {
             toml.to_owned()
         } else {
             format!("access_log = \"off\"\n{toml}")
         };
-        let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
-            .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"));
-        let app = gateway::build(&config)
-            .await
-            .unwrap_or_else(|e| panic!("gateway failed to start: {e}"));
+        gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+            .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"))
+    }
+
+    fn handles(config: &gateway::Config, app: &gateway::App) -> RunningGateway {
         let name = &config.listeners[0].name;
         let app_addr = app.local_addr(name).expect("listener bound");
         let routes = app.routes(name);
@@ -348,7 +413,6 @@ impl RunningGateway {
         let guard = app.guard();
         let shutdown = app.shutdown_handle();
         let log = app.access_log();
-        let task = tokio::spawn(app.run());
         RunningGateway {
             app_addr,
             admin_addr,
@@ -358,7 +422,8 @@ impl RunningGateway {
             routes,
             shutdown,
             log,
-            task,
+            task: None,
+            thread_id: None,
         }
     }
 
@@ -417,7 +482,9 @@ impl RunningGateway {
 impl Drop for RunningGateway {
     fn drop(&mut self) {
         self.shutdown.shutdown();
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 

@@ -481,7 +481,7 @@ async fn drain_on_shutdown_lets_a_live_transfer_finish_and_refuses_new_ones() {
     assert!(got == data);
     let rec = gw.next_record().await;
     assert_eq!(rec.client_to_backend_bytes, 6 + (2 << 20));
-    tokio::time::timeout(STEP, &mut gw.task)
+    tokio::time::timeout(STEP, gw.task.as_mut().expect("in-runtime gateway"))
         .await
         .expect("run() returns after drain")
         .unwrap();
@@ -503,7 +503,7 @@ async fn drain_timeout_closes_what_is_left() {
     let mut buf = [0u8; 15];
     tls.read_exact(&mut buf).await.unwrap();
     gw.shutdown.shutdown();
-    tokio::time::timeout(STEP, &mut gw.task)
+    tokio::time::timeout(STEP, gw.task.as_mut().expect("in-runtime gateway"))
         .await
         .expect("run() returns")
         .unwrap();

@@ -19,6 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
 use crate::config::{Mode, TlsVersion};
+use crate::offload::{KernelSupport, Offload};
 use crate::policy::{Policy, Verdict};
 pub use certs::CertError;
 use verifier::ConnectionVerifier;
@@ -32,11 +33,34 @@ pub enum TlsError {
     Verifier { path: String, reason: String },
     #[error("TLS configuration refused: {0}")]
     Config(#[from] rustls::Error),
+    #[error("offload = \"kernel\", but {0}")]
+    Offload(String),
 }
 
 /// The crypto every TLS context in the gateway uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The provider for a context with this offload setting: with `kernel`, only
+/// the suites the kernel can take are offered, so every connection offloads.
+fn provider_for(offload: Offload) -> Result<Arc<CryptoProvider>, TlsError> {
+    if offload != Offload::Kernel {
+        return Ok(provider());
+    }
+    let support = KernelSupport::get();
+    if !support.available() {
+        return Err(TlsError::Offload(support.describe()));
+    }
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.retain(|s| support.takes_suite(s));
+    if p.cipher_suites.is_empty() {
+        return Err(TlsError::Offload(format!(
+            "no cipher suite the gateway offers is one the kernel takes ({})",
+            support.describe()
+        )));
+    }
+    Ok(Arc::new(p))
 }
 
 /// What a route asks of its clients' certificates.
@@ -66,6 +90,8 @@ pub struct ListenerTls {
     /// Named `[trust.NAME]` bundles that routes narrow to.
     bundles: HashMap<String, Arc<dyn ClientCertVerifier>>,
     versions: Vec<&'static SupportedProtocolVersion>,
+    /// Keep the session keys extractable for a kernel TLS hand-off.
+    extract_secrets: bool,
 }
 
 impl fmt::Debug for ListenerTls {
@@ -108,8 +134,9 @@ impl ListenerTls {
         client_ca: &BundleFiles,
         bundles: &HashMap<String, BundleFiles>,
         versions: &[TlsVersion],
+        offload: Offload,
     ) -> Result<Self, TlsError> {
-        let provider = provider();
+        let provider = provider_for(offload)?;
         let server_key = certs::load_server_identity(cert, key, &provider)?;
         let default_bundle = bundle_verifier(client_ca, &provider)?;
         let bundles = bundles
@@ -129,6 +156,7 @@ impl ListenerTls {
             default_bundle,
             bundles,
             versions,
+            extract_secrets: offload != Offload::Userspace,
         })
     }
 
@@ -206,6 +234,7 @@ impl ListenerTls {
         // itself in full.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
+        config.enable_secret_extraction = self.extract_secrets;
         Ok((Arc::new(config), decision))
     }
 }
@@ -224,6 +253,7 @@ impl ResolvesServerCert for OneCert {
 pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
     pub server_name: rustls_pki_types::ServerName<'static>,
+    pub offload: Offload,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -239,19 +269,21 @@ impl UpstreamTls {
         ca: &Path,
         client: Option<(&Path, &Path)>,
         server_name: &str,
+        offload: Offload,
     ) -> Result<Self, TlsError> {
-        let provider = provider();
+        let provider = provider_for(offload)?;
         let roots = certs::load_roots(ca)?;
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
             .with_root_certificates(roots);
-        let config = match client {
+        let mut config = match client {
             Some((cert, key)) => {
                 let certified = certs::load_client_identity(cert, key, &provider)?;
                 builder.with_client_auth_cert(certified.0, certified.1)?
             }
             None => builder.with_no_client_auth(),
         };
+        config.enable_secret_extraction = offload != Offload::Userspace;
         let server_name =
             rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
                 TlsError::Verifier {
@@ -262,6 +294,7 @@ impl UpstreamTls {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
+            offload,
         })
     }
 }

@@ -1,0 +1,484 @@
+//! Kernel TLS offload: after rustls finishes a handshake, the session keys go
+//! to the kernel (kTLS) and the bytes move socket → pipe → socket with
+//! `splice`, never copied through userspace.
+//!
+//! Whether a connection is offloaded is decided per connection, before rustls
+//! gives up its state, so a connection that cannot be offloaded stays on the
+//! userspace path and never breaks. `offload = "kernel"` instead makes the
+//! listener refuse to start without kernel support and offer only the suites
+//! the kernel can take.
+//!
+//! We drive the kernel interface ourselves (see `sys`) rather than through
+//! the `ktls` crate, which panics on unexpected control messages: here no
+//! peer's record may panic the gateway.
+
+pub mod cork;
+pub mod splice;
+mod sys;
+
+use std::fmt;
+use std::io::{self, Read as _};
+use std::sync::OnceLock;
+
+use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, SupportedCipherSuite};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+pub use cork::Corked;
+
+/// Where a connection's TLS records are encrypted and decrypted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    /// The kernel where it can take the connection, else userspace.
+    #[default]
+    Auto,
+    /// Always the kernel: refuse to start without it.
+    Kernel,
+    /// Always rustls in userspace.
+    Userspace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Tls12,
+    Tls13,
+}
+
+impl Version {
+    fn from_rustls(v: ProtocolVersion) -> Option<Self> {
+        match v {
+            ProtocolVersion::TLSv1_2 => Some(Version::Tls12),
+            ProtocolVersion::TLSv1_3 => Some(Version::Tls13),
+            _ => None,
+        }
+    }
+
+    fn wire(self) -> u16 {
+        match self {
+            Version::Tls12 => sys::TLS_1_2_VERSION,
+            Version::Tls13 => sys::TLS_1_3_VERSION,
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Version::Tls12 => "TLSv1.2",
+            Version::Tls13 => "TLSv1.3",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Cipher {
+    const ALL: [Cipher; 3] = [
+        Cipher::Aes128Gcm,
+        Cipher::Aes256Gcm,
+        Cipher::Chacha20Poly1305,
+    ];
+
+    fn of_suite(suite: CipherSuite) -> Option<Self> {
+        use CipherSuite as S;
+        match suite {
+            S::TLS13_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Some(Cipher::Aes128Gcm),
+            S::TLS13_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Some(Cipher::Aes256Gcm),
+            S::TLS13_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Some(Cipher::Chacha20Poly1305),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Cipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+            Cipher::Chacha20Poly1305 => "ChaCha20-Poly1305",
+        })
+    }
+}
+
+/// Why a connection moves its bytes in userspace. The label is the metric's
+/// `reason` and the access log's `offload_reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// `offload = "userspace"` on the listener or the route's upstream.
+    Configured,
+    /// The kernel has no `tls` upper-layer protocol.
+    NoTlsUlp(String),
+    /// The kernel cannot take the negotiated cipher suite.
+    UnsupportedCipherSuite(String),
+    /// The kernel cannot take the negotiated TLS version.
+    TlsVersion(String),
+    /// The hand-off was refused before the connection changed hands.
+    Error(String),
+}
+
+impl Fallback {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Fallback::Configured => "configured",
+            Fallback::NoTlsUlp(_) => "no_tls_ulp",
+            Fallback::UnsupportedCipherSuite(_) => "unsupported_cipher_suite",
+            Fallback::TlsVersion(_) => "tls_version",
+            Fallback::Error(_) => "error",
+        }
+    }
+}
+
+impl fmt::Display for Fallback {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fallback::Configured => f.write_str("offload = \"userspace\" in the config"),
+            Fallback::NoTlsUlp(e) => write!(f, "kernel has no tls ULP: {e}"),
+            Fallback::UnsupportedCipherSuite(s) => {
+                write!(f, "kernel cannot offload cipher suite {s}")
+            }
+            Fallback::TlsVersion(v) => write!(f, "kernel cannot offload {v}"),
+            Fallback::Error(e) => write!(f, "kernel TLS hand-off refused: {e}"),
+        }
+    }
+}
+
+/// What this kernel can offload, probed once per process on a loopback
+/// connection: attaching the ULP and handing it keys is the only reliable
+/// test (the module may load on demand; a cipher's crypto module may be missing).
+#[derive(Debug, Clone)]
+pub struct KernelSupport {
+    /// Why the `tls` ULP is unavailable, if it is.
+    no_ulp: Option<String>,
+    /// Version and cipher pairs the kernel accepted both ways.
+    supported: Vec<(Version, Cipher)>,
+}
+
+impl KernelSupport {
+    /// The probe's result, run on first use.
+    pub fn get() -> &'static KernelSupport {
+        static SUPPORT: OnceLock<KernelSupport> = OnceLock::new();
+        SUPPORT.get_or_init(Self::probe)
+    }
+
+    fn probe() -> KernelSupport {
+        let mut supported = Vec::new();
+        for version in [Version::Tls13, Version::Tls12] {
+            for cipher in Cipher::ALL {
+                match probe_one(version, cipher) {
+                    Ok(()) => supported.push((version, cipher)),
+                    Err(ProbeError::Ulp(e)) => {
+                        return KernelSupport {
+                            no_ulp: Some(e),
+                            supported: Vec::new(),
+                        };
+                    }
+                    Err(ProbeError::Cipher(e)) => {
+                        tracing::debug!(%version, %cipher, error = %e, "kernel cannot offload");
+                    }
+                }
+            }
+        }
+        KernelSupport {
+            no_ulp: None,
+            supported,
+        }
+    }
+
+    /// True when the kernel can offload at least one suite.
+    pub fn available(&self) -> bool {
+        self.no_ulp.is_none() && !self.supported.is_empty()
+    }
+
+    /// One line for the start-up log and for errors.
+    pub fn describe(&self) -> String {
+        match &self.no_ulp {
+            Some(e) => format!("no kernel TLS: the tls ULP is unavailable ({e})"),
+            None if self.supported.is_empty() => {
+                "no kernel TLS: the tls ULP loads but takes no cipher (crypto modules missing?)"
+                    .into()
+            }
+            None => {
+                let list: Vec<String> = self
+                    .supported
+                    .iter()
+                    .map(|(v, c)| format!("{v} {c}"))
+                    .collect();
+                format!("kernel TLS available for {}", list.join(", "))
+            }
+        }
+    }
+
+    /// Whether a connection with this version and suite can go to the kernel.
+    pub fn admits(&self, version: ProtocolVersion, suite: CipherSuite) -> Result<(), Fallback> {
+        if let Some(e) = &self.no_ulp {
+            return Err(Fallback::NoTlsUlp(e.clone()));
+        }
+        let Some(v) = Version::from_rustls(version) else {
+            return Err(Fallback::TlsVersion(format!("{version:?}")));
+        };
+        let Some(c) = Cipher::of_suite(suite) else {
+            return Err(Fallback::UnsupportedCipherSuite(format!("{suite:?}")));
+        };
+        if self.supported.contains(&(v, c)) {
+            return Ok(());
+        }
+        if self.supported.iter().any(|(sv, _)| *sv == v) {
+            Err(Fallback::UnsupportedCipherSuite(format!("{suite:?}")))
+        } else {
+            Err(Fallback::TlsVersion(v.to_string()))
+        }
+    }
+
+    /// Whether a suite the gateway could offer is one the kernel takes (for
+    /// `offload = "kernel"`, which offers nothing else).
+    pub fn takes_suite(&self, suite: &SupportedCipherSuite) -> bool {
+        let version = suite.version().version;
+        self.admits(version, suite.suite()).is_ok()
+    }
+}
+
+enum ProbeError {
+    Ulp(String),
+    Cipher(String),
+}
+
+fn probe_one(version: Version, cipher: Cipher) -> Result<(), ProbeError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| ProbeError::Ulp(format!("loopback socket for the probe: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ProbeError::Ulp(e.to_string()))?;
+    let client = std::net::TcpStream::connect(addr)
+        .map_err(|e| ProbeError::Ulp(format!("loopback connect for the probe: {e}")))?;
+    let _server = listener
+        .accept()
+        .map_err(|e| ProbeError::Ulp(e.to_string()))?;
+    sys::set_tls_ulp(&client).map_err(|e| ProbeError::Ulp(e.to_string()))?;
+    // All-zero keys: the probe only asks whether the kernel takes the cipher.
+    let info = crypto_info(version, cipher, &[0; 32], &[0; 12], 0);
+    sys::set_crypto(&client, sys::TLS_TX, &info).map_err(|e| ProbeError::Cipher(e.to_string()))?;
+    sys::set_crypto(&client, sys::TLS_RX, &info).map_err(|e| ProbeError::Cipher(e.to_string()))?;
+    Ok(())
+}
+
+/// Lays out one direction's key, IV and sequence number the kernel's way.
+/// GCM splits rustls' 12-byte IV into a 4-byte salt and an 8-byte IV.
+fn crypto_info(
+    version: Version,
+    cipher: Cipher,
+    key: &[u8],
+    iv: &[u8],
+    seq: u64,
+) -> sys::CryptoInfo {
+    let version = version.wire();
+    let rec_seq = seq.to_be_bytes();
+    let mut iv12 = [0u8; 12];
+    let n = iv.len().min(12);
+    iv12[..n].copy_from_slice(&iv[..n]);
+    let mut salt = [0u8; 4];
+    salt.copy_from_slice(&iv12[..4]);
+    let mut iv8 = [0u8; 8];
+    iv8.copy_from_slice(&iv12[4..]);
+    match cipher {
+        Cipher::Aes128Gcm => {
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&key[..16]);
+            sys::CryptoInfo::Aes128Gcm(sys::Aes128Gcm {
+                version,
+                cipher_type: sys::TLS_CIPHER_AES_GCM_128,
+                iv: iv8,
+                key: k,
+                salt,
+                rec_seq,
+            })
+        }
+        Cipher::Aes256Gcm => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&key[..32]);
+            sys::CryptoInfo::Aes256Gcm(sys::Aes256Gcm {
+                version,
+                cipher_type: sys::TLS_CIPHER_AES_GCM_256,
+                iv: iv8,
+                key: k,
+                salt,
+                rec_seq,
+            })
+        }
+        Cipher::Chacha20Poly1305 => {
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&key[..32]);
+            sys::CryptoInfo::Chacha20Poly1305(sys::Chacha20Poly1305 {
+                version,
+                cipher_type: sys::TLS_CIPHER_CHACHA20_POLY1305,
+                iv: iv12,
+                key: k,
+                rec_seq,
+            })
+        }
+    }
+}
+
+fn secrets_info(
+    version: Version,
+    (seq, secrets): (u64, ConnectionTrafficSecrets),
+) -> Result<sys::CryptoInfo, String> {
+    let (cipher, key, iv) = match &secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            (Cipher::Chacha20Poly1305, key, iv)
+        }
+        _ => {
+            return Err("rustls extracted secrets for an AEAD the kernel has no layout for".into());
+        }
+    };
+    let want = match cipher {
+        Cipher::Aes128Gcm => 16,
+        Cipher::Aes256Gcm | Cipher::Chacha20Poly1305 => 32,
+    };
+    if key.as_ref().len() != want || iv.as_ref().len() != 12 {
+        return Err(format!("unexpected {cipher} key/IV length"));
+    }
+    Ok(crypto_info(version, cipher, key.as_ref(), iv.as_ref(), seq))
+}
+
+/// A TLS leg that the kernel now encrypts and decrypts.
+#[derive(Debug)]
+pub struct KernelLeg {
+    pub stream: TcpStream,
+    pub version: Version,
+    pub cipher: Cipher,
+    /// Records one direction may carry under one key (the cipher's
+    /// confidentiality limit); the kernel does not count for us.
+    pub record_limit: u64,
+    /// Plaintext rustls had already decrypted: it goes out before any splice.
+    pub early: Vec<u8>,
+    /// The peer's close_notify arrived before the hand-off.
+    pub peer_closed: bool,
+}
+
+/// Checks, before anything changes hands, that this leg can go to the kernel.
+pub fn precheck(
+    support: &KernelSupport,
+    conn: &rustls::CommonState,
+    io: &Corked<TcpStream>,
+) -> Result<(), Fallback> {
+    let (Some(version), Some(suite)) = (conn.protocol_version(), conn.negotiated_cipher_suite())
+    else {
+        return Err(Fallback::Error("handshake not complete".into()));
+    };
+    support.admits(version, suite.suite())?;
+    if !io.at_record_boundary() {
+        return Err(Fallback::Error(
+            "the handshake was read past a record boundary".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Attaches the kernel's TLS layer without keys yet. Until `hand_off` the
+/// socket still carries the bytes as they are, so a failure here, or a later
+/// decision to stay in userspace, costs the connection nothing.
+pub fn attach(io: &Corked<TcpStream>) -> Result<(), Fallback> {
+    sys::set_tls_ulp(io.get_ref()).map_err(|e| Fallback::NoTlsUlp(e.to_string()))
+}
+
+/// Why a hand-off failed after it was too late to fall back.
+#[derive(Debug, thiserror::Error)]
+#[error("kernel TLS hand-off failed: {0}")]
+pub struct HandOffError(String);
+
+impl HandOffError {
+    pub fn new(why: String) -> Self {
+        Self(why)
+    }
+}
+
+/// Moves a finished rustls connection into the kernel: call `precheck` and
+/// `attach` first, and flush what rustls holds to send. Once the keys leave
+/// rustls there is no way back, so this only fails on a kernel error.
+pub fn hand_off(
+    io: Corked<TcpStream>,
+    mut conn: rustls::Connection,
+) -> Result<KernelLeg, HandOffError> {
+    if conn.wants_write() {
+        return Err(HandOffError("rustls still holds records to send".into()));
+    }
+    let version = conn
+        .protocol_version()
+        .and_then(Version::from_rustls)
+        .ok_or_else(|| HandOffError("no TLS version negotiated".into()))?;
+    let suite = conn
+        .negotiated_cipher_suite()
+        .ok_or_else(|| HandOffError("no cipher suite negotiated".into()))?;
+    let cipher = Cipher::of_suite(suite.suite())
+        .ok_or_else(|| HandOffError(format!("{:?} has no kernel cipher", suite.suite())))?;
+    let record_limit = match suite {
+        SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+        SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+    };
+    // Plaintext rustls already decrypted is taken out now and sent first.
+    let mut early = Vec::new();
+    let mut peer_closed = false;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => {
+                peer_closed = true;
+                break;
+            }
+            Ok(n) => early.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                // UnexpectedEof: the peer closed without close_notify.
+                tracing::debug!(error = %e, "reading rustls plaintext at hand-off");
+                peer_closed = true;
+                break;
+            }
+        }
+    }
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| HandOffError(format!("extracting secrets: {e}")))?;
+    let tx = secrets_info(version, secrets.tx).map_err(HandOffError)?;
+    let rx = secrets_info(version, secrets.rx).map_err(HandOffError)?;
+    let stream = io.into_inner();
+    sys::set_crypto(&stream, sys::TLS_TX, &tx).map_err(|e| HandOffError(format!("TLS_TX: {e}")))?;
+    sys::set_crypto(&stream, sys::TLS_RX, &rx).map_err(|e| HandOffError(format!("TLS_RX: {e}")))?;
+    Ok(KernelLeg {
+        stream,
+        version,
+        cipher,
+        record_limit: record_limit_override().unwrap_or(record_limit),
+        early,
+        peer_closed,
+    })
+}
+
+static RECORD_LIMIT_OVERRIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Lowers the per-key record limit for this process, so tests can reach it
+/// without moving terabytes.
+#[doc(hidden)]
+pub fn set_record_limit_for_tests(limit: u64) {
+    RECORD_LIMIT_OVERRIDE.store(limit, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn record_limit_override() -> Option<u64> {
+    match RECORD_LIMIT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}

@@ -1,0 +1,383 @@
+//! Forwarding between two sockets inside the kernel: each direction splices
+//! socket → pipe → socket. A kTLS side decrypts on the way out of its socket
+//! and encrypts on the way in, so userspace never touches a payload byte.
+//!
+//! What splice will not move, a kTLS socket's control records (alerts,
+//! post-handshake messages), is read with `recvmsg` and handled here:
+//! close_notify becomes a half-close towards the other side; anything the
+//! kernel cannot take (a KeyUpdate) ends the connection with a reason.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{KernelLeg, sys};
+use crate::forward::{End, Transfer};
+
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const CLOSE_NOTIFY: u8 = 0;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
+
+/// One end of a kernel-path connection.
+pub enum Side {
+    Kernel(KernelLeg),
+    Plain(TcpStream),
+}
+
+impl Side {
+    fn stream(&self) -> &TcpStream {
+        match self {
+            Side::Kernel(k) => &k.stream,
+            Side::Plain(s) => s,
+        }
+    }
+
+    fn kernel(&self) -> Option<&KernelLeg> {
+        match self {
+            Side::Kernel(k) => Some(k),
+            Side::Plain(_) => None,
+        }
+    }
+}
+
+/// Moves bytes both ways until both directions end, the connection idles
+/// out, or `close` fires (then `why` says what closed it).
+pub async fn forward(
+    client: Side,
+    backend: Side,
+    idle: Duration,
+    close: CancellationToken,
+    why: impl FnOnce() -> String,
+) -> Transfer {
+    let clock = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let from_client = AtomicU64::new(0);
+    let from_backend = AtomicU64::new(0);
+    let both = async {
+        tokio::try_join!(
+            pump(&client, &backend, &from_client, &activity, clock),
+            pump(&backend, &client, &from_backend, &activity, clock),
+        )
+    };
+    let idle_watch = async {
+        loop {
+            let last = clock + Duration::from_millis(activity.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let end = tokio::select! {
+        r = both => match r {
+            Ok(_) => End::Completed,
+            Err(e) => End::Error(e),
+        },
+        () = idle_watch => End::IdleTimeout(idle),
+        () = close.cancelled() => End::Closed(why()),
+    };
+    Transfer {
+        client_to_backend: from_client.load(Ordering::Relaxed),
+        backend_to_client: from_backend.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// One direction: `src` → pipe → `dst`, then the half-close.
+async fn pump(
+    src: &Side,
+    dst: &Side,
+    moved: &AtomicU64,
+    activity: &AtomicU64,
+    clock: Instant,
+) -> Result<(), String> {
+    let touch = || {
+        let ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.store(ms, Ordering::Relaxed);
+    };
+    let pipe = sys::Pipe::new().map_err(|e| format!("pipe: {e}"))?;
+    let capacity = pipe.capacity();
+    let (from, to) = (src.stream(), dst.stream());
+
+    if let Some(k) = src.kernel()
+        && !k.early.is_empty()
+    {
+        write_all(to, &k.early).await?;
+        moved.fetch_add(k.early.len() as u64, Ordering::Relaxed);
+        touch();
+    }
+    let mut open = !src.kernel().is_some_and(|k| k.peer_closed);
+    while open {
+        from.readable()
+            .await
+            .map_err(|e| format!("waiting to read: {e}"))?;
+        let n = match from.try_io(Interest::READABLE, || {
+            sys::splice(from, &pipe.write, capacity)
+        }) {
+            Ok(0) => {
+                if src.kernel().is_some() {
+                    return Err("peer closed the connection without close_notify".into());
+                }
+                break;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.kernel().is_some() => {
+                match control_record(from, to).await? {
+                    Control::Closed => open = false,
+                    Control::Continue => {}
+                }
+                continue;
+            }
+            Err(e) => return Err(describe(&e, src.kernel().is_some())),
+        };
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        touch();
+        if let Some(k) = src.kernel() {
+            check_records(k, sys::TLS_RX, capacity)?;
+        }
+        let mut left = n;
+        while left > 0 {
+            to.writable()
+                .await
+                .map_err(|e| format!("waiting to write: {e}"))?;
+            match to.try_io(Interest::WRITABLE, || sys::splice(&pipe.read, to, left)) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(describe(&e, false)),
+            }
+        }
+        touch();
+        if let Some(k) = dst.kernel() {
+            check_records(k, sys::TLS_TX, capacity)?;
+        }
+    }
+    half_close(dst).await
+}
+
+enum Control {
+    /// close_notify: this direction is done.
+    Closed,
+    /// Handled; splice on.
+    Continue,
+}
+
+/// Reads the control record that stopped splice and acts on it.
+async fn control_record(from: &TcpStream, to: &TcpStream) -> Result<Control, String> {
+    // A record is at most 2^14 bytes of plaintext (plus padding slack).
+    let mut buf = vec![0u8; 16 * 1024 + 256];
+    let (kind, n) = loop {
+        from.readable()
+            .await
+            .map_err(|e| format!("waiting to read: {e}"))?;
+        match from.try_io(Interest::READABLE, || {
+            sys::recv_record(from, &mut buf)
+                .and_then(|r| r.ok_or_else(|| io::ErrorKind::WouldBlock.into()))
+        }) {
+            Ok(x) => break x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(describe(&e, true)),
+        }
+    };
+    let record = &buf[..n];
+    match kind {
+        ALERT => match record {
+            [_, CLOSE_NOTIFY] => Ok(Control::Closed),
+            [level, description] => Err(format!(
+                "peer sent TLS alert {:?} (level {level})",
+                rustls::AlertDescription::from(*description)
+            )),
+            _ => Err(format!("peer sent a malformed alert ({n} bytes)")),
+        },
+        HANDSHAKE => handshake_messages(record),
+        APPLICATION_DATA => {
+            // Data after all (recvmsg found no control record): pass it on.
+            write_all(to, record).await?;
+            Ok(Control::Continue)
+        }
+        other => Err(format!(
+            "peer sent a TLS record of type {other} after the handshake"
+        )),
+    }
+}
+
+/// Post-handshake messages: tickets are not used (no resumption towards
+/// backends), a KeyUpdate needs receive rekeying these kernels lack.
+fn handshake_messages(mut record: &[u8]) -> Result<Control, String> {
+    while let [kind, a, b, c, rest @ ..] = record {
+        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+        if rest.len() < len {
+            return Err("peer sent a handshake message split across records".into());
+        }
+        match *kind {
+            NEW_SESSION_TICKET => {
+                tracing::debug!("ignoring a session ticket after the kernel TLS hand-off");
+            }
+            KEY_UPDATE => {
+                return Err(
+                    "peer sent a TLS KeyUpdate; kernel TLS cannot take new receive keys, closing"
+                        .into(),
+                );
+            }
+            other => {
+                return Err(format!(
+                    "peer sent handshake message type {other} after the handshake"
+                ));
+            }
+        }
+        record = &rest[len..];
+    }
+    Ok(Control::Continue)
+}
+
+/// Closes before a key has sealed or opened more records than its cipher
+/// allows; the kernel would carry on.
+fn check_records(leg: &KernelLeg, direction: libc::c_int, capacity: usize) -> Result<(), String> {
+    // Headroom for one more full pipe of minimum-size records in flight.
+    let margin = (capacity / 16384) as u64 + 8;
+    let seq = sys::record_sequence(&leg.stream, direction)
+        .map_err(|e| format!("reading the kernel's record sequence: {e}"))?;
+    if seq.saturating_add(margin) >= leg.record_limit {
+        let which = if direction == sys::TLS_TX {
+            "sent"
+        } else {
+            "received"
+        };
+        return Err(format!(
+            "record limit reached: {seq} records {which} under one {} key (limit {}); the kernel cannot rekey, closing",
+            leg.cipher, leg.record_limit
+        ));
+    }
+    Ok(())
+}
+
+/// EOF reached the other side: close_notify first where it speaks TLS.
+async fn half_close(dst: &Side) -> Result<(), String> {
+    let stream = dst.stream();
+    if dst.kernel().is_some() {
+        loop {
+            stream
+                .writable()
+                .await
+                .map_err(|e| format!("waiting to write: {e}"))?;
+            match stream.try_io(Interest::WRITABLE, || {
+                sys::send_record(stream, ALERT, &[1, CLOSE_NOTIFY])
+            }) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(format!("sending close_notify: {e}")),
+            }
+        }
+    }
+    match sys::shutdown_write(stream) {
+        Ok(()) => Ok(()),
+        // The peer is already gone; nothing left to tell it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        Err(e) => Err(format!("half-close: {e}")),
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), String> {
+    while !data.is_empty() {
+        to.writable()
+            .await
+            .map_err(|e| format!("waiting to write: {e}"))?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(describe(&e, false)),
+        }
+    }
+    Ok(())
+}
+
+fn describe(e: &io::Error, kernel_tls: bool) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBADMSG) if kernel_tls => "a TLS record failed to decrypt (EBADMSG)".into(),
+        Some(libc::EMSGSIZE) if kernel_tls => "peer sent an oversized TLS record".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// The splice pump between plain sockets (this much runs without kTLS):
+    /// byte-exact both ways at once, EOF passed on as a half-close.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn splices_both_ways_and_propagates_half_close() {
+        let (mut client, client_side) = pair().await;
+        let (backend_side, mut backend) = pair().await;
+        let relay = tokio::spawn(forward(
+            Side::Plain(client_side),
+            Side::Plain(backend_side),
+            Duration::from_secs(20),
+            CancellationToken::new(),
+            String::new,
+        ));
+        let up: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let down: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 241) as u8).collect();
+        let (mut cr, mut cw) = client.split();
+        let (mut br, mut bw) = backend.split();
+        let send_up = async {
+            cw.write_all(&up).await.unwrap();
+            cw.shutdown().await.unwrap();
+        };
+        let recv_up = async {
+            let mut got = Vec::new();
+            br.read_to_end(&mut got).await.unwrap();
+            // The client's EOF arrived; the backend still answers.
+            bw.write_all(&down).await.unwrap();
+            bw.shutdown().await.unwrap();
+            got
+        };
+        let recv_down = async {
+            let mut got = Vec::new();
+            cr.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let ((), got_up, got_down) = tokio::join!(send_up, recv_up, recv_down);
+        assert!(got_up == up, "client → backend byte-exact");
+        assert!(got_down == down, "backend → client byte-exact");
+        let t = relay.await.unwrap();
+        assert_eq!(
+            (t.client_to_backend, t.backend_to_client, t.end),
+            (up.len() as u64, down.len() as u64, End::Completed)
+        );
+    }
+
+    #[test]
+    fn post_handshake_messages() {
+        let ticket = [NEW_SESSION_TICKET, 0, 0, 2, 0xAA, 0xBB];
+        assert!(matches!(handshake_messages(&ticket), Ok(Control::Continue)));
+        let two = [ticket.as_slice(), ticket.as_slice()].concat();
+        assert!(matches!(handshake_messages(&two), Ok(Control::Continue)));
+        let key_update = [KEY_UPDATE, 0, 0, 1, 0];
+        let err = handshake_messages(&key_update).err().unwrap();
+        assert!(err.contains("KeyUpdate"), "{err}");
+        let truncated = [NEW_SESSION_TICKET, 0, 0, 9, 1];
+        assert!(handshake_messages(&truncated).is_err());
+        let hello_request = [0, 0, 0, 0];
+        assert!(handshake_messages(&hello_request).is_err());
+    }
+}

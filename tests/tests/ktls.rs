@@ -1,0 +1,424 @@
+//! Kernel TLS offload, end to end: which path a connection takes and why,
+//! and, on a kernel with kTLS (`cargo xtask vm-test` boots such kernels),
+//! that the bytes really move through the kernel.
+//!
+//! Tests that need kTLS skip with a message on a kernel without it; the
+//! fallback tests run everywhere.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gateway::offload::KernelSupport;
+use gateway_tests::*;
+use rustls::{CipherSuite, ClientConfig, SupportedProtocolVersion};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MIB: usize = 1024 * 1024;
+
+fn kernel_tls_or_skip(test: &str) -> bool {
+    let support = KernelSupport::get();
+    if !support.available() {
+        eprintln!(
+            "skipping {test}: {} (cargo xtask vm-test runs it on kernels with kTLS)",
+            support.describe()
+        );
+    }
+    support.available()
+}
+
+/// `/proc/net/tls_stat` as name → value.
+fn tls_stat() -> HashMap<String, u64> {
+    std::fs::read_to_string("/proc/net/tls_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn stat_delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+}
+
+/// A client offering exactly one suite at one version.
+fn client_with_suite(
+    pki: &Pki,
+    version: &'static SupportedProtocolVersion,
+    suite: CipherSuite,
+) -> Arc<ClientConfig> {
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.retain(|s| s.suite() == suite);
+    assert_eq!(provider.cipher_suites.len(), 1, "{suite:?} exists");
+    let creds = pki.frontend();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root_der()).expect("root");
+    let config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[version])
+        .expect("version")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(creds.chain.clone(), creds.key())
+        .expect("client auth");
+    Arc::new(config)
+}
+
+fn gateway_toml(pki: &Pki, backend: std::net::SocketAddr, listener_extra: &str) -> String {
+    let mut toml = listener_toml(
+        pki,
+        "edge",
+        &format!("tls_versions = [\"1.2\", \"1.3\"]\n{listener_extra}"),
+    );
+    toml.push_str(&route_toml(
+        "orders",
+        &["orders.example.internal"],
+        &[backend],
+        &[SPIFFE_FRONTEND],
+    ));
+    toml
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_offload_says_which_path_and_why() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        gateway_toml(&pki, backend.addr, "offload = \"auto\"")
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    let data = payload(MIB);
+    assert_eq!(echo_roundtrip(tls, data.clone()).await.expect("echo"), data);
+    let record = gw.next_record().await;
+    let metrics = gw.scrape().await;
+    if KernelSupport::get().available() {
+        assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
+        assert_eq!(record.offload_reason, None);
+        assert!(
+            metrics.contains(
+                "gateway_offload_total{listener=\"edge\",path=\"kernel\",reason=\"none\"} 1"
+            ),
+            "{metrics}"
+        );
+    } else {
+        assert_eq!(record.offload.as_deref(), Some("userspace"), "{record:?}");
+        let reason = record.offload_reason.unwrap_or_default();
+        assert!(reason.contains("tls ULP"), "{reason}");
+        assert!(
+            metrics.contains(
+                "gateway_offload_total{listener=\"edge\",path=\"userspace\",reason=\"no_tls_ulp\"} 1"
+            ),
+            "{metrics}"
+        );
+    }
+    assert_eq!(record.client_to_backend_bytes, MIB as u64);
+    assert_eq!(record.backend_to_client_bytes, MIB as u64);
+}
+
+#[tokio::test]
+async fn offload_kernel_refuses_to_start_without_kernel_tls() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "access_log = \"off\"\n{}",
+        gateway_toml(&pki, backend.addr, "offload = \"kernel\"")
+    );
+    let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+        .expect("config parses");
+    let built = gateway::build(&config).await;
+    if KernelSupport::get().available() {
+        assert!(
+            built.is_ok(),
+            "kernel TLS is available, so the gateway starts"
+        );
+    } else {
+        let err = built
+            .err()
+            .expect("no kernel TLS: start refused")
+            .to_string();
+        assert!(
+            err.contains("offload = \"kernel\"") && err.contains("tls ULP"),
+            "the error names the setting and the kernel's lack: {err}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_userspace_path_says_configured() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway_toml(&pki, backend.addr, "offload = \"userspace\""),
+    )
+    .await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    let data = payload(4 * MIB);
+    assert_eq!(echo_roundtrip(tls, data.clone()).await.expect("echo"), data);
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("userspace"));
+    assert!(
+        record
+            .offload_reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("offload = \"userspace\""),
+        "{record:?}"
+    );
+}
+
+/// 64 MiB each way through kTLS + splice for each suite the kernel offers,
+/// proven to be the kernel's path three ways: the access log, the kernel's
+/// TLS counters, and the gateway thread's read/write byte counts.
+#[test]
+fn kernel_path_is_byte_exact_for_every_suite() {
+    if !kernel_tls_or_skip("kernel_path_is_byte_exact_for_every_suite") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pki = Pki::new();
+        let backend = EchoBackend::start().await;
+        let mut gw = RunningGateway::start_on_own_thread(
+            &pki,
+            &gateway_toml(&pki, backend.addr, "offload = \"kernel\""),
+        );
+        let matrix = [
+            (&rustls::version::TLS13, CipherSuite::TLS13_AES_128_GCM_SHA256),
+            (&rustls::version::TLS13, CipherSuite::TLS13_AES_256_GCM_SHA384),
+            (&rustls::version::TLS13, CipherSuite::TLS13_CHACHA20_POLY1305_SHA256),
+            (&rustls::version::TLS12, CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256),
+            (&rustls::version::TLS12, CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384),
+            (&rustls::version::TLS12, CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256),
+        ];
+        let mut ran = 0;
+        for (version, suite) in matrix {
+            let support = KernelSupport::get();
+            if support.admits(version.version, suite).is_err() {
+                eprintln!("{suite:?}: not offered by this kernel ({}), skipped", support.describe());
+                continue;
+            }
+            let stat_before = tls_stat();
+            let (r0, w0) = gw.thread_io();
+            let tls = connect(gw.app_addr, "orders.example.internal", client_with_suite(&pki, version, suite))
+                .await
+                .unwrap_or_else(|e| panic!("{suite:?}: handshake: {e}"));
+            let data = payload(64 * MIB);
+            let got = echo_roundtrip(tls, data.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{suite:?}: echo: {e}"));
+            assert!(got == data, "{suite:?}: 64 MiB came back byte-exact");
+            let record = gw.next_record().await;
+            assert_eq!(record.offload.as_deref(), Some("kernel"), "{suite:?}: {record:?}");
+            assert_eq!(record.client_to_backend_bytes, 64 * MIB as u64);
+            assert_eq!(record.backend_to_client_bytes, 64 * MIB as u64);
+            assert!(
+                record.reason.contains("allowed by"),
+                "{suite:?}: ended cleanly, close_notify both ways: {record:?}"
+            );
+            let (r1, w1) = gw.thread_io();
+            // The handshake is a few KiB; 128 MiB through userspace would show here.
+            assert!(
+                r1 - r0 < MIB as u64 && w1 - w0 < MIB as u64,
+                "{suite:?}: the gateway thread read {} and wrote {} bytes: splice did not move the payload",
+                r1 - r0,
+                w1 - w0
+            );
+            let stat_after = tls_stat();
+            assert_eq!(stat_delta(&stat_before, &stat_after, "TlsTxSw"), 1, "{suite:?}: one kTLS TX");
+            assert_eq!(stat_delta(&stat_before, &stat_after, "TlsRxSw"), 1, "{suite:?}: one kTLS RX");
+            assert_eq!(stat_delta(&stat_before, &stat_after, "TlsDecryptError"), 0);
+            eprintln!("{suite:?}: 64 MiB each way through kTLS + splice, byte-exact");
+            ran += 1;
+        }
+        assert!(ran >= 1, "the kernel offloads at least one suite");
+    });
+}
+
+/// Half-close both ways through the kernel path: the client's close_notify
+/// reaches the backend as EOF, the backend keeps writing, and its EOF comes
+/// back to the client as close_notify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_half_close_and_close_notify() {
+    if !kernel_tls_or_skip("kernel_path_half_close_and_close_notify") {
+        return;
+    }
+    let pki = Pki::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        // The client is done sending; we still answer, then close.
+        s.write_all(b"after your EOF: ").await.unwrap();
+        s.write_all(&got).await.unwrap();
+        s.shutdown().await.unwrap();
+        got
+    });
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway_toml(&pki, backend_addr, "offload = \"kernel\""),
+    )
+    .await;
+    let mut tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    tls.write_all(b"question").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, tls.read_to_end(&mut answer))
+        .await
+        .expect("not hung")
+        .expect("clean end: the gateway sent close_notify");
+    assert_eq!(answer, b"after your EOF: question");
+    assert_eq!(backend.await.unwrap(), b"question");
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("kernel"));
+    assert!(
+        !record.reason.contains(';'),
+        "completed without error: {record:?}"
+    );
+}
+
+/// The gateway originates mTLS to the backend and both legs run in the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_on_both_legs_with_upstream_mtls() {
+    if !kernel_tls_or_skip("kernel_path_on_both_legs_with_upstream_mtls") {
+        return;
+    }
+    let pki = Pki::new();
+    let (backend, accepted) = tls_echo_backend(&pki, &["backend.internal"], true).await;
+    let gw_client = pki.client(
+        "gateway-client",
+        &gateway::pki::LeafSpec::client("gateway", &["spiffe://example.internal/gateway"]),
+    );
+    let mut toml = gateway_toml(&pki, backend, "offload = \"kernel\"");
+    toml.push_str(&format!(
+        "[listeners.routes.upstream_tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nserver_name = \"backend.internal\"\noffload = \"kernel\"\n",
+        pki.path("server-roots.pem").display(),
+        gw_client.cert_path.display(),
+        gw_client.key_path.display(),
+    ));
+    let stat_before = tls_stat();
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    let data = payload(16 * MIB);
+    assert!(echo_roundtrip(tls, data.clone()).await.expect("echo") == data);
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let stat_after = tls_stat();
+    assert_eq!(
+        stat_delta(&stat_before, &stat_after, "TlsTxSw"),
+        2,
+        "both legs send through kTLS"
+    );
+    assert_eq!(
+        stat_delta(&stat_before, &stat_after, "TlsRxSw"),
+        2,
+        "both legs receive through kTLS"
+    );
+}
+
+/// With the upstream leg pinned to userspace the whole connection stays in
+/// userspace (a half-offloaded connection is not a path we run), and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_userspace_keeps_the_connection_in_userspace() {
+    let pki = Pki::new();
+    let (backend, _) = tls_echo_backend(&pki, &["backend.internal"], false).await;
+    let mut toml = gateway_toml(&pki, backend, "offload = \"auto\"");
+    toml.push_str(&format!(
+        "[listeners.routes.upstream_tls]\nca = \"{}\"\nserver_name = \"backend.internal\"\noffload = \"userspace\"\n",
+        pki.path("server-roots.pem").display(),
+    ));
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    let data = payload(2 * MIB);
+    assert!(echo_roundtrip(tls, data.clone()).await.expect("echo") == data);
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("userspace"), "{record:?}");
+    assert!(
+        record
+            .offload_reason
+            .unwrap_or_default()
+            .contains("offload = \"userspace\"")
+    );
+}
+
+/// A TLS 1.3 KeyUpdate from the client: these kernels cannot take new receive
+/// keys, so the gateway closes the connection and says why; it does not
+/// crash and does not pass garbage on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_update_closes_with_a_reason() {
+    if !kernel_tls_or_skip("key_update_closes_with_a_reason") {
+        return;
+    }
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway_toml(&pki, backend.addr, "offload = \"kernel\""),
+    )
+    .await;
+    let mut tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    tls.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+    tls.get_mut()
+        .1
+        .refresh_traffic_keys()
+        .expect("key update queued");
+    tls.write_all(b"after").await.unwrap();
+    tls.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut rest))
+        .await
+        .expect("closed, not hung");
+    let record = gw.next_record().await;
+    assert!(record.reason.contains("KeyUpdate"), "{record:?}");
+    assert_eq!(
+        record.client_to_backend_bytes, 6,
+        "nothing after the KeyUpdate reached the backend"
+    );
+}
