@@ -353,11 +353,11 @@ async fn into_kernel(
         Upstream::Tls(mut t) => {
             t.flush().await.map_err(flush)?;
             let (io, session) = t.into_inner();
-            splice::Side::Kernel(offload::hand_off(io, session.into())?)
+            splice::Side::Kernel(offload::hand_off(io, session.into()).await?)
         }
     };
     let (io, session) = tls.into_inner();
-    let client = splice::Side::Kernel(offload::hand_off(io, session.into())?);
+    let client = splice::Side::Kernel(offload::hand_off(io, session.into()).await?);
     Ok((client, backend))
 }
 

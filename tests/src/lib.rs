@@ -578,8 +578,12 @@ pub fn listening_addr(stderr: &Path) -> Result<SocketAddr, String> {
     }
 }
 
-/// The built `gateway` binary, next to this test's own executable.
+/// The built `gateway` binary, next to this test's own executable, or where
+/// `GATEWAY_BIN` says (the VM ships it apart from the target directory).
 pub fn gateway_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("GATEWAY_BIN") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe
         .parent()
@@ -594,18 +598,49 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// Set where a kernel feature is known to be there (the VM runs): a test
+/// that would skip for lack of it fails instead, so a broken setup cannot
+/// pass as "skipped".
+const REQUIRE_FEATURES: &str = "GATEWAY_TEST_REQUIRE_KERNEL_FEATURES";
+
+fn skip(test: &str, why: &str) {
+    assert!(
+        std::env::var_os(REQUIRE_FEATURES).is_none(),
+        "{test}: {why}, but {REQUIRE_FEATURES} says this kernel has it"
+    );
+    eprintln!("skipped {test}: {why}");
+}
+
 /// The cgroup v2 mount when BPF tests can run here; otherwise says why the
 /// test is skipped and returns None.
 pub fn bpf_cgroup_or_skip() -> Option<PathBuf> {
     if !is_root() {
-        eprintln!("skipped: loading BPF programs needs root");
+        skip("BPF test", "loading BPF programs needs root");
         return None;
     }
     let mount = gateway::ebpf::cgroup2_mount();
     if mount.is_none() {
-        eprintln!("skipped: no cgroup v2 hierarchy mounted (see /proc/mounts)");
+        skip(
+            "BPF test",
+            "no cgroup v2 hierarchy mounted (see /proc/mounts)",
+        );
     }
     mount
+}
+
+/// True when this kernel can offload TLS; otherwise says why `test` is skipped.
+pub fn kernel_tls_or_skip(test: &str) -> bool {
+    let support = gateway::offload::KernelSupport::get();
+    if !support.available() {
+        skip(
+            test,
+            &format!(
+                "{} (cargo xtask vm-test runs it on kernels with kTLS)",
+                support.describe()
+            ),
+        );
+    }
+    support.available()
 }
 
 /// Whether the tests run as root (BPF and cgroup tests need it).
@@ -618,22 +653,77 @@ unsafe extern "C" {
     fn geteuid() -> u32;
 }
 
-/// Connects to `addr` from a shell that first moves itself into `cgroup`;
-/// Err carries the shell's stderr (e.g. "Operation not permitted").
+/// The process name (comm) of `connect_from`'s child, as BPF events report it.
+pub const PROBE_COMM: &str = "bypass-probe";
+
+/// Connects to `addr` from a child process that first moves itself into
+/// `cgroup`; Err says why not (e.g. "Operation not permitted (os error 1)").
+/// A forked child rather than a shell, so it also runs in the VM's initramfs.
 pub fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
-    let script = format!(
-        "echo $$ > {} && exec 3<>/dev/tcp/{}/{}",
-        cgroup.join("cgroup.procs").display(),
-        addr.ip(),
-        addr.port()
-    );
-    let out = std::process::Command::new("bash")
-        .args(["-c", &script])
-        .output()
-        .expect("bash runs");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    use std::os::unix::ffi::OsStrExt as _;
+    // Everything the child needs is prepared before fork: after it, in a
+    // threaded process, the child may only make raw system calls.
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("cgroup path without NUL");
+    let name = std::ffi::CString::new(PROBE_COMM).expect("comm");
+    // SAFETY: sockaddr_storage is plain data; zero is a valid starting value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            let sin = unsafe { &mut *std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            let sin6 =
+                unsafe { &mut *std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    let family = i32::from(storage.ss_family);
+    // SAFETY: the child below only makes async-signal-safe system calls on
+    // data prepared above, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: raw system calls on valid pointers; _exit never returns.
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, name.as_ptr());
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            // Writing "0" to cgroup.procs moves the writing process.
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(200);
+            }
+            let s = libc::socket(family, libc::SOCK_STREAM, 0);
+            if s < 0 {
+                libc::_exit(201);
+            }
+            let rc = libc::connect(
+                s,
+                std::ptr::from_ref(&storage).cast(),
+                len as libc::socklen_t,
+            );
+            libc::_exit(if rc == 0 {
+                0
+            } else {
+                *libc::__errno_location() & 0x7f
+            });
+        }
+    }
+    assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+    let mut status = 0;
+    // SAFETY: waiting for the child we just forked.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        200 => Err(format!("could not join {}", cgroup.display())),
+        201 => Err("socket() failed".into()),
+        errno => Err(std::io::Error::from_raw_os_error(errno).to_string()),
     }
 }

@@ -101,7 +101,7 @@ async fn backends_are_reachable_only_through_the_gateway() {
         .unwrap();
     assert_eq!(
         (seen.comm.as_str(), seen.destination, seen.audited),
-        ("bash", backend.addr, false),
+        (gateway_tests::PROBE_COMM, backend.addr, false),
         "{seen:?}"
     );
     assert!(seen.pid > 0);

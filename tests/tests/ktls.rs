@@ -15,17 +15,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
 
-fn kernel_tls_or_skip(test: &str) -> bool {
-    let support = KernelSupport::get();
-    if !support.available() {
-        eprintln!(
-            "skipping {test}: {} (cargo xtask vm-test runs it on kernels with kTLS)",
-            support.describe()
-        );
-    }
-    support.available()
-}
-
 /// `/proc/net/tls_stat` as name → value.
 fn tls_stat() -> HashMap<String, u64> {
     std::fs::read_to_string("/proc/net/tls_stat")
@@ -265,6 +254,7 @@ async fn kernel_path_half_close_and_close_notify() {
     let backend_addr = listener.local_addr().unwrap();
     let backend = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"ready").await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         // The client is done sending; we still answer, then close.
@@ -285,6 +275,11 @@ async fn kernel_path_half_close_and_close_notify() {
     )
     .await
     .expect("handshake");
+    // Bytes from the backend mean the connection is past its hand-off (a
+    // FIN before it would keep the connection in userspace).
+    let mut ready = [0u8; 5];
+    tls.read_exact(&mut ready).await.unwrap();
+    assert_eq!(&ready, b"ready");
     tls.write_all(b"question").await.unwrap();
     tls.shutdown().await.unwrap();
     let mut answer = Vec::new();
@@ -295,7 +290,7 @@ async fn kernel_path_half_close_and_close_notify() {
     assert_eq!(answer, b"after your EOF: question");
     assert_eq!(backend.await.unwrap(), b"question");
     let record = gw.next_record().await;
-    assert_eq!(record.offload.as_deref(), Some("kernel"));
+    assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
     assert!(
         !record.reason.contains(';'),
         "completed without error: {record:?}"

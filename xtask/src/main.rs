@@ -7,6 +7,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -26,11 +27,20 @@ enum Command {
     Setup,
     /// Run the gateway on a throwaway PKI and show who gets through and who is refused.
     Demo,
-    /// setup + fmt --check + clippy -D warnings + every test.
+    /// setup + fmt --check + clippy -D warnings + every test, on this kernel and in the VMs.
     Test {
         /// Skip fmt and clippy (quicker local loop).
         #[arg(long)]
         no_lint: bool,
+        /// Skip the VM kernels (quicker local loop).
+        #[arg(long)]
+        no_vm: bool,
+    },
+    /// Run the kTLS and eBPF tests on Debian's 6.1 and 6.12 cloud kernels in QEMU.
+    VmTest {
+        /// Only this kernel: debian-6.1 or debian-6.12-backports.
+        #[arg(long)]
+        kernel: Option<String>,
     },
 }
 
@@ -52,9 +62,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             demo::run()
         }
-        Command::Test { no_lint } => {
+        Command::Test { no_lint, no_vm } => {
             setup::run()?;
-            test::run(!no_lint)
+            test::run(!no_lint, !no_vm)
+        }
+        Command::VmTest { kernel } => {
+            setup::run()?;
+            vm::run(kernel.as_deref())
         }
     }
 }

@@ -9,8 +9,15 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// Debian packages the tests and the demo drive: openssl (`s_client` as a new
-/// user would try the gateway), iproute2 (network namespaces).
-const DEBIAN_PACKAGES: &[&str] = &["openssl", "iproute2"];
+/// user would try the gateway), iproute2 (network namespaces), QEMU, a static
+/// busybox and xz for the VM kernels (kTLS tests).
+const DEBIAN_PACKAGES: &[&str] = &[
+    "openssl",
+    "iproute2",
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+];
 
 /// The LLVM major version of the nightly toolchain; bpf-linker must be built
 /// against the same one that rustc emits bitcode for.

@@ -45,6 +45,32 @@ impl<S> Corked<S> {
         self.corked && self.header_len == 0 && self.body_left == 0
     }
 
+    /// Reads the rest of a record that a read stopped inside of, and returns
+    /// those bytes. rustls keeps reading after its handshake is done, so it
+    /// may hold the first part of the peer's next record: completing it
+    /// lets rustls finish that record and the kernel start at the next one.
+    pub async fn complete_record(&mut self) -> io::Result<Vec<u8>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt as _;
+        if !self.corked {
+            return Err(io::Error::other("reads were not cut at record boundaries"));
+        }
+        let mut rest = Vec::new();
+        while !self.at_record_boundary() {
+            let mut chunk = vec![0u8; self.allowance()];
+            self.inner.read_exact(&mut chunk).await?;
+            self.observe(&chunk);
+            rest.extend_from_slice(&chunk);
+        }
+        Ok(rest)
+    }
+
+    pub fn is_corked(&self) -> bool {
+        self.corked
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
@@ -144,6 +170,7 @@ mod tests {
         let (mut tx, rx) = tokio::io::duplex(1 << 16);
         let mut wire = record(300);
         wire.extend(record(7));
+        wire.extend(record(7));
         wire.extend(b"after the handshake");
         tx.write_all(&wire).await.unwrap();
         let mut corked = Corked::new(rx, true);
@@ -155,6 +182,12 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         assert_eq!(got, wire[..317]);
+        assert!(corked.at_record_boundary());
+        // A read that stops inside a record is completed on request.
+        let n = corked.read(&mut buf[..3]).await.unwrap();
+        assert!(!corked.at_record_boundary());
+        let rest = corked.complete_record().await.unwrap();
+        assert_eq!(n + rest.len(), 5 + 7);
         assert!(corked.at_record_boundary());
         corked.uncork();
         let n = corked.read(&mut buf).await.unwrap();

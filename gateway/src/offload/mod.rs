@@ -363,6 +363,8 @@ pub struct KernelLeg {
     /// Records one direction may carry under one key (the cipher's
     /// confidentiality limit); the kernel does not count for us.
     pub record_limit: u64,
+    /// Size of the kernel's crypto_info for this cipher (for reading it back).
+    pub(crate) layout_len: usize,
     /// Plaintext rustls had already decrypted: it goes out before any splice.
     pub early: Vec<u8>,
     /// The peer's close_notify arrived before the hand-off.
@@ -380,9 +382,9 @@ pub fn precheck(
         return Err(Fallback::Error("handshake not complete".into()));
     };
     support.admits(version, suite.suite())?;
-    if !io.at_record_boundary() {
+    if !io.is_corked() {
         return Err(Fallback::Error(
-            "the handshake was read past a record boundary".into(),
+            "the handshake was not read record by record".into(),
         ));
     }
     Ok(())
@@ -392,7 +394,12 @@ pub fn precheck(
 /// socket still carries the bytes as they are, so a failure here, or a later
 /// decision to stay in userspace, costs the connection nothing.
 pub fn attach(io: &Corked<TcpStream>) -> Result<(), Fallback> {
-    sys::set_tls_ulp(io.get_ref()).map_err(|e| Fallback::NoTlsUlp(e.to_string()))
+    sys::set_tls_ulp(io.get_ref()).map_err(|e| match e.raw_os_error() {
+        // The kernel attaches TLS to established sockets only; a peer that
+        // already sent its FIN has left that state.
+        Some(libc::ENOTCONN) => Fallback::Error("peer half-closed before the hand-off".into()),
+        _ => Fallback::NoTlsUlp(e.to_string()),
+    })
 }
 
 /// Why a hand-off failed after it was too late to fall back.
@@ -409,10 +416,25 @@ impl HandOffError {
 /// Moves a finished rustls connection into the kernel: call `precheck` and
 /// `attach` first, and flush what rustls holds to send. Once the keys leave
 /// rustls there is no way back, so this only fails on a kernel error.
-pub fn hand_off(
-    io: Corked<TcpStream>,
+pub async fn hand_off(
+    mut io: Corked<TcpStream>,
     mut conn: rustls::Connection,
 ) -> Result<KernelLeg, HandOffError> {
+    // rustls stops reading at a record boundary only by luck: finish the
+    // record it is inside of and let it decrypt that too.
+    let rest = io
+        .complete_record()
+        .await
+        .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+    if !rest.is_empty() {
+        let mut input = rest.as_slice();
+        while !input.is_empty() {
+            conn.read_tls(&mut input)
+                .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+        }
+        conn.process_new_packets()
+            .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+    }
     if conn.wants_write() {
         return Err(HandOffError("rustls still holds records to send".into()));
     }
@@ -454,6 +476,7 @@ pub fn hand_off(
         .map_err(|e| HandOffError(format!("extracting secrets: {e}")))?;
     let tx = secrets_info(version, secrets.tx).map_err(HandOffError)?;
     let rx = secrets_info(version, secrets.rx).map_err(HandOffError)?;
+    let layout_len = tx.layout_len();
     let stream = io.into_inner();
     sys::set_crypto(&stream, sys::TLS_TX, &tx).map_err(|e| HandOffError(format!("TLS_TX: {e}")))?;
     sys::set_crypto(&stream, sys::TLS_RX, &rx).map_err(|e| HandOffError(format!("TLS_RX: {e}")))?;
@@ -462,6 +485,7 @@ pub fn hand_off(
         version,
         cipher,
         record_limit: record_limit_override().unwrap_or(record_limit),
+        layout_len,
         early,
         peer_closed,
     })

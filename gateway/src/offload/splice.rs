@@ -245,7 +245,7 @@ fn handshake_messages(mut record: &[u8]) -> Result<Control, String> {
 fn check_records(leg: &KernelLeg, direction: libc::c_int, capacity: usize) -> Result<(), String> {
     // Headroom for one more full pipe of minimum-size records in flight.
     let margin = (capacity / 16384) as u64 + 8;
-    let seq = sys::record_sequence(&leg.stream, direction)
+    let seq = sys::record_sequence(&leg.stream, direction, leg.layout_len)
         .map_err(|e| format!("reading the kernel's record sequence: {e}"))?;
     if seq.saturating_add(margin) >= leg.record_limit {
         let which = if direction == sys::TLS_TX {

@@ -64,6 +64,11 @@ pub enum CryptoInfo {
 }
 
 impl CryptoInfo {
+    /// The size of this layout, which getsockopt must ask for exactly.
+    pub fn layout_len(&self) -> usize {
+        self.as_bytes().1
+    }
+
     fn as_bytes(&self) -> (*const libc::c_void, usize) {
         match self {
             CryptoInfo::Aes128Gcm(c) => (std::ptr::from_ref(c).cast(), size_of::<Aes128Gcm>()),
@@ -126,10 +131,18 @@ pub fn set_crypto(fd: &impl AsRawFd, direction: libc::c_int, info: &CryptoInfo) 
 
 /// The next record sequence number of one direction, as the kernel holds it.
 /// The kernel does not stop at a cipher's record limit, so we read it to.
-pub fn record_sequence(fd: &impl AsRawFd, direction: libc::c_int) -> io::Result<u64> {
-    // Large enough for every crypto_info layout; rec_seq is always its last 8 bytes.
+/// `layout_len` is the size of the direction's crypto_info: the kernel
+/// answers only a buffer of exactly that size.
+pub fn record_sequence(
+    fd: &impl AsRawFd,
+    direction: libc::c_int,
+    layout_len: usize,
+) -> io::Result<u64> {
     let mut buf = [0u8; 64];
-    let mut len = buf.len() as libc::socklen_t;
+    let buf = buf
+        .get_mut(..layout_len)
+        .ok_or_else(|| io::Error::other("crypto_info layout larger than 64 bytes"))?;
+    let mut len = layout_len as libc::socklen_t;
     // SAFETY: `buf` is writable for `len` bytes and the kernel writes at most that.
     check(unsafe {
         libc::getsockopt(
@@ -141,13 +154,14 @@ pub fn record_sequence(fd: &impl AsRawFd, direction: libc::c_int) -> io::Result<
         )
     })?;
     let len = len as usize;
+    // rec_seq is the last field of every layout.
     let seq = buf
         .get(len.saturating_sub(8)..len)
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .ok_or_else(|| io::Error::other(format!("short TLS crypto info ({len} bytes)")))?;
-    // The kernel clears the key material it returns, but be sure.
+        .ok_or_else(|| io::Error::other(format!("short TLS crypto info ({len} bytes)")));
+    // The kernel returns the key too; do not leave it on the stack.
     buf.fill(0);
-    Ok(u64::from_be_bytes(seq))
+    Ok(u64::from_be_bytes(seq?))
 }
 
 /// Reads one record that `splice` would not move (an alert or a handshake
