@@ -64,30 +64,19 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let clock = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
+    let activity = Arc::new(Activity::new());
     let from_client = Arc::new(AtomicU64::new(0));
     let from_backend = Arc::new(AtomicU64::new(0));
-    let mut client = Metered::new(client, from_client.clone(), activity.clone(), clock);
-    let mut backend = Metered::new(backend, from_backend.clone(), activity.clone(), clock);
+    let mut client = Metered::new(client, from_client.clone(), activity.clone());
+    let mut backend = Metered::new(backend, from_backend.clone(), activity.clone());
 
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut backend, BUFFER, BUFFER);
-    let idle_watch = async {
-        loop {
-            let last = clock + Duration::from_millis(activity.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    };
     let end = tokio::select! {
         r = copy => match r {
             Ok(_) => End::Completed,
             Err(e) => End::Error(describe_io(&e)),
         },
-        () = idle_watch => End::IdleTimeout(idle),
+        () = activity.idle_for(idle) => End::IdleTimeout(idle),
         () = close.cancelled() => End::Closed(why()),
     };
     Transfer {
@@ -105,27 +94,54 @@ fn describe_io(e: &io::Error) -> String {
     }
 }
 
+/// When bytes last moved either way, for the idle timeout. Shared by the
+/// userspace copy and the kernel splice path.
+pub(crate) struct Activity {
+    clock: Instant,
+    /// Milliseconds after `clock`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Self {
+            clock: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    pub(crate) async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.clock + Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
 /// A stream that counts the bytes read from it and stamps activity both ways.
 struct Metered<S> {
     inner: S,
     read: Arc<AtomicU64>,
-    activity: Arc<AtomicU64>,
-    clock: Instant,
+    activity: Arc<Activity>,
 }
 
 impl<S> Metered<S> {
-    fn new(inner: S, read: Arc<AtomicU64>, activity: Arc<AtomicU64>, clock: Instant) -> Self {
+    fn new(inner: S, read: Arc<AtomicU64>, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             read,
             activity,
-            clock,
         }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.activity.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -140,7 +156,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
         let n = buf.filled().len() - before;
         if n > 0 {
             self.read.fetch_add(n as u64, Ordering::Relaxed);
-            self.touch();
+            self.activity.touch();
         }
         r
     }
@@ -154,7 +170,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+            self.activity.touch();
         }
         r
     }

@@ -105,6 +105,7 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
         let labels: Vec<&str> = KERNELS.iter().map(|k| k.label).collect();
         bail!("no kernel {only:?}; choose one of {labels:?}");
     }
+    let labels: Vec<&str> = chosen.iter().map(|k| k.label).collect();
     for source in chosen {
         let kernel = fetch_kernel(source)?;
         let initrd = build_initramfs(&kernel, &busybox, &gateway, &tests)?;
@@ -119,15 +120,7 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
     if !failures.is_empty() {
         bail!("VM tests failed on {}", failures.join("; "));
     }
-    eprintln!(
-        "xtask: VM tests passed on {}",
-        KERNELS
-            .iter()
-            .filter(|k| only.map_or(k.by_default, |o| o == k.label))
-            .map(|k| k.label)
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    eprintln!("xtask: VM tests passed on {}", labels.join(", "));
     Ok(())
 }
 

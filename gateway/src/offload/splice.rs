@@ -8,17 +8,15 @@
 //! kernel cannot take (a KeyUpdate) ends the connection with a reason.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLeg, sys};
-use crate::forward::{End, Transfer};
+use crate::forward::{Activity, End, Transfer};
 
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -58,32 +56,21 @@ pub async fn forward(
     close: CancellationToken,
     why: impl FnOnce() -> String,
 ) -> Transfer {
-    let clock = Instant::now();
-    let activity = Arc::new(AtomicU64::new(0));
+    let activity = Activity::new();
     let from_client = AtomicU64::new(0);
     let from_backend = AtomicU64::new(0);
     let both = async {
         tokio::try_join!(
-            pump(&client, &backend, &from_client, &activity, clock),
-            pump(&backend, &client, &from_backend, &activity, clock),
+            pump(&client, &backend, &from_client, &activity),
+            pump(&backend, &client, &from_backend, &activity),
         )
-    };
-    let idle_watch = async {
-        loop {
-            let last = clock + Duration::from_millis(activity.load(Ordering::Relaxed));
-            let deadline = last + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
     };
     let end = tokio::select! {
         r = both => match r {
             Ok(_) => End::Completed,
             Err(e) => End::Error(e),
         },
-        () = idle_watch => End::IdleTimeout(idle),
+        () = activity.idle_for(idle) => End::IdleTimeout(idle),
         () = close.cancelled() => End::Closed(why()),
     };
     Transfer {
@@ -98,13 +85,8 @@ async fn pump(
     src: &Side,
     dst: &Side,
     moved: &AtomicU64,
-    activity: &AtomicU64,
-    clock: Instant,
+    activity: &Activity,
 ) -> Result<(), String> {
-    let touch = || {
-        let ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.store(ms, Ordering::Relaxed);
-    };
     let pipe = sys::Pipe::new().map_err(|e| format!("pipe: {e}"))?;
     let capacity = pipe.capacity();
     let (from, to) = (src.stream(), dst.stream());
@@ -114,7 +96,7 @@ async fn pump(
     {
         write_all(to, &k.early).await?;
         moved.fetch_add(k.early.len() as u64, Ordering::Relaxed);
-        touch();
+        activity.touch();
     }
     let mut open = !src.kernel().is_some_and(|k| k.peer_closed);
     while open {
@@ -142,7 +124,7 @@ async fn pump(
             Err(e) => return Err(describe(&e, src.kernel().is_some())),
         };
         moved.fetch_add(n as u64, Ordering::Relaxed);
-        touch();
+        activity.touch();
         if let Some(k) = src.kernel() {
             check_records(k, sys::TLS_RX, capacity)?;
         }
@@ -157,7 +139,7 @@ async fn pump(
                 Err(e) => return Err(describe(&e, false)),
             }
         }
-        touch();
+        activity.touch();
         if let Some(k) = dst.kernel() {
             check_records(k, sys::TLS_TX, capacity)?;
         }
