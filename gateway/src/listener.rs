@@ -23,7 +23,7 @@ use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
 use crate::config::Mode;
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::offload::{self, Corked, Fallback, KernelSupport, Offload, splice};
+use crate::offload::{self, Corked, Fallback, KernelSupport, Offload, records, splice};
 use crate::policy;
 use crate::registry::{Live, Registry};
 use crate::state::{ListenerState, Route};
@@ -296,11 +296,6 @@ async fn relay(
             }
         }
         Err(fallback) => {
-            let (mut tls, mut backend) = (tls, backend);
-            tls.get_mut().0.uncork();
-            if let Upstream::Tls(t) = &mut backend {
-                t.get_mut().0.uncork();
-            }
             if fallback != Fallback::Configured {
                 tracing::debug!(listener = %listener.name, client = %conn.client, reason = %fallback,
                     "userspace path");
@@ -308,7 +303,20 @@ async fn relay(
             conn.offload = Some("userspace");
             metrics.offload(&listener.name, "userspace", fallback.label());
             conn.offload_reason = Some(fallback.to_string());
-            forward::copy(tls, backend, listener.idle_timeout, close, why).await
+            match into_records(tls, backend).await {
+                Ok((client, backend)) => {
+                    records::forward(client, backend, listener.idle_timeout, close, why).await
+                }
+                Err(e) => {
+                    tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
+                        "closing connection: TLS hand-off to the record layer failed");
+                    forward::Transfer {
+                        client_to_backend: 0,
+                        backend_to_client: 0,
+                        end: forward::End::Error(e.to_string()),
+                    }
+                }
+            }
         }
     }
 }
@@ -358,6 +366,28 @@ async fn into_kernel(
     };
     let (io, session) = tls.into_inner();
     let client = splice::Side::Kernel(offload::hand_off(io, session.into()).await?);
+    Ok((client, backend))
+}
+
+/// Takes every TLS leg's keys out of rustls for the userspace record layer.
+async fn into_records(
+    mut tls: ClientTls,
+    backend: Upstream,
+) -> Result<(records::Side, records::Side), offload::HandOffError> {
+    let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
+    tls.flush().await.map_err(flush)?;
+    let backend = match backend {
+        Upstream::Plain(s) => records::Side::Plain(s),
+        Upstream::Tls(mut t) => {
+            t.flush().await.map_err(flush)?;
+            let (io, session) = t.into_inner();
+            let f = offload::finish(io, session.into()).await?;
+            records::Side::Records(Box::new(records::RecordLeg::new(f)?))
+        }
+    };
+    let (io, session) = tls.into_inner();
+    let f = offload::finish(io, session.into()).await?;
+    let client = records::Side::Records(Box::new(records::RecordLeg::new(f)?));
     Ok((client, backend))
 }
 
@@ -427,9 +457,9 @@ async fn handshake(
             return None;
         }
     };
-    // Past the ClientHello, read record by record if the kernel may take over.
-    let corked = listener.offload != Offload::Userspace && KernelSupport::get().available();
-    let result = StartHandshake::from_parts(accepted, Corked::new(stream, corked))
+    // Past the ClientHello, read record by record: after the handshake the
+    // kernel or our record layer takes over the stream at a record boundary.
+    let result = StartHandshake::from_parts(accepted, Corked::new(stream, true))
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::offload::{Corked, KernelSupport, Offload};
+use crate::offload::Corked;
 use crate::tls::UpstreamTls;
 
 /// A connection to a backend: plain TCP, or TLS the gateway originated.
@@ -127,11 +127,11 @@ async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> 
     match tls {
         None => Ok(Upstream::Plain(stream)),
         Some(tls) => {
-            // Read the handshake record by record if the kernel may take over.
-            let corked = tls.offload != Offload::Userspace && KernelSupport::get().available();
+            // Read the handshake record by record: the kernel or our record
+            // layer takes over at a record boundary.
             let stream = tls
                 .connector
-                .connect(tls.server_name.clone(), Corked::new(stream, corked))
+                .connect(tls.server_name.clone(), Corked::new(stream, true))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("TLS to backend: {e}")))?;
             Ok(Upstream::Tls(Box::new(stream)))

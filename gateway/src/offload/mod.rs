@@ -13,6 +13,7 @@
 //! peer's record may panic the gateway.
 
 pub mod cork;
+pub mod records;
 pub mod splice;
 mod sys;
 
@@ -35,7 +36,8 @@ pub enum Offload {
     Auto,
     /// Always the kernel: refuse to start without it.
     Kernel,
-    /// Always rustls in userspace.
+    /// Always userspace: the gateway's own record layer with the keys rustls
+    /// negotiated.
     Userspace,
 }
 
@@ -413,13 +415,26 @@ impl HandOffError {
     }
 }
 
-/// Moves a finished rustls connection into the kernel: call `precheck` and
-/// `attach` first, and flush what rustls holds to send. Once the keys leave
-/// rustls there is no way back, so this only fails on a kernel error.
-pub async fn hand_off(
+/// A finished handshake, read up to a record boundary, with what rustls
+/// already decrypted taken out: ready for its keys to leave rustls.
+pub(crate) struct Finished {
+    pub stream: TcpStream,
+    pub conn: rustls::Connection,
+    pub version: Version,
+    pub suite: SupportedCipherSuite,
+    pub record_limit: u64,
+    pub early: Vec<u8>,
+    pub peer_closed: bool,
+}
+
+/// Brings a corked rustls connection to a record boundary: whatever comes
+/// after it on the socket is ciphertext under the traffic keys, for the
+/// kernel or the userspace record layer to open. Flush what rustls holds to
+/// send first.
+pub(crate) async fn finish(
     mut io: Corked<TcpStream>,
     mut conn: rustls::Connection,
-) -> Result<KernelLeg, HandOffError> {
+) -> Result<Finished, HandOffError> {
     // rustls stops reading at a record boundary only by luck: finish the
     // record it is inside of and let it decrypt that too.
     let rest = io
@@ -445,8 +460,6 @@ pub async fn hand_off(
     let suite = conn
         .negotiated_cipher_suite()
         .ok_or_else(|| HandOffError("no cipher suite negotiated".into()))?;
-    let cipher = Cipher::of_suite(suite.suite())
-        .ok_or_else(|| HandOffError(format!("{:?} has no kernel cipher", suite.suite())))?;
     let record_limit = match suite {
         SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
@@ -471,23 +484,45 @@ pub async fn hand_off(
             }
         }
     }
-    let secrets = conn
+    Ok(Finished {
+        stream: io.into_inner(),
+        conn,
+        version,
+        suite,
+        record_limit: record_limit_override().unwrap_or(record_limit),
+        early,
+        peer_closed,
+    })
+}
+
+/// Moves a finished rustls connection into the kernel: call `precheck` and
+/// `attach` first, and flush what rustls holds to send. Once the keys leave
+/// rustls there is no way back, so this only fails on a kernel error.
+pub async fn hand_off(
+    io: Corked<TcpStream>,
+    conn: rustls::Connection,
+) -> Result<KernelLeg, HandOffError> {
+    let f = finish(io, conn).await?;
+    let cipher = Cipher::of_suite(f.suite.suite())
+        .ok_or_else(|| HandOffError(format!("{:?} has no kernel cipher", f.suite.suite())))?;
+    let secrets = f
+        .conn
         .dangerous_extract_secrets()
         .map_err(|e| HandOffError(format!("extracting secrets: {e}")))?;
-    let tx = secrets_info(version, secrets.tx).map_err(HandOffError)?;
-    let rx = secrets_info(version, secrets.rx).map_err(HandOffError)?;
+    let tx = secrets_info(f.version, secrets.tx).map_err(HandOffError)?;
+    let rx = secrets_info(f.version, secrets.rx).map_err(HandOffError)?;
     let layout_len = tx.layout_len();
-    let stream = io.into_inner();
+    let stream = f.stream;
     sys::set_crypto(&stream, sys::TLS_TX, &tx).map_err(|e| HandOffError(format!("TLS_TX: {e}")))?;
     sys::set_crypto(&stream, sys::TLS_RX, &rx).map_err(|e| HandOffError(format!("TLS_RX: {e}")))?;
     Ok(KernelLeg {
         stream,
-        version,
+        version: f.version,
         cipher,
-        record_limit: record_limit_override().unwrap_or(record_limit),
+        record_limit: f.record_limit,
         layout_len,
-        early,
-        peer_closed,
+        early: f.early,
+        peer_closed: f.peer_closed,
     })
 }
 

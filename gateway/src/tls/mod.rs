@@ -156,7 +156,7 @@ impl ListenerTls {
             default_bundle,
             bundles,
             versions,
-            extract_secrets: offload != Offload::Userspace,
+            extract_secrets: true,
         })
     }
 
@@ -283,7 +283,8 @@ impl UpstreamTls {
             }
             None => builder.with_no_client_auth(),
         };
-        config.enable_secret_extraction = offload != Offload::Userspace;
+        // The keys leave rustls after the handshake on every path.
+        config.enable_secret_extraction = true;
         let server_name =
             rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
                 TlsError::Verifier {
