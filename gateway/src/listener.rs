@@ -179,9 +179,12 @@ async fn serve(
     let close = &shared.close;
     let mut conn = Conn::new(listener, peer);
     let _ = stream.set_nodelay(true);
+    // Boxed, like the other steps that end before the transfer: a task's
+    // future is as large as its largest state for the connection's whole
+    // life, and the handshake's (rustls' whole connection) is the largest.
     let handshake = tokio::time::timeout(
         listener.handshake_timeout,
-        handshake(listener, stream, &mut conn),
+        Box::pin(handshake(listener, stream, &mut conn)),
     );
     let tls = tokio::select! {
         r = handshake => match r {
@@ -215,14 +218,12 @@ async fn serve(
         },
         close,
     );
-    let backend = route
-        .backends
-        .connect(
-            listener.connect_attempts,
-            listener.connect_timeout,
-            route.upstream_tls.as_ref(),
-        )
-        .await;
+    let backend = Box::pin(route.backends.connect(
+        listener.connect_attempts,
+        listener.connect_timeout,
+        route.upstream_tls.as_ref(),
+    ))
+    .await;
     let backend = match backend {
         Ok((backend, addr)) => {
             conn.backend = Some(addr);
@@ -268,7 +269,7 @@ async fn serve(
 async fn relay(
     listener: &ListenerState,
     route: &Route,
-    tls: ClientTls,
+    tls: Box<ClientTls>,
     backend: Upstream,
     conn: &mut Conn,
     metrics: &Metrics,
@@ -280,7 +281,7 @@ async fn relay(
         Ok(()) => {
             conn.offload = Some("kernel");
             metrics.offload(&listener.name, "kernel", "none");
-            match into_kernel(tls, backend).await {
+            match Box::pin(into_kernel(*tls, backend)).await {
                 Ok((client, backend)) => {
                     splice::forward(client, backend, listener.idle_timeout, close, why).await
                 }
@@ -303,7 +304,7 @@ async fn relay(
             conn.offload = Some("userspace");
             metrics.offload(&listener.name, "userspace", fallback.label());
             conn.offload_reason = Some(fallback.to_string());
-            match into_records(tls, backend).await {
+            match Box::pin(into_records(*tls, backend)).await {
                 Ok((client, backend)) => {
                     records::forward(client, backend, listener.idle_timeout, close, why).await
                 }
@@ -397,7 +398,7 @@ async fn handshake(
     listener: &ListenerState,
     mut stream: TcpStream,
     conn: &mut Conn,
-) -> Option<(Arc<Route>, ClientTls)> {
+) -> Option<(Arc<Route>, Box<ClientTls>)> {
     let mut acceptor = Acceptor::default();
     let mut buf = vec![0u8; 4096];
     let accepted = loop {
@@ -474,7 +475,7 @@ async fn handshake(
     conn.cipher_suite = session
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()));
-    Some((route, tls))
+    Some((route, Box::new(tls)))
 }
 
 /// Turns what the verifier decided and how the handshake ended into the

@@ -3,6 +3,7 @@
 //! Every command that needs tools runs `setup` first, so a clean clone needs
 //! nothing but `cargo xtask demo` or `cargo xtask test`.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -36,6 +37,15 @@ enum Command {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Measure the gateway beside HAProxy, nginx, stunnel and a splice relay; writes BENCHMARKS.md.
+    Bench {
+        /// A smoke run of a few seconds per peer (results under target/bench/quick).
+        #[arg(long)]
+        quick: bool,
+        /// Passed on to `gateway-bench run` (e.g. --peers gateway,nginx --only bulk).
+        #[arg(last = true)]
+        extra: Vec<String>,
+    },
     /// Run the kTLS and eBPF tests on Debian's 6.1 and 6.12 cloud kernels in QEMU.
     VmTest {
         /// Only this kernel: debian-6.1 or debian-6.12-backports.
@@ -65,6 +75,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Test { no_lint, no_vm } => {
             setup::run()?;
             test::run(!no_lint, !no_vm)
+        }
+        Command::Bench { quick, extra } => {
+            setup::run()?;
+            bench::run(quick, &extra)
         }
         Command::VmTest { kernel } => {
             setup::run()?;

@@ -157,3 +157,26 @@ pub fn debian_packages(wanted: &[&str]) -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
+
+/// Like `debian_packages`, for packages that ship a service (nginx, HAProxy,
+/// stunnel): the benchmark starts them itself, so their init scripts must not
+/// start them on install. Debian's policy-rc.d hook says so for the length of
+/// the install; one that was already there is left as it was.
+pub fn debian_packages_without_starting_services(wanted: &[&str]) -> anyhow::Result<()> {
+    const POLICY: &str = "/usr/sbin/policy-rc.d";
+    let ours = !Path::new(POLICY).exists();
+    if ours {
+        std::fs::write(
+            POLICY,
+            "#!/bin/sh\n# written by cargo xtask for one apt-get install\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY}"))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(POLICY, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let r = debian_packages(wanted);
+    if ours {
+        let _ = std::fs::remove_file(POLICY);
+    }
+    r
+}

@@ -358,19 +358,16 @@ async fn pump(
         open = !leg.peer_closed;
     }
     // Held only while bytes are in flight: an idle connection owns no buffer.
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = Buffer::default();
     let mut ranges: Vec<Range<usize>> = Vec::new();
     while open {
         from.readable()
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
-        if buf.capacity() == 0 {
-            buf.reserve_exact(READ);
-        }
-        match from.try_read_buf(&mut buf) {
+        match from.try_read_buf(buf.get()) {
             Ok(0) => {
                 if matches!(src, Side::Records(_)) {
-                    return Err(if buf.is_empty() {
+                    return Err(if buf.get().is_empty() {
                         "peer closed the connection without close_notify".into()
                     } else {
                         "peer closed the connection inside a TLS record".into()
@@ -380,22 +377,21 @@ async fn pump(
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if buf.is_empty() {
-                    buf = Vec::new();
-                }
+                buf.release_if_empty();
                 continue;
             }
             Err(e) => return Err(e.to_string()),
         }
         activity.touch();
         ranges.clear();
+        let buf = buf.get();
         let consumed = match src {
             Side::Plain(_) => {
                 ranges.push(0..buf.len());
                 buf.len()
             }
             Side::Records(leg) => {
-                let (consumed, control) = leg.open(&mut buf, &mut ranges)?;
+                let (consumed, control) = leg.open(buf, &mut ranges)?;
                 if control == Control::Closed {
                     open = false;
                 }
@@ -404,13 +400,14 @@ async fn pump(
         };
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         if n > 0 {
-            send(dst, &ranges, &buf).await?;
+            send(dst, &ranges, buf).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
         }
         // Keep only the start of a record still on its way.
         buf.drain(..consumed);
     }
+    drop(buf);
     if let Side::Records(leg) = dst {
         send_records(&leg.stream, leg.seal_alert(AlertDescription::CloseNotify)?).await?;
     }
@@ -421,6 +418,50 @@ async fn pump(
         // The peer already went away: nothing is lost by not half-closing.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(format!("half-closing: {e}")),
+    }
+}
+
+/// A read buffer borrowed from a process-wide pool while bytes are in
+/// flight, and given back when the connection goes quiet. The pool spares
+/// the allocator a 64 KiB malloc/free (and glibc its heap trims) on every
+/// request of a request/response protocol; it keeps at most `POOL` buffers.
+#[derive(Default)]
+struct Buffer(Option<Vec<u8>>);
+
+const POOL: usize = 64;
+static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+impl Buffer {
+    fn get(&mut self) -> &mut Vec<u8> {
+        self.0.get_or_insert_with(|| {
+            BUFFERS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(READ))
+        })
+    }
+
+    fn release_if_empty(&mut self) {
+        if self.0.as_ref().is_some_and(Vec::is_empty) {
+            self.release();
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(mut b) = self.0.take() {
+            b.clear();
+            let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < POOL && b.capacity() == READ {
+                pool.push(b);
+            }
+        }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

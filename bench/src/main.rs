@@ -1,0 +1,559 @@
+//! `gateway-bench run`: the gateway measured beside HAProxy, nginx stream,
+//! stunnel and a plain splice relay, on one machine in one run.
+//! `gateway-bench relay`: the plain relay itself (started by `run`).
+//!
+//! `cargo xtask bench` builds everything in release mode, installs the peers
+//! and runs this; see BENCHMARKS.md for the last full run.
+
+mod backend;
+mod load;
+mod peers;
+mod pki;
+mod procstat;
+mod relay;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use rustls::pki_types::ServerName;
+
+use crate::load::{Direction, Rig, Target, Window};
+use crate::peers::{Binaries, Kind, Peer};
+use crate::report::{Machine, PeerReport, Report};
+
+#[derive(Parser)]
+#[command(
+    name = "gateway-bench",
+    about = "Measure the gateway beside the proxies users would pick instead"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every scenario against every peer and write the report.
+    Run(Box<RunArgs>),
+    /// Plain TCP forwarding with splice (the ceiling); `run` starts it.
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A short smoke run (seconds per peer) that proves the harness works.
+    #[arg(long)]
+    quick: bool,
+    /// Working directory: the PKI, each peer's config and log.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Where results.json and the plots go (default: --out).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// The markdown report (default: BENCHMARKS.md in --results); plots are linked relative to it.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// The gateway binary (a release build).
+    #[arg(long)]
+    gateway: PathBuf,
+    /// Which peers, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::ALL)]
+    peers: Vec<Kind>,
+    /// CPUs the proxy under test may use.
+    #[arg(long, value_delimiter = ',', default_values_t = [0usize])]
+    proxy_cpus: Vec<usize>,
+    /// CPUs for the load generator and the backend.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
+    load_cpus: Vec<usize>,
+    /// Only these scenarios (for profiling one hot path), comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Scenario::ALL)]
+    only: Vec<Scenario>,
+    /// Idle connections for the memory scenario (default: 300 with --quick, else 10,000).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// The common request rate every peer's latency is measured at (default: 1,000 with --quick, else 5,000).
+    #[arg(long)]
+    fixed_rate: Option<f64>,
+    /// Rounds of bulk and handshake measurements, median reported (default: 1 with --quick, else 3).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds each measurement runs (default: 1 with --quick, else 5).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// The paced offered load for the CPU-per-GB comparison.
+    #[arg(long, default_value_t = 3.0)]
+    paced_gbps: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    Bulk,
+    Handshakes,
+    Latency,
+    Memory,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [
+        Scenario::Bulk,
+        Scenario::Handshakes,
+        Scenario::Latency,
+        Scenario::Memory,
+    ];
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Relay { listen, to } => relay::run(listen, to).map_err(anyhow::Error::from),
+        Command::Run(args) => run(*args),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a run measures; `--quick` shrinks every knob.
+struct Plan {
+    window: Window,
+    bulk: Vec<(usize, Direction, bool)>,
+    handshake_clients: usize,
+    latency_connections: usize,
+    fixed_rate: f64,
+    idle_connections: usize,
+    handshakes: bool,
+    latency: bool,
+    memory: bool,
+    /// Bulk and handshakes are measured this often; the median counts.
+    rounds: usize,
+}
+
+impl Plan {
+    fn new(args: &RunArgs) -> Plan {
+        let mut plan = Plan::defaults(args.quick);
+        if let Some(n) = args.idle_connections {
+            plan.idle_connections = n;
+        }
+        if let Some(r) = args.fixed_rate {
+            plan.fixed_rate = r;
+        }
+        if let Some(r) = args.rounds {
+            plan.rounds = r.max(1);
+        }
+        if let Some(s) = args.seconds {
+            plan.window.measure = Duration::from_secs_f64(s);
+        }
+        let has = |s| args.only.contains(&s);
+        if !has(Scenario::Bulk) {
+            plan.bulk.clear();
+        }
+        plan.handshakes = has(Scenario::Handshakes);
+        plan.latency = has(Scenario::Latency);
+        plan.memory = has(Scenario::Memory);
+        plan
+    }
+
+    fn defaults(quick: bool) -> Plan {
+        let mut bulk = Vec::new();
+        for paced in if quick { vec![true] } else { vec![true, false] } {
+            for conns in [1, 16] {
+                for dir in [Direction::Upload, Direction::Download] {
+                    bulk.push((conns, dir, paced));
+                }
+            }
+        }
+        if quick {
+            Plan {
+                window: Window {
+                    warmup: Duration::from_millis(300),
+                    measure: Duration::from_secs(1),
+                },
+                bulk,
+                handshake_clients: 32,
+                latency_connections: 16,
+                fixed_rate: 1000.0,
+                idle_connections: 300,
+                rounds: 1,
+                handshakes: true,
+                latency: true,
+                memory: true,
+            }
+        } else {
+            Plan {
+                window: Window {
+                    warmup: Duration::from_secs(1),
+                    measure: Duration::from_secs(5),
+                },
+                bulk,
+                handshake_clients: 128,
+                latency_connections: 16,
+                fixed_rate: 5000.0,
+                idle_connections: IDLE_CONNECTIONS,
+                rounds: 3,
+                handshakes: true,
+                latency: true,
+                memory: true,
+            }
+        }
+    }
+
+    fn steps(&self, kind: Kind) -> u64 {
+        let rounds = self.rounds as u64;
+        let tls = if kind.tls() {
+            rounds * u64::from(self.handshakes)
+                + 3 * u64::from(self.latency)
+                + u64::from(self.memory)
+        } else {
+            0
+        };
+        rounds * self.bulk.len() as u64 + tls
+    }
+}
+
+/// Idle connections for the memory scenario (fewer where the open-file limit says so).
+const IDLE_CONNECTIONS: usize = 10_000;
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let nofile = procstat::raise_nofile(200_000)?;
+    procstat::pin_to(&args.load_cpus).context("pinning the load generator")?;
+    let bench = std::env::current_exe()?;
+    let bins = Binaries {
+        gateway: args
+            .gateway
+            .canonicalize()
+            .with_context(|| format!("gateway binary {}", args.gateway.display()))?,
+        bench,
+    };
+    let mut plan = Plan::new(&args);
+    // The proxy holds two sockets per connection, and so does this process
+    // (client and backend side): the open-file limit caps the idle count.
+    let fits = (nofile.saturating_sub(500) / 2) as usize;
+    if plan.idle_connections > fits {
+        eprintln!(
+            "gateway-bench: open-file limit {nofile} (no CAP_SYS_RESOURCE to raise it): {fits} idle connections instead of {}",
+            plan.idle_connections
+        );
+        plan.idle_connections = fits;
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let out = args.out.canonicalize()?;
+    let pki = pki::create(&out.join("pki"))?;
+    let client = load::client_config(pki.client_chain.clone(), pki.client_key.clone_key())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    let total: u64 = args.peers.iter().map(|&k| plan.steps(k)).sum::<u64>();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {prefix:>8} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let reports = runtime.block_on(async {
+        let backend = backend::Backend::start().await?;
+        let ctx = Ctx {
+            bins: &bins,
+            pki: &pki,
+            backend: &backend,
+            workdir: out.join("peers"),
+            args: &args,
+            plan: &plan,
+            client: &client,
+            bar: &bar,
+        };
+        anyhow::Ok(ctx.measure_all().await)
+    })?;
+    bar.finish_with_message("done");
+
+    let report = Report {
+        date: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        mode: if args.quick { "quick" } else { "full" },
+        machine: Machine::detect(),
+        proxy_cpus: args.proxy_cpus.clone(),
+        load_cpus: args.load_cpus.clone(),
+        paced_gbps: args.paced_gbps,
+        peers: reports,
+    };
+    let results = args.results.clone().unwrap_or_else(|| out.clone());
+    report::write_all(&report, &results, args.markdown.as_deref())?;
+    let failures: Vec<String> = report
+        .peers
+        .iter()
+        .flat_map(|p| p.errors.iter().map(move |e| format!("{}: {e}", p.name)))
+        .collect();
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} scenario(s) failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Everything one run shares.
+struct Ctx<'a> {
+    bins: &'a Binaries,
+    pki: &'a pki::Files,
+    backend: &'a backend::Backend,
+    workdir: PathBuf,
+    args: &'a RunArgs,
+    plan: &'a Plan,
+    client: &'a std::sync::Arc<rustls::ClientConfig>,
+    bar: &'a ProgressBar,
+}
+
+/// One peer through the run: its process (None once it failed) and report.
+struct Entry {
+    kind: Kind,
+    peer: Option<Peer>,
+    /// It failed to start or died: no fresh start for the memory scenario.
+    dead: bool,
+    report: PeerReport,
+}
+
+impl Ctx<'_> {
+    fn start(&self, kind: Kind) -> anyhow::Result<Peer> {
+        Peer::start(
+            kind,
+            self.bins,
+            self.pki,
+            self.backend.addr,
+            &self.workdir,
+            &self.args.proxy_cpus,
+        )
+    }
+
+    fn rig(&self, peer: &Peer) -> Rig<'_> {
+        Rig {
+            target: Target {
+                addr: peer.addr,
+                tls: peer.kind.tls().then(|| {
+                    (
+                        self.client.clone(),
+                        ServerName::try_from(pki::SERVER_NAME).expect("static name"),
+                    )
+                }),
+            },
+            backend_counters: &self.backend.counters,
+            proxy: peer.proc,
+            proxy_cores: self.args.proxy_cpus.len(),
+            window: self.plan.window,
+        }
+    }
+
+    /// Every peer runs at once (pinned to the same CPUs, idle while another
+    /// is measured), and each scenario measures them one after the other:
+    /// the machine's own drift over the run then falls on all peers alike
+    /// instead of on whichever ran last. Bulk and handshake numbers are the
+    /// median of the plan's rounds.
+    async fn measure_all(&self) -> Vec<PeerReport> {
+        let mut entries: Vec<Entry> = self
+            .args
+            .peers
+            .iter()
+            .map(|&kind| {
+                let mut report = PeerReport {
+                    name: kind.name().into(),
+                    version: peers::version(kind, self.bins),
+                    ..Default::default()
+                };
+                let peer = self
+                    .start(kind)
+                    .map_err(|e| report.errors.push(format!("{e:#}")))
+                    .ok();
+                Entry {
+                    kind,
+                    dead: peer.is_none(),
+                    peer,
+                    report,
+                }
+            })
+            .collect();
+
+        let mut bulk: Vec<Vec<Vec<load::BulkResult>>> =
+            vec![vec![Vec::new(); self.plan.bulk.len()]; entries.len()];
+        let mut handshakes: Vec<Vec<load::HandshakeResult>> = vec![Vec::new(); entries.len()];
+        for round in 0..self.plan.rounds {
+            for (si, &(conns, dir, paced)) in self.plan.bulk.iter().enumerate() {
+                let offered = paced.then_some(self.args.paced_gbps);
+                for (pi, e) in entries.iter_mut().enumerate() {
+                    self.bar.set_prefix(e.kind.name());
+                    self.bar.set_message(format!(
+                        "round {}/{}: {conns} conn {dir:?} {}",
+                        round + 1,
+                        self.plan.rounds,
+                        offered.map_or("unpaced".into(), |g| format!("@{g} Gbit/s"))
+                    ));
+                    if let Some(peer) = &e.peer {
+                        match self.rig(peer).bulk(conns, dir, offered).await {
+                            Ok(r) => bulk[pi][si].push(r),
+                            Err(err) => e
+                                .report
+                                .errors
+                                .push(format!("bulk {conns} {dir:?}: {err:#}")),
+                        }
+                    }
+                    check_alive(e);
+                    self.bar.inc(1);
+                }
+            }
+            if self.plan.handshakes {
+                for (pi, e) in entries.iter_mut().enumerate() {
+                    self.bar.set_prefix(e.kind.name());
+                    self.bar.set_message(format!(
+                        "round {}/{}: handshakes",
+                        round + 1,
+                        self.plan.rounds
+                    ));
+                    if let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) {
+                        match self.rig(peer).handshakes(self.plan.handshake_clients).await {
+                            Ok(h) => handshakes[pi].push(h),
+                            Err(err) => e.report.errors.push(format!("handshakes: {err:#}")),
+                        }
+                        self.bar.inc(1);
+                    }
+                    check_alive(e);
+                }
+            }
+        }
+        for (pi, e) in entries.iter_mut().enumerate() {
+            e.report.bulk = bulk[pi]
+                .drain(..)
+                .filter_map(|v| median_by(v, |b| b.proxy_cpu_s_per_gb))
+                .collect();
+            e.report.handshakes = median_by(std::mem::take(&mut handshakes[pi]), |h| h.per_second);
+        }
+
+        if self.plan.latency {
+            self.latency(&mut entries).await;
+        }
+
+        // Memory on a fresh process: what earlier scenarios left in a heap is
+        // not what an idle connection costs.
+        for e in &mut entries {
+            e.peer = None;
+        }
+        if self.plan.memory {
+            for e in &mut entries {
+                if !e.kind.tls() || e.dead {
+                    continue;
+                }
+                self.bar.set_prefix(e.kind.name());
+                self.bar
+                    .set_message(format!("{} idle connections", self.plan.idle_connections));
+                match self.start(e.kind) {
+                    Ok(peer) => {
+                        match self
+                            .rig(&peer)
+                            .idle_memory(self.plan.idle_connections, 64, self.bar)
+                            .await
+                        {
+                            Ok(m) => e.report.memory = Some(m),
+                            Err(err) => e.report.errors.push(format!("idle memory: {err:#}")),
+                        }
+                        e.peer = Some(peer);
+                        check_alive(e);
+                        e.peer = None;
+                    }
+                    Err(err) => e.report.errors.push(format!("{err:#}")),
+                }
+                self.bar.inc(1);
+            }
+        }
+        entries.into_iter().map(|e| e.report).collect()
+    }
+}
+
+impl Ctx<'_> {
+    /// Each TLS peer's peak request rate, then its latency at three rates:
+    /// the plan's fixed rate, half the slowest peer's peak (the same load
+    /// for everyone, which all can carry), and half its own peak. Only the
+    /// common rates compare peers: at half its own peak a fast proxy is
+    /// offered more than the one load core can generate without queueing.
+    async fn latency(&self, entries: &mut [Entry]) {
+        let conns = self.plan.latency_connections;
+        let mut peaks = vec![None; entries.len()];
+        for (i, e) in entries.iter_mut().enumerate() {
+            self.bar.set_prefix(e.kind.name());
+            self.bar.set_message("peak requests");
+            if let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) {
+                match self.rig(peer).peak_requests(conns).await {
+                    Ok(p) => peaks[i] = Some(p),
+                    Err(err) => e.report.errors.push(format!("peak requests: {err:#}")),
+                }
+                e.report.peak_requests_per_second = peaks[i];
+                self.bar.inc(1);
+            }
+            check_alive(e);
+        }
+        let common = peaks
+            .iter()
+            .flatten()
+            .copied()
+            .reduce(f64::min)
+            .map(|p| p / 2.0);
+        for (i, e) in entries.iter_mut().enumerate() {
+            self.bar.set_prefix(e.kind.name());
+            let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) else {
+                continue;
+            };
+            let rates = [
+                Some((self.plan.fixed_rate, load::RateBasis::Fixed)),
+                common.map(|r| (r, load::RateBasis::HalfSlowestPeak)),
+                peaks[i].map(|p| (p / 2.0, load::RateBasis::HalfOwnPeak)),
+            ];
+            for (rate, basis) in rates.into_iter().flatten() {
+                self.bar.set_message(format!("latency at {rate:.0} req/s"));
+                match self.rig(peer).latency(conns, rate, basis).await {
+                    Ok(l) => e.report.latency.push(l),
+                    Err(err) => e
+                        .report
+                        .errors
+                        .push(format!("latency at {rate:.0}/s: {err:#}")),
+                }
+            }
+            self.bar.inc(2);
+            check_alive(e);
+        }
+    }
+}
+
+fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = v.len() / 2;
+    Some(v.swap_remove(mid))
+}
+
+/// A peer that died stops being measured; its log tail goes into the report.
+fn check_alive(e: &mut Entry) {
+    if let Some(peer) = &mut e.peer
+        && !peer.alive()
+    {
+        e.report
+            .errors
+            .push(format!("{} died:\n{}", e.kind.name(), peer.log_tail()));
+        e.peer = None;
+        e.dead = true;
+    }
+}

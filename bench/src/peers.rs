@@ -1,0 +1,390 @@
+//! The proxies under test: this gateway and the ones users would pick
+//! instead, each configured by us for the same job (TLS 1.3, client
+//! certificates required and verified against the same root, forward to the
+//! same backend), started pinned to the proxy's cores and stopped after.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+
+use crate::pki::Files;
+use crate::procstat::ProcTree;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// This gateway (userspace path).
+    Gateway,
+    Haproxy,
+    Nginx,
+    Stunnel,
+    /// Plain TCP splice relay, no TLS: the ceiling.
+    Relay,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Gateway,
+        Kind::Haproxy,
+        Kind::Nginx,
+        Kind::Stunnel,
+        Kind::Relay,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Gateway => "gateway",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+            Kind::Stunnel => "stunnel",
+            Kind::Relay => "relay",
+        }
+    }
+
+    pub fn tls(self) -> bool {
+        self != Kind::Relay
+    }
+}
+
+/// Where the binaries are.
+pub struct Binaries {
+    pub gateway: PathBuf,
+    /// This benchmark's own binary (it is also the relay).
+    pub bench: PathBuf,
+}
+
+pub struct Peer {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    pub proc: ProcTree,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Peer {
+    pub fn start(
+        kind: Kind,
+        bins: &Binaries,
+        pki: &Files,
+        backend: SocketAddr,
+        workdir: &Path,
+        cpus: &[usize],
+    ) -> anyhow::Result<Peer> {
+        let dir = workdir.join(kind.name());
+        std::fs::create_dir_all(&dir)?;
+        let addr = free_port()?;
+        let mut cmd = match kind {
+            Kind::Gateway => gateway(bins, pki, addr, backend, &dir)?,
+            Kind::Haproxy => haproxy(pki, addr, backend, &dir)?,
+            Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len())?,
+            Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,
+            Kind::Relay => {
+                let mut c = Command::new(&bins.bench);
+                c.args([
+                    "relay",
+                    "--listen",
+                    &addr.to_string(),
+                    "--to",
+                    &backend.to_string(),
+                ]);
+                c
+            }
+        };
+        let log = std::fs::File::create(dir.join("stderr.log"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let cpus = cpus.to_vec();
+        // SAFETY: between fork and exec only sched_setaffinity runs, which is
+        // async-signal-safe and allocates nothing (the set is built on the stack).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || crate::procstat::pin_to(&cpus));
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", kind.name()))?;
+        let mut peer = Peer {
+            kind,
+            addr,
+            proc: ProcTree { root: child.id() },
+            child,
+            dir,
+        };
+        peer.wait_ready()?;
+        Ok(peer)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited at start ({status}):\n{}",
+                    self.kind.name(),
+                    self.log_tail()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                // Let multi-process proxies finish starting their workers.
+                std::thread::sleep(Duration::from_millis(300));
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not listen on {} within 15s:\n{}",
+                    self.kind.name(),
+                    self.addr,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Whether it is still running (a crash mid-run voids its numbers).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SIGTERM first so nginx's master takes its workers down with it.
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Client connections a proxy may hold: each costs it two file descriptors,
+/// and the limit (inherited from this process) is all it gets.
+fn max_connections() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    (lim.rlim_cur.saturating_sub(200) / 2).max(100)
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p)
+}
+
+fn gateway(
+    bins: &Binaries,
+    pki: &Files,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<Command> {
+    let config = write(
+        dir,
+        "gateway.toml",
+        &format!(
+            r#"access_log = "off"
+watch_files = false
+
+[[listeners]]
+name = "bench"
+bind = "{addr}"
+cert = "{chain}"
+key = "{key}"
+client_ca = "{root}"
+tls_versions = ["1.3"]
+idle_timeout = "10m"
+max_connections = {max}
+offload = "userspace"
+
+[[listeners.routes]]
+name = "backend"
+backends = ["{backend}"]
+allow = ["{identity}"]
+"#,
+            chain = pki.server_chain.display(),
+            key = pki.server_key.display(),
+            root = pki.root.display(),
+            identity = crate::pki::CLIENT_IDENTITY,
+            max = max_connections(),
+        ),
+    )?;
+    let mut c = Command::new(&bins.gateway);
+    c.arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn");
+    Ok(c)
+}
+
+fn haproxy(
+    pki: &Files,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<Command> {
+    let config = write(
+        dir,
+        "haproxy.cfg",
+        &format!(
+            "global
+    maxconn {maxconn}
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend bench
+    bind {addr} ssl crt {pem} ca-file {root} verify required ssl-min-ver TLSv1.3 curves P-256
+    default_backend backend
+backend backend
+    server backend {backend}
+",
+            pem = pki.server_pem_bundle.display(),
+            maxconn = max_connections(),
+            root = pki.root.display(),
+        ),
+    )?;
+    let mut c = Command::new("haproxy");
+    c.arg("-db").arg("-f").arg(config);
+    Ok(c)
+}
+
+fn nginx(
+    pki: &Files,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    dir: &Path,
+    workers: usize,
+) -> anyhow::Result<Command> {
+    let config = write(
+        dir,
+        "nginx.conf",
+        &format!(
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {worker_connections}; }}
+stream {{
+    server {{
+        listen {addr} ssl;
+        ssl_certificate {chain};
+        ssl_certificate_key {key};
+        ssl_client_certificate {root};
+        ssl_verify_client on;
+        ssl_verify_depth 3;
+        ssl_protocols TLSv1.3;
+        ssl_ecdh_curve prime256v1;
+        ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+        ssl_session_tickets off;
+        proxy_pass {backend};
+        proxy_timeout 10m;
+    }}
+}}
+",
+            dir = dir.display(),
+            worker_connections = 2 * max_connections(),
+            chain = pki.server_chain.display(),
+            key = pki.server_key.display(),
+            root = pki.root.display(),
+        ),
+    )?;
+    let mut c = Command::new("nginx");
+    c.arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(config);
+    Ok(c)
+}
+
+fn stunnel(
+    pki: &Files,
+    addr: SocketAddr,
+    backend: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<Command> {
+    let config = write(
+        dir,
+        "stunnel.conf",
+        &format!(
+            "foreground = yes
+pid =
+debug = 3
+[bench]
+accept = {addr}
+connect = {backend}
+cert = {chain}
+key = {key}
+CAfile = {root}
+verifyChain = yes
+requireCert = yes
+sslVersionMin = TLSv1.3
+ciphersuites = TLS_AES_128_GCM_SHA256
+curves = prime256v1
+TIMEOUTidle = 600
+",
+            chain = pki.server_chain.display(),
+            key = pki.server_key.display(),
+            root = pki.root.display(),
+        ),
+    )?;
+    let mut c = Command::new("stunnel4");
+    c.arg(config);
+    Ok(c)
+}
+
+/// Each peer's version line, as it reports it.
+pub fn version(kind: Kind, bins: &Binaries) -> String {
+    let (cmd, args): (&Path, &[&str]) = match kind {
+        Kind::Gateway => (&bins.gateway, &["--version"]),
+        Kind::Haproxy => (Path::new("haproxy"), &["-v"]),
+        Kind::Nginx => (Path::new("nginx"), &["-v"]),
+        Kind::Stunnel => (Path::new("stunnel4"), &["-version"]),
+        Kind::Relay => return "splice relay (gateway-bench)".into(),
+    };
+    let Ok(out) = Command::new(cmd).args(args).stdin(Stdio::null()).output() else {
+        return "not installed".into();
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("Initializing"))
+        .unwrap_or("unknown");
+    first.to_owned()
+}

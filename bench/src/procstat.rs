@@ -1,0 +1,129 @@
+//! What a proxy costs, read from /proc: CPU time and resident memory of the
+//! process and every process it forked (nginx's workers), so each peer is
+//! charged for all of its work whatever its process model.
+
+use std::collections::HashMap;
+
+/// A proxy's process tree, rooted at the pid we started.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcTree {
+    pub root: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+}
+
+impl ProcTree {
+    pub fn sample(&self) -> Sample {
+        let pids = self.pids();
+        let ticks = clock_ticks();
+        let mut cpu = 0u64;
+        let mut rss = 0u64;
+        for pid in pids {
+            if let Some((utime, stime)) = cpu_ticks(pid) {
+                cpu += utime + stime;
+            }
+            rss += rss_bytes(pid).unwrap_or(0);
+        }
+        Sample {
+            cpu_seconds: cpu as f64 / ticks,
+            rss_bytes: rss,
+        }
+    }
+
+    /// The root and its descendants (by parent pid).
+    fn pids(&self) -> Vec<u32> {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        if let Ok(entries) = std::fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok()) {
+                    children.entry(ppid).or_default().push(pid);
+                }
+            }
+        }
+        let mut out = vec![self.root];
+        let mut i = 0;
+        while i < out.len() {
+            if let Some(c) = children.get(&out[i]) {
+                out.extend(c);
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+/// Fields of /proc/PID/stat after the command name (which may hold spaces):
+/// index 0 is the state, 1 the parent pid, 11/12 utime/stime.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    Some(after.split_whitespace().map(str::to_owned).collect())
+}
+
+fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
+    let f = stat_fields(pid)?;
+    Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf reads a constant of the running system; no memory is passed.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Pins the calling thread (and what it later forks) to `cpus`.
+pub fn pin_to(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is its empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET writes inside `set`, and c is below CPU_SETSIZE (checked).
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(std::io::Error::other(format!("cpu {c} out of range")));
+        }
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the set lives across the call.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Raises this process's open-file limit to `want` (root may raise the hard
+/// limit too); children inherit it, so every proxy can hold 10,000 connections.
+pub fn raise_nofile(want: u64) -> std::io::Result<u64> {
+    let lim = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        return Ok(want);
+    }
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+    cur.rlim_cur = cur.rlim_max;
+    // SAFETY: as above.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &cur) };
+    Ok(cur.rlim_cur)
+}

@@ -1,0 +1,494 @@
+//! Results as JSON (for machines), BENCHMARKS.md (for people) and PNG plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::load::{BulkResult, Direction, HandshakeResult, LatencyResult, MemoryResult, RateBasis};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub date: String,
+    pub mode: &'static str,
+    pub machine: Machine,
+    pub proxy_cpus: Vec<usize>,
+    pub load_cpus: Vec<usize>,
+    pub paced_gbps: f64,
+    pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub kernel: String,
+    pub memory_gib: f64,
+}
+
+impl Machine {
+    pub fn detect() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / (1u64 << 20) as f64);
+        Machine {
+            cpu,
+            // Not available_parallelism: the load generator is pinned to one CPU.
+            // SAFETY: sysconf reads a constant of the running system.
+            cores: usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) })
+                .unwrap_or(1),
+            kernel,
+            memory_gib,
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PeerReport {
+    pub name: String,
+    pub version: String,
+    pub bulk: Vec<BulkResult>,
+    pub handshakes: Option<HandshakeResult>,
+    pub peak_requests_per_second: Option<f64>,
+    pub latency: Vec<LatencyResult>,
+    pub memory: Option<MemoryResult>,
+    /// Scenarios that failed, with why.
+    pub errors: Vec<String>,
+}
+
+impl PeerReport {
+    fn bulk(&self, conns: usize, dir: Direction, paced: bool) -> Option<&BulkResult> {
+        self.bulk.iter().find(|b| {
+            b.connections == conns && b.direction == dir && b.offered_gbps.is_some() == paced
+        })
+    }
+}
+
+pub fn write_all(report: &Report, dir: &Path, markdown: Option<&Path>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(dir.join("results.json"), json)?;
+    let plots = match plots(report, dir) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("bench: plots skipped: {e:#}");
+            Vec::new()
+        }
+    };
+    let md_path = markdown.map_or_else(|| dir.join("BENCHMARKS.md"), Path::to_path_buf);
+    // Plot links are relative to where the markdown lives.
+    let base = md_path.parent().unwrap_or(Path::new("."));
+    let rel: Vec<String> = plots.iter().map(|p| relative(p, base)).collect();
+    std::fs::write(&md_path, markdown_text(report, &rel))
+        .with_context(|| format!("writing {}", md_path.display()))?;
+    eprintln!(
+        "bench: wrote {} and {}",
+        dir.join("results.json").display(),
+        md_path.display()
+    );
+    Ok(())
+}
+
+fn relative(p: &Path, base: &Path) -> String {
+    let (Ok(p), Ok(base)) = (p.canonicalize(), base.canonicalize()) else {
+        return p.display().to_string();
+    };
+    p.strip_prefix(&base)
+        .map_or_else(|_| p.display().to_string(), |r| r.display().to_string())
+}
+
+const SCENARIOS: [(usize, Direction, &str); 4] = [
+    (1, Direction::Upload, "1 conn upload"),
+    (1, Direction::Download, "1 conn download"),
+    (16, Direction::Upload, "16 conns upload"),
+    (16, Direction::Download, "16 conns download"),
+];
+
+fn f(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "–".into(), |v| format!("{v:.digits$}"))
+}
+
+fn markdown_text(r: &Report, plots: &[String]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Written by `cargo xtask bench{}` on {}. Every number below comes from this one run; \
+         the peers ran on the same machine, with the same PKI, backend and load.\n",
+        if r.mode == "quick" { " --quick" } else { "" },
+        r.date
+    );
+    let _ = writeln!(
+        s,
+        "- Machine: {}, {} cores, {:.0} GiB, Linux {}\n\
+         - Proxy pinned to CPU {:?}; load generator and backend pinned to CPU {:?} (sched_setaffinity).\n\
+         - TLS 1.3, TLS_AES_128_GCM_SHA256, P-256, full handshakes (no resumption); the client sends leaf + \
+         intermediate and every proxy verifies it against the root. Access logs off everywhere.\n\
+         - CPU is the proxy's own (all its processes and threads, from /proc), per 10^9 bytes forwarded.\n\
+         - Bottleneck: `proxy` when the proxy used ≥ 90% of its CPU, else `load` (the load core or the pacing set the rate).\n",
+        r.machine.cpu,
+        r.machine.cores,
+        r.machine.memory_gib,
+        r.machine.kernel,
+        r.proxy_cpus,
+        r.load_cpus
+    );
+    let _ = writeln!(s, "| peer | version |\n|---|---|");
+    for p in &r.peers {
+        let _ = writeln!(s, "| {} | {} |", p.name, p.version);
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## CPU-seconds per GB at a paced {} Gbit/s\n\n| peer | {} |\n|---|{}",
+        r.paced_gbps,
+        SCENARIOS.map(|x| x.2).join(" | "),
+        "---|".repeat(SCENARIOS.len())
+    );
+    for p in &r.peers {
+        let cells: Vec<String> = SCENARIOS
+            .iter()
+            .map(|&(c, d, _)| match p.bulk(c, d, true) {
+                Some(b) => format!("{:.2} ({:.2} Gbit/s)", b.proxy_cpu_s_per_gb, b.gbps),
+                None => "–".into(),
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", p.name, cells.join(" | "));
+    }
+
+    let saturated = r
+        .peers
+        .iter()
+        .any(|p| p.bulk.iter().any(|b| b.offered_gbps.is_none()));
+    if saturated {
+        let _ = writeln!(
+            s,
+            "\n## Saturation (unpaced)\n\n| peer | scenario | Gbit/s | CPU-s/GB | proxy CPU load | bottleneck |\n|---|---|---|---|---|---|"
+        );
+        for p in &r.peers {
+            for &(c, d, name) in &SCENARIOS {
+                if let Some(b) = p.bulk(c, d, false) {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {name} | {:.2} | {:.2} | {:.2} | {:?} |",
+                        p.name, b.gbps, b.proxy_cpu_s_per_gb, b.proxy_cpu_load, b.bottleneck
+                    );
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Full mTLS handshakes\n\nEach: TCP connect, full handshake, one 16-byte request forwarded and echoed, close. \
+         Only connections the backend saw count.\n\n\
+         | peer | handshakes/s | proxy CPU ms each | proxy CPU load | bottleneck | failed |\n|---|---|---|---|---|---|"
+    );
+    for p in r.peers.iter().filter(|p| p.handshakes.is_some()) {
+        if let Some(h) = &p.handshakes {
+            let _ = writeln!(
+                s,
+                "| {} | {:.0} | {:.2} | {:.2} | {:?} | {} |",
+                p.name, h.per_second, h.proxy_cpu_ms_each, h.proxy_cpu_load, h.bottleneck, h.failed
+            );
+        }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Request/response latency\n\n1 KiB each way over persistent connections, open loop: a request delayed by \
+         a late response counts from when it was due (no coordinated omission). Peak: the same connections in a closed loop.\n\n\
+         Peers compare at the common rates (fixed, and half the slowest peer's peak); at half its own peak \
+         a faster proxy is offered more than the single load core generates without queueing of its own.\n\n\
+         | peer | peak req/s | rate basis | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for p in &r.peers {
+        for l in &p.latency {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                p.name,
+                f(p.peak_requests_per_second, 0),
+                l.basis.describe(),
+                l.rate,
+                l.achieved,
+                l.p50_ms,
+                l.p99_ms,
+                l.p999_ms,
+                l.max_ms
+            );
+        }
+    }
+
+    let _ = writeln!(
+        s,
+        "\n## Memory per idle connection\n\nRSS growth of the proxy (all its processes) with N established mTLS \
+         connections, each having forwarded one request.\n\n\
+         | peer | connections | RSS before MiB | RSS after MiB | KiB per connection |\n|---|---|---|---|---|"
+    );
+    for p in &r.peers {
+        if let Some(m) = &p.memory {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} | {:.1} | {:.1} |",
+                p.name, m.connections, m.rss_before_mib, m.rss_after_mib, m.kib_per_connection
+            );
+        }
+    }
+
+    if let Some(g) = r.peers.iter().find(|p| p.name == "gateway") {
+        let _ = writeln!(
+            s,
+            "\n## The gateway against its targets\n\n| target | measured | met |\n|---|---|---|"
+        );
+        let worst_paced = SCENARIOS
+            .iter()
+            .filter_map(|&(c, d, _)| g.bulk(c, d, true).map(|b| b.proxy_cpu_s_per_gb))
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let row = |s: &mut String,
+                   what: &str,
+                   v: Option<f64>,
+                   digits: usize,
+                   ok: &dyn Fn(f64) -> bool| {
+            let met = v.map_or("–", |v| if ok(v) { "yes" } else { "**no**" });
+            let _ = writeln!(s, "| {what} | {} | {met} |", f(v, digits));
+        };
+        row(
+            &mut s,
+            "≤ 1.0 CPU-s/GB at the paced rate (worst scenario)",
+            worst_paced,
+            2,
+            &|v| v <= 1.0,
+        );
+        let hs = g.handshakes.as_ref().map(|h| h.per_second);
+        row(
+            &mut s,
+            "≥ 1,700 full handshakes/s on one core",
+            hs,
+            0,
+            &|v| v >= 1700.0,
+        );
+        let mem = g.memory.as_ref().map(|m| m.kib_per_connection);
+        row(&mut s, "≤ 14 KiB per idle connection", mem, 1, &|v| {
+            v <= 14.0
+        });
+        let p99 = |p: &PeerReport| {
+            p.latency
+                .iter()
+                .find(|l| l.basis == RateBasis::HalfSlowestPeak)
+                .map(|l| l.p99_ms)
+        };
+        let best_peer = r
+            .peers
+            .iter()
+            .filter(|p| p.name != "gateway" && p.name != "relay")
+            .filter_map(p99)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
+        let ours = p99(g);
+        let met = match (ours, best_peer) {
+            (Some(o), Some(b)) if o <= b => "yes",
+            (Some(_), Some(_)) => "**no**",
+            _ => "–",
+        };
+        let _ = writeln!(
+            s,
+            "| p99 at half the slowest peer's peak no worse than the best peer ({} ms) | {} ms | {met} |",
+            f(best_peer, 3),
+            f(ours, 3)
+        );
+    }
+
+    let errors: Vec<String> = r
+        .peers
+        .iter()
+        .flat_map(|p| p.errors.iter().map(move |e| format!("- {}: {e}", p.name)))
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(s, "\n## Failed scenarios\n\n{}", errors.join("\n"));
+    }
+    if !plots.is_empty() {
+        let _ = writeln!(s, "\n## Plots\n");
+        for p in plots {
+            let _ = writeln!(s, "![{p}]({p})");
+        }
+    }
+    s
+}
+
+fn plots(r: &Report, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    register_font()?;
+    let mut out = Vec::new();
+    let names: Vec<String> = r.peers.iter().map(|p| p.name.clone()).collect();
+
+    let groups: Vec<String> = SCENARIOS.iter().map(|s| s.2.to_owned()).collect();
+    let series: Vec<(String, Vec<Option<f64>>)> = r
+        .peers
+        .iter()
+        .map(|p| {
+            let v = SCENARIOS
+                .iter()
+                .map(|&(c, d, _)| p.bulk(c, d, true).map(|b| b.proxy_cpu_s_per_gb))
+                .collect();
+            (p.name.clone(), v)
+        })
+        .collect();
+    let path = dir.join("cpu-per-gb.png");
+    bars(
+        &path,
+        &format!(
+            "Proxy CPU-seconds per GB at {} Gbit/s (lower is better)",
+            r.paced_gbps
+        ),
+        &groups,
+        &series,
+    )?;
+    out.push(path);
+
+    let tls: Vec<&PeerReport> = r.peers.iter().filter(|p| p.handshakes.is_some()).collect();
+    let path = dir.join("handshakes.png");
+    bars(
+        &path,
+        "Full mTLS handshakes per second (higher is better)",
+        &["handshakes/s".to_owned()],
+        &tls.iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    vec![p.handshakes.as_ref().map(|h| h.per_second)],
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    out.push(path);
+
+    let path = dir.join("latency.png");
+    bars(
+        &path,
+        "Latency at half the slowest peer's peak (same rate for all), ms (lower is better)",
+        &["p50".to_owned(), "p99".to_owned(), "p99.9".to_owned()],
+        &r.peers
+            .iter()
+            .filter_map(|p| {
+                let l = p
+                    .latency
+                    .iter()
+                    .find(|l| l.basis == RateBasis::HalfSlowestPeak)?;
+                Some((
+                    p.name.clone(),
+                    vec![Some(l.p50_ms), Some(l.p99_ms), Some(l.p999_ms)],
+                ))
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    out.push(path);
+
+    let path = dir.join("memory.png");
+    bars(
+        &path,
+        "KiB per idle mTLS connection (lower is better)",
+        &["KiB per connection".to_owned()],
+        &r.peers
+            .iter()
+            .filter(|p| p.memory.is_some())
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    vec![p.memory.as_ref().map(|m| m.kib_per_connection)],
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
+    out.push(path);
+    let _ = names;
+    Ok(out)
+}
+
+/// plotters draws text with ab_glyph, which needs a font registered by hand.
+fn register_font() -> anyhow::Result<()> {
+    const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+    let bytes =
+        std::fs::read(FONT).with_context(|| format!("reading {FONT} (fonts-dejavu-core)"))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{FONT} is not a font ab_glyph can read"))?;
+    Ok(())
+}
+
+/// Grouped bars: one group per x label, one coloured bar per series in each.
+fn bars(
+    path: &Path,
+    title: &str,
+    groups: &[String],
+    series: &[(String, Vec<Option<f64>>)],
+) -> anyhow::Result<()> {
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().flatten().copied())
+        .fold(0.0f64, f64::max);
+    let top = if max > 0.0 { max * 1.2 } else { 1.0 };
+    let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..(n - 0.5), 0.0..top)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(groups.len())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 {
+                groups.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let width = 0.8 / series.len().max(1) as f64;
+    for (si, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(si).to_rgba();
+        let rects: Vec<Rectangle<(f64, f64)>> = values
+            .iter()
+            .enumerate()
+            .filter_map(|(gi, v)| {
+                let x0 = gi as f64 - 0.4 + si as f64 * width;
+                v.map(|v| Rectangle::new([(x0, 0.0), (x0 + width * 0.92, v)], color.filled()))
+            })
+            .collect();
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
