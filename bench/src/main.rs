@@ -67,7 +67,7 @@ struct RunArgs {
     #[arg(long)]
     gateway: PathBuf,
     /// Which peers, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::ALL)]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::HOST)]
     peers: Vec<Kind>,
     /// CPUs the proxy under test may use.
     #[arg(long, value_delimiter = ',', default_values_t = [0usize])]

@@ -19,6 +19,10 @@ use crate::procstat::ProcTree;
 pub enum Kind {
     /// This gateway (userspace path).
     Gateway,
+    /// This gateway with kernel TLS and splice (`offload = "kernel"`): only
+    /// where the kernel has kTLS (the VM run).
+    #[value(name = "gateway-ktls")]
+    GatewayKtls,
     Haproxy,
     Nginx,
     Stunnel,
@@ -27,7 +31,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    /// The peers of a run on a host (kTLS is measured in the VM).
+    pub const HOST: [Kind; 5] = [
         Kind::Gateway,
         Kind::Haproxy,
         Kind::Nginx,
@@ -38,6 +43,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Gateway => "gateway",
+            Kind::GatewayKtls => "gateway-ktls",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
             Kind::Stunnel => "stunnel",
@@ -78,7 +84,8 @@ impl Peer {
         std::fs::create_dir_all(&dir)?;
         let addr = free_port()?;
         let mut cmd = match kind {
-            Kind::Gateway => gateway(bins, pki, addr, backend, &dir)?,
+            Kind::Gateway => gateway(bins, pki, addr, backend, &dir, "userspace")?,
+            Kind::GatewayKtls => gateway(bins, pki, addr, backend, &dir, "kernel")?,
             Kind::Haproxy => haproxy(pki, addr, backend, &dir)?,
             Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len())?,
             Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,
@@ -204,6 +211,7 @@ fn gateway(
     addr: SocketAddr,
     backend: SocketAddr,
     dir: &Path,
+    offload: &str,
 ) -> anyhow::Result<Command> {
     let config = write(
         dir,
@@ -221,7 +229,7 @@ client_ca = "{root}"
 tls_versions = ["1.3"]
 idle_timeout = "10m"
 max_connections = {max}
-offload = "userspace"
+offload = "{offload}"
 
 [[listeners.routes]]
 name = "backend"
@@ -367,7 +375,7 @@ TIMEOUTidle = 600
 /// Each peer's version line, as it reports it.
 pub fn version(kind: Kind, bins: &Binaries) -> String {
     let (cmd, args): (&Path, &[&str]) = match kind {
-        Kind::Gateway => (&bins.gateway, &["--version"]),
+        Kind::Gateway | Kind::GatewayKtls => (&bins.gateway, &["--version"]),
         Kind::Haproxy => (Path::new("haproxy"), &["-v"]),
         Kind::Nginx => (Path::new("nginx"), &["-v"]),
         Kind::Stunnel => (Path::new("stunnel4"), &["-version"]),

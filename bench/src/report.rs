@@ -193,48 +193,57 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         }
     }
 
-    let _ = writeln!(
-        s,
-        "\n## Full mTLS handshakes\n\nEach: TCP connect, full handshake, one 16-byte request forwarded and echoed, close. \
+    let any_handshakes = r.peers.iter().any(|p| p.handshakes.is_some());
+    let any_latency = r.peers.iter().any(|p| !p.latency.is_empty());
+    if any_handshakes {
+        let _ = writeln!(
+            s,
+            "\n## Full mTLS handshakes\n\nEach: TCP connect, full handshake, one 16-byte request forwarded and echoed, close. \
          Only connections the backend saw count.\n\n\
          | peer | handshakes/s | proxy CPU ms each | proxy CPU load | bottleneck | failed |\n|---|---|---|---|---|---|"
-    );
-    for p in r.peers.iter().filter(|p| p.handshakes.is_some()) {
-        if let Some(h) = &p.handshakes {
-            let _ = writeln!(
-                s,
-                "| {} | {:.0} | {:.2} | {:.2} | {:?} | {} |",
-                p.name, h.per_second, h.proxy_cpu_ms_each, h.proxy_cpu_load, h.bottleneck, h.failed
-            );
+        );
+        for p in r.peers.iter().filter(|p| p.handshakes.is_some()) {
+            if let Some(h) = &p.handshakes {
+                let _ = writeln!(
+                    s,
+                    "| {} | {:.0} | {:.2} | {:.2} | {:?} | {} |",
+                    p.name,
+                    h.per_second,
+                    h.proxy_cpu_ms_each,
+                    h.proxy_cpu_load,
+                    h.bottleneck,
+                    h.failed
+                );
+            }
         }
     }
-
-    let _ = writeln!(
-        s,
-        "\n## Request/response latency\n\n1 KiB each way over persistent connections, open loop: a request delayed by \
+    if any_latency {
+        let _ = writeln!(
+            s,
+            "\n## Request/response latency\n\n1 KiB each way over persistent connections, open loop: a request delayed by \
          a late response counts from when it was due (no coordinated omission). Peak: the same connections in a closed loop.\n\n\
          Peers compare at the common rates (fixed, and half the slowest peer's peak); at half its own peak \
          a faster proxy is offered more than the single load core generates without queueing of its own.\n\n\
          | peer | peak req/s | rate basis | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---|---|---|---|---|---|---|---|"
-    );
-    for p in &r.peers {
-        for l in &p.latency {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
-                p.name,
-                f(p.peak_requests_per_second, 0),
-                l.basis.describe(),
-                l.rate,
-                l.achieved,
-                l.p50_ms,
-                l.p99_ms,
-                l.p999_ms,
-                l.max_ms
-            );
+        );
+        for p in &r.peers {
+            for l in &p.latency {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} |",
+                    p.name,
+                    f(p.peak_requests_per_second, 0),
+                    l.basis.describe(),
+                    l.rate,
+                    l.achieved,
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.p999_ms,
+                    l.max_ms
+                );
+            }
         }
     }
-
     let _ = writeln!(
         s,
         "\n## Memory per idle connection\n\nRSS growth of the proxy (all its processes) with N established mTLS \
@@ -247,6 +256,42 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
                 s,
                 "| {} | {} | {:.1} | {:.1} | {:.1} |",
                 p.name, m.connections, m.rss_before_mib, m.rss_after_mib, m.kib_per_connection
+            );
+        }
+    }
+
+    if let (Some(user), Some(kernel)) = (
+        r.peers.iter().find(|p| p.name == "gateway"),
+        r.peers.iter().find(|p| p.name == "gateway-ktls"),
+    ) {
+        let _ = writeln!(
+            s,
+            "\n## Kernel TLS + splice against the userspace path\n\n\
+             The same gateway, `offload = \"kernel\"` against `\"userspace\"`. Under emulation absolute \
+             numbers mean little; the ratio is the result (target: ≤ 0.5).\n\n\
+             | scenario | userspace CPU-s/GB | kTLS CPU-s/GB | kTLS / userspace |\n|---|---|---|---|"
+        );
+        for paced in [true, false] {
+            for &(c, d, name) in &SCENARIOS {
+                if let (Some(u), Some(k)) = (user.bulk(c, d, paced), kernel.bulk(c, d, paced)) {
+                    let _ = writeln!(
+                        s,
+                        "| {name} {} | {:.2} | {:.2} | {:.2} |",
+                        if paced { "(paced)" } else { "(unpaced)" },
+                        u.proxy_cpu_s_per_gb,
+                        k.proxy_cpu_s_per_gb,
+                        k.proxy_cpu_s_per_gb / u.proxy_cpu_s_per_gb
+                    );
+                }
+            }
+        }
+        if let (Some(u), Some(k)) = (&user.memory, &kernel.memory) {
+            let _ = writeln!(
+                s,
+                "| KiB per idle connection | {:.1} | {:.1} | {:.2} |",
+                u.kib_per_connection,
+                k.kib_per_connection,
+                k.kib_per_connection / u.kib_per_connection
             );
         }
     }

@@ -99,6 +99,13 @@ pub struct ListenerConfig {
     /// (kernel TLS where the kernel takes it, else userspace), "kernel", "userspace".
     #[serde(default)]
     pub offload: crate::offload::Offload,
+    /// TLS 1.3 on the kernel path: tell the kernel this leg's peers do not
+    /// pad records (TLS_RX_EXPECT_NO_PAD, Linux 6.0+), so it decrypts straight
+    /// into the destination. For trusted peers: one that pads still works, but
+    /// each padded record is decrypted twice (TlsRxNoPadViolation in
+    /// /proc/net/tls_stat). Ignored, with a warning, where the kernel lacks it.
+    #[serde(default)]
+    pub rx_expect_no_pad: bool,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -157,6 +164,9 @@ pub struct UpstreamTlsConfig {
     /// Where this upstream leg's TLS runs after the handshake (as the listener's `offload`).
     #[serde(default)]
     pub offload: crate::offload::Offload,
+    /// As the listener's `rx_expect_no_pad`, for the backend's records.
+    #[serde(default)]
+    pub rx_expect_no_pad: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

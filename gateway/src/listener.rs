@@ -281,7 +281,18 @@ async fn relay(
         Ok(()) => {
             conn.offload = Some("kernel");
             metrics.offload(&listener.name, "kernel", "none");
-            match Box::pin(into_kernel(*tls, backend)).await {
+            let upstream_no_pad = route
+                .upstream_tls
+                .as_ref()
+                .is_some_and(|u| u.rx_expect_no_pad);
+            match Box::pin(into_kernel(
+                *tls,
+                backend,
+                listener.rx_expect_no_pad,
+                upstream_no_pad,
+            ))
+            .await
+            {
                 Ok((client, backend)) => {
                     splice::forward(client, backend, listener.idle_timeout, close, why).await
                 }
@@ -354,6 +365,8 @@ fn offload_plan(
 async fn into_kernel(
     mut tls: ClientTls,
     backend: Upstream,
+    client_no_pad: bool,
+    upstream_no_pad: bool,
 ) -> Result<(splice::Side, splice::Side), offload::HandOffError> {
     let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
     tls.flush().await.map_err(flush)?;
@@ -362,11 +375,11 @@ async fn into_kernel(
         Upstream::Tls(mut t) => {
             t.flush().await.map_err(flush)?;
             let (io, session) = t.into_inner();
-            splice::Side::Kernel(offload::hand_off(io, session.into()).await?)
+            splice::Side::Kernel(offload::hand_off(io, session.into(), upstream_no_pad).await?)
         }
     };
     let (io, session) = tls.into_inner();
-    let client = splice::Side::Kernel(offload::hand_off(io, session.into()).await?);
+    let client = splice::Side::Kernel(offload::hand_off(io, session.into(), client_no_pad).await?);
     Ok((client, backend))
 }
 

@@ -52,6 +52,7 @@ pub struct ListenerState {
     pub connect_attempts: usize,
     pub max_connection_lifetime: Option<Duration>,
     pub offload: crate::offload::Offload,
+    pub rx_expect_no_pad: bool,
 }
 
 #[derive(Debug)]
@@ -84,6 +85,10 @@ impl Route {
                     &u.server_name,
                     u.offload,
                 )
+                .map(|mut t| {
+                    t.rx_expect_no_pad = u.rx_expect_no_pad;
+                    t
+                })
             })
             .transpose()
             .map_err(|e| StateError::Route {
@@ -203,6 +208,7 @@ impl ListenerState {
             connect_attempts: l.connect_attempts,
             max_connection_lifetime: l.max_connection_lifetime,
             offload: l.offload,
+            rx_expect_no_pad: l.rx_expect_no_pad,
         })
     }
 

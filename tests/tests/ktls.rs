@@ -417,3 +417,88 @@ async fn key_update_closes_with_a_reason() {
         "nothing after the KeyUpdate reached the backend"
     );
 }
+
+/// The fd of this process's TCP socket connected from `peer` (the gateway
+/// runs in-process, so its sockets are ours to inspect).
+fn socket_with_peer(peer: std::net::SocketAddr) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: sockaddr_storage is plain data; getpeername writes at most len bytes.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: as above; a non-socket fd fails with ENOTSOCK.
+        if unsafe { libc::getpeername(fd, (&raw mut ss).cast(), &mut len) } != 0 {
+            continue;
+        }
+        if ss.ss_family as i32 != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family says it is a sockaddr_in.
+        let sin: libc::sockaddr_in = unsafe { std::ptr::read((&raw const ss).cast()) };
+        let addr = std::net::SocketAddr::from((
+            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            u16::from_be(sin.sin_port),
+        ));
+        if addr == peer {
+            return Some(fd);
+        }
+    }
+    None
+}
+
+/// `rx_expect_no_pad = true` reaches the kernel on a TLS 1.3 kernel-path
+/// connection, and data stays byte-exact with no padding violations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rx_expect_no_pad_reaches_the_kernel() {
+    if !kernel_tls_or_skip("rx_expect_no_pad_reaches_the_kernel") {
+        return;
+    }
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway_toml(
+            &pki,
+            backend.addr,
+            "offload = \"kernel\"\nrx_expect_no_pad = true",
+        ),
+    )
+    .await;
+    let before = tls_stat();
+    let mut tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        client_with_suite(
+            &pki,
+            &rustls::version::TLS13,
+            CipherSuite::TLS13_AES_128_GCM_SHA256,
+        ),
+    )
+    .await
+    .expect("handshake");
+    // One round trip, so the gateway has handed the connection to the kernel.
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    let client = tls.get_ref().0.local_addr().unwrap();
+    let fd = socket_with_peer(client).expect("the gateway's socket for this client");
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: reads an int option into `v`; SOL_TLS = 282, TLS_RX_EXPECT_NO_PAD = 4.
+    let rc = unsafe { libc::getsockopt(fd, 282, 4, (&raw mut v).cast(), &mut len) };
+    assert_eq!(
+        (rc, v),
+        (0, 1),
+        "TLS_RX_EXPECT_NO_PAD is set on the gateway's socket"
+    );
+    let data = payload(16 * MIB);
+    let got = echo_roundtrip(tls, data.clone()).await.expect("echo");
+    assert!(got == data, "byte-exact with no-pad decryption");
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
+    let after = tls_stat();
+    assert_eq!(stat_delta(&before, &after, "TlsRxNoPadViolation"), 0);
+    assert_eq!(stat_delta(&before, &after, "TlsDecryptError"), 0);
+}

@@ -42,6 +42,9 @@ enum Command {
         /// A smoke run of a few seconds per peer (results under target/bench/quick).
         #[arg(long)]
         quick: bool,
+        /// Only the kTLS-against-userspace run in the VM.
+        #[arg(long, conflicts_with = "quick")]
+        vm_only: bool,
         /// Passed on to `gateway-bench run` (e.g. --peers gateway,nginx --only bulk).
         #[arg(last = true)]
         extra: Vec<String>,
@@ -76,9 +79,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             test::run(!no_lint, !no_vm)
         }
-        Command::Bench { quick, extra } => {
+        Command::Bench {
+            quick,
+            vm_only,
+            extra,
+        } => {
             setup::run()?;
-            bench::run(quick, &extra)
+            bench::run(quick, vm_only, &extra)
         }
         Command::VmTest { kernel } => {
             setup::run()?;

@@ -15,7 +15,7 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
         crate::vm::run(None)?;
     }
     // The benchmark harness must keep working; its full run is on demand.
-    crate::bench::run(true, &[])?;
+    crate::bench::run(true, false, &[])?;
     // The README's first command must keep working: run it as a test too.
     crate::demo::run()?;
     eprintln!("xtask: all tests passed");

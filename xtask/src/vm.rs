@@ -108,8 +108,8 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
     let labels: Vec<&str> = chosen.iter().map(|k| k.label).collect();
     for source in chosen {
         let kernel = fetch_kernel(source)?;
-        let initrd = build_initramfs(&kernel, &busybox, &gateway, &tests)?;
-        match boot(&kernel, &initrd) {
+        let initrd = build_initramfs(&kernel, &busybox, &gateway, Payload::Tests(&tests))?;
+        match boot(&kernel, &initrd).and_then(|out| check_tests(&kernel, &out)) {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("xtask: vm {}: {e:#}", kernel.label);
@@ -424,25 +424,37 @@ for m in $(cat /modules/order); do
   insmod /modules/$m.ko || echo "GATEWAY-VM: insmod $m failed"
 done
 echo "GATEWAY-VM: tcp_available_ulp: $(cat /proc/sys/net/ipv4/tcp_available_ulp)"
-for t in $(cat /tests/order); do
-  echo "GATEWAY-VM: run $t"
-  /tests/$t --test-threads=1
-  echo "GATEWAY-VM: exit $t $?"
-done
+if [ -x /bench/run ]; then
+  /bench/run
+  echo "GATEWAY-VM: exit bench $?"
+else
+  for t in $(cat /tests/order); do
+    echo "GATEWAY-VM: run $t"
+    /tests/$t --test-threads=1
+    echo "GATEWAY-VM: exit $t $?"
+  done
+fi
 echo "GATEWAY-VM: end"
 sync
 poweroff -f
 "#;
 
+/// What the VM runs: the test binaries, or the benchmark.
+enum Payload<'a> {
+    Tests(&'a [(String, PathBuf)]),
+    /// The benchmark binary and the arguments of its `run`.
+    Bench(&'a Path, &'a [&'a str]),
+}
+
 fn build_initramfs(
     kernel: &Kernel,
     busybox: &Path,
     gateway: &Path,
-    tests: &[(String, PathBuf)],
+    payload: Payload<'_>,
 ) -> anyhow::Result<PathBuf> {
     let mut cpio = Cpio::default();
     for dir in [
-        "bin", "dev", "proc", "sys", "tmp", "root", "modules", "tests",
+        "bin", "dev", "proc", "sys", "tmp", "root", "modules", "tests", "bench",
     ] {
         cpio.dir(dir);
     }
@@ -460,6 +472,23 @@ fn build_initramfs(
         let _ = writeln!(order, "{name}");
     }
     cpio.file("modules/order", order.as_bytes(), 0o644);
+    let tests = match payload {
+        Payload::Tests(tests) => tests,
+        Payload::Bench(bench, args) => {
+            cpio.file(
+                "bin/gateway-bench",
+                &std::fs::read(bench).with_context(|| bench.display().to_string())?,
+                0o755,
+            );
+            let script = format!(
+                "#!/bin/sh\n/bin/gateway-bench run --gateway /bin/gateway --out /tmp/bench {}\nrc=$?\n\
+                 echo {BENCH_BEGIN}\ncat /tmp/bench/BENCHMARKS.md\necho {BENCH_END}\nexit $rc\n",
+                args.join(" ")
+            );
+            cpio.file("bench/run", script.as_bytes(), 0o755);
+            &[][..]
+        }
+    };
     let mut order = String::new();
     for (name, path) in tests {
         cpio.file(
@@ -546,8 +575,9 @@ impl std::fmt::Write for HexSink<'_> {
     }
 }
 
-/// Boots the kernel with the initramfs and reports what the tests printed.
-fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<()> {
+/// Boots the kernel with the initramfs and returns what the VM printed on
+/// its result port.
+fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<String> {
     let dir = vm_dir().join(kernel.label);
     let console = dir.join("console.log");
     let results = dir.join("results.log");
@@ -625,6 +655,12 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<()> {
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
+    eprintln!("xtask: vm {}: finished in {elapsed}s", kernel.label);
+    Ok(output)
+}
+
+/// Every test binary ran and passed.
+fn check_tests(kernel: &Kernel, output: &str) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for line in output.lines() {
         if let Some(rest) = line.strip_prefix("GATEWAY-VM: exit ") {
@@ -645,9 +681,61 @@ fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<()> {
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
     }
-    eprintln!(
-        "xtask: vm {}: all {ran} test binaries passed in {elapsed}s",
-        kernel.label
-    );
+    eprintln!("xtask: vm {}: all {ran} test binaries passed", kernel.label);
     Ok(())
+}
+
+const BENCH_BEGIN: &str = "GATEWAY-BENCH-BEGIN";
+const BENCH_END: &str = "GATEWAY-BENCH-END";
+
+/// The benchmark's kTLS part: the gateway with `offload = "kernel"` against
+/// `"userspace"` on Debian's 6.1 cloud kernel, release builds, statically
+/// linked. Returns the markdown report the VM printed.
+pub fn bench(args: &[&str]) -> anyhow::Result<String> {
+    let busybox = PathBuf::from("/bin/busybox");
+    let target = "x86_64-unknown-linux-gnu";
+    cmd::run(
+        cmd::cargo()
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "gateway",
+                "--package",
+                "gateway-bench",
+            ])
+            .args(["--bins", "--target", target])
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                STATIC_RUSTFLAGS,
+            ),
+    )?;
+    let release = cmd::workspace_root()
+        .join("target")
+        .join(target)
+        .join("release");
+    let source = KERNELS
+        .iter()
+        .find(|k| k.by_default)
+        .context("no default VM kernel")?;
+    let kernel = fetch_kernel(source)?;
+    let initrd = build_initramfs(
+        &kernel,
+        &busybox,
+        &release.join("gateway"),
+        Payload::Bench(&release.join("gateway-bench"), args),
+    )?;
+    let output = boot(&kernel, &initrd)?;
+    let report = output
+        .split_once(BENCH_BEGIN)
+        .and_then(|(_, rest)| rest.split_once(BENCH_END))
+        .map(|(md, _)| md.trim().to_owned())
+        .context("the VM printed no benchmark report")?;
+    if !output.contains("GATEWAY-VM: exit bench 0") {
+        bail!("the benchmark failed in the VM (its report and errors are above)");
+    }
+    Ok(format!(
+        "Kernel: {} ({})\n\n{report}\n",
+        kernel.package, kernel.label
+    ))
 }

@@ -501,6 +501,7 @@ pub(crate) async fn finish(
 pub async fn hand_off(
     io: Corked<TcpStream>,
     conn: rustls::Connection,
+    rx_expect_no_pad: bool,
 ) -> Result<KernelLeg, HandOffError> {
     let f = finish(io, conn).await?;
     let cipher = Cipher::of_suite(f.suite.suite())
@@ -515,6 +516,16 @@ pub async fn hand_off(
     let stream = f.stream;
     sys::set_crypto(&stream, sys::TLS_TX, &tx).map_err(|e| HandOffError(format!("TLS_TX: {e}")))?;
     sys::set_crypto(&stream, sys::TLS_RX, &rx).map_err(|e| HandOffError(format!("TLS_RX: {e}")))?;
+    if rx_expect_no_pad && f.version == Version::Tls13 {
+        // Only an optimisation: a kernel without it decrypts as before.
+        if let Err(e) = sys::set_tls_flag(&stream, sys::TLS_RX_EXPECT_NO_PAD, true) {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e,
+                    "rx_expect_no_pad: the kernel does not take TLS_RX_EXPECT_NO_PAD (Linux 6.0+); ignored");
+            });
+        }
+    }
     Ok(KernelLeg {
         stream,
         version: f.version,

@@ -9,6 +9,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub const SOL_TLS: libc::c_int = 282;
 pub const TLS_TX: libc::c_int = 1;
 pub const TLS_RX: libc::c_int = 2;
+/// Linux 6.0+: the peer promises TLS 1.3 records without padding.
+pub const TLS_RX_EXPECT_NO_PAD: libc::c_int = 4;
 /// cmsg type that sets the record type of a `sendmsg` on a kTLS socket.
 const TLS_SET_RECORD_TYPE: libc::c_int = 1;
 /// cmsg type that `recvmsg` uses to report a record's type.
@@ -125,6 +127,21 @@ pub fn set_crypto(fd: &impl AsRawFd, direction: libc::c_int, info: &CryptoInfo) 
             direction,
             ptr,
             len as libc::socklen_t,
+        )
+    })
+}
+
+/// Sets an integer option at SOL_TLS (after the keys are in).
+pub fn set_tls_flag(fd: &impl AsRawFd, option: libc::c_int, value: bool) -> io::Result<()> {
+    let v = libc::c_int::from(value);
+    // SAFETY: the option value is a live c_int of the size we pass.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            SOL_TLS,
+            option,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     })
 }

@@ -254,6 +254,8 @@ pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
     pub server_name: rustls_pki_types::ServerName<'static>,
     pub offload: Offload,
+    /// As the listener's `rx_expect_no_pad`, for the backend's records.
+    pub rx_expect_no_pad: bool,
 }
 
 impl fmt::Debug for UpstreamTls {
@@ -296,6 +298,7 @@ impl UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
             offload,
+            rx_expect_no_pad: false,
         })
     }
 }
