@@ -93,6 +93,61 @@ pub struct BypassEvent {
 /// counters still count every attempt.
 pub const EVENTS_PER_SECOND: u64 = 64;
 
+/// Counters the remote guard (TC ingress) keeps, indexed by [`IngressCounter`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngressCounter {
+    /// A packet to a protected port.
+    Protected = 0,
+    /// From an allowed (gateway) source: passed.
+    Allowed = 1,
+    /// From anyone else: dropped.
+    Dropped = 2,
+    /// Would have been dropped; passed because enforcement is "audit".
+    Audited = 3,
+}
+
+impl IngressCounter {
+    pub const COUNT: u32 = 4;
+}
+
+/// Protected port rules (one per configured port or range) the remote guard holds.
+pub const MAX_PORT_RULES: u32 = 256;
+/// Allowed source prefixes per address family.
+pub const MAX_ALLOWED_SOURCES: u32 = 1024;
+
+/// The remote guard's settings, in a one-entry array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressConfig {
+    /// [`enforcement::ENFORCE`] or [`enforcement::AUDIT`].
+    pub enforcement: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// A packet from a source that is not the gateway to a protected port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngressEvent {
+    /// Source and destination addresses, network byte order; IPv4 uses word 0.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// The interface it arrived on.
+    pub ifindex: u32,
+    /// Ports in host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// 6 (TCP) or 17 (UDP).
+    pub protocol: u8,
+    /// 1 when passed because enforcement is "audit", 0 when dropped.
+    pub audited: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are #[repr(C)], Copy, have no implicit padding (it is
@@ -104,4 +159,8 @@ mod user {
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: as above (56 bytes, no implicit padding).
     unsafe impl aya::Pod for super::BypassEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::IngressConfig {}
+    // SAFETY: as above (44 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::IngressEvent {}
 }

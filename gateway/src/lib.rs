@@ -17,6 +17,7 @@ pub mod offload;
 pub mod pki;
 pub mod policy;
 pub mod registry;
+pub mod remote_guard;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -41,10 +41,20 @@ enum Command {
         #[arg(long, default_value = "1d")]
         fail_within: String,
     },
-    /// The eBPF guard outside a running gateway.
+    /// The eBPF guard outside a running gateway: on a backend host, let only
+    /// the gateways reach the protected ports (`--config guard.toml`); or
+    /// remove what a gateway left pinned (`--uninstall`).
     Guard {
+        /// guard.toml: interfaces, allow (the gateways), protect (ports), enforcement.
+        #[arg(
+            long,
+            short,
+            conflicts_with = "uninstall",
+            required_unless_present = "uninstall"
+        )]
+        config: Option<PathBuf>,
         /// Remove the pinned programs and maps a gateway left installed.
-        #[arg(long, required = true)]
+        #[arg(long)]
         uninstall: bool,
         #[arg(long, default_value = "/sys/fs/bpf/gateway")]
         pin_dir: PathBuf,
@@ -235,8 +245,19 @@ fn main() -> ExitCode {
         } => check(&config, warn_within.as_deref(), &fail_within),
         Command::Pki { command } => pki(command),
         Command::Guard {
-            uninstall: _,
+            config: Some(path), ..
+        } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(gateway::remote_guard::run(&path))
+                    .map_err(Into::into)
+            }),
+        Command::Guard {
+            config: None,
             pin_dir,
+            ..
         } => gateway::ebpf::uninstall(&pin_dir)
             .map(|n| {
                 println!(

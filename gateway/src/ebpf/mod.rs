@@ -16,6 +16,8 @@ use gateway_common::{
 };
 use tokio::io::unix::AsyncFd;
 
+pub mod remote;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error("the eBPF programs were not built (AYA_BUILD_SKIP was set at build time)")]
@@ -45,6 +47,8 @@ pub enum EbpfError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("interface {interface:?}: {reason}")]
+    Interface { interface: String, reason: String },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

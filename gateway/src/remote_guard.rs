@@ -1,0 +1,190 @@
+//! `gateway guard --config guard.toml`: the remote guard on a backend host.
+//! Only the gateways' addresses reach the protected ports; everyone else's
+//! packets are dropped (or counted and passed, in audit) and logged.
+//!
+//! ```toml
+//! interfaces = ["eth0"]
+//! allow = ["10.0.1.10", "fd00::10"]         # the gateways (CIDR prefixes)
+//! protect = ["tcp:9000", "tcp:9100-9199"]   # udp:PORT too
+//! enforcement = "enforce"                   # or "audit"
+//! ```
+//!
+//! Fail closed: when the program cannot be attached, the guard does not
+//! start. SIGHUP reloads the file and updates the maps in place.
+
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::ebpf::Enforcement;
+use crate::ebpf::remote::{IngressCounters, PortRule, RemoteGuard, RemoteSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteGuardError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {field}: {message}", path.display())]
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("guard: {0}")]
+    Ebpf(#[from] crate::ebpf::EbpfError),
+}
+
+impl RemoteGuardError {
+    fn invalid(path: &Path, message: String) -> Self {
+        RemoteGuardError::Invalid {
+            path: path.to_owned(),
+            message,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    interfaces: Vec<String>,
+    allow: Vec<String>,
+    protect: Vec<String>,
+    #[serde(default = "enforce")]
+    enforcement: EnforcementSetting,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EnforcementSetting {
+    Enforce,
+    Audit,
+}
+
+fn enforce() -> EnforcementSetting {
+    EnforcementSetting::Enforce
+}
+
+/// Reads and checks guard.toml.
+pub fn load(path: &Path) -> Result<RemoteSpec, RemoteGuardError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RemoteGuardError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let de = toml::Deserializer::parse(&text).map_err(|e| RemoteGuardError::Parse {
+        path: path.to_owned(),
+        field: String::new(),
+        message: e.to_string(),
+    })?;
+    let file: File = serde_path_to_error::deserialize(de).map_err(|e| RemoteGuardError::Parse {
+        path: path.to_owned(),
+        field: e.path().to_string(),
+        message: e.into_inner().message().to_owned(),
+    })?;
+    if file.interfaces.is_empty() {
+        return Err(RemoteGuardError::invalid(
+            path,
+            "interfaces: name at least one".into(),
+        ));
+    }
+    if file.allow.is_empty() {
+        // Nothing could ever reach the protected ports; almost surely a mistake.
+        return Err(RemoteGuardError::invalid(
+            path,
+            "allow: name the gateways' addresses (an empty list would cut every backend off)"
+                .into(),
+        ));
+    }
+    if file.protect.is_empty() {
+        return Err(RemoteGuardError::invalid(
+            path,
+            "protect: name at least one port".into(),
+        ));
+    }
+    // A bare address is the one host: /32 or /128.
+    let allow = file
+        .allow
+        .iter()
+        .map(|a| {
+            a.parse::<IpNet>()
+                .or_else(|_| a.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("allow: {a:?} is neither an address nor a CIDR prefix"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RemoteGuardError::invalid(path, e))?;
+    let protect = file
+        .protect
+        .iter()
+        .map(|p| p.parse::<PortRule>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RemoteGuardError::invalid(path, format!("protect: {e}")))?;
+    Ok(RemoteSpec {
+        interfaces: file.interfaces,
+        allow,
+        protect,
+        enforcement: match file.enforcement {
+            EnforcementSetting::Enforce => Enforcement::Enforce,
+            EnforcementSetting::Audit => Enforcement::Audit,
+        },
+    })
+}
+
+/// Installs the guard, logs every intrusion, reloads on SIGHUP and stops
+/// (detaching) on SIGTERM/SIGINT.
+pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let spec = load(path)?;
+    let mut guard = RemoteGuard::install(&spec)?;
+    let mut events = guard.take_events()?;
+    tracing::info!(
+        interfaces = ?spec.interfaces,
+        allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        protect = ?spec.protect.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        enforcement = ?spec.enforcement,
+        "guard: protecting"
+    );
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = signals else {
+        return Err(RemoteGuardError::invalid(
+            path,
+            "cannot install signal handlers".into(),
+        ));
+    };
+    loop {
+        tokio::select! {
+            e = events.next() => match e {
+                Some(i) => tracing::warn!(
+                    source = %i.source, destination = %i.destination, protocol = i.protocol,
+                    ifindex = i.ifindex, verdict = if i.audited { "audit" } else { "drop" },
+                    "guard: bypass attempt"
+                ),
+                None => {
+                    tracing::error!("guard: the event ring buffer can no longer be read; counters still count");
+                    std::future::pending::<()>().await;
+                }
+            },
+            _ = hup.recv() => match load(path).and_then(|s| guard.update(&s).map_err(Into::into)) {
+                Ok(()) => tracing::info!("guard: reloaded {}", path.display()),
+                Err(e) => tracing::error!(error = %e, "guard: reload failed; the previous rules stay"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let IngressCounters {
+        protected,
+        allowed,
+        dropped,
+        audited,
+    } = guard.counters()?;
+    tracing::info!(protected, allowed, dropped, audited, "guard: stopping");
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! The remote guard on three hosts made of network namespaces: a client, the
+//! gateway and a backend, joined by veth pairs, with the gateway's namespace
+//! routing between the other two. On the backend, `gateway guard --config`
+//! lets only the gateway's addresses reach the protected ports.
+//!
+//! Needs root and iproute2 (`ip netns`); skips with a message otherwise.
+//! Everything it creates (namespaces, veths, processes) goes when it ends,
+//! failed or not.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gateway_tests::*;
+
+/// Namespaces named after this process, so parallel runs never collide.
+struct Topology {
+    prefix: String,
+}
+
+const CLIENT_V4: &str = "10.200.1.2";
+const GATEWAY_CLIENT_SIDE_V4: &str = "10.200.1.1";
+const GATEWAY_BACKEND_SIDE_V4: &str = "10.200.2.1";
+const BACKEND_V4: &str = "10.200.2.2";
+const GATEWAY_BACKEND_SIDE_V6: &str = "fd00:2::1";
+const BACKEND_V6: &str = "fd00:2::2";
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Topology {
+    fn new() -> Topology {
+        let t = Topology {
+            prefix: format!("grg{}", std::process::id()),
+        };
+        for ns in ["c", "g", "b"] {
+            ip(&["netns", "add", &t.ns(ns)]);
+        }
+        let (c, g, b) = (t.ns("c"), t.ns("g"), t.ns("b"));
+        ip(&[
+            "link", "add", "c0", "netns", &c, "type", "veth", "peer", "name", "g0", "netns", &g,
+        ]);
+        ip(&[
+            "link", "add", "g1", "netns", &g, "type", "veth", "peer", "name", "b0", "netns", &b,
+        ]);
+        let x = |ns: &str, cmd: &str| {
+            let mut args = vec!["-n", ns];
+            args.extend(cmd.split_whitespace());
+            ip(&args);
+        };
+        for (ns, dev) in [
+            (&c, "lo"),
+            (&c, "c0"),
+            (&g, "lo"),
+            (&g, "g0"),
+            (&g, "g1"),
+            (&b, "lo"),
+            (&b, "b0"),
+        ] {
+            x(ns, &format!("link set {dev} up"));
+        }
+        x(&c, &format!("addr add {CLIENT_V4}/24 dev c0"));
+        x(
+            &c,
+            &format!("route add default via {GATEWAY_CLIENT_SIDE_V4}"),
+        );
+        x(&c, "addr add fd00:1::2/64 dev c0 nodad");
+        x(&c, "-6 route add default via fd00:1::1");
+        x(&g, &format!("addr add {GATEWAY_CLIENT_SIDE_V4}/24 dev g0"));
+        x(&g, &format!("addr add {GATEWAY_BACKEND_SIDE_V4}/24 dev g1"));
+        x(&g, "addr add fd00:1::1/64 dev g0 nodad");
+        x(
+            &g,
+            &format!("addr add {GATEWAY_BACKEND_SIDE_V6}/64 dev g1 nodad"),
+        );
+        x(&b, &format!("addr add {BACKEND_V4}/24 dev b0"));
+        x(
+            &b,
+            &format!("route add default via {GATEWAY_BACKEND_SIDE_V4}"),
+        );
+        x(&b, &format!("addr add {BACKEND_V6}/64 dev b0 nodad"));
+        x(
+            &b,
+            &format!("-6 route add default via {GATEWAY_BACKEND_SIDE_V6}"),
+        );
+        // The gateway's namespace routes, so a client can try the backend directly.
+        for key in ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] {
+            in_netns(&g, move || std::fs::write(format!("/proc/sys/{key}"), "1")).expect(key);
+        }
+        t
+    }
+
+    fn ns(&self, which: &str) -> String {
+        format!("{}{which}", self.prefix)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth ends (and so their peers).
+        for ns in ["c", "g", "b"] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(ns)])
+                .status();
+        }
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns`: sockets it creates live there
+/// and can be used from anywhere afterwards.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = PathBuf::from("/run/netns").join(ns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns handle");
+        // SAFETY: setns on an open namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A process in namespace `ns`, killed and reaped when dropped.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(ns: &str, args: &[&str], log: PathBuf) -> Proc {
+        let file = std::fs::File::create(&log).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn");
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has `count` lines containing `needle`.
+    fn wait_for(&mut self, needle: &str, count: usize) {
+        let until = Instant::now() + STEP;
+        while self.log().matches(needle).count() < count {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("exited ({status}) before {needle:?}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < until,
+                "no {needle:?} within {STEP:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill with a child pid we have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP connect from the client's namespace: Ok, or why not (a dropped SYN
+/// shows as a timeout).
+fn connect_from_client(t: &Topology, addr: SocketAddr) -> Result<TcpStream, String> {
+    in_netns(&t.ns("c"), move || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(700)).map_err(|e| e.to_string())
+    })
+}
+
+/// A plain TCP echo on `addr` in the backend's namespace, on its own thread.
+fn echo_server(t: &Topology, addr: SocketAddr) {
+    let listener = in_netns(&t.ns("b"), move || {
+        std::net::TcpListener::bind(addr).expect("bind")
+    });
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn write_guard_toml(path: &Path, protect: &str, enforcement: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "interfaces = [\"b0\"]\nallow = [\"{GATEWAY_BACKEND_SIDE_V4}\", \"{GATEWAY_BACKEND_SIDE_V6}/128\"]\n\
+             protect = [{protect}]\nenforcement = \"{enforcement}\"\n"
+        ),
+    )
+    .expect("guard.toml");
+}
+
+#[test]
+fn only_the_gateway_reaches_protected_backend_ports() {
+    if bpf_cgroup_or_skip().is_none() {
+        return;
+    }
+    if Command::new("ip").args(["netns", "list"]).output().is_err() {
+        eprintln!("skipped: iproute2's `ip netns` is not available");
+        return;
+    }
+    let t = Topology::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend: SocketAddr = format!("{BACKEND_V4}:9000").parse().unwrap();
+    let backend_v6: SocketAddr = format!("[{BACKEND_V6}]:9000").parse().unwrap();
+    let unprotected: SocketAddr = format!("{BACKEND_V4}:9100").parse().unwrap();
+    echo_server(&t, backend);
+    echo_server(&t, backend_v6);
+    echo_server(&t, unprotected);
+    let udp = in_netns(&t.ns("b"), || {
+        UdpSocket::bind(format!("{BACKEND_V4}:9002")).expect("udp")
+    });
+    udp.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+
+    // Before the guard: the client reaches the backend around the gateway.
+    connect_from_client(&t, backend).expect("no guard yet: direct connect works");
+
+    let guard_toml = dir.path().join("guard.toml");
+    write_guard_toml(&guard_toml, "\"tcp:9000-9001\", \"udp:9002\"", "enforce");
+    let bin = gateway_binary();
+    let bin = bin.to_str().expect("utf-8 path");
+    let mut guard = Proc::spawn(
+        &t.ns("b"),
+        &[
+            bin,
+            "--log-format",
+            "json",
+            "guard",
+            "--config",
+            guard_toml.to_str().unwrap(),
+        ],
+        dir.path().join("guard.log"),
+    );
+    guard.wait_for("guard: protecting", 1);
+
+    // The gateway in its namespace, routing to the backend.
+    let pki = Pki::new();
+    let mut toml = listener_toml(&pki, "edge", "");
+    toml = toml.replace("127.0.0.1:0", &format!("{GATEWAY_CLIENT_SIDE_V4}:0"));
+    toml.push_str(&route_toml(
+        "orders",
+        &["orders.example.internal"],
+        &[backend],
+        &[SPIFFE_FRONTEND],
+    ));
+    let config = pki.write("gateway.toml", &format!("access_log = \"off\"\n{toml}"));
+    let gw_log = dir.path().join("gateway.log");
+    let _gateway = Proc::spawn(
+        &t.ns("g"),
+        &[
+            bin,
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        gw_log.clone(),
+    );
+    let gw_addr = listening_addr(&gw_log).expect("gateway listening");
+
+    // Direct: dropped at the backend, IPv4 and IPv6.
+    let direct = connect_from_client(&t, backend);
+    assert!(
+        direct.is_err(),
+        "a direct connect to a protected port is refused"
+    );
+    let direct6 = connect_from_client(&t, backend_v6);
+    assert!(direct6.is_err(), "and over IPv6");
+    // An unprotected port on the same host still answers.
+    connect_from_client(&t, unprotected).expect("unprotected port open");
+    // UDP to a protected port: dropped from the client, passed from the gateway.
+    in_netns(&t.ns("c"), || {
+        UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.send_to(b"stranger", format!("{BACKEND_V4}:9002")))
+            .expect("send")
+    });
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "the client's datagram was dropped"
+    );
+    in_netns(&t.ns("g"), || {
+        UdpSocket::bind(format!("{GATEWAY_BACKEND_SIDE_V4}:0"))
+            .and_then(|s| s.send_to(b"gateway", format!("{BACKEND_V4}:9002")))
+            .expect("send")
+    });
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("the gateway's datagram arrives");
+    assert_eq!(&buf[..n], b"gateway");
+
+    // Through the gateway: mTLS, then the gateway's own connect passes.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = connect_from_client(&t, gw_addr).expect("client reaches the gateway");
+    rt.block_on(async {
+        stream.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(stream).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("orders.example.internal").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(pki.frontend_config())
+            .connect(name, tcp)
+            .await
+            .expect("mTLS handshake with the gateway");
+        let data = payload(1 << 20);
+        let got = echo_roundtrip(tls, data.clone())
+            .await
+            .expect("echo through the gateway");
+        assert!(got == data, "byte-exact through the gateway");
+    });
+
+    // Every refusal was logged with who tried what.
+    guard.wait_for("bypass attempt", 1);
+    let log = guard.log();
+    assert!(
+        log.contains(CLIENT_V4) && log.contains(&format!("{BACKEND_V4}:9000")),
+        "the event names source and destination:\n{log}"
+    );
+
+    // Reload adds a port without a gap: 9100 is refused from now on.
+    write_guard_toml(
+        &guard_toml,
+        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
+        "enforce",
+    );
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 1);
+    assert!(
+        connect_from_client(&t, unprotected).is_err(),
+        "9100 is protected after the reload"
+    );
+    assert!(
+        connect_from_client(&t, backend).is_err(),
+        "9000 stayed protected"
+    );
+
+    // Audit: bypasses pass and are counted and logged as such.
+    write_guard_toml(
+        &guard_toml,
+        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
+        "audit",
+    );
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 2);
+    connect_from_client(&t, backend).expect("audit lets the bypass through");
+    guard.wait_for("\"verdict\":\"audit\"", 1);
+
+    // Stopping says what it counted.
+    guard.signal(libc::SIGTERM);
+    guard.wait_for("guard: stopping", 1);
+    let log = guard.log();
+    assert!(log.contains("\"dropped\":"), "{log}");
+    assert_eq!(
+        log.matches("\"verdict\":\"audit\"").count(),
+        1,
+        "an audited connection is one event (its SYN), not one per packet:\n{log}"
+    );
+}
