@@ -196,7 +196,7 @@ impl Plan {
             Plan {
                 window: Window {
                     warmup: Duration::from_secs(1),
-                    measure: Duration::from_secs(5),
+                    measure: Duration::from_secs(4),
                 },
                 bulk,
                 handshake_clients: 128,
