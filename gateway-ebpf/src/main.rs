@@ -149,21 +149,9 @@ fn judge(rule: u32, dest: Dest) -> i32 {
 
 /// Sends a bypass event unless this CPU already sent its share this second.
 fn report(cgroup: u64, dest: &Dest, audited: bool) {
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    // SAFETY: this CPU's slot, valid for the program's run, no concurrent writer.
-    let budget = unsafe { &mut *budget };
-    if budget[0] != second {
-        budget[0] = second;
-        budget[1] = 0;
-    }
-    if budget[1] >= EVENTS_PER_SECOND {
+    if !within_budget(&EVENT_BUDGET) {
         return;
     }
-    budget[1] += 1;
     let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
         return;
     };
@@ -180,6 +168,26 @@ fn report(cgroup: u64, dest: &Dest, audited: bool) {
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     entry.submit(0);
+}
+
+/// Whether this CPU may send one more event this second (and counts it).
+fn within_budget(budget: &PerCpuArray<[u64; 2]>) -> bool {
+    let Some(budget) = budget.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    // SAFETY: this CPU's slot, valid for the program's run, no concurrent writer.
+    let budget = unsafe { &mut *budget };
+    if budget[0] != second {
+        budget[0] = second;
+        budget[1] = 0;
+    }
+    if budget[1] >= EVENTS_PER_SECOND {
+        return false;
+    }
+    budget[1] += 1;
+    true
 }
 
 fn bump(map: &PerCpuArray<u64>, index: u32) {
@@ -425,21 +433,9 @@ fn source_allowed(flow: &Flow) -> bool {
 }
 
 fn report_ingress(ctx: &TcContext, flow: &Flow, audited: bool) {
-    let Some(budget) = INGRESS_EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    // SAFETY: this CPU's slot, valid for the program's run, no concurrent writer.
-    let budget = unsafe { &mut *budget };
-    if budget[0] != second {
-        budget[0] = second;
-        budget[1] = 0;
-    }
-    if budget[1] >= EVENTS_PER_SECOND {
+    if !within_budget(&INGRESS_EVENT_BUDGET) {
         return;
     }
-    budget[1] += 1;
     let Some(mut entry) = INGRESS_EVENTS.reserve::<IngressEvent>(0) else {
         return;
     };

@@ -109,6 +109,28 @@ impl Pki {
         }
     }
 
+    /// A client offering exactly one cipher suite at one version, presenting
+    /// the allowed client's certificate.
+    pub fn client_with_suite(
+        &self,
+        version: &'static rustls::SupportedProtocolVersion,
+        suite: rustls::CipherSuite,
+    ) -> Arc<ClientConfig> {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites.retain(|s| s.suite() == suite);
+        assert_eq!(provider.cipher_suites.len(), 1, "{suite:?} exists");
+        let creds = self.frontend();
+        let mut roots = RootCertStore::empty();
+        roots.add(self.root_der()).expect("root");
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .expect("version")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(creds.chain.clone(), creds.key())
+            .expect("client auth");
+        Arc::new(config)
+    }
+
     /// A client config presenting the allowed client's certificate.
     pub fn frontend_config(&self) -> Arc<ClientConfig> {
         self.client_config(Some(&self.frontend()))

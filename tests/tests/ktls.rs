@@ -6,11 +6,10 @@
 //! fallback tests run everywhere.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use gateway::offload::KernelSupport;
 use gateway_tests::*;
-use rustls::{CipherSuite, ClientConfig, SupportedProtocolVersion};
+use rustls::CipherSuite;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
@@ -29,27 +28,6 @@ fn tls_stat() -> HashMap<String, u64> {
 
 fn stat_delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
     after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
-
-/// A client offering exactly one suite at one version.
-fn client_with_suite(
-    pki: &Pki,
-    version: &'static SupportedProtocolVersion,
-    suite: CipherSuite,
-) -> Arc<ClientConfig> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.cipher_suites.retain(|s| s.suite() == suite);
-    assert_eq!(provider.cipher_suites.len(), 1, "{suite:?} exists");
-    let creds = pki.frontend();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.root_der()).expect("root");
-    let config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[version])
-        .expect("version")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(creds.chain.clone(), creds.key())
-        .expect("client auth");
-    Arc::new(config)
 }
 
 fn gateway_toml(pki: &Pki, backend: std::net::SocketAddr, listener_extra: &str) -> String {
@@ -206,7 +184,7 @@ fn kernel_path_is_byte_exact_for_every_suite() {
             }
             let stat_before = tls_stat();
             let (r0, w0) = gw.thread_io();
-            let tls = connect(gw.app_addr, "orders.example.internal", client_with_suite(&pki, version, suite))
+            let tls = connect(gw.app_addr, "orders.example.internal", pki.client_with_suite(version, suite))
                 .await
                 .unwrap_or_else(|e| panic!("{suite:?}: handshake: {e}"));
             let data = payload(64 * MIB);
@@ -470,8 +448,7 @@ async fn rx_expect_no_pad_reaches_the_kernel() {
     let mut tls = connect(
         gw.app_addr,
         "orders.example.internal",
-        client_with_suite(
-            &pki,
+        pki.client_with_suite(
             &rustls::version::TLS13,
             CipherSuite::TLS13_AES_128_GCM_SHA256,
         ),

@@ -4,33 +4,11 @@
 //! and what the record layer cannot take must end the connection with a
 //! reason, never garbage.
 
-use std::sync::Arc;
-
 use gateway_tests::*;
-use rustls::{CipherSuite, ClientConfig, SupportedProtocolVersion};
+use rustls::CipherSuite;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: usize = 1024 * 1024;
-
-fn client_with_suite(
-    pki: &Pki,
-    version: &'static SupportedProtocolVersion,
-    suite: CipherSuite,
-) -> Arc<ClientConfig> {
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
-    provider.cipher_suites.retain(|s| s.suite() == suite);
-    assert_eq!(provider.cipher_suites.len(), 1, "{suite:?} exists");
-    let creds = pki.frontend();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.root_der()).expect("root");
-    let config = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[version])
-        .expect("version")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(creds.chain.clone(), creds.key())
-        .expect("client auth");
-    Arc::new(config)
-}
 
 fn gateway_toml(pki: &Pki, backend: std::net::SocketAddr) -> String {
     let mut toml = listener_toml(
@@ -82,7 +60,7 @@ async fn every_suite_is_byte_exact_through_the_record_layer() {
         let tls = connect(
             gw.app_addr,
             "orders.example.internal",
-            client_with_suite(&pki, version, suite),
+            pki.client_with_suite(version, suite),
         )
         .await
         .unwrap_or_else(|e| panic!("{suite:?}: handshake: {e}"));

@@ -407,13 +407,7 @@ impl LocalGuard {
     }
 
     fn per_cpu_sum(&self, name: &'static str, index: u32) -> Result<u64, EbpfError> {
-        let map = self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
-        let array: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|_| EbpfError::MissingMap(name))?;
-        let values = array
-            .get(&index, 0)
-            .map_err(|source| EbpfError::Map { name, source })?;
-        Ok(values.iter().sum())
+        per_cpu_sum(&self.ebpf, name, index)
     }
 
     pub fn counters(&self) -> Result<GuardCounters, EbpfError> {
@@ -427,16 +421,8 @@ impl LocalGuard {
     }
 
     /// The bypass events (once; later calls fail). Needs a tokio runtime.
-    pub fn take_events(&mut self) -> Result<Events, EbpfError> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(EbpfError::MissingMap("EVENTS"))?;
-        let ring = RingBuf::try_from(map).map_err(|_| EbpfError::MissingMap("EVENTS"))?;
-        // SAFETY: the ring buffer owns its map fd; it stays open and the same
-        // for as long as the AsyncFd owns the RingBuf.
-        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| EbpfError::Events(e.into()))?;
-        Ok(Events { ring })
+    pub fn take_events(&mut self) -> Result<Events<BypassAttempt>, EbpfError> {
+        Events::take(&mut self.ebpf, "EVENTS", parse_event)
     }
 
     /// Bypass attempts (refused or audited) against one protected backend.
@@ -465,18 +451,34 @@ pub struct BypassAttempt {
     pub audited: bool,
 }
 
-/// The guard's bypass events, as they arrive.
-pub struct Events {
+/// A guard's events as they arrive from its ring buffer, parsed.
+pub struct Events<T> {
     ring: AsyncFd<RingBuf<MapData>>,
+    parse: fn(&[u8]) -> Option<T>,
 }
 
-impl Events {
+impl<T> Events<T> {
+    /// Takes the ring buffer `name` out of `ebpf` (once; later calls fail).
+    /// Needs a tokio runtime.
+    fn take(
+        ebpf: &mut Ebpf,
+        name: &'static str,
+        parse: fn(&[u8]) -> Option<T>,
+    ) -> Result<Self, EbpfError> {
+        let map = ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))?;
+        let ring = RingBuf::try_from(map).map_err(|_| EbpfError::MissingMap(name))?;
+        // SAFETY: the ring buffer owns its map fd; it stays open and the same
+        // for as long as the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| EbpfError::Events(e.into()))?;
+        Ok(Events { ring, parse })
+    }
+
     /// The next event; None when the ring buffer can no longer be watched.
-    pub async fn next(&mut self) -> Option<BypassAttempt> {
+    pub async fn next(&mut self) -> Option<T> {
         loop {
             let mut ready = self.ring.readable_mut().await.ok()?;
             if let Some(item) = ready.get_inner_mut().next() {
-                match parse_event(&item) {
+                match (self.parse)(&item) {
                     Some(event) => return Some(event),
                     None => continue,
                 }
@@ -484,6 +486,17 @@ impl Events {
             ready.clear_ready();
         }
     }
+}
+
+/// One counter of a per-CPU array, summed over the CPUs.
+fn per_cpu_sum(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<u64, EbpfError> {
+    let map = ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
+    let array: PerCpuArray<_, u64> =
+        PerCpuArray::try_from(map).map_err(|_| EbpfError::MissingMap(name))?;
+    let values = array
+        .get(&index, 0)
+        .map_err(|source| EbpfError::Map { name, source })?;
+    Ok(values.iter().sum())
 }
 
 fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {

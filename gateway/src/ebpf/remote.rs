@@ -14,16 +14,15 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
+use aya::maps::Array;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::{SchedClassifier, TcAttachType, tc};
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, enforcement,
 };
 use ipnet::IpNet;
-use tokio::io::unix::AsyncFd;
 
-use super::{EbpfError, Enforcement, object};
+use super::{EbpfError, Enforcement, Events, object, per_cpu_sum};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Protocol {
@@ -283,13 +282,7 @@ impl RemoteGuard {
     }
 
     fn per_cpu_sum(&self, name: &'static str, index: u32) -> Result<u64, EbpfError> {
-        let map = self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?;
-        let array: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|_| EbpfError::MissingMap(name))?;
-        let values = array
-            .get(&index, 0)
-            .map_err(|source| EbpfError::Map { name, source })?;
-        Ok(values.iter().sum())
+        per_cpu_sum(&self.ebpf, name, index)
     }
 
     pub fn counters(&self) -> Result<IngressCounters, EbpfError> {
@@ -312,16 +305,8 @@ impl RemoteGuard {
     }
 
     /// The drop events (once; later calls fail). Needs a tokio runtime.
-    pub fn take_events(&mut self) -> Result<IngressEvents, EbpfError> {
-        let map = self
-            .ebpf
-            .take_map("INGRESS_EVENTS")
-            .ok_or(EbpfError::MissingMap("INGRESS_EVENTS"))?;
-        let ring = RingBuf::try_from(map).map_err(|_| EbpfError::MissingMap("INGRESS_EVENTS"))?;
-        // SAFETY: the ring buffer owns its map fd; it stays open and the same
-        // for as long as the AsyncFd owns the RingBuf.
-        let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| EbpfError::Events(e.into()))?;
-        Ok(IngressEvents { ring })
+    pub fn take_events(&mut self) -> Result<Events<Intrusion>, EbpfError> {
+        Events::take(&mut self.ebpf, "INGRESS_EVENTS", parse)
     }
 }
 
@@ -334,26 +319,6 @@ pub struct Intrusion {
     pub ifindex: u32,
     /// Passed because enforcement is audit (else dropped).
     pub audited: bool,
-}
-
-pub struct IngressEvents {
-    ring: AsyncFd<RingBuf<MapData>>,
-}
-
-impl IngressEvents {
-    /// The next event; None when the ring buffer can no longer be watched.
-    pub async fn next(&mut self) -> Option<Intrusion> {
-        loop {
-            let mut ready = self.ring.readable_mut().await.ok()?;
-            if let Some(item) = ready.get_inner_mut().next() {
-                match parse(&item) {
-                    Some(event) => return Some(event),
-                    None => continue,
-                }
-            }
-            ready.clear_ready();
-        }
-    }
 }
 
 fn parse(bytes: &[u8]) -> Option<Intrusion> {
