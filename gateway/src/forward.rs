@@ -38,6 +38,26 @@ pub struct Transfer {
     pub end: End,
 }
 
+/// Runs `both` directions of a transfer until they end, the connection
+/// idles out, or `close` fires (then `why` says what closed it). Both
+/// forwarding paths end their connections through here.
+pub(crate) async fn until_done<E: std::fmt::Display>(
+    both: impl std::future::Future<Output = Result<((), ()), E>>,
+    activity: &Activity,
+    idle: Duration,
+    close: tokio_util::sync::CancellationToken,
+    why: impl FnOnce() -> String,
+) -> End {
+    tokio::select! {
+        r = both => match r {
+            Ok(_) => End::Completed,
+            Err(e) => End::Error(e.to_string()),
+        },
+        () = activity.idle_for(idle) => End::IdleTimeout(idle),
+        () = close.cancelled() => End::Closed(why()),
+    }
+}
+
 /// When bytes last moved either way, for the idle timeout. Shared by the
 /// userspace record layer and the kernel splice path.
 pub(crate) struct Activity {

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Finished, HandOffError, Version};
-use crate::forward::{Activity, End, Transfer};
+use crate::forward::{Activity, Transfer, until_done};
 
 /// Bytes one read may take. Large enough that a fast sender costs few
 /// syscalls per MiB; it is only held while data is in flight.
@@ -315,14 +315,7 @@ pub async fn forward(
             pump(&backend, &client, &from_backend, &activity),
         )
     };
-    let end = tokio::select! {
-        r = both => match r {
-            Ok(_) => End::Completed,
-            Err(e) => End::Error(e),
-        },
-        () = activity.idle_for(idle) => End::IdleTimeout(idle),
-        () = close.cancelled() => End::Closed(why()),
-    };
+    let end = until_done(both, &activity, idle, close, why).await;
     Transfer {
         client_to_backend: from_client.load(Ordering::Relaxed),
         backend_to_client: from_backend.load(Ordering::Relaxed),

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLeg, sys};
-use crate::forward::{Activity, End, Transfer};
+use crate::forward::{Activity, Transfer, until_done};
 
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -65,14 +65,7 @@ pub async fn forward(
             pump(&backend, &client, &from_backend, &activity),
         )
     };
-    let end = tokio::select! {
-        r = both => match r {
-            Ok(_) => End::Completed,
-            Err(e) => End::Error(e),
-        },
-        () = activity.idle_for(idle) => End::IdleTimeout(idle),
-        () = close.cancelled() => End::Closed(why()),
-    };
+    let end = until_done(both, &activity, idle, close, why).await;
     Transfer {
         client_to_backend: from_client.load(Ordering::Relaxed),
         backend_to_client: from_backend.load(Ordering::Relaxed),
@@ -294,6 +287,7 @@ fn describe(e: &io::Error, kernel_tls: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::End;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
