@@ -25,8 +25,20 @@ impl GuardCounter {
     pub const COUNT: u32 = 4;
 }
 
-/// How many protected-backend rules the maps hold (per address family).
+/// How many protected-backend rules (an address with a port or a port range)
+/// the guard counts separately, per address family.
 pub const MAX_RULES: u32 = 4096;
+
+/// How many protected (protocol, address, port) entries the maps hold per
+/// address family: a rule's range is one entry per port.
+pub const MAX_PROTECTED_PORTS: u32 = 65536;
+
+/// Transport protocols the local guard tells apart (IANA numbers, as the
+/// kernel's `bpf_sock_addr.protocol` reports them).
+pub mod protocol {
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
 
 /// What the guard does to a connect() that bypasses the gateway.
 pub mod enforcement {
@@ -55,9 +67,11 @@ pub struct GuardConfig {
 pub struct BackendV4 {
     pub addr: u32,
     pub port: u16,
+    /// [`protocol::TCP`] or [`protocol::UDP`].
+    pub protocol: u8,
     /// Explicit padding: the hash map compares whole keys, so no byte may be
     /// left uninitialised.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 
 /// A protected backend as the IPv6 map keys it (network byte order).
@@ -66,7 +80,8 @@ pub struct BackendV4 {
 pub struct BackendV6 {
     pub addr: [u32; 4],
     pub port: u16,
-    pub _pad: u16,
+    pub protocol: u8,
+    pub _pad: u8,
 }
 
 /// A bypass attempt, as the guard reports it through its ring buffer.
@@ -84,7 +99,11 @@ pub struct BypassEvent {
     /// Destination port, network byte order.
     pub port: u16,
     /// 1 when let through because enforcement is "audit", 0 when refused.
-    pub audited: u32,
+    pub audited: u8,
+    /// [`protocol::TCP`] (a connect) or [`protocol::UDP`] (a connect or a
+    /// datagram sent).
+    pub protocol: u8,
+    pub _pad: u16,
     /// The task's command name, NUL-padded.
     pub comm: [u8; 16],
 }

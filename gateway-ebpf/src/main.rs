@@ -1,9 +1,11 @@
 //! The gateway's eBPF programs: the local guard and the remote guard.
 //!
 //! `connect4`/`connect6` run on every connect() in the cgroup subtree they
-//! are attached to. A connect to a protected backend passes only from the
-//! gateway's own cgroup; from anywhere else it is refused with EPERM (or, in
-//! audit, counted and let through). Everything else passes untouched.
+//! are attached to, `sendmsg4`/`sendmsg6` on every UDP datagram sent with an
+//! address. Reaching a protected backend (protocol, address, port) passes
+//! only from the gateway's own cgroup; from anywhere else it is refused with
+//! EPERM (or, in audit, counted and let through). Everything else passes
+//! untouched.
 //!
 //! `ingress` is a TC classifier on a backend host's interfaces: a TCP or UDP
 //! packet to a protected port passes only from an allowed (gateway) source;
@@ -23,7 +25,8 @@ use aya_ebpf::{
 };
 use gateway_common::{
     BackendV4, BackendV6, BypassEvent, EVENTS_PER_SECOND, GuardConfig, GuardCounter, IngressConfig,
-    IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, MAX_RULES, enforcement,
+    IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, MAX_PROTECTED_PORTS,
+    MAX_RULES, enforcement, protocol,
 };
 
 /// Verdicts a cgroup/connect program returns to the kernel.
@@ -36,12 +39,15 @@ static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GuardCou
 #[map]
 static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 
-/// Protected backends → rule id (index into RULE_REFUSALS).
+/// Protected backends (one entry per port of a rule) → rule id (index into
+/// RULE_REFUSALS). Not preallocated: most hosts protect a handful.
 #[map]
-static PROTECTED_V4: HashMap<BackendV4, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+static PROTECTED_V4: HashMap<BackendV4, u32> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, BPF_F_NO_PREALLOC);
 
 #[map]
-static PROTECTED_V6: HashMap<BackendV6, u32> = HashMap::with_max_entries(MAX_RULES, 0);
+static PROTECTED_V6: HashMap<BackendV6, u32> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, BPF_F_NO_PREALLOC);
 
 /// Bypass attempts for userspace to log, rate-limited per CPU.
 #[map]
@@ -65,14 +71,39 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     try_connect6(&ctx).unwrap_or(ALLOW)
 }
 
+// UDP datagrams sent with a destination (sendto/sendmsg): a UDP backend is
+// reached without any connect().
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    try_connect4(&ctx).unwrap_or(ALLOW)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    try_connect6(&ctx).unwrap_or(ALLOW)
+}
+
+/// The socket's protocol as the maps key it; other protocols (raw, ICMP)
+/// are never protected.
+fn protocol_of(raw: u32) -> Option<u8> {
+    match raw as u8 {
+        p @ (protocol::TCP | protocol::UDP) if raw < 256 => Some(p),
+        _ => None,
+    }
+}
+
 fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
     bump(&GUARD_COUNTERS, GuardCounter::Seen as u32);
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
     let sa = unsafe { &*ctx.sock_addr };
+    let Some(protocol) = protocol_of(sa.protocol) else {
+        return Ok(ALLOW);
+    };
     let key = BackendV4 {
         addr: sa.user_ip4,
         // The port is the low 16 bits, already in network byte order.
         port: sa.user_port as u16,
+        protocol,
         _pad: 0,
     };
     // SAFETY: the value is read once and copied out; the map is not resized.
@@ -83,6 +114,7 @@ fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
                 family: 4,
                 addr: [key.addr, 0, 0, 0],
                 port: key.port,
+                protocol,
             },
         )),
         None => Ok(ALLOW),
@@ -96,10 +128,15 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
     // copying the array would walk a modified ctx pointer, so read each word.
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run.
     let word = |i: usize| unsafe { core::ptr::read_volatile(&(*sa).user_ip6[i]) };
+    // SAFETY: as above.
+    let Some(protocol) = protocol_of(unsafe { (*sa).protocol }) else {
+        return Ok(ALLOW);
+    };
     let key = BackendV6 {
         addr: [word(0), word(1), word(2), word(3)],
         // SAFETY: as above.
         port: unsafe { (*sa).user_port } as u16,
+        protocol,
         _pad: 0,
     };
     // SAFETY: as in connect4.
@@ -110,6 +147,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
                 family: 6,
                 addr: key.addr,
                 port: key.port,
+                protocol,
             },
         )),
         None => Ok(ALLOW),
@@ -121,6 +159,7 @@ struct Dest {
     family: u16,
     addr: [u32; 4],
     port: u16,
+    protocol: u8,
 }
 
 /// A connect to a protected backend: the gateway's cgroup passes.
@@ -164,7 +203,9 @@ fn report(cgroup: u64, dest: &Dest, audited: bool) {
         addr: dest.addr,
         family: dest.family,
         port: dest.port,
-        audited: audited as u32,
+        audited: audited as u8,
+        protocol: dest.protocol,
+        _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     entry.submit(0);

@@ -202,9 +202,10 @@ pub struct GuardSettings {
     /// v2 mount (default: all of it).
     #[serde(default)]
     pub attach_to: PathBuf,
-    /// Backends to protect besides the routes' own (`ip:port`).
+    /// Backends to protect besides the routes' own: `ip:port`,
+    /// `tcp:ip:first-last`, `udp:[v6]:port` (TCP when no protocol is named).
     #[serde(default)]
-    pub protect: Vec<SocketAddr>,
+    pub protect: Vec<crate::ebpf::Protected>,
     /// Pin programs and maps in bpffs so protection survives the gateway's
     /// exit and a restart takes over (`gateway guard --uninstall` removes it).
     #[serde(default = "default_true")]

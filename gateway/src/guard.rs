@@ -5,13 +5,13 @@
 //! Fail closed: when enforcement is configured and the programs cannot be
 //! installed, the gateway does not start.
 
-use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::net::ToSocketAddrs as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
 use crate::ebpf::{
-    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard,
+    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard, Protected,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +37,7 @@ pub struct Guard {
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
-pub fn protected(config: &Config, settings: &GuardSettings) -> Result<Vec<SocketAddr>, GuardError> {
+pub fn protected(config: &Config, settings: &GuardSettings) -> Result<Vec<Protected>, GuardError> {
     let mut out = settings.protect.clone();
     for l in &config.listeners {
         for r in &l.routes {
@@ -46,7 +46,7 @@ pub fn protected(config: &Config, settings: &GuardSettings) -> Result<Vec<Socket
                     backend: b.clone(),
                     reason: e.to_string(),
                 })?;
-                out.extend(addrs);
+                out.extend(addrs.map(Protected::from));
             }
         }
     }
@@ -90,10 +90,10 @@ impl Guard {
             while let Some(a) = events.next().await {
                 if a.audited {
                     tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, "audit: bypass of the gateway let through");
+                        destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
                 } else {
                     tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, "bypass of the gateway refused");
+                        destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
                 }
                 // No subscriber is the normal case outside tests.
                 let _ = tx.send(a);

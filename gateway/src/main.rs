@@ -43,20 +43,17 @@ enum Command {
     },
     /// The eBPF guard outside a running gateway: on a backend host, let only
     /// the gateways reach the protected ports (`--config guard.toml`); or
-    /// remove what a gateway left pinned (`--uninstall`).
+    /// remove what a guard left pinned (`--uninstall`: the gateway's local
+    /// guard, or with `--config` the remote guard that file describes).
     Guard {
         /// guard.toml: interfaces, allow (the gateways), protect (ports), enforcement.
-        #[arg(
-            long,
-            short,
-            conflicts_with = "uninstall",
-            required_unless_present = "uninstall"
-        )]
+        #[arg(long, short, required_unless_present = "uninstall")]
         config: Option<PathBuf>,
-        /// Remove the pinned programs and maps a gateway left installed.
+        /// Detach and remove the pinned programs, links and maps.
         #[arg(long)]
         uninstall: bool,
-        #[arg(long, default_value = "/sys/fs/bpf/gateway")]
+        /// The pin directory to uninstall when no --config names one.
+        #[arg(long, default_value = "/sys/fs/bpf/gateway", conflicts_with = "config")]
         pin_dir: PathBuf,
     },
     /// An internal PKI in a directory: root, intermediate, leaves, revocation.
@@ -245,6 +242,19 @@ fn main() -> ExitCode {
         } => check(&config, warn_within.as_deref(), &fail_within),
         Command::Pki { command } => pki(command),
         Command::Guard {
+            config: Some(path),
+            uninstall: true,
+            ..
+        } => gateway::remote_guard::pin_dir(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|dir| match dir {
+                Some(dir) => uninstall_guard(&dir),
+                None => anyhow::bail!(
+                    "{}: pin = false, so the guard detached when it stopped; nothing to remove",
+                    path.display()
+                ),
+            }),
+        Command::Guard {
             config: Some(path), ..
         } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -258,14 +268,7 @@ fn main() -> ExitCode {
             config: None,
             pin_dir,
             ..
-        } => gateway::ebpf::uninstall(&pin_dir)
-            .map(|n| {
-                println!(
-                    "removed {n} pins from {}: the guard is off",
-                    pin_dir.display()
-                )
-            })
-            .map_err(Into::into),
+        } => uninstall_guard(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -392,4 +395,13 @@ async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {
         tracing::info!(signal = name, "shutdown requested");
         return;
     }
+}
+
+fn uninstall_guard(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let n = gateway::ebpf::uninstall(pin_dir)?;
+    println!(
+        "removed {n} pins from {}: the guard is off",
+        pin_dir.display()
+    );
+    Ok(())
 }

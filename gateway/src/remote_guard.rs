@@ -7,10 +7,13 @@
 //! allow = ["10.0.1.10", "fd00::10"]         # the gateways (CIDR prefixes)
 //! protect = ["tcp:9000", "tcp:9100-9199"]   # udp:PORT too
 //! enforcement = "enforce"                   # or "audit"
+//! pin_dir = "/sys/fs/bpf/gateway-guard"     # the default; pin = false: detach on exit
 //! ```
 //!
 //! Fail closed: when the program cannot be attached, the guard does not
-//! start. SIGHUP reloads the file and updates the maps in place.
+//! start. SIGHUP reloads the file and updates the maps in place. Pinned (the
+//! default), protection stays when the guard stops and a restart takes over
+//! without a gap; `gateway guard --uninstall --config guard.toml` removes it.
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +59,19 @@ struct File {
     protect: Vec<String>,
     #[serde(default = "enforce")]
     enforcement: EnforcementSetting,
+    #[serde(default = "default_true")]
+    pin: bool,
+    #[serde(default = "default_pin_dir")]
+    pin_dir: PathBuf,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Beside the gateway's own /sys/fs/bpf/gateway, so one host can run both.
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/gateway-guard")
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -67,6 +83,11 @@ enum EnforcementSetting {
 
 fn enforce() -> EnforcementSetting {
     EnforcementSetting::Enforce
+}
+
+/// Where the guard in `path` pins, for `--uninstall`; None when unpinned.
+pub fn pin_dir(path: &Path) -> Result<Option<PathBuf>, RemoteGuardError> {
+    load(path).map(|spec| spec.pin_dir)
 }
 
 /// Reads and checks guard.toml.
@@ -130,6 +151,7 @@ pub fn load(path: &Path) -> Result<RemoteSpec, RemoteGuardError> {
             EnforcementSetting::Enforce => Enforcement::Enforce,
             EnforcementSetting::Audit => Enforcement::Audit,
         },
+        pin_dir: file.pin.then_some(file.pin_dir),
     })
 }
 
@@ -145,6 +167,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
         protect = ?spec.protect.iter().map(ToString::to_string).collect::<Vec<_>>(),
         enforcement = ?spec.enforcement,
+        pin_dir = ?spec.pin_dir,
         "guard: protecting"
     );
     let signals = (
@@ -185,6 +208,22 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         dropped,
         audited,
     } = guard.counters()?;
-    tracing::info!(protected, allowed, dropped, audited, "guard: stopping");
+    match &spec.pin_dir {
+        Some(dir) => tracing::info!(
+            protected,
+            allowed,
+            dropped,
+            audited,
+            pin_dir = %dir.display(),
+            "guard: stopping; protection stays pinned (gateway guard --uninstall --config removes it)"
+        ),
+        None => tracing::info!(
+            protected,
+            allowed,
+            dropped,
+            audited,
+            "guard: stopping; protection ends"
+        ),
+    }
     Ok(())
 }

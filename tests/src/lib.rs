@@ -682,6 +682,16 @@ pub const PROBE_COMM: &str = "bypass-probe";
 /// `cgroup`; Err says why not (e.g. "Operation not permitted (os error 1)").
 /// A forked child rather than a shell, so it also runs in the VM's initramfs.
 pub fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
+    reach_from(cgroup, addr, false)
+}
+
+/// Sends one UDP datagram ("probe") to `addr` with sendto, from a child in
+/// `cgroup`, as [`connect_from`] connects.
+pub fn send_udp_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
+    reach_from(cgroup, addr, true)
+}
+
+fn reach_from(cgroup: &Path, addr: SocketAddr, udp: bool) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt as _;
     // Everything the child needs is prepared before fork: after it, in a
     // threaded process, the child may only make raw system calls.
@@ -722,15 +732,29 @@ pub fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
             if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 libc::_exit(200);
             }
-            let s = libc::socket(family, libc::SOCK_STREAM, 0);
+            let kind = if udp {
+                libc::SOCK_DGRAM
+            } else {
+                libc::SOCK_STREAM
+            };
+            let s = libc::socket(family, kind, 0);
             if s < 0 {
                 libc::_exit(201);
             }
-            let rc = libc::connect(
-                s,
-                std::ptr::from_ref(&storage).cast(),
-                len as libc::socklen_t,
-            );
+            let to = std::ptr::from_ref(&storage).cast();
+            let rc = if udp {
+                let sent = libc::sendto(
+                    s,
+                    b"probe".as_ptr().cast(),
+                    5,
+                    0,
+                    to,
+                    len as libc::socklen_t,
+                );
+                if sent == 5 { 0 } else { -1 }
+            } else {
+                libc::connect(s, to, len as libc::socklen_t)
+            };
             libc::_exit(if rc == 0 {
                 0
             } else {

@@ -6,8 +6,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use gateway::ebpf::{Enforcement, GuardSpec, LocalGuard};
-use gateway_tests::{bpf_cgroup_or_skip, connect_from};
+use gateway::ebpf::{Enforcement, GuardSpec, LocalGuard, Protected, Protocol, Target};
+use gateway_tests::{bpf_cgroup_or_skip, connect_from, send_udp_from};
 
 /// A cgroup v2 subtree (with `gw` and `other` leaves) removed when the test
 /// ends, pass or fail.
@@ -64,13 +64,13 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
     let v6 = TcpListener::bind("[::1]:0").ok();
 
     let mut spec = GuardSpec {
-        protected: vec![protected],
+        protected: vec![protected.into()],
         gateway_cgroup: cg.leaf("gw"),
         enforcement: Enforcement::Enforce,
         pin_dir: None,
     };
     if let Some(v6) = &v6 {
-        spec.protected.push(v6.local_addr().unwrap());
+        spec.protected.push(v6.local_addr().unwrap().into());
     }
     let mut guard = LocalGuard::install(&cg.root, &spec).expect("install the guard");
 
@@ -95,7 +95,7 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
     assert_eq!(guard.attempts(protected).unwrap(), 1);
 
     // A new backend is protected at once, programs still attached.
-    spec.protected.push(unprotected);
+    spec.protected.push(unprotected.into());
     guard.update(&spec).unwrap();
     let err = connect_from(&cg.leaf("other"), unprotected).expect_err("newly protected");
     assert!(err.contains("Operation not permitted"), "{err}");
@@ -110,7 +110,7 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
 
     // Removing a backend from the set unprotects it.
     spec.enforcement = Enforcement::Enforce;
-    spec.protected.retain(|a| *a != unprotected);
+    spec.protected.retain(|p| *p != unprotected.into());
     guard.update(&spec).unwrap();
     connect_from(&cg.leaf("other"), unprotected).expect("no longer protected");
 
@@ -141,7 +141,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     let second = TcpListener::bind("127.0.0.1:0").unwrap();
     let (a, b) = (first.local_addr().unwrap(), second.local_addr().unwrap());
     let mut spec = GuardSpec {
-        protected: vec![a],
+        protected: vec![a.into()],
         gateway_cgroup: cg.leaf("gw"),
         enforcement: Enforcement::Enforce,
         pin_dir: Some(pins.0.clone()),
@@ -153,7 +153,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     assert!(err.contains("Operation not permitted"), "{err}");
 
     // A restart with another backend set takes over the same maps.
-    spec.protected = vec![b];
+    spec.protected = vec![b.into()];
     let restarted = LocalGuard::install(&cg.root, &spec).expect("reinstall");
     connect_from(&cg.leaf("other"), a).expect("no longer a backend: unprotected");
     connect_from(&cg.leaf("other"), b).expect_err("new backend protected");
@@ -162,7 +162,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
         2,
         "counters carried over in the pinned maps"
     );
-    for program in ["connect4", "connect6"] {
+    for program in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
         let links = std::fs::read_dir(&pins.0)
             .unwrap()
             .flatten()
@@ -189,4 +189,79 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     );
     assert!(!pins.0.exists());
     connect_from(&cg.leaf("other"), b).expect("guard off after uninstall");
+}
+
+/// Two TCP listeners on consecutive ports, for a range rule.
+fn consecutive_listeners() -> (TcpListener, TcpListener) {
+    for _ in 0..50 {
+        let first = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX
+            && let Ok(second) = TcpListener::bind(("127.0.0.1", port + 1))
+        {
+            return (first, second);
+        }
+    }
+    panic!("no two consecutive free ports on 127.0.0.1");
+}
+
+#[test]
+fn udp_datagrams_and_port_ranges_are_guarded_too() {
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    let cg = TestCgroups::create(&mount);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let udp_addr = udp.local_addr().unwrap();
+    // The same port number over TCP is another service: not protected.
+    let tcp_same_port = TcpListener::bind(udp_addr).ok();
+    let (low, high) = consecutive_listeners();
+    let (low, high) = (low.local_addr().unwrap(), high.local_addr().unwrap());
+    let outside = TcpListener::bind("127.0.0.1:0").unwrap();
+    let outside = outside.local_addr().unwrap();
+
+    let range: Protected = format!("tcp:127.0.0.1:{}-{}", low.port(), high.port())
+        .parse()
+        .unwrap();
+    let spec = GuardSpec {
+        protected: vec![format!("udp:{udp_addr}").parse().unwrap(), range],
+        gateway_cgroup: cg.leaf("gw"),
+        enforcement: Enforcement::Enforce,
+        pin_dir: None,
+    };
+    let guard = LocalGuard::install(&cg.root, &spec).expect("install the guard");
+
+    let err = send_udp_from(&cg.leaf("other"), udp_addr).expect_err("datagram bypass refused");
+    assert!(err.contains("Operation not permitted"), "EPERM: {err}");
+    send_udp_from(&cg.leaf("gw"), udp_addr).expect("the gateway sends");
+    let mut buf = [0u8; 16];
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("the gateway's datagram arrives");
+    assert_eq!(&buf[..n], b"probe");
+    if tcp_same_port.is_some() {
+        connect_from(&cg.leaf("other"), udp_addr)
+            .expect("TCP on the UDP rule's port is not protected");
+    }
+
+    for port in [low, high] {
+        let err = connect_from(&cg.leaf("other"), port).expect_err("every port of the range");
+        assert!(err.contains("Operation not permitted"), "{port}: {err}");
+    }
+    connect_from(&cg.leaf("gw"), high).expect("the gateway reaches the range");
+    connect_from(&cg.leaf("other"), outside).expect("outside the range is open");
+
+    let udp_target = Target {
+        protocol: Protocol::Udp,
+        addr: udp_addr,
+    };
+    assert_eq!(guard.attempts_on(udp_target).unwrap(), 1);
+    assert_eq!(
+        guard.attempts(low).unwrap(),
+        2,
+        "one counter for the whole range"
+    );
+    assert_eq!(guard.attempts(high).unwrap(), 2);
 }

@@ -137,6 +137,38 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     .expect("netns thread")
 }
 
+/// `args` as a command that runs in network namespace `ns` and nothing else
+/// of its own: unlike `ip netns exec`, it keeps the host's mounts, so the
+/// guard's bpffs pins outlive it as they would on a real host.
+fn in_netns_command(ns: &str, args: &[&str]) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    let netns = std::fs::File::open(PathBuf::from("/run/netns").join(ns)).expect("netns handle");
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]);
+    // SAFETY: setns is async-signal-safe; the closure only makes that one
+    // syscall on an fd the parent keeps open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    cmd
+}
+
+/// Removes the guard's pins even when the test fails (the namespace's
+/// interfaces, and so the attachments, go with the topology).
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = gateway::ebpf::uninstall(&self.0);
+    }
+}
+
 /// A process in namespace `ns`, killed and reaped when dropped.
 struct Proc {
     child: Child,
@@ -146,9 +178,7 @@ struct Proc {
 impl Proc {
     fn spawn(ns: &str, args: &[&str], log: PathBuf) -> Proc {
         let file = std::fs::File::create(&log).expect("log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(args)
+        let child = in_netns_command(ns, args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
@@ -219,12 +249,13 @@ fn echo_server(t: &Topology, addr: SocketAddr) {
     });
 }
 
-fn write_guard_toml(path: &Path, protect: &str, enforcement: &str) {
+fn write_guard_toml(path: &Path, pins: &Path, protect: &str, enforcement: &str) {
     std::fs::write(
         path,
         format!(
             "interfaces = [\"b0\"]\nallow = [\"{GATEWAY_BACKEND_SIDE_V4}\", \"{GATEWAY_BACKEND_SIDE_V6}/128\"]\n\
-             protect = [{protect}]\nenforcement = \"{enforcement}\"\n"
+             protect = [{protect}]\nenforcement = \"{enforcement}\"\npin_dir = \"{}\"\n",
+            pins.display()
         ),
     )
     .expect("guard.toml");
@@ -257,7 +288,16 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     connect_from_client(&t, backend).expect("no guard yet: direct connect works");
 
     let guard_toml = dir.path().join("guard.toml");
-    write_guard_toml(&guard_toml, "\"tcp:9000-9001\", \"udp:9002\"", "enforce");
+    let pins = Pins(PathBuf::from(format!(
+        "/sys/fs/bpf/gateway-test-remote-{}",
+        std::process::id()
+    )));
+    write_guard_toml(
+        &guard_toml,
+        &pins.0,
+        "\"tcp:9000-9001\", \"udp:9002\"",
+        "enforce",
+    );
     let bin = gateway_binary();
     let bin = bin.to_str().expect("utf-8 path");
     let mut guard = Proc::spawn(
@@ -363,6 +403,7 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     // Reload adds a port without a gap: 9100 is refused from now on.
     write_guard_toml(
         &guard_toml,
+        &pins.0,
         "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
         "enforce",
     );
@@ -380,6 +421,7 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     // Audit: bypasses pass and are counted and logged as such.
     write_guard_toml(
         &guard_toml,
+        &pins.0,
         "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
         "audit",
     );
@@ -388,9 +430,19 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     connect_from_client(&t, backend).expect("audit lets the bypass through");
     guard.wait_for("\"verdict\":\"audit\"", 1);
 
-    // Stopping says what it counted.
+    // Stopping says what it counted, and protection stays pinned.
+    write_guard_toml(
+        &guard_toml,
+        &pins.0,
+        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
+        "enforce",
+    );
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 3);
     guard.signal(libc::SIGTERM);
     guard.wait_for("guard: stopping", 1);
+    let status = guard.child.wait().expect("guard exits");
+    assert!(status.success(), "{status}");
     let log = guard.log();
     assert!(log.contains("\"dropped\":"), "{log}");
     assert_eq!(
@@ -398,4 +450,75 @@ fn only_the_gateway_reaches_protected_backend_ports() {
         1,
         "an audited connection is one event (its SYN), not one per packet:\n{log}"
     );
+    assert!(
+        connect_from_client(&t, backend).is_err(),
+        "no guard process, still protected"
+    );
+    let from_gateway = |addr: SocketAddr| {
+        in_netns(&t.ns("g"), move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(700)).map(drop)
+        })
+    };
+    from_gateway(backend).expect("the gateway still passes");
+
+    // A restart takes over the pinned program and maps: protected throughout,
+    // a rule dropped from the file is dropped from the kernel, and the
+    // bypass counters carry on.
+    write_guard_toml(&guard_toml, &pins.0, "\"tcp:9000-9001\"", "enforce");
+    let mut guard = Proc::spawn(
+        &t.ns("b"),
+        &[
+            bin,
+            "--log-format",
+            "json",
+            "guard",
+            "--config",
+            guard_toml.to_str().unwrap(),
+        ],
+        dir.path().join("guard-restarted.log"),
+    );
+    guard.wait_for("guard: protecting", 1);
+    assert!(
+        connect_from_client(&t, backend).is_err(),
+        "still protected after the restart"
+    );
+    connect_from_client(&t, unprotected).expect("9100 left the file, so it is open again");
+    from_gateway(backend).expect("the gateway passes after the restart");
+    guard.signal(libc::SIGTERM);
+    guard.wait_for("guard: stopping", 1);
+    let log = guard.log();
+    let dropped = |log: &str| -> u64 {
+        let at = log.rfind("\"dropped\":").expect("dropped count") + "\"dropped\":".len();
+        log[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("a number")
+    };
+    assert!(
+        dropped(&log) > dropped(&std::fs::read_to_string(dir.path().join("guard.log")).unwrap()),
+        "the restarted guard counts on from the pinned counters:\n{log}"
+    );
+    drop(guard);
+
+    // Uninstall removes everything: the bypass works again, no pins are left.
+    let out = in_netns_command(
+        &t.ns("b"),
+        &[
+            bin,
+            "guard",
+            "--uninstall",
+            "--config",
+            guard_toml.to_str().unwrap(),
+        ],
+    )
+    .output()
+    .expect("uninstall");
+    assert!(
+        out.status.success(),
+        "uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.0.exists(), "the pin directory is gone");
+    connect_from_client(&t, backend).expect("uninstalled: the direct connect works again");
 }

@@ -4,15 +4,16 @@
 //! connects to protected backends from any process outside the gateway's own
 //! cgroup. Maps change in place, programs stay attached.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use gateway_common::{
-    BackendV4, BackendV6, BypassEvent, GuardConfig, GuardCounter, MAX_RULES, enforcement,
+    BackendV4, BackendV6, BypassEvent, GuardConfig, GuardCounter, MAX_PROTECTED_PORTS, MAX_RULES,
+    enforcement, protocol,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -38,7 +39,7 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("more than {0} protected backends per address family")]
+    #[error("more than {0} protected rules or ports per address family")]
     TooManyRules(u32),
     #[error("watching the guard's event ring buffer: {0}")]
     Events(std::io::Error),
@@ -100,11 +101,144 @@ pub enum Enforcement {
     Audit,
 }
 
+/// TCP or UDP: what the guards tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => protocol::TCP,
+            Protocol::Udp => protocol::UDP,
+        }
+    }
+
+    fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            protocol::TCP => Some(Protocol::Tcp),
+            protocol::UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// A backend only the gateway may reach: one address, one port or a range.
+/// Written `10.0.0.5:9000`, `tcp:10.0.0.5:9000-9099`, `udp:[fd00::5]:5353`
+/// (TCP when no protocol is named).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Protected {
+    pub protocol: Protocol,
+    pub ip: IpAddr,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// One (protocol, address, port) the maps hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub protocol: Protocol,
+    pub addr: SocketAddr,
+}
+
+impl Protected {
+    fn targets(self) -> impl Iterator<Item = Target> {
+        (self.first..=self.last).map(move |port| Target {
+            protocol: self.protocol,
+            addr: SocketAddr::new(self.ip, port),
+        })
+    }
+
+    fn ports(self) -> usize {
+        usize::from(self.last - self.first) + 1
+    }
+}
+
+impl From<SocketAddr> for Protected {
+    /// A TCP backend, as routes name them.
+    fn from(a: SocketAddr) -> Self {
+        Protected {
+            protocol: Protocol::Tcp,
+            ip: a.ip(),
+            first: a.port(),
+            last: a.port(),
+        }
+    }
+}
+
+impl std::str::FromStr for Protected {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "{s:?}: expected [tcp:|udp:]ADDRESS:PORT or ADDRESS:FIRST-LAST \
+                 (IPv6 in brackets: udp:[fd00::5]:5353)"
+            )
+        };
+        let (protocol, rest) = match s.split_once(':') {
+            Some(("tcp", rest)) => (Protocol::Tcp, rest),
+            Some(("udp", rest)) => (Protocol::Udp, rest),
+            _ => (Protocol::Tcp, s),
+        };
+        let (ip, ports) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let ip: IpAddr = match ip.strip_prefix('[').and_then(|v6| v6.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().map_err(|_| bad())?.into(),
+            // Unbracketed, "fd00::5:53" would be one address or another.
+            None if ip.contains(':') => return Err(bad()),
+            None => ip.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?.into(),
+        };
+        let (first, last) = match ports.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+            None => {
+                let p: u16 = ports.parse().map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if first == 0 || first > last {
+            return Err(format!("{s:?}: ports run from 1 to 65535, first <= last"));
+        }
+        Ok(Protected {
+            protocol,
+            ip,
+            first,
+            last,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Protected {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for Protected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = SocketAddr::new(self.ip, self.first);
+        write!(f, "{}:{at}", self.protocol.name())?;
+        if self.last != self.first {
+            write!(f, "-{}", self.last)?;
+        }
+        Ok(())
+    }
+}
+
 /// What the local guard protects, and for whom.
 #[derive(Debug, Clone)]
 pub struct GuardSpec {
-    /// Backends only the gateway may connect to.
-    pub protected: Vec<SocketAddr>,
+    /// Backends only the gateway may connect (or, UDP, send) to.
+    pub protected: Vec<Protected>,
     /// The gateway's own cgroup v2 directory: connects from it pass.
     pub gateway_cgroup: PathBuf,
     pub enforcement: Enforcement,
@@ -131,11 +265,18 @@ pub fn cgroup_id(dir: &Path) -> Result<u64, EbpfError> {
 /// Detached when dropped.
 pub struct LocalGuard {
     ebpf: Ebpf,
-    /// Stable rule ids (index into the per-rule counters), per backend.
-    rules: HashMap<SocketAddr, u32>,
+    /// What the maps hold: the rule id (index into the per-rule counters)
+    /// of every protected port.
+    entries: HashMap<Target, u32>,
+    /// Rule ids, stable across updates while a rule stays.
+    rule_ids: HashMap<Protected, u32>,
+    /// Entries a previous version left with a key this one does not read:
+    /// removed by the first update, after the new ones are in.
+    foreign_v4: Vec<BackendV4>,
+    foreign_v6: Vec<BackendV6>,
 }
 
-const PROGRAMS: [&str; 2] = ["connect4", "connect6"];
+const PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 const MAPS: [&str; 7] = [
     "GUARD_COUNTERS",
     "GUARD_CONFIG",
@@ -145,6 +286,19 @@ const MAPS: [&str; 7] = [
     "EVENTS",
     "EVENT_BUDGET",
 ];
+
+/// A failed pin as the OS error behind it ("`BPF_OBJ_PIN` failed" alone
+/// does not say why).
+fn pin_failed(path: &Path, e: aya::pin::PinError) -> EbpfError {
+    let source = match e {
+        aya::pin::PinError::SyscallError(s) => s.io_error,
+        other => std::io::Error::other(other.to_string()),
+    };
+    EbpfError::Pin {
+        path: path.to_owned(),
+        source,
+    }
+}
 
 /// Mounts bpffs at `dir`'s bpffs root (/sys/fs/bpf) when nothing is mounted
 /// there yet, and creates `dir`.
@@ -175,7 +329,8 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     })
 }
 
-/// Removes every pin under `dir` (links detach, maps go once unused) and `dir`.
+/// Removes every pin under `dir` (links detach, maps go once unused; a remote
+/// guard's netlink filters are detached) and `dir`.
 pub fn uninstall(dir: &Path) -> Result<usize, EbpfError> {
     let pin_err = |path: &Path| {
         let path = path.to_owned();
@@ -189,7 +344,12 @@ pub fn uninstall(dir: &Path) -> Result<usize, EbpfError> {
     let mut removed = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        std::fs::remove_file(&path).map_err(pin_err(&path))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match name.strip_prefix(remote::NETLINK_MARKER_PREFIX) {
+            // A remote guard's netlink filter: not a pin, so detach it.
+            Some(iface) if path.is_dir() => remote::detach_pinned(dir, iface)?,
+            _ => std::fs::remove_file(&path).map_err(pin_err(&path))?,
+        }
         removed += 1;
     }
     std::fs::remove_dir(dir).map_err(pin_err(dir))?;
@@ -217,7 +377,10 @@ impl LocalGuard {
         }
         let mut guard = Self {
             ebpf: loader.load(object())?,
-            rules: HashMap::new(),
+            entries: HashMap::new(),
+            rule_ids: HashMap::new(),
+            foreign_v4: Vec::new(),
+            foreign_v6: Vec::new(),
         };
         guard.adopt_existing_rules()?;
         guard.update(spec)?;
@@ -253,10 +416,7 @@ impl LocalGuard {
                     })?;
                 let ours = pin_dir.join(format!("link-{name}-{}", std::process::id()));
                 let _ = std::fs::remove_file(&ours);
-                fd_link.pin(&ours).map_err(|e| EbpfError::Pin {
-                    path: ours.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+                fd_link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
                 let prefix = format!("link-{name}-");
                 for old in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
                     let path = old.path();
@@ -276,13 +436,23 @@ impl LocalGuard {
     /// stale entries are removed by the next update rather than lingering.
     fn adopt_existing_rules(&mut self) -> Result<(), EbpfError> {
         let mut found = Vec::new();
+        let (mut foreign_v4, mut foreign_v6) = (Vec::new(), Vec::new());
         for item in self.v4()?.iter() {
             let (k, id) = item.map_err(|source| EbpfError::Map {
                 name: "PROTECTED_V4",
                 source,
             })?;
             let ip = std::net::Ipv4Addr::from(k.addr.to_ne_bytes());
-            found.push((SocketAddr::from((ip, u16::from_be(k.port))), id));
+            match Protocol::from_number(k.protocol) {
+                Some(protocol) => found.push((
+                    Target {
+                        protocol,
+                        addr: SocketAddr::from((ip, u16::from_be(k.port))),
+                    },
+                    id,
+                )),
+                None => foreign_v4.push(k),
+            }
         }
         for item in self.v6()?.iter() {
             let (k, id) = item.map_err(|source| EbpfError::Map {
@@ -293,17 +463,20 @@ impl LocalGuard {
             for (i, w) in k.addr.iter().enumerate() {
                 o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
             }
-            found.push((
-                SocketAddr::from((std::net::Ipv6Addr::from(o), u16::from_be(k.port))),
-                id,
-            ));
+            let addr = SocketAddr::from((std::net::Ipv6Addr::from(o), u16::from_be(k.port)));
+            match Protocol::from_number(k.protocol) {
+                Some(protocol) => found.push((Target { protocol, addr }, id)),
+                None => foreign_v6.push(k),
+            }
         }
-        self.rules.extend(found);
+        self.entries.extend(found);
+        self.foreign_v4 = foreign_v4;
+        self.foreign_v6 = foreign_v6;
         Ok(())
     }
 
     /// Changes the protected set and settings in place, programs attached:
-    /// new rules go in before stale ones come out, so there is no gap.
+    /// new entries go in before stale ones come out, so there is no gap.
     pub fn update(&mut self, spec: &GuardSpec) -> Result<(), EbpfError> {
         let config = GuardConfig {
             gateway_cgroup: cgroup_id(&spec.gateway_cgroup)?,
@@ -324,35 +497,82 @@ impl LocalGuard {
             source,
         })?;
 
-        let wanted: std::collections::HashSet<SocketAddr> =
-            spec.protected.iter().copied().collect();
-        for addr in &wanted {
-            if !self.rules.contains_key(addr) {
-                let id = (0..MAX_RULES)
-                    .find(|id| !self.rules.values().any(|v| v == id))
-                    .ok_or(EbpfError::TooManyRules(MAX_RULES))?;
-                self.insert(*addr, id)?;
-                self.rules.insert(*addr, id);
+        let mut rules: Vec<Protected> = spec.protected.clone();
+        rules.sort();
+        rules.dedup();
+        for v6 in [false, true] {
+            let family = rules.iter().filter(|r| r.ip.is_ipv6() == v6);
+            if family.clone().count() > MAX_RULES as usize {
+                return Err(EbpfError::TooManyRules(MAX_RULES));
+            }
+            if family.map(|r| r.ports()).sum::<usize>() > MAX_PROTECTED_PORTS as usize {
+                return Err(EbpfError::TooManyRules(MAX_PROTECTED_PORTS));
             }
         }
-        let stale: Vec<SocketAddr> = self
-            .rules
+        // A rule keeps its id (and so its counter) while it stays; a new
+        // one takes over the id its ports had, else the lowest free one.
+        // Two passes, so a new rule never takes an id a staying one keeps.
+        let mut ids: HashMap<Protected, u32> = HashMap::new();
+        let mut taken: HashSet<(bool, u32)> = HashSet::new();
+        for rule in &rules {
+            let v6 = rule.ip.is_ipv6();
+            let previous = self
+                .rule_ids
+                .get(rule)
+                .or_else(|| rule.targets().find_map(|t| self.entries.get(&t)))
+                .copied();
+            if let Some(id) = previous
+                && taken.insert((v6, id))
+            {
+                ids.insert(*rule, id);
+            }
+        }
+        for rule in &rules {
+            let v6 = rule.ip.is_ipv6();
+            if !ids.contains_key(rule) {
+                let id = (0..MAX_RULES)
+                    .find(|id| !taken.contains(&(v6, *id)))
+                    .ok_or(EbpfError::TooManyRules(MAX_RULES))?;
+                taken.insert((v6, id));
+                ids.insert(*rule, id);
+            }
+        }
+        let mut wanted: HashSet<Target> = HashSet::new();
+        for rule in &rules {
+            let id = ids[rule];
+            for target in rule.targets() {
+                wanted.insert(target);
+                if self.entries.get(&target) != Some(&id) {
+                    self.insert(target, id)?;
+                    self.entries.insert(target, id);
+                }
+            }
+        }
+        let stale: Vec<Target> = self
+            .entries
             .keys()
-            .filter(|a| !wanted.contains(a))
+            .filter(|t| !wanted.contains(t))
             .copied()
             .collect();
-        for addr in stale {
-            self.remove(addr)?;
-            self.rules.remove(&addr);
+        for target in stale {
+            self.remove(target)?;
+            self.entries.remove(&target);
         }
+        for key in std::mem::take(&mut self.foreign_v4) {
+            let _ = self.v4()?.remove(&key);
+        }
+        for key in std::mem::take(&mut self.foreign_v6) {
+            let _ = self.v6()?.remove(&key);
+        }
+        self.rule_ids = ids;
         Ok(())
     }
 
-    fn insert(&mut self, addr: SocketAddr, id: u32) -> Result<(), EbpfError> {
-        match addr {
+    fn insert(&mut self, target: Target, id: u32) -> Result<(), EbpfError> {
+        match target.addr {
             SocketAddr::V4(a) => {
                 let mut map: AyaHashMap<_, BackendV4, u32> = self.v4()?;
-                map.insert(key_v4(a), id, 0)
+                map.insert(key_v4(a, target.protocol), id, 0)
                     .map_err(|source| EbpfError::Map {
                         name: "PROTECTED_V4",
                         source,
@@ -360,7 +580,7 @@ impl LocalGuard {
             }
             SocketAddr::V6(a) => {
                 let mut map: AyaHashMap<_, BackendV6, u32> = self.v6()?;
-                map.insert(key_v6(a), id, 0)
+                map.insert(key_v6(a, target.protocol), id, 0)
                     .map_err(|source| EbpfError::Map {
                         name: "PROTECTED_V6",
                         source,
@@ -369,21 +589,23 @@ impl LocalGuard {
         }
     }
 
-    fn remove(&mut self, addr: SocketAddr) -> Result<(), EbpfError> {
-        match addr {
+    fn remove(&mut self, target: Target) -> Result<(), EbpfError> {
+        match target.addr {
             SocketAddr::V4(a) => {
                 let mut map: AyaHashMap<_, BackendV4, u32> = self.v4()?;
-                map.remove(&key_v4(a)).map_err(|source| EbpfError::Map {
-                    name: "PROTECTED_V4",
-                    source,
-                })
+                map.remove(&key_v4(a, target.protocol))
+                    .map_err(|source| EbpfError::Map {
+                        name: "PROTECTED_V4",
+                        source,
+                    })
             }
             SocketAddr::V6(a) => {
                 let mut map: AyaHashMap<_, BackendV6, u32> = self.v6()?;
-                map.remove(&key_v6(a)).map_err(|source| EbpfError::Map {
-                    name: "PROTECTED_V6",
-                    source,
-                })
+                map.remove(&key_v6(a, target.protocol))
+                    .map_err(|source| EbpfError::Map {
+                        name: "PROTECTED_V6",
+                        source,
+                    })
             }
         }
     }
@@ -425,12 +647,22 @@ impl LocalGuard {
         Events::take(&mut self.ebpf, "EVENTS", parse_event)
     }
 
-    /// Bypass attempts (refused or audited) against one protected backend.
+    /// Bypass attempts (refused or audited) against the rule that protects
+    /// one TCP backend.
     pub fn attempts(&self, backend: SocketAddr) -> Result<u64, EbpfError> {
-        let Some(id) = self.rules.get(&backend) else {
+        self.attempts_on(Target {
+            protocol: Protocol::Tcp,
+            addr: backend,
+        })
+    }
+
+    /// Bypass attempts against the rule that protects `target` (a rule
+    /// covering a range counts the whole range).
+    pub fn attempts_on(&self, target: Target) -> Result<u64, EbpfError> {
+        let Some(id) = self.entries.get(&target) else {
             return Ok(0);
         };
-        let index = if backend.is_ipv4() {
+        let index = if target.addr.is_ipv4() {
             *id
         } else {
             id + MAX_RULES
@@ -447,6 +679,7 @@ pub struct BypassAttempt {
     pub cgroup: u64,
     pub comm: String,
     pub destination: SocketAddr,
+    pub protocol: Protocol,
     /// Let through because enforcement is audit (else refused with EPERM).
     pub audited: bool,
 }
@@ -524,26 +757,64 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
         cgroup: e.cgroup,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
         destination,
+        protocol: Protocol::from_number(e.protocol).unwrap_or(Protocol::Tcp),
         audited: e.audited != 0,
     })
 }
 
-fn key_v4(a: std::net::SocketAddrV4) -> BackendV4 {
+fn key_v4(a: std::net::SocketAddrV4, protocol: Protocol) -> BackendV4 {
     BackendV4 {
         // The kernel's user_ip4 is the address in network byte order read as
         // a native u32: the same bytes, in memory order.
         addr: u32::from_ne_bytes(a.ip().octets()),
         port: a.port().to_be(),
+        protocol: protocol.number(),
         _pad: 0,
     }
 }
 
-fn key_v6(a: std::net::SocketAddrV6) -> BackendV6 {
+fn key_v6(a: std::net::SocketAddrV6, protocol: Protocol) -> BackendV6 {
     let o = a.ip().octets();
     let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
     BackendV6 {
         addr: [word(0), word(4), word(8), word(12)],
         port: a.port().to_be(),
+        protocol: protocol.number(),
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_backends_parse_and_say_what_is_wrong() {
+        let p: Protected = "10.0.0.5:9000".parse().unwrap();
+        assert_eq!(
+            p,
+            Protected::from("10.0.0.5:9000".parse::<SocketAddr>().unwrap())
+        );
+        let p: Protected = "udp:[fd00::5]:5000-5010".parse().unwrap();
+        assert_eq!(
+            (p.protocol, p.ip.to_string(), p.first, p.last, p.ports()),
+            (Protocol::Udp, "fd00::5".to_owned(), 5000, 5010, 11)
+        );
+        assert_eq!(p.to_string(), "udp:[fd00::5]:5000-5010");
+        assert_eq!(
+            "tcp:10.0.0.5:1-2".parse::<Protected>().unwrap().to_string(),
+            "tcp:10.0.0.5:1-2"
+        );
+        for bad in [
+            "10.0.0.5",
+            "sctp:10.0.0.5:1",
+            "10.0.0.5:0",
+            "10.0.0.5:10-9",
+            "fd00::5:53",
+            "host.example:80",
+            "udp:10.0.0.5:70000",
+        ] {
+            assert!(bad.parse::<Protected>().is_err(), "{bad}");
+        }
     }
 }

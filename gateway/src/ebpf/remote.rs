@@ -10,34 +10,33 @@
 //! Maps are filled before the program attaches and updated in place (new
 //! entries before stale ones go), so protection starts whole and has no gap
 //! on reload.
+//!
+//! Pinned (the default), protection outlives the process: the maps live in
+//! bpffs, and so does the attachment. On 6.6+ kernels aya attaches through
+//! TCX, whose link is pinned like any BPF link. Older kernels attach through
+//! netlink, where the filter itself holds the program; it sits at a fixed
+//! priority and handle so that a restart replaces it in place, and a
+//! `netlink-<interface>` directory in the pin directory records it for
+//! `--uninstall`. Either way a restart swaps the program atomically and
+//! takes over the maps, so there is no moment without protection.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use aya::maps::Array;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::programs::links::{FdLink, Link as _, PinnedLink};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc};
+use aya::util::KernelVersion;
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, enforcement,
 };
 use ipnet::IpNet;
 
-use super::{EbpfError, Enforcement, Events, object, per_cpu_sum};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-impl Protocol {
-    fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
+pub use super::Protocol;
+use super::{EbpfError, Enforcement, Events, object, per_cpu_sum, pin_failed, prepare_pin_dir};
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +94,9 @@ pub struct RemoteSpec {
     pub allow: Vec<IpNet>,
     pub protect: Vec<PortRule>,
     pub enforcement: Enforcement,
+    /// Where maps and attachments are pinned so protection survives the
+    /// guard's exit; None: the program detaches when the guard stops.
+    pub pin_dir: Option<PathBuf>,
 }
 
 /// Counters the remote guard keeps, summed over CPUs.
@@ -108,8 +110,8 @@ pub struct IngressCounters {
     pub audited: u64,
 }
 
-/// The `ingress` classifier attached to the spec's interfaces. It stays
-/// attached while this value lives: run `gateway guard` as a service.
+/// The `ingress` classifier attached to the spec's interfaces. Unpinned, it
+/// stays attached while this value lives; pinned, until `--uninstall`.
 pub struct RemoteGuard {
     ebpf: aya::Ebpf,
     rules: Vec<PortRule>,
@@ -119,17 +121,56 @@ pub struct RemoteGuard {
 
 const PROGRAM: &str = "ingress";
 
+const MAPS: [&str; 9] = [
+    "INGRESS_TCP_PORTS",
+    "INGRESS_UDP_PORTS",
+    "INGRESS_ALLOW_V4",
+    "INGRESS_ALLOW_V6",
+    "INGRESS_CONFIG",
+    "INGRESS_COUNTERS",
+    "INGRESS_RULE_DROPS",
+    "INGRESS_EVENTS",
+    "INGRESS_EVENT_BUDGET",
+];
+
+/// Where a netlink (pre-6.6) attachment sits, so a restart replaces it and
+/// `--uninstall` finds it. Below tc's automatic priorities (49152 down), so
+/// the guard runs before filters added without one.
+const NETLINK_PRIORITY: u16 = 1000;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x6777);
+
+/// The pin of a TCX link on `iface`, and the marker of a netlink filter.
+const TCX_PIN_PREFIX: &str = "link-ingress-";
+pub(super) const NETLINK_MARKER_PREFIX: &str = "netlink-";
+
+fn uses_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
 impl RemoteGuard {
     pub fn install(spec: &RemoteSpec) -> Result<Self, EbpfError> {
         if object().is_empty() {
             return Err(EbpfError::NotBuilt);
         }
+        let mut loader = aya::EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = match &spec.pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            // Reuses the maps a previous guard left, with their rules.
+            loader.map_pin_path(name, path.as_path());
+        }
         let mut guard = RemoteGuard {
-            ebpf: aya::EbpfLoader::new().load(object())?,
+            ebpf: loader.load(object())?,
             rules: Vec::new(),
             allowed: HashSet::new(),
             interfaces: spec.interfaces.clone(),
         };
+        guard.adopt_existing_rules()?;
         // Whole before it sees a packet.
         guard.update(spec)?;
         let program: &mut SchedClassifier = guard
@@ -147,23 +188,89 @@ impl RemoteGuard {
         })?;
         for iface in &spec.interfaces {
             // The clsact qdisc may be there already (ours or another tool's).
+            let exists = |e: &tc::TcError| match e {
+                tc::TcError::AlreadyAttached => true,
+                tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
+                _ => false,
+            };
             if let Err(e) = tc::qdisc_add_clsact(iface)
-                && !matches!(e, tc::TcError::AlreadyAttached)
-                && !e.to_string().contains("exists")
+                && !exists(&e)
             {
                 return Err(EbpfError::Interface {
                     interface: iface.clone(),
                     reason: e.to_string(),
                 });
             }
-            program
-                .attach(iface, TcAttachType::Ingress)
-                .map_err(|e| EbpfError::Interface {
-                    interface: iface.clone(),
-                    reason: e.to_string(),
-                })?;
+            let on_iface = |e: &dyn std::fmt::Display| EbpfError::Interface {
+                interface: iface.clone(),
+                reason: e.to_string(),
+            };
+            match &spec.pin_dir {
+                None => {
+                    program
+                        .attach(iface, TcAttachType::Ingress)
+                        .map_err(|e| on_iface(&e))?;
+                }
+                Some(dir) if uses_tcx() => attach_tcx_pinned(program, iface, dir)?,
+                Some(dir) => attach_netlink_pinned(program, iface, dir)?,
+            }
+        }
+        if let Some(dir) = &spec.pin_dir {
+            // Interfaces a previous guard protected and this one does not.
+            for stale in pinned_interfaces(dir)
+                .into_iter()
+                .filter(|i| !spec.interfaces.contains(i))
+            {
+                tracing::info!(interface = %stale, "guard: no longer protecting");
+                detach_pinned(dir, &stale)?;
+            }
         }
         Ok(guard)
+    }
+
+    /// Takes over the rules a previous guard left in pinned maps, so the
+    /// next update removes what is stale instead of leaving it behind.
+    fn adopt_existing_rules(&mut self) -> Result<(), EbpfError> {
+        for (protocol, name) in [
+            (Protocol::Tcp, "INGRESS_TCP_PORTS"),
+            (Protocol::Udp, "INGRESS_UDP_PORTS"),
+        ] {
+            let array: Array<_, u32> =
+                Array::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
+                    .map_err(|_| EbpfError::MissingMap(name))?;
+            for (port, value) in array.iter().enumerate() {
+                let value = value.map_err(|source| EbpfError::Map { name, source })?;
+                if value != 0 {
+                    let port = port as u16;
+                    self.rules.push(PortRule {
+                        protocol,
+                        first: port,
+                        last: port,
+                    });
+                }
+            }
+        }
+        let name = "INGRESS_ALLOW_V4";
+        let trie: LpmTrie<_, [u8; 4], u8> =
+            LpmTrie::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
+                .map_err(|_| EbpfError::MissingMap(name))?;
+        for key in trie.keys() {
+            let key = key.map_err(|source| EbpfError::Map { name, source })?;
+            if let Ok(net) = IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8) {
+                self.allowed.insert(net);
+            }
+        }
+        let name = "INGRESS_ALLOW_V6";
+        let trie: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
+                .map_err(|_| EbpfError::MissingMap(name))?;
+        for key in trie.keys() {
+            let key = key.map_err(|source| EbpfError::Map { name, source })?;
+            if let Ok(net) = IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8) {
+                self.allowed.insert(net);
+            }
+        }
+        Ok(())
     }
 
     /// Changes what is protected and who passes, program attached: new
@@ -308,6 +415,161 @@ impl RemoteGuard {
     pub fn take_events(&mut self) -> Result<Events<Intrusion>, EbpfError> {
         Events::take(&mut self.ebpf, "INGRESS_EVENTS", parse)
     }
+}
+
+/// Attaches through TCX and pins the link; a link a previous guard pinned
+/// gets the new program swapped in (one atomic update, no gap).
+fn attach_tcx_pinned(
+    program: &mut SchedClassifier,
+    iface: &str,
+    dir: &Path,
+) -> Result<(), EbpfError> {
+    let on_iface = |e: &dyn std::fmt::Display| EbpfError::Interface {
+        interface: iface.to_owned(),
+        reason: e.to_string(),
+    };
+    let pin = dir.join(format!("{TCX_PIN_PREFIX}{iface}"));
+    let replaced = PinnedLink::from_pin(&pin)
+        .ok()
+        .and_then(|old| SchedClassifierLink::try_from(FdLink::from(old)).ok())
+        .and_then(|old| program.attach_to_link(old).ok());
+    let id = match replaced {
+        // The pin already names this link.
+        Some(id) => id,
+        None => {
+            // None pinned, or its interface went away (a defunct link).
+            let id = program
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| on_iface(&e))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(|e| on_iface(&e))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| on_iface(&e))?;
+            // Pinned beside, then renamed over any defunct pin, so the pin
+            // path always names a link. (bpffs refuses names with a dot.)
+            let fresh = dir.join(format!(
+                "new-{TCX_PIN_PREFIX}{iface}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&fresh);
+            link.pin(&fresh).map_err(|e| pin_failed(&fresh, e))?;
+            return std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin {
+                path: pin.clone(),
+                source,
+            });
+        }
+    };
+    // Dropping our fd leaves the pinned link attached.
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(|e| on_iface(&e))?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| on_iface(&e))?;
+    drop(link);
+    Ok(())
+}
+
+/// Attaches through netlink at the guard's own priority and handle, and
+/// leaves the filter in place when the process exits. A filter a previous
+/// guard left there gets the new program in place (one netlink replace).
+fn attach_netlink_pinned(
+    program: &mut SchedClassifier,
+    iface: &str,
+    dir: &Path,
+) -> Result<(), EbpfError> {
+    let on_iface = |e: &dyn std::fmt::Display| EbpfError::Interface {
+        interface: iface.to_owned(),
+        reason: e.to_string(),
+    };
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: NETLINK_HANDLE,
+        classid: None,
+    });
+    // Create refuses (EEXIST) without touching a filter already there.
+    let id = match program.attach_with_options(iface, TcAttachType::Ingress, options) {
+        Ok(id) => id,
+        Err(create) => {
+            let old = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                NETLINK_PRIORITY,
+                NETLINK_HANDLE,
+                None,
+            )
+            .map_err(|e| on_iface(&e))?;
+            program
+                .attach_to_link(old)
+                .map_err(|replace| on_iface(&format!("{create}; replacing: {replace}")))?
+        }
+    };
+    let link = program.take_link(id).map_err(|e| on_iface(&e))?;
+    // Dropping the link would detach the filter: it is the pin.
+    std::mem::forget(link);
+    let marker = dir.join(format!("{NETLINK_MARKER_PREFIX}{iface}"));
+    match std::fs::create_dir(&marker) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(EbpfError::Pin {
+            path: marker,
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The interfaces a pinned guard is attached to, from its pin directory.
+fn pinned_interfaces(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(TCX_PIN_PREFIX)
+                .or_else(|| name.strip_prefix(NETLINK_MARKER_PREFIX))
+                .map(str::to_owned)
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Detaches the guard from `iface` and removes its pin or marker. An
+/// interface that is gone took its attachment with it.
+pub(super) fn detach_pinned(dir: &Path, iface: &str) -> Result<(), EbpfError> {
+    let pin = dir.join(format!("{TCX_PIN_PREFIX}{iface}"));
+    match std::fs::remove_file(&pin) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(EbpfError::Pin {
+                path: pin,
+                source: e,
+            });
+        }
+        _ => {}
+    }
+    let marker = dir.join(format!("{NETLINK_MARKER_PREFIX}{iface}"));
+    if marker.is_dir() {
+        if let Ok(link) = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Ingress,
+            NETLINK_PRIORITY,
+            NETLINK_HANDLE,
+            None,
+        ) {
+            // Fails only when the filter is already gone.
+            let _ = link.detach();
+        }
+        std::fs::remove_dir(&marker).map_err(|source| EbpfError::Pin {
+            path: marker,
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// A packet from a stranger to a protected port.
