@@ -56,9 +56,14 @@ pub struct GuardConfig {
     pub gateway_cgroup: u64,
     /// [`enforcement::ENFORCE`] or [`enforcement::AUDIT`].
     pub enforcement: u32,
-    /// Explicit padding: the struct is copied whole between the two sides.
-    pub _pad: u32,
+    /// The gateway's uid: connects from its cgroup pass only with this uid
+    /// too. [`ANY_UID`] when only the cgroup counts.
+    pub gateway_uid: u32,
 }
+
+/// [`GuardConfig::gateway_uid`] when any uid in the gateway's cgroup passes
+/// ((uid_t)-1 is never a real uid).
+pub const ANY_UID: u32 = u32::MAX;
 
 /// A protected backend as the IPv4 map keys it: address and port in network
 /// byte order, as the kernel hands them to `cgroup/connect4`.

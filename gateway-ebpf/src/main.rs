@@ -24,9 +24,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, TcContext},
 };
 use gateway_common::{
-    BackendV4, BackendV6, BypassEvent, EVENTS_PER_SECOND, GuardConfig, GuardCounter, IngressConfig,
-    IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, MAX_PROTECTED_PORTS,
-    MAX_RULES, enforcement, protocol,
+    ANY_UID, BackendV4, BackendV6, BypassEvent, EVENTS_PER_SECOND, GuardConfig, GuardCounter,
+    IngressConfig, IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES,
+    MAX_PROTECTED_PORTS, MAX_RULES, enforcement, protocol,
 };
 
 /// Verdicts a cgroup/connect program returns to the kernel.
@@ -170,7 +170,10 @@ fn judge(rule: u32, dest: Dest) -> i32 {
     };
     // SAFETY: the helper has no preconditions in cgroup programs.
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    if cgroup == config.gateway_cgroup {
+    let uid = bpf_get_current_uid_gid() as u32;
+    if cgroup == config.gateway_cgroup
+        && (config.gateway_uid == ANY_UID || uid == config.gateway_uid)
+    {
         bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
         return ALLOW;
     }

@@ -198,6 +198,10 @@ pub struct GuardSettings {
     /// missing, and the gateway moves itself into it.
     #[serde(default = "default_guard_cgroup")]
     pub cgroup: PathBuf,
+    /// The gateway's uid, when its cgroup alone should not be enough (a
+    /// process started into that cgroup under another uid is refused).
+    #[serde(default)]
+    pub uid: Option<u32>,
     /// The cgroup subtree whose processes are guarded, relative to the cgroup
     /// v2 mount (default: all of it).
     #[serde(default)]

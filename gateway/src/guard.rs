@@ -23,6 +23,10 @@ pub enum GuardError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "guard: uid = {configured}, but the gateway runs as uid {running}: it would refuse its own connects"
+    )]
+    WrongUid { configured: u32, running: u32 },
     #[error("guard: backend {backend:?} does not resolve: {reason}")]
     Resolve { backend: String, reason: String },
     #[error("guard: {0}")]
@@ -33,6 +37,7 @@ pub enum GuardError {
 pub struct Guard {
     local: Mutex<LocalGuard>,
     gateway_cgroup: PathBuf,
+    gateway_uid: Option<u32>,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
 }
 
@@ -72,12 +77,24 @@ impl Guard {
         let Some(mode) = enforcement(settings.enforcement) else {
             return Ok(None);
         };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if let Some(uid) = settings.uid
+            && uid != euid
+        {
+            // Otherwise the guard would refuse the gateway's own connects.
+            return Err(GuardError::WrongUid {
+                configured: uid,
+                running: euid,
+            });
+        }
         let mount = ebpf::cgroup2_mount().ok_or(GuardError::NoCgroup2)?;
         let gateway_cgroup = mount.join(&settings.cgroup);
         join_cgroup(&gateway_cgroup)?;
         let spec = GuardSpec {
             protected: protected(config, settings)?,
             gateway_cgroup: gateway_cgroup.clone(),
+            gateway_uid: settings.uid,
             enforcement: mode,
             pin_dir: settings.pin.then(|| settings.pin_dir.clone()),
         };
@@ -106,12 +123,14 @@ impl Guard {
             protected = spec.protected.len(),
             enforcement = ?mode,
             cgroup = %gateway_cgroup.display(),
+            uid = ?settings.uid,
             attached = %attach_to.display(),
             "guard installed: only the gateway reaches the backends"
         );
         Ok(Some(Guard {
             local: Mutex::new(local),
             gateway_cgroup,
+            gateway_uid: settings.uid,
             attempts,
         }))
     }
@@ -127,6 +146,8 @@ impl Guard {
         let spec = GuardSpec {
             protected: protected(config, settings)?,
             gateway_cgroup: self.gateway_cgroup.clone(),
+            // Like the cgroup, fixed at start: the running process's uid.
+            gateway_uid: self.gateway_uid,
             enforcement: mode,
             // Maps are already pinned (or not); an update only writes them.
             pin_dir: None,

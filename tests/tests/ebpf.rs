@@ -66,6 +66,7 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
     let mut spec = GuardSpec {
         protected: vec![protected.into()],
         gateway_cgroup: cg.leaf("gw"),
+        gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: None,
     };
@@ -108,6 +109,18 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
     assert_eq!(guard.counters().unwrap().audited, 1);
     assert_eq!(guard.attempts(protected).unwrap(), 3);
 
+    // With the gateway's uid set, its cgroup alone is not enough: the probe
+    // runs as root (uid 0), so uid 0 passes and any other is refused.
+    spec.enforcement = Enforcement::Enforce;
+    spec.gateway_uid = Some(0);
+    guard.update(&spec).unwrap();
+    connect_from(&cg.leaf("gw"), protected).expect("the gateway's cgroup and uid");
+    spec.gateway_uid = Some(4242);
+    guard.update(&spec).unwrap();
+    let err = connect_from(&cg.leaf("gw"), protected).expect_err("the right cgroup, another uid");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    spec.gateway_uid = None;
+
     // Removing a backend from the set unprotects it.
     spec.enforcement = Enforcement::Enforce;
     spec.protected.retain(|p| *p != unprotected.into());
@@ -143,6 +156,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     let mut spec = GuardSpec {
         protected: vec![a.into()],
         gateway_cgroup: cg.leaf("gw"),
+        gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: Some(pins.0.clone()),
     };
@@ -228,6 +242,7 @@ fn udp_datagrams_and_port_ranges_are_guarded_too() {
     let spec = GuardSpec {
         protected: vec![format!("udp:{udp_addr}").parse().unwrap(), range],
         gateway_cgroup: cg.leaf("gw"),
+        gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: None,
     };

@@ -164,4 +164,21 @@ async fn backends_are_reachable_only_through_the_gateway() {
         .err()
         .expect("no guard, no gateway");
     assert!(err.to_string().contains("no-such-cgroup"), "{err}");
+
+    // A uid the gateway does not run as would refuse its own connects: no start.
+    let wrong_uid = one.replace("[guard]\n", "[guard]\nuid = 4242\n");
+    let config = gateway::Config::parse(
+        &format!("access_log = \"off\"\n{wrong_uid}"),
+        &pki.path("g.toml"),
+        pki.dir.path(),
+    )
+    .unwrap();
+    let err = gateway::build(&config)
+        .await
+        .err()
+        .expect("wrong uid, no gateway");
+    assert!(
+        err.to_string().contains("uid = 4242, but the gateway runs as uid 0"),
+        "{err}"
+    );
 }

@@ -12,8 +12,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use gateway_common::{
-    BackendV4, BackendV6, BypassEvent, GuardConfig, GuardCounter, MAX_PROTECTED_PORTS, MAX_RULES,
-    enforcement, protocol,
+    ANY_UID, BackendV4, BackendV6, BypassEvent, GuardConfig, GuardCounter, MAX_PROTECTED_PORTS,
+    MAX_RULES, enforcement, protocol,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -241,6 +241,9 @@ pub struct GuardSpec {
     pub protected: Vec<Protected>,
     /// The gateway's own cgroup v2 directory: connects from it pass.
     pub gateway_cgroup: PathBuf,
+    /// When set, connects from the gateway's cgroup pass only with this uid
+    /// too (another service started into that cgroup by mistake does not).
+    pub gateway_uid: Option<u32>,
     pub enforcement: Enforcement,
     /// Where maps and links are pinned in bpffs, so protection survives the
     /// gateway's exit and a restart takes over the same maps. None: the
@@ -484,7 +487,7 @@ impl LocalGuard {
                 Enforcement::Enforce => enforcement::ENFORCE,
                 Enforcement::Audit => enforcement::AUDIT,
             },
-            _pad: 0,
+            gateway_uid: spec.gateway_uid.unwrap_or(ANY_UID),
         };
         let mut array: Array<_, GuardConfig> = Array::try_from(
             self.ebpf
