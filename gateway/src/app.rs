@@ -273,14 +273,15 @@ impl App {
             if let Ok(addr) = socket.local_addr() {
                 tracing::info!(%addr, "admin endpoint: GET /metrics");
             }
+            let sources = crate::metrics::Sources {
+                metrics: self.metrics.clone(),
+                registry: self.registry.clone(),
+                reloads: self.reload_stats.clone(),
+                guard: self.guard.clone(),
+            };
             tokio::spawn(crate::metrics::serve_admin(
                 socket,
-                crate::metrics::Sources {
-                    metrics: self.metrics.clone(),
-                    registry: self.registry.clone(),
-                    reloads: self.reload_stats.clone(),
-                    guard: self.guard.clone(),
-                },
+                move || sources.render(),
                 self.shutdown.clone(),
             ));
         }

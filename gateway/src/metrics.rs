@@ -226,8 +226,12 @@ impl Sources {
     }
 }
 
-/// Serves `GET /metrics` (HTTP/1.x, one request per connection) until `stop`.
-pub async fn serve_admin(socket: TcpListener, sources: Sources, stop: CancellationToken) {
+/// Serves `GET /metrics` (HTTP/1.x, one request per connection) until
+/// `stop`, with the body `render` makes per request.
+pub async fn serve_admin<R>(socket: TcpListener, render: R, stop: CancellationToken)
+where
+    R: Fn() -> String + Clone + Send + Sync + 'static,
+{
     loop {
         let (mut stream, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -240,7 +244,7 @@ pub async fn serve_admin(socket: TcpListener, sources: Sources, stop: Cancellati
                 }
             },
         };
-        let sources = sources.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             // The request line is all we need; bound what we read.
             let mut buf = [0u8; 1024];
@@ -250,7 +254,7 @@ pub async fn serve_admin(socket: TcpListener, sources: Sources, stop: Cancellati
             let Ok(Ok(n)) = read else { return };
             let request = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if request.starts_with("GET /metrics ") {
-                ("200 OK", sources.render())
+                ("200 OK", render())
             } else {
                 (
                     "404 Not Found",

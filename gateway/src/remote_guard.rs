@@ -8,6 +8,7 @@
 //! protect = ["tcp:9000", "tcp:9100-9199"]   # udp:PORT too
 //! enforcement = "enforce"                   # or "audit"
 //! pin_dir = "/sys/fs/bpf/gateway-guard"     # the default; pin = false: detach on exit
+//! admin = "127.0.0.1:9902"                  # optional: GET /metrics
 //! ```
 //!
 //! Fail closed: when the program cannot be attached, the guard does not
@@ -16,6 +17,7 @@
 //! without a gap; `gateway guard --uninstall --config guard.toml` removes it.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -63,6 +65,15 @@ struct File {
     pin: bool,
     #[serde(default = "default_pin_dir")]
     pin_dir: PathBuf,
+    /// Where to serve `GET /metrics` (fixed at start).
+    #[serde(default)]
+    admin: Option<std::net::SocketAddr>,
+}
+
+/// A checked guard.toml.
+pub struct GuardFile {
+    pub spec: RemoteSpec,
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 fn default_true() -> bool {
@@ -87,11 +98,11 @@ fn enforce() -> EnforcementSetting {
 
 /// Where the guard in `path` pins, for `--uninstall`; None when unpinned.
 pub fn pin_dir(path: &Path) -> Result<Option<PathBuf>, RemoteGuardError> {
-    load(path).map(|spec| spec.pin_dir)
+    load(path).map(|file| file.spec.pin_dir)
 }
 
 /// Reads and checks guard.toml.
-pub fn load(path: &Path) -> Result<RemoteSpec, RemoteGuardError> {
+pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
     let text = std::fs::read_to_string(path).map_err(|source| RemoteGuardError::Read {
         path: path.to_owned(),
         source,
@@ -143,7 +154,7 @@ pub fn load(path: &Path) -> Result<RemoteSpec, RemoteGuardError> {
         .map(|p| p.parse::<PortRule>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RemoteGuardError::invalid(path, format!("protect: {e}")))?;
-    Ok(RemoteSpec {
+    let spec = RemoteSpec {
         interfaces: file.interfaces,
         allow,
         protect,
@@ -152,16 +163,75 @@ pub fn load(path: &Path) -> Result<RemoteSpec, RemoteGuardError> {
             EnforcementSetting::Audit => Enforcement::Audit,
         },
         pin_dir: file.pin.then_some(file.pin_dir),
+    };
+    Ok(GuardFile {
+        spec,
+        admin: file.admin,
     })
+}
+
+/// The guard's counters in the Prometheus text format.
+fn render(guard: &Mutex<RemoteGuard>) -> String {
+    use std::fmt::Write as _;
+    let guard = lock(guard);
+    let mut out = String::new();
+    match guard.counters() {
+        Ok(c) => {
+            out.push_str("# HELP gateway_guard_ingress_packets_total Packets to protected ports seen by the remote guard, by verdict.\n");
+            out.push_str("# TYPE gateway_guard_ingress_packets_total counter\n");
+            for (verdict, n) in [
+                ("allow", c.allowed),
+                ("drop", c.dropped),
+                ("audit", c.audited),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "gateway_guard_ingress_packets_total{{verdict=\"{verdict}\"}} {n}"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "guard: reading counters"),
+    }
+    match guard.drops_per_rule() {
+        Ok(rules) => {
+            out.push_str("# HELP gateway_guard_rule_drops_total Dropped (or, in audit, passed) bypass packets per protected port rule.\n");
+            out.push_str("# TYPE gateway_guard_rule_drops_total counter\n");
+            for (rule, n) in rules {
+                let _ = writeln!(out, "gateway_guard_rule_drops_total{{rule=\"{rule}\"}} {n}");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "guard: reading rule counters"),
+    }
+    out
 }
 
 /// Installs the guard, logs every intrusion, reloads on SIGHUP and stops
 /// (detaching) on SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let spec = load(path)?;
+    let GuardFile { spec, admin } = load(path)?;
+    // Bound before anything is installed: a taken port changes nothing.
+    let admin = match admin {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            RemoteGuardError::invalid(path, format!("admin: cannot listen on {addr}: {e}"))
+        })?),
+        None => None,
+    };
     let mut guard = RemoteGuard::install(&spec)?;
     let mut events = guard.take_events()?;
+    let guard = Arc::new(Mutex::new(guard));
+    let stop = tokio_util::sync::CancellationToken::new();
+    if let Some(socket) = admin {
+        if let Ok(addr) = socket.local_addr() {
+            tracing::info!(%addr, "guard: admin endpoint: GET /metrics");
+        }
+        let guard = guard.clone();
+        tokio::spawn(crate::metrics::serve_admin(
+            socket,
+            move || render(&guard),
+            stop.clone(),
+        ));
+    }
     tracing::info!(
         interfaces = ?spec.interfaces,
         allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -194,7 +264,9 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                     std::future::pending::<()>().await;
                 }
             },
-            _ = hup.recv() => match load(path).and_then(|s| guard.update(&s).map_err(Into::into)) {
+            _ = hup.recv() => match load(path).and_then(|f| {
+                lock(&guard).update(&f.spec).map_err(Into::into)
+            }) {
                 Ok(()) => tracing::info!("guard: reloaded {}", path.display()),
                 Err(e) => tracing::error!(error = %e, "guard: reload failed; the previous rules stay"),
             },
@@ -207,7 +279,8 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         allowed,
         dropped,
         audited,
-    } = guard.counters()?;
+    } = lock(&guard).counters()?;
+    stop.cancel();
     match &spec.pin_dir {
         Some(dir) => tracing::info!(
             protected,
@@ -226,4 +299,11 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         ),
     }
     Ok(())
+}
+
+fn lock(guard: &Mutex<RemoteGuard>) -> MutexGuard<'_, RemoteGuard> {
+    // A panic elsewhere leaves the maps as they were: keep going.
+    guard
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

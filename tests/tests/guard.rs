@@ -178,7 +178,8 @@ async fn backends_are_reachable_only_through_the_gateway() {
         .err()
         .expect("wrong uid, no gateway");
     assert!(
-        err.to_string().contains("uid = 4242, but the gateway runs as uid 0"),
+        err.to_string()
+            .contains("uid = 4242, but the gateway runs as uid 0"),
         "{err}"
     );
 }

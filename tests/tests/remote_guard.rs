@@ -249,12 +249,32 @@ fn echo_server(t: &Topology, addr: SocketAddr) {
     });
 }
 
+/// The guard's metrics endpoint, inside the backend's namespace.
+const GUARD_ADMIN: &str = "127.0.0.1:9902";
+
+/// One metric's value from the guard's `GET /metrics`, read in the
+/// backend's namespace.
+fn guard_metric(t: &Topology, series: &str) -> u64 {
+    let body = in_netns(&t.ns("b"), || {
+        let mut s = TcpStream::connect(GUARD_ADMIN).expect("guard admin endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guard\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("response");
+        body
+    });
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+}
+
 fn write_guard_toml(path: &Path, pins: &Path, protect: &str, enforcement: &str) {
     std::fs::write(
         path,
         format!(
             "interfaces = [\"b0\"]\nallow = [\"{GATEWAY_BACKEND_SIDE_V4}\", \"{GATEWAY_BACKEND_SIDE_V6}/128\"]\n\
-             protect = [{protect}]\nenforcement = \"{enforcement}\"\npin_dir = \"{}\"\n",
+             protect = [{protect}]\nenforcement = \"{enforcement}\"\npin_dir = \"{}\"\n\
+             admin = \"{GUARD_ADMIN}\"\n",
             pins.display()
         ),
     )
@@ -399,6 +419,16 @@ fn only_the_gateway_reaches_protected_backend_ports() {
         log.contains(CLIENT_V4) && log.contains(&format!("{BACKEND_V4}:9000")),
         "the event names source and destination:\n{log}"
     );
+
+    // And counted, in total and per rule, on the guard's metrics endpoint.
+    assert!(guard_metric(&t, "gateway_guard_ingress_packets_total{verdict=\"drop\"}") >= 2);
+    assert!(guard_metric(&t, "gateway_guard_rule_drops_total{rule=\"tcp:9000-9001\"}") >= 2);
+    assert_eq!(
+        guard_metric(&t, "gateway_guard_rule_drops_total{rule=\"udp:9002\"}"),
+        1,
+        "the one stranger's datagram"
+    );
+    assert!(guard_metric(&t, "gateway_guard_ingress_packets_total{verdict=\"allow\"}") >= 1);
 
     // Reload adds a port without a gap: 9100 is refused from now on.
     write_guard_toml(
