@@ -153,30 +153,23 @@ async fn backends_are_reachable_only_through_the_gateway() {
         &format!("attach_to = \"{}\"", cg.rel.display()),
         "attach_to = \"no-such-cgroup\"",
     );
-    let config = gateway::Config::parse(
-        &format!("access_log = \"off\"\n{broken}"),
-        &pki.path("g.toml"),
-        pki.dir.path(),
-    )
-    .unwrap();
-    let err = gateway::build(&config)
-        .await
-        .err()
-        .expect("no guard, no gateway");
+    let refused_start = async |toml: &str| {
+        let config = gateway::Config::parse(
+            &format!("access_log = \"off\"\n{toml}"),
+            &pki.path("g.toml"),
+            pki.dir.path(),
+        )
+        .unwrap();
+        gateway::build(&config)
+            .await
+            .err()
+            .expect("the gateway must not start")
+    };
+    let err = refused_start(&broken).await;
     assert!(err.to_string().contains("no-such-cgroup"), "{err}");
 
     // A uid the gateway does not run as would refuse its own connects: no start.
-    let wrong_uid = one.replace("[guard]\n", "[guard]\nuid = 4242\n");
-    let config = gateway::Config::parse(
-        &format!("access_log = \"off\"\n{wrong_uid}"),
-        &pki.path("g.toml"),
-        pki.dir.path(),
-    )
-    .unwrap();
-    let err = gateway::build(&config)
-        .await
-        .err()
-        .expect("wrong uid, no gateway");
+    let err = refused_start(&one.replace("[guard]\n", "[guard]\nuid = 4242\n")).await;
     assert!(
         err.to_string()
             .contains("uid = 4242, but the gateway runs as uid 0"),

@@ -249,6 +249,25 @@ fn echo_server(t: &Topology, addr: SocketAddr) {
     });
 }
 
+/// `gateway guard --config` in the backend's namespace, once it protects.
+fn start_guard(t: &Topology, config: &Path, log: PathBuf) -> Proc {
+    let bin = gateway_binary();
+    let mut guard = Proc::spawn(
+        &t.ns("b"),
+        &[
+            bin.to_str().expect("utf-8 path"),
+            "--log-format",
+            "json",
+            "guard",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ],
+        log,
+    );
+    guard.wait_for("guard: protecting", 1);
+    guard
+}
+
 /// The guard's metrics endpoint, inside the backend's namespace.
 const GUARD_ADMIN: &str = "127.0.0.1:9902";
 
@@ -320,19 +339,7 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     );
     let bin = gateway_binary();
     let bin = bin.to_str().expect("utf-8 path");
-    let mut guard = Proc::spawn(
-        &t.ns("b"),
-        &[
-            bin,
-            "--log-format",
-            "json",
-            "guard",
-            "--config",
-            guard_toml.to_str().unwrap(),
-        ],
-        dir.path().join("guard.log"),
-    );
-    guard.wait_for("guard: protecting", 1);
+    let mut guard = start_guard(&t, &guard_toml, dir.path().join("guard.log"));
 
     // The gateway in its namespace, routing to the backend.
     let pki = Pki::new();
@@ -495,19 +502,7 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     // a rule dropped from the file is dropped from the kernel, and the
     // bypass counters carry on.
     write_guard_toml(&guard_toml, &pins.0, "\"tcp:9000-9001\"", "enforce");
-    let mut guard = Proc::spawn(
-        &t.ns("b"),
-        &[
-            bin,
-            "--log-format",
-            "json",
-            "guard",
-            "--config",
-            guard_toml.to_str().unwrap(),
-        ],
-        dir.path().join("guard-restarted.log"),
-    );
-    guard.wait_for("guard: protecting", 1);
+    let mut guard = start_guard(&t, &guard_toml, dir.path().join("guard-restarted.log"));
     assert!(
         connect_from_client(&t, backend).is_err(),
         "still protected after the restart"

@@ -197,16 +197,7 @@ impl std::str::FromStr for Protected {
             None if ip.contains(':') => return Err(bad()),
             None => ip.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?.into(),
         };
-        let (first, last) = match ports.split_once('-') {
-            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
-            None => {
-                let p: u16 = ports.parse().map_err(|_| bad())?;
-                (p, p)
-            }
-        };
-        if first == 0 || first > last {
-            return Err(format!("{s:?}: ports run from 1 to 65535, first <= last"));
-        }
+        let (first, last) = port_range(s, ports, bad)?;
         Ok(Protected {
             protocol,
             ip,
@@ -214,6 +205,39 @@ impl std::str::FromStr for Protected {
             last,
         })
     }
+}
+
+/// `PORT` or `FIRST-LAST` out of `ports` (part of `whole`, for the error).
+fn port_range(whole: &str, ports: &str, bad: impl Fn() -> String) -> Result<(u16, u16), String> {
+    let (first, last) = match ports.split_once('-') {
+        Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
+        None => {
+            let p: u16 = ports.parse().map_err(|_| bad())?;
+            (p, p)
+        }
+    };
+    if first == 0 || first > last {
+        return Err(format!(
+            "{whole:?}: ports run from 1 to 65535, first <= last"
+        ));
+    }
+    Ok((first, last))
+}
+
+/// An eBPF loader that reuses (or creates) the named maps pinned in
+/// `pin_dir`, so a restart takes over what the previous process left.
+fn loader_with_pins(
+    pin_dir: Option<&Path>,
+    maps: &[&'static str],
+) -> Result<aya::EbpfLoader<'static>, EbpfError> {
+    let mut loader = aya::EbpfLoader::new();
+    if let Some(dir) = pin_dir {
+        prepare_pin_dir(dir)?;
+        for name in maps {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    Ok(loader)
 }
 
 impl<'de> serde::Deserialize<'de> for Protected {
@@ -366,18 +390,7 @@ impl LocalGuard {
         if object().is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut loader = aya::EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = match &spec.pin_dir {
-            Some(dir) => {
-                prepare_pin_dir(dir)?;
-                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
-            }
-            None => Vec::new(),
-        };
-        for (name, path) in &pins {
-            // Reuses the pinned map when a previous gateway left one.
-            loader.map_pin_path(name, path.as_path());
-        }
+        let mut loader = loader_with_pins(spec.pin_dir.as_deref(), &MAPS)?;
         let mut guard = Self {
             ebpf: loader.load(object())?,
             entries: HashMap::new(),

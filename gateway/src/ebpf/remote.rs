@@ -36,7 +36,9 @@ use gateway_common::{
 use ipnet::IpNet;
 
 pub use super::Protocol;
-use super::{EbpfError, Enforcement, Events, object, per_cpu_sum, pin_failed, prepare_pin_dir};
+use super::{
+    EbpfError, Enforcement, Events, loader_with_pins, object, per_cpu_sum, pin_failed, port_range,
+};
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,16 +60,7 @@ impl std::str::FromStr for PortRule {
             "udp" => Protocol::Udp,
             _ => return Err(bad()),
         };
-        let (first, last) = match ports.split_once('-') {
-            Some((a, b)) => (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?),
-            None => {
-                let p: u16 = ports.parse().map_err(|_| bad())?;
-                (p, p)
-            }
-        };
-        if first == 0 || first > last {
-            return Err(format!("{s:?}: ports run from 1 to 65535, first <= last"));
-        }
+        let (first, last) = port_range(s, ports, bad)?;
         Ok(PortRule {
             protocol,
             first,
@@ -152,18 +145,7 @@ impl RemoteGuard {
         if object().is_empty() {
             return Err(EbpfError::NotBuilt);
         }
-        let mut loader = aya::EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = match &spec.pin_dir {
-            Some(dir) => {
-                prepare_pin_dir(dir)?;
-                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
-            }
-            None => Vec::new(),
-        };
-        for (name, path) in &pins {
-            // Reuses the maps a previous guard left, with their rules.
-            loader.map_pin_path(name, path.as_path());
-        }
+        let mut loader = loader_with_pins(spec.pin_dir.as_deref(), &MAPS)?;
         let mut guard = RemoteGuard {
             ebpf: loader.load(object())?,
             rules: Vec::new(),
