@@ -39,18 +39,13 @@ const KERNELS: &[KernelSource] = &[
     KernelSource {
         label: "debian-6.12-backports",
         accel: "tcg,thread=multi",
-        // Not in the default run: under Debian 12's QEMU 7.2 TCG this kernel
-        // crashes at random points (double faults with EFLAGS holding
-        // garbage right after a gs-prefixed cmpxchg16b in SLUB, list
-        // corruption), whatever the CPU model or TCG threading. Run it with
-        // `cargo xtask vm-test --kernel debian-6.12-backports`.
-        by_default: false,
+        by_default: true,
         suites: &[("http://deb.debian.org/debian", "bookworm-backports")],
     },
 ];
 
 /// Integration test binaries (tests/tests/*.rs) that run inside the VM.
-const VM_TESTS: &[&str] = &["ktls", "ktls_record_limit", "ebpf", "guard"];
+const VM_TESTS: &[&str] = &["ktls", "ktls_record_limit", "ebpf", "guard", "remote_guard"];
 
 /// Modules to load, in this order, with whatever they depend on first. The
 /// crypto API looks algorithms up by name at TLS_TX/TLS_RX time and cannot
@@ -79,8 +74,8 @@ const MODULES: &[&str] = &[
 ];
 
 /// `max` offers AES-NI and PCLMUL for the kernel's AES-GCM; LA57 is off
-/// because 6.12 turns 5-level paging on when offered and then faults at boot
-/// under QEMU 7.2's TCG.
+/// because 6.12 turns 5-level paging on when offered, which TCG emulates
+/// slowly and QEMU 7.2 got wrong (a fault at boot).
 const QEMU_CPU: &str = "max,la57=off";
 
 /// Booting, running every test and powering off must fit in this.
@@ -106,10 +101,11 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
         bail!("no kernel {only:?}; choose one of {labels:?}");
     }
     let labels: Vec<&str> = chosen.iter().map(|k| k.label).collect();
+    let qemu = fetch_qemu()?;
     for source in chosen {
         let kernel = fetch_kernel(source)?;
         let initrd = build_initramfs(&kernel, &busybox, &gateway, Payload::Tests(&tests))?;
-        match boot(&kernel, &initrd).and_then(|out| check_tests(&kernel, &out)) {
+        match boot(&qemu, &kernel, &initrd).and_then(|out| check_tests(&kernel, &out)) {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("xtask: vm {}: {e:#}", kernel.label);
@@ -204,66 +200,119 @@ struct Kernel {
     modules: PathBuf,
 }
 
+/// apt with private state under `dir/apt`: its own sources, lists and
+/// cache, so the host's apt configuration is never touched.
+struct Apt {
+    opts: Vec<String>,
+}
+
+impl Apt {
+    fn new(dir: &Path, suites: &[(&str, &str)]) -> anyhow::Result<Apt> {
+        let apt = dir.join("apt");
+        for sub in ["lists/partial", "cache/archives/partial"] {
+            std::fs::create_dir_all(apt.join(sub))?;
+        }
+        let mut list = String::new();
+        for (uri, suite) in suites {
+            let _ = writeln!(list, "deb [signed-by={KEYRING}] {uri} {suite} main");
+        }
+        std::fs::write(apt.join("sources.list"), list)?;
+        let opts = [
+            format!(
+                "Dir::Etc::SourceList={}",
+                apt.join("sources.list").display()
+            ),
+            "Dir::Etc::SourceParts=/dev/null".into(),
+            format!("Dir::State::Lists={}", apt.join("lists").display()),
+            format!("Dir::Cache={}", apt.join("cache").display()),
+            "Dir::State::Status=/dev/null".into(),
+            "APT::Sandbox::User=root".into(),
+        ]
+        .into_iter()
+        .flat_map(|o| ["-o".to_owned(), o])
+        .collect();
+        Ok(Apt { opts })
+    }
+
+    fn update(&self) -> anyhow::Result<()> {
+        cmd::run(
+            Command::new("apt-get")
+                .args(&self.opts)
+                .args(["update", "-qq"]),
+        )
+    }
+
+    /// What `apt-cache` prints about `args`.
+    fn cache(&self, args: &[&str]) -> anyhow::Result<String> {
+        cmd::output(Command::new("apt-cache").args(&self.opts).args(args))
+            .with_context(|| format!("apt-cache {}", args.join(" ")))
+    }
+
+    /// Downloads `packages` into a fresh `debs` and unpacks them all into a
+    /// fresh `root`.
+    fn download_and_unpack(
+        &self,
+        packages: &[&str],
+        debs: &Path,
+        root: &Path,
+    ) -> anyhow::Result<()> {
+        let _ = std::fs::remove_dir_all(debs);
+        std::fs::create_dir_all(debs)?;
+        cmd::run(
+            Command::new("apt-get")
+                .args(&self.opts)
+                .args(["download", "-q"])
+                .args(packages)
+                .current_dir(debs),
+        )?;
+        let _ = std::fs::remove_dir_all(root);
+        let mut unpacked = 0;
+        for deb in std::fs::read_dir(debs)?.flatten().map(|e| e.path()) {
+            if deb.extension().is_some_and(|e| e == "deb") {
+                cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(root))?;
+                unpacked += 1;
+            }
+        }
+        if unpacked != packages.len() {
+            bail!(
+                "apt-get download left {unpacked} .deb files for {} packages",
+                packages.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What to use when apt cannot answer: the cached copy, if any, said aloud.
+fn resolved_or_cached(
+    what: &str,
+    resolved: anyhow::Result<String>,
+    cached: Option<&str>,
+) -> anyhow::Result<String> {
+    match (resolved, cached) {
+        (Ok(v), _) => Ok(v),
+        (Err(e), Some(c)) => {
+            eprintln!("xtask: vm {what}: apt failed ({e:#}); using cached {c}");
+            Ok(c.to_owned())
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
 /// Resolves the newest cloud kernel of a suite, downloads and unpacks it
 /// (once per version), with apt pointed at private lists under target/vm.
 fn fetch_kernel(source: &KernelSource) -> anyhow::Result<Kernel> {
     let dir = vm_dir().join(source.label);
-    let apt = dir.join("apt");
-    for sub in ["lists/partial", "cache/archives/partial"] {
-        std::fs::create_dir_all(apt.join(sub))?;
-    }
-    let mut list = String::new();
-    for (uri, suite) in source.suites {
-        let _ = writeln!(list, "deb [signed-by={KEYRING}] {uri} {suite} main");
-    }
-    std::fs::write(apt.join("sources.list"), list)?;
-    let opts: Vec<String> = [
-        format!(
-            "Dir::Etc::SourceList={}",
-            apt.join("sources.list").display()
-        ),
-        "Dir::Etc::SourceParts=/dev/null".into(),
-        format!("Dir::State::Lists={}", apt.join("lists").display()),
-        format!("Dir::Cache={}", apt.join("cache").display()),
-        "Dir::State::Status=/dev/null".into(),
-        "APT::Sandbox::User=root".into(),
-    ]
-    .into_iter()
-    .flat_map(|o| ["-o".to_owned(), o])
-    .collect();
+    let apt = Apt::new(&dir, source.suites)?;
     let cached = std::fs::read_to_string(dir.join("package")).ok();
-    let package = match refresh_and_resolve(&opts) {
-        Ok(p) => p,
-        Err(e) => match &cached {
-            // Offline with a kernel already unpacked: use it, and say so.
-            Some(p) => {
-                eprintln!(
-                    "xtask: vm {}: apt failed ({e:#}); using cached {p}",
-                    source.label
-                );
-                p.clone()
-            }
-            None => return Err(e),
-        },
-    };
+    let package = resolved_or_cached(
+        source.label,
+        apt.update().and_then(|()| cloud_kernel_package(&apt)),
+        cached.as_deref(),
+    )?;
     let root = dir.join("root");
     if cached.as_deref() != Some(package.as_str()) || !root.join("boot").is_dir() {
-        let debs = dir.join("debs");
-        let _ = std::fs::remove_dir_all(&debs);
-        std::fs::create_dir_all(&debs)?;
-        cmd::run(
-            Command::new("apt-get")
-                .args(&opts)
-                .args(["download", "-q", &package])
-                .current_dir(&debs),
-        )?;
-        let deb = std::fs::read_dir(&debs)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .context("apt-get download left no .deb")?;
-        let _ = std::fs::remove_dir_all(&root);
-        cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+        apt.download_and_unpack(&[&package], &dir.join("debs"), &root)?;
         std::fs::write(dir.join("package"), &package)?;
     }
     let vmlinuz = std::fs::read_dir(root.join("boot"))?
@@ -289,20 +338,72 @@ fn fetch_kernel(source: &KernelSource) -> anyhow::Result<Kernel> {
     })
 }
 
-fn refresh_and_resolve(opts: &[String]) -> anyhow::Result<String> {
-    cmd::run(Command::new("apt-get").args(opts).args(["update", "-qq"]))?;
-    let depends = cmd::output(
-        Command::new("apt-cache")
-            .args(opts)
-            .args(["depends", "linux-image-cloud-amd64"]),
-    )
-    .context("apt-cache depends linux-image-cloud-amd64")?;
-    depends
+fn cloud_kernel_package(apt: &Apt) -> anyhow::Result<String> {
+    apt.cache(&["depends", "linux-image-cloud-amd64"])?
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .filter(|p| p.starts_with("linux-image-"))
         .map(str::to_owned)
         .context("linux-image-cloud-amd64 depends on no linux-image package")
+}
+
+/// The QEMU the VMs boot in: Debian 12's own (7.2) runs 6.12 kernels into
+/// random crashes under TCG (double faults with EFLAGS holding garbage
+/// right after a gs-prefixed cmpxchg16b in SLUB, list corruption), so the
+/// emulator comes from bookworm-backports (10.0), which boots both kernels
+/// cleanly. Only the emulator and its firmware are unpacked under
+/// target/vm/qemu; the shared libraries it links are those Debian's
+/// qemu-system-x86 (installed by setup) already brought in.
+struct Qemu {
+    binary: PathBuf,
+    /// Firmware directories (`-L`): SeaBIOS and QEMU's option ROMs.
+    firmware: Vec<PathBuf>,
+}
+
+const QEMU_SUITE: (&str, &str) = ("http://deb.debian.org/debian", "bookworm-backports");
+const QEMU_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "qemu-system-common",
+    "qemu-system-data",
+    "seabios",
+];
+
+fn fetch_qemu() -> anyhow::Result<Qemu> {
+    let dir = vm_dir().join("qemu");
+    let apt = Apt::new(&dir, &[QEMU_SUITE])?;
+    let cached = std::fs::read_to_string(dir.join("version")).ok();
+    let version = resolved_or_cached(
+        "qemu",
+        apt.update().and_then(|()| {
+            apt.cache(&["show", "--no-all-versions", "qemu-system-x86"])?
+                .lines()
+                .find_map(|l| l.strip_prefix("Version: "))
+                .map(str::to_owned)
+                .context("apt knows no qemu-system-x86 in bookworm-backports")
+        }),
+        cached.as_deref(),
+    )?;
+    let root = dir.join("root");
+    let binary = root.join("usr/bin/qemu-system-x86_64");
+    if cached.as_deref() != Some(version.as_str()) || !binary.is_file() {
+        apt.download_and_unpack(QEMU_PACKAGES, &dir.join("debs"), &root)?;
+        std::fs::write(dir.join("version"), &version)?;
+    }
+    let qemu = Qemu {
+        binary,
+        firmware: vec![root.join("usr/share/qemu"), root.join("usr/share/seabios")],
+    };
+    let reported = cmd::output(Command::new(&qemu.binary).arg("--version")).with_context(|| {
+        format!(
+            "{} does not run (its libraries come with Debian's qemu-system-x86: cargo xtask setup)",
+            qemu.binary.display()
+        )
+    })?;
+    eprintln!(
+        "xtask: vm: {}",
+        reported.lines().next().unwrap_or_default().trim()
+    );
+    Ok(qemu)
 }
 
 /// Module files by module name (dashes and underscores are the same to the kernel).
@@ -412,11 +513,12 @@ const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mount -t devtmpfs dev /dev
 exec >/dev/ttyS1 2>&1
 /bin/busybox --install -s /bin
-export PATH=/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
+export PATH=/usr/sbin:/bin HOME=/root TMPDIR=/tmp RUST_BACKTRACE=1
 export GATEWAY_TEST_REQUIRE_KERNEL_FEATURES=1 GATEWAY_BIN=/bin/gateway
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t tmpfs tmp /tmp
+mkdir -p /run /var && mount -t tmpfs run /run && ln -s /run /var/run
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup
 ip link set lo up
 echo "GATEWAY-VM: kernel $(uname -r)"
@@ -439,6 +541,58 @@ sync
 poweroff -f
 "#;
 
+/// iproute2's `ip`: busybox's has no `netns`, which the three-host guard
+/// tests need. It is dynamically linked, so its libraries come along.
+const IPROUTE2: &str = "/usr/sbin/ip";
+
+/// Packs the host's `binary` at `at`, with the dynamic loader and every
+/// library `ldd` names, at the paths the loader looks for them.
+fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Result<()> {
+    let ldd = cmd::output(Command::new("ldd").arg(binary)).with_context(|| {
+        format!(
+            "ldd {} (cargo xtask setup installs iproute2)",
+            binary.display()
+        )
+    })?;
+    let libraries: Vec<&str> = ldd
+        .lines()
+        .filter_map(|l| {
+            // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then_some(path)
+        })
+        .collect();
+    for library in libraries {
+        let relative = library.trim_start_matches('/');
+        let mut dir = String::new();
+        for part in Path::new(relative)
+            .parent()
+            .into_iter()
+            .flat_map(Path::components)
+        {
+            if !dir.is_empty() {
+                dir.push('/');
+            }
+            dir.push_str(&part.as_os_str().to_string_lossy());
+            cpio.dir_once(&dir);
+        }
+        cpio.file(
+            relative,
+            &std::fs::read(library).with_context(|| library.to_owned())?,
+            0o755,
+        );
+    }
+    cpio.dir_once("usr");
+    cpio.dir_once("usr/sbin");
+    cpio.file(
+        at,
+        &std::fs::read(binary).with_context(|| binary.display().to_string())?,
+        0o755,
+    );
+    Ok(())
+}
+
 /// What the VM runs: the test binaries, or the benchmark.
 enum Payload<'a> {
     Tests(&'a [(String, PathBuf)]),
@@ -459,6 +613,7 @@ fn build_initramfs(
         cpio.dir(dir);
     }
     cpio.file("bin/busybox", &std::fs::read(busybox)?, 0o755);
+    pack_with_libraries(&mut cpio, Path::new(IPROUTE2), "usr/sbin/ip")?;
     cpio.file("init", INIT.as_bytes(), 0o755);
     cpio.file(
         "bin/gateway",
@@ -516,6 +671,7 @@ fn build_initramfs(
 struct Cpio {
     out: Vec<u8>,
     ino: u32,
+    dirs: std::collections::HashSet<String>,
 }
 
 impl Cpio {
@@ -552,7 +708,15 @@ impl Cpio {
         }
     }
 
+    /// A directory, unless it is already in the archive.
+    fn dir_once(&mut self, name: &str) {
+        if !self.dirs.contains(name) {
+            self.dir(name);
+        }
+    }
+
     fn dir(&mut self, name: &str) {
+        self.dirs.insert(name.to_owned());
         self.entry(name, 0o040_755, &[]);
     }
 
@@ -577,46 +741,50 @@ impl std::fmt::Write for HexSink<'_> {
 
 /// Boots the kernel with the initramfs and returns what the VM printed on
 /// its result port.
-fn boot(kernel: &Kernel, initrd: &Path) -> anyhow::Result<String> {
+fn boot(qemu: &Qemu, kernel: &Kernel, initrd: &Path) -> anyhow::Result<String> {
     let dir = vm_dir().join(kernel.label);
     let console = dir.join("console.log");
     let results = dir.join("results.log");
     let _ = std::fs::remove_file(&results);
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-accel",
-        kernel.accel,
-        "-cpu",
-        QEMU_CPU,
-        "-smp",
-        "2",
-        "-m",
-        "2048",
-    ])
-    .args([
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .arg("-kernel")
-    .arg(&kernel.vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    .args(["-append", "console=ttyS0 panic=-1 oops=panic rdinit=/init"])
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-serial")
-    .arg(format!("file:{}", results.display()));
+    let mut command = Command::new(&qemu.binary);
+    for dir in &qemu.firmware {
+        command.arg("-L").arg(dir);
+    }
+    command
+        .args([
+            "-accel",
+            kernel.accel,
+            "-cpu",
+            QEMU_CPU,
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 oops=panic rdinit=/init"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", results.display()));
     eprintln!(
         "xtask: vm {}: booting {} (QEMU TCG, 2 vCPUs)",
         kernel.label, kernel.package
     );
     let started = Instant::now();
-    let mut child = qemu
+    let mut child = command
         .spawn()
-        .context("starting qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        .with_context(|| format!("starting {}", qemu.binary.display()))?;
     let status = loop {
         if let Some(status) = child.try_wait()? {
             break Some(status);
@@ -725,7 +893,7 @@ pub fn bench(args: &[&str]) -> anyhow::Result<String> {
         &release.join("gateway"),
         Payload::Bench(&release.join("gateway-bench"), args),
     )?;
-    let output = boot(&kernel, &initrd)?;
+    let output = boot(&fetch_qemu()?, &kernel, &initrd)?;
     let report = output
         .split_once(BENCH_BEGIN)
         .and_then(|(_, rest)| rest.split_once(BENCH_END))
