@@ -202,19 +202,13 @@ async fn serve(
     };
     let (route, mut tls) = tls;
     // From here the connection is live: reloads and the tick re-judge it.
-    let chain = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
-        .unwrap_or_default();
     let registration = shared.registry.register(
         Live {
             listener: listener.name.clone(),
             route: route.name.clone(),
             source: peer.ip(),
             identity: conn.identity_value.take(),
-            chain,
+            chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
         },
         close,
     );

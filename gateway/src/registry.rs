@@ -6,7 +6,7 @@
 //! those whose certificate expired, whose lifetime is up or whose route's
 //! time window closed. A closed connection's access-log line says why.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,8 +26,11 @@ struct Entry {
     route: String,
     source: IpAddr,
     identity: Option<Identity>,
-    /// The client's chain as sent (leaf first), to verify again on reload.
-    chain: Vec<CertificateDer<'static>>,
+    /// The client's chain as sent, to verify again on reload: its own leaf,
+    /// and the intermediates it sent, shared with every live connection
+    /// that sent the same ones (see `Inner::intermediates`).
+    leaf: Option<CertificateDer<'static>>,
+    intermediates: Intermediates,
     opened: Instant,
     close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
@@ -45,10 +48,45 @@ impl Entry {
     }
 }
 
+type Intermediates = Arc<[CertificateDer<'static>]>;
+
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
-    live: Mutex<HashMap<u64, Arc<Entry>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    live: HashMap<u64, Arc<Entry>>,
+    /// The intermediates live connections sent, each set kept once: a
+    /// fleet's clients present a handful of issuing CAs, and an idle
+    /// connection should not carry its own copy (about half its chain).
+    /// The leaf stays per connection.
+    intermediates: HashSet<Intermediates>,
+}
+
+impl Inner {
+    fn intern(&mut self, certs: &[CertificateDer<'static>]) -> Intermediates {
+        if let Some(shared) = self.intermediates.get(certs) {
+            return shared.clone();
+        }
+        let owned: Intermediates = certs.iter().cloned().collect();
+        self.intermediates.insert(owned.clone());
+        owned
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(entry) = self.live.remove(&id) else {
+            return;
+        };
+        // The set's reference and this entry's: no other connection holds
+        // these. (A snapshot keeping the entry alive a while is fine; the
+        // entry has its own reference.)
+        if Arc::strong_count(&entry.intermediates) <= 2 {
+            self.intermediates.remove(&entry.intermediates[..]);
+        }
+    }
 }
 
 /// What a connection needs to hear that it must close, and why.
@@ -68,49 +106,58 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        self.registry.lock().remove(self.id);
     }
 }
 
 /// What `register` needs to know about a connection.
-pub struct Live {
+pub struct Live<'a> {
     pub listener: String,
     pub route: String,
     pub source: IpAddr,
     pub identity: Option<Identity>,
-    pub chain: Vec<CertificateDer<'static>>,
+    /// The client's chain as sent, leaf first (empty: no certificate).
+    pub chain: &'a [CertificateDer<'static>],
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
-        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The live entries, so judging them (signature checks on reload) does
     /// not hold up connections registering meanwhile.
     fn snapshot(&self) -> Vec<Arc<Entry>> {
-        self.lock().values().cloned().collect()
+        self.lock().live.values().cloned().collect()
     }
 
     /// Tracks a connection until the returned registration drops. `close` is
     /// a child of the shutdown token, so draining closes it too.
-    pub fn register(self: &Arc<Self>, live: Live, parent: &CancellationToken) -> Registration {
+    pub fn register(self: &Arc<Self>, live: Live<'_>, parent: &CancellationToken) -> Registration {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = parent.child_token();
         let why = Arc::new(Mutex::new(None));
-        self.lock().insert(
+        let (leaf, rest) = match live.chain.split_first() {
+            Some((leaf, rest)) => (Some(leaf.clone()), rest),
+            None => (None, &[][..]),
+        };
+        let mut inner = self.lock();
+        let intermediates = inner.intern(rest);
+        inner.live.insert(
             id,
             Arc::new(Entry {
                 listener: live.listener,
                 route: live.route,
                 source: live.source,
                 identity: live.identity,
-                chain: live.chain,
+                leaf,
+                intermediates,
                 opened: Instant::now(),
                 close: close.clone(),
                 why: why.clone(),
             }),
         );
+        drop(inner);
         Registration {
             id,
             registry: self.clone(),
@@ -120,7 +167,12 @@ impl Registry {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().live.len()
+    }
+
+    /// Distinct sets of intermediates the live connections hold.
+    pub fn shared_intermediates(&self) -> usize {
+        self.lock().intermediates.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,6 +195,11 @@ impl Registry {
     /// The periodic check: expiry, lifetime, time windows (policy without the
     /// signature work, which only a reload can change).
     pub fn tick(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
+        // A set whose last connection ended while a snapshot still held it
+        // was kept at that moment; only the set holds it now.
+        self.lock()
+            .intermediates
+            .retain(|i| Arc::strong_count(i) > 1);
         let now = jiff::Timestamp::now();
         let mut closed = 0;
         for entry in self.snapshot() {
@@ -167,12 +224,12 @@ fn reverify_one(entry: &Entry, listeners: &HashMap<String, Arc<ListenerState>>) 
         Mode::Off | Mode::Audit => return None,
         Mode::Enforce => {}
     }
-    if entry.chain.is_empty() {
+    let Some(leaf) = &entry.leaf else {
         return Some("route now enforces and the client presented no certificate".into());
-    }
+    };
     listener
         .tls
-        .recheck(&route.auth, entry.source, &entry.chain)
+        .recheck(&route.auth, entry.source, leaf, &entry.intermediates)
         .err()
         .map(|why| format!("no longer allowed after reload: {why}"))
 }
@@ -208,3 +265,87 @@ fn tick_one(
 
 /// How often `tick` runs.
 pub const TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(bytes: &[u8]) -> CertificateDer<'static> {
+        CertificateDer::from(bytes.to_vec())
+    }
+
+    fn live<'a>(chain: &'a [CertificateDer<'static>]) -> Live<'a> {
+        Live {
+            listener: "edge".into(),
+            route: "api".into(),
+            source: IpAddr::from([127, 0, 0, 1]),
+            identity: None,
+            chain,
+        }
+    }
+
+    #[test]
+    fn live_connections_share_the_intermediates_they_sent() {
+        let registry = Arc::new(Registry::default());
+        let shutdown = CancellationToken::new();
+        let a1 = [der(b"leaf 1"), der(b"issuing CA a")];
+        let a2 = [der(b"leaf 2"), der(b"issuing CA a")];
+        let b = [
+            der(b"leaf 3"),
+            der(b"issuing CA b"),
+            der(b"root-signed CA b"),
+        ];
+
+        let one = registry.register(live(&a1), &shutdown);
+        let two = registry.register(live(&a2), &shutdown);
+        let three = registry.register(live(&b), &shutdown);
+        assert_eq!(registry.shared_intermediates(), 2);
+        {
+            let inner = registry.lock();
+            let (e1, e2, e3) = (
+                &inner.live[&one.id],
+                &inner.live[&two.id],
+                &inner.live[&three.id],
+            );
+            assert!(Arc::ptr_eq(&e1.intermediates, &e2.intermediates));
+            assert_eq!(e1.leaf.as_ref(), Some(&a1[0]), "each keeps its own leaf");
+            assert_eq!(e2.leaf.as_ref(), Some(&a2[0]));
+            assert_eq!(&e3.intermediates[..], &b[1..]);
+        }
+
+        drop(one);
+        assert_eq!(
+            registry.shared_intermediates(),
+            2,
+            "connection two still holds CA a"
+        );
+        drop(two);
+        assert_eq!(registry.shared_intermediates(), 1);
+
+        // An entry a reload is judging outlives its registration.
+        let judging = registry.snapshot();
+        drop(three);
+        assert_eq!(registry.shared_intermediates(), 0);
+        assert_eq!(&judging[0].intermediates[..], &b[1..]);
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn a_set_released_while_judged_is_dropped_by_the_tick() {
+        let registry = Arc::new(Registry::default());
+        let shutdown = CancellationToken::new();
+        let a1 = [der(b"leaf 1"), der(b"issuing CA a")];
+        let a2 = [der(b"leaf 2"), der(b"issuing CA a")];
+        let one = registry.register(live(&a1), &shutdown);
+        let two = registry.register(live(&a2), &shutdown);
+        let judging = registry.snapshot();
+        drop(one);
+        drop(two);
+        // Both entries were still referenced by the snapshot when their
+        // registrations dropped: the set stayed.
+        assert_eq!(registry.shared_intermediates(), 1);
+        drop(judging);
+        registry.tick(&HashMap::new());
+        assert_eq!(registry.shared_intermediates(), 0);
+    }
+}

@@ -309,12 +309,12 @@ pub async fn forward(
     let activity = Activity::new();
     let from_client = AtomicU64::new(0);
     let from_backend = AtomicU64::new(0);
-    let both = async {
+    let both = std::pin::pin!(async {
         tokio::try_join!(
             pump(&client, &backend, &from_client, &activity),
             pump(&backend, &client, &from_backend, &activity),
         )
-    };
+    });
     let end = until_done(both, &activity, idle, close, why).await;
     Transfer {
         client_to_backend: from_client.load(Ordering::Relaxed),

@@ -173,11 +173,9 @@ impl ListenerTls {
         &self,
         route: &RouteAuth,
         source: IpAddr,
-        chain: &[rustls_pki_types::CertificateDer<'static>],
+        leaf: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
     ) -> Result<(), String> {
-        let Some((leaf, intermediates)) = chain.split_first() else {
-            return Err("no client certificate".into());
-        };
         let decision = Arc::new(Mutex::new(Decision::default()));
         let verifier = ConnectionVerifier {
             chain: self.bundle(route.trust.as_deref()),
