@@ -101,14 +101,17 @@ enum Scenario {
     Handshakes,
     Latency,
     Memory,
+    /// The gateway on the proxy's and the load's cores together (gateways only).
+    Scaling,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Bulk,
         Scenario::Handshakes,
         Scenario::Latency,
         Scenario::Memory,
+        Scenario::Scaling,
     ];
 }
 
@@ -138,6 +141,7 @@ struct Plan {
     handshakes: bool,
     latency: bool,
     memory: bool,
+    scaling: bool,
     /// Bulk and handshakes are measured this often; the median counts.
     rounds: usize,
 }
@@ -164,6 +168,7 @@ impl Plan {
         plan.handshakes = has(Scenario::Handshakes);
         plan.latency = has(Scenario::Latency);
         plan.memory = has(Scenario::Memory);
+        plan.scaling = has(Scenario::Scaling);
         plan
     }
 
@@ -191,6 +196,7 @@ impl Plan {
                 handshakes: true,
                 latency: true,
                 memory: true,
+                scaling: true,
             }
         } else {
             Plan {
@@ -207,6 +213,7 @@ impl Plan {
                 handshakes: true,
                 latency: true,
                 memory: true,
+                scaling: true,
             }
         }
     }
@@ -220,7 +227,12 @@ impl Plan {
         } else {
             0
         };
-        rounds * self.bulk.len() as u64 + tls
+        let scaling = if kind.gateway() && self.scaling {
+            rounds * 2
+        } else {
+            0
+        };
+        rounds * self.bulk.len() as u64 + tls + scaling
     }
 }
 
@@ -478,9 +490,93 @@ impl Ctx<'_> {
                 self.bar.inc(1);
             }
         }
+        if self.plan.scaling {
+            for e in entries.iter_mut().filter(|e| e.kind.gateway() && !e.dead) {
+                self.bar.set_prefix(e.kind.name());
+                match self.scaling(e.kind, &e.report).await {
+                    Ok(s) => e.report.scaling = s,
+                    Err(err) => e.report.errors.push(format!("scaling: {err:#}")),
+                }
+            }
+        }
         entries.into_iter().map(|e| e.report).collect()
     }
+
+    /// The gateway given the proxy's and the load's cores together, one
+    /// worker per core. The load generator needs one of those cores, so the
+    /// rates it reaches there say little; what multi-core costs shows in the
+    /// gateway's CPU per handshake and per GB against the one-core run of the
+    /// same scenario, and that projects the speed-up on dedicated cores
+    /// (cores × one-core cost ÷ many-core cost). Stealing, cross-core wakeups
+    /// and shared locks all raise the many-core cost; so does sharing a core
+    /// with the load, which makes the projection conservative.
+    async fn scaling(
+        &self,
+        kind: Kind,
+        one: &PeerReport,
+    ) -> anyhow::Result<Option<report::ScalingResult>> {
+        let mut cores: Vec<usize> = self
+            .args
+            .proxy_cpus
+            .iter()
+            .chain(&self.args.load_cpus)
+            .copied()
+            .collect();
+        cores.sort_unstable();
+        cores.dedup();
+        if cores.len() <= self.args.proxy_cpus.len() {
+            eprintln!("gateway-bench: scaling skipped: the load's CPUs add none to the proxy's");
+            self.bar.inc(2 * self.plan.rounds as u64);
+            return Ok(None);
+        }
+        let peer = Peer::start(
+            kind,
+            self.bins,
+            self.pki,
+            self.backend.addr,
+            &self.workdir.join("scaling"),
+            &cores,
+        )?;
+        let mut rig = self.rig(&peer);
+        rig.proxy_cores = cores.len();
+        let (conns, dir) = SCALING_BULK;
+        let mut handshakes = Vec::new();
+        let mut bulk = Vec::new();
+        for round in 0..self.plan.rounds {
+            let rounds = self.plan.rounds;
+            self.bar.set_message(format!(
+                "round {}/{rounds}: handshakes on {} cores",
+                round + 1,
+                cores.len()
+            ));
+            handshakes.push(rig.handshakes(self.plan.handshake_clients).await?);
+            self.bar.inc(1);
+            self.bar.set_message(format!(
+                "round {}/{rounds}: {conns} conn {dir:?} on {} cores",
+                round + 1,
+                cores.len()
+            ));
+            bulk.push(rig.bulk(conns, dir, Some(self.args.paced_gbps)).await?);
+            self.bar.inc(1);
+        }
+        let (Some(handshakes), Some(bulk)) = (
+            median_by(handshakes, |h| h.proxy_cpu_ms_each),
+            median_by(bulk, |b| b.proxy_cpu_s_per_gb),
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(report::ScalingResult::new(
+            self.args.proxy_cpus.len(),
+            cores.len(),
+            one,
+            handshakes,
+            bulk,
+        )))
+    }
 }
+
+/// The bulk scenario the scaling run repeats: the busiest one on one core.
+const SCALING_BULK: (usize, Direction) = (16, Direction::Download);
 
 impl Ctx<'_> {
     /// Each TLS peer's peak request rate, then its latency at three rates:

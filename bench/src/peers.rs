@@ -54,6 +54,10 @@ impl Kind {
     pub fn tls(self) -> bool {
         self != Kind::Relay
     }
+
+    pub fn gateway(self) -> bool {
+        matches!(self, Kind::Gateway | Kind::GatewayKtls)
+    }
 }
 
 /// Where the binaries are.
@@ -84,8 +88,8 @@ impl Peer {
         std::fs::create_dir_all(&dir)?;
         let addr = free_port()?;
         let mut cmd = match kind {
-            Kind::Gateway => gateway(bins, pki, addr, backend, &dir, "userspace")?,
-            Kind::GatewayKtls => gateway(bins, pki, addr, backend, &dir, "kernel")?,
+            Kind::Gateway => gateway(bins, pki, addr, backend, &dir, "userspace", cpus.len())?,
+            Kind::GatewayKtls => gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len())?,
             Kind::Haproxy => haproxy(pki, addr, backend, &dir)?,
             Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len())?,
             Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,
@@ -212,6 +216,7 @@ fn gateway(
     backend: SocketAddr,
     dir: &Path,
     offload: &str,
+    workers: usize,
 ) -> anyhow::Result<Command> {
     let config = write(
         dir,
@@ -219,6 +224,7 @@ fn gateway(
         &format!(
             r#"access_log = "off"
 watch_files = false
+workers = {workers}
 
 [[listeners]]
 name = "bench"

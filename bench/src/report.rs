@@ -67,8 +67,64 @@ pub struct PeerReport {
     pub peak_requests_per_second: Option<f64>,
     pub latency: Vec<LatencyResult>,
     pub memory: Option<MemoryResult>,
+    /// The gateway on more cores (gateways only).
+    pub scaling: Option<ScalingResult>,
     /// Scenarios that failed, with why.
     pub errors: Vec<String>,
+}
+
+/// The gateway on `cores` against `baseline_cores`: what it measured there
+/// and the speed-up that its CPU cost projects on dedicated cores.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScalingResult {
+    pub baseline_cores: usize,
+    pub cores: usize,
+    pub handshakes: HandshakeResult,
+    pub bulk: BulkResult,
+    /// cores/baseline × baseline CPU ms per handshake ÷ CPU ms per handshake here.
+    pub handshake_speedup: Option<f64>,
+    /// The same from CPU-s per GB in the bulk scenario.
+    pub bulk_speedup: Option<f64>,
+}
+
+impl ScalingResult {
+    pub fn new(
+        baseline_cores: usize,
+        cores: usize,
+        one: &PeerReport,
+        handshakes: HandshakeResult,
+        bulk: BulkResult,
+    ) -> ScalingResult {
+        let factor = cores as f64 / baseline_cores as f64;
+        let project = |base: f64, here: f64| (here > 0.0).then(|| factor * base / here);
+        let handshake_speedup = one
+            .handshakes
+            .as_ref()
+            .and_then(|h| project(h.proxy_cpu_ms_each, handshakes.proxy_cpu_ms_each));
+        let bulk_speedup = one
+            .bulk(
+                bulk.connections,
+                bulk.direction,
+                bulk.offered_gbps.is_some(),
+            )
+            .and_then(|b| project(b.proxy_cpu_s_per_gb, bulk.proxy_cpu_s_per_gb));
+        ScalingResult {
+            baseline_cores,
+            cores,
+            handshakes,
+            bulk,
+            handshake_speedup,
+            bulk_speedup,
+        }
+    }
+
+    /// The lower projection: the target holds only if both scenarios scale.
+    pub fn speedup(&self) -> Option<f64> {
+        match (self.handshake_speedup, self.bulk_speedup) {
+            (Some(h), Some(b)) => Some(h.min(b)),
+            (h, b) => h.or(b),
+        }
+    }
 }
 
 impl PeerReport {
@@ -260,6 +316,46 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         }
     }
 
+    for p in &r.peers {
+        let Some(sc) = &p.scaling else { continue };
+        let one_hs = p.handshakes.as_ref();
+        let one_bulk = p.bulk(
+            sc.bulk.connections,
+            sc.bulk.direction,
+            sc.bulk.offered_gbps.is_some(),
+        );
+        let (name, n, base) = (&p.name, sc.cores, sc.baseline_cores);
+        let _ = writeln!(
+            s,
+            "\n## {name} on {n} cores\n\n\
+             The gateway with one worker per core on the proxy's and the load's CPUs together. \
+             The load generator needs one of those cores, so the rates below are not the gateway's \
+             ceiling; its CPU cost per unit of work against the {base}-core run projects the speed-up \
+             on dedicated cores ({n}/{base} × {base}-core cost ÷ {n}-core cost). Sharing a core with \
+             the load only raises the {n}-core cost, so the projection errs low.\n\n\
+             | scenario | {base} core(s): CPU per unit | {n} cores: CPU per unit | {n} cores: rate | projected speed-up |\n|---|---|---|---|---|"
+        );
+        let _ = writeln!(
+            s,
+            "| full handshakes (CPU ms each; handshakes/s) | {} | {:.2} | {:.0} | {} |",
+            f(one_hs.map(|h| h.proxy_cpu_ms_each), 2),
+            sc.handshakes.proxy_cpu_ms_each,
+            sc.handshakes.per_second,
+            f(sc.handshake_speedup, 2)
+        );
+        let _ = writeln!(
+            s,
+            "| {} conn {:?} at {} Gbit/s (CPU-s/GB; Gbit/s) | {} | {:.2} | {:.2} | {} |",
+            sc.bulk.connections,
+            sc.bulk.direction,
+            f(sc.bulk.offered_gbps, 1),
+            f(one_bulk.map(|b| b.proxy_cpu_s_per_gb), 2),
+            sc.bulk.proxy_cpu_s_per_gb,
+            sc.bulk.gbps,
+            f(sc.bulk_speedup, 2)
+        );
+    }
+
     if let (Some(user), Some(kernel)) = (
         r.peers.iter().find(|p| p.name == "gateway"),
         r.peers.iter().find(|p| p.name == "gateway-ktls"),
@@ -334,6 +430,18 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         row(&mut s, "≤ 14 KiB per idle connection", mem, 1, &|v| {
             v <= 14.0
         });
+        if let Some(sc) = &g.scaling {
+            row(
+                &mut s,
+                &format!(
+                    "≥ 1.8× on {} cores what {} does (projected, lower of handshakes and bulk)",
+                    sc.cores, sc.baseline_cores
+                ),
+                sc.speedup(),
+                2,
+                &|v| v >= 1.8,
+            );
+        }
         let p99 = |p: &PeerReport| {
             p.latency
                 .iter()
@@ -539,4 +647,55 @@ fn bars(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::Bottleneck;
+
+    fn handshakes(cpu_ms: f64) -> HandshakeResult {
+        HandshakeResult {
+            parallel: 128,
+            per_second: 1000.0,
+            proxy_cpu_ms_each: cpu_ms,
+            proxy_cpu_load: 1.0,
+            failed: 0,
+            bottleneck: Bottleneck::Proxy,
+        }
+    }
+
+    fn bulk(cpu_s_per_gb: f64) -> BulkResult {
+        BulkResult {
+            connections: 16,
+            direction: Direction::Download,
+            offered_gbps: Some(3.0),
+            gbps: 3.0,
+            proxy_cpu_s_per_gb: cpu_s_per_gb,
+            proxy_cpu_load: 0.4,
+            bottleneck: Bottleneck::Load,
+        }
+    }
+
+    #[test]
+    fn scaling_projects_from_cpu_cost_and_reports_the_weaker_scenario() {
+        let one = PeerReport {
+            handshakes: Some(handshakes(0.6)),
+            bulk: vec![bulk(1.0)],
+            ..Default::default()
+        };
+        // Per-unit cost up 20% for handshakes, unchanged for bulk.
+        let s = ScalingResult::new(1, 2, &one, handshakes(0.72), bulk(1.0));
+        assert!((s.handshake_speedup.unwrap() - 2.0 / 1.2).abs() < 1e-9);
+        assert!((s.bulk_speedup.unwrap() - 2.0).abs() < 1e-9);
+        assert_eq!(s.speedup(), s.handshake_speedup);
+
+        // Without a one-core run of the same scenario there is no projection.
+        let none = PeerReport::default();
+        let s = ScalingResult::new(1, 2, &none, handshakes(0.72), bulk(1.0));
+        assert_eq!(
+            (s.handshake_speedup, s.bulk_speedup, s.speedup()),
+            (None, None, None)
+        );
+    }
 }

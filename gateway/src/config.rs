@@ -52,6 +52,9 @@ pub struct Config {
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]
     pub watch_files: bool,
+    /// Runtime worker threads; none: one per CPU the process may run on
+    /// (its affinity mask). Read at start; a reload does not change it.
+    pub workers: Option<std::num::NonZeroUsize>,
     /// Named client CA bundles (with their CRLs) that routes can narrow to.
     #[serde(default)]
     pub trust: std::collections::BTreeMap<String, TrustBundleConfig>,
@@ -571,6 +574,16 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         assert_eq!(c.listeners[0].routes.len(), 3);
         assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn workers_default_to_the_affinity_mask_and_zero_is_refused() {
+        assert_eq!(parse(MINIMAL).unwrap().workers, None);
+        let two = format!("workers = 2\n{MINIMAL}");
+        assert_eq!(parse(&two).unwrap().workers.map(|n| n.get()), Some(2));
+        let zero = format!("workers = 0\n{MINIMAL}");
+        let err = parse(&zero).unwrap_err().to_string();
+        assert!(err.contains("workers"), "{err}");
     }
 
     #[test]

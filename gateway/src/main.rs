@@ -343,9 +343,14 @@ fn check(
 
 fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // tokio's default is the CPUs in the affinity mask, so `taskset` alone
+    // also sizes the runtime.
+    if let Some(n) = config.workers {
+        runtime.worker_threads(n.get());
+    }
+    let runtime = runtime.enable_all().build()?;
+    tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
     runtime.block_on(async {
         let app = gateway::build(&config).await?;
         let shutdown = app.shutdown_handle();
