@@ -437,15 +437,19 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     );
     assert!(guard_metric(&t, "gateway_guard_ingress_packets_total{verdict=\"allow\"}") >= 1);
 
+    // Every reload below protects the same ports; only the mode changes.
+    let reload = |guard: &mut Proc, mode: &str, nth: usize| {
+        write_guard_toml(
+            &guard_toml,
+            &pins.0,
+            "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
+            mode,
+        );
+        guard.signal(libc::SIGHUP);
+        guard.wait_for("guard: reloaded", nth);
+    };
     // Reload adds a port without a gap: 9100 is refused from now on.
-    write_guard_toml(
-        &guard_toml,
-        &pins.0,
-        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
-        "enforce",
-    );
-    guard.signal(libc::SIGHUP);
-    guard.wait_for("guard: reloaded", 1);
+    reload(&mut guard, "enforce", 1);
     assert!(
         connect_from_client(&t, unprotected).is_err(),
         "9100 is protected after the reload"
@@ -456,26 +460,12 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     );
 
     // Audit: bypasses pass and are counted and logged as such.
-    write_guard_toml(
-        &guard_toml,
-        &pins.0,
-        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
-        "audit",
-    );
-    guard.signal(libc::SIGHUP);
-    guard.wait_for("guard: reloaded", 2);
+    reload(&mut guard, "audit", 2);
     connect_from_client(&t, backend).expect("audit lets the bypass through");
     guard.wait_for("\"verdict\":\"audit\"", 1);
 
     // Stopping says what it counted, and protection stays pinned.
-    write_guard_toml(
-        &guard_toml,
-        &pins.0,
-        "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
-        "enforce",
-    );
-    guard.signal(libc::SIGHUP);
-    guard.wait_for("guard: reloaded", 3);
+    reload(&mut guard, "enforce", 3);
     guard.signal(libc::SIGTERM);
     guard.wait_for("guard: stopping", 1);
     let status = guard.child.wait().expect("guard exits");

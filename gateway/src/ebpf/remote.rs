@@ -232,18 +232,16 @@ impl RemoteGuard {
                 }
             }
         }
-        let name = "INGRESS_ALLOW_V4";
-        let trie: LpmTrie<_, [u8; 4], u8> =
-            LpmTrie::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
-                .map_err(|_| EbpfError::MissingMap(name))?;
-        for key in trie.keys() {
-            let key = key.map_err(|source| EbpfError::Map { name, source })?;
-            if let Ok(net) = IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8) {
-                self.allowed.insert(net);
-            }
-        }
-        let name = "INGRESS_ALLOW_V6";
-        let trie: LpmTrie<_, [u8; 16], u8> =
+        self.adopt_allowed::<4>("INGRESS_ALLOW_V4")?;
+        self.adopt_allowed::<16>("INGRESS_ALLOW_V6")
+    }
+
+    /// The allowed sources already in one family's LPM trie.
+    fn adopt_allowed<const N: usize>(&mut self, name: &'static str) -> Result<(), EbpfError>
+    where
+        IpAddr: From<[u8; N]>,
+    {
+        let trie: LpmTrie<_, [u8; N], u8> =
             LpmTrie::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
                 .map_err(|_| EbpfError::MissingMap(name))?;
         for key in trie.keys() {
