@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// How a transfer ended.
@@ -36,6 +37,19 @@ pub struct Transfer {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
     pub end: End,
+}
+
+/// Waits until `s` is readable. Unlike `TcpStream::readable()`, whose
+/// future holds a wait-queue entry (152 bytes at every await point, kept by
+/// every idle connection), this leaves the waker in the socket's own
+/// registration. Each direction of a socket is waited on by one task only.
+pub(crate) async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// Waits until `s` is writable; see [`read_ready`].
+pub(crate) async fn write_ready(s: &TcpStream) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
 }
 
 /// Runs `both` directions of a transfer until they end, the connection

@@ -109,7 +109,8 @@ struct Conn {
     client: SocketAddr,
     route: Option<String>,
     /// The verified identity, handed to the registry once the connection is live.
-    identity_value: Option<crate::identity::Identity>,
+    /// Boxed: it leaves for the registry, but its room would stay in the task.
+    identity_value: Option<Box<crate::identity::Identity>>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
@@ -170,159 +171,164 @@ impl Conn {
     }
 }
 
-async fn serve(
-    listener: &ListenerState,
+/// An `async` block, not an `async fn`, here and in `relay`: an async fn
+/// keeps its arguments twice (as arguments and as the locals they move
+/// into), and this future lives as long as the connection.
+#[allow(clippy::manual_async_fn)]
+fn serve<'a>(
+    listener: &'a ListenerState,
     stream: TcpStream,
     peer: SocketAddr,
-    shared: &Shared,
-) -> AccessRecord {
-    let close = &shared.close;
-    let mut conn = Conn::new(listener, peer);
-    let _ = stream.set_nodelay(true);
-    // Boxed, like the other steps that end before the transfer: a task's
-    // future is as large as its largest state for the connection's whole
-    // life, and the handshake's (rustls' whole connection) is the largest.
-    let handshake = tokio::time::timeout(
-        listener.handshake_timeout,
-        Box::pin(handshake(listener, stream, &mut conn)),
-    );
-    let tls = tokio::select! {
-        r = handshake => match r {
-            Ok(Some(tls)) => tls,
-            Ok(None) => return conn.record(),
-            Err(_) => {
-                conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
+    shared: &'a Shared,
+) -> impl Future<Output = AccessRecord> + 'a {
+    async move {
+        let close = &shared.close;
+        let mut conn = Conn::new(listener, peer);
+        let _ = stream.set_nodelay(true);
+        // Boxed, like the other steps that end before the transfer: a task's
+        // future is as large as its largest state for the connection's whole
+        // life, and the handshake's (rustls' whole connection) is the largest.
+        let handshake = tokio::time::timeout(
+            listener.handshake_timeout,
+            Box::pin(handshake(listener, stream, &mut conn)),
+        );
+        let tls = tokio::select! {
+            r = handshake => match r {
+                Ok(Some(tls)) => tls,
+                Ok(None) => return conn.record(),
+                Err(_) => {
+                    conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
+                    return conn.record();
+                }
+            },
+            () = close.cancelled() => {
+                conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
-        },
-        () = close.cancelled() => {
-            conn.reason = "closed during handshake: drain timeout at shutdown".into();
-            return conn.record();
+        };
+        let (route, mut tls) = tls;
+        // From here the connection is live: reloads and the tick re-judge it.
+        let registration = shared.registry.register(
+            Live {
+                listener: listener.name.clone(),
+                route: route.name.clone(),
+                source: peer.ip(),
+                identity: conn.identity_value.take().map(|i| *i),
+                chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
+            },
+            close,
+        );
+        let connected = Box::pin(route.backends.connect(
+            listener.connect_attempts,
+            listener.connect_timeout,
+            route.upstream_tls.as_ref(),
+        ))
+        .await;
+        let (backend, addr) = match connected {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
+                    "closing client connection: no backend");
+                conn.reason = e.to_string();
+                // close_notify, so the client sees an orderly end rather than a reset.
+                let _ = tokio::time::timeout(listener.connect_timeout, tls.shutdown()).await;
+                return conn.record();
+            }
+        };
+        conn.backend = Some(addr);
+        let transfer = relay(
+            listener,
+            &route,
+            tls,
+            backend,
+            &mut conn,
+            &shared.metrics,
+            registration.close.clone(),
+            || {
+                registration
+                    .reason()
+                    .unwrap_or_else(|| "drain timeout at shutdown".into())
+            },
+        )
+        .await;
+        conn.client_to_backend = transfer.client_to_backend;
+        conn.backend_to_client = transfer.backend_to_client;
+        if transfer.end != forward::End::Completed {
+            // The policy verdict stays "allow"; append how it ended.
+            conn.reason = format!("{}; {}", conn.reason, transfer.end);
         }
-    };
-    let (route, mut tls) = tls;
-    // From here the connection is live: reloads and the tick re-judge it.
-    let registration = shared.registry.register(
-        Live {
-            listener: listener.name.clone(),
-            route: route.name.clone(),
-            source: peer.ip(),
-            identity: conn.identity_value.take(),
-            chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
-        },
-        close,
-    );
-    let backend = Box::pin(route.backends.connect(
-        listener.connect_attempts,
-        listener.connect_timeout,
-        route.upstream_tls.as_ref(),
-    ))
-    .await;
-    let backend = match backend {
-        Ok((backend, addr)) => {
-            conn.backend = Some(addr);
-            backend
-        }
-        Err(e) => {
-            tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
-                "closing client connection: no backend");
-            conn.reason = e.to_string();
-            // close_notify, so the client sees an orderly end rather than a reset.
-            let _ = tokio::time::timeout(listener.connect_timeout, tls.shutdown()).await;
-            return conn.record();
-        }
-    };
-    let transfer = relay(
-        listener,
-        &route,
-        tls,
-        backend,
-        &mut conn,
-        &shared.metrics,
-        registration.close.clone(),
-        || {
-            registration
-                .reason()
-                .unwrap_or_else(|| "drain timeout at shutdown".into())
-        },
-    )
-    .await;
-    conn.client_to_backend = transfer.client_to_backend;
-    conn.backend_to_client = transfer.backend_to_client;
-    if transfer.end != forward::End::Completed {
-        // The policy verdict stays "allow"; append how it ended.
-        conn.reason = format!("{}; {}", conn.reason, transfer.end);
+        conn.record()
     }
-    conn.record()
 }
 
 /// Picks the connection's path, kernel TLS + splice or userspace, and moves
 /// its bytes. Only a connection whose every TLS leg the kernel can take goes
 /// to the kernel; the decision is made before anything changes hands.
-#[allow(clippy::too_many_arguments)]
-async fn relay(
-    listener: &ListenerState,
-    route: &Route,
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn relay<'a>(
+    listener: &'a ListenerState,
+    route: &'a Route,
     tls: Box<ClientTls>,
     backend: Upstream,
-    conn: &mut Conn,
-    metrics: &Metrics,
+    conn: &'a mut Conn,
+    metrics: &'a Metrics,
     close: CancellationToken,
-    why: impl FnOnce() -> String,
-) -> forward::Transfer {
-    let upstream_offload = route.upstream_tls.as_ref().map(|u| u.offload);
-    match offload_plan(listener.offload, upstream_offload, &tls, &backend) {
-        Ok(()) => {
-            conn.offload = Some("kernel");
-            metrics.offload(&listener.name, "kernel", "none");
+    why: impl FnOnce() -> String + 'a,
+) -> impl Future<Output = forward::Transfer> + 'a {
+    async move {
+        let upstream_offload = route.upstream_tls.as_ref().map(|u| u.offload);
+        let failed = |e: offload::HandOffError, conn: &Conn, what: &str| {
+            tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
+                "closing connection: {what} failed");
+            forward::Transfer {
+                client_to_backend: 0,
+                backend_to_client: 0,
+                end: forward::End::Error(e.to_string()),
+            }
+        };
+        // Only a flag outlives the decision: whatever is live here is kept
+        // by the task for the connection's whole life.
+        let kernel = match offload_plan(listener.offload, upstream_offload, &tls, &backend) {
+            Ok(()) => {
+                conn.offload = Some("kernel");
+                metrics.offload(&listener.name, "kernel", "none");
+                true
+            }
+            Err(fallback) => {
+                if fallback != Fallback::Configured {
+                    tracing::debug!(listener = %listener.name, client = %conn.client, reason = %fallback,
+                        "userspace path");
+                }
+                conn.offload = Some("userspace");
+                metrics.offload(&listener.name, "userspace", fallback.label());
+                conn.offload_reason = Some(fallback.to_string());
+                false
+            }
+        };
+        if kernel {
             let upstream_no_pad = route
                 .upstream_tls
                 .as_ref()
                 .is_some_and(|u| u.rx_expect_no_pad);
-            match Box::pin(into_kernel(
+            let handed = Box::pin(into_kernel(
                 *tls,
                 backend,
                 listener.rx_expect_no_pad,
                 upstream_no_pad,
             ))
-            .await
-            {
-                Ok((client, backend)) => {
-                    splice::forward(client, backend, listener.idle_timeout, close, why).await
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
-                        "closing connection: kernel TLS hand-off failed");
-                    forward::Transfer {
-                        client_to_backend: 0,
-                        backend_to_client: 0,
-                        end: forward::End::Error(e.to_string()),
-                    }
-                }
-            }
-        }
-        Err(fallback) => {
-            if fallback != Fallback::Configured {
-                tracing::debug!(listener = %listener.name, client = %conn.client, reason = %fallback,
-                    "userspace path");
-            }
-            conn.offload = Some("userspace");
-            metrics.offload(&listener.name, "userspace", fallback.label());
-            conn.offload_reason = Some(fallback.to_string());
-            match Box::pin(into_records(*tls, backend)).await {
-                Ok((client, backend)) => {
-                    records::forward(client, backend, listener.idle_timeout, close, why).await
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
-                        "closing connection: TLS hand-off to the record layer failed");
-                    forward::Transfer {
-                        client_to_backend: 0,
-                        backend_to_client: 0,
-                        end: forward::End::Error(e.to_string()),
-                    }
-                }
-            }
+            .await;
+            let (client, backend) = match handed {
+                Ok(x) => *x,
+                Err(e) => return failed(e, conn, "kernel TLS hand-off"),
+            };
+            splice::forward(client, backend, listener.idle_timeout, close, why).await
+        } else {
+            let handed = Box::pin(into_records(*tls, backend)).await;
+            let (client, backend) = match handed {
+                Ok(x) => *x,
+                Err(e) => return failed(e, conn, "TLS hand-off to the record layer"),
+            };
+            records::forward(client, backend, listener.idle_timeout, close, why).await
         }
     }
 }
@@ -361,7 +367,7 @@ async fn into_kernel(
     backend: Upstream,
     client_no_pad: bool,
     upstream_no_pad: bool,
-) -> Result<(splice::Side, splice::Side), offload::HandOffError> {
+) -> Result<Box<(splice::Side, splice::Side)>, offload::HandOffError> {
     let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
     tls.flush().await.map_err(flush)?;
     let backend = match backend {
@@ -374,14 +380,16 @@ async fn into_kernel(
     };
     let (io, session) = tls.into_inner();
     let client = splice::Side::Kernel(offload::hand_off(io, session.into(), client_no_pad).await?);
-    Ok((client, backend))
+    // Boxed: the caller's result stays in its (long-lived) task; a box is
+    // 8 bytes of it, the two sides 160.
+    Ok(Box::new((client, backend)))
 }
 
 /// Takes every TLS leg's keys out of rustls for the userspace record layer.
 async fn into_records(
     mut tls: ClientTls,
     backend: Upstream,
-) -> Result<(records::Side, records::Side), offload::HandOffError> {
+) -> Result<Box<(records::Side, records::Side)>, offload::HandOffError> {
     let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
     tls.flush().await.map_err(flush)?;
     let backend = match backend {
@@ -396,7 +404,7 @@ async fn into_records(
     let (io, session) = tls.into_inner();
     let f = offload::finish(io, session.into()).await?;
     let client = records::Side::Records(Box::new(records::RecordLeg::new(f)?));
-    Ok((client, backend))
+    Ok(Box::new((client, backend)))
 }
 
 /// Reads the ClientHello, picks the route and runs the handshake with that
@@ -494,7 +502,7 @@ fn judge<T>(
     conn: &mut Conn,
 ) {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
-    conn.identity_value = decision.identity;
+    conn.identity_value = decision.identity.map(Box::new);
     // Why the client would be (or was) refused, if it would be.
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some(refused),

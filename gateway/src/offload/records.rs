@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{Finished, HandOffError, Version};
-use crate::forward::{Activity, Transfer, until_done};
+use crate::forward::{Activity, Transfer, read_ready, until_done, write_ready};
 
 /// Bytes one read may take. Large enough that a fast sender costs few
 /// syscalls per MiB; it is only held while data is in flight.
@@ -299,27 +299,34 @@ impl RecordLeg {
 
 /// Moves bytes both ways until both directions end, the connection idles
 /// out, or `close` fires (then `why` says what closed it).
-pub async fn forward(
+///
+/// An `async` block, not an `async fn`: an async fn keeps its arguments
+/// twice (as arguments and as the locals they move into), 160 bytes per
+/// live connection here.
+#[allow(clippy::manual_async_fn)]
+pub fn forward(
     client: Side,
     backend: Side,
     idle: Duration,
     close: CancellationToken,
     why: impl FnOnce() -> String,
-) -> Transfer {
-    let activity = Activity::new();
-    let from_client = AtomicU64::new(0);
-    let from_backend = AtomicU64::new(0);
-    let both = std::pin::pin!(async {
-        tokio::try_join!(
-            pump(&client, &backend, &from_client, &activity),
-            pump(&backend, &client, &from_backend, &activity),
-        )
-    });
-    let end = until_done(both, &activity, idle, close, why).await;
-    Transfer {
-        client_to_backend: from_client.load(Ordering::Relaxed),
-        backend_to_client: from_backend.load(Ordering::Relaxed),
-        end,
+) -> impl Future<Output = Transfer> {
+    async move {
+        let activity = Activity::new();
+        let from_client = AtomicU64::new(0);
+        let from_backend = AtomicU64::new(0);
+        let both = std::pin::pin!(async {
+            tokio::try_join!(
+                pump(&client, &backend, &from_client, &activity),
+                pump(&backend, &client, &from_backend, &activity),
+            )
+        });
+        let end = until_done(both, &activity, idle, close, why).await;
+        Transfer {
+            client_to_backend: from_client.load(Ordering::Relaxed),
+            backend_to_client: from_backend.load(Ordering::Relaxed),
+            end,
+        }
     }
 }
 
@@ -344,7 +351,7 @@ async fn pump(
     if let Side::Records(leg) = src {
         if !leg.early.is_empty() {
             let all = std::iter::once(0..leg.early.len()).collect::<Vec<_>>();
-            send(dst, &all, &leg.early).await?;
+            Box::pin(send(dst, &all, &leg.early)).await?;
             moved.fetch_add(leg.early.len() as u64, Ordering::Relaxed);
             activity.touch();
         }
@@ -354,7 +361,7 @@ async fn pump(
     let mut buf = Buffer::default();
     let mut ranges: Vec<Range<usize>> = Vec::new();
     while open {
-        from.readable()
+        read_ready(from)
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
         match from.try_read_buf(buf.get()) {
@@ -393,7 +400,10 @@ async fn pump(
         };
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         if n > 0 {
-            send(dst, &ranges, buf).await?;
+            // Boxed: the write's state (224 bytes) would otherwise be part of
+            // every idle connection's task; one small allocation per batch
+            // costs less than a read of it.
+            Box::pin(send(dst, &ranges, buf)).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
         }
@@ -402,7 +412,11 @@ async fn pump(
     }
     drop(buf);
     if let Side::Records(leg) = dst {
-        send_records(&leg.stream, leg.seal_alert(AlertDescription::CloseNotify)?).await?;
+        Box::pin(send_records(
+            &leg.stream,
+            leg.seal_alert(AlertDescription::CloseNotify)?,
+        ))
+        .await?;
     }
     match dst.stream().try_io(tokio::io::Interest::WRITABLE, || {
         shutdown_write(dst.stream())
@@ -494,7 +508,7 @@ async fn write_all_vectored(s: &TcpStream, mut slices: Vec<IoSlice<'_>>) -> Resu
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
     IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
-        s.writable()
+        write_ready(s)
             .await
             .map_err(|e| format!("waiting to write: {e}"))?;
         match s.try_write_vectored(rest) {

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLeg, sys};
-use crate::forward::{Activity, Transfer, until_done};
+use crate::forward::{Activity, Transfer, read_ready, until_done, write_ready};
 
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -49,27 +49,34 @@ impl Side {
 
 /// Moves bytes both ways until both directions end, the connection idles
 /// out, or `close` fires (then `why` says what closed it).
-pub async fn forward(
+///
+/// An `async` block, not an `async fn`: an async fn keeps its arguments
+/// twice (as arguments and as the locals they move into), 160 bytes per
+/// live connection here.
+#[allow(clippy::manual_async_fn)]
+pub fn forward(
     client: Side,
     backend: Side,
     idle: Duration,
     close: CancellationToken,
     why: impl FnOnce() -> String,
-) -> Transfer {
-    let activity = Activity::new();
-    let from_client = AtomicU64::new(0);
-    let from_backend = AtomicU64::new(0);
-    let both = std::pin::pin!(async {
-        tokio::try_join!(
-            pump(&client, &backend, &from_client, &activity),
-            pump(&backend, &client, &from_backend, &activity),
-        )
-    });
-    let end = until_done(both, &activity, idle, close, why).await;
-    Transfer {
-        client_to_backend: from_client.load(Ordering::Relaxed),
-        backend_to_client: from_backend.load(Ordering::Relaxed),
-        end,
+) -> impl Future<Output = Transfer> {
+    async move {
+        let activity = Activity::new();
+        let from_client = AtomicU64::new(0);
+        let from_backend = AtomicU64::new(0);
+        let both = std::pin::pin!(async {
+            tokio::try_join!(
+                pump(&client, &backend, &from_client, &activity),
+                pump(&backend, &client, &from_backend, &activity),
+            )
+        });
+        let end = until_done(both, &activity, idle, close, why).await;
+        Transfer {
+            client_to_backend: from_client.load(Ordering::Relaxed),
+            backend_to_client: from_backend.load(Ordering::Relaxed),
+            end,
+        }
     }
 }
 
@@ -87,13 +94,15 @@ async fn pump(
     if let Some(k) = src.kernel()
         && !k.early.is_empty()
     {
-        write_all(to, &k.early).await?;
+        // Boxed, like every rare step here: a pump's future is as large as
+        // its largest await, and an idle connection keeps it.
+        Box::pin(write_all(to, &k.early)).await?;
         moved.fetch_add(k.early.len() as u64, Ordering::Relaxed);
         activity.touch();
     }
     let mut open = !src.kernel().is_some_and(|k| k.peer_closed);
     while open {
-        from.readable()
+        read_ready(from)
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
         let n = match from.try_io(Interest::READABLE, || {
@@ -108,7 +117,7 @@ async fn pump(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.kernel().is_some() => {
-                match control_record(from, to).await? {
+                match Box::pin(control_record(from, to)).await? {
                     Control::Closed => open = false,
                     Control::Continue => {}
                 }
@@ -123,7 +132,7 @@ async fn pump(
         }
         let mut left = n;
         while left > 0 {
-            to.writable()
+            write_ready(to)
                 .await
                 .map_err(|e| format!("waiting to write: {e}"))?;
             match to.try_io(Interest::WRITABLE, || sys::splice(&pipe.read, to, left)) {
@@ -137,7 +146,7 @@ async fn pump(
             check_records(k, sys::TLS_TX, capacity)?;
         }
     }
-    half_close(dst).await
+    Box::pin(half_close(dst)).await
 }
 
 enum Control {
@@ -152,7 +161,7 @@ async fn control_record(from: &TcpStream, to: &TcpStream) -> Result<Control, Str
     // A record is at most 2^14 bytes of plaintext (plus padding slack).
     let mut buf = vec![0u8; 16 * 1024 + 256];
     let (kind, n) = loop {
-        from.readable()
+        read_ready(from)
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
         match from.try_io(Interest::READABLE, || {
@@ -241,8 +250,7 @@ async fn half_close(dst: &Side) -> Result<(), String> {
     let stream = dst.stream();
     if dst.kernel().is_some() {
         loop {
-            stream
-                .writable()
+            write_ready(stream)
                 .await
                 .map_err(|e| format!("waiting to write: {e}"))?;
             match stream.try_io(Interest::WRITABLE, || {
@@ -264,7 +272,7 @@ async fn half_close(dst: &Side) -> Result<(), String> {
 
 async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), String> {
     while !data.is_empty() {
-        to.writable()
+        write_ready(to)
             .await
             .map_err(|e| format!("waiting to write: {e}"))?;
         match to.try_write(data) {
