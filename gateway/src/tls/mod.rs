@@ -2,6 +2,7 @@
 //! `ServerConfig` is put together once its route is known (by SNI).
 
 pub mod certs;
+mod remember;
 pub mod verifier;
 
 use std::collections::HashMap;
@@ -112,7 +113,12 @@ fn bundle_verifier(
     for path in &files.crls {
         crls.extend(certs::load_crls(path)?);
     }
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    // The same crypto, with signatures over CA certificates remembered: a
+    // fleet's intermediates are checked once, not on every handshake.
+    let mut remembering = (**provider).clone();
+    remembering.signature_verification_algorithms = remember::algorithms();
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(remembering));
     let builder = if crls.is_empty() {
         builder
     } else {
