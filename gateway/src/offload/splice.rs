@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::{KernelLeg, sys};
-use crate::forward::{Activity, Transfer, read_ready, until_done, write_ready};
+use crate::forward::{self, Activity, Transfer, read_ready, write_ready};
 
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -49,11 +49,6 @@ impl Side {
 
 /// Moves bytes both ways until both directions end, the connection idles
 /// out, or `close` fires (then `why` says what closed it).
-///
-/// An `async` block, not an `async fn`: an async fn keeps its arguments
-/// twice (as arguments and as the locals they move into), 160 bytes per
-/// live connection here.
-#[allow(clippy::manual_async_fn)]
 pub fn forward(
     client: Side,
     backend: Side,
@@ -61,23 +56,7 @@ pub fn forward(
     close: CancellationToken,
     why: impl FnOnce() -> String,
 ) -> impl Future<Output = Transfer> {
-    async move {
-        let activity = Activity::new();
-        let from_client = AtomicU64::new(0);
-        let from_backend = AtomicU64::new(0);
-        let both = std::pin::pin!(async {
-            tokio::try_join!(
-                pump(&client, &backend, &from_client, &activity),
-                pump(&backend, &client, &from_backend, &activity),
-            )
-        });
-        let end = until_done(both, &activity, idle, close, why).await;
-        Transfer {
-            client_to_backend: from_client.load(Ordering::Relaxed),
-            backend_to_client: from_backend.load(Ordering::Relaxed),
-            end,
-        }
-    }
+    forward::both_ways(client, backend, idle, close, why, pump)
 }
 
 /// One direction: `src` → pipe → `dst`, then the half-close.
