@@ -170,6 +170,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         // Probed once; every connection's offload decision reads this.
         tracing::info!("{}", crate::offload::KernelSupport::get().describe());
     }
+    // Measured once here rather than on the first connection's hand-off;
+    // every listener may use the userspace path, if only as the fallback.
+    tracing::info!("{}", crate::offload::cipher::Choice::get().describe());
     let state = State::build(config, &metrics)?;
     metrics.set_expiries(crate::expiry::collect(config));
     // Before any socket: with enforcement configured, no guard means no start.

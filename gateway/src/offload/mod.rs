@@ -12,6 +12,7 @@
 //! the `ktls` crate, which panics on unexpected control messages: here no
 //! peer's record may panic the gateway.
 
+pub(crate) mod cipher;
 pub mod cork;
 pub mod records;
 pub mod splice;

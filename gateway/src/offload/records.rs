@@ -22,11 +22,11 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::cipher::{self, Algorithm, TAG};
 use super::{Finished, HandOffError, Version};
 use crate::forward::{self, Activity, Transfer, read_ready, write_ready};
 
@@ -83,10 +83,11 @@ struct Sealer {
 
 /// One direction's AEAD key and the nonce it builds on. The record
 /// protection is TLS's own (RFC 8446 §5.2, RFC 5288, RFC 7905), done with
-/// aws-lc directly: rustls' record encrypters assume their sequence starts
-/// at zero, which a TLS 1.2 connection's is not once its Finished is sent.
+/// the AEAD directly (`cipher`): rustls' record encrypters assume their
+/// sequence starts at zero, which a TLS 1.2 connection's is not once its
+/// Finished is sent.
 struct RecordKey {
-    aead: LessSafeKey,
+    aead: cipher::Key,
     kind: Protection,
     /// TLS 1.3 and ChaCha20: the 12-byte IV; TLS 1.2 GCM: 4-byte salt then
     /// the 8 bytes the explicit nonces are derived from.
@@ -100,21 +101,23 @@ enum Protection {
     Tls12Chacha,
 }
 
-const TAG: usize = 16;
 const EXPLICIT_NONCE: usize = 8;
 
 impl RecordKey {
     fn new(version: Version, s: ConnectionTrafficSecrets) -> Result<RecordKey, String> {
         let (alg, key, iv, gcm) = match &s {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv, true),
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv, true),
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (Algorithm::Aes128Gcm, key, iv, true)
+            }
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (Algorithm::Aes256Gcm, key, iv, true)
+            }
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&aead::CHACHA20_POLY1305, key, iv, false)
+                (Algorithm::Chacha20Poly1305, key, iv, false)
             }
             _ => return Err("rustls negotiated an AEAD the record layer does not know".into()),
         };
-        let aead = UnboundKey::new(alg, key.as_ref())
-            .map(LessSafeKey::new)
+        let aead = cipher::Key::new(alg, key.as_ref())
             .map_err(|_| "rustls handed over a key of the wrong length".to_owned())?;
         let iv: [u8; 12] = iv
             .as_ref()
@@ -148,11 +151,11 @@ impl RecordKey {
         let bad = || "a TLS record failed to decrypt (bad record MAC)".to_owned();
         match self.kind {
             Protection::Tls13 => {
-                let nonce = Nonce::assume_unique_for_key(self.xor_nonce(seq));
-                let plain = self
+                let n = self
                     .aead
-                    .open_in_place(nonce, Aad::from(header), body)
+                    .open(self.xor_nonce(seq), &header, body)
                     .map_err(|_| bad())?;
+                let plain = &body[..n];
                 // The real content type is the last non-zero byte (RFC 8446 §5.4).
                 let end = plain
                     .iter()
@@ -179,15 +182,10 @@ impl RecordKey {
                 };
                 let len = u16::try_from(body.len() - explicit - TAG).map_err(|_| bad())?;
                 let aad = tls12_aad(seq, header[0], [header[1], header[2]], len);
-                let plain = self
+                let n = self
                     .aead
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut body[explicit..],
-                    )
+                    .open(nonce, &aad, &mut body[explicit..])
                     .map_err(|_| bad())?;
-                let n = plain.len();
                 Ok((ContentType::from(header[0]), explicit..explicit + n))
             }
         }
@@ -215,12 +213,11 @@ impl RecordKey {
                 let start = out.len();
                 out.extend_from_slice(payload);
                 out.push(typ);
-                let nonce = Nonce::assume_unique_for_key(self.xor_nonce(seq));
                 let tag = self
                     .aead
-                    .seal_in_place_separate_tag(nonce, Aad::from(header), &mut out[start..])
+                    .seal(self.xor_nonce(seq), &header, &mut out[start..])
                     .map_err(fail)?;
-                out.extend_from_slice(tag.as_ref());
+                out.extend_from_slice(&tag);
             }
             Protection::Tls12Gcm | Protection::Tls12Chacha => {
                 let gcm = self.kind == Protection::Tls12Gcm;
@@ -240,13 +237,9 @@ impl RecordKey {
                 let aad = tls12_aad(seq, typ, [3, 3], wire_len(payload.len())?);
                 let tag = self
                     .aead
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut out[start..],
-                    )
+                    .seal(nonce, &aad, &mut out[start..])
                     .map_err(fail)?;
-                out.extend_from_slice(tag.as_ref());
+                out.extend_from_slice(&tag);
             }
         }
         Ok(())
@@ -695,15 +688,8 @@ mod tests {
         let inner = [b'h', b'i', 21, 0, 0, 0];
         let header = record_header(23, (inner.len() + TAG) as u16);
         let mut body = inner.to_vec();
-        let tag = k
-            .aead
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(k.xor_nonce(5)),
-                Aad::from(header),
-                &mut body,
-            )
-            .unwrap();
-        body.extend_from_slice(tag.as_ref());
+        let tag = k.aead.seal(k.xor_nonce(5), &header, &mut body).unwrap();
+        body.extend_from_slice(&tag);
         let (typ, range) = k.open(header, &mut body, 5).unwrap();
         assert_eq!((typ, &body[range]), (ContentType::Alert, &b"hi"[..]));
     }
