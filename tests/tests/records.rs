@@ -156,6 +156,16 @@ async fn a_forged_record_ends_the_connection() {
     )
     .await
     .expect("handshake");
+    // One byte there and back first: the record layer has the connection
+    // now. Sent any sooner, the forged record could still reach rustls'
+    // handshake, which refuses it with its own words.
+    let mut tls = tls;
+    tls.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    tokio::time::timeout(STEP, tls.read_exact(&mut one))
+        .await
+        .expect("echoed, not hung")
+        .expect("echoed");
     // Underneath rustls: an application-data record whose tag cannot verify.
     let (mut tcp, _session) = tls.into_inner();
     let mut forged = vec![23, 3, 3, 0, 40];
@@ -167,7 +177,10 @@ async fn a_forged_record_ends_the_connection() {
         .expect("closed, not hung");
     let record = gw.next_record().await;
     assert!(record.reason.contains("failed to decrypt"), "{record:?}");
-    assert_eq!(record.client_to_backend_bytes, 0);
+    assert_eq!(
+        record.client_to_backend_bytes, 1,
+        "only the byte before the forgery"
+    );
     assert_eq!(backend.accepted(), 1);
 }
 

@@ -16,7 +16,7 @@
 //! our side closes before a cipher's record limit (for AES-GCM about 2^24.5
 //! records, some 380 GB in one direction of one connection).
 
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,6 +191,24 @@ impl RecordKey {
         }
     }
 
+    /// Bytes a record carries before its payload: the header, and TLS 1.2
+    /// GCM's explicit nonce.
+    fn prefix(&self) -> usize {
+        match self.kind {
+            Protection::Tls12Gcm => HEADER + EXPLICIT_NONCE,
+            Protection::Tls13 | Protection::Tls12Chacha => HEADER,
+        }
+    }
+
+    /// Bytes a record carries after its payload: TLS 1.3's inner content
+    /// type, and the tag.
+    fn suffix(&self) -> usize {
+        match self.kind {
+            Protection::Tls13 => 1 + TAG,
+            Protection::Tls12Gcm | Protection::Tls12Chacha => TAG,
+        }
+    }
+
     /// Appends one sealed record carrying `payload` (at most 16 KiB) to `out`.
     fn seal(
         &self,
@@ -199,50 +217,98 @@ impl RecordKey {
         payload: &[u8],
         seq: u64,
     ) -> Result<(), String> {
+        let at = out.len();
+        let (prefix, suffix) = (self.prefix(), self.suffix());
+        out.resize(at + prefix, 0);
+        out.extend_from_slice(payload);
+        out.resize(out.len() + suffix, 0);
+        self.seal_in_slot(&mut out[at..], typ, payload.len(), seq)
+            .map(|_| ())
+    }
+
+    /// Seals the record whose slot `slot` is: `prefix()` bytes of room,
+    /// `len` bytes of payload, `suffix()` bytes of room. Returns the
+    /// record's length, the slot's first bytes.
+    fn seal_in_slot(
+        &self,
+        slot: &mut [u8],
+        typ: ContentType,
+        len: usize,
+        seq: u64,
+    ) -> Result<usize, String> {
         let fail = |_| "sealing a record failed".to_owned();
         let typ = u8::from(typ);
-        // At most 16 KiB + 25 bytes of overhead: fits a u16.
+        let (prefix, suffix) = (self.prefix(), self.suffix());
+        let record = prefix + len + suffix;
+        if slot.len() < record {
+            return Err("a record slot too small for its payload".into());
+        }
+        // At most 16 KiB + 29 bytes of overhead: fits a u16.
         let wire_len = |n: usize| u16::try_from(n).map_err(|_| "record too large".to_owned());
+        let body = wire_len(record - HEADER)?;
+        let (head, rest) = slot.split_at_mut(prefix);
         match self.kind {
             Protection::Tls13 => {
-                let header = record_header(
-                    u8::from(ContentType::ApplicationData),
-                    wire_len(payload.len() + 1 + TAG)?,
-                );
-                out.extend_from_slice(&header);
-                let start = out.len();
-                out.extend_from_slice(payload);
-                out.push(typ);
+                let header = record_header(u8::from(ContentType::ApplicationData), body);
+                head.copy_from_slice(&header);
+                rest[len] = typ;
                 let tag = self
                     .aead
-                    .seal(self.xor_nonce(seq), &header, &mut out[start..])
+                    .seal(self.xor_nonce(seq), &header, &mut rest[..len + 1])
                     .map_err(fail)?;
-                out.extend_from_slice(&tag);
+                rest[len + 1..len + 1 + TAG].copy_from_slice(&tag);
             }
             Protection::Tls12Gcm | Protection::Tls12Chacha => {
-                let gcm = self.kind == Protection::Tls12Gcm;
-                let explicit = if gcm { EXPLICIT_NONCE } else { 0 };
-                out.extend_from_slice(&record_header(
-                    typ,
-                    wire_len(explicit + payload.len() + TAG)?,
-                ));
+                head[..HEADER].copy_from_slice(&record_header(typ, body));
                 // GCM: the nonce's last 8 bytes go out with the record; they
                 // continue rustls' sequence (IV XOR seq), so they stay unique.
                 let nonce = self.xor_nonce(seq);
-                if gcm {
-                    out.extend_from_slice(&nonce[4..]);
+                if self.kind == Protection::Tls12Gcm {
+                    head[HEADER..].copy_from_slice(&nonce[4..]);
                 }
-                let start = out.len();
-                out.extend_from_slice(payload);
-                let aad = tls12_aad(seq, typ, [3, 3], wire_len(payload.len())?);
+                let aad = tls12_aad(seq, typ, [3, 3], wire_len(len)?);
                 let tag = self
                     .aead
-                    .seal(nonce, &aad, &mut out[start..])
+                    .seal(nonce, &aad, &mut rest[..len])
                     .map_err(fail)?;
-                out.extend_from_slice(&tag);
+                rest[len..len + TAG].copy_from_slice(&tag);
             }
         }
-        Ok(())
+        Ok(record)
+    }
+}
+
+impl Sealer {
+    fn slots(&self) -> Slots {
+        let prefix = self.key.prefix();
+        Slots {
+            prefix,
+            stride: prefix + MAX_FRAGMENT + self.key.suffix(),
+        }
+    }
+
+    /// Seals the `n` bytes read into `buf`'s slots where they lie. The
+    /// records end up back to back, since a read fills each slot before the
+    /// next and only the last may be short; returns their length.
+    fn seal_slots(&mut self, buf: &mut [u8], n: usize) -> Result<usize, String> {
+        let mut wire = 0;
+        let mut left = n;
+        for slot in buf.chunks_exact_mut(self.slots().stride) {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(MAX_FRAGMENT);
+            RecordLeg::check_limit(self)?;
+            wire += self
+                .key
+                .seal_in_slot(slot, ContentType::ApplicationData, len, self.seq)?;
+            self.seq += 1;
+            left -= len;
+        }
+        if left > 0 {
+            return Err("read more than the record slots hold".into());
+        }
+        Ok(wire)
     }
 }
 
@@ -336,10 +402,23 @@ async fn pump(
         read_ready(from)
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
-        match from.try_read_buf(buf.get()) {
+        // Plaintext bound for a TLS leg is read straight into record slots
+        // and sealed where it lies: no copy, no second buffer.
+        let sealing = match (src, dst) {
+            (Side::Plain(_), Side::Records(leg)) => Some(leg),
+            _ => None,
+        };
+        let read = match sealing {
+            Some(leg) => read_into_slots(from, buf.get(), leg.slots()),
+            None => {
+                let filled = buf.filled;
+                from.try_read(&mut buf.get()[filled..])
+            }
+        };
+        let n = match read {
             Ok(0) => {
                 if matches!(src, Side::Records(_)) {
-                    return Err(if buf.get().is_empty() {
+                    return Err(if buf.filled == 0 {
                         "peer closed the connection without close_notify".into()
                     } else {
                         "peer closed the connection inside a TLS record".into()
@@ -347,23 +426,35 @@ async fn pump(
                 }
                 break;
             }
-            Ok(_) => {}
+            Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf.release_if_empty();
                 continue;
             }
             Err(e) => return Err(e.to_string()),
-        }
+        };
         activity.touch();
+        if let Some(leg) = sealing {
+            let wire = leg.seal_slots(buf.get(), n)?;
+            // Boxed: the write's state (224 bytes) would otherwise be part
+            // of every idle connection's task; one small allocation per
+            // batch costs less than a read of it.
+            Box::pin(send_records(&leg.stream, &buf.get()[..wire])).await?;
+            moved.fetch_add(n as u64, Ordering::Relaxed);
+            activity.touch();
+            continue;
+        }
+        buf.filled += n;
         ranges.clear();
-        let buf = buf.get();
+        let filled = buf.filled;
+        let data = &mut buf.get()[..filled];
         let consumed = match src {
             Side::Plain(_) => {
-                ranges.push(0..buf.len());
-                buf.len()
+                ranges.push(0..data.len());
+                data.len()
             }
             Side::Records(leg) => {
-                let (consumed, control) = leg.open(buf, &mut ranges)?;
+                let (consumed, control) = leg.open(data, &mut ranges)?;
                 if control == Control::Closed {
                     open = false;
                 }
@@ -372,21 +463,19 @@ async fn pump(
         };
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         if n > 0 {
-            // Boxed: the write's state (224 bytes) would otherwise be part of
-            // every idle connection's task; one small allocation per batch
-            // costs less than a read of it.
-            Box::pin(send(dst, &ranges, buf)).await?;
+            Box::pin(send(dst, &ranges, data)).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
         }
         // Keep only the start of a record still on its way.
-        buf.drain(..consumed);
+        data.copy_within(consumed.., 0);
+        buf.filled -= consumed;
     }
     drop(buf);
     if let Side::Records(leg) = dst {
         Box::pin(send_records(
             &leg.stream,
-            leg.seal_alert(AlertDescription::CloseNotify)?,
+            &leg.seal_alert(AlertDescription::CloseNotify)?,
         ))
         .await?;
     }
@@ -404,34 +493,42 @@ async fn pump(
 /// flight, and given back when the connection goes quiet. The pool spares
 /// the allocator a 64 KiB malloc/free (and glibc its heap trims) on every
 /// request of a request/response protocol; it keeps at most `POOL` buffers.
+/// Buffers are zeroed once, when allocated, so reads (scattered ones too)
+/// go into initialised memory; `filled` says how much of it holds data.
 #[derive(Default)]
-struct Buffer(Option<Vec<u8>>);
+struct Buffer {
+    data: Option<Vec<u8>>,
+    filled: usize,
+}
 
 const POOL: usize = 64;
+/// A 64 KiB read, with room for the headers and tags of the records it
+/// becomes when it is sealed in place.
+const CAPACITY: usize = READ + 4 * 32;
 static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 impl Buffer {
-    fn get(&mut self) -> &mut Vec<u8> {
-        self.0.get_or_insert_with(|| {
+    fn get(&mut self) -> &mut [u8] {
+        self.data.get_or_insert_with(|| {
             BUFFERS
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop()
-                .unwrap_or_else(|| Vec::with_capacity(READ))
+                .unwrap_or_else(|| vec![0; CAPACITY])
         })
     }
 
     fn release_if_empty(&mut self) {
-        if self.0.as_ref().is_some_and(Vec::is_empty) {
+        if self.filled == 0 {
             self.release();
         }
     }
 
     fn release(&mut self) {
-        if let Some(mut b) = self.0.take() {
-            b.clear();
+        self.filled = 0;
+        if let Some(b) = self.data.take() {
             let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-            if pool.len() < POOL && b.capacity() == READ {
+            if pool.len() < POOL {
                 pool.push(b);
             }
         }
@@ -442,6 +539,24 @@ impl Drop for Buffer {
     fn drop(&mut self) {
         self.release();
     }
+}
+
+/// Where a buffer's record slots are: each is `stride` bytes, its payload
+/// `prefix` bytes in, up to `MAX_FRAGMENT` long.
+#[derive(Clone, Copy)]
+struct Slots {
+    prefix: usize,
+    stride: usize,
+}
+
+/// Reads into the payload part of each record slot of `buf` in turn; one
+/// readv fills them as a plain read would fill the buffer.
+fn read_into_slots(from: &TcpStream, buf: &mut [u8], slots: Slots) -> io::Result<usize> {
+    let mut iov: Vec<IoSliceMut<'_>> = buf
+        .chunks_exact_mut(slots.stride)
+        .map(|slot| IoSliceMut::new(&mut slot[slots.prefix..slots.prefix + MAX_FRAGMENT]))
+        .collect();
+    from.try_read_vectored(&mut iov)
 }
 
 fn shutdown_write(s: &TcpStream) -> io::Result<()> {
@@ -467,13 +582,13 @@ async fn send(dst: &Side, ranges: &[Range<usize>], buf: &[u8]) -> Result<(), Str
         }
         Side::Records(leg) => {
             let records = leg.seal(ranges.iter().map(|r| &buf[r.clone()]))?;
-            send_records(&leg.stream, records).await
+            send_records(&leg.stream, &records).await
         }
     }
 }
 
-async fn send_records(s: &TcpStream, records: Vec<u8>) -> Result<(), String> {
-    write_all_vectored(s, vec![IoSlice::new(&records)]).await
+async fn send_records(s: &TcpStream, records: &[u8]) -> Result<(), String> {
+    write_all_vectored(s, vec![IoSlice::new(records)]).await
 }
 
 async fn write_all_vectored(s: &TcpStream, mut slices: Vec<IoSlice<'_>>) -> Result<(), String> {
@@ -582,6 +697,18 @@ impl RecordLeg {
         Ok(())
     }
 
+    /// The record slots plaintext for this leg is read into.
+    fn slots(&self) -> Slots {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).slots()
+    }
+
+    /// Seals the `n` bytes `read_into_slots` put in `buf` where they lie;
+    /// returns the records' length from the start of `buf`.
+    fn seal_slots(&self, buf: &mut [u8], n: usize) -> Result<usize, String> {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        tx.seal_slots(buf, n)
+    }
+
     /// Seals `chunks` into application-data records of at most 16 KiB, all
     /// into one buffer (one allocation, one slice to write).
     fn seal<'a>(&self, chunks: impl Iterator<Item = &'a [u8]> + Clone) -> Result<Vec<u8>, String> {
@@ -676,6 +803,53 @@ mod tests {
             for which in 0..2 {
                 for seq in [0, 1, 1 << 40] {
                     roundtrip(version, which, seq);
+                }
+            }
+        }
+    }
+
+    /// Plaintext read into record slots and sealed where it lies comes out
+    /// as back-to-back records that open to the same bytes, for every
+    /// protection and for reads that end inside, at and past a slot.
+    #[test]
+    fn slots_seal_in_place_into_back_to_back_records() {
+        for version in [Version::Tls12, Version::Tls13] {
+            for which in 0..2 {
+                for n in [1, MAX_FRAGMENT - 1, MAX_FRAGMENT, MAX_FRAGMENT + 1, READ] {
+                    let mut tx = Sealer {
+                        key: key(version, which),
+                        seq: 41,
+                        limit: u64::MAX,
+                    };
+                    let rx = key(version, which);
+                    let plain: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+                    let slots = tx.slots();
+                    let mut buf = vec![0xee; CAPACITY];
+                    // As readv fills them: each slot's payload in turn.
+                    for (slot, part) in buf
+                        .chunks_exact_mut(slots.stride)
+                        .zip(plain.chunks(MAX_FRAGMENT))
+                    {
+                        slot[slots.prefix..slots.prefix + part.len()].copy_from_slice(part);
+                    }
+                    let wire = tx.seal_slots(&mut buf, n).expect("seal");
+                    let records = n.div_ceil(MAX_FRAGMENT);
+                    assert_eq!(tx.seq, 41 + records as u64);
+                    let mut opened = Vec::new();
+                    let (mut at, mut seq) = (0, 41);
+                    while at < wire {
+                        let len = usize::from(u16::from_be_bytes([buf[at + 3], buf[at + 4]]));
+                        let header: [u8; HEADER] = buf[at..at + HEADER].try_into().unwrap();
+                        let body = &mut buf[at + HEADER..at + HEADER + len];
+                        let (typ, range) = rx.open(header, body, seq).expect("open");
+                        assert_eq!(typ, ContentType::ApplicationData);
+                        opened.extend_from_slice(&body[range]);
+                        at += HEADER + len;
+                        seq += 1;
+                    }
+                    assert_eq!(at, wire, "records end where the sealed bytes end");
+                    assert_eq!(seq, tx.seq);
+                    assert!(opened == plain, "{version:?}/{which}/{n}: byte-exact");
                 }
             }
         }
