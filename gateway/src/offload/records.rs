@@ -398,18 +398,19 @@ async fn pump(
     // Held only while bytes are in flight: an idle connection owns no buffer.
     let mut buf = Buffer::default();
     let mut ranges: Vec<Range<usize>> = Vec::new();
+    // Plaintext bound for a TLS leg is read straight into record slots and
+    // sealed where it lies: no copy, no second buffer. The slot layout
+    // follows the negotiated suite, so it is fixed for the connection's life.
+    let sealing = match (src, dst) {
+        (Side::Plain(_), Side::Records(leg)) => Some((leg, leg.slots())),
+        _ => None,
+    };
     while open {
         read_ready(from)
             .await
             .map_err(|e| format!("waiting to read: {e}"))?;
-        // Plaintext bound for a TLS leg is read straight into record slots
-        // and sealed where it lies: no copy, no second buffer.
-        let sealing = match (src, dst) {
-            (Side::Plain(_), Side::Records(leg)) => Some(leg),
-            _ => None,
-        };
         let read = match sealing {
-            Some(leg) => read_into_slots(from, buf.get(), leg.slots()),
+            Some((_, slots)) => read_into_slots(from, buf.get(), slots),
             None => {
                 let filled = buf.filled;
                 from.try_read(&mut buf.get()[filled..])
@@ -434,7 +435,7 @@ async fn pump(
             Err(e) => return Err(e.to_string()),
         };
         activity.touch();
-        if let Some(leg) = sealing {
+        if let Some((leg, _)) = sealing {
             let wire = leg.seal_slots(buf.get(), n)?;
             // Boxed: the write's state (224 bytes) would otherwise be part
             // of every idle connection's task; one small allocation per
