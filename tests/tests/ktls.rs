@@ -147,11 +147,15 @@ async fn forced_userspace_path_says_configured() {
     );
 }
 
-/// 64 MiB each way through kTLS + splice for each suite the kernel offers,
+/// 16 MiB each way through kTLS + splice for each suite the kernel offers,
 /// proven to be the kernel's path three ways: the access log, the kernel's
 /// TLS counters, and the gateway thread's read/write byte counts.
+///
+/// 16 MiB is 1,024 full records and 256 pipe refills each way; more only
+/// adds emulated AES under TCG, where CI runs this test.
 #[test]
 fn kernel_path_is_byte_exact_for_every_suite() {
+    const PER_SUITE: usize = 16 * MIB;
     if !kernel_tls_or_skip("kernel_path_is_byte_exact_for_every_suite") {
         return;
     }
@@ -187,21 +191,21 @@ fn kernel_path_is_byte_exact_for_every_suite() {
             let tls = connect(gw.app_addr, "orders.example.internal", pki.client_with_suite(version, suite))
                 .await
                 .unwrap_or_else(|e| panic!("{suite:?}: handshake: {e}"));
-            let data = payload(64 * MIB);
+            let data = payload(PER_SUITE);
             let got = echo_roundtrip(tls, data.clone())
                 .await
                 .unwrap_or_else(|e| panic!("{suite:?}: echo: {e}"));
-            assert!(got == data, "{suite:?}: 64 MiB came back byte-exact");
+            assert!(got == data, "{suite:?}: 16 MiB came back byte-exact");
             let record = gw.next_record().await;
             assert_eq!(record.offload.as_deref(), Some("kernel"), "{suite:?}: {record:?}");
-            assert_eq!(record.client_to_backend_bytes, 64 * MIB as u64);
-            assert_eq!(record.backend_to_client_bytes, 64 * MIB as u64);
+            assert_eq!(record.client_to_backend_bytes, PER_SUITE as u64);
+            assert_eq!(record.backend_to_client_bytes, PER_SUITE as u64);
             assert!(
                 record.reason.contains("allowed by"),
                 "{suite:?}: ended cleanly, close_notify both ways: {record:?}"
             );
             let (r1, w1) = gw.thread_io();
-            // The handshake is a few KiB; 128 MiB through userspace would show here.
+            // The handshake is a few KiB; 32 MiB through userspace would show here.
             assert!(
                 r1 - r0 < MIB as u64 && w1 - w0 < MIB as u64,
                 "{suite:?}: the gateway thread read {} and wrote {} bytes: splice did not move the payload",
@@ -212,7 +216,7 @@ fn kernel_path_is_byte_exact_for_every_suite() {
             assert_eq!(stat_delta(&stat_before, &stat_after, "TlsTxSw"), 1, "{suite:?}: one kTLS TX");
             assert_eq!(stat_delta(&stat_before, &stat_after, "TlsRxSw"), 1, "{suite:?}: one kTLS RX");
             assert_eq!(stat_delta(&stat_before, &stat_after, "TlsDecryptError"), 0);
-            eprintln!("{suite:?}: 64 MiB each way through kTLS + splice, byte-exact");
+            eprintln!("{suite:?}: 16 MiB each way through kTLS + splice, byte-exact");
             ran += 1;
         }
         assert!(ran >= 1, "the kernel offloads at least one suite");

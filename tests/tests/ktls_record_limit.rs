@@ -11,7 +11,7 @@ async fn connection_closes_before_the_record_limit() {
     if !kernel_tls_or_skip("connection_closes_before_the_record_limit") {
         return;
     }
-    const LIMIT: u64 = 2000;
+    const LIMIT: u64 = 500;
     gateway::offload::set_record_limit_for_tests(LIMIT);
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
@@ -31,8 +31,8 @@ async fn connection_closes_before_the_record_limit() {
     .await
     .expect("handshake");
     let (mut r, mut w) = tokio::io::split(tls);
-    // Far more records than the limit allows (each at most 16 KiB).
-    let data = payload(64 << 20);
+    // At least twice the records the limit allows (a record holds 16 KiB).
+    let data = payload(16 << 20);
     let writer = tokio::spawn(async move {
         let _ = w.write_all(&data).await;
         let _ = w.shutdown().await;
