@@ -23,7 +23,7 @@ use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
 use crate::config::Mode;
 use crate::forward;
 use crate::metrics::Metrics;
-use crate::offload::{self, Corked, Fallback, KernelSupport, Offload, records, splice};
+use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
 use crate::registry::{Live, Registry};
 use crate::state::{ListenerState, Route};
@@ -333,7 +333,7 @@ fn relay<'a>(
     }
 }
 
-type ClientTls = TlsStream<Corked<TcpStream>>;
+type ClientTls = TlsStream<Framed<TcpStream>>;
 
 /// Ok when every TLS leg can go to the kernel; then the kernel's TLS layer is
 /// attached to each (still without keys, so falling back stays possible).
@@ -348,10 +348,9 @@ fn offload_plan(
     }
     let support = KernelSupport::get();
     let (io, session) = tls.get_ref();
-    offload::precheck(support, session, io)?;
+    offload::precheck(support, session)?;
     if let Upstream::Tls(t) = backend {
-        let (io, session) = t.get_ref();
-        offload::precheck(support, session, io)?;
+        offload::precheck(support, t.get_ref().1)?;
     }
     offload::attach(io)?;
     if let Upstream::Tls(t) = backend {
@@ -473,9 +472,10 @@ async fn handshake(
             return None;
         }
     };
-    // Past the ClientHello, read record by record: after the handshake the
-    // kernel or our record layer takes over the stream at a record boundary.
-    let result = StartHandshake::from_parts(accepted, Corked::new(stream, true))
+    // Past the ClientHello, follow the record framing: after the handshake
+    // the kernel or our record layer takes over the stream at a record
+    // boundary.
+    let result = StartHandshake::from_parts(accepted, Framed::new(stream))
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -11,13 +11,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::offload::Corked;
+use crate::offload::Framed;
 use crate::tls::UpstreamTls;
 
 /// A connection to a backend: plain TCP, or TLS the gateway originated.
 pub enum Upstream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<Corked<TcpStream>>>),
+    Tls(Box<TlsStream<Framed<TcpStream>>>),
 }
 
 impl AsyncRead for Upstream {
@@ -131,7 +131,7 @@ async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> 
             // layer takes over at a record boundary.
             let stream = tls
                 .connector
-                .connect(tls.server_name.clone(), Corked::new(stream, true))
+                .connect(tls.server_name.clone(), Framed::new(stream))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), format!("TLS to backend: {e}")))?;
             Ok(Upstream::Tls(Box::new(stream)))

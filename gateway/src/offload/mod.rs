@@ -13,7 +13,7 @@
 //! peer's record may panic the gateway.
 
 pub(crate) mod cipher;
-pub mod cork;
+pub mod framing;
 pub mod records;
 pub mod splice;
 mod sys;
@@ -26,7 +26,7 @@ use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, SupportedCi
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
-pub use cork::Corked;
+pub use framing::Framed;
 
 /// Where a connection's TLS records are encrypted and decrypted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -375,28 +375,19 @@ pub struct KernelLeg {
 }
 
 /// Checks, before anything changes hands, that this leg can go to the kernel.
-pub fn precheck(
-    support: &KernelSupport,
-    conn: &rustls::CommonState,
-    io: &Corked<TcpStream>,
-) -> Result<(), Fallback> {
+pub fn precheck(support: &KernelSupport, conn: &rustls::CommonState) -> Result<(), Fallback> {
     let (Some(version), Some(suite)) = (conn.protocol_version(), conn.negotiated_cipher_suite())
     else {
         return Err(Fallback::Error("handshake not complete".into()));
     };
     support.admits(version, suite.suite())?;
-    if !io.is_corked() {
-        return Err(Fallback::Error(
-            "the handshake was not read record by record".into(),
-        ));
-    }
     Ok(())
 }
 
 /// Attaches the kernel's TLS layer without keys yet. Until `hand_off` the
 /// socket still carries the bytes as they are, so a failure here, or a later
 /// decision to stay in userspace, costs the connection nothing.
-pub fn attach(io: &Corked<TcpStream>) -> Result<(), Fallback> {
+pub fn attach(io: &Framed<TcpStream>) -> Result<(), Fallback> {
     sys::set_tls_ulp(io.get_ref()).map_err(|e| match e.raw_os_error() {
         // The kernel attaches TLS to established sockets only; a peer that
         // already sent its FIN has left that state.
@@ -428,14 +419,19 @@ pub(crate) struct Finished {
     pub peer_closed: bool,
 }
 
-/// Brings a corked rustls connection to a record boundary: whatever comes
+/// Brings a rustls connection to a record boundary: whatever comes
 /// after it on the socket is ciphertext under the traffic keys, for the
 /// kernel or the userspace record layer to open. Flush what rustls holds to
 /// send first.
 pub(crate) async fn finish(
-    mut io: Corked<TcpStream>,
+    mut io: Framed<TcpStream>,
     mut conn: rustls::Connection,
 ) -> Result<Finished, HandOffError> {
+    // Plaintext rustls already decrypted is taken out and sent first. Out
+    // before the rest of a record goes in: rustls takes no more input while
+    // it holds 16 KiB of plaintext.
+    let mut early = Vec::new();
+    let mut peer_closed = take_plaintext(&mut conn, &mut early);
     // rustls stops reading at a record boundary only by luck: finish the
     // record it is inside of and let it decrypt that too.
     let rest = io
@@ -450,6 +446,7 @@ pub(crate) async fn finish(
         }
         conn.process_new_packets()
             .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+        peer_closed |= take_plaintext(&mut conn, &mut early);
     }
     if conn.wants_write() {
         return Err(HandOffError("rustls still holds records to send".into()));
@@ -465,26 +462,6 @@ pub(crate) async fn finish(
         SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
         SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
     };
-    // Plaintext rustls already decrypted is taken out now and sent first.
-    let mut early = Vec::new();
-    let mut peer_closed = false;
-    let mut chunk = [0u8; 4096];
-    loop {
-        match conn.reader().read(&mut chunk) {
-            Ok(0) => {
-                peer_closed = true;
-                break;
-            }
-            Ok(n) => early.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(e) => {
-                // UnexpectedEof: the peer closed without close_notify.
-                tracing::debug!(error = %e, "reading rustls plaintext at hand-off");
-                peer_closed = true;
-                break;
-            }
-        }
-    }
     Ok(Finished {
         stream: io.into_inner(),
         conn,
@@ -496,11 +473,29 @@ pub(crate) async fn finish(
     })
 }
 
+/// Moves the plaintext rustls holds into `early`; true if the peer has
+/// closed its side (close_notify, or an end without one).
+fn take_plaintext(conn: &mut rustls::Connection, early: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match conn.reader().read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(n) => early.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                // UnexpectedEof: the peer closed without close_notify.
+                tracing::debug!(error = %e, "reading rustls plaintext at hand-off");
+                return true;
+            }
+        }
+    }
+}
+
 /// Moves a finished rustls connection into the kernel: call `precheck` and
 /// `attach` first, and flush what rustls holds to send. Once the keys leave
 /// rustls there is no way back, so this only fails on a kernel error.
 pub async fn hand_off(
-    io: Corked<TcpStream>,
+    io: Framed<TcpStream>,
     conn: rustls::Connection,
     rx_expect_no_pad: bool,
 ) -> Result<KernelLeg, HandOffError> {
