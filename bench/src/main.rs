@@ -5,6 +5,7 @@
 //! `cargo xtask bench` builds everything in release mode, installs the peers
 //! and runs this; see BENCHMARKS.md for the last full run.
 
+mod aead;
 mod backend;
 mod load;
 mod peers;
@@ -269,6 +270,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
+    // Before any peer runs, so nothing shares the proxy's CPU.
+    let aead = args.proxy_cpus.first().and_then(|&cpu| aead::measure(cpu));
+    let cpus: Vec<usize> = args
+        .proxy_cpus
+        .iter()
+        .chain(&args.load_cpus)
+        .copied()
+        .collect();
+    let times_before: Vec<_> = cpus.iter().map(|&c| procstat::CpuTimes::read(c)).collect();
     let total: u64 = args.peers.iter().map(|&k| plan.steps(k)).sum::<u64>();
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -291,6 +301,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         anyhow::Ok(ctx.measure_all().await)
     })?;
     bar.finish_with_message("done");
+    let steal = cpus
+        .iter()
+        .zip(times_before)
+        .filter_map(|(&cpu, before)| {
+            let percent = before?.steal_percent(&procstat::CpuTimes::read(cpu)?)?;
+            Some(report::CpuSteal { cpu, percent })
+        })
+        .collect();
 
     let report = Report {
         date: time::OffsetDateTime::now_utc()
@@ -301,6 +319,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy_cpus: args.proxy_cpus.clone(),
         load_cpus: args.load_cpus.clone(),
         paced_gbps: args.paced_gbps,
+        aead,
+        steal,
         peers: reports,
     };
     let results = args.results.clone().unwrap_or_else(|| out.clone());

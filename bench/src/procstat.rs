@@ -79,6 +79,44 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// One CPU's times from /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTimes {
+    /// Time the hypervisor ran something else while this CPU had work.
+    pub steal: u64,
+    /// All of it: user, nice, system, idle, iowait, irq, softirq, steal.
+    pub total: u64,
+}
+
+impl CpuTimes {
+    pub fn read(cpu: usize) -> Option<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let name = format!("cpu{cpu}");
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+        // guest and guest_nice, after steal, are already counted in user.
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        Some(CpuTimes {
+            steal: *v.get(7)?,
+            total: v.iter().sum(),
+        })
+    }
+
+    /// Percent of the time between `self` and `later` that was stolen.
+    pub fn steal_percent(&self, later: &CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total)?;
+        let steal = later.steal.checked_sub(self.steal)?;
+        (total > 0).then(|| 100.0 * steal as f64 / total as f64)
+    }
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf reads a constant of the running system; no memory is passed.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

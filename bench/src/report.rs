@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use plotters::prelude::*;
 use serde::Serialize;
 
+use crate::aead::AeadCost;
 use crate::load::{BulkResult, Direction, HandshakeResult, LatencyResult, MemoryResult, RateBasis};
 
 #[derive(Debug, Serialize)]
@@ -17,7 +18,17 @@ pub struct Report {
     pub proxy_cpus: Vec<usize>,
     pub load_cpus: Vec<usize>,
     pub paced_gbps: f64,
+    /// Raw AES-128-GCM on the proxy's CPU, for the kernel TLS floor.
+    pub aead: Option<AeadCost>,
+    /// Per CPU of the run, the share of its time the hypervisor took.
+    pub steal: Vec<CpuSteal>,
     pub peers: Vec<PeerReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuSteal {
+    pub cpu: usize,
+    pub percent: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -239,6 +250,19 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         r.proxy_cpus,
         r.load_cpus
     );
+    if !r.steal.is_empty() {
+        let shares: Vec<String> = r
+            .steal
+            .iter()
+            .map(|c| format!("CPU {} {:.1}%", c.cpu, c.percent))
+            .collect();
+        let _ = writeln!(
+            s,
+            "- Hypervisor steal over the run (time the host ran something else while these CPUs had work): {}. \
+             It slows whichever scenario it falls on, so a few percent make single numbers unreliable.\n",
+            shares.join(", ")
+        );
+    }
     let _ = writeln!(s, "| peer | version |\n|---|---|");
     for p in &r.peers {
         let _ = writeln!(s, "| {} | {} |", p.name, p.version);
@@ -426,6 +450,34 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
 
     // The targets are for the host run; under emulation they mean nothing.
     let emulated = r.peers.iter().any(|p| p.name == "gateway-ktls");
+    let floors = if emulated { Vec::new() } else { ktls_floors(r) };
+    if let (false, Some(aead)) = (floors.is_empty(), &r.aead) {
+        let _ = writeln!(
+            s,
+            "\n## Kernel TLS on this host: the least it could cost\n\n\
+             Kernel TLS + splice moves bytes the way the splice relay does, and adds one AES-GCM pass \
+             per byte in the kernel: opening on upload, sealing on download. So the relay's cost plus \
+             raw AES-128-GCM, both measured in this run, is the least the kTLS path can cost on this \
+             host, whatever its kernel. Raw AES-GCM is the fastest library's here (sealing: {}, \
+             opening: {}; 16 KiB records, best of 7 trials on CPU {}), the floor most favourable \
+             to the target. The target (kTLS ≤ ½ × the userspace path's CPU per GB) is within reach \
+             only where that floor is below it; the kTLS path itself runs in the VM section.\n\n\
+             | scenario (paced) | relay | + AES-128-GCM | kTLS floor | ½ × gateway userspace | reachable |\n|---|---|---|---|---|---|",
+            aead.seal_library, aead.open_library, aead.cpu
+        );
+        for fl in &floors {
+            let _ = writeln!(
+                s,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                fl.scenario,
+                fl.relay,
+                fl.aead,
+                fl.floor(),
+                fl.bar(),
+                if fl.reachable() { "yes" } else { "**no**" }
+            );
+        }
+    }
     if let Some(g) = r.peers.iter().find(|p| p.name == "gateway" && !emulated) {
         let _ = writeln!(
             s,
@@ -474,6 +526,20 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
                 &|v| v >= 1.8,
             );
         }
+        if !floors.is_empty() {
+            let unreachable = floors.iter().filter(|f| !f.reachable()).count();
+            let _ = writeln!(
+                s,
+                "| kTLS + splice ≤ ½ × userspace CPU per GB (no kTLS here: its floor against the bar, above) | \
+                 floor above the bar in {unreachable} of {} scenarios | {} |",
+                floors.len(),
+                if unreachable == 0 {
+                    "– (needs kTLS)"
+                } else {
+                    "**unreachable on this host**"
+                }
+            );
+        }
         let p99 = |p: &PeerReport| {
             p.latency
                 .iter()
@@ -515,6 +581,55 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         }
     }
     s
+}
+
+/// The least kernel TLS + splice could cost in one paced scenario, against
+/// the target's bar.
+#[derive(Debug, Clone, PartialEq)]
+struct KtlsFloor {
+    scenario: &'static str,
+    relay: f64,
+    aead: f64,
+    userspace: f64,
+}
+
+impl KtlsFloor {
+    fn floor(&self) -> f64 {
+        self.relay + self.aead
+    }
+
+    fn bar(&self) -> f64 {
+        0.5 * self.userspace
+    }
+
+    fn reachable(&self) -> bool {
+        self.floor() <= self.bar()
+    }
+}
+
+/// One floor per paced scenario that the relay and the gateway both ran.
+fn ktls_floors(r: &Report) -> Vec<KtlsFloor> {
+    let (Some(aead), Some(relay), Some(gateway)) = (
+        &r.aead,
+        r.peers.iter().find(|p| p.name == "relay"),
+        r.peers.iter().find(|p| p.name == "gateway"),
+    ) else {
+        return Vec::new();
+    };
+    SCENARIOS
+        .iter()
+        .filter_map(|&(c, d, scenario)| {
+            Some(KtlsFloor {
+                scenario,
+                relay: relay.bulk(c, d, true)?.proxy_cpu_s_per_gb,
+                aead: match d {
+                    Direction::Upload => aead.open_cpu_s_per_gb,
+                    Direction::Download => aead.seal_cpu_s_per_gb,
+                },
+                userspace: gateway.bulk(c, d, true)?.proxy_cpu_s_per_gb,
+            })
+        })
+        .collect()
 }
 
 fn plots(r: &Report, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
@@ -744,5 +859,77 @@ mod tests {
         assert!((s.handshake_speedup.unwrap() - 2.0 * 0.5 / 0.6).abs() < 1e-9);
 
         assert!(ScalingResult::from_rounds(1, 2, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn the_ktls_floor_is_the_relay_plus_one_aead_pass_against_half_the_userspace_cost() {
+        let paced = |conns, direction, cost| BulkResult {
+            connections: conns,
+            direction,
+            ..bulk(cost)
+        };
+        let peer = |name: &str, costs: [f64; 4]| PeerReport {
+            name: name.into(),
+            bulk: SCENARIOS
+                .iter()
+                .zip(costs)
+                .map(|(&(c, d, _), cost)| paced(c, d, cost))
+                .collect(),
+            ..PeerReport::default()
+        };
+        let mut report = Report {
+            date: String::new(),
+            mode: "full",
+            machine: Machine::detect(),
+            proxy_cpus: vec![0],
+            load_cpus: vec![1],
+            paced_gbps: 3.0,
+            aead: Some(AeadCost {
+                seal_cpu_s_per_gb: 0.1,
+                seal_library: "ring",
+                open_cpu_s_per_gb: 0.2,
+                open_library: "aws-lc",
+                cpu: 0,
+            }),
+            steal: vec![CpuSteal {
+                cpu: 0,
+                percent: 0.31,
+            }],
+            peers: vec![
+                peer("gateway", [1.0, 1.0, 1.0, 2.0]),
+                peer("relay", [0.2, 0.2, 0.5, 0.5]),
+            ],
+        };
+        let floors = ktls_floors(&report);
+        let got: Vec<(f64, f64, bool)> = floors
+            .iter()
+            .map(|f| (f.floor(), f.bar(), f.reachable()))
+            .collect();
+        let want = [
+            // Upload opens (0.2), download seals (0.1).
+            (0.4, 0.5, true),
+            (0.3, 0.5, true),
+            (0.7, 0.5, false),
+            (0.6, 1.0, true),
+        ];
+        for ((floor, bar, ok), (w_floor, w_bar, w_ok)) in got.iter().zip(want) {
+            assert!((floor - w_floor).abs() < 1e-9 && (bar - w_bar).abs() < 1e-9);
+            assert_eq!(*ok, w_ok);
+        }
+        let md = markdown_text(&report, &[]);
+        assert!(md.contains("## Kernel TLS on this host: the least it could cost"));
+        assert!(md.contains("these CPUs had work): CPU 0 0.3%."), "{md}");
+        assert!(
+            md.contains("| 16 conns upload | 0.50 | 0.20 | 0.70 | 0.50 | **no** |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("floor above the bar in 1 of 4 scenarios | **unreachable on this host** |")
+        );
+
+        // Without the relay, or in the VM's report, there is no floor to show.
+        report.peers.retain(|p| p.name != "relay");
+        assert!(ktls_floors(&report).is_empty());
+        assert!(!markdown_text(&report, &[]).contains("least it could cost"));
     }
 }
