@@ -85,7 +85,7 @@ struct RunArgs {
     /// The common request rate every peer's latency is measured at (default: 1,000 with --quick, else 5,000).
     #[arg(long)]
     fixed_rate: Option<f64>,
-    /// Rounds of bulk and handshake measurements, median reported (default: 1 with --quick, else 3).
+    /// Rounds of bulk and handshake measurements, median reported (default: 1 with --quick, else 3, and 5 for the 2-core projection).
     #[arg(long)]
     rounds: Option<usize>,
     /// Seconds each measurement runs (default: 1 with --quick, else 5).
@@ -145,6 +145,8 @@ struct Plan {
     scaling: bool,
     /// Bulk and handshakes are measured this often; the median counts.
     rounds: usize,
+    /// Pairs of one-core and many-core measurements for the projection.
+    scaling_rounds: usize,
 }
 
 impl Plan {
@@ -158,6 +160,7 @@ impl Plan {
         }
         if let Some(r) = args.rounds {
             plan.rounds = r.max(1);
+            plan.scaling_rounds = r.max(1);
         }
         if let Some(s) = args.seconds {
             plan.window.measure = Duration::from_secs_f64(s);
@@ -194,6 +197,7 @@ impl Plan {
                 fixed_rate: 1000.0,
                 idle_connections: 300,
                 rounds: 1,
+                scaling_rounds: 1,
                 handshakes: true,
                 latency: true,
                 memory: true,
@@ -211,6 +215,9 @@ impl Plan {
                 fixed_rate: 5000.0,
                 idle_connections: IDLE_CONNECTIONS,
                 rounds: 3,
+                // Each round's projection divides two noisy costs: at 3
+                // rounds it moved by ±0.1 between runs of the same code.
+                scaling_rounds: 5,
                 handshakes: true,
                 latency: true,
                 memory: true,
@@ -229,7 +236,7 @@ impl Plan {
             0
         };
         let scaling = if kind.gateway() && self.scaling {
-            rounds * 2
+            self.scaling_rounds as u64 * 2
         } else {
             0
         };
@@ -547,7 +554,7 @@ impl Ctx<'_> {
         cores.dedup();
         if cores.len() <= self.args.proxy_cpus.len() {
             eprintln!("gateway-bench: scaling skipped: the load's CPUs add none to the proxy's");
-            self.bar.inc(2 * self.plan.rounds as u64);
+            self.bar.inc(2 * self.plan.scaling_rounds as u64);
             return Ok(None);
         }
         // Both gateways stay up; the one not being measured idles.
@@ -574,18 +581,32 @@ impl Ctx<'_> {
         let offered = Some(self.args.paced_gbps);
         let (base, n) = (self.args.proxy_cpus.len(), cores.len());
         let mut rounds = Vec::new();
-        for round in 0..self.plan.rounds {
-            let of = format!("round {}/{}", round + 1, self.plan.rounds);
+        for round in 0..self.plan.scaling_rounds {
+            let of = format!("round {}/{}", round + 1, self.plan.scaling_rounds);
+            // Every other round measures the many-core gateway first, so a
+            // drift within a round does not always favour one side.
+            let many_first = round % 2 == 1;
             self.bar
                 .set_message(format!("{of}: handshakes on {base} and {n} cores"));
-            let baseline_handshakes = one.handshakes(self.plan.handshake_clients).await?;
-            let handshakes = many.handshakes(self.plan.handshake_clients).await?;
+            let clients = self.plan.handshake_clients;
+            let (baseline_handshakes, handshakes) = if many_first {
+                let h = many.handshakes(clients).await?;
+                (one.handshakes(clients).await?, h)
+            } else {
+                let b = one.handshakes(clients).await?;
+                (b, many.handshakes(clients).await?)
+            };
             self.bar.inc(1);
             self.bar.set_message(format!(
                 "{of}: {conns} conn {dir:?} on {base} and {n} cores"
             ));
-            let baseline_bulk = one.bulk(conns, dir, offered).await?;
-            let bulk = many.bulk(conns, dir, offered).await?;
+            let (baseline_bulk, bulk) = if many_first {
+                let b = many.bulk(conns, dir, offered).await?;
+                (one.bulk(conns, dir, offered).await?, b)
+            } else {
+                let b = one.bulk(conns, dir, offered).await?;
+                (b, many.bulk(conns, dir, offered).await?)
+            };
             self.bar.inc(1);
             rounds.push(report::ScalingRound {
                 baseline_handshakes,

@@ -102,6 +102,10 @@ pub struct ScalingResult {
     pub handshake_speedup: Option<f64>,
     /// The same from CPU-s per GB in the bulk scenario.
     pub bulk_speedup: Option<f64>,
+    /// Each round's projection, in the order measured: their spread says
+    /// how far to trust the medians.
+    pub handshake_rounds: Vec<f64>,
+    pub bulk_rounds: Vec<f64>,
 }
 
 /// One round of the scaling scenario: the same work on both core counts.
@@ -122,18 +126,26 @@ impl ScalingResult {
     ) -> Option<ScalingResult> {
         let factor = cores as f64 / baseline_cores as f64;
         let project = |base: f64, here: f64| (here > 0.0).then(|| factor * base / here);
-        let handshake_speedup = median(rounds.iter().filter_map(|r| {
-            project(
-                r.baseline_handshakes.proxy_cpu_ms_each,
-                r.handshakes.proxy_cpu_ms_each,
-            )
-        }));
-        let bulk_speedup = median(rounds.iter().filter_map(|r| {
-            project(
-                r.baseline_bulk.proxy_cpu_s_per_gb,
-                r.bulk.proxy_cpu_s_per_gb,
-            )
-        }));
+        let handshake_rounds: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| {
+                project(
+                    r.baseline_handshakes.proxy_cpu_ms_each,
+                    r.handshakes.proxy_cpu_ms_each,
+                )
+            })
+            .collect();
+        let bulk_rounds: Vec<f64> = rounds
+            .iter()
+            .filter_map(|r| {
+                project(
+                    r.baseline_bulk.proxy_cpu_s_per_gb,
+                    r.bulk.proxy_cpu_s_per_gb,
+                )
+            })
+            .collect();
+        let handshake_speedup = median(handshake_rounds.iter().copied());
+        let bulk_speedup = median(bulk_rounds.iter().copied());
         let bh = median_index(&rounds, |r| r.baseline_handshakes.proxy_cpu_ms_each)?;
         let h = median_index(&rounds, |r| r.handshakes.proxy_cpu_ms_each)?;
         let bb = median_index(&rounds, |r| r.baseline_bulk.proxy_cpu_s_per_gb)?;
@@ -147,6 +159,8 @@ impl ScalingResult {
             bulk: rounds[b].bulk.clone(),
             handshake_speedup,
             bulk_speedup,
+            handshake_rounds,
+            bulk_rounds,
         })
     }
 
@@ -223,6 +237,15 @@ const SCENARIOS: [(usize, Direction, &str); 4] = [
 
 fn f(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "–".into(), |v| format!("{v:.digits$}"))
+}
+
+/// Values with two decimals, comma-separated.
+fn list(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn markdown_text(r: &Report, plots: &[String]) -> String {
@@ -386,29 +409,32 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
              ceiling; its CPU cost per unit of work against the {base}-core gateway projects the \
              speed-up on dedicated cores ({n}/{base} × {base}-core cost ÷ {n}-core cost). Each round \
              measures the {base}-core and then the {n}-core gateway back to back, and the projection \
-             is the median of the rounds' ratios, so the host's drift between rounds cancels. Sharing \
+             is the median of the rounds' ratios, so the host's drift between rounds cancels; every \
+             other round measures the {n}-core gateway first, so a drift within a round does too. Sharing \
              a core with the load, and being offered less than it could take, only raise the \
              {n}-core cost, so the projection errs low.\n\n\
-             | scenario | {base} core(s): CPU per unit | {n} cores: CPU per unit | {n} cores: rate | projected speed-up |\n|---|---|---|---|---|"
+             | scenario | {base} core(s): CPU per unit | {n} cores: CPU per unit | {n} cores: rate | projected speed-up | rounds' projections |\n|---|---|---|---|---|---|"
         );
         let _ = writeln!(
             s,
-            "| full handshakes (CPU ms each; handshakes/s) | {:.2} | {:.2} | {:.0} | {} |",
+            "| full handshakes (CPU ms each; handshakes/s) | {:.2} | {:.2} | {:.0} | {} | {} |",
             sc.baseline_handshakes.proxy_cpu_ms_each,
             sc.handshakes.proxy_cpu_ms_each,
             sc.handshakes.per_second,
-            f(sc.handshake_speedup, 2)
+            f(sc.handshake_speedup, 2),
+            list(&sc.handshake_rounds)
         );
         let _ = writeln!(
             s,
-            "| {} conn {:?} at {} Gbit/s (CPU-s/GB; Gbit/s) | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} conn {:?} at {} Gbit/s (CPU-s/GB; Gbit/s) | {:.2} | {:.2} | {:.2} | {} | {} |",
             sc.bulk.connections,
             sc.bulk.direction,
             f(sc.bulk.offered_gbps, 1),
             sc.baseline_bulk.proxy_cpu_s_per_gb,
             sc.bulk.proxy_cpu_s_per_gb,
             sc.bulk.gbps,
-            f(sc.bulk_speedup, 2)
+            f(sc.bulk_speedup, 2),
+            list(&sc.bulk_rounds)
         );
     }
 
@@ -841,6 +867,8 @@ mod tests {
         ];
         let s = ScalingResult::from_rounds(1, 2, rounds).unwrap();
         assert!((s.handshake_speedup.unwrap() - 2.0 / 1.2).abs() < 1e-9);
+        assert_eq!(s.handshake_rounds.len(), 3);
+        assert!(s.bulk_rounds.iter().all(|r| (r - 2.0).abs() < 1e-9));
         assert!((s.bulk_speedup.unwrap() - 2.0).abs() < 1e-9);
         assert_eq!(s.speedup(), s.handshake_speedup);
         // Costs reported are each side's median round.
