@@ -230,7 +230,7 @@ impl Plan {
         let rounds = self.rounds as u64;
         let tls = if kind.tls() {
             rounds * u64::from(self.handshakes)
-                + 3 * u64::from(self.latency)
+                + (2 + rounds) * u64::from(self.latency)
                 + u64::from(self.memory)
         } else {
             0
@@ -326,6 +326,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         proxy_cpus: args.proxy_cpus.clone(),
         load_cpus: args.load_cpus.clone(),
         paced_gbps: args.paced_gbps,
+        latency_rounds: plan.rounds,
         aead,
         steal,
         peers: reports,
@@ -650,27 +651,67 @@ impl Ctx<'_> {
             .copied()
             .reduce(f64::min)
             .map(|p| p / 2.0);
-        for (i, e) in entries.iter_mut().enumerate() {
+        // The common rates compare peers, so each is measured in rounds that
+        // interleave the peers: a disturbance of the host lands on one round
+        // of each, not on all of one peer's.
+        let common_rates: Vec<(f64, load::RateBasis)> = [
+            Some((self.plan.fixed_rate, load::RateBasis::Fixed)),
+            common.map(|r| (r, load::RateBasis::HalfSlowestPeak)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut rounds: Vec<Vec<Vec<load::LatencyResult>>> =
+            vec![vec![Vec::new(); common_rates.len()]; entries.len()];
+        for round in 0..self.plan.rounds {
+            for (i, e) in entries.iter_mut().enumerate() {
+                self.bar.set_prefix(e.kind.name());
+                let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) else {
+                    continue;
+                };
+                for (k, &(rate, basis)) in common_rates.iter().enumerate() {
+                    self.bar.set_message(format!(
+                        "round {}/{}: latency at {rate:.0} req/s",
+                        round + 1,
+                        self.plan.rounds
+                    ));
+                    match self.rig(peer).latency(conns, rate, basis).await {
+                        Ok(l) => rounds[i][k].push(l),
+                        Err(err) => e
+                            .report
+                            .errors
+                            .push(format!("latency at {rate:.0}/s: {err:#}")),
+                    }
+                }
+                self.bar.inc(1);
+                check_alive(e);
+            }
+        }
+        for ((e, by_rate), peak) in entries.iter_mut().zip(rounds).zip(peaks) {
             self.bar.set_prefix(e.kind.name());
-            let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) else {
+            // The round with the median p99 stands for the peer at that rate.
+            e.report.latency.extend(
+                by_rate
+                    .into_iter()
+                    .filter_map(|r| median_by(r, |l| l.p99_ms)),
+            );
+            let (Some(peer), Some(peak)) = (e.peer.as_ref().filter(|p| p.kind.tls()), peak) else {
                 continue;
             };
-            let rates = [
-                Some((self.plan.fixed_rate, load::RateBasis::Fixed)),
-                common.map(|r| (r, load::RateBasis::HalfSlowestPeak)),
-                peaks[i].map(|p| (p / 2.0, load::RateBasis::HalfOwnPeak)),
-            ];
-            for (rate, basis) in rates.into_iter().flatten() {
-                self.bar.set_message(format!("latency at {rate:.0} req/s"));
-                match self.rig(peer).latency(conns, rate, basis).await {
-                    Ok(l) => e.report.latency.push(l),
-                    Err(err) => e
-                        .report
-                        .errors
-                        .push(format!("latency at {rate:.0}/s: {err:#}")),
-                }
+            let rate = peak / 2.0;
+            self.bar.set_message(format!("latency at {rate:.0} req/s"));
+            match self
+                .rig(peer)
+                .latency(conns, rate, load::RateBasis::HalfOwnPeak)
+                .await
+            {
+                Ok(l) => e.report.latency.push(l),
+                Err(err) => e
+                    .report
+                    .errors
+                    .push(format!("latency at {rate:.0}/s: {err:#}")),
             }
-            self.bar.inc(2);
+            self.bar.inc(1);
             check_alive(e);
         }
     }

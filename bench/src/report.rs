@@ -18,6 +18,8 @@ pub struct Report {
     pub proxy_cpus: Vec<usize>,
     pub load_cpus: Vec<usize>,
     pub paced_gbps: f64,
+    /// Rounds of latency at each common rate; the median p99's is shown.
+    pub latency_rounds: usize,
     /// Raw AES-128-GCM on the proxy's CPU, for the kernel TLS floor.
     pub aead: Option<AeadCost>,
     /// Per CPU of the run, the share of its time the hypervisor took.
@@ -265,7 +267,7 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
          - TLS 1.3, TLS_AES_128_GCM_SHA256, P-256, full handshakes (no resumption); the client sends leaf + \
          intermediate and every proxy verifies it against the root. Access logs off everywhere.\n\
          - CPU is the proxy's own (all its processes and threads, from /proc), per 10^9 bytes forwarded.\n\
-         - Bottleneck: `proxy` when the proxy used ≥ 90% of its CPU, else `load` (the load core or the pacing set the rate).\n",
+         - Bottleneck: `proxy` when the proxy used ≥ 90% of its CPU, else `load` (the load core or the pacing set the rate).",
         r.machine.cpu,
         r.machine.cores,
         r.machine.memory_gib,
@@ -282,11 +284,11 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         let _ = writeln!(
             s,
             "- Hypervisor steal over the run (time the host ran something else while these CPUs had work): {}. \
-             It slows whichever scenario it falls on, so a few percent make single numbers unreliable.\n",
+             It slows whichever scenario it falls on, so a few percent make single numbers unreliable.",
             shares.join(", ")
         );
     }
-    let _ = writeln!(s, "| peer | version |\n|---|---|");
+    let _ = writeln!(s, "\n| peer | version |\n|---|---|");
     for p in &r.peers {
         let _ = writeln!(s, "| {} | {} |", p.name, p.version);
     }
@@ -360,9 +362,11 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
             s,
             "\n## Request/response latency\n\n1 KiB each way over persistent connections, open loop: a request delayed by \
          a late response counts from when it was due (no coordinated omission). Peak: the same connections in a closed loop.\n\n\
-         Peers compare at the common rates (fixed, and half the slowest peer's peak); at half its own peak \
-         a faster proxy is offered more than the single load core generates without queueing of its own.\n\n\
-         | peer | peak req/s | rate basis | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---|---|---|---|---|---|---|---|"
+         Peers compare at the common rates (fixed, and half the slowest peer's peak), each measured in {} \
+         round(s) that take the peers in turn; the round with the median p99 is shown. At half its own peak \
+         (measured once) a faster proxy is offered more than the single load core generates without queueing of its own.\n\n\
+         | peer | peak req/s | rate basis | offered req/s | achieved | p50 ms | p99 ms | p99.9 ms | max ms |\n|---|---|---|---|---|---|---|---|---|",
+            r.latency_rounds
         );
         for p in &r.peers {
             for l in &p.latency {
@@ -912,6 +916,7 @@ mod tests {
             proxy_cpus: vec![0],
             load_cpus: vec![1],
             paced_gbps: 3.0,
+            latency_rounds: 3,
             aead: Some(AeadCost {
                 seal_cpu_s_per_gb: 0.1,
                 seal_library: "ring",
