@@ -675,12 +675,11 @@ impl Ctx<'_> {
                         round + 1,
                         self.plan.rounds
                     ));
-                    match self.rig(peer).latency(conns, rate, basis).await {
-                        Ok(l) => rounds[i][k].push(l),
-                        Err(err) => e
-                            .report
-                            .errors
-                            .push(format!("latency at {rate:.0}/s: {err:#}")),
+                    if let Some(l) = self
+                        .latency_at(peer, &mut e.report.errors, rate, basis)
+                        .await
+                    {
+                        rounds[i][k].push(l);
                     }
                 }
                 self.bar.inc(1);
@@ -700,20 +699,33 @@ impl Ctx<'_> {
             };
             let rate = peak / 2.0;
             self.bar.set_message(format!("latency at {rate:.0} req/s"));
-            match self
-                .rig(peer)
-                .latency(conns, rate, load::RateBasis::HalfOwnPeak)
+            let basis = load::RateBasis::HalfOwnPeak;
+            if let Some(l) = self
+                .latency_at(peer, &mut e.report.errors, rate, basis)
                 .await
             {
-                Ok(l) => e.report.latency.push(l),
-                Err(err) => e
-                    .report
-                    .errors
-                    .push(format!("latency at {rate:.0}/s: {err:#}")),
+                e.report.latency.push(l);
             }
             self.bar.inc(1);
             check_alive(e);
         }
+    }
+}
+
+impl Ctx<'_> {
+    /// One latency measurement; a failure goes into the peer's errors.
+    async fn latency_at(
+        &self,
+        peer: &Peer,
+        errors: &mut Vec<String>,
+        rate: f64,
+        basis: load::RateBasis,
+    ) -> Option<load::LatencyResult> {
+        self.rig(peer)
+            .latency(self.plan.latency_connections, rate, basis)
+            .await
+            .map_err(|err| errors.push(format!("latency at {rate:.0}/s: {err:#}")))
+            .ok()
     }
 }
 
