@@ -127,8 +127,8 @@ async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> 
     match tls {
         None => Ok(Upstream::Plain(stream)),
         Some(tls) => {
-            // Read the handshake record by record: the kernel or our record
-            // layer takes over at a record boundary.
+            // Follow the record framing through the handshake: the kernel or
+            // our record layer takes over at a record boundary.
             let stream = tls
                 .connector
                 .connect(tls.server_name.clone(), Framed::new(stream))
