@@ -25,7 +25,7 @@ use rustls::pki_types::ServerName;
 
 use crate::load::{Direction, Rig, Target, Window};
 use crate::peers::{Binaries, Kind, Peer};
-use crate::report::{Machine, PeerReport, Report};
+use crate::report::{Machine, PeerReport, Report, median_by};
 
 #[derive(Parser)]
 #[command(
@@ -590,24 +590,22 @@ impl Ctx<'_> {
             self.bar
                 .set_message(format!("{of}: handshakes on {base} and {n} cores"));
             let clients = self.plan.handshake_clients;
-            let (baseline_handshakes, handshakes) = if many_first {
-                let h = many.handshakes(clients).await?;
-                (one.handshakes(clients).await?, h)
-            } else {
-                let b = one.handshakes(clients).await?;
-                (b, many.handshakes(clients).await?)
-            };
+            let (baseline_handshakes, handshakes) = in_turn(
+                many_first,
+                one.handshakes(clients),
+                many.handshakes(clients),
+            )
+            .await?;
             self.bar.inc(1);
             self.bar.set_message(format!(
                 "{of}: {conns} conn {dir:?} on {base} and {n} cores"
             ));
-            let (baseline_bulk, bulk) = if many_first {
-                let b = many.bulk(conns, dir, offered).await?;
-                (one.bulk(conns, dir, offered).await?, b)
-            } else {
-                let b = one.bulk(conns, dir, offered).await?;
-                (b, many.bulk(conns, dir, offered).await?)
-            };
+            let (baseline_bulk, bulk) = in_turn(
+                many_first,
+                one.bulk(conns, dir, offered),
+                many.bulk(conns, dir, offered),
+            )
+            .await?;
             self.bar.inc(1);
             rounds.push(report::ScalingRound {
                 baseline_handshakes,
@@ -617,6 +615,22 @@ impl Ctx<'_> {
             });
         }
         Ok(report::ScalingResult::from_rounds(base, n, rounds))
+    }
+}
+
+/// Runs the one-core and the many-core measurement one after the other,
+/// the many-core one first if asked; the first failure ends the round.
+async fn in_turn<T>(
+    many_first: bool,
+    one: impl std::future::Future<Output = anyhow::Result<T>>,
+    many: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, T)> {
+    if many_first {
+        let m = many.await?;
+        Ok((one.await?, m))
+    } else {
+        let o = one.await?;
+        Ok((o, many.await?))
     }
 }
 
@@ -710,9 +724,7 @@ impl Ctx<'_> {
             check_alive(e);
         }
     }
-}
 
-impl Ctx<'_> {
     /// One latency measurement; a failure goes into the peer's errors.
     async fn latency_at(
         &self,
@@ -727,15 +739,6 @@ impl Ctx<'_> {
             .map_err(|err| errors.push(format!("latency at {rate:.0}/s: {err:#}")))
             .ok()
     }
-}
-
-fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
-    let mid = v.len() / 2;
-    Some(v.swap_remove(mid))
 }
 
 /// A peer that died stops being measured; its log tail goes into the report.

@@ -146,19 +146,22 @@ impl ScalingResult {
                 )
             })
             .collect();
-        let handshake_speedup = median(handshake_rounds.iter().copied());
-        let bulk_speedup = median(bulk_rounds.iter().copied());
-        let bh = median_index(&rounds, |r| r.baseline_handshakes.proxy_cpu_ms_each)?;
-        let h = median_index(&rounds, |r| r.handshakes.proxy_cpu_ms_each)?;
-        let bb = median_index(&rounds, |r| r.baseline_bulk.proxy_cpu_s_per_gb)?;
-        let b = median_index(&rounds, |r| r.bulk.proxy_cpu_s_per_gb)?;
+        let handshake_speedup = median_by(handshake_rounds.clone(), |&v| v);
+        let bulk_speedup = median_by(bulk_rounds.clone(), |&v| v);
+        let middle = |key: fn(&ScalingRound) -> f64| median_by(rounds.iter().collect(), |r| key(r));
         Some(ScalingResult {
             baseline_cores,
             cores,
-            baseline_handshakes: rounds[bh].baseline_handshakes.clone(),
-            baseline_bulk: rounds[bb].baseline_bulk.clone(),
-            handshakes: rounds[h].handshakes.clone(),
-            bulk: rounds[b].bulk.clone(),
+            baseline_handshakes: middle(|r| r.baseline_handshakes.proxy_cpu_ms_each)?
+                .baseline_handshakes
+                .clone(),
+            baseline_bulk: middle(|r| r.baseline_bulk.proxy_cpu_s_per_gb)?
+                .baseline_bulk
+                .clone(),
+            handshakes: middle(|r| r.handshakes.proxy_cpu_ms_each)?
+                .handshakes
+                .clone(),
+            bulk: middle(|r| r.bulk.proxy_cpu_s_per_gb)?.bulk.clone(),
             handshake_speedup,
             bulk_speedup,
             handshake_rounds,
@@ -175,18 +178,15 @@ impl ScalingResult {
     }
 }
 
-/// Where the middle element by `key` is (the upper middle for an even count).
-fn median_index<T>(v: &[T], key: impl Fn(&T) -> f64) -> Option<usize> {
-    let mut order: Vec<usize> = (0..v.len()).collect();
-    order.sort_by(|&a, &b| key(&v[a]).total_cmp(&key(&v[b])));
-    order.get(order.len() / 2).copied()
-}
-
-/// The middle value (the upper of the two middle ones for an even count).
-fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
-    let mut v: Vec<f64> = values.collect();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+/// The middle element by `key` (the upper of the two middle ones for an
+/// even count); None for none.
+pub(crate) fn median_by<T>(mut v: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let mid = v.len() / 2;
+    Some(v.swap_remove(mid))
 }
 
 impl PeerReport {
