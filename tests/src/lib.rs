@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+pub mod raw;
+
 /// How long any single step of a test may take before it counts as hung.
 pub const STEP: Duration = Duration::from_secs(20);
 
@@ -361,6 +363,8 @@ pub struct RunningGateway {
     pub task: Option<JoinHandle<()>>,
     /// With `start_on_own_thread`: the thread the whole gateway runs on.
     pub thread_id: Option<i32>,
+    /// With `start_on_own_thread`: set once `run` returned.
+    pub thread_stopped: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunningGateway {
@@ -393,11 +397,32 @@ impl RunningGateway {
                 let mut gw = Self::handles(&config, &app);
                 // SAFETY: gettid has no preconditions.
                 gw.thread_id = Some(unsafe { libc::gettid() });
+                let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                gw.thread_stopped = Some(stopped.clone());
                 let _ = tx.send(gw);
                 app.run().await;
+                stopped.store(true, Ordering::SeqCst);
             });
         });
         rx.recv_timeout(STEP).expect("gateway thread started")
+    }
+
+    /// Asks the gateway to shut down and says whether it finished (drained,
+    /// closed what was left, returned from `run`) within `limit`.
+    pub async fn shuts_down_within(&mut self, limit: Duration) -> bool {
+        self.shutdown.shutdown();
+        if let Some(task) = self.task.take() {
+            return tokio::time::timeout(limit, task).await.is_ok();
+        }
+        let stopped = self.thread_stopped.clone().expect("a task or a thread");
+        let deadline = tokio::time::Instant::now() + limit;
+        while tokio::time::Instant::now() < deadline {
+            if stopped.load(Ordering::SeqCst) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// Bytes the gateway's own thread has read and written through
@@ -446,6 +471,7 @@ impl RunningGateway {
             log,
             task: None,
             thread_id: None,
+            thread_stopped: None,
         }
     }
 
@@ -771,5 +797,70 @@ fn reach_from(cgroup: &Path, addr: SocketAddr, udp: bool) -> Result<(), String> 
         200 => Err(format!("could not join {}", cgroup.display())),
         201 => Err("socket() failed".into()),
         errno => Err(std::io::Error::from_raw_os_error(errno).to_string()),
+    }
+}
+
+/// How a backend saw a client's stream end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// FIN: an orderly end, as after a complete request.
+    Fin,
+    /// RST: the stream was cut.
+    Reset,
+    Other(String),
+}
+
+/// A backend that echoes and reports, per connection, the bytes it got
+/// and how the stream from the gateway ended (FIN or reset).
+pub struct ObservingBackend {
+    pub addr: SocketAddr,
+    pub ends: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, StreamEnd)>,
+    task: JoinHandle<()>,
+}
+
+impl ObservingBackend {
+    pub async fn start() -> ObservingBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, ends) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 16384];
+                    let end = loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break StreamEnd::Fin,
+                            Ok(n) => {
+                                got.extend_from_slice(&buf[..n]);
+                                // A failed echo shows in the next read.
+                                let _ = s.write_all(&buf[..n]).await;
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                                break StreamEnd::Reset;
+                            }
+                            Err(e) => break StreamEnd::Other(e.to_string()),
+                        }
+                    };
+                    let _ = tx.send((got, end));
+                });
+            }
+        });
+        ObservingBackend { addr, ends, task }
+    }
+
+    /// The next connection's end, as the backend saw it.
+    pub async fn next_end(&mut self) -> (Vec<u8>, StreamEnd) {
+        tokio::time::timeout(STEP, self.ends.recv())
+            .await
+            .expect("the backend saw the stream end within the step timeout")
+            .expect("backend running")
+    }
+}
+
+impl Drop for ObservingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
