@@ -32,6 +32,46 @@ impl std::fmt::Display for End {
     }
 }
 
+/// Why one direction of a transfer stopped before its end.
+#[derive(Debug)]
+pub(crate) struct Broken {
+    pub(crate) why: String,
+    /// The peer this direction reads from broke the TLS protocol: it is
+    /// told so with this fatal alert before its connection closes.
+    pub(crate) alert: Option<rustls::AlertDescription>,
+}
+
+impl Broken {
+    /// A protocol error by the peer being read, answered with `alert`.
+    pub(crate) fn protocol(alert: rustls::AlertDescription, why: impl Into<String>) -> Self {
+        Broken {
+            why: why.into(),
+            alert: Some(alert),
+        }
+    }
+}
+
+impl From<String> for Broken {
+    fn from(why: String) -> Self {
+        Broken { why, alert: None }
+    }
+}
+
+impl From<&str> for Broken {
+    fn from(why: &str) -> Self {
+        Broken::from(why.to_owned())
+    }
+}
+
+/// One side of a transfer, as the end of the transfer sees it.
+pub(crate) trait Leg {
+    /// Ends this side after anything but a completed transfer, so its peer
+    /// can tell the stream was cut: a TLS peer that broke the protocol gets
+    /// `alert` (where the stream is at a record boundary); every other peer
+    /// gets a reset, never the FIN or close_notify of an orderly end.
+    fn abort(&self, alert: Option<rustls::AlertDescription>);
+}
+
 #[derive(Debug, Clone)]
 pub struct Transfer {
     pub client_to_backend: u64,
@@ -55,7 +95,8 @@ pub(crate) async fn write_ready(s: &TcpStream) -> std::io::Result<()> {
 /// Moves bytes both ways, `pump(src, dst, moved, activity)` once per
 /// direction, until both directions end, the connection idles out, or
 /// `close` fires (then `why` says what closed it). Both forwarding paths
-/// are this with their own pump.
+/// are this with their own pump. Any end but a completed one aborts both
+/// sides (`Leg::abort`).
 ///
 /// An `async` block, not an `async fn`: an async fn keeps its arguments
 /// twice (as arguments and as the locals they move into), 160 bytes per
@@ -70,7 +111,8 @@ pub(crate) fn both_ways<S, P>(
     pump: P,
 ) -> impl std::future::Future<Output = Transfer>
 where
-    P: AsyncFn(&S, &S, &AtomicU64, &Activity) -> Result<(), String>,
+    S: Leg,
+    P: AsyncFn(&S, &S, &AtomicU64, &Activity) -> Result<(), Broken>,
 {
     async move {
         let activity = Activity::new();
@@ -78,11 +120,24 @@ where
         let from_backend = AtomicU64::new(0);
         let both = std::pin::pin!(async {
             tokio::try_join!(
-                pump(&client, &backend, &from_client, &activity),
-                pump(&backend, &client, &from_backend, &activity),
+                async {
+                    pump(&client, &backend, &from_client, &activity)
+                        .await
+                        .map_err(|b| (Peer::Client, b))
+                },
+                async {
+                    pump(&backend, &client, &from_backend, &activity)
+                        .await
+                        .map_err(|b| (Peer::Backend, b))
+                },
             )
         });
-        let end = until_done(both, &activity, idle, close, why).await;
+        let (end, culprit) = until_done(both, &activity, idle, close, why).await;
+        if end != End::Completed {
+            let alert_for = |peer| culprit.filter(|(p, _)| *p == peer).map(|(_, a)| a);
+            client.abort(alert_for(Peer::Client));
+            backend.abort(alert_for(Peer::Backend));
+        }
         Transfer {
             client_to_backend: from_client.load(Ordering::Relaxed),
             backend_to_client: from_backend.load(Ordering::Relaxed),
@@ -98,23 +153,42 @@ where
 /// `both` comes pinned in the caller's frame: taken by value it would sit in
 /// this future twice (as the argument and inside `select!`), about 900 bytes
 /// more per live connection for the connection's whole life.
-async fn until_done<E: std::fmt::Display, F>(
+async fn until_done<F>(
     both: std::pin::Pin<&mut F>,
     activity: &Activity,
     idle: Duration,
     close: tokio_util::sync::CancellationToken,
     why: impl FnOnce() -> String,
-) -> End
+) -> (End, Option<(Peer, rustls::AlertDescription)>)
 where
-    F: std::future::Future<Output = Result<((), ()), E>>,
+    F: std::future::Future<Output = Result<((), ()), (Peer, Broken)>>,
 {
     tokio::select! {
         r = both => match r {
-            Ok(_) => End::Completed,
-            Err(e) => End::Error(e.to_string()),
+            Ok(_) => (End::Completed, None),
+            Err((peer, broken)) => (
+                End::Error(format!("{}: {}", peer.describe(), broken.why)),
+                broken.alert.map(|a| (peer, a)),
+            ),
         },
-        () = activity.idle_for(idle) => End::IdleTimeout(idle),
-        () = close.cancelled() => End::Closed(why()),
+        () = activity.idle_for(idle) => (End::IdleTimeout(idle), None),
+        () = close.cancelled() => (End::Closed(why()), None),
+    }
+}
+
+/// Which peer a direction reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    Client,
+    Backend,
+}
+
+impl Peer {
+    fn describe(self) -> &'static str {
+        match self {
+            Peer::Client => "client → backend",
+            Peer::Backend => "backend → client",
+        }
     }
 }
 

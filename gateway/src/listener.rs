@@ -27,7 +27,7 @@ use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, sp
 use crate::policy;
 use crate::registry::{Live, Registry};
 use crate::state::{ListenerState, Route};
-use crate::upstream::Upstream;
+use crate::upstream::{BackendTls, Upstream};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
@@ -218,12 +218,22 @@ fn serve<'a>(
             },
             close,
         );
-        let connected = Box::pin(route.backends.connect(
-            listener.connect_attempts,
-            listener.connect_timeout,
-            route.upstream_tls.as_ref(),
-        ))
-        .await;
+        let why = || {
+            registration
+                .reason()
+                .unwrap_or_else(|| "drain timeout at shutdown".into())
+        };
+        let connected = tokio::select! {
+            r = Box::pin(route.backends.connect(
+                listener.connect_attempts,
+                listener.connect_timeout,
+                route.upstream_tls.as_ref(),
+            )) => r,
+            () = registration.close.cancelled() => {
+                conn.reason = format!("{}; {}", conn.reason, forward::End::Closed(why()));
+                return conn.record();
+            }
+        };
         let (backend, addr) = match connected {
             Ok(x) => x,
             Err(e) => {
@@ -244,11 +254,7 @@ fn serve<'a>(
             &mut conn,
             &shared.metrics,
             registration.close.clone(),
-            || {
-                registration
-                    .reason()
-                    .unwrap_or_else(|| "drain timeout at shutdown".into())
-            },
+            why,
         )
         .await;
         conn.client_to_backend = transfer.client_to_backend;
@@ -264,6 +270,11 @@ fn serve<'a>(
 /// Picks the connection's path, kernel TLS + splice or userspace, and moves
 /// its bytes. Only a connection whose every TLS leg the kernel can take goes
 /// to the kernel; the decision is made before anything changes hands.
+///
+/// The hand-off (flushing rustls, completing the record it stopped inside
+/// of, moving the keys) waits on the peers, so it runs under the
+/// handshake timeout and the connection's close token like the handshake
+/// itself: a peer that stalls it holds nothing for long.
 #[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
 fn relay<'a>(
     listener: &'a ListenerState,
@@ -273,19 +284,10 @@ fn relay<'a>(
     conn: &'a mut Conn,
     metrics: &'a Metrics,
     close: CancellationToken,
-    why: impl FnOnce() -> String + 'a,
+    why: impl Fn() -> String + 'a,
 ) -> impl Future<Output = forward::Transfer> + 'a {
     async move {
         let upstream_offload = route.upstream_tls.as_ref().map(|u| u.offload);
-        let failed = |e: offload::HandOffError, conn: &Conn, what: &str| {
-            tracing::warn!(listener = %listener.name, client = %conn.client, error = %e,
-                "closing connection: {what} failed");
-            forward::Transfer {
-                client_to_backend: 0,
-                backend_to_client: 0,
-                end: forward::End::Error(e.to_string()),
-            }
-        };
         // Only a flag outlives the decision: whatever is live here is kept
         // by the task for the connection's whole life.
         let kernel = match offload_plan(listener.offload, upstream_offload, &tls, &backend) {
@@ -305,32 +307,95 @@ fn relay<'a>(
                 false
             }
         };
+        // A plain backend stays out of the hand-off, so that whatever ends
+        // it can still reset the backend rather than close it cleanly.
+        let (plain, upstream_tls) = match backend {
+            Upstream::Plain(s) => (Some(s), None),
+            Upstream::Tls(t) => (None, Some(t)),
+        };
+        let failed = |end: forward::End, plain: Option<TcpStream>| {
+            if let Some(s) = &plain {
+                let _ = s.set_zero_linger();
+            }
+            forward::Transfer {
+                client_to_backend: 0,
+                backend_to_client: 0,
+                end,
+            }
+        };
         if kernel {
             let upstream_no_pad = route
                 .upstream_tls
                 .as_ref()
                 .is_some_and(|u| u.rx_expect_no_pad);
-            let handed = Box::pin(into_kernel(
-                *tls,
-                backend,
-                listener.rx_expect_no_pad,
-                upstream_no_pad,
-            ))
+            let handed = bounded_hand_off(
+                Box::pin(into_kernel(
+                    *tls,
+                    upstream_tls,
+                    listener.rx_expect_no_pad,
+                    upstream_no_pad,
+                )),
+                listener.handshake_timeout,
+                &close,
+                &why,
+                &conn.client,
+            )
             .await;
             let (client, backend) = match handed {
                 Ok(x) => *x,
-                Err(e) => return failed(e, conn, "kernel TLS hand-off"),
+                Err(end) => return failed(end, plain),
             };
+            let backend = backend.unwrap_or_else(|| splice::Side::Plain(plain_or_bug(plain)));
             splice::forward(client, backend, listener.idle_timeout, close, why).await
         } else {
-            let handed = Box::pin(into_records(*tls, backend)).await;
+            let handed = bounded_hand_off(
+                Box::pin(into_records(*tls, upstream_tls)),
+                listener.handshake_timeout,
+                &close,
+                &why,
+                &conn.client,
+            )
+            .await;
             let (client, backend) = match handed {
                 Ok(x) => *x,
-                Err(e) => return failed(e, conn, "TLS hand-off to the record layer"),
+                Err(end) => return failed(end, plain),
             };
+            let backend = backend.unwrap_or_else(|| records::Side::Plain(plain_or_bug(plain)));
             records::forward(client, backend, listener.idle_timeout, close, why).await
         }
     }
+}
+
+/// The hand-off takes a TLS backend with it or leaves a plain one out:
+/// one of the two is always there.
+fn plain_or_bug(plain: Option<TcpStream>) -> TcpStream {
+    match plain {
+        Some(s) => s,
+        None => unreachable!("a backend is either TLS (handed off) or plain"),
+    }
+}
+
+/// Runs a hand-off under `deadline` and the close token; Err says how the
+/// connection ended instead.
+async fn bounded_hand_off<T>(
+    handed: impl Future<Output = Result<T, offload::HandOffError>>,
+    deadline: std::time::Duration,
+    close: &CancellationToken,
+    why: impl Fn() -> String,
+    client: &SocketAddr,
+) -> Result<T, forward::End> {
+    let result = tokio::select! {
+        r = tokio::time::timeout(deadline, handed) => match r {
+            Ok(Ok(x)) => return Ok(x),
+            Ok(Err(e)) => forward::End::Error(e.to_string()),
+            Err(_) => forward::End::Error(format!(
+                "kernel TLS or record layer hand-off timed out after {deadline:?} (handshake_timeout)"
+            )),
+        },
+        () = close.cancelled() => return Err(forward::End::Closed(why())),
+    };
+    tracing::warn!(client = %client, error = %result, "closing connection: hand-off failed");
+    Err(result)
 }
 
 type ClientTls = TlsStream<Framed<TcpStream>>;
@@ -363,18 +428,20 @@ fn offload_plan(
 /// way back, so an error here closes the connection.
 async fn into_kernel(
     mut tls: ClientTls,
-    backend: Upstream,
+    upstream: Option<Box<BackendTls>>,
     client_no_pad: bool,
     upstream_no_pad: bool,
-) -> Result<Box<(splice::Side, splice::Side)>, offload::HandOffError> {
+) -> Result<Box<(splice::Side, Option<splice::Side>)>, offload::HandOffError> {
     let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
     tls.flush().await.map_err(flush)?;
-    let backend = match backend {
-        Upstream::Plain(s) => splice::Side::Plain(s),
-        Upstream::Tls(mut t) => {
+    let backend = match upstream {
+        None => None,
+        Some(mut t) => {
             t.flush().await.map_err(flush)?;
             let (io, session) = t.into_inner();
-            splice::Side::Kernel(offload::hand_off(io, session.into(), upstream_no_pad).await?)
+            Some(splice::Side::Kernel(
+                offload::hand_off(io, session.into(), upstream_no_pad).await?,
+            ))
         }
     };
     let (io, session) = tls.into_inner();
@@ -387,17 +454,19 @@ async fn into_kernel(
 /// Takes every TLS leg's keys out of rustls for the userspace record layer.
 async fn into_records(
     mut tls: ClientTls,
-    backend: Upstream,
-) -> Result<Box<(records::Side, records::Side)>, offload::HandOffError> {
+    upstream: Option<Box<BackendTls>>,
+) -> Result<Box<(records::Side, Option<records::Side>)>, offload::HandOffError> {
     let flush = |e: std::io::Error| offload::HandOffError::new(format!("flushing rustls: {e}"));
     tls.flush().await.map_err(flush)?;
-    let backend = match backend {
-        Upstream::Plain(s) => records::Side::Plain(s),
-        Upstream::Tls(mut t) => {
+    let backend = match upstream {
+        None => None,
+        Some(mut t) => {
             t.flush().await.map_err(flush)?;
             let (io, session) = t.into_inner();
             let f = offload::finish(io, session.into()).await?;
-            records::Side::Records(Box::new(records::RecordLeg::new(f)?))
+            Some(records::Side::Records(Box::new(records::RecordLeg::new(
+                f,
+            )?)))
         }
     };
     let (io, session) = tls.into_inner();
@@ -410,9 +479,14 @@ async fn into_records(
 /// route's policy in the verifier. `None` means refused; `conn` says why.
 async fn handshake(
     listener: &ListenerState,
-    mut stream: TcpStream,
+    stream: TcpStream,
     conn: &mut Conn,
 ) -> Option<(Arc<Route>, Box<ClientTls>)> {
+    // The record framing is followed from the first byte: after the
+    // handshake the kernel or our record layer takes over the stream at a
+    // record boundary, and bytes the Acceptor reads past the ClientHello
+    // are part of that count. Malformed record headers end it here.
+    let mut stream = Framed::new(stream);
     let mut acceptor = Acceptor::default();
     let mut buf = vec![0u8; 4096];
     let accepted = loop {
@@ -429,9 +503,18 @@ async fn handshake(
         };
         let mut input = &buf[..n];
         while !input.is_empty() {
-            if let Err(e) = acceptor.read_tls(&mut input) {
-                conn.reason = format!("reading ClientHello: {e}");
-                return None;
+            match acceptor.read_tls(&mut input) {
+                Ok(0) => {
+                    // rustls takes no more input (it saw close_notify):
+                    // never loop on that.
+                    conn.reason = "client closed its side before sending a ClientHello".into();
+                    return None;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    conn.reason = format!("reading ClientHello: {e}");
+                    return None;
+                }
             }
         }
         match acceptor.accept() {
@@ -472,10 +555,7 @@ async fn handshake(
             return None;
         }
     };
-    // Past the ClientHello, follow the record framing: after the handshake
-    // the kernel or our record layer takes over the stream at a record
-    // boundary.
-    let result = StartHandshake::from_parts(accepted, Framed::new(stream))
+    let result = StartHandshake::from_parts(accepted, stream)
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -14,10 +14,13 @@ use tokio_rustls::client::TlsStream;
 use crate::offload::Framed;
 use crate::tls::UpstreamTls;
 
+/// A TLS connection the gateway originated to a backend.
+pub type BackendTls = TlsStream<Framed<TcpStream>>;
+
 /// A connection to a backend: plain TCP, or TLS the gateway originated.
 pub enum Upstream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<Framed<TcpStream>>>),
+    Tls(Box<BackendTls>),
 }
 
 impl AsyncRead for Upstream {

@@ -57,7 +57,7 @@ impl<S> Framed<S> {
         while !self.at_record_boundary() {
             let mut chunk = vec![0u8; self.allowance()];
             self.inner.read_exact(&mut chunk).await?;
-            self.observe(&chunk);
+            self.observe(&chunk)?;
             rest.extend_from_slice(&chunk);
         }
         Ok(rest)
@@ -80,8 +80,10 @@ impl<S> Framed<S> {
         }
     }
 
-    /// Follows the record framing over bytes that were just read.
-    fn observe(&mut self, mut bytes: &[u8]) {
+    /// Follows the record framing over bytes that were just read. A header
+    /// no TLS peer sends is an error: past it, nothing can say where the
+    /// next record starts.
+    fn observe(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(bytes.len());
@@ -94,12 +96,43 @@ impl<S> Framed<S> {
             self.header_len += n;
             bytes = &bytes[n..];
             if self.header_len == HEADER {
-                self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                self.body_left = record_length(self.header)?;
                 self.header_len = 0;
             }
         }
+        Ok(())
     }
 }
+
+/// The body length a record header announces, if it is one a TLS peer may
+/// send: a known content type, a 3.x version, no more than rustls reads
+/// (2^14 + 2048 bytes), and empty only for application data. These are
+/// rustls' own deframing rules, so nothing rustls would refuse is followed.
+fn record_length(header: [u8; HEADER]) -> io::Result<usize> {
+    let [typ, major, minor, hi, lo] = header;
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    let known_type = matches!(
+        typ,
+        CHANGE_CIPHER_SPEC | ALERT | HANDSHAKE | APPLICATION_DATA
+    );
+    if !known_type || major != 3 || len >= MAX_RECORD_BODY || (len == 0 && typ != APPLICATION_DATA)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "malformed TLS record header: type {typ}, version {major}.{minor}, length {len}"
+            ),
+        ));
+    }
+    Ok(len)
+}
+
+const CHANGE_CIPHER_SPEC: u8 = 20;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+/// rustls refuses a record body of this length or more.
+const MAX_RECORD_BODY: usize = 16_384 + 2048;
 
 impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
     fn poll_read(
@@ -111,7 +144,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let end = buf.filled().len();
-            self.observe(&buf.filled()[start..end]);
+            let observed = self.observe(&buf.filled()[start..end]);
+            if let Err(e) = observed {
+                // What was read is not delivered: it is not TLS.
+                buf.set_filled(start);
+                return Poll::Ready(Err(e));
+            }
         }
         r
     }
@@ -141,7 +179,8 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn record(len: u16) -> Vec<u8> {
-        let mut r = vec![22, 3, 3];
+        // Application data: the one type that may be empty.
+        let mut r = vec![23, 3, 3];
         r.extend_from_slice(&len.to_be_bytes());
         r.extend(std::iter::repeat_n(0xAB, usize::from(len)));
         r
@@ -192,5 +231,44 @@ mod tests {
         }
         assert!(framed.at_record_boundary());
         assert!(framed.complete_record().await.unwrap().is_empty());
+    }
+
+    /// Headers no TLS peer sends end the stream at once: nothing is
+    /// delivered past them, so the hand-off can never misalign.
+    #[tokio::test]
+    async fn malformed_headers_are_refused() {
+        for (header, what) in [
+            ([24, 3, 3, 0, 5], "heartbeat, not a record type here"),
+            ([0x80, 0x2e, 1, 0, 2], "an SSLv2-style hello"),
+            ([22, 2, 0, 0, 5], "version 2.0"),
+            ([23, 3, 3, 0x48, 0], "a body of 2^14 + 2048 bytes"),
+            ([23, 3, 3, 0xff, 0xff], "a body of 65535 bytes"),
+            ([22, 3, 3, 0, 0], "an empty handshake record"),
+            ([21, 3, 3, 0, 0], "an empty alert"),
+        ] {
+            let (mut tx, rx) = tokio::io::duplex(1 << 16);
+            tx.write_all(&header).await.unwrap();
+            tx.write_all(b"more").await.unwrap();
+            let mut framed = Framed::new(rx);
+            let mut buf = [0u8; 64];
+            let err = framed.read(&mut buf).await.expect_err(what);
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{what}");
+        }
+        // The largest body rustls takes, and an empty application data record.
+        for header in [[23, 3, 3, 0x47, 0xff], [23, 3, 3, 0, 0], [22, 3, 1, 0, 1]] {
+            assert!(record_length(header).is_ok(), "{header:?}");
+        }
+    }
+
+    /// A header cut across reads is judged once whole.
+    #[tokio::test]
+    async fn a_header_split_across_reads_is_judged_whole() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut framed = Framed::new(rx);
+        let mut buf = [0u8; 64];
+        tx.write_all(&[22, 3]).await.unwrap();
+        assert_eq!(framed.read(&mut buf).await.unwrap(), 2);
+        tx.write_all(&[3, 0xff, 0xff]).await.unwrap();
+        assert!(framed.read(&mut buf).await.is_err());
     }
 }

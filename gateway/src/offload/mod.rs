@@ -28,6 +28,24 @@ use tokio::net::TcpStream;
 
 pub use framing::Framed;
 
+/// The role of the peer on a leg.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerRole {
+    /// We are the server (the client leg).
+    Client,
+    /// We are the client (the TLS leg towards a backend).
+    Server,
+}
+
+impl PeerRole {
+    pub(crate) fn of(conn: &rustls::Connection) -> PeerRole {
+        match conn {
+            rustls::Connection::Server(_) => PeerRole::Client,
+            rustls::Connection::Client(_) => PeerRole::Server,
+        }
+    }
+}
+
 /// Where a connection's TLS records are encrypted and decrypted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -372,6 +390,8 @@ pub struct KernelLeg {
     pub early: Vec<u8>,
     /// The peer's close_notify arrived before the hand-off.
     pub peer_closed: bool,
+    /// Who is at the other end: a client sends no session tickets.
+    pub(crate) peer: PeerRole,
 }
 
 /// Checks, before anything changes hands, that this leg can go to the kernel.
@@ -398,7 +418,7 @@ pub fn attach(io: &Framed<TcpStream>) -> Result<(), Fallback> {
 
 /// Why a hand-off failed after it was too late to fall back.
 #[derive(Debug, thiserror::Error)]
-#[error("kernel TLS hand-off failed: {0}")]
+#[error("hand-off from rustls failed: {0}")]
 pub struct HandOffError(String);
 
 impl HandOffError {
@@ -419,10 +439,24 @@ pub(crate) struct Finished {
     pub peer_closed: bool,
 }
 
+/// How the peer's side of the stream stands when rustls hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerEnd {
+    /// Still sending.
+    Open,
+    /// Sent close_notify: its direction is over, and anything after it is
+    /// ignored (RFC 8446 §6.1).
+    Closed,
+}
+
 /// Brings a rustls connection to a record boundary: whatever comes
 /// after it on the socket is ciphertext under the traffic keys, for the
 /// kernel or the userspace record layer to open. Flush what rustls holds to
 /// send first.
+///
+/// A peer that closes without close_notify here has truncated the stream:
+/// that is an error, never an orderly end (the other side would otherwise
+/// see a clean close of a stream that was cut).
 pub(crate) async fn finish(
     mut io: Framed<TcpStream>,
     mut conn: rustls::Connection,
@@ -431,7 +465,7 @@ pub(crate) async fn finish(
     // before the rest of a record goes in: rustls takes no more input while
     // it holds 16 KiB of plaintext.
     let mut early = Vec::new();
-    let mut peer_closed = take_plaintext(&mut conn, &mut early);
+    let mut end = take_plaintext(&mut conn, &mut early)?;
     // rustls stops reading at a record boundary only by luck: finish the
     // record it is inside of and let it decrypt that too.
     let rest = io
@@ -439,14 +473,19 @@ pub(crate) async fn finish(
         .await
         .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
     if !rest.is_empty() {
-        let mut input = rest.as_slice();
-        while !input.is_empty() {
-            conn.read_tls(&mut input)
+        if end == PeerEnd::Closed {
+            // rustls reads nothing after close_notify, and neither do we:
+            // the peer's direction is over.
+            tracing::debug!(
+                bytes = rest.len(),
+                "ignoring bytes the peer sent after close_notify"
+            );
+        } else {
+            feed(&mut conn, &rest)?;
+            conn.process_new_packets()
                 .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+            end = take_plaintext(&mut conn, &mut early)?;
         }
-        conn.process_new_packets()
-            .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
-        peer_closed |= take_plaintext(&mut conn, &mut early);
     }
     if conn.wants_write() {
         return Err(HandOffError("rustls still holds records to send".into()));
@@ -469,24 +508,46 @@ pub(crate) async fn finish(
         suite,
         record_limit: record_limit_override().unwrap_or(record_limit),
         early,
-        peer_closed,
+        peer_closed: end == PeerEnd::Closed,
     })
 }
 
-/// Moves the plaintext rustls holds into `early`; true if the peer has
-/// closed its side (close_notify, or an end without one).
-fn take_plaintext(conn: &mut rustls::Connection, early: &mut Vec<u8>) -> bool {
+/// Gives rustls every byte of `input`. rustls answers `Ok(0)` once it takes
+/// no more (after close_notify): never loop on that.
+fn feed(conn: &mut rustls::Connection, mut input: &[u8]) -> Result<(), HandOffError> {
+    while !input.is_empty() {
+        match conn.read_tls(&mut input) {
+            Ok(0) => {
+                return Err(HandOffError(format!(
+                    "rustls took no more input with {} bytes left",
+                    input.len()
+                )));
+            }
+            Ok(_) => {}
+            Err(e) => return Err(HandOffError(format!("completing a record: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Moves the plaintext rustls holds into `early` and says whether the peer
+/// has closed its side. An end without close_notify is a truncation.
+fn take_plaintext(
+    conn: &mut rustls::Connection,
+    early: &mut Vec<u8>,
+) -> Result<PeerEnd, HandOffError> {
     let mut chunk = [0u8; 4096];
     loop {
         match conn.reader().read(&mut chunk) {
-            Ok(0) => return true,
+            Ok(0) => return Ok(PeerEnd::Closed),
             Ok(n) => early.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) => {
-                // UnexpectedEof: the peer closed without close_notify.
-                tracing::debug!(error = %e, "reading rustls plaintext at hand-off");
-                return true;
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(PeerEnd::Open),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(HandOffError(
+                    "truncation: the peer closed the connection without close_notify".into(),
+                ));
             }
+            Err(e) => return Err(HandOffError(format!("reading rustls plaintext: {e}"))),
         }
     }
 }
@@ -500,6 +561,7 @@ pub async fn hand_off(
     rx_expect_no_pad: bool,
 ) -> Result<KernelLeg, HandOffError> {
     let f = finish(io, conn).await?;
+    let peer = PeerRole::of(&f.conn);
     let cipher = Cipher::of_suite(f.suite.suite())
         .ok_or_else(|| HandOffError(format!("{:?} has no kernel cipher", f.suite.suite())))?;
     let secrets = f
@@ -530,6 +592,7 @@ pub async fn hand_off(
         layout_len,
         early: f.early,
         peer_closed: f.peer_closed,
+        peer,
     })
 }
 
@@ -546,5 +609,119 @@ fn record_limit_override() -> Option<u64> {
     match RECORD_LIMIT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => None,
         n => Some(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+
+    /// A server connection past its handshake with a rustls client, in
+    /// memory, and that client.
+    fn handshaken() -> (rustls::ServerConnection, rustls::ClientConnection) {
+        let root = Authority::root("hand-off test root").unwrap();
+        let leaf = root
+            .issue(&LeafSpec::server("server", &["dns:server.test"]))
+            .unwrap();
+        let provider = crate::tls::provider();
+        let mut server_config = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        server_config.send_tls13_tickets = 0;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(root.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut server = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("server.test").unwrap(),
+        )
+        .unwrap();
+        while server.is_handshaking() || client.is_handshaking() {
+            pass(&mut client, &mut server);
+            pass_back(&mut server, &mut client);
+        }
+        (server, client)
+    }
+
+    fn pass(client: &mut rustls::ClientConnection, server: &mut rustls::ServerConnection) {
+        let mut bytes = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut bytes).unwrap();
+        }
+        let mut input = &bytes[..];
+        while !input.is_empty() {
+            server.read_tls(&mut input).unwrap();
+        }
+        server.process_new_packets().unwrap();
+    }
+
+    fn pass_back(server: &mut rustls::ServerConnection, client: &mut rustls::ClientConnection) {
+        let mut bytes = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut bytes).unwrap();
+        }
+        let mut input = &bytes[..];
+        while !input.is_empty() {
+            client.read_tls(&mut input).unwrap();
+        }
+        client.process_new_packets().unwrap();
+    }
+
+    /// What rustls read before the hand-off decides how the peer's side
+    /// stands: data is kept for the new owner, close_notify ends that
+    /// direction, and an end without close_notify is a truncation, never
+    /// an orderly close.
+    #[test]
+    fn the_peer_end_before_the_hand_off() {
+        use std::io::Write as _;
+
+        let (mut server, mut client) = handshaken();
+        client.writer().write_all(b"early").unwrap();
+        pass(&mut client, &mut server);
+        let mut conn = rustls::Connection::Server(server);
+        let mut early = Vec::new();
+        assert_eq!(
+            take_plaintext(&mut conn, &mut early).unwrap(),
+            PeerEnd::Open
+        );
+        assert_eq!(early, b"early");
+
+        let (mut server, mut client) = handshaken();
+        client.send_close_notify();
+        pass(&mut client, &mut server);
+        let mut conn = rustls::Connection::Server(server);
+        assert_eq!(
+            take_plaintext(&mut conn, &mut Vec::new()).unwrap(),
+            PeerEnd::Closed
+        );
+        // rustls takes nothing after close_notify: feeding it must not spin.
+        let err = feed(&mut conn, &[0x17, 0x03, 0x03, 0, 0]).unwrap_err();
+        assert!(err.to_string().contains("took no more input"), "{err}");
+
+        let (mut server, _client) = handshaken();
+        let eof: &[u8] = &[];
+        assert_eq!(server.read_tls(&mut &eof[..]).unwrap(), 0);
+        let mut conn = rustls::Connection::Server(server);
+        let err = take_plaintext(&mut conn, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("truncation"), "{err}");
     }
 }

@@ -19,7 +19,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::ops::Range;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType};
@@ -27,8 +27,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::cipher::{self, Algorithm, TAG};
-use super::{Finished, HandOffError, Version};
-use crate::forward::{self, Activity, Transfer, read_ready, write_ready};
+use super::{Finished, HandOffError, PeerRole, Version};
+use crate::forward::{self, Activity, Broken, Transfer, read_ready, write_ready};
 
 /// Bytes one read may take. Large enough that a fast sender costs few
 /// syscalls per MiB; it is only held while data is in flight.
@@ -36,9 +36,20 @@ const READ: usize = 64 * 1024;
 const HEADER: usize = 5;
 /// Largest plaintext in one record.
 const MAX_FRAGMENT: usize = 16 * 1024;
-/// Largest ciphertext a record may carry (TLS 1.2 allows 2048 bytes of
-/// expansion; TLS 1.3 256).
-const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 2048;
+/// Largest record body TLS 1.2 allows: 2048 bytes of expansion (RFC 5246
+/// §6.2.3); rustls refuses this length itself, so do we.
+const MAX_CIPHERTEXT_TLS12: usize = MAX_FRAGMENT + 2048;
+/// Largest record body TLS 1.3 allows (RFC 8446 §5.2).
+const MAX_CIPHERTEXT_TLS13: usize = MAX_FRAGMENT + 256;
+/// Empty records in a row before the peer is refused, as rustls counts
+/// them: an endless stream of them would cost work and move nothing.
+const MAX_EMPTY_IN_A_ROW: u8 = 32;
+/// Warning alerts a TLS 1.2 peer may send before it is refused (rustls'
+/// own allowance).
+const WARNING_ALERTS: u8 = 4;
+/// Largest post-handshake message taken: a session ticket fits many times.
+const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
+const HANDSHAKE_HELLO_REQUEST: u8 = 0;
 const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
 const HANDSHAKE_KEY_UPDATE: u8 = 24;
 
@@ -61,8 +72,13 @@ impl Side {
 pub struct RecordLeg {
     pub stream: TcpStream,
     version: Version,
+    /// Who is at the other end: a client sends no session tickets.
+    peer: PeerRole,
     rx: Mutex<Opener>,
     tx: Mutex<Sealer>,
+    /// A batch of records is partly written: an alert now would land inside
+    /// a record.
+    tx_midway: AtomicBool,
     /// Plaintext rustls had already decrypted: it goes out first.
     early: Vec<u8>,
     /// The peer's close_notify arrived before the hand-off.
@@ -73,6 +89,11 @@ struct Opener {
     key: RecordKey,
     seq: u64,
     limit: u64,
+    empty_in_a_row: u8,
+    warnings_left: u8,
+    /// The start of a handshake message whose rest is in later records.
+    /// Empty (no allocation) unless a peer splits one.
+    handshake: Vec<u8>,
 }
 
 struct Sealer {
@@ -141,26 +162,40 @@ impl RecordKey {
     }
 
     /// Opens one record's body in place; returns the content type and the
-    /// range of the plaintext within `body`.
+    /// range of the plaintext within `body`. The refusals are rustls' own,
+    /// with the alert it sends for each.
     fn open(
         &self,
         header: [u8; HEADER],
         body: &mut [u8],
         seq: u64,
-    ) -> Result<(ContentType, Range<usize>), String> {
-        let bad = || "a TLS record failed to decrypt (bad record MAC)".to_owned();
+    ) -> Result<(ContentType, Range<usize>), Broken> {
+        let bad = || {
+            Broken::protocol(
+                AlertDescription::BadRecordMac,
+                "a TLS record failed to decrypt (bad record MAC)",
+            )
+        };
         match self.kind {
             Protection::Tls13 => {
                 let n = self
                     .aead
                     .open(self.xor_nonce(seq), &header, body)
                     .map_err(|_| bad())?;
+                if n > MAX_FRAGMENT + 1 {
+                    return Err(overflow(n));
+                }
                 let plain = &body[..n];
                 // The real content type is the last non-zero byte (RFC 8446 §5.4).
-                let end = plain
-                    .iter()
-                    .rposition(|&b| b != 0)
-                    .ok_or_else(|| "peer sent a TLS record with no content type".to_owned())?;
+                let end = plain.iter().rposition(|&b| b != 0).ok_or_else(|| {
+                    Broken::protocol(
+                        AlertDescription::UnexpectedMessage,
+                        "peer sent a TLS record with no content type",
+                    )
+                })?;
+                if end > MAX_FRAGMENT {
+                    return Err(overflow(end));
+                }
                 Ok((ContentType::from(plain[end]), 0..end))
             }
             Protection::Tls12Gcm | Protection::Tls12Chacha => {
@@ -186,6 +221,9 @@ impl RecordKey {
                     .aead
                     .open(nonce, &aad, &mut body[explicit..])
                     .map_err(|_| bad())?;
+                if n > MAX_FRAGMENT {
+                    return Err(overflow(n));
+                }
                 Ok((ContentType::from(header[0]), explicit..explicit + n))
             }
         }
@@ -312,6 +350,13 @@ impl Sealer {
     }
 }
 
+fn overflow(len: usize) -> Broken {
+    Broken::protocol(
+        AlertDescription::RecordOverflow,
+        format!("peer sent a TLS record with {len} bytes of plaintext (more than 2^14)"),
+    )
+}
+
 fn record_header(typ: u8, len: u16) -> [u8; HEADER] {
     let [hi, lo] = len.to_be_bytes();
     [typ, 3, 3, hi, lo]
@@ -331,27 +376,54 @@ impl RecordLeg {
     /// Takes the keys out of a finished rustls connection. Past this point
     /// there is no rustls stream to fall back to.
     pub(crate) fn new(f: Finished) -> Result<RecordLeg, HandOffError> {
+        let peer = PeerRole::of(&f.conn);
         let secrets = f
             .conn
             .dangerous_extract_secrets()
             .map_err(|e| HandOffError::new(format!("extracting secrets: {e}")))?;
-        let (rx_seq, rx) = secrets.rx;
-        let (tx_seq, tx) = secrets.tx;
+        let mut leg = RecordLeg::from_secrets(
+            f.stream,
+            f.version,
+            peer,
+            secrets.rx,
+            secrets.tx,
+            f.record_limit,
+        )
+        .map_err(HandOffError::new)?;
+        leg.early = f.early;
+        leg.peer_closed = f.peer_closed;
+        Ok(leg)
+    }
+
+    /// A leg from one direction's keys each way, at their sequence numbers.
+    pub(crate) fn from_secrets(
+        stream: TcpStream,
+        version: Version,
+        peer: PeerRole,
+        (rx_seq, rx): (u64, ConnectionTrafficSecrets),
+        (tx_seq, tx): (u64, ConnectionTrafficSecrets),
+        record_limit: u64,
+    ) -> Result<RecordLeg, String> {
         Ok(RecordLeg {
-            stream: f.stream,
-            version: f.version,
+            stream,
+            version,
+            peer,
             rx: Mutex::new(Opener {
-                key: RecordKey::new(f.version, rx).map_err(HandOffError::new)?,
+                key: RecordKey::new(version, rx)?,
                 seq: rx_seq,
-                limit: f.record_limit,
+                limit: record_limit,
+                empty_in_a_row: 0,
+                warnings_left: WARNING_ALERTS,
+                handshake: Vec::new(),
             }),
             tx: Mutex::new(Sealer {
-                key: RecordKey::new(f.version, tx).map_err(HandOffError::new)?,
+                key: RecordKey::new(version, tx)?,
                 seq: tx_seq,
-                limit: f.record_limit,
+                limit: record_limit,
             }),
-            early: f.early,
-            peer_closed: f.peer_closed,
+            tx_midway: AtomicBool::new(false),
+            early: Vec::new(),
+            peer_closed: false,
         })
     }
 }
@@ -377,13 +449,15 @@ enum Control {
 }
 
 /// One direction: read from `src`, open its records if it is TLS, seal them
-/// for `dst` if that is TLS, write, and half-close `dst` at the end.
+/// for `dst` if that is TLS, write, and half-close `dst` at the end. Only
+/// payload moved restarts the idle clock: records that carry nothing, or a
+/// record trickled in byte by byte, do not keep a connection alive.
 async fn pump(
     src: &Side,
     dst: &Side,
     moved: &AtomicU64,
     activity: &Activity,
-) -> Result<(), String> {
+) -> Result<(), Broken> {
     let from = src.stream();
     let mut open = true;
     if let Side::Records(leg) = src {
@@ -395,9 +469,9 @@ async fn pump(
         }
         open = !leg.peer_closed;
     }
-    // Held only while bytes are in flight: an idle connection owns no buffer.
+    // Held only while bytes are in flight: an idle connection owns no
+    // buffer, and no list of record ranges either.
     let mut buf = Buffer::default();
-    let mut ranges: Vec<Range<usize>> = Vec::new();
     // Plaintext bound for a TLS leg is read straight into record slots and
     // sealed where it lies: no copy, no second buffer. The slot layout
     // follows the negotiated suite, so it is fixed for the connection's life.
@@ -420,42 +494,45 @@ async fn pump(
             Ok(0) => {
                 if matches!(src, Side::Records(_)) {
                     return Err(if buf.filled == 0 {
-                        "peer closed the connection without close_notify".into()
+                        "truncation: the sender closed the connection without close_notify".into()
                     } else {
-                        "peer closed the connection inside a TLS record".into()
+                        "truncation: the sender closed the connection inside a TLS record".into()
                     });
                 }
                 break;
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf.release_if_empty();
+                if buf.filled == 0 {
+                    buf.release();
+                }
                 continue;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string().into()),
         };
-        activity.touch();
         if let Some((leg, _)) = sealing {
+            activity.touch();
             let wire = leg.seal_slots(buf.get(), n)?;
             // Boxed: the write's state (224 bytes) would otherwise be part
             // of every idle connection's task; one small allocation per
             // batch costs less than a read of it.
-            Box::pin(send_records(&leg.stream, &buf.get()[..wire])).await?;
+            Box::pin(leg.send_records(&buf.get()[..wire])).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
             continue;
         }
         buf.filled += n;
-        ranges.clear();
         let filled = buf.filled;
-        let data = &mut buf.get()[..filled];
+        let (data, ranges) = buf.parts();
+        let data = &mut data[..filled];
+        ranges.clear();
         let consumed = match src {
             Side::Plain(_) => {
                 ranges.push(0..data.len());
                 data.len()
             }
             Side::Records(leg) => {
-                let (consumed, control) = leg.open(data, &mut ranges)?;
+                let (consumed, control) = leg.open(data, ranges)?;
                 if control == Control::Closed {
                     open = false;
                 }
@@ -464,7 +541,8 @@ async fn pump(
         };
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         if n > 0 {
-            Box::pin(send(dst, &ranges, data)).await?;
+            activity.touch();
+            Box::pin(send(dst, ranges, data)).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
         }
@@ -474,11 +552,8 @@ async fn pump(
     }
     drop(buf);
     if let Side::Records(leg) = dst {
-        Box::pin(send_records(
-            &leg.stream,
-            &leg.seal_alert(AlertDescription::CloseNotify)?,
-        ))
-        .await?;
+        let close_notify = leg.seal_alert(AlertDescription::CloseNotify)?;
+        Box::pin(leg.send_records(&close_notify)).await?;
     }
     match dst.stream().try_io(tokio::io::Interest::WRITABLE, || {
         shutdown_write(dst.stream())
@@ -486,7 +561,21 @@ async fn pump(
         Ok(()) => Ok(()),
         // The peer already went away: nothing is lost by not half-closing.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(e) => Err(format!("half-closing: {e}")),
+        Err(e) => Err(format!("half-closing: {e}").into()),
+    }
+}
+
+impl forward::Leg for Side {
+    fn abort(&self, alert: Option<AlertDescription>) {
+        if let (Side::Records(leg), Some(alert)) = (self, alert)
+            && leg.try_send_alert(alert)
+        {
+            return;
+        }
+        // SO_LINGER 0: the close that follows sends a reset.
+        if let Err(e) = self.stream().set_zero_linger() {
+            tracing::debug!(error = %e, "setting SO_LINGER 0 to reset the connection");
+        }
     }
 }
 
@@ -500,6 +589,10 @@ async fn pump(
 struct Buffer {
     data: Option<Vec<u8>>,
     filled: usize,
+    /// The payload ranges of the records in `data`. Released with it: a
+    /// burst of tiny records (thousands in one read) must not leave its
+    /// peak size with the connection for its life.
+    ranges: Vec<Range<usize>>,
 }
 
 const POOL: usize = 64;
@@ -519,14 +612,18 @@ impl Buffer {
         })
     }
 
-    fn release_if_empty(&mut self) {
-        if self.filled == 0 {
-            self.release();
+    /// The buffer (taken from the pool if need be) and its range list.
+    fn parts(&mut self) -> (&mut [u8], &mut Vec<Range<usize>>) {
+        self.get();
+        match &mut self.data {
+            Some(data) => (data, &mut self.ranges),
+            None => unreachable!("get() just filled it"),
         }
     }
 
     fn release(&mut self) {
         self.filled = 0;
+        self.ranges = Vec::new();
         if let Some(b) = self.data.take() {
             let mut pool = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
             if pool.len() < POOL {
@@ -583,13 +680,9 @@ async fn send(dst: &Side, ranges: &[Range<usize>], buf: &[u8]) -> Result<(), Str
         }
         Side::Records(leg) => {
             let records = leg.seal(ranges.iter().map(|r| &buf[r.clone()]))?;
-            send_records(&leg.stream, &records).await
+            leg.send_records(&records).await
         }
     }
-}
-
-async fn send_records(s: &TcpStream, records: &[u8]) -> Result<(), String> {
-    write_all_vectored(s, vec![IoSlice::new(records)]).await
 }
 
 async fn write_all_vectored(s: &TcpStream, mut slices: Vec<IoSlice<'_>>) -> Result<(), String> {
@@ -613,18 +706,21 @@ impl RecordLeg {
     /// Opens every whole record at the start of `buf` in place and pushes the
     /// ranges of their application data. Returns how many bytes were whole
     /// records, and whether a close_notify ended the stream.
+    ///
+    /// What it refuses, and how, follows rustls (the fuzz target
+    /// `records_vs_rustls` holds it to that), stricter only where the
+    /// kernel is too: a TLS 1.3 record's outer type must be application
+    /// data, and its body at most 2^14 + 256 bytes.
     fn open(
         &self,
         buf: &mut [u8],
         ranges: &mut Vec<Range<usize>>,
-    ) -> Result<(usize, Control), String> {
+    ) -> Result<(usize, Control), Broken> {
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let mut at = 0;
         while buf.len() - at >= HEADER {
-            let len = usize::from(u16::from_be_bytes([buf[at + 3], buf[at + 4]]));
-            if len > MAX_CIPHERTEXT {
-                return Err(format!("peer sent an oversized TLS record ({len} bytes)"));
-            }
+            let header = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]];
+            let len = self.check_header(header)?;
             let end = at + HEADER + len;
             if end > buf.len() {
                 break;
@@ -632,12 +728,29 @@ impl RecordLeg {
             if rx.seq >= rx.limit {
                 return Err("peer reached the cipher's record limit without a key update".into());
             }
-            let header = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]];
             let body_at = at + HEADER;
-            let (typ, plain) = rx.key.open(header, &mut buf[body_at..end], rx.seq)?;
+            let seq = rx.seq;
+            let (typ, plain) = rx.key.open(header, &mut buf[body_at..end], seq)?;
             rx.seq += 1;
             let payload = body_at + plain.start..body_at + plain.end;
             at = end;
+            if payload.is_empty() {
+                rx.empty_in_a_row += 1;
+                if rx.empty_in_a_row > MAX_EMPTY_IN_A_ROW {
+                    return Err(Broken::protocol(
+                        AlertDescription::UnexpectedMessage,
+                        format!("peer sent more than {MAX_EMPTY_IN_A_ROW} empty records in a row"),
+                    ));
+                }
+            } else {
+                rx.empty_in_a_row = 0;
+            }
+            if typ != ContentType::Handshake && !rx.handshake.is_empty() {
+                return Err(Broken::protocol(
+                    AlertDescription::UnexpectedMessage,
+                    "peer interleaved a record with a split handshake message",
+                ));
+            }
             match typ {
                 ContentType::ApplicationData => {
                     if !payload.is_empty() {
@@ -645,57 +758,150 @@ impl RecordLeg {
                     }
                 }
                 ContentType::Alert => {
-                    let b = &buf[payload];
-                    if b.len() != 2 {
-                        return Err("peer sent a malformed TLS alert".into());
-                    }
-                    let desc = AlertDescription::from(b[1]);
-                    if desc == AlertDescription::CloseNotify {
+                    if self.alert(&mut rx, &buf[payload])? == Control::Closed {
                         return Ok((at, Control::Closed));
                     }
-                    return Err(format!("peer sent TLS alert {desc:?}"));
                 }
-                ContentType::Handshake if self.version == Version::Tls13 => {
-                    Self::post_handshake(&buf[payload])?;
-                }
-                ContentType::Handshake => {
-                    return Err("peer tried to renegotiate (refused)".into());
-                }
-                other => return Err(format!("peer sent an unexpected {other:?} record")),
-            }
-        }
-        Ok((at, Control::None))
-    }
-
-    /// TLS 1.3 messages after the handshake: KeyUpdate and session tickets.
-    fn post_handshake(mut msgs: &[u8]) -> Result<(), String> {
-        while !msgs.is_empty() {
-            let [typ, a, b, c, rest @ ..] = msgs else {
-                return Err("peer sent a truncated handshake message".into());
-            };
-            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-            if rest.len() < len {
-                return Err("peer sent a truncated handshake message".into());
-            }
-            let (body, next) = rest.split_at(len);
-            msgs = next;
-            match (*typ, body) {
-                (HANDSHAKE_KEY_UPDATE, _) => {
-                    return Err(
-                        "peer sent a TLS KeyUpdate; the record layer cannot take new keys, closing"
-                            .into(),
-                    );
-                }
-                // Tickets from a TLS backend: we never resume, so they are dropped.
-                (HANDSHAKE_NEW_SESSION_TICKET, _) => {}
-                (t, _) => {
-                    return Err(format!(
-                        "peer sent unexpected handshake message {t} after the handshake"
+                ContentType::Handshake => self.post_handshake(&mut rx, &buf[payload])?,
+                other => {
+                    return Err(Broken::protocol(
+                        AlertDescription::UnexpectedMessage,
+                        format!("peer sent an unexpected {other:?} record"),
                     ));
                 }
             }
         }
+        // A record cannot end past what a read holds: a peer announcing a
+        // longer one is refused by `check_header` first.
+        Ok((at, Control::None))
+    }
+
+    /// A record header this leg may receive; returns the body length.
+    fn check_header(&self, header: [u8; HEADER]) -> Result<usize, Broken> {
+        let [typ, major, _, hi, lo] = header;
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if major != 3 {
+            return Err(Broken::protocol(
+                AlertDescription::DecodeError,
+                format!("peer sent a record with version {major}.x"),
+            ));
+        }
+        let (max, outer_ok) = match self.version {
+            // RFC 8446 §5.2: the outer type of a protected record is always 23.
+            Version::Tls13 => (MAX_CIPHERTEXT_TLS13, typ == 23),
+            Version::Tls12 => (MAX_CIPHERTEXT_TLS12 - 1, matches!(typ, 21..=23)),
+        };
+        if !outer_ok {
+            return Err(Broken::protocol(
+                AlertDescription::UnexpectedMessage,
+                format!("peer sent a record of outer type {typ} after the handshake"),
+            ));
+        }
+        if len > max {
+            return Err(Broken::protocol(
+                AlertDescription::RecordOverflow,
+                format!("peer sent an oversized TLS record ({len} bytes)"),
+            ));
+        }
+        Ok(len)
+    }
+
+    /// An alert from the peer: close_notify ends its direction; a TLS 1.2
+    /// warning (or TLS 1.3's user_canceled) is let pass a few times, as
+    /// rustls does; anything else ends the connection.
+    fn alert(&self, rx: &mut Opener, body: &[u8]) -> Result<Control, Broken> {
+        let &[level, description] = body else {
+            return Err(Broken::protocol(
+                AlertDescription::DecodeError,
+                format!("peer sent a malformed TLS alert ({} bytes)", body.len()),
+            ));
+        };
+        let desc = AlertDescription::from(description);
+        if !matches!(level, 1 | 2) {
+            return Err(Broken::protocol(
+                AlertDescription::IllegalParameter,
+                format!("peer sent TLS alert {desc:?} with unknown level {level}"),
+            ));
+        }
+        if desc == AlertDescription::CloseNotify {
+            return Ok(Control::Closed);
+        }
+        if level == 2 {
+            return Err(format!("peer sent fatal TLS alert {desc:?}").into());
+        }
+        if rx.warnings_left == 0 {
+            return Err(format!("peer sent too many warning alerts (last {desc:?})").into());
+        }
+        rx.warnings_left -= 1;
+        if self.version == Version::Tls13 && desc != AlertDescription::UserCanceled {
+            return Err(Broken::protocol(
+                AlertDescription::DecodeError,
+                format!("peer sent warning alert {desc:?}, which TLS 1.3 does not allow"),
+            ));
+        }
+        tracing::debug!(alert = ?desc, "ignoring a warning alert from the peer");
+        Ok(Control::None)
+    }
+
+    /// Messages after the handshake. A TLS 1.3 server may send session
+    /// tickets (dropped: we never resume); a KeyUpdate needs new keys this
+    /// layer cannot derive, so it ends the connection; everything else,
+    /// renegotiation included, is refused. Messages may span records.
+    fn post_handshake(&self, rx: &mut Opener, fragment: &[u8]) -> Result<(), Broken> {
+        if fragment.is_empty() {
+            // RFC 8446 §5.1: zero-length fragments of handshake types are not sent.
+            return Err(Broken::protocol(
+                AlertDescription::UnexpectedMessage,
+                "peer sent an empty handshake record",
+            ));
+        }
+        let joined;
+        let mut msgs = if rx.handshake.is_empty() {
+            fragment
+        } else {
+            rx.handshake.extend_from_slice(fragment);
+            joined = std::mem::take(&mut rx.handshake);
+            &joined[..]
+        };
+        while let [typ, a, b, c, rest @ ..] = msgs {
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if len > MAX_HANDSHAKE_MESSAGE {
+                return Err(Broken::protocol(
+                    AlertDescription::DecodeError,
+                    format!("peer announced a {len}-byte handshake message"),
+                ));
+            }
+            if rest.len() < len {
+                break;
+            }
+            self.handshake_message(*typ, &rest[..len])?;
+            msgs = &rest[len..];
+        }
+        // The start of a message whose rest is in a later record.
+        rx.handshake = msgs.to_vec();
         Ok(())
+    }
+
+    fn handshake_message(&self, typ: u8, body: &[u8]) -> Result<(), Broken> {
+        let unexpected = |what: String| Broken::protocol(AlertDescription::UnexpectedMessage, what);
+        match (self.version, self.peer, typ) {
+            (Version::Tls13, _, HANDSHAKE_KEY_UPDATE) => Err(
+                "peer sent a TLS KeyUpdate; the record layer cannot take new keys, closing".into(),
+            ),
+            (Version::Tls13, PeerRole::Server, HANDSHAKE_NEW_SESSION_TICKET) => Ok(()),
+            (Version::Tls12, PeerRole::Server, HANDSHAKE_HELLO_REQUEST)
+            | (Version::Tls12, PeerRole::Client, 1) => Err(Broken::protocol(
+                AlertDescription::NoRenegotiation,
+                "peer tried to renegotiate (refused)",
+            )),
+            (_, PeerRole::Client, HANDSHAKE_NEW_SESSION_TICKET) => Err(unexpected(
+                "client sent a session ticket, which only servers send".into(),
+            )),
+            (_, _, t) => Err(unexpected(format!(
+                "peer sent handshake message {t} ({} bytes) after the handshake",
+                body.len()
+            ))),
+        }
     }
 
     /// The record slots plaintext for this leg is read into.
@@ -727,6 +933,31 @@ impl RecordLeg {
             }
         }
         Ok(out)
+    }
+
+    /// Writes whole sealed records; while they are on their way the leg is
+    /// not at a record boundary.
+    async fn send_records(&self, records: &[u8]) -> Result<(), String> {
+        self.tx_midway.store(true, Ordering::Relaxed);
+        write_all_vectored(&self.stream, vec![IoSlice::new(records)]).await?;
+        self.tx_midway.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends a fatal alert now, without waiting, if the stream is at a
+    /// record boundary and the socket takes it whole; then half-closes so
+    /// the alert is not lost to a reset. True if it went out.
+    fn try_send_alert(&self, alert: AlertDescription) -> bool {
+        if self.tx_midway.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(record) = self.seal_alert(alert) else {
+            return false;
+        };
+        match self.stream.try_write(&record) {
+            Ok(n) if n == record.len() => shutdown_write(&self.stream).is_ok(),
+            _ => false,
+        }
     }
 
     fn seal_alert(&self, alert: AlertDescription) -> Result<Vec<u8>, String> {
@@ -854,6 +1085,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An idle connection holds nothing: after a burst of tiny records,
+    /// release gives back the read buffer and the list of their ranges.
+    #[test]
+    fn a_released_buffer_holds_no_allocation() {
+        let mut buf = Buffer::default();
+        let (data, ranges) = buf.parts();
+        assert_eq!(data.len(), CAPACITY);
+        // A 64 KiB read of TLS 1.3 records carrying one byte each.
+        ranges.extend((0..READ / 23).map(|i| i * 23..i * 23 + 1));
+        assert!(buf.ranges.capacity() >= READ / 23);
+        buf.release();
+        assert!(buf.data.is_none());
+        assert_eq!(buf.ranges.capacity(), 0);
+        assert_eq!(
+            std::mem::size_of_val(&buf.ranges),
+            24,
+            "three words, no heap"
+        );
     }
 
     #[test]

@@ -15,8 +15,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{KernelLeg, sys};
-use crate::forward::{self, Activity, Transfer, read_ready, write_ready};
+use rustls::AlertDescription;
+
+use super::{KernelLeg, PeerRole, sys};
+use crate::forward::{self, Activity, Broken, Transfer, read_ready, write_ready};
 
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
@@ -65,7 +67,7 @@ async fn pump(
     dst: &Side,
     moved: &AtomicU64,
     activity: &Activity,
-) -> Result<(), String> {
+) -> Result<(), Broken> {
     let pipe = sys::Pipe::new().map_err(|e| format!("pipe: {e}"))?;
     let capacity = pipe.capacity();
     let (from, to) = (src.stream(), dst.stream());
@@ -89,14 +91,17 @@ async fn pump(
         }) {
             Ok(0) => {
                 if src.kernel().is_some() {
-                    return Err("peer closed the connection without close_notify".into());
+                    return Err(
+                        "truncation: the sender closed the connection without close_notify".into(),
+                    );
                 }
                 break;
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.kernel().is_some() => {
-                match Box::pin(control_record(from, to)).await? {
+                let peer = src.kernel().map_or(PeerRole::Client, |k| k.peer);
+                match Box::pin(control_record(from, to, peer)).await? {
                     Control::Closed => open = false,
                     Control::Continue => {}
                 }
@@ -128,6 +133,7 @@ async fn pump(
     Box::pin(half_close(dst)).await
 }
 
+#[derive(Debug)]
 enum Control {
     /// close_notify: this direction is done.
     Closed,
@@ -136,7 +142,11 @@ enum Control {
 }
 
 /// Reads the control record that stopped splice and acts on it.
-async fn control_record(from: &TcpStream, to: &TcpStream) -> Result<Control, String> {
+async fn control_record(
+    from: &TcpStream,
+    to: &TcpStream,
+    peer: PeerRole,
+) -> Result<Control, Broken> {
     // A record is at most 2^14 bytes of plaintext (plus padding slack).
     let mut buf = vec![0u8; 16 * 1024 + 256];
     let (kind, n) = loop {
@@ -153,49 +163,66 @@ async fn control_record(from: &TcpStream, to: &TcpStream) -> Result<Control, Str
         }
     };
     let record = &buf[..n];
+    let unexpected = |why: String| Broken::protocol(AlertDescription::UnexpectedMessage, why);
     match kind {
         ALERT => match record {
             [_, CLOSE_NOTIFY] => Ok(Control::Closed),
             [level, description] => Err(format!(
                 "peer sent TLS alert {:?} (level {level})",
-                rustls::AlertDescription::from(*description)
+                AlertDescription::from(*description)
+            )
+            .into()),
+            _ => Err(Broken::protocol(
+                AlertDescription::DecodeError,
+                format!("peer sent a malformed alert ({n} bytes)"),
             )),
-            _ => Err(format!("peer sent a malformed alert ({n} bytes)")),
         },
-        HANDSHAKE => handshake_messages(record),
+        HANDSHAKE => handshake_messages(record, peer),
         APPLICATION_DATA => {
             // Data after all (recvmsg found no control record): pass it on.
             write_all(to, record).await?;
             Ok(Control::Continue)
         }
-        other => Err(format!(
+        other => Err(unexpected(format!(
             "peer sent a TLS record of type {other} after the handshake"
-        )),
+        ))),
     }
 }
 
-/// Post-handshake messages: tickets are not used (no resumption towards
-/// backends), a KeyUpdate needs receive rekeying these kernels lack.
-fn handshake_messages(mut record: &[u8]) -> Result<Control, String> {
-    while let [kind, a, b, c, rest @ ..] = record {
+/// Post-handshake messages: a server's tickets are not used (no
+/// resumption towards backends), a KeyUpdate needs receive rekeying these
+/// kernels lack, and a client sends neither tickets nor anything else.
+fn handshake_messages(mut record: &[u8], peer: PeerRole) -> Result<Control, Broken> {
+    let unexpected = |why: String| Broken::protocol(AlertDescription::UnexpectedMessage, why);
+    if record.is_empty() {
+        return Err(unexpected("peer sent an empty handshake record".into()));
+    }
+    while !record.is_empty() {
+        let [kind, a, b, c, rest @ ..] = record else {
+            return Err(unexpected(
+                "peer sent a handshake message split across records".into(),
+            ));
+        };
         let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
         if rest.len() < len {
-            return Err("peer sent a handshake message split across records".into());
+            return Err(unexpected(
+                "peer sent a handshake message split across records".into(),
+            ));
         }
-        match *kind {
-            NEW_SESSION_TICKET => {
+        match (*kind, peer) {
+            (NEW_SESSION_TICKET, PeerRole::Server) => {
                 tracing::debug!("ignoring a session ticket after the kernel TLS hand-off");
             }
-            KEY_UPDATE => {
+            (KEY_UPDATE, _) => {
                 return Err(
                     "peer sent a TLS KeyUpdate; kernel TLS cannot take new receive keys, closing"
                         .into(),
                 );
             }
-            other => {
-                return Err(format!(
+            (other, _) => {
+                return Err(unexpected(format!(
                     "peer sent handshake message type {other} after the handshake"
-                ));
+                )));
             }
         }
         record = &rest[len..];
@@ -205,7 +232,7 @@ fn handshake_messages(mut record: &[u8]) -> Result<Control, String> {
 
 /// Closes before a key has sealed or opened more records than its cipher
 /// allows; the kernel would carry on.
-fn check_records(leg: &KernelLeg, direction: libc::c_int, capacity: usize) -> Result<(), String> {
+fn check_records(leg: &KernelLeg, direction: libc::c_int, capacity: usize) -> Result<(), Broken> {
     // Headroom for one more full pipe of minimum-size records in flight.
     let margin = (capacity / 16384) as u64 + 8;
     let seq = sys::record_sequence(&leg.stream, direction, leg.layout_len)
@@ -219,13 +246,14 @@ fn check_records(leg: &KernelLeg, direction: libc::c_int, capacity: usize) -> Re
         return Err(format!(
             "record limit reached: {seq} records {which} under one {} key (limit {}); the kernel cannot rekey, closing",
             leg.cipher, leg.record_limit
-        ));
+        )
+        .into());
     }
     Ok(())
 }
 
 /// EOF reached the other side: close_notify first where it speaks TLS.
-async fn half_close(dst: &Side) -> Result<(), String> {
+async fn half_close(dst: &Side) -> Result<(), Broken> {
     let stream = dst.stream();
     if dst.kernel().is_some() {
         loop {
@@ -237,7 +265,7 @@ async fn half_close(dst: &Side) -> Result<(), String> {
             }) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(format!("sending close_notify: {e}")),
+                Err(e) => return Err(format!("sending close_notify: {e}").into()),
             }
         }
     }
@@ -245,11 +273,11 @@ async fn half_close(dst: &Side) -> Result<(), String> {
         Ok(()) => Ok(()),
         // The peer is already gone; nothing left to tell it.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        Err(e) => Err(format!("half-close: {e}")),
+        Err(e) => Err(format!("half-close: {e}").into()),
     }
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), String> {
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), Broken> {
     while !data.is_empty() {
         write_ready(to)
             .await
@@ -263,11 +291,36 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn describe(e: &io::Error, kernel_tls: bool) -> String {
+fn describe(e: &io::Error, kernel_tls: bool) -> Broken {
     match e.raw_os_error() {
-        Some(libc::EBADMSG) if kernel_tls => "a TLS record failed to decrypt (EBADMSG)".into(),
-        Some(libc::EMSGSIZE) if kernel_tls => "peer sent an oversized TLS record".into(),
-        _ => e.to_string(),
+        Some(libc::EBADMSG) if kernel_tls => Broken::protocol(
+            AlertDescription::BadRecordMac,
+            "a TLS record failed to decrypt (EBADMSG)",
+        ),
+        Some(libc::EMSGSIZE) if kernel_tls => Broken::protocol(
+            AlertDescription::RecordOverflow,
+            "peer sent an oversized TLS record",
+        ),
+        _ => e.to_string().into(),
+    }
+}
+
+impl forward::Leg for Side {
+    fn abort(&self, alert: Option<AlertDescription>) {
+        let stream = self.stream();
+        if let (Side::Kernel(_), Some(alert)) = (self, alert) {
+            // The kernel frames records itself, so an alert is always whole;
+            // a half-close keeps a reset from overtaking it.
+            let sent = sys::send_record(stream, ALERT, &[2, u8::from(alert)])
+                .and_then(|()| sys::shutdown_write(stream));
+            if sent.is_ok() {
+                return;
+            }
+        }
+        // SO_LINGER 0: the close that follows sends a reset.
+        if let Err(e) = stream.set_zero_linger() {
+            tracing::debug!(error = %e, "setting SO_LINGER 0 to reset the connection");
+        }
     }
 }
 
@@ -332,15 +385,26 @@ mod tests {
     #[test]
     fn post_handshake_messages() {
         let ticket = [NEW_SESSION_TICKET, 0, 0, 2, 0xAA, 0xBB];
-        assert!(matches!(handshake_messages(&ticket), Ok(Control::Continue)));
+        let server = PeerRole::Server;
+        assert!(matches!(
+            handshake_messages(&ticket, server),
+            Ok(Control::Continue)
+        ));
         let two = [ticket.as_slice(), ticket.as_slice()].concat();
-        assert!(matches!(handshake_messages(&two), Ok(Control::Continue)));
+        assert!(matches!(
+            handshake_messages(&two, server),
+            Ok(Control::Continue)
+        ));
         let key_update = [KEY_UPDATE, 0, 0, 1, 0];
-        let err = handshake_messages(&key_update).err().unwrap();
-        assert!(err.contains("KeyUpdate"), "{err}");
+        let err = handshake_messages(&key_update, server).err().unwrap();
+        assert!(err.why.contains("KeyUpdate"), "{err:?}");
         let truncated = [NEW_SESSION_TICKET, 0, 0, 9, 1];
-        assert!(handshake_messages(&truncated).is_err());
+        assert!(handshake_messages(&truncated, server).is_err());
         let hello_request = [0, 0, 0, 0];
-        assert!(handshake_messages(&hello_request).is_err());
+        assert!(handshake_messages(&hello_request, server).is_err());
+        // A client has no tickets to give; an empty record is no message.
+        let err = handshake_messages(&ticket, PeerRole::Client).unwrap_err();
+        assert_eq!(err.alert, Some(AlertDescription::UnexpectedMessage));
+        assert!(handshake_messages(&[], server).is_err());
     }
 }
