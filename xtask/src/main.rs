@@ -54,6 +54,12 @@ enum Command {
         /// Only this kernel: debian-6.1 or debian-6.12-backports.
         #[arg(long)]
         kernel: Option<String>,
+        /// Only this test binary (repeatable): ktls, ktls_record_limit, ebpf, guard, remote_guard.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Only the tests whose name contains this (passed to each test binary).
+        #[arg(long)]
+        filter: Option<String>,
     },
 }
 
@@ -87,9 +93,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             setup::run()?;
             bench::run(quick, vm_only, &extra)
         }
-        Command::VmTest { kernel } => {
+        Command::VmTest {
+            kernel,
+            tests,
+            filter,
+        } => {
             setup::run()?;
-            vm::run(kernel.as_deref())
+            vm::run(kernel.as_deref(), &vm::Selection { tests, filter })
         }
     }
 }

@@ -12,7 +12,7 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]))?;
     if vm {
         // kTLS exists only there: this machine's kernel has no CONFIG_TLS.
-        crate::vm::run(None)?;
+        crate::vm::run(None, &crate::vm::Selection::default())?;
     }
     // The benchmark harness must keep working; its full run is on demand.
     crate::bench::run(true, false, &[])?;

@@ -86,8 +86,35 @@ const QEMU_CPU: &str = "max,la57=off,avx=off,avx2=off";
 /// Booting, running every test and powering off must fit in this.
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 
+/// Which of the VM tests to run: for a quick loop on one change.
+#[derive(Debug, Default)]
+pub struct Selection {
+    /// Test binaries (all of `VM_TESTS` when empty).
+    pub tests: Vec<String>,
+    /// Passed to each test binary as its name filter.
+    pub filter: Option<String>,
+}
+
+impl Selection {
+    fn binaries(&self) -> anyhow::Result<Vec<&'static str>> {
+        if self.tests.is_empty() {
+            return Ok(VM_TESTS.to_vec());
+        }
+        self.tests
+            .iter()
+            .map(|t| {
+                VM_TESTS
+                    .iter()
+                    .copied()
+                    .find(|v| v == t)
+                    .ok_or_else(|| anyhow::anyhow!("no VM test {t:?}; choose from {VM_TESTS:?}"))
+            })
+            .collect()
+    }
+}
+
 /// `only`: boot just the kernel with this label (all when None).
-pub fn run(only: Option<&str>) -> anyhow::Result<()> {
+pub fn run(only: Option<&str>, selection: &Selection) -> anyhow::Result<()> {
     let busybox = PathBuf::from("/bin/busybox");
     if !busybox.is_file() {
         bail!(
@@ -95,7 +122,8 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
             busybox.display()
         );
     }
-    let (tests, gateway) = build_static_tests()?;
+    let binaries = selection.binaries()?;
+    let (tests, gateway) = build_static_tests(&binaries)?;
     let mut failures = Vec::new();
     let chosen: Vec<&KernelSource> = KERNELS
         .iter()
@@ -109,8 +137,14 @@ pub fn run(only: Option<&str>) -> anyhow::Result<()> {
     let qemu = fetch_qemu()?;
     for source in chosen {
         let kernel = fetch_kernel(source)?;
-        let initrd = build_initramfs(&kernel, &busybox, &gateway, Payload::Tests(&tests))?;
-        match boot(&qemu, &kernel, &initrd).and_then(|out| check_tests(&kernel, &out)) {
+        let initrd = build_initramfs(
+            &kernel,
+            &busybox,
+            &gateway,
+            Payload::Tests(&tests, selection.filter.as_deref()),
+        )?;
+        match boot(&qemu, &kernel, &initrd).and_then(|out| check_tests(&kernel, &out, tests.len()))
+        {
             Ok(()) => {}
             Err(e) => {
                 eprintln!("xtask: vm {}: {e:#}", kernel.label);
@@ -133,7 +167,7 @@ fn vm_dir() -> PathBuf {
 const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static -C debuginfo=0";
 
 /// The test binaries by name, and the gateway binary.
-fn build_static_tests() -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
+fn build_static_tests(binaries: &[&str]) -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
     let mut c = cmd::cargo();
     c.args([
         "test",
@@ -144,7 +178,7 @@ fn build_static_tests() -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
         "x86_64-unknown-linux-gnu",
         "--message-format=json-render-diagnostics",
     ]);
-    for t in VM_TESTS {
+    for t in binaries {
         c.args(["--test", t]);
     }
     // Only the target's flags: build scripts and the eBPF build stay as they are.
@@ -166,12 +200,12 @@ fn build_static_tests() -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
         ) else {
             continue;
         };
-        if VM_TESTS.contains(&name.as_str()) && line.contains("\"test\":true") {
+        if binaries.contains(&name.as_str()) && line.contains("\"test\":true") {
             found.push((name, PathBuf::from(exe)));
         }
     }
-    if found.len() != VM_TESTS.len() {
-        bail!("expected test binaries {VM_TESTS:?}, cargo built {found:?}");
+    if found.len() != binaries.len() {
+        bail!("expected test binaries {binaries:?}, cargo built {found:?}");
     }
     // Tests that drive the real binary find it through GATEWAY_BIN.
     cmd::run(
@@ -537,7 +571,7 @@ if [ -x /bench/run ]; then
 else
   for t in $(cat /tests/order); do
     echo "GATEWAY-VM: run $t"
-    /tests/$t --test-threads=1
+    /tests/$t --test-threads=1 $(cat /tests/filter 2>/dev/null)
     echo "GATEWAY-VM: exit $t $?"
   done
 fi
@@ -600,7 +634,8 @@ fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Resu
 
 /// What the VM runs: the test binaries, or the benchmark.
 enum Payload<'a> {
-    Tests(&'a [(String, PathBuf)]),
+    /// Test binaries, and a name filter for each.
+    Tests(&'a [(String, PathBuf)], Option<&'a str>),
     /// The benchmark binary and the arguments of its `run`.
     Bench(&'a Path, &'a [&'a str]),
 }
@@ -633,7 +668,17 @@ fn build_initramfs(
     }
     cpio.file("modules/order", order.as_bytes(), 0o644);
     let tests = match payload {
-        Payload::Tests(tests) => tests,
+        Payload::Tests(tests, filter) => {
+            if let Some(f) = filter {
+                if f.chars()
+                    .any(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                {
+                    bail!("--filter takes a test name or part of one, not {f:?}");
+                }
+                cpio.file("tests/filter", f.as_bytes(), 0o644);
+            }
+            tests
+        }
         Payload::Bench(bench, args) => {
             cpio.file(
                 "bin/gateway-bench",
@@ -833,7 +878,7 @@ fn boot(qemu: &Qemu, kernel: &Kernel, initrd: &Path) -> anyhow::Result<String> {
 }
 
 /// Every test binary ran and passed.
-fn check_tests(kernel: &Kernel, output: &str) -> anyhow::Result<()> {
+fn check_tests(kernel: &Kernel, output: &str, expected: usize) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for line in output.lines() {
         if let Some(rest) = line.strip_prefix("GATEWAY-VM: exit ") {
@@ -848,8 +893,8 @@ fn check_tests(kernel: &Kernel, output: &str) -> anyhow::Result<()> {
         }
     }
     let ran = output.matches("GATEWAY-VM: exit ").count();
-    if ran != VM_TESTS.len() {
-        bail!("{ran} of {} test binaries ran", VM_TESTS.len());
+    if ran != expected {
+        bail!("{ran} of {expected} test binaries ran");
     }
     if !failed.is_empty() {
         bail!("failed: {}", failed.join(", "));
