@@ -248,6 +248,20 @@ pub async fn tls_echo_backend(
     names: &[&str],
     require_client: bool,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    tls_echo_backend_with(pki, names, require_client, rustls::DEFAULT_VERSIONS, |_| {
+        true
+    })
+    .await
+}
+
+/// `tls_echo_backend` speaking only `versions` and the suites `suites` keeps.
+pub async fn tls_echo_backend_with(
+    pki: &Pki,
+    names: &[&str],
+    require_client: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: fn(&rustls::SupportedCipherSuite) -> bool,
+) -> (SocketAddr, Arc<AtomicUsize>) {
     let sans: Vec<String> = names.iter().map(|n| format!("dns:{n}")).collect();
     let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
     let leaf = pki
@@ -259,8 +273,10 @@ pub async fn tls_echo_backend(
         CertificateDer::from_pem_slice(pki.intermediate.cert_pem.as_bytes()).expect("int"),
     ];
     let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).expect("key");
-    let builder = rustls::ServerConfig::builder_with_provider(gateway::tls::provider())
-        .with_safe_default_protocol_versions()
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites.retain(suites);
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)
         .expect("versions");
     let builder = if require_client {
         let mut roots = RootCertStore::empty();
@@ -863,4 +879,162 @@ impl Drop for ObservingBackend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A TCP relay that records what passes each way, for reading the records
+/// a peer sent off the wire.
+pub struct Tap {
+    pub addr: SocketAddr,
+    /// Per relayed connection, once it ends: (towards the target, back).
+    pub done: tokio::sync::mpsc::UnboundedReceiver<(Vec<u8>, Vec<u8>)>,
+    task: JoinHandle<()>,
+}
+
+impl Tap {
+    pub async fn start(target: SocketAddr) -> Tap {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tap");
+        let addr = listener.local_addr().expect("tap addr");
+        let (tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    let copy =
+                        |mut r: tokio::net::tcp::OwnedReadHalf,
+                         mut w: tokio::net::tcp::OwnedWriteHalf| async move {
+                            let mut seen = Vec::new();
+                            let mut buf = [0u8; 16384];
+                            while let Ok(n) = r.read(&mut buf).await {
+                                if n == 0 || w.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                                seen.extend_from_slice(&buf[..n]);
+                            }
+                            let _ = w.shutdown().await;
+                            seen
+                        };
+                    let (to, back) = tokio::join!(copy(ir, ow), copy(or, iw));
+                    let _ = tx.send((to, back));
+                });
+            }
+        });
+        Tap { addr, done, task }
+    }
+
+    /// What the next relayed connection carried, once it ended.
+    pub async fn next(&mut self) -> (Vec<u8>, Vec<u8>) {
+        tokio::time::timeout(STEP, self.done.recv())
+            .await
+            .expect("the tapped connection ended within the step timeout")
+            .expect("tap running")
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The explicit nonces (the first 8 bytes of each record body) of every
+/// TLS 1.2 AES-GCM record one side sent after its ChangeCipherSpec: its
+/// Finished (sealed by rustls) and every record after it (by the kernel
+/// or the record layer). Each must be unique under the key.
+pub fn tls12_explicit_nonces(stream: &[u8]) -> Vec<[u8; 8]> {
+    let mut nonces = Vec::new();
+    let mut encrypted = false;
+    let mut at = 0;
+    while stream.len() - at >= 5 {
+        let typ = stream[at];
+        let len = usize::from(u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
+        let Some(body) = stream.get(at + 5..at + 5 + len) else {
+            break;
+        };
+        if encrypted && body.len() >= 8 {
+            nonces.push(body[..8].try_into().expect("8 bytes"));
+        }
+        if typ == 20 {
+            encrypted = true;
+        }
+        at += 5 + len;
+    }
+    nonces
+}
+
+/// TLS 1.2 with `suite` (AES-GCM) on both legs through a gateway whose
+/// legs use `offload`, both tapped: a 1 MiB echo, then the explicit nonce
+/// of every record the gateway sealed on each leg, from rustls' Finished
+/// to the last byte of data. Asserts none repeats on either leg (a GCM
+/// nonce used twice under one key gives away the authentication key) and
+/// returns the access-log record and how many nonces each leg carried.
+pub async fn tls12_gcm_nonces_through(
+    offload: &str,
+    suite: rustls::CipherSuite,
+) -> (AccessRecord, usize, usize) {
+    let pki = Pki::new();
+    let (backend, _) = tls_echo_backend_with(
+        &pki,
+        &["orders.backend.internal"],
+        false,
+        &[&rustls::version::TLS12],
+        match suite {
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => {
+                |s| s.suite() == rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            }
+            _ => |s| s.suite() == rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        },
+    )
+    .await;
+    let mut backend_tap = Tap::start(backend).await;
+    let toml = listener_toml(
+        &pki,
+        "edge",
+        &format!("tls_versions = [\"1.2\", \"1.3\"]\noffload = \"{offload}\""),
+    ) + &route_toml(
+        "orders",
+        &["orders.example.internal"],
+        &[backend_tap.addr],
+        &[SPIFFE_FRONTEND],
+    ) + &format!(
+        "upstream_tls = {{ ca = \"{}\", server_name = \"orders.backend.internal\", offload = \"{offload}\" }}\n",
+        pki.path("server-roots.pem").display()
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let mut client_tap = Tap::start(gw.app_addr).await;
+    let tls = connect(
+        client_tap.addr,
+        "orders.example.internal",
+        pki.client_with_suite(&rustls::version::TLS12, suite),
+    )
+    .await
+    .expect("TLS 1.2 handshake through the tap");
+    let data = payload(1 << 20);
+    let got = echo_roundtrip(tls, data.clone()).await.expect("echo");
+    assert!(got == data, "byte-exact");
+    let record = gw.next_record().await;
+    let unique = |nonces: &[[u8; 8]], leg: &str| {
+        let mut seen = std::collections::HashSet::new();
+        for n in nonces {
+            assert!(
+                seen.insert(*n),
+                "{offload} path, {leg} leg: explicit nonce {n:02x?} used twice under one key"
+            );
+        }
+        nonces.len()
+    };
+    let (_, from_gateway) = client_tap.next().await;
+    let (to_backend, _) = backend_tap.next().await;
+    let client_leg = unique(&tls12_explicit_nonces(&from_gateway), "client");
+    let backend_leg = unique(&tls12_explicit_nonces(&to_backend), "backend");
+    // 1 MiB is 64 full records each way, and the Finished before them.
+    assert!(
+        client_leg > 64 && backend_leg > 64,
+        "{client_leg} / {backend_leg} records seen"
+    );
+    (record, client_leg, backend_leg)
 }

@@ -483,3 +483,37 @@ async fn rx_expect_no_pad_reaches_the_kernel() {
     assert_eq!(stat_delta(&before, &after, "TlsRxNoPadViolation"), 0);
     assert_eq!(stat_delta(&before, &after, "TlsDecryptError"), 0);
 }
+
+/// TLS 1.2 AES-GCM on both legs through the kernel: the kernel counts its
+/// explicit nonces up from the IV it is given, rustls XORed its sequence
+/// into it. Given rustls' IV as is, the kernel's first record repeated the
+/// nonce of rustls' Finished (GCM key recovery). Every record the gateway
+/// sealed on either leg, Finished included, is read off the wire here and
+/// its nonce must be new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_never_repeats_a_tls12_gcm_nonce() {
+    if !kernel_tls_or_skip("kernel_path_never_repeats_a_tls12_gcm_nonce") {
+        return;
+    }
+    let support = KernelSupport::get();
+    let mut ran = 0;
+    for suite in [
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+    ] {
+        if support
+            .admits(rustls::ProtocolVersion::TLSv1_2, suite)
+            .is_err()
+        {
+            eprintln!("{suite:?}: not offered by this kernel, skipped");
+            continue;
+        }
+        let (record, client_leg, backend_leg) = tls12_gcm_nonces_through("kernel", suite).await;
+        assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
+        eprintln!(
+            "{suite:?}: {client_leg} records to the client, {backend_leg} to the backend, no nonce twice"
+        );
+        ran += 1;
+    }
+    assert!(ran >= 1, "the kernel offloads TLS 1.2 AES-GCM");
+}

@@ -25,6 +25,7 @@ use std::sync::OnceLock;
 use rustls::{CipherSuite, ConnectionTrafficSecrets, ProtocolVersion, SupportedCipherSuite};
 use serde::Deserialize;
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 pub use framing::Framed;
 
@@ -296,6 +297,17 @@ fn probe_one(version: Version, cipher: Cipher) -> Result<(), ProbeError> {
 
 /// Lays out one direction's key, IV and sequence number the kernel's way.
 /// GCM splits rustls' 12-byte IV into a 4-byte salt and an 8-byte IV.
+///
+/// TLS 1.2 AES-GCM sends its 8-byte explicit nonce with every record, and
+/// the two owners of a connection build it differently: rustls XORs the
+/// sequence number into the IV (record n: IV ^ n), the kernel takes the IV
+/// it is given for its first record and adds 1 per record. Handing the
+/// kernel rustls' IV as is repeats the nonce of rustls' Finished (IV ^ 0)
+/// on the kernel's first record: GCM's authentication key falls out, and
+/// records can be forged. The kernel starts at IV + seq instead: rustls
+/// used IV ^ i for i < seq, and IV ^ i <= IV + i < IV + seq, so the
+/// kernel's IV + seq + j cannot meet any of them before 2^64 - 2·seq
+/// records (the cipher's record limit closes the connection at 2^24.5).
 fn crypto_info(
     version: Version,
     cipher: Cipher,
@@ -305,50 +317,61 @@ fn crypto_info(
 ) -> sys::CryptoInfo {
     let version = version.wire();
     let rec_seq = seq.to_be_bytes();
-    let mut iv12 = [0u8; 12];
+    // The copies below end up in the returned value (zeroed on drop); these
+    // locals are zeroed on the way out.
+    let mut iv12 = Zeroizing::new([0u8; 12]);
     let n = iv.len().min(12);
     iv12[..n].copy_from_slice(&iv[..n]);
-    let mut salt = [0u8; 4];
+    let mut salt = Zeroizing::new([0u8; 4]);
     salt.copy_from_slice(&iv12[..4]);
-    let mut iv8 = [0u8; 8];
+    let mut iv8 = Zeroizing::new([0u8; 8]);
     iv8.copy_from_slice(&iv12[4..]);
+    if version == sys::TLS_1_2_VERSION {
+        *iv8 = kernel_tls12_gcm_iv(*iv8, seq);
+    }
     match cipher {
         Cipher::Aes128Gcm => {
-            let mut k = [0u8; 16];
+            let mut k = Zeroizing::new([0u8; 16]);
             k.copy_from_slice(&key[..16]);
             sys::CryptoInfo::Aes128Gcm(sys::Aes128Gcm {
                 version,
                 cipher_type: sys::TLS_CIPHER_AES_GCM_128,
-                iv: iv8,
-                key: k,
-                salt,
+                iv: *iv8,
+                key: *k,
+                salt: *salt,
                 rec_seq,
             })
         }
         Cipher::Aes256Gcm => {
-            let mut k = [0u8; 32];
+            let mut k = Zeroizing::new([0u8; 32]);
             k.copy_from_slice(&key[..32]);
             sys::CryptoInfo::Aes256Gcm(sys::Aes256Gcm {
                 version,
                 cipher_type: sys::TLS_CIPHER_AES_GCM_256,
-                iv: iv8,
-                key: k,
-                salt,
+                iv: *iv8,
+                key: *k,
+                salt: *salt,
                 rec_seq,
             })
         }
         Cipher::Chacha20Poly1305 => {
-            let mut k = [0u8; 32];
+            let mut k = Zeroizing::new([0u8; 32]);
             k.copy_from_slice(&key[..32]);
             sys::CryptoInfo::Chacha20Poly1305(sys::Chacha20Poly1305 {
                 version,
                 cipher_type: sys::TLS_CIPHER_CHACHA20_POLY1305,
-                iv: iv12,
-                key: k,
+                iv: *iv12,
+                key: *k,
                 rec_seq,
             })
         }
     }
+}
+
+/// The explicit nonce the kernel should start a TLS 1.2 GCM direction at:
+/// rustls' IV plus the records rustls already sealed (see `crypto_info`).
+fn kernel_tls12_gcm_iv(iv: [u8; 8], seq: u64) -> [u8; 8] {
+    u64::from_be_bytes(iv).wrapping_add(seq).to_be_bytes()
 }
 
 fn secrets_info(
@@ -684,6 +707,42 @@ mod tests {
             client.read_tls(&mut input).unwrap();
         }
         client.process_new_packets().unwrap();
+    }
+
+    /// The kernel's explicit nonces (start, +1 per record) never meet the
+    /// ones rustls used before the hand-off (IV ^ i for i < seq), whatever
+    /// the IV: IVs near the top of the range (where + wraps), with every
+    /// low-bit pattern, and several sequence numbers.
+    #[test]
+    fn kernel_tls12_gcm_nonces_never_repeat_rustls_ones() {
+        let ivs = [
+            0,
+            1,
+            0x7fff_ffff_ffff_ffff,
+            u64::MAX,
+            u64::MAX - 1,
+            u64::MAX - 5,
+            0x0123_4567_89ab_cdef,
+            0xffff_ffff_ffff_fff0,
+        ];
+        for iv in ivs {
+            for seq in [1u64, 2, 3, 5, 8, 17] {
+                let used: std::collections::HashSet<u64> = (0..seq).map(|i| iv ^ i).collect();
+                let start = u64::from_be_bytes(kernel_tls12_gcm_iv(iv.to_be_bytes(), seq));
+                for j in 0..10_000u64 {
+                    let kernel = start.wrapping_add(j);
+                    assert!(
+                        !used.contains(&kernel),
+                        "iv {iv:#x}, seq {seq}: the kernel's record {j} repeats a rustls nonce"
+                    );
+                }
+            }
+        }
+        // What went wrong before: the kernel's first record reused IV ^ 0.
+        assert_ne!(
+            kernel_tls12_gcm_iv(7u64.to_be_bytes(), 1),
+            7u64.to_be_bytes()
+        );
     }
 
     /// What rustls read before the hand-off decides how the peer's side
