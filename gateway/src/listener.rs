@@ -583,6 +583,10 @@ fn judge<T>(
 ) {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
     conn.identity_value = decision.identity.map(Box::new);
+    // Nothing reached the verifier: "no certificate" is the refusal only
+    // when that is what ended the handshake, not for a handshake that
+    // failed before a certificate was asked for.
+    let verifier_saw_nothing = decision.refused.is_none() && decision.verdict.is_none();
     // Why the client would be (or was) refused, if it would be.
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some(refused),
@@ -613,7 +617,7 @@ fn judge<T>(
             route.stats.denied.fetch_add(1, Ordering::Relaxed);
         }
         (Err(e), objection) => {
-            let is_refusal = decision_was_refusal(e, objection.is_some());
+            let is_refusal = decision_was_refusal(e, objection.is_some() && !verifier_saw_nothing);
             if let (true, Some(why)) = (is_refusal, objection) {
                 conn.verdict = Verdict::Deny;
                 conn.reason = why;

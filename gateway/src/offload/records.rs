@@ -115,6 +115,13 @@ struct RecordKey {
     iv: [u8; 12],
 }
 
+impl Drop for RecordKey {
+    fn drop(&mut self) {
+        // The AEAD key itself lives in ring or aws-lc, which own its memory.
+        zeroize::Zeroize::zeroize(&mut self.iv);
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protection {
     Tls13,

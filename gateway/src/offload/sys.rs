@@ -6,6 +6,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use zeroize::Zeroize;
+
 pub const SOL_TLS: libc::c_int = 282;
 pub const TLS_TX: libc::c_int = 1;
 pub const TLS_RX: libc::c_int = 2;
@@ -82,13 +84,52 @@ impl CryptoInfo {
     }
 }
 
+impl Zeroize for CryptoInfo {
+    /// Volatile writes the optimizer keeps, unlike a plain assignment to a
+    /// value about to be dropped.
+    fn zeroize(&mut self) {
+        match self {
+            CryptoInfo::Aes128Gcm(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.salt.zeroize();
+                c.rec_seq.zeroize();
+            }
+            CryptoInfo::Aes256Gcm(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.salt.zeroize();
+                c.rec_seq.zeroize();
+            }
+            CryptoInfo::Chacha20Poly1305(c) => {
+                c.key.zeroize();
+                c.iv.zeroize();
+                c.rec_seq.zeroize();
+            }
+        }
+    }
+}
+
 impl Drop for CryptoInfo {
     fn drop(&mut self) {
-        match self {
-            CryptoInfo::Aes128Gcm(c) => *c = Aes128Gcm::default(),
-            CryptoInfo::Aes256Gcm(c) => *c = Aes256Gcm::default(),
-            CryptoInfo::Chacha20Poly1305(c) => *c = Chacha20Poly1305::default(),
+        self.zeroize();
+    }
+}
+
+/// Room for one control message carrying one byte (`CMSG_SPACE(1)`),
+/// aligned for the `cmsghdr` the CMSG_* macros read and write through: a
+/// `Vec<u8>` promises alignment 1 only.
+#[repr(C, align(8))]
+struct OneByteCmsg([u8; 32]);
+
+impl OneByteCmsg {
+    fn new() -> io::Result<Self> {
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(1) } as usize;
+        if space > 32 {
+            return Err(io::Error::other("CMSG_SPACE(1) exceeds its buffer"));
         }
+        Ok(OneByteCmsg([0; 32]))
     }
 }
 
@@ -177,7 +218,7 @@ pub fn record_sequence(
         .and_then(|s| <[u8; 8]>::try_from(s).ok())
         .ok_or_else(|| io::Error::other(format!("short TLS crypto info ({len} bytes)")));
     // The kernel returns the key too; do not leave it on the stack.
-    buf.fill(0);
+    buf.zeroize();
     Ok(u64::from_be_bytes(seq?))
 }
 
@@ -186,7 +227,7 @@ pub fn record_sequence(
 pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>> {
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(1) } as usize;
-    let mut control = vec![0u8; space];
+    let mut control = OneByteCmsg::new()?;
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -195,9 +236,10 @@ pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(u8, 
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_control = control.0.as_mut_ptr().cast();
     msg.msg_controllen = space;
-    // SAFETY: every pointer in `msg` refers to a live buffer of the stated size.
+    // SAFETY: every pointer in `msg` refers to a live buffer of the stated
+    // size, the control buffer aligned for cmsghdr.
     let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
     if n < 0 {
         let e = io::Error::last_os_error();
@@ -227,7 +269,7 @@ pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(u8, 
 pub fn send_record(fd: &impl AsRawFd, record_type: u8, data: &[u8]) -> io::Result<()> {
     // SAFETY: CMSG_SPACE/CMSG_LEN are pure size computations.
     let (space, len) = unsafe { (libc::CMSG_SPACE(1) as usize, libc::CMSG_LEN(1) as usize) };
-    let mut control = vec![0u8; space];
+    let mut control = OneByteCmsg::new()?;
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -236,10 +278,10 @@ pub fn send_record(fd: &impl AsRawFd, record_type: u8, data: &[u8]) -> io::Resul
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_control = control.0.as_mut_ptr().cast();
     msg.msg_controllen = space;
-    // SAFETY: the control buffer has room for one cmsg with one byte of data;
-    // the kernel only reads from `iov`.
+    // SAFETY: the control buffer has room for one cmsg with one byte of data
+    // and is aligned for cmsghdr; the kernel only reads from `iov`.
     let n = unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
         (*cmsg).cmsg_level = SOL_TLS;
@@ -310,4 +352,38 @@ pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<
 pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     // SAFETY: shutdown(2) on a descriptor we own a reference to.
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_buffer_fits_a_cmsghdr() {
+        assert!(std::mem::align_of::<OneByteCmsg>() >= std::mem::align_of::<libc::cmsghdr>());
+        // SAFETY: CMSG_SPACE is a pure size computation.
+        let space = unsafe { libc::CMSG_SPACE(1) } as usize;
+        assert!(std::mem::size_of::<OneByteCmsg>() >= space);
+        assert!(OneByteCmsg::new().is_ok());
+    }
+
+    #[test]
+    fn key_material_is_zeroized() {
+        let mut info = CryptoInfo::Aes256Gcm(Aes256Gcm {
+            version: TLS_1_3_VERSION,
+            cipher_type: TLS_CIPHER_AES_GCM_256,
+            iv: [1; 8],
+            key: [2; 32],
+            salt: [3; 4],
+            rec_seq: [4; 8],
+        });
+        info.zeroize();
+        let CryptoInfo::Aes256Gcm(c) = &info else {
+            unreachable!()
+        };
+        assert_eq!(
+            (c.iv, c.key, c.salt, c.rec_seq),
+            ([0; 8], [0; 32], [0; 4], [0; 8])
+        );
+    }
 }

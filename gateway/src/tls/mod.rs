@@ -238,6 +238,9 @@ impl ListenerTls {
         // itself in full.
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
+        // TLS 1.2 without the extended master secret (RFC 7627) lets a
+        // man in the middle synchronise two sessions' keys: refuse it.
+        config.require_ems = true;
         config.enable_secret_extraction = self.extract_secrets;
         Ok((Arc::new(config), decision))
     }
@@ -291,6 +294,8 @@ impl UpstreamTls {
         };
         // The keys leave rustls after the handshake on every path.
         config.enable_secret_extraction = true;
+        // As towards clients: no TLS 1.2 session without RFC 7627.
+        config.require_ems = true;
         let server_name =
             rustls_pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| {
                 TlsError::Verifier {
