@@ -14,6 +14,7 @@
 
 pub(crate) mod cipher;
 pub mod framing;
+pub(crate) mod record_layer;
 pub mod records;
 pub mod splice;
 mod sys;
