@@ -247,3 +247,32 @@ pub fn extractable(config: &ClientConfig) -> Arc<ClientConfig> {
     config.enable_secret_extraction = true;
     Arc::new(config)
 }
+
+/// A connection through the gateway at `addr` past its handshake, with the
+/// gateway's side (kernel or record layer) in charge of the records: one
+/// byte has been there and back. The client's keys are the test's.
+pub async fn established(
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<ClientConfig>,
+) -> io::Result<RawRecords> {
+    let (raw, last) = RawClient::until_last_flight(addr, sni, extractable(&config)).await?;
+    let mut r = raw.into_records();
+    let mut bytes = last;
+    bytes.extend(r.seal(ContentType::ApplicationData, b"x"));
+    r.send(&bytes).await?;
+    match r.recv().await? {
+        Some((ContentType::ApplicationData, echo)) if echo == b"x" => Ok(r),
+        other => Err(io::Error::other(format!(
+            "expected the echo of one byte, got {other:?}"
+        ))),
+    }
+}
+
+/// A post-handshake message: type, 24-bit length, body.
+pub fn handshake_message(typ: u8, body: &[u8]) -> Vec<u8> {
+    let len = (body.len() as u32).to_be_bytes();
+    let mut m = vec![typ, len[1], len[2], len[3]];
+    m.extend_from_slice(body);
+    m
+}

@@ -517,3 +517,129 @@ async fn kernel_path_never_repeats_a_tls12_gcm_nonce() {
     }
     assert!(ran >= 1, "the kernel offloads TLS 1.2 AES-GCM");
 }
+
+/// What the kernel path does with records a peer should not send, as the
+/// record layer's tests (`records.rs`) check it for the userspace path:
+/// each ends the connection with the alert rustls would send (the kernel
+/// leaves a decryption failure pending on the socket, which must not stop
+/// the alert), says why, and lets nothing after it through. A header the
+/// kernel's parser refuses must end the connection, not stall it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_refuses_bad_records_with_alerts() {
+    use gateway_tests::raw::{established, handshake_message};
+    use rustls::{AlertDescription, ContentType};
+
+    if !kernel_tls_or_skip("kernel_path_refuses_bad_records_with_alerts") {
+        return;
+    }
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway_toml(
+            &pki,
+            backend.addr,
+            "offload = \"kernel\"\nidle_timeout = \"60s\"",
+        ),
+    )
+    .await;
+    type Records = fn(&mut gateway_tests::raw::RawRecords) -> Vec<u8>;
+    let cases: [(&str, Records, AlertDescription, &str); 6] = [
+        (
+            "a record whose tag does not verify",
+            |r| {
+                let mut rec = r.seal(ContentType::ApplicationData, b"hidden");
+                let last = rec.len() - 1;
+                rec[last] ^= 1;
+                rec
+            },
+            AlertDescription::BadRecordMac,
+            "EBADMSG",
+        ),
+        (
+            "a header the kernel refuses (version 3.1)",
+            |r| {
+                let mut rec = r.seal(ContentType::ApplicationData, b"hidden");
+                rec[2] = 1;
+                rec
+            },
+            AlertDescription::DecodeError,
+            "refused to parse",
+        ),
+        (
+            "a body over 2^14 + 256 bytes",
+            |_| {
+                let mut rec = vec![23, 3, 3, 0x41, 0x01];
+                rec.extend(std::iter::repeat_n(0, 0x4101));
+                rec
+            },
+            AlertDescription::RecordOverflow,
+            "oversized",
+        ),
+        (
+            "a session ticket from the client",
+            |r| r.seal(ContentType::Handshake, &handshake_message(4, &[0; 16])),
+            AlertDescription::UnexpectedMessage,
+            "session ticket",
+        ),
+        (
+            "an empty handshake record",
+            |r| r.seal(ContentType::Handshake, &[]),
+            AlertDescription::UnexpectedMessage,
+            "empty handshake record",
+        ),
+        (
+            "33 empty records in a row",
+            |r| {
+                (0..33)
+                    .flat_map(|_| r.seal(ContentType::ApplicationData, &[]))
+                    .collect()
+            },
+            AlertDescription::UnexpectedMessage,
+            "empty records in a row",
+        ),
+    ];
+    for (name, records, alert, reason) in cases {
+        let mut r = established(
+            gw.app_addr,
+            "orders.example.internal",
+            pki.frontend_config(),
+        )
+        .await
+        .expect(name);
+        let mut bytes = records(&mut r);
+        bytes.extend(r.seal(ContentType::ApplicationData, b"after"));
+        r.send(&bytes).await.expect(name);
+        let seen = tokio::time::timeout(STEP, r.closing_alert())
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the connection stalled"))
+            .expect(name);
+        assert_eq!(seen, Some(alert), "{name}: the alert the client sees");
+        let record = gw.next_record().await;
+        assert_eq!(record.offload.as_deref(), Some("kernel"), "{name}");
+        assert!(record.reason.contains(reason), "{name}: {}", record.reason);
+        assert_eq!(
+            record.client_to_backend_bytes, 1,
+            "{name}: nothing after it"
+        );
+    }
+    // And what rustls takes, the kernel path takes: 32 empty records (splice
+    // reads each as 0 bytes, which is no end of stream), then data.
+    let mut r = established(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("session");
+    let mut bytes: Vec<u8> = (0..32)
+        .flat_map(|_| r.seal(ContentType::ApplicationData, &[]))
+        .collect();
+    bytes.extend(r.seal(ContentType::ApplicationData, b"data"));
+    r.send(&bytes).await.unwrap();
+    let (typ, echo) = r.recv().await.unwrap().expect("echo after empty records");
+    assert_eq!(
+        (typ, &echo[..]),
+        (ContentType::ApplicationData, &b"data"[..])
+    );
+}

@@ -45,7 +45,14 @@ const KERNELS: &[KernelSource] = &[
 ];
 
 /// Integration test binaries (tests/tests/*.rs) that run inside the VM.
-const VM_TESTS: &[&str] = &["ktls", "ktls_record_limit", "ebpf", "guard", "remote_guard"];
+const VM_TESTS: &[&str] = &[
+    "ktls",
+    "ktls_record_limit",
+    "handoff",
+    "ebpf",
+    "guard",
+    "remote_guard",
+];
 
 /// Modules to load, in this order, with whatever they depend on first. The
 /// crypto API looks algorithms up by name at TLS_TX/TLS_RX time and cannot

@@ -14,7 +14,8 @@
 
 pub(crate) mod cipher;
 pub mod framing;
-pub(crate) mod record_layer;
+mod post_handshake;
+pub mod record_layer;
 pub mod records;
 pub mod splice;
 mod sys;
@@ -440,6 +441,16 @@ pub fn attach(io: &Framed<TcpStream>) -> Result<(), Fallback> {
     })
 }
 
+/// While a leg changes hands, closing it resets the connection: a peer must
+/// not take a hand-off that failed or timed out for an orderly end. Once
+/// the hand-off is done (`false`), the leg closes in order again and the
+/// forwarding path decides how it ends.
+pub fn reset_if_dropped(s: &TcpStream, on: bool) {
+    if let Err(e) = sys::reset_on_close(s, on) {
+        tracing::debug!(error = %e, "setting SO_LINGER for the hand-off");
+    }
+}
+
 /// Why a hand-off failed after it was too late to fall back.
 #[derive(Debug, thiserror::Error)]
 #[error("hand-off from rustls failed: {0}")]
@@ -608,6 +619,7 @@ pub async fn hand_off(
             });
         }
     }
+    reset_if_dropped(&stream, false);
     Ok(KernelLeg {
         stream,
         version: f.version,

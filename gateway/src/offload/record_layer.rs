@@ -5,8 +5,9 @@
 //!
 //! What it refuses, and how, follows rustls, which the fuzz target
 //! `records_vs_rustls` holds it to (fuzz/): stricter only where the kernel
-//! is too (a TLS 1.3 record's outer type must be application data, its body
-//! at most 2^14 + 256 bytes) and where it cannot follow (a KeyUpdate needs
+//! is too (a TLS 1.3 record's outer type must be application data and its
+//! version 3.3, its body at most 2^14 + 256 bytes; a version is never SSL 2
+//! or DTLS) and where it cannot follow (a KeyUpdate needs
 //! secrets rustls does not hand over; TLS 1.2 renegotiation is refused
 //! rather than answered with a warning).
 
@@ -16,6 +17,8 @@ use std::sync::Mutex;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType};
 
 use super::cipher::{self, Algorithm, TAG};
+pub(crate) use super::post_handshake::Control;
+use super::post_handshake::PeerRules;
 use super::{PeerRole, Version};
 use crate::forward::Broken;
 
@@ -27,24 +30,11 @@ pub(crate) const MAX_FRAGMENT: usize = 16 * 1024;
 const MAX_CIPHERTEXT_TLS12: usize = MAX_FRAGMENT + 2048;
 /// Largest record body TLS 1.3 allows (RFC 8446 §5.2).
 const MAX_CIPHERTEXT_TLS13: usize = MAX_FRAGMENT + 256;
-/// Empty records in a row before the peer is refused, as rustls counts
-/// them: an endless stream of them would cost work and move nothing.
-const MAX_EMPTY_IN_A_ROW: u8 = 32;
-/// Warning alerts a TLS 1.2 peer may send before it is refused (rustls'
-/// own allowance).
-const WARNING_ALERTS: u8 = 4;
-/// Largest post-handshake message taken: a session ticket fits many times.
-const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
-const HANDSHAKE_HELLO_REQUEST: u8 = 0;
-const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
-const HANDSHAKE_KEY_UPDATE: u8 = 24;
 
 /// One leg's record protocol state: its keys each way, and what it has
 /// seen of the peer.
 pub(crate) struct RecordLayer {
     version: Version,
-    /// Who is at the other end: a client sends no session tickets.
-    peer: PeerRole,
     rx: Mutex<Opener>,
     tx: Mutex<Sealer>,
 }
@@ -53,11 +43,7 @@ struct Opener {
     key: RecordKey,
     seq: u64,
     limit: u64,
-    empty_in_a_row: u8,
-    warnings_left: u8,
-    /// The start of a handshake message whose rest is in later records.
-    /// Empty (no allocation) unless a peer splits one.
-    handshake: Vec<u8>,
+    rules: PeerRules,
 }
 
 struct Sealer {
@@ -97,22 +83,27 @@ const EXPLICIT_NONCE: usize = 8;
 
 impl RecordKey {
     fn new(version: Version, s: ConnectionTrafficSecrets) -> Result<RecordKey, String> {
-        let (alg, key, iv, gcm) = match &s {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                (Algorithm::Aes128Gcm, key, iv, true)
-            }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                (Algorithm::Aes256Gcm, key, iv, true)
-            }
+        let (alg, key, iv) = match &s {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Algorithm::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Algorithm::Aes256Gcm, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (Algorithm::Chacha20Poly1305, key, iv, false)
+                (Algorithm::Chacha20Poly1305, key, iv)
             }
             _ => return Err("rustls negotiated an AEAD the record layer does not know".into()),
         };
-        let aead = cipher::Key::new(alg, key.as_ref())
+        RecordKey::from_parts(version, alg, key.as_ref(), iv.as_ref())
+    }
+
+    fn from_parts(
+        version: Version,
+        alg: Algorithm,
+        key: &[u8],
+        iv: &[u8],
+    ) -> Result<RecordKey, String> {
+        let gcm = alg != Algorithm::Chacha20Poly1305;
+        let aead = cipher::Key::new(alg, key)
             .map_err(|_| "rustls handed over a key of the wrong length".to_owned())?;
         let iv: [u8; 12] = iv
-            .as_ref()
             .try_into()
             .map_err(|_| "rustls handed over an IV of the wrong length".to_owned())?;
         let kind = match (version, gcm) {
@@ -354,14 +345,11 @@ impl RecordLayer {
     ) -> Result<RecordLayer, String> {
         Ok(RecordLayer {
             version,
-            peer,
             rx: Mutex::new(Opener {
                 key: RecordKey::new(version, rx)?,
                 seq: rx_seq,
                 limit: record_limit,
-                empty_in_a_row: 0,
-                warnings_left: WARNING_ALERTS,
-                handshake: Vec::new(),
+                rules: PeerRules::new(version, peer),
             }),
             tx: Mutex::new(Sealer {
                 key: RecordKey::new(version, tx)?,
@@ -372,12 +360,134 @@ impl RecordLayer {
     }
 }
 
-/// What reading a batch of records found besides application data.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Control {
-    None,
-    /// close_notify: the peer will send nothing more.
-    Closed,
+/// The record layer without a socket, for the fuzz target that holds it to
+/// rustls and for the benchmark. Not part of the gateway's interface.
+#[doc(hidden)]
+pub mod exposed {
+    use super::*;
+
+    /// The AEAD of one direction's keys.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Aead {
+        Aes128Gcm,
+        Aes256Gcm,
+        Chacha20Poly1305,
+    }
+
+    /// One direction's keys as bytes: rustls' key, its 12-byte IV, and the
+    /// sequence number the direction is at.
+    pub struct Keys<'a> {
+        pub aead: Aead,
+        pub key: &'a [u8],
+        pub iv: &'a [u8],
+        pub seq: u64,
+    }
+
+    /// A leg's record layer, the gateway's own.
+    pub struct Layer(RecordLayer);
+
+    impl Layer {
+        /// `tls13`: the version negotiated (else TLS 1.2); `peer_is_client`:
+        /// the layer plays the server.
+        pub fn new(
+            tls13: bool,
+            peer_is_client: bool,
+            rx: Keys<'_>,
+            tx: Keys<'_>,
+        ) -> Result<Layer, String> {
+            let version = if tls13 {
+                Version::Tls13
+            } else {
+                Version::Tls12
+            };
+            let key = |k: &Keys<'_>| {
+                let alg = match k.aead {
+                    Aead::Aes128Gcm => Algorithm::Aes128Gcm,
+                    Aead::Aes256Gcm => Algorithm::Aes256Gcm,
+                    Aead::Chacha20Poly1305 => Algorithm::Chacha20Poly1305,
+                };
+                RecordKey::from_parts(version, alg, k.key, k.iv)
+            };
+            Ok(Layer(RecordLayer {
+                version,
+                rx: Mutex::new(Opener {
+                    key: key(&rx)?,
+                    seq: rx.seq,
+                    limit: u64::MAX,
+                    rules: PeerRules::new(
+                        version,
+                        if peer_is_client {
+                            PeerRole::Client
+                        } else {
+                            PeerRole::Server
+                        },
+                    ),
+                }),
+                tx: Mutex::new(Sealer {
+                    key: key(&tx)?,
+                    seq: tx.seq,
+                    limit: u64::MAX,
+                }),
+            }))
+        }
+
+        /// Opens the whole records at the start of `buf` in place, as the
+        /// forwarding path does, and appends their application data to
+        /// `plain` (on a refusal too: what came before it is delivered).
+        /// Ok: the bytes taken and whether close_notify ended the stream;
+        /// Err: why the layer refused (the connection would end).
+        pub fn open(&self, buf: &mut [u8], plain: &mut Vec<u8>) -> Result<(usize, bool), String> {
+            let mut ranges = Vec::new();
+            let opened = self.0.open(buf, &mut ranges);
+            for r in ranges {
+                plain.extend_from_slice(&buf[r]);
+            }
+            match opened.refused {
+                Some(broken) => Err(broken.why),
+                None => Ok((opened.taken, opened.control == Control::Closed)),
+            }
+        }
+
+        /// Seals `plain` as the forwarding path does when it reads from a
+        /// plain peer: read into record slots, sealed where it lies.
+        pub fn seal_in_slots(&self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+            let slots = self.0.slots();
+            for chunk in plain.chunks(4 * MAX_FRAGMENT) {
+                let mut buf = vec![0u8; 4 * slots.stride];
+                for (slot, part) in buf
+                    .chunks_exact_mut(slots.stride)
+                    .zip(chunk.chunks(MAX_FRAGMENT))
+                {
+                    slot[slots.prefix..slots.prefix + part.len()].copy_from_slice(part);
+                }
+                let wire = self.0.seal_slots(&mut buf, chunk.len())?;
+                out.extend_from_slice(&buf[..wire]);
+            }
+            Ok(())
+        }
+
+        /// Seals `plain` as the forwarding path does when it forwards what
+        /// it opened from another TLS leg.
+        pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, String> {
+            self.0.seal(std::iter::once(plain))
+        }
+
+        /// The alert the layer sends (close_notify at the end of a stream,
+        /// a fatal one when it refuses).
+        pub fn seal_alert(&self, description: u8) -> Result<Vec<u8>, String> {
+            self.0.seal_alert(AlertDescription::from(description))
+        }
+    }
+}
+
+/// What opening a batch of records came to.
+pub(crate) struct Opened {
+    /// Bytes of whole records taken (and delivered) from the start.
+    pub(crate) taken: usize,
+    pub(crate) control: Control,
+    /// The record after them was refused: the connection ends, after what
+    /// came before it is delivered.
+    pub(crate) refused: Option<Broken>,
 }
 
 /// Where a buffer's record slots are: each is `stride` bytes, its payload
@@ -390,204 +500,124 @@ pub(crate) struct Slots {
 
 impl RecordLayer {
     /// Opens every whole record at the start of `buf` in place and pushes the
-    /// ranges of their application data. Returns how many bytes were whole
-    /// records, and whether a close_notify ended the stream.
+    /// ranges of their application data. Says how many bytes were whole
+    /// records, whether a close_notify ended the stream, and, if a record
+    /// was refused, why: the records before it are delivered, as rustls
+    /// delivers them.
     ///
     /// What it refuses, and how, follows rustls (the fuzz target
     /// `records_vs_rustls` holds it to that), stricter only where the
     /// kernel is too: a TLS 1.3 record's outer type must be application
     /// data, and its body at most 2^14 + 256 bytes.
-    pub(crate) fn open(
-        &self,
-        buf: &mut [u8],
-        ranges: &mut Vec<Range<usize>>,
-    ) -> Result<(usize, Control), Broken> {
+    pub(crate) fn open(&self, buf: &mut [u8], ranges: &mut Vec<Range<usize>>) -> Opened {
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let mut at = 0;
-        while buf.len() - at >= HEADER {
-            let header = [buf[at], buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]];
-            let len = self.check_header(header)?;
-            let end = at + HEADER + len;
+        let result = self.open_records(&mut rx, buf, ranges, &mut at);
+        match result {
+            Ok(control) => Opened {
+                taken: at,
+                control,
+                refused: None,
+            },
+            Err(broken) => Opened {
+                taken: at,
+                control: Control::None,
+                refused: Some(broken),
+            },
+        }
+    }
+
+    fn open_records(
+        &self,
+        rx: &mut Opener,
+        buf: &mut [u8],
+        ranges: &mut Vec<Range<usize>>,
+        at: &mut usize,
+    ) -> Result<Control, Broken> {
+        while *at < buf.len() {
+            // A header is judged field by field as its bytes arrive, as
+            // rustls does: a peer that cannot send a record is refused
+            // without waiting for the rest of one.
+            let Some(len) = self.check_header(&buf[*at..buf.len().min(*at + HEADER)])? else {
+                break;
+            };
+            let header = [
+                buf[*at],
+                buf[*at + 1],
+                buf[*at + 2],
+                buf[*at + 3],
+                buf[*at + 4],
+            ];
+            let end = *at + HEADER + len;
             if end > buf.len() {
                 break;
             }
             if rx.seq >= rx.limit {
                 return Err("peer reached the cipher's record limit without a key update".into());
             }
-            let body_at = at + HEADER;
+            let body_at = *at + HEADER;
             let seq = rx.seq;
             let (typ, plain) = rx.key.open(header, &mut buf[body_at..end], seq)?;
             rx.seq += 1;
             let payload = body_at + plain.start..body_at + plain.end;
-            at = end;
-            if payload.is_empty() {
-                rx.empty_in_a_row += 1;
-                if rx.empty_in_a_row > MAX_EMPTY_IN_A_ROW {
-                    return Err(Broken::protocol(
-                        AlertDescription::UnexpectedMessage,
-                        format!("peer sent more than {MAX_EMPTY_IN_A_ROW} empty records in a row"),
-                    ));
-                }
-            } else {
-                rx.empty_in_a_row = 0;
+            if rx.rules.record(typ, &buf[payload.clone()])? == Control::Closed {
+                *at = end;
+                return Ok(Control::Closed);
             }
-            if typ != ContentType::Handshake && !rx.handshake.is_empty() {
-                return Err(Broken::protocol(
-                    AlertDescription::UnexpectedMessage,
-                    "peer interleaved a record with a split handshake message",
-                ));
+            if typ == ContentType::ApplicationData && !payload.is_empty() {
+                ranges.push(payload);
             }
-            match typ {
-                ContentType::ApplicationData => {
-                    if !payload.is_empty() {
-                        ranges.push(payload);
-                    }
-                }
-                ContentType::Alert => {
-                    if self.alert(&mut rx, &buf[payload])? == Control::Closed {
-                        return Ok((at, Control::Closed));
-                    }
-                }
-                ContentType::Handshake => self.post_handshake(&mut rx, &buf[payload])?,
-                other => {
-                    return Err(Broken::protocol(
-                        AlertDescription::UnexpectedMessage,
-                        format!("peer sent an unexpected {other:?} record"),
-                    ));
-                }
-            }
+            *at = end;
         }
         // A record cannot end past what a read holds: a peer announcing a
         // longer one is refused by `check_header` first.
-        Ok((at, Control::None))
+        Ok(Control::None)
     }
 
-    /// A record header this leg may receive; returns the body length.
-    fn check_header(&self, header: [u8; HEADER]) -> Result<usize, Broken> {
-        let [typ, major, _, hi, lo] = header;
-        let len = usize::from(u16::from_be_bytes([hi, lo]));
-        if major != 3 {
-            return Err(Broken::protocol(
-                AlertDescription::DecodeError,
-                format!("peer sent a record with version {major}.x"),
-            ));
-        }
-        let (max, outer_ok) = match self.version {
+    /// Judges what there is of a record header (one to five bytes); the
+    /// body length once it is whole.
+    fn check_header(&self, header: &[u8]) -> Result<Option<usize>, Broken> {
+        let (max, outer_ok): (usize, fn(u8) -> bool) = match self.version {
             // RFC 8446 §5.2: the outer type of a protected record is always 23.
-            Version::Tls13 => (MAX_CIPHERTEXT_TLS13, typ == 23),
-            Version::Tls12 => (MAX_CIPHERTEXT_TLS12 - 1, matches!(typ, 21..=23)),
+            Version::Tls13 => (MAX_CIPHERTEXT_TLS13, |t| t == 23),
+            Version::Tls12 => (MAX_CIPHERTEXT_TLS12 - 1, |t| matches!(t, 21..=23)),
         };
-        if !outer_ok {
+        if let Some(&typ) = header.first()
+            && !outer_ok(typ)
+        {
             return Err(Broken::protocol(
                 AlertDescription::UnexpectedMessage,
                 format!("peer sent a record of outer type {typ} after the handshake"),
             ));
         }
+        // The version, once both its bytes are in. TLS 1.3 records say 3.3
+        // (RFC 8446 §5.1), TLS 1.2 ones 3.x. rustls is looser: it takes any
+        // version it has a name for (SSL 2 and DTLS included) and, in TLS
+        // 1.3, authenticates 3.3 in place of what was sent. The kernel, like
+        // this layer, refuses them.
+        if let Some(&[major, minor]) = header.get(1..3) {
+            let ok = match self.version {
+                Version::Tls13 => (major, minor) == (3, 3),
+                Version::Tls12 => major == 3,
+            };
+            if !ok {
+                return Err(Broken::protocol(
+                    AlertDescription::DecodeError,
+                    format!("peer sent a record with version {major}.{minor}"),
+                ));
+            }
+        }
+        let &[_, _, _, hi, lo] = header else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
         if len > max {
             return Err(Broken::protocol(
                 AlertDescription::RecordOverflow,
                 format!("peer sent an oversized TLS record ({len} bytes)"),
             ));
         }
-        Ok(len)
-    }
-
-    /// An alert from the peer: close_notify ends its direction; a TLS 1.2
-    /// warning (or TLS 1.3's user_canceled) is let pass a few times, as
-    /// rustls does; anything else ends the connection.
-    fn alert(&self, rx: &mut Opener, body: &[u8]) -> Result<Control, Broken> {
-        let &[level, description] = body else {
-            return Err(Broken::protocol(
-                AlertDescription::DecodeError,
-                format!("peer sent a malformed TLS alert ({} bytes)", body.len()),
-            ));
-        };
-        let desc = AlertDescription::from(description);
-        if !matches!(level, 1 | 2) {
-            return Err(Broken::protocol(
-                AlertDescription::IllegalParameter,
-                format!("peer sent TLS alert {desc:?} with unknown level {level}"),
-            ));
-        }
-        if desc == AlertDescription::CloseNotify {
-            return Ok(Control::Closed);
-        }
-        if level == 2 {
-            return Err(format!("peer sent fatal TLS alert {desc:?}").into());
-        }
-        if rx.warnings_left == 0 {
-            return Err(format!("peer sent too many warning alerts (last {desc:?})").into());
-        }
-        rx.warnings_left -= 1;
-        if self.version == Version::Tls13 && desc != AlertDescription::UserCanceled {
-            return Err(Broken::protocol(
-                AlertDescription::DecodeError,
-                format!("peer sent warning alert {desc:?}, which TLS 1.3 does not allow"),
-            ));
-        }
-        tracing::debug!(alert = ?desc, "ignoring a warning alert from the peer");
-        Ok(Control::None)
-    }
-
-    /// Messages after the handshake. A TLS 1.3 server may send session
-    /// tickets (dropped: we never resume); a KeyUpdate needs new keys this
-    /// layer cannot derive, so it ends the connection; everything else,
-    /// renegotiation included, is refused. Messages may span records.
-    fn post_handshake(&self, rx: &mut Opener, fragment: &[u8]) -> Result<(), Broken> {
-        if fragment.is_empty() {
-            // RFC 8446 §5.1: zero-length fragments of handshake types are not sent.
-            return Err(Broken::protocol(
-                AlertDescription::UnexpectedMessage,
-                "peer sent an empty handshake record",
-            ));
-        }
-        let joined;
-        let mut msgs = if rx.handshake.is_empty() {
-            fragment
-        } else {
-            rx.handshake.extend_from_slice(fragment);
-            joined = std::mem::take(&mut rx.handshake);
-            &joined[..]
-        };
-        while let [typ, a, b, c, rest @ ..] = msgs {
-            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-            if len > MAX_HANDSHAKE_MESSAGE {
-                return Err(Broken::protocol(
-                    AlertDescription::DecodeError,
-                    format!("peer announced a {len}-byte handshake message"),
-                ));
-            }
-            if rest.len() < len {
-                break;
-            }
-            self.handshake_message(*typ, &rest[..len])?;
-            msgs = &rest[len..];
-        }
-        // The start of a message whose rest is in a later record.
-        rx.handshake = msgs.to_vec();
-        Ok(())
-    }
-
-    fn handshake_message(&self, typ: u8, body: &[u8]) -> Result<(), Broken> {
-        let unexpected = |what: String| Broken::protocol(AlertDescription::UnexpectedMessage, what);
-        match (self.version, self.peer, typ) {
-            (Version::Tls13, _, HANDSHAKE_KEY_UPDATE) => Err(
-                "peer sent a TLS KeyUpdate; the record layer cannot take new keys, closing".into(),
-            ),
-            (Version::Tls13, PeerRole::Server, HANDSHAKE_NEW_SESSION_TICKET) => Ok(()),
-            (Version::Tls12, PeerRole::Server, HANDSHAKE_HELLO_REQUEST)
-            | (Version::Tls12, PeerRole::Client, 1) => Err(Broken::protocol(
-                AlertDescription::NoRenegotiation,
-                "peer tried to renegotiate (refused)",
-            )),
-            (_, PeerRole::Client, HANDSHAKE_NEW_SESSION_TICKET) => Err(unexpected(
-                "client sent a session ticket, which only servers send".into(),
-            )),
-            (_, _, t) => Err(unexpected(format!(
-                "peer sent handshake message {t} ({} bytes) after the handshake",
-                body.len()
-            ))),
-        }
+        Ok(Some(len))
     }
 
     /// The record slots plaintext for this leg is read into.

@@ -73,6 +73,7 @@ impl RecordLeg {
         let layer =
             RecordLayer::from_secrets(f.version, peer, secrets.rx, secrets.tx, f.record_limit)
                 .map_err(HandOffError::new)?;
+        super::reset_if_dropped(&f.stream, false);
         Ok(RecordLeg {
             stream: f.stream,
             layer,
@@ -177,6 +178,8 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 if buf.filled == 0 {
                     buf.release();
+                } else {
+                    buf.park();
                 }
                 continue;
             }
@@ -198,17 +201,17 @@ async fn pump(
         let (data, ranges) = buf.parts();
         let data = &mut data[..filled];
         ranges.clear();
-        let consumed = match src {
+        let (consumed, refused) = match src {
             Side::Plain(_) => {
                 ranges.push(0..data.len());
-                data.len()
+                (data.len(), None)
             }
             Side::Records(leg) => {
-                let (consumed, control) = leg.layer.open(data, ranges)?;
-                if control == Control::Closed {
+                let opened = leg.layer.open(data, ranges);
+                if opened.control == Control::Closed {
                     open = false;
                 }
-                consumed
+                (opened.taken, opened.refused)
             }
         };
         let n: usize = ranges.iter().map(|r| r.len()).sum();
@@ -217,6 +220,10 @@ async fn pump(
             Box::pin(send(dst, ranges, data)).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
+        }
+        // What came before a refused record is delivered, as rustls would.
+        if let Some(broken) = refused {
+            return Err(broken);
         }
         // Keep only the start of a record still on its way.
         data.copy_within(consumed.., 0);
@@ -265,6 +272,8 @@ struct Buffer {
     /// burst of tiny records (thousands in one read) must not leave its
     /// peak size with the connection for its life.
     ranges: Vec<Range<usize>>,
+    /// The start of a record while the buffer is back in the pool (`park`).
+    parked: Box<[u8]>,
 }
 
 const POOL: usize = 64;
@@ -275,13 +284,31 @@ static BUFFERS: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 impl Buffer {
     fn get(&mut self) -> &mut [u8] {
-        self.data.get_or_insert_with(|| {
+        let data = self.data.get_or_insert_with(|| {
             BUFFERS
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop()
                 .unwrap_or_else(|| vec![0; CAPACITY])
-        })
+        });
+        if !self.parked.is_empty() {
+            data[..self.parked.len()].copy_from_slice(&self.parked);
+            self.parked = Box::default();
+        }
+        data
+    }
+
+    /// Nothing more to read for now, but the start of a record is here: it
+    /// waits in an allocation of its own size, and the 64 KiB buffer goes
+    /// back to the pool. A peer trickling a record holds what it sent, at
+    /// most one record, not a read buffer and a list of ranges.
+    fn park(&mut self) {
+        if let Some(data) = &self.data {
+            self.parked = data[..self.filled].into();
+        }
+        let filled = self.filled;
+        self.release();
+        self.filled = filled;
     }
 
     /// The buffer (taken from the pool if need be) and its range list.
@@ -387,5 +414,24 @@ mod tests {
             24,
             "three words, no heap"
         );
+    }
+
+    /// A record trickled in: between reads the connection keeps the bytes
+    /// it has of it, not the read buffer or the ranges of a burst before
+    /// it; the next read finds them where they were.
+    #[test]
+    fn a_partial_record_is_parked_in_its_own_size() {
+        let mut buf = Buffer::default();
+        let (data, ranges) = buf.parts();
+        ranges.extend((0..READ / 23).map(|i| i * 23..i * 23 + 1));
+        data[..7].copy_from_slice(b"partial");
+        buf.filled = 7;
+        buf.park();
+        assert!(buf.data.is_none(), "the 64 KiB buffer went back");
+        assert_eq!(buf.ranges.capacity(), 0);
+        assert_eq!(&buf.parked[..], b"partial");
+        assert_eq!(buf.filled, 7);
+        assert_eq!(&buf.get()[..7], b"partial");
+        assert!(buf.parked.is_empty());
     }
 }

@@ -15,17 +15,15 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use rustls::AlertDescription;
+use rustls::{AlertDescription, ContentType};
 
-use super::{KernelLeg, PeerRole, sys};
+use super::post_handshake::{Control, PeerRules};
+use super::{KernelLeg, sys};
 use crate::forward::{self, Activity, Broken, Transfer, read_ready, write_ready};
 
 const ALERT: u8 = 21;
-const HANDSHAKE: u8 = 22;
 const APPLICATION_DATA: u8 = 23;
 const CLOSE_NOTIFY: u8 = 0;
-const NEW_SESSION_TICKET: u8 = 4;
-const KEY_UPDATE: u8 = 24;
 
 /// One end of a kernel-path connection.
 pub enum Side {
@@ -82,6 +80,9 @@ async fn pump(
         activity.touch();
     }
     let mut open = !src.kernel().is_some_and(|k| k.peer_closed);
+    // What a kernel-TLS peer may send besides data, judged as the record
+    // layer judges it.
+    let mut rules = src.kernel().map(|k| PeerRules::new(k.version, k.peer));
     while open {
         read_ready(from)
             .await
@@ -89,28 +90,39 @@ async fn pump(
         let n = match from.try_io(Interest::READABLE, || {
             sys::splice(from, &pipe.write, capacity)
         }) {
-            Ok(0) => {
-                if src.kernel().is_some() {
+            Ok(0) => match &mut rules {
+                None => break,
+                // splice returns 0 for an empty record as for the end of the
+                // stream: only the peer's FIN says which.
+                Some(rules) if !peer_finished(from)? => {
+                    rules.empty()?;
+                    continue;
+                }
+                Some(_) => {
                     return Err(
                         "truncation: the sender closed the connection without close_notify".into(),
                     );
                 }
-                break;
-            }
+            },
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src.kernel().is_some() => {
-                let peer = src.kernel().map_or(PeerRole::Client, |k| k.peer);
-                match Box::pin(control_record(from, to, peer)).await? {
-                    Control::Closed => open = false,
-                    Control::Continue => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match &mut rules {
+                Some(rules) => {
+                    match Box::pin(control_record(from, to, rules, moved, activity)).await? {
+                        Control::Closed => open = false,
+                        Control::None => {}
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(e) => return Err(describe(&e, src.kernel().is_some())),
+                None => return Err(describe(&e, false)),
+            },
+            Err(e) => return Err(describe(&e, rules.is_some())),
         };
         moved.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
+        if let Some(rules) = &mut rules {
+            rules.data();
+        }
         if let Some(k) = src.kernel() {
             check_records(k, sys::TLS_RX, capacity)?;
         }
@@ -133,101 +145,56 @@ async fn pump(
     Box::pin(half_close(dst)).await
 }
 
-#[derive(Debug)]
-enum Control {
-    /// close_notify: this direction is done.
-    Closed,
-    /// Handled; splice on.
-    Continue,
+/// Whether the peer has sent its FIN.
+fn peer_finished(s: &TcpStream) -> Result<bool, Broken> {
+    sys::peer_finished(s).map_err(|e| format!("polling for the peer's FIN: {e}").into())
 }
 
-/// Reads the control record that stopped splice and acts on it.
+/// Reads the record that stopped splice (kTLS answers EINVAL when the next
+/// record is not application data) and judges it with `rules`.
+///
+/// Such a record is already decrypted and waiting, so recvmsg has it at
+/// once. When it does not, the kernel's record parser stopped on a header
+/// it refused (a wrong version, say) and nothing will ever come: that is
+/// the peer's protocol error, not a record to wait for.
 async fn control_record(
     from: &TcpStream,
     to: &TcpStream,
-    peer: PeerRole,
+    rules: &mut PeerRules,
+    moved: &AtomicU64,
+    activity: &Activity,
 ) -> Result<Control, Broken> {
     // A record is at most 2^14 bytes of plaintext (plus padding slack).
     let mut buf = vec![0u8; 16 * 1024 + 256];
-    let (kind, n) = loop {
-        read_ready(from)
-            .await
-            .map_err(|e| format!("waiting to read: {e}"))?;
-        match from.try_io(Interest::READABLE, || {
-            sys::recv_record(from, &mut buf)
-                .and_then(|r| r.ok_or_else(|| io::ErrorKind::WouldBlock.into()))
-        }) {
-            Ok(x) => break x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(describe(&e, true)),
+    let (kind, n) = match sys::recv_record(from, &mut buf) {
+        Ok(Some(x)) => x,
+        Ok(None) => {
+            return Err(Broken::protocol(
+                AlertDescription::DecodeError,
+                "peer sent a record the kernel refused to parse (malformed header)",
+            ));
         }
+        Err(e) => return Err(describe(&e, true)),
     };
     let record = &buf[..n];
-    let unexpected = |why: String| Broken::protocol(AlertDescription::UnexpectedMessage, why);
-    match kind {
-        ALERT => match record {
-            [_, CLOSE_NOTIFY] => Ok(Control::Closed),
-            [level, description] => Err(format!(
-                "peer sent TLS alert {:?} (level {level})",
-                AlertDescription::from(*description)
-            )
-            .into()),
-            _ => Err(Broken::protocol(
-                AlertDescription::DecodeError,
-                format!("peer sent a malformed alert ({n} bytes)"),
-            )),
-        },
-        HANDSHAKE => handshake_messages(record, peer),
-        APPLICATION_DATA => {
-            // Data after all (recvmsg found no control record): pass it on.
-            write_all(to, record).await?;
-            Ok(Control::Continue)
-        }
-        other => Err(unexpected(format!(
-            "peer sent a TLS record of type {other} after the handshake"
-        ))),
-    }
-}
-
-/// Post-handshake messages: a server's tickets are not used (no
-/// resumption towards backends), a KeyUpdate needs receive rekeying these
-/// kernels lack, and a client sends neither tickets nor anything else.
-fn handshake_messages(mut record: &[u8], peer: PeerRole) -> Result<Control, Broken> {
-    let unexpected = |why: String| Broken::protocol(AlertDescription::UnexpectedMessage, why);
-    if record.is_empty() {
-        return Err(unexpected("peer sent an empty handshake record".into()));
-    }
-    while !record.is_empty() {
-        let [kind, a, b, c, rest @ ..] = record else {
-            return Err(unexpected(
-                "peer sent a handshake message split across records".into(),
-            ));
-        };
-        let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
-        if rest.len() < len {
-            return Err(unexpected(
-                "peer sent a handshake message split across records".into(),
-            ));
-        }
-        match (*kind, peer) {
-            (NEW_SESSION_TICKET, PeerRole::Server) => {
-                tracing::debug!("ignoring a session ticket after the kernel TLS hand-off");
-            }
-            (KEY_UPDATE, _) => {
+    if kind == APPLICATION_DATA {
+        // Data after all (recvmsg found no control record): pass it on.
+        if n == 0 {
+            if peer_finished(from)? {
                 return Err(
-                    "peer sent a TLS KeyUpdate; kernel TLS cannot take new receive keys, closing"
-                        .into(),
+                    "truncation: the sender closed the connection without close_notify".into(),
                 );
             }
-            (other, _) => {
-                return Err(unexpected(format!(
-                    "peer sent handshake message type {other} after the handshake"
-                )));
-            }
+            rules.empty()?;
+            return Ok(Control::None);
         }
-        record = &rest[len..];
+        rules.data();
+        write_all(to, record).await?;
+        moved.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+        return Ok(Control::None);
     }
-    Ok(Control::Continue)
+    rules.record(ContentType::from(kind), record)
 }
 
 /// Closes before a key has sealed or opened more records than its cipher
@@ -310,7 +277,10 @@ impl forward::Leg for Side {
         let stream = self.stream();
         if let (Side::Kernel(_), Some(alert)) = (self, alert) {
             // The kernel frames records itself, so an alert is always whole;
-            // a half-close keeps a reset from overtaking it.
+            // a half-close keeps a reset from overtaking it. A decryption
+            // failure leaves EBADMSG pending on the socket, which would fail
+            // the send: read it off first.
+            let _ = stream.take_error();
             let sent = sys::send_record(stream, ALERT, &[2, u8::from(alert)])
                 .and_then(|()| sys::shutdown_write(stream));
             if sent.is_ok() {
@@ -380,31 +350,5 @@ mod tests {
             (t.client_to_backend, t.backend_to_client, t.end),
             (up.len() as u64, down.len() as u64, End::Completed)
         );
-    }
-
-    #[test]
-    fn post_handshake_messages() {
-        let ticket = [NEW_SESSION_TICKET, 0, 0, 2, 0xAA, 0xBB];
-        let server = PeerRole::Server;
-        assert!(matches!(
-            handshake_messages(&ticket, server),
-            Ok(Control::Continue)
-        ));
-        let two = [ticket.as_slice(), ticket.as_slice()].concat();
-        assert!(matches!(
-            handshake_messages(&two, server),
-            Ok(Control::Continue)
-        ));
-        let key_update = [KEY_UPDATE, 0, 0, 1, 0];
-        let err = handshake_messages(&key_update, server).err().unwrap();
-        assert!(err.why.contains("KeyUpdate"), "{err:?}");
-        let truncated = [NEW_SESSION_TICKET, 0, 0, 9, 1];
-        assert!(handshake_messages(&truncated, server).is_err());
-        let hello_request = [0, 0, 0, 0];
-        assert!(handshake_messages(&hello_request, server).is_err());
-        // A client has no tickets to give; an empty record is no message.
-        let err = handshake_messages(&ticket, PeerRole::Client).unwrap_err();
-        assert_eq!(err.alert, Some(AlertDescription::UnexpectedMessage));
-        assert!(handshake_messages(&[], server).is_err());
     }
 }

@@ -348,6 +348,41 @@ pub fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<
     }
 }
 
+/// SO_LINGER with a zero timeout (`on`), so that closing the socket resets
+/// the connection, or back to the default orderly close.
+pub fn reset_on_close(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: libc::c_int::from(on),
+        l_linger: 0,
+    };
+    // SAFETY: the option value is a live `linger` of the size we pass.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })
+}
+
+/// Whether the peer has sent its FIN (or the connection is gone), without
+/// waiting: POLLRDHUP says so whatever is still queued.
+pub fn peer_finished(fd: &impl AsRawFd) -> io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a timeout of 0: poll only reads and writes it.
+    let n = unsafe { libc::poll(&raw mut p, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0)
+}
+
 /// Half-closes a socket: FIN to the peer, reading goes on.
 pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     // SAFETY: shutdown(2) on a descriptor we own a reference to.
@@ -359,6 +394,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fin_is_seen_without_reading() {
+        use std::io::Write as _;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        a.write_all(b"queued").unwrap();
+        assert!(!peer_finished(&b).unwrap(), "data is no FIN");
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !peer_finished(&b).unwrap() {
+            assert!(std::time::Instant::now() < deadline, "FIN seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
     fn the_control_buffer_fits_a_cmsghdr() {
         assert!(std::mem::align_of::<OneByteCmsg>() >= std::mem::align_of::<libc::cmsghdr>());
         // SAFETY: CMSG_SPACE is a pure size computation.
@@ -367,23 +418,38 @@ mod tests {
         assert!(OneByteCmsg::new().is_ok());
     }
 
+    /// Dropping a crypto_info wipes its key material: read back through
+    /// its memory after the drop ran, before the memory is freed.
     #[test]
-    fn key_material_is_zeroized() {
-        let mut info = CryptoInfo::Aes256Gcm(Aes256Gcm {
+    fn key_material_is_zeroized_on_drop() {
+        let info = Box::new(CryptoInfo::Aes256Gcm(Aes256Gcm {
             version: TLS_1_3_VERSION,
             cipher_type: TLS_CIPHER_AES_GCM_256,
             iv: [1; 8],
             key: [2; 32],
             salt: [3; 4],
             rec_seq: [4; 8],
-        });
-        info.zeroize();
-        let CryptoInfo::Aes256Gcm(c) = &info else {
-            unreachable!()
+        }));
+        let raw = Box::into_raw(info);
+        // SAFETY: `raw` is a live, initialised CryptoInfo from Box::into_raw.
+        let (key, iv) = match unsafe { &*raw } {
+            CryptoInfo::Aes256Gcm(c) => (c.key.as_ptr(), c.iv.as_ptr()),
+            _ => unreachable!(),
         };
-        assert_eq!(
-            (c.iv, c.key, c.salt, c.rec_seq),
-            ([0; 8], [0; 32], [0; 4], [0; 8])
-        );
+        // SAFETY: dropped once, in place; its memory stays allocated (and
+        // its bytes initialised) until freed below as MaybeUninit, which
+        // drops nothing again.
+        let (key, iv) = unsafe {
+            std::ptr::drop_in_place(raw);
+            let bytes = (
+                std::slice::from_raw_parts(key, 32).to_vec(),
+                std::slice::from_raw_parts(iv, 8).to_vec(),
+            );
+            drop(Box::from_raw(
+                raw.cast::<std::mem::MaybeUninit<CryptoInfo>>(),
+            ));
+            bytes
+        };
+        assert!(key.iter().chain(&iv).all(|&b| b == 0), "{key:?} {iv:?}");
     }
 }
