@@ -1,0 +1,4 @@
+//! The fuzz targets' code, in a library so each target's file stays a
+//! one-line entry point.
+
+pub mod records;
