@@ -308,11 +308,17 @@ fn relay<'a>(
             }
         };
         // A plain backend stays out of the hand-off, so that whatever ends
-        // it can still reset the backend rather than close it cleanly.
+        // it can still reset the backend rather than close it cleanly; the
+        // TLS legs reset if the hand-off drops them (each goes back to an
+        // orderly close once it is handed over).
         let (plain, upstream_tls) = match backend {
             Upstream::Plain(s) => (Some(s), None),
             Upstream::Tls(t) => (None, Some(t)),
         };
+        offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+        if let Some(t) = &upstream_tls {
+            offload::reset_if_dropped(t.get_ref().0.get_ref(), true);
+        }
         let failed = |end: forward::End, plain: Option<TcpStream>| {
             if let Some(s) = &plain {
                 let _ = s.set_zero_linger();

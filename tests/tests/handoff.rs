@@ -109,6 +109,16 @@ async fn a_client_that_stalls_the_hand_off_is_closed_at_the_handshake_timeout() 
     );
     assert_eq!(backend.next_end().await, (Vec::new(), StreamEnd::Reset));
     assert_eq!(gw.registry.len(), 0, "nothing is held");
+    // The client too is told the stream was cut, not ended.
+    let mut rest = [0u8; 64];
+    let read = tokio::time::timeout(STEP, tokio::io::AsyncReadExt::read(&mut raw.tcp, &mut rest))
+        .await
+        .expect("closed, not hung");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a reset, not the FIN of an orderly end"
+    );
 }
 
 /// The same stall with a long handshake timeout: shutdown's drain timeout

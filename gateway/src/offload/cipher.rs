@@ -46,8 +46,51 @@ pub(crate) const TAG: usize = 16;
 /// ring keeps its key schedule inline (544 bytes); AWS-LC's handle points
 /// to one it allocated. Boxed, both cost the same in a connection.
 pub(crate) enum Key {
-    Ring(Box<ring::aead::LessSafeKey>),
+    Ring(RingKey),
     AwsLc(aws_lc_rs::aead::LessSafeKey),
+}
+
+/// ring's key, wiped when dropped: ring keeps the expanded AES round keys
+/// (from which the key falls out at once) in plain memory and never
+/// clears them. (AWS-LC clears its own context when it frees it.)
+pub(crate) struct RingKey(std::mem::ManuallyDrop<Box<ring::aead::LessSafeKey>>);
+
+impl RingKey {
+    fn new(key: ring::aead::LessSafeKey) -> RingKey {
+        RingKey(std::mem::ManuallyDrop::new(Box::new(key)))
+    }
+}
+
+impl std::ops::Deref for RingKey {
+    type Target = ring::aead::LessSafeKey;
+
+    fn deref(&self) -> &ring::aead::LessSafeKey {
+        &self.0
+    }
+}
+
+impl Drop for RingKey {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here, and the field is never touched again.
+        let key = unsafe { std::mem::ManuallyDrop::take(&mut self.0) };
+        drop(wipe(key));
+    }
+}
+
+/// Overwrites a boxed value with zeroes (volatile writes the optimizer
+/// keeps) and hands back its memory, to be freed without dropping a value:
+/// only for types without drop glue.
+fn wipe<T>(b: Box<T>) -> Box<std::mem::MaybeUninit<T>> {
+    use zeroize::Zeroize as _;
+    const { assert!(!std::mem::needs_drop::<T>()) };
+    let raw = Box::into_raw(b).cast::<std::mem::MaybeUninit<T>>();
+    // SAFETY: `raw` comes from Box::into_raw and MaybeUninit<T> has T's
+    // layout, so it is freed as it was allocated; T has no drop glue
+    // (checked at compile time), so overwriting it and never dropping it
+    // leaks nothing and reads no invalid value.
+    let mut wiped = unsafe { Box::from_raw(raw) };
+    wiped.zeroize();
+    wiped
 }
 
 /// The key had the wrong length for its algorithm.
@@ -72,7 +115,7 @@ impl Key {
                     Algorithm::Chacha20Poly1305 => &ring::aead::CHACHA20_POLY1305,
                 };
                 let k = ring::aead::UnboundKey::new(alg, key).map_err(|_| BadKey)?;
-                Key::Ring(Box::new(ring::aead::LessSafeKey::new(k)))
+                Key::Ring(RingKey::new(ring::aead::LessSafeKey::new(k)))
             }
             Library::AwsLc => {
                 let alg = match alg {
@@ -281,5 +324,20 @@ mod tests {
             pick(Duration::from_micros(9), Duration::from_micros(9)),
             Library::AwsLc
         );
+    }
+
+    /// ring's key schedule is gone when its key is: every byte of it is
+    /// zero before the memory is freed.
+    #[test]
+    fn a_ring_key_is_wiped() {
+        let key = ring::aead::LessSafeKey::new(
+            ring::aead::UnboundKey::new(&ring::aead::AES_128_GCM, &[0x5a; 16]).unwrap(),
+        );
+        let wiped = wipe(Box::new(key));
+        let size = std::mem::size_of::<ring::aead::LessSafeKey>();
+        // SAFETY: every byte was just written (zeroed), so all are initialised.
+        let bytes = unsafe { std::slice::from_raw_parts(wiped.as_ptr().cast::<u8>(), size) };
+        assert!(size > 500, "the whole key schedule: {size} bytes");
+        assert!(bytes.iter().all(|&b| b == 0));
     }
 }
