@@ -479,8 +479,7 @@ async fn handshake(
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    judge(&route, &result, decision, conn);
-    let tls = result.ok()?;
+    let tls = judge(&route, result, decision, conn)?;
     let (_, session) = tls.get_ref();
     conn.tls_version = session.protocol_version().map(|v| match v {
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
@@ -494,13 +493,14 @@ async fn handshake(
 }
 
 /// Turns what the verifier decided and how the handshake ended into the
-/// access log's verdict and reason, and counts it on the route.
+/// access log's verdict and reason, and counts it on the route. Gives back
+/// the connection only when it may go on.
 fn judge<T>(
     route: &Route,
-    result: &std::io::Result<T>,
+    result: std::io::Result<T>,
     decision: crate::tls::Decision,
     conn: &mut Conn,
-) {
+) -> Option<T> {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
     conn.identity_value = decision.identity.map(Box::new);
     // Why the client would be (or was) refused, if it would be.
@@ -514,7 +514,7 @@ fn judge<T>(
         // No certificate reached the verifier.
         (None, None) => Some("client presented no certificate".to_owned()),
     };
-    match (result, objection) {
+    match (&result, objection) {
         (Ok(_), None) => {
             conn.verdict = Verdict::Allow;
             route.stats.allowed.fetch_add(1, Ordering::Relaxed);
@@ -543,6 +543,7 @@ fn judge<T>(
             }
         }
     }
+    result.ok()
 }
 
 /// A failed handshake is a refusal when the verifier objected, or when the
