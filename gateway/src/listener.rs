@@ -527,10 +527,14 @@ fn judge<T>(
                 "audit: would deny, letting through");
         }
         (Ok(_), Some(why)) => {
-            // Unreachable with enforcement in the verifier; refuse rather than guess.
+            // An enforcing verifier never lets this happen; if it does, the
+            // handshake's success is not a verdict: refuse rather than guess.
+            tracing::error!(route = %route.name, client = %conn.client, reason = %why,
+                "handshake completed on an enforcing route although the client was refused: closing");
             conn.verdict = Verdict::Deny;
             conn.reason = format!("refused after handshake: {why}");
             route.stats.denied.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         (Err(e), objection) => {
             let is_refusal = decision_was_refusal(e, objection.is_some());
@@ -554,4 +558,92 @@ fn decision_was_refusal(e: &std::io::Error, verifier_objected: bool) -> bool {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .is_some_and(|r| matches!(r, rustls::Error::NoCertificatesPresented));
     no_cert || verifier_objected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::RouteStats;
+    use crate::policy::{DenyReason, Policy};
+    use crate::tls::{Decision, RouteAuth};
+
+    fn route(mode: Mode) -> Route {
+        Route {
+            name: "orders".into(),
+            auth: RouteAuth {
+                mode,
+                trust: None,
+                device_trust: None,
+                policy: Arc::new(Policy::default()),
+            },
+            backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),
+            upstream_tls: None,
+            stats: Arc::new(RouteStats::default()),
+        }
+    }
+
+    fn conn() -> Conn {
+        Conn {
+            started: Instant::now(),
+            listener: "edge".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            route: None,
+            identity_value: None,
+            mode: None,
+            sni: None,
+            identity: None,
+            verdict: Verdict::Error,
+            reason: String::new(),
+            backend: None,
+            client_to_backend: 0,
+            backend_to_client: 0,
+            tls_version: None,
+            cipher_suite: None,
+            offload: None,
+            offload_reason: None,
+        }
+    }
+
+    /// A handshake that completed although the verifier objected (no
+    /// enforcing verifier would let that happen, but nothing else stops it):
+    /// enforce refuses, audit lets it through as a would-deny.
+    #[test]
+    fn an_objection_after_a_completed_handshake_refuses_in_enforce() {
+        let objections = [
+            Decision {
+                refused: Some("client certificate refused: test".into()),
+                ..Decision::default()
+            },
+            Decision {
+                verdict: Some(crate::policy::Verdict::Deny(DenyReason::NoAllowRules)),
+                ..Decision::default()
+            },
+            // No certificate reached the verifier at all.
+            Decision::default(),
+        ];
+        for decision in objections {
+            let enforce = route(Mode::Enforce);
+            let mut c = conn();
+            let admitted = judge(&enforce, Ok("stream"), decision.clone(), &mut c);
+            assert_eq!(
+                admitted, None,
+                "{decision:?} must not pass an enforcing route"
+            );
+            assert_eq!(c.verdict, Verdict::Deny);
+            assert!(
+                c.reason.starts_with("refused after handshake: "),
+                "{}",
+                c.reason
+            );
+            assert_eq!(enforce.stats.denied.load(Ordering::Relaxed), 1);
+
+            let audit = route(Mode::Audit);
+            let mut c = conn();
+            assert_eq!(
+                judge(&audit, Ok("stream"), decision, &mut c),
+                Some("stream")
+            );
+            assert_eq!(c.verdict, Verdict::Audit);
+        }
+    }
 }
