@@ -57,7 +57,7 @@ pub async fn accept_loop(
         if active.load(Ordering::Relaxed) >= listener.max_connections {
             tracing::warn!(listener = %listener.name, client = %peer,
                 max_connections = listener.max_connections, "connection refused: max_connections reached");
-            shared.metrics.refused_max_connections(&listener.name);
+            shared.metrics.refused(&listener.name, "max_connections");
             let mut conn = Conn::new(&listener, peer);
             conn.reason = format!("max_connections ({}) reached", listener.max_connections);
             shared.log.emit(conn.record());
@@ -190,7 +190,7 @@ fn serve<'a>(
         // life, and the handshake's (rustls' whole connection) is the largest.
         let handshake = tokio::time::timeout(
             listener.handshake_timeout,
-            Box::pin(handshake(listener, stream, &mut conn)),
+            Box::pin(handshake(listener, stream, &mut conn, &shared.metrics)),
         );
         let tls = tokio::select! {
             r = handshake => match r {
@@ -412,6 +412,7 @@ async fn handshake(
     listener: &ListenerState,
     mut stream: TcpStream,
     conn: &mut Conn,
+    metrics: &Metrics,
 ) -> Option<(Arc<Route>, Box<ClientTls>)> {
     let mut acceptor = Acceptor::default();
     let mut buf = vec![0u8; 4096];
@@ -468,6 +469,15 @@ async fn handshake(
     {
         Ok(x) => x,
         Err(e) => {
+            tracing::error!(listener = %listener.name, route = %route.name, client = %conn.client,
+                error = %e, "connection refused: no TLS configuration for its route");
+            metrics.refused(
+                &listener.name,
+                match e {
+                    crate::tls::TlsError::UnknownBundle(_) => "unknown_trust_bundle",
+                    _ => "tls_config",
+                },
+            );
             conn.reason = format!("TLS config: {e}");
             return None;
         }

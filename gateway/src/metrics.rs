@@ -29,7 +29,8 @@ pub struct RouteStats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
-    refused_max_connections: Mutex<BTreeMap<String, u64>>,
+    /// Connections refused without a route decision, by listener and reason.
+    refused: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Connections by listener, path ("kernel", "userspace") and fallback reason.
     offload: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     expiries: Mutex<Vec<crate::expiry::Expiry>>,
@@ -67,12 +68,15 @@ impl Metrics {
         }
     }
 
-    pub fn refused_max_connections(&self, listener: &str) {
+    /// Counts a connection refused before any route decision: `reason` is
+    /// `max_connections` (at accept) or `unknown_trust_bundle` (a route names
+    /// a bundle its listener does not have).
+    pub fn refused(&self, listener: &str, reason: &'static str) {
         *self
-            .refused_max_connections
+            .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(listener.to_owned())
+            .entry((listener.to_owned(), reason))
             .or_default() += 1;
     }
 
@@ -106,17 +110,17 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP gateway_connections_refused_total Connections closed at accept.\n");
+        out.push_str("# HELP gateway_connections_refused_total Connections refused without a route decision, by reason.\n");
         out.push_str("# TYPE gateway_connections_refused_total counter\n");
-        for (listener, n) in self
-            .refused_max_connections
+        for ((listener, reason), n) in self
+            .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
             let _ = writeln!(
                 out,
-                "gateway_connections_refused_total{{listener=\"{}\",reason=\"max_connections\"}} {n}",
+                "gateway_connections_refused_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
                 escape(listener)
             );
         }

@@ -36,6 +36,11 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     #[error("offload = \"kernel\", but {0}")]
     Offload(String),
+    /// A route names a trust bundle its listener did not load. Config
+    /// checks make this unreachable; if it happens anyway the connection is
+    /// refused, never judged by another bundle.
+    #[error("trust bundle {0:?} is not loaded for this listener")]
+    UnknownBundle(String),
 }
 
 /// The crypto every TLS context in the gateway uses.
@@ -166,10 +171,39 @@ impl ListenerTls {
         })
     }
 
-    fn bundle(&self, name: Option<&str>) -> Arc<dyn ClientCertVerifier> {
-        name.and_then(|n| self.bundles.get(n))
-            .unwrap_or(&self.default_bundle)
-            .clone()
+    /// The named bundle, or the listener's own `client_ca` for `None`. A
+    /// name that is not loaded is an error, not the default: falling back
+    /// would let the listener's CAs in where the route named others.
+    fn bundle(&self, name: Option<&str>) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        match name {
+            None => Ok(self.default_bundle.clone()),
+            Some(n) => self
+                .bundles
+                .get(n)
+                .cloned()
+                .ok_or_else(|| TlsError::UnknownBundle(n.to_owned())),
+        }
+    }
+
+    fn verifier(
+        &self,
+        route: &RouteAuth,
+        mode: Mode,
+        source: IpAddr,
+        decision: Arc<Mutex<Decision>>,
+    ) -> Result<ConnectionVerifier, TlsError> {
+        Ok(ConnectionVerifier {
+            chain: self.bundle(route.trust.as_deref())?,
+            device_chain: route
+                .device_trust
+                .as_deref()
+                .map(|t| self.bundle(Some(t)))
+                .transpose()?,
+            policy: route.policy.clone(),
+            mode,
+            source,
+            decision,
+        })
     }
 
     /// Verifies a live connection's client chain again, as its handshake
@@ -183,14 +217,9 @@ impl ListenerTls {
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
     ) -> Result<(), String> {
         let decision = Arc::new(Mutex::new(Decision::default()));
-        let verifier = ConnectionVerifier {
-            chain: self.bundle(route.trust.as_deref()),
-            device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
-            policy: route.policy.clone(),
-            mode: Mode::Enforce,
-            source,
-            decision: decision.clone(),
-        };
+        let verifier = self
+            .verifier(route, Mode::Enforce, source, decision.clone())
+            .map_err(|e| e.to_string())?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -222,14 +251,7 @@ impl ListenerTls {
             }
             builder.with_no_client_auth()
         } else {
-            let verifier = ConnectionVerifier {
-                chain: self.bundle(route.trust.as_deref()),
-                device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
-                policy: route.policy.clone(),
-                mode: route.mode,
-                source,
-                decision: decision.clone(),
-            };
+            let verifier = self.verifier(route, route.mode, source, decision.clone())?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         };
         let mut config = builder.with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
@@ -312,4 +334,104 @@ impl UpstreamTls {
 pub fn plaintext_alert(description: rustls::AlertDescription) -> [u8; 7] {
     // ContentType alert (21), legacy version TLS 1.2, length 2, level fatal (2).
     [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+    use rustls_pki_types::pem::PemObject;
+
+    /// A listener's TLS material on disk: server chain and key, a client CA.
+    struct Files {
+        dir: tempfile::TempDir,
+        intermediate: Authority,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            let root = Authority::root("tls test root").unwrap();
+            let intermediate = root.intermediate("tls test intermediate").unwrap();
+            let server = intermediate
+                .issue(&LeafSpec::server("gw", &["dns:gw.example.internal"]))
+                .unwrap();
+            let write =
+                |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+            write(
+                "server.pem",
+                &format!("{}{}", server.cert_pem, intermediate.cert_pem),
+            );
+            write("server.key", &server.key_pem);
+            write("ca.pem", &root.cert_pem);
+            Files { dir, intermediate }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn load(&self, bundles: &[&str]) -> ListenerTls {
+            let files = BundleFiles {
+                ca: self.path("ca.pem"),
+                crls: vec![],
+            };
+            let bundles = bundles
+                .iter()
+                .map(|n| (n.to_string(), files.clone()))
+                .collect();
+            ListenerTls::load(
+                &self.path("server.pem"),
+                &self.path("server.key"),
+                &files,
+                &bundles,
+                &[TlsVersion::Tls13],
+                Offload::Userspace,
+            )
+            .unwrap()
+        }
+    }
+
+    fn route(trust: Option<&str>, device_trust: Option<&str>) -> RouteAuth {
+        RouteAuth {
+            mode: Mode::Enforce,
+            trust: trust.map(str::to_owned),
+            device_trust: device_trust.map(str::to_owned),
+            policy: Arc::new(Policy::default()),
+        }
+    }
+
+    #[test]
+    fn a_bundle_name_the_listener_lacks_refuses_instead_of_falling_back() {
+        let files = Files::new();
+        let tls = files.load(&["users"]);
+        let source = IpAddr::from([127, 0, 0, 1]);
+        let leaf = files
+            .intermediate
+            .issue(&LeafSpec::client("c", &["spiffe://example.internal/c"]))
+            .unwrap();
+        let leaf =
+            rustls_pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
+        let intermediate = rustls_pki_types::CertificateDer::from_pem_slice(
+            files.intermediate.cert_pem.as_bytes(),
+        )
+        .unwrap();
+        assert!(
+            tls.connection_config(&route(Some("users"), None), source)
+                .is_ok()
+        );
+        for auth in [route(Some("nope"), None), route(None, Some("nope"))] {
+            let err = tls
+                .connection_config(&auth, source)
+                .err()
+                .unwrap_or_else(|| panic!("{auth:?} got a config"));
+            assert!(err.to_string().contains("\"nope\""), "{err}");
+            // A reload's re-check refuses too, though the default bundle
+            // would have verified this chain.
+            let why = tls
+                .recheck(&auth, source, &leaf, std::slice::from_ref(&intermediate))
+                .expect_err("re-check of a route with an unknown bundle");
+            assert!(why.contains("\"nope\""), "{why}");
+        }
+    }
 }
