@@ -460,7 +460,7 @@ impl Config {
                         self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
                     );
                 }
-                crate::policy::spiffe_prefix(&d.san_prefix)
+                crate::spiffe::check_prefix(&d.san_prefix)
                     .map_err(|e| self.invalid(format!("{rat}.device.san_prefix: {e}")))?;
             }
             if let Some(u) = &r.upstream_tls {

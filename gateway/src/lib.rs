@@ -18,6 +18,7 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod remote_guard;
+pub mod spiffe;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -285,7 +285,7 @@ async fn revoke_publishes_a_crl_that_the_gateway_enforces() {
 }
 
 #[test]
-fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
+fn wildcards_and_invalid_spiffe_ids_are_refused_at_issue_time_and_inspect_explains_refusals() {
     let harness = Pki::new();
     let dir = harness.path("pki");
     init(&dir);
@@ -301,6 +301,18 @@ fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
     ]);
     assert!(err.contains("wildcard"), "{err}");
     assert!(!dir.join("star.pem").exists());
+    let err = pki_fails(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "slash",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/bad/",
+    ]);
+    assert!(err.contains("not a valid SPIFFE ID"), "{err}");
+    assert!(!dir.join("slash.pem").exists());
     assert!(pki_fails(&["init", "--dir", s(&dir)]).contains("already exists"));
 
     pki(&[

@@ -305,3 +305,90 @@ async fn deny_rules_and_source_networks_refuse_with_access_denied() {
     );
     assert_eq!(backend.accepted(), 1);
 }
+
+/// A deny rule names one identity; no other spelling of it may pass. SPIFFE
+/// IDs the specification forbids make the certificate unusable; DNS names
+/// and email domains are compared in one spelling.
+#[tokio::test]
+async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[backend.addr],
+            &["spiffe-prefix:spiffe://example.internal/ns/shop/"],
+        )
+        + "deny = [\"spiffe://example.internal/ns/shop/sa/bad\", \"dns:bad.example.internal\", \
+           \"email:mallory@example.internal\"]\n";
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    for (i, dodge) in [
+        "spiffe://example.internal/ns/shop/sa/bad/",
+        "spiffe://example.internal/ns/shop/./sa/bad",
+        "spiffe://example.internal/ns/shop/sa/../sa/bad",
+        "spiffe://example.internal/ns/shop//sa/bad",
+        "spiffe://example.internal/ns/shop/sa/%62ad",
+        "SPIFFE://example.internal/ns/shop/sa/bad",
+        "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
+        "spiffe://example.internal:443/ns/shop/sa/bad",
+        "spiffe://example.internal/ns/shop/sa/bad?x=1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let creds = pki.client(&format!("dodge{i}"), &LeafSpec::client("bad", &[dodge]));
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
+            AlertDescription::BadCertificate,
+            "{dodge}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{dodge}");
+        assert!(
+            rec.reason.contains("not a valid SPIFFE ID") && rec.reason.contains(dodge),
+            "{dodge}: {}",
+            rec.reason
+        );
+    }
+    // Allowed by its SPIFFE ID, denied by another spelling of a denied name.
+    for (i, (other, rule)) in [
+        ("dns:bad.example.internal.", "dns:bad.example.internal"),
+        ("dns:BAD.Example.Internal", "dns:bad.example.internal"),
+        (
+            "email:mallory@EXAMPLE.internal",
+            "email:mallory@example.internal",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let creds = pki.client(
+            &format!("alias{i}"),
+            &LeafSpec::client("alias", &[SPIFFE_FRONTEND, other]),
+        );
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
+            AlertDescription::AccessDenied,
+            "{other}"
+        );
+        let rec = gw.next_record().await;
+        assert!(
+            rec.reason.contains(&format!("is denied by {rule}")),
+            "{other}: {}",
+            rec.reason
+        );
+    }
+    // The local part of an address is the mailbox's own: another one passes.
+    let other_mailbox = pki.client(
+        "mailbox",
+        &LeafSpec::client("m", &[SPIFFE_FRONTEND, "email:Mallory@example.internal"]),
+    );
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&other_mailbox)))
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"m".to_vec()).await.unwrap(), b"m");
+    assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
+    assert_eq!(backend.accepted(), 1);
+}

@@ -189,6 +189,14 @@ impl Store {
         if let Some(w) = sans.iter().find(|s| s.contains('*')) {
             return Err(PkiError::Wildcard(w.clone()));
         }
+        // The gateway refuses a certificate with an invalid SPIFFE ID;
+        // better not to sign one.
+        for san in sans.iter().filter(|s| crate::spiffe::claims_spiffe(s)) {
+            crate::spiffe::SpiffeId::parse(san).map_err(|why| PkiError::Store {
+                path: self.dir.clone(),
+                message: format!("--san {san:?} is not a valid SPIFFE ID: {why}"),
+            })?;
+        }
         let mut index = self.index()?;
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();

@@ -97,6 +97,10 @@ impl ClientCertVerifier for ConnectionVerifier {
         let identity = match Identity::from_leaf(end_entity) {
             Ok(id) => id,
             Err(e) => {
+                // A trusted CA signed a name no rule can be written for:
+                // worth an operator's look, not only an access-log line.
+                tracing::warn!(client = %self.source, reason = %e,
+                    "client certificate refused: its names are not usable as an identity");
                 let error = Error::InvalidCertificate(match e {
                     // unsupported_certificate, as webpki answers for a
                     // serverAuth-only leaf.
