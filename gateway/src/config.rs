@@ -476,10 +476,22 @@ impl Config {
                     )));
                 }
             }
-            if r.mode == Mode::Off && (r.device.is_some() || r.trust.is_some()) {
-                return Err(self.invalid(format!(
-                    "{rat}: mode = \"off\" authenticates no client, so trust and device do not apply"
-                )));
+            if r.mode == Mode::Off {
+                // Off asks for no certificate: what needs one would be
+                // silently ignored. Sources and time windows still apply.
+                let needs_a_certificate = [
+                    ("allow", !r.allow.is_empty()),
+                    ("deny", !r.deny.is_empty()),
+                    ("match_common_name", r.match_common_name),
+                    ("trust", r.trust.is_some()),
+                    ("device", r.device.is_some()),
+                ];
+                if let Some((field, _)) = needs_a_certificate.iter().find(|(_, set)| *set) {
+                    return Err(self.invalid(format!(
+                        "{rat}.{field}: mode = \"off\" authenticates no client, so {field} cannot apply \
+                         (allow_sources, deny_sources and time_windows do)"
+                    )));
+                }
             }
         }
         Ok(())

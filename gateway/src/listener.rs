@@ -463,6 +463,24 @@ async fn handshake(
     };
     conn.route = Some(route.name.clone());
     conn.mode = Some(route.mode().as_str());
+    if route.mode() == Mode::Off
+        && let Err(reason) = route
+            .auth
+            .policy
+            .admits_source_at(conn.client.ip(), jiff::Timestamp::now())
+    {
+        // No certificate will be asked for, so nothing later could refuse:
+        // sources and time windows are judged here, before the handshake.
+        let _ = stream
+            .write_all(&crate::tls::plaintext_alert(AlertDescription::AccessDenied))
+            .await;
+        tracing::info!(listener = %listener.name, route = %route.name, client = %conn.client,
+            %reason, "connection refused before the handshake");
+        conn.verdict = Verdict::Deny;
+        conn.reason = reason.to_string();
+        route.stats.denied.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     let (config, decision) = match listener
         .tls
         .connection_config(&route.auth, conn.client.ip())

@@ -289,6 +289,32 @@ pub enum DenyReason {
 }
 
 impl Policy {
+    /// The rules that need no certificate: `deny_sources`, `allow_sources`,
+    /// `time_windows`, in that order. All a `mode = "off"` route enforces.
+    pub fn admits_source_at(&self, source: IpAddr, now: jiff::Timestamp) -> Result<(), DenyReason> {
+        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&source)) {
+            return Err(DenyReason::SourceDenied {
+                client: source,
+                cidr: *cidr,
+            });
+        }
+        if !self.allow_sources.is_empty() && !self.allow_sources.iter().any(|n| n.contains(&source))
+        {
+            return Err(DenyReason::SourceNotAllowed { client: source });
+        }
+        if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(now)) {
+            return Err(DenyReason::OutsideTimeWindow {
+                windows: self
+                    .time_windows
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        Ok(())
+    }
+
     pub fn decide(&self, s: Subject<'_>) -> Verdict {
         let id = s.identity;
         if let Some(rule) = self
@@ -301,26 +327,8 @@ impl Policy {
                 rule: rule.to_string(),
             });
         }
-        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&s.source)) {
-            return Verdict::Deny(DenyReason::SourceDenied {
-                client: s.source,
-                cidr: *cidr,
-            });
-        }
-        if !self.allow_sources.is_empty()
-            && !self.allow_sources.iter().any(|n| n.contains(&s.source))
-        {
-            return Verdict::Deny(DenyReason::SourceNotAllowed { client: s.source });
-        }
-        if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(s.now)) {
-            return Verdict::Deny(DenyReason::OutsideTimeWindow {
-                windows: self
-                    .time_windows
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
+        if let Err(reason) = self.admits_source_at(s.source, s.now) {
+            return Verdict::Deny(reason);
         }
         if let Some(prefix) = &self.device_san_prefix
             && id.device(prefix).is_none()

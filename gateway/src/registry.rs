@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Mode;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
-use crate::state::ListenerState;
+use crate::state::{ListenerState, Route};
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -221,7 +221,15 @@ fn reverify_one(entry: &Entry, listeners: &HashMap<String, Arc<ListenerState>>) 
         return Some("route removed by reload".into());
     };
     match route.mode() {
-        Mode::Off | Mode::Audit => return None,
+        Mode::Audit => return None,
+        Mode::Off => {
+            return route
+                .auth
+                .policy
+                .admits_source_at(entry.source, jiff::Timestamp::now())
+                .err()
+                .map(|why| format!("no longer allowed after reload: {why}"));
+        }
         Mode::Enforce => {}
     }
     let Some(leaf) = &entry.leaf else {
@@ -245,21 +253,45 @@ fn tick_one(
     {
         return Some(format!("max_connection_lifetime ({limit:?}) reached"));
     }
-    let identity = entry.identity.as_ref()?;
-    if identity.not_after <= now.as_second() {
+    if let Some(identity) = &entry.identity
+        && identity.not_after <= now.as_second()
+    {
         return Some("client certificate expired".into());
     }
     let route = listener.routes.iter().find(|r| r.name == entry.route)?;
-    if route.mode() != Mode::Enforce {
-        return None;
-    }
-    match route.auth.policy.decide(Subject {
-        identity,
-        source: entry.source,
-        now,
-    }) {
-        Verdict::Allow { .. } => None,
-        Verdict::Deny(reason) => Some(format!("no longer allowed: {reason}")),
+    still_allowed(route, entry.identity.as_ref(), entry.source, now)
+        .err()
+        .map(|why| format!("no longer allowed: {why}"))
+}
+
+/// The rules that change with time alone, as the route's mode applies them:
+/// all of the policy on `enforce`, sources and time windows on `off`
+/// (there is no certificate), nothing on `audit`.
+fn still_allowed(
+    route: &Route,
+    identity: Option<&Identity>,
+    source: IpAddr,
+    now: jiff::Timestamp,
+) -> Result<(), String> {
+    let policy = &route.auth.policy;
+    match (route.mode(), identity) {
+        (Mode::Audit, _) => Ok(()),
+        (Mode::Off, _) => policy
+            .admits_source_at(source, now)
+            .map_err(|r| r.to_string()),
+        // Only a reload makes an enforcing route of one that took a client
+        // without a certificate, and its re-check closes it; never guess.
+        (Mode::Enforce, None) => {
+            Err("the route enforces and the client presented no certificate".into())
+        }
+        (Mode::Enforce, Some(identity)) => match policy.decide(Subject {
+            identity,
+            source,
+            now,
+        }) {
+            Verdict::Allow { .. } => Ok(()),
+            Verdict::Deny(reason) => Err(reason.to_string()),
+        },
     }
 }
 
@@ -269,6 +301,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Policy;
 
     fn der(bytes: &[u8]) -> CertificateDer<'static> {
         CertificateDer::from(bytes.to_vec())
@@ -282,6 +315,58 @@ mod tests {
             identity: None,
             chain,
         }
+    }
+
+    fn route(mode: Mode, policy: Policy) -> Route {
+        Route {
+            name: "api".into(),
+            auth: crate::tls::RouteAuth {
+                mode,
+                trust: None,
+                device_trust: None,
+                policy: Arc::new(policy),
+            },
+            backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),
+            upstream_tls: None,
+            stats: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn off_routes_keep_their_sources_and_time_windows_audit_routes_nothing() {
+        let policy = Policy {
+            allow_sources: vec!["10.0.0.0/8".parse().unwrap()],
+            time_windows: vec![
+                crate::policy::TimeWindow::compile(&crate::policy::TimeWindowConfig {
+                    days: vec![],
+                    start: "08:00".into(),
+                    end: "18:00".into(),
+                    time_zone: "UTC".into(),
+                })
+                .unwrap(),
+            ],
+            ..Policy::default()
+        };
+        let inside: IpAddr = "10.1.2.3".parse().unwrap();
+        let outside: IpAddr = "192.0.2.1".parse().unwrap();
+        let noon = "2026-11-18T12:00:00Z".parse().unwrap();
+        let night = "2026-11-18T22:00:00Z".parse().unwrap();
+        let off = route(Mode::Off, policy.clone());
+        assert_eq!(still_allowed(&off, None, inside, noon), Ok(()));
+        let closed = still_allowed(&off, None, inside, night).unwrap_err();
+        assert!(
+            closed.contains("outside the route's time windows"),
+            "{closed}"
+        );
+        let elsewhere = still_allowed(&off, None, outside, noon).unwrap_err();
+        assert!(
+            elsewhere.contains("not in the route's allowed sources"),
+            "{elsewhere}"
+        );
+        let audit = route(Mode::Audit, policy.clone());
+        assert_eq!(still_allowed(&audit, None, outside, night), Ok(()));
+        let enforce = route(Mode::Enforce, policy);
+        assert!(still_allowed(&enforce, None, inside, noon).is_err());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use gateway::access_log::Verdict;
 use gateway::pki::{Authority, LeafSpec};
 use gateway_tests::*;
 use rustls::AlertDescription;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SNI: &str = "orders.example.internal";
 
@@ -65,7 +66,9 @@ async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
 async fn mode_off_terminates_tls_without_asking_for_a_certificate() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = listener_toml(&pki, "edge", "") + &route(&backend, "mode = \"off\"\n");
+    let toml = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\n";
     let mut gw = RunningGateway::start(&pki, &toml).await;
     let tls = connect(gw.app_addr, SNI, pki.client_config(None))
         .await
@@ -391,4 +394,94 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
     assert_eq!(echo_roundtrip(tls, b"m".to_vec()).await.unwrap(), b"m");
     assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
     assert_eq!(backend.accepted(), 1);
+}
+
+/// A time window that does not contain the present hour (UTC).
+fn closed_window() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hour = (now / 3600 + 2) % 24;
+    format!(
+        "\n[[listeners.routes.time_windows]]\nstart = \"{hour:02}:00\"\nend = \"{:02}:00\"\n",
+        (hour + 1) % 24
+    )
+}
+
+#[tokio::test]
+async fn mode_off_enforces_sources_and_time_windows_and_refuses_identity_rules() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let off = |extra: &str| {
+        listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], &[backend.addr], &[])
+            + "mode = \"off\"\n"
+            + extra
+    };
+    // What needs a certificate is a config error naming the field.
+    for (field, line) in [
+        ("allow", format!("allow = [\"{SPIFFE_FRONTEND}\"]\n")),
+        ("deny", format!("deny = [\"{SPIFFE_OTHER}\"]\n")),
+        ("match_common_name", "match_common_name = true\n".to_owned()),
+        ("device", "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n".to_owned()),
+        ("trust", "trust = \"devices\"\n".to_owned()),
+    ] {
+        let toml = format!(
+            "[trust.devices]\nca = \"{}\"\n{}",
+            pki.path("client-roots.pem").display(),
+            off(&line).replace("allow = []\n", "")
+        );
+        let err = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+            .expect_err(field)
+            .to_string();
+        assert!(
+            err.contains(&format!("routes[0] (\"orders\").{field}: mode = \"off\"")),
+            "{field}: {err}"
+        );
+    }
+
+    // Sources and time windows are judged before the handshake: access_denied.
+    for (extra, reason) in [
+        (
+            "deny_sources = [\"127.0.0.0/8\"]\n".to_owned(),
+            "source 127.0.0.1 is denied by 127.0.0.0/8",
+        ),
+        (
+            "allow_sources = [\"10.0.0.0/8\"]\n".to_owned(),
+            "source 127.0.0.1 is not in the route's allowed sources",
+        ),
+        (closed_window(), "outside the route's time windows"),
+    ] {
+        let mut gw = RunningGateway::start(&pki, &off(&extra)).await;
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(None)).await,
+            AlertDescription::AccessDenied,
+            "{extra}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{extra}");
+        assert!(rec.reason.starts_with(reason), "{extra}: {}", rec.reason);
+        assert_eq!(gw.stats("orders"), (0, 1, 0));
+    }
+    assert_eq!(backend.accepted(), 0);
+
+    // A live connection on an off route is judged again on reload.
+    let open = off("allow_sources = [\"127.0.0.0/8\"]\n");
+    let mut gw = RunningGateway::start(&pki, &open).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(None))
+        .await
+        .unwrap();
+    tls.write_all(b"live").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    let report = gw.reload_toml(&pki, &off(&closed_window())).await.unwrap();
+    assert_eq!(report.connections_closed, 1);
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("no longer allowed after reload: outside the route's time windows"),
+        "{}",
+        rec.reason
+    );
 }
