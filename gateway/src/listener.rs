@@ -25,7 +25,7 @@ use crate::forward;
 use crate::metrics::Metrics;
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
-use crate::registry::{Live, Registry};
+use crate::registry::{Generation, Live, Registry};
 use crate::state::{ListenerState, Route};
 use crate::upstream::Upstream;
 
@@ -53,6 +53,9 @@ pub async fn accept_loop(
                 }
             },
         };
+        // The generation first: if a reload publishes after this read, the
+        // connection is judged again as it goes live (see `registry`).
+        let judged_at = shared.registry.generation();
         let listener = current.load_full();
         if active.load(Ordering::Relaxed) >= listener.max_connections {
             tracing::warn!(listener = %listener.name, client = %peer,
@@ -67,7 +70,7 @@ pub async fn accept_loop(
         let slot = Slot::take(&active);
         let shared = shared.clone();
         shared.tracker.clone().spawn(async move {
-            let record = serve(&listener, stream, peer, &shared).await;
+            let record = serve(&listener, judged_at, stream, peer, &shared).await;
             shared.log.emit(record);
             drop(slot);
         });
@@ -177,6 +180,7 @@ impl Conn {
 #[allow(clippy::manual_async_fn)]
 fn serve<'a>(
     listener: &'a ListenerState,
+    judged_at: Generation,
     stream: TcpStream,
     peer: SocketAddr,
     shared: &'a Shared,
@@ -215,9 +219,24 @@ fn serve<'a>(
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
+                judged_at,
             },
             close,
         );
+        let registration = match registration {
+            Ok(r) => r,
+            Err(refused) => {
+                // Allowed by the state its handshake began with, refused by
+                // the current one: it never reaches a backend.
+                tracing::info!(listener = %listener.name, route = %route.name, client = %peer,
+                    reason = %refused, "connection refused");
+                conn.verdict = Verdict::Deny;
+                conn.reason = refused.to_string();
+                route.stats.denied.fetch_add(1, Ordering::Relaxed);
+                // Closed without close_notify: a refusal, not an orderly end.
+                return conn.record();
+            }
+        };
         let connected = Box::pin(route.backends.connect(
             listener.connect_attempts,
             listener.connect_timeout,

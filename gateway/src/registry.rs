@@ -5,6 +5,16 @@
 //! used (trust, CRLs, device, policy, mode), and a once-a-second tick closes
 //! those whose certificate expired, whose lifetime is up or whose route's
 //! time window closed. A closed connection's access-log line says why.
+//!
+//! A handshake reads its listener's state when the connection is accepted,
+//! and may take as long as `handshake_timeout`; a reload can come and go
+//! meanwhile. So the registry keeps the state every reload published under
+//! a generation, and a connection goes live (`register`) only against the
+//! current one: if the generation moved since its accept read the state,
+//! it is judged again first, and refused if the new state refuses it. The
+//! reload publishes after swapping the listeners and before taking its
+//! snapshot to re-verify, so every connection is judged by the state that
+//! is current when it goes live, either here or by that re-verification.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -50,14 +60,26 @@ impl Entry {
 
 type Intermediates = Arc<[CertificateDer<'static>]>;
 
+/// Every serving listener's current state, by name.
+pub type Listeners = HashMap<String, Arc<ListenerState>>;
+
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
     inner: Mutex<Inner>,
 }
 
+/// Which publication of the listeners' states a connection's handshake
+/// read: compare with `Registry::generation` to know whether it is current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generation(u64);
+
 #[derive(Default)]
 struct Inner {
+    /// Bumped by every `publish`.
+    generation: Generation,
+    /// The listeners' states as of `generation`, by name.
+    listeners: Listeners,
     live: HashMap<u64, Arc<Entry>>,
     /// The intermediates live connections sent, each set kept once: a
     /// fleet's clients present a handful of issuing CAs, and an idle
@@ -118,7 +140,15 @@ pub struct Live<'a> {
     pub identity: Option<Identity>,
     /// The client's chain as sent, leaf first (empty: no certificate).
     pub chain: &'a [CertificateDer<'static>],
+    /// The generation current when the connection's listener state was read.
+    pub judged_at: Generation,
 }
+
+/// Why a connection may not go live: the state published since its
+/// handshake began refuses it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused as it went live, by the state a reload published during its handshake: {0}")]
+pub struct Refused(pub String);
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -131,17 +161,65 @@ impl Registry {
         self.lock().live.values().cloned().collect()
     }
 
+    /// Makes `listeners` the current state and moves the generation on.
+    /// A reload calls this after swapping the listeners' states and before
+    /// `reverify`.
+    pub fn publish(&self, listeners: Listeners) {
+        let mut inner = self.lock();
+        inner.generation.0 += 1;
+        inner.listeners = listeners;
+    }
+
+    /// The current generation; read it before the listener's state.
+    pub fn generation(&self) -> Generation {
+        self.lock().generation
+    }
+
     /// Tracks a connection until the returned registration drops. `close` is
     /// a child of the shutdown token, so draining closes it too.
-    pub fn register(self: &Arc<Self>, live: Live<'_>, parent: &CancellationToken) -> Registration {
+    ///
+    /// If a reload published since `live.judged_at`, the connection is
+    /// first judged again by the current state, outside the lock (signature
+    /// checks), and that repeats until no reload came in between; Err when
+    /// the current state refuses it.
+    pub fn register(
+        self: &Arc<Self>,
+        live: Live<'_>,
+        parent: &CancellationToken,
+    ) -> Result<Registration, Refused> {
+        let (leaf, rest) = match live.chain.split_first() {
+            Some((leaf, rest)) => (Some(leaf), rest),
+            None => (None, &[][..]),
+        };
+        let mut judged_at = live.judged_at;
+        let mut inner = loop {
+            let inner = self.lock();
+            if inner.generation == judged_at {
+                break inner;
+            }
+            judged_at = inner.generation;
+            let listener = inner.listeners.get(&live.listener).cloned();
+            drop(inner);
+            let Some(listener) = listener else {
+                return Err(Refused(format!(
+                    "listener {:?} was removed by a reload",
+                    live.listener
+                )));
+            };
+            let judged = Judged {
+                route: &live.route,
+                source: live.source,
+                leaf,
+                intermediates: rest,
+            };
+            if let Some(why) = judged.against(&listener) {
+                return Err(Refused(why));
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = parent.child_token();
         let why = Arc::new(Mutex::new(None));
-        let (leaf, rest) = match live.chain.split_first() {
-            Some((leaf, rest)) => (Some(leaf.clone()), rest),
-            None => (None, &[][..]),
-        };
-        let mut inner = self.lock();
+        let leaf = leaf.cloned();
         let intermediates = inner.intern(rest);
         inner.live.insert(
             id,
@@ -158,12 +236,12 @@ impl Registry {
             }),
         );
         drop(inner);
-        Registration {
+        Ok(Registration {
             id,
             registry: self.clone(),
             close,
             why,
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -179,13 +257,24 @@ impl Registry {
         self.len() == 0
     }
 
-    /// After a reload: judge every live connection against the new listeners.
-    /// Returns how many were closed.
-    pub fn reverify(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
+    /// After a reload (and its `publish`): judge every live connection
+    /// against the current listeners. Returns how many were closed.
+    pub fn reverify(&self) -> usize {
+        let listeners = self.lock().listeners.clone();
         let mut closed = 0;
         for entry in self.snapshot() {
-            if let Some(why) = reverify_one(&entry, listeners) {
-                entry.close(why);
+            let Some(listener) = listeners.get(&entry.listener) else {
+                // A removed listener drains: its connections may finish.
+                continue;
+            };
+            let judged = Judged {
+                route: &entry.route,
+                source: entry.source,
+                leaf: entry.leaf.as_ref(),
+                intermediates: &entry.intermediates,
+            };
+            if let Some(why) = judged.against(listener) {
+                entry.close(format!("no longer allowed after reload: {why}"));
                 closed += 1;
             }
         }
@@ -194,16 +283,18 @@ impl Registry {
 
     /// The periodic check: expiry, lifetime, time windows (policy without the
     /// signature work, which only a reload can change).
-    pub fn tick(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
-        // A set whose last connection ended while a snapshot still held it
-        // was kept at that moment; only the set holds it now.
-        self.lock()
-            .intermediates
-            .retain(|i| Arc::strong_count(i) > 1);
+    pub fn tick(&self) -> usize {
+        let listeners = {
+            let mut inner = self.lock();
+            // A set whose last connection ended while a snapshot still held
+            // it was kept at that moment; only the set holds it now.
+            inner.intermediates.retain(|i| Arc::strong_count(i) > 1);
+            inner.listeners.clone()
+        };
         let now = jiff::Timestamp::now();
         let mut closed = 0;
         for entry in self.snapshot() {
-            if let Some(why) = tick_one(&entry, listeners, now) {
+            if let Some(why) = tick_one(&entry, &listeners, now) {
                 entry.close(why);
                 closed += 1;
             }
@@ -212,41 +303,44 @@ impl Registry {
     }
 }
 
-fn reverify_one(entry: &Entry, listeners: &HashMap<String, Arc<ListenerState>>) -> Option<String> {
-    let Some(listener) = listeners.get(&entry.listener) else {
-        // A removed listener drains: its connections may finish.
-        return None;
-    };
-    let Some(route) = listener.routes.iter().find(|r| r.name == entry.route) else {
-        return Some("route removed by reload".into());
-    };
-    match route.mode() {
-        Mode::Audit => return None,
-        Mode::Off => {
-            return route
-                .auth
-                .policy
-                .admits_source_at(entry.source, jiff::Timestamp::now())
-                .err()
-                .map(|why| format!("no longer allowed after reload: {why}"));
-        }
-        Mode::Enforce => {}
-    }
-    let Some(leaf) = &entry.leaf else {
-        return Some("route now enforces and the client presented no certificate".into());
-    };
-    listener
-        .tls
-        .recheck(&route.auth, entry.source, leaf, &entry.intermediates)
-        .err()
-        .map(|why| format!("no longer allowed after reload: {why}"))
+/// A connection as a reload judges it: what it presented, from where, on
+/// which route.
+struct Judged<'a> {
+    route: &'a str,
+    source: IpAddr,
+    leaf: Option<&'a CertificateDer<'static>>,
+    intermediates: &'a [CertificateDer<'static>],
 }
 
-fn tick_one(
-    entry: &Entry,
-    listeners: &HashMap<String, Arc<ListenerState>>,
-    now: jiff::Timestamp,
-) -> Option<String> {
+impl Judged<'_> {
+    /// Why `listener`'s current state would refuse this connection, if it would.
+    fn against(&self, listener: &ListenerState) -> Option<String> {
+        let Some(route) = listener.routes.iter().find(|r| r.name == self.route) else {
+            return Some(format!("route {:?} removed by reload", self.route));
+        };
+        match route.mode() {
+            Mode::Audit => return None,
+            Mode::Off => {
+                return route
+                    .auth
+                    .policy
+                    .admits_source_at(self.source, jiff::Timestamp::now())
+                    .err()
+                    .map(|why| why.to_string());
+            }
+            Mode::Enforce => {}
+        }
+        let Some(leaf) = self.leaf else {
+            return Some("route now enforces and the client presented no certificate".into());
+        };
+        listener
+            .tls
+            .recheck(&route.auth, self.source, leaf, self.intermediates)
+            .err()
+    }
+}
+
+fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Option<String> {
     let listener = listeners.get(&entry.listener)?;
     if let Some(limit) = listener.max_connection_lifetime
         && entry.opened.elapsed() >= limit
@@ -314,6 +408,7 @@ mod tests {
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             chain,
+            judged_at: Generation::default(),
         }
     }
 
@@ -381,9 +476,9 @@ mod tests {
             der(b"root-signed CA b"),
         ];
 
-        let one = registry.register(live(&a1), &shutdown);
-        let two = registry.register(live(&a2), &shutdown);
-        let three = registry.register(live(&b), &shutdown);
+        let one = registry.register(live(&a1), &shutdown).unwrap();
+        let two = registry.register(live(&a2), &shutdown).unwrap();
+        let three = registry.register(live(&b), &shutdown).unwrap();
         assert_eq!(registry.shared_intermediates(), 2);
         {
             let inner = registry.lock();
@@ -421,8 +516,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let a1 = [der(b"leaf 1"), der(b"issuing CA a")];
         let a2 = [der(b"leaf 2"), der(b"issuing CA a")];
-        let one = registry.register(live(&a1), &shutdown);
-        let two = registry.register(live(&a2), &shutdown);
+        let one = registry.register(live(&a1), &shutdown).unwrap();
+        let two = registry.register(live(&a2), &shutdown).unwrap();
         let judging = registry.snapshot();
         drop(one);
         drop(two);
@@ -430,7 +525,7 @@ mod tests {
         // registrations dropped: the set stayed.
         assert_eq!(registry.shared_intermediates(), 1);
         drop(judging);
-        registry.tick(&HashMap::new());
+        registry.tick();
         assert_eq!(registry.shared_intermediates(), 0);
     }
 }

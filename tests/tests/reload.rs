@@ -409,3 +409,143 @@ async fn decisions_are_counted_on_the_admin_endpoint_across_reloads() {
     );
     assert!(metrics.contains("gateway_live_connections 0"), "{metrics}");
 }
+
+/// A client driven by hand: its handshake can be held at any flight.
+struct HeldClient {
+    tcp: TcpStream,
+    tls: rustls::ClientConnection,
+}
+
+impl HeldClient {
+    /// Connects, sends the ClientHello and reads the gateway's whole flight,
+    /// up to the point where the client would send its Certificate,
+    /// CertificateVerify and Finished; returns those bytes, unsent.
+    async fn up_to_the_last_flight(
+        addr: std::net::SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> (HeldClient, Vec<u8>) {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(SNI).unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        let mut hello = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut hello).unwrap();
+        }
+        tcp.write_all(&hello).await.unwrap();
+        let mut buf = vec![0u8; 16 << 10];
+        while !tls.wants_write() {
+            let n = tokio::time::timeout(STEP, tcp.read(&mut buf))
+                .await
+                .expect("the gateway's flight")
+                .unwrap();
+            assert!(n > 0, "the gateway closed during the handshake");
+            tls.read_tls(&mut &buf[..n]).unwrap();
+            tls.process_new_packets().unwrap();
+        }
+        let mut last = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut last).unwrap();
+        }
+        (HeldClient { tcp, tls }, last)
+    }
+
+    /// Sends `msg` and returns what comes back before the gateway closes
+    /// (or the echo, when it does not).
+    async fn exchange(&mut self, msg: &[u8]) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.tls.writer().write_all(msg).unwrap();
+        let mut out = Vec::new();
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut out).unwrap();
+        }
+        // The gateway may already have closed: a failed write is an answer too.
+        let _ = self.tcp.write_all(&out).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        while got.len() < msg.len() {
+            let n = match tokio::time::timeout(STEP, self.tcp.read(&mut buf)).await {
+                Err(_) => panic!("the gateway neither answered nor closed"),
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
+            };
+            if self.tls.read_tls(&mut &buf[..n]).is_err() || self.tls.process_new_packets().is_err()
+            {
+                break;
+            }
+            let mut plain = vec![0u8; msg.len()];
+            if let Ok(k) = self.tls.reader().read(&mut plain) {
+                got.extend_from_slice(&plain[..k]);
+            }
+        }
+        got
+    }
+}
+
+/// The gateway reads a listener's state when it accepts. A client that
+/// holds its last flight until a reload has revoked it must still be judged
+/// by the state that is current when its connection goes live: refused,
+/// never connected to the backend. One that is still allowed goes on.
+#[tokio::test]
+async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let doomed = pki
+        .intermediate
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let doomed_serial = doomed.serial.clone();
+    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+
+    let (mut held, last_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.client_config(Some(&doomed))).await;
+    let (mut friend, friend_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&doomed_serial]).unwrap(),
+    );
+    let report = gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(report.connections_closed, 0, "neither was live yet");
+
+    held.tcp.write_all(&last_flight).await.unwrap();
+    assert_eq!(held.exchange(b"let me in").await, b"", "nothing came back");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason.contains("Revoked") && rec.backend.is_none(),
+        "{rec:?}"
+    );
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "the revoked client reached the backend"
+    );
+
+    friend.tcp.write_all(&friend_flight).await.unwrap();
+    assert_eq!(friend.exchange(b"still fine").await, b"still fine");
+    assert_eq!(backend.accepted(), 1);
+
+    // A listener removed (here: renamed) during the handshake has no state
+    // left to judge by: refused too.
+    let (mut orphan, orphan_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    let renamed = toml.replace("name = \"edge\"", "name = \"edge-renamed\"");
+    gw.reload_toml(&pki, &renamed).await.unwrap();
+    orphan.tcp.write_all(&orphan_flight).await.unwrap();
+    assert_eq!(orphan.exchange(b"anyone?").await, b"");
+    let rec = loop {
+        let rec = gw.next_record().await;
+        if rec.verdict == Verdict::Deny {
+            break rec;
+        }
+    };
+    assert!(
+        rec.reason.contains("listener \"edge\" was removed by a reload"),
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 1);
+}
