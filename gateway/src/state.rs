@@ -171,6 +171,7 @@ impl ListenerState {
             })
             .collect();
         let tls = ListenerTls::load(
+            &l.name,
             &config.resolve(&l.cert),
             &config.resolve(&l.key),
             &files(&l.client_ca, &l.crls),

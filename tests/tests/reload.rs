@@ -544,7 +544,8 @@ async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
         }
     };
     assert!(
-        rec.reason.contains("listener \"edge\" was removed by a reload"),
+        rec.reason
+            .contains("listener \"edge\" was removed by a reload"),
         "{rec:?}"
     );
     assert_eq!(backend.accepted(), 1);

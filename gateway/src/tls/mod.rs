@@ -1,27 +1,28 @@
 //! TLS termination: what each listener serves with and how a connection's
 //! `ServerConfig` is put together once its route is known (by SNI).
 
+pub mod bundle;
 pub mod certs;
+pub mod crl;
 mod remember;
 pub mod verifier;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
-};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
 use crate::config::{Mode, TlsVersion};
 use crate::offload::{KernelSupport, Offload};
 use crate::policy::{Policy, Verdict};
+pub use bundle::{Bundle, BundleFiles};
 pub use certs::CertError;
 use verifier::ConnectionVerifier;
 pub use verifier::Decision;
@@ -80,21 +81,14 @@ pub struct RouteAuth {
     pub policy: Arc<Policy>,
 }
 
-/// A client CA bundle as files, before loading.
-#[derive(Debug, Clone)]
-pub struct BundleFiles {
-    pub ca: PathBuf,
-    pub crls: Vec<PathBuf>,
-}
-
 /// A listener's TLS material, loaded and checked once.
 pub struct ListenerTls {
     provider: Arc<CryptoProvider>,
     server_key: Arc<CertifiedKey>,
     /// The listener's own `client_ca` (+ CRLs).
-    default_bundle: Arc<dyn ClientCertVerifier>,
+    default_bundle: Arc<Bundle>,
     /// Named `[trust.NAME]` bundles that routes narrow to.
-    bundles: HashMap<String, Arc<dyn ClientCertVerifier>>,
+    bundles: HashMap<String, Arc<Bundle>>,
     versions: Vec<&'static SupportedProtocolVersion>,
     /// Keep the session keys extractable for a kernel TLS hand-off.
     extract_secrets: bool,
@@ -109,37 +103,9 @@ impl fmt::Debug for ListenerTls {
     }
 }
 
-fn bundle_verifier(
-    files: &BundleFiles,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    let roots = certs::load_roots(&files.ca)?;
-    let mut crls = Vec::new();
-    for path in &files.crls {
-        crls.extend(certs::load_crls(path)?);
-    }
-    // The same crypto, with signatures over CA certificates remembered: a
-    // fleet's intermediates are checked once, not on every handshake.
-    let mut remembering = (**provider).clone();
-    remembering.signature_verification_algorithms = remember::algorithms();
-    let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(remembering));
-    let builder = if crls.is_empty() {
-        builder
-    } else {
-        // Revocation is about client leaves; intermediates are our own CAs
-        // and are withdrawn by changing the bundle. A leaf whose issuer has no
-        // CRL here stays unknown and is refused (fail closed).
-        builder.with_crls(crls).only_check_end_entity_revocation()
-    };
-    builder.build().map_err(|e| TlsError::Verifier {
-        path: files.ca.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
 impl ListenerTls {
     pub fn load(
+        listener: &str,
         cert: &Path,
         key: &Path,
         client_ca: &BundleFiles,
@@ -149,10 +115,20 @@ impl ListenerTls {
     ) -> Result<Self, TlsError> {
         let provider = provider_for(offload)?;
         let server_key = certs::load_server_identity(cert, key, &provider)?;
-        let default_bundle = bundle_verifier(client_ca, &provider)?;
+        // The same crypto, with signatures over CA certificates remembered:
+        // a fleet's intermediates are checked once, not on every handshake.
+        let algorithms = remember::algorithms();
+        let default_bundle = Arc::new(Bundle::load(
+            format!("listener {listener} client_ca"),
+            client_ca,
+            algorithms,
+        )?);
         let bundles = bundles
             .iter()
-            .map(|(name, files)| Ok((name.clone(), bundle_verifier(files, &provider)?)))
+            .map(|(name, files)| {
+                let bundle = Bundle::load(format!("trust {name}"), files, algorithms)?;
+                Ok((name.clone(), Arc::new(bundle)))
+            })
             .collect::<Result<_, TlsError>>()?;
         let versions = versions
             .iter()
@@ -174,7 +150,7 @@ impl ListenerTls {
     /// The named bundle, or the listener's own `client_ca` for `None`. A
     /// name that is not loaded is an error, not the default: falling back
     /// would let the listener's CAs in where the route named others.
-    fn bundle(&self, name: Option<&str>) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    fn bundle(&self, name: Option<&str>) -> Result<Arc<Bundle>, TlsError> {
         match name {
             None => Ok(self.default_bundle.clone()),
             Some(n) => self
@@ -341,6 +317,7 @@ mod tests {
     use super::*;
     use crate::pki::{Authority, LeafSpec};
     use rustls_pki_types::pem::PemObject;
+    use std::path::PathBuf;
 
     /// A listener's TLS material on disk: server chain and key, a client CA.
     struct Files {
@@ -381,6 +358,7 @@ mod tests {
                 .map(|n| (n.to_string(), files.clone()))
                 .collect();
             ListenerTls::load(
+                "edge",
                 &self.path("server.pem"),
                 &self.path("server.key"),
                 &files,

@@ -17,6 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+use super::Bundle;
 use crate::config::Mode;
 use crate::identity::{Identity, IdentityError};
 use crate::policy::{Policy, Subject, Verdict};
@@ -28,12 +29,15 @@ pub struct Decision {
     pub verdict: Option<Verdict>,
     /// Why the certificate itself was refused, before policy ran.
     pub refused: Option<String>,
+    /// When the first CA certificate of the verified path expires (see
+    /// `bundle::Verified`); the tick closes the connection then.
+    pub ca_not_after: Option<i64>,
 }
 
 #[derive(Debug)]
 pub(super) struct ConnectionVerifier {
-    pub(super) chain: Arc<dyn ClientCertVerifier>,
-    pub(super) device_chain: Option<Arc<dyn ClientCertVerifier>>,
+    pub(super) chain: Arc<Bundle>,
+    pub(super) device_chain: Option<Arc<Bundle>>,
     pub(super) policy: Arc<Policy>,
     pub(super) mode: Mode,
     pub(super) source: IpAddr,
@@ -82,17 +86,24 @@ impl ClientCertVerifier for ConnectionVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        if let Err(e) = self
-            .chain
-            .verify_client_cert(end_entity, intermediates, now)
-        {
-            return self.refuse_certificate(e.to_string(), e);
-        }
-        if let Some(device) = &self.device_chain
-            && let Err(e) = device.verify_client_cert(end_entity, intermediates, now)
-        {
-            // unknown_ca when it does not chain to the device CA at all.
-            return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
+        let verified = match self.chain.verify(end_entity, intermediates, now) {
+            Ok(v) => v,
+            Err(e) => return self.refuse_certificate(e.to_string(), e),
+        };
+        let mut ca_not_after = verified.ca_not_after;
+        if let Some(device) = &self.device_chain {
+            match device.verify(end_entity, intermediates, now) {
+                Ok(v) => {
+                    ca_not_after = match (ca_not_after, v.ca_not_after) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    }
+                }
+                // unknown_ca when it does not chain to the device CA at all.
+                Err(e) => {
+                    return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
+                }
+            }
         }
         let identity = match Identity::from_leaf(end_entity) {
             Ok(id) => id,
@@ -121,6 +132,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         self.record(|d| {
             d.identity = Some(identity);
             d.verdict = Some(verdict);
+            d.ca_not_after = ca_not_after;
         });
         if allowed {
             Ok(ClientCertVerified::assertion())
@@ -138,7 +150,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.chain.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -147,10 +159,10 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.chain.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
+        self.chain.algorithms().supported_schemes()
     }
 }

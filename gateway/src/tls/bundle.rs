@@ -1,0 +1,204 @@
+//! A client CA bundle (a listener's `client_ca` or a `[trust.NAME]`): its
+//! trust anchors and CRLs, and the chain check every client certificate
+//! goes through, on webpki directly.
+//!
+//! rustls' `WebPkiClientVerifier` would do the chain check too, but it
+//! answers only yes or no; the gateway needs the verified path (the tick
+//! closes a connection when a CA certificate in it expires) and its own
+//! revocation policy (see `verify`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::{CertRevocationListError, CertificateError, DistinguishedName, Error, OtherError};
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::TlsError;
+use super::certs;
+use super::crl::{self, Crl};
+
+/// A client CA bundle as files, before loading.
+#[derive(Debug, Clone)]
+pub struct BundleFiles {
+    pub ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+}
+
+/// A loaded bundle.
+pub struct Bundle {
+    /// `listener edge client_ca` or `trust users`, for logs.
+    pub name: String,
+    anchors: Vec<TrustAnchor<'static>>,
+    subjects: Vec<DistinguishedName>,
+    crls: Vec<Crl>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("name", &self.name)
+            .field("anchors", &self.anchors.len())
+            .field("crls", &self.crls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a successful check learned about the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The earliest notAfter (seconds since the epoch) of the CA
+    /// certificates in the verified path, trust anchor excepted (webpki
+    /// does not read an anchor's validity); None when the leaf is issued by
+    /// the anchor itself.
+    pub ca_not_after: Option<i64>,
+}
+
+impl Bundle {
+    /// Loads the anchors and CRLs; `algorithms` verify signatures (the
+    /// gateway's remember CA signatures, see `remember`).
+    pub fn load(
+        name: String,
+        files: &BundleFiles,
+        algorithms: WebPkiSupportedAlgorithms,
+    ) -> Result<Bundle, TlsError> {
+        let roots = certs::load_roots(&files.ca)?;
+        if roots.is_empty() {
+            return Err(TlsError::Verifier {
+                path: files.ca.display().to_string(),
+                reason: "no trust anchors".into(),
+            });
+        }
+        let crls = crl::load_all(&files.crls)?;
+        Ok(Bundle {
+            name,
+            subjects: roots.subjects(),
+            anchors: roots.roots,
+            crls,
+            algorithms,
+        })
+    }
+
+    /// The CA names a client is told it may chain to.
+    pub fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.subjects
+    }
+
+    pub fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.algorithms
+    }
+
+    /// Checks a client chain: a path to one of the anchors, validity,
+    /// clientAuth, and revocation. With CRLs in the bundle, the leaf's
+    /// issuer must have one (else its status is unknown and the leaf is
+    /// refused: fail closed).
+    pub fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Verified, Error> {
+        let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
+        let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().map(|c| &c.crl).collect();
+        let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(RevocationCheckDepth::EndEntity)
+                .with_status_policy(UnknownStatusPolicy::Deny)
+                .with_expiration_policy(ExpirationPolicy::Ignore)
+                .build()
+        });
+        let path = ee
+            .verify_for_usage(
+                self.algorithms.all,
+                &self.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                revocation,
+                None,
+            )
+            .map_err(pki_error)?;
+        let ca_not_after = path
+            .intermediate_certificates()
+            .filter_map(|ca| {
+                let der = ca.der();
+                let (_, cert) = X509Certificate::from_der(&der).ok()?;
+                Some(cert.validity().not_after.timestamp())
+            })
+            .min();
+        Ok(Verified { ca_not_after })
+    }
+}
+
+/// webpki's answer as the rustls error the handshake reports (and whose
+/// alert the client sees), as rustls' own verifier maps it.
+fn pki_error(error: webpki::Error) -> Error {
+    use webpki::Error::*;
+    match error {
+        BadDer | BadDerTime | TrailingData(_) => CertificateError::BadEncoding.into(),
+        CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }.into()
+        }
+        CertExpired { time, not_after } => {
+            CertificateError::ExpiredContext { time, not_after }.into()
+        }
+        InvalidCertValidity => CertificateError::Expired.into(),
+        UnknownIssuer => CertificateError::UnknownIssuer.into(),
+        CertRevoked => CertificateError::Revoked.into(),
+        UnknownRevocationStatus => CertificateError::UnknownRevocationStatus.into(),
+        CrlExpired { time, next_update } => {
+            CertificateError::ExpiredRevocationListContext { time, next_update }.into()
+        }
+        IssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
+        InvalidSignatureForPublicKey => CertificateError::BadSignature.into(),
+        #[allow(deprecated)]
+        UnsupportedSignatureAlgorithm | UnsupportedSignatureAlgorithmForPublicKey => {
+            CertificateError::UnsupportedSignatureAlgorithm.into()
+        }
+        UnsupportedSignatureAlgorithmContext(cx) => {
+            CertificateError::UnsupportedSignatureAlgorithmContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                supported_algorithms: cx.supported_algorithms,
+            }
+            .into()
+        }
+        UnsupportedSignatureAlgorithmForPublicKeyContext(cx) => {
+            CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                public_key_algorithm_id: cx.public_key_algorithm_id,
+            }
+            .into()
+        }
+        InvalidCrlSignatureForPublicKey => CertRevocationListError::BadSignature.into(),
+        #[allow(deprecated)]
+        UnsupportedCrlSignatureAlgorithm | UnsupportedCrlSignatureAlgorithmForPublicKey => {
+            CertRevocationListError::UnsupportedSignatureAlgorithm.into()
+        }
+        UnsupportedCrlSignatureAlgorithmContext(cx) => {
+            CertRevocationListError::UnsupportedSignatureAlgorithmContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                supported_algorithms: cx.supported_algorithms,
+            }
+            .into()
+        }
+        UnsupportedCrlSignatureAlgorithmForPublicKeyContext(cx) => {
+            CertRevocationListError::UnsupportedSignatureAlgorithmForPublicKeyContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                public_key_algorithm_id: cx.public_key_algorithm_id,
+            }
+            .into()
+        }
+        // unsupported_certificate, as for rustls' verifier (whose mapping
+        // to the context variant is not public).
+        #[allow(deprecated)]
+        RequiredEkuNotFound | RequiredEkuNotFoundContext(_) => {
+            CertificateError::InvalidPurpose.into()
+        }
+        other => CertificateError::Other(OtherError(Arc::new(other))).into(),
+    }
+}
