@@ -80,6 +80,10 @@ pub struct ListenerConfig {
     /// CRLs (PEM) for `client_ca`; a revoked client is refused at the handshake.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// What a CRL of `crls` past its nextUpdate does: `refuse` (the
+    /// default) the clients it covers, or `warn` and use it anyway.
+    #[serde(default)]
+    pub crl_expired: CrlExpired,
     /// TLS versions offered: "1.3" (default) and, opt-in, "1.2".
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<TlsVersion>,
@@ -251,6 +255,31 @@ pub struct TrustBundleConfig {
     /// CRLs, PEM.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// What a CRL past its nextUpdate does (as the listener's `crl_expired`).
+    #[serde(default)]
+    pub crl_expired: CrlExpired,
+}
+
+/// What a CRL past its nextUpdate does. Its issuer promised a newer one by
+/// then, so a revocation since may be missing from it: by default the
+/// clients it covers are refused until a fresh CRL is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlExpired {
+    /// Refuse every client whose chain the stale CRL covers (fail closed).
+    #[default]
+    Refuse,
+    /// Use the stale CRL anyway; log it and count the connections.
+    Warn,
+}
+
+impl CrlExpired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrlExpired::Refuse => "refuse",
+            CrlExpired::Warn => "warn",
+        }
+    }
 }
 
 /// The device half of "which user on which device".

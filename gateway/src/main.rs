@@ -314,7 +314,9 @@ fn check(
     let mut critical = 0;
     for e in gateway::expiry::collect(&config) {
         let left = e.seconds_left(now);
-        if left <= fail {
+        // A CRL the bundle uses stale anyway (crl_expired = "warn") stops
+        // no client: a warning, never a failure.
+        if left <= fail && e.fails_closed() {
             critical += 1;
             println!("critical: {}", gateway::expiry::describe(&e, now));
         } else if left <= warn {

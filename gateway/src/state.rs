@@ -156,9 +156,10 @@ impl State {
 
 impl ListenerState {
     fn build(config: &Config, l: &ListenerConfig, metrics: &Metrics) -> Result<Self, StateError> {
-        let files = |ca: &std::path::Path, crls: &[std::path::PathBuf]| BundleFiles {
+        let files = |ca: &std::path::Path, crls: &[std::path::PathBuf], crl_expired| BundleFiles {
             ca: config.resolve(ca),
             crls: crls.iter().map(|c| config.resolve(c)).collect(),
+            crl_expired,
         };
         // Only the bundles this listener's routes name are loaded for it.
         let bundles = l
@@ -167,17 +168,18 @@ impl ListenerState {
             .flat_map(|r| r.trust.iter().chain(r.device.iter().map(|d| &d.trust)))
             .filter_map(|name| {
                 let b = config.trust.get(name)?;
-                Some((name.clone(), files(&b.ca, &b.crls)))
+                Some((name.clone(), files(&b.ca, &b.crls, b.crl_expired)))
             })
             .collect();
         let tls = ListenerTls::load(
             &l.name,
             &config.resolve(&l.cert),
             &config.resolve(&l.key),
-            &files(&l.client_ca, &l.crls),
+            &files(&l.client_ca, &l.crls, l.crl_expired),
             &bundles,
             &l.tls_versions,
             l.offload,
+            &|bundle, policy| metrics.stale_crl_uses(bundle, policy),
         )
         .map_err(|source| StateError::Listener {
             listener: l.name.clone(),

@@ -485,3 +485,94 @@ async fn mode_off_enforces_sources_and_time_windows_and_refuses_identity_rules()
         rec.reason
     );
 }
+
+/// A CRL past its nextUpdate may be missing revocations: by default the
+/// clients it covers are refused (and counted); `crl_expired = "warn"` uses
+/// it anyway, revocations included. Of several CRLs from one issuer, the
+/// highest CRL number is the one that counts, whatever the order of files.
+#[tokio::test]
+async fn a_stale_crl_refuses_by_default_and_the_newest_crl_of_an_issuer_wins() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let revoked = pki
+        .intermediate
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let serial = revoked.serial.clone();
+    let revoked = pki.creds("revoked", &revoked, &pki.intermediate);
+    let past = time::OffsetDateTime::now_utc() - time::Duration::seconds(30);
+    pki.write(
+        "stale.crl.pem",
+        &pki.intermediate.crl_until(4, &[&serial], past).unwrap(),
+    );
+    let gateway = |crls: &[&str], extra: &str| {
+        let crls: Vec<String> = crls
+            .iter()
+            .map(|c| format!("\"{}\"", pki.path(c).display()))
+            .collect();
+        "admin = \"127.0.0.1:0\"\n".to_owned()
+            + &listener_toml(
+                &pki,
+                "edge",
+                &format!("crls = [{}]\n{extra}", crls.join(", ")),
+            )
+            + &route(&backend, "")
+    };
+    let mut gw = RunningGateway::start(&pki, &gateway(&["stale.crl.pem"], "")).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::UnknownCA
+    );
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("certificate revocation list expired"),
+        "{}",
+        rec.reason
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(
+            "gateway_crl_expired_total{bundle=\"listener edge client_ca\",crl_expired=\"refuse\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // "warn": the stale CRL is used, its revocation included, and counted.
+    gw.reload_toml(&pki, &gateway(&["stale.crl.pem"], "crl_expired = \"warn\""))
+        .await
+        .unwrap();
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"warn".to_vec()).await.unwrap(),
+        b"warn"
+    );
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
+        AlertDescription::CertificateRevoked
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(
+            "gateway_crl_expired_total{bundle=\"listener edge client_ca\",crl_expired=\"warn\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // An older CRL listed first does not hide the newer one's revocation.
+    pki.write("old.crl.pem", &pki.intermediate.crl(3, &[]).unwrap());
+    pki.write("new.crl.pem", &pki.intermediate.crl(5, &[&serial]).unwrap());
+    gw.reload_toml(&pki, &gateway(&["old.crl.pem", "new.crl.pem"], ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
+        AlertDescription::CertificateRevoked
+    );
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"new".to_vec()).await.unwrap(), b"new");
+    assert_eq!(backend.accepted(), 2);
+}

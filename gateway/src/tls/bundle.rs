@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::{CertRevocationListError, CertificateError, DistinguishedName, Error, OtherError};
@@ -22,12 +23,14 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::TlsError;
 use super::certs;
 use super::crl::{self, Crl};
+use crate::config::CrlExpired;
 
-/// A client CA bundle as files, before loading.
+/// A client CA bundle as the config names it, before loading.
 #[derive(Debug, Clone)]
 pub struct BundleFiles {
     pub ca: PathBuf,
     pub crls: Vec<PathBuf>,
+    pub crl_expired: CrlExpired,
 }
 
 /// A loaded bundle.
@@ -36,7 +39,15 @@ pub struct Bundle {
     pub name: String,
     anchors: Vec<TrustAnchor<'static>>,
     subjects: Vec<DistinguishedName>,
+    /// One per issuer and scope, the newest (see `crl`).
     crls: Vec<Crl>,
+    crl_expired: CrlExpired,
+    /// Connections whose check met a CRL past its nextUpdate (kept by the
+    /// metrics across reloads).
+    stale_crl_uses: Arc<AtomicU64>,
+    /// Whether the warning for a stale CRL was logged, per entry of `crls`
+    /// (once per load: the count says how often it mattered).
+    stale_crl_logged: Vec<AtomicBool>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -67,6 +78,7 @@ impl Bundle {
         name: String,
         files: &BundleFiles,
         algorithms: WebPkiSupportedAlgorithms,
+        stale_crl_uses: Arc<AtomicU64>,
     ) -> Result<Bundle, TlsError> {
         let roots = certs::load_roots(&files.ca)?;
         if roots.is_empty() {
@@ -75,12 +87,24 @@ impl Bundle {
                 reason: "no trust anchors".into(),
             });
         }
-        let crls = crl::load_all(&files.crls)?;
+        let crls = crl::load(&files.crls)?;
+        let now = UnixTime::now().as_secs() as i64;
+        for c in crls.iter().filter(|c| c.is_stale(now)) {
+            let effect = match files.crl_expired {
+                CrlExpired::Refuse => "clients it covers are refused until a fresh one is loaded",
+                CrlExpired::Warn => "crl_expired = \"warn\": used anyway",
+            };
+            tracing::warn!(bundle = %name, file = %c.file.display(), issuer = %c.issuer,
+                "CRL is past its next update: {effect}");
+        }
         Ok(Bundle {
             name,
             subjects: roots.subjects(),
             anchors: roots.roots,
+            stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
             crls,
+            crl_expired: files.crl_expired,
+            stale_crl_uses,
             algorithms,
         })
     }
@@ -106,10 +130,14 @@ impl Bundle {
     ) -> Result<Verified, Error> {
         let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
         let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().map(|c| &c.crl).collect();
+        let expiration = match self.crl_expired {
+            CrlExpired::Refuse => ExpirationPolicy::Enforce,
+            CrlExpired::Warn => ExpirationPolicy::Ignore,
+        };
         let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| {
             b.with_depth(RevocationCheckDepth::EndEntity)
                 .with_status_policy(UnknownStatusPolicy::Deny)
-                .with_expiration_policy(ExpirationPolicy::Ignore)
+                .with_expiration_policy(expiration)
                 .build()
         });
         let path = ee
@@ -122,7 +150,17 @@ impl Bundle {
                 revocation,
                 None,
             )
-            .map_err(pki_error)?;
+            .map_err(|e| {
+                if matches!(e, webpki::Error::CrlExpired { .. }) {
+                    self.stale_crl_uses.fetch_add(1, Ordering::Relaxed);
+                }
+                pki_error(e)
+            })?;
+        if self.crl_expired == CrlExpired::Warn {
+            let issuers = std::iter::once(ee.issuer())
+                .chain(path.intermediate_certificates().map(|ca| ca.issuer()));
+            self.note_stale_crls(issuers, now);
+        }
         let ca_not_after = path
             .intermediate_certificates()
             .filter_map(|ca| {
@@ -132,6 +170,30 @@ impl Bundle {
             })
             .min();
         Ok(Verified { ca_not_after })
+    }
+}
+
+impl Bundle {
+    /// With `crl_expired = "warn"`: counts (and logs once) a check that
+    /// used a CRL past its nextUpdate, for any of these issuers.
+    fn note_stale_crls<'a>(&self, issuers: impl Iterator<Item = &'a [u8]>, now: UnixTime) {
+        let now = now.as_secs() as i64;
+        let mut stale = false;
+        for issuer in issuers {
+            for (c, logged) in self.crls.iter().zip(&self.stale_crl_logged) {
+                if c.crl.issuer() != issuer || !c.is_stale(now) {
+                    continue;
+                }
+                stale = true;
+                if !logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
+                        "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
+                }
+            }
+        }
+        if stale {
+            self.stale_crl_uses.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

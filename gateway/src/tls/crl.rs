@@ -1,5 +1,16 @@
 //! CRLs as a trust bundle uses them: read once from the files the config
-//! names, parsed for webpki and described for logs.
+//! names, and for each issuer only the newest.
+//!
+//! webpki checks a certificate against the first CRL it finds for the
+//! certificate's issuer, so with two CRLs from one issuer in a bundle (last
+//! week's file left beside today's, or one file in two bundles' lists) the
+//! order of the config decided which revocations counted. RFC 5280 numbers
+//! an issuer's CRLs in the order it issues them; the highest number is the
+//! issuer's current word, so that one is kept and the others are dropped
+//! with a log line. CRLs are grouped by issuer and issuing distribution
+//! point, since one issuer may partition its revocations across scopes.
+//! `expiry` reads the same selection, so monitoring watches exactly the
+//! CRLs that are enforced.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +41,13 @@ impl Crl {
     pub fn is_stale(&self, now: i64) -> bool {
         self.next_update.is_some_and(|next| next <= now)
     }
+
+    fn number_text(&self) -> String {
+        match &self.number {
+            Some(n) => format!("#{n}"),
+            None => "without a CRL number".into(),
+        }
+    }
 }
 
 fn parse(path: &Path, der: &CertificateRevocationListDer<'_>) -> Result<Crl, CertError> {
@@ -58,4 +76,78 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Crl>, CertError> {
         }
     }
     Ok(out)
+}
+
+/// The CRLs in `paths`, one per issuer and scope: the highest CRL number
+/// (then the latest thisUpdate) wins; the others are logged and dropped.
+pub fn load(paths: &[PathBuf]) -> Result<Vec<Crl>, CertError> {
+    Ok(newest(load_all(paths)?))
+}
+
+/// Keeps the newest CRL of each issuer and scope, in first-seen order.
+pub fn newest(crls: Vec<Crl>) -> Vec<Crl> {
+    let mut kept: Vec<Crl> = Vec::new();
+    for crl in crls {
+        let same_scope = kept.iter().position(|k| {
+            k.crl.issuer() == crl.crl.issuer()
+                && k.crl.issuing_distribution_point() == crl.crl.issuing_distribution_point()
+        });
+        let Some(at) = same_scope else {
+            kept.push(crl);
+            continue;
+        };
+        let newer = (&crl.number, crl.this_update) > (&kept[at].number, kept[at].this_update);
+        let (winner, loser) = if newer {
+            (&crl, &kept[at])
+        } else {
+            (&kept[at], &crl)
+        };
+        tracing::info!(issuer = %loser.issuer, ignored = %loser.file.display(),
+            used = %winner.file.display(),
+            "ignoring CRL {} of this issuer: CRL {} supersedes it",
+            loser.number_text(), winner.number_text());
+        if newer {
+            kept[at] = crl;
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Authority;
+
+    fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_highest_crl_number_of_each_issuer_wins_whatever_the_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::root("crl issuer a").unwrap();
+        let b = Authority::root("crl issuer b").unwrap();
+        let a7 = write(dir.path(), "a7.pem", &a.crl(7, &[b"\x01"]).unwrap());
+        let a3 = write(dir.path(), "a3.pem", &a.crl(3, &[]).unwrap());
+        let b1 = write(dir.path(), "b1.pem", &b.crl(1, &[]).unwrap());
+        let a12 = write(dir.path(), "a12.pem", &a.crl(12, &[]).unwrap());
+        for order in [
+            vec![a7.clone(), a3.clone(), b1.clone(), a12.clone()],
+            vec![a12.clone(), b1.clone(), a3.clone(), a7.clone()],
+        ] {
+            let kept = load(&order).unwrap();
+            let mut files: Vec<_> = kept.iter().map(|c| c.file.clone()).collect();
+            files.sort();
+            let mut want = vec![a12.clone(), b1.clone()];
+            want.sort();
+            assert_eq!(files, want, "{order:?}");
+        }
+        // Numbers compare as numbers, not as text or bytes: 300 > 12.
+        let a300 = write(dir.path(), "a300.pem", &a.crl(300, &[]).unwrap());
+        let kept = load(&[a300.clone(), a12]).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].file, a300);
+    }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
@@ -104,6 +105,9 @@ impl fmt::Debug for ListenerTls {
 }
 
 impl ListenerTls {
+    /// `stale_crl_uses` gives each bundle (by name and `crl_expired`) the
+    /// counter of checks that met a CRL past its nextUpdate.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         listener: &str,
         cert: &Path,
@@ -112,23 +116,21 @@ impl ListenerTls {
         bundles: &HashMap<String, BundleFiles>,
         versions: &[TlsVersion],
         offload: Offload,
+        stale_crl_uses: &dyn Fn(&str, crate::config::CrlExpired) -> Arc<AtomicU64>,
     ) -> Result<Self, TlsError> {
         let provider = provider_for(offload)?;
         let server_key = certs::load_server_identity(cert, key, &provider)?;
         // The same crypto, with signatures over CA certificates remembered:
         // a fleet's intermediates are checked once, not on every handshake.
         let algorithms = remember::algorithms();
-        let default_bundle = Arc::new(Bundle::load(
-            format!("listener {listener} client_ca"),
-            client_ca,
-            algorithms,
-        )?);
+        let load = |name: String, files: &BundleFiles| {
+            let uses = stale_crl_uses(&name, files.crl_expired);
+            Bundle::load(name, files, algorithms, uses).map(Arc::new)
+        };
+        let default_bundle = load(format!("listener {listener} client_ca"), client_ca)?;
         let bundles = bundles
             .iter()
-            .map(|(name, files)| {
-                let bundle = Bundle::load(format!("trust {name}"), files, algorithms)?;
-                Ok((name.clone(), Arc::new(bundle)))
-            })
+            .map(|(name, files)| Ok((name.clone(), load(format!("trust {name}"), files)?)))
             .collect::<Result<_, TlsError>>()?;
         let versions = versions
             .iter()
@@ -352,6 +354,7 @@ mod tests {
             let files = BundleFiles {
                 ca: self.path("ca.pem"),
                 crls: vec![],
+                crl_expired: crate::config::CrlExpired::Refuse,
             };
             let bundles = bundles
                 .iter()
@@ -365,6 +368,7 @@ mod tests {
                 &bundles,
                 &[TlsVersion::Tls13],
                 Offload::Userspace,
+                &|_, _| Arc::default(),
             )
             .unwrap()
         }
