@@ -576,3 +576,73 @@ async fn a_stale_crl_refuses_by_default_and_the_newest_crl_of_an_issuer_wins() {
     assert_eq!(echo_roundtrip(tls, b"new".to_vec()).await.unwrap(), b"new");
     assert_eq!(backend.accepted(), 2);
 }
+
+/// Revocation runs along the chain: an issuing intermediate listed on its
+/// root's CRL is revoked with every leaf under it. The leaf's own issuer
+/// must still have a CRL in the bundle (fail closed); an intermediate whose
+/// root publishes none passes.
+#[tokio::test]
+async fn an_intermediate_on_its_roots_crl_is_refused_with_every_leaf_under_it() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let second = pki.root.intermediate("second issuing CA").unwrap();
+    let other = second
+        .issue(&LeafSpec::client("other", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let other = pki.creds("other", &other, &second);
+    let serial = pki.intermediate.serial().unwrap();
+    pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    pki.write("second.crl.pem", &second.crl(1, &[]).unwrap());
+    pki.write("root.crl.pem", &pki.root.crl(1, &[&serial]).unwrap());
+    let gateway = |crls: &[&str]| {
+        let crls: Vec<String> = crls
+            .iter()
+            .map(|c| format!("\"{}\"", pki.path(c).display()))
+            .collect();
+        listener_toml(&pki, "edge", &format!("crls = [{}]", crls.join(", "))) + &route(&backend, "")
+    };
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway(&["int.crl.pem", "second.crl.pem", "root.crl.pem"]),
+    )
+    .await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::CertificateRevoked
+    );
+    let rec = gw.next_record().await;
+    assert!(rec.reason.contains("Revoked"), "{}", rec.reason);
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&other)))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"other".to_vec()).await.unwrap(),
+        b"other"
+    );
+    gw.next_record().await;
+
+    // The root's CRL alone: the leaves' issuers have none, so no leaf passes.
+    gw.reload_toml(&pki, &gateway(&["root.crl.pem"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&other))).await,
+        AlertDescription::UnknownCA
+    );
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("UnknownRevocationStatus"),
+        "{}",
+        rec.reason
+    );
+
+    // The intermediates' CRLs alone: the root publishes none, they pass.
+    gw.reload_toml(&pki, &gateway(&["int.crl.pem", "second.crl.pem"]))
+        .await
+        .unwrap();
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"fe".to_vec()).await.unwrap(), b"fe");
+    assert_eq!(backend.accepted(), 2);
+}

@@ -200,6 +200,18 @@ impl Authority {
         })
     }
 
+    /// This CA's serial number, as a CRL of its issuer would list it.
+    pub fn serial(&self) -> Result<Vec<u8>, PkiError> {
+        let bad = |message: String| PkiError::Store {
+            path: "CA certificate".into(),
+            message,
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok(cert.tbs_certificate.raw_serial().to_vec())
+    }
+
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&spec.common_name);
@@ -250,12 +262,40 @@ impl Authority {
         serials: &[&[u8]],
         next_update: OffsetDateTime,
     ) -> Result<String, PkiError> {
+        self.crl_with(crl_number, serials, next_update, None)
+    }
+
+    /// A CRL valid for a day whose issuing distribution point limits it to
+    /// leaves or to CAs (to test scoped CRLs; `gateway pki` issues none).
+    pub fn crl_scoped(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        scope: rcgen::CrlScope,
+    ) -> Result<String, PkiError> {
+        let idp = rcgen::CrlIssuingDistributionPoint {
+            distribution_point: rcgen::CrlDistributionPoint {
+                uris: vec!["http://crl.example.internal/scoped.crl".into()],
+            },
+            scope: Some(scope),
+        };
+        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
+        self.crl_with(crl_number, serials, next_update, Some(idp))
+    }
+
+    fn crl_with(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        next_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+    ) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(1),
             next_update,
             crl_number: SerialNumber::from(crl_number),
-            issuing_distribution_point: None,
+            issuing_distribution_point,
             revoked_certs: serials
                 .iter()
                 .map(|s| RevokedCertParams {

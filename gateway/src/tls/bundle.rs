@@ -119,9 +119,19 @@ impl Bundle {
     }
 
     /// Checks a client chain: a path to one of the anchors, validity,
-    /// clientAuth, and revocation. With CRLs in the bundle, the leaf's
-    /// issuer must have one (else its status is unknown and the leaf is
-    /// refused: fail closed).
+    /// clientAuth, and revocation.
+    ///
+    /// Revocation runs along the whole path: every certificate whose issuer
+    /// has a CRL in the bundle is checked against it, so an intermediate is
+    /// revoked by its root's CRL. The leaf is held to more: with CRLs in the
+    /// bundle its issuer must have one, or its status is unknown and it is
+    /// refused (fail closed), while an intermediate whose issuer has no CRL
+    /// here passes (its root may not publish one). webpki takes one policy
+    /// for the whole path, so the path is checked leniently and the leaf's
+    /// CRL is then required by name: webpki checks a certificate against
+    /// any CRL of its issuer without an issuing distribution point. Only
+    /// when the leaf's issuer has scoped CRLs alone does a second, strict
+    /// pass over the leaf decide, with webpki's own scope rules.
     pub fn verify(
         &self,
         leaf: &CertificateDer<'_>,
@@ -129,14 +139,49 @@ impl Bundle {
         now: UnixTime,
     ) -> Result<Verified, Error> {
         let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
+        let chain = self.check(
+            &ee,
+            intermediates,
+            now,
+            RevocationCheckDepth::Chain,
+            UnknownStatusPolicy::Allow,
+        )?;
+        if !self.crls.is_empty() {
+            let issuer = ee.issuer();
+            let of_issuer = || self.crls.iter().filter(|c| c.crl.issuer() == issuer);
+            if of_issuer().all(|c| c.crl.issuing_distribution_point().is_some()) {
+                if of_issuer().next().is_none() {
+                    return Err(CertificateError::UnknownRevocationStatus.into());
+                }
+                self.check(
+                    &ee,
+                    intermediates,
+                    now,
+                    RevocationCheckDepth::EndEntity,
+                    UnknownStatusPolicy::Deny,
+                )?;
+            }
+        }
+        Ok(chain)
+    }
+
+    /// One webpki pass over the chain with this revocation policy.
+    fn check(
+        &self,
+        ee: &EndEntityCert<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        depth: RevocationCheckDepth,
+        unknown: UnknownStatusPolicy,
+    ) -> Result<Verified, Error> {
         let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().map(|c| &c.crl).collect();
         let expiration = match self.crl_expired {
             CrlExpired::Refuse => ExpirationPolicy::Enforce,
             CrlExpired::Warn => ExpirationPolicy::Ignore,
         };
         let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| {
-            b.with_depth(RevocationCheckDepth::EndEntity)
-                .with_status_policy(UnknownStatusPolicy::Deny)
+            b.with_depth(depth)
+                .with_status_policy(unknown)
                 .with_expiration_policy(expiration)
                 .build()
         });
@@ -156,7 +201,8 @@ impl Bundle {
                 }
                 pki_error(e)
             })?;
-        if self.crl_expired == CrlExpired::Warn {
+        // The strict second pass re-reads CRLs the first already noted.
+        if self.crl_expired == CrlExpired::Warn && depth == RevocationCheckDepth::Chain {
             let issuers = std::iter::once(ee.issuer())
                 .chain(path.intermediate_certificates().map(|ca| ca.issuer()));
             self.note_stale_crls(issuers, now);
@@ -262,5 +308,87 @@ fn pki_error(error: webpki::Error) -> Error {
             CertificateError::InvalidPurpose.into()
         }
         other => CertificateError::Other(OtherError(Arc::new(other))).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+    use rcgen::CrlScope;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A bundle of `root` with these CRLs (PEM), refusing stale ones.
+    fn bundle(dir: &std::path::Path, root: &Authority, crls: &[String]) -> Bundle {
+        std::fs::write(dir.join("ca.pem"), &root.cert_pem).unwrap();
+        let paths = crls
+            .iter()
+            .enumerate()
+            .map(|(i, pem)| {
+                let path = dir.join(format!("{i}.crl.pem"));
+                std::fs::write(&path, pem).unwrap();
+                path
+            })
+            .collect();
+        let files = BundleFiles {
+            ca: dir.join("ca.pem"),
+            crls: paths,
+            crl_expired: CrlExpired::Refuse,
+        };
+        Bundle::load(
+            "test".into(),
+            &files,
+            super::super::remember::algorithms(),
+            Arc::default(),
+        )
+        .unwrap()
+    }
+
+    /// When the leaf's issuer has only CRLs limited by an issuing
+    /// distribution point, webpki's own scope rules decide whether one
+    /// covers the leaf: a CA-only CRL does not, and the leaf is unknown.
+    #[test]
+    fn scoped_crls_cover_a_leaf_only_when_their_scope_includes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("scoped root").unwrap();
+        let int = root.intermediate("scoped intermediate").unwrap();
+        let good = der(&int
+            .issue(&LeafSpec::client("good", &["dns:good.example"]))
+            .unwrap()
+            .cert_pem);
+        let bad = int
+            .issue(&LeafSpec::client("bad", &["dns:bad.example"]))
+            .unwrap();
+        let bad_serial = bad.serial.clone();
+        let bad = der(&bad.cert_pem);
+        let chain = [der(&int.cert_pem)];
+        let now = UnixTime::now();
+
+        let users = bundle(
+            dir.path(),
+            &root,
+            &[int
+                .crl_scoped(1, &[&bad_serial], CrlScope::UserCertsOnly)
+                .unwrap()],
+        );
+        assert!(users.verify(&good, &chain, now).is_ok());
+        assert_eq!(
+            users.verify(&bad, &chain, now),
+            Err(CertificateError::Revoked.into())
+        );
+
+        let cas_only = bundle(
+            dir.path(),
+            &root,
+            &[int.crl_scoped(1, &[], CrlScope::CaCertsOnly).unwrap()],
+        );
+        assert_eq!(
+            cas_only.verify(&good, &chain, now),
+            Err(CertificateError::UnknownRevocationStatus.into())
+        );
     }
 }
