@@ -84,6 +84,9 @@ pub struct ListenerConfig {
     /// default) the clients it covers, or `warn` and use it anyway.
     #[serde(default)]
     pub crl_expired: CrlExpired,
+    /// The SPIFFE trust domains `client_ca` may vouch for (as a trust
+    /// bundle's `spiffe_trust_domains`); none: any.
+    pub spiffe_trust_domains: Option<Vec<String>>,
     /// TLS versions offered: "1.3" (default) and, opt-in, "1.2".
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<TlsVersion>,
@@ -258,6 +261,11 @@ pub struct TrustBundleConfig {
     /// What a CRL past its nextUpdate does (as the listener's `crl_expired`).
     #[serde(default)]
     pub crl_expired: CrlExpired,
+    /// The SPIFFE trust domains this bundle's CAs may vouch for: a client
+    /// certificate with a URI SAN that is not a SPIFFE ID in one of them is
+    /// unusable. None: any. Name constraints in the CA certificates cover
+    /// DNS names only; this is what keeps a CA inside its trust domains.
+    pub spiffe_trust_domains: Option<Vec<String>>,
 }
 
 /// What a CRL past its nextUpdate does. Its issuer promised a newer one by
@@ -417,7 +425,27 @@ impl Config {
                     return Err(self.invalid(format!("{at}.{what} must be more than 0")));
                 }
             }
+            if let Some(domains) = &l.spiffe_trust_domains {
+                self.validate_trust_domains(&format!("{at}.spiffe_trust_domains"), domains)?;
+            }
             self.validate_routes(&at, l)?;
+        }
+        for (name, b) in &self.trust {
+            if let Some(domains) = &b.spiffe_trust_domains {
+                self.validate_trust_domains(
+                    &format!("trust.{name}.spiffe_trust_domains"),
+                    domains,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_trust_domains(&self, at: &str, domains: &[String]) -> Result<(), ConfigError> {
+        for d in domains {
+            crate::spiffe::check_trust_domain(d).map_err(|e| {
+                self.invalid(format!("{at}: {d:?} is not a SPIFFE trust domain: {e}"))
+            })?;
         }
         Ok(())
     }
@@ -491,6 +519,21 @@ impl Config {
                 }
                 crate::spiffe::check_prefix(&d.san_prefix)
                     .map_err(|e| self.invalid(format!("{rat}.device.san_prefix: {e}")))?;
+                // A device identity outside the bundle's trust domains
+                // would make every certificate unusable: the route could
+                // never let anyone in.
+                let device_bundle = &self.trust[&d.trust];
+                if let (Some(domains), Ok(id)) = (
+                    &device_bundle.spiffe_trust_domains,
+                    crate::spiffe::SpiffeId::parse(d.san_prefix.trim_end_matches('/')),
+                ) && !domains.iter().any(|t| t == id.trust_domain())
+                {
+                    return Err(self.invalid(format!(
+                        "{rat}.device.san_prefix: trust domain {:?} is not in [trust.{}] spiffe_trust_domains, so no certificate could carry the device identity",
+                        id.trust_domain(),
+                        d.trust
+                    )));
+                }
             }
             if let Some(u) = &r.upstream_tls {
                 if u.cert.is_some() != u.key.is_some() {

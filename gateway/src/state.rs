@@ -156,10 +156,14 @@ impl State {
 
 impl ListenerState {
     fn build(config: &Config, l: &ListenerConfig, metrics: &Metrics) -> Result<Self, StateError> {
-        let files = |ca: &std::path::Path, crls: &[std::path::PathBuf], crl_expired| BundleFiles {
+        let files = |ca: &std::path::Path,
+                     crls: &[std::path::PathBuf],
+                     crl_expired,
+                     spiffe_trust_domains: &Option<Vec<String>>| BundleFiles {
             ca: config.resolve(ca),
             crls: crls.iter().map(|c| config.resolve(c)).collect(),
             crl_expired,
+            spiffe_trust_domains: spiffe_trust_domains.clone(),
         };
         // Only the bundles this listener's routes name are loaded for it.
         let bundles = l
@@ -168,14 +172,22 @@ impl ListenerState {
             .flat_map(|r| r.trust.iter().chain(r.device.iter().map(|d| &d.trust)))
             .filter_map(|name| {
                 let b = config.trust.get(name)?;
-                Some((name.clone(), files(&b.ca, &b.crls, b.crl_expired)))
+                Some((
+                    name.clone(),
+                    files(&b.ca, &b.crls, b.crl_expired, &b.spiffe_trust_domains),
+                ))
             })
             .collect();
         let tls = ListenerTls::load(
             &l.name,
             &config.resolve(&l.cert),
             &config.resolve(&l.key),
-            &files(&l.client_ca, &l.crls, l.crl_expired),
+            &files(
+                &l.client_ca,
+                &l.crls,
+                l.crl_expired,
+                &l.spiffe_trust_domains,
+            ),
             &bundles,
             &l.tls_versions,
             l.offload,

@@ -646,3 +646,74 @@ async fn an_intermediate_on_its_roots_crl_is_refused_with_every_leaf_under_it() 
     assert_eq!(echo_roundtrip(tls, b"fe".to_vec()).await.unwrap(), b"fe");
     assert_eq!(backend.accepted(), 2);
 }
+
+/// A CA's name constraints cover DNS names only, so nothing in the
+/// certificates stops an intermediate from issuing spiffe://other.internal/…
+/// A bundle's spiffe_trust_domains does: a URI identity outside them makes
+/// the certificate unusable, on a named bundle and on the listener's own.
+#[tokio::test]
+async fn a_ca_can_only_vouch_for_identities_in_its_spiffe_trust_domains() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("services-ca.pem", &pki.root.cert_pem);
+    let allow = &[
+        "spiffe-prefix:spiffe://example.internal/ns/shop/",
+        "spiffe://other.internal/ns/shop/sa/frontend",
+        "https://example.internal/ns/shop/sa/frontend",
+    ];
+    let toml = format!(
+        "[trust.services]\nca = \"{}\"\nspiffe_trust_domains = [\"example.internal\"]\n",
+        pki.path("services-ca.pem").display()
+    ) + &listener_toml(
+        &pki,
+        "edge",
+        "spiffe_trust_domains = [\"example.internal\"]",
+    ) + &route_toml("named", &[SNI], &[backend.addr], allow)
+        + "trust = \"services\"\n"
+        + &route_toml("default", &[], &[backend.addr], allow);
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let outside = [
+        "spiffe://other.internal/ns/shop/sa/frontend",
+        "https://example.internal/ns/shop/sa/frontend",
+    ];
+    for sni in [SNI, "billing.example.internal"] {
+        for (i, uri) in outside.iter().enumerate() {
+            let creds = pki.client(
+                &format!("outside{i}"),
+                &LeafSpec::client("outside", &[SPIFFE_FRONTEND, uri]),
+            );
+            assert_eq!(
+                refusal(gw.app_addr, sni, pki.client_config(Some(&creds))).await,
+                AlertDescription::BadCertificate,
+                "{sni} {uri}"
+            );
+            let rec = gw.next_record().await;
+            assert!(
+                rec.reason.contains("outside the SPIFFE trust domains") && rec.reason.contains(uri),
+                "{}",
+                rec.reason
+            );
+        }
+        let tls = connect(gw.app_addr, sni, pki.frontend_config())
+            .await
+            .unwrap();
+        assert_eq!(echo_roundtrip(tls, b"in".to_vec()).await.unwrap(), b"in");
+        gw.next_record().await;
+    }
+    assert_eq!(backend.accepted(), 2);
+
+    // A device identity the device bundle could never vouch for is a config error.
+    let toml = format!(
+        "[trust.devices]\nca = \"{}\"\nspiffe_trust_domains = [\"devices.internal\"]\n",
+        pki.path("services-ca.pem").display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route(&backend, "")
+        + "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n";
+    let err = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device.san_prefix") && err.contains("spiffe_trust_domains"),
+        "{err}"
+    );
+}

@@ -31,6 +31,7 @@ pub struct BundleFiles {
     pub ca: PathBuf,
     pub crls: Vec<PathBuf>,
     pub crl_expired: CrlExpired,
+    pub spiffe_trust_domains: Option<Vec<String>>,
 }
 
 /// A loaded bundle.
@@ -48,6 +49,8 @@ pub struct Bundle {
     /// Whether the warning for a stale CRL was logged, per entry of `crls`
     /// (once per load: the count says how often it mattered).
     stale_crl_logged: Vec<AtomicBool>,
+    /// The SPIFFE trust domains the bundle's CAs may vouch for; None: any.
+    spiffe_trust_domains: Option<Vec<String>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -105,8 +108,31 @@ impl Bundle {
             crls,
             crl_expired: files.crl_expired,
             stale_crl_uses,
+            spiffe_trust_domains: files.spiffe_trust_domains.clone(),
             algorithms,
         })
+    }
+
+    /// Whether this bundle's CAs may vouch for the URI identities `uris`:
+    /// with `spiffe_trust_domains` set, each must be a SPIFFE ID in one of
+    /// them (name constraints in CA certificates cover DNS names only).
+    /// Err names the first that is not.
+    pub fn admits_uris(&self, uris: &[String]) -> Result<(), String> {
+        let Some(domains) = &self.spiffe_trust_domains else {
+            return Ok(());
+        };
+        for uri in uris {
+            let inside = crate::spiffe::SpiffeId::parse(uri)
+                .is_ok_and(|id| domains.iter().any(|d| d == id.trust_domain()));
+            if !inside {
+                return Err(format!(
+                    "URI SAN {uri:?} is outside the SPIFFE trust domains of {} ({})",
+                    self.name,
+                    domains.join(", ")
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The CA names a client is told it may chain to.
@@ -338,6 +364,7 @@ mod tests {
             ca: dir.join("ca.pem"),
             crls: paths,
             crl_expired: CrlExpired::Refuse,
+            spiffe_trust_domains: None,
         };
         Bundle::load(
             "test".into(),

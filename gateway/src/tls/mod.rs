@@ -355,6 +355,7 @@ mod tests {
                 ca: self.path("ca.pem"),
                 crls: vec![],
                 crl_expired: crate::config::CrlExpired::Refuse,
+                spiffe_trust_domains: None,
             };
             let bundles = bundles
                 .iter()

@@ -123,6 +123,19 @@ impl ClientCertVerifier for ConnectionVerifier {
                 return self.refuse_certificate(e.to_string(), error);
             }
         };
+        // Whatever CA signed it, a bundle only vouches for its own trust
+        // domains: an identity outside them is not one this CA may name.
+        let admitted = std::iter::once(&self.chain)
+            .chain(&self.device_chain)
+            .try_for_each(|b| b.admits_uris(&identity.uris));
+        if let Err(why) = admitted {
+            tracing::warn!(client = %self.source, reason = %why,
+                "client certificate refused: an identity outside its CA's trust domains");
+            return self.refuse_certificate(
+                why,
+                Error::InvalidCertificate(CertificateError::NotValidForName),
+            );
+        }
         let verdict = self.policy.decide(Subject {
             identity: &identity,
             source: self.source,
