@@ -114,6 +114,8 @@ struct Conn {
     /// The verified identity, handed to the registry once the connection is live.
     /// Boxed: it leaves for the registry, but its room would stay in the task.
     identity_value: Option<Box<crate::identity::Identity>>,
+    /// What the chain check learned, for the registry's tick.
+    verified: Option<crate::tls::bundle::Verified>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
@@ -136,6 +138,7 @@ impl Conn {
             client,
             route: None,
             identity_value: None,
+            verified: None,
             mode: None,
             sni: None,
             identity: None,
@@ -219,6 +222,7 @@ fn serve<'a>(
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
+                verified: conn.verified.unwrap_or_default(),
                 judged_at,
             },
             close,
@@ -550,6 +554,7 @@ fn judge<T>(
 ) -> Option<T> {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
     conn.identity_value = decision.identity.map(Box::new);
+    conn.verified = decision.verified;
     // Why the client would be (or was) refused, if it would be.
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some(refused),
@@ -636,6 +641,7 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             route: None,
             identity_value: None,
+            verified: None,
             mode: None,
             sni: None,
             identity: None,

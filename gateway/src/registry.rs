@@ -29,6 +29,7 @@ use crate::config::Mode;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
+use crate::tls::bundle::Verified;
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -41,12 +42,19 @@ struct Entry {
     /// that sent the same ones (see `Inner::intermediates`).
     leaf: Option<CertificateDer<'static>>,
     intermediates: Intermediates,
+    /// When the verified chain stops being good on its own (a CA
+    /// certificate's notAfter), as the last check found it.
+    verified: Mutex<Verified>,
     opened: Instant,
     close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
 }
 
 impl Entry {
+    fn verified(&self) -> Verified {
+        *self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn close(&self, why: String) {
         let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -140,6 +148,8 @@ pub struct Live<'a> {
     pub identity: Option<Identity>,
     /// The client's chain as sent, leaf first (empty: no certificate).
     pub chain: &'a [CertificateDer<'static>],
+    /// What the handshake's chain check learned.
+    pub verified: Verified,
     /// The generation current when the connection's listener state was read.
     pub judged_at: Generation,
 }
@@ -192,6 +202,7 @@ impl Registry {
             None => (None, &[][..]),
         };
         let mut judged_at = live.judged_at;
+        let mut verified = live.verified;
         let mut inner = loop {
             let inner = self.lock();
             if inner.generation == judged_at {
@@ -212,8 +223,10 @@ impl Registry {
                 leaf,
                 intermediates: rest,
             };
-            if let Some(why) = judged.against(&listener) {
-                return Err(Refused(why));
+            match judged.against(&listener) {
+                Ok(Some(now)) => verified = now,
+                Ok(None) => {}
+                Err(why) => return Err(Refused(why)),
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -230,6 +243,7 @@ impl Registry {
                 identity: live.identity,
                 leaf,
                 intermediates,
+                verified: Mutex::new(verified),
                 opened: Instant::now(),
                 close: close.clone(),
                 why: why.clone(),
@@ -273,9 +287,13 @@ impl Registry {
                 leaf: entry.leaf.as_ref(),
                 intermediates: &entry.intermediates,
             };
-            if let Some(why) = judged.against(listener) {
-                entry.close(format!("no longer allowed after reload: {why}"));
-                closed += 1;
+            match judged.against(listener) {
+                Ok(Some(now)) => *entry.verified.lock().unwrap_or_else(|p| p.into_inner()) = now,
+                Ok(None) => {}
+                Err(why) => {
+                    entry.close(format!("no longer allowed after reload: {why}"));
+                    closed += 1;
+                }
             }
         }
         closed
@@ -313,30 +331,32 @@ struct Judged<'a> {
 }
 
 impl Judged<'_> {
-    /// Why `listener`'s current state would refuse this connection, if it would.
-    fn against(&self, listener: &ListenerState) -> Option<String> {
+    /// Err says why `listener`'s current state would refuse this
+    /// connection; Ok(Some) is what a new chain check learned, Ok(None)
+    /// that the route's mode checks no chain.
+    fn against(&self, listener: &ListenerState) -> Result<Option<Verified>, String> {
         let Some(route) = listener.routes.iter().find(|r| r.name == self.route) else {
-            return Some(format!("route {:?} removed by reload", self.route));
+            return Err(format!("route {:?} removed by reload", self.route));
         };
         match route.mode() {
-            Mode::Audit => return None,
+            Mode::Audit => return Ok(None),
             Mode::Off => {
                 return route
                     .auth
                     .policy
                     .admits_source_at(self.source, jiff::Timestamp::now())
-                    .err()
-                    .map(|why| why.to_string());
+                    .map(|()| None)
+                    .map_err(|why| why.to_string());
             }
             Mode::Enforce => {}
         }
         let Some(leaf) = self.leaf else {
-            return Some("route now enforces and the client presented no certificate".into());
+            return Err("route now enforces and the client presented no certificate".into());
         };
         listener
             .tls
             .recheck(&route.auth, self.source, leaf, self.intermediates)
-            .err()
+            .map(Some)
     }
 }
 
@@ -351,6 +371,13 @@ fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Optio
         && identity.not_after <= now.as_second()
     {
         return Some("client certificate expired".into());
+    }
+    // webpki checks every CA certificate's validity at the handshake, so
+    // the connection ends when the first of them expires, as with the leaf.
+    if let Some(ca) = entry.verified().ca_not_after
+        && ca <= now.as_second()
+    {
+        return Some("a CA certificate in the client's chain expired".into());
     }
     let route = listener.routes.iter().find(|r| r.name == entry.route)?;
     still_allowed(route, entry.identity.as_ref(), entry.source, now)
@@ -408,6 +435,7 @@ mod tests {
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             chain,
+            verified: Verified::default(),
             judged_at: Generation::default(),
         }
     }

@@ -550,3 +550,37 @@ async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
     );
     assert_eq!(backend.accepted(), 1);
 }
+
+/// webpki checks every CA certificate's validity at the handshake; the
+/// tick ends the connection when the first of them expires, not only when
+/// the leaf does.
+#[tokio::test]
+async fn a_connection_never_outlives_a_ca_certificate_in_its_chain() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let short = pki
+        .root
+        .intermediate_until(
+            "short-lived issuing CA",
+            time::OffsetDateTime::now_utc() + time::Duration::seconds(2),
+        )
+        .unwrap();
+    let leaf = short
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let creds = pki.creds("under-short", &leaf, &short);
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&creds)))
+        .await
+        .unwrap();
+    ping(&mut tls, b"while valid").await.unwrap();
+    closed_within(&mut tls, Duration::from_secs(6)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("a CA certificate in the client's chain expired"),
+        "{}",
+        rec.reason
+    );
+}

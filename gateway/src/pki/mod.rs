@@ -168,8 +168,29 @@ impl Authority {
         days: i64,
         permitted_dns: Option<&str>,
     ) -> Result<Self, PkiError> {
+        let not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        self.intermediate_with(common_name, key_type, not_after, permitted_dns)
+    }
+
+    /// An intermediate valid until `not_after` (to test one that expires
+    /// while its leaves are still valid).
+    pub fn intermediate_until(
+        &self,
+        common_name: &str,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, PkiError> {
+        self.intermediate_with(common_name, KeyType::P256, not_after, None)
+    }
+
+    fn intermediate_with(
+        &self,
+        common_name: &str,
+        key_type: KeyType,
+        not_after: OffsetDateTime,
+        permitted_dns: Option<&str>,
+    ) -> Result<Self, PkiError> {
         let mut params = ca_params(common_name, 0);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        params.not_after = not_after;
         if let Some(domain) = permitted_dns {
             params.name_constraints = Some(rcgen::NameConstraints {
                 permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(domain.to_owned())],

@@ -64,14 +64,28 @@ impl std::fmt::Debug for Bundle {
     }
 }
 
-/// What a successful check learned about the chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a successful check learned about the chain: when it stops being
+/// good without anything being reloaded. The tick closes the connection then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Verified {
     /// The earliest notAfter (seconds since the epoch) of the CA
     /// certificates in the verified path, trust anchor excepted (webpki
     /// does not read an anchor's validity); None when the leaf is issued by
     /// the anchor itself.
     pub ca_not_after: Option<i64>,
+}
+
+impl Verified {
+    /// What holds for a client checked against both: the earlier of each.
+    pub fn and(self, other: Verified) -> Verified {
+        let earliest = |a: Option<i64>, b: Option<i64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Verified {
+            ca_not_after: earliest(self.ca_not_after, other.ca_not_after),
+        }
+    }
 }
 
 impl Bundle {

@@ -193,13 +193,17 @@ impl ListenerTls {
         source: IpAddr,
         leaf: &rustls_pki_types::CertificateDer<'_>,
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
-    ) -> Result<(), String> {
+    ) -> Result<bundle::Verified, String> {
         let decision = Arc::new(Mutex::new(Decision::default()));
         let verifier = self
             .verifier(route, Mode::Enforce, source, decision.clone())
             .map_err(|e| e.to_string())?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(decision
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .verified
+                .unwrap_or_default()),
             Err(e) => {
                 let d = decision.lock().unwrap_or_else(|p| p.into_inner());
                 Err(match (&d.refused, &d.verdict) {

@@ -18,6 +18,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, 
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::Bundle;
+use super::bundle::Verified;
 use crate::config::Mode;
 use crate::identity::{Identity, IdentityError};
 use crate::policy::{Policy, Subject, Verdict};
@@ -29,9 +30,8 @@ pub struct Decision {
     pub verdict: Option<Verdict>,
     /// Why the certificate itself was refused, before policy ran.
     pub refused: Option<String>,
-    /// When the first CA certificate of the verified path expires (see
-    /// `bundle::Verified`); the tick closes the connection then.
-    pub ca_not_after: Option<i64>,
+    /// What the chain check learned (see `bundle::Verified`).
+    pub verified: Option<Verified>,
 }
 
 #[derive(Debug)]
@@ -86,19 +86,13 @@ impl ClientCertVerifier for ConnectionVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = match self.chain.verify(end_entity, intermediates, now) {
+        let mut verified = match self.chain.verify(end_entity, intermediates, now) {
             Ok(v) => v,
             Err(e) => return self.refuse_certificate(e.to_string(), e),
         };
-        let mut ca_not_after = verified.ca_not_after;
         if let Some(device) = &self.device_chain {
             match device.verify(end_entity, intermediates, now) {
-                Ok(v) => {
-                    ca_not_after = match (ca_not_after, v.ca_not_after) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    }
-                }
+                Ok(v) => verified = verified.and(v),
                 // unknown_ca when it does not chain to the device CA at all.
                 Err(e) => {
                     return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
@@ -145,7 +139,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         self.record(|d| {
             d.identity = Some(identity);
             d.verdict = Some(verdict);
-            d.ca_not_after = ca_not_after;
+            d.verified = Some(verified);
         });
         if allowed {
             Ok(ClientCertVerified::assertion())
