@@ -43,7 +43,8 @@ struct Entry {
     leaf: Option<CertificateDer<'static>>,
     intermediates: Intermediates,
     /// When the verified chain stops being good on its own (a CA
-    /// certificate's notAfter), as the last check found it.
+    /// certificate's notAfter, a CRL's nextUpdate), as the last check
+    /// found it.
     verified: Mutex<Verified>,
     opened: Instant,
     close: CancellationToken,
@@ -380,6 +381,17 @@ fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Optio
         return Some("a CA certificate in the client's chain expired".into());
     }
     let route = listener.routes.iter().find(|r| r.name == entry.route)?;
+    // A handshake now would be refused (crl_expired = "refuse"): the
+    // issuer may have revoked the client since, and no newer CRL came.
+    if route.mode() == Mode::Enforce
+        && let Some(next) = entry.verified().crl_next_update
+        && next <= now.as_second()
+    {
+        return Some(
+            "a CRL covering the client's chain is past its next update (crl_expired = \"refuse\")"
+                .into(),
+        );
+    }
     still_allowed(route, entry.identity.as_ref(), entry.source, now)
         .err()
         .map(|why| format!("no longer allowed: {why}"))

@@ -584,3 +584,51 @@ async fn a_connection_never_outlives_a_ca_certificate_in_its_chain() {
         rec.reason
     );
 }
+
+/// A CRL past its nextUpdate refuses new handshakes (crl_expired =
+/// "refuse", the default); a live connection it covered is closed then
+/// too, as a new handshake would be refused. With "warn" it stays.
+#[tokio::test]
+async fn a_live_connection_ends_when_its_crl_goes_stale_unless_warned_about() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl_until(1, &[], soon).unwrap(),
+    );
+    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let strict = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &strict).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut tls, b"fresh").await.unwrap();
+    closed_within(&mut tls, Duration::from_secs(6)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("a CRL covering the client's chain is past its next update"),
+        "{}",
+        rec.reason
+    );
+
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl_until(2, &[], soon).unwrap(),
+    );
+    let lenient = config(
+        &pki,
+        &backend,
+        &format!("{crls}\ncrl_expired = \"warn\""),
+        &[SPIFFE_FRONTEND],
+        "",
+    );
+    gw.reload_toml(&pki, &lenient).await.unwrap();
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ping(&mut tls, b"stale but warned").await.unwrap();
+}

@@ -73,6 +73,9 @@ pub struct Verified {
     /// does not read an anchor's validity); None when the leaf is issued by
     /// the anchor itself.
     pub ca_not_after: Option<i64>,
+    /// With `crl_expired = "refuse"`: the earliest nextUpdate of the CRLs
+    /// that covered the path. Past it, a new handshake would be refused.
+    pub crl_next_update: Option<i64>,
 }
 
 impl Verified {
@@ -84,6 +87,7 @@ impl Verified {
         };
         Verified {
             ca_not_after: earliest(self.ca_not_after, other.ca_not_after),
+            crl_next_update: earliest(self.crl_next_update, other.crl_next_update),
         }
     }
 }
@@ -241,12 +245,22 @@ impl Bundle {
                 }
                 pki_error(e)
             })?;
+        // The CRLs webpki consulted: those of the path's issuers.
+        let issuers = || {
+            std::iter::once(ee.issuer())
+                .chain(path.intermediate_certificates().map(|ca| ca.issuer()))
+        };
         // The strict second pass re-reads CRLs the first already noted.
         if self.crl_expired == CrlExpired::Warn && depth == RevocationCheckDepth::Chain {
-            let issuers = std::iter::once(ee.issuer())
-                .chain(path.intermediate_certificates().map(|ca| ca.issuer()));
-            self.note_stale_crls(issuers, now);
+            self.note_stale_crls(issuers(), now);
         }
+        let crl_next_update = match self.crl_expired {
+            CrlExpired::Refuse => issuers()
+                .flat_map(|issuer| self.crls.iter().filter(move |c| c.crl.issuer() == issuer))
+                .filter_map(|c| c.next_update)
+                .min(),
+            CrlExpired::Warn => None,
+        };
         let ca_not_after = path
             .intermediate_certificates()
             .filter_map(|ca| {
@@ -255,7 +269,10 @@ impl Bundle {
                 Some(cert.validity().not_after.timestamp())
             })
             .min();
-        Ok(Verified { ca_not_after })
+        Ok(Verified {
+            ca_not_after,
+            crl_next_update,
+        })
     }
 }
 
