@@ -293,6 +293,7 @@ impl App {
                 .iter()
                 .map(|(l, _)| (l.name.clone(), l.clone()))
                 .collect(),
+            self.drain_timeout,
         );
         let mut running = HashMap::new();
         for (l, socket) in std::mem::take(&mut self.bound) {
@@ -449,6 +450,7 @@ impl App {
                 .iter()
                 .map(|l| (l.name.clone(), l.clone()))
                 .collect(),
+            state.drain_timeout,
         );
         report.connections_closed = self.registry.reverify();
         Ok(report)

@@ -182,7 +182,7 @@ impl Conn {
 /// into), and this future lives as long as the connection.
 #[allow(clippy::manual_async_fn)]
 fn serve<'a>(
-    listener: &'a ListenerState,
+    listener: &'a Arc<ListenerState>,
     judged_at: Generation,
     stream: TcpStream,
     peer: SocketAddr,
@@ -217,7 +217,7 @@ fn serve<'a>(
         // From here the connection is live: reloads and the tick re-judge it.
         let registration = shared.registry.register(
             Live {
-                listener: listener.name.clone(),
+                state: listener.clone(),
                 route: route.name.clone(),
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),

@@ -15,6 +15,14 @@
 //! reload publishes after swapping the listeners and before taking its
 //! snapshot to re-verify, so every connection is judged by the state that
 //! is current when it goes live, either here or by that re-verification.
+//!
+//! Each connection keeps the listener state it was last judged by. When a
+//! reload removes (or renames) its listener, that kept state goes on
+//! judging it: the tick applies its routes' time windows, its lifetime and
+//! the chain's expiry, and every reload re-checks the chain with its kept
+//! trust bundles plus every CRL of the new state, so a revocation published
+//! anywhere the gateway now reads still reaches it. A removed listener
+//! drains like a shutdown: after `drain_timeout` its connections close.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -30,6 +38,7 @@ use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
 use crate::tls::bundle::Verified;
+use crate::tls::crl::Crl;
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -42,18 +51,32 @@ struct Entry {
     /// that sent the same ones (see `Inner::intermediates`).
     leaf: Option<CertificateDer<'static>>,
     intermediates: Intermediates,
-    /// When the verified chain stops being good on its own (a CA
-    /// certificate's notAfter, a CRL's nextUpdate), as the last check
-    /// found it.
-    verified: Mutex<Verified>,
+    judgement: Mutex<Judgement>,
     opened: Instant,
     close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
 }
 
+/// What a connection's last judgement rests on.
+#[derive(Clone)]
+struct Judgement {
+    /// The listener state it was judged by, kept after a reload removes the
+    /// listener (see the module's comment).
+    state: Arc<ListenerState>,
+    /// When the verified chain stops being good on its own (a CA
+    /// certificate's notAfter, a CRL's nextUpdate), as the last check
+    /// found it.
+    verified: Verified,
+    /// When a reload removed the connection's listener; None while it serves.
+    orphaned: Option<Instant>,
+}
+
 impl Entry {
-    fn verified(&self) -> Verified {
-        *self.verified.lock().unwrap_or_else(|p| p.into_inner())
+    fn judgement(&self) -> Judgement {
+        self.judgement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn close(&self, why: String) {
@@ -89,6 +112,8 @@ struct Inner {
     generation: Generation,
     /// The listeners' states as of `generation`, by name.
     listeners: Listeners,
+    /// How long a removed listener's connections may go on.
+    drain_timeout: Duration,
     live: HashMap<u64, Arc<Entry>>,
     /// The intermediates live connections sent, each set kept once: a
     /// fleet's clients present a handful of issuing CAs, and an idle
@@ -143,7 +168,8 @@ impl Drop for Registration {
 
 /// What `register` needs to know about a connection.
 pub struct Live<'a> {
-    pub listener: String,
+    /// The listener state its handshake was judged by.
+    pub state: Arc<ListenerState>,
     pub route: String,
     pub source: IpAddr,
     pub identity: Option<Identity>,
@@ -175,10 +201,11 @@ impl Registry {
     /// Makes `listeners` the current state and moves the generation on.
     /// A reload calls this after swapping the listeners' states and before
     /// `reverify`.
-    pub fn publish(&self, listeners: Listeners) {
+    pub fn publish(&self, listeners: Listeners, drain_timeout: Duration) {
         let mut inner = self.lock();
         inner.generation.0 += 1;
         inner.listeners = listeners;
+        inner.drain_timeout = drain_timeout;
     }
 
     /// The current generation; read it before the listener's state.
@@ -204,18 +231,19 @@ impl Registry {
         };
         let mut judged_at = live.judged_at;
         let mut verified = live.verified;
+        let mut state = live.state;
         let mut inner = loop {
             let inner = self.lock();
             if inner.generation == judged_at {
                 break inner;
             }
             judged_at = inner.generation;
-            let listener = inner.listeners.get(&live.listener).cloned();
+            let current = inner.listeners.get(&state.name).cloned();
             drop(inner);
-            let Some(listener) = listener else {
+            let Some(current) = current else {
                 return Err(Refused(format!(
                     "listener {:?} was removed by a reload",
-                    live.listener
+                    state.name
                 )));
             };
             let judged = Judged {
@@ -224,11 +252,12 @@ impl Registry {
                 leaf,
                 intermediates: rest,
             };
-            match judged.against(&listener) {
+            match judged.against(&current, &[]) {
                 Ok(Some(now)) => verified = now,
                 Ok(None) => {}
                 Err(why) => return Err(Refused(why)),
             }
+            state = current;
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = parent.child_token();
@@ -238,13 +267,17 @@ impl Registry {
         inner.live.insert(
             id,
             Arc::new(Entry {
-                listener: live.listener,
+                listener: state.name.clone(),
                 route: live.route,
                 source: live.source,
                 identity: live.identity,
                 leaf,
                 intermediates,
-                verified: Mutex::new(verified),
+                judgement: Mutex::new(Judgement {
+                    state,
+                    verified,
+                    orphaned: None,
+                }),
                 opened: Instant::now(),
                 close: close.clone(),
                 why: why.clone(),
@@ -273,14 +306,25 @@ impl Registry {
     }
 
     /// After a reload (and its `publish`): judge every live connection
-    /// against the current listeners. Returns how many were closed.
+    /// against the current listeners; one whose listener is gone against
+    /// the state it was last judged by, with every CRL of the current state
+    /// besides its own. Returns how many were closed.
     pub fn reverify(&self) -> usize {
         let listeners = self.lock().listeners.clone();
+        let mut current_crls = None;
         let mut closed = 0;
         for entry in self.snapshot() {
-            let Some(listener) = listeners.get(&entry.listener) else {
-                // A removed listener drains: its connections may finish.
-                continue;
+            let (state, more_crls) = match listeners.get(&entry.listener) {
+                Some(l) => (l.clone(), Vec::new()),
+                None => {
+                    let crls = current_crls.get_or_insert_with(|| {
+                        listeners
+                            .values()
+                            .flat_map(|l| l.tls.crls().cloned())
+                            .collect::<Vec<_>>()
+                    });
+                    (entry.judgement().state, crls.clone())
+                }
             };
             let judged = Judged {
                 route: &entry.route,
@@ -288,9 +332,20 @@ impl Registry {
                 leaf: entry.leaf.as_ref(),
                 intermediates: &entry.intermediates,
             };
-            match judged.against(listener) {
-                Ok(Some(now)) => *entry.verified.lock().unwrap_or_else(|p| p.into_inner()) = now,
-                Ok(None) => {}
+            match judged.against(&state, &more_crls) {
+                Ok(verified) => {
+                    let serving = listeners.contains_key(&entry.listener);
+                    let mut j = entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(v) = verified {
+                        j.verified = v;
+                    }
+                    j.state = state;
+                    j.orphaned = if serving {
+                        None
+                    } else {
+                        Some(j.orphaned.unwrap_or_else(Instant::now))
+                    };
+                }
                 Err(why) => {
                     entry.close(format!("no longer allowed after reload: {why}"));
                     closed += 1;
@@ -301,19 +356,27 @@ impl Registry {
     }
 
     /// The periodic check: expiry, lifetime, time windows (policy without the
-    /// signature work, which only a reload can change).
+    /// signature work, which only a reload can change), and the drain of
+    /// removed listeners' connections.
     pub fn tick(&self) -> usize {
-        let listeners = {
+        let drain_timeout = {
             let mut inner = self.lock();
             // A set whose last connection ended while a snapshot still held
             // it was kept at that moment; only the set holds it now.
             inner.intermediates.retain(|i| Arc::strong_count(i) > 1);
-            inner.listeners.clone()
+            inner.drain_timeout
         };
         let now = jiff::Timestamp::now();
         let mut closed = 0;
         for entry in self.snapshot() {
-            if let Some(why) = tick_one(&entry, &listeners, now) {
+            let judgement = entry.judgement();
+            let why = match judgement.orphaned {
+                Some(since) if since.elapsed() >= drain_timeout => Some(format!(
+                    "its listener was removed by a reload and drain_timeout ({drain_timeout:?}) passed"
+                )),
+                _ => tick_one(&entry, &judgement, now),
+            };
+            if let Some(why) = why {
                 entry.close(why);
                 closed += 1;
             }
@@ -335,7 +398,11 @@ impl Judged<'_> {
     /// Err says why `listener`'s current state would refuse this
     /// connection; Ok(Some) is what a new chain check learned, Ok(None)
     /// that the route's mode checks no chain.
-    fn against(&self, listener: &ListenerState) -> Result<Option<Verified>, String> {
+    fn against(
+        &self,
+        listener: &ListenerState,
+        more_crls: &[Arc<Crl>],
+    ) -> Result<Option<Verified>, String> {
         let Some(route) = listener.routes.iter().find(|r| r.name == self.route) else {
             return Err(format!("route {:?} removed by reload", self.route));
         };
@@ -356,13 +423,19 @@ impl Judged<'_> {
         };
         listener
             .tls
-            .recheck(&route.auth, self.source, leaf, self.intermediates)
+            .recheck(
+                &route.auth,
+                self.source,
+                leaf,
+                self.intermediates,
+                more_crls,
+            )
             .map(Some)
     }
 }
 
-fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Option<String> {
-    let listener = listeners.get(&entry.listener)?;
+fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Option<String> {
+    let listener = &judgement.state;
     if let Some(limit) = listener.max_connection_lifetime
         && entry.opened.elapsed() >= limit
     {
@@ -375,7 +448,7 @@ fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Optio
     }
     // webpki checks every CA certificate's validity at the handshake, so
     // the connection ends when the first of them expires, as with the leaf.
-    if let Some(ca) = entry.verified().ca_not_after
+    if let Some(ca) = judgement.verified.ca_not_after
         && ca <= now.as_second()
     {
         return Some("a CA certificate in the client's chain expired".into());
@@ -384,7 +457,7 @@ fn tick_one(entry: &Entry, listeners: &Listeners, now: jiff::Timestamp) -> Optio
     // A handshake now would be refused (crl_expired = "refuse"): the
     // issuer may have revoked the client since, and no newer CRL came.
     if route.mode() == Mode::Enforce
-        && let Some(next) = entry.verified().crl_next_update
+        && let Some(next) = judgement.verified.crl_next_update
         && next <= now.as_second()
     {
         return Some(
@@ -440,9 +513,36 @@ mod tests {
         CertificateDer::from(bytes.to_vec())
     }
 
+    /// A listener's state, built from a config as the gateway builds it.
+    fn listener_state() -> Arc<ListenerState> {
+        static STATE: std::sync::OnceLock<(tempfile::TempDir, Arc<ListenerState>)> =
+            std::sync::OnceLock::new();
+        STATE
+            .get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                let root = crate::pki::Authority::root("registry test root").unwrap();
+                let server = root
+                    .issue(&crate::pki::LeafSpec::server("gw", &["dns:gw.example.internal"]))
+                    .unwrap();
+                let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+                write("server.pem", &server.cert_pem);
+                write("server.key", &server.key_pem);
+                write("ca.pem", &root.cert_pem);
+                let text = "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"server.pem\"\n\
+                            key = \"server.key\"\nclient_ca = \"ca.pem\"\noffload = \"userspace\"\n\
+                            [[listeners.routes]]\nname = \"api\"\nbackends = [\"127.0.0.1:1\"]\n";
+                let config =
+                    crate::Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
+                let state = crate::state::State::from_config(&config).unwrap();
+                (dir, state.listeners[0].clone())
+            })
+            .1
+            .clone()
+    }
+
     fn live<'a>(chain: &'a [CertificateDer<'static>]) -> Live<'a> {
         Live {
-            listener: "edge".into(),
+            state: listener_state(),
             route: "api".into(),
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,

@@ -632,3 +632,81 @@ async fn a_live_connection_ends_when_its_crl_goes_stale_unless_warned_about() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     ping(&mut tls, b"stale but warned").await.unwrap();
 }
+
+/// A listener removed or renamed by a reload stops accepting, but its live
+/// connections are still judged until they end: revocation published since
+/// (a CRL the new state reads), certificate expiry, the lifetime it had,
+/// and at last the drain timeout, as at shutdown.
+#[tokio::test]
+async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_end() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let (port_a, port_b) = (dead_port(), dead_port());
+    let listener = |name: &str, port: std::net::SocketAddr, extra: &str| {
+        listener_toml(&pki, name, &format!("{crls}\n{extra}"))
+            .replace("127.0.0.1:0", &port.to_string())
+            + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    let edge = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let before = format!("drain_timeout = \"4s\"\n{edge}")
+        + &listener("a", port_a, "max_connection_lifetime = \"2s\"")
+        + &listener("b", port_b, "");
+    let mut gw = RunningGateway::start(&pki, &before).await;
+
+    let doomed = pki
+        .intermediate
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let doomed_serial = doomed.serial.clone();
+    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let mut spec = LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let short = pki.client("short", &spec);
+    let mut on_a = connect(port_a, SNI, pki.frontend_config()).await.unwrap();
+    let mut revoked_on_b = connect(port_b, SNI, pki.client_config(Some(&doomed)))
+        .await
+        .unwrap();
+    let mut expiring_on_b = connect(port_b, SNI, pki.client_config(Some(&short)))
+        .await
+        .unwrap();
+    let mut draining_on_b = connect(port_b, SNI, pki.frontend_config()).await.unwrap();
+    for tls in [
+        &mut on_a,
+        &mut revoked_on_b,
+        &mut expiring_on_b,
+        &mut draining_on_b,
+    ] {
+        ping(tls, b"live").await.unwrap();
+    }
+
+    // "a" removed, "b" renamed (on another port); the CRL revokes one client.
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&doomed_serial]).unwrap(),
+    );
+    let after = format!("drain_timeout = \"4s\"\n{edge}") + &listener("b-renamed", dead_port(), "");
+    let report = gw.reload_toml(&pki, &after).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut revoked_on_b, Duration::from_secs(1)).await;
+    closed_within(&mut expiring_on_b, Duration::from_secs(4)).await;
+    closed_within(&mut on_a, Duration::from_secs(4)).await;
+    closed_within(&mut draining_on_b, Duration::from_secs(6)).await;
+
+    let mut reasons = Vec::new();
+    for _ in 0..4 {
+        reasons.push(gw.next_record().await.reason);
+    }
+    for expected in [
+        "no longer allowed after reload: client certificate refused: invalid peer certificate: Revoked",
+        "client certificate expired",
+        "max_connection_lifetime (2s) reached",
+        "its listener was removed by a reload and drain_timeout (4s) passed",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "{expected:?} in {reasons:#?}"
+        );
+    }
+}

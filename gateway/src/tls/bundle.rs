@@ -41,7 +41,7 @@ pub struct Bundle {
     anchors: Vec<TrustAnchor<'static>>,
     subjects: Vec<DistinguishedName>,
     /// One per issuer and scope, the newest (see `crl`).
-    crls: Vec<Crl>,
+    crls: Vec<Arc<Crl>>,
     crl_expired: CrlExpired,
     /// Connections whose check met a CRL past its nextUpdate (kept by the
     /// metrics across reloads).
@@ -108,7 +108,7 @@ impl Bundle {
                 reason: "no trust anchors".into(),
             });
         }
-        let crls = crl::load(&files.crls)?;
+        let crls: Vec<Arc<Crl>> = crl::load(&files.crls)?.into_iter().map(Arc::new).collect();
         let now = UnixTime::now().as_secs() as i64;
         for c in crls.iter().filter(|c| c.is_stale(now)) {
             let effect = match files.crl_expired {
@@ -129,6 +129,29 @@ impl Bundle {
             spiffe_trust_domains: files.spiffe_trust_domains.clone(),
             algorithms,
         })
+    }
+
+    /// The CRLs this bundle enforces.
+    pub fn crls(&self) -> &[Arc<Crl>] {
+        &self.crls
+    }
+
+    /// This bundle with `more` CRLs besides its own (of each issuer and
+    /// scope the newest wins): for a connection whose listener a reload
+    /// removed, so revocations published since still reach it.
+    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Bundle {
+        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect());
+        Bundle {
+            name: self.name.clone(),
+            anchors: self.anchors.clone(),
+            subjects: self.subjects.clone(),
+            stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
+            crls,
+            crl_expired: self.crl_expired,
+            stale_crl_uses: self.stale_crl_uses.clone(),
+            spiffe_trust_domains: self.spiffe_trust_domains.clone(),
+            algorithms: self.algorithms,
+        }
     }
 
     /// Whether this bundle's CAs may vouch for the URI identities `uris`:

@@ -35,6 +35,12 @@ pub struct Crl {
     pub next_update: Option<i64>,
 }
 
+impl AsRef<Crl> for Crl {
+    fn as_ref(&self) -> &Crl {
+        self
+    }
+}
+
 impl Crl {
     /// Whether, at `now` (seconds since the epoch), the CRL is past its
     /// nextUpdate: its issuer may have revoked more since.
@@ -84,24 +90,28 @@ pub fn load(paths: &[PathBuf]) -> Result<Vec<Crl>, CertError> {
     Ok(newest(load_all(paths)?))
 }
 
-/// Keeps the newest CRL of each issuer and scope, in first-seen order.
-pub fn newest(crls: Vec<Crl>) -> Vec<Crl> {
-    let mut kept: Vec<Crl> = Vec::new();
+/// Keeps the newest CRL of each issuer and scope, in first-seen order
+/// (owned CRLs, or shared ones).
+pub fn newest<C: AsRef<Crl>>(crls: Vec<C>) -> Vec<C> {
+    let mut kept: Vec<C> = Vec::new();
     for crl in crls {
+        let c = crl.as_ref();
         let same_scope = kept.iter().position(|k| {
-            k.crl.issuer() == crl.crl.issuer()
-                && k.crl.issuing_distribution_point() == crl.crl.issuing_distribution_point()
+            let k = k.as_ref();
+            k.crl.issuer() == c.crl.issuer()
+                && k.crl.issuing_distribution_point() == c.crl.issuing_distribution_point()
         });
         let Some(at) = same_scope else {
             kept.push(crl);
             continue;
         };
-        let newer = (&crl.number, crl.this_update) > (&kept[at].number, kept[at].this_update);
-        let (winner, loser) = if newer {
-            (&crl, &kept[at])
-        } else {
-            (&kept[at], &crl)
-        };
+        let old = kept[at].as_ref();
+        // The same CRL twice (one file in two lists): nothing to say.
+        if (&c.number, c.this_update) == (&old.number, old.this_update) {
+            continue;
+        }
+        let newer = (&c.number, c.this_update) > (&old.number, old.this_update);
+        let (winner, loser) = if newer { (c, old) } else { (old, c) };
         tracing::info!(issuer = %loser.issuer, ignored = %loser.file.display(),
             used = %winner.file.display(),
             "ignoring CRL {} of this issuer: CRL {} supersedes it",

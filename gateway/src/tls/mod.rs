@@ -163,19 +163,35 @@ impl ListenerTls {
         }
     }
 
+    /// Every CRL this listener's bundles enforce.
+    pub fn crls(&self) -> impl Iterator<Item = &Arc<crl::Crl>> {
+        std::iter::once(&self.default_bundle)
+            .chain(self.bundles.values())
+            .flat_map(|b| b.crls())
+    }
+
     fn verifier(
         &self,
         route: &RouteAuth,
         mode: Mode,
         source: IpAddr,
         decision: Arc<Mutex<Decision>>,
+        more_crls: &[Arc<crl::Crl>],
     ) -> Result<ConnectionVerifier, TlsError> {
+        let bundle = |name: Option<&str>| -> Result<Arc<Bundle>, TlsError> {
+            let b = self.bundle(name)?;
+            Ok(if more_crls.is_empty() {
+                b
+            } else {
+                Arc::new(b.with_more_crls(more_crls))
+            })
+        };
         Ok(ConnectionVerifier {
-            chain: self.bundle(route.trust.as_deref())?,
+            chain: bundle(route.trust.as_deref())?,
             device_chain: route
                 .device_trust
                 .as_deref()
-                .map(|t| self.bundle(Some(t)))
+                .map(|t| bundle(Some(t)))
                 .transpose()?,
             policy: route.policy.clone(),
             mode,
@@ -185,18 +201,20 @@ impl ListenerTls {
     }
 
     /// Verifies a live connection's client chain again, as its handshake
-    /// did but against this (possibly reloaded) state and enforcing. Err says why
-    /// the client would be refused now.
+    /// did but against this (possibly reloaded) state and enforcing, with
+    /// `more_crls` besides the bundles' own. Err says why the client would
+    /// be refused now.
     pub fn recheck(
         &self,
         route: &RouteAuth,
         source: IpAddr,
         leaf: &rustls_pki_types::CertificateDer<'_>,
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        more_crls: &[Arc<crl::Crl>],
     ) -> Result<bundle::Verified, String> {
         let decision = Arc::new(Mutex::new(Decision::default()));
         let verifier = self
-            .verifier(route, Mode::Enforce, source, decision.clone())
+            .verifier(route, Mode::Enforce, source, decision.clone(), more_crls)
             .map_err(|e| e.to_string())?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
             Ok(_) => Ok(decision
@@ -233,7 +251,7 @@ impl ListenerTls {
             }
             builder.with_no_client_auth()
         } else {
-            let verifier = self.verifier(route, route.mode, source, decision.clone())?;
+            let verifier = self.verifier(route, route.mode, source, decision.clone(), &[])?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         };
         let mut config = builder.with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
@@ -416,7 +434,13 @@ mod tests {
             // A reload's re-check refuses too, though the default bundle
             // would have verified this chain.
             let why = tls
-                .recheck(&auth, source, &leaf, std::slice::from_ref(&intermediate))
+                .recheck(
+                    &auth,
+                    source,
+                    &leaf,
+                    std::slice::from_ref(&intermediate),
+                    &[],
+                )
                 .expect_err("re-check of a route with an unknown bundle");
             assert!(why.contains("\"nope\""), "{why}");
         }
