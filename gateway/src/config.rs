@@ -512,6 +512,20 @@ impl Config {
                 return Err(self.invalid(format!("{rat}.trust: no [trust.{t}] bundle")));
             }
             if let Some(d) = &r.device {
+                // A client presents one chain. The device CA issues the
+                // device-bound user certificates, so it is this route's
+                // trust; another bundle in `trust` could never be met by
+                // the same certificate.
+                if let Some(t) = &r.trust
+                    && *t != d.trust
+                {
+                    return Err(self.invalid(format!(
+                        "{rat}.trust: {t:?} and device.trust {:?} would need one client certificate to chain to two CAs; \
+                         on a device route device.trust names the CA that issues device-bound user certificates and is \
+                         the route's trust: drop trust (or set it to {:?})",
+                        d.trust, d.trust
+                    )));
+                }
                 if !known(&d.trust) {
                     return Err(
                         self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
@@ -655,7 +669,7 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
     fn the_shipped_example_parses() {
         let text = include_str!("../../examples/gateway.toml");
         let c = parse(text).unwrap();
-        assert_eq!(c.listeners[0].routes.len(), 3);
+        assert_eq!(c.listeners[0].routes.len(), 4);
         assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
     }
@@ -702,6 +716,20 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         assert!(err.contains("match_common_name"), "{err}");
         let ok = text.replace("allow =", "match_common_name = true\nallow =");
         parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn a_device_route_trusts_its_device_ca_and_no_other() {
+        let bundles = "[trust.users]\nca = \"u.pem\"\n[trust.devices]\nca = \"d.pem\"\n";
+        let device = "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n";
+        let with = |trust: &str| format!("{bundles}{MINIMAL}{trust}{device}");
+        let err = parse(&with("trust = \"users\"\n")).unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0] (\"orders\").trust") && err.contains("two CAs"),
+            "{err}"
+        );
+        parse(&with("trust = \"devices\"\n")).unwrap();
+        parse(&with("")).unwrap();
     }
 
     #[test]

@@ -625,7 +625,7 @@ mod tests {
             auth: RouteAuth {
                 mode,
                 trust: None,
-                device_trust: None,
+                device: false,
                 policy: Arc::new(Policy::default()),
             },
             backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),

@@ -558,7 +558,7 @@ mod tests {
             auth: crate::tls::RouteAuth {
                 mode,
                 trust: None,
-                device_trust: None,
+                device: false,
                 policy: Arc::new(policy),
             },
             backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),

@@ -119,8 +119,15 @@ impl Route {
             name: r.name.clone(),
             auth: RouteAuth {
                 mode: r.mode,
-                trust: r.trust.clone(),
-                device_trust: r.device.as_ref().map(|d| d.trust.clone()),
+                // The device CA issues device-bound user certificates: on a
+                // device route it is the route's trust (config checks make
+                // `trust`, if given, the same bundle).
+                trust: r
+                    .device
+                    .as_ref()
+                    .map(|d| d.trust.clone())
+                    .or_else(|| r.trust.clone()),
+                device: r.device.is_some(),
                 policy: Arc::new(policy),
             },
             backends: Backends::new(r.backends.clone()),

@@ -717,3 +717,169 @@ async fn a_ca_can_only_vouch_for_identities_in_its_spiffe_trust_domains() {
         "{err}"
     );
 }
+
+/// examples/gateway.toml, as shipped but in enforce mode, open now and from
+/// loopback, on a generated PKI: the device-bound user certificate opens the
+/// device route; a user certificate without the device CA, a device
+/// certificate without a device identity, a denied user, and the device CA
+/// on routes that do not name it are refused.
+#[tokio::test]
+async fn the_example_config_enforces_devices_as_documented() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.toml"),
+    )
+    .unwrap();
+    let mut toml = example.clone();
+    let backends = format!("[\"{}\"]", backend.addr);
+    for (from, to) in [
+        ("access_log = \"stdout\"", "access_log = \"off\"".to_owned()),
+        (
+            "admin = \"127.0.0.1:9901\"",
+            "admin = \"127.0.0.1:0\"".to_owned(),
+        ),
+        (
+            "bind = \"127.0.0.1:8443\"",
+            "bind = \"127.0.0.1:0\"".to_owned(),
+        ),
+        ("[\"127.0.0.1:9000\", \"127.0.0.1:9001\"]", backends.clone()),
+        ("[\"127.0.0.1:9100\"]", backends.clone()),
+        ("[\"127.0.0.1:9200\"]", backends.clone()),
+        ("[\"127.0.0.1:9300\"]", backends.clone()),
+        ("mode = \"audit\"", "mode = \"enforce\"".to_owned()),
+        (
+            "allow_sources = [\"10.0.0.0/8\"]",
+            "allow_sources = [\"10.0.0.0/8\", \"127.0.0.0/8\"]".to_owned(),
+        ),
+        (
+            "days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]",
+            "days = []".to_owned(),
+        ),
+        ("start = \"07:00\"", "start = \"00:00\"".to_owned()),
+        ("end = \"19:00\"", "end = \"24:00\"".to_owned()),
+    ] {
+        assert!(toml.contains(from), "the example changed: no {from}");
+        toml = toml.replace(from, &to);
+    }
+
+    // The files the example names: services behind client_ca, users and devices apart.
+    let server = pki
+        .intermediate
+        .issue(&LeafSpec::server(
+            "gateway",
+            &[
+                "dns:orders.example.internal",
+                "dns:admin.example.internal",
+                "dns:wiki.example.internal",
+            ],
+        ))
+        .unwrap();
+    pki.write(
+        "server-chain.pem",
+        &format!("{}{}", server.cert_pem, pki.intermediate.cert_pem),
+    );
+    pki.write("server.key", &server.key_pem);
+    let users_root = Authority::root("users root").unwrap();
+    let users = users_root.intermediate("users issuing").unwrap();
+    let devices_root = Authority::root("devices root").unwrap();
+    let devices = devices_root.intermediate("devices issuing").unwrap();
+    pki.write("users-ca.pem", &users_root.cert_pem);
+    pki.write("users-int.crl.pem", &users.crl(1, &[]).unwrap());
+    pki.write("devices-ca.pem", &devices_root.cert_pem);
+    pki.write("devices-int.crl.pem", &devices.crl(1, &[]).unwrap());
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    let laptop = "spiffe://example.internal/device/laptop-7";
+    let issue = |name: &str, ca: &Authority, sans: &[&str]| {
+        let leaf = ca.issue(&LeafSpec::client(name, sans)).unwrap();
+        pki.client_config(Some(&pki.creds(name, &leaf, ca)))
+    };
+    let bound = issue(
+        "alice-laptop",
+        &devices,
+        &["email:alice@example.internal", laptop],
+    );
+    let (admin, wiki, orders) = (
+        "admin.example.internal",
+        "wiki.example.internal",
+        "orders.example.internal",
+    );
+
+    let tls = connect(gw.app_addr, admin, bound.clone()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"bound".to_vec()).await.unwrap(),
+        b"bound"
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(
+        (rec.verdict, rec.route.as_deref()),
+        (Verdict::Allow, Some("admin")),
+        "{rec:?}"
+    );
+
+    let refused = [
+        (
+            admin,
+            issue(
+                "alice-user",
+                &users,
+                &["email:alice@example.internal", laptop],
+            ),
+            AlertDescription::UnknownCA,
+            "not issued by the device CA",
+        ),
+        (
+            admin,
+            issue(
+                "alice-nodevice",
+                &devices,
+                &["email:alice@example.internal"],
+            ),
+            AlertDescription::AccessDenied,
+            "no device identity",
+        ),
+        (
+            admin,
+            issue(
+                "mallory",
+                &devices,
+                &["email:mallory@example.internal", laptop],
+            ),
+            AlertDescription::AccessDenied,
+            "is denied by email:mallory@example.internal",
+        ),
+        // The device CA vouches only where a route names it.
+        (
+            wiki,
+            bound.clone(),
+            AlertDescription::UnknownCA,
+            "UnknownIssuer",
+        ),
+        (
+            orders,
+            bound.clone(),
+            AlertDescription::UnknownCA,
+            "UnknownIssuer",
+        ),
+    ];
+    for (sni, config, alert, reason) in refused {
+        assert_eq!(
+            refusal(gw.app_addr, sni, config).await,
+            alert,
+            "{sni} {reason}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+        assert!(rec.reason.contains(reason), "{sni}: {}", rec.reason);
+    }
+
+    // The users' CA on the users' route, the services' on the default bundle.
+    let user = issue("alice-anywhere", &users, &["email:alice@example.internal"]);
+    for (sni, config) in [(wiki, user), (orders, pki.frontend_config())] {
+        let tls = connect(gw.app_addr, sni, config).await.unwrap();
+        assert_eq!(echo_roundtrip(tls, b"in".to_vec()).await.unwrap(), b"in");
+        assert_eq!(gw.next_record().await.verdict, Verdict::Allow, "{sni}");
+    }
+    assert_eq!(backend.accepted(), 3);
+}

@@ -78,20 +78,6 @@ pub struct Verified {
     pub crl_next_update: Option<i64>,
 }
 
-impl Verified {
-    /// What holds for a client checked against both: the earlier of each.
-    pub fn and(self, other: Verified) -> Verified {
-        let earliest = |a: Option<i64>, b: Option<i64>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        Verified {
-            ca_not_after: earliest(self.ca_not_after, other.ca_not_after),
-            crl_next_update: earliest(self.crl_next_update, other.crl_next_update),
-        }
-    }
-}
-
 impl Bundle {
     /// Loads the anchors and CRLs; `algorithms` verify signatures (the
     /// gateway's remember CA signatures, see `remember`).

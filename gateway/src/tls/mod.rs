@@ -75,10 +75,13 @@ fn provider_for(offload: Offload) -> Result<Arc<CryptoProvider>, TlsError> {
 #[derive(Debug)]
 pub struct RouteAuth {
     pub mode: Mode,
-    /// The trust bundle clients must chain to (None: the listener's `client_ca`).
+    /// The trust bundle clients must chain to (None: the listener's
+    /// `client_ca`). On a device route, `device.trust`: the CA that issues
+    /// device-bound user certificates is the route's trust (a client
+    /// presents one chain; see README, "Devices").
     pub trust: Option<String>,
-    /// The device CA bundle clients must also chain to.
-    pub device_trust: Option<String>,
+    /// Whether `trust` is a device route's device CA (for the refusal's words).
+    pub device: bool,
     pub policy: Arc<Policy>,
 }
 
@@ -188,11 +191,7 @@ impl ListenerTls {
         };
         Ok(ConnectionVerifier {
             chain: bundle(route.trust.as_deref())?,
-            device_chain: route
-                .device_trust
-                .as_deref()
-                .map(|t| bundle(Some(t)))
-                .transpose()?,
+            device: route.device,
             policy: route.policy.clone(),
             mode,
             source,
@@ -397,11 +396,11 @@ mod tests {
         }
     }
 
-    fn route(trust: Option<&str>, device_trust: Option<&str>) -> RouteAuth {
+    fn route(trust: Option<&str>, device: bool) -> RouteAuth {
         RouteAuth {
             mode: Mode::Enforce,
             trust: trust.map(str::to_owned),
-            device_trust: device_trust.map(str::to_owned),
+            device,
             policy: Arc::new(Policy::default()),
         }
     }
@@ -422,10 +421,10 @@ mod tests {
         )
         .unwrap();
         assert!(
-            tls.connection_config(&route(Some("users"), None), source)
+            tls.connection_config(&route(Some("users"), false), source)
                 .is_ok()
         );
-        for auth in [route(Some("nope"), None), route(None, Some("nope"))] {
+        for auth in [route(Some("nope"), false), route(Some("nope"), true)] {
             let err = tls
                 .connection_config(&auth, source)
                 .err()

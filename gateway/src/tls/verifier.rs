@@ -37,7 +37,8 @@ pub struct Decision {
 #[derive(Debug)]
 pub(super) struct ConnectionVerifier {
     pub(super) chain: Arc<Bundle>,
-    pub(super) device_chain: Option<Arc<Bundle>>,
+    /// `chain` is a device route's device CA.
+    pub(super) device: bool,
     pub(super) policy: Arc<Policy>,
     pub(super) mode: Mode,
     pub(super) source: IpAddr,
@@ -86,19 +87,14 @@ impl ClientCertVerifier for ConnectionVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let mut verified = match self.chain.verify(end_entity, intermediates, now) {
+        let verified = match self.chain.verify(end_entity, intermediates, now) {
             Ok(v) => v,
+            // unknown_ca when it does not chain to the device CA at all.
+            Err(e) if self.device => {
+                return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
+            }
             Err(e) => return self.refuse_certificate(e.to_string(), e),
         };
-        if let Some(device) = &self.device_chain {
-            match device.verify(end_entity, intermediates, now) {
-                Ok(v) => verified = verified.and(v),
-                // unknown_ca when it does not chain to the device CA at all.
-                Err(e) => {
-                    return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
-                }
-            }
-        }
         let identity = match Identity::from_leaf(end_entity) {
             Ok(id) => id,
             Err(e) => {
@@ -119,10 +115,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         };
         // Whatever CA signed it, a bundle only vouches for its own trust
         // domains: an identity outside them is not one this CA may name.
-        let admitted = std::iter::once(&self.chain)
-            .chain(&self.device_chain)
-            .try_for_each(|b| b.admits_uris(&identity.uris));
-        if let Err(why) = admitted {
+        if let Err(why) = self.chain.admits_uris(&identity.uris) {
             tracing::warn!(client = %self.source, reason = %why,
                 "client certificate refused: an identity outside its CA's trust domains");
             return self.refuse_certificate(
