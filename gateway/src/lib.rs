@@ -20,6 +20,8 @@ pub mod registry;
 pub mod remote_guard;
 pub mod spiffe;
 pub mod state;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

@@ -615,46 +615,14 @@ fn decision_was_refusal(e: &std::io::Error, verifier_objected: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::RouteStats;
     use crate::policy::{DenyReason, Policy};
-    use crate::tls::{Decision, RouteAuth};
-
-    fn route(mode: Mode) -> Route {
-        Route {
-            name: "orders".into(),
-            auth: RouteAuth {
-                mode,
-                trust: None,
-                device: false,
-                policy: Arc::new(Policy::default()),
-            },
-            backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),
-            upstream_tls: None,
-            stats: Arc::new(RouteStats::default()),
-        }
-    }
+    use crate::tls::Decision;
 
     fn conn() -> Conn {
-        Conn {
-            started: Instant::now(),
-            listener: "edge".into(),
-            client: "127.0.0.1:5000".parse().unwrap(),
-            route: None,
-            identity_value: None,
-            verified: None,
-            mode: None,
-            sni: None,
-            identity: None,
-            verdict: Verdict::Error,
-            reason: String::new(),
-            backend: None,
-            client_to_backend: 0,
-            backend_to_client: 0,
-            tls_version: None,
-            cipher_suite: None,
-            offload: None,
-            offload_reason: None,
-        }
+        Conn::new(
+            &crate::testing::listener_state(),
+            "127.0.0.1:5000".parse().unwrap(),
+        )
     }
 
     /// A handshake that completed although the verifier objected (no
@@ -675,7 +643,7 @@ mod tests {
             Decision::default(),
         ];
         for decision in objections {
-            let enforce = route(Mode::Enforce);
+            let enforce = crate::testing::route(Mode::Enforce, Policy::default());
             let mut c = conn();
             let admitted = judge(&enforce, Ok("stream"), decision.clone(), &mut c);
             assert_eq!(
@@ -690,7 +658,7 @@ mod tests {
             );
             assert_eq!(enforce.stats.denied.load(Ordering::Relaxed), 1);
 
-            let audit = route(Mode::Audit);
+            let audit = crate::testing::route(Mode::Audit, Policy::default());
             let mut c = conn();
             assert_eq!(
                 judge(&audit, Ok("stream"), decision, &mut c),

@@ -513,57 +513,15 @@ mod tests {
         CertificateDer::from(bytes.to_vec())
     }
 
-    /// A listener's state, built from a config as the gateway builds it.
-    fn listener_state() -> Arc<ListenerState> {
-        static STATE: std::sync::OnceLock<(tempfile::TempDir, Arc<ListenerState>)> =
-            std::sync::OnceLock::new();
-        STATE
-            .get_or_init(|| {
-                let dir = tempfile::tempdir().unwrap();
-                let root = crate::pki::Authority::root("registry test root").unwrap();
-                let server = root
-                    .issue(&crate::pki::LeafSpec::server("gw", &["dns:gw.example.internal"]))
-                    .unwrap();
-                let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-                write("server.pem", &server.cert_pem);
-                write("server.key", &server.key_pem);
-                write("ca.pem", &root.cert_pem);
-                let text = "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"server.pem\"\n\
-                            key = \"server.key\"\nclient_ca = \"ca.pem\"\noffload = \"userspace\"\n\
-                            [[listeners.routes]]\nname = \"api\"\nbackends = [\"127.0.0.1:1\"]\n";
-                let config =
-                    crate::Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
-                let state = crate::state::State::from_config(&config).unwrap();
-                (dir, state.listeners[0].clone())
-            })
-            .1
-            .clone()
-    }
-
     fn live<'a>(chain: &'a [CertificateDer<'static>]) -> Live<'a> {
         Live {
-            state: listener_state(),
+            state: crate::testing::listener_state(),
             route: "api".into(),
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             chain,
             verified: Verified::default(),
             judged_at: Generation::default(),
-        }
-    }
-
-    fn route(mode: Mode, policy: Policy) -> Route {
-        Route {
-            name: "api".into(),
-            auth: crate::tls::RouteAuth {
-                mode,
-                trust: None,
-                device: false,
-                policy: Arc::new(policy),
-            },
-            backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),
-            upstream_tls: None,
-            stats: Arc::default(),
         }
     }
 
@@ -586,7 +544,7 @@ mod tests {
         let outside: IpAddr = "192.0.2.1".parse().unwrap();
         let noon = "2026-11-18T12:00:00Z".parse().unwrap();
         let night = "2026-11-18T22:00:00Z".parse().unwrap();
-        let off = route(Mode::Off, policy.clone());
+        let off = crate::testing::route(Mode::Off, policy.clone());
         assert_eq!(still_allowed(&off, None, inside, noon), Ok(()));
         let closed = still_allowed(&off, None, inside, night).unwrap_err();
         assert!(
@@ -598,9 +556,9 @@ mod tests {
             elsewhere.contains("not in the route's allowed sources"),
             "{elsewhere}"
         );
-        let audit = route(Mode::Audit, policy.clone());
+        let audit = crate::testing::route(Mode::Audit, policy.clone());
         assert_eq!(still_allowed(&audit, None, outside, night), Ok(()));
-        let enforce = route(Mode::Enforce, policy);
+        let enforce = crate::testing::route(Mode::Enforce, policy);
         assert!(still_allowed(&enforce, None, inside, noon).is_err());
     }
 

@@ -155,11 +155,8 @@ async fn a_revoked_client_is_refused_at_the_handshake() {
     let crl = pki.intermediate.crl(1, &[&revoked.serial]).unwrap();
     pki.write("clients.crl.pem", &crl);
     let revoked = pki.creds("revoked", &revoked, &pki.intermediate);
-    let toml = listener_toml(
-        &pki,
-        "edge",
-        &format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display()),
-    ) + &route(&backend, "");
+    let toml =
+        listener_toml(&pki, "edge", &pki.crls_line(&["clients.crl.pem"])) + &route(&backend, "");
     let mut gw = RunningGateway::start(&pki, &toml).await;
     assert_eq!(
         refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
@@ -388,10 +385,13 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
         "mailbox",
         &LeafSpec::client("m", &[SPIFFE_FRONTEND, "email:Mallory@example.internal"]),
     );
-    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&other_mailbox)))
-        .await
-        .unwrap();
-    assert_eq!(echo_roundtrip(tls, b"m".to_vec()).await.unwrap(), b"m");
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.client_config(Some(&other_mailbox)),
+        b"m",
+    )
+    .await;
     assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
     assert_eq!(backend.accepted(), 1);
 }
@@ -494,28 +494,15 @@ async fn mode_off_enforces_sources_and_time_windows_and_refuses_identity_rules()
 async fn a_stale_crl_refuses_by_default_and_the_newest_crl_of_an_issuer_wins() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let revoked = pki
-        .intermediate
-        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
-        .unwrap();
-    let serial = revoked.serial.clone();
-    let revoked = pki.creds("revoked", &revoked, &pki.intermediate);
+    let (revoked, serial) = pki.revocable_frontend("revoked");
     let past = time::OffsetDateTime::now_utc() - time::Duration::seconds(30);
     pki.write(
         "stale.crl.pem",
         &pki.intermediate.crl_until(4, &[&serial], past).unwrap(),
     );
     let gateway = |crls: &[&str], extra: &str| {
-        let crls: Vec<String> = crls
-            .iter()
-            .map(|c| format!("\"{}\"", pki.path(c).display()))
-            .collect();
         "admin = \"127.0.0.1:0\"\n".to_owned()
-            + &listener_toml(
-                &pki,
-                "edge",
-                &format!("crls = [{}]\n{extra}", crls.join(", ")),
-            )
+            + &listener_toml(&pki, "edge", &format!("{}\n{extra}", pki.crls_line(crls)))
             + &route(&backend, "")
     };
     let mut gw = RunningGateway::start(&pki, &gateway(&["stale.crl.pem"], "")).await;
@@ -570,10 +557,7 @@ async fn a_stale_crl_refuses_by_default_and_the_newest_crl_of_an_issuer_wins() {
         refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
         AlertDescription::CertificateRevoked
     );
-    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
-        .await
-        .unwrap();
-    assert_eq!(echo_roundtrip(tls, b"new".to_vec()).await.unwrap(), b"new");
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"new").await;
     assert_eq!(backend.accepted(), 2);
 }
 
@@ -594,13 +578,8 @@ async fn an_intermediate_on_its_roots_crl_is_refused_with_every_leaf_under_it() 
     pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
     pki.write("second.crl.pem", &second.crl(1, &[]).unwrap());
     pki.write("root.crl.pem", &pki.root.crl(1, &[&serial]).unwrap());
-    let gateway = |crls: &[&str]| {
-        let crls: Vec<String> = crls
-            .iter()
-            .map(|c| format!("\"{}\"", pki.path(c).display()))
-            .collect();
-        listener_toml(&pki, "edge", &format!("crls = [{}]", crls.join(", "))) + &route(&backend, "")
-    };
+    let gateway =
+        |crls: &[&str]| listener_toml(&pki, "edge", &pki.crls_line(crls)) + &route(&backend, "");
     let mut gw = RunningGateway::start(
         &pki,
         &gateway(&["int.crl.pem", "second.crl.pem", "root.crl.pem"]),
@@ -640,10 +619,7 @@ async fn an_intermediate_on_its_roots_crl_is_refused_with_every_leaf_under_it() 
     gw.reload_toml(&pki, &gateway(&["int.crl.pem", "second.crl.pem"]))
         .await
         .unwrap();
-    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
-        .await
-        .unwrap();
-    assert_eq!(echo_roundtrip(tls, b"fe".to_vec()).await.unwrap(), b"fe");
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"fe").await;
     assert_eq!(backend.accepted(), 2);
 }
 

@@ -55,16 +55,11 @@ async fn crl_update_closes_the_revoked_client_within_a_second_while_others_flow(
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
     let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
     let mut gw = RunningGateway::start(&pki, &toml).await;
 
-    let doomed = pki
-        .intermediate
-        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
-        .unwrap();
-    let doomed_serial = doomed.serial.clone();
-    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
     let mut a = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
         .await
         .unwrap();
@@ -490,15 +485,10 @@ async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
     let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
     let mut gw = RunningGateway::start(&pki, &toml).await;
-    let doomed = pki
-        .intermediate
-        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
-        .unwrap();
-    let doomed_serial = doomed.serial.clone();
-    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
 
     let (mut held, last_flight) =
         HeldClient::up_to_the_last_flight(gw.app_addr, pki.client_config(Some(&doomed))).await;
@@ -597,7 +587,7 @@ async fn a_live_connection_ends_when_its_crl_goes_stale_unless_warned_about() {
         "clients.crl.pem",
         &pki.intermediate.crl_until(1, &[], soon).unwrap(),
     );
-    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
     let strict = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
     let mut gw = RunningGateway::start(&pki, &strict).await;
     let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
@@ -642,7 +632,7 @@ async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
     let (port_a, port_b) = (dead_port(), dead_port());
     let listener = |name: &str, port: std::net::SocketAddr, extra: &str| {
         listener_toml(&pki, name, &format!("{crls}\n{extra}"))
@@ -655,12 +645,7 @@ async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_
         + &listener("b", port_b, "");
     let mut gw = RunningGateway::start(&pki, &before).await;
 
-    let doomed = pki
-        .intermediate
-        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
-        .unwrap();
-    let doomed_serial = doomed.serial.clone();
-    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
     let mut spec = LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
     spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
     let short = pki.client("short", &spec);
