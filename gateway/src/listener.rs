@@ -114,8 +114,10 @@ struct Conn {
     /// The verified identity, handed to the registry once the connection is live.
     /// Boxed: it leaves for the registry, but its room would stay in the task.
     identity_value: Option<Box<crate::identity::Identity>>,
-    /// What the chain check learned, for the registry's tick.
-    verified: Option<crate::tls::bundle::Verified>,
+    /// What the chain check learned, for the registry's tick. Boxed, like
+    /// the identity: it leaves for the registry, but its room would stay in
+    /// the task.
+    verified: Option<Box<crate::tls::bundle::Verified>>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
@@ -222,7 +224,7 @@ fn serve<'a>(
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
-                verified: conn.verified.unwrap_or_default(),
+                verified: conn.verified.take().map(|v| *v).unwrap_or_default(),
                 judged_at,
             },
             close,
@@ -554,7 +556,7 @@ fn judge<T>(
 ) -> Option<T> {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
     conn.identity_value = decision.identity.map(Box::new);
-    conn.verified = decision.verified;
+    conn.verified = decision.verified.map(Box::new);
     // Why the client would be (or was) refused, if it would be.
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some(refused),
