@@ -288,6 +288,13 @@ impl App {
                 self.shutdown.clone(),
             ));
         }
+        self.registry.publish(
+            self.bound
+                .iter()
+                .map(|(l, _)| (l.name.clone(), l.clone()))
+                .collect(),
+            self.drain_timeout,
+        );
         let mut running = HashMap::new();
         for (l, socket) in std::mem::take(&mut self.bound) {
             let name = l.name.clone();
@@ -322,7 +329,7 @@ impl App {
                     let _ = req.reply.send(result);
                 }
                 _ = tick.tick() => {
-                    self.registry.tick(&snapshot(&running));
+                    self.registry.tick();
                 }
                 _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
             }
@@ -434,19 +441,18 @@ impl App {
             let name = l.name.clone();
             running.insert(name, self.start(l, socket, shared));
         }
-        let current: HashMap<String, Arc<ListenerState>> = state
-            .listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.clone()))
-            .collect();
-        report.connections_closed = self.registry.reverify(&current);
+        // After every swap and before re-verifying: a handshake that read
+        // an older state sees the generation moved when it goes live and is
+        // judged again then; one that went live before is in the snapshot.
+        self.registry.publish(
+            state
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.clone()))
+                .collect(),
+            state.drain_timeout,
+        );
+        report.connections_closed = self.registry.reverify();
         Ok(report)
     }
-}
-
-fn snapshot(running: &HashMap<String, Running>) -> HashMap<String, Arc<ListenerState>> {
-    running
-        .iter()
-        .map(|(name, r)| (name.clone(), r.current.load_full()))
-        .collect()
 }

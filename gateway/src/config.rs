@@ -80,6 +80,13 @@ pub struct ListenerConfig {
     /// CRLs (PEM) for `client_ca`; a revoked client is refused at the handshake.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// What a CRL of `crls` past its nextUpdate does: `refuse` (the
+    /// default) the clients it covers, or `warn` and use it anyway.
+    #[serde(default)]
+    pub crl_expired: CrlExpired,
+    /// The SPIFFE trust domains `client_ca` may vouch for (as a trust
+    /// bundle's `spiffe_trust_domains`); none: any.
+    pub spiffe_trust_domains: Option<Vec<String>>,
     /// TLS versions offered: "1.3" (default) and, opt-in, "1.2".
     #[serde(default = "default_tls_versions")]
     pub tls_versions: Vec<TlsVersion>,
@@ -251,6 +258,36 @@ pub struct TrustBundleConfig {
     /// CRLs, PEM.
     #[serde(default)]
     pub crls: Vec<PathBuf>,
+    /// What a CRL past its nextUpdate does (as the listener's `crl_expired`).
+    #[serde(default)]
+    pub crl_expired: CrlExpired,
+    /// The SPIFFE trust domains this bundle's CAs may vouch for: a client
+    /// certificate with a URI SAN that is not a SPIFFE ID in one of them is
+    /// unusable. None: any. Name constraints in the CA certificates cover
+    /// DNS names only; this is what keeps a CA inside its trust domains.
+    pub spiffe_trust_domains: Option<Vec<String>>,
+}
+
+/// What a CRL past its nextUpdate does. Its issuer promised a newer one by
+/// then, so a revocation since may be missing from it: by default the
+/// clients it covers are refused until a fresh CRL is loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlExpired {
+    /// Refuse every client whose chain the stale CRL covers (fail closed).
+    #[default]
+    Refuse,
+    /// Use the stale CRL anyway; log it and count the connections.
+    Warn,
+}
+
+impl CrlExpired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrlExpired::Refuse => "refuse",
+            CrlExpired::Warn => "warn",
+        }
+    }
 }
 
 /// The device half of "which user on which device".
@@ -388,7 +425,27 @@ impl Config {
                     return Err(self.invalid(format!("{at}.{what} must be more than 0")));
                 }
             }
+            if let Some(domains) = &l.spiffe_trust_domains {
+                self.validate_trust_domains(&format!("{at}.spiffe_trust_domains"), domains)?;
+            }
             self.validate_routes(&at, l)?;
+        }
+        for (name, b) in &self.trust {
+            if let Some(domains) = &b.spiffe_trust_domains {
+                self.validate_trust_domains(
+                    &format!("trust.{name}.spiffe_trust_domains"),
+                    domains,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_trust_domains(&self, at: &str, domains: &[String]) -> Result<(), ConfigError> {
+        for d in domains {
+            crate::spiffe::check_trust_domain(d).map_err(|e| {
+                self.invalid(format!("{at}: {d:?} is not a SPIFFE trust domain: {e}"))
+            })?;
         }
         Ok(())
     }
@@ -455,13 +512,42 @@ impl Config {
                 return Err(self.invalid(format!("{rat}.trust: no [trust.{t}] bundle")));
             }
             if let Some(d) = &r.device {
+                // A client presents one chain. The device CA issues the
+                // device-bound user certificates, so it is this route's
+                // trust; another bundle in `trust` could never be met by
+                // the same certificate.
+                if let Some(t) = &r.trust
+                    && *t != d.trust
+                {
+                    return Err(self.invalid(format!(
+                        "{rat}.trust: {t:?} and device.trust {:?} would need one client certificate to chain to two CAs; \
+                         on a device route device.trust names the CA that issues device-bound user certificates and is \
+                         the route's trust: drop trust (or set it to {:?})",
+                        d.trust, d.trust
+                    )));
+                }
                 if !known(&d.trust) {
                     return Err(
                         self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
                     );
                 }
-                crate::policy::spiffe_prefix(&d.san_prefix)
+                crate::spiffe::check_prefix(&d.san_prefix)
                     .map_err(|e| self.invalid(format!("{rat}.device.san_prefix: {e}")))?;
+                // A device identity outside the bundle's trust domains
+                // would make every certificate unusable: the route could
+                // never let anyone in.
+                let device_bundle = &self.trust[&d.trust];
+                if let (Some(domains), Ok(id)) = (
+                    &device_bundle.spiffe_trust_domains,
+                    crate::spiffe::SpiffeId::parse(d.san_prefix.trim_end_matches('/')),
+                ) && !domains.iter().any(|t| t == id.trust_domain())
+                {
+                    return Err(self.invalid(format!(
+                        "{rat}.device.san_prefix: trust domain {:?} is not in [trust.{}] spiffe_trust_domains, so no certificate could carry the device identity",
+                        id.trust_domain(),
+                        d.trust
+                    )));
+                }
             }
             if let Some(u) = &r.upstream_tls {
                 if u.cert.is_some() != u.key.is_some() {
@@ -476,10 +562,22 @@ impl Config {
                     )));
                 }
             }
-            if r.mode == Mode::Off && (r.device.is_some() || r.trust.is_some()) {
-                return Err(self.invalid(format!(
-                    "{rat}: mode = \"off\" authenticates no client, so trust and device do not apply"
-                )));
+            if r.mode == Mode::Off {
+                // Off asks for no certificate: what needs one would be
+                // silently ignored. Sources and time windows still apply.
+                let needs_a_certificate = [
+                    ("allow", !r.allow.is_empty()),
+                    ("deny", !r.deny.is_empty()),
+                    ("match_common_name", r.match_common_name),
+                    ("trust", r.trust.is_some()),
+                    ("device", r.device.is_some()),
+                ];
+                if let Some((field, _)) = needs_a_certificate.iter().find(|(_, set)| *set) {
+                    return Err(self.invalid(format!(
+                        "{rat}.{field}: mode = \"off\" authenticates no client, so {field} cannot apply \
+                         (allow_sources, deny_sources and time_windows do)"
+                    )));
+                }
             }
         }
         Ok(())
@@ -571,7 +669,7 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
     fn the_shipped_example_parses() {
         let text = include_str!("../../examples/gateway.toml");
         let c = parse(text).unwrap();
-        assert_eq!(c.listeners[0].routes.len(), 3);
+        assert_eq!(c.listeners[0].routes.len(), 4);
         assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
     }
@@ -618,6 +716,20 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         assert!(err.contains("match_common_name"), "{err}");
         let ok = text.replace("allow =", "match_common_name = true\nallow =");
         parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn a_device_route_trusts_its_device_ca_and_no_other() {
+        let bundles = "[trust.users]\nca = \"u.pem\"\n[trust.devices]\nca = \"d.pem\"\n";
+        let device = "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n";
+        let with = |trust: &str| format!("{bundles}{MINIMAL}{trust}{device}");
+        let err = parse(&with("trust = \"users\"\n")).unwrap_err().to_string();
+        assert!(
+            err.contains("routes[0] (\"orders\").trust") && err.contains("two CAs"),
+            "{err}"
+        );
+        parse(&with("trust = \"devices\"\n")).unwrap();
+        parse(&with("")).unwrap();
     }
 
     #[test]

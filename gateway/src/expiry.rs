@@ -4,16 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
-use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::Config;
+use crate::config::{Config, CrlExpired};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// A certificate's notAfter.
     Certificate,
-    /// A CRL's nextUpdate: after it, the CRL is stale.
-    Crl,
+    /// A CRL's nextUpdate: after it, the CRL is stale, and the bundle's
+    /// `crl_expired` says what that does.
+    Crl(CrlExpired),
 }
 
 #[derive(Debug, Clone)]
@@ -31,10 +32,18 @@ impl Expiry {
     pub fn seconds_left(&self, now: i64) -> i64 {
         self.at - now
     }
+
+    /// Whether running out stops clients: every certificate does, a CRL
+    /// unless its bundle says `crl_expired = "warn"`.
+    pub fn fails_closed(&self) -> bool {
+        self.kind != Kind::Crl(CrlExpired::Warn)
+    }
 }
 
-/// Every certificate and CRL the config names; files that do not parse are
-/// skipped (loading the state reports those).
+/// Every certificate the config names, and every CRL a bundle enforces
+/// (for each issuer the newest, as the bundles pick them: see
+/// `tls::crl`); files that do not parse are skipped (loading the state
+/// reports those).
 pub fn collect(config: &Config) -> Vec<Expiry> {
     let mut out = Vec::new();
     for l in &config.listeners {
@@ -48,13 +57,12 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &format!("listener {} client_ca", l.name),
             &config.resolve(&l.client_ca),
         );
-        for c in &l.crls {
-            crls(
-                &mut out,
-                &format!("listener {} crl", l.name),
-                &config.resolve(c),
-            );
-        }
+        crls(
+            &mut out,
+            &format!("listener {} crl", l.name),
+            &l.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
+            l.crl_expired,
+        );
     }
     for (name, b) in &config.trust {
         certs(
@@ -62,9 +70,12 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &format!("trust {name} ca"),
             &config.resolve(&b.ca),
         );
-        for c in &b.crls {
-            crls(&mut out, &format!("trust {name} crl"), &config.resolve(c));
-        }
+        crls(
+            &mut out,
+            &format!("trust {name} crl"),
+            &b.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
+            b.crl_expired,
+        );
     }
     out
 }
@@ -93,17 +104,21 @@ fn certs(out: &mut Vec<Expiry>, role: &str, path: &Path) {
     }
 }
 
-fn crls(out: &mut Vec<Expiry>, role: &str, path: &Path) {
-    for der in pem_blocks(path) {
-        if let Ok((_, crl)) = CertificateRevocationList::from_der(&der)
-            && let Some(next) = crl.next_update()
-        {
+fn crls(out: &mut Vec<Expiry>, role: &str, paths: &[PathBuf], policy: CrlExpired) {
+    // Each file on its own, so one that does not parse hides no other.
+    let all = paths
+        .iter()
+        .filter_map(|p| crate::tls::crl::load_all(std::slice::from_ref(p)).ok())
+        .flatten()
+        .collect();
+    for crl in crate::tls::crl::newest(all) {
+        if let Some(at) = crl.next_update {
             out.push(Expiry {
-                kind: Kind::Crl,
+                kind: Kind::Crl(policy),
                 role: role.to_owned(),
-                file: path.to_owned(),
-                subject: crl.issuer().to_string(),
-                at: next.timestamp(),
+                file: crl.file,
+                subject: crl.issuer,
+                at,
             });
         }
     }
@@ -114,15 +129,22 @@ pub fn describe(e: &Expiry, now: i64) -> String {
     let left = e.seconds_left(now);
     let what = match e.kind {
         Kind::Certificate => "certificate",
-        Kind::Crl => "CRL (next update)",
+        Kind::Crl(_) => "CRL (next update)",
     };
     let when = if left <= 0 {
         format!("expired {} ago", human(-left))
     } else {
         format!("expires in {}", human(left))
     };
+    let effect = match e.kind {
+        Kind::Crl(CrlExpired::Refuse) => {
+            "; once stale, the clients it covers are refused (crl_expired = \"refuse\")"
+        }
+        Kind::Crl(CrlExpired::Warn) => "; once stale, used anyway (crl_expired = \"warn\")",
+        Kind::Certificate => "",
+    };
     format!(
-        "{} {what} {} in {}: {when}",
+        "{} {what} {} in {}: {when}{effect}",
         e.role,
         e.subject,
         e.file.display()
@@ -135,5 +157,65 @@ fn human(secs: i64) -> String {
         s if s >= 2 * 3_600 => format!("{} hours", s / 3_600),
         s if s >= 120 => format!("{} minutes", s / 60),
         s => format!("{s} seconds"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::Authority;
+
+    /// Monitoring watches the CRLs the bundles enforce: the newest of each
+    /// issuer, with what running out does.
+    #[test]
+    fn crls_are_reported_as_the_bundles_use_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::root("expiry root").unwrap();
+        let soon = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+        let later = time::OffsetDateTime::now_utc() + time::Duration::days(20);
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", &ca.cert_pem);
+        write("old.crl.pem", &ca.crl_until(1, &[], soon).unwrap());
+        write("new.crl.pem", &ca.crl_until(2, &[], later).unwrap());
+        let text = r#"
+[trust.strict]
+ca = "ca.pem"
+crls = ["old.crl.pem", "new.crl.pem"]
+
+[trust.lenient]
+ca = "ca.pem"
+crls = ["old.crl.pem"]
+crl_expired = "warn"
+
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+cert = "ca.pem"
+key = "ca.key"
+client_ca = "ca.pem"
+
+[[listeners.routes]]
+name = "r"
+backends = ["127.0.0.1:1"]
+"#;
+        let config = Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
+        let crls: Vec<_> = collect(&config)
+            .into_iter()
+            .filter(|e| matches!(e.kind, Kind::Crl(_)))
+            .map(|e| {
+                (
+                    e.role.clone(),
+                    e.file.file_name().unwrap().to_owned(),
+                    e.fails_closed(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            crls,
+            [
+                ("trust lenient crl".into(), "old.crl.pem".into(), false),
+                ("trust strict crl".into(), "new.crl.pem".into(), true),
+            ]
+        );
     }
 }

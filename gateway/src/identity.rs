@@ -3,6 +3,13 @@
 //! Only the leaf's SANs count (URI, DNS, email); the subject CN is kept for
 //! routes that opt in and is otherwise ignored. A wildcard anywhere makes the
 //! certificate unusable as an identity: a client is one name, never a pattern.
+//!
+//! Each name has one spelling, so a rule written one way cannot be dodged by
+//! a certificate written another: a URI claiming the `spiffe` scheme must be
+//! a valid SPIFFE ID (see `spiffe`; otherwise the certificate is unusable),
+//! DNS names are lower-cased and lose a trailing dot (`a.example.` and
+//! `a.example` are one name), and an email address's domain is lower-cased
+//! (its local part is kept exactly, as RFC 5321 leaves it to the mailbox).
 
 use std::fmt;
 
@@ -31,6 +38,13 @@ pub enum IdentityError {
     BadSan(String),
     #[error("certificate lacks the clientAuth extended key usage")]
     NoClientAuth,
+    #[error("certificate has a URI SAN {uri:?} that is not a valid SPIFFE ID: {why}")]
+    BadSpiffeId {
+        uri: String,
+        why: crate::spiffe::SpiffeError,
+    },
+    #[error("certificate has a malformed DNS SAN {0:?}")]
+    BadDnsName(String),
 }
 
 impl Identity {
@@ -63,9 +77,9 @@ impl Identity {
         if let Some(san) = san {
             for name in &san.value.general_names {
                 match name {
-                    GeneralName::URI(u) => id.uris.push(checked(u)?),
-                    GeneralName::DNSName(d) => id.dns.push(checked(d)?),
-                    GeneralName::RFC822Name(e) => id.emails.push(checked(e)?),
+                    GeneralName::URI(u) => push(&mut id.uris, uri(checked(u)?)?),
+                    GeneralName::DNSName(d) => push(&mut id.dns, dns(checked(d)?)?),
+                    GeneralName::RFC822Name(e) => push(&mut id.emails, email(checked(e)?)),
                     _ => {}
                 }
             }
@@ -87,11 +101,54 @@ impl Identity {
     }
 }
 
-fn checked(name: &str) -> Result<String, IdentityError> {
+fn checked(name: &str) -> Result<&str, IdentityError> {
     if name.contains('*') {
         return Err(IdentityError::Wildcard(name.to_owned()));
     }
-    Ok(name.to_owned())
+    Ok(name)
+}
+
+/// Two spellings of one name are one name.
+fn push(names: &mut Vec<String>, name: String) {
+    if !names.contains(&name) {
+        names.push(name);
+    }
+}
+
+fn uri(u: &str) -> Result<String, IdentityError> {
+    if crate::spiffe::claims_spiffe(u) {
+        crate::spiffe::SpiffeId::parse(u).map_err(|why| IdentityError::BadSpiffeId {
+            uri: u.to_owned(),
+            why,
+        })?;
+    }
+    Ok(u.to_owned())
+}
+
+fn dns(d: &str) -> Result<String, IdentityError> {
+    normalise_dns(d).ok_or_else(|| IdentityError::BadDnsName(d.to_owned()))
+}
+
+fn email(e: &str) -> String {
+    normalise_email(e)
+}
+
+/// A DNS name in its one spelling: lower case, without the root's trailing
+/// dot. None when no name is left or a label is empty.
+pub fn normalise_dns(name: &str) -> Option<String> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return None;
+    }
+    Some(name.to_ascii_lowercase())
+}
+
+/// An email address with its domain in lower case; the local part as written.
+pub fn normalise_email(address: &str) -> String {
+    match address.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+        None => address.to_owned(),
+    }
 }
 
 /// The form logs and the access log use: every SAN, in the allow-entry syntax.
@@ -107,5 +164,62 @@ impl fmt::Display for Identity {
             parts.push(format!("cn:{cn}"));
         }
         f.write_str(&parts.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    fn leaf(sans: &[&str]) -> Result<Identity, IdentityError> {
+        let root = Authority::root("identity test root").unwrap();
+        let issued = root.issue(&LeafSpec::client("c", sans)).unwrap();
+        let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+        Identity::from_leaf(&der)
+    }
+
+    #[test]
+    fn names_are_read_in_one_spelling() {
+        let id = leaf(&[
+            "dns:Batch.Example.Internal.",
+            "dns:batch.example.internal",
+            "email:Ops@Example.Internal",
+            "spiffe://example.internal/ns/shop/sa/Frontend",
+            "https://Example.internal/kept/as/written/",
+        ])
+        .unwrap();
+        assert_eq!(id.dns, ["batch.example.internal"]);
+        assert_eq!(id.emails, ["Ops@example.internal"]);
+        assert_eq!(
+            id.uris,
+            [
+                "spiffe://example.internal/ns/shop/sa/Frontend",
+                "https://Example.internal/kept/as/written/"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_uri_claiming_spiffe_must_be_a_valid_spiffe_id() {
+        for bad in [
+            "spiffe://example.internal/ns/shop/sa/bad/",
+            "spiffe://example.internal/ns/shop/./sa/bad",
+            "spiffe://example.internal/ns/shop/sa/%62ad",
+            "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
+            "SPIFFE://example.internal/ns/shop/sa/bad",
+            "spiffe://example.internal/ns/shop/sa/bad?x",
+        ] {
+            match leaf(&["spiffe://example.internal/ok", bad]) {
+                Err(IdentityError::BadSpiffeId { uri, .. }) => assert_eq!(uri, bad),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            leaf(&["dns:a..example"]),
+            Err(IdentityError::BadDnsName(_))
+        ));
     }
 }

@@ -18,7 +18,10 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod remote_guard;
+pub mod spiffe;
 pub mod state;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod upstream;
 pub mod watch;

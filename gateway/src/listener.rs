@@ -25,7 +25,7 @@ use crate::forward;
 use crate::metrics::Metrics;
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
-use crate::registry::{Live, Registry};
+use crate::registry::{Generation, Live, Registry};
 use crate::state::{ListenerState, Route};
 use crate::upstream::{BackendTls, Upstream};
 
@@ -53,11 +53,14 @@ pub async fn accept_loop(
                 }
             },
         };
+        // The generation first: if a reload publishes after this read, the
+        // connection is judged again as it goes live (see `registry`).
+        let judged_at = shared.registry.generation();
         let listener = current.load_full();
         if active.load(Ordering::Relaxed) >= listener.max_connections {
             tracing::warn!(listener = %listener.name, client = %peer,
                 max_connections = listener.max_connections, "connection refused: max_connections reached");
-            shared.metrics.refused_max_connections(&listener.name);
+            shared.metrics.refused(&listener.name, "max_connections");
             let mut conn = Conn::new(&listener, peer);
             conn.reason = format!("max_connections ({}) reached", listener.max_connections);
             shared.log.emit(conn.record());
@@ -67,7 +70,7 @@ pub async fn accept_loop(
         let slot = Slot::take(&active);
         let shared = shared.clone();
         shared.tracker.clone().spawn(async move {
-            let record = serve(&listener, stream, peer, &shared).await;
+            let record = serve(&listener, judged_at, stream, peer, &shared).await;
             shared.log.emit(record);
             drop(slot);
         });
@@ -111,6 +114,10 @@ struct Conn {
     /// The verified identity, handed to the registry once the connection is live.
     /// Boxed: it leaves for the registry, but its room would stay in the task.
     identity_value: Option<Box<crate::identity::Identity>>,
+    /// What the chain check learned, for the registry's tick. Boxed, like
+    /// the identity: it leaves for the registry, but its room would stay in
+    /// the task.
+    verified: Option<Box<crate::tls::bundle::Verified>>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<String>,
@@ -133,6 +140,7 @@ impl Conn {
             client,
             route: None,
             identity_value: None,
+            verified: None,
             mode: None,
             sni: None,
             identity: None,
@@ -176,7 +184,8 @@ impl Conn {
 /// into), and this future lives as long as the connection.
 #[allow(clippy::manual_async_fn)]
 fn serve<'a>(
-    listener: &'a ListenerState,
+    listener: &'a Arc<ListenerState>,
+    judged_at: Generation,
     stream: TcpStream,
     peer: SocketAddr,
     shared: &'a Shared,
@@ -190,7 +199,7 @@ fn serve<'a>(
         // life, and the handshake's (rustls' whole connection) is the largest.
         let handshake = tokio::time::timeout(
             listener.handshake_timeout,
-            Box::pin(handshake(listener, stream, &mut conn)),
+            Box::pin(handshake(listener, stream, &mut conn, &shared.metrics)),
         );
         let tls = tokio::select! {
             r = handshake => match r {
@@ -210,14 +219,31 @@ fn serve<'a>(
         // From here the connection is live: reloads and the tick re-judge it.
         let registration = shared.registry.register(
             Live {
-                listener: listener.name.clone(),
+                state: listener.clone(),
                 route: route.name.clone(),
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
+                verified: conn.verified.take().map(|v| *v).unwrap_or_default(),
+                judged_at,
             },
             close,
         );
+        let registration = match registration {
+            Ok(r) => r,
+            Err(refused) => {
+                // Allowed by the state its handshake began with, refused by
+                // the current one: it never reaches a backend.
+                tracing::info!(listener = %listener.name, route = %route.name, client = %peer,
+                    reason = %refused, "connection refused");
+                conn.verdict = Verdict::Deny;
+                conn.reason = refused.to_string();
+                route.stats.denied.fetch_add(1, Ordering::Relaxed);
+                // Reset, not close_notify: a refusal, not an orderly end.
+                offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+                return conn.record();
+            }
+        };
         let why = || {
             registration
                 .reason()
@@ -487,6 +513,7 @@ async fn handshake(
     listener: &ListenerState,
     stream: TcpStream,
     conn: &mut Conn,
+    metrics: &Metrics,
 ) -> Option<(Arc<Route>, Box<ClientTls>)> {
     // The record framing is followed from the first byte: after the
     // handshake the kernel or our record layer takes over the stream at a
@@ -551,12 +578,39 @@ async fn handshake(
     };
     conn.route = Some(route.name.clone());
     conn.mode = Some(route.mode().as_str());
+    if route.mode() == Mode::Off
+        && let Err(reason) = route
+            .auth
+            .policy
+            .admits_source_at(conn.client.ip(), jiff::Timestamp::now())
+    {
+        // No certificate will be asked for, so nothing later could refuse:
+        // sources and time windows are judged here, before the handshake.
+        let _ = stream
+            .write_all(&crate::tls::plaintext_alert(AlertDescription::AccessDenied))
+            .await;
+        tracing::info!(listener = %listener.name, route = %route.name, client = %conn.client,
+            %reason, "connection refused before the handshake");
+        conn.verdict = Verdict::Deny;
+        conn.reason = reason.to_string();
+        route.stats.denied.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
     let (config, decision) = match listener
         .tls
         .connection_config(&route.auth, conn.client.ip())
     {
         Ok(x) => x,
         Err(e) => {
+            tracing::error!(listener = %listener.name, route = %route.name, client = %conn.client,
+                error = %e, "connection refused: no TLS configuration for its route");
+            metrics.refused(
+                &listener.name,
+                match e {
+                    crate::tls::TlsError::UnknownBundle(_) => "unknown_trust_bundle",
+                    _ => "tls_config",
+                },
+            );
             conn.reason = format!("TLS config: {e}");
             return None;
         }
@@ -565,8 +619,7 @@ async fn handshake(
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    judge(&route, &result, decision, conn);
-    let tls = result.ok()?;
+    let tls = judge(&route, result, decision, conn)?;
     let (_, session) = tls.get_ref();
     conn.tls_version = session.protocol_version().map(|v| match v {
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
@@ -580,15 +633,17 @@ async fn handshake(
 }
 
 /// Turns what the verifier decided and how the handshake ended into the
-/// access log's verdict and reason, and counts it on the route.
+/// access log's verdict and reason, and counts it on the route. Gives back
+/// the connection only when it may go on.
 fn judge<T>(
     route: &Route,
-    result: &std::io::Result<T>,
+    result: std::io::Result<T>,
     decision: crate::tls::Decision,
     conn: &mut Conn,
-) {
+) -> Option<T> {
     conn.identity = decision.identity.as_ref().map(ToString::to_string);
     conn.identity_value = decision.identity.map(Box::new);
+    conn.verified = decision.verified.map(Box::new);
     // Nothing reached the verifier: "no certificate" is the refusal only
     // when that is what ended the handshake, not for a handshake that
     // failed before a certificate was asked for.
@@ -604,7 +659,7 @@ fn judge<T>(
         // No certificate reached the verifier.
         (None, None) => Some("client presented no certificate".to_owned()),
     };
-    match (result, objection) {
+    match (&result, objection) {
         (Ok(_), None) => {
             conn.verdict = Verdict::Allow;
             route.stats.allowed.fetch_add(1, Ordering::Relaxed);
@@ -617,10 +672,14 @@ fn judge<T>(
                 "audit: would deny, letting through");
         }
         (Ok(_), Some(why)) => {
-            // Unreachable with enforcement in the verifier; refuse rather than guess.
+            // An enforcing verifier never lets this happen; if it does, the
+            // handshake's success is not a verdict: refuse rather than guess.
+            tracing::error!(route = %route.name, client = %conn.client, reason = %why,
+                "handshake completed on an enforcing route although the client was refused: closing");
             conn.verdict = Verdict::Deny;
             conn.reason = format!("refused after handshake: {why}");
             route.stats.denied.fetch_add(1, Ordering::Relaxed);
+            return None;
         }
         (Err(e), objection) => {
             let is_refusal = decision_was_refusal(e, objection.is_some() && !verifier_saw_nothing);
@@ -633,6 +692,7 @@ fn judge<T>(
             }
         }
     }
+    result.ok()
 }
 
 /// A failed handshake is a refusal when the verifier objected, or when the
@@ -643,4 +703,61 @@ fn decision_was_refusal(e: &std::io::Error, verifier_objected: bool) -> bool {
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         .is_some_and(|r| matches!(r, rustls::Error::NoCertificatesPresented));
     no_cert || verifier_objected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{DenyReason, Policy};
+    use crate::tls::Decision;
+
+    fn conn() -> Conn {
+        Conn::new(
+            &crate::testing::listener_state(),
+            "127.0.0.1:5000".parse().unwrap(),
+        )
+    }
+
+    /// A handshake that completed although the verifier objected (no
+    /// enforcing verifier would let that happen, but nothing else stops it):
+    /// enforce refuses, audit lets it through as a would-deny.
+    #[test]
+    fn an_objection_after_a_completed_handshake_refuses_in_enforce() {
+        let objections = [
+            Decision {
+                refused: Some("client certificate refused: test".into()),
+                ..Decision::default()
+            },
+            Decision {
+                verdict: Some(crate::policy::Verdict::Deny(DenyReason::NoAllowRules)),
+                ..Decision::default()
+            },
+            // No certificate reached the verifier at all.
+            Decision::default(),
+        ];
+        for decision in objections {
+            let enforce = crate::testing::route(Mode::Enforce, Policy::default());
+            let mut c = conn();
+            let admitted = judge(&enforce, Ok("stream"), decision.clone(), &mut c);
+            assert_eq!(
+                admitted, None,
+                "{decision:?} must not pass an enforcing route"
+            );
+            assert_eq!(c.verdict, Verdict::Deny);
+            assert!(
+                c.reason.starts_with("refused after handshake: "),
+                "{}",
+                c.reason
+            );
+            assert_eq!(enforce.stats.denied.load(Ordering::Relaxed), 1);
+
+            let audit = crate::testing::route(Mode::Audit, Policy::default());
+            let mut c = conn();
+            assert_eq!(
+                judge(&audit, Ok("stream"), decision, &mut c),
+                Some("stream")
+            );
+            assert_eq!(c.verdict, Verdict::Audit);
+        }
+    }
 }

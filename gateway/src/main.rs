@@ -97,18 +97,23 @@ enum PkiCommand {
         key_type: KeyArg,
     },
     /// Revoke by hex serial or certificate file, and publish a fresh CRL.
+    /// Revoking the intermediate (intermediate.pem) needs root.key.
     Revoke {
         #[arg(long)]
         dir: PathBuf,
         serial_or_cert: String,
     },
-    /// Publish a fresh CRL (crl.pem) signed by the intermediate.
+    /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
+    /// the root's, as last signed).
     Crl {
         #[arg(long)]
         dir: PathBuf,
         /// How long until its next update, e.g. 7d.
         #[arg(long, default_value = "7d")]
         next_update: String,
+        /// Also re-sign the root's CRL (needs root.key), e.g. before it runs out.
+        #[arg(long)]
+        root: bool,
     },
     /// Show what the gateway would see in a certificate and why it would refuse it.
     Inspect {
@@ -177,7 +182,11 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 store.path("ca.pem").display()
             );
             println!(
-                "{} signs only the intermediate: move it offline now",
+                "CRLs for the gateway's bundle: {} (the intermediate's and the root's)",
+                store.path("crl.pem").display()
+            );
+            println!(
+                "{} signs only the intermediate and the root's CRL: move it offline now",
                 store.path("root.key").display()
             );
         }
@@ -215,8 +224,18 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 store.path("crl.pem").display()
             );
         }
-        PkiCommand::Crl { dir, next_update } => {
-            let path = Store::open(&dir).publish_crl(lifetime(&next_update)?)?;
+        PkiCommand::Crl {
+            dir,
+            next_update,
+            root,
+        } => {
+            let store = Store::open(&dir);
+            let validity = lifetime(&next_update)?;
+            let path = if root {
+                store.republish_root_crl(validity)?
+            } else {
+                store.publish_crl(validity)?
+            };
             println!("published {}", path.display());
         }
         PkiCommand::Inspect { file, client_ca } => {
@@ -314,7 +333,9 @@ fn check(
     let mut critical = 0;
     for e in gateway::expiry::collect(&config) {
         let left = e.seconds_left(now);
-        if left <= fail {
+        // A CRL the bundle uses stale anyway (crl_expired = "warn") stops
+        // no client: a warning, never a failure.
+        if left <= fail && e.fails_closed() {
             critical += 1;
             println!("critical: {}", gateway::expiry::describe(&e, now));
         } else if left <= warn {

@@ -29,10 +29,14 @@ pub struct RouteStats {
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
-    refused_max_connections: Mutex<BTreeMap<String, u64>>,
+    /// Connections refused without a route decision, by listener and reason.
+    refused: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Connections by listener, path ("kernel", "userspace") and fallback reason.
     offload: Mutex<BTreeMap<(String, &'static str, &'static str), u64>>,
     expiries: Mutex<Vec<crate::expiry::Expiry>>,
+    /// Checks that met a CRL past its nextUpdate, by bundle and its
+    /// `crl_expired` (refused, or used with a warning).
+    stale_crl_uses: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
 }
 
 impl Metrics {
@@ -67,13 +71,31 @@ impl Metrics {
         }
     }
 
-    pub fn refused_max_connections(&self, listener: &str) {
+    /// Counts a connection refused before any route decision: `reason` is
+    /// `max_connections` (at accept) or `unknown_trust_bundle` (a route names
+    /// a bundle its listener does not have).
+    pub fn refused(&self, listener: &str, reason: &'static str) {
         *self
-            .refused_max_connections
+            .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(listener.to_owned())
+            .entry((listener.to_owned(), reason))
             .or_default() += 1;
+    }
+
+    /// The counter of a bundle's checks that met a stale CRL, the same one
+    /// across reloads.
+    pub fn stale_crl_uses(
+        &self,
+        bundle: &str,
+        policy: crate::config::CrlExpired,
+    ) -> Arc<AtomicU64> {
+        self.stale_crl_uses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((bundle.to_owned(), policy.as_str()))
+            .or_default()
+            .clone()
     }
 
     /// Counts which path a connection took after its handshake, and why.
@@ -106,17 +128,17 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP gateway_connections_refused_total Connections closed at accept.\n");
+        out.push_str("# HELP gateway_connections_refused_total Connections refused without a route decision, by reason.\n");
         out.push_str("# TYPE gateway_connections_refused_total counter\n");
-        for (listener, n) in self
-            .refused_max_connections
+        for ((listener, reason), n) in self
+            .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
             let _ = writeln!(
                 out,
-                "gateway_connections_refused_total{{listener=\"{}\",reason=\"max_connections\"}} {n}",
+                "gateway_connections_refused_total{{listener=\"{}\",reason=\"{reason}\"}} {n}",
                 escape(listener)
             );
         }
@@ -132,6 +154,21 @@ impl Metrics {
                 out,
                 "gateway_offload_total{{listener=\"{}\",path=\"{path}\",reason=\"{reason}\"}} {n}",
                 escape(listener)
+            );
+        }
+        out.push_str("# HELP gateway_crl_expired_total Client checks that met a CRL past its next update, by trust bundle and what its crl_expired made of it (refuse, warn).\n");
+        out.push_str("# TYPE gateway_crl_expired_total counter\n");
+        for ((bundle, policy), n) in self
+            .stale_crl_uses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "gateway_crl_expired_total{{bundle=\"{}\",crl_expired=\"{policy}\"}} {}",
+                escape(bundle),
+                n.load(Ordering::Relaxed)
             );
         }
         let now = jiff::Timestamp::now().as_second();
@@ -151,17 +188,20 @@ impl Metrics {
                 e.seconds_left(now)
             );
         }
-        out.push_str("# HELP gateway_crl_next_update_seconds Seconds until a CRL's next update (negative: stale).\n");
+        out.push_str("# HELP gateway_crl_next_update_seconds Seconds until the next update of each CRL a bundle enforces (negative: stale; see crl_expired).\n");
         out.push_str("# TYPE gateway_crl_next_update_seconds gauge\n");
-        for e in expiries
-            .iter()
-            .filter(|e| e.kind == crate::expiry::Kind::Crl)
-        {
+        for e in expiries.iter() {
+            // One file may hold several issuers' CRLs (gateway pki's crl.pem).
+            let crate::expiry::Kind::Crl(policy) = e.kind else {
+                continue;
+            };
             let _ = writeln!(
                 out,
-                "gateway_crl_next_update_seconds{{role=\"{}\",file=\"{}\"}} {}",
+                "gateway_crl_next_update_seconds{{role=\"{}\",file=\"{}\",issuer=\"{}\",crl_expired=\"{}\"}} {}",
                 escape(&e.role),
                 escape(&e.file.display().to_string()),
+                escape(&e.subject),
+                policy.as_str(),
                 e.seconds_left(now)
             );
         }

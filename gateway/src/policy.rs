@@ -1,8 +1,11 @@
 //! Who may pass a route, from where and when: identity rules, source CIDRs,
 //! time windows, a device requirement, and the decision over one client.
 //!
-//! Entries are parsed once, at config load; matching is exact (DNS names
-//! case-insensitively, as DNS is) or an explicit SPIFFE prefix. There are no
+//! Entries are parsed once, at config load, into the same one spelling the
+//! certificate's names are read in (see `identity`): SPIFFE IDs valid by
+//! the specification, DNS names lower-case without a trailing dot, email
+//! domains lower-case. Matching is then exact, or an explicit SPIFFE prefix
+//! over whole path segments. There are no
 //! patterns: a wildcard in an entry is a config error, not a rule. Deny wins
 //! over allow.
 
@@ -48,24 +51,31 @@ impl TryFrom<String> for IdentityRule {
             }
         };
         if let Some(v) = s.strip_prefix("dns:") {
-            return Ok(IdentityRule::Dns(
-                nonempty("DNS name", v)?.to_ascii_lowercase(),
-            ));
+            let v = nonempty("DNS name", v)?;
+            return crate::identity::normalise_dns(&v)
+                .map(IdentityRule::Dns)
+                .ok_or_else(|| format!("{s:?}: not a DNS name (an empty label)"));
         }
         if let Some(v) = s.strip_prefix("email:") {
             let v = nonempty("email address", v)?;
             if !v.contains('@') {
                 return Err(format!("{s:?}: an email address needs an @"));
             }
-            return Ok(IdentityRule::Email(v));
+            return Ok(IdentityRule::Email(crate::identity::normalise_email(&v)));
         }
         if let Some(v) = s.strip_prefix("cn:") {
             return Ok(IdentityRule::CommonName(nonempty("common name", v)?));
         }
         if let Some(v) = s.strip_prefix("spiffe-prefix:") {
-            return spiffe_prefix(v)
-                .map(IdentityRule::SpiffePrefix)
+            return crate::spiffe::check_prefix(v)
+                .map(|()| IdentityRule::SpiffePrefix(v.to_owned()))
                 .map_err(|why| format!("{s:?}: {why}"));
+        }
+        if crate::spiffe::claims_spiffe(&s) {
+            return match crate::spiffe::SpiffeId::parse(&s) {
+                Ok(_) => Ok(IdentityRule::Uri(s)),
+                Err(why) => Err(format!("{s:?} is not a valid SPIFFE ID: {why}")),
+            };
         }
         match s.split_once("://") {
             Some((scheme, rest))
@@ -82,20 +92,6 @@ impl TryFrom<String> for IdentityRule {
             )),
         }
     }
-}
-
-/// A SPIFFE path prefix: `spiffe://trust-domain/` or deeper, ending with `/`.
-pub fn spiffe_prefix(v: &str) -> Result<String, String> {
-    let Some(rest) = v.strip_prefix("spiffe://") else {
-        return Err("a SPIFFE prefix starts with spiffe://".into());
-    };
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("a SPIFFE prefix names a trust domain".into());
-    }
-    if !v.ends_with('/') {
-        return Err("a SPIFFE prefix ends with / (so ns/shop/ never matches ns/shopping)".into());
-    }
-    Ok(v.to_owned())
 }
 
 impl fmt::Display for IdentityRule {
@@ -118,7 +114,8 @@ impl IdentityRule {
                 .uris
                 .iter()
                 .any(|x| x.starts_with(p.as_str()) && x.len() > p.len()),
-            IdentityRule::Dns(d) => id.dns.iter().any(|x| x.eq_ignore_ascii_case(d)),
+            // Both sides are in their one spelling (see `identity`).
+            IdentityRule::Dns(d) => id.dns.iter().any(|x| x == d),
             IdentityRule::Email(e) => id.emails.iter().any(|x| x == e),
             IdentityRule::CommonName(c) => {
                 match_common_name && id.common_name.as_deref() == Some(c.as_str())
@@ -292,6 +289,32 @@ pub enum DenyReason {
 }
 
 impl Policy {
+    /// The rules that need no certificate: `deny_sources`, `allow_sources`,
+    /// `time_windows`, in that order. All a `mode = "off"` route enforces.
+    pub fn admits_source_at(&self, source: IpAddr, now: jiff::Timestamp) -> Result<(), DenyReason> {
+        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&source)) {
+            return Err(DenyReason::SourceDenied {
+                client: source,
+                cidr: *cidr,
+            });
+        }
+        if !self.allow_sources.is_empty() && !self.allow_sources.iter().any(|n| n.contains(&source))
+        {
+            return Err(DenyReason::SourceNotAllowed { client: source });
+        }
+        if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(now)) {
+            return Err(DenyReason::OutsideTimeWindow {
+                windows: self
+                    .time_windows
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        Ok(())
+    }
+
     pub fn decide(&self, s: Subject<'_>) -> Verdict {
         let id = s.identity;
         if let Some(rule) = self
@@ -304,26 +327,8 @@ impl Policy {
                 rule: rule.to_string(),
             });
         }
-        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&s.source)) {
-            return Verdict::Deny(DenyReason::SourceDenied {
-                client: s.source,
-                cidr: *cidr,
-            });
-        }
-        if !self.allow_sources.is_empty()
-            && !self.allow_sources.iter().any(|n| n.contains(&s.source))
-        {
-            return Verdict::Deny(DenyReason::SourceNotAllowed { client: s.source });
-        }
-        if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(s.now)) {
-            return Verdict::Deny(DenyReason::OutsideTimeWindow {
-                windows: self
-                    .time_windows
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
+        if let Err(reason) = self.admits_source_at(s.source, s.now) {
+            return Verdict::Deny(reason);
         }
         if let Some(prefix) = &self.device_san_prefix
             && id.device(prefix).is_none()
@@ -365,7 +370,7 @@ mod tests {
     fn identity() -> Identity {
         Identity {
             uris: vec!["spiffe://example.internal/ns/shop/sa/frontend".into()],
-            dns: vec!["Batch.Example.Internal".into()],
+            dns: vec!["batch.example.internal".into()],
             emails: vec!["ops@example.internal".into()],
             common_name: Some("legacy".into()),
             ..Identity::default()
@@ -428,6 +433,36 @@ mod tests {
         assert!(rule("frontend").is_err());
         assert!(rule("dns:").is_err());
         assert!(rule("email:nobody").is_err());
+    }
+
+    #[test]
+    fn entries_are_read_in_the_spelling_certificates_are() {
+        assert_eq!(
+            rule("dns:Batch.Example.Internal.").unwrap(),
+            IdentityRule::Dns("batch.example.internal".into())
+        );
+        assert!(rule("dns:a..b").is_err());
+        assert_eq!(
+            rule("email:Ops@Example.INTERNAL").unwrap(),
+            IdentityRule::Email("Ops@example.internal".into())
+        );
+        for bad in [
+            "spiffe://example.internal/ns/shop/sa/bad/",
+            "spiffe://example.internal/ns/shop/./sa/bad",
+            "spiffe://example.internal/ns/shop/sa/%62ad",
+            "spiffe://Example.internal/ns/shop/sa/bad",
+            "SPIFFE://example.internal/ns/shop/sa/bad",
+            "spiffe-prefix:spiffe://example.internal/ns//",
+            "spiffe-prefix:spiffe://example.internal/ns/../",
+        ] {
+            let err = rule(bad).unwrap_err();
+            assert!(err.contains("not a valid SPIFFE ID"), "{bad}: {err}");
+        }
+        // Other URI schemes are compared as written.
+        assert_eq!(
+            rule("https://example.internal/x/").unwrap(),
+            IdentityRule::Uri("https://example.internal/x/".into())
+        );
     }
 
     #[test]

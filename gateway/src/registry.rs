@@ -5,6 +5,24 @@
 //! used (trust, CRLs, device, policy, mode), and a once-a-second tick closes
 //! those whose certificate expired, whose lifetime is up or whose route's
 //! time window closed. A closed connection's access-log line says why.
+//!
+//! A handshake reads its listener's state when the connection is accepted,
+//! and may take as long as `handshake_timeout`; a reload can come and go
+//! meanwhile. So the registry keeps the state every reload published under
+//! a generation, and a connection goes live (`register`) only against the
+//! current one: if the generation moved since its accept read the state,
+//! it is judged again first, and refused if the new state refuses it. The
+//! reload publishes after swapping the listeners and before taking its
+//! snapshot to re-verify, so every connection is judged by the state that
+//! is current when it goes live, either here or by that re-verification.
+//!
+//! Each connection keeps the listener state it was last judged by. When a
+//! reload removes (or renames) its listener, that kept state goes on
+//! judging it: the tick applies its routes' time windows, its lifetime and
+//! the chain's expiry, and every reload re-checks the chain with its kept
+//! trust bundles plus every CRL of the new state, so a revocation published
+//! anywhere the gateway now reads still reaches it. A removed listener
+//! drains like a shutdown: after `drain_timeout` its connections close.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -18,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Mode;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
-use crate::state::ListenerState;
+use crate::state::{ListenerState, Route};
+use crate::tls::bundle::Verified;
+use crate::tls::crl::Crl;
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -31,12 +51,34 @@ struct Entry {
     /// that sent the same ones (see `Inner::intermediates`).
     leaf: Option<CertificateDer<'static>>,
     intermediates: Intermediates,
+    judgement: Mutex<Judgement>,
     opened: Instant,
     close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
 }
 
+/// What a connection's last judgement rests on.
+#[derive(Clone)]
+struct Judgement {
+    /// The listener state it was judged by, kept after a reload removes the
+    /// listener (see the module's comment).
+    state: Arc<ListenerState>,
+    /// When the verified chain stops being good on its own (a CA
+    /// certificate's notAfter, a CRL's nextUpdate), as the last check
+    /// found it.
+    verified: Verified,
+    /// When a reload removed the connection's listener; None while it serves.
+    orphaned: Option<Instant>,
+}
+
 impl Entry {
+    fn judgement(&self) -> Judgement {
+        self.judgement
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn close(&self, why: String) {
         let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
@@ -50,14 +92,28 @@ impl Entry {
 
 type Intermediates = Arc<[CertificateDer<'static>]>;
 
+/// Every serving listener's current state, by name.
+pub type Listeners = HashMap<String, Arc<ListenerState>>;
+
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
     inner: Mutex<Inner>,
 }
 
+/// Which publication of the listeners' states a connection's handshake
+/// read: compare with `Registry::generation` to know whether it is current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Generation(u64);
+
 #[derive(Default)]
 struct Inner {
+    /// Bumped by every `publish`.
+    generation: Generation,
+    /// The listeners' states as of `generation`, by name.
+    listeners: Listeners,
+    /// How long a removed listener's connections may go on.
+    drain_timeout: Duration,
     live: HashMap<u64, Arc<Entry>>,
     /// The intermediates live connections sent, each set kept once: a
     /// fleet's clients present a handful of issuing CAs, and an idle
@@ -112,13 +168,24 @@ impl Drop for Registration {
 
 /// What `register` needs to know about a connection.
 pub struct Live<'a> {
-    pub listener: String,
+    /// The listener state its handshake was judged by.
+    pub state: Arc<ListenerState>,
     pub route: String,
     pub source: IpAddr,
     pub identity: Option<Identity>,
     /// The client's chain as sent, leaf first (empty: no certificate).
     pub chain: &'a [CertificateDer<'static>],
+    /// What the handshake's chain check learned.
+    pub verified: Verified,
+    /// The generation current when the connection's listener state was read.
+    pub judged_at: Generation,
 }
+
+/// Why a connection may not go live: the state published since its
+/// handshake began refuses it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused as it went live, by the state a reload published during its handshake: {0}")]
+pub struct Refused(pub String);
 
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -131,39 +198,98 @@ impl Registry {
         self.lock().live.values().cloned().collect()
     }
 
+    /// Makes `listeners` the current state and moves the generation on.
+    /// A reload calls this after swapping the listeners' states and before
+    /// `reverify`.
+    pub fn publish(&self, listeners: Listeners, drain_timeout: Duration) {
+        let mut inner = self.lock();
+        inner.generation.0 += 1;
+        inner.listeners = listeners;
+        inner.drain_timeout = drain_timeout;
+    }
+
+    /// The current generation; read it before the listener's state.
+    pub fn generation(&self) -> Generation {
+        self.lock().generation
+    }
+
     /// Tracks a connection until the returned registration drops. `close` is
     /// a child of the shutdown token, so draining closes it too.
-    pub fn register(self: &Arc<Self>, live: Live<'_>, parent: &CancellationToken) -> Registration {
+    ///
+    /// If a reload published since `live.judged_at`, the connection is
+    /// first judged again by the current state, outside the lock (signature
+    /// checks), and that repeats until no reload came in between; Err when
+    /// the current state refuses it.
+    pub fn register(
+        self: &Arc<Self>,
+        live: Live<'_>,
+        parent: &CancellationToken,
+    ) -> Result<Registration, Refused> {
+        let (leaf, rest) = match live.chain.split_first() {
+            Some((leaf, rest)) => (Some(leaf), rest),
+            None => (None, &[][..]),
+        };
+        let mut judged_at = live.judged_at;
+        let mut verified = live.verified;
+        let mut state = live.state;
+        let mut inner = loop {
+            let inner = self.lock();
+            if inner.generation == judged_at {
+                break inner;
+            }
+            judged_at = inner.generation;
+            let current = inner.listeners.get(&state.name).cloned();
+            drop(inner);
+            let Some(current) = current else {
+                return Err(Refused(format!(
+                    "listener {:?} was removed by a reload",
+                    state.name
+                )));
+            };
+            let judged = Judged {
+                route: &live.route,
+                source: live.source,
+                leaf,
+                intermediates: rest,
+            };
+            match judged.against(&current, &[]) {
+                Ok(Some(now)) => verified = now,
+                Ok(None) => {}
+                Err(why) => return Err(Refused(why)),
+            }
+            state = current;
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let close = parent.child_token();
         let why = Arc::new(Mutex::new(None));
-        let (leaf, rest) = match live.chain.split_first() {
-            Some((leaf, rest)) => (Some(leaf.clone()), rest),
-            None => (None, &[][..]),
-        };
-        let mut inner = self.lock();
+        let leaf = leaf.cloned();
         let intermediates = inner.intern(rest);
         inner.live.insert(
             id,
             Arc::new(Entry {
-                listener: live.listener,
+                listener: state.name.clone(),
                 route: live.route,
                 source: live.source,
                 identity: live.identity,
                 leaf,
                 intermediates,
+                judgement: Mutex::new(Judgement {
+                    state,
+                    verified,
+                    orphaned: None,
+                }),
                 opened: Instant::now(),
                 close: close.clone(),
                 why: why.clone(),
             }),
         );
         drop(inner);
-        Registration {
+        Ok(Registration {
             id,
             registry: self.clone(),
             close,
             why,
-        }
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -179,31 +305,78 @@ impl Registry {
         self.len() == 0
     }
 
-    /// After a reload: judge every live connection against the new listeners.
-    /// Returns how many were closed.
-    pub fn reverify(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
+    /// After a reload (and its `publish`): judge every live connection
+    /// against the current listeners; one whose listener is gone against
+    /// the state it was last judged by, with every CRL of the current state
+    /// besides its own. Returns how many were closed.
+    pub fn reverify(&self) -> usize {
+        let listeners = self.lock().listeners.clone();
+        let mut current_crls = None;
         let mut closed = 0;
         for entry in self.snapshot() {
-            if let Some(why) = reverify_one(&entry, listeners) {
-                entry.close(why);
-                closed += 1;
+            let (state, more_crls) = match listeners.get(&entry.listener) {
+                Some(l) => (l.clone(), Vec::new()),
+                None => {
+                    let crls = current_crls.get_or_insert_with(|| {
+                        listeners
+                            .values()
+                            .flat_map(|l| l.tls.crls().cloned())
+                            .collect::<Vec<_>>()
+                    });
+                    (entry.judgement().state, crls.clone())
+                }
+            };
+            let judged = Judged {
+                route: &entry.route,
+                source: entry.source,
+                leaf: entry.leaf.as_ref(),
+                intermediates: &entry.intermediates,
+            };
+            match judged.against(&state, &more_crls) {
+                Ok(verified) => {
+                    let serving = listeners.contains_key(&entry.listener);
+                    let mut j = entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(v) = verified {
+                        j.verified = v;
+                    }
+                    j.state = state;
+                    j.orphaned = if serving {
+                        None
+                    } else {
+                        Some(j.orphaned.unwrap_or_else(Instant::now))
+                    };
+                }
+                Err(why) => {
+                    entry.close(format!("no longer allowed after reload: {why}"));
+                    closed += 1;
+                }
             }
         }
         closed
     }
 
     /// The periodic check: expiry, lifetime, time windows (policy without the
-    /// signature work, which only a reload can change).
-    pub fn tick(&self, listeners: &HashMap<String, Arc<ListenerState>>) -> usize {
-        // A set whose last connection ended while a snapshot still held it
-        // was kept at that moment; only the set holds it now.
-        self.lock()
-            .intermediates
-            .retain(|i| Arc::strong_count(i) > 1);
+    /// signature work, which only a reload can change), and the drain of
+    /// removed listeners' connections.
+    pub fn tick(&self) -> usize {
+        let drain_timeout = {
+            let mut inner = self.lock();
+            // A set whose last connection ended while a snapshot still held
+            // it was kept at that moment; only the set holds it now.
+            inner.intermediates.retain(|i| Arc::strong_count(i) > 1);
+            inner.drain_timeout
+        };
         let now = jiff::Timestamp::now();
         let mut closed = 0;
         for entry in self.snapshot() {
-            if let Some(why) = tick_one(&entry, listeners, now) {
+            let judgement = entry.judgement();
+            let why = match judgement.orphaned {
+                Some(since) if since.elapsed() >= drain_timeout => Some(format!(
+                    "its listener was removed by a reload and drain_timeout ({drain_timeout:?}) passed"
+                )),
+                _ => tick_one(&entry, &judgement, now),
+            };
+            if let Some(why) = why {
                 entry.close(why);
                 closed += 1;
             }
@@ -212,54 +385,119 @@ impl Registry {
     }
 }
 
-fn reverify_one(entry: &Entry, listeners: &HashMap<String, Arc<ListenerState>>) -> Option<String> {
-    let Some(listener) = listeners.get(&entry.listener) else {
-        // A removed listener drains: its connections may finish.
-        return None;
-    };
-    let Some(route) = listener.routes.iter().find(|r| r.name == entry.route) else {
-        return Some("route removed by reload".into());
-    };
-    match route.mode() {
-        Mode::Off | Mode::Audit => return None,
-        Mode::Enforce => {}
-    }
-    let Some(leaf) = &entry.leaf else {
-        return Some("route now enforces and the client presented no certificate".into());
-    };
-    listener
-        .tls
-        .recheck(&route.auth, entry.source, leaf, &entry.intermediates)
-        .err()
-        .map(|why| format!("no longer allowed after reload: {why}"))
+/// A connection as a reload judges it: what it presented, from where, on
+/// which route.
+struct Judged<'a> {
+    route: &'a str,
+    source: IpAddr,
+    leaf: Option<&'a CertificateDer<'static>>,
+    intermediates: &'a [CertificateDer<'static>],
 }
 
-fn tick_one(
-    entry: &Entry,
-    listeners: &HashMap<String, Arc<ListenerState>>,
-    now: jiff::Timestamp,
-) -> Option<String> {
-    let listener = listeners.get(&entry.listener)?;
+impl Judged<'_> {
+    /// Err says why `listener`'s current state would refuse this
+    /// connection; Ok(Some) is what a new chain check learned, Ok(None)
+    /// that the route's mode checks no chain.
+    fn against(
+        &self,
+        listener: &ListenerState,
+        more_crls: &[Arc<Crl>],
+    ) -> Result<Option<Verified>, String> {
+        let Some(route) = listener.routes.iter().find(|r| r.name == self.route) else {
+            return Err(format!("route {:?} removed by reload", self.route));
+        };
+        match route.mode() {
+            Mode::Audit => return Ok(None),
+            Mode::Off => {
+                return route
+                    .auth
+                    .policy
+                    .admits_source_at(self.source, jiff::Timestamp::now())
+                    .map(|()| None)
+                    .map_err(|why| why.to_string());
+            }
+            Mode::Enforce => {}
+        }
+        let Some(leaf) = self.leaf else {
+            return Err("route now enforces and the client presented no certificate".into());
+        };
+        listener
+            .tls
+            .recheck(
+                &route.auth,
+                self.source,
+                leaf,
+                self.intermediates,
+                more_crls,
+            )
+            .map(Some)
+    }
+}
+
+fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Option<String> {
+    let listener = &judgement.state;
     if let Some(limit) = listener.max_connection_lifetime
         && entry.opened.elapsed() >= limit
     {
         return Some(format!("max_connection_lifetime ({limit:?}) reached"));
     }
-    let identity = entry.identity.as_ref()?;
-    if identity.not_after <= now.as_second() {
+    if let Some(identity) = &entry.identity
+        && identity.not_after <= now.as_second()
+    {
         return Some("client certificate expired".into());
     }
-    let route = listener.routes.iter().find(|r| r.name == entry.route)?;
-    if route.mode() != Mode::Enforce {
-        return None;
+    // webpki checks every CA certificate's validity at the handshake, so
+    // the connection ends when the first of them expires, as with the leaf.
+    if let Some(ca) = judgement.verified.ca_not_after
+        && ca <= now.as_second()
+    {
+        return Some("a CA certificate in the client's chain expired".into());
     }
-    match route.auth.policy.decide(Subject {
-        identity,
-        source: entry.source,
-        now,
-    }) {
-        Verdict::Allow { .. } => None,
-        Verdict::Deny(reason) => Some(format!("no longer allowed: {reason}")),
+    let route = listener.routes.iter().find(|r| r.name == entry.route)?;
+    // A handshake now would be refused (crl_expired = "refuse"): the
+    // issuer may have revoked the client since, and no newer CRL came.
+    if route.mode() == Mode::Enforce
+        && let Some(next) = judgement.verified.crl_next_update
+        && next <= now.as_second()
+    {
+        return Some(
+            "a CRL covering the client's chain is past its next update (crl_expired = \"refuse\")"
+                .into(),
+        );
+    }
+    still_allowed(route, entry.identity.as_ref(), entry.source, now)
+        .err()
+        .map(|why| format!("no longer allowed: {why}"))
+}
+
+/// The rules that change with time alone, as the route's mode applies them:
+/// all of the policy on `enforce`, sources and time windows on `off`
+/// (there is no certificate), nothing on `audit`.
+fn still_allowed(
+    route: &Route,
+    identity: Option<&Identity>,
+    source: IpAddr,
+    now: jiff::Timestamp,
+) -> Result<(), String> {
+    let policy = &route.auth.policy;
+    match (route.mode(), identity) {
+        (Mode::Audit, _) => Ok(()),
+        (Mode::Off, _) => policy
+            .admits_source_at(source, now)
+            .map_err(|r| r.to_string()),
+        // Only a reload makes an enforcing route of one that took a client
+        // without a certificate, and its re-check closes it; never guess.
+        (Mode::Enforce, None) => {
+            Err("the route enforces and the client presented no certificate".into())
+        }
+        (Mode::Enforce, Some(identity)) => match policy.decide(Subject {
+            identity,
+            source,
+            now,
+        }) {
+            Verdict::Allow { .. } => Ok(()),
+            Verdict::Deny(reason) => Err(reason.to_string()),
+        },
     }
 }
 
@@ -269,6 +507,7 @@ pub const TICK: Duration = Duration::from_secs(1);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Policy;
 
     fn der(bytes: &[u8]) -> CertificateDer<'static> {
         CertificateDer::from(bytes.to_vec())
@@ -276,12 +515,51 @@ mod tests {
 
     fn live<'a>(chain: &'a [CertificateDer<'static>]) -> Live<'a> {
         Live {
-            listener: "edge".into(),
+            state: crate::testing::listener_state(),
             route: "api".into(),
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             chain,
+            verified: Verified::default(),
+            judged_at: Generation::default(),
         }
+    }
+
+    #[test]
+    fn off_routes_keep_their_sources_and_time_windows_audit_routes_nothing() {
+        let policy = Policy {
+            allow_sources: vec!["10.0.0.0/8".parse().unwrap()],
+            time_windows: vec![
+                crate::policy::TimeWindow::compile(&crate::policy::TimeWindowConfig {
+                    days: vec![],
+                    start: "08:00".into(),
+                    end: "18:00".into(),
+                    time_zone: "UTC".into(),
+                })
+                .unwrap(),
+            ],
+            ..Policy::default()
+        };
+        let inside: IpAddr = "10.1.2.3".parse().unwrap();
+        let outside: IpAddr = "192.0.2.1".parse().unwrap();
+        let noon = "2026-11-18T12:00:00Z".parse().unwrap();
+        let night = "2026-11-18T22:00:00Z".parse().unwrap();
+        let off = crate::testing::route(Mode::Off, policy.clone());
+        assert_eq!(still_allowed(&off, None, inside, noon), Ok(()));
+        let closed = still_allowed(&off, None, inside, night).unwrap_err();
+        assert!(
+            closed.contains("outside the route's time windows"),
+            "{closed}"
+        );
+        let elsewhere = still_allowed(&off, None, outside, noon).unwrap_err();
+        assert!(
+            elsewhere.contains("not in the route's allowed sources"),
+            "{elsewhere}"
+        );
+        let audit = crate::testing::route(Mode::Audit, policy.clone());
+        assert_eq!(still_allowed(&audit, None, outside, night), Ok(()));
+        let enforce = crate::testing::route(Mode::Enforce, policy);
+        assert!(still_allowed(&enforce, None, inside, noon).is_err());
     }
 
     #[test]
@@ -296,9 +574,9 @@ mod tests {
             der(b"root-signed CA b"),
         ];
 
-        let one = registry.register(live(&a1), &shutdown);
-        let two = registry.register(live(&a2), &shutdown);
-        let three = registry.register(live(&b), &shutdown);
+        let one = registry.register(live(&a1), &shutdown).unwrap();
+        let two = registry.register(live(&a2), &shutdown).unwrap();
+        let three = registry.register(live(&b), &shutdown).unwrap();
         assert_eq!(registry.shared_intermediates(), 2);
         {
             let inner = registry.lock();
@@ -336,8 +614,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let a1 = [der(b"leaf 1"), der(b"issuing CA a")];
         let a2 = [der(b"leaf 2"), der(b"issuing CA a")];
-        let one = registry.register(live(&a1), &shutdown);
-        let two = registry.register(live(&a2), &shutdown);
+        let one = registry.register(live(&a1), &shutdown).unwrap();
+        let two = registry.register(live(&a2), &shutdown).unwrap();
         let judging = registry.snapshot();
         drop(one);
         drop(two);
@@ -345,7 +623,7 @@ mod tests {
         // registrations dropped: the set stayed.
         assert_eq!(registry.shared_intermediates(), 1);
         drop(judging);
-        registry.tick(&HashMap::new());
+        registry.tick();
         assert_eq!(registry.shared_intermediates(), 0);
     }
 }

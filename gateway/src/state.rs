@@ -119,8 +119,15 @@ impl Route {
             name: r.name.clone(),
             auth: RouteAuth {
                 mode: r.mode,
-                trust: r.trust.clone(),
-                device_trust: r.device.as_ref().map(|d| d.trust.clone()),
+                // The device CA issues device-bound user certificates: on a
+                // device route it is the route's trust (config checks make
+                // `trust`, if given, the same bundle).
+                trust: r
+                    .device
+                    .as_ref()
+                    .map(|d| d.trust.clone())
+                    .or_else(|| r.trust.clone()),
+                device: r.device.is_some(),
                 policy: Arc::new(policy),
             },
             backends: Backends::new(r.backends.clone()),
@@ -156,9 +163,14 @@ impl State {
 
 impl ListenerState {
     fn build(config: &Config, l: &ListenerConfig, metrics: &Metrics) -> Result<Self, StateError> {
-        let files = |ca: &std::path::Path, crls: &[std::path::PathBuf]| BundleFiles {
+        let files = |ca: &std::path::Path,
+                     crls: &[std::path::PathBuf],
+                     crl_expired,
+                     spiffe_trust_domains: &Option<Vec<String>>| BundleFiles {
             ca: config.resolve(ca),
             crls: crls.iter().map(|c| config.resolve(c)).collect(),
+            crl_expired,
+            spiffe_trust_domains: spiffe_trust_domains.clone(),
         };
         // Only the bundles this listener's routes name are loaded for it.
         let bundles = l
@@ -167,16 +179,26 @@ impl ListenerState {
             .flat_map(|r| r.trust.iter().chain(r.device.iter().map(|d| &d.trust)))
             .filter_map(|name| {
                 let b = config.trust.get(name)?;
-                Some((name.clone(), files(&b.ca, &b.crls)))
+                Some((
+                    name.clone(),
+                    files(&b.ca, &b.crls, b.crl_expired, &b.spiffe_trust_domains),
+                ))
             })
             .collect();
         let tls = ListenerTls::load(
+            &l.name,
             &config.resolve(&l.cert),
             &config.resolve(&l.key),
-            &files(&l.client_ca, &l.crls),
+            &files(
+                &l.client_ca,
+                &l.crls,
+                l.crl_expired,
+                &l.spiffe_trust_domains,
+            ),
             &bundles,
             &l.tls_versions,
             l.offload,
+            &|bundle, policy| metrics.stale_crl_uses(bundle, policy),
         )
         .map_err(|source| StateError::Listener {
             listener: l.name.clone(),

@@ -91,6 +91,26 @@ impl Pki {
         p
     }
 
+    /// The allowed client's identity in a certificate of its own, and the
+    /// serial a CRL would revoke it by.
+    pub fn revocable_frontend(&self, name: &str) -> (ClientCreds, Vec<u8>) {
+        let issued = self
+            .intermediate
+            .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+            .expect("client leaf");
+        let serial = issued.serial.clone();
+        (self.creds(name, &issued, &self.intermediate), serial)
+    }
+
+    /// A listener's `crls = [...]` line naming these files of the PKI.
+    pub fn crls_line(&self, files: &[&str]) -> String {
+        let paths: Vec<String> = files
+            .iter()
+            .map(|f| format!("{:?}", self.path(f).display().to_string()))
+            .collect();
+        format!("crls = [{}]", paths.join(", "))
+    }
+
     /// A client certificate issued by the intermediate, sent with it.
     pub fn client(&self, name: &str, spec: &LeafSpec) -> ClientCreds {
         let issued = self.intermediate.issue(spec).expect("client leaf");
@@ -589,6 +609,18 @@ pub async fn refusal(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>) -> 
         Ok(Ok(n)) => panic!("expected a refusal, but read {n} bytes through the gateway"),
         Err(_) => panic!("expected a refusal, but the connection hung"),
     }
+}
+
+/// Connects through the gateway and round-trips `msg` through the echo
+/// backend; panics, naming `sni`, when the gateway does not let it through.
+pub async fn passes(addr: SocketAddr, sni: &str, config: Arc<ClientConfig>, msg: &[u8]) {
+    let tls = connect(addr, sni, config)
+        .await
+        .unwrap_or_else(|e| panic!("{sni}: refused: {e}"));
+    let back = echo_roundtrip(tls, msg.to_vec())
+        .await
+        .unwrap_or_else(|e| panic!("{sni}: {e}"));
+    assert_eq!(back, msg, "{sni}: echo");
 }
 
 /// Deterministic, non-repeating test payload.

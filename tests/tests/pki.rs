@@ -285,7 +285,7 @@ async fn revoke_publishes_a_crl_that_the_gateway_enforces() {
 }
 
 #[test]
-fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
+fn wildcards_and_invalid_spiffe_ids_are_refused_at_issue_time_and_inspect_explains_refusals() {
     let harness = Pki::new();
     let dir = harness.path("pki");
     init(&dir);
@@ -301,6 +301,18 @@ fn wildcards_are_refused_at_issue_time_and_inspect_explains_refusals() {
     ]);
     assert!(err.contains("wildcard"), "{err}");
     assert!(!dir.join("star.pem").exists());
+    let err = pki_fails(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "slash",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/bad/",
+    ]);
+    assert!(err.contains("not a valid SPIFFE ID"), "{err}");
+    assert!(!dir.join("slash.pem").exists());
     assert!(pki_fails(&["init", "--dir", s(&dir)]).contains("already exists"));
 
     pki(&[
@@ -419,4 +431,72 @@ async fn expiry_within_the_horizon_is_warned_about_failed_on_and_exported() {
         metrics.contains("gateway_crl_next_update_seconds{role=\"listener edge crl\""),
         "{metrics}"
     );
+}
+
+/// `crl.pem` carries the intermediate's CRL and the root's, so a bundle
+/// naming it checks revocation along the chain. The daily re-publish needs
+/// no root key; revoking the intermediate does, and then every leaf under
+/// it is refused, by the gateway and by openssl alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    issue_client(
+        &dir,
+        "frontend",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+    );
+    let crls_in = |path: &Path| {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .matches("-----BEGIN X509 CRL-----")
+            .count()
+    };
+    assert_eq!(crls_in(&dir.join("crl.pem")), 2);
+    let verify = || {
+        openssl(&[
+            "verify",
+            "-crl_check_all",
+            "-CRLfile",
+            s(&dir.join("crl.pem")),
+            "-CAfile",
+            s(&dir.join("ca.pem")),
+            "-untrusted",
+            s(&dir.join("intermediate.pem")),
+            s(&dir.join("frontend.pem")),
+        ])
+    };
+    let (ok, out) = verify();
+    assert!(ok, "{out}");
+    let backend = EchoBackend::start().await;
+    let sni = "orders.example.internal";
+    let frontend = creds(&dir, "frontend");
+    {
+        let gw = gateway_on(&dir, &harness, &backend, true).await;
+        let tls = connect(gw.app_addr, sni, client_config(&dir, Some(&frontend)))
+            .await
+            .unwrap();
+        assert_eq!(echo_roundtrip(tls, b"ok".to_vec()).await.unwrap(), b"ok");
+    }
+
+    // The root key offline: the daily CRL still goes out with the root's.
+    let offline = harness.path("root.key.offline");
+    std::fs::rename(dir.join("root.key"), &offline).unwrap();
+    pki(&["crl", "--dir", s(&dir)]);
+    assert_eq!(crls_in(&dir.join("crl.pem")), 2);
+    let err = pki_fails(&["revoke", "--dir", s(&dir), s(&dir.join("intermediate.pem"))]);
+    assert!(err.contains("needs the root key"), "{err}");
+    std::fs::rename(&offline, dir.join("root.key")).unwrap();
+
+    let out = pki(&["revoke", "--dir", s(&dir), s(&dir.join("intermediate.pem"))]);
+    assert!(out.contains("revoked intermediate"), "{out}");
+    let (ok, out) = verify();
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+    let gw = gateway_on(&dir, &harness, &backend, true).await;
+    assert_eq!(
+        refusal(gw.app_addr, sni, client_config(&dir, Some(&frontend))).await,
+        AlertDescription::CertificateRevoked
+    );
+    assert_eq!(backend.accepted(), 1);
 }

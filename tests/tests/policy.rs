@@ -6,6 +6,7 @@ use gateway::access_log::Verdict;
 use gateway::pki::{Authority, LeafSpec};
 use gateway_tests::*;
 use rustls::AlertDescription;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SNI: &str = "orders.example.internal";
 
@@ -65,7 +66,9 @@ async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
 async fn mode_off_terminates_tls_without_asking_for_a_certificate() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = listener_toml(&pki, "edge", "") + &route(&backend, "mode = \"off\"\n");
+    let toml = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\n";
     let mut gw = RunningGateway::start(&pki, &toml).await;
     let tls = connect(gw.app_addr, SNI, pki.client_config(None))
         .await
@@ -152,11 +155,8 @@ async fn a_revoked_client_is_refused_at_the_handshake() {
     let crl = pki.intermediate.crl(1, &[&revoked.serial]).unwrap();
     pki.write("clients.crl.pem", &crl);
     let revoked = pki.creds("revoked", &revoked, &pki.intermediate);
-    let toml = listener_toml(
-        &pki,
-        "edge",
-        &format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display()),
-    ) + &route(&backend, "");
+    let toml =
+        listener_toml(&pki, "edge", &pki.crls_line(&["clients.crl.pem"])) + &route(&backend, "");
     let mut gw = RunningGateway::start(&pki, &toml).await;
     assert_eq!(
         refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
@@ -304,4 +304,558 @@ async fn deny_rules_and_source_networks_refuse_with_access_denied() {
         AlertDescription::AccessDenied
     );
     assert_eq!(backend.accepted(), 1);
+}
+
+/// A deny rule names one identity; no other spelling of it may pass. SPIFFE
+/// IDs the specification forbids make the certificate unusable; DNS names
+/// and email domains are compared in one spelling.
+#[tokio::test]
+async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[backend.addr],
+            &["spiffe-prefix:spiffe://example.internal/ns/shop/"],
+        )
+        + "deny = [\"spiffe://example.internal/ns/shop/sa/bad\", \"dns:bad.example.internal\", \
+           \"email:mallory@example.internal\"]\n";
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    for (i, dodge) in [
+        "spiffe://example.internal/ns/shop/sa/bad/",
+        "spiffe://example.internal/ns/shop/./sa/bad",
+        "spiffe://example.internal/ns/shop/sa/../sa/bad",
+        "spiffe://example.internal/ns/shop//sa/bad",
+        "spiffe://example.internal/ns/shop/sa/%62ad",
+        "SPIFFE://example.internal/ns/shop/sa/bad",
+        "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
+        "spiffe://example.internal:443/ns/shop/sa/bad",
+        "spiffe://example.internal/ns/shop/sa/bad?x=1",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let creds = pki.client(&format!("dodge{i}"), &LeafSpec::client("bad", &[dodge]));
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
+            AlertDescription::BadCertificate,
+            "{dodge}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{dodge}");
+        assert!(
+            rec.reason.contains("not a valid SPIFFE ID") && rec.reason.contains(dodge),
+            "{dodge}: {}",
+            rec.reason
+        );
+    }
+    // Allowed by its SPIFFE ID, denied by another spelling of a denied name.
+    for (i, (other, rule)) in [
+        ("dns:bad.example.internal.", "dns:bad.example.internal"),
+        ("dns:BAD.Example.Internal", "dns:bad.example.internal"),
+        (
+            "email:mallory@EXAMPLE.internal",
+            "email:mallory@example.internal",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let creds = pki.client(
+            &format!("alias{i}"),
+            &LeafSpec::client("alias", &[SPIFFE_FRONTEND, other]),
+        );
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
+            AlertDescription::AccessDenied,
+            "{other}"
+        );
+        let rec = gw.next_record().await;
+        assert!(
+            rec.reason.contains(&format!("is denied by {rule}")),
+            "{other}: {}",
+            rec.reason
+        );
+    }
+    // The local part of an address is the mailbox's own: another one passes.
+    let other_mailbox = pki.client(
+        "mailbox",
+        &LeafSpec::client("m", &[SPIFFE_FRONTEND, "email:Mallory@example.internal"]),
+    );
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.client_config(Some(&other_mailbox)),
+        b"m",
+    )
+    .await;
+    assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// A time window that does not contain the present hour (UTC).
+fn closed_window() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let hour = (now / 3600 + 2) % 24;
+    format!(
+        "\n[[listeners.routes.time_windows]]\nstart = \"{hour:02}:00\"\nend = \"{:02}:00\"\n",
+        (hour + 1) % 24
+    )
+}
+
+#[tokio::test]
+async fn mode_off_enforces_sources_and_time_windows_and_refuses_identity_rules() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let off = |extra: &str| {
+        listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], &[backend.addr], &[])
+            + "mode = \"off\"\n"
+            + extra
+    };
+    // What needs a certificate is a config error naming the field.
+    for (field, line) in [
+        ("allow", format!("allow = [\"{SPIFFE_FRONTEND}\"]\n")),
+        ("deny", format!("deny = [\"{SPIFFE_OTHER}\"]\n")),
+        ("match_common_name", "match_common_name = true\n".to_owned()),
+        ("device", "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n".to_owned()),
+        ("trust", "trust = \"devices\"\n".to_owned()),
+    ] {
+        let toml = format!(
+            "[trust.devices]\nca = \"{}\"\n{}",
+            pki.path("client-roots.pem").display(),
+            off(&line).replace("allow = []\n", "")
+        );
+        let err = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+            .expect_err(field)
+            .to_string();
+        assert!(
+            err.contains(&format!("routes[0] (\"orders\").{field}: mode = \"off\"")),
+            "{field}: {err}"
+        );
+    }
+
+    // Sources and time windows are judged before the handshake: access_denied.
+    for (extra, reason) in [
+        (
+            "deny_sources = [\"127.0.0.0/8\"]\n".to_owned(),
+            "source 127.0.0.1 is denied by 127.0.0.0/8",
+        ),
+        (
+            "allow_sources = [\"10.0.0.0/8\"]\n".to_owned(),
+            "source 127.0.0.1 is not in the route's allowed sources",
+        ),
+        (closed_window(), "outside the route's time windows"),
+    ] {
+        let mut gw = RunningGateway::start(&pki, &off(&extra)).await;
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(None)).await,
+            AlertDescription::AccessDenied,
+            "{extra}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{extra}");
+        assert!(rec.reason.starts_with(reason), "{extra}: {}", rec.reason);
+        assert_eq!(gw.stats("orders"), (0, 1, 0));
+    }
+    assert_eq!(backend.accepted(), 0);
+
+    // A live connection on an off route is judged again on reload.
+    let open = off("allow_sources = [\"127.0.0.0/8\"]\n");
+    let mut gw = RunningGateway::start(&pki, &open).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(None))
+        .await
+        .unwrap();
+    tls.write_all(b"live").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    let report = gw.reload_toml(&pki, &off(&closed_window())).await.unwrap();
+    assert_eq!(report.connections_closed, 1);
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("no longer allowed after reload: outside the route's time windows"),
+        "{}",
+        rec.reason
+    );
+}
+
+/// A CRL past its nextUpdate may be missing revocations: by default the
+/// clients it covers are refused (and counted); `crl_expired = "warn"` uses
+/// it anyway, revocations included. Of several CRLs from one issuer, the
+/// highest CRL number is the one that counts, whatever the order of files.
+#[tokio::test]
+async fn a_stale_crl_refuses_by_default_and_the_newest_crl_of_an_issuer_wins() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let (revoked, serial) = pki.revocable_frontend("revoked");
+    let past = time::OffsetDateTime::now_utc() - time::Duration::seconds(30);
+    pki.write(
+        "stale.crl.pem",
+        &pki.intermediate.crl_until(4, &[&serial], past).unwrap(),
+    );
+    let gateway = |crls: &[&str], extra: &str| {
+        "admin = \"127.0.0.1:0\"\n".to_owned()
+            + &listener_toml(&pki, "edge", &format!("{}\n{extra}", pki.crls_line(crls)))
+            + &route(&backend, "")
+    };
+    let mut gw = RunningGateway::start(&pki, &gateway(&["stale.crl.pem"], "")).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::UnknownCA
+    );
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("certificate revocation list expired"),
+        "{}",
+        rec.reason
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(
+            "gateway_crl_expired_total{bundle=\"listener edge client_ca\",crl_expired=\"refuse\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // "warn": the stale CRL is used, its revocation included, and counted.
+    gw.reload_toml(&pki, &gateway(&["stale.crl.pem"], "crl_expired = \"warn\""))
+        .await
+        .unwrap();
+    let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"warn".to_vec()).await.unwrap(),
+        b"warn"
+    );
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
+        AlertDescription::CertificateRevoked
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(
+            "gateway_crl_expired_total{bundle=\"listener edge client_ca\",crl_expired=\"warn\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // An older CRL listed first does not hide the newer one's revocation.
+    pki.write("old.crl.pem", &pki.intermediate.crl(3, &[]).unwrap());
+    pki.write("new.crl.pem", &pki.intermediate.crl(5, &[&serial]).unwrap());
+    gw.reload_toml(&pki, &gateway(&["old.crl.pem", "new.crl.pem"], ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&revoked))).await,
+        AlertDescription::CertificateRevoked
+    );
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"new").await;
+    assert_eq!(backend.accepted(), 2);
+}
+
+/// Revocation runs along the chain: an issuing intermediate listed on its
+/// root's CRL is revoked with every leaf under it. The leaf's own issuer
+/// must still have a CRL in the bundle (fail closed); an intermediate whose
+/// root publishes none passes.
+#[tokio::test]
+async fn an_intermediate_on_its_roots_crl_is_refused_with_every_leaf_under_it() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let second = pki.root.intermediate("second issuing CA").unwrap();
+    let other = second
+        .issue(&LeafSpec::client("other", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let other = pki.creds("other", &other, &second);
+    let serial = pki.intermediate.serial().unwrap();
+    pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    pki.write("second.crl.pem", &second.crl(1, &[]).unwrap());
+    pki.write("root.crl.pem", &pki.root.crl(1, &[&serial]).unwrap());
+    let gateway =
+        |crls: &[&str]| listener_toml(&pki, "edge", &pki.crls_line(crls)) + &route(&backend, "");
+    let mut gw = RunningGateway::start(
+        &pki,
+        &gateway(&["int.crl.pem", "second.crl.pem", "root.crl.pem"]),
+    )
+    .await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::CertificateRevoked
+    );
+    let rec = gw.next_record().await;
+    assert!(rec.reason.contains("Revoked"), "{}", rec.reason);
+    let tls = connect(gw.app_addr, SNI, pki.client_config(Some(&other)))
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"other".to_vec()).await.unwrap(),
+        b"other"
+    );
+    gw.next_record().await;
+
+    // The root's CRL alone: the leaves' issuers have none, so no leaf passes.
+    gw.reload_toml(&pki, &gateway(&["root.crl.pem"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&other))).await,
+        AlertDescription::UnknownCA
+    );
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("UnknownRevocationStatus"),
+        "{}",
+        rec.reason
+    );
+
+    // The intermediates' CRLs alone: the root publishes none, they pass.
+    gw.reload_toml(&pki, &gateway(&["int.crl.pem", "second.crl.pem"]))
+        .await
+        .unwrap();
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"fe").await;
+    assert_eq!(backend.accepted(), 2);
+}
+
+/// A CA's name constraints cover DNS names only, so nothing in the
+/// certificates stops an intermediate from issuing spiffe://other.internal/…
+/// A bundle's spiffe_trust_domains does: a URI identity outside them makes
+/// the certificate unusable, on a named bundle and on the listener's own.
+#[tokio::test]
+async fn a_ca_can_only_vouch_for_identities_in_its_spiffe_trust_domains() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("services-ca.pem", &pki.root.cert_pem);
+    let allow = &[
+        "spiffe-prefix:spiffe://example.internal/ns/shop/",
+        "spiffe://other.internal/ns/shop/sa/frontend",
+        "https://example.internal/ns/shop/sa/frontend",
+    ];
+    let toml = format!(
+        "[trust.services]\nca = \"{}\"\nspiffe_trust_domains = [\"example.internal\"]\n",
+        pki.path("services-ca.pem").display()
+    ) + &listener_toml(
+        &pki,
+        "edge",
+        "spiffe_trust_domains = [\"example.internal\"]",
+    ) + &route_toml("named", &[SNI], &[backend.addr], allow)
+        + "trust = \"services\"\n"
+        + &route_toml("default", &[], &[backend.addr], allow);
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let outside = [
+        "spiffe://other.internal/ns/shop/sa/frontend",
+        "https://example.internal/ns/shop/sa/frontend",
+    ];
+    for sni in [SNI, "billing.example.internal"] {
+        for (i, uri) in outside.iter().enumerate() {
+            let creds = pki.client(
+                &format!("outside{i}"),
+                &LeafSpec::client("outside", &[SPIFFE_FRONTEND, uri]),
+            );
+            assert_eq!(
+                refusal(gw.app_addr, sni, pki.client_config(Some(&creds))).await,
+                AlertDescription::BadCertificate,
+                "{sni} {uri}"
+            );
+            let rec = gw.next_record().await;
+            assert!(
+                rec.reason.contains("outside the SPIFFE trust domains") && rec.reason.contains(uri),
+                "{}",
+                rec.reason
+            );
+        }
+        let tls = connect(gw.app_addr, sni, pki.frontend_config())
+            .await
+            .unwrap();
+        assert_eq!(echo_roundtrip(tls, b"in".to_vec()).await.unwrap(), b"in");
+        gw.next_record().await;
+    }
+    assert_eq!(backend.accepted(), 2);
+
+    // A device identity the device bundle could never vouch for is a config error.
+    let toml = format!(
+        "[trust.devices]\nca = \"{}\"\nspiffe_trust_domains = [\"devices.internal\"]\n",
+        pki.path("services-ca.pem").display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route(&backend, "")
+        + "device = { trust = \"devices\", san_prefix = \"spiffe://example.internal/device/\" }\n";
+    let err = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("device.san_prefix") && err.contains("spiffe_trust_domains"),
+        "{err}"
+    );
+}
+
+/// examples/gateway.toml, as shipped but in enforce mode, open now and from
+/// loopback, on a generated PKI: the device-bound user certificate opens the
+/// device route; a user certificate without the device CA, a device
+/// certificate without a device identity, a denied user, and the device CA
+/// on routes that do not name it are refused.
+#[tokio::test]
+async fn the_example_config_enforces_devices_as_documented() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.toml"),
+    )
+    .unwrap();
+    let mut toml = example.clone();
+    let backends = format!("[\"{}\"]", backend.addr);
+    for (from, to) in [
+        ("access_log = \"stdout\"", "access_log = \"off\"".to_owned()),
+        (
+            "admin = \"127.0.0.1:9901\"",
+            "admin = \"127.0.0.1:0\"".to_owned(),
+        ),
+        (
+            "bind = \"127.0.0.1:8443\"",
+            "bind = \"127.0.0.1:0\"".to_owned(),
+        ),
+        ("[\"127.0.0.1:9000\", \"127.0.0.1:9001\"]", backends.clone()),
+        ("[\"127.0.0.1:9100\"]", backends.clone()),
+        ("[\"127.0.0.1:9200\"]", backends.clone()),
+        ("[\"127.0.0.1:9300\"]", backends.clone()),
+        ("mode = \"audit\"", "mode = \"enforce\"".to_owned()),
+        (
+            "allow_sources = [\"10.0.0.0/8\"]",
+            "allow_sources = [\"10.0.0.0/8\", \"127.0.0.0/8\"]".to_owned(),
+        ),
+        (
+            "days = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\"]",
+            "days = []".to_owned(),
+        ),
+        ("start = \"07:00\"", "start = \"00:00\"".to_owned()),
+        ("end = \"19:00\"", "end = \"24:00\"".to_owned()),
+    ] {
+        assert!(toml.contains(from), "the example changed: no {from}");
+        toml = toml.replace(from, &to);
+    }
+
+    // The files the example names: services behind client_ca, users and devices apart.
+    let server = pki
+        .intermediate
+        .issue(&LeafSpec::server(
+            "gateway",
+            &[
+                "dns:orders.example.internal",
+                "dns:admin.example.internal",
+                "dns:wiki.example.internal",
+            ],
+        ))
+        .unwrap();
+    pki.write(
+        "server-chain.pem",
+        &format!("{}{}", server.cert_pem, pki.intermediate.cert_pem),
+    );
+    pki.write("server.key", &server.key_pem);
+    let users_root = Authority::root("users root").unwrap();
+    let users = users_root.intermediate("users issuing").unwrap();
+    let devices_root = Authority::root("devices root").unwrap();
+    let devices = devices_root.intermediate("devices issuing").unwrap();
+    pki.write("users-ca.pem", &users_root.cert_pem);
+    pki.write("users-int.crl.pem", &users.crl(1, &[]).unwrap());
+    pki.write("devices-ca.pem", &devices_root.cert_pem);
+    pki.write("devices-int.crl.pem", &devices.crl(1, &[]).unwrap());
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+
+    let laptop = "spiffe://example.internal/device/laptop-7";
+    let issue = |name: &str, ca: &Authority, sans: &[&str]| {
+        let leaf = ca.issue(&LeafSpec::client(name, sans)).unwrap();
+        pki.client_config(Some(&pki.creds(name, &leaf, ca)))
+    };
+    let bound = issue(
+        "alice-laptop",
+        &devices,
+        &["email:alice@example.internal", laptop],
+    );
+    let (admin, wiki, orders) = (
+        "admin.example.internal",
+        "wiki.example.internal",
+        "orders.example.internal",
+    );
+
+    let tls = connect(gw.app_addr, admin, bound.clone()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"bound".to_vec()).await.unwrap(),
+        b"bound"
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(
+        (rec.verdict, rec.route.as_deref()),
+        (Verdict::Allow, Some("admin")),
+        "{rec:?}"
+    );
+
+    let refused = [
+        (
+            admin,
+            issue(
+                "alice-user",
+                &users,
+                &["email:alice@example.internal", laptop],
+            ),
+            AlertDescription::UnknownCA,
+            "not issued by the device CA",
+        ),
+        (
+            admin,
+            issue(
+                "alice-nodevice",
+                &devices,
+                &["email:alice@example.internal"],
+            ),
+            AlertDescription::AccessDenied,
+            "no device identity",
+        ),
+        (
+            admin,
+            issue(
+                "mallory",
+                &devices,
+                &["email:mallory@example.internal", laptop],
+            ),
+            AlertDescription::AccessDenied,
+            "is denied by email:mallory@example.internal",
+        ),
+        // The device CA vouches only where a route names it.
+        (
+            wiki,
+            bound.clone(),
+            AlertDescription::UnknownCA,
+            "UnknownIssuer",
+        ),
+        (
+            orders,
+            bound.clone(),
+            AlertDescription::UnknownCA,
+            "UnknownIssuer",
+        ),
+    ];
+    for (sni, config, alert, reason) in refused {
+        assert_eq!(
+            refusal(gw.app_addr, sni, config).await,
+            alert,
+            "{sni} {reason}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+        assert!(rec.reason.contains(reason), "{sni}: {}", rec.reason);
+    }
+
+    // The users' CA on the users' route, the services' on the default bundle.
+    let user = issue("alice-anywhere", &users, &["email:alice@example.internal"]);
+    for (sni, config) in [(wiki, user), (orders, pki.frontend_config())] {
+        let tls = connect(gw.app_addr, sni, config).await.unwrap();
+        assert_eq!(echo_roundtrip(tls, b"in".to_vec()).await.unwrap(), b"in");
+        assert_eq!(gw.next_record().await.verdict, Verdict::Allow, "{sni}");
+    }
+    assert_eq!(backend.accepted(), 3);
 }

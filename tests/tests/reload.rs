@@ -55,16 +55,11 @@ async fn crl_update_closes_the_revoked_client_within_a_second_while_others_flow(
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let crls = format!("crls = [\"{}\"]", pki.path("clients.crl.pem").display());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
     let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
     let mut gw = RunningGateway::start(&pki, &toml).await;
 
-    let doomed = pki
-        .intermediate
-        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
-        .unwrap();
-    let doomed_serial = doomed.serial.clone();
-    let doomed = pki.creds("doomed", &doomed, &pki.intermediate);
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
     let mut a = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
         .await
         .unwrap();
@@ -408,4 +403,295 @@ async fn decisions_are_counted_on_the_admin_endpoint_across_reloads() {
         "{metrics}"
     );
     assert!(metrics.contains("gateway_live_connections 0"), "{metrics}");
+}
+
+/// A client driven by hand: its handshake can be held at any flight.
+struct HeldClient {
+    tcp: TcpStream,
+    tls: rustls::ClientConnection,
+}
+
+impl HeldClient {
+    /// Connects, sends the ClientHello and reads the gateway's whole flight,
+    /// up to the point where the client would send its Certificate,
+    /// CertificateVerify and Finished; returns those bytes, unsent.
+    async fn up_to_the_last_flight(
+        addr: std::net::SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> (HeldClient, Vec<u8>) {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(SNI).unwrap();
+        let mut tls = rustls::ClientConnection::new(config, name).unwrap();
+        let mut hello = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut hello).unwrap();
+        }
+        tcp.write_all(&hello).await.unwrap();
+        let mut buf = vec![0u8; 16 << 10];
+        while !tls.wants_write() {
+            let n = tokio::time::timeout(STEP, tcp.read(&mut buf))
+                .await
+                .expect("the gateway's flight")
+                .unwrap();
+            assert!(n > 0, "the gateway closed during the handshake");
+            tls.read_tls(&mut &buf[..n]).unwrap();
+            tls.process_new_packets().unwrap();
+        }
+        let mut last = Vec::new();
+        while tls.wants_write() {
+            tls.write_tls(&mut last).unwrap();
+        }
+        (HeldClient { tcp, tls }, last)
+    }
+
+    /// Sends `msg` and returns what comes back before the gateway closes
+    /// (or the echo, when it does not).
+    async fn exchange(&mut self, msg: &[u8]) -> Vec<u8> {
+        use std::io::{Read as _, Write as _};
+        self.tls.writer().write_all(msg).unwrap();
+        let mut out = Vec::new();
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut out).unwrap();
+        }
+        // The gateway may already have closed: a failed write is an answer too.
+        let _ = self.tcp.write_all(&out).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        while got.len() < msg.len() {
+            let n = match tokio::time::timeout(STEP, self.tcp.read(&mut buf)).await {
+                Err(_) => panic!("the gateway neither answered nor closed"),
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(n)) => n,
+            };
+            if self.tls.read_tls(&mut &buf[..n]).is_err() || self.tls.process_new_packets().is_err()
+            {
+                break;
+            }
+            let mut plain = vec![0u8; msg.len()];
+            if let Ok(k) = self.tls.reader().read(&mut plain) {
+                got.extend_from_slice(&plain[..k]);
+            }
+        }
+        got
+    }
+}
+
+/// The gateway reads a listener's state when it accepts. A client that
+/// holds its last flight until a reload has revoked it must still be judged
+/// by the state that is current when its connection goes live: refused,
+/// never connected to the backend. One that is still allowed goes on.
+#[tokio::test]
+async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let toml = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
+
+    let (mut held, last_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.client_config(Some(&doomed))).await;
+    let (mut friend, friend_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&doomed_serial]).unwrap(),
+    );
+    let report = gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(report.connections_closed, 0, "neither was live yet");
+
+    held.tcp.write_all(&last_flight).await.unwrap();
+    assert_eq!(held.exchange(b"let me in").await, b"", "nothing came back");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason.contains("Revoked") && rec.backend.is_none(),
+        "{rec:?}"
+    );
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "the revoked client reached the backend"
+    );
+
+    friend.tcp.write_all(&friend_flight).await.unwrap();
+    assert_eq!(friend.exchange(b"still fine").await, b"still fine");
+    assert_eq!(backend.accepted(), 1);
+
+    // A listener removed (here: renamed) during the handshake has no state
+    // left to judge by: refused too.
+    let (mut orphan, orphan_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    let renamed = toml.replace("name = \"edge\"", "name = \"edge-renamed\"");
+    gw.reload_toml(&pki, &renamed).await.unwrap();
+    orphan.tcp.write_all(&orphan_flight).await.unwrap();
+    assert_eq!(orphan.exchange(b"anyone?").await, b"");
+    let rec = loop {
+        let rec = gw.next_record().await;
+        if rec.verdict == Verdict::Deny {
+            break rec;
+        }
+    };
+    assert!(
+        rec.reason
+            .contains("listener \"edge\" was removed by a reload"),
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 1);
+}
+
+/// webpki checks every CA certificate's validity at the handshake; the
+/// tick ends the connection when the first of them expires, not only when
+/// the leaf does.
+#[tokio::test]
+async fn a_connection_never_outlives_a_ca_certificate_in_its_chain() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let short = pki
+        .root
+        .intermediate_until(
+            "short-lived issuing CA",
+            time::OffsetDateTime::now_utc() + time::Duration::seconds(2),
+        )
+        .unwrap();
+    let leaf = short
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let creds = pki.creds("under-short", &leaf, &short);
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&creds)))
+        .await
+        .unwrap();
+    ping(&mut tls, b"while valid").await.unwrap();
+    closed_within(&mut tls, Duration::from_secs(6)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("a CA certificate in the client's chain expired"),
+        "{}",
+        rec.reason
+    );
+}
+
+/// A CRL past its nextUpdate refuses new handshakes (crl_expired =
+/// "refuse", the default); a live connection it covered is closed then
+/// too, as a new handshake would be refused. With "warn" it stays.
+#[tokio::test]
+async fn a_live_connection_ends_when_its_crl_goes_stale_unless_warned_about() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl_until(1, &[], soon).unwrap(),
+    );
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let strict = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &strict).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut tls, b"fresh").await.unwrap();
+    closed_within(&mut tls, Duration::from_secs(6)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason
+            .contains("a CRL covering the client's chain is past its next update"),
+        "{}",
+        rec.reason
+    );
+
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl_until(2, &[], soon).unwrap(),
+    );
+    let lenient = config(
+        &pki,
+        &backend,
+        &format!("{crls}\ncrl_expired = \"warn\""),
+        &[SPIFFE_FRONTEND],
+        "",
+    );
+    gw.reload_toml(&pki, &lenient).await.unwrap();
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    ping(&mut tls, b"stale but warned").await.unwrap();
+}
+
+/// A listener removed or renamed by a reload stops accepting, but its live
+/// connections are still judged until they end: revocation published since
+/// (a CRL the new state reads), certificate expiry, the lifetime it had,
+/// and at last the drain timeout, as at shutdown.
+#[tokio::test]
+async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_end() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let (port_a, port_b) = (dead_port(), dead_port());
+    let listener = |name: &str, port: std::net::SocketAddr, extra: &str| {
+        listener_toml(&pki, name, &format!("{crls}\n{extra}"))
+            .replace("127.0.0.1:0", &port.to_string())
+            + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    let edge = config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "");
+    let before = format!("drain_timeout = \"4s\"\n{edge}")
+        + &listener("a", port_a, "max_connection_lifetime = \"2s\"")
+        + &listener("b", port_b, "");
+    let mut gw = RunningGateway::start(&pki, &before).await;
+
+    let (doomed, doomed_serial) = pki.revocable_frontend("doomed");
+    let mut spec = LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let short = pki.client("short", &spec);
+    let mut on_a = connect(port_a, SNI, pki.frontend_config()).await.unwrap();
+    let mut revoked_on_b = connect(port_b, SNI, pki.client_config(Some(&doomed)))
+        .await
+        .unwrap();
+    let mut expiring_on_b = connect(port_b, SNI, pki.client_config(Some(&short)))
+        .await
+        .unwrap();
+    let mut draining_on_b = connect(port_b, SNI, pki.frontend_config()).await.unwrap();
+    for tls in [
+        &mut on_a,
+        &mut revoked_on_b,
+        &mut expiring_on_b,
+        &mut draining_on_b,
+    ] {
+        ping(tls, b"live").await.unwrap();
+    }
+
+    // "a" removed, "b" renamed (on another port); the CRL revokes one client.
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&doomed_serial]).unwrap(),
+    );
+    let after = format!("drain_timeout = \"4s\"\n{edge}") + &listener("b-renamed", dead_port(), "");
+    let report = gw.reload_toml(&pki, &after).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut revoked_on_b, Duration::from_secs(1)).await;
+    closed_within(&mut expiring_on_b, Duration::from_secs(4)).await;
+    closed_within(&mut on_a, Duration::from_secs(4)).await;
+    closed_within(&mut draining_on_b, Duration::from_secs(6)).await;
+
+    let mut reasons = Vec::new();
+    for _ in 0..4 {
+        reasons.push(gw.next_record().await.reason);
+    }
+    for expected in [
+        "no longer allowed after reload: client certificate refused: invalid peer certificate: Revoked",
+        "client certificate expired",
+        "max_connection_lifetime (2s) reached",
+        "its listener was removed by a reload and drain_timeout (4s) passed",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "{expected:?} in {reasons:#?}"
+        );
+    }
 }

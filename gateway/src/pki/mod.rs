@@ -168,8 +168,29 @@ impl Authority {
         days: i64,
         permitted_dns: Option<&str>,
     ) -> Result<Self, PkiError> {
+        let not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        self.intermediate_with(common_name, key_type, not_after, permitted_dns)
+    }
+
+    /// An intermediate valid until `not_after` (to test one that expires
+    /// while its leaves are still valid).
+    pub fn intermediate_until(
+        &self,
+        common_name: &str,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, PkiError> {
+        self.intermediate_with(common_name, KeyType::P256, not_after, None)
+    }
+
+    fn intermediate_with(
+        &self,
+        common_name: &str,
+        key_type: KeyType,
+        not_after: OffsetDateTime,
+        permitted_dns: Option<&str>,
+    ) -> Result<Self, PkiError> {
         let mut params = ca_params(common_name, 0);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(days);
+        params.not_after = not_after;
         if let Some(domain) = permitted_dns {
             params.name_constraints = Some(rcgen::NameConstraints {
                 permitted_subtrees: vec![rcgen::GeneralSubtree::DnsName(domain.to_owned())],
@@ -198,6 +219,18 @@ impl Authority {
             cert_pem: cert_pem.to_owned(),
             key_pem: key_pem.to_owned(),
         })
+    }
+
+    /// This CA's serial number, as a CRL of its issuer would list it.
+    pub fn serial(&self) -> Result<Vec<u8>, PkiError> {
+        let bad = |message: String| PkiError::Store {
+            path: "CA certificate".into(),
+            message,
+        };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok(cert.tbs_certificate.raw_serial().to_vec())
     }
 
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
@@ -250,12 +283,40 @@ impl Authority {
         serials: &[&[u8]],
         next_update: OffsetDateTime,
     ) -> Result<String, PkiError> {
+        self.crl_with(crl_number, serials, next_update, None)
+    }
+
+    /// A CRL valid for a day whose issuing distribution point limits it to
+    /// leaves or to CAs (to test scoped CRLs; `gateway pki` issues none).
+    pub fn crl_scoped(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        scope: rcgen::CrlScope,
+    ) -> Result<String, PkiError> {
+        let idp = rcgen::CrlIssuingDistributionPoint {
+            distribution_point: rcgen::CrlDistributionPoint {
+                uris: vec!["http://crl.example.internal/scoped.crl".into()],
+            },
+            scope: Some(scope),
+        };
+        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
+        self.crl_with(crl_number, serials, next_update, Some(idp))
+    }
+
+    fn crl_with(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        next_update: OffsetDateTime,
+        issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
+    ) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::minutes(1),
             next_update,
             crl_number: SerialNumber::from(crl_number),
-            issuing_distribution_point: None,
+            issuing_distribution_point,
             revoked_certs: serials
                 .iter()
                 .map(|s| RevokedCertParams {

@@ -1,11 +1,20 @@
 //! `gateway pki`: an internal PKI in a directory the operator names.
 //!
 //! Layout: `root.pem`/`root.key` (long-lived; the key signs only the
-//! intermediate and belongs offline after `init`), `intermediate.pem`/
-//! `intermediate.key` (issues leaves and CRLs), `ca.pem` (the trust anchor to
-//! give the gateway and clients), `index.json` (what was issued and revoked),
-//! `crl.pem` (the intermediate's current CRL), and one `NAME.pem` (leaf +
-//! intermediate) and `NAME.key` per issued certificate. Keys are written 0600.
+//! intermediate and the root's CRL, and belongs offline after `init`),
+//! `intermediate.pem`/`intermediate.key` (issues leaves and their CRL),
+//! `ca.pem` (the trust anchor to give the gateway and clients), `index.json`
+//! (what was issued and revoked), `root.crl.pem` (the root's CRL: which
+//! intermediates it revoked), `crl.pem` (the intermediate's current CRL
+//! followed by the root's, so a bundle names one file and revocation
+//! reaches along the whole chain), and one `NAME.pem` (leaf + intermediate)
+//! and `NAME.key` per issued certificate. Keys are written 0600.
+//!
+//! The root's CRL is signed at `init` and again only when the root revokes
+//! an intermediate (or `gateway pki crl --root` asks): it is valid until the
+//! intermediate expires (at least 30 days), so the daily `gateway pki crl`
+//! re-publishes it unchanged beside a fresh intermediate CRL and never
+//! needs the root key. Revoking the intermediate does.
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
@@ -24,6 +33,8 @@ pub enum Kind {
     Server,
     Client,
     Device,
+    /// The issuing intermediate, revoked by the root.
+    Intermediate,
 }
 
 impl Kind {
@@ -33,6 +44,7 @@ impl Kind {
             Kind::Server => Duration::days(90),
             Kind::Client => Duration::hours(24),
             Kind::Device => Duration::days(7),
+            Kind::Intermediate => Duration::days(INTERMEDIATE_DAYS),
         }
     }
 }
@@ -53,8 +65,20 @@ pub struct IndexEntry {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Index {
     pub crl_number: u64,
+    /// The number of the root's last CRL (0: none signed yet).
+    #[serde(default)]
+    pub root_crl_number: u64,
     pub issued: Vec<IndexEntry>,
+    /// Intermediates the root revoked.
+    #[serde(default)]
+    pub revoked_intermediates: Vec<IndexEntry>,
 }
+
+/// How long `init`'s intermediate lives.
+const INTERMEDIATE_DAYS: i64 = 730;
+
+/// The root's CRL is valid at least this long when signed.
+const ROOT_CRL_MIN_DAYS: i64 = 30;
 
 pub struct Store {
     dir: PathBuf,
@@ -138,6 +162,19 @@ impl Store {
         )
     }
 
+    /// The root, with its key: only for what only the root may sign.
+    fn root(&self, why: &str) -> Result<Authority, PkiError> {
+        let key_path = self.path("root.key");
+        let key = std::fs::read_to_string(&key_path).map_err(|e| PkiError::Store {
+            path: key_path.clone(),
+            message: format!(
+                "{why} needs the root key, which signs the root's CRL: bring root.key back into {} for this command ({e})",
+                self.dir.display()
+            ),
+        })?;
+        Authority::load(&self.read("root.pem")?, &key)
+    }
+
     /// A root and an intermediate, an empty index and a first CRL.
     pub fn init(&self, spec: &InitSpec<'_>) -> Result<(), PkiError> {
         if self.path("index.json").exists() {
@@ -151,7 +188,7 @@ impl Store {
         let int = root.new_intermediate(
             &format!("{} issuing CA", spec.name),
             spec.key_type,
-            730,
+            INTERMEDIATE_DAYS,
             spec.permitted_dns,
         )?;
         self.write("root.pem", &root.cert_pem, false)?;
@@ -160,8 +197,45 @@ impl Store {
         self.write("intermediate.key", &int.key_pem, true)?;
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
+        self.publish_root_crl(&root)?;
         self.publish_crl(Duration::days(7))?;
         Ok(())
+    }
+
+    /// Signs and writes `root.crl.pem`: every intermediate the root
+    /// revoked, valid until the intermediate expires (at least 30 days).
+    pub fn publish_root_crl(&self, root: &Authority) -> Result<PathBuf, PkiError> {
+        let mut index = self.index()?;
+        index.root_crl_number += 1;
+        let serials: Vec<Vec<u8>> = index
+            .revoked_intermediates
+            .iter()
+            .filter_map(|e| unhex(&e.serial))
+            .collect();
+        let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
+        let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
+        let next_update = self.intermediate_not_after()?.max(floor);
+        let crl = root.crl_until(index.root_crl_number, &serials, next_update)?;
+        self.save_index(&index)?;
+        self.write("root.crl.pem", &crl, false)
+    }
+
+    fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
+        let pem = self.read("intermediate.pem")?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path("intermediate.pem"),
+            message,
+        };
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|e| bad(e.to_string()))?;
+        Ok((hex(cert.tbs_certificate.raw_serial()), not_after))
+    }
+
+    fn intermediate_not_after(&self) -> Result<OffsetDateTime, PkiError> {
+        self.intermediate_cert().map(|(_, not_after)| not_after)
     }
 
     /// Issues a leaf; SANs exactly as given, wildcards refused.
@@ -189,12 +263,26 @@ impl Store {
         if let Some(w) = sans.iter().find(|s| s.contains('*')) {
             return Err(PkiError::Wildcard(w.clone()));
         }
+        // The gateway refuses a certificate with an invalid SPIFFE ID;
+        // better not to sign one.
+        for san in sans.iter().filter(|s| crate::spiffe::claims_spiffe(s)) {
+            crate::spiffe::SpiffeId::parse(san).map_err(|why| PkiError::Store {
+                path: self.dir.clone(),
+                message: format!("--san {san:?} is not a valid SPIFFE ID: {why}"),
+            })?;
+        }
         let mut index = self.index()?;
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let profile = match kind {
             Kind::Server => Profile::Server,
             Kind::Client | Kind::Device => Profile::Client,
+            Kind::Intermediate => {
+                return Err(PkiError::Store {
+                    path: self.dir.clone(),
+                    message: "issue makes leaves; the intermediate comes from init".into(),
+                });
+            }
         };
         let mut spec = LeafSpec::new(profile, name, &sans_ref);
         let now = OffsetDateTime::now_utc();
@@ -240,6 +328,10 @@ impl Store {
                 .replace(':', "")
         };
         let mut index = self.index()?;
+        let (intermediate, not_after) = self.intermediate_cert()?;
+        if serial == intermediate {
+            return self.revoke_intermediate(index, serial, not_after);
+        }
         let entry = index
             .issued
             .iter_mut()
@@ -257,7 +349,53 @@ impl Store {
         Ok(entry)
     }
 
-    /// Signs and writes `crl.pem` listing every revoked serial, valid for `validity`.
+    /// The root revokes the intermediate: the root's CRL lists it, and with
+    /// it every certificate the intermediate issued is refused by a gateway
+    /// whose bundle has `crl.pem`. Needs the root key.
+    fn revoke_intermediate(
+        &self,
+        mut index: Index,
+        serial: String,
+        not_after: OffsetDateTime,
+    ) -> Result<IndexEntry, PkiError> {
+        let root = self.root("revoking the intermediate")?;
+        let entry = match index
+            .revoked_intermediates
+            .iter()
+            .find(|e| e.serial == serial)
+        {
+            Some(e) => e.clone(),
+            None => {
+                let e = IndexEntry {
+                    serial,
+                    name: "intermediate".into(),
+                    kind: Kind::Intermediate,
+                    sans: vec![],
+                    not_after: rfc3339(not_after),
+                    revoked_at: Some(rfc3339(OffsetDateTime::now_utc())),
+                };
+                index.revoked_intermediates.push(e.clone());
+                e
+            }
+        };
+        self.save_index(&index)?;
+        self.publish_root_crl(&root)?;
+        self.publish_crl(Duration::days(7))?;
+        Ok(entry)
+    }
+
+    /// Re-signs the root's CRL (needs the root key), e.g. before it runs
+    /// out, and publishes `crl.pem` with it.
+    pub fn republish_root_crl(&self, validity: Duration) -> Result<PathBuf, PkiError> {
+        let root = self.root("re-signing the root's CRL")?;
+        self.publish_root_crl(&root)?;
+        self.publish_crl(validity)
+    }
+
+    /// Signs and writes the intermediate's CRL listing every revoked serial,
+    /// valid for `validity`, as `crl.pem` followed by the root's CRL (as
+    /// last signed; the root key is not needed). A store made before the
+    /// root signed CRLs gets the root's CRL here if its key is present.
     pub fn publish_crl(&self, validity: Duration) -> Result<PathBuf, PkiError> {
         let mut index = self.index()?;
         index.crl_number += 1;
@@ -274,7 +412,24 @@ impl Store {
             OffsetDateTime::now_utc() + validity,
         )?;
         self.save_index(&index)?;
-        self.write("crl.pem", &crl, false)
+        if !self.path("root.crl.pem").exists()
+            && let Ok(root) = self.root("the root's first CRL")
+        {
+            self.publish_root_crl(&root)?;
+        }
+        // Intermediate first: `openssl crl -in crl.pem` shows the one that
+        // changes daily.
+        let both = match self.read("root.crl.pem") {
+            Ok(root_crl) => format!("{crl}{root_crl}"),
+            Err(_) => {
+                tracing::warn!(
+                    "{}: no root.crl.pem and no root key: crl.pem carries the intermediate's CRL only",
+                    self.dir.display()
+                );
+                crl
+            }
+        };
+        self.write("crl.pem", &both, false)
     }
 }
 

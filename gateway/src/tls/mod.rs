@@ -1,27 +1,29 @@
 //! TLS termination: what each listener serves with and how a connection's
 //! `ServerConfig` is put together once its route is known (by SNI).
 
+pub mod bundle;
 pub mod certs;
+pub mod crl;
 mod remember;
 pub mod verifier;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
-};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 
 use crate::config::{Mode, TlsVersion};
 use crate::offload::{KernelSupport, Offload};
 use crate::policy::{Policy, Verdict};
+pub use bundle::{Bundle, BundleFiles};
 pub use certs::CertError;
 use verifier::ConnectionVerifier;
 pub use verifier::Decision;
@@ -36,6 +38,11 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     #[error("offload = \"kernel\", but {0}")]
     Offload(String),
+    /// A route names a trust bundle its listener did not load. Config
+    /// checks make this unreachable; if it happens anyway the connection is
+    /// refused, never judged by another bundle.
+    #[error("trust bundle {0:?} is not loaded for this listener")]
+    UnknownBundle(String),
 }
 
 /// The crypto every TLS context in the gateway uses.
@@ -68,18 +75,14 @@ fn provider_for(offload: Offload) -> Result<Arc<CryptoProvider>, TlsError> {
 #[derive(Debug)]
 pub struct RouteAuth {
     pub mode: Mode,
-    /// The trust bundle clients must chain to (None: the listener's `client_ca`).
+    /// The trust bundle clients must chain to (None: the listener's
+    /// `client_ca`). On a device route, `device.trust`: the CA that issues
+    /// device-bound user certificates is the route's trust (a client
+    /// presents one chain; see README, "Devices").
     pub trust: Option<String>,
-    /// The device CA bundle clients must also chain to.
-    pub device_trust: Option<String>,
+    /// Whether `trust` is a device route's device CA (for the refusal's words).
+    pub device: bool,
     pub policy: Arc<Policy>,
-}
-
-/// A client CA bundle as files, before loading.
-#[derive(Debug, Clone)]
-pub struct BundleFiles {
-    pub ca: PathBuf,
-    pub crls: Vec<PathBuf>,
 }
 
 /// A listener's TLS material, loaded and checked once.
@@ -87,9 +90,9 @@ pub struct ListenerTls {
     provider: Arc<CryptoProvider>,
     server_key: Arc<CertifiedKey>,
     /// The listener's own `client_ca` (+ CRLs).
-    default_bundle: Arc<dyn ClientCertVerifier>,
+    default_bundle: Arc<Bundle>,
     /// Named `[trust.NAME]` bundles that routes narrow to.
-    bundles: HashMap<String, Arc<dyn ClientCertVerifier>>,
+    bundles: HashMap<String, Arc<Bundle>>,
     versions: Vec<&'static SupportedProtocolVersion>,
     /// Keep the session keys extractable for a kernel TLS hand-off.
     extract_secrets: bool,
@@ -104,50 +107,33 @@ impl fmt::Debug for ListenerTls {
     }
 }
 
-fn bundle_verifier(
-    files: &BundleFiles,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-    let roots = certs::load_roots(&files.ca)?;
-    let mut crls = Vec::new();
-    for path in &files.crls {
-        crls.extend(certs::load_crls(path)?);
-    }
-    // The same crypto, with signatures over CA certificates remembered: a
-    // fleet's intermediates are checked once, not on every handshake.
-    let mut remembering = (**provider).clone();
-    remembering.signature_verification_algorithms = remember::algorithms();
-    let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(remembering));
-    let builder = if crls.is_empty() {
-        builder
-    } else {
-        // Revocation is about client leaves; intermediates are our own CAs
-        // and are withdrawn by changing the bundle. A leaf whose issuer has no
-        // CRL here stays unknown and is refused (fail closed).
-        builder.with_crls(crls).only_check_end_entity_revocation()
-    };
-    builder.build().map_err(|e| TlsError::Verifier {
-        path: files.ca.display().to_string(),
-        reason: e.to_string(),
-    })
-}
-
 impl ListenerTls {
+    /// `stale_crl_uses` gives each bundle (by name and `crl_expired`) the
+    /// counter of checks that met a CRL past its nextUpdate.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
+        listener: &str,
         cert: &Path,
         key: &Path,
         client_ca: &BundleFiles,
         bundles: &HashMap<String, BundleFiles>,
         versions: &[TlsVersion],
         offload: Offload,
+        stale_crl_uses: &dyn Fn(&str, crate::config::CrlExpired) -> Arc<AtomicU64>,
     ) -> Result<Self, TlsError> {
         let provider = provider_for(offload)?;
         let server_key = certs::load_server_identity(cert, key, &provider)?;
-        let default_bundle = bundle_verifier(client_ca, &provider)?;
+        // The same crypto, with signatures over CA certificates remembered:
+        // a fleet's intermediates are checked once, not on every handshake.
+        let algorithms = remember::algorithms();
+        let load = |name: String, files: &BundleFiles| {
+            let uses = stale_crl_uses(&name, files.crl_expired);
+            Bundle::load(name, files, algorithms, uses).map(Arc::new)
+        };
+        let default_bundle = load(format!("listener {listener} client_ca"), client_ca)?;
         let bundles = bundles
             .iter()
-            .map(|(name, files)| Ok((name.clone(), bundle_verifier(files, &provider)?)))
+            .map(|(name, files)| Ok((name.clone(), load(format!("trust {name}"), files)?)))
             .collect::<Result<_, TlsError>>()?;
         let versions = versions
             .iter()
@@ -166,33 +152,75 @@ impl ListenerTls {
         })
     }
 
-    fn bundle(&self, name: Option<&str>) -> Arc<dyn ClientCertVerifier> {
-        name.and_then(|n| self.bundles.get(n))
-            .unwrap_or(&self.default_bundle)
-            .clone()
+    /// The named bundle, or the listener's own `client_ca` for `None`. A
+    /// name that is not loaded is an error, not the default: falling back
+    /// would let the listener's CAs in where the route named others.
+    fn bundle(&self, name: Option<&str>) -> Result<Arc<Bundle>, TlsError> {
+        match name {
+            None => Ok(self.default_bundle.clone()),
+            Some(n) => self
+                .bundles
+                .get(n)
+                .cloned()
+                .ok_or_else(|| TlsError::UnknownBundle(n.to_owned())),
+        }
+    }
+
+    /// Every CRL this listener's bundles enforce.
+    pub fn crls(&self) -> impl Iterator<Item = &Arc<crl::Crl>> {
+        std::iter::once(&self.default_bundle)
+            .chain(self.bundles.values())
+            .flat_map(|b| b.crls())
+    }
+
+    fn verifier(
+        &self,
+        route: &RouteAuth,
+        mode: Mode,
+        source: IpAddr,
+        decision: Arc<Mutex<Decision>>,
+        more_crls: &[Arc<crl::Crl>],
+    ) -> Result<ConnectionVerifier, TlsError> {
+        let bundle = |name: Option<&str>| -> Result<Arc<Bundle>, TlsError> {
+            let b = self.bundle(name)?;
+            Ok(if more_crls.is_empty() {
+                b
+            } else {
+                Arc::new(b.with_more_crls(more_crls))
+            })
+        };
+        Ok(ConnectionVerifier {
+            chain: bundle(route.trust.as_deref())?,
+            device: route.device,
+            policy: route.policy.clone(),
+            mode,
+            source,
+            decision,
+        })
     }
 
     /// Verifies a live connection's client chain again, as its handshake
-    /// did but against this (possibly reloaded) state and enforcing. Err says why
-    /// the client would be refused now.
+    /// did but against this (possibly reloaded) state and enforcing, with
+    /// `more_crls` besides the bundles' own. Err says why the client would
+    /// be refused now.
     pub fn recheck(
         &self,
         route: &RouteAuth,
         source: IpAddr,
         leaf: &rustls_pki_types::CertificateDer<'_>,
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
-    ) -> Result<(), String> {
+        more_crls: &[Arc<crl::Crl>],
+    ) -> Result<bundle::Verified, String> {
         let decision = Arc::new(Mutex::new(Decision::default()));
-        let verifier = ConnectionVerifier {
-            chain: self.bundle(route.trust.as_deref()),
-            device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
-            policy: route.policy.clone(),
-            mode: Mode::Enforce,
-            source,
-            decision: decision.clone(),
-        };
+        let verifier = self
+            .verifier(route, Mode::Enforce, source, decision.clone(), more_crls)
+            .map_err(|e| e.to_string())?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(decision
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .verified
+                .unwrap_or_default()),
             Err(e) => {
                 let d = decision.lock().unwrap_or_else(|p| p.into_inner());
                 Err(match (&d.refused, &d.verdict) {
@@ -222,14 +250,7 @@ impl ListenerTls {
             }
             builder.with_no_client_auth()
         } else {
-            let verifier = ConnectionVerifier {
-                chain: self.bundle(route.trust.as_deref()),
-                device_chain: route.device_trust.as_deref().map(|t| self.bundle(Some(t))),
-                policy: route.policy.clone(),
-                mode: route.mode,
-                source,
-                decision: decision.clone(),
-            };
+            let verifier = self.verifier(route, route.mode, source, decision.clone(), &[])?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         };
         let mut config = builder.with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
@@ -317,4 +338,115 @@ impl UpstreamTls {
 pub fn plaintext_alert(description: rustls::AlertDescription) -> [u8; 7] {
     // ContentType alert (21), legacy version TLS 1.2, length 2, level fatal (2).
     [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+    use rustls_pki_types::pem::PemObject;
+    use std::path::PathBuf;
+
+    /// A listener's TLS material on disk: server chain and key, a client CA.
+    struct Files {
+        dir: tempfile::TempDir,
+        intermediate: Authority,
+    }
+
+    impl Files {
+        fn new() -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            let root = Authority::root("tls test root").unwrap();
+            let intermediate = root.intermediate("tls test intermediate").unwrap();
+            let server = intermediate
+                .issue(&LeafSpec::server("gw", &["dns:gw.example.internal"]))
+                .unwrap();
+            let write =
+                |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+            write(
+                "server.pem",
+                &format!("{}{}", server.cert_pem, intermediate.cert_pem),
+            );
+            write("server.key", &server.key_pem);
+            write("ca.pem", &root.cert_pem);
+            Files { dir, intermediate }
+        }
+
+        fn path(&self, name: &str) -> PathBuf {
+            self.dir.path().join(name)
+        }
+
+        fn load(&self, bundles: &[&str]) -> ListenerTls {
+            let files = BundleFiles {
+                ca: self.path("ca.pem"),
+                crls: vec![],
+                crl_expired: crate::config::CrlExpired::Refuse,
+                spiffe_trust_domains: None,
+            };
+            let bundles = bundles
+                .iter()
+                .map(|n| (n.to_string(), files.clone()))
+                .collect();
+            ListenerTls::load(
+                "edge",
+                &self.path("server.pem"),
+                &self.path("server.key"),
+                &files,
+                &bundles,
+                &[TlsVersion::Tls13],
+                Offload::Userspace,
+                &|_, _| Arc::default(),
+            )
+            .unwrap()
+        }
+    }
+
+    fn route(trust: Option<&str>, device: bool) -> RouteAuth {
+        RouteAuth {
+            mode: Mode::Enforce,
+            trust: trust.map(str::to_owned),
+            device,
+            policy: Arc::new(Policy::default()),
+        }
+    }
+
+    #[test]
+    fn a_bundle_name_the_listener_lacks_refuses_instead_of_falling_back() {
+        let files = Files::new();
+        let tls = files.load(&["users"]);
+        let source = IpAddr::from([127, 0, 0, 1]);
+        let leaf = files
+            .intermediate
+            .issue(&LeafSpec::client("c", &["spiffe://example.internal/c"]))
+            .unwrap();
+        let leaf =
+            rustls_pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
+        let intermediate = rustls_pki_types::CertificateDer::from_pem_slice(
+            files.intermediate.cert_pem.as_bytes(),
+        )
+        .unwrap();
+        assert!(
+            tls.connection_config(&route(Some("users"), false), source)
+                .is_ok()
+        );
+        for auth in [route(Some("nope"), false), route(Some("nope"), true)] {
+            let err = tls
+                .connection_config(&auth, source)
+                .err()
+                .unwrap_or_else(|| panic!("{auth:?} got a config"));
+            assert!(err.to_string().contains("\"nope\""), "{err}");
+            // A reload's re-check refuses too, though the default bundle
+            // would have verified this chain.
+            let why = tls
+                .recheck(
+                    &auth,
+                    source,
+                    &leaf,
+                    std::slice::from_ref(&intermediate),
+                    &[],
+                )
+                .expect_err("re-check of a route with an unknown bundle");
+            assert!(why.contains("\"nope\""), "{why}");
+        }
+    }
 }

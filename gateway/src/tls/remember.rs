@@ -11,9 +11,12 @@
 //! other check (validity, name constraints, usage, revocation, the path to a
 //! trusted root) on every handshake.
 //!
-//! Only signatures over CA certificates are kept: leaves differ per client
-//! and would churn the set, and the TLS CertificateVerify is new on every
-//! handshake. Failures are never kept.
+//! Only signatures over CA certificates and CRLs are kept: a bundle has a
+//! few of each, checked on every handshake (webpki verifies the signature
+//! of every CRL it consults, the leaf's issuer's and, with revocation along
+//! the chain, the root's), while leaves differ per client and would churn
+//! the set, and the TLS CertificateVerify is new on every handshake.
+//! Failures are never kept.
 
 use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
@@ -114,7 +117,7 @@ impl SignatureVerificationAlgorithm for Remembered {
         message: &[u8],
         signature: &[u8],
     ) -> Result<(), InvalidSignature> {
-        if !names_a_ca(message) {
+        if !names_a_ca(message) && !is_a_crl(message) {
             return self.inner.verify_signature(public_key, message, signature);
         }
         let key = self.key(public_key, message, signature);
@@ -161,6 +164,22 @@ fn names_a_ca(tbs: &[u8]) -> bool {
         })
 }
 
+/// Whether signed bytes look like a CRL's TBSCertList: a SEQUENCE whose
+/// first element is the v2 version (INTEGER 1) or, in a v1 CRL, the
+/// signature AlgorithmIdentifier (a SEQUENCE). A certificate's TBS starts
+/// with its explicit [0] version or its serial number; a v1 certificate
+/// with serial 1 looks alike, and is then merely kept (see `names_a_ca`).
+fn is_a_crl(tbs: &[u8]) -> bool {
+    let body = match tbs {
+        [0x30, len, rest @ ..] if *len < 0x80 => rest,
+        [0x30, 0x81, _, rest @ ..] => rest,
+        [0x30, 0x82, _, _, rest @ ..] => rest,
+        [0x30, 0x83, _, _, _, rest @ ..] => rest,
+        _ => return false,
+    };
+    matches!(body, [0x02, 0x01, 0x01, 0x30, ..] | [0x30, ..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +187,7 @@ mod tests {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
 
     fn der(pem: &str) -> CertificateDer<'static> {
         CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
@@ -285,12 +305,74 @@ mod tests {
     }
 
     #[test]
+    fn a_crl_signature_is_checked_once() {
+        let root = Authority::root("remember root").unwrap();
+        let intermediate = root.intermediate("remember intermediate").unwrap();
+        let leaf = |n: &str| {
+            let spiffe = format!("spiffe://example.internal/{n}");
+            der(&intermediate
+                .issue(&LeafSpec::client(n, &[spiffe.as_str()]))
+                .unwrap()
+                .cert_pem)
+        };
+        let crl = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(
+            intermediate.crl(1, &[]).unwrap().as_bytes(),
+        )
+        .unwrap();
+        let crl = webpki::OwnedCertRevocationList::from_der(&crl).unwrap();
+        let crl = webpki::CertRevocationList::Owned(crl);
+        let (counting, alg) = remembered();
+        let anchor_der = der(&root.cert_pem);
+        let anchor = webpki::anchor_from_trusted_cert(&anchor_der).unwrap();
+        let intermediate_der = der(&intermediate.cert_pem);
+        for (n, checks) in [("a", 3), ("b", 4)] {
+            let crls = [&crl];
+            let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+                .unwrap()
+                .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .build();
+            let leaf = leaf(n);
+            webpki::EndEntityCert::try_from(&leaf)
+                .unwrap()
+                .verify_for_usage(
+                    &[alg],
+                    std::slice::from_ref(&anchor),
+                    std::slice::from_ref(&intermediate_der),
+                    UnixTime::now(),
+                    webpki::KeyUsage::client_auth(),
+                    Some(revocation),
+                    None,
+                )
+                .unwrap();
+            assert_eq!(
+                counting.0.load(Ordering::Relaxed),
+                checks,
+                "leaf {n}: the intermediate and the CRL once, each leaf every time"
+            );
+        }
+    }
+
+    #[test]
     fn only_ca_certificates_look_like_cas() {
         let f = fleet();
         assert!(names_a_ca(&f.root));
         assert!(names_a_ca(&f.intermediate));
         assert!(!names_a_ca(&f.leaves[0]));
         assert!(!names_a_ca(b"TLS 1.3, client CertificateVerify"));
+        // What webpki has verified: the signed parts.
+        let tbs = |der: &[u8]| {
+            let (_, cert) = X509Certificate::from_der(der).unwrap();
+            cert.tbs_certificate.as_ref().to_vec()
+        };
+        assert!(!is_a_crl(&tbs(&f.leaves[0])));
+        assert!(!is_a_crl(&tbs(&f.intermediate)));
+        assert!(!is_a_crl(b"TLS 1.3, client CertificateVerify"));
+        let crl_pem = Authority::root("r").unwrap().crl(1, &[]).unwrap();
+        let crl_der =
+            rustls_pki_types::CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
+                .unwrap();
+        let (_, crl) = CertificateRevocationList::from_der(&crl_der).unwrap();
+        assert!(is_a_crl(crl.tbs_cert_list.as_ref()));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
+use super::Bundle;
+use super::bundle::Verified;
 use crate::config::Mode;
 use crate::identity::{Identity, IdentityError};
 use crate::policy::{Policy, Subject, Verdict};
@@ -28,12 +30,15 @@ pub struct Decision {
     pub verdict: Option<Verdict>,
     /// Why the certificate itself was refused, before policy ran.
     pub refused: Option<String>,
+    /// What the chain check learned (see `bundle::Verified`).
+    pub verified: Option<Verified>,
 }
 
 #[derive(Debug)]
 pub(super) struct ConnectionVerifier {
-    pub(super) chain: Arc<dyn ClientCertVerifier>,
-    pub(super) device_chain: Option<Arc<dyn ClientCertVerifier>>,
+    pub(super) chain: Arc<Bundle>,
+    /// `chain` is a device route's device CA.
+    pub(super) device: bool,
     pub(super) policy: Arc<Policy>,
     pub(super) mode: Mode,
     pub(super) source: IpAddr,
@@ -82,21 +87,21 @@ impl ClientCertVerifier for ConnectionVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        if let Err(e) = self
-            .chain
-            .verify_client_cert(end_entity, intermediates, now)
-        {
-            return self.refuse_certificate(e.to_string(), e);
-        }
-        if let Some(device) = &self.device_chain
-            && let Err(e) = device.verify_client_cert(end_entity, intermediates, now)
-        {
+        let verified = match self.chain.verify(end_entity, intermediates, now) {
+            Ok(v) => v,
             // unknown_ca when it does not chain to the device CA at all.
-            return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
-        }
+            Err(e) if self.device => {
+                return self.refuse_certificate(format!("not issued by the device CA: {e}"), e);
+            }
+            Err(e) => return self.refuse_certificate(e.to_string(), e),
+        };
         let identity = match Identity::from_leaf(end_entity) {
             Ok(id) => id,
             Err(e) => {
+                // A trusted CA signed a name no rule can be written for:
+                // worth an operator's look, not only an access-log line.
+                tracing::warn!(client = %self.source, reason = %e,
+                    "client certificate refused: its names are not usable as an identity");
                 let error = Error::InvalidCertificate(match e {
                     // unsupported_certificate, as webpki answers for a
                     // serverAuth-only leaf.
@@ -108,6 +113,16 @@ impl ClientCertVerifier for ConnectionVerifier {
                 return self.refuse_certificate(e.to_string(), error);
             }
         };
+        // Whatever CA signed it, a bundle only vouches for its own trust
+        // domains: an identity outside them is not one this CA may name.
+        if let Err(why) = self.chain.admits_uris(&identity.uris) {
+            tracing::warn!(client = %self.source, reason = %why,
+                "client certificate refused: an identity outside its CA's trust domains");
+            return self.refuse_certificate(
+                why,
+                Error::InvalidCertificate(CertificateError::NotValidForName),
+            );
+        }
         let verdict = self.policy.decide(Subject {
             identity: &identity,
             source: self.source,
@@ -117,6 +132,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         self.record(|d| {
             d.identity = Some(identity);
             d.verdict = Some(verdict);
+            d.verified = Some(verified);
         });
         if allowed {
             Ok(ClientCertVerified::assertion())
@@ -134,7 +150,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.chain.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -143,10 +159,10 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.chain.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
+        self.chain.algorithms().supported_schemes()
     }
 }

@@ -1,0 +1,461 @@
+//! A client CA bundle (a listener's `client_ca` or a `[trust.NAME]`): its
+//! trust anchors and CRLs, and the chain check every client certificate
+//! goes through, on webpki directly.
+//!
+//! rustls' `WebPkiClientVerifier` would do the chain check too, but it
+//! answers only yes or no; the gateway needs the verified path (the tick
+//! closes a connection when a CA certificate in it expires) and its own
+//! revocation policy (see `verify`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::{CertRevocationListError, CertificateError, DistinguishedName, Error, OtherError};
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use webpki::{
+    CertRevocationList, EndEntityCert, ExpirationPolicy, RevocationCheckDepth,
+    RevocationOptionsBuilder, UnknownStatusPolicy,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::TlsError;
+use super::certs;
+use super::crl::{self, Crl};
+use crate::config::CrlExpired;
+
+/// A client CA bundle as the config names it, before loading.
+#[derive(Debug, Clone)]
+pub struct BundleFiles {
+    pub ca: PathBuf,
+    pub crls: Vec<PathBuf>,
+    pub crl_expired: CrlExpired,
+    pub spiffe_trust_domains: Option<Vec<String>>,
+}
+
+/// A loaded bundle.
+pub struct Bundle {
+    /// `listener edge client_ca` or `trust users`, for logs.
+    pub name: String,
+    anchors: Vec<TrustAnchor<'static>>,
+    subjects: Vec<DistinguishedName>,
+    /// One per issuer and scope, the newest (see `crl`).
+    crls: Vec<Arc<Crl>>,
+    crl_expired: CrlExpired,
+    /// Connections whose check met a CRL past its nextUpdate (kept by the
+    /// metrics across reloads).
+    stale_crl_uses: Arc<AtomicU64>,
+    /// Whether the warning for a stale CRL was logged, per entry of `crls`
+    /// (once per load: the count says how often it mattered).
+    stale_crl_logged: Vec<AtomicBool>,
+    /// The SPIFFE trust domains the bundle's CAs may vouch for; None: any.
+    spiffe_trust_domains: Option<Vec<String>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("name", &self.name)
+            .field("anchors", &self.anchors.len())
+            .field("crls", &self.crls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a successful check learned about the chain: when it stops being
+/// good without anything being reloaded. The tick closes the connection then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Verified {
+    /// The earliest notAfter (seconds since the epoch) of the CA
+    /// certificates in the verified path, trust anchor excepted (webpki
+    /// does not read an anchor's validity); None when the leaf is issued by
+    /// the anchor itself.
+    pub ca_not_after: Option<i64>,
+    /// With `crl_expired = "refuse"`: the earliest nextUpdate of the CRLs
+    /// that covered the path. Past it, a new handshake would be refused.
+    pub crl_next_update: Option<i64>,
+}
+
+impl Bundle {
+    /// Loads the anchors and CRLs; `algorithms` verify signatures (the
+    /// gateway's remember CA signatures, see `remember`).
+    pub fn load(
+        name: String,
+        files: &BundleFiles,
+        algorithms: WebPkiSupportedAlgorithms,
+        stale_crl_uses: Arc<AtomicU64>,
+    ) -> Result<Bundle, TlsError> {
+        let roots = certs::load_roots(&files.ca)?;
+        if roots.is_empty() {
+            return Err(TlsError::Verifier {
+                path: files.ca.display().to_string(),
+                reason: "no trust anchors".into(),
+            });
+        }
+        let crls: Vec<Arc<Crl>> = crl::load(&files.crls)?.into_iter().map(Arc::new).collect();
+        let now = UnixTime::now().as_secs() as i64;
+        for c in crls.iter().filter(|c| c.is_stale(now)) {
+            let effect = match files.crl_expired {
+                CrlExpired::Refuse => "clients it covers are refused until a fresh one is loaded",
+                CrlExpired::Warn => "crl_expired = \"warn\": used anyway",
+            };
+            tracing::warn!(bundle = %name, file = %c.file.display(), issuer = %c.issuer,
+                "CRL is past its next update: {effect}");
+        }
+        Ok(Bundle {
+            name,
+            subjects: roots.subjects(),
+            anchors: roots.roots,
+            stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
+            crls,
+            crl_expired: files.crl_expired,
+            stale_crl_uses,
+            spiffe_trust_domains: files.spiffe_trust_domains.clone(),
+            algorithms,
+        })
+    }
+
+    /// The CRLs this bundle enforces.
+    pub fn crls(&self) -> &[Arc<Crl>] {
+        &self.crls
+    }
+
+    /// This bundle with `more` CRLs besides its own (of each issuer and
+    /// scope the newest wins): for a connection whose listener a reload
+    /// removed, so revocations published since still reach it.
+    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Bundle {
+        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect());
+        Bundle {
+            name: self.name.clone(),
+            anchors: self.anchors.clone(),
+            subjects: self.subjects.clone(),
+            stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
+            crls,
+            crl_expired: self.crl_expired,
+            stale_crl_uses: self.stale_crl_uses.clone(),
+            spiffe_trust_domains: self.spiffe_trust_domains.clone(),
+            algorithms: self.algorithms,
+        }
+    }
+
+    /// Whether this bundle's CAs may vouch for the URI identities `uris`:
+    /// with `spiffe_trust_domains` set, each must be a SPIFFE ID in one of
+    /// them (name constraints in CA certificates cover DNS names only).
+    /// Err names the first that is not.
+    pub fn admits_uris(&self, uris: &[String]) -> Result<(), String> {
+        let Some(domains) = &self.spiffe_trust_domains else {
+            return Ok(());
+        };
+        for uri in uris {
+            let inside = crate::spiffe::SpiffeId::parse(uri)
+                .is_ok_and(|id| domains.iter().any(|d| d == id.trust_domain()));
+            if !inside {
+                return Err(format!(
+                    "URI SAN {uri:?} is outside the SPIFFE trust domains of {} ({})",
+                    self.name,
+                    domains.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The CA names a client is told it may chain to.
+    pub fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.subjects
+    }
+
+    pub fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.algorithms
+    }
+
+    /// Checks a client chain: a path to one of the anchors, validity,
+    /// clientAuth, and revocation.
+    ///
+    /// Revocation runs along the whole path: every certificate whose issuer
+    /// has a CRL in the bundle is checked against it, so an intermediate is
+    /// revoked by its root's CRL. The leaf is held to more: with CRLs in the
+    /// bundle its issuer must have one, or its status is unknown and it is
+    /// refused (fail closed), while an intermediate whose issuer has no CRL
+    /// here passes (its root may not publish one). webpki takes one policy
+    /// for the whole path, so the path is checked leniently and the leaf's
+    /// CRL is then required by name: webpki checks a certificate against
+    /// any CRL of its issuer without an issuing distribution point. Only
+    /// when the leaf's issuer has scoped CRLs alone does a second, strict
+    /// pass over the leaf decide, with webpki's own scope rules.
+    pub fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<Verified, Error> {
+        let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
+        let chain = self.check(
+            &ee,
+            intermediates,
+            now,
+            RevocationCheckDepth::Chain,
+            UnknownStatusPolicy::Allow,
+        )?;
+        if !self.crls.is_empty() {
+            let issuer = ee.issuer();
+            let of_issuer = || self.crls.iter().filter(|c| c.crl.issuer() == issuer);
+            if of_issuer().all(|c| c.crl.issuing_distribution_point().is_some()) {
+                if of_issuer().next().is_none() {
+                    return Err(CertificateError::UnknownRevocationStatus.into());
+                }
+                self.check(
+                    &ee,
+                    intermediates,
+                    now,
+                    RevocationCheckDepth::EndEntity,
+                    UnknownStatusPolicy::Deny,
+                )?;
+            }
+        }
+        Ok(chain)
+    }
+
+    /// One webpki pass over the chain with this revocation policy.
+    fn check(
+        &self,
+        ee: &EndEntityCert<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        depth: RevocationCheckDepth,
+        unknown: UnknownStatusPolicy,
+    ) -> Result<Verified, Error> {
+        let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().map(|c| &c.crl).collect();
+        let expiration = match self.crl_expired {
+            CrlExpired::Refuse => ExpirationPolicy::Enforce,
+            CrlExpired::Warn => ExpirationPolicy::Ignore,
+        };
+        let revocation = RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+            b.with_depth(depth)
+                .with_status_policy(unknown)
+                .with_expiration_policy(expiration)
+                .build()
+        });
+        let path = ee
+            .verify_for_usage(
+                self.algorithms.all,
+                &self.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                revocation,
+                None,
+            )
+            .map_err(|e| {
+                if matches!(e, webpki::Error::CrlExpired { .. }) {
+                    self.stale_crl_uses.fetch_add(1, Ordering::Relaxed);
+                }
+                pki_error(e)
+            })?;
+        // The CRLs webpki consulted: those of the path's issuers.
+        let issuers = || {
+            std::iter::once(ee.issuer())
+                .chain(path.intermediate_certificates().map(|ca| ca.issuer()))
+        };
+        // The strict second pass re-reads CRLs the first already noted.
+        if self.crl_expired == CrlExpired::Warn && depth == RevocationCheckDepth::Chain {
+            self.note_stale_crls(issuers(), now);
+        }
+        let crl_next_update = match self.crl_expired {
+            CrlExpired::Refuse => issuers()
+                .flat_map(|issuer| self.crls.iter().filter(move |c| c.crl.issuer() == issuer))
+                .filter_map(|c| c.next_update)
+                .min(),
+            CrlExpired::Warn => None,
+        };
+        let ca_not_after = path
+            .intermediate_certificates()
+            .filter_map(|ca| {
+                let der = ca.der();
+                let (_, cert) = X509Certificate::from_der(&der).ok()?;
+                Some(cert.validity().not_after.timestamp())
+            })
+            .min();
+        Ok(Verified {
+            ca_not_after,
+            crl_next_update,
+        })
+    }
+}
+
+impl Bundle {
+    /// With `crl_expired = "warn"`: counts (and logs once) a check that
+    /// used a CRL past its nextUpdate, for any of these issuers.
+    fn note_stale_crls<'a>(&self, issuers: impl Iterator<Item = &'a [u8]>, now: UnixTime) {
+        let now = now.as_secs() as i64;
+        let mut stale = false;
+        for issuer in issuers {
+            for (c, logged) in self.crls.iter().zip(&self.stale_crl_logged) {
+                if c.crl.issuer() != issuer || !c.is_stale(now) {
+                    continue;
+                }
+                stale = true;
+                if !logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
+                        "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
+                }
+            }
+        }
+        if stale {
+            self.stale_crl_uses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// webpki's answer as the rustls error the handshake reports (and whose
+/// alert the client sees), as rustls' own verifier maps it.
+fn pki_error(error: webpki::Error) -> Error {
+    use webpki::Error::*;
+    match error {
+        BadDer | BadDerTime | TrailingData(_) => CertificateError::BadEncoding.into(),
+        CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }.into()
+        }
+        CertExpired { time, not_after } => {
+            CertificateError::ExpiredContext { time, not_after }.into()
+        }
+        InvalidCertValidity => CertificateError::Expired.into(),
+        UnknownIssuer => CertificateError::UnknownIssuer.into(),
+        CertRevoked => CertificateError::Revoked.into(),
+        UnknownRevocationStatus => CertificateError::UnknownRevocationStatus.into(),
+        CrlExpired { time, next_update } => {
+            CertificateError::ExpiredRevocationListContext { time, next_update }.into()
+        }
+        IssuerNotCrlSigner => CertRevocationListError::IssuerInvalidForCrl.into(),
+        InvalidSignatureForPublicKey => CertificateError::BadSignature.into(),
+        #[allow(deprecated)]
+        UnsupportedSignatureAlgorithm | UnsupportedSignatureAlgorithmForPublicKey => {
+            CertificateError::UnsupportedSignatureAlgorithm.into()
+        }
+        UnsupportedSignatureAlgorithmContext(cx) => {
+            CertificateError::UnsupportedSignatureAlgorithmContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                supported_algorithms: cx.supported_algorithms,
+            }
+            .into()
+        }
+        UnsupportedSignatureAlgorithmForPublicKeyContext(cx) => {
+            CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                public_key_algorithm_id: cx.public_key_algorithm_id,
+            }
+            .into()
+        }
+        InvalidCrlSignatureForPublicKey => CertRevocationListError::BadSignature.into(),
+        #[allow(deprecated)]
+        UnsupportedCrlSignatureAlgorithm | UnsupportedCrlSignatureAlgorithmForPublicKey => {
+            CertRevocationListError::UnsupportedSignatureAlgorithm.into()
+        }
+        UnsupportedCrlSignatureAlgorithmContext(cx) => {
+            CertRevocationListError::UnsupportedSignatureAlgorithmContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                supported_algorithms: cx.supported_algorithms,
+            }
+            .into()
+        }
+        UnsupportedCrlSignatureAlgorithmForPublicKeyContext(cx) => {
+            CertRevocationListError::UnsupportedSignatureAlgorithmForPublicKeyContext {
+                signature_algorithm_id: cx.signature_algorithm_id,
+                public_key_algorithm_id: cx.public_key_algorithm_id,
+            }
+            .into()
+        }
+        // unsupported_certificate, as for rustls' verifier (whose mapping
+        // to the context variant is not public).
+        #[allow(deprecated)]
+        RequiredEkuNotFound | RequiredEkuNotFoundContext(_) => {
+            CertificateError::InvalidPurpose.into()
+        }
+        other => CertificateError::Other(OtherError(Arc::new(other))).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Authority, LeafSpec};
+    use rcgen::CrlScope;
+    use rustls_pki_types::pem::PemObject;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A bundle of `root` with these CRLs (PEM), refusing stale ones.
+    fn bundle(dir: &std::path::Path, root: &Authority, crls: &[String]) -> Bundle {
+        std::fs::write(dir.join("ca.pem"), &root.cert_pem).unwrap();
+        let paths = crls
+            .iter()
+            .enumerate()
+            .map(|(i, pem)| {
+                let path = dir.join(format!("{i}.crl.pem"));
+                std::fs::write(&path, pem).unwrap();
+                path
+            })
+            .collect();
+        let files = BundleFiles {
+            ca: dir.join("ca.pem"),
+            crls: paths,
+            crl_expired: CrlExpired::Refuse,
+            spiffe_trust_domains: None,
+        };
+        Bundle::load(
+            "test".into(),
+            &files,
+            super::super::remember::algorithms(),
+            Arc::default(),
+        )
+        .unwrap()
+    }
+
+    /// When the leaf's issuer has only CRLs limited by an issuing
+    /// distribution point, webpki's own scope rules decide whether one
+    /// covers the leaf: a CA-only CRL does not, and the leaf is unknown.
+    #[test]
+    fn scoped_crls_cover_a_leaf_only_when_their_scope_includes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("scoped root").unwrap();
+        let int = root.intermediate("scoped intermediate").unwrap();
+        let good = der(&int
+            .issue(&LeafSpec::client("good", &["dns:good.example"]))
+            .unwrap()
+            .cert_pem);
+        let bad = int
+            .issue(&LeafSpec::client("bad", &["dns:bad.example"]))
+            .unwrap();
+        let bad_serial = bad.serial.clone();
+        let bad = der(&bad.cert_pem);
+        let chain = [der(&int.cert_pem)];
+        let now = UnixTime::now();
+
+        let users = bundle(
+            dir.path(),
+            &root,
+            &[int
+                .crl_scoped(1, &[&bad_serial], CrlScope::UserCertsOnly)
+                .unwrap()],
+        );
+        assert!(users.verify(&good, &chain, now).is_ok());
+        assert_eq!(
+            users.verify(&bad, &chain, now),
+            Err(CertificateError::Revoked.into())
+        );
+
+        let cas_only = bundle(
+            dir.path(),
+            &root,
+            &[int.crl_scoped(1, &[], CrlScope::CaCertsOnly).unwrap()],
+        );
+        assert_eq!(
+            cas_only.verify(&good, &chain, now),
+            Err(CertificateError::UnknownRevocationStatus.into())
+        );
+    }
+}
