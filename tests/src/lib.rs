@@ -10,6 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod bpf;
+pub mod netns;
+pub mod packet;
+pub mod wire;
+
 use gateway::access_log::AccessRecord;
 use gateway::pki::{Authority, Issued, LeafSpec};
 use rustls::pki_types::pem::PemObject;
