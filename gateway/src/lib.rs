@@ -13,6 +13,7 @@ pub mod guard;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod netlink;
 pub mod offload;
 pub mod pki;
 pub mod policy;

@@ -39,8 +39,10 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
-    #[error("more than {0} protected rules or ports per address family")]
+    #[error("more than {0} protected rules, ports, addresses or interfaces of a kind")]
     TooManyRules(u32),
+    #[error("{0}")]
+    Unchangeable(String),
     #[error("watching the guard's event ring buffer: {0}")]
     Events(std::io::Error),
     #[error("bpffs pin {path}: {source}")]
@@ -55,6 +57,11 @@ pub enum EbpfError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "pin directory {path} is in use by another guard{}: two guards on one directory would take over each other's rules and links (give each its own pin_dir)",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    PinDirInUse { path: PathBuf, holder: Option<u32> },
 }
 
 /// The eBPF object built by build.rs; aya needs it 8-byte aligned.
@@ -356,9 +363,62 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     })
 }
 
+/// An exclusive hold on a pin directory for as long as a guard uses it:
+/// one guard per directory, so a second one cannot adopt, rewrite and
+/// remove the first one's rules and links. Released when dropped (or when
+/// the process exits), so a restart takes over.
+pub struct PinDirLock {
+    _dir: std::fs::File,
+}
+
+/// Locks `dir` (an flock on the directory itself: bpffs holds no regular
+/// files). Fails at once when another process holds it.
+pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock, EbpfError> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let pin_err = |source| EbpfError::Pin {
+        path: dir.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(dir).map_err(pin_err)?;
+    // SAFETY: flock on a descriptor we own; the result is checked.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(PinDirLock { _dir: file });
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() != std::io::ErrorKind::WouldBlock {
+        return Err(pin_err(e));
+    }
+    let inode = file.metadata().map(|m| m.ino()).ok();
+    Err(EbpfError::PinDirInUse {
+        path: dir.to_owned(),
+        holder: inode.and_then(flock_holder),
+    })
+}
+
+/// The pid holding an flock on `inode`, from /proc/locks
+/// ("1: FLOCK  ADVISORY  WRITE 4242 00:2a:1234 0 EOF").
+fn flock_holder(inode: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (kind, pid, file) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        let ino: u64 = file.rsplit(':').next()?.parse().ok()?;
+        (*kind == "FLOCK" && ino == inode)
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
 /// Removes every pin under `dir` (links detach, maps go once unused; a remote
-/// guard's netlink filters are detached) and `dir`.
+/// guard's netlink filters are detached) and `dir`. Refused while a guard
+/// runs with it.
 pub fn uninstall(dir: &Path) -> Result<usize, EbpfError> {
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let _lock = lock_pin_dir(dir)?;
     let pin_err = |path: &Path| {
         let path = path.to_owned();
         move |source| EbpfError::Pin { path, source }

@@ -1,0 +1,140 @@
+//! `cgroup_skb/egress`: packets raw sockets (CAP_NET_RAW) built themselves
+//! never pass connect() or sendmsg() hooks, so the local guard judges their
+//! IP and transport headers on the way out: a TCP or UDP packet to a
+//! protected destination from outside the gateway's cgroup is dropped (the
+//! sender gets EPERM). Packet sockets (AF_PACKET) skip the IP layer and this
+//! hook too; the README says so.
+
+use aya_ebpf::{
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
+    helpers::generated::{bpf_sk_fullsock, bpf_skb_load_bytes_relative},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
+use gateway_common::protocol;
+
+use crate::local::{ALLOW, Dest, REFUSE, judge, rule_v4, rule_v6};
+
+const SOCK_RAW: u32 = 3;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+#[cgroup_skb(egress)]
+pub fn raw_egress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the kernel passes a valid __sk_buff; sk is checked for null.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: sk is a non-null socket pointer from the context.
+    let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return ALLOW;
+    }
+    // SAFETY: a full socket from the helper, valid for the program's run.
+    if unsafe { (*full).type_ } != SOCK_RAW {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
+    // A raw packet whose headers cannot be read is refused: it could be
+    // anything, and the gateway never sends one.
+    let verdict = match ethertype {
+        ETH_P_IP => judge_v4(&ctx),
+        ETH_P_IPV6 => judge_v6(&ctx),
+        _ => Some(ALLOW),
+    };
+    verdict.unwrap_or(REFUSE)
+}
+
+/// Reads `N` bytes at `offset` from the network header.
+fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    // SAFETY: out is a valid buffer of N bytes; the helper checks bounds.
+    let rc = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const _,
+            offset as u32,
+            out.as_mut_ptr().cast(),
+            N as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    (rc == 0).then_some(out)
+}
+
+fn judge_v4(ctx: &SkBuffContext) -> Option<i32> {
+    let head = load::<20>(ctx, 0)?;
+    let proto = head[9];
+    if proto != protocol::TCP && proto != protocol::UDP {
+        return Some(ALLOW);
+    }
+    let ihl = usize::from(head[0] & 0x0f) * 4;
+    let fragment = u16::from_be_bytes([head[6], head[7]]) & 0x1fff;
+    if fragment != 0 {
+        // Later fragments carry no ports; the first one was judged.
+        return Some(ALLOW);
+    }
+    if ihl < 20 {
+        return None;
+    }
+    let ports = load::<4>(ctx, ihl)?;
+    let addr = u32::from_ne_bytes([head[16], head[17], head[18], head[19]]);
+    let port = u16::from_ne_bytes([ports[2], ports[3]]);
+    Some(match rule_v4(addr, port, proto) {
+        Some(rule) => judge(
+            rule,
+            &Dest {
+                family: 4,
+                addr: [addr, 0, 0, 0],
+                port,
+                protocol: proto,
+            },
+        ),
+        None => ALLOW,
+    })
+}
+
+fn judge_v6(ctx: &SkBuffContext) -> Option<i32> {
+    let head = load::<40>(ctx, 0)?;
+    let mut next = head[6];
+    let mut at = 40;
+    // Extension headers, bounded; a raw packet hiding its ports deeper is refused.
+    let mut walked = 0;
+    while walked < 4 && matches!(next, 0 | 43 | 44 | 60) {
+        let ext = load::<4>(ctx, at)?;
+        if next == 44 {
+            if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
+                return Some(ALLOW);
+            }
+            at += 8;
+        } else {
+            at += (usize::from(ext[1]) + 1) * 8;
+        }
+        next = ext[0];
+        walked += 1;
+    }
+    if matches!(next, 0 | 43 | 44 | 60) {
+        return None;
+    }
+    if next != protocol::TCP && next != protocol::UDP {
+        return Some(ALLOW);
+    }
+    let ports = load::<4>(ctx, at)?;
+    let word = |i: usize| u32::from_ne_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    let addr = [word(24), word(28), word(32), word(36)];
+    let port = u16::from_ne_bytes([ports[2], ports[3]]);
+    Some(match rule_v6(addr, port, next) {
+        Some(rule) => judge(
+            rule,
+            &Dest {
+                family: 6,
+                addr,
+                port,
+                protocol: next,
+            },
+        ),
+        None => ALLOW,
+    })
+}
