@@ -399,11 +399,11 @@ impl App {
         }
         // New backends are protected before any route can send to them (the
         // swap comes after); a failed update leaves the old state serving.
-        if let Some(guard) = &self.guard {
-            guard
-                .update(config)
-                .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        match &self.guard {
+            Some(guard) => guard.update(config),
+            None => crate::guard::refuse_new_guard(config),
         }
+        .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         let mut report = ReloadReport::default();
         let keep: std::collections::HashSet<&str> =
             state.listeners.iter().map(|l| l.name.as_str()).collect();

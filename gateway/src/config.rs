@@ -213,6 +213,11 @@ pub struct GuardSettings {
     /// `tcp:ip:first-last`, `udp:[v6]:port` (TCP when no protocol is named).
     #[serde(default)]
     pub protect: Vec<crate::ebpf::Protected>,
+    /// A backend on this host is protected on every local address (other
+    /// loopback addresses, the host's own, the wildcard), not only the one
+    /// named: a server listening on all addresses answers on each.
+    #[serde(default = "default_true")]
+    pub every_local_address: bool,
     /// Pin programs and maps in bpffs so protection survives the gateway's
     /// exit and a restart takes over (`gateway guard --uninstall` removes it).
     #[serde(default = "default_true")]

@@ -1,13 +1,18 @@
 //! The gateway's side of the eBPF guard: which backends to protect (every
-//! route's, resolved, plus explicit ones), the gateway's own cgroup, and
-//! keeping the kernel maps in step with reloads.
+//! route's, resolved, plus explicit ones), the gateway's own cgroup, this
+//! host's addresses (followed as they come and go, so a backend on this
+//! host is protected on every one of them), and keeping the kernel maps in
+//! step with reloads.
 //!
 //! Fail closed: when enforcement is configured and the programs cannot be
-//! installed, the gateway does not start.
+//! installed, the gateway does not start. A reload the guard cannot apply
+//! whole (removing `[guard]`, turning it off, moving it to another cgroup
+//! or pin directory, a rule set the maps cannot hold) is refused and the
+//! guard stays exactly as it was.
 
-use std::net::ToSocketAddrs as _;
+use std::net::{IpAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
 use crate::ebpf::{
@@ -29,16 +34,34 @@ pub enum GuardError {
     WrongUid { configured: u32, running: u32 },
     #[error("guard: backend {backend:?} does not resolve: {reason}")]
     Resolve { backend: String, reason: String },
+    #[error("guard: reading this host's addresses: {0}")]
+    Addresses(std::io::Error),
+    #[error(
+        "guard: {what} changes from {from} to {to} only on restart; the guard stays as it runs"
+    )]
+    NeedsRestart {
+        what: &'static str,
+        from: String,
+        to: String,
+    },
     #[error("guard: {0}")]
     Ebpf(#[from] EbpfError),
 }
 
 /// The installed guard.
 pub struct Guard {
-    local: Mutex<LocalGuard>,
-    gateway_cgroup: PathBuf,
-    gateway_uid: Option<u32>,
+    running: Arc<Mutex<Running>>,
+    /// What it was started with: a reload may not move it.
+    started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
+    /// Stops the background tasks when the guard goes.
+    _tasks: tokio_util::sync::DropGuard,
+}
+
+/// The programs and the spec the maps hold now.
+struct Running {
+    local: LocalGuard,
+    spec: GuardSpec,
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -68,6 +91,19 @@ fn enforcement(e: GuardEnforcement) -> Option<Enforcement> {
     }
 }
 
+fn enforcement_name(e: GuardEnforcement) -> &'static str {
+    match e {
+        GuardEnforcement::Enforce => "enforce",
+        GuardEnforcement::Audit => "audit",
+        GuardEnforcement::Off => "off",
+    }
+}
+
+/// This host's addresses, for the local-address maps.
+fn host_addresses() -> Result<Vec<IpAddr>, GuardError> {
+    crate::netlink::local_addresses().map_err(GuardError::Addresses)
+}
+
 impl Guard {
     /// Installs the guard the config asks for (None when off or absent).
     pub fn install(config: &Config) -> Result<Option<Guard>, GuardError> {
@@ -91,71 +127,100 @@ impl Guard {
         let mount = ebpf::cgroup2_mount().ok_or(GuardError::NoCgroup2)?;
         let gateway_cgroup = mount.join(&settings.cgroup);
         join_cgroup(&gateway_cgroup)?;
+        // Subscribed before the addresses are read, so one added in between
+        // is not missed.
+        let address_changes = crate::netlink::Changes::subscribe(crate::netlink::Watch::Addresses)
+            .map_err(GuardError::Addresses)?;
         let spec = GuardSpec {
             protected: protected(config, settings)?,
             gateway_cgroup: gateway_cgroup.clone(),
             gateway_uid: settings.uid,
             enforcement: mode,
             pin_dir: settings.pin.then(|| settings.pin_dir.clone()),
+            local_addresses: host_addresses()?,
+            every_local_address: settings.every_local_address,
         };
         let attach_to = mount.join(&settings.attach_to);
         let mut local = LocalGuard::install(&attach_to, &spec)?;
         let attempts = tokio::sync::broadcast::channel(1024).0;
-        let mut events = local.take_events()?;
-        let tx = attempts.clone();
-        tokio::spawn(async move {
-            while let Some(a) = events.next().await {
-                if a.audited {
-                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
-                } else {
-                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
-                }
-                // No subscriber is the normal case outside tests.
-                let _ = tx.send(a);
-            }
-            tracing::error!(
-                "guard events stopped: bypass attempts are still counted but no longer logged"
-            );
-        });
+        let events = local.take_events()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(log_events(events, attempts.clone(), stop.clone()));
         tracing::info!(
             protected = spec.protected.len(),
             enforcement = ?mode,
             cgroup = %gateway_cgroup.display(),
             uid = ?settings.uid,
             attached = %attach_to.display(),
+            every_local_address = settings.every_local_address,
             "guard installed: only the gateway reaches the backends"
         );
+        let running = Arc::new(Mutex::new(Running { local, spec }));
+        tokio::spawn(follow_addresses(
+            address_changes,
+            running.clone(),
+            stop.clone(),
+        ));
         Ok(Some(Guard {
-            local: Mutex::new(local),
-            gateway_cgroup,
-            gateway_uid: settings.uid,
+            running,
+            started: settings.clone(),
             attempts,
+            _tasks: stop.drop_guard(),
         }))
     }
 
-    /// Brings the maps in step with a new config (before it serves).
+    /// Brings the maps in step with a new config (before it serves), or
+    /// refuses it whole.
     pub fn update(&self, config: &Config) -> Result<(), GuardError> {
         let Some(settings) = &config.guard else {
-            return Ok(());
+            return Err(GuardError::NeedsRestart {
+                what: "[guard]",
+                from: "present".into(),
+                to: "absent".into(),
+            });
         };
-        // Turning the guard off or moving it needs a restart; a reload only
-        // changes what it protects and how strictly.
-        let mode = enforcement(settings.enforcement).unwrap_or(Enforcement::Audit);
+        let Some(mode) = enforcement(settings.enforcement) else {
+            return Err(GuardError::NeedsRestart {
+                what: "enforcement",
+                from: enforcement_name(self.started.enforcement).into(),
+                to: "off".into(),
+            });
+        };
+        let started = &self.started;
+        let moved = |what: &'static str, from: String, to: String| {
+            (from != to).then_some(GuardError::NeedsRestart { what, from, to })
+        };
+        let path = |p: &Path| format!("{:?}", p.display().to_string());
+        if let Some(e) = moved("cgroup", path(&started.cgroup), path(&settings.cgroup))
+            .or_else(|| {
+                moved(
+                    "attach_to",
+                    path(&started.attach_to),
+                    path(&settings.attach_to),
+                )
+            })
+            .or_else(|| moved("pin", started.pin.to_string(), settings.pin.to_string()))
+            .or_else(|| moved("pin_dir", path(&started.pin_dir), path(&settings.pin_dir)))
+            .or_else(|| {
+                moved(
+                    "uid",
+                    format!("{:?}", started.uid),
+                    format!("{:?}", settings.uid),
+                )
+            })
+        {
+            return Err(e);
+        }
+        let protected = protected(config, settings)?;
+        let mut running = lock(&self.running);
         let spec = GuardSpec {
-            protected: protected(config, settings)?,
-            gateway_cgroup: self.gateway_cgroup.clone(),
-            // Like the cgroup, fixed at start: the running process's uid.
-            gateway_uid: self.gateway_uid,
+            protected,
             enforcement: mode,
-            // Maps are already pinned (or not); an update only writes them.
-            pin_dir: None,
+            every_local_address: settings.every_local_address,
+            ..running.spec.clone()
         };
-        self.local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .update(&spec)?;
+        running.local.update(&spec)?;
+        running.spec = spec;
         Ok(())
     }
 
@@ -165,11 +230,97 @@ impl Guard {
     }
 
     pub fn counters(&self) -> Result<GuardCounters, GuardError> {
-        Ok(self
-            .local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counters()?)
+        Ok(lock(&self.running).local.counters()?)
+    }
+}
+
+/// Refuses a reload that would add a guard to a gateway started without
+/// one: its programs are installed only at start.
+pub fn refuse_new_guard(config: &Config) -> Result<(), GuardError> {
+    match &config.guard {
+        Some(settings) if settings.enforcement != GuardEnforcement::Off => {
+            Err(GuardError::NeedsRestart {
+                what: "[guard]",
+                from: "absent (or off)".into(),
+                to: format!("enforcement = {:?}", enforcement_name(settings.enforcement)),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn lock(running: &Mutex<Running>) -> MutexGuard<'_, Running> {
+    // A panic elsewhere leaves the maps as they were: keep going.
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Logs every bypass event and hands it to subscribers.
+async fn log_events(
+    mut events: ebpf::Events<BypassAttempt>,
+    attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let a = tokio::select! {
+            () = stop.cancelled() => return,
+            a = events.next() => a,
+        };
+        let Some(a) = a else { break };
+        if a.audited {
+            tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
+        } else {
+            tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
+        }
+        // No subscriber is the normal case outside tests.
+        let _ = attempts.send(a);
+    }
+    tracing::error!("guard events stopped: bypass attempts are still counted but no longer logged");
+}
+
+/// Keeps the local-address maps in step with this host's addresses: a
+/// backend on this host is then protected on an address the moment it
+/// exists (well, the moment the kernel tells us).
+async fn follow_addresses(
+    mut changes: crate::netlink::Changes,
+    running: Arc<Mutex<Running>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if let Err(e) = changed {
+                tracing::error!(error = %e, "guard: address notifications failed; new addresses of this host are no longer protected as local");
+                return;
+            },
+        }
+        let addresses = match host_addresses() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "guard: this host's addresses changed but cannot be read; the maps keep the old ones");
+                continue;
+            }
+        };
+        let mut running = lock(&running);
+        if running.spec.local_addresses == addresses {
+            continue;
+        }
+        let spec = GuardSpec {
+            local_addresses: addresses,
+            ..running.spec.clone()
+        };
+        match running.local.update(&spec) {
+            Ok(()) => {
+                tracing::info!(addresses = ?spec.local_addresses, "guard: this host's addresses changed; local backends are protected on each");
+                running.spec = spec;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
+            }
+        }
     }
 }
 

@@ -198,6 +198,54 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     None
 }
 
+/// This thread's network namespace's addresses, IPv4 and IPv6, with every
+/// IPv4 subnet broadcast address: what reaches a socket on this host.
+pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills list; it is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let entry = unsafe { &*at };
+        out.extend(address_of(entry.ifa_addr));
+        if entry.ifa_flags & libc::IFF_BROADCAST as u32 != 0 {
+            out.extend(address_of(entry.ifa_ifu));
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The address in a sockaddr from getifaddrs, when it is IPv4 or IPv6.
+fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null sockaddr from getifaddrs; its family says which
+    // larger struct it is.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What a [`Changes`] subscription wakes up for.
 #[derive(Debug, Clone, Copy)]
 pub enum Watch {
@@ -259,6 +307,15 @@ mod tests {
         let lo = link("lo").expect("rtnetlink").expect("lo exists");
         assert_eq!((lo.kind, lo.link_header_len()), (772, Some(14)));
         assert!(lo.index > 0);
+    }
+
+    #[test]
+    fn loopback_is_among_the_local_addresses() {
+        let addresses = local_addresses().expect("getifaddrs");
+        assert!(
+            addresses.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
+            "{addresses:?}"
+        );
     }
 
     #[test]

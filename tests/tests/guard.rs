@@ -2,13 +2,21 @@
 //! gateway, a local process that bypasses it gets EPERM, a reload protects a
 //! new backend at once, audit lets bypasses through but counts them, and
 //! enforcement that cannot be installed stops the gateway from starting.
-//! Root only; the test process becomes "the gateway" by joining its cgroup.
+//! A reload the guard cannot apply whole is refused and changes nothing;
+//! addresses the host gains are guarded as they appear.
+//! Root only; the test process becomes "the gateway" by joining its cgroup,
+//! so the tests here take turns.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use gateway_tests::*;
 
 const SNI: &str = "orders.example.internal";
+
+/// The tests take turns: the gateway moves this whole process into its
+/// cgroup, and a process is in one cgroup at a time.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The test's cgroup subtree: `gw` (the gateway) and `other`. On drop the
 /// test process goes back where it was and the subtree is removed.
@@ -22,7 +30,7 @@ struct Cgroups {
 
 impl Cgroups {
     fn create(mount: &Path) -> Cgroups {
-        let rel = PathBuf::from(format!("gateway-e2e-guard-{}", std::process::id()));
+        let rel = PathBuf::from(gateway_tests::netns::unique("gateway-e2e-guard-"));
         for d in [rel.clone(), rel.join("other")] {
             std::fs::create_dir(mount.join(&d)).unwrap();
         }
@@ -36,7 +44,7 @@ impl Cgroups {
             mount: mount.to_owned(),
             rel,
             home,
-            pins: PathBuf::from(format!("/sys/fs/bpf/gateway-e2e-{}", std::process::id())),
+            pins: PathBuf::from("/sys/fs/bpf").join(gateway_tests::netns::unique("gateway-e2e-")),
         }
     }
 
@@ -63,6 +71,7 @@ impl Drop for Cgroups {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_are_reachable_only_through_the_gateway() {
+    let _turn = TURN.lock().await;
     let Some(mount) = bpf_cgroup_or_skip() else {
         return;
     };
@@ -175,4 +184,175 @@ async fn backends_are_reachable_only_through_the_gateway() {
             .contains("uid = 4242, but the gateway runs as uid 0"),
         "{err}"
     );
+}
+
+/// `[guard]` for the test's cgroups, with `enforcement` and extra lines.
+fn guard_section(cg: &Cgroups, enforcement: &str, extra: &str) -> String {
+    format!(
+        "[guard]\nenforcement = \"{enforcement}\"\ncgroup = \"{}\"\nattach_to = \"{}\"\npin_dir = \"{}\"\n{extra}",
+        cg.rel.join("gw").display(),
+        cg.rel.display(),
+        cg.pins.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_the_guard_cannot_apply_whole_is_refused_and_changes_nothing() {
+    let _turn = TURN.lock().await;
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let routes = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = |guard: String| format!("admin = \"127.0.0.1:0\"\n{guard}{routes}");
+    let gw = RunningGateway::start(&pki, &config(guard_section(&cg, "enforce", ""))).await;
+    let bypass = || connect_from(&cg.path("other"), backend.addr);
+    let err = bypass().expect_err("protected");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    let too_many: Vec<String> = (1..=4097u16)
+        .map(|p| format!("\"10.99.0.1:{p}\""))
+        .collect();
+    let refusals = [
+        ("no [guard]", String::new(), "[guard]"),
+        (
+            "enforcement = off",
+            guard_section(&cg, "off", ""),
+            "enforcement changes from enforce to off",
+        ),
+        (
+            "another cgroup",
+            guard_section(&cg, "enforce", "").replace("/gw\"", "/other\""),
+            "cgroup changes",
+        ),
+        (
+            "another pin_dir",
+            guard_section(&cg, "enforce", "").replace(
+                &format!("pin_dir = \"{}\"", cg.pins.display()),
+                &format!("pin_dir = \"{}-elsewhere\"", cg.pins.display()),
+            ),
+            "pin_dir changes",
+        ),
+        (
+            "audit with more rules than the maps hold",
+            guard_section(
+                &cg,
+                "audit",
+                &format!("protect = [{}]\n", too_many.join(", ")),
+            ),
+            "more than 4096",
+        ),
+    ];
+    for (what, guard, says) in &refusals {
+        let err = gw
+            .reload_toml(&pki, &config(guard.clone()))
+            .await
+            .expect_err(what);
+        assert!(err.to_string().contains(says), "{what}: {err}");
+        let err = bypass().expect_err(what);
+        assert!(
+            err.contains("Operation not permitted"),
+            "after a refused reload ({what}) the guard enforces as before: {err}"
+        );
+    }
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(&format!(
+            "gateway_reloads_total{{result=\"failed\"}} {}",
+            refusals.len()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"audit\"} 0"),
+        "{metrics}"
+    );
+    drop(gw);
+
+    // A gateway started without a guard does not pretend to add one.
+    let gw = RunningGateway::start(&pki, &config(String::new())).await;
+    let err = gw
+        .reload_toml(&pki, &config(guard_section(&cg, "enforce", "")))
+        .await
+        .expect_err("adding [guard] needs a restart");
+    assert!(err.to_string().contains("[guard]"), "{err}");
+    gw.reload_toml(&pki, &config(guard_section(&cg, "off", "")))
+        .await
+        .expect("off is what it runs with");
+}
+
+#[test]
+fn addresses_the_host_gains_are_guarded_as_they_appear() {
+    let _turn = TURN.blocking_lock();
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    if !gateway_tests::netns::netns_or_skip() {
+        return;
+    }
+    let ns = gateway_tests::netns::Netns::new("gga");
+    ns.ip("link add v0 type veth peer name v1");
+    ns.ip("link set v0 up");
+    ns.ip("link set v1 up");
+    let cg = Cgroups::create(&mount);
+    // The gateway runs on a thread inside the namespace: the addresses it
+    // follows are the namespace's.
+    let backend = ns
+        .run(|| std::net::TcpListener::bind("[::]:0"))
+        .expect("bind");
+    let port = backend.local_addr().unwrap().port();
+    // Accepts (and closes) what gets through, so the backlog never fills.
+    gateway_tests::netns::tcp_echo(backend);
+    let pki = Pki::new();
+    let toml = guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[SocketAddr::from(([127, 0, 0, 1], port))],
+            &[SPIFFE_FRONTEND],
+        );
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let name = ns.name().to_owned();
+    let gateway = std::thread::spawn(move || {
+        gateway_tests::netns::in_netns(&name, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let _gw = RunningGateway::start(&pki, &toml).await;
+                let _ = ready_tx.send(());
+                // Serve until the test is done.
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            });
+        })
+    });
+    ready_rx.recv_timeout(STEP).expect("gateway started");
+    let other = cg.path("other");
+    let probe = |ip: &str| {
+        let to = SocketAddr::new(ip.parse().unwrap(), port);
+        let other = other.clone();
+        ns.run(move || connect_from(&other, to))
+    };
+    ns.ip("addr add 10.205.0.1/24 dev v0");
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        match probe("10.205.0.1") {
+            Err(e) if e.contains("Operation not permitted") => break,
+            other => assert!(
+                std::time::Instant::now() < until,
+                "an address the host gained after start is guarded within {STEP:?}: {other:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let err = probe("127.0.0.2").expect_err("another loopback address");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    drop(stop_tx);
+    gateway.join().expect("gateway thread");
 }
