@@ -505,7 +505,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 }
                 Err(e) => {
                     stats.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(error = %e, "guard: reload refused; every rule stays as it was");
+                    tracing::error!(error = %e, "guard: reload failed; every rule stays as it was");
                 }
             },
             _ = term.recv() => break,

@@ -408,3 +408,58 @@ fn a_flood_of_spoofed_sources_does_not_hide_the_real_one() {
         "each source tallied once"
     );
 }
+
+#[test]
+fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let config = w.config(&["b0"], true);
+    let original = std::fs::read_to_string(&config).expect("guard.toml");
+    let allow_line = original
+        .lines()
+        .find(|l| l.starts_with("allow = "))
+        .expect("allow line")
+        .to_owned();
+    let filler = |base: [u8; 2], n: u32| {
+        (0..n).map(move |k| {
+            let [a, b] = base;
+            format!(
+                "\"{}\"",
+                Ipv4Addr::new(10, a, b.wrapping_add((k / 256) as u8), k as u8)
+            )
+        })
+    };
+    // The gateway and 999 more: 1000 of the 1024 IPv4 prefixes the guard holds.
+    let mut allow: Vec<String> = filler([210, 0], 999).collect();
+    allow.push(format!("\"{GATEWAY}\""));
+    let with_allow =
+        |list: &[String]| original.replace(&allow_line, &format!("allow = [{}]", list.join(", ")));
+    std::fs::write(&config, with_allow(&allow)).expect("write");
+    let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
+    w.tcp_from(STRANGER).expect_err("the stranger is dropped");
+
+    // A reload that keeps 900 of them and adds 100 new prefixes, 33 of
+    // which cover the stranger: new prefixes go in before stale ones leave,
+    // so only 24 fit before the map is full.
+    let mut next: Vec<String> = allow[..900].to_vec();
+    next.push(format!("\"{GATEWAY}\""));
+    next.extend((0..=32u8).map(|len| {
+        let net = ipnet::Ipv4Net::new(STRANGER, len).expect("prefix").trunc();
+        format!("\"{net}\"")
+    }));
+    next.extend(filler([211, 0], 67));
+    std::fs::write(&config, with_allow(&next)).expect("write");
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reload failed", 1);
+    // Roll back to the file that worked.
+    std::fs::write(&config, with_allow(&allow)).expect("write");
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 1);
+    w.tcp_from(STRANGER)
+        .expect_err("nothing the refused reload wrote survived the rollback");
+    w.tcp_from(GATEWAY).expect("the gateway passes");
+    assert_eq!(
+        w.metric("gateway_guard_reloads_total{result=\"failed\"}"),
+        1
+    );
+}
