@@ -218,6 +218,11 @@ pub struct GuardSettings {
     /// named: a server listening on all addresses answers on each.
     #[serde(default = "default_true")]
     pub every_local_address: bool,
+    /// Connections to protected backends opened before the guard (or the
+    /// rule) existed, from outside the gateway's cgroup, are closed when
+    /// enforcement starts (SOCK_DESTROY); false: only logged and counted.
+    #[serde(default = "default_true")]
+    pub close_older_connections: bool,
     /// Pin programs and maps in bpffs so protection survives the gateway's
     /// exit and a restart takes over (`gateway guard --uninstall` removes it).
     #[serde(default = "default_true")]

@@ -12,6 +12,7 @@
 
 use std::net::{IpAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
@@ -37,6 +38,12 @@ pub enum GuardError {
     #[error("guard: reading this host's addresses: {0}")]
     Addresses(std::io::Error),
     #[error(
+        "guard: the gateway's cgroup {} already holds other processes ({}): their connects would pass as the gateway's; give the gateway a cgroup of its own",
+        path.display(),
+        describe(pids)
+    )]
+    CgroupNotEmpty { path: PathBuf, pids: Vec<u32> },
+    #[error(
         "guard: {what} changes from {from} to {to} only on restart; the guard stays as it runs"
     )]
     NeedsRestart {
@@ -51,6 +58,7 @@ pub enum GuardError {
 /// The installed guard.
 pub struct Guard {
     running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
     /// What it was started with: a reload may not move it.
     started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
@@ -62,6 +70,18 @@ pub struct Guard {
 struct Running {
     local: LocalGuard,
     spec: GuardSpec,
+    /// Close connections older than the rule (when enforcing).
+    close_older: bool,
+}
+
+/// What the gateway's side of the guard counts, for the metrics.
+#[derive(Default)]
+struct GuardStats {
+    /// Connections to protected backends older than the rule covering them.
+    older_closed: AtomicU64,
+    older_kept: AtomicU64,
+    /// Processes seen joining the gateway's cgroup after it started.
+    intruders: AtomicU64,
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -126,6 +146,14 @@ impl Guard {
         }
         let mount = ebpf::cgroup2_mount().ok_or(GuardError::NoCgroup2)?;
         let gateway_cgroup = mount.join(&settings.cgroup);
+        // Whatever else sits in the gateway's cgroup passes as the gateway.
+        let others = others_in(&gateway_cgroup);
+        if !others.is_empty() {
+            return Err(GuardError::CgroupNotEmpty {
+                path: gateway_cgroup,
+                pids: others,
+            });
+        }
         join_cgroup(&gateway_cgroup)?;
         // Subscribed before the addresses are read, so one added in between
         // is not missed.
@@ -155,14 +183,28 @@ impl Guard {
             every_local_address = settings.every_local_address,
             "guard installed: only the gateway reaches the backends"
         );
-        let running = Arc::new(Mutex::new(Running { local, spec }));
+        let running = Running {
+            local,
+            spec,
+            close_older: settings.close_older_connections,
+        };
+        let stats = Arc::new(GuardStats::default());
+        sweep_older_connections(&running, &stats);
+        tokio::spawn(watch_cgroup(
+            gateway_cgroup.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        let running = Arc::new(Mutex::new(running));
         tokio::spawn(follow_addresses(
             address_changes,
             running.clone(),
+            stats.clone(),
             stop.clone(),
         ));
         Ok(Some(Guard {
             running,
+            stats,
             started: settings.clone(),
             attempts,
             _tasks: stop.drop_guard(),
@@ -221,6 +263,8 @@ impl Guard {
         };
         running.local.update(&spec)?;
         running.spec = spec;
+        running.close_older = settings.close_older_connections;
+        sweep_older_connections(&running, &self.stats);
         Ok(())
     }
 
@@ -231,6 +275,123 @@ impl Guard {
 
     pub fn counters(&self) -> Result<GuardCounters, GuardError> {
         Ok(lock(&self.running).local.counters()?)
+    }
+
+    /// The guard's series for `GET /metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        match self.counters() {
+            Ok(c) => {
+                out.push_str("# HELP gateway_guard_connects_total Connects to protected backends seen by the eBPF guard.\n");
+                out.push_str("# TYPE gateway_guard_connects_total counter\n");
+                for (verdict, n) in [
+                    ("allow", c.allowed),
+                    ("deny", c.refused),
+                    ("audit", c.audited),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "gateway_guard_connects_total{{verdict=\"{verdict}\"}} {n}"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading guard counters"),
+        }
+        out.push_str("# HELP gateway_guard_cgroup_intruders_total Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).\n");
+        out.push_str("# TYPE gateway_guard_cgroup_intruders_total counter\n");
+        let _ = writeln!(
+            out,
+            "gateway_guard_cgroup_intruders_total {}",
+            self.stats.intruders.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP gateway_guard_older_connections_total Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.\n");
+        out.push_str("# TYPE gateway_guard_older_connections_total counter\n");
+        for (action, n) in [
+            ("closed", &self.stats.older_closed),
+            ("kept", &self.stats.older_kept),
+        ] {
+            let _ = writeln!(
+                out,
+                "gateway_guard_older_connections_total{{action=\"{action}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+/// Connections older than the rule: at most this many are logged one by
+/// one per sweep; the rest in one line.
+const OLDER_LOGGED: usize = 64;
+
+/// Looks for connections to protected backends that were opened before
+/// the rule covering them existed (the connect hooks never saw them), from
+/// outside the gateway's cgroup: each is counted and logged, and when the
+/// guard enforces and close_older_connections is on, closed
+/// (SOCK_DESTROY). In the gateway's network namespace only.
+fn sweep_older_connections(running: &Running, stats: &GuardStats) {
+    let gateway = match ebpf::cgroup_id(&running.spec.gateway_cgroup) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "guard: cannot look for connections older than the guard");
+            return;
+        }
+    };
+    let sockets = match crate::sock_diag::connected_sockets() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "guard: cannot list sockets (sock_diag); connections older than the guard are not looked for");
+            return;
+        }
+    };
+    let close = running.close_older && running.spec.enforcement == Enforcement::Enforce;
+    let gateway_uid = running.spec.gateway_uid;
+    let mut seen = 0usize;
+    for s in sockets
+        .iter()
+        .filter(|s| running.local.protects(s.protocol, s.peer))
+    {
+        let whose = match s.cgroup {
+            Some(c) if c == gateway && gateway_uid.is_none_or(|u| u == s.uid) => continue,
+            Some(c) => c.to_string(),
+            // Closing what might be the gateway's own would be no safer.
+            None => "unknown (the kernel does not report socket cgroups)".into(),
+        };
+        let action = match (close, s.cgroup) {
+            (true, Some(_)) => match crate::sock_diag::destroy(s) {
+                Ok(()) => "closed",
+                Err(e) => {
+                    tracing::error!(error = %e, peer = %s.peer, "guard: cannot close a connection older than the guard (SOCK_DESTROY needs CONFIG_INET_DIAG_DESTROY)");
+                    "kept"
+                }
+            },
+            _ => "kept",
+        };
+        let counter = if action == "closed" {
+            &stats.older_closed
+        } else {
+            &stats.older_kept
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        seen += 1;
+        if seen <= OLDER_LOGGED {
+            tracing::warn!(
+                protocol = s.protocol.name(),
+                local = %s.local,
+                peer = %s.peer,
+                uid = s.uid,
+                cgroup = %whose,
+                inode = s.inode,
+                action,
+                "guard: connection to a protected backend older than the guard"
+            );
+        }
+    }
+    if seen > OLDER_LOGGED {
+        tracing::warn!(
+            connections = seen,
+            logged = OLDER_LOGGED,
+            "guard: more connections older than the guard than logged one by one"
+        );
     }
 }
 
@@ -287,6 +448,7 @@ async fn log_events(
 async fn follow_addresses(
     mut changes: crate::netlink::Changes,
     running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
@@ -316,11 +478,67 @@ async fn follow_addresses(
             Ok(()) => {
                 tracing::info!(addresses = ?spec.local_addresses, "guard: this host's addresses changed; local backends are protected on each");
                 running.spec = spec;
+                sweep_older_connections(&running, &stats);
             }
             Err(e) => {
                 tracing::error!(error = %e, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
             }
         }
+    }
+}
+
+/// Processes in cgroup `dir` other than this one (none when it does not
+/// exist yet).
+fn others_in(dir: &Path) -> Vec<u32> {
+    let ours = std::process::id();
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| *pid != ours)
+        .collect()
+}
+
+/// "4242 (sleep), 4243 (sh)": pids with their command names.
+fn describe(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} ({})", comm.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// How often the gateway's cgroup is looked at for other processes.
+const CGROUP_WATCH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Alerts (an error line and a count) for every process that joins the
+/// gateway's cgroup: its connects would pass as the gateway's. cgroup v2
+/// sends no event when a process joins, so this looks once a second.
+async fn watch_cgroup(
+    dir: PathBuf,
+    stats: Arc<GuardStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut alerted: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(CGROUP_WATCH);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now: std::collections::HashSet<u32> = others_in(&dir).into_iter().collect();
+        for pid in now.difference(&alerted) {
+            stats.intruders.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                process = %describe(&[*pid]),
+                cgroup = %dir.display(),
+                "guard: another process joined the gateway's cgroup; its connects to protected backends pass as the gateway's"
+            );
+        }
+        // Forget the ones that left, so a pid used again is seen again.
+        alerted = now;
     }
 }
 

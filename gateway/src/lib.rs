@@ -19,6 +19,7 @@ pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod remote_guard;
+pub mod sock_diag;
 pub mod state;
 pub mod tls;
 pub mod upstream;

@@ -356,3 +356,127 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
     drop(stop_tx);
     gateway.join().expect("gateway thread");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_older_than_the_guard_are_closed_when_it_enforces() {
+    use gateway_tests::netns::{Kind, socket_in_cgroup};
+    use std::io::{Read as _, Write as _};
+    let _turn = TURN.lock().await;
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let udp_backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_addr = udp_backend.local_addr().unwrap();
+    // Opened by a process outside the gateway's cgroup before the guard.
+    let mut tcp = std::net::TcpStream::from(
+        socket_in_cgroup(&cg.path("other"), Kind::TcpConnected, backend.addr).expect("connect"),
+    );
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 6];
+    tcp.write_all(b"before").unwrap();
+    tcp.read_exact(&mut buf)
+        .expect("the old connection works before the guard");
+    let udp = std::net::UdpSocket::from(
+        socket_in_cgroup(&cg.path("other"), Kind::UdpConnected, udp_addr).expect("connect"),
+    );
+    udp.send(b"before")
+        .expect("the old UDP socket sends before the guard");
+
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", &format!("protect = [\"udp:{udp_addr}\"]\n"))
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let after = tcp
+        .write_all(b"after!")
+        .and_then(|()| tcp.read_exact(&mut buf));
+    assert!(
+        after.is_err(),
+        "the connection opened before the guard is closed when it starts enforcing"
+    );
+    assert!(
+        udp.send(b"after").is_err() || udp.send(b"after").is_err(),
+        "and so is the connected UDP socket"
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_guard_older_connections_total{action=\"closed\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A process killed and reaped when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `sleep` moved into cgroup `dir`, as a service started there would be.
+fn sleeper_in(dir: &Path) -> Killed {
+    let child = Killed(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep"),
+    );
+    std::fs::write(dir.join("cgroup.procs"), child.0.id().to_string()).expect("move it");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_keeps_its_cgroup_to_itself() {
+    let _turn = TURN.lock().await;
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    std::fs::create_dir(cg.path("gw")).expect("the gateway's cgroup");
+    let squatter = sleeper_in(&cg.path("gw"));
+    let config = gateway::Config::parse(
+        &format!("access_log = \"off\"\n{toml}"),
+        &pki.path("g.toml"),
+        pki.dir.path(),
+    )
+    .unwrap();
+    let err = gateway::build(&config)
+        .await
+        .err()
+        .expect("a gateway refuses a cgroup it would share");
+    assert!(
+        err.to_string().contains("already holds other processes")
+            && err
+                .to_string()
+                .contains(&format!("{} (sleep)", squatter.0.id())),
+        "{err}"
+    );
+    drop(squatter);
+
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let _joiner = sleeper_in(&cg.path("gw"));
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        let metrics = gw.scrape().await;
+        if metrics.contains("gateway_guard_cgroup_intruders_total 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "a process that joins the gateway's cgroup is reported within {STEP:?}:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -491,6 +491,28 @@ impl LocalGuard {
         typed_mut(&mut self.ebpf, name)
     }
 
+    /// Whether a connection to `peer` reaches a protected backend, judged
+    /// as the programs judge a connect to it now (for connections that were
+    /// made before: a peer is never the wildcard).
+    pub fn protects(&self, protocol: Protocol, peer: SocketAddr) -> bool {
+        let ip = peer.ip().to_canonical();
+        let peer = SocketAddr::new(ip, peer.port());
+        if self.entries.contains_key(&Target {
+            protocol,
+            addr: peer,
+        }) {
+            return true;
+        }
+        let anywhere_here = match ip {
+            IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),
+            IpAddr::V6(a) => a.is_multicast(),
+        };
+        let local = ip.is_loopback() || self.local_addresses.contains(&ip);
+        self.local_ports
+            .get(&(protocol, peer.port()))
+            .is_some_and(|v| anywhere_here || (local && v & EVERY_LOCAL_ADDRESS != 0))
+    }
+
     pub fn counters(&self) -> Result<GuardCounters, EbpfError> {
         let sum = |c: GuardCounter| per_cpu_sum(&self.ebpf, "GUARD_COUNTERS", c as u32);
         Ok(GuardCounters {
