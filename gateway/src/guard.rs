@@ -82,6 +82,45 @@ struct GuardStats {
     older_kept: AtomicU64,
     /// Processes seen joining the gateway's cgroup after it started.
     intruders: AtomicU64,
+    /// Addresses a hostname backend resolved to at connect time that had
+    /// to be protected first.
+    resolved: AtomicU64,
+}
+
+/// Protects what a hostname backend resolved to, unless it already is.
+fn protect_resolved(
+    running: &Mutex<Running>,
+    stats: &GuardStats,
+    resolved: &[std::net::SocketAddr],
+) -> std::io::Result<()> {
+    let mut running = lock(running);
+    let new: Vec<Protected> = resolved
+        .iter()
+        .map(|a| Protected::from(*a))
+        .filter(|p| running.spec.protected.binary_search(p).is_err())
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut protected = running.spec.protected.clone();
+    protected.extend(&new);
+    protected.sort();
+    protected.dedup();
+    let spec = GuardSpec {
+        protected,
+        ..running.spec.clone()
+    };
+    running.local.update(&spec).map_err(|e| {
+        std::io::Error::other(format!(
+            "the guard could not protect {resolved:?} before the connect: {e}"
+        ))
+    })?;
+    running.spec = spec;
+    stats
+        .resolved
+        .fetch_add(new.len() as u64, Ordering::Relaxed);
+    tracing::info!(addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    Ok(())
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -268,6 +307,17 @@ impl Guard {
         Ok(())
     }
 
+    /// What hostname backends resolve to at connect time passes through
+    /// this before the gateway connects: addresses not yet protected are
+    /// added to the maps first (until the next reload recomputes the set).
+    pub fn gate(&self) -> crate::upstream::Gate {
+        let running = self.running.clone();
+        let stats = self.stats.clone();
+        Arc::new(move |resolved: &[std::net::SocketAddr]| {
+            protect_resolved(&running, &stats, resolved)
+        })
+    }
+
     /// Bypass attempts from now on (rate-limited in the kernel).
     pub fn attempts(&self) -> tokio::sync::broadcast::Receiver<BypassAttempt> {
         self.attempts.subscribe()
@@ -303,6 +353,13 @@ impl Guard {
             out,
             "gateway_guard_cgroup_intruders_total {}",
             self.stats.intruders.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP gateway_guard_resolved_addresses_total Addresses a hostname backend resolved to at connect time that the guard protected first.\n");
+        out.push_str("# TYPE gateway_guard_resolved_addresses_total counter\n");
+        let _ = writeln!(
+            out,
+            "gateway_guard_resolved_addresses_total {}",
+            self.stats.resolved.load(Ordering::Relaxed)
         );
         out.push_str("# HELP gateway_guard_older_connections_total Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.\n");
         out.push_str("# TYPE gateway_guard_older_connections_total counter\n");

@@ -480,3 +480,106 @@ async fn the_gateway_keeps_its_cgroup_to_itself() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `f` on a thread with a mount namespace of its own in which
+/// /etc/hosts is `hosts` (threads it starts share the view), so a test
+/// decides what names resolve to without touching the host's file.
+fn with_hosts_file<T: Send + 'static>(hosts: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare and mount on valid NUL-terminated strings; they
+        // affect only this thread (and threads it creates).
+        unsafe {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNS),
+                0,
+                "unshare mount namespace"
+            );
+            assert_eq!(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null()
+                ),
+                0,
+                "make mounts private"
+            );
+            let source = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
+            assert_eq!(
+                libc::mount(
+                    source.as_ptr(),
+                    c"/etc/hosts".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null()
+                ),
+                0,
+                "bind the test's hosts file: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+#[test]
+fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
+    let _turn = TURN.blocking_lock();
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    use std::net::ToSocketAddrs as _;
+    if "localhost:1".to_socket_addrs().is_err() {
+        // Statically linked, as in the VM: no NSS to resolve names with.
+        eprintln!("skipped: this build cannot resolve host names");
+        return;
+    }
+    let cg = Cgroups::create(&mount);
+    let backend = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = backend.local_addr().unwrap().port();
+    gateway_tests::netns::tcp_echo(backend);
+    let hosts_dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 guarded.test\n").unwrap();
+    let pki = Pki::new();
+    // Named addresses only: 127.0.0.3 is not covered as "another local
+    // address" of the first one.
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "every_local_address = false\n")
+        + &listener_toml(&pki, "edge", "")
+        + &format!(
+            "[[listeners.routes]]\nname = \"orders\"\nserver_names = [\"{SNI}\"]\nbackends = [\"guarded.test:{port}\"]\nallow = [\"{SPIFFE_FRONTEND}\"]\n"
+        );
+    let other = cg.path("other");
+    let moved = hosts.clone();
+    let resolved = with_hosts_file(hosts, move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let gw = RunningGateway::start(&pki, &toml).await;
+            let bypass = |ip: [u8; 4]| connect_from(&other, SocketAddr::from((ip, port)));
+            bypass([127, 0, 0, 1]).expect_err("resolved at start: protected");
+            bypass([127, 0, 0, 3]).expect("not a backend yet");
+            // The name moves; the gateway resolves it at its next connect.
+            std::fs::write(&moved, "127.0.0.3 guarded.test\n").unwrap();
+            let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+                .await
+                .expect("mTLS to the gateway");
+            let data = payload(10_000);
+            assert_eq!(echo_roundtrip(tls, data.clone()).await.unwrap(), data);
+            let err = bypass([127, 0, 0, 3]).expect_err("protected before the gateway used it");
+            assert!(err.contains("Operation not permitted"), "{err}");
+            gw.scrape().await
+        })
+    });
+    assert!(
+        resolved.contains("gateway_guard_resolved_addresses_total 1"),
+        "{resolved}"
+    );
+}
