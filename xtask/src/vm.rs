@@ -45,7 +45,15 @@ const KERNELS: &[KernelSource] = &[
 ];
 
 /// Integration test binaries (tests/tests/*.rs) that run inside the VM.
-const VM_TESTS: &[&str] = &["ktls", "ktls_record_limit", "ebpf", "guard", "remote_guard"];
+const VM_TESTS: &[&str] = &[
+    "ktls",
+    "ktls_record_limit",
+    "ebpf",
+    "guard",
+    "local_guard_attacks",
+    "remote_guard",
+    "remote_guard_attacks",
+];
 
 /// Modules to load, in this order, with whatever they depend on first. The
 /// crypto API looks algorithms up by name at TLS_TX/TLS_RX time and cannot
@@ -71,6 +79,14 @@ const MODULES: &[&str] = &[
     "veth",
     "sch_ingress",
     "cls_bpf",
+    // The guard's attack tests: a tun device, sock_diag (connections older
+    // than the guard), and nftables DNAT in front of a protected port.
+    "tun",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+    "nft_chain_nat",
+    "nft_nat",
 ];
 
 /// `max` offers AES-NI and PCLMUL for the kernel's AES-GCM; LA57 is off
@@ -550,6 +566,10 @@ poweroff -f
 /// tests need. It is dynamically linked, so its libraries come along.
 const IPROUTE2: &str = "/usr/sbin/ip";
 
+/// nftables' `nft`, for the remote guard's DNAT test (packed when the host
+/// has it; the test says so when it is missing).
+const NFT: &str = "/usr/sbin/nft";
+
 /// Packs the host's `binary` at `at`, with the dynamic loader and every
 /// library `ldd` names, at the paths the loader looks for them.
 fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Result<()> {
@@ -582,11 +602,14 @@ fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Resu
             dir.push_str(&part.as_os_str().to_string_lossy());
             cpio.dir_once(&dir);
         }
-        cpio.file(
-            relative,
-            &std::fs::read(library).with_context(|| library.to_owned())?,
-            0o755,
-        );
+        // Binaries packed one after another share libraries: once is enough.
+        if cpio.files.insert(relative.to_owned()) {
+            cpio.file(
+                relative,
+                &std::fs::read(library).with_context(|| library.to_owned())?,
+                0o755,
+            );
+        }
     }
     cpio.dir_once("usr");
     cpio.dir_once("usr/sbin");
@@ -619,6 +642,9 @@ fn build_initramfs(
     }
     cpio.file("bin/busybox", &std::fs::read(busybox)?, 0o755);
     pack_with_libraries(&mut cpio, Path::new(IPROUTE2), "usr/sbin/ip")?;
+    if Path::new(NFT).is_file() {
+        pack_with_libraries(&mut cpio, Path::new(NFT), "usr/sbin/nft")?;
+    }
     cpio.file("init", INIT.as_bytes(), 0o755);
     cpio.file(
         "bin/gateway",
@@ -677,6 +703,8 @@ struct Cpio {
     out: Vec<u8>,
     ino: u32,
     dirs: std::collections::HashSet<String>,
+    /// Shared libraries packed so far.
+    files: std::collections::HashSet<String>,
 }
 
 impl Cpio {
