@@ -269,6 +269,24 @@ pub struct SourceTally {
     pub last_ns: u64,
 }
 
+/// Who tried a protected backend around the gateway on its host, as the
+/// local guard's per-source tally keys it: the process's cgroup and uid,
+/// and where it was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalSourceKey {
+    pub cgroup: u64,
+    pub uid: u32,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// [`protocol::TCP`] or [`protocol::UDP`].
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Destination address, network byte order; IPv4 uses word 0.
+    pub addr: [u32; 4],
+}
+
 /// Sources the tallies hold at once (LRU: under a flood of spoofed sources
 /// the oldest go first; the log says how many were lost).
 pub const MAX_TALLIED_SOURCES: u32 = 16384;
@@ -296,4 +314,6 @@ mod user {
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: as above (24 bytes).
     unsafe impl aya::Pod for super::SourceTally {}
+    // SAFETY: as above (32 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::LocalSourceKey {}
 }

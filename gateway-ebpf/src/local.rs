@@ -15,14 +15,15 @@ use aya_ebpf::{
         bpf_get_current_uid_gid,
     },
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
 };
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
+    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    MAX_TALLIED_SOURCES, SourceTally, enforcement,
 };
 
-use crate::budget::{bump, within_budget};
+use crate::budget::{bump, now_ns, within_budget};
 
 /// Verdicts the cgroup programs return to the kernel.
 pub const ALLOW: i32 = 1;
@@ -68,6 +69,13 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 /// Per CPU: [second of the current window, events sent in it].
 #[map]
 static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every bypass attempt, tallied per (cgroup, uid, destination) and CPU:
+/// userspace logs the tallies, so each process is named even when another
+/// used up the event budget with a flood of connects.
+#[map]
+static LOCAL_SOURCES: LruPerCpuHashMap<LocalSourceKey, SourceTally> =
+    LruPerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
 
 /// Refusals (and audited would-be refusals) per rule: IPv4 rules first,
 /// IPv6 rules from MAX_RULES on.
@@ -189,6 +197,7 @@ pub fn judge(rule: u32, dest: &Dest) -> i32 {
     }
     bump(&RULE_REFUSALS, rule);
     let audited = config.enforcement == enforcement::AUDIT;
+    tally(cgroup, uid, dest);
     report(cgroup, dest, audited);
     if audited {
         bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
@@ -197,6 +206,34 @@ pub fn judge(rule: u32, dest: &Dest) -> i32 {
         bump(&GUARD_COUNTERS, GuardCounter::Refused as u32);
         REFUSE
     }
+}
+
+/// Adds the attempt to its source's tally.
+fn tally(cgroup: u64, uid: u32, dest: &Dest) {
+    let key = LocalSourceKey {
+        cgroup,
+        uid,
+        port: dest.port,
+        protocol: dest.protocol,
+        family: dest.family as u8,
+        addr: dest.addr,
+    };
+    let now = now_ns();
+    if let Some(t) = LOCAL_SOURCES.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value, from the lookup, valid for the
+        // program's run; per-CPU values have no concurrent writer.
+        unsafe {
+            (*t).attempts += 1;
+            (*t).last_ns = now;
+        }
+        return;
+    }
+    let fresh = SourceTally {
+        attempts: 1,
+        first_ns: now,
+        last_ns: now,
+    };
+    let _ = LOCAL_SOURCES.insert(&key, &fresh, 0);
 }
 
 /// Sends a bypass event unless this CPU already sent its share this second.

@@ -223,6 +223,13 @@ pub struct GuardSettings {
     /// enforcement starts (SOCK_DESTROY); false: only logged and counted.
     #[serde(default = "default_true")]
     pub close_older_connections: bool,
+    /// How often the tallies of who tried (per cgroup, uid and destination)
+    /// are logged.
+    #[serde(
+        default = "default_summary_every",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub summary_every: Duration,
     /// Pin programs and maps in bpffs so protection survives the gateway's
     /// exit and a restart takes over (`gateway guard --uninstall` removes it).
     #[serde(default = "default_true")]
@@ -246,6 +253,10 @@ pub enum GuardEnforcement {
     Enforce,
     Audit,
     Off,
+}
+
+fn default_summary_every() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_guard_cgroup() -> PathBuf {

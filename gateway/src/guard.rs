@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
 use crate::ebpf::{
-    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard, Protected,
+    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalAttempts,
+    LocalGuard, Protected,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,7 @@ pub struct Guard {
     /// What it was started with: a reload may not move it.
     started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
+    summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
     /// Stops the background tasks when the guard goes.
     _tasks: tokio_util::sync::DropGuard,
 }
@@ -234,6 +236,7 @@ impl Guard {
             stats.clone(),
             stop.clone(),
         ));
+        let summaries = tokio::sync::broadcast::channel(16).0;
         let running = Arc::new(Mutex::new(running));
         tokio::spawn(follow_addresses(
             address_changes,
@@ -241,9 +244,16 @@ impl Guard {
             stats.clone(),
             stop.clone(),
         ));
+        tokio::spawn(summarize(
+            running.clone(),
+            settings.summary_every,
+            summaries.clone(),
+            stop.clone(),
+        ));
         Ok(Some(Guard {
             running,
             stats,
+            summaries,
             started: settings.clone(),
             attempts,
             _tasks: stop.drop_guard(),
@@ -316,6 +326,12 @@ impl Guard {
         Arc::new(move |resolved: &[std::net::SocketAddr]| {
             protect_resolved(&running, &stats, resolved)
         })
+    }
+
+    /// Every summary of who tried from now on (each one complete: no
+    /// event budget applies).
+    pub fn summaries(&self) -> tokio::sync::broadcast::Receiver<Vec<LocalAttempts>> {
+        self.summaries.subscribe()
     }
 
     /// Bypass attempts from now on (rate-limited in the kernel).
@@ -565,6 +581,72 @@ fn describe(pids: &[u32]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Sources named per summary line: every one is named, in lines of this
+/// many, so a process flooding connects costs the log lines, not another
+/// process its mention.
+const SOURCES_PER_LINE: usize = 32;
+
+/// Logs, every `every`, who tried to reach protected backends around the
+/// gateway: every (cgroup, uid) with its attempts, grouped by destination.
+/// The kernel's events are rate-limited (64 per CPU per second), so one
+/// process's flood can hide another's attempt there; the tallies count
+/// every attempt of every source.
+async fn summarize(
+    running: Arc<Mutex<Running>>,
+    every: std::time::Duration,
+    summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let tallies = match lock(&running).local.take_tallies() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "guard: reading the per-source tallies");
+                continue;
+            }
+        };
+        if tallies.is_empty() {
+            continue;
+        }
+        let mut by_destination: std::collections::BTreeMap<
+            (std::net::SocketAddr, &str),
+            Vec<&LocalAttempts>,
+        > = std::collections::BTreeMap::new();
+        for t in &tallies {
+            by_destination
+                .entry((t.destination, t.protocol.name()))
+                .or_default()
+                .push(t);
+        }
+        for ((destination, protocol), sources) in by_destination {
+            let attempts: u64 = sources.iter().map(|t| t.attempts).sum();
+            for chunk in sources.chunks(SOURCES_PER_LINE) {
+                let who: Vec<String> = chunk
+                    .iter()
+                    .map(|t| format!("cgroup {} uid {}×{}", t.cgroup, t.uid, t.attempts))
+                    .collect();
+                tracing::warn!(
+                    %destination,
+                    protocol,
+                    sources = sources.len(),
+                    attempts,
+                    period = ?every,
+                    who = %who.join(", "),
+                    "guard: bypass attempts by source"
+                );
+            }
+        }
+        // No subscriber is the normal case outside tests.
+        let _ = summaries.send(tallies);
+    }
 }
 
 /// How often the gateway's cgroup is looked at for other processes.

@@ -709,6 +709,9 @@ pub enum Probe {
     UringConnect,
     /// A raw IPv4 socket (CAP_NET_RAW) that writes its own UDP header.
     RawUdp,
+    /// This many TCP connects in a row, each on a new socket, whatever
+    /// they return: a flood.
+    TcpConnects(u32),
 }
 
 /// Tries to reach `addr` the way `probe` says, from a child process that
@@ -742,7 +745,9 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
                 libc::_exit(200);
             }
             let (kind, protocol) = match probe {
-                Probe::TcpConnect | Probe::UringConnect => (libc::SOCK_STREAM, 0),
+                Probe::TcpConnect | Probe::UringConnect | Probe::TcpConnects(_) => {
+                    (libc::SOCK_STREAM, 0)
+                }
                 Probe::UdpSendTo | Probe::UdpConnect => (libc::SOCK_DGRAM, 0),
                 Probe::RawUdp => (libc::SOCK_RAW, libc::IPPROTO_UDP),
             };
@@ -754,6 +759,15 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
             let sent = |n: isize, want: usize| if n == want as isize { 0 } else { -1 };
             let rc = match probe {
                 Probe::TcpConnect => libc::connect(s, to, len),
+                Probe::TcpConnects(n) => {
+                    libc::close(s);
+                    for _ in 0..n {
+                        let s = libc::socket(family, kind, protocol);
+                        libc::connect(s, to, len);
+                        libc::close(s);
+                    }
+                    0
+                }
                 Probe::UdpSendTo => {
                     sent(libc::sendto(s, b"probe".as_ptr().cast(), 5, 0, to, len), 5)
                 }

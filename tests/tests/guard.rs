@@ -583,3 +583,50 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
         "{resolved}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_connects_does_not_hide_another_process() {
+    let _turn = TURN.lock().await;
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let quiet = cg.path("quiet");
+    std::fs::create_dir(&quiet).expect("a second cgroup");
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "summary_every = \"1s\"\n")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let guard = gw.guard.as_ref().expect("guard");
+    let mut summaries = guard.summaries();
+    // One process per CPU floods connects to the backend, far past the
+    // kernel's 64 events per CPU per second; meanwhile another tries once.
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let other = cg.path("other");
+            let to = backend.addr;
+            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnects(20_000)))
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let err = connect_from(&quiet, backend.addr).expect_err("refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    for f in flooders {
+        f.join().expect("flooder").expect("flooded");
+    }
+    let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
+    let until = tokio::time::Instant::now() + STEP;
+    loop {
+        let summary = tokio::time::timeout_at(until, summaries.recv())
+            .await
+            .expect("the quiet process is named in a summary within the step")
+            .expect("summaries");
+        if let Some(quiet) = summary.iter().find(|t| t.cgroup == quiet_id) {
+            assert_eq!((quiet.attempts, quiet.destination), (1, backend.addr));
+            break;
+        }
+    }
+}

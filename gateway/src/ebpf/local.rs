@@ -25,12 +25,12 @@ use aya::maps::{Array, HashMap as AyaHashMap, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
+    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
 };
 
 use super::{
     EbpfError, Enforcement, Events, PinDirLock, Protected, Protocol, Target, loader_with_pins,
-    lock_pin_dir, object, per_cpu_sum, pin_failed,
+    lock_pin_dir, object, per_cpu_sum, pin_failed, take_tallies,
 };
 
 /// What the local guard protects, and for whom.
@@ -104,7 +104,7 @@ pub struct LocalGuard {
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 const RAW_EGRESS: &str = "raw_egress";
-const MAPS: [&str; 10] = [
+const MAPS: [&str; 11] = [
     "GUARD_COUNTERS",
     "GUARD_CONFIG",
     "PROTECTED_V4",
@@ -115,6 +115,7 @@ const MAPS: [&str; 10] = [
     "RULE_REFUSALS",
     "EVENTS",
     "EVENT_BUDGET",
+    "LOCAL_SOURCES",
 ];
 
 /// One map write of an update (and, returned by `apply`, its undo).
@@ -523,6 +524,35 @@ impl LocalGuard {
         })
     }
 
+    /// Every source tallied since the last call (pinned: also while no
+    /// gateway ran), busiest first, and the tallies emptied.
+    pub fn take_tallies(&mut self) -> Result<Vec<LocalAttempts>, EbpfError> {
+        let mut out: Vec<LocalAttempts> =
+            take_tallies::<LocalSourceKey>(&mut self.ebpf, "LOCAL_SOURCES")?
+                .into_iter()
+                .map(|(key, attempts)| LocalAttempts {
+                    cgroup: key.cgroup,
+                    uid: key.uid,
+                    destination: if key.family == 4 {
+                        SocketAddr::from((
+                            std::net::Ipv4Addr::from(key.addr[0].to_ne_bytes()),
+                            u16::from_be(key.port),
+                        ))
+                    } else {
+                        SocketAddr::from((words_to_v6(key.addr), u16::from_be(key.port)))
+                    },
+                    protocol: Protocol::from_number(key.protocol).unwrap_or(Protocol::Tcp),
+                    attempts,
+                })
+                .collect();
+        out.sort_by(|a, b| {
+            b.attempts
+                .cmp(&a.attempts)
+                .then((a.cgroup, a.uid).cmp(&(b.cgroup, b.uid)))
+        });
+        Ok(out)
+    }
+
     /// The bypass events (once; later calls fail). Needs a tokio runtime.
     pub fn take_events(&mut self) -> Result<Events<BypassAttempt>, EbpfError> {
         Events::take(&mut self.ebpf, "EVENTS", parse_event)
@@ -628,6 +658,17 @@ fn local_port(protocol: Protocol, port: u16) -> LocalPort {
         protocol: protocol.number(),
         _pad: 0,
     }
+}
+
+/// Attempts from one (cgroup, uid) at one destination since the tallies
+/// were last taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAttempts {
+    pub cgroup: u64,
+    pub uid: u32,
+    pub destination: SocketAddr,
+    pub protocol: Protocol,
+    pub attempts: u64,
 }
 
 /// Who tried to reach a protected backend around the gateway.

@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 pub mod local;
 pub mod remote;
 
-pub use local::{BypassAttempt, GuardCounters, GuardSpec, LocalGuard, cgroup_id};
+pub use local::{BypassAttempt, GuardCounters, GuardSpec, LocalAttempts, LocalGuard, cgroup_id};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -411,6 +411,30 @@ impl<T> Events<T> {
             ready.clear_ready();
         }
     }
+}
+
+/// Empties a per-CPU tally map: every key with its attempts summed over
+/// the CPUs. A key evicted between listing and reading is skipped.
+fn take_tallies<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<Vec<(K, u64)>, EbpfError> {
+    let mut map: aya::maps::PerCpuHashMap<_, K, gateway_common::SourceTally> =
+        aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))?)
+            .map_err(|_| EbpfError::MissingMap(name))?;
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let Ok(values) = map.get(&key, 0) else {
+            continue;
+        };
+        let _ = map.remove(&key);
+        let attempts: u64 = values.iter().map(|v| v.attempts).sum();
+        if attempts > 0 {
+            out.push((key, attempts));
+        }
+    }
+    Ok(out)
 }
 
 /// One counter of a per-CPU array, summed over the CPUs.

@@ -33,7 +33,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap as AyaHashMap, PerCpuHashMap};
+use aya::maps::{Array, HashMap as AyaHashMap};
 use aya::programs::links::{FdLink, Link as _, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
 use aya::programs::{
@@ -42,14 +42,14 @@ use aya::programs::{
 use aya::util::KernelVersion;
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, LinkKind, MAX_ALLOWED_SOURCES, MAX_INTERFACES,
-    MAX_PORT_RULES, SourceKey, SourceTally, enforcement, layer, reason,
+    MAX_PORT_RULES, SourceKey, enforcement, layer, reason,
 };
 use ipnet::IpNet;
 
 pub use super::Protocol;
 use super::{
     EbpfError, Enforcement, Events, PinDirLock, loader_with_pins, lock_pin_dir, object,
-    per_cpu_sum, pin_failed, port_range,
+    per_cpu_sum, pin_failed, port_range, take_tallies,
 };
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
@@ -699,37 +699,16 @@ impl RemoteGuard {
     /// Every source tallied since the last call, busiest first, and the
     /// tallies emptied.
     pub fn take_tallies(&mut self) -> Result<Vec<SourceAttempts>, EbpfError> {
-        let name = "INGRESS_SOURCES";
-        let mut map: PerCpuHashMap<_, SourceKey, SourceTally> =
-            PerCpuHashMap::try_from(self.map_mut(name)?)
-                .map_err(|_| EbpfError::MissingMap(name))?;
-        let keys: Vec<SourceKey> = map.keys().filter_map(Result::ok).collect();
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            // Gone between listing and reading (LRU eviction): nothing to say.
-            let Ok(values) = map.get(&key, 0) else {
-                continue;
-            };
-            let _ = map.remove(&key);
-            let mut t = SourceTally::default();
-            for v in values.iter().filter(|v| v.attempts > 0) {
-                t.attempts += v.attempts;
-                t.first_ns = if t.first_ns == 0 {
-                    v.first_ns
-                } else {
-                    t.first_ns.min(v.first_ns)
-                };
-                t.last_ns = t.last_ns.max(v.last_ns);
-            }
-            if t.attempts > 0 {
-                out.push(SourceAttempts {
+        let mut out: Vec<SourceAttempts> =
+            take_tallies::<SourceKey>(&mut self.ebpf, "INGRESS_SOURCES")?
+                .into_iter()
+                .map(|(key, attempts)| SourceAttempts {
                     source: address(key.family, key.addr),
                     port: key.port,
                     protocol: protocol_name(key.protocol, key.port == 0),
-                    attempts: t.attempts,
-                });
-            }
-        }
+                    attempts,
+                })
+                .collect();
         out.sort_by(|a, b| b.attempts.cmp(&a.attempts).then(a.source.cmp(&b.source)));
         Ok(out)
     }
