@@ -463,3 +463,57 @@ fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
         1
     );
 }
+
+#[test]
+fn a_second_guard_on_the_same_pin_dir_is_refused() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let first = w.start_guard(&["b0"], true, "first.log");
+    w.tcp_from(STRANGER).expect_err("protected");
+    // Another guard, same pin directory, protecting only the UDP port.
+    let config = w.config(&["b0"], true);
+    let text = std::fs::read_to_string(&config).expect("guard.toml");
+    let other = w.dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        text.replace(
+            &format!("protect = [\"tcp:{TCP_PORT}\", \"udp:{UDP_PORT}\"]"),
+            &format!("protect = [\"udp:{UDP_PORT}\"]"),
+        )
+        .replace(&format!("admin = \"{ADMIN}\"\n"), ""),
+    )
+    .expect("other.toml");
+    let bin = gateway_tests::gateway_binary();
+    let mut second = Proc::spawn(
+        w.b.command(&[
+            bin.to_str().unwrap(),
+            "guard",
+            "--config",
+            other.to_str().unwrap(),
+        ]),
+        w.dir.path().join("second.log"),
+    );
+    let until = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = second.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            !second.log().contains("guard: protecting") && Instant::now() < until,
+            "a second guard took over the first one's pin directory:\n{}",
+            second.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let said = second.log();
+    assert!(!status.success(), "a second guard refuses: {said}");
+    assert!(
+        said.contains(&format!(
+            "in use by another guard (pid {})",
+            first.child.id()
+        )),
+        "{said}"
+    );
+    w.tcp_from(STRANGER)
+        .expect_err("the first guard's rules are untouched");
+}
