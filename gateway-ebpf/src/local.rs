@@ -82,6 +82,29 @@ static LOCAL_SOURCES: LruPerCpuHashMap<LocalSourceKey, SourceTally> =
 #[map]
 static RULE_REFUSALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
 
+/// Who is trying: the task making a connect or sendmsg, or the owner of a
+/// raw socket whose packet is leaving (egress programs run where no task
+/// can be asked, and before 6.x kernels cannot ask).
+pub struct Who {
+    pub cgroup: u64,
+    pub uid: u32,
+    pub pid: u32,
+    pub comm: [u8; 16],
+}
+
+impl Who {
+    /// The task making the call.
+    pub fn current() -> Who {
+        Who {
+            // SAFETY: the helper has no preconditions in cgroup programs.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            uid: bpf_get_current_uid_gid() as u32,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        }
+    }
+}
+
 /// Where something was going, for the event.
 pub struct Dest {
     pub family: u16,
@@ -181,24 +204,21 @@ fn local_rule(port: u16, protocol: u8, anywhere_here: bool) -> Option<u32> {
 
 /// A connect (or datagram, or raw packet) to a protected destination: the
 /// gateway's cgroup passes, anyone else is refused (or audited).
-pub fn judge(rule: u32, dest: &Dest) -> i32 {
+pub fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
     let Some(config) = GUARD_CONFIG.get(0) else {
         // No config yet: refuse rather than guess (fail closed).
         return REFUSE;
     };
-    // SAFETY: the helper has no preconditions in cgroup programs.
-    let cgroup = unsafe { bpf_get_current_cgroup_id() };
-    let uid = bpf_get_current_uid_gid() as u32;
-    if cgroup == config.gateway_cgroup
-        && (config.gateway_uid == ANY_UID || uid == config.gateway_uid)
+    if who.cgroup == config.gateway_cgroup
+        && (config.gateway_uid == ANY_UID || who.uid == config.gateway_uid)
     {
         bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
         return ALLOW;
     }
     bump(&RULE_REFUSALS, rule);
     let audited = config.enforcement == enforcement::AUDIT;
-    tally(cgroup, uid, dest);
-    report(cgroup, dest, audited);
+    tally(who.cgroup, who.uid, dest);
+    report(who, dest, audited);
     if audited {
         bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
         ALLOW
@@ -237,26 +257,24 @@ fn tally(cgroup: u64, uid: u32, dest: &Dest) {
 }
 
 /// Sends a bypass event unless this CPU already sent its share this second.
-fn report(cgroup: u64, dest: &Dest, audited: bool) {
+fn report(who: &Who, dest: &Dest, audited: bool) {
     if !within_budget(&EVENT_BUDGET) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
     entry.write(BypassEvent {
-        pid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        cgroup,
+        pid: who.pid,
+        uid: who.uid,
+        cgroup: who.cgroup,
         addr: dest.addr,
         family: dest.family,
         port: dest.port,
         audited: audited as u8,
         protocol: dest.protocol,
         _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: who.comm,
     });
     entry.submit(0);
 }

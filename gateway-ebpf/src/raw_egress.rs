@@ -7,13 +7,19 @@
 
 use aya_ebpf::{
     bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock},
-    helpers::generated::{bpf_sk_fullsock, bpf_skb_load_bytes_relative},
+    helpers::generated::{
+        bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_cgroup_id, bpf_skb_load_bytes_relative,
+    },
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use gateway_common::protocol;
 
-use crate::local::{ALLOW, Dest, REFUSE, judge, rule_v4, rule_v6};
+use crate::local::{ALLOW, Dest, REFUSE, Who, judge, rule_v4, rule_v6};
+
+/// The comm a raw socket's events carry: the packet leaves where no task
+/// can be asked, and the socket's owner is what the cgroup and uid name.
+const RAW_SOCKET: [u8; 16] = *b"(raw socket)\0\0\0\0";
 
 const SOCK_RAW: u32 = 3;
 const ETH_P_IP: u16 = 0x0800;
@@ -48,10 +54,31 @@ pub fn raw_egress(ctx: SkBuffContext) -> i32 {
     verdict.unwrap_or(REFUSE)
 }
 
+/// The raw socket's owner: its cgroup and uid (the socket's, not the
+/// running task's, which 6.1 does not let cgroup_skb programs ask for).
+fn owner(ctx: &SkBuffContext) -> Who {
+    // SAFETY: the helpers take the program's own __sk_buff.
+    let (cgroup, uid) = unsafe {
+        (
+            bpf_skb_cgroup_id(ctx.skb.skb),
+            bpf_get_socket_uid(ctx.skb.skb),
+        )
+    };
+    Who {
+        cgroup,
+        uid,
+        pid: 0,
+        comm: RAW_SOCKET,
+    }
+}
+
 /// Reads `N` bytes at `offset` from the network header.
 fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
-    let mut out = [0u8; N];
-    // SAFETY: out is a valid buffer of N bytes; the helper checks bounds.
+    // Not zeroed first: that would be a call to memset, which 6.1's
+    // verifier refuses to pass a stack pointer to as a global function.
+    let mut out = core::mem::MaybeUninit::<[u8; N]>::uninit();
+    // SAFETY: out is a buffer of N bytes; the helper checks bounds and
+    // fills all of them on success.
     let rc = unsafe {
         bpf_skb_load_bytes_relative(
             ctx.skb.skb as *const _,
@@ -61,7 +88,8 @@ fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Option<[u8; N]> {
             BPF_HDR_START_NET,
         )
     };
-    (rc == 0).then_some(out)
+    // SAFETY: filled by the helper when it returns 0.
+    (rc == 0).then(|| unsafe { out.assume_init() })
 }
 
 fn judge_v4(ctx: &SkBuffContext) -> Option<i32> {
@@ -91,6 +119,7 @@ fn judge_v4(ctx: &SkBuffContext) -> Option<i32> {
                 port,
                 protocol: proto,
             },
+            &owner(ctx),
         ),
         None => ALLOW,
     })
@@ -134,6 +163,7 @@ fn judge_v6(ctx: &SkBuffContext) -> Option<i32> {
                 port,
                 protocol: next,
             },
+            &owner(ctx),
         ),
         None => ALLOW,
     })

@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use gateway_common::protocol;
 
-use crate::local::{ALLOW, Dest, judge, rule_v4, rule_v6, seen};
+use crate::local::{ALLOW, Dest, Who, judge, rule_v4, rule_v6, seen};
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -56,6 +56,7 @@ fn judge_v4(ctx: &SockAddrContext) -> i32 {
                 port,
                 protocol,
             },
+            &Who::current(),
         ),
         None => ALLOW,
     }
@@ -84,6 +85,7 @@ fn judge_v6(ctx: &SockAddrContext) -> i32 {
                 port,
                 protocol,
             },
+            &Who::current(),
         ),
         None => ALLOW,
     }
