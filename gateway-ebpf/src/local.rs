@@ -125,7 +125,7 @@ const LOOPBACK_V6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 /// The rule (its counter index) that protects an IPv4 destination, if any.
 /// `addr` and `port` in network byte order.
-pub fn rule_v4(addr: u32, port: u16, protocol: u8) -> Option<u32> {
+fn rule_v4(addr: u32, port: u16, protocol: u8) -> Option<u32> {
     let key = BackendV4 {
         addr,
         port,
@@ -150,7 +150,7 @@ pub fn rule_v4(addr: u32, port: u16, protocol: u8) -> Option<u32> {
 }
 
 /// As [`rule_v4`] for IPv6 (an IPv4-mapped address is judged as IPv4).
-pub fn rule_v6(addr: [u32; 4], port: u16, protocol: u8) -> Option<u32> {
+fn rule_v6(addr: [u32; 4], port: u16, protocol: u8) -> Option<u32> {
     if addr[0] == 0 && addr[1] == 0 && addr[2] == MAPPED_PREFIX {
         return rule_v4(addr[3], port, protocol);
     }
@@ -202,9 +202,23 @@ fn local_rule(port: u16, protocol: u8, anywhere_here: bool) -> Option<u32> {
     (anywhere_here || value & EVERY_LOCAL_ADDRESS != 0).then_some(value & !EVERY_LOCAL_ADDRESS)
 }
 
+/// The verdict on reaching `dest`: judged when a rule covers it (`who`
+/// is asked only then), else allowed.
+pub fn verdict(dest: &Dest, who: impl FnOnce() -> Who) -> i32 {
+    let rule = if dest.family == 4 {
+        rule_v4(dest.addr[0], dest.port, dest.protocol)
+    } else {
+        rule_v6(dest.addr, dest.port, dest.protocol)
+    };
+    match rule {
+        Some(rule) => judge(rule, dest, &who()),
+        None => ALLOW,
+    }
+}
+
 /// A connect (or datagram, or raw packet) to a protected destination: the
 /// gateway's cgroup passes, anyone else is refused (or audited).
-pub fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
+fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
     let Some(config) = GUARD_CONFIG.get(0) else {
         // No config yet: refuse rather than guess (fail closed).
         return REFUSE;

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use gateway_common::protocol;
 
-use crate::local::{ALLOW, Dest, REFUSE, Who, judge, rule_v4, rule_v6};
+use crate::local::{ALLOW, Dest, REFUSE, Who, verdict};
 
 /// The comm a raw socket's events carry: the packet leaves where no task
 /// can be asked, and the socket's owner is what the cgroup and uid name.
@@ -46,12 +46,12 @@ pub fn raw_egress(ctx: SkBuffContext) -> i32 {
     let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
     // A raw packet whose headers cannot be read is refused: it could be
     // anything, and the gateway never sends one.
-    let verdict = match ethertype {
+    let outcome = match ethertype {
         ETH_P_IP => judge_v4(&ctx),
         ETH_P_IPV6 => judge_v6(&ctx),
         _ => Some(ALLOW),
     };
-    verdict.unwrap_or(REFUSE)
+    outcome.unwrap_or(REFUSE)
 }
 
 /// The raw socket's owner: its cgroup and uid (the socket's, not the
@@ -110,19 +110,15 @@ fn judge_v4(ctx: &SkBuffContext) -> Option<i32> {
     let ports = load::<4>(ctx, ihl)?;
     let addr = u32::from_ne_bytes([head[16], head[17], head[18], head[19]]);
     let port = u16::from_ne_bytes([ports[2], ports[3]]);
-    Some(match rule_v4(addr, port, proto) {
-        Some(rule) => judge(
-            rule,
-            &Dest {
-                family: 4,
-                addr: [addr, 0, 0, 0],
-                port,
-                protocol: proto,
-            },
-            &owner(ctx),
-        ),
-        None => ALLOW,
-    })
+    Some(verdict(
+        &Dest {
+            family: 4,
+            addr: [addr, 0, 0, 0],
+            port,
+            protocol: proto,
+        },
+        || owner(ctx),
+    ))
 }
 
 fn judge_v6(ctx: &SkBuffContext) -> Option<i32> {
@@ -154,17 +150,13 @@ fn judge_v6(ctx: &SkBuffContext) -> Option<i32> {
     let word = |i: usize| u32::from_ne_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
     let addr = [word(24), word(28), word(32), word(36)];
     let port = u16::from_ne_bytes([ports[2], ports[3]]);
-    Some(match rule_v6(addr, port, next) {
-        Some(rule) => judge(
-            rule,
-            &Dest {
-                family: 6,
-                addr,
-                port,
-                protocol: next,
-            },
-            &owner(ctx),
-        ),
-        None => ALLOW,
-    })
+    Some(verdict(
+        &Dest {
+            family: 6,
+            addr,
+            port,
+            protocol: next,
+        },
+        || owner(ctx),
+    ))
 }

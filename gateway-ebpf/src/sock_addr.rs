@@ -6,7 +6,7 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use gateway_common::protocol;
 
-use crate::local::{ALLOW, Dest, Who, judge, rule_v4, rule_v6, seen};
+use crate::local::{ALLOW, Dest, Who, seen, verdict};
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -47,19 +47,15 @@ fn judge_v4(ctx: &SockAddrContext) -> i32 {
     let addr = sa.user_ip4;
     // The port is the low 16 bits, already in network byte order.
     let port = sa.user_port as u16;
-    match rule_v4(addr, port, protocol) {
-        Some(rule) => judge(
-            rule,
-            &Dest {
-                family: 4,
-                addr: [addr, 0, 0, 0],
-                port,
-                protocol,
-            },
-            &Who::current(),
-        ),
-        None => ALLOW,
-    }
+    verdict(
+        &Dest {
+            family: 4,
+            addr: [addr, 0, 0, 0],
+            port,
+            protocol,
+        },
+        Who::current,
+    )
 }
 
 fn judge_v6(ctx: &SockAddrContext) -> i32 {
@@ -76,17 +72,13 @@ fn judge_v6(ctx: &SockAddrContext) -> i32 {
     let addr = [word(0), word(1), word(2), word(3)];
     // SAFETY: as above.
     let port = unsafe { (*sa).user_port } as u16;
-    match rule_v6(addr, port, protocol) {
-        Some(rule) => judge(
-            rule,
-            &Dest {
-                family: 6,
-                addr,
-                port,
-                protocol,
-            },
-            &Who::current(),
-        ),
-        None => ALLOW,
-    }
+    verdict(
+        &Dest {
+            family: 6,
+            addr,
+            port,
+            protocol,
+        },
+        Who::current,
+    )
 }

@@ -345,50 +345,42 @@ impl Guard {
 
     /// The guard's series for `GET /metrics`.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
+        use crate::metrics::counter;
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         match self.counters() {
-            Ok(c) => {
-                out.push_str("# HELP gateway_guard_connects_total Connects to protected backends seen by the eBPF guard.\n");
-                out.push_str("# TYPE gateway_guard_connects_total counter\n");
-                for (verdict, n) in [
-                    ("allow", c.allowed),
-                    ("deny", c.refused),
-                    ("audit", c.audited),
-                ] {
-                    let _ = writeln!(
-                        out,
-                        "gateway_guard_connects_total{{verdict=\"{verdict}\"}} {n}"
-                    );
-                }
-            }
+            Ok(c) => counter(
+                out,
+                "gateway_guard_connects_total",
+                "Connects, datagrams and raw packets to protected backends seen by the eBPF guard.",
+                &[
+                    ("verdict=\"allow\"".into(), c.allowed),
+                    ("verdict=\"deny\"".into(), c.refused),
+                    ("verdict=\"audit\"".into(), c.audited),
+                ],
+            ),
             Err(e) => tracing::warn!(error = %e, "reading guard counters"),
         }
-        out.push_str("# HELP gateway_guard_cgroup_intruders_total Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).\n");
-        out.push_str("# TYPE gateway_guard_cgroup_intruders_total counter\n");
-        let _ = writeln!(
+        counter(
             out,
-            "gateway_guard_cgroup_intruders_total {}",
-            self.stats.intruders.load(Ordering::Relaxed)
+            "gateway_guard_cgroup_intruders_total",
+            "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
+            &[(String::new(), load(&self.stats.intruders))],
         );
-        out.push_str("# HELP gateway_guard_resolved_addresses_total Addresses a hostname backend resolved to at connect time that the guard protected first.\n");
-        out.push_str("# TYPE gateway_guard_resolved_addresses_total counter\n");
-        let _ = writeln!(
+        counter(
             out,
-            "gateway_guard_resolved_addresses_total {}",
-            self.stats.resolved.load(Ordering::Relaxed)
+            "gateway_guard_resolved_addresses_total",
+            "Addresses a hostname backend resolved to at connect time that the guard protected first.",
+            &[(String::new(), load(&self.stats.resolved))],
         );
-        out.push_str("# HELP gateway_guard_older_connections_total Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.\n");
-        out.push_str("# TYPE gateway_guard_older_connections_total counter\n");
-        for (action, n) in [
-            ("closed", &self.stats.older_closed),
-            ("kept", &self.stats.older_kept),
-        ] {
-            let _ = writeln!(
-                out,
-                "gateway_guard_older_connections_total{{action=\"{action}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
+        counter(
+            out,
+            "gateway_guard_older_connections_total",
+            "Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.",
+            &[
+                ("action=\"closed\"".into(), load(&self.stats.older_closed)),
+                ("action=\"kept\"".into(), load(&self.stats.older_kept)),
+            ],
+        );
     }
 }
 

@@ -210,6 +210,21 @@ impl Sources {
     }
 }
 
+/// Writes one counter family: its HELP and TYPE lines, then each series as
+/// (labels, value), labels written as they go between the braces ("" for
+/// none).
+pub fn counter(out: &mut String, name: &str, help: &str, series: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (labels, value) in series {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
 /// Serves `GET /metrics` (HTTP/1.x, one request per connection) until
 /// `stop`, with the body `render` makes per request.
 pub async fn serve_admin<R>(socket: TcpListener, render: R, stop: CancellationToken)

@@ -40,21 +40,23 @@ impl Link {
     }
 }
 
-const NLMSG_HDR: usize = 16;
+pub(crate) const NLMSG_HDR: usize = 16;
 const IFINFOMSG: usize = 16;
 const IFLA_IFNAME: u16 = 3;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_ERROR: u16 = 2;
 
-fn socket(groups: u32) -> io::Result<OwnedFd> {
+/// A non-blocking netlink socket of `protocol` (NETLINK_ROUTE,
+/// NETLINK_SOCK_DIAG), subscribed to `groups`.
+pub(crate) fn open(protocol: i32, groups: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked.
     let fd = unsafe {
         libc::socket(
             libc::AF_NETLINK,
             libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
+            protocol,
         )
     };
     if fd < 0 {
@@ -82,7 +84,7 @@ fn socket(groups: u32) -> io::Result<OwnedFd> {
 
 /// Every interface of this thread's network namespace.
 pub fn links() -> io::Result<Vec<Link>> {
-    let fd = socket(0)?;
+    let fd = open(libc::NETLINK_ROUTE, 0)?;
     let mut request = [0u8; NLMSG_HDR + IFINFOMSG];
     let len = request.len() as u32;
     request[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -91,11 +93,7 @@ pub fn links() -> io::Result<Vec<Link>> {
     request[6..8].copy_from_slice(&flags.to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     // ifinfomsg: family AF_UNSPEC, everything else 0.
-    // SAFETY: request is a valid buffer of len bytes.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    send(&fd, &request)?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     // A dump ends with NLMSG_DONE; bounded so a confused kernel cannot hang us.
@@ -104,13 +102,7 @@ pub fn links() -> io::Result<Vec<Link>> {
         for (kind, body) in messages(&buf[..n]) {
             match kind {
                 NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => {
-                    let errno = body
-                        .get(..4)
-                        .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0);
-                    return Err(io::Error::from_raw_os_error(-errno));
-                }
+                NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
                 RTM_NEWLINK => found.extend(parse_link(body)),
                 _ => {}
             }
@@ -124,7 +116,19 @@ pub fn link(name: &str) -> io::Result<Option<Link>> {
     Ok(links()?.into_iter().find(|l| l.name == name))
 }
 
-fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+/// Sends one netlink message.
+pub(crate) fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid buffer of the size passed.
+    let n = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives what is queued; with `wait`, waits up to 5 s for it (a kernel
+/// that never answers cannot hang the caller).
+pub(crate) fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize> {
     loop {
         let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         if wait {
@@ -140,7 +144,7 @@ fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize> {
             if rc == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    "rtnetlink did not answer",
+                    "netlink did not answer",
                 ));
             }
         }
@@ -156,9 +160,32 @@ fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize> {
     }
 }
 
+/// The errno an NLMSG_ERROR body carries (0: an acknowledgement).
+pub(crate) fn errno_of(body: &[u8]) -> i32 {
+    body.get(..4)
+        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+/// (type, value) of each attribute (rtattr) in `buf`; stops at the first
+/// malformed one.
+pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*rest.first()?, *rest.get(1)?]));
+        let kind = u16::from_ne_bytes([*rest.get(2)?, *rest.get(3)?]);
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let value = &rest[4..len];
+        rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((kind, value))
+    })
+}
+
 /// (type, body) of each netlink message in `buf`; stops at the first
 /// malformed header.
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
         let header = buf.get(at..at + NLMSG_HDR)?;
@@ -177,25 +204,13 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     let info = body.get(..IFINFOMSG)?;
     let kind = u16::from_ne_bytes([info[2], info[3]]);
     let index = i32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
-    let mut attrs = &body[IFINFOMSG..];
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind_attr = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if kind_attr == IFLA_IFNAME {
-            let value = &attrs[4..len];
-            let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
-            return Some(Link {
-                index: u32::try_from(index).ok()?,
-                name: String::from_utf8_lossy(&value[..end]).into_owned(),
-                kind,
-            });
-        }
-        attrs = attrs.get((len + 3) & !3..).unwrap_or(&[]);
-    }
-    None
+    let (_, value) = attributes(&body[IFINFOMSG..]).find(|(k, _)| *k == IFLA_IFNAME)?;
+    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    Some(Link {
+        index: u32::try_from(index).ok()?,
+        name: String::from_utf8_lossy(&value[..end]).into_owned(),
+        kind,
+    })
 }
 
 /// This thread's network namespace's addresses, IPv4 and IPv6, with every
@@ -271,7 +286,8 @@ impl Changes {
         };
         // SAFETY: the OwnedFd is a fresh socket; it stays open and the same
         // for as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(socket(groups)?) }.map_err(io::Error::from)?;
+        let fd = unsafe { AsyncFd::register(open(libc::NETLINK_ROUTE, groups)?) }
+            .map_err(io::Error::from)?;
         Ok(Changes { fd })
     }
 

@@ -226,66 +226,98 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
 
 /// The guard's counters in the Prometheus text format.
 fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
-    use std::fmt::Write as _;
+    use crate::metrics::counter;
+    use std::sync::atomic::Ordering::Relaxed;
     let guard = lock(guard);
     let mut out = String::new();
     match guard.counters() {
         Ok(c) => {
-            out.push_str("# HELP gateway_guard_ingress_packets_total Packets to protected ports (and unparsable ones) seen by the remote guard, by layer and verdict.\n");
-            out.push_str("# TYPE gateway_guard_ingress_packets_total counter\n");
-            for (layer, l) in [("tc", c.tc), ("socket", c.socket)] {
+            let layers = [("tc", c.tc), ("socket", c.socket)];
+            let mut packets = Vec::new();
+            for (layer, l) in layers {
                 for (verdict, n) in [
                     ("allow", l.allowed),
                     ("drop", l.dropped),
                     ("audit", l.audited),
                 ] {
-                    let _ = writeln!(
-                        out,
-                        "gateway_guard_ingress_packets_total{{layer=\"{layer}\",verdict=\"{verdict}\"}} {n}"
-                    );
+                    packets.push((format!("layer=\"{layer}\",verdict=\"{verdict}\""), n));
                 }
             }
-            out.push_str("# HELP gateway_guard_unparsable_packets_total Packets whose ports could not be read, judged as if protected, by layer.\n");
-            out.push_str("# TYPE gateway_guard_unparsable_packets_total counter\n");
-            for (layer, l) in [("tc", c.tc), ("socket", c.socket)] {
-                let _ = writeln!(
-                    out,
-                    "gateway_guard_unparsable_packets_total{{layer=\"{layer}\"}} {}",
-                    l.unparsable
-                );
-            }
+            counter(
+                &mut out,
+                "gateway_guard_ingress_packets_total",
+                "Packets to protected ports (and unparsable ones) seen by the remote guard, by layer and verdict.",
+                &packets,
+            );
+            counter(
+                &mut out,
+                "gateway_guard_unparsable_packets_total",
+                "Packets whose ports could not be read, judged as if protected, by layer.",
+                &layers.map(|(layer, l)| (format!("layer=\"{layer}\""), l.unparsable)),
+            );
         }
         Err(e) => tracing::warn!(error = %e, "guard: reading counters"),
     }
     match guard.drops_per_rule() {
-        Ok(rules) => {
-            out.push_str("# HELP gateway_guard_rule_drops_total Dropped (or, in audit, passed) bypass packets per protected port rule.\n");
-            out.push_str("# TYPE gateway_guard_rule_drops_total counter\n");
-            for (rule, n) in rules {
-                let _ = writeln!(out, "gateway_guard_rule_drops_total{{rule=\"{rule}\"}} {n}");
-            }
-        }
+        Ok(rules) => counter(
+            &mut out,
+            "gateway_guard_rule_drops_total",
+            "Dropped (or, in audit, passed) bypass packets per protected port rule.",
+            &rules
+                .iter()
+                .map(|(rule, n)| (format!("rule=\"{rule}\""), *n))
+                .collect::<Vec<_>>(),
+        ),
         Err(e) => tracing::warn!(error = %e, "guard: reading rule counters"),
     }
-    out.push_str("# HELP gateway_guard_program_runs_total Runs of each layer's program (counted while kernel.bpf_stats_enabled is on).\n");
-    out.push_str("# TYPE gateway_guard_program_runs_total counter\n");
     let programs = guard.program_stats();
-    for (program, runs, _) in &programs {
-        let _ = writeln!(
-            out,
-            "gateway_guard_program_runs_total{{program=\"{program}\"}} {runs}"
-        );
-    }
-    out.push_str("# HELP gateway_guard_program_run_nanoseconds_total Time in each layer's program (counted while kernel.bpf_stats_enabled is on).\n");
-    out.push_str("# TYPE gateway_guard_program_run_nanoseconds_total counter\n");
-    for (program, _, time) in &programs {
-        let _ = writeln!(
-            out,
-            "gateway_guard_program_run_nanoseconds_total{{program=\"{program}\"}} {}",
-            time.as_nanos()
-        );
-    }
-    stats.render(&mut out);
+    counter(
+        &mut out,
+        "gateway_guard_program_runs_total",
+        "Runs of each layer's program (counted while kernel.bpf_stats_enabled is on).",
+        &programs
+            .iter()
+            .map(|(program, runs, _)| (format!("program=\"{program}\""), *runs))
+            .collect::<Vec<_>>(),
+    );
+    counter(
+        &mut out,
+        "gateway_guard_program_run_nanoseconds_total",
+        "Time in each layer's program (counted while kernel.bpf_stats_enabled is on).",
+        &programs
+            .iter()
+            .map(|(program, _, time)| {
+                (
+                    format!("program=\"{program}\""),
+                    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    counter(
+        &mut out,
+        "gateway_guard_reloads_total",
+        "Reloads of guard.toml by result.",
+        &[
+            ("result=\"ok\"".into(), stats.reloads_ok.load(Relaxed)),
+            (
+                "result=\"failed\"".into(),
+                stats.reloads_failed.load(Relaxed),
+            ),
+        ],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_interfaces_reattached_total",
+        "Protected interfaces attached again after they were deleted and created.",
+        &[(String::new(), stats.reattached.load(Relaxed))],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_bypass_sources_total",
+        "Bypass sources (per source, port and summary period) the guard tallied.",
+        &[(String::new(), stats.sources.load(Relaxed))],
+    );
     out
 }
 
@@ -299,39 +331,6 @@ struct RunStats {
     reattached: std::sync::atomic::AtomicU64,
     /// Distinct (source, port) pairs seen in the tallies.
     sources: std::sync::atomic::AtomicU64,
-}
-
-impl RunStats {
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        use std::sync::atomic::Ordering::Relaxed;
-        out.push_str("# HELP gateway_guard_reloads_total Reloads of guard.toml by result.\n");
-        out.push_str("# TYPE gateway_guard_reloads_total counter\n");
-        let _ = writeln!(
-            out,
-            "gateway_guard_reloads_total{{result=\"ok\"}} {}",
-            self.reloads_ok.load(Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "gateway_guard_reloads_total{{result=\"failed\"}} {}",
-            self.reloads_failed.load(Relaxed)
-        );
-        out.push_str("# HELP gateway_guard_interfaces_reattached_total Protected interfaces attached again after they were deleted and created.\n");
-        out.push_str("# TYPE gateway_guard_interfaces_reattached_total counter\n");
-        let _ = writeln!(
-            out,
-            "gateway_guard_interfaces_reattached_total {}",
-            self.reattached.load(Relaxed)
-        );
-        out.push_str("# HELP gateway_guard_bypass_sources_total Bypass sources (per source, port and summary period) the guard tallied.\n");
-        out.push_str("# TYPE gateway_guard_bypass_sources_total counter\n");
-        let _ = writeln!(
-            out,
-            "gateway_guard_bypass_sources_total {}",
-            self.sources.load(Relaxed)
-        );
-    }
 }
 
 /// Sources named per summary line (`10.0.2.7×3 10.0.2.9×1 …`): every

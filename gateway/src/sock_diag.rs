@@ -7,9 +7,11 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use crate::ebpf::Protocol;
+use crate::netlink::{
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attributes, errno_of, messages, recv, send,
+};
 
 /// One connected socket, as the kernel describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,14 +29,11 @@ pub struct InetSocket {
     family: u8,
 }
 
-const NLMSG_HDR: usize = 16;
 const SOCKID: usize = 48;
 const REQ: usize = 8 + SOCKID;
 const MSG: usize = 4 + SOCKID + 20;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// TCP states of connections that carry data (not LISTEN, TIME_WAIT,
 /// CLOSE or request sockets): ESTABLISHED, SYN_SENT, FIN_WAIT1/2,
@@ -42,38 +41,6 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 const TCP_STATES: u32 = (1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 /// A connected UDP socket is "established".
 const UDP_STATES: u32 = 1 << 1;
-
-fn socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    // SAFETY: a valid timeval for SO_RCVTIMEO: a kernel that never answers
-    // cannot hang the gateway.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&timeout).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    Ok(fd)
-}
 
 /// An inet_diag_req_v2 message of type `kind`.
 fn request(
@@ -98,55 +65,10 @@ fn request(
     m
 }
 
-fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
-    // SAFETY: a valid buffer of the size passed.
-    let n = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// (type, body) of each netlink message in `buf`.
-fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        let header = buf.get(at..at + NLMSG_HDR)?;
-        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let kind = u16::from_ne_bytes([header[4], header[5]]);
-        if len < NLMSG_HDR || at + len > buf.len() {
-            return None;
-        }
-        let body = &buf[at + NLMSG_HDR..at + len];
-        at += (len + 3) & !3;
-        Some((kind, body))
-    })
-}
-
-fn errno_of(body: &[u8]) -> i32 {
-    body.get(..4)
-        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-        .unwrap_or(0)
-}
-
 /// Every connected TCP and UDP socket (IPv4 and IPv6) of this thread's
 /// network namespace.
 pub fn connected_sockets() -> io::Result<Vec<InetSocket>> {
-    let fd = socket()?;
+    let fd = crate::netlink::open(libc::NETLINK_SOCK_DIAG, 0)?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
@@ -167,7 +89,7 @@ pub fn connected_sockets() -> io::Result<Vec<InetSocket>> {
                 ),
             )?;
             'dump: loop {
-                let n = recv(&fd, &mut buf)?;
+                let n = recv(&fd, &mut buf, true)?;
                 if n == 0 {
                     break;
                 }
@@ -207,19 +129,10 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
     };
     let tail = &msg[4 + SOCKID..];
     let word = |i: usize| u32::from_ne_bytes([tail[i], tail[i + 1], tail[i + 2], tail[i + 3]]);
-    let mut cgroup = None;
-    let mut attrs = &body[MSG..];
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        if kind == INET_DIAG_CGROUP_ID && len >= 12 {
-            cgroup = attrs[4..12].try_into().ok().map(u64::from_ne_bytes);
-        }
-        attrs = attrs.get((len + 3) & !3..).unwrap_or(&[]);
-    }
+    let cgroup = attributes(&body[MSG..])
+        .find(|(kind, _)| *kind == INET_DIAG_CGROUP_ID)
+        .and_then(|(_, value)| value.get(..8)?.try_into().ok())
+        .map(u64::from_ne_bytes);
     Some(InetSocket {
         protocol: if protocol == libc::IPPROTO_TCP as u8 {
             Protocol::Tcp
@@ -239,7 +152,7 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
 /// Closes `socket` (its owner sees ECONNABORTED). Fails with EOPNOTSUPP on
 /// kernels built without CONFIG_INET_DIAG_DESTROY.
 pub fn destroy(target: &InetSocket) -> io::Result<()> {
-    let fd = socket()?;
+    let fd = crate::netlink::open(libc::NETLINK_SOCK_DIAG, 0)?;
     let protocol = match target.protocol {
         Protocol::Tcp => libc::IPPROTO_TCP as u8,
         Protocol::Udp => libc::IPPROTO_UDP as u8,
@@ -257,7 +170,7 @@ pub fn destroy(target: &InetSocket) -> io::Result<()> {
         ),
     )?;
     let mut buf = [0u8; 1024];
-    let n = recv(&fd, &mut buf)?;
+    let n = recv(&fd, &mut buf, true)?;
     for (kind, body) in messages(&buf[..n]) {
         if kind == NLMSG_ERROR {
             return match errno_of(body) {

@@ -625,6 +625,15 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// `gateway guard --uninstall --pin-dir <dir>` with the built binary.
+pub fn uninstall_with_binary(pin_dir: &Path) -> std::process::Output {
+    std::process::Command::new(gateway_binary())
+        .args(["guard", "--uninstall", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run gateway guard --uninstall")
+}
+
 /// Set where a kernel feature is known to be there (the VM runs): a test
 /// that would skip for lack of it fails instead, so a broken setup cannot
 /// pass as "skipped".

@@ -37,7 +37,46 @@ pub fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
+/// The veth between `x` (x0) and `b` (b0), with its fixed MACs and
+/// addresses, up.
+fn link(x: &Netns, b: &Netns) {
+    ip(&[
+        "link",
+        "add",
+        "x0",
+        "netns",
+        x.name(),
+        "address",
+        &mac(X_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "b0",
+        "netns",
+        b.name(),
+        "address",
+        &mac(B_MAC),
+    ]);
+    for (ns, dev) in [(x, "x0"), (b, "b0")] {
+        ns.ip(&format!("link set {dev} up"));
+    }
+    x.ip(&format!("addr add {STRANGER}/24 dev x0"));
+    x.ip(&format!("addr add {GATEWAY}/24 dev x0"));
+    x.ip("addr add fd00:201::2/64 dev x0 nodad");
+    x.ip(&format!("addr add {GATEWAY6}/64 dev x0 nodad"));
+    b.ip(&format!("addr add {BACKEND}/24 dev b0"));
+    b.ip(&format!("addr add {BACKEND6}/64 dev b0 nodad"));
+}
+
 impl Wire {
+    /// Deletes the veth and makes it again, same names, MACs and
+    /// addresses, as happens to veths and bonds: new interface indexes.
+    pub fn recreate_link(&self) {
+        self.x.ip("link del x0");
+        link(&self.x, &self.b);
+    }
+
     /// None (with a message) where the test cannot run.
     pub fn new() -> Option<Wire> {
         let mount = bpf_cgroup_or_skip()?;
@@ -45,33 +84,7 @@ impl Wire {
             return None;
         }
         let (x, b) = (Netns::new("gra-x"), Netns::new("gra-b"));
-        ip(&[
-            "link",
-            "add",
-            "x0",
-            "netns",
-            x.name(),
-            "address",
-            &mac(X_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "b0",
-            "netns",
-            b.name(),
-            "address",
-            &mac(B_MAC),
-        ]);
-        for (ns, dev) in [(&x, "x0"), (&b, "b0")] {
-            ns.ip(&format!("link set {dev} up"));
-        }
-        x.ip(&format!("addr add {STRANGER}/24 dev x0"));
-        x.ip(&format!("addr add {GATEWAY}/24 dev x0"));
-        x.ip("addr add fd00:201::2/64 dev x0 nodad");
-        x.ip(&format!("addr add {GATEWAY6}/64 dev x0 nodad"));
-        b.ip(&format!("addr add {BACKEND}/24 dev b0"));
-        b.ip(&format!("addr add {BACKEND6}/64 dev b0 nodad"));
+        link(&x, &b);
         // Crafted packets come from addresses without a route back.
         for key in [
             "net/ipv4/conf/all/rp_filter",

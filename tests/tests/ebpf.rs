@@ -195,11 +195,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     drop(restarted);
 
     // Uninstall removes everything it installed.
-    let out = std::process::Command::new(gateway_tests::gateway_binary())
-        .args(["guard", "--uninstall", "--pin-dir"])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
+    let out = gateway_tests::uninstall_with_binary(&pins.0);
     assert!(
         out.status.success(),
         "{}",

@@ -18,6 +18,24 @@ const SNI: &str = "orders.example.internal";
 /// cgroup, and a process is in one cgroup at a time.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// What most tests start with: their turn, cgroups, a PKI and an echo
+/// backend. None (with a message) where BPF tests cannot run.
+async fn begin() -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    Cgroups,
+    Pki,
+    EchoBackend,
+)> {
+    let turn = TURN.lock().await;
+    let mount = bpf_cgroup_or_skip()?;
+    Some((
+        turn,
+        Cgroups::create(&mount),
+        Pki::new(),
+        EchoBackend::start().await,
+    ))
+}
+
 /// The test's cgroup subtree: `gw` (the gateway) and `other`. On drop the
 /// test process goes back where it was and the subtree is removed.
 struct Cgroups {
@@ -71,13 +89,9 @@ impl Drop for Cgroups {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_are_reachable_only_through_the_gateway() {
-    let _turn = TURN.lock().await;
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let second = EchoBackend::start().await;
     let guard = |mode: &str| {
         format!(
@@ -198,13 +212,9 @@ fn guard_section(cg: &Cgroups, enforcement: &str, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reload_the_guard_cannot_apply_whole_is_refused_and_changes_nothing() {
-    let _turn = TURN.lock().await;
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let routes = listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
     let config = |guard: String| format!("admin = \"127.0.0.1:0\"\n{guard}{routes}");
@@ -361,13 +371,9 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
 async fn connections_older_than_the_guard_are_closed_when_it_enforces() {
     use gateway_tests::netns::{Kind, socket_in_cgroup};
     use std::io::{Read as _, Write as _};
-    let _turn = TURN.lock().await;
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let udp_backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let udp_addr = udp_backend.local_addr().unwrap();
     // Opened by a process outside the gateway's cgroup before the guard.
@@ -433,13 +439,9 @@ fn sleeper_in(dir: &Path) -> Killed {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_keeps_its_cgroup_to_itself() {
-    let _turn = TURN.lock().await;
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
         + &guard_section(&cg, "enforce", "")
         + &listener_toml(&pki, "edge", "")
@@ -586,13 +588,9 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_connects_does_not_hide_another_process() {
-    let _turn = TURN.lock().await;
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let quiet = cg.path("quiet");
     std::fs::create_dir(&quiet).expect("a second cgroup");
     let toml = "admin = \"127.0.0.1:0\"\n".to_owned()

@@ -273,11 +273,7 @@ fn a_second_guard_on_the_same_pin_dir_is_refused() {
         host.probe(&host.other, a, Probe::TcpConnect),
         "the first guard's backend, still",
     );
-    let out = std::process::Command::new(gateway_tests::gateway_binary())
-        .args(["guard", "--uninstall", "--pin-dir"])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
+    let out = gateway_tests::uninstall_with_binary(&pins.0);
     assert!(
         !out.status.success(),
         "uninstall refuses while a guard runs"

@@ -240,30 +240,7 @@ fn a_recreated_interface_gets_the_guard_again() {
     w.tcp_from(STRANGER).expect_err("protected");
 
     // Delete and create the link again, as happens to veths and bonds.
-    w.x.ip("link del x0");
-    ip(&[
-        "link",
-        "add",
-        "x0",
-        "netns",
-        w.x.name(),
-        "address",
-        &mac(X_MAC),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "b0",
-        "netns",
-        w.b.name(),
-        "address",
-        &mac(B_MAC),
-    ]);
-    w.x.ip("link set x0 up");
-    w.b.ip("link set b0 up");
-    w.x.ip(&format!("addr add {STRANGER}/24 dev x0"));
-    w.x.ip(&format!("addr add {GATEWAY}/24 dev x0"));
-    w.b.ip(&format!("addr add {BACKEND}/24 dev b0"));
+    w.recreate_link();
     guard.wait_for("interface created anew; attached again", 1);
     w.tcp_from(STRANGER)
         .expect_err("the new b0 is protected like the old one");

@@ -30,7 +30,7 @@ use gateway_common::{
 
 use super::{
     EbpfError, Enforcement, Events, PinDirLock, Protected, Protocol, Target, loader_with_pins,
-    lock_pin_dir, object, per_cpu_sum, pin_failed, take_tallies,
+    lock_pin_dir, object, per_cpu_sum, pin_failed, program_mut, take_tallies,
 };
 
 /// What the local guard protects, and for whom.
@@ -150,12 +150,7 @@ impl LocalGuard {
         guard.adopt_existing_rules()?;
         guard.update(spec)?;
         for name in SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = guard
-                .ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| EbpfError::Program { name, source })?;
+            let program: &mut CgroupSockAddr = program_mut(&mut guard.ebpf, name)?;
             program
                 .load()
                 .map_err(|source| EbpfError::Program { name, source })?;
@@ -171,15 +166,7 @@ impl LocalGuard {
                 pin_link(pin_dir, name, link.try_into())?;
             }
         }
-        let program: &mut CgroupSkb = guard
-            .ebpf
-            .program_mut(RAW_EGRESS)
-            .ok_or(EbpfError::MissingProgram(RAW_EGRESS))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: RAW_EGRESS,
-                source,
-            })?;
+        let program: &mut CgroupSkb = program_mut(&mut guard.ebpf, RAW_EGRESS)?;
         let failed = |source| EbpfError::Program {
             name: RAW_EGRESS,
             source,

@@ -413,6 +413,17 @@ impl<T> Events<T> {
     }
 }
 
+/// Program `name` of `ebpf`, as the type its attach point takes.
+fn program_mut<'a, T>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T, EbpfError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| EbpfError::Program { name, source })
+}
+
 /// Empties a per-CPU tally map: every key with its attempts summed over
 /// the CPUs. A key evicted between listing and reading is skipped.
 fn take_tallies<K: aya::Pod>(

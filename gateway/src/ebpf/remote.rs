@@ -49,7 +49,7 @@ use ipnet::IpNet;
 pub use super::Protocol;
 use super::{
     EbpfError, Enforcement, Events, PinDirLock, loader_with_pins, lock_pin_dir, object,
-    per_cpu_sum, pin_failed, port_range, take_tallies,
+    per_cpu_sum, pin_failed, port_range, program_mut, take_tallies,
 };
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
@@ -226,19 +226,13 @@ impl RemoteGuard {
         for iface in &spec.interfaces {
             guard.attach_interface(iface)?;
         }
-        let skb: &mut CgroupSkb = guard
-            .ebpf
-            .program_mut(SOCKET_PROGRAM)
-            .ok_or(EbpfError::MissingProgram(SOCKET_PROGRAM))?
-            .try_into()
+        guard
+            .socket_program()?
+            .load()
             .map_err(|source| EbpfError::Program {
                 name: SOCKET_PROGRAM,
                 source,
             })?;
-        skb.load().map_err(|source| EbpfError::Program {
-            name: SOCKET_PROGRAM,
-            source,
-        })?;
         if let Some(cgroup) = &spec.sockets {
             guard.attach_sockets(cgroup)?;
         }
@@ -260,14 +254,11 @@ impl RemoteGuard {
     }
 
     fn tc_program(&mut self) -> Result<&mut SchedClassifier, EbpfError> {
-        self.ebpf
-            .program_mut(TC_PROGRAM)
-            .ok_or(EbpfError::MissingProgram(TC_PROGRAM))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: TC_PROGRAM,
-                source,
-            })
+        program_mut(&mut self.ebpf, TC_PROGRAM)
+    }
+
+    fn socket_program(&mut self) -> Result<&mut CgroupSkb, EbpfError> {
+        program_mut(&mut self.ebpf, SOCKET_PROGRAM)
     }
 
     /// Attaches the TC layer to `iface` (first in line), after telling the
@@ -365,15 +356,7 @@ impl RemoteGuard {
             source,
         })?;
         let pin_dir = self.pin_dir.clone();
-        let program: &mut CgroupSkb = self
-            .ebpf
-            .program_mut(SOCKET_PROGRAM)
-            .ok_or(EbpfError::MissingProgram(SOCKET_PROGRAM))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: SOCKET_PROGRAM,
-                source,
-            })?;
+        let program = self.socket_program()?;
         let failed = |source| EbpfError::Program {
             name: SOCKET_PROGRAM,
             source,
