@@ -210,8 +210,24 @@ impl Pins {
 
 impl Drop for Pins {
     fn drop(&mut self) {
-        if let Err(e) = gateway::ebpf::uninstall(&self.0) {
-            eprintln!("warning: removing pins {}: {e}", self.0.display());
+        uninstall_when_free(&self.0);
+    }
+}
+
+/// Removes a guard's pins once no guard holds them: a gateway stopped by
+/// the test lets go of its pin directory a moment later, on its runtime.
+pub fn uninstall_when_free(dir: &Path) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match gateway::ebpf::uninstall(dir) {
+            Err(gateway::ebpf::EbpfError::PinDirInUse { .. }) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                eprintln!("warning: removing pins {}: {e}", dir.display());
+                return;
+            }
+            Ok(_) => return,
         }
     }
 }

@@ -73,10 +73,16 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        let _ = gateway::ebpf::uninstall(&self.pins);
+        gateway_tests::netns::uninstall_when_free(&self.pins);
         let _ = std::fs::write(self.home.join("cgroup.procs"), "0");
-        for leaf in ["gw", "other", ""] {
-            let dir = self.path(leaf);
+        // Every leaf a test made (gw, other, and any of its own), then the root.
+        let leaves = std::fs::read_dir(self.path(""))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path());
+        for dir in leaves.chain(std::iter::once(self.path(""))) {
             for _ in 0..50 {
                 if !dir.exists() || std::fs::remove_dir(&dir).is_ok() {
                     break;
