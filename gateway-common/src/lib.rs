@@ -89,6 +89,29 @@ pub struct BackendV6 {
     pub _pad: u8,
 }
 
+/// A port of a protected backend on this host, as the local-port map keys
+/// it: a connect to any local address (loopback, the host's own addresses,
+/// the wildcard the kernel turns into loopback) with this port and protocol
+/// reaches that backend when it listens on all addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalPort {
+    /// Network byte order, as the kernel hands it to `cgroup/connect4`.
+    pub port: u16,
+    /// [`protocol::TCP`] or [`protocol::UDP`].
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// In a local-port value: the backend is protected on every local address
+/// (without it, only the wildcard address, which always lands on this host,
+/// is judged by port).
+pub const EVERY_LOCAL_ADDRESS: u32 = 1 << 31;
+
+/// Host addresses (besides 127.0.0.0/8 and ::1) per family the local guard
+/// treats as "this host".
+pub const MAX_LOCAL_ADDRESSES: u32 = 4096;
+
 /// A bypass attempt, as the guard reports it through its ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,11 +140,23 @@ pub struct BypassEvent {
 /// counters still count every attempt.
 pub const EVENTS_PER_SECOND: u64 = 64;
 
-/// Counters the remote guard (TC ingress) keeps, indexed by [`IngressCounter`].
+/// The remote guard's two layers: the TC classifier on the interfaces (drops
+/// early, before the stack spends anything on a packet) and the
+/// `cgroup_skb/ingress` program at the sockets (judges what the stack
+/// delivers: after reassembly and NAT, on every interface, `lo` included).
+pub mod layer {
+    pub const TC: u8 = 0;
+    pub const SOCKET: u8 = 1;
+    /// How many layers there are: the counter map holds one set per layer.
+    pub const COUNT: u32 = 2;
+}
+
+/// Counters the remote guard keeps per layer, indexed by
+/// `layer * IngressCounter::COUNT + counter`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IngressCounter {
-    /// A packet to a protected port.
+    /// A packet to a protected port (or one that could not be parsed).
     Protected = 0,
     /// From an allowed (gateway) source: passed.
     Allowed = 1,
@@ -129,16 +164,30 @@ pub enum IngressCounter {
     Dropped = 2,
     /// Would have been dropped; passed because enforcement is "audit".
     Audited = 3,
+    /// Of the above, packets whose ports could not be read (a tiny first
+    /// fragment, too many VLAN tags or IPv6 extension headers, a truncated
+    /// header): judged as if they went to a protected port.
+    Unparsable = 4,
 }
 
 impl IngressCounter {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
+
+    /// Index of this counter of `layer` in the counter map.
+    pub const fn index(self, layer: u8) -> u32 {
+        layer as u32 * Self::COUNT + self as u32
+    }
 }
 
 /// Protected port rules (one per configured port or range) the remote guard holds.
 pub const MAX_PORT_RULES: u32 = 256;
 /// Allowed source prefixes per address family.
 pub const MAX_ALLOWED_SOURCES: u32 = 1024;
+/// Interfaces the remote guard's TC layer can be attached to at once.
+pub const MAX_INTERFACES: u32 = 256;
+/// VLAN tags the TC layer walks (802.1Q, 802.1ad); a frame with more still
+/// inside is judged as unparsable.
+pub const MAX_VLAN_TAGS: usize = 4;
 
 /// The remote guard's settings, in a one-entry array map.
 #[repr(C)]
@@ -150,6 +199,23 @@ pub struct IngressConfig {
     pub _pad: u32,
 }
 
+/// How the TC layer finds the network header on one interface (by ifindex).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkKind {
+    /// Bytes before the network header: 14 on Ethernet (and `lo`), 0 on L3
+    /// devices (tun, WireGuard, ipip, GRE), which have no link header.
+    pub l2_len: u32,
+}
+
+/// Why a packet was judged.
+pub mod reason {
+    /// It went to a protected port.
+    pub const PROTECTED_PORT: u8 = 0;
+    /// Its ports could not be read.
+    pub const UNPARSABLE: u8 = 1;
+}
+
 /// A packet from a source that is not the gateway to a protected port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,18 +225,71 @@ pub struct IngressEvent {
     pub dst: [u32; 4],
     /// The interface it arrived on.
     pub ifindex: u32,
-    /// Ports in host byte order.
+    /// Ports in host byte order (0 when they could not be read).
     pub src_port: u16,
     pub dst_port: u16,
     /// 4 or 6.
     pub family: u8,
-    /// 6 (TCP) or 17 (UDP).
+    /// 6 (TCP), 17 (UDP), or what the parser stopped at.
     pub protocol: u8,
     /// 1 when passed because enforcement is "audit", 0 when dropped.
     pub audited: u8,
+    /// [`layer::TC`] or [`layer::SOCKET`].
+    pub layer: u8,
+    /// [`reason::PROTECTED_PORT`] or [`reason::UNPARSABLE`].
+    pub reason: u8,
     /// Explicit padding.
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
+
+/// Who tried a protected port, as the per-source tally keys it: every
+/// bypass attempt counts here, so a source that the per-CPU event budget
+/// never reports (a flood of spoofed ones used it up) is still seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// Source address, network byte order; IPv4 uses word 0.
+    pub addr: [u32; 4],
+    /// Destination port, host byte order (0 for an unparsable packet).
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// 6 (TCP), 17 (UDP), or what the parser stopped at.
+    pub protocol: u8,
+}
+
+/// The tally of one [`SourceKey`] (or [`LocalSourceKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceTally {
+    /// Attempts since userspace last took the tally.
+    pub attempts: u64,
+    /// Monotonic clock (ns) of the first and the latest attempt.
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Who tried a protected backend around the gateway on its host, as the
+/// local guard's per-source tally keys it: the process's cgroup and uid,
+/// and where it was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LocalSourceKey {
+    pub cgroup: u64,
+    pub uid: u32,
+    /// Destination port, network byte order.
+    pub port: u16,
+    /// [`protocol::TCP`] or [`protocol::UDP`].
+    pub protocol: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// Destination address, network byte order; IPv4 uses word 0.
+    pub addr: [u32; 4],
+}
+
+/// Sources the tallies hold at once (LRU: under a flood of spoofed sources
+/// the oldest go first; the log says how many were lost).
+pub const MAX_TALLIED_SOURCES: u32 = 16384;
 
 #[cfg(feature = "user")]
 mod user {
@@ -181,10 +300,20 @@ mod user {
     unsafe impl aya::Pod for super::BackendV6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GuardConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LocalPort {}
     // SAFETY: as above (56 bytes, no implicit padding).
     unsafe impl aya::Pod for super::BypassEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IngressConfig {}
-    // SAFETY: as above (44 bytes, no implicit padding).
+    // SAFETY: as above (48 bytes, no implicit padding).
     unsafe impl aya::Pod for super::IngressEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LinkKind {}
+    // SAFETY: as above (20 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::SourceKey {}
+    // SAFETY: as above (24 bytes).
+    unsafe impl aya::Pod for super::SourceTally {}
+    // SAFETY: as above (32 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::LocalSourceKey {}
 }

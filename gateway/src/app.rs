@@ -177,6 +177,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     metrics.set_expiries(crate::expiry::collect(config));
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
+    gate_backends(&state, guard.as_deref());
     let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
     let mut bound = Vec::new();
     for l in state.listeners {
@@ -406,11 +407,12 @@ impl App {
         }
         // New backends are protected before any route can send to them (the
         // swap comes after); a failed update leaves the old state serving.
-        if let Some(guard) = &self.guard {
-            guard
-                .update(config)
-                .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        match &self.guard {
+            Some(guard) => guard.update(config),
+            None => crate::guard::refuse_new_guard(config),
         }
+        .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        gate_backends(&state, self.guard.as_deref());
         let mut report = ReloadReport::default();
         let keep: std::collections::HashSet<&str> =
             state.listeners.iter().map(|l| l.name.as_str()).collect();
@@ -454,5 +456,17 @@ impl App {
         );
         report.connections_closed = self.registry.reverify();
         Ok(report)
+    }
+}
+
+/// Hostname backends resolve at connect time: the guard protects each
+/// address before the gateway uses it.
+fn gate_backends(state: &State, guard: Option<&crate::guard::Guard>) {
+    if let Some(guard) = guard {
+        for l in &state.listeners {
+            for r in &l.routes {
+                r.backends.gate_with(guard.gate());
+            }
+        }
     }
 }

@@ -220,6 +220,23 @@ pub struct GuardSettings {
     /// `tcp:ip:first-last`, `udp:[v6]:port` (TCP when no protocol is named).
     #[serde(default)]
     pub protect: Vec<crate::ebpf::Protected>,
+    /// A backend on this host is protected on every local address (other
+    /// loopback addresses, the host's own, the wildcard), not only the one
+    /// named: a server listening on all addresses answers on each.
+    #[serde(default = "default_true")]
+    pub every_local_address: bool,
+    /// Connections to protected backends opened before the guard (or the
+    /// rule) existed, from outside the gateway's cgroup, are closed when
+    /// enforcement starts (SOCK_DESTROY); false: only logged and counted.
+    #[serde(default = "default_true")]
+    pub close_older_connections: bool,
+    /// How often the tallies of who tried (per cgroup, uid and destination)
+    /// are logged.
+    #[serde(
+        default = "default_summary_every",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub summary_every: Duration,
     /// Pin programs and maps in bpffs so protection survives the gateway's
     /// exit and a restart takes over (`gateway guard --uninstall` removes it).
     #[serde(default = "default_true")]
@@ -243,6 +260,10 @@ pub enum GuardEnforcement {
     Enforce,
     Audit,
     Off,
+}
+
+fn default_summary_every() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_guard_cgroup() -> PathBuf {

@@ -1,17 +1,24 @@
 //! The gateway's side of the eBPF guard: which backends to protect (every
-//! route's, resolved, plus explicit ones), the gateway's own cgroup, and
-//! keeping the kernel maps in step with reloads.
+//! route's, resolved, plus explicit ones), the gateway's own cgroup, this
+//! host's addresses (followed as they come and go, so a backend on this
+//! host is protected on every one of them), and keeping the kernel maps in
+//! step with reloads.
 //!
 //! Fail closed: when enforcement is configured and the programs cannot be
-//! installed, the gateway does not start.
+//! installed, the gateway does not start. A reload the guard cannot apply
+//! whole (removing `[guard]`, turning it off, moving it to another cgroup
+//! or pin directory, a rule set the maps cannot hold) is refused and the
+//! guard stays exactly as it was.
 
-use std::net::ToSocketAddrs as _;
+use std::net::{IpAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{Config, GuardEnforcement, GuardSettings};
 use crate::ebpf::{
-    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalGuard, Protected,
+    self, BypassAttempt, EbpfError, Enforcement, GuardCounters, GuardSpec, LocalAttempts,
+    LocalGuard, Protected,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -29,16 +36,93 @@ pub enum GuardError {
     WrongUid { configured: u32, running: u32 },
     #[error("guard: backend {backend:?} does not resolve: {reason}")]
     Resolve { backend: String, reason: String },
+    #[error("guard: reading this host's addresses: {0}")]
+    Addresses(std::io::Error),
+    #[error(
+        "guard: the gateway's cgroup {} already holds other processes ({}): their connects would pass as the gateway's; give the gateway a cgroup of its own",
+        path.display(),
+        describe(pids)
+    )]
+    CgroupNotEmpty { path: PathBuf, pids: Vec<u32> },
+    #[error(
+        "guard: {what} changes from {from} to {to} only on restart; the guard stays as it runs"
+    )]
+    NeedsRestart {
+        what: &'static str,
+        from: String,
+        to: String,
+    },
     #[error("guard: {0}")]
     Ebpf(#[from] EbpfError),
 }
 
 /// The installed guard.
 pub struct Guard {
-    local: Mutex<LocalGuard>,
-    gateway_cgroup: PathBuf,
-    gateway_uid: Option<u32>,
+    running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
+    /// What it was started with: a reload may not move it.
+    started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
+    summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+    /// Stops the background tasks when the guard goes.
+    _tasks: tokio_util::sync::DropGuard,
+}
+
+/// The programs and the spec the maps hold now.
+struct Running {
+    local: LocalGuard,
+    spec: GuardSpec,
+    /// Close connections older than the rule (when enforcing).
+    close_older: bool,
+}
+
+/// What the gateway's side of the guard counts, for the metrics.
+#[derive(Default)]
+struct GuardStats {
+    /// Connections to protected backends older than the rule covering them.
+    older_closed: AtomicU64,
+    older_kept: AtomicU64,
+    /// Processes seen joining the gateway's cgroup after it started.
+    intruders: AtomicU64,
+    /// Addresses a hostname backend resolved to at connect time that had
+    /// to be protected first.
+    resolved: AtomicU64,
+}
+
+/// Protects what a hostname backend resolved to, unless it already is.
+fn protect_resolved(
+    running: &Mutex<Running>,
+    stats: &GuardStats,
+    resolved: &[std::net::SocketAddr],
+) -> std::io::Result<()> {
+    let mut running = lock(running);
+    let new: Vec<Protected> = resolved
+        .iter()
+        .map(|a| Protected::from(*a))
+        .filter(|p| running.spec.protected.binary_search(p).is_err())
+        .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
+    let mut protected = running.spec.protected.clone();
+    protected.extend(&new);
+    protected.sort();
+    protected.dedup();
+    let spec = GuardSpec {
+        protected,
+        ..running.spec.clone()
+    };
+    running.local.update(&spec).map_err(|e| {
+        std::io::Error::other(format!(
+            "the guard could not protect {resolved:?} before the connect: {e}"
+        ))
+    })?;
+    running.spec = spec;
+    stats
+        .resolved
+        .fetch_add(new.len() as u64, Ordering::Relaxed);
+    tracing::info!(addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    Ok(())
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -68,6 +152,19 @@ fn enforcement(e: GuardEnforcement) -> Option<Enforcement> {
     }
 }
 
+fn enforcement_name(e: GuardEnforcement) -> &'static str {
+    match e {
+        GuardEnforcement::Enforce => "enforce",
+        GuardEnforcement::Audit => "audit",
+        GuardEnforcement::Off => "off",
+    }
+}
+
+/// This host's addresses, for the local-address maps.
+fn host_addresses() -> Result<Vec<IpAddr>, GuardError> {
+    crate::netlink::local_addresses().map_err(GuardError::Addresses)
+}
+
 impl Guard {
     /// Installs the guard the config asks for (None when off or absent).
     pub fn install(config: &Config) -> Result<Option<Guard>, GuardError> {
@@ -90,73 +187,151 @@ impl Guard {
         }
         let mount = ebpf::cgroup2_mount().ok_or(GuardError::NoCgroup2)?;
         let gateway_cgroup = mount.join(&settings.cgroup);
+        // Whatever else sits in the gateway's cgroup passes as the gateway.
+        let others = others_in(&gateway_cgroup);
+        if !others.is_empty() {
+            return Err(GuardError::CgroupNotEmpty {
+                path: gateway_cgroup,
+                pids: others,
+            });
+        }
         join_cgroup(&gateway_cgroup)?;
+        // Subscribed before the addresses are read, so one added in between
+        // is not missed.
+        let address_changes = crate::netlink::Changes::subscribe(crate::netlink::Watch::Addresses)
+            .map_err(GuardError::Addresses)?;
         let spec = GuardSpec {
             protected: protected(config, settings)?,
             gateway_cgroup: gateway_cgroup.clone(),
             gateway_uid: settings.uid,
             enforcement: mode,
             pin_dir: settings.pin.then(|| settings.pin_dir.clone()),
+            local_addresses: host_addresses()?,
+            every_local_address: settings.every_local_address,
         };
         let attach_to = mount.join(&settings.attach_to);
         let mut local = LocalGuard::install(&attach_to, &spec)?;
         let attempts = tokio::sync::broadcast::channel(1024).0;
-        let mut events = local.take_events()?;
-        let tx = attempts.clone();
-        tokio::spawn(async move {
-            while let Some(a) = events.next().await {
-                if a.audited {
-                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
-                } else {
-                    tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                        destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
-                }
-                // No subscriber is the normal case outside tests.
-                let _ = tx.send(a);
-            }
-            tracing::error!(
-                "guard events stopped: bypass attempts are still counted but no longer logged"
-            );
-        });
+        let events = local.take_events()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(log_events(events, attempts.clone(), stop.clone()));
         tracing::info!(
             protected = spec.protected.len(),
             enforcement = ?mode,
             cgroup = %gateway_cgroup.display(),
             uid = ?settings.uid,
             attached = %attach_to.display(),
+            every_local_address = settings.every_local_address,
             "guard installed: only the gateway reaches the backends"
         );
+        let running = Running {
+            local,
+            spec,
+            close_older: settings.close_older_connections,
+        };
+        let stats = Arc::new(GuardStats::default());
+        sweep_older_connections(&running, &stats);
+        tokio::spawn(watch_cgroup(
+            gateway_cgroup.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        let summaries = tokio::sync::broadcast::channel(16).0;
+        let running = Arc::new(Mutex::new(running));
+        tokio::spawn(follow_addresses(
+            address_changes,
+            running.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(summarize(
+            running.clone(),
+            settings.summary_every,
+            summaries.clone(),
+            stop.clone(),
+        ));
         Ok(Some(Guard {
-            local: Mutex::new(local),
-            gateway_cgroup,
-            gateway_uid: settings.uid,
+            running,
+            stats,
+            summaries,
+            started: settings.clone(),
             attempts,
+            _tasks: stop.drop_guard(),
         }))
     }
 
-    /// Brings the maps in step with a new config (before it serves).
+    /// Brings the maps in step with a new config (before it serves), or
+    /// refuses it whole.
     pub fn update(&self, config: &Config) -> Result<(), GuardError> {
         let Some(settings) = &config.guard else {
-            return Ok(());
+            return Err(GuardError::NeedsRestart {
+                what: "[guard]",
+                from: "present".into(),
+                to: "absent".into(),
+            });
         };
-        // Turning the guard off or moving it needs a restart; a reload only
-        // changes what it protects and how strictly.
-        let mode = enforcement(settings.enforcement).unwrap_or(Enforcement::Audit);
+        let Some(mode) = enforcement(settings.enforcement) else {
+            return Err(GuardError::NeedsRestart {
+                what: "enforcement",
+                from: enforcement_name(self.started.enforcement).into(),
+                to: "off".into(),
+            });
+        };
+        let started = &self.started;
+        let moved = |what: &'static str, from: String, to: String| {
+            (from != to).then_some(GuardError::NeedsRestart { what, from, to })
+        };
+        let path = |p: &Path| format!("{:?}", p.display().to_string());
+        if let Some(e) = moved("cgroup", path(&started.cgroup), path(&settings.cgroup))
+            .or_else(|| {
+                moved(
+                    "attach_to",
+                    path(&started.attach_to),
+                    path(&settings.attach_to),
+                )
+            })
+            .or_else(|| moved("pin", started.pin.to_string(), settings.pin.to_string()))
+            .or_else(|| moved("pin_dir", path(&started.pin_dir), path(&settings.pin_dir)))
+            .or_else(|| {
+                moved(
+                    "uid",
+                    format!("{:?}", started.uid),
+                    format!("{:?}", settings.uid),
+                )
+            })
+        {
+            return Err(e);
+        }
+        let protected = protected(config, settings)?;
+        let mut running = lock(&self.running);
         let spec = GuardSpec {
-            protected: protected(config, settings)?,
-            gateway_cgroup: self.gateway_cgroup.clone(),
-            // Like the cgroup, fixed at start: the running process's uid.
-            gateway_uid: self.gateway_uid,
+            protected,
             enforcement: mode,
-            // Maps are already pinned (or not); an update only writes them.
-            pin_dir: None,
+            every_local_address: settings.every_local_address,
+            ..running.spec.clone()
         };
-        self.local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .update(&spec)?;
+        running.local.update(&spec)?;
+        running.spec = spec;
+        running.close_older = settings.close_older_connections;
+        sweep_older_connections(&running, &self.stats);
         Ok(())
+    }
+
+    /// What hostname backends resolve to at connect time passes through
+    /// this before the gateway connects: addresses not yet protected are
+    /// added to the maps first (until the next reload recomputes the set).
+    pub fn gate(&self) -> crate::upstream::Gate {
+        let running = self.running.clone();
+        let stats = self.stats.clone();
+        Arc::new(move |resolved: &[std::net::SocketAddr]| {
+            protect_resolved(&running, &stats, resolved)
+        })
+    }
+
+    /// Every summary of who tried from now on (each one complete: no
+    /// event budget applies).
+    pub fn summaries(&self) -> tokio::sync::broadcast::Receiver<Vec<LocalAttempts>> {
+        self.summaries.subscribe()
     }
 
     /// Bypass attempts from now on (rate-limited in the kernel).
@@ -165,11 +340,336 @@ impl Guard {
     }
 
     pub fn counters(&self) -> Result<GuardCounters, GuardError> {
-        Ok(self
-            .local
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counters()?)
+        Ok(lock(&self.running).local.counters()?)
+    }
+
+    /// The guard's series for `GET /metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use crate::metrics::counter;
+        let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        match self.counters() {
+            Ok(c) => counter(
+                out,
+                "gateway_guard_connects_total",
+                "Connects, datagrams and raw packets to protected backends seen by the eBPF guard.",
+                &[
+                    ("verdict=\"allow\"".into(), c.allowed),
+                    ("verdict=\"deny\"".into(), c.refused),
+                    ("verdict=\"audit\"".into(), c.audited),
+                ],
+            ),
+            Err(e) => tracing::warn!(error = %e, "reading guard counters"),
+        }
+        counter(
+            out,
+            "gateway_guard_cgroup_intruders_total",
+            "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
+            &[(String::new(), load(&self.stats.intruders))],
+        );
+        counter(
+            out,
+            "gateway_guard_resolved_addresses_total",
+            "Addresses a hostname backend resolved to at connect time that the guard protected first.",
+            &[(String::new(), load(&self.stats.resolved))],
+        );
+        counter(
+            out,
+            "gateway_guard_older_connections_total",
+            "Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.",
+            &[
+                ("action=\"closed\"".into(), load(&self.stats.older_closed)),
+                ("action=\"kept\"".into(), load(&self.stats.older_kept)),
+            ],
+        );
+    }
+}
+
+/// Connections older than the rule: at most this many are logged one by
+/// one per sweep; the rest in one line.
+const OLDER_LOGGED: usize = 64;
+
+/// Looks for connections to protected backends that were opened before
+/// the rule covering them existed (the connect hooks never saw them), from
+/// outside the gateway's cgroup: each is counted and logged, and when the
+/// guard enforces and close_older_connections is on, closed
+/// (SOCK_DESTROY). In the gateway's network namespace only.
+fn sweep_older_connections(running: &Running, stats: &GuardStats) {
+    let gateway = match ebpf::cgroup_id(&running.spec.gateway_cgroup) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::error!(error = %e, "guard: cannot look for connections older than the guard");
+            return;
+        }
+    };
+    let sockets = match crate::sock_diag::connected_sockets() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "guard: cannot list sockets (sock_diag); connections older than the guard are not looked for");
+            return;
+        }
+    };
+    let close = running.close_older && running.spec.enforcement == Enforcement::Enforce;
+    let gateway_uid = running.spec.gateway_uid;
+    let mut seen = 0usize;
+    for s in sockets
+        .iter()
+        .filter(|s| running.local.protects(s.protocol, s.peer))
+    {
+        let whose = match s.cgroup {
+            Some(c) if c == gateway && gateway_uid.is_none_or(|u| u == s.uid) => continue,
+            Some(c) => c.to_string(),
+            // Closing what might be the gateway's own would be no safer.
+            None => "unknown (the kernel does not report socket cgroups)".into(),
+        };
+        let action = match (close, s.cgroup) {
+            (true, Some(_)) => match crate::sock_diag::destroy(s) {
+                Ok(()) => "closed",
+                Err(e) => {
+                    tracing::error!(error = %e, peer = %s.peer, "guard: cannot close a connection older than the guard (SOCK_DESTROY needs CONFIG_INET_DIAG_DESTROY)");
+                    "kept"
+                }
+            },
+            _ => "kept",
+        };
+        let counter = if action == "closed" {
+            &stats.older_closed
+        } else {
+            &stats.older_kept
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        seen += 1;
+        if seen <= OLDER_LOGGED {
+            tracing::warn!(
+                protocol = s.protocol.name(),
+                local = %s.local,
+                peer = %s.peer,
+                uid = s.uid,
+                cgroup = %whose,
+                inode = s.inode,
+                action,
+                "guard: connection to a protected backend older than the guard"
+            );
+        }
+    }
+    if seen > OLDER_LOGGED {
+        tracing::warn!(
+            connections = seen,
+            logged = OLDER_LOGGED,
+            "guard: more connections older than the guard than logged one by one"
+        );
+    }
+}
+
+/// Refuses a reload that would add a guard to a gateway started without
+/// one: its programs are installed only at start.
+pub fn refuse_new_guard(config: &Config) -> Result<(), GuardError> {
+    match &config.guard {
+        Some(settings) if settings.enforcement != GuardEnforcement::Off => {
+            Err(GuardError::NeedsRestart {
+                what: "[guard]",
+                from: "absent (or off)".into(),
+                to: format!("enforcement = {:?}", enforcement_name(settings.enforcement)),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn lock(running: &Mutex<Running>) -> MutexGuard<'_, Running> {
+    // A panic elsewhere leaves the maps as they were: keep going.
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Logs every bypass event and hands it to subscribers.
+async fn log_events(
+    mut events: ebpf::Events<BypassAttempt>,
+    attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let a = tokio::select! {
+            () = stop.cancelled() => return,
+            a = events.next() => a,
+        };
+        let Some(a) = a else { break };
+        if a.audited {
+            tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
+        } else {
+            tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
+                destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
+        }
+        // No subscriber is the normal case outside tests.
+        let _ = attempts.send(a);
+    }
+    tracing::error!("guard events stopped: bypass attempts are still counted but no longer logged");
+}
+
+/// Keeps the local-address maps in step with this host's addresses: a
+/// backend on this host is then protected on an address the moment it
+/// exists (well, the moment the kernel tells us).
+async fn follow_addresses(
+    mut changes: crate::netlink::Changes,
+    running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if let Err(e) = changed {
+                tracing::error!(error = %e, "guard: address notifications failed; new addresses of this host are no longer protected as local");
+                return;
+            },
+        }
+        let addresses = match host_addresses() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "guard: this host's addresses changed but cannot be read; the maps keep the old ones");
+                continue;
+            }
+        };
+        let mut running = lock(&running);
+        if running.spec.local_addresses == addresses {
+            continue;
+        }
+        let spec = GuardSpec {
+            local_addresses: addresses,
+            ..running.spec.clone()
+        };
+        match running.local.update(&spec) {
+            Ok(()) => {
+                tracing::info!(addresses = ?spec.local_addresses, "guard: this host's addresses changed; local backends are protected on each");
+                running.spec = spec;
+                sweep_older_connections(&running, &stats);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
+            }
+        }
+    }
+}
+
+/// Processes in cgroup `dir` other than this one (none when it does not
+/// exist yet).
+fn others_in(dir: &Path) -> Vec<u32> {
+    let ours = std::process::id();
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|pid| *pid != ours)
+        .collect()
+}
+
+/// "4242 (sleep), 4243 (sh)": pids with their command names.
+fn describe(pids: &[u32]) -> String {
+    pids.iter()
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} ({})", comm.trim())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Sources named per summary line: every one is named, in lines of this
+/// many, so a process flooding connects costs the log lines, not another
+/// process its mention.
+const SOURCES_PER_LINE: usize = 32;
+
+/// Logs, every `every`, who tried to reach protected backends around the
+/// gateway: every (cgroup, uid) with its attempts, grouped by destination.
+/// The kernel's events are rate-limited (64 per CPU per second), so one
+/// process's flood can hide another's attempt there; the tallies count
+/// every attempt of every source.
+async fn summarize(
+    running: Arc<Mutex<Running>>,
+    every: std::time::Duration,
+    summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let tallies = match lock(&running).local.take_tallies() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "guard: reading the per-source tallies");
+                continue;
+            }
+        };
+        if tallies.is_empty() {
+            continue;
+        }
+        let mut by_destination: std::collections::BTreeMap<
+            (std::net::SocketAddr, &str),
+            Vec<&LocalAttempts>,
+        > = std::collections::BTreeMap::new();
+        for t in &tallies {
+            by_destination
+                .entry((t.destination, t.protocol.name()))
+                .or_default()
+                .push(t);
+        }
+        for ((destination, protocol), sources) in by_destination {
+            let attempts: u64 = sources.iter().map(|t| t.attempts).sum();
+            for chunk in sources.chunks(SOURCES_PER_LINE) {
+                let who: Vec<String> = chunk
+                    .iter()
+                    .map(|t| format!("cgroup {} uid {}×{}", t.cgroup, t.uid, t.attempts))
+                    .collect();
+                tracing::warn!(
+                    %destination,
+                    protocol,
+                    sources = sources.len(),
+                    attempts,
+                    period = ?every,
+                    who = %who.join(", "),
+                    "guard: bypass attempts by source"
+                );
+            }
+        }
+        // No subscriber is the normal case outside tests.
+        let _ = summaries.send(tallies);
+    }
+}
+
+/// How often the gateway's cgroup is looked at for other processes.
+const CGROUP_WATCH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Alerts (an error line and a count) for every process that joins the
+/// gateway's cgroup: its connects would pass as the gateway's. cgroup v2
+/// sends no event when a process joins, so this looks once a second.
+async fn watch_cgroup(
+    dir: PathBuf,
+    stats: Arc<GuardStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut alerted: std::collections::HashSet<u32> = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(CGROUP_WATCH);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now: std::collections::HashSet<u32> = others_in(&dir).into_iter().collect();
+        for pid in now.difference(&alerted) {
+            stats.intruders.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                process = %describe(&[*pid]),
+                cgroup = %dir.display(),
+                "guard: another process joined the gateway's cgroup; its connects to protected backends pass as the gateway's"
+            );
+        }
+        // Forget the ones that left, so a pid used again is seen again.
+        alerted = now;
     }
 }
 

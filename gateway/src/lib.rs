@@ -13,11 +13,13 @@ pub mod guard;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod netlink;
 pub mod offload;
 pub mod pki;
 pub mod policy;
 pub mod registry;
 pub mod remote_guard;
+pub mod sock_diag;
 pub mod spiffe;
 pub mod state;
 #[cfg(test)]

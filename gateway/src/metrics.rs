@@ -244,25 +244,24 @@ impl Sources {
     pub fn render(&self) -> String {
         let mut out = self.metrics.render(&self.registry, &self.reloads);
         if let Some(guard) = &self.guard {
-            match guard.counters() {
-                Ok(c) => {
-                    out.push_str("# HELP gateway_guard_connects_total Connects to protected backends seen by the eBPF guard.\n");
-                    out.push_str("# TYPE gateway_guard_connects_total counter\n");
-                    for (verdict, n) in [
-                        ("allow", c.allowed),
-                        ("deny", c.refused),
-                        ("audit", c.audited),
-                    ] {
-                        let _ = writeln!(
-                            out,
-                            "gateway_guard_connects_total{{verdict=\"{verdict}\"}} {n}"
-                        );
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "reading guard counters"),
-            }
+            guard.render_metrics(&mut out);
         }
         out
+    }
+}
+
+/// Writes one counter family: its HELP and TYPE lines, then each series as
+/// (labels, value), labels written as they go between the braces ("" for
+/// none).
+pub fn counter(out: &mut String, name: &str, help: &str, series: &[(String, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    for (labels, value) in series {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
     }
 }
 

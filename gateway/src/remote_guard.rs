@@ -3,27 +3,36 @@
 //! packets are dropped (or counted and passed, in audit) and logged.
 //!
 //! ```toml
-//! interfaces = ["eth0"]
+//! interfaces = ["eth0"]                     # the TC layer: early drops
+//! socket_layer = true                       # judge at the sockets too (the default)
+//! cgroup = ""                               # whose sockets: the whole host
 //! allow = ["10.0.1.10", "fd00::10"]         # the gateways (CIDR prefixes)
 //! protect = ["tcp:9000", "tcp:9100-9199"]   # udp:PORT too
 //! enforcement = "enforce"                   # or "audit"
 //! pin_dir = "/sys/fs/bpf/gateway-guard"     # the default; pin = false: detach on exit
 //! admin = "127.0.0.1:9902"                  # optional: GET /metrics
+//! summary_every = "10s"                     # who tried, per source and port
 //! ```
 //!
-//! Fail closed: when the program cannot be attached, the guard does not
-//! start. SIGHUP reloads the file and updates the maps in place. Pinned (the
-//! default), protection stays when the guard stops and a restart takes over
-//! without a gap; `gateway guard --uninstall --config guard.toml` removes it.
+//! Fail closed: when a layer cannot be attached, the guard does not start.
+//! SIGHUP reloads the file and updates the maps in place, all or nothing.
+//! Interfaces that are deleted and created again get the guard again.
+//! Pinned (the default), protection stays when the guard stops and a
+//! restart takes over without a gap; `gateway guard --uninstall --config
+//! guard.toml` removes it.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::ebpf::Enforcement;
-use crate::ebpf::remote::{IngressCounters, PortRule, RemoteGuard, RemoteSpec};
+use crate::ebpf::remote::{
+    IngressCounters, InterfaceChange, LayerCounters, PortRule, RemoteGuard, RemoteSpec,
+    SourceAttempts,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteGuardError {
@@ -56,7 +65,13 @@ impl RemoteGuardError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    #[serde(default)]
     interfaces: Vec<String>,
+    #[serde(default = "default_true")]
+    socket_layer: bool,
+    /// The socket layer's cgroup, relative to the cgroup v2 mount.
+    #[serde(default)]
+    cgroup: PathBuf,
     allow: Vec<String>,
     protect: Vec<String>,
     #[serde(default = "enforce")]
@@ -68,12 +83,19 @@ struct File {
     /// Where to serve `GET /metrics` (fixed at start).
     #[serde(default)]
     admin: Option<std::net::SocketAddr>,
+    #[serde(
+        default = "default_summary_every",
+        deserialize_with = "crate::config::duration::deserialize"
+    )]
+    summary_every: Duration,
 }
 
 /// A checked guard.toml.
 pub struct GuardFile {
     pub spec: RemoteSpec,
     pub admin: Option<std::net::SocketAddr>,
+    /// How often the per-source tallies are logged.
+    pub summary_every: Duration,
 }
 
 fn default_true() -> bool {
@@ -83,6 +105,10 @@ fn default_true() -> bool {
 /// Beside the gateway's own /sys/fs/bpf/gateway, so one host can run both.
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/gateway-guard")
+}
+
+fn default_summary_every() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -117,10 +143,10 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
         field: e.path().to_string(),
         message: e.into_inner().message().to_owned(),
     })?;
-    if file.interfaces.is_empty() {
+    if file.interfaces.is_empty() && !file.socket_layer {
         return Err(RemoteGuardError::invalid(
             path,
-            "interfaces: name at least one".into(),
+            "interfaces: name at least one, or keep socket_layer = true".into(),
         ));
     }
     if file.allow.is_empty() {
@@ -135,6 +161,21 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
         return Err(RemoteGuardError::invalid(
             path,
             "protect: name at least one port".into(),
+        ));
+    }
+    if file.summary_every < Duration::from_secs(1) {
+        return Err(RemoteGuardError::invalid(
+            path,
+            "summary_every: at least \"1s\"".into(),
+        ));
+    }
+    if file.cgroup.is_absolute() || file.cgroup.components().any(|c| c.as_os_str() == "..") {
+        return Err(RemoteGuardError::invalid(
+            path,
+            format!(
+                "cgroup: {:?} must be relative to the cgroup v2 mount (\"\" is the whole host)",
+                file.cgroup
+            ),
         ));
     }
     // A bare address is the one host: /32 or /128.
@@ -154,8 +195,20 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
         .map(|p| p.parse::<PortRule>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RemoteGuardError::invalid(path, format!("protect: {e}")))?;
+    let sockets = if file.socket_layer {
+        let mount = crate::ebpf::cgroup2_mount().ok_or_else(|| {
+            RemoteGuardError::invalid(
+                path,
+                "socket_layer: no cgroup v2 hierarchy is mounted (see /proc/mounts)".into(),
+            )
+        })?;
+        Some(mount.join(&file.cgroup))
+    } else {
+        None
+    };
     let spec = RemoteSpec {
         interfaces: file.interfaces,
+        sockets,
         allow,
         protect,
         enforcement: match file.enforcement {
@@ -167,49 +220,189 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
     Ok(GuardFile {
         spec,
         admin: file.admin,
+        summary_every: file.summary_every,
     })
 }
 
 /// The guard's counters in the Prometheus text format.
-fn render(guard: &Mutex<RemoteGuard>) -> String {
-    use std::fmt::Write as _;
+fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
+    use crate::metrics::counter;
+    use std::sync::atomic::Ordering::Relaxed;
     let guard = lock(guard);
     let mut out = String::new();
     match guard.counters() {
         Ok(c) => {
-            out.push_str("# HELP gateway_guard_ingress_packets_total Packets to protected ports seen by the remote guard, by verdict.\n");
-            out.push_str("# TYPE gateway_guard_ingress_packets_total counter\n");
-            for (verdict, n) in [
-                ("allow", c.allowed),
-                ("drop", c.dropped),
-                ("audit", c.audited),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "gateway_guard_ingress_packets_total{{verdict=\"{verdict}\"}} {n}"
-                );
+            let layers = [("tc", c.tc), ("socket", c.socket)];
+            let mut packets = Vec::new();
+            for (layer, l) in layers {
+                for (verdict, n) in [
+                    ("allow", l.allowed),
+                    ("drop", l.dropped),
+                    ("audit", l.audited),
+                ] {
+                    packets.push((format!("layer=\"{layer}\",verdict=\"{verdict}\""), n));
+                }
             }
+            counter(
+                &mut out,
+                "gateway_guard_ingress_packets_total",
+                "Packets to protected ports (and unparsable ones) seen by the remote guard, by layer and verdict.",
+                &packets,
+            );
+            counter(
+                &mut out,
+                "gateway_guard_unparsable_packets_total",
+                "Packets whose ports could not be read, judged as if protected, by layer.",
+                &layers.map(|(layer, l)| (format!("layer=\"{layer}\""), l.unparsable)),
+            );
         }
         Err(e) => tracing::warn!(error = %e, "guard: reading counters"),
     }
     match guard.drops_per_rule() {
-        Ok(rules) => {
-            out.push_str("# HELP gateway_guard_rule_drops_total Dropped (or, in audit, passed) bypass packets per protected port rule.\n");
-            out.push_str("# TYPE gateway_guard_rule_drops_total counter\n");
-            for (rule, n) in rules {
-                let _ = writeln!(out, "gateway_guard_rule_drops_total{{rule=\"{rule}\"}} {n}");
-            }
-        }
+        Ok(rules) => counter(
+            &mut out,
+            "gateway_guard_rule_drops_total",
+            "Dropped (or, in audit, passed) bypass packets per protected port rule.",
+            &rules
+                .iter()
+                .map(|(rule, n)| (format!("rule=\"{rule}\""), *n))
+                .collect::<Vec<_>>(),
+        ),
         Err(e) => tracing::warn!(error = %e, "guard: reading rule counters"),
     }
+    let programs = guard.program_stats();
+    counter(
+        &mut out,
+        "gateway_guard_program_runs_total",
+        "Runs of each layer's program (counted while kernel.bpf_stats_enabled is on).",
+        &programs
+            .iter()
+            .map(|(program, runs, _)| (format!("program=\"{program}\""), *runs))
+            .collect::<Vec<_>>(),
+    );
+    counter(
+        &mut out,
+        "gateway_guard_program_run_nanoseconds_total",
+        "Time in each layer's program (counted while kernel.bpf_stats_enabled is on).",
+        &programs
+            .iter()
+            .map(|(program, _, time)| {
+                (
+                    format!("program=\"{program}\""),
+                    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    counter(
+        &mut out,
+        "gateway_guard_reloads_total",
+        "Reloads of guard.toml by result.",
+        &[
+            ("result=\"ok\"".into(), stats.reloads_ok.load(Relaxed)),
+            (
+                "result=\"failed\"".into(),
+                stats.reloads_failed.load(Relaxed),
+            ),
+        ],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_interfaces_reattached_total",
+        "Protected interfaces attached again after they were deleted and created.",
+        &[(String::new(), stats.reattached.load(Relaxed))],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_bypass_sources_total",
+        "Bypass sources (per source, port and summary period) the guard tallied.",
+        &[(String::new(), stats.sources.load(Relaxed))],
+    );
     out
 }
 
-/// Installs the guard, logs every intrusion, reloads on SIGHUP and stops
-/// (detaching) on SIGTERM/SIGINT.
+/// What the runner itself counts, for the metrics.
+#[derive(Default)]
+struct RunStats {
+    /// Reloads by outcome.
+    reloads_ok: std::sync::atomic::AtomicU64,
+    reloads_failed: std::sync::atomic::AtomicU64,
+    /// Interfaces attached again after they were created anew.
+    reattached: std::sync::atomic::AtomicU64,
+    /// Distinct (source, port) pairs seen in the tallies.
+    sources: std::sync::atomic::AtomicU64,
+}
+
+/// Sources named per summary line (`10.0.2.7×3 10.0.2.9×1 …`): every
+/// source is named, in lines of this many, so a flood of spoofed sources
+/// costs the log lines, not the real source its mention.
+const SOURCES_PER_LINE: usize = 32;
+
+/// Logs who tried the protected ports since the last summary: every source
+/// with its attempts, busiest first, grouped by port.
+fn log_summary(tallies: &[SourceAttempts], every: Duration, enforcement: Enforcement) {
+    let enforcement = match enforcement {
+        Enforcement::Enforce => "enforce",
+        Enforcement::Audit => "audit",
+    };
+    let mut by_port: std::collections::BTreeMap<(u16, &str), Vec<&SourceAttempts>> =
+        std::collections::BTreeMap::new();
+    for t in tallies {
+        by_port.entry((t.port, t.protocol)).or_default().push(t);
+    }
+    for ((port, protocol), sources) in by_port {
+        let attempts: u64 = sources.iter().map(|t| t.attempts).sum();
+        let total = sources.len();
+        for chunk in sources.chunks(SOURCES_PER_LINE) {
+            let named: Vec<String> = chunk
+                .iter()
+                .map(|t| format!("{}×{}", t.source, t.attempts))
+                .collect();
+            tracing::warn!(
+                port,
+                protocol,
+                sources = total,
+                attempts,
+                enforcement,
+                period = ?every,
+                who = %named.join(" "),
+                "guard: bypass attempts by source"
+            );
+        }
+    }
+}
+
+/// Logs what `reconcile` found.
+fn log_changes(changes: &[InterfaceChange], stats: &RunStats) {
+    for change in changes {
+        match change {
+            InterfaceChange::Reattached { interface, index } => {
+                stats
+                    .reattached
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(interface = %interface, index, "guard: interface created anew; attached again");
+            }
+            InterfaceChange::Gone { interface } => tracing::error!(
+                interface = %interface,
+                "guard: interface gone; its TC layer is attached again when it comes back (the socket layer still judges)"
+            ),
+            InterfaceChange::NotFirst { interface } => tracing::error!(
+                interface = %interface,
+                "guard: another TCX program now runs before the guard; what it passes with TC_ACT_OK skips the TC layer"
+            ),
+        }
+    }
+}
+
+/// Installs the guard, logs every intrusion, reloads on SIGHUP, follows
+/// interfaces that come and go, and stops on SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let GuardFile { spec, admin } = load(path)?;
+    let GuardFile {
+        spec,
+        admin,
+        summary_every,
+    } = load(path)?;
     // Bound before anything is installed: a taken port changes nothing.
     let admin = match admin {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -217,23 +410,31 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         })?),
         None => None,
     };
+    // Subscribed before attaching, so an interface recreated in between is seen.
+    let mut link_changes = crate::netlink::Changes::subscribe(crate::netlink::Watch::Links)
+        .map_err(|e| {
+            RemoteGuardError::invalid(path, format!("watching interfaces (rtnetlink): {e}"))
+        })?;
     let mut guard = RemoteGuard::install(&spec)?;
     let mut events = guard.take_events()?;
     let guard = Arc::new(Mutex::new(guard));
+    let stats = Arc::new(RunStats::default());
     let stop = tokio_util::sync::CancellationToken::new();
     if let Some(socket) = admin {
         if let Ok(addr) = socket.local_addr() {
             tracing::info!(%addr, "guard: admin endpoint: GET /metrics");
         }
         let guard = guard.clone();
+        let stats = stats.clone();
         tokio::spawn(crate::metrics::serve_admin(
             socket,
-            move || render(&guard),
+            move || render(&guard, &stats),
             stop.clone(),
         ));
     }
     tracing::info!(
         interfaces = ?spec.interfaces,
+        sockets = ?spec.sockets,
         allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
         protect = ?spec.protect.iter().map(ToString::to_string).collect::<Vec<_>>(),
         enforcement = ?spec.enforcement,
@@ -251,53 +452,98 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
             "cannot install signal handlers".into(),
         ));
     };
+    let mut enforcement = spec.enforcement;
+    let mut summary = tokio::time::interval(summary_every);
+    summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Netlink notifications can be lost: look again now and then anyway.
+    let mut look_again = tokio::time::interval(Duration::from_secs(5));
+    look_again.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut links_watched = true;
     loop {
         tokio::select! {
             e = events.next() => match e {
                 Some(i) => tracing::warn!(
                     source = %i.source, destination = %i.destination, protocol = i.protocol,
-                    ifindex = i.ifindex, verdict = if i.audited { "audit" } else { "drop" },
+                    ifindex = i.ifindex, layer = i.layer, unparsable = i.unparsable,
+                    verdict = if i.audited { "audit" } else { "drop" },
                     "guard: bypass attempt"
                 ),
                 None => {
-                    tracing::error!("guard: the event ring buffer can no longer be read; counters still count");
+                    tracing::error!("guard: the event ring buffer can no longer be read; counters and summaries still count");
                     std::future::pending::<()>().await;
                 }
             },
+            changed = link_changes.changed(), if links_watched => {
+                if let Err(e) = changed {
+                    tracing::error!(error = %e, "guard: interface notifications failed; looking every 5s instead");
+                    links_watched = false;
+                }
+                match lock(&guard).reconcile() {
+                    Ok(changes) => log_changes(&changes, &stats),
+                    Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
+                }
+            }
+            _ = look_again.tick() => match lock(&guard).reconcile() {
+                Ok(changes) => log_changes(&changes, &stats),
+                Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
+            },
+            _ = summary.tick() => match lock(&guard).take_tallies() {
+                Ok(tallies) => {
+                    stats.sources.fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    log_summary(&tallies, summary_every, enforcement);
+                }
+                Err(e) => tracing::warn!(error = %e, "guard: reading the per-source tallies"),
+            },
             _ = hup.recv() => match load(path).and_then(|f| {
-                lock(&guard).update(&f.spec).map_err(Into::into)
+                lock(&guard).update(&f.spec).map(|()| f.spec.enforcement).map_err(Into::into)
             }) {
-                Ok(()) => tracing::info!("guard: reloaded {}", path.display()),
-                Err(e) => tracing::error!(error = %e, "guard: reload failed; the previous rules stay"),
+                Ok(now) => {
+                    enforcement = now;
+                    stats.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!("guard: reloaded {}", path.display());
+                }
+                Err(e) => {
+                    stats.reloads_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(error = %e, "guard: reload failed; every rule stays as it was");
+                }
             },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    let IngressCounters {
+    let (counters, tallies) = {
+        let mut g = lock(&guard);
+        (g.counters()?, g.take_tallies().unwrap_or_default())
+    };
+    log_summary(&tallies, summary_every, enforcement);
+    stop.cancel();
+    let IngressCounters { tc, socket } = counters;
+    let LayerCounters {
         protected,
         allowed,
         dropped,
         audited,
-    } = lock(&guard).counters()?;
-    stop.cancel();
-    match &spec.pin_dir {
-        Some(dir) => tracing::info!(
-            protected,
-            allowed,
-            dropped,
-            audited,
-            pin_dir = %dir.display(),
+        unparsable,
+    } = tc;
+    let pinned = spec.pin_dir.as_ref().map(|d| d.display().to_string());
+    tracing::info!(
+        protected,
+        allowed,
+        dropped,
+        audited,
+        unparsable,
+        socket_protected = socket.protected,
+        socket_allowed = socket.allowed,
+        socket_dropped = socket.dropped,
+        socket_audited = socket.audited,
+        pin_dir = ?pinned,
+        "{}",
+        if pinned.is_some() {
             "guard: stopping; protection stays pinned (gateway guard --uninstall --config removes it)"
-        ),
-        None => tracing::info!(
-            protected,
-            allowed,
-            dropped,
-            audited,
+        } else {
             "guard: stopping; protection ends"
-        ),
-    }
+        }
+    );
     Ok(())
 }
 

@@ -81,10 +81,25 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-#[derive(Debug)]
+/// Called with every address a backend's hostname resolves to, before the
+/// gateway connects to any of them: the eBPF guard protects them first, so
+/// a name that starts resolving elsewhere is never reachable around the
+/// gateway. An error refuses the connect.
+pub type Gate = std::sync::Arc<dyn Fn(&[std::net::SocketAddr]) -> io::Result<()> + Send + Sync>;
+
 pub struct Backends {
     addrs: Vec<String>,
     next: AtomicUsize,
+    gate: std::sync::OnceLock<Gate>,
+}
+
+impl std::fmt::Debug for Backends {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backends")
+            .field("addrs", &self.addrs)
+            .field("gated", &self.gate.get().is_some())
+            .finish()
+    }
 }
 
 impl Backends {
@@ -92,7 +107,14 @@ impl Backends {
         Self {
             addrs,
             next: AtomicUsize::new(0),
+            gate: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Resolves hostnames itself from now on and passes what they resolve
+    /// to through `gate` before connecting (once; later calls keep the first).
+    pub fn gate_with(&self, gate: Gate) {
+        let _ = self.gate.set(gate);
     }
 
     /// Connects to the next backend in turn (with TLS when the route
@@ -109,7 +131,7 @@ impl Backends {
         let mut failures = Vec::new();
         for i in 0..attempts {
             let addr = &self.addrs[(start + i) % self.addrs.len()];
-            match tokio::time::timeout(timeout, attempt(addr, tls)).await {
+            match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get())).await {
                 Ok(Ok(stream)) => return Ok((stream, addr.clone())),
                 Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
                 Err(_) => failures.push(format!("{addr}: connect timed out after {timeout:?}")),
@@ -123,8 +145,22 @@ impl Backends {
     }
 }
 
-async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> {
-    let stream = TcpStream::connect(addr).await?;
+async fn attempt(
+    addr: &str,
+    tls: Option<&UpstreamTls>,
+    gate: Option<&Gate>,
+) -> io::Result<Upstream> {
+    let stream = match (gate, addr.parse::<std::net::SocketAddr>()) {
+        (Some(gate), Err(_)) => {
+            // A hostname: what it resolves to now is protected before any
+            // of it is connected to (and exactly that is connected to).
+            let resolved: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host(addr).await?.collect();
+            gate(&resolved)?;
+            connect_any(&resolved).await?
+        }
+        _ => TcpStream::connect(addr).await?,
+    };
     // Interactive protocols behind us: do not hold small writes back.
     let _ = stream.set_nodelay(true);
     match tls {
@@ -140,6 +176,19 @@ async fn attempt(addr: &str, tls: Option<&UpstreamTls>) -> io::Result<Upstream> 
             Ok(Upstream::Tls(Box::new(stream)))
         }
     }
+}
+
+/// The first of `addrs` that accepts a connection, tried in order (as
+/// `TcpStream::connect` tries what a name resolves to).
+async fn connect_any(addrs: &[std::net::SocketAddr]) -> io::Result<TcpStream> {
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolved to no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]
@@ -180,5 +229,32 @@ mod tests {
             err.is_err() != err2.is_err(),
             "round robin alternates the start"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hostname_passes_the_gate_before_any_connect() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = live.local_addr().unwrap().port();
+        let b = Backends::new(vec![format!("localhost:{port}")]);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        b.gate_with(std::sync::Arc::new(
+            move |addrs: &[std::net::SocketAddr]| {
+                record.lock().unwrap().extend_from_slice(addrs);
+                Err(io::Error::other("not protected"))
+            },
+        ));
+        let Err(err) = b.connect(1, Duration::from_secs(2), None).await else {
+            panic!("connected past a gate that refused");
+        };
+        assert!(err.to_string().contains("not protected"), "{err}");
+        assert!(
+            seen.lock()
+                .unwrap()
+                .contains(&std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+            "the gate saw what the name resolved to"
+        );
+        let accepted = tokio::time::timeout(Duration::from_millis(200), live.accept()).await;
+        assert!(accepted.is_err(), "a refused gate means no connect");
     }
 }

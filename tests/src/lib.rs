@@ -10,6 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod bpf;
+pub mod netns;
+pub mod packet;
+pub mod wire;
+
 use gateway::access_log::AccessRecord;
 use gateway::pki::{Authority, Issued, LeafSpec};
 use rustls::pki_types::pem::PemObject;
@@ -694,6 +699,15 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// `gateway guard --uninstall --pin-dir <dir>` with the built binary.
+pub fn uninstall_with_binary(pin_dir: &Path) -> std::process::Output {
+    std::process::Command::new(gateway_binary())
+        .args(["guard", "--uninstall", "--pin-dir"])
+        .arg(pin_dir)
+        .output()
+        .expect("run gateway guard --uninstall")
+}
+
 /// Set where a kernel feature is known to be there (the VM runs): a test
 /// that would skip for lack of it fails instead, so a broken setup cannot
 /// pass as "skipped".
@@ -756,44 +770,51 @@ pub const PROBE_COMM: &str = "bypass-probe";
 /// `cgroup`; Err says why not (e.g. "Operation not permitted (os error 1)").
 /// A forked child rather than a shell, so it also runs in the VM's initramfs.
 pub fn connect_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
-    reach_from(cgroup, addr, false)
+    reach_from(cgroup, addr, Probe::TcpConnect)
 }
 
 /// Sends one UDP datagram ("probe") to `addr` with sendto, from a child in
 /// `cgroup`, as [`connect_from`] connects.
 pub fn send_udp_from(cgroup: &Path, addr: SocketAddr) -> Result<(), String> {
-    reach_from(cgroup, addr, true)
+    reach_from(cgroup, addr, Probe::UdpSendTo)
 }
 
-fn reach_from(cgroup: &Path, addr: SocketAddr, udp: bool) -> Result<(), String> {
+/// How a probe child tries to reach a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// TCP connect().
+    TcpConnect,
+    /// One UDP datagram with sendto().
+    UdpSendTo,
+    /// connect() on a UDP socket, then send().
+    UdpConnect,
+    /// A TCP connect submitted through io_uring (IORING_OP_CONNECT).
+    UringConnect,
+    /// A raw IPv4 socket (CAP_NET_RAW) that writes its own UDP header.
+    RawUdp,
+    /// This many TCP connects in a row, each on a new socket, whatever
+    /// they return: a flood.
+    TcpConnects(u32),
+}
+
+/// Tries to reach `addr` the way `probe` says, from a child process that
+/// first moves itself into `cgroup`, in the calling thread's network
+/// namespace; Err says why not.
+pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), String> {
     use std::os::unix::ffi::OsStrExt as _;
     // Everything the child needs is prepared before fork: after it, in a
     // threaded process, the child may only make raw system calls.
     let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
         .expect("cgroup path without NUL");
     let name = std::ffi::CString::new(PROBE_COMM).expect("comm");
-    // SAFETY: sockaddr_storage is plain data; zero is a valid starting value.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            let sin = unsafe { &mut *std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            let sin6 =
-                unsafe { &mut *std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
+    let (storage, len) = netns::sockaddr(addr);
     let family = i32::from(storage.ss_family);
+    // The raw probe's UDP header and payload ("probe"), checksum left out.
+    let mut raw = [0u8; 13];
+    raw[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    raw[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    raw[4..6].copy_from_slice(&13u16.to_be_bytes());
+    raw[8..13].copy_from_slice(b"probe");
     // SAFETY: the child below only makes async-signal-safe system calls on
     // data prepared above, then _exits.
     let pid = unsafe { libc::fork() };
@@ -806,28 +827,51 @@ fn reach_from(cgroup: &Path, addr: SocketAddr, udp: bool) -> Result<(), String> 
             if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                 libc::_exit(200);
             }
-            let kind = if udp {
-                libc::SOCK_DGRAM
-            } else {
-                libc::SOCK_STREAM
+            let (kind, protocol) = match probe {
+                Probe::TcpConnect | Probe::UringConnect | Probe::TcpConnects(_) => {
+                    (libc::SOCK_STREAM, 0)
+                }
+                Probe::UdpSendTo | Probe::UdpConnect => (libc::SOCK_DGRAM, 0),
+                Probe::RawUdp => (libc::SOCK_RAW, libc::IPPROTO_UDP),
             };
-            let s = libc::socket(family, kind, 0);
+            let s = libc::socket(family, kind, protocol);
             if s < 0 {
                 libc::_exit(201);
             }
             let to = std::ptr::from_ref(&storage).cast();
-            let rc = if udp {
-                let sent = libc::sendto(
-                    s,
-                    b"probe".as_ptr().cast(),
-                    5,
-                    0,
-                    to,
-                    len as libc::socklen_t,
-                );
-                if sent == 5 { 0 } else { -1 }
-            } else {
-                libc::connect(s, to, len as libc::socklen_t)
+            let sent = |n: isize, want: usize| if n == want as isize { 0 } else { -1 };
+            let rc = match probe {
+                Probe::TcpConnect => libc::connect(s, to, len),
+                Probe::TcpConnects(n) => {
+                    libc::close(s);
+                    for _ in 0..n {
+                        let s = libc::socket(family, kind, protocol);
+                        libc::connect(s, to, len);
+                        libc::close(s);
+                    }
+                    0
+                }
+                Probe::UdpSendTo => {
+                    sent(libc::sendto(s, b"probe".as_ptr().cast(), 5, 0, to, len), 5)
+                }
+                Probe::UdpConnect => {
+                    if libc::connect(s, to, len) != 0 {
+                        -1
+                    } else {
+                        sent(libc::send(s, b"probe".as_ptr().cast(), 5, 0), 5)
+                    }
+                }
+                Probe::RawUdp => sent(
+                    libc::sendto(s, raw.as_ptr().cast(), raw.len(), 0, to, len),
+                    raw.len(),
+                ),
+                Probe::UringConnect => match uring::connect(s, to, len) {
+                    Ok(()) => 0,
+                    Err(errno) => {
+                        *libc::__errno_location() = errno;
+                        -1
+                    }
+                },
             };
             libc::_exit(if rc == 0 {
                 0
@@ -1069,4 +1113,129 @@ pub async fn tls12_gcm_nonces_through(
         "{client_leg} / {backend_leg} records seen"
     );
     (record, client_leg, backend_leg)
+}
+
+/// io_uring with raw system calls and no allocation, so a forked child of
+/// a threaded process may use it: one connect, submitted and waited for.
+mod uring {
+    const SETUP: libc::c_long = 425;
+    const ENTER: libc::c_long = 426;
+    const OP_CONNECT: u8 = 16;
+    const ENTER_GETEVENTS: u32 = 1;
+    const FEAT_SINGLE_MMAP: u32 = 1;
+    const OFF_SQ_RING: i64 = 0;
+    const OFF_CQ_RING: i64 = 0x800_0000;
+    const OFF_SQES: i64 = 0x1000_0000;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct SqOffsets {
+        head: u32,
+        tail: u32,
+        ring_mask: u32,
+        ring_entries: u32,
+        flags: u32,
+        dropped: u32,
+        array: u32,
+        resv1: u32,
+        user_addr: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct CqOffsets {
+        head: u32,
+        tail: u32,
+        ring_mask: u32,
+        ring_entries: u32,
+        overflow: u32,
+        cqes: u32,
+        flags: u32,
+        resv1: u32,
+        user_addr: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Params {
+        sq_entries: u32,
+        cq_entries: u32,
+        flags: u32,
+        sq_thread_cpu: u32,
+        sq_thread_idle: u32,
+        features: u32,
+        wq_fd: u32,
+        resv: [u32; 3],
+        sq_off: SqOffsets,
+        cq_off: CqOffsets,
+    }
+
+    /// connect(socket, to, len) through a fresh ring; Err is the errno.
+    ///
+    /// # Safety
+    /// `to` points at a sockaddr of `len` bytes valid for the call.
+    pub unsafe fn connect(
+        socket: i32,
+        to: *const libc::sockaddr,
+        len: libc::socklen_t,
+    ) -> Result<(), i32> {
+        let mut p = Params::default();
+        // SAFETY (whole body): raw io_uring system calls on memory the
+        // kernel maps for this ring, at the offsets it reports.
+        unsafe {
+            let ring = libc::syscall(SETUP, 2u32, &raw mut p) as i32;
+            if ring < 0 {
+                return Err(*libc::__errno_location());
+            }
+            let sq_len = p.sq_off.array as usize + p.sq_entries as usize * 4;
+            let cq_len = p.cq_off.cqes as usize + p.cq_entries as usize * 16;
+            let single = p.features & FEAT_SINGLE_MMAP != 0;
+            let map = |len: usize, offset: i64| {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_POPULATE,
+                    ring,
+                    offset,
+                )
+            };
+            let sq = map(
+                if single { sq_len.max(cq_len) } else { sq_len },
+                OFF_SQ_RING,
+            );
+            let cq = if single { sq } else { map(cq_len, OFF_CQ_RING) };
+            let sqes = map(p.sq_entries as usize * 64, OFF_SQES);
+            if sq == libc::MAP_FAILED || cq == libc::MAP_FAILED || sqes == libc::MAP_FAILED {
+                return Err(*libc::__errno_location());
+            }
+            let at = |base: *mut libc::c_void, off: u32| base.cast::<u8>().add(off as usize);
+            let sqe = sqes.cast::<u8>();
+            std::ptr::write_bytes(sqe, 0, 64);
+            *sqe = OP_CONNECT;
+            sqe.add(4).cast::<i32>().write(socket);
+            sqe.add(8).cast::<u64>().write(u64::from(len));
+            sqe.add(16).cast::<u64>().write(to as u64);
+            sqe.add(32).cast::<u64>().write(1);
+            let tail = at(sq, p.sq_off.tail).cast::<u32>();
+            let mask = *at(sq, p.sq_off.ring_mask).cast::<u32>();
+            let index = *tail & mask;
+            at(sq, p.sq_off.array)
+                .cast::<u32>()
+                .add(index as usize)
+                .write(0);
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            tail.write_volatile(*tail + 1);
+            let rc = libc::syscall(ENTER, ring, 1u32, 1u32, ENTER_GETEVENTS, 0usize, 0usize);
+            if rc < 0 {
+                return Err(*libc::__errno_location());
+            }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            let head = *at(cq, p.cq_off.head).cast::<u32>();
+            let cq_mask = *at(cq, p.cq_off.ring_mask).cast::<u32>();
+            let cqe = at(cq, p.cq_off.cqes).add((head & cq_mask) as usize * 16);
+            let res = cqe.add(8).cast::<i32>().read();
+            if res < 0 { Err(-res) } else { Ok(()) }
+        }
+    }
 }

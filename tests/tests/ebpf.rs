@@ -69,6 +69,8 @@ fn only_the_gateway_cgroup_reaches_protected_backends() {
         gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: None,
+        local_addresses: Vec::new(),
+        every_local_address: true,
     };
     if let Some(v6) = &v6 {
         spec.protected.push(v6.local_addr().unwrap().into());
@@ -159,6 +161,8 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
         gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: Some(pins.0.clone()),
+        local_addresses: Vec::new(),
+        every_local_address: true,
     };
 
     // The gateway exits: its guard object goes, the protection stays.
@@ -191,11 +195,7 @@ fn pinned_protection_outlives_the_gateway_and_a_restart_takes_over() {
     drop(restarted);
 
     // Uninstall removes everything it installed.
-    let out = std::process::Command::new(gateway_tests::gateway_binary())
-        .args(["guard", "--uninstall", "--pin-dir"])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
+    let out = gateway_tests::uninstall_with_binary(&pins.0);
     assert!(
         out.status.success(),
         "{}",
@@ -245,6 +245,8 @@ fn udp_datagrams_and_port_ranges_are_guarded_too() {
         gateway_uid: None,
         enforcement: Enforcement::Enforce,
         pin_dir: None,
+        local_addresses: Vec::new(),
+        every_local_address: true,
     };
     let guard = LocalGuard::install(&cg.root, &spec).expect("install the guard");
 

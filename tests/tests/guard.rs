@@ -2,13 +2,39 @@
 //! gateway, a local process that bypasses it gets EPERM, a reload protects a
 //! new backend at once, audit lets bypasses through but counts them, and
 //! enforcement that cannot be installed stops the gateway from starting.
-//! Root only; the test process becomes "the gateway" by joining its cgroup.
+//! A reload the guard cannot apply whole is refused and changes nothing;
+//! addresses the host gains are guarded as they appear.
+//! Root only; the test process becomes "the gateway" by joining its cgroup,
+//! so the tests here take turns.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use gateway_tests::*;
 
 const SNI: &str = "orders.example.internal";
+
+/// The tests take turns: the gateway moves this whole process into its
+/// cgroup, and a process is in one cgroup at a time.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What most tests start with: their turn, cgroups, a PKI and an echo
+/// backend. None (with a message) where BPF tests cannot run.
+async fn begin() -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    Cgroups,
+    Pki,
+    EchoBackend,
+)> {
+    let turn = TURN.lock().await;
+    let mount = bpf_cgroup_or_skip()?;
+    Some((
+        turn,
+        Cgroups::create(&mount),
+        Pki::new(),
+        EchoBackend::start().await,
+    ))
+}
 
 /// The test's cgroup subtree: `gw` (the gateway) and `other`. On drop the
 /// test process goes back where it was and the subtree is removed.
@@ -22,7 +48,7 @@ struct Cgroups {
 
 impl Cgroups {
     fn create(mount: &Path) -> Cgroups {
-        let rel = PathBuf::from(format!("gateway-e2e-guard-{}", std::process::id()));
+        let rel = PathBuf::from(gateway_tests::netns::unique("gateway-e2e-guard-"));
         for d in [rel.clone(), rel.join("other")] {
             std::fs::create_dir(mount.join(&d)).unwrap();
         }
@@ -36,7 +62,7 @@ impl Cgroups {
             mount: mount.to_owned(),
             rel,
             home,
-            pins: PathBuf::from(format!("/sys/fs/bpf/gateway-e2e-{}", std::process::id())),
+            pins: PathBuf::from("/sys/fs/bpf").join(gateway_tests::netns::unique("gateway-e2e-")),
         }
     }
 
@@ -47,10 +73,16 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        let _ = gateway::ebpf::uninstall(&self.pins);
+        gateway_tests::netns::uninstall_when_free(&self.pins);
         let _ = std::fs::write(self.home.join("cgroup.procs"), "0");
-        for leaf in ["gw", "other", ""] {
-            let dir = self.path(leaf);
+        // Every leaf a test made (gw, other, and any of its own), then the root.
+        let leaves = std::fs::read_dir(self.path(""))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path());
+        for dir in leaves.chain(std::iter::once(self.path(""))) {
             for _ in 0..50 {
                 if !dir.exists() || std::fs::remove_dir(&dir).is_ok() {
                     break;
@@ -63,12 +95,9 @@ impl Drop for Cgroups {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backends_are_reachable_only_through_the_gateway() {
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let cg = Cgroups::create(&mount);
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
     let second = EchoBackend::start().await;
     let guard = |mode: &str| {
         format!(
@@ -175,4 +204,433 @@ async fn backends_are_reachable_only_through_the_gateway() {
             .contains("uid = 4242, but the gateway runs as uid 0"),
         "{err}"
     );
+}
+
+/// `[guard]` for the test's cgroups, with `enforcement` and extra lines.
+fn guard_section(cg: &Cgroups, enforcement: &str, extra: &str) -> String {
+    format!(
+        "[guard]\nenforcement = \"{enforcement}\"\ncgroup = \"{}\"\nattach_to = \"{}\"\npin_dir = \"{}\"\n{extra}",
+        cg.rel.join("gw").display(),
+        cg.rel.display(),
+        cg.pins.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_the_guard_cannot_apply_whole_is_refused_and_changes_nothing() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let routes = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = |guard: String| format!("admin = \"127.0.0.1:0\"\n{guard}{routes}");
+    let gw = RunningGateway::start(&pki, &config(guard_section(&cg, "enforce", ""))).await;
+    let bypass = || connect_from(&cg.path("other"), backend.addr);
+    let err = bypass().expect_err("protected");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    let too_many: Vec<String> = (1..=4097u16)
+        .map(|p| format!("\"10.99.0.1:{p}\""))
+        .collect();
+    let refusals = [
+        ("no [guard]", String::new(), "[guard]"),
+        (
+            "enforcement = off",
+            guard_section(&cg, "off", ""),
+            "enforcement changes from enforce to off",
+        ),
+        (
+            "another cgroup",
+            guard_section(&cg, "enforce", "").replace("/gw\"", "/other\""),
+            "cgroup changes",
+        ),
+        (
+            "another pin_dir",
+            guard_section(&cg, "enforce", "").replace(
+                &format!("pin_dir = \"{}\"", cg.pins.display()),
+                &format!("pin_dir = \"{}-elsewhere\"", cg.pins.display()),
+            ),
+            "pin_dir changes",
+        ),
+        (
+            "audit with more rules than the maps hold",
+            guard_section(
+                &cg,
+                "audit",
+                &format!("protect = [{}]\n", too_many.join(", ")),
+            ),
+            "more than 4096",
+        ),
+    ];
+    for (what, guard, says) in &refusals {
+        let err = gw
+            .reload_toml(&pki, &config(guard.clone()))
+            .await
+            .expect_err(what);
+        assert!(err.to_string().contains(says), "{what}: {err}");
+        let err = bypass().expect_err(what);
+        assert!(
+            err.contains("Operation not permitted"),
+            "after a refused reload ({what}) the guard enforces as before: {err}"
+        );
+    }
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains(&format!(
+            "gateway_reloads_total{{result=\"failed\"}} {}",
+            refusals.len()
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"audit\"} 0"),
+        "{metrics}"
+    );
+    drop(gw);
+
+    // A gateway started without a guard does not pretend to add one.
+    let gw = RunningGateway::start(&pki, &config(String::new())).await;
+    let err = gw
+        .reload_toml(&pki, &config(guard_section(&cg, "enforce", "")))
+        .await
+        .expect_err("adding [guard] needs a restart");
+    assert!(err.to_string().contains("[guard]"), "{err}");
+    gw.reload_toml(&pki, &config(guard_section(&cg, "off", "")))
+        .await
+        .expect("off is what it runs with");
+}
+
+#[test]
+fn addresses_the_host_gains_are_guarded_as_they_appear() {
+    let _turn = TURN.blocking_lock();
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    if !gateway_tests::netns::netns_or_skip() {
+        return;
+    }
+    let ns = gateway_tests::netns::Netns::new("gga");
+    ns.ip("link add v0 type veth peer name v1");
+    ns.ip("link set v0 up");
+    ns.ip("link set v1 up");
+    let cg = Cgroups::create(&mount);
+    // The gateway runs on a thread inside the namespace: the addresses it
+    // follows are the namespace's.
+    let backend = ns
+        .run(|| std::net::TcpListener::bind("[::]:0"))
+        .expect("bind");
+    let port = backend.local_addr().unwrap().port();
+    // Accepts (and closes) what gets through, so the backlog never fills.
+    gateway_tests::netns::tcp_echo(backend);
+    let pki = Pki::new();
+    let toml = guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[SocketAddr::from(([127, 0, 0, 1], port))],
+            &[SPIFFE_FRONTEND],
+        );
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let name = ns.name().to_owned();
+    let gateway = std::thread::spawn(move || {
+        gateway_tests::netns::in_netns(&name, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let _gw = RunningGateway::start(&pki, &toml).await;
+                let _ = ready_tx.send(());
+                // Serve until the test is done.
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+            });
+        })
+    });
+    ready_rx.recv_timeout(STEP).expect("gateway started");
+    let other = cg.path("other");
+    let probe = |ip: &str| {
+        let to = SocketAddr::new(ip.parse().unwrap(), port);
+        let other = other.clone();
+        ns.run(move || connect_from(&other, to))
+    };
+    ns.ip("addr add 10.205.0.1/24 dev v0");
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        match probe("10.205.0.1") {
+            Err(e) if e.contains("Operation not permitted") => break,
+            other => assert!(
+                std::time::Instant::now() < until,
+                "an address the host gained after start is guarded within {STEP:?}: {other:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let err = probe("127.0.0.2").expect_err("another loopback address");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    drop(stop_tx);
+    gateway.join().expect("gateway thread");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_older_than_the_guard_are_closed_when_it_enforces() {
+    use gateway_tests::netns::{Kind, socket_in_cgroup};
+    use std::io::{Read as _, Write as _};
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let udp_backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_addr = udp_backend.local_addr().unwrap();
+    // Opened by a process outside the gateway's cgroup before the guard.
+    let mut tcp = std::net::TcpStream::from(
+        socket_in_cgroup(&cg.path("other"), Kind::TcpConnected, backend.addr).expect("connect"),
+    );
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 6];
+    tcp.write_all(b"before").unwrap();
+    tcp.read_exact(&mut buf)
+        .expect("the old connection works before the guard");
+    let udp = std::net::UdpSocket::from(
+        socket_in_cgroup(&cg.path("other"), Kind::UdpConnected, udp_addr).expect("connect"),
+    );
+    udp.send(b"before")
+        .expect("the old UDP socket sends before the guard");
+
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", &format!("protect = [\"udp:{udp_addr}\"]\n"))
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let after = tcp
+        .write_all(b"after!")
+        .and_then(|()| tcp.read_exact(&mut buf));
+    assert!(
+        after.is_err(),
+        "the connection opened before the guard is closed when it starts enforcing"
+    );
+    assert!(
+        udp.send(b"after").is_err() || udp.send(b"after").is_err(),
+        "and so is the connected UDP socket"
+    );
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_guard_older_connections_total{action=\"closed\"} 2"),
+        "{metrics}"
+    );
+}
+
+/// A process killed and reaped when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `sleep` moved into cgroup `dir`, as a service started there would be.
+fn sleeper_in(dir: &Path) -> Killed {
+    let child = Killed(
+        std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep"),
+    );
+    std::fs::write(dir.join("cgroup.procs"), child.0.id().to_string()).expect("move it");
+    child
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_keeps_its_cgroup_to_itself() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    std::fs::create_dir(cg.path("gw")).expect("the gateway's cgroup");
+    let squatter = sleeper_in(&cg.path("gw"));
+    let config = gateway::Config::parse(
+        &format!("access_log = \"off\"\n{toml}"),
+        &pki.path("g.toml"),
+        pki.dir.path(),
+    )
+    .unwrap();
+    let err = gateway::build(&config)
+        .await
+        .err()
+        .expect("a gateway refuses a cgroup it would share");
+    assert!(
+        err.to_string().contains("already holds other processes")
+            && err
+                .to_string()
+                .contains(&format!("{} (sleep)", squatter.0.id())),
+        "{err}"
+    );
+    drop(squatter);
+
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let _joiner = sleeper_in(&cg.path("gw"));
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        let metrics = gw.scrape().await;
+        if metrics.contains("gateway_guard_cgroup_intruders_total 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "a process that joins the gateway's cgroup is reported within {STEP:?}:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `f` on a thread with a mount namespace of its own in which
+/// /etc/hosts is `hosts` (threads it starts share the view), so a test
+/// decides what names resolve to without touching the host's file.
+fn with_hosts_file<T: Send + 'static>(hosts: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: unshare and mount on valid NUL-terminated strings; they
+        // affect only this thread (and threads it creates).
+        unsafe {
+            assert_eq!(
+                libc::unshare(libc::CLONE_NEWNS),
+                0,
+                "unshare mount namespace"
+            );
+            assert_eq!(
+                libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null()
+                ),
+                0,
+                "make mounts private"
+            );
+            let source = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
+            assert_eq!(
+                libc::mount(
+                    source.as_ptr(),
+                    c"/etc/hosts".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null()
+                ),
+                0,
+                "bind the test's hosts file: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+#[test]
+fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
+    let _turn = TURN.blocking_lock();
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    use std::net::ToSocketAddrs as _;
+    if "localhost:1".to_socket_addrs().is_err() {
+        // Statically linked, as in the VM: no NSS to resolve names with.
+        eprintln!("skipped: this build cannot resolve host names");
+        return;
+    }
+    let cg = Cgroups::create(&mount);
+    let backend = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = backend.local_addr().unwrap().port();
+    gateway_tests::netns::tcp_echo(backend);
+    let hosts_dir = tempfile::tempdir().unwrap();
+    let hosts = hosts_dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 guarded.test\n").unwrap();
+    let pki = Pki::new();
+    // Named addresses only: 127.0.0.3 is not covered as "another local
+    // address" of the first one.
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "every_local_address = false\n")
+        + &listener_toml(&pki, "edge", "")
+        + &format!(
+            "[[listeners.routes]]\nname = \"orders\"\nserver_names = [\"{SNI}\"]\nbackends = [\"guarded.test:{port}\"]\nallow = [\"{SPIFFE_FRONTEND}\"]\n"
+        );
+    let other = cg.path("other");
+    let moved = hosts.clone();
+    let resolved = with_hosts_file(hosts, move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let gw = RunningGateway::start(&pki, &toml).await;
+            let bypass = |ip: [u8; 4]| connect_from(&other, SocketAddr::from((ip, port)));
+            bypass([127, 0, 0, 1]).expect_err("resolved at start: protected");
+            bypass([127, 0, 0, 3]).expect("not a backend yet");
+            // The name moves; the gateway resolves it at its next connect.
+            std::fs::write(&moved, "127.0.0.3 guarded.test\n").unwrap();
+            let tls = connect(gw.app_addr, SNI, pki.frontend_config())
+                .await
+                .expect("mTLS to the gateway");
+            let data = payload(10_000);
+            assert_eq!(echo_roundtrip(tls, data.clone()).await.unwrap(), data);
+            let err = bypass([127, 0, 0, 3]).expect_err("protected before the gateway used it");
+            assert!(err.contains("Operation not permitted"), "{err}");
+            gw.scrape().await
+        })
+    });
+    assert!(
+        resolved.contains("gateway_guard_resolved_addresses_total 1"),
+        "{resolved}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_connects_does_not_hide_another_process() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let quiet = cg.path("quiet");
+    std::fs::create_dir(&quiet).expect("a second cgroup");
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "summary_every = \"1s\"\n")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let guard = gw.guard.as_ref().expect("guard");
+    let mut summaries = guard.summaries();
+    // One process per CPU floods connects to the backend, far past the
+    // kernel's 64 events per CPU per second; meanwhile another tries once.
+    let flooders: Vec<_> = (0..2)
+        .map(|_| {
+            let other = cg.path("other");
+            let to = backend.addr;
+            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnects(20_000)))
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let err = connect_from(&quiet, backend.addr).expect_err("refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    for f in flooders {
+        f.join().expect("flooder").expect("flooded");
+    }
+    let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
+    let until = tokio::time::Instant::now() + STEP;
+    loop {
+        let summary = tokio::time::timeout_at(until, summaries.recv())
+            .await
+            .expect("the quiet process is named in a summary within the step")
+            .expect("summaries");
+        if let Some(quiet) = summary.iter().find(|t| t.cgroup == quiet_id) {
+            assert_eq!((quiet.attempts, quiet.destination), (1, backend.addr));
+            break;
+        }
+    }
 }

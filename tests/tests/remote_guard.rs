@@ -7,13 +7,12 @@
 //! Everything it creates (namespaces, veths, processes) goes when it ends,
 //! failed or not.
 
-use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use gateway_tests::netns::*;
 use gateway_tests::*;
 
 /// Namespaces named after this process, so parallel runs never collide.
@@ -27,16 +26,6 @@ const GATEWAY_BACKEND_SIDE_V4: &str = "10.200.2.1";
 const BACKEND_V4: &str = "10.200.2.2";
 const GATEWAY_BACKEND_SIDE_V6: &str = "fd00:2::1";
 const BACKEND_V6: &str = "fd00:2::2";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 impl Topology {
     fn new() -> Topology {
@@ -116,111 +105,6 @@ impl Drop for Topology {
     }
 }
 
-/// Runs `f` on a thread inside namespace `ns`: sockets it creates live there
-/// and can be used from anywhere afterwards.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = PathBuf::from("/run/netns").join(ns);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("netns handle");
-        // SAFETY: setns on an open namespace fd affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
-/// `args` as a command that runs in network namespace `ns` and nothing else
-/// of its own: unlike `ip netns exec`, it keeps the host's mounts, so the
-/// guard's bpffs pins outlive it as they would on a real host.
-fn in_netns_command(ns: &str, args: &[&str]) -> Command {
-    use std::os::unix::process::CommandExt as _;
-    let netns = std::fs::File::open(PathBuf::from("/run/netns").join(ns)).expect("netns handle");
-    let mut cmd = Command::new(args[0]);
-    cmd.args(&args[1..]);
-    // SAFETY: setns is async-signal-safe; the closure only makes that one
-    // syscall on an fd the parent keeps open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    cmd
-}
-
-/// Removes the guard's pins even when the test fails (the namespace's
-/// interfaces, and so the attachments, go with the topology).
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = gateway::ebpf::uninstall(&self.0);
-    }
-}
-
-/// A process in namespace `ns`, killed and reaped when dropped.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(ns: &str, args: &[&str], log: PathBuf) -> Proc {
-        let file = std::fs::File::create(&log).expect("log");
-        let child = in_netns_command(ns, args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn");
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log has `count` lines containing `needle`.
-    fn wait_for(&mut self, needle: &str, count: usize) {
-        let until = Instant::now() + STEP;
-        while self.log().matches(needle).count() < count {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("exited ({status}) before {needle:?}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < until,
-                "no {needle:?} within {STEP:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill with a child pid we have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A TCP connect from the client's namespace: Ok, or why not (a dropped SYN
 /// shows as a timeout).
 fn connect_from_client(t: &Topology, addr: SocketAddr) -> Result<TcpStream, String> {
@@ -229,43 +113,9 @@ fn connect_from_client(t: &Topology, addr: SocketAddr) -> Result<TcpStream, Stri
     })
 }
 
-/// A plain TCP echo on `addr` in the backend's namespace, on its own thread.
-fn echo_server(t: &Topology, addr: SocketAddr) {
-    let listener = in_netns(&t.ns("b"), move || {
-        std::net::TcpListener::bind(addr).expect("bind")
-    });
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 || s.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-}
-
 /// `gateway guard --config` in the backend's namespace, once it protects.
 fn start_guard(t: &Topology, config: &Path, log: PathBuf) -> Proc {
-    let bin = gateway_binary();
-    let mut guard = Proc::spawn(
-        &t.ns("b"),
-        &[
-            bin.to_str().expect("utf-8 path"),
-            "--log-format",
-            "json",
-            "guard",
-            "--config",
-            config.to_str().expect("utf-8 path"),
-        ],
-        log,
-    );
-    guard.wait_for("guard: protecting", 1);
-    guard
+    start_remote_guard(&t.ns("b"), config, log)
 }
 
 /// The guard's metrics endpoint, inside the backend's namespace.
@@ -274,26 +124,21 @@ const GUARD_ADMIN: &str = "127.0.0.1:9902";
 /// One metric's value from the guard's `GET /metrics`, read in the
 /// backend's namespace.
 fn guard_metric(t: &Topology, series: &str) -> u64 {
-    let body = in_netns(&t.ns("b"), || {
-        let mut s = TcpStream::connect(GUARD_ADMIN).expect("guard admin endpoint");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: guard\r\n\r\n")
-            .expect("request");
-        let mut body = String::new();
-        s.read_to_string(&mut body).expect("response");
-        body
-    });
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+    metric_in(&t.ns("b"), GUARD_ADMIN.parse().unwrap(), series)
+        .unwrap_or_else(|| panic!("no {series} on the guard's metrics endpoint"))
 }
 
-fn write_guard_toml(path: &Path, pins: &Path, protect: &str, enforcement: &str) {
+/// guard.toml for the backend: TC on its interface, the socket layer on
+/// the test's cgroup (where the backends' sockets live; never the host's
+/// root cgroup, which would judge every socket on the machine).
+fn write_guard_toml(path: &Path, pins: &Path, cgroup: &Path, protect: &str, enforcement: &str) {
     std::fs::write(
         path,
         format!(
-            "interfaces = [\"b0\"]\nallow = [\"{GATEWAY_BACKEND_SIDE_V4}\", \"{GATEWAY_BACKEND_SIDE_V6}/128\"]\n\
+            "interfaces = [\"b0\"]\ncgroup = \"{}\"\nallow = [\"{GATEWAY_BACKEND_SIDE_V4}\", \"{GATEWAY_BACKEND_SIDE_V6}/128\"]\n\
              protect = [{protect}]\nenforcement = \"{enforcement}\"\npin_dir = \"{}\"\n\
              admin = \"{GUARD_ADMIN}\"\n",
+            cgroup.display(),
             pins.display()
         ),
     )
@@ -302,38 +147,36 @@ fn write_guard_toml(path: &Path, pins: &Path, protect: &str, enforcement: &str) 
 
 #[test]
 fn only_the_gateway_reaches_protected_backend_ports() {
-    if bpf_cgroup_or_skip().is_none() {
+    let Some(mount) = bpf_cgroup_or_skip() else {
         return;
-    }
-    if Command::new("ip").args(["netns", "list"]).output().is_err() {
-        eprintln!("skipped: iproute2's `ip netns` is not available");
+    };
+    if !netns_or_skip() {
         return;
     }
     let t = Topology::new();
+    let cg = TestCgroup::create(&mount, "grg");
     let dir = tempfile::tempdir().expect("tempdir");
     let backend: SocketAddr = format!("{BACKEND_V4}:9000").parse().unwrap();
     let backend_v6: SocketAddr = format!("[{BACKEND_V6}]:9000").parse().unwrap();
     let unprotected: SocketAddr = format!("{BACKEND_V4}:9100").parse().unwrap();
-    echo_server(&t, backend);
-    echo_server(&t, backend_v6);
-    echo_server(&t, unprotected);
-    let udp = in_netns(&t.ns("b"), || {
-        UdpSocket::bind(format!("{BACKEND_V4}:9002")).expect("udp")
-    });
-    udp.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
+    for addr in [backend, backend_v6, unprotected] {
+        echo_in_cgroup(&t.ns("b"), &cg.path(), addr);
+    }
+    let udp = udp_in_cgroup(
+        &t.ns("b"),
+        &cg.path(),
+        format!("{BACKEND_V4}:9002").parse().unwrap(),
+    );
 
     // Before the guard: the client reaches the backend around the gateway.
     connect_from_client(&t, backend).expect("no guard yet: direct connect works");
 
     let guard_toml = dir.path().join("guard.toml");
-    let pins = Pins(PathBuf::from(format!(
-        "/sys/fs/bpf/gateway-test-remote-{}",
-        std::process::id()
-    )));
+    let pins = Pins::new("gateway-test-remote-");
     write_guard_toml(
         &guard_toml,
         &pins.0,
+        cg.rel(),
         "\"tcp:9000-9001\", \"udp:9002\"",
         "enforce",
     );
@@ -354,15 +197,17 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     let config = pki.write("gateway.toml", &format!("access_log = \"off\"\n{toml}"));
     let gw_log = dir.path().join("gateway.log");
     let _gateway = Proc::spawn(
-        &t.ns("g"),
-        &[
-            bin,
-            "--log-format",
-            "json",
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-        ],
+        in_netns_command(
+            &t.ns("g"),
+            &[
+                bin,
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        ),
         gw_log.clone(),
     );
     let gw_addr = listening_addr(&gw_log).expect("gateway listening");
@@ -428,20 +273,31 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     );
 
     // And counted, in total and per rule, on the guard's metrics endpoint.
-    assert!(guard_metric(&t, "gateway_guard_ingress_packets_total{verdict=\"drop\"}") >= 2);
+    assert!(
+        guard_metric(
+            &t,
+            "gateway_guard_ingress_packets_total{layer=\"tc\",verdict=\"drop\"}"
+        ) >= 2
+    );
     assert!(guard_metric(&t, "gateway_guard_rule_drops_total{rule=\"tcp:9000-9001\"}") >= 2);
     assert_eq!(
         guard_metric(&t, "gateway_guard_rule_drops_total{rule=\"udp:9002\"}"),
         1,
         "the one stranger's datagram"
     );
-    assert!(guard_metric(&t, "gateway_guard_ingress_packets_total{verdict=\"allow\"}") >= 1);
+    assert!(
+        guard_metric(
+            &t,
+            "gateway_guard_ingress_packets_total{layer=\"tc\",verdict=\"allow\"}"
+        ) >= 1
+    );
 
     // Every reload below protects the same ports; only the mode changes.
     let reload = |guard: &mut Proc, mode: &str, nth: usize| {
         write_guard_toml(
             &guard_toml,
             &pins.0,
+            cg.rel(),
             "\"tcp:9000-9001\", \"udp:9002\", \"tcp:9100\"",
             mode,
         );
@@ -472,10 +328,19 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     assert!(status.success(), "{status}");
     let log = guard.log();
     assert!(log.contains("\"dropped\":"), "{log}");
+    let audit_events = |layer: &str| {
+        log.lines()
+            .filter(|l| {
+                l.contains("\"guard: bypass attempt\"")
+                    && l.contains("\"verdict\":\"audit\"")
+                    && l.contains(&format!("\"layer\":\"{layer}\""))
+            })
+            .count()
+    };
     assert_eq!(
-        log.matches("\"verdict\":\"audit\"").count(),
-        1,
-        "an audited connection is one event (its SYN), not one per packet:\n{log}"
+        (audit_events("tc"), audit_events("socket")),
+        (1, 1),
+        "an audited connection is one event per layer (its SYN), not one per packet:\n{log}"
     );
     assert!(
         connect_from_client(&t, backend).is_err(),
@@ -491,7 +356,13 @@ fn only_the_gateway_reaches_protected_backend_ports() {
     // A restart takes over the pinned program and maps: protected throughout,
     // a rule dropped from the file is dropped from the kernel, and the
     // bypass counters carry on.
-    write_guard_toml(&guard_toml, &pins.0, "\"tcp:9000-9001\"", "enforce");
+    write_guard_toml(
+        &guard_toml,
+        &pins.0,
+        cg.rel(),
+        "\"tcp:9000-9001\"",
+        "enforce",
+    );
     let mut guard = start_guard(&t, &guard_toml, dir.path().join("guard-restarted.log"));
     assert!(
         connect_from_client(&t, backend).is_err(),

@@ -9,11 +9,13 @@ use anyhow::{Context as _, bail};
 use crate::cmd;
 
 /// Debian packages the tests and the demo drive: openssl (`s_client` as a new
-/// user would try the gateway), iproute2 (network namespaces), QEMU, a static
+/// user would try the gateway), iproute2 (network namespaces), nftables (a
+/// DNAT rule in front of a port the remote guard protects), QEMU, a static
 /// busybox and xz for the VM kernels (kTLS tests).
 const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "iproute2",
+    "nftables",
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",

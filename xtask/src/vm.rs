@@ -51,7 +51,9 @@ const VM_TESTS: &[&str] = &[
     "handoff",
     "ebpf",
     "guard",
+    "local_guard_attacks",
     "remote_guard",
+    "remote_guard_attacks",
 ];
 
 /// Modules to load, in this order, with whatever they depend on first. The
@@ -78,6 +80,14 @@ const MODULES: &[&str] = &[
     "veth",
     "sch_ingress",
     "cls_bpf",
+    // The guard's attack tests: a tun device, sock_diag (connections older
+    // than the guard), and nftables DNAT in front of a protected port.
+    "tun",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+    "nft_chain_nat",
+    "nft_nat",
 ];
 
 /// `max` offers AES-NI and PCLMUL for the kernel's AES-GCM; LA57 is off
@@ -591,6 +601,10 @@ poweroff -f
 /// tests need. It is dynamically linked, so its libraries come along.
 const IPROUTE2: &str = "/usr/sbin/ip";
 
+/// nftables' `nft`, for the remote guard's DNAT test (packed when the host
+/// has it; the test says so when it is missing).
+const NFT: &str = "/usr/sbin/nft";
+
 /// Packs the host's `binary` at `at`, with the dynamic loader and every
 /// library `ldd` names, at the paths the loader looks for them.
 fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Result<()> {
@@ -623,11 +637,14 @@ fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Resu
             dir.push_str(&part.as_os_str().to_string_lossy());
             cpio.dir_once(&dir);
         }
-        cpio.file(
-            relative,
-            &std::fs::read(library).with_context(|| library.to_owned())?,
-            0o755,
-        );
+        // Binaries packed one after another share libraries: once is enough.
+        if cpio.files.insert(relative.to_owned()) {
+            cpio.file(
+                relative,
+                &std::fs::read(library).with_context(|| library.to_owned())?,
+                0o755,
+            );
+        }
     }
     cpio.dir_once("usr");
     cpio.dir_once("usr/sbin");
@@ -661,6 +678,9 @@ fn build_initramfs(
     }
     cpio.file("bin/busybox", &std::fs::read(busybox)?, 0o755);
     pack_with_libraries(&mut cpio, Path::new(IPROUTE2), "usr/sbin/ip")?;
+    if Path::new(NFT).is_file() {
+        pack_with_libraries(&mut cpio, Path::new(NFT), "usr/sbin/nft")?;
+    }
     cpio.file("init", INIT.as_bytes(), 0o755);
     cpio.file(
         "bin/gateway",
@@ -729,6 +749,8 @@ struct Cpio {
     out: Vec<u8>,
     ino: u32,
     dirs: std::collections::HashSet<String>,
+    /// Shared libraries packed so far.
+    files: std::collections::HashSet<String>,
 }
 
 impl Cpio {

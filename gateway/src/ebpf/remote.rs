@@ -1,43 +1,55 @@
-//! The remote guard: on a backend host, the `ingress` TC classifier lets
-//! only the gateways' addresses reach the protected ports.
+//! The remote guard: on a backend host, only the gateways' addresses reach
+//! the protected ports. Two layers share one set of maps:
 //!
-//! TC rather than XDP: a TC classifier attaches to every interface the
-//! kernel has (veth, bonds, tunnels, NICs whose driver lacks native XDP)
-//! through the clsact qdisc, next to whatever else the host runs there, and
-//! sees the packet after GRO, one check per aggregate. XDP would drop a flood
-//! earlier, which is not this guard's job: it keeps bypass connections out.
+//! - `ingress`, a TC classifier on each named interface: the early layer.
+//!   It drops a stranger's packet before the stack spends anything on it,
+//!   and attaches to any interface (veth, bonds, tunnels, NICs without
+//!   native XDP) next to what else the host runs there. Attached first
+//!   (TCX) or at priority 1 (netlink), and passing with TCX_NEXT, so no
+//!   program before it can switch it off and programs after it still run.
+//! - `sock_ingress`, a `cgroup_skb/ingress` program on a cgroup tree (the
+//!   whole host by default): the kernel runs it for every packet it delivers
+//!   to a socket in that tree, after reassembly and NAT, on every interface
+//!   (`lo`, bridges, veths, tunnels). The port it judges is the receiving
+//!   socket's own. It closes what TC cannot see.
 //!
-//! Maps are filled before the program attaches and updated in place (new
-//! entries before stale ones go), so protection starts whole and has no gap
-//! on reload.
+//! Maps are filled before anything attaches and updated in place (new
+//! entries before stale ones go), all or nothing: an update that fails
+//! halfway puts back what it changed.
 //!
 //! Pinned (the default), protection outlives the process: the maps live in
-//! bpffs, and so does the attachment. On 6.6+ kernels aya attaches through
-//! TCX, whose link is pinned like any BPF link. Older kernels attach through
+//! bpffs, and so do the attachments. On 6.6+ kernels TC attaches through
+//! TCX, whose link is pinned like any BPF link; older kernels attach through
 //! netlink, where the filter itself holds the program; it sits at a fixed
 //! priority and handle so that a restart replaces it in place, and a
 //! `netlink-<interface>` directory in the pin directory records it for
-//! `--uninstall`. Either way a restart swaps the program atomically and
-//! takes over the maps, so there is no moment without protection.
+//! `--uninstall`. The socket layer's cgroup link is pinned too. A restart
+//! swaps the programs in and takes over the maps, so there is no moment
+//! without protection. An interface that is deleted and created again (a
+//! bond, a veth) loses its attachment with it: `reconcile` attaches again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use aya::maps::Array;
 use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as AyaHashMap};
 use aya::programs::links::{FdLink, Link as _, PinnedLink};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, TcAttachType, tc,
+};
 use aya::util::KernelVersion;
 use gateway_common::{
-    IngressConfig, IngressCounter, IngressEvent, MAX_ALLOWED_SOURCES, MAX_PORT_RULES, enforcement,
+    IngressConfig, IngressCounter, IngressEvent, LinkKind, MAX_ALLOWED_SOURCES, MAX_INTERFACES,
+    MAX_PORT_RULES, SourceKey, enforcement, layer, reason,
 };
 use ipnet::IpNet;
 
 pub use super::Protocol;
 use super::{
-    EbpfError, Enforcement, Events, loader_with_pins, object, per_cpu_sum, pin_failed, port_range,
+    EbpfError, Enforcement, Events, PinDirLock, loader_with_pins, lock_pin_dir, object,
+    per_cpu_sum, pin_failed, port_range, program_mut, take_tallies,
 };
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
@@ -79,42 +91,81 @@ impl std::fmt::Display for PortRule {
     }
 }
 
-/// What the remote guard protects, on which interfaces, and for whom.
+/// What the remote guard protects, where, and for whom.
 #[derive(Debug, Clone)]
 pub struct RemoteSpec {
+    /// Interfaces the TC layer attaches to (may be empty).
     pub interfaces: Vec<String>,
+    /// The cgroup v2 directory whose sockets the socket layer guards (the
+    /// mount point itself: every socket on the host); None: no socket layer.
+    pub sockets: Option<PathBuf>,
     /// The gateways' addresses (prefixes): the only sources let through.
     pub allow: Vec<IpNet>,
     pub protect: Vec<PortRule>,
     pub enforcement: Enforcement,
     /// Where maps and attachments are pinned so protection survives the
-    /// guard's exit; None: the program detaches when the guard stops.
+    /// guard's exit; None: everything detaches when the guard stops.
     pub pin_dir: Option<PathBuf>,
 }
 
-/// Counters the remote guard keeps, summed over CPUs.
+/// Counters of one layer, summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IngressCounters {
-    /// Packets to protected ports.
+pub struct LayerCounters {
+    /// Packets to protected ports (and unparsable ones).
     pub protected: u64,
     /// From an allowed source.
     pub allowed: u64,
     pub dropped: u64,
     pub audited: u64,
+    /// Of `protected`, the packets whose ports could not be read.
+    pub unparsable: u64,
 }
 
-/// The `ingress` classifier attached to the spec's interfaces. Unpinned, it
-/// stays attached while this value lives; pinned, until `--uninstall`.
+/// Counters of both layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngressCounters {
+    pub tc: LayerCounters,
+    pub socket: LayerCounters,
+}
+
+impl IngressCounters {
+    /// Both layers together (a packet dropped by TC never reaches the socket layer).
+    pub fn dropped(&self) -> u64 {
+        self.tc.dropped + self.socket.dropped
+    }
+}
+
+/// What happened to one protected interface when the guard looked again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceChange {
+    /// It was created again (a new index): attached again.
+    Reattached { interface: String, index: u32 },
+    /// It is gone: nothing to attach to until it comes back.
+    Gone { interface: String },
+    /// Another TCX program now runs before the guard on it.
+    NotFirst { interface: String },
+}
+
+/// The remote guard's programs and maps. Unpinned, they stay attached while
+/// this value lives; pinned, until `--uninstall`.
 pub struct RemoteGuard {
     ebpf: aya::Ebpf,
     rules: Vec<PortRule>,
     allowed: HashSet<IpNet>,
     interfaces: Vec<String>,
+    /// Interface name → the index the TC layer is attached under.
+    attached: HashMap<String, u32>,
+    /// Interfaces last seen gone (reported once, not on every look).
+    gone: HashSet<String>,
+    pin_dir: Option<PathBuf>,
+    sockets: Option<PathBuf>,
+    _lock: Option<PinDirLock>,
 }
 
-const PROGRAM: &str = "ingress";
+const TC_PROGRAM: &str = "ingress";
+const SOCKET_PROGRAM: &str = "sock_ingress";
 
-const MAPS: [&str; 9] = [
+const MAPS: [&str; 11] = [
     "INGRESS_TCP_PORTS",
     "INGRESS_UDP_PORTS",
     "INGRESS_ALLOW_V4",
@@ -124,17 +175,23 @@ const MAPS: [&str; 9] = [
     "INGRESS_RULE_DROPS",
     "INGRESS_EVENTS",
     "INGRESS_EVENT_BUDGET",
+    "INGRESS_LINKS",
+    "INGRESS_SOURCES",
 ];
 
 /// Where a netlink (pre-6.6) attachment sits, so a restart replaces it and
-/// `--uninstall` finds it. Below tc's automatic priorities (49152 down), so
-/// the guard runs before filters added without one.
-const NETLINK_PRIORITY: u16 = 1000;
+/// `--uninstall` finds it: priority 1, before any filter added with a
+/// priority of its own or without one. Earlier versions used 1000; a filter
+/// found there is removed.
+const NETLINK_PRIORITY: u16 = 1;
+const LEGACY_NETLINK_PRIORITY: u16 = 1000;
 const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x6777);
 
 /// The pin of a TCX link on `iface`, and the marker of a netlink filter.
 const TCX_PIN_PREFIX: &str = "link-ingress-";
 pub(super) const NETLINK_MARKER_PREFIX: &str = "netlink-";
+/// The pins of the socket layer's cgroup link (one per process that made it).
+const SOCKET_PIN_PREFIX: &str = "link-sock_ingress-";
 
 fn uses_tcx() -> bool {
     KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
@@ -146,59 +203,41 @@ impl RemoteGuard {
             return Err(EbpfError::NotBuilt);
         }
         let mut loader = loader_with_pins(spec.pin_dir.as_deref(), &MAPS)?;
+        let lock = spec.pin_dir.as_deref().map(lock_pin_dir).transpose()?;
         let mut guard = RemoteGuard {
             ebpf: loader.load(object())?,
             rules: Vec::new(),
             allowed: HashSet::new(),
             interfaces: spec.interfaces.clone(),
+            attached: HashMap::new(),
+            gone: HashSet::new(),
+            pin_dir: spec.pin_dir.clone(),
+            sockets: spec.sockets.clone(),
+            _lock: lock,
         };
         guard.adopt_existing_rules()?;
         // Whole before it sees a packet.
         guard.update(spec)?;
-        let program: &mut SchedClassifier = guard
-            .ebpf
-            .program_mut(PROGRAM)
-            .ok_or(EbpfError::MissingProgram(PROGRAM))?
-            .try_into()
-            .map_err(|source| EbpfError::Program {
-                name: PROGRAM,
-                source,
-            })?;
+        let program = guard.tc_program()?;
         program.load().map_err(|source| EbpfError::Program {
-            name: PROGRAM,
+            name: TC_PROGRAM,
             source,
         })?;
         for iface in &spec.interfaces {
-            // The clsact qdisc may be there already (ours or another tool's).
-            let exists = |e: &tc::TcError| match e {
-                tc::TcError::AlreadyAttached => true,
-                tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
-                _ => false,
-            };
-            if let Err(e) = tc::qdisc_add_clsact(iface)
-                && !exists(&e)
-            {
-                return Err(EbpfError::Interface {
-                    interface: iface.clone(),
-                    reason: e.to_string(),
-                });
-            }
-            let on_iface = |e: &dyn std::fmt::Display| EbpfError::Interface {
-                interface: iface.clone(),
-                reason: e.to_string(),
-            };
-            match &spec.pin_dir {
-                None => {
-                    program
-                        .attach(iface, TcAttachType::Ingress)
-                        .map_err(|e| on_iface(&e))?;
-                }
-                Some(dir) if uses_tcx() => attach_tcx_pinned(program, iface, dir)?,
-                Some(dir) => attach_netlink_pinned(program, iface, dir)?,
-            }
+            guard.attach_interface(iface)?;
+        }
+        guard
+            .socket_program()?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                name: SOCKET_PROGRAM,
+                source,
+            })?;
+        if let Some(cgroup) = &spec.sockets {
+            guard.attach_sockets(cgroup)?;
         }
         if let Some(dir) = &spec.pin_dir {
-            // Interfaces a previous guard protected and this one does not.
+            // What a previous guard protected and this one does not.
             for stale in pinned_interfaces(dir)
                 .into_iter()
                 .filter(|i| !spec.interfaces.contains(i))
@@ -206,8 +245,194 @@ impl RemoteGuard {
                 tracing::info!(interface = %stale, "guard: no longer protecting");
                 detach_pinned(dir, &stale)?;
             }
+            if spec.sockets.is_none() {
+                remove_pins(dir, SOCKET_PIN_PREFIX, None);
+            }
         }
+        guard.forget_stale_links()?;
         Ok(guard)
+    }
+
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier, EbpfError> {
+        program_mut(&mut self.ebpf, TC_PROGRAM)
+    }
+
+    fn socket_program(&mut self) -> Result<&mut CgroupSkb, EbpfError> {
+        program_mut(&mut self.ebpf, SOCKET_PROGRAM)
+    }
+
+    /// Attaches the TC layer to `iface` (first in line), after telling the
+    /// program where that interface's network header starts.
+    fn attach_interface(&mut self, iface: &str) -> Result<u32, EbpfError> {
+        let on_iface = |reason: String| EbpfError::Interface {
+            interface: iface.to_owned(),
+            reason,
+        };
+        let link = crate::netlink::link(iface)
+            .map_err(|e| on_iface(format!("listing interfaces: {e}")))?
+            .ok_or_else(|| on_iface("no such interface".into()))?;
+        let l2_len = link.link_header_len().ok_or_else(|| {
+            on_iface(format!(
+                "link type {} is neither Ethernet-like nor without a link header; the guard cannot find its packets' IP header",
+                link.kind
+            ))
+        })?;
+        let name = "INGRESS_LINKS";
+        let mut links: AyaHashMap<_, u32, LinkKind> =
+            AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
+        links
+            .insert(link.index, LinkKind { l2_len }, 0)
+            .map_err(|source| EbpfError::Map { name, source })?;
+        // The clsact qdisc may be there already (ours or another tool's).
+        let exists = |e: &tc::TcError| match e {
+            tc::TcError::AlreadyAttached => true,
+            tc::TcError::NetlinkError(n) => n.raw_os_error() == Some(libc::EEXIST),
+            _ => false,
+        };
+        if let Err(e) = tc::qdisc_add_clsact(iface)
+            && !exists(&e)
+        {
+            return Err(on_iface(e.to_string()));
+        }
+        let pin_dir = self.pin_dir.clone();
+        let program = self.tc_program()?;
+        match &pin_dir {
+            None if uses_tcx() => {
+                program
+                    .attach_with_options(
+                        iface,
+                        TcAttachType::Ingress,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    )
+                    .map_err(|e| on_iface(e.to_string()))?;
+            }
+            None => {
+                program
+                    .attach_with_options(iface, TcAttachType::Ingress, netlink_options())
+                    .map_err(|e| on_iface(e.to_string()))?;
+            }
+            Some(dir) if uses_tcx() => attach_tcx_pinned(program, iface, dir)?,
+            Some(dir) => attach_netlink_pinned(program, iface, dir)?,
+        }
+        if let Some(old) = self.attached.insert(iface.to_owned(), link.index)
+            && old != link.index
+        {
+            let _ = self.links_map()?.remove(&old);
+        }
+        self.gone.remove(iface);
+        Ok(link.index)
+    }
+
+    fn links_map(
+        &mut self,
+    ) -> Result<AyaHashMap<&mut aya::maps::MapData, u32, LinkKind>, EbpfError> {
+        let name = "INGRESS_LINKS";
+        AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))
+    }
+
+    /// Drops link entries a previous guard left for interfaces that are no
+    /// longer attached.
+    fn forget_stale_links(&mut self) -> Result<(), EbpfError> {
+        let current: HashSet<u32> = self.attached.values().copied().collect();
+        let mut links = self.links_map()?;
+        let stale: Vec<u32> = links
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !current.contains(i))
+            .collect();
+        for index in stale {
+            let _ = links.remove(&index);
+        }
+        Ok(())
+    }
+
+    /// Attaches the socket layer to `cgroup` (a link, which never displaces
+    /// other programs there; the kernel runs them all and drops when any
+    /// says so). Pinned: the new link is pinned first, then any a previous
+    /// guard left is let go, so both judge in between and there is no gap.
+    fn attach_sockets(&mut self, cgroup: &Path) -> Result<(), EbpfError> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| EbpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let pin_dir = self.pin_dir.clone();
+        let program = self.socket_program()?;
+        let failed = |source| EbpfError::Program {
+            name: SOCKET_PROGRAM,
+            source,
+        };
+        let link = program
+            .attach(dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(failed)?;
+        if let Some(pin_dir) = &pin_dir {
+            let fd_link: FdLink = program
+                .take_link(link)
+                .map_err(failed)?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| EbpfError::Pin {
+                    path: pin_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            let ours = pin_dir.join(format!("{SOCKET_PIN_PREFIX}{}", std::process::id()));
+            let _ = std::fs::remove_file(&ours);
+            fd_link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
+            remove_pins(pin_dir, SOCKET_PIN_PREFIX, Some(&ours));
+        }
+        Ok(())
+    }
+
+    /// Looks at every protected interface again: one created anew (deleted
+    /// and added, as bonds and veths are) gets the guard attached again,
+    /// one that went is reported once, and with TCX, one where another
+    /// program now runs before the guard is reported.
+    pub fn reconcile(&mut self) -> Result<Vec<InterfaceChange>, EbpfError> {
+        let links = crate::netlink::links().map_err(|e| EbpfError::Interface {
+            interface: String::new(),
+            reason: format!("listing interfaces: {e}"),
+        })?;
+        let mut changes = Vec::new();
+        for iface in self.interfaces.clone() {
+            match links.iter().find(|l| l.name == iface) {
+                None => {
+                    if self.gone.insert(iface.clone()) {
+                        changes.push(InterfaceChange::Gone { interface: iface });
+                    }
+                }
+                Some(link) if self.attached.get(&iface) != Some(&link.index) => {
+                    let index = self.attach_interface(&iface)?;
+                    changes.push(InterfaceChange::Reattached {
+                        interface: iface,
+                        index,
+                    });
+                }
+                Some(_) if uses_tcx() && !self.runs_first(&iface)? => {
+                    changes.push(InterfaceChange::NotFirst { interface: iface });
+                }
+                Some(_) => {}
+            }
+        }
+        self.forget_stale_links()?;
+        Ok(changes)
+    }
+
+    /// Whether the guard is the first TCX program on `iface`'s ingress.
+    fn runs_first(&mut self, iface: &str) -> Result<bool, EbpfError> {
+        let ours = self
+            .tc_program()?
+            .info()
+            .map_err(|source| EbpfError::Program {
+                name: TC_PROGRAM,
+                source,
+            })?
+            .id();
+        let (_, programs) =
+            SchedClassifier::query_tcx(iface, TcAttachType::Ingress).map_err(|source| {
+                EbpfError::Program {
+                    name: TC_PROGRAM,
+                    source,
+                }
+            })?;
+        Ok(programs.first().is_some_and(|p| p.id() == ours))
     }
 
     /// Takes over the rules a previous guard left in pinned maps, so the
@@ -253,89 +478,127 @@ impl RemoteGuard {
         Ok(())
     }
 
-    /// Changes what is protected and who passes, program attached: new
-    /// entries go in before stale ones come out. Interfaces are fixed at
-    /// install (a change needs a restart).
+    /// Changes what is protected and who passes, programs attached: new
+    /// entries go in before stale ones come out, so there is no gap. All or
+    /// nothing: everything is checked before the first write, and a write
+    /// that fails puts back every one before it. Where the guard attaches
+    /// (interfaces, the socket layer's cgroup) is fixed at install.
     pub fn update(&mut self, spec: &RemoteSpec) -> Result<(), EbpfError> {
-        if spec.interfaces != self.interfaces {
-            tracing::warn!(
-                from = ?self.interfaces,
-                to = ?spec.interfaces,
-                "guard: interfaces change only on restart; keeping the current ones"
-            );
+        if spec.interfaces != self.interfaces || spec.sockets != self.sockets {
+            return Err(EbpfError::Unchangeable(format!(
+                "interfaces {:?} and the socket layer's cgroup {:?} change only on restart (running with {:?} and {:?})",
+                spec.interfaces, spec.sockets, self.interfaces, self.sockets
+            )));
         }
         if spec.protect.len() > MAX_PORT_RULES as usize {
             return Err(EbpfError::TooManyRules(MAX_PORT_RULES));
         }
-        let config = IngressConfig {
+        if spec.interfaces.len() > MAX_INTERFACES as usize {
+            return Err(EbpfError::TooManyRules(MAX_INTERFACES));
+        }
+        let wanted: HashSet<IpNet> = spec.allow.iter().map(IpNet::trunc).collect();
+        // New prefixes go in before stale ones leave: both must fit at once.
+        for v6 in [false, true] {
+            let during = wanted
+                .union(&self.allowed)
+                .filter(|n| n.addr().is_ipv6() == v6)
+                .count();
+            if during > MAX_ALLOWED_SOURCES as usize {
+                return Err(EbpfError::TooManyRules(MAX_ALLOWED_SOURCES));
+            }
+        }
+        let mut plan = Vec::new();
+        // Allowed sources first: a reload that moves the gateway to a new
+        // address must not drop its connections in between.
+        plan.extend(
+            wanted
+                .difference(&self.allowed)
+                .map(|n| Write::Allow(*n, true)),
+        );
+        plan.push(Write::Config(IngressConfig {
             enforcement: match spec.enforcement {
                 Enforcement::Enforce => enforcement::ENFORCE,
                 Enforcement::Audit => enforcement::AUDIT,
             },
             _pad: 0,
-        };
-        let mut array: Array<_, IngressConfig> =
-            Array::try_from(self.map_mut("INGRESS_CONFIG")?)
-                .map_err(|_| EbpfError::MissingMap("INGRESS_CONFIG"))?;
-        array.set(0, config, 0).map_err(|source| EbpfError::Map {
-            name: "INGRESS_CONFIG",
-            source,
-        })?;
-
-        // Allowed sources first: a reload that moves the gateway to a new
-        // address must not drop its connections in between.
-        let wanted: HashSet<IpNet> = spec.allow.iter().map(IpNet::trunc).collect();
-        if wanted.iter().filter(|n| n.addr().is_ipv4()).count() > MAX_ALLOWED_SOURCES as usize
-            || wanted.iter().filter(|n| n.addr().is_ipv6()).count() > MAX_ALLOWED_SOURCES as usize
-        {
-            return Err(EbpfError::TooManyRules(MAX_ALLOWED_SOURCES));
-        }
-        let (new, stale): (Vec<IpNet>, Vec<IpNet>) = (
-            wanted.difference(&self.allowed).copied().collect(),
-            self.allowed.difference(&wanted).copied().collect(),
-        );
-        for net in &new {
-            self.allow(net, true)?;
-        }
-        for net in &stale {
-            self.allow(net, false)?;
-        }
-        self.allowed = wanted;
-
+        }));
         // Ports: every port of every rule gets its rule id (+1), then ports
         // no rule covers any more are cleared.
         let mut covered: HashSet<(Protocol, u16)> = HashSet::new();
         for (id, rule) in spec.protect.iter().enumerate() {
             for port in rule.first..=rule.last {
                 covered.insert((rule.protocol, port));
-                self.set_port(rule.protocol, port, id as u32 + 1)?;
+                plan.push(Write::Port(rule.protocol, port, id as u32 + 1));
             }
         }
-        for rule in self.rules.clone() {
+        for rule in &self.rules {
             for port in rule.first..=rule.last {
                 if !covered.contains(&(rule.protocol, port)) {
-                    self.set_port(rule.protocol, port, 0)?;
+                    plan.push(Write::Port(rule.protocol, port, 0));
                 }
             }
         }
+        plan.extend(
+            self.allowed
+                .difference(&wanted)
+                .map(|n| Write::Allow(*n, false)),
+        );
+        let mut undo = Vec::new();
+        for write in plan {
+            match self.apply(&write) {
+                Ok(previous) => undo.push(previous),
+                Err(e) => {
+                    for previous in undo.into_iter().rev() {
+                        if let Err(again) = self.apply(&previous) {
+                            tracing::error!(error = %again, "guard: putting back a map entry after a failed update");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.allowed = wanted;
         self.rules = spec.protect.clone();
         Ok(())
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
-        self.ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))
+    /// Makes one write; returns the write that undoes it.
+    fn apply(&mut self, write: &Write) -> Result<Write, EbpfError> {
+        match *write {
+            Write::Config(config) => {
+                let name = "INGRESS_CONFIG";
+                let mut array: Array<_, IngressConfig> = Array::try_from(self.map_mut(name)?)
+                    .map_err(|_| EbpfError::MissingMap(name))?;
+                let previous = array.get(&0, 0).unwrap_or_default();
+                array
+                    .set(0, config, 0)
+                    .map_err(|source| EbpfError::Map { name, source })?;
+                Ok(Write::Config(previous))
+            }
+            Write::Port(protocol, port, value) => {
+                let name = match protocol {
+                    Protocol::Tcp => "INGRESS_TCP_PORTS",
+                    Protocol::Udp => "INGRESS_UDP_PORTS",
+                };
+                let mut array: Array<_, u32> = Array::try_from(self.map_mut(name)?)
+                    .map_err(|_| EbpfError::MissingMap(name))?;
+                let previous = array
+                    .get(&u32::from(port), 0)
+                    .map_err(|source| EbpfError::Map { name, source })?;
+                array
+                    .set(u32::from(port), value, 0)
+                    .map_err(|source| EbpfError::Map { name, source })?;
+                Ok(Write::Port(protocol, port, previous))
+            }
+            Write::Allow(net, add) => {
+                self.allow(&net, add)?;
+                Ok(Write::Allow(net, !add))
+            }
+        }
     }
 
-    fn set_port(&mut self, protocol: Protocol, port: u16, value: u32) -> Result<(), EbpfError> {
-        let name = match protocol {
-            Protocol::Tcp => "INGRESS_TCP_PORTS",
-            Protocol::Udp => "INGRESS_UDP_PORTS",
-        };
-        let mut array: Array<_, u32> =
-            Array::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
-        array
-            .set(u32::from(port), value, 0)
-            .map_err(|source| EbpfError::Map { name, source })
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
+        self.ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))
     }
 
     fn allow(&mut self, net: &IpNet, add: bool) -> Result<(), EbpfError> {
@@ -373,12 +636,19 @@ impl RemoteGuard {
     }
 
     pub fn counters(&self) -> Result<IngressCounters, EbpfError> {
-        let sum = |c: IngressCounter| self.per_cpu_sum("INGRESS_COUNTERS", c as u32);
+        let of = |layer: u8| -> Result<LayerCounters, EbpfError> {
+            let sum = |c: IngressCounter| self.per_cpu_sum("INGRESS_COUNTERS", c.index(layer));
+            Ok(LayerCounters {
+                protected: sum(IngressCounter::Protected)?,
+                allowed: sum(IngressCounter::Allowed)?,
+                dropped: sum(IngressCounter::Dropped)?,
+                audited: sum(IngressCounter::Audited)?,
+                unparsable: sum(IngressCounter::Unparsable)?,
+            })
+        };
         Ok(IngressCounters {
-            protected: sum(IngressCounter::Protected)?,
-            allowed: sum(IngressCounter::Allowed)?,
-            dropped: sum(IngressCounter::Dropped)?,
-            audited: sum(IngressCounter::Audited)?,
+            tc: of(layer::TC)?,
+            socket: of(layer::SOCKET)?,
         })
     }
 
@@ -391,14 +661,102 @@ impl RemoteGuard {
             .collect()
     }
 
+    /// How often the kernel ran each layer's program and for how long, as
+    /// (program, runs, time). Counted only while BPF run-time statistics
+    /// are on (`sysctl kernel.bpf_stats_enabled=1`); zero otherwise.
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        [TC_PROGRAM, SOCKET_PROGRAM]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((name, info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
+
     /// The drop events (once; later calls fail). Needs a tokio runtime.
     pub fn take_events(&mut self) -> Result<Events<Intrusion>, EbpfError> {
         Events::take(&mut self.ebpf, "INGRESS_EVENTS", parse)
     }
+
+    /// Every source tallied since the last call, busiest first, and the
+    /// tallies emptied.
+    pub fn take_tallies(&mut self) -> Result<Vec<SourceAttempts>, EbpfError> {
+        let mut out: Vec<SourceAttempts> =
+            take_tallies::<SourceKey>(&mut self.ebpf, "INGRESS_SOURCES")?
+                .into_iter()
+                .map(|(key, attempts)| SourceAttempts {
+                    source: address(key.family, key.addr),
+                    port: key.port,
+                    protocol: protocol_name(key.protocol, key.port == 0),
+                    attempts,
+                })
+                .collect();
+        out.sort_by(|a, b| b.attempts.cmp(&a.attempts).then(a.source.cmp(&b.source)));
+        Ok(out)
+    }
 }
 
-/// Attaches through TCX and pins the link; a link a previous guard pinned
-/// gets the new program swapped in (one atomic update, no gap).
+/// One map write of an update (and, returned by `apply`, its undo).
+enum Write {
+    Config(IngressConfig),
+    Port(Protocol, u16, u32),
+    Allow(IpNet, bool),
+}
+
+fn netlink_options() -> TcAttachOptions {
+    TcAttachOptions::Netlink(NlOptions {
+        priority: NETLINK_PRIORITY,
+        handle: NETLINK_HANDLE,
+        classid: None,
+    })
+}
+
+/// Removes the pins in `dir` whose names start with `prefix`, except `keep`
+/// (the last reference to a link: removing it detaches it).
+fn remove_pins(dir: &Path, prefix: &str, keep: Option<&Path>) {
+    for old in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = old.path();
+        if old.file_name().to_string_lossy().starts_with(prefix) && Some(path.as_path()) != keep {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Attempts from one source at one port since the tallies were last taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceAttempts {
+    pub source: IpAddr,
+    /// 0 when the packets' ports could not be read.
+    pub port: u16,
+    pub protocol: &'static str,
+    pub attempts: u64,
+}
+
+fn address(family: u8, words: [u32; 4]) -> IpAddr {
+    if family == 6 {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(words[0].to_ne_bytes())
+    }
+}
+
+fn protocol_name(protocol: u8, unparsable: bool) -> &'static str {
+    match (protocol, unparsable) {
+        (_, true) => "unparsable",
+        (6, _) => "tcp",
+        (17, _) => "udp",
+        _ => "other",
+    }
+}
+
+/// Attaches through TCX, first in line, and pins the link; a link a
+/// previous guard pinned gets the new program swapped in (one atomic
+/// update, no gap).
 fn attach_tcx_pinned(
     program: &mut SchedClassifier,
     iface: &str,
@@ -422,7 +780,7 @@ fn attach_tcx_pinned(
                 .attach_with_options(
                     iface,
                     TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    TcAttachOptions::TcxOrder(LinkOrder::first()),
                 )
                 .map_err(|e| on_iface(&e))?;
             let link: FdLink = program
@@ -466,13 +824,8 @@ fn attach_netlink_pinned(
         interface: iface.to_owned(),
         reason: e.to_string(),
     };
-    let options = TcAttachOptions::Netlink(NlOptions {
-        priority: NETLINK_PRIORITY,
-        handle: NETLINK_HANDLE,
-        classid: None,
-    });
     // Create refuses (EEXIST) without touching a filter already there.
-    let id = match program.attach_with_options(iface, TcAttachType::Ingress, options) {
+    let id = match program.attach_with_options(iface, TcAttachType::Ingress, netlink_options()) {
         Ok(id) => id,
         Err(create) => {
             let old = SchedClassifierLink::attached(
@@ -491,6 +844,7 @@ fn attach_netlink_pinned(
     let link = program.take_link(id).map_err(|e| on_iface(&e))?;
     // Dropping the link would detach the filter: it is the pin.
     std::mem::forget(link);
+    detach_netlink(iface, LEGACY_NETLINK_PRIORITY);
     let marker = dir.join(format!("{NETLINK_MARKER_PREFIX}{iface}"));
     match std::fs::create_dir(&marker) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(EbpfError::Pin {
@@ -534,16 +888,8 @@ pub(super) fn detach_pinned(dir: &Path, iface: &str) -> Result<(), EbpfError> {
     }
     let marker = dir.join(format!("{NETLINK_MARKER_PREFIX}{iface}"));
     if marker.is_dir() {
-        if let Ok(link) = SchedClassifierLink::attached(
-            iface,
-            TcAttachType::Ingress,
-            NETLINK_PRIORITY,
-            NETLINK_HANDLE,
-            None,
-        ) {
-            // Fails only when the filter is already gone.
-            let _ = link.detach();
-        }
+        detach_netlink(iface, NETLINK_PRIORITY);
+        detach_netlink(iface, LEGACY_NETLINK_PRIORITY);
         std::fs::remove_dir(&marker).map_err(|source| EbpfError::Pin {
             path: marker,
             source,
@@ -552,7 +898,18 @@ pub(super) fn detach_pinned(dir: &Path, iface: &str) -> Result<(), EbpfError> {
     Ok(())
 }
 
-/// A packet from a stranger to a protected port.
+/// Detaches the guard's netlink filter at `priority` from `iface`, if there
+/// is one (it fails only when the filter is already gone).
+fn detach_netlink(iface: &str, priority: u16) {
+    if let Ok(link) =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, priority, NETLINK_HANDLE, None)
+    {
+        let _ = link.detach();
+    }
+}
+
+/// A packet from a stranger to a protected port (or one that could not be
+/// parsed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Intrusion {
     pub source: SocketAddr,
@@ -561,6 +918,10 @@ pub struct Intrusion {
     pub ifindex: u32,
     /// Passed because enforcement is audit (else dropped).
     pub audited: bool,
+    /// Which layer judged it: "tc" or "socket".
+    pub layer: &'static str,
+    /// Its ports could not be read (judged as if they were protected).
+    pub unparsable: bool,
 }
 
 fn parse(bytes: &[u8]) -> Option<Intrusion> {
@@ -570,27 +931,19 @@ fn parse(bytes: &[u8]) -> Option<Intrusion> {
     // SAFETY: the length is checked above, IngressEvent is plain old data
     // (every bit pattern valid) and read_unaligned needs no alignment.
     let e: IngressEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let addr = |words: [u32; 4]| -> IpAddr {
-        if e.family == 4 {
-            IpAddr::from(words[0].to_ne_bytes())
-        } else {
-            let mut o = [0u8; 16];
-            for (i, w) in words.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::from(o)
-        }
-    };
+    let unparsable = e.reason == reason::UNPARSABLE;
     Some(Intrusion {
-        source: SocketAddr::new(addr(e.src), e.src_port),
-        destination: SocketAddr::new(addr(e.dst), e.dst_port),
-        protocol: match e.protocol {
-            6 => "tcp",
-            17 => "udp",
-            _ => "ipv6-extension-headers",
-        },
+        source: SocketAddr::new(address(e.family, e.src), e.src_port),
+        destination: SocketAddr::new(address(e.family, e.dst), e.dst_port),
+        protocol: protocol_name(e.protocol, unparsable),
         ifindex: e.ifindex,
         audited: e.audited != 0,
+        layer: if e.layer == layer::SOCKET {
+            "socket"
+        } else {
+            "tc"
+        },
+        unparsable,
     })
 }
 

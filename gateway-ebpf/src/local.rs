@@ -1,0 +1,294 @@
+//! The local guard's maps and judgement, shared by the sock_addr hooks
+//! (connect, sendmsg) and the raw-socket egress program.
+//!
+//! A destination is protected when (protocol, address, port) is a protected
+//! backend, or when the address is this host's (loopback, the host's own
+//! addresses, the wildcard that the kernel turns into loopback after the
+//! hook ran, broadcast and multicast that loop back) and a backend on this
+//! host has that port: a server listening on all addresses answers there
+//! too. IPv4-mapped IPv6 addresses are judged as the IPv4 address they are.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid,
+    },
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+};
+use gateway_common::{
+    ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
+    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    MAX_TALLIED_SOURCES, SourceTally, enforcement,
+};
+
+use crate::budget::{bump, now_ns, within_budget};
+
+/// Verdicts the cgroup programs return to the kernel.
+pub const ALLOW: i32 = 1;
+pub const REFUSE: i32 = 0;
+
+#[map]
+static GUARD_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GuardCounter::COUNT, 0);
+
+#[map]
+static GUARD_CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+
+/// Protected backends (one entry per port of a rule) → rule id (index into
+/// RULE_REFUSALS). Not preallocated: most hosts protect a handful.
+#[map]
+static PROTECTED_V4: HashMap<BackendV4, u32> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, BPF_F_NO_PREALLOC);
+
+#[map]
+static PROTECTED_V6: HashMap<BackendV6, u32> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, BPF_F_NO_PREALLOC);
+
+/// Ports of protected backends on this host → the index of their rule's
+/// counter in RULE_REFUSALS, with EVERY_LOCAL_ADDRESS when the rule covers
+/// every local address.
+#[map]
+static LOCAL_PORTS: HashMap<LocalPort, u32> =
+    HashMap::with_max_entries(MAX_PROTECTED_PORTS, BPF_F_NO_PREALLOC);
+
+/// This host's addresses besides 127.0.0.0/8 and ::1, kept current by the
+/// gateway as they come and go (and subnet broadcast addresses).
+#[map]
+static LOCAL_V4: LpmTrie<[u8; 4], u8> =
+    LpmTrie::with_max_entries(MAX_LOCAL_ADDRESSES, BPF_F_NO_PREALLOC);
+
+#[map]
+static LOCAL_V6: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(MAX_LOCAL_ADDRESSES, BPF_F_NO_PREALLOC);
+
+/// Bypass attempts for userspace to log, rate-limited per CPU.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Per CPU: [second of the current window, events sent in it].
+#[map]
+static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Every bypass attempt, tallied per (cgroup, uid, destination) and CPU:
+/// userspace logs the tallies, so each process is named even when another
+/// used up the event budget with a flood of connects.
+#[map]
+static LOCAL_SOURCES: LruPerCpuHashMap<LocalSourceKey, SourceTally> =
+    LruPerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+
+/// Refusals (and audited would-be refusals) per rule: IPv4 rules first,
+/// IPv6 rules from MAX_RULES on.
+#[map]
+static RULE_REFUSALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
+
+/// Who is trying: the task making a connect or sendmsg, or the owner of a
+/// raw socket whose packet is leaving (egress programs run where no task
+/// can be asked, and before 6.x kernels cannot ask).
+pub struct Who {
+    pub cgroup: u64,
+    pub uid: u32,
+    pub pid: u32,
+    pub comm: [u8; 16],
+}
+
+impl Who {
+    /// The task making the call.
+    pub fn current() -> Who {
+        Who {
+            // SAFETY: the helper has no preconditions in cgroup programs.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            uid: bpf_get_current_uid_gid() as u32,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        }
+    }
+}
+
+/// Where something was going, for the event.
+pub struct Dest {
+    pub family: u16,
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub protocol: u8,
+}
+
+pub fn seen() {
+    bump(&GUARD_COUNTERS, GuardCounter::Seen as u32);
+}
+
+/// `::ffff:0:0/96` as the third word of an address (network byte order read
+/// as a native word).
+const MAPPED_PREFIX: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+const LOOPBACK_V6_LAST: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+/// The rule (its counter index) that protects an IPv4 destination, if any.
+/// `addr` and `port` in network byte order.
+fn rule_v4(addr: u32, port: u16, protocol: u8) -> Option<u32> {
+    let key = BackendV4 {
+        addr,
+        port,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: the value is read once and copied out; entries are not preallocated.
+    if let Some(rule) = unsafe { PROTECTED_V4.get(&key) } {
+        return Some(*rule);
+    }
+    let o = addr.to_ne_bytes();
+    // 0.0.0.0 becomes the socket's own address or 127.0.0.1 after the hook;
+    // broadcast and multicast datagrams loop back to sockets on this host.
+    let anywhere_here = addr == 0 || addr == u32::MAX || (o[0] & 0xf0) == 224;
+    if anywhere_here {
+        return local_rule(port, protocol, true);
+    }
+    if o[0] == 127 || LOCAL_V4.get(Key::new(32, o)).is_some() {
+        return local_rule(port, protocol, false);
+    }
+    None
+}
+
+/// As [`rule_v4`] for IPv6 (an IPv4-mapped address is judged as IPv4).
+fn rule_v6(addr: [u32; 4], port: u16, protocol: u8) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == MAPPED_PREFIX {
+        return rule_v4(addr[3], port, protocol);
+    }
+    let key = BackendV6 {
+        addr,
+        port,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: as in rule_v4.
+    if let Some(rule) = unsafe { PROTECTED_V6.get(&key) } {
+        return Some(*rule + MAX_RULES);
+    }
+    let unspecified = addr[0] == 0 && addr[1] == 0 && addr[2] == 0;
+    let first = addr[0].to_ne_bytes();
+    if (unspecified && addr[3] == 0) || first[0] == 0xff {
+        return local_rule(port, protocol, true);
+    }
+    if unspecified && addr[3] == LOOPBACK_V6_LAST {
+        return local_rule(port, protocol, false);
+    }
+    let mut o = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = addr[i].to_ne_bytes();
+        o[i * 4] = b[0];
+        o[i * 4 + 1] = b[1];
+        o[i * 4 + 2] = b[2];
+        o[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    if LOCAL_V6.get(Key::new(128, o)).is_some() {
+        return local_rule(port, protocol, false);
+    }
+    None
+}
+
+/// A local address with a port of a backend on this host: judged when the
+/// rule covers every local address, or when the address is one that lands
+/// on any of them (`anywhere_here`).
+fn local_rule(port: u16, protocol: u8, anywhere_here: bool) -> Option<u32> {
+    let key = LocalPort {
+        port,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: as in rule_v4.
+    let value = *unsafe { LOCAL_PORTS.get(&key) }?;
+    (anywhere_here || value & EVERY_LOCAL_ADDRESS != 0).then_some(value & !EVERY_LOCAL_ADDRESS)
+}
+
+/// The verdict on reaching `dest`: judged when a rule covers it (`who`
+/// is asked only then), else allowed.
+pub fn verdict(dest: &Dest, who: impl FnOnce() -> Who) -> i32 {
+    let rule = if dest.family == 4 {
+        rule_v4(dest.addr[0], dest.port, dest.protocol)
+    } else {
+        rule_v6(dest.addr, dest.port, dest.protocol)
+    };
+    match rule {
+        Some(rule) => judge(rule, dest, &who()),
+        None => ALLOW,
+    }
+}
+
+/// A connect (or datagram, or raw packet) to a protected destination: the
+/// gateway's cgroup passes, anyone else is refused (or audited).
+fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
+    let Some(config) = GUARD_CONFIG.get(0) else {
+        // No config yet: refuse rather than guess (fail closed).
+        return REFUSE;
+    };
+    if who.cgroup == config.gateway_cgroup
+        && (config.gateway_uid == ANY_UID || who.uid == config.gateway_uid)
+    {
+        bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
+        return ALLOW;
+    }
+    bump(&RULE_REFUSALS, rule);
+    let audited = config.enforcement == enforcement::AUDIT;
+    tally(who.cgroup, who.uid, dest);
+    report(who, dest, audited);
+    if audited {
+        bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
+        ALLOW
+    } else {
+        bump(&GUARD_COUNTERS, GuardCounter::Refused as u32);
+        REFUSE
+    }
+}
+
+/// Adds the attempt to its source's tally.
+fn tally(cgroup: u64, uid: u32, dest: &Dest) {
+    let key = LocalSourceKey {
+        cgroup,
+        uid,
+        port: dest.port,
+        protocol: dest.protocol,
+        family: dest.family as u8,
+        addr: dest.addr,
+    };
+    let now = now_ns();
+    if let Some(t) = LOCAL_SOURCES.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value, from the lookup, valid for the
+        // program's run; per-CPU values have no concurrent writer.
+        unsafe {
+            (*t).attempts += 1;
+            (*t).last_ns = now;
+        }
+        return;
+    }
+    let fresh = SourceTally {
+        attempts: 1,
+        first_ns: now,
+        last_ns: now,
+    };
+    let _ = LOCAL_SOURCES.insert(&key, &fresh, 0);
+}
+
+/// Sends a bypass event unless this CPU already sent its share this second.
+fn report(who: &Who, dest: &Dest, audited: bool) {
+    if !within_budget(&EVENT_BUDGET) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
+        return;
+    };
+    entry.write(BypassEvent {
+        pid: who.pid,
+        uid: who.uid,
+        cgroup: who.cgroup,
+        addr: dest.addr,
+        family: dest.family,
+        port: dest.port,
+        audited: audited as u8,
+        protocol: dest.protocol,
+        _pad: 0,
+        comm: who.comm,
+    });
+    entry.submit(0);
+}

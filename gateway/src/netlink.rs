@@ -1,0 +1,350 @@
+//! rtnetlink, the little the guards need from it: the interfaces with their
+//! index and link type, and a wake-up when interfaces or addresses change
+//! (the remote guard re-attaches to a recreated interface; the local guard
+//! keeps "this host's addresses" current).
+//!
+//! The sockets belong to the network namespace of the thread that opens
+//! them, like every other socket.
+
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+/// One network interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// The ARPHRD_* link type: 1 Ethernet, 772 loopback, 65534 none (tun,
+    /// WireGuard), 768 ipip, 778 GRE, …
+    pub kind: u16,
+}
+
+/// ARPHRD types whose frames start with a 14-byte Ethernet header.
+const ETHERNET_LIKE: [u16; 2] = [1, 772];
+/// ARPHRD types without a link header: the packet starts at its IP header.
+const NO_LINK_HEADER: [u16; 7] = [65534, 768, 769, 776, 778, 823, 519];
+
+impl Link {
+    /// Bytes before the network header on this interface, when the guard
+    /// knows its link type.
+    pub fn link_header_len(&self) -> Option<u32> {
+        if ETHERNET_LIKE.contains(&self.kind) {
+            Some(14)
+        } else if NO_LINK_HEADER.contains(&self.kind) {
+            Some(0)
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) const NLMSG_HDR: usize = 16;
+const IFINFOMSG: usize = 16;
+const IFLA_IFNAME: u16 = 3;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+
+/// A non-blocking netlink socket of `protocol` (NETLINK_ROUTE,
+/// NETLINK_SOCK_DIAG), subscribed to `groups`.
+pub(crate) fn open(protocol: i32, groups: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            protocol,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_nl is plain data; zero is valid.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = groups;
+    // SAFETY: addr is a valid sockaddr_nl of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Every interface of this thread's network namespace.
+pub fn links() -> io::Result<Vec<Link>> {
+    let fd = open(libc::NETLINK_ROUTE, 0)?;
+    let mut request = [0u8; NLMSG_HDR + IFINFOMSG];
+    let len = request.len() as u32;
+    request[0..4].copy_from_slice(&len.to_ne_bytes());
+    request[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request[6..8].copy_from_slice(&flags.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // ifinfomsg: family AF_UNSPEC, everything else 0.
+    send(&fd, &request)?;
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    // A dump ends with NLMSG_DONE; bounded so a confused kernel cannot hang us.
+    for _ in 0..10_000 {
+        let n = recv(&fd, &mut buf, true)?;
+        for (kind, body) in messages(&buf[..n]) {
+            match kind {
+                NLMSG_DONE => return Ok(found),
+                NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
+                RTM_NEWLINK => found.extend(parse_link(body)),
+                _ => {}
+            }
+        }
+    }
+    Err(io::Error::other("rtnetlink link dump did not end"))
+}
+
+/// The interface named `name`, if there is one.
+pub fn link(name: &str) -> io::Result<Option<Link>> {
+    Ok(links()?.into_iter().find(|l| l.name == name))
+}
+
+/// Sends one netlink message.
+pub(crate) fn send(fd: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid buffer of the size passed.
+    let n = unsafe { libc::send(fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives what is queued; with `wait`, waits up to 5 s for it (a kernel
+/// that never answers cannot hang the caller).
+pub(crate) fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize> {
+    loop {
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+        if wait {
+            // The socket is non-blocking (for the subscriptions); a dump
+            // answer arrives at once, so wait for it briefly.
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&raw mut pfd, 1, 5000) };
+            if rc == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "netlink did not answer",
+                ));
+            }
+        }
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The errno an NLMSG_ERROR body carries (0: an acknowledgement).
+pub(crate) fn errno_of(body: &[u8]) -> i32 {
+    body.get(..4)
+        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+}
+
+/// (type, value) of each attribute (rtattr) in `buf`; stops at the first
+/// malformed one.
+pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut rest = buf;
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_ne_bytes([*rest.first()?, *rest.get(1)?]));
+        let kind = u16::from_ne_bytes([*rest.get(2)?, *rest.get(3)?]);
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let value = &rest[4..len];
+        rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
+        Some((kind, value))
+    })
+}
+
+/// (type, body) of each netlink message in `buf`; stops at the first
+/// malformed header.
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let header = buf.get(at..at + NLMSG_HDR)?;
+        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = u16::from_ne_bytes([header[4], header[5]]);
+        if len < NLMSG_HDR || at + len > buf.len() {
+            return None;
+        }
+        let body = &buf[at + NLMSG_HDR..at + len];
+        at += (len + 3) & !3;
+        Some((kind, body))
+    })
+}
+
+fn parse_link(body: &[u8]) -> Option<Link> {
+    let info = body.get(..IFINFOMSG)?;
+    let kind = u16::from_ne_bytes([info[2], info[3]]);
+    let index = i32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
+    let (_, value) = attributes(&body[IFINFOMSG..]).find(|(k, _)| *k == IFLA_IFNAME)?;
+    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    Some(Link {
+        index: u32::try_from(index).ok()?,
+        name: String::from_utf8_lossy(&value[..end]).into_owned(),
+        kind,
+    })
+}
+
+/// This thread's network namespace's addresses, IPv4 and IPv6, with every
+/// IPv4 subnet broadcast address: what reaches a socket on this host.
+pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills list; it is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let entry = unsafe { &*at };
+        out.extend(address_of(entry.ifa_addr));
+        if entry.ifa_flags & libc::IFF_BROADCAST as u32 != 0 {
+            out.extend(address_of(entry.ifa_ifu));
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The address in a sockaddr from getifaddrs, when it is IPv4 or IPv6.
+fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null sockaddr from getifaddrs; its family says which
+    // larger struct it is.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a [`Changes`] subscription wakes up for.
+#[derive(Debug, Clone, Copy)]
+pub enum Watch {
+    /// Interfaces appearing, going, changing.
+    Links,
+    /// IPv4 and IPv6 addresses added or removed.
+    Addresses,
+}
+
+/// Wakes up when the kernel announces a change of what it watches. It says
+/// only that something changed: the caller reads the current state again,
+/// so a lost notification (a full socket buffer) costs nothing but a wake-up.
+pub struct Changes {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Changes {
+    /// Subscribes in this thread's network namespace. Needs a tokio runtime.
+    pub fn subscribe(watch: Watch) -> io::Result<Changes> {
+        let groups = match watch {
+            Watch::Links => libc::RTMGRP_LINK as u32,
+            Watch::Addresses => (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32,
+        };
+        // SAFETY: the OwnedFd is a fresh socket; it stays open and the same
+        // for as long as the AsyncFd owns it.
+        let fd = unsafe { AsyncFd::register(open(libc::NETLINK_ROUTE, groups)?) }
+            .map_err(io::Error::from)?;
+        Ok(Changes { fd })
+    }
+
+    /// Waits for the next change, then takes every notification queued.
+    pub async fn changed(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut got = false;
+            loop {
+                match recv(ready.get_inner(), &mut buf, false) {
+                    Ok(_) => got = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // ENOBUFS: notifications were lost; a change it is.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => got = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            ready.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopback_interface_is_listed_with_its_link_type() {
+        let lo = link("lo").expect("rtnetlink").expect("lo exists");
+        assert_eq!((lo.kind, lo.link_header_len()), (772, Some(14)));
+        assert!(lo.index > 0);
+    }
+
+    #[test]
+    fn loopback_is_among_the_local_addresses() {
+        let addresses = local_addresses().expect("getifaddrs");
+        assert!(
+            addresses.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
+            "{addresses:?}"
+        );
+    }
+
+    #[test]
+    fn messages_stop_at_a_malformed_header() {
+        let mut buf = vec![0u8; 20];
+        buf[0..4].copy_from_slice(&200u32.to_ne_bytes());
+        assert_eq!(messages(&buf).count(), 0);
+        let mut good = vec![0u8; 16];
+        good[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        good[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        assert_eq!(
+            messages(&good).map(|(k, _)| k).collect::<Vec<_>>(),
+            [NLMSG_DONE]
+        );
+    }
+}

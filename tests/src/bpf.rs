@@ -1,0 +1,84 @@
+//! Another program on the guard's hook, as other tools on a host would put
+//! there: a two-instruction TC classifier loaded and attached with raw
+//! bpf(2) calls, so the tests do not share the guard's own loader.
+
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+/// TC verdicts a program returns.
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+
+const BPF_PROG_LOAD: i64 = 5;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_F_BEFORE: u32 = 1 << 3;
+const BPF_F_AFTER: u32 = 1 << 4;
+
+fn bpf(cmd: i64, attr: &mut [u8; 128]) -> std::io::Result<OwnedFd> {
+    // SAFETY: attr is a zero-padded union bpf_attr of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor the kernel gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A TC classifier that returns `verdict` for every packet.
+pub fn classifier(verdict: i32) -> std::io::Result<OwnedFd> {
+    // r0 = verdict; exit
+    let mut insns = [0u8; 16];
+    insns[0] = 0xb7;
+    insns[4..8].copy_from_slice(&verdict.to_ne_bytes());
+    insns[8] = 0x95;
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    bpf(BPF_PROG_LOAD, &mut attr)
+}
+
+/// Where a program goes among the others on the hook.
+#[derive(Debug, Clone, Copy)]
+pub enum Place {
+    First,
+    Last,
+}
+
+/// Attaches `program` to `ifindex`'s TCX ingress (in the calling thread's
+/// network namespace); it stays there while the returned link lives.
+pub fn attach_tcx(program: &OwnedFd, ifindex: u32, place: Place) -> std::io::Result<OwnedFd> {
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    attr[8..12].copy_from_slice(&BPF_TCX_INGRESS.to_ne_bytes());
+    let flags = match place {
+        Place::First => BPF_F_BEFORE,
+        Place::Last => BPF_F_AFTER,
+    };
+    attr[12..16].copy_from_slice(&flags.to_ne_bytes());
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
+/// Whether this kernel has TCX (6.6+).
+pub fn has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 6)
+}
+
+/// Turns the kernel's per-program run-time statistics on (run count and
+/// time in `bpf_prog_info`) for as long as the returned descriptor lives:
+/// unlike `sysctl kernel.bpf_stats_enabled`, they go off again by
+/// themselves when the measurement ends, however it ends.
+pub fn enable_run_time_stats() -> std::io::Result<OwnedFd> {
+    const BPF_ENABLE_STATS: i64 = 32;
+    // attr.enable_stats.type = BPF_STATS_RUN_TIME (0)
+    let mut attr = [0u8; 128];
+    bpf(BPF_ENABLE_STATS, &mut attr)
+}

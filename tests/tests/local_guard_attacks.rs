@@ -1,0 +1,320 @@
+//! The local guard against someone on the gateway's host trying to reach a
+//! protected backend around it: other addresses of the same backend, the
+//! wildcard address, io_uring, raw sockets, a second guard on the same pin
+//! directory, an update that cannot be applied whole.
+//!
+//! Each test runs its backends and probes in a network namespace of its
+//! own (loopback, and a veth with addresses the test controls) and guards a
+//! cgroup subtree made for it; a probe is a child process that joins a
+//! cgroup, then connects or sends. Each first shows the attack works with
+//! no guard, then that the guard refuses it. Root only; skips otherwise.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use gateway::ebpf::{EbpfError, Enforcement, GuardSpec, LocalGuard, Protected};
+use gateway_tests::netns::*;
+use gateway_tests::{Probe, bpf_cgroup_or_skip, reach_from};
+
+/// A namespace with loopback and one address of the host's own (on a veth
+/// whose both ends stay inside), and a cgroup subtree with `gw` and `other`.
+struct Host {
+    ns: Netns,
+    cg: TestCgroup,
+    gw: PathBuf,
+    other: PathBuf,
+}
+
+const HOST_V4: Ipv4Addr = Ipv4Addr::new(10, 204, 0, 1);
+const HOST_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x204, 0, 0, 0, 0, 0, 1);
+
+impl Host {
+    fn new() -> Option<Host> {
+        let mount = bpf_cgroup_or_skip()?;
+        if !netns_or_skip() {
+            return None;
+        }
+        let ns = Netns::new("gla");
+        ns.ip("link add v0 type veth peer name v1");
+        ns.ip("link set v0 up");
+        ns.ip("link set v1 up");
+        ns.ip(&format!("addr add {HOST_V4}/24 dev v0"));
+        ns.ip(&format!("addr add {HOST_V6}/64 dev v0 nodad"));
+        let mut cg = TestCgroup::create(&mount, "gla");
+        let (gw, other) = (cg.leaf("gw"), cg.leaf("other"));
+        Some(Host { ns, cg, gw, other })
+    }
+
+    fn spec(&self, protected: Vec<Protected>) -> GuardSpec {
+        GuardSpec {
+            protected,
+            gateway_cgroup: self.gw.clone(),
+            gateway_uid: None,
+            enforcement: Enforcement::Enforce,
+            pin_dir: None,
+            local_addresses: vec![HOST_V4.into(), HOST_V6.into()],
+            every_local_address: true,
+        }
+    }
+
+    fn install(&self, spec: &GuardSpec) -> LocalGuard {
+        LocalGuard::install(&self.cg.path(), spec).expect("install the guard")
+    }
+
+    /// A probe from `cgroup`, inside the namespace.
+    fn probe(&self, cgroup: &std::path::Path, to: SocketAddr, how: Probe) -> Result<(), String> {
+        let cgroup = cgroup.to_owned();
+        self.ns.run(move || reach_from(&cgroup, to, how))
+    }
+
+    fn tcp_listener(&self, at: SocketAddr) -> std::net::TcpListener {
+        self.ns
+            .run(move || std::net::TcpListener::bind(at))
+            .unwrap_or_else(|e| panic!("bind {at}: {e}"))
+    }
+
+    fn udp_socket(&self, at: SocketAddr) -> std::net::UdpSocket {
+        let s = self
+            .ns
+            .run(move || std::net::UdpSocket::bind(at))
+            .unwrap_or_else(|e| panic!("bind {at}: {e}"));
+        s.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+            .expect("timeout");
+        s
+    }
+}
+
+fn refused(result: Result<(), String>, what: &str) {
+    match result {
+        Err(e) if e.contains("Operation not permitted") => {}
+        other => panic!("{what}: EPERM expected, got {other:?}"),
+    }
+}
+
+/// A TCP listener on all addresses, IPv6 and IPv4 (a new namespace does
+/// not set bindv6only), as most servers bind.
+fn dual_stack(host: &Host) -> (std::net::TcpListener, u16) {
+    let l = host.tcp_listener("[::]:0".parse().unwrap());
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+#[test]
+fn a_local_backend_is_guarded_on_every_local_address() {
+    let Some(host) = Host::new() else { return };
+    let (_backend, port) = dual_stack(&host);
+    let at = |ip: IpAddr| SocketAddr::new(ip, port);
+    let mapped = at(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into());
+    let others = [
+        at(Ipv4Addr::new(127, 0, 0, 2).into()),
+        at(Ipv6Addr::LOCALHOST.into()),
+        mapped,
+        at(HOST_V4.into()),
+        at(HOST_V6.into()),
+    ];
+    for to in others {
+        host.probe(&host.other, to, Probe::TcpConnect)
+            .unwrap_or_else(|e| panic!("the backend answers on {to} (the attack's premise): {e}"));
+    }
+
+    let named = at(Ipv4Addr::LOCALHOST.into());
+    let mut spec = host.spec(vec![named.into()]);
+    let mut guard = host.install(&spec);
+    refused(
+        host.probe(&host.other, named, Probe::TcpConnect),
+        "the address named",
+    );
+    for to in others {
+        refused(
+            host.probe(&host.other, to, Probe::TcpConnect),
+            &to.to_string(),
+        );
+    }
+    host.probe(&host.gw, at(HOST_V4.into()), Probe::TcpConnect)
+        .expect("the gateway reaches it on any of them");
+
+    // An address the host gains is one more way in, once the gateway says so.
+    host.ns.ip("addr add 10.204.0.7/24 dev v0");
+    let gained = at(Ipv4Addr::new(10, 204, 0, 7).into());
+    spec.local_addresses.push(gained.ip());
+    guard.update(&spec).expect("update");
+    refused(
+        host.probe(&host.other, gained, Probe::TcpConnect),
+        "a gained address",
+    );
+
+    // Narrowed to the address named, the others are open again, except the
+    // IPv4-mapped form of the very same address.
+    spec.every_local_address = false;
+    guard.update(&spec).expect("update");
+    host.probe(
+        &host.other,
+        at(Ipv4Addr::new(127, 0, 0, 2).into()),
+        Probe::TcpConnect,
+    )
+    .expect("narrowed: 127.0.0.2 is not the backend named");
+    refused(
+        host.probe(&host.other, mapped, Probe::TcpConnect),
+        "::ffff:127.0.0.1 is 127.0.0.1",
+    );
+    assert!(guard.counters().unwrap().refused >= 7);
+}
+
+#[test]
+fn the_wildcard_address_is_this_host() {
+    let Some(host) = Host::new() else { return };
+    // A backend bound to loopback only, TCP on both families, and UDP.
+    let v4 = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let port = v4.local_addr().unwrap().port();
+    let _v6 = host.tcp_listener(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port));
+    let udp = host.udp_socket("127.0.0.1:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    let tcp = |ip: IpAddr| SocketAddr::new(ip, port);
+    let wildcards = [
+        (tcp(Ipv4Addr::UNSPECIFIED.into()), Probe::TcpConnect),
+        (tcp(Ipv6Addr::UNSPECIFIED.into()), Probe::TcpConnect),
+        (
+            tcp(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().into()),
+            Probe::TcpConnect,
+        ),
+        (tcp(Ipv4Addr::UNSPECIFIED.into()), Probe::UringConnect),
+        (
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), udp_port),
+            Probe::UdpSendTo,
+        ),
+        (
+            SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), udp_port),
+            Probe::UdpConnect,
+        ),
+    ];
+    for (to, how) in wildcards {
+        host.probe(&host.other, to, how).unwrap_or_else(|e| {
+            panic!("{how:?} to {to} reaches the loopback backend (the attack's premise): {e}")
+        });
+    }
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_ok(), "the datagrams arrived");
+    while udp.recv_from(&mut buf).is_ok() {}
+
+    // Guarded as named only: the wildcard still lands here, so it is judged.
+    let mut spec = host.spec(vec![
+        Protected::from(tcp(Ipv4Addr::LOCALHOST.into())),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]);
+    spec.every_local_address = false;
+    let guard = host.install(&spec);
+    for (to, how) in wildcards {
+        refused(
+            host.probe(&host.other, to, how),
+            &format!("{how:?} to {to}"),
+        );
+    }
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "no datagram reached the backend"
+    );
+    host.probe(
+        &host.gw,
+        tcp(Ipv4Addr::UNSPECIFIED.into()),
+        Probe::UringConnect,
+    )
+    .expect("the gateway's own io_uring connect passes");
+    assert_eq!(guard.counters().unwrap().refused, wildcards.len() as u64);
+}
+
+#[test]
+fn raw_sockets_cannot_write_their_own_way_in() {
+    let Some(host) = Host::new() else { return };
+    let udp = host.udp_socket("127.0.0.1:0".parse().unwrap());
+    let to = udp.local_addr().unwrap();
+    let mut buf = [0u8; 64];
+    host.probe(&host.other, to, Probe::RawUdp)
+        .expect("a raw socket sends (root has CAP_NET_RAW)");
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("the raw datagram reaches the UDP backend (the attack's premise)");
+    assert_eq!(&buf[..n], b"probe");
+
+    let guard = host.install(&host.spec(vec![format!("udp:{to}").parse().unwrap()]));
+    refused(
+        host.probe(&host.other, to, Probe::RawUdp),
+        "a raw UDP packet",
+    );
+    assert!(udp.recv_from(&mut buf).is_err(), "nothing arrived");
+    host.probe(&host.gw, to, Probe::RawUdp)
+        .expect("from the gateway's cgroup it passes");
+    assert!(udp.recv_from(&mut buf).is_ok());
+    assert_eq!(guard.counters().unwrap().refused, 1);
+}
+
+#[test]
+fn a_second_guard_on_the_same_pin_dir_is_refused() {
+    let Some(host) = Host::new() else { return };
+    let pins = Pins::new("gateway-test-lock-");
+    let (a, b) = (
+        host.tcp_listener("127.0.0.1:0".parse().unwrap()),
+        host.tcp_listener("127.0.0.1:0".parse().unwrap()),
+    );
+    let (a, b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    let mut spec = host.spec(vec![a.into()]);
+    spec.pin_dir = Some(pins.0.clone());
+    let first = host.install(&spec);
+
+    let mut second = spec.clone();
+    second.protected = vec![b.into()];
+    match LocalGuard::install(&host.cg.path(), &second) {
+        Err(EbpfError::PinDirInUse { holder, .. }) => {
+            assert_eq!(holder, Some(std::process::id()), "it names who holds it")
+        }
+        Err(e) => panic!("refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a second guard took over the first one's pin directory"),
+    }
+    refused(
+        host.probe(&host.other, a, Probe::TcpConnect),
+        "the first guard's backend, still",
+    );
+    let out = gateway_tests::uninstall_with_binary(&pins.0);
+    assert!(
+        !out.status.success(),
+        "uninstall refuses while a guard runs"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Once the first is gone, a restart takes over as before.
+    drop(first);
+    let _restarted = LocalGuard::install(&host.cg.path(), &second).expect("takes over");
+    refused(
+        host.probe(&host.other, b, Probe::TcpConnect),
+        "the new backend",
+    );
+    host.probe(&host.other, a, Probe::TcpConnect)
+        .expect("the old one is no longer a backend");
+}
+
+#[test]
+fn an_update_that_cannot_be_applied_whole_changes_nothing() {
+    let Some(host) = Host::new() else { return };
+    let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = backend.local_addr().unwrap();
+    let spec = host.spec(vec![at.into()]);
+    let mut guard = host.install(&spec);
+
+    // Audit, and more rules than the maps hold: refused as a whole.
+    let mut too_big = spec.clone();
+    too_big.enforcement = Enforcement::Audit;
+    too_big.protected = (1..=4097u16)
+        .map(|p| Protected::from(SocketAddr::from((Ipv4Addr::new(10, 99, 0, 1), p))))
+        .collect();
+    guard
+        .update(&too_big)
+        .expect_err("4097 rules do not fit: refused");
+    refused(
+        host.probe(&host.other, at, Probe::TcpConnect),
+        "enforcement and rules stay as they were",
+    );
+    assert_eq!(guard.counters().unwrap().audited, 0);
+}
