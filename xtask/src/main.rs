@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -36,6 +37,12 @@ enum Command {
         /// Skip the VM kernels (quicker local loop).
         #[arg(long)]
         no_vm: bool,
+    },
+    /// Run every cargo-fuzz target (fuzz/) for a while, from its committed corpus.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Measure the gateway beside HAProxy, nginx, stunnel and a splice relay; writes BENCHMARKS.md.
     Bench {
@@ -92,6 +99,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             setup::run()?;
             bench::run(quick, vm_only, &extra)
+        }
+        Command::Fuzz { seconds } => {
+            setup::run()?;
+            fuzz::run(seconds)
         }
         Command::VmTest {
             kernel,

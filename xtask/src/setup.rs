@@ -28,6 +28,7 @@ const LLVM_MAJOR: &str = "22";
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     debian_packages(DEBIAN_PACKAGES)?;
     eprintln!("xtask: setup complete");
     Ok(())
@@ -111,6 +112,16 @@ fn bpf_linker() -> anyhow::Result<()> {
         bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
     }
     Ok(())
+}
+
+/// cargo-fuzz drives the fuzz targets (`cargo xtask fuzz`, and a short run
+/// in `cargo xtask test`).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if cmd::succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
+        eprintln!("xtask: cargo-fuzz: present");
+        return Ok(());
+    }
+    cmd::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 fn find_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {

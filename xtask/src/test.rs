@@ -2,6 +2,10 @@
 
 use crate::cmd;
 
+/// Seconds per fuzz target in a test run: enough to replay the corpus and
+/// explore a little; `cargo xtask fuzz` runs longer.
+const FUZZ_SECONDS: u64 = 60;
+
 pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     if lint {
         cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -10,6 +14,9 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     // The black-box tests drive the real binary; build it first.
     cmd::run(cmd::cargo().args(["build", "--package", "gateway", "--bin", "gateway"]))?;
     cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]))?;
+    // The gateway's own protocol code against maintained implementations:
+    // a short run of every fuzz target from its committed corpus.
+    crate::fuzz::run(FUZZ_SECONDS)?;
     if vm {
         // kTLS exists only there: this machine's kernel has no CONFIG_TLS.
         crate::vm::run(None, &crate::vm::Selection::default())?;
