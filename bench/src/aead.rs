@@ -179,7 +179,7 @@ fn per_gb(seconds: f64) -> f64 {
 }
 
 /// This thread's CPU time: immune to the time it spent descheduled.
-fn thread_cpu_seconds() -> Option<f64> {
+pub fn thread_cpu_seconds() -> Option<f64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

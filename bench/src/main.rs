@@ -11,6 +11,7 @@ mod load;
 mod peers;
 mod pki;
 mod procstat;
+mod record_layer;
 mod relay;
 mod report;
 
@@ -279,6 +280,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Before any peer runs, so nothing shares the proxy's CPU.
     let aead = args.proxy_cpus.first().and_then(|&cpu| aead::measure(cpu));
+    // On the main thread: its memory part reads glibc's main arena.
+    let record_layer = match args.proxy_cpus.first() {
+        Some(&cpu) => match record_layer::measure(cpu, &pki) {
+            Ok(cost) => Some(cost),
+            Err(e) => {
+                eprintln!("gateway-bench: record layer comparison failed: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
     let cpus: Vec<usize> = args
         .proxy_cpus
         .iter()
@@ -328,6 +340,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         paced_gbps: args.paced_gbps,
         latency_rounds: plan.rounds,
         aead,
+        record_layer,
         steal,
         peers: reports,
     };

@@ -22,6 +22,8 @@ pub struct Report {
     pub latency_rounds: usize,
     /// Raw AES-128-GCM on the proxy's CPU, for the kernel TLS floor.
     pub aead: Option<AeadCost>,
+    /// The gateway's record layer against rustls' unbuffered API.
+    pub record_layer: Option<crate::record_layer::RecordLayerCost>,
     /// Per CPU of the run, the share of its time the hypervisor took.
     pub steal: Vec<CpuSteal>,
     pub peers: Vec<PeerReport>,
@@ -248,6 +250,71 @@ fn list(values: &[f64]) -> String {
         .map(|v| format!("{v:.2}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Whether rustls' unbuffered API could carry the userspace path instead of
+/// the gateway's own record layer: within 10% on CPU per GB and on KiB per
+/// idle connection, it would (the gateway would own less TLS).
+fn record_layer_section(
+    s: &mut String,
+    rl: &crate::record_layer::RecordLayerCost,
+    gateway: Option<&PeerReport>,
+) {
+    let ours_cpu = rl.ours_seal_cpu_s_per_gb + rl.ours_open_cpu_s_per_gb;
+    let theirs_cpu = rl.rustls_seal_cpu_s_per_gb + rl.rustls_open_cpu_s_per_gb;
+    let _ = writeln!(
+        s,
+        "\n## The record layer: the gateway's own against rustls' unbuffered API\n\n\
+         The userspace path runs the gateway's own TLS record layer. rustls' unbuffered API \
+         (`UnbufferedServerConnection`: in-place decryption, encryption into the caller's \
+         buffer) would replace it if it came within 10% on CPU per GB and KiB per idle \
+         connection. Measured in this process: the state a connection keeps past an mTLS \
+         handshake ({} connections, glibc's in-use bytes plus inline size), and 32 MiB sealed \
+         (from record slots) and opened in place, TLS 1.3 AES-128-GCM, best of 3 trials on \
+         CPU {} (rustls with its faster provider here, {}).\n\n\
+         | | gateway's layer | rustls unbuffered | rustls / gateway |\n|---|---|---|---|\n\
+         | state per connection (bytes) | {:.0} | {:.0} | {:.2} |\n\
+         | seal CPU-s/GB | {:.3} | {:.3} | {:.2} |\n\
+         | open CPU-s/GB | {:.3} | {:.3} | {:.2} |\n\
+         | seal + open CPU-s/GB | {:.3} | {:.3} | {:.2} |",
+        200,
+        rl.cpu,
+        rl.rustls_library,
+        rl.ours_bytes,
+        rl.rustls_bytes,
+        rl.rustls_bytes / rl.ours_bytes,
+        rl.ours_seal_cpu_s_per_gb,
+        rl.rustls_seal_cpu_s_per_gb,
+        rl.rustls_seal_cpu_s_per_gb / rl.ours_seal_cpu_s_per_gb,
+        rl.ours_open_cpu_s_per_gb,
+        rl.rustls_open_cpu_s_per_gb,
+        rl.rustls_open_cpu_s_per_gb / rl.ours_open_cpu_s_per_gb,
+        ours_cpu,
+        theirs_cpu,
+        theirs_cpu / ours_cpu,
+    );
+    let memory = gateway.and_then(|g| g.memory.as_ref());
+    if let Some(m) = memory {
+        let projected = rl.projected_kib(m.kib_per_connection);
+        let ratio = projected / m.kib_per_connection;
+        let _ = writeln!(
+            s,
+            "\nWith rustls' state in place of the layer's, the gateway's {:.1} KiB per idle \
+             connection (measured above) would be **{projected:.1} KiB** ({ratio:.2}×). Within \
+             10%: {}. {}",
+            m.kib_per_connection,
+            if ratio <= 1.10 && theirs_cpu <= ours_cpu * 1.10 {
+                "yes"
+            } else {
+                "**no**"
+            },
+            if ratio <= 1.10 && theirs_cpu <= ours_cpu * 1.10 {
+                "rustls' unbuffered API should carry the userspace path."
+            } else {
+                "The gateway keeps its layer, with rustls as its oracle (`fuzz/`: records_vs_rustls)."
+            }
+        );
+    }
 }
 
 fn markdown_text(r: &Report, plots: &[String]) -> String {
@@ -507,6 +574,9 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
                 if fl.reachable() { "yes" } else { "**no**" }
             );
         }
+    }
+    if let Some(rl) = &r.record_layer {
+        record_layer_section(&mut s, rl, r.peers.iter().find(|p| p.name == "gateway"));
     }
     if let Some(g) = r.peers.iter().find(|p| p.name == "gateway" && !emulated) {
         let _ = writeln!(
@@ -924,6 +994,7 @@ mod tests {
                 open_library: "aws-lc",
                 cpu: 0,
             }),
+            record_layer: None,
             steal: vec![CpuSteal {
                 cpu: 0,
                 percent: 0.31,
@@ -958,6 +1029,34 @@ mod tests {
         );
         assert!(
             md.contains("floor above the bar in 1 of 4 scenarios | **unreachable on this host** |")
+        );
+
+        // The record layer's verdict: rustls' state would make the idle
+        // connection 2 KiB (more than 10%) larger.
+        report.peers[0].memory = Some(MemoryResult {
+            connections: 1000,
+            rss_before_mib: 10.0,
+            rss_after_mib: 17.0,
+            kib_per_connection: 7.0,
+        });
+        report.record_layer = Some(crate::record_layer::RecordLayerCost {
+            ours_bytes: 1024.0,
+            rustls_bytes: 3072.0,
+            ours_seal_cpu_s_per_gb: 0.20,
+            ours_open_cpu_s_per_gb: 0.20,
+            rustls_seal_cpu_s_per_gb: 0.22,
+            rustls_open_cpu_s_per_gb: 0.20,
+            rustls_library: "aws-lc",
+            cpu: 0,
+        });
+        let md = markdown_text(&report, &[]);
+        assert!(
+            md.contains("| state per connection (bytes) | 1024 | 3072 | 3.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("would be **9.0 KiB** (1.29×). Within 10%: **no**."),
+            "{md}"
         );
 
         // Without the relay, or in the VM's report, there is no floor to show.

@@ -448,6 +448,18 @@ pub mod exposed {
             }
         }
 
+        /// Opens as `open` does, without copying the plaintext out (the
+        /// forwarding path writes it to the other side from where it lies);
+        /// returns the bytes taken and how many of them were plaintext.
+        pub fn open_in_place(&self, buf: &mut [u8]) -> Result<(usize, usize), String> {
+            let mut ranges = Vec::new();
+            let opened = self.0.open(buf, &mut ranges);
+            match opened.refused {
+                Some(broken) => Err(broken.why),
+                None => Ok((opened.taken, ranges.iter().map(|r| r.len()).sum())),
+            }
+        }
+
         /// Seals `plain` as the forwarding path does when it reads from a
         /// plain peer: read into record slots, sealed where it lies.
         pub fn seal_in_slots(&self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
