@@ -53,6 +53,11 @@ pub async fn accept_loop(
                 }
             },
         };
+        // One spelling per client: a dual-stack listener sees an IPv4 client
+        // as ::ffff:a.b.c.d. Policy, the registry, the access log and the
+        // metrics all take this canonical address, so IPv4 source rules
+        // hold for it.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         // The generation first: if a reload publishes after this read, the
         // connection is judged again as it goes live (see `registry`).
         let judged_at = shared.registry.generation();

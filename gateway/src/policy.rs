@@ -288,10 +288,31 @@ pub enum DenyReason {
     NoDeviceIdentity { prefix: String },
 }
 
+/// A source network in the spelling clients are judged in: one written in
+/// the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 network it
+/// maps (`10.0.0.0/8`), since an IPv4 client is always judged by its IPv4
+/// address, also when it reached a dual-stack listener. Other IPv6
+/// networks stay IPv6: `::/0` covers no IPv4 client.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    const MAPPED_BITS: u8 = 96;
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= MAPPED_BITS => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - MAPPED_BITS)
+                .map(|n| IpNet::V4(n.trunc()))
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
+}
+
 impl Policy {
     /// The rules that need no certificate: `deny_sources`, `allow_sources`,
     /// `time_windows`, in that order. All a `mode = "off"` route enforces.
+    /// `source` is judged as its canonical address (an IPv4-mapped IPv6
+    /// address as the IPv4 address), as the networks are (`canonical_net`).
     pub fn admits_source_at(&self, source: IpAddr, now: jiff::Timestamp) -> Result<(), DenyReason> {
+        let source = source.to_canonical();
         if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&source)) {
             return Err(DenyReason::SourceDenied {
                 client: source,
@@ -530,6 +551,35 @@ mod tests {
             at(&p, &id, "10.66.1.1", NOON_WED_UTC),
             Verdict::Deny(DenyReason::SourceDenied { .. })
         ));
+    }
+
+    /// One spelling per source: an IPv4-mapped client and a network in the
+    /// mapped form are their IPv4 selves (a dual-stack listener sees IPv4
+    /// clients as `::ffff:a.b.c.d`).
+    #[test]
+    fn ipv4_mapped_sources_and_networks_are_judged_as_ipv4() {
+        let net = |s: &str| canonical_net(s.parse().unwrap());
+        assert_eq!(net("::ffff:10.0.0.0/104"), net("10.0.0.0/8"));
+        assert_eq!(net("::ffff:10.1.2.3/128"), net("10.1.2.3/32"));
+        assert_eq!(net("::ffff:0:0/96"), net("0.0.0.0/0"));
+        assert_eq!(net("::/0").to_string(), "::/0");
+        assert_eq!(net("2001:db8::/32").to_string(), "2001:db8::/32");
+
+        let id = identity();
+        let mut deny = allow(&["dns:batch.example.internal"]);
+        deny.deny_sources = vec![net("127.0.0.0/8")];
+        assert_eq!(
+            at(&deny, &id, "::ffff:127.0.0.1", NOON_WED_UTC),
+            Verdict::Deny(DenyReason::SourceDenied {
+                client: "127.0.0.1".parse().unwrap(),
+                cidr: net("127.0.0.0/8"),
+            })
+        );
+        let mut only = allow(&["dns:batch.example.internal"]);
+        only.allow_sources = vec![net("::ffff:10.0.0.0/104")];
+        assert!(allowed(&at(&only, &id, "::ffff:10.1.2.3", NOON_WED_UTC)));
+        assert!(allowed(&at(&only, &id, "10.1.2.3", NOON_WED_UTC)));
+        assert!(!allowed(&at(&only, &id, "::ffff:192.0.2.1", NOON_WED_UTC)));
     }
 
     fn window(days: &[&str], start: &str, end: &str, tz: &str) -> TimeWindow {

@@ -859,3 +859,68 @@ async fn the_example_config_enforces_devices_as_documented() {
     }
     assert_eq!(backend.accepted(), 3);
 }
+
+/// A dual-stack listener (`[::]`) sees an IPv4 client as an IPv4-mapped
+/// IPv6 address (`::ffff:127.0.0.1`). The gateway judges, tracks and logs
+/// it as the IPv4 address it is, so IPv4 source rules hold on such a
+/// listener: a denied network cannot walk in through the mapped form, and
+/// an allowed one is not refused for it. A network written in the mapped
+/// form means the IPv4 network.
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_are_judged_by_their_ipv4_address() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let dual = |extra: &str| {
+        listener_toml(&pki, "edge", "").replace("127.0.0.1:0", "[::]:0") + &route(&backend, extra)
+    };
+    let v4 = |gw: &RunningGateway| std::net::SocketAddr::from(([127, 0, 0, 1], gw.app_addr.port()));
+
+    for deny in ["127.0.0.0/8", "::ffff:127.0.0.0/104"] {
+        let mut gw =
+            RunningGateway::start(&pki, &dual(&format!("deny_sources = [\"{deny}\"]\n"))).await;
+        assert_eq!(
+            refusal(v4(&gw), SNI, pki.frontend_config()).await,
+            AlertDescription::AccessDenied,
+            "{deny}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{deny}: {rec:?}");
+        assert_eq!(
+            rec.reason, "source 127.0.0.1 is denied by 127.0.0.0/8",
+            "{deny}: {rec:?}"
+        );
+        assert!(rec.client.starts_with("127.0.0.1:"), "{rec:?}");
+    }
+    // Before the handshake too, on an off route.
+    let off = listener_toml(&pki, "edge", "").replace("127.0.0.1:0", "[::]:0")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\ndeny_sources = [\"127.0.0.0/8\"]\n";
+    let gw = RunningGateway::start(&pki, &off).await;
+    assert_eq!(
+        refusal(v4(&gw), SNI, pki.client_config(None)).await,
+        AlertDescription::AccessDenied
+    );
+    assert_eq!(backend.accepted(), 0);
+
+    // Allowed IPv4 networks let IPv4 clients in, and the access log and
+    // the live connection's re-checks see the same address.
+    let allowed = dual("allow_sources = [\"127.0.0.0/8\"]\n");
+    let mut gw = RunningGateway::start(&pki, &allowed).await;
+    let mut tls = connect(v4(&gw), SNI, pki.frontend_config()).await.unwrap();
+    tls.write_all(b"mapped").await.unwrap();
+    let mut buf = [0u8; 6];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"mapped");
+    let report = gw
+        .reload_toml(&pki, &dual("deny_sources = [\"127.0.0.1/32\"]\n"))
+        .await
+        .unwrap();
+    assert_eq!(report.connections_closed, 1, "the reload's deny reached it");
+    let rec = gw.next_record().await;
+    assert!(rec.client.starts_with("127.0.0.1:"), "{rec:?}");
+    assert!(
+        rec.reason
+            .contains("no longer allowed after reload: source 127.0.0.1 is denied by 127.0.0.1/32"),
+        "{rec:?}"
+    );
+}
