@@ -225,7 +225,8 @@ fn serve<'a>(
         let registration = shared.registry.register(
             Live {
                 state: listener.clone(),
-                route: route.name.clone(),
+                route: route.clone(),
+                sni: conn.sni.clone(),
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
@@ -234,7 +235,7 @@ fn serve<'a>(
             },
             close,
         );
-        let registration = match registration {
+        let (registration, route) = match registration {
             Ok(r) => r,
             Err(refused) => {
                 // Allowed by the state its handshake began with, refused by
@@ -249,6 +250,9 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        // The route as the current state has it (a reload during the
+        // handshake may have changed its mode or backends): connect with it.
+        conn.mode = Some(route.mode().as_str());
         let why = || {
             registration
                 .reason()
@@ -276,6 +280,7 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        registration.connected(&addr);
         conn.backend = Some(addr);
         let transfer = relay(
             listener,

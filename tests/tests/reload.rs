@@ -695,3 +695,161 @@ async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_
         );
     }
 }
+
+/// Reads access-log records until one matching `want`, so the records of
+/// other connections ending meanwhile do not matter.
+async fn record_where(
+    gw: &mut RunningGateway,
+    want: impl Fn(&gateway::access_log::AccessRecord) -> bool,
+) -> gateway::access_log::AccessRecord {
+    for _ in 0..16 {
+        let rec = gw.next_record().await;
+        if want(&rec) {
+            return rec;
+        }
+    }
+    panic!("no such access-log record");
+}
+
+/// A connection is judged by the route its server name maps to now, not by
+/// a route that happens to keep its name. Here a reload moves the server
+/// name and its sensitive backend to a new route `vault` that allows
+/// someone else, and keeps a route called `orders` (the old name) for
+/// another server name and backend, still allowing the client: the live
+/// connection is closed, and a handshake held across the reload never
+/// reaches the sensitive backend.
+#[tokio::test]
+async fn a_connection_is_judged_by_the_route_its_server_name_now_maps_to() {
+    let pki = Pki::new();
+    let sensitive = EchoBackend::start().await;
+    let public = EchoBackend::start().await;
+    let before = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[sensitive.addr], &[SPIFFE_FRONTEND]);
+    let mut gw = RunningGateway::start(&pki, &before).await;
+    let mut live = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut live, b"before").await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+
+    let after = listener_toml(&pki, "edge", "")
+        + &route_toml("vault", &[SNI], &[sensitive.addr], &[SPIFFE_OTHER])
+        + &route_toml(
+            "orders",
+            &["billing.example.internal"],
+            &[public.addr],
+            &[SPIFFE_FRONTEND],
+        );
+    let report = gw.reload_toml(&pki, &after).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut live, Duration::from_secs(1)).await;
+    let rec = record_where(&mut gw, |r| r.backend.is_some()).await;
+    assert!(
+        rec.reason.contains(&format!(
+            "server name {SNI:?} now goes to route \"vault\", not \"orders\""
+        )),
+        "{rec:?}"
+    );
+
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"let me in").await, b"", "nothing came back");
+    let rec = record_where(&mut gw, |r| r.verdict == Verdict::Deny).await;
+    assert!(
+        rec.reason.contains("now goes to route \"vault\"") && rec.backend.is_none(),
+        "{rec:?}"
+    );
+    assert_eq!(sensitive.accepted(), 1, "only the first connection");
+    assert_eq!(public.accepted(), 0);
+}
+
+/// A connection talks only to a backend its route still has. A reload that
+/// moves the route to another backend closes the live connection, and a
+/// handshake held across it connects to the route's backend as it is now.
+#[tokio::test]
+async fn a_connection_only_talks_to_a_backend_its_route_still_has() {
+    let pki = Pki::new();
+    let sensitive = EchoBackend::start().await;
+    let public = EchoBackend::start().await;
+    let on = |backend: &EchoBackend| {
+        listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    let mut gw = RunningGateway::start(&pki, &on(&sensitive)).await;
+    let mut live = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut live, b"before").await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+
+    let report = gw.reload_toml(&pki, &on(&public)).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut live, Duration::from_secs(1)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains(&format!(
+            "backend {} is no longer one of route \"orders\"'s backends",
+            sensitive.addr
+        )),
+        "{rec:?}"
+    );
+
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"straddled").await, b"straddled");
+    assert_eq!(sensitive.accepted(), 1, "only the first connection");
+    assert_eq!(
+        public.accepted(),
+        1,
+        "the held one, on the route as it is now"
+    );
+}
+
+/// What a reload does to a handshake under way: the route its server name
+/// maps to is removed (no default route left), or flips from `off` to
+/// `enforce` while the client presented no certificate. Either way it is
+/// refused as it goes live and never reaches the backend.
+#[tokio::test]
+async fn a_handshake_is_refused_when_a_reload_removes_or_tightens_its_route() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let orders = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &orders).await;
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    let elsewhere = listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "billing",
+            &["billing.example.internal"],
+            &[backend.addr],
+            &[SPIFFE_FRONTEND],
+        );
+    gw.reload_toml(&pki, &elsewhere).await.unwrap();
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"gone?").await, b"");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason
+            .contains(&format!("no route for server name {SNI:?} after reload")),
+        "{rec:?}"
+    );
+
+    let off = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\n";
+    gw.reload_toml(&pki, &off).await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.client_config(None)).await;
+    gw.reload_toml(&pki, &orders).await.unwrap();
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"no cert").await, b"");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason
+            .contains("route now enforces and the client presented no certificate"),
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 0);
+}

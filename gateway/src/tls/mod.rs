@@ -281,6 +281,9 @@ impl ResolvesServerCert for OneCert {
 pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
     pub server_name: rustls_pki_types::ServerName<'static>,
+    /// The backends' trust anchors, to tell whether a reload changed whom
+    /// the gateway accepts as the backend (`verifies_like`).
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
     pub offload: Offload,
     /// As the listener's `rx_expect_no_pad`, for the backend's records.
     pub rx_expect_no_pad: bool,
@@ -303,6 +306,7 @@ impl UpstreamTls {
     ) -> Result<Self, TlsError> {
         let provider = provider_for(offload)?;
         let roots = certs::load_roots(ca)?;
+        let anchors = roots.roots.clone();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
             .with_root_certificates(roots);
@@ -327,9 +331,18 @@ impl UpstreamTls {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
+            anchors,
             offload,
             rx_expect_no_pad: false,
         })
+    }
+}
+
+impl UpstreamTls {
+    /// Whether a backend this verified would pass `other` too: the same
+    /// name under the same trust anchors.
+    pub fn verifies_like(&self, other: &UpstreamTls) -> bool {
+        self.server_name == other.server_name && self.anchors == other.anchors
     }
 }
 
