@@ -282,6 +282,18 @@ fn serve<'a>(
         };
         registration.connected(&addr);
         conn.backend = Some(addr);
+        // A reload (or drain) may have closed it while the connect
+        // finished: nothing goes to the backend then.
+        if registration.close.is_cancelled() {
+            conn.reason = format!("{}; {}", conn.reason, forward::End::Closed(why()));
+            // Both cut, as a transfer the gateway closes is: reset.
+            offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+            match &backend {
+                Upstream::Plain(s) => offload::reset_if_dropped(s, true),
+                Upstream::Tls(t) => offload::reset_if_dropped(t.get_ref().0.get_ref(), true),
+            }
+            return conn.record();
+        }
         let transfer = relay(
             listener,
             &route,
@@ -427,6 +439,10 @@ async fn bounded_hand_off<T>(
     client: &SocketAddr,
 ) -> Result<T, forward::End> {
     let result = tokio::select! {
+        // The close first, as in the transfer: nothing more for a
+        // connection already closed.
+        biased;
+        () = close.cancelled() => return Err(forward::End::Closed(why())),
         r = tokio::time::timeout(deadline, handed) => match r {
             Ok(Ok(x)) => return Ok(x),
             Ok(Err(e)) => forward::End::Error(e.to_string()),
@@ -434,7 +450,6 @@ async fn bounded_hand_off<T>(
                 "kernel TLS or record layer hand-off timed out after {deadline:?} (handshake_timeout)"
             )),
         },
-        () = close.cancelled() => return Err(forward::End::Closed(why())),
     };
     tracing::warn!(client = %client, error = %result, "closing connection: hand-off failed");
     Err(result)
@@ -726,6 +741,46 @@ mod tests {
             &crate::testing::listener_state(),
             "127.0.0.1:5000".parse().unwrap(),
         )
+    }
+
+    /// One side of a transfer that only counts how often it was aborted.
+    struct Side;
+
+    impl forward::Leg for Side {
+        fn abort(&self, _: Option<AlertDescription>) {}
+    }
+
+    /// A connection closed (by a reload, by drain) before its transfer
+    /// starts moves no byte, even when both directions could move at once:
+    /// the close is seen first.
+    #[tokio::test]
+    async fn a_transfer_closed_before_it_starts_moves_nothing() {
+        use std::sync::atomic::AtomicU64;
+        for round in 0..64 {
+            let close = CancellationToken::new();
+            close.cancel();
+            let pumped = AtomicUsize::new(0);
+            let transfer = forward::both_ways(
+                Side,
+                Side,
+                std::time::Duration::from_secs(60),
+                close,
+                || "revoked".to_owned(),
+                async |_: &Side, _: &Side, moved: &AtomicU64, _: &forward::Activity| {
+                    pumped.fetch_add(1, Ordering::Relaxed);
+                    moved.fetch_add(14, Ordering::Relaxed);
+                    Ok(())
+                },
+            )
+            .await;
+            assert_eq!(
+                transfer.end,
+                forward::End::Closed("revoked".into()),
+                "round {round}"
+            );
+            assert_eq!(pumped.load(Ordering::Relaxed), 0, "round {round}");
+            assert_eq!(transfer.client_to_backend, 0, "round {round}");
+        }
     }
 
     /// A handshake that completed although the verifier objected (no

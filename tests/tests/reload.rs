@@ -853,3 +853,92 @@ async fn a_handshake_is_refused_when_a_reload_removes_or_tightens_its_route() {
     );
     assert_eq!(backend.accepted(), 0);
 }
+
+/// A listener whose accept queue is full: a connect to it gets no answer
+/// (the kernel drops the SYN) until the caller gives up. The fillers keep
+/// the queue full while the value lives.
+struct Unanswering {
+    addr: std::net::SocketAddr,
+    _socket: tokio::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Unanswering {
+    fn start() -> Unanswering {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => {
+                    return Unanswering {
+                        addr,
+                        _socket: socket,
+                        _fillers: fillers,
+                    };
+                }
+            }
+        }
+        panic!("the accept queue of {addr} never filled");
+    }
+}
+
+/// A reload that revokes a client while the gateway is still connecting to
+/// its backend ends the connection there: the request the client sent
+/// reaches no backend, neither the one that does not answer nor the next
+/// one the failover would try. Each round runs on a fresh gateway, so the
+/// round robin starts at the backend that does not answer.
+#[tokio::test]
+async fn a_client_revoked_while_its_backend_connect_is_pending_reaches_no_backend() {
+    let pki = Pki::new();
+    let stuck = Unanswering::start();
+    let sink = EchoBackend::start().await;
+    for round in 0..3 {
+        pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+        let toml = listener_toml(
+            &pki,
+            "edge",
+            &format!(
+                "{}\nconnect_timeout = \"1s\"\nconnect_attempts = 2",
+                pki.crls_line(&["clients.crl.pem"])
+            ),
+        ) + &route_toml(
+            "orders",
+            &[SNI],
+            &[stuck.addr, sink.addr],
+            &[SPIFFE_FRONTEND],
+        );
+        let mut gw = RunningGateway::start(&pki, &toml).await;
+        let (doomed, serial) = pki.revocable_frontend(&format!("doomed-{round}"));
+        let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
+            .await
+            .unwrap();
+        tls.write_all(b"secret request").await.unwrap();
+        tls.flush().await.unwrap();
+        // The gateway is now waiting on the backend that does not answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pki.write(
+            "clients.crl.pem",
+            &pki.intermediate.crl(2, &[&serial]).unwrap(),
+        );
+        let report = gw.reload_toml(&pki, &toml).await.unwrap();
+        assert_eq!(report.connections_closed, 1, "round {round}: {report:?}");
+        closed_within(&mut tls, Duration::from_secs(1)).await;
+        let rec = gw.next_record().await;
+        assert!(
+            rec.reason.contains("no longer allowed after reload") && rec.backend.is_none(),
+            "round {round}: {rec:?}"
+        );
+        // Past the connect timeout: had the failover gone on, it would have
+        // reached the sink by now.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            sink.accepted(),
+            0,
+            "round {round}: the request reached the sink"
+        );
+    }
+}
