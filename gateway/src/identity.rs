@@ -80,6 +80,17 @@ impl Identity {
                     GeneralName::URI(u) => push(&mut id.uris, uri(checked(u)?)?),
                     GeneralName::DNSName(d) => push(&mut id.dns, dns(checked(d)?)?),
                     GeneralName::RFC822Name(e) => push(&mut id.emails, email(checked(e)?)),
+                    // x509-parser's answer for a name that is not valid
+                    // text (a URI, DNS or email SAN that is not UTF-8):
+                    // skipping it would let it dodge every rule and the
+                    // trust domains.
+                    GeneralName::Invalid(tag, _) => {
+                        return Err(IdentityError::BadSan(format!(
+                            "an entry (tag {}) that is not valid text",
+                            tag.0
+                        )));
+                    }
+                    // Not names an identity rule can be written for.
                     _ => {}
                 }
             }
@@ -200,6 +211,54 @@ mod tests {
                 "https://Example.internal/kept/as/written/"
             ]
         );
+    }
+
+    /// A client leaf whose subjectAltName extension is `san` (its DER
+    /// contents), self-signed: `from_leaf` reads names, not signatures.
+    fn leaf_with_raw_san(san: Vec<u8>) -> Result<Identity, IdentityError> {
+        let mut params = rcgen::CertificateParams::default();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 17],
+                san,
+            ));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        Identity::from_leaf(cert.der())
+    }
+
+    /// DER: a SEQUENCE of one GeneralName with this context tag and bytes.
+    fn one_name(tag: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut name = vec![0x80 | tag, bytes.len() as u8];
+        name.extend_from_slice(bytes);
+        let mut seq = vec![0x30, name.len() as u8];
+        seq.extend(name);
+        seq
+    }
+
+    /// A SAN that is not UTF-8 is no name any rule or trust domain could
+    /// judge: the certificate is refused, not read without it.
+    #[test]
+    fn a_san_that_is_not_text_makes_the_certificate_unusable() {
+        let (email, dns, uri) = (1, 2, 6);
+        assert_eq!(
+            leaf_with_raw_san(one_name(uri, b"spiffe://example.internal/ok"))
+                .unwrap()
+                .uris,
+            ["spiffe://example.internal/ok"]
+        );
+        for (tag, bytes) in [
+            (uri, &b"spiffe://evil.internal/sa/\xff"[..]),
+            (dns, b"evil\xc3.internal"),
+            (email, b"mallory@\xfe.internal"),
+        ] {
+            match leaf_with_raw_san(one_name(tag, bytes)) {
+                Err(IdentityError::BadSan(why)) => assert!(why.contains("not valid text"), "{why}"),
+                other => panic!("tag {tag}: {other:?}"),
+            }
+        }
     }
 
     #[test]
