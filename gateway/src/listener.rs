@@ -125,7 +125,7 @@ struct Conn {
     verified: Option<Box<crate::tls::bundle::Verified>>,
     mode: Option<&'static str>,
     sni: Option<String>,
-    identity: Option<String>,
+    identity: Option<Vec<String>>,
     verdict: Verdict,
     reason: String,
     backend: Option<String>,
@@ -666,7 +666,7 @@ fn judge<T>(
     decision: crate::tls::Decision,
     conn: &mut Conn,
 ) -> Option<T> {
-    conn.identity = decision.identity.as_ref().map(ToString::to_string);
+    conn.identity = decision.identity.as_ref().map(|i| i.names());
     conn.identity_value = decision.identity.map(Box::new);
     conn.verified = decision.verified.map(Box::new);
     // Nothing reached the verifier: "no certificate" is the refusal only

@@ -31,7 +31,7 @@ async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
     let cases = [
         (
             Some(&other),
-            "would deny: identity spiffe://example.internal/ns/shop/sa/intruder is not in the route's allow list",
+            "would deny: identity [\"spiffe://example.internal/ns/shop/sa/intruder\"] is not in the route's allow list",
         ),
         (None, "would deny: client presented no certificate"),
         (
@@ -360,6 +360,10 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
             "email:mallory@EXAMPLE.internal",
             "email:mallory@example.internal",
         ),
+        (
+            "email:mallory@example.internal.",
+            "email:mallory@example.internal",
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -380,6 +384,41 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
             rec.reason
         );
     }
+    // Names that are no names are refused, rather than read as two.
+    for (i, forged) in [
+        "dns:batch.example.internal,email:mallory@example.internal",
+        "email:ops@example.internal,dns:bad.example.internal",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let creds = pki.client(
+            &format!("forged{i}"),
+            &LeafSpec::client("forged", &[SPIFFE_FRONTEND, forged]),
+        );
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
+            AlertDescription::BadCertificate,
+            "{forged}"
+        );
+        let rec = gw.next_record().await;
+        assert!(
+            rec.reason.contains("that is not a host name")
+                || rec.reason.contains("that is not a plain address"),
+            "{forged}: {}",
+            rec.reason
+        );
+    }
+    // A URI may hold a comma: the access log keeps it one name.
+    let comma = "https://example.internal/a,dns:bad.example.internal";
+    let creds = pki.client("comma", &LeafSpec::client("c", &[SPIFFE_FRONTEND, comma]));
+    passes(gw.app_addr, SNI, pki.client_config(Some(&creds)), b"c").await;
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Allow);
+    assert_eq!(
+        rec.identity,
+        Some(vec![SPIFFE_FRONTEND.to_owned(), comma.to_owned()])
+    );
     // The local part of an address is the mailbox's own: another one passes.
     let other_mailbox = pki.client(
         "mailbox",
@@ -393,7 +432,7 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
     )
     .await;
     assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
-    assert_eq!(backend.accepted(), 1);
+    assert_eq!(backend.accepted(), 2);
 }
 
 /// A time window that does not contain the present hour (UTC).
