@@ -270,19 +270,48 @@ impl Bundle {
                 .min(),
             CrlExpired::Warn => None,
         };
-        let ca_not_after = path
-            .intermediate_certificates()
-            .filter_map(|ca| {
-                let der = ca.der();
-                let (_, cert) = X509Certificate::from_der(&der).ok()?;
-                Some(cert.validity().not_after.timestamp())
-            })
-            .min();
+        let ca_not_after = earliest_not_after(path.intermediate_certificates().map(|ca| ca.der()))?;
         Ok(Verified {
             ca_not_after,
             crl_next_update,
         })
     }
+}
+
+/// A CA certificate webpki verified but the gateway cannot read: its
+/// notAfter would go unwatched, so the chain is refused.
+#[derive(thiserror::Error)]
+#[error(
+    "a CA certificate of the verified path cannot be read, so its expiry could not be watched: {0}"
+)]
+struct UnreadableCa(String);
+
+/// rustls shows an `OtherError` with `Debug`: say it in words there too.
+impl std::fmt::Debug for UnreadableCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The earliest notAfter of these CA certificates, or Err (the chain is
+/// refused) when one of them cannot be read: skipping it would leave the
+/// tick blind to its expiry.
+fn earliest_not_after<'a>(
+    cas: impl Iterator<Item = CertificateDer<'a>>,
+) -> Result<Option<i64>, Error> {
+    let mut earliest: Option<i64> = None;
+    for der in cas {
+        let not_after = match X509Certificate::from_der(&der) {
+            Ok((_, cert)) => cert.validity().not_after.timestamp(),
+            Err(e) => {
+                let why = UnreadableCa(e.to_string());
+                tracing::warn!(reason = %why, "client chain refused");
+                return Err(CertificateError::Other(OtherError(Arc::new(why))).into());
+            }
+        };
+        earliest = Some(earliest.map_or(not_after, |t| t.min(not_after)));
+    }
+    Ok(earliest)
 }
 
 impl Bundle {
@@ -413,6 +442,29 @@ mod tests {
             Arc::default(),
         )
         .unwrap()
+    }
+
+    /// The tick closes a connection when a CA of its path expires; a CA
+    /// the gateway cannot read would escape that, so it refuses the chain.
+    #[test]
+    fn a_ca_certificate_that_cannot_be_read_refuses_the_chain() {
+        let root = Authority::root("readable root").unwrap();
+        let int = root.intermediate("readable intermediate").unwrap();
+        let readable = der(&int.cert_pem);
+        let expected = X509Certificate::from_der(&readable)
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp();
+        assert_eq!(
+            earliest_not_after([readable.clone()].into_iter()),
+            Ok(Some(expected))
+        );
+        assert_eq!(earliest_not_after(std::iter::empty()), Ok(None));
+        let unreadable = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let err = earliest_not_after([readable, unreadable].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("cannot be read"), "{err}");
     }
 
     /// When the leaf's issuer has only CRLs limited by an issuing
