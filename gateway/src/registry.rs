@@ -45,8 +45,8 @@ use crate::config::Mode;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
+use crate::tls::ListenerTls;
 use crate::tls::bundle::Verified;
-use crate::tls::crl::Crl;
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -299,7 +299,7 @@ impl Registry {
                 leaf,
                 intermediates: rest,
             };
-            let now = match judged.against(&current, &[]) {
+            let now = match judged.against(&current, &current.tls) {
                 Ok((now, Some(v))) => {
                     verified = v;
                     now
@@ -369,21 +369,40 @@ impl Registry {
     pub fn reverify(&self) -> usize {
         let listeners = self.lock().listeners.clone();
         let mut current_crls = None;
+        // A removed listener's kept TLS with the current CRLs, built once
+        // per kept state (many connections share one).
+        let mut merged: HashMap<*const ListenerState, Result<Arc<ListenerTls>, String>> =
+            HashMap::new();
         let mut closed = 0;
         for entry in self.snapshot() {
-            let (state, more_crls) = match listeners.get(&entry.listener) {
-                Some(l) => (l.clone(), Vec::new()),
+            let (state, tls) = match listeners.get(&entry.listener) {
+                Some(l) => (l.clone(), None),
                 None => {
-                    let crls = current_crls.get_or_insert_with(|| {
-                        listeners
-                            .values()
-                            .flat_map(|l| l.tls.crls().cloned())
-                            .collect::<Vec<_>>()
-                    });
-                    (entry.judgement().state, crls.clone())
+                    let kept = entry.judgement().state;
+                    let tls = merged
+                        .entry(Arc::as_ptr(&kept))
+                        .or_insert_with(|| {
+                            let crls = current_crls.get_or_insert_with(|| {
+                                listeners
+                                    .values()
+                                    .flat_map(|l| l.tls.crls().cloned())
+                                    .collect::<Vec<_>>()
+                            });
+                            kept.tls
+                                .with_more_crls(crls)
+                                .map(Arc::new)
+                                .map_err(|e| e.to_string())
+                        })
+                        .clone();
+                    (kept, Some(tls))
                 }
             };
-            match entry.judged().against(&state, &more_crls) {
+            let judged = match &tls {
+                None => entry.judged().against(&state, &state.tls),
+                Some(Ok(tls)) => entry.judged().against(&state, tls),
+                Some(Err(why)) => Err(why.clone()),
+            };
+            match judged {
                 Ok((route, verified)) => {
                     let serving = listeners.contains_key(&entry.listener);
                     let mut j = entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
@@ -455,14 +474,15 @@ struct Judged<'a> {
 }
 
 impl Judged<'_> {
-    /// Err says why `listener`'s current state would refuse this
-    /// connection. Ok gives the route its server name maps to and, with
-    /// Some, what a new chain check learned (None: the route's mode checks
-    /// no chain).
+    /// Err says why `listener`'s current state, checking chains with `tls`
+    /// (its own, or a removed listener's with the current CRLs), would
+    /// refuse this connection. Ok gives the route its server name maps to
+    /// and, with Some, what a new chain check learned (None: the route's
+    /// mode checks no chain).
     fn against(
         &self,
         listener: &ListenerState,
-        more_crls: &[Arc<Crl>],
+        tls: &ListenerTls,
     ) -> Result<(Arc<Route>, Option<Verified>), String> {
         let Some(route) = listener.route_for(self.sni) else {
             return Err(match self.sni {
@@ -501,13 +521,7 @@ impl Judged<'_> {
                 let Some(leaf) = self.leaf else {
                     return Err("route now enforces and the client presented no certificate".into());
                 };
-                Some(listener.tls.recheck(
-                    &route.auth,
-                    self.source,
-                    leaf,
-                    self.intermediates,
-                    more_crls,
-                )?)
+                Some(tls.recheck(&route.auth, self.source, leaf, self.intermediates)?)
             }
         };
         Ok((route.clone(), verified))

@@ -8,6 +8,7 @@ use gateway::access_log::Verdict;
 use gateway::app::ReloadError;
 use gateway::pki::LeafSpec;
 use gateway_tests::*;
+use rustls::AlertDescription;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -941,4 +942,73 @@ async fn a_client_revoked_while_its_backend_connect_is_pending_reaches_no_backen
             "round {round}: the request reached the sink"
         );
     }
+}
+
+/// CRLs are public, signed files: whoever sits on the path a CRL file is
+/// fetched over can hand back last month's. A reload that brings an older
+/// CRL of an issuer than the gateway already enforced is refused whole, so
+/// the revocation stays; two different CRLs with one number are refused
+/// too (which is current cannot be told). Both are counted.
+#[tokio::test]
+async fn a_replayed_older_crl_is_refused_and_its_revocations_stay() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let before_revocation = pki.intermediate.crl(1, &[]).unwrap();
+    pki.write("clients.crl.pem", &before_revocation);
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "")
+    );
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    passes(gw.app_addr, SNI, pki.client_config(Some(&doomed)), b"ok").await;
+
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&serial]).unwrap(),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    let revoked = || async {
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&doomed))).await,
+            AlertDescription::CertificateRevoked
+        );
+    };
+    revoked().await;
+
+    // The old file comes back: refused, and the client stays revoked.
+    pki.write("clients.crl.pem", &before_revocation);
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(
+        err.contains("holds CRL #1 of issuer") && err.contains("already enforced CRL #2"),
+        "{err}"
+    );
+    revoked().await;
+
+    // Another CRL #2, without the revocation: ambiguous, refused.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(2, &[]).unwrap());
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(err.contains("two different CRLs #2"), "{err}");
+    revoked().await;
+
+    let metrics = gw.scrape().await;
+    for counted in [
+        "gateway_crl_refused_total{reason=\"rollback\"} 1",
+        "gateway_crl_refused_total{reason=\"ambiguous\"} 1",
+        "gateway_reloads_total{result=\"failed\"} 2",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
+
+    // A newer CRL is taken as ever.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(3, &[]).unwrap());
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.client_config(Some(&doomed)),
+        b"unrevoked by #3",
+    )
+    .await;
 }

@@ -123,11 +123,13 @@ impl Bundle {
     }
 
     /// This bundle with `more` CRLs besides its own (of each issuer and
-    /// scope the newest wins): for a connection whose listener a reload
-    /// removed, so revocations published since still reach it.
-    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Bundle {
-        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect());
-        Bundle {
+    /// scope the newest wins, quietly: the loads said what they dropped):
+    /// for a connection whose listener a reload removed, so revocations
+    /// published since still reach it. Err when two different CRLs claim
+    /// one place.
+    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Result<Bundle, TlsError> {
+        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect(), |_, _| {})?;
+        Ok(Bundle {
             name: self.name.clone(),
             anchors: self.anchors.clone(),
             subjects: self.subjects.clone(),
@@ -137,7 +139,7 @@ impl Bundle {
             stale_crl_uses: self.stale_crl_uses.clone(),
             spiffe_trust_domains: self.spiffe_trust_domains.clone(),
             algorithms: self.algorithms,
-        }
+        })
     }
 
     /// Whether this bundle's CAs may vouch for the URI identities `uris`:
@@ -442,6 +444,47 @@ mod tests {
             Arc::default(),
         )
         .unwrap()
+    }
+
+    /// A reload merges the current CRLs into a removed listener's bundles
+    /// for every kept state; that merge drops superseded CRLs quietly (the
+    /// loads already said so), or each reload would log a line per
+    /// superseded CRL and kept state.
+    #[test]
+    fn merging_newer_crls_into_a_kept_bundle_logs_nothing() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("merge root").unwrap();
+        let int = root.intermediate("merge intermediate").unwrap();
+        let kept = bundle(dir.path(), &root, &[int.crl(1, &[]).unwrap()]);
+        let newer = dir.path().join("newer.pem");
+        std::fs::write(&newer, int.crl(2, &[]).unwrap()).unwrap();
+        let newer: Vec<Arc<Crl>> = crl::load(&[newer])
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let merged =
+            tracing::subscriber::with_default(subscriber, || kept.with_more_crls(&newer).unwrap());
+        assert_eq!(merged.crls().len(), 1);
+        assert_eq!(merged.crls()[0].number, newer[0].number);
+        let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(logged, "");
     }
 
     /// The tick closes a connection when a CA of its path expires; a CA
