@@ -294,13 +294,24 @@ impl Authority {
         serials: &[&[u8]],
         scope: rcgen::CrlScope,
     ) -> Result<String, PkiError> {
+        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
+        self.crl_scoped_until(crl_number, serials, scope, next_update)
+    }
+
+    /// `crl_scoped` with its next-update time.
+    pub fn crl_scoped_until(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        scope: rcgen::CrlScope,
+        next_update: OffsetDateTime,
+    ) -> Result<String, PkiError> {
         let idp = rcgen::CrlIssuingDistributionPoint {
             distribution_point: rcgen::CrlDistributionPoint {
                 uris: vec!["http://crl.example.internal/scoped.crl".into()],
             },
             scope: Some(scope),
         };
-        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
         self.crl_with(crl_number, serials, next_update, Some(idp))
     }
 

@@ -256,20 +256,29 @@ impl Bundle {
                 }
                 pki_error(e)
             })?;
-        // The CRLs webpki consulted: those of the path's issuers.
-        let issuers = || {
-            std::iter::once(ee.issuer())
-                .chain(path.intermediate_certificates().map(|ca| ca.issuer()))
+        // The CRLs webpki may have consulted: those of the path's issuers
+        // whose scope covers the certificate checked (the leaf, or a CA).
+        // A CA-only CRL says nothing about the leaf: its staleness must not
+        // end a connection no new handshake would refuse.
+        let covering = || {
+            std::iter::once((ee.issuer(), false))
+                .chain(
+                    path.intermediate_certificates()
+                        .map(|ca| (ca.issuer(), true)),
+                )
+                .flat_map(|(issuer, ca)| {
+                    self.crls
+                        .iter()
+                        .zip(&self.stale_crl_logged)
+                        .filter(move |(c, _)| c.crl.issuer() == issuer && c.scope.covers(ca))
+                })
         };
         // The strict second pass re-reads CRLs the first already noted.
         if self.crl_expired == CrlExpired::Warn && depth == RevocationCheckDepth::Chain {
-            self.note_stale_crls(issuers(), now);
+            self.note_stale_crls(covering(), now);
         }
         let crl_next_update = match self.crl_expired {
-            CrlExpired::Refuse => issuers()
-                .flat_map(|issuer| self.crls.iter().filter(move |c| c.crl.issuer() == issuer))
-                .filter_map(|c| c.next_update)
-                .min(),
+            CrlExpired::Refuse => covering().filter_map(|(c, _)| c.next_update).min(),
             CrlExpired::Warn => None,
         };
         let ca_not_after = earliest_not_after(path.intermediate_certificates().map(|ca| ca.der()))?;
@@ -318,20 +327,20 @@ fn earliest_not_after<'a>(
 
 impl Bundle {
     /// With `crl_expired = "warn"`: counts (and logs once) a check that
-    /// used a CRL past its nextUpdate, for any of these issuers.
-    fn note_stale_crls<'a>(&self, issuers: impl Iterator<Item = &'a [u8]>, now: UnixTime) {
+    /// used a CRL past its nextUpdate, of these (each with its "logged"
+    /// flag).
+    fn note_stale_crls<'a>(
+        &self,
+        crls: impl Iterator<Item = (&'a Arc<Crl>, &'a AtomicBool)>,
+        now: UnixTime,
+    ) {
         let now = now.as_secs() as i64;
         let mut stale = false;
-        for issuer in issuers {
-            for (c, logged) in self.crls.iter().zip(&self.stale_crl_logged) {
-                if c.crl.issuer() != issuer || !c.is_stale(now) {
-                    continue;
-                }
-                stale = true;
-                if !logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
-                        "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
-                }
+        for (c, logged) in crls.filter(|(c, _)| c.is_stale(now)) {
+            stale = true;
+            if !logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
+                    "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
             }
         }
         if stale {
@@ -485,6 +494,38 @@ mod tests {
         assert_eq!(merged.crls()[0].number, newer[0].number);
         let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
         assert_eq!(logged, "");
+    }
+
+    /// The tick closes a connection once a CRL covering its chain is past
+    /// its next update. Only CRLs whose scope covers the certificate count:
+    /// a CA-only CRL of the leaf's issuer says nothing about the leaf.
+    #[test]
+    fn only_crls_whose_scope_covers_a_certificate_time_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("scope root").unwrap();
+        let int = root.intermediate("scope intermediate").unwrap();
+        let leaf = der(&int
+            .issue(&LeafSpec::client("c", &["dns:c.example"]))
+            .unwrap()
+            .cert_pem);
+        let chain = [der(&int.cert_pem)];
+        let now = time::OffsetDateTime::now_utc();
+        let (soon, later) = (
+            now + time::Duration::hours(1),
+            now + time::Duration::days(2),
+        );
+        let b = bundle(
+            dir.path(),
+            &root,
+            &[
+                int.crl_scoped_until(1, &[], CrlScope::UserCertsOnly, later)
+                    .unwrap(),
+                int.crl_scoped_until(1, &[], CrlScope::CaCertsOnly, soon)
+                    .unwrap(),
+            ],
+        );
+        let verified = b.verify(&leaf, &chain, UnixTime::now()).unwrap();
+        assert_eq!(verified.crl_next_update, Some(later.unix_timestamp()));
     }
 
     /// The tick closes a connection when a CA of its path expires; a CA
