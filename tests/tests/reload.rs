@@ -1012,3 +1012,25 @@ async fn a_replayed_older_crl_is_refused_and_its_revocations_stay() {
     )
     .await;
 }
+
+/// A removed listener's connections keep their old trust anchors and policy
+/// until they drain (README: "Reload and continuous verification"); the
+/// drain_timeout that ends them is the new config's, so a reload with a
+/// short one cuts them at once.
+#[tokio::test]
+async fn a_removed_listeners_connections_drain_by_the_new_configs_drain_timeout() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let port = dead_port();
+    let edge = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let doomed = listener_toml(&pki, "doomed", "").replace("127.0.0.1:0", &port.to_string())
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &format!("drain_timeout = \"60s\"\n{edge}{doomed}")).await;
+    let mut orphan = connect(port, SNI, pki.frontend_config()).await.unwrap();
+    ping(&mut orphan, b"live").await.unwrap();
+    gw.reload_toml(&pki, &format!("drain_timeout = \"1s\"\n{edge}"))
+        .await
+        .unwrap();
+    ping(&mut orphan, b"still, while it drains").await.unwrap();
+    closed_within(&mut orphan, Duration::from_secs(4)).await;
+}
