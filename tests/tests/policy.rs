@@ -763,6 +763,14 @@ async fn the_example_config_enforces_devices_as_documented() {
         ("[\"127.0.0.1:9200\"]", backends.clone()),
         ("[\"127.0.0.1:9300\"]", backends.clone()),
         ("mode = \"audit\"", "mode = \"enforce\"".to_owned()),
+    ] {
+        assert!(toml.contains(from), "the example changed: no {from}");
+        toml = toml.replace(from, &to);
+    }
+    // As written (in enforce mode), for its source rule below.
+    let as_written = toml.clone();
+    // Opened to this host, at any time, for the rest.
+    for (from, to) in [
         (
             "allow_sources = [\"10.0.0.0/8\"]",
             "allow_sources = [\"10.0.0.0/8\", \"127.0.0.0/8\"]".to_owned(),
@@ -897,6 +905,22 @@ async fn the_example_config_enforces_devices_as_documented() {
         assert_eq!(gw.next_record().await.verdict, Verdict::Allow, "{sni}");
     }
     assert_eq!(backend.accepted(), 3);
+
+    // The admin route as written admits only 10.0.0.0/8 (judged before its
+    // time window): the bound laptop on this host is refused.
+    let config =
+        gateway::Config::parse(&as_written, &pki.path("gateway.toml"), pki.dir.path()).unwrap();
+    gw.reload.reload(config).await.unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, admin, bound).await,
+        AlertDescription::AccessDenied
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(
+        rec.reason, "source 127.0.0.1 is not in the route's allowed sources",
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 3);
 }
 
 /// A dual-stack listener (`[::]`) sees an IPv4 client as an IPv4-mapped
@@ -962,4 +986,87 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_judged_by_their_ipv4_address(
             .contains("no longer allowed after reload: source 127.0.0.1 is denied by 127.0.0.1/32"),
         "{rec:?}"
     );
+}
+
+/// A CRL limited by its issuing distribution point speaks only for the
+/// certificates in its scope, through real handshakes: a leaves-only CRL
+/// revokes a leaf; a CA-only CRL alone leaves a leaf's status unknown
+/// (refused); and a CA-only CRL going stale beside a fresh leaves-only one
+/// closes no connection: it speaks only for CA certificates the
+/// intermediate issued, and the path has none.
+#[tokio::test]
+async fn scoped_crls_speak_only_for_the_certificates_in_their_scope() {
+    use gateway::pki::CrlScope;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let crls = pki.crls_line(&["scoped.crl.pem"]);
+    let toml = listener_toml(&pki, "edge", &crls) + &route(&backend, "");
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+
+    pki.write(
+        "scoped.crl.pem",
+        &pki.intermediate
+            .crl_scoped(1, &[&serial], CrlScope::UserCertsOnly)
+            .unwrap(),
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&doomed))).await,
+        AlertDescription::CertificateRevoked
+    );
+    assert_eq!(gw.next_record().await.verdict, Verdict::Deny);
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.frontend_config(),
+        b"in scope, not revoked",
+    )
+    .await;
+    gw.next_record().await;
+
+    pki.write(
+        "scoped.crl.pem",
+        &pki.intermediate
+            .crl_scoped(2, &[], CrlScope::CaCertsOnly)
+            .unwrap(),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::UnknownCA
+    );
+    assert!(
+        gw.next_record()
+            .await
+            .reason
+            .contains("UnknownRevocationStatus"),
+        "a CA-only CRL says nothing of a leaf"
+    );
+
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    pki.write(
+        "scoped.crl.pem",
+        &format!(
+            "{}{}",
+            pki.intermediate
+                .crl_scoped_until(3, &[], CrlScope::UserCertsOnly, later)
+                .unwrap(),
+            pki.intermediate
+                .crl_scoped_until(3, &[], CrlScope::CaCertsOnly, soon)
+                .unwrap()
+        ),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    tls.write_all(b"stale CA-only CRL").await.unwrap();
+    let mut buf = [0u8; 17];
+    tokio::time::timeout(STEP, tls.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .expect("the connection is still open");
+    assert_eq!(&buf, b"stale CA-only CRL");
 }
