@@ -743,7 +743,7 @@ mod tests {
         )
     }
 
-    /// One side of a transfer that only counts how often it was aborted.
+    /// One side of a transfer, with nothing behind it.
     struct Side;
 
     impl forward::Leg for Side {

@@ -370,30 +370,31 @@ impl Registry {
         let listeners = self.lock().listeners.clone();
         let mut current_crls = None;
         // A removed listener's kept TLS with the current CRLs, built once
-        // per kept state (many connections share one).
-        let mut merged: HashMap<*const ListenerState, Result<Arc<ListenerTls>, String>> =
-            HashMap::new();
+        // per kept state (many connections share one). The state is held
+        // too, so no other can take its address meanwhile.
+        type Merged = (Arc<ListenerState>, Result<Arc<ListenerTls>, String>);
+        let mut merged: HashMap<*const ListenerState, Merged> = HashMap::new();
         let mut closed = 0;
         for entry in self.snapshot() {
             let (state, tls) = match listeners.get(&entry.listener) {
                 Some(l) => (l.clone(), None),
                 None => {
                     let kept = entry.judgement().state;
-                    let tls = merged
-                        .entry(Arc::as_ptr(&kept))
-                        .or_insert_with(|| {
-                            let crls = current_crls.get_or_insert_with(|| {
-                                listeners
-                                    .values()
-                                    .flat_map(|l| l.tls.crls().cloned())
-                                    .collect::<Vec<_>>()
-                            });
-                            kept.tls
-                                .with_more_crls(crls)
-                                .map(Arc::new)
-                                .map_err(|e| e.to_string())
-                        })
-                        .clone();
+                    let (_, tls) = merged.entry(Arc::as_ptr(&kept)).or_insert_with(|| {
+                        let crls = current_crls.get_or_insert_with(|| {
+                            listeners
+                                .values()
+                                .flat_map(|l| l.tls.crls().cloned())
+                                .collect::<Vec<_>>()
+                        });
+                        let tls = kept
+                            .tls
+                            .with_more_crls(crls)
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string());
+                        (kept.clone(), tls)
+                    });
+                    let tls = tls.clone();
                     (kept, Some(tls))
                 }
             };
