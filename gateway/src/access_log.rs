@@ -33,7 +33,9 @@ pub struct AccessRecord {
     pub mode: Option<String>,
     pub client: String,
     pub sni: Option<String>,
-    pub identity: Option<String>,
+    /// The client's names in the allow-entry syntax (`spiffe://…`,
+    /// `dns:…`, `email:…`, `cn:…`), one array element each.
+    pub identity: Option<Vec<String>>,
     pub verdict: Verdict,
     /// Why: the allow entry that matched, or what refused or ended the connection.
     pub reason: String,

@@ -27,6 +27,7 @@ use crate::listener::{self, Shared};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
 use crate::state::{ListenerState, Route, State, StateError};
+use crate::tls::{TlsError, crl};
 
 /// After the drain timeout, how long closed connections get to write their
 /// last access-log line before run() returns anyway.
@@ -136,6 +137,9 @@ pub struct App {
     admin: Option<TcpListener>,
     expiry_warning: Duration,
     guard: Option<Arc<crate::guard::Guard>>,
+    /// The newest CRL put into service per issuer, scope and key: a reload
+    /// bringing an older one is refused (see `tls::crl`).
+    crls: crl::Enforced,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -174,6 +178,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     // every listener may use the userspace path, if only as the fallback.
     tracing::info!("{}", crate::offload::cipher::Choice::get().describe());
     let state = State::build(config, &metrics)?;
+    let crls = crl::Enforced::default();
+    crls.record(state_crls(&state));
     metrics.set_expiries(crate::expiry::collect(config));
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
@@ -210,7 +216,16 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         admin,
         expiry_warning: config.expiry_warning,
         guard,
+        crls,
     })
+}
+
+/// Every CRL a state's bundles enforce.
+fn state_crls(state: &State) -> impl Iterator<Item = &crl::Crl> {
+    state
+        .listeners
+        .iter()
+        .flat_map(|l| l.tls.crls().map(|c| &**c))
 }
 
 impl App {
@@ -391,8 +406,26 @@ impl App {
         running: &mut HashMap<String, Running>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
-        let state =
-            State::build(config, &self.metrics).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        let refused_crl = |e: &crl::CrlError| {
+            if let Some(reason) = e.label() {
+                self.metrics.crl_refused(reason);
+            }
+        };
+        let state = State::build(config, &self.metrics).map_err(|e| {
+            if let StateError::Listener {
+                source: TlsError::Crl(c),
+                ..
+            } = &e
+            {
+                refused_crl(c);
+            }
+            ReloadError::Invalid(e.to_string())
+        })?;
+        // A replayed older CRL would un-revoke: refuse the reload whole.
+        self.crls.check(state_crls(&state)).map_err(|e| {
+            refused_crl(&e);
+            ReloadError::Invalid(e.to_string())
+        })?;
         // Bind what is new before touching anything, so a port in use leaves
         // the running state whole.
         let mut fresh = Vec::new();
@@ -455,6 +488,7 @@ impl App {
             state.drain_timeout,
         );
         report.connections_closed = self.registry.reverify();
+        self.crls.record(state_crls(&state));
         Ok(report)
     }
 }

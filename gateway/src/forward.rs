@@ -164,6 +164,10 @@ where
     F: std::future::Future<Output = Result<((), ()), (Peer, Broken)>>,
 {
     tokio::select! {
+        // The close first: a connection closed before (or while) it was
+        // polled must not move a byte more, as an unbiased pick could.
+        biased;
+        () = close.cancelled() => (End::Closed(why()), None),
         r = both => match r {
             Ok(_) => (End::Completed, None),
             Err((peer, broken)) => (
@@ -172,7 +176,6 @@ where
             ),
         },
         () = activity.idle_for(idle) => (End::IdleTimeout(idle), None),
-        () = close.cancelled() => (End::Closed(why()), None),
     }
 }
 

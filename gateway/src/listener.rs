@@ -53,6 +53,11 @@ pub async fn accept_loop(
                 }
             },
         };
+        // One spelling per client: a dual-stack listener sees an IPv4 client
+        // as ::ffff:a.b.c.d. Policy, the registry, the access log and the
+        // metrics all take this canonical address, so IPv4 source rules
+        // hold for it.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         // The generation first: if a reload publishes after this read, the
         // connection is judged again as it goes live (see `registry`).
         let judged_at = shared.registry.generation();
@@ -120,7 +125,7 @@ struct Conn {
     verified: Option<Box<crate::tls::bundle::Verified>>,
     mode: Option<&'static str>,
     sni: Option<String>,
-    identity: Option<String>,
+    identity: Option<Vec<String>>,
     verdict: Verdict,
     reason: String,
     backend: Option<String>,
@@ -220,7 +225,8 @@ fn serve<'a>(
         let registration = shared.registry.register(
             Live {
                 state: listener.clone(),
-                route: route.name.clone(),
+                route: route.clone(),
+                sni: conn.sni.clone(),
                 source: peer.ip(),
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
@@ -229,7 +235,7 @@ fn serve<'a>(
             },
             close,
         );
-        let registration = match registration {
+        let (registration, route) = match registration {
             Ok(r) => r,
             Err(refused) => {
                 // Allowed by the state its handshake began with, refused by
@@ -244,6 +250,9 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        // The route as the current state has it (a reload during the
+        // handshake may have changed its mode or backends): connect with it.
+        conn.mode = Some(route.mode().as_str());
         let why = || {
             registration
                 .reason()
@@ -271,7 +280,20 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        registration.connected(&addr);
         conn.backend = Some(addr);
+        // A reload (or drain) may have closed it while the connect
+        // finished: nothing goes to the backend then.
+        if registration.close.is_cancelled() {
+            conn.reason = format!("{}; {}", conn.reason, forward::End::Closed(why()));
+            // Both cut, as a transfer the gateway closes is: reset.
+            offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+            match &backend {
+                Upstream::Plain(s) => offload::reset_if_dropped(s, true),
+                Upstream::Tls(t) => offload::reset_if_dropped(t.get_ref().0.get_ref(), true),
+            }
+            return conn.record();
+        }
         let transfer = relay(
             listener,
             &route,
@@ -417,6 +439,10 @@ async fn bounded_hand_off<T>(
     client: &SocketAddr,
 ) -> Result<T, forward::End> {
     let result = tokio::select! {
+        // The close first, as in the transfer: nothing more for a
+        // connection already closed.
+        biased;
+        () = close.cancelled() => return Err(forward::End::Closed(why())),
         r = tokio::time::timeout(deadline, handed) => match r {
             Ok(Ok(x)) => return Ok(x),
             Ok(Err(e)) => forward::End::Error(e.to_string()),
@@ -424,7 +450,6 @@ async fn bounded_hand_off<T>(
                 "kernel TLS or record layer hand-off timed out after {deadline:?} (handshake_timeout)"
             )),
         },
-        () = close.cancelled() => return Err(forward::End::Closed(why())),
     };
     tracing::warn!(client = %client, error = %result, "closing connection: hand-off failed");
     Err(result)
@@ -641,7 +666,7 @@ fn judge<T>(
     decision: crate::tls::Decision,
     conn: &mut Conn,
 ) -> Option<T> {
-    conn.identity = decision.identity.as_ref().map(ToString::to_string);
+    conn.identity = decision.identity.as_ref().map(|i| i.names());
     conn.identity_value = decision.identity.map(Box::new);
     conn.verified = decision.verified.map(Box::new);
     // Nothing reached the verifier: "no certificate" is the refusal only
@@ -716,6 +741,46 @@ mod tests {
             &crate::testing::listener_state(),
             "127.0.0.1:5000".parse().unwrap(),
         )
+    }
+
+    /// One side of a transfer, with nothing behind it.
+    struct Side;
+
+    impl forward::Leg for Side {
+        fn abort(&self, _: Option<AlertDescription>) {}
+    }
+
+    /// A connection closed (by a reload, by drain) before its transfer
+    /// starts moves no byte, even when both directions could move at once:
+    /// the close is seen first.
+    #[tokio::test]
+    async fn a_transfer_closed_before_it_starts_moves_nothing() {
+        use std::sync::atomic::AtomicU64;
+        for round in 0..64 {
+            let close = CancellationToken::new();
+            close.cancel();
+            let pumped = AtomicUsize::new(0);
+            let transfer = forward::both_ways(
+                Side,
+                Side,
+                std::time::Duration::from_secs(60),
+                close,
+                || "revoked".to_owned(),
+                async |_: &Side, _: &Side, moved: &AtomicU64, _: &forward::Activity| {
+                    pumped.fetch_add(1, Ordering::Relaxed);
+                    moved.fetch_add(14, Ordering::Relaxed);
+                    Ok(())
+                },
+            )
+            .await;
+            assert_eq!(
+                transfer.end,
+                forward::End::Closed("revoked".into()),
+                "round {round}"
+            );
+            assert_eq!(pumped.load(Ordering::Relaxed), 0, "round {round}");
+            assert_eq!(transfer.client_to_backend, 0, "round {round}");
+        }
     }
 
     /// A handshake that completed although the verifier objected (no

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Checks that met a CRL past its nextUpdate, by bundle and its
     /// `crl_expired` (refused, or used with a warning).
     stale_crl_uses: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
+    /// Reloads refused for their CRLs, by reason (`ambiguous`, `rollback`).
+    crl_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -96,6 +98,17 @@ impl Metrics {
             .entry((bundle.to_owned(), policy.as_str()))
             .or_default()
             .clone()
+    }
+
+    /// Counts a reload refused for its CRLs: `ambiguous` (two different
+    /// CRLs in one place) or `rollback` (older than one already enforced).
+    pub fn crl_refused(&self, reason: &'static str) {
+        *self
+            .crl_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// Counts which path a connection took after its handshake, and why.
@@ -170,6 +183,16 @@ impl Metrics {
                 escape(bundle),
                 n.load(Ordering::Relaxed)
             );
+        }
+        out.push_str("# HELP gateway_crl_refused_total Reloads refused for their CRLs: two different CRLs of one issuer and scope with one number (ambiguous), or a CRL older than one this process already enforced (rollback).\n");
+        out.push_str("# TYPE gateway_crl_refused_total counter\n");
+        for (reason, n) in self
+            .crl_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "gateway_crl_refused_total{{reason=\"{reason}\"}} {n}");
         }
         let now = jiff::Timestamp::now().as_second();
         out.push_str("# HELP gateway_certificate_expiry_seconds Seconds until a certificate the config names expires (negative: expired).\n");

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::identity::Identity;
+use crate::identity::{CommonName, Identity};
 
 /// One identity a rule names (in `allow` or `deny`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -54,14 +54,22 @@ impl TryFrom<String> for IdentityRule {
             let v = nonempty("DNS name", v)?;
             return crate::identity::normalise_dns(&v)
                 .map(IdentityRule::Dns)
-                .ok_or_else(|| format!("{s:?}: not a DNS name (an empty label)"));
+                .ok_or_else(|| {
+                    format!("{s:?}: not a DNS name (labels of 1 to 63 letters, digits, '-' or '_')")
+                });
         }
         if let Some(v) = s.strip_prefix("email:") {
             let v = nonempty("email address", v)?;
             if !v.contains('@') {
                 return Err(format!("{s:?}: an email address needs an @"));
             }
-            return Ok(IdentityRule::Email(crate::identity::normalise_email(&v)));
+            return crate::identity::normalise_email(&v)
+                .map(IdentityRule::Email)
+                .ok_or_else(|| {
+                    format!(
+                        "{s:?}: not a plain email address (a dot-atom local part, @, a DNS name)"
+                    )
+                });
         }
         if let Some(v) = s.strip_prefix("cn:") {
             return Ok(IdentityRule::CommonName(nonempty("common name", v)?));
@@ -81,6 +89,7 @@ impl TryFrom<String> for IdentityRule {
             Some((scheme, rest))
                 if !scheme.is_empty()
                     && !rest.is_empty()
+                    && crate::identity::is_uri_text(&s)
                     && scheme
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
@@ -118,7 +127,7 @@ impl IdentityRule {
             IdentityRule::Dns(d) => id.dns.iter().any(|x| x == d),
             IdentityRule::Email(e) => id.emails.iter().any(|x| x == e),
             IdentityRule::CommonName(c) => {
-                match_common_name && id.common_name.as_deref() == Some(c.as_str())
+                match_common_name && id.common_name.one() == Some(c.as_str())
             }
         }
     }
@@ -286,12 +295,35 @@ pub enum DenyReason {
     OutsideTimeWindow { windows: String },
     #[error("certificate carries no device identity (URI SAN under {prefix})")]
     NoDeviceIdentity { prefix: String },
+    #[error("the route matches common names and {why}")]
+    AmbiguousCommonName { why: &'static str },
+}
+
+/// A source network in the spelling clients are judged in: one written in
+/// the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 network it
+/// maps (`10.0.0.0/8`), since an IPv4 client is always judged by its IPv4
+/// address, also when it reached a dual-stack listener. Other IPv6
+/// networks stay IPv6: `::/0` covers no IPv4 client.
+pub fn canonical_net(net: IpNet) -> IpNet {
+    const MAPPED_BITS: u8 = 96;
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= MAPPED_BITS => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - MAPPED_BITS)
+                .map(|n| IpNet::V4(n.trunc()))
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    }
 }
 
 impl Policy {
     /// The rules that need no certificate: `deny_sources`, `allow_sources`,
     /// `time_windows`, in that order. All a `mode = "off"` route enforces.
+    /// `source` is judged as its canonical address (an IPv4-mapped IPv6
+    /// address as the IPv4 address), as the networks are (`canonical_net`).
     pub fn admits_source_at(&self, source: IpAddr, now: jiff::Timestamp) -> Result<(), DenyReason> {
+        let source = source.to_canonical();
         if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&source)) {
             return Err(DenyReason::SourceDenied {
                 client: source,
@@ -317,6 +349,12 @@ impl Policy {
 
     pub fn decide(&self, s: Subject<'_>) -> Verdict {
         let id = s.identity;
+        // Which CN would a `cn:` rule, allow or deny, be judged against?
+        if self.match_common_name
+            && let CommonName::Ambiguous(why) = id.common_name
+        {
+            return Verdict::Deny(DenyReason::AmbiguousCommonName { why });
+        }
         if let Some(rule) = self
             .deny
             .iter()
@@ -340,7 +378,7 @@ impl Policy {
         if self.allow.is_empty() {
             return Verdict::Deny(DenyReason::NoAllowRules);
         }
-        let has_cn = self.match_common_name && id.common_name.is_some();
+        let has_cn = self.match_common_name && id.common_name.one().is_some();
         if id.is_empty() && !has_cn {
             return Verdict::Deny(DenyReason::NoIdentity);
         }
@@ -372,7 +410,7 @@ mod tests {
             uris: vec!["spiffe://example.internal/ns/shop/sa/frontend".into()],
             dns: vec!["batch.example.internal".into()],
             emails: vec!["ops@example.internal".into()],
-            common_name: Some("legacy".into()),
+            common_name: CommonName::One("legacy".into()),
             ..Identity::default()
         }
     }
@@ -442,6 +480,21 @@ mod tests {
             IdentityRule::Dns("batch.example.internal".into())
         );
         assert!(rule("dns:a..b").is_err());
+        for bad in [
+            "dns:a.example,email:ceo@example.internal",
+            "dns:a example",
+            "email:a,b@example.internal",
+            "email:ceo@example.internal,dns:x",
+            "email:\"ceo\"@example.internal",
+            "https://example.internal/a b",
+        ] {
+            assert!(rule(bad).is_err(), "{bad}");
+        }
+        // An email domain in the spelling a certificate's is read in.
+        assert_eq!(
+            rule("email:mallory@Example.Internal.").unwrap(),
+            IdentityRule::Email("mallory@example.internal".into())
+        );
         assert_eq!(
             rule("email:Ops@Example.INTERNAL").unwrap(),
             IdentityRule::Email("Ops@example.internal".into())
@@ -532,6 +585,35 @@ mod tests {
         ));
     }
 
+    /// One spelling per source: an IPv4-mapped client and a network in the
+    /// mapped form are their IPv4 selves (a dual-stack listener sees IPv4
+    /// clients as `::ffff:a.b.c.d`).
+    #[test]
+    fn ipv4_mapped_sources_and_networks_are_judged_as_ipv4() {
+        let net = |s: &str| canonical_net(s.parse().unwrap());
+        assert_eq!(net("::ffff:10.0.0.0/104"), net("10.0.0.0/8"));
+        assert_eq!(net("::ffff:10.1.2.3/128"), net("10.1.2.3/32"));
+        assert_eq!(net("::ffff:0:0/96"), net("0.0.0.0/0"));
+        assert_eq!(net("::/0").to_string(), "::/0");
+        assert_eq!(net("2001:db8::/32").to_string(), "2001:db8::/32");
+
+        let id = identity();
+        let mut deny = allow(&["dns:batch.example.internal"]);
+        deny.deny_sources = vec![net("127.0.0.0/8")];
+        assert_eq!(
+            at(&deny, &id, "::ffff:127.0.0.1", NOON_WED_UTC),
+            Verdict::Deny(DenyReason::SourceDenied {
+                client: "127.0.0.1".parse().unwrap(),
+                cidr: net("127.0.0.0/8"),
+            })
+        );
+        let mut only = allow(&["dns:batch.example.internal"]);
+        only.allow_sources = vec![net("::ffff:10.0.0.0/104")];
+        assert!(allowed(&at(&only, &id, "::ffff:10.1.2.3", NOON_WED_UTC)));
+        assert!(allowed(&at(&only, &id, "10.1.2.3", NOON_WED_UTC)));
+        assert!(!allowed(&at(&only, &id, "::ffff:192.0.2.1", NOON_WED_UTC)));
+    }
+
     fn window(days: &[&str], start: &str, end: &str, tz: &str) -> TimeWindow {
         TimeWindow::compile(&TimeWindowConfig {
             days: days.iter().map(|d| d.to_string()).collect(),
@@ -615,6 +697,29 @@ mod tests {
         );
     }
 
+    /// With `match_common_name`, a certificate with more than one CN (or
+    /// one that is not plain text) is refused: a `deny = ["cn:mallory"]`
+    /// could otherwise be dodged by a second CN.
+    #[test]
+    fn an_ambiguous_common_name_is_refused_where_common_names_match() {
+        let mut p = allow(&["cn:legacy"]);
+        p.deny = rules(&["cn:mallory"]);
+        p.match_common_name = true;
+        let mut id = identity();
+        id.common_name = CommonName::Ambiguous("the subject has more than one common name");
+        assert_eq!(
+            decide(&p, &id),
+            Verdict::Deny(DenyReason::AmbiguousCommonName {
+                why: "the subject has more than one common name"
+            })
+        );
+        // Routes that never read the CN do not care.
+        assert!(allowed(&decide(
+            &allow(&["dns:batch.example.internal"]),
+            &id
+        )));
+    }
+
     #[test]
     fn common_name_only_counts_with_the_opt_in() {
         let id = identity();
@@ -623,7 +728,7 @@ mod tests {
         p.match_common_name = true;
         assert!(allowed(&decide(&p, &id)));
         let cn_only = Identity {
-            common_name: Some("legacy".into()),
+            common_name: CommonName::One("legacy".into()),
             ..Identity::default()
         };
         assert_eq!(

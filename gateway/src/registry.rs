@@ -16,6 +16,14 @@
 //! snapshot to re-verify, so every connection is judged by the state that
 //! is current when it goes live, either here or by that re-verification.
 //!
+//! A connection belongs to the route its server name maps to, so every
+//! judgement looks the route up by that name again (`route_for`): a reload
+//! that sends the server name to another route, removes it, or takes the
+//! backend the connection went to off its route refuses the connection,
+//! even when a route with the old name remains. A connection whose
+//! handshake straddled a reload connects with the route `register` hands
+//! back, the current one.
+//!
 //! Each connection keeps the listener state it was last judged by. When a
 //! reload removes (or renames) its listener, that kept state goes on
 //! judging it: the tick applies its routes' time windows, its lifetime and
@@ -27,7 +35,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
@@ -37,13 +45,20 @@ use crate::config::Mode;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
+use crate::tls::ListenerTls;
 use crate::tls::bundle::Verified;
-use crate::tls::crl::Crl;
 
 /// One live connection, as the registry holds it.
 struct Entry {
     listener: String,
-    route: String,
+    /// The server name the client asked for: each judgement finds the
+    /// connection's route by it.
+    sni: Option<String>,
+    /// The route the connection connects with (what `register` handed
+    /// back): where it may have gone is among these backends.
+    via: Arc<Route>,
+    /// The backend it reached, once it did.
+    backend: Arc<OnceLock<String>>,
     source: IpAddr,
     identity: Option<Identity>,
     /// The client's chain as sent, to verify again on reload: its own leaf,
@@ -63,6 +78,8 @@ struct Judgement {
     /// The listener state it was judged by, kept after a reload removes the
     /// listener (see the module's comment).
     state: Arc<ListenerState>,
+    /// The route of `state` its server name mapped to.
+    route: Arc<Route>,
     /// When the verified chain stops being good on its own (a CA
     /// certificate's notAfter, a CRL's nextUpdate), as the last check
     /// found it.
@@ -79,10 +96,23 @@ impl Entry {
             .clone()
     }
 
+    /// The connection as a judgement sees it.
+    fn judged(&self) -> Judged<'_> {
+        Judged {
+            sni: self.sni.as_deref(),
+            route: &self.via.name,
+            via: Some(&self.via),
+            backend: self.backend.get().map(String::as_str),
+            source: self.source,
+            leaf: self.leaf.as_ref(),
+            intermediates: &self.intermediates,
+        }
+    }
+
     fn close(&self, why: String) {
         let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            tracing::info!(listener = %self.listener, route = %self.route, client = %self.source,
+            tracing::info!(listener = %self.listener, route = %self.via.name, client = %self.source,
                 reason = %why, "closing live connection");
             *slot = Some(why);
         }
@@ -151,9 +181,16 @@ pub struct Registration {
     registry: Arc<Registry>,
     pub close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
+    backend: Arc<OnceLock<String>>,
 }
 
 impl Registration {
+    /// Records the backend the connection reached (as the route names it):
+    /// from now on it is judged by whether its route still has that one.
+    pub fn connected(&self, backend: &str) {
+        let _ = self.backend.set(backend.to_owned());
+    }
+
     /// Why the gateway closed this connection, if it did.
     pub fn reason(&self) -> Option<String> {
         self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -170,7 +207,10 @@ impl Drop for Registration {
 pub struct Live<'a> {
     /// The listener state its handshake was judged by.
     pub state: Arc<ListenerState>,
-    pub route: String,
+    /// The route of `state` its handshake was judged by.
+    pub route: Arc<Route>,
+    /// The server name it asked for (None: it sent none).
+    pub sni: Option<String>,
     pub source: IpAddr,
     pub identity: Option<Identity>,
     /// The client's chain as sent, leaf first (empty: no certificate).
@@ -219,12 +259,13 @@ impl Registry {
     /// If a reload published since `live.judged_at`, the connection is
     /// first judged again by the current state, outside the lock (signature
     /// checks), and that repeats until no reload came in between; Err when
-    /// the current state refuses it.
+    /// the current state refuses it. Gives back the route to connect with:
+    /// the one its server name maps to in the current state.
     pub fn register(
         self: &Arc<Self>,
         live: Live<'_>,
         parent: &CancellationToken,
-    ) -> Result<Registration, Refused> {
+    ) -> Result<(Registration, Arc<Route>), Refused> {
         let (leaf, rest) = match live.chain.split_first() {
             Some((leaf, rest)) => (Some(leaf), rest),
             None => (None, &[][..]),
@@ -232,6 +273,7 @@ impl Registry {
         let mut judged_at = live.judged_at;
         let mut verified = live.verified;
         let mut state = live.state;
+        let mut route = live.route;
         let mut inner = loop {
             let inner = self.lock();
             if inner.generation == judged_at {
@@ -246,17 +288,26 @@ impl Registry {
                     state.name
                 )));
             };
+            // Not connecting yet: it will connect with the route judged
+            // here, so where it goes is no question yet.
             let judged = Judged {
-                route: &live.route,
+                sni: live.sni.as_deref(),
+                route: &route.name,
+                via: None,
+                backend: None,
                 source: live.source,
                 leaf,
                 intermediates: rest,
             };
-            match judged.against(&current, &[]) {
-                Ok(Some(now)) => verified = now,
-                Ok(None) => {}
+            let now = match judged.against(&current, &current.tls) {
+                Ok((now, Some(v))) => {
+                    verified = v;
+                    now
+                }
+                Ok((now, None)) => now,
                 Err(why) => return Err(Refused(why)),
-            }
+            };
+            route = now;
             state = current;
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -264,17 +315,21 @@ impl Registry {
         let why = Arc::new(Mutex::new(None));
         let leaf = leaf.cloned();
         let intermediates = inner.intern(rest);
+        let backend = Arc::new(OnceLock::new());
         inner.live.insert(
             id,
             Arc::new(Entry {
                 listener: state.name.clone(),
-                route: live.route,
+                sni: live.sni,
+                via: route.clone(),
+                backend: backend.clone(),
                 source: live.source,
                 identity: live.identity,
                 leaf,
                 intermediates,
                 judgement: Mutex::new(Judgement {
                     state,
+                    route: route.clone(),
                     verified,
                     orphaned: None,
                 }),
@@ -284,12 +339,14 @@ impl Registry {
             }),
         );
         drop(inner);
-        Ok(Registration {
+        let registration = Registration {
             id,
             registry: self.clone(),
             close,
             why,
-        })
+            backend,
+        };
+        Ok((registration, route))
     }
 
     pub fn len(&self) -> usize {
@@ -312,34 +369,49 @@ impl Registry {
     pub fn reverify(&self) -> usize {
         let listeners = self.lock().listeners.clone();
         let mut current_crls = None;
+        // A removed listener's kept TLS with the current CRLs, built once
+        // per kept state (many connections share one). The state is held
+        // too, so no other can take its address meanwhile.
+        type Merged = (Arc<ListenerState>, Result<Arc<ListenerTls>, String>);
+        let mut merged: HashMap<*const ListenerState, Merged> = HashMap::new();
         let mut closed = 0;
         for entry in self.snapshot() {
-            let (state, more_crls) = match listeners.get(&entry.listener) {
-                Some(l) => (l.clone(), Vec::new()),
+            let (state, tls) = match listeners.get(&entry.listener) {
+                Some(l) => (l.clone(), None),
                 None => {
-                    let crls = current_crls.get_or_insert_with(|| {
-                        listeners
-                            .values()
-                            .flat_map(|l| l.tls.crls().cloned())
-                            .collect::<Vec<_>>()
+                    let kept = entry.judgement().state;
+                    let (_, tls) = merged.entry(Arc::as_ptr(&kept)).or_insert_with(|| {
+                        let crls = current_crls.get_or_insert_with(|| {
+                            listeners
+                                .values()
+                                .flat_map(|l| l.tls.crls().cloned())
+                                .collect::<Vec<_>>()
+                        });
+                        let tls = kept
+                            .tls
+                            .with_more_crls(crls)
+                            .map(Arc::new)
+                            .map_err(|e| e.to_string());
+                        (kept.clone(), tls)
                     });
-                    (entry.judgement().state, crls.clone())
+                    let tls = tls.clone();
+                    (kept, Some(tls))
                 }
             };
-            let judged = Judged {
-                route: &entry.route,
-                source: entry.source,
-                leaf: entry.leaf.as_ref(),
-                intermediates: &entry.intermediates,
+            let judged = match &tls {
+                None => entry.judged().against(&state, &state.tls),
+                Some(Ok(tls)) => entry.judged().against(&state, tls),
+                Some(Err(why)) => Err(why.clone()),
             };
-            match judged.against(&state, &more_crls) {
-                Ok(verified) => {
+            match judged {
+                Ok((route, verified)) => {
                     let serving = listeners.contains_key(&entry.listener);
                     let mut j = entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(v) = verified {
                         j.verified = v;
                     }
                     j.state = state;
+                    j.route = route;
                     j.orphaned = if serving {
                         None
                     } else {
@@ -385,52 +457,104 @@ impl Registry {
     }
 }
 
-/// A connection as a reload judges it: what it presented, from where, on
-/// which route.
+/// A connection as a reload judges it: what it presented, from where, for
+/// which server name, admitted on which route, and where it went.
 struct Judged<'a> {
+    sni: Option<&'a str>,
+    /// The name of the route it was admitted on.
     route: &'a str,
+    /// The route it connects with; None before it connects with any
+    /// (then it connects with the route this judgement finds).
+    via: Option<&'a Route>,
+    /// The backend it reached; None while it is still connecting (then it
+    /// may reach any of `via`'s).
+    backend: Option<&'a str>,
     source: IpAddr,
     leaf: Option<&'a CertificateDer<'static>>,
     intermediates: &'a [CertificateDer<'static>],
 }
 
 impl Judged<'_> {
-    /// Err says why `listener`'s current state would refuse this
-    /// connection; Ok(Some) is what a new chain check learned, Ok(None)
-    /// that the route's mode checks no chain.
+    /// Err says why `listener`'s current state, checking chains with `tls`
+    /// (its own, or a removed listener's with the current CRLs), would
+    /// refuse this connection. Ok gives the route its server name maps to
+    /// and, with Some, what a new chain check learned (None: the route's
+    /// mode checks no chain).
     fn against(
         &self,
         listener: &ListenerState,
-        more_crls: &[Arc<Crl>],
-    ) -> Result<Option<Verified>, String> {
-        let Some(route) = listener.routes.iter().find(|r| r.name == self.route) else {
-            return Err(format!("route {:?} removed by reload", self.route));
+        tls: &ListenerTls,
+    ) -> Result<(Arc<Route>, Option<Verified>), String> {
+        let Some(route) = listener.route_for(self.sni) else {
+            return Err(match self.sni {
+                Some(sni) => format!("no route for server name {sni:?} after reload"),
+                None => "no default route after reload (the client sent no server name)".into(),
+            });
         };
-        match route.mode() {
-            Mode::Audit => return Ok(None),
+        if route.name != self.route {
+            // Another route's policy and backends; a route that kept the
+            // old name elsewhere is not this connection's.
+            return Err(match self.sni {
+                Some(sni) => format!(
+                    "server name {sni:?} now goes to route {:?}, not {:?}",
+                    route.name, self.route
+                ),
+                None => format!(
+                    "the default route is now {:?}, not {:?}",
+                    route.name, self.route
+                ),
+            });
+        }
+        if let Some(via) = self.via {
+            self.still_goes_to(via, route)?;
+        }
+        let verified = match route.mode() {
+            Mode::Audit => None,
             Mode::Off => {
-                return route
+                route
                     .auth
                     .policy
                     .admits_source_at(self.source, jiff::Timestamp::now())
-                    .map(|()| None)
-                    .map_err(|why| why.to_string());
+                    .map_err(|why| why.to_string())?;
+                None
             }
-            Mode::Enforce => {}
-        }
-        let Some(leaf) = self.leaf else {
-            return Err("route now enforces and the client presented no certificate".into());
+            Mode::Enforce => {
+                let Some(leaf) = self.leaf else {
+                    return Err("route now enforces and the client presented no certificate".into());
+                };
+                Some(tls.recheck(&route.auth, self.source, leaf, self.intermediates)?)
+            }
         };
-        listener
-            .tls
-            .recheck(
-                &route.auth,
-                self.source,
-                leaf,
-                self.intermediates,
-                more_crls,
-            )
-            .map(Some)
+        Ok((route.clone(), verified))
+    }
+
+    /// Err when `route` no longer has the backend the connection went to
+    /// (or, still connecting with `via`, every backend it may go to), or
+    /// now originates TLS to its backends on other terms than this
+    /// connection's backend leg was made with.
+    fn still_goes_to(&self, via: &Route, route: &Route) -> Result<(), String> {
+        let went: Vec<&str> = match self.backend {
+            Some(b) => vec![b],
+            None => via.backends.addrs().map(String::as_str).collect(),
+        };
+        if let Some(gone) = went.iter().find(|b| !route.backends.contains(b)) {
+            return Err(format!(
+                "backend {gone} is no longer one of route {:?}'s backends",
+                route.name
+            ));
+        }
+        if let Some(now) = &route.upstream_tls {
+            let leg = match &via.upstream_tls {
+                Some(then) if then.verifies_like(now) => return Ok(()),
+                Some(_) => "was verified for another server name or CA",
+                None => "is plain TCP",
+            };
+            return Err(format!(
+                "route {:?} now originates TLS to its backends, and this connection's backend leg {leg}",
+                route.name
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -453,7 +577,7 @@ fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Optio
     {
         return Some("a CA certificate in the client's chain expired".into());
     }
-    let route = listener.routes.iter().find(|r| r.name == entry.route)?;
+    let route = &judgement.route;
     // A handshake now would be refused (crl_expired = "refuse"): the
     // issuer may have revoked the client since, and no newer CRL came.
     if route.mode() == Mode::Enforce
@@ -514,9 +638,11 @@ mod tests {
     }
 
     fn live<'a>(chain: &'a [CertificateDer<'static>]) -> Live<'a> {
+        let state = crate::testing::listener_state();
         Live {
-            state: crate::testing::listener_state(),
-            route: "api".into(),
+            route: state.routes[0].clone(),
+            sni: None,
+            state,
             source: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             chain,
@@ -562,6 +688,86 @@ mod tests {
         assert!(still_allowed(&enforce, None, inside, noon).is_err());
     }
 
+    /// A route as the current state has it, with these backends and TLS
+    /// towards them.
+    fn route_to(backends: &[&str], tls: Option<crate::tls::UpstreamTls>) -> Route {
+        let mut r = crate::testing::route(Mode::Enforce, Policy::default());
+        r.backends =
+            crate::upstream::Backends::new(backends.iter().map(|b| b.to_string()).collect());
+        r.upstream_tls = tls;
+        r
+    }
+
+    fn judged<'a>(via: &'a Route, backend: Option<&'a str>) -> Judged<'a> {
+        Judged {
+            sni: None,
+            route: "api",
+            via: Some(via),
+            backend,
+            source: IpAddr::from([127, 0, 0, 1]),
+            leaf: None,
+            intermediates: &[],
+        }
+    }
+
+    /// A connection may keep only a backend its route still has; one still
+    /// connecting may reach any backend of the route it connects with, so
+    /// the route must still have them all.
+    #[test]
+    fn a_connection_keeps_only_a_backend_its_route_still_has() {
+        let via = route_to(&["10.0.0.1:80", "10.0.0.2:80"], None);
+        let now = route_to(&["10.0.0.1:80"], None);
+        assert_eq!(
+            judged(&via, Some("10.0.0.1:80")).still_goes_to(&via, &now),
+            Ok(())
+        );
+        let gone = judged(&via, Some("10.0.0.2:80"))
+            .still_goes_to(&via, &now)
+            .unwrap_err();
+        assert!(
+            gone.contains("backend 10.0.0.2:80 is no longer one of"),
+            "{gone}"
+        );
+        let connecting = judged(&via, None).still_goes_to(&via, &now).unwrap_err();
+        assert!(connecting.contains("10.0.0.2:80"), "{connecting}");
+    }
+
+    /// A backend leg verified by other terms than the route's TLS now asks
+    /// for (another name or CA, or none at all) does not stay.
+    #[test]
+    fn a_connection_keeps_its_backend_only_under_the_same_upstream_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = |name: &str, ca: &str| {
+            let path = dir.path().join(format!("{ca}.pem"));
+            if !path.exists() {
+                let root = crate::pki::Authority::root(ca).unwrap();
+                std::fs::write(&path, &root.cert_pem).unwrap();
+            }
+            crate::tls::UpstreamTls::load(&path, None, name, crate::offload::Offload::Userspace)
+                .unwrap()
+        };
+        let b = ["10.0.0.1:443"];
+        let via = route_to(&b, Some(tls("orders.backend", "ca-1")));
+        let judge = |now: &Route| judged(&via, Some(b[0])).still_goes_to(&via, now);
+        assert_eq!(
+            judge(&route_to(&b, Some(tls("orders.backend", "ca-1")))),
+            Ok(())
+        );
+        assert_eq!(judge(&route_to(&b, None)), Ok(()), "asks for less");
+        for other in [tls("vault.backend", "ca-1"), tls("orders.backend", "ca-2")] {
+            let why = judge(&route_to(&b, Some(other))).unwrap_err();
+            assert!(
+                why.contains("was verified for another server name or CA"),
+                "{why}"
+            );
+        }
+        let plain = route_to(&b, None);
+        let why = judged(&plain, Some(b[0]))
+            .still_goes_to(&plain, &route_to(&b, Some(tls("orders.backend", "ca-1"))))
+            .unwrap_err();
+        assert!(why.contains("is plain TCP"), "{why}");
+    }
+
     #[test]
     fn live_connections_share_the_intermediates_they_sent() {
         let registry = Arc::new(Registry::default());
@@ -574,9 +780,9 @@ mod tests {
             der(b"root-signed CA b"),
         ];
 
-        let one = registry.register(live(&a1), &shutdown).unwrap();
-        let two = registry.register(live(&a2), &shutdown).unwrap();
-        let three = registry.register(live(&b), &shutdown).unwrap();
+        let one = registry.register(live(&a1), &shutdown).unwrap().0;
+        let two = registry.register(live(&a2), &shutdown).unwrap().0;
+        let three = registry.register(live(&b), &shutdown).unwrap().0;
         assert_eq!(registry.shared_intermediates(), 2);
         {
             let inner = registry.lock();
@@ -614,8 +820,8 @@ mod tests {
         let shutdown = CancellationToken::new();
         let a1 = [der(b"leaf 1"), der(b"issuing CA a")];
         let a2 = [der(b"leaf 2"), der(b"issuing CA a")];
-        let one = registry.register(live(&a1), &shutdown).unwrap();
-        let two = registry.register(live(&a2), &shutdown).unwrap();
+        let one = registry.register(live(&a1), &shutdown).unwrap().0;
+        let two = registry.register(live(&a2), &shutdown).unwrap().0;
         let judging = registry.snapshot();
         drop(one);
         drop(two);

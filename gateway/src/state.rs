@@ -109,8 +109,8 @@ impl Route {
         let policy = Policy {
             allow: r.allow.clone(),
             deny: r.deny.clone(),
-            allow_sources: r.allow_sources.clone(),
-            deny_sources: r.deny_sources.clone(),
+            allow_sources: canonical_nets(&r.allow_sources),
+            deny_sources: canonical_nets(&r.deny_sources),
             time_windows,
             match_common_name: r.match_common_name,
             device_san_prefix: r.device.as_ref().map(|d| d.san_prefix.clone()),
@@ -139,6 +139,13 @@ impl Route {
     pub fn mode(&self) -> Mode {
         self.auth.mode
     }
+}
+
+fn canonical_nets(nets: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    nets.iter()
+        .copied()
+        .map(crate::policy::canonical_net)
+        .collect()
 }
 
 impl State {

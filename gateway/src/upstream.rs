@@ -111,6 +111,16 @@ impl Backends {
         }
     }
 
+    /// The backends as the config names them.
+    pub fn addrs(&self) -> impl Iterator<Item = &String> {
+        self.addrs.iter()
+    }
+
+    /// Whether `addr` (as a connect reported it) is one of these backends.
+    pub fn contains(&self, addr: &str) -> bool {
+        self.addrs.iter().any(|a| a.eq_ignore_ascii_case(addr))
+    }
+
     /// Resolves hostnames itself from now on and passes what they resolve
     /// to through `gate` before connecting (once; later calls keep the first).
     pub fn gate_with(&self, gate: Gate) {

@@ -334,7 +334,7 @@ fn wildcards_and_invalid_spiffe_ids_are_refused_at_issue_time_and_inspect_explai
         s(&dir.join("ca.pem")),
     ]);
     assert!(
-        out.contains("identity: email:alice@example.internal"),
+        out.contains(r#"identity: ["email:alice@example.internal"]"#),
         "{out}"
     );
     assert!(out.contains("EKU:      clientAuth"), "{out}");

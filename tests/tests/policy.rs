@@ -31,7 +31,7 @@ async fn audit_mode_lets_would_be_denials_through_logs_and_counts_them() {
     let cases = [
         (
             Some(&other),
-            "would deny: identity spiffe://example.internal/ns/shop/sa/intruder is not in the route's allow list",
+            "would deny: identity [\"spiffe://example.internal/ns/shop/sa/intruder\"] is not in the route's allow list",
         ),
         (None, "would deny: client presented no certificate"),
         (
@@ -352,13 +352,44 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
             rec.reason
         );
     }
-    // Allowed by its SPIFFE ID, denied by another spelling of a denied name.
-    for (i, (other, rule)) in [
-        ("dns:bad.example.internal.", "dns:bad.example.internal"),
-        ("dns:BAD.Example.Internal", "dns:bad.example.internal"),
+    // Allowed by its SPIFFE ID, denied by another spelling of a denied name;
+    // names that are no names are refused, rather than read as two.
+    let denied = |rule: &str| {
+        (
+            AlertDescription::AccessDenied,
+            format!("is denied by {rule}"),
+        )
+    };
+    let no_name = |what: &str| {
+        (
+            AlertDescription::BadCertificate,
+            format!("that is not {what}"),
+        )
+    };
+    for (i, (other, (alert, reason))) in [
+        (
+            "dns:bad.example.internal.",
+            denied("dns:bad.example.internal"),
+        ),
+        (
+            "dns:BAD.Example.Internal",
+            denied("dns:bad.example.internal"),
+        ),
         (
             "email:mallory@EXAMPLE.internal",
-            "email:mallory@example.internal",
+            denied("email:mallory@example.internal"),
+        ),
+        (
+            "email:mallory@example.internal.",
+            denied("email:mallory@example.internal"),
+        ),
+        (
+            "dns:batch.example.internal,email:mallory@example.internal",
+            no_name("a host name"),
+        ),
+        (
+            "email:ops@example.internal,dns:bad.example.internal",
+            no_name("a plain address"),
         ),
     ]
     .into_iter()
@@ -370,16 +401,22 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
         );
         assert_eq!(
             refusal(gw.app_addr, SNI, pki.client_config(Some(&creds))).await,
-            AlertDescription::AccessDenied,
+            alert,
             "{other}"
         );
         let rec = gw.next_record().await;
-        assert!(
-            rec.reason.contains(&format!("is denied by {rule}")),
-            "{other}: {}",
-            rec.reason
-        );
+        assert!(rec.reason.contains(&reason), "{other}: {}", rec.reason);
     }
+    // A URI may hold a comma: the access log keeps it one name.
+    let comma = "https://example.internal/a,dns:bad.example.internal";
+    let creds = pki.client("comma", &LeafSpec::client("c", &[SPIFFE_FRONTEND, comma]));
+    passes(gw.app_addr, SNI, pki.client_config(Some(&creds)), b"c").await;
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Allow);
+    assert_eq!(
+        rec.identity,
+        Some(vec![SPIFFE_FRONTEND.to_owned(), comma.to_owned()])
+    );
     // The local part of an address is the mailbox's own: another one passes.
     let other_mailbox = pki.client(
         "mailbox",
@@ -393,7 +430,7 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
     )
     .await;
     assert_eq!(gw.next_record().await.verdict, Verdict::Allow);
-    assert_eq!(backend.accepted(), 1);
+    assert_eq!(backend.accepted(), 2);
 }
 
 /// A time window that does not contain the present hour (UTC).
@@ -724,6 +761,14 @@ async fn the_example_config_enforces_devices_as_documented() {
         ("[\"127.0.0.1:9200\"]", backends.clone()),
         ("[\"127.0.0.1:9300\"]", backends.clone()),
         ("mode = \"audit\"", "mode = \"enforce\"".to_owned()),
+    ] {
+        assert!(toml.contains(from), "the example changed: no {from}");
+        toml = toml.replace(from, &to);
+    }
+    // As written (in enforce mode), for its source rule below.
+    let as_written = toml.clone();
+    // Opened to this host, at any time, for the rest.
+    for (from, to) in [
         (
             "allow_sources = [\"10.0.0.0/8\"]",
             "allow_sources = [\"10.0.0.0/8\", \"127.0.0.0/8\"]".to_owned(),
@@ -858,4 +903,168 @@ async fn the_example_config_enforces_devices_as_documented() {
         assert_eq!(gw.next_record().await.verdict, Verdict::Allow, "{sni}");
     }
     assert_eq!(backend.accepted(), 3);
+
+    // The admin route as written admits only 10.0.0.0/8 (judged before its
+    // time window): the bound laptop on this host is refused.
+    let config =
+        gateway::Config::parse(&as_written, &pki.path("gateway.toml"), pki.dir.path()).unwrap();
+    gw.reload.reload(config).await.unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, admin, bound).await,
+        AlertDescription::AccessDenied
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(
+        rec.reason, "source 127.0.0.1 is not in the route's allowed sources",
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 3);
+}
+
+/// A dual-stack listener (`[::]`) sees an IPv4 client as an IPv4-mapped
+/// IPv6 address (`::ffff:127.0.0.1`). The gateway judges, tracks and logs
+/// it as the IPv4 address it is, so IPv4 source rules hold on such a
+/// listener: a denied network cannot walk in through the mapped form, and
+/// an allowed one is not refused for it. A network written in the mapped
+/// form means the IPv4 network.
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_are_judged_by_their_ipv4_address() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let dual = |extra: &str| {
+        listener_toml(&pki, "edge", "").replace("127.0.0.1:0", "[::]:0") + &route(&backend, extra)
+    };
+    let v4 = |gw: &RunningGateway| std::net::SocketAddr::from(([127, 0, 0, 1], gw.app_addr.port()));
+
+    for deny in ["127.0.0.0/8", "::ffff:127.0.0.0/104"] {
+        let mut gw =
+            RunningGateway::start(&pki, &dual(&format!("deny_sources = [\"{deny}\"]\n"))).await;
+        assert_eq!(
+            refusal(v4(&gw), SNI, pki.frontend_config()).await,
+            AlertDescription::AccessDenied,
+            "{deny}"
+        );
+        let rec = gw.next_record().await;
+        assert_eq!(rec.verdict, Verdict::Deny, "{deny}: {rec:?}");
+        assert_eq!(
+            rec.reason, "source 127.0.0.1 is denied by 127.0.0.0/8",
+            "{deny}: {rec:?}"
+        );
+        assert!(rec.client.starts_with("127.0.0.1:"), "{rec:?}");
+    }
+    // Before the handshake too, on an off route.
+    let off = listener_toml(&pki, "edge", "").replace("127.0.0.1:0", "[::]:0")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\ndeny_sources = [\"127.0.0.0/8\"]\n";
+    let gw = RunningGateway::start(&pki, &off).await;
+    assert_eq!(
+        refusal(v4(&gw), SNI, pki.client_config(None)).await,
+        AlertDescription::AccessDenied
+    );
+    assert_eq!(backend.accepted(), 0);
+
+    // Allowed IPv4 networks let IPv4 clients in, and the access log and
+    // the live connection's re-checks see the same address.
+    let allowed = dual("allow_sources = [\"127.0.0.0/8\"]\n");
+    let mut gw = RunningGateway::start(&pki, &allowed).await;
+    let mut tls = connect(v4(&gw), SNI, pki.frontend_config()).await.unwrap();
+    tls.write_all(b"mapped").await.unwrap();
+    let mut buf = [0u8; 6];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"mapped");
+    let report = gw
+        .reload_toml(&pki, &dual("deny_sources = [\"127.0.0.1/32\"]\n"))
+        .await
+        .unwrap();
+    assert_eq!(report.connections_closed, 1, "the reload's deny reached it");
+    let rec = gw.next_record().await;
+    assert!(rec.client.starts_with("127.0.0.1:"), "{rec:?}");
+    assert!(
+        rec.reason
+            .contains("no longer allowed after reload: source 127.0.0.1 is denied by 127.0.0.1/32"),
+        "{rec:?}"
+    );
+}
+
+/// A CRL limited by its issuing distribution point speaks only for the
+/// certificates in its scope, through real handshakes: a leaves-only CRL
+/// revokes a leaf; a CA-only CRL alone leaves a leaf's status unknown
+/// (refused); and a CA-only CRL going stale beside a fresh leaves-only one
+/// closes no connection: it speaks only for CA certificates the
+/// intermediate issued, and the path has none.
+#[tokio::test]
+async fn scoped_crls_speak_only_for_the_certificates_in_their_scope() {
+    use gateway::pki::CrlScope;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let crls = pki.crls_line(&["scoped.crl.pem"]);
+    let toml = listener_toml(&pki, "edge", &crls) + &route(&backend, "");
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+
+    pki.write(
+        "scoped.crl.pem",
+        &pki.intermediate
+            .crl_scoped(1, &[&serial], CrlScope::UserCertsOnly)
+            .unwrap(),
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.client_config(Some(&doomed))).await,
+        AlertDescription::CertificateRevoked
+    );
+    assert_eq!(gw.next_record().await.verdict, Verdict::Deny);
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.frontend_config(),
+        b"in scope, not revoked",
+    )
+    .await;
+    gw.next_record().await;
+
+    pki.write(
+        "scoped.crl.pem",
+        &pki.intermediate
+            .crl_scoped(2, &[], CrlScope::CaCertsOnly)
+            .unwrap(),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::UnknownCA
+    );
+    assert!(
+        gw.next_record()
+            .await
+            .reason
+            .contains("UnknownRevocationStatus"),
+        "a CA-only CRL says nothing of a leaf"
+    );
+
+    let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+    pki.write(
+        "scoped.crl.pem",
+        &format!(
+            "{}{}",
+            pki.intermediate
+                .crl_scoped_until(3, &[], CrlScope::UserCertsOnly, later)
+                .unwrap(),
+            pki.intermediate
+                .crl_scoped_until(3, &[], CrlScope::CaCertsOnly, soon)
+                .unwrap()
+        ),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    tls.write_all(b"stale CA-only CRL").await.unwrap();
+    let mut buf = [0u8; 17];
+    tokio::time::timeout(STEP, tls.read_exact(&mut buf))
+        .await
+        .expect("echo in time")
+        .expect("the connection is still open");
+    assert_eq!(&buf, b"stale CA-only CRL");
 }

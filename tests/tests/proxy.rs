@@ -44,7 +44,7 @@ async fn allowed_client_echoes_8_mib_byte_exact_and_is_logged() {
     assert_eq!(rec.listener, "edge");
     assert_eq!(rec.route.as_deref(), Some("orders"));
     assert_eq!(rec.sni.as_deref(), Some(ORDERS));
-    assert_eq!(rec.identity.as_deref(), Some(SPIFFE_FRONTEND));
+    assert_eq!(rec.identity, Some(vec![SPIFFE_FRONTEND.to_owned()]));
     assert_eq!(rec.reason, format!("allowed by {SPIFFE_FRONTEND}"));
     assert_eq!(rec.backend, Some(backend.addr.to_string()));
     assert_eq!(rec.client_to_backend_bytes, 8 << 20);
@@ -171,7 +171,7 @@ async fn refusals_carry_the_right_alert_and_never_reach_the_backend() {
     );
     let rec = gw.next_record().await;
     assert_eq!(rec.verdict, Verdict::Deny);
-    assert_eq!(rec.identity.as_deref(), Some(SPIFFE_OTHER));
+    assert_eq!(rec.identity, Some(vec![SPIFFE_OTHER.to_owned()]));
     assert!(
         rec.reason.contains("not in the route's allow list"),
         "{}",

@@ -8,6 +8,7 @@ use gateway::access_log::Verdict;
 use gateway::app::ReloadError;
 use gateway::pki::LeafSpec;
 use gateway_tests::*;
+use rustls::AlertDescription;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -694,4 +695,342 @@ async fn a_removed_or_renamed_listeners_connections_are_still_judged_until_they_
             "{expected:?} in {reasons:#?}"
         );
     }
+}
+
+/// Reads access-log records until one matching `want`, so the records of
+/// other connections ending meanwhile do not matter.
+async fn record_where(
+    gw: &mut RunningGateway,
+    want: impl Fn(&gateway::access_log::AccessRecord) -> bool,
+) -> gateway::access_log::AccessRecord {
+    for _ in 0..16 {
+        let rec = gw.next_record().await;
+        if want(&rec) {
+            return rec;
+        }
+    }
+    panic!("no such access-log record");
+}
+
+/// A connection is judged by the route its server name maps to now, not by
+/// a route that happens to keep its name. Here a reload moves the server
+/// name and its sensitive backend to a new route `vault` that allows
+/// someone else, and keeps a route called `orders` (the old name) for
+/// another server name and backend, still allowing the client: the live
+/// connection is closed, and a handshake held across the reload never
+/// reaches the sensitive backend.
+#[tokio::test]
+async fn a_connection_is_judged_by_the_route_its_server_name_now_maps_to() {
+    let pki = Pki::new();
+    let sensitive = EchoBackend::start().await;
+    let public = EchoBackend::start().await;
+    let before = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[sensitive.addr], &[SPIFFE_FRONTEND]);
+    let mut gw = RunningGateway::start(&pki, &before).await;
+    let mut live = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut live, b"before").await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+
+    let after = listener_toml(&pki, "edge", "")
+        + &route_toml("vault", &[SNI], &[sensitive.addr], &[SPIFFE_OTHER])
+        + &route_toml(
+            "orders",
+            &["billing.example.internal"],
+            &[public.addr],
+            &[SPIFFE_FRONTEND],
+        );
+    let report = gw.reload_toml(&pki, &after).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut live, Duration::from_secs(1)).await;
+    let rec = record_where(&mut gw, |r| r.backend.is_some()).await;
+    assert!(
+        rec.reason.contains(&format!(
+            "server name {SNI:?} now goes to route \"vault\", not \"orders\""
+        )),
+        "{rec:?}"
+    );
+
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"let me in").await, b"", "nothing came back");
+    let rec = record_where(&mut gw, |r| r.verdict == Verdict::Deny).await;
+    assert!(
+        rec.reason.contains("now goes to route \"vault\"") && rec.backend.is_none(),
+        "{rec:?}"
+    );
+    assert_eq!(sensitive.accepted(), 1, "only the first connection");
+    assert_eq!(public.accepted(), 0);
+}
+
+/// A connection talks only to a backend its route still has. A reload that
+/// moves the route to another backend closes the live connection, and a
+/// handshake held across it connects to the route's backend as it is now.
+#[tokio::test]
+async fn a_connection_only_talks_to_a_backend_its_route_still_has() {
+    let pki = Pki::new();
+    let sensitive = EchoBackend::start().await;
+    let public = EchoBackend::start().await;
+    let on = |backend: &EchoBackend| {
+        listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    let mut gw = RunningGateway::start(&pki, &on(&sensitive)).await;
+    let mut live = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    ping(&mut live, b"before").await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+
+    let report = gw.reload_toml(&pki, &on(&public)).await.unwrap();
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    closed_within(&mut live, Duration::from_secs(1)).await;
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains(&format!(
+            "backend {} is no longer one of route \"orders\"'s backends",
+            sensitive.addr
+        )),
+        "{rec:?}"
+    );
+
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"straddled").await, b"straddled");
+    assert_eq!(sensitive.accepted(), 1, "only the first connection");
+    assert_eq!(
+        public.accepted(),
+        1,
+        "the held one, on the route as it is now"
+    );
+}
+
+/// What a reload does to a handshake under way: the route its server name
+/// maps to is removed (no default route left), or flips from `off` to
+/// `enforce` while the client presented no certificate. Either way it is
+/// refused as it goes live and never reaches the backend.
+#[tokio::test]
+async fn a_handshake_is_refused_when_a_reload_removes_or_tightens_its_route() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let orders = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let mut gw = RunningGateway::start(&pki, &orders).await;
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.frontend_config()).await;
+    let elsewhere = listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "billing",
+            &["billing.example.internal"],
+            &[backend.addr],
+            &[SPIFFE_FRONTEND],
+        );
+    gw.reload_toml(&pki, &elsewhere).await.unwrap();
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"gone?").await, b"");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason
+            .contains(&format!("no route for server name {SNI:?} after reload")),
+        "{rec:?}"
+    );
+
+    let off = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[])
+        + "mode = \"off\"\n";
+    gw.reload_toml(&pki, &off).await.unwrap();
+    let (mut held, held_flight) =
+        HeldClient::up_to_the_last_flight(gw.app_addr, pki.client_config(None)).await;
+    gw.reload_toml(&pki, &orders).await.unwrap();
+    held.tcp.write_all(&held_flight).await.unwrap();
+    assert_eq!(held.exchange(b"no cert").await, b"");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
+    assert!(
+        rec.reason
+            .contains("route now enforces and the client presented no certificate"),
+        "{rec:?}"
+    );
+    assert_eq!(backend.accepted(), 0);
+}
+
+/// A listener whose accept queue is full: a connect to it gets no answer
+/// (the kernel drops the SYN) until the caller gives up. The fillers keep
+/// the queue full while the value lives.
+struct Unanswering {
+    addr: std::net::SocketAddr,
+    _socket: tokio::net::TcpListener,
+    _fillers: Vec<std::net::TcpStream>,
+}
+
+impl Unanswering {
+    fn start() -> Unanswering {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => fillers.push(s),
+                Err(_) => {
+                    return Unanswering {
+                        addr,
+                        _socket: socket,
+                        _fillers: fillers,
+                    };
+                }
+            }
+        }
+        panic!("the accept queue of {addr} never filled");
+    }
+}
+
+/// A reload that revokes a client while the gateway is still connecting to
+/// its backend ends the connection there: the request the client sent
+/// reaches no backend, neither the one that does not answer nor the next
+/// one the failover would try. Each round runs on a fresh gateway, so the
+/// round robin starts at the backend that does not answer.
+#[tokio::test]
+async fn a_client_revoked_while_its_backend_connect_is_pending_reaches_no_backend() {
+    let pki = Pki::new();
+    let stuck = Unanswering::start();
+    let sink = EchoBackend::start().await;
+    for round in 0..3 {
+        pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+        let toml = listener_toml(
+            &pki,
+            "edge",
+            &format!(
+                "{}\nconnect_timeout = \"1s\"\nconnect_attempts = 2",
+                pki.crls_line(&["clients.crl.pem"])
+            ),
+        ) + &route_toml(
+            "orders",
+            &[SNI],
+            &[stuck.addr, sink.addr],
+            &[SPIFFE_FRONTEND],
+        );
+        let mut gw = RunningGateway::start(&pki, &toml).await;
+        let (doomed, serial) = pki.revocable_frontend(&format!("doomed-{round}"));
+        let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&doomed)))
+            .await
+            .unwrap();
+        tls.write_all(b"secret request").await.unwrap();
+        tls.flush().await.unwrap();
+        // The gateway is now waiting on the backend that does not answer.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pki.write(
+            "clients.crl.pem",
+            &pki.intermediate.crl(2, &[&serial]).unwrap(),
+        );
+        let report = gw.reload_toml(&pki, &toml).await.unwrap();
+        assert_eq!(report.connections_closed, 1, "round {round}: {report:?}");
+        closed_within(&mut tls, Duration::from_secs(1)).await;
+        let rec = gw.next_record().await;
+        assert!(
+            rec.reason.contains("no longer allowed after reload") && rec.backend.is_none(),
+            "round {round}: {rec:?}"
+        );
+        // Past the connect timeout: had the failover gone on, it would have
+        // reached the sink by now.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            sink.accepted(),
+            0,
+            "round {round}: the request reached the sink"
+        );
+    }
+}
+
+/// CRLs are public, signed files: whoever sits on the path a CRL file is
+/// fetched over can hand back last month's. A reload that brings an older
+/// CRL of an issuer than the gateway already enforced is refused whole, so
+/// the revocation stays; two different CRLs with one number are refused
+/// too (which is current cannot be told). Both are counted.
+#[tokio::test]
+async fn a_replayed_older_crl_is_refused_and_its_revocations_stay() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let before_revocation = pki.intermediate.crl(1, &[]).unwrap();
+    pki.write("clients.crl.pem", &before_revocation);
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "")
+    );
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    passes(gw.app_addr, SNI, pki.client_config(Some(&doomed)), b"ok").await;
+
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&serial]).unwrap(),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    let revoked = || async {
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.client_config(Some(&doomed))).await,
+            AlertDescription::CertificateRevoked
+        );
+    };
+    revoked().await;
+
+    // The old file comes back: refused, and the client stays revoked.
+    pki.write("clients.crl.pem", &before_revocation);
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(
+        err.contains("holds CRL #1 of issuer") && err.contains("already enforced CRL #2"),
+        "{err}"
+    );
+    revoked().await;
+
+    // Another CRL #2, without the revocation: ambiguous, refused.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(2, &[]).unwrap());
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(err.contains("two different CRLs #2"), "{err}");
+    revoked().await;
+
+    let metrics = gw.scrape().await;
+    for counted in [
+        "gateway_crl_refused_total{reason=\"rollback\"} 1",
+        "gateway_crl_refused_total{reason=\"ambiguous\"} 1",
+        "gateway_reloads_total{result=\"failed\"} 2",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
+
+    // A newer CRL is taken as ever.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(3, &[]).unwrap());
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    passes(
+        gw.app_addr,
+        SNI,
+        pki.client_config(Some(&doomed)),
+        b"unrevoked by #3",
+    )
+    .await;
+}
+
+/// A removed listener's connections keep their old trust anchors and policy
+/// until they drain (README: "Reload and continuous verification"); the
+/// drain_timeout that ends them is the new config's, so a reload with a
+/// short one cuts them at once.
+#[tokio::test]
+async fn a_removed_listeners_connections_drain_by_the_new_configs_drain_timeout() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let port = dead_port();
+    let edge = config(&pki, &backend, "", &[SPIFFE_FRONTEND], "");
+    let doomed = listener_toml(&pki, "doomed", "").replace("127.0.0.1:0", &port.to_string())
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &format!("drain_timeout = \"60s\"\n{edge}{doomed}")).await;
+    let mut orphan = connect(port, SNI, pki.frontend_config()).await.unwrap();
+    ping(&mut orphan, b"live").await.unwrap();
+    gw.reload_toml(&pki, &format!("drain_timeout = \"1s\"\n{edge}"))
+        .await
+        .unwrap();
+    ping(&mut orphan, b"still, while it drains").await.unwrap();
+    closed_within(&mut orphan, Duration::from_secs(4)).await;
 }

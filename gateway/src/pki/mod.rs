@@ -14,6 +14,9 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+/// The scope of a CRL from `Authority::crl_scoped` (leaves or CAs only).
+pub use rcgen::CrlScope;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("certificate generation failed: {0}")]
@@ -292,7 +295,19 @@ impl Authority {
         &self,
         crl_number: u64,
         serials: &[&[u8]],
-        scope: rcgen::CrlScope,
+        scope: CrlScope,
+    ) -> Result<String, PkiError> {
+        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
+        self.crl_scoped_until(crl_number, serials, scope, next_update)
+    }
+
+    /// `crl_scoped` with its next-update time.
+    pub fn crl_scoped_until(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        scope: CrlScope,
+        next_update: OffsetDateTime,
     ) -> Result<String, PkiError> {
         let idp = rcgen::CrlIssuingDistributionPoint {
             distribution_point: rcgen::CrlDistributionPoint {
@@ -300,7 +315,6 @@ impl Authority {
             },
             scope: Some(scope),
         };
-        let next_update = OffsetDateTime::now_utc() + Duration::days(1);
         self.crl_with(crl_number, serials, next_update, Some(idp))
     }
 

@@ -123,11 +123,13 @@ impl Bundle {
     }
 
     /// This bundle with `more` CRLs besides its own (of each issuer and
-    /// scope the newest wins): for a connection whose listener a reload
-    /// removed, so revocations published since still reach it.
-    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Bundle {
-        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect());
-        Bundle {
+    /// scope the newest wins, quietly: the loads said what they dropped):
+    /// for a connection whose listener a reload removed, so revocations
+    /// published since still reach it. Err when two different CRLs claim
+    /// one place.
+    pub fn with_more_crls(&self, more: &[Arc<Crl>]) -> Result<Bundle, TlsError> {
+        let crls = crl::newest(self.crls.iter().chain(more).cloned().collect(), |_, _| {})?;
+        Ok(Bundle {
             name: self.name.clone(),
             anchors: self.anchors.clone(),
             subjects: self.subjects.clone(),
@@ -137,7 +139,7 @@ impl Bundle {
             stale_crl_uses: self.stale_crl_uses.clone(),
             spiffe_trust_domains: self.spiffe_trust_domains.clone(),
             algorithms: self.algorithms,
-        }
+        })
     }
 
     /// Whether this bundle's CAs may vouch for the URI identities `uris`:
@@ -254,30 +256,32 @@ impl Bundle {
                 }
                 pki_error(e)
             })?;
-        // The CRLs webpki consulted: those of the path's issuers.
-        let issuers = || {
-            std::iter::once(ee.issuer())
-                .chain(path.intermediate_certificates().map(|ca| ca.issuer()))
+        // The CRLs webpki may have consulted: those of the path's issuers
+        // whose scope covers the certificate checked (the leaf, or a CA).
+        // A CA-only CRL says nothing about the leaf: its staleness must not
+        // end a connection no new handshake would refuse.
+        let covering = || {
+            std::iter::once((ee.issuer(), false))
+                .chain(
+                    path.intermediate_certificates()
+                        .map(|ca| (ca.issuer(), true)),
+                )
+                .flat_map(|(issuer, ca)| {
+                    self.crls
+                        .iter()
+                        .zip(&self.stale_crl_logged)
+                        .filter(move |(c, _)| c.crl.issuer() == issuer && c.scope.covers(ca))
+                })
         };
         // The strict second pass re-reads CRLs the first already noted.
         if self.crl_expired == CrlExpired::Warn && depth == RevocationCheckDepth::Chain {
-            self.note_stale_crls(issuers(), now);
+            self.note_stale_crls(covering(), now);
         }
         let crl_next_update = match self.crl_expired {
-            CrlExpired::Refuse => issuers()
-                .flat_map(|issuer| self.crls.iter().filter(move |c| c.crl.issuer() == issuer))
-                .filter_map(|c| c.next_update)
-                .min(),
+            CrlExpired::Refuse => covering().filter_map(|(c, _)| c.next_update).min(),
             CrlExpired::Warn => None,
         };
-        let ca_not_after = path
-            .intermediate_certificates()
-            .filter_map(|ca| {
-                let der = ca.der();
-                let (_, cert) = X509Certificate::from_der(&der).ok()?;
-                Some(cert.validity().not_after.timestamp())
-            })
-            .min();
+        let ca_not_after = earliest_not_after(path.intermediate_certificates().map(|ca| ca.der()))?;
         Ok(Verified {
             ca_not_after,
             crl_next_update,
@@ -285,22 +289,58 @@ impl Bundle {
     }
 }
 
+/// A CA certificate webpki verified but the gateway cannot read: its
+/// notAfter would go unwatched, so the chain is refused.
+#[derive(thiserror::Error)]
+#[error(
+    "a CA certificate of the verified path cannot be read, so its expiry could not be watched: {0}"
+)]
+struct UnreadableCa(String);
+
+/// rustls shows an `OtherError` with `Debug`: say it in words there too.
+impl std::fmt::Debug for UnreadableCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The earliest notAfter of these CA certificates, or Err (the chain is
+/// refused) when one of them cannot be read: skipping it would leave the
+/// tick blind to its expiry.
+fn earliest_not_after<'a>(
+    cas: impl Iterator<Item = CertificateDer<'a>>,
+) -> Result<Option<i64>, Error> {
+    let mut earliest: Option<i64> = None;
+    for der in cas {
+        let not_after = match X509Certificate::from_der(&der) {
+            Ok((_, cert)) => cert.validity().not_after.timestamp(),
+            Err(e) => {
+                let why = UnreadableCa(e.to_string());
+                tracing::warn!(reason = %why, "client chain refused");
+                return Err(CertificateError::Other(OtherError(Arc::new(why))).into());
+            }
+        };
+        earliest = Some(earliest.map_or(not_after, |t| t.min(not_after)));
+    }
+    Ok(earliest)
+}
+
 impl Bundle {
     /// With `crl_expired = "warn"`: counts (and logs once) a check that
-    /// used a CRL past its nextUpdate, for any of these issuers.
-    fn note_stale_crls<'a>(&self, issuers: impl Iterator<Item = &'a [u8]>, now: UnixTime) {
+    /// used a CRL past its nextUpdate, of these (each with its "logged"
+    /// flag).
+    fn note_stale_crls<'a>(
+        &self,
+        crls: impl Iterator<Item = (&'a Arc<Crl>, &'a AtomicBool)>,
+        now: UnixTime,
+    ) {
         let now = now.as_secs() as i64;
         let mut stale = false;
-        for issuer in issuers {
-            for (c, logged) in self.crls.iter().zip(&self.stale_crl_logged) {
-                if c.crl.issuer() != issuer || !c.is_stale(now) {
-                    continue;
-                }
-                stale = true;
-                if !logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
-                        "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
-                }
+        for (c, logged) in crls.filter(|(c, _)| c.is_stale(now)) {
+            stale = true;
+            if !logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(bundle = %self.name, file = %c.file.display(), issuer = %c.issuer,
+                    "a client was checked against a CRL past its next update (crl_expired = \"warn\")");
             }
         }
         if stale {
@@ -413,6 +453,102 @@ mod tests {
             Arc::default(),
         )
         .unwrap()
+    }
+
+    /// A reload merges the current CRLs into a removed listener's bundles
+    /// for every kept state; that merge drops superseded CRLs quietly (the
+    /// loads already said so), or each reload would log a line per
+    /// superseded CRL and kept state.
+    #[test]
+    fn merging_newer_crls_into_a_kept_bundle_logs_nothing() {
+        #[derive(Clone, Default)]
+        struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("merge root").unwrap();
+        let int = root.intermediate("merge intermediate").unwrap();
+        let kept = bundle(dir.path(), &root, &[int.crl(1, &[]).unwrap()]);
+        let newer = dir.path().join("newer.pem");
+        std::fs::write(&newer, int.crl(2, &[]).unwrap()).unwrap();
+        let newer: Vec<Arc<Crl>> = crl::load(&[newer])
+            .unwrap()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        let merged =
+            tracing::subscriber::with_default(subscriber, || kept.with_more_crls(&newer).unwrap());
+        assert_eq!(merged.crls().len(), 1);
+        assert_eq!(merged.crls()[0].number, newer[0].number);
+        let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(logged, "");
+    }
+
+    /// The tick closes a connection once a CRL covering its chain is past
+    /// its next update. Only CRLs whose scope covers the certificate count:
+    /// a CA-only CRL of the leaf's issuer says nothing about the leaf.
+    #[test]
+    fn only_crls_whose_scope_covers_a_certificate_time_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("scope root").unwrap();
+        let int = root.intermediate("scope intermediate").unwrap();
+        let leaf = der(&int
+            .issue(&LeafSpec::client("c", &["dns:c.example"]))
+            .unwrap()
+            .cert_pem);
+        let chain = [der(&int.cert_pem)];
+        let now = time::OffsetDateTime::now_utc();
+        let (soon, later) = (
+            now + time::Duration::hours(1),
+            now + time::Duration::days(2),
+        );
+        let b = bundle(
+            dir.path(),
+            &root,
+            &[
+                int.crl_scoped_until(1, &[], CrlScope::UserCertsOnly, later)
+                    .unwrap(),
+                int.crl_scoped_until(1, &[], CrlScope::CaCertsOnly, soon)
+                    .unwrap(),
+            ],
+        );
+        let verified = b.verify(&leaf, &chain, UnixTime::now()).unwrap();
+        assert_eq!(verified.crl_next_update, Some(later.unix_timestamp()));
+    }
+
+    /// The tick closes a connection when a CA of its path expires; a CA
+    /// the gateway cannot read would escape that, so it refuses the chain.
+    #[test]
+    fn a_ca_certificate_that_cannot_be_read_refuses_the_chain() {
+        let root = Authority::root("readable root").unwrap();
+        let int = root.intermediate("readable intermediate").unwrap();
+        let readable = der(&int.cert_pem);
+        let expected = X509Certificate::from_der(&readable)
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp();
+        assert_eq!(
+            earliest_not_after([readable.clone()].into_iter()),
+            Ok(Some(expected))
+        );
+        assert_eq!(earliest_not_after(std::iter::empty()), Ok(None));
+        let unreadable = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let err = earliest_not_after([readable, unreadable].into_iter()).unwrap_err();
+        assert!(err.to_string().contains("cannot be read"), "{err}");
     }
 
     /// When the leaf's issuer has only CRLs limited by an issuing

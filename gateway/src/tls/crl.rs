@@ -11,15 +11,77 @@
 //! point, since one issuer may partition its revocations across scopes.
 //! `expiry` reads the same selection, so monitoring watches exactly the
 //! CRLs that are enforced.
+//!
+//! Two different CRLs that claim the same place (one issuer and scope, the
+//! same CRL number, or without numbers the same thisUpdate) leave no way to
+//! tell the current one: the load is refused, naming both files
+//! (`CrlError::Ambiguous`). CRLs without a number (version 1) are ordered
+//! by thisUpdate.
+//!
+//! CRLs are public, signed objects: anyone on the path a CRL file is
+//! fetched over can hand an old one back. So the process remembers
+//! (`Enforced`) the newest CRL it has put into service for each issuer,
+//! scope and issuer key (authority key identifier), and a reload that
+//! brings an older one is refused whole (`CrlError::Rollback`): the running
+//! state, with the newer CRL, keeps serving, and the log names both files
+//! and numbers. The memory lasts until the process ends. It holds what the
+//! files said before any client check verified the CRL's signature, so a
+//! forged CRL with a huge number (which fails every client it covers, as
+//! its signature does not verify) blocks older numbers of that issuer key
+//! until a restart.
 
+use std::cmp::Ordering;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rustls_pki_types::CertificateRevocationListDer;
 use webpki::{CertRevocationList, OwnedCertRevocationList};
+use x509_parser::extensions::ParsedExtension;
 use x509_parser::num_bigint::BigUint;
 use x509_parser::prelude::{CertificateRevocationList, FromDer};
 
 use super::certs::{self, CertError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CrlError {
+    #[error(transparent)]
+    File(#[from] CertError),
+    #[error(
+        "{first} and {second} hold two different CRLs {number} of issuer {issuer} for one scope: \
+         which one is current cannot be told, so neither is used"
+    )]
+    Ambiguous {
+        issuer: String,
+        number: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error(
+        "{file} holds CRL {number} of issuer {issuer}, but this gateway already enforced CRL {enforced} \
+         (from {enforced_file}) for that issuer, scope and key: an older CRL would un-revoke what \
+         the newer one revoked. Put the current CRL in place (the gateway remembers the newest until it restarts)"
+    )]
+    Rollback {
+        issuer: String,
+        number: String,
+        file: PathBuf,
+        enforced: String,
+        enforced_file: PathBuf,
+    },
+}
+
+impl CrlError {
+    /// The metric label (`gateway_crl_refused_total{reason}`), None for a
+    /// file that could not be read at all.
+    pub fn label(&self) -> Option<&'static str> {
+        match self {
+            CrlError::File(_) => None,
+            CrlError::Ambiguous { .. } => Some("ambiguous"),
+            CrlError::Rollback { .. } => Some("rollback"),
+        }
+    }
+}
 
 /// One CRL, parsed for webpki and described for people.
 pub struct Crl {
@@ -33,6 +95,36 @@ pub struct Crl {
     pub this_update: i64,
     /// nextUpdate, seconds since the epoch; None when the CRL has none.
     pub next_update: Option<i64>,
+    /// Which certificates it speaks for (its issuing distribution point).
+    pub scope: Scope,
+    /// The authority key identifier: which of the issuer's keys signed it.
+    pub authority_key_id: Option<Vec<u8>>,
+    /// SHA-256 of the DER: two CRLs are the same only if this is.
+    pub digest: [u8; 32],
+}
+
+/// The certificates a CRL covers, as its issuing distribution point limits
+/// them (RFC 5280 5.2.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    #[default]
+    All,
+    /// onlyContainsUserCerts: leaves only.
+    Leaves,
+    /// onlyContainsCACerts: CA certificates only.
+    Cas,
+}
+
+impl Scope {
+    /// Whether the CRL speaks for a certificate that is a CA (`true`) or a
+    /// leaf (`false`).
+    pub fn covers(self, ca: bool) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Leaves => !ca,
+            Scope::Cas => ca,
+        }
+    }
 }
 
 impl AsRef<Crl> for Crl {
@@ -49,10 +141,29 @@ impl Crl {
     }
 
     fn number_text(&self) -> String {
-        match &self.number {
-            Some(n) => format!("#{n}"),
-            None => "without a CRL number".into(),
+        number_text(self.number.as_ref(), self.this_update)
+    }
+
+    /// Which is newer: by CRL number when both have one, else by thisUpdate.
+    fn age_against(&self, number: Option<&BigUint>, this_update: i64) -> Ordering {
+        match (&self.number, number) {
+            (Some(a), Some(b)) => a.cmp(b),
+            _ => self.this_update.cmp(&this_update),
         }
+    }
+
+    /// One issuer's place for CRLs: the issuer and the scope (issuing
+    /// distribution point), as webpki picks among them.
+    fn same_scope(&self, other: &Crl) -> bool {
+        self.crl.issuer() == other.crl.issuer()
+            && self.crl.issuing_distribution_point() == other.crl.issuing_distribution_point()
+    }
+}
+
+fn number_text(number: Option<&BigUint>, this_update: i64) -> String {
+    match number {
+        Some(n) => format!("#{n}"),
+        None => format!("without a CRL number (thisUpdate {this_update})"),
     }
 }
 
@@ -63,6 +174,24 @@ fn parse(path: &Path, der: &CertificateRevocationListDer<'_>) -> Result<Crl, Cer
     };
     let owned = OwnedCertRevocationList::from_der(der).map_err(|e| bad(format!("{e:?}")))?;
     let (_, meta) = CertificateRevocationList::from_der(der).map_err(|e| bad(e.to_string()))?;
+    let mut scope = Scope::All;
+    let mut authority_key_id = None;
+    for ext in meta.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::IssuingDistributionPoint(idp) => {
+                scope = match (idp.only_contains_user_certs, idp.only_contains_ca_certs) {
+                    (true, _) => Scope::Leaves,
+                    (_, true) => Scope::Cas,
+                    _ => Scope::All,
+                };
+            }
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                authority_key_id = aki.key_identifier.as_ref().map(|k| k.0.to_vec());
+            }
+            _ => {}
+        }
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
     Ok(Crl {
         file: path.to_owned(),
         crl: CertRevocationList::Owned(owned),
@@ -70,6 +199,9 @@ fn parse(path: &Path, der: &CertificateRevocationListDer<'_>) -> Result<Crl, Cer
         number: meta.crl_number().cloned(),
         this_update: meta.last_update().timestamp(),
         next_update: meta.next_update().map(|t| t.timestamp()),
+        scope,
+        authority_key_id,
+        digest: digest.as_ref().try_into().unwrap_or([0; 32]),
     })
 }
 
@@ -85,42 +217,143 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Crl>, CertError> {
 }
 
 /// The CRLs in `paths`, one per issuer and scope: the highest CRL number
-/// (then the latest thisUpdate) wins; the others are logged and dropped.
-pub fn load(paths: &[PathBuf]) -> Result<Vec<Crl>, CertError> {
-    Ok(newest(load_all(paths)?))
-}
-
-/// Keeps the newest CRL of each issuer and scope, in first-seen order
-/// (owned CRLs, or shared ones).
-pub fn newest<C: AsRef<Crl>>(crls: Vec<C>) -> Vec<C> {
-    let mut kept: Vec<C> = Vec::new();
-    for crl in crls {
-        let c = crl.as_ref();
-        let same_scope = kept.iter().position(|k| {
-            let k = k.as_ref();
-            k.crl.issuer() == c.crl.issuer()
-                && k.crl.issuing_distribution_point() == c.crl.issuing_distribution_point()
-        });
-        let Some(at) = same_scope else {
-            kept.push(crl);
-            continue;
-        };
-        let old = kept[at].as_ref();
-        // The same CRL twice (one file in two lists): nothing to say.
-        if (&c.number, c.this_update) == (&old.number, old.this_update) {
-            continue;
-        }
-        let newer = (&c.number, c.this_update) > (&old.number, old.this_update);
-        let (winner, loser) = if newer { (c, old) } else { (old, c) };
+/// (without numbers, the latest thisUpdate) wins; the others are logged and
+/// dropped. Two different CRLs in one place refuse the load.
+pub fn load(paths: &[PathBuf]) -> Result<Vec<Crl>, CrlError> {
+    newest(load_all(paths)?, |loser, winner| {
         tracing::info!(issuer = %loser.issuer, ignored = %loser.file.display(),
             used = %winner.file.display(),
             "ignoring CRL {} of this issuer: CRL {} supersedes it",
             loser.number_text(), winner.number_text());
-        if newer {
-            kept[at] = crl;
+    })
+}
+
+/// Keeps the newest CRL of each issuer and scope, in first-seen order
+/// (owned CRLs, or shared ones); `superseded(loser, winner)` hears of each
+/// one dropped. Err when two different CRLs claim one place.
+pub fn newest<C: AsRef<Crl>>(
+    crls: Vec<C>,
+    mut superseded: impl FnMut(&Crl, &Crl),
+) -> Result<Vec<C>, CrlError> {
+    let mut kept: Vec<C> = Vec::new();
+    for crl in crls {
+        let c = crl.as_ref();
+        let Some(at) = kept.iter().position(|k| k.as_ref().same_scope(c)) else {
+            kept.push(crl);
+            continue;
+        };
+        let old = kept[at].as_ref();
+        match c.age_against(old.number.as_ref(), old.this_update) {
+            // The same CRL twice (one file in two lists): nothing to say.
+            Ordering::Equal if c.digest == old.digest => {}
+            Ordering::Equal => {
+                return Err(CrlError::Ambiguous {
+                    issuer: c.issuer.clone(),
+                    number: c.number_text(),
+                    first: old.file.clone(),
+                    second: c.file.clone(),
+                });
+            }
+            Ordering::Less => superseded(c, old),
+            Ordering::Greater => {
+                superseded(old, c);
+                kept[at] = crl;
+            }
         }
     }
-    kept
+    Ok(kept)
+}
+
+/// What one issuer key's CRLs in one scope are remembered by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Place {
+    issuer: Vec<u8>,
+    scope: Option<Vec<u8>>,
+    authority_key_id: Option<Vec<u8>>,
+}
+
+impl Place {
+    fn of(c: &Crl) -> Place {
+        Place {
+            issuer: c.crl.issuer().to_vec(),
+            scope: c.crl.issuing_distribution_point().map(<[u8]>::to_vec),
+            authority_key_id: c.authority_key_id.clone(),
+        }
+    }
+}
+
+/// The newest CRL put into service, per place.
+#[derive(Debug, Clone)]
+struct Mark {
+    number: Option<BigUint>,
+    this_update: i64,
+    digest: [u8; 32],
+    file: PathBuf,
+}
+
+/// The newest CRL this process has put into service for each issuer,
+/// scope and issuer key (see the module's comment). The app checks every
+/// state against it before serving with it, and records it once it does.
+#[derive(Debug, Default)]
+pub struct Enforced {
+    marks: Mutex<HashMap<Place, Mark>>,
+}
+
+impl Enforced {
+    /// Err names the first of `crls` that is older than (or, with the same
+    /// number, different from) the CRL already enforced in its place.
+    pub fn check<'a>(&self, crls: impl IntoIterator<Item = &'a Crl>) -> Result<(), CrlError> {
+        let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        for c in crls {
+            let Some(m) = marks.get(&Place::of(c)) else {
+                continue;
+            };
+            let enforced = number_text(m.number.as_ref(), m.this_update);
+            match c.age_against(m.number.as_ref(), m.this_update) {
+                Ordering::Greater => {}
+                Ordering::Equal if c.digest == m.digest => {}
+                Ordering::Equal => {
+                    return Err(CrlError::Ambiguous {
+                        issuer: c.issuer.clone(),
+                        number: enforced,
+                        first: m.file.clone(),
+                        second: c.file.clone(),
+                    });
+                }
+                Ordering::Less => {
+                    return Err(CrlError::Rollback {
+                        issuer: c.issuer.clone(),
+                        number: c.number_text(),
+                        file: c.file.clone(),
+                        enforced,
+                        enforced_file: m.file.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers `crls` as in service, where each is newer than what was.
+    pub fn record<'a>(&self, crls: impl IntoIterator<Item = &'a Crl>) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        for c in crls {
+            let newer = marks.get(&Place::of(c)).is_none_or(|m| {
+                c.age_against(m.number.as_ref(), m.this_update) == Ordering::Greater
+            });
+            if newer {
+                marks.insert(
+                    Place::of(c),
+                    Mark {
+                        number: c.number.clone(),
+                        this_update: c.this_update,
+                        digest: c.digest,
+                        file: c.file.clone(),
+                    },
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -132,6 +365,85 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, pem).unwrap();
         path
+    }
+
+    /// Two different CRLs of one issuer with one number (or, without
+    /// numbers, one thisUpdate): neither can be told to be current, so the
+    /// load is refused, naming both files. The same CRL twice is fine.
+    #[test]
+    fn two_different_crls_in_one_place_refuse_the_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::root("crl issuer a").unwrap();
+        let first = write(dir.path(), "first.pem", &a.crl(5, &[]).unwrap());
+        let second = write(dir.path(), "second.pem", &a.crl(5, &[b"\x2a"]).unwrap());
+        let again = write(
+            dir.path(),
+            "again.pem",
+            &std::fs::read_to_string(&first).unwrap(),
+        );
+        assert_eq!(load(&[first.clone(), again]).unwrap().len(), 1);
+        for order in [
+            [first.clone(), second.clone()],
+            [second.clone(), first.clone()],
+        ] {
+            match load(&order) {
+                Err(CrlError::Ambiguous {
+                    first: f,
+                    second: s,
+                    number,
+                    ..
+                }) => {
+                    assert_eq!([f, s], order);
+                    assert_eq!(number, "#5");
+                }
+                other => panic!("{order:?}: {:?}", other.map(|k| k.len())),
+            }
+        }
+    }
+
+    /// A CRL older than one already in service in this process is refused;
+    /// one of another issuer, or a newer one, passes; a CRL with the
+    /// enforced number but other contents is ambiguous.
+    #[test]
+    fn an_older_crl_than_one_enforced_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::root("crl issuer a").unwrap();
+        let b = Authority::root("crl issuer b").unwrap();
+        let load1 = |name: &str, pem: String| load(&[write(dir.path(), name, &pem)]).unwrap();
+        let enforced = Enforced::default();
+        let a7 = load1("a7.pem", a.crl(7, &[b"\x01"]).unwrap());
+        enforced.check(&a7).unwrap();
+        enforced.record(&a7);
+        let a3 = load1("a3.pem", a.crl(3, &[]).unwrap());
+        match enforced.check(&a3) {
+            Err(CrlError::Rollback {
+                number,
+                enforced,
+                file,
+                enforced_file,
+                ..
+            }) => {
+                assert_eq!((number.as_str(), enforced.as_str()), ("#3", "#7"));
+                assert!(file.ends_with("a3.pem") && enforced_file.ends_with("a7.pem"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let other_a7 = load1("other-a7.pem", a.crl(7, &[]).unwrap());
+        assert!(matches!(
+            enforced.check(&other_a7),
+            Err(CrlError::Ambiguous { .. })
+        ));
+        enforced.check(&a7).unwrap();
+        enforced
+            .check(&load1("b1.pem", b.crl(1, &[]).unwrap()))
+            .unwrap();
+        let a8 = load1("a8.pem", a.crl(8, &[]).unwrap());
+        enforced.check(&a8).unwrap();
+        enforced.record(&a8);
+        assert!(enforced.check(&a7).is_err(), "#8 is the mark now");
+        // Recording an older one changes nothing.
+        enforced.record(&a3);
+        assert!(enforced.check(&a7).is_err());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub use verifier::Decision;
 pub enum TlsError {
     #[error(transparent)]
     Cert(#[from] CertError),
+    /// Boxed: it names two files and two CRLs, and every TlsError would
+    /// carry its room.
+    #[error(transparent)]
+    Crl(Box<crl::CrlError>),
     #[error("{path}: cannot build a client verifier from these CAs: {reason}")]
     Verifier { path: String, reason: String },
     #[error("TLS configuration refused: {0}")]
@@ -43,6 +47,12 @@ pub enum TlsError {
     /// refused, never judged by another bundle.
     #[error("trust bundle {0:?} is not loaded for this listener")]
     UnknownBundle(String),
+}
+
+impl From<crl::CrlError> for TlsError {
+    fn from(e: crl::CrlError) -> Self {
+        TlsError::Crl(Box::new(e))
+    }
 }
 
 /// The crypto every TLS context in the gateway uses.
@@ -173,24 +183,35 @@ impl ListenerTls {
             .flat_map(|b| b.crls())
     }
 
+    /// This listener's TLS with `more` CRLs besides each bundle's own (of
+    /// each issuer and scope the newest wins): for the connections of a
+    /// listener a reload removed, so revocations published since still
+    /// reach them. Built once per kept state and reload.
+    pub fn with_more_crls(&self, more: &[Arc<crl::Crl>]) -> Result<ListenerTls, TlsError> {
+        let merged = |b: &Arc<Bundle>| b.with_more_crls(more).map(Arc::new);
+        Ok(ListenerTls {
+            provider: self.provider.clone(),
+            server_key: self.server_key.clone(),
+            default_bundle: merged(&self.default_bundle)?,
+            bundles: self
+                .bundles
+                .iter()
+                .map(|(name, b)| Ok((name.clone(), merged(b)?)))
+                .collect::<Result<_, TlsError>>()?,
+            versions: self.versions.clone(),
+            extract_secrets: self.extract_secrets,
+        })
+    }
+
     fn verifier(
         &self,
         route: &RouteAuth,
         mode: Mode,
         source: IpAddr,
         decision: Arc<Mutex<Decision>>,
-        more_crls: &[Arc<crl::Crl>],
     ) -> Result<ConnectionVerifier, TlsError> {
-        let bundle = |name: Option<&str>| -> Result<Arc<Bundle>, TlsError> {
-            let b = self.bundle(name)?;
-            Ok(if more_crls.is_empty() {
-                b
-            } else {
-                Arc::new(b.with_more_crls(more_crls))
-            })
-        };
         Ok(ConnectionVerifier {
-            chain: bundle(route.trust.as_deref())?,
+            chain: self.bundle(route.trust.as_deref())?,
             device: route.device,
             policy: route.policy.clone(),
             mode,
@@ -200,20 +221,18 @@ impl ListenerTls {
     }
 
     /// Verifies a live connection's client chain again, as its handshake
-    /// did but against this (possibly reloaded) state and enforcing, with
-    /// `more_crls` besides the bundles' own. Err says why the client would
-    /// be refused now.
+    /// did but against this (possibly reloaded) state and enforcing. Err
+    /// says why the client would be refused now.
     pub fn recheck(
         &self,
         route: &RouteAuth,
         source: IpAddr,
         leaf: &rustls_pki_types::CertificateDer<'_>,
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        more_crls: &[Arc<crl::Crl>],
     ) -> Result<bundle::Verified, String> {
         let decision = Arc::new(Mutex::new(Decision::default()));
         let verifier = self
-            .verifier(route, Mode::Enforce, source, decision.clone(), more_crls)
+            .verifier(route, Mode::Enforce, source, decision.clone())
             .map_err(|e| e.to_string())?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
             Ok(_) => Ok(decision
@@ -250,7 +269,7 @@ impl ListenerTls {
             }
             builder.with_no_client_auth()
         } else {
-            let verifier = self.verifier(route, route.mode, source, decision.clone(), &[])?;
+            let verifier = self.verifier(route, route.mode, source, decision.clone())?;
             builder.with_client_cert_verifier(Arc::new(verifier))
         };
         let mut config = builder.with_cert_resolver(Arc::new(OneCert(self.server_key.clone())));
@@ -281,6 +300,9 @@ impl ResolvesServerCert for OneCert {
 pub struct UpstreamTls {
     pub connector: tokio_rustls::TlsConnector,
     pub server_name: rustls_pki_types::ServerName<'static>,
+    /// The backends' trust anchors, to tell whether a reload changed whom
+    /// the gateway accepts as the backend (`verifies_like`).
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
     pub offload: Offload,
     /// As the listener's `rx_expect_no_pad`, for the backend's records.
     pub rx_expect_no_pad: bool,
@@ -303,6 +325,7 @@ impl UpstreamTls {
     ) -> Result<Self, TlsError> {
         let provider = provider_for(offload)?;
         let roots = certs::load_roots(ca)?;
+        let anchors = roots.roots.clone();
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(rustls::DEFAULT_VERSIONS)?
             .with_root_certificates(roots);
@@ -327,9 +350,18 @@ impl UpstreamTls {
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             server_name,
+            anchors,
             offload,
             rx_expect_no_pad: false,
         })
+    }
+}
+
+impl UpstreamTls {
+    /// Whether a backend this verified would pass `other` too: the same
+    /// name under the same trust anchors.
+    pub fn verifies_like(&self, other: &UpstreamTls) -> bool {
+        self.server_name == other.server_name && self.anchors == other.anchors
     }
 }
 
@@ -438,13 +470,7 @@ mod tests {
             // A reload's re-check refuses too, though the default bundle
             // would have verified this chain.
             let why = tls
-                .recheck(
-                    &auth,
-                    source,
-                    &leaf,
-                    std::slice::from_ref(&intermediate),
-                    &[],
-                )
+                .recheck(&auth, source, &leaf, std::slice::from_ref(&intermediate))
                 .expect_err("re-check of a route with an unknown bundle");
             assert!(why.contains("\"nope\""), "{why}");
         }
