@@ -112,11 +112,27 @@ pub const EVERY_LOCAL_ADDRESS: u32 = 1 << 31;
 /// treats as "this host".
 pub const MAX_LOCAL_ADDRESSES: u32 = 4096;
 
+/// Where the local guard judged an attempt.
+pub mod local_layer {
+    /// At connect() or sendmsg() (a process naming a destination).
+    pub const CALL: u8 = 0;
+    /// A TCP SYN or UDP datagram on its way out, by its final (after NAT)
+    /// header.
+    pub const EGRESS: u8 = 1;
+    /// A raw socket's own packet on its way out.
+    pub const RAW: u8 = 2;
+    /// A packet arriving at a local backend's socket from outside this
+    /// host's own sockets (another host, a tunnel, a tun device, a VM, a
+    /// container's namespace).
+    pub const INGRESS: u8 = 3;
+}
+
 /// A bypass attempt, as the guard reports it through its ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BypassEvent {
-    /// Thread-group id (what userspace calls the pid).
+    /// Thread-group id (what userspace calls the pid); 0 where no task
+    /// could be asked (packets).
     pub pid: u32,
     pub uid: u32,
     pub cgroup: u64,
@@ -131,9 +147,17 @@ pub struct BypassEvent {
     /// [`protocol::TCP`] (a connect) or [`protocol::UDP`] (a connect or a
     /// datagram sent).
     pub protocol: u8,
-    pub _pad: u16,
+    /// One of [`local_layer`].
+    pub layer: u8,
+    pub _pad: u8,
     /// The task's command name, NUL-padded.
     pub comm: [u8; 16],
+    /// Where an arriving packet came from ([`local_layer::INGRESS`] only),
+    /// network byte order; IPv4 uses the first word.
+    pub source: [u32; 4],
+    /// Its source port, network byte order.
+    pub source_port: u16,
+    pub _pad2: [u8; 6],
 }
 
 /// At most this many bypass events per CPU per second reach userspace; the
@@ -302,7 +326,7 @@ mod user {
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LocalPort {}
-    // SAFETY: as above (56 bytes, no implicit padding).
+    // SAFETY: as above (80 bytes, no implicit padding).
     unsafe impl aya::Pod for super::BypassEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IngressConfig {}

@@ -494,12 +494,15 @@ async fn log_events(
             a = events.next() => a,
         };
         let Some(a) = a else { break };
+        let source = a.source.map(|s| s.to_string());
         if a.audited {
             tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
+                destination = %a.destination, protocol = a.protocol.name(), layer = a.layer,
+                source = ?source, "audit: bypass of the gateway let through");
         } else {
             tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
+                destination = %a.destination, protocol = a.protocol.name(), layer = a.layer,
+                source = ?source, "bypass of the gateway refused");
         }
         // No subscriber is the normal case outside tests.
         let _ = attempts.send(a);

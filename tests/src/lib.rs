@@ -795,7 +795,18 @@ pub enum Probe {
     /// This many TCP connects in a row, each on a new socket, whatever
     /// they return: a flood.
     TcpConnects(u32),
+    /// This many TCP connects in a row, each to another loopback address
+    /// (127.0.0.2, 127.0.0.3, … at the probe's port): a flood of distinct
+    /// destinations.
+    TcpConnectsSpread(u32),
+    /// One UDP datagram with sendto() on a socket with SO_BROADCAST (a
+    /// subnet broadcast address).
+    UdpBroadcast,
 }
+
+/// How long a probe's TCP connect may take: a SYN dropped on the way out
+/// (rather than refused at connect()) shows as a timeout, not a hang.
+pub const PROBE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tries to reach `addr` the way `probe` says, from a child process that
 /// first moves itself into `cgroup`, in the calling thread's network
@@ -809,6 +820,15 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
     let name = std::ffi::CString::new(PROBE_COMM).expect("comm");
     let (storage, len) = netns::sockaddr(addr);
     let family = i32::from(storage.ss_family);
+    let timeout = libc::timeval {
+        tv_sec: PROBE_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: PROBE_CONNECT_TIMEOUT.subsec_micros() as libc::suseconds_t,
+    };
+    // The spread flood's destinations: 127.0.0.2 onwards, same port.
+    let spread = |i: u32| {
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)) + i);
+        netns::sockaddr(SocketAddr::new(ip.into(), addr.port()))
+    };
     // The raw probe's UDP header and payload ("probe"), checksum left out.
     let mut raw = [0u8; 13];
     raw[0..2].copy_from_slice(&40000u16.to_be_bytes());
@@ -828,10 +848,11 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
                 libc::_exit(200);
             }
             let (kind, protocol) = match probe {
-                Probe::TcpConnect | Probe::UringConnect | Probe::TcpConnects(_) => {
-                    (libc::SOCK_STREAM, 0)
-                }
-                Probe::UdpSendTo | Probe::UdpConnect => (libc::SOCK_DGRAM, 0),
+                Probe::TcpConnect
+                | Probe::UringConnect
+                | Probe::TcpConnects(_)
+                | Probe::TcpConnectsSpread(_) => (libc::SOCK_STREAM, 0),
+                Probe::UdpSendTo | Probe::UdpConnect | Probe::UdpBroadcast => (libc::SOCK_DGRAM, 0),
                 Probe::RawUdp => (libc::SOCK_RAW, libc::IPPROTO_UDP),
             };
             let s = libc::socket(family, kind, protocol);
@@ -840,8 +861,36 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
             }
             let to = std::ptr::from_ref(&storage).cast();
             let sent = |n: isize, want: usize| if n == want as isize { 0 } else { -1 };
+            libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::from_ref(&timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
             let rc = match probe {
                 Probe::TcpConnect => libc::connect(s, to, len),
+                Probe::TcpConnectsSpread(n) => {
+                    libc::close(s);
+                    for i in 0..n {
+                        let (at, at_len) = spread(i);
+                        let s = libc::socket(family, kind, protocol);
+                        libc::connect(s, std::ptr::from_ref(&at).cast(), at_len);
+                        libc::close(s);
+                    }
+                    0
+                }
+                Probe::UdpBroadcast => {
+                    let one: libc::c_int = 1;
+                    libc::setsockopt(
+                        s,
+                        libc::SOL_SOCKET,
+                        libc::SO_BROADCAST,
+                        std::ptr::from_ref(&one).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                    sent(libc::sendto(s, b"probe".as_ptr().cast(), 5, 0, to, len), 5)
+                }
                 Probe::TcpConnects(n) => {
                     libc::close(s);
                     for _ in 0..n {

@@ -82,6 +82,33 @@ impl Netns {
         in_netns_command(&self.name, args)
     }
 
+    /// Loads nftables `rules` (`nft -f -`) in this namespace; false when
+    /// nft is not installed (the caller says what it could not try).
+    pub fn nft(&self, rules: &str) -> bool {
+        use std::io::Write as _;
+        let Ok(mut child) = self
+            .command(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            return false;
+        };
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write the rules to nft");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft -f: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        true
+    }
+
     /// Writes a sysctl of this namespace (`net/ipv4/ip_forward`).
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{key}");

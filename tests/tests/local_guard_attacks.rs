@@ -318,3 +318,124 @@ fn an_update_that_cannot_be_applied_whole_changes_nothing() {
     );
     assert_eq!(guard.counters().unwrap().audited, 0);
 }
+
+/// Nothing waiting on `listener` (set non-blocking): no connection got in.
+fn nothing_accepted(listener: &std::net::TcpListener, what: &str) {
+    listener.set_nonblocking(true).expect("non-blocking");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("{what}: a connection reached the backend: {other:?}"),
+    }
+}
+
+#[test]
+fn nat_on_this_host_does_not_open_a_way_around() {
+    let Some(host) = Host::new() else { return };
+    let (backend, port) = dual_stack(&host);
+    let udp = host.udp_socket("0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    let udp6 = host.udp_socket("[::]:0".parse().unwrap());
+    let udp6_port = udp6.local_addr().unwrap().port();
+    // As Docker's published ports and kube-proxy do: connects to an address
+    // that is not the backend's are rewritten to it after connect() ran.
+    let rules = format!(
+        "table ip gla {{\n chain out {{\n  type nat hook output priority -100\n  \
+         tcp dport 8080 dnat to 127.0.0.1:{port}\n  udp dport 8081 dnat to 127.0.0.1:{udp_port}\n }}\n}}\n\
+         table ip6 gla6 {{\n chain out {{\n  type nat hook output priority -100\n  \
+         udp dport 8081 dnat to [::1]:{udp6_port}\n }}\n}}\n"
+    );
+    if !host.ns.nft(&rules) {
+        assert!(
+            std::env::var_os("GATEWAY_TEST_REQUIRE_KERNEL_FEATURES").is_none(),
+            "nft is packed where kernel features are required"
+        );
+        eprintln!("skipped: nft is not installed");
+        return;
+    }
+    let front = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 50), 8080));
+    let front_udp = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 50), 8081));
+    let front_udp6 = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x204, 0, 0, 0, 0, 0, 0x50), 8081));
+    host.probe(&host.other, front, Probe::TcpConnect)
+        .expect("through the DNAT rule the backend answers (the attack's premise)");
+    backend.accept().expect("it got the connection");
+    for (to, socket) in [(front_udp, &udp), (front_udp6, &udp6)] {
+        host.probe(&host.other, to, Probe::UdpSendTo)
+            .expect("the datagram is sent (the attack's premise)");
+        let mut buf = [0u8; 16];
+        socket
+            .recv_from(&mut buf)
+            .expect("and rewritten to the UDP backend");
+    }
+
+    let guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+        format!("udp:[::1]:{udp6_port}").parse().unwrap(),
+    ]));
+    let through_nat = host.probe(&host.other, front, Probe::TcpConnect);
+    assert!(
+        through_nat.is_err(),
+        "a connect rewritten to the protected backend must not get through"
+    );
+    nothing_accepted(&backend, "TCP through DNAT");
+    refused(
+        host.probe(&host.other, front_udp, Probe::UdpSendTo),
+        "UDP through DNAT",
+    );
+    refused(
+        host.probe(&host.other, front_udp6, Probe::UdpSendTo),
+        "UDP through IPv6 DNAT",
+    );
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_err(), "no datagram arrived");
+    assert!(udp6.recv_from(&mut buf).is_err(), "no datagram arrived");
+    host.probe(&host.gw, front, Probe::TcpConnect)
+        .expect("the gateway's own connect through the same rule passes");
+    host.probe(&host.gw, front_udp, Probe::UdpSendTo)
+        .expect("and its datagram");
+    assert!(udp.recv_from(&mut buf).is_ok());
+    assert!(
+        guard.counters().unwrap().refused >= 3,
+        "counted: {:?}",
+        guard.counters()
+    );
+
+    // In audit each attempt counts once, wherever it was judged: at the
+    // call (named directly) or on the way out (rewritten by NAT).
+    let mut guard = guard;
+    let mut spec = host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]);
+    spec.enforcement = Enforcement::Audit;
+    guard.update(&spec).expect("audit");
+    let before = guard.counters().unwrap().audited;
+    for (to, how) in [
+        (front_udp, Probe::UdpSendTo),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port)),
+            Probe::UdpSendTo,
+        ),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port)),
+            Probe::UdpConnect,
+        ),
+        (front, Probe::TcpConnect),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Probe::TcpConnect,
+        ),
+        (
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            Probe::TcpConnect,
+        ),
+    ] {
+        host.probe(&host.other, to, how)
+            .unwrap_or_else(|e| panic!("audit lets {how:?} to {to} through: {e}"));
+    }
+    assert_eq!(
+        guard.counters().unwrap().audited - before,
+        6,
+        "six attempts, each counted once"
+    );
+}

@@ -277,26 +277,11 @@ fn the_socket_layer_judges_paths_tc_never_sees() {
     c.ip("route add default via 10.203.0.1");
     let local = |to: Ipv4Addr| tcp_roundtrip(w.b.name(), None, SocketAddr::from((to, TCP_PORT)));
     let container = |to: Ipv4Addr| tcp_roundtrip(c.name(), None, SocketAddr::from((to, TCP_PORT)));
-    let nat = has_nft();
-    if nat {
-        // Port 8080 on the backend host forwards to the protected port:
-        // TC sees 8080, the socket gets 9000.
-        let rules = "table ip gra {\n chain pre {\n  type nat hook prerouting priority -100\n  tcp dport 8080 dnat to 10.201.0.1:9000\n }\n}\n";
-        let out =
-            w.b.command(&["nft", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut child| {
-                    use std::io::Write as _;
-                    child
-                        .stdin
-                        .take()
-                        .expect("stdin")
-                        .write_all(rules.as_bytes())?;
-                    child.wait()
-                });
-        assert!(out.is_ok_and(|s| s.success()), "nft: loading the DNAT rule");
-    }
+    // Port 8080 on the backend host forwards to the protected port: TC
+    // sees 8080, the socket gets 9000.
+    let nat = w.b.nft(
+        "table ip gra {\n chain pre {\n  type nat hook prerouting priority -100\n  tcp dport 8080 dnat to 10.201.0.1:9000\n }\n}\n",
+    );
     let via_nat = |from: Ipv4Addr| {
         tcp_roundtrip(
             w.x.name(),
@@ -334,13 +319,6 @@ fn the_socket_layer_judges_paths_tc_never_sees() {
         w.metric("gateway_guard_ingress_packets_total{layer=\"socket\",verdict=\"drop\"}") >= 4,
         "the socket layer counted its drops"
     );
-}
-
-fn has_nft() -> bool {
-    std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[test]

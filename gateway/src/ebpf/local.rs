@@ -1,6 +1,7 @@
-//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6` and the
-//! raw-socket `raw_egress` on a cgroup v2 subtree refuse to let anyone but
-//! the gateway's own cgroup reach a protected backend.
+//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6` and
+//! `local_egress` (TCP SYNs, UDP datagrams and raw sockets' packets by their
+//! final, after-NAT headers) on a cgroup v2 subtree refuse to let anyone
+//! but the gateway's own cgroup reach a protected backend.
 //!
 //! A backend on this host is protected on every local address by default:
 //! a server listening on all addresses answers on 127.0.0.2, on the host's
@@ -26,6 +27,7 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
     LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
+    local_layer,
 };
 
 use super::{
@@ -103,7 +105,10 @@ pub struct LocalGuard {
 }
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-const RAW_EGRESS: &str = "raw_egress";
+const EGRESS: &str = "local_egress";
+/// Link pins of programs earlier versions attached and this one replaces:
+/// let go once the new links are in, so there is no gap.
+const OBSOLETE_LINKS: [&str; 1] = ["raw_egress"];
 const MAPS: [&str; 11] = [
     "GUARD_COUNTERS",
     "GUARD_CONFIG",
@@ -166,9 +171,9 @@ impl LocalGuard {
                 pin_link(pin_dir, name, link.try_into())?;
             }
         }
-        let program: &mut CgroupSkb = program_mut(&mut guard.ebpf, RAW_EGRESS)?;
+        let program: &mut CgroupSkb = program_mut(&mut guard.ebpf, EGRESS)?;
         let failed = |source| EbpfError::Program {
-            name: RAW_EGRESS,
+            name: EGRESS,
             source,
         };
         program.load().map_err(failed)?;
@@ -181,7 +186,10 @@ impl LocalGuard {
             .map_err(failed)?;
         if let Some(pin_dir) = &spec.pin_dir {
             let link = program.take_link(link).map_err(failed)?;
-            pin_link(pin_dir, RAW_EGRESS, link.try_into())?;
+            pin_link(pin_dir, EGRESS, link.try_into())?;
+            for name in OBSOLETE_LINKS {
+                remove_links(pin_dir, name, None);
+            }
         }
         Ok(guard)
     }
@@ -590,15 +598,20 @@ fn pin_link(
     let ours = pin_dir.join(format!("link-{name}-{}", std::process::id()));
     let _ = std::fs::remove_file(&ours);
     link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
+    remove_links(pin_dir, name, Some(&ours));
+    Ok(())
+}
+
+/// Removes the link pins of program `name` in `pin_dir` but `keep`: the
+/// last reference to an old link, so removing it detaches it.
+fn remove_links(pin_dir: &Path, name: &str, keep: Option<&Path>) {
     let prefix = format!("link-{name}-");
     for old in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
         let path = old.path();
-        if old.file_name().to_string_lossy().starts_with(&prefix) && path != ours {
-            // The last reference to an old link: removing it detaches it.
+        if old.file_name().to_string_lossy().starts_with(&prefix) && Some(path.as_path()) != keep {
             let _ = std::fs::remove_file(&path);
         }
     }
-    Ok(())
 }
 
 /// A map of `ebpf` by name, as the type `T` reads it.
@@ -661,6 +674,7 @@ pub struct LocalAttempts {
 /// Who tried to reach a protected backend around the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BypassAttempt {
+    /// 0 for a packet (no task could be asked).
     pub pid: u32,
     pub uid: u32,
     pub cgroup: u64,
@@ -669,6 +683,12 @@ pub struct BypassAttempt {
     pub protocol: Protocol,
     /// Let through because enforcement is audit (else refused with EPERM).
     pub audited: bool,
+    /// Where it was judged: "call" (connect/sendmsg), "egress" (a packet
+    /// on its way out, after NAT), "raw" (a raw socket's packet) or
+    /// "ingress" (a packet arriving from outside this host's sockets).
+    pub layer: &'static str,
+    /// Where an arriving packet came from (ingress only).
+    pub source: Option<SocketAddr>,
 }
 
 fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
@@ -678,11 +698,13 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
     // SAFETY: the length is checked above, BypassEvent is plain old data
     // (every bit pattern valid) and read_unaligned needs no alignment.
     let e: BypassEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let port = u16::from_be(e.port);
-    let destination = if e.family == 4 {
-        SocketAddr::from((std::net::Ipv4Addr::from(e.addr[0].to_ne_bytes()), port))
-    } else {
-        SocketAddr::from((words_to_v6(e.addr), port))
+    let at = |words: [u32; 4], port: u16| {
+        let port = u16::from_be(port);
+        if e.family == 4 {
+            SocketAddr::from((std::net::Ipv4Addr::from(words[0].to_ne_bytes()), port))
+        } else {
+            SocketAddr::from((words_to_v6(words), port))
+        }
     };
     let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
     Some(BypassAttempt {
@@ -690,9 +712,16 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
         uid: e.uid,
         cgroup: e.cgroup,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
-        destination,
+        destination: at(e.addr, e.port),
         protocol: Protocol::from_number(e.protocol).unwrap_or(Protocol::Tcp),
         audited: e.audited != 0,
+        layer: match e.layer {
+            local_layer::EGRESS => "egress",
+            local_layer::RAW => "raw",
+            local_layer::INGRESS => "ingress",
+            _ => "call",
+        },
+        source: (e.layer == local_layer::INGRESS).then(|| at(e.source, e.source_port)),
     })
 }
 
