@@ -87,6 +87,11 @@ struct GuardStats {
     /// Addresses a hostname backend resolved to at connect time that had
     /// to be protected first.
     resolved: AtomicU64,
+    /// Programs found detached and attached again, pins found removed and
+    /// put back.
+    repairs: AtomicU64,
+    /// Looks at the attachments that could not be made.
+    check_failures: AtomicU64,
 }
 
 /// Protects what a hostname backend resolved to, unless it already is.
@@ -238,6 +243,11 @@ impl Guard {
         ));
         let summaries = tokio::sync::broadcast::channel(16).0;
         let running = Arc::new(Mutex::new(running));
+        tokio::spawn(watch_attachment(
+            running.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(follow_addresses(
             address_changes,
             running.clone(),
@@ -365,6 +375,18 @@ impl Guard {
             "gateway_guard_cgroup_intruders_total",
             "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
             &[(String::new(), load(&self.stats.intruders))],
+        );
+        counter(
+            out,
+            "gateway_guard_repairs_total",
+            "Guard programs found detached and attached again, and link pins found removed and put back.",
+            &[(String::new(), load(&self.stats.repairs))],
+        );
+        counter(
+            out,
+            "gateway_guard_check_failures_total",
+            "Looks at the guard's attachments that could not be made (each is logged; the next look tries again).",
+            &[(String::new(), load(&self.stats.check_failures))],
         );
         counter(
             out,
@@ -673,6 +695,41 @@ async fn watch_cgroup(
         }
         // Forget the ones that left, so a pid used again is seen again.
         alerted = now;
+    }
+}
+
+/// How often the guard looks whether its programs are still attached and
+/// its links still pinned.
+const ATTACHMENT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Looks every [`ATTACHMENT_CHECK`] whether every program is still
+/// attached and every link still pinned, and puts right what is not: the
+/// guard holds its links, so a removed pin never detaches them while it
+/// runs, but after it exits the pins are all that keeps protection.
+async fn watch_attachment(
+    running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ATTACHMENT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match lock(&running).local.check_attachment() {
+            Ok(repairs) => {
+                for repair in repairs {
+                    stats.repairs.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%repair, "guard: an attachment was undone behind its back; put right");
+                }
+            }
+            Err(e) => {
+                stats.check_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "guard: cannot look whether its programs are still attached; trying again");
+            }
+        }
     }
 }
 

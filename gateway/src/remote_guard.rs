@@ -314,6 +314,18 @@ fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
     );
     counter(
         &mut out,
+        "gateway_guard_repairs_total",
+        "Layers found detached and attached again, and link pins found removed and put back.",
+        &[(String::new(), stats.repairs.load(Relaxed))],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_reconcile_failures_total",
+        "Looks at the interfaces and attachments that failed (each is logged; the next look tries again).",
+        &[(String::new(), stats.reconcile_failures.load(Relaxed))],
+    );
+    counter(
+        &mut out,
         "gateway_guard_bypass_sources_total",
         "Bypass sources (per source, port and summary period) the guard tallied.",
         &[(String::new(), stats.sources.load(Relaxed))],
@@ -331,6 +343,10 @@ struct RunStats {
     reattached: std::sync::atomic::AtomicU64,
     /// Distinct (source, port) pairs seen in the tallies.
     sources: std::sync::atomic::AtomicU64,
+    /// Detached layers attached again, removed pins put back.
+    repairs: std::sync::atomic::AtomicU64,
+    /// Looks at the interfaces and attachments that failed.
+    reconcile_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Sources named per summary line (`10.0.2.7×3 10.0.2.9×1 …`): every
@@ -390,6 +406,34 @@ fn log_changes(changes: &[InterfaceChange], stats: &RunStats) {
                 interface = %interface,
                 "guard: another TCX program now runs before the guard; what it passes with TC_ACT_OK skips the TC layer"
             ),
+            InterfaceChange::SocketLayerReattached => {
+                stats
+                    .repairs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    "guard: the socket layer had been detached from its cgroup; attached again"
+                );
+            }
+            InterfaceChange::Repinned { link } => {
+                stats
+                    .repairs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(link = %link, "guard: a link's pin was removed or replaced; pinned again (the guard held the link meanwhile)");
+            }
+        }
+    }
+}
+
+/// Looks at the interfaces and attachments again; a look that fails is
+/// logged and counted, and the next one (at most 5 s later) tries again.
+fn reconcile(guard: &Mutex<RemoteGuard>, stats: &RunStats) {
+    match lock(guard).reconcile() {
+        Ok(changes) => log_changes(&changes, stats),
+        Err(e) => {
+            stats
+                .reconcile_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(error = %e, "guard: looking at the interfaces and attachments failed; trying again within 5s");
         }
     }
 }
@@ -478,15 +522,9 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                     tracing::error!(error = %e, "guard: interface notifications failed; looking every 5s instead");
                     links_watched = false;
                 }
-                match lock(&guard).reconcile() {
-                    Ok(changes) => log_changes(&changes, &stats),
-                    Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
-                }
+                reconcile(&guard, &stats);
             }
-            _ = look_again.tick() => match lock(&guard).reconcile() {
-                Ok(changes) => log_changes(&changes, &stats),
-                Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
-            },
+            _ = look_again.tick() => reconcile(&guard, &stats),
             _ = summary.tick() => match lock(&guard).take_tallies() {
                 Ok(tallies) => {
                     stats.sources.fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);

@@ -82,3 +82,31 @@ pub fn enable_run_time_stats() -> std::io::Result<OwnedFd> {
     let mut attr = [0u8; 128];
     bpf(BPF_ENABLE_STATS, &mut attr)
 }
+
+/// Detaches the BPF link pinned at `pin` (BPF_LINK_DETACH, as root or
+/// CAP_NET_ADMIN could): the program leaves its hook though the link and
+/// its pin stay.
+pub fn detach_pinned_link(pin: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: i64 = 7;
+    const BPF_LINK_DETACH: i64 = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let link = bpf(BPF_OBJ_GET, &mut attr)?;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -634,3 +634,52 @@ async fn a_flood_of_connects_does_not_hide_another_process() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_program_or_a_removed_pin_is_put_back() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let bypass = || connect_from(&cg.path("other"), backend.addr);
+    bypass().expect_err("protected");
+    let pin = |program: &str| {
+        std::fs::read_dir(&cg.pins)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("link-{program}-"))
+            })
+            .unwrap_or_else(|| panic!("a pinned {program} link"))
+    };
+    // Whoever can (root, CAP_NET_ADMIN): both programs that judge a TCP
+    // connect are taken off their hook, and another link loses its pin.
+    for program in ["connect4", "local_egress"] {
+        gateway_tests::bpf::detach_pinned_link(&pin(program)).expect("detach");
+    }
+    let unpinned = pin("sendmsg4");
+    std::fs::remove_file(&unpinned).unwrap();
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        let metrics = gw.scrape().await;
+        if metrics.contains("gateway_guard_repairs_total 3") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the guard puts back what was undone within {STEP:?}:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let err = bypass().expect_err("attached again");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(unpinned.exists(), "pinned again");
+}

@@ -439,3 +439,193 @@ fn nat_on_this_host_does_not_open_a_way_around() {
         "six attempts, each counted once"
     );
 }
+
+/// `mkdir path` (mode 0755) by uid and gid 65534 ("nobody"), as any local
+/// user could where the parent is world-writable.
+fn mkdir_as_nobody(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let at = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: the child only makes raw system calls on data prepared before
+    // the fork, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                libc::_exit(100);
+            }
+            libc::_exit(if libc::mkdir(at.as_ptr(), 0o755) == 0 {
+                0
+            } else {
+                101
+            });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child just forked.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "nobody could not mkdir {} (the attack's premise: a world-writable bpffs)",
+        path.display()
+    );
+}
+
+/// Removes a directory a test made in bpffs, even when the test fails.
+struct Gone(PathBuf);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_pin_dir_anyone_else_could_write_is_refused() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let Some(host) = Host::new() else { return };
+    let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = backend.local_addr().unwrap();
+    let root = std::path::Path::new("/sys/fs/bpf");
+    // Mounted by the guard itself if nothing is there yet.
+    let first = Pins::new("gateway-test-mount-");
+    let _first = host.install(&GuardSpec {
+        pin_dir: Some(first.0.clone()),
+        ..host.spec(vec![at.into()])
+    });
+    let world_writable = std::fs::metadata(root).unwrap().mode() & 0o002 != 0;
+    drop(_first);
+    let refused_dir = |dir: &std::path::Path, why: &str| {
+        let mut spec = host.spec(vec![at.into()]);
+        spec.pin_dir = Some(dir.to_owned());
+        match LocalGuard::install(&host.cg.path(), &spec) {
+            Err(EbpfError::UnsafePinDir { .. }) => {}
+            Err(e) => panic!("{why}: refused for the wrong reason: {e}"),
+            Ok(_) => panic!("{why}: a guard pinned where someone else can remove its pins"),
+        }
+    };
+
+    if world_writable {
+        // The review's attack: a local user makes the pin directory first.
+        let owned = Gone(root.join(unique("gateway-test-nobody-")));
+        mkdir_as_nobody(&owned.0);
+        refused_dir(&owned.0, "a pin_dir owned by another user");
+    } else {
+        eprintln!(
+            "note: /sys/fs/bpf is not world-writable here; the other-user case was not tried"
+        );
+    }
+    let open = Gone(root.join(unique("gateway-test-open-")));
+    std::fs::create_dir(&open.0).unwrap();
+    std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused_dir(&open.0, "a group- and world-writable pin_dir");
+    let real = Gone(root.join(unique("gateway-test-real-")));
+    std::fs::create_dir(&real.0).unwrap();
+    let link = Gone(root.join(unique("gateway-test-link-")));
+    std::os::unix::fs::symlink(&real.0, &link.0).unwrap();
+    refused_dir(&link.0, "a pin_dir that is a symlink");
+    refused_dir(&link.0.join("below"), "a pin_dir below a symlink");
+
+    // One the guard makes itself is its own, and nobody else's to write.
+    let pins = Pins::new("gateway-test-own-");
+    let mut spec = host.spec(vec![at.into()]);
+    spec.pin_dir = Some(pins.0.clone());
+    let _guard = host.install(&spec);
+    let meta = std::fs::metadata(&pins.0).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+}
+
+#[test]
+fn a_guard_keeps_its_programs_attached_when_its_pins_are_removed() {
+    let Some(host) = Host::new() else { return };
+    let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = backend.local_addr().unwrap();
+    let pins = Pins::new("gateway-test-keep-");
+    let mut spec = host.spec(vec![at.into()]);
+    spec.pin_dir = Some(pins.0.clone());
+    let mut guard = host.install(&spec);
+    let links = || -> Vec<PathBuf> {
+        std::fs::read_dir(&pins.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("link-")
+            })
+            .collect()
+    };
+    let pinned = links();
+    assert_eq!(pinned.len(), 5, "{pinned:?}");
+    // Whoever could: the pins were the only reference to the links.
+    for p in &pinned {
+        std::fs::remove_file(p).unwrap();
+    }
+    refused(
+        host.probe(&host.other, at, Probe::TcpConnect),
+        "the guard holds its links while it runs",
+    );
+    let repairs = guard.check_attachment().expect("look at the attachments");
+    assert_eq!(
+        repairs.len(),
+        5,
+        "every missing pin is put back: {repairs:?}"
+    );
+    let mut again = links();
+    again.sort();
+    let mut pinned = pinned;
+    pinned.sort();
+    assert_eq!(again, pinned);
+    assert!(
+        guard.check_attachment().unwrap().is_empty(),
+        "nothing more to repair"
+    );
+    // The pins hold them again after the guard is gone.
+    drop(guard);
+    refused(
+        host.probe(&host.other, at, Probe::TcpConnect),
+        "pinned protection outlives the guard",
+    );
+}
+
+#[test]
+fn bpffs_the_guard_mounts_is_root_s_alone() {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(host) = Host::new() else { return };
+    let at = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = at.local_addr().unwrap();
+    let mode = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // A mount namespace of this thread's own, without bpffs: as a
+                // host where nothing mounted it yet.
+                // SAFETY: unshare, mount and umount2 on valid NUL-terminated
+                // strings; they change only this thread's view.
+                unsafe {
+                    assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+                    assert_eq!(
+                        libc::mount(
+                            std::ptr::null(),
+                            c"/".as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_REC | libc::MS_PRIVATE,
+                            std::ptr::null()
+                        ),
+                        0
+                    );
+                    while libc::umount2(c"/sys/fs/bpf".as_ptr(), libc::MNT_DETACH) == 0 {}
+                }
+                let mut spec = host.spec(vec![at.into()]);
+                spec.pin_dir = Some(PathBuf::from("/sys/fs/bpf/gateway"));
+                let _guard = host.install(&spec);
+                std::fs::metadata("/sys/fs/bpf").expect("mounted").mode() & 0o777
+            })
+            .join()
+            .expect("thread")
+    });
+    assert_eq!(mode, 0o700, "only root may make directories in it");
+}

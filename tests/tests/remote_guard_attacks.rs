@@ -472,3 +472,49 @@ fn a_second_guard_on_the_same_pin_dir_is_refused() {
     w.tcp_from(STRANGER)
         .expect_err("the first guard's rules are untouched");
 }
+
+#[test]
+fn a_detached_layer_or_a_removed_pin_is_put_back() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((Ipv6Addr::UNSPECIFIED, TCP_PORT)));
+    let mut guard = w.start_guard(&["b0"], true, "guard.log");
+    let local = || tcp_roundtrip(w.b.name(), None, SocketAddr::from((BACKEND, TCP_PORT)));
+    local().expect_err("the socket layer drops a local stranger");
+    let pins: Vec<std::path::PathBuf> = std::fs::read_dir(&w.pins.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let socket_pin = pins
+        .iter()
+        .find(|p| p.to_string_lossy().contains("link-sock_ingress-"))
+        .expect("the socket layer's link is pinned")
+        .clone();
+    // Whoever can: the socket layer is taken off its cgroup, and on TCX
+    // kernels the interface's link loses its pin.
+    gateway_tests::bpf::detach_pinned_link(&socket_pin).expect("detach");
+    let tcx_pin = w.pins.0.join("link-ingress-b0");
+    let expected = if has_tcx() {
+        std::fs::remove_file(&tcx_pin).expect("remove the TCX pin");
+        2
+    } else {
+        1
+    };
+    guard.wait_for("guard: the socket layer had been detached", 1);
+    let until = Instant::now() + STEP;
+    while w.metric("gateway_guard_repairs_total") < expected {
+        assert!(
+            Instant::now() < until,
+            "repaired within {STEP:?}:\n{}",
+            guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    local().expect_err("judged at the socket again");
+    if has_tcx() {
+        assert!(tcx_pin.exists(), "pinned again");
+        w.tcp_from(STRANGER)
+            .expect_err("TC still drops the stranger");
+    }
+    w.tcp_from(GATEWAY).expect("the gateway passes");
+}

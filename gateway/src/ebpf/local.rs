@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as AyaHashMap, MapData};
+use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
@@ -31,8 +32,9 @@ use gateway_common::{
 };
 
 use super::{
-    EbpfError, Enforcement, Events, PinDirLock, Protected, Protocol, Target, loader_with_pins,
-    lock_pin_dir, object, per_cpu_sum, pin_failed, program_mut, take_tallies,
+    EbpfError, Enforcement, Events, HeldLink, PinDirLock, Protected, Protocol, Target,
+    attached_programs, loader_with_pins, lock_pin_dir, object, per_cpu_sum, program_mut,
+    take_tallies,
 };
 
 /// What the local guard protects, and for whom.
@@ -101,10 +103,50 @@ pub struct LocalGuard {
     /// removed by the first update, after the new ones are in.
     foreign_v4: Vec<BackendV4>,
     foreign_v6: Vec<BackendV6>,
+    /// The cgroup subtree the programs are attached to.
+    attach_to: PathBuf,
+    pin_dir: Option<PathBuf>,
+    /// Pinned: each program's link, held open while the guard runs.
+    held: HashMap<&'static str, HeldLink>,
     _lock: Option<PinDirLock>,
 }
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// What [`LocalGuard::check_attachment`] found wrong and put right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// The program was no longer attached: attached again.
+    Reattached(&'static str),
+    /// Its link's pin was gone or replaced: pinned again.
+    Repinned(&'static str),
+}
+
+impl std::fmt::Display for Repair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Repair::Reattached(p) => write!(f, "program {p} was detached; attached again"),
+            Repair::Repinned(p) => {
+                write!(f, "the pin of program {p}'s link was removed; pinned again")
+            }
+        }
+    }
+}
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy)]
+enum Hook {
+    SockAddr,
+    Skb(CgroupSkbAttachType),
+}
+
+/// The programs, their hook, and the `bpf_attach_type` BPF_PROG_QUERY
+/// lists them under.
+const PROGRAMS: [(&str, Hook, u32); 5] = [
+    ("connect4", Hook::SockAddr, 10),
+    ("connect6", Hook::SockAddr, 11),
+    ("sendmsg4", Hook::SockAddr, 14),
+    ("sendmsg6", Hook::SockAddr, 15),
+    (EGRESS, Hook::Skb(CgroupSkbAttachType::Egress), 1),
+];
 const EGRESS: &str = "local_egress";
 /// Link pins of programs earlier versions attached and this one replaces:
 /// let go once the new links are in, so there is no gap.
@@ -150,48 +192,103 @@ impl LocalGuard {
             local_addresses: HashSet::new(),
             foreign_v4: Vec::new(),
             foreign_v6: Vec::new(),
+            attach_to: attach_to.to_owned(),
+            pin_dir: spec.pin_dir.clone(),
+            held: HashMap::new(),
             _lock: lock,
         };
         guard.adopt_existing_rules()?;
         guard.update(spec)?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = program_mut(&mut guard.ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-            // Single: on kernels with BPF links (5.7+) aya attaches by link,
-            // which never displaces other programs and refuses ALLOW_MULTI.
-            let link = program
-                .attach(open_cgroup(attach_to)?, CgroupAttachMode::Single)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            if let Some(pin_dir) = &spec.pin_dir {
-                let link = program
-                    .take_link(link)
-                    .map_err(|source| EbpfError::Program { name, source })?;
-                pin_link(pin_dir, name, link.try_into())?;
+        for (name, hook, _) in PROGRAMS {
+            let failed = |source| EbpfError::Program { name, source };
+            match hook {
+                Hook::SockAddr => program_mut::<CgroupSockAddr>(&mut guard.ebpf, name)?
+                    .load()
+                    .map_err(failed)?,
+                Hook::Skb(_) => program_mut::<CgroupSkb>(&mut guard.ebpf, name)?
+                    .load()
+                    .map_err(failed)?,
             }
         }
-        let program: &mut CgroupSkb = program_mut(&mut guard.ebpf, EGRESS)?;
-        let failed = |source| EbpfError::Program {
-            name: EGRESS,
-            source,
-        };
-        program.load().map_err(failed)?;
-        let link = program
-            .attach(
-                open_cgroup(attach_to)?,
-                CgroupSkbAttachType::Egress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(failed)?;
+        for (name, hook, _) in PROGRAMS {
+            guard.attach(name, hook)?;
+        }
         if let Some(pin_dir) = &spec.pin_dir {
-            let link = program.take_link(link).map_err(failed)?;
-            pin_link(pin_dir, EGRESS, link.try_into())?;
             for name in OBSOLETE_LINKS {
                 remove_links(pin_dir, name, None);
             }
         }
         Ok(guard)
+    }
+
+    /// Attaches program `name` to the subtree; pinned, pins its link and
+    /// holds it, then lets go of any a previous gateway pinned for it: both
+    /// judge in between, so there is no gap.
+    fn attach(&mut self, name: &'static str, hook: Hook) -> Result<(), EbpfError> {
+        let failed = |source| EbpfError::Program { name, source };
+        let cgroup = open_cgroup(&self.attach_to)?;
+        let pinned = self.pin_dir.is_some();
+        // Single: on kernels with BPF links (5.7+) aya attaches by link,
+        // which never displaces other programs and refuses ALLOW_MULTI.
+        let link: Option<Result<FdLink, LinkError>> = match hook {
+            Hook::SockAddr => {
+                let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(failed)?;
+                pinned
+                    .then(|| program.take_link(id).map(TryInto::try_into))
+                    .transpose()
+                    .map_err(failed)?
+            }
+            Hook::Skb(kind) => {
+                let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
+                let id = program
+                    .attach(cgroup, kind, CgroupAttachMode::Single)
+                    .map_err(failed)?;
+                pinned
+                    .then(|| program.take_link(id).map(TryInto::try_into))
+                    .transpose()
+                    .map_err(failed)?
+            }
+        };
+        if let (Some(link), Some(pin_dir)) = (link, &self.pin_dir) {
+            let link = link.map_err(|e| EbpfError::Pin {
+                path: pin_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let path = pin_dir.join(format!("link-{name}-{}", std::process::id()));
+            let held = HeldLink::pin(link, path)?;
+            remove_links(pin_dir, name, Some(&held.path));
+            self.held.insert(name, held);
+        }
+        Ok(())
+    }
+
+    /// Looks whether every program is still attached and, pinned, every
+    /// link still pinned; puts right what is not and says what it did.
+    pub fn check_attachment(&mut self) -> Result<Vec<Repair>, EbpfError> {
+        let mut repairs = Vec::new();
+        for (name, hook, attach_type) in PROGRAMS {
+            let ours = self
+                .ebpf
+                .program(name)
+                .ok_or(EbpfError::MissingProgram(name))?
+                .info()
+                .map_err(|source| EbpfError::Program { name, source })?
+                .id();
+            if !attached_programs(&self.attach_to, attach_type)?.contains(&ours) {
+                self.attach(name, hook)?;
+                repairs.push(Repair::Reattached(name));
+                continue;
+            }
+            if let Some(held) = self.held.get_mut(name)
+                && held.check()?
+            {
+                repairs.push(Repair::Repinned(name));
+            }
+        }
+        Ok(repairs)
     }
 
     /// Takes over what a previous gateway left in pinned maps, so stale
@@ -582,24 +679,6 @@ fn open_cgroup(dir: &Path) -> Result<std::fs::File, EbpfError> {
         path: dir.to_owned(),
         source,
     })
-}
-
-/// Pins a program's new link, then lets go of any a previous gateway
-/// pinned for it: both refuse in between, so there is no gap.
-fn pin_link(
-    pin_dir: &Path,
-    name: &str,
-    link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
-) -> Result<(), EbpfError> {
-    let link = link.map_err(|e| EbpfError::Pin {
-        path: pin_dir.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let ours = pin_dir.join(format!("link-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ours);
-    link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
-    remove_links(pin_dir, name, Some(&ours));
-    Ok(())
 }
 
 /// Removes the link pins of program `name` in `pin_dir` but `keep`: the
