@@ -10,7 +10,7 @@
 //! or pin directory, a rule set the maps cannot hold) is refused and the
 //! guard stays exactly as it was.
 
-use std::net::{IpAddr, ToSocketAddrs as _};
+use std::net::ToSocketAddrs as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -165,8 +165,9 @@ fn enforcement_name(e: GuardEnforcement) -> &'static str {
     }
 }
 
-/// This host's addresses, for the local-address maps.
-fn host_addresses() -> Result<Vec<IpAddr>, GuardError> {
+/// What this host's local routing table delivers here, for the
+/// local-address maps.
+fn host_addresses() -> Result<Vec<ipnet::IpNet>, GuardError> {
     crate::netlink::local_addresses().map_err(GuardError::Addresses)
 }
 

@@ -45,6 +45,13 @@ impl Host {
         Some(Host { ns, cg, gw, other })
     }
 
+    /// What the gateway reads as this host's addresses, in the namespace.
+    fn local_addresses(&self) -> Vec<ipnet::IpNet> {
+        self.ns
+            .run(gateway::netlink::local_addresses)
+            .expect("this host's addresses")
+    }
+
     fn spec(&self, protected: Vec<Protected>) -> GuardSpec {
         GuardSpec {
             protected,
@@ -52,7 +59,7 @@ impl Host {
             gateway_uid: None,
             enforcement: Enforcement::Enforce,
             pin_dir: None,
-            local_addresses: vec![HOST_V4.into(), HOST_V6.into()],
+            local_addresses: self.local_addresses(),
             every_local_address: true,
         }
     }
@@ -133,10 +140,10 @@ fn a_local_backend_is_guarded_on_every_local_address() {
     host.probe(&host.gw, at(HOST_V4.into()), Probe::TcpConnect)
         .expect("the gateway reaches it on any of them");
 
-    // An address the host gains is one more way in, once the gateway says so.
+    // An address the host gains is one more way in, once the gateway reads it.
     host.ns.ip("addr add 10.204.0.7/24 dev v0");
     let gained = at(Ipv4Addr::new(10, 204, 0, 7).into());
-    spec.local_addresses.push(gained.ip());
+    spec.local_addresses = host.local_addresses();
     guard.update(&spec).expect("update");
     refused(
         host.probe(&host.other, gained, Probe::TcpConnect),
@@ -628,4 +635,69 @@ fn bpffs_the_guard_mounts_is_root_s_alone() {
             .expect("thread")
     });
     assert_eq!(mode, 0o700, "only root may make directories in it");
+}
+
+#[test]
+fn every_address_the_routing_table_calls_local_is_guarded() {
+    let Some(host) = Host::new() else { return };
+    let (_tcp, port) = dual_stack(&host);
+    let udp = host.udp_socket("0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    let udp6 = host.udp_socket("[::]:0".parse().unwrap());
+    let udp6_port = udp6.local_addr().unwrap().port();
+    // Local addresses no interface lists: AnyIP routes (a whole prefix is
+    // this host), the IPv6 subnet-router anycast address a router answers,
+    // and the subnet broadcast address (the veth's address has no `brd`).
+    host.ns.ip("route add local 10.206.0.0/24 dev lo");
+    host.ns.ip("-6 route add local fd00:206::/64 dev lo");
+    host.ns.sysctl("net/ipv6/conf/all/forwarding", "1");
+    let anyip = SocketAddr::from((Ipv4Addr::new(10, 206, 0, 9), port));
+    let anyip6 = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x206, 0, 0, 0, 0, 0, 9), port));
+    let broadcast = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 255), udp_port));
+    let anycast = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x204, 0, 0, 0, 0, 0, 0), udp6_port));
+    let attempts = [
+        (anyip, Probe::TcpConnect),
+        (anyip6, Probe::TcpConnect),
+        (broadcast, Probe::UdpBroadcast),
+        (anycast, Probe::UdpSendTo),
+    ];
+    let until = std::time::Instant::now() + gateway_tests::STEP;
+    for (to, how) in attempts {
+        // The anycast address appears once forwarding is on (DAD-free, but
+        // not at once).
+        loop {
+            match host.probe(&host.other, to, how) {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < until => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{how:?} to {to} reaches the backend (the attack's premise): {e}"),
+            }
+        }
+    }
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_ok(), "the broadcast arrived");
+    assert!(
+        udp6.recv_from(&mut buf).is_ok(),
+        "the anycast datagram arrived"
+    );
+
+    let guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+        format!("udp:[::1]:{udp6_port}").parse().unwrap(),
+    ]));
+    for (to, how) in attempts {
+        refused(
+            host.probe(&host.other, to, how),
+            &format!("{how:?} to {to}"),
+        );
+    }
+    assert!(udp.recv_from(&mut buf).is_err(), "no broadcast arrived");
+    assert!(
+        udp6.recv_from(&mut buf).is_err(),
+        "no anycast datagram arrived"
+    );
+    assert_eq!(guard.counters().unwrap().refused, attempts.len() as u64);
 }

@@ -20,6 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as AyaHashMap, MapData};
@@ -52,10 +54,11 @@ pub struct GuardSpec {
     /// gateway's exit and a restart takes over the same maps. None: the
     /// programs detach when the guard is dropped.
     pub pin_dir: Option<PathBuf>,
-    /// This host's addresses besides loopback (subnet broadcast addresses
-    /// too): a backend at one of them is on this host, and each is a way to
-    /// reach such a backend.
-    pub local_addresses: Vec<IpAddr>,
+    /// What this host's local routing table delivers here, as prefixes
+    /// (its addresses, subnet broadcast and anycast addresses, AnyIP
+    /// routes): a backend at one of them is on this host, and each is a way
+    /// to reach such a backend. Loopback is always this host.
+    pub local_addresses: Vec<IpNet>,
     /// A backend on this host is protected on every local address. False:
     /// only on the address named (and the wildcard and broadcast addresses,
     /// which can land on it).
@@ -98,7 +101,7 @@ pub struct LocalGuard {
     /// What the local-port map holds: counter index (and flag) per port.
     local_ports: HashMap<(Protocol, u16), u32>,
     /// What the local-address tries hold.
-    local_addresses: HashSet<IpAddr>,
+    local_addresses: HashSet<IpNet>,
     /// Entries a previous version left with a key this one does not read:
     /// removed by the first update, after the new ones are in.
     foreign_v4: Vec<BackendV4>,
@@ -171,7 +174,7 @@ enum Write {
     V4(BackendV4, Option<u32>),
     V6(BackendV6, Option<u32>),
     Port(LocalPort, Option<u32>),
-    Address(IpAddr, bool),
+    Address(IpNet, bool),
     Config(GuardConfig),
 }
 
@@ -341,7 +344,8 @@ impl LocalGuard {
                 name: "LOCAL_V4",
                 source,
             })?;
-            self.local_addresses.insert(IpAddr::from(key.data()));
+            self.local_addresses
+                .extend(prefix(key.data(), key.prefix_len()));
         }
         let v6: LpmTrie<_, [u8; 16], u8> = typed(&self.ebpf, "LOCAL_V6")?;
         for key in v6.keys() {
@@ -349,7 +353,8 @@ impl LocalGuard {
                 name: "LOCAL_V6",
                 source,
             })?;
-            self.local_addresses.insert(IpAddr::from(key.data()));
+            self.local_addresses
+                .extend(prefix(key.data(), key.prefix_len()));
         }
         self.foreign_v4 = foreign_v4;
         self.foreign_v6 = foreign_v6;
@@ -381,16 +386,21 @@ impl LocalGuard {
                 return Err(EbpfError::TooManyRules(MAX_PROTECTED_PORTS));
             }
         }
-        let addresses: HashSet<IpAddr> = spec
+        // Loopback is judged without a lookup.
+        let loopback: [IpNet; 2] = [
+            IpNet::new(IpAddr::from([127, 0, 0, 0]), 8).expect("a valid prefix"),
+            IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ];
+        let addresses: HashSet<IpNet> = spec
             .local_addresses
             .iter()
-            .map(|a| a.to_canonical())
-            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .map(IpNet::trunc)
+            .filter(|n| !loopback.iter().any(|l| l.contains(n)))
             .collect();
         for v6 in [false, true] {
             let during = addresses
                 .union(&self.local_addresses)
-                .filter(|a| a.is_ipv6() == v6)
+                .filter(|a| a.addr().is_ipv6() == v6)
                 .count();
             if during > MAX_LOCAL_ADDRESSES as usize {
                 return Err(EbpfError::TooManyRules(MAX_LOCAL_ADDRESSES));
@@ -407,7 +417,9 @@ impl LocalGuard {
         for rule in &rules {
             let id = ids[rule];
             let ip = rule.ip.to_canonical();
-            let local = ip.is_loopback() || ip.is_unspecified() || addresses.contains(&ip);
+            let local = ip.is_loopback()
+                || ip.is_unspecified()
+                || addresses.iter().any(|n| n.contains(&ip));
             let counter = if rule.ip.is_ipv4() {
                 id
             } else {
@@ -538,12 +550,13 @@ impl LocalGuard {
                     .map_err(|source| EbpfError::Map { name, source })?;
                 Ok(Write::Port(key, previous))
             }
-            Write::Address(address, add) => {
-                match address {
+            Write::Address(net, add) => {
+                let prefix = u32::from(net.prefix_len());
+                match net.addr() {
                     IpAddr::V4(a) => {
                         let name = "LOCAL_V4";
                         let mut trie: LpmTrie<_, [u8; 4], u8> = typed_mut(&mut self.ebpf, name)?;
-                        let key = Key::new(32, a.octets());
+                        let key = Key::new(prefix, a.octets());
                         if add {
                             trie.insert(&key, 1, 0)
                         } else {
@@ -554,7 +567,7 @@ impl LocalGuard {
                     IpAddr::V6(a) => {
                         let name = "LOCAL_V6";
                         let mut trie: LpmTrie<_, [u8; 16], u8> = typed_mut(&mut self.ebpf, name)?;
-                        let key = Key::new(128, a.octets());
+                        let key = Key::new(prefix, a.octets());
                         if add {
                             trie.insert(&key, 1, 0)
                         } else {
@@ -563,7 +576,7 @@ impl LocalGuard {
                         .map_err(|source| EbpfError::Map { name, source })?;
                     }
                 }
-                Ok(Write::Address(address, !add))
+                Ok(Write::Address(net, !add))
             }
             Write::Config(config) => {
                 let name = "GUARD_CONFIG";
@@ -600,7 +613,7 @@ impl LocalGuard {
             IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),
             IpAddr::V6(a) => a.is_multicast(),
         };
-        let local = ip.is_loopback() || self.local_addresses.contains(&ip);
+        let local = ip.is_loopback() || self.local_addresses.iter().any(|n| n.contains(&ip));
         self.local_ports
             .get(&(protocol, peer.port()))
             .is_some_and(|v| anywhere_here || (local && v & EVERY_LOCAL_ADDRESS != 0))
@@ -679,6 +692,14 @@ fn open_cgroup(dir: &Path) -> Result<std::fs::File, EbpfError> {
         path: dir.to_owned(),
         source,
     })
+}
+
+/// The prefix an LPM trie key names.
+fn prefix<const N: usize>(data: [u8; N], len: u32) -> Option<IpNet>
+where
+    IpAddr: From<[u8; N]>,
+{
+    IpNet::new(IpAddr::from(data), u8::try_from(len).ok()?).ok()
 }
 
 /// Removes the link pins of program `name` in `pin_dir` but `keep`: the
