@@ -231,6 +231,18 @@ fn rule_v6(addr: [u32; 4], port: u16, protocol: u8) -> Option<u32> {
     None
 }
 
+/// Whether `port` (network byte order) and `protocol` are a local
+/// backend's.
+pub fn local_port_known(port: u16, protocol: u8) -> bool {
+    let key = LocalPort {
+        port,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: only presence is read.
+    unsafe { LOCAL_PORTS.get(&key) }.is_some()
+}
+
 /// A local address with a port of a backend on this host: judged when the
 /// rule covers every local address, or when the address is one that lands
 /// on any of them (`anywhere_here`).

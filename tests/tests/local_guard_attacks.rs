@@ -567,7 +567,7 @@ fn a_guard_keeps_its_programs_attached_when_its_pins_are_removed() {
             .collect()
     };
     let pinned = links();
-    assert_eq!(pinned.len(), 5, "{pinned:?}");
+    assert_eq!(pinned.len(), 6, "{pinned:?}");
     // Whoever could: the pins were the only reference to the links.
     for p in &pinned {
         std::fs::remove_file(p).unwrap();
@@ -579,7 +579,7 @@ fn a_guard_keeps_its_programs_attached_when_its_pins_are_removed() {
     let repairs = guard.check_attachment().expect("look at the attachments");
     assert_eq!(
         repairs.len(),
-        5,
+        pinned.len(),
         "every missing pin is put back: {repairs:?}"
     );
     let mut again = links();
@@ -700,4 +700,136 @@ fn every_address_the_routing_table_calls_local_is_guarded() {
         "no anycast datagram arrived"
     );
     assert_eq!(guard.counters().unwrap().refused, attempts.len() as u64);
+}
+
+#[test]
+fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
+    use gateway_tests::packet::{Tun, udp_packet};
+    let Some(mut host) = Host::new() else { return };
+    // The backends' sockets live in the guarded subtree (as every process
+    // does when attach_to is the whole host).
+    let backend_cg = host.cg.leaf("backend");
+    let tcp_at = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+    let tcp = host
+        .ns
+        .run({
+            let cg = backend_cg.clone();
+            move || socket_in_cgroup(&cg, Kind::TcpListener, tcp_at)
+        })
+        .expect("backend");
+    let tcp = std::net::TcpListener::from(tcp);
+    let port = tcp.local_addr().unwrap().port();
+    tcp_echo(tcp);
+    let udp = udp_in_cgroup(host.ns.name(), &backend_cg, "0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    // A tun device anyone it belongs to can write packets into, and a
+    // container's namespace behind a veth.
+    let tun = host.ns.run(|| Tun::create("tunr"));
+    host.ns.ip("addr add 10.208.0.1/24 dev tunr");
+    host.ns.ip("link set tunr up");
+    let c = Netns::new("glac");
+    ip(&[
+        "link",
+        "add",
+        "c0",
+        "netns",
+        c.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "h0",
+        "netns",
+        host.ns.name(),
+    ]);
+    c.ip("link set c0 up");
+    host.ns.ip("link set h0 up");
+    host.ns.ip("addr add 10.209.0.1/24 dev h0");
+    c.ip("addr add 10.209.0.2/24 dev c0");
+    c.ip("route add default via 10.209.0.1");
+    let from_tun = |to: Ipv4Addr, data: &[u8]| {
+        tun.inject(&udp_packet(
+            Ipv4Addr::new(10, 208, 0, 2).into(),
+            to.into(),
+            40000,
+            udp_port,
+            data,
+        ))
+    };
+    let from_container = |to: Ipv4Addr| tcp_roundtrip(c.name(), None, SocketAddr::from((to, port)));
+    let mut buf = [0u8; 64];
+    from_tun(HOST_V4, b"premise");
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("through the tun device (the attack's premise)");
+    assert_eq!(&buf[..n], b"premise");
+    from_container(HOST_V4).expect("from the container (the attack's premise)");
+
+    let mut guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut events = rt.block_on(async { guard.take_events() }).expect("events");
+    from_tun(HOST_V4, b"tun to the host's address");
+    from_tun(Ipv4Addr::new(10, 208, 0, 1), b"tun to its own address");
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "nothing arrived through the tun device"
+    );
+    from_container(HOST_V4).expect_err("the container's connect is dropped at the backend");
+    from_container(Ipv4Addr::new(10, 209, 0, 1)).expect_err("whichever host address it uses");
+    let seen = rt.block_on(async {
+        loop {
+            let e = tokio::time::timeout(gateway_tests::STEP, events.next())
+                .await
+                .expect("an event within the step")
+                .expect("events");
+            if e.layer == "ingress" {
+                break e;
+            }
+        }
+    });
+    assert_eq!(
+        (
+            seen.source.map(|s| s.ip()),
+            seen.destination.port(),
+            seen.audited
+        ),
+        (
+            Some(IpAddr::from(Ipv4Addr::new(10, 208, 0, 2))),
+            udp_port,
+            false
+        ),
+        "the event says where it came from: {seen:?}"
+    );
+    // This host's own sockets are judged where they send, as before.
+    refused(
+        host.probe(
+            &host.other,
+            SocketAddr::from((HOST_V4, port)),
+            Probe::TcpConnect,
+        ),
+        "a local process",
+    );
+    host.probe(
+        &host.gw,
+        SocketAddr::from((HOST_V4, port)),
+        Probe::TcpConnect,
+    )
+    .expect("the gateway reaches the backend");
+    host.probe(
+        &host.gw,
+        SocketAddr::from((HOST_V4, udp_port)),
+        Probe::UdpSendTo,
+    )
+    .expect("and its datagrams");
+    assert!(
+        udp.recv_from(&mut buf).is_ok(),
+        "the gateway's datagram arrived"
+    );
+    assert!(guard.counters().unwrap().refused >= 5);
 }

@@ -1,7 +1,9 @@
-//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6` and
+//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6`,
 //! `local_egress` (TCP SYNs, UDP datagrams and raw sockets' packets by their
-//! final, after-NAT headers) on a cgroup v2 subtree refuse to let anyone
-//! but the gateway's own cgroup reach a protected backend.
+//! final, after-NAT headers) and `local_ingress` (packets that reach a
+//! local backend's socket from outside this host's sockets) on a cgroup v2
+//! subtree refuse to let anyone but the gateway's own cgroup reach a
+//! protected backend.
 //!
 //! A backend on this host is protected on every local address by default:
 //! a server listening on all addresses answers on 127.0.0.2, on the host's
@@ -143,14 +145,16 @@ enum Hook {
 
 /// The programs, their hook, and the `bpf_attach_type` BPF_PROG_QUERY
 /// lists them under.
-const PROGRAMS: [(&str, Hook, u32); 5] = [
+const PROGRAMS: [(&str, Hook, u32); 6] = [
     ("connect4", Hook::SockAddr, 10),
     ("connect6", Hook::SockAddr, 11),
     ("sendmsg4", Hook::SockAddr, 14),
     ("sendmsg6", Hook::SockAddr, 15),
     (EGRESS, Hook::Skb(CgroupSkbAttachType::Egress), 1),
+    (INGRESS, Hook::Skb(CgroupSkbAttachType::Ingress), 0),
 ];
 const EGRESS: &str = "local_egress";
+const INGRESS: &str = "local_ingress";
 /// Link pins of programs earlier versions attached and this one replaces:
 /// let go once the new links are in, so there is no gap.
 const OBSOLETE_LINKS: [&str; 1] = ["raw_egress"];
