@@ -282,7 +282,7 @@ pub struct SourceKey {
     pub protocol: u8,
 }
 
-/// The tally of one [`SourceKey`] (or [`LocalSourceKey`]).
+/// The tally of one [`SourceKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceTally {
@@ -294,25 +294,39 @@ pub struct SourceTally {
 }
 
 /// Who tried a protected backend around the gateway on its host, as the
-/// local guard's per-source tally keys it: the process's cgroup and uid,
-/// and where it was going.
+/// local guard's per-source tally keys it: the process's cgroup and uid
+/// (not where it went, so a flood of destinations is one source). Packets
+/// that arrived from outside this host's sockets are tallied under cgroup
+/// 0 and [`ANY_UID`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LocalSourceKey {
     pub cgroup: u64,
     pub uid: u32,
-    /// Destination port, network byte order.
+    pub _pad: u32,
+}
+
+/// The tally of one [`LocalSourceKey`]: how often, and where it went last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalTally {
+    pub attempts: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The latest destination, network byte order; IPv4 uses word 0.
+    pub addr: [u32; 4],
+    /// Network byte order.
     pub port: u16,
     /// [`protocol::TCP`] or [`protocol::UDP`].
     pub protocol: u8,
     /// 4 or 6.
     pub family: u8,
-    /// Destination address, network byte order; IPv4 uses word 0.
-    pub addr: [u32; 4],
+    pub _pad: u32,
 }
 
-/// Sources the tallies hold at once (LRU: under a flood of spoofed sources
-/// the oldest go first; the log says how many were lost).
+/// Sources the tallies hold per summary period. The first ones seen stay
+/// (a flood of new sources cannot push out one already tallied); attempts
+/// of sources that find the tally full are counted, not named.
 pub const MAX_TALLIED_SOURCES: u32 = 16384;
 
 #[cfg(feature = "user")]
@@ -338,6 +352,8 @@ mod user {
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: as above (24 bytes).
     unsafe impl aya::Pod for super::SourceTally {}
-    // SAFETY: as above (32 bytes, no implicit padding).
+    // SAFETY: as above (16 bytes, no implicit padding).
     unsafe impl aya::Pod for super::LocalSourceKey {}
+    // SAFETY: as above (48 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::LocalTally {}
 }

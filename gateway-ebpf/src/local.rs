@@ -11,20 +11,20 @@
 //! too. IPv4-mapped IPv6 addresses are judged as the IPv4 address they are.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid,
     },
     macros::map,
     maps::{
-        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
     },
 };
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
-    MAX_TALLIED_SOURCES, SourceTally, enforcement, local_layer,
+    LocalPort, LocalSourceKey, LocalTally, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    MAX_TALLIED_SOURCES, enforcement, local_layer,
 };
 
 use crate::budget::{bump, now_ns, within_budget};
@@ -74,12 +74,22 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 #[map]
 static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Every bypass attempt, tallied per (cgroup, uid, destination) and CPU:
-/// userspace logs the tallies, so each process is named even when another
-/// used up the event budget with a flood of connects.
+/// Every bypass attempt, tallied per (cgroup, uid) and CPU: userspace
+/// logs and empties the tallies every summary period, so each process is
+/// named even when another used up the event budget. Not an LRU: the
+/// first sources of a period stay, and what finds it full is counted in
+/// TALLY_UNTALLIED.
 #[map]
-static LOCAL_SOURCES: LruPerCpuHashMap<LocalSourceKey, SourceTally> =
-    LruPerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+static LOCAL_TALLIES: PerCpuHashMap<LocalSourceKey, LocalTally> =
+    PerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+
+/// Attempts whose source found the tallies full.
+#[map]
+static TALLY_UNTALLIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a new tally is put together before it goes into LOCAL_TALLIES.
+#[map]
+static TALLY_SCRATCH: PerCpuArray<LocalTally> = PerCpuArray::with_max_entries(1, 0);
 
 /// Refusals (and audited would-be refusals) per rule: IPv4 rules first,
 /// IPv6 rules from MAX_RULES on.
@@ -371,32 +381,58 @@ fn already_audited(cookie: u64, dest: &Dest) -> bool {
             && seen.addr[3] == sent.addr[3])
 }
 
-/// Adds the attempt to its source's tally.
+/// Adds the attempt to its source's tally (or, when the tally is full,
+/// to the untallied count).
 fn tally(cgroup: u64, uid: u32, dest: &Dest) {
     let key = LocalSourceKey {
         cgroup,
         uid,
-        port: dest.port,
-        protocol: dest.protocol,
-        family: dest.family as u8,
-        addr: dest.addr,
+        _pad: 0,
     };
     let now = now_ns();
-    if let Some(t) = LOCAL_SOURCES.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value, from the lookup, valid for the
-        // program's run; per-CPU values have no concurrent writer.
-        unsafe {
-            (*t).attempts += 1;
-            (*t).last_ns = now;
+    for _ in 0..2 {
+        if let Some(t) = LOCAL_TALLIES.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value, from the lookup, valid for the
+            // program's run; per-CPU values have no concurrent writer.
+            unsafe {
+                (*t).attempts += 1;
+                (*t).last_ns = now;
+                (*t).addr = dest.addr;
+                (*t).port = dest.port;
+                (*t).protocol = dest.protocol;
+                (*t).family = dest.family as u8;
+            }
+            return;
         }
-        return;
+        // Built in a per-CPU scratch slot, not on the stack.
+        let Some(fresh) = TALLY_SCRATCH.get_ptr_mut(0) else {
+            break;
+        };
+        // SAFETY: this CPU's scratch slot, valid for the program's run,
+        // no concurrent writer.
+        let fresh = unsafe {
+            *fresh = LocalTally {
+                attempts: 1,
+                first_ns: now,
+                last_ns: now,
+                addr: dest.addr,
+                port: dest.port,
+                protocol: dest.protocol,
+                family: dest.family as u8,
+                _pad: 0,
+            };
+            &*fresh
+        };
+        if LOCAL_TALLIES
+            .insert(&key, fresh, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
+        // Another CPU put the key in first (then it is there now), or
+        // the tally is full.
     }
-    let fresh = SourceTally {
-        attempts: 1,
-        first_ns: now,
-        last_ns: now,
-    };
-    let _ = LOCAL_SOURCES.insert(&key, &fresh, 0);
+    bump(&TALLY_UNTALLIED, 0);
 }
 
 /// Sends a bypass event unless this CPU already sent its share this second.
@@ -407,21 +443,26 @@ fn report(who: &Who, dest: &Dest, audited: bool, layer: u8, source: Source) {
     let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
         return;
     };
-    entry.write(BypassEvent {
-        pid: who.pid,
-        uid: who.uid,
-        cgroup: who.cgroup,
-        addr: dest.addr,
-        family: dest.family,
-        port: dest.port,
-        audited: audited as u8,
-        protocol: dest.protocol,
-        layer,
-        _pad: 0,
-        comm: who.comm,
-        source: source.addr,
-        source_port: source.port,
-        _pad2: [0; 6],
-    });
+    // Field by field into the ring buffer: a whole event built on the
+    // stack first would not fit beside the callers' frames.
+    let e = entry.as_mut_ptr();
+    // SAFETY: e points at a reserved entry of the event's size, ours until
+    // submitted; every field is written before it is.
+    unsafe {
+        (*e).pid = who.pid;
+        (*e).uid = who.uid;
+        (*e).cgroup = who.cgroup;
+        (*e).addr = dest.addr;
+        (*e).family = dest.family;
+        (*e).port = dest.port;
+        (*e).audited = audited as u8;
+        (*e).protocol = dest.protocol;
+        (*e).layer = layer;
+        (*e)._pad = 0;
+        (*e).comm = who.comm;
+        (*e).source = source.addr;
+        (*e).source_port = source.port;
+        (*e)._pad2 = [0; 6];
+    }
     entry.submit(0);
 }

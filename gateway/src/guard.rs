@@ -64,6 +64,8 @@ pub struct Guard {
     started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
     summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+    /// The summary period; a reload may change it.
+    summary_every: tokio::sync::watch::Sender<std::time::Duration>,
     /// Stops the background tasks when the guard goes.
     _tasks: tokio_util::sync::DropGuard,
 }
@@ -74,6 +76,8 @@ struct Running {
     spec: GuardSpec,
     /// Close connections older than the rule (when enforcing).
     close_older: bool,
+    /// The untallied count as of the last summary.
+    untallied_logged: u64,
 }
 
 /// What the gateway's side of the guard counts, for the metrics.
@@ -230,10 +234,12 @@ impl Guard {
             every_local_address = settings.every_local_address,
             "guard installed: only the gateway reaches the backends"
         );
+        let untallied_logged = local_untallied(&local);
         let running = Running {
             local,
             spec,
             close_older: settings.close_older_connections,
+            untallied_logged,
         };
         let stats = Arc::new(GuardStats::default());
         sweep_older_connections(&running, &stats);
@@ -255,9 +261,10 @@ impl Guard {
             stats.clone(),
             stop.clone(),
         ));
+        let summary_every = tokio::sync::watch::channel(settings.summary_every).0;
         tokio::spawn(summarize(
             running.clone(),
-            settings.summary_every,
+            summary_every.subscribe(),
             summaries.clone(),
             stop.clone(),
         ));
@@ -265,6 +272,7 @@ impl Guard {
             running,
             stats,
             summaries,
+            summary_every,
             started: settings.clone(),
             attempts,
             _tasks: stop.drop_guard(),
@@ -324,6 +332,14 @@ impl Guard {
         running.local.update(&spec)?;
         running.spec = spec;
         running.close_older = settings.close_older_connections;
+        self.summary_every.send_if_modified(|every| {
+            let changed = *every != settings.summary_every;
+            if changed {
+                tracing::info!(from = ?*every, to = ?settings.summary_every, "guard: summary period changed");
+                *every = settings.summary_every;
+            }
+            changed
+        });
         sweep_older_connections(&running, &self.stats);
         Ok(())
     }
@@ -377,6 +393,15 @@ impl Guard {
             "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
             &[(String::new(), load(&self.stats.intruders))],
         );
+        match lock(&self.running).local.untallied() {
+            Ok(n) => counter(
+                out,
+                "gateway_guard_untallied_attempts_total",
+                "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
+                &[(String::new(), n)],
+            ),
+            Err(e) => tracing::warn!(error = %e, "reading the untallied count"),
+        }
         counter(
             out,
             "gateway_guard_repairs_total",
@@ -480,6 +505,21 @@ fn sweep_older_connections(running: &Running, stats: &GuardStats) {
             logged = OLDER_LOGGED,
             "guard: more connections older than the guard than logged one by one"
         );
+    }
+}
+
+/// The untallied count now (0 when it cannot be read: the next summary
+/// then reports everything counted so far).
+fn local_untallied(local: &LocalGuard) -> u64 {
+    local.untallied().unwrap_or(0)
+}
+
+impl Drop for Guard {
+    /// The last summary: what was tallied since the previous one is not
+    /// lost when the gateway stops.
+    fn drop(&mut self) {
+        let period = *self.summary_every.borrow();
+        summarize_now(&self.running, period, &self.summaries);
     }
 }
 
@@ -606,65 +646,103 @@ fn describe(pids: &[u32]) -> String {
 /// process its mention.
 const SOURCES_PER_LINE: usize = 32;
 
-/// Logs, every `every`, who tried to reach protected backends around the
-/// gateway: every (cgroup, uid) with its attempts, grouped by destination.
-/// The kernel's events are rate-limited (64 per CPU per second), so one
-/// process's flood can hide another's attempt there; the tallies count
-/// every attempt of every source.
+/// Logs, every `summary_every` (which a reload may change), who tried to
+/// reach protected backends around the gateway. The kernel's events are
+/// rate-limited (64 per CPU per second), so one process's flood can hide
+/// another's attempt there; the tallies count every attempt of every
+/// source (cgroup and uid).
 async fn summarize(
     running: Arc<Mutex<Running>>,
-    every: std::time::Duration,
+    mut every: tokio::sync::watch::Receiver<std::time::Duration>,
     summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = |period: std::time::Duration| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut period = *every.borrow_and_update();
+    let mut tick = start(period);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let tallies = match lock(&running).local.take_tallies() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "guard: reading the per-source tallies");
+            changed = every.changed() => {
+                if changed.is_ok() {
+                    period = *every.borrow_and_update();
+                    tick = start(period);
+                }
                 continue;
             }
-        };
-        if tallies.is_empty() {
-            continue;
+            _ = tick.tick() => {}
         }
-        let mut by_destination: std::collections::BTreeMap<
-            (std::net::SocketAddr, &str),
-            Vec<&LocalAttempts>,
-        > = std::collections::BTreeMap::new();
-        for t in &tallies {
-            by_destination
-                .entry((t.destination, t.protocol.name()))
-                .or_default()
-                .push(t);
-        }
-        for ((destination, protocol), sources) in by_destination {
-            let attempts: u64 = sources.iter().map(|t| t.attempts).sum();
-            for chunk in sources.chunks(SOURCES_PER_LINE) {
-                let who: Vec<String> = chunk
-                    .iter()
-                    .map(|t| format!("cgroup {} uid {}×{}", t.cgroup, t.uid, t.attempts))
-                    .collect();
-                tracing::warn!(
-                    %destination,
-                    protocol,
-                    sources = sources.len(),
-                    attempts,
-                    period = ?every,
-                    who = %who.join(", "),
-                    "guard: bypass attempts by source"
-                );
-            }
-        }
-        // No subscriber is the normal case outside tests.
-        let _ = summaries.send(tallies);
+        summarize_now(&running, period, &summaries);
     }
+}
+
+/// Takes the tallies, logs every source with its attempts (and, when a
+/// flood filled the tallies, how many attempts no summary names), and
+/// hands them to subscribers.
+fn summarize_now(
+    running: &Mutex<Running>,
+    period: std::time::Duration,
+    summaries: &tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+) {
+    let (tallies, untallied) = {
+        let mut running = lock(running);
+        let tallies = running.local.take_tallies();
+        let untallied = match running.local.untallied() {
+            Ok(total) => total - std::mem::replace(&mut running.untallied_logged, total),
+            Err(_) => 0,
+        };
+        (tallies, untallied)
+    };
+    let tallies = match tallies {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "guard: reading the per-source tallies");
+            return;
+        }
+    };
+    if untallied > 0 {
+        tracing::warn!(
+            attempts = untallied,
+            sources_named = tallies.len(),
+            period = ?period,
+            "guard: bypass attempts from more distinct sources than the tallies hold; counted, but their sources are not named (the first ones of the period are)"
+        );
+    }
+    if tallies.is_empty() {
+        return;
+    }
+    let attempts: u64 = tallies.iter().map(|t| t.attempts).sum();
+    for chunk in tallies.chunks(SOURCES_PER_LINE) {
+        let who: Vec<String> = chunk
+            .iter()
+            .map(|t| {
+                let source = if t.arrived() {
+                    "from outside this host's sockets".to_owned()
+                } else {
+                    format!("cgroup {} uid {}", t.cgroup, t.uid)
+                };
+                format!(
+                    "{source}×{} (last {}:{})",
+                    t.attempts,
+                    t.protocol.name(),
+                    t.destination
+                )
+            })
+            .collect();
+        tracing::warn!(
+            sources = tallies.len(),
+            attempts,
+            period = ?period,
+            who = %who.join(", "),
+            "guard: bypass attempts by source"
+        );
+    }
+    // No subscriber is the normal case outside tests.
+    let _ = summaries.send(tallies);
 }
 
 /// How often the gateway's cgroup is looked at for other processes.

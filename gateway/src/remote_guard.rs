@@ -312,6 +312,15 @@ fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
         "Protected interfaces attached again after they were deleted and created.",
         &[(String::new(), stats.reattached.load(Relaxed))],
     );
+    match guard.untallied() {
+        Ok(n) => counter(
+            &mut out,
+            "gateway_guard_untallied_attempts_total",
+            "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
+            &[(String::new(), n)],
+        ),
+        Err(e) => tracing::warn!(error = %e, "guard: reading the untallied count"),
+    }
     counter(
         &mut out,
         "gateway_guard_repairs_total",
@@ -355,12 +364,27 @@ struct RunStats {
 const SOURCES_PER_LINE: usize = 32;
 
 /// Logs who tried the protected ports since the last summary: every source
-/// with its attempts, busiest first, grouped by port.
-fn log_summary(tallies: &[SourceAttempts], every: Duration, enforcement: Enforcement) {
+/// with its attempts, busiest first, grouped by port; and, when a flood of
+/// distinct sources filled the tallies, how many attempts no line names.
+fn log_summary(
+    tallies: &[SourceAttempts],
+    untallied: u64,
+    every: Duration,
+    enforcement: Enforcement,
+) {
     let enforcement = match enforcement {
         Enforcement::Enforce => "enforce",
         Enforcement::Audit => "audit",
     };
+    if untallied > 0 {
+        tracing::warn!(
+            attempts = untallied,
+            sources_named = tallies.len(),
+            enforcement,
+            period = ?every,
+            "guard: bypass attempts from more distinct sources than the tallies hold; counted, but their sources are not named (the first ones of the period are)"
+        );
+    }
     let mut by_port: std::collections::BTreeMap<(u16, &str), Vec<&SourceAttempts>> =
         std::collections::BTreeMap::new();
     for t in tallies {
@@ -385,6 +409,33 @@ fn log_summary(tallies: &[SourceAttempts], every: Duration, enforcement: Enforce
                 "guard: bypass attempts by source"
             );
         }
+    }
+}
+
+/// Takes the tallies and logs them (see [`log_summary`]).
+fn summarize(
+    guard: &Mutex<RemoteGuard>,
+    stats: &RunStats,
+    untallied_logged: &mut u64,
+    every: Duration,
+    enforcement: Enforcement,
+) {
+    let (tallies, untallied) = {
+        let mut g = lock(guard);
+        (g.take_tallies(), g.untallied())
+    };
+    let untallied = match untallied {
+        Ok(total) => total - std::mem::replace(untallied_logged, total),
+        Err(_) => 0,
+    };
+    match tallies {
+        Ok(tallies) => {
+            stats
+                .sources
+                .fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            log_summary(&tallies, untallied, every, enforcement);
+        }
+        Err(e) => tracing::warn!(error = %e, "guard: reading the per-source tallies"),
     }
 }
 
@@ -445,8 +496,9 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
     let GuardFile {
         spec,
         admin,
-        summary_every,
+        mut summary_every,
     } = load(path)?;
+    let admin_at = admin;
     // Bound before anything is installed: a taken port changes nothing.
     let admin = match admin {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -497,6 +549,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         ));
     };
     let mut enforcement = spec.enforcement;
+    let mut untallied_logged = lock(&guard).untallied().unwrap_or(0);
     let mut summary = tokio::time::interval(summary_every);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Netlink notifications can be lost: look again now and then anyway.
@@ -525,18 +578,26 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 reconcile(&guard, &stats);
             }
             _ = look_again.tick() => reconcile(&guard, &stats),
-            _ = summary.tick() => match lock(&guard).take_tallies() {
-                Ok(tallies) => {
-                    stats.sources.fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    log_summary(&tallies, summary_every, enforcement);
-                }
-                Err(e) => tracing::warn!(error = %e, "guard: reading the per-source tallies"),
-            },
+            _ = summary.tick() => summarize(&guard, &stats, &mut untallied_logged, summary_every, enforcement),
             _ = hup.recv() => match load(path).and_then(|f| {
-                lock(&guard).update(&f.spec).map(|()| f.spec.enforcement).map_err(Into::into)
+                if f.admin != admin_at {
+                    return Err(RemoteGuardError::invalid(path, format!(
+                        "admin: changes from {admin_at:?} to {:?} only on restart", f.admin
+                    )));
+                }
+                lock(&guard).update(&f.spec).map(|()| f).map_err(Into::into)
             }) {
                 Ok(now) => {
-                    enforcement = now;
+                    enforcement = now.spec.enforcement;
+                    if now.summary_every != summary_every {
+                        tracing::info!(from = ?summary_every, to = ?now.summary_every, "guard: summary period changed");
+                        summary_every = now.summary_every;
+                        summary = tokio::time::interval_at(
+                            tokio::time::Instant::now() + summary_every,
+                            summary_every,
+                        );
+                        summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     stats.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!("guard: reloaded {}", path.display());
                 }
@@ -549,11 +610,14 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
             _ = int.recv() => break,
         }
     }
-    let (counters, tallies) = {
-        let mut g = lock(&guard);
-        (g.counters()?, g.take_tallies().unwrap_or_default())
-    };
-    log_summary(&tallies, summary_every, enforcement);
+    summarize(
+        &guard,
+        &stats,
+        &mut untallied_logged,
+        summary_every,
+        enforcement,
+    );
+    let counters = lock(&guard).counters()?;
     stop.cancel();
     let IngressCounters { tc, socket } = counters;
     let LayerCounters {

@@ -599,40 +599,51 @@ async fn a_flood_of_connects_does_not_hide_another_process() {
     };
     let quiet = cg.path("quiet");
     std::fs::create_dir(&quiet).expect("a second cgroup");
+    // One summary period for the whole test: the last summary, when the
+    // gateway stops, holds every attempt.
+    let every_local = backend.addr.port();
     let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "summary_every = \"1s\"\n")
+        + &guard_section(&cg, "enforce", "summary_every = \"1h\"\n")
         + &listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
     let gw = RunningGateway::start(&pki, &toml).await;
-    let guard = gw.guard.as_ref().expect("guard");
+    let guard = gw.guard.clone().expect("guard");
     let mut summaries = guard.summaries();
-    // One process per CPU floods connects to the backend, far past the
-    // kernel's 64 events per CPU per second; meanwhile another tries once.
+    // The quiet process tries once; then one process per CPU floods
+    // connects, each to 20000 other loopback addresses at the backend's
+    // port: far past the kernel's 64 events per CPU per second, and past
+    // the 16384 sources the tallies hold if every destination counted as
+    // a source of its own.
+    let err = connect_from(&quiet, backend.addr).expect_err("refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
     let flooders: Vec<_> = (0..2)
         .map(|_| {
             let other = cg.path("other");
-            let to = backend.addr;
-            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnects(20_000)))
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], every_local));
+            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnectsSpread(20_000)))
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let err = connect_from(&quiet, backend.addr).expect_err("refused");
-    assert!(err.contains("Operation not permitted"), "{err}");
     for f in flooders {
         f.join().expect("flooder").expect("flooded");
     }
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"deny\"} 40001"),
+        "every attempt refused and counted:\n{metrics}"
+    );
+    drop(guard);
+    drop(gw);
     let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
-    let until = tokio::time::Instant::now() + STEP;
-    loop {
-        let summary = tokio::time::timeout_at(until, summaries.recv())
-            .await
-            .expect("the quiet process is named in a summary within the step")
-            .expect("summaries");
-        if let Some(quiet) = summary.iter().find(|t| t.cgroup == quiet_id) {
-            assert_eq!((quiet.attempts, quiet.destination), (1, backend.addr));
-            break;
-        }
-    }
+    let summary = tokio::time::timeout(STEP, summaries.recv())
+        .await
+        .expect("the last summary, when the gateway stops")
+        .expect("summaries");
+    let named = summary
+        .iter()
+        .find(|t| t.cgroup == quiet_id)
+        .unwrap_or_else(|| panic!("the quiet process is named among {} sources", summary.len()));
+    assert_eq!((named.attempts, named.destination), (1, backend.addr));
+    assert_eq!(summary.len(), 2, "two sources: {summary:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

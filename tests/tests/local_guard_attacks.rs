@@ -833,3 +833,85 @@ fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
     );
     assert!(guard.counters().unwrap().refused >= 5);
 }
+
+/// One connect to `to` as each of `uids` distinct real uids, from a child
+/// in `cgroup` (root keeps its effective uid, so it may switch on).
+fn connect_as_many_uids(cgroup: &std::path::Path, to: SocketAddr, uids: std::ops::Range<u32>) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
+    let (storage, len) = sockaddr(to);
+    // SAFETY: the child only makes raw system calls on data prepared before
+    // the fork, then _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(100);
+            }
+            for uid in uids {
+                if libc::setresuid(uid, 0, 0) != 0 {
+                    libc::_exit(101);
+                }
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::connect(s, std::ptr::from_ref(&storage).cast(), len);
+                libc::close(s);
+            }
+            libc::_exit(0);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child just forked.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), 0, "the uid flood ran");
+}
+
+#[test]
+fn a_flood_of_destinations_or_sources_pushes_no_source_out_of_the_tallies() {
+    let Some(mut host) = Host::new() else { return };
+    let quiet = host.cg.leaf("quiet");
+    let backend = host.tcp_listener("0.0.0.0:0".parse().unwrap());
+    let at = SocketAddr::from((Ipv4Addr::LOCALHOST, backend.local_addr().unwrap().port()));
+    let mut guard = host.install(&host.spec(vec![at.into()]));
+    let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
+    let other_id = gateway::ebpf::cgroup_id(&host.other).unwrap();
+
+    // One attempt, then 40000 to as many loopback addresses from elsewhere.
+    refused(host.probe(&quiet, at, Probe::TcpConnect), "the quiet one");
+    host.probe(&host.other, at, Probe::TcpConnectsSpread(40_000))
+        .expect("flooded");
+    let tallies = guard.take_tallies().expect("tallies");
+    let find = |cgroup: u64| tallies.iter().find(|t| t.cgroup == cgroup);
+    assert_eq!(
+        find(quiet_id).map(|t| (t.attempts, t.destination)),
+        Some((1, at)),
+        "the quiet one is still named after 40000 destinations: {} sources",
+        tallies.len()
+    );
+    assert_eq!(find(other_id).map(|t| t.attempts), Some(40_000));
+    assert_eq!(guard.untallied().unwrap(), 0);
+
+    // More distinct sources than the tallies hold: the first stay, the rest
+    // are counted.
+    refused(host.probe(&quiet, at, Probe::TcpConnect), "the quiet one");
+    let other = host.other.clone();
+    host.ns
+        .run(move || connect_as_many_uids(&other, at, 100_000..117_000));
+    let tallies = guard.take_tallies().expect("tallies");
+    assert!(
+        tallies.iter().any(|t| t.cgroup == quiet_id),
+        "seen first, so still named"
+    );
+    let named: u64 = tallies
+        .iter()
+        .filter(|t| t.cgroup == other_id)
+        .map(|t| t.attempts)
+        .sum();
+    assert_eq!(
+        named + guard.untallied().unwrap(),
+        17_000,
+        "every attempt is either named or counted as untallied"
+    );
+    assert!(guard.untallied().unwrap() >= 17_000 - 16_384);
+}

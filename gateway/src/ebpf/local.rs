@@ -31,14 +31,14 @@ use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
-    local_layer,
+    LocalPort, LocalSourceKey, LocalTally, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    enforcement, local_layer,
 };
 
 use super::{
     EbpfError, Enforcement, Events, HeldLink, PinDirLock, Protected, Protocol, Target,
     attached_programs, loader_with_pins, lock_pin_dir, object, per_cpu_sum, program_mut,
-    take_tallies,
+    remove_obsolete_pins, take_tallies,
 };
 
 /// What the local guard protects, and for whom.
@@ -158,7 +158,7 @@ const INGRESS: &str = "local_ingress";
 /// Link pins of programs earlier versions attached and this one replaces:
 /// let go once the new links are in, so there is no gap.
 const OBSOLETE_LINKS: [&str; 1] = ["raw_egress"];
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "GUARD_COUNTERS",
     "GUARD_CONFIG",
     "PROTECTED_V4",
@@ -169,8 +169,11 @@ const MAPS: [&str; 11] = [
     "RULE_REFUSALS",
     "EVENTS",
     "EVENT_BUDGET",
-    "LOCAL_SOURCES",
+    "LOCAL_TALLIES",
+    "TALLY_UNTALLIED",
 ];
+/// Pinned maps of earlier versions this one replaced.
+const OBSOLETE_MAPS: [&str; 1] = ["LOCAL_SOURCES"];
 
 /// One map write of an update (and, returned by `apply`, its undo).
 #[derive(Debug, Clone, Copy)]
@@ -225,6 +228,7 @@ impl LocalGuard {
                 remove_links(pin_dir, name, None);
             }
         }
+        remove_obsolete_pins(spec.pin_dir.as_deref(), &OBSOLETE_MAPS);
         Ok(guard)
     }
 
@@ -637,21 +641,30 @@ impl LocalGuard {
     /// gateway ran), busiest first, and the tallies emptied.
     pub fn take_tallies(&mut self) -> Result<Vec<LocalAttempts>, EbpfError> {
         let mut out: Vec<LocalAttempts> =
-            take_tallies::<LocalSourceKey>(&mut self.ebpf, "LOCAL_SOURCES")?
+            take_tallies::<LocalSourceKey, LocalTally>(&mut self.ebpf, "LOCAL_TALLIES")?
                 .into_iter()
-                .map(|(key, attempts)| LocalAttempts {
-                    cgroup: key.cgroup,
-                    uid: key.uid,
-                    destination: if key.family == 4 {
+                .filter_map(|(key, per_cpu)| {
+                    let attempts: u64 = per_cpu.iter().map(|t| t.attempts).sum();
+                    let last = per_cpu
+                        .iter()
+                        .filter(|t| t.attempts > 0)
+                        .max_by_key(|t| t.last_ns)?;
+                    let port = u16::from_be(last.port);
+                    let destination = if last.family == 4 {
                         SocketAddr::from((
-                            std::net::Ipv4Addr::from(key.addr[0].to_ne_bytes()),
-                            u16::from_be(key.port),
+                            std::net::Ipv4Addr::from(last.addr[0].to_ne_bytes()),
+                            port,
                         ))
                     } else {
-                        SocketAddr::from((words_to_v6(key.addr), u16::from_be(key.port)))
-                    },
-                    protocol: Protocol::from_number(key.protocol).unwrap_or(Protocol::Tcp),
-                    attempts,
+                        SocketAddr::from((words_to_v6(last.addr), port))
+                    };
+                    Some(LocalAttempts {
+                        cgroup: key.cgroup,
+                        uid: key.uid,
+                        destination,
+                        protocol: Protocol::from_number(last.protocol).unwrap_or(Protocol::Tcp),
+                        attempts,
+                    })
                 })
                 .collect();
         out.sort_by(|a, b| {
@@ -660,6 +673,12 @@ impl LocalGuard {
                 .then((a.cgroup, a.uid).cmp(&(b.cgroup, b.uid)))
         });
         Ok(out)
+    }
+
+    /// Attempts, ever, whose source found the tallies full (a flood of
+    /// distinct sources): counted, but in no summary.
+    pub fn untallied(&self) -> Result<u64, EbpfError> {
+        per_cpu_sum(&self.ebpf, "TALLY_UNTALLIED", 0)
     }
 
     /// The bypass events (once; later calls fail). Needs a tokio runtime.
@@ -764,15 +783,24 @@ fn local_port(protocol: Protocol, port: u16) -> LocalPort {
     }
 }
 
-/// Attempts from one (cgroup, uid) at one destination since the tallies
-/// were last taken.
+/// Attempts from one (cgroup, uid) since the tallies were last taken.
+/// Packets that arrived from outside this host's sockets are one source:
+/// cgroup 0, uid [`ANY_UID`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalAttempts {
     pub cgroup: u64,
     pub uid: u32,
+    /// Where its latest attempt went.
     pub destination: SocketAddr,
     pub protocol: Protocol,
     pub attempts: u64,
+}
+
+impl LocalAttempts {
+    /// Whether these are packets from outside this host's sockets.
+    pub fn arrived(&self) -> bool {
+        self.cgroup == 0 && self.uid == ANY_UID
+    }
 }
 
 /// Who tried to reach a protected backend around the gateway.

@@ -635,13 +635,13 @@ where
         .map_err(|source| EbpfError::Program { name, source })
 }
 
-/// Empties a per-CPU tally map: every key with its attempts summed over
-/// the CPUs. A key evicted between listing and reading is skipped.
-fn take_tallies<K: aya::Pod>(
+/// Empties a per-CPU tally map: every key with its values, one per CPU. A
+/// key gone between listing and reading is skipped.
+fn take_tallies<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<Vec<(K, u64)>, EbpfError> {
-    let mut map: aya::maps::PerCpuHashMap<_, K, gateway_common::SourceTally> =
+) -> Result<Vec<(K, Vec<V>)>, EbpfError> {
+    let mut map: aya::maps::PerCpuHashMap<_, K, V> =
         aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))?)
             .map_err(|_| EbpfError::MissingMap(name))?;
     let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
@@ -651,12 +651,20 @@ fn take_tallies<K: aya::Pod>(
             continue;
         };
         let _ = map.remove(&key);
-        let attempts: u64 = values.iter().map(|v| v.attempts).sum();
-        if attempts > 0 {
-            out.push((key, attempts));
-        }
+        out.push((key, values.iter().copied().collect()));
     }
     Ok(out)
+}
+
+/// Removes pins of maps earlier versions used and this one does not (a
+/// map whose key or kind changed gets a new name, so an old pin is never
+/// reused with the wrong layout).
+fn remove_obsolete_pins(pin_dir: Option<&Path>, names: &[&str]) {
+    for name in names {
+        if let Some(dir) = pin_dir {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
 }
 
 /// One counter of a per-CPU array, summed over the CPUs.

@@ -42,14 +42,14 @@ use aya::programs::{
 use aya::util::KernelVersion;
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, LinkKind, MAX_ALLOWED_SOURCES, MAX_INTERFACES,
-    MAX_PORT_RULES, SourceKey, enforcement, layer, reason,
+    MAX_PORT_RULES, SourceKey, SourceTally, enforcement, layer, reason,
 };
 use ipnet::IpNet;
 
 pub use super::Protocol;
 use super::{
     EbpfError, Enforcement, Events, HeldLink, PinDirLock, attached_programs, loader_with_pins,
-    lock_pin_dir, object, per_cpu_sum, port_range, program_mut, take_tallies,
+    lock_pin_dir, object, per_cpu_sum, port_range, program_mut, remove_obsolete_pins, take_tallies,
 };
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
@@ -178,7 +178,7 @@ const SOCKET_LINK: &str = "/sockets";
 const TC_PROGRAM: &str = "ingress";
 const SOCKET_PROGRAM: &str = "sock_ingress";
 
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "INGRESS_TCP_PORTS",
     "INGRESS_UDP_PORTS",
     "INGRESS_ALLOW_V4",
@@ -189,8 +189,11 @@ const MAPS: [&str; 11] = [
     "INGRESS_EVENTS",
     "INGRESS_EVENT_BUDGET",
     "INGRESS_LINKS",
-    "INGRESS_SOURCES",
+    "INGRESS_TALLIES",
+    "INGRESS_UNTALLIED",
 ];
+/// Pinned maps of earlier versions this one replaced.
+const OBSOLETE_MAPS: [&str; 1] = ["INGRESS_SOURCES"];
 
 /// Where a netlink (pre-6.6) attachment sits, so a restart replaces it and
 /// `--uninstall` finds it: priority 1, before any filter added with a
@@ -264,6 +267,7 @@ impl RemoteGuard {
             }
         }
         guard.forget_stale_links()?;
+        remove_obsolete_pins(spec.pin_dir.as_deref(), &OBSOLETE_MAPS);
         Ok(guard)
     }
 
@@ -723,17 +727,24 @@ impl RemoteGuard {
     /// tallies emptied.
     pub fn take_tallies(&mut self) -> Result<Vec<SourceAttempts>, EbpfError> {
         let mut out: Vec<SourceAttempts> =
-            take_tallies::<SourceKey>(&mut self.ebpf, "INGRESS_SOURCES")?
+            take_tallies::<SourceKey, SourceTally>(&mut self.ebpf, "INGRESS_TALLIES")?
                 .into_iter()
-                .map(|(key, attempts)| SourceAttempts {
+                .map(|(key, per_cpu)| SourceAttempts {
                     source: address(key.family, key.addr),
                     port: key.port,
                     protocol: protocol_name(key.protocol, key.port == 0),
-                    attempts,
+                    attempts: per_cpu.iter().map(|t| t.attempts).sum(),
                 })
+                .filter(|t| t.attempts > 0)
                 .collect();
         out.sort_by(|a, b| b.attempts.cmp(&a.attempts).then(a.source.cmp(&b.source)));
         Ok(out)
+    }
+
+    /// Attempts, ever, whose source found the tallies full (a flood of
+    /// distinct sources): counted, but in no summary.
+    pub fn untallied(&self) -> Result<u64, EbpfError> {
+        self.per_cpu_sum("INGRESS_UNTALLIED", 0)
     }
 }
 
