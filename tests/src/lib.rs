@@ -1288,3 +1288,168 @@ mod uring {
         }
     }
 }
+
+/// What a racer that tries a new address the moment it appears got through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaceResult {
+    /// TCP connects that completed.
+    pub connected: u32,
+    /// UDP datagrams sendto() accepted.
+    pub sent: u32,
+    /// Attempts in all (of each).
+    pub tries: u32,
+}
+
+/// A racer: a child in `cgroup`, in the calling thread's network namespace,
+/// that listens to rtnetlink for a new IPv4 address (as any unprivileged
+/// process may) and the moment one appears tries `tcp` and `udp` `tries`
+/// times each, as fast as it can. Start it, add the address, then
+/// [`Racer::result`].
+pub struct Racer {
+    pid: i32,
+    results: std::os::fd::OwnedFd,
+    tries: u32,
+}
+
+impl Racer {
+    pub fn start(cgroup: &Path, tcp: SocketAddr, udp: SocketAddr, tries: u32) -> Racer {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        use std::os::unix::ffi::OsStrExt as _;
+        let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+            .expect("cgroup path without NUL");
+        let (tcp_at, tcp_len) = netns::sockaddr(tcp);
+        let (udp_at, udp_len) = netns::sockaddr(udp);
+        let mut ready = [0i32; 2];
+        let mut results = [0i32; 2];
+        // SAFETY: pipe fills two descriptors, checked.
+        assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::pipe(results.as_mut_ptr()) }, 0);
+        // SAFETY: the child only makes raw system calls on data prepared
+        // before the fork, then _exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(100);
+                }
+                let nl = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+                let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+                sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+                sa.nl_groups = libc::RTMGRP_IPV4_IFADDR as u32;
+                if libc::bind(
+                    nl,
+                    std::ptr::from_ref(&sa).cast(),
+                    size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                ) != 0
+                {
+                    libc::_exit(101);
+                }
+                let bound = libc::timeval {
+                    tv_sec: 20,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    nl,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::from_ref(&bound).cast(),
+                    size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                let mut buf = [0u8; 4096];
+                if libc::recv(nl, buf.as_mut_ptr().cast(), buf.len(), 0) <= 0 {
+                    libc::_exit(102);
+                }
+                let (mut connected, mut sent) = (0u32, 0u32);
+                let u = libc::socket(udp_at.ss_family.into(), libc::SOCK_DGRAM, 0);
+                for _ in 0..tries {
+                    let s = libc::socket(
+                        tcp_at.ss_family.into(),
+                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+                        0,
+                    );
+                    let rc = libc::connect(s, std::ptr::from_ref(&tcp_at).cast(), tcp_len);
+                    let mut ok = rc == 0;
+                    if rc != 0 && *libc::__errno_location() == libc::EINPROGRESS {
+                        let mut p = libc::pollfd {
+                            fd: s,
+                            events: libc::POLLOUT,
+                            revents: 0,
+                        };
+                        if libc::poll(&raw mut p, 1, 20) == 1 {
+                            let mut err: libc::c_int = 0;
+                            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+                            libc::getsockopt(
+                                s,
+                                libc::SOL_SOCKET,
+                                libc::SO_ERROR,
+                                std::ptr::from_mut(&mut err).cast(),
+                                &raw mut len,
+                            );
+                            ok = err == 0;
+                        }
+                    }
+                    connected += u32::from(ok);
+                    libc::close(s);
+                    let n = libc::sendto(
+                        u,
+                        b"race".as_ptr().cast(),
+                        4,
+                        0,
+                        std::ptr::from_ref(&udp_at).cast(),
+                        udp_len,
+                    );
+                    sent += u32::from(n == 4);
+                }
+                let mut out = [0u8; 8];
+                out[..4].copy_from_slice(&connected.to_ne_bytes());
+                out[4..].copy_from_slice(&sent.to_ne_bytes());
+                libc::write(results[1], out.as_ptr().cast(), 8);
+                libc::_exit(0);
+            }
+        }
+        assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        // SAFETY: descriptors from pipe(), ours alone from here.
+        let (ready_r, results_r) = unsafe {
+            libc::close(ready[1]);
+            libc::close(results[1]);
+            (
+                OwnedFd::from_raw_fd(ready[0]),
+                OwnedFd::from_raw_fd(results[0]),
+            )
+        };
+        let mut byte = [0u8; 1];
+        // SAFETY: a valid one-byte buffer.
+        let n = unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 1, "the racer is listening");
+        Racer {
+            pid,
+            results: results_r,
+            tries,
+        }
+    }
+
+    /// Waits for the racer to finish and says what got through.
+    pub fn result(self) -> RaceResult {
+        use std::os::fd::AsRawFd as _;
+        let mut out = [0u8; 8];
+        // SAFETY: a valid buffer of the size passed.
+        let n = unsafe { libc::read(self.results.as_raw_fd(), out.as_mut_ptr().cast(), 8) };
+        let mut status = 0;
+        // SAFETY: waiting for the child this value forked.
+        unsafe { libc::waitpid(self.pid, &raw mut status, 0) };
+        assert_eq!(
+            (n, libc::WEXITSTATUS(status)),
+            (8, 0),
+            "the racer saw the address appear and reported"
+        );
+        RaceResult {
+            connected: u32::from_ne_bytes([out[0], out[1], out[2], out[3]]),
+            sent: u32::from_ne_bytes([out[4], out[5], out[6], out[7]]),
+            tries: self.tries,
+        }
+    }
+}

@@ -322,9 +322,18 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
     let port = backend.local_addr().unwrap().port();
     // Accepts (and closes) what gets through, so the backlog never fills.
     gateway_tests::netns::tcp_echo(backend);
+    let udp = ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .expect("bind");
+    udp.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
     let pki = Pki::new();
-    let toml = guard_section(&cg, "enforce", "")
-        + &listener_toml(&pki, "edge", "")
+    let toml = guard_section(
+        &cg,
+        "enforce",
+        &format!("protect = [\"udp:127.0.0.1:{udp_port}\"]\n"),
+    ) + &listener_toml(&pki, "edge", "")
         + &route_toml(
             "orders",
             &[SNI],
@@ -355,14 +364,52 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
         let other = other.clone();
         ns.run(move || connect_from(&other, to))
     };
+    // A process that hears of the address the moment it appears (rtnetlink
+    // needs no privilege) and tries it at once, before the gateway's maps
+    // can know it.
+    let gained: std::net::IpAddr = "10.205.0.1".parse().unwrap();
+    let racer = {
+        let other = other.clone();
+        ns.run(move || {
+            Racer::start(
+                &other,
+                SocketAddr::new(gained, port),
+                SocketAddr::new(gained, udp_port),
+                200,
+            )
+        })
+    };
     ns.ip("addr add 10.205.0.1/24 dev v0");
+    let raced = racer.result();
+    assert_eq!(
+        (raced.connected, raced.sent),
+        (0, 0),
+        "nothing got through while the maps caught up: {raced:?}"
+    );
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_err(), "no datagram arrived");
     let until = std::time::Instant::now() + STEP;
     loop {
         match probe("10.205.0.1") {
             Err(e) if e.contains("Operation not permitted") => break,
+            Ok(()) => panic!("a connect to the new address got through"),
             other => assert!(
                 std::time::Instant::now() < until,
-                "an address the host gained after start is guarded within {STEP:?}: {other:?}"
+                "an address the host gained after start is refused at connect() within {STEP:?}: {other:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A route that makes a whole prefix this host, followed as well.
+    ns.ip("route add local 10.207.0.0/24 dev lo");
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        match probe("10.207.0.33") {
+            Err(e) if e.contains("Operation not permitted") => break,
+            Ok(()) => panic!("a connect to the AnyIP prefix got through"),
+            other => assert!(
+                std::time::Instant::now() < until,
+                "a local route added after start is refused at connect() within {STEP:?}: {other:?}"
             ),
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
