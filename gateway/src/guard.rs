@@ -78,6 +78,8 @@ struct Running {
     close_older: bool,
     /// The untallied count as of the last summary.
     untallied_logged: u64,
+    /// Per hostname backend, every address the gate saw it resolve to.
+    resolved: std::collections::HashMap<String, std::collections::BTreeSet<Protected>>,
 }
 
 /// What the gateway's side of the guard counts, for the metrics.
@@ -98,19 +100,30 @@ struct GuardStats {
     check_failures: AtomicU64,
 }
 
-/// Protects what a hostname backend resolved to, unless it already is.
+/// Protects what hostname backend `backend` resolved to, unless it already
+/// is, then closes connections to it made before (from outside the
+/// gateway's cgroup, when enforcing). What a name resolved to stays
+/// protected across reloads while the name is a backend: DNS may answer
+/// with part of a pool at a time.
 fn protect_resolved(
     running: &Mutex<Running>,
     stats: &GuardStats,
+    backend: &str,
     resolved: &[std::net::SocketAddr],
 ) -> std::io::Result<()> {
     let mut running = lock(running);
-    let new: Vec<Protected> = resolved
+    let seen: Vec<Protected> = resolved.iter().map(|a| Protected::from(*a)).collect();
+    let new: Vec<Protected> = seen
         .iter()
-        .map(|a| Protected::from(*a))
         .filter(|p| running.spec.protected.binary_search(p).is_err())
+        .copied()
         .collect();
     if new.is_empty() {
+        running
+            .resolved
+            .entry(backend.to_owned())
+            .or_default()
+            .extend(seen);
         return Ok(());
     }
     let mut protected = running.spec.protected.clone();
@@ -127,11 +140,22 @@ fn protect_resolved(
         ))
     })?;
     running.spec = spec;
+    running
+        .resolved
+        .entry(backend.to_owned())
+        .or_default()
+        .extend(seen);
     stats
         .resolved
         .fetch_add(new.len() as u64, Ordering::Relaxed);
-    tracing::info!(addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    tracing::info!(%backend, addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    sweep_older_connections(&running, stats);
     Ok(())
+}
+
+/// Whether `backend` is a name to resolve rather than an address.
+fn is_hostname(backend: &str) -> bool {
+    backend.parse::<std::net::SocketAddr>().is_err()
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -240,6 +264,7 @@ impl Guard {
             spec,
             close_older: settings.close_older_connections,
             untallied_logged,
+            resolved: std::collections::HashMap::new(),
         };
         let stats = Arc::new(GuardStats::default());
         sweep_older_connections(&running, &stats);
@@ -321,8 +346,27 @@ impl Guard {
         {
             return Err(e);
         }
-        let protected = protected(config, settings)?;
+        let mut protected = protected(config, settings)?;
         let mut running = lock(&self.running);
+        // What hostname backends that stay resolved to before stays
+        // protected; names that are gone take theirs with them.
+        let names: std::collections::HashSet<&str> = config
+            .listeners
+            .iter()
+            .flat_map(|l| &l.routes)
+            .flat_map(|r| &r.backends)
+            .map(String::as_str)
+            .filter(|b| is_hostname(b))
+            .collect();
+        let resolved: std::collections::HashMap<_, _> = running
+            .resolved
+            .iter()
+            .filter(|(name, _)| names.contains(name.as_str()))
+            .map(|(name, seen)| (name.clone(), seen.clone()))
+            .collect();
+        protected.extend(resolved.values().flatten());
+        protected.sort();
+        protected.dedup();
         let spec = GuardSpec {
             protected,
             enforcement: mode,
@@ -331,6 +375,7 @@ impl Guard {
         };
         running.local.update(&spec)?;
         running.spec = spec;
+        running.resolved = resolved;
         running.close_older = settings.close_older_connections;
         self.summary_every.send_if_modified(|every| {
             let changed = *every != settings.summary_every;
@@ -350,8 +395,8 @@ impl Guard {
     pub fn gate(&self) -> crate::upstream::Gate {
         let running = self.running.clone();
         let stats = self.stats.clone();
-        Arc::new(move |resolved: &[std::net::SocketAddr]| {
-            protect_resolved(&running, &stats, resolved)
+        Arc::new(move |backend: &str, resolved: &[std::net::SocketAddr]| {
+            protect_resolved(&running, &stats, backend, resolved)
         })
     }
 

@@ -617,10 +617,24 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
             .build()
             .expect("runtime");
         rt.block_on(async move {
+            use std::io::{Read as _, Write as _};
             let gw = RunningGateway::start(&pki, &toml).await;
             let bypass = |ip: [u8; 4]| connect_from(&other, SocketAddr::from((ip, port)));
             bypass([127, 0, 0, 1]).expect_err("resolved at start: protected");
             bypass([127, 0, 0, 3]).expect("not a backend yet");
+            // A connection to the address the name is about to move to,
+            // made while it is no backend.
+            let mut early = std::net::TcpStream::from(
+                gateway_tests::netns::socket_in_cgroup(
+                    &other,
+                    gateway_tests::netns::Kind::TcpConnected,
+                    SocketAddr::from(([127, 0, 0, 3], port)),
+                )
+                .expect("connect before the move"),
+            );
+            early
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
             // The name moves; the gateway resolves it at its next connect.
             std::fs::write(&moved, "127.0.0.3 guarded.test\n").unwrap();
             let tls = connect(gw.app_addr, SNI, pki.frontend_config())
@@ -630,11 +644,30 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
             assert_eq!(echo_roundtrip(tls, data.clone()).await.unwrap(), data);
             let err = bypass([127, 0, 0, 3]).expect_err("protected before the gateway used it");
             assert!(err.contains("Operation not permitted"), "{err}");
+            let mut buf = [0u8; 4];
+            assert!(
+                early
+                    .write_all(b"late")
+                    .and_then(|()| early.read_exact(&mut buf))
+                    .is_err(),
+                "the connection made before the gateway resolved the name there is closed"
+            );
+            // The name moves back and a reload resolves it afresh: what the
+            // gateway resolved it to before stays protected (DNS answers
+            // with part of a pool at a time).
+            std::fs::write(&moved, "127.0.0.1 guarded.test\n").unwrap();
+            gw.reload_toml(&pki, &toml).await.expect("reload");
+            let err = bypass([127, 0, 0, 3]).expect_err("still protected after a reload");
+            assert!(err.contains("Operation not permitted"), "{err}");
             gw.scrape().await
         })
     });
     assert!(
         resolved.contains("gateway_guard_resolved_addresses_total 1"),
+        "{resolved}"
+    );
+    assert!(
+        resolved.contains("gateway_guard_older_connections_total{action=\"closed\"} 1"),
         "{resolved}"
     );
 }
