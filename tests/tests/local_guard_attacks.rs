@@ -307,10 +307,15 @@ fn an_update_that_cannot_be_applied_whole_changes_nothing() {
     let Some(host) = Host::new() else { return };
     let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
     let at = backend.local_addr().unwrap();
-    let spec = host.spec(vec![at.into()]);
+    // 40000 UDP ports of a remote backend, reachable over the veth.
+    host.ns.ip("route add 10.99.0.0/24 dev v0");
+    let old = |port: u16| SocketAddr::from((Ipv4Addr::new(10, 99, 0, 1), port));
+    let new = |port: u16| SocketAddr::from((Ipv4Addr::new(10, 99, 0, 2), port));
+    let rules = |ip: &str| -> Protected { format!("udp:{ip}:1-40000").parse().unwrap() };
+    let spec = host.spec(vec![at.into(), rules("10.99.0.1")]);
     let mut guard = host.install(&spec);
 
-    // Audit, and more rules than the maps hold: refused as a whole.
+    // Refused before the first write: more rules than the maps hold.
     let mut too_big = spec.clone();
     too_big.enforcement = Enforcement::Audit;
     too_big.protected = (1..=4097u16)
@@ -319,10 +324,33 @@ fn an_update_that_cannot_be_applied_whole_changes_nothing() {
     guard
         .update(&too_big)
         .expect_err("4097 rules do not fit: refused");
+
+    // Refused halfway: each set fits, but the new ports go in before the
+    // old ones leave, and 80000 do not fit in 65536. Every write made
+    // before the one that failed is put back.
+    let mut disjoint = spec.clone();
+    disjoint.enforcement = Enforcement::Audit;
+    disjoint.protected = vec![at.into(), rules("10.99.0.2")];
+    let err = guard
+        .update(&disjoint)
+        .expect_err("old and new do not fit at once");
+    assert!(
+        err.to_string()
+            .contains("writing eBPF map \"PROTECTED_V4\""),
+        "says which write failed: {err}"
+    );
     refused(
         host.probe(&host.other, at, Probe::TcpConnect),
-        "enforcement and rules stay as they were",
+        "enforcement stays as it was",
     );
+    refused(
+        host.probe(&host.other, old(40_000), Probe::UdpSendTo),
+        "the old rules stay",
+    );
+    for port in [1, 12_345, 25_000, 40_000] {
+        host.probe(&host.other, new(port), Probe::UdpSendTo)
+            .unwrap_or_else(|e| panic!("no new rule stays behind ({port}): {e}"));
+    }
     assert_eq!(guard.counters().unwrap().audited, 0);
 }
 

@@ -394,17 +394,10 @@ fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
         .find(|l| l.starts_with("allow = "))
         .expect("allow line")
         .to_owned();
-    let filler = |base: [u8; 2], n: u32| {
-        (0..n).map(move |k| {
-            let [a, b] = base;
-            format!(
-                "\"{}\"",
-                Ipv4Addr::new(10, a, b.wrapping_add((k / 256) as u8), k as u8)
-            )
-        })
-    };
     // The gateway and 999 more: 1000 of the 1024 IPv4 prefixes the guard holds.
-    let mut allow: Vec<String> = filler([210, 0], 999).collect();
+    let mut allow: Vec<String> = (0..999u32)
+        .map(|k| format!("\"{}\"", Ipv4Addr::new(10, 210, (k / 256) as u8, k as u8)))
+        .collect();
     allow.push(format!("\"{GATEWAY}\""));
     let with_allow =
         |list: &[String]| original.replace(&allow_line, &format!("allow = [{}]", list.join(", ")));
@@ -412,25 +405,32 @@ fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
     let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
     w.tcp_from(STRANGER).expect_err("the stranger is dropped");
 
-    // A reload that keeps 900 of them and adds 100 new prefixes, 33 of
-    // which cover the stranger: new prefixes go in before stale ones leave,
-    // so only 24 fit before the map is full.
-    let mut next: Vec<String> = allow[..900].to_vec();
-    next.push(format!("\"{GATEWAY}\""));
-    next.extend((0..=32u8).map(|len| {
+    // Another tool writes 10 prefixes into the pinned map behind the
+    // guard's back: 1010 of 1024 are taken, though the guard counts 1000.
+    let trie = w.pins.0.join("INGRESS_ALLOW_V4");
+    for k in 0..10u8 {
+        gateway_tests::bpf::lpm_v4_insert(&trie, 32, [10, 212, 0, k]).expect("insert");
+    }
+    // A reload that keeps them all and adds 20 prefixes, each covering the
+    // stranger: 1020 fit by the guard's count, so it starts writing, and
+    // the map is full after 14 of them.
+    let mut next = allow.clone();
+    next.extend((13..=32u8).map(|len| {
         let net = ipnet::Ipv4Net::new(STRANGER, len).expect("prefix").trunc();
         format!("\"{net}\"")
     }));
-    next.extend(filler([211, 0], 67));
     std::fs::write(&config, with_allow(&next)).expect("write");
     guard.signal(libc::SIGHUP);
     guard.wait_for("guard: reload failed", 1);
-    // Roll back to the file that worked.
-    std::fs::write(&config, with_allow(&allow)).expect("write");
-    guard.signal(libc::SIGHUP);
-    guard.wait_for("guard: reloaded", 1);
+    assert!(
+        guard
+            .log()
+            .contains("writing eBPF map \\\"INGRESS_ALLOW_V4\\\""),
+        "the failed write is named:\n{}",
+        guard.log()
+    );
     w.tcp_from(STRANGER)
-        .expect_err("nothing the refused reload wrote survived the rollback");
+        .expect_err("nothing the refused reload wrote stayed behind");
     w.tcp_from(GATEWAY).expect("the gateway passes");
     assert_eq!(
         w.metric("gateway_guard_reloads_total{result=\"failed\"}"),

@@ -539,7 +539,7 @@ impl LocalGuard {
                 let mut map = self.hash_map::<BackendV4>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::V4(key, previous))
             }
             Write::V6(key, value) => {
@@ -547,7 +547,7 @@ impl LocalGuard {
                 let mut map = self.hash_map::<BackendV6>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::V6(key, previous))
             }
             Write::Port(key, value) => {
@@ -555,7 +555,7 @@ impl LocalGuard {
                 let mut map = self.hash_map::<LocalPort>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Port(key, previous))
             }
             Write::Address(net, add) => {
@@ -570,7 +570,7 @@ impl LocalGuard {
                         } else {
                             trie.remove(&key)
                         }
-                        .map_err(|source| EbpfError::Map { name, source })?;
+                        .map_err(|source| EbpfError::MapWrite { name, source })?;
                     }
                     IpAddr::V6(a) => {
                         let name = "LOCAL_V6";
@@ -581,7 +581,7 @@ impl LocalGuard {
                         } else {
                             trie.remove(&key)
                         }
-                        .map_err(|source| EbpfError::Map { name, source })?;
+                        .map_err(|source| EbpfError::MapWrite { name, source })?;
                     }
                 }
                 Ok(Write::Address(net, !add))
@@ -592,7 +592,7 @@ impl LocalGuard {
                 let previous = array.get(&0, 0).unwrap_or_default();
                 array
                     .set(0, config, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Config(previous))
             }
         }

@@ -43,6 +43,11 @@ pub enum EbpfError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("writing eBPF map {name:?}: {source}")]
+    MapWrite {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("more than {0} protected rules, ports, addresses or interfaces of a kind")]
     TooManyRules(u32),
     #[error("{0}")]

@@ -300,7 +300,7 @@ impl RemoteGuard {
             AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
         links
             .insert(link.index, LinkKind { l2_len }, 0)
-            .map_err(|source| EbpfError::Map { name, source })?;
+            .map_err(|source| EbpfError::MapWrite { name, source })?;
         // The clsact qdisc may be there already (ours or another tool's).
         let exists = |e: &tc::TcError| match e {
             tc::TcError::AlreadyAttached => true,
@@ -616,7 +616,7 @@ impl RemoteGuard {
                 let previous = array.get(&0, 0).unwrap_or_default();
                 array
                     .set(0, config, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Config(previous))
             }
             Write::Port(protocol, port, value) => {
@@ -631,7 +631,7 @@ impl RemoteGuard {
                     .map_err(|source| EbpfError::Map { name, source })?;
                 array
                     .set(u32::from(port), value, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Port(protocol, port, previous))
             }
             Write::Allow(net, add) => {
@@ -658,7 +658,7 @@ impl RemoteGuard {
                 } else {
                     trie.remove(&key)
                 }
-                .map_err(|source| EbpfError::Map { name, source })
+                .map_err(|source| EbpfError::MapWrite { name, source })
             }
             IpAddr::V6(a) => {
                 let name = "INGRESS_ALLOW_V6";
@@ -670,7 +670,7 @@ impl RemoteGuard {
                 } else {
                     trie.remove(&key)
                 }
-                .map_err(|source| EbpfError::Map { name, source })
+                .map_err(|source| EbpfError::MapWrite { name, source })
             }
         }
     }
