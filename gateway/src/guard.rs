@@ -98,6 +98,8 @@ struct GuardStats {
     repairs: AtomicU64,
     /// Looks at the attachments that could not be made.
     check_failures: AtomicU64,
+    /// Times the address notifications failed (then: periodic reads).
+    address_watch_failures: AtomicU64,
 }
 
 /// Protects what hostname backend `backend` resolved to, unless it already
@@ -461,6 +463,12 @@ impl Guard {
         );
         counter(
             out,
+            "gateway_guard_address_watch_failures_total",
+            "Times this host's address and route notifications failed (the guard then reads them every 5s).",
+            &[(String::new(), load(&self.stats.address_watch_failures))],
+        );
+        counter(
+            out,
             "gateway_guard_resolved_addresses_total",
             "Addresses a hostname backend resolved to at connect time that the guard protected first.",
             &[(String::new(), load(&self.stats.resolved))],
@@ -618,21 +626,28 @@ async fn log_events(
     tracing::error!("guard events stopped: bypass attempts are still counted but no longer logged");
 }
 
+/// How often the guard reads this host's addresses even without a
+/// notification (lost ones; failed notifications).
+const ADDRESS_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps the local-address maps in step with this host's addresses: a
 /// backend on this host is then protected on an address the moment it
-/// exists (well, the moment the kernel tells us).
+/// exists (well, the moment the kernel tells us; the egress program judges
+/// what leaves through `lo` by port meanwhile). When the notifications
+/// fail it says so, counts it, and keeps looking every [`ADDRESS_LOOK`].
 async fn follow_addresses(
-    mut changes: crate::netlink::Changes,
+    changes: crate::netlink::Changes,
     running: Arc<Mutex<Running>>,
     stats: Arc<GuardStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut follow = crate::netlink::Follow::new(changes, ADDRESS_LOOK);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = changes.changed() => if let Err(e) = changed {
-                tracing::error!(error = %e, "guard: address notifications failed; new addresses of this host are no longer protected as local");
-                return;
+            next = follow.next() => if let Err(e) = next {
+                stats.address_watch_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, every = ?ADDRESS_LOOK, "guard: address notifications failed; reading this host's addresses periodically instead");
             },
         }
         let addresses = match host_addresses() {

@@ -335,10 +335,13 @@ impl Changes {
                     | libc::RTMGRP_IPV6_ROUTE) as u32
             }
         };
-        // SAFETY: the OwnedFd is a fresh socket; it stays open and the same
-        // for as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(open(libc::NETLINK_ROUTE, groups)?) }
-            .map_err(io::Error::from)?;
+        Changes::from_fd(open(libc::NETLINK_ROUTE, groups)?)
+    }
+
+    /// Watches an already subscribed socket (non-blocking).
+    fn from_fd(fd: OwnedFd) -> io::Result<Changes> {
+        // SAFETY: as in subscribe: the AsyncFd owns the descriptor.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
         Ok(Changes { fd })
     }
 
@@ -365,6 +368,38 @@ impl Changes {
     }
 }
 
+/// [`Changes`], and a look every `poll` besides (a lost notification costs
+/// at most that long); once the notifications fail, the looks alone. A
+/// follower that stops hearing of changes keeps following them.
+pub struct Follow {
+    changes: Option<Changes>,
+    poll: tokio::time::Interval,
+}
+
+impl Follow {
+    pub fn new(changes: Changes, poll: std::time::Duration) -> Follow {
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Follow {
+            changes: Some(changes),
+            poll,
+        }
+    }
+
+    /// Waits until it is time to read the state again. Err (once): the
+    /// notifications just failed; from then on only the looks wake it.
+    pub async fn next(&mut self) -> io::Result<()> {
+        let Some(changes) = &mut self.changes else {
+            self.poll.tick().await;
+            return Ok(());
+        };
+        tokio::select! {
+            changed = changes.changed() => changed.inspect_err(|_| self.changes = None),
+            _ = self.poll.tick() => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +422,30 @@ mod tests {
             addresses.contains(&"::1/128".parse().unwrap()),
             "{addresses:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn notifications_that_fail_turn_into_looks() {
+        // A socket that turns readable but whose receive fails: a TCP
+        // listener with a connection waiting (recv: ENOTCONN).
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let _waiting = std::net::TcpStream::connect(socket.local_addr().unwrap()).unwrap();
+        let changes = Changes::from_fd(OwnedFd::from(socket)).unwrap();
+        let mut follow = Follow::new(changes, std::time::Duration::from_millis(200));
+        let bound = std::time::Duration::from_secs(5);
+        let first = tokio::time::timeout(bound, follow.next()).await.unwrap();
+        assert_eq!(
+            first.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOTCONN)),
+            "the failure is reported"
+        );
+        for _ in 0..3 {
+            tokio::time::timeout(bound, follow.next())
+                .await
+                .expect("and the looks go on")
+                .expect("without failing again");
+        }
     }
 
     #[test]

@@ -774,3 +774,27 @@ async fn a_detached_program_or_a_removed_pin_is_put_back() {
     assert!(err.contains("Operation not permitted"), "{err}");
     assert!(unpinned.exists(), "pinned again");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_the_summary_period() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let routes = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = |every: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{}{routes}",
+            guard_section(&cg, "enforce", &format!("summary_every = \"{every}\"\n"))
+        )
+    };
+    let gw = RunningGateway::start(&pki, &config("1h")).await;
+    let mut summaries = gw.guard.as_ref().expect("guard").summaries();
+    gw.reload_toml(&pki, &config("1s")).await.expect("reload");
+    connect_from(&cg.path("other"), backend.addr).expect_err("refused");
+    let summary = tokio::time::timeout(STEP, summaries.recv())
+        .await
+        .expect("a summary within the new period, not the old hour")
+        .expect("summaries");
+    assert_eq!(summary.len(), 1, "{summary:?}");
+}

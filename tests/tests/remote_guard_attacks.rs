@@ -537,3 +537,22 @@ fn a_detached_layer_or_a_removed_pin_is_put_back() {
     }
     w.tcp_from(GATEWAY).expect("the gateway passes");
 }
+
+#[test]
+fn a_reload_changes_the_summary_period() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let config = w.config(&["b0"], false);
+    let text = std::fs::read_to_string(&config).expect("guard.toml");
+    std::fs::write(
+        &config,
+        text.replace("summary_every = \"1s\"", "summary_every = \"1h\""),
+    )
+    .expect("write");
+    let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
+    std::fs::write(&config, &text).expect("write");
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 1);
+    w.tcp_from(STRANGER).expect_err("dropped");
+    guard.wait_for("guard: bypass attempts by source", 1);
+}
