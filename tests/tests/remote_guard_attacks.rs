@@ -556,3 +556,35 @@ fn a_reload_changes_the_summary_period() {
     w.tcp_from(STRANGER).expect_err("dropped");
     guard.wait_for("guard: bypass attempts by source", 1);
 }
+
+/// A UDP datagram from the backend host itself (a local process) to
+/// `to`, as the socket layer sees it arrive over `lo`.
+fn local_datagram(w: &Wire, to: SocketAddr, data: &'static [u8]) {
+    w.b.run(move || {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.send_to(data, to))
+            .expect("send a datagram")
+    });
+}
+
+#[test]
+fn a_narrowed_socket_layer_judges_sockets_by_the_cgroup_that_made_them() {
+    let Some(w) = Wire::new() else { return };
+    let mount = gateway_tests::bpf_cgroup_or_skip().expect("cgroup v2");
+    // A socket the guarded service uses but something else created (as
+    // systemd creates socket-activated ones, in its own cgroup).
+    let mut elsewhere = TestCgroup::create(&mount, "gra-else");
+    let creator = elsewhere.leaf("creator");
+    let handed = udp_in_cgroup(w.b.name(), &creator, SocketAddr::from((BACKEND, UDP_PORT)));
+    // And one the service created itself.
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let _guard = w.start_guard(&["b0"], true, "guard.log");
+    tcp_roundtrip(w.b.name(), None, SocketAddr::from((BACKEND, TCP_PORT)))
+        .expect_err("a socket created in `cgroup` is judged");
+    local_datagram(&w, SocketAddr::from((BACKEND, UDP_PORT)), b"handed");
+    assert_eq!(
+        received(&handed),
+        [b"handed".to_vec()],
+        "a socket created outside `cgroup` is not judged, whoever uses it (README says so)"
+    );
+}
