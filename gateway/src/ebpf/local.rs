@@ -681,6 +681,19 @@ impl LocalGuard {
         per_cpu_sum(&self.ebpf, "TALLY_UNTALLIED", 0)
     }
 
+    /// How often the kernel ran each program and for how long, as
+    /// (program, runs, time). Counted only while BPF run-time statistics
+    /// are on (`sysctl kernel.bpf_stats_enabled=1`); zero otherwise.
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        PROGRAMS
+            .iter()
+            .filter_map(|(name, _, _)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((*name, info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
+
     /// The bypass events (once; later calls fail). Needs a tokio runtime.
     pub fn take_events(&mut self) -> Result<Events<BypassAttempt>, EbpfError> {
         Events::take(&mut self.ebpf, "EVENTS", parse_event)
