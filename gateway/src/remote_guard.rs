@@ -550,7 +550,10 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
     };
     let mut enforcement = spec.enforcement;
     let mut untallied_logged = lock(&guard).untallied().unwrap_or(0);
-    let mut summary = tokio::time::interval(summary_every);
+    // The first summary one period from now (not at once, mid-way through
+    // whatever is being tallied).
+    let mut summary =
+        tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Netlink notifications can be lost: look again now and then anyway.
     let mut look_again = tokio::time::interval(Duration::from_secs(5));
