@@ -41,19 +41,25 @@ const ETH_P_IPV6: u16 = 0x86DD;
 /// Every network namespace's `lo`.
 pub const LOOPBACK_IFINDEX: u32 = 1;
 
-#[cgroup_skb(egress)]
-pub fn local_egress(ctx: SkBuffContext) -> i32 {
-    let skb = ctx.skb.skb;
+/// The packet's full socket, if it has one (request and time-wait
+/// sockets are not).
+pub fn full_socket(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
     // SAFETY: the kernel passes a valid __sk_buff; sk is checked for null.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return ALLOW;
+        return None;
     }
     // SAFETY: sk is a non-null socket pointer from the context.
     let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
+    (!full.is_null()).then_some(full)
+}
+
+#[cgroup_skb(egress)]
+pub fn local_egress(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    let Some(full) = full_socket(&ctx) else {
         return ALLOW;
-    }
+    };
     // SAFETY: a full socket from the helper, valid for the program's run.
     let (kind, proto, state) = unsafe { ((*full).type_, (*full).protocol, (*full).state) };
     let layer = match kind {

@@ -8,14 +8,11 @@
 //! there, so such a packet to a protected port is dropped (or, in audit,
 //! counted and passed). The port judged is the receiving socket's own.
 
-use aya_ebpf::{
-    bindings::bpf_sock, helpers::generated::bpf_sk_fullsock, macros::cgroup_skb,
-    programs::SkBuffContext,
-};
+use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
 use gateway_common::{local_layer, protocol};
 
 use crate::local::{ALLOW, Dest, REFUSE, Source, Who, config, judge, local_port_known, rule_for};
-use crate::local_egress::{LOOPBACK_IFINDEX, load};
+use crate::local_egress::{LOOPBACK_IFINDEX, full_socket, load};
 
 /// The comm an arriving packet's events carry: no task sent it here.
 const ARRIVED: [u8; 16] = *b"(arrived)\0\0\0\0\0\0\0";
@@ -28,16 +25,9 @@ const ETH_P_IPV6: u16 = 0x86DD;
 #[cgroup_skb(ingress)]
 pub fn local_ingress(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: the kernel passes a valid __sk_buff; sk is checked for null.
-    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(full) = full_socket(&ctx) else {
         return ALLOW;
-    }
-    // SAFETY: sk is a non-null socket pointer from the context.
-    let full: *mut bpf_sock = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return ALLOW;
-    }
+    };
     // SAFETY: a full socket from the helper, valid for the program's run.
     let proto = match unsafe { (*full).protocol } {
         6 => protocol::TCP,

@@ -96,22 +96,33 @@ pub fn links() -> io::Result<Vec<Link>> {
     request[6..8].copy_from_slice(&flags.to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     // ifinfomsg: family AF_UNSPEC, everything else 0.
-    send(&fd, &request)?;
+    dump(&fd, &request, RTM_NEWLINK, parse_link)
+}
+
+/// Sends dump `request` and collects what `parse` makes of each answer of
+/// type `kind`, until NLMSG_DONE; bounded so a confused kernel cannot
+/// hang us.
+fn dump<T>(
+    fd: &OwnedFd,
+    request: &[u8],
+    kind: u16,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> io::Result<Vec<T>> {
+    send(fd, request)?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    // A dump ends with NLMSG_DONE; bounded so a confused kernel cannot hang us.
-    for _ in 0..10_000 {
-        let n = recv(&fd, &mut buf, true)?;
-        for (kind, body) in messages(&buf[..n]) {
-            match kind {
+    for _ in 0..100_000 {
+        let n = recv(fd, &mut buf, true)?;
+        for (k, body) in messages(&buf[..n]) {
+            match k {
                 NLMSG_DONE => return Ok(found),
                 NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
-                RTM_NEWLINK => found.extend(parse_link(body)),
+                k if k == kind => found.extend(parse(body)),
                 _ => {}
             }
         }
     }
-    Err(io::Error::other("rtnetlink link dump did not end"))
+    Err(io::Error::other("rtnetlink dump did not end"))
 }
 
 /// The interface named `name`, if there is one.
@@ -270,21 +281,7 @@ fn local_routes(family: u8) -> io::Result<Vec<IpNet>> {
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     request[NLMSG_HDR] = family;
     request[NLMSG_HDR + 4] = RT_TABLE_LOCAL;
-    send(&fd, &request)?;
-    let mut found = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    for _ in 0..100_000 {
-        let n = recv(&fd, &mut buf, true)?;
-        for (kind, body) in messages(&buf[..n]) {
-            match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
-                RTM_NEWROUTE => found.extend(parse_local_route(body)),
-                _ => {}
-            }
-        }
-    }
-    Err(io::Error::other("rtnetlink route dump did not end"))
+    dump(&fd, &request, RTM_NEWROUTE, parse_local_route)
 }
 
 /// A route that delivers to this host, as the prefix it covers.

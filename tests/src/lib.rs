@@ -1306,7 +1306,7 @@ pub struct RaceResult {
 /// times each, as fast as it can. Start it, add the address, then
 /// [`Racer::result`].
 pub struct Racer {
-    pid: i32,
+    child: netns::ForkedChild,
     results: std::os::fd::OwnedFd,
     tries: u32,
 }
@@ -1314,9 +1314,6 @@ pub struct Racer {
 impl Racer {
     pub fn start(cgroup: &Path, tcp: SocketAddr, udp: SocketAddr, tries: u32) -> Racer {
         use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-        use std::os::unix::ffi::OsStrExt as _;
-        let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
-            .expect("cgroup path without NUL");
         let (tcp_at, tcp_len) = netns::sockaddr(tcp);
         let (udp_at, udp_len) = netns::sockaddr(udp);
         let mut ready = [0i32; 2];
@@ -1325,16 +1322,9 @@ impl Racer {
         assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::pipe(results.as_mut_ptr()) }, 0);
-        // SAFETY: the child only makes raw system calls on data prepared
-        // before the fork, then _exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: as above.
+        let child = netns::fork_into(Some(cgroup), || {
+            // SAFETY: raw system calls on data prepared before the fork.
             unsafe {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    libc::_exit(100);
-                }
                 let nl = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
                 let mut sa: libc::sockaddr_nl = std::mem::zeroed();
                 sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -1345,7 +1335,7 @@ impl Racer {
                     size_of::<libc::sockaddr_nl>() as libc::socklen_t,
                 ) != 0
                 {
-                    libc::_exit(101);
+                    return 101;
                 }
                 let bound = libc::timeval {
                     tv_sec: 20,
@@ -1361,39 +1351,12 @@ impl Racer {
                 libc::write(ready[1], b"r".as_ptr().cast(), 1);
                 let mut buf = [0u8; 4096];
                 if libc::recv(nl, buf.as_mut_ptr().cast(), buf.len(), 0) <= 0 {
-                    libc::_exit(102);
+                    return 102;
                 }
                 let (mut connected, mut sent) = (0u32, 0u32);
                 let u = libc::socket(udp_at.ss_family.into(), libc::SOCK_DGRAM, 0);
                 for _ in 0..tries {
-                    let s = libc::socket(
-                        tcp_at.ss_family.into(),
-                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
-                        0,
-                    );
-                    let rc = libc::connect(s, std::ptr::from_ref(&tcp_at).cast(), tcp_len);
-                    let mut ok = rc == 0;
-                    if rc != 0 && *libc::__errno_location() == libc::EINPROGRESS {
-                        let mut p = libc::pollfd {
-                            fd: s,
-                            events: libc::POLLOUT,
-                            revents: 0,
-                        };
-                        if libc::poll(&raw mut p, 1, 20) == 1 {
-                            let mut err: libc::c_int = 0;
-                            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-                            libc::getsockopt(
-                                s,
-                                libc::SOL_SOCKET,
-                                libc::SO_ERROR,
-                                std::ptr::from_mut(&mut err).cast(),
-                                &raw mut len,
-                            );
-                            ok = err == 0;
-                        }
-                    }
-                    connected += u32::from(ok);
-                    libc::close(s);
+                    connected += u32::from(connects(&tcp_at, tcp_len));
                     let n = libc::sendto(
                         u,
                         b"race".as_ptr().cast(),
@@ -1408,10 +1371,9 @@ impl Racer {
                 out[..4].copy_from_slice(&connected.to_ne_bytes());
                 out[4..].copy_from_slice(&sent.to_ne_bytes());
                 libc::write(results[1], out.as_ptr().cast(), 8);
-                libc::_exit(0);
+                0
             }
-        }
-        assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        });
         // SAFETY: descriptors from pipe(), ours alone from here.
         let (ready_r, results_r) = unsafe {
             libc::close(ready[1]);
@@ -1426,7 +1388,7 @@ impl Racer {
         let n = unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
         assert_eq!(n, 1, "the racer is listening");
         Racer {
-            pid,
+            child,
             results: results_r,
             tries,
         }
@@ -1438,11 +1400,8 @@ impl Racer {
         let mut out = [0u8; 8];
         // SAFETY: a valid buffer of the size passed.
         let n = unsafe { libc::read(self.results.as_raw_fd(), out.as_mut_ptr().cast(), 8) };
-        let mut status = 0;
-        // SAFETY: waiting for the child this value forked.
-        unsafe { libc::waitpid(self.pid, &raw mut status, 0) };
         assert_eq!(
-            (n, libc::WEXITSTATUS(status)),
+            (n, self.child.wait()),
             (8, 0),
             "the racer saw the address appear and reported"
         );
@@ -1451,5 +1410,41 @@ impl Racer {
             sent: u32::from_ne_bytes([out[4], out[5], out[6], out[7]]),
             tries: self.tries,
         }
+    }
+}
+
+/// Whether a non-blocking TCP connect to `at` completes within 20 ms (raw
+/// system calls only: it runs in forked children).
+fn connects(at: &libc::sockaddr_storage, len: libc::socklen_t) -> bool {
+    // SAFETY: raw system calls on valid pointers.
+    unsafe {
+        let s = libc::socket(
+            i32::from(at.ss_family),
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+            0,
+        );
+        let rc = libc::connect(s, std::ptr::from_ref(at).cast(), len);
+        let mut ok = rc == 0;
+        if rc != 0 && *libc::__errno_location() == libc::EINPROGRESS {
+            let mut p = libc::pollfd {
+                fd: s,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            if libc::poll(&raw mut p, 1, 20) == 1 {
+                let mut err: libc::c_int = 0;
+                let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+                libc::getsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    std::ptr::from_mut(&mut err).cast(),
+                    &raw mut len,
+                );
+                ok = err == 0;
+            }
+        }
+        libc::close(s);
+        ok
     }
 }

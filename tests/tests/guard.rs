@@ -206,6 +206,15 @@ async fn backends_are_reachable_only_through_the_gateway() {
     );
 }
 
+/// A gateway with an admin endpoint, an enforcing guard (`guard_extra`
+/// lines added) and one route to `backend`.
+fn gateway_toml(cg: &Cgroups, pki: &Pki, backend: &EchoBackend, guard_extra: &str) -> String {
+    "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(cg, "enforce", guard_extra)
+        + &listener_toml(pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+}
+
 /// `[guard]` for the test's cgroups, with `enforcement` and extra lines.
 fn guard_section(cg: &Cgroups, enforcement: &str, extra: &str) -> String {
     format!(
@@ -445,10 +454,12 @@ async fn connections_older_than_the_guard_are_closed_when_it_enforces() {
     udp.send(b"before")
         .expect("the old UDP socket sends before the guard");
 
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", &format!("protect = [\"udp:{udp_addr}\"]\n"))
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(
+        &cg,
+        &pki,
+        &backend,
+        &format!("protect = [\"udp:{udp_addr}\"]\n"),
+    );
     let gw = RunningGateway::start(&pki, &toml).await;
     let after = tcp
         .write_all(b"after!")
@@ -495,10 +506,7 @@ async fn the_gateway_keeps_its_cgroup_to_itself() {
     let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(&cg, &pki, &backend, "");
     std::fs::create_dir(cg.path("gw")).expect("the gateway's cgroup");
     let squatter = sleeper_in(&cg.path("gw"));
     let config = gateway::Config::parse(
@@ -541,25 +549,10 @@ async fn the_gateway_keeps_its_cgroup_to_itself() {
 /// decides what names resolve to without touching the host's file.
 fn with_hosts_file<T: Send + 'static>(hosts: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: unshare and mount on valid NUL-terminated strings; they
-        // affect only this thread (and threads it creates).
+        gateway_tests::netns::private_mounts();
+        // SAFETY: mount on valid NUL-terminated strings, in this thread's
+        // own mount namespace.
         unsafe {
-            assert_eq!(
-                libc::unshare(libc::CLONE_NEWNS),
-                0,
-                "unshare mount namespace"
-            );
-            assert_eq!(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null()
-                ),
-                0,
-                "make mounts private"
-            );
             let source = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
             assert_eq!(
                 libc::mount(
@@ -682,10 +675,7 @@ async fn a_flood_of_connects_does_not_hide_another_process() {
     // One summary period for the whole test: the last summary, when the
     // gateway stops, holds every attempt.
     let every_local = backend.addr.port();
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "summary_every = \"1h\"\n")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(&cg, &pki, &backend, "summary_every = \"1h\"\n");
     let gw = RunningGateway::start(&pki, &toml).await;
     let guard = gw.guard.clone().expect("guard");
     let mut summaries = guard.summaries();
@@ -731,10 +721,7 @@ async fn a_detached_program_or_a_removed_pin_is_put_back() {
     let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(&cg, &pki, &backend, "");
     let gw = RunningGateway::start(&pki, &toml).await;
     let bypass = || connect_from(&cg.path("other"), backend.addr);
     bypass().expect_err("protected");

@@ -480,27 +480,21 @@ fn nat_on_this_host_does_not_open_a_way_around() {
 fn mkdir_as_nobody(path: &std::path::Path) {
     use std::os::unix::ffi::OsStrExt as _;
     let at = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
-    // SAFETY: the child only makes raw system calls on data prepared before
-    // the fork, then _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: as above.
+    let made = fork_into(None, || {
+        // SAFETY: raw system calls on data prepared before the fork.
         unsafe {
             if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                libc::_exit(100);
+                return 100;
             }
-            libc::_exit(if libc::mkdir(at.as_ptr(), 0o755) == 0 {
+            if libc::mkdir(at.as_ptr(), 0o755) == 0 {
                 0
             } else {
                 101
-            });
+            }
         }
-    }
-    let mut status = 0;
-    // SAFETY: waiting for the child just forked.
-    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    });
     assert_eq!(
-        libc::WEXITSTATUS(status),
+        made.wait(),
         0,
         "nobody could not mkdir {} (the attack's premise: a world-writable bpffs)",
         path.display()
@@ -638,22 +632,10 @@ fn bpffs_the_guard_mounts_is_root_s_alone() {
             .spawn(|| {
                 // A mount namespace of this thread's own, without bpffs: as a
                 // host where nothing mounted it yet.
-                // SAFETY: unshare, mount and umount2 on valid NUL-terminated
-                // strings; they change only this thread's view.
-                unsafe {
-                    assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
-                    assert_eq!(
-                        libc::mount(
-                            std::ptr::null(),
-                            c"/".as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_REC | libc::MS_PRIVATE,
-                            std::ptr::null()
-                        ),
-                        0
-                    );
-                    while libc::umount2(c"/sys/fs/bpf".as_ptr(), libc::MNT_DETACH) == 0 {}
-                }
+                private_mounts();
+                // SAFETY: umount2 on a valid NUL-terminated path, in this
+                // thread's own mount namespace.
+                while unsafe { libc::umount2(c"/sys/fs/bpf".as_ptr(), libc::MNT_DETACH) } == 0 {}
                 let mut spec = host.spec(vec![at.into()]);
                 spec.pin_dir = Some(PathBuf::from("/sys/fs/bpf/gateway"));
                 let _guard = host.install(&spec);
@@ -755,26 +737,7 @@ fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
     let tun = host.ns.run(|| Tun::create("tunr"));
     host.ns.ip("addr add 10.208.0.1/24 dev tunr");
     host.ns.ip("link set tunr up");
-    let c = Netns::new("glac");
-    ip(&[
-        "link",
-        "add",
-        "c0",
-        "netns",
-        c.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "h0",
-        "netns",
-        host.ns.name(),
-    ]);
-    c.ip("link set c0 up");
-    host.ns.ip("link set h0 up");
-    host.ns.ip("addr add 10.209.0.1/24 dev h0");
-    c.ip("addr add 10.209.0.2/24 dev c0");
-    c.ip("route add default via 10.209.0.1");
+    let c = container_of(&host.ns, "glac", "h0", "10.209.0.1", "10.209.0.2");
     let from_tun = |to: Ipv4Addr, data: &[u8]| {
         tun.inject(&udp_packet(
             Ipv4Addr::new(10, 208, 0, 2).into(),
@@ -865,34 +828,22 @@ fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
 /// One connect to `to` as each of `uids` distinct real uids, from a child
 /// in `cgroup` (root keeps its effective uid, so it may switch on).
 fn connect_as_many_uids(cgroup: &std::path::Path, to: SocketAddr, uids: std::ops::Range<u32>) {
-    use std::os::unix::ffi::OsStrExt as _;
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
     let (storage, len) = sockaddr(to);
-    // SAFETY: the child only makes raw system calls on data prepared before
-    // the fork, then _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: as above.
-        unsafe {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                libc::_exit(100);
-            }
-            for uid in uids {
+    let flood = fork_into(Some(cgroup), || {
+        for uid in uids {
+            // SAFETY: raw system calls on data prepared before the fork.
+            unsafe {
                 if libc::setresuid(uid, 0, 0) != 0 {
-                    libc::_exit(101);
+                    return 101;
                 }
                 let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 libc::connect(s, std::ptr::from_ref(&storage).cast(), len);
                 libc::close(s);
             }
-            libc::_exit(0);
         }
-    }
-    let mut status = 0;
-    // SAFETY: waiting for the child just forked.
-    unsafe { libc::waitpid(pid, &raw mut status, 0) };
-    assert_eq!(libc::WEXITSTATUS(status), 0, "the uid flood ran");
+        0
+    });
+    assert_eq!(flood.wait(), 0, "the uid flood ran");
 }
 
 #[test]

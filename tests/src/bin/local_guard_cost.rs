@@ -23,20 +23,12 @@ use gateway_tests::netns::*;
 /// Sends `packets` UDP datagrams of 64 bytes to `to` from a child in
 /// `cgroup` (so the egress program judges each as the guarded subtree's).
 fn udp_from(cgroup: &Path, to: SocketAddr, packets: u64) {
-    use std::os::unix::ffi::OsStrExt as _;
-    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes()).unwrap();
     let (at, len) = sockaddr(to);
-    // SAFETY: the child only makes raw system calls, then _exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: as above.
+    let sender = fork_into(Some(cgroup), || {
+        let data = [0u8; 64];
+        // SAFETY: raw system calls on data prepared before the fork.
         unsafe {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                libc::_exit(1);
-            }
             let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
-            let data = [0u8; 64];
             for _ in 0..packets {
                 libc::sendto(
                     s,
@@ -47,12 +39,10 @@ fn udp_from(cgroup: &Path, to: SocketAddr, packets: u64) {
                     len,
                 );
             }
-            libc::_exit(0);
         }
-    }
-    let mut status = 0;
-    // SAFETY: waiting for the child just forked.
-    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        0
+    });
+    assert_eq!(sender.wait(), 0, "the sender joined its cgroup");
 }
 
 fn stats(guard: &LocalGuard) -> Vec<(&'static str, u64, u128)> {
