@@ -8,8 +8,8 @@
 //! there, so such a packet to a protected port is dropped (or, in audit,
 //! counted and passed). The port judged is the receiving socket's own.
 
-use aya_ebpf::{macros::cgroup_skb, programs::SkBuffContext};
-use gateway_common::{local_layer, protocol};
+use aya_ebpf::{bindings::BPF_TCP_LISTEN, macros::cgroup_skb, programs::SkBuffContext};
+use gateway_common::{enforcement, local_layer, protocol};
 
 use crate::local::{ALLOW, Dest, REFUSE, Source, Who, config, judge, local_port_known, rule_for};
 use crate::local_egress::{LOOPBACK_IFINDEX, full_socket, load};
@@ -29,7 +29,8 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
         return ALLOW;
     };
     // SAFETY: a full socket from the helper, valid for the program's run.
-    let proto = match unsafe { (*full).protocol } {
+    let (proto, state) = unsafe { ((*full).protocol, (*full).state) };
+    let proto = match proto {
         6 => protocol::TCP,
         17 => protocol::UDP,
         _ => return ALLOW,
@@ -72,6 +73,14 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
     let Some(rule) = rule_for(&dest, false) else {
         return ALLOW;
     };
+    if config.enforcement == enforcement::AUDIT
+        && proto == protocol::TCP
+        && !(state == BPF_TCP_LISTEN && is_syn(&ctx, &dest))
+    {
+        // In audit a connection from outside counts once, at its SYN, not
+        // per packet (when enforcing, every packet is dropped and counted).
+        return ALLOW;
+    }
     let who = Who {
         cgroup: 0,
         uid: gateway_common::ANY_UID,
@@ -80,6 +89,20 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
         cookie: 0,
     };
     judge(rule, &dest, &who, local_layer::INGRESS, source)
+}
+
+/// Whether a TCP packet is a SYN without ACK (its header right after the
+/// IP header; behind IPv6 extension headers it counts as one).
+fn is_syn(ctx: &SkBuffContext, dest: &Dest) -> bool {
+    let l4 = if dest.family == 4 {
+        match load::<1>(ctx, 0) {
+            Ok([v]) => usize::from(v & 0x0f) * 4,
+            Err(()) => return true,
+        }
+    } else {
+        40
+    };
+    load::<1>(ctx, l4 + 13).map_or(true, |[flags]| flags & 0x12 == 0x02)
 }
 
 fn addresses_v4(ctx: &SkBuffContext, port: u16, proto: u8) -> Result<(Dest, Source), ()> {

@@ -823,6 +823,22 @@ fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
         "the gateway's datagram arrived"
     );
     assert!(guard.counters().unwrap().refused >= 5);
+
+    // In audit a connection from outside is let through and counted once,
+    // at its SYN, not per packet.
+    let mut spec = host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]);
+    spec.enforcement = Enforcement::Audit;
+    guard.update(&spec).expect("audit");
+    let before = guard.counters().unwrap().audited;
+    from_container(HOST_V4).expect("audit lets the container in");
+    assert_eq!(
+        guard.counters().unwrap().audited - before,
+        1,
+        "one connection, one attempt"
+    );
 }
 
 /// One connect to `to` as each of `uids` distinct real uids, from a child
