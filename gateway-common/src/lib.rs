@@ -112,11 +112,27 @@ pub const EVERY_LOCAL_ADDRESS: u32 = 1 << 31;
 /// treats as "this host".
 pub const MAX_LOCAL_ADDRESSES: u32 = 4096;
 
+/// Where the local guard judged an attempt.
+pub mod local_layer {
+    /// At connect() or sendmsg() (a process naming a destination).
+    pub const CALL: u8 = 0;
+    /// A TCP SYN or UDP datagram on its way out, by its final (after NAT)
+    /// header.
+    pub const EGRESS: u8 = 1;
+    /// A raw socket's own packet on its way out.
+    pub const RAW: u8 = 2;
+    /// A packet arriving at a local backend's socket from outside this
+    /// host's own sockets (another host, a tunnel, a tun device, a VM, a
+    /// container's namespace).
+    pub const INGRESS: u8 = 3;
+}
+
 /// A bypass attempt, as the guard reports it through its ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BypassEvent {
-    /// Thread-group id (what userspace calls the pid).
+    /// Thread-group id (what userspace calls the pid); 0 where no task
+    /// could be asked (packets).
     pub pid: u32,
     pub uid: u32,
     pub cgroup: u64,
@@ -131,9 +147,17 @@ pub struct BypassEvent {
     /// [`protocol::TCP`] (a connect) or [`protocol::UDP`] (a connect or a
     /// datagram sent).
     pub protocol: u8,
-    pub _pad: u16,
+    /// One of [`local_layer`].
+    pub layer: u8,
+    pub _pad: u8,
     /// The task's command name, NUL-padded.
     pub comm: [u8; 16],
+    /// Where an arriving packet came from ([`local_layer::INGRESS`] only),
+    /// network byte order; IPv4 uses the first word.
+    pub source: [u32; 4],
+    /// Its source port, network byte order.
+    pub source_port: u16,
+    pub _pad2: [u8; 6],
 }
 
 /// At most this many bypass events per CPU per second reach userspace; the
@@ -258,7 +282,7 @@ pub struct SourceKey {
     pub protocol: u8,
 }
 
-/// The tally of one [`SourceKey`] (or [`LocalSourceKey`]).
+/// The tally of one [`SourceKey`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SourceTally {
@@ -270,25 +294,39 @@ pub struct SourceTally {
 }
 
 /// Who tried a protected backend around the gateway on its host, as the
-/// local guard's per-source tally keys it: the process's cgroup and uid,
-/// and where it was going.
+/// local guard's per-source tally keys it: the process's cgroup and uid
+/// (not where it went, so a flood of destinations is one source). Packets
+/// that arrived from outside this host's sockets are tallied under cgroup
+/// 0 and [`ANY_UID`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LocalSourceKey {
     pub cgroup: u64,
     pub uid: u32,
-    /// Destination port, network byte order.
+    pub _pad: u32,
+}
+
+/// The tally of one [`LocalSourceKey`]: how often, and where it went last.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalTally {
+    pub attempts: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// The latest destination, network byte order; IPv4 uses word 0.
+    pub addr: [u32; 4],
+    /// Network byte order.
     pub port: u16,
     /// [`protocol::TCP`] or [`protocol::UDP`].
     pub protocol: u8,
     /// 4 or 6.
     pub family: u8,
-    /// Destination address, network byte order; IPv4 uses word 0.
-    pub addr: [u32; 4],
+    pub _pad: u32,
 }
 
-/// Sources the tallies hold at once (LRU: under a flood of spoofed sources
-/// the oldest go first; the log says how many were lost).
+/// Sources the tallies hold per summary period. The first ones seen stay
+/// (a flood of new sources cannot push out one already tallied); attempts
+/// of sources that find the tally full are counted, not named.
 pub const MAX_TALLIED_SOURCES: u32 = 16384;
 
 #[cfg(feature = "user")]
@@ -302,7 +340,7 @@ mod user {
     unsafe impl aya::Pod for super::GuardConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LocalPort {}
-    // SAFETY: as above (56 bytes, no implicit padding).
+    // SAFETY: as above (80 bytes, no implicit padding).
     unsafe impl aya::Pod for super::BypassEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::IngressConfig {}
@@ -314,6 +352,8 @@ mod user {
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: as above (24 bytes).
     unsafe impl aya::Pod for super::SourceTally {}
-    // SAFETY: as above (32 bytes, no implicit padding).
+    // SAFETY: as above (16 bytes, no implicit padding).
     unsafe impl aya::Pod for super::LocalSourceKey {}
+    // SAFETY: as above (48 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::LocalTally {}
 }

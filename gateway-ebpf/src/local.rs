@@ -1,5 +1,7 @@
 //! The local guard's maps and judgement, shared by the sock_addr hooks
-//! (connect, sendmsg) and the raw-socket egress program.
+//! (connect, sendmsg), the egress program (TCP SYNs, UDP datagrams and raw
+//! sockets' packets by their final header) and the ingress program
+//! (packets that reach a local backend from outside this host's sockets).
 //!
 //! A destination is protected when (protocol, address, port) is a protected
 //! backend, or when the address is this host's (loopback, the host's own
@@ -9,18 +11,20 @@
 //! too. IPv4-mapped IPv6 addresses are judged as the IPv4 address they are.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid,
     },
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key,
+    },
 };
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
-    MAX_TALLIED_SOURCES, SourceTally, enforcement,
+    LocalPort, LocalSourceKey, LocalTally, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    MAX_TALLIED_SOURCES, enforcement, local_layer,
 };
 
 use crate::budget::{bump, now_ns, within_budget};
@@ -70,17 +74,47 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 #[map]
 static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
-/// Every bypass attempt, tallied per (cgroup, uid, destination) and CPU:
-/// userspace logs the tallies, so each process is named even when another
-/// used up the event budget with a flood of connects.
+/// Every bypass attempt, tallied per (cgroup, uid) and CPU: userspace
+/// logs and empties the tallies every summary period, so each process is
+/// named even when another used up the event budget. Not an LRU: the
+/// first sources of a period stay, and what finds it full is counted in
+/// TALLY_UNTALLIED.
 #[map]
-static LOCAL_SOURCES: LruPerCpuHashMap<LocalSourceKey, SourceTally> =
-    LruPerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+static LOCAL_TALLIES: PerCpuHashMap<LocalSourceKey, LocalTally> =
+    PerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+
+/// Attempts whose source found the tallies full.
+#[map]
+static TALLY_UNTALLIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where a new tally is put together before it goes into LOCAL_TALLIES.
+#[map]
+static TALLY_SCRATCH: PerCpuArray<LocalTally> = PerCpuArray::with_max_entries(1, 0);
 
 /// Refusals (and audited would-be refusals) per rule: IPv4 rules first,
 /// IPv6 rules from MAX_RULES on.
 #[map]
 static RULE_REFUSALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * MAX_RULES, 0);
+
+/// In audit, what a connect() or sendmsg() hook last let through per
+/// socket (by cookie): its packet then passes the egress program without
+/// being counted a second time. Only a destination the hooks never saw
+/// (rewritten by NAT on the way) is counted there. Not pinned: it matters
+/// only between a call and its packet.
+#[map]
+static AUDITED_CALLS: LruHashMap<u64, Audited> = LruHashMap::with_max_entries(4096, 0);
+
+/// A destination a hook let through in audit, as the packet will carry it:
+/// IPv4-mapped addresses as IPv4, the wildcard as "any local address".
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct Audited {
+    addr: [u32; 4],
+    port: u16,
+    protocol: u8,
+    /// 4 or 6; 0 for the wildcard (the kernel picks a local address).
+    family: u8,
+}
 
 /// Who is trying: the task making a connect or sendmsg, or the owner of a
 /// raw socket whose packet is leaving (egress programs run where no task
@@ -90,17 +124,21 @@ pub struct Who {
     pub uid: u32,
     pub pid: u32,
     pub comm: [u8; 16],
+    /// The socket's cookie (0: none asked), which ties a call the hooks
+    /// audited to its packet.
+    pub cookie: u64,
 }
 
 impl Who {
-    /// The task making the call.
-    pub fn current() -> Who {
+    /// The task making the call on the socket with `cookie`.
+    pub fn current(cookie: u64) -> Who {
         Who {
             // SAFETY: the helper has no preconditions in cgroup programs.
             cgroup: unsafe { bpf_get_current_cgroup_id() },
             uid: bpf_get_current_uid_gid() as u32,
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
             comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            cookie,
         }
     }
 }
@@ -112,6 +150,21 @@ pub struct Dest {
     /// Network byte order.
     pub port: u16,
     pub protocol: u8,
+}
+
+/// Where a packet came from (arriving packets only), for the event.
+#[derive(Clone, Copy)]
+pub struct Source {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+}
+
+impl Source {
+    pub const NONE: Source = Source {
+        addr: [0; 4],
+        port: 0,
+    };
 }
 
 pub fn seen() {
@@ -188,6 +241,18 @@ fn rule_v6(addr: [u32; 4], port: u16, protocol: u8) -> Option<u32> {
     None
 }
 
+/// Whether `port` (network byte order) and `protocol` are a local
+/// backend's.
+pub fn local_port_known(port: u16, protocol: u8) -> bool {
+    let key = LocalPort {
+        port,
+        protocol,
+        _pad: 0,
+    };
+    // SAFETY: only presence is read.
+    unsafe { LOCAL_PORTS.get(&key) }.is_some()
+}
+
 /// A local address with a port of a backend on this host: judged when the
 /// rule covers every local address, or when the address is one that lands
 /// on any of them (`anywhere_here`).
@@ -202,38 +267,68 @@ fn local_rule(port: u16, protocol: u8, anywhere_here: bool) -> Option<u32> {
     (anywhere_here || value & EVERY_LOCAL_ADDRESS != 0).then_some(value & !EVERY_LOCAL_ADDRESS)
 }
 
-/// The verdict on reaching `dest`: judged when a rule covers it (`who`
-/// is asked only then), else allowed.
-pub fn verdict(dest: &Dest, who: impl FnOnce() -> Who) -> i32 {
+/// The rule covering `dest`, if any. `on_loopback`: the packet is being
+/// routed to this host (it leaves through `lo`), so whatever its address,
+/// a local backend's port is judged: an address the maps do not know yet
+/// (just added, an AnyIP route) lands here too.
+pub fn rule_for(dest: &Dest, on_loopback: bool) -> Option<u32> {
     let rule = if dest.family == 4 {
         rule_v4(dest.addr[0], dest.port, dest.protocol)
     } else {
         rule_v6(dest.addr, dest.port, dest.protocol)
     };
     match rule {
-        Some(rule) => judge(rule, dest, &who()),
+        Some(rule) => Some(rule),
+        None if on_loopback => local_rule(dest.port, dest.protocol, false),
+        None => None,
+    }
+}
+
+/// The verdict on a connect() or sendmsg() to `dest`: judged when a rule
+/// covers it (`who` is asked only then), else allowed.
+pub fn verdict(dest: &Dest, who: impl FnOnce() -> Who) -> i32 {
+    match rule_for(dest, false) {
+        Some(rule) => judge(rule, dest, &who(), local_layer::CALL, Source::NONE),
         None => ALLOW,
     }
 }
 
-/// A connect (or datagram, or raw packet) to a protected destination: the
-/// gateway's cgroup passes, anyone else is refused (or audited).
-fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
-    let Some(config) = GUARD_CONFIG.get(0) else {
+/// Whether the gateway (its cgroup, and uid when configured) is `who`.
+pub fn is_gateway(config: &GuardConfig, who: &Who) -> bool {
+    who.cgroup == config.gateway_cgroup
+        && (config.gateway_uid == ANY_UID || who.uid == config.gateway_uid)
+}
+
+pub fn config() -> Option<&'static GuardConfig> {
+    GUARD_CONFIG.get(0)
+}
+
+/// An attempt on a protected destination (`rule`): the gateway passes,
+/// anyone else is refused (or audited), counted, tallied and reported.
+pub fn judge(rule: u32, dest: &Dest, who: &Who, layer: u8, source: Source) -> i32 {
+    let Some(config) = config() else {
         // No config yet: refuse rather than guess (fail closed).
         return REFUSE;
     };
-    if who.cgroup == config.gateway_cgroup
-        && (config.gateway_uid == ANY_UID || who.uid == config.gateway_uid)
-    {
-        bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
+    if is_gateway(config, who) {
+        // A TCP SYN or UDP datagram of the gateway's was counted at its
+        // connect() or sendmsg().
+        if layer != local_layer::EGRESS {
+            bump(&GUARD_COUNTERS, GuardCounter::Allowed as u32);
+        }
+        return ALLOW;
+    }
+    let audited = config.enforcement == enforcement::AUDIT;
+    if audited && layer == local_layer::EGRESS && already_audited(who.cookie, dest) {
         return ALLOW;
     }
     bump(&RULE_REFUSALS, rule);
-    let audited = config.enforcement == enforcement::AUDIT;
     tally(who.cgroup, who.uid, dest);
-    report(who, dest, audited);
+    report(who, dest, audited, layer, source);
     if audited {
+        if layer == local_layer::CALL && who.cookie != 0 {
+            remember_audited(who.cookie, dest);
+        }
         bump(&GUARD_COUNTERS, GuardCounter::Audited as u32);
         ALLOW
     } else {
@@ -242,53 +337,132 @@ fn judge(rule: u32, dest: &Dest, who: &Who) -> i32 {
     }
 }
 
-/// Adds the attempt to its source's tally.
+/// `dest` as its packet will carry it.
+fn as_sent(dest: &Dest) -> Audited {
+    let mut a = Audited {
+        addr: dest.addr,
+        port: dest.port,
+        protocol: dest.protocol,
+        family: dest.family as u8,
+    };
+    if a.family == 6 && a.addr[0] == 0 && a.addr[1] == 0 && a.addr[2] == MAPPED_PREFIX {
+        a.addr = [a.addr[3], 0, 0, 0];
+        a.family = 4;
+    }
+    if a.addr[0] == 0 && a.addr[1] == 0 && a.addr[2] == 0 && a.addr[3] == 0 {
+        // 0.0.0.0, ::, ::ffff:0.0.0.0: the kernel picks a local address.
+        a.family = 0;
+    }
+    a
+}
+
+fn remember_audited(cookie: u64, dest: &Dest) {
+    let _ = AUDITED_CALLS.insert(&cookie, &as_sent(dest), 0);
+}
+
+/// Whether the packet to `dest` of the socket with `cookie` is one a hook
+/// already audited (so it is not counted twice).
+fn already_audited(cookie: u64, dest: &Dest) -> bool {
+    // SAFETY: the value is copied out at once.
+    let Some(seen) = (unsafe { AUDITED_CALLS.get(&cookie) }) else {
+        return false;
+    };
+    let sent = as_sent(dest);
+    if seen.port != sent.port || seen.protocol != sent.protocol {
+        return false;
+    }
+    // A wildcard call lands on a local address, which the egress program
+    // judges by port.
+    seen.family == 0
+        || (seen.family == sent.family
+            && seen.addr[0] == sent.addr[0]
+            && seen.addr[1] == sent.addr[1]
+            && seen.addr[2] == sent.addr[2]
+            && seen.addr[3] == sent.addr[3])
+}
+
+/// Adds the attempt to its source's tally (or, when the tally is full,
+/// to the untallied count).
 fn tally(cgroup: u64, uid: u32, dest: &Dest) {
     let key = LocalSourceKey {
         cgroup,
         uid,
-        port: dest.port,
-        protocol: dest.protocol,
-        family: dest.family as u8,
-        addr: dest.addr,
+        _pad: 0,
     };
     let now = now_ns();
-    if let Some(t) = LOCAL_SOURCES.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value, from the lookup, valid for the
-        // program's run; per-CPU values have no concurrent writer.
-        unsafe {
-            (*t).attempts += 1;
-            (*t).last_ns = now;
+    for _ in 0..2 {
+        if let Some(t) = LOCAL_TALLIES.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value, from the lookup, valid for the
+            // program's run; per-CPU values have no concurrent writer.
+            unsafe {
+                (*t).attempts += 1;
+                (*t).last_ns = now;
+                (*t).addr = dest.addr;
+                (*t).port = dest.port;
+                (*t).protocol = dest.protocol;
+                (*t).family = dest.family as u8;
+            }
+            return;
         }
-        return;
+        // Built in a per-CPU scratch slot, not on the stack.
+        let Some(fresh) = TALLY_SCRATCH.get_ptr_mut(0) else {
+            break;
+        };
+        // SAFETY: this CPU's scratch slot, valid for the program's run,
+        // no concurrent writer.
+        let fresh = unsafe {
+            *fresh = LocalTally {
+                attempts: 1,
+                first_ns: now,
+                last_ns: now,
+                addr: dest.addr,
+                port: dest.port,
+                protocol: dest.protocol,
+                family: dest.family as u8,
+                _pad: 0,
+            };
+            &*fresh
+        };
+        if LOCAL_TALLIES
+            .insert(&key, fresh, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return;
+        }
+        // Another CPU put the key in first (then it is there now), or
+        // the tally is full.
     }
-    let fresh = SourceTally {
-        attempts: 1,
-        first_ns: now,
-        last_ns: now,
-    };
-    let _ = LOCAL_SOURCES.insert(&key, &fresh, 0);
+    bump(&TALLY_UNTALLIED, 0);
 }
 
 /// Sends a bypass event unless this CPU already sent its share this second.
-fn report(who: &Who, dest: &Dest, audited: bool) {
+fn report(who: &Who, dest: &Dest, audited: bool, layer: u8, source: Source) {
     if !within_budget(&EVENT_BUDGET) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<BypassEvent>(0) else {
         return;
     };
-    entry.write(BypassEvent {
-        pid: who.pid,
-        uid: who.uid,
-        cgroup: who.cgroup,
-        addr: dest.addr,
-        family: dest.family,
-        port: dest.port,
-        audited: audited as u8,
-        protocol: dest.protocol,
-        _pad: 0,
-        comm: who.comm,
-    });
+    // Field by field into the ring buffer: a whole event built on the
+    // stack first would not fit beside the callers' frames.
+    let e = entry.as_mut_ptr();
+    // SAFETY: e points at a reserved entry of the event's size, ours until
+    // submitted; every field is written before it is.
+    unsafe {
+        (*e).pid = who.pid;
+        (*e).uid = who.uid;
+        (*e).cgroup = who.cgroup;
+        (*e).addr = dest.addr;
+        (*e).family = dest.family;
+        (*e).port = dest.port;
+        (*e).audited = audited as u8;
+        (*e).protocol = dest.protocol;
+        (*e).layer = layer;
+        (*e)._pad = 0;
+        (*e).comm = who.comm;
+        (*e).source = source.addr;
+        (*e).source_port = source.port;
+        (*e)._pad2 = [0; 6];
+    }
     entry.submit(0);
 }

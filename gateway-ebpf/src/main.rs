@@ -5,8 +5,11 @@
 //! to, `sendmsg4`/`sendmsg6` on every UDP datagram sent with an address.
 //! Reaching a protected backend passes only from the gateway's own cgroup;
 //! from anywhere else it is refused with EPERM (or, in audit, counted and
-//! let through). `raw_egress` does the same for packets that raw sockets
-//! build themselves. What they share (maps, the judgement) is in `local`.
+//! let through). `local_egress` does the same for packets on their way out,
+//! by their final headers (after NAT; raw sockets' own), and
+//! `local_ingress` for packets that reach a local backend from outside this
+//! host's sockets (other hosts, tunnels, tun devices, containers). What
+//! they share (maps, the judgement) is in `local`.
 //!
 //! The remote guard (on a backend host): `tc_ingress` is a TC classifier on
 //! the interfaces, the early layer; `sock_ingress` a `cgroup_skb/ingress`
@@ -18,7 +21,8 @@
 
 mod budget;
 mod local;
-mod raw_egress;
+mod local_egress;
+mod local_ingress;
 mod remote;
 mod sock_addr;
 mod sock_ingress;

@@ -6,7 +6,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
 };
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, LinkKind, MAX_ALLOWED_SOURCES, MAX_INTERFACES,
@@ -57,10 +57,17 @@ pub static INGRESS_LINKS: HashMap<u32, LinkKind> =
 
 /// Every bypass attempt, tallied per (source, port) and CPU: userspace
 /// takes and logs the tallies, so each source is named even when a flood
-/// of others used up the event budget.
+/// of others used up the event budget. Not an LRU: the first sources of a
+/// summary period stay (a flood of spoofed ones cannot push out a real one
+/// already seen), and attempts that find it full are counted in
+/// INGRESS_UNTALLIED.
 #[map]
-static INGRESS_SOURCES: LruPerCpuHashMap<SourceKey, SourceTally> =
-    LruPerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+static INGRESS_TALLIES: PerCpuHashMap<SourceKey, SourceTally> =
+    PerCpuHashMap::with_max_entries(MAX_TALLIED_SOURCES, 0);
+
+/// Attempts whose source found the tallies full.
+#[map]
+static INGRESS_UNTALLIED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -185,7 +192,8 @@ fn source_allowed(flow: &Flow) -> bool {
     }
 }
 
-/// Adds the attempt to its source's tally; true when the source is new.
+/// Adds the attempt to its source's tally (or, when the tally is full, to
+/// the untallied count); true when the source is new.
 fn tally(flow: &Flow) -> bool {
     let key = SourceKey {
         addr: flow.src,
@@ -194,23 +202,31 @@ fn tally(flow: &Flow) -> bool {
         protocol: flow.protocol,
     };
     let now = now_ns();
-    if let Some(t) = INGRESS_SOURCES.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value, from the lookup, valid for the
-        // program's run; per-CPU values have no concurrent writer.
-        unsafe {
-            (*t).attempts += 1;
-            (*t).last_ns = now;
+    for _ in 0..2 {
+        if let Some(t) = INGRESS_TALLIES.get_ptr_mut(&key) {
+            // SAFETY: this CPU's value, from the lookup, valid for the
+            // program's run; per-CPU values have no concurrent writer.
+            unsafe {
+                (*t).attempts += 1;
+                (*t).last_ns = now;
+            }
+            return false;
         }
-        return false;
+        let fresh = SourceTally {
+            attempts: 1,
+            first_ns: now,
+            last_ns: now,
+        };
+        if INGRESS_TALLIES
+            .insert(&key, &fresh, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return true;
+        }
     }
-    let fresh = SourceTally {
-        attempts: 1,
-        first_ns: now,
-        last_ns: now,
-    };
-    INGRESS_SOURCES
-        .insert(&key, &fresh, u64::from(BPF_NOEXIST))
-        .is_ok()
+    bump(&INGRESS_UNTALLIED, 0);
+    // Not named in any summary: at least the event (within its budget).
+    true
 }
 
 /// Sends a bypass event unless this CPU already sent its share this second.

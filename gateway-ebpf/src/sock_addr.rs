@@ -3,7 +3,9 @@
 //! sent with an address, which reaches a UDP backend without any connect).
 //! io_uring's connect goes through the same hooks.
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use gateway_common::protocol;
 
 use crate::local::{ALLOW, Dest, Who, seen, verdict};
@@ -26,6 +28,14 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     judge_v6(&ctx)
+}
+
+/// The task making the call, and the socket's cookie (which ties an audited
+/// call to its packet at the egress program).
+fn caller(ctx: &SockAddrContext) -> Who {
+    // SAFETY: the helper takes the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    Who::current(cookie)
 }
 
 /// The socket's protocol as the maps key it; other protocols (ICMP, SCTP)
@@ -54,7 +64,7 @@ fn judge_v4(ctx: &SockAddrContext) -> i32 {
             port,
             protocol,
         },
-        Who::current,
+        || caller(ctx),
     )
 }
 
@@ -79,6 +89,6 @@ fn judge_v6(ctx: &SockAddrContext) -> i32 {
             port,
             protocol,
         },
-        Who::current,
+        || caller(ctx),
     )
 }

@@ -10,7 +10,7 @@
 //! or pin directory, a rule set the maps cannot hold) is refused and the
 //! guard stays exactly as it was.
 
-use std::net::{IpAddr, ToSocketAddrs as _};
+use std::net::ToSocketAddrs as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +64,8 @@ pub struct Guard {
     started: GuardSettings,
     attempts: tokio::sync::broadcast::Sender<BypassAttempt>,
     summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+    /// The summary period; a reload may change it.
+    summary_every: tokio::sync::watch::Sender<std::time::Duration>,
     /// Stops the background tasks when the guard goes.
     _tasks: tokio_util::sync::DropGuard,
 }
@@ -74,6 +76,10 @@ struct Running {
     spec: GuardSpec,
     /// Close connections older than the rule (when enforcing).
     close_older: bool,
+    /// The untallied count as of the last summary.
+    untallied_logged: u64,
+    /// Per hostname backend, every address the gate saw it resolve to.
+    resolved: std::collections::HashMap<String, std::collections::BTreeSet<Protected>>,
 }
 
 /// What the gateway's side of the guard counts, for the metrics.
@@ -87,21 +93,39 @@ struct GuardStats {
     /// Addresses a hostname backend resolved to at connect time that had
     /// to be protected first.
     resolved: AtomicU64,
+    /// Programs found detached and attached again, pins found removed and
+    /// put back.
+    repairs: AtomicU64,
+    /// Looks at the attachments that could not be made.
+    check_failures: AtomicU64,
+    /// Times the address notifications failed (then: periodic reads).
+    address_watch_failures: AtomicU64,
 }
 
-/// Protects what a hostname backend resolved to, unless it already is.
+/// Protects what hostname backend `backend` resolved to, unless it already
+/// is, then closes connections to it made before (from outside the
+/// gateway's cgroup, when enforcing). What a name resolved to stays
+/// protected across reloads while the name is a backend: DNS may answer
+/// with part of a pool at a time.
 fn protect_resolved(
     running: &Mutex<Running>,
     stats: &GuardStats,
+    backend: &str,
     resolved: &[std::net::SocketAddr],
 ) -> std::io::Result<()> {
     let mut running = lock(running);
-    let new: Vec<Protected> = resolved
+    let seen: Vec<Protected> = resolved.iter().map(|a| Protected::from(*a)).collect();
+    let new: Vec<Protected> = seen
         .iter()
-        .map(|a| Protected::from(*a))
         .filter(|p| running.spec.protected.binary_search(p).is_err())
+        .copied()
         .collect();
     if new.is_empty() {
+        running
+            .resolved
+            .entry(backend.to_owned())
+            .or_default()
+            .extend(seen);
         return Ok(());
     }
     let mut protected = running.spec.protected.clone();
@@ -118,11 +142,22 @@ fn protect_resolved(
         ))
     })?;
     running.spec = spec;
+    running
+        .resolved
+        .entry(backend.to_owned())
+        .or_default()
+        .extend(seen);
     stats
         .resolved
         .fetch_add(new.len() as u64, Ordering::Relaxed);
-    tracing::info!(addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    tracing::info!(%backend, addresses = ?resolved, "guard: a backend's name resolved to addresses not yet protected; protected before the connect");
+    sweep_older_connections(&running, stats);
     Ok(())
+}
+
+/// Whether `backend` is a name to resolve rather than an address.
+fn is_hostname(backend: &str) -> bool {
+    backend.parse::<std::net::SocketAddr>().is_err()
 }
 
 /// Every backend the config's routes use, resolved, plus the explicit ones.
@@ -160,8 +195,9 @@ fn enforcement_name(e: GuardEnforcement) -> &'static str {
     }
 }
 
-/// This host's addresses, for the local-address maps.
-fn host_addresses() -> Result<Vec<IpAddr>, GuardError> {
+/// What this host's local routing table delivers here, for the
+/// local-address maps.
+fn host_addresses() -> Result<Vec<ipnet::IpNet>, GuardError> {
     crate::netlink::local_addresses().map_err(GuardError::Addresses)
 }
 
@@ -224,10 +260,13 @@ impl Guard {
             every_local_address = settings.every_local_address,
             "guard installed: only the gateway reaches the backends"
         );
+        let untallied_logged = local_untallied(&local);
         let running = Running {
             local,
             spec,
             close_older: settings.close_older_connections,
+            untallied_logged,
+            resolved: std::collections::HashMap::new(),
         };
         let stats = Arc::new(GuardStats::default());
         sweep_older_connections(&running, &stats);
@@ -238,15 +277,21 @@ impl Guard {
         ));
         let summaries = tokio::sync::broadcast::channel(16).0;
         let running = Arc::new(Mutex::new(running));
+        tokio::spawn(watch_attachment(
+            running.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
         tokio::spawn(follow_addresses(
             address_changes,
             running.clone(),
             stats.clone(),
             stop.clone(),
         ));
+        let summary_every = tokio::sync::watch::channel(settings.summary_every).0;
         tokio::spawn(summarize(
             running.clone(),
-            settings.summary_every,
+            summary_every.subscribe(),
             summaries.clone(),
             stop.clone(),
         ));
@@ -254,6 +299,7 @@ impl Guard {
             running,
             stats,
             summaries,
+            summary_every,
             started: settings.clone(),
             attempts,
             _tasks: stop.drop_guard(),
@@ -302,8 +348,27 @@ impl Guard {
         {
             return Err(e);
         }
-        let protected = protected(config, settings)?;
+        let mut protected = protected(config, settings)?;
         let mut running = lock(&self.running);
+        // What hostname backends that stay resolved to before stays
+        // protected; names that are gone take theirs with them.
+        let names: std::collections::HashSet<&str> = config
+            .listeners
+            .iter()
+            .flat_map(|l| &l.routes)
+            .flat_map(|r| &r.backends)
+            .map(String::as_str)
+            .filter(|b| is_hostname(b))
+            .collect();
+        let resolved: std::collections::HashMap<_, _> = running
+            .resolved
+            .iter()
+            .filter(|(name, _)| names.contains(name.as_str()))
+            .map(|(name, seen)| (name.clone(), seen.clone()))
+            .collect();
+        protected.extend(resolved.values().flatten());
+        protected.sort();
+        protected.dedup();
         let spec = GuardSpec {
             protected,
             enforcement: mode,
@@ -312,7 +377,16 @@ impl Guard {
         };
         running.local.update(&spec)?;
         running.spec = spec;
+        running.resolved = resolved;
         running.close_older = settings.close_older_connections;
+        self.summary_every.send_if_modified(|every| {
+            let changed = *every != settings.summary_every;
+            if changed {
+                tracing::info!(from = ?*every, to = ?settings.summary_every, "guard: summary period changed");
+                *every = settings.summary_every;
+            }
+            changed
+        });
         sweep_older_connections(&running, &self.stats);
         Ok(())
     }
@@ -323,8 +397,8 @@ impl Guard {
     pub fn gate(&self) -> crate::upstream::Gate {
         let running = self.running.clone();
         let stats = self.stats.clone();
-        Arc::new(move |resolved: &[std::net::SocketAddr]| {
-            protect_resolved(&running, &stats, resolved)
+        Arc::new(move |backend: &str, resolved: &[std::net::SocketAddr]| {
+            protect_resolved(&running, &stats, backend, resolved)
         })
     }
 
@@ -365,6 +439,33 @@ impl Guard {
             "gateway_guard_cgroup_intruders_total",
             "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
             &[(String::new(), load(&self.stats.intruders))],
+        );
+        match lock(&self.running).local.untallied() {
+            Ok(n) => counter(
+                out,
+                "gateway_guard_untallied_attempts_total",
+                "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
+                &[(String::new(), n)],
+            ),
+            Err(e) => tracing::warn!(error = %e, "reading the untallied count"),
+        }
+        counter(
+            out,
+            "gateway_guard_repairs_total",
+            "Guard programs found detached and attached again, and link pins found removed and put back.",
+            &[(String::new(), load(&self.stats.repairs))],
+        );
+        counter(
+            out,
+            "gateway_guard_check_failures_total",
+            "Looks at the guard's attachments that could not be made (each is logged; the next look tries again).",
+            &[(String::new(), load(&self.stats.check_failures))],
+        );
+        counter(
+            out,
+            "gateway_guard_address_watch_failures_total",
+            "Times this host's address and route notifications failed (the guard then reads them every 5s).",
+            &[(String::new(), load(&self.stats.address_watch_failures))],
         );
         counter(
             out,
@@ -460,6 +561,21 @@ fn sweep_older_connections(running: &Running, stats: &GuardStats) {
     }
 }
 
+/// The untallied count now (0 when it cannot be read: the next summary
+/// then reports everything counted so far).
+fn local_untallied(local: &LocalGuard) -> u64 {
+    local.untallied().unwrap_or(0)
+}
+
+impl Drop for Guard {
+    /// The last summary: what was tallied since the previous one is not
+    /// lost when the gateway stops.
+    fn drop(&mut self) {
+        let period = *self.summary_every.borrow();
+        summarize_now(&self.running, period, &self.summaries);
+    }
+}
+
 /// Refuses a reload that would add a guard to a gateway started without
 /// one: its programs are installed only at start.
 pub fn refuse_new_guard(config: &Config) -> Result<(), GuardError> {
@@ -494,12 +610,15 @@ async fn log_events(
             a = events.next() => a,
         };
         let Some(a) = a else { break };
+        let source = a.source.map(|s| s.to_string());
         if a.audited {
             tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                destination = %a.destination, protocol = a.protocol.name(), "audit: bypass of the gateway let through");
+                destination = %a.destination, protocol = a.protocol.name(), layer = a.layer,
+                source = ?source, "audit: bypass of the gateway let through");
         } else {
             tracing::warn!(pid = a.pid, uid = a.uid, comm = %a.comm, cgroup = a.cgroup,
-                destination = %a.destination, protocol = a.protocol.name(), "bypass of the gateway refused");
+                destination = %a.destination, protocol = a.protocol.name(), layer = a.layer,
+                source = ?source, "bypass of the gateway refused");
         }
         // No subscriber is the normal case outside tests.
         let _ = attempts.send(a);
@@ -507,21 +626,28 @@ async fn log_events(
     tracing::error!("guard events stopped: bypass attempts are still counted but no longer logged");
 }
 
+/// How often the guard reads this host's addresses even without a
+/// notification (lost ones; failed notifications).
+const ADDRESS_LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Keeps the local-address maps in step with this host's addresses: a
 /// backend on this host is then protected on an address the moment it
-/// exists (well, the moment the kernel tells us).
+/// exists (well, the moment the kernel tells us; the egress program judges
+/// what leaves through `lo` by port meanwhile). When the notifications
+/// fail it says so, counts it, and keeps looking every [`ADDRESS_LOOK`].
 async fn follow_addresses(
-    mut changes: crate::netlink::Changes,
+    changes: crate::netlink::Changes,
     running: Arc<Mutex<Running>>,
     stats: Arc<GuardStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let mut follow = crate::netlink::Follow::new(changes, ADDRESS_LOOK);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            changed = changes.changed() => if let Err(e) = changed {
-                tracing::error!(error = %e, "guard: address notifications failed; new addresses of this host are no longer protected as local");
-                return;
+            next = follow.next() => if let Err(e) = next {
+                stats.address_watch_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, every = ?ADDRESS_LOOK, "guard: address notifications failed; reading this host's addresses periodically instead");
             },
         }
         let addresses = match host_addresses() {
@@ -580,65 +706,103 @@ fn describe(pids: &[u32]) -> String {
 /// process its mention.
 const SOURCES_PER_LINE: usize = 32;
 
-/// Logs, every `every`, who tried to reach protected backends around the
-/// gateway: every (cgroup, uid) with its attempts, grouped by destination.
-/// The kernel's events are rate-limited (64 per CPU per second), so one
-/// process's flood can hide another's attempt there; the tallies count
-/// every attempt of every source.
+/// Logs, every `summary_every` (which a reload may change), who tried to
+/// reach protected backends around the gateway. The kernel's events are
+/// rate-limited (64 per CPU per second), so one process's flood can hide
+/// another's attempt there; the tallies count every attempt of every
+/// source (cgroup and uid).
 async fn summarize(
     running: Arc<Mutex<Running>>,
-    every: std::time::Duration,
+    mut every: tokio::sync::watch::Receiver<std::time::Duration>,
     summaries: tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = |period: std::time::Duration| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut period = *every.borrow_and_update();
+    let mut tick = start(period);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let tallies = match lock(&running).local.take_tallies() {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(error = %e, "guard: reading the per-source tallies");
+            changed = every.changed() => {
+                if changed.is_ok() {
+                    period = *every.borrow_and_update();
+                    tick = start(period);
+                }
                 continue;
             }
-        };
-        if tallies.is_empty() {
-            continue;
+            _ = tick.tick() => {}
         }
-        let mut by_destination: std::collections::BTreeMap<
-            (std::net::SocketAddr, &str),
-            Vec<&LocalAttempts>,
-        > = std::collections::BTreeMap::new();
-        for t in &tallies {
-            by_destination
-                .entry((t.destination, t.protocol.name()))
-                .or_default()
-                .push(t);
-        }
-        for ((destination, protocol), sources) in by_destination {
-            let attempts: u64 = sources.iter().map(|t| t.attempts).sum();
-            for chunk in sources.chunks(SOURCES_PER_LINE) {
-                let who: Vec<String> = chunk
-                    .iter()
-                    .map(|t| format!("cgroup {} uid {}×{}", t.cgroup, t.uid, t.attempts))
-                    .collect();
-                tracing::warn!(
-                    %destination,
-                    protocol,
-                    sources = sources.len(),
-                    attempts,
-                    period = ?every,
-                    who = %who.join(", "),
-                    "guard: bypass attempts by source"
-                );
-            }
-        }
-        // No subscriber is the normal case outside tests.
-        let _ = summaries.send(tallies);
+        summarize_now(&running, period, &summaries);
     }
+}
+
+/// Takes the tallies, logs every source with its attempts (and, when a
+/// flood filled the tallies, how many attempts no summary names), and
+/// hands them to subscribers.
+fn summarize_now(
+    running: &Mutex<Running>,
+    period: std::time::Duration,
+    summaries: &tokio::sync::broadcast::Sender<Vec<LocalAttempts>>,
+) {
+    let (tallies, untallied) = {
+        let mut running = lock(running);
+        let tallies = running.local.take_tallies();
+        let untallied = match running.local.untallied() {
+            Ok(total) => total - std::mem::replace(&mut running.untallied_logged, total),
+            Err(_) => 0,
+        };
+        (tallies, untallied)
+    };
+    let tallies = match tallies {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "guard: reading the per-source tallies");
+            return;
+        }
+    };
+    if untallied > 0 {
+        tracing::warn!(
+            attempts = untallied,
+            sources_named = tallies.len(),
+            period = ?period,
+            "guard: bypass attempts from more distinct sources than the tallies hold; counted, but their sources are not named (the first ones of the period are)"
+        );
+    }
+    if tallies.is_empty() {
+        return;
+    }
+    let attempts: u64 = tallies.iter().map(|t| t.attempts).sum();
+    for chunk in tallies.chunks(SOURCES_PER_LINE) {
+        let who: Vec<String> = chunk
+            .iter()
+            .map(|t| {
+                let source = if t.arrived() {
+                    "from outside this host's sockets".to_owned()
+                } else {
+                    format!("cgroup {} uid {}", t.cgroup, t.uid)
+                };
+                format!(
+                    "{source}×{} (last {}:{})",
+                    t.attempts,
+                    t.protocol.name(),
+                    t.destination
+                )
+            })
+            .collect();
+        tracing::warn!(
+            sources = tallies.len(),
+            attempts,
+            period = ?period,
+            who = %who.join(", "),
+            "guard: bypass attempts by source"
+        );
+    }
+    // No subscriber is the normal case outside tests.
+    let _ = summaries.send(tallies);
 }
 
 /// How often the gateway's cgroup is looked at for other processes.
@@ -670,6 +834,41 @@ async fn watch_cgroup(
         }
         // Forget the ones that left, so a pid used again is seen again.
         alerted = now;
+    }
+}
+
+/// How often the guard looks whether its programs are still attached and
+/// its links still pinned.
+const ATTACHMENT_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Looks every [`ATTACHMENT_CHECK`] whether every program is still
+/// attached and every link still pinned, and puts right what is not: the
+/// guard holds its links, so a removed pin never detaches them while it
+/// runs, but after it exits the pins are all that keeps protection.
+async fn watch_attachment(
+    running: Arc<Mutex<Running>>,
+    stats: Arc<GuardStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(ATTACHMENT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match lock(&running).local.check_attachment() {
+            Ok(repairs) => {
+                for repair in repairs {
+                    stats.repairs.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%repair, "guard: an attachment was undone behind its back; put right");
+                }
+            }
+            Err(e) => {
+                stats.check_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "guard: cannot look whether its programs are still attached; trying again");
+            }
+        }
     }
 }
 

@@ -7,7 +7,10 @@
 //! them, like every other socket.
 
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use ipnet::IpNet;
 
 use tokio::io::unix::AsyncFd;
 
@@ -93,22 +96,33 @@ pub fn links() -> io::Result<Vec<Link>> {
     request[6..8].copy_from_slice(&flags.to_ne_bytes());
     request[8..12].copy_from_slice(&1u32.to_ne_bytes());
     // ifinfomsg: family AF_UNSPEC, everything else 0.
-    send(&fd, &request)?;
+    dump(&fd, &request, RTM_NEWLINK, parse_link)
+}
+
+/// Sends dump `request` and collects what `parse` makes of each answer of
+/// type `kind`, until NLMSG_DONE; bounded so a confused kernel cannot
+/// hang us.
+fn dump<T>(
+    fd: &OwnedFd,
+    request: &[u8],
+    kind: u16,
+    parse: impl Fn(&[u8]) -> Option<T>,
+) -> io::Result<Vec<T>> {
+    send(fd, request)?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
-    // A dump ends with NLMSG_DONE; bounded so a confused kernel cannot hang us.
-    for _ in 0..10_000 {
-        let n = recv(&fd, &mut buf, true)?;
-        for (kind, body) in messages(&buf[..n]) {
-            match kind {
+    for _ in 0..100_000 {
+        let n = recv(fd, &mut buf, true)?;
+        for (k, body) in messages(&buf[..n]) {
+            match k {
                 NLMSG_DONE => return Ok(found),
                 NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
-                RTM_NEWLINK => found.extend(parse_link(body)),
+                k if k == kind => found.extend(parse(body)),
                 _ => {}
             }
         }
     }
-    Err(io::Error::other("rtnetlink link dump did not end"))
+    Err(io::Error::other("rtnetlink dump did not end"))
 }
 
 /// The interface named `name`, if there is one.
@@ -213,52 +227,80 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     })
 }
 
-/// This thread's network namespace's addresses, IPv4 and IPv6, with every
-/// IPv4 subnet broadcast address: what reaches a socket on this host.
-pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills list; it is freed below.
-    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// What reaches a socket on this host, in this thread's network namespace:
+/// every destination the kernel's local routing table delivers locally,
+/// IPv4 and IPv6, with its prefix length. That is each address of each
+/// interface, and what no interface lists: subnet broadcast addresses
+/// (also of addresses added without `brd`), IPv6 anycast addresses (the
+/// subnet-router anycast address when forwarding is on), and AnyIP routes
+/// (`ip route add local 10.0.0.0/24 dev lo`: the whole prefix is this host).
+pub fn local_addresses() -> io::Result<Vec<IpNet>> {
     let mut out = Vec::new();
-    let mut at = list;
-    while !at.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, valid until freed.
-        let entry = unsafe { &*at };
-        out.extend(address_of(entry.ifa_addr));
-        if entry.ifa_flags & libc::IFF_BROADCAST as u32 != 0 {
-            out.extend(address_of(entry.ifa_ifu));
-        }
-        at = entry.ifa_next;
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        out.extend(local_routes(family)?);
     }
-    // SAFETY: the list from getifaddrs, freed once.
-    unsafe { libc::freeifaddrs(list) };
     out.sort();
     out.dedup();
     Ok(out)
 }
 
-/// The address in a sockaddr from getifaddrs, when it is IPv4 or IPv6.
-fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
-    if sa.is_null() {
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTMSG: usize = 12;
+const RTA_DST: u16 = 1;
+const RT_TABLE_LOCAL: u8 = 255;
+/// rtm_type values that deliver to this host.
+const RTN_LOCAL: u8 = 2;
+const RTN_BROADCAST: u8 = 3;
+const RTN_ANYCAST: u8 = 4;
+const NETLINK_GET_STRICT_CHK: libc::c_int = 12;
+
+/// The local, broadcast and anycast routes of `family`'s local table.
+fn local_routes(family: u8) -> io::Result<Vec<IpNet>> {
+    let fd = open(libc::NETLINK_ROUTE, 0)?;
+    // With strict checking the kernel dumps only the table asked for, so a
+    // router's full table is never walked; older kernels dump every table
+    // and the type filter below keeps what is local.
+    let one: libc::c_int = 1;
+    // SAFETY: a valid int option of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_NETLINK,
+            NETLINK_GET_STRICT_CHK,
+            std::ptr::from_ref(&one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    let mut request = [0u8; NLMSG_HDR + RTMSG];
+    let len = request.len() as u32;
+    request[0..4].copy_from_slice(&len.to_ne_bytes());
+    request[4..6].copy_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request[6..8].copy_from_slice(&flags.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    request[NLMSG_HDR] = family;
+    request[NLMSG_HDR + 4] = RT_TABLE_LOCAL;
+    dump(&fd, &request, RTM_NEWROUTE, parse_local_route)
+}
+
+/// A route that delivers to this host, as the prefix it covers.
+fn parse_local_route(body: &[u8]) -> Option<IpNet> {
+    let rtm = body.get(..RTMSG)?;
+    let (family, dst_len, kind) = (rtm[0], rtm[1], rtm[7]);
+    if !matches!(kind, RTN_LOCAL | RTN_BROADCAST | RTN_ANYCAST) {
         return None;
     }
-    // SAFETY: a non-null sockaddr from getifaddrs; its family says which
-    // larger struct it is.
-    unsafe {
-        match i32::from((*sa).sa_family) {
-            libc::AF_INET => {
-                let sin = &*sa.cast::<libc::sockaddr_in>();
-                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
-            }
-            libc::AF_INET6 => {
-                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
-                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
-            }
-            _ => None,
-        }
-    }
+    let dst = attributes(&body[RTMSG..]).find(|(k, _)| *k == RTA_DST);
+    let addr: IpAddr = match (i32::from(family), dst) {
+        (libc::AF_INET, Some((_, v))) => <[u8; 4]>::try_from(v).ok()?.into(),
+        (libc::AF_INET6, Some((_, v))) => <[u8; 16]>::try_from(v).ok()?.into(),
+        // No destination: the default route, all of the family.
+        (libc::AF_INET, None) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        (libc::AF_INET6, None) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        _ => return None,
+    };
+    IpNet::new(addr, dst_len).ok().map(|n| n.trunc())
 }
 
 /// What a [`Changes`] subscription wakes up for.
@@ -266,7 +308,8 @@ fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
 pub enum Watch {
     /// Interfaces appearing, going, changing.
     Links,
-    /// IPv4 and IPv6 addresses added or removed.
+    /// IPv4 and IPv6 addresses and routes added or removed (what
+    /// [`local_addresses`] reads).
     Addresses,
 }
 
@@ -282,12 +325,20 @@ impl Changes {
     pub fn subscribe(watch: Watch) -> io::Result<Changes> {
         let groups = match watch {
             Watch::Links => libc::RTMGRP_LINK as u32,
-            Watch::Addresses => (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32,
+            Watch::Addresses => {
+                (libc::RTMGRP_IPV4_IFADDR
+                    | libc::RTMGRP_IPV6_IFADDR
+                    | libc::RTMGRP_IPV4_ROUTE
+                    | libc::RTMGRP_IPV6_ROUTE) as u32
+            }
         };
-        // SAFETY: the OwnedFd is a fresh socket; it stays open and the same
-        // for as long as the AsyncFd owns it.
-        let fd = unsafe { AsyncFd::register(open(libc::NETLINK_ROUTE, groups)?) }
-            .map_err(io::Error::from)?;
+        Changes::from_fd(open(libc::NETLINK_ROUTE, groups)?)
+    }
+
+    /// Watches an already subscribed socket (non-blocking).
+    fn from_fd(fd: OwnedFd) -> io::Result<Changes> {
+        // SAFETY: as in subscribe: the AsyncFd owns the descriptor.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
         Ok(Changes { fd })
     }
 
@@ -314,6 +365,38 @@ impl Changes {
     }
 }
 
+/// [`Changes`], and a look every `poll` besides (a lost notification costs
+/// at most that long); once the notifications fail, the looks alone. A
+/// follower that stops hearing of changes keeps following them.
+pub struct Follow {
+    changes: Option<Changes>,
+    poll: tokio::time::Interval,
+}
+
+impl Follow {
+    pub fn new(changes: Changes, poll: std::time::Duration) -> Follow {
+        let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + poll, poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Follow {
+            changes: Some(changes),
+            poll,
+        }
+    }
+
+    /// Waits until it is time to read the state again. Err (once): the
+    /// notifications just failed; from then on only the looks wake it.
+    pub async fn next(&mut self) -> io::Result<()> {
+        let Some(changes) = &mut self.changes else {
+            self.poll.tick().await;
+            return Ok(());
+        };
+        tokio::select! {
+            changed = changes.changed() => changed.inspect_err(|_| self.changes = None),
+            _ = self.poll.tick() => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,11 +410,39 @@ mod tests {
 
     #[test]
     fn loopback_is_among_the_local_addresses() {
-        let addresses = local_addresses().expect("getifaddrs");
+        let addresses = local_addresses().expect("route dump");
         assert!(
-            addresses.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
+            addresses.contains(&"127.0.0.0/8".parse().unwrap()),
             "{addresses:?}"
         );
+        assert!(
+            addresses.contains(&"::1/128".parse().unwrap()),
+            "{addresses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn notifications_that_fail_turn_into_looks() {
+        // A socket that turns readable but whose receive fails: a TCP
+        // listener with a connection waiting (recv: ENOTCONN).
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let _waiting = std::net::TcpStream::connect(socket.local_addr().unwrap()).unwrap();
+        let changes = Changes::from_fd(OwnedFd::from(socket)).unwrap();
+        let mut follow = Follow::new(changes, std::time::Duration::from_millis(200));
+        let bound = std::time::Duration::from_secs(5);
+        let first = tokio::time::timeout(bound, follow.next()).await.unwrap();
+        assert_eq!(
+            first.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ENOTCONN)),
+            "the failure is reported"
+        );
+        for _ in 0..3 {
+            tokio::time::timeout(bound, follow.next())
+                .await
+                .expect("and the looks go on")
+                .expect("without failing again");
+        }
     }
 
     #[test]

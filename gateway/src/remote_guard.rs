@@ -312,6 +312,27 @@ fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
         "Protected interfaces attached again after they were deleted and created.",
         &[(String::new(), stats.reattached.load(Relaxed))],
     );
+    match guard.untallied() {
+        Ok(n) => counter(
+            &mut out,
+            "gateway_guard_untallied_attempts_total",
+            "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
+            &[(String::new(), n)],
+        ),
+        Err(e) => tracing::warn!(error = %e, "guard: reading the untallied count"),
+    }
+    counter(
+        &mut out,
+        "gateway_guard_repairs_total",
+        "Layers found detached and attached again, and link pins found removed and put back.",
+        &[(String::new(), stats.repairs.load(Relaxed))],
+    );
+    counter(
+        &mut out,
+        "gateway_guard_reconcile_failures_total",
+        "Looks at the interfaces and attachments that failed (each is logged; the next look tries again).",
+        &[(String::new(), stats.reconcile_failures.load(Relaxed))],
+    );
     counter(
         &mut out,
         "gateway_guard_bypass_sources_total",
@@ -331,6 +352,10 @@ struct RunStats {
     reattached: std::sync::atomic::AtomicU64,
     /// Distinct (source, port) pairs seen in the tallies.
     sources: std::sync::atomic::AtomicU64,
+    /// Detached layers attached again, removed pins put back.
+    repairs: std::sync::atomic::AtomicU64,
+    /// Looks at the interfaces and attachments that failed.
+    reconcile_failures: std::sync::atomic::AtomicU64,
 }
 
 /// Sources named per summary line (`10.0.2.7×3 10.0.2.9×1 …`): every
@@ -339,12 +364,27 @@ struct RunStats {
 const SOURCES_PER_LINE: usize = 32;
 
 /// Logs who tried the protected ports since the last summary: every source
-/// with its attempts, busiest first, grouped by port.
-fn log_summary(tallies: &[SourceAttempts], every: Duration, enforcement: Enforcement) {
+/// with its attempts, busiest first, grouped by port; and, when a flood of
+/// distinct sources filled the tallies, how many attempts no line names.
+fn log_summary(
+    tallies: &[SourceAttempts],
+    untallied: u64,
+    every: Duration,
+    enforcement: Enforcement,
+) {
     let enforcement = match enforcement {
         Enforcement::Enforce => "enforce",
         Enforcement::Audit => "audit",
     };
+    if untallied > 0 {
+        tracing::warn!(
+            attempts = untallied,
+            sources_named = tallies.len(),
+            enforcement,
+            period = ?every,
+            "guard: bypass attempts from more distinct sources than the tallies hold; counted, but their sources are not named (the first ones of the period are)"
+        );
+    }
     let mut by_port: std::collections::BTreeMap<(u16, &str), Vec<&SourceAttempts>> =
         std::collections::BTreeMap::new();
     for t in tallies {
@@ -372,6 +412,33 @@ fn log_summary(tallies: &[SourceAttempts], every: Duration, enforcement: Enforce
     }
 }
 
+/// Takes the tallies and logs them (see [`log_summary`]).
+fn summarize(
+    guard: &Mutex<RemoteGuard>,
+    stats: &RunStats,
+    untallied_logged: &mut u64,
+    every: Duration,
+    enforcement: Enforcement,
+) {
+    let (tallies, untallied) = {
+        let mut g = lock(guard);
+        (g.take_tallies(), g.untallied())
+    };
+    let untallied = match untallied {
+        Ok(total) => total - std::mem::replace(untallied_logged, total),
+        Err(_) => 0,
+    };
+    match tallies {
+        Ok(tallies) => {
+            stats
+                .sources
+                .fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            log_summary(&tallies, untallied, every, enforcement);
+        }
+        Err(e) => tracing::warn!(error = %e, "guard: reading the per-source tallies"),
+    }
+}
+
 /// Logs what `reconcile` found.
 fn log_changes(changes: &[InterfaceChange], stats: &RunStats) {
     for change in changes {
@@ -390,6 +457,34 @@ fn log_changes(changes: &[InterfaceChange], stats: &RunStats) {
                 interface = %interface,
                 "guard: another TCX program now runs before the guard; what it passes with TC_ACT_OK skips the TC layer"
             ),
+            InterfaceChange::SocketLayerReattached => {
+                stats
+                    .repairs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    "guard: the socket layer had been detached from its cgroup; attached again"
+                );
+            }
+            InterfaceChange::Repinned { link } => {
+                stats
+                    .repairs
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(link = %link, "guard: a link's pin was removed or replaced; pinned again (the guard held the link meanwhile)");
+            }
+        }
+    }
+}
+
+/// Looks at the interfaces and attachments again; a look that fails is
+/// logged and counted, and the next one (at most 5 s later) tries again.
+fn reconcile(guard: &Mutex<RemoteGuard>, stats: &RunStats) {
+    match lock(guard).reconcile() {
+        Ok(changes) => log_changes(&changes, stats),
+        Err(e) => {
+            stats
+                .reconcile_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(error = %e, "guard: looking at the interfaces and attachments failed; trying again within 5s");
         }
     }
 }
@@ -401,8 +496,9 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
     let GuardFile {
         spec,
         admin,
-        summary_every,
+        mut summary_every,
     } = load(path)?;
+    let admin_at = admin;
     // Bound before anything is installed: a taken port changes nothing.
     let admin = match admin {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -453,7 +549,11 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         ));
     };
     let mut enforcement = spec.enforcement;
-    let mut summary = tokio::time::interval(summary_every);
+    let mut untallied_logged = lock(&guard).untallied().unwrap_or(0);
+    // The first summary one period from now (not at once, mid-way through
+    // whatever is being tallied).
+    let mut summary =
+        tokio::time::interval_at(tokio::time::Instant::now() + summary_every, summary_every);
     summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Netlink notifications can be lost: look again now and then anyway.
     let mut look_again = tokio::time::interval(Duration::from_secs(5));
@@ -478,27 +578,29 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                     tracing::error!(error = %e, "guard: interface notifications failed; looking every 5s instead");
                     links_watched = false;
                 }
-                match lock(&guard).reconcile() {
-                    Ok(changes) => log_changes(&changes, &stats),
-                    Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
-                }
+                reconcile(&guard, &stats);
             }
-            _ = look_again.tick() => match lock(&guard).reconcile() {
-                Ok(changes) => log_changes(&changes, &stats),
-                Err(e) => tracing::error!(error = %e, "guard: attaching to an interface again failed"),
-            },
-            _ = summary.tick() => match lock(&guard).take_tallies() {
-                Ok(tallies) => {
-                    stats.sources.fetch_add(tallies.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    log_summary(&tallies, summary_every, enforcement);
-                }
-                Err(e) => tracing::warn!(error = %e, "guard: reading the per-source tallies"),
-            },
+            _ = look_again.tick() => reconcile(&guard, &stats),
+            _ = summary.tick() => summarize(&guard, &stats, &mut untallied_logged, summary_every, enforcement),
             _ = hup.recv() => match load(path).and_then(|f| {
-                lock(&guard).update(&f.spec).map(|()| f.spec.enforcement).map_err(Into::into)
+                if f.admin != admin_at {
+                    return Err(RemoteGuardError::invalid(path, format!(
+                        "admin: changes from {admin_at:?} to {:?} only on restart", f.admin
+                    )));
+                }
+                lock(&guard).update(&f.spec).map(|()| f).map_err(Into::into)
             }) {
                 Ok(now) => {
-                    enforcement = now;
+                    enforcement = now.spec.enforcement;
+                    if now.summary_every != summary_every {
+                        tracing::info!(from = ?summary_every, to = ?now.summary_every, "guard: summary period changed");
+                        summary_every = now.summary_every;
+                        summary = tokio::time::interval_at(
+                            tokio::time::Instant::now() + summary_every,
+                            summary_every,
+                        );
+                        summary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
                     stats.reloads_ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!("guard: reloaded {}", path.display());
                 }
@@ -511,11 +613,14 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
             _ = int.recv() => break,
         }
     }
-    let (counters, tallies) = {
-        let mut g = lock(&guard);
-        (g.counters()?, g.take_tallies().unwrap_or_default())
-    };
-    log_summary(&tallies, summary_every, enforcement);
+    summarize(
+        &guard,
+        &stats,
+        &mut untallied_logged,
+        summary_every,
+        enforcement,
+    );
+    let counters = lock(&guard).counters()?;
     stop.cancel();
     let IngressCounters { tc, socket } = counters;
     let LayerCounters {

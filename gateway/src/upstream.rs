@@ -81,11 +81,13 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     (!host.is_empty()).then_some((host, port))
 }
 
-/// Called with every address a backend's hostname resolves to, before the
-/// gateway connects to any of them: the eBPF guard protects them first, so
-/// a name that starts resolving elsewhere is never reachable around the
-/// gateway. An error refuses the connect.
-pub type Gate = std::sync::Arc<dyn Fn(&[std::net::SocketAddr]) -> io::Result<()> + Send + Sync>;
+/// Called with a hostname backend (as the route names it, `name:port`) and
+/// every address it resolves to, before the gateway connects to any of
+/// them: the eBPF guard protects them first, so a name that starts
+/// resolving elsewhere is never reachable around the gateway. An error
+/// refuses the connect.
+pub type Gate =
+    std::sync::Arc<dyn Fn(&str, &[std::net::SocketAddr]) -> io::Result<()> + Send + Sync>;
 
 pub struct Backends {
     addrs: Vec<String>,
@@ -166,7 +168,7 @@ async fn attempt(
             // of it is connected to (and exactly that is connected to).
             let resolved: Vec<std::net::SocketAddr> =
                 tokio::net::lookup_host(addr).await?.collect();
-            gate(&resolved)?;
+            gate(addr, &resolved)?;
             connect_any(&resolved).await?
         }
         _ => TcpStream::connect(addr).await?,
@@ -249,7 +251,7 @@ mod tests {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = seen.clone();
         b.gate_with(std::sync::Arc::new(
-            move |addrs: &[std::net::SocketAddr]| {
+            move |_backend: &str, addrs: &[std::net::SocketAddr]| {
                 record.lock().unwrap().extend_from_slice(addrs);
                 Err(io::Error::other("not protected"))
             },

@@ -82,3 +82,64 @@ pub fn enable_run_time_stats() -> std::io::Result<OwnedFd> {
     let mut attr = [0u8; 128];
     bpf(BPF_ENABLE_STATS, &mut attr)
 }
+
+/// Detaches the BPF link pinned at `pin` (BPF_LINK_DETACH, as root or
+/// CAP_NET_ADMIN could): the program leaves its hook though the link and
+/// its pin stay.
+pub fn detach_pinned_link(pin: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: i64 = 7;
+    const BPF_LINK_DETACH: i64 = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let link = bpf(BPF_OBJ_GET, &mut attr)?;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Inserts `addr/prefix_len` into the IPv4 LPM trie pinned at `pin` (value
+/// 1), as another tool writing into the guard's maps behind its back would.
+pub fn lpm_v4_insert(pin: &std::path::Path, prefix_len: u32, addr: [u8; 4]) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_MAP_UPDATE_ELEM: i64 = 2;
+    const BPF_OBJ_GET: i64 = 7;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = [0u8; 128];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    let map = bpf(BPF_OBJ_GET, &mut attr)?;
+    let mut key = [0u8; 8];
+    key[0..4].copy_from_slice(&prefix_len.to_ne_bytes());
+    key[4..8].copy_from_slice(&addr);
+    let value = [1u8];
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(map.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(key.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(value.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr; key and value outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

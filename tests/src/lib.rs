@@ -795,7 +795,18 @@ pub enum Probe {
     /// This many TCP connects in a row, each on a new socket, whatever
     /// they return: a flood.
     TcpConnects(u32),
+    /// This many TCP connects in a row, each to another loopback address
+    /// (127.0.0.2, 127.0.0.3, … at the probe's port): a flood of distinct
+    /// destinations.
+    TcpConnectsSpread(u32),
+    /// One UDP datagram with sendto() on a socket with SO_BROADCAST (a
+    /// subnet broadcast address).
+    UdpBroadcast,
 }
+
+/// How long a probe's TCP connect may take: a SYN dropped on the way out
+/// (rather than refused at connect()) shows as a timeout, not a hang.
+pub const PROBE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Tries to reach `addr` the way `probe` says, from a child process that
 /// first moves itself into `cgroup`, in the calling thread's network
@@ -809,6 +820,15 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
     let name = std::ffi::CString::new(PROBE_COMM).expect("comm");
     let (storage, len) = netns::sockaddr(addr);
     let family = i32::from(storage.ss_family);
+    let timeout = libc::timeval {
+        tv_sec: PROBE_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: PROBE_CONNECT_TIMEOUT.subsec_micros() as libc::suseconds_t,
+    };
+    // The spread flood's destinations: 127.0.0.2 onwards, same port.
+    let spread = |i: u32| {
+        let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(127, 0, 0, 2)) + i);
+        netns::sockaddr(SocketAddr::new(ip.into(), addr.port()))
+    };
     // The raw probe's UDP header and payload ("probe"), checksum left out.
     let mut raw = [0u8; 13];
     raw[0..2].copy_from_slice(&40000u16.to_be_bytes());
@@ -828,10 +848,11 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
                 libc::_exit(200);
             }
             let (kind, protocol) = match probe {
-                Probe::TcpConnect | Probe::UringConnect | Probe::TcpConnects(_) => {
-                    (libc::SOCK_STREAM, 0)
-                }
-                Probe::UdpSendTo | Probe::UdpConnect => (libc::SOCK_DGRAM, 0),
+                Probe::TcpConnect
+                | Probe::UringConnect
+                | Probe::TcpConnects(_)
+                | Probe::TcpConnectsSpread(_) => (libc::SOCK_STREAM, 0),
+                Probe::UdpSendTo | Probe::UdpConnect | Probe::UdpBroadcast => (libc::SOCK_DGRAM, 0),
                 Probe::RawUdp => (libc::SOCK_RAW, libc::IPPROTO_UDP),
             };
             let s = libc::socket(family, kind, protocol);
@@ -840,8 +861,36 @@ pub fn reach_from(cgroup: &Path, addr: SocketAddr, probe: Probe) -> Result<(), S
             }
             let to = std::ptr::from_ref(&storage).cast();
             let sent = |n: isize, want: usize| if n == want as isize { 0 } else { -1 };
+            libc::setsockopt(
+                s,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::from_ref(&timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            );
             let rc = match probe {
                 Probe::TcpConnect => libc::connect(s, to, len),
+                Probe::TcpConnectsSpread(n) => {
+                    libc::close(s);
+                    for i in 0..n {
+                        let (at, at_len) = spread(i);
+                        let s = libc::socket(family, kind, protocol);
+                        libc::connect(s, std::ptr::from_ref(&at).cast(), at_len);
+                        libc::close(s);
+                    }
+                    0
+                }
+                Probe::UdpBroadcast => {
+                    let one: libc::c_int = 1;
+                    libc::setsockopt(
+                        s,
+                        libc::SOL_SOCKET,
+                        libc::SO_BROADCAST,
+                        std::ptr::from_ref(&one).cast(),
+                        size_of::<libc::c_int>() as libc::socklen_t,
+                    );
+                    sent(libc::sendto(s, b"probe".as_ptr().cast(), 5, 0, to, len), 5)
+                }
                 Probe::TcpConnects(n) => {
                     libc::close(s);
                     for _ in 0..n {
@@ -1237,5 +1286,165 @@ mod uring {
             let res = cqe.add(8).cast::<i32>().read();
             if res < 0 { Err(-res) } else { Ok(()) }
         }
+    }
+}
+
+/// What a racer that tries a new address the moment it appears got through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaceResult {
+    /// TCP connects that completed.
+    pub connected: u32,
+    /// UDP datagrams sendto() accepted.
+    pub sent: u32,
+    /// Attempts in all (of each).
+    pub tries: u32,
+}
+
+/// A racer: a child in `cgroup`, in the calling thread's network namespace,
+/// that listens to rtnetlink for a new IPv4 address (as any unprivileged
+/// process may) and the moment one appears tries `tcp` and `udp` `tries`
+/// times each, as fast as it can. Start it, add the address, then
+/// [`Racer::result`].
+pub struct Racer {
+    child: netns::ForkedChild,
+    results: std::os::fd::OwnedFd,
+    tries: u32,
+}
+
+impl Racer {
+    pub fn start(cgroup: &Path, tcp: SocketAddr, udp: SocketAddr, tries: u32) -> Racer {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        let (tcp_at, tcp_len) = netns::sockaddr(tcp);
+        let (udp_at, udp_len) = netns::sockaddr(udp);
+        let mut ready = [0i32; 2];
+        let mut results = [0i32; 2];
+        // SAFETY: pipe fills two descriptors, checked.
+        assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::pipe(results.as_mut_ptr()) }, 0);
+        let child = netns::fork_into(Some(cgroup), || {
+            // SAFETY: raw system calls on data prepared before the fork.
+            unsafe {
+                let nl = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+                let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+                sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+                sa.nl_groups = libc::RTMGRP_IPV4_IFADDR as u32;
+                if libc::bind(
+                    nl,
+                    std::ptr::from_ref(&sa).cast(),
+                    size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                ) != 0
+                {
+                    return 101;
+                }
+                let bound = libc::timeval {
+                    tv_sec: 20,
+                    tv_usec: 0,
+                };
+                libc::setsockopt(
+                    nl,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    std::ptr::from_ref(&bound).cast(),
+                    size_of::<libc::timeval>() as libc::socklen_t,
+                );
+                libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                let mut buf = [0u8; 4096];
+                if libc::recv(nl, buf.as_mut_ptr().cast(), buf.len(), 0) <= 0 {
+                    return 102;
+                }
+                let (mut connected, mut sent) = (0u32, 0u32);
+                let u = libc::socket(udp_at.ss_family.into(), libc::SOCK_DGRAM, 0);
+                for _ in 0..tries {
+                    connected += u32::from(connects(&tcp_at, tcp_len));
+                    let n = libc::sendto(
+                        u,
+                        b"race".as_ptr().cast(),
+                        4,
+                        0,
+                        std::ptr::from_ref(&udp_at).cast(),
+                        udp_len,
+                    );
+                    sent += u32::from(n == 4);
+                }
+                let mut out = [0u8; 8];
+                out[..4].copy_from_slice(&connected.to_ne_bytes());
+                out[4..].copy_from_slice(&sent.to_ne_bytes());
+                libc::write(results[1], out.as_ptr().cast(), 8);
+                0
+            }
+        });
+        // SAFETY: descriptors from pipe(), ours alone from here.
+        let (ready_r, results_r) = unsafe {
+            libc::close(ready[1]);
+            libc::close(results[1]);
+            (
+                OwnedFd::from_raw_fd(ready[0]),
+                OwnedFd::from_raw_fd(results[0]),
+            )
+        };
+        let mut byte = [0u8; 1];
+        // SAFETY: a valid one-byte buffer.
+        let n = unsafe { libc::read(ready_r.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        assert_eq!(n, 1, "the racer is listening");
+        Racer {
+            child,
+            results: results_r,
+            tries,
+        }
+    }
+
+    /// Waits for the racer to finish and says what got through.
+    pub fn result(self) -> RaceResult {
+        use std::os::fd::AsRawFd as _;
+        let mut out = [0u8; 8];
+        // SAFETY: a valid buffer of the size passed.
+        let n = unsafe { libc::read(self.results.as_raw_fd(), out.as_mut_ptr().cast(), 8) };
+        assert_eq!(
+            (n, self.child.wait()),
+            (8, 0),
+            "the racer saw the address appear and reported"
+        );
+        RaceResult {
+            connected: u32::from_ne_bytes([out[0], out[1], out[2], out[3]]),
+            sent: u32::from_ne_bytes([out[4], out[5], out[6], out[7]]),
+            tries: self.tries,
+        }
+    }
+}
+
+/// Whether a non-blocking TCP connect to `at` completes within 20 ms (raw
+/// system calls only: it runs in forked children).
+fn connects(at: &libc::sockaddr_storage, len: libc::socklen_t) -> bool {
+    // SAFETY: raw system calls on valid pointers.
+    unsafe {
+        let s = libc::socket(
+            i32::from(at.ss_family),
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+            0,
+        );
+        let rc = libc::connect(s, std::ptr::from_ref(at).cast(), len);
+        let mut ok = rc == 0;
+        if rc != 0 && *libc::__errno_location() == libc::EINPROGRESS {
+            let mut p = libc::pollfd {
+                fd: s,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            if libc::poll(&raw mut p, 1, 20) == 1 {
+                let mut err: libc::c_int = 0;
+                let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+                libc::getsockopt(
+                    s,
+                    libc::SOL_SOCKET,
+                    libc::SO_ERROR,
+                    std::ptr::from_mut(&mut err).cast(),
+                    &raw mut len,
+                );
+                ok = err == 0;
+            }
+        }
+        libc::close(s);
+        ok
     }
 }

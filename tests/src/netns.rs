@@ -82,6 +82,33 @@ impl Netns {
         in_netns_command(&self.name, args)
     }
 
+    /// Loads nftables `rules` (`nft -f -`) in this namespace; false when
+    /// nft is not installed (the caller says what it could not try).
+    pub fn nft(&self, rules: &str) -> bool {
+        use std::io::Write as _;
+        let Ok(mut child) = self
+            .command(&["nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        else {
+            return false;
+        };
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(rules.as_bytes())
+            .expect("write the rules to nft");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft -f: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        true
+    }
+
     /// Writes a sysctl of this namespace (`net/ipv4/ip_forward`).
     pub fn sysctl(&self, key: &str, value: &str) {
         let path = format!("/proc/sys/{key}");
@@ -97,6 +124,110 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// A container next to `host`: a namespace of its own behind a veth
+/// (`c0` inside, `host_if` on the host's side), `container_ip` inside and
+/// `host_ip` on the host's side (both /24), routed through the host.
+pub fn container_of(
+    host: &Netns,
+    tag: &str,
+    host_if: &str,
+    host_ip: &str,
+    container_ip: &str,
+) -> Netns {
+    let c = Netns::new(tag);
+    ip(&[
+        "link",
+        "add",
+        "c0",
+        "netns",
+        c.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        host_if,
+        "netns",
+        host.name(),
+    ]);
+    c.ip("link set c0 up");
+    host.ip(&format!("link set {host_if} up"));
+    host.ip(&format!("addr add {host_ip}/24 dev {host_if}"));
+    c.ip(&format!("addr add {container_ip}/24 dev c0"));
+    c.ip(&format!("route add default via {host_ip}"));
+    c
+}
+
+/// Gives the calling thread a mount namespace of its own, private (threads
+/// it starts share it): what it mounts or unmounts the rest never sees.
+pub fn private_mounts() {
+    // SAFETY: unshare and mount on valid NUL-terminated strings; they
+    // change only this thread's view.
+    unsafe {
+        assert_eq!(
+            libc::unshare(libc::CLONE_NEWNS),
+            0,
+            "unshare mount namespace"
+        );
+        assert_eq!(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null()
+            ),
+            0,
+            "make mounts private"
+        );
+    }
+}
+
+/// A child process forked for a test (see [`fork_into`]).
+pub struct ForkedChild(i32);
+
+/// The exit code of a forked child that could not join its cgroup.
+pub const COULD_NOT_JOIN: i32 = 200;
+
+/// Forks a child in the calling thread's network namespace that first
+/// joins `cgroup` (when given) and then exits with what `f` returns. In a
+/// threaded process the child may only make raw system calls: `f` must
+/// not allocate or lock (prepare everything before).
+pub fn fork_into(cgroup: Option<&Path>, f: impl FnOnce() -> i32) -> ForkedChild {
+    use std::os::unix::ffi::OsStrExt as _;
+    let procs = cgroup.map(|c| {
+        std::ffi::CString::new(c.join("cgroup.procs").as_os_str().as_bytes())
+            .expect("cgroup path without NUL")
+    });
+    // SAFETY: the child only makes raw system calls (f's contract), then
+    // _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            if let Some(procs) = &procs {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                // Writing "0" to cgroup.procs moves the writing process.
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(COULD_NOT_JOIN);
+                }
+            }
+            libc::_exit(f());
+        }
+    }
+    assert!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+    ForkedChild(pid)
+}
+
+impl ForkedChild {
+    /// Waits for it; its exit code.
+    pub fn wait(self) -> i32 {
+        let mut status = 0;
+        // SAFETY: waiting for the child this value forked.
+        unsafe { libc::waitpid(self.0, &raw mut status, 0) };
+        libc::WEXITSTATUS(status)
     }
 }
 

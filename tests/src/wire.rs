@@ -102,8 +102,14 @@ impl Wire {
     }
 
     /// guard.toml: TC on `interfaces`, the socket layer on the test's
-    /// cgroup (or off), the gateway's addresses allowed.
+    /// cgroup (or off), the gateway's addresses allowed, summaries every
+    /// second.
     pub fn config(&self, interfaces: &[&str], socket_layer: bool) -> PathBuf {
+        self.config_every(interfaces, socket_layer, "1s")
+    }
+
+    /// [`Wire::config`] with summaries every `every` ("1h").
+    pub fn config_every(&self, interfaces: &[&str], socket_layer: bool, every: &str) -> PathBuf {
         let path = self.dir.path().join("guard.toml");
         let interfaces: Vec<String> = interfaces.iter().map(|i| format!("{i:?}")).collect();
         std::fs::write(
@@ -112,7 +118,7 @@ impl Wire {
                 "interfaces = [{}]\nsocket_layer = {socket_layer}\ncgroup = \"{}\"\n\
                  allow = [\"{GATEWAY}\", \"{GATEWAY6}\"]\n\
                  protect = [\"tcp:{TCP_PORT}\", \"udp:{UDP_PORT}\"]\n\
-                 pin_dir = \"{}\"\nadmin = \"{ADMIN}\"\nsummary_every = \"1s\"\n",
+                 pin_dir = \"{}\"\nadmin = \"{ADMIN}\"\nsummary_every = \"{every}\"\n",
                 interfaces.join(", "),
                 self.cg.rel().display(),
                 self.pins.0.display()

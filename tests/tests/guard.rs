@@ -206,6 +206,15 @@ async fn backends_are_reachable_only_through_the_gateway() {
     );
 }
 
+/// A gateway with an admin endpoint, an enforcing guard (`guard_extra`
+/// lines added) and one route to `backend`.
+fn gateway_toml(cg: &Cgroups, pki: &Pki, backend: &EchoBackend, guard_extra: &str) -> String {
+    "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(cg, "enforce", guard_extra)
+        + &listener_toml(pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND])
+}
+
 /// `[guard]` for the test's cgroups, with `enforcement` and extra lines.
 fn guard_section(cg: &Cgroups, enforcement: &str, extra: &str) -> String {
     format!(
@@ -322,9 +331,18 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
     let port = backend.local_addr().unwrap().port();
     // Accepts (and closes) what gets through, so the backlog never fills.
     gateway_tests::netns::tcp_echo(backend);
+    let udp = ns
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .expect("bind");
+    udp.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
     let pki = Pki::new();
-    let toml = guard_section(&cg, "enforce", "")
-        + &listener_toml(&pki, "edge", "")
+    let toml = guard_section(
+        &cg,
+        "enforce",
+        &format!("protect = [\"udp:127.0.0.1:{udp_port}\"]\n"),
+    ) + &listener_toml(&pki, "edge", "")
         + &route_toml(
             "orders",
             &[SNI],
@@ -355,14 +373,52 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
         let other = other.clone();
         ns.run(move || connect_from(&other, to))
     };
+    // A process that hears of the address the moment it appears (rtnetlink
+    // needs no privilege) and tries it at once, before the gateway's maps
+    // can know it.
+    let gained: std::net::IpAddr = "10.205.0.1".parse().unwrap();
+    let racer = {
+        let other = other.clone();
+        ns.run(move || {
+            Racer::start(
+                &other,
+                SocketAddr::new(gained, port),
+                SocketAddr::new(gained, udp_port),
+                200,
+            )
+        })
+    };
     ns.ip("addr add 10.205.0.1/24 dev v0");
+    let raced = racer.result();
+    assert_eq!(
+        (raced.connected, raced.sent),
+        (0, 0),
+        "nothing got through while the maps caught up: {raced:?}"
+    );
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_err(), "no datagram arrived");
     let until = std::time::Instant::now() + STEP;
     loop {
         match probe("10.205.0.1") {
             Err(e) if e.contains("Operation not permitted") => break,
+            Ok(()) => panic!("a connect to the new address got through"),
             other => assert!(
                 std::time::Instant::now() < until,
-                "an address the host gained after start is guarded within {STEP:?}: {other:?}"
+                "an address the host gained after start is refused at connect() within {STEP:?}: {other:?}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A route that makes a whole prefix this host, followed as well.
+    ns.ip("route add local 10.207.0.0/24 dev lo");
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        match probe("10.207.0.33") {
+            Err(e) if e.contains("Operation not permitted") => break,
+            Ok(()) => panic!("a connect to the AnyIP prefix got through"),
+            other => assert!(
+                std::time::Instant::now() < until,
+                "a local route added after start is refused at connect() within {STEP:?}: {other:?}"
             ),
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -398,10 +454,12 @@ async fn connections_older_than_the_guard_are_closed_when_it_enforces() {
     udp.send(b"before")
         .expect("the old UDP socket sends before the guard");
 
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", &format!("protect = [\"udp:{udp_addr}\"]\n"))
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(
+        &cg,
+        &pki,
+        &backend,
+        &format!("protect = [\"udp:{udp_addr}\"]\n"),
+    );
     let gw = RunningGateway::start(&pki, &toml).await;
     let after = tcp
         .write_all(b"after!")
@@ -448,10 +506,7 @@ async fn the_gateway_keeps_its_cgroup_to_itself() {
     let Some((_turn, cg, pki, backend)) = begin().await else {
         return;
     };
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let toml = gateway_toml(&cg, &pki, &backend, "");
     std::fs::create_dir(cg.path("gw")).expect("the gateway's cgroup");
     let squatter = sleeper_in(&cg.path("gw"));
     let config = gateway::Config::parse(
@@ -494,25 +549,10 @@ async fn the_gateway_keeps_its_cgroup_to_itself() {
 /// decides what names resolve to without touching the host's file.
 fn with_hosts_file<T: Send + 'static>(hosts: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
-        // SAFETY: unshare and mount on valid NUL-terminated strings; they
-        // affect only this thread (and threads it creates).
+        gateway_tests::netns::private_mounts();
+        // SAFETY: mount on valid NUL-terminated strings, in this thread's
+        // own mount namespace.
         unsafe {
-            assert_eq!(
-                libc::unshare(libc::CLONE_NEWNS),
-                0,
-                "unshare mount namespace"
-            );
-            assert_eq!(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null()
-                ),
-                0,
-                "make mounts private"
-            );
             let source = std::ffi::CString::new(hosts.to_str().unwrap()).unwrap();
             assert_eq!(
                 libc::mount(
@@ -570,10 +610,24 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
             .build()
             .expect("runtime");
         rt.block_on(async move {
+            use std::io::{Read as _, Write as _};
             let gw = RunningGateway::start(&pki, &toml).await;
             let bypass = |ip: [u8; 4]| connect_from(&other, SocketAddr::from((ip, port)));
             bypass([127, 0, 0, 1]).expect_err("resolved at start: protected");
             bypass([127, 0, 0, 3]).expect("not a backend yet");
+            // A connection to the address the name is about to move to,
+            // made while it is no backend.
+            let mut early = std::net::TcpStream::from(
+                gateway_tests::netns::socket_in_cgroup(
+                    &other,
+                    gateway_tests::netns::Kind::TcpConnected,
+                    SocketAddr::from(([127, 0, 0, 3], port)),
+                )
+                .expect("connect before the move"),
+            );
+            early
+                .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
             // The name moves; the gateway resolves it at its next connect.
             std::fs::write(&moved, "127.0.0.3 guarded.test\n").unwrap();
             let tls = connect(gw.app_addr, SNI, pki.frontend_config())
@@ -583,11 +637,30 @@ fn a_hostname_backend_is_guarded_at_what_it_resolves_to_before_use() {
             assert_eq!(echo_roundtrip(tls, data.clone()).await.unwrap(), data);
             let err = bypass([127, 0, 0, 3]).expect_err("protected before the gateway used it");
             assert!(err.contains("Operation not permitted"), "{err}");
+            let mut buf = [0u8; 4];
+            assert!(
+                early
+                    .write_all(b"late")
+                    .and_then(|()| early.read_exact(&mut buf))
+                    .is_err(),
+                "the connection made before the gateway resolved the name there is closed"
+            );
+            // The name moves back and a reload resolves it afresh: what the
+            // gateway resolved it to before stays protected (DNS answers
+            // with part of a pool at a time).
+            std::fs::write(&moved, "127.0.0.1 guarded.test\n").unwrap();
+            gw.reload_toml(&pki, &toml).await.expect("reload");
+            let err = bypass([127, 0, 0, 3]).expect_err("still protected after a reload");
+            assert!(err.contains("Operation not permitted"), "{err}");
             gw.scrape().await
         })
     });
     assert!(
         resolved.contains("gateway_guard_resolved_addresses_total 1"),
+        "{resolved}"
+    );
+    assert!(
+        resolved.contains("gateway_guard_older_connections_total{action=\"closed\"} 1"),
         "{resolved}"
     );
 }
@@ -599,38 +672,116 @@ async fn a_flood_of_connects_does_not_hide_another_process() {
     };
     let quiet = cg.path("quiet");
     std::fs::create_dir(&quiet).expect("a second cgroup");
-    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
-        + &guard_section(&cg, "enforce", "summary_every = \"1s\"\n")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    // One summary period for the whole test: the last summary, when the
+    // gateway stops, holds every attempt.
+    let every_local = backend.addr.port();
+    let toml = gateway_toml(&cg, &pki, &backend, "summary_every = \"1h\"\n");
     let gw = RunningGateway::start(&pki, &toml).await;
-    let guard = gw.guard.as_ref().expect("guard");
+    let guard = gw.guard.clone().expect("guard");
     let mut summaries = guard.summaries();
-    // One process per CPU floods connects to the backend, far past the
-    // kernel's 64 events per CPU per second; meanwhile another tries once.
+    // The quiet process tries once; then one process per CPU floods
+    // connects, each to 20000 other loopback addresses at the backend's
+    // port: far past the kernel's 64 events per CPU per second, and past
+    // the 16384 sources the tallies hold if every destination counted as
+    // a source of its own.
+    let err = connect_from(&quiet, backend.addr).expect_err("refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
     let flooders: Vec<_> = (0..2)
         .map(|_| {
             let other = cg.path("other");
-            let to = backend.addr;
-            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnects(20_000)))
+            let to = std::net::SocketAddr::from(([127, 0, 0, 1], every_local));
+            std::thread::spawn(move || reach_from(&other, to, Probe::TcpConnectsSpread(20_000)))
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let err = connect_from(&quiet, backend.addr).expect_err("refused");
-    assert!(err.contains("Operation not permitted"), "{err}");
     for f in flooders {
         f.join().expect("flooder").expect("flooded");
     }
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_guard_connects_total{verdict=\"deny\"} 40001"),
+        "every attempt refused and counted:\n{metrics}"
+    );
+    drop(guard);
+    drop(gw);
     let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
-    let until = tokio::time::Instant::now() + STEP;
+    let summary = tokio::time::timeout(STEP, summaries.recv())
+        .await
+        .expect("the last summary, when the gateway stops")
+        .expect("summaries");
+    let named = summary
+        .iter()
+        .find(|t| t.cgroup == quiet_id)
+        .unwrap_or_else(|| panic!("the quiet process is named among {} sources", summary.len()));
+    assert_eq!((named.attempts, named.destination), (1, backend.addr));
+    assert_eq!(summary.len(), 2, "two sources: {summary:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_program_or_a_removed_pin_is_put_back() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let toml = gateway_toml(&cg, &pki, &backend, "");
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let bypass = || connect_from(&cg.path("other"), backend.addr);
+    bypass().expect_err("protected");
+    let pin = |program: &str| {
+        std::fs::read_dir(&cg.pins)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&format!("link-{program}-"))
+            })
+            .unwrap_or_else(|| panic!("a pinned {program} link"))
+    };
+    // Whoever can (root, CAP_NET_ADMIN): both programs that judge a TCP
+    // connect are taken off their hook, and another link loses its pin.
+    for program in ["connect4", "local_egress"] {
+        gateway_tests::bpf::detach_pinned_link(&pin(program)).expect("detach");
+    }
+    let unpinned = pin("sendmsg4");
+    std::fs::remove_file(&unpinned).unwrap();
+    let until = std::time::Instant::now() + STEP;
     loop {
-        let summary = tokio::time::timeout_at(until, summaries.recv())
-            .await
-            .expect("the quiet process is named in a summary within the step")
-            .expect("summaries");
-        if let Some(quiet) = summary.iter().find(|t| t.cgroup == quiet_id) {
-            assert_eq!((quiet.attempts, quiet.destination), (1, backend.addr));
+        let metrics = gw.scrape().await;
+        if metrics.contains("gateway_guard_repairs_total 3") {
             break;
         }
+        assert!(
+            std::time::Instant::now() < until,
+            "the guard puts back what was undone within {STEP:?}:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    let err = bypass().expect_err("attached again");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert!(unpinned.exists(), "pinned again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_changes_the_summary_period() {
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let routes = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = |every: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{}{routes}",
+            guard_section(&cg, "enforce", &format!("summary_every = \"{every}\"\n"))
+        )
+    };
+    let gw = RunningGateway::start(&pki, &config("1h")).await;
+    let mut summaries = gw.guard.as_ref().expect("guard").summaries();
+    gw.reload_toml(&pki, &config("1s")).await.expect("reload");
+    connect_from(&cg.path("other"), backend.addr).expect_err("refused");
+    let summary = tokio::time::timeout(STEP, summaries.recv())
+        .await
+        .expect("a summary within the new period, not the old hour")
+        .expect("summaries");
+    assert_eq!(summary.len(), 1, "{summary:?}");
 }

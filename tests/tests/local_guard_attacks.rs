@@ -45,6 +45,13 @@ impl Host {
         Some(Host { ns, cg, gw, other })
     }
 
+    /// What the gateway reads as this host's addresses, in the namespace.
+    fn local_addresses(&self) -> Vec<ipnet::IpNet> {
+        self.ns
+            .run(gateway::netlink::local_addresses)
+            .expect("this host's addresses")
+    }
+
     fn spec(&self, protected: Vec<Protected>) -> GuardSpec {
         GuardSpec {
             protected,
@@ -52,7 +59,7 @@ impl Host {
             gateway_uid: None,
             enforcement: Enforcement::Enforce,
             pin_dir: None,
-            local_addresses: vec![HOST_V4.into(), HOST_V6.into()],
+            local_addresses: self.local_addresses(),
             every_local_address: true,
         }
     }
@@ -133,10 +140,10 @@ fn a_local_backend_is_guarded_on_every_local_address() {
     host.probe(&host.gw, at(HOST_V4.into()), Probe::TcpConnect)
         .expect("the gateway reaches it on any of them");
 
-    // An address the host gains is one more way in, once the gateway says so.
+    // An address the host gains is one more way in, once the gateway reads it.
     host.ns.ip("addr add 10.204.0.7/24 dev v0");
     let gained = at(Ipv4Addr::new(10, 204, 0, 7).into());
-    spec.local_addresses.push(gained.ip());
+    spec.local_addresses = host.local_addresses();
     guard.update(&spec).expect("update");
     refused(
         host.probe(&host.other, gained, Probe::TcpConnect),
@@ -300,10 +307,15 @@ fn an_update_that_cannot_be_applied_whole_changes_nothing() {
     let Some(host) = Host::new() else { return };
     let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
     let at = backend.local_addr().unwrap();
-    let spec = host.spec(vec![at.into()]);
+    // 40000 UDP ports of a remote backend, reachable over the veth.
+    host.ns.ip("route add 10.99.0.0/24 dev v0");
+    let old = |port: u16| SocketAddr::from((Ipv4Addr::new(10, 99, 0, 1), port));
+    let new = |port: u16| SocketAddr::from((Ipv4Addr::new(10, 99, 0, 2), port));
+    let rules = |ip: &str| -> Protected { format!("udp:{ip}:1-40000").parse().unwrap() };
+    let spec = host.spec(vec![at.into(), rules("10.99.0.1")]);
     let mut guard = host.install(&spec);
 
-    // Audit, and more rules than the maps hold: refused as a whole.
+    // Refused before the first write: more rules than the maps hold.
     let mut too_big = spec.clone();
     too_big.enforcement = Enforcement::Audit;
     too_big.protected = (1..=4097u16)
@@ -312,9 +324,589 @@ fn an_update_that_cannot_be_applied_whole_changes_nothing() {
     guard
         .update(&too_big)
         .expect_err("4097 rules do not fit: refused");
+
+    // Refused halfway: each set fits, but the new ports go in before the
+    // old ones leave, and 80000 do not fit in 65536. Every write made
+    // before the one that failed is put back.
+    let mut disjoint = spec.clone();
+    disjoint.enforcement = Enforcement::Audit;
+    disjoint.protected = vec![at.into(), rules("10.99.0.2")];
+    let err = guard
+        .update(&disjoint)
+        .expect_err("old and new do not fit at once");
+    assert!(
+        err.to_string()
+            .contains("writing eBPF map \"PROTECTED_V4\""),
+        "says which write failed: {err}"
+    );
     refused(
         host.probe(&host.other, at, Probe::TcpConnect),
-        "enforcement and rules stay as they were",
+        "enforcement stays as it was",
     );
+    refused(
+        host.probe(&host.other, old(40_000), Probe::UdpSendTo),
+        "the old rules stay",
+    );
+    for port in [1, 12_345, 25_000, 40_000] {
+        host.probe(&host.other, new(port), Probe::UdpSendTo)
+            .unwrap_or_else(|e| panic!("no new rule stays behind ({port}): {e}"));
+    }
     assert_eq!(guard.counters().unwrap().audited, 0);
+}
+
+/// Nothing waiting on `listener` (set non-blocking): no connection got in.
+fn nothing_accepted(listener: &std::net::TcpListener, what: &str) {
+    listener.set_nonblocking(true).expect("non-blocking");
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("{what}: a connection reached the backend: {other:?}"),
+    }
+}
+
+#[test]
+fn nat_on_this_host_does_not_open_a_way_around() {
+    let Some(host) = Host::new() else { return };
+    let (backend, port) = dual_stack(&host);
+    let udp = host.udp_socket("0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    let udp6 = host.udp_socket("[::]:0".parse().unwrap());
+    let udp6_port = udp6.local_addr().unwrap().port();
+    // As Docker's published ports and kube-proxy do: connects to an address
+    // that is not the backend's are rewritten to it after connect() ran.
+    let rules = format!(
+        "table ip gla {{\n chain out {{\n  type nat hook output priority -100\n  \
+         tcp dport 8080 dnat to 127.0.0.1:{port}\n  udp dport 8081 dnat to 127.0.0.1:{udp_port}\n }}\n}}\n\
+         table ip6 gla6 {{\n chain out {{\n  type nat hook output priority -100\n  \
+         udp dport 8081 dnat to [::1]:{udp6_port}\n }}\n}}\n"
+    );
+    if !host.ns.nft(&rules) {
+        assert!(
+            std::env::var_os("GATEWAY_TEST_REQUIRE_KERNEL_FEATURES").is_none(),
+            "nft is packed where kernel features are required"
+        );
+        eprintln!("skipped: nft is not installed");
+        return;
+    }
+    let front = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 50), 8080));
+    let front_udp = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 50), 8081));
+    let front_udp6 = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x204, 0, 0, 0, 0, 0, 0x50), 8081));
+    host.probe(&host.other, front, Probe::TcpConnect)
+        .expect("through the DNAT rule the backend answers (the attack's premise)");
+    backend.accept().expect("it got the connection");
+    for (to, socket) in [(front_udp, &udp), (front_udp6, &udp6)] {
+        host.probe(&host.other, to, Probe::UdpSendTo)
+            .expect("the datagram is sent (the attack's premise)");
+        let mut buf = [0u8; 16];
+        socket
+            .recv_from(&mut buf)
+            .expect("and rewritten to the UDP backend");
+    }
+
+    let guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+        format!("udp:[::1]:{udp6_port}").parse().unwrap(),
+    ]));
+    let through_nat = host.probe(&host.other, front, Probe::TcpConnect);
+    assert!(
+        through_nat.is_err(),
+        "a connect rewritten to the protected backend must not get through"
+    );
+    nothing_accepted(&backend, "TCP through DNAT");
+    refused(
+        host.probe(&host.other, front_udp, Probe::UdpSendTo),
+        "UDP through DNAT",
+    );
+    refused(
+        host.probe(&host.other, front_udp6, Probe::UdpSendTo),
+        "UDP through IPv6 DNAT",
+    );
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_err(), "no datagram arrived");
+    assert!(udp6.recv_from(&mut buf).is_err(), "no datagram arrived");
+    host.probe(&host.gw, front, Probe::TcpConnect)
+        .expect("the gateway's own connect through the same rule passes");
+    host.probe(&host.gw, front_udp, Probe::UdpSendTo)
+        .expect("and its datagram");
+    assert!(udp.recv_from(&mut buf).is_ok());
+    assert!(
+        guard.counters().unwrap().refused >= 3,
+        "counted: {:?}",
+        guard.counters()
+    );
+
+    // In audit each attempt counts once, wherever it was judged: at the
+    // call (named directly) or on the way out (rewritten by NAT).
+    let mut guard = guard;
+    let mut spec = host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]);
+    spec.enforcement = Enforcement::Audit;
+    guard.update(&spec).expect("audit");
+    let before = guard.counters().unwrap().audited;
+    for (to, how) in [
+        (front_udp, Probe::UdpSendTo),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port)),
+            Probe::UdpSendTo,
+        ),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port)),
+            Probe::UdpConnect,
+        ),
+        (front, Probe::TcpConnect),
+        (
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            Probe::TcpConnect,
+        ),
+        (
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            Probe::TcpConnect,
+        ),
+    ] {
+        host.probe(&host.other, to, how)
+            .unwrap_or_else(|e| panic!("audit lets {how:?} to {to} through: {e}"));
+    }
+    assert_eq!(
+        guard.counters().unwrap().audited - before,
+        6,
+        "six attempts, each counted once"
+    );
+}
+
+/// `mkdir path` (mode 0755) by uid and gid 65534 ("nobody"), as any local
+/// user could where the parent is world-writable.
+fn mkdir_as_nobody(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    let at = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    let made = fork_into(None, || {
+        // SAFETY: raw system calls on data prepared before the fork.
+        unsafe {
+            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                return 100;
+            }
+            if libc::mkdir(at.as_ptr(), 0o755) == 0 {
+                0
+            } else {
+                101
+            }
+        }
+    });
+    assert_eq!(
+        made.wait(),
+        0,
+        "nobody could not mkdir {} (the attack's premise: a world-writable bpffs)",
+        path.display()
+    );
+}
+
+/// Removes a directory a test made in bpffs, even when the test fails.
+struct Gone(PathBuf);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_pin_dir_anyone_else_could_write_is_refused() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let Some(host) = Host::new() else { return };
+    let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = backend.local_addr().unwrap();
+    let root = std::path::Path::new("/sys/fs/bpf");
+    // Mounted by the guard itself if nothing is there yet.
+    let first = Pins::new("gateway-test-mount-");
+    let _first = host.install(&GuardSpec {
+        pin_dir: Some(first.0.clone()),
+        ..host.spec(vec![at.into()])
+    });
+    let world_writable = std::fs::metadata(root).unwrap().mode() & 0o002 != 0;
+    drop(_first);
+    let refused_dir = |dir: &std::path::Path, why: &str| {
+        let mut spec = host.spec(vec![at.into()]);
+        spec.pin_dir = Some(dir.to_owned());
+        match LocalGuard::install(&host.cg.path(), &spec) {
+            Err(EbpfError::UnsafePinDir { .. }) => {}
+            Err(e) => panic!("{why}: refused for the wrong reason: {e}"),
+            Ok(_) => panic!("{why}: a guard pinned where someone else can remove its pins"),
+        }
+    };
+
+    if world_writable {
+        // The review's attack: a local user makes the pin directory first.
+        let owned = Gone(root.join(unique("gateway-test-nobody-")));
+        mkdir_as_nobody(&owned.0);
+        refused_dir(&owned.0, "a pin_dir owned by another user");
+    } else {
+        eprintln!(
+            "note: /sys/fs/bpf is not world-writable here; the other-user case was not tried"
+        );
+    }
+    let open = Gone(root.join(unique("gateway-test-open-")));
+    std::fs::create_dir(&open.0).unwrap();
+    std::fs::set_permissions(&open.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused_dir(&open.0, "a group- and world-writable pin_dir");
+    let real = Gone(root.join(unique("gateway-test-real-")));
+    std::fs::create_dir(&real.0).unwrap();
+    let link = Gone(root.join(unique("gateway-test-link-")));
+    std::os::unix::fs::symlink(&real.0, &link.0).unwrap();
+    refused_dir(&link.0, "a pin_dir that is a symlink");
+    refused_dir(&link.0.join("below"), "a pin_dir below a symlink");
+
+    // One the guard makes itself is its own, and nobody else's to write.
+    let pins = Pins::new("gateway-test-own-");
+    let mut spec = host.spec(vec![at.into()]);
+    spec.pin_dir = Some(pins.0.clone());
+    let _guard = host.install(&spec);
+    let meta = std::fs::metadata(&pins.0).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o700));
+}
+
+#[test]
+fn a_guard_keeps_its_programs_attached_when_its_pins_are_removed() {
+    let Some(host) = Host::new() else { return };
+    let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = backend.local_addr().unwrap();
+    let pins = Pins::new("gateway-test-keep-");
+    let mut spec = host.spec(vec![at.into()]);
+    spec.pin_dir = Some(pins.0.clone());
+    let mut guard = host.install(&spec);
+    let links = || -> Vec<PathBuf> {
+        std::fs::read_dir(&pins.0)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("link-")
+            })
+            .collect()
+    };
+    let pinned = links();
+    assert_eq!(pinned.len(), 6, "{pinned:?}");
+    // Whoever could: the pins were the only reference to the links.
+    for p in &pinned {
+        std::fs::remove_file(p).unwrap();
+    }
+    refused(
+        host.probe(&host.other, at, Probe::TcpConnect),
+        "the guard holds its links while it runs",
+    );
+    let repairs = guard.check_attachment().expect("look at the attachments");
+    assert_eq!(
+        repairs.len(),
+        pinned.len(),
+        "every missing pin is put back: {repairs:?}"
+    );
+    let mut again = links();
+    again.sort();
+    let mut pinned = pinned;
+    pinned.sort();
+    assert_eq!(again, pinned);
+    assert!(
+        guard.check_attachment().unwrap().is_empty(),
+        "nothing more to repair"
+    );
+    // The pins hold them again after the guard is gone.
+    drop(guard);
+    refused(
+        host.probe(&host.other, at, Probe::TcpConnect),
+        "pinned protection outlives the guard",
+    );
+}
+
+#[test]
+fn bpffs_the_guard_mounts_is_root_s_alone() {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(host) = Host::new() else { return };
+    let at = host.tcp_listener("127.0.0.1:0".parse().unwrap());
+    let at = at.local_addr().unwrap();
+    let mode = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // A mount namespace of this thread's own, without bpffs: as a
+                // host where nothing mounted it yet.
+                private_mounts();
+                // SAFETY: umount2 on a valid NUL-terminated path, in this
+                // thread's own mount namespace.
+                while unsafe { libc::umount2(c"/sys/fs/bpf".as_ptr(), libc::MNT_DETACH) } == 0 {}
+                let mut spec = host.spec(vec![at.into()]);
+                spec.pin_dir = Some(PathBuf::from("/sys/fs/bpf/gateway"));
+                let _guard = host.install(&spec);
+                std::fs::metadata("/sys/fs/bpf").expect("mounted").mode() & 0o777
+            })
+            .join()
+            .expect("thread")
+    });
+    assert_eq!(mode, 0o700, "only root may make directories in it");
+}
+
+#[test]
+fn every_address_the_routing_table_calls_local_is_guarded() {
+    let Some(host) = Host::new() else { return };
+    let (_tcp, port) = dual_stack(&host);
+    let udp = host.udp_socket("0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    let udp6 = host.udp_socket("[::]:0".parse().unwrap());
+    let udp6_port = udp6.local_addr().unwrap().port();
+    // Local addresses no interface lists: AnyIP routes (a whole prefix is
+    // this host), the IPv6 subnet-router anycast address a router answers,
+    // and the subnet broadcast address (the veth's address has no `brd`).
+    host.ns.ip("route add local 10.206.0.0/24 dev lo");
+    host.ns.ip("-6 route add local fd00:206::/64 dev lo");
+    host.ns.sysctl("net/ipv6/conf/all/forwarding", "1");
+    let anyip = SocketAddr::from((Ipv4Addr::new(10, 206, 0, 9), port));
+    let anyip6 = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x206, 0, 0, 0, 0, 0, 9), port));
+    let broadcast = SocketAddr::from((Ipv4Addr::new(10, 204, 0, 255), udp_port));
+    let anycast = SocketAddr::from((Ipv6Addr::new(0xfd00, 0x204, 0, 0, 0, 0, 0, 0), udp6_port));
+    let attempts = [
+        (anyip, Probe::TcpConnect),
+        (anyip6, Probe::TcpConnect),
+        (broadcast, Probe::UdpBroadcast),
+        (anycast, Probe::UdpSendTo),
+    ];
+    let until = std::time::Instant::now() + gateway_tests::STEP;
+    for (to, how) in attempts {
+        // The anycast address appears once forwarding is on (DAD-free, but
+        // not at once).
+        loop {
+            match host.probe(&host.other, to, how) {
+                Ok(()) => break,
+                Err(e) if std::time::Instant::now() < until => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("{how:?} to {to} reaches the backend (the attack's premise): {e}"),
+            }
+        }
+    }
+    let mut buf = [0u8; 16];
+    assert!(udp.recv_from(&mut buf).is_ok(), "the broadcast arrived");
+    assert!(
+        udp6.recv_from(&mut buf).is_ok(),
+        "the anycast datagram arrived"
+    );
+
+    let guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+        format!("udp:[::1]:{udp6_port}").parse().unwrap(),
+    ]));
+    for (to, how) in attempts {
+        refused(
+            host.probe(&host.other, to, how),
+            &format!("{how:?} to {to}"),
+        );
+    }
+    assert!(udp.recv_from(&mut buf).is_err(), "no broadcast arrived");
+    assert!(
+        udp6.recv_from(&mut buf).is_err(),
+        "no anycast datagram arrived"
+    );
+    assert_eq!(guard.counters().unwrap().refused, attempts.len() as u64);
+}
+
+#[test]
+fn packets_that_arrive_from_outside_this_host_s_sockets_are_judged() {
+    use gateway_tests::packet::{Tun, udp_packet};
+    let Some(mut host) = Host::new() else { return };
+    // The backends' sockets live in the guarded subtree (as every process
+    // does when attach_to is the whole host).
+    let backend_cg = host.cg.leaf("backend");
+    let tcp_at = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+    let tcp = host
+        .ns
+        .run({
+            let cg = backend_cg.clone();
+            move || socket_in_cgroup(&cg, Kind::TcpListener, tcp_at)
+        })
+        .expect("backend");
+    let tcp = std::net::TcpListener::from(tcp);
+    let port = tcp.local_addr().unwrap().port();
+    tcp_echo(tcp);
+    let udp = udp_in_cgroup(host.ns.name(), &backend_cg, "0.0.0.0:0".parse().unwrap());
+    let udp_port = udp.local_addr().unwrap().port();
+    // A tun device anyone it belongs to can write packets into, and a
+    // container's namespace behind a veth.
+    let tun = host.ns.run(|| Tun::create("tunr"));
+    host.ns.ip("addr add 10.208.0.1/24 dev tunr");
+    host.ns.ip("link set tunr up");
+    let c = container_of(&host.ns, "glac", "h0", "10.209.0.1", "10.209.0.2");
+    let from_tun = |to: Ipv4Addr, data: &[u8]| {
+        tun.inject(&udp_packet(
+            Ipv4Addr::new(10, 208, 0, 2).into(),
+            to.into(),
+            40000,
+            udp_port,
+            data,
+        ))
+    };
+    let from_container = |to: Ipv4Addr| tcp_roundtrip(c.name(), None, SocketAddr::from((to, port)));
+    let mut buf = [0u8; 64];
+    from_tun(HOST_V4, b"premise");
+    let (n, _) = udp
+        .recv_from(&mut buf)
+        .expect("through the tun device (the attack's premise)");
+    assert_eq!(&buf[..n], b"premise");
+    from_container(HOST_V4).expect("from the container (the attack's premise)");
+
+    let mut guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut events = rt.block_on(async { guard.take_events() }).expect("events");
+    from_tun(HOST_V4, b"tun to the host's address");
+    from_tun(Ipv4Addr::new(10, 208, 0, 1), b"tun to its own address");
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "nothing arrived through the tun device"
+    );
+    from_container(HOST_V4).expect_err("the container's connect is dropped at the backend");
+    from_container(Ipv4Addr::new(10, 209, 0, 1)).expect_err("whichever host address it uses");
+    let seen = rt.block_on(async {
+        loop {
+            let e = tokio::time::timeout(gateway_tests::STEP, events.next())
+                .await
+                .expect("an event within the step")
+                .expect("events");
+            if e.layer == "ingress" {
+                break e;
+            }
+        }
+    });
+    assert_eq!(
+        (
+            seen.source.map(|s| s.ip()),
+            seen.destination.port(),
+            seen.audited
+        ),
+        (
+            Some(IpAddr::from(Ipv4Addr::new(10, 208, 0, 2))),
+            udp_port,
+            false
+        ),
+        "the event says where it came from: {seen:?}"
+    );
+    // This host's own sockets are judged where they send, as before.
+    refused(
+        host.probe(
+            &host.other,
+            SocketAddr::from((HOST_V4, port)),
+            Probe::TcpConnect,
+        ),
+        "a local process",
+    );
+    host.probe(
+        &host.gw,
+        SocketAddr::from((HOST_V4, port)),
+        Probe::TcpConnect,
+    )
+    .expect("the gateway reaches the backend");
+    host.probe(
+        &host.gw,
+        SocketAddr::from((HOST_V4, udp_port)),
+        Probe::UdpSendTo,
+    )
+    .expect("and its datagrams");
+    assert!(
+        udp.recv_from(&mut buf).is_ok(),
+        "the gateway's datagram arrived"
+    );
+    assert!(guard.counters().unwrap().refused >= 5);
+
+    // In audit a connection from outside is let through and counted once,
+    // at its SYN, not per packet.
+    let mut spec = host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]);
+    spec.enforcement = Enforcement::Audit;
+    guard.update(&spec).expect("audit");
+    let before = guard.counters().unwrap().audited;
+    from_container(HOST_V4).expect("audit lets the container in");
+    assert_eq!(
+        guard.counters().unwrap().audited - before,
+        1,
+        "one connection, one attempt"
+    );
+}
+
+/// One connect to `to` as each of `uids` distinct real uids, from a child
+/// in `cgroup` (root keeps its effective uid, so it may switch on).
+fn connect_as_many_uids(cgroup: &std::path::Path, to: SocketAddr, uids: std::ops::Range<u32>) {
+    let (storage, len) = sockaddr(to);
+    let flood = fork_into(Some(cgroup), || {
+        for uid in uids {
+            // SAFETY: raw system calls on data prepared before the fork.
+            unsafe {
+                if libc::setresuid(uid, 0, 0) != 0 {
+                    return 101;
+                }
+                let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                libc::connect(s, std::ptr::from_ref(&storage).cast(), len);
+                libc::close(s);
+            }
+        }
+        0
+    });
+    assert_eq!(flood.wait(), 0, "the uid flood ran");
+}
+
+#[test]
+fn a_flood_of_destinations_or_sources_pushes_no_source_out_of_the_tallies() {
+    let Some(mut host) = Host::new() else { return };
+    let quiet = host.cg.leaf("quiet");
+    let backend = host.tcp_listener("0.0.0.0:0".parse().unwrap());
+    let at = SocketAddr::from((Ipv4Addr::LOCALHOST, backend.local_addr().unwrap().port()));
+    let mut guard = host.install(&host.spec(vec![at.into()]));
+    let quiet_id = gateway::ebpf::cgroup_id(&quiet).unwrap();
+    let other_id = gateway::ebpf::cgroup_id(&host.other).unwrap();
+
+    // One attempt, then 40000 to as many loopback addresses from elsewhere.
+    refused(host.probe(&quiet, at, Probe::TcpConnect), "the quiet one");
+    host.probe(&host.other, at, Probe::TcpConnectsSpread(40_000))
+        .expect("flooded");
+    let tallies = guard.take_tallies().expect("tallies");
+    let find = |cgroup: u64| tallies.iter().find(|t| t.cgroup == cgroup);
+    assert_eq!(
+        find(quiet_id).map(|t| (t.attempts, t.destination)),
+        Some((1, at)),
+        "the quiet one is still named after 40000 destinations: {} sources",
+        tallies.len()
+    );
+    assert_eq!(find(other_id).map(|t| t.attempts), Some(40_000));
+    assert_eq!(guard.untallied().unwrap(), 0);
+
+    // More distinct sources than the tallies hold: the first stay, the rest
+    // are counted.
+    refused(host.probe(&quiet, at, Probe::TcpConnect), "the quiet one");
+    let other = host.other.clone();
+    host.ns
+        .run(move || connect_as_many_uids(&other, at, 100_000..117_000));
+    let tallies = guard.take_tallies().expect("tallies");
+    assert!(
+        tallies.iter().any(|t| t.cgroup == quiet_id),
+        "seen first, so still named"
+    );
+    let named: u64 = tallies
+        .iter()
+        .filter(|t| t.cgroup == other_id)
+        .map(|t| t.attempts)
+        .sum();
+    assert_eq!(
+        named + guard.untallied().unwrap(),
+        17_000,
+        "every attempt is either named or counted as untallied"
+    );
+    assert!(guard.untallied().unwrap() >= 17_000 - 16_384);
 }

@@ -255,48 +255,14 @@ fn the_socket_layer_judges_paths_tc_never_sees() {
     // A backend listening on every address, as most do.
     w.tcp_backend(SocketAddr::from((Ipv6Addr::UNSPECIFIED, TCP_PORT)));
     // A container on the backend host: its own namespace behind a veth.
-    let c = Netns::new("gra-c");
-    ip(&[
-        "link",
-        "add",
-        "c0",
-        "netns",
-        c.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "bc0",
-        "netns",
-        w.b.name(),
-    ]);
-    c.ip("link set c0 up");
-    w.b.ip("link set bc0 up");
-    w.b.ip("addr add 10.203.0.1/24 dev bc0");
-    c.ip("addr add 10.203.0.2/24 dev c0");
-    c.ip("route add default via 10.203.0.1");
+    let c = container_of(&w.b, "gra-c", "bc0", "10.203.0.1", "10.203.0.2");
     let local = |to: Ipv4Addr| tcp_roundtrip(w.b.name(), None, SocketAddr::from((to, TCP_PORT)));
     let container = |to: Ipv4Addr| tcp_roundtrip(c.name(), None, SocketAddr::from((to, TCP_PORT)));
-    let nat = has_nft();
-    if nat {
-        // Port 8080 on the backend host forwards to the protected port:
-        // TC sees 8080, the socket gets 9000.
-        let rules = "table ip gra {\n chain pre {\n  type nat hook prerouting priority -100\n  tcp dport 8080 dnat to 10.201.0.1:9000\n }\n}\n";
-        let out =
-            w.b.command(&["nft", "-f", "-"])
-                .stdin(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut child| {
-                    use std::io::Write as _;
-                    child
-                        .stdin
-                        .take()
-                        .expect("stdin")
-                        .write_all(rules.as_bytes())?;
-                    child.wait()
-                });
-        assert!(out.is_ok_and(|s| s.success()), "nft: loading the DNAT rule");
-    }
+    // Port 8080 on the backend host forwards to the protected port: TC
+    // sees 8080, the socket gets 9000.
+    let nat = w.b.nft(
+        "table ip gra {\n chain pre {\n  type nat hook prerouting priority -100\n  tcp dport 8080 dnat to 10.201.0.1:9000\n }\n}\n",
+    );
     let via_nat = |from: Ipv4Addr| {
         tcp_roundtrip(
             w.x.name(),
@@ -336,54 +302,66 @@ fn the_socket_layer_judges_paths_tc_never_sees() {
     );
 }
 
-fn has_nft() -> bool {
-    std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 #[test]
 fn a_flood_of_spoofed_sources_does_not_hide_the_real_one() {
     let Some(w) = Wire::new() else { return };
     let udp = w.udp_backend(SocketAddr::from((BACKEND, UDP_PORT)));
-    let guard = w.start_guard(&["b0"], false, "guard.log");
-    // Far more spoofed sources than the per-CPU event budget (64 a second),
-    // all within the same second, then the one that matters.
+    // One summary period for the whole flood: the summary at stop holds it.
+    let config = w.config_every(&["b0"], false, "1h");
+    let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
+    // Far more spoofed sources than the per-CPU event budget (64 a second)
+    // and than the tallies hold (16384), the real one among the first.
     w.x.run(|| {
         let raw = raw_ipv4_socket();
-        for i in 0..1024u32 {
+        let spoof = |i: u32| {
             let spoofed = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 201, 8, 0)) + i);
             let packet = udp_packet(spoofed.into(), BACKEND.into(), 40000, UDP_PORT, b"noise");
             send_raw_ipv4(&raw, &packet).expect("send a spoofed datagram");
-        }
+        };
+        (0..1024).for_each(spoof);
         let real = udp_packet(STRANGER.into(), BACKEND.into(), 40001, UDP_PORT, b"real");
         send_raw_ipv4(&raw, &real).expect("send the real one");
+        (1024..41_024).for_each(spoof);
     });
-    assert!(received(&udp).is_empty(), "every datagram was dropped");
     let until = Instant::now() + STEP;
-    loop {
-        let log = guard.log();
-        let named = |who: &str| {
-            log.lines().any(|l| {
-                l.contains("guard: bypass attempts by source") && l.contains(&format!("{who}×"))
-            })
-        };
-        if named(&STRANGER.to_string()) && named("10.201.11.255") {
-            break;
-        }
+    while w.metric("gateway_guard_ingress_packets_total{layer=\"tc\",verdict=\"drop\"}") < 41_025 {
         assert!(
             Instant::now() < until,
-            "the summaries name every source, the real one included, within {STEP:?}:\n{}",
-            log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+            "every datagram judged within {STEP:?}"
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        w.metric("gateway_guard_bypass_sources_total"),
-        1025,
-        "each source tallied once"
+    assert!(received(&udp).is_empty(), "every datagram was dropped");
+    let untallied = w.metric("gateway_guard_untallied_attempts_total");
+    assert!(untallied > 0, "what did not fit is counted");
+    guard.signal(libc::SIGTERM);
+    guard.wait_for("guard: stopping", 1);
+    let log = guard.log();
+    let named = |who: &str| {
+        log.lines().any(|l| {
+            l.contains("guard: bypass attempts by source") && l.contains(&format!("{who}×"))
+        })
+    };
+    assert!(
+        named(&STRANGER.to_string()),
+        "the summary names the real source among the spoofed ones:\n{}",
+        log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
     );
+    assert!(named("10.201.8.0"), "and the first spoofed ones");
+    assert!(
+        log.contains("more distinct sources than the tallies hold")
+            && log.contains(&format!("\"attempts\":{untallied}")),
+        "and says how many attempts it could not name"
+    );
+    // Every attempt is in the summary or in the untallied count.
+    let named_attempts: u64 = log
+        .lines()
+        .find(|l| l.contains("guard: bypass attempts by source"))
+        .and_then(|l| l.split("\"attempts\":").nth(1))
+        .and_then(|n| n.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .expect("the summary's attempts");
+    assert_eq!(named_attempts + untallied, 41_025);
 }
 
 #[test]
@@ -397,17 +375,10 @@ fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
         .find(|l| l.starts_with("allow = "))
         .expect("allow line")
         .to_owned();
-    let filler = |base: [u8; 2], n: u32| {
-        (0..n).map(move |k| {
-            let [a, b] = base;
-            format!(
-                "\"{}\"",
-                Ipv4Addr::new(10, a, b.wrapping_add((k / 256) as u8), k as u8)
-            )
-        })
-    };
     // The gateway and 999 more: 1000 of the 1024 IPv4 prefixes the guard holds.
-    let mut allow: Vec<String> = filler([210, 0], 999).collect();
+    let mut allow: Vec<String> = (0..999u32)
+        .map(|k| format!("\"{}\"", Ipv4Addr::new(10, 210, (k / 256) as u8, k as u8)))
+        .collect();
     allow.push(format!("\"{GATEWAY}\""));
     let with_allow =
         |list: &[String]| original.replace(&allow_line, &format!("allow = [{}]", list.join(", ")));
@@ -415,25 +386,32 @@ fn a_reload_that_fails_halfway_leaves_no_allowed_source_behind() {
     let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
     w.tcp_from(STRANGER).expect_err("the stranger is dropped");
 
-    // A reload that keeps 900 of them and adds 100 new prefixes, 33 of
-    // which cover the stranger: new prefixes go in before stale ones leave,
-    // so only 24 fit before the map is full.
-    let mut next: Vec<String> = allow[..900].to_vec();
-    next.push(format!("\"{GATEWAY}\""));
-    next.extend((0..=32u8).map(|len| {
+    // Another tool writes 10 prefixes into the pinned map behind the
+    // guard's back: 1010 of 1024 are taken, though the guard counts 1000.
+    let trie = w.pins.0.join("INGRESS_ALLOW_V4");
+    for k in 0..10u8 {
+        gateway_tests::bpf::lpm_v4_insert(&trie, 32, [10, 212, 0, k]).expect("insert");
+    }
+    // A reload that keeps them all and adds 20 prefixes, each covering the
+    // stranger: 1020 fit by the guard's count, so it starts writing, and
+    // the map is full after 14 of them.
+    let mut next = allow.clone();
+    next.extend((13..=32u8).map(|len| {
         let net = ipnet::Ipv4Net::new(STRANGER, len).expect("prefix").trunc();
         format!("\"{net}\"")
     }));
-    next.extend(filler([211, 0], 67));
     std::fs::write(&config, with_allow(&next)).expect("write");
     guard.signal(libc::SIGHUP);
     guard.wait_for("guard: reload failed", 1);
-    // Roll back to the file that worked.
-    std::fs::write(&config, with_allow(&allow)).expect("write");
-    guard.signal(libc::SIGHUP);
-    guard.wait_for("guard: reloaded", 1);
+    assert!(
+        guard
+            .log()
+            .contains("writing eBPF map \\\"INGRESS_ALLOW_V4\\\""),
+        "the failed write is named:\n{}",
+        guard.log()
+    );
     w.tcp_from(STRANGER)
-        .expect_err("nothing the refused reload wrote survived the rollback");
+        .expect_err("nothing the refused reload wrote stayed behind");
     w.tcp_from(GATEWAY).expect("the gateway passes");
     assert_eq!(
         w.metric("gateway_guard_reloads_total{result=\"failed\"}"),
@@ -493,4 +471,96 @@ fn a_second_guard_on_the_same_pin_dir_is_refused() {
     );
     w.tcp_from(STRANGER)
         .expect_err("the first guard's rules are untouched");
+}
+
+#[test]
+fn a_detached_layer_or_a_removed_pin_is_put_back() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((Ipv6Addr::UNSPECIFIED, TCP_PORT)));
+    let mut guard = w.start_guard(&["b0"], true, "guard.log");
+    let local = || tcp_roundtrip(w.b.name(), None, SocketAddr::from((BACKEND, TCP_PORT)));
+    local().expect_err("the socket layer drops a local stranger");
+    let pins: Vec<std::path::PathBuf> = std::fs::read_dir(&w.pins.0)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let socket_pin = pins
+        .iter()
+        .find(|p| p.to_string_lossy().contains("link-sock_ingress-"))
+        .expect("the socket layer's link is pinned")
+        .clone();
+    // Whoever can: the socket layer is taken off its cgroup, and on TCX
+    // kernels the interface's link loses its pin.
+    gateway_tests::bpf::detach_pinned_link(&socket_pin).expect("detach");
+    let tcx_pin = w.pins.0.join("link-ingress-b0");
+    let expected = if has_tcx() {
+        std::fs::remove_file(&tcx_pin).expect("remove the TCX pin");
+        2
+    } else {
+        1
+    };
+    guard.wait_for("guard: the socket layer had been detached", 1);
+    let until = Instant::now() + STEP;
+    while w.metric("gateway_guard_repairs_total") < expected {
+        assert!(
+            Instant::now() < until,
+            "repaired within {STEP:?}:\n{}",
+            guard.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    local().expect_err("judged at the socket again");
+    if has_tcx() {
+        assert!(tcx_pin.exists(), "pinned again");
+        w.tcp_from(STRANGER)
+            .expect_err("TC still drops the stranger");
+    }
+    w.tcp_from(GATEWAY).expect("the gateway passes");
+}
+
+#[test]
+fn a_reload_changes_the_summary_period() {
+    let Some(w) = Wire::new() else { return };
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let config = w.config_every(&["b0"], false, "1h");
+    let mut guard = start_remote_guard(w.b.name(), &config, w.dir.path().join("guard.log"));
+    // The same file, with the summary period of a second.
+    w.config(&["b0"], false);
+    guard.signal(libc::SIGHUP);
+    guard.wait_for("guard: reloaded", 1);
+    w.tcp_from(STRANGER).expect_err("dropped");
+    guard.wait_for("guard: bypass attempts by source", 1);
+}
+
+/// A UDP datagram from the backend host itself (a local process) to
+/// `to`, as the socket layer sees it arrive over `lo`.
+fn local_datagram(w: &Wire, to: SocketAddr, data: &'static [u8]) {
+    w.b.run(move || {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.send_to(data, to))
+            .expect("send a datagram")
+    });
+}
+
+#[test]
+fn a_narrowed_socket_layer_judges_sockets_by_the_cgroup_that_made_them() {
+    let Some(w) = Wire::new() else { return };
+    let mount = gateway_tests::bpf_cgroup_or_skip().expect("cgroup v2");
+    // A socket the guarded service uses but something else created (as
+    // systemd creates socket-activated ones, in its own cgroup).
+    let mut elsewhere = TestCgroup::create(&mount, "gra-else");
+    let creator = elsewhere.leaf("creator");
+    let handed = udp_in_cgroup(w.b.name(), &creator, SocketAddr::from((BACKEND, UDP_PORT)));
+    // And one the service created itself.
+    w.tcp_backend(SocketAddr::from((BACKEND, TCP_PORT)));
+    let _guard = w.start_guard(&["b0"], true, "guard.log");
+    tcp_roundtrip(w.b.name(), None, SocketAddr::from((BACKEND, TCP_PORT)))
+        .expect_err("a socket created in `cgroup` is judged");
+    local_datagram(&w, SocketAddr::from((BACKEND, UDP_PORT)), b"handed");
+    assert_eq!(
+        received(&handed),
+        [b"handed".to_vec()],
+        "a socket created outside `cgroup` is not judged, whoever uses it (README says so)"
+    );
 }

@@ -1,6 +1,9 @@
-//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6` and the
-//! raw-socket `raw_egress` on a cgroup v2 subtree refuse to let anyone but
-//! the gateway's own cgroup reach a protected backend.
+//! The local guard: `connect4`/`connect6`/`sendmsg4`/`sendmsg6`,
+//! `local_egress` (TCP SYNs, UDP datagrams and raw sockets' packets by their
+//! final, after-NAT headers) and `local_ingress` (packets that reach a
+//! local backend's socket from outside this host's sockets) on a cgroup v2
+//! subtree refuse to let anyone but the gateway's own cgroup reach a
+//! protected backend.
 //!
 //! A backend on this host is protected on every local address by default:
 //! a server listening on all addresses answers on 127.0.0.2, on the host's
@@ -19,18 +22,23 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
+
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as AyaHashMap, MapData};
+use aya::programs::links::{FdLink, LinkError};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr};
 use gateway_common::{
     ANY_UID, BackendV4, BackendV6, BypassEvent, EVERY_LOCAL_ADDRESS, GuardConfig, GuardCounter,
-    LocalPort, LocalSourceKey, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES, enforcement,
+    LocalPort, LocalSourceKey, LocalTally, MAX_LOCAL_ADDRESSES, MAX_PROTECTED_PORTS, MAX_RULES,
+    enforcement, local_layer,
 };
 
 use super::{
-    EbpfError, Enforcement, Events, PinDirLock, Protected, Protocol, Target, loader_with_pins,
-    lock_pin_dir, object, per_cpu_sum, pin_failed, program_mut, take_tallies,
+    EbpfError, Enforcement, Events, HeldLink, PinDirLock, Protected, Protocol, Target,
+    attached_programs, loader_with_pins, lock_pin_dir, object, per_cpu_sum, program_mut,
+    remove_obsolete_pins, take_tallies,
 };
 
 /// What the local guard protects, and for whom.
@@ -48,10 +56,11 @@ pub struct GuardSpec {
     /// gateway's exit and a restart takes over the same maps. None: the
     /// programs detach when the guard is dropped.
     pub pin_dir: Option<PathBuf>,
-    /// This host's addresses besides loopback (subnet broadcast addresses
-    /// too): a backend at one of them is on this host, and each is a way to
-    /// reach such a backend.
-    pub local_addresses: Vec<IpAddr>,
+    /// What this host's local routing table delivers here, as prefixes
+    /// (its addresses, subnet broadcast and anycast addresses, AnyIP
+    /// routes): a backend at one of them is on this host, and each is a way
+    /// to reach such a backend. Loopback is always this host.
+    pub local_addresses: Vec<IpNet>,
     /// A backend on this host is protected on every local address. False:
     /// only on the address named (and the wildcard and broadcast addresses,
     /// which can land on it).
@@ -94,17 +103,62 @@ pub struct LocalGuard {
     /// What the local-port map holds: counter index (and flag) per port.
     local_ports: HashMap<(Protocol, u16), u32>,
     /// What the local-address tries hold.
-    local_addresses: HashSet<IpAddr>,
+    local_addresses: HashSet<IpNet>,
     /// Entries a previous version left with a key this one does not read:
     /// removed by the first update, after the new ones are in.
     foreign_v4: Vec<BackendV4>,
     foreign_v6: Vec<BackendV6>,
+    /// The cgroup subtree the programs are attached to.
+    attach_to: PathBuf,
+    pin_dir: Option<PathBuf>,
+    /// Pinned: each program's link, held open while the guard runs.
+    held: HashMap<&'static str, HeldLink>,
     _lock: Option<PinDirLock>,
 }
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-const RAW_EGRESS: &str = "raw_egress";
-const MAPS: [&str; 11] = [
+/// What [`LocalGuard::check_attachment`] found wrong and put right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// The program was no longer attached: attached again.
+    Reattached(&'static str),
+    /// Its link's pin was gone or replaced: pinned again.
+    Repinned(&'static str),
+}
+
+impl std::fmt::Display for Repair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Repair::Reattached(p) => write!(f, "program {p} was detached; attached again"),
+            Repair::Repinned(p) => {
+                write!(f, "the pin of program {p}'s link was removed; pinned again")
+            }
+        }
+    }
+}
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy)]
+enum Hook {
+    SockAddr,
+    Skb(CgroupSkbAttachType),
+}
+
+/// The programs, their hook, and the `bpf_attach_type` BPF_PROG_QUERY
+/// lists them under.
+const PROGRAMS: [(&str, Hook, u32); 6] = [
+    ("connect4", Hook::SockAddr, 10),
+    ("connect6", Hook::SockAddr, 11),
+    ("sendmsg4", Hook::SockAddr, 14),
+    ("sendmsg6", Hook::SockAddr, 15),
+    (EGRESS, Hook::Skb(CgroupSkbAttachType::Egress), 1),
+    (INGRESS, Hook::Skb(CgroupSkbAttachType::Ingress), 0),
+];
+const EGRESS: &str = "local_egress";
+const INGRESS: &str = "local_ingress";
+/// Link pins of programs earlier versions attached and this one replaces:
+/// let go once the new links are in, so there is no gap.
+const OBSOLETE_LINKS: [&str; 1] = ["raw_egress"];
+const MAPS: [&str; 12] = [
     "GUARD_COUNTERS",
     "GUARD_CONFIG",
     "PROTECTED_V4",
@@ -115,8 +169,11 @@ const MAPS: [&str; 11] = [
     "RULE_REFUSALS",
     "EVENTS",
     "EVENT_BUDGET",
-    "LOCAL_SOURCES",
+    "LOCAL_TALLIES",
+    "TALLY_UNTALLIED",
 ];
+/// Pinned maps of earlier versions this one replaced.
+const OBSOLETE_MAPS: [&str; 1] = ["LOCAL_SOURCES"];
 
 /// One map write of an update (and, returned by `apply`, its undo).
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +181,7 @@ enum Write {
     V4(BackendV4, Option<u32>),
     V6(BackendV6, Option<u32>),
     Port(LocalPort, Option<u32>),
-    Address(IpAddr, bool),
+    Address(IpNet, bool),
     Config(GuardConfig),
 }
 
@@ -145,45 +202,104 @@ impl LocalGuard {
             local_addresses: HashSet::new(),
             foreign_v4: Vec::new(),
             foreign_v6: Vec::new(),
+            attach_to: attach_to.to_owned(),
+            pin_dir: spec.pin_dir.clone(),
+            held: HashMap::new(),
             _lock: lock,
         };
         guard.adopt_existing_rules()?;
         guard.update(spec)?;
-        for name in SOCK_ADDR_PROGRAMS {
-            let program: &mut CgroupSockAddr = program_mut(&mut guard.ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| EbpfError::Program { name, source })?;
-            // Single: on kernels with BPF links (5.7+) aya attaches by link,
-            // which never displaces other programs and refuses ALLOW_MULTI.
-            let link = program
-                .attach(open_cgroup(attach_to)?, CgroupAttachMode::Single)
-                .map_err(|source| EbpfError::Program { name, source })?;
-            if let Some(pin_dir) = &spec.pin_dir {
-                let link = program
-                    .take_link(link)
-                    .map_err(|source| EbpfError::Program { name, source })?;
-                pin_link(pin_dir, name, link.try_into())?;
+        for (name, hook, _) in PROGRAMS {
+            let failed = |source| EbpfError::Program { name, source };
+            match hook {
+                Hook::SockAddr => program_mut::<CgroupSockAddr>(&mut guard.ebpf, name)?
+                    .load()
+                    .map_err(failed)?,
+                Hook::Skb(_) => program_mut::<CgroupSkb>(&mut guard.ebpf, name)?
+                    .load()
+                    .map_err(failed)?,
             }
         }
-        let program: &mut CgroupSkb = program_mut(&mut guard.ebpf, RAW_EGRESS)?;
-        let failed = |source| EbpfError::Program {
-            name: RAW_EGRESS,
-            source,
-        };
-        program.load().map_err(failed)?;
-        let link = program
-            .attach(
-                open_cgroup(attach_to)?,
-                CgroupSkbAttachType::Egress,
-                CgroupAttachMode::Single,
-            )
-            .map_err(failed)?;
-        if let Some(pin_dir) = &spec.pin_dir {
-            let link = program.take_link(link).map_err(failed)?;
-            pin_link(pin_dir, RAW_EGRESS, link.try_into())?;
+        for (name, hook, _) in PROGRAMS {
+            guard.attach(name, hook)?;
         }
+        if let Some(pin_dir) = &spec.pin_dir {
+            for name in OBSOLETE_LINKS {
+                remove_links(pin_dir, name, None);
+            }
+        }
+        remove_obsolete_pins(spec.pin_dir.as_deref(), &OBSOLETE_MAPS);
         Ok(guard)
+    }
+
+    /// Attaches program `name` to the subtree; pinned, pins its link and
+    /// holds it, then lets go of any a previous gateway pinned for it: both
+    /// judge in between, so there is no gap.
+    fn attach(&mut self, name: &'static str, hook: Hook) -> Result<(), EbpfError> {
+        let failed = |source| EbpfError::Program { name, source };
+        let cgroup = open_cgroup(&self.attach_to)?;
+        let pinned = self.pin_dir.is_some();
+        // Single: on kernels with BPF links (5.7+) aya attaches by link,
+        // which never displaces other programs and refuses ALLOW_MULTI.
+        let link: Option<Result<FdLink, LinkError>> = match hook {
+            Hook::SockAddr => {
+                let program: &mut CgroupSockAddr = program_mut(&mut self.ebpf, name)?;
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(failed)?;
+                pinned
+                    .then(|| program.take_link(id).map(TryInto::try_into))
+                    .transpose()
+                    .map_err(failed)?
+            }
+            Hook::Skb(kind) => {
+                let program: &mut CgroupSkb = program_mut(&mut self.ebpf, name)?;
+                let id = program
+                    .attach(cgroup, kind, CgroupAttachMode::Single)
+                    .map_err(failed)?;
+                pinned
+                    .then(|| program.take_link(id).map(TryInto::try_into))
+                    .transpose()
+                    .map_err(failed)?
+            }
+        };
+        if let (Some(link), Some(pin_dir)) = (link, &self.pin_dir) {
+            let link = link.map_err(|e| EbpfError::Pin {
+                path: pin_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let path = pin_dir.join(format!("link-{name}-{}", std::process::id()));
+            let held = HeldLink::pin(link, path)?;
+            remove_links(pin_dir, name, Some(&held.path));
+            self.held.insert(name, held);
+        }
+        Ok(())
+    }
+
+    /// Looks whether every program is still attached and, pinned, every
+    /// link still pinned; puts right what is not and says what it did.
+    pub fn check_attachment(&mut self) -> Result<Vec<Repair>, EbpfError> {
+        let mut repairs = Vec::new();
+        for (name, hook, attach_type) in PROGRAMS {
+            let ours = self
+                .ebpf
+                .program(name)
+                .ok_or(EbpfError::MissingProgram(name))?
+                .info()
+                .map_err(|source| EbpfError::Program { name, source })?
+                .id();
+            if !attached_programs(&self.attach_to, attach_type)?.contains(&ours) {
+                self.attach(name, hook)?;
+                repairs.push(Repair::Reattached(name));
+                continue;
+            }
+            if let Some(held) = self.held.get_mut(name)
+                && held.check()?
+            {
+                repairs.push(Repair::Repinned(name));
+            }
+        }
+        Ok(repairs)
     }
 
     /// Takes over what a previous gateway left in pinned maps, so stale
@@ -236,7 +352,8 @@ impl LocalGuard {
                 name: "LOCAL_V4",
                 source,
             })?;
-            self.local_addresses.insert(IpAddr::from(key.data()));
+            self.local_addresses
+                .extend(prefix(key.data(), key.prefix_len()));
         }
         let v6: LpmTrie<_, [u8; 16], u8> = typed(&self.ebpf, "LOCAL_V6")?;
         for key in v6.keys() {
@@ -244,7 +361,8 @@ impl LocalGuard {
                 name: "LOCAL_V6",
                 source,
             })?;
-            self.local_addresses.insert(IpAddr::from(key.data()));
+            self.local_addresses
+                .extend(prefix(key.data(), key.prefix_len()));
         }
         self.foreign_v4 = foreign_v4;
         self.foreign_v6 = foreign_v6;
@@ -276,16 +394,21 @@ impl LocalGuard {
                 return Err(EbpfError::TooManyRules(MAX_PROTECTED_PORTS));
             }
         }
-        let addresses: HashSet<IpAddr> = spec
+        // Loopback is judged without a lookup.
+        let loopback: [IpNet; 2] = [
+            IpNet::new(IpAddr::from([127, 0, 0, 0]), 8).expect("a valid prefix"),
+            IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+        ];
+        let addresses: HashSet<IpNet> = spec
             .local_addresses
             .iter()
-            .map(|a| a.to_canonical())
-            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .map(IpNet::trunc)
+            .filter(|n| !loopback.iter().any(|l| l.contains(n)))
             .collect();
         for v6 in [false, true] {
             let during = addresses
                 .union(&self.local_addresses)
-                .filter(|a| a.is_ipv6() == v6)
+                .filter(|a| a.addr().is_ipv6() == v6)
                 .count();
             if during > MAX_LOCAL_ADDRESSES as usize {
                 return Err(EbpfError::TooManyRules(MAX_LOCAL_ADDRESSES));
@@ -302,7 +425,9 @@ impl LocalGuard {
         for rule in &rules {
             let id = ids[rule];
             let ip = rule.ip.to_canonical();
-            let local = ip.is_loopback() || ip.is_unspecified() || addresses.contains(&ip);
+            let local = ip.is_loopback()
+                || ip.is_unspecified()
+                || addresses.iter().any(|n| n.contains(&ip));
             let counter = if rule.ip.is_ipv4() {
                 id
             } else {
@@ -414,7 +539,7 @@ impl LocalGuard {
                 let mut map = self.hash_map::<BackendV4>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::V4(key, previous))
             }
             Write::V6(key, value) => {
@@ -422,7 +547,7 @@ impl LocalGuard {
                 let mut map = self.hash_map::<BackendV6>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::V6(key, previous))
             }
             Write::Port(key, value) => {
@@ -430,35 +555,36 @@ impl LocalGuard {
                 let mut map = self.hash_map::<LocalPort>(name)?;
                 let previous = map.get(&key, 0).ok();
                 set_or_remove(&mut map, &key, value)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Port(key, previous))
             }
-            Write::Address(address, add) => {
-                match address {
+            Write::Address(net, add) => {
+                let prefix = u32::from(net.prefix_len());
+                match net.addr() {
                     IpAddr::V4(a) => {
                         let name = "LOCAL_V4";
                         let mut trie: LpmTrie<_, [u8; 4], u8> = typed_mut(&mut self.ebpf, name)?;
-                        let key = Key::new(32, a.octets());
+                        let key = Key::new(prefix, a.octets());
                         if add {
                             trie.insert(&key, 1, 0)
                         } else {
                             trie.remove(&key)
                         }
-                        .map_err(|source| EbpfError::Map { name, source })?;
+                        .map_err(|source| EbpfError::MapWrite { name, source })?;
                     }
                     IpAddr::V6(a) => {
                         let name = "LOCAL_V6";
                         let mut trie: LpmTrie<_, [u8; 16], u8> = typed_mut(&mut self.ebpf, name)?;
-                        let key = Key::new(128, a.octets());
+                        let key = Key::new(prefix, a.octets());
                         if add {
                             trie.insert(&key, 1, 0)
                         } else {
                             trie.remove(&key)
                         }
-                        .map_err(|source| EbpfError::Map { name, source })?;
+                        .map_err(|source| EbpfError::MapWrite { name, source })?;
                     }
                 }
-                Ok(Write::Address(address, !add))
+                Ok(Write::Address(net, !add))
             }
             Write::Config(config) => {
                 let name = "GUARD_CONFIG";
@@ -466,7 +592,7 @@ impl LocalGuard {
                 let previous = array.get(&0, 0).unwrap_or_default();
                 array
                     .set(0, config, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Config(previous))
             }
         }
@@ -495,7 +621,7 @@ impl LocalGuard {
             IpAddr::V4(a) => a.is_broadcast() || a.is_multicast(),
             IpAddr::V6(a) => a.is_multicast(),
         };
-        let local = ip.is_loopback() || self.local_addresses.contains(&ip);
+        let local = ip.is_loopback() || self.local_addresses.iter().any(|n| n.contains(&ip));
         self.local_ports
             .get(&(protocol, peer.port()))
             .is_some_and(|v| anywhere_here || (local && v & EVERY_LOCAL_ADDRESS != 0))
@@ -515,21 +641,30 @@ impl LocalGuard {
     /// gateway ran), busiest first, and the tallies emptied.
     pub fn take_tallies(&mut self) -> Result<Vec<LocalAttempts>, EbpfError> {
         let mut out: Vec<LocalAttempts> =
-            take_tallies::<LocalSourceKey>(&mut self.ebpf, "LOCAL_SOURCES")?
+            take_tallies::<LocalSourceKey, LocalTally>(&mut self.ebpf, "LOCAL_TALLIES")?
                 .into_iter()
-                .map(|(key, attempts)| LocalAttempts {
-                    cgroup: key.cgroup,
-                    uid: key.uid,
-                    destination: if key.family == 4 {
+                .filter_map(|(key, per_cpu)| {
+                    let attempts: u64 = per_cpu.iter().map(|t| t.attempts).sum();
+                    let last = per_cpu
+                        .iter()
+                        .filter(|t| t.attempts > 0)
+                        .max_by_key(|t| t.last_ns)?;
+                    let port = u16::from_be(last.port);
+                    let destination = if last.family == 4 {
                         SocketAddr::from((
-                            std::net::Ipv4Addr::from(key.addr[0].to_ne_bytes()),
-                            u16::from_be(key.port),
+                            std::net::Ipv4Addr::from(last.addr[0].to_ne_bytes()),
+                            port,
                         ))
                     } else {
-                        SocketAddr::from((words_to_v6(key.addr), u16::from_be(key.port)))
-                    },
-                    protocol: Protocol::from_number(key.protocol).unwrap_or(Protocol::Tcp),
-                    attempts,
+                        SocketAddr::from((words_to_v6(last.addr), port))
+                    };
+                    Some(LocalAttempts {
+                        cgroup: key.cgroup,
+                        uid: key.uid,
+                        destination,
+                        protocol: Protocol::from_number(last.protocol).unwrap_or(Protocol::Tcp),
+                        attempts,
+                    })
                 })
                 .collect();
         out.sort_by(|a, b| {
@@ -538,6 +673,25 @@ impl LocalGuard {
                 .then((a.cgroup, a.uid).cmp(&(b.cgroup, b.uid)))
         });
         Ok(out)
+    }
+
+    /// Attempts, ever, whose source found the tallies full (a flood of
+    /// distinct sources): counted, but in no summary.
+    pub fn untallied(&self) -> Result<u64, EbpfError> {
+        per_cpu_sum(&self.ebpf, "TALLY_UNTALLIED", 0)
+    }
+
+    /// How often the kernel ran each program and for how long, as
+    /// (program, runs, time). Counted only while BPF run-time statistics
+    /// are on (`sysctl kernel.bpf_stats_enabled=1`); zero otherwise.
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, std::time::Duration)> {
+        PROGRAMS
+            .iter()
+            .filter_map(|(name, _, _)| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((*name, info.run_count(), info.run_time()))
+            })
+            .collect()
     }
 
     /// The bypass events (once; later calls fail). Needs a tokio runtime.
@@ -576,29 +730,24 @@ fn open_cgroup(dir: &Path) -> Result<std::fs::File, EbpfError> {
     })
 }
 
-/// Pins a program's new link, then lets go of any a previous gateway
-/// pinned for it: both refuse in between, so there is no gap.
-fn pin_link(
-    pin_dir: &Path,
-    name: &str,
-    link: Result<aya::programs::links::FdLink, aya::programs::links::LinkError>,
-) -> Result<(), EbpfError> {
-    let link = link.map_err(|e| EbpfError::Pin {
-        path: pin_dir.to_owned(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    let ours = pin_dir.join(format!("link-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ours);
-    link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
+/// The prefix an LPM trie key names.
+fn prefix<const N: usize>(data: [u8; N], len: u32) -> Option<IpNet>
+where
+    IpAddr: From<[u8; N]>,
+{
+    IpNet::new(IpAddr::from(data), u8::try_from(len).ok()?).ok()
+}
+
+/// Removes the link pins of program `name` in `pin_dir` but `keep`: the
+/// last reference to an old link, so removing it detaches it.
+fn remove_links(pin_dir: &Path, name: &str, keep: Option<&Path>) {
     let prefix = format!("link-{name}-");
     for old in std::fs::read_dir(pin_dir).into_iter().flatten().flatten() {
         let path = old.path();
-        if old.file_name().to_string_lossy().starts_with(&prefix) && path != ours {
-            // The last reference to an old link: removing it detaches it.
+        if old.file_name().to_string_lossy().starts_with(&prefix) && Some(path.as_path()) != keep {
             let _ = std::fs::remove_file(&path);
         }
     }
-    Ok(())
 }
 
 /// A map of `ebpf` by name, as the type `T` reads it.
@@ -647,20 +796,30 @@ fn local_port(protocol: Protocol, port: u16) -> LocalPort {
     }
 }
 
-/// Attempts from one (cgroup, uid) at one destination since the tallies
-/// were last taken.
+/// Attempts from one (cgroup, uid) since the tallies were last taken.
+/// Packets that arrived from outside this host's sockets are one source:
+/// cgroup 0, uid [`ANY_UID`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalAttempts {
     pub cgroup: u64,
     pub uid: u32,
+    /// Where its latest attempt went.
     pub destination: SocketAddr,
     pub protocol: Protocol,
     pub attempts: u64,
 }
 
+impl LocalAttempts {
+    /// Whether these are packets from outside this host's sockets.
+    pub fn arrived(&self) -> bool {
+        self.cgroup == 0 && self.uid == ANY_UID
+    }
+}
+
 /// Who tried to reach a protected backend around the gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BypassAttempt {
+    /// 0 for a packet (no task could be asked).
     pub pid: u32,
     pub uid: u32,
     pub cgroup: u64,
@@ -669,6 +828,12 @@ pub struct BypassAttempt {
     pub protocol: Protocol,
     /// Let through because enforcement is audit (else refused with EPERM).
     pub audited: bool,
+    /// Where it was judged: "call" (connect/sendmsg), "egress" (a packet
+    /// on its way out, after NAT), "raw" (a raw socket's packet) or
+    /// "ingress" (a packet arriving from outside this host's sockets).
+    pub layer: &'static str,
+    /// Where an arriving packet came from (ingress only).
+    pub source: Option<SocketAddr>,
 }
 
 fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
@@ -678,11 +843,13 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
     // SAFETY: the length is checked above, BypassEvent is plain old data
     // (every bit pattern valid) and read_unaligned needs no alignment.
     let e: BypassEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let port = u16::from_be(e.port);
-    let destination = if e.family == 4 {
-        SocketAddr::from((std::net::Ipv4Addr::from(e.addr[0].to_ne_bytes()), port))
-    } else {
-        SocketAddr::from((words_to_v6(e.addr), port))
+    let at = |words: [u32; 4], port: u16| {
+        let port = u16::from_be(port);
+        if e.family == 4 {
+            SocketAddr::from((std::net::Ipv4Addr::from(words[0].to_ne_bytes()), port))
+        } else {
+            SocketAddr::from((words_to_v6(words), port))
+        }
     };
     let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
     Some(BypassAttempt {
@@ -690,9 +857,16 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
         uid: e.uid,
         cgroup: e.cgroup,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
-        destination,
+        destination: at(e.addr, e.port),
         protocol: Protocol::from_number(e.protocol).unwrap_or(Protocol::Tcp),
         audited: e.audited != 0,
+        layer: match e.layer {
+            local_layer::EGRESS => "egress",
+            local_layer::RAW => "raw",
+            local_layer::INGRESS => "ingress",
+            _ => "call",
+        },
+        source: (e.layer == local_layer::INGRESS).then(|| at(e.source, e.source_port)),
     })
 }
 

@@ -8,6 +8,7 @@
 //! types, pins and their lock, event ring buffers, counters.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use aya::Ebpf;
@@ -18,7 +19,9 @@ use tokio::io::unix::AsyncFd;
 pub mod local;
 pub mod remote;
 
-pub use local::{BypassAttempt, GuardCounters, GuardSpec, LocalAttempts, LocalGuard, cgroup_id};
+pub use local::{
+    BypassAttempt, GuardCounters, GuardSpec, LocalAttempts, LocalGuard, Repair, cgroup_id,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -37,6 +40,11 @@ pub enum EbpfError {
     MissingMap(&'static str),
     #[error("reading eBPF map {name:?}: {source}")]
     Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("writing eBPF map {name:?}: {source}")]
+    MapWrite {
         name: &'static str,
         source: aya::maps::MapError,
     },
@@ -63,6 +71,15 @@ pub enum EbpfError {
         holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
     )]
     PinDirInUse { path: PathBuf, holder: Option<u32> },
+    #[error(
+        "pin directory {path}: {reason}; whoever can write there can remove the guard's pins (and with them its programs) or plant others: use a directory only root can write"
+    )]
+    UnsafePinDir { path: PathBuf, reason: String },
+    #[error("asking which programs are attached to {path}: {source}")]
+    Query {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The eBPF object built by build.rs; aya needs it 8-byte aligned.
@@ -268,19 +285,22 @@ fn pin_failed(path: &Path, e: aya::pin::PinError) -> EbpfError {
 }
 
 /// Mounts bpffs at `dir`'s bpffs root (/sys/fs/bpf) when nothing is mounted
-/// there yet, and creates `dir`.
+/// there yet (root's alone: mode 0700), and creates `dir` (0700), refusing
+/// one that anyone but this user could write: there the pins, which keep
+/// the programs attached, could be removed or replaced. Every directory
+/// above it must be this user's or root's and writable by no one else
+/// (or sticky, like /tmp and bpffs' own root), and none a symlink.
 fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     let root = Path::new("/sys/fs/bpf");
-    if dir.starts_with(root) && !mounts_of("bpf").iter().any(|m| m == root) {
-        // SAFETY: all pointers are valid NUL-terminated static strings; no
-        // data argument is passed.
+    if dir.starts_with(root) && !is_bpffs(root) {
+        // SAFETY: all pointers are valid NUL-terminated static strings.
         let rc = unsafe {
             libc::mount(
                 c"bpffs".as_ptr(),
                 c"/sys/fs/bpf".as_ptr(),
                 c"bpf".as_ptr(),
                 0,
-                std::ptr::null(),
+                c"mode=0700".as_ptr().cast(),
             )
         };
         if rc != 0 {
@@ -290,10 +310,206 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
             });
         }
     }
-    std::fs::create_dir_all(dir).map_err(|source| EbpfError::Pin {
+    let unsafe_dir = |reason: String| EbpfError::UnsafePinDir {
         path: dir.to_owned(),
+        reason,
+    };
+    if !dir.is_absolute() {
+        return Err(unsafe_dir("not an absolute path".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let ancestors: Vec<&Path> = dir.ancestors().skip(1).collect();
+    for above in ancestors.into_iter().rev() {
+        let meta = match std::fs::symlink_metadata(above) {
+            Ok(m) => m,
+            // Created below, 0700.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => return Err(unsafe_dir(format!("{}: {e}", above.display()))),
+        };
+        check_owner(&meta, euid, true)
+            .map_err(|why| unsafe_dir(format!("{} {why}", above.display())))?;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| EbpfError::Pin {
+            path: dir.to_owned(),
+            source,
+        })?;
+    // What is there now, whoever made it, through a handle that does not
+    // follow a symlink.
+    let meta = open_dir_nofollow(dir)
+        .and_then(|d| d.metadata())
+        .map_err(|e| unsafe_dir(e.to_string()))?;
+    check_owner(&meta, euid, false).map_err(|why| unsafe_dir(format!("it {why}")))
+}
+
+/// Whether `path` is on a BPF file system (what is mounted there, as this
+/// thread sees it).
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let Ok(at) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; zero is a valid starting value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and a statfs to fill.
+    let rc = unsafe { libc::statfs(at.as_ptr(), &raw mut fs) };
+    rc == 0 && fs.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Why a directory on the way to a pin directory (`sticky_ok`) or the pin
+/// directory itself is not safe, if it is not: a symlink, another user's,
+/// or writable by group or others.
+fn check_owner(meta: &std::fs::Metadata, euid: u32, sticky_ok: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    if meta.file_type().is_symlink() {
+        return Err("is a symbolic link".into());
+    }
+    if !meta.is_dir() {
+        return Err("is not a directory".into());
+    }
+    let owner = meta.uid();
+    let ours = owner == euid || (sticky_ok && owner == 0);
+    if !ours {
+        return Err(format!("belongs to uid {owner}"));
+    }
+    let mode = meta.mode();
+    let sticky = mode & libc::S_ISVTX != 0;
+    if mode & 0o022 != 0 && !(sticky_ok && sticky) {
+        return Err(format!("is writable by others (mode {:o})", mode & 0o7777));
+    }
+    Ok(())
+}
+
+/// Opens directory `dir` itself, never what a symlink there points to.
+fn open_dir_nofollow(dir: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+}
+
+/// The ids of the programs attached directly to cgroup `cgroup` for
+/// `attach_type` (a `bpf_attach_type`), by `BPF_PROG_QUERY`.
+fn attached_programs(cgroup: &Path, attach_type: u32) -> Result<Vec<u32>, EbpfError> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let failed = |source| EbpfError::Query {
+        path: cgroup.to_owned(),
         source,
-    })
+    };
+    let target = std::fs::File::open(cgroup).map_err(failed)?;
+    let mut ids = vec![0u32; 64];
+    loop {
+        // union bpf_attr, query: target_fd, attach_type, query_flags,
+        // attach_flags, prog_ids (u64), prog_cnt.
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+        attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+        attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+        attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+        // SAFETY: attr is a zero-padded bpf_attr of the size passed; the
+        // kernel writes at most prog_cnt ids into `ids`, which has room.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+        let count = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+        if rc == 0 {
+            ids.truncate(count.min(ids.len()));
+            return Ok(ids);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) && count > ids.len() && count <= 65536 {
+            ids = vec![0u32; count];
+            continue;
+        }
+        return Err(failed(e));
+    }
+}
+
+/// A link the guard made and pinned, held open while the guard runs: the
+/// program stays attached even when someone removes the pin, and
+/// [`HeldLink::check`] puts the pin back.
+struct HeldLink {
+    /// A reference of our own (by id), so pinning again never risks it.
+    fd: std::os::fd::OwnedFd,
+    path: PathBuf,
+    id: u32,
+}
+
+impl HeldLink {
+    /// Pins `link` at `path` (replacing whatever is there) and holds it.
+    fn pin(link: aya::programs::links::FdLink, path: PathBuf) -> Result<HeldLink, EbpfError> {
+        let failed = |source| EbpfError::Pin {
+            path: path.clone(),
+            source,
+        };
+        let id = link
+            .info()
+            .map_err(|e| failed(std::io::Error::other(e.to_string())))?
+            .id();
+        let fd = bpf_fd(BPF_LINK_GET_FD_BY_ID, &id.to_ne_bytes()).map_err(failed)?;
+        let _ = std::fs::remove_file(&path);
+        // aya's own descriptor goes; ours holds the link from here on.
+        link.pin(&path).map_err(|e| pin_failed(&path, e))?;
+        Ok(HeldLink { fd, path, id })
+    }
+
+    /// Whether the pin still names this link; if not (removed, replaced),
+    /// pins it again and says so (true).
+    fn check(&mut self) -> Result<bool, EbpfError> {
+        let pinned = aya::programs::links::PinnedLink::from_pin(&self.path)
+            .ok()
+            .map(aya::programs::links::FdLink::from)
+            .and_then(|l| l.info().ok())
+            .map(|info| info.id());
+        if pinned == Some(self.id) {
+            return Ok(false);
+        }
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        let failed = |source| EbpfError::Pin {
+            path: self.path.clone(),
+            source,
+        };
+        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|e| failed(std::io::Error::other(e)))?;
+        let _ = std::fs::remove_file(&self.path);
+        // bpf_attr for BPF_OBJ_PIN: pathname (u64), bpf_fd, file_flags.
+        let mut attr = [0u8; 16];
+        attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+        attr[8..12].copy_from_slice(&(self.fd.as_raw_fd() as u32).to_ne_bytes());
+        bpf_call(BPF_OBJ_PIN, &attr).map_err(failed)?;
+        Ok(true)
+    }
+}
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+
+/// One bpf(2) call with `attr` (zero-padded to the kernel's bpf_attr).
+fn bpf_call(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> {
+    let mut full = [0u8; 128];
+    full[..attr.len()].copy_from_slice(attr);
+    // SAFETY: full is a zero-padded bpf_attr of the size passed; pointers
+    // in it point at memory that outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, full.as_mut_ptr(), full.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// A bpf(2) call that returns a new descriptor.
+fn bpf_fd(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let fd = bpf_call(cmd, attr)?;
+    // SAFETY: a fresh descriptor the kernel gave this process.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// An exclusive hold on a pin directory for as long as a guard uses it:
@@ -313,7 +529,7 @@ pub fn lock_pin_dir(dir: &Path) -> Result<PinDirLock, EbpfError> {
         path: dir.to_owned(),
         source,
     };
-    let file = std::fs::File::open(dir).map_err(pin_err)?;
+    let file = open_dir_nofollow(dir).map_err(pin_err)?;
     // SAFETY: flock on a descriptor we own; the result is checked.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
@@ -424,13 +640,13 @@ where
         .map_err(|source| EbpfError::Program { name, source })
 }
 
-/// Empties a per-CPU tally map: every key with its attempts summed over
-/// the CPUs. A key evicted between listing and reading is skipped.
-fn take_tallies<K: aya::Pod>(
+/// Empties a per-CPU tally map: every key with its values, one per CPU. A
+/// key gone between listing and reading is skipped.
+fn take_tallies<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<Vec<(K, u64)>, EbpfError> {
-    let mut map: aya::maps::PerCpuHashMap<_, K, gateway_common::SourceTally> =
+) -> Result<Vec<(K, Vec<V>)>, EbpfError> {
+    let mut map: aya::maps::PerCpuHashMap<_, K, V> =
         aya::maps::PerCpuHashMap::try_from(ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))?)
             .map_err(|_| EbpfError::MissingMap(name))?;
     let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
@@ -440,12 +656,20 @@ fn take_tallies<K: aya::Pod>(
             continue;
         };
         let _ = map.remove(&key);
-        let attempts: u64 = values.iter().map(|v| v.attempts).sum();
-        if attempts > 0 {
-            out.push((key, attempts));
-        }
+        out.push((key, values.iter().copied().collect()));
     }
     Ok(out)
+}
+
+/// Removes pins of maps earlier versions used and this one does not (a
+/// map whose key or kind changed gets a new name, so an old pin is never
+/// reused with the wrong layout).
+fn remove_obsolete_pins(pin_dir: Option<&Path>, names: &[&str]) {
+    for name in names {
+        if let Some(dir) = pin_dir {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+    }
 }
 
 /// One counter of a per-CPU array, summed over the CPUs.

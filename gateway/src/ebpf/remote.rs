@@ -42,14 +42,14 @@ use aya::programs::{
 use aya::util::KernelVersion;
 use gateway_common::{
     IngressConfig, IngressCounter, IngressEvent, LinkKind, MAX_ALLOWED_SOURCES, MAX_INTERFACES,
-    MAX_PORT_RULES, SourceKey, enforcement, layer, reason,
+    MAX_PORT_RULES, SourceKey, SourceTally, enforcement, layer, reason,
 };
 use ipnet::IpNet;
 
 pub use super::Protocol;
 use super::{
-    EbpfError, Enforcement, Events, PinDirLock, loader_with_pins, lock_pin_dir, object,
-    per_cpu_sum, pin_failed, port_range, program_mut, take_tallies,
+    EbpfError, Enforcement, Events, HeldLink, PinDirLock, attached_programs, loader_with_pins,
+    lock_pin_dir, object, per_cpu_sum, port_range, program_mut, remove_obsolete_pins, take_tallies,
 };
 
 /// One protected port or range: `tcp:9000`, `udp:5000-5010`.
@@ -144,6 +144,11 @@ pub enum InterfaceChange {
     Gone { interface: String },
     /// Another TCX program now runs before the guard on it.
     NotFirst { interface: String },
+    /// The socket layer was no longer attached to its cgroup: attached again.
+    SocketLayerReattached,
+    /// The pin of a link (an interface's, or "sockets") was removed or
+    /// replaced: pinned again (the guard held the link meanwhile).
+    Repinned { link: String },
 }
 
 /// The remote guard's programs and maps. Unpinned, they stay attached while
@@ -159,13 +164,21 @@ pub struct RemoteGuard {
     gone: HashSet<String>,
     pin_dir: Option<PathBuf>,
     sockets: Option<PathBuf>,
+    /// Pinned links (TCX per interface, the socket layer's), held open
+    /// while the guard runs: removing a pin does not detach them, and
+    /// `reconcile` pins them again.
+    held: HashMap<String, HeldLink>,
     _lock: Option<PinDirLock>,
 }
+
+/// The key of the socket layer's link among the held ones (interface
+/// names cannot contain a '/').
+const SOCKET_LINK: &str = "/sockets";
 
 const TC_PROGRAM: &str = "ingress";
 const SOCKET_PROGRAM: &str = "sock_ingress";
 
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "INGRESS_TCP_PORTS",
     "INGRESS_UDP_PORTS",
     "INGRESS_ALLOW_V4",
@@ -176,8 +189,11 @@ const MAPS: [&str; 11] = [
     "INGRESS_EVENTS",
     "INGRESS_EVENT_BUDGET",
     "INGRESS_LINKS",
-    "INGRESS_SOURCES",
+    "INGRESS_TALLIES",
+    "INGRESS_UNTALLIED",
 ];
+/// Pinned maps of earlier versions this one replaced.
+const OBSOLETE_MAPS: [&str; 1] = ["INGRESS_SOURCES"];
 
 /// Where a netlink (pre-6.6) attachment sits, so a restart replaces it and
 /// `--uninstall` finds it: priority 1, before any filter added with a
@@ -213,6 +229,7 @@ impl RemoteGuard {
             gone: HashSet::new(),
             pin_dir: spec.pin_dir.clone(),
             sockets: spec.sockets.clone(),
+            held: HashMap::new(),
             _lock: lock,
         };
         guard.adopt_existing_rules()?;
@@ -250,6 +267,7 @@ impl RemoteGuard {
             }
         }
         guard.forget_stale_links()?;
+        remove_obsolete_pins(spec.pin_dir.as_deref(), &OBSOLETE_MAPS);
         Ok(guard)
     }
 
@@ -282,7 +300,7 @@ impl RemoteGuard {
             AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
         links
             .insert(link.index, LinkKind { l2_len }, 0)
-            .map_err(|source| EbpfError::Map { name, source })?;
+            .map_err(|source| EbpfError::MapWrite { name, source })?;
         // The clsact qdisc may be there already (ours or another tool's).
         let exists = |e: &tc::TcError| match e {
             tc::TcError::AlreadyAttached => true,
@@ -311,7 +329,11 @@ impl RemoteGuard {
                     .attach_with_options(iface, TcAttachType::Ingress, netlink_options())
                     .map_err(|e| on_iface(e.to_string()))?;
             }
-            Some(dir) if uses_tcx() => attach_tcx_pinned(program, iface, dir)?,
+            Some(dir) if uses_tcx() => {
+                let link = attach_tcx_pinned(program, iface, dir)?;
+                let held = HeldLink::pin(link, dir.join(format!("{TCX_PIN_PREFIX}{iface}")))?;
+                self.held.insert(iface.to_owned(), held);
+            }
             Some(dir) => attach_netlink_pinned(program, iface, dir)?,
         }
         if let Some(old) = self.attached.insert(iface.to_owned(), link.index)
@@ -374,9 +396,9 @@ impl RemoteGuard {
                     source: std::io::Error::other(e.to_string()),
                 })?;
             let ours = pin_dir.join(format!("{SOCKET_PIN_PREFIX}{}", std::process::id()));
-            let _ = std::fs::remove_file(&ours);
-            fd_link.pin(&ours).map_err(|e| pin_failed(&ours, e))?;
-            remove_pins(pin_dir, SOCKET_PIN_PREFIX, Some(&ours));
+            let held = HeldLink::pin(fd_link, ours)?;
+            remove_pins(pin_dir, SOCKET_PIN_PREFIX, Some(&held.path));
+            self.held.insert(SOCKET_LINK.to_owned(), held);
         }
         Ok(())
     }
@@ -412,6 +434,28 @@ impl RemoteGuard {
             }
         }
         self.forget_stale_links()?;
+        if let Some(cgroup) = self.sockets.clone() {
+            let ours = self
+                .socket_program()?
+                .info()
+                .map_err(|source| EbpfError::Program {
+                    name: SOCKET_PROGRAM,
+                    source,
+                })?
+                .id();
+            // BPF_CGROUP_INET_INGRESS
+            if !attached_programs(&cgroup, 0)?.contains(&ours) {
+                self.attach_sockets(&cgroup)?;
+                changes.push(InterfaceChange::SocketLayerReattached);
+            }
+        }
+        for (name, held) in &mut self.held {
+            if held.check()? {
+                changes.push(InterfaceChange::Repinned {
+                    link: name.trim_start_matches('/').to_owned(),
+                });
+            }
+        }
         Ok(changes)
     }
 
@@ -572,7 +616,7 @@ impl RemoteGuard {
                 let previous = array.get(&0, 0).unwrap_or_default();
                 array
                     .set(0, config, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Config(previous))
             }
             Write::Port(protocol, port, value) => {
@@ -587,7 +631,7 @@ impl RemoteGuard {
                     .map_err(|source| EbpfError::Map { name, source })?;
                 array
                     .set(u32::from(port), value, 0)
-                    .map_err(|source| EbpfError::Map { name, source })?;
+                    .map_err(|source| EbpfError::MapWrite { name, source })?;
                 Ok(Write::Port(protocol, port, previous))
             }
             Write::Allow(net, add) => {
@@ -614,7 +658,7 @@ impl RemoteGuard {
                 } else {
                     trie.remove(&key)
                 }
-                .map_err(|source| EbpfError::Map { name, source })
+                .map_err(|source| EbpfError::MapWrite { name, source })
             }
             IpAddr::V6(a) => {
                 let name = "INGRESS_ALLOW_V6";
@@ -626,7 +670,7 @@ impl RemoteGuard {
                 } else {
                     trie.remove(&key)
                 }
-                .map_err(|source| EbpfError::Map { name, source })
+                .map_err(|source| EbpfError::MapWrite { name, source })
             }
         }
     }
@@ -683,17 +727,24 @@ impl RemoteGuard {
     /// tallies emptied.
     pub fn take_tallies(&mut self) -> Result<Vec<SourceAttempts>, EbpfError> {
         let mut out: Vec<SourceAttempts> =
-            take_tallies::<SourceKey>(&mut self.ebpf, "INGRESS_SOURCES")?
+            take_tallies::<SourceKey, SourceTally>(&mut self.ebpf, "INGRESS_TALLIES")?
                 .into_iter()
-                .map(|(key, attempts)| SourceAttempts {
+                .map(|(key, per_cpu)| SourceAttempts {
                     source: address(key.family, key.addr),
                     port: key.port,
                     protocol: protocol_name(key.protocol, key.port == 0),
-                    attempts,
+                    attempts: per_cpu.iter().map(|t| t.attempts).sum(),
                 })
+                .filter(|t| t.attempts > 0)
                 .collect();
         out.sort_by(|a, b| b.attempts.cmp(&a.attempts).then(a.source.cmp(&b.source)));
         Ok(out)
+    }
+
+    /// Attempts, ever, whose source found the tallies full (a flood of
+    /// distinct sources): counted, but in no summary.
+    pub fn untallied(&self) -> Result<u64, EbpfError> {
+        self.per_cpu_sum("INGRESS_UNTALLIED", 0)
     }
 }
 
@@ -754,14 +805,14 @@ fn protocol_name(protocol: u8, unparsable: bool) -> &'static str {
     }
 }
 
-/// Attaches through TCX, first in line, and pins the link; a link a
-/// previous guard pinned gets the new program swapped in (one atomic
-/// update, no gap).
+/// Attaches through TCX, first in line; a link a previous guard pinned
+/// gets the new program swapped in (one atomic update, no gap). The caller
+/// pins (again) and holds what this returns.
 fn attach_tcx_pinned(
     program: &mut SchedClassifier,
     iface: &str,
     dir: &Path,
-) -> Result<(), EbpfError> {
+) -> Result<FdLink, EbpfError> {
     let on_iface = |e: &dyn std::fmt::Display| EbpfError::Interface {
         interface: iface.to_owned(),
         reason: e.to_string(),
@@ -774,42 +825,20 @@ fn attach_tcx_pinned(
     let id = match replaced {
         // The pin already names this link.
         Some(id) => id,
-        None => {
-            // None pinned, or its interface went away (a defunct link).
-            let id = program
-                .attach_with_options(
-                    iface,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::first()),
-                )
-                .map_err(|e| on_iface(&e))?;
-            let link: FdLink = program
-                .take_link(id)
-                .map_err(|e| on_iface(&e))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| on_iface(&e))?;
-            // Pinned beside, then renamed over any defunct pin, so the pin
-            // path always names a link. (bpffs refuses names with a dot.)
-            let fresh = dir.join(format!(
-                "new-{TCX_PIN_PREFIX}{iface}-{}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_file(&fresh);
-            link.pin(&fresh).map_err(|e| pin_failed(&fresh, e))?;
-            return std::fs::rename(&fresh, &pin).map_err(|source| EbpfError::Pin {
-                path: pin.clone(),
-                source,
-            });
-        }
+        // None pinned, or its interface went away (a defunct link).
+        None => program
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .map_err(|e| on_iface(&e))?,
     };
-    // Dropping our fd leaves the pinned link attached.
-    let link: FdLink = program
+    program
         .take_link(id)
         .map_err(|e| on_iface(&e))?
         .try_into()
-        .map_err(|e: aya::programs::links::LinkError| on_iface(&e))?;
-    drop(link);
-    Ok(())
+        .map_err(|e: aya::programs::links::LinkError| on_iface(&e))
 }
 
 /// Attaches through netlink at the guard's own priority and handle, and
