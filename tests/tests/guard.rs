@@ -502,7 +502,10 @@ fn sleeper_in(dir: &Path) -> Killed {
     let comm = format!("/proc/{}/comm", child.0.id());
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep") {
-        assert!(std::time::Instant::now() < until, "sleep never became sleep");
+        assert!(
+            std::time::Instant::now() < until,
+            "sleep never became sleep"
+        );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     std::fs::write(dir.join("cgroup.procs"), child.0.id().to_string()).expect("move it");

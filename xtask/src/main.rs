@@ -102,7 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fuzz { seconds } => {
             setup::run()?;
-            fuzz::run(seconds)
+            fuzz::run(seconds, fuzz::Corpus::Grow)
         }
         Command::VmTest {
             kernel,

@@ -16,7 +16,7 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]))?;
     // The gateway's own protocol code against maintained implementations:
     // a short run of every fuzz target from its committed corpus.
-    crate::fuzz::run(FUZZ_SECONDS)?;
+    crate::fuzz::run(FUZZ_SECONDS, crate::fuzz::Corpus::Keep)?;
     if vm {
         // kTLS exists only there: this machine's kernel has no CONFIG_TLS.
         crate::vm::run(None, &crate::vm::Selection::default())?;
