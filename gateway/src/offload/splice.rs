@@ -84,12 +84,16 @@ async fn pump(
     // layer judges it.
     let mut rules = src.kernel().map(|k| PeerRules::new(k.version, k.peer));
     while open {
-        read_ready(from)
-            .await
-            .map_err(|e| format!("waiting to read: {e}"))?;
-        let n = match from.try_io(Interest::READABLE, || {
-            sys::splice(from, &pipe.write, capacity)
-        }) {
+        // A kTLS socket whose record parser refused a header reports only
+        // an error (EPOLLERR, no EPOLLIN, on 6.12): its reader must wake on
+        // errors too, and then run the splice that reports the error.
+        let interest = match &rules {
+            Some(_) => kernel_read_ready(from).await,
+            None => read_ready(from).await.map(|()| Interest::READABLE),
+        }
+        .map_err(|e| format!("waiting to read: {e}"))?;
+        let spliced = from.try_io(interest, || sys::splice(from, &pipe.write, capacity));
+        let n = match spliced {
             Ok(0) => match &mut rules {
                 None => break,
                 // splice returns 0 for an empty record as for the end of the
@@ -145,6 +149,24 @@ async fn pump(
     Box::pin(half_close(dst)).await
 }
 
+/// Waits until a kernel-TLS socket is readable or has an error, and says
+/// which readiness to try the read under.
+///
+/// One interest, never a combination: tokio checks a combined interest
+/// against nothing in `try_io`, which would then skip the read and spin.
+async fn kernel_read_ready(s: &TcpStream) -> io::Result<Interest> {
+    // Boxed, like every rare wait here: it holds a wait-queue entry that
+    // plain readiness does not.
+    let ready = Box::pin(s.ready(Interest::READABLE | Interest::ERROR)).await?;
+    Ok(
+        if ready.is_readable() || ready.is_read_closed() || !ready.is_error() {
+            Interest::READABLE
+        } else {
+            Interest::ERROR
+        },
+    )
+}
+
 /// Whether the peer has sent its FIN.
 fn peer_finished(s: &TcpStream) -> Result<bool, Broken> {
     sys::peer_finished(s).map_err(|e| format!("polling for the peer's FIN: {e}").into())
@@ -175,6 +197,14 @@ async fn control_record(
             ));
         }
         Err(e) => return Err(describe(&e, true)),
+    };
+    let Some(kind) = kind else {
+        // Nothing was handed out: a stopped record parser (6.12 reads so
+        // where 6.1 says EAGAIN).
+        return Err(Broken::protocol(
+            AlertDescription::DecodeError,
+            "peer sent a record the kernel refused to parse (malformed header)",
+        ));
     };
     let record = &buf[..n];
     if kind == APPLICATION_DATA {

@@ -223,8 +223,10 @@ pub fn record_sequence(
 }
 
 /// Reads one record that `splice` would not move (an alert or a handshake
-/// message) with its content type. `Ok(None)`: nothing to read right now.
-pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(u8, usize)>> {
+/// message) with its content type, which the kernel reports for every
+/// record it hands out; no type means it handed out none. `Ok(None)`:
+/// nothing to read right now.
+pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(Option<u8>, usize)>> {
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(1) } as usize;
     let mut control = OneByteCmsg::new()?;
@@ -261,8 +263,7 @@ pub fn recv_record(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<(u8, 
             cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
         }
     }
-    // No cmsg: plain application data (type 23) arrived after all.
-    Ok(Some((record_type.unwrap_or(23), n as usize)))
+    Ok(Some((record_type, n as usize)))
 }
 
 /// Sends one record of the given content type (e.g. an alert) through kTLS TX.
