@@ -346,6 +346,19 @@ mod strict {
                 reason: "version 4",
             },
             Case {
+                // rustls would take any 3.x here; the kernel's TLS 1.3
+                // records say 3.3, and the two paths must agree.
+                name: "a TLS 1.3 record that says version 3.1",
+                version: TLS13,
+                records: |r| {
+                    let mut rec = r.seal(ContentType::ApplicationData, b"hidden");
+                    rec[2] = 1;
+                    rec
+                },
+                alert: Some(AlertDescription::DecodeError),
+                reason: "version 3.1",
+            },
+            Case {
                 name: "a record whose tag does not verify",
                 version: TLS13,
                 records: |r| {
