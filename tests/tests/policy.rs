@@ -1022,13 +1022,17 @@ async fn scoped_crls_speak_only_for_the_certificates_in_their_scope() {
     .await;
     gw.next_record().await;
 
+    // Only a CA-only CRL: dropping the leaves-only one is done in the
+    // config (a file that stops holding a CRL it held is refused).
     pki.write(
-        "scoped.crl.pem",
+        "ca-only.crl.pem",
         &pki.intermediate
             .crl_scoped(2, &[], CrlScope::CaCertsOnly)
             .unwrap(),
     );
-    gw.reload_toml(&pki, &toml).await.unwrap();
+    let ca_only =
+        listener_toml(&pki, "edge", &pki.crls_line(&["ca-only.crl.pem"])) + &route(&backend, "");
+    gw.reload_toml(&pki, &ca_only).await.unwrap();
     assert_eq!(
         refusal(gw.app_addr, SNI, pki.frontend_config()).await,
         AlertDescription::UnknownCA
