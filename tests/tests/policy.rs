@@ -334,6 +334,7 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
         "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
         "spiffe://example.internal:443/ns/shop/sa/bad",
         "spiffe://example.internal/ns/shop/sa/bad?x=1",
+        "spiffe://example.internal./ns/shop/sa/bad",
     ]
     .into_iter()
     .enumerate()
