@@ -179,7 +179,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     tracing::info!("{}", crate::offload::cipher::Choice::get().describe());
     let state = State::build(config, &metrics)?;
     let crls = crl::Enforced::default();
-    crls.record(state_crls(&state));
+    crls.record(&served_crls(&state));
     metrics.set_expiries(crate::expiry::collect(config));
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
@@ -220,12 +220,13 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     })
 }
 
-/// Every CRL a state's bundles enforce.
-fn state_crls(state: &State) -> impl Iterator<Item = &crl::Crl> {
+/// Every bundle's CRLs in a state, and the files they come from.
+fn served_crls(state: &State) -> Vec<crl::Served<'_>> {
     state
         .listeners
         .iter()
-        .flat_map(|l| l.tls.crls().map(|c| &**c))
+        .flat_map(|l| l.tls.served_crls())
+        .collect()
 }
 
 impl App {
@@ -421,8 +422,9 @@ impl App {
             }
             ReloadError::Invalid(e.to_string())
         })?;
-        // A replayed older CRL would un-revoke: refuse the reload whole.
-        self.crls.check(state_crls(&state)).map_err(|e| {
+        // A replayed older CRL, or a file no longer holding the CRL it
+        // held, would un-revoke: refuse the reload whole.
+        self.crls.check(&served_crls(&state)).map_err(|e| {
             refused_crl(&e);
             ReloadError::Invalid(e.to_string())
         })?;
@@ -488,7 +490,7 @@ impl App {
             state.drain_timeout,
         );
         report.connections_closed = self.registry.reverify();
-        self.crls.record(state_crls(&state));
+        self.crls.record(&served_crls(&state));
         Ok(report)
     }
 }

@@ -722,6 +722,37 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         assert!(err.contains("wildcard"), "{err}");
     }
 
+    /// A trust domain with a leading, trailing or doubled dot would be
+    /// another string for what reads as the same domain: a config error,
+    /// in `spiffe_trust_domains` and in identity rules alike.
+    #[test]
+    fn trust_domains_with_stray_dots_are_refused() {
+        for td in [
+            "example.internal.",
+            ".example.internal",
+            "example..internal",
+        ] {
+            let listener = MINIMAL.replace(
+                "[[listeners.routes]]",
+                &format!("spiffe_trust_domains = [\"{td}\"]\n\n[[listeners.routes]]"),
+            );
+            let err = parse(&listener).unwrap_err().to_string();
+            assert!(
+                err.contains("(\"edge\").spiffe_trust_domains") && err.contains("dot"),
+                "{td}: {err}"
+            );
+            let rule = MINIMAL.replace(
+                "spiffe://example.internal/ns/shop/sa/frontend",
+                &format!("spiffe://{td}/ns/shop/sa/frontend"),
+            );
+            let err = parse(&rule).unwrap_err().to_string();
+            assert!(
+                err.contains("allow[0]") && err.contains("dot"),
+                "{td}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn two_default_routes_are_refused() {
         let text = MINIMAL.replace("server_names = [\"orders.example.internal\"]", "")

@@ -362,6 +362,7 @@ mod tests {
             "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
             "SPIFFE://example.internal/ns/shop/sa/bad",
             "spiffe://example.internal/ns/shop/sa/bad?x",
+            "spiffe://example.internal./ns/shop/sa/bad",
         ] {
             match leaf(&["spiffe://example.internal/ok", bad]) {
                 Err(IdentityError::BadSpiffeId { uri, .. }) => assert_eq!(uri, bad),

@@ -37,7 +37,8 @@ pub struct Metrics {
     /// Checks that met a CRL past its nextUpdate, by bundle and its
     /// `crl_expired` (refused, or used with a warning).
     stale_crl_uses: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
-    /// Reloads refused for their CRLs, by reason (`ambiguous`, `rollback`).
+    /// Reloads refused for their CRLs, by reason (`ambiguous`, `rollback`,
+    /// `withdrawn`).
     crl_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -101,7 +102,8 @@ impl Metrics {
     }
 
     /// Counts a reload refused for its CRLs: `ambiguous` (two different
-    /// CRLs in one place) or `rollback` (older than one already enforced).
+    /// CRLs in one place), `rollback` (older than one already enforced) or
+    /// `withdrawn` (a configured file no longer fills a place it filled).
     pub fn crl_refused(&self, reason: &'static str) {
         *self
             .crl_refused
@@ -184,7 +186,7 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP gateway_crl_refused_total Reloads refused for their CRLs: two different CRLs of one issuer and scope with one number (ambiguous), or a CRL older than one this process already enforced (rollback).\n");
+        out.push_str("# HELP gateway_crl_refused_total Reloads refused for their CRLs: two different CRLs of one issuer and scope with one number (ambiguous), a CRL older than one this process already enforced (rollback), or a configured CRL file that no longer holds a CRL for an issuer, scope and key it held (withdrawn).\n");
         out.push_str("# TYPE gateway_crl_refused_total counter\n");
         for (reason, n) in self
             .crl_refused

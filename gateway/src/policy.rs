@@ -303,7 +303,8 @@ pub enum DenyReason {
 /// the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 network it
 /// maps (`10.0.0.0/8`), since an IPv4 client is always judged by its IPv4
 /// address, also when it reached a dual-stack listener. Other IPv6
-/// networks stay IPv6: `::/0` covers no IPv4 client.
+/// networks stay as written; one that holds the whole mapped range
+/// (`::/0`) covers every IPv4 client too (`covers`).
 pub fn canonical_net(net: IpNet) -> IpNet {
     const MAPPED_BITS: u8 = 96;
     match net {
@@ -317,6 +318,19 @@ pub fn canonical_net(net: IpNet) -> IpNet {
     }
 }
 
+/// Whether `net` (as `canonical_net` leaves it) covers the canonical
+/// address `source`. An IPv4 client of a dual-stack listener really comes
+/// from `::ffff:a.b.c.d`, so an IPv6 network that holds the whole mapped
+/// range (`::/0`, `::/1`, `::ffff:0:0/95`) covers every IPv4 address: a
+/// `deny_sources = ["::/0"]` must not let IPv4 clients through. A network
+/// holding only part of the range was made IPv4 by `canonical_net`.
+fn covers(net: &IpNet, source: IpAddr) -> bool {
+    match (net, source) {
+        (IpNet::V6(v6), IpAddr::V4(v4)) => v6.contains(&v4.to_ipv6_mapped()),
+        _ => net.contains(&source),
+    }
+}
+
 impl Policy {
     /// The rules that need no certificate: `deny_sources`, `allow_sources`,
     /// `time_windows`, in that order. All a `mode = "off"` route enforces.
@@ -324,14 +338,13 @@ impl Policy {
     /// address as the IPv4 address), as the networks are (`canonical_net`).
     pub fn admits_source_at(&self, source: IpAddr, now: jiff::Timestamp) -> Result<(), DenyReason> {
         let source = source.to_canonical();
-        if let Some(cidr) = self.deny_sources.iter().find(|n| n.contains(&source)) {
+        if let Some(cidr) = self.deny_sources.iter().find(|n| covers(n, source)) {
             return Err(DenyReason::SourceDenied {
                 client: source,
                 cidr: *cidr,
             });
         }
-        if !self.allow_sources.is_empty() && !self.allow_sources.iter().any(|n| n.contains(&source))
-        {
+        if !self.allow_sources.is_empty() && !self.allow_sources.iter().any(|n| covers(n, source)) {
             return Err(DenyReason::SourceNotAllowed { client: source });
         }
         if !self.time_windows.is_empty() && !self.time_windows.iter().any(|w| w.contains(now)) {
@@ -612,6 +625,51 @@ mod tests {
         assert!(allowed(&at(&only, &id, "::ffff:10.1.2.3", NOON_WED_UTC)));
         assert!(allowed(&at(&only, &id, "10.1.2.3", NOON_WED_UTC)));
         assert!(!allowed(&at(&only, &id, "::ffff:192.0.2.1", NOON_WED_UTC)));
+    }
+
+    /// An IPv6 network that holds the whole IPv4-mapped range covers every
+    /// IPv4 client, mapped or not, in `deny_sources` and `allow_sources`
+    /// alike (and is named as written); one that holds none of it covers
+    /// none.
+    #[test]
+    fn an_ipv6_network_holding_the_mapped_range_covers_ipv4_clients() {
+        let net = |s: &str| canonical_net(s.parse().unwrap());
+        let id = identity();
+        for whole in ["::/0", "::/1", "::ffff:0:0/95", "::/64"] {
+            let mut deny = allow(&["dns:batch.example.internal"]);
+            deny.deny_sources = vec![net(whole)];
+            for client in ["10.1.2.3", "::ffff:10.1.2.3", "255.255.255.255"] {
+                assert_eq!(
+                    at(&deny, &id, client, NOON_WED_UTC),
+                    Verdict::Deny(DenyReason::SourceDenied {
+                        client: client.parse::<IpAddr>().unwrap().to_canonical(),
+                        cidr: whole.parse().unwrap(),
+                    }),
+                    "{whole} denies {client}"
+                );
+            }
+            let mut only = allow(&["dns:batch.example.internal"]);
+            only.allow_sources = vec![net(whole)];
+            assert!(
+                allowed(&at(&only, &id, "10.1.2.3", NOON_WED_UTC)),
+                "{whole}"
+            );
+            assert!(allowed(&at(&only, &id, "::ffff:10.1.2.3", NOON_WED_UTC)));
+        }
+        for apart in ["8000::/1", "2001:db8::/32", "::/96", "::ffff:0:0:0/96"] {
+            let mut deny = allow(&["dns:batch.example.internal"]);
+            deny.deny_sources = vec![net(apart)];
+            assert!(
+                allowed(&at(&deny, &id, "10.1.2.3", NOON_WED_UTC)),
+                "{apart}"
+            );
+            let mut only = allow(&["dns:batch.example.internal"]);
+            only.allow_sources = vec![net(apart)];
+            assert!(
+                !allowed(&at(&only, &id, "10.1.2.3", NOON_WED_UTC)),
+                "{apart}"
+            );
+        }
     }
 
     fn window(days: &[&str], start: &str, end: &str, tz: &str) -> TimeWindow {

@@ -13,7 +13,9 @@
 //! requires the trust domain to be written in lower case; go-spiffe and
 //! the other reference implementations refuse upper case in both, and so do
 //! we. Any URI whose scheme reads `spiffe` in any case is taken as a claim
-//! to be a SPIFFE ID and must be a valid one.
+//! to be a SPIFFE ID and must be a valid one. For the same reason a trust
+//! domain with a leading, trailing or doubled dot (`example.internal.`),
+//! which the specification's character set lets through, is refused.
 
 use std::fmt;
 
@@ -38,6 +40,10 @@ pub enum SpiffeError {
         "the trust domain may only hold lower-case letters, digits, '.', '-' and '_' (no port, user info or percent-encoding): {0:?}"
     )]
     TrustDomainChar(char),
+    #[error(
+        "the trust domain may not start or end with a dot or hold two dots in a row (\"example.internal.\" would be another trust domain than \"example.internal\")"
+    )]
+    TrustDomainDots,
     #[error("a query or fragment is not allowed")]
     QueryOrFragment,
     #[error("the path has an empty segment (\"//\" or a trailing \"/\")")]
@@ -117,13 +123,21 @@ pub fn check_trust_domain(td: &str) -> Result<(), SpiffeError> {
     if td.len() > MAX_TRUST_DOMAIN_LEN {
         return Err(SpiffeError::TrustDomainTooLong);
     }
-    match td
+    if let Some(c) = td
         .chars()
         .find(|c| !matches!(c, 'a'..='z' | '0'..='9' | '.' | '-' | '_'))
     {
-        Some(c) => Err(SpiffeError::TrustDomainChar(c)),
-        None => Ok(()),
+        return Err(SpiffeError::TrustDomainChar(c));
     }
+    // A host name's dots separate labels, none of them empty. The
+    // specification's character set allows "example.internal." (the DNS
+    // root spelled out), which is another string for what reads as the
+    // same domain: a rule or a bundle's `spiffe_trust_domains` written
+    // without the dot would not match it.
+    if td.split('.').any(str::is_empty) {
+        return Err(SpiffeError::TrustDomainDots);
+    }
+    Ok(())
 }
 
 /// A path: empty, or `/segment` repeated; no empty, `.` or `..` segment.
@@ -208,6 +222,10 @@ mod tests {
             ("spiffe://example.internal/x#y", QueryOrFragment),
             ("spiffe:///x", EmptyTrustDomain),
             ("spiffe://[::1]/x", TrustDomainChar('[')),
+            ("spiffe://example.internal./x", TrustDomainDots),
+            ("spiffe://.example.internal/x", TrustDomainDots),
+            ("spiffe://example..internal/x", TrustDomainDots),
+            ("spiffe://./x", TrustDomainDots),
             ("spiffe://example.internal/sa/caf\u{e9}", PathChar('\u{e9}')),
             (&long_path, TooLong),
             (&long_td, TrustDomainTooLong),

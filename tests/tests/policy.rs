@@ -334,6 +334,7 @@ async fn a_deny_cannot_be_dodged_by_spelling_the_identity_differently() {
         "spiffe://EXAMPLE.internal/ns/shop/sa/bad",
         "spiffe://example.internal:443/ns/shop/sa/bad",
         "spiffe://example.internal/ns/shop/sa/bad?x=1",
+        "spiffe://example.internal./ns/shop/sa/bad",
     ]
     .into_iter()
     .enumerate()
@@ -926,7 +927,8 @@ async fn the_example_config_enforces_devices_as_documented() {
 /// it as the IPv4 address it is, so IPv4 source rules hold on such a
 /// listener: a denied network cannot walk in through the mapped form, and
 /// an allowed one is not refused for it. A network written in the mapped
-/// form means the IPv4 network.
+/// form means the IPv4 network; an IPv6 network holding the whole mapped
+/// range (`::/0`) covers IPv4 clients too.
 #[tokio::test]
 async fn ipv4_clients_of_a_dual_stack_listener_are_judged_by_their_ipv4_address() {
     let pki = Pki::new();
@@ -952,6 +954,15 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_judged_by_their_ipv4_address(
         );
         assert!(rec.client.starts_with("127.0.0.1:"), "{rec:?}");
     }
+    // An IPv6 network holding the whole mapped range holds the IPv4 clients
+    // that arrive through it: `::/0` denies them, named as written.
+    let mut gw = RunningGateway::start(&pki, &dual("deny_sources = [\"::/0\"]\n")).await;
+    assert_eq!(
+        refusal(v4(&gw), SNI, pki.frontend_config()).await,
+        AlertDescription::AccessDenied
+    );
+    let rec = gw.next_record().await;
+    assert_eq!(rec.reason, "source 127.0.0.1 is denied by ::/0", "{rec:?}");
     // Before the handshake too, on an off route.
     let off = listener_toml(&pki, "edge", "").replace("127.0.0.1:0", "[::]:0")
         + &route_toml("orders", &[SNI], &[backend.addr], &[])
@@ -1022,13 +1033,17 @@ async fn scoped_crls_speak_only_for_the_certificates_in_their_scope() {
     .await;
     gw.next_record().await;
 
+    // Only a CA-only CRL: dropping the leaves-only one is done in the
+    // config (a file that stops holding a CRL it held is refused).
     pki.write(
-        "scoped.crl.pem",
+        "ca-only.crl.pem",
         &pki.intermediate
             .crl_scoped(2, &[], CrlScope::CaCertsOnly)
             .unwrap(),
     );
-    gw.reload_toml(&pki, &toml).await.unwrap();
+    let ca_only =
+        listener_toml(&pki, "edge", &pki.crls_line(&["ca-only.crl.pem"])) + &route(&backend, "");
+    gw.reload_toml(&pki, &ca_only).await.unwrap();
     assert_eq!(
         refusal(gw.app_addr, SNI, pki.frontend_config()).await,
         AlertDescription::UnknownCA

@@ -1013,6 +1013,91 @@ async fn a_replayed_older_crl_is_refused_and_its_revocations_stay() {
     .await;
 }
 
+/// Writes the intermediate's CRL (`int.crl.pem`, revoking nothing) and the
+/// root's (`root.crl.pem`, revoking the intermediate); the `crls` line
+/// naming both.
+fn root_revokes_the_intermediate(pki: &Pki) -> String {
+    let serial = pki.intermediate.serial().unwrap();
+    pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    pki.write("root.crl.pem", &pki.root.crl(1, &[&serial]).unwrap());
+    pki.crls_line(&["int.crl.pem", "root.crl.pem"])
+}
+
+/// A CRL file that carried an issuer's CRL can be handed back holding
+/// another valid CRL (the intermediate's, say) instead: nothing older
+/// comes back, but the root's revocation of the intermediate would be gone.
+/// While the file is still configured, the reload is refused, naming the
+/// file and the issuer, and the intermediate stays revoked; counted.
+#[tokio::test]
+async fn a_crl_file_that_no_longer_holds_its_issuers_crl_is_refused() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let crls = root_revokes_the_intermediate(&pki);
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "")
+    );
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let revoked = || async {
+        assert_eq!(
+            refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+            AlertDescription::CertificateRevoked
+        );
+    };
+    revoked().await;
+
+    pki.write(
+        "root.crl.pem",
+        &std::fs::read_to_string(pki.path("int.crl.pem")).unwrap(),
+    );
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(
+        err.contains("root.crl.pem") && err.contains("no longer holds"),
+        "{err}"
+    );
+    revoked().await;
+    let metrics = gw.scrape().await;
+    assert!(
+        metrics.contains("gateway_crl_refused_total{reason=\"withdrawn\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Dropping a CRL on purpose is done in the config: with the file no
+/// longer named, the reload is taken, and the root's revocation of the
+/// intermediate with it. Named again later, the file is read afresh.
+#[tokio::test]
+async fn a_crl_removed_from_the_config_on_purpose_is_no_longer_enforced() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let both = root_revokes_the_intermediate(&pki);
+    let gw =
+        RunningGateway::start(&pki, &config(&pki, &backend, &both, &[SPIFFE_FRONTEND], "")).await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, pki.frontend_config()).await,
+        AlertDescription::CertificateRevoked
+    );
+
+    let int_only = pki.crls_line(&["int.crl.pem"]);
+    gw.reload_toml(
+        &pki,
+        &config(&pki, &backend, &int_only, &[SPIFFE_FRONTEND], ""),
+    )
+    .await
+    .unwrap();
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"root CRL dropped").await;
+
+    // Named again, holding something else: no memory of what it held.
+    pki.write(
+        "root.crl.pem",
+        &std::fs::read_to_string(pki.path("int.crl.pem")).unwrap(),
+    );
+    gw.reload_toml(&pki, &config(&pki, &backend, &both, &[SPIFFE_FRONTEND], ""))
+        .await
+        .unwrap();
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"named again").await;
+}
+
 /// A removed listener's connections keep their old trust anchors and policy
 /// until they drain (README: "Reload and continuous verification"); the
 /// drain_timeout that ends them is the new config's, so a reload with a

@@ -42,6 +42,9 @@ pub struct Bundle {
     subjects: Vec<DistinguishedName>,
     /// One per issuer and scope, the newest (see `crl`).
     crls: Vec<Arc<Crl>>,
+    /// The CRL files the config names, whose places a reload must keep
+    /// filled (see `crl::Enforced`).
+    crl_files: Vec<PathBuf>,
     crl_expired: CrlExpired,
     /// Connections whose check met a CRL past its nextUpdate (kept by the
     /// metrics across reloads).
@@ -110,6 +113,7 @@ impl Bundle {
             anchors: roots.roots,
             stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
             crls,
+            crl_files: files.crls.clone(),
             crl_expired: files.crl_expired,
             stale_crl_uses,
             spiffe_trust_domains: files.spiffe_trust_domains.clone(),
@@ -120,6 +124,14 @@ impl Bundle {
     /// The CRLs this bundle enforces.
     pub fn crls(&self) -> &[Arc<Crl>] {
         &self.crls
+    }
+
+    /// The CRLs this bundle enforces and the files they come from.
+    pub fn served(&self) -> crl::Served<'_> {
+        crl::Served {
+            files: &self.crl_files,
+            crls: &self.crls,
+        }
     }
 
     /// This bundle with `more` CRLs besides its own (of each issuer and
@@ -135,6 +147,7 @@ impl Bundle {
             subjects: self.subjects.clone(),
             stale_crl_logged: crls.iter().map(|_| AtomicBool::new(false)).collect(),
             crls,
+            crl_files: self.crl_files.clone(),
             crl_expired: self.crl_expired,
             stale_crl_uses: self.stale_crl_uses.clone(),
             spiffe_trust_domains: self.spiffe_trust_domains.clone(),

@@ -29,9 +29,19 @@
 //! forged CRL with a huge number (which fails every client it covers, as
 //! its signature does not verify) blocks older numbers of that issuer key
 //! until a restart.
+//!
+//! A file can also be handed back holding another issuer's valid CRL
+//! instead of its own: nothing older comes back, but the place the file
+//! filled is empty, and an intermediate its root's CRL revoked would pass
+//! (its issuer then has no CRL, which the chain check allows). So the
+//! memory also keeps which places each configured file filled, and a
+//! reload in which a bundle still names the file but has no CRL for one of
+//! its places is refused (`CrlError::Withdrawn`). To stop enforcing a CRL
+//! on purpose, the operator removes its file from the config (or
+//! restarts): a file no longer named is forgotten.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -69,6 +79,16 @@ pub enum CrlError {
         enforced: String,
         enforced_file: PathBuf,
     },
+    #[error(
+        "{file} no longer holds a CRL of issuer {issuer} ({scope}), which this gateway enforced from it: \
+         its revocations would be lifted while the file is still configured. Put the issuer's current CRL \
+         back in the file, or remove the file from the config to stop enforcing it on purpose"
+    )]
+    Withdrawn {
+        issuer: String,
+        scope: String,
+        file: PathBuf,
+    },
 }
 
 impl CrlError {
@@ -79,6 +99,7 @@ impl CrlError {
             CrlError::File(_) => None,
             CrlError::Ambiguous { .. } => Some("ambiguous"),
             CrlError::Rollback { .. } => Some("rollback"),
+            CrlError::Withdrawn { .. } => Some("withdrawn"),
         }
     }
 }
@@ -113,6 +134,16 @@ pub enum Scope {
     Leaves,
     /// onlyContainsCACerts: CA certificates only.
     Cas,
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::All => "all certificates",
+            Scope::Leaves => "leaf certificates only",
+            Scope::Cas => "CA certificates only",
+        })
+    }
 }
 
 impl Scope {
@@ -291,18 +322,72 @@ struct Mark {
     file: PathBuf,
 }
 
+/// One bundle's CRLs as a state would put them into service: the files
+/// its config names, and the CRLs kept from them (one per place).
+#[derive(Clone, Copy)]
+pub struct Served<'a> {
+    pub files: &'a [PathBuf],
+    pub crls: &'a [std::sync::Arc<Crl>],
+}
+
+/// What a configured file filled: a place, and how to name it in a log.
+#[derive(Debug, Clone)]
+struct Filled {
+    issuer: String,
+    scope: Scope,
+    authority_key_id: Option<Vec<u8>>,
+}
+
+impl Filled {
+    fn describe(&self) -> String {
+        match &self.authority_key_id {
+            Some(key) => format!("{}, key {}", self.scope, hex(key)),
+            None => self.scope.to_string(),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The newest CRL this process has put into service for each issuer,
-/// scope and issuer key (see the module's comment). The app checks every
-/// state against it before serving with it, and records it once it does.
+/// scope and issuer key, and the places each configured file filled (see
+/// the module's comment). The app checks every state against it before
+/// serving with it, and records it once it does.
 #[derive(Debug, Default)]
 pub struct Enforced {
     marks: Mutex<HashMap<Place, Mark>>,
+    filled: Mutex<HashMap<PathBuf, HashMap<Place, Filled>>>,
 }
 
 impl Enforced {
-    /// Err names the first of `crls` that is older than (or, with the same
-    /// number, different from) the CRL already enforced in its place.
-    pub fn check<'a>(&self, crls: impl IntoIterator<Item = &'a Crl>) -> Result<(), CrlError> {
+    /// Err names the first CRL of `served` that is older than (or, with the
+    /// same number, different from) the CRL already enforced in its place,
+    /// or the first file a bundle still names that no longer fills a place
+    /// it filled.
+    pub fn check(&self, served: &[Served<'_>]) -> Result<(), CrlError> {
+        self.check_marks(served.iter().flat_map(|b| b.crls.iter().map(|c| &**c)))?;
+        let filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
+        for bundle in served {
+            let present: HashSet<Place> = bundle.crls.iter().map(|c| Place::of(c)).collect();
+            for file in bundle.files {
+                let Some(places) = filled.get(file) else {
+                    continue;
+                };
+                if let Some(gone) = places.iter().find(|(p, _)| !present.contains(*p)) {
+                    return Err(CrlError::Withdrawn {
+                        issuer: gone.1.issuer.clone(),
+                        scope: gone.1.describe(),
+                        file: file.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_marks<'a>(&self, crls: impl Iterator<Item = &'a Crl>) -> Result<(), CrlError> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         for c in crls {
             let Some(m) = marks.get(&Place::of(c)) else {
@@ -334,10 +419,13 @@ impl Enforced {
         Ok(())
     }
 
-    /// Remembers `crls` as in service, where each is newer than what was.
-    pub fn record<'a>(&self, crls: impl IntoIterator<Item = &'a Crl>) {
+    /// Remembers `served` as in service: each CRL where it is newer than
+    /// what was, and the places each file fills. A file no bundle names any
+    /// more is forgotten; one still named keeps the places it filled before
+    /// (`check` saw them all still present).
+    pub fn record(&self, served: &[Served<'_>]) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
-        for c in crls {
+        for c in served.iter().flat_map(|b| b.crls.iter()) {
             let newer = marks.get(&Place::of(c)).is_none_or(|m| {
                 c.age_against(m.number.as_ref(), m.this_update) == Ordering::Greater
             });
@@ -352,6 +440,20 @@ impl Enforced {
                     },
                 );
             }
+        }
+        drop(marks);
+        let mut filled = self.filled.lock().unwrap_or_else(|p| p.into_inner());
+        let named: HashSet<&PathBuf> = served.iter().flat_map(|b| b.files).collect();
+        filled.retain(|file, _| named.contains(file));
+        for c in served.iter().flat_map(|b| b.crls.iter()) {
+            filled.entry(c.file.clone()).or_default().insert(
+                Place::of(c),
+                Filled {
+                    issuer: c.issuer.clone(),
+                    scope: c.scope,
+                    authority_key_id: c.authority_key_id.clone(),
+                },
+            );
         }
     }
 }
@@ -401,6 +503,85 @@ mod tests {
         }
     }
 
+    /// The CRLs of one file, as a bundle naming only that file serves them.
+    struct One {
+        files: Vec<PathBuf>,
+        crls: Vec<std::sync::Arc<Crl>>,
+    }
+
+    impl One {
+        fn load(files: &[PathBuf]) -> One {
+            One {
+                files: files.to_vec(),
+                crls: load(files)
+                    .unwrap()
+                    .into_iter()
+                    .map(std::sync::Arc::new)
+                    .collect(),
+            }
+        }
+
+        fn served(&self) -> [Served<'_>; 1] {
+            [Served {
+                files: &self.files,
+                crls: &self.crls,
+            }]
+        }
+    }
+
+    impl Enforced {
+        fn check_one(&self, one: &One) -> Result<(), CrlError> {
+            self.check(&one.served())
+        }
+
+        fn record_one(&self, one: &One) {
+            self.record(&one.served())
+        }
+    }
+
+    /// A file that filled a place (issuer, scope, key) and, still named,
+    /// now holds another issuer's CRL is refused, naming the file and the
+    /// issuer; the same file no longer named is forgotten, so naming it
+    /// again with other contents is taken. A newer CRL in the place, even
+    /// from another file of the bundle, keeps it filled.
+    #[test]
+    fn a_named_file_that_no_longer_fills_its_place_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("withdrawn root").unwrap();
+        let int = root.intermediate("withdrawn intermediate").unwrap();
+        let int_crl = write(dir.path(), "int.pem", &int.crl(1, &[]).unwrap());
+        let root_crl = write(dir.path(), "root.pem", &root.crl(1, &[]).unwrap());
+        let both = [int_crl.clone(), root_crl.clone()];
+        let enforced = Enforced::default();
+        enforced.record_one(&One::load(&both));
+
+        let int_pem = std::fs::read_to_string(&int_crl).unwrap();
+        write(dir.path(), "root.pem", &int_pem);
+        match enforced.check_one(&One::load(&both)) {
+            Err(e @ CrlError::Withdrawn { .. }) => {
+                let CrlError::Withdrawn { issuer, file, .. } = &e else {
+                    unreachable!()
+                };
+                assert_eq!(file, &root_crl);
+                assert!(issuer.contains("withdrawn root"), "{issuer}");
+                assert_eq!(e.label(), Some("withdrawn"));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // The root's newer CRL from another file of the bundle: filled.
+        let newer = write(dir.path(), "newer.pem", &root.crl(2, &[]).unwrap());
+        let moved = [int_crl.clone(), root_crl.clone(), newer];
+        enforced.check_one(&One::load(&moved)).unwrap();
+
+        // Dropped from the config on purpose, then named again.
+        let int_only = One::load(std::slice::from_ref(&int_crl));
+        enforced.check_one(&int_only).unwrap();
+        enforced.record_one(&int_only);
+        let again = One::load(&both);
+        enforced.check_one(&again).unwrap();
+    }
+
     /// A CRL older than one already in service in this process is refused;
     /// one of another issuer, or a newer one, passes; a CRL with the
     /// enforced number but other contents is ambiguous.
@@ -409,13 +590,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Authority::root("crl issuer a").unwrap();
         let b = Authority::root("crl issuer b").unwrap();
-        let load1 = |name: &str, pem: String| load(&[write(dir.path(), name, &pem)]).unwrap();
+        let load1 = |name: &str, pem: String| One::load(&[write(dir.path(), name, &pem)]);
         let enforced = Enforced::default();
         let a7 = load1("a7.pem", a.crl(7, &[b"\x01"]).unwrap());
-        enforced.check(&a7).unwrap();
-        enforced.record(&a7);
+        enforced.check_one(&a7).unwrap();
+        enforced.record_one(&a7);
         let a3 = load1("a3.pem", a.crl(3, &[]).unwrap());
-        match enforced.check(&a3) {
+        match enforced.check_one(&a3) {
             Err(CrlError::Rollback {
                 number,
                 enforced,
@@ -430,20 +611,20 @@ mod tests {
         }
         let other_a7 = load1("other-a7.pem", a.crl(7, &[]).unwrap());
         assert!(matches!(
-            enforced.check(&other_a7),
+            enforced.check_one(&other_a7),
             Err(CrlError::Ambiguous { .. })
         ));
-        enforced.check(&a7).unwrap();
+        enforced.check_one(&a7).unwrap();
         enforced
-            .check(&load1("b1.pem", b.crl(1, &[]).unwrap()))
+            .check_one(&load1("b1.pem", b.crl(1, &[]).unwrap()))
             .unwrap();
         let a8 = load1("a8.pem", a.crl(8, &[]).unwrap());
-        enforced.check(&a8).unwrap();
-        enforced.record(&a8);
-        assert!(enforced.check(&a7).is_err(), "#8 is the mark now");
+        enforced.check_one(&a8).unwrap();
+        enforced.record_one(&a8);
+        assert!(enforced.check_one(&a7).is_err(), "#8 is the mark now");
         // Recording an older one changes nothing.
-        enforced.record(&a3);
-        assert!(enforced.check(&a7).is_err());
+        enforced.record_one(&a3);
+        assert!(enforced.check_one(&a7).is_err());
     }
 
     #[test]

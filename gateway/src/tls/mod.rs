@@ -178,9 +178,16 @@ impl ListenerTls {
 
     /// Every CRL this listener's bundles enforce.
     pub fn crls(&self) -> impl Iterator<Item = &Arc<crl::Crl>> {
-        std::iter::once(&self.default_bundle)
-            .chain(self.bundles.values())
-            .flat_map(|b| b.crls())
+        self.all_bundles().flat_map(|b| b.crls())
+    }
+
+    /// Each of this listener's bundles' CRLs and the files they come from.
+    pub fn served_crls(&self) -> impl Iterator<Item = crl::Served<'_>> {
+        self.all_bundles().map(|b| b.served())
+    }
+
+    fn all_bundles(&self) -> impl Iterator<Item = &Arc<Bundle>> {
+        std::iter::once(&self.default_bundle).chain(self.bundles.values())
     }
 
     /// This listener's TLS with `more` CRLs besides each bundle's own (of
