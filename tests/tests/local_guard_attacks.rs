@@ -910,3 +910,191 @@ fn a_flood_of_destinations_or_sources_pushes_no_source_out_of_the_tallies() {
     );
     assert!(guard.untallied().unwrap() >= 17_000 - 16_384);
 }
+
+/// Local backends in the guarded subtree (a dual-stack TCP echo and a UDP
+/// socket on every address), and a container's namespace behind a veth
+/// (`10.211.0.2`, `fd00:211::2`) routed through the host.
+struct Arrivals {
+    tcp_port: u16,
+    udp: std::net::UdpSocket,
+    container: Netns,
+}
+
+impl Arrivals {
+    fn new(host: &mut Host) -> Arrivals {
+        let backend_cg = host.cg.leaf("backend");
+        let tcp = host
+            .ns
+            .run({
+                let cg = backend_cg.clone();
+                move || socket_in_cgroup(&cg, Kind::TcpListener, "[::]:0".parse().unwrap())
+            })
+            .expect("backend");
+        let tcp = std::net::TcpListener::from(tcp);
+        let tcp_port = tcp.local_addr().unwrap().port();
+        tcp_echo(tcp);
+        let udp = udp_in_cgroup(host.ns.name(), &backend_cg, "0.0.0.0:0".parse().unwrap());
+        let container = container_of(&host.ns, "glar", "h0", "10.211.0.1", "10.211.0.2");
+        host.ns.ip("-6 addr add fd00:211::1/64 dev h0 nodad");
+        container.ip("-6 addr add fd00:211::2/64 dev c0 nodad");
+        container.ip("-6 route add default via fd00:211::1");
+        Arrivals {
+            tcp_port,
+            udp,
+            container,
+        }
+    }
+
+    fn udp_port(&self) -> u16 {
+        self.udp.local_addr().unwrap().port()
+    }
+
+    /// What protects both backends, on every local address.
+    fn protected(&self) -> Vec<Protected> {
+        vec![
+            Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, self.tcp_port))),
+            format!("udp:127.0.0.1:{}", self.udp_port())
+                .parse()
+                .unwrap(),
+        ]
+    }
+
+    /// A TCP round trip from the container to `to` at the TCP backend.
+    fn tcp_from_container(&self, to: IpAddr) -> Result<(), String> {
+        tcp_roundtrip(
+            self.container.name(),
+            None,
+            SocketAddr::new(to, self.tcp_port),
+        )
+    }
+
+    /// A datagram from the container to `to` at the UDP backend: whether
+    /// it arrived.
+    fn udp_from_container(&self, to: Ipv4Addr) -> bool {
+        let at = SocketAddr::from((to, self.udp_port()));
+        self.container
+            .run(move || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                s.send_to(b"from the container", at)
+            })
+            .expect("send from the container");
+        self.arrived()
+    }
+
+    /// Whether a datagram reached the UDP backend.
+    fn arrived(&self) -> bool {
+        let mut buf = [0u8; 64];
+        self.udp.recv_from(&mut buf).is_ok()
+    }
+}
+
+#[test]
+fn a_local_route_in_another_routing_table_is_guarded_at_arrival() {
+    use gateway_tests::packet::{Tun, udp_packet};
+    let Some(mut host) = Host::new() else { return };
+    let arrivals = Arrivals::new(&mut host);
+    // Policy routing makes 10.212.0.0/24 and fd00:212::/64 this host, in a
+    // table (100) the guard's address maps are never filled from.
+    host.ns.ip("rule add to 10.212.0.0/24 lookup 100");
+    host.ns.ip("route add local 10.212.0.0/24 dev lo table 100");
+    host.ns.ip("-6 rule add to fd00:212::/64 lookup 100");
+    host.ns
+        .ip("-6 route add local fd00:212::/64 dev lo table 100");
+    let tun = host.ns.run(|| Tun::create("tunr"));
+    host.ns.ip("addr add 10.208.0.1/24 dev tunr");
+    host.ns.ip("link set tunr up");
+    let routed = Ipv4Addr::new(10, 212, 0, 5);
+    let routed6 = Ipv6Addr::new(0xfd00, 0x212, 0, 0, 0, 0, 0, 5);
+    let from_tun = |data: &[u8]| {
+        tun.inject(&udp_packet(
+            Ipv4Addr::new(10, 208, 0, 2).into(),
+            Ipv4Addr::new(10, 212, 0, 9).into(),
+            40000,
+            arrivals.udp_port(),
+            data,
+        ));
+        arrivals.arrived()
+    };
+    // (IPv4 TCP does not complete there even without the guard: the
+    // kernel does not answer a SYN to such an address. IPv6 TCP does.)
+    arrivals
+        .tcp_from_container(routed6.into())
+        .expect("TCP over IPv6 from the container (the attack's premise)");
+    assert!(
+        arrivals.udp_from_container(routed),
+        "UDP from the container (the attack's premise)"
+    );
+    assert!(
+        from_tun(b"premise"),
+        "UDP through the tun device (the attack's premise)"
+    );
+
+    let spec = host.spec(arrivals.protected());
+    assert!(
+        !spec
+            .local_addresses
+            .iter()
+            .any(|net| net.contains(&IpAddr::from(routed)) || net.contains(&IpAddr::from(routed6))),
+        "the maps do not know the routed prefixes: {:?}",
+        spec.local_addresses
+    );
+    let guard = host.install(&spec);
+    arrivals
+        .tcp_from_container(routed6.into())
+        .expect_err("the container's connect is dropped at the backend");
+    assert!(
+        !arrivals.udp_from_container(routed),
+        "no datagram from the container arrived"
+    );
+    assert!(!from_tun(b"tun"), "nothing arrived through the tun device");
+    assert!(guard.counters().unwrap().refused >= 3);
+}
+
+#[test]
+fn addresses_beyond_what_the_maps_hold_are_guarded_at_arrival() {
+    let Some(mut host) = Host::new() else { return };
+    let arrivals = Arrivals::new(&mut host);
+    let spec = host.spec(arrivals.protected());
+    let mut guard = host.install(&spec);
+    // More addresses than the maps hold (4096), on an interface of the
+    // host's own.
+    host.ns.ip("link add d0 type veth peer name d1");
+    host.ns.ip("link set d0 up");
+    let batch: String = (0..4200u32)
+        .map(|i| format!("addr add 10.230.{}.{}/32 dev d0\n", i / 250, i % 250 + 1))
+        .collect();
+    let mut add = host.ns.command(&["ip", "-batch", "-"]);
+    add.stdin(std::process::Stdio::piped());
+    let mut add = add.spawn().expect("ip -batch");
+    std::io::Write::write_all(&mut add.stdin.take().unwrap(), batch.as_bytes()).unwrap();
+    assert!(add.wait().unwrap().success(), "4200 addresses added");
+    let last = Ipv4Addr::new(10, 230, 16, 200);
+    let grown = GuardSpec {
+        local_addresses: host.local_addresses(),
+        ..spec
+    };
+    assert!(
+        grown.local_addresses.len() > 4096,
+        "{} addresses",
+        grown.local_addresses.len()
+    );
+    match guard.update(&grown) {
+        Err(e) => assert!(e.to_string().contains("4096"), "{e}"),
+        Ok(()) => panic!("the maps hold {} addresses", grown.local_addresses.len()),
+    }
+    arrivals
+        .tcp_from_container(last.into())
+        .expect_err("a connect to an address the maps could not take is dropped at the backend");
+    assert!(
+        !arrivals.udp_from_container(last),
+        "and no datagram arrived there"
+    );
+    // A local process's SYN leaves through `lo` and is dropped there by
+    // port (the connect times out: the maps do not know the address).
+    host.probe(
+        &host.other,
+        SocketAddr::from((last, arrivals.tcp_port)),
+        Probe::TcpConnect,
+    )
+    .expect_err("a local process at that address");
+}
