@@ -9,7 +9,7 @@
 //! cgroup, then connects or sends. Each first shows the attack works with
 //! no guard, then that the guard refuses it. Root only; skips otherwise.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 use gateway::ebpf::{EbpfError, Enforcement, GuardSpec, LocalGuard, Protected};
@@ -1097,4 +1097,118 @@ fn addresses_beyond_what_the_maps_hold_are_guarded_at_arrival() {
         Probe::TcpConnect,
     )
     .expect_err("a local process at that address");
+}
+
+#[test]
+fn a_socket_of_another_kind_cannot_send_udp_or_open_tcp() {
+    use gateway_tests::bpf::{BPF_CGROUP_INET_EGRESS, programs_on, test_run};
+    use gateway_tests::packet::{ethernet, udp_packet};
+    // SCTP over UDP (RFC 6951) is the real case: an SCTP socket (neither
+    // TCP nor UDP) whose packets are UDP datagrams to a port any user
+    // picks (SCTP_REMOTE_UDP_ENCAPS_PORT). This kernel has no SCTP, so the
+    // egress program is run on such packets with BPF_PROG_TEST_RUN, whose
+    // socket is of no type and no protocol at all.
+    let Some(host) = Host::new() else { return };
+    let (tcp_port, udp_port) = (7101, 7102);
+    let _guard = host.install(&host.spec(vec![
+        Protected::from(SocketAddr::from((Ipv4Addr::LOCALHOST, tcp_port))),
+        format!("udp:127.0.0.1:{udp_port}").parse().unwrap(),
+    ]));
+    let programs = programs_on(&host.cg.path(), BPF_CGROUP_INET_EGRESS).expect("query");
+    let [egress] = &programs[..] else {
+        panic!(
+            "one egress program on the guarded cgroup: {} there",
+            programs.len()
+        );
+    };
+    let frame = |packet: Vec<u8>| ethernet([0; 6], [0; 6], &[], 0x0800, &packet);
+    let source = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 40000);
+    let udp = |port: u16| {
+        frame(udp_packet(
+            Ipv4Addr::LOCALHOST.into(),
+            Ipv4Addr::LOCALHOST.into(),
+            40000,
+            port,
+            b"sctp chunk",
+        ))
+    };
+    let cases = [
+        ("UDP to the protected port", udp(udp_port), 0),
+        (
+            "a TCP SYN to the protected port",
+            frame(tcp_packet(
+                source,
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, tcp_port),
+                0x02,
+            )),
+            0,
+        ),
+        (
+            "a TCP SYN at another local address",
+            frame(tcp_packet(
+                source,
+                SocketAddrV4::new(HOST_V4, tcp_port),
+                0x02,
+            )),
+            0,
+        ),
+        ("UDP to another port", udp(udp_port + 10), 1),
+        (
+            "a TCP SYN-ACK",
+            frame(tcp_packet(
+                source,
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, tcp_port),
+                0x12,
+            )),
+            1,
+        ),
+        (
+            "a TCP ACK",
+            frame(tcp_packet(
+                source,
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, tcp_port),
+                0x10,
+            )),
+            1,
+        ),
+    ];
+    let mut out = [0u8; 512];
+    for (what, packet, verdict) in &cases {
+        // The socket the kernel makes for the run is the calling thread's
+        // cgroup's: a child in `other`, then in the gateway's.
+        for (cgroup, expected) in [(&host.other, *verdict), (&host.gw, 1)] {
+            let ran = fork_into(Some(cgroup), || match test_run(egress, packet, &mut out) {
+                Ok(v) => v as i32,
+                Err(_) => 100,
+            })
+            .wait();
+            assert_eq!(
+                ran,
+                expected,
+                "{what} from {} (1: passed, 0: dropped)",
+                cgroup.display()
+            );
+        }
+    }
+}
+
+/// A TCP segment from `from` to `to` with `flags`, checksummed (the stack
+/// checks it on arrival).
+fn tcp_packet(from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> Vec<u8> {
+    use gateway_tests::packet::{checksum, ipv4};
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&from.port().to_be_bytes());
+    tcp[2..4].copy_from_slice(&to.port().to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1000u32.to_be_bytes());
+    tcp[8..12].copy_from_slice(&0x2000u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    tcp[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&from.ip().octets());
+    pseudo.extend_from_slice(&to.ip().octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let sum = checksum(&[&pseudo, &tcp]);
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv4(*from.ip(), *to.ip(), 6, &tcp)
 }
