@@ -12,6 +12,10 @@
 //! through `lo`) is judged by port whatever its address, so an address the
 //! maps do not know yet is no way in.
 //!
+//! A raw socket's TCP reset without payload passes: the kernel sends its
+//! own resets from a raw socket in the root cgroup, and a reset opens and
+//! delivers nothing.
+//!
 //! Established TCP packets are not read: they belong to connections whose
 //! SYN was judged (or that are older than the guard, which the gateway
 //! looks for). Packet sockets (AF_PACKET) skip the IP layer and this hook
@@ -38,6 +42,9 @@ const PACKET: [u8; 16] = *b"(packet)\0\0\0\0\0\0\0\0";
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 /// Every network namespace's `lo`.
@@ -96,11 +103,23 @@ pub fn local_egress(ctx: SkBuffContext) -> i32 {
         Ok(None) => return ALLOW,
         Err(()) => return REFUSE,
     };
-    if only_syn && dest.protocol == protocol::TCP {
-        match load::<1>(&ctx, l4 + 13) {
-            Ok([flags]) if flags & 0x12 != 0x02 => return ALLOW,
-            Ok(_) => {}
-            Err(()) => return REFUSE,
+    if dest.protocol == protocol::TCP && (only_syn || layer == local_layer::RAW) {
+        let Ok([offset, flags]) = load::<2>(&ctx, l4 + 12) else {
+            return REFUSE;
+        };
+        if only_syn && flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return ALLOW;
+        }
+        // SAFETY: as above; the packet's length from its network header.
+        let len = unsafe { (*skb).len } as usize;
+        let header_end = l4 + usize::from(offset >> 4) * 4;
+        if layer == local_layer::RAW && flags & (TCP_RST | TCP_SYN) == TCP_RST && header_end == len
+        {
+            // A reset that carries nothing: the kernel answers a segment
+            // for a connection it does not know from its own per-CPU raw
+            // socket, which lives in the root cgroup (attach_to = "").
+            // It opens nothing and delivers nothing.
+            return ALLOW;
         }
     }
     match rule_for(&dest, on_loopback) {
