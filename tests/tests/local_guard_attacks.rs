@@ -540,7 +540,27 @@ fn a_pin_dir_anyone_else_could_write_is_refused() {
         // The review's attack: a local user makes the pin directory first.
         let owned = Gone(root.join(unique("gateway-test-nobody-")));
         mkdir_as_nobody(&owned.0);
-        refused_dir(&owned.0, "a pin_dir owned by another user");
+        let mut spec = host.spec(vec![at.into()]);
+        spec.pin_dir = Some(owned.0.clone());
+        // Refused (fail closed), and the operator is told whose it is and
+        // exactly how to get the gateway going again.
+        let err = match LocalGuard::install(&host.cg.path(), &spec) {
+            Err(e @ EbpfError::PinDirTaken { owner: 65534, .. }) => e.to_string(),
+            Err(e) => panic!("a pin_dir made by another user: refused for the wrong reason: {e}"),
+            Ok(_) => panic!("a guard pinned where another user can remove its pins"),
+        };
+        let path = owned.0.display();
+        for says in [
+            "belongs to uid 65534".to_owned(),
+            format!("`rm -r {path}`"),
+            format!("`d {path} 0700 root root -`"),
+        ] {
+            assert!(err.contains(&says), "the error says {says:?}: {err}");
+        }
+        // What it says works: removed, the gateway makes its own.
+        std::fs::remove_dir(&owned.0).expect("rm -r");
+        let _pins = Pins(owned.0.clone());
+        drop(host.install(&spec));
     } else {
         eprintln!(
             "note: /sys/fs/bpf is not world-writable here; the other-user case was not tried"
