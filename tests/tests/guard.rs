@@ -796,3 +796,80 @@ async fn a_reload_changes_the_summary_period() {
         .expect("summaries");
     assert_eq!(summary.len(), 1, "{summary:?}");
 }
+
+#[test]
+fn addresses_the_maps_cannot_take_are_counted() {
+    let _turn = TURN.blocking_lock();
+    let Some(mount) = bpf_cgroup_or_skip() else {
+        return;
+    };
+    if !gateway_tests::netns::netns_or_skip() {
+        return;
+    }
+    let ns = gateway_tests::netns::Netns::new("ggo");
+    ns.ip("link add v0 type veth peer name v1");
+    ns.ip("link set v0 up");
+    let cg = Cgroups::create(&mount);
+    let pki = Pki::new();
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[SocketAddr::from(([127, 0, 0, 1], 7101))],
+            &[SPIFFE_FRONTEND],
+        );
+    // The gateway runs on a thread inside the namespace and hands back its
+    // metrics once the test says so.
+    let (scrape_tx, mut scrape_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel::<String>();
+    let name = ns.name().to_owned();
+    let gateway = std::thread::spawn(move || {
+        gateway_tests::netns::in_netns(&name, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let gw = RunningGateway::start(&pki, &toml).await;
+                let _ = ready_tx.send(());
+                while scrape_rx.recv().await.is_some() {
+                    let _ = metrics_tx.send(gw.scrape().await);
+                }
+            });
+        })
+    });
+    ready_rx.recv_timeout(STEP).expect("gateway started");
+    // More addresses than the maps hold (4096).
+    let batch: String = (0..4200u32)
+        .map(|i| format!("addr add 10.230.{}.{}/32 dev v0\n", i / 250, i % 250 + 1))
+        .collect();
+    let mut add = ns.command(&["ip", "-batch", "-"]);
+    add.stdin(std::process::Stdio::piped());
+    let mut add = add.spawn().expect("ip -batch");
+    std::io::Write::write_all(&mut add.stdin.take().unwrap(), batch.as_bytes()).unwrap();
+    assert!(add.wait().unwrap().success(), "4200 addresses added");
+    let until = std::time::Instant::now() + STEP * 2;
+    loop {
+        scrape_tx.send(()).unwrap();
+        let metrics = metrics_rx.recv_timeout(STEP).expect("metrics");
+        let failed = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_guard_address_watch_failures_total{stage=\"apply\"} ")
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        if failed.is_some_and(|n| n >= 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the maps could not take the addresses, and that is counted: {metrics}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(scrape_tx);
+    gateway.join().expect("gateway thread");
+}
