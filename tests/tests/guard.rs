@@ -309,20 +309,88 @@ async fn a_reload_the_guard_cannot_apply_whole_is_refused_and_changes_nothing() 
         .expect("off is what it runs with");
 }
 
-#[test]
-fn addresses_the_host_gains_are_guarded_as_they_appear() {
-    let _turn = TURN.blocking_lock();
-    let Some(mount) = bpf_cgroup_or_skip() else {
-        return;
-    };
-    if !gateway_tests::netns::netns_or_skip() {
-        return;
+/// A gateway on a thread of its own inside a namespace (the addresses it
+/// follows are the namespace's), serving until dropped.
+struct GatewayInNamespace {
+    scrape: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    metrics: std::sync::mpsc::Receiver<String>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayInNamespace {
+    fn start(ns: &gateway_tests::netns::Netns, pki: Pki, toml: String) -> GatewayInNamespace {
+        let (scrape, mut scrape_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (metrics_tx, metrics) = std::sync::mpsc::channel::<String>();
+        let name = ns.name().to_owned();
+        let thread = std::thread::spawn(move || {
+            gateway_tests::netns::in_netns(&name, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let gw = RunningGateway::start(&pki, &toml).await;
+                    let _ = ready_tx.send(());
+                    while scrape_rx.recv().await.is_some() {
+                        let _ = metrics_tx.send(gw.scrape().await);
+                    }
+                });
+            })
+        });
+        ready_rx.recv_timeout(STEP).expect("gateway started");
+        GatewayInNamespace {
+            scrape: Some(scrape),
+            metrics,
+            thread: Some(thread),
+        }
     }
-    let ns = gateway_tests::netns::Netns::new("gga");
+
+    fn scrape(&self) -> String {
+        self.scrape
+            .as_ref()
+            .expect("running")
+            .send(())
+            .expect("gateway running");
+        self.metrics.recv_timeout(STEP).expect("metrics")
+    }
+}
+
+impl Drop for GatewayInNamespace {
+    fn drop(&mut self) {
+        drop(self.scrape.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// For a gateway run in a namespace of its own: the test's turn, the
+/// namespace (with a veth `v0` up) and cgroups. None where it cannot run.
+fn in_a_namespace(
+    tag: &str,
+) -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    gateway_tests::netns::Netns,
+    Cgroups,
+)> {
+    let turn = TURN.blocking_lock();
+    let mount = bpf_cgroup_or_skip()?;
+    if !gateway_tests::netns::netns_or_skip() {
+        return None;
+    }
+    let ns = gateway_tests::netns::Netns::new(tag);
     ns.ip("link add v0 type veth peer name v1");
     ns.ip("link set v0 up");
+    Some((turn, ns, Cgroups::create(&mount)))
+}
+
+#[test]
+fn addresses_the_host_gains_are_guarded_as_they_appear() {
+    let Some((_turn, ns, cg)) = in_a_namespace("gga") else {
+        return;
+    };
     ns.ip("link set v1 up");
-    let cg = Cgroups::create(&mount);
     // The gateway runs on a thread inside the namespace: the addresses it
     // follows are the namespace's.
     let backend = ns
@@ -349,24 +417,7 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
             &[SocketAddr::from(([127, 0, 0, 1], port))],
             &[SPIFFE_FRONTEND],
         );
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    let name = ns.name().to_owned();
-    let gateway = std::thread::spawn(move || {
-        gateway_tests::netns::in_netns(&name, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let _gw = RunningGateway::start(&pki, &toml).await;
-                let _ = ready_tx.send(());
-                // Serve until the test is done.
-                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
-            });
-        })
-    });
-    ready_rx.recv_timeout(STEP).expect("gateway started");
+    let _gw = GatewayInNamespace::start(&ns, pki, toml);
     let other = cg.path("other");
     let probe = |ip: &str| {
         let to = SocketAddr::new(ip.parse().unwrap(), port);
@@ -425,8 +476,6 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
     }
     let err = probe("127.0.0.2").expect_err("another loopback address");
     assert!(err.contains("Operation not permitted"), "{err}");
-    drop(stop_tx);
-    gateway.join().expect("gateway thread");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -799,17 +848,9 @@ async fn a_reload_changes_the_summary_period() {
 
 #[test]
 fn addresses_the_maps_cannot_take_are_counted() {
-    let _turn = TURN.blocking_lock();
-    let Some(mount) = bpf_cgroup_or_skip() else {
+    let Some((_turn, ns, cg)) = in_a_namespace("ggo") else {
         return;
     };
-    if !gateway_tests::netns::netns_or_skip() {
-        return;
-    }
-    let ns = gateway_tests::netns::Netns::new("ggo");
-    ns.ip("link add v0 type veth peer name v1");
-    ns.ip("link set v0 up");
-    let cg = Cgroups::create(&mount);
     let pki = Pki::new();
     let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
         + &guard_section(&cg, "enforce", "")
@@ -820,41 +861,12 @@ fn addresses_the_maps_cannot_take_are_counted() {
             &[SocketAddr::from(([127, 0, 0, 1], 7101))],
             &[SPIFFE_FRONTEND],
         );
-    // The gateway runs on a thread inside the namespace and hands back its
-    // metrics once the test says so.
-    let (scrape_tx, mut scrape_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    let (metrics_tx, metrics_rx) = std::sync::mpsc::channel::<String>();
-    let name = ns.name().to_owned();
-    let gateway = std::thread::spawn(move || {
-        gateway_tests::netns::in_netns(&name, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let gw = RunningGateway::start(&pki, &toml).await;
-                let _ = ready_tx.send(());
-                while scrape_rx.recv().await.is_some() {
-                    let _ = metrics_tx.send(gw.scrape().await);
-                }
-            });
-        })
-    });
-    ready_rx.recv_timeout(STEP).expect("gateway started");
+    let gw = GatewayInNamespace::start(&ns, pki, toml);
     // More addresses than the maps hold (4096).
-    let batch: String = (0..4200u32)
-        .map(|i| format!("addr add 10.230.{}.{}/32 dev v0\n", i / 250, i % 250 + 1))
-        .collect();
-    let mut add = ns.command(&["ip", "-batch", "-"]);
-    add.stdin(std::process::Stdio::piped());
-    let mut add = add.spawn().expect("ip -batch");
-    std::io::Write::write_all(&mut add.stdin.take().unwrap(), batch.as_bytes()).unwrap();
-    assert!(add.wait().unwrap().success(), "4200 addresses added");
+    ns.add_addresses("v0", 4200);
     let until = std::time::Instant::now() + STEP * 2;
     loop {
-        scrape_tx.send(()).unwrap();
-        let metrics = metrics_rx.recv_timeout(STEP).expect("metrics");
+        let metrics = gw.scrape();
         let failed = metrics
             .lines()
             .find_map(|l| {
@@ -870,6 +882,4 @@ fn addresses_the_maps_cannot_take_are_counted() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    drop(scrape_tx);
-    gateway.join().expect("gateway thread");
 }

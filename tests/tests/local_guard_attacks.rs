@@ -1080,15 +1080,7 @@ fn addresses_beyond_what_the_maps_hold_are_guarded_at_arrival() {
     // host's own.
     host.ns.ip("link add d0 type veth peer name d1");
     host.ns.ip("link set d0 up");
-    let batch: String = (0..4200u32)
-        .map(|i| format!("addr add 10.230.{}.{}/32 dev d0\n", i / 250, i % 250 + 1))
-        .collect();
-    let mut add = host.ns.command(&["ip", "-batch", "-"]);
-    add.stdin(std::process::Stdio::piped());
-    let mut add = add.spawn().expect("ip -batch");
-    std::io::Write::write_all(&mut add.stdin.take().unwrap(), batch.as_bytes()).unwrap();
-    assert!(add.wait().unwrap().success(), "4200 addresses added");
-    let last = Ipv4Addr::new(10, 230, 16, 200);
+    let last = host.ns.add_addresses("d0", 4200);
     let grown = GuardSpec {
         local_addresses: host.local_addresses(),
         ..spec
