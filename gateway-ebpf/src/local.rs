@@ -268,9 +268,11 @@ fn local_rule(port: u16, protocol: u8, anywhere_here: bool) -> Option<u32> {
 }
 
 /// The rule covering `dest`, if any. `on_loopback`: the packet is being
-/// routed to this host (it leaves through `lo`), so whatever its address,
-/// a local backend's port is judged: an address the maps do not know yet
-/// (just added, an AnyIP route) lands here too.
+/// routed to this host (it leaves through `lo`, or it arrived at one of
+/// this host's sockets), so whatever its address, a local backend's port
+/// is judged: an address the maps do not know (just added, an AnyIP route,
+/// a local route in another table, one beyond what the maps hold) lands
+/// here too.
 pub fn rule_for(dest: &Dest, on_loopback: bool) -> Option<u32> {
     let rule = if dest.family == 4 {
         rule_v4(dest.addr[0], dest.port, dest.protocol)

@@ -4,11 +4,17 @@
 //! any `dnat` in the output chain) rewrites it afterwards, and raw sockets
 //! (CAP_NET_RAW) build their headers themselves. So here, after routing and
 //! NAT, a TCP SYN, a UDP datagram or a raw socket's TCP or UDP packet to a
-//! protected destination from outside the gateway's cgroup is dropped (UDP
+//! protected destination from outside the gateway's cgroup is dropped,
+//! whatever kind of socket sent it (an SCTP socket sends UDP when it
+//! tunnels over UDP; the connect hooks never judge SCTP) (UDP
 //! and raw senders get EPERM; a TCP connect times out, since TCP retries a
 //! SYN the stack failed to send). A packet routed to this host (it leaves
 //! through `lo`) is judged by port whatever its address, so an address the
 //! maps do not know yet is no way in.
+//!
+//! A raw socket's TCP reset without payload passes: the kernel sends its
+//! own resets from a raw socket in the root cgroup, and a reset opens and
+//! delivers nothing.
 //!
 //! Established TCP packets are not read: they belong to connections whose
 //! SYN was judged (or that are older than the guard, which the gateway
@@ -36,6 +42,9 @@ const PACKET: [u8; 16] = *b"(packet)\0\0\0\0\0\0\0\0";
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const SOCK_RAW: u32 = 3;
+const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 /// Every network namespace's `lo`.
@@ -62,13 +71,22 @@ pub fn local_egress(ctx: SkBuffContext) -> i32 {
     };
     // SAFETY: a full socket from the helper, valid for the program's run.
     let (kind, proto, state) = unsafe { ((*full).type_, (*full).protocol, (*full).state) };
-    let layer = match kind {
-        SOCK_RAW => local_layer::RAW,
-        SOCK_STREAM if proto == u32::from(protocol::TCP) && state == BPF_TCP_SYN_SENT => {
-            local_layer::EGRESS
+    // What is judged: every TCP or UDP packet of a raw socket; a TCP
+    // socket's SYN (its state says so: its other packets are not read);
+    // every datagram of a UDP socket. A socket of any other kind (SCTP over
+    // UDP, whose UDP port any user sets, or whatever a kernel adds) is
+    // judged by its packet's header: UDP datagrams, and TCP SYNs without
+    // ACK, which open connections.
+    let (layer, only_syn) = match kind {
+        SOCK_RAW => (local_layer::RAW, false),
+        SOCK_STREAM if proto == u32::from(protocol::TCP) => {
+            if state != BPF_TCP_SYN_SENT {
+                return ALLOW;
+            }
+            (local_layer::EGRESS, false)
         }
-        SOCK_DGRAM if proto == u32::from(protocol::UDP) => local_layer::EGRESS,
-        _ => return ALLOW,
+        SOCK_DGRAM if proto == u32::from(protocol::UDP) => (local_layer::EGRESS, false),
+        _ => (local_layer::EGRESS, true),
     };
     // SAFETY: as above.
     let (ethertype, ifindex) = unsafe { (u16::from_be((*skb).protocol as u16), (*skb).ifindex) };
@@ -80,11 +98,30 @@ pub fn local_egress(ctx: SkBuffContext) -> i32 {
         ETH_P_IPV6 => destination_v6(&ctx),
         _ => return ALLOW,
     };
-    let dest = match dest {
-        Ok(Some(dest)) => dest,
+    let (dest, l4) = match dest {
+        Ok(Some(found)) => found,
         Ok(None) => return ALLOW,
         Err(()) => return REFUSE,
     };
+    if dest.protocol == protocol::TCP && (only_syn || layer == local_layer::RAW) {
+        let Ok([offset, flags]) = load::<2>(&ctx, l4 + 12) else {
+            return REFUSE;
+        };
+        if only_syn && flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return ALLOW;
+        }
+        // SAFETY: as above; the packet's length from its network header.
+        let len = unsafe { (*skb).len } as usize;
+        let header_end = l4 + usize::from(offset >> 4) * 4;
+        if layer == local_layer::RAW && flags & (TCP_RST | TCP_SYN) == TCP_RST && header_end == len
+        {
+            // A reset that carries nothing: the kernel answers a segment
+            // for a connection it does not know from its own per-CPU raw
+            // socket, which lives in the root cgroup (attach_to = "").
+            // It opens nothing and delivers nothing.
+            return ALLOW;
+        }
+    }
     match rule_for(&dest, on_loopback) {
         Some(rule) => judge(rule, &dest, &owner(&ctx, layer), layer, Source::NONE),
         None => ALLOW,
@@ -139,9 +176,10 @@ pub fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Result<[u8; N
     Ok(unsafe { out.assume_init() })
 }
 
-/// Where an IPv4 TCP or UDP packet goes; None for other protocols and later
-/// fragments (which carry no ports; the first one was judged).
-fn destination_v4(ctx: &SkBuffContext) -> Result<Option<Dest>, ()> {
+/// Where an IPv4 TCP or UDP packet goes, and where its TCP or UDP header
+/// starts; None for other protocols and later fragments (which carry no
+/// ports; the first one was judged).
+fn destination_v4(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
     let head = load::<20>(ctx, 0)?;
     let proto = head[9];
     if proto != protocol::TCP && proto != protocol::UDP {
@@ -156,7 +194,7 @@ fn destination_v4(ctx: &SkBuffContext) -> Result<Option<Dest>, ()> {
         return Err(());
     }
     let ports = load::<4>(ctx, ihl)?;
-    Ok(Some(Dest {
+    let dest = Dest {
         family: 4,
         addr: [
             u32::from_ne_bytes([head[16], head[17], head[18], head[19]]),
@@ -166,12 +204,13 @@ fn destination_v4(ctx: &SkBuffContext) -> Result<Option<Dest>, ()> {
         ],
         port: u16::from_ne_bytes([ports[2], ports[3]]),
         protocol: proto,
-    }))
+    };
+    Ok(Some((dest, ihl)))
 }
 
 /// As [`destination_v4`] for IPv6, through up to 4 extension headers (a
 /// packet hiding its ports deeper is refused).
-fn destination_v6(ctx: &SkBuffContext) -> Result<Option<Dest>, ()> {
+fn destination_v6(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
     let head = load::<40>(ctx, 0)?;
     let mut next = head[6];
     let mut at = 40;
@@ -197,10 +236,11 @@ fn destination_v6(ctx: &SkBuffContext) -> Result<Option<Dest>, ()> {
     }
     let ports = load::<4>(ctx, at)?;
     let word = |i: usize| u32::from_ne_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-    Ok(Some(Dest {
+    let dest = Dest {
         family: 6,
         addr: [word(24), word(28), word(32), word(36)],
         port: u16::from_ne_bytes([ports[2], ports[3]]),
         protocol: next,
-    }))
+    };
+    Ok(Some((dest, at)))
 }

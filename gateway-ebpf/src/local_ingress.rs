@@ -6,7 +6,9 @@
 //! WireGuard), a tun or tap device its owner writes into, a VM, a
 //! container's namespace behind a veth. The gateway never sends from
 //! there, so such a packet to a protected port is dropped (or, in audit,
-//! counted and passed). The port judged is the receiving socket's own.
+//! counted and passed). The port judged is the receiving socket's own;
+//! for a rule on every local address (the default) the address is not
+//! asked at all: anything that reached a local socket is addressed here.
 
 use aya_ebpf::{bindings::BPF_TCP_LISTEN, macros::cgroup_skb, programs::SkBuffContext};
 use gateway_common::{enforcement, local_layer, protocol};
@@ -70,7 +72,13 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
     }) else {
         return REFUSE;
     };
-    let Some(rule) = rule_for(&dest, false) else {
+    // Judged as arriving "on loopback": whatever its address, it reached
+    // a socket of this host, so it was delivered here, and a rule for every
+    // local address covers it by its port. The address maps know only the
+    // main local table, hold at most MAX_LOCAL_ADDRESSES and follow changes
+    // late; a local route in another table (policy routing), an address
+    // beyond what the maps hold or one just added would otherwise let it in.
+    let Some(rule) = rule_for(&dest, true) else {
         return ALLOW;
     };
     if config.enforcement == enforcement::AUDIT

@@ -98,8 +98,18 @@ struct GuardStats {
     repairs: AtomicU64,
     /// Looks at the attachments that could not be made.
     check_failures: AtomicU64,
-    /// Times the address notifications failed (then: periodic reads).
-    address_watch_failures: AtomicU64,
+    /// Following this host's addresses failed: the notifications (then:
+    /// periodic reads), reading the addresses, or putting them into the
+    /// maps (both: the maps keep the old ones).
+    address_watch_failures: AddressWatchFailures,
+}
+
+/// Where following this host's addresses failed, per stage.
+#[derive(Default)]
+struct AddressWatchFailures {
+    notify: AtomicU64,
+    read: AtomicU64,
+    apply: AtomicU64,
 }
 
 /// Protects what hostname backend `backend` resolved to, unless it already
@@ -464,8 +474,21 @@ impl Guard {
         counter(
             out,
             "gateway_guard_address_watch_failures_total",
-            "Times this host's address and route notifications failed (the guard then reads them every 5s).",
-            &[(String::new(), load(&self.stats.address_watch_failures))],
+            "Times following this host's addresses failed: the notifications (the guard then reads them every 5s), reading them, or putting them into the maps (then the maps keep the old ones).",
+            &[
+                (
+                    "stage=\"notify\"".into(),
+                    load(&self.stats.address_watch_failures.notify),
+                ),
+                (
+                    "stage=\"read\"".into(),
+                    load(&self.stats.address_watch_failures.read),
+                ),
+                (
+                    "stage=\"apply\"".into(),
+                    load(&self.stats.address_watch_failures.apply),
+                ),
+            ],
         );
         counter(
             out,
@@ -646,13 +669,17 @@ async fn follow_addresses(
         tokio::select! {
             () = stop.cancelled() => return,
             next = follow.next() => if let Err(e) = next {
-                stats.address_watch_failures.fetch_add(1, Ordering::Relaxed);
+                stats.address_watch_failures.notify.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, every = ?ADDRESS_LOOK, "guard: address notifications failed; reading this host's addresses periodically instead");
             },
         }
         let addresses = match host_addresses() {
             Ok(a) => a,
             Err(e) => {
+                stats
+                    .address_watch_failures
+                    .read
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "guard: this host's addresses changed but cannot be read; the maps keep the old ones");
                 continue;
             }
@@ -672,6 +699,10 @@ async fn follow_addresses(
                 sweep_older_connections(&running, &stats);
             }
             Err(e) => {
+                stats
+                    .address_watch_failures
+                    .apply
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
             }
         }

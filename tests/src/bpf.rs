@@ -143,3 +143,68 @@ pub fn lpm_v4_insert(pin: &std::path::Path, prefix_len: u32, addr: [u8; 4]) -> s
     }
     Ok(())
 }
+
+/// The `bpf_attach_type` of cgroup egress (`cgroup_skb/egress`) programs.
+pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
+
+/// The programs attached to cgroup `cgroup` for `attach_type`, each as a
+/// descriptor of its own (BPF_PROG_QUERY, BPF_PROG_GET_FD_BY_ID).
+pub fn programs_on(cgroup: &std::path::Path, attach_type: u32) -> std::io::Result<Vec<OwnedFd>> {
+    const BPF_PROG_GET_FD_BY_ID: i64 = 13;
+    const BPF_PROG_QUERY: i64 = 16;
+    let target = std::fs::File::open(cgroup)?;
+    let mut ids = [0u32; 16];
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(target.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
+    attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr; the kernel writes at most
+    // prog_cnt ids into `ids`, which has room for them.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), attr.len()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let count = u32::from_ne_bytes([attr[24], attr[25], attr[26], attr[27]]) as usize;
+    ids[..count.min(ids.len())]
+        .iter()
+        .map(|id| {
+            let mut attr = [0u8; 128];
+            attr[0..4].copy_from_slice(&id.to_ne_bytes());
+            bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)
+        })
+        .collect()
+}
+
+/// Runs a `cgroup_skb` program once on `frame` (an Ethernet frame) with
+/// BPF_PROG_TEST_RUN, and returns its verdict (1: pass, 0: drop). The
+/// kernel gives the packet a socket of its own making, of no type and no
+/// protocol (neither TCP nor UDP), owned by the calling thread's cgroup,
+/// and has it leave through `lo`. `out` takes the packet as the program
+/// left it (at least `frame`'s length). Makes raw system calls only, so a
+/// forked child may call it.
+pub fn test_run(program: &OwnedFd, frame: &[u8], out: &mut [u8]) -> std::io::Result<u32> {
+    const BPF_PROG_TEST_RUN: i64 = 10;
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(program.as_raw_fd() as u32).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    attr[12..16].copy_from_slice(&(out.len() as u32).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(frame.as_ptr() as u64).to_ne_bytes());
+    attr[24..32].copy_from_slice(&(out.as_mut_ptr() as u64).to_ne_bytes());
+    attr[32..36].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: attr is a zero-padded bpf_attr; the kernel reads
+    // data_size_in bytes of `frame` and writes at most data_size_out
+    // bytes into `out`, both of which outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            attr.as_mut_ptr(),
+            attr.len(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]))
+}

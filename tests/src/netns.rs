@@ -64,6 +64,27 @@ impl Netns {
         &self.name
     }
 
+    /// Adds `count` /32 addresses (10.230.x.y) to `device` in one `ip
+    /// -batch`; the last one added.
+    pub fn add_addresses(&self, device: &str, count: u32) -> std::net::Ipv4Addr {
+        let batch: String = (0..count)
+            .map(|i| format!("addr add {} dev {device}\n", nth_address(i)))
+            .collect();
+        let mut add = self.command(&["ip", "-batch", "-"]);
+        add.stdin(Stdio::piped());
+        let mut add = add.spawn().expect("ip -batch");
+        add.stdin
+            .take()
+            .expect("stdin")
+            .write_all(batch.as_bytes())
+            .expect("write the batch");
+        assert!(
+            add.wait().expect("ip -batch").success(),
+            "{count} addresses added"
+        );
+        nth_address(count - 1)
+    }
+
     /// `ip -n <ns> <cmd>` (cmd split on spaces).
     pub fn ip(&self, cmd: &str) {
         let mut args = vec!["-n", &self.name];
@@ -125,6 +146,10 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+fn nth_address(i: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(10, 230, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
 /// A container next to `host`: a namespace of its own behind a veth

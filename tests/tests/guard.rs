@@ -309,20 +309,88 @@ async fn a_reload_the_guard_cannot_apply_whole_is_refused_and_changes_nothing() 
         .expect("off is what it runs with");
 }
 
-#[test]
-fn addresses_the_host_gains_are_guarded_as_they_appear() {
-    let _turn = TURN.blocking_lock();
-    let Some(mount) = bpf_cgroup_or_skip() else {
-        return;
-    };
-    if !gateway_tests::netns::netns_or_skip() {
-        return;
+/// A gateway on a thread of its own inside a namespace (the addresses it
+/// follows are the namespace's), serving until dropped.
+struct GatewayInNamespace {
+    scrape: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    metrics: std::sync::mpsc::Receiver<String>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayInNamespace {
+    fn start(ns: &gateway_tests::netns::Netns, pki: Pki, toml: String) -> GatewayInNamespace {
+        let (scrape, mut scrape_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (metrics_tx, metrics) = std::sync::mpsc::channel::<String>();
+        let name = ns.name().to_owned();
+        let thread = std::thread::spawn(move || {
+            gateway_tests::netns::in_netns(&name, move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let gw = RunningGateway::start(&pki, &toml).await;
+                    let _ = ready_tx.send(());
+                    while scrape_rx.recv().await.is_some() {
+                        let _ = metrics_tx.send(gw.scrape().await);
+                    }
+                });
+            })
+        });
+        ready_rx.recv_timeout(STEP).expect("gateway started");
+        GatewayInNamespace {
+            scrape: Some(scrape),
+            metrics,
+            thread: Some(thread),
+        }
     }
-    let ns = gateway_tests::netns::Netns::new("gga");
+
+    fn scrape(&self) -> String {
+        self.scrape
+            .as_ref()
+            .expect("running")
+            .send(())
+            .expect("gateway running");
+        self.metrics.recv_timeout(STEP).expect("metrics")
+    }
+}
+
+impl Drop for GatewayInNamespace {
+    fn drop(&mut self) {
+        drop(self.scrape.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// For a gateway run in a namespace of its own: the test's turn, the
+/// namespace (with a veth `v0` up) and cgroups. None where it cannot run.
+fn in_a_namespace(
+    tag: &str,
+) -> Option<(
+    tokio::sync::MutexGuard<'static, ()>,
+    gateway_tests::netns::Netns,
+    Cgroups,
+)> {
+    let turn = TURN.blocking_lock();
+    let mount = bpf_cgroup_or_skip()?;
+    if !gateway_tests::netns::netns_or_skip() {
+        return None;
+    }
+    let ns = gateway_tests::netns::Netns::new(tag);
     ns.ip("link add v0 type veth peer name v1");
     ns.ip("link set v0 up");
+    Some((turn, ns, Cgroups::create(&mount)))
+}
+
+#[test]
+fn addresses_the_host_gains_are_guarded_as_they_appear() {
+    let Some((_turn, ns, cg)) = in_a_namespace("gga") else {
+        return;
+    };
     ns.ip("link set v1 up");
-    let cg = Cgroups::create(&mount);
     // The gateway runs on a thread inside the namespace: the addresses it
     // follows are the namespace's.
     let backend = ns
@@ -349,24 +417,7 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
             &[SocketAddr::from(([127, 0, 0, 1], port))],
             &[SPIFFE_FRONTEND],
         );
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    let name = ns.name().to_owned();
-    let gateway = std::thread::spawn(move || {
-        gateway_tests::netns::in_netns(&name, move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let _gw = RunningGateway::start(&pki, &toml).await;
-                let _ = ready_tx.send(());
-                // Serve until the test is done.
-                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
-            });
-        })
-    });
-    ready_rx.recv_timeout(STEP).expect("gateway started");
+    let _gw = GatewayInNamespace::start(&ns, pki, toml);
     let other = cg.path("other");
     let probe = |ip: &str| {
         let to = SocketAddr::new(ip.parse().unwrap(), port);
@@ -425,8 +476,6 @@ fn addresses_the_host_gains_are_guarded_as_they_appear() {
     }
     let err = probe("127.0.0.2").expect_err("another loopback address");
     assert!(err.contains("Operation not permitted"), "{err}");
-    drop(stop_tx);
-    gateway.join().expect("gateway thread");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -795,4 +844,42 @@ async fn a_reload_changes_the_summary_period() {
         .expect("a summary within the new period, not the old hour")
         .expect("summaries");
     assert_eq!(summary.len(), 1, "{summary:?}");
+}
+
+#[test]
+fn addresses_the_maps_cannot_take_are_counted() {
+    let Some((_turn, ns, cg)) = in_a_namespace("ggo") else {
+        return;
+    };
+    let pki = Pki::new();
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &guard_section(&cg, "enforce", "")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml(
+            "orders",
+            &[SNI],
+            &[SocketAddr::from(([127, 0, 0, 1], 7101))],
+            &[SPIFFE_FRONTEND],
+        );
+    let gw = GatewayInNamespace::start(&ns, pki, toml);
+    // More addresses than the maps hold (4096).
+    ns.add_addresses("v0", 4200);
+    let until = std::time::Instant::now() + STEP * 2;
+    loop {
+        let metrics = gw.scrape();
+        let failed = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("gateway_guard_address_watch_failures_total{stage=\"apply\"} ")
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        if failed.is_some_and(|n| n >= 1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the maps could not take the addresses, and that is counted: {metrics}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

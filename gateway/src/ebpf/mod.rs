@@ -75,6 +75,19 @@ pub enum EbpfError {
         "pin directory {path}: {reason}; whoever can write there can remove the guard's pins (and with them its programs) or plant others: use a directory only root can write"
     )]
     UnsafePinDir { path: PathBuf, reason: String },
+    #[error(
+        "pin directory {} belongs to {}, not to this user (uid {euid}): someone made it before the gateway could ({} lets every user create directories); its pins could be removed or replaced by them. Look at what is in it, remove it (`rm -r {}`) and start again, or create the pin directory at boot before users can (systemd-tmpfiles: `d {} 0700 root root -`)",
+        path.display(),
+        describe_user(*owner),
+        path.parent().unwrap_or(path).display(),
+        path.display(),
+        path.display()
+    )]
+    PinDirTaken {
+        path: PathBuf,
+        owner: u32,
+        euid: u32,
+    },
     #[error("asking which programs are attached to {path}: {source}")]
     Query {
         path: PathBuf,
@@ -291,6 +304,7 @@ fn pin_failed(path: &Path, e: aya::pin::PinError) -> EbpfError {
 /// above it must be this user's or root's and writable by no one else
 /// (or sticky, like /tmp and bpffs' own root), and none a symlink.
 fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
+    use std::os::unix::fs::MetadataExt as _;
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !is_bpffs(root) {
         // SAFETY: all pointers are valid NUL-terminated static strings.
@@ -343,7 +357,32 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     let meta = open_dir_nofollow(dir)
         .and_then(|d| d.metadata())
         .map_err(|e| unsafe_dir(e.to_string()))?;
+    if meta.uid() != euid {
+        // In a world-writable parent (bpffs' root is 1777 on most hosts)
+        // any user may make it first: say whose it is and how to recover.
+        return Err(EbpfError::PinDirTaken {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            euid,
+        });
+    }
     check_owner(&meta, euid, false).map_err(|why| unsafe_dir(format!("it {why}")))
+}
+
+/// "uid 65534 (nobody)": a uid with its name from /etc/passwd, if it has one.
+fn describe_user(uid: u32) -> String {
+    let name = std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+        });
+    match name {
+        Some(name) => format!("uid {uid} ({name})"),
+        None => format!("uid {uid}"),
+    }
 }
 
 /// Whether `path` is on a BPF file system (what is mounted there, as this
