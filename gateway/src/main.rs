@@ -90,7 +90,7 @@ enum PkiCommand {
         /// spiffe://… (any URI), dns:NAME or email:ADDR; repeat for more. No wildcards.
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
-        /// Lifetime, e.g. 8h, 7d (default: client 24h, device 7d, server 90d).
+        /// Lifetime, e.g. 90s, 8h, 7d (default: client 24h, device 7d, server 90d).
         #[arg(long)]
         lifetime: Option<String>,
         #[arg(long, value_enum, default_value_t = KeyArg::P256)]
@@ -108,7 +108,7 @@ enum PkiCommand {
     Crl {
         #[arg(long)]
         dir: PathBuf,
-        /// How long until its next update, e.g. 7d.
+        /// How long until its next update, e.g. 36h, 7d.
         #[arg(long, default_value = "7d")]
         next_update: String,
         /// Also re-sign the root's CRL (needs root.key), e.g. before it runs out.
@@ -146,19 +146,11 @@ fn key_type(k: KeyArg) -> gateway::pki::KeyType {
     }
 }
 
-/// "8h", "7d", "30m": lifetimes for certificates and CRLs.
+/// Lifetimes for certificates and CRLs, in the config's duration syntax
+/// ("90s", "30m", "8h", "7d"): one way to write a duration everywhere.
 fn lifetime(s: &str) -> anyhow::Result<time::Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?}: expected e.g. 8h, 7d, 30m"))?;
-    Ok(match unit {
-        "m" => time::Duration::minutes(n),
-        "h" => time::Duration::hours(n),
-        "d" => time::Duration::days(n),
-        _ => anyhow::bail!("{s:?}: unit must be m, h or d"),
-    })
+    let d = gateway::config::duration::parse(s).map_err(anyhow::Error::msg)?;
+    Ok(time::Duration::try_from(d)?)
 }
 
 fn pki(command: PkiCommand) -> anyhow::Result<()> {

@@ -500,3 +500,40 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     );
     assert_eq!(backend.accepted(), 1);
 }
+
+/// `--lifetime` and `--next-update` take the config's duration syntax:
+/// one way to write a duration everywhere.
+#[test]
+fn lifetimes_take_the_config_duration_syntax() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "brief",
+        "--san",
+        "spiffe://example.internal/brief",
+        "--lifetime",
+        "90s",
+    ]);
+    let text = pki(&["inspect", s(&dir.join("brief.pem"))]);
+    assert!(text.contains("brief"), "{text}");
+    pki(&["crl", "--dir", s(&dir), "--next-update", "36h"]);
+    let err = pki_fails(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "never",
+        "--san",
+        "spiffe://example.internal/never",
+        "--lifetime",
+        "90 fortnights",
+    ]);
+    assert!(err.contains("unknown unit"), "{err}");
+}
