@@ -244,6 +244,18 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A daemon's stderr is its log: its fatal error is a log line there
+    // (JSON when asked). A one-shot command answers in plain words. Either
+    // way the error is said once.
+    let daemon = matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Guard {
+                config: Some(_),
+                uninstall: false,
+                ..
+            }
+    );
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::Check {
@@ -284,11 +296,30 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("gateway: {e:#}");
+            let message = error_chain(&e);
+            if daemon {
+                tracing::error!("{message}");
+            } else {
+                eprintln!("gateway: {message}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most of the gateway's errors
+/// already carry their source's words, which `{:#}` would repeat.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !out.contains(&cause) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {

@@ -307,3 +307,40 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
         b"still\n"
     );
 }
+
+/// A fatal error is said once: one line, without its cause repeated.
+#[test]
+fn a_fatal_error_is_printed_once() {
+    let pki = Pki::new();
+    let missing = pki.path("no-such.toml");
+    let out = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+
+    // `run` says it as a log line (its stderr is a log), once.
+    let config = write_config(&pki, dead_port());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        &pki.path("access.log").display().to_string(),
+        &pki.path("missing-dir/access.log").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let fatal: Vec<&str> = err.lines().filter(|l| l.contains("missing-dir")).collect();
+    assert_eq!(fatal.len(), 1, "{err}");
+    let line: serde_json::Value = serde_json::from_str(fatal[0]).unwrap();
+    assert_eq!(line["level"], "ERROR", "{err}");
+    assert_eq!(fatal[0].matches("No such file").count(), 1, "{err}");
+}
