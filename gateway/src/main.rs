@@ -343,6 +343,7 @@ fn check(
 ) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
+    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
     let horizon = |s: &str| -> anyhow::Result<i64> {
         let d = gateway::config::duration::parse(s).map_err(|e| anyhow::anyhow!(e))?;
         Ok(i64::try_from(d.as_secs())?)

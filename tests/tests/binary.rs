@@ -344,3 +344,38 @@ fn a_fatal_error_is_printed_once() {
     assert_eq!(line["level"], "ERROR", "{err}");
     assert_eq!(fatal[0].matches("No such file").count(), 1, "{err}");
 }
+
+/// `check` refuses what `run` will: an access log that cannot be opened.
+#[test]
+fn check_refuses_an_access_log_that_run_cannot_open() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &pki.path("access.log").display().to_string(),
+        &pki.path("missing-dir/access.log").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let check = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed a config run refuses");
+    assert!(
+        err.contains("cannot open access log") && err.contains("missing-dir"),
+        "{err}"
+    );
+    // A good one passes and leaves no file behind.
+    let config = write_config(&pki, dead_port());
+    let check = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    assert!(
+        !pki.path("access.log").exists(),
+        "check created the access log"
+    );
+}
