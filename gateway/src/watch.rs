@@ -70,7 +70,7 @@ pub async fn watch(
             .filter(|(f, t)| last.get(*f) != Some(t))
             .map(|(f, _)| f.display().to_string())
             .collect();
-        tracing::info!(files = ?changed, "files changed: reloading");
+        tracing::info!(files = %changed.join(", "), "files changed: reloading");
         if reload.reload_file(path).await.is_ok()
             && let Ok(config) = Config::load(path)
         {

@@ -301,6 +301,32 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
     });
     let log = std::fs::read_to_string(&stderr).unwrap();
     assert!(log.contains("bogus"), "the refusal names the field: {log}");
+    // Written for people: each thing said once, no Rust debug output.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let refused = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "reload refused, running state kept")
+        .unwrap();
+    let reason = refused["fields"]["reason"].as_str().unwrap();
+    assert!(
+        !reason.contains("reload refused") && reason.contains("bogus"),
+        "{reason}"
+    );
+    let reloaded = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "reloaded")
+        .unwrap();
+    assert_eq!(
+        reloaded["fields"]["changes"], "every live connection still allowed",
+        "{log}"
+    );
+    assert!(
+        !log.contains("ReloadReport") && !log.contains("[\\\""),
+        "{log}"
+    );
     let tls = connect(addr, sni, client).await.unwrap();
     assert_eq!(
         echo_roundtrip(tls, b"still\n".to_vec()).await.unwrap(),
