@@ -405,3 +405,72 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
         "check created the access log"
     );
 }
+
+/// Every close by re-verification begins with one documented prefix, and
+/// the stderr line names the client with its port, as the access log does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_by_reload_has_one_prefix_and_names_the_clients_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (backend, accepted) = one_line_backend().await;
+    let config = write_config(&pki, backend);
+    let allowing = std::fs::read_to_string(&config).unwrap();
+    let stderr = pki.path("gateway.stderr");
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let gw = Reap(child);
+    let addr = wait_listening(&stderr);
+    let mut tls = connect(addr, "orders.example.internal", pki.frontend_config())
+        .await
+        .unwrap();
+    let port = tls.get_ref().0.local_addr().unwrap().port();
+    // Half a line: the backend waits for the rest, the connection stays.
+    tls.write_all(b"held").await.unwrap();
+    tls.flush().await.unwrap();
+    wait_for("the backend's accept", || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+
+    std::fs::write(&config, allowing.replace(SPIFFE_FRONTEND, SPIFFE_OTHER)).unwrap();
+    signal(&gw.0, "HUP");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut rest)).await;
+    wait_for("the closing line", || {
+        log_count(&stderr, "closing live connection") == 1
+    });
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "closing live connection")
+        .unwrap();
+    assert_eq!(
+        line["fields"]["client"],
+        format!("127.0.0.1:{port}"),
+        "{log}"
+    );
+    assert!(
+        line["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no longer allowed after reload: "),
+        "{log}"
+    );
+    wait_for("the access-log line", || {
+        std::fs::read_to_string(pki.path("access.log")).is_ok_and(|l| l.lines().count() == 1)
+    });
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pki.path("access.log")).unwrap()).unwrap();
+    assert_eq!(record["client"], format!("127.0.0.1:{port}"));
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("closed by gateway: no longer allowed after reload: "),
+        "{record}"
+    );
+}
