@@ -63,6 +63,22 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &l.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
             l.crl_expired,
         );
+        // When one of these lapses, every backend of the route fails.
+        for r in &l.routes {
+            let Some(u) = &r.upstream_tls else { continue };
+            certs(
+                &mut out,
+                &format!("route {} upstream_tls ca", r.name),
+                &config.resolve(&u.ca),
+            );
+            if let Some(cert) = &u.cert {
+                certs(
+                    &mut out,
+                    &format!("route {} upstream_tls cert", r.name),
+                    &config.resolve(cert),
+                );
+            }
+        }
     }
     for (name, b) in &config.trust {
         certs(
@@ -167,7 +183,51 @@ fn human(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::Authority;
+    use crate::pki::{Authority, LeafSpec};
+
+    /// upstream_tls's CA and client certificate are watched like the rest:
+    /// when either lapses, every backend of the route fails.
+    #[test]
+    fn upstream_tls_certificates_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::root("upstream root").unwrap();
+        let mut spec = LeafSpec::client("gateway-upstream", &["spiffe://example.internal/gw"]);
+        spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3);
+        let leaf = ca.issue(&spec).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", &ca.cert_pem);
+        write("up.pem", &leaf.cert_pem);
+        let text = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+cert = "ca.pem"
+key = "ca.key"
+client_ca = "ca.pem"
+
+[[listeners.routes]]
+name = "orders"
+backends = ["127.0.0.1:1"]
+upstream_tls = { ca = "ca.pem", server_name = "b.internal", cert = "up.pem", key = "up.key" }
+"#;
+        let config = Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let found: Vec<_> = collect(&config)
+            .into_iter()
+            .filter(|e| e.role.starts_with("route orders upstream_tls"))
+            .map(|e| (e.role.clone(), e.seconds_left(now) / 86_400))
+            .collect();
+        let roles: Vec<&str> = found.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(
+            roles,
+            [
+                "route orders upstream_tls ca",
+                "route orders upstream_tls cert"
+            ]
+        );
+        assert!(found[0].1 > 300, "the root lives long: {found:?}");
+        assert!((2..=3).contains(&found[1].1), "the client certificate: {found:?}");
+    }
 
     /// Monitoring watches the CRLs the bundles enforce: the newest of each
     /// issuer, with what running out does.
