@@ -226,7 +226,10 @@ upstream_tls = { ca = "ca.pem", server_name = "b.internal", cert = "up.pem", key
             ]
         );
         assert!(found[0].1 > 300, "the root lives long: {found:?}");
-        assert!((2..=3).contains(&found[1].1), "the client certificate: {found:?}");
+        assert!(
+            (2..=3).contains(&found[1].1),
+            "the client certificate: {found:?}"
+        );
     }
 
     /// Monitoring watches the CRLs the bundles enforce: the newest of each

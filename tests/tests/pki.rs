@@ -537,3 +537,63 @@ fn lifetimes_take_the_config_duration_syntax() {
     ]);
     assert!(err.contains("unknown unit"), "{err}");
 }
+
+/// `--permitted-dns` is kept at issue time too: a DNS name outside it is
+/// refused rather than signed into a certificate every verifier rejects;
+/// one inside verifies with openssl.
+#[test]
+fn issue_refuses_dns_names_outside_the_permitted_domain() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    pki(&[
+        "init",
+        "--dir",
+        s(&dir),
+        "--name",
+        "Constrained",
+        "--permitted-dns",
+        "example.internal",
+    ]);
+    for outside in [
+        "dns:orders.example.org",
+        "dns:example.internal.evil",
+        "dns:xexample.internal",
+    ] {
+        let err = pki_fails(&[
+            "issue",
+            "server",
+            "--dir",
+            s(&dir),
+            "--name",
+            "outside",
+            "--san",
+            outside,
+        ]);
+        assert!(
+            err.contains("outside the intermediate's name constraints"),
+            "{err}"
+        );
+        assert!(!dir.join("outside.pem").exists(), "{outside} was written");
+    }
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&dir),
+        "--name",
+        "inside",
+        "--san",
+        "dns:orders.example.internal",
+        "--san",
+        "spiffe://example.internal/orders",
+    ]);
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        s(&dir.join("ca.pem")),
+        "-untrusted",
+        s(&dir.join("inside.pem")),
+        s(&dir.join("inside.pem")),
+    ]);
+    assert!(ok, "{text}");
+}
