@@ -121,6 +121,13 @@ enum PkiCommand {
         /// Also check the chain against these trust anchors.
         #[arg(long)]
         client_ca: Option<PathBuf>,
+        /// Check revocation against this CRL file (default: crl.pem beside
+        /// FILE, as `gateway pki` writes it, when there is one).
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Do not check revocation.
+        #[arg(long, conflicts_with = "crl")]
+        no_crl: bool,
     },
 }
 
@@ -230,8 +237,21 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             };
             println!("published {}", path.display());
         }
-        PkiCommand::Inspect { file, client_ca } => {
-            let report = gateway::pki::inspect::inspect(&file, client_ca.as_deref())?;
+        PkiCommand::Inspect {
+            file,
+            client_ca,
+            crl,
+            no_crl,
+        } => {
+            // The PKI directory's CRL unless told otherwise: a revoked
+            // certificate must not read as usable.
+            let crl = match (crl, no_crl) {
+                (_, true) => None,
+                (Some(crl), false) => Some(crl),
+                (None, false) => Some(file.with_file_name("crl.pem")).filter(|p| p.is_file()),
+            };
+            let report =
+                gateway::pki::inspect::inspect(&file, client_ca.as_deref(), crl.as_deref())?;
             print!("{}", report.text);
             if !report.refusals.is_empty() {
                 anyhow::bail!("the gateway would refuse this certificate");

@@ -597,3 +597,32 @@ fn issue_refuses_dns_names_outside_the_permitted_domain() {
     ]);
     assert!(ok, "{text}");
 }
+
+/// `inspect` reads the PKI directory's CRL unless told otherwise: a
+/// revoked certificate is not called usable.
+#[test]
+fn inspect_checks_the_crl_beside_the_certificate() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    issue_client(&dir, "lost", "spiffe://example.internal/lost");
+    let cert = dir.join("lost.pem");
+    let text = pki(&["inspect", s(&cert)]);
+    assert!(text.contains("usable as a client certificate"), "{text}");
+    pki(&["revoke", "--dir", s(&dir), s(&cert)]);
+
+    let out = Command::new(gateway_binary())
+        .args(["pki", "inspect", s(&cert)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("is revoked by the CRL"), "{text}");
+    assert!(!text.contains("usable as a client"), "{text}");
+
+    // Explicitly, by path; and --no-crl to look at the rest only.
+    let err = pki_fails(&["inspect", s(&cert), "--crl", s(&dir.join("crl.pem"))]);
+    assert!(err.contains("would refuse"), "{err}");
+    let text = pki(&["inspect", s(&cert), "--no-crl"]);
+    assert!(text.contains("usable as a client certificate"), "{text}");
+}
