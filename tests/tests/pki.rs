@@ -626,3 +626,64 @@ fn inspect_checks_the_crl_beside_the_certificate() {
     let text = pki(&["inspect", s(&cert), "--no-crl"]);
     assert!(text.contains("usable as a client certificate"), "{text}");
 }
+
+/// An Ed25519 key is written as PKCS#8 v1, which OpenSSL 3.0 loads (it
+/// refuses v2), and still works with the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn ed25519_keys_load_in_openssl_and_the_gateway() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "ed",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+        "--key-type",
+        "ed25519",
+    ]);
+    let key = dir.join("ed.key");
+    let (ok, text) = openssl(&["pkey", "-in", s(&key), "-noout", "-text"]);
+    assert!(ok && text.contains("ED25519"), "{text}");
+    let (_, asn1) = openssl(&["asn1parse", "-in", s(&key)]);
+    assert!(
+        asn1.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("INTEGER") && l.contains(":00")),
+        "v1: {asn1}"
+    );
+    // The pair still matches for rustls (the gateway's own loader).
+    let ed = creds(&dir, "ed");
+    let backend = EchoBackend::start().await;
+    let gw = gateway_on(&dir, &harness, &backend, true).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        client_config(&dir, Some(&ed)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"ed".to_vec()).await.unwrap(), b"ed");
+
+    // CA keys too: an Ed25519 intermediate, written as v1, signs again.
+    let ed_dir = harness.path("ed-pki");
+    pki(&["init", "--dir", s(&ed_dir), "--key-type", "ed25519"]);
+    let (ok, text) = openssl(&["pkey", "-in", s(&ed_dir.join("intermediate.key")), "-noout"]);
+    assert!(ok, "{text}");
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&ed_dir),
+        "--name",
+        "srv",
+        "--san",
+        "dns:orders.example.internal",
+        "--key-type",
+        "ed25519",
+    ]);
+}
