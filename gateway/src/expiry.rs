@@ -171,12 +171,22 @@ pub fn describe(e: &Expiry, now: i64) -> String {
     )
 }
 
+/// Two units, largest first, so a CRL published a minute ago for 7 days
+/// reads "6 days 23 hours", not "6 days" (which looks a day old).
 fn human(secs: i64) -> String {
+    let unit = |n: i64, one: &str| match n {
+        1 => format!("1 {one}"),
+        n => format!("{n} {one}s"),
+    };
+    let two = |big: i64, big_unit: &str, small: i64, small_unit: &str| match small {
+        0 => unit(big, big_unit),
+        s => format!("{} {}", unit(big, big_unit), unit(s, small_unit)),
+    };
     match secs {
-        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
-        s if s >= 2 * 3_600 => format!("{} hours", s / 3_600),
-        s if s >= 120 => format!("{} minutes", s / 60),
-        s => format!("{s} seconds"),
+        s if s >= 86_400 => two(s / 86_400, "day", s % 86_400 / 3_600, "hour"),
+        s if s >= 3_600 => two(s / 3_600, "hour", s % 3_600 / 60, "minute"),
+        s if s >= 60 => two(s / 60, "minute", s % 60, "second"),
+        s => unit(s, "second"),
     }
 }
 
@@ -184,6 +194,16 @@ fn human(secs: i64) -> String {
 mod tests {
     use super::*;
     use crate::pki::{Authority, LeafSpec};
+
+    /// Durations read as what they are: a week less a minute is not "6 days".
+    #[test]
+    fn durations_are_said_in_two_units() {
+        assert_eq!(human(7 * 86_400 - 60), "6 days 23 hours");
+        assert_eq!(human(86_400), "1 day");
+        assert_eq!(human(2 * 3_600 + 60), "2 hours 1 minute");
+        assert_eq!(human(90), "1 minute 30 seconds");
+        assert_eq!(human(5), "5 seconds");
+    }
 
     /// upstream_tls's CA and client certificate are watched like the rest:
     /// when either lapses, every backend of the route fails.
