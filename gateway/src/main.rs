@@ -28,6 +28,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the process id here once serving (removed at exit), for
+        /// `kill -HUP "$(cat FILE)"` on a host with more than one gateway.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate the config, certificates and keys without serving; warn about
     /// what expires soon.
@@ -277,7 +281,7 @@ fn main() -> ExitCode {
             }
     );
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, pid_file } => run(&config, pid_file.as_deref()),
         Command::Check {
             config,
             warn_within,
@@ -406,7 +410,24 @@ fn check(
     Ok(())
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
+/// The pid file of a serving gateway; removed when it stops.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| anyhow::anyhow!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // tokio's default is the CPUs in the affinity mask, so `taskset` alone
@@ -418,6 +439,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
     runtime.block_on(async {
         let app = gateway::build(&config).await?;
+        // Once everything is bound: a pid file names a gateway that serves.
+        let _pid_file = pid_file.map(PidFile::write).transpose()?;
         let shutdown = app.shutdown_handle();
         let reload = app.reload_handle();
         let stop_watching = tokio_util::sync::CancellationToken::new();

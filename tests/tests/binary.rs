@@ -474,3 +474,38 @@ async fn a_close_by_reload_has_one_prefix_and_names_the_clients_port() {
         "{record}"
     );
 }
+
+/// `--pid-file` names this gateway, so a reload signals it and no other
+/// gateway on the host; the file goes when the gateway stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let pid_file = pki.path("gateway.pid");
+    let stderr = pki.path("gateway.stderr");
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let mut gw = Reap(child);
+    wait_listening(&stderr);
+    wait_for("the pid file", || pid_file.exists());
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(pid.trim(), gw.0.id().to_string());
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!("kill -HUP \"$(cat {})\"", pid_file.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("a reload", || log_count(&stderr, "reloaded") == 1);
+    signal(&gw.0, "TERM");
+    wait_for("the exit", || gw.0.try_wait().unwrap().is_some());
+    assert!(!pid_file.exists(), "the pid file outlived the gateway");
+}
