@@ -48,7 +48,7 @@ pub struct Config {
     /// Where to serve `GET /metrics` (Prometheus text); none: not served.
     /// Bound at start; a reload does not move it.
     pub admin: Option<SocketAddr>,
-    /// Reload when the config or any file it names changes (checked every 2 s).
+    /// Reload when the config or any file it names changes (checked every 0.5 s).
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]
     pub watch_files: bool,

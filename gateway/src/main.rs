@@ -461,7 +461,10 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
     })
 }
 
-const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the watched files' stamps are read: a few stat calls, cheap
+/// enough to keep "a revoked client is closed within a second of the CRL's
+/// publication" true with the reload's own time on top.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
 async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {
