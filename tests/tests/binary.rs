@@ -38,6 +38,23 @@ fn signal(child: &std::process::Child, signal: &str) {
     assert!(status.success(), "kill -{signal} failed");
 }
 
+/// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
+/// `stderr`.
+fn run_binary(
+    config: &std::path::Path,
+    stderr: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> Reap {
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .args(extra)
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Reap(child)
+}
+
 /// Kills the child if the test fails before it is reaped.
 struct Reap(std::process::Child);
 impl Drop for Reap {
@@ -253,13 +270,7 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
     let config = write_config(&pki, backend);
     let allowing = std::fs::read_to_string(&config).unwrap();
     let stderr = pki.path("gateway.stderr");
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let gw = Reap(child);
+    let gw = run_binary(&config, &stderr, &[]);
     let addr = wait_listening(&stderr);
     let client = pki.frontend_config();
     let sni = "orders.example.internal";
@@ -416,13 +427,7 @@ async fn a_close_by_reload_has_one_prefix_and_names_the_clients_port() {
     let config = write_config(&pki, backend);
     let allowing = std::fs::read_to_string(&config).unwrap();
     let stderr = pki.path("gateway.stderr");
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let gw = Reap(child);
+    let gw = run_binary(&config, &stderr, &[]);
     let addr = wait_listening(&stderr);
     let mut tls = connect(addr, "orders.example.internal", pki.frontend_config())
         .await
@@ -483,15 +488,11 @@ async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
     let config = write_config(&pki, dead_port());
     let pid_file = pki.path("gateway.pid");
     let stderr = pki.path("gateway.stderr");
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let mut gw = Reap(child);
+    let mut gw = run_binary(
+        &config,
+        &stderr,
+        &["--pid-file".as_ref(), pid_file.as_os_str()],
+    );
     wait_listening(&stderr);
     wait_for("the pid file", || pid_file.exists());
     let pid = std::fs::read_to_string(&pid_file).unwrap();

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
+use x509_parser::certificate::X509Certificate;
+
 use super::{Authority, KeyType, LeafSpec, PkiError, Profile};
 
 /// What `issue` makes: each profile gets exactly the EKU its role needs.
@@ -220,7 +222,12 @@ impl Store {
         self.write("root.crl.pem", &crl, false)
     }
 
-    fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
+    /// Reads `intermediate.pem` and gives it to `read`; an error either
+    /// way names the file.
+    fn with_intermediate<T>(
+        &self,
+        read: impl FnOnce(&X509Certificate<'_>) -> Result<T, String>,
+    ) -> Result<T, PkiError> {
         let pem = self.read("intermediate.pem")?;
         let bad = |message: String| PkiError::Store {
             path: self.path("intermediate.pem"),
@@ -229,28 +236,24 @@ impl Store {
         let (_, parsed) =
             x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-            .map_err(|e| bad(e.to_string()))?;
-        Ok((hex(cert.tbs_certificate.raw_serial()), not_after))
+        read(&cert).map_err(bad)
+    }
+
+    fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
+        self.with_intermediate(|cert| {
+            let not_after =
+                OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+                    .map_err(|e| e.to_string())?;
+            Ok((hex(cert.tbs_certificate.raw_serial()), not_after))
+        })
     }
 
     /// Refuses a DNS SAN outside the intermediate's name constraints
     /// (`init --permitted-dns`): every verifier would reject the
     /// certificate, so it is better not signed.
     fn within_name_constraints(&self, sans: &[String]) -> Result<(), PkiError> {
-        use x509_parser::extensions::GeneralName;
-        let pem = self.read("intermediate.pem")?;
-        let bad = |message: String| PkiError::Store {
-            path: self.path("intermediate.pem"),
-            message,
-        };
-        let (_, parsed) =
-            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        let Some(nc) = cert.name_constraints().map_err(|e| bad(e.to_string()))? else {
-            return Ok(());
-        };
-        let dns = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>| {
+        use x509_parser::extensions::{GeneralName, GeneralSubtree};
+        let dns = |subtrees: &Option<Vec<GeneralSubtree<'_>>>| {
             subtrees
                 .iter()
                 .flatten()
@@ -260,10 +263,15 @@ impl Store {
                 })
                 .collect::<Vec<_>>()
         };
-        let (permitted, excluded) = (
-            dns(&nc.value.permitted_subtrees),
-            dns(&nc.value.excluded_subtrees),
-        );
+        let (permitted, excluded) = self.with_intermediate(|cert| {
+            Ok(match cert.name_constraints().map_err(|e| e.to_string())? {
+                Some(nc) => (
+                    dns(&nc.value.permitted_subtrees),
+                    dns(&nc.value.excluded_subtrees),
+                ),
+                None => (Vec::new(), Vec::new()),
+            })
+        })?;
         for name in sans.iter().filter_map(|s| s.strip_prefix("dns:")) {
             let outside = !permitted.is_empty() && !permitted.iter().any(|c| dns_within(name, c));
             if outside || excluded.iter().any(|c| dns_within(name, c)) {
