@@ -97,6 +97,29 @@ impl AccessLog {
         })
     }
 
+    /// Whether `open` would succeed, without leaving a file behind:
+    /// `gateway check` must refuse what `gateway run` will.
+    pub fn check(target: &str, base: &std::path::Path) -> Result<(), AccessLogError> {
+        if matches!(target, "stdout" | "stderr" | "off") {
+            return Ok(());
+        }
+        let path = base.join(target);
+        let existed = path.exists();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| AccessLogError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        if !existed {
+            // Only the probe made it; run creates its own.
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(())
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<AccessRecord> {
         self.subscribers.subscribe()
     }

@@ -60,6 +60,22 @@ pub enum ReloadError {
     ShuttingDown,
 }
 
+impl ReloadError {
+    /// Why, without the "reload refused" the log line's message says.
+    pub fn reason(&self) -> String {
+        match self {
+            ReloadError::Invalid(why) => why.clone(),
+            e => e.to_string(),
+        }
+    }
+}
+
+/// The log line for a refused reload: the message says what happened, the
+/// field says why, each once.
+fn log_refused(e: &ReloadError) {
+    tracing::error!(reason = %e.reason(), "reload refused, running state kept");
+}
+
 /// What a successful reload changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -67,6 +83,31 @@ pub struct ReloadReport {
     pub listeners_stopped: Vec<String>,
     /// Live connections closed because the new state no longer allows them.
     pub connections_closed: usize,
+}
+
+/// For the log line: what changed, in words.
+impl std::fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.listeners_started.is_empty() {
+            parts.push(format!(
+                "listeners started: {}",
+                self.listeners_started.join(", ")
+            ));
+        }
+        if !self.listeners_stopped.is_empty() {
+            parts.push(format!(
+                "listeners stopped: {}",
+                self.listeners_stopped.join(", ")
+            ));
+        }
+        parts.push(match self.connections_closed {
+            0 => "every live connection still allowed".to_owned(),
+            1 => "1 connection closed by re-verification".to_owned(),
+            n => format!("{n} connections closed by re-verification"),
+        });
+        f.write_str(&parts.join("; "))
+    }
 }
 
 /// Reloads since start.
@@ -105,8 +146,9 @@ impl ReloadHandle {
             Ok(config) => self.reload(config).await,
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "reload refused, running state kept");
-                Err(ReloadError::Invalid(e.to_string()))
+                let e = ReloadError::Invalid(e.to_string());
+                log_refused(&e);
+                Err(e)
             }
         }
     }
@@ -336,11 +378,11 @@ impl App {
                             self.metrics.set_expiries(crate::expiry::collect(&req.config));
                             self.metrics.warn_expiring(expiry_warning);
                             self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(?report, "reloaded");
+                            tracing::info!(changes = %report, "reloaded");
                         }
                         Err(e) => {
                             self.reload_stats.failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(error = %e, "reload refused, running state kept");
+                            log_refused(e);
                         }
                     }
                     let _ = req.reply.send(result);

@@ -63,6 +63,22 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &l.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
             l.crl_expired,
         );
+        // When one of these lapses, every backend of the route fails.
+        for r in &l.routes {
+            let Some(u) = &r.upstream_tls else { continue };
+            certs(
+                &mut out,
+                &format!("route {} upstream_tls ca", r.name),
+                &config.resolve(&u.ca),
+            );
+            if let Some(cert) = &u.cert {
+                certs(
+                    &mut out,
+                    &format!("route {} upstream_tls cert", r.name),
+                    &config.resolve(cert),
+                );
+            }
+        }
     }
     for (name, b) in &config.trust {
         certs(
@@ -155,19 +171,86 @@ pub fn describe(e: &Expiry, now: i64) -> String {
     )
 }
 
+/// Two units, largest first, so a CRL published a minute ago for 7 days
+/// reads "6 days 23 hours", not "6 days" (which looks a day old).
 fn human(secs: i64) -> String {
+    let unit = |n: i64, one: &str| match n {
+        1 => format!("1 {one}"),
+        n => format!("{n} {one}s"),
+    };
+    let two = |big: i64, big_unit: &str, small: i64, small_unit: &str| match small {
+        0 => unit(big, big_unit),
+        s => format!("{} {}", unit(big, big_unit), unit(s, small_unit)),
+    };
     match secs {
-        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
-        s if s >= 2 * 3_600 => format!("{} hours", s / 3_600),
-        s if s >= 120 => format!("{} minutes", s / 60),
-        s => format!("{s} seconds"),
+        s if s >= 86_400 => two(s / 86_400, "day", s % 86_400 / 3_600, "hour"),
+        s if s >= 3_600 => two(s / 3_600, "hour", s % 3_600 / 60, "minute"),
+        s if s >= 60 => two(s / 60, "minute", s % 60, "second"),
+        s => unit(s, "second"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::Authority;
+    use crate::pki::{Authority, LeafSpec};
+
+    /// Durations read as what they are: a week less a minute is not "6 days".
+    #[test]
+    fn durations_are_said_in_two_units() {
+        assert_eq!(human(7 * 86_400 - 60), "6 days 23 hours");
+        assert_eq!(human(86_400), "1 day");
+        assert_eq!(human(2 * 3_600 + 60), "2 hours 1 minute");
+        assert_eq!(human(90), "1 minute 30 seconds");
+        assert_eq!(human(5), "5 seconds");
+    }
+
+    /// upstream_tls's CA and client certificate are watched like the rest:
+    /// when either lapses, every backend of the route fails.
+    #[test]
+    fn upstream_tls_certificates_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::root("upstream root").unwrap();
+        let mut spec = LeafSpec::client("gateway-upstream", &["spiffe://example.internal/gw"]);
+        spec.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3);
+        let leaf = ca.issue(&spec).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", &ca.cert_pem);
+        write("up.pem", &leaf.cert_pem);
+        let text = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+cert = "ca.pem"
+key = "ca.key"
+client_ca = "ca.pem"
+
+[[listeners.routes]]
+name = "orders"
+backends = ["127.0.0.1:1"]
+upstream_tls = { ca = "ca.pem", server_name = "b.internal", cert = "up.pem", key = "up.key" }
+"#;
+        let config = Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let found: Vec<_> = collect(&config)
+            .into_iter()
+            .filter(|e| e.role.starts_with("route orders upstream_tls"))
+            .map(|e| (e.role.clone(), e.seconds_left(now) / 86_400))
+            .collect();
+        let roles: Vec<&str> = found.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(
+            roles,
+            [
+                "route orders upstream_tls ca",
+                "route orders upstream_tls cert"
+            ]
+        );
+        assert!(found[0].1 > 300, "the root lives long: {found:?}");
+        assert!(
+            (2..=3).contains(&found[1].1),
+            "the client certificate: {found:?}"
+        );
+    }
 
     /// Monitoring watches the CRLs the bundles enforce: the newest of each
     /// issuer, with what running out does.

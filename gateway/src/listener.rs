@@ -227,7 +227,7 @@ fn serve<'a>(
                 state: listener.clone(),
                 route: route.clone(),
                 sni: conn.sni.clone(),
-                source: peer.ip(),
+                client: peer,
                 identity: conn.identity_value.take().map(|i| *i),
                 chain: tls.get_ref().1.peer_certificates().unwrap_or_default(),
                 verified: conn.verified.take().map(|v| *v).unwrap_or_default(),

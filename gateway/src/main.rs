@@ -28,6 +28,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the process id here once serving (removed at exit), for
+        /// `kill -HUP "$(cat FILE)"` on a host with more than one gateway.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate the config, certificates and keys without serving; warn about
     /// what expires soon.
@@ -90,7 +94,7 @@ enum PkiCommand {
         /// spiffe://… (any URI), dns:NAME or email:ADDR; repeat for more. No wildcards.
         #[arg(long = "san", required = true)]
         sans: Vec<String>,
-        /// Lifetime, e.g. 8h, 7d (default: client 24h, device 7d, server 90d).
+        /// Lifetime, e.g. 90s, 8h, 7d (default: client 24h, device 7d, server 90d).
         #[arg(long)]
         lifetime: Option<String>,
         #[arg(long, value_enum, default_value_t = KeyArg::P256)]
@@ -108,7 +112,7 @@ enum PkiCommand {
     Crl {
         #[arg(long)]
         dir: PathBuf,
-        /// How long until its next update, e.g. 7d.
+        /// How long until its next update, e.g. 36h, 7d.
         #[arg(long, default_value = "7d")]
         next_update: String,
         /// Also re-sign the root's CRL (needs root.key), e.g. before it runs out.
@@ -121,6 +125,13 @@ enum PkiCommand {
         /// Also check the chain against these trust anchors.
         #[arg(long)]
         client_ca: Option<PathBuf>,
+        /// Check revocation against this CRL file (default: crl.pem beside
+        /// FILE, as `gateway pki` writes it, when there is one).
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Do not check revocation.
+        #[arg(long, conflicts_with = "crl")]
+        no_crl: bool,
     },
 }
 
@@ -146,19 +157,11 @@ fn key_type(k: KeyArg) -> gateway::pki::KeyType {
     }
 }
 
-/// "8h", "7d", "30m": lifetimes for certificates and CRLs.
+/// Lifetimes for certificates and CRLs, in the config's duration syntax
+/// ("90s", "30m", "8h", "7d"): one way to write a duration everywhere.
 fn lifetime(s: &str) -> anyhow::Result<time::Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = num
-        .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?}: expected e.g. 8h, 7d, 30m"))?;
-    Ok(match unit {
-        "m" => time::Duration::minutes(n),
-        "h" => time::Duration::hours(n),
-        "d" => time::Duration::days(n),
-        _ => anyhow::bail!("{s:?}: unit must be m, h or d"),
-    })
+    let d = gateway::config::duration::parse(s).map_err(anyhow::Error::msg)?;
+    Ok(time::Duration::try_from(d)?)
 }
 
 fn pki(command: PkiCommand) -> anyhow::Result<()> {
@@ -238,8 +241,21 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             };
             println!("published {}", path.display());
         }
-        PkiCommand::Inspect { file, client_ca } => {
-            let report = gateway::pki::inspect::inspect(&file, client_ca.as_deref())?;
+        PkiCommand::Inspect {
+            file,
+            client_ca,
+            crl,
+            no_crl,
+        } => {
+            // The PKI directory's CRL unless told otherwise: a revoked
+            // certificate must not read as usable.
+            let crl = match (crl, no_crl) {
+                (_, true) => None,
+                (Some(crl), false) => Some(crl),
+                (None, false) => Some(file.with_file_name("crl.pem")).filter(|p| p.is_file()),
+            };
+            let report =
+                gateway::pki::inspect::inspect(&file, client_ca.as_deref(), crl.as_deref())?;
             print!("{}", report.text);
             if !report.refusals.is_empty() {
                 anyhow::bail!("the gateway would refuse this certificate");
@@ -252,8 +268,20 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    // A daemon's stderr is its log: its fatal error is a log line there
+    // (JSON when asked). A one-shot command answers in plain words. Either
+    // way the error is said once.
+    let daemon = matches!(
+        cli.command,
+        Command::Run { .. }
+            | Command::Guard {
+                config: Some(_),
+                uninstall: false,
+                ..
+            }
+    );
     let result = match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, pid_file } => run(&config, pid_file.as_deref()),
         Command::Check {
             config,
             warn_within,
@@ -292,11 +320,30 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("gateway: {e:#}");
+            let message = error_chain(&e);
+            if daemon {
+                tracing::error!("{message}");
+            } else {
+                eprintln!("gateway: {message}");
+            }
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: most of the gateway's errors
+/// already carry their source's words, which `{:#}` would repeat.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !out.contains(&cause) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -320,6 +367,7 @@ fn check(
 ) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
+    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
     let horizon = |s: &str| -> anyhow::Result<i64> {
         let d = gateway::config::duration::parse(s).map_err(|e| anyhow::anyhow!(e))?;
         Ok(i64::try_from(d.as_secs())?)
@@ -362,7 +410,24 @@ fn check(
     Ok(())
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
+/// The pid file of a serving gateway; removed when it stops.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: &std::path::Path) -> anyhow::Result<PidFile> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| anyhow::anyhow!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // tokio's default is the CPUs in the affinity mask, so `taskset` alone
@@ -374,6 +439,8 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
     runtime.block_on(async {
         let app = gateway::build(&config).await?;
+        // Once everything is bound: a pid file names a gateway that serves.
+        let _pid_file = pid_file.map(PidFile::write).transpose()?;
         let shutdown = app.shutdown_handle();
         let reload = app.reload_handle();
         let stop_watching = tokio_util::sync::CancellationToken::new();
@@ -394,7 +461,10 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     })
 }
 
-const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the watched files' stamps are read: a few stat calls, cheap
+/// enough to keep "a revoked client is closed within a second of the CRL's
+/// publication" true with the reload's own time on top.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
 async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {

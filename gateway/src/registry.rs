@@ -33,7 +33,7 @@
 //! drains like a shutdown: after `drain_timeout` its connections close.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -59,7 +59,8 @@ struct Entry {
     via: Arc<Route>,
     /// The backend it reached, once it did.
     backend: Arc<OnceLock<String>>,
-    source: IpAddr,
+    /// The client's address and port, as the access log names it.
+    client: SocketAddr,
     identity: Option<Identity>,
     /// The client's chain as sent, to verify again on reload: its own leaf,
     /// and the intermediates it sent, shared with every live connection
@@ -103,7 +104,7 @@ impl Entry {
             route: &self.via.name,
             via: Some(&self.via),
             backend: self.backend.get().map(String::as_str),
-            source: self.source,
+            source: self.client.ip(),
             leaf: self.leaf.as_ref(),
             intermediates: &self.intermediates,
         }
@@ -112,7 +113,7 @@ impl Entry {
     fn close(&self, why: String) {
         let mut slot = self.why.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            tracing::info!(listener = %self.listener, route = %self.via.name, client = %self.source,
+            tracing::info!(listener = %self.listener, route = %self.via.name, client = %self.client,
                 reason = %why, "closing live connection");
             *slot = Some(why);
         }
@@ -211,7 +212,8 @@ pub struct Live<'a> {
     pub route: Arc<Route>,
     /// The server name it asked for (None: it sent none).
     pub sni: Option<String>,
-    pub source: IpAddr,
+    /// The client's address and port.
+    pub client: SocketAddr,
     pub identity: Option<Identity>,
     /// The client's chain as sent, leaf first (empty: no certificate).
     pub chain: &'a [CertificateDer<'static>],
@@ -221,10 +223,14 @@ pub struct Live<'a> {
     pub judged_at: Generation,
 }
 
+/// How every close or refusal by re-verification at a reload begins, in
+/// the access log and on stderr: one prefix to search for.
+pub const AFTER_RELOAD: &str = "no longer allowed after reload";
+
 /// Why a connection may not go live: the state published since its
 /// handshake began refuses it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refused as it went live, by the state a reload published during its handshake: {0}")]
+#[error("{AFTER_RELOAD}: {0} (refused as it went live: the reload came during its handshake)")]
 pub struct Refused(pub String);
 
 impl Registry {
@@ -283,10 +289,7 @@ impl Registry {
             let current = inner.listeners.get(&state.name).cloned();
             drop(inner);
             let Some(current) = current else {
-                return Err(Refused(format!(
-                    "listener {:?} was removed by a reload",
-                    state.name
-                )));
+                return Err(Refused(format!("listener {:?} was removed", state.name)));
             };
             // Not connecting yet: it will connect with the route judged
             // here, so where it goes is no question yet.
@@ -295,7 +298,7 @@ impl Registry {
                 route: &route.name,
                 via: None,
                 backend: None,
-                source: live.source,
+                source: live.client.ip(),
                 leaf,
                 intermediates: rest,
             };
@@ -323,7 +326,7 @@ impl Registry {
                 sni: live.sni,
                 via: route.clone(),
                 backend: backend.clone(),
-                source: live.source,
+                client: live.client,
                 identity: live.identity,
                 leaf,
                 intermediates,
@@ -419,7 +422,7 @@ impl Registry {
                     };
                 }
                 Err(why) => {
-                    entry.close(format!("no longer allowed after reload: {why}"));
+                    entry.close(format!("{AFTER_RELOAD}: {why}"));
                     closed += 1;
                 }
             }
@@ -487,8 +490,8 @@ impl Judged<'_> {
     ) -> Result<(Arc<Route>, Option<Verified>), String> {
         let Some(route) = listener.route_for(self.sni) else {
             return Err(match self.sni {
-                Some(sni) => format!("no route for server name {sni:?} after reload"),
-                None => "no default route after reload (the client sent no server name)".into(),
+                Some(sni) => format!("no route for server name {sni:?}"),
+                None => "no default route (the client sent no server name)".into(),
             });
         };
         if route.name != self.route {
@@ -589,7 +592,7 @@ fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Optio
                 .into(),
         );
     }
-    still_allowed(route, entry.identity.as_ref(), entry.source, now)
+    still_allowed(route, entry.identity.as_ref(), entry.client.ip(), now)
         .err()
         .map(|why| format!("no longer allowed: {why}"))
 }
@@ -643,7 +646,7 @@ mod tests {
             route: state.routes[0].clone(),
             sni: None,
             state,
-            source: IpAddr::from([127, 0, 0, 1]),
+            client: SocketAddr::from(([127, 0, 0, 1], 40_000)),
             identity: None,
             chain,
             verified: Verified::default(),

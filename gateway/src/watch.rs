@@ -34,14 +34,20 @@ pub fn watched_files(config: &Config) -> Vec<PathBuf> {
     files
 }
 
-fn stamps(files: &[PathBuf]) -> BTreeMap<PathBuf, Option<SystemTime>> {
+/// What says a file changed: its modification time, and its inode and
+/// size, so a file renamed into place with an old time (`cp -p`, rsync)
+/// is seen too.
+type Stamp = Option<(Option<SystemTime>, u64, u64)>;
+
+fn stamps(files: &[PathBuf]) -> BTreeMap<PathBuf, Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
     files
         .iter()
         .map(|f| {
-            (
-                f.clone(),
-                std::fs::metadata(f).and_then(|m| m.modified()).ok(),
-            )
+            let stamp = std::fs::metadata(f)
+                .ok()
+                .map(|m| (m.modified().ok(), m.ino(), m.size()));
+            (f.clone(), stamp)
         })
         .collect()
 }
@@ -70,12 +76,43 @@ pub async fn watch(
             .filter(|(f, t)| last.get(*f) != Some(t))
             .map(|(f, _)| f.display().to_string())
             .collect();
-        tracing::info!(files = ?changed, "files changed: reloading");
+        tracing::info!(files = %changed.join(", "), "files changed: reloading");
         if reload.reload_file(path).await.is_ok()
             && let Ok(config) = Config::load(path)
         {
             files = watched_files(&config);
         }
         last = stamps(&files);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file renamed into place with the old one's modification time (as
+    /// `cp -p` or rsync leave it) is a change too.
+    #[test]
+    fn a_rename_with_an_old_time_is_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let crl = dir.path().join("crl.pem");
+        std::fs::write(&crl, "old").unwrap();
+        let files = vec![crl.clone()];
+        let before = stamps(&files);
+        let old_time = std::fs::metadata(&crl).unwrap().modified().unwrap();
+        let next = dir.path().join(".crl.pem.tmp");
+        std::fs::write(&next, "new").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&next)
+            .unwrap()
+            .set_modified(old_time)
+            .unwrap();
+        std::fs::rename(&next, &crl).unwrap();
+        assert_eq!(
+            std::fs::metadata(&crl).unwrap().modified().unwrap(),
+            old_time
+        );
+        assert_ne!(stamps(&files), before);
     }
 }

@@ -38,6 +38,23 @@ fn signal(child: &std::process::Child, signal: &str) {
     assert!(status.success(), "kill -{signal} failed");
 }
 
+/// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
+/// `stderr`.
+fn run_binary(
+    config: &std::path::Path,
+    stderr: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> Reap {
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .args(extra)
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Reap(child)
+}
+
 /// Kills the child if the test fails before it is reaped.
 struct Reap(std::process::Child);
 impl Drop for Reap {
@@ -253,13 +270,7 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
     let config = write_config(&pki, backend);
     let allowing = std::fs::read_to_string(&config).unwrap();
     let stderr = pki.path("gateway.stderr");
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let gw = Reap(child);
+    let gw = run_binary(&config, &stderr, &[]);
     let addr = wait_listening(&stderr);
     let client = pki.frontend_config();
     let sni = "orders.example.internal";
@@ -301,9 +312,201 @@ async fn sighup_and_changed_files_reload_the_running_binary() {
     });
     let log = std::fs::read_to_string(&stderr).unwrap();
     assert!(log.contains("bogus"), "the refusal names the field: {log}");
+    // Written for people: each thing said once, no Rust debug output.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let refused = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "reload refused, running state kept")
+        .unwrap();
+    let reason = refused["fields"]["reason"].as_str().unwrap();
+    assert!(
+        !reason.contains("reload refused") && reason.contains("bogus"),
+        "{reason}"
+    );
+    let reloaded = lines
+        .iter()
+        .find(|v| v["fields"]["message"] == "reloaded")
+        .unwrap();
+    assert_eq!(
+        reloaded["fields"]["changes"], "every live connection still allowed",
+        "{log}"
+    );
+    assert!(
+        !log.contains("ReloadReport") && !log.contains("[\\\""),
+        "{log}"
+    );
     let tls = connect(addr, sni, client).await.unwrap();
     assert_eq!(
         echo_roundtrip(tls, b"still\n".to_vec()).await.unwrap(),
         b"still\n"
     );
+}
+
+/// A fatal error is said once: one line, without its cause repeated.
+#[test]
+fn a_fatal_error_is_printed_once() {
+    let pki = Pki::new();
+    let missing = pki.path("no-such.toml");
+    let out = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+
+    // `run` says it as a log line (its stderr is a log), once.
+    let config = write_config(&pki, dead_port());
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replace(
+        &pki.path("access.log").display().to_string(),
+        &pki.path("missing-dir/access.log").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let fatal: Vec<&str> = err.lines().filter(|l| l.contains("missing-dir")).collect();
+    assert_eq!(fatal.len(), 1, "{err}");
+    let line: serde_json::Value = serde_json::from_str(fatal[0]).unwrap();
+    assert_eq!(line["level"], "ERROR", "{err}");
+    assert_eq!(fatal[0].matches("No such file").count(), 1, "{err}");
+}
+
+/// `check` refuses what `run` will: an access log that cannot be opened.
+#[test]
+fn check_refuses_an_access_log_that_run_cannot_open() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &pki.path("access.log").display().to_string(),
+        &pki.path("missing-dir/access.log").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let check = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed a config run refuses");
+    assert!(
+        err.contains("cannot open access log") && err.contains("missing-dir"),
+        "{err}"
+    );
+    // A good one passes and leaves no file behind.
+    let config = write_config(&pki, dead_port());
+    let check = Command::new(gateway_binary())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(check.status.success());
+    assert!(
+        !pki.path("access.log").exists(),
+        "check created the access log"
+    );
+}
+
+/// Every close by re-verification begins with one documented prefix, and
+/// the stderr line names the client with its port, as the access log does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_by_reload_has_one_prefix_and_names_the_clients_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let (backend, accepted) = one_line_backend().await;
+    let config = write_config(&pki, backend);
+    let allowing = std::fs::read_to_string(&config).unwrap();
+    let stderr = pki.path("gateway.stderr");
+    let gw = run_binary(&config, &stderr, &[]);
+    let addr = wait_listening(&stderr);
+    let mut tls = connect(addr, "orders.example.internal", pki.frontend_config())
+        .await
+        .unwrap();
+    let port = tls.get_ref().0.local_addr().unwrap().port();
+    // Half a line: the backend waits for the rest, the connection stays.
+    tls.write_all(b"held").await.unwrap();
+    tls.flush().await.unwrap();
+    wait_for("the backend's accept", || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    });
+
+    std::fs::write(&config, allowing.replace(SPIFFE_FRONTEND, SPIFFE_OTHER)).unwrap();
+    signal(&gw.0, "HUP");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(STEP, tls.read_to_end(&mut rest)).await;
+    wait_for("the closing line", || {
+        log_count(&stderr, "closing live connection") == 1
+    });
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    let line: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "closing live connection")
+        .unwrap();
+    assert_eq!(
+        line["fields"]["client"],
+        format!("127.0.0.1:{port}"),
+        "{log}"
+    );
+    assert!(
+        line["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no longer allowed after reload: "),
+        "{log}"
+    );
+    wait_for("the access-log line", || {
+        std::fs::read_to_string(pki.path("access.log")).is_ok_and(|l| l.lines().count() == 1)
+    });
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pki.path("access.log")).unwrap()).unwrap();
+    assert_eq!(record["client"], format!("127.0.0.1:{port}"));
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("closed by gateway: no longer allowed after reload: "),
+        "{record}"
+    );
+}
+
+/// `--pid-file` names this gateway, so a reload signals it and no other
+/// gateway on the host; the file goes when the gateway stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let pid_file = pki.path("gateway.pid");
+    let stderr = pki.path("gateway.stderr");
+    let mut gw = run_binary(
+        &config,
+        &stderr,
+        &["--pid-file".as_ref(), pid_file.as_os_str()],
+    );
+    wait_listening(&stderr);
+    wait_for("the pid file", || pid_file.exists());
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(pid.trim(), gw.0.id().to_string());
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!("kill -HUP \"$(cat {})\"", pid_file.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for("a reload", || log_count(&stderr, "reloaded") == 1);
+    signal(&gw.0, "TERM");
+    wait_for("the exit", || gw.0.try_wait().unwrap().is_some());
+    assert!(!pid_file.exists(), "the pid file outlived the gateway");
 }

@@ -500,3 +500,190 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     );
     assert_eq!(backend.accepted(), 1);
 }
+
+/// `--lifetime` and `--next-update` take the config's duration syntax:
+/// one way to write a duration everywhere.
+#[test]
+fn lifetimes_take_the_config_duration_syntax() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "brief",
+        "--san",
+        "spiffe://example.internal/brief",
+        "--lifetime",
+        "90s",
+    ]);
+    let text = pki(&["inspect", s(&dir.join("brief.pem"))]);
+    assert!(text.contains("brief"), "{text}");
+    pki(&["crl", "--dir", s(&dir), "--next-update", "36h"]);
+    let err = pki_fails(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "never",
+        "--san",
+        "spiffe://example.internal/never",
+        "--lifetime",
+        "90 fortnights",
+    ]);
+    assert!(err.contains("unknown unit"), "{err}");
+}
+
+/// `--permitted-dns` is kept at issue time too: a DNS name outside it is
+/// refused rather than signed into a certificate every verifier rejects;
+/// one inside verifies with openssl.
+#[test]
+fn issue_refuses_dns_names_outside_the_permitted_domain() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    pki(&[
+        "init",
+        "--dir",
+        s(&dir),
+        "--name",
+        "Constrained",
+        "--permitted-dns",
+        "example.internal",
+    ]);
+    for outside in [
+        "dns:orders.example.org",
+        "dns:example.internal.evil",
+        "dns:xexample.internal",
+    ] {
+        let err = pki_fails(&[
+            "issue",
+            "server",
+            "--dir",
+            s(&dir),
+            "--name",
+            "outside",
+            "--san",
+            outside,
+        ]);
+        assert!(
+            err.contains("outside the intermediate's name constraints"),
+            "{err}"
+        );
+        assert!(!dir.join("outside.pem").exists(), "{outside} was written");
+    }
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&dir),
+        "--name",
+        "inside",
+        "--san",
+        "dns:orders.example.internal",
+        "--san",
+        "spiffe://example.internal/orders",
+    ]);
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        s(&dir.join("ca.pem")),
+        "-untrusted",
+        s(&dir.join("inside.pem")),
+        s(&dir.join("inside.pem")),
+    ]);
+    assert!(ok, "{text}");
+}
+
+/// `inspect` reads the PKI directory's CRL unless told otherwise: a
+/// revoked certificate is not called usable.
+#[test]
+fn inspect_checks_the_crl_beside_the_certificate() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    issue_client(&dir, "lost", "spiffe://example.internal/lost");
+    let cert = dir.join("lost.pem");
+    let text = pki(&["inspect", s(&cert)]);
+    assert!(text.contains("usable as a client certificate"), "{text}");
+    pki(&["revoke", "--dir", s(&dir), s(&cert)]);
+
+    let out = Command::new(gateway_binary())
+        .args(["pki", "inspect", s(&cert)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("is revoked by the CRL"), "{text}");
+    assert!(!text.contains("usable as a client"), "{text}");
+
+    // Explicitly, by path; and --no-crl to look at the rest only.
+    let err = pki_fails(&["inspect", s(&cert), "--crl", s(&dir.join("crl.pem"))]);
+    assert!(err.contains("would refuse"), "{err}");
+    let text = pki(&["inspect", s(&cert), "--no-crl"]);
+    assert!(text.contains("usable as a client certificate"), "{text}");
+}
+
+/// An Ed25519 key is written as PKCS#8 v1, which OpenSSL 3.0 loads (it
+/// refuses v2), and still works with the gateway.
+#[tokio::test(flavor = "multi_thread")]
+async fn ed25519_keys_load_in_openssl_and_the_gateway() {
+    let harness = Pki::new();
+    let dir = harness.path("pki");
+    init(&dir);
+    pki(&[
+        "issue",
+        "client",
+        "--dir",
+        s(&dir),
+        "--name",
+        "ed",
+        "--san",
+        "spiffe://example.internal/ns/shop/sa/frontend",
+        "--key-type",
+        "ed25519",
+    ]);
+    let key = dir.join("ed.key");
+    let (ok, text) = openssl(&["pkey", "-in", s(&key), "-noout", "-text"]);
+    assert!(ok && text.contains("ED25519"), "{text}");
+    let (_, asn1) = openssl(&["asn1parse", "-in", s(&key)]);
+    assert!(
+        asn1.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("INTEGER") && l.contains(":00")),
+        "v1: {asn1}"
+    );
+    // The pair still matches for rustls (the gateway's own loader).
+    let ed = creds(&dir, "ed");
+    let backend = EchoBackend::start().await;
+    let gw = gateway_on(&dir, &harness, &backend, true).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        client_config(&dir, Some(&ed)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(echo_roundtrip(tls, b"ed".to_vec()).await.unwrap(), b"ed");
+
+    // CA keys too: an Ed25519 intermediate, written as v1, signs again.
+    let ed_dir = harness.path("ed-pki");
+    pki(&["init", "--dir", s(&ed_dir), "--key-type", "ed25519"]);
+    let (ok, text) = openssl(&["pkey", "-in", s(&ed_dir.join("intermediate.key")), "-noout"]);
+    assert!(ok, "{text}");
+    pki(&[
+        "issue",
+        "server",
+        "--dir",
+        s(&ed_dir),
+        "--name",
+        "srv",
+        "--san",
+        "dns:orders.example.internal",
+        "--key-type",
+        "ed25519",
+    ]);
+}

@@ -536,7 +536,7 @@ async fn a_handshake_held_across_a_revoking_reload_never_reaches_the_backend() {
     };
     assert!(
         rec.reason
-            .contains("listener \"edge\" was removed by a reload"),
+            .contains("no longer allowed after reload: listener \"edge\" was removed"),
         "{rec:?}"
     );
     assert_eq!(backend.accepted(), 1);
@@ -831,8 +831,9 @@ async fn a_handshake_is_refused_when_a_reload_removes_or_tightens_its_route() {
     let rec = gw.next_record().await;
     assert_eq!(rec.verdict, Verdict::Deny, "{rec:?}");
     assert!(
-        rec.reason
-            .contains(&format!("no route for server name {SNI:?} after reload")),
+        rec.reason.contains(&format!(
+            "no longer allowed after reload: no route for server name {SNI:?}"
+        )),
         "{rec:?}"
     );
 

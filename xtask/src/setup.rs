@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",
+    // docs/rollout.md's commands, which tests/tests/rollout.rs runs.
+    "jq",
+    "curl",
 ];
 
 /// The LLVM major version of the nightly toolchain; bpf-linker must be built

@@ -11,7 +11,8 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
         cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
         cmd::run(cmd::cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     }
-    // The black-box tests drive the real binary; build it first.
+    // The black-box tests drive the real binary; build it first. Among
+    // them tests/tests/rollout.rs walks docs/rollout.md as written.
     cmd::run(cmd::cargo().args(["build", "--package", "gateway", "--bin", "gateway"]))?;
     cmd::run(cmd::cargo().args(["test", "--no-fail-fast"]))?;
     // The gateway's own protocol code against maintained implementations:

@@ -47,6 +47,14 @@ impl PeerRole {
             rustls::Connection::Client(_) => PeerRole::Server,
         }
     }
+
+    /// The peer by name, for the access log: whose stream was cut.
+    fn name(self) -> &'static str {
+        match self {
+            PeerRole::Client => "the client",
+            PeerRole::Server => "the backend",
+        }
+    }
 }
 
 /// Where a connection's TLS records are encrypted and decrypted.
@@ -503,10 +511,14 @@ pub(crate) async fn finish(
     let mut end = take_plaintext(&mut conn, &mut early)?;
     // rustls stops reading at a record boundary only by luck: finish the
     // record it is inside of and let it decrypt that too.
-    let rest = io
-        .complete_record()
-        .await
-        .map_err(|e| HandOffError(format!("completing a record: {e}")))?;
+    let who = PeerRole::of(&conn).name();
+    let rest = io.complete_record().await.map_err(|e| {
+        HandOffError(if e.kind() == io::ErrorKind::UnexpectedEof {
+            format!("truncation: {who} closed the connection inside a TLS record")
+        } else {
+            format!("completing a record from {who}: {e}")
+        })
+    })?;
     if !rest.is_empty() {
         if end == PeerEnd::Closed {
             // rustls reads nothing after close_notify, and neither do we:
@@ -578,9 +590,12 @@ fn take_plaintext(
             Ok(n) => early.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(PeerEnd::Open),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(HandOffError(
-                    "truncation: the peer closed the connection without close_notify".into(),
-                ));
+                // Said by name: the operator reading the access log has to
+                // know whose stream was cut.
+                return Err(HandOffError(format!(
+                    "truncation: {} closed the connection without close_notify",
+                    PeerRole::of(conn).name()
+                )));
             }
             Err(e) => return Err(HandOffError(format!("reading rustls plaintext: {e}"))),
         }
@@ -794,6 +809,21 @@ mod tests {
         assert_eq!(server.read_tls(&mut &eof[..]).unwrap(), 0);
         let mut conn = rustls::Connection::Server(server);
         let err = take_plaintext(&mut conn, &mut Vec::new()).unwrap_err();
-        assert!(err.to_string().contains("truncation"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("truncation: the client closed the connection without close_notify"),
+            "{err}"
+        );
+
+        // The backend's leg: the gateway is the TLS client there.
+        let (_server, mut client) = handshaken();
+        assert_eq!(client.read_tls(&mut &eof[..]).unwrap(), 0);
+        let mut conn = rustls::Connection::Client(client);
+        let err = take_plaintext(&mut conn, &mut Vec::new()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("truncation: the backend closed the connection without close_notify"),
+            "{err}"
+        );
     }
 }

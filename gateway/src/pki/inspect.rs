@@ -17,10 +17,18 @@ pub struct Report {
     pub refusals: Vec<String>,
 }
 
-pub fn inspect(path: &Path, client_ca: Option<&Path>) -> Result<Report, certs::CertError> {
+/// `crl`: the CRLs to check the chain against (None: not checked).
+pub fn inspect(
+    path: &Path,
+    client_ca: Option<&Path>,
+    crl: Option<&Path>,
+) -> Result<Report, certs::CertError> {
     let chain = certs::load_certs(path)?;
     let mut text = String::new();
     let mut refusals = Vec::new();
+    if let Some(crl) = crl {
+        revocation(&chain, crl, &mut text, &mut refusals)?;
+    }
     for (i, der) in chain.iter().enumerate() {
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|e| certs::CertError::BadCertificate {
@@ -121,4 +129,52 @@ pub fn inspect(path: &Path, client_ca: Option<&Path>) -> Result<Report, certs::C
         }
     }
     Ok(Report { text, refusals })
+}
+
+/// Whether a CRL in `crl_path` lists a certificate of the chain, as the
+/// gateway's bundle with `crls = [crl_path]` would find; a stale CRL is
+/// said too (with `crl_expired = "refuse"` it refuses every client it
+/// covers).
+fn revocation(
+    chain: &[CertificateDer<'static>],
+    crl_path: &Path,
+    text: &mut String,
+    refusals: &mut Vec<String>,
+) -> Result<(), certs::CertError> {
+    let crls = crate::tls::crl::load_all(&[crl_path.to_owned()])?;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut covered = false;
+    for der in chain {
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            continue;
+        };
+        let issuer = cert.issuer().to_string();
+        for crl in crls.iter().filter(|c| c.issuer == issuer) {
+            covered = true;
+            if crl.next_update.is_some_and(|t| t <= now) {
+                refusals.push(format!(
+                    "the CRL of {issuer} in {} is past its next update",
+                    crl_path.display()
+                ));
+            }
+            if let Ok(Some(_)) = crl.crl.find_serial(cert.tbs_certificate.raw_serial()) {
+                refusals.push(format!(
+                    "{} is revoked by the CRL of {issuer} in {}",
+                    cert.subject(),
+                    crl_path.display()
+                ));
+            }
+        }
+    }
+    let _ = writeln!(
+        text,
+        "CRL:      {}{}",
+        crl_path.display(),
+        if covered {
+            ""
+        } else {
+            " (names none of this chain's issuers: revocation not checked)"
+        }
+    );
+    Ok(())
 }

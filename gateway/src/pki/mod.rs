@@ -56,6 +56,37 @@ impl KeyType {
     }
 }
 
+/// The start of an Ed25519 key in PKCS#8 v2 (RFC 5958: version 1, the
+/// algorithm, the 32-byte seed), after the outer SEQUENCE's tag and length.
+const ED25519_V2_AFTER_LEN: [u8; 14] = [
+    0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// The same, PKCS#8 v1 (RFC 8410 §7), whole but for the seed.
+const ED25519_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A key as PEM that OpenSSL 3.0 and the gateway both load: an Ed25519 key
+/// comes out of the crypto library as PKCS#8 v2 (with the public key),
+/// which OpenSSL 3.0's `s_client` refuses, so it is written as v1 (the
+/// seed alone, from which every reader derives the public key).
+fn key_pem(key: &KeyPair) -> String {
+    let der = key.serialize_der();
+    let seed = match der.as_slice() {
+        [0x30, _, rest @ ..] if rest.starts_with(&ED25519_V2_AFTER_LEN) => {
+            rest.get(ED25519_V2_AFTER_LEN.len()..ED25519_V2_AFTER_LEN.len() + 32)
+        }
+        _ => None,
+    };
+    let v1 = seed.and_then(|seed| {
+        let der: Vec<u8> = ED25519_V1_PREFIX.iter().chain(seed).copied().collect();
+        // rcgen keeps the DER it was given; it loads only what is sound.
+        KeyPair::try_from(der.as_slice()).ok()
+    });
+    v1.as_ref().unwrap_or(key).serialize_pem()
+}
+
 /// A certificate authority that can sign.
 pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
@@ -206,7 +237,7 @@ impl Authority {
     }
 
     fn from_parts(params: CertificateParams, key: KeyPair, cert_pem: String) -> Self {
-        let key_pem = key.serialize_pem();
+        let key_pem = key_pem(&key);
         Self {
             issuer: Issuer::new(params, key),
             cert_pem,
@@ -265,7 +296,7 @@ impl Authority {
             .unwrap_or_default();
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
+            key_pem: key_pem(&key),
             serial,
         })
     }

@@ -24,6 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
+use x509_parser::certificate::X509Certificate;
+
 use super::{Authority, KeyType, LeafSpec, PkiError, Profile};
 
 /// What `issue` makes: each profile gets exactly the EKU its role needs.
@@ -220,7 +222,12 @@ impl Store {
         self.write("root.crl.pem", &crl, false)
     }
 
-    fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
+    /// Reads `intermediate.pem` and gives it to `read`; an error either
+    /// way names the file.
+    fn with_intermediate<T>(
+        &self,
+        read: impl FnOnce(&X509Certificate<'_>) -> Result<T, String>,
+    ) -> Result<T, PkiError> {
         let pem = self.read("intermediate.pem")?;
         let bad = |message: String| PkiError::Store {
             path: self.path("intermediate.pem"),
@@ -229,9 +236,57 @@ impl Store {
         let (_, parsed) =
             x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
-            .map_err(|e| bad(e.to_string()))?;
-        Ok((hex(cert.tbs_certificate.raw_serial()), not_after))
+        read(&cert).map_err(bad)
+    }
+
+    fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
+        self.with_intermediate(|cert| {
+            let not_after =
+                OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+                    .map_err(|e| e.to_string())?;
+            Ok((hex(cert.tbs_certificate.raw_serial()), not_after))
+        })
+    }
+
+    /// Refuses a DNS SAN outside the intermediate's name constraints
+    /// (`init --permitted-dns`): every verifier would reject the
+    /// certificate, so it is better not signed.
+    fn within_name_constraints(&self, sans: &[String]) -> Result<(), PkiError> {
+        use x509_parser::extensions::{GeneralName, GeneralSubtree};
+        let dns = |subtrees: &Option<Vec<GeneralSubtree<'_>>>| {
+            subtrees
+                .iter()
+                .flatten()
+                .filter_map(|t| match t.base {
+                    GeneralName::DNSName(d) => Some(d.to_owned()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        let (permitted, excluded) = self.with_intermediate(|cert| {
+            Ok(match cert.name_constraints().map_err(|e| e.to_string())? {
+                Some(nc) => (
+                    dns(&nc.value.permitted_subtrees),
+                    dns(&nc.value.excluded_subtrees),
+                ),
+                None => (Vec::new(), Vec::new()),
+            })
+        })?;
+        for name in sans.iter().filter_map(|s| s.strip_prefix("dns:")) {
+            let outside = !permitted.is_empty() && !permitted.iter().any(|c| dns_within(name, c));
+            if outside || excluded.iter().any(|c| dns_within(name, c)) {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "--san dns:{name} is outside the intermediate's name constraints \
+                         (permitted: {}; excluded: {}): every verifier would reject it",
+                        list_or_none(&permitted),
+                        list_or_none(&excluded)
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn intermediate_not_after(&self) -> Result<OffsetDateTime, PkiError> {
@@ -271,6 +326,7 @@ impl Store {
                 message: format!("--san {san:?} is not a valid SPIFFE ID: {why}"),
             })?;
         }
+        self.within_name_constraints(sans)?;
         let mut index = self.index()?;
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
@@ -442,4 +498,24 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+/// RFC 5280 §4.2.1.10 for DNS names: the constraint itself or any name
+/// below it ("example.internal" covers "a.example.internal"); a constraint
+/// with a leading dot only names below it.
+fn dns_within(name: &str, constraint: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    let constraint = constraint.trim_end_matches('.').to_ascii_lowercase();
+    match constraint.strip_prefix('.') {
+        Some(below) => name.ends_with(&format!(".{below}")),
+        None => name == constraint || name.ends_with(&format!(".{constraint}")),
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
 }
