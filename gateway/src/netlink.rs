@@ -25,7 +25,9 @@ pub struct Link {
 }
 
 /// ARPHRD types whose frames start with a 14-byte Ethernet header.
-const ETHERNET_LIKE: [u16; 2] = [1, 772];
+const ETHERNET_LIKE: [u16; 2] = [1, ARPHRD_LOOPBACK];
+/// `lo`'s link type.
+pub const ARPHRD_LOOPBACK: u16 = 772;
 /// ARPHRD types without a link header: the packet starts at its IP header.
 const NO_LINK_HEADER: [u16; 7] = [65534, 768, 769, 776, 778, 823, 519];
 
@@ -242,6 +244,65 @@ pub fn local_addresses() -> io::Result<Vec<IpNet>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Every (interface name, address) of this thread's network namespace,
+/// IPv4 subnet broadcast addresses included.
+pub fn interface_addresses() -> io::Result<Vec<(String, std::net::IpAddr)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills list; it is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let entry = unsafe { &*at };
+        let name = if entry.ifa_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a NUL-terminated name from getifaddrs, valid until freed.
+            unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut push = |a| out.push((name.clone(), a));
+        if let Some(a) = address_of(entry.ifa_addr) {
+            push(a);
+        }
+        if entry.ifa_flags & libc::IFF_BROADCAST as u32 != 0
+            && let Some(a) = address_of(entry.ifa_ifu)
+        {
+            push(a);
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+/// The address in a sockaddr from getifaddrs, when it is IPv4 or IPv6.
+fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null sockaddr from getifaddrs; its family says which
+    // larger struct it is.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        }
+    }
 }
 
 const RTM_NEWROUTE: u16 = 24;

@@ -4,8 +4,10 @@
 //! refuse connects, datagrams and raw packets to protected backends from
 //! anyone but the gateway). `remote`: the remote guard on a backend host (a
 //! TC classifier and a socket-level program that let only the gateways'
-//! addresses reach protected ports). Here: what both share: the rule
-//! types, pins and their lock, event ring buffers, counters.
+//! addresses reach protected ports). `block_list`: the admission block
+//! list's XDP program on the gateway's host (new connections from blocked
+//! sources dropped before a socket exists). Here: what they share: the
+//! rule types, pins and their lock, event ring buffers, counters.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt as _;
@@ -16,6 +18,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use gateway_common::protocol;
 use tokio::io::unix::AsyncFd;
 
+pub mod block_list;
 pub mod local;
 pub mod remote;
 
