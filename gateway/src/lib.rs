@@ -4,6 +4,8 @@
 //! tests drive the same functions in-process. See ARCHITECTURE.md for the map.
 
 pub mod access_log;
+pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod ebpf;

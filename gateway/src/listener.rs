@@ -15,11 +15,12 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
+use crate::admission::{Admission, Answer, Ticket};
 use crate::config::Mode;
 use crate::forward;
 use crate::metrics::Metrics;
@@ -31,15 +32,17 @@ use crate::upstream::{BackendTls, Upstream};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
-/// reload takes effect for the next connection and refuses none.
+/// reload takes effect for the next connection and refuses none. Admission
+/// decides at accept, before any byte is read, whether the connection may
+/// start a handshake.
 pub async fn accept_loop(
     current: Arc<ArcSwap<ListenerState>>,
     socket: TcpListener,
     shared: Shared,
     stop: CancellationToken,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     let name = current.load().name.clone();
+    let pool = shared.admission.pool(&name);
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -62,22 +65,27 @@ pub async fn accept_loop(
         // connection is judged again as it goes live (see `registry`).
         let judged_at = shared.registry.generation();
         let listener = current.load_full();
-        if active.load(Ordering::Relaxed) >= listener.max_connections {
-            tracing::warn!(listener = %listener.name, client = %peer,
-                max_connections = listener.max_connections, "connection refused: max_connections reached");
-            shared.metrics.refused(&listener.name, "max_connections");
-            let mut conn = Conn::new(&listener, peer);
-            conn.reason = format!("max_connections ({}) reached", listener.max_connections);
-            shared.log.emit(conn.record());
-            drop(stream);
-            continue;
-        }
-        let slot = Slot::take(&active);
+        let ticket = match shared.admission.admit(
+            &pool,
+            listener.max_connections,
+            listener.max_handshakes_in_flight,
+            peer,
+            Some(&stream),
+        ) {
+            Answer::Admit(ticket) | Answer::Evict { ticket, .. } => ticket,
+            Answer::Refuse(_) => {
+                // Counted and logged (at a bounded rate) by admission; a
+                // reset leaves no TIME_WAIT behind for a refused stranger.
+                offload::reset_if_dropped(&stream, true);
+                drop(stream);
+                continue;
+            }
+        };
         let shared = shared.clone();
         shared.tracker.clone().spawn(async move {
-            let record = serve(&listener, judged_at, stream, peer, &shared).await;
+            let record = serve(&listener, judged_at, stream, peer, &shared, &ticket).await;
             shared.log.emit(record);
-            drop(slot);
+            drop(ticket);
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
@@ -90,24 +98,10 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub registry: Arc<Registry>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Who may start a handshake, and each listener's slots.
+    pub admission: Arc<Admission>,
     /// Fires when the drain timeout is over: close what is left.
     pub close: CancellationToken,
-}
-
-/// One of a listener's max_connections, given back on drop.
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(active: &Arc<AtomicUsize>) -> Slot {
-        active.fetch_add(1, Ordering::Relaxed);
-        Slot(active.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What is known about a connection so far, for its access-log line.
@@ -194,17 +188,26 @@ fn serve<'a>(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &'a Shared,
+    ticket: &'a Ticket,
 ) -> impl Future<Output = AccessRecord> + 'a {
     async move {
         let close = &shared.close;
         let mut conn = Conn::new(listener, peer);
         let _ = stream.set_nodelay(true);
+        // Eviction, and the minimum rate while it is the client's turn.
+        let watch = ticket.watch(listener);
         // Boxed, like the other steps that end before the transfer: a task's
         // future is as large as its largest state for the connection's whole
         // life, and the handshake's (rustls' whole connection) is the largest.
         let handshake = tokio::time::timeout(
             listener.handshake_timeout,
-            Box::pin(handshake(listener, stream, &mut conn, &shared.metrics)),
+            Box::pin(handshake(
+                listener,
+                stream,
+                &mut conn,
+                &shared.metrics,
+                ticket,
+            )),
         );
         let tls = tokio::select! {
             r = handshake => match r {
@@ -215,11 +218,18 @@ fn serve<'a>(
                     return conn.record();
                 }
             },
+            cut = Box::pin(watch.cut()) => {
+                ticket.cut(&cut);
+                conn.reason = cut.to_string();
+                return conn.record();
+            }
             () = close.cancelled() => {
                 conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
         };
+        ticket.established();
+        drop(watch);
         let (route, mut tls) = tls;
         // From here the connection is live: reloads and the tick re-judge it.
         let registration = shared.registry.register(
@@ -539,6 +549,7 @@ async fn handshake(
     stream: TcpStream,
     conn: &mut Conn,
     metrics: &Metrics,
+    ticket: &Ticket,
 ) -> Option<(Arc<Route>, Box<ClientTls>)> {
     // The record framing is followed from the first byte: after the
     // handshake the kernel or our record layer takes over the stream at a
@@ -577,7 +588,10 @@ async fn handshake(
         }
         match acceptor.accept() {
             Ok(None) => continue,
-            Ok(Some(accepted)) => break accepted,
+            Ok(Some(accepted)) => {
+                ticket.hello_read();
+                break accepted;
+            }
             Err((e, mut alert)) => {
                 let mut out = Vec::new();
                 let _ = alert.write_all(&mut out);

@@ -522,9 +522,13 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         }
         let guard = guard.clone();
         let stats = stats.clone();
-        tokio::spawn(crate::metrics::serve_admin(
+        tokio::spawn(crate::admin::serve(
             socket,
-            move || render(&guard, &stats),
+            crate::admin::Routes {
+                metrics: Box::new(move || render(&guard, &stats)),
+                admission: None,
+                clients: Vec::new(),
+            },
             stop.clone(),
         ));
     }
