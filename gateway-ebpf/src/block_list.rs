@@ -139,9 +139,11 @@ fn parse(ctx: &XdpContext) -> Parsed {
     let mut at = link.l2_len as usize;
     let mut ethertype = if at == 0 {
         // No link header (tun, WireGuard): the IP version says which.
-        match read::<u8>(ctx, 0) {
-            Some(b) if b >> 4 == 4 => ETH_P_IP,
-            Some(b) if b >> 4 == 6 => ETH_P_IPV6,
+        // (Read as the 20 bytes every IP header has: a one-byte read at
+        // offset 0 compiles to a bounds check the verifier cannot use.)
+        match read::<[u8; 20]>(ctx, 0) {
+            Some(h) if h[0] >> 4 == 4 => ETH_P_IP,
+            Some(h) if h[0] >> 4 == 6 => ETH_P_IPV6,
             Some(_) => return Parsed::Other,
             None => return Parsed::Unparsed,
         }
