@@ -86,6 +86,8 @@ pub struct CpuTimes {
     pub steal: u64,
     /// All of it: user, nice, system, idle, iowait, irq, softirq, steal.
     pub total: u64,
+    /// Idle and iowait: the rest was busy.
+    pub idle: u64,
 }
 
 impl CpuTimes {
@@ -106,7 +108,15 @@ impl CpuTimes {
         Some(CpuTimes {
             steal: *v.get(7)?,
             total: v.iter().sum(),
+            idle: v.get(3)? + v.get(4)?,
         })
+    }
+
+    /// Busy seconds (all but idle and iowait) between `self` and `later`.
+    pub fn busy_seconds(&self, later: &CpuTimes) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        let idle = later.idle.saturating_sub(self.idle);
+        total.saturating_sub(idle) as f64 / clock_ticks()
     }
 
     /// Percent of the time between `self` and `later` that was stolen.
