@@ -866,6 +866,36 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
     }
 
     #[test]
+    fn admission_settings_default_safely_and_nonsense_is_refused() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners[0].max_handshakes_in_flight, None);
+        assert_eq!(c.listeners[0].handshake_min_rate, 256);
+        assert!(c.admission.kernel_block_list && c.admission.block_after > 0);
+        assert_eq!(c.admin_clients.len(), 2);
+        for (bad, field) in [
+            ("[admission]\nipv4_prefix = 33\n", "ipv4_prefix"),
+            ("[admission]\nipv6_prefix = 129\n", "ipv6_prefix"),
+            ("[admission]\nmax_blocked = 70000\n", "max_blocked"),
+            ("[admission]\nmax_tracked = 0\n", "max_tracked"),
+            ("[admission]\nblock_for = \"0s\"\n", "block_for"),
+            (
+                "[admission]\nsource_handshake_burst = 0\n",
+                "source_handshake_burst",
+            ),
+            ("[admission]\nblok_after = 3\n", "blok_after"),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let over = MINIMAL.replace(
+            "client_ca = \"client-roots.pem\"",
+            "client_ca = \"client-roots.pem\"\nmax_connections = 10\nmax_handshakes_in_flight = 11",
+        );
+        let err = parse(&over).unwrap_err().to_string();
+        assert!(err.contains("max_handshakes_in_flight"), "{err}");
+    }
+
+    #[test]
     fn workers_default_to_the_affinity_mask_and_zero_is_refused() {
         assert_eq!(parse(MINIMAL).unwrap().workers, None);
         let two = format!("workers = 2\n{MINIMAL}");

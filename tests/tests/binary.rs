@@ -510,3 +510,58 @@ async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
     wait_for("the exit", || gw.0.try_wait().unwrap().is_some());
     assert!(!pid_file.exists(), "the pid file outlived the gateway");
 }
+
+/// A flood of refusals is logged in a bounded number of lines: the first at
+/// once, then a summary per `log_every` with the count, never a line per
+/// refused connection (and no access-log line for any of them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_refusals_takes_a_bounded_number_of_log_lines() {
+    let pki = Pki::new();
+    let toml = format!("access_log = \"{}\"\n", pki.path("access.log").display())
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\n\
+           block_after = 0\nlog_every = \"1s\"\n";
+    let config = pki.write("gateway.toml", &toml);
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let _gw = Reap(child);
+    let addr = wait_listening(&pki.path("gateway.stderr"));
+    // One admitted (and closed without a ClientHello), 500 over the rate.
+    for _ in 0..501 {
+        // The reset may come before connect() returns: refused either way.
+        let _ = tokio::net::TcpStream::connect(addr).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = std::fs::read_to_string(pki.path("gateway.stderr")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| {
+            v["fields"]["reason"] == "source_rate"
+                || v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("source_rate"))
+        })
+        .collect();
+    assert!(
+        (2..=4).contains(&lines.len()),
+        "{} lines about source_rate:\n{log}",
+        lines.len()
+    );
+    let summarized: u64 = lines
+        .iter()
+        .filter_map(|v| v["fields"]["count"].as_u64())
+        .sum();
+    // One token a second: a refill or two may admit a connection or two.
+    assert!(
+        (497..=500).contains(&(summarized + 1)),
+        "every refusal is in a line's count ({summarized} + 1):\n{log}"
+    );
+    let access = std::fs::read_to_string(pki.path("access.log")).unwrap_or_default();
+    assert!(access.lines().count() <= 1, "{access}");
+}
