@@ -342,7 +342,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     backend: backend.addr,
                     workdir: out.join("peers"),
                     proxy_cpus: &args.proxy_cpus,
-                    load_cpus: &args.load_cpus,
                     client: client.clone(),
                     plan: p.clone(),
                 };

@@ -92,9 +92,10 @@ impl Default for Setup {
             gateway_top: String::new(),
             // The load comes from one address, 127.0.0.1: per-source limits
             // would cap every scenario but the abuse one at theirs.
-            gateway_tail: "\n[admission]\nsource_handshakes_per_second = 0\nsource_handshakes_in_flight = 0\n\
+            gateway_tail:
+                "\n[admission]\nsource_handshakes_per_second = 0\nsource_handshakes_in_flight = 0\n\
                            prefix_handshakes_per_second = 0\nprefix_handshakes_in_flight = 0\n"
-                .into(),
+                    .into(),
         }
     }
 }
@@ -132,8 +133,19 @@ impl Peer {
         std::fs::create_dir_all(&dir)?;
         let addr = free_port()?;
         let mut cmd = match kind {
-            Kind::Gateway => gateway(bins, pki, addr, backend, &dir, "userspace", cpus.len(), setup)?,
-            Kind::GatewayKtls => gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len(), setup)?,
+            Kind::Gateway => gateway(
+                bins,
+                pki,
+                addr,
+                backend,
+                &dir,
+                "userspace",
+                cpus.len(),
+                setup,
+            )?,
+            Kind::GatewayKtls => {
+                gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len(), setup)?
+            }
             Kind::Haproxy => haproxy(pki, addr, backend, &dir, setup)?,
             Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len(), setup)?,
             Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,

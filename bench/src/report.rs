@@ -676,7 +676,11 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         .peers
         .iter()
         .flat_map(|p| p.errors.iter().map(move |e| format!("- {}: {e}", p.name)))
-        .chain(r.abuse.iter().flat_map(|a| a.errors.iter().map(|e| format!("- {e}"))))
+        .chain(
+            r.abuse
+                .iter()
+                .flat_map(|a| a.errors.iter().map(|e| format!("- {e}"))),
+        )
         .collect();
     if !errors.is_empty() {
         let _ = writeln!(s, "\n## Failed scenarios\n\n{}", errors.join("\n"));
