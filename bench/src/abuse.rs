@@ -32,6 +32,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
 use crate::peers::{Binaries, Kind, Peer, Setup};
+use crate::procstat::{ksoftirqd_ns, thread_cpu_ns};
 
 /// What the scenario does; `--quick` shrinks it.
 #[derive(Debug, Clone)]
@@ -442,38 +443,6 @@ fn own_cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &raw mut usage) };
     let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     s(usage.ru_utime) + s(usage.ru_stime)
-}
-
-/// This thread's CPU time (softirqs served in its context included), ns.
-fn thread_cpu_ns() -> u64 {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid rusage to fill.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) };
-    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    ns(usage.ru_utime) + ns(usage.ru_stime)
-}
-
-/// CPU time of every ksoftirqd thread so far, ns.
-fn ksoftirqd_ns() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((comm, rest)) = stat.split_once(") ") else {
-            continue;
-        };
-        if !comm.contains("(ksoftirqd/") {
-            continue;
-        }
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        total += (ticks(11) + ticks(12)) * 1_000_000_000 / hz;
-    }
-    total
 }
 
 /// The report's section.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub mod bpf;
+pub mod cost;
 pub mod netns;
 pub mod packet;
 pub mod wire;

@@ -55,6 +55,13 @@ fn run_binary(
     Reap(child)
 }
 
+/// `run_binary` with its stderr in the PKI's `gateway.stderr`, once it
+/// listens.
+fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::SocketAddr) {
+    let gw = run_binary(config, &pki.path("gateway.stderr"), &[]);
+    (gw, wait_listening(&pki.path("gateway.stderr")))
+}
+
 /// Kills the child if the test fails before it is reaped.
 struct Reap(std::process::Child);
 impl Drop for Reap {
@@ -107,15 +114,8 @@ async fn openssl_s_client_through_the_binary_then_sigterm_drains_and_exits_0() {
     let pki = Pki::new();
     let (backend, accepted) = one_line_backend().await;
     let config = write_config(&pki, backend);
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut gw = Reap(child);
+    let (mut gw, addr) = run_listening(&pki, &config);
     let gw_log = || std::fs::read_to_string(pki.path("gateway.stderr")).unwrap_or_default();
-    let addr = wait_listening(&pki.path("gateway.stderr"));
     let frontend = pki.frontend();
 
     let ca = pki.path("server-roots.pem");
@@ -523,14 +523,7 @@ async fn a_flood_of_refusals_takes_a_bounded_number_of_log_lines() {
         + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\n\
            block_after = 0\nlog_every = \"1s\"\n";
     let config = pki.write("gateway.toml", &toml);
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let _gw = Reap(child);
-    let addr = wait_listening(&pki.path("gateway.stderr"));
+    let (_gw, addr) = run_listening(&pki, &config);
     // One admitted (and closed without a ClientHello), 500 over the rate.
     for _ in 0..501 {
         // The reset may come before connect() returns: refused either way.

@@ -103,7 +103,7 @@ impl<'a> Watch<'a> {
     pub async fn cut(&self) -> Cut {
         let cut = self.until_cut().await;
         if let Some(fd) = &self.socket {
-            reset_on_close(fd);
+            crate::offload::reset_if_dropped(&**fd, true);
         }
         cut
     }
@@ -188,25 +188,4 @@ pub(super) fn counted(fd: &OwnedFd) -> std::io::Result<Counted> {
         received: info.tcpi_bytes_received,
         sent: info.tcpi_bytes_sent,
     })
-}
-
-/// SO_LINGER 0: the socket is reset when its last descriptor closes.
-fn reset_on_close(fd: &OwnedFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid linger struct of the size passed, on our descriptor.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "admission: SO_LINGER on a cut handshake");
-    }
 }

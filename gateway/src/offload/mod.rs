@@ -453,7 +453,7 @@ pub fn attach(io: &Framed<TcpStream>) -> Result<(), Fallback> {
 /// not take a hand-off that failed or timed out for an orderly end. Once
 /// the hand-off is done (`false`), the leg closes in order again and the
 /// forwarding path decides how it ends.
-pub fn reset_if_dropped(s: &TcpStream, on: bool) {
+pub fn reset_if_dropped(s: &impl std::os::fd::AsRawFd, on: bool) {
     if let Err(e) = sys::reset_on_close(s, on) {
         tracing::debug!(error = %e, "setting SO_LINGER for the hand-off");
     }

@@ -21,6 +21,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use gateway_tests::cost::{ksoftirqd_ns, process_cpu_ns, thread_cpu_ns};
 use gateway_tests::netns::*;
 use gateway_tests::*;
 
@@ -51,24 +52,9 @@ fn main() {
     }
     let c = Netns::new("gbk");
     let g = Netns::new("gbk");
-    ip(&[
-        "link",
-        "add",
-        "c0",
-        "netns",
-        c.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "g0",
-        "netns",
-        g.name(),
-    ]);
+    veth(&c, "c0", &g, "g0");
     c.ip(&format!("addr add {SOURCE}/24 dev c0"));
-    c.ip("link set c0 up");
     g.ip(&format!("addr add {GATEWAY}/24 dev g0"));
-    g.ip("link set g0 up");
     let pki = Pki::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let paths: [(&str, &str); 3] = [
@@ -82,7 +68,7 @@ fn main() {
         order.rotate_left(round % paths.len());
         for (path, admission) in order {
             let gw = start(&g, &pki, dir.path(), admission, path);
-            block(&g, SOURCE);
+            gateway_block_in(g.name(), &["add", &SOURCE.to_string()], ADMIN);
             let pid = gw.child.id();
             let counter = match *path {
                 "xdp" => "gateway_block_list_drops_total{reason=\"manual\"}",
@@ -159,46 +145,12 @@ fn start(g: &Netns, pki: &Pki, dir: &std::path::Path, admission: &str, tag: &str
     ) + "\n[admission]\n"
         + admission;
     let config = pki.write(&format!("gateway-{tag}.toml"), &toml);
-    let bin = gateway_binary();
-    let mut gw = Proc::spawn(
-        in_netns_command(
-            g.name(),
-            &[
-                bin.to_str().expect("utf-8"),
-                "--log-format",
-                "json",
-                "run",
-                "--config",
-                config.to_str().expect("utf-8"),
-            ],
-        ),
-        dir.join(format!("gateway-{}.log", unique(tag))),
-    );
-    gw.wait_for("listening", 1);
-    gw
-}
-
-/// Blocks `source` through the admin endpoint (in `g`).
-fn block(g: &Netns, source: Ipv4Addr) {
-    let bin = gateway_binary();
-    let out = in_netns_command(
+    start_gateway_in(
         g.name(),
-        &[
-            bin.to_str().expect("utf-8"),
-            "block",
-            "add",
-            &source.to_string(),
-            "--admin",
-            ADMIN,
-        ],
+        &config,
+        dir.join(format!("gateway-{}.log", unique(tag))),
+        "listening",
     )
-    .output()
-    .expect("gateway block add");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Sends `count` SYNs (each from a new port) from `SOURCE` in `c` to the
@@ -307,45 +259,4 @@ fn syn(from: Ipv4Addr, to: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
     }
     p[36..38].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     p
-}
-
-fn thread_cpu_ns() -> u64 {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid rusage to fill.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) };
-    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    ns(usage.ru_utime) + ns(usage.ru_stime)
-}
-
-/// A process's CPU time (all its threads), in nanoseconds.
-fn process_cpu_ns(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    ticks_ns(&stat)
-}
-
-/// utime + stime of a /proc stat line, in nanoseconds.
-fn ticks_ns(stat: &str) -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    let Some((_, rest)) = stat.split_once(") ") else {
-        return 0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) * 1_000_000_000 / hz
-}
-
-/// CPU time of every ksoftirqd thread so far, in nanoseconds.
-fn ksoftirqd_ns() -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if stat.contains("(ksoftirqd/") {
-            total += ticks_ns(&stat);
-        }
-    }
-    total
 }
