@@ -769,7 +769,7 @@ mod tests {
     /// the close is seen first.
     #[tokio::test]
     async fn a_transfer_closed_before_it_starts_moves_nothing() {
-        use std::sync::atomic::AtomicU64;
+        use std::sync::atomic::{AtomicU64, AtomicUsize};
         for round in 0..64 {
             let close = CancellationToken::new();
             close.cancel();
