@@ -626,6 +626,23 @@ impl Config {
                 return Err(at(field, "must be more than 0"));
             }
         }
+        // Each pin directory is locked by the one that uses it: shared, the
+        // second to start would find it taken (and `gateway guard
+        // --uninstall` would remove the other's pins).
+        if let Some(g) = &self.guard
+            && g.pin
+            && a.pin
+            && a.kernel_block_list
+            && (g.pin_dir.starts_with(&a.pin_dir) || a.pin_dir.starts_with(&g.pin_dir))
+        {
+            return Err(at(
+                "pin_dir",
+                &format!(
+                    "must be apart from guard.pin_dir ({}): each is locked by its user",
+                    g.pin_dir.display()
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -883,6 +900,15 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
                 "source_handshake_burst",
             ),
             ("[admission]\nblok_after = 3\n", "blok_after"),
+            (
+                "[guard]\nenforcement = \"audit\"\npin_dir = \"/sys/fs/bpf/g\"\n\
+                 [admission]\npin_dir = \"/sys/fs/bpf/g\"\n",
+                "admission.pin_dir",
+            ),
+            (
+                "[guard]\nenforcement = \"audit\"\n[admission]\npin_dir = \"/sys/fs/bpf/gateway/a\"\n",
+                "admission.pin_dir",
+            ),
         ] {
             let err = parse(&format!("{MINIMAL}\n{bad}")).unwrap_err().to_string();
             assert!(err.contains(field), "{bad}: {err}");
