@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod attack;
 pub mod bpf;
 pub mod cost;
 pub mod netns;

@@ -3,13 +3,12 @@
 //! the block list and its admin routes. Everything runs on loopback; the
 //! attackers use other 127.0.0.0/8 addresses than the allowed client.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use gateway_tests::attack::*;
 use gateway_tests::*;
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 const ORDERS: &str = "orders.example.internal";
 
@@ -28,73 +27,6 @@ async fn gateway(
     RunningGateway::start(pki, &toml).await
 }
 
-/// A TCP connection to `to` from the loopback address `from`.
-async fn tcp_from(from: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let s = TcpSocket::new_v4()?;
-    s.bind(SocketAddr::new(from.parse().expect("address"), 0))?;
-    tokio::time::timeout(STEP, s.connect(to))
-        .await
-        .map_err(|_| std::io::Error::other("connect hung"))?
-}
-
-/// A ClientHello as rustls sends it for `ORDERS`.
-fn client_hello(pki: &Pki) -> Vec<u8> {
-    let name = ServerName::try_from(ORDERS).expect("name");
-    let mut c = rustls::ClientConnection::new(pki.frontend_config(), name).expect("client");
-    let mut out = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut out).expect("hello");
-    }
-    out
-}
-
-/// How long until the gateway closed `s` (EOF or reset), if within `limit`.
-async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at((start + limit).into(), s.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(start.elapsed()),
-            // An alert or a server flight: keep reading until it closes.
-            Ok(Ok(_)) => continue,
-        }
-    }
-}
-
-/// One allowed client through the gateway from `from`: handshake and echo.
-async fn allowed_from(pki: &Pki, from: &str, gw: SocketAddr) -> Result<(), String> {
-    let tcp = tcp_from(from, gw).await.map_err(|e| e.to_string())?;
-    let name = ServerName::try_from(ORDERS).expect("name");
-    let tls = tokio::time::timeout(
-        STEP,
-        tokio_rustls::TlsConnector::from(pki.frontend_config()).connect(name, tcp),
-    )
-    .await
-    .map_err(|_| "handshake hung".to_owned())?
-    .map_err(|e| format!("handshake: {e}"))?;
-    let back = echo_roundtrip(tls, b"ping".to_vec())
-        .await
-        .map_err(|e| format!("echo: {e}"))?;
-    if back != b"ping" {
-        return Err(format!("echo said {back:?}"));
-    }
-    Ok(())
-}
-
-/// The value of one series on the gateway's metrics endpoint (0 if absent).
-async fn metric(gw: &RunningGateway, series: &str) -> u64 {
-    gw.scrape()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn refused(reason: &str) -> String {
-    format!("gateway_connections_refused_total{{listener=\"edge\",reason=\"{reason}\"}}")
-}
-
 /// A ClientHello trickled one byte every 300 ms is cut at the grace (1 s
 /// here), long before the handshake timeout (30 s), and reset; an allowed
 /// client on the same listener meanwhile is served.
@@ -109,7 +41,7 @@ async fn a_trickled_client_hello_is_cut_at_the_grace_not_the_timeout() {
         "",
     )
     .await;
-    let hello = client_hello(&pki);
+    let hello = client_hello(&pki, ORDERS);
     let mut slow = tcp_from("127.0.2.1", gw.app_addr).await.unwrap();
     let start = Instant::now();
     let trickle = async {
@@ -128,7 +60,9 @@ async fn a_trickled_client_hello_is_cut_at_the_grace_not_the_timeout() {
         cut.is_some(),
         "still open after {after:?}: the trickle was not cut"
     );
-    allowed_from(&pki, "127.0.0.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
     let record = loop {
         let r = gw.next_record().await;
         if r.client.starts_with("127.0.2.1:") {
@@ -163,7 +97,9 @@ async fn allowed_clients_pass_a_tight_grace_and_a_high_minimum_rate() {
     )
     .await;
     for _ in 0..20 {
-        allowed_from(&pki, "127.0.0.1", gw.app_addr).await.unwrap();
+        allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+            .await
+            .unwrap();
     }
     assert_eq!(metric(&gw, &refused("handshake_too_slow")).await, 0);
 }
@@ -269,7 +205,7 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
     let tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
         .await
         .unwrap();
-    let hello = client_hello(&pki);
+    let hello = client_hello(&pki, ORDERS);
     let mut stalls = Vec::new();
     for i in 1..=2 {
         let mut s = tcp_from(&format!("127.0.4.{i}"), gw.app_addr)
@@ -296,7 +232,9 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
     // A handshake share freed is a newcomer admitted.
     drop(stalls);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    allowed_from(&pki, "127.0.0.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
 }
 
 /// The attack, scaled down: slowloris connections, twice
@@ -308,7 +246,7 @@ async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "max_connections = 60", "").await;
-    let hello = client_hello(&pki);
+    let hello = client_hello(&pki, ORDERS);
     let stop = tokio_util_like_stop();
     let mut attackers = Vec::new();
     for i in 0..120 {
@@ -335,7 +273,7 @@ async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut failures = Vec::new();
     for _ in 0..40 {
-        if let Err(e) = allowed_from(&pki, "127.0.0.1", gw.app_addr).await {
+        if let Err(e) = allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr).await {
             failures.push(e);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -399,12 +337,14 @@ async fn a_source_that_keeps_failing_is_blocked() {
         ("127.0.6.1/32", "strikes")
     );
     assert!(list[0].expires_in_seconds.is_some_and(|s| s > 3500));
-    allowed_from(&pki, "127.0.0.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
     gateway::admin::client::remove(admin, "127.0.6.1")
         .await
         .unwrap();
     let mut s = tcp_from("127.0.6.1", gw.app_addr).await.unwrap();
-    s.write_all(&client_hello(&pki)).await.unwrap();
+    s.write_all(&client_hello(&pki, ORDERS)).await.unwrap();
     // Judged again: this time the gateway reads it and answers.
     let n = tokio::time::timeout(STEP, s.read(&mut buf))
         .await
@@ -432,7 +372,11 @@ async fn a_source_over_its_handshake_rate_is_refused() {
     .await;
     let mut results = Vec::new();
     for _ in 0..5 {
-        results.push(allowed_from(&pki, "127.0.7.1", gw.app_addr).await.is_ok());
+        results.push(
+            allowed_from(&pki, ORDERS, "127.0.7.1", gw.app_addr)
+                .await
+                .is_ok(),
+        );
     }
     assert_eq!(
         results,
@@ -440,9 +384,13 @@ async fn a_source_over_its_handshake_rate_is_refused() {
         "burst of 2, then 1/s"
     );
     assert_eq!(metric(&gw, &refused("source_rate")).await, 3);
-    allowed_from(&pki, "127.0.8.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.8.1", gw.app_addr)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    allowed_from(&pki, "127.0.7.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.7.1", gw.app_addr)
+        .await
+        .unwrap();
 }
 
 /// Addresses of one /24 share its cap of handshakes in flight.
@@ -473,7 +421,9 @@ async fn a_prefix_shares_one_cap_of_handshakes_in_flight() {
             .is_some()
     );
     assert_eq!(metric(&gw, &refused("prefix_handshakes")).await, 1);
-    allowed_from(&pki, "127.0.10.1", gw.app_addr).await.unwrap();
+    allowed_from(&pki, ORDERS, "127.0.10.1", gw.app_addr)
+        .await
+        .unwrap();
     for s in &mut held {
         assert!(closed_within(s, Duration::from_millis(100)).await.is_none());
     }
@@ -492,7 +442,9 @@ async fn a_reload_applies_the_admission_settings() {
     };
     let gw = RunningGateway::start(&pki, &(listener("") + "\n[admission]\n")).await;
     for _ in 0..3 {
-        allowed_from(&pki, "127.0.11.1", gw.app_addr).await.unwrap();
+        allowed_from(&pki, ORDERS, "127.0.11.1", gw.app_addr)
+            .await
+            .unwrap();
     }
     gw.reload_toml(
         &pki,
@@ -501,8 +453,14 @@ async fn a_reload_applies_the_admission_settings() {
     )
     .await
     .unwrap();
-    allowed_from(&pki, "127.0.11.2", gw.app_addr).await.unwrap();
-    assert!(allowed_from(&pki, "127.0.11.2", gw.app_addr).await.is_err());
+    allowed_from(&pki, ORDERS, "127.0.11.2", gw.app_addr)
+        .await
+        .unwrap();
+    assert!(
+        allowed_from(&pki, ORDERS, "127.0.11.2", gw.app_addr)
+            .await
+            .is_err()
+    );
     assert_eq!(metric(&gw, &refused("source_rate")).await, 1);
 }
 
@@ -556,7 +514,7 @@ async fn the_block_list_through_the_admin_endpoint() {
     client::remove(admin, "127.0.12.0/24").await.unwrap();
     client::remove(admin, "127.0.13.7").await.unwrap();
     assert!(client::list(admin).await.unwrap().is_empty());
-    allowed_from(&pki, "127.0.12.99", gw.app_addr)
+    allowed_from(&pki, ORDERS, "127.0.12.99", gw.app_addr)
         .await
         .unwrap();
     assert!(
