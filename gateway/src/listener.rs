@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
-use crate::admission::{Admission, Answer, Ticket};
+use crate::admission::{Admission, Answer, Refusal, Ticket};
 use crate::config::Mode;
 use crate::forward;
 use crate::metrics::Metrics;
@@ -214,6 +214,7 @@ fn serve<'a>(
                 Ok(Some(tls)) => tls,
                 Ok(None) => return conn.record(),
                 Err(_) => {
+                    ticket.refused(Refusal::HandshakeTimeout);
                     conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
                     return conn.record();
                 }
@@ -558,41 +559,66 @@ async fn handshake(
     let mut stream = Framed::new(stream);
     let mut acceptor = Acceptor::default();
     let mut buf = vec![0u8; 4096];
+    let mut read = 0usize;
     let accepted = loop {
         let n = match stream.read(&mut buf).await {
             Ok(0) => {
+                ticket.refused(Refusal::ClientClosed);
                 conn.reason = "client closed before sending a ClientHello".into();
                 return None;
             }
             Ok(n) => n,
             Err(e) => {
+                // Framed refuses a header no TLS peer sends as InvalidData;
+                // anything else is the connection breaking.
+                ticket.refused(if e.kind() == std::io::ErrorKind::InvalidData {
+                    Refusal::BadRecord
+                } else {
+                    Refusal::ClientClosed
+                });
                 conn.reason = format!("reading ClientHello: {e}");
                 return None;
             }
         };
-        let mut input = &buf[..n];
+        read += n;
+        let mut input = buf.get(..n).unwrap_or_default();
         while !input.is_empty() {
             match acceptor.read_tls(&mut input) {
                 Ok(0) => {
                     // rustls takes no more input (it saw close_notify):
                     // never loop on that.
+                    ticket.refused(Refusal::ClientClosed);
                     conn.reason = "client closed its side before sending a ClientHello".into();
                     return None;
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    ticket.refused(Refusal::BadClientHello);
                     conn.reason = format!("reading ClientHello: {e}");
                     return None;
                 }
             }
         }
         match acceptor.accept() {
+            Ok(None) if read > MAX_CLIENT_HELLO => {
+                // rustls would buffer a hello of up to 64 KiB and any
+                // number of records before it; no client needs that.
+                ticket.refused(Refusal::ClientHelloTooLarge);
+                let _ = stream
+                    .write_all(&crate::tls::plaintext_alert(AlertDescription::DecodeError))
+                    .await;
+                conn.reason = format!(
+                    "no complete ClientHello in the first {read} bytes (at most {MAX_CLIENT_HELLO})"
+                );
+                return None;
+            }
             Ok(None) => continue,
             Ok(Some(accepted)) => {
                 ticket.hello_read();
                 break accepted;
             }
             Err((e, mut alert)) => {
+                ticket.refused(hello_refusal(&e));
                 let mut out = Vec::new();
                 let _ = alert.write_all(&mut out);
                 let _ = stream.write_all(&out).await;
@@ -609,6 +635,7 @@ async fn handshake(
                 AlertDescription::UnrecognisedName,
             ))
             .await;
+        ticket.refused(Refusal::NoRoute);
         conn.reason = match sni {
             Some(s) => format!("no route for server name {s:?} and no default route"),
             None => "client sent no server name and there is no default route".into(),
@@ -658,7 +685,16 @@ async fn handshake(
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let tls = judge(&route, result, decision, conn)?;
+    let failed = result.as_ref().err().map(handshake_refusal);
+    let tls = judge(&route, result, decision, conn);
+    if let (None, Some(refusal)) = (&tls, failed)
+        && conn.verdict == Verdict::Error
+    {
+        // Failed before any verdict (a refused client is counted on its
+        // route instead).
+        ticket.refused(refusal);
+    }
+    let tls = tls?;
     let (_, session) = tls.get_ref();
     conn.tls_version = session.protocol_version().map(|v| match v {
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
@@ -732,6 +768,34 @@ fn judge<T>(
         }
     }
     result.ok()
+}
+
+/// The most wire bytes read before a ClientHello is complete: a hello fills
+/// at most one record of 16 KiB (with post-quantum key shares a real one is
+/// about 2 KiB); some slack for one split across records.
+const MAX_CLIENT_HELLO: usize = 16_384 + 2048;
+
+/// What a ClientHello rustls refused is counted as: one asking for what
+/// the listener does not speak (only TLS 1.0, no signature algorithms) is
+/// incompatible, anything else malformed.
+fn hello_refusal(e: &rustls::Error) -> Refusal {
+    match e {
+        rustls::Error::PeerIncompatible(_) => Refusal::Incompatible,
+        _ => Refusal::BadClientHello,
+    }
+}
+
+/// What a handshake that failed after its ClientHello is counted as.
+fn handshake_refusal(e: &std::io::Error) -> Refusal {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(e @ rustls::Error::PeerIncompatible(_)) => hello_refusal(e),
+        Some(_) => Refusal::HandshakeFailed,
+        None if e.kind() == std::io::ErrorKind::InvalidData => Refusal::HandshakeFailed,
+        None => Refusal::ClientClosed,
+    }
 }
 
 /// A failed handshake is a refusal when the verifier objected, or when the

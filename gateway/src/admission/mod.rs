@@ -91,6 +91,28 @@ pub enum Refusal {
     Evicted,
     /// Admitted, then cut for sending below the minimum rate.
     HandshakeTooSlow,
+    /// Admitted; the handshake took longer than `handshake_timeout`.
+    HandshakeTimeout,
+    /// Admitted; the client closed (or reset) its connection during the
+    /// handshake.
+    ClientClosed,
+    /// Admitted; it sent bytes that are not TLS records (plain HTTP, an
+    /// SSLv2 hello, random bytes, an oversized or empty record).
+    BadRecord,
+    /// Admitted; its records held no acceptable ClientHello (another
+    /// message first, a malformed or oversized hello).
+    BadClientHello,
+    /// Admitted; it sent more than `MAX_CLIENT_HELLO` bytes without
+    /// completing a ClientHello.
+    ClientHelloTooLarge,
+    /// Admitted; no route for the server name it asked for.
+    NoRoute,
+    /// Admitted; nothing in common to speak (TLS versions, cipher suites,
+    /// key exchange groups, signature schemes).
+    Incompatible,
+    /// Admitted; the handshake failed otherwise, before any policy verdict
+    /// (a malformed or unexpected message, a broken connection).
+    HandshakeFailed,
 }
 
 impl Refusal {
@@ -105,6 +127,14 @@ impl Refusal {
             Refusal::PrefixHandshakes => "prefix_handshakes",
             Refusal::Evicted => "evicted",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::ClientClosed => "client_closed",
+            Refusal::BadRecord => "bad_record",
+            Refusal::BadClientHello => "bad_client_hello",
+            Refusal::ClientHelloTooLarge => "client_hello_too_large",
+            Refusal::NoRoute => "no_route",
+            Refusal::Incompatible => "incompatible",
+            Refusal::HandshakeFailed => "handshake_failed",
         }
     }
 
@@ -317,7 +347,7 @@ impl Admission {
         self.refusals
             .note(listener, refusal.label(), source, every, now, || {
                 tracing::warn!(listener, client = %source, reason = refusal.label(),
-                    "connection refused by admission (more of the same are summarized every {every:?})");
+                    "connection refused before a route decision (more of the same are summarized every {every:?})");
             });
     }
 
@@ -650,12 +680,14 @@ impl Ticket {
 
     /// Counts and logs (bounded) a cut as the refusal it is.
     pub fn cut(&self, cut: &Cut) {
-        self.admission.note(
-            self.pool.listener(),
-            cut.refusal(),
-            self.source,
-            Instant::now(),
-        );
+        self.refused(cut.refusal());
+    }
+
+    /// Counts and logs (bounded) a handshake that ended without a route
+    /// decision, for `refusal`. (Its strike comes when the ticket goes.)
+    pub fn refused(&self, refusal: Refusal) {
+        self.admission
+            .note(self.pool.listener(), refusal, self.source, Instant::now());
     }
 
     fn evicted_token(&self) -> CancellationToken {
