@@ -8,6 +8,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod config;
+pub mod descriptors;
 pub mod ebpf;
 pub mod expiry;
 pub mod forward;

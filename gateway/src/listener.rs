@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
 use crate::admission::{Admission, Answer, Refusal, Ticket};
 use crate::config::Mode;
+use crate::descriptors::{self, Reserve};
 use crate::forward;
 use crate::metrics::Metrics;
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
@@ -43,13 +44,22 @@ pub async fn accept_loop(
 ) {
     let name = current.load().name.clone();
     let pool = shared.admission.pool(&name);
+    let mut reserve = Reserve::new();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             r = socket.accept() => match r {
                 Ok(x) => x,
+                Err(e) if descriptors::exhausted(&e) && reserve.release() => {
+                    refuse_without_descriptors(&socket, &name, &shared).await;
+                    if !reserve.retake() {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // No reserve to refuse with, or another error: back off
+                    // instead of spinning.
                     tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
@@ -89,6 +99,20 @@ pub async fn accept_loop(
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// With the reserve descriptor given up: accepts the connection waiting in
+/// the backlog and resets it, counted, rather than leave it waiting there
+/// unanswered while the listener wakes up for it again and again.
+async fn refuse_without_descriptors(socket: &TcpListener, name: &str, shared: &Shared) {
+    let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), socket.accept()).await;
+    if let Ok(Ok((stream, peer))) = waiting {
+        offload::reset_if_dropped(&stream, true);
+        drop(stream);
+        shared
+            .admission
+            .refused_at_accept(name, Refusal::OutOfDescriptors, peer);
+    }
 }
 
 /// What every connection task shares with the app.

@@ -462,6 +462,19 @@ impl Drop for PidFile {
 
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
+    // Each connection is a descriptor: the soft limit's 1024 would be the
+    // first thing a flood exhausts.
+    match gateway::descriptors::raise_limit() {
+        Ok(r) if r.before != r.now => {
+            tracing::info!(
+                from = r.before,
+                to = r.now,
+                "raised the open-files soft limit to the hard limit"
+            );
+        }
+        Ok(r) => tracing::info!(limit = r.now, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "open-files limit left as it is"),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // tokio's default is the CPUs in the affinity mask, so `taskset` alone
     // also sizes the runtime.

@@ -62,6 +62,139 @@ fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::Socket
     (gw, wait_listening(&pki.path("gateway.stderr")))
 }
 
+/// The soft and hard "Max open files" of process `pid`.
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// `GET /metrics` from an admin endpoint at `admin`.
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(STEP, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The gateway raises its open-files soft limit to the hard limit at start.
+#[tokio::test]
+async fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let (gw, _) = run_with_nofile(&pki, &config, 256, 4096);
+    assert_eq!(nofile_of(gw.0.id()), (4096, 4096));
+}
+
+/// With its descriptors used up, the gateway keeps running: a connection
+/// it has no descriptor for is accepted with the listener's reserve and
+/// reset at once (a refusal the client sees, counted as
+/// `out_of_descriptors`, logged a bounded number of times), and once
+/// descriptors are back it serves again.
+#[tokio::test]
+async fn running_out_of_descriptors_refuses_counted_and_recovers() {
+    use gateway_tests::attack::*;
+    const ORDERS: &str = "orders.example.internal";
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let admin = dead_port();
+    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\nworkers = 1\n")
+        + &listener_toml(
+            &pki,
+            "edge",
+            "handshake_timeout = \"60s\"\nhandshake_grace = \"60s\"",
+        )
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nlog_every = \"60s\"\n";
+    let config = pki.write("gateway.toml", &toml);
+    let (mut gw, addr) = run_with_nofile(&pki, &config, 64, 64);
+    // Idle handshakes hold two descriptors each (the socket, and its
+    // duplicate watched for progress): 100 of them are more than 64.
+    let mut idle = Vec::new();
+    let mut reset = 0;
+    for _ in 0..100 {
+        // The reset may come before connect() returns.
+        match tcp_from("127.0.4.1", addr).await {
+            Ok(s) => idle.push(s),
+            Err(_) => reset += 1,
+        }
+    }
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(200)).await.is_some() {
+            reset += 1;
+        }
+    }
+    assert!(
+        (30..100).contains(&reset),
+        "{reset} of 100 reset: the descriptors should have run out part way"
+    );
+    assert!(
+        allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.is_err(),
+        "served with no descriptor left"
+    );
+    assert!(gw.0.try_wait().unwrap().is_none(), "the gateway exited");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.unwrap();
+    let metrics = scrape(admin).await;
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "gateway_connections_refused_total{listener=\"edge\",reason=\"out_of_descriptors\"}",
+            )?
+            .trim()
+            .parse()
+            .ok()
+        })
+        .unwrap_or(0);
+    // Every reset idle connection, and the allowed client's attempt.
+    assert_eq!(counted, reset + 1, "{metrics}");
+    let log = std::fs::read_to_string(pki.path("gateway.stderr")).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("out_of_descriptors"))
+        .count();
+    assert!(
+        lines <= 2,
+        "{lines} log lines for {counted} refusals:\n{log}"
+    );
+}
+
+/// `run_listening` with `RLIMIT_NOFILE` set to (soft, hard) for the
+/// gateway (through util-linux `prlimit`, which execs it).
+fn run_with_nofile(
+    pki: &Pki,
+    config: &std::path::Path,
+    soft: u64,
+    hard: u64,
+) -> (Reap, std::net::SocketAddr) {
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg("--")
+        .arg(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    (Reap(child), wait_listening(&pki.path("gateway.stderr")))
+}
+
 /// Kills the child if the test fails before it is reaped.
 struct Reap(std::process::Child);
 impl Drop for Reap {

@@ -113,6 +113,9 @@ pub enum Refusal {
     /// Admitted; the handshake failed otherwise, before any policy verdict
     /// (a malformed or unexpected message, a broken connection).
     HandshakeFailed,
+    /// Accepted with the listener's reserve descriptor and reset at once:
+    /// the process had no descriptor left (`descriptors`).
+    OutOfDescriptors,
 }
 
 impl Refusal {
@@ -135,6 +138,7 @@ impl Refusal {
             Refusal::NoRoute => "no_route",
             Refusal::Incompatible => "incompatible",
             Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::OutOfDescriptors => "out_of_descriptors",
         }
     }
 
@@ -333,6 +337,17 @@ impl Admission {
                 self.refuse(listener, refusal, source, now)
             }
         }
+    }
+
+    /// Counts and logs (bounded) a connection the listener refused before
+    /// asking (`Refusal::OutOfDescriptors`).
+    pub fn refused_at_accept(&self, listener: &str, refusal: Refusal, client: SocketAddr) {
+        self.note(
+            listener,
+            refusal,
+            client.ip().to_canonical(),
+            Instant::now(),
+        );
     }
 
     fn refuse(&self, listener: &str, refusal: Refusal, source: IpAddr, now: Instant) -> Answer {
