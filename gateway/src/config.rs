@@ -741,7 +741,11 @@ impl Config {
                 // A device identity outside the bundle's trust domains
                 // would make every certificate unusable: the route could
                 // never let anyone in.
-                let device_bundle = &self.trust[&d.trust];
+                let Some(device_bundle) = self.trust.get(&d.trust) else {
+                    return Err(
+                        self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
+                    );
+                };
                 if let (Some(domains), Ok(id)) = (
                     &device_bundle.spiffe_trust_domains,
                     crate::spiffe::SpiffeId::parse(d.san_prefix.trim_end_matches('/')),

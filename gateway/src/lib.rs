@@ -3,6 +3,8 @@
 //! The binary is a thin shell around [`app::build`] and [`app::App::run`];
 //! tests drive the same functions in-process. See ARCHITECTURE.md for the map.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 pub mod access_log;
 pub mod admin;
 pub mod admission;

@@ -1,6 +1,8 @@
 //! `gateway run|check --config FILE`: parse the command line, set up logging,
 //! hand over to the library.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -115,7 +115,7 @@ fn dump<T>(
     let mut buf = vec![0u8; 64 * 1024];
     for _ in 0..100_000 {
         let n = recv(fd, &mut buf, true)?;
-        for (k, body) in messages(&buf[..n]) {
+        for (k, body) in messages(buf.get(..n).unwrap_or_default()) {
             match k {
                 NLMSG_DONE => return Ok(found),
                 NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
@@ -178,8 +178,8 @@ pub(crate) fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize
 
 /// The errno an NLMSG_ERROR body carries (0: an acknowledgement).
 pub(crate) fn errno_of(body: &[u8]) -> i32 {
-    body.get(..4)
-        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    body.first_chunk::<4>()
+        .map(|b| -i32::from_ne_bytes(*b))
         .unwrap_or(0)
 }
 
@@ -190,10 +190,7 @@ pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16::from_ne_bytes([*rest.first()?, *rest.get(1)?]));
         let kind = u16::from_ne_bytes([*rest.get(2)?, *rest.get(3)?]);
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let value = &rest[4..len];
+        let value = rest.get(4..len)?;
         rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
         Some((kind, value))
     })
@@ -204,27 +201,32 @@ pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
-        let header = buf.get(at..at + NLMSG_HDR)?;
-        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let kind = u16::from_ne_bytes([header[4], header[5]]);
-        if len < NLMSG_HDR || at + len > buf.len() {
+        let &[l0, l1, l2, l3, k0, k1, ..] = buf.get(at..at + NLMSG_HDR)? else {
+            return None;
+        };
+        let len = u32::from_ne_bytes([l0, l1, l2, l3]) as usize;
+        let kind = u16::from_ne_bytes([k0, k1]);
+        if len < NLMSG_HDR {
             return None;
         }
-        let body = &buf[at + NLMSG_HDR..at + len];
+        let body = buf.get(at + NLMSG_HDR..at + len)?;
         at += (len + 3) & !3;
         Some((kind, body))
     })
 }
 
 fn parse_link(body: &[u8]) -> Option<Link> {
-    let info = body.get(..IFINFOMSG)?;
-    let kind = u16::from_ne_bytes([info[2], info[3]]);
-    let index = i32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
-    let (_, value) = attributes(&body[IFINFOMSG..]).find(|(k, _)| *k == IFLA_IFNAME)?;
-    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    let (info, attrs) = body.split_at_checked(IFINFOMSG)?;
+    let &[_, _, k0, k1, i0, i1, i2, i3, ..] = info else {
+        return None;
+    };
+    let kind = u16::from_ne_bytes([k0, k1]);
+    let index = i32::from_ne_bytes([i0, i1, i2, i3]);
+    let (_, value) = attributes(attrs).find(|(k, _)| *k == IFLA_IFNAME)?;
+    let name = value.split(|b| *b == 0).next().unwrap_or_default();
     Some(Link {
         index: u32::try_from(index).ok()?,
-        name: String::from_utf8_lossy(&value[..end]).into_owned(),
+        name: String::from_utf8_lossy(name).into_owned(),
         kind,
     })
 }
@@ -347,12 +349,14 @@ fn local_routes(family: u8) -> io::Result<Vec<IpNet>> {
 
 /// A route that delivers to this host, as the prefix it covers.
 fn parse_local_route(body: &[u8]) -> Option<IpNet> {
-    let rtm = body.get(..RTMSG)?;
-    let (family, dst_len, kind) = (rtm[0], rtm[1], rtm[7]);
+    let (rtm, attrs) = body.split_at_checked(RTMSG)?;
+    let &[family, dst_len, _, _, _, _, _, kind, ..] = rtm else {
+        return None;
+    };
     if !matches!(kind, RTN_LOCAL | RTN_BROADCAST | RTN_ANYCAST) {
         return None;
     }
-    let dst = attributes(&body[RTMSG..]).find(|(k, _)| *k == RTA_DST);
+    let dst = attributes(attrs).find(|(k, _)| *k == RTA_DST);
     let addr: IpAddr = match (i32::from(family), dst) {
         (libc::AF_INET, Some((_, v))) => <[u8; 4]>::try_from(v).ok()?.into(),
         (libc::AF_INET6, Some((_, v))) => <[u8; 16]>::try_from(v).ok()?.into(),

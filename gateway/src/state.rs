@@ -256,6 +256,6 @@ impl ListenerState {
     pub fn route_for(&self, sni: Option<&str>) -> Option<&Arc<Route>> {
         sni.and_then(|s| self.by_sni.get(&s.to_ascii_lowercase()))
             .or(self.default_route.as_ref())
-            .map(|&i| &self.routes[i])
+            .and_then(|&i| self.routes.get(i))
     }
 }

@@ -520,7 +520,11 @@ impl Admission {
             let t = self.tables();
             let mut by_reason = [0u64; 2];
             for b in t.blocked.list() {
-                by_reason[usize::from(b.reason == BlockReason::Manual)] += 1;
+                let [strikes, manual] = &mut by_reason;
+                match b.reason {
+                    BlockReason::Strikes => *strikes += 1,
+                    BlockReason::Manual => *manual += 1,
+                }
             }
             (
                 by_reason,

@@ -536,7 +536,10 @@ const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 /// One bpf(2) call with `attr` (zero-padded to the kernel's bpf_attr).
 fn bpf_call(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> {
     let mut full = [0u8; 128];
-    full[..attr.len()].copy_from_slice(attr);
+    let Some(room) = full.get_mut(..attr.len()) else {
+        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+    };
+    room.copy_from_slice(attr);
     // SAFETY: full is a zero-padded bpf_attr of the size passed; pointers
     // in it point at memory that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, full.as_mut_ptr(), full.len()) };
