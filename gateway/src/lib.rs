@@ -15,6 +15,7 @@ pub mod ebpf;
 pub mod expiry;
 pub mod forward;
 pub mod guard;
+pub mod hello;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

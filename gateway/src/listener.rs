@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustls::AlertDescription;
-use rustls::server::Acceptor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
@@ -24,6 +23,7 @@ use crate::admission::{Admission, Answer, Refusal, Ticket};
 use crate::config::Mode;
 use crate::descriptors::{self, Reserve};
 use crate::forward;
+use crate::hello;
 use crate::metrics::Metrics;
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
@@ -581,76 +581,15 @@ async fn handshake(
     // record boundary, and bytes the Acceptor reads past the ClientHello
     // are part of that count. Malformed record headers end it here.
     let mut stream = Framed::new(stream);
-    let mut acceptor = Acceptor::default();
-    let mut buf = vec![0u8; 4096];
-    let mut read = 0usize;
-    let accepted = loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) => {
-                ticket.refused(Refusal::ClientClosed);
-                conn.reason = "client closed before sending a ClientHello".into();
-                return None;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                // Framed refuses a header no TLS peer sends as InvalidData;
-                // anything else is the connection breaking.
-                ticket.refused(if e.kind() == std::io::ErrorKind::InvalidData {
-                    Refusal::BadRecord
-                } else {
-                    Refusal::ClientClosed
-                });
-                conn.reason = format!("reading ClientHello: {e}");
-                return None;
-            }
-        };
-        read += n;
-        let mut input = buf.get(..n).unwrap_or_default();
-        while !input.is_empty() {
-            match acceptor.read_tls(&mut input) {
-                Ok(0) => {
-                    // rustls takes no more input (it saw close_notify):
-                    // never loop on that.
-                    ticket.refused(Refusal::ClientClosed);
-                    conn.reason = "client closed its side before sending a ClientHello".into();
-                    return None;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    ticket.refused(Refusal::BadClientHello);
-                    conn.reason = format!("reading ClientHello: {e}");
-                    return None;
-                }
-            }
-        }
-        match acceptor.accept() {
-            Ok(None) if read > MAX_CLIENT_HELLO => {
-                // rustls would buffer a hello of up to 64 KiB and any
-                // number of records before it; no client needs that.
-                ticket.refused(Refusal::ClientHelloTooLarge);
-                let _ = stream
-                    .write_all(&crate::tls::plaintext_alert(AlertDescription::DecodeError))
-                    .await;
-                conn.reason = format!(
-                    "no complete ClientHello in the first {read} bytes (at most {MAX_CLIENT_HELLO})"
-                );
-                return None;
-            }
-            Ok(None) => continue,
-            Ok(Some(accepted)) => {
-                ticket.hello_read();
-                break accepted;
-            }
-            Err((e, mut alert)) => {
-                ticket.refused(hello_refusal(&e));
-                let mut out = Vec::new();
-                let _ = alert.write_all(&mut out);
-                let _ = stream.write_all(&out).await;
-                conn.reason = format!("bad ClientHello: {e}");
-                return None;
-            }
+    let accepted = match hello::read(&mut stream).await {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            ticket.refused(refused.refusal);
+            conn.reason = refused.reason;
+            return None;
         }
     };
+    ticket.hello_read();
     let sni = accepted.client_hello().server_name().map(str::to_owned);
     conn.sni = sni.clone();
     let Some(route) = listener.route_for(sni.as_deref()).cloned() else {
@@ -794,28 +733,13 @@ fn judge<T>(
     result.ok()
 }
 
-/// The most wire bytes read before a ClientHello is complete: a hello fills
-/// at most one record of 16 KiB (with post-quantum key shares a real one is
-/// about 2 KiB); some slack for one split across records.
-const MAX_CLIENT_HELLO: usize = 16_384 + 2048;
-
-/// What a ClientHello rustls refused is counted as: one asking for what
-/// the listener does not speak (only TLS 1.0, no signature algorithms) is
-/// incompatible, anything else malformed.
-fn hello_refusal(e: &rustls::Error) -> Refusal {
-    match e {
-        rustls::Error::PeerIncompatible(_) => Refusal::Incompatible,
-        _ => Refusal::BadClientHello,
-    }
-}
-
 /// What a handshake that failed after its ClientHello is counted as.
 fn handshake_refusal(e: &std::io::Error) -> Refusal {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(e @ rustls::Error::PeerIncompatible(_)) => hello_refusal(e),
+        Some(e @ rustls::Error::PeerIncompatible(_)) => hello::refusal_of(e),
         Some(_) => Refusal::HandshakeFailed,
         None if e.kind() == std::io::ErrorKind::InvalidData => Refusal::HandshakeFailed,
         None => Refusal::ClientClosed,

@@ -133,7 +133,12 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
         path: path.to_owned(),
         source,
     })?;
-    let de = toml::Deserializer::parse(&text).map_err(|e| RemoteGuardError::Parse {
+    parse(&text, path)
+}
+
+/// Checks the text of guard.toml (`path` names it in errors).
+pub fn parse(text: &str, path: &Path) -> Result<GuardFile, RemoteGuardError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| RemoteGuardError::Parse {
         path: path.to_owned(),
         field: String::new(),
         message: e.to_string(),
