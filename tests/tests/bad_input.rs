@@ -425,3 +425,89 @@ async fn a_client_that_never_reads_holds_bounded_buffers() {
     drop(tls);
     source_task.abort();
 }
+
+/// The DER of a PEM certificate.
+fn der(pem: &str) -> rustls::pki_types::CertificateDer<'static> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem")
+}
+
+/// Absurd client chains: one too deep (intermediates under an intermediate
+/// that may sign leaves only), and one of 150 certificates that go round
+/// (the intermediate and the root again and again). Each is refused by
+/// the route, counted as a `deny`, within a second, with nothing left in
+/// flight, and the allowed client is served after.
+#[tokio::test]
+async fn absurd_client_chains_are_refused_quickly_and_counted() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, backend.addr).await;
+    let leaf_spec = gateway::pki::LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    // Deep: root → intermediate → 6 more → leaf.
+    let mut cas = vec![];
+    let mut issuer = pki.intermediate.intermediate("deep-0").unwrap();
+    for i in 1..6 {
+        let next = issuer.intermediate(&format!("deep-{i}")).unwrap();
+        cas.push(std::mem::replace(&mut issuer, next));
+    }
+    let leaf = issuer.issue(&leaf_spec).unwrap();
+    let mut deep = vec![der(&leaf.cert_pem), der(&issuer.cert_pem)];
+    deep.extend(cas.iter().rev().map(|a| der(&a.cert_pem)));
+    deep.push(der(&pki.intermediate.cert_pem));
+    // Round and round: a leaf of an unknown CA, then its CA and ours, 75
+    // times each.
+    let stranger = gateway::pki::Authority::root("stranger").unwrap();
+    let stranger_leaf = stranger.issue(&leaf_spec).unwrap();
+    let mut round = vec![der(&stranger_leaf.cert_pem)];
+    for _ in 0..75 {
+        round.push(der(&stranger.cert_pem));
+        round.push(der(&pki.intermediate.cert_pem));
+    }
+    for (name, chain, key) in [
+        ("deep", deep, leaf.key_pem.clone()),
+        ("round", round, stranger_leaf.key_pem.clone()),
+    ] {
+        let creds = ClientCreds {
+            chain,
+            key_pem: key,
+            cert_path: pki.path("unused.pem"),
+            key_path: pki.path("unused.key"),
+        };
+        let before = gw.stats("orders").1;
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(
+            STEP,
+            connect(gw.app_addr, ORDERS, pki.client_config(Some(&creds))),
+        )
+        .await
+        .expect("no answer");
+        // TLS 1.3: the client's handshake ends before the server judges its
+        // certificate; the refusal is the alert on the first read.
+        if let Ok(tls) = outcome {
+            assert!(
+                echo_roundtrip(tls, b"x".to_vec()).await.is_err(),
+                "{name}: served"
+            );
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{name}: took {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            gw.stats("orders").1,
+            before + 1,
+            "{name}: not a counted deny"
+        );
+        assert_eq!(
+            metric(&gw, "gateway_handshakes_in_flight{listener=\"edge\"}").await,
+            0,
+            "{name}"
+        );
+    }
+    assert_eq!(backend.accepted(), 0);
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
+}
