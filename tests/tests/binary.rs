@@ -697,3 +697,66 @@ async fn a_flood_of_refusals_takes_a_bounded_number_of_log_lines() {
         "{access}"
     );
 }
+
+/// `gateway block list|add|remove --config` as an operator runs it, against
+/// the running binary's admin endpoint: an entry added shows in the list
+/// and refuses its source at accept, and once removed it is gone.
+#[tokio::test]
+async fn gateway_block_edits_the_running_gateways_block_list() {
+    use gateway_tests::attack::*;
+    let pki = Pki::new();
+    let admin = dead_port();
+    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\n")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nkernel_block_list = false\n";
+    let config = pki.write("gateway.toml", &toml);
+    let (_gw, addr) = run_listening(&pki, &config);
+    let block = |args: &[&str]| {
+        let out = Command::new(gateway_binary())
+            .arg("block")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gateway block {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(block(&["list"]).contains("empty"));
+    let added = block(&["add", "127.0.5.0/24", "--for", "1h"]);
+    assert!(added.contains("blocked 127.0.5.0/24 for"), "{added}");
+    let list = block(&["list"]);
+    assert!(
+        list.contains("127.0.5.0/24") && list.contains("manual"),
+        "{list}"
+    );
+    let mut s = tcp_from("127.0.5.9", addr).await;
+    if let Ok(s) = &mut s {
+        assert!(
+            closed_within(s, Duration::from_secs(2)).await.is_some(),
+            "a blocked source was not refused"
+        );
+    }
+    let metrics = scrape(admin).await;
+    assert!(
+        metrics
+            .contains("gateway_connections_refused_total{listener=\"edge\",reason=\"blocked\"} 1"),
+        "{metrics}"
+    );
+    block(&["remove", "127.0.5.0/24"]);
+    assert!(block(&["list"]).contains("empty"));
+    let out = Command::new(gateway_binary())
+        .args(["block", "remove", "127.0.5.0/24", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "removing what is not there succeeded"
+    );
+}
