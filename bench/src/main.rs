@@ -5,6 +5,7 @@
 //! `cargo xtask bench` builds everything in release mode, installs the peers
 //! and runs this; see BENCHMARKS.md for the last full run.
 
+mod abuse;
 mod aead;
 mod backend;
 mod load;
@@ -105,15 +106,18 @@ enum Scenario {
     Memory,
     /// The gateway on the proxy's and the load's cores together (gateways only).
     Scaling,
+    /// Allowed clients while others attack, beside HAProxy and nginx.
+    Abuse,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Bulk,
         Scenario::Handshakes,
         Scenario::Latency,
         Scenario::Memory,
         Scenario::Scaling,
+        Scenario::Abuse,
     ];
 }
 
@@ -144,6 +148,7 @@ struct Plan {
     latency: bool,
     memory: bool,
     scaling: bool,
+    abuse: Option<abuse::Plan>,
     /// Bulk and handshakes are measured this often; the median counts.
     rounds: usize,
     /// Pairs of one-core and many-core measurements for the projection.
@@ -174,6 +179,9 @@ impl Plan {
         plan.latency = has(Scenario::Latency);
         plan.memory = has(Scenario::Memory);
         plan.scaling = has(Scenario::Scaling);
+        if !has(Scenario::Abuse) {
+            plan.abuse = None;
+        }
         plan
     }
 
@@ -203,6 +211,7 @@ impl Plan {
                 latency: true,
                 memory: true,
                 scaling: true,
+                abuse: Some(abuse::Plan::new(true)),
             }
         } else {
             Plan {
@@ -223,6 +232,7 @@ impl Plan {
                 latency: true,
                 memory: true,
                 scaling: true,
+                abuse: Some(abuse::Plan::new(false)),
             }
         }
     }
@@ -241,7 +251,12 @@ impl Plan {
         } else {
             0
         };
-        rounds * self.bulk.len() as u64 + tls + scaling
+        let abuse = match (&self.abuse, kind) {
+            (Some(_), Kind::Gateway) => 3,
+            (Some(_), Kind::Haproxy | Kind::Nginx) => 2,
+            _ => 0,
+        };
+        rounds * self.bulk.len() as u64 + tls + scaling + abuse
     }
 }
 
@@ -305,7 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    let reports = runtime.block_on(async {
+    let (reports, abuse) = runtime.block_on(async {
         let backend = backend::Backend::start().await?;
         let ctx = Ctx {
             bins: &bins,
@@ -317,7 +332,24 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             client: &client,
             bar: &bar,
         };
-        anyhow::Ok(ctx.measure_all().await)
+        let reports = ctx.measure_all().await;
+        // Last, on fresh peers set up with the attack's limits.
+        let abuse = match &plan.abuse {
+            Some(p) => {
+                let ctx = abuse::Ctx {
+                    bins: &bins,
+                    pki: &pki,
+                    backend: backend.addr,
+                    workdir: out.join("peers"),
+                    proxy_cpus: &args.proxy_cpus,
+                    client: client.clone(),
+                    plan: p.clone(),
+                };
+                Some(ctx.measure(&abuse::peers(&args.peers), &bar).await)
+            }
+            None => None,
+        };
+        anyhow::Ok((reports, abuse))
     })?;
     bar.finish_with_message("done");
     let steal = cpus
@@ -343,6 +375,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         record_layer,
         steal,
         peers: reports,
+        abuse,
     };
     let results = args.results.clone().unwrap_or_else(|| out.clone());
     report::write_all(&report, &results, args.markdown.as_deref())?;
@@ -350,6 +383,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .peers
         .iter()
         .flat_map(|p| p.errors.iter().map(move |e| format!("{}: {e}", p.name)))
+        .chain(report.abuse.iter().flat_map(|a| a.errors.iter().cloned()))
         .collect();
     if !failures.is_empty() {
         anyhow::bail!(

@@ -67,6 +67,39 @@ pub struct Binaries {
     pub bench: PathBuf,
 }
 
+/// How a peer is set up beyond the common job: the defaults, or limits
+/// for the abuse scenario.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Client connections the proxy may hold (None: as many as the
+    /// open-file limit lets it).
+    pub max_connections: Option<u64>,
+    /// How long a client may take (HAProxy's `timeout client`, nginx's
+    /// `ssl_handshake_timeout`, the gateway's `handshake_timeout`); None:
+    /// the defaults of the other scenarios.
+    pub handshake_timeout: Option<u64>,
+    /// Top-level lines of the gateway's config.
+    pub gateway_top: String,
+    /// Lines after the gateway's listener and route (an `[admission]` table).
+    pub gateway_tail: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            max_connections: None,
+            handshake_timeout: None,
+            gateway_top: String::new(),
+            // The load comes from one address, 127.0.0.1: per-source limits
+            // would cap every scenario but the abuse one at theirs.
+            gateway_tail:
+                "\n[admission]\nsource_handshakes_per_second = 0\nsource_handshakes_in_flight = 0\n\
+                           prefix_handshakes_per_second = 0\nprefix_handshakes_in_flight = 0\n"
+                    .into(),
+        }
+    }
+}
+
 pub struct Peer {
     pub kind: Kind,
     pub addr: SocketAddr,
@@ -84,14 +117,37 @@ impl Peer {
         workdir: &Path,
         cpus: &[usize],
     ) -> anyhow::Result<Peer> {
+        Peer::start_with(kind, bins, pki, backend, workdir, cpus, &Setup::default())
+    }
+
+    pub fn start_with(
+        kind: Kind,
+        bins: &Binaries,
+        pki: &Files,
+        backend: SocketAddr,
+        workdir: &Path,
+        cpus: &[usize],
+        setup: &Setup,
+    ) -> anyhow::Result<Peer> {
         let dir = workdir.join(kind.name());
         std::fs::create_dir_all(&dir)?;
         let addr = free_port()?;
         let mut cmd = match kind {
-            Kind::Gateway => gateway(bins, pki, addr, backend, &dir, "userspace", cpus.len())?,
-            Kind::GatewayKtls => gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len())?,
-            Kind::Haproxy => haproxy(pki, addr, backend, &dir)?,
-            Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len())?,
+            Kind::Gateway => gateway(
+                bins,
+                pki,
+                addr,
+                backend,
+                &dir,
+                "userspace",
+                cpus.len(),
+                setup,
+            )?,
+            Kind::GatewayKtls => {
+                gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len(), setup)?
+            }
+            Kind::Haproxy => haproxy(pki, addr, backend, &dir, setup)?,
+            Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len(), setup)?,
             Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,
             Kind::Relay => {
                 let mut c = Command::new(&bins.bench);
@@ -209,6 +265,7 @@ fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gateway(
     bins: &Binaries,
     pki: &Files,
@@ -217,6 +274,7 @@ fn gateway(
     dir: &Path,
     offload: &str,
     workers: usize,
+    setup: &Setup,
 ) -> anyhow::Result<Command> {
     let config = write(
         dir,
@@ -225,6 +283,7 @@ fn gateway(
             r#"access_log = "off"
 watch_files = false
 workers = {workers}
+{top}
 
 [[listeners]]
 name = "bench"
@@ -235,18 +294,23 @@ client_ca = "{root}"
 tls_versions = ["1.3"]
 idle_timeout = "10m"
 max_connections = {max}
+handshake_timeout = "{handshake}s"
 offload = "{offload}"
 
 [[listeners.routes]]
 name = "backend"
 backends = ["{backend}"]
 allow = ["{identity}"]
+{tail}
 "#,
             chain = pki.server_chain.display(),
             key = pki.server_key.display(),
             root = pki.root.display(),
             identity = crate::pki::CLIENT_IDENTITY,
-            max = max_connections(),
+            max = setup.max_connections.unwrap_or_else(max_connections),
+            handshake = setup.handshake_timeout.unwrap_or(10),
+            top = setup.gateway_top,
+            tail = setup.gateway_tail,
         ),
     )?;
     let mut c = Command::new(&bins.gateway);
@@ -262,6 +326,7 @@ fn haproxy(
     addr: SocketAddr,
     backend: SocketAddr,
     dir: &Path,
+    setup: &Setup,
 ) -> anyhow::Result<Command> {
     let config = write(
         dir,
@@ -273,16 +338,20 @@ fn haproxy(
 defaults
     mode tcp
     timeout connect 5s
-    timeout client 10m
+    timeout client {client}
     timeout server 10m
 frontend bench
+    maxconn {maxconn}
     bind {addr} ssl crt {pem} ca-file {root} verify required ssl-min-ver TLSv1.3 curves P-256
     default_backend backend
 backend backend
     server backend {backend}
 ",
             pem = pki.server_pem_bundle.display(),
-            maxconn = max_connections(),
+            maxconn = setup.max_connections.unwrap_or_else(max_connections),
+            client = setup
+                .handshake_timeout
+                .map_or_else(|| "10m".to_owned(), |s| format!("{s}s")),
             root = pki.root.display(),
         ),
     )?;
@@ -297,6 +366,7 @@ fn nginx(
     backend: SocketAddr,
     dir: &Path,
     workers: usize,
+    setup: &Setup,
 ) -> anyhow::Result<Command> {
     let config = write(
         dir,
@@ -320,13 +390,16 @@ stream {{
         ssl_ecdh_curve prime256v1;
         ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
         ssl_session_tickets off;
+        ssl_handshake_timeout {handshake}s;
         proxy_pass {backend};
         proxy_timeout 10m;
     }}
 }}
 ",
             dir = dir.display(),
-            worker_connections = 2 * max_connections(),
+            // Each client connection is two of nginx's: client and backend.
+            worker_connections = 2 * setup.max_connections.unwrap_or_else(max_connections),
+            handshake = setup.handshake_timeout.unwrap_or(60),
             chain = pki.server_chain.display(),
             key = pki.server_key.display(),
             root = pki.root.display(),

@@ -86,6 +86,8 @@ pub struct CpuTimes {
     pub steal: u64,
     /// All of it: user, nice, system, idle, iowait, irq, softirq, steal.
     pub total: u64,
+    /// Idle and iowait: the rest was busy.
+    pub idle: u64,
 }
 
 impl CpuTimes {
@@ -106,7 +108,15 @@ impl CpuTimes {
         Some(CpuTimes {
             steal: *v.get(7)?,
             total: v.iter().sum(),
+            idle: v.get(3)? + v.get(4)?,
         })
+    }
+
+    /// Busy seconds (all but idle and iowait) between `self` and `later`.
+    pub fn busy_seconds(&self, later: &CpuTimes) -> f64 {
+        let total = later.total.saturating_sub(self.total);
+        let idle = later.idle.saturating_sub(self.idle);
+        total.saturating_sub(idle) as f64 / clock_ticks()
     }
 
     /// Percent of the time between `self` and `later` that was stolen.
@@ -115,6 +125,38 @@ impl CpuTimes {
         let steal = later.steal.checked_sub(self.steal)?;
         (total > 0).then(|| 100.0 * steal as f64 / total as f64)
     }
+}
+
+/// This thread's CPU time (softirqs served in its context included), ns.
+pub fn thread_cpu_ns() -> u64 {
+    // SAFETY: rusage is plain data; getrusage fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage to fill.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(usage.ru_utime) + ns(usage.ru_stime)
+}
+
+/// CPU time of every ksoftirqd thread so far, ns.
+pub fn ksoftirqd_ns() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((comm, rest)) = stat.split_once(") ") else {
+            continue;
+        };
+        if !comm.contains("(ksoftirqd/") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        total += (ticks(11) + ticks(12)) * 1_000_000_000 / hz;
+    }
+    total
 }
 
 fn clock_ticks() -> f64 {

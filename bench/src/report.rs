@@ -27,6 +27,8 @@ pub struct Report {
     /// Per CPU of the run, the share of its time the hypervisor took.
     pub steal: Vec<CpuSteal>,
     pub peers: Vec<PeerReport>,
+    /// Allowed clients under attack, and what an attack costs (#19).
+    pub abuse: Option<crate::abuse::AbuseReport>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -666,10 +668,19 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
         );
     }
 
+    if let Some(a) = &r.abuse {
+        crate::abuse::section(&mut s, a);
+    }
+
     let errors: Vec<String> = r
         .peers
         .iter()
         .flat_map(|p| p.errors.iter().map(move |e| format!("- {}: {e}", p.name)))
+        .chain(
+            r.abuse
+                .iter()
+                .flat_map(|a| a.errors.iter().map(|e| format!("- {e}"))),
+        )
         .collect();
     if !errors.is_empty() {
         let _ = writeln!(s, "\n## Failed scenarios\n\n{}", errors.join("\n"));
@@ -816,6 +827,26 @@ fn plots(r: &Report, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
             .collect::<Vec<_>>(),
     )?;
     out.push(path);
+    if let Some(a) = &r.abuse
+        && !a.runs.is_empty()
+    {
+        let path = dir.join("abuse.png");
+        bars(
+            &path,
+            "Allowed clients under attack: connect + handshake + echo, ms (target p99 ≤ 250)",
+            &["p50".to_owned(), "p99".to_owned()],
+            &a.runs
+                .iter()
+                .map(|run| {
+                    (
+                        format!("{} ({:.1}% served)", run.peer, run.success_percent),
+                        vec![Some(run.p50_ms), Some(run.p99_ms)],
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        out.push(path);
+    }
     let _ = names;
     Ok(out)
 }
@@ -995,6 +1026,7 @@ mod tests {
                 cpu: 0,
             }),
             record_layer: None,
+            abuse: None,
             steal: vec![CpuSteal {
                 cpu: 0,
                 percent: 0.31,

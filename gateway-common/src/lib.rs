@@ -329,6 +329,47 @@ pub struct LocalTally {
 /// of sources that find the tally full are counted, not named.
 pub const MAX_TALLIED_SOURCES: u32 = 16384;
 
+/// Entries the admission block list holds per address family.
+pub const MAX_BLOCKED: u32 = 65536;
+
+/// Why a source is on the admission block list; also the index of its
+/// drop counter in `BLOCK_COUNTERS`.
+pub mod block_reason {
+    /// Too many failed handshakes (or refusals for exceeding a limit).
+    pub const STRIKES: u32 = 0;
+    /// Put there by an operator (`gateway block add`).
+    pub const MANUAL: u32 = 1;
+    /// How many reasons there are.
+    pub const COUNT: u32 = 2;
+}
+
+/// Counters of the block list's XDP program past the drops per reason, at
+/// these indexes of `BLOCK_COUNTERS`.
+pub mod block_counter {
+    /// New connections (TCP SYNs) to a listener's port that were judged.
+    pub const JUDGED: u32 = super::block_reason::COUNT;
+    /// Of those, let through from a blocked source whose entry had expired.
+    pub const EXPIRED: u32 = super::block_reason::COUNT + 1;
+    /// Packets passed because they could not be parsed (fail open: the
+    /// gateway's own check at accept still applies).
+    pub const UNPARSED: u32 = super::block_reason::COUNT + 2;
+    pub const COUNT: u32 = super::block_reason::COUNT + 3;
+}
+
+/// A block list entry: the map key is the blocked prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockEntry {
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) after which the entry
+    /// no longer drops anything: a list the gateway stopped tending cannot
+    /// block a source for longer than it was told. `u64::MAX`: no expiry.
+    pub expires_ns: u64,
+    /// One of [`block_reason`].
+    pub reason: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are #[repr(C)], Copy, have no implicit padding (it is
@@ -356,4 +397,6 @@ mod user {
     unsafe impl aya::Pod for super::LocalSourceKey {}
     // SAFETY: as above (48 bytes, no implicit padding).
     unsafe impl aya::Pod for super::LocalTally {}
+    // SAFETY: as above (16 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::BlockEntry {}
 }

@@ -16,9 +16,14 @@
 //! program at the sockets, which sees what the stack delivers (reassembled,
 //! after NAT, on every interface). A packet to a protected port passes only
 //! from an allowed (gateway) source. What they share is in `remote`.
+//!
+//! The admission block list (on the gateway's host): `block_list`, an XDP
+//! program on the interfaces the listeners are reached through, drops new
+//! connections from blocked sources before the kernel builds a socket.
 #![no_std]
 #![no_main]
 
+mod block_list;
 mod budget;
 mod local;
 mod local_egress;

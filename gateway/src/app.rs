@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, AccessLogError, AccessRecord};
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::listener::{self, Shared};
 use crate::metrics::Metrics;
@@ -161,6 +162,8 @@ impl ReloadHandle {
 /// A listener that is serving.
 struct Running {
     bind: SocketAddr,
+    /// Where it is bound (its port when `bind` said 0).
+    local: Option<SocketAddr>,
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -177,11 +180,13 @@ pub struct App {
     reload_stats: Arc<ReloadStats>,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
+    admin_clients: Vec<ipnet::IpNet>,
     expiry_warning: Duration,
     guard: Option<Arc<crate::guard::Guard>>,
     /// The newest CRL put into service per issuer, scope and key: a reload
     /// bringing an older one is refused (see `tls::crl`).
     crls: crl::Enforced,
+    admission: Arc<Admission>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -232,6 +237,14 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         let socket = bind(&l).await?;
         bound.push((l, socket));
     }
+    // After binding (the ports are known) and before serving; the kernel
+    // block list is attached here, while the gateway has the privileges.
+    let admission = Admission::new(&config.admission, metrics.clone());
+    let listening: Vec<SocketAddr> = bound
+        .iter()
+        .filter_map(|(_, s)| s.local_addr().ok())
+        .collect();
+    admission.configure(&config.admission, &listening);
     let admin = match config.admin {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -256,9 +269,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         reload_stats: Arc::default(),
         metrics,
         admin,
+        admin_clients: config.admin_clients.clone(),
         expiry_warning: config.expiry_warning,
         guard,
         crls,
+        admission,
     })
 }
 
@@ -305,6 +320,11 @@ impl App {
         self.guard.clone()
     }
 
+    /// Admission: the block list, each listener's slots.
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.clone()
+    }
+
     /// The admin endpoint's address, when configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|s| s.local_addr().ok())
@@ -329,21 +349,27 @@ impl App {
             tracker: TaskTracker::new(),
             registry: self.registry.clone(),
             metrics: self.metrics.clone(),
+            admission: self.admission.clone(),
             close: CancellationToken::new(),
         };
         if let Some(socket) = self.admin.take() {
             if let Ok(addr) = socket.local_addr() {
-                tracing::info!(%addr, "admin endpoint: GET /metrics");
+                tracing::info!(%addr, "admin endpoint: GET /metrics, /block");
             }
             let sources = crate::metrics::Sources {
                 metrics: self.metrics.clone(),
                 registry: self.registry.clone(),
                 reloads: self.reload_stats.clone(),
                 guard: self.guard.clone(),
+                admission: Some(self.admission.clone()),
             };
-            tokio::spawn(crate::metrics::serve_admin(
+            tokio::spawn(crate::admin::serve(
                 socket,
-                move || sources.render(),
+                crate::admin::Routes {
+                    metrics: Box::new(move || sources.render()),
+                    admission: Some(self.admission.clone()),
+                    clients: self.admin_clients.clone(),
+                },
                 self.shutdown.clone(),
             ));
         }
@@ -389,6 +415,7 @@ impl App {
                 }
                 _ = tick.tick() => {
                     self.registry.tick();
+                    self.admission.tick();
                 }
                 _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
             }
@@ -427,6 +454,7 @@ impl App {
             Err(e) => tracing::warn!(listener = %l.name, error = %e, "listening (address unknown)"),
         }
         let bind = l.bind;
+        let local = socket.local_addr().ok();
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
         let task = tokio::spawn(listener::accept_loop(
@@ -437,6 +465,7 @@ impl App {
         ));
         Running {
             bind,
+            local,
             current,
             stop,
             task,
@@ -520,6 +549,8 @@ impl App {
             let name = l.name.clone();
             running.insert(name, self.start(l, socket, shared));
         }
+        let listening: Vec<SocketAddr> = running.values().filter_map(|r| r.local).collect();
+        self.admission.configure(&config.admission, &listening);
         // After every swap and before re-verifying: a handshake that read
         // an older state sees the generation moved when it goes live and is
         // judged again then; one that went live before is in the snapshot.

@@ -45,9 +45,17 @@ pub struct Config {
     pub expiry_warning: Duration,
     /// The eBPF guard: only the gateway may connect to the routes' backends.
     pub guard: Option<GuardSettings>,
-    /// Where to serve `GET /metrics` (Prometheus text); none: not served.
-    /// Bound at start; a reload does not move it.
+    /// Where to serve the admin endpoint (`GET /metrics`, `/block`); none:
+    /// not served. Bound at start; a reload does not move it.
     pub admin: Option<SocketAddr>,
+    /// Who may use the admin endpoint's `/block` routes (CIDR); `GET
+    /// /metrics` answers anyone who can reach `admin`.
+    #[serde(default = "default_admin_clients")]
+    pub admin_clients: Vec<ipnet::IpNet>,
+    /// Who may start a handshake, how often, and who is blocked (before
+    /// the handshake: see `admission`).
+    #[serde(default)]
+    pub admission: AdmissionSettings,
     /// Reload when the config or any file it names changes (checked every 0.5 s).
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]
@@ -96,9 +104,22 @@ pub struct ListenerConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
-    /// Connections served at once; more are closed at accept.
+    /// Connections served at once; more are closed at accept (or evict
+    /// the handshake that made the least progress).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Of `max_connections`, how many may still be in their handshake
+    /// (unauthenticated); none: a quarter of `max_connections`.
+    #[serde(default)]
+    pub max_handshakes_in_flight: Option<usize>,
+    /// Bytes per second a client must keep sending while the gateway waits
+    /// on it during the handshake (after `handshake_grace`); 0: no minimum.
+    #[serde(default = "default_handshake_min_rate")]
+    pub handshake_min_rate: u32,
+    /// How long a client may send nothing at all when it is its turn in the
+    /// handshake, before `handshake_min_rate` applies.
+    #[serde(default = "default_handshake_grace", with = "duration")]
+    pub handshake_grace: Duration,
     /// Close connections older than this (re-authentication); none: no limit.
     #[serde(default, with = "duration::option")]
     pub max_connection_lifetime: Option<Duration>,
@@ -194,6 +215,83 @@ impl Mode {
             Mode::Enforce => "enforce",
             Mode::Audit => "audit",
             Mode::Off => "off",
+        }
+    }
+}
+
+/// Admission: per-source limits on starting handshakes, and the block list
+/// (in userspace and, where it can be attached, in an XDP program).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSettings {
+    /// Handshakes one source address may start per second (a token bucket
+    /// of `source_handshake_burst`); 0: no limit.
+    pub source_handshakes_per_second: u32,
+    pub source_handshake_burst: u32,
+    /// Handshakes one source address may have in flight at once; 0: no limit.
+    pub source_handshakes_in_flight: u32,
+    /// The same for every source in one prefix (`ipv4_prefix`, `ipv6_prefix`).
+    pub prefix_handshakes_per_second: u32,
+    pub prefix_handshake_burst: u32,
+    pub prefix_handshakes_in_flight: u32,
+    /// The prefix lengths sources are grouped by.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// A source with this many strikes (failed handshakes, and connections
+    /// refused for exceeding a limit) within `block_window` is blocked for
+    /// `block_for`; 0: never blocked automatically.
+    pub block_after: u32,
+    #[serde(with = "duration")]
+    pub block_window: Duration,
+    #[serde(with = "duration")]
+    pub block_for: Duration,
+    /// Sources that are never limited or blocked (CIDR): health checkers, a
+    /// known NAT. They still count towards the listeners' slots.
+    pub exempt: Vec<ipnet::IpNet>,
+    /// Source addresses tracked at once, and prefixes likewise; beyond it
+    /// the least recently seen are forgotten.
+    pub max_tracked: u32,
+    /// Entries on the block list at once (at most 65536, the kernel map's
+    /// size); beyond it the entry expiring first gives way.
+    pub max_blocked: u32,
+    /// Refusals are logged at most once per reason and listener per this
+    /// (the first at once, then a summary).
+    #[serde(with = "duration")]
+    pub log_every: Duration,
+    /// The block list in the kernel: an XDP program on `interfaces` drops
+    /// new connections (TCP SYNs) from blocked sources to the listeners'
+    /// ports. A failure to attach is logged and counted, never fatal.
+    pub kernel_block_list: bool,
+    /// Where the XDP program attaches; none: every interface holding a
+    /// listener's address (all of them for a wildcard bind).
+    pub interfaces: Option<Vec<String>>,
+    /// Pin the block list's maps in bpffs, so a restart keeps the list.
+    pub pin: bool,
+    pub pin_dir: PathBuf,
+}
+
+impl Default for AdmissionSettings {
+    fn default() -> Self {
+        AdmissionSettings {
+            source_handshakes_per_second: 100,
+            source_handshake_burst: 200,
+            source_handshakes_in_flight: 128,
+            prefix_handshakes_per_second: 1000,
+            prefix_handshake_burst: 2000,
+            prefix_handshakes_in_flight: 1024,
+            ipv4_prefix: 24,
+            ipv6_prefix: 64,
+            block_after: 100,
+            block_window: Duration::from_secs(10),
+            block_for: Duration::from_secs(600),
+            exempt: Vec::new(),
+            max_tracked: 65_536,
+            max_blocked: 65_536,
+            log_every: Duration::from_secs(10),
+            kernel_block_list: true,
+            interfaces: None,
+            pin: true,
+            pin_dir: PathBuf::from("/sys/fs/bpf/gateway-admission"),
         }
     }
 }
@@ -359,6 +457,18 @@ fn default_max_connections() -> usize {
 fn default_connect_attempts() -> usize {
     3
 }
+fn default_handshake_min_rate() -> u32 {
+    256
+}
+fn default_handshake_grace() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_admin_clients() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
 
 impl Config {
     /// Reads, parses and checks the shape of a config file.
@@ -437,7 +547,16 @@ impl Config {
             if l.connect_attempts == 0 {
                 return Err(self.invalid(format!("{at}.connect_attempts must be at least 1")));
             }
+            if let Some(h) = l.max_handshakes_in_flight
+                && (h == 0 || h > l.max_connections)
+            {
+                return Err(self.invalid(format!(
+                    "{at}.max_handshakes_in_flight must be between 1 and max_connections ({})",
+                    l.max_connections
+                )));
+            }
             for (what, d) in [
+                ("handshake_grace", l.handshake_grace),
                 ("handshake_timeout", l.handshake_timeout),
                 ("connect_timeout", l.connect_timeout),
                 ("idle_timeout", l.idle_timeout),
@@ -451,6 +570,7 @@ impl Config {
             }
             self.validate_routes(&at, l)?;
         }
+        self.validate_admission()?;
         for (name, b) in &self.trust {
             if let Some(domains) = &b.spiffe_trust_domains {
                 self.validate_trust_domains(
@@ -458,6 +578,70 @@ impl Config {
                     domains,
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    fn validate_admission(&self) -> Result<(), ConfigError> {
+        let a = &self.admission;
+        let at = |field: &str, message: &str| self.invalid(format!("admission.{field} {message}"));
+        if a.ipv4_prefix > 32 {
+            return Err(at("ipv4_prefix", "must be at most 32"));
+        }
+        if a.ipv6_prefix > 128 {
+            return Err(at("ipv6_prefix", "must be at most 128"));
+        }
+        for (field, rate, burst) in [
+            (
+                "source_handshake_burst",
+                a.source_handshakes_per_second,
+                a.source_handshake_burst,
+            ),
+            (
+                "prefix_handshake_burst",
+                a.prefix_handshakes_per_second,
+                a.prefix_handshake_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(at(field, "must be at least 1 when its rate is set"));
+            }
+        }
+        if a.max_tracked == 0 {
+            return Err(at("max_tracked", "must be at least 1"));
+        }
+        let kernel_max = gateway_common::MAX_BLOCKED;
+        if a.max_blocked == 0 || a.max_blocked > kernel_max {
+            return Err(at(
+                "max_blocked",
+                &format!("must be between 1 and {kernel_max} (the kernel map's size)"),
+            ));
+        }
+        for (field, d) in [
+            ("block_window", a.block_window),
+            ("block_for", a.block_for),
+            ("log_every", a.log_every),
+        ] {
+            if d.is_zero() {
+                return Err(at(field, "must be more than 0"));
+            }
+        }
+        // Each pin directory is locked by the one that uses it: shared, the
+        // second to start would find it taken (and `gateway guard
+        // --uninstall` would remove the other's pins).
+        if let Some(g) = &self.guard
+            && g.pin
+            && a.pin
+            && a.kernel_block_list
+            && (g.pin_dir.starts_with(&a.pin_dir) || a.pin_dir.starts_with(&g.pin_dir))
+        {
+            return Err(at(
+                "pin_dir",
+                &format!(
+                    "must be apart from guard.pin_dir ({}): each is locked by its user",
+                    g.pin_dir.display()
+                ),
+            ));
         }
         Ok(())
     }
@@ -557,7 +741,11 @@ impl Config {
                 // A device identity outside the bundle's trust domains
                 // would make every certificate unusable: the route could
                 // never let anyone in.
-                let device_bundle = &self.trust[&d.trust];
+                let Some(device_bundle) = self.trust.get(&d.trust) else {
+                    return Err(
+                        self.invalid(format!("{rat}.device.trust: no [trust.{}] bundle", d.trust))
+                    );
+                };
                 if let (Some(domains), Ok(id)) = (
                     &device_bundle.spiffe_trust_domains,
                     crate::spiffe::SpiffeId::parse(d.san_prefix.trim_end_matches('/')),
@@ -696,6 +884,45 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         assert_eq!(c.listeners[0].routes.len(), 4);
         assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn admission_settings_default_safely_and_nonsense_is_refused() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.listeners[0].max_handshakes_in_flight, None);
+        assert_eq!(c.listeners[0].handshake_min_rate, 256);
+        assert!(c.admission.kernel_block_list && c.admission.block_after > 0);
+        assert_eq!(c.admin_clients.len(), 2);
+        for (bad, field) in [
+            ("[admission]\nipv4_prefix = 33\n", "ipv4_prefix"),
+            ("[admission]\nipv6_prefix = 129\n", "ipv6_prefix"),
+            ("[admission]\nmax_blocked = 70000\n", "max_blocked"),
+            ("[admission]\nmax_tracked = 0\n", "max_tracked"),
+            ("[admission]\nblock_for = \"0s\"\n", "block_for"),
+            (
+                "[admission]\nsource_handshake_burst = 0\n",
+                "source_handshake_burst",
+            ),
+            ("[admission]\nblok_after = 3\n", "blok_after"),
+            (
+                "[guard]\nenforcement = \"audit\"\npin_dir = \"/sys/fs/bpf/g\"\n\
+                 [admission]\npin_dir = \"/sys/fs/bpf/g\"\n",
+                "admission.pin_dir",
+            ),
+            (
+                "[guard]\nenforcement = \"audit\"\n[admission]\npin_dir = \"/sys/fs/bpf/gateway/a\"\n",
+                "admission.pin_dir",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}\n{bad}")).unwrap_err().to_string();
+            assert!(err.contains(field), "{bad}: {err}");
+        }
+        let over = MINIMAL.replace(
+            "client_ca = \"client-roots.pem\"",
+            "client_ca = \"client-roots.pem\"\nmax_connections = 10\nmax_handshakes_in_flight = 11",
+        );
+        let err = parse(&over).unwrap_err().to_string();
+        assert!(err.contains("max_handshakes_in_flight"), "{err}");
     }
 
     #[test]

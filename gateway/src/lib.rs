@@ -3,13 +3,19 @@
 //! The binary is a thin shell around [`app::build`] and [`app::App::run`];
 //! tests drive the same functions in-process. See ARCHITECTURE.md for the map.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 pub mod access_log;
+pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod config;
+pub mod descriptors;
 pub mod ebpf;
 pub mod expiry;
 pub mod forward;
 pub mod guard;
+pub mod hello;
 pub mod identity;
 pub mod listener;
 pub mod metrics;

@@ -7,21 +7,23 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustls::AlertDescription;
-use rustls::server::Acceptor;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::StartHandshake;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
+use crate::admission::{Admission, Answer, Refusal, Ticket};
 use crate::config::Mode;
+use crate::descriptors::{self, Reserve};
 use crate::forward;
+use crate::hello;
 use crate::metrics::Metrics;
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
@@ -31,22 +33,33 @@ use crate::upstream::{BackendTls, Upstream};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
-/// reload takes effect for the next connection and refuses none.
+/// reload takes effect for the next connection and refuses none. Admission
+/// decides at accept, before any byte is read, whether the connection may
+/// start a handshake.
 pub async fn accept_loop(
     current: Arc<ArcSwap<ListenerState>>,
     socket: TcpListener,
     shared: Shared,
     stop: CancellationToken,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
     let name = current.load().name.clone();
+    let pool = shared.admission.pool(&name);
+    let mut reserve = Reserve::new();
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
             r = socket.accept() => match r {
                 Ok(x) => x,
+                Err(e) if descriptors::exhausted(&e) && reserve.release() => {
+                    refuse_without_descriptors(&socket, &name, &shared).await;
+                    if !reserve.retake() {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
+                    // No reserve to refuse with, or another error: back off
+                    // instead of spinning.
                     tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
@@ -62,25 +75,44 @@ pub async fn accept_loop(
         // connection is judged again as it goes live (see `registry`).
         let judged_at = shared.registry.generation();
         let listener = current.load_full();
-        if active.load(Ordering::Relaxed) >= listener.max_connections {
-            tracing::warn!(listener = %listener.name, client = %peer,
-                max_connections = listener.max_connections, "connection refused: max_connections reached");
-            shared.metrics.refused(&listener.name, "max_connections");
-            let mut conn = Conn::new(&listener, peer);
-            conn.reason = format!("max_connections ({}) reached", listener.max_connections);
-            shared.log.emit(conn.record());
-            drop(stream);
-            continue;
-        }
-        let slot = Slot::take(&active);
+        let ticket = match shared.admission.admit(
+            &pool,
+            listener.max_connections,
+            listener.max_handshakes_in_flight,
+            peer,
+            Some(&stream),
+        ) {
+            Answer::Admit(ticket) | Answer::Evict { ticket, .. } => ticket,
+            Answer::Refuse(_) => {
+                // Counted and logged (at a bounded rate) by admission; a
+                // reset leaves no TIME_WAIT behind for a refused stranger.
+                offload::reset_if_dropped(&stream, true);
+                drop(stream);
+                continue;
+            }
+        };
         let shared = shared.clone();
         shared.tracker.clone().spawn(async move {
-            let record = serve(&listener, judged_at, stream, peer, &shared).await;
+            let record = serve(&listener, judged_at, stream, peer, &shared, &ticket).await;
             shared.log.emit(record);
-            drop(slot);
+            drop(ticket);
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// With the reserve descriptor given up: accepts the connection waiting in
+/// the backlog and resets it, counted, rather than leave it waiting there
+/// unanswered while the listener wakes up for it again and again.
+async fn refuse_without_descriptors(socket: &TcpListener, name: &str, shared: &Shared) {
+    let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), socket.accept()).await;
+    if let Ok(Ok((stream, peer))) = waiting {
+        offload::reset_if_dropped(&stream, true);
+        drop(stream);
+        shared
+            .admission
+            .refused_at_accept(name, Refusal::OutOfDescriptors, peer);
+    }
 }
 
 /// What every connection task shares with the app.
@@ -90,24 +122,10 @@ pub struct Shared {
     pub tracker: TaskTracker,
     pub registry: Arc<Registry>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Who may start a handshake, and each listener's slots.
+    pub admission: Arc<Admission>,
     /// Fires when the drain timeout is over: close what is left.
     pub close: CancellationToken,
-}
-
-/// One of a listener's max_connections, given back on drop.
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(active: &Arc<AtomicUsize>) -> Slot {
-        active.fetch_add(1, Ordering::Relaxed);
-        Slot(active.clone())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What is known about a connection so far, for its access-log line.
@@ -194,32 +212,49 @@ fn serve<'a>(
     stream: TcpStream,
     peer: SocketAddr,
     shared: &'a Shared,
+    ticket: &'a Ticket,
 ) -> impl Future<Output = AccessRecord> + 'a {
     async move {
         let close = &shared.close;
         let mut conn = Conn::new(listener, peer);
         let _ = stream.set_nodelay(true);
+        // Eviction, and the minimum rate while it is the client's turn.
+        let watch = ticket.watch(listener);
         // Boxed, like the other steps that end before the transfer: a task's
         // future is as large as its largest state for the connection's whole
         // life, and the handshake's (rustls' whole connection) is the largest.
         let handshake = tokio::time::timeout(
             listener.handshake_timeout,
-            Box::pin(handshake(listener, stream, &mut conn, &shared.metrics)),
+            Box::pin(handshake(
+                listener,
+                stream,
+                &mut conn,
+                &shared.metrics,
+                ticket,
+            )),
         );
         let tls = tokio::select! {
             r = handshake => match r {
                 Ok(Some(tls)) => tls,
                 Ok(None) => return conn.record(),
                 Err(_) => {
+                    ticket.refused(Refusal::HandshakeTimeout);
                     conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
                     return conn.record();
                 }
             },
+            cut = Box::pin(watch.cut()) => {
+                ticket.cut(&cut);
+                conn.reason = cut.to_string();
+                return conn.record();
+            }
             () = close.cancelled() => {
                 conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
         };
+        ticket.established();
+        drop(watch);
         let (route, mut tls) = tls;
         // From here the connection is live: reloads and the tick re-judge it.
         let registration = shared.registry.register(
@@ -539,54 +574,22 @@ async fn handshake(
     stream: TcpStream,
     conn: &mut Conn,
     metrics: &Metrics,
+    ticket: &Ticket,
 ) -> Option<(Arc<Route>, Box<ClientTls>)> {
     // The record framing is followed from the first byte: after the
     // handshake the kernel or our record layer takes over the stream at a
     // record boundary, and bytes the Acceptor reads past the ClientHello
     // are part of that count. Malformed record headers end it here.
     let mut stream = Framed::new(stream);
-    let mut acceptor = Acceptor::default();
-    let mut buf = vec![0u8; 4096];
-    let accepted = loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) => {
-                conn.reason = "client closed before sending a ClientHello".into();
-                return None;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                conn.reason = format!("reading ClientHello: {e}");
-                return None;
-            }
-        };
-        let mut input = &buf[..n];
-        while !input.is_empty() {
-            match acceptor.read_tls(&mut input) {
-                Ok(0) => {
-                    // rustls takes no more input (it saw close_notify):
-                    // never loop on that.
-                    conn.reason = "client closed its side before sending a ClientHello".into();
-                    return None;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    conn.reason = format!("reading ClientHello: {e}");
-                    return None;
-                }
-            }
-        }
-        match acceptor.accept() {
-            Ok(None) => continue,
-            Ok(Some(accepted)) => break accepted,
-            Err((e, mut alert)) => {
-                let mut out = Vec::new();
-                let _ = alert.write_all(&mut out);
-                let _ = stream.write_all(&out).await;
-                conn.reason = format!("bad ClientHello: {e}");
-                return None;
-            }
+    let accepted = match hello::read(&mut stream).await {
+        Ok(accepted) => accepted,
+        Err(refused) => {
+            ticket.refused(refused.refusal);
+            conn.reason = refused.reason;
+            return None;
         }
     };
+    ticket.hello_read();
     let sni = accepted.client_hello().server_name().map(str::to_owned);
     conn.sni = sni.clone();
     let Some(route) = listener.route_for(sni.as_deref()).cloned() else {
@@ -595,6 +598,7 @@ async fn handshake(
                 AlertDescription::UnrecognisedName,
             ))
             .await;
+        ticket.refused(Refusal::NoRoute);
         conn.reason = match sni {
             Some(s) => format!("no route for server name {s:?} and no default route"),
             None => "client sent no server name and there is no default route".into(),
@@ -644,7 +648,16 @@ async fn handshake(
         .into_stream(config)
         .await;
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let tls = judge(&route, result, decision, conn)?;
+    let failed = result.as_ref().err().map(handshake_refusal);
+    let tls = judge(&route, result, decision, conn);
+    if let (None, Some(refusal)) = (&tls, failed)
+        && conn.verdict == Verdict::Error
+    {
+        // Failed before any verdict (a refused client is counted on its
+        // route instead).
+        ticket.refused(refusal);
+    }
+    let tls = tls?;
     let (_, session) = tls.get_ref();
     conn.tls_version = session.protocol_version().map(|v| match v {
         rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".to_owned(),
@@ -720,6 +733,19 @@ fn judge<T>(
     result.ok()
 }
 
+/// What a handshake that failed after its ClientHello is counted as.
+fn handshake_refusal(e: &std::io::Error) -> Refusal {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(e @ rustls::Error::PeerIncompatible(_)) => hello::refusal_of(e),
+        Some(_) => Refusal::HandshakeFailed,
+        None if e.kind() == std::io::ErrorKind::InvalidData => Refusal::HandshakeFailed,
+        None => Refusal::ClientClosed,
+    }
+}
+
 /// A failed handshake is a refusal when the verifier objected, or when the
 /// client sent no certificate to a route that requires one.
 fn decision_was_refusal(e: &std::io::Error, verifier_objected: bool) -> bool {
@@ -755,7 +781,7 @@ mod tests {
     /// the close is seen first.
     #[tokio::test]
     async fn a_transfer_closed_before_it_starts_moves_nothing() {
-        use std::sync::atomic::AtomicU64;
+        use std::sync::atomic::{AtomicU64, AtomicUsize};
         for round in 0..64 {
             let close = CancellationToken::new();
             close.cancel();

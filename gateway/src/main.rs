@@ -1,6 +1,8 @@
 //! `gateway run|check --config FILE`: parse the command line, set up logging,
 //! hand over to the library.
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -65,6 +67,34 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// The block list of a running gateway (through its admin endpoint):
+    /// sources whose new connections are refused, and dropped in the
+    /// kernel where the XDP program is attached.
+    Block {
+        #[command(subcommand)]
+        command: BlockCommand,
+        /// The admin endpoint, ip:port (default: `admin` of --config).
+        #[arg(long, global = true)]
+        admin: Option<std::net::SocketAddr>,
+        /// The gateway's config, to read `admin` from.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BlockCommand {
+    /// Every entry: source, why, and how long it stays.
+    List,
+    /// Block an address or a prefix (192.0.2.7, 192.0.2.0/24, 2001:db8::/64).
+    Add {
+        source: String,
+        /// For how long (e.g. 1h, 7d); default: until removed.
+        #[arg(long = "for")]
+        ttl: Option<String>,
+    },
+    /// Remove the entry for exactly this address or prefix.
+    Remove { source: String },
 }
 
 #[derive(Subcommand)]
@@ -288,6 +318,11 @@ fn main() -> ExitCode {
             fail_within,
         } => check(&config, warn_within.as_deref(), &fail_within),
         Command::Pki { command } => pki(command),
+        Command::Block {
+            command,
+            admin,
+            config,
+        } => block(command, admin, config.as_deref()),
         Command::Guard {
             config: Some(path),
             uninstall: true,
@@ -429,6 +464,19 @@ impl Drop for PidFile {
 
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
+    // Each connection is a descriptor: the soft limit's 1024 would be the
+    // first thing a flood exhausts.
+    match gateway::descriptors::raise_limit() {
+        Ok(r) if r.before != r.now => {
+            tracing::info!(
+                from = r.before,
+                to = r.now,
+                "raised the open-files soft limit to the hard limit"
+            );
+        }
+        Ok(r) => tracing::info!(limit = r.now, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "open-files limit left as it is"),
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     // tokio's default is the CPUs in the affinity mask, so `taskset` alone
     // also sizes the runtime.
@@ -491,6 +539,58 @@ async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {
         tracing::info!(signal = name, "shutdown requested");
         return;
     }
+}
+
+fn block(
+    command: BlockCommand,
+    admin: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use gateway::admin::client;
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => gateway::Config::load(path)?.admin.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no admin endpoint (set admin = \"127.0.0.1:9901\")",
+                path.display()
+            )
+        })?,
+        (None, None) => anyhow::bail!(
+            "say where the admin endpoint is: --admin ip:port or --config gateway.toml"
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match command {
+            BlockCommand::List => {
+                let entries = client::list(addr).await?;
+                if entries.is_empty() {
+                    println!("the block list is empty");
+                }
+                for e in entries {
+                    let until = match e.expires_in_seconds {
+                        Some(s) => format!("for {s}s more"),
+                        None => "until removed".to_owned(),
+                    };
+                    println!("{:<43} {:<8} {until}", e.source, e.reason);
+                }
+            }
+            BlockCommand::Add { source, ttl } => {
+                let e = client::add(addr, &source, ttl.as_deref()).await?;
+                match e.expires_in_seconds {
+                    Some(s) => println!("blocked {} for {s}s", e.source),
+                    None => println!("blocked {} until removed", e.source),
+                }
+            }
+            BlockCommand::Remove { source } => {
+                client::remove(addr, &source).await?;
+                println!("removed {source} from the block list");
+            }
+        }
+        Ok(())
+    })
 }
 
 fn uninstall_guard(pin_dir: &std::path::Path) -> anyhow::Result<()> {

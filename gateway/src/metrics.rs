@@ -1,5 +1,4 @@
-//! Counters an operator scrapes, and the minimal Prometheus text endpoint
-//! that serves them (`admin` in the config).
+//! Counters an operator scrapes, in Prometheus text (served by `admin`).
 //!
 //! Route counters are keyed by listener and route name and live here, not in
 //! the route, so a reload (which rebuilds every route) does not reset them.
@@ -9,10 +8,6 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::ReloadStats;
 use crate::registry::Registry;
@@ -250,7 +245,7 @@ impl Metrics {
     }
 }
 
-fn escape(v: &str) -> String {
+pub fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
@@ -263,6 +258,7 @@ pub struct Sources {
     pub registry: Arc<Registry>,
     pub reloads: Arc<ReloadStats>,
     pub guard: Option<Arc<crate::guard::Guard>>,
+    pub admission: Option<Arc<crate::admission::Admission>>,
 }
 
 impl Sources {
@@ -270,6 +266,9 @@ impl Sources {
         let mut out = self.metrics.render(&self.registry, &self.reloads);
         if let Some(guard) = &self.guard {
             guard.render_metrics(&mut out);
+        }
+        if let Some(admission) = &self.admission {
+            admission.render_metrics(&mut out);
         }
         out
     }
@@ -287,50 +286,5 @@ pub fn counter(out: &mut String, name: &str, help: &str, series: &[(String, u64)
         } else {
             let _ = writeln!(out, "{name}{{{labels}}} {value}");
         }
-    }
-}
-
-/// Serves `GET /metrics` (HTTP/1.x, one request per connection) until
-/// `stop`, with the body `render` makes per request.
-pub async fn serve_admin<R>(socket: TcpListener, render: R, stop: CancellationToken)
-where
-    R: Fn() -> String + Clone + Send + Sync + 'static,
-{
-    loop {
-        let (mut stream, _) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = socket.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            // The request line is all we need; bound what we read.
-            let mut buf = [0u8; 1024];
-            let read =
-                tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
-                    .await;
-            let Ok(Ok(n)) = read else { return };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if request.starts_with("GET /metrics ") {
-                ("200 OK", render())
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_owned(),
-                )
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
     }
 }

@@ -25,7 +25,9 @@ pub struct Link {
 }
 
 /// ARPHRD types whose frames start with a 14-byte Ethernet header.
-const ETHERNET_LIKE: [u16; 2] = [1, 772];
+const ETHERNET_LIKE: [u16; 2] = [1, ARPHRD_LOOPBACK];
+/// `lo`'s link type.
+pub const ARPHRD_LOOPBACK: u16 = 772;
 /// ARPHRD types without a link header: the packet starts at its IP header.
 const NO_LINK_HEADER: [u16; 7] = [65534, 768, 769, 776, 778, 823, 519];
 
@@ -113,7 +115,7 @@ fn dump<T>(
     let mut buf = vec![0u8; 64 * 1024];
     for _ in 0..100_000 {
         let n = recv(fd, &mut buf, true)?;
-        for (k, body) in messages(&buf[..n]) {
+        for (k, body) in messages(buf.get(..n).unwrap_or_default()) {
             match k {
                 NLMSG_DONE => return Ok(found),
                 NLMSG_ERROR => return Err(io::Error::from_raw_os_error(errno_of(body))),
@@ -176,8 +178,8 @@ pub(crate) fn recv(fd: &OwnedFd, buf: &mut [u8], wait: bool) -> io::Result<usize
 
 /// The errno an NLMSG_ERROR body carries (0: an acknowledgement).
 pub(crate) fn errno_of(body: &[u8]) -> i32 {
-    body.get(..4)
-        .map(|b| -i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    body.first_chunk::<4>()
+        .map(|b| -i32::from_ne_bytes(*b))
         .unwrap_or(0)
 }
 
@@ -188,10 +190,7 @@ pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     std::iter::from_fn(move || {
         let len = usize::from(u16::from_ne_bytes([*rest.first()?, *rest.get(1)?]));
         let kind = u16::from_ne_bytes([*rest.get(2)?, *rest.get(3)?]);
-        if len < 4 || len > rest.len() {
-            return None;
-        }
-        let value = &rest[4..len];
+        let value = rest.get(4..len)?;
         rest = rest.get((len + 3) & !3..).unwrap_or(&[]);
         Some((kind, value))
     })
@@ -202,27 +201,32 @@ pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut at = 0;
     std::iter::from_fn(move || {
-        let header = buf.get(at..at + NLMSG_HDR)?;
-        let len = u32::from_ne_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let kind = u16::from_ne_bytes([header[4], header[5]]);
-        if len < NLMSG_HDR || at + len > buf.len() {
+        let &[l0, l1, l2, l3, k0, k1, ..] = buf.get(at..at + NLMSG_HDR)? else {
+            return None;
+        };
+        let len = u32::from_ne_bytes([l0, l1, l2, l3]) as usize;
+        let kind = u16::from_ne_bytes([k0, k1]);
+        if len < NLMSG_HDR {
             return None;
         }
-        let body = &buf[at + NLMSG_HDR..at + len];
+        let body = buf.get(at + NLMSG_HDR..at + len)?;
         at += (len + 3) & !3;
         Some((kind, body))
     })
 }
 
 fn parse_link(body: &[u8]) -> Option<Link> {
-    let info = body.get(..IFINFOMSG)?;
-    let kind = u16::from_ne_bytes([info[2], info[3]]);
-    let index = i32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
-    let (_, value) = attributes(&body[IFINFOMSG..]).find(|(k, _)| *k == IFLA_IFNAME)?;
-    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    let (info, attrs) = body.split_at_checked(IFINFOMSG)?;
+    let &[_, _, k0, k1, i0, i1, i2, i3, ..] = info else {
+        return None;
+    };
+    let kind = u16::from_ne_bytes([k0, k1]);
+    let index = i32::from_ne_bytes([i0, i1, i2, i3]);
+    let (_, value) = attributes(attrs).find(|(k, _)| *k == IFLA_IFNAME)?;
+    let name = value.split(|b| *b == 0).next().unwrap_or_default();
     Some(Link {
         index: u32::try_from(index).ok()?,
-        name: String::from_utf8_lossy(&value[..end]).into_owned(),
+        name: String::from_utf8_lossy(name).into_owned(),
         kind,
     })
 }
@@ -242,6 +246,65 @@ pub fn local_addresses() -> io::Result<Vec<IpNet>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// Every (interface name, address) of this thread's network namespace,
+/// IPv4 subnet broadcast addresses included.
+pub fn interface_addresses() -> io::Result<Vec<(String, std::net::IpAddr)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills list; it is freed below.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, valid until freed.
+        let entry = unsafe { &*at };
+        let name = if entry.ifa_name.is_null() {
+            String::new()
+        } else {
+            // SAFETY: a NUL-terminated name from getifaddrs, valid until freed.
+            unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let mut push = |a| out.push((name.clone(), a));
+        if let Some(a) = address_of(entry.ifa_addr) {
+            push(a);
+        }
+        if entry.ifa_flags & libc::IFF_BROADCAST as u32 != 0
+            && let Some(a) = address_of(entry.ifa_ifu)
+        {
+            push(a);
+        }
+        at = entry.ifa_next;
+    }
+    // SAFETY: the list from getifaddrs, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+/// The address in a sockaddr from getifaddrs, when it is IPv4 or IPv6.
+fn address_of(sa: *const libc::sockaddr) -> Option<std::net::IpAddr> {
+    if sa.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null sockaddr from getifaddrs; its family says which
+    // larger struct it is.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*sa.cast::<libc::sockaddr_in>();
+                Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into())
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                Some(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into())
+            }
+            _ => None,
+        }
+    }
 }
 
 const RTM_NEWROUTE: u16 = 24;
@@ -286,12 +349,14 @@ fn local_routes(family: u8) -> io::Result<Vec<IpNet>> {
 
 /// A route that delivers to this host, as the prefix it covers.
 fn parse_local_route(body: &[u8]) -> Option<IpNet> {
-    let rtm = body.get(..RTMSG)?;
-    let (family, dst_len, kind) = (rtm[0], rtm[1], rtm[7]);
+    let (rtm, attrs) = body.split_at_checked(RTMSG)?;
+    let &[family, dst_len, _, _, _, _, _, kind, ..] = rtm else {
+        return None;
+    };
     if !matches!(kind, RTN_LOCAL | RTN_BROADCAST | RTN_ANYCAST) {
         return None;
     }
-    let dst = attributes(&body[RTMSG..]).find(|(k, _)| *k == RTA_DST);
+    let dst = attributes(attrs).find(|(k, _)| *k == RTA_DST);
     let addr: IpAddr = match (i32::from(family), dst) {
         (libc::AF_INET, Some((_, v))) => <[u8; 4]>::try_from(v).ok()?.into(),
         (libc::AF_INET6, Some((_, v))) => <[u8; 16]>::try_from(v).ok()?.into(),

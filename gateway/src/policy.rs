@@ -177,7 +177,9 @@ impl TimeWindow {
                 .ok_or_else(|| {
                     format!("day {d:?}: expected mon, tue, wed, thu, fri, sat or sun")
                 })?;
-            days[i] = true;
+            if let Some(day) = days.get_mut(i) {
+                *day = true;
+            }
         }
         let minutes = |s: &str| -> Result<u16, String> {
             let (h, m) = s
@@ -228,11 +230,11 @@ impl TimeWindow {
             u16::from(local.hour().unsigned_abs()) * 60 + u16::from(local.minute().unsigned_abs());
         let today = usize::from(local.weekday().to_monday_zero_offset().unsigned_abs());
         let yesterday = (today + 6) % 7;
+        let on = |day: usize| self.days.get(day).copied().unwrap_or(false);
         if self.start < self.end {
-            self.days[today] && (self.start..self.end).contains(&minute)
+            on(today) && (self.start..self.end).contains(&minute)
         } else {
-            (self.days[today] && minute >= self.start)
-                || (self.days[yesterday] && minute < self.end)
+            (on(today) && minute >= self.start) || (on(yesterday) && minute < self.end)
         }
     }
 }

@@ -133,7 +133,12 @@ pub fn load(path: &Path) -> Result<GuardFile, RemoteGuardError> {
         path: path.to_owned(),
         source,
     })?;
-    let de = toml::Deserializer::parse(&text).map_err(|e| RemoteGuardError::Parse {
+    parse(&text, path)
+}
+
+/// Checks the text of guard.toml (`path` names it in errors).
+pub fn parse(text: &str, path: &Path) -> Result<GuardFile, RemoteGuardError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| RemoteGuardError::Parse {
         path: path.to_owned(),
         field: String::new(),
         message: e.to_string(),
@@ -522,9 +527,13 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         }
         let guard = guard.clone();
         let stats = stats.clone();
-        tokio::spawn(crate::metrics::serve_admin(
+        tokio::spawn(crate::admin::serve(
             socket,
-            move || render(&guard, &stats),
+            crate::admin::Routes {
+                metrics: Box::new(move || render(&guard, &stats)),
+                admission: None,
+                clients: Vec::new(),
+            },
             stop.clone(),
         ));
     }

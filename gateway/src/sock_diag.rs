@@ -43,6 +43,8 @@ const TCP_STATES: u32 = (1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 8) | (
 const UDP_STATES: u32 = 1 << 1;
 
 /// An inet_diag_req_v2 message of type `kind`.
+// Writes fixed offsets of a buffer of the fixed size made here.
+#[allow(clippy::indexing_slicing)]
 fn request(
     kind: u16,
     flags: u16,
@@ -93,7 +95,7 @@ pub fn connected_sockets() -> io::Result<Vec<InetSocket>> {
                 if n == 0 {
                     break;
                 }
-                for (kind, body) in messages(&buf[..n]) {
+                for (kind, body) in messages(buf.get(..n).unwrap_or_default()) {
                     match kind {
                         NLMSG_DONE => break 'dump,
                         NLMSG_ERROR => {
@@ -114,22 +116,26 @@ pub fn connected_sockets() -> io::Result<Vec<InetSocket>> {
 }
 
 fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
-    let msg = body.get(..MSG)?;
-    let family = msg[0];
-    let id: [u8; SOCKID] = msg[4..4 + SOCKID].try_into().ok()?;
-    let sport = u16::from_be_bytes([id[0], id[1]]);
-    let dport = u16::from_be_bytes([id[2], id[3]]);
+    let (msg, attrs) = body.split_at_checked(MSG)?;
+    let &family = msg.first()?;
+    let id: [u8; SOCKID] = msg.get(4..4 + SOCKID)?.try_into().ok()?;
+    let &[s0, s1, d0, d1, ..] = &id;
+    let sport = u16::from_be_bytes([s0, s1]);
+    let dport = u16::from_be_bytes([d0, d1]);
     let address = |at: usize| -> Option<IpAddr> {
-        let b: [u8; 16] = id[at..at + 16].try_into().ok()?;
+        let b: [u8; 16] = id.get(at..at + 16)?.try_into().ok()?;
         Some(if i32::from(family) == libc::AF_INET {
-            Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+            let [a, b, c, d, ..] = b;
+            Ipv4Addr::new(a, b, c, d).into()
         } else {
             Ipv6Addr::from(b).into()
         })
     };
-    let tail = &msg[4 + SOCKID..];
-    let word = |i: usize| u32::from_ne_bytes([tail[i], tail[i + 1], tail[i + 2], tail[i + 3]]);
-    let cgroup = attributes(&body[MSG..])
+    let tail = msg.get(4 + SOCKID..)?;
+    let word = |i: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(tail.get(i..i + 4)?.try_into().ok()?))
+    };
+    let cgroup = attributes(attrs)
         .find(|(kind, _)| *kind == INET_DIAG_CGROUP_ID)
         .and_then(|(_, value)| value.get(..8)?.try_into().ok())
         .map(u64::from_ne_bytes);
@@ -141,8 +147,8 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
         },
         local: SocketAddr::new(address(4)?, sport),
         peer: SocketAddr::new(address(20)?, dport),
-        uid: word(12),
-        inode: word(16),
+        uid: word(12)?,
+        inode: word(16)?,
         cgroup,
         id,
         family,
@@ -171,7 +177,7 @@ pub fn destroy(target: &InetSocket) -> io::Result<()> {
     )?;
     let mut buf = [0u8; 1024];
     let n = recv(&fd, &mut buf, true)?;
-    for (kind, body) in messages(&buf[..n]) {
+    for (kind, body) in messages(buf.get(..n).unwrap_or_default()) {
         if kind == NLMSG_ERROR {
             return match errno_of(body) {
                 0 => Ok(()),

@@ -49,6 +49,12 @@ pub struct ListenerState {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Of `max_connections`, how many may be in their handshake.
+    pub max_handshakes_in_flight: usize,
+    /// Bytes per second a client must send on its turn in the handshake,
+    /// after `handshake_grace` (0: no minimum).
+    pub handshake_min_rate: u32,
+    pub handshake_grace: Duration,
     pub connect_attempts: usize,
     pub max_connection_lifetime: Option<Duration>,
     pub offload: crate::offload::Offload,
@@ -234,6 +240,11 @@ impl ListenerState {
             connect_timeout: l.connect_timeout,
             idle_timeout: l.idle_timeout,
             max_connections: l.max_connections,
+            max_handshakes_in_flight: l
+                .max_handshakes_in_flight
+                .unwrap_or((l.max_connections / 4).max(1)),
+            handshake_min_rate: l.handshake_min_rate,
+            handshake_grace: l.handshake_grace,
             connect_attempts: l.connect_attempts,
             max_connection_lifetime: l.max_connection_lifetime,
             offload: l.offload,
@@ -245,6 +256,6 @@ impl ListenerState {
     pub fn route_for(&self, sni: Option<&str>) -> Option<&Arc<Route>> {
         sni.and_then(|s| self.by_sni.get(&s.to_ascii_lowercase()))
             .or(self.default_route.as_ref())
-            .map(|&i| &self.routes[i])
+            .and_then(|&i| self.routes.get(i))
     }
 }

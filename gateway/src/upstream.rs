@@ -142,7 +142,9 @@ impl Backends {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut failures = Vec::new();
         for i in 0..attempts {
-            let addr = &self.addrs[(start + i) % self.addrs.len()];
+            let Some(addr) = self.addrs.get((start + i) % self.addrs.len().max(1)) else {
+                break;
+            };
             match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get())).await {
                 Ok(Ok(stream)) => return Ok((stream, addr.clone())),
                 Ok(Err(e)) => failures.push(format!("{addr}: {e}")),

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub mod attack;
 pub mod bpf;
+pub mod cost;
 pub mod netns;
 pub mod packet;
 pub mod wire;
@@ -482,11 +484,7 @@ impl RunningGateway {
     }
 
     fn config(pki: &Pki, toml: &str) -> gateway::Config {
-        let toml = if toml.contains("access_log") {
-            toml.to_owned()
-        } else {
-            format!("access_log = \"off\"\n{toml}")
-        };
+        let toml = with_test_defaults(toml);
         gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
             .unwrap_or_else(|e| panic!("test config refused: {e}\n{toml}"))
     }
@@ -522,7 +520,7 @@ impl RunningGateway {
         pki: &Pki,
         toml: &str,
     ) -> Result<gateway::app::ReloadReport, gateway::app::ReloadError> {
-        let toml = format!("access_log = \"off\"\n{toml}");
+        let toml = with_test_defaults(toml);
         let config = gateway::Config::parse(&toml, &pki.path("gateway.toml"), pki.dir.path())
             .unwrap_or_else(|e| panic!("test config refused: {e}"));
         self.reload.reload(config).await
@@ -566,6 +564,22 @@ impl RunningGateway {
             .expect("access log record within the step timeout")
             .expect("access log channel open")
     }
+}
+
+/// What a test's config leaves out: no access log, and (without an
+/// `[admission]` table of its own) the test client's address exempt from
+/// per-source limits, which tests opening hundreds of connections from
+/// 127.0.0.1 would meet. Tests of admission write their own table.
+pub fn with_test_defaults(toml: &str) -> String {
+    let mut toml = if toml.contains("access_log") {
+        toml.to_owned()
+    } else {
+        format!("access_log = \"off\"\n{toml}")
+    };
+    if !toml.contains("[admission]") {
+        toml.push_str("\n[admission]\nexempt = [\"127.0.0.1/32\"]\n");
+    }
+    toml
 }
 
 impl Drop for RunningGateway {

@@ -444,6 +444,20 @@ impl Drop for Proc {
 
 /// `gateway guard --config` in namespace `ns`, once it says it protects.
 pub fn start_remote_guard(ns: &str, config: &Path, log: PathBuf) -> Proc {
+    let mut guard = gateway_in(ns, "guard", config, log);
+    guard.wait_for("guard: protecting", 1);
+    guard
+}
+
+/// `gateway run --config` in namespace `ns`, once its log says `ready`.
+pub fn start_gateway_in(ns: &str, config: &Path, log: PathBuf, ready: &str) -> Proc {
+    let mut gateway = gateway_in(ns, "run", config, log);
+    gateway.wait_for(ready, 1);
+    gateway
+}
+
+/// `gateway --log-format json COMMAND --config CONFIG` in `ns`.
+fn gateway_in(ns: &str, command: &str, config: &Path, log: PathBuf) -> Proc {
     let bin = crate::gateway_binary();
     let cmd = in_netns_command(
         ns,
@@ -451,14 +465,50 @@ pub fn start_remote_guard(ns: &str, config: &Path, log: PathBuf) -> Proc {
             bin.to_str().expect("utf-8 path"),
             "--log-format",
             "json",
-            "guard",
+            command,
             "--config",
             config.to_str().expect("utf-8 path"),
         ],
     );
-    let mut guard = Proc::spawn(cmd, log);
-    guard.wait_for("guard: protecting", 1);
-    guard
+    Proc::spawn(cmd, log)
+}
+
+/// `gateway block ARGS --admin ADMIN` in `ns`, which must succeed; its
+/// output.
+pub fn gateway_block_in(ns: &str, args: &[&str], admin: &str) -> String {
+    let bin = crate::gateway_binary();
+    let mut all = vec![bin.to_str().expect("utf-8 path"), "block"];
+    all.extend(args);
+    all.extend(["--admin", admin]);
+    let out = in_netns_command(ns, &all)
+        .output()
+        .expect("run gateway block");
+    assert!(
+        out.status.success(),
+        "gateway block {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A veth pair, `a_if` in `a` and `b_if` in `b`, both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    ip(&[
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]);
+    a.ip(&format!("link set {a_if} up"));
+    b.ip(&format!("link set {b_if} up"));
 }
 
 /// One metric's value from a `GET /metrics` endpoint at `admin`, read from
@@ -701,19 +751,11 @@ pub fn tcp_roundtrip(
     to: SocketAddr,
 ) -> Result<(), String> {
     in_netns(ns, move || {
-        let socket = match to {
-            SocketAddr::V4(_) => socket2_like(libc::AF_INET)?,
-            SocketAddr::V6(_) => socket2_like(libc::AF_INET6)?,
+        let socket = match (from, to) {
+            (Some(from), _) => tcp_socket_from(from)?,
+            (None, SocketAddr::V4(_)) => socket2_like(libc::AF_INET)?,
+            (None, SocketAddr::V6(_)) => socket2_like(libc::AF_INET6)?,
         };
-        if let Some(from) = from {
-            let (storage, len) = sockaddr(SocketAddr::new(from, 0));
-            // SAFETY: a valid sockaddr of len bytes.
-            if unsafe { libc::bind(socket.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) }
-                != 0
-            {
-                return Err(format!("bind {from}: {}", std::io::Error::last_os_error()));
-            }
-        }
         connect_with_timeout(&socket, to, Duration::from_millis(700))?;
         let mut stream = std::net::TcpStream::from(socket);
         stream
@@ -727,6 +769,21 @@ pub fn tcp_roundtrip(
         }
         Ok(())
     })
+}
+
+/// A TCP socket bound to `from` (any port), in this thread's namespace.
+pub fn tcp_socket_from(from: std::net::IpAddr) -> Result<OwnedFd, String> {
+    let socket = socket2_like(if from.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    })?;
+    let (storage, len) = sockaddr(SocketAddr::new(from, 0));
+    // SAFETY: a valid sockaddr of len bytes.
+    if unsafe { libc::bind(socket.as_raw_fd(), std::ptr::from_ref(&storage).cast(), len) } != 0 {
+        return Err(format!("bind {from}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(socket)
 }
 
 fn socket2_like(family: i32) -> Result<OwnedFd, String> {

@@ -55,6 +55,146 @@ fn run_binary(
     Reap(child)
 }
 
+/// `run_binary` with its stderr in the PKI's `gateway.stderr`, once it
+/// listens.
+fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::SocketAddr) {
+    let gw = run_binary(config, &pki.path("gateway.stderr"), &[]);
+    (gw, wait_listening(&pki.path("gateway.stderr")))
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// `GET /metrics` from an admin endpoint at `admin`.
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(STEP, s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+/// The gateway raises its open-files soft limit to the hard limit at start.
+#[tokio::test]
+async fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let (gw, _) = run_with_nofile(&pki, &config, 256, 4096);
+    assert_eq!(nofile_of(gw.0.id()), (4096, 4096));
+}
+
+/// With its descriptors used up, the gateway keeps running: a connection
+/// it has no descriptor for is accepted with the listener's reserve and
+/// reset at once (a refusal the client sees, counted as
+/// `out_of_descriptors`, logged a bounded number of times), and once
+/// descriptors are back it serves again.
+#[tokio::test]
+async fn running_out_of_descriptors_refuses_counted_and_recovers() {
+    use gateway_tests::attack::*;
+    const ORDERS: &str = "orders.example.internal";
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let admin = dead_port();
+    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\nworkers = 1\n")
+        + &listener_toml(
+            &pki,
+            "edge",
+            "handshake_timeout = \"60s\"\nhandshake_grace = \"60s\"",
+        )
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nlog_every = \"60s\"\n";
+    let config = pki.write("gateway.toml", &toml);
+    let (mut gw, addr) = run_with_nofile(&pki, &config, 64, 64);
+    // Idle handshakes hold two descriptors each (the socket, and its
+    // duplicate watched for progress): 100 of them are more than 64.
+    let mut idle = Vec::new();
+    let mut reset = 0;
+    for _ in 0..100 {
+        // The reset may come before connect() returns.
+        match tcp_from("127.0.4.1", addr).await {
+            Ok(s) => idle.push(s),
+            Err(_) => reset += 1,
+        }
+    }
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(200)).await.is_some() {
+            reset += 1;
+        }
+    }
+    assert!(
+        (30..100).contains(&reset),
+        "{reset} of 100 reset: the descriptors should have run out part way"
+    );
+    assert!(
+        allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.is_err(),
+        "served with no descriptor left"
+    );
+    assert!(gw.0.try_wait().unwrap().is_none(), "the gateway exited");
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.unwrap();
+    let metrics = scrape(admin).await;
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "gateway_connections_refused_total{listener=\"edge\",reason=\"out_of_descriptors\"}",
+            )?
+            .trim()
+            .parse()
+            .ok()
+        })
+        .unwrap_or(0);
+    // Every reset idle connection, and the allowed client's attempt.
+    assert_eq!(counted, reset + 1, "{metrics}");
+    let log = std::fs::read_to_string(pki.path("gateway.stderr")).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("out_of_descriptors"))
+        .count();
+    assert!(
+        lines <= 2,
+        "{lines} log lines for {counted} refusals:\n{log}"
+    );
+}
+
+/// `run_listening` with `RLIMIT_NOFILE` set to (soft, hard) for the
+/// gateway (through util-linux `prlimit`, which execs it).
+fn run_with_nofile(
+    pki: &Pki,
+    config: &std::path::Path,
+    soft: u64,
+    hard: u64,
+) -> (Reap, std::net::SocketAddr) {
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={soft}:{hard}"))
+        .arg("--")
+        .arg(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    (Reap(child), wait_listening(&pki.path("gateway.stderr")))
+}
+
 /// Kills the child if the test fails before it is reaped.
 struct Reap(std::process::Child);
 impl Drop for Reap {
@@ -107,15 +247,8 @@ async fn openssl_s_client_through_the_binary_then_sigterm_drains_and_exits_0() {
     let pki = Pki::new();
     let (backend, accepted) = one_line_backend().await;
     let config = write_config(&pki, backend);
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut gw = Reap(child);
+    let (mut gw, addr) = run_listening(&pki, &config);
     let gw_log = || std::fs::read_to_string(pki.path("gateway.stderr")).unwrap_or_default();
-    let addr = wait_listening(&pki.path("gateway.stderr"));
     let frontend = pki.frontend();
 
     let ca = pki.path("server-roots.pem");
@@ -509,4 +642,121 @@ async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
     signal(&gw.0, "TERM");
     wait_for("the exit", || gw.0.try_wait().unwrap().is_some());
     assert!(!pid_file.exists(), "the pid file outlived the gateway");
+}
+
+/// A flood of refusals is logged in a bounded number of lines: the first at
+/// once, then a summary per `log_every` with the count, never a line per
+/// refused connection (and no access-log line for any of them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_refusals_takes_a_bounded_number_of_log_lines() {
+    let pki = Pki::new();
+    let toml = format!("access_log = \"{}\"\n", pki.path("access.log").display())
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\n\
+           block_after = 0\nlog_every = \"1s\"\n";
+    let config = pki.write("gateway.toml", &toml);
+    let (_gw, addr) = run_listening(&pki, &config);
+    // One admitted (and closed without a ClientHello), 500 over the rate.
+    for _ in 0..501 {
+        // The reset may come before connect() returns: refused either way.
+        let _ = tokio::net::TcpStream::connect(addr).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = std::fs::read_to_string(pki.path("gateway.stderr")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| {
+            v["fields"]["reason"] == "source_rate"
+                || v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("source_rate"))
+        })
+        .collect();
+    assert!(
+        (2..=4).contains(&lines.len()),
+        "{} lines about source_rate:\n{log}",
+        lines.len()
+    );
+    let summarized: u64 = lines
+        .iter()
+        .filter_map(|v| v["fields"]["count"].as_u64())
+        .sum();
+    // One token a second: a refill or two may admit a connection or two.
+    assert!(
+        (497..=500).contains(&(summarized + 1)),
+        "every refusal is in a line's count ({summarized} + 1):\n{log}"
+    );
+    // Refusals at accept write no access-log line: only the admitted ones
+    // (the first, and one per refill while the loop ran) are there.
+    let access = std::fs::read_to_string(pki.path("access.log")).unwrap_or_default();
+    assert_eq!(
+        access.lines().count() as u64,
+        501 - (summarized + 1),
+        "{access}"
+    );
+}
+
+/// `gateway block list|add|remove --config` as an operator runs it, against
+/// the running binary's admin endpoint: an entry added shows in the list
+/// and refuses its source at accept, and once removed it is gone.
+#[tokio::test]
+async fn gateway_block_edits_the_running_gateways_block_list() {
+    use gateway_tests::attack::*;
+    let pki = Pki::new();
+    let admin = dead_port();
+    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\n")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nkernel_block_list = false\n";
+    let config = pki.write("gateway.toml", &toml);
+    let (_gw, addr) = run_listening(&pki, &config);
+    let block = |args: &[&str]| {
+        let out = Command::new(gateway_binary())
+            .arg("block")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gateway block {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(block(&["list"]).contains("empty"));
+    let added = block(&["add", "127.0.5.0/24", "--for", "1h"]);
+    assert!(added.contains("blocked 127.0.5.0/24 for"), "{added}");
+    let list = block(&["list"]);
+    assert!(
+        list.contains("127.0.5.0/24") && list.contains("manual"),
+        "{list}"
+    );
+    let mut s = tcp_from("127.0.5.9", addr).await;
+    if let Ok(s) = &mut s {
+        assert!(
+            closed_within(s, Duration::from_secs(2)).await.is_some(),
+            "a blocked source was not refused"
+        );
+    }
+    let metrics = scrape(admin).await;
+    assert!(
+        metrics
+            .contains("gateway_connections_refused_total{listener=\"edge\",reason=\"blocked\"} 1"),
+        "{metrics}"
+    );
+    block(&["remove", "127.0.5.0/24"]);
+    assert!(block(&["list"]).contains("empty"));
+    let out = Command::new(gateway_binary())
+        .args(["block", "remove", "127.0.5.0/24", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "removing what is not there succeeded"
+    );
 }

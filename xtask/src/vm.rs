@@ -54,6 +54,7 @@ const VM_TESTS: &[&str] = &[
     "local_guard_attacks",
     "remote_guard",
     "remote_guard_attacks",
+    "block_list",
 ];
 
 /// Modules to load, in this order, with whatever they depend on first. The

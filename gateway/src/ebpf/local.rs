@@ -396,7 +396,10 @@ impl LocalGuard {
         }
         // Loopback is judged without a lookup.
         let loopback: [IpNet; 2] = [
-            IpNet::new(IpAddr::from([127, 0, 0, 0]), 8).expect("a valid prefix"),
+            IpNet::V4(ipnet::Ipv4Net::new_assert(
+                std::net::Ipv4Addr::new(127, 0, 0, 0),
+                8,
+            )),
             IpNet::from(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
         ];
         let addresses: HashSet<IpNet> = spec
@@ -423,7 +426,11 @@ impl LocalGuard {
             0
         };
         for rule in &rules {
-            let id = ids[rule];
+            // rule_ids_for gave every rule an id; one without is a bug, and
+            // an update that cannot say which rule it is refused whole.
+            let Some(&id) = ids.get(rule) else {
+                return Err(EbpfError::Unchangeable(format!("no rule id for {rule}")));
+            };
             let ip = rule.ip.to_canonical();
             let local = ip.is_loopback()
                 || ip.is_unspecified()
@@ -851,12 +858,12 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
             SocketAddr::from((words_to_v6(words), port))
         }
     };
-    let comm_len = e.comm.iter().position(|b| *b == 0).unwrap_or(e.comm.len());
     Some(BypassAttempt {
         pid: e.pid,
         uid: e.uid,
         cgroup: e.cgroup,
-        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        comm: String::from_utf8_lossy(e.comm.split(|b| *b == 0).next().unwrap_or_default())
+            .into_owned(),
         destination: at(e.addr, e.port),
         protocol: Protocol::from_number(e.protocol).unwrap_or(Protocol::Tcp),
         audited: e.audited != 0,
@@ -874,8 +881,8 @@ fn parse_event(bytes: &[u8]) -> Option<BypassAttempt> {
 /// (network byte order, read as native words).
 fn words_to_v6(words: [u32; 4]) -> std::net::Ipv6Addr {
     let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_ne_bytes());
     }
     std::net::Ipv6Addr::from(o)
 }
@@ -892,10 +899,31 @@ fn key_v4(a: std::net::SocketAddrV4, protocol: Protocol) -> BackendV4 {
 }
 
 fn key_v6(a: std::net::SocketAddrV6, protocol: Protocol) -> BackendV6 {
-    let o = a.ip().octets();
-    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        b0,
+        b1,
+        b2,
+        b3,
+        c0,
+        c1,
+        c2,
+        c3,
+        d0,
+        d1,
+        d2,
+        d3,
+    ] = a.ip().octets();
     BackendV6 {
-        addr: [word(0), word(4), word(8), word(12)],
+        addr: [
+            u32::from_ne_bytes([a0, a1, a2, a3]),
+            u32::from_ne_bytes([b0, b1, b2, b3]),
+            u32::from_ne_bytes([c0, c1, c2, c3]),
+            u32::from_ne_bytes([d0, d1, d2, d3]),
+        ],
         port: a.port().to_be(),
         protocol: protocol.number(),
         _pad: 0,

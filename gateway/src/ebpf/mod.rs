@@ -4,8 +4,10 @@
 //! refuse connects, datagrams and raw packets to protected backends from
 //! anyone but the gateway). `remote`: the remote guard on a backend host (a
 //! TC classifier and a socket-level program that let only the gateways'
-//! addresses reach protected ports). Here: what both share: the rule
-//! types, pins and their lock, event ring buffers, counters.
+//! addresses reach protected ports). `block_list`: the admission block
+//! list's XDP program on the gateway's host (new connections from blocked
+//! sources dropped before a socket exists). Here: what they share: the
+//! rule types, pins and their lock, event ring buffers, counters.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::DirBuilderExt as _;
@@ -16,6 +18,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use gateway_common::protocol;
 use tokio::io::unix::AsyncFd;
 
+pub mod block_list;
 pub mod local;
 pub mod remote;
 
@@ -533,7 +536,10 @@ const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 /// One bpf(2) call with `attr` (zero-padded to the kernel's bpf_attr).
 fn bpf_call(cmd: libc::c_long, attr: &[u8]) -> std::io::Result<libc::c_long> {
     let mut full = [0u8; 128];
-    full[..attr.len()].copy_from_slice(attr);
+    let Some(room) = full.get_mut(..attr.len()) else {
+        return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+    };
+    room.copy_from_slice(attr);
     // SAFETY: full is a zero-padded bpf_attr of the size passed; pointers
     // in it point at memory that outlives the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, full.as_mut_ptr(), full.len()) };

@@ -787,8 +787,8 @@ pub struct SourceAttempts {
 fn address(family: u8, words: [u32; 4]) -> IpAddr {
     if family == 6 {
         let mut o = [0u8; 16];
-        for (i, w) in words.iter().enumerate() {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        for (chunk, w) in o.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&w.to_ne_bytes());
         }
         IpAddr::from(o)
     } else {

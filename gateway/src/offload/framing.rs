@@ -88,13 +88,19 @@ impl<S> Framed<S> {
             if self.body_left > 0 {
                 let n = self.body_left.min(bytes.len());
                 self.body_left -= n;
-                bytes = &bytes[n..];
+                bytes = bytes.get(n..).unwrap_or_default();
                 continue;
             }
             let n = (HEADER - self.header_len).min(bytes.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
-            self.header_len += n;
-            bytes = &bytes[n..];
+            let (part, rest) = bytes.split_at_checked(n).unwrap_or((bytes, &[]));
+            if let Some(room) = self
+                .header
+                .get_mut(self.header_len..self.header_len + part.len())
+            {
+                room.copy_from_slice(part);
+            }
+            self.header_len += part.len();
+            bytes = rest;
             if self.header_len == HEADER {
                 self.body_left = record_length(self.header)?;
                 self.header_len = 0;
@@ -144,7 +150,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framed<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let end = buf.filled().len();
-            let observed = self.observe(&buf.filled()[start..end]);
+            let observed = self.observe(buf.filled().get(start..end).unwrap_or_default());
             if let Err(e) = observed {
                 // What was read is not delivered: it is not TLS.
                 buf.set_filled(start);

@@ -318,6 +318,9 @@ fn probe_one(version: Version, cipher: Cipher) -> Result<(), ProbeError> {
 /// used IV ^ i for i < seq, and IV ^ i <= IV + i < IV + seq, so the
 /// kernel's IV + seq + j cannot meet any of them before 2^64 - 2·seq
 /// records (the cipher's record limit closes the connection at 2^24.5).
+// The key and IV are rustls' secrets for the negotiated cipher, whose
+// lengths it fixes (16 or 32, 12): no peer input.
+#[allow(clippy::indexing_slicing)]
 fn crypto_info(
     version: Version,
     cipher: Cipher,
@@ -453,7 +456,7 @@ pub fn attach(io: &Framed<TcpStream>) -> Result<(), Fallback> {
 /// not take a hand-off that failed or timed out for an orderly end. Once
 /// the hand-off is done (`false`), the leg closes in order again and the
 /// forwarding path decides how it ends.
-pub fn reset_if_dropped(s: &TcpStream, on: bool) {
+pub fn reset_if_dropped(s: &impl std::os::fd::AsRawFd, on: bool) {
     if let Err(e) = sys::reset_on_close(s, on) {
         tracing::debug!(error = %e, "setting SO_LINGER for the hand-off");
     }
@@ -587,7 +590,7 @@ fn take_plaintext(
     loop {
         match conn.reader().read(&mut chunk) {
             Ok(0) => return Ok(PeerEnd::Closed),
-            Ok(n) => early.extend_from_slice(&chunk[..n]),
+            Ok(n) => early.extend_from_slice(chunk.get(..n).unwrap_or_default()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(PeerEnd::Open),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 // Said by name: the operator reading the access log has to

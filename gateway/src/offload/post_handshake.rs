@@ -169,10 +169,13 @@ impl PeerRules {
             let m = &mut self.message;
             if m.have < 4 {
                 let n = (4 - m.have).min(fragment.len());
-                m.header[m.have..m.have + n].copy_from_slice(&fragment[..n]);
-                m.have += n;
-                fragment = &fragment[n..];
-                let typ = m.header[0];
+                let (part, rest) = fragment.split_at_checked(n).unwrap_or((fragment, &[]));
+                if let Some(room) = m.header.get_mut(m.have..m.have + part.len()) {
+                    room.copy_from_slice(part);
+                }
+                m.have += part.len();
+                fragment = rest;
+                let [typ, ..] = m.header;
                 if m.have == n {
                     // The type just arrived.
                     self.judge(typ)?;
@@ -196,7 +199,7 @@ impl PeerRules {
             }
             let n = m.left.min(fragment.len());
             m.left -= n;
-            fragment = &fragment[n..];
+            fragment = fragment.get(n..).unwrap_or_default();
             if m.left == 0 {
                 *m = Message::default();
             }

@@ -160,7 +160,7 @@ async fn pump(
             Some((_, slots)) => read_into_slots(from, buf.get(), slots),
             None => {
                 let filled = buf.filled;
-                from.try_read(&mut buf.get()[filled..])
+                from.try_read(buf.get().get_mut(filled..).unwrap_or_default())
             }
         };
         let n = match read {
@@ -191,7 +191,8 @@ async fn pump(
             // Boxed: the write's state (224 bytes) would otherwise be part
             // of every idle connection's task; one small allocation per
             // batch costs less than a read of it.
-            Box::pin(leg.send_records(&buf.get()[..wire])).await?;
+            let records = buf.get().get(..wire).ok_or("sealed past the buffer")?;
+            Box::pin(leg.send_records(records)).await?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
             continue;
@@ -199,7 +200,7 @@ async fn pump(
         buf.filled += n;
         let filled = buf.filled;
         let (data, ranges) = buf.parts();
-        let data = &mut data[..filled];
+        let data = data.get_mut(..filled).ok_or("filled past the buffer")?;
         ranges.clear();
         let (consumed, refused) = match src {
             Side::Plain(_) => {
@@ -291,8 +292,10 @@ impl Buffer {
                 .pop()
                 .unwrap_or_else(|| vec![0; CAPACITY])
         });
-        if !self.parked.is_empty() {
-            data[..self.parked.len()].copy_from_slice(&self.parked);
+        if let Some(room) = data.get_mut(..self.parked.len())
+            && !self.parked.is_empty()
+        {
+            room.copy_from_slice(&self.parked);
             self.parked = Box::default();
         }
         data
@@ -304,7 +307,7 @@ impl Buffer {
     /// most one record, not a read buffer and a list of ranges.
     fn park(&mut self) {
         if let Some(data) = &self.data {
-            self.parked = data[..self.filled].into();
+            self.parked = data.get(..self.filled).unwrap_or_default().into();
         }
         let filled = self.filled;
         self.release();
@@ -342,7 +345,8 @@ impl Drop for Buffer {
 fn read_into_slots(from: &TcpStream, buf: &mut [u8], slots: Slots) -> io::Result<usize> {
     let mut iov: Vec<IoSliceMut<'_>> = buf
         .chunks_exact_mut(slots.stride)
-        .map(|slot| IoSliceMut::new(&mut slot[slots.prefix..slots.prefix + MAX_FRAGMENT]))
+        .filter_map(|slot| slot.get_mut(slots.prefix..slots.prefix + MAX_FRAGMENT))
+        .map(IoSliceMut::new)
         .collect();
     from.try_read_vectored(&mut iov)
 }
@@ -364,12 +368,16 @@ async fn send(dst: &Side, ranges: &[Range<usize>], buf: &[u8]) -> Result<(), Str
         Side::Plain(s) => {
             let slices: Vec<IoSlice<'_>> = ranges
                 .iter()
-                .map(|r| IoSlice::new(&buf[r.clone()]))
+                .map(|r| IoSlice::new(buf.get(r.clone()).unwrap_or_default()))
                 .collect();
             write_all_vectored(s, slices).await
         }
         Side::Records(leg) => {
-            let records = leg.layer.seal(ranges.iter().map(|r| &buf[r.clone()]))?;
+            let records = leg.layer.seal(
+                ranges
+                    .iter()
+                    .map(|r| buf.get(r.clone()).unwrap_or_default()),
+            )?;
             leg.send_records(&records).await
         }
     }

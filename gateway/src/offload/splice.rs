@@ -206,7 +206,7 @@ async fn control_record(
             "peer sent a record the kernel refused to parse (malformed header)",
         ));
     };
-    let record = &buf[..n];
+    let record = buf.get(..n).unwrap_or_default();
     if kind == APPLICATION_DATA {
         // Data after all (recvmsg found no control record): pass it on.
         if n == 0 {
@@ -280,7 +280,7 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), Broken> {
             .await
             .map_err(|e| format!("waiting to write: {e}"))?;
         match to.try_write(data) {
-            Ok(n) => data = &data[n..],
+            Ok(n) => data = data.get(n..).unwrap_or_default(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(describe(&e, false)),
         }

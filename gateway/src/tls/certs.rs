@@ -122,7 +122,10 @@ pub fn load_client_identity(
     provider: &CryptoProvider,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
     let (chain, key, _) = load_identity(cert_path, key_path, provider)?;
-    let cert = parse(cert_path, &chain[0])?;
+    let leaf = chain.first().ok_or_else(|| CertError::NoCertificates {
+        path: cert_path.to_owned(),
+    })?;
+    let cert = parse(cert_path, leaf)?;
     if !matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.client_auth) {
         return Err(CertError::NoClientAuth {
             path: cert_path.to_owned(),
@@ -159,7 +162,10 @@ fn load_identity(
         cert: cert_path.to_owned(),
         key: key_path.to_owned(),
     })?;
-    check_validity_now(cert_path, &chain[0])?;
+    let leaf = chain.first().ok_or_else(|| CertError::NoCertificates {
+        path: cert_path.to_owned(),
+    })?;
+    check_validity_now(cert_path, leaf)?;
     Ok((chain, key, certified))
 }
 
@@ -171,7 +177,10 @@ pub fn load_server_identity(
     provider: &CryptoProvider,
 ) -> Result<Arc<CertifiedKey>, CertError> {
     let (chain, _, certified) = load_identity(cert_path, key_path, provider)?;
-    check_server_auth(cert_path, &chain[0])?;
+    let leaf = chain.first().ok_or_else(|| CertError::NoCertificates {
+        path: cert_path.to_owned(),
+    })?;
+    check_server_auth(cert_path, leaf)?;
     check_chain(cert_path, &chain, provider)?;
     Ok(Arc::new(certified))
 }

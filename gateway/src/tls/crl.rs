@@ -269,11 +269,11 @@ pub fn newest<C: AsRef<Crl>>(
     let mut kept: Vec<C> = Vec::new();
     for crl in crls {
         let c = crl.as_ref();
-        let Some(at) = kept.iter().position(|k| k.as_ref().same_scope(c)) else {
+        let Some(kept_one) = kept.iter_mut().find(|k| k.as_ref().same_scope(c)) else {
             kept.push(crl);
             continue;
         };
-        let old = kept[at].as_ref();
+        let old = kept_one.as_ref();
         match c.age_against(old.number.as_ref(), old.this_update) {
             // The same CRL twice (one file in two lists): nothing to say.
             Ordering::Equal if c.digest == old.digest => {}
@@ -288,7 +288,7 @@ pub fn newest<C: AsRef<Crl>>(
             Ordering::Less => superseded(c, old),
             Ordering::Greater => {
                 superseded(old, c);
-                kept[at] = crl;
+                *kept_one = crl;
             }
         }
     }

@@ -154,7 +154,7 @@ fn names_a_ca(tbs: &[u8]) -> bool {
         .enumerate()
         .filter(|(_, w)| *w == OID)
         .any(|(at, _)| {
-            let mut rest = &tbs[at + OID.len()..];
+            let mut rest = tbs.get(at + OID.len()..).unwrap_or_default();
             // critical BOOLEAN, when present
             if let [0x01, 0x01, _, tail @ ..] = rest {
                 rest = tail;

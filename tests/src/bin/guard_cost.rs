@@ -21,6 +21,7 @@ use std::os::fd::AsRawFd as _;
 use std::time::{Duration, Instant};
 
 use gateway_tests::bpf::enable_run_time_stats;
+use gateway_tests::cost::{ksoftirqd_ns, thread_cpu_ns};
 use gateway_tests::netns::*;
 use gateway_tests::wire::*;
 
@@ -165,17 +166,6 @@ fn send(wire: &Wire, from: Ipv4Addr, count: u64) -> u64 {
     })
 }
 
-/// This thread's CPU time (user and system, softirqs served in its context
-/// included), in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    // SAFETY: rusage is plain data; getrusage fills it.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid rusage to fill.
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) };
-    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
-    ns(usage.ru_utime) + ns(usage.ru_stime)
-}
-
 /// (runs, ns) of the TC and the socket program, from the guard's metrics.
 fn program_stats(wire: &Wire, running: bool) -> [(u64, u64); 2] {
     let read = |program: &str| {
@@ -196,27 +186,4 @@ fn program_stats(wire: &Wire, running: bool) -> [(u64, u64); 2] {
         )
     };
     [read("ingress"), read("sock_ingress")]
-}
-
-/// CPU time of every ksoftirqd thread so far, in nanoseconds.
-fn ksoftirqd_ns() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    let mut total = 0;
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid … utime stime …": fields after the comm.
-        let Some((comm, rest)) = stat.split_once(") ") else {
-            continue;
-        };
-        if !comm.contains("(ksoftirqd/") {
-            continue;
-        }
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        total += (ticks(11) + ticks(12)) * 1_000_000_000 / hz;
-    }
-    total
 }

@@ -1,0 +1,247 @@
+//! The block list's copy in the kernel (`ebpf::block_list`), kept in step
+//! with the gateway's own: every entry added or removed here is written to
+//! the XDP program's maps too, with its expiry.
+//!
+//! Fail open: the gateway's own check at accept is the one that holds. A
+//! program that cannot be loaded, an interface it cannot attach to, a map
+//! write that fails: each is logged and counted, and the gateway serves on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ipnet::IpNet;
+
+use crate::config::AdmissionSettings;
+use crate::ebpf::block_list::{self, BlockFilter, Counters, Reason};
+
+use super::KernelInterfaces;
+use super::block::{BlockReason, Blocked};
+
+/// Where the kernel copy should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Wanted {
+    pin_dir: Option<PathBuf>,
+    interfaces: BTreeSet<String>,
+    ports: BTreeSet<u16>,
+}
+
+#[derive(Default)]
+pub(super) struct Kernel {
+    filter: Option<BlockFilter>,
+    /// The pin directory the loaded program uses (None: not pinned).
+    pin_dir: Option<PathBuf>,
+    /// Interfaces it should be on that it could not attach to, with why.
+    failed: BTreeMap<String, String>,
+    /// Attachments and loads that failed, since start.
+    pub attach_failures: u64,
+    /// Map writes that failed, since start.
+    pub write_failures: u64,
+}
+
+impl Kernel {
+    /// Brings the kernel copy to what `settings` and the listeners'
+    /// addresses ask for. Returns the entries a previous gateway left in
+    /// pinned maps (when the program was loaded just now), for the caller
+    /// to take over; everything in `list` is written to fresh maps.
+    pub fn configure(
+        &mut self,
+        settings: &AdmissionSettings,
+        listening: &[SocketAddr],
+        list: &[Blocked],
+        now: Instant,
+    ) -> Vec<(IpNet, BlockReason, Option<Instant>)> {
+        if !settings.kernel_block_list {
+            if self.filter.take().is_some() {
+                tracing::info!("admission: kernel block list detached (kernel_block_list = false)");
+            }
+            self.failed.clear();
+            return Vec::new();
+        }
+        let wanted = Wanted {
+            pin_dir: settings.pin.then(|| settings.pin_dir.clone()),
+            interfaces: match &settings.interfaces {
+                Some(names) => names.iter().cloned().collect(),
+                None => listening_interfaces(listening),
+            },
+            ports: listening.iter().map(SocketAddr::port).collect(),
+        };
+        if wanted.interfaces.is_empty() {
+            // Nothing to attach to (a listener on loopback only): nothing
+            // loaded, nothing pinned.
+            if self.filter.take().is_some() {
+                tracing::info!("admission: kernel block list detached (no interface to attach to)");
+            }
+            self.failed.clear();
+            return Vec::new();
+        }
+        let mut adopted = Vec::new();
+        if self.filter.is_none() || self.pin_dir != wanted.pin_dir {
+            self.filter = None;
+            match BlockFilter::load(wanted.pin_dir.as_deref()) {
+                Ok(filter) => {
+                    self.pin_dir = wanted.pin_dir.clone();
+                    adopted = take_over(&filter, now);
+                    self.filter = Some(filter);
+                    for b in list {
+                        self.insert(b, now);
+                    }
+                }
+                Err(e) => {
+                    self.attach_failures += 1;
+                    tracing::warn!(error = %e, "admission: the kernel block list could not be loaded; blocked sources are refused at accept instead");
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(filter) = self.filter.as_mut() else {
+            return adopted;
+        };
+        let ports: Vec<u16> = wanted.ports.iter().copied().collect();
+        if let Err(e) = filter.set_ports(&ports) {
+            self.write_failures += 1;
+            tracing::warn!(error = %e, "admission: the kernel block list's ports could not be written");
+        }
+        for (name, _) in filter.attached() {
+            if !wanted.interfaces.contains(&name) {
+                filter.detach(&name);
+                tracing::info!(interface = %name, "admission: kernel block list detached");
+            }
+        }
+        self.failed.clear();
+        for name in &wanted.interfaces {
+            let was = filter.attached().iter().any(|(n, _)| n == name);
+            match filter.attach(name) {
+                Ok(mode) if !was => {
+                    tracing::info!(interface = %name, mode = mode.name(), "admission: kernel block list attached: blocked sources' new connections are dropped there");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.attach_failures += 1;
+                    tracing::warn!(interface = %name, error = %e, "admission: kernel block list not attached; blocked sources arriving there are refused at accept instead");
+                    self.failed.insert(name.clone(), e.to_string());
+                }
+            }
+        }
+        adopted
+    }
+
+    /// Writes one entry (its expiry converted to the kernel's clock).
+    pub fn insert(&mut self, b: &Blocked, now: Instant) {
+        let Some(filter) = self.filter.as_mut() else {
+            return;
+        };
+        let expires_ns = match b.expires {
+            None => u64::MAX,
+            Some(e) => {
+                let left = e.saturating_duration_since(now).as_nanos();
+                block_list::monotonic_ns().saturating_add(u64::try_from(left).unwrap_or(u64::MAX))
+            }
+        };
+        let reason = match b.reason {
+            BlockReason::Strikes => Reason::Strikes,
+            BlockReason::Manual => Reason::Manual,
+        };
+        if let Err(e) = filter.insert(b.net, reason, expires_ns) {
+            self.write_failures += 1;
+            tracing::warn!(net = %b.net, error = %e, "admission: a block could not be written to the kernel; it is refused at accept instead");
+        }
+    }
+
+    pub fn remove(&mut self, net: IpNet) {
+        let Some(filter) = self.filter.as_mut() else {
+            return;
+        };
+        if let Err(e) = filter.remove(net) {
+            self.write_failures += 1;
+            tracing::warn!(%net, error = %e, "admission: an entry could not be removed from the kernel block list");
+        }
+    }
+
+    /// Interfaces attached to, with how; and those that failed, with why.
+    pub fn interfaces(&self) -> KernelInterfaces {
+        KernelInterfaces {
+            attached: self
+                .filter
+                .as_ref()
+                .map(BlockFilter::attached)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(name, mode)| (name, mode.name()))
+                .collect(),
+            failed: self
+                .failed
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn counters(&self) -> Option<Counters> {
+        let filter = self.filter.as_ref()?;
+        match filter.counters() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::debug!(error = %e, "admission: reading the kernel block list's counters");
+                None
+            }
+        }
+    }
+}
+
+/// The entries a previous gateway left, with their expiry on this clock
+/// (already expired ones are left for the program to ignore).
+fn take_over(filter: &BlockFilter, now: Instant) -> Vec<(IpNet, BlockReason, Option<Instant>)> {
+    let kernel_now = block_list::monotonic_ns();
+    match filter.entries() {
+        Ok(entries) => entries
+            .into_iter()
+            .filter(|(_, _, expires)| *expires > kernel_now)
+            .map(|(net, reason, expires)| {
+                let reason = match reason {
+                    Reason::Strikes => BlockReason::Strikes,
+                    Reason::Manual => BlockReason::Manual,
+                };
+                let expires = (expires != u64::MAX)
+                    .then(|| now + std::time::Duration::from_nanos(expires - kernel_now));
+                (net, reason, expires)
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "admission: reading the pinned block list");
+            Vec::new()
+        }
+    }
+}
+
+/// The interfaces holding the listeners' addresses (all of them for a
+/// wildcard bind), loopback excepted: its clients are local processes,
+/// and generic XDP copies every loopback packet it sees (TCP's are clones),
+/// which the gateway's own traffic to local backends would pay for. Name
+/// `lo` in `interfaces` to have it anyway.
+fn listening_interfaces(listening: &[SocketAddr]) -> BTreeSet<String> {
+    let (addresses, links) = match (
+        crate::netlink::interface_addresses(),
+        crate::netlink::links(),
+    ) {
+        (Ok(a), Ok(l)) => (a, l),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "admission: listing interfaces for the kernel block list");
+            return BTreeSet::new();
+        }
+    };
+    let loopback = |name: &str| {
+        links
+            .iter()
+            .any(|l| l.name == name && l.kind == crate::netlink::ARPHRD_LOOPBACK)
+    };
+    let wildcard = listening.iter().any(|a| a.ip().is_unspecified());
+    addresses
+        .into_iter()
+        .filter(|(name, ip)| {
+            !loopback(name) && (wildcard || listening.iter().any(|l| l.ip() == *ip))
+        })
+        .map(|(name, _)| name)
+        .collect()
+}

@@ -1,0 +1,727 @@
+//! Admission: who may hold what before they have authenticated.
+//!
+//! A gateway on the edge is attacked by people who hold no certificate, so
+//! the principle is that only an authenticated client can hold what an
+//! authenticated client needs. The listener asks one question at accept
+//! ([`Admission::admit`]): admit, evict someone, or refuse. Before any byte
+//! is read, and in this order:
+//!
+//! - the block list (`block`): a blocked source is refused;
+//! - per source address and per prefix (`sources`): a token bucket of
+//!   handshakes and a cap on handshakes in flight;
+//! - the listener's slots (`pool`): `max_connections`, of which
+//!   `max_handshakes_in_flight` unauthenticated; when full, the handshake
+//!   that made the least progress is evicted, never a connection past it.
+//!
+//! Admitted, a connection carries a [`Ticket`]: the listener tells it when
+//! the ClientHello is in and when the handshake is done, and races the
+//! handshake against [`Ticket::watch`] (`progress`: eviction, and a minimum
+//! byte rate while it is the client's turn). A handshake that ends without
+//! authenticating is a strike against its source, and so is a refusal for
+//! exceeding a limit; enough strikes within a window block the source for
+//! a while. The block list also lives in the kernel (`kernel`), where an
+//! XDP program drops a blocked source's new connections before a socket
+//! exists.
+//!
+//! Every refusal is counted (`gateway_connections_refused_total{reason}`)
+//! and logged at a bounded rate (`refusals`). Everything an attacker can
+//! make grow is bounded: the source tables, the block list, the summaries.
+
+pub mod block;
+mod kernel;
+mod pool;
+pub mod progress;
+mod refusals;
+mod sources;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AdmissionSettings;
+use crate::metrics::{Metrics, counter};
+use crate::state::ListenerState;
+
+pub use block::{Added, BlockReason, Blocked};
+pub use pool::Pool;
+pub use progress::{Cut, Watch};
+
+use block::BlockList;
+use pool::Place;
+use refusals::RefusalLog;
+use sources::Sources;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdmissionError {
+    #[error(
+        "the block list is full of entries that do not expire ({0}); remove some or raise admission.max_blocked"
+    )]
+    BlockListFull(usize),
+    #[error("{0} is exempt (admission.exempt): it cannot be blocked")]
+    Exempt(IpNet),
+}
+
+/// Why a connection was refused, or cut, before any route decision: the
+/// `reason` of `gateway_connections_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refusal {
+    /// Every slot of the listener is held, none by a handshake to evict.
+    MaxConnections,
+    /// The handshake share is full of handshakes past their ClientHello.
+    MaxHandshakesInFlight,
+    /// The source (or its prefix) is on the block list.
+    Blocked,
+    /// The source started handshakes faster than its limit.
+    SourceRate,
+    /// The source has as many handshakes in flight as it may.
+    SourceHandshakes,
+    /// The same for the source's prefix.
+    PrefixRate,
+    PrefixHandshakes,
+    /// Admitted, then evicted by a newer connection.
+    Evicted,
+    /// Admitted, then cut for sending below the minimum rate.
+    HandshakeTooSlow,
+    /// Admitted; the handshake took longer than `handshake_timeout`.
+    HandshakeTimeout,
+    /// Admitted; the client closed (or reset) its connection during the
+    /// handshake.
+    ClientClosed,
+    /// Admitted; it sent bytes that are not TLS records (plain HTTP, an
+    /// SSLv2 hello, random bytes, an oversized or empty record).
+    BadRecord,
+    /// Admitted; its records held no acceptable ClientHello (another
+    /// message first, a malformed or oversized hello).
+    BadClientHello,
+    /// Admitted; it sent more than `MAX_CLIENT_HELLO` bytes without
+    /// completing a ClientHello.
+    ClientHelloTooLarge,
+    /// Admitted; no route for the server name it asked for.
+    NoRoute,
+    /// Admitted; nothing in common to speak (TLS versions, cipher suites,
+    /// key exchange groups, signature schemes).
+    Incompatible,
+    /// Admitted; the handshake failed otherwise, before any policy verdict
+    /// (a malformed or unexpected message, a broken connection).
+    HandshakeFailed,
+    /// Accepted with the listener's reserve descriptor and reset at once:
+    /// the process had no descriptor left (`descriptors`).
+    OutOfDescriptors,
+}
+
+impl Refusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxHandshakesInFlight => "max_handshakes_in_flight",
+            Refusal::Blocked => "blocked",
+            Refusal::SourceRate => "source_rate",
+            Refusal::SourceHandshakes => "source_handshakes",
+            Refusal::PrefixRate => "prefix_rate",
+            Refusal::PrefixHandshakes => "prefix_handshakes",
+            Refusal::Evicted => "evicted",
+            Refusal::HandshakeTooSlow => "handshake_too_slow",
+            Refusal::HandshakeTimeout => "handshake_timeout",
+            Refusal::ClientClosed => "client_closed",
+            Refusal::BadRecord => "bad_record",
+            Refusal::BadClientHello => "bad_client_hello",
+            Refusal::ClientHelloTooLarge => "client_hello_too_large",
+            Refusal::NoRoute => "no_route",
+            Refusal::Incompatible => "incompatible",
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::OutOfDescriptors => "out_of_descriptors",
+        }
+    }
+
+    /// Whether it counts against the source (towards a block): it exceeded
+    /// a limit of its own, rather than finding the listener full.
+    fn strikes(self) -> bool {
+        matches!(
+            self,
+            Refusal::SourceRate
+                | Refusal::SourceHandshakes
+                | Refusal::PrefixRate
+                | Refusal::PrefixHandshakes
+        )
+    }
+}
+
+/// How far a connection is: its handshake's stages, then past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Stage {
+    /// Accepted; its ClientHello is not complete yet.
+    Hello = 0,
+    /// The ClientHello is in; the handshake goes on.
+    Answered = 1,
+    /// Past the handshake, admitted by its route (authenticated, unless
+    /// the route is `mode = "off"`): it holds a slot but is no longer in
+    /// the handshake share, and is never evicted.
+    Established = 2,
+    /// Evicted by a newer connection.
+    Evicted = 3,
+}
+
+impl Stage {
+    fn from_u8(v: u8) -> Stage {
+        match v {
+            0 => Stage::Hello,
+            1 => Stage::Answered,
+            2 => Stage::Established,
+            _ => Stage::Evicted,
+        }
+    }
+}
+
+/// The answer to "may this connection start a handshake?".
+pub enum Answer {
+    Admit(Ticket),
+    /// Admitted, in the place of a handshake that had made the least
+    /// progress (its connection is being closed).
+    Evict {
+        ticket: Ticket,
+        victim: SocketAddr,
+    },
+    Refuse(Refusal),
+}
+
+/// Where the kernel block list is attached (interface, "native" or
+/// "generic"), and where it should be but is not (interface, why).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelInterfaces {
+    pub attached: Vec<(String, &'static str)>,
+    pub failed: Vec<(String, String)>,
+}
+
+/// The gateway's admission: one for all listeners (a source's limits and
+/// block hold on every listener), with a pool of slots per listener.
+pub struct Admission {
+    settings: ArcSwap<AdmissionSettings>,
+    state: Mutex<Tables>,
+    kernel: Mutex<kernel::Kernel>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    refusals: RefusalLog,
+    metrics: Arc<Metrics>,
+    blocks: [AtomicU64; 2],
+}
+
+struct Tables {
+    sources: Sources,
+    blocked: BlockList,
+}
+
+impl Admission {
+    pub fn new(settings: &AdmissionSettings, metrics: Arc<Metrics>) -> Arc<Admission> {
+        Arc::new(Admission {
+            state: Mutex::new(Tables {
+                sources: Sources::new(settings),
+                blocked: BlockList::new(settings.max_blocked as usize),
+            }),
+            settings: ArcSwap::from_pointee(settings.clone()),
+            kernel: Mutex::default(),
+            pools: Mutex::default(),
+            refusals: RefusalLog::default(),
+            metrics,
+            blocks: Default::default(),
+        })
+    }
+
+    /// Takes new settings (a reload): limits apply to the next accept;
+    /// smaller tables forget at once; the kernel copy follows `listening`
+    /// (every listener's bound address).
+    pub fn configure(&self, settings: &AdmissionSettings, listening: &[SocketAddr]) {
+        self.settings.store(Arc::new(settings.clone()));
+        let now = Instant::now();
+        let mut t = self.tables();
+        t.sources.configure(settings);
+        let gone = t.blocked.set_capacity(settings.max_blocked as usize);
+        let mut kernel = self.kernel();
+        for net in gone {
+            kernel.remove(net);
+        }
+        let list = t.blocked.list();
+        let adopted = kernel.configure(settings, listening, &list, now);
+        for (net, reason, expires) in adopted {
+            if t.blocked
+                .lookup(net.addr(), now)
+                .is_some_and(|b| b.net == net)
+            {
+                continue;
+            }
+            let ttl = expires.map(|e| e.saturating_duration_since(now));
+            if let Added::Yes { .. } = t.blocked.add(net, reason, ttl, now) {
+                tracing::info!(%net, reason = reason.as_str(), ?ttl, "admission: blocked, as the previous gateway left it");
+            }
+        }
+    }
+
+    /// The pool of `listener`'s slots (the same across reloads).
+    pub fn pool(&self, listener: &str) -> Arc<Pool> {
+        self.pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(listener.to_owned())
+            .or_insert_with(|| Arc::new(Pool::new(listener)))
+            .clone()
+    }
+
+    /// May `client` start a handshake on the listener whose slots are
+    /// `pool` (with its `max_connections` and `max_handshakes_in_flight`)?
+    /// A refusal is counted and logged (at a bounded rate) here.
+    ///
+    /// `socket` is the connection's, when there is one: a duplicate of it
+    /// is kept while the handshake lasts, for the kernel's counts of its
+    /// progress (eviction, the minimum rate).
+    pub fn admit(
+        self: &Arc<Self>,
+        pool: &Arc<Pool>,
+        max_connections: usize,
+        max_handshakes: usize,
+        client: SocketAddr,
+        socket: Option<&TcpStream>,
+    ) -> Answer {
+        let listener = pool.listener();
+        let settings = self.settings.load();
+        let now = Instant::now();
+        let source = client.ip().to_canonical();
+        let exempt = settings.exempt.iter().any(|n| n.contains(&source));
+        if !exempt {
+            let mut t = self.tables();
+            if t.blocked.lookup(source, now).is_some() {
+                drop(t);
+                return self.refuse(listener, Refusal::Blocked, source, now);
+            }
+            if let Err(refusal) = t.sources.start(source, &settings, now) {
+                if refusal.strikes() && t.sources.strike(source, &settings, now) {
+                    self.block_locked(&mut t, source, &settings, now);
+                }
+                drop(t);
+                return self.refuse(listener, refusal, source, now);
+            }
+        }
+        let socket = socket.and_then(|s| match s.as_fd().try_clone_to_owned() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::debug!(error = %e, "admission: no descriptor to watch a handshake's progress; only its timeout applies");
+                None
+            }
+        });
+        match pool.take(client, socket, max_connections, max_handshakes) {
+            Ok(taken) => {
+                let ticket = Ticket {
+                    admission: self.clone(),
+                    pool: pool.clone(),
+                    id: taken.id,
+                    place: taken.place,
+                    source,
+                    exempt,
+                };
+                match taken.evicted {
+                    Some(victim) => Answer::Evict { ticket, victim },
+                    None => Answer::Admit(ticket),
+                }
+            }
+            Err(refusal) => {
+                if !exempt {
+                    self.tables().sources.ended(source, &settings);
+                }
+                self.refuse(listener, refusal, source, now)
+            }
+        }
+    }
+
+    /// Counts and logs (bounded) a connection the listener refused before
+    /// asking (`Refusal::OutOfDescriptors`).
+    pub fn refused_at_accept(&self, listener: &str, refusal: Refusal, client: SocketAddr) {
+        self.note(
+            listener,
+            refusal,
+            client.ip().to_canonical(),
+            Instant::now(),
+        );
+    }
+
+    fn refuse(&self, listener: &str, refusal: Refusal, source: IpAddr, now: Instant) -> Answer {
+        self.note(listener, refusal, source, now);
+        Answer::Refuse(refusal)
+    }
+
+    /// Counts a refusal or cut and logs it within the bounds.
+    fn note(&self, listener: &str, refusal: Refusal, source: IpAddr, now: Instant) {
+        self.metrics.refused(listener, refusal.label());
+        let every = self.settings.load().log_every;
+        self.refusals
+            .note(listener, refusal.label(), source, every, now, || {
+                tracing::warn!(listener, client = %source, reason = refusal.label(),
+                    "connection refused before a route decision (more of the same are summarized every {every:?})");
+            });
+    }
+
+    /// A handshake of `source` ended without authenticating: a strike.
+    fn failed(&self, source: IpAddr) {
+        let settings = self.settings.load();
+        let now = Instant::now();
+        let mut t = self.tables();
+        t.sources.ended(source, &settings);
+        if t.sources.strike(source, &settings, now) {
+            self.block_locked(&mut t, source, &settings, now);
+        }
+    }
+
+    fn block_locked(
+        &self,
+        t: &mut Tables,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
+        let net = IpNet::from(source);
+        if t.blocked.lookup(source, now).is_some() {
+            return;
+        }
+        match t
+            .blocked
+            .add(net, BlockReason::Strikes, Some(settings.block_for), now)
+        {
+            Added::Yes { displaced } => {
+                self.blocks[0].fetch_add(1, Ordering::Relaxed);
+                let mut kernel = self.kernel();
+                if let Some(old) = displaced {
+                    kernel.remove(old);
+                }
+                if let Some(b) = t.blocked.lookup(source, now) {
+                    kernel.insert(b, now);
+                }
+                self.refusals.note("", "blocked", source, settings.log_every, now, || {
+                    tracing::warn!(client = %source, block_for = ?settings.block_for, strikes = settings.block_after,
+                        window = ?settings.block_window,
+                        "admission: source blocked: too many failed handshakes or refusals (more blocks are summarized)");
+                });
+            }
+            Added::Full => {
+                tracing::debug!(client = %source, "admission: block list full of permanent entries; not blocked");
+            }
+        }
+    }
+
+    /// Blocks `net` by hand for `ttl` (None: until removed).
+    pub fn block(&self, net: IpNet, ttl: Option<Duration>) -> Result<Blocked, AdmissionError> {
+        let settings = self.settings.load();
+        let net = net.trunc();
+        if settings
+            .exempt
+            .iter()
+            .any(|e| e.contains(&net) || net.contains(e))
+        {
+            return Err(AdmissionError::Exempt(net));
+        }
+        let now = Instant::now();
+        let mut t = self.tables();
+        match t.blocked.add(net, BlockReason::Manual, ttl, now) {
+            Added::Full => Err(AdmissionError::BlockListFull(t.blocked.len())),
+            Added::Yes { displaced } => {
+                self.blocks[1].fetch_add(1, Ordering::Relaxed);
+                let mut kernel = self.kernel();
+                if let Some(old) = displaced {
+                    kernel.remove(old);
+                }
+                let entry = t
+                    .blocked
+                    .list()
+                    .into_iter()
+                    .find(|b| b.net == net)
+                    .unwrap_or(Blocked {
+                        net,
+                        reason: BlockReason::Manual,
+                        expires: ttl.map(|t| now + t),
+                    });
+                kernel.insert(&entry, now);
+                tracing::info!(%net, ?ttl, "admission: blocked by hand");
+                Ok(entry)
+            }
+        }
+    }
+
+    /// Removes the entry for exactly `net`; false when there was none.
+    pub fn unblock(&self, net: IpNet) -> bool {
+        let net = net.trunc();
+        let mut t = self.tables();
+        let removed = t.blocked.remove(&net);
+        if removed {
+            self.kernel().remove(net);
+            tracing::info!(%net, "admission: unblocked by hand");
+        }
+        removed
+    }
+
+    /// The block list now.
+    pub fn blocked(&self) -> Vec<Blocked> {
+        let now = Instant::now();
+        self.tables()
+            .blocked
+            .list()
+            .into_iter()
+            .filter(|b| b.expires.is_none_or(|e| e > now))
+            .collect()
+    }
+
+    /// Once a second: expired blocks leave (the kernel's copy too), due
+    /// summaries are logged.
+    pub fn tick(&self) {
+        let now = Instant::now();
+        let every = self.settings.load().log_every;
+        let expired = self.tables().blocked.expire(now);
+        if !expired.is_empty() {
+            let mut kernel = self.kernel();
+            for net in expired {
+                kernel.remove(net);
+            }
+        }
+        self.refusals.flush(every, now);
+    }
+
+    /// Where the kernel block list is attached, and where it is not.
+    pub fn kernel_interfaces(&self) -> KernelInterfaces {
+        self.kernel().interfaces()
+    }
+
+    /// The admission series for `GET /metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let _ = writeln!(
+            out,
+            "# HELP gateway_handshakes_in_flight Connections in their handshake (unauthenticated) right now, per listener."
+        );
+        let _ = writeln!(out, "# TYPE gateway_handshakes_in_flight gauge");
+        for p in &pools {
+            let _ = writeln!(
+                out,
+                "gateway_handshakes_in_flight{{listener=\"{}\"}} {}",
+                crate::metrics::escape(p.listener()),
+                p.handshakes()
+            );
+        }
+        let (blocked, tracked, forgotten, displaced) = {
+            let t = self.tables();
+            let mut by_reason = [0u64; 2];
+            for b in t.blocked.list() {
+                let [strikes, manual] = &mut by_reason;
+                match b.reason {
+                    BlockReason::Strikes => *strikes += 1,
+                    BlockReason::Manual => *manual += 1,
+                }
+            }
+            (
+                by_reason,
+                [t.sources.addresses.len(), t.sources.prefixes.len()],
+                [t.sources.addresses.forgotten, t.sources.prefixes.forgotten],
+                t.blocked.displaced,
+            )
+        };
+        let _ = writeln!(
+            out,
+            "# HELP gateway_blocked_sources Entries on the block list right now, by why."
+        );
+        let _ = writeln!(out, "# TYPE gateway_blocked_sources gauge");
+        for (reason, n) in [("strikes", blocked[0]), ("manual", blocked[1])] {
+            let _ = writeln!(out, "gateway_blocked_sources{{reason=\"{reason}\"}} {n}");
+        }
+        counter(
+            out,
+            "gateway_blocks_total",
+            "Sources put on the block list, by why (strikes: failed handshakes and refusals for exceeding a limit; manual: gateway block add).",
+            &[
+                (
+                    "reason=\"strikes\"".into(),
+                    self.blocks[0].load(Ordering::Relaxed),
+                ),
+                (
+                    "reason=\"manual\"".into(),
+                    self.blocks[1].load(Ordering::Relaxed),
+                ),
+            ],
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gateway_admission_tracked Sources and prefixes whose handshakes admission tracks right now (at most admission.max_tracked each)."
+        );
+        let _ = writeln!(out, "# TYPE gateway_admission_tracked gauge");
+        let _ = writeln!(
+            out,
+            "gateway_admission_tracked{{table=\"sources\"}} {}",
+            tracked[0]
+        );
+        let _ = writeln!(
+            out,
+            "gateway_admission_tracked{{table=\"prefixes\"}} {}",
+            tracked[1]
+        );
+        counter(
+            out,
+            "gateway_admission_forgotten_total",
+            "Entries forgotten to stay within their bounds: the least recently seen sources and prefixes, the block entries expiring first.",
+            &[
+                ("table=\"sources\"".into(), forgotten[0]),
+                ("table=\"prefixes\"".into(), forgotten[1]),
+                ("table=\"blocked\"".into(), displaced),
+            ],
+        );
+        let kernel = self.kernel();
+        let KernelInterfaces { attached, failed } = kernel.interfaces();
+        let _ = writeln!(
+            out,
+            "# HELP gateway_block_list_interfaces Interfaces the kernel block list (XDP) is attached to (1), or failed to attach to (0), and how."
+        );
+        let _ = writeln!(out, "# TYPE gateway_block_list_interfaces gauge");
+        for (name, mode) in &attached {
+            let _ = writeln!(
+                out,
+                "gateway_block_list_interfaces{{interface=\"{}\",mode=\"{}\"}} 1",
+                crate::metrics::escape(name),
+                mode
+            );
+        }
+        for (name, _) in &failed {
+            let _ = writeln!(
+                out,
+                "gateway_block_list_interfaces{{interface=\"{}\",mode=\"none\"}} 0",
+                crate::metrics::escape(name)
+            );
+        }
+        counter(
+            out,
+            "gateway_block_list_errors_total",
+            "Kernel block list failures (it fails open: the check at accept still applies): loading or attaching, and map writes.",
+            &[
+                ("op=\"attach\"".into(), kernel.attach_failures),
+                ("op=\"write\"".into(), kernel.write_failures),
+            ],
+        );
+        if let Some(c) = kernel.counters() {
+            counter(
+                out,
+                "gateway_block_list_drops_total",
+                "New connections (TCP SYNs) from blocked sources dropped by the kernel block list (XDP), by why the source is blocked.",
+                &[
+                    ("reason=\"strikes\"".into(), c.dropped_strikes),
+                    ("reason=\"manual\"".into(), c.dropped_manual),
+                ],
+            );
+            counter(
+                out,
+                "gateway_block_list_packets_total",
+                "Packets the kernel block list looked at past the drops: new connections to a listener's port judged, passed from an expired entry, passed unparsed (fail open).",
+                &[
+                    ("result=\"judged\"".into(), c.judged),
+                    ("result=\"expired\"".into(), c.expired),
+                    ("result=\"unparsed\"".into(), c.unparsed),
+                ],
+            );
+        }
+    }
+
+    fn tables(&self) -> MutexGuard<'_, Tables> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kernel(&self) -> MutexGuard<'_, kernel::Kernel> {
+        self.kernel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An admitted connection's place: held for its whole life, given back
+/// when dropped. A ticket dropped before [`Ticket::established`] is a
+/// failed handshake, a strike against its source.
+pub struct Ticket {
+    admission: Arc<Admission>,
+    pool: Arc<Pool>,
+    id: u64,
+    place: Arc<Place>,
+    source: IpAddr,
+    exempt: bool,
+}
+
+impl Ticket {
+    /// The ClientHello is complete: the handshake can no longer be evicted
+    /// by a newcomer.
+    pub fn hello_read(&self) {
+        self.pool.advance(self.id, &self.place, Stage::Answered);
+    }
+
+    /// The handshake is done and the route admitted the client: out of the
+    /// handshake share, never evicted.
+    pub fn established(&self) {
+        if self.stage() < Stage::Established {
+            self.pool.advance(self.id, &self.place, Stage::Established);
+            if self.stage() == Stage::Established && !self.exempt {
+                let settings = self.admission.settings.load();
+                self.admission
+                    .tables()
+                    .sources
+                    .ended(self.source, &settings);
+            }
+        }
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.place.stage()
+    }
+
+    /// Watches the handshake for eviction and progress (with the
+    /// listener's `handshake_min_rate` and `handshake_grace`); race
+    /// [`Watch::cut`] against the handshake.
+    pub fn watch(&self, listener: &ListenerState) -> Watch<'_> {
+        Watch::new(self, listener.handshake_min_rate, listener.handshake_grace)
+    }
+
+    fn accepted(&self) -> Instant {
+        self.place.accepted()
+    }
+
+    fn socket(&self) -> Option<Arc<OwnedFd>> {
+        self.place.socket()
+    }
+
+    /// Counts and logs (bounded) a cut as the refusal it is.
+    pub fn cut(&self, cut: &Cut) {
+        self.refused(cut.refusal());
+    }
+
+    /// Counts and logs (bounded) a handshake that ended without a route
+    /// decision, for `refusal`. (Its strike comes when the ticket goes.)
+    pub fn refused(&self, refusal: Refusal) {
+        self.admission
+            .note(self.pool.listener(), refusal, self.source, Instant::now());
+    }
+
+    fn evicted_token(&self) -> CancellationToken {
+        self.place.evicted().clone()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let in_handshake = self.pool.release(self.id, &self.place);
+        if in_handshake && !self.exempt {
+            self.admission.failed(self.source);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! The admission block list in the kernel: the `block_list` XDP program on
+//! the interfaces the gateway's listeners are reached through, and its maps
+//! (blocked prefixes with their expiry, the listeners' ports, each
+//! interface's link header length, drop counters).
+//!
+//! The gateway owns the list (`admission::block`); this is its early copy,
+//! so that a blocked source's new connections die before the kernel builds
+//! a socket for them. Everything here fails open: an interface the program
+//! cannot attach to is reported to the caller, which logs and counts it and
+//! serves on.
+//!
+//! Pinned (`pin_dir`), the maps survive a restart: the next gateway takes
+//! over the list that was there, with each entry's expiry. The attachments
+//! are not pinned: the program drops nothing once the gateway is gone, when
+//! there is nothing to protect on those ports anyway.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap as AyaHashMap};
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{Xdp, XdpMode};
+use gateway_common::{BlockEntry, LinkKind, MAX_BLOCKED, block_counter, block_reason};
+use ipnet::IpNet;
+
+use super::{
+    EbpfError, PinDirLock, loader_with_pins, lock_pin_dir, object, per_cpu_sum, program_mut,
+};
+
+const PROGRAM: &str = "block_list";
+
+const MAPS: [&str; 5] = [
+    "BLOCK_V4",
+    "BLOCK_V6",
+    "BLOCK_PORTS",
+    "BLOCK_LINKS",
+    "BLOCK_COUNTERS",
+];
+
+/// How the program runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In the driver, before any socket buffer exists.
+    Native,
+    /// In the stack (generic XDP), for drivers without XDP (and `lo`).
+    Generic,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Native => "native",
+            Mode::Generic => "generic",
+        }
+    }
+}
+
+/// Why an entry is on the list, as the kernel counts its drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Put there by the gateway: too many strikes.
+    Strikes,
+    /// Put there by an operator.
+    Manual,
+}
+
+impl Reason {
+    fn code(self) -> u32 {
+        match self {
+            Reason::Strikes => block_reason::STRIKES,
+            Reason::Manual => block_reason::MANUAL,
+        }
+    }
+
+    fn from_code(code: u32) -> Reason {
+        if code == block_reason::MANUAL {
+            Reason::Manual
+        } else {
+            Reason::Strikes
+        }
+    }
+}
+
+/// The program's counters, summed over the CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// New connections dropped, per reason.
+    pub dropped_strikes: u64,
+    pub dropped_manual: u64,
+    /// New connections to a listener's port that were looked up.
+    pub judged: u64,
+    /// Of those, from a source whose entry had expired (passed).
+    pub expired: u64,
+    /// Packets passed unparsed (fail open).
+    pub unparsed: u64,
+}
+
+/// The loaded program and its maps; detached from every interface when
+/// dropped.
+pub struct BlockFilter {
+    ebpf: aya::Ebpf,
+    attached: BTreeMap<String, (u32, Mode, XdpLinkId)>,
+    _lock: Option<PinDirLock>,
+}
+
+impl BlockFilter {
+    /// Loads the program and its maps (taking over pinned ones in
+    /// `pin_dir`); attaches nowhere yet.
+    pub fn load(pin_dir: Option<&Path>) -> Result<BlockFilter, EbpfError> {
+        if object().is_empty() {
+            return Err(EbpfError::NotBuilt);
+        }
+        let mut loader = loader_with_pins(pin_dir, &MAPS)?;
+        let lock = pin_dir.map(lock_pin_dir).transpose()?;
+        let mut ebpf = loader.load(object())?;
+        let program: &mut Xdp = program_mut(&mut ebpf, PROGRAM)?;
+        program.load().map_err(|source| EbpfError::Program {
+            name: PROGRAM,
+            source,
+        })?;
+        let mut filter = BlockFilter {
+            ebpf,
+            attached: BTreeMap::new(),
+            _lock: lock,
+        };
+        // Interfaces a previous gateway recorded are not ours any more.
+        let mut links = filter.links_map()?;
+        let stale: Vec<u32> = links.keys().filter_map(Result::ok).collect();
+        for index in stale {
+            let _ = links.remove(&index);
+        }
+        Ok(filter)
+    }
+
+    /// Attaches to `iface`: natively where the driver can, else generic.
+    /// Fails when the interface is unknown, its link header is not one the
+    /// program reads, or another XDP program holds it.
+    pub fn attach(&mut self, iface: &str) -> Result<Mode, EbpfError> {
+        let on_iface = |reason: String| EbpfError::Interface {
+            interface: iface.to_owned(),
+            reason,
+        };
+        if let Some((_, mode, _)) = self.attached.get(iface) {
+            return Ok(*mode);
+        }
+        let link = crate::netlink::link(iface)
+            .map_err(|e| on_iface(format!("listing interfaces: {e}")))?
+            .ok_or_else(|| on_iface("no such interface".into()))?;
+        let l2_len = link.link_header_len().ok_or_else(|| {
+            on_iface(format!(
+                "link type {} is neither Ethernet-like nor without a link header",
+                link.kind
+            ))
+        })?;
+        let name = "BLOCK_LINKS";
+        self.links_map()?
+            .insert(link.index, LinkKind { l2_len }, 0)
+            .map_err(|source| EbpfError::MapWrite { name, source })?;
+        let program: &mut Xdp = program_mut(&mut self.ebpf, PROGRAM)?;
+        let attached = match program.attach_to_if_index(link.index, XdpMode::Driver) {
+            Ok(id) => Ok((id, Mode::Native)),
+            Err(native) => program
+                .attach_to_if_index(link.index, XdpMode::Skb)
+                .map(|id| (id, Mode::Generic))
+                .map_err(|generic| format!("native: {native}; generic: {generic}")),
+        };
+        match attached {
+            Ok((id, mode)) => {
+                self.attached
+                    .insert(iface.to_owned(), (link.index, mode, id));
+                Ok(mode)
+            }
+            Err(reason) => {
+                let _ = self.links_map()?.remove(&link.index);
+                Err(on_iface(reason))
+            }
+        }
+    }
+
+    /// Detaches from `iface` (nothing when not attached).
+    pub fn detach(&mut self, iface: &str) {
+        let Some((index, _, id)) = self.attached.remove(iface) else {
+            return;
+        };
+        if let Ok(program) = program_mut::<Xdp>(&mut self.ebpf, PROGRAM) {
+            let _ = program.detach(id);
+        }
+        if let Ok(mut links) = self.links_map() {
+            let _ = links.remove(&index);
+        }
+    }
+
+    /// The interfaces attached to, with how.
+    pub fn attached(&self) -> Vec<(String, Mode)> {
+        self.attached
+            .iter()
+            .map(|(name, (_, mode, _))| (name.clone(), *mode))
+            .collect()
+    }
+
+    /// Makes `ports` the listeners' ports (TCP): only connections to them
+    /// are judged.
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
+        let name = "BLOCK_PORTS";
+        let mut array: Array<_, u8> =
+            Array::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
+        // New ports first, then the ones no listener has any more.
+        for port in ports {
+            array
+                .set(u32::from(*port), 1, 0)
+                .map_err(|source| EbpfError::MapWrite { name, source })?;
+        }
+        let stale: Vec<u32> = array
+            .iter()
+            .enumerate()
+            .filter(|(port, v)| {
+                matches!(v, Ok(v) if *v != 0) && !ports.iter().any(|p| usize::from(*p) == *port)
+            })
+            .map(|(port, _)| port as u32)
+            .collect();
+        for port in stale {
+            array
+                .set(port, 0, 0)
+                .map_err(|source| EbpfError::MapWrite { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// Blocks `net` until `expires_ns` (CLOCK_MONOTONIC; `u64::MAX`: no
+    /// expiry), replacing any entry for it.
+    pub fn insert(&mut self, net: IpNet, reason: Reason, expires_ns: u64) -> Result<(), EbpfError> {
+        let entry = BlockEntry {
+            expires_ns,
+            reason: reason.code(),
+            _pad: 0,
+        };
+        match net.trunc().addr() {
+            IpAddr::V4(a) => self.write::<4>("BLOCK_V4", net, a.octets(), Some(entry)),
+            IpAddr::V6(a) => self.write::<16>("BLOCK_V6", net, a.octets(), Some(entry)),
+        }
+    }
+
+    /// Unblocks `net` (nothing when it is not there).
+    pub fn remove(&mut self, net: IpNet) -> Result<(), EbpfError> {
+        match net.trunc().addr() {
+            IpAddr::V4(a) => self.write::<4>("BLOCK_V4", net, a.octets(), None),
+            IpAddr::V6(a) => self.write::<16>("BLOCK_V6", net, a.octets(), None),
+        }
+    }
+
+    /// Inserts (Some) or removes (None) one prefix of a family's trie.
+    fn write<const N: usize>(
+        &mut self,
+        name: &'static str,
+        net: IpNet,
+        octets: [u8; N],
+        entry: Option<BlockEntry>,
+    ) -> Result<(), EbpfError> {
+        let mut trie: LpmTrie<_, [u8; N], BlockEntry> =
+            LpmTrie::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
+        let key = Key::new(u32::from(net.prefix_len()), octets);
+        let written = match entry {
+            Some(entry) => trie.insert(&key, entry, 0),
+            None => trie.remove(&key),
+        };
+        match written {
+            Err(source) if entry.is_some() || !absent(&source) => {
+                Err(EbpfError::MapWrite { name, source })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Every entry in the maps (a previous gateway's, when pinned), with
+    /// its reason and expiry.
+    pub fn entries(&self) -> Result<Vec<(IpNet, Reason, u64)>, EbpfError> {
+        let mut out = Vec::new();
+        self.entries_of::<4>("BLOCK_V4", &mut out)?;
+        self.entries_of::<16>("BLOCK_V6", &mut out)?;
+        Ok(out)
+    }
+
+    fn entries_of<const N: usize>(
+        &self,
+        name: &'static str,
+        out: &mut Vec<(IpNet, Reason, u64)>,
+    ) -> Result<(), EbpfError>
+    where
+        IpAddr: From<[u8; N]>,
+    {
+        let trie: LpmTrie<_, [u8; N], BlockEntry> =
+            LpmTrie::try_from(self.ebpf.map(name).ok_or(EbpfError::MissingMap(name))?)
+                .map_err(|_| EbpfError::MissingMap(name))?;
+        for key in trie.keys() {
+            let key = key.map_err(|source| EbpfError::Map { name, source })?;
+            let Ok(entry) = trie.get(&key, 0) else {
+                continue;
+            };
+            if let Ok(net) = IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8) {
+                out.push((net, Reason::from_code(entry.reason), entry.expires_ns));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn counters(&self) -> Result<Counters, EbpfError> {
+        let sum = |index| per_cpu_sum(&self.ebpf, "BLOCK_COUNTERS", index);
+        Ok(Counters {
+            dropped_strikes: sum(block_reason::STRIKES)?,
+            dropped_manual: sum(block_reason::MANUAL)?,
+            judged: sum(block_counter::JUDGED)?,
+            expired: sum(block_counter::EXPIRED)?,
+            unparsed: sum(block_counter::UNPARSED)?,
+        })
+    }
+
+    /// How many entries the kernel maps hold per address family.
+    pub fn capacity() -> u32 {
+        MAX_BLOCKED
+    }
+
+    fn links_map(
+        &mut self,
+    ) -> Result<AyaHashMap<&mut aya::maps::MapData, u32, LinkKind>, EbpfError> {
+        let name = "BLOCK_LINKS";
+        AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, EbpfError> {
+        self.ebpf.map_mut(name).ok_or(EbpfError::MissingMap(name))
+    }
+}
+
+impl Drop for BlockFilter {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for name in names {
+            self.detach(&name);
+        }
+    }
+}
+
+/// Whether a map error says the key was not there.
+fn absent(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock the program's expiry is
+/// compared with (bpf_ktime_get_ns).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC
+    // always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

@@ -1,0 +1,602 @@
+//! Admission as an attacker meets it: slow handshakes, a full listener,
+//! floods of garbage, too many handshakes from one source or one prefix,
+//! the block list and its admin routes. Everything runs on loopback; the
+//! attackers use other 127.0.0.0/8 addresses than the allowed client.
+
+use std::time::{Duration, Instant};
+
+use gateway_tests::attack::*;
+use gateway_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ORDERS: &str = "orders.example.internal";
+
+async fn gateway(
+    pki: &Pki,
+    backend: &EchoBackend,
+    listener: &str,
+    admission: &str,
+) -> RunningGateway {
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        listener_toml(pki, "edge", listener)
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\n"
+        + admission;
+    RunningGateway::start(pki, &toml).await
+}
+
+/// A ClientHello trickled one byte every 300 ms is cut at the grace (1 s
+/// here), long before the handshake timeout (30 s), and reset; an allowed
+/// client on the same listener meanwhile is served.
+#[tokio::test]
+async fn a_trickled_client_hello_is_cut_at_the_grace_not_the_timeout() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = gateway(
+        &pki,
+        &backend,
+        "handshake_timeout = \"30s\"\nhandshake_grace = \"1s\"\nhandshake_min_rate = 256",
+        "",
+    )
+    .await;
+    let hello = client_hello(&pki, ORDERS);
+    let mut slow = tcp_from("127.0.2.1", gw.app_addr).await.unwrap();
+    let start = Instant::now();
+    let trickle = async {
+        for b in &hello {
+            if slow.write_all(std::slice::from_ref(b)).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    // The gateway must have cut it long before the hello could complete.
+    let _ = tokio::time::timeout(Duration::from_secs(4), trickle).await;
+    let after = start.elapsed();
+    let cut = closed_within(&mut slow, Duration::from_millis(100)).await;
+    assert!(
+        cut.is_some(),
+        "still open after {after:?}: the trickle was not cut"
+    );
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
+    let record = loop {
+        let r = gw.next_record().await;
+        if r.client.starts_with("127.0.2.1:") {
+            break r;
+        }
+    };
+    assert!(
+        record.reason.starts_with("handshake too slow"),
+        "{}",
+        record.reason
+    );
+    assert!(
+        record.duration_ms < 2_500,
+        "cut after {} ms",
+        record.duration_ms
+    );
+    assert_eq!(metric(&gw, &refused("handshake_too_slow")).await, 1);
+}
+
+/// Allowed clients, which send each flight at once, pass a tight grace and
+/// a high minimum rate: only the client's turns are timed, and theirs are
+/// short.
+#[tokio::test]
+async fn allowed_clients_pass_a_tight_grace_and_a_high_minimum_rate() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "handshake_grace = \"200ms\"\nhandshake_min_rate = 100000",
+        "",
+    )
+    .await;
+    for _ in 0..20 {
+        allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+            .await
+            .unwrap();
+    }
+    assert_eq!(metric(&gw, &refused("handshake_too_slow")).await, 0);
+}
+
+/// The listener is full: stalled handshakes (no ClientHello) are evicted,
+/// oldest first, to let allowed clients in; a connection past its
+/// handshake is never evicted, and with only those left, a newcomer is
+/// refused.
+#[tokio::test]
+async fn a_full_listener_evicts_stalled_handshakes_never_live_connections() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "max_connections = 3\nmax_handshakes_in_flight = 3\nhandshake_min_rate = 0",
+        "",
+    )
+    .await;
+    let mut live = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    live.write_all(b"hold").await.unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).await.unwrap();
+    let mut first = tcp_from("127.0.3.1", gw.app_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut second = tcp_from("127.0.3.2", gw.app_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Full (1 live, 2 stalled): an allowed client evicts the oldest stall.
+    let held = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut first, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    assert!(
+        closed_within(&mut second, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    let back = echo_roundtrip(held, b"in".to_vec()).await.unwrap();
+    assert_eq!(back, b"in");
+    assert!(
+        closed_within(&mut second, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    // Now one live connection and one stall: the next allowed client takes
+    // the free slot, the one after evicts the stall, and the one after
+    // that finds only live connections: refused.
+    let _a = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut second, Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    let _b = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut second, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    let refused_one = match connect(gw.app_addr, ORDERS, pki.frontend_config()).await {
+        Err(_) => true,
+        Ok(mut c) => {
+            let _ = c.write_all(b"x").await;
+            matches!(
+                tokio::time::timeout(STEP, c.read(&mut buf)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        }
+    };
+    assert!(refused_one, "a newcomer evicted a live connection");
+    // The first live connection never noticed.
+    live.write_all(b"more").await.unwrap();
+    live.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"more");
+    assert_eq!(metric(&gw, &refused("evicted")).await, 2);
+    assert_eq!(metric(&gw, &refused("max_connections")).await, 1);
+}
+
+/// Handshakes that delivered their ClientHello are not evicted; once they
+/// fill `max_handshakes_in_flight`, a newcomer is refused although
+/// connection slots are free, and live connections are untouched.
+#[tokio::test]
+async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "max_connections = 50\nmax_handshakes_in_flight = 2\nhandshake_min_rate = 0",
+        "",
+    )
+    .await;
+    let tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    let hello = client_hello(&pki, ORDERS);
+    let mut stalls = Vec::new();
+    for i in 1..=2 {
+        let mut s = tcp_from(&format!("127.0.4.{i}"), gw.app_addr)
+            .await
+            .unwrap();
+        s.write_all(&hello).await.unwrap();
+        stalls.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tcp_from("127.0.4.3", gw.app_addr).await.unwrap();
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    assert_eq!(metric(&gw, &refused("max_handshakes_in_flight")).await, 1);
+    for s in &mut stalls {
+        assert!(closed_within(s, Duration::from_millis(200)).await.is_none());
+    }
+    assert_eq!(
+        echo_roundtrip(tls, b"live".to_vec()).await.unwrap(),
+        b"live"
+    );
+    // A handshake share freed is a newcomer admitted.
+    drop(stalls);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
+}
+
+/// The attack, scaled down: slowloris connections, twice
+/// `max_connections`, from 40 loopback addresses trickle a ClientHello
+/// one byte every 2 s and reconnect when dropped. Allowed clients on the
+/// same listener are all served while it lasts.
+#[tokio::test]
+async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "max_connections = 60", "").await;
+    let hello = client_hello(&pki, ORDERS);
+    let stop = tokio_util_like_stop();
+    let mut attackers = Vec::new();
+    for i in 0..120 {
+        let (addr, hello, stop) = (gw.app_addr, hello.clone(), stop.clone());
+        let from = format!("127.0.5.{}", 1 + i % 40);
+        attackers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut s) = tcp_from(&from, addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                for b in &hello {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || s.write_all(std::slice::from_ref(b)).await.is_err()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        }));
+    }
+    // Let the attack fill the listener first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut failures = Vec::new();
+    for _ in 0..40 {
+        if let Err(e) = allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr).await {
+            failures.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        a.abort();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 40 allowed clients failed: {failures:?}",
+        failures.len()
+    );
+    let evicted = metric(&gw, &refused("evicted")).await;
+    let slow = metric(&gw, &refused("handshake_too_slow")).await;
+    assert!(evicted + slow > 0, "the attack never filled the listener");
+}
+
+fn tokio_util_like_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
+}
+
+/// A source that keeps failing handshakes (here: plain HTTP) is blocked:
+/// its next connections are reset before a byte is read, counted as
+/// `blocked`, and it shows on the block list; other sources are served.
+/// Removed from the list by hand, it is judged like anyone again.
+#[tokio::test]
+async fn a_source_that_keeps_failing_is_blocked() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "", "block_after = 5\nblock_for = \"1h\"").await;
+    for _ in 0..5 {
+        let mut s = tcp_from("127.0.6.1", gw.app_addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut s, STEP).await.is_some());
+    }
+    // Blocked: the gateway closes without reading (no alert comes back).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut s = tcp_from("127.0.6.1", gw.app_addr).await.unwrap();
+    let _ = s.write_all(b"\x16\x03\x01\x00\x05hello").await;
+    let mut buf = [0u8; 16];
+    let got = tokio::time::timeout(STEP, s.read(&mut buf))
+        .await
+        .expect("closed");
+    assert!(
+        matches!(got, Ok(0) | Err(_)),
+        "a blocked source was answered: {got:?}"
+    );
+    assert_eq!(metric(&gw, &refused("blocked")).await, 1);
+    assert_eq!(
+        metric(&gw, "gateway_blocks_total{reason=\"strikes\"}").await,
+        1
+    );
+    let admin = gw.admin_addr.unwrap();
+    let list = gateway::admin::client::list(admin).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].source.as_str(), list[0].reason.as_str()),
+        ("127.0.6.1/32", "strikes")
+    );
+    assert!(list[0].expires_in_seconds.is_some_and(|s| s > 3500));
+    allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+        .await
+        .unwrap();
+    gateway::admin::client::remove(admin, "127.0.6.1")
+        .await
+        .unwrap();
+    let mut s = tcp_from("127.0.6.1", gw.app_addr).await.unwrap();
+    s.write_all(&client_hello(&pki, ORDERS)).await.unwrap();
+    // Judged again: this time the gateway reads it and answers.
+    let n = tokio::time::timeout(STEP, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        n > 0 && buf[0] == 0x16,
+        "expected a ServerHello, got {:?}",
+        &buf[..n]
+    );
+}
+
+/// A source over its handshake rate is refused at accept; its neighbour
+/// in another prefix is not affected.
+#[tokio::test]
+async fn a_source_over_its_handshake_rate_is_refused() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "",
+        "source_handshakes_per_second = 1\nsource_handshake_burst = 2\nblock_after = 0",
+    )
+    .await;
+    let mut results = Vec::new();
+    for _ in 0..5 {
+        results.push(
+            allowed_from(&pki, ORDERS, "127.0.7.1", gw.app_addr)
+                .await
+                .is_ok(),
+        );
+    }
+    assert_eq!(
+        results,
+        [true, true, false, false, false],
+        "burst of 2, then 1/s"
+    );
+    assert_eq!(metric(&gw, &refused("source_rate")).await, 3);
+    allowed_from(&pki, ORDERS, "127.0.8.1", gw.app_addr)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    allowed_from(&pki, ORDERS, "127.0.7.1", gw.app_addr)
+        .await
+        .unwrap();
+}
+
+/// Addresses of one /24 share its cap of handshakes in flight.
+#[tokio::test]
+async fn a_prefix_shares_one_cap_of_handshakes_in_flight() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "handshake_min_rate = 0",
+        "prefix_handshakes_in_flight = 4\nblock_after = 0",
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 1..=4 {
+        held.push(
+            tcp_from(&format!("127.0.9.{i}"), gw.app_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tcp_from("127.0.9.5", gw.app_addr).await.unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    assert_eq!(metric(&gw, &refused("prefix_handshakes")).await, 1);
+    allowed_from(&pki, ORDERS, "127.0.10.1", gw.app_addr)
+        .await
+        .unwrap();
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_millis(100)).await.is_none());
+    }
+}
+
+/// A reload applies admission's settings to the next accept.
+#[tokio::test]
+async fn a_reload_applies_the_admission_settings() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let listener = |extra: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{}",
+            listener_toml(&pki, "edge", extra)
+        ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    let gw = RunningGateway::start(&pki, &(listener("") + "\n[admission]\n")).await;
+    for _ in 0..3 {
+        allowed_from(&pki, ORDERS, "127.0.11.1", gw.app_addr)
+            .await
+            .unwrap();
+    }
+    gw.reload_toml(
+        &pki,
+        &(listener("")
+            + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\nblock_after = 0\n"),
+    )
+    .await
+    .unwrap();
+    allowed_from(&pki, ORDERS, "127.0.11.2", gw.app_addr)
+        .await
+        .unwrap();
+    assert!(
+        allowed_from(&pki, ORDERS, "127.0.11.2", gw.app_addr)
+            .await
+            .is_err()
+    );
+    assert_eq!(metric(&gw, &refused("source_rate")).await, 1);
+}
+
+/// `/block` through the admin endpoint: add (an address, a prefix, an
+/// IPv4-mapped address), list, refuse nonsense, remove; the metrics route
+/// answers as before.
+#[tokio::test]
+async fn the_block_list_through_the_admin_endpoint() {
+    use gateway::admin::client;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "", "").await;
+    let admin = gw.admin_addr.unwrap();
+    let e = client::add(admin, "127.0.12.0/24", Some("10m"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.source.as_str(), e.reason.as_str()),
+        ("127.0.12.0/24", "manual")
+    );
+    assert!(
+        e.expires_in_seconds
+            .is_some_and(|s| (590..=600).contains(&s))
+    );
+    let e = client::add(admin, "::ffff:127.0.13.7", None).await.unwrap();
+    assert_eq!(
+        (e.source.as_str(), e.expires_in_seconds),
+        ("127.0.13.7/32", None)
+    );
+    assert_eq!(client::list(admin).await.unwrap().len(), 2);
+    let mut s = tcp_from("127.0.12.99", gw.app_addr).await.unwrap();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(2))
+            .await
+            .is_some()
+    );
+    for bad in ["not-an-address", "127.0.0.1/33"] {
+        let err = client::add(admin, bad, None).await.unwrap_err().to_string();
+        assert!(err.contains("400"), "{err}");
+    }
+    let err = client::add(admin, "127.0.14.1", Some("soon"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("400"), "{err}");
+    let err = client::remove(admin, "127.0.99.1")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("404"), "{err}");
+    client::remove(admin, "127.0.12.0/24").await.unwrap();
+    client::remove(admin, "127.0.13.7").await.unwrap();
+    assert!(client::list(admin).await.unwrap().is_empty());
+    allowed_from(&pki, ORDERS, "127.0.12.99", gw.app_addr)
+        .await
+        .unwrap();
+    assert!(
+        gw.scrape()
+            .await
+            .contains("gateway_handshakes_in_flight{listener=\"edge\"}")
+    );
+}
+
+/// `/block` is for `admin_clients` only (loopback by default); here they
+/// exclude loopback, so the test client is refused while `/metrics` still
+/// answers it.
+#[tokio::test]
+async fn the_block_routes_are_only_for_admin_clients() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nadmin_clients = [\"10.0.0.0/8\"]\n{}",
+        listener_toml(&pki, "edge", "")
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let err = gateway::admin::client::add(gw.admin_addr.unwrap(), "192.0.2.1", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("403") && err.contains("admin_clients"),
+        "{err}"
+    );
+    assert!(gw.scrape().await.contains("gateway_live_connections"));
+}
+
+/// The admin endpoint's limits: oversized headers, headers never finished,
+/// an unknown route or method, too many connections at once.
+#[tokio::test]
+async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "", "").await;
+    let admin = gw.admin_addr.unwrap();
+    let response = |req: Vec<u8>| async move {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let _ = s.write_all(&req).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nX-Junk: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    let r = response(huge.into_bytes()).await;
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 431"), "{r}");
+    let r = response(b"PUT /metrics HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    let r = response(b"GET /secrets HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    // Headers never finished: closed after the header timeout (5 s).
+    let mut slow = TcpStream::connect(admin).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(STEP, slow.read_to_end(&mut buf))
+        .await
+        .expect("closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // 32 connections held open: the 33rd is closed at once, and once they
+    // go, the endpoint answers again.
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = response(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
+    assert!(r.is_empty(), "answered past the connection limit: {r}");
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(gw.scrape().await.contains("gateway_live_connections"));
+}

@@ -1,0 +1,304 @@
+//! The block list in the kernel: the gateway binary in a network
+//! namespace of its own, a client's namespace on a veth to it. A blocked
+//! source's SYNs to a listener's port die in the XDP program (the
+//! client's connect times out; the gateway never accepts), everything else
+//! passes; it fails open where it cannot attach; a restart takes over a
+//! pinned list.
+//!
+//! Needs root and iproute2 (`ip netns`); skips with a message otherwise.
+//! Namespaces, processes and pins go when the test ends, failed or not.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use gateway_tests::netns::*;
+use gateway_tests::*;
+
+const CLIENT: &str = "10.201.1.2";
+const STRANGER: &str = "10.201.1.3";
+const GATEWAY: &str = "10.201.1.1";
+const CLIENT_V6: &str = "fd00:201::2";
+const GATEWAY_V6: &str = "fd00:201::1";
+const ADMIN: &str = "127.0.0.1:9901";
+
+/// The client's and the gateway's namespaces, joined by a veth.
+struct Topology {
+    client: Netns,
+    gateway: Netns,
+    dir: tempfile::TempDir,
+    pki: Pki,
+}
+
+impl Topology {
+    fn new() -> Topology {
+        let client = Netns::new("gbc");
+        let gateway = Netns::new("gbg");
+        veth(&client, "c0", &gateway, "g0");
+        for cmd in [
+            format!("addr add {CLIENT}/24 dev c0"),
+            format!("addr add {STRANGER}/24 dev c0"),
+            format!("addr add {CLIENT_V6}/64 dev c0 nodad"),
+        ] {
+            client.ip(&cmd);
+        }
+        gateway.ip(&format!("addr add {GATEWAY}/24 dev g0"));
+        gateway.ip(&format!("addr add {GATEWAY_V6}/64 dev g0 nodad"));
+        // The backend, and a port of the gateway's host that is no listener.
+        for addr in ["127.0.0.1:9000", "0.0.0.0:7000"] {
+            let listener = gateway
+                .run(move || std::net::TcpListener::bind(addr))
+                .expect("bind");
+            tcp_echo(listener);
+        }
+        Topology {
+            client,
+            gateway,
+            dir: tempfile::tempdir().expect("tempdir"),
+            pki: Pki::new(),
+        }
+    }
+
+    /// The gateway binary in its namespace, listening on every address
+    /// (so the block list goes on every interface but `lo`), once the log
+    /// says `ready`.
+    fn start(&self, admission: &str, ready: &str) -> Proc {
+        let toml = format!(
+            "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\n{}",
+            listener_toml(&self.pki, "edge", "").replace("127.0.0.1:0", "[::]:8443")
+        ) + &route_toml(
+            "orders",
+            &["orders.example.internal"],
+            &["127.0.0.1:9000".parse().unwrap()],
+            &[SPIFFE_FRONTEND],
+        ) + "\n[admission]\n"
+            + admission;
+        let config = self.pki.write("gateway.toml", &toml);
+        start_gateway_in(
+            self.gateway.name(),
+            &config,
+            self.dir.path().join(format!("gateway-{}.log", unique("g"))),
+            ready,
+        )
+    }
+
+    /// `gateway block ARGS` against the gateway's admin endpoint.
+    fn block(&self, args: &[&str]) -> String {
+        gateway_block_in(self.gateway.name(), args, ADMIN)
+    }
+
+    /// A TCP connect from the client's namespace, from `from`: how it went.
+    fn connect(&self, from: &str, to: SocketAddr) -> Connect {
+        let from: std::net::IpAddr = from.parse().expect("address");
+        self.client.run(move || connect_from(from, to))
+    }
+
+    /// Waits until a connect from `from` is open (the wire is ready).
+    fn wait_open(&self, from: &str, to: SocketAddr) {
+        let until = Instant::now() + STEP;
+        loop {
+            match self.connect(from, to) {
+                Connect::Open => return,
+                other => assert!(Instant::now() < until, "{from} → {to}: {other:?}"),
+            }
+        }
+    }
+
+    fn metric(&self, series: &str) -> u64 {
+        metric_in(self.gateway.name(), ADMIN.parse().unwrap(), series).unwrap_or(0)
+    }
+}
+
+/// What a connect saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Connect {
+    /// Connected, and the gateway kept the connection (it reads and waits
+    /// for a ClientHello).
+    Open,
+    /// Connected, then closed or reset at once: refused at accept.
+    Refused,
+    /// No SYN-ACK came back: dropped before any socket.
+    Dropped,
+}
+
+fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> Connect {
+    let socket = tcp_socket_from(from).expect("bound socket");
+    if connect_with_timeout(&socket, to, Duration::from_millis(800)).is_err() {
+        return Connect::Dropped;
+    }
+    let mut stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 1];
+    match std::io::Read::read(&mut stream, &mut buf) {
+        Ok(0) => Connect::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Connect::Refused,
+        _ => Connect::Open,
+    }
+}
+
+fn root_and_netns() -> bool {
+    if !is_root() {
+        eprintln!("skipped: the kernel block list needs root");
+        return false;
+    }
+    netns_or_skip()
+}
+
+fn listener() -> SocketAddr {
+    format!("{GATEWAY}:8443").parse().unwrap()
+}
+
+fn listener_v6() -> SocketAddr {
+    format!("[{GATEWAY_V6}]:8443").parse().unwrap()
+}
+
+#[test]
+fn a_blocked_source_is_dropped_in_the_kernel_before_any_socket() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let _gw = t.start(
+        "pin = false\nblock_after = 3\nblock_for = \"1h\"\n",
+        "kernel block list attached",
+    );
+    // Found on its own: the interface holding the wildcard listener's
+    // addresses (a veth, whose driver runs XDP natively), not `lo`.
+    let metrics = metrics_in(&t);
+    assert!(
+        metrics.contains("gateway_block_list_interfaces{interface=\"g0\",mode=\"native\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("interface=\"lo\""), "{metrics}");
+    // (A fresh veth's IPv6 takes a moment before the first SYN gets
+    // through: wait for it, then judge.)
+    t.wait_open(CLIENT, listener());
+    t.wait_open(CLIENT_V6, listener_v6());
+
+    t.block(&["add", CLIENT]);
+    t.block(&["add", CLIENT_V6]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    assert_eq!(t.connect(CLIENT_V6, listener_v6()), Connect::Dropped);
+    // Dropped in the kernel: the gateway never accepted them.
+    assert!(t.metric("gateway_block_list_drops_total{reason=\"manual\"}") >= 2);
+    assert_eq!(
+        t.metric("gateway_connections_refused_total{listener=\"edge\",reason=\"blocked\"}"),
+        0
+    );
+    // Only new connections to a listener's port are judged: another port
+    // of the gateway's host still answers the blocked source, and a
+    // neighbour on the same link is not blocked.
+    let other: SocketAddr = format!("{GATEWAY}:7000").parse().unwrap();
+    assert_eq!(t.connect(CLIENT, other), Connect::Open);
+    assert_eq!(t.connect(STRANGER, listener()), Connect::Open);
+
+    let list = t.block(&["list"]);
+    assert!(
+        list.contains("10.201.1.2/32") && list.contains("manual"),
+        "{list}"
+    );
+    t.block(&["remove", CLIENT]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Open);
+
+    // Failing handshakes block a source by strikes, in the kernel too.
+    for _ in 0..3 {
+        let from: std::net::IpAddr = STRANGER.parse().unwrap();
+        t.client.run(move || {
+            let mut s = match connect_from_stream(from, listener()) {
+                Some(s) => s,
+                None => return,
+            };
+            let _ = std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n");
+            let mut buf = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        });
+    }
+    let until = Instant::now() + STEP;
+    while t.connect(STRANGER, listener()) != Connect::Dropped {
+        assert!(
+            Instant::now() < until,
+            "the failing source was never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(t.metric("gateway_block_list_drops_total{reason=\"strikes\"}") >= 1);
+    assert!(t.metric("gateway_blocks_total{reason=\"strikes\"}") >= 1);
+}
+
+fn connect_from_stream(from: std::net::IpAddr, to: SocketAddr) -> Option<TcpStream> {
+    let socket = tcp_socket_from(from).expect("bound socket");
+    connect_with_timeout(&socket, to, Duration::from_millis(800)).ok()?;
+    let s = TcpStream::from(socket);
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    Some(s)
+}
+
+#[test]
+fn the_kernel_block_list_fails_open_where_it_cannot_attach() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let _gw = t.start(
+        "pin = false\ninterfaces = [\"nosuch0\"]\n",
+        "kernel block list not attached",
+    );
+    assert!(t.metric("gateway_block_list_errors_total{op=\"attach\"}") >= 1);
+    t.wait_open(CLIENT, listener());
+    t.block(&["add", CLIENT]);
+    // Not dropped in the kernel, but refused at accept all the same.
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Refused);
+    assert_eq!(
+        t.metric("gateway_connections_refused_total{listener=\"edge\",reason=\"blocked\"}"),
+        1
+    );
+}
+
+#[test]
+fn a_restart_takes_over_the_pinned_block_list() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let pins = Pins::new("gateway-test-block-");
+    let admission = format!("pin = true\npin_dir = \"{}\"\n", pins.0.display());
+    let mut gw = t.start(&admission, "kernel block list attached");
+    t.block(&["add", CLIENT, "--for", "1h"]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    gw.signal(libc::SIGTERM);
+    let until = Instant::now() + STEP;
+    while gw.child.try_wait().ok().flatten().is_none() {
+        assert!(Instant::now() < until, "the gateway did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gw);
+    // Nothing listens and nothing is attached; the maps stay pinned.
+    assert!(pins_exist(&pins.0));
+    let _gw = t.start(&admission, "kernel block list attached");
+    let list = t.block(&["list"]);
+    assert!(list.contains("10.201.1.2/32"), "{list}");
+    let secs: u64 = list
+        .split_whitespace()
+        .find_map(|w| w.strip_suffix('s')?.parse().ok())
+        .unwrap_or(0);
+    assert!((3000..=3600).contains(&secs), "{list}");
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+}
+
+/// The gateway's whole `GET /metrics`, read in its namespace.
+fn metrics_in(t: &Topology) -> String {
+    t.gateway.run(|| {
+        let mut s = TcpStream::connect(ADMIN).expect("admin endpoint");
+        std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut s, &mut body).expect("response");
+        body
+    })
+}
+
+fn pins_exist(dir: &Path) -> bool {
+    dir.join("BLOCK_V4").exists() && dir.join("BLOCK_V6").exists()
+}
