@@ -1225,17 +1225,29 @@ fn tcp_packet(from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> Vec<u8> {
     ipv4(*from.ip(), *to.ip(), 6, &tcp)
 }
 
-/// Sends `packet` (a whole IPv4 packet) through a raw socket made in a
-/// child in `cgroup`: 0, or the errno sendto failed with.
-fn send_raw_from(cgroup: &std::path::Path, packet: &[u8]) -> i32 {
+/// Sends `packet` (a whole IPv4 packet, header included) through a raw
+/// socket for `protocol` made in a child in `cgroup`: 0, or the errno
+/// sendto failed with.
+fn send_raw_from(cgroup: &std::path::Path, protocol: i32, packet: &[u8]) -> i32 {
     let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
     let (to, len) = sockaddr(SocketAddr::new(dst.into(), 0));
     fork_into(Some(cgroup), || {
         // SAFETY: raw system calls on data prepared before the fork.
         unsafe {
-            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol);
             if s < 0 {
                 return 100;
+            }
+            let on: libc::c_int = 1;
+            if libc::setsockopt(
+                s,
+                libc::IPPROTO_IP,
+                libc::IP_HDRINCL,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return 101;
             }
             let sent = libc::sendto(
                 s,
@@ -1264,7 +1276,9 @@ fn a_tcp_reset_to_a_backend_is_no_bypass() {
     // (seen on 6.18 with the guard on the root cgroup in audit). A test may
     // not guard the root cgroup, so a raw socket of the test's sends what
     // the kernel would: a reset without payload passes, anything else
-    // stays judged.
+    // stays judged: from a raw socket not made for TCP (the kernel's is),
+    // and a reset whose header fills a first fragment alone, the payload
+    // following in fragments nobody reads on the way out.
     let Some(host) = Host::new() else { return };
     let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
     let at = match backend.local_addr().unwrap() {
@@ -1280,22 +1294,46 @@ fn a_tcp_reset_to_a_backend_is_no_bypass() {
         p[2..4].copy_from_slice(&total.to_be_bytes());
         p
     };
+    // More fragments follow (the kernel's raw send keeps the flag).
+    let first_fragment = {
+        let mut p = tcp_packet(from, at, 0x14);
+        p[6] |= 0x20;
+        p
+    };
+    let (tcp, raw) = (libc::IPPROTO_TCP, libc::IPPROTO_RAW);
     let cases = [
-        ("a reset", tcp_packet(from, at, 0x04), 0),
-        ("a reset with ACK", tcp_packet(from, at, 0x14), 0),
-        ("a reset that carries data", with_payload, libc::EPERM),
-        ("a reset with SYN", tcp_packet(from, at, 0x06), libc::EPERM),
-        ("an ACK", tcp_packet(from, at, 0x10), libc::EPERM),
-        ("a SYN", tcp_packet(from, at, 0x02), libc::EPERM),
+        ("a reset", tcp, tcp_packet(from, at, 0x04), 0),
+        ("a reset with ACK", tcp, tcp_packet(from, at, 0x14), 0),
+        ("a reset that carries data", tcp, with_payload, libc::EPERM),
+        (
+            "a reset with SYN",
+            tcp,
+            tcp_packet(from, at, 0x06),
+            libc::EPERM,
+        ),
+        ("an ACK", tcp, tcp_packet(from, at, 0x10), libc::EPERM),
+        ("a SYN", tcp, tcp_packet(from, at, 0x02), libc::EPERM),
+        (
+            "a reset in a first fragment",
+            tcp,
+            first_fragment,
+            libc::EPERM,
+        ),
+        (
+            "a reset from a socket not for TCP",
+            raw,
+            tcp_packet(from, at, 0x14),
+            libc::EPERM,
+        ),
     ];
-    for (what, packet, errno) in &cases {
+    for (what, protocol, packet, errno) in &cases {
         assert_eq!(
-            send_raw_from(&host.other, packet),
+            send_raw_from(&host.other, *protocol, packet),
             *errno,
             "{what} from a raw socket (0: sent, {}: EPERM)",
             libc::EPERM
         );
     }
-    assert_eq!(guard.counters().unwrap().refused, 4);
+    assert_eq!(guard.counters().unwrap().refused, 6);
     nothing_accepted(&backend, "no connection from the raw packets");
 }
