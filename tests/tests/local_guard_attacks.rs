@@ -64,8 +64,13 @@ impl Host {
         }
     }
 
+    /// Installed from inside the namespace, as a gateway on this host
+    /// would be: its network namespace is the gateway's.
     fn install(&self, spec: &GuardSpec) -> LocalGuard {
-        LocalGuard::install(&self.cg.path(), spec).expect("install the guard")
+        let (at, spec) = (self.cg.path(), spec.clone());
+        self.ns
+            .run(move || LocalGuard::install(&at, &spec))
+            .expect("install the guard")
     }
 
     /// A probe from `cgroup`, inside the namespace.
@@ -1068,6 +1073,76 @@ fn a_local_route_in_another_routing_table_is_guarded_at_arrival() {
     );
     assert!(!from_tun(b"tun"), "nothing arrived through the tun device");
     assert!(guard.counters().unwrap().refused >= 3);
+}
+
+#[test]
+fn a_container_s_own_service_on_a_protected_port_number_is_reachable() {
+    // The cgroup hooks do not look at network namespaces, and `attach_to`
+    // covers containers: a container's own service on the port number of
+    // a protected host backend (a pod on 8080, a database on 5432) got
+    // every packet from outside the container dropped and logged as a
+    // bypass, since arrivals were judged by port alone. It is addressed to
+    // the container, not to this host, and must stay reachable.
+    let Some(mut host) = Host::new() else { return };
+    let arrivals = Arrivals::new(&mut host);
+    let served = host.cg.leaf("served");
+    let (tcp_port, udp_port) = (arrivals.tcp_port, arrivals.udp_port());
+    let listener = arrivals
+        .container
+        .run({
+            let cg = served.clone();
+            move || {
+                socket_in_cgroup(
+                    &cg,
+                    Kind::TcpListener,
+                    (Ipv4Addr::UNSPECIFIED, tcp_port).into(),
+                )
+            }
+        })
+        .expect("the container's TCP service");
+    tcp_echo(std::net::TcpListener::from(listener));
+    let udp = udp_in_cgroup(
+        arrivals.container.name(),
+        &served,
+        (Ipv4Addr::UNSPECIFIED, udp_port).into(),
+    );
+    let neighbour = container_of(&host.ns, "glan", "h1", "10.216.0.1", "10.216.0.2");
+    host.ns.sysctl("net/ipv4/ip_forward", "1");
+    let container = Ipv4Addr::new(10, 211, 0, 2);
+    let guard = host.install(&host.spec(arrivals.protected()));
+
+    host.probe(&host.other, (container, tcp_port).into(), Probe::TcpConnect)
+        .expect("TCP from the host's namespace to the container's service");
+    host.probe(&host.other, (container, udp_port).into(), Probe::UdpSendTo)
+        .expect("UDP sent from the host's namespace");
+    let mut buf = [0u8; 64];
+    udp.recv_from(&mut buf)
+        .expect("the datagram from the host's namespace arrived at the container's service");
+    tcp_roundtrip(neighbour.name(), None, (container, tcp_port).into())
+        .expect("TCP from another namespace to the container's service");
+    neighbour
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"from the neighbour", (container, udp_port))
+        })
+        .expect("UDP sent from another namespace");
+    udp.recv_from(&mut buf)
+        .expect("the datagram from another namespace arrived at the container's service");
+    assert_eq!(
+        guard.counters().unwrap().refused,
+        0,
+        "nothing counted as a bypass"
+    );
+    // The host's own backends on those ports stay guarded from the
+    // container, by port (an address the maps know and one they do not).
+    arrivals
+        .tcp_from_container(IpAddr::from(Ipv4Addr::new(10, 211, 0, 1)))
+        .expect_err("the container's connect to the host's backend is dropped");
+    assert!(
+        !arrivals.udp_from_container(Ipv4Addr::new(10, 211, 0, 1)),
+        "no datagram from the container reached the host's backend"
+    );
+    assert!(guard.counters().unwrap().refused >= 2);
 }
 
 #[test]

@@ -102,6 +102,8 @@ pub enum EbpfError {
         gateway.tmpfiles_line(path)
     )]
     PinDirOfRoot { path: PathBuf, gateway: Account },
+    #[error("binding the socket that marks the gateway's network namespace: {0}")]
+    NetnsMark(std::io::Error),
     #[error("asking which programs are attached to {path}: {source}")]
     Query {
         path: PathBuf,
