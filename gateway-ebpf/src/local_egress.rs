@@ -12,9 +12,11 @@
 //! through `lo`) is judged by port whatever its address, so an address the
 //! maps do not know yet is no way in.
 //!
-//! A raw socket's TCP reset without payload passes: the kernel sends its
-//! own resets from a raw socket in the root cgroup, and a reset opens and
-//! delivers nothing.
+//! A TCP reset without payload, unfragmented, from a raw socket made for
+//! TCP passes: the kernel sends its own resets from such a socket in the
+//! root cgroup, and a reset opens and delivers nothing. A fragmented one
+//! is judged: its first fragment can be a bare header and the payload
+//! follow in fragments this program does not read.
 //!
 //! Established TCP packets are not read: they belong to connections whose
 //! SYN was judged (or that are older than the guard, which the gateway
@@ -98,7 +100,7 @@ pub fn local_egress(ctx: SkBuffContext) -> i32 {
         ETH_P_IPV6 => destination_v6(&ctx),
         _ => return ALLOW,
     };
-    let (dest, l4) = match dest {
+    let (dest, l4, whole) = match dest {
         Ok(Some(found)) => found,
         Ok(None) => return ALLOW,
         Err(()) => return REFUSE,
@@ -113,12 +115,18 @@ pub fn local_egress(ctx: SkBuffContext) -> i32 {
         // SAFETY: as above; the packet's length from its network header.
         let len = unsafe { (*skb).len } as usize;
         let header_end = l4 + usize::from(offset >> 4) * 4;
-        if layer == local_layer::RAW && flags & (TCP_RST | TCP_SYN) == TCP_RST && header_end == len
+        if layer == local_layer::RAW
+            && proto == u32::from(protocol::TCP)
+            && whole
+            && flags & (TCP_RST | TCP_SYN) == TCP_RST
+            && header_end == len
         {
             // A reset that carries nothing: the kernel answers a segment
             // for a connection it does not know from its own per-CPU raw
-            // socket, which lives in the root cgroup (attach_to = "").
-            // It opens nothing and delivers nothing.
+            // TCP socket, which lives in the root cgroup (attach_to = "").
+            // It opens nothing and delivers nothing. The kernel never
+            // fragments its resets; a fragment's length says nothing of
+            // the payload in the fragments after it, which are not read.
             return ALLOW;
         }
     }
@@ -176,20 +184,22 @@ pub fn load<const N: usize>(ctx: &SkBuffContext, offset: usize) -> Result<[u8; N
     Ok(unsafe { out.assume_init() })
 }
 
-/// Where an IPv4 TCP or UDP packet goes, and where its TCP or UDP header
-/// starts; None for other protocols and later fragments (which carry no
-/// ports; the first one was judged).
-fn destination_v4(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
+/// Where an IPv4 TCP or UDP packet goes, where its TCP or UDP header
+/// starts, and whether it is whole (no fragment); None for other protocols
+/// and later fragments (which carry no ports; the first one was judged).
+fn destination_v4(ctx: &SkBuffContext) -> Result<Option<(Dest, usize, bool)>, ()> {
     let head = load::<20>(ctx, 0)?;
     let proto = head[9];
     if proto != protocol::TCP && proto != protocol::UDP {
         return Ok(None);
     }
     let ihl = usize::from(head[0] & 0x0f) * 4;
-    let fragment = u16::from_be_bytes([head[6], head[7]]) & 0x1fff;
-    if fragment != 0 {
+    let fragment = u16::from_be_bytes([head[6], head[7]]);
+    if fragment & 0x1fff != 0 {
         return Ok(None);
     }
+    // More fragments follow.
+    let whole = fragment & 0x2000 == 0;
     if ihl < 20 {
         return Err(());
     }
@@ -205,22 +215,26 @@ fn destination_v4(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
         port: u16::from_ne_bytes([ports[2], ports[3]]),
         protocol: proto,
     };
-    Ok(Some((dest, ihl)))
+    Ok(Some((dest, ihl, whole)))
 }
 
 /// As [`destination_v4`] for IPv6, through up to 4 extension headers (a
 /// packet hiding its ports deeper is refused).
-fn destination_v6(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
+fn destination_v6(ctx: &SkBuffContext) -> Result<Option<(Dest, usize, bool)>, ()> {
     let head = load::<40>(ctx, 0)?;
     let mut next = head[6];
     let mut at = 40;
     let mut walked = 0;
+    let mut whole = true;
     while walked < 4 && matches!(next, 0 | 43 | 44 | 60) {
         let ext = load::<4>(ctx, at)?;
         if next == 44 {
             if u16::from_be_bytes([ext[2], ext[3]]) >> 3 != 0 {
                 return Ok(None);
             }
+            // A first fragment (or an atomic one, RFC 6946): not whole
+            // either way, nothing the kernel sends as a reset.
+            whole = false;
             at += 8;
         } else {
             at += (usize::from(ext[1]) + 1) * 8;
@@ -242,5 +256,5 @@ fn destination_v6(ctx: &SkBuffContext) -> Result<Option<(Dest, usize)>, ()> {
         port: u16::from_ne_bytes([ports[2], ports[3]]),
         protocol: next,
     };
-    Ok(Some((dest, at)))
+    Ok(Some((dest, at, whole)))
 }

@@ -7,14 +7,35 @@
 //! container's namespace behind a veth. The gateway never sends from
 //! there, so such a packet to a protected port is dropped (or, in audit,
 //! counted and passed). The port judged is the receiving socket's own;
-//! for a rule on every local address (the default) the address is not
-//! asked at all: anything that reached a local socket is addressed here.
+//! for a rule on every local address (the default) and a socket in the
+//! gateway's network namespace the address is not asked at all: anything
+//! that reached such a socket is addressed here. A socket in another
+//! namespace (a container's own service) is addressed at that namespace:
+//! the cgroup hooks run for it too (they do not look at namespaces), and
+//! there only the address maps say whether it is this host's.
 
-use aya_ebpf::{bindings::BPF_TCP_LISTEN, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+    },
+    helpers::generated::{bpf_sk_lookup_udp, bpf_sk_release},
+    macros::{cgroup_skb, map},
+    maps::Array,
+    programs::SkBuffContext,
+};
 use gateway_common::{enforcement, local_layer, protocol};
 
 use crate::local::{ALLOW, Dest, REFUSE, Source, Who, config, judge, local_port_known, rule_for};
 use crate::local_egress::{LOOPBACK_IFINDEX, full_socket, load};
+
+/// The port (network byte order) of a UDP socket the gateway holds bound
+/// to 127.0.0.1 in its own network namespace: a namespace where a lookup
+/// finds a socket there is the gateway's. 0 until the gateway sets it.
+/// Not pinned: each gateway's programs get their own, set before they are
+/// attached.
+#[map]
+static NETNS_MARK: Array<u16> = Array::with_max_entries(1, 0);
 
 /// The comm an arriving packet's events carry: no task sent it here.
 const ARRIVED: [u8; 16] = *b"(arrived)\0\0\0\0\0\0\0";
@@ -72,13 +93,16 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
     }) else {
         return REFUSE;
     };
-    // Judged as arriving "on loopback": whatever its address, it reached
-    // a socket of this host, so it was delivered here, and a rule for every
-    // local address covers it by its port. The address maps know only the
-    // main local table, hold at most MAX_LOCAL_ADDRESSES and follow changes
-    // late; a local route in another table (policy routing), an address
-    // beyond what the maps hold or one just added would otherwise let it in.
-    let Some(rule) = rule_for(&dest, true) else {
+    // In the gateway's namespace, judged as arriving "on loopback":
+    // whatever its address, it reached a socket of this host, so it was
+    // delivered here, and a rule for every local address covers it by its
+    // port. The address maps know only the main local table, hold at most
+    // MAX_LOCAL_ADDRESSES and follow changes late; a local route in another
+    // table (policy routing), an address beyond what the maps hold or one
+    // just added would otherwise let it in. A socket in another namespace
+    // (a container's service on the same port number) got a packet
+    // addressed to that namespace: judged by the address maps.
+    let Some(rule) = rule_for(&dest, in_gateway_netns(&ctx)) else {
         return ALLOW;
     };
     if config.enforcement == enforcement::AUDIT
@@ -97,6 +121,47 @@ pub fn local_ingress(ctx: SkBuffContext) -> i32 {
         cookie: 0,
     };
     judge(rule, &dest, &who, local_layer::INGRESS, source)
+}
+
+/// Whether the packet's namespace (its device's: the receiving socket's)
+/// is the gateway's: the gateway's marker socket is found there. Before
+/// the mark is set it is taken to be (by port, the stricter judgement:
+/// fail closed). Another namespace that binds the marker's port makes only
+/// its own sockets judged by port. While no gateway runs (its pinned
+/// programs stay) there is no marker: every namespace is judged by the
+/// address maps, as it was before arrivals were judged by port.
+fn in_gateway_netns(ctx: &SkBuffContext) -> bool {
+    let port = match NETNS_MARK.get(0) {
+        Some(&port) if port != 0 => port,
+        _ => return true,
+    };
+    let loopback = u32::from_ne_bytes([127, 0, 0, 1]);
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: loopback,
+                daddr: loopback,
+                sport: port,
+                dport: port,
+            },
+        },
+    };
+    // SAFETY: the program's own __sk_buff and a tuple on the stack of the
+    // size given (its IPv4 part); a socket found is released at once.
+    unsafe {
+        let found = bpf_sk_lookup_udp(
+            ctx.skb.skb.cast(),
+            &raw mut tuple,
+            core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if found.is_null() {
+            return false;
+        }
+        bpf_sk_release(found.cast());
+    }
+    true
 }
 
 /// Whether a TCP packet is a SYN without ACK (its header right after the

@@ -665,6 +665,7 @@ async fn follow_addresses(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut follow = crate::netlink::Follow::new(changes, ADDRESS_LOOK);
+    let mut apply_failure = RepeatedFailure::default();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -694,6 +695,7 @@ async fn follow_addresses(
         };
         match running.local.update(&spec) {
             Ok(()) => {
+                apply_failure = RepeatedFailure::default();
                 tracing::info!(addresses = ?spec.local_addresses, "guard: this host's addresses changed; local backends are protected on each");
                 running.spec = spec;
                 sweep_older_connections(&running, &stats);
@@ -703,7 +705,43 @@ async fn follow_addresses(
                     .address_watch_failures
                     .apply
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
+                // The same failure comes back at every look (every 5 s):
+                // counted each time, logged when it is new and then now
+                // and again.
+                if let Some(unlogged) = apply_failure.log(&e.to_string(), std::time::Instant::now())
+                {
+                    tracing::error!(error = %e, repeated_unlogged = unlogged, "guard: this host's addresses changed but the maps could not follow; they keep the old ones");
+                }
+            }
+        }
+    }
+}
+
+/// How often a failure that repeats unchanged is logged again.
+const REPEAT_LOG: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether a failure that recurs at every look deserves a log line: the
+/// first time, when what failed changes, and then once every
+/// [`REPEAT_LOG`], saying how many went unlogged in between (the metrics
+/// count every one).
+#[derive(Default)]
+struct RepeatedFailure {
+    last: Option<(String, std::time::Instant)>,
+    unlogged: u64,
+}
+
+impl RepeatedFailure {
+    /// Some(how many went unlogged since the last line) when `what` is
+    /// to be logged now.
+    fn log(&mut self, what: &str, now: std::time::Instant) -> Option<u64> {
+        match &self.last {
+            Some((same, at)) if same == what && now.duration_since(*at) < REPEAT_LOG => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.last = Some((what.to_owned(), now));
+                Some(std::mem::take(&mut self.unlogged))
             }
         }
     }
@@ -914,4 +952,33 @@ fn join_cgroup(dir: &Path) -> Result<(), GuardError> {
     }
     // "0" means the writing process, threads and all.
     std::fs::write(dir.join("cgroup.procs"), "0").map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_that_repeats_at_every_look_is_logged_now_and_again() {
+        let start = std::time::Instant::now();
+        let look = ADDRESS_LOOK;
+        let mut failure = RepeatedFailure::default();
+        assert_eq!(failure.log("more than 4096", start), Some(0), "the first");
+        // A day of looks every 5 s: logged once every REPEAT_LOG, not
+        // 17,280 times, each line saying how many it stands for.
+        let looks = (24 * 3600 / look.as_secs()) as u32;
+        let logged: Vec<u64> = (1..=looks)
+            .filter_map(|i| failure.log("more than 4096", start + look * i))
+            .collect();
+        let per_day = (24 * 3600 / REPEAT_LOG.as_secs()) as usize;
+        assert_eq!(logged.len(), per_day, "{logged:?}");
+        assert!(
+            logged
+                .iter()
+                .all(|&n| n == REPEAT_LOG.as_secs() / look.as_secs() - 1)
+        );
+        // Another failure is logged at once.
+        let later = start + look * (looks + 1);
+        assert_eq!(failure.log("permission denied", later), Some(0));
+    }
 }

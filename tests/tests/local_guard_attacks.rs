@@ -64,8 +64,13 @@ impl Host {
         }
     }
 
+    /// Installed from inside the namespace, as a gateway on this host
+    /// would be: its network namespace is the gateway's.
     fn install(&self, spec: &GuardSpec) -> LocalGuard {
-        LocalGuard::install(&self.cg.path(), spec).expect("install the guard")
+        let (at, spec) = (self.cg.path(), spec.clone());
+        self.ns
+            .run(move || LocalGuard::install(&at, &spec))
+            .expect("install the guard")
     }
 
     /// A probe from `cgroup`, inside the namespace.
@@ -1071,6 +1076,76 @@ fn a_local_route_in_another_routing_table_is_guarded_at_arrival() {
 }
 
 #[test]
+fn a_container_s_own_service_on_a_protected_port_number_is_reachable() {
+    // The cgroup hooks do not look at network namespaces, and `attach_to`
+    // covers containers: a container's own service on the port number of
+    // a protected host backend (a pod on 8080, a database on 5432) got
+    // every packet from outside the container dropped and logged as a
+    // bypass, since arrivals were judged by port alone. It is addressed to
+    // the container, not to this host, and must stay reachable.
+    let Some(mut host) = Host::new() else { return };
+    let arrivals = Arrivals::new(&mut host);
+    let served = host.cg.leaf("served");
+    let (tcp_port, udp_port) = (arrivals.tcp_port, arrivals.udp_port());
+    let listener = arrivals
+        .container
+        .run({
+            let cg = served.clone();
+            move || {
+                socket_in_cgroup(
+                    &cg,
+                    Kind::TcpListener,
+                    (Ipv4Addr::UNSPECIFIED, tcp_port).into(),
+                )
+            }
+        })
+        .expect("the container's TCP service");
+    tcp_echo(std::net::TcpListener::from(listener));
+    let udp = udp_in_cgroup(
+        arrivals.container.name(),
+        &served,
+        (Ipv4Addr::UNSPECIFIED, udp_port).into(),
+    );
+    let neighbour = container_of(&host.ns, "glan", "h1", "10.216.0.1", "10.216.0.2");
+    host.ns.sysctl("net/ipv4/ip_forward", "1");
+    let container = Ipv4Addr::new(10, 211, 0, 2);
+    let guard = host.install(&host.spec(arrivals.protected()));
+
+    host.probe(&host.other, (container, tcp_port).into(), Probe::TcpConnect)
+        .expect("TCP from the host's namespace to the container's service");
+    host.probe(&host.other, (container, udp_port).into(), Probe::UdpSendTo)
+        .expect("UDP sent from the host's namespace");
+    let mut buf = [0u8; 64];
+    udp.recv_from(&mut buf)
+        .expect("the datagram from the host's namespace arrived at the container's service");
+    tcp_roundtrip(neighbour.name(), None, (container, tcp_port).into())
+        .expect("TCP from another namespace to the container's service");
+    neighbour
+        .run(move || {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s.send_to(b"from the neighbour", (container, udp_port))
+        })
+        .expect("UDP sent from another namespace");
+    udp.recv_from(&mut buf)
+        .expect("the datagram from another namespace arrived at the container's service");
+    assert_eq!(
+        guard.counters().unwrap().refused,
+        0,
+        "nothing counted as a bypass"
+    );
+    // The host's own backends on those ports stay guarded from the
+    // container, by port (an address the maps know and one they do not).
+    arrivals
+        .tcp_from_container(IpAddr::from(Ipv4Addr::new(10, 211, 0, 1)))
+        .expect_err("the container's connect to the host's backend is dropped");
+    assert!(
+        !arrivals.udp_from_container(Ipv4Addr::new(10, 211, 0, 1)),
+        "no datagram from the container reached the host's backend"
+    );
+    assert!(guard.counters().unwrap().refused >= 2);
+}
+
+#[test]
 fn addresses_beyond_what_the_maps_hold_are_guarded_at_arrival() {
     let Some(mut host) = Host::new() else { return };
     let arrivals = Arrivals::new(&mut host);
@@ -1225,17 +1300,29 @@ fn tcp_packet(from: SocketAddrV4, to: SocketAddrV4, flags: u8) -> Vec<u8> {
     ipv4(*from.ip(), *to.ip(), 6, &tcp)
 }
 
-/// Sends `packet` (a whole IPv4 packet) through a raw socket made in a
-/// child in `cgroup`: 0, or the errno sendto failed with.
-fn send_raw_from(cgroup: &std::path::Path, packet: &[u8]) -> i32 {
+/// Sends `packet` (a whole IPv4 packet, header included) through a raw
+/// socket for `protocol` made in a child in `cgroup`: 0, or the errno
+/// sendto failed with.
+fn send_raw_from(cgroup: &std::path::Path, protocol: i32, packet: &[u8]) -> i32 {
     let dst = Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]);
     let (to, len) = sockaddr(SocketAddr::new(dst.into(), 0));
     fork_into(Some(cgroup), || {
         // SAFETY: raw system calls on data prepared before the fork.
         unsafe {
-            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            let s = libc::socket(libc::AF_INET, libc::SOCK_RAW, protocol);
             if s < 0 {
                 return 100;
+            }
+            let on: libc::c_int = 1;
+            if libc::setsockopt(
+                s,
+                libc::IPPROTO_IP,
+                libc::IP_HDRINCL,
+                std::ptr::from_ref(&on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            ) != 0
+            {
+                return 101;
             }
             let sent = libc::sendto(
                 s,
@@ -1264,7 +1351,9 @@ fn a_tcp_reset_to_a_backend_is_no_bypass() {
     // (seen on 6.18 with the guard on the root cgroup in audit). A test may
     // not guard the root cgroup, so a raw socket of the test's sends what
     // the kernel would: a reset without payload passes, anything else
-    // stays judged.
+    // stays judged: from a raw socket not made for TCP (the kernel's is),
+    // and a reset whose header fills a first fragment alone, the payload
+    // following in fragments nobody reads on the way out.
     let Some(host) = Host::new() else { return };
     let backend = host.tcp_listener("127.0.0.1:0".parse().unwrap());
     let at = match backend.local_addr().unwrap() {
@@ -1280,22 +1369,46 @@ fn a_tcp_reset_to_a_backend_is_no_bypass() {
         p[2..4].copy_from_slice(&total.to_be_bytes());
         p
     };
+    // More fragments follow (the kernel's raw send keeps the flag).
+    let first_fragment = {
+        let mut p = tcp_packet(from, at, 0x14);
+        p[6] |= 0x20;
+        p
+    };
+    let (tcp, raw) = (libc::IPPROTO_TCP, libc::IPPROTO_RAW);
     let cases = [
-        ("a reset", tcp_packet(from, at, 0x04), 0),
-        ("a reset with ACK", tcp_packet(from, at, 0x14), 0),
-        ("a reset that carries data", with_payload, libc::EPERM),
-        ("a reset with SYN", tcp_packet(from, at, 0x06), libc::EPERM),
-        ("an ACK", tcp_packet(from, at, 0x10), libc::EPERM),
-        ("a SYN", tcp_packet(from, at, 0x02), libc::EPERM),
+        ("a reset", tcp, tcp_packet(from, at, 0x04), 0),
+        ("a reset with ACK", tcp, tcp_packet(from, at, 0x14), 0),
+        ("a reset that carries data", tcp, with_payload, libc::EPERM),
+        (
+            "a reset with SYN",
+            tcp,
+            tcp_packet(from, at, 0x06),
+            libc::EPERM,
+        ),
+        ("an ACK", tcp, tcp_packet(from, at, 0x10), libc::EPERM),
+        ("a SYN", tcp, tcp_packet(from, at, 0x02), libc::EPERM),
+        (
+            "a reset in a first fragment",
+            tcp,
+            first_fragment,
+            libc::EPERM,
+        ),
+        (
+            "a reset from a socket not for TCP",
+            raw,
+            tcp_packet(from, at, 0x14),
+            libc::EPERM,
+        ),
     ];
-    for (what, packet, errno) in &cases {
+    for (what, protocol, packet, errno) in &cases {
         assert_eq!(
-            send_raw_from(&host.other, packet),
+            send_raw_from(&host.other, *protocol, packet),
             *errno,
             "{what} from a raw socket (0: sent, {}: EPERM)",
             libc::EPERM
         );
     }
-    assert_eq!(guard.counters().unwrap().refused, 4);
+    assert_eq!(guard.counters().unwrap().refused, 6);
     nothing_accepted(&backend, "no connection from the raw packets");
 }

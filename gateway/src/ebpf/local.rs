@@ -113,6 +113,10 @@ pub struct LocalGuard {
     pin_dir: Option<PathBuf>,
     /// Pinned: each program's link, held open while the guard runs.
     held: HashMap<&'static str, HeldLink>,
+    /// Bound to 127.0.0.1 in the gateway's network namespace, where the
+    /// ingress program's lookup finds it (NETNS_MARK): held as long as
+    /// the guard.
+    netns_mark: std::net::UdpSocket,
     _lock: Option<PinDirLock>,
 }
 
@@ -194,6 +198,8 @@ impl LocalGuard {
         }
         let mut loader = loader_with_pins(spec.pin_dir.as_deref(), &MAPS)?;
         let lock = spec.pin_dir.as_deref().map(lock_pin_dir).transpose()?;
+        let netns_mark = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .map_err(EbpfError::NetnsMark)?;
         let mut guard = Self {
             ebpf: loader.load(object())?,
             entries: HashMap::new(),
@@ -205,8 +211,10 @@ impl LocalGuard {
             attach_to: attach_to.to_owned(),
             pin_dir: spec.pin_dir.clone(),
             held: HashMap::new(),
+            netns_mark,
             _lock: lock,
         };
+        guard.setnetns_mark()?;
         guard.adopt_existing_rules()?;
         guard.update(spec)?;
         for (name, hook, _) in PROGRAMS {
@@ -230,6 +238,22 @@ impl LocalGuard {
         }
         remove_obsolete_pins(spec.pin_dir.as_deref(), &OBSOLETE_MAPS);
         Ok(guard)
+    }
+
+    /// Tells the ingress program which network namespace is the
+    /// gateway's: the one where its marker socket's port is bound (set
+    /// before the programs are attached).
+    fn setnetns_mark(&mut self) -> Result<(), EbpfError> {
+        let port = self
+            .netns_mark
+            .local_addr()
+            .map_err(EbpfError::NetnsMark)?
+            .port();
+        let name = "NETNS_MARK";
+        let mut array: Array<_, u16> = typed_mut(&mut self.ebpf, name)?;
+        array
+            .set(0, port.to_be(), 0)
+            .map_err(|source| EbpfError::MapWrite { name, source })
     }
 
     /// Attaches program `name` to the subtree; pinned, pins its link and

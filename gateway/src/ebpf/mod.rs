@@ -79,18 +79,31 @@ pub enum EbpfError {
     )]
     UnsafePinDir { path: PathBuf, reason: String },
     #[error(
-        "pin directory {} belongs to {}, not to this user (uid {euid}): someone made it before the gateway could ({} lets every user create directories); its pins could be removed or replaced by them. Look at what is in it, remove it (`rm -r {}`) and start again, or create the pin directory at boot before users can (systemd-tmpfiles: `d {} 0700 root root -`)",
+        "pin directory {} belongs to {}, not to this user ({}): someone made it before the gateway could ({} lets every user create directories); its pins could be removed or replaced by them. Look at what is in it, remove it (`rm -r {}`) and start again, or create the pin directory at boot before users can (systemd-tmpfiles: `{}`)",
         path.display(),
         describe_user(*owner),
+        gateway.describe(),
         path.parent().unwrap_or(path).display(),
         path.display(),
-        path.display()
+        gateway.tmpfiles_line(path)
     )]
     PinDirTaken {
         path: PathBuf,
         owner: u32,
-        euid: u32,
+        gateway: Account,
     },
+    #[error(
+        "pin directory {} belongs to root, but the gateway runs as {}: it cannot pin there (the directory must be the gateway's own, writable by no one else). Make it the gateway's (`chown {}:{} {}`) or create it so at boot (systemd-tmpfiles: `{}`)",
+        path.display(),
+        gateway.describe(),
+        gateway.user,
+        gateway.group,
+        path.display(),
+        gateway.tmpfiles_line(path)
+    )]
+    PinDirOfRoot { path: PathBuf, gateway: Account },
+    #[error("binding the socket that marks the gateway's network namespace: {0}")]
+    NetnsMark(std::io::Error),
     #[error("asking which programs are attached to {path}: {source}")]
     Query {
         path: PathBuf,
@@ -361,28 +374,93 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
         .and_then(|d| d.metadata())
         .map_err(|e| unsafe_dir(e.to_string()))?;
     if meta.uid() != euid {
-        // In a world-writable parent (bpffs' root is 1777 on most hosts)
-        // any user may make it first: say whose it is and how to recover.
-        return Err(EbpfError::PinDirTaken {
-            path: dir.to_owned(),
-            owner: meta.uid(),
-            euid,
-        });
+        return Err(pin_dir_not_ours(dir, meta.uid(), Account::effective()));
     }
     check_owner(&meta, euid, false).map_err(|why| unsafe_dir(format!("it {why}")))
 }
 
+/// Why a pin directory owned by `owner` is refused to `gateway`, which
+/// does not own it. Root's (made at boot for a gateway running as root,
+/// or by hand) is no one's attack: say it needs to be the gateway's. Any
+/// other user's may be one: in a world-writable parent (bpffs' root is
+/// 1777 on most hosts) any user may make it first.
+fn pin_dir_not_ours(dir: &Path, owner: u32, gateway: Account) -> EbpfError {
+    if owner == 0 {
+        EbpfError::PinDirOfRoot {
+            path: dir.to_owned(),
+            gateway,
+        }
+    } else {
+        EbpfError::PinDirTaken {
+            path: dir.to_owned(),
+            owner,
+            gateway,
+        }
+    }
+}
+
+/// The user and group the gateway runs as, named as systemd-tmpfiles and
+/// chown take them (the number where /etc/passwd or /etc/group has no
+/// name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub uid: u32,
+    pub user: String,
+    pub group: String,
+}
+
+impl Account {
+    fn effective() -> Account {
+        // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Account::named(
+            uid,
+            gid,
+            &read_or_empty("/etc/passwd"),
+            &read_or_empty("/etc/group"),
+        )
+    }
+
+    /// From the contents of /etc/passwd and /etc/group.
+    fn named(uid: u32, gid: u32, passwd: &str, group: &str) -> Account {
+        Account {
+            uid,
+            user: name_of(passwd, uid).unwrap_or_else(|| uid.to_string()),
+            group: name_of(group, gid).unwrap_or_else(|| gid.to_string()),
+        }
+    }
+
+    /// "uid 998 (gateway)".
+    fn describe(&self) -> String {
+        if self.user == self.uid.to_string() {
+            format!("uid {}", self.uid)
+        } else {
+            format!("uid {} ({})", self.uid, self.user)
+        }
+    }
+
+    /// The systemd-tmpfiles line that makes `dir` at boot, the gateway's.
+    fn tmpfiles_line(&self, dir: &Path) -> String {
+        format!("d {} 0700 {} {} -", dir.display(), self.user, self.group)
+    }
+}
+
+fn read_or_empty(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The name in /etc/passwd or /etc/group (`name:x:id:...`) whose id is `id`.
+fn name_of(table: &str, id: u32) -> Option<String> {
+    table.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        (fields.nth(1)?.parse::<u32>().ok()? == id).then(|| name.to_owned())
+    })
+}
+
 /// "uid 65534 (nobody)": a uid with its name from /etc/passwd, if it has one.
 fn describe_user(uid: u32) -> String {
-    let name = std::fs::read_to_string("/etc/passwd")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            (fields.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
-        });
-    match name {
+    match name_of(&read_or_empty("/etc/passwd"), uid) {
         Some(name) => format!("uid {uid} ({name})"),
         None => format!("uid {uid}"),
     }
@@ -731,6 +809,51 @@ fn per_cpu_sum(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<u64, EbpfE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_dir_not_the_gateway_s_is_refused_with_advice_that_works_for_its_user() {
+        let passwd = "root:x:0:0::/root:/bin/sh\ngateway:x:998:997::/:/usr/sbin/nologin\nnobody:x:65534:65534::/:/bin/false\n";
+        let group = "root:x:0:\ngateway:x:997:\n";
+        let dir = Path::new("/sys/fs/bpf/gateway");
+        let service = Account::named(998, 997, passwd, group);
+        // Root's directory for a gateway running as uid 998 with
+        // capabilities: nobody's attack, and following the advice must
+        // give a directory the gateway accepts (its own, not root's).
+        let err = pin_dir_not_ours(dir, 0, service.clone()).to_string();
+        assert!(!err.contains("someone made it"), "{err}");
+        for says in [
+            "belongs to root",
+            "uid 998 (gateway)",
+            "`d /sys/fs/bpf/gateway 0700 gateway gateway -`",
+            "`chown gateway:gateway /sys/fs/bpf/gateway`",
+        ] {
+            assert!(err.contains(says), "the error says {says:?}: {err}");
+        }
+        // Another user's directory may be an attack, whoever the gateway is.
+        let err = pin_dir_not_ours(dir, 65534, service).to_string();
+        for says in [
+            "someone made it",
+            "uid 65534",
+            "`rm -r /sys/fs/bpf/gateway`",
+            "`d /sys/fs/bpf/gateway 0700 gateway gateway -`",
+        ] {
+            assert!(err.contains(says), "the error says {says:?}: {err}");
+        }
+        assert!(!err.contains("root root"), "{err}");
+        let root = Account::named(0, 0, passwd, group);
+        let err = pin_dir_not_ours(dir, 65534, root).to_string();
+        assert!(
+            err.contains("`d /sys/fs/bpf/gateway 0700 root root -`"),
+            "{err}"
+        );
+        // Ids without names are given as numbers, which tmpfiles takes too.
+        let unnamed = Account::named(4242, 4343, passwd, group);
+        let err = pin_dir_not_ours(dir, 0, unnamed).to_string();
+        assert!(
+            err.contains("`d /sys/fs/bpf/gateway 0700 4242 4343 -`"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn protected_backends_parse_and_say_what_is_wrong() {
