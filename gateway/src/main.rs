@@ -484,6 +484,10 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         runtime.worker_threads(n.get());
     }
     let runtime = runtime.enable_all().build()?;
+    // Before anything says the gateway is up (its log lines, the pid file):
+    // a SIGHUP sent on seeing them must reload, not kill it by the signal's
+    // default action.
+    let signals = runtime.block_on(async { Signals::install() })?;
     tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
     runtime.block_on(async {
         let app = gateway::build(&config).await?;
@@ -500,7 +504,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         }
         let path = path.to_owned();
         tokio::spawn(async move {
-            signals(&path, reload).await;
+            signals.serve(&path, reload).await;
             shutdown.shutdown();
         });
         app.run().await;
@@ -514,30 +518,44 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
 /// publication" true with the reload's own time on top.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
-async fn signals(path: &std::path::Path, reload: gateway::app::ReloadHandle) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will kill without draining");
-        return std::future::pending().await;
-    };
-    loop {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = hup.recv() => {
-                tracing::info!(signal = "SIGHUP", "reload requested");
-                // Errors are logged and counted by the reload itself.
-                let _ = reload.reload_file(path).await;
-                continue;
-            }
+/// The signals the gateway answers, installed before it says it is up.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind| {
+            signal(kind).map_err(|e| {
+                anyhow::anyhow!("cannot install signal handlers (SIGTERM would not drain): {e}")
+            })
         };
-        tracing::info!(signal = name, "shutdown requested");
-        return;
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
+    async fn serve(mut self, path: &std::path::Path, reload: gateway::app::ReloadHandle) {
+        loop {
+            let name = tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+                _ = self.hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "reload requested");
+                    // Errors are logged and counted by the reload itself.
+                    let _ = reload.reload_file(path).await;
+                    continue;
+                }
+            };
+            tracing::info!(signal = name, "shutdown requested");
+            return;
+        }
     }
 }
 

@@ -537,15 +537,8 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
             stop.clone(),
         ));
     }
-    tracing::info!(
-        interfaces = ?spec.interfaces,
-        sockets = ?spec.sockets,
-        allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        protect = ?spec.protect.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        enforcement = ?spec.enforcement,
-        pin_dir = ?spec.pin_dir,
-        "guard: protecting"
-    );
+    // Before the line that says it is protecting: a SIGHUP sent on seeing
+    // it must reload, not kill the guard by the signal's default action.
     let signals = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -557,6 +550,15 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
             "cannot install signal handlers".into(),
         ));
     };
+    tracing::info!(
+        interfaces = ?spec.interfaces,
+        sockets = ?spec.sockets,
+        allow = ?spec.allow.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        protect = ?spec.protect.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        enforcement = ?spec.enforcement,
+        pin_dir = ?spec.pin_dir,
+        "guard: protecting"
+    );
     let mut enforcement = spec.enforcement;
     let mut untallied_logged = lock(&guard).untallied().unwrap_or(0);
     // The first summary one period from now (not at once, mid-way through

@@ -644,6 +644,34 @@ async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
     assert!(!pid_file.exists(), "the pid file outlived the gateway");
 }
 
+/// A SIGHUP sent the moment the gateway says it listens reloads it: the
+/// handlers are in place before the first line that says it is up, so the
+/// signal's default action (exit) never applies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sighup_as_soon_as_it_listens_reloads_and_does_not_kill() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let stderr = pki.path("gateway.stderr");
+    let mut gw = run_binary(&config, &stderr, &[]);
+    let until = Instant::now() + STEP;
+    while log_count(&stderr, "listening") == 0 {
+        assert!(Instant::now() < until, "the gateway never said it listens");
+        assert!(
+            gw.0.try_wait().unwrap().is_none(),
+            "exited before listening"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    signal(&gw.0, "HUP");
+    wait_for("a reload", || log_count(&stderr, "reloaded") == 1);
+    assert!(
+        gw.0.try_wait().unwrap().is_none(),
+        "the SIGHUP killed the gateway"
+    );
+    signal(&gw.0, "TERM");
+    wait_for("the exit", || gw.0.try_wait().unwrap().is_some());
+}
+
 /// A flood of refusals is logged in a bounded number of lines: the first at
 /// once, then a summary per `log_every` with the count, never a line per
 /// refused connection (and no access-log line for any of them).
