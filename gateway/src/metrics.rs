@@ -181,7 +181,7 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
-        out.push_str("# HELP gateway_crl_refused_total Reloads refused for their CRLs: two different CRLs of one issuer and scope with one number (ambiguous), a CRL older than one this process already enforced (rollback), or a configured CRL file that no longer holds a CRL for an issuer, scope and key it held (withdrawn).\n");
+        out.push_str("# HELP gateway_crl_refused_total Reloads refused for their CRLs: two different CRLs of one issuer and scope with one number (ambiguous), a CRL older than one this process already enforced (rollback), or a configured CRL file that no longer holds a CRL for an issuer and scope it held, nor does another file of its bundle (withdrawn).\n");
         out.push_str("# TYPE gateway_crl_refused_total counter\n");
         for (reason, n) in self
             .crl_refused

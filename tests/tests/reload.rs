@@ -1024,6 +1024,20 @@ fn root_revokes_the_intermediate(pki: &Pki) -> String {
     pki.crls_line(&["int.crl.pem", "root.crl.pem"])
 }
 
+/// Hands `root.crl.pem` back holding the intermediate's CRL (a valid CRL
+/// of another issuer): the reload is refused as withdrawn, naming the file.
+async fn swap_the_root_crl_for_the_intermediates(pki: &Pki, gw: &RunningGateway, toml: &str) {
+    pki.write(
+        "root.crl.pem",
+        &std::fs::read_to_string(pki.path("int.crl.pem")).unwrap(),
+    );
+    let err = gw.reload_toml(pki, toml).await.unwrap_err().to_string();
+    assert!(
+        err.contains("root.crl.pem") && err.contains("no longer holds"),
+        "{err}"
+    );
+}
+
 /// A CRL file that carried an issuer's CRL can be handed back holding
 /// another valid CRL (the intermediate's, say) instead: nothing older
 /// comes back, but the root's revocation of the intermediate would be gone.
@@ -1047,21 +1061,86 @@ async fn a_crl_file_that_no_longer_holds_its_issuers_crl_is_refused() {
     };
     revoked().await;
 
-    pki.write(
-        "root.crl.pem",
-        &std::fs::read_to_string(pki.path("int.crl.pem")).unwrap(),
-    );
-    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
-    assert!(
-        err.contains("root.crl.pem") && err.contains("no longer holds"),
-        "{err}"
-    );
+    swap_the_root_crl_for_the_intermediates(&pki, &gw, &toml).await;
     revoked().await;
     let metrics = gw.scrape().await;
     assert!(
         metrics.contains("gateway_crl_refused_total{reason=\"withdrawn\"} 1"),
         "{metrics}"
     );
+}
+
+/// A root that re-keys under the same name (new key, its next CRL signed
+/// with it) keeps its place in the CRL file: the file holding the new
+/// key's CRL, alone or beside the old key's, is taken on reload, and the
+/// new CRL's revocations are enforced. The old key's CRL handed back
+/// afterwards is refused (it was signed before the new key's), and so is
+/// another issuer's CRL in the file.
+#[tokio::test]
+async fn a_root_that_re_keys_under_its_name_keeps_its_crl_place() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let new_root = gateway::pki::Authority::root("gateway test root").unwrap();
+    let new_int = new_root
+        .intermediate("gateway test intermediate, new key")
+        .unwrap();
+    pki.write(
+        "client-roots.pem",
+        &format!("{}{}", pki.root.cert_pem, new_root.cert_pem),
+    );
+    let old_root_crl = pki.root.crl(1, &[]).unwrap();
+    pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    pki.write("new-int.crl.pem", &new_int.crl(1, &[]).unwrap());
+    pki.write("root.crl.pem", &old_root_crl);
+    let crls = pki.crls_line(&["int.crl.pem", "new-int.crl.pem", "root.crl.pem"]);
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, &backend, &crls, &[SPIFFE_FRONTEND], "")
+    );
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let issued = new_int
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let new_client = pki.client_config(Some(&pki.creds("new-frontend", &issued, &new_int)));
+    passes(gw.app_addr, SNI, pki.frontend_config(), b"old key").await;
+
+    // The re-key: the root's next CRL, signed with the new key.
+    pki.write("root.crl.pem", &new_root.crl(2, &[]).unwrap());
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    passes(gw.app_addr, SNI, new_client.clone(), b"new key").await;
+
+    // Both keys' CRLs in the file; the new one revokes the new intermediate.
+    let revoking = new_root.crl(3, &[&new_int.serial().unwrap()]).unwrap();
+    pki.write("root.crl.pem", &format!("{old_root_crl}{revoking}"));
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    let revoked = || async {
+        assert_eq!(
+            refusal(gw.app_addr, SNI, new_client.clone()).await,
+            AlertDescription::CertificateRevoked
+        );
+    };
+    revoked().await;
+
+    // The old key's CRL alone again: older than the new key's, refused.
+    pki.write("root.crl.pem", &old_root_crl);
+    let err = gw.reload_toml(&pki, &toml).await.unwrap_err().to_string();
+    assert!(
+        err.contains("holds CRL #1 of issuer")
+            && err.contains("already enforced CRL #3 of issuer key"),
+        "{err}"
+    );
+    revoked().await;
+
+    // Another issuer's CRL in the root's file: withdrawn, as before.
+    swap_the_root_crl_for_the_intermediates(&pki, &gw, &toml).await;
+    revoked().await;
+    let metrics = gw.scrape().await;
+    for counted in [
+        "gateway_crl_refused_total{reason=\"rollback\"} 1",
+        "gateway_crl_refused_total{reason=\"withdrawn\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
 }
 
 /// Dropping a CRL on purpose is done in the config: with the file no

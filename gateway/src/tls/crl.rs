@@ -24,21 +24,28 @@
 //! scope and issuer key (authority key identifier), and a reload that
 //! brings an older one is refused whole (`CrlError::Rollback`): the running
 //! state, with the newer CRL, keeps serving, and the log names both files
-//! and numbers. The memory lasts until the process ends. It holds what the
-//! files said before any client check verified the CRL's signature, so a
-//! forged CRL with a huge number (which fails every client it covers, as
-//! its signature does not verify) blocks older numbers of that issuer key
-//! until a restart.
+//! and numbers. Numbers are compared within one key only, since an issuer
+//! that re-keys under the same name may number its new key's CRLs from 1
+//! again; across keys of one issuer and scope, thisUpdate orders them, so
+//! the old key's last CRL cannot be handed back once the new key's later
+//! one was enforced. The memory lasts until the process ends. It holds
+//! what the files said before any client check verified the CRL's
+//! signature, so a forged CRL with a huge number or a far thisUpdate
+//! (which fails every client it covers, as its signature does not verify)
+//! blocks older CRLs of that issuer and scope until a restart. Whoever
+//! still holds an old key can sign a CRL later than the new key's, and it
+//! is taken; that is the old key's compromise, which a CRL cannot mend.
 //!
 //! A file can also be handed back holding another issuer's valid CRL
 //! instead of its own: nothing older comes back, but the place the file
 //! filled is empty, and an intermediate its root's CRL revoked would pass
 //! (its issuer then has no CRL, which the chain check allows). So the
-//! memory also keeps which places each configured file filled, and a
-//! reload in which a bundle still names the file but has no CRL for one of
-//! its places is refused (`CrlError::Withdrawn`). To stop enforcing a CRL
-//! on purpose, the operator removes its file from the config (or
-//! restarts): a file no longer named is forgotten.
+//! memory also keeps which places (issuer and scope) each configured file
+//! filled, and a reload in which a bundle still names the file but has no
+//! CRL for one of its places is refused (`CrlError::Withdrawn`). The key is
+//! not part of that place: after a re-key the new key's CRL fills it. To
+//! stop enforcing a CRL on purpose, the operator removes its file from the
+//! config (or restarts): a file no longer named is forgotten.
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
@@ -69,7 +76,7 @@ pub enum CrlError {
     },
     #[error(
         "{file} holds CRL {number} of issuer {issuer}, but this gateway already enforced CRL {enforced} \
-         (from {enforced_file}) for that issuer, scope and key: an older CRL would un-revoke what \
+         (from {enforced_file}) for that issuer and scope: an older CRL would un-revoke what \
          the newer one revoked. Put the current CRL in place (the gateway remembers the newest until it restarts)"
     )]
     Rollback {
@@ -80,9 +87,10 @@ pub enum CrlError {
         enforced_file: PathBuf,
     },
     #[error(
-        "{file} no longer holds a CRL of issuer {issuer} ({scope}), which this gateway enforced from it: \
-         its revocations would be lifted while the file is still configured. Put the issuer's current CRL \
-         back in the file, or remove the file from the config to stop enforcing it on purpose"
+        "{file} no longer holds a CRL of issuer {issuer} ({scope}), which this gateway enforced from it, \
+         and no other CRL file of its bundle does: its revocations would be lifted while the file is \
+         still configured. Put a current CRL of that issuer and scope (signed with any of its keys) in \
+         the file, or remove the file from the config to stop enforcing it on purpose"
     )]
     Withdrawn {
         issuer: String,
@@ -175,11 +183,21 @@ impl Crl {
         number_text(self.number.as_ref(), self.this_update)
     }
 
-    /// Which is newer: by CRL number when both have one, else by thisUpdate.
-    fn age_against(&self, number: Option<&BigUint>, this_update: i64) -> Ordering {
-        match (&self.number, number) {
-            (Some(a), Some(b)) => a.cmp(b),
-            _ => self.this_update.cmp(&this_update),
+    /// Which is newer than a CRL of the same place signed with `key`: with
+    /// one key, by CRL number when both have one, else by thisUpdate. An
+    /// issuer that re-keys may number the new key's CRLs from 1 again, so
+    /// across keys thisUpdate (when it was signed) decides, and the number
+    /// only breaks a tie.
+    fn age_against(&self, key: &Key, number: Option<&BigUint>, this_update: i64) -> Ordering {
+        let by_number = match (&self.number, number) {
+            (Some(a), Some(b)) => Some(a.cmp(b)),
+            _ => None,
+        };
+        let by_time = self.this_update.cmp(&this_update);
+        if self.authority_key_id == *key {
+            by_number.unwrap_or(by_time)
+        } else {
+            by_time.then(by_number.unwrap_or(Ordering::Equal))
         }
     }
 
@@ -274,7 +292,7 @@ pub fn newest<C: AsRef<Crl>>(
             continue;
         };
         let old = kept_one.as_ref();
-        match c.age_against(old.number.as_ref(), old.this_update) {
+        match c.age_against(&old.authority_key_id, old.number.as_ref(), old.this_update) {
             // The same CRL twice (one file in two lists): nothing to say.
             Ordering::Equal if c.digest == old.digest => {}
             Ordering::Equal => {
@@ -295,12 +313,12 @@ pub fn newest<C: AsRef<Crl>>(
     Ok(kept)
 }
 
-/// What one issuer key's CRLs in one scope are remembered by.
+/// One issuer's place for CRLs, as `same_scope` groups them: the issuer
+/// and the scope, whichever of the issuer's keys signed the CRL.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Place {
     issuer: Vec<u8>,
     scope: Option<Vec<u8>>,
-    authority_key_id: Option<Vec<u8>>,
 }
 
 impl Place {
@@ -308,18 +326,52 @@ impl Place {
         Place {
             issuer: c.crl.issuer().to_vec(),
             scope: c.crl.issuing_distribution_point().map(<[u8]>::to_vec),
-            authority_key_id: c.authority_key_id.clone(),
         }
     }
 }
 
-/// The newest CRL put into service, per place.
+/// The newest CRL put into service, per place and issuer key.
 #[derive(Debug, Clone)]
 struct Mark {
     number: Option<BigUint>,
     this_update: i64,
     digest: [u8; 32],
     file: PathBuf,
+}
+
+/// An issuer key (authority key identifier; None when the CRL names none).
+type Key = Option<Vec<u8>>;
+
+impl Crl {
+    /// Err when this CRL is older than (or, as old, different from) the one
+    /// enforced for its place with `key`.
+    fn check_against(&self, key: &Key, m: &Mark) -> Result<(), CrlError> {
+        let mut enforced = number_text(m.number.as_ref(), m.this_update);
+        if *key != self.authority_key_id {
+            let key = key.as_deref().map_or_else(|| "unnamed".to_owned(), hex);
+            enforced = format!(
+                "{enforced} of issuer key {key}, thisUpdate {}",
+                m.this_update
+            );
+        }
+        match self.age_against(key, m.number.as_ref(), m.this_update) {
+            Ordering::Greater => Ok(()),
+            Ordering::Equal if self.digest == m.digest => Ok(()),
+            Ordering::Equal => Err(CrlError::Ambiguous {
+                issuer: self.issuer.clone(),
+                number: enforced,
+                first: m.file.clone(),
+                second: self.file.clone(),
+            }),
+            Ordering::Less => Err(CrlError::Rollback {
+                issuer: self.issuer.clone(),
+                number: self.number_text(),
+                file: self.file.clone(),
+                enforced,
+                enforced_file: m.file.clone(),
+            }),
+        }
+    }
 }
 
 /// One bundle's CRLs as a state would put them into service: the files
@@ -330,21 +382,11 @@ pub struct Served<'a> {
     pub crls: &'a [std::sync::Arc<Crl>],
 }
 
-/// What a configured file filled: a place, and how to name it in a log.
+/// What a configured file filled: a place, named for a log.
 #[derive(Debug, Clone)]
 struct Filled {
     issuer: String,
     scope: Scope,
-    authority_key_id: Option<Vec<u8>>,
-}
-
-impl Filled {
-    fn describe(&self) -> String {
-        match &self.authority_key_id {
-            Some(key) => format!("{}, key {}", self.scope, hex(key)),
-            None => self.scope.to_string(),
-        }
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -357,7 +399,7 @@ fn hex(bytes: &[u8]) -> String {
 /// serving with it, and records it once it does.
 #[derive(Debug, Default)]
 pub struct Enforced {
-    marks: Mutex<HashMap<Place, Mark>>,
+    marks: Mutex<HashMap<Place, HashMap<Key, Mark>>>,
     filled: Mutex<HashMap<PathBuf, HashMap<Place, Filled>>>,
 }
 
@@ -375,10 +417,10 @@ impl Enforced {
                 let Some(places) = filled.get(file) else {
                     continue;
                 };
-                if let Some(gone) = places.iter().find(|(p, _)| !present.contains(*p)) {
+                if let Some((_, gone)) = places.iter().find(|(p, _)| !present.contains(*p)) {
                     return Err(CrlError::Withdrawn {
-                        issuer: gone.1.issuer.clone(),
-                        scope: gone.1.describe(),
+                        issuer: gone.issuer.clone(),
+                        scope: gone.scope.to_string(),
                         file: file.clone(),
                     });
                 }
@@ -390,30 +432,13 @@ impl Enforced {
     fn check_marks<'a>(&self, crls: impl Iterator<Item = &'a Crl>) -> Result<(), CrlError> {
         let marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         for c in crls {
-            let Some(m) = marks.get(&Place::of(c)) else {
+            let Some(keys) = marks.get(&Place::of(c)) else {
                 continue;
             };
-            let enforced = number_text(m.number.as_ref(), m.this_update);
-            match c.age_against(m.number.as_ref(), m.this_update) {
-                Ordering::Greater => {}
-                Ordering::Equal if c.digest == m.digest => {}
-                Ordering::Equal => {
-                    return Err(CrlError::Ambiguous {
-                        issuer: c.issuer.clone(),
-                        number: enforced,
-                        first: m.file.clone(),
-                        second: c.file.clone(),
-                    });
-                }
-                Ordering::Less => {
-                    return Err(CrlError::Rollback {
-                        issuer: c.issuer.clone(),
-                        number: c.number_text(),
-                        file: c.file.clone(),
-                        enforced,
-                        enforced_file: m.file.clone(),
-                    });
-                }
+            // Every key's mark: the old key's last CRL is older than the
+            // new key's first one, whatever their numbers.
+            for (key, m) in keys {
+                c.check_against(key, m)?;
             }
         }
         Ok(())
@@ -426,12 +451,14 @@ impl Enforced {
     pub fn record(&self, served: &[Served<'_>]) {
         let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
         for c in served.iter().flat_map(|b| b.crls.iter()) {
-            let newer = marks.get(&Place::of(c)).is_none_or(|m| {
-                c.age_against(m.number.as_ref(), m.this_update) == Ordering::Greater
+            let keys = marks.entry(Place::of(c)).or_default();
+            let newer = keys.get(&c.authority_key_id).is_none_or(|m| {
+                c.age_against(&c.authority_key_id, m.number.as_ref(), m.this_update)
+                    == Ordering::Greater
             });
             if newer {
-                marks.insert(
-                    Place::of(c),
+                keys.insert(
+                    c.authority_key_id.clone(),
                     Mark {
                         number: c.number.clone(),
                         this_update: c.this_update,
@@ -451,7 +478,6 @@ impl Enforced {
                 Filled {
                     issuer: c.issuer.clone(),
                     scope: c.scope,
-                    authority_key_id: c.authority_key_id.clone(),
                 },
             );
         }
@@ -580,6 +606,111 @@ mod tests {
         enforced.record_one(&int_only);
         let again = One::load(&both);
         enforced.check_one(&again).unwrap();
+    }
+
+    /// The CRLs of one file, after a tweak of the parsed CRLs.
+    fn one_with(files: &[PathBuf], tweak: impl Fn(&mut Crl)) -> One {
+        let crls = load(files)
+            .unwrap()
+            .into_iter()
+            .map(|mut c| {
+                tweak(&mut c);
+                std::sync::Arc::new(c)
+            })
+            .collect();
+        One {
+            files: files.to_vec(),
+            crls,
+        }
+    }
+
+    /// An issuer that re-keys under the same name keeps its place: the
+    /// file holding the new key's CRL, alone or beside the old key's, is
+    /// taken (the place is the issuer and scope, not the key). The old
+    /// key's CRL handed back after the new key's was enforced is refused,
+    /// whatever its number, as is another issuer's CRL in the file.
+    #[test]
+    fn an_issuer_that_re_keys_keeps_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_key = Authority::root("re-keyed root").unwrap();
+        let new_key = Authority::root("re-keyed root").unwrap();
+        let other = Authority::root("another root").unwrap();
+        let file = dir.path().join("root.pem");
+        let files = [file.clone()];
+        let hold = |pem: String| {
+            std::fs::write(&file, pem).unwrap();
+            One::load(&files)
+        };
+        let enforced = Enforced::default();
+        let old1 = old_key.crl(1, &[]).unwrap();
+        enforced.record_one(&hold(old1.clone()));
+
+        let new2 = hold(new_key.crl(2, &[]).unwrap());
+        enforced.check_one(&new2).unwrap();
+        enforced.record_one(&new2);
+
+        let both = hold(format!("{old1}{}", new_key.crl(3, &[b"\x07"]).unwrap()));
+        assert_eq!(both.crls.len(), 1);
+        assert_eq!(both.crls[0].number, Some(3u8.into()));
+        enforced.check_one(&both).unwrap();
+        enforced.record_one(&both);
+
+        // The old key's last CRL again: signed before the new key's.
+        match enforced.check_one(&hold(old1.clone())) {
+            Err(CrlError::Rollback {
+                number, enforced, ..
+            }) => {
+                assert_eq!(number, "#1");
+                assert!(enforced.starts_with("#3 of issuer key "), "{enforced}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Signed earlier with a higher number: still older.
+        std::fs::write(&file, old_key.crl(9, &[]).unwrap()).unwrap();
+        let old9 = one_with(&files, |c| c.this_update -= 3600);
+        assert!(matches!(
+            enforced.check_one(&old9),
+            Err(CrlError::Rollback { .. })
+        ));
+        // Another issuer's CRL in the file: withdrawn, whatever its key.
+        assert!(matches!(
+            enforced.check_one(&hold(other.crl(50, &[]).unwrap())),
+            Err(CrlError::Withdrawn { .. })
+        ));
+    }
+
+    /// A new key may number its CRLs from 1 again: across keys, the CRL
+    /// signed later is the newer, both when picking one of a file's CRLs
+    /// and against the memory.
+    #[test]
+    fn a_new_key_may_number_its_crls_from_one_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_key = Authority::root("renumbered root").unwrap();
+        let new_key = Authority::root("renumbered root").unwrap();
+        let file = dir.path().join("root.pem");
+        let files = [file.clone()];
+        let enforced = Enforced::default();
+        std::fs::write(&file, old_key.crl(5, &[]).unwrap()).unwrap();
+        let old5 = one_with(&files, |c| c.this_update -= 3600);
+        enforced.record_one(&old5);
+
+        std::fs::write(&file, new_key.crl(1, &[]).unwrap()).unwrap();
+        let new1 = One::load(&files);
+        enforced.check_one(&new1).unwrap();
+        enforced.record_one(&new1);
+
+        // Both in one file: the new key's #1 is kept, signed later than #5.
+        let old_pem = old_key.crl(5, &[]).unwrap();
+        let new_pem = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, format!("{old_pem}{new_pem}")).unwrap();
+        let mut parsed = load_all(&files).unwrap();
+        parsed[0].this_update -= 3600;
+        let kept = newest(parsed, |_, _| {}).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].number, Some(1u8.into()));
+        // And the new key's own numbers still order its CRLs.
+        std::fs::write(&file, new_key.crl(2, &[]).unwrap()).unwrap();
+        enforced.check_one(&One::load(&files)).unwrap();
     }
 
     /// A CRL older than one already in service in this process is refused;
