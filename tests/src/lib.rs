@@ -15,6 +15,7 @@ pub mod bpf;
 pub mod cost;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod wire;
 
 use gateway::access_log::AccessRecord;
