@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use gateway_tests::process::*;
@@ -218,19 +218,7 @@ async fn a_pool_member_that_recovers_gets_traffic_at_its_next_turn() {
     );
     assert_eq!(series(&metrics, NO_BACKEND), 0);
     // It comes back on the same port.
-    let back = tokio::net::TcpListener::bind(down).await.unwrap();
-    let reached = Arc::new(AtomicUsize::new(0));
-    let count = reached.clone();
-    let echo = tokio::spawn(async move {
-        while let Ok((mut s, _)) = back.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
+    let back = EchoBackend::start_on(down).await;
     let mut served_by = Vec::new();
     for _ in 0..2 {
         passes(gw.app_addr, ORDERS, pki.frontend_config(), b"ping").await;
@@ -240,8 +228,7 @@ async fn a_pool_member_that_recovers_gets_traffic_at_its_next_turn() {
         served_by.contains(&Some(down.to_string())),
         "the recovered backend got nothing in two connections: {served_by:?}"
     );
-    assert_eq!(reached.load(Ordering::SeqCst), 1);
-    echo.abort();
+    assert_eq!(back.accepted(), 1);
 }
 
 /// The gateway binary with a config of `toml`, its stderr in the PKI dir.
