@@ -5,7 +5,8 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -72,11 +73,22 @@ enum Sink {
 pub struct AccessLog {
     sink: Sink,
     subscribers: broadcast::Sender<AccessRecord>,
+    /// Lines lost since start (`gateway_access_log_lost_total`).
+    lost: Arc<AtomicU64>,
+    /// Lines lost since the last one written: the first loss is logged at
+    /// once, then nothing until a line is written again, which logs how
+    /// many were lost meanwhile (a full disk must not flood the log too).
+    losing: AtomicU64,
 }
 
 impl AccessLog {
-    /// `target` is the config's `access_log`: "stdout", "stderr", "off" or a path.
-    pub fn open(target: &str, base: &std::path::Path) -> Result<Self, AccessLogError> {
+    /// `target` is the config's `access_log`: "stdout", "stderr", "off" or a
+    /// path. Lines that cannot be written are counted in `lost`.
+    pub fn open(
+        target: &str,
+        base: &std::path::Path,
+        lost: Arc<AtomicU64>,
+    ) -> Result<Self, AccessLogError> {
         let sink = match target {
             "stdout" => Sink::Stdout,
             "stderr" => Sink::Stderr,
@@ -94,6 +106,8 @@ impl AccessLog {
         Ok(Self {
             sink,
             subscribers: broadcast::channel(4096).0,
+            lost,
+            losing: AtomicU64::new(0),
         })
     }
 
@@ -132,15 +146,12 @@ impl AccessLog {
                     let written = match &self.sink {
                         Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
                         Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-                        Sink::File(f) => f
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .write_all(line.as_bytes()),
+                        Sink::File(f) => {
+                            whole_line(&mut f.lock().unwrap_or_else(|p| p.into_inner()), &line)
+                        }
                         Sink::Off => Ok(()),
                     };
-                    if let Err(e) = written {
-                        tracing::warn!(error = %e, "access log write failed");
-                    }
+                    self.count(written);
                 }
                 Err(e) => tracing::warn!(error = %e, "access log record not serialisable"),
             }
@@ -148,6 +159,68 @@ impl AccessLog {
         // No subscriber is the normal case outside tests.
         let _ = self.subscribers.send(record);
     }
+}
+
+impl AccessLog {
+    /// Counts a line lost, and says so in the log when losing starts and
+    /// when it ends.
+    fn count(&self, written: std::io::Result<()>) {
+        match written {
+            Ok(()) => {
+                let lost = self.losing.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    tracing::warn!(lost, "access log written again after losing lines");
+                }
+            }
+            Err(e) => {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+                if self.losing.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e,
+                        "access log write failed: lines are lost (counted in gateway_access_log_lost_total) until a write succeeds");
+                }
+            }
+        }
+    }
+}
+
+/// Appends `line` to `file` whole or not at all: a write cut short by a
+/// full disk is taken back, so the log never holds half a line that the
+/// next one would run into.
+fn whole_line(file: &mut std::fs::File, line: &str) -> std::io::Result<()> {
+    let mut rest = line.as_bytes();
+    let mut written = 0u64;
+    while !rest.is_empty() {
+        match file.write(rest) {
+            Ok(0) => {
+                return Err(take_back(
+                    file,
+                    written,
+                    std::io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            Ok(n) => {
+                written += n as u64;
+                rest = rest.get(n..).unwrap_or_default();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(take_back(file, written, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Cuts the `written` bytes of a partial line off the end of `file`
+/// (appended by this process alone, under the sink's lock) and gives back `e`.
+fn take_back(file: &std::fs::File, written: u64, e: std::io::Error) -> std::io::Error {
+    if written > 0 {
+        let cut = file
+            .metadata()
+            .and_then(|m| file.set_len(m.len().saturating_sub(written)));
+        if let Err(cut) = cut {
+            tracing::warn!(error = %cut, "access log: a partial line could not be taken back");
+        }
+    }
+    e
 }
 
 /// Now, as the access log writes times.

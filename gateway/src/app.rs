@@ -231,7 +231,11 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
     gate_backends(&state, guard.as_deref());
-    let access_log = Arc::new(AccessLog::open(&config.access_log, &config.base_dir)?);
+    let access_log = Arc::new(AccessLog::open(
+        &config.access_log,
+        &config.base_dir,
+        metrics.access_log_lost.clone(),
+    )?);
     let mut bound = Vec::new();
     for l in state.listeners {
         let socket = bind(&l).await?;

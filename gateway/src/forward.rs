@@ -39,21 +39,38 @@ pub(crate) struct Broken {
     /// The peer this direction reads from broke the TLS protocol: it is
     /// told so with this fatal alert before its connection closes.
     pub(crate) alert: Option<rustls::AlertDescription>,
+    /// It failed writing to the peer this direction sends to, not reading
+    /// from its own: the log names the side whose socket failed.
+    pub(crate) writing: bool,
 }
 
 impl Broken {
+    /// A failure writing to the destination (a reset by the receiver, say).
+    pub(crate) fn writing(why: impl Into<String>) -> Self {
+        Broken {
+            why: why.into(),
+            alert: None,
+            writing: true,
+        }
+    }
+
     /// A protocol error by the peer being read, answered with `alert`.
     pub(crate) fn protocol(alert: rustls::AlertDescription, why: impl Into<String>) -> Self {
         Broken {
             why: why.into(),
             alert: Some(alert),
+            writing: false,
         }
     }
 }
 
 impl From<String> for Broken {
     fn from(why: String) -> Self {
-        Broken { why, alert: None }
+        Broken {
+            why,
+            alert: None,
+            writing: false,
+        }
     }
 }
 
@@ -171,7 +188,13 @@ where
         r = both => match r {
             Ok(_) => (End::Completed, None),
             Err((peer, broken)) => (
-                End::Error(format!("{}: {}", peer.describe(), broken.why)),
+                End::Error(format!(
+                    "{}: {} {}: {}",
+                    peer.describe(),
+                    if broken.writing { "writing to" } else { "reading from" },
+                    if broken.writing { peer.other() } else { peer }.name(),
+                    broken.why
+                )),
                 broken.alert.map(|a| (peer, a)),
             ),
         },
@@ -187,6 +210,20 @@ pub(crate) enum Peer {
 }
 
 impl Peer {
+    fn other(self) -> Peer {
+        match self {
+            Peer::Client => Peer::Backend,
+            Peer::Backend => Peer::Client,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Client => "the client",
+            Peer::Backend => "the backend",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Peer::Client => "client → backend",

@@ -29,7 +29,7 @@ use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, sp
 use crate::policy;
 use crate::registry::{Generation, Live, Registry};
 use crate::state::{ListenerState, Route};
-use crate::upstream::{BackendTls, Upstream};
+use crate::upstream::{BackendTls, Upstream, UpstreamError};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
@@ -305,8 +305,19 @@ fn serve<'a>(
             }
         };
         let (backend, addr) = match connected {
-            Ok(x) => x,
+            Ok((backend, addr, failed)) => {
+                for f in &failed {
+                    shared
+                        .metrics
+                        .backend_failed(&listener.name, &route.name, f);
+                }
+                (backend, addr)
+            }
             Err(e) => {
+                let UpstreamError::AllFailed { failures, .. } = &e;
+                shared
+                    .metrics
+                    .no_backend(&listener.name, &route.name, failures);
                 tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
                     "closing client connection: no backend");
                 conn.reason = e.to_string();

@@ -21,6 +21,9 @@ pub struct RouteStats {
     pub audited: AtomicU64,
 }
 
+/// Listener, route, backend, and why an attempt at it failed.
+type BackendFailure = (String, String, String, &'static str);
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     routes: Mutex<BTreeMap<(String, String), Arc<RouteStats>>>,
@@ -35,6 +38,15 @@ pub struct Metrics {
     /// Reloads refused for their CRLs, by reason (`ambiguous`, `rollback`,
     /// `withdrawn`).
     crl_refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Failed attempts to reach a backend, by listener, route, backend and
+    /// `upstream::ConnectFailure`.
+    backend_failures: Mutex<BTreeMap<BackendFailure, u64>>,
+    /// Allowed connections closed because no backend could be reached, by
+    /// listener and route.
+    no_backend: Mutex<BTreeMap<(String, String), u64>>,
+    /// Access-log lines that could not be written (a full disk, an I/O
+    /// error), shared with the access log itself.
+    pub access_log_lost: Arc<AtomicU64>,
 }
 
 impl Metrics {
@@ -105,6 +117,36 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Counts an allowed connection that reached no backend, and each
+    /// attempt that failed on its way there.
+    pub fn no_backend(&self, listener: &str, route: &str, failures: &[crate::upstream::Failed]) {
+        *self
+            .no_backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((listener.to_owned(), route.to_owned()))
+            .or_default() += 1;
+        for f in failures {
+            self.backend_failed(listener, route, f);
+        }
+    }
+
+    /// Counts a failed attempt at a backend that a later attempt made up
+    /// for: the client was served, the backend still failed.
+    pub fn backend_failed(&self, listener: &str, route: &str, failed: &crate::upstream::Failed) {
+        *self
+            .backend_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((
+                listener.to_owned(),
+                route.to_owned(),
+                failed.backend.clone(),
+                failed.reason.as_str(),
+            ))
             .or_default() += 1;
     }
 
@@ -191,6 +233,44 @@ impl Metrics {
         {
             let _ = writeln!(out, "gateway_crl_refused_total{{reason=\"{reason}\"}} {n}");
         }
+        out.push_str("# HELP gateway_backend_connect_failures_total Attempts to reach a backend that failed, by reason (refused, timeout, unreachable, gate, tls, other).\n");
+        out.push_str("# TYPE gateway_backend_connect_failures_total counter\n");
+        for ((listener, route, backend, reason), n) in self
+            .backend_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "gateway_backend_connect_failures_total{{listener=\"{}\",route=\"{}\",backend=\"{}\",reason=\"{reason}\"}} {n}",
+                escape(listener),
+                escape(route),
+                escape(backend)
+            );
+        }
+        out.push_str("# HELP gateway_no_backend_total Allowed connections closed because every attempt to reach a backend failed.\n");
+        out.push_str("# TYPE gateway_no_backend_total counter\n");
+        for ((listener, route), n) in self
+            .no_backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "gateway_no_backend_total{{listener=\"{}\",route=\"{}\"}} {n}",
+                escape(listener),
+                escape(route)
+            );
+        }
+        out.push_str("# HELP gateway_access_log_lost_total Access-log lines that could not be written (a full disk, an I/O error).\n");
+        out.push_str("# TYPE gateway_access_log_lost_total counter\n");
+        let _ = writeln!(
+            out,
+            "gateway_access_log_lost_total {}",
+            self.access_log_lost.load(Ordering::Relaxed)
+        );
         let now = jiff::Timestamp::now().as_second();
         out.push_str("# HELP gateway_certificate_expiry_seconds Seconds until a certificate the config names expires (negative: expired).\n");
         out.push_str("# TYPE gateway_certificate_expiry_seconds gauge\n");

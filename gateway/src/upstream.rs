@@ -65,8 +65,74 @@ impl AsyncWrite for Upstream {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    #[error("no backend reachable after {attempts} attempt(s): {failures}")]
-    AllFailed { attempts: usize, failures: String },
+    #[error("no backend reachable after {attempts} attempt(s): {}", Failed::list(.failures))]
+    AllFailed {
+        attempts: usize,
+        failures: Vec<Failed>,
+    },
+}
+
+/// One attempt at a backend that failed: which backend, what kind of
+/// failure (the metric's `reason`), and the error as the system said it.
+#[derive(Debug)]
+pub struct Failed {
+    pub backend: String,
+    pub reason: ConnectFailure,
+    pub detail: String,
+}
+
+impl Failed {
+    fn list(failures: &[Failed]) -> String {
+        let each: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{}: {}", f.backend, f.detail))
+            .collect();
+        each.join("; ")
+    }
+}
+
+/// Why an attempt to reach a backend failed, in the words
+/// `gateway_backend_connect_failures_total{reason}` counts it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens there (a reset answered the SYN).
+    Refused,
+    /// No answer within `connect_timeout` (a blackhole, a full backlog).
+    Timeout,
+    /// No route to it, or the network is down.
+    Unreachable,
+    /// The guard's gate refused what a hostname resolved to, or it resolved
+    /// to nothing.
+    Gate,
+    /// TCP connected; the TLS the gateway originates failed.
+    Tls,
+    /// Anything else the system reported.
+    Other,
+}
+
+impl ConnectFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::Gate => "gate",
+            ConnectFailure::Tls => "tls",
+            ConnectFailure::Other => "other",
+        }
+    }
+
+    /// The kind of a TCP connect's error.
+    fn of(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                ConnectFailure::Unreachable
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
 }
 
 /// `host:port` with a non-empty host and a numeric port (IPv6 as `[::1]:80`).
@@ -132,12 +198,13 @@ impl Backends {
     /// Connects to the next backend in turn (with TLS when the route
     /// originates it); on failure tries the following ones, `attempts` in all
     /// (never more than there are backends). `timeout` bounds each attempt.
+    /// A success comes with the attempts that failed before it.
     pub async fn connect(
         &self,
         attempts: usize,
         timeout: Duration,
         tls: Option<&UpstreamTls>,
-    ) -> Result<(Upstream, String), UpstreamError> {
+    ) -> Result<(Upstream, String, Vec<Failed>), UpstreamError> {
         let attempts = attempts.clamp(1, self.addrs.len().max(1));
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut failures = Vec::new();
@@ -145,17 +212,23 @@ impl Backends {
             let Some(addr) = self.addrs.get((start + i) % self.addrs.len().max(1)) else {
                 break;
             };
-            match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get())).await {
-                Ok(Ok(stream)) => return Ok((stream, addr.clone())),
-                Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-                Err(_) => failures.push(format!("{addr}: connect timed out after {timeout:?}")),
-            }
+            let (reason, detail) =
+                match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get())).await {
+                    Ok(Ok(stream)) => return Ok((stream, addr.clone(), failures)),
+                    Ok(Err((reason, e))) => (reason, e.to_string()),
+                    Err(_) => (
+                        ConnectFailure::Timeout,
+                        format!("connect timed out after {timeout:?}"),
+                    ),
+                };
+            failures.push(Failed {
+                backend: addr.clone(),
+                reason,
+                detail,
+            });
             tracing::debug!(backend = %addr, "backend connect failed, trying the next");
         }
-        Err(UpstreamError::AllFailed {
-            attempts,
-            failures: failures.join("; "),
-        })
+        Err(UpstreamError::AllFailed { attempts, failures })
     }
 }
 
@@ -163,17 +236,20 @@ async fn attempt(
     addr: &str,
     tls: Option<&UpstreamTls>,
     gate: Option<&Gate>,
-) -> io::Result<Upstream> {
+) -> Result<Upstream, (ConnectFailure, io::Error)> {
+    let tcp = |e: io::Error| (ConnectFailure::of(&e), e);
     let stream = match (gate, addr.parse::<std::net::SocketAddr>()) {
         (Some(gate), Err(_)) => {
             // A hostname: what it resolves to now is protected before any
             // of it is connected to (and exactly that is connected to).
-            let resolved: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host(addr).await?.collect();
-            gate(addr, &resolved)?;
-            connect_any(&resolved).await?
+            let resolved: Vec<std::net::SocketAddr> = tokio::net::lookup_host(addr)
+                .await
+                .map_err(|e| (ConnectFailure::Gate, e))?
+                .collect();
+            gate(addr, &resolved).map_err(|e| (ConnectFailure::Gate, e))?;
+            connect_any(&resolved).await.map_err(tcp)?
         }
-        _ => TcpStream::connect(addr).await?,
+        _ => TcpStream::connect(addr).await.map_err(tcp)?,
     };
     // Interactive protocols behind us: do not hold small writes back.
     let _ = stream.set_nodelay(true);
@@ -186,7 +262,10 @@ async fn attempt(
                 .connector
                 .connect(tls.server_name.clone(), Framed::new(stream))
                 .await
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS to backend: {e}")))?;
+                .map_err(|e| {
+                    let e = io::Error::new(e.kind(), format!("TLS to backend: {e}"));
+                    (ConnectFailure::Tls, e)
+                })?;
             Ok(Upstream::Tls(Box::new(stream)))
         }
     }
@@ -233,8 +312,14 @@ mod tests {
         drop(dead);
         let b = Backends::new(vec![dead_addr.clone(), live_addr.clone()]);
         for _ in 0..4 {
-            let (_s, used) = b.connect(2, Duration::from_secs(2), None).await.unwrap();
+            let (_s, used, failed) = b.connect(2, Duration::from_secs(2), None).await.unwrap();
             assert_eq!(used, live_addr);
+            for f in failed {
+                assert_eq!(
+                    (f.backend, f.reason),
+                    (dead_addr.clone(), ConnectFailure::Refused)
+                );
+            }
         }
         let err = b.connect(1, Duration::from_secs(2), None).await;
         // With one attempt, every other call starts at the dead backend.

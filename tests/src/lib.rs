@@ -15,6 +15,7 @@ pub mod bpf;
 pub mod cost;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod wire;
 
 use gateway::access_log::AccessRecord;
@@ -233,9 +234,12 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> EchoBackend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        Self::start_on("127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// An echo backend on `addr` (a backend coming back on its old port).
+    pub async fn start_on(addr: SocketAddr) -> EchoBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend addr");
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();

@@ -5,6 +5,7 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gateway_tests::process::*;
 use gateway_tests::*;
 
 fn openssl_available() -> bool {
@@ -26,16 +27,6 @@ fn write_config(pki: &Pki, backend: std::net::SocketAddr) -> std::path::PathBuf 
 
 fn wait_listening(stderr: &std::path::Path) -> std::net::SocketAddr {
     listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Sends `signal` ("TERM", "HUP") to the gateway.
-fn signal(child: &std::process::Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} failed");
 }
 
 /// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
@@ -74,21 +65,6 @@ fn nofile_of(pid: u32) -> (u64, u64) {
         .filter_map(|w| w.parse().ok())
         .collect();
     (numbers[0], numbers[1])
-}
-
-/// `GET /metrics` from an admin endpoint at `admin`.
-async fn scrape(admin: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(STEP, s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    out
 }
 
 /// The gateway raises its open-files soft limit to the hard limit at start.
@@ -193,15 +169,6 @@ fn run_with_nofile(
         .spawn()
         .unwrap();
     (Reap(child), wait_listening(&pki.path("gateway.stderr")))
-}
-
-/// Kills the child if the test fails before it is reaped.
-struct Reap(std::process::Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test]
@@ -376,24 +343,6 @@ async fn one_line_backend() -> (
         }
     });
     (addr, accepted)
-}
-
-/// How many JSON log lines with this message the gateway has written.
-fn log_count(stderr: &std::path::Path, message: &str) -> usize {
-    std::fs::read_to_string(stderr)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["fields"]["message"] == message)
-        .count()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let until = Instant::now() + STEP;
-    while !done() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -192,7 +192,9 @@ async fn pump(
             // of every idle connection's task; one small allocation per
             // batch costs less than a read of it.
             let records = buf.get().get(..wire).ok_or("sealed past the buffer")?;
-            Box::pin(leg.send_records(records)).await?;
+            Box::pin(leg.send_records(records))
+                .await
+                .map_err(Broken::writing)?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
             continue;
@@ -218,7 +220,9 @@ async fn pump(
         let n: usize = ranges.iter().map(|r| r.len()).sum();
         if n > 0 {
             activity.touch();
-            Box::pin(send(dst, ranges, data)).await?;
+            Box::pin(send(dst, ranges, data))
+                .await
+                .map_err(Broken::writing)?;
             moved.fetch_add(n as u64, Ordering::Relaxed);
             activity.touch();
         }
@@ -233,7 +237,9 @@ async fn pump(
     drop(buf);
     if let Side::Records(leg) = dst {
         let close_notify = leg.layer.seal_alert(AlertDescription::CloseNotify)?;
-        Box::pin(leg.send_records(&close_notify)).await?;
+        Box::pin(leg.send_records(&close_notify))
+            .await
+            .map_err(Broken::writing)?;
     }
     match dst.stream().try_io(tokio::io::Interest::WRITABLE, || {
         shutdown_write(dst.stream())
@@ -241,7 +247,7 @@ async fn pump(
         Ok(()) => Ok(()),
         // The peer already went away: nothing is lost by not half-closing.
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-        Err(e) => Err(format!("half-closing: {e}").into()),
+        Err(e) => Err(Broken::writing(format!("half-closing: {e}"))),
     }
 }
 

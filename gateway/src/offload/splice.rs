@@ -134,11 +134,11 @@ async fn pump(
         while left > 0 {
             write_ready(to)
                 .await
-                .map_err(|e| format!("waiting to write: {e}"))?;
+                .map_err(|e| Broken::writing(format!("waiting to write: {e}")))?;
             match to.try_io(Interest::WRITABLE, || sys::splice(&pipe.read, to, left)) {
                 Ok(m) => left -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(describe(&e, false)),
+                Err(e) => return Err(Broken::writing(e.to_string())),
             }
         }
         activity.touch();
@@ -256,13 +256,13 @@ async fn half_close(dst: &Side) -> Result<(), Broken> {
         loop {
             write_ready(stream)
                 .await
-                .map_err(|e| format!("waiting to write: {e}"))?;
+                .map_err(|e| Broken::writing(format!("waiting to write: {e}")))?;
             match stream.try_io(Interest::WRITABLE, || {
                 sys::send_record(stream, ALERT, &[1, CLOSE_NOTIFY])
             }) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(format!("sending close_notify: {e}").into()),
+                Err(e) => return Err(Broken::writing(format!("sending close_notify: {e}"))),
             }
         }
     }
@@ -270,7 +270,7 @@ async fn half_close(dst: &Side) -> Result<(), Broken> {
         Ok(()) => Ok(()),
         // The peer is already gone; nothing left to tell it.
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
-        Err(e) => Err(format!("half-close: {e}").into()),
+        Err(e) => Err(Broken::writing(format!("half-close: {e}"))),
     }
 }
 
@@ -278,11 +278,11 @@ async fn write_all(to: &TcpStream, mut data: &[u8]) -> Result<(), Broken> {
     while !data.is_empty() {
         write_ready(to)
             .await
-            .map_err(|e| format!("waiting to write: {e}"))?;
+            .map_err(|e| Broken::writing(format!("waiting to write: {e}")))?;
         match to.try_write(data) {
             Ok(n) => data = data.get(n..).unwrap_or_default(),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(describe(&e, false)),
+            Err(e) => return Err(Broken::writing(e.to_string())),
         }
     }
     Ok(())

@@ -1,0 +1,99 @@
+//! The gateway binary as a child process: reaped if a test fails, signalled,
+//! scraped, its log and memory read from outside.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::STEP;
+
+/// Kills the child if the test fails before it is reaped.
+pub struct Reap(pub Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends `signal` ("TERM", "HUP") to the gateway.
+pub fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// `GET /metrics` from an admin endpoint at `admin`.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(admin)
+        .await
+        .expect("admin connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    tokio::time::timeout(STEP, s.read_to_string(&mut out))
+        .await
+        .expect("admin answered")
+        .expect("admin response");
+    out
+}
+
+/// The value of one series (name and labels exactly as rendered) in a
+/// scrape; 0 when it is not there.
+pub fn series(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many JSON log lines with this message the gateway has written.
+pub fn log_count(stderr: &Path, message: &str) -> usize {
+    std::fs::read_to_string(stderr)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .count()
+}
+
+/// Polls `done` every 50 ms for up to a step.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + STEP;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The resident set of process `pid` in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// Waits up to `limit` for the child to exit, and returns its status.
+pub fn exits_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return Some(s);
+        }
+        if Instant::now() > until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,512 @@
+//! Faults behind and beside the gateway, as a client and an operator see
+//! them: a backend that refuses, blackholes, resets mid-stream or reads
+//! slowly; a pool member that comes back; the access log's disk filling;
+//! SIGHUP and SIGTERM with streams in flight.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use gateway_tests::process::*;
+use gateway_tests::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const ORDERS: &str = "orders.example.internal";
+
+/// The gateway in-process with an admin endpoint, one route to `backends`.
+async fn gateway(pki: &Pki, backends: &[SocketAddr], listener_extra: &str) -> RunningGateway {
+    let toml = "admin = \"127.0.0.1:0\"\n".to_owned()
+        + &listener_toml(pki, "edge", listener_extra)
+        + &route_toml("orders", &[ORDERS], backends, &[SPIFFE_FRONTEND]);
+    RunningGateway::start(pki, &toml).await
+}
+
+/// A series of `gateway_backend_connect_failures_total` for route orders.
+fn connect_failures(backend: SocketAddr, reason: &str) -> String {
+    format!(
+        "gateway_backend_connect_failures_total{{listener=\"edge\",route=\"orders\",backend=\"{backend}\",reason=\"{reason}\"}}"
+    )
+}
+
+const NO_BACKEND: &str = "gateway_no_backend_total{listener=\"edge\",route=\"orders\"}";
+
+/// What an allowed client reads after its handshake when the gateway
+/// finds no backend: how long until the end, and whether it was clean.
+async fn end_seen_by_client(pki: &Pki, addr: SocketAddr) -> (Duration, std::io::Result<usize>) {
+    let started = Instant::now();
+    let mut tls = connect(addr, ORDERS, pki.frontend_config())
+        .await
+        .expect("handshake");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(STEP, tls.read(&mut buf))
+        .await
+        .expect("the client was left hanging");
+    (started.elapsed(), read)
+}
+
+/// A backend that refuses (nothing listens): the allowed client gets an
+/// orderly end (close_notify, then EOF) at once, not a hang or a reset;
+/// the refusal is counted by backend and reason, and the access log says
+/// which backend refused.
+#[tokio::test]
+async fn a_refusing_backend_ends_the_client_cleanly_and_is_counted() {
+    let pki = Pki::new();
+    let dead = dead_port();
+    let mut gw = gateway(&pki, &[dead], "").await;
+    let (took, read) = end_seen_by_client(&pki, gw.app_addr).await;
+    assert_eq!(read.expect("a clean end, not an error"), 0);
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("no backend reachable") && rec.reason.contains(&dead.to_string()),
+        "{}",
+        rec.reason
+    );
+    let metrics = gw.scrape().await;
+    assert_eq!(series(&metrics, &connect_failures(dead, "refused")), 1);
+    assert_eq!(series(&metrics, NO_BACKEND), 1, "{metrics}");
+}
+
+/// A listening socket whose accept queue is full: the kernel drops further
+/// SYNs, as a blackhole does, without a packet leaving loopback. The
+/// returned streams hold the queue full.
+async fn blackhole() -> (SocketAddr, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            held.push(s);
+        }
+    }
+    // The listener stays open (leaked for the test's life) and never accepts.
+    std::mem::forget(listener);
+    (addr, held)
+}
+
+/// A backend that never answers the SYN: the connect is cut at
+/// `connect_timeout`, the client ends cleanly just after it, and the
+/// timeout is counted.
+#[tokio::test]
+async fn a_blackholed_backend_is_cut_at_connect_timeout_and_counted() {
+    let pki = Pki::new();
+    let (hole, _held) = blackhole().await;
+    let mut gw = gateway(&pki, &[hole], "connect_timeout = \"1s\"").await;
+    let (took, read) = end_seen_by_client(&pki, gw.app_addr).await;
+    assert_eq!(read.expect("a clean end, not an error"), 0);
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&took),
+        "the client's wait was {took:?}, for a 1 s connect_timeout"
+    );
+    let rec = gw.next_record().await;
+    assert!(rec.reason.contains("connect timed out"), "{}", rec.reason);
+    let metrics = gw.scrape().await;
+    assert_eq!(series(&metrics, &connect_failures(hole, "timeout")), 1);
+    assert_eq!(series(&metrics, NO_BACKEND), 1, "{metrics}");
+}
+
+/// A backend that takes `take` bytes, then resets its connection.
+async fn resetting_backend(take: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; take];
+                let _ = s.read_exact(&mut buf).await;
+                let _ = s.set_zero_linger();
+            });
+        }
+    });
+    addr
+}
+
+/// A backend that resets mid-stream: the client's connection ends with
+/// an error (a reset, not an orderly end that would pass a cut stream
+/// for a whole one) within a second, and the access log names the
+/// backend's side.
+#[tokio::test]
+async fn a_backend_reset_mid_stream_ends_the_client_with_an_error_naming_the_backend() {
+    let pki = Pki::new();
+    let backend = resetting_backend(64 * 1024).await;
+    let mut gw = gateway(&pki, &[backend], "").await;
+    let tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    let (mut r, mut w) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let chunk = payload(16 * 1024);
+        for _ in 0..1024 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(STEP, r.read_to_end(&mut sink))
+        .await
+        .expect("the client was left hanging");
+    assert!(read.is_err(), "a cut stream ended as if whole: {read:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    writer.abort();
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("transfer error") && rec.reason.contains("the backend"),
+        "{}",
+        rec.reason
+    );
+}
+
+/// The client resetting mid-stream: the backend's connection ends with a
+/// reset too, and the access log names the client's side.
+#[tokio::test]
+async fn a_client_reset_mid_stream_resets_the_backend_and_names_the_client() {
+    let pki = Pki::new();
+    let mut backend = ObservingBackend::start().await;
+    let mut gw = gateway(&pki, &[backend.addr], "").await;
+    let mut tls = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
+    tls.write_all(&payload(4096)).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls.get_ref().0.set_zero_linger().unwrap();
+    drop(tls);
+    let (got, end) = tokio::time::timeout(STEP, backend.next_end())
+        .await
+        .expect("the backend was left hanging");
+    assert_eq!(got.len(), 4096);
+    assert_eq!(end, StreamEnd::Reset, "the backend saw {end:?}");
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("transfer error") && rec.reason.contains("the client"),
+        "{}",
+        rec.reason
+    );
+}
+
+/// Two backends, one down: every client is served by the other (failover
+/// within the connection, counted against the one that refused). Once it
+/// listens again it gets traffic at its next turn in the round robin: the
+/// gateway keeps no health state that could hold a recovered backend out,
+/// so the bound is one connection per backend of the route.
+#[tokio::test]
+async fn a_pool_member_that_recovers_gets_traffic_at_its_next_turn() {
+    let pki = Pki::new();
+    let up = EchoBackend::start().await;
+    let down = dead_port();
+    let mut gw = gateway(&pki, &[up.addr, down], "connect_attempts = 2").await;
+    for _ in 0..4 {
+        passes(gw.app_addr, ORDERS, pki.frontend_config(), b"ping").await;
+        assert_eq!(gw.next_record().await.backend, Some(up.addr.to_string()));
+    }
+    let metrics = gw.scrape().await;
+    assert_eq!(
+        series(&metrics, &connect_failures(down, "refused")),
+        2,
+        "{metrics}"
+    );
+    assert_eq!(series(&metrics, NO_BACKEND), 0);
+    // It comes back on the same port.
+    let back = EchoBackend::start_on(down).await;
+    let mut served_by = Vec::new();
+    for _ in 0..2 {
+        passes(gw.app_addr, ORDERS, pki.frontend_config(), b"ping").await;
+        served_by.push(gw.next_record().await.backend);
+    }
+    assert!(
+        served_by.contains(&Some(down.to_string())),
+        "the recovered backend got nothing in two connections: {served_by:?}"
+    );
+    assert_eq!(back.accepted(), 1);
+}
+
+/// The gateway binary with a config of `toml`, its stderr in the PKI dir.
+fn run(pki: &Pki, toml: &str) -> (Reap, SocketAddr) {
+    let config = pki.write("gateway.toml", toml);
+    let child = Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let gw = Reap(child);
+    let addr = listening_addr(&pki.path("gateway.stderr")).unwrap_or_else(|e| panic!("{e}"));
+    (gw, addr)
+}
+
+/// A backend that reads `rate` bytes per 100 ms, counting what it read.
+async fn slow_reader(rate: usize) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let read = Arc::new(AtomicU64::new(0));
+    let count = read.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; rate];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => count.fetch_add(n as u64, Ordering::Relaxed),
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (addr, read)
+}
+
+/// A backend that reads slowly (64 KiB per 100 ms) while the client sends
+/// as fast as it can: backpressure reaches the client, so what the gateway
+/// has taken but not delivered stops growing at the socket buffers, and
+/// its resident memory grows by less than 8 MiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_backend_pushes_back_on_the_client_and_memory_stays_bounded() {
+    let pki = Pki::new();
+    let (backend, backend_read) = slow_reader(64 * 1024).await;
+    let toml = "access_log = \"off\"\n".to_owned()
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend], &[SPIFFE_FRONTEND]);
+    let (gw, addr) = run(&pki, &toml);
+    let pid = gw.0.id();
+    let tls = connect(addr, ORDERS, pki.frontend_config()).await.unwrap();
+    let before = rss_kib(pid);
+    let sent = Arc::new(AtomicU64::new(0));
+    let count = sent.clone();
+    let (_r, mut w) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        let chunk = payload(64 * 1024);
+        // 1 GiB, were it taken.
+        for _ in 0..16_384 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+            count.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let backlog_at_3s = sent.load(Ordering::Relaxed) - backend_read.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sent_total = sent.load(Ordering::Relaxed);
+    let backlog_at_6s = sent_total - backend_read.load(Ordering::Relaxed);
+    let grown = rss_kib(pid).saturating_sub(before);
+    writer.abort();
+    eprintln!(
+        "slow backend: {sent_total} bytes sent, backlog {backlog_at_3s} at 3 s and {backlog_at_6s} at 6 s, RSS +{grown} KiB"
+    );
+    assert!(
+        backend_read.load(Ordering::Relaxed) > 0,
+        "the backend read nothing"
+    );
+    assert!(
+        sent_total < 256 << 20,
+        "the client got {sent_total} bytes in: no backpressure"
+    );
+    // Loopback socket buffers autotune to a few MiB each; the gateway adds
+    // a bounded buffer per direction. Growth beyond what the backend reads
+    // in the meantime (64 KiB per 100 ms) would be the gateway queueing.
+    assert!(
+        backlog_at_6s < backlog_at_3s + (4 << 20),
+        "still queueing: {backlog_at_3s} then {backlog_at_6s} bytes sent but not read"
+    );
+    assert!(
+        grown < 8 * 1024,
+        "the gateway's RSS grew by {grown} KiB while {backlog_at_6s} bytes waited on the backend"
+    );
+}
+
+/// Round-trips `len` random bytes through the gateway; the echo must come
+/// back byte for byte (compared whole, the strongest checksum).
+async fn stream(
+    config: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    len: usize,
+    pause: Duration,
+) -> Result<(), String> {
+    let tls = connect(addr, ORDERS, config)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let data = payload(len);
+    let (mut r, mut w) = tokio::io::split(tls);
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        // In pieces with pauses, so the stream is in flight across a signal.
+        for piece in sent.chunks(len / 8 + 1) {
+            w.write_all(piece).await?;
+            tokio::time::sleep(pause).await;
+        }
+        w.shutdown().await
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP, r.read_to_end(&mut got))
+        .await
+        .map_err(|_| "echo read hung".to_owned())?
+        .map_err(|e| format!("read after {} bytes: {e}", got.len()))?;
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("write: {e}"))?;
+    if got != data {
+        return Err(format!("{} bytes back for {len}, not the same", got.len()));
+    }
+    Ok(())
+}
+
+/// With 40 streams in flight: SIGHUP (a reload adding a route) changes
+/// nothing for them, then SIGTERM drains: every stream finishes byte for
+/// byte within drain_timeout, a new connection is refused at once, and the
+/// process exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_then_sigterm_under_load_loses_no_byte_and_exits_0() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let base = "access_log = \"off\"\ndrain_timeout = \"10s\"\n".to_owned()
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let (mut gw, addr) = run(&pki, &base);
+    let streams: Vec<_> = (0..40)
+        .map(|i| {
+            let config = pki.frontend_config();
+            tokio::spawn(async move {
+                stream(
+                    config,
+                    addr,
+                    256 * 1024 + i * 4099,
+                    Duration::from_millis(400),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    pki.write(
+        "gateway.toml",
+        &(base.clone()
+            + &route_toml(
+                "more",
+                &["more.example.internal"],
+                &[backend.addr],
+                &[SPIFFE_FRONTEND],
+            )),
+    );
+    signal(&gw.0, "HUP");
+    wait_for("the reload", || {
+        log_count(&pki.path("gateway.stderr"), "reloaded") >= 1
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&gw.0, "TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = tokio::net::TcpStream::connect(addr).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+    for (i, s) in streams.into_iter().enumerate() {
+        s.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    let status = exits_within(&mut gw.0, Duration::from_secs(10)).expect("exited after drain");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+/// The access log on a 64 KiB tmpfs that a filler file fills, mounted in a
+/// private mount namespace the gateway runs in (gone with the process):
+/// while the disk is full every allowed client is still served and each
+/// lost line is counted; once the filler is removed the log is written
+/// again, whole lines only.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_access_log_disk_loses_counted_lines_and_serving_goes_on() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let disk = pki.dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let admin = dead_port();
+    let toml = format!(
+        "access_log = \"{}\"\nadmin = \"{admin}\"\n",
+        disk.join("access.log").display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = pki.write("gateway.toml", &toml);
+    // The config check opens the log too: it must find room for the file.
+    let script = format!(
+        "mount -t tmpfs -o size=64k tmpfs {disk} && touch {disk}/access.log && \
+         (dd if=/dev/zero of={disk}/filler bs=4k 2>/dev/null; true) && \
+         exec {gateway} --log-format json run --config {config}",
+        disk = disk.display(),
+        gateway = gateway_binary().display(),
+        config = config.display(),
+    );
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .stderr(std::fs::File::create(pki.path("gateway.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    let gw = Reap(child);
+    let addr = listening_addr(&pki.path("gateway.stderr")).unwrap_or_else(|e| panic!("{e}"));
+    // The disk as the gateway sees it, from outside its namespace.
+    let seen = std::path::PathBuf::from(format!("/proc/{}/root", gw.0.id()))
+        .join(disk.strip_prefix("/").unwrap());
+    let lost = "gateway_access_log_lost_total";
+    for _ in 0..20 {
+        passes(addr, ORDERS, pki.frontend_config(), b"on a full disk").await;
+    }
+    let log = seen.join("access.log");
+    wait_for("20 lost lines", || {
+        let m = futures_lite_block(scrape(admin));
+        series(&m, lost) == 20
+    });
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "",
+        "a line got through"
+    );
+    std::fs::remove_file(seen.join("filler")).unwrap();
+    for _ in 0..5 {
+        passes(addr, ORDERS, pki.frontend_config(), b"room again").await;
+    }
+    wait_for("5 lines written", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 5
+    });
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("whole JSON lines");
+        assert_eq!(v["verdict"], "allow", "{line}");
+    }
+    assert_eq!(series(&scrape(admin).await, lost), 20);
+    let stderr = pki.path("gateway.stderr");
+    assert_eq!(
+        log_count(
+            &stderr,
+            "access log write failed: lines are lost (counted in gateway_access_log_lost_total) until a write succeeds"
+        ),
+        1
+    );
+    assert_eq!(
+        log_count(&stderr, "access log written again after losing lines"),
+        1
+    );
+}
+
+/// Runs a future to completion from a blocking poll loop.
+fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
