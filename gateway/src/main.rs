@@ -403,6 +403,25 @@ fn check(
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
     gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
+    // An unknown user stops `run` before it binds anything; say so here.
+    if let Some(target) = gateway::privilege::Target::resolve(&config)? {
+        let kept: Vec<String> = target
+            .kept
+            .iter()
+            .map(|k| format!("{:?}", k.capability))
+            .collect();
+        println!(
+            "runs as {} (uid {}, gid {}) after start, keeping: {}",
+            target.user,
+            target.uid,
+            target.gid,
+            if kept.is_empty() {
+                "no capabilities".to_owned()
+            } else {
+                kept.join(", ")
+            }
+        );
+    }
     let horizon = |s: &str| -> anyhow::Result<i64> {
         let d = gateway::config::duration::parse(s).map_err(|e| anyhow::anyhow!(e))?;
         Ok(i64::try_from(d.as_secs())?)

@@ -436,11 +436,34 @@ fn c_name(what: &'static str, name: &str) -> Result<CString, PrivilegeError> {
     })
 }
 
-fn lookup_user(name: &str) -> Result<(libc::uid_t, libc::gid_t), PrivilegeError> {
-    let c = c_name("user", name)?;
+/// One `get*nam_r` lookup by `name`, growing the buffer while glibc says
+/// ERANGE. `call` makes the lookup into the buffer it is given and says
+/// glibc's return code and what it found (None: no such entry).
+fn lookup<T>(
+    what: &'static str,
+    name: &str,
+    mut call: impl FnMut(&std::ffi::CStr, &mut [libc::c_char]) -> (libc::c_int, Option<T>),
+) -> Result<Option<T>, PrivilegeError> {
+    let c = c_name(what, name)?;
     let mut size = ENTRY_BUFFER;
     loop {
         let mut buf = vec![0 as libc::c_char; size];
+        match call(&c, &mut buf) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if size < ENTRY_BUFFER_MAX => size *= 4,
+            (e, _) => {
+                return Err(PrivilegeError::Lookup {
+                    what,
+                    name: name.to_owned(),
+                    source: std::io::Error::from_raw_os_error(e),
+                });
+            }
+        }
+    }
+}
+
+fn lookup_user(name: &str) -> Result<(libc::uid_t, libc::gid_t), PrivilegeError> {
+    lookup("user", name, |c, buf| {
         // SAFETY: an all-zero passwd is a valid value of the plain C struct.
         let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::passwd = std::ptr::null_mut();
@@ -456,26 +479,16 @@ fn lookup_user(name: &str) -> Result<(libc::uid_t, libc::gid_t), PrivilegeError>
                 &mut found,
             )
         };
-        match rc {
-            0 if found.is_null() => return Err(PrivilegeError::UnknownUser(name.to_owned())),
-            0 => return Ok((entry.pw_uid, entry.pw_gid)),
-            libc::ERANGE if size < ENTRY_BUFFER_MAX => size *= 4,
-            e => {
-                return Err(PrivilegeError::Lookup {
-                    what: "user",
-                    name: name.to_owned(),
-                    source: std::io::Error::from_raw_os_error(e),
-                });
-            }
-        }
-    }
+        (
+            rc,
+            (!found.is_null()).then_some((entry.pw_uid, entry.pw_gid)),
+        )
+    })?
+    .ok_or_else(|| PrivilegeError::UnknownUser(name.to_owned()))
 }
 
 fn lookup_group(name: &str) -> Result<libc::gid_t, PrivilegeError> {
-    let c = c_name("group", name)?;
-    let mut size = ENTRY_BUFFER;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
+    lookup("group", name, |c, buf| {
         // SAFETY: an all-zero group is a valid value of the plain C struct.
         let mut entry: libc::group = unsafe { std::mem::zeroed() };
         let mut found: *mut libc::group = std::ptr::null_mut();
@@ -489,19 +502,9 @@ fn lookup_group(name: &str) -> Result<libc::gid_t, PrivilegeError> {
                 &mut found,
             )
         };
-        match rc {
-            0 if found.is_null() => return Err(PrivilegeError::UnknownGroup(name.to_owned())),
-            0 => return Ok(entry.gr_gid),
-            libc::ERANGE if size < ENTRY_BUFFER_MAX => size *= 4,
-            e => {
-                return Err(PrivilegeError::Lookup {
-                    what: "group",
-                    name: name.to_owned(),
-                    source: std::io::Error::from_raw_os_error(e),
-                });
-            }
-        }
-    }
+        (rc, (!found.is_null()).then_some(entry.gr_gid))
+    })?
+    .ok_or_else(|| PrivilegeError::UnknownGroup(name.to_owned()))
 }
 
 /// The user's groups from the group database, its own group first.

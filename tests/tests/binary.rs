@@ -62,6 +62,15 @@ fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::Socket
     (gw, wait_listening(&pki.path("gateway.stderr")))
 }
 
+/// `gateway COMMAND --config CONFIG`, run to its end.
+fn gateway_on(command: &str, config: &std::path::Path) -> std::process::Output {
+    Command::new(gateway_binary())
+        .args([command, "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 /// The soft and hard "Max open files" of process `pid`.
 fn nofile_of(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -208,11 +217,7 @@ impl Drop for Reap {
 async fn check_accepts_a_good_config_and_names_a_typo() {
     let pki = Pki::new();
     let config = write_config(&pki, dead_port());
-    let out = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gateway_on("check", &config);
     assert!(
         out.status.success(),
         "{}",
@@ -224,11 +229,7 @@ async fn check_accepts_a_good_config_and_names_a_typo() {
         .unwrap()
         .replace("backends", "backend");
     std::fs::write(&config, text).unwrap();
-    let out = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gateway_on("check", &config);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -525,11 +526,7 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
         &pki.path("missing-dir/access.log").display().to_string(),
     );
     std::fs::write(&config, text).unwrap();
-    let check = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let check = gateway_on("check", &config);
     let err = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success(), "check passed a config run refuses");
     assert!(
@@ -538,11 +535,7 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
     );
     // A good one passes and leaves no file behind.
     let config = write_config(&pki, dead_port());
-    let check = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let check = gateway_on("check", &config);
     assert!(check.status.success());
     assert!(
         !pki.path("access.log").exists(),
@@ -799,6 +792,33 @@ fn give_to_nobody(pki: &Pki) {
     assert!(status.success());
 }
 
+/// The binary serving `top` (top-level settings) and one route, its PKI
+/// owned by nobody, once it has dropped to nobody: the gateway, the
+/// config's path, its stderr and its listener's address.
+async fn run_as_nobody(
+    pki: &Pki,
+    top: &str,
+) -> (
+    Reap,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::net::SocketAddr,
+) {
+    let (backend, _) = one_line_backend().await;
+    let config = pki.write(
+        "gateway.toml",
+        &(format!("user = \"nobody\"\n{top}\n")
+            + &listener_toml(pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(pki);
+    let stderr = pki.path("gateway.stderr");
+    let gw = run_binary(&config, &stderr, &[]);
+    let addr = wait_listening(&stderr);
+    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
+    (gw, config, stderr, addr)
+}
+
 const NOBODY: &str = "65534 65534 65534 65534";
 const NOGROUP: &str = "65534 65534 65534 65534";
 /// CAP_NET_ADMIN (12) and CAP_BPF (39): the kernel block list's.
@@ -814,21 +834,12 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
         return;
     }
     let pki = Pki::new();
-    let (backend, _) = one_line_backend().await;
     let admin = dead_port();
-    let config = pki.write(
-        "gateway.toml",
-        &(format!(
-            "user = \"nobody\"\nadmin = \"{admin}\"\naccess_log = \"{}\"\n",
-            pki.path("access.log").display()
-        ) + &listener_toml(&pki, "edge", "")
-            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    let top = format!(
+        "admin = \"{admin}\"\naccess_log = \"{}\"",
+        pki.path("access.log").display()
     );
-    give_to_nobody(&pki);
-    let stderr = pki.path("gateway.stderr");
-    let gw = run_binary(&config, &stderr, &[]);
-    let addr = wait_listening(&stderr);
-    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
+    let (gw, config, stderr, addr) = run_as_nobody(&pki, &top).await;
     let threads = credentials_of(gw.0.id());
     assert!(threads.len() > 1, "the runtime's threads too: {threads:?}");
     for (uid, gid, prm, eff) in &threads {
@@ -888,19 +899,8 @@ async fn user_without_privileged_features_keeps_nothing_and_refuses_unreadable_f
         return;
     }
     let pki = Pki::new();
-    let (backend, _) = one_line_backend().await;
-    let config = pki.write(
-        "gateway.toml",
-        &("user = \"nobody\"\naccess_log = \"off\"\n[admission]\nkernel_block_list = false\n"
-            .to_owned()
-            + &listener_toml(&pki, "edge", "")
-            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
-    );
-    give_to_nobody(&pki);
-    let stderr = pki.path("gateway.stderr");
-    let gw = run_binary(&config, &stderr, &[]);
-    wait_listening(&stderr);
-    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
+    let top = "access_log = \"off\"\n[admission]\nkernel_block_list = false";
+    let (gw, config, _, _) = run_as_nobody(&pki, top).await;
     for (uid, _, prm, eff) in credentials_of(gw.0.id()) {
         assert_eq!((uid.as_str(), prm, eff), (NOBODY, 0, 0));
     }
@@ -912,11 +912,7 @@ async fn user_without_privileged_features_keeps_nothing_and_refuses_unreadable_f
         .status()
         .unwrap();
     assert!(status.success());
-    let out = Command::new(gateway_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gateway_on("run", &config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -939,13 +935,7 @@ fn a_key_readable_by_others_is_refused_unless_allowed() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
-    let check = || {
-        Command::new(gateway_binary())
-            .args(["check", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
-    };
+    let check = || gateway_on("check", &config);
     let out = check();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
