@@ -66,6 +66,18 @@ pub struct Config {
     /// Named client CA bundles (with their CRLs) that routes can narrow to.
     #[serde(default)]
     pub trust: std::collections::BTreeMap<String, TrustBundleConfig>,
+    /// Once every listener and the admin endpoint are bound and the eBPF
+    /// programs installed, run as this user, keeping only the capabilities
+    /// the configured features still need (see `privilege`). Read at
+    /// start; a reload does not change it. None: stay as started.
+    pub user: Option<String>,
+    /// The group to run as with `user`; none: the user's own group.
+    pub group: Option<String>,
+    /// Accept private key files that group or others may read (mode & 0o077
+    /// not 0). Off: such a key is refused at start and reload, naming the
+    /// file and its mode.
+    #[serde(default)]
+    pub allow_shared_keys: bool,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -571,6 +583,9 @@ impl Config {
             self.validate_routes(&at, l)?;
         }
         self.validate_admission()?;
+        if self.group.is_some() && self.user.is_none() {
+            return Err(self.invalid("group is set without user: set user too".into()));
+        }
         for (name, b) in &self.trust {
             if let Some(domains) = &b.spiffe_trust_domains {
                 self.validate_trust_domains(

@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod offload;
 pub mod pki;
 pub mod policy;
+pub mod privilege;
 pub mod registry;
 pub mod remote_guard;
 pub mod sock_diag;

@@ -403,6 +403,25 @@ fn check(
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
     gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
+    // An unknown user stops `run` before it binds anything; say so here.
+    if let Some(target) = gateway::privilege::Target::resolve(&config)? {
+        let kept: Vec<String> = target
+            .kept
+            .iter()
+            .map(|k| format!("{:?}", k.capability))
+            .collect();
+        println!(
+            "runs as {} (uid {}, gid {}) after start, keeping: {}",
+            target.user,
+            target.uid,
+            target.gid,
+            if kept.is_empty() {
+                "no capabilities".to_owned()
+            } else {
+                kept.join(", ")
+            }
+        );
+    }
     let horizon = |s: &str| -> anyhow::Result<i64> {
         let d = gateway::config::duration::parse(s).map_err(|e| anyhow::anyhow!(e))?;
         Ok(i64::try_from(d.as_secs())?)
@@ -464,6 +483,9 @@ impl Drop for PidFile {
 
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
+    // Looked up before anything is bound: an unknown user stops nothing
+    // half-started.
+    let target = gateway::privilege::Target::resolve(&config)?;
     // Each connection is a descriptor: the soft limit's 1024 would be the
     // first thing a flood exhausts.
     match gateway::descriptors::raise_limit() {
@@ -477,7 +499,16 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         Ok(r) => tracing::info!(limit = r.now, "open-files limit"),
         Err(e) => tracing::warn!(error = %e, "open-files limit left as it is"),
     }
+    // Before the runtime's threads exist (see `privilege`): they wait for
+    // the drop in their start hook.
+    let gate = target
+        .as_ref()
+        .map(gateway::privilege::Gate::prepare)
+        .transpose()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(gate) = &gate {
+        runtime.on_thread_start(gate.hook());
+    }
     // tokio's default is the CPUs in the affinity mask, so `taskset` alone
     // also sizes the runtime.
     if let Some(n) = config.workers {
@@ -493,6 +524,9 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         let app = gateway::build(&config).await?;
         // Once everything is bound: a pid file names a gateway that serves.
         let _pid_file = pid_file.map(PidFile::write).transpose()?;
+        if let (Some(gate), Some(target)) = (&gate, &target) {
+            drop_privileges(gate, target, path)?;
+        }
         let shutdown = app.shutdown_handle();
         let reload = app.reload_handle();
         let stop_watching = tokio_util::sync::CancellationToken::new();
@@ -511,6 +545,38 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         stop_watching.cancel();
         Ok(())
     })
+}
+
+/// Everything privileged is done: become `target`, then read every file
+/// the config names as it, as the next reload will; a file only root could
+/// read would otherwise fail that reload, long after anyone is watching.
+fn drop_privileges(
+    gate: &gateway::privilege::Gate,
+    target: &gateway::privilege::Target,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    gate.drop_to(target)?;
+    let kept: Vec<String> = target
+        .kept
+        .iter()
+        .map(|k| format!("{:?} ({})", k.capability, k.why))
+        .collect();
+    tracing::info!(
+        user = %target.user,
+        uid = target.uid,
+        gid = target.gid,
+        kept = %if kept.is_empty() { "none".to_owned() } else { kept.join(", ") },
+        "dropped privileges"
+    );
+    let unreadable = |e: &dyn std::fmt::Display| {
+        anyhow::anyhow!(
+            "running as {:?}, the config's files are not all readable, so a reload would fail: {e}",
+            target.user
+        )
+    };
+    let config = gateway::Config::load(path).map_err(|e| unreadable(&e))?;
+    gateway::state::State::from_config(&config).map_err(|e| unreadable(&e))?;
+    Ok(())
 }
 
 /// How often the watched files' stamps are read: a few stat calls, cheap

@@ -162,6 +162,9 @@ impl State {
 
     /// Builds the state; routes count into `metrics`.
     pub fn build(config: &Config, metrics: &Metrics) -> Result<State, StateError> {
+        if !config.allow_shared_keys {
+            check_keys_private(config)?;
+        }
         let listeners = config
             .listeners
             .iter()
@@ -172,6 +175,29 @@ impl State {
             drain_timeout: config.drain_timeout,
         })
     }
+}
+
+/// Every private key the config names, each readable by its owner only
+/// (see `certs::check_key_private`): at start, at every reload and in
+/// `gateway check`, before any key is loaded.
+fn check_keys_private(config: &Config) -> Result<(), StateError> {
+    use crate::tls::certs::check_key_private;
+    for l in &config.listeners {
+        check_key_private(&config.resolve(&l.key)).map_err(|e| StateError::Listener {
+            listener: l.name.clone(),
+            source: e.into(),
+        })?;
+        for r in &l.routes {
+            if let Some(key) = r.upstream_tls.as_ref().and_then(|u| u.key.as_ref()) {
+                check_key_private(&config.resolve(key)).map_err(|e| StateError::Route {
+                    listener: l.name.clone(),
+                    route: r.name.clone(),
+                    message: format!("upstream_tls: {e}"),
+                })?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ListenerState {

@@ -22,6 +22,12 @@ pub fn listener_state() -> Arc<ListenerState> {
             let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
             write("server.pem", &server.cert_pem);
             write("server.key", &server.key_pem);
+            // Readable by its owner only, or the state refuses it.
+            std::fs::set_permissions(
+                dir.path().join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
             write("ca.pem", &root.cert_pem);
             let text = "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = \"server.pem\"\n\
                         key = \"server.key\"\nclient_ca = \"ca.pem\"\noffload = \"userspace\"\n\

@@ -93,9 +93,16 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// Writes a file of the PKI; a key (NAME.key) readable by its owner
+    /// only, as the gateway demands and `gateway pki` writes them.
     pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
         let p = self.path(name);
         std::fs::write(&p, contents).expect("write pki file");
+        if name.ends_with(".key") {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .expect("key mode 0600");
+        }
         p
     }
 

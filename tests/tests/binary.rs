@@ -53,6 +53,15 @@ fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::Socket
     (gw, wait_listening(&pki.path("gateway.stderr")))
 }
 
+/// `gateway COMMAND --config CONFIG`, run to its end.
+fn gateway_on(command: &str, config: &std::path::Path) -> std::process::Output {
+    Command::new(gateway_binary())
+        .args([command, "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
+}
+
 /// The soft and hard "Max open files" of process `pid`.
 fn nofile_of(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -175,11 +184,7 @@ fn run_with_nofile(
 async fn check_accepts_a_good_config_and_names_a_typo() {
     let pki = Pki::new();
     let config = write_config(&pki, dead_port());
-    let out = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gateway_on("check", &config);
     assert!(
         out.status.success(),
         "{}",
@@ -191,11 +196,7 @@ async fn check_accepts_a_good_config_and_names_a_typo() {
         .unwrap()
         .replace("backends", "backend");
     std::fs::write(&config, text).unwrap();
-    let out = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = gateway_on("check", &config);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -474,11 +475,7 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
         &pki.path("missing-dir/access.log").display().to_string(),
     );
     std::fs::write(&config, text).unwrap();
-    let check = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let check = gateway_on("check", &config);
     let err = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success(), "check passed a config run refuses");
     assert!(
@@ -487,11 +484,7 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
     );
     // A good one passes and leaves no file behind.
     let config = write_config(&pki, dead_port());
-    let check = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let check = gateway_on("check", &config);
     assert!(check.status.success());
     assert!(
         !pki.path("access.log").exists(),
@@ -735,5 +728,207 @@ async fn gateway_block_edits_the_running_gateways_block_list() {
     assert!(
         !out.status.success(),
         "removing what is not there succeeded"
+    );
+}
+
+/// Every thread of process `pid`: (Uid line, Gid line, CapPrm, CapEff).
+fn credentials_of(pid: u32) -> Vec<(String, String, u64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        out.push((
+            field("Uid:"),
+            field("Gid:"),
+            mask("CapPrm:"),
+            mask("CapEff:"),
+        ));
+    }
+    out
+}
+
+/// Hands the PKI's directory and files to `nobody`, as an operator hands
+/// the gateway's files to its user.
+fn give_to_nobody(pki: &Pki) {
+    let status = Command::new("chown")
+        .args(["-R", "nobody:"])
+        .arg(pki.path(""))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The binary serving `top` (top-level settings) and one route, its PKI
+/// owned by nobody, once it has dropped to nobody: the gateway, the
+/// config's path, its stderr and its listener's address.
+async fn run_as_nobody(
+    pki: &Pki,
+    top: &str,
+) -> (
+    Reap,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::net::SocketAddr,
+) {
+    let (backend, _) = one_line_backend().await;
+    let config = pki.write(
+        "gateway.toml",
+        &(format!("user = \"nobody\"\n{top}\n")
+            + &listener_toml(pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(pki);
+    let stderr = pki.path("gateway.stderr");
+    let gw = run_binary(&config, &stderr, &[]);
+    let addr = wait_listening(&stderr);
+    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
+    (gw, config, stderr, addr)
+}
+
+const NOBODY: &str = "65534 65534 65534 65534";
+const NOGROUP: &str = "65534 65534 65534 65534";
+/// CAP_NET_ADMIN (12) and CAP_BPF (39): the kernel block list's.
+const BLOCK_LIST_CAPS: u64 = (1 << 12) | (1 << 39);
+
+/// `user = "nobody"`: once serving, every thread runs as nobody with
+/// exactly the kernel block list's capabilities; it serves, reloads on
+/// SIGHUP, and edits the block list (a map write) as nobody.
+#[tokio::test(flavor = "multi_thread")]
+async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reloads() {
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let admin = dead_port();
+    let top = format!(
+        "admin = \"{admin}\"\naccess_log = \"{}\"",
+        pki.path("access.log").display()
+    );
+    let (gw, config, stderr, addr) = run_as_nobody(&pki, &top).await;
+    let threads = credentials_of(gw.0.id());
+    assert!(threads.len() > 1, "the runtime's threads too: {threads:?}");
+    for (uid, gid, prm, eff) in &threads {
+        assert_eq!(
+            (uid.as_str(), gid.as_str()),
+            (NOBODY, NOGROUP),
+            "{threads:?}"
+        );
+        assert_eq!(
+            (*prm, *eff),
+            (BLOCK_LIST_CAPS, BLOCK_LIST_CAPS),
+            "{threads:?}"
+        );
+    }
+
+    let client = pki.frontend_config();
+    let sni = "orders.example.internal";
+    let tls = connect(addr, sni, client.clone()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"hi\n".to_vec()).await.unwrap(),
+        b"hi\n"
+    );
+    // Reload as nobody: the frontend taken off the allow list is refused.
+    let allowing = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, allowing.replace(SPIFFE_FRONTEND, SPIFFE_OTHER)).unwrap();
+    signal(&gw.0, "HUP");
+    wait_for("a reload", || log_count(&stderr, "reloaded") >= 1);
+    assert_eq!(
+        refusal(addr, sni, client).await,
+        rustls::AlertDescription::AccessDenied
+    );
+    // The block list still takes edits: a write to a BPF map, as nobody.
+    let out = Command::new(gateway_binary())
+        .args([
+            "block",
+            "--admin",
+            &admin.to_string(),
+            "add",
+            "192.0.2.0/24",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(credentials_of(gw.0.id())[0].0, NOBODY, "still nobody");
+}
+
+/// Without a feature that needs one, nothing is kept; and a key only root
+/// can read stops the start (a reload as nobody could not read it).
+#[tokio::test(flavor = "multi_thread")]
+async fn user_without_privileged_features_keeps_nothing_and_refuses_unreadable_files() {
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let top = "access_log = \"off\"\n[admission]\nkernel_block_list = false";
+    let (gw, config, _, _) = run_as_nobody(&pki, top).await;
+    for (uid, _, prm, eff) in credentials_of(gw.0.id()) {
+        assert_eq!((uid.as_str(), prm, eff), (NOBODY, 0, 0));
+    }
+    drop(gw);
+
+    let status = Command::new("chown")
+        .arg("root")
+        .arg(pki.path("server.key"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = gateway_on("run", &config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("running as \"nobody\", the config's files are not all readable")
+            && err.contains("server.key"),
+        "{err}"
+    );
+}
+
+/// A private key group or others can read is refused, naming the file and
+/// its mode; `allow_shared_keys = true` accepts it.
+#[test]
+fn a_key_readable_by_others_is_refused_unless_allowed() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let backend: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let config = write_config(&pki, backend);
+    std::fs::set_permissions(
+        pki.path("server.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let check = || gateway_on("check", &config);
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: private key readable by group or others (mode 0644)",
+            pki.path("server.key").display()
+        )) && err.contains("allow_shared_keys = true"),
+        "{err}"
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("allow_shared_keys = true\n{text}")).unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -28,6 +28,11 @@ pub enum CertError {
     UnsupportedKey { path: PathBuf, reason: String },
     #[error("{key}: private key does not match the certificate in {cert}")]
     KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "{path}: private key readable by group or others (mode {mode:04o}): \
+         chmod 600 it, or set allow_shared_keys = true"
+    )]
+    KeyShared { path: PathBuf, mode: u32 },
     #[error("{path}: certificate is not valid DER: {reason}")]
     BadCertificate { path: PathBuf, reason: String },
     #[error("{path}: certificate {subject} expired at {not_after}")]
@@ -84,6 +89,28 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
         path: path.to_owned(),
         reason: e.to_string(),
     })
+}
+
+/// Refuses a private key file that anyone but its owner may read: a key
+/// that group or others can read has already left the gateway's hands
+/// (whoever shares the host, a backup agent, a log shipper). The mode is
+/// the file's, after symlinks, as the key is read through them.
+pub fn check_key_private(path: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| CertError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(CertError::KeyShared {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
 }
 
 /// A trust-anchor bundle (client CAs).
