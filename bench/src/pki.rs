@@ -31,9 +31,20 @@ pub fn create(dir: &Path) -> anyhow::Result<Files> {
         &[&format!("dns:{SERVER_NAME}")],
     ))?;
     let client = intermediate.issue(&LeafSpec::client("bench load", &[CLIENT_IDENTITY]))?;
+    // Readable by their owner only, as the gateway requires of key files
+    // (and the peers, run as root, read them all the same).
     let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let p = dir.join(name);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        let _ = std::fs::remove_file(&p);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&p)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .with_context(|| format!("writing {}", p.display()))?;
         Ok(p)
     };
     let server_chain_pem = format!("{}{}", server.cert_pem, intermediate.cert_pem);
