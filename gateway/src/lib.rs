@@ -24,6 +24,7 @@ pub mod offload;
 pub mod pki;
 pub mod policy;
 pub mod privilege;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod remote_guard;
 pub mod sock_diag;
