@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "eBPF-accelerated L4 mTLS gateway")]
@@ -67,6 +67,14 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Print a shell completion script (e.g. `gateway completions bash >
+    /// /usr/share/bash-completion/completions/gateway`).
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
+    Man,
     /// The block list of a running gateway (through its admin endpoint):
     /// sources whose new connections are refused, and dropped in the
     /// kernel where the XDP program is attached.
@@ -80,6 +88,13 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -323,6 +338,21 @@ fn main() -> ExitCode {
             admin,
             config,
         } => block(command, admin, config.as_deref()),
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            // Into memory first: the generators panic on a failed write,
+            // and a closed pipe is an error to report, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "gateway", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         Command::Guard {
             config: Some(path),
             uninstall: true,
