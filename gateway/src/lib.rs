@@ -30,6 +30,7 @@ pub mod remote_guard;
 pub mod sock_diag;
 pub mod spiffe;
 pub mod state;
+pub mod systemd;
 #[cfg(test)]
 mod testing;
 pub mod tls;

@@ -557,8 +557,22 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         if let (Some(gate), Some(target)) = (&gate, &target) {
             drop_privileges(gate, target, path)?;
         }
+        // Every listener is bound (and the guard, if any, installed).
+        gateway::systemd::ready(config.listeners.len());
         let shutdown = app.shutdown_handle();
         let reload = app.reload_handle();
+        let registry = app.registry();
+        if gateway::systemd::enabled() {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(STATUS_INTERVAL);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    gateway::systemd::status(registry.len());
+                }
+            });
+        }
         let stop_watching = tokio_util::sync::CancellationToken::new();
         if config.watch_files {
             let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
@@ -569,6 +583,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         let path = path.to_owned();
         tokio::spawn(async move {
             signals.serve(&path, reload).await;
+            gateway::systemd::stopping(registry.len());
             shutdown.shutdown();
         });
         app.run().await;
@@ -613,6 +628,8 @@ fn drop_privileges(
 /// enough to keep "a revoked client is closed within a second of the CRL's
 /// publication" true with the reload's own time on top.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often `systemctl status` learns the live connections.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The signals the gateway answers, installed before it says it is up.
 struct Signals {
