@@ -5,27 +5,9 @@
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
+use gateway_tests::process::*;
 use gateway_tests::*;
-
-/// Kills the child if the test fails before it is reaped.
-struct Reap(std::process::Child);
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(child: &std::process::Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{signal} failed");
-}
 
 /// The next datagram, as the `KEY=value` lines systemd would read.
 fn next_message(sock: &UnixDatagram, log: &Path) -> Vec<String> {
@@ -132,14 +114,7 @@ fn sd_notify_ready_reloading_ready_stopping() {
         value(&stopping, "STATUS"),
         Some("draining 0 live connection(s)")
     );
-    let until = Instant::now() + STEP;
-    let status = loop {
-        if let Some(s) = gw.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < until, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_status(&mut gw.0, "SIGTERM");
     assert!(status.success(), "{status}");
 }
 
