@@ -3,4 +3,5 @@
 
 pub mod client_hello;
 pub mod config;
+pub mod proxy_header;
 pub mod records;

@@ -131,7 +131,16 @@ pub struct ReloadHandle {
 }
 
 impl ReloadHandle {
+    /// Applies `config` whole or not at all; systemd hears `RELOADING=1`
+    /// before and `READY=1` after, whichever it was.
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        crate::systemd::reloading();
+        let result = self.apply(config).await;
+        crate::systemd::reloaded(&result);
+        result
+    }
+
+    async fn apply(&self, config: Config) -> Result<ReloadReport, ReloadError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(ReloadRequest { config, reply })
@@ -146,10 +155,13 @@ impl ReloadHandle {
         match Config::load(path) {
             Ok(config) => self.reload(config).await,
             Err(e) => {
+                crate::systemd::reloading();
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 let e = ReloadError::Invalid(e.to_string());
                 log_refused(&e);
-                Err(e)
+                let refused = Err(e);
+                crate::systemd::reloaded(&refused);
+                refused
             }
         }
     }

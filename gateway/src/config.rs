@@ -190,6 +190,22 @@ pub struct RouteConfig {
     pub device: Option<DeviceConfig>,
     /// Originate TLS to the backends (gateway → backend mTLS).
     pub upstream_tls: Option<UpstreamTlsConfig>,
+    /// Send a PROXY protocol header to the backend before any other byte
+    /// (`"v2"`): the client's address, the SNI, TLS facts and the verified
+    /// identity, as HAProxy's `send-proxy-v2-ssl-cn` lays them out.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// With `proxy_protocol`: also send the client's leaf certificate (DER)
+    /// in `PP2_SUBTYPE_SSL_CLIENT_CERT`. Off by default: it can be large.
+    #[serde(default)]
+    pub proxy_protocol_client_cert: bool,
+}
+
+/// The PROXY protocol versions the gateway sends: only the binary one,
+/// which carries TLVs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ProxyProtocol {
+    #[serde(rename = "v2")]
+    V2,
 }
 
 /// How the gateway speaks TLS to a route's backends.
@@ -785,6 +801,11 @@ impl Config {
                         u.server_name
                     )));
                 }
+            }
+            if r.proxy_protocol_client_cert && r.proxy_protocol.is_none() {
+                return Err(self.invalid(format!(
+                    "{rat}.proxy_protocol_client_cert: needs proxy_protocol = \"v2\" to have a header to go in"
+                )));
             }
             if r.mode == Mode::Off {
                 // Off asks for no certificate: what needs one would be

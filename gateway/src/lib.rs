@@ -24,11 +24,13 @@ pub mod offload;
 pub mod pki;
 pub mod policy;
 pub mod privilege;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod remote_guard;
 pub mod sock_diag;
 pub mod spiffe;
 pub mod state;
+pub mod systemd;
 #[cfg(test)]
 mod testing;
 pub mod tls;

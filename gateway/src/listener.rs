@@ -220,6 +220,8 @@ fn serve<'a>(
         let _ = stream.set_nodelay(true);
         // Eviction, and the minimum rate while it is the client's turn.
         let watch = ticket.watch(listener);
+        // The address the client reached, for a PROXY header's destination.
+        let local = stream.local_addr().ok();
         // Boxed, like the other steps that end before the transfer: a task's
         // future is as large as its largest state for the connection's whole
         // life, and the handshake's (rustls' whole connection) is the largest.
@@ -256,6 +258,12 @@ fn serve<'a>(
         ticket.established();
         drop(watch);
         let (route, mut tls) = tls;
+        // The identity leaves for the registry; a PROXY header reports its CN.
+        let common_name = conn
+            .identity_value
+            .as_ref()
+            .and_then(|i| i.common_name.one())
+            .map(str::to_owned);
         // From here the connection is live: reloads and the tick re-judge it.
         let registration = shared.registry.register(
             Live {
@@ -293,11 +301,31 @@ fn serve<'a>(
                 .reason()
                 .unwrap_or_else(|| "drain timeout at shutdown".into())
         };
+        let preface = match proxy_header(
+            listener,
+            &route,
+            &conn,
+            local,
+            tls.get_ref().1,
+            common_name,
+        ) {
+            Ok(preface) => preface,
+            Err(e) => {
+                // A header the backend would misread is never sent; nor
+                // are the bytes without it.
+                tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
+                    "closing client connection: no PROXY header");
+                conn.reason = format!("{}; {e}", conn.reason);
+                let _ = tokio::time::timeout(listener.connect_timeout, tls.shutdown()).await;
+                return conn.record();
+            }
+        };
         let connected = tokio::select! {
             r = Box::pin(route.backends.connect(
                 listener.connect_attempts,
                 listener.connect_timeout,
                 route.upstream_tls.as_ref(),
+                preface.as_deref(),
             )) => r,
             () = registration.close.cancelled() => {
                 conn.reason = format!("{}; {}", conn.reason, forward::End::Closed(why()));
@@ -359,6 +387,49 @@ fn serve<'a>(
         }
         conn.record()
     }
+}
+
+/// The PROXY v2 header the route sends its backends, if it sends one: the
+/// client and the address it reached, the SNI, the TLS session, the
+/// identity the route admitted (never one audit merely let through) and
+/// the route's name.
+fn proxy_header(
+    listener: &ListenerState,
+    route: &Route,
+    conn: &Conn,
+    local: Option<SocketAddr>,
+    session: &rustls::ServerConnection,
+    common_name: Option<String>,
+) -> Result<Option<Vec<u8>>, crate::proxy_protocol::ProxyProtocolError> {
+    use crate::proxy_protocol::{Header, TlsFacts, openssl_cipher_name};
+    if route.proxy_protocol.is_none() {
+        return Ok(None);
+    }
+    let leaf = session.peer_certificates().and_then(|c| c.first());
+    let admitted = conn.verdict == Verdict::Allow && leaf.is_some();
+    let (sig_alg, key_alg) = listener.cert_algorithms.clone();
+    let header = Header {
+        source: Some(conn.client),
+        destination: local,
+        authority: conn.sni.clone(),
+        tls: Some(TlsFacts {
+            client_cert: leaf.is_some(),
+            verified: admitted,
+            version: conn.tls_version.clone().unwrap_or_default(),
+            common_name: leaf.and(common_name),
+            cipher: session
+                .negotiated_cipher_suite()
+                .map(|s| openssl_cipher_name(s.suite())),
+            sig_alg,
+            key_alg,
+            client_cert_der: leaf
+                .filter(|_| route.proxy_protocol_client_cert)
+                .map(|l| l.to_vec()),
+        }),
+        identity: conn.identity.clone().filter(|_| admitted),
+        route: Some(route.name.clone()),
+    };
+    header.encode().map(Some)
 }
 
 /// Picks the connection's path, kernel TLS + splice or userspace, and moves

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(name = "gateway", version, about = "eBPF-accelerated L4 mTLS gateway")]
@@ -67,6 +67,14 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Print a shell completion script (e.g. `gateway completions bash >
+    /// /usr/share/bash-completion/completions/gateway`).
+    Completions {
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
+    Man,
     /// The block list of a running gateway (through its admin endpoint):
     /// sources whose new connections are refused, and dropped in the
     /// kernel where the XDP program is attached.
@@ -80,6 +88,13 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Subcommand)]
@@ -323,6 +338,21 @@ fn main() -> ExitCode {
             admin,
             config,
         } => block(command, admin, config.as_deref()),
+        Command::Completions { shell } => {
+            let shell = match shell {
+                Shell::Bash => clap_complete::Shell::Bash,
+                Shell::Zsh => clap_complete::Shell::Zsh,
+                Shell::Fish => clap_complete::Shell::Fish,
+            };
+            // Into memory first: the generators panic on a failed write,
+            // and a closed pipe is an error to report, not a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "gateway", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         Command::Guard {
             config: Some(path),
             uninstall: true,
@@ -527,8 +557,22 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         if let (Some(gate), Some(target)) = (&gate, &target) {
             drop_privileges(gate, target, path)?;
         }
+        // Every listener is bound (and the guard, if any, installed).
+        gateway::systemd::ready(config.listeners.len());
         let shutdown = app.shutdown_handle();
         let reload = app.reload_handle();
+        let registry = app.registry();
+        if gateway::systemd::enabled() {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(STATUS_INTERVAL);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    gateway::systemd::status(registry.len());
+                }
+            });
+        }
         let stop_watching = tokio_util::sync::CancellationToken::new();
         if config.watch_files {
             let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
@@ -539,6 +583,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         let path = path.to_owned();
         tokio::spawn(async move {
             signals.serve(&path, reload).await;
+            gateway::systemd::stopping(registry.len());
             shutdown.shutdown();
         });
         app.run().await;
@@ -583,6 +628,8 @@ fn drop_privileges(
 /// enough to keep "a revoked client is closed within a second of the CRL's
 /// publication" true with the reload's own time on top.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often `systemctl status` learns the live connections.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The signals the gateway answers, installed before it says it is up.
 struct Signals {

@@ -59,6 +59,9 @@ pub struct ListenerState {
     pub max_connection_lifetime: Option<Duration>,
     pub offload: crate::offload::Offload,
     pub rx_expect_no_pad: bool,
+    /// The listener certificate's signature and key algorithms, as a PROXY
+    /// v2 header reports them (HAProxy's `cert-sig`, `cert-key`).
+    pub cert_algorithms: (Option<String>, Option<String>),
 }
 
 #[derive(Debug)]
@@ -70,6 +73,10 @@ pub struct Route {
     pub upstream_tls: Option<crate::tls::UpstreamTls>,
     /// Shared with the metrics, so counts survive reloads.
     pub stats: Arc<RouteStats>,
+    /// Send a PROXY v2 header to the backend first.
+    pub proxy_protocol: Option<crate::config::ProxyProtocol>,
+    /// Put the client's leaf certificate in that header.
+    pub proxy_protocol_client_cert: bool,
 }
 
 impl Route {
@@ -139,6 +146,8 @@ impl Route {
             backends: Backends::new(r.backends.clone()),
             upstream_tls,
             stats: metrics.route(listener, &r.name),
+            proxy_protocol: r.proxy_protocol,
+            proxy_protocol_client_cert: r.proxy_protocol_client_cert,
         })
     }
 
@@ -243,6 +252,12 @@ impl ListenerState {
             listener: l.name.clone(),
             source,
         })?;
+        // The certificate was just loaded and checked by `ListenerTls::load`.
+        let cert_algorithms = crate::tls::certs::load_certs(&config.resolve(&l.cert))
+            .ok()
+            .and_then(|chain| chain.into_iter().next())
+            .map(|leaf| crate::proxy_protocol::certificate_algorithms(&leaf))
+            .unwrap_or_default();
         let mut by_sni = HashMap::new();
         let mut default_route = None;
         let mut routes = Vec::new();
@@ -275,6 +290,7 @@ impl ListenerState {
             max_connection_lifetime: l.max_connection_lifetime,
             offload: l.offload,
             rx_expect_no_pad: l.rx_expect_no_pad,
+            cert_algorithms,
         })
     }
 

@@ -53,5 +53,7 @@ pub fn route(mode: Mode, policy: Policy) -> Route {
         backends: crate::upstream::Backends::new(vec!["127.0.0.1:1".into()]),
         upstream_tls: None,
         stats: Arc::default(),
+        proxy_protocol: None,
+        proxy_protocol_client_cert: false,
     }
 }

@@ -199,11 +199,16 @@ impl Backends {
     /// originates it); on failure tries the following ones, `attempts` in all
     /// (never more than there are backends). `timeout` bounds each attempt.
     /// A success comes with the attempts that failed before it.
+    /// `preface` (a PROXY protocol header) is written on the TCP stream
+    /// before anything else, TLS included, as HAProxy's `send-proxy-v2`
+    /// does: whichever path then carries the bytes, kernel or userspace,
+    /// the backend has read it first.
     pub async fn connect(
         &self,
         attempts: usize,
         timeout: Duration,
         tls: Option<&UpstreamTls>,
+        preface: Option<&[u8]>,
     ) -> Result<(Upstream, String, Vec<Failed>), UpstreamError> {
         let attempts = attempts.clamp(1, self.addrs.len().max(1));
         let start = self.next.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +218,9 @@ impl Backends {
                 break;
             };
             let (reason, detail) =
-                match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get())).await {
+                match tokio::time::timeout(timeout, attempt(addr, tls, self.gate.get(), preface))
+                    .await
+                {
                     Ok(Ok(stream)) => return Ok((stream, addr.clone(), failures)),
                     Ok(Err((reason, e))) => (reason, e.to_string()),
                     Err(_) => (
@@ -236,6 +243,7 @@ async fn attempt(
     addr: &str,
     tls: Option<&UpstreamTls>,
     gate: Option<&Gate>,
+    preface: Option<&[u8]>,
 ) -> Result<Upstream, (ConnectFailure, io::Error)> {
     let tcp = |e: io::Error| (ConnectFailure::of(&e), e);
     let stream = match (gate, addr.parse::<std::net::SocketAddr>()) {
@@ -253,6 +261,15 @@ async fn attempt(
     };
     // Interactive protocols behind us: do not hold small writes back.
     let _ = stream.set_nodelay(true);
+    let mut stream = stream;
+    if let Some(preface) = preface {
+        tokio::io::AsyncWriteExt::write_all(&mut stream, preface)
+            .await
+            .map_err(|e| {
+                let e = io::Error::new(e.kind(), format!("sending the PROXY header: {e}"));
+                (ConnectFailure::of(&e), e)
+            })?;
+    }
     match tls {
         None => Ok(Upstream::Plain(stream)),
         Some(tls) => {
@@ -312,7 +329,10 @@ mod tests {
         drop(dead);
         let b = Backends::new(vec![dead_addr.clone(), live_addr.clone()]);
         for _ in 0..4 {
-            let (_s, used, failed) = b.connect(2, Duration::from_secs(2), None).await.unwrap();
+            let (_s, used, failed) = b
+                .connect(2, Duration::from_secs(2), None, None)
+                .await
+                .unwrap();
             assert_eq!(used, live_addr);
             for f in failed {
                 assert_eq!(
@@ -321,9 +341,9 @@ mod tests {
                 );
             }
         }
-        let err = b.connect(1, Duration::from_secs(2), None).await;
+        let err = b.connect(1, Duration::from_secs(2), None, None).await;
         // With one attempt, every other call starts at the dead backend.
-        let err2 = b.connect(1, Duration::from_secs(2), None).await;
+        let err2 = b.connect(1, Duration::from_secs(2), None, None).await;
         assert!(
             err.is_err() != err2.is_err(),
             "round robin alternates the start"
@@ -343,7 +363,7 @@ mod tests {
                 Err(io::Error::other("not protected"))
             },
         ));
-        let Err(err) = b.connect(1, Duration::from_secs(2), None).await else {
+        let Err(err) = b.connect(1, Duration::from_secs(2), None, None).await else {
             panic!("connected past a gate that refused");
         };
         assert!(err.to_string().contains("not protected"), "{err}");

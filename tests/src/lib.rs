@@ -300,6 +300,39 @@ pub async fn tls_echo_backend_with(
     versions: &[&'static rustls::SupportedProtocolVersion],
     suites: fn(&rustls::SupportedCipherSuite) -> bool,
 ) -> (SocketAddr, Arc<AtomicUsize>) {
+    let config = backend_server_config(pki, names, require_client, versions, suites);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (mut r, mut w) = tokio::io::split(tls);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// A backend's TLS server config: a certificate for `names` from the test
+/// PKI, client certificates chaining to the test root required or not.
+pub fn backend_server_config(
+    pki: &Pki,
+    names: &[&str],
+    require_client: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    suites: fn(&rustls::SupportedCipherSuite) -> bool,
+) -> Arc<rustls::ServerConfig> {
     let sans: Vec<String> = names.iter().map(|n| format!("dns:{n}")).collect();
     let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
     let leaf = pki
@@ -332,28 +365,54 @@ pub async fn tls_echo_backend_with(
     } else {
         builder.with_no_client_auth()
     };
-    let config = Arc::new(builder.with_single_cert(chain, key).expect("server config"));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    Arc::new(builder.with_single_cert(chain, key).expect("server config"))
+}
+
+/// A backend that reads the PROXY v2 header off each connection (exactly
+/// its bytes, by the length it announces), reports it, then echoes the
+/// rest, in TLS when given a config.
+pub async fn proxy_header_backend(
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> (SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            let count = count.clone();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let mut fixed = [0u8; 16];
+                if tcp.read_exact(&mut fixed).await.is_err() {
                     return;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                let (mut r, mut w) = tokio::io::split(tls);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
+                }
+                let len = usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+                let mut header = fixed.to_vec();
+                header.resize(16 + len, 0);
+                if tcp.read_exact(&mut header[16..]).await.is_err() {
+                    return;
+                }
+                let _ = tx.send(header).await;
+                match tls {
+                    None => {
+                        let (mut r, mut w) = tcp.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    }
+                    Some(config) => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(tcp).await
+                        else {
+                            return;
+                        };
+                        let (mut r, mut w) = tokio::io::split(tls);
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    }
+                }
             });
         }
     });
-    (addr, accepted)
+    (addr, rx)
 }
 
 /// A port on 127.0.0.1 where nothing listens.

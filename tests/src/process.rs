@@ -30,6 +30,18 @@ pub fn signal(child: &Child, signal: &str) {
     assert!(status.success(), "kill -{signal} failed");
 }
 
+/// How the child exited, waiting at most `STEP`; panics naming `after`.
+pub fn exit_status(child: &mut Child, after: &str) -> std::process::ExitStatus {
+    let until = Instant::now() + STEP;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(Instant::now() < until, "no exit after {after}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `GET /metrics` from an admin endpoint at `admin`.
 pub async fn scrape(admin: SocketAddr) -> String {
     let mut s = tokio::net::TcpStream::connect(admin)

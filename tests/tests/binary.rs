@@ -251,14 +251,7 @@ async fn openssl_s_client_through_the_binary_then_sigterm_drains_and_exits_0() {
 
     // SIGTERM: drains (nothing live), exits 0.
     signal(&gw.0, "TERM");
-    let until = Instant::now() + STEP;
-    let status = loop {
-        if let Some(s) = gw.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < until, "gateway did not exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_status(&mut gw.0, "SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status}");
 
     let log = std::fs::read_to_string(pki.path("access.log")).unwrap();

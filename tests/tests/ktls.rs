@@ -325,6 +325,53 @@ async fn kernel_path_on_both_legs_with_upstream_mtls() {
     );
 }
 
+/// `proxy_protocol = "v2"` on the kernel path: the header goes on the
+/// backend's TCP stream before its TLS handshake, as on the userspace path
+/// (one `upstream::connect` for both), and the legs still reach the kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_path_sends_the_proxy_header_before_the_backend_handshake() {
+    if !kernel_tls_or_skip("kernel_path_sends_the_proxy_header_before_the_backend_handshake") {
+        return;
+    }
+    let pki = Pki::new();
+    let config = backend_server_config(
+        &pki,
+        &["backend.internal"],
+        false,
+        rustls::DEFAULT_VERSIONS,
+        |_| true,
+    );
+    let (backend, mut headers) = proxy_header_backend(Some(config)).await;
+    let mut toml = gateway_toml(&pki, backend, "offload = \"kernel\"");
+    toml.push_str(&format!(
+        "proxy_protocol = \"v2\"\n[listeners.routes.upstream_tls]\nca = \"{}\"\nserver_name = \"backend.internal\"\noffload = \"kernel\"\n",
+        pki.path("server-roots.pem").display(),
+    ));
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let tls = connect(
+        gw.app_addr,
+        "orders.example.internal",
+        pki.frontend_config(),
+    )
+    .await
+    .expect("handshake");
+    let client = tls.get_ref().0.local_addr().unwrap();
+    let data = payload(MIB);
+    assert!(echo_roundtrip(tls, data.clone()).await.expect("echo") == data);
+    let header = tokio::time::timeout(STEP, headers.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let (header, _) =
+        proxy_header::ProxyHeader::parse(&header, proxy_header::ParseConfig::default()).unwrap();
+    assert_eq!(header.proxied_address().unwrap().source, client);
+    assert_eq!(header.authority(), Some("orders.example.internal"));
+    assert_eq!(header.ssl().unwrap().verify(), 0);
+    let record = gw.next_record().await;
+    assert_eq!(record.offload.as_deref(), Some("kernel"), "{record:?}");
+    assert_eq!(record.client_to_backend_bytes, MIB as u64);
+}
+
 /// With the upstream leg pinned to userspace the whole connection stays in
 /// userspace (a half-offloaded connection is not a path we run), and says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

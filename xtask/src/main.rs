@@ -7,6 +7,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod vm;
@@ -56,6 +57,18 @@ enum Command {
         #[arg(last = true)]
         extra: Vec<String>,
     },
+    /// Build the Debian package: target/debian/gateway_<version>_<arch>.deb.
+    Package {
+        /// Package this gateway binary instead of building a release one.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+        /// Where the .deb goes (default: target/debian).
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+        /// Compress with gzip -1 instead of xz (tests packaging a debug binary).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the kTLS and eBPF tests on Debian's 6.1 and 6.12 cloud kernels in QEMU.
     VmTest {
         /// Only this kernel: debian-6.1 or debian-6.12-backports.
@@ -103,6 +116,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fuzz { seconds } => {
             setup::run()?;
             fuzz::run(seconds, fuzz::Corpus::Grow)
+        }
+        Command::Package {
+            binary,
+            out_dir,
+            quick,
+        } => {
+            // A release build needs the eBPF toolchain; packaging a given
+            // binary needs only dpkg-deb and gzip.
+            if binary.is_none() {
+                setup::run()?;
+            }
+            package::run(&package::Options {
+                binary,
+                out_dir,
+                quick,
+            })
+            .map(drop)
         }
         Command::VmTest {
             kernel,
