@@ -539,7 +539,7 @@ pub fn section(s: &mut String, a: &AbuseReport) {
 }
 
 /// Attack threads: a runtime of their own, at a low priority.
-struct Attack {
+pub(crate) struct Attack {
     count: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -570,7 +570,7 @@ impl Attack {
 
     /// `n` connections from `sources` addresses in 127.1.0.0/20, each
     /// trickling `hello` a byte every 2 s, reconnecting when dropped.
-    fn slowloris(
+    pub(crate) fn slowloris(
         to: SocketAddr,
         hello: Vec<u8>,
         n: usize,
@@ -605,7 +605,7 @@ impl Attack {
 
     /// `loops` loops from 127.2.0.1, each connecting and sending a garbage
     /// handshake as fast as it goes.
-    fn flood(to: SocketAddr, loops: usize, stop: Arc<AtomicBool>) -> Attack {
+    pub(crate) fn flood(to: SocketAddr, loops: usize, stop: Arc<AtomicBool>) -> Attack {
         Attack::spawn(stop, move |count, stop| async move {
             let from = IpAddr::V4(Ipv4Addr::new(127, 2, 0, 1));
             let mut tasks = Vec::new();
@@ -636,7 +636,12 @@ impl Attack {
         })
     }
 
-    fn join(self) {
+    /// Connections it made so far.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn join(self) {
         let _ = self.thread.join();
     }
 }
@@ -666,7 +671,11 @@ async fn trickle(s: &mut TcpStream, hello: &[u8], stop: &AtomicBool) {
     }
 }
 
-async fn connect_from(from: IpAddr, to: SocketAddr, limit: Duration) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_from(
+    from: IpAddr,
+    to: SocketAddr,
+    limit: Duration,
+) -> std::io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
     s.bind(SocketAddr::new(from, 0))?;
     let s = tokio::time::timeout(limit, s.connect(to))
@@ -679,7 +688,7 @@ async fn connect_from(from: IpAddr, to: SocketAddr, limit: Duration) -> std::io:
 }
 
 /// A ClientHello as the bench's clients send it.
-fn client_hello(config: &Arc<ClientConfig>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn client_hello(config: &Arc<ClientConfig>) -> anyhow::Result<Vec<u8>> {
     let name = ServerName::try_from(crate::pki::SERVER_NAME)?;
     let mut c = rustls::ClientConnection::new(config.clone(), name)?;
     let mut out = Vec::new();
@@ -752,7 +761,7 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 }
 
 /// One series of the gateway's metrics (0 when absent).
-async fn metric(admin: SocketAddr, series: &str) -> u64 {
+pub(crate) async fn metric(admin: SocketAddr, series: &str) -> u64 {
     scrape(admin)
         .await
         .unwrap_or_default()

@@ -53,18 +53,37 @@ pub fn client_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> anyhow::Result<Arc<ClientConfig>> {
+    let (builder, provider) = client_builder()?;
+    let mut config = builder
+        .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
+        .with_client_auth_cert(chain, key)?;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// The same client without a certificate: one the gateway must refuse.
+pub fn client_config_without_certificate() -> anyhow::Result<Arc<ClientConfig>> {
+    let (builder, provider) = client_builder()?;
+    let mut config = builder
+        .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+fn client_builder() -> anyhow::Result<(
+    rustls::client::danger::DangerousClientConfigBuilder,
+    Arc<rustls::crypto::CryptoProvider>,
+)> {
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     provider.cipher_suites =
         vec![rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256];
     provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::SECP256R1];
     let provider = Arc::new(provider);
-    let mut config = ClientConfig::builder_with_provider(provider.clone())
+    let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SignatureOnly(provider)))
-        .with_client_auth_cert(chain, key)?;
-    config.resumption = rustls::client::Resumption::disabled();
-    Ok(Arc::new(config))
+        .dangerous();
+    Ok((builder, provider))
 }
 
 /// The load generator checks the server's handshake signature but not its

@@ -15,6 +15,7 @@ mod procstat;
 mod record_layer;
 mod relay;
 mod report;
+mod soak;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ struct Cli {
 enum Command {
     /// Run every scenario against every peer and write the report.
     Run(Box<RunArgs>),
+    /// The gateway under checked streams, reloads, backend restarts and attacks.
+    Soak(soak::Args),
     /// Plain TCP forwarding with splice (the ceiling); `run` starts it.
     Relay {
         #[arg(long)]
@@ -126,6 +129,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.command {
         Command::Relay { listen, to } => relay::run(listen, to).map_err(anyhow::Error::from),
         Command::Run(args) => run(*args),
+        Command::Soak(args) => soak::run(args),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -82,6 +82,8 @@ pub struct Setup {
     pub gateway_top: String,
     /// Lines after the gateway's listener and route (an `[admission]` table).
     pub gateway_tail: String,
+    /// The gateway's route forwards to these too, round robin.
+    pub more_backends: Vec<SocketAddr>,
 }
 
 impl Default for Setup {
@@ -96,6 +98,7 @@ impl Default for Setup {
                 "\n[admission]\nsource_handshakes_per_second = 0\nsource_handshakes_in_flight = 0\n\
                            prefix_handshakes_per_second = 0\nprefix_handshakes_in_flight = 0\n"
                     .into(),
+            more_backends: Vec::new(),
         }
     }
 }
@@ -299,7 +302,7 @@ offload = "{offload}"
 
 [[listeners.routes]]
 name = "backend"
-backends = ["{backend}"]
+backends = [{backends}]
 allow = ["{identity}"]
 {tail}
 "#,
@@ -307,6 +310,11 @@ allow = ["{identity}"]
             key = pki.server_key.display(),
             root = pki.root.display(),
             identity = crate::pki::CLIENT_IDENTITY,
+            backends = std::iter::once(&backend)
+                .chain(&setup.more_backends)
+                .map(|b| format!("\"{b}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             max = setup.max_connections.unwrap_or_else(max_connections),
             handshake = setup.handshake_timeout.unwrap_or(10),
             top = setup.gateway_top,

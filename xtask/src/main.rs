@@ -9,6 +9,7 @@ mod demo;
 mod fuzz;
 mod package;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -56,6 +57,12 @@ enum Command {
         /// Passed on to `gateway-bench run` (e.g. --peers gateway,nginx --only bulk).
         #[arg(last = true)]
         extra: Vec<String>,
+    },
+    /// Checked streams through the gateway for a while, with reloads, backend restarts and attacks.
+    Soak {
+        /// How long the load runs.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
     /// Build the Debian package: target/debian/gateway_<version>_<arch>.deb.
     Package {
@@ -116,6 +123,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fuzz { seconds } => {
             setup::run()?;
             fuzz::run(seconds, fuzz::Corpus::Grow)
+        }
+        Command::Soak { minutes } => {
+            setup::run()?;
+            soak::run(minutes * 60)
         }
         Command::Package {
             binary,

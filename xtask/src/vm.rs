@@ -463,6 +463,59 @@ fn fetch_qemu() -> anyhow::Result<Qemu> {
     Ok(qemu)
 }
 
+/// `systemd-analyze` from bookworm-backports' systemd (254): Debian 12's
+/// own (252) does not know `Type=notify-reload`, so it cannot verify the
+/// shipped unit. Unpacked under target/vm/systemd with its own libraries
+/// (libsystemd-shared, libsystemd0); the rest come from the host. Returns a wrapper
+/// script that runs it, for tests/tests/systemd.rs (`SYSTEMD_ANALYZE`).
+pub fn fetch_systemd_analyze() -> anyhow::Result<PathBuf> {
+    let dir = vm_dir().join("systemd");
+    let apt = Apt::new(&dir, &[QEMU_SUITE])?;
+    let cached = std::fs::read_to_string(dir.join("version")).ok();
+    let version = resolved_or_cached(
+        "systemd",
+        apt.update().and_then(|()| {
+            apt.cache(&["show", "--no-all-versions", "systemd"])?
+                .lines()
+                .find_map(|l| l.strip_prefix("Version: "))
+                .map(str::to_owned)
+                .context("apt knows no systemd in bookworm-backports")
+        }),
+        cached.as_deref(),
+    )?;
+    let root = dir.join("root");
+    let binary = root.join("usr/bin/systemd-analyze");
+    if cached.as_deref() != Some(version.as_str()) || !binary.is_file() {
+        apt.download_and_unpack(
+            &["systemd", "libsystemd-shared", "libsystemd0"],
+            &dir.join("debs"),
+            &root,
+        )?;
+        std::fs::write(dir.join("version"), &version)?;
+    }
+    let wrapper = dir.join("systemd-analyze");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nLD_LIBRARY_PATH={private}:{lib} exec {binary} \"$@\"\n",
+            private = root.join("usr/lib/x86_64-linux-gnu/systemd").display(),
+            lib = root.join("usr/lib/x86_64-linux-gnu").display(),
+            binary = binary.display()
+        ),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let reported = cmd::output(Command::new(&wrapper).arg("--version"))
+        .with_context(|| format!("{} does not run", wrapper.display()))?;
+    eprintln!(
+        "xtask: {}",
+        reported.lines().next().unwrap_or_default().trim()
+    );
+    Ok(wrapper)
+}
+
 /// Module files by module name (dashes and underscores are the same to the kernel).
 fn module_index(root: &Path) -> std::collections::HashMap<String, PathBuf> {
     let mut index = std::collections::HashMap::new();
