@@ -3,5 +3,6 @@
 
 pub mod client_hello;
 pub mod config;
+pub mod policy;
 pub mod proxy_header;
 pub mod records;
