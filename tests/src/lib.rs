@@ -186,6 +186,26 @@ impl Pki {
         self.client_config_versions(creds, rustls::DEFAULT_VERSIONS)
     }
 
+    /// A client config presenting `creds` as they are: rustls' own check
+    /// of the certificate against the key (which refuses, say, a leaf with
+    /// an unknown critical extension) is skipped, so the gateway sees it.
+    pub fn client_config_unchecked(&self, creds: &ClientCreds) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.root_der()).expect("root");
+        let provider = gateway::tls::provider();
+        let key = provider
+            .key_provider
+            .load_private_key(creds.key())
+            .expect("client key");
+        let certified = rustls::sign::CertifiedKey::new(creds.chain.clone(), key);
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+        Arc::new(config)
+    }
+
     pub fn client_config_versions(
         &self,
         creds: Option<&ClientCreds>,

@@ -247,6 +247,16 @@ async fn refusals_carry_the_right_alert_and_never_reach_the_backend() {
         "{alert:?}"
     );
 
+    // A leaf with a critical extension the gateway cannot process
+    // (RFC 5280 §4.2: it must be refused, not ignored).
+    let mut critical = LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    critical.unknown_critical_extension = true;
+    let critical = pki.client("unknown-critical", &critical);
+    assert_eq!(
+        refusal(addr, ORDERS, pki.client_config_unchecked(&critical)).await,
+        AlertDescription::CertificateUnknown
+    );
+
     assert_eq!(
         backend.accepted(),
         0,

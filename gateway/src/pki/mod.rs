@@ -116,6 +116,9 @@ pub struct LeafSpec {
     pub not_after: OffsetDateTime,
     /// Mark the leaf as a CA (to test that a CA is refused as a client).
     pub is_ca: bool,
+    /// Add a critical extension no one knows (to test that it is refused:
+    /// RFC 5280 §4.2 says a verifier must reject what it cannot process).
+    pub unknown_critical_extension: bool,
     pub key_type: KeyType,
 }
 
@@ -129,6 +132,7 @@ impl LeafSpec {
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(1),
             is_ca: false,
+            unknown_critical_extension: false,
             key_type: KeyType::P256,
         }
     }
@@ -289,6 +293,15 @@ impl Authority {
             Profile::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Profile::NoEku => vec![],
         };
+        if spec.unknown_critical_extension {
+            // 1.3.6.1.4.1.55555.1: a private arc no verifier can know.
+            let mut ext = rcgen::CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 55555, 1],
+                vec![0x05, 0x00],
+            );
+            ext.set_criticality(true);
+            params.custom_extensions.push(ext);
+        }
         let key = spec.key_type.generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let serial = X509Certificate::from_der(cert.der())
