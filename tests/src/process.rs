@@ -109,3 +109,65 @@ pub fn exits_within(child: &mut Child, limit: Duration) -> Option<std::process::
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The address the binary says it listens on (its stderr), once it does.
+pub fn wait_listening(stderr: &Path) -> SocketAddr {
+    crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
+/// `stderr`.
+pub fn run_binary(config: &Path, stderr: &Path, extra: &[&std::ffi::OsStr]) -> Reap {
+    let child = Command::new(crate::gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .args(extra)
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    Reap(child)
+}
+
+/// Every thread of process `pid`: (Uid line, Gid line, CapPrm, CapEff).
+pub fn credentials_of(pid: u32) -> Vec<(String, String, u64, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+        out.push((
+            field("Uid:"),
+            field("Gid:"),
+            mask("CapPrm:"),
+            mask("CapEff:"),
+        ));
+    }
+    out
+}
+
+/// Hands the PKI's directory and files to `nobody`, as an operator hands
+/// the gateway's files to its user.
+pub fn give_to_nobody(pki: &crate::Pki) {
+    let status = Command::new("chown")
+        .args(["-R", "nobody:"])
+        .arg(pki.path(""))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Whether the user database knows `name` (a busybox VM has none).
+pub fn user_exists(name: &str) -> bool {
+    std::fs::read_to_string("/etc/passwd")
+        .is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
+}

@@ -25,27 +25,6 @@ fn write_config(pki: &Pki, backend: std::net::SocketAddr) -> std::path::PathBuf 
     pki.write("gateway.toml", &toml)
 }
 
-fn wait_listening(stderr: &std::path::Path) -> std::net::SocketAddr {
-    listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
-/// `stderr`.
-fn run_binary(
-    config: &std::path::Path,
-    stderr: &std::path::Path,
-    extra: &[&std::ffi::OsStr],
-) -> Reap {
-    let child = Command::new(gateway_binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(config)
-        .args(extra)
-        .stderr(std::fs::File::create(stderr).unwrap())
-        .spawn()
-        .unwrap();
-    Reap(child)
-}
-
 /// `run_binary` with its stderr in the PKI's `gateway.stderr`, once it
 /// listens.
 fn run_listening(pki: &Pki, config: &std::path::Path) -> (Reap, std::net::SocketAddr) {
@@ -722,44 +701,6 @@ async fn gateway_block_edits_the_running_gateways_block_list() {
         !out.status.success(),
         "removing what is not there succeeded"
     );
-}
-
-/// Every thread of process `pid`: (Uid line, Gid line, CapPrm, CapEff).
-fn credentials_of(pid: u32) -> Vec<(String, String, u64, u64)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let Ok(status) = std::fs::read_to_string(task.unwrap().path().join("status")) else {
-            continue;
-        };
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
-        out.push((
-            field("Uid:"),
-            field("Gid:"),
-            mask("CapPrm:"),
-            mask("CapEff:"),
-        ));
-    }
-    out
-}
-
-/// Hands the PKI's directory and files to `nobody`, as an operator hands
-/// the gateway's files to its user.
-fn give_to_nobody(pki: &Pki) {
-    let status = Command::new("chown")
-        .args(["-R", "nobody:"])
-        .arg(pki.path(""))
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// The binary serving `top` (top-level settings) and one route, its PKI

@@ -883,3 +883,63 @@ fn addresses_the_maps_cannot_take_are_counted() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// `user = "nobody"` with the guard: every thread of the binary keeps
+/// exactly the capabilities README's table gives the guard (CAP_BPF,
+/// CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_DAC_OVERRIDE), and they are enough:
+/// a reload as nobody protects a new backend at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn as_nobody_the_guard_keeps_its_documented_capabilities_and_still_works() {
+    use gateway_tests::process::*;
+    if !user_exists("nobody") {
+        // The VM's busybox system has no user database.
+        eprintln!("skipped: no user nobody to drop to");
+        return;
+    }
+    let Some((_turn, cg, pki, backend)) = begin().await else {
+        return;
+    };
+    let second = EchoBackend::start().await;
+    let config = |backends: &[SocketAddr]| {
+        "user = \"nobody\"\naccess_log = \"off\"\n".to_owned()
+            + &guard_section(&cg, "enforce", "")
+            + &listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], backends, &[SPIFFE_FRONTEND])
+    };
+    let path = pki.write("gateway.toml", &config(&[backend.addr]));
+    give_to_nobody(&pki);
+    let stderr = pki.path("gateway.stderr");
+    let gw = run_binary(&path, &stderr, &[]);
+    let addr = wait_listening(&stderr);
+    process::wait_for("the drop", || {
+        process::log_count(&stderr, "dropped privileges") == 1
+    });
+
+    /// CAP_DAC_OVERRIDE (1), CAP_NET_ADMIN (12), CAP_SYS_ADMIN (21), CAP_BPF (39).
+    const GUARD_CAPS: u64 = (1 << 1) | (1 << 12) | (1 << 21) | (1 << 39);
+    let threads = credentials_of(gw.0.id());
+    assert!(threads.len() > 1, "{threads:?}");
+    for (uid, _, prm, eff) in &threads {
+        assert_eq!(
+            (uid.as_str(), *prm, *eff),
+            ("65534 65534 65534 65534", GUARD_CAPS, GUARD_CAPS),
+            "{threads:?}"
+        );
+    }
+    let tls = connect(addr, SNI, pki.frontend_config()).await.unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, payload(1000)).await.unwrap(),
+        payload(1000)
+    );
+    let err = connect_from(&cg.path("other"), backend.addr).expect_err("bypass refused");
+    assert!(err.contains("Operation not permitted"), "{err}");
+
+    // A reload as nobody: the new backend is protected at once.
+    connect_from(&cg.path("other"), second.addr).expect("not a backend yet");
+    std::fs::write(&path, config(&[backend.addr, second.addr])).unwrap();
+    signal(&gw.0, "HUP");
+    process::wait_for("a reload", || process::log_count(&stderr, "reloaded") >= 1);
+    let err = connect_from(&cg.path("other"), second.addr).expect_err("new backend protected");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    assert_eq!(credentials_of(gw.0.id())[0].0, "65534 65534 65534 65534");
+}
