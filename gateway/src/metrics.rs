@@ -359,7 +359,7 @@ impl Instruments {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     instruments: Instruments,
     expiries: Mutex<Vec<crate::expiry::Expiry>>,
@@ -369,6 +369,25 @@ pub struct Metrics {
     /// Access-log lines that could not be written (a full disk, an I/O
     /// error), shared with the access log itself.
     pub access_log_lost: Arc<AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let instruments = Instruments::default();
+        // Served at 0 from the start, so a rate over them is defined
+        // before the first refusal.
+        for reason in ["ambiguous", "rollback", "withdrawn"] {
+            let _ = instruments
+                .crl_refused
+                .get_or_create(&ReasonLabel { reason });
+        }
+        Metrics {
+            instruments,
+            expiries: Mutex::default(),
+            stale_crl_uses: Mutex::default(),
+            access_log_lost: Arc::default(),
+        }
+    }
 }
 
 impl Metrics {
