@@ -13,6 +13,7 @@ use std::time::Duration;
 pub mod attack;
 pub mod bpf;
 pub mod cost;
+pub mod dashboard;
 pub mod netns;
 pub mod packet;
 pub mod process;

@@ -400,7 +400,8 @@ async fn a_scripted_mix_is_counted_exactly_and_parses_as_prometheus_text() {
 /// on loopback does not: the eBPF guard (root, BPF) and the kernel block
 /// list's counters (XDP on a listener's interface, never `lo`). The
 /// dashboard may query these; each must be a name the gateway's source
-/// registers.
+/// registers, and `guard.rs` and `block_list.rs` check the dashboard's
+/// names against a real scrape with the feature running.
 const SERVED_WITH_A_FEATURE: &[(&str, &str)] = &[
     ("gateway_guard_connects_total", "gateway/src/guard.rs"),
     (
@@ -412,26 +413,11 @@ const SERVED_WITH_A_FEATURE: &[(&str, &str)] = &[
 #[tokio::test]
 async fn the_dashboard_queries_only_metrics_the_gateway_serves() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let text = std::fs::read_to_string(root.join("examples/grafana/gateway.json"))
-        .expect("examples/grafana/gateway.json");
-    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
-    let mut queries = Vec::new();
-    collect_queries(&dashboard, &mut queries);
-    assert!(
-        queries.len() >= 10,
-        "the dashboard has its panels: {queries:?}"
-    );
-
+    let queried = gateway_tests::dashboard::metric_names();
     let (response, _) = scripted_mix().await;
     let body = response.split_once("\r\n\r\n").expect("HTTP response").1;
     let scrape = Scrape::parse(body);
     let served = scrape.names();
-    let mut queried = BTreeSet::new();
-    for q in &queries {
-        for name in metric_names(q) {
-            queried.insert(name);
-        }
-    }
     for name in &queried {
         if served.contains_key(name.as_str()) {
             continue;
@@ -462,48 +448,4 @@ async fn the_dashboard_queries_only_metrics_the_gateway_serves() {
     ] {
         assert!(queried.contains(name), "the dashboard does not show {name}");
     }
-}
-
-/// Every PromQL expression of the dashboard: panel targets' `expr` and
-/// template variables' `query` / `definition`.
-fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(map) => {
-            for (k, v) in map {
-                match (k.as_str(), v) {
-                    ("expr" | "definition", serde_json::Value::String(s)) => out.push(s.clone()),
-                    ("query", serde_json::Value::String(s)) => out.push(s.clone()),
-                    ("query", serde_json::Value::Object(q)) => {
-                        if let Some(serde_json::Value::String(s)) = q.get("query") {
-                            out.push(s.clone());
-                        }
-                    }
-                    _ => collect_queries(v, out),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_queries(i, out)),
-        _ => {}
-    }
-}
-
-/// The metric names in a PromQL expression: every identifier that starts
-/// with `gateway_` (label names and functions never do).
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let bytes = expr.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
-        if starts_word && expr[i..].starts_with("gateway_") {
-            let end = expr[i..]
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-                .map_or(expr.len(), |n| i + n);
-            names.push(expr[i..end].to_owned());
-            i = end;
-        } else {
-            i += 1;
-        }
-    }
-    names
 }
