@@ -235,29 +235,29 @@ fn serve<'a>(
             )),
         );
         // Each way out of the handshake counts one failure, once.
-        let failed = |why| listener.stats.handshake_failed(why);
+        let handshake_failed = |why| listener.stats.handshake_failed(why);
         let tls = tokio::select! {
             r = handshake => match r {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(why)) => {
-                    failed(why);
+                    handshake_failed(why);
                     return conn.record();
                 }
                 Err(_) => {
                     ticket.refused(Refusal::HandshakeTimeout);
-                    failed(HandshakeFailure::Timeout);
+                    handshake_failed(HandshakeFailure::Timeout);
                     conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
                     return conn.record();
                 }
             },
             cut = Box::pin(watch.cut()) => {
                 ticket.cut(&cut);
-                failed(failure_of(cut.refusal()));
+                handshake_failed(failure_of(cut.refusal()));
                 conn.reason = cut.to_string();
                 return conn.record();
             }
             () = close.cancelled() => {
-                failed(HandshakeFailure::Timeout);
+                handshake_failed(HandshakeFailure::Timeout);
                 conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
@@ -295,7 +295,7 @@ fn serve<'a>(
                 conn.verdict = Verdict::Deny;
                 conn.reason = refused.to_string();
                 route.stats.denied.inc();
-                failed(HandshakeFailure::Policy);
+                handshake_failed(HandshakeFailure::Policy);
                 // Reset, not close_notify: a refusal, not an orderly end.
                 offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
                 return conn.record();

@@ -81,8 +81,8 @@ pub enum HandshakeFailure {
     /// Not TLS, no acceptable ClientHello, nothing in common to speak, a
     /// malformed message, or the client went away.
     Protocol,
-    /// No route for the server name it asked for (or its route's trust
-    /// bundle is not loaded).
+    /// No route for the server name it asked for, or its route's TLS
+    /// configuration cannot be built (a trust bundle not loaded).
     NoRoute,
 }
 
