@@ -4,6 +4,7 @@
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
+    commit();
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo:rerun-if-env-changed=PATH");
     let skip =
@@ -52,4 +53,39 @@ fn which_bpf_linker() -> Option<std::path::PathBuf> {
     std::env::split_paths(&path)
         .map(|dir| dir.join("bpf-linker"))
         .find(|p| p.is_file())
+}
+
+/// `GATEWAY_COMMIT` for `gateway_build_info`: the commit being built, or
+/// "unknown" outside a git checkout (a source package, a tarball). Built
+/// again when HEAD moves.
+fn commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]);
+    // What moves HEAD: HEAD itself, the branch it names, packed refs. A
+    // path that does not exist would make cargo run this every build.
+    let branch = git(&["symbolic-ref", "-q", "HEAD"]);
+    for name in ["HEAD", "packed-refs"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(branch)
+    {
+        if let Some(path) = git(&["rev-parse", "--path-format=absolute", "--git-path", &name])
+            && std::path::Path::new(&path).exists()
+        {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    println!(
+        "cargo:rustc-env=GATEWAY_COMMIT={}",
+        commit.as_deref().unwrap_or("unknown")
+    );
 }

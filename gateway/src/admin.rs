@@ -96,7 +96,7 @@ async fn route(routes: &Routes, peer: SocketAddr, req: Request<Incoming>) -> Rep
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
-            "text/plain; version=0.0.4",
+            crate::metrics::CONTENT_TYPE,
             (routes.metrics)(),
         ),
         (_, "/metrics") => not_allowed("GET"),

@@ -428,83 +428,67 @@ impl Guard {
     }
 
     /// The guard's series for `GET /metrics`.
-    pub fn render_metrics(&self, out: &mut String) {
-        use crate::metrics::counter;
+    pub fn render_metrics(&self, out: &mut crate::metrics::Exposition<'_>) -> std::fmt::Result {
+        use crate::metrics::NO_LABELS;
         let load = |n: &AtomicU64| n.load(Ordering::Relaxed);
         match self.counters() {
-            Ok(c) => counter(
-                out,
+            Ok(c) => out.counter(
                 "gateway_guard_connects_total",
                 "Connects, datagrams and raw packets to protected backends seen by the eBPF guard.",
-                &[
-                    ("verdict=\"allow\"".into(), c.allowed),
-                    ("verdict=\"deny\"".into(), c.refused),
-                    ("verdict=\"audit\"".into(), c.audited),
+                [
+                    ([("verdict", "allow")], c.allowed),
+                    ([("verdict", "deny")], c.refused),
+                    ([("verdict", "audit")], c.audited),
                 ],
-            ),
+            )?,
             Err(e) => tracing::warn!(error = %e, "reading guard counters"),
         }
-        counter(
-            out,
+        out.counter(
             "gateway_guard_cgroup_intruders_total",
             "Processes seen in the gateway's cgroup besides the gateway (their connects pass as the gateway's).",
-            &[(String::new(), load(&self.stats.intruders))],
-        );
+            [(NO_LABELS, load(&self.stats.intruders))],
+        )?;
         match lock(&self.running).local.untallied() {
-            Ok(n) => counter(
-                out,
+            Ok(n) => out.counter(
                 "gateway_guard_untallied_attempts_total",
                 "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
-                &[(String::new(), n)],
-            ),
+                [(NO_LABELS, n)],
+            )?,
             Err(e) => tracing::warn!(error = %e, "reading the untallied count"),
         }
-        counter(
-            out,
+        out.counter(
             "gateway_guard_repairs_total",
             "Guard programs found detached and attached again, and link pins found removed and put back.",
-            &[(String::new(), load(&self.stats.repairs))],
-        );
-        counter(
-            out,
+            [(NO_LABELS, load(&self.stats.repairs))],
+        )?;
+        out.counter(
             "gateway_guard_check_failures_total",
             "Looks at the guard's attachments that could not be made (each is logged; the next look tries again).",
-            &[(String::new(), load(&self.stats.check_failures))],
-        );
-        counter(
-            out,
+            [(NO_LABELS, load(&self.stats.check_failures))],
+        )?;
+        let watch = &self.stats.address_watch_failures;
+        out.counter(
             "gateway_guard_address_watch_failures_total",
             "Times following this host's addresses failed: the notifications (the guard then reads them every 5s), reading them, or putting them into the maps (then the maps keep the old ones).",
-            &[
-                (
-                    "stage=\"notify\"".into(),
-                    load(&self.stats.address_watch_failures.notify),
-                ),
-                (
-                    "stage=\"read\"".into(),
-                    load(&self.stats.address_watch_failures.read),
-                ),
-                (
-                    "stage=\"apply\"".into(),
-                    load(&self.stats.address_watch_failures.apply),
-                ),
+            [
+                ([("stage", "notify")], load(&watch.notify)),
+                ([("stage", "read")], load(&watch.read)),
+                ([("stage", "apply")], load(&watch.apply)),
             ],
-        );
-        counter(
-            out,
+        )?;
+        out.counter(
             "gateway_guard_resolved_addresses_total",
             "Addresses a hostname backend resolved to at connect time that the guard protected first.",
-            &[(String::new(), load(&self.stats.resolved))],
-        );
-        counter(
-            out,
+            [(NO_LABELS, load(&self.stats.resolved))],
+        )?;
+        out.counter(
             "gateway_guard_older_connections_total",
             "Connections to protected backends from outside the gateway's cgroup that were opened before the rule covering them, by what the guard did.",
-            &[
-                ("action=\"closed\"".into(), load(&self.stats.older_closed)),
-                ("action=\"kept\"".into(), load(&self.stats.older_kept)),
+            [
+                ([("action", "closed")], load(&self.stats.older_closed)),
+                ([("action", "kept")], load(&self.stats.older_kept)),
             ],
-        );
+        )
     }
 }
 

@@ -14,8 +14,6 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use std::sync::atomic::Ordering;
-
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
@@ -24,11 +22,12 @@ use crate::config::Mode;
 use crate::descriptors::{self, Reserve};
 use crate::forward;
 use crate::hello;
-use crate::metrics::Metrics;
+use crate::metrics::{HandshakeFailure, Metrics};
 use crate::offload::{self, Fallback, Framed, KernelSupport, Offload, records, splice};
 use crate::policy;
 use crate::registry::{Generation, Live, Registry};
 use crate::state::{ListenerState, Route};
+use crate::tls::CertProblem;
 use crate::upstream::{BackendTls, Upstream, UpstreamError};
 
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
@@ -235,22 +234,30 @@ fn serve<'a>(
                 ticket,
             )),
         );
+        // Each way out of the handshake counts one failure, once.
+        let handshake_failed = |why| listener.stats.handshake_failed(why);
         let tls = tokio::select! {
             r = handshake => match r {
-                Ok(Some(tls)) => tls,
-                Ok(None) => return conn.record(),
+                Ok(Ok(tls)) => tls,
+                Ok(Err(why)) => {
+                    handshake_failed(why);
+                    return conn.record();
+                }
                 Err(_) => {
                     ticket.refused(Refusal::HandshakeTimeout);
+                    handshake_failed(HandshakeFailure::Timeout);
                     conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
                     return conn.record();
                 }
             },
             cut = Box::pin(watch.cut()) => {
                 ticket.cut(&cut);
+                handshake_failed(failure_of(cut.refusal()));
                 conn.reason = cut.to_string();
                 return conn.record();
             }
             () = close.cancelled() => {
+                handshake_failed(HandshakeFailure::Timeout);
                 conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
@@ -287,12 +294,17 @@ fn serve<'a>(
                     reason = %refused, "connection refused");
                 conn.verdict = Verdict::Deny;
                 conn.reason = refused.to_string();
-                route.stats.denied.fetch_add(1, Ordering::Relaxed);
+                route.stats.denied.inc();
+                handshake_failed(HandshakeFailure::Policy);
                 // Reset, not close_notify: a refusal, not an orderly end.
                 offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
                 return conn.record();
             }
         };
+        listener
+            .stats
+            .handshake
+            .observe(conn.started.elapsed().as_secs_f64());
         // The route as the current state has it (a reload during the
         // handshake may have changed its mode or backends): connect with it.
         conn.mode = Some(route.mode().as_str());
@@ -320,6 +332,7 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        let connecting = Instant::now();
         let connected = tokio::select! {
             r = Box::pin(route.backends.connect(
                 listener.connect_attempts,
@@ -334,6 +347,10 @@ fn serve<'a>(
         };
         let (backend, addr) = match connected {
             Ok((backend, addr, failed)) => {
+                route
+                    .stats
+                    .connect
+                    .observe(connecting.elapsed().as_secs_f64());
                 for f in &failed {
                     shared
                         .metrics
@@ -381,6 +398,9 @@ fn serve<'a>(
         .await;
         conn.client_to_backend = transfer.client_to_backend;
         conn.backend_to_client = transfer.backend_to_client;
+        route
+            .stats
+            .moved(transfer.client_to_backend, transfer.backend_to_client);
         if transfer.end != forward::End::Completed {
             // The policy verdict stays "allow"; append how it ended.
             conn.reason = format!("{}; {}", conn.reason, transfer.end);
@@ -650,14 +670,15 @@ async fn into_records(
 }
 
 /// Reads the ClientHello, picks the route and runs the handshake with that
-/// route's policy in the verifier. `None` means refused; `conn` says why.
+/// route's policy in the verifier. Err says what kind of failure it was;
+/// `conn` says why.
 async fn handshake(
     listener: &ListenerState,
     stream: TcpStream,
     conn: &mut Conn,
     metrics: &Metrics,
     ticket: &Ticket,
-) -> Option<(Arc<Route>, Box<ClientTls>)> {
+) -> Result<(Arc<Route>, Box<ClientTls>), HandshakeFailure> {
     // The record framing is followed from the first byte: after the
     // handshake the kernel or our record layer takes over the stream at a
     // record boundary, and bytes the Acceptor reads past the ClientHello
@@ -668,7 +689,7 @@ async fn handshake(
         Err(refused) => {
             ticket.refused(refused.refusal);
             conn.reason = refused.reason;
-            return None;
+            return Err(failure_of(refused.refusal));
         }
     };
     ticket.hello_read();
@@ -685,7 +706,7 @@ async fn handshake(
             Some(s) => format!("no route for server name {s:?} and no default route"),
             None => "client sent no server name and there is no default route".into(),
         };
-        return None;
+        return Err(HandshakeFailure::NoRoute);
     };
     conn.route = Some(route.name.clone());
     conn.mode = Some(route.mode().as_str());
@@ -704,8 +725,8 @@ async fn handshake(
             %reason, "connection refused before the handshake");
         conn.verdict = Verdict::Deny;
         conn.reason = reason.to_string();
-        route.stats.denied.fetch_add(1, Ordering::Relaxed);
-        return None;
+        route.stats.denied.inc();
+        return Err(HandshakeFailure::Policy);
     }
     let (config, decision) = match listener
         .tls
@@ -723,7 +744,8 @@ async fn handshake(
                 },
             );
             conn.reason = format!("TLS config: {e}");
-            return None;
+            // The route cannot be served as configured.
+            return Err(HandshakeFailure::NoRoute);
         }
     };
     let result = StartHandshake::from_parts(accepted, stream)
@@ -732,7 +754,7 @@ async fn handshake(
     let decision = decision.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let failed = result.as_ref().err().map(handshake_refusal);
     let tls = judge(&route, result, decision, conn);
-    if let (None, Some(refusal)) = (&tls, failed)
+    if let (Err(_), Some(refusal)) = (&tls, failed)
         && conn.verdict == Verdict::Error
     {
         // Failed before any verdict (a refused client is counted on its
@@ -749,18 +771,19 @@ async fn handshake(
     conn.cipher_suite = session
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()));
-    Some((route, Box::new(tls)))
+    Ok((route, Box::new(tls)))
 }
 
 /// Turns what the verifier decided and how the handshake ended into the
 /// access log's verdict and reason, and counts it on the route. Gives back
-/// the connection only when it may go on.
+/// the connection only when it may go on; Err says what kind of failure
+/// it was.
 fn judge<T>(
     route: &Route,
     result: std::io::Result<T>,
     decision: crate::tls::Decision,
     conn: &mut Conn,
-) -> Option<T> {
+) -> Result<T, HandshakeFailure> {
     conn.identity = decision.identity.as_ref().map(|i| i.names());
     conn.identity_value = decision.identity.map(Box::new);
     conn.verified = decision.verified.map(Box::new);
@@ -768,51 +791,95 @@ fn judge<T>(
     // when that is what ended the handshake, not for a handshake that
     // failed before a certificate was asked for.
     let verifier_saw_nothing = decision.refused.is_none() && decision.verdict.is_none();
-    // Why the client would be (or was) refused, if it would be.
+    // Why the client would be (or was) refused, if it would be, and what
+    // kind of refusal that is.
     let objection = match (decision.refused, decision.verdict) {
-        (Some(refused), _) => Some(refused),
-        (None, Some(policy::Verdict::Deny(reason))) => Some(reason.to_string()),
+        (Some(refused), _) => Some((
+            refused,
+            match decision.problem {
+                Some(CertProblem::UnknownCa) => HandshakeFailure::UnknownCa,
+                Some(CertProblem::Expired) => HandshakeFailure::Expired,
+                Some(CertProblem::Revoked) => HandshakeFailure::Revoked,
+                Some(CertProblem::Bad) | None => HandshakeFailure::BadCertificate,
+            },
+        )),
+        (None, Some(policy::Verdict::Deny(reason))) => {
+            Some((reason.to_string(), HandshakeFailure::Policy))
+        }
         (None, Some(policy::Verdict::Allow { matched })) => {
             conn.reason = format!("allowed by {matched}");
             None
         }
         // No certificate reached the verifier.
-        (None, None) => Some("client presented no certificate".to_owned()),
+        (None, None) => Some((
+            "client presented no certificate".to_owned(),
+            HandshakeFailure::NoCertificate,
+        )),
     };
     match (&result, objection) {
         (Ok(_), None) => {
             conn.verdict = Verdict::Allow;
-            route.stats.allowed.fetch_add(1, Ordering::Relaxed);
+            route.stats.allowed.inc();
         }
-        (Ok(_), Some(why)) if route.mode() == Mode::Audit => {
+        (Ok(_), Some((why, _))) if route.mode() == Mode::Audit => {
             conn.verdict = Verdict::Audit;
             conn.reason = format!("would deny: {why}");
-            route.stats.audited.fetch_add(1, Ordering::Relaxed);
+            route.stats.audited.inc();
             tracing::warn!(route = %route.name, client = %conn.client, reason = %why,
                 "audit: would deny, letting through");
         }
-        (Ok(_), Some(why)) => {
+        (Ok(_), Some((why, kind))) => {
             // An enforcing verifier never lets this happen; if it does, the
             // handshake's success is not a verdict: refuse rather than guess.
             tracing::error!(route = %route.name, client = %conn.client, reason = %why,
                 "handshake completed on an enforcing route although the client was refused: closing");
             conn.verdict = Verdict::Deny;
             conn.reason = format!("refused after handshake: {why}");
-            route.stats.denied.fetch_add(1, Ordering::Relaxed);
-            return None;
+            route.stats.denied.inc();
+            return Err(kind);
         }
         (Err(e), objection) => {
             let is_refusal = decision_was_refusal(e, objection.is_some() && !verifier_saw_nothing);
-            if let (true, Some(why)) = (is_refusal, objection) {
-                conn.verdict = Verdict::Deny;
-                conn.reason = why;
-                route.stats.denied.fetch_add(1, Ordering::Relaxed);
-            } else {
-                conn.reason = format!("handshake failed: {e}");
-            }
+            return Err(match (is_refusal, objection) {
+                (true, Some((why, kind))) => {
+                    conn.verdict = Verdict::Deny;
+                    conn.reason = why;
+                    route.stats.denied.inc();
+                    kind
+                }
+                _ => {
+                    conn.reason = format!("handshake failed: {e}");
+                    failure_of(handshake_refusal(e))
+                }
+            });
         }
     }
-    result.ok()
+    result.map_err(|_| HandshakeFailure::Protocol)
+}
+
+/// The handshake failure a refusal admission counted is.
+fn failure_of(refusal: Refusal) -> HandshakeFailure {
+    match refusal {
+        Refusal::Evicted | Refusal::HandshakeTooSlow | Refusal::HandshakeTimeout => {
+            HandshakeFailure::Timeout
+        }
+        Refusal::NoRoute => HandshakeFailure::NoRoute,
+        Refusal::ClientClosed
+        | Refusal::BadRecord
+        | Refusal::BadClientHello
+        | Refusal::ClientHelloTooLarge
+        | Refusal::Incompatible
+        | Refusal::HandshakeFailed => HandshakeFailure::Protocol,
+        // Refused at accept, before any handshake: never asked here.
+        Refusal::MaxConnections
+        | Refusal::MaxHandshakesInFlight
+        | Refusal::Blocked
+        | Refusal::SourceRate
+        | Refusal::SourceHandshakes
+        | Refusal::PrefixRate
+        | Refusal::PrefixHandshakes
+        | Refusal::OutOfDescriptors => HandshakeFailure::Protocol,
+    }
 }
 
 /// What a handshake that failed after its ClientHello is counted as.
@@ -863,7 +930,7 @@ mod tests {
     /// the close is seen first.
     #[tokio::test]
     async fn a_transfer_closed_before_it_starts_moves_nothing() {
-        use std::sync::atomic::{AtomicU64, AtomicUsize};
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
         for round in 0..64 {
             let close = CancellationToken::new();
             close.cancel();
@@ -897,23 +964,31 @@ mod tests {
     #[test]
     fn an_objection_after_a_completed_handshake_refuses_in_enforce() {
         let objections = [
-            Decision {
-                refused: Some("client certificate refused: test".into()),
-                ..Decision::default()
-            },
-            Decision {
-                verdict: Some(crate::policy::Verdict::Deny(DenyReason::NoAllowRules)),
-                ..Decision::default()
-            },
+            (
+                Decision {
+                    refused: Some("client certificate refused: test".into()),
+                    problem: Some(CertProblem::Revoked),
+                    ..Decision::default()
+                },
+                HandshakeFailure::Revoked,
+            ),
+            (
+                Decision {
+                    verdict: Some(crate::policy::Verdict::Deny(DenyReason::NoAllowRules)),
+                    ..Decision::default()
+                },
+                HandshakeFailure::Policy,
+            ),
             // No certificate reached the verifier at all.
-            Decision::default(),
+            (Decision::default(), HandshakeFailure::NoCertificate),
         ];
-        for decision in objections {
+        for (decision, kind) in objections {
             let enforce = crate::testing::route(Mode::Enforce, Policy::default());
             let mut c = conn();
             let admitted = judge(&enforce, Ok("stream"), decision.clone(), &mut c);
             assert_eq!(
-                admitted, None,
+                admitted,
+                Err(kind),
                 "{decision:?} must not pass an enforcing route"
             );
             assert_eq!(c.verdict, Verdict::Deny);
@@ -922,14 +997,11 @@ mod tests {
                 "{}",
                 c.reason
             );
-            assert_eq!(enforce.stats.denied.load(Ordering::Relaxed), 1);
+            assert_eq!(enforce.stats.denied.get(), 1);
 
             let audit = crate::testing::route(Mode::Audit, Policy::default());
             let mut c = conn();
-            assert_eq!(
-                judge(&audit, Ok("stream"), decision, &mut c),
-                Some("stream")
-            );
+            assert_eq!(judge(&audit, Ok("stream"), decision, &mut c), Ok("stream"));
             assert_eq!(c.verdict, Verdict::Audit);
         }
     }

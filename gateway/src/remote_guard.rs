@@ -229,12 +229,15 @@ pub fn parse(text: &str, path: &Path) -> Result<GuardFile, RemoteGuardError> {
     })
 }
 
-/// The guard's counters in the Prometheus text format.
-fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
-    use crate::metrics::counter;
+/// The guard's counters for `GET /metrics`.
+fn render(
+    guard: &Mutex<RemoteGuard>,
+    stats: &RunStats,
+    out: &mut crate::metrics::Exposition<'_>,
+) -> std::fmt::Result {
+    use crate::metrics::NO_LABELS;
     use std::sync::atomic::Ordering::Relaxed;
     let guard = lock(guard);
-    let mut out = String::new();
     match guard.counters() {
         Ok(c) => {
             let layers = [("tc", c.tc), ("socket", c.socket)];
@@ -245,106 +248,86 @@ fn render(guard: &Mutex<RemoteGuard>, stats: &RunStats) -> String {
                     ("drop", l.dropped),
                     ("audit", l.audited),
                 ] {
-                    packets.push((format!("layer=\"{layer}\",verdict=\"{verdict}\""), n));
+                    packets.push(([("layer", layer), ("verdict", verdict)], n));
                 }
             }
-            counter(
-                &mut out,
+            out.counter(
                 "gateway_guard_ingress_packets_total",
                 "Packets to protected ports (and unparsable ones) seen by the remote guard, by layer and verdict.",
-                &packets,
-            );
-            counter(
-                &mut out,
+                packets,
+            )?;
+            out.counter(
                 "gateway_guard_unparsable_packets_total",
                 "Packets whose ports could not be read, judged as if protected, by layer.",
-                &layers.map(|(layer, l)| (format!("layer=\"{layer}\""), l.unparsable)),
-            );
+                layers.map(|(layer, l)| ([("layer", layer)], l.unparsable)),
+            )?;
         }
         Err(e) => tracing::warn!(error = %e, "guard: reading counters"),
     }
     match guard.drops_per_rule() {
-        Ok(rules) => counter(
-            &mut out,
+        Ok(rules) => out.counter(
             "gateway_guard_rule_drops_total",
             "Dropped (or, in audit, passed) bypass packets per protected port rule.",
-            &rules
+            rules
                 .iter()
-                .map(|(rule, n)| (format!("rule=\"{rule}\""), *n))
-                .collect::<Vec<_>>(),
-        ),
+                .map(|(rule, n)| ([("rule", rule.to_string())], *n)),
+        )?,
         Err(e) => tracing::warn!(error = %e, "guard: reading rule counters"),
     }
     let programs = guard.program_stats();
-    counter(
-        &mut out,
+    out.counter(
         "gateway_guard_program_runs_total",
         "Runs of each layer's program (counted while kernel.bpf_stats_enabled is on).",
-        &programs
+        programs
             .iter()
-            .map(|(program, runs, _)| (format!("program=\"{program}\""), *runs))
-            .collect::<Vec<_>>(),
-    );
-    counter(
-        &mut out,
+            .map(|(program, runs, _)| ([("program", *program)], *runs)),
+    )?;
+    out.counter(
         "gateway_guard_program_run_nanoseconds_total",
         "Time in each layer's program (counted while kernel.bpf_stats_enabled is on).",
-        &programs
-            .iter()
-            .map(|(program, _, time)| {
-                (
-                    format!("program=\"{program}\""),
-                    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX),
-                )
-            })
-            .collect::<Vec<_>>(),
-    );
-    counter(
-        &mut out,
+        programs.iter().map(|(program, _, time)| {
+            (
+                [("program", *program)],
+                u64::try_from(time.as_nanos()).unwrap_or(u64::MAX),
+            )
+        }),
+    )?;
+    out.counter(
         "gateway_guard_reloads_total",
         "Reloads of guard.toml by result.",
-        &[
-            ("result=\"ok\"".into(), stats.reloads_ok.load(Relaxed)),
-            (
-                "result=\"failed\"".into(),
-                stats.reloads_failed.load(Relaxed),
-            ),
+        [
+            ([("result", "ok")], stats.reloads_ok.load(Relaxed)),
+            ([("result", "failed")], stats.reloads_failed.load(Relaxed)),
         ],
-    );
-    counter(
-        &mut out,
+    )?;
+    out.counter(
         "gateway_guard_interfaces_reattached_total",
         "Protected interfaces attached again after they were deleted and created.",
-        &[(String::new(), stats.reattached.load(Relaxed))],
-    );
+        [(NO_LABELS, stats.reattached.load(Relaxed))],
+    )?;
     match guard.untallied() {
-        Ok(n) => counter(
-            &mut out,
+        Ok(n) => out.counter(
             "gateway_guard_untallied_attempts_total",
             "Bypass attempts whose source found the per-source tallies full (counted, in no summary).",
-            &[(String::new(), n)],
-        ),
+            [(NO_LABELS, n)],
+        )?,
         Err(e) => tracing::warn!(error = %e, "guard: reading the untallied count"),
     }
-    counter(
-        &mut out,
+    out.counter(
         "gateway_guard_repairs_total",
         "Layers found detached and attached again, and link pins found removed and put back.",
-        &[(String::new(), stats.repairs.load(Relaxed))],
-    );
-    counter(
-        &mut out,
+        [(NO_LABELS, stats.repairs.load(Relaxed))],
+    )?;
+    out.counter(
         "gateway_guard_reconcile_failures_total",
         "Looks at the interfaces and attachments that failed (each is logged; the next look tries again).",
-        &[(String::new(), stats.reconcile_failures.load(Relaxed))],
-    );
-    counter(
-        &mut out,
+        [(NO_LABELS, stats.reconcile_failures.load(Relaxed))],
+    )?;
+    out.counter(
         "gateway_guard_bypass_sources_total",
         "Bypass sources (per source, port and summary period) the guard tallied.",
-        &[(String::new(), stats.sources.load(Relaxed))],
-    );
-    out
+        [(NO_LABELS, stats.sources.load(Relaxed))],
+    )
 }
 
 /// What the runner itself counts, for the metrics.
@@ -530,7 +513,10 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         tokio::spawn(crate::admin::serve(
             socket,
             crate::admin::Routes {
-                metrics: Box::new(move || render(&guard, &stats)),
+                metrics: Box::new(move || {
+                    let (guard, stats) = (guard.clone(), stats.clone());
+                    crate::metrics::render_with(move |out| render(&guard, &stats, out))
+                }),
                 admission: None,
                 clients: Vec::new(),
             },

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, ListenerConfig, Mode, RouteConfig};
-use crate::metrics::{Metrics, RouteStats};
+use crate::metrics::{ListenerStats, Metrics, RouteStats};
 use crate::policy::{Policy, TimeWindow};
 use crate::tls::{BundleFiles, ListenerTls, RouteAuth, TlsError};
 use crate::upstream::Backends;
@@ -62,6 +62,8 @@ pub struct ListenerState {
     /// The listener certificate's signature and key algorithms, as a PROXY
     /// v2 header reports them (HAProxy's `cert-sig`, `cert-key`).
     pub cert_algorithms: (Option<String>, Option<String>),
+    /// Shared with the metrics, so counts survive reloads.
+    pub stats: Arc<ListenerStats>,
 }
 
 #[derive(Debug)]
@@ -291,6 +293,7 @@ impl ListenerState {
             offload: l.offload,
             rx_expect_no_pad: l.rx_expect_no_pad,
             cert_algorithms,
+            stats: metrics.listener(&l.name),
         })
     }
 

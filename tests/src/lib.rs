@@ -13,6 +13,7 @@ use std::time::Duration;
 pub mod attack;
 pub mod bpf;
 pub mod cost;
+pub mod dashboard;
 pub mod netns;
 pub mod packet;
 pub mod process;
@@ -634,16 +635,15 @@ impl RunningGateway {
 
     /// A route's counters: (allowed, denied, audited).
     pub fn stats(&self, route: &str) -> (u64, u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
         let r = self
             .routes
             .iter()
             .find(|r| r.name == route)
             .expect("route exists");
         (
-            r.stats.allowed.load(Relaxed),
-            r.stats.denied.load(Relaxed),
-            r.stats.audited.load(Relaxed),
+            r.stats.allowed.get(),
+            r.stats.denied.get(),
+            r.stats.audited.get(),
         )
     }
 

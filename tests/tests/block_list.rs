@@ -183,6 +183,16 @@ fn a_blocked_source_is_dropped_in_the_kernel_before_any_socket() {
     assert_eq!(t.connect(CLIENT_V6, listener_v6()), Connect::Dropped);
     // Dropped in the kernel: the gateway never accepted them.
     assert!(t.metric("gateway_block_list_drops_total{reason=\"manual\"}") >= 2);
+    // The dashboard's block list panel queries what the XDP list serves.
+    let metrics = metrics_in(&t);
+    for name in gateway_tests::dashboard::metric_names() {
+        if name.starts_with("gateway_block_list_") {
+            assert!(
+                metrics.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+                "the dashboard queries {name}, not served: {metrics}"
+            );
+        }
+    }
     assert_eq!(
         t.metric("gateway_connections_refused_total{listener=\"edge\",reason=\"blocked\"}"),
         0

@@ -175,6 +175,18 @@ async fn backends_are_reachable_only_through_the_gateway() {
         metrics.contains("gateway_guard_connects_total{verdict=\"audit\"} 1"),
         "{metrics}"
     );
+    // The dashboard's guard panels query what a gateway with a guard serves.
+    for name in gateway_tests::dashboard::metric_names() {
+        if name.starts_with("gateway_guard_") {
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{name}{{"))
+                        || l.starts_with(&format!("{name} "))),
+                "the dashboard queries {name}, not served: {metrics}"
+            );
+        }
+    }
     drop(gw);
 
     // Fail closed: enforcement that cannot be installed means no gateway.

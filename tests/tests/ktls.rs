@@ -87,6 +87,13 @@ async fn auto_offload_says_which_path_and_why() {
     }
     assert_eq!(record.client_to_backend_bytes, MIB as u64);
     assert_eq!(record.backend_to_client_bytes, MIB as u64);
+    // The metric counts what the access log does, on whichever path.
+    for direction in ["client_to_backend", "backend_to_client"] {
+        let line = format!(
+            "gateway_bytes_total{{listener=\"edge\",route=\"orders\",direction=\"{direction}\"}} {MIB}"
+        );
+        assert!(metrics.lines().any(|l| l == line), "no {line} in {metrics}");
+    }
 }
 
 #[tokio::test]

@@ -22,6 +22,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // docs/rollout.md's commands, which tests/tests/rollout.rs runs.
     "jq",
     "curl",
+    // Prometheus' Python client parses the gateway's /metrics in
+    // tests/tests/metrics.rs; it is installed from PyPI into a venv.
+    "python3",
+    "python3-venv",
 ];
 
 /// The LLVM major version of the nightly toolchain; bpf-linker must be built
@@ -33,6 +37,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     cargo_fuzz()?;
     debian_packages(DEBIAN_PACKAGES)?;
+    prometheus_parser()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -125,6 +130,29 @@ fn cargo_fuzz() -> anyhow::Result<()> {
         return Ok(());
     }
     cmd::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
+
+/// Prometheus' own Python client (`prometheus_client.parser`), the oracle
+/// tests/tests/metrics.rs parses a scrape with: in a venv of its own under
+/// the tool home, since Debian's Python refuses `pip install` outside one.
+fn prometheus_parser() -> anyhow::Result<()> {
+    let venv = tool_home().join("python");
+    let python = venv.join("bin/python3");
+    let present =
+        || cmd::succeeds(Command::new(&python).args(["-c", "import prometheus_client.parser"]));
+    if present() {
+        eprintln!("xtask: Prometheus' Python client: present");
+        return Ok(());
+    }
+    cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    cmd::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "prometheus-client"]))?;
+    if !present() {
+        bail!(
+            "prometheus-client was installed into {} but does not import",
+            venv.display()
+        );
+    }
+    Ok(())
 }
 
 fn find_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {

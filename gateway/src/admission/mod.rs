@@ -35,7 +35,6 @@ mod refusals;
 mod sources;
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +47,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AdmissionSettings;
-use crate::metrics::{Metrics, counter};
+use crate::metrics::{Exposition, Metrics, counter};
 use crate::state::ListenerState;
 
 pub use block::{Added, BlockReason, Blocked};
@@ -495,7 +494,7 @@ impl Admission {
     }
 
     /// The admission series for `GET /metrics`.
-    pub fn render_metrics(&self, out: &mut String) {
+    pub fn render_metrics(&self, out: &mut Exposition<'_>) -> std::fmt::Result {
         let pools: Vec<Arc<Pool>> = self
             .pools
             .lock()
@@ -503,19 +502,13 @@ impl Admission {
             .values()
             .cloned()
             .collect();
-        let _ = writeln!(
-            out,
-            "# HELP gateway_handshakes_in_flight Connections in their handshake (unauthenticated) right now, per listener."
-        );
-        let _ = writeln!(out, "# TYPE gateway_handshakes_in_flight gauge");
-        for p in &pools {
-            let _ = writeln!(
-                out,
-                "gateway_handshakes_in_flight{{listener=\"{}\"}} {}",
-                crate::metrics::escape(p.listener()),
-                p.handshakes()
-            );
-        }
+        out.gauge(
+            "gateway_handshakes_in_flight",
+            "Connections in their handshake (unauthenticated) right now, per listener.",
+            pools
+                .iter()
+                .map(|p| ([("listener", p.listener())], p.handshakes())),
+        )?;
         let (blocked, tracked, forgotten, displaced) = {
             let t = self.tables();
             let mut by_reason = [0u64; 2];
@@ -533,106 +526,92 @@ impl Admission {
                 t.blocked.displaced,
             )
         };
-        let _ = writeln!(
-            out,
-            "# HELP gateway_blocked_sources Entries on the block list right now, by why."
-        );
-        let _ = writeln!(out, "# TYPE gateway_blocked_sources gauge");
-        for (reason, n) in [("strikes", blocked[0]), ("manual", blocked[1])] {
-            let _ = writeln!(out, "gateway_blocked_sources{{reason=\"{reason}\"}} {n}");
-        }
+        out.gauge(
+            "gateway_blocked_sources",
+            "Entries on the block list right now, by why.",
+            [
+                ([("reason", "strikes")], blocked[0]),
+                ([("reason", "manual")], blocked[1]),
+            ],
+        )?;
         counter(
             out,
             "gateway_blocks_total",
             "Sources put on the block list, by why (strikes: failed handshakes and refusals for exceeding a limit; manual: gateway block add).",
-            &[
+            [
                 (
-                    "reason=\"strikes\"".into(),
+                    [("reason", "strikes")],
                     self.blocks[0].load(Ordering::Relaxed),
                 ),
                 (
-                    "reason=\"manual\"".into(),
+                    [("reason", "manual")],
                     self.blocks[1].load(Ordering::Relaxed),
                 ),
             ],
-        );
-        let _ = writeln!(
-            out,
-            "# HELP gateway_admission_tracked Sources and prefixes whose handshakes admission tracks right now (at most admission.max_tracked each)."
-        );
-        let _ = writeln!(out, "# TYPE gateway_admission_tracked gauge");
-        let _ = writeln!(
-            out,
-            "gateway_admission_tracked{{table=\"sources\"}} {}",
-            tracked[0]
-        );
-        let _ = writeln!(
-            out,
-            "gateway_admission_tracked{{table=\"prefixes\"}} {}",
-            tracked[1]
-        );
+        )?;
+        out.gauge(
+            "gateway_admission_tracked",
+            "Sources and prefixes whose handshakes admission tracks right now (at most admission.max_tracked each).",
+            [
+                ([("table", "sources")], tracked[0]),
+                ([("table", "prefixes")], tracked[1]),
+            ],
+        )?;
         counter(
             out,
             "gateway_admission_forgotten_total",
             "Entries forgotten to stay within their bounds: the least recently seen sources and prefixes, the block entries expiring first.",
-            &[
-                ("table=\"sources\"".into(), forgotten[0]),
-                ("table=\"prefixes\"".into(), forgotten[1]),
-                ("table=\"blocked\"".into(), displaced),
+            [
+                ([("table", "sources")], forgotten[0]),
+                ([("table", "prefixes")], forgotten[1]),
+                ([("table", "blocked")], displaced),
             ],
-        );
+        )?;
         let kernel = self.kernel();
         let KernelInterfaces { attached, failed } = kernel.interfaces();
-        let _ = writeln!(
-            out,
-            "# HELP gateway_block_list_interfaces Interfaces the kernel block list (XDP) is attached to (1), or failed to attach to (0), and how."
-        );
-        let _ = writeln!(out, "# TYPE gateway_block_list_interfaces gauge");
-        for (name, mode) in &attached {
-            let _ = writeln!(
-                out,
-                "gateway_block_list_interfaces{{interface=\"{}\",mode=\"{}\"}} 1",
-                crate::metrics::escape(name),
-                mode
-            );
-        }
-        for (name, _) in &failed {
-            let _ = writeln!(
-                out,
-                "gateway_block_list_interfaces{{interface=\"{}\",mode=\"none\"}} 0",
-                crate::metrics::escape(name)
-            );
-        }
+        out.gauge(
+            "gateway_block_list_interfaces",
+            "Interfaces the kernel block list (XDP) is attached to (1), or failed to attach to (0), and how.",
+            attached
+                .iter()
+                .map(|(name, mode)| ([("interface", name.as_str()), ("mode", *mode)], 1))
+                .chain(
+                    failed
+                        .iter()
+                        .map(|(name, _)| ([("interface", name.as_str()), ("mode", "none")], 0)),
+                ),
+        )?;
         counter(
             out,
             "gateway_block_list_errors_total",
             "Kernel block list failures (it fails open: the check at accept still applies): loading or attaching, and map writes.",
-            &[
-                ("op=\"attach\"".into(), kernel.attach_failures),
-                ("op=\"write\"".into(), kernel.write_failures),
+            [
+                ([("op", "attach")], kernel.attach_failures),
+                ([("op", "write")], kernel.write_failures),
             ],
-        );
+        )?;
         if let Some(c) = kernel.counters() {
             counter(
                 out,
                 "gateway_block_list_drops_total",
                 "New connections (TCP SYNs) from blocked sources dropped by the kernel block list (XDP), by why the source is blocked.",
-                &[
-                    ("reason=\"strikes\"".into(), c.dropped_strikes),
-                    ("reason=\"manual\"".into(), c.dropped_manual),
+                [
+                    ([("reason", "strikes")], c.dropped_strikes),
+                    ([("reason", "manual")], c.dropped_manual),
                 ],
-            );
+            )?;
             counter(
                 out,
                 "gateway_block_list_packets_total",
                 "Packets the kernel block list looked at past the drops: new connections to a listener's port judged, passed from an expired entry, passed unparsed (fail open).",
-                &[
-                    ("result=\"judged\"".into(), c.judged),
-                    ("result=\"expired\"".into(), c.expired),
-                    ("result=\"unparsed\"".into(), c.unparsed),
+                [
+                    ([("result", "judged")], c.judged),
+                    ([("result", "expired")], c.expired),
+                    ([("result", "unparsed")], c.unparsed),
                 ],
-            );
+            )?;
         }
+        Ok(())
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {

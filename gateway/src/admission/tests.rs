@@ -60,8 +60,10 @@ fn failed_handshakes_block_their_source_and_only_it() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].net, "192.0.2.66/32".parse::<IpNet>().unwrap());
     assert_eq!(list[0].reason, BlockReason::Strikes);
-    let mut text = String::new();
-    admission.render_metrics(&mut text);
+    let text = {
+        let admission = admission.clone();
+        crate::metrics::render_with(move |out| admission.render_metrics(out))
+    };
     assert!(
         text.contains("gateway_blocks_total{reason=\"strikes\"} 1"),
         "{text}"
@@ -96,8 +98,14 @@ fn exceeding_a_limit_is_refused_counted_and_in_the_end_blocked() {
         Refusal::Blocked
     );
     drop(held);
-    let registry = crate::registry::Registry::default();
-    let text = metrics.render(&registry, &Default::default());
+    let text = crate::metrics::Sources {
+        metrics,
+        registry: Arc::default(),
+        reloads: Arc::default(),
+        guard: None,
+        admission: None,
+    }
+    .render();
     assert!(
         text.contains(
             "gateway_connections_refused_total{listener=\"edge\",reason=\"source_handshakes\"} 3"

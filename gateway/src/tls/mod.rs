@@ -26,7 +26,7 @@ use crate::policy::{Policy, Verdict};
 pub use bundle::{Bundle, BundleFiles};
 pub use certs::CertError;
 use verifier::ConnectionVerifier;
-pub use verifier::Decision;
+pub use verifier::{CertProblem, Decision};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

@@ -30,8 +30,46 @@ pub struct Decision {
     pub verdict: Option<Verdict>,
     /// Why the certificate itself was refused, before policy ran.
     pub refused: Option<String>,
+    /// What kind of problem that was.
+    pub problem: Option<CertProblem>,
     /// What the chain check learned (see `bundle::Verified`).
     pub verified: Option<Verified>,
+}
+
+/// What kind of problem refused a certificate: the `reason` of
+/// `gateway_handshake_failures_total` it is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertProblem {
+    /// The chain leads to none of the bundle's anchors.
+    UnknownCa,
+    /// The leaf or a CA of its path is past its notAfter.
+    Expired,
+    /// Revoked, or the revocation check could not vouch for it: no CRL
+    /// covers it where one must, or that CRL is stale and the bundle
+    /// refuses stale CRLs.
+    Revoked,
+    /// Anything else (signature, encoding, purpose, validity not begun,
+    /// names unusable as an identity, outside the CA's trust domains).
+    Bad,
+}
+
+impl CertProblem {
+    fn of(error: &Error) -> CertProblem {
+        let Error::InvalidCertificate(e) = error else {
+            return CertProblem::Bad;
+        };
+        match e {
+            CertificateError::UnknownIssuer => CertProblem::UnknownCa,
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                CertProblem::Expired
+            }
+            CertificateError::Revoked
+            | CertificateError::UnknownRevocationStatus
+            | CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => CertProblem::Revoked,
+            _ => CertProblem::Bad,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -63,7 +101,10 @@ impl ConnectionVerifier {
     }
 
     fn refuse_certificate(&self, why: String, error: Error) -> Result<ClientCertVerified, Error> {
-        self.record(|d| d.refused = Some(format!("client certificate refused: {why}")));
+        self.record(|d| {
+            d.refused = Some(format!("client certificate refused: {why}"));
+            d.problem = Some(CertProblem::of(&error));
+        });
         self.refuse(error)
     }
 }
