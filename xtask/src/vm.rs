@@ -426,26 +426,12 @@ const QEMU_PACKAGES: &[&str] = &[
 ];
 
 fn fetch_qemu() -> anyhow::Result<Qemu> {
-    let dir = vm_dir().join("qemu");
-    let apt = Apt::new(&dir, &[QEMU_SUITE])?;
-    let cached = std::fs::read_to_string(dir.join("version")).ok();
-    let version = resolved_or_cached(
+    let root = fetch_backports(
         "qemu",
-        apt.update().and_then(|()| {
-            apt.cache(&["show", "--no-all-versions", "qemu-system-x86"])?
-                .lines()
-                .find_map(|l| l.strip_prefix("Version: "))
-                .map(str::to_owned)
-                .context("apt knows no qemu-system-x86 in bookworm-backports")
-        }),
-        cached.as_deref(),
+        QEMU_PACKAGES,
+        Path::new("usr/bin/qemu-system-x86_64"),
     )?;
-    let root = dir.join("root");
     let binary = root.join("usr/bin/qemu-system-x86_64");
-    if cached.as_deref() != Some(version.as_str()) || !binary.is_file() {
-        apt.download_and_unpack(QEMU_PACKAGES, &dir.join("debs"), &root)?;
-        std::fs::write(dir.join("version"), &version)?;
-    }
     let qemu = Qemu {
         binary,
         firmware: vec![root.join("usr/share/qemu"), root.join("usr/share/seabios")],
@@ -463,37 +449,46 @@ fn fetch_qemu() -> anyhow::Result<Qemu> {
     Ok(qemu)
 }
 
+/// `packages` from bookworm-backports, unpacked under target/vm/NAME/root
+/// (again only when apt has a newer version of the first, or `binary` is
+/// missing); the root. Offline, the cached copy serves.
+fn fetch_backports(name: &str, packages: &[&str], binary: &Path) -> anyhow::Result<PathBuf> {
+    let dir = vm_dir().join(name);
+    let apt = Apt::new(&dir, &[QEMU_SUITE])?;
+    let cached = std::fs::read_to_string(dir.join("version")).ok();
+    let first = packages.first().context("no package to fetch")?;
+    let version = resolved_or_cached(
+        name,
+        apt.update().and_then(|()| {
+            apt.cache(&["show", "--no-all-versions", first])?
+                .lines()
+                .find_map(|l| l.strip_prefix("Version: "))
+                .map(str::to_owned)
+                .with_context(|| format!("apt knows no {first} in bookworm-backports"))
+        }),
+        cached.as_deref(),
+    )?;
+    let root = dir.join("root");
+    if cached.as_deref() != Some(version.as_str()) || !root.join(binary).is_file() {
+        apt.download_and_unpack(packages, &dir.join("debs"), &root)?;
+        std::fs::write(dir.join("version"), &version)?;
+    }
+    Ok(root)
+}
+
 /// `systemd-analyze` from bookworm-backports' systemd (254): Debian 12's
 /// own (252) does not know `Type=notify-reload`, so it cannot verify the
 /// shipped unit. Unpacked under target/vm/systemd with its own libraries
 /// (libsystemd-shared, libsystemd0); the rest come from the host. Returns a wrapper
 /// script that runs it, for tests/tests/systemd.rs (`SYSTEMD_ANALYZE`).
 pub fn fetch_systemd_analyze() -> anyhow::Result<PathBuf> {
-    let dir = vm_dir().join("systemd");
-    let apt = Apt::new(&dir, &[QEMU_SUITE])?;
-    let cached = std::fs::read_to_string(dir.join("version")).ok();
-    let version = resolved_or_cached(
+    let root = fetch_backports(
         "systemd",
-        apt.update().and_then(|()| {
-            apt.cache(&["show", "--no-all-versions", "systemd"])?
-                .lines()
-                .find_map(|l| l.strip_prefix("Version: "))
-                .map(str::to_owned)
-                .context("apt knows no systemd in bookworm-backports")
-        }),
-        cached.as_deref(),
+        &["systemd", "libsystemd-shared", "libsystemd0"],
+        Path::new("usr/bin/systemd-analyze"),
     )?;
-    let root = dir.join("root");
     let binary = root.join("usr/bin/systemd-analyze");
-    if cached.as_deref() != Some(version.as_str()) || !binary.is_file() {
-        apt.download_and_unpack(
-            &["systemd", "libsystemd-shared", "libsystemd0"],
-            &dir.join("debs"),
-            &root,
-        )?;
-        std::fs::write(dir.join("version"), &version)?;
-    }
-    let wrapper = dir.join("systemd-analyze");
+    let wrapper = vm_dir().join("systemd").join("systemd-analyze");
     std::fs::write(
         &wrapper,
         format!(
