@@ -194,6 +194,13 @@ impl Ctx<'_> {
         self.workdir.join("admin.sock")
     }
 
+    /// `gateway block add SOURCE` through the admin socket.
+    async fn block(&self, source: Ipv4Addr) -> anyhow::Result<()> {
+        let at = gateway::admin::client::Endpoint::Socket(self.admin_socket());
+        gateway::admin::client::add(&at, &source.to_string(), None, false).await?;
+        Ok(())
+    }
+
     fn start(&self, kind: Kind, setup: &Setup, dir: &str) -> anyhow::Result<Peer> {
         Peer::start_with(
             kind,
@@ -359,13 +366,7 @@ impl Ctx<'_> {
             &self.setup(Kind::Gateway, Some(admin), true),
             "abuse-drops",
         )?;
-        gateway::admin::client::add(
-            &gateway::admin::client::Endpoint::Socket(self.admin_socket()),
-            &blocked.to_string(),
-            None,
-            false,
-        )
-        .await?;
+        self.block(blocked).await?;
         let series = "gateway_block_list_drops_total{reason=\"manual\"}";
         let counted = metric(admin, series).await;
         let cpu = Cpu::start(&peer);
@@ -384,13 +385,7 @@ impl Ctx<'_> {
             &self.setup(Kind::Gateway, Some(admin), false),
             "abuse-drops",
         )?;
-        gateway::admin::client::add(
-            &gateway::admin::client::Endpoint::Socket(self.admin_socket()),
-            &blocked.to_string(),
-            None,
-            false,
-        )
-        .await?;
+        self.block(blocked).await?;
         let cpu = Cpu::start(&peer);
         let sent = raw_syns(blocked, peer.addr, self.plan.drop_window)?;
         out.push(DropPath {

@@ -270,9 +270,6 @@ async fn connections_lists_each_live_connection_and_its_bytes() {
     let mut a = connect(gw.app_addr, ORDERS, pki.frontend_config())
         .await
         .unwrap();
-    let mut b = connect(gw.app_addr, ORDERS, pki.frontend_config())
-        .await
-        .unwrap();
     let echo = async |tls: &mut tokio_rustls::client::TlsStream<TcpStream>, n: usize| {
         let data = payload(n);
         tls.write_all(&data).await.unwrap();
@@ -280,12 +277,14 @@ async fn connections_lists_each_live_connection_and_its_bytes() {
         tls.read_exact(&mut back).await.unwrap();
         assert_eq!(back, data);
     };
+    // a is live (its bytes came back) before b connects: a is the older.
     echo(&mut a, 1000).await;
+    let mut b = connect(gw.app_addr, ORDERS, pki.frontend_config())
+        .await
+        .unwrap();
     echo(&mut b, 10).await;
     let source_a = a.get_ref().0.local_addr().unwrap().to_string();
     let source_b = b.get_ref().0.local_addr().unwrap().to_string();
-    let listed = client::connections(&tcp).await.unwrap();
-    assert_eq!((listed.total, listed.left_off), (2, 0), "{listed:?}");
     let find = |list: &gateway::admin::Connections, source: &str| {
         list.connections
             .iter()
@@ -293,6 +292,23 @@ async fn connections_lists_each_live_connection_and_its_bytes() {
             .cloned()
             .unwrap_or_else(|| panic!("{source} not in {list:?}"))
     };
+    // The forwarder counts a write just after it returns, and the client
+    // may have read it first: the listing catches up within moments.
+    let settled = async |at: &Endpoint, source: &str, bytes: u64| {
+        let until = Instant::now() + Duration::from_secs(2);
+        loop {
+            let listed = client::connections(at).await.unwrap();
+            let c = find(&listed, source);
+            let moved = (c.client_to_backend_bytes, c.backend_to_client_bytes);
+            if moved == (bytes, bytes) || Instant::now() > until {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    settled(&tcp, &source_a, 1000).await;
+    let listed = settled(&tcp, &source_b, 10).await;
+    assert_eq!((listed.total, listed.left_off), (2, 0), "{listed:?}");
     for (source, bytes) in [(&source_a, 1000), (&source_b, 10)] {
         let c = find(&listed, source);
         assert_eq!((c.listener.as_str(), c.route.as_str()), ("edge", "orders"));
@@ -309,11 +325,13 @@ async fn connections_lists_each_live_connection_and_its_bytes() {
         );
         assert!(c.age_seconds < 60);
     }
+    // Capped: the oldest first, the rest counted as left off.
+    let (first, total) = gw.registry.connections(1);
+    assert_eq!((first.len(), total), (1, 2));
+    assert_eq!(first[0].source, source_a);
     echo(&mut a, 5000).await;
-    let listed = client::connections(&Endpoint::Socket(gw.admin_socket.clone().unwrap()))
-        .await
-        .unwrap();
-    let c = find(&listed, &source_a);
+    let socket = Endpoint::Socket(gw.admin_socket.clone().unwrap());
+    let c = find(&settled(&socket, &source_a, 6000).await, &source_a);
     assert_eq!(
         (c.client_to_backend_bytes, c.backend_to_client_bytes),
         (6000, 6000)
