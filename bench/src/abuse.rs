@@ -173,7 +173,10 @@ impl Ctx<'_> {
         };
         if kind == Kind::Gateway {
             if let Some(a) = admin {
-                setup.gateway_top = format!("admin = \"{a}\"");
+                setup.gateway_top = format!(
+                    "admin = \"{a}\"\nadmin_socket = \"{}\"",
+                    self.admin_socket().display()
+                );
             }
             // The shipped defaults, the block list in the kernel on `lo`
             // (where these attackers come from).
@@ -184,6 +187,18 @@ impl Ctx<'_> {
             };
         }
         setup
+    }
+
+    /// Where the gateway takes block list changes.
+    fn admin_socket(&self) -> std::path::PathBuf {
+        self.workdir.join("admin.sock")
+    }
+
+    /// `gateway block add SOURCE` through the admin socket.
+    async fn block(&self, source: Ipv4Addr) -> anyhow::Result<()> {
+        let at = gateway::admin::client::Endpoint::Socket(self.admin_socket());
+        gateway::admin::client::add(&at, &source.to_string(), None, false).await?;
+        Ok(())
     }
 
     fn start(&self, kind: Kind, setup: &Setup, dir: &str) -> anyhow::Result<Peer> {
@@ -351,7 +366,7 @@ impl Ctx<'_> {
             &self.setup(Kind::Gateway, Some(admin), true),
             "abuse-drops",
         )?;
-        gateway::admin::client::add(admin, &blocked.to_string(), None).await?;
+        self.block(blocked).await?;
         let series = "gateway_block_list_drops_total{reason=\"manual\"}";
         let counted = metric(admin, series).await;
         let cpu = Cpu::start(&peer);
@@ -370,7 +385,7 @@ impl Ctx<'_> {
             &self.setup(Kind::Gateway, Some(admin), false),
             "abuse-drops",
         )?;
-        gateway::admin::client::add(admin, &blocked.to_string(), None).await?;
+        self.block(blocked).await?;
         let cpu = Cpu::start(&peer);
         let sent = raw_syns(blocked, peer.addr, self.plan.drop_window)?;
         out.push(DropPath {

@@ -1,19 +1,38 @@
-//! The admin endpoint (`admin` in the config): HTTP/1.1 served by hyper,
-//! with a small router and limits on everything a client could stretch:
-//! connections at once, header size and count, time to send the headers,
-//! body size, and a connection's whole life.
+//! The admin endpoint (`admin` and `admin_socket` in the config): HTTP/1.1
+//! served by hyper, with a small router and limits on everything a client
+//! could stretch: connections at once, header size and count, time to send
+//! the headers, body size, and a request's whole life.
 //!
-//! Routes:
-//! - `GET /metrics`: Prometheus text, to anyone who can reach the socket.
-//! - `GET /block`, `POST /block`, `DELETE /block?source=NET`: the block
-//!   list as JSON, only to clients in `admin_clients` (loopback by
-//!   default), since they show and change who may connect.
+//! Two doors, for two kinds of caller:
+//! - `admin` (TCP): read-only. `GET /metrics`, `/healthz`, `/readyz` to
+//!   anyone who can reach it; `GET /block` and `GET /connections` (who is
+//!   blocked, who is connected) only to clients in `admin_clients`
+//!   (loopback by default) that name the endpoint by address or
+//!   `localhost` in `Host` (a DNS-rebinding page names its own host).
+//! - `admin_socket` (a Unix socket, mode 0600, owned by the user the
+//!   gateway runs as): every route, including the changes (`POST /block`,
+//!   `DELETE /block`). A source address proves nothing about who sent a
+//!   request: any local user, or a browser page posting to 127.0.0.1, has
+//!   one in `admin_clients`. The socket's owner and mode, and the peer's
+//!   uid checked again at accept (root or the gateway's own user), do.
+//!
+//! A change must also say `Content-Type: application/json` (a cross-site
+//! form cannot), may not block every source (`/0`), and blocks wider than
+//! a /16 (IPv4) or /32 (IPv6) only with `"force": true`.
+//!
+//! When all connection slots of a door are taken, a new connection evicts
+//! the oldest one that is still sending its headers or has been open
+//! longer than any honest request takes (`EVICTABLE_AFTER`): slow clients
+//! cannot keep a scrape out. Every refusal is counted in
+//! `gateway_admin_refused_total{reason}`.
 //!
 //! `gateway block list|add|remove` is the client side ([`client`]).
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Full, Limited};
@@ -22,21 +41,79 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionError, Blocked};
+use crate::registry::{ConnectionView, Registry};
 
-/// Admin connections served at once; more are closed at accept.
+/// Admin connections served at once per door; past that a new one evicts
+/// a slow one, or is closed at accept.
 const MAX_CONNECTIONS: usize = 32;
-/// Time to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// A connection's whole life (reading the request, answering it).
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Time to send a request's headers, from accept.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection's whole life: its headers, its body, the answer read.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// An honest request is read and answered in milliseconds: a connection
+/// open longer than this may be evicted for a new one when all are taken.
+const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
 /// hyper's read buffer: the headers must fit (its minimum is 8 KiB).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 32;
 const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Connections `GET /connections` lists at most (oldest first); it says
+/// how many it left off.
+pub const MAX_CONNECTIONS_LISTED: usize = 1000;
+/// The widest block taken without `"force": true`.
+const WIDEST_V4: u8 = 16;
+const WIDEST_V6: u8 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin_socket {path}: {what}: {source}")]
+    Socket {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("admin_socket {0}: another process is serving it (another gateway?)")]
+    InUse(PathBuf),
+    #[error("admin_socket {0}: exists and is not a socket; refusing to replace it")]
+    NotSocket(PathBuf),
+}
+
+/// Whether the gateway should get new clients: `GET /readyz`.
+#[derive(Debug, Default)]
+pub struct Health {
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// Every listener is bound and serving (and the guard, where
+    /// configured, installed: the gateway is not built without it).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// Shutdown began: new clients should go elsewhere while live ones
+    /// drain. Never undone.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// None: ready; otherwise why not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::SeqCst) {
+            Some("draining")
+        } else if !self.ready.load(Ordering::SeqCst) {
+            Some("starting")
+        } else {
+            None
+        }
+    }
+}
 
 /// What the endpoint serves.
 pub struct Routes {
@@ -45,14 +122,90 @@ pub struct Routes {
     /// The block list, where the endpoint has one (the gateway's, not the
     /// remote guard's).
     pub admission: Option<Arc<Admission>>,
-    /// Who may use `/block`.
+    /// Who may read `/block` and `/connections` over TCP.
     pub clients: Vec<IpNet>,
+    pub health: Arc<Health>,
+    /// The live connections, for `GET /connections` (the gateway's).
+    pub registry: Option<Arc<Registry>>,
 }
 
-/// Serves `routes` on `socket` until `stop`.
-pub async fn serve(socket: TcpListener, routes: Routes, stop: CancellationToken) {
-    let routes = Arc::new(routes);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// Admin connections refused or cut, by reason.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Every slot held by a request still being answered.
+    connections: AtomicU64,
+    /// Cut to make room for a new connection.
+    evicted: AtomicU64,
+    /// Headers not complete within `HEADER_TIMEOUT`.
+    header_timeout: AtomicU64,
+    /// Not done within `REQUEST_DEADLINE`.
+    deadline: AtomicU64,
+    /// A socket peer neither root nor the gateway's user.
+    peer: AtomicU64,
+}
+
+impl Refusals {
+    fn render(&self, out: &mut String) {
+        let series: Vec<(&'static str, u64)> = [
+            ("connections", &self.connections),
+            ("evicted", &self.evicted),
+            ("header_timeout", &self.header_timeout),
+            ("deadline", &self.deadline),
+            ("peer", &self.peer),
+        ]
+        .into_iter()
+        .map(|(reason, n)| (reason, n.load(Ordering::Relaxed)))
+        .collect();
+        out.push_str(&crate::metrics::render_with(move |e| {
+            e.counter(
+                "gateway_admin_refused_total",
+                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer).",
+                series.iter().map(|&(reason, n)| ([("reason", reason)], n)),
+            )
+        }));
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    Tcp(SocketAddr),
+    /// On `admin_socket`, root or the gateway's own user (checked at
+    /// accept).
+    Socket,
+}
+
+struct Shared {
+    routes: Routes,
+    refused: Arc<Refusals>,
+}
+
+/// Serves `routes` on `tcp` and `socket` (whichever there are) until `stop`.
+pub async fn serve(
+    tcp: Option<TcpListener>,
+    socket: Option<UnixListener>,
+    routes: Routes,
+    stop: CancellationToken,
+) {
+    let shared = Arc::new(Shared {
+        routes,
+        refused: Arc::default(),
+    });
+    let tcp = async {
+        if let Some(tcp) = tcp {
+            serve_tcp(tcp, &shared, &stop).await;
+        }
+    };
+    let socket = async {
+        if let Some(socket) = socket {
+            serve_socket(socket, &shared, &stop).await;
+        }
+    };
+    tokio::join!(tcp, socket);
+}
+
+async fn serve_tcp(socket: TcpListener, shared: &Arc<Shared>, stop: &CancellationToken) {
+    let slots = Arc::new(Slots::default());
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -65,54 +218,242 @@ pub async fn serve(socket: TcpListener, routes: Routes, stop: CancellationToken)
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(client = %peer, "admin: too many connections; closed");
-            continue;
+        spawn_connection(stream, Peer::Tcp(peer), shared, &slots);
+    }
+}
+
+async fn serve_socket(socket: UnixListener, shared: &Arc<Shared>, stop: &CancellationToken) {
+    let slots = Arc::new(Slots::default());
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
         };
-        let routes = routes.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let routes = routes.clone();
-                async move { Ok::<_, Infallible>(route(&routes, peer, req).await) }
-            });
-            let mut http = hyper::server::conn::http1::Builder::new();
-            // One request per connection, as scrapers and the CLI use it.
-            http.timer(TokioTimer::new())
-                .keep_alive(false)
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .max_headers(MAX_HEADERS);
-            let conn = http.serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
-            drop(slot);
+        // The file's mode keeps others out; this keeps them out should the
+        // mode or owner be changed under the gateway.
+        let uid = stream.peer_cred().map(|c| c.uid());
+        let own = crate::privilege::effective_uid();
+        match uid {
+            Ok(uid) if uid == 0 || uid == own => {
+                spawn_connection(stream, Peer::Socket, shared, &slots);
+            }
+            other => {
+                // Said once; any local user could otherwise fill the log.
+                let before = shared.refused.peer.fetch_add(1, Ordering::Relaxed);
+                if before == 0 {
+                    tracing::warn!(peer_uid = ?other.ok(), "admin socket: a peer neither root nor the gateway's user; closed (counted in gateway_admin_refused_total{{reason=\"peer\"}}, logged once)");
+                } else {
+                    tracing::debug!(peer_uid = ?other.ok(), "admin socket: a peer neither root nor the gateway's user; closed");
+                }
+            }
+        }
+    }
+}
+
+fn spawn_connection<IO>(io: IO, peer: Peer, shared: &Arc<Shared>, slots: &Arc<Slots>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(slot) = slots.admit(&shared.refused) else {
+        tracing::debug!(?peer, "admin: every connection slot busy; closed");
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let answering = slot.slot.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            answering.answering.store(true, Ordering::Relaxed);
+            async move { Ok::<_, Infallible>(route(&shared, peer, req).await) }
         });
+        let mut http = hyper::server::conn::http1::Builder::new();
+        // One request per connection: what scrapers and the CLI send, and
+        // a connection's whole life then has one deadline. The header
+        // timeout is this task's own (from accept, counted); hyper's is
+        // only a backstop.
+        http.timer(TokioTimer::new())
+            .keep_alive(false)
+            .header_read_timeout(REQUEST_DEADLINE)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS);
+        let conn = http.serve_connection(TokioIo::new(io), service);
+        let refused = &slot.refused;
+        let s = &slot.slot;
+        let mut conn = std::pin::pin!(conn);
+        let headers_due = tokio::time::sleep(HEADER_TIMEOUT);
+        let deadline = tokio::time::sleep(REQUEST_DEADLINE);
+        let mut headers_due = std::pin::pin!(headers_due);
+        let mut deadline = std::pin::pin!(deadline);
+        // Whether the header timeout still applies: once the headers are
+        // in, only the deadline does.
+        let mut reading_headers = true;
+        loop {
+            tokio::select! {
+                _ = &mut conn => break,
+                // Counted by whoever evicted it.
+                () = s.evict.cancelled() => break,
+                () = &mut headers_due, if reading_headers => {
+                    if s.answering.load(Ordering::Relaxed) {
+                        reading_headers = false;
+                        continue;
+                    }
+                    refused.header_timeout.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                () = &mut deadline => {
+                    refused.deadline.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    });
+}
+
+/// A door's connection slots.
+#[derive(Default)]
+struct Slots {
+    held: Mutex<Vec<Arc<Slot>>>,
+    next: AtomicU64,
+}
+
+struct Slot {
+    id: u64,
+    opened: Instant,
+    /// Its headers are in: it is being answered.
+    answering: AtomicBool,
+    evict: CancellationToken,
+}
+
+/// A slot held; given back when dropped.
+struct Held {
+    slots: Arc<Slots>,
+    slot: Arc<Slot>,
+    /// The door's counters, which the connection bumps as it is cut.
+    refused: Arc<Refusals>,
+}
+
+impl Slots {
+    /// A slot for a new connection: a free one, else one taken from the
+    /// oldest connection still sending its headers or open longer than
+    /// `EVICTABLE_AFTER`; None when every slot is a request being
+    /// answered now.
+    fn admit(self: &Arc<Self>, refused: &Arc<Refusals>) -> Option<Held> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() >= MAX_CONNECTIONS {
+            let victim = held
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    !s.answering.load(Ordering::Relaxed) || s.opened.elapsed() >= EVICTABLE_AFTER
+                })
+                .min_by_key(|(_, s)| s.opened)
+                .map(|(i, _)| i);
+            let Some(i) = victim else {
+                refused.connections.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            let victim = held.swap_remove(i);
+            victim.evict.cancel();
+            refused.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        let slot = Arc::new(Slot {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            opened: Instant::now(),
+            answering: AtomicBool::new(false),
+            evict: CancellationToken::new(),
+        });
+        held.push(slot.clone());
+        Some(Held {
+            slots: self.clone(),
+            slot,
+            refused: refused.clone(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|s| s.id != self.slot.id);
     }
 }
 
 type Reply = Response<Full<Bytes>>;
 
-async fn route(routes: &Routes, peer: SocketAddr, req: Request<Incoming>) -> Reply {
+async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
+    let routes = &shared.routes;
     let path = req.uri().path().to_owned();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            crate::metrics::CONTENT_TYPE,
-            (routes.metrics)(),
-        ),
-        (_, "/metrics") => not_allowed("GET"),
-        (_, "/block") => match &routes.admission {
-            None => not_found(),
-            Some(_) if !allowed(&routes.clients, peer.ip()) => json(
-                StatusCode::FORBIDDEN,
-                &Problem::new(format!(
-                    "{} is not in admin_clients: /block is not served to it",
-                    peer.ip()
-                )),
+    // HEAD is GET without the body (hyper leaves it out).
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    match path.as_str() {
+        "/metrics" | "/healthz" | "/readyz" | "/connections" if !read => not_allowed("GET, HEAD"),
+        "/metrics" => {
+            let mut body = (routes.metrics)();
+            shared.refused.render(&mut body);
+            text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
+        }
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match routes.health.not_ready() {
+            None => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
             ),
-            Some(admission) => block(admission, req).await,
         },
+        "/connections" | "/block" => {
+            if let Some(refusal) = untrusted(routes, peer, &req) {
+                return refusal;
+            }
+            match (path.as_str(), &routes.registry, &routes.admission) {
+                ("/connections", Some(registry), _) => connections(registry),
+                ("/block", _, Some(admission)) => block(admission, peer, req).await,
+                _ => not_found(),
+            }
+        }
         _ => not_found(),
     }
+}
+
+/// Who may read who is blocked and who is connected: the socket's peers,
+/// and over TCP `admin_clients` naming the endpoint by address or
+/// `localhost` (a page that rebound its own name to 127.0.0.1 sends that
+/// name, and gets nothing). Some: the refusal to send.
+fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Reply> {
+    let Peer::Tcp(addr) = peer else {
+        return None;
+    };
+    if !allowed(&routes.clients, addr.ip()) {
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            &Problem::new(format!(
+                "{} is not in admin_clients: {} is not served to it",
+                addr.ip(),
+                req.uri().path()
+            )),
+        ));
+    }
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_is_literal(host) {
+        return Some(json(
+            StatusCode::FORBIDDEN,
+            &Problem::new(format!(
+                "Host {host:?}: name the admin endpoint by its address or localhost"
+            )),
+        ));
+    }
+    None
 }
 
 fn allowed(clients: &[IpNet], ip: IpAddr) -> bool {
@@ -120,102 +461,236 @@ fn allowed(clients: &[IpNet], ip: IpAddr) -> bool {
     clients.iter().any(|n| n.contains(&ip))
 }
 
-/// `/block`: list, add, remove.
-async fn block(admission: &Admission, req: Request<Incoming>) -> Reply {
-    match *req.method() {
-        Method::GET => json(
+/// `127.0.0.1`, `127.0.0.1:9901`, `[::1]:9901`, `localhost[:port]`.
+fn host_is_literal(host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        // An IPv6 literal without brackets or port has colons of its own.
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') => {
+            name
+        }
+        _ => host,
+    };
+    let name = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
+/// `GET /connections`: the live connections, oldest first, at most
+/// `MAX_CONNECTIONS_LISTED`.
+fn connections(registry: &Registry) -> Reply {
+    let (connections, total) = registry.connections(MAX_CONNECTIONS_LISTED);
+    json(
+        StatusCode::OK,
+        &Connections {
+            total,
+            left_off: total.saturating_sub(connections.len()),
+            connections,
+        },
+    )
+}
+
+/// `GET /connections` as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connections {
+    /// Live connections in all.
+    pub total: usize,
+    /// How many of them the listing left off (past its cap).
+    pub left_off: usize,
+    pub connections: Vec<ConnectionView>,
+}
+
+/// `/block`: list (both doors), add and remove (the socket only).
+async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Reply {
+    let method = req.method().clone();
+    if matches!(method, Method::GET | Method::HEAD) {
+        return json(
             StatusCode::OK,
             &admission
                 .blocked()
                 .iter()
                 .map(Entry::from)
                 .collect::<Vec<_>>(),
-        ),
-        Method::POST => {
-            let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return json(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        &Problem::new(format!("reading the body: {e}")),
-                    );
-                }
-            };
-            let add: AddRequest = match serde_json::from_slice(&body) {
-                Ok(a) => a,
-                Err(e) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &Problem::new(format!(
-                            "expected {{\"source\": \"192.0.2.7\" or \"192.0.2.0/24\", \"for\": \"1h\" (optional)}}: {e}"
-                        )),
-                    );
-                }
-            };
-            let net = match parse_source(&add.source) {
-                Ok(n) => n,
-                Err(e) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
-            };
-            let ttl = match add.r#for.as_deref().map(crate::config::duration::parse) {
-                None => None,
-                Some(Ok(d)) if !d.is_zero() => Some(d),
-                Some(Ok(_)) => {
-                    return json(
-                        StatusCode::BAD_REQUEST,
-                        &Problem::new("\"for\" must be more than 0".into()),
-                    );
-                }
-                Some(Err(e)) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
-            };
-            match admission.block(net, ttl) {
-                Ok(b) => json(StatusCode::OK, &Entry::from(&b)),
-                Err(e @ AdmissionError::Exempt(_)) => {
-                    json(StatusCode::CONFLICT, &Problem::new(e.to_string()))
-                }
-                Err(e @ AdmissionError::BlockListFull(_)) => json(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    &Problem::new(e.to_string()),
-                ),
-            }
-        }
-        Method::DELETE => {
-            let source = req.uri().query().unwrap_or("").split('&').find_map(|kv| {
-                kv.strip_prefix("source=").map(|v| {
-                    v.replace("%2F", "/")
-                        .replace("%2f", "/")
-                        .replace("%3A", ":")
-                        .replace("%3a", ":")
-                })
-            });
-            let Some(source) = source else {
-                return json(
-                    StatusCode::BAD_REQUEST,
-                    &Problem::new("DELETE /block?source=192.0.2.7 (or 192.0.2.0/24)".into()),
-                );
-            };
-            let net = match parse_source(&source) {
-                Ok(n) => n,
-                Err(e) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
-            };
-            if admission.unblock(net) {
-                json(
-                    StatusCode::OK,
-                    &Removed {
-                        removed: net.to_string(),
-                    },
-                )
-            } else {
-                json(
-                    StatusCode::NOT_FOUND,
-                    &Problem::new(format!("{net} is not on the block list")),
-                )
-            }
-        }
-        _ => not_allowed("GET, POST, DELETE"),
+        );
     }
+    if !matches!(method, Method::POST | Method::DELETE) {
+        return not_allowed("GET, HEAD, POST, DELETE");
+    }
+    if let Peer::Tcp(_) = peer {
+        return json(
+            StatusCode::FORBIDDEN,
+            &Problem::new(
+                "the block list is changed through admin_socket only (gateway block add|remove uses it)"
+                    .into(),
+            ),
+        );
+    }
+    if method == Method::DELETE {
+        return unblock(admission, &req);
+    }
+    let json_body = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json_body {
+        return json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &Problem::new("POST /block takes Content-Type: application/json".into()),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &Problem::new(format!("reading the body: {e}")),
+            );
+        }
+    };
+    let add: AddRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &Problem::new(format!(
+                    "expected {{\"source\": \"192.0.2.7\" or \"192.0.2.0/24\", \"for\": \"1h\" (optional), \"force\": true (optional)}}: {e}"
+                )),
+            );
+        }
+    };
+    let net = match parse_source(&add.source).and_then(|n| check_width(n, add.force)) {
+        Ok(n) => n,
+        Err(e) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
+    };
+    let ttl = match add.r#for.as_deref().map(crate::config::duration::parse) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(Ok(_)) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &Problem::new("\"for\" must be more than 0".into()),
+            );
+        }
+        Some(Err(e)) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
+    };
+    match admission.block(net, ttl) {
+        Ok(b) => json(StatusCode::OK, &Entry::from(&b)),
+        Err(e @ AdmissionError::Exempt(_)) => {
+            json(StatusCode::CONFLICT, &Problem::new(e.to_string()))
+        }
+        Err(e @ AdmissionError::BlockListFull(_)) => json(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &Problem::new(e.to_string()),
+        ),
+    }
+}
+
+/// `DELETE /block?source=NET`.
+fn unblock(admission: &Admission, req: &Request<Incoming>) -> Reply {
+    let source = req.uri().query().unwrap_or("").split('&').find_map(|kv| {
+        kv.strip_prefix("source=").map(|v| {
+            v.replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%3A", ":")
+                .replace("%3a", ":")
+        })
+    });
+    let Some(source) = source else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &Problem::new("DELETE /block?source=192.0.2.7 (or 192.0.2.0/24)".into()),
+        );
+    };
+    let net = match parse_source(&source) {
+        Ok(n) => n,
+        Err(e) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
+    };
+    if admission.unblock(net) {
+        json(
+            StatusCode::OK,
+            &Removed {
+                removed: net.to_string(),
+            },
+        )
+    } else {
+        json(
+            StatusCode::NOT_FOUND,
+            &Problem::new(format!("{net} is not on the block list")),
+        )
+    }
+}
+
+/// A block of every source is never taken (it would refuse every client,
+/// pinned across restarts); one wider than a /16 or /32 only when forced.
+fn check_width(net: IpNet, force: bool) -> Result<IpNet, String> {
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "{net} would block every source: never taken, forced or not"
+        ));
+    }
+    let widest = match net {
+        IpNet::V4(_) => WIDEST_V4,
+        IpNet::V6(_) => WIDEST_V6,
+    };
+    if net.prefix_len() < widest && !force {
+        return Err(format!(
+            "{net} is wider than a /{widest}: say \"force\": true (gateway block add --force) to block it"
+        ));
+    }
+    Ok(net)
+}
+
+/// Where `admin_socket` is served: bound under a temporary name, made
+/// 0600, then renamed into place, so it is never reachable with a looser
+/// mode. A stale socket (no one answers) is replaced; a live one or
+/// anything that is not a socket is refused.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let err = |what, source| AdminError::Socket {
+        path: path.to_owned(),
+        what,
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(AdminError::InUse(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(|e| err("removing the stale socket", e))?;
+        }
+        Ok(_) => return Err(AdminError::NotSocket(path.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err("reading it", e)),
+    }
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let socket = UnixListener::bind(&temporary).map_err(|e| err("binding", e))?;
+    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err("making it 0600", e))
+        .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| err("moving it in place", e)));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(socket)
+}
+
+/// Gives `admin_socket` to the user the gateway is about to become, so
+/// that user (and root) can use it after the drop, and nobody else.
+pub fn give_socket(path: &Path, uid: u32, gid: u32) -> Result<(), AdminError> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| AdminError::Socket {
+        path: path.to_owned(),
+        what: "giving it to the gateway's user",
+        source,
+    })
 }
 
 /// An address (a /32 or /128) or a prefix.
@@ -257,10 +732,14 @@ impl From<&Blocked> for Entry {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AddRequest {
     source: String,
     #[serde(default)]
     r#for: Option<String>,
+    /// Block a prefix wider than a /16 (IPv4) or /32 (IPv6).
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -298,7 +777,7 @@ fn not_found() -> Reply {
     text(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found: GET /metrics, and /block (GET, POST, DELETE) where there is a block list\n"
+        "not found: GET /metrics, /healthz, /readyz, /connections, and /block (GET; POST, DELETE on admin_socket)\n"
             .into(),
     )
 }
@@ -320,50 +799,110 @@ fn not_allowed(allow: &'static str) -> Reply {
 pub mod client {
     use super::*;
 
+    /// Where the admin endpoint is: its TCP address (reads only) or its
+    /// socket (reads and changes).
+    #[derive(Debug, Clone)]
+    pub enum Endpoint {
+        Tcp(SocketAddr),
+        Socket(PathBuf),
+    }
+
+    impl std::fmt::Display for Endpoint {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match self {
+                Endpoint::Tcp(a) => write!(f, "{a}"),
+                Endpoint::Socket(p) => write!(f, "{}", p.display()),
+            }
+        }
+    }
+
     #[derive(Debug, thiserror::Error)]
     pub enum ClientError {
-        #[error("connecting to the admin endpoint {addr}: {source}")]
+        #[error("connecting to the admin endpoint {at}: {source}")]
         Connect {
-            addr: SocketAddr,
+            at: Endpoint,
             source: std::io::Error,
         },
-        #[error("talking to the admin endpoint {addr}: {reason}")]
-        Http { addr: SocketAddr, reason: String },
-        #[error("the admin endpoint {addr} said {status}: {message}")]
+        #[error("talking to the admin endpoint {at}: {reason}")]
+        Http { at: Endpoint, reason: String },
+        #[error("the admin endpoint {at} said {status}: {message}")]
         Refused {
-            addr: SocketAddr,
+            at: Endpoint,
             status: u16,
             message: String,
         },
     }
 
-    /// One request to `addr`; the response body when it succeeded.
+    /// One request to `at`; the response body when it succeeded.
     async fn request(
-        addr: SocketAddr,
+        at: &Endpoint,
         method: Method,
         path: &str,
         body: Option<String>,
     ) -> Result<Bytes, ClientError> {
-        let http = |reason: String| ClientError::Http { addr, reason };
-        let stream = tokio::time::timeout(HEADER_TIMEOUT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| ClientError::Connect {
-                addr,
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| ClientError::Connect { addr, source })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let connect = |source| ClientError::Connect {
+            at: at.clone(),
+            source,
+        };
+        let timed_out = || connect(std::io::ErrorKind::TimedOut.into());
+        let (status, body) = match at {
+            Endpoint::Tcp(addr) => {
+                let stream =
+                    tokio::time::timeout(HEADER_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(connect)?;
+                exchange(at, stream, &addr.to_string(), method, path, body).await?
+            }
+            Endpoint::Socket(p) => {
+                let stream =
+                    tokio::time::timeout(HEADER_TIMEOUT, tokio::net::UnixStream::connect(p))
+                        .await
+                        .map_err(|_| timed_out())?
+                        .map_err(connect)?;
+                exchange(at, stream, "localhost", method, path, body).await?
+            }
+        };
+        if !status.is_success() {
+            let message = serde_json::from_slice::<Problem>(&body)
+                .map(|p| p.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+            return Err(ClientError::Refused {
+                at: at.clone(),
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(body)
+    }
+
+    async fn exchange<IO>(
+        at: &Endpoint,
+        io: IO,
+        host: &str,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(StatusCode, Bytes), ClientError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let http = |reason: String| ClientError::Http {
+            at: at.clone(),
+            reason,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| http(e.to_string()))?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
             .uri(path)
-            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::HOST, host)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| http(e.to_string()))?;
-        let response = tokio::time::timeout(CONNECTION_LIFETIME, async {
+        tokio::time::timeout(REQUEST_DEADLINE, async {
             let response = sender
                 .send_request(req)
                 .await
@@ -377,48 +916,90 @@ pub mod client {
             Ok::<_, ClientError>((status, body))
         })
         .await
-        .map_err(|_| http("no answer in time".into()))??;
-        let (status, body) = response;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<Problem>(&body)
-                .map(|p| p.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
-            return Err(ClientError::Refused {
-                addr,
-                status: status.as_u16(),
-                message,
-            });
-        }
-        Ok(body)
+        .map_err(|_| http("no answer in time".into()))?
     }
 
-    pub async fn list(addr: SocketAddr) -> Result<Vec<Entry>, ClientError> {
-        let body = request(addr, Method::GET, "/block", None).await?;
+    pub async fn list(at: &Endpoint) -> Result<Vec<Entry>, ClientError> {
+        let body = request(at, Method::GET, "/block", None).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Http {
-            addr,
+            at: at.clone(),
             reason: format!("not a block list: {e}"),
         })
     }
 
+    /// Blocks `source` (for `ttl`, else until removed); `force` takes a
+    /// prefix wider than a /16 or /32.
     pub async fn add(
-        addr: SocketAddr,
+        at: &Endpoint,
         source: &str,
         ttl: Option<&str>,
+        force: bool,
     ) -> Result<Entry, ClientError> {
         let body = serde_json::to_string(&AddRequest {
             source: source.to_owned(),
             r#for: ttl.map(str::to_owned),
+            force,
         })
         .unwrap_or_default();
-        let body = request(addr, Method::POST, "/block", Some(body)).await?;
+        let body = request(at, Method::POST, "/block", Some(body)).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Http {
-            addr,
+            at: at.clone(),
             reason: format!("not a block list entry: {e}"),
         })
     }
 
-    pub async fn remove(addr: SocketAddr, source: &str) -> Result<(), ClientError> {
+    pub async fn remove(at: &Endpoint, source: &str) -> Result<(), ClientError> {
         let path = format!("/block?source={}", source.replace('/', "%2F"));
-        request(addr, Method::DELETE, &path, None).await.map(|_| ())
+        request(at, Method::DELETE, &path, None).await.map(|_| ())
+    }
+
+    /// `GET /connections`.
+    pub async fn connections(at: &Endpoint) -> Result<Connections, ClientError> {
+        let body = request(at, Method::GET, "/connections", None).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not a connection list: {e}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_that_name_the_endpoint_by_address_or_localhost() {
+        for good in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "[::1]:9901",
+            "[::1]",
+            "::1",
+            "localhost",
+            "LOCALHOST:80",
+        ] {
+            assert!(host_is_literal(good), "{good}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9901",
+            "127.0.0.1.nip.io:80",
+        ] {
+            assert!(!host_is_literal(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn blocks_wider_than_a_16_or_32_need_force_and_a_0_is_never_taken() {
+        let net = |s: &str| parse_source(s).unwrap();
+        assert!(check_width(net("192.0.0.0/16"), false).is_ok());
+        assert!(check_width(net("2001:db8::/32"), false).is_ok());
+        assert!(check_width(net("10.0.0.0/8"), false).is_err());
+        assert!(check_width(net("10.0.0.0/8"), true).is_ok());
+        assert!(check_width(net("2001::/16"), false).is_err());
+        for every in ["0.0.0.0/0", "::/0", "::ffff:0.0.0.0/96"] {
+            assert!(check_width(net(every), true).is_err(), "{every}");
+        }
     }
 }

@@ -45,6 +45,8 @@ pub enum AppError {
     AccessLog(#[from] AccessLogError),
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     #[error("listener {listener:?}: cannot bind {bind}: {source}")]
     Bind {
         listener: String,
@@ -193,6 +195,10 @@ pub struct App {
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
     admin_clients: Vec<ipnet::IpNet>,
+    /// `admin_socket`: where, and the socket bound there.
+    admin_socket: Option<(std::path::PathBuf, tokio::net::UnixListener)>,
+    /// What `GET /readyz` answers.
+    health: Arc<crate::admin::Health>,
     expiry_warning: Duration,
     guard: Option<Arc<crate::guard::Guard>>,
     /// The newest CRL put into service per issuer, scope and key: a reload
@@ -273,6 +279,14 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         ),
         None => None,
     };
+    let admin_socket = match &config.admin_socket {
+        Some(path) => {
+            let path = config.resolve(path);
+            let socket = crate::admin::bind_socket(&path)?;
+            Some((path, socket))
+        }
+        None => None,
+    };
     let (reload_tx, reload_rx) = mpsc::channel(4);
     Ok(App {
         bound,
@@ -286,6 +300,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         metrics,
         admin,
         admin_clients: config.admin_clients.clone(),
+        admin_socket,
+        health: Arc::default(),
         expiry_warning: config.expiry_warning,
         guard,
         crls,
@@ -346,6 +362,11 @@ impl App {
         self.admin.as_ref().and_then(|s| s.local_addr().ok())
     }
 
+    /// Where `admin_socket` is served, when configured.
+    pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
+        self.admin_socket.as_ref().map(|(p, _)| p.clone())
+    }
+
     /// Live connections right now.
     pub fn registry(&self) -> Arc<Registry> {
         self.registry.clone()
@@ -368,9 +389,17 @@ impl App {
             admission: self.admission.clone(),
             close: CancellationToken::new(),
         };
-        if let Some(socket) = self.admin.take() {
-            if let Ok(addr) = socket.local_addr() {
-                tracing::info!(%addr, "admin endpoint: GET /metrics, /block");
+        // The admin endpoint outlives the listeners: through the drain it
+        // answers /readyz with 503, so load balancers move new clients on.
+        let admin_stop = CancellationToken::new();
+        let admin_socket = self.admin_socket.take();
+        let admin_path = admin_socket.as_ref().map(|(p, _)| p.clone());
+        if self.admin.is_some() || admin_socket.is_some() {
+            if let Some(addr) = self.admin.as_ref().and_then(|s| s.local_addr().ok()) {
+                tracing::info!(%addr, "admin endpoint: GET /metrics, /healthz, /readyz, /block, /connections");
+            }
+            if let Some(path) = &admin_path {
+                tracing::info!(path = %path.display(), "admin socket: every admin route, and block list changes");
             }
             let sources = crate::metrics::Sources {
                 metrics: self.metrics.clone(),
@@ -380,13 +409,16 @@ impl App {
                 admission: Some(self.admission.clone()),
             };
             tokio::spawn(crate::admin::serve(
-                socket,
+                self.admin.take(),
+                admin_socket.map(|(_, s)| s),
                 crate::admin::Routes {
                     metrics: Box::new(move || sources.render()),
                     admission: Some(self.admission.clone()),
                     clients: self.admin_clients.clone(),
+                    health: self.health.clone(),
+                    registry: Some(self.registry.clone()),
                 },
-                self.shutdown.clone(),
+                admin_stop.clone(),
             ));
         }
         self.registry.publish(
@@ -401,6 +433,9 @@ impl App {
             let name = l.name.clone();
             running.insert(name, self.start(l, socket, &shared));
         }
+        // Every listener is bound and accepting, the guard (if any) was
+        // installed by `build`.
+        self.health.set_ready();
         let mut drain_timeout = self.drain_timeout;
         let mut expiry_warning = self.expiry_warning;
         // Fires at once, then hourly: expiring certificates are said again
@@ -436,6 +471,7 @@ impl App {
                 _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
             }
         }
+        self.health.set_draining();
         for (_, r) in running.drain() {
             r.stop.cancel();
             // The loop exits on the token; its socket closes with it.
@@ -458,6 +494,10 @@ impl App {
             );
             shared.close.cancel();
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
+        }
+        admin_stop.cancel();
+        if let Some(path) = admin_path {
+            let _ = std::fs::remove_file(path);
         }
         tracing::info!("shutdown complete");
     }

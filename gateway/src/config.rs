@@ -45,13 +45,18 @@ pub struct Config {
     pub expiry_warning: Duration,
     /// The eBPF guard: only the gateway may connect to the routes' backends.
     pub guard: Option<GuardSettings>,
-    /// Where to serve the admin endpoint (`GET /metrics`, `/block`); none:
-    /// not served. Bound at start; a reload does not move it.
+    /// Where to serve the admin endpoint's reads over TCP (`GET /metrics`,
+    /// `/healthz`, `/readyz`, `/block`, `/connections`); none: not served.
+    /// Bound at start; a reload does not move it.
     pub admin: Option<SocketAddr>,
-    /// Who may use the admin endpoint's `/block` routes (CIDR); `GET
-    /// /metrics` answers anyone who can reach `admin`.
+    /// Who may read `/block` and `/connections` at `admin` (CIDR); `GET
+    /// /metrics`, `/healthz` and `/readyz` answer anyone who can reach it.
     #[serde(default = "default_admin_clients")]
     pub admin_clients: Vec<ipnet::IpNet>,
+    /// A Unix socket (mode 0600, owned by the user the gateway runs as)
+    /// serving every admin route, including the changes (`gateway block
+    /// add|remove`) that `admin` does not take. Bound at start.
+    pub admin_socket: Option<PathBuf>,
     /// Who may start a handshake, how often, and who is blocked (before
     /// the handshake: see `admission`).
     #[serde(default)]

@@ -2,7 +2,7 @@
 //! clock. The paths themselves are `offload::records` (userspace) and
 //! `offload::splice` (kernel TLS).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -89,6 +89,37 @@ pub(crate) trait Leg {
     fn abort(&self, alert: Option<rustls::AlertDescription>);
 }
 
+/// The bytes a live connection has moved each way and the path they take,
+/// written by its forwarder as they move and read by `GET /connections`
+/// (it lives in the registry's entry: 24 bytes, no allocation of its own).
+#[derive(Debug, Default)]
+pub struct Moved {
+    pub client_to_backend: AtomicU64,
+    pub backend_to_client: AtomicU64,
+    /// 0: no path yet (connecting), then `PATH_KERNEL` or `PATH_USERSPACE`.
+    path: AtomicU8,
+}
+
+const PATH_KERNEL: u8 = 1;
+const PATH_USERSPACE: u8 = 2;
+
+impl Moved {
+    /// Which path the transfer takes: "kernel" (kTLS + splice) or
+    /// "userspace", as the access log's `offload` names it.
+    pub fn set_path(&self, kernel: bool) {
+        let path = if kernel { PATH_KERNEL } else { PATH_USERSPACE };
+        self.path.store(path, Ordering::Relaxed);
+    }
+
+    pub fn path(&self) -> Option<&'static str> {
+        match self.path.load(Ordering::Relaxed) {
+            PATH_KERNEL => Some("kernel"),
+            PATH_USERSPACE => Some("userspace"),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Transfer {
     pub client_to_backend: u64,
@@ -119,31 +150,35 @@ pub(crate) async fn write_ready(s: &TcpStream) -> std::io::Result<()> {
 /// twice (as arguments and as the locals they move into), 160 bytes per
 /// live connection here.
 #[allow(clippy::manual_async_fn)]
-pub(crate) fn both_ways<S, P>(
+///
+/// `moved` counts the bytes each way as they go (the registry's entry for
+/// the connection, so `GET /connections` sees them while it lives).
+pub(crate) fn both_ways<'m, S, P>(
     client: S,
     backend: S,
     idle: Duration,
     close: tokio_util::sync::CancellationToken,
-    why: impl FnOnce() -> String,
+    why: impl FnOnce() -> String + 'm,
     pump: P,
-) -> impl std::future::Future<Output = Transfer>
+    moved: &'m Moved,
+) -> impl std::future::Future<Output = Transfer> + 'm
 where
-    S: Leg,
-    P: AsyncFn(&S, &S, &AtomicU64, &Activity) -> Result<(), Broken>,
+    S: Leg + 'm,
+    P: AsyncFn(&S, &S, &AtomicU64, &Activity) -> Result<(), Broken> + 'm,
 {
     async move {
         let activity = Activity::new();
-        let from_client = AtomicU64::new(0);
-        let from_backend = AtomicU64::new(0);
+        let from_client = &moved.client_to_backend;
+        let from_backend = &moved.backend_to_client;
         let both = std::pin::pin!(async {
             tokio::try_join!(
                 async {
-                    pump(&client, &backend, &from_client, &activity)
+                    pump(&client, &backend, from_client, &activity)
                         .await
                         .map_err(|b| (Peer::Client, b))
                 },
                 async {
-                    pump(&backend, &client, &from_backend, &activity)
+                    pump(&backend, &client, from_backend, &activity)
                         .await
                         .map_err(|b| (Peer::Backend, b))
                 },

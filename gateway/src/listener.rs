@@ -394,6 +394,7 @@ fn serve<'a>(
             &shared.metrics,
             registration.close.clone(),
             why,
+            registration.moved(),
         )
         .await;
         conn.client_to_backend = transfer.client_to_backend;
@@ -470,6 +471,7 @@ fn relay<'a>(
     metrics: &'a Metrics,
     close: CancellationToken,
     why: impl Fn() -> String + 'a,
+    moved: &'a forward::Moved,
 ) -> impl Future<Output = forward::Transfer> + 'a {
     async move {
         let upstream_offload = route.upstream_tls.as_ref().map(|u| u.offload);
@@ -492,6 +494,7 @@ fn relay<'a>(
                 false
             }
         };
+        moved.set_path(kernel);
         // A plain backend stays out of the hand-off, so that whatever ends
         // it can still reset the backend rather than close it cleanly; the
         // TLS legs reset if the hand-off drops them (each goes back to an
@@ -537,7 +540,7 @@ fn relay<'a>(
                 Err(end) => return failed(end, plain),
             };
             let backend = backend.unwrap_or_else(|| splice::Side::Plain(plain_or_bug(plain)));
-            splice::forward(client, backend, listener.idle_timeout, close, why).await
+            splice::forward(client, backend, listener.idle_timeout, close, why, moved).await
         } else {
             let handed = bounded_hand_off(
                 Box::pin(into_records(*tls, upstream_tls)),
@@ -552,7 +555,7 @@ fn relay<'a>(
                 Err(end) => return failed(end, plain),
             };
             let backend = backend.unwrap_or_else(|| records::Side::Plain(plain_or_bug(plain)));
-            records::forward(client, backend, listener.idle_timeout, close, why).await
+            records::forward(client, backend, listener.idle_timeout, close, why, moved).await
         }
     }
 }
@@ -946,6 +949,7 @@ mod tests {
                     moved.fetch_add(14, Ordering::Relaxed);
                     Ok(())
                 },
+                &forward::Moved::default(),
             )
             .await;
             assert_eq!(

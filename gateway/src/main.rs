@@ -81,10 +81,15 @@ enum Command {
     Block {
         #[command(subcommand)]
         command: BlockCommand,
-        /// The admin endpoint, ip:port (default: `admin` of --config).
+        /// The admin socket (default: `admin_socket` of --config); `add`
+        /// and `remove` need it.
+        #[arg(long, global = true, conflicts_with = "admin")]
+        socket: Option<PathBuf>,
+        /// The admin endpoint, ip:port, for `list` only (default: `admin`
+        /// of --config when it has no `admin_socket`).
         #[arg(long, global = true)]
         admin: Option<std::net::SocketAddr>,
-        /// The gateway's config, to read `admin` from.
+        /// The gateway's config, to read `admin_socket` or `admin` from.
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
@@ -107,6 +112,10 @@ enum BlockCommand {
         /// For how long (e.g. 1h, 7d); default: until removed.
         #[arg(long = "for")]
         ttl: Option<String>,
+        /// Block a prefix wider than a /16 (IPv4) or /32 (IPv6); a /0 is
+        /// refused even so.
+        #[arg(long)]
+        force: bool,
     },
     /// Remove the entry for exactly this address or prefix.
     Remove { source: String },
@@ -335,9 +344,10 @@ fn main() -> ExitCode {
         Command::Pki { command } => pki(command),
         Command::Block {
             command,
+            socket,
             admin,
             config,
-        } => block(command, admin, config.as_deref()),
+        } => block(command, socket, admin, config.as_deref()),
         Command::Completions { shell } => {
             let shell = match shell {
                 Shell::Bash => clap_complete::Shell::Bash,
@@ -555,6 +565,11 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         // Once everything is bound: a pid file names a gateway that serves.
         let _pid_file = pid_file.map(PidFile::write).transpose()?;
         if let (Some(gate), Some(target)) = (&gate, &target) {
+            // While still root: the socket becomes the dropped-to user's,
+            // so it (and root) can use it, and nobody else.
+            if let Some(socket) = app.admin_socket() {
+                gateway::admin::give_socket(&socket, target.uid, target.gid)?;
+            }
             drop_privileges(gate, target, path)?;
         }
         // Every listener is bound (and the guard, if any, installed).
@@ -674,29 +689,37 @@ impl Signals {
 
 fn block(
     command: BlockCommand,
+    socket: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
     config: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    use gateway::admin::client;
-    let addr = match (admin, config) {
-        (Some(a), _) => a,
-        (None, Some(path)) => gateway::Config::load(path)?.admin.ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: no admin endpoint (set admin = \"127.0.0.1:9901\")",
-                path.display()
-            )
-        })?,
-        (None, None) => anyhow::bail!(
-            "say where the admin endpoint is: --admin ip:port or --config gateway.toml"
+    use gateway::admin::client::{self, Endpoint};
+    let at = match (socket, admin, config) {
+        (Some(p), _, _) => Endpoint::Socket(p),
+        (None, Some(a), _) => Endpoint::Tcp(a),
+        (None, None, Some(path)) => {
+            let config = gateway::Config::load(path)?;
+            match (&config.admin_socket, config.admin) {
+                (Some(p), _) => Endpoint::Socket(config.resolve(p)),
+                (None, Some(a)) => Endpoint::Tcp(a),
+                (None, None) => anyhow::bail!(
+                    "{}: no admin endpoint (set admin_socket = \"/run/gateway/admin.sock\")",
+                    path.display()
+                ),
+            }
+        }
+        (None, None, None) => anyhow::bail!(
+            "say where the admin endpoint is: --socket PATH, --admin ip:port (list only) or --config gateway.toml"
         ),
     };
+    let at = &at;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
         match command {
             BlockCommand::List => {
-                let entries = client::list(addr).await?;
+                let entries = client::list(at).await?;
                 if entries.is_empty() {
                     println!("the block list is empty");
                 }
@@ -708,15 +731,15 @@ fn block(
                     println!("{:<43} {:<8} {until}", e.source, e.reason);
                 }
             }
-            BlockCommand::Add { source, ttl } => {
-                let e = client::add(addr, &source, ttl.as_deref()).await?;
+            BlockCommand::Add { source, ttl, force } => {
+                let e = client::add(at, &source, ttl.as_deref(), force).await?;
                 match e.expires_in_seconds {
                     Some(s) => println!("blocked {} for {s}s", e.source),
                     None => println!("blocked {} until removed", e.source),
                 }
             }
             BlockCommand::Remove { source } => {
-                client::remove(addr, &source).await?;
+                client::remove(at, &source).await?;
                 println!("removed {source} from the block list");
             }
         }

@@ -418,7 +418,8 @@ fn thread_ids() -> Result<Vec<u32>, PrivilegeError> {
     Ok(ids)
 }
 
-fn effective_uid() -> u32 {
+/// The user the process runs as now (after a drop, the dropped-to one).
+pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }

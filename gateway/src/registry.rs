@@ -42,6 +42,7 @@ use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
+use crate::forward::Moved;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
@@ -71,6 +72,26 @@ struct Entry {
     opened: Instant,
     close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
+    /// What its transfer moved so far, for `GET /connections`.
+    moved: Moved,
+}
+
+/// One live connection as `GET /connections` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionView {
+    pub listener: String,
+    pub route: String,
+    /// The client's names (URI, DNS, email SANs), as the access log has
+    /// them; None: no certificate.
+    pub identity: Option<Vec<String>>,
+    /// The client's address and port.
+    pub source: String,
+    pub backend: Option<String>,
+    pub age_seconds: u64,
+    pub client_to_backend_bytes: u64,
+    pub backend_to_client_bytes: u64,
+    /// "kernel" or "userspace"; None while it is still connecting.
+    pub offload: Option<String>,
 }
 
 /// What a connection's last judgement rests on.
@@ -180,6 +201,7 @@ impl Inner {
 pub struct Registration {
     id: u64,
     registry: Arc<Registry>,
+    entry: Arc<Entry>,
     pub close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
     backend: Arc<OnceLock<String>>,
@@ -190,6 +212,11 @@ impl Registration {
     /// from now on it is judged by whether its route still has that one.
     pub fn connected(&self, backend: &str) {
         let _ = self.backend.set(backend.to_owned());
+    }
+
+    /// Where its forwarder counts the bytes it moves.
+    pub fn moved(&self) -> &Moved {
+        &self.entry.moved
     }
 
     /// Why the gateway closed this connection, if it did.
@@ -319,32 +346,32 @@ impl Registry {
         let leaf = leaf.cloned();
         let intermediates = inner.intern(rest);
         let backend = Arc::new(OnceLock::new());
-        inner.live.insert(
-            id,
-            Arc::new(Entry {
-                listener: state.name.clone(),
-                sni: live.sni,
-                via: route.clone(),
-                backend: backend.clone(),
-                client: live.client,
-                identity: live.identity,
-                leaf,
-                intermediates,
-                judgement: Mutex::new(Judgement {
-                    state,
-                    route: route.clone(),
-                    verified,
-                    orphaned: None,
-                }),
-                opened: Instant::now(),
-                close: close.clone(),
-                why: why.clone(),
+        let entry = Arc::new(Entry {
+            listener: state.name.clone(),
+            sni: live.sni,
+            via: route.clone(),
+            backend: backend.clone(),
+            client: live.client,
+            identity: live.identity,
+            leaf,
+            intermediates,
+            judgement: Mutex::new(Judgement {
+                state,
+                route: route.clone(),
+                verified,
+                orphaned: None,
             }),
-        );
+            opened: Instant::now(),
+            close: close.clone(),
+            why: why.clone(),
+            moved: Moved::default(),
+        });
+        inner.live.insert(id, entry.clone());
         drop(inner);
         let registration = Registration {
             id,
             registry: self.clone(),
+            entry,
             close,
             why,
             backend,
@@ -354,6 +381,31 @@ impl Registry {
 
     pub fn len(&self) -> usize {
         self.lock().live.len()
+    }
+
+    /// Up to `limit` live connections, oldest first, and how many there
+    /// are in all. Only the entries are copied under the lock; the views
+    /// are made outside it, so a large listing holds up no registration.
+    pub fn connections(&self, limit: usize) -> (Vec<ConnectionView>, usize) {
+        let mut live = self.snapshot();
+        let total = live.len();
+        live.sort_by_key(|e| e.opened);
+        let views = live
+            .iter()
+            .take(limit)
+            .map(|e| ConnectionView {
+                listener: e.listener.clone(),
+                route: e.via.name.clone(),
+                identity: e.identity.as_ref().map(Identity::names),
+                source: e.client.to_string(),
+                backend: e.backend.get().cloned(),
+                age_seconds: e.opened.elapsed().as_secs(),
+                client_to_backend_bytes: e.moved.client_to_backend.load(Ordering::Relaxed),
+                backend_to_client_bytes: e.moved.backend_to_client.load(Ordering::Relaxed),
+                offload: e.moved.path().map(str::to_owned),
+            })
+            .collect();
+        (views, total)
     }
 
     /// Distinct sets of intermediates the live connections hold.

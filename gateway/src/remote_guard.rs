@@ -510,8 +510,12 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
         }
         let guard = guard.clone();
         let stats = stats.clone();
+        // Ready once serving: the guard was installed before this point.
+        let health = Arc::new(crate::admin::Health::default());
+        health.set_ready();
         tokio::spawn(crate::admin::serve(
-            socket,
+            Some(socket),
+            None,
             crate::admin::Routes {
                 metrics: Box::new(move || {
                     let (guard, stats) = (guard.clone(), stats.clone());
@@ -519,6 +523,8 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 }),
                 admission: None,
                 clients: Vec::new(),
+                health,
+                registry: None,
             },
             stop.clone(),
         ));

@@ -486,6 +486,8 @@ pub struct RunningGateway {
     pub app_addr: SocketAddr,
     /// The admin endpoint, when the config has `admin`.
     pub admin_addr: Option<SocketAddr>,
+    /// `admin_socket`, when the config has one.
+    pub admin_socket: Option<PathBuf>,
     pub reload: gateway::app::ReloadHandle,
     pub registry: Arc<gateway::registry::Registry>,
     /// The eBPF guard, when the config enables it.
@@ -586,6 +588,7 @@ impl RunningGateway {
         let routes = app.routes(name);
         let reload = app.reload_handle();
         let admin_addr = app.admin_addr();
+        let admin_socket = app.admin_socket();
         let registry = app.registry();
         let guard = app.guard();
         let shutdown = app.shutdown_handle();
@@ -593,6 +596,7 @@ impl RunningGateway {
         RunningGateway {
             app_addr,
             admin_addr,
+            admin_socket,
             reload,
             registry,
             guard,

@@ -473,13 +473,13 @@ fn gateway_in(ns: &str, command: &str, config: &Path, log: PathBuf) -> Proc {
     Proc::spawn(cmd, log)
 }
 
-/// `gateway block ARGS --admin ADMIN` in `ns`, which must succeed; its
+/// `gateway block ARGS --socket SOCKET` in `ns`, which must succeed; its
 /// output.
-pub fn gateway_block_in(ns: &str, args: &[&str], admin: &str) -> String {
+pub fn gateway_block_in(ns: &str, args: &[&str], socket: &std::path::Path) -> String {
     let bin = crate::gateway_binary();
     let mut all = vec![bin.to_str().expect("utf-8 path"), "block"];
     all.extend(args);
-    all.extend(["--admin", admin]);
+    all.extend(["--socket", socket.to_str().expect("utf-8 path")]);
     let out = in_netns_command(ns, &all)
         .output()
         .expect("run gateway block");

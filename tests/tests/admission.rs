@@ -19,12 +19,17 @@ async fn gateway(
     admission: &str,
 ) -> RunningGateway {
     let toml = format!(
-        "admin = \"127.0.0.1:0\"\n{}",
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
         listener_toml(pki, "edge", listener)
     ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
         + "\n[admission]\n"
         + admission;
     RunningGateway::start(pki, &toml).await
+}
+
+/// The gateway's admin socket, where the block list is changed.
+fn socket(gw: &RunningGateway) -> gateway::admin::client::Endpoint {
+    gateway::admin::client::Endpoint::Socket(gw.admin_socket.clone().expect("admin_socket"))
 }
 
 /// A ClientHello trickled one byte every 300 ms is cut at the grace (1 s
@@ -329,8 +334,8 @@ async fn a_source_that_keeps_failing_is_blocked() {
         metric(&gw, "gateway_blocks_total{reason=\"strikes\"}").await,
         1
     );
-    let admin = gw.admin_addr.unwrap();
-    let list = gateway::admin::client::list(admin).await.unwrap();
+    let admin = socket(&gw);
+    let list = gateway::admin::client::list(&admin).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(
         (list[0].source.as_str(), list[0].reason.as_str()),
@@ -340,7 +345,7 @@ async fn a_source_that_keeps_failing_is_blocked() {
     allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
         .await
         .unwrap();
-    gateway::admin::client::remove(admin, "127.0.6.1")
+    gateway::admin::client::remove(&admin, "127.0.6.1")
         .await
         .unwrap();
     let mut s = tcp_from("127.0.6.1", gw.app_addr).await.unwrap();
@@ -473,8 +478,8 @@ async fn the_block_list_through_the_admin_endpoint() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "", "").await;
-    let admin = gw.admin_addr.unwrap();
-    let e = client::add(admin, "127.0.12.0/24", Some("10m"))
+    let admin = &socket(&gw);
+    let e = client::add(admin, "127.0.12.0/24", Some("10m"), false)
         .await
         .unwrap();
     assert_eq!(
@@ -485,7 +490,9 @@ async fn the_block_list_through_the_admin_endpoint() {
         e.expires_in_seconds
             .is_some_and(|s| (590..=600).contains(&s))
     );
-    let e = client::add(admin, "::ffff:127.0.13.7", None).await.unwrap();
+    let e = client::add(admin, "::ffff:127.0.13.7", None, false)
+        .await
+        .unwrap();
     assert_eq!(
         (e.source.as_str(), e.expires_in_seconds),
         ("127.0.13.7/32", None)
@@ -498,10 +505,13 @@ async fn the_block_list_through_the_admin_endpoint() {
             .is_some()
     );
     for bad in ["not-an-address", "127.0.0.1/33"] {
-        let err = client::add(admin, bad, None).await.unwrap_err().to_string();
+        let err = client::add(admin, bad, None, false)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("400"), "{err}");
     }
-    let err = client::add(admin, "127.0.14.1", Some("soon"))
+    let err = client::add(admin, "127.0.14.1", Some("soon"), false)
         .await
         .unwrap_err()
         .to_string();
@@ -524,9 +534,9 @@ async fn the_block_list_through_the_admin_endpoint() {
     );
 }
 
-/// `/block` is for `admin_clients` only (loopback by default); here they
-/// exclude loopback, so the test client is refused while `/metrics` still
-/// answers it.
+/// Reading `/block` over TCP is for `admin_clients` only (loopback by
+/// default); here they exclude loopback, so the test client is refused
+/// while `/metrics` still answers it.
 #[tokio::test]
 async fn the_block_routes_are_only_for_admin_clients() {
     let pki = Pki::new();
@@ -536,7 +546,8 @@ async fn the_block_routes_are_only_for_admin_clients() {
         listener_toml(&pki, "edge", "")
     ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
     let gw = RunningGateway::start(&pki, &toml).await;
-    let err = gateway::admin::client::add(gw.admin_addr.unwrap(), "192.0.2.1", None)
+    let tcp = gateway::admin::client::Endpoint::Tcp(gw.admin_addr.unwrap());
+    let err = gateway::admin::client::list(&tcp)
         .await
         .unwrap_err()
         .to_string();
@@ -548,7 +559,7 @@ async fn the_block_routes_are_only_for_admin_clients() {
 }
 
 /// The admin endpoint's limits: oversized headers, headers never finished,
-/// an unknown route or method, too many connections at once.
+/// an unknown route or method, slow connections filling every slot.
 #[tokio::test]
 async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
     let pki = Pki::new();
@@ -572,7 +583,7 @@ async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
     let r = response(b"GET /secrets HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
-    // Headers never finished: closed after the header timeout (5 s).
+    // Headers never finished: closed after the header timeout (2 s).
     let mut slow = TcpStream::connect(admin).await.unwrap();
     slow.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
     let started = Instant::now();
@@ -581,22 +592,55 @@ async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
         .await
         .expect("closed");
     assert!(
-        started.elapsed() < Duration::from_secs(8),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
-    // 32 connections held open: the 33rd is closed at once, and once they
-    // go, the endpoint answers again.
+    // 40 slow clients, more than the 32 slots, some of them never sending
+    // a byte: a scrape still gets in at once (it takes the slot of the
+    // oldest slow one), and every slow one is cut within the header
+    // timeout. Each cut is counted.
     let mut held = Vec::new();
-    for _ in 0..32 {
+    for i in 0..40 {
         let mut s = TcpStream::connect(admin).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        if i % 2 == 0 {
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+        }
         held.push(s);
     }
+    let opened = Instant::now();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = Instant::now();
     let r = response(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()).await;
-    assert!(r.is_empty(), "answered past the connection limit: {r}");
-    drop(held);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(gw.scrape().await.contains("gateway_live_connections"));
+    assert!(
+        r.starts_with("HTTP/1.1 200"),
+        "a scrape was kept out: {r:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    for mut s in held {
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut buf)).await;
+    }
+    assert!(
+        opened.elapsed() < Duration::from_secs(3),
+        "slow clients held on for {:?}",
+        opened.elapsed()
+    );
+    let metrics = gw.scrape().await;
+    let count = |reason: &str| -> u64 {
+        let series = format!("gateway_admin_refused_total{{reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in {metrics}"))
+    };
+    // 8 evicted to make room for the 33rd to 40th, 1 for the scrape.
+    assert_eq!(count("evicted"), 9, "{metrics}");
+    // The first slow client, and the 31 slow ones still held at 2 s.
+    assert_eq!(count("header_timeout"), 32, "{metrics}");
 }

@@ -648,10 +648,11 @@ async fn gateway_block_edits_the_running_gateways_block_list() {
     use gateway_tests::attack::*;
     let pki = Pki::new();
     let admin = dead_port();
-    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\n")
-        + &listener_toml(&pki, "edge", "")
-        + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
-        + "\n[admission]\nkernel_block_list = false\n";
+    let toml =
+        format!("access_log = \"off\"\nadmin = \"{admin}\"\nadmin_socket = \"admin.sock\"\n")
+            + &listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
+            + "\n[admission]\nkernel_block_list = false\n";
     let config = pki.write("gateway.toml", &toml);
     let (_gw, addr) = run_listening(&pki, &config);
     let block = |args: &[&str]| {
@@ -703,6 +704,74 @@ async fn gateway_block_edits_the_running_gateways_block_list() {
     );
 }
 
+/// `GET /readyz` through SIGTERM: 200 while serving, 503 from the signal
+/// on while a live connection drains (a load balancer sends new clients
+/// elsewhere first), `/healthz` 200 throughout; the drain then ends as
+/// before.
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_is_503_from_sigterm_on_while_the_binary_drains() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let admin = dead_port();
+    let toml = format!("access_log = \"off\"\nadmin = \"{admin}\"\ndrain_timeout = \"10s\"\n")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("plain", &[], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = pki.write("gateway.toml", &toml);
+    let (mut gw, addr) = run_listening(&pki, &config);
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(
+            STEP,
+            tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out),
+        )
+        .await;
+        out
+    };
+    assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+    let mut tls = connect(addr, "orders.example.internal", pki.frontend_config())
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4];
+    tokio::io::AsyncWriteExt::write_all(&mut tls, b"ping")
+        .await
+        .unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut buf)
+        .await
+        .unwrap();
+    signal(&gw.0, "TERM");
+    let until = Instant::now() + Duration::from_secs(2);
+    let ready = loop {
+        let r = get("/readyz").await;
+        if !r.starts_with("HTTP/1.1 200") || Instant::now() > until {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        ready.starts_with("HTTP/1.1 503") && ready.ends_with("not ready: draining\n"),
+        "{ready}"
+    );
+    assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+    // Still draining, still served; once it closes, the gateway exits 0.
+    tokio::io::AsyncWriteExt::write_all(&mut tls, b"pong")
+        .await
+        .unwrap();
+    tokio::io::AsyncReadExt::read_exact(&mut tls, &mut buf)
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"pong");
+    drop(tls);
+    let status = exit_status(&mut gw.0, "SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
 /// The binary serving `top` (top-level settings) and one route, its PKI
 /// owned by nobody, once it has dropped to nobody: the gateway, the
 /// config's path, its stderr and its listener's address.
@@ -746,11 +815,22 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
     }
     let pki = Pki::new();
     let admin = dead_port();
+    let socket = pki.path("admin.sock");
     let top = format!(
-        "admin = \"{admin}\"\naccess_log = \"{}\"",
+        "admin = \"{admin}\"\nadmin_socket = \"{}\"\naccess_log = \"{}\"",
+        socket.display(),
         pki.path("access.log").display()
     );
     let (gw, config, stderr, addr) = run_as_nobody(&pki, &top).await;
+    // The admin socket is the dropped-to user's, and only its.
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777
+        ),
+        (65534, 0o600)
+    );
     let threads = credentials_of(gw.0.id());
     assert!(threads.len() > 1, "the runtime's threads too: {threads:?}");
     for (uid, gid, prm, eff) in &threads {
@@ -784,13 +864,8 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
     );
     // The block list still takes edits: a write to a BPF map, as nobody.
     let out = Command::new(gateway_binary())
-        .args([
-            "block",
-            "--admin",
-            &admin.to_string(),
-            "add",
-            "192.0.2.0/24",
-        ])
+        .args(["block", "add", "192.0.2.0/24", "--socket"])
+        .arg(&socket)
         .output()
         .unwrap();
     assert!(

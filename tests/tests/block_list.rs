@@ -64,7 +64,8 @@ impl Topology {
     /// says `ready`.
     fn start(&self, admission: &str, ready: &str) -> Proc {
         let toml = format!(
-            "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\n{}",
+            "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\nadmin_socket = \"{}\"\n{}",
+            self.socket().display(),
             listener_toml(&self.pki, "edge", "").replace("127.0.0.1:0", "[::]:8443")
         ) + &route_toml(
             "orders",
@@ -82,9 +83,14 @@ impl Topology {
         )
     }
 
-    /// `gateway block ARGS` against the gateway's admin endpoint.
+    /// The gateway's admin socket.
+    fn socket(&self) -> std::path::PathBuf {
+        self.dir.path().join("admin.sock")
+    }
+
+    /// `gateway block ARGS` against the gateway's admin socket.
     fn block(&self, args: &[&str]) -> String {
-        gateway_block_in(self.gateway.name(), args, ADMIN)
+        gateway_block_in(self.gateway.name(), args, &self.socket())
     }
 
     /// A TCP connect from the client's namespace, from `from`: how it went.

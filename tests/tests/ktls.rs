@@ -269,6 +269,20 @@ async fn kernel_path_half_close_and_close_notify() {
     let mut ready = [0u8; 5];
     tls.read_exact(&mut ready).await.unwrap();
     assert_eq!(&ready, b"ready");
+    // Live on the kernel path: the registry (GET /connections) says so,
+    // and counts what the splice moved.
+    let until = std::time::Instant::now() + STEP;
+    loop {
+        let (live, _) = gw.registry.connections(10);
+        let seen = live
+            .first()
+            .map(|c| (c.offload.as_deref(), c.backend_to_client_bytes));
+        if seen == Some((Some("kernel"), 5)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "{live:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     tls.write_all(b"question").await.unwrap();
     tls.shutdown().await.unwrap();
     let mut answer = Vec::new();

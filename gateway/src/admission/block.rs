@@ -180,9 +180,15 @@ impl BlockList {
 
     /// Every entry, most specific prefixes and soonest expiries last.
     pub fn list(&self) -> Vec<Blocked> {
-        let mut v: Vec<Blocked> = self.entries.values().cloned().collect();
+        let mut v = self.snapshot();
         v.sort_by_key(|b| b.net);
         v
+    }
+
+    /// Every entry, in no order: a copy to take under the admission lock
+    /// and sort or count after it is released.
+    pub fn snapshot(&self) -> Vec<Blocked> {
+        self.entries.values().cloned().collect()
     }
 
     fn soonest(&self) -> Option<IpNet> {

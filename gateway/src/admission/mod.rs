@@ -464,13 +464,12 @@ impl Admission {
 
     /// The block list now.
     pub fn blocked(&self) -> Vec<Blocked> {
+        // Copied under the lock, sorted after: every accept takes it.
+        let mut list = self.tables().blocked.snapshot();
         let now = Instant::now();
-        self.tables()
-            .blocked
-            .list()
-            .into_iter()
-            .filter(|b| b.expires.is_none_or(|e| e > now))
-            .collect()
+        list.retain(|b| b.expires.is_none_or(|e| e > now));
+        list.sort_by_key(|b| b.net);
+        list
     }
 
     /// Once a second: expired blocks leave (the kernel's copy too), due
@@ -509,23 +508,24 @@ impl Admission {
                 .iter()
                 .map(|p| ([("listener", p.listener())], p.handshakes())),
         )?;
-        let (blocked, tracked, forgotten, displaced) = {
+        // A copy under the lock (every accept takes it), counted after.
+        let (list, tracked, forgotten, displaced) = {
             let t = self.tables();
-            let mut by_reason = [0u64; 2];
-            for b in t.blocked.list() {
-                let [strikes, manual] = &mut by_reason;
-                match b.reason {
-                    BlockReason::Strikes => *strikes += 1,
-                    BlockReason::Manual => *manual += 1,
-                }
-            }
             (
-                by_reason,
+                t.blocked.snapshot(),
                 [t.sources.addresses.len(), t.sources.prefixes.len()],
                 [t.sources.addresses.forgotten, t.sources.prefixes.forgotten],
                 t.blocked.displaced,
             )
         };
+        let mut blocked = [0u64; 2];
+        for b in &list {
+            let [strikes, manual] = &mut blocked;
+            match b.reason {
+                BlockReason::Strikes => *strikes += 1,
+                BlockReason::Manual => *manual += 1,
+            }
+        }
         out.gauge(
             "gateway_blocked_sources",
             "Entries on the block list right now, by why.",

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::record_layer::{Control, MAX_FRAGMENT, RecordLayer, Slots};
 use super::{Finished, HandOffError, PeerRole};
-use crate::forward::{self, Activity, Broken, Transfer, read_ready, write_ready};
+use crate::forward::{self, Activity, Broken, Moved, Transfer, read_ready, write_ready};
 /// Bytes one read may take. Large enough that a fast sender costs few
 /// syscalls per MiB; it is only held while data is in flight.
 pub(crate) const READ: usize = 64 * 1024;
@@ -110,15 +110,17 @@ impl RecordLeg {
 }
 
 /// Moves bytes both ways until both directions end, the connection idles
-/// out, or `close` fires (then `why` says what closed it).
-pub fn forward(
+/// out, or `close` fires (then `why` says what closed it); `moved` counts
+/// the bytes each way as they go.
+pub fn forward<'m>(
     client: Side,
     backend: Side,
     idle: Duration,
     close: CancellationToken,
-    why: impl FnOnce() -> String,
-) -> impl Future<Output = Transfer> {
-    forward::both_ways(client, backend, idle, close, why, pump)
+    why: impl FnOnce() -> String + 'm,
+    moved: &'m Moved,
+) -> impl Future<Output = Transfer> + 'm {
+    forward::both_ways(client, backend, idle, close, why, pump, moved)
 }
 
 /// One direction: read from `src`, open its records if it is TLS, seal them

@@ -19,7 +19,7 @@ use rustls::{AlertDescription, ContentType};
 
 use super::post_handshake::{Control, PeerRules};
 use super::{KernelLeg, sys};
-use crate::forward::{self, Activity, Broken, Transfer, read_ready, write_ready};
+use crate::forward::{self, Activity, Broken, Moved, Transfer, read_ready, write_ready};
 
 const ALERT: u8 = 21;
 const APPLICATION_DATA: u8 = 23;
@@ -48,15 +48,17 @@ impl Side {
 }
 
 /// Moves bytes both ways until both directions end, the connection idles
-/// out, or `close` fires (then `why` says what closed it).
-pub fn forward(
+/// out, or `close` fires (then `why` says what closed it); `moved` counts
+/// the bytes each way as they go.
+pub fn forward<'m>(
     client: Side,
     backend: Side,
     idle: Duration,
     close: CancellationToken,
-    why: impl FnOnce() -> String,
-) -> impl Future<Output = Transfer> {
-    forward::both_ways(client, backend, idle, close, why, pump)
+    why: impl FnOnce() -> String + 'm,
+    moved: &'m Moved,
+) -> impl Future<Output = Transfer> + 'm {
+    forward::both_ways(client, backend, idle, close, why, pump, moved)
 }
 
 /// One direction: `src` → pipe → `dst`, then the half-close.
@@ -350,6 +352,8 @@ mod tests {
             Duration::from_secs(20),
             CancellationToken::new(),
             String::new,
+            // The task must own what it borrows: one counter per test run.
+            Box::leak(Box::default()),
         ));
         let up: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 241) as u8).collect();

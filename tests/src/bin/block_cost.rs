@@ -68,7 +68,11 @@ fn main() {
         order.rotate_left(round % paths.len());
         for (path, admission) in order {
             let gw = start(&g, &pki, dir.path(), admission, path);
-            gateway_block_in(g.name(), &["add", &SOURCE.to_string()], ADMIN);
+            gateway_block_in(
+                g.name(),
+                &["add", &SOURCE.to_string()],
+                &dir.path().join("admin.sock"),
+            );
             let pid = gw.child.id();
             let counter = match *path {
                 "xdp" => "gateway_block_list_drops_total{reason=\"manual\"}",
@@ -135,7 +139,8 @@ fn main() {
 /// admin endpoint answers.
 fn start(g: &Netns, pki: &Pki, dir: &std::path::Path, admission: &str, tag: &str) -> Proc {
     let toml = format!(
-        "access_log = \"off\"\nwatch_files = false\nworkers = 1\nadmin = \"{ADMIN}\"\n{}",
+        "access_log = \"off\"\nwatch_files = false\nworkers = 1\nadmin = \"{ADMIN}\"\nadmin_socket = \"{}\"\n{}",
+        dir.join("admin.sock").display(),
         listener_toml(pki, "edge", "").replace("127.0.0.1:0", &format!("{GATEWAY}:{PORT}"))
     ) + &route_toml(
         "orders",
