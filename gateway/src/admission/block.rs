@@ -104,6 +104,30 @@ impl BlockList {
             })
     }
 
+    /// Whether an entry as wide as `net` or wider blocks all of it now.
+    pub fn covers(&self, net: IpNet, now: Instant) -> bool {
+        let v6 = net.addr().is_ipv6();
+        self.lengths
+            .keys()
+            .filter(|(family, len)| *family == v6 && *len <= net.prefix_len())
+            .any(|(_, len)| {
+                IpNet::new(net.addr(), *len).is_ok_and(|wider| {
+                    self.entries
+                        .get(&wider.trunc())
+                        .is_some_and(|b| b.expires.is_none_or(|e| e > now))
+                })
+            })
+    }
+
+    /// The entries `pick` picks.
+    pub fn select(&self, pick: impl Fn(&Blocked) -> bool) -> Vec<IpNet> {
+        self.entries
+            .values()
+            .filter(|b| pick(b))
+            .map(|b| b.net)
+            .collect()
+    }
+
     /// Blocks `net` (truncated to its prefix) for `ttl` (None: until
     /// removed), replacing an entry for the same prefix.
     pub fn add(
