@@ -358,7 +358,7 @@ fn strikes_spread_over_a_24_block_the_24_in_the_kernel() {
     }
     let list = t.block(&["list"]);
     assert!(
-        list.contains("10.201.1.0/24") && !list.contains("/32"),
+        list.contains("10.201.1.0/24") && list.contains("prefix") && !list.contains("/32"),
         "{list}"
     );
     assert_eq!(

@@ -301,7 +301,10 @@ impl Admission {
                 continue;
             }
             let ttl = expires.map(|e| e.saturating_duration_since(now));
-            if let Added::Yes { .. } = t.blocked.add(net, reason, ttl, now) {
+            if let Added::Yes { .. } =
+                t.blocked
+                    .add(net, reason, Level::of(net, settings), ttl, now)
+            {
                 tracing::info!(%net, reason = reason.as_str(), ?ttl, "admission: blocked, as the previous gateway left it");
             }
         }
@@ -458,10 +461,13 @@ impl Admission {
             t.blocked.remove(&old);
             kernel.remove(old);
         }
-        match t
-            .blocked
-            .add(net, BlockReason::Strikes, Some(settings.block_for), now)
-        {
+        match t.blocked.add(
+            net,
+            BlockReason::Strikes,
+            level,
+            Some(settings.block_for),
+            now,
+        ) {
             Added::Yes { displaced } => {
                 self.count_block(BlockReason::Strikes, level);
                 if let Some(old) = displaced {
@@ -471,6 +477,7 @@ impl Admission {
                     &Blocked {
                         net,
                         reason: BlockReason::Strikes,
+                        level,
                         expires: Some(expires),
                     },
                     now,
@@ -505,10 +512,11 @@ impl Admission {
         }
         let now = Instant::now();
         let mut t = self.tables();
-        match t.blocked.add(net, BlockReason::Manual, ttl, now) {
+        let level = Level::of(net, &settings);
+        match t.blocked.add(net, BlockReason::Manual, level, ttl, now) {
             Added::Full => Err(AdmissionError::BlockListFull(t.blocked.len())),
             Added::Yes { displaced } => {
-                self.count_block(BlockReason::Manual, Level::of(net, &settings));
+                self.count_block(BlockReason::Manual, level);
                 let mut kernel = self.kernel();
                 if let Some(old) = displaced {
                     kernel.remove(old);
@@ -521,6 +529,7 @@ impl Admission {
                     .unwrap_or(Blocked {
                         net,
                         reason: BlockReason::Manual,
+                        level,
                         expires: ttl.map(|t| now + t),
                     });
                 kernel.insert(&entry, now);
@@ -595,14 +604,11 @@ impl Admission {
                 .iter()
                 .map(|p| ([("listener", p.listener())], p.handshakes())),
         )?;
-        let settings = self.settings.load();
         let (blocked, tracked, forgotten, displaced) = {
             let t = self.tables();
             let mut by_kind: HashMap<(BlockReason, Level), u64> = HashMap::new();
             for b in t.blocked.list() {
-                *by_kind
-                    .entry((b.reason, Level::of(b.net, &settings)))
-                    .or_default() += 1;
+                *by_kind.entry((b.reason, b.level)).or_default() += 1;
             }
             (
                 by_kind,
