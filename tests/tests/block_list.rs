@@ -276,8 +276,7 @@ fn a_restart_takes_over_the_pinned_block_list() {
         return;
     }
     let t = Topology::new();
-    let pins = Pins::new("gateway-test-block-");
-    let admission = format!("pin = true\npin_dir = \"{}\"\n", pins.0.display());
+    let (pins, admission) = pinned();
     let gw = t.start(&admission, "kernel block list attached");
     t.block(&["add", CLIENT, "--for", "1h"]);
     assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
@@ -301,8 +300,7 @@ fn expired_entries_a_previous_gateway_left_are_removed_at_start() {
         return;
     }
     let t = Topology::new();
-    let pins = Pins::new("gateway-test-block-");
-    let admission = format!("pin = true\npin_dir = \"{}\"\n", pins.0.display());
+    let (_pins, admission) = pinned();
     let gw = t.start(&admission, "kernel block list attached");
     t.wait_open(CLIENT, listener());
     // A /24 for an hour, and inside it the client for two seconds: the
@@ -370,6 +368,14 @@ fn strikes_spread_over_a_24_block_the_24_in_the_kernel() {
         0
     );
     assert!(t.metric("gateway_block_list_drops_total{reason=\"strikes\"}") >= 1);
+}
+
+/// A pin directory of the test's own, and the admission settings that
+/// use it.
+fn pinned() -> (Pins, String) {
+    let pins = Pins::new("gateway-test-block-");
+    let admission = format!("pin = true\npin_dir = \"{}\"\n", pins.0.display());
+    (pins, admission)
 }
 
 /// SIGTERM, and waits until the gateway is gone.
