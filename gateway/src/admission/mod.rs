@@ -451,11 +451,17 @@ impl Admission {
             return;
         }
         let expires = now + settings.block_for;
-        let covered = t.blocked.select(|b| {
-            net.contains(&b.net)
-                && b.reason == BlockReason::Strikes
-                && b.expires.is_some_and(|e| e <= expires)
-        });
+        // (A scan of the list: only for a prefix or a network, whose blocks
+        // come at most once per `prefix_block_after` strikes; an address
+        // covers nothing but itself.)
+        let covered = match level {
+            Level::Address => Vec::new(),
+            Level::Prefix | Level::Network => t.blocked.select(|b| {
+                net.contains(&b.net)
+                    && b.reason == BlockReason::Strikes
+                    && b.expires.is_some_and(|e| e <= expires)
+            }),
+        };
         let mut kernel = self.kernel();
         for old in covered {
             t.blocked.remove(&old);
