@@ -96,7 +96,8 @@ impl Default for Setup {
             // would cap every scenario but the abuse one at theirs.
             gateway_tail:
                 "\n[admission]\nsource_handshakes_per_second = 0\nsource_handshakes_in_flight = 0\n\
-                           prefix_handshakes_per_second = 0\nprefix_handshakes_in_flight = 0\n"
+                           prefix_handshakes_per_second = 0\nprefix_handshakes_in_flight = 0\n\
+                           network_handshakes_per_second = 0\nnetwork_handshakes_in_flight = 0\n"
                     .into(),
             more_backends: Vec::new(),
         }

@@ -715,6 +715,10 @@ pub fn parse_source(s: &str) -> Result<IpNet, String> {
 pub struct Entry {
     pub source: String,
     pub reason: String,
+    /// How wide: `address`, `prefix`, `network` (admission.ipv4_prefix,
+    /// ipv6_prefix and narrower are `prefix`).
+    #[serde(default)]
+    pub level: String,
     /// None: until removed.
     pub expires_in_seconds: Option<u64>,
 }
@@ -724,6 +728,7 @@ impl From<&Blocked> for Entry {
         Entry {
             source: b.net.to_string(),
             reason: b.reason.as_str().to_owned(),
+            level: b.level.as_str().to_owned(),
             expires_in_seconds: b
                 .expires
                 .map(|e| e.saturating_duration_since(Instant::now()).as_secs()),

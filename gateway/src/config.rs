@@ -51,7 +51,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// Who may read `/block` and `/connections` at `admin` (CIDR); `GET
     /// /metrics`, `/healthz` and `/readyz` answer anyone who can reach it.
-    #[serde(default = "default_admin_clients")]
+    /// An IPv4-mapped IPv6 range is read as the IPv4 range it maps.
+    #[serde(default = "default_admin_clients", deserialize_with = "canonical_nets")]
     pub admin_clients: Vec<ipnet::IpNet>,
     /// A Unix socket (mode 0600, owned by the user the gateway runs as)
     /// serving every admin route, including the changes (`gateway block
@@ -270,19 +271,39 @@ pub struct AdmissionSettings {
     /// The prefix lengths sources are grouped by.
     pub ipv4_prefix: u8,
     pub ipv6_prefix: u8,
+    /// The same for every source in one network, a coarser prefix
+    /// (`ipv4_network`, `ipv6_network`): what an attacker holding many
+    /// prefixes (a /48 of IPv6 is 65536 /64s) shares.
+    pub network_handshakes_per_second: u32,
+    pub network_handshake_burst: u32,
+    pub network_handshakes_in_flight: u32,
+    pub ipv4_network: u8,
+    pub ipv6_network: u8,
     /// A source with this many strikes (failed handshakes, and connections
     /// refused for exceeding a limit) within `block_window` is blocked for
-    /// `block_for`; 0: never blocked automatically.
+    /// `block_for`; 0: a source is never blocked on its own strikes (its
+    /// prefix and network still are, by their own thresholds below).
     pub block_after: u32,
+    /// A prefix (network) whose sources together have this many strikes
+    /// within `block_window` is blocked as a whole for `block_for`; 0:
+    /// never. Above `block_after` (`prefix_block_after`), so that one
+    /// source alone never blocks its neighbours.
+    pub prefix_block_after: u32,
+    pub network_block_after: u32,
     #[serde(with = "duration")]
     pub block_window: Duration,
     #[serde(with = "duration")]
     pub block_for: Duration,
     /// Sources that are never limited or blocked (CIDR): health checkers, a
-    /// known NAT. They still count towards the listeners' slots.
+    /// known NAT. They still count towards the listeners' slots. An
+    /// IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is read as the IPv4
+    /// range it maps (`10.0.0.0/8`): clients are compared in IPv4.
+    #[serde(deserialize_with = "canonical_nets")]
     pub exempt: Vec<ipnet::IpNet>,
-    /// Source addresses tracked at once, and prefixes likewise; beyond it
-    /// the least recently seen are forgotten.
+    /// Source addresses tracked at once, and prefixes and networks
+    /// likewise; beyond it the least recently seen idle entry is forgotten
+    /// (one with handshakes in flight, strikes or a partly spent bucket
+    /// never is: a new source is refused instead, `max_tracked`).
     pub max_tracked: u32,
     /// Entries on the block list at once (at most 65536, the kernel map's
     /// size); beyond it the entry expiring first gives way.
@@ -314,7 +335,14 @@ impl Default for AdmissionSettings {
             prefix_handshakes_in_flight: 1024,
             ipv4_prefix: 24,
             ipv6_prefix: 64,
+            network_handshakes_per_second: 4000,
+            network_handshake_burst: 8000,
+            network_handshakes_in_flight: 4096,
+            ipv4_network: 16,
+            ipv6_network: 48,
             block_after: 100,
+            prefix_block_after: 400,
+            network_block_after: 1600,
             block_window: Duration::from_secs(10),
             block_for: Duration::from_secs(600),
             exempt: Vec::new(),
@@ -496,6 +524,38 @@ fn default_handshake_min_rate() -> u32 {
 fn default_handshake_grace() -> Duration {
     Duration::from_secs(2)
 }
+/// CIDR ranges, each IPv4-mapped IPv6 range (within `::ffff:0:0/96`) read
+/// as the IPv4 range it maps: clients are compared in their canonical form
+/// (`IpAddr::to_canonical`), so `::ffff:10.0.0.0/104` as written would
+/// never match anyone. A range that covers part of the mapped space and
+/// more (`::/80`) cannot be said in IPv4: refused.
+fn canonical_nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    let nets = Vec::<ipnet::IpNet>::deserialize(d)?;
+    nets.into_iter()
+        .map(|n| canonical_net(n).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+pub(crate) fn canonical_net(net: ipnet::IpNet) -> Result<ipnet::IpNet, String> {
+    let ipnet::IpNet::V6(v6) = net else {
+        return Ok(net);
+    };
+    let mapped = ipnet::Ipv6Net::new(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96)
+        .map_err(|e| e.to_string())?;
+    if mapped.contains(&v6) {
+        let v4 = v6.addr().to_ipv4_mapped().ok_or("not IPv4-mapped")?;
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .map(|n| ipnet::IpNet::V4(n.trunc()))
+            .map_err(|e| e.to_string());
+    }
+    if v6.contains(&mapped) && v6.prefix_len() > 0 {
+        return Err(format!(
+            "{net} covers IPv4-mapped addresses (::ffff:0:0/96) and more: clients are compared as IPv4, so write the IPv4 range apart"
+        ));
+    }
+    Ok(net)
+}
+
 fn default_admin_clients() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"]
         .iter()
@@ -627,6 +687,12 @@ impl Config {
         if a.ipv6_prefix > 128 {
             return Err(at("ipv6_prefix", "must be at most 128"));
         }
+        if a.ipv4_network > a.ipv4_prefix {
+            return Err(at("ipv4_network", "must be at most ipv4_prefix"));
+        }
+        if a.ipv6_network > a.ipv6_prefix {
+            return Err(at("ipv6_network", "must be at most ipv6_prefix"));
+        }
         for (field, rate, burst) in [
             (
                 "source_handshake_burst",
@@ -637,6 +703,11 @@ impl Config {
                 "prefix_handshake_burst",
                 a.prefix_handshakes_per_second,
                 a.prefix_handshake_burst,
+            ),
+            (
+                "network_handshake_burst",
+                a.network_handshakes_per_second,
+                a.network_handshake_burst,
             ),
         ] {
             if rate > 0 && burst == 0 {
@@ -937,6 +1008,11 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         for (bad, field) in [
             ("[admission]\nipv4_prefix = 33\n", "ipv4_prefix"),
             ("[admission]\nipv6_prefix = 129\n", "ipv6_prefix"),
+            ("[admission]\nipv4_network = 25\n", "ipv4_network"),
+            (
+                "[admission]\nnetwork_handshake_burst = 0\n",
+                "network_handshake_burst",
+            ),
             ("[admission]\nmax_blocked = 70000\n", "max_blocked"),
             ("[admission]\nmax_tracked = 0\n", "max_tracked"),
             ("[admission]\nblock_for = \"0s\"\n", "block_for"),
@@ -964,6 +1040,27 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
         );
         let err = parse(&over).unwrap_err().to_string();
         assert!(err.contains("max_handshakes_in_flight"), "{err}");
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_are_read_as_ipv4_and_ambiguous_ones_refused() {
+        let text = format!(
+            "admin_clients = [\"::ffff:127.0.0.0/104\", \"::1/128\"]\n{MINIMAL}\n[admission]\nexempt = [\"::ffff:192.0.2.0/120\", \"2001:db8::/32\", \"10.0.0.0/8\"]\n"
+        );
+        let c = parse(&text).unwrap();
+        let nets = |v: &[ipnet::IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(nets(&c.admin_clients), ["127.0.0.0/8", "::1/128"]);
+        assert_eq!(
+            nets(&c.admission.exempt),
+            ["192.0.2.0/24", "2001:db8::/32", "10.0.0.0/8"]
+        );
+        // An IPv4 client (compared in IPv4) matches what was written.
+        let client: std::net::IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert!(c.admission.exempt[0].contains(&client.to_canonical()));
+        let err = parse(&format!("{MINIMAL}\n[admission]\nexempt = [\"::/80\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IPv4-mapped"), "{err}");
     }
 
     #[test]

@@ -263,6 +263,9 @@ fn serve<'a>(
             }
         };
         ticket.established();
+        if conn.verified.is_some() && conn.verdict == Verdict::Allow {
+            ticket.authenticated();
+        }
         drop(watch);
         let (route, mut tls) = tls;
         // The identity leaves for the registry; a PROXY header reports its CN.
@@ -881,6 +884,9 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         | Refusal::SourceHandshakes
         | Refusal::PrefixRate
         | Refusal::PrefixHandshakes
+        | Refusal::NetworkRate
+        | Refusal::NetworkHandshakes
+        | Refusal::MaxTracked
         | Refusal::OutOfDescriptors => HandshakeFailure::Protocol,
     }
 }

@@ -728,7 +728,7 @@ fn block(
                         Some(s) => format!("for {s}s more"),
                         None => "until removed".to_owned(),
                     };
-                    println!("{:<43} {:<8} {until}", e.source, e.reason);
+                    println!("{:<43} {:<8} {:<8} {until}", e.source, e.reason, e.level);
                 }
             }
             BlockCommand::Add { source, ttl, force } => {

@@ -331,7 +331,11 @@ async fn a_source_that_keeps_failing_is_blocked() {
     );
     assert_eq!(metric(&gw, &refused("blocked")).await, 1);
     assert_eq!(
-        metric(&gw, "gateway_blocks_total{reason=\"strikes\"}").await,
+        metric(
+            &gw,
+            "gateway_blocks_total{reason=\"strikes\",level=\"address\"}"
+        )
+        .await,
         1
     );
     let admin = socket(&gw);
@@ -364,6 +368,41 @@ async fn a_source_that_keeps_failing_is_blocked() {
 
 /// A source over its handshake rate is refused at accept; its neighbour
 /// in another prefix is not affected.
+/// A NAT: some of its clients fail their handshakes, most authenticate.
+/// Each authenticated handshake pays back a strike, so the NAT's address
+/// is not blocked while its successes keep up with its failures.
+#[tokio::test]
+async fn authenticated_handshakes_pay_back_strikes_of_their_address() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "", "block_after = 3\nblock_for = \"1h\"").await;
+    let fail = |from: &'static str| async move {
+        let mut s = tcp_from(from, gw.app_addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(&mut s, STEP).await.is_some());
+    };
+    // Two strikes of three; then each failure follows a success.
+    fail("127.0.8.1").await;
+    fail("127.0.8.1").await;
+    for _ in 0..4 {
+        allowed_from(&pki, ORDERS, "127.0.8.1", gw.app_addr)
+            .await
+            .expect("allowed");
+        fail("127.0.8.1").await;
+    }
+    assert!(
+        gateway::admin::client::list(&gateway::admin::client::Endpoint::Tcp(
+            gw.admin_addr.unwrap()
+        ))
+        .await
+        .unwrap()
+        .is_empty()
+    );
+    assert_eq!(metric(&gw, &refused("blocked")).await, 0);
+}
+
 #[tokio::test]
 async fn a_source_over_its_handshake_rate_is_refused() {
     let pki = Pki::new();

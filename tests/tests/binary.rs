@@ -596,7 +596,7 @@ async fn a_flood_of_refusals_takes_a_bounded_number_of_log_lines() {
         + &listener_toml(&pki, "edge", "")
         + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND])
         + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\n\
-           block_after = 0\nlog_every = \"1s\"\n";
+           block_after = 0\nprefix_block_after = 0\nnetwork_block_after = 0\nlog_every = \"1s\"\n";
     let config = pki.write("gateway.toml", &toml);
     let (_gw, addr) = run_listening(&pki, &config);
     // One admitted (and closed without a ClientHello), 500 over the rate.

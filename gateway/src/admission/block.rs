@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
+use super::sources::Level;
+
 /// Why an entry is on the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -33,6 +35,9 @@ impl BlockReason {
 pub struct Blocked {
     pub net: IpNet,
     pub reason: BlockReason,
+    /// How wide it is (as the config's prefix lengths were when it was
+    /// added).
+    pub level: Level,
     /// None: until removed.
     pub expires: Option<Instant>,
 }
@@ -104,12 +109,37 @@ impl BlockList {
             })
     }
 
+    /// Whether an entry as wide as `net` or wider blocks all of it now.
+    pub fn covers(&self, net: IpNet, now: Instant) -> bool {
+        let v6 = net.addr().is_ipv6();
+        self.lengths
+            .keys()
+            .filter(|(family, len)| *family == v6 && *len <= net.prefix_len())
+            .any(|(_, len)| {
+                IpNet::new(net.addr(), *len).is_ok_and(|wider| {
+                    self.entries
+                        .get(&wider.trunc())
+                        .is_some_and(|b| b.expires.is_none_or(|e| e > now))
+                })
+            })
+    }
+
+    /// The entries `pick` picks.
+    pub fn select(&self, pick: impl Fn(&Blocked) -> bool) -> Vec<IpNet> {
+        self.entries
+            .values()
+            .filter(|b| pick(b))
+            .map(|b| b.net)
+            .collect()
+    }
+
     /// Blocks `net` (truncated to its prefix) for `ttl` (None: until
     /// removed), replacing an entry for the same prefix.
     pub fn add(
         &mut self,
         net: IpNet,
         reason: BlockReason,
+        level: Level,
         ttl: Option<Duration>,
         now: Instant,
     ) -> Added {
@@ -139,6 +169,7 @@ impl BlockList {
             Blocked {
                 net,
                 reason,
+                level,
                 expires,
             },
         );
@@ -215,13 +246,21 @@ mod tests {
         b.add(
             net("192.0.2.7/32"),
             BlockReason::Strikes,
+            Level::Address,
             Some(Duration::from_secs(5)),
             now,
         );
-        b.add(net("198.51.100.0/24"), BlockReason::Manual, None, now);
+        b.add(
+            net("198.51.100.0/24"),
+            BlockReason::Manual,
+            Level::Prefix,
+            None,
+            now,
+        );
         b.add(
             net("2001:db8::/64"),
             BlockReason::Manual,
+            Level::Prefix,
             Some(Duration::from_secs(60)),
             now,
         );
@@ -248,22 +287,70 @@ mod tests {
         let mut b = BlockList::new(3);
         let now = Instant::now();
         let s = |n| Some(Duration::from_secs(n));
-        b.add(net("10.0.0.1/32"), BlockReason::Manual, None, now);
-        b.add(net("10.0.0.2/32"), BlockReason::Strikes, s(100), now);
-        b.add(net("10.0.0.3/32"), BlockReason::Strikes, s(50), now);
+        b.add(
+            net("10.0.0.1/32"),
+            BlockReason::Manual,
+            Level::Address,
+            None,
+            now,
+        );
+        b.add(
+            net("10.0.0.2/32"),
+            BlockReason::Strikes,
+            Level::Address,
+            s(100),
+            now,
+        );
+        b.add(
+            net("10.0.0.3/32"),
+            BlockReason::Strikes,
+            Level::Address,
+            s(50),
+            now,
+        );
         assert_eq!(
-            b.add(net("10.0.0.4/32"), BlockReason::Strikes, s(100), now),
+            b.add(
+                net("10.0.0.4/32"),
+                BlockReason::Strikes,
+                Level::Address,
+                s(100),
+                now
+            ),
             Added::Yes {
                 displaced: Some(net("10.0.0.3/32"))
             }
         );
         assert_eq!(b.len(), 3);
         // 2 and 4 expire together; then only permanent entries are left.
-        b.add(net("10.0.0.5/32"), BlockReason::Strikes, s(100), now);
-        b.add(net("10.0.0.6/32"), BlockReason::Manual, None, now);
-        b.add(net("10.0.0.7/32"), BlockReason::Manual, None, now);
+        b.add(
+            net("10.0.0.5/32"),
+            BlockReason::Strikes,
+            Level::Address,
+            s(100),
+            now,
+        );
+        b.add(
+            net("10.0.0.6/32"),
+            BlockReason::Manual,
+            Level::Address,
+            None,
+            now,
+        );
+        b.add(
+            net("10.0.0.7/32"),
+            BlockReason::Manual,
+            Level::Address,
+            None,
+            now,
+        );
         assert_eq!(
-            b.add(net("10.0.0.8/32"), BlockReason::Strikes, s(100), now),
+            b.add(
+                net("10.0.0.8/32"),
+                BlockReason::Strikes,
+                Level::Address,
+                s(100),
+                now
+            ),
             Added::Full
         );
         assert!(b.lookup(ip("10.0.0.1"), now).is_some());
@@ -271,7 +358,13 @@ mod tests {
         assert_eq!(b.displaced, 4);
         // Replacing an entry needs no room.
         assert!(matches!(
-            b.add(net("10.0.0.1/32"), BlockReason::Manual, s(1), now),
+            b.add(
+                net("10.0.0.1/32"),
+                BlockReason::Manual,
+                Level::Address,
+                s(1),
+                now
+            ),
             Added::Yes { displaced: None }
         ));
     }
@@ -280,7 +373,13 @@ mod tests {
     fn a_prefix_written_with_host_bits_is_the_prefix() {
         let mut b = BlockList::new(3);
         let now = Instant::now();
-        b.add(net("203.0.113.77/24"), BlockReason::Manual, None, now);
+        b.add(
+            net("203.0.113.77/24"),
+            BlockReason::Manual,
+            Level::Prefix,
+            None,
+            now,
+        );
         assert_eq!(b.list()[0].net, net("203.0.113.0/24"));
         assert!(b.remove(&net("203.0.113.1/24")));
     }

@@ -80,9 +80,9 @@ impl Kernel {
         if self.filter.is_none() || self.pin_dir != wanted.pin_dir {
             self.filter = None;
             match BlockFilter::load(wanted.pin_dir.as_deref()) {
-                Ok(filter) => {
+                Ok(mut filter) => {
                     self.pin_dir = wanted.pin_dir.clone();
-                    adopted = take_over(&filter, now);
+                    adopted = take_over(&mut filter, now);
                     self.filter = Some(filter);
                     for b in list {
                         self.insert(b, now);
@@ -190,14 +190,25 @@ impl Kernel {
     }
 }
 
-/// The entries a previous gateway left, with their expiry on this clock
-/// (already expired ones are left for the program to ignore).
-fn take_over(filter: &BlockFilter, now: Instant) -> Vec<(IpNet, BlockReason, Option<Instant>)> {
+/// The entries a previous gateway left, with their expiry on this clock.
+/// Expired ones are removed from the maps: the gateway would never know
+/// them, so nothing would ever take them out (nor could `gateway block
+/// remove`, which asks the gateway's list), and the program would find
+/// them first (the longest prefix) and pass a source a wider entry blocks.
+fn take_over(filter: &mut BlockFilter, now: Instant) -> Vec<(IpNet, BlockReason, Option<Instant>)> {
     let kernel_now = block_list::monotonic_ns();
     match filter.entries() {
         Ok(entries) => entries
             .into_iter()
-            .filter(|(_, _, expires)| *expires > kernel_now)
+            .filter(|(net, _, expires)| {
+                if *expires > kernel_now {
+                    return true;
+                }
+                if let Err(e) = filter.remove(*net) {
+                    tracing::warn!(%net, error = %e, "admission: an expired entry a previous gateway left could not be removed from the kernel block list");
+                }
+                false
+            })
             .map(|(net, reason, expires)| {
                 let reason = match reason {
                     Reason::Strikes => BlockReason::Strikes,

@@ -7,8 +7,8 @@
 //! is read, and in this order:
 //!
 //! - the block list (`block`): a blocked source is refused;
-//! - per source address and per prefix (`sources`): a token bucket of
-//!   handshakes and a cap on handshakes in flight;
+//! - per source address, per prefix and per network (`sources`): a token
+//!   bucket of handshakes and a cap on handshakes in flight;
 //! - the listener's slots (`pool`): `max_connections`, of which
 //!   `max_handshakes_in_flight` unauthenticated; when full, the handshake
 //!   that made the least progress is evicted, never a connection past it.
@@ -17,9 +17,13 @@
 //! the ClientHello is in and when the handshake is done, and races the
 //! handshake against [`Ticket::watch`] (`progress`: eviction, and a minimum
 //! byte rate while it is the client's turn). A handshake that ends without
-//! authenticating is a strike against its source, and so is a refusal for
-//! exceeding a limit; enough strikes within a window block the source for
-//! a while. The block list also lives in the kernel (`kernel`), where an
+//! authenticating is a strike against its source (and its prefix and
+//! network), and so is a refusal for exceeding a limit; enough strikes
+//! within a window block the source (or the prefix, or the network) for a
+//! while. Eviction by a newcomer is no strike (the listener was full, not
+//! the source at fault); a handshake that authenticated with a verified
+//! certificate pays one strike of its address back. The block list also
+//! lives in the kernel (`kernel`), where an
 //! XDP program drops a blocked source's new connections before a socket
 //! exists.
 //!
@@ -37,7 +41,7 @@ mod sources;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -53,6 +57,7 @@ use crate::state::ListenerState;
 pub use block::{Added, BlockReason, Blocked};
 pub use pool::Pool;
 pub use progress::{Cut, Watch};
+pub use sources::Level;
 
 use block::BlockList;
 use pool::Place;
@@ -86,6 +91,13 @@ pub enum Refusal {
     /// The same for the source's prefix.
     PrefixRate,
     PrefixHandshakes,
+    /// The same for the source's network (a coarser prefix).
+    NetworkRate,
+    NetworkHandshakes,
+    /// The source is new and the tables of sources are full of ones that
+    /// may not be forgotten yet (handshakes in flight, strikes, spent
+    /// buckets): refused rather than forget what an attacker did.
+    MaxTracked,
     /// Admitted, then evicted by a newer connection.
     Evicted,
     /// Admitted, then cut for sending below the minimum rate.
@@ -127,6 +139,9 @@ impl Refusal {
             Refusal::SourceHandshakes => "source_handshakes",
             Refusal::PrefixRate => "prefix_rate",
             Refusal::PrefixHandshakes => "prefix_handshakes",
+            Refusal::NetworkRate => "network_rate",
+            Refusal::NetworkHandshakes => "network_handshakes",
+            Refusal::MaxTracked => "max_tracked",
             Refusal::Evicted => "evicted",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
             Refusal::HandshakeTimeout => "handshake_timeout",
@@ -150,9 +165,22 @@ impl Refusal {
                 | Refusal::SourceHandshakes
                 | Refusal::PrefixRate
                 | Refusal::PrefixHandshakes
+                | Refusal::NetworkRate
+                | Refusal::NetworkHandshakes
         )
     }
 }
+
+/// Every (reason, level) a block is counted by, in the order the metrics
+/// list them.
+const BLOCK_KINDS: [(BlockReason, Level); 6] = [
+    (BlockReason::Strikes, Level::Address),
+    (BlockReason::Strikes, Level::Prefix),
+    (BlockReason::Strikes, Level::Network),
+    (BlockReason::Manual, Level::Address),
+    (BlockReason::Manual, Level::Prefix),
+    (BlockReason::Manual, Level::Network),
+];
 
 /// How far a connection is: its handshake's stages, then past it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -210,7 +238,8 @@ pub struct Admission {
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     refusals: RefusalLog,
     metrics: Arc<Metrics>,
-    blocks: [AtomicU64; 2],
+    /// Blocks since start, by [`BlockReason`] and [`Level`].
+    blocks: HashMap<(BlockReason, Level), AtomicU64>,
 }
 
 struct Tables {
@@ -230,7 +259,10 @@ impl Admission {
             pools: Mutex::default(),
             refusals: RefusalLog::default(),
             metrics,
-            blocks: Default::default(),
+            blocks: BLOCK_KINDS
+                .iter()
+                .map(|k| (*k, AtomicU64::new(0)))
+                .collect(),
         })
     }
 
@@ -241,8 +273,20 @@ impl Admission {
         self.settings.store(Arc::new(settings.clone()));
         let now = Instant::now();
         let mut t = self.tables();
-        t.sources.configure(settings);
-        let gone = t.blocked.set_capacity(settings.max_blocked as usize);
+        t.sources.configure(settings, now);
+        let mut gone = t.blocked.set_capacity(settings.max_blocked as usize);
+        // A range made exempt is unblocked at once, in the kernel too: an
+        // entry inside it, or one that covers part of it.
+        for e in &settings.exempt {
+            for net in t
+                .blocked
+                .select(|b| e.contains(&b.net) || b.net.contains(e))
+            {
+                t.blocked.remove(&net);
+                tracing::info!(%net, exempt = %e, "admission: unblocked: exempt now");
+                gone.push(net);
+            }
+        }
         let mut kernel = self.kernel();
         for net in gone {
             kernel.remove(net);
@@ -257,7 +301,10 @@ impl Admission {
                 continue;
             }
             let ttl = expires.map(|e| e.saturating_duration_since(now));
-            if let Added::Yes { .. } = t.blocked.add(net, reason, ttl, now) {
+            if let Added::Yes { .. } =
+                t.blocked
+                    .add(net, reason, Level::of(net, settings), ttl, now)
+            {
                 tracing::info!(%net, reason = reason.as_str(), ?ttl, "admission: blocked, as the previous gateway left it");
             }
         }
@@ -300,8 +347,10 @@ impl Admission {
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
             if let Err(refusal) = t.sources.start(source, &settings, now) {
-                if refusal.strikes() && t.sources.strike(source, &settings, now) {
-                    self.block_locked(&mut t, source, &settings, now);
+                if refusal.strikes() {
+                    for (level, net) in t.sources.strike(source, &settings, now) {
+                        self.block_locked(&mut t, level, net, &settings, now);
+                    }
                 }
                 drop(t);
                 return self.refuse(listener, refusal, source, now);
@@ -323,6 +372,7 @@ impl Admission {
                     place: taken.place,
                     source,
                     exempt,
+                    paid_back: AtomicBool::new(false),
                 };
                 match taken.evicted {
                     Some(victim) => Answer::Evict { ticket, victim },
@@ -365,49 +415,92 @@ impl Admission {
             });
     }
 
-    /// A handshake of `source` ended without authenticating: a strike.
-    fn failed(&self, source: IpAddr) {
+    /// A handshake of `source` ended without authenticating: a strike,
+    /// unless a newcomer evicted it (the listener was full: not the
+    /// source's doing, and a busy NAT's clients would block it).
+    fn failed(&self, source: IpAddr, evicted: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
         let mut t = self.tables();
         t.sources.ended(source, &settings);
-        if t.sources.strike(source, &settings, now) {
-            self.block_locked(&mut t, source, &settings, now);
+        if evicted {
+            return;
+        }
+        for (level, net) in t.sources.strike(source, &settings, now) {
+            self.block_locked(&mut t, level, net, &settings, now);
         }
     }
 
+    /// Blocks `net` (a source, or its prefix or network) for strikes.
+    /// Nothing when something as wide already blocks it, or when it would
+    /// cover an exempt range; the narrower strikes entries it covers go
+    /// (they expire no later, and the list's room is bounded).
     fn block_locked(
         &self,
         t: &mut Tables,
-        source: IpAddr,
+        level: Level,
+        net: IpNet,
         settings: &AdmissionSettings,
         now: Instant,
     ) {
-        let net = IpNet::from(source);
-        if t.blocked.lookup(source, now).is_some() {
+        if t.blocked.covers(net, now) {
             return;
         }
-        match t
-            .blocked
-            .add(net, BlockReason::Strikes, Some(settings.block_for), now)
-        {
+        if let Some(e) = settings.exempt.iter().find(|e| net.contains(*e)) {
+            tracing::debug!(%net, exempt = %e, "admission: not blocked: it covers an exempt range");
+            return;
+        }
+        let expires = now + settings.block_for;
+        // (A scan of the list: only for a prefix or a network, whose blocks
+        // come at most once per `prefix_block_after` strikes; an address
+        // covers nothing but itself.)
+        let covered = match level {
+            Level::Address => Vec::new(),
+            Level::Prefix | Level::Network => t.blocked.select(|b| {
+                net.contains(&b.net)
+                    && b.reason == BlockReason::Strikes
+                    && b.expires.is_some_and(|e| e <= expires)
+            }),
+        };
+        let mut kernel = self.kernel();
+        for old in covered {
+            t.blocked.remove(&old);
+            kernel.remove(old);
+        }
+        match t.blocked.add(
+            net,
+            BlockReason::Strikes,
+            level,
+            Some(settings.block_for),
+            now,
+        ) {
             Added::Yes { displaced } => {
-                self.blocks[0].fetch_add(1, Ordering::Relaxed);
-                let mut kernel = self.kernel();
+                self.count_block(BlockReason::Strikes, level);
                 if let Some(old) = displaced {
                     kernel.remove(old);
                 }
-                if let Some(b) = t.blocked.lookup(source, now) {
-                    kernel.insert(b, now);
-                }
-                self.refusals.note("", "blocked", source, settings.log_every, now, || {
-                    tracing::warn!(client = %source, block_for = ?settings.block_for, strikes = settings.block_after,
+                kernel.insert(
+                    &Blocked {
+                        net,
+                        reason: BlockReason::Strikes,
+                        level,
+                        expires: Some(expires),
+                    },
+                    now,
+                );
+                let strikes = match level {
+                    Level::Address => settings.block_after,
+                    Level::Prefix => settings.prefix_block_after,
+                    Level::Network => settings.network_block_after,
+                };
+                self.refusals.note("", "blocked", net.addr(), settings.log_every, now, || {
+                    tracing::warn!(%net, level = level.as_str(), block_for = ?settings.block_for, strikes,
                         window = ?settings.block_window,
-                        "admission: source blocked: too many failed handshakes or refusals (more blocks are summarized)");
+                        "admission: blocked: too many failed handshakes or refusals (more blocks are summarized)");
                 });
             }
             Added::Full => {
-                tracing::debug!(client = %source, "admission: block list full of permanent entries; not blocked");
+                tracing::debug!(%net, "admission: block list full of permanent entries; not blocked");
             }
         }
     }
@@ -425,10 +518,11 @@ impl Admission {
         }
         let now = Instant::now();
         let mut t = self.tables();
-        match t.blocked.add(net, BlockReason::Manual, ttl, now) {
+        let level = Level::of(net, &settings);
+        match t.blocked.add(net, BlockReason::Manual, level, ttl, now) {
             Added::Full => Err(AdmissionError::BlockListFull(t.blocked.len())),
             Added::Yes { displaced } => {
-                self.blocks[1].fetch_add(1, Ordering::Relaxed);
+                self.count_block(BlockReason::Manual, level);
                 let mut kernel = self.kernel();
                 if let Some(old) = displaced {
                     kernel.remove(old);
@@ -441,12 +535,19 @@ impl Admission {
                     .unwrap_or(Blocked {
                         net,
                         reason: BlockReason::Manual,
+                        level,
                         expires: ttl.map(|t| now + t),
                     });
                 kernel.insert(&entry, now);
                 tracing::info!(%net, ?ttl, "admission: blocked by hand");
                 Ok(entry)
             }
+        }
+    }
+
+    fn count_block(&self, reason: BlockReason, level: Level) {
+        if let Some(n) = self.blocks.get(&(reason, level)) {
+            n.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -513,59 +614,47 @@ impl Admission {
             let t = self.tables();
             (
                 t.blocked.snapshot(),
-                [t.sources.addresses.len(), t.sources.prefixes.len()],
-                [t.sources.addresses.forgotten, t.sources.prefixes.forgotten],
+                t.sources.lens(),
+                t.sources.forgotten(),
                 t.blocked.displaced,
             )
         };
-        let mut blocked = [0u64; 2];
+        let mut blocked: HashMap<(BlockReason, Level), u64> = HashMap::new();
         for b in &list {
-            let [strikes, manual] = &mut blocked;
-            match b.reason {
-                BlockReason::Strikes => *strikes += 1,
-                BlockReason::Manual => *manual += 1,
-            }
+            *blocked.entry((b.reason, b.level)).or_default() += 1;
         }
+        let kinds = |n: &dyn Fn(&(BlockReason, Level)) -> u64| {
+            BLOCK_KINDS
+                .iter()
+                .map(|k| ([("reason", k.0.as_str()), ("level", k.1.as_str())], n(k)))
+                .collect::<Vec<_>>()
+        };
         out.gauge(
             "gateway_blocked_sources",
-            "Entries on the block list right now, by why.",
-            [
-                ([("reason", "strikes")], blocked[0]),
-                ([("reason", "manual")], blocked[1]),
-            ],
+            "Entries on the block list right now, by why and how wide (address, prefix, network).",
+            kinds(&|k| blocked.get(k).copied().unwrap_or(0)),
         )?;
         counter(
             out,
             "gateway_blocks_total",
-            "Sources put on the block list, by why (strikes: failed handshakes and refusals for exceeding a limit; manual: gateway block add).",
-            [
-                (
-                    [("reason", "strikes")],
-                    self.blocks[0].load(Ordering::Relaxed),
-                ),
-                (
-                    [("reason", "manual")],
-                    self.blocks[1].load(Ordering::Relaxed),
-                ),
-            ],
+            "Sources put on the block list, by why (strikes: failed handshakes and refusals for exceeding a limit; manual: gateway block add) and how wide (address; prefix: admission.ipv4_prefix, ipv6_prefix; network: wider).",
+            kinds(&|k| self.blocks.get(k).map_or(0, |n| n.load(Ordering::Relaxed))),
         )?;
+        let tables = ["sources", "prefixes", "networks"];
         out.gauge(
             "gateway_admission_tracked",
-            "Sources and prefixes whose handshakes admission tracks right now (at most admission.max_tracked each).",
-            [
-                ([("table", "sources")], tracked[0]),
-                ([("table", "prefixes")], tracked[1]),
-            ],
+            "Sources, prefixes and networks whose handshakes admission tracks right now (at most admission.max_tracked each).",
+            tables.iter().zip(tracked).map(|(t, n)| ([("table", *t)], n)),
         )?;
         counter(
             out,
             "gateway_admission_forgotten_total",
-            "Entries forgotten to stay within their bounds: the least recently seen sources and prefixes, the block entries expiring first.",
-            [
-                ([("table", "sources")], forgotten[0]),
-                ([("table", "prefixes")], forgotten[1]),
-                ([("table", "blocked")], displaced),
-            ],
+            "Entries forgotten to stay within their bounds: the least recently seen idle sources, prefixes and networks, the block entries expiring first.",
+            tables
+                .iter()
+                .zip(forgotten)
+                .map(|(t, n)| ([("table", *t)], n))
+                .chain([([("table", "blocked")], displaced)]),
         )?;
         let kernel = self.kernel();
         let KernelInterfaces { attached, failed } = kernel.interfaces();
@@ -633,6 +722,8 @@ pub struct Ticket {
     place: Arc<Place>,
     source: IpAddr,
     exempt: bool,
+    /// [`Ticket::authenticated`] paid back its strike.
+    paid_back: AtomicBool,
 }
 
 impl Ticket {
@@ -654,6 +745,22 @@ impl Ticket {
                     .sources
                     .ended(self.source, &settings);
             }
+        }
+    }
+
+    /// The handshake authenticated the client with a certificate that
+    /// passed verification (and the route allowed it): one strike of the
+    /// source's address is paid back, so that a busy NAT's successes
+    /// outweigh its few failures. One per handshake, and only for a
+    /// verified certificate: laundering a strike costs a full handshake
+    /// with a certificate the PKI issued (who holds it is known, and it
+    /// can be revoked). Its prefix and network keep their strikes.
+    pub fn authenticated(&self) {
+        if !self.exempt
+            && self.stage() == Stage::Established
+            && !self.paid_back.swap(true, Ordering::Relaxed)
+        {
+            self.admission.tables().sources.pay_back(self.source);
         }
     }
 
@@ -695,9 +802,10 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        let evicted = self.stage() == Stage::Evicted;
         let in_handshake = self.pool.release(self.id, &self.place);
         if in_handshake && !self.exempt {
-            self.admission.failed(self.source);
+            self.admission.failed(self.source, evicted);
         }
     }
 }

@@ -3,16 +3,23 @@
 //! of a kind on a listener is logged at once, later ones are counted and
 //! summarized, at most one line per kind and listener per `log_every`,
 //! naming the sources that were refused most.
+//!
+//! Which sources those are is counted in bounded memory by "space saving"
+//! (Metwally et al.): at most `SOURCES_PER_SUMMARY` counters; a source
+//! without one takes over the smallest, plus one. A source refused more
+//! than a `1/SOURCES_PER_SUMMARY` share of a period is always among them,
+//! however many others came first; a named count is at most that much
+//! above the truth.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Distinct sources remembered per summary; the rest are counted together.
-const SOURCES_PER_SUMMARY: usize = 16;
-/// Sources named in a summary line.
-const SOURCES_NAMED: usize = 8;
+/// Distinct sources counted per summary.
+const SOURCES_PER_SUMMARY: usize = 64;
+/// Sources named in a summary line: those counted most.
+const SOURCES_NAMED: usize = 16;
 
 #[derive(Default)]
 pub(super) struct RefusalLog {
@@ -23,7 +30,6 @@ struct Pending {
     logged: Instant,
     count: u64,
     sources: HashMap<IpAddr, u64>,
-    others: u64,
 }
 
 impl RefusalLog {
@@ -44,14 +50,7 @@ impl RefusalLog {
         match pending.get_mut(&key) {
             Some(p) => {
                 p.count += 1;
-                let n = p.sources.len();
-                match p.sources.get_mut(&source) {
-                    Some(c) => *c += 1,
-                    None if n < SOURCES_PER_SUMMARY => {
-                        p.sources.insert(source, 1);
-                    }
-                    None => p.others += 1,
-                }
+                count_source(&mut p.sources, source);
                 if now.saturating_duration_since(p.logged) >= every {
                     summarize(&key, p, now);
                 }
@@ -64,7 +63,6 @@ impl RefusalLog {
                         logged: now,
                         count: 0,
                         sources: HashMap::new(),
-                        others: 0,
                     },
                 );
             }
@@ -88,15 +86,36 @@ impl RefusalLog {
     }
 }
 
-fn summarize(key: &(String, &'static str), p: &mut Pending, now: Instant) {
-    let mut top: Vec<(IpAddr, u64)> = p.sources.drain().collect();
+/// One more refusal of `source`, in at most `SOURCES_PER_SUMMARY` counters.
+fn count_source(sources: &mut HashMap<IpAddr, u64>, source: IpAddr) {
+    if let Some(c) = sources.get_mut(&source) {
+        *c += 1;
+        return;
+    }
+    let mut floor = 0;
+    if sources.len() >= SOURCES_PER_SUMMARY
+        && let Some((&least, &n)) = sources.iter().min_by_key(|(a, n)| (**n, **a))
+    {
+        sources.remove(&least);
+        floor = n;
+    }
+    sources.insert(source, floor + 1);
+}
+
+/// The sources a summary names: those counted most, most first.
+fn named(sources: &HashMap<IpAddr, u64>) -> Vec<(IpAddr, u64)> {
+    let mut top: Vec<(IpAddr, u64)> = sources.iter().map(|(a, n)| (*a, *n)).collect();
     top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let named: Vec<String> = top
-        .iter()
-        .take(SOURCES_NAMED)
-        .map(|(a, n)| format!("{a}×{n}"))
-        .collect();
-    let unnamed = top.iter().skip(SOURCES_NAMED).map(|(_, n)| n).sum::<u64>() + p.others;
+    top.truncate(SOURCES_NAMED);
+    top
+}
+
+fn summarize(key: &(String, &'static str), p: &mut Pending, now: Instant) {
+    let top = named(&p.sources);
+    p.sources.clear();
+    let named_count: u64 = top.iter().map(|(_, n)| n).sum();
+    let named: Vec<String> = top.iter().map(|(a, n)| format!("{a}×{n}")).collect();
+    let unnamed = p.count.saturating_sub(named_count);
     let period = now.saturating_duration_since(p.logged);
     let (scope, what) = (key.0.as_str(), key.1);
     tracing::warn!(
@@ -109,7 +128,6 @@ fn summarize(key: &(String, &'static str), p: &mut Pending, now: Instant) {
         "admission: more connections refused than logged one by one"
     );
     p.count = 0;
-    p.others = 0;
     p.logged = now;
 }
 
@@ -132,7 +150,32 @@ mod tests {
         let p = &p[&("edge".to_owned(), "blocked")];
         assert_eq!(p.count, 9_999);
         assert_eq!(p.sources.len(), SOURCES_PER_SUMMARY);
-        assert_eq!(p.others, 9_999 - SOURCES_PER_SUMMARY as u64);
+    }
+
+    #[test]
+    fn the_summary_names_the_sources_refused_most_not_the_first() {
+        let log = RefusalLog::default();
+        let now = Instant::now();
+        let every = Duration::from_secs(10);
+        let loud: IpAddr = "198.51.100.1".parse().unwrap();
+        // The first line, then a hundred sources once each, then the loud
+        // one, interleaved with ever new sources.
+        log.note("edge", "source_rate", loud, every, now, || ());
+        for i in 0..100u32 {
+            let quiet = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            log.note("edge", "source_rate", quiet, every, now, || ());
+        }
+        for i in 0..500u32 {
+            log.note("edge", "source_rate", loud, every, now, || ());
+            let quiet = IpAddr::from((0x0b00_0000 + i).to_be_bytes());
+            log.note("edge", "source_rate", quiet, every, now, || ());
+        }
+        let p = log.pending.lock().unwrap();
+        let p = &p[&("edge".to_owned(), "source_rate")];
+        let top = named(&p.sources);
+        assert_eq!(top[0].0, loud, "{top:?}");
+        assert!(top[0].1 >= 500, "{top:?}");
+        assert!(p.sources.len() <= SOURCES_PER_SUMMARY);
     }
 
     #[test]

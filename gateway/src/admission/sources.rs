@@ -1,13 +1,18 @@
-//! Per-source accounting: for each source address and each prefix (/24,
-//! /64 by default), a token bucket of handshakes, the handshakes in flight,
-//! and strikes (failed handshakes and refusals) within a window.
+//! Per-source accounting: for each source address, each prefix (/24, /64
+//! by default) and each network (/16, /48), a token bucket of handshakes,
+//! the handshakes in flight, and strikes (failed handshakes and refusals)
+//! within a window. A source's strike is a strike of its prefix and its
+//! network too, each with its own threshold: an attacker who spreads over
+//! many addresses (a /48 of IPv6 holds 65536 /64s) gets the prefix or the
+//! network blocked instead.
 //!
-//! An attacker chooses how many sources there are, so both tables are
-//! bounded: each holds at most `max_tracked` entries, and a new one makes
-//! the least recently seen go. What is forgotten is only what that source
-//! did lately; a source forgotten while it held handshakes is undercounted
-//! until they end, and the listeners' own slots (`max_handshakes_in_flight`
-//! and eviction) still bound everyone together.
+//! An attacker chooses how many sources there are, so the tables are
+//! bounded: each holds at most `max_tracked` entries. A new one makes the
+//! least recently seen *idle* entry go (nothing in flight, no strikes in
+//! the window, a full bucket: forgetting it loses nothing). Entries that
+//! are not idle are never forgotten: otherwise one connection from each of
+//! 65536 fresh /64s would wipe an attacker's strikes. When no idle entry
+//! is found, the new source is refused (`max_tracked`): fail closed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -20,8 +25,14 @@ use crate::config::AdmissionSettings;
 
 use super::Refusal;
 
+/// Entries looked at, oldest first, for one to forget before a new source
+/// is refused: a bound on the work a full table costs per connection.
+/// Each busy entry looked at goes to the back, so the next search starts
+/// past it.
+const SEARCH: usize = 32;
+
 /// A map of at most `capacity` entries: inserting into a full one forgets
-/// the least recently used. Lookups and inserts are O(log n).
+/// the least recently used idle entry. Lookups and inserts are O(log n).
 pub(super) struct Lru<K, V> {
     map: HashMap<K, (V, u64)>,
     order: BTreeMap<u64, K>,
@@ -46,35 +57,52 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         self.map.len()
     }
 
-    /// A smaller capacity forgets the least recently used at once.
-    pub fn set_capacity(&mut self, capacity: usize) {
+    /// A smaller capacity forgets idle entries at once, least recently
+    /// used first; busy ones stay (the table refuses newcomers until it
+    /// is back within bounds).
+    pub fn set_capacity(&mut self, capacity: usize, idle: impl Fn(&V) -> bool) {
         self.capacity = capacity.max(1);
-        while self.map.len() > self.capacity {
-            self.forget_oldest();
+        let excess = self.map.len().saturating_sub(self.capacity);
+        let gone: Vec<(u64, K)> = self
+            .order
+            .iter()
+            .filter(|(_, k)| self.map.get(*k).is_some_and(|(v, _)| idle(v)))
+            .take(excess)
+            .map(|(s, k)| (*s, k.clone()))
+            .collect();
+        for (stamp, key) in gone {
+            self.order.remove(&stamp);
+            self.map.remove(&key);
+            self.forgotten += 1;
         }
     }
 
     /// The entry for `key`, made with `make` if there is none, marked as
-    /// just used.
-    pub fn entry(&mut self, key: &K, make: impl FnOnce() -> V) -> &mut V {
-        self.clock += 1;
-        let stamp = self.clock;
+    /// just used; None when the table is full and no idle entry was found
+    /// to make room.
+    pub fn entry(
+        &mut self,
+        key: &K,
+        make: impl FnOnce() -> V,
+        idle: impl Fn(&V) -> bool,
+    ) -> Option<&mut V> {
         if let Some((_, at)) = self.map.get(key) {
             let old = *at;
             self.order.remove(&old);
         } else {
-            if self.map.len() >= self.capacity {
-                self.forget_oldest();
+            while self.map.len() >= self.capacity {
+                if !self.forget_idle(&idle) {
+                    return None;
+                }
             }
-            self.map.insert(key.clone(), (make(), stamp));
+            self.map.insert(key.clone(), (make(), 0));
         }
+        self.clock += 1;
+        let stamp = self.clock;
         self.order.insert(stamp, key.clone());
-        let slot = match self.map.get_mut(key) {
-            Some(slot) => slot,
-            None => unreachable!("inserted above"),
-        };
+        let slot = self.map.get_mut(key)?;
         slot.1 = stamp;
-        &mut slot.0
+        Some(&mut slot.0)
     }
 
     /// The entry for `key`, if it is still tracked (not marked as used).
@@ -82,11 +110,26 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         self.map.get_mut(key).map(|(v, _)| v)
     }
 
-    fn forget_oldest(&mut self) {
-        if let Some((_, key)) = self.order.pop_first() {
-            self.map.remove(&key);
-            self.forgotten += 1;
+    /// Forgets the least recently used idle entry among the `SEARCH`
+    /// oldest; false when there is none.
+    fn forget_idle(&mut self, idle: &impl Fn(&V) -> bool) -> bool {
+        for _ in 0..SEARCH {
+            let Some((_, key)) = self.order.pop_first() else {
+                return false;
+            };
+            if self.map.get(&key).is_some_and(|(v, _)| idle(v)) {
+                self.map.remove(&key);
+                self.forgotten += 1;
+                return true;
+            }
+            self.clock += 1;
+            let stamp = self.clock;
+            if let Some(slot) = self.map.get_mut(&key) {
+                slot.1 = stamp;
+            }
+            self.order.insert(stamp, key);
         }
+        false
     }
 }
 
@@ -105,10 +148,14 @@ impl Bucket {
         }
     }
 
+    fn tokens_at(&self, rate: u32, burst: u32, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst))
+    }
+
     /// Takes one token if there is one.
     fn take(&mut self, rate: u32, burst: u32, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * f64::from(rate)).min(f64::from(burst));
+        self.tokens = self.tokens_at(rate, burst, now);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -119,7 +166,7 @@ impl Bucket {
     }
 }
 
-/// What is known about one source or prefix.
+/// What is known about one source, prefix or network.
 #[derive(Debug, Clone)]
 pub(super) struct Tally {
     bucket: Bucket,
@@ -137,6 +184,80 @@ impl Tally {
             strikes_since: now,
         }
     }
+
+    /// Whether forgetting it now loses nothing: no handshake in flight, no
+    /// strike within the window, a bucket full again.
+    fn idle(&self, limits: &Limits, settings: &AdmissionSettings, now: Instant) -> bool {
+        self.in_flight == 0
+            && (self.strikes == 0
+                || now.saturating_duration_since(self.strikes_since) > settings.block_window)
+            && (limits.rate == 0
+                || self.bucket.tokens_at(limits.rate, limits.burst, now) >= f64::from(limits.burst))
+    }
+}
+
+/// How coarse a group of sources is: the tables, and the levels of
+/// blocks (`gateway_blocks_total{level}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Level {
+    /// One address (/32, /128).
+    Address,
+    /// `ipv4_prefix`, `ipv6_prefix` (/24, /64).
+    Prefix,
+    /// `ipv4_network`, `ipv6_network` (/16, /48).
+    Network,
+}
+
+impl Level {
+    pub const ALL: [Level; 3] = [Level::Address, Level::Prefix, Level::Network];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Address => "address",
+            Level::Prefix => "prefix",
+            Level::Network => "network",
+        }
+    }
+
+    /// The level a block list entry's width falls in: a single address;
+    /// as narrow as a prefix; wider.
+    pub fn of(net: IpNet, settings: &AdmissionSettings) -> Level {
+        let prefix = match net {
+            IpNet::V4(_) => settings.ipv4_prefix,
+            IpNet::V6(_) => settings.ipv6_prefix,
+        };
+        if net.prefix_len() == net.max_prefix_len() {
+            Level::Address
+        } else if net.prefix_len() >= prefix {
+            Level::Prefix
+        } else {
+            Level::Network
+        }
+    }
+
+    /// The group of this level `source` is in.
+    pub fn group(self, source: IpAddr, settings: &AdmissionSettings) -> IpNet {
+        let len = match (self, source) {
+            (Level::Address, _) => return IpNet::from(source),
+            (Level::Prefix, IpAddr::V4(_)) => settings.ipv4_prefix,
+            (Level::Prefix, IpAddr::V6(_)) => settings.ipv6_prefix,
+            (Level::Network, IpAddr::V4(_)) => settings.ipv4_network,
+            (Level::Network, IpAddr::V6(_)) => settings.ipv6_network,
+        };
+        // The lengths are checked when the config is read.
+        IpNet::new(source, len)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(source))
+    }
+
+    /// What exceeding this level's rate or in-flight cap is refused as.
+    fn refusals(self) -> (Refusal, Refusal) {
+        match self {
+            Level::Address => (Refusal::SourceRate, Refusal::SourceHandshakes),
+            Level::Prefix => (Refusal::PrefixRate, Refusal::PrefixHandshakes),
+            Level::Network => (Refusal::NetworkRate, Refusal::NetworkHandshakes),
+        }
+    }
 }
 
 /// The limits of one table.
@@ -145,25 +266,86 @@ struct Limits {
     rate: u32,
     burst: u32,
     in_flight: u32,
+    /// Strikes within `block_window` that block the group; 0: never.
+    block_after: u32,
 }
 
-/// Source addresses and prefixes, each in a bounded table.
+impl Limits {
+    fn of(level: Level, s: &AdmissionSettings) -> Limits {
+        match level {
+            Level::Address => Limits {
+                rate: s.source_handshakes_per_second,
+                burst: s.source_handshake_burst,
+                in_flight: s.source_handshakes_in_flight,
+                block_after: s.block_after,
+            },
+            Level::Prefix => Limits {
+                rate: s.prefix_handshakes_per_second,
+                burst: s.prefix_handshake_burst,
+                in_flight: s.prefix_handshakes_in_flight,
+                block_after: s.prefix_block_after,
+            },
+            Level::Network => Limits {
+                rate: s.network_handshakes_per_second,
+                burst: s.network_handshake_burst,
+                in_flight: s.network_handshakes_in_flight,
+                block_after: s.network_block_after,
+            },
+        }
+    }
+}
+
+/// Source addresses, prefixes and networks, each in a bounded table (by
+/// [`Level`]).
 pub(super) struct Sources {
-    pub addresses: Lru<IpAddr, Tally>,
-    pub prefixes: Lru<IpNet, Tally>,
+    addresses: Lru<IpNet, Tally>,
+    prefixes: Lru<IpNet, Tally>,
+    networks: Lru<IpNet, Tally>,
 }
 
 impl Sources {
     pub fn new(settings: &AdmissionSettings) -> Sources {
+        let n = settings.max_tracked as usize;
         Sources {
-            addresses: Lru::new(settings.max_tracked as usize),
-            prefixes: Lru::new(settings.max_tracked as usize),
+            addresses: Lru::new(n),
+            prefixes: Lru::new(n),
+            networks: Lru::new(n),
         }
     }
 
-    pub fn configure(&mut self, settings: &AdmissionSettings) {
-        self.addresses.set_capacity(settings.max_tracked as usize);
-        self.prefixes.set_capacity(settings.max_tracked as usize);
+    fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
+        match level {
+            Level::Address => &mut self.addresses,
+            Level::Prefix => &mut self.prefixes,
+            Level::Network => &mut self.networks,
+        }
+    }
+
+    pub fn configure(&mut self, settings: &AdmissionSettings, now: Instant) {
+        for level in Level::ALL {
+            let limits = Limits::of(level, settings);
+            self.table(level)
+                .set_capacity(settings.max_tracked as usize, |t| {
+                    t.idle(&limits, settings, now)
+                });
+        }
+    }
+
+    /// The entry of `source`'s group at `level`, made if need be; None when
+    /// its table is full of entries that may not be forgotten.
+    fn tally(
+        &mut self,
+        level: Level,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> Option<&mut Tally> {
+        let limits = Limits::of(level, settings);
+        self.table(level).entry(
+            &level.group(source, settings),
+            || Tally::new(limits.burst, now),
+            |t| t.idle(&limits, settings, now),
+        )
     }
 
     /// Counts a handshake `source` wants to start, or says which limit it
@@ -175,94 +357,114 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) -> Result<(), Refusal> {
-        let prefix = prefix_of(source, settings);
-        let own = Limits {
-            rate: settings.source_handshakes_per_second,
-            burst: settings.source_handshake_burst,
-            in_flight: settings.source_handshakes_in_flight,
-        };
-        let shared = Limits {
-            rate: settings.prefix_handshakes_per_second,
-            burst: settings.prefix_handshake_burst,
-            in_flight: settings.prefix_handshakes_in_flight,
-        };
-        // In flight first: a refusal for it takes no token. Then the
-        // source's own bucket, so that a source over its rate does not
-        // drain its prefix's bucket for its neighbours.
-        let a = self.addresses.entry(&source, || Tally::new(own.burst, now));
-        if own.in_flight > 0 && a.in_flight >= own.in_flight {
-            return Err(Refusal::SourceHandshakes);
+        // In flight first: a refusal for it takes no token.
+        for level in Level::ALL {
+            let cap = Limits::of(level, settings).in_flight;
+            let t = self
+                .tally(level, source, settings, now)
+                .ok_or(Refusal::MaxTracked)?;
+            if cap > 0 && t.in_flight >= cap {
+                return Err(level.refusals().1);
+            }
         }
-        let p = self
-            .prefixes
-            .entry(&prefix, || Tally::new(shared.burst, now));
-        if shared.in_flight > 0 && p.in_flight >= shared.in_flight {
-            return Err(Refusal::PrefixHandshakes);
+        // Then the buckets, narrowest first: a source over its own rate
+        // does not drain its prefix's bucket for its neighbours.
+        for level in Level::ALL {
+            let limits = Limits::of(level, settings);
+            let t = self
+                .tally(level, source, settings, now)
+                .ok_or(Refusal::MaxTracked)?;
+            if limits.rate > 0 && !t.bucket.take(limits.rate, limits.burst, now) {
+                return Err(level.refusals().0);
+            }
         }
-        let a = self.addresses.entry(&source, || Tally::new(own.burst, now));
-        if own.rate > 0 && !a.bucket.take(own.rate, own.burst, now) {
-            return Err(Refusal::SourceRate);
+        for level in Level::ALL {
+            if let Some(t) = self.tally(level, source, settings, now) {
+                t.in_flight += 1;
+            }
         }
-        let p = self
-            .prefixes
-            .entry(&prefix, || Tally::new(shared.burst, now));
-        if shared.rate > 0 && !p.bucket.take(shared.rate, shared.burst, now) {
-            return Err(Refusal::PrefixRate);
-        }
-        p.in_flight += 1;
-        let a = self.addresses.entry(&source, || Tally::new(own.burst, now));
-        a.in_flight += 1;
         Ok(())
     }
 
     /// A handshake of `source` is over (done, failed or evicted).
     pub fn ended(&mut self, source: IpAddr, settings: &AdmissionSettings) {
-        if let Some(a) = self.addresses.get_mut(&source) {
-            a.in_flight = a.in_flight.saturating_sub(1);
-        }
-        if let Some(p) = self.prefixes.get_mut(&prefix_of(source, settings)) {
-            p.in_flight = p.in_flight.saturating_sub(1);
+        for level in Level::ALL {
+            let group = level.group(source, settings);
+            if let Some(t) = self.table(level).get_mut(&group) {
+                t.in_flight = t.in_flight.saturating_sub(1);
+            }
         }
     }
 
-    /// Adds a strike against `source`; true when it now has `block_after`
-    /// within `block_window` (and its count starts again).
-    pub fn strike(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
-        if settings.block_after == 0 {
-            return false;
+    /// Adds a strike against `source`, its prefix and its network; returns
+    /// the groups that now have their `block_after` within `block_window`
+    /// (and whose counts start again), narrowest first.
+    pub fn strike(
+        &mut self,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> Vec<(Level, IpNet)> {
+        let mut due = Vec::new();
+        for level in Level::ALL {
+            let after = Limits::of(level, settings).block_after;
+            if after == 0 {
+                continue;
+            }
+            // A table full of busy entries: this level's strike is lost,
+            // the source's own (whose entry holds its handshake) is not.
+            let Some(t) = self.tally(level, source, settings, now) else {
+                continue;
+            };
+            if now.saturating_duration_since(t.strikes_since) > settings.block_window {
+                t.strikes = 0;
+                t.strikes_since = now;
+            }
+            t.strikes += 1;
+            if t.strikes >= after {
+                t.strikes = 0;
+                t.strikes_since = now;
+                due.push((level, level.group(source, settings)));
+            }
         }
-        let burst = settings.source_handshake_burst;
-        let a = self.addresses.entry(&source, || Tally::new(burst, now));
-        if now.saturating_duration_since(a.strikes_since) > settings.block_window {
-            a.strikes = 0;
-            a.strikes_since = now;
+        due
+    }
+
+    /// A handshake of `source` authenticated with a verified certificate:
+    /// one strike of the address is paid back. Only the address's: its
+    /// prefix and network keep theirs, so that one certificate cannot
+    /// launder its neighbours' failures.
+    pub fn pay_back(&mut self, source: IpAddr) {
+        if let Some(t) = self.addresses.get_mut(&IpNet::from(source)) {
+            t.strikes = t.strikes.saturating_sub(1);
         }
-        a.strikes += 1;
-        if a.strikes >= settings.block_after {
-            a.strikes = 0;
-            a.strikes_since = now;
-            return true;
-        }
-        false
+    }
+
+    /// Entries tracked per level.
+    pub fn lens(&self) -> [usize; 3] {
+        [&self.addresses, &self.prefixes, &self.networks].map(Lru::len)
+    }
+
+    /// Entries forgotten per level, since start.
+    pub fn forgotten(&self) -> [u64; 3] {
+        [&self.addresses, &self.prefixes, &self.networks].map(|t| t.forgotten)
     }
 
     /// Handshakes in flight from `source` as counted here.
     #[cfg(test)]
     pub fn in_flight(&mut self, source: IpAddr) -> u32 {
-        self.addresses.get_mut(&source).map_or(0, |a| a.in_flight)
+        self.addresses
+            .get_mut(&IpNet::from(source))
+            .map_or(0, |a| a.in_flight)
     }
-}
 
-/// The prefix `source` is grouped in.
-pub(super) fn prefix_of(source: IpAddr, settings: &AdmissionSettings) -> IpNet {
-    let len = match source {
-        IpAddr::V4(_) => settings.ipv4_prefix,
-        IpAddr::V6(_) => settings.ipv6_prefix,
-    };
-    // The lengths are checked when the config is read.
-    IpNet::new(source, len)
-        .map(|n| n.trunc())
-        .unwrap_or_else(|_| IpNet::from(source))
+    /// Strikes of `source` (its address) in the current window.
+    #[cfg(test)]
+    pub fn strikes(&mut self, source: IpAddr) -> u32 {
+        self.addresses
+            .get_mut(&IpNet::from(source))
+            .map_or(0, |a| a.strikes)
+    }
 }
 
 #[cfg(test)]
@@ -363,13 +565,82 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let a = ip("192.0.2.9");
-        assert!(!t.strike(a, &s, now));
-        assert!(!t.strike(a, &s, now));
+        assert!(t.strike(a, &s, now).is_empty());
+        assert!(t.strike(a, &s, now).is_empty());
         // The window (10 s) passed: the count starts again.
         let later = now + Duration::from_secs(11);
-        assert!(!t.strike(a, &s, later));
-        assert!(!t.strike(a, &s, later));
-        assert!(t.strike(a, &s, later));
+        assert!(t.strike(a, &s, later).is_empty());
+        assert!(t.strike(a, &s, later).is_empty());
+        assert_eq!(
+            t.strike(a, &s, later),
+            vec![(Level::Address, "192.0.2.9/32".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn strikes_add_up_per_prefix_and_network_across_addresses() {
+        let s = AdmissionSettings {
+            block_after: 3,
+            prefix_block_after: 4,
+            network_block_after: 6,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        // Two strikes each (never enough for an address): the second
+        // address's second makes its /64's fourth.
+        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
+        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
+        assert!(t.strike(ip("2001:db8:1:1::2"), &s, now).is_empty());
+        assert_eq!(
+            t.strike(ip("2001:db8:1:1::2"), &s, now),
+            vec![(Level::Prefix, "2001:db8:1:1::/64".parse().unwrap())]
+        );
+        // Other /64s of the same /48 bring it to six.
+        assert!(t.strike(ip("2001:db8:1:2::1"), &s, now).is_empty());
+        assert_eq!(
+            t.strike(ip("2001:db8:1:3::1"), &s, now),
+            vec![(Level::Network, "2001:db8:1::/48".parse().unwrap())]
+        );
+        // An IPv4 source's network is its /16.
+        assert_eq!(
+            Level::Network.group(ip("198.51.7.9"), &s),
+            "198.51.0.0/16".parse::<IpNet>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_network_has_its_own_rate_and_in_flight_cap() {
+        let s = AdmissionSettings {
+            source_handshakes_per_second: 0,
+            prefix_handshakes_per_second: 0,
+            prefix_handshakes_in_flight: 0,
+            network_handshakes_per_second: 0,
+            network_handshakes_in_flight: 3,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        for i in 0..3 {
+            t.start(ip(&format!("2001:db8:7:{i:x}::1")), &s, now)
+                .unwrap();
+        }
+        assert_eq!(
+            t.start(ip("2001:db8:7:ffff::1"), &s, now),
+            Err(Refusal::NetworkHandshakes)
+        );
+        t.start(ip("2001:db8:8::1"), &s, now).unwrap();
+        let s = AdmissionSettings {
+            network_handshakes_in_flight: 0,
+            network_handshakes_per_second: 1,
+            network_handshake_burst: 2,
+            ..s
+        };
+        let mut t = Sources::new(&s);
+        t.start(ip("10.1.1.1"), &s, now).unwrap();
+        t.start(ip("10.1.2.1"), &s, now).unwrap();
+        assert_eq!(t.start(ip("10.1.3.1"), &s, now), Err(Refusal::NetworkRate));
+        t.start(ip("10.2.3.1"), &s, now).unwrap();
     }
 
     #[test]
@@ -396,28 +667,73 @@ mod tests {
     }
 
     #[test]
-    fn the_tables_stay_bounded_by_forgetting_the_least_recently_seen() {
+    fn the_tables_stay_bounded_by_forgetting_the_least_recently_seen_idle() {
         let s = AdmissionSettings {
             max_tracked: 100,
             source_handshakes_per_second: 1,
             source_handshake_burst: 1,
             prefix_handshakes_per_second: 0,
+            network_handshakes_per_second: 0,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let mut now = Instant::now();
+        // Holds a handshake the whole time: never forgotten, though never
+        // seen again.
+        let kept = ip("198.51.100.1");
+        t.start(kept, &s, now).unwrap();
+        for i in 0..10_000u32 {
+            // A second apart: each one's bucket is full again by the next.
+            now += Duration::from_secs(1);
+            let a = IpAddr::from((0x0a00_0000 + (i << 8)).to_be_bytes());
+            t.start(a, &s, now).unwrap();
+            t.ended(a, &s);
+        }
+        assert!(t.lens().iter().all(|n| *n <= 100), "{:?}", t.lens());
+        assert!(t.forgotten()[0] >= 9_900, "{:?}", t.forgotten());
+        assert_eq!(t.in_flight(kept), 1);
+    }
+
+    #[test]
+    fn a_table_full_of_busy_entries_refuses_newcomers_and_forgets_nothing() {
+        let s = AdmissionSettings {
+            max_tracked: 100,
+            block_after: 3,
             ..settings()
         };
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        let kept = ip("198.51.100.1");
-        t.start(kept, &s, now).unwrap();
+        let striker = ip("2001:db8:dead::1");
+        t.strike(striker, &s, now);
+        t.strike(striker, &s, now);
+        // One failed handshake from each of 10,000 /64s (distinct /48s):
+        // each entry holds a strike, so none may be forgotten.
+        let mut refused = 0;
         for i in 0..10_000u32 {
-            let a = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
-            let _ = t.start(a, &s, now);
-            if i % 50 == 0 {
-                // Seen again: stays tracked, its bucket still empty.
-                assert_eq!(t.start(kept, &s, now), Err(Refusal::SourceRate));
+            let a = IpAddr::from(
+                (0x2001_0000_0000_0000_0000_0000_0000_0001u128 | (u128::from(i) << 80))
+                    .to_be_bytes(),
+            );
+            match t.start(a, &s, now) {
+                Ok(()) => {
+                    t.ended(a, &s);
+                    t.strike(a, &s, now);
+                }
+                Err(r) => {
+                    assert_eq!(r, Refusal::MaxTracked);
+                    refused += 1;
+                }
             }
         }
-        assert!(t.addresses.len() <= 100 && t.prefixes.len() <= 100);
-        assert!(t.addresses.forgotten >= 9_900, "{}", t.addresses.forgotten);
-        assert_eq!(t.in_flight(kept), 1);
+        assert!(refused >= 9_800, "{refused}");
+        assert_eq!(t.forgotten(), [0, 0, 0]);
+        assert_eq!(t.strikes(striker), 2);
+        assert_eq!(
+            t.strike(striker, &s, now),
+            vec![(Level::Address, IpNet::from(striker))]
+        );
+        // Once the window has passed, they are idle and make room again.
+        let later = now + s.block_window + Duration::from_secs(5);
+        t.start(ip("192.0.2.1"), &s, later).unwrap();
     }
 }

@@ -18,6 +18,24 @@ fn client(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), port)
 }
 
+/// Admission's own series, as `GET /metrics` serves them.
+fn admission_metrics(admission: &Arc<Admission>) -> String {
+    let admission = admission.clone();
+    crate::metrics::render_with(move |out| admission.render_metrics(out))
+}
+
+/// The gateway's series without listeners, routes or admission's own.
+fn all_metrics(metrics: Arc<Metrics>) -> String {
+    crate::metrics::Sources {
+        metrics,
+        registry: Arc::default(),
+        reloads: Arc::default(),
+        guard: None,
+        admission: None,
+    }
+    .render()
+}
+
 fn admitted(a: Answer) -> Ticket {
     match a {
         Answer::Admit(t) | Answer::Evict { ticket: t, .. } => t,
@@ -60,12 +78,9 @@ fn failed_handshakes_block_their_source_and_only_it() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].net, "192.0.2.66/32".parse::<IpNet>().unwrap());
     assert_eq!(list[0].reason, BlockReason::Strikes);
-    let text = {
-        let admission = admission.clone();
-        crate::metrics::render_with(move |out| admission.render_metrics(out))
-    };
+    let text = admission_metrics(&admission);
     assert!(
-        text.contains("gateway_blocks_total{reason=\"strikes\"} 1"),
+        text.contains("gateway_blocks_total{reason=\"strikes\",level=\"address\"} 1"),
         "{text}"
     );
     // Unblocked by hand, it is admitted again.
@@ -98,14 +113,7 @@ fn exceeding_a_limit_is_refused_counted_and_in_the_end_blocked() {
         Refusal::Blocked
     );
     drop(held);
-    let text = crate::metrics::Sources {
-        metrics,
-        registry: Arc::default(),
-        reloads: Arc::default(),
-        guard: None,
-        admission: None,
-    }
-    .render();
+    let text = all_metrics(metrics);
     assert!(
         text.contains(
             "gateway_connections_refused_total{listener=\"edge\",reason=\"source_handshakes\"} 3"
@@ -140,7 +148,7 @@ fn exempt_sources_are_never_limited_or_blocked() {
 }
 
 #[test]
-fn a_newcomer_evicts_a_stalled_handshake_and_the_evicted_one_is_a_strike() {
+fn a_newcomer_evicts_a_stalled_handshake() {
     let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
     let pool = admission.pool("edge");
     let slow = admitted(admission.admit(&pool, 2, 2, client("203.0.113.1", 1), None));
@@ -183,4 +191,197 @@ fn the_block_list_expires() {
     admission.tick();
     assert!(admission.blocked().is_empty());
     admitted(admission.admit(&pool, 10, 10, client("192.0.2.200", 9), None)).established();
+}
+
+#[test]
+fn an_evicted_handshake_is_no_strike() {
+    // One strike would block: the evicted source is admitted again.
+    let s = AdmissionSettings {
+        block_after: 1,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let nat = client("203.0.113.9", 1);
+    for port in 2..6 {
+        let victim = admitted(admission.admit(&pool, 1, 1, nat, None));
+        let newcomer = admitted(admission.admit(&pool, 1, 1, client("198.51.100.9", port), None));
+        assert_eq!(victim.stage(), Stage::Evicted);
+        drop(victim);
+        newcomer.established();
+    }
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    admitted(admission.admit(&pool, 10, 10, nat, None)).established();
+}
+
+#[test]
+fn an_authenticated_handshake_pays_back_a_strike_of_its_address() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let nat = client("192.0.2.80", 1);
+    let fail = || drop(admitted(admission.admit(&pool, 100, 100, nat, None)));
+    let succeed = |times: usize| {
+        let ok = admitted(admission.admit(&pool, 100, 100, nat, None));
+        ok.established();
+        for _ in 0..times {
+            ok.authenticated();
+        }
+    };
+    // block_after = 3: failures, each followed by a success with a
+    // verified certificate, never add up.
+    for _ in 0..10 {
+        fail();
+        succeed(1);
+    }
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    // One handshake pays back one strike, however often it is told.
+    fail();
+    fail();
+    succeed(3);
+    fail();
+    assert!(admission.blocked().is_empty());
+    fail();
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, nat, None)),
+        Refusal::Blocked
+    );
+    // Established without a verified certificate (mode = "off") pays back
+    // nothing: two failures and such a success, then a failure, block.
+    let other = client("192.0.2.81", 1);
+    for _ in 0..2 {
+        drop(admitted(admission.admit(&pool, 100, 100, other, None)));
+    }
+    admitted(admission.admit(&pool, 100, 100, other, None)).established();
+    drop(admitted(admission.admit(&pool, 100, 100, other, None)));
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, other, None)),
+        Refusal::Blocked
+    );
+}
+
+/// One failed handshake from `source`.
+fn fail_once(admission: &Arc<Admission>, pool: &Arc<Pool>, source: SocketAddr) {
+    drop(admitted(
+        admission.admit(pool, 100_000, 100_000, source, None),
+    ));
+}
+
+#[test]
+fn an_attacker_spread_over_a_48_gets_the_48_blocked() {
+    let metrics = Arc::new(Metrics::default());
+    let admission = Admission::new(&settings(), metrics.clone());
+    let pool = admission.pool("edge");
+    // One failed handshake from each of 1600 /64s of one /48: no address
+    // and no /64 comes near its own limit.
+    for i in 0..1600u32 {
+        let source = client(&format!("2001:db8:77:{i:x}::1"), 1);
+        fail_once(&admission, &pool, source);
+    }
+    let list = admission.blocked();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].net, "2001:db8:77::/48".parse::<IpNet>().unwrap());
+    assert_eq!(
+        refused(admission.admit(&pool, 10, 10, client("2001:db8:77:ffff::9", 1), None)),
+        Refusal::Blocked
+    );
+    // The next /48 is someone else.
+    admitted(admission.admit(&pool, 10, 10, client("2001:db8:78::1", 1), None)).established();
+    let text = admission_metrics(&admission);
+    for series in [
+        "gateway_blocks_total{reason=\"strikes\",level=\"network\"} 1",
+        "gateway_blocks_total{reason=\"strikes\",level=\"address\"} 0",
+        "gateway_blocked_sources{reason=\"strikes\",level=\"network\"} 1",
+    ] {
+        assert!(text.contains(series), "{series}\n{text}");
+    }
+}
+
+#[test]
+fn addresses_of_a_24_that_strike_together_get_the_24_blocked_and_their_own_blocks_fold_in() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    // Three strikes block an address; 400 strikes among the /24's
+    // addresses block the /24, which takes their entries' place.
+    for _ in 0..3 {
+        fail_once(&admission, &pool, client("198.51.100.1", 1));
+    }
+    assert_eq!(admission.blocked().len(), 1);
+    for i in 0..198u32 {
+        let source = client(&format!("198.51.100.{}", 2 + i), 1);
+        fail_once(&admission, &pool, source);
+        fail_once(&admission, &pool, source);
+    }
+    assert_eq!(admission.blocked().len(), 1);
+    fail_once(&admission, &pool, client("198.51.100.240", 1));
+    let list = admission.blocked();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].net, "198.51.100.0/24".parse::<IpNet>().unwrap());
+    assert_eq!(
+        refused(admission.admit(&pool, 10, 10, client("198.51.100.250", 1), None)),
+        Refusal::Blocked
+    );
+    admitted(admission.admit(&pool, 10, 10, client("198.51.101.1", 1), None)).established();
+}
+
+#[test]
+fn a_flood_of_new_sources_does_not_wipe_a_striking_one() {
+    let s = AdmissionSettings {
+        max_tracked: 100,
+        ..settings()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let admission = Admission::new(&s, metrics.clone());
+    let pool = admission.pool("edge");
+    let striker = client("2001:db8:bad::1", 1);
+    fail_once(&admission, &pool, striker);
+    fail_once(&admission, &pool, striker);
+    // One connect from each of 10,000 /64s in as many /48s, each a
+    // failed handshake: the tables are full of entries with strikes.
+    let mut refusals: HashMap<&'static str, u32> = HashMap::new();
+    for i in 0..10_000u32 {
+        let source = client(&format!("2001:{:x}:{:x}::1", 0x1000 + i / 1000, i), 1);
+        match admission.admit(&pool, 100_000, 100_000, source, None) {
+            Answer::Refuse(r) => *refusals.entry(r.label()).or_default() += 1,
+            other => drop(admitted(other)),
+        }
+    }
+    assert!(refusals["max_tracked"] >= 9_800, "{refusals:?}");
+    // Its third strike still blocks it.
+    fail_once(&admission, &pool, striker);
+    assert_eq!(
+        refused(admission.admit(&pool, 10, 10, striker, None)),
+        Refusal::Blocked
+    );
+    let text = all_metrics(metrics);
+    assert!(
+        text.contains(
+            "gateway_connections_refused_total{listener=\"edge\",reason=\"max_tracked\"}"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_range_made_exempt_by_a_reload_is_unblocked() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    for _ in 0..3 {
+        fail_once(&admission, &pool, client("10.9.1.1", 1));
+    }
+    admission
+        .block("10.9.0.0/16".parse().unwrap(), None)
+        .unwrap();
+    admission
+        .block("10.10.0.1/32".parse().unwrap(), None)
+        .unwrap();
+    assert_eq!(admission.blocked().len(), 3);
+    let s = AdmissionSettings {
+        exempt: vec!["10.9.1.0/24".parse().unwrap()],
+        ..settings()
+    };
+    admission.configure(&s, &[]);
+    // Inside it, and covering it: gone; elsewhere: kept.
+    let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
+    assert_eq!(list, vec!["10.10.0.1/32".parse::<IpNet>().unwrap()]);
+    admitted(admission.admit(&pool, 10, 10, client("10.9.1.1", 1), None)).established();
 }
