@@ -81,6 +81,8 @@ pub enum AdminError {
     InUse(PathBuf),
     #[error("admin_socket {0}: exists and is not a socket; refusing to replace it")]
     NotSocket(PathBuf),
+    #[error("admin_tls: {0}")]
+    Tls(String),
 }
 
 /// Whether the gateway should get new clients: `GET /readyz`.
@@ -127,6 +129,51 @@ pub struct Routes {
     pub health: Arc<Health>,
     /// The live connections, for `GET /connections` (the gateway's).
     pub registry: Option<Arc<Registry>>,
+    /// `admin_tls`: the TCP door speaks TLS and wants a client certificate.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// `admin_tls` as a TLS acceptor: the endpoint's chain and key (a key
+/// others may read refused unless `allow_shared_keys`), clients verified
+/// against `client_ca` alone.
+pub fn tls_acceptor(
+    tls: &crate::config::AdminTls,
+    resolve: impl Fn(&std::path::Path) -> PathBuf,
+    allow_shared_keys: bool,
+) -> Result<tokio_rustls::TlsAcceptor, AdminError> {
+    use crate::tls::certs;
+    let err = |e: &dyn std::fmt::Display| AdminError::Tls(e.to_string());
+    let (cert, key, ca) = (
+        resolve(&tls.cert),
+        resolve(&tls.key),
+        resolve(&tls.client_ca),
+    );
+    if !allow_shared_keys {
+        certs::check_key_private(&key).map_err(|e| err(&e))?;
+    }
+    let chain = certs::load_certs(&cert).map_err(|e| err(&e))?;
+    let key = certs::load_key(&key).map_err(|e| err(&e))?;
+    let roots = certs::load_roots(&ca).map_err(|e| err(&e))?;
+    let provider = crate::tls::provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| err(&e))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            err(&format!(
+                "{} and {}: {e}",
+                tls.cert.display(),
+                tls.key.display()
+            ))
+        })?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Admin connections refused or cut, by reason.
@@ -142,6 +189,9 @@ struct Refusals {
     deadline: AtomicU64,
     /// A socket peer neither root nor the gateway's user.
     peer: AtomicU64,
+    /// With `admin_tls`: no TLS handshake with a certificate from
+    /// `client_ca` (plain HTTP, no certificate, another CA).
+    tls: AtomicU64,
 }
 
 impl Refusals {
@@ -152,6 +202,7 @@ impl Refusals {
             ("header_timeout", &self.header_timeout),
             ("deadline", &self.deadline),
             ("peer", &self.peer),
+            ("tls", &self.tls),
         ]
         .into_iter()
         .map(|(reason, n)| (reason, n.load(Ordering::Relaxed)))
@@ -159,7 +210,7 @@ impl Refusals {
         out.push_str(&crate::metrics::render_with(move |e| {
             e.counter(
                 "gateway_admin_refused_total",
-                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer).",
+                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls).",
                 series.iter().map(|&(reason, n)| ([("reason", reason)], n)),
             )
         }));
@@ -218,7 +269,23 @@ async fn serve_tcp(socket: TcpListener, shared: &Arc<Shared>, stop: &Cancellatio
                 }
             },
         };
-        spawn_connection(stream, Peer::Tcp(peer), shared, &slots);
+        match &shared.routes.tls {
+            None => spawn_connection(async { Some(stream) }, Peer::Tcp(peer), shared, &slots),
+            Some(tls) => {
+                let (tls, refused) = (tls.clone(), shared.refused.clone());
+                let handshake = async move {
+                    match tls.accept(stream).await {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            refused.tls.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%peer, error = %e, "admin: TLS handshake failed");
+                            None
+                        }
+                    }
+                };
+                spawn_connection(handshake, Peer::Tcp(peer), shared, &slots);
+            }
+        }
     }
 }
 
@@ -242,7 +309,7 @@ async fn serve_socket(socket: UnixListener, shared: &Arc<Shared>, stop: &Cancell
         let own = crate::privilege::effective_uid();
         match uid {
             Ok(uid) if uid == 0 || uid == own => {
-                spawn_connection(stream, Peer::Socket, shared, &slots);
+                spawn_connection(async { Some(stream) }, Peer::Socket, shared, &slots);
             }
             other => {
                 // Said once; any local user could otherwise fill the log.
@@ -257,8 +324,12 @@ async fn serve_socket(socket: UnixListener, shared: &Arc<Shared>, stop: &Cancell
     }
 }
 
-fn spawn_connection<IO>(io: IO, peer: Peer, shared: &Arc<Shared>, slots: &Arc<Slots>)
+/// Serves one connection in a slot; `io` gives its stream (after a TLS
+/// handshake, which counts against the header timeout), or None when it
+/// failed (counted by `io`).
+fn spawn_connection<F, IO>(io: F, peer: Peer, shared: &Arc<Shared>, slots: &Arc<Slots>)
 where
+    F: std::future::Future<Output = Option<IO>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(slot) = slots.admit(&shared.refused) else {
@@ -267,6 +338,19 @@ where
     };
     let shared = shared.clone();
     tokio::spawn(async move {
+        let headers_due = tokio::time::sleep(HEADER_TIMEOUT);
+        let mut headers_due = std::pin::pin!(headers_due);
+        // A TLS handshake is part of the time to send the headers.
+        let io = tokio::select! {
+            io = io => io,
+            // Counted by whoever evicted it.
+            () = slot.slot.evict.cancelled() => return,
+            () = &mut headers_due => {
+                slot.refused.header_timeout.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let Some(io) = io else { return };
         let answering = slot.slot.clone();
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
@@ -287,9 +371,7 @@ where
         let refused = &slot.refused;
         let s = &slot.slot;
         let mut conn = std::pin::pin!(conn);
-        let headers_due = tokio::time::sleep(HEADER_TIMEOUT);
         let deadline = tokio::time::sleep(REQUEST_DEADLINE);
-        let mut headers_due = std::pin::pin!(headers_due);
         let mut deadline = std::pin::pin!(deadline);
         // Whether the header timeout still applies: once the headers are
         // in, only the deadline does.

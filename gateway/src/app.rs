@@ -197,6 +197,8 @@ pub struct App {
     admin_clients: Vec<ipnet::IpNet>,
     /// `admin_socket`: where, and the socket bound there.
     admin_socket: Option<(std::path::PathBuf, tokio::net::UnixListener)>,
+    /// `admin_tls`, for the TCP door.
+    admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// What `GET /readyz` answers.
     health: Arc<crate::admin::Health>,
     expiry_warning: Duration,
@@ -279,6 +281,20 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         ),
         None => None,
     };
+    let admin_tls = match &config.admin_tls {
+        Some(tls) => Some(crate::admin::tls_acceptor(
+            tls,
+            |p| config.resolve(p),
+            config.allow_shared_keys,
+        )?),
+        None => None,
+    };
+    if let Some(addr) = config.admin
+        && !addr.ip().is_loopback()
+        && admin_tls.is_none()
+    {
+        tracing::warn!(%addr, "admin endpoint beyond loopback without admin_tls: /metrics, /healthz and /readyz answer anyone who can reach it, /block and /connections whoever admin_clients names by address");
+    }
     let admin_socket = match &config.admin_socket {
         Some(path) => {
             let path = config.resolve(path);
@@ -301,6 +317,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         admin,
         admin_clients: config.admin_clients.clone(),
         admin_socket,
+        admin_tls,
         health: Arc::default(),
         expiry_warning: config.expiry_warning,
         guard,
@@ -417,6 +434,7 @@ impl App {
                     clients: self.admin_clients.clone(),
                     health: self.health.clone(),
                     registry: Some(self.registry.clone()),
+                    tls: self.admin_tls.take(),
                 },
                 admin_stop.clone(),
             ));

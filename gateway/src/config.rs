@@ -58,6 +58,9 @@ pub struct Config {
     /// serving every admin route, including the changes (`gateway block
     /// add|remove`) that `admin` does not take. Bound at start.
     pub admin_socket: Option<PathBuf>,
+    /// TLS with a client certificate from `client_ca` at `admin` (the TCP
+    /// door), for an admin endpoint bound beyond loopback. Read at start.
+    pub admin_tls: Option<AdminTls>,
     /// Who may start a handshake, how often, and who is blocked (before
     /// the handshake: see `admission`).
     #[serde(default)]
@@ -90,6 +93,17 @@ pub struct Config {
     /// The file this was read from, for messages.
     #[serde(skip)]
     pub source: PathBuf,
+}
+
+/// The admin endpoint's own TLS: its certificate and key, and the CA
+/// bundle its clients' certificates must chain to (none of the listeners'
+/// trust: who may scrape or read the gateway is not who may pass it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -525,6 +525,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 clients: Vec::new(),
                 health,
                 registry: None,
+                tls: None,
             },
             stop.clone(),
         ));

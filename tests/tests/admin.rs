@@ -382,3 +382,69 @@ async fn head_answers_like_get_without_a_body() {
     assert_eq!(status(&r), 405, "{r}");
     assert!(r.to_ascii_lowercase().contains("allow: get, head"), "{r}");
 }
+
+/// `admin_tls`: the TCP door speaks TLS 1.3 and serves only clients with
+/// a certificate from its own `client_ca`; plain HTTP, no certificate and
+/// another CA's certificate get nothing, each counted as `tls`.
+#[tokio::test]
+async fn with_admin_tls_only_clients_of_its_ca_are_served() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let tls = format!(
+        "[admin_tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n",
+        pki.path("server-chain.pem").display(),
+        pki.path("server.key").display(),
+        pki.path("client-roots.pem").display(),
+    );
+    // [admin_tls] is a table: after every top-level key, before the listeners.
+    let toml = format!("admin = \"127.0.0.1:0\"\n{tls}")
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let admin = gw.admin_addr.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("gateway.example.internal").unwrap();
+    let over_tls = async |config: std::sync::Arc<rustls::ClientConfig>, request: &str| {
+        let tcp = TcpStream::connect(admin).await.unwrap();
+        match tokio_rustls::TlsConnector::from(config)
+            .connect(name.clone(), tcp)
+            .await
+        {
+            Ok(s) => exchange(s, request).await,
+            // TLS 1.3: a refused client certificate shows on the first read.
+            Err(e) => format!("handshake failed: {e}"),
+        }
+    };
+
+    let ok = over_tls(pki.frontend_config(), &get("/metrics")).await;
+    assert_eq!(status(&ok), 200, "{ok}");
+    assert!(body(&ok).contains("gateway_build_info"), "{ok}");
+
+    // Plain HTTP on the TLS door: a TLS alert, no HTTP answer.
+    let plain = over_tcp(&gw, &get("/metrics")).await;
+    assert!(!plain.contains("HTTP/1.1"), "{plain:?}");
+    // No certificate, and a certificate from another CA: no answer.
+    let none = over_tls(pki.client_config(None), &get("/metrics")).await;
+    assert!(!none.starts_with("HTTP/1.1"), "{none}");
+    let stranger = Pki::new();
+    let theirs = stranger.client(
+        "theirs",
+        &gateway::pki::LeafSpec::client("frontend", &[SPIFFE_FRONTEND]),
+    );
+    // It trusts our server, and presents its own CA's certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.root_der()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(theirs.chain.clone(), theirs.key())
+        .unwrap();
+    let other = over_tls(std::sync::Arc::new(config), &get("/metrics")).await;
+    assert!(!other.starts_with("HTTP/1.1"), "{other}");
+
+    let metrics = over_tls(pki.frontend_config(), &get("/metrics")).await;
+    assert!(
+        metrics.contains("gateway_admin_refused_total{reason=\"tls\"} 3"),
+        "{metrics}"
+    );
+}
