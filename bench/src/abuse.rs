@@ -169,6 +169,7 @@ impl Ctx<'_> {
         let mut setup = Setup {
             max_connections: Some(self.plan.max_connections as u64),
             handshake_timeout: Some(10),
+            source_limits: true,
             ..Setup::default()
         };
         if kind == Kind::Gateway {
@@ -473,6 +474,10 @@ pub fn section(s: &mut String, a: &AbuseReport) {
          `worker_connections` twice that, the gateway `max_connections`) and the same 10 s for a client \
          (HAProxy `timeout client`, nginx `ssl_handshake_timeout`, the gateway `handshake_timeout`; \
          the gateway otherwise with its shipped defaults and the block list in XDP on `lo`). \
+         HAProxy and nginx also limit connections per source as their documentation recommends \
+         against floods, at the gateway's default admission limits: HAProxy with stick tables (per \
+         address 128 at once and 100 a second, per /24 1024 and 1000), nginx with `limit_conn` \
+         (128 per address; its stream module has no rate limit). \
          {} slowloris connections from {} addresses (127.1.0.0/20) trickle a real ClientHello one \
          byte every 2 s and reconnect as soon as they are dropped; one address (127.2.0.1) floods \
          garbage handshakes as fast as it can. Allowed clients arrive meanwhile at a fixed rate from \

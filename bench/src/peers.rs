@@ -84,6 +84,12 @@ pub struct Setup {
     pub gateway_tail: String,
     /// The gateway's route forwards to these too, round robin.
     pub more_backends: Vec<SocketAddr>,
+    /// HAProxy and nginx limit connections per source address (and HAProxy
+    /// per /24 too) as their documentation recommends against floods, at
+    /// the gateway's default admission limits: 128 at once and 100 a
+    /// second per address, 1024 and 1000 per /24. nginx's stream module
+    /// can limit only the count (`limit_conn`), not the rate.
+    pub source_limits: bool,
 }
 
 impl Default for Setup {
@@ -100,6 +106,7 @@ impl Default for Setup {
                            network_handshakes_per_second = 0\nnetwork_handshakes_in_flight = 0\n"
                     .into(),
             more_backends: Vec::new(),
+            source_limits: false,
         }
     }
 }
@@ -352,10 +359,27 @@ defaults
 frontend bench
     maxconn {maxconn}
     bind {addr} ssl crt {pem} ca-file {root} verify required ssl-min-ver TLSv1.3 curves P-256
-    default_backend backend
+{limits}    default_backend backend
 backend backend
     server backend {backend}
-",
+{tables}",
+            limits = if setup.source_limits {
+                "    stick-table type ip size 100k expire 30s store conn_cur,conn_rate(1s)
+    tcp-request connection track-sc0 src
+    tcp-request connection track-sc1 src,ipmask(24) table prefixes
+    tcp-request connection reject if { sc_conn_cur(0) gt 128 } || { sc_conn_rate(0) gt 100 }
+    tcp-request connection reject if { sc_conn_cur(1) gt 1024 } || { sc_conn_rate(1) gt 1000 }
+"
+            } else {
+                ""
+            },
+            tables = if setup.source_limits {
+                "backend prefixes
+    stick-table type ip size 100k expire 30s store conn_cur,conn_rate(1s)
+"
+            } else {
+                ""
+            },
             pem = pki.server_pem_bundle.display(),
             maxconn = setup.max_connections.unwrap_or_else(max_connections),
             client = setup
@@ -388,7 +412,8 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections {worker_connections}; }}
 stream {{
-    server {{
+{zone}    server {{
+{limit}
         listen {addr} ssl;
         ssl_certificate {chain};
         ssl_certificate_key {key};
@@ -406,6 +431,16 @@ stream {{
 }}
 ",
             dir = dir.display(),
+            zone = if setup.source_limits {
+                "    limit_conn_zone $binary_remote_addr zone=per_source:10m;\n"
+            } else {
+                ""
+            },
+            limit = if setup.source_limits {
+                "        limit_conn per_source 128;\n"
+            } else {
+                ""
+            },
             // Each client connection is two of nginx's: client and backend.
             worker_connections = 2 * setup.max_connections.unwrap_or_else(max_connections),
             handshake = setup.handshake_timeout.unwrap_or(60),

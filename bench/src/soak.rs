@@ -149,6 +149,7 @@ async fn soak(
         gateway_tail: "\n[admission]\nkernel_block_list = false\nexempt = [\"127.0.0.0/24\"]\n"
             .into(),
         more_backends: vec![b.addr],
+        source_limits: false,
     };
     let workdir = out.join("peers");
     // Every CPU: the gateway shares the machine with the load, as in use.
