@@ -409,6 +409,9 @@ impl App {
         // The admin endpoint outlives the listeners: through the drain it
         // answers /readyz with 503, so load balancers move new clients on.
         let admin_stop = CancellationToken::new();
+        // Also when `run` itself is dropped (aborted) before its end: the
+        // endpoint holds the guard and admission, whose drop says goodbye.
+        let _admin_stop_on_drop = admin_stop.clone().drop_guard();
         let admin_socket = self.admin_socket.take();
         let admin_path = admin_socket.as_ref().map(|(p, _)| p.clone());
         if self.admin.is_some() || admin_socket.is_some() {
