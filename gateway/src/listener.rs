@@ -344,7 +344,7 @@ fn serve<'a>(
         ) {
             Ok(preface) => preface,
             Err(e) => {
-                // A header the backend would misread (or wait for forever)
+                // A header the backend would misread (or cannot read)
                 // is never sent; nor are the bytes without it.
                 tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
                     "closing client connection: no PROXY header");

@@ -59,11 +59,13 @@ pub const PP2_CLIENT_CERT_CONN: u8 = 0x02;
 pub const PP2_CLIENT_CERT_SESS: u8 = 0x04;
 
 /// The longest header the gateway sends, all of it (16 bytes of preamble
-/// included). HAProxy's `accept-proxy` peeks at the header within one
-/// buffer (`tune.bufsize`, 16384 bytes by default) and, for a longer one,
-/// waits for bytes that can never fit until its timeout: the backend would
-/// hang rather than refuse. Only a large client certificate
-/// (`proxy_protocol_client_cert`) or identity comes near it.
+/// included). HAProxy's `accept-proxy` reads the header within one buffer
+/// (`tune.bufsize`, 16384 bytes by default): HAProxy 2.6 takes a header
+/// of exactly 16384 bytes and resets the connection for 16385 (measured),
+/// so the client would reach a backend that refuses it after the gateway
+/// admitted it. Refused here instead, where it is logged and counted. Only
+/// a large client certificate (`proxy_protocol_client_cert`) or identity
+/// comes near it.
 pub const MAX_HEADER_LEN: usize = 16 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -74,7 +76,7 @@ pub enum ProxyProtocolError {
     #[error("PROXY v2 header: {what} is {len} bytes, more than the format's 65535")]
     TooLong { what: &'static str, len: usize },
     /// The whole header is longer than [`MAX_HEADER_LEN`]: refused rather
-    /// than sent to a backend that may wait for it forever.
+    /// than sent to a backend that cannot read it.
     #[error("PROXY v2 header: {len} bytes, more than the {max} a backend is sure to read")]
     TooLarge { len: usize, max: usize },
     /// The client's address or the one it reached is unknown (the socket
