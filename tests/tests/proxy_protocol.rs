@@ -341,7 +341,10 @@ async fn a_reload_to_audit_during_the_handshake_is_not_sent_as_admitted() {
     assert_eq!(t.identity, None);
     let rec = gw.next_record().await;
     assert_eq!(rec.verdict, Verdict::Audit, "{rec:?}");
-    assert!(rec.reason.contains("would deny"), "{rec:?}");
+    assert!(
+        rec.reason.contains("would deny (judged after a reload)"),
+        "the handshake straddled the reload: {rec:?}"
+    );
     assert_eq!(gw.stats("orders").2, 1, "counted as audited");
 }
 
@@ -368,6 +371,10 @@ async fn a_certificate_revoked_during_the_handshake_is_not_sent_as_admitted() {
     assert_eq!(t.cert, None, "no revoked certificate for the backend");
     let rec = gw.next_record().await;
     assert_eq!(rec.verdict, Verdict::Audit, "{rec:?}");
+    assert!(
+        rec.reason.contains("judged after a reload"),
+        "the handshake straddled the reload: {rec:?}"
+    );
     assert!(rec.reason.to_lowercase().contains("revoked"), "{rec:?}");
 }
 
@@ -389,6 +396,12 @@ async fn a_reload_to_off_during_the_handshake_sends_no_identity() {
     assert_eq!(t.identity, None, "no identity on an off route");
     let rec = gw.next_record().await;
     assert_eq!(rec.mode.as_deref(), Some("off"), "{rec:?}");
+    // An `off` route asks for no certificate: one read means the
+    // handshake began under the enforcing state.
+    assert!(
+        rec.identity.is_some(),
+        "the handshake straddled the reload: {rec:?}"
+    );
 }
 
 /// A reload that turns the header off while a connection is still
