@@ -311,10 +311,27 @@ fn serve<'a>(
         // The route as the current state has it (a reload during the
         // handshake may have changed its mode or backends): connect with it.
         conn.mode = Some(route.mode().as_str());
+        if let Some(why) = &registration.would_deny
+            && conn.verdict == Verdict::Allow
+        {
+            // Allowed by the state its handshake began with; the current
+            // one puts the route in audit and would deny it: so it is
+            // logged, counted, and told to the backend.
+            tracing::warn!(listener = %listener.name, route = %route.name, client = %peer,
+                reason = %why, "audit: would deny after a reload, letting through");
+            conn.verdict = Verdict::Audit;
+            conn.reason = format!("would deny (judged after a reload): {why}");
+            route.stats.audited.inc();
+        }
         let why = || {
             registration
                 .reason()
                 .unwrap_or_else(|| "drain timeout at shutdown".into())
+        };
+        let standing = crate::proxy_protocol::Standing {
+            verdict: conn.verdict,
+            mode: route.mode(),
+            would_deny: registration.would_deny.is_some(),
         };
         let preface = match proxy_header(
             listener,
@@ -323,14 +340,17 @@ fn serve<'a>(
             local,
             tls.get_ref().1,
             common_name,
+            standing,
         ) {
             Ok(preface) => preface,
             Err(e) => {
-                // A header the backend would misread is never sent; nor
-                // are the bytes without it.
+                // A header the backend would misread (or cannot read)
+                // is never sent; nor are the bytes without it.
                 tracing::warn!(listener = %listener.name, route = %route.name, client = %peer, error = %e,
                     "closing client connection: no PROXY header");
-                conn.reason = format!("{}; {e}", conn.reason);
+                shared.metrics.refused(&listener.name, e.label());
+                conn.verdict = Verdict::Error;
+                conn.reason = format!("refused: {e} ({})", conn.reason);
                 let _ = tokio::time::timeout(listener.connect_timeout, tls.shutdown()).await;
                 return conn.record();
             }
@@ -414,9 +434,9 @@ fn serve<'a>(
 }
 
 /// The PROXY v2 header the route sends its backends, if it sends one: the
-/// client and the address it reached, the SNI, the TLS session, the
-/// identity the route admitted (never one audit merely let through) and
-/// the route's name.
+/// client and the address it reached, the SNI, the TLS session, and what
+/// `standing` lets the backend be told of the identity
+/// (`proxy_protocol::header`).
 fn proxy_header(
     listener: &ListenerState,
     route: &Route,
@@ -424,36 +444,33 @@ fn proxy_header(
     local: Option<SocketAddr>,
     session: &rustls::ServerConnection,
     common_name: Option<String>,
+    standing: crate::proxy_protocol::Standing,
 ) -> Result<Option<Vec<u8>>, crate::proxy_protocol::ProxyProtocolError> {
-    use crate::proxy_protocol::{Header, TlsFacts, openssl_cipher_name};
+    use crate::proxy_protocol::{Session, header, openssl_cipher_name};
     if route.proxy_protocol.is_none() {
         return Ok(None);
     }
-    let leaf = session.peer_certificates().and_then(|c| c.first());
-    let admitted = conn.verdict == Verdict::Allow && leaf.is_some();
     let (sig_alg, key_alg) = listener.cert_algorithms.clone();
-    let header = Header {
-        source: Some(conn.client),
-        destination: local,
-        authority: conn.sni.clone(),
-        tls: Some(TlsFacts {
-            client_cert: leaf.is_some(),
-            verified: admitted,
-            version: conn.tls_version.clone().unwrap_or_default(),
-            common_name: leaf.and(common_name),
-            cipher: session
-                .negotiated_cipher_suite()
-                .map(|s| openssl_cipher_name(s.suite())),
-            sig_alg,
-            key_alg,
-            client_cert_der: leaf
-                .filter(|_| route.proxy_protocol_client_cert)
-                .map(|l| l.to_vec()),
-        }),
-        identity: conn.identity.clone().filter(|_| admitted),
-        route: Some(route.name.clone()),
+    let facts = Session {
+        client: conn.client,
+        local,
+        sni: conn.sni.clone(),
+        version: conn.tls_version.clone().unwrap_or_default(),
+        cipher: session
+            .negotiated_cipher_suite()
+            .map(|s| openssl_cipher_name(s.suite())),
+        sig_alg,
+        key_alg,
+        leaf: session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|l| l.as_ref()),
+        common_name,
+        identity: conn.identity.clone(),
+        route: route.name.clone(),
+        send_client_cert: route.proxy_protocol_client_cert,
     };
-    header.encode().map(Some)
+    header(facts, standing).encode().map(Some)
 }
 
 /// Picks the connection's path, kernel TLS + splice or userspace, and moves

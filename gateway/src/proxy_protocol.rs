@@ -17,9 +17,23 @@
 //! As in HAProxy, `SIG_ALG` and `KEY_ALG` describe the certificate the
 //! gateway presented (the listener's), spelled as OpenSSL names them
 //! (`ecdsa-with-SHA256`, `EC256`); `CN` is the client's. `verify` is 0 only
-//! when the client's certificate was verified and admitted.
+//! when the client presented a certificate and the route admitted it (the
+//! spec: "zero if the client presented a certificate and it was
+//! successfully verified"); without a certificate it is 1, as go-proxyproto
+//! and others read 0 as verified. The identity and the certificate (0x28) go
+//! only with `verify` = 0.
+//!
+//! What "admitted" means is [`Standing::admits`]: the one place that maps
+//! the gateway's verdict to what a backend is told.
+//!
+//! A header is refused, never sent partly true: without both addresses
+//! (the spec's `AF_UNSPEC` would let the backend take the gateway's own),
+//! or longer than [`MAX_HEADER_LEN`].
 
 use std::net::{IpAddr, SocketAddr};
+
+use crate::access_log::Verdict;
+use crate::config::Mode;
 
 /// The v2 signature.
 const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -44,13 +58,71 @@ pub const PP2_CLIENT_SSL: u8 = 0x01;
 pub const PP2_CLIENT_CERT_CONN: u8 = 0x02;
 pub const PP2_CLIENT_CERT_SESS: u8 = 0x04;
 
+/// The longest header the gateway sends, all of it (16 bytes of preamble
+/// included). HAProxy's `accept-proxy` reads the header within one buffer
+/// (`tune.bufsize`, 16384 bytes by default): HAProxy 2.6 takes a header
+/// of exactly 16384 bytes and resets the connection for 16385 (measured),
+/// so the client would reach a backend that refuses it after the gateway
+/// admitted it. Refused here instead, where it is logged and counted. Only
+/// a large client certificate (`proxy_protocol_client_cert`) or identity
+/// comes near it.
+pub const MAX_HEADER_LEN: usize = 16 * 1024;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProxyProtocolError {
-    /// A TLV's value, or the whole address block, is beyond the 16-bit
-    /// length the format has: the connection is refused rather than sent a
-    /// header the backend would misread.
+    /// A TLV's value is beyond the 16-bit length the format has: the
+    /// connection is refused rather than sent a header the backend would
+    /// misread.
     #[error("PROXY v2 header: {what} is {len} bytes, more than the format's 65535")]
     TooLong { what: &'static str, len: usize },
+    /// The whole header is longer than [`MAX_HEADER_LEN`]: refused rather
+    /// than sent to a backend that cannot read it.
+    #[error("PROXY v2 header: {len} bytes, more than the {max} a backend is sure to read")]
+    TooLarge { len: usize, max: usize },
+    /// The client's address or the one it reached is unknown (the socket
+    /// could not say): refused rather than sent as `AF_UNSPEC`, which tells
+    /// the backend to take the gateway's address for the client's.
+    #[error("PROXY v2 header: the {0} address is unknown")]
+    UnknownAddress(&'static str),
+}
+
+impl ProxyProtocolError {
+    /// The `reason` of `gateway_connections_refused_total` for a connection
+    /// refused because its header could not be written.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyProtocolError::TooLong { .. } | ProxyProtocolError::TooLarge { .. } => {
+                "proxy_header_too_large"
+            }
+            ProxyProtocolError::UnknownAddress(_) => "proxy_header_no_address",
+        }
+    }
+}
+
+/// What the gateway decided about a connection, as far as its header
+/// tells the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    /// The handshake's verdict.
+    pub verdict: Verdict,
+    /// The route's mode as the current state has it (a reload during the
+    /// handshake may have changed it).
+    pub mode: Mode,
+    /// A reload during the handshake re-judged the client and found the
+    /// current state would deny it (audit lets it through).
+    pub would_deny: bool,
+}
+
+impl Standing {
+    /// Whether the backend may be told that a client that presented a
+    /// certificate (`presented`) is verified, and be given its identity
+    /// and certificate: the route checked the certificate and let it in on
+    /// its merits, by the state the connection goes on with. Audit's
+    /// would-deny, `off` (which checks nothing), and a client a reload
+    /// would now deny are not admitted.
+    pub fn admits(self, presented: bool) -> bool {
+        self.verdict == Verdict::Allow && presented && self.mode != Mode::Off && !self.would_deny
+    }
 }
 
 /// What the header says about one connection.
@@ -74,7 +146,8 @@ pub struct TlsFacts {
     /// The client presented a certificate on this connection (the gateway
     /// resumes no sessions, so on this connection is in this session).
     pub client_cert: bool,
-    /// The certificate was verified and the route admitted it.
+    /// The certificate was verified and the route admitted it
+    /// ([`Standing::admits`]).
     pub verified: bool,
     /// `TLSv1.3` or `TLSv1.2`.
     pub version: String,
@@ -89,28 +162,75 @@ pub struct TlsFacts {
     pub client_cert_der: Option<Vec<u8>>,
 }
 
+/// What the gateway knows of a connection when it writes the header,
+/// before its judgement decides what the backend may be told.
+#[derive(Debug, Clone)]
+pub struct Session<'a> {
+    pub client: SocketAddr,
+    /// The address the client reached; None if the socket could not say.
+    pub local: Option<SocketAddr>,
+    pub sni: Option<String>,
+    pub version: String,
+    pub cipher: Option<String>,
+    /// The listener certificate's signature and key algorithms.
+    pub sig_alg: Option<String>,
+    pub key_alg: Option<String>,
+    /// The client's leaf, if it presented one, and its common name.
+    pub leaf: Option<&'a [u8]>,
+    pub common_name: Option<String>,
+    /// The identity the verifier read, in the access log's spelling.
+    pub identity: Option<Vec<String>>,
+    pub route: String,
+    /// The route sends the client's leaf (`proxy_protocol_client_cert`).
+    pub send_client_cert: bool,
+}
+
+/// The header a route sends for `session`: verified, the identity and the
+/// client's certificate only when `standing` says the client was admitted.
+pub fn header(session: Session<'_>, standing: Standing) -> Header {
+    let presented = session.leaf.is_some();
+    let admitted = standing.admits(presented);
+    Header {
+        source: Some(session.client),
+        destination: session.local,
+        authority: session.sni,
+        tls: Some(TlsFacts {
+            client_cert: presented,
+            verified: admitted,
+            version: session.version,
+            common_name: session.common_name.filter(|_| presented),
+            cipher: session.cipher,
+            sig_alg: session.sig_alg,
+            key_alg: session.key_alg,
+            client_cert_der: session
+                .leaf
+                .filter(|_| admitted && session.send_client_cert)
+                .map(<[u8]>::to_vec),
+        }),
+        identity: session.identity.filter(|_| admitted),
+        route: Some(session.route),
+    }
+}
+
 impl Header {
     /// The header's bytes.
     pub fn encode(&self) -> Result<Vec<u8>, ProxyProtocolError> {
         let mut body = Vec::with_capacity(256);
-        let family = match self.addresses() {
-            Some((IpAddr::V4(s), sp, IpAddr::V4(d), dp)) => {
+        let family = match self.addresses()? {
+            (IpAddr::V4(s), sp, IpAddr::V4(d), dp) => {
                 body.extend_from_slice(&s.octets());
                 body.extend_from_slice(&d.octets());
                 body.extend_from_slice(&sp.to_be_bytes());
                 body.extend_from_slice(&dp.to_be_bytes());
                 TCP_OVER_IPV4
             }
-            Some((s, sp, d, dp)) => {
+            (s, sp, d, dp) => {
                 body.extend_from_slice(&v6(s).octets());
                 body.extend_from_slice(&v6(d).octets());
                 body.extend_from_slice(&sp.to_be_bytes());
                 body.extend_from_slice(&dp.to_be_bytes());
                 TCP_OVER_IPV6
             }
-            // Unknown addresses: AF_UNSPEC, which a receiver takes as "use
-            // the connection's own" (HAProxy does the same).
-            None => 0x00,
         };
         if let Some(sni) = &self.authority {
             tlv(&mut body, PP2_TYPE_AUTHORITY, sni.as_bytes(), "authority")?;
@@ -127,6 +247,12 @@ impl Header {
         if let Some(route) = &self.route {
             tlv(&mut body, PP2_TYPE_GATEWAY_ROUTE, route.as_bytes(), "route")?;
         }
+        if 16 + body.len() > MAX_HEADER_LEN {
+            return Err(ProxyProtocolError::TooLarge {
+                len: 16 + body.len(),
+                max: MAX_HEADER_LEN,
+            });
+        }
         let len = u16::try_from(body.len()).map_err(|_| ProxyProtocolError::TooLong {
             what: "the header",
             len: body.len(),
@@ -142,9 +268,14 @@ impl Header {
 
     /// Both addresses in one family: IPv4 when both are, else both as IPv6
     /// (an IPv4 one mapped).
-    fn addresses(&self) -> Option<(IpAddr, u16, IpAddr, u16)> {
-        let (s, d) = (self.source?, self.destination?);
-        Some((
+    fn addresses(&self) -> Result<(IpAddr, u16, IpAddr, u16), ProxyProtocolError> {
+        let s = self
+            .source
+            .ok_or(ProxyProtocolError::UnknownAddress("client's"))?;
+        let d = self
+            .destination
+            .ok_or(ProxyProtocolError::UnknownAddress("listener's"))?;
+        Ok((
             s.ip().to_canonical(),
             s.port(),
             d.ip().to_canonical(),
@@ -160,8 +291,10 @@ impl TlsFacts {
         if self.client_cert {
             client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
         }
-        // HAProxy: 0 with no certificate, the verify result with one.
-        let verify: u32 = u32::from(self.client_cert && !self.verified);
+        // 0 only for a certificate presented and admitted: HAProxy sends 0
+        // without one too, but the spec and readers such as go-proxyproto
+        // take 0 as "verified".
+        let verify: u32 = u32::from(!(self.client_cert && self.verified));
         let mut v = vec![client];
         v.extend_from_slice(&verify.to_be_bytes());
         tlv(
@@ -347,7 +480,19 @@ mod tests {
         }
         .encode()
         .unwrap();
-        assert_eq!(&no_cert[..5], &[0x01, 0, 0, 0, 0]);
+        assert_eq!(
+            &no_cert[..5],
+            &[0x01, 0, 0, 0, 1],
+            "no certificate: not verified"
+        );
+        let no_cert_but_verified = TlsFacts {
+            client_cert: false,
+            verified: true,
+            ..full().tls.unwrap()
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(&no_cert_but_verified[1..5], &[0, 0, 0, 1]);
     }
 
     #[test]
@@ -355,7 +500,7 @@ mod tests {
         let h = Header {
             source: Some("[::ffff:192.0.2.7]:1".parse().unwrap()),
             destination: Some("[2001:db8::1]:2".parse().unwrap()),
-            ..Header::default()
+            ..bare()
         };
         let got = h.encode().unwrap();
         assert_eq!(&got[12..16], &[0x21, 0x21, 0, 36]);
@@ -369,16 +514,25 @@ mod tests {
         let both_mapped = Header {
             source: Some("[::ffff:192.0.2.7]:1".parse().unwrap()),
             destination: Some("[::ffff:192.0.2.8]:2".parse().unwrap()),
-            ..Header::default()
+            ..bare()
         };
         assert_eq!(both_mapped.encode().unwrap()[13], 0x11);
+    }
+
+    /// Addresses only, no TLV.
+    fn bare() -> Header {
+        Header {
+            source: full().source,
+            destination: full().destination,
+            ..Header::default()
+        }
     }
 
     #[test]
     fn a_value_beyond_the_length_field_is_refused() {
         let h = Header {
             route: Some("x".repeat(70_000)),
-            ..Header::default()
+            ..bare()
         };
         assert_eq!(
             h.encode(),
@@ -387,18 +541,126 @@ mod tests {
                 len: 70_000
             })
         );
-        // Each TLV fits, their sum does not.
+    }
+
+    /// HAProxy reads a header within one 16 KiB buffer: exactly that much
+    /// goes, one byte more is refused.
+    #[test]
+    fn a_header_beyond_max_header_len_is_refused() {
+        // 16 preamble + 12 IPv4 addresses + 3 TLV header.
+        let fits = MAX_HEADER_LEN - 16 - 12 - 3;
         let h = Header {
-            route: Some("x".repeat(40_000)),
-            authority: Some("y".repeat(40_000)),
-            ..Header::default()
+            route: Some("x".repeat(fits)),
+            ..bare()
         };
-        assert!(matches!(
+        assert_eq!(h.encode().map(|b| b.len()), Ok(MAX_HEADER_LEN));
+        let h = Header {
+            route: Some("x".repeat(fits + 1)),
+            ..bare()
+        };
+        assert_eq!(
             h.encode(),
-            Err(ProxyProtocolError::TooLong {
-                what: "the header",
-                ..
+            Err(ProxyProtocolError::TooLarge {
+                len: MAX_HEADER_LEN + 1,
+                max: MAX_HEADER_LEN
             })
-        ));
+        );
+    }
+
+    #[test]
+    fn unknown_addresses_are_refused_not_sent_as_unspec() {
+        for h in [
+            Header {
+                source: None,
+                ..full()
+            },
+            Header {
+                destination: None,
+                ..full()
+            },
+        ] {
+            assert!(matches!(
+                h.encode(),
+                Err(ProxyProtocolError::UnknownAddress(_))
+            ));
+        }
+    }
+
+    /// Every combination: only an allowed client with a certificate, on a
+    /// route that checks one, not denied by a reload, is admitted.
+    #[test]
+    fn only_a_verified_allowed_client_is_admitted() {
+        for verdict in [
+            Verdict::Allow,
+            Verdict::Audit,
+            Verdict::Deny,
+            Verdict::Error,
+        ] {
+            for mode in [Mode::Enforce, Mode::Audit, Mode::Off] {
+                for would_deny in [false, true] {
+                    for presented in [false, true] {
+                        let s = Standing {
+                            verdict,
+                            mode,
+                            would_deny,
+                        };
+                        let want = verdict == Verdict::Allow
+                            && mode != Mode::Off
+                            && !would_deny
+                            && presented;
+                        assert_eq!(s.admits(presented), want, "{s:?} {presented}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_client_not_admitted_gets_no_identity_and_no_certificate() {
+        let leaf = b"leaf DER".to_vec();
+        let session = Session {
+            client: "192.0.2.7:51000".parse().unwrap(),
+            local: Some("198.51.100.1:8443".parse().unwrap()),
+            sni: Some("orders.example.internal".into()),
+            version: "TLSv1.3".into(),
+            cipher: None,
+            sig_alg: None,
+            key_alg: None,
+            leaf: Some(&leaf),
+            common_name: Some("frontend".into()),
+            identity: Some(vec!["spiffe://example.internal/frontend".into()]),
+            route: "orders".into(),
+            send_client_cert: true,
+        };
+        let admitted = Standing {
+            verdict: Verdict::Allow,
+            mode: Mode::Audit,
+            would_deny: false,
+        };
+        let h = header(session.clone(), admitted);
+        let tls = h.tls.as_ref().unwrap();
+        assert!(tls.client_cert && tls.verified);
+        assert_eq!(tls.client_cert_der.as_deref(), Some(&leaf[..]));
+        assert!(h.identity.is_some());
+        let would_deny = header(
+            session.clone(),
+            Standing {
+                would_deny: true,
+                ..admitted
+            },
+        );
+        let tls = would_deny.tls.as_ref().unwrap();
+        assert!(tls.client_cert && !tls.verified);
+        assert_eq!(tls.client_cert_der, None, "no unverified certificate");
+        assert_eq!(would_deny.identity, None);
+        assert_eq!(tls.common_name.as_deref(), Some("frontend"));
+        let not_asked = header(
+            Session {
+                send_client_cert: false,
+                ..session
+            },
+            admitted,
+        );
+        assert_eq!(not_asked.tls.unwrap().client_cert_der, None);
     }
 }

@@ -205,6 +205,10 @@ pub struct Registration {
     pub close: CancellationToken,
     why: Arc<Mutex<Option<String>>>,
     backend: Arc<OnceLock<String>>,
+    /// Why the current state would deny the client, when a reload during
+    /// its handshake moved its route to audit and it would now be refused
+    /// there: audit lets it through, but not as admitted.
+    pub would_deny: Option<String>,
 }
 
 impl Registration {
@@ -307,6 +311,7 @@ impl Registry {
         let mut verified = live.verified;
         let mut state = live.state;
         let mut route = live.route;
+        let mut would_deny = None;
         let mut inner = loop {
             let inner = self.lock();
             if inner.generation == judged_at {
@@ -336,6 +341,22 @@ impl Registry {
                 }
                 Ok((now, None)) => now,
                 Err(why) => return Err(Refused(why)),
+            };
+            // Audit refuses nothing, so `against` checks no chain; but the
+            // backend is about to be told whether the client was admitted,
+            // and that is the current state's to say.
+            would_deny = match (now.mode(), leaf) {
+                (Mode::Audit, Some(leaf)) => {
+                    match current.tls.recheck(&now.auth, live.client.ip(), leaf, rest) {
+                        Ok(v) => {
+                            verified = v;
+                            None
+                        }
+                        Err(why) => Some(why),
+                    }
+                }
+                (Mode::Audit, None) => Some("client presented no certificate".into()),
+                _ => None,
             };
             route = now;
             state = current;
@@ -375,6 +396,7 @@ impl Registry {
             close,
             why,
             backend,
+            would_deny,
         };
         Ok((registration, route))
     }
@@ -586,7 +608,8 @@ impl Judged<'_> {
     /// Err when `route` no longer has the backend the connection went to
     /// (or, still connecting with `via`, every backend it may go to), or
     /// now originates TLS to its backends on other terms than this
-    /// connection's backend leg was made with.
+    /// connection's backend leg was made with, or (still connecting) sends
+    /// another PROXY header than the one its backend gets.
     fn still_goes_to(&self, via: &Route, route: &Route) -> Result<(), String> {
         let went: Vec<&str> = match self.backend {
             Some(b) => vec![b],
@@ -595,6 +618,17 @@ impl Judged<'_> {
         if let Some(gone) = went.iter().find(|b| !route.backends.contains(b)) {
             return Err(format!(
                 "backend {gone} is no longer one of route {:?}'s backends",
+                route.name
+            ));
+        }
+        // Still connecting: its backend gets the header `via` says (or
+        // none), which the backend, set up for the new one, would misread.
+        if self.backend.is_none()
+            && (via.proxy_protocol, via.proxy_protocol_client_cert)
+                != (route.proxy_protocol, route.proxy_protocol_client_cert)
+        {
+            return Err(format!(
+                "route {:?} changed its PROXY protocol setting while this connection was connecting",
                 route.name
             ));
         }

@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use gateway::pki::LeafSpec;
+use gateway::access_log::Verdict;
+use gateway::pki::{Authority, LeafSpec};
+use gateway_tests::attack::{metric, refused};
 use gateway_tests::*;
 use proxy_header::{ParseConfig, ProxyHeader, Tlv};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
 
 const SNI: &str = "orders.example.internal";
 const BACKEND: &str = "orders.backend.internal";
@@ -166,6 +170,286 @@ async fn an_audited_would_deny_is_not_sent_as_verified() {
     );
     assert_eq!(custom(&header, 0xE0), None, "no identity TLV");
     assert_eq!(custom(&header, 0xE1).as_deref(), Some(&b"orders"[..]));
+}
+
+/// What the backend is told of the client, from a header's bytes:
+/// (`CERT_CONN`, `verify`, the identity TLV, the client certificate).
+struct Told {
+    cert_conn: bool,
+    verify: u32,
+    identity: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+}
+
+fn told(bytes: &[u8]) -> Told {
+    let (header, _) = ProxyHeader::parse(bytes, ParseConfig::default()).expect("parses");
+    let ssl = header.ssl().expect("PP2_TYPE_SSL");
+    Told {
+        cert_conn: ssl.client_cert_conn(),
+        verify: ssl.verify(),
+        identity: custom(&header, 0xE0),
+        cert: ssl
+            .tlvs()
+            .find_map(|t| match t.expect("well-formed sub-TLV") {
+                Tlv::Custom(0x28, der) => Some(der.into_owned()),
+                _ => None,
+            }),
+    }
+}
+
+/// The spec: verify is "zero if the client presented a certificate and it
+/// was successfully verified"; go-proxyproto's `Verified()` reads 0 as
+/// verified. A client with none (audit's would-deny, any client of `off`)
+/// must not read as verified.
+#[tokio::test]
+async fn a_client_without_a_certificate_is_not_sent_as_verified() {
+    let pki = Pki::new();
+    for (mode, allow) in [("audit", &[SPIFFE_FRONTEND][..]), ("off", &[])] {
+        let (backend, mut headers) = proxy_header_backend(None).await;
+        let toml = listener_toml(&pki, "edge", "")
+            + &route_toml("orders", &[SNI], &[backend], allow)
+            + &format!("proxy_protocol = \"v2\"\nmode = \"{mode}\"\n");
+        let gw = RunningGateway::start(&pki, &toml).await;
+        talk(&gw, pki.client_config(None)).await;
+        let t = told(&next_header(&mut headers).await);
+        assert!(!t.cert_conn, "{mode}");
+        assert_ne!(t.verify, 0, "{mode}: no certificate, not verified");
+        assert_eq!(t.identity, None, "{mode}");
+    }
+}
+
+/// Audit lets through a certificate of any issuer, self-signed included:
+/// the backend must not be handed it as the client's certificate.
+#[tokio::test]
+async fn audit_forwards_no_unverified_certificate() {
+    let pki = Pki::new();
+    let (backend, mut headers) = proxy_header_backend(None).await;
+    let gw = RunningGateway::start(
+        &pki,
+        &config(
+            &pki,
+            backend,
+            "mode = \"audit\"\nproxy_protocol_client_cert = true\n",
+        ),
+    )
+    .await;
+    let evil = Authority::root("evil root").unwrap();
+    let issued = evil
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let forged = pki.creds("forged", &issued, &evil);
+    talk(&gw, pki.client_config(Some(&forged))).await;
+    let t = told(&next_header(&mut headers).await);
+    assert!(t.cert_conn);
+    assert_ne!(t.verify, 0);
+    assert_eq!(t.identity, None);
+    assert_eq!(t.cert, None, "the forged leaf does not reach the backend");
+}
+
+/// A header HAProxy could not read within its 16 KiB buffer (a large
+/// client certificate) is not sent: the connection is refused, counted
+/// and logged as such, and the backend sees nothing.
+#[tokio::test]
+async fn a_header_too_large_for_the_backend_is_refused_and_counted() {
+    let pki = Pki::new();
+    let (backend, mut headers) = proxy_header_backend(None).await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\n{}",
+        config(&pki, backend, "proxy_protocol_client_cert = true\n")
+    );
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    // Some 20 KB of DNS names beside the identity the route allows.
+    let label = "a".repeat(60);
+    let names: Vec<String> = (0..80)
+        .map(|i| format!("dns:{label}.{label}.{label}.n{i}.example.internal"))
+        .collect();
+    let mut sans = vec![SPIFFE_FRONTEND];
+    sans.extend(names.iter().map(String::as_str));
+    let big = pki.client("big", &LeafSpec::client("frontend", &sans));
+    assert!(big.chain[0].len() > gateway::proxy_protocol::MAX_HEADER_LEN);
+    let mut tls = connect(gw.app_addr, SNI, pki.client_config(Some(&big)))
+        .await
+        .expect("the handshake itself succeeds");
+    let _ = tls.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(STEP, tls.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "closed, nothing echoed: {n:?}");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Error, "{rec:?}");
+    assert!(rec.reason.contains("PROXY v2 header"), "{rec:?}");
+    assert_eq!(rec.backend, None, "{rec:?}");
+    assert_eq!(
+        metric(&gw, &refused("proxy_header_too_large")).await,
+        1,
+        "counted"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), headers.recv())
+            .await
+            .is_err(),
+        "the backend was sent nothing"
+    );
+}
+
+/// Connects and holds the TCP connection without a byte, so its
+/// handshake begins under the state of now.
+async fn hold(gw: &RunningGateway) -> TcpStream {
+    let held = TcpStream::connect(gw.app_addr).await.unwrap();
+    // Accepted (and so pinned to this state) before the reload.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held
+}
+
+/// Completes the held connection's handshake after a reload and sends a
+/// few bytes.
+async fn finish(held: TcpStream, client: std::sync::Arc<rustls::ClientConfig>) {
+    let name = ServerName::try_from(SNI.to_owned()).unwrap();
+    let mut tls = tokio::time::timeout(STEP, TlsConnector::from(client).connect(name, held))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    tls.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(STEP, tls.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+}
+
+/// A handshake that straddles a reload is judged by the new state, and so
+/// is what its backend is told: a reload that puts the route in audit with
+/// an allow list the client is not on leaves it a would-deny, sent as
+/// unverified and logged and counted as `audit`.
+#[tokio::test]
+async fn a_reload_to_audit_during_the_handshake_is_not_sent_as_admitted() {
+    let pki = Pki::new();
+    let (backend, mut headers) = proxy_header_backend(None).await;
+    let mut gw = RunningGateway::start(&pki, &config(&pki, backend, "")).await;
+    let held = hold(&gw).await;
+    let narrower = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend], &[SPIFFE_OTHER])
+        + "proxy_protocol = \"v2\"\nmode = \"audit\"\n";
+    gw.reload_toml(&pki, &narrower)
+        .await
+        .expect("reload applied");
+    finish(held, pki.frontend_config()).await;
+    let t = told(&next_header(&mut headers).await);
+    assert!(t.cert_conn);
+    assert_ne!(t.verify, 0, "not admitted by the current state");
+    assert_eq!(t.identity, None);
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Audit, "{rec:?}");
+    assert!(
+        rec.reason.contains("would deny (judged after a reload)"),
+        "the handshake straddled the reload: {rec:?}"
+    );
+    assert_eq!(gw.stats("orders").2, 1, "counted as audited");
+}
+
+/// The same when the reload changes nothing but a CRL that revokes the
+/// client's certificate, on a route that audits all along.
+#[tokio::test]
+async fn a_certificate_revoked_during_the_handshake_is_not_sent_as_admitted() {
+    let pki = Pki::new();
+    let (creds, serial) = pki.revocable_frontend("victim");
+    pki.write("int.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let (backend, mut headers) = proxy_header_backend(None).await;
+    let toml = listener_toml(&pki, "edge", &pki.crls_line(&["int.crl.pem"]))
+        + &route_toml("orders", &[SNI], &[backend], &[SPIFFE_FRONTEND])
+        + "proxy_protocol = \"v2\"\nproxy_protocol_client_cert = true\nmode = \"audit\"\n";
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let held = hold(&gw).await;
+    pki.write("int.crl.pem", &pki.intermediate.crl(2, &[&serial]).unwrap());
+    gw.reload_toml(&pki, &toml).await.expect("reload applied");
+    finish(held, pki.client_config(Some(&creds))).await;
+    let t = told(&next_header(&mut headers).await);
+    assert!(t.cert_conn);
+    assert_ne!(t.verify, 0, "revoked: not verified");
+    assert_eq!(t.identity, None);
+    assert_eq!(t.cert, None, "no revoked certificate for the backend");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.verdict, Verdict::Audit, "{rec:?}");
+    assert!(
+        rec.reason.contains("judged after a reload"),
+        "the handshake straddled the reload: {rec:?}"
+    );
+    assert!(rec.reason.to_lowercase().contains("revoked"), "{rec:?}");
+}
+
+/// A reload to `off` during the handshake: `off` checks no certificate, so
+/// the backend is told of none verified and gets no identity.
+#[tokio::test]
+async fn a_reload_to_off_during_the_handshake_sends_no_identity() {
+    let pki = Pki::new();
+    let (backend, mut headers) = proxy_header_backend(None).await;
+    let mut gw = RunningGateway::start(&pki, &config(&pki, backend, "")).await;
+    let held = hold(&gw).await;
+    let off = listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[SNI], &[backend], &[])
+        + "proxy_protocol = \"v2\"\nmode = \"off\"\n";
+    gw.reload_toml(&pki, &off).await.expect("reload applied");
+    finish(held, pki.frontend_config()).await;
+    let t = told(&next_header(&mut headers).await);
+    assert_ne!(t.verify, 0);
+    assert_eq!(t.identity, None, "no identity on an off route");
+    let rec = gw.next_record().await;
+    assert_eq!(rec.mode.as_deref(), Some("off"), "{rec:?}");
+    // An `off` route asks for no certificate: one read means the
+    // handshake began under the enforcing state.
+    assert!(
+        rec.identity.is_some(),
+        "the handshake straddled the reload: {rec:?}"
+    );
+}
+
+/// A reload that turns the header off while a connection is still
+/// connecting (its backend has the header, or is about to): the backend,
+/// set up for the new setting, would misread it, so the connection is
+/// closed like one whose backend left the route.
+#[tokio::test]
+async fn a_proxy_protocol_change_closes_a_connection_still_connecting() {
+    let pki = Pki::new();
+    // Takes the header, then never answers the upstream TLS handshake.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = silent.local_addr().unwrap();
+    let (tx, mut reached) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut tcp, _) = silent.accept().await.unwrap();
+        let mut fixed = [0u8; 16];
+        let _ = tcp.read_exact(&mut fixed).await;
+        let _ = tx.send(()).await;
+        tokio::time::sleep(STEP).await;
+    });
+    let upstream = format!(
+        "upstream_tls = {{ ca = \"{}\", server_name = \"{BACKEND}\" }}\n",
+        pki.path("server-roots.pem").display()
+    );
+    let with = |pp: &str| {
+        listener_toml(&pki, "edge", "connect_timeout = \"10s\"")
+            + &route_toml("orders", &[SNI], &[backend], &[SPIFFE_FRONTEND])
+            + pp
+            + &upstream
+    };
+    let mut gw = RunningGateway::start(&pki, &with("proxy_protocol = \"v2\"\n")).await;
+    let mut tls = connect(gw.app_addr, SNI, pki.frontend_config())
+        .await
+        .unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(STEP, reached.recv())
+        .await
+        .expect("the gateway reached the backend");
+    gw.reload_toml(&pki, &with(""))
+        .await
+        .expect("reload applied");
+    let started = std::time::Instant::now();
+    let rec = gw.next_record().await;
+    assert!(
+        rec.reason.contains("PROXY protocol setting"),
+        "closed for the change, not by the connect timeout: {rec:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{rec:?}");
 }
 
 #[tokio::test]
