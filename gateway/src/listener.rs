@@ -355,6 +355,26 @@ fn serve<'a>(
                 return conn.record();
             }
         };
+        // A header that tells the backend "verified, admitted" binds the
+        // connection to what enforce would admit from now on, and is
+        // checked once more against a reload that came after register.
+        let presented = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty());
+        if preface.is_some()
+            && standing.admits(presented)
+            && let Err(why) = registration.told_admitted()
+        {
+            tracing::info!(listener = %listener.name, route = %route.name, client = %peer,
+                reason = %why, "closing client connection: no longer admitted after a reload");
+            route.stats.denied.inc();
+            conn.verdict = Verdict::Deny;
+            conn.reason = format!("no longer admitted after a reload: {why}");
+            offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+            return conn.record();
+        }
         let connecting = Instant::now();
         let connected = tokio::select! {
             r = Box::pin(route.backends.connect(

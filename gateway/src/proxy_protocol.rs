@@ -198,7 +198,8 @@ pub fn header(session: Session<'_>, standing: Standing) -> Header {
             client_cert: presented,
             verified: admitted,
             version: session.version,
-            common_name: session.common_name.filter(|_| presented),
+            // Like the identity: a would-deny's CN may be anyone's.
+            common_name: session.common_name.filter(|_| admitted),
             cipher: session.cipher,
             sig_alg: session.sig_alg,
             key_alg: session.key_alg,
@@ -653,7 +654,7 @@ mod tests {
         assert!(tls.client_cert && !tls.verified);
         assert_eq!(tls.client_cert_der, None, "no unverified certificate");
         assert_eq!(would_deny.identity, None);
-        assert_eq!(tls.common_name.as_deref(), Some("frontend"));
+        assert_eq!(tls.common_name, None, "no unverified common name");
         let not_asked = header(
             Session {
                 send_client_cert: false,

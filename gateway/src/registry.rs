@@ -34,7 +34,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,11 @@ struct Entry {
     why: Arc<Mutex<Option<String>>>,
     /// What its transfer moved so far, for `GET /connections`.
     moved: Moved,
+    /// Its backend was told in a PROXY header that the client was
+    /// verified and admitted: from then on it is judged as on an
+    /// enforcing route, whatever its route's mode becomes (a backend told
+    /// "verified" must never hold a client the gateway would refuse).
+    told_admitted: AtomicBool,
 }
 
 /// One live connection as `GET /connections` shows it.
@@ -128,6 +133,7 @@ impl Entry {
             source: self.client.ip(),
             leaf: self.leaf.as_ref(),
             intermediates: &self.intermediates,
+            told_admitted: self.told_admitted.load(Ordering::Acquire),
         }
     }
 
@@ -209,9 +215,33 @@ pub struct Registration {
     /// its handshake moved its route to audit and it would now be refused
     /// there: audit lets it through, but not as admitted.
     pub would_deny: Option<String>,
+    /// The listener state it was registered under (its PROXY header, if
+    /// any, is built from it).
+    registered_under: Arc<ListenerState>,
 }
 
 impl Registration {
+    /// Records that its backend will be told, in a PROXY header, that the
+    /// client was verified and admitted: from now on a reload or the tick
+    /// judges it as on an enforcing route (and closes it when that would
+    /// refuse it), also when its route moves to audit or off. Then judged
+    /// once more by the current state, as the header was built from the
+    /// state at `register`: Err when that state would not admit it.
+    pub fn told_admitted(&self) -> Result<(), String> {
+        self.entry.told_admitted.store(true, Ordering::Release);
+        let Some(current) = self.registry.current(&self.entry.listener) else {
+            return Err(format!("listener {:?} was removed", self.entry.listener));
+        };
+        // A reload since register judged it before this flag was set.
+        if !Arc::ptr_eq(&current, &self.registered_under) {
+            self.entry
+                .judged()
+                .against(&current, &current.tls)
+                .map(drop)?;
+        }
+        Ok(())
+    }
+
     /// Records the backend the connection reached (as the route names it):
     /// from now on it is judged by whether its route still has that one.
     pub fn connected(&self, backend: &str) {
@@ -333,6 +363,7 @@ impl Registry {
                 source: live.client.ip(),
                 leaf,
                 intermediates: rest,
+                told_admitted: false,
             };
             let now = match judged.against(&current, &current.tls) {
                 Ok((now, Some(v))) => {
@@ -367,6 +398,7 @@ impl Registry {
         let leaf = leaf.cloned();
         let intermediates = inner.intern(rest);
         let backend = Arc::new(OnceLock::new());
+        let registered_under = state.clone();
         let entry = Arc::new(Entry {
             listener: state.name.clone(),
             sni: live.sni,
@@ -386,6 +418,7 @@ impl Registry {
             close: close.clone(),
             why: why.clone(),
             moved: Moved::default(),
+            told_admitted: AtomicBool::new(false),
         });
         inner.live.insert(id, entry.clone());
         drop(inner);
@@ -397,12 +430,18 @@ impl Registry {
             why,
             backend,
             would_deny,
+            registered_under,
         };
         Ok((registration, route))
     }
 
     pub fn len(&self) -> usize {
         self.lock().live.len()
+    }
+
+    /// The current state of the listener named `name`, if it serves.
+    fn current(&self, name: &str) -> Option<Arc<ListenerState>> {
+        self.lock().listeners.get(name).cloned()
     }
 
     /// Up to `limit` live connections, oldest first, and how many there
@@ -549,6 +588,8 @@ struct Judged<'a> {
     source: IpAddr,
     leaf: Option<&'a CertificateDer<'static>>,
     intermediates: &'a [CertificateDer<'static>],
+    /// Its backend was told the client is verified and admitted.
+    told_admitted: bool,
 }
 
 impl Judged<'_> {
@@ -586,6 +627,25 @@ impl Judged<'_> {
             self.still_goes_to(via, route)?;
         }
         let verified = match route.mode() {
+            // Its backend was told "verified, admitted": only what enforce
+            // would admit may keep it.
+            Mode::Off if self.told_admitted => {
+                return Err(
+                    "its backend was told the client is verified, and the route no longer verifies clients (off)"
+                        .into(),
+                );
+            }
+            Mode::Audit if self.told_admitted => {
+                let Some(leaf) = self.leaf else {
+                    return Err("its backend was told the client is verified, and it presented no certificate".into());
+                };
+                Some(
+                    tls.recheck(&route.auth, self.source, leaf, self.intermediates)
+                        .map_err(|why| {
+                            format!("its backend was told the client is verified, and it no longer is: {why}")
+                        })?,
+                )
+            }
             Mode::Audit => None,
             Mode::Off => {
                 route
@@ -667,9 +727,10 @@ fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Optio
         return Some("a CA certificate in the client's chain expired".into());
     }
     let route = &judgement.route;
+    let told_admitted = entry.told_admitted.load(Ordering::Acquire);
     // A handshake now would be refused (crl_expired = "refuse"): the
     // issuer may have revoked the client since, and no newer CRL came.
-    if route.mode() == Mode::Enforce
+    if (route.mode() == Mode::Enforce || told_admitted)
         && let Some(next) = judgement.verified.crl_next_update
         && next <= now.as_second()
     {
@@ -678,7 +739,12 @@ fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Optio
                 .into(),
         );
     }
-    still_allowed(route, entry.identity.as_ref(), entry.client.ip(), now)
+    let mode = if told_admitted {
+        Mode::Enforce
+    } else {
+        route.mode()
+    };
+    still_allowed(route, mode, entry.identity.as_ref(), entry.client.ip(), now)
         .err()
         .map(|why| format!("no longer allowed: {why}"))
 }
@@ -688,12 +754,13 @@ fn tick_one(entry: &Entry, judgement: &Judgement, now: jiff::Timestamp) -> Optio
 /// (there is no certificate), nothing on `audit`.
 fn still_allowed(
     route: &Route,
+    mode: Mode,
     identity: Option<&Identity>,
     source: IpAddr,
     now: jiff::Timestamp,
 ) -> Result<(), String> {
     let policy = &route.auth.policy;
-    match (route.mode(), identity) {
+    match (mode, identity) {
         (Mode::Audit, _) => Ok(()),
         (Mode::Off, _) => policy
             .admits_source_at(source, now)
@@ -760,21 +827,24 @@ mod tests {
         let noon = "2026-11-18T12:00:00Z".parse().unwrap();
         let night = "2026-11-18T22:00:00Z".parse().unwrap();
         let off = crate::testing::route(Mode::Off, policy.clone());
-        assert_eq!(still_allowed(&off, None, inside, noon), Ok(()));
-        let closed = still_allowed(&off, None, inside, night).unwrap_err();
+        assert_eq!(still_allowed(&off, Mode::Off, None, inside, noon), Ok(()));
+        let closed = still_allowed(&off, Mode::Off, None, inside, night).unwrap_err();
         assert!(
             closed.contains("outside the route's time windows"),
             "{closed}"
         );
-        let elsewhere = still_allowed(&off, None, outside, noon).unwrap_err();
+        let elsewhere = still_allowed(&off, Mode::Off, None, outside, noon).unwrap_err();
         assert!(
             elsewhere.contains("not in the route's allowed sources"),
             "{elsewhere}"
         );
         let audit = crate::testing::route(Mode::Audit, policy.clone());
-        assert_eq!(still_allowed(&audit, None, outside, night), Ok(()));
+        assert_eq!(
+            still_allowed(&audit, Mode::Audit, None, outside, night),
+            Ok(())
+        );
         let enforce = crate::testing::route(Mode::Enforce, policy);
-        assert!(still_allowed(&enforce, None, inside, noon).is_err());
+        assert!(still_allowed(&enforce, Mode::Enforce, None, inside, noon).is_err());
     }
 
     /// A route as the current state has it, with these backends and TLS
@@ -796,6 +866,7 @@ mod tests {
             source: IpAddr::from([127, 0, 0, 1]),
             leaf: None,
             intermediates: &[],
+            told_admitted: false,
         }
     }
 

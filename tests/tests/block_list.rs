@@ -75,12 +75,16 @@ impl Topology {
         ) + "\n[admission]\n"
             + admission;
         let config = self.pki.write("gateway.toml", &toml);
-        start_gateway_in(
+        let mut gw = start_gateway_in(
             self.gateway.name(),
             &config,
             self.dir.path().join(format!("gateway-{}.log", unique("g"))),
             ready,
-        )
+        );
+        // `ready` may be said while building, before the admin address is
+        // bound: on a slow VM a scrape right after it was refused.
+        gw.wait_for("admin endpoint", 1);
+        gw
     }
 
     /// The gateway's admin socket.
