@@ -155,10 +155,7 @@ impl Place {
             Some(Ok(turn)) => turn,
             Some(Err(_)) | None => self.turn().unmeasured(now),
         };
-        turn.progress(
-            self.stage(),
-            *self.pace.lock().unwrap_or_else(|p| p.into_inner()),
-        )
+        turn.progress(*self.pace.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {

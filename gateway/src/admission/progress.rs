@@ -153,30 +153,15 @@ impl Now {
     /// start credited with the grace at the minimum rate. None while it is
     /// the gateway's turn (a busy gateway does not count against its
     /// clients).
-    ///
-    /// Before the ClientHello, the credit is an eighth: a client sends its
-    /// whole ClientHello within a round trip of connecting, so silence
-    /// there is a sign early; past it, a client is silent for the whole of
-    /// its turn (checking the gateway's chain, signing) until its flight
-    /// goes out in one piece. A connection just accepted is still far
-    /// ahead of a handshake silent for a while in either stage.
-    pub fn progress(self, stage: Stage, pace: Pace) -> Option<f64> {
-        let credit = if stage == Stage::Hello {
-            pace.credit() / HELLO_CREDIT_SHARE
-        } else {
-            pace.credit()
-        };
+    pub fn progress(self, pace: Pace) -> Option<f64> {
         match self {
             Now::Gateway => None,
             Now::Client { age, received } => {
-                Some((received as f64 + credit) / age.as_secs_f64().max(1e-3))
+                Some((received as f64 + pace.credit()) / age.as_secs_f64().max(1e-3))
             }
         }
     }
 }
-
-/// How much less a turn before the ClientHello is credited.
-const HELLO_CREDIT_SHARE: f64 = 1.0;
 
 /// The client's current turn, kept from look to look.
 #[derive(Debug, Clone, Copy)]
@@ -472,14 +457,14 @@ mod tests {
                 received: 0
             }
         );
-        let (pace, stage) = (Pace::DEFAULT, Stage::Answered);
-        let silent = look.progress(stage, pace).unwrap();
+        let pace = Pace::DEFAULT;
+        let silent = look.progress(pace).unwrap();
         let busy = Now::Client {
             age: 2000 * MS,
             received: 1000,
         };
-        assert!(silent < busy.progress(stage, pace).unwrap());
-        assert_eq!(Now::Gateway.progress(stage, pace), None);
+        assert!(silent < busy.progress(pace).unwrap());
+        assert_eq!(Now::Gateway.progress(pace), None);
     }
 
     /// The kernel's clock of the last send cannot date a write before the
