@@ -294,13 +294,7 @@ async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
     }
     // Let the attack fill the listener first.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut failures = Vec::new();
-    for _ in 0..40 {
-        if let Err(e) = allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr).await {
-            failures.push(e);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = allowed_clients(&pki, gw.app_addr).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for a in attackers {
         a.abort();
@@ -399,13 +393,7 @@ async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
     }
     // Let the attack fill the handshake share, past the grace.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut failures = Vec::new();
-    for _ in 0..40 {
-        if let Err(e) = allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr).await {
-            failures.push(e);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = allowed_clients(&pki, gw.app_addr).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for a in attackers {
         a.abort();
@@ -446,6 +434,19 @@ async fn trickling_junk_past_the_client_hello_does_not_starve_allowed_clients() 
 async fn a_closed_window_past_the_client_hello_does_not_starve_allowed_clients() {
     let evicted = hold_past_the_client_hello(AfterHello::ZeroWindow, 0).await;
     assert!(evicted > 0, "no handshake past its ClientHello was evicted");
+}
+
+/// 40 allowed clients from 127.0.0.1, 100 ms apart: how those that failed
+/// did.
+async fn allowed_clients(pki: &Pki, gw: std::net::SocketAddr) -> Vec<String> {
+    let mut failures = Vec::new();
+    for _ in 0..40 {
+        if let Err(e) = allowed_from(pki, ORDERS, "127.0.0.1", gw).await {
+            failures.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    failures
 }
 
 fn tokio_util_like_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
