@@ -883,9 +883,10 @@ fn judge<T>(
 /// The handshake failure a refusal admission counted is.
 fn failure_of(refusal: Refusal) -> HandshakeFailure {
     match refusal {
-        Refusal::Evicted | Refusal::HandshakeTooSlow | Refusal::HandshakeTimeout => {
-            HandshakeFailure::Timeout
-        }
+        Refusal::EvictedBeforeHello
+        | Refusal::EvictedAfterHello
+        | Refusal::HandshakeTooSlow
+        | Refusal::HandshakeTimeout => HandshakeFailure::Timeout,
         Refusal::NoRoute => HandshakeFailure::NoRoute,
         Refusal::ClientClosed
         | Refusal::BadRecord
