@@ -322,7 +322,8 @@ enum AfterHello {
 }
 
 /// The attacker review's finding: 40 connections (twice the handshake
-/// share) from 40 loopback addresses each send a real ClientHello, then
+/// share) from 40 loopback addresses (another /16 than the allowed
+/// clients', so no shared network limit is in play) each send a real ClientHello, then
 /// hold their handshake past it (`after`), and reconnect when dropped. 40 allowed clients on the same
 /// listener meanwhile must all be served. Returns how many handshakes past
 /// their ClientHello were evicted.
@@ -344,7 +345,7 @@ async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
     let mut attackers = Vec::new();
     for i in 0..40 {
         let (addr, hello, stop) = (gw.app_addr, hello.clone(), stop.clone());
-        let from: std::net::SocketAddr = format!("127.0.20.{}:0", 1 + i).parse().unwrap();
+        let from: std::net::SocketAddr = format!("127.3.20.{}:0", 1 + i).parse().unwrap();
         attackers.push(tokio::spawn(async move {
             let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
             while !stopped() {
