@@ -721,7 +721,7 @@ impl Report {
             );
             let _ = writeln!(
                 out,
-                "  clients seen: {} ({} connections let in, {} would be refused)",
+                "  clients seen: {} (connections: {} let in, {} would be refused)",
                 r.clients_seen, r.allowed_connections, r.would_deny_connections
             );
             if !r.would_deny.is_empty() {

@@ -345,7 +345,7 @@ async fn the_cli_reports_and_the_summary_survives_a_restart_through_the_state_fi
         "{out}"
     );
     assert!(
-        out.contains("  clients seen: 4 (2 connections let in, 6 would be refused)\n"),
+        out.contains("  clients seen: 4 (connections: 2 let in, 6 would be refused)\n"),
         "{out}"
     );
     for line in [
