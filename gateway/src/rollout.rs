@@ -399,10 +399,15 @@ impl Audit {
         let tmp = PathBuf::from(tmp);
         let result = (|| {
             use std::os::unix::fs::OpenOptionsExt as _;
+            // A fresh file: one left behind (or planted, or a symlink)
+            // would keep its own mode and owner.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&body)?;
@@ -481,24 +486,25 @@ impl Audit {
                 });
                 let seen: Vec<(&Key, &Tally)> =
                     s.seen.entries.iter().filter(|(_, t)| within(t)).collect();
-                let mut clients: Vec<&Option<String>> = seen
+                let mut clients: Vec<String> = seen
                     .iter()
-                    .map(|(k, _)| &k.identity)
+                    .map(|(k, _)| who(k.identity.as_deref(), &k.reason))
                     .chain(
                         s.would_deny
                             .entries
                             .iter()
                             .filter(|(_, t)| within(t))
-                            .map(|(k, _)| &k.identity),
+                            .map(|(k, _)| who(k.identity.as_deref(), &k.reason)),
                     )
                     .collect();
                 clients.sort();
                 clients.dedup();
                 // Most connections first, as listed.
-                let mut refused: Vec<&Option<String>> = Vec::new();
+                let mut refused: Vec<String> = Vec::new();
                 for r in &would_deny {
-                    if !refused.contains(&&r.identity) {
-                        refused.push(&r.identity);
+                    let w = who(r.identity.as_deref(), &r.reason);
+                    if !refused.contains(&w) {
+                        refused.push(w);
                     }
                 }
                 let overflow = |o: &Overflow| {
@@ -530,11 +536,7 @@ impl Audit {
                             "not ready: {} {} would be refused {window}: {}",
                             refused.len(),
                             if refused.len() == 1 { "identity" } else { "identities" },
-                            refused
-                                .iter()
-                                .map(|i| display_identity(i.as_deref()))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            refused.join(", ")
                         ),
                     ),
                     Mode::Audit if would_deny_overflow.is_some() => (
@@ -690,10 +692,14 @@ fn humantime(d: Duration) -> String {
     }
 }
 
-/// How a report names an identity.
-pub fn display_identity(identity: Option<&str>) -> String {
+/// How a report names a client: its identity, or why it has none. A
+/// certificate that did not verify (unknown CA, expired, revoked, bad) has
+/// no identity the gateway would vouch for, so its names are not shown,
+/// and it is not the same client as one that sent no certificate.
+pub fn who(identity: Option<&str>, reason: &str) -> String {
     match identity {
-        None => "(no certificate)".to_owned(),
+        None if reason.is_empty() || reason == "no_certificate" => "(no certificate)".to_owned(),
+        None => "(unverified certificate)".to_owned(),
         Some("") => "(no identity)".to_owned(),
         Some(i) => i.to_owned(),
     }
@@ -730,7 +736,7 @@ impl Report {
                     let _ = writeln!(
                         out,
                         "    {}  from {}  {}  {} connection{}  first {}  last {}",
-                        display_identity(d.identity.as_deref()),
+                        who(d.identity.as_deref(), &d.reason),
                         d.source,
                         d.reason,
                         d.count,
@@ -1054,6 +1060,14 @@ mod tests {
         let back = Audit::default();
         back.load(&path).unwrap();
         assert_eq!(*back.lock(), *audit.lock());
+        // A temp file left behind readable by all does not lend its mode.
+        let tmp = dir.path().join("audit.json.tmp");
+        std::fs::write(&tmp, b"stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        audit.save(&path, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
     }
 
     #[test]

@@ -434,7 +434,8 @@ async fn the_cli_reports_and_the_summary_survives_a_restart_through_the_state_fi
 }
 
 /// A foreign CA's client on an audit route is a would-deny for its
-/// certificate, named as the handshake failures are.
+/// certificate, named as the handshake failures are, and not shown under
+/// the names its unverified certificate claims.
 #[tokio::test]
 async fn certificate_problems_are_named_like_handshake_failures() {
     let pki = Pki::new();
@@ -447,11 +448,26 @@ async fn certificate_problems_are_named_like_handshake_failures() {
         .unwrap();
     let foreign = pki.creds("foreign", &foreign, &foreign_root);
     pass(gw.app_addr, ORDERS, &pki, Some(&foreign)).await;
+    pass(gw.app_addr, ORDERS, &pki, None).await;
     let r = report(gw.admin_addr.unwrap(), Some("orders"), None).await;
-    let reasons: Vec<_> = r.routes[0]
-        .would_deny
-        .iter()
-        .map(|d| d.reason.as_str())
-        .collect();
-    assert_eq!(reasons, ["unknown_ca"]);
+    let orders = &r.routes[0];
+    let mut got = refusals(orders);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (None, LOOPBACK_24.into(), "no_certificate".into(), 1),
+            (None, LOOPBACK_24.into(), "unknown_ca".into(), 1),
+        ]
+    );
+    // The names of a certificate that did not verify are not shown, and
+    // it is not taken for a client without one.
+    assert_eq!(orders.clients_seen, 2);
+    assert!(
+        orders.verdict.contains("2 identities would be refused")
+            && orders.verdict.contains("(no certificate)")
+            && orders.verdict.contains("(unverified certificate)"),
+        "{}",
+        orders.verdict
+    );
 }
