@@ -210,14 +210,24 @@ impl RouteAudit {
     /// A client the route let in.
     pub fn seen(&self, identity: Option<String>, client: IpAddr) {
         self.audit
-            .record(&self.listener, &self.route, identity, client, None);
+            .record_at(&self.listener, &self.route, identity, client, None, now());
     }
 
     /// A client enforcement would have refused for `reason`.
     pub fn would_deny(&self, identity: Option<String>, client: IpAddr, reason: &str) {
-        self.audit
-            .record(&self.listener, &self.route, identity, client, Some(reason));
+        self.audit.record_at(
+            &self.listener,
+            &self.route,
+            identity,
+            client,
+            Some(reason),
+            now(),
+        );
     }
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
 }
 
 /// The /24 or /64 a client is reported under.
@@ -248,24 +258,6 @@ impl Audit {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), RouteSummary>> {
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn record(
-        &self,
-        listener: &str,
-        route: &str,
-        identity: Option<String>,
-        client: IpAddr,
-        reason: Option<&str>,
-    ) {
-        self.record_at(
-            listener,
-            route,
-            identity,
-            client,
-            reason,
-            jiff::Timestamp::now().as_second(),
-        );
     }
 
     fn record_at(
@@ -442,7 +434,7 @@ impl Audit {
     /// The report on `routes` (listener, route, its current mode), counting
     /// only what was last seen within `since` of `now`.
     pub fn report(&self, routes: &[(String, String, Mode)], since: Option<Duration>) -> Report {
-        self.report_at(routes, since, jiff::Timestamp::now().as_second())
+        self.report_at(routes, since, now())
     }
 
     fn report_at(
@@ -852,6 +844,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// One client on edge/orders at `now`.
+    fn at(audit: &Audit, identity: Option<String>, client: IpAddr, reason: Option<&str>, now: i64) {
+        audit.record_at("edge", "orders", identity, client, reason, now);
+    }
+
     fn routes(mode: Mode) -> Vec<(String, String, Mode)> {
         vec![("edge".into(), "orders".into(), mode)]
     }
@@ -873,34 +870,24 @@ mod tests {
     fn counts_are_exact_and_grouped_by_identity_source_and_reason() {
         let audit = Audit::default();
         for _ in 0..3 {
-            audit.record_at(
-                "edge",
-                "orders",
+            at(
+                &audit,
                 Some("spiffe://a".into()),
                 ip("10.0.0.1"),
                 Some("not_allowed"),
                 100,
             );
         }
-        audit.record_at(
-            "edge",
-            "orders",
+        at(
+            &audit,
             Some("spiffe://a".into()),
             ip("10.0.0.2"),
             Some("not_allowed"),
             200,
         );
-        audit.record_at(
-            "edge",
-            "orders",
-            None,
-            ip("10.0.1.1"),
-            Some("no_certificate"),
-            150,
-        );
-        audit.record_at(
-            "edge",
-            "orders",
+        at(&audit, None, ip("10.0.1.1"), Some("no_certificate"), 150);
+        at(
+            &audit,
             Some("spiffe://ok".into()),
             ip("10.0.0.1"),
             None,
@@ -930,22 +917,14 @@ mod tests {
     #[test]
     fn since_filters_on_last_seen() {
         let audit = Audit::default();
-        audit.record_at(
-            "edge",
-            "orders",
+        at(
+            &audit,
             Some("old".into()),
             ip("10.0.0.1"),
             Some("not_allowed"),
             100,
         );
-        audit.record_at(
-            "edge",
-            "orders",
-            Some("ok".into()),
-            ip("10.0.0.1"),
-            None,
-            1000,
-        );
+        at(&audit, Some("ok".into()), ip("10.0.0.1"), None, 1000);
         let r = audit.report_at(&routes(Mode::Audit), Some(Duration::from_secs(500)), 1100);
         assert!(r.routes[0].would_deny.is_empty());
         assert!(r.routes[0].ready, "{}", r.routes[0].verdict);
@@ -960,9 +939,8 @@ mod tests {
         audit.set_limit(3);
         // A heavy hitter first: it stays.
         for _ in 0..5 {
-            audit.record_at(
-                "edge",
-                "orders",
+            at(
+                &audit,
                 Some("heavy".into()),
                 ip("10.0.0.1"),
                 Some("denied"),
@@ -970,9 +948,8 @@ mod tests {
             );
         }
         for i in 0..10 {
-            audit.record_at(
-                "edge",
-                "orders",
+            at(
+                &audit,
                 Some(format!("id{i}")),
                 ip("10.0.0.1"),
                 Some("not_allowed"),
@@ -1000,14 +977,7 @@ mod tests {
     fn lowering_the_limit_evicts_now() {
         let audit = Audit::default();
         for i in 0..5 {
-            audit.record_at(
-                "edge",
-                "orders",
-                Some(format!("id{i}")),
-                ip("10.0.0.1"),
-                None,
-                10,
-            );
+            at(&audit, Some(format!("id{i}")), ip("10.0.0.1"), None, 10);
         }
         audit.set_limit(2);
         let s = audit.lock();
@@ -1037,23 +1007,9 @@ mod tests {
         let path = dir.path().join("audit.json");
         let audit = Audit::default();
         audit.set_limit(1);
-        audit.record_at(
-            "edge",
-            "orders",
-            Some("a".into()),
-            ip("10.0.0.1"),
-            Some("denied"),
-            10,
-        );
-        audit.record_at(
-            "edge",
-            "orders",
-            Some("b".into()),
-            ip("10.0.0.1"),
-            Some("denied"),
-            11,
-        );
-        audit.record_at("edge", "orders", None, ip("10.0.0.1"), None, 12);
+        at(&audit, Some("a".into()), ip("10.0.0.1"), Some("denied"), 10);
+        at(&audit, Some("b".into()), ip("10.0.0.1"), Some("denied"), 11);
+        at(&audit, None, ip("10.0.0.1"), None, 12);
         audit.save(&path, false).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

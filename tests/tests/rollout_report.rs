@@ -161,26 +161,38 @@ fn assert_mix(report: &Report) {
     assert!(!json.contains("127.0.0.1"), "{json}");
 }
 
+/// `GET /rollout/report` on the TCP door.
+async fn ask(
+    admin: SocketAddr,
+    route: Option<&str>,
+    since: Option<&str>,
+) -> Result<Report, gateway::admin::client::ClientError> {
+    let at = gateway::admin::client::Endpoint::Tcp(admin);
+    gateway::admin::client::rollout_report(&at, route, since).await
+}
+
 async fn report(admin: SocketAddr, route: Option<&str>, since: Option<&str>) -> Report {
-    gateway::admin::client::rollout_report(
-        &gateway::admin::client::Endpoint::Tcp(admin),
-        route,
-        since,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("report: {e}"))
+    ask(admin, route, since)
+        .await
+        .unwrap_or_else(|e| panic!("report: {e}"))
 }
 
 fn admin_toml(extra: &str) -> String {
     format!("admin = \"127.0.0.1:0\"\n{extra}")
 }
 
+/// The gateway in this process with the four routes and an admin
+/// endpoint, `extra` at the top level; and its config.
+async fn start(pki: &Pki, backend: &EchoBackend, extra: &str) -> (RunningGateway, String) {
+    let toml = admin_toml(extra) + &listener_toml(pki, "edge", "") + &routes(backend.addr);
+    (RunningGateway::start(pki, &toml).await, toml)
+}
+
 #[tokio::test]
 async fn the_report_lists_exactly_who_enforcement_would_refuse_and_survives_a_reload() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = admin_toml("") + &listener_toml(&pki, "edge", "") + &routes(backend.addr);
-    let gw = RunningGateway::start(&pki, &toml).await;
+    let (gw, toml) = start(&pki, &backend, "").await;
     let admin = gw.admin_addr.unwrap();
     send_mix(gw.app_addr, &pki, &Clients::new(&pki)).await;
 
@@ -238,31 +250,21 @@ async fn the_summary_is_bounded_with_an_overflow_count() {
 async fn the_report_is_only_for_admin_clients_and_refuses_bad_questions() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = admin_toml("admin_clients = [\"10.0.0.0/8\"]\n")
-        + &listener_toml(&pki, "edge", "")
-        + &routes(backend.addr);
-    let gw = RunningGateway::start(&pki, &toml).await;
-    let e = gateway::admin::client::rollout_report(
-        &gateway::admin::client::Endpoint::Tcp(gw.admin_addr.unwrap()),
-        None,
-        None,
+    let (gw, _) = start(
+        &pki,
+        &backend,
+        "admin_clients = [\"10.0.0.0/8\"]
+",
     )
-    .await
-    .unwrap_err();
+    .await;
+    let e = ask(gw.admin_addr.unwrap(), None, None).await.unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
     drop(gw);
 
-    let toml = admin_toml("") + &listener_toml(&pki, "edge", "") + &routes(backend.addr);
-    let gw = RunningGateway::start(&pki, &toml).await;
+    let (gw, _) = start(&pki, &backend, "").await;
     let admin = gw.admin_addr.unwrap();
     for (route, since, status) in [(Some("nope"), None, "404"), (None, Some("soon"), "400")] {
-        let e = gateway::admin::client::rollout_report(
-            &gateway::admin::client::Endpoint::Tcp(admin),
-            route,
-            since,
-        )
-        .await
-        .unwrap_err();
+        let e = ask(admin, route, since).await.unwrap_err();
         assert!(e.to_string().contains(status), "{e}");
     }
 }
@@ -440,8 +442,7 @@ async fn the_cli_reports_and_the_summary_survives_a_restart_through_the_state_fi
 async fn certificate_problems_are_named_like_handshake_failures() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = admin_toml("") + &listener_toml(&pki, "edge", "") + &routes(backend.addr);
-    let gw = RunningGateway::start(&pki, &toml).await;
+    let (gw, _) = start(&pki, &backend, "").await;
     let foreign_root = Authority::root("foreign").unwrap();
     let foreign = foreign_root
         .issue(&LeafSpec::client("f", &[SPIFFE_FRONTEND]))
