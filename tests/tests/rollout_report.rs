@@ -250,15 +250,20 @@ async fn the_summary_is_bounded_with_an_overflow_count() {
 async fn the_report_is_only_for_admin_clients_and_refuses_bad_questions() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let (gw, _) = start(
-        &pki,
-        &backend,
-        "admin_clients = [\"10.0.0.0/8\"]
-",
-    )
-    .await;
+    let socket = pki.dir.path().join("admin.sock");
+    let extra = format!(
+        "admin_clients = [\"10.0.0.0/8\"]\nadmin_socket = \"{}\"\n",
+        socket.display()
+    );
+    let (gw, _) = start(&pki, &backend, &extra).await;
     let e = ask(gw.admin_addr.unwrap(), None, None).await.unwrap_err();
     assert!(e.to_string().contains("403"), "{e}");
+    // The socket's peers are trusted by its owner and mode instead.
+    let at = gateway::admin::client::Endpoint::Socket(socket);
+    let r = gateway::admin::client::rollout_report(&at, Some("orders"), None)
+        .await
+        .expect("the report through the admin socket");
+    assert_eq!(r.routes.len(), 1);
     drop(gw);
 
     let (gw, _) = start(&pki, &backend, "").await;
