@@ -75,9 +75,6 @@ enum Command {
     },
     /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
     Man,
-    /// The block list of a running gateway (through its admin endpoint):
-    /// sources whose new connections are refused, and dropped in the
-    /// kernel where the XDP program is attached.
     /// Rolling out enforcement: `rollout report` asks a running gateway
     /// (through its admin endpoint) whether its audit routes are ready to
     /// enforce. Exit status: 0 every route asked about is ready, 1 one is
@@ -96,6 +93,9 @@ enum Command {
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
     },
+    /// The block list of a running gateway (through its admin endpoint):
+    /// sources whose new connections are refused, and dropped in the
+    /// kernel where the XDP program is attached.
     Block {
         #[command(subcommand)]
         command: BlockCommand,
