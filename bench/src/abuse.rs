@@ -12,6 +12,13 @@
 //!   from when the attempt was due. The attackers run on threads of their
 //!   own at a low priority, so their CPU does not delay the allowed
 //!   clients' timing on the shared load core.
+//! - Past the ClientHello: connections numbering half the limit (twice the
+//!   gateway's default handshake share), from 127.3.0.0/20, each send a
+//!   real ClientHello and then hold the handshake past it: half trickle a
+//!   record that never ends just above the gateway's default minimum rate
+//!   (30 bytes every 100 ms), half never read the server's flight with a
+//!   1 KiB receive buffer (a closed window). They reconnect when dropped.
+//!   The same allowed clients, measured the same way.
 //! - Memory: the proxy's RSS while 10,000 slowloris connections try it.
 //! - Drops (the gateway, root only): how fast a blocked source's packets
 //!   die on each path: raw SYNs dropped by the XDP block list, the same
@@ -85,13 +92,35 @@ impl Plan {
 pub const TARGET_SUCCESS_PERCENT: f64 = 99.5;
 pub const TARGET_P99_MS: f64 = 250.0;
 
+/// Which attack a run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mix {
+    /// Slowloris ClientHellos and a garbage flood.
+    Slowloris,
+    /// Real ClientHellos, then trickled junk or a closed window.
+    PastHello,
+}
+
+impl Mix {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mix::Slowloris => "slowloris + flood",
+            Mix::PastHello => "past the ClientHello",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AttackRun {
     pub peer: String,
+    pub attack: Mix,
     pub max_connections: usize,
+    /// Attacking connections held at once (slowloris, or past the
+    /// ClientHello), and their source addresses.
     pub slowloris: usize,
     pub slowloris_sources: usize,
-    /// Connections the slowloris attackers opened (reconnects included).
+    /// Connections those attackers opened (reconnects included).
     pub slowloris_connects: u64,
     /// Garbage handshakes the flooder got a connection for, per second.
     pub flood_per_second: f64,
@@ -219,12 +248,16 @@ impl Ctx<'_> {
         let mut report = AbuseReport::default();
         for &kind in kinds {
             bar.set_prefix(kind.name());
-            bar.set_message("under attack");
-            match self.attack(kind).await {
-                Ok(r) => report.runs.push(r),
-                Err(e) => report
-                    .errors
-                    .push(format!("{}: under attack: {e:#}", kind.name())),
+            for mix in [Mix::Slowloris, Mix::PastHello] {
+                bar.set_message(format!("under attack: {}", mix.name()));
+                match self.attack(kind, mix).await {
+                    Ok(r) => report.runs.push(r),
+                    Err(e) => report.errors.push(format!(
+                        "{}: under attack ({}): {e:#}",
+                        kind.name(),
+                        mix.name()
+                    )),
+                }
             }
             bar.inc(1);
         }
@@ -254,25 +287,36 @@ impl Ctx<'_> {
         report
     }
 
-    async fn attack(&self, kind: Kind) -> anyhow::Result<AttackRun> {
+    async fn attack(&self, kind: Kind, mix: Mix) -> anyhow::Result<AttackRun> {
         let admin = (kind == Kind::Gateway).then(free_port).transpose()?;
         let setup = self.setup(kind, admin, true);
         let mut peer = self.start(kind, &setup, "abuse")?;
         let hello = client_hello(&self.client)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let slowloris = Attack::slowloris(
-            peer.addr,
-            hello,
-            self.plan.slowloris,
-            self.plan.sources,
-            stop.clone(),
-        );
-        let flood = Attack::flood(peer.addr, self.plan.flood_loops, stop.clone());
+        let (attackers, sources) = match mix {
+            Mix::Slowloris => (self.plan.slowloris, self.plan.sources),
+            Mix::PastHello => (self.plan.max_connections / 2, self.plan.sources),
+        };
+        let (slowloris, flood) = match mix {
+            Mix::Slowloris => (
+                Attack::slowloris(peer.addr, hello, attackers, sources, stop.clone()),
+                Some(Attack::flood(
+                    peer.addr,
+                    self.plan.flood_loops,
+                    stop.clone(),
+                )),
+            ),
+            Mix::PastHello => (
+                Attack::past_hello(peer.addr, hello, attackers, sources, stop.clone()),
+                None,
+            ),
+        };
+        let flood_count = || flood.as_ref().map_or(0, Attack::count);
         tokio::time::sleep(self.plan.warmup).await;
         let cpu_before = peer.proc.sample().cpu_seconds;
         let machine_before = machine_cpus();
         let own_before = own_cpu_seconds();
-        let flood_before = flood.count.load(Ordering::Relaxed);
+        let flood_before = flood_count();
         let started = Instant::now();
         let allowed = allowed_clients(
             peer.addr,
@@ -284,15 +328,17 @@ impl Ctx<'_> {
         let secs = started.elapsed().as_secs_f64();
         let cpu = peer.proc.sample().cpu_seconds - cpu_before;
         let others = machine_busy_since(&machine_before) - cpu - (own_cpu_seconds() - own_before);
-        let flood_per_second = (flood.count.load(Ordering::Relaxed) - flood_before) as f64 / secs;
+        let flood_per_second = (flood_count() - flood_before) as f64 / secs;
         let refusals = match admin {
             Some(a) => refusals(a).await.unwrap_or_default(),
             None => Vec::new(),
         };
         stop.store(true, Ordering::Relaxed);
-        let slowloris_connects = slowloris.count.load(Ordering::Relaxed);
+        let slowloris_connects = slowloris.count();
         slowloris.join();
-        flood.join();
+        if let Some(f) = flood {
+            f.join();
+        }
         if !peer.alive() {
             anyhow::bail!("{} died under attack:\n{}", kind.name(), peer.log_tail());
         }
@@ -300,9 +346,10 @@ impl Ctx<'_> {
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
         Ok(AttackRun {
             peer: kind.name().into(),
+            attack: mix,
             max_connections: self.plan.max_connections,
-            slowloris: self.plan.slowloris,
-            slowloris_sources: self.plan.sources,
+            slowloris: attackers,
+            slowloris_sources: sources,
             slowloris_connects,
             flood_per_second,
             allowed_attempts: attempts,
@@ -486,20 +533,28 @@ pub fn section(s: &mut String, a: &AbuseReport) {
          \"Others' CPU\" is what neither the proxy nor the benchmark used of the machine's CPUs \
          meanwhile (a shared host's other work, which slows proxy and clients alike): a run with much \
          of it says more about the host than the proxy.\n\n\
-         | peer | served | p50 ms | p99 ms | max ms | target | slowloris connects | flood connects/s | proxy CPU load | others' CPU load | the gateway's count |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|",
+         Past the ClientHello: {} connections (twice the gateway's default handshake share) \
+         from {} addresses (127.3.0.0/20) each send a real ClientHello at once, then half trickle \
+         a record that never ends (30 bytes every 100 ms, just above the gateway's default \
+         `handshake_min_rate`) and half never read the server's flight with a 1 KiB receive \
+         buffer (a closed window); they reconnect when dropped. The same allowed clients.\n\n\
+         | peer | attack | served | p50 ms | p99 ms | max ms | target | attacker connects | flood connects/s | proxy CPU load | others' CPU load | the gateway's count |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|",
         first.max_connections,
         first.slowloris,
         first.slowloris_sources,
         TARGET_SUCCESS_PERCENT,
         TARGET_P99_MS,
+        first.max_connections / 2,
+        first.slowloris_sources,
     );
     for r in &a.runs {
         let counted: Vec<String> = r.refusals.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(
             s,
-            "| {} | {}/{} ({:.2}%) | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {}/{} ({:.2}%) | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.2} | {:.2} | {} |",
             r.peer,
+            r.attack.name(),
             r.allowed_served,
             r.allowed_attempts,
             r.success_percent,
@@ -597,23 +652,86 @@ impl Attack {
         sources: usize,
         stop: Arc<AtomicBool>,
     ) -> Attack {
+        let hello = Arc::new(hello);
+        Attack::many(
+            Ipv4Addr::new(127, 1, 0, 0),
+            n,
+            sources,
+            stop,
+            move |_, from, stop| {
+                let hello = hello.clone();
+                async move {
+                    let mut s = connect_from(from, to, Duration::from_secs(3)).await?;
+                    trickle(&mut s, &hello, &stop).await;
+                    Ok(())
+                }
+            },
+        )
+    }
+
+    /// `n` connections from `sources` addresses in 127.3.0.0/20, each
+    /// sending `hello` at once and then holding the handshake past it: the
+    /// even ones trickle a record that never ends (a header for 16 KiB,
+    /// then 30 bytes every 100 ms: just above the gateway's default
+    /// minimum rate), the odd ones never read the flight with a 1 KiB
+    /// receive buffer. Reconnecting when dropped.
+    fn past_hello(
+        to: SocketAddr,
+        hello: Vec<u8>,
+        n: usize,
+        sources: usize,
+        stop: Arc<AtomicBool>,
+    ) -> Attack {
+        let hello = Arc::new(hello);
+        Attack::many(
+            Ipv4Addr::new(127, 3, 0, 0),
+            n,
+            sources,
+            stop,
+            move |i, from, stop| {
+                let hello = hello.clone();
+                async move {
+                    let closed_window = i % 2 == 1;
+                    let s = connect_closed(from, to, closed_window).await?;
+                    hold_past_hello(s, &hello, closed_window, &stop).await;
+                    Ok(())
+                }
+            },
+        )
+    }
+
+    /// `n` attackers from `sources` addresses in a run of /24s from `base`,
+    /// their first connects spread over a second, each running `one`
+    /// (connection `i` from `from`) again until `stop`; a connect that
+    /// failed is tried again 20 ms later. Counts the connections made.
+    fn many<F, Fut>(
+        base: Ipv4Addr,
+        n: usize,
+        sources: usize,
+        stop: Arc<AtomicBool>,
+        one: F,
+    ) -> Attack
+    where
+        F: Fn(usize, IpAddr, Arc<AtomicBool>) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+    {
         Attack::spawn(stop, move |count, stop| async move {
-            let hello = Arc::new(hello);
             let mut tasks = Vec::new();
             for i in 0..n {
-                let from = source_in(Ipv4Addr::new(127, 1, 0, 0), i % sources.max(1));
-                let (hello, count, stop) = (hello.clone(), count.clone(), stop.clone());
+                let from = source_in(base, i % sources.max(1));
+                let (one, count, stop) = (one.clone(), count.clone(), stop.clone());
                 tasks.push(tokio::spawn(async move {
-                    // Spread the first connects over a second.
                     tokio::time::sleep(Duration::from_micros((i as u64 * 1_000_000) / n as u64))
                         .await;
                     while !stop.load(Ordering::Relaxed) {
-                        let Ok(mut s) = connect_from(from, to, Duration::from_secs(3)).await else {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        };
-                        count.fetch_add(1, Ordering::Relaxed);
-                        trickle(&mut s, &hello, &stop).await;
+                        // Counted once connected, whatever comes next.
+                        let connected = count.clone();
+                        match one(i, from, stop.clone()).await {
+                            Ok(()) => {
+                                connected.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
                     }
                 }));
             }
@@ -686,6 +804,60 @@ async fn trickle(s: &mut TcpStream, hello: &[u8], stop: &AtomicBool) {
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            r = r.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
+        }
+    }
+}
+
+/// A connection from `from`, its receive buffer 1 KiB when `closed_window`
+/// (set before connecting, so the window it offers stays that small).
+async fn connect_closed(
+    from: IpAddr,
+    to: SocketAddr,
+    closed_window: bool,
+) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    if closed_window {
+        s.set_recv_buffer_size(1024)?;
+    }
+    s.bind(SocketAddr::new(from, 0))?;
+    let s = tokio::time::timeout(Duration::from_secs(3), s.connect(to))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// Sends `hello`, then holds the handshake past it (see
+/// `Attack::past_hello`) until the peer drops it (or `stop`, or 12 s: past
+/// any handshake timeout here).
+async fn hold_past_hello(mut s: TcpStream, hello: &[u8], closed_window: bool, stop: &AtomicBool) {
+    if s.write_all(hello).await.is_err() {
+        return;
+    }
+    let until = Instant::now() + Duration::from_secs(12);
+    if closed_window {
+        // Never read: a reset shows as the socket's error.
+        while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if !matches!(s.take_error(), Ok(None)) {
+                return;
+            }
+        }
+        return;
+    }
+    let (mut r, mut w) = s.split();
+    if w.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if w.write_all(&[0x42; 30]).await.is_err() {
+                    return;
+                }
+            }
             r = r.read(&mut buf) => if matches!(r, Ok(0) | Err(_)) { return },
         }
     }

@@ -839,7 +839,12 @@ fn plots(r: &Report, dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
                 .iter()
                 .map(|run| {
                     (
-                        format!("{} ({:.1}% served)", run.peer, run.success_percent),
+                        format!(
+                            "{}, {} ({:.1}% served)",
+                            run.peer,
+                            run.attack.name(),
+                            run.success_percent
+                        ),
                         vec![Some(run.p50_ms), Some(run.p99_ms)],
                     )
                 })

@@ -9,6 +9,8 @@
 //!   blocked, who is connected) only to clients in `admin_clients`
 //!   (loopback by default) that name the endpoint by address or
 //!   `localhost` in `Host` (a DNS-rebinding page names its own host).
+//! - `GET /rollout/report?route=NAME&since=7d` (the audit report, see
+//!   `rollout`: it names identities) as `/connections`.
 //! - `admin_socket` (a Unix socket, mode 0600, owned by the user the
 //!   gateway runs as): every route, including the changes (`POST /block`,
 //!   `DELETE /block`). A source address proves nothing about who sent a
@@ -129,6 +131,8 @@ pub struct Routes {
     pub health: Arc<Health>,
     /// The live connections, for `GET /connections` (the gateway's).
     pub registry: Option<Arc<Registry>>,
+    /// The audit report, where the endpoint has one (the gateway's).
+    pub rollout: Option<crate::rollout::ReportSource>,
     /// `admin_tls`: the TCP door speaks TLS and wants a client certificate.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
@@ -475,7 +479,9 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
     // HEAD is GET without the body (hyper leaves it out).
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     match path.as_str() {
-        "/metrics" | "/healthz" | "/readyz" | "/connections" if !read => not_allowed("GET, HEAD"),
+        "/metrics" | "/healthz" | "/readyz" | "/connections" | "/rollout/report" if !read => {
+            not_allowed("GET, HEAD")
+        }
         "/metrics" => {
             let mut body = (routes.metrics)();
             shared.refused.render(&mut body);
@@ -490,13 +496,22 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
                 format!("not ready: {why}\n"),
             ),
         },
-        "/connections" | "/block" => {
+        "/connections" | "/block" | "/rollout/report" => {
             if let Some(refusal) = untrusted(routes, peer, &req) {
                 return refusal;
             }
             match (path.as_str(), &routes.registry, &routes.admission) {
                 ("/connections", Some(registry), _) => connections(registry),
                 ("/block", _, Some(admission)) => block(admission, peer, req).await,
+                ("/rollout/report", ..) if let Some(r) = &routes.rollout => {
+                    match r.answer(req.uri().query()) {
+                        Ok(report) => json(StatusCode::OK, &report),
+                        Err(crate::rollout::Unanswered(status, message)) => json(
+                            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+                            &Problem::new(message),
+                        ),
+                    }
+                }
                 _ => not_found(),
             }
         }
@@ -864,7 +879,7 @@ fn not_found() -> Reply {
     text(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found: GET /metrics, /healthz, /readyz, /connections, and /block (GET; POST, DELETE on admin_socket)\n"
+        "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, and /block (GET; POST, DELETE on admin_socket)\n"
             .into(),
     )
 }
@@ -1032,6 +1047,28 @@ pub mod client {
         serde_json::from_slice(&body).map_err(|e| ClientError::Http {
             at: at.clone(),
             reason: format!("not a block list entry: {e}"),
+        })
+    }
+
+    /// `GET /rollout/report`, for `gateway rollout report`.
+    pub async fn rollout_report(
+        at: &Endpoint,
+        route: Option<&str>,
+        since: Option<&str>,
+    ) -> Result<crate::rollout::Report, ClientError> {
+        use crate::rollout::percent_encode;
+        let mut query = Vec::new();
+        if let Some(r) = route {
+            query.push(format!("route={}", percent_encode(r)));
+        }
+        if let Some(s) = since {
+            query.push(format!("since={}", percent_encode(s)));
+        }
+        let path = format!("/rollout/report?{}", query.join("&"));
+        let body = request(at, Method::GET, &path, None).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not an audit report: {e}"),
         })
     }
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -207,6 +207,8 @@ pub struct App {
     /// bringing an older one is refused (see `tls::crl`).
     crls: crl::Enforced,
     admission: Arc<Admission>,
+    /// Where the audit report's summary is kept (`audit_state`).
+    audit_state: Option<PathBuf>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -244,6 +246,16 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     // Measured once here rather than on the first connection's hand-off;
     // every listener may use the userspace path, if only as the fallback.
     tracing::info!("{}", crate::offload::cipher::Choice::get().describe());
+    metrics.audit.set_limit(config.audit_entries);
+    let audit_state = config.audit_state.as_ref().map(|p| config.resolve(p));
+    if let Some(path) = &audit_state {
+        // Evidence that cannot be read is no reason not to serve: start
+        // with an empty summary, loudly.
+        if let Err(e) = metrics.audit.load(path) {
+            tracing::error!(error = %e, "audit report: starting with an empty summary");
+            metrics.audit.state_error(&e);
+        }
+    }
     let state = State::build(config, &metrics)?;
     let crls = crl::Enforced::default();
     crls.record(&served_crls(&state));
@@ -323,6 +335,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         guard,
         crls,
         admission,
+        audit_state,
     })
 }
 
@@ -438,6 +451,13 @@ impl App {
                     health: self.health.clone(),
                     registry: Some(self.registry.clone()),
                     tls: self.admin_tls.take(),
+                    rollout: Some(crate::rollout::ReportSource {
+                        audit: self.metrics.audit.clone(),
+                        routes: {
+                            let registry = self.registry.clone();
+                            Box::new(move || registry.routes())
+                        },
+                    }),
                 },
                 admin_stop.clone(),
             ));
@@ -464,6 +484,8 @@ impl App {
         let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
+        audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => break,
@@ -473,6 +495,7 @@ impl App {
                         Ok(report) => {
                             drain_timeout = req.config.drain_timeout;
                             expiry_warning = req.config.expiry_warning;
+                            self.metrics.audit.set_limit(req.config.audit_entries);
                             self.metrics.set_expiries(crate::expiry::collect(&req.config));
                             self.metrics.warn_expiring(expiry_warning);
                             self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
@@ -490,6 +513,7 @@ impl App {
                     self.admission.tick();
                 }
                 _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
+                _ = audit_save.tick(), if self.audit_state.is_some() => self.save_audit(false).await,
             }
         }
         self.health.set_draining();
@@ -516,11 +540,26 @@ impl App {
             shared.close.cancel();
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
         }
+        self.save_audit(true).await;
         admin_stop.cancel();
         if let Some(path) = admin_path {
             let _ = std::fs::remove_file(path);
         }
         tracing::info!("shutdown complete");
+    }
+
+    /// Writes the audit summary to `audit_state` (when it changed, or
+    /// `force`), off the runtime's threads: it ends in an fsync.
+    async fn save_audit(&self, force: bool) {
+        let Some(path) = self.audit_state.clone() else {
+            return;
+        };
+        let audit = self.metrics.audit.clone();
+        let result = tokio::task::spawn_blocking(move || audit.save(&path, force)).await;
+        if let Ok(Err(e)) = result {
+            tracing::error!(error = %e, "audit report: the summary was not saved");
+            self.metrics.audit.state_error(&e);
+        }
     }
 
     fn start(&self, l: Arc<ListenerState>, socket: TcpListener, shared: &Shared) -> Running {

@@ -87,6 +87,14 @@ pub struct Config {
     /// file and its mode.
     #[serde(default)]
     pub allow_shared_keys: bool,
+    /// Where the audit report's summary is kept across restarts (JSON,
+    /// mode 0600, written every few seconds when it changed and at
+    /// shutdown); none: in memory only. Read at start.
+    pub audit_state: Option<PathBuf>,
+    /// Entries the audit report keeps per route (clients let in, and
+    /// would-deny), the rest counted as overflow.
+    #[serde(default = "default_audit_entries")]
+    pub audit_entries: usize,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -570,6 +578,9 @@ pub(crate) fn canonical_net(net: ipnet::IpNet) -> Result<ipnet::IpNet, String> {
     Ok(net)
 }
 
+fn default_audit_entries() -> usize {
+    crate::rollout::DEFAULT_ENTRIES
+}
 fn default_admin_clients() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"]
         .iter()

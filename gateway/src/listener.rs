@@ -828,6 +828,9 @@ fn judge<T>(
     conn: &mut Conn,
 ) -> Result<T, HandshakeFailure> {
     conn.identity = decision.identity.as_ref().map(|i| i.names());
+    // The audit report's name for the client: its names as the access log
+    // lists them; none when no certificate reached the verifier.
+    let audit_identity = conn.identity.as_ref().map(|names| names.join(","));
     conn.identity_value = decision.identity.map(Box::new);
     conn.verified = decision.verified.map(Box::new);
     // Nothing reached the verifier: "no certificate" is the refusal only
@@ -836,6 +839,8 @@ fn judge<T>(
     let verifier_saw_nothing = decision.refused.is_none() && decision.verdict.is_none();
     // Why the client would be (or was) refused, if it would be, and what
     // kind of refusal that is.
+    // The policy's own name for its refusal; else the handshake failure's.
+    let mut reason_name = None;
     let objection = match (decision.refused, decision.verdict) {
         (Some(refused), _) => Some((
             refused,
@@ -847,6 +852,7 @@ fn judge<T>(
             },
         )),
         (None, Some(policy::Verdict::Deny(reason))) => {
+            reason_name = Some(reason.kind());
             Some((reason.to_string(), HandshakeFailure::Policy))
         }
         (None, Some(policy::Verdict::Allow { matched })) => {
@@ -863,9 +869,17 @@ fn judge<T>(
         (Ok(_), None) => {
             conn.verdict = Verdict::Allow;
             route.stats.allowed.inc();
+            if route.mode() == Mode::Audit {
+                route.stats.audit.seen(audit_identity, conn.client.ip());
+            }
         }
-        (Ok(_), Some((why, _))) if route.mode() == Mode::Audit => {
+        (Ok(_), Some((why, kind))) if route.mode() == Mode::Audit => {
             conn.verdict = Verdict::Audit;
+            let reason = reason_name.unwrap_or(kind.as_str());
+            route
+                .stats
+                .audit
+                .would_deny(audit_identity, conn.client.ip(), reason);
             conn.reason = format!("would deny: {why}");
             route.stats.audited.inc();
             tracing::warn!(route = %route.name, client = %conn.client, reason = %why,
@@ -903,9 +917,10 @@ fn judge<T>(
 /// The handshake failure a refusal admission counted is.
 fn failure_of(refusal: Refusal) -> HandshakeFailure {
     match refusal {
-        Refusal::Evicted | Refusal::HandshakeTooSlow | Refusal::HandshakeTimeout => {
-            HandshakeFailure::Timeout
-        }
+        Refusal::EvictedBeforeHello
+        | Refusal::EvictedAfterHello
+        | Refusal::HandshakeTooSlow
+        | Refusal::HandshakeTimeout => HandshakeFailure::Timeout,
         Refusal::NoRoute => HandshakeFailure::NoRoute,
         Refusal::ClientClosed
         | Refusal::BadRecord

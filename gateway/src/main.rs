@@ -75,6 +75,24 @@ enum Command {
     },
     /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
     Man,
+    /// Rolling out enforcement: `rollout report` asks a running gateway
+    /// (through its admin endpoint) whether its audit routes are ready to
+    /// enforce. Exit status: 0 every route asked about is ready, 1 one is
+    /// not, 2 the question could not be answered.
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+        /// The admin socket (default: `admin_socket` of --config).
+        #[arg(long, global = true, conflicts_with = "admin")]
+        socket: Option<PathBuf>,
+        /// The admin endpoint, ip:port (default: `admin` of --config when
+        /// it has no `admin_socket`).
+        #[arg(long, global = true)]
+        admin: Option<std::net::SocketAddr>,
+        /// The gateway's config, to read `admin_socket` or `admin` from.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// The block list of a running gateway (through its admin endpoint):
     /// sources whose new connections are refused, and dropped in the
     /// kernel where the XDP program is attached.
@@ -119,6 +137,29 @@ enum BlockCommand {
     },
     /// Remove the entry for exactly this address or prefix.
     Remove { source: String },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Per route: clients seen, who enforcement would refuse (identity,
+    /// source prefix, reason, count, first and last seen), and a verdict.
+    Report {
+        /// Only this route (on every listener that has one).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only what was last seen within this (e.g. 7d); default:
+        /// everything the gateway remembers.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -348,6 +389,12 @@ fn main() -> ExitCode {
             admin,
             config,
         } => block(command, socket, admin, config.as_deref()),
+        Command::Rollout {
+            command,
+            socket,
+            admin,
+            config,
+        } => return rollout(command, socket, admin, config.as_deref()),
         Command::Completions { shell } => {
             let shell = match shell {
                 Shell::Bash => clap_complete::Shell::Bash,
@@ -687,14 +734,52 @@ impl Signals {
     }
 }
 
-fn block(
-    command: BlockCommand,
+/// `gateway rollout`: 0 ready, 1 not ready, 2 could not tell.
+fn rollout(
+    command: RolloutCommand,
     socket: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
     config: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    use gateway::admin::client::{self, Endpoint};
-    let at = match (socket, admin, config) {
+) -> ExitCode {
+    let result = endpoint(socket, admin, config).and_then(|at| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let RolloutCommand::Report {
+            route,
+            since,
+            format,
+        } = command;
+        let report = runtime.block_on(gateway::admin::client::rollout_report(
+            &at,
+            route.as_deref(),
+            since.as_deref(),
+        ))?;
+        match format {
+            ReportFormat::Text => print!("{}", report.text()),
+            ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        }
+        Ok(report.routes.iter().all(|r| r.ready))
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("gateway: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The admin endpoint: `--socket`, `--admin`, or `admin_socket` (else
+/// `admin`) of `--config`.
+fn endpoint(
+    socket: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<gateway::admin::client::Endpoint> {
+    use gateway::admin::client::Endpoint;
+    Ok(match (socket, admin, config) {
         (Some(p), _, _) => Endpoint::Socket(p),
         (None, Some(a), _) => Endpoint::Tcp(a),
         (None, None, Some(path)) => {
@@ -709,10 +794,19 @@ fn block(
             }
         }
         (None, None, None) => anyhow::bail!(
-            "say where the admin endpoint is: --socket PATH, --admin ip:port (list only) or --config gateway.toml"
+            "say where the admin endpoint is: --socket PATH, --admin ip:port (reads only) or --config gateway.toml"
         ),
-    };
-    let at = &at;
+    })
+}
+
+fn block(
+    command: BlockCommand,
+    socket: Option<PathBuf>,
+    admin: Option<std::net::SocketAddr>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use gateway::admin::client;
+    let at = &endpoint(socket, admin, config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

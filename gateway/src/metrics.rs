@@ -175,6 +175,9 @@ pub struct RouteStats {
     /// bytes (failed attempts before it, upstream TLS and a PROXY header
     /// included), for every connection that reached a backend.
     pub connect: Histogram,
+    /// Who the route let in and who enforcement would refuse, while it
+    /// is in audit mode (the audit report).
+    pub audit: crate::rollout::RouteAudit,
 }
 
 impl RouteStats {
@@ -195,6 +198,7 @@ impl Default for RouteStats {
             client_to_backend: Counter::default(),
             backend_to_client: Counter::default(),
             connect: Histogram::new(CONNECT_BUCKETS),
+            audit: crate::rollout::RouteAudit::default(),
         }
     }
 }
@@ -369,6 +373,8 @@ pub struct Metrics {
     /// Access-log lines that could not be written (a full disk, an I/O
     /// error), shared with the access log itself.
     pub access_log_lost: Arc<AtomicU64>,
+    /// The audit report's summary, kept across reloads like the counters.
+    pub audit: Arc<crate::rollout::Audit>,
 }
 
 impl Default for Metrics {
@@ -386,6 +392,7 @@ impl Default for Metrics {
             expiries: Mutex::default(),
             stale_crl_uses: Mutex::default(),
             access_log_lost: Arc::default(),
+            audit: Arc::default(),
         }
     }
 }
@@ -420,6 +427,7 @@ impl Metrics {
                     listener: listener.to_owned(),
                     route: route.to_owned(),
                 }),
+            audit: self.audit.route(listener, route),
         })
     }
 
@@ -560,6 +568,14 @@ impl Metrics {
             "gateway_crl_expired_total",
             "Client checks that met a CRL past its next update, by trust bundle and what its crl_expired made of it (refuse, warn).",
             stale,
+        )?;
+        out.counter(
+            "gateway_audit_state_errors_total",
+            "Failures to read (unreadable, corrupt) or write the audit report's state file (audit_state).",
+            self.audit
+                .state_errors()
+                .into_iter()
+                .map(|(reason, n)| ([("reason", reason)], n)),
         )?;
         out.counter(
             "gateway_access_log_lost_total",

@@ -301,6 +301,23 @@ pub enum DenyReason {
     AmbiguousCommonName { why: &'static str },
 }
 
+impl DenyReason {
+    /// The reason's name where a name is wanted (the audit report).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DenyReason::NoAllowRules => "no_allow_rules",
+            DenyReason::NoIdentity => "no_identity",
+            DenyReason::NotAllowed { .. } => "not_allowed",
+            DenyReason::Denied { .. } => "denied",
+            DenyReason::SourceDenied { .. } => "source_denied",
+            DenyReason::SourceNotAllowed { .. } => "source_not_allowed",
+            DenyReason::OutsideTimeWindow { .. } => "outside_time_window",
+            DenyReason::NoDeviceIdentity { .. } => "no_device_identity",
+            DenyReason::AmbiguousCommonName { .. } => "ambiguous_common_name",
+        }
+    }
+}
+
 /// A source network in the spelling clients are judged in: one written in
 /// the IPv4-mapped form (`::ffff:10.0.0.0/104`) is the IPv4 network it
 /// maps (`10.0.0.0/8`), since an IPv4 client is always judged by its IPv4

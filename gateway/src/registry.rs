@@ -315,6 +315,20 @@ impl Registry {
         inner.drain_timeout = drain_timeout;
     }
 
+    /// Every route the current state serves: (listener, route, mode).
+    pub fn routes(&self) -> Vec<(String, String, crate::config::Mode)> {
+        let inner = self.lock();
+        inner
+            .listeners
+            .values()
+            .flat_map(|l| {
+                l.routes
+                    .iter()
+                    .map(|r| (l.name.clone(), r.name.clone(), r.mode()))
+            })
+            .collect()
+    }
+
     /// The current generation; read it before the listener's state.
     pub fn generation(&self) -> Generation {
         self.lock().generation

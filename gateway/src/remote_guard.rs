@@ -526,6 +526,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 health,
                 registry: None,
                 tls: None,
+                rollout: None,
             },
             stop.clone(),
         ));

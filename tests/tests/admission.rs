@@ -189,13 +189,15 @@ async fn a_full_listener_evicts_stalled_handshakes_never_live_connections() {
     live.write_all(b"more").await.unwrap();
     live.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"more");
-    assert_eq!(metric(&gw, &refused("evicted")).await, 2);
+    assert_eq!(metric(&gw, &refused("evicted_before_hello")).await, 2);
     assert_eq!(metric(&gw, &refused("max_connections")).await, 1);
 }
 
-/// Handshakes that delivered their ClientHello are not evicted; once they
-/// fill `max_handshakes_in_flight`, a newcomer is refused although
-/// connection slots are free, and live connections are untouched.
+/// `max_handshakes_in_flight` bounds the unauthenticated share apart
+/// from `max_connections`: with it full of handshakes that delivered their
+/// ClientHello and went silent on their turn, a newcomer evicts the one
+/// silent longest, although connection slots are free; the share never
+/// grows, and live connections are untouched.
 #[tokio::test]
 async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
     let pki = Pki::new();
@@ -218,28 +220,44 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
             .unwrap();
         s.write_all(&hello).await.unwrap();
         stalls.push(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut third = tcp_from("127.0.4.3", gw.app_addr).await.unwrap();
     assert!(
-        closed_within(&mut third, Duration::from_secs(2))
+        closed_within(&mut stalls[0], Duration::from_secs(2))
             .await
-            .is_some()
+            .is_some(),
+        "the stall silent longest was not evicted"
     );
-    assert_eq!(metric(&gw, &refused("max_handshakes_in_flight")).await, 1);
-    for s in &mut stalls {
-        assert!(closed_within(s, Duration::from_millis(200)).await.is_none());
-    }
+    assert_eq!(metric(&gw, &refused("evicted_after_hello")).await, 1);
+    assert_eq!(metric(&gw, &refused("max_handshakes_in_flight")).await, 0);
+    assert!(
+        closed_within(&mut stalls[1], Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    assert!(
+        closed_within(&mut third, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    assert!(
+        gw.scrape()
+            .await
+            .contains("gateway_handshakes_in_flight{listener=\"edge\"} 2")
+    );
     assert_eq!(
         echo_roundtrip(tls, b"live".to_vec()).await.unwrap(),
         b"live"
     );
-    // A handshake share freed is a newcomer admitted.
+    // A handshake share freed is a newcomer admitted without evicting.
     drop(stalls);
+    drop(third);
     tokio::time::sleep(Duration::from_millis(200)).await;
     allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
         .await
         .unwrap();
+    assert_eq!(metric(&gw, &refused("evicted_after_hello")).await, 1);
 }
 
 /// The issue's attack, scaled down: slowloris connections, twice
@@ -276,13 +294,7 @@ async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
     }
     // Let the attack fill the listener first.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut failures = Vec::new();
-    for _ in 0..40 {
-        if let Err(e) = allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr).await {
-            failures.push(e);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = allowed_clients(&pki, gw.app_addr).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for a in attackers {
         a.abort();
@@ -292,9 +304,157 @@ async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
         "{} of 40 allowed clients failed: {failures:?}",
         failures.len()
     );
-    let evicted = metric(&gw, &refused("evicted")).await;
+    let evicted = metric(&gw, &refused("evicted_before_hello")).await
+        + metric(&gw, &refused("evicted_after_hello")).await;
     let slow = metric(&gw, &refused("handshake_too_slow")).await;
     assert!(evicted + slow > 0, "the attack never filled the listener");
+}
+
+/// What an attacker does once its ClientHello is in.
+#[derive(Clone, Copy)]
+enum AfterHello {
+    /// A record header announcing a long record, then its body trickled
+    /// just above `handshake_min_rate` (256 here: 30 bytes every 100 ms).
+    TrickleJunk,
+    /// Nothing: it never reads, with a receive buffer so small that the
+    /// gateway's flight stays unsent or unacknowledged.
+    ZeroWindow,
+}
+
+/// The attacker review's finding: 40 connections (twice the handshake
+/// share) from 40 loopback addresses (another /16 than the allowed
+/// clients', so no shared network limit is in play) each send a real ClientHello, then
+/// hold their handshake past it (`after`), and reconnect when dropped. 40 allowed clients on the same
+/// listener meanwhile must all be served. Returns how many handshakes past
+/// their ClientHello were evicted.
+async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let mut gw = gateway(
+        &pki,
+        &backend,
+        &format!(
+            "max_connections = 100\nmax_handshakes_in_flight = 20\nhandshake_min_rate = {min_rate}\n\
+             handshake_grace = \"1s\"\nhandshake_timeout = \"30s\""
+        ),
+        "",
+    )
+    .await;
+    let hello = client_hello(&pki, ORDERS);
+    let stop = tokio_util_like_stop();
+    let mut attackers = Vec::new();
+    for i in 0..40 {
+        let (addr, hello, stop) = (gw.app_addr, hello.clone(), stop.clone());
+        let from: std::net::SocketAddr = format!("127.3.20.{}:0", 1 + i).parse().unwrap();
+        attackers.push(tokio::spawn(async move {
+            let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+            while !stopped() {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                if let AfterHello::ZeroWindow = after {
+                    socket.set_recv_buffer_size(1024).unwrap();
+                }
+                socket.bind(from).unwrap();
+                let Ok(Ok(mut s)) = tokio::time::timeout(STEP, socket.connect(addr)).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                if s.write_all(&hello).await.is_err() {
+                    continue;
+                }
+                match after {
+                    AfterHello::TrickleJunk => {
+                        // The flight is read and dropped; the record that
+                        // should carry the client's certificate never ends.
+                        let (mut r, mut w) = s.into_split();
+                        let drain = tokio::spawn(async move {
+                            let mut buf = [0u8; 4096];
+                            while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+                        });
+                        let mut sent = w.write_all(&[0x16, 0x03, 0x03, 0x40, 0x00]).await;
+                        while sent.is_ok() && !stopped() && !drain.is_finished() {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            sent = w.write_all(&[0x42; 30]).await;
+                        }
+                        drain.abort();
+                    }
+                    AfterHello::ZeroWindow => {
+                        // Hold it, never reading, until the gateway resets
+                        // it (a cut is a reset) or gives up on it.
+                        let held = Instant::now();
+                        while !stopped() && held.elapsed() < Duration::from_secs(31) {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            if matches!(s.take_error(), Ok(Some(_))) {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // Let the attack fill the handshake share, past the grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let failures = allowed_clients(&pki, gw.app_addr).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for a in attackers {
+        a.abort();
+    }
+    // What the gateway said of the allowed clients it did not serve
+    // (none: refused at accept), to tell an eviction from a refusal.
+    let mut said = Vec::new();
+    loop {
+        match gw.log.try_recv() {
+            Ok(r) if r.client.starts_with("127.0.0.1:") && r.backend.is_none() => {
+                said.push(r.reason)
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    let counted: Vec<String> = gw
+        .scrape()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gateway_connections_refused_total"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 40 allowed clients failed: {failures:?}; the gateway said {said:?}; it counted {counted:?}",
+        failures.len()
+    );
+    metric(&gw, &refused("evicted_after_hello")).await
+}
+
+/// Handshakes past their ClientHello that trickle junk just above the
+/// minimum rate are evicted for the least progress on their turn; no
+/// allowed client is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickling_junk_past_the_client_hello_does_not_starve_allowed_clients() {
+    let evicted = hold_past_the_client_hello(AfterHello::TrickleJunk, 256).await;
+    assert!(evicted > 0, "no handshake past its ClientHello was evicted");
+}
+
+/// A client that never reads the gateway's flight (its window closed) is
+/// on its own turn, not waiting on the gateway: with no minimum rate to
+/// cut it, eviction still does; no allowed client is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_window_past_the_client_hello_does_not_starve_allowed_clients() {
+    let evicted = hold_past_the_client_hello(AfterHello::ZeroWindow, 0).await;
+    assert!(evicted > 0, "no handshake past its ClientHello was evicted");
+}
+
+/// 40 allowed clients from 127.0.0.1, 100 ms apart: how those that failed
+/// did.
+async fn allowed_clients(pki: &Pki, gw: std::net::SocketAddr) -> Vec<String> {
+    let mut failures = Vec::new();
+    for _ in 0..40 {
+        if let Err(e) = allowed_from(pki, ORDERS, "127.0.0.1", gw).await {
+            failures.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    failures
 }
 
 fn tokio_util_like_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {

@@ -426,6 +426,20 @@ impl Walk {
                     .and_then(|n| n.parse().ok())
                     .unwrap_or_else(|| panic!("no audit count for orders:\n{curl}"));
                 assert!(count >= 1, "{curl}");
+                let report = &self.output_of("rollout report").stdout;
+                assert!(
+                    report.starts_with("route orders (listener edge): audit\n")
+                        && report.contains(
+                            "  clients seen: 2 (connections: 1 let in, 2 would be refused)\n"
+                        )
+                        && report.contains(
+                            "    (no certificate)  from 127.0.0.0/24  no_certificate  "
+                        )
+                        && report.ends_with(
+                            "  verdict: not ready: 1 identity would be refused in the last 7d: (no certificate)\n"
+                        ),
+                    "{report}"
+                );
             }
             "stage-2-enforced" => {
                 let held = self.held_anonymous.take().expect("held");

@@ -98,8 +98,12 @@ pub enum Refusal {
     /// may not be forgotten yet (handshakes in flight, strikes, spent
     /// buckets): refused rather than forget what an attacker did.
     MaxTracked,
-    /// Admitted, then evicted by a newer connection.
-    Evicted,
+    /// Admitted, then evicted by a newer connection before its ClientHello
+    /// was complete.
+    EvictedBeforeHello,
+    /// Admitted, then evicted by a newer connection past its ClientHello
+    /// (trickling, or not reading, on its turn).
+    EvictedAfterHello,
     /// Admitted, then cut for sending below the minimum rate.
     HandshakeTooSlow,
     /// Admitted; the handshake took longer than `handshake_timeout`.
@@ -142,7 +146,8 @@ impl Refusal {
             Refusal::NetworkRate => "network_rate",
             Refusal::NetworkHandshakes => "network_handshakes",
             Refusal::MaxTracked => "max_tracked",
-            Refusal::Evicted => "evicted",
+            Refusal::EvictedBeforeHello => "evicted_before_hello",
+            Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
@@ -727,8 +732,7 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// The ClientHello is complete: the handshake can no longer be evicted
-    /// by a newcomer.
+    /// The ClientHello is complete: the gateway's turn, until it writes.
     pub fn hello_read(&self) {
         self.pool.advance(self.id, &self.place, Stage::Answered);
     }
@@ -777,6 +781,10 @@ impl Ticket {
 
     fn accepted(&self) -> Instant {
         self.place.accepted()
+    }
+
+    fn place(&self) -> &Place {
+        &self.place
     }
 
     fn socket(&self) -> Option<Arc<OwnedFd>> {

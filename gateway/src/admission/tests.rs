@@ -162,14 +162,24 @@ fn a_newcomer_evicts_a_stalled_handshake() {
     assert!(slow.evicted_token().is_cancelled());
     assert_eq!(slow.stage(), Stage::Evicted);
     drop(slow);
-    // Nothing left to evict: the live connection stays, the next is refused.
-    // (The newcomer's ticket was dropped above: it failed, and left.)
+    // The newcomer's ticket was dropped above: it failed, and left. A
+    // handshake past its ClientHello that has gone silent on its turn is
+    // evicted in turn; the live connection never is.
     let waiting = admitted(admission.admit(&pool, 2, 2, client("203.0.113.4", 1), None));
     waiting.hello_read();
-    assert_eq!(
-        refused(admission.admit(&pool, 2, 2, client("203.0.113.5", 1), None)),
-        Refusal::MaxConnections
-    );
+    std::thread::sleep(Duration::from_millis(20));
+    match admission.admit(&pool, 2, 2, client("203.0.113.5", 1), None) {
+        Answer::Evict { victim, ticket } => {
+            assert_eq!(victim, client("203.0.113.4", 1));
+            // Nothing left to evict: the next is refused.
+            ticket.established();
+            assert_eq!(
+                refused(admission.admit(&pool, 2, 2, client("203.0.113.6", 1), None)),
+                Refusal::MaxConnections
+            );
+        }
+        _ => panic!("expected an eviction"),
+    }
     assert_eq!(live.stage(), Stage::Established);
 }
 

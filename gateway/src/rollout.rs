@@ -1,0 +1,1072 @@
+//! The audit report: is a route in `audit` mode ready to enforce?
+//!
+//! Per route in audit mode the gateway keeps a bounded summary of the
+//! clients it let in (`seen`) and of those enforcement would have refused
+//! (`would_deny`): identity (none: no certificate), source prefix (/24 for
+//! IPv4, /64 for IPv6: a report names networks, not hosts), reason (the
+//! policy's `DenyReason` kind or the handshake failure's name), count, first
+//! and last seen. Each table keeps at most `audit_entries` entries; a new
+//! one beyond that evicts the entry with the fewest connections (the oldest
+//! among equals) into the table's overflow tally, so the counts kept are
+//! exact since the entry came in and nothing counted is ever forgotten.
+//!
+//! The summary lives for the process (keyed by listener and route name, so
+//! a reload keeps it) and, with `audit_state`, in a JSON file written
+//! atomically (temp file, fsync, rename; mode 0600) every few seconds when
+//! it changed and at shutdown, and read at start. A file that cannot be
+//! read or parsed is logged, counted (`gateway_audit_state_errors_total`)
+//! and set aside as `<file>.corrupt`; the gateway starts with an empty
+//! summary rather than refusing to start over evidence it cannot read.
+//!
+//! `GET /rollout/report` serves [`Report`]; `gateway rollout report` prints it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Mode;
+
+/// Entries kept per table and route unless `audit_entries` says otherwise.
+pub const DEFAULT_ENTRIES: usize = 256;
+/// How often a changed summary is written to `audit_state`.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// A state file larger than this is not read (it cannot be one this
+/// gateway wrote with a sane `audit_entries`).
+const MAX_STATE_BYTES: u64 = 64 << 20;
+const STATE_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    #[error("reading the audit state {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the audit state {path} is not one this gateway wrote: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("writing the audit state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl RolloutError {
+    /// The `reason` label of `gateway_audit_state_errors_total`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RolloutError::Unreadable { .. } => "unreadable",
+            RolloutError::Corrupt { .. } => "corrupt",
+            RolloutError::Write { .. } => "write",
+        }
+    }
+}
+
+/// One client (or, in `would_deny`, one refusal) as the summary keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct Key {
+    /// None: the client presented no certificate.
+    identity: Option<String>,
+    /// The client's /24 or /64.
+    source: IpNet,
+    /// Why enforcement would refuse it; empty in `seen`.
+    #[serde(default)]
+    reason: String,
+}
+
+/// Connections and when they came (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Tally {
+    count: u64,
+    first_seen: i64,
+    last_seen: i64,
+}
+
+impl Tally {
+    fn new(now: i64) -> Tally {
+        Tally {
+            count: 1,
+            first_seen: now,
+            last_seen: now,
+        }
+    }
+
+    fn absorb(&mut self, other: Tally) {
+        self.count += other.count;
+        self.first_seen = self.first_seen.min(other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+    }
+}
+
+/// What did not fit: entries evicted, and their connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Overflow {
+    entries: u64,
+    tally: Option<Tally>,
+}
+
+/// At most `limit` entries, the rest in `overflow`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Table {
+    entries: HashMap<Key, Tally>,
+    overflow: Overflow,
+}
+
+impl Table {
+    fn record(&mut self, key: Key, now: i64, limit: usize) {
+        if let Some(t) = self.entries.get_mut(&key) {
+            t.count += 1;
+            t.last_seen = t.last_seen.max(now);
+            return;
+        }
+        self.shrink_to(limit.saturating_sub(1));
+        if limit > 0 {
+            self.entries.insert(key, Tally::new(now));
+        } else {
+            self.spill(Tally::new(now));
+        }
+    }
+
+    /// Evicts the smallest entries (fewest connections, then oldest, then
+    /// by key so the choice does not depend on hashing) until `len` remain.
+    fn shrink_to(&mut self, len: usize) {
+        while self.entries.len() > len {
+            let Some(smallest) = self
+                .entries
+                .iter()
+                .min_by(|(ka, a), (kb, b)| {
+                    (a.count, a.last_seen, *ka).cmp(&(b.count, b.last_seen, *kb))
+                })
+                .map(|(k, _)| k.clone())
+            else {
+                return;
+            };
+            if let Some(t) = self.entries.remove(&smallest) {
+                self.spill(t);
+            }
+        }
+    }
+
+    fn spill(&mut self, t: Tally) {
+        self.overflow.entries += 1;
+        self.spill_tally(t);
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RouteSummary {
+    seen: Table,
+    would_deny: Table,
+}
+
+/// Every route's summary, shared by all generations of the state.
+#[derive(Debug)]
+pub struct Audit {
+    routes: Mutex<BTreeMap<(String, String), RouteSummary>>,
+    limit: AtomicUsize,
+    dirty: AtomicBool,
+    /// State file errors by reason (see [`RolloutError::as_str`]).
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Audit {
+            routes: Mutex::default(),
+            limit: AtomicUsize::new(DEFAULT_ENTRIES),
+            dirty: AtomicBool::new(false),
+            errors: Mutex::default(),
+        }
+    }
+}
+
+/// One route's handle on the summary.
+#[derive(Debug, Clone)]
+pub struct RouteAudit {
+    audit: Arc<Audit>,
+    listener: String,
+    route: String,
+}
+
+impl Default for RouteAudit {
+    /// Recorded nowhere anyone reads (unit tests' routes).
+    fn default() -> Self {
+        RouteAudit {
+            audit: Arc::default(),
+            listener: String::new(),
+            route: String::new(),
+        }
+    }
+}
+
+impl RouteAudit {
+    /// A client the route let in.
+    pub fn seen(&self, identity: Option<String>, client: IpAddr) {
+        self.audit
+            .record_at(&self.listener, &self.route, identity, client, None, now());
+    }
+
+    /// A client enforcement would have refused for `reason`.
+    pub fn would_deny(&self, identity: Option<String>, client: IpAddr, reason: &str) {
+        self.audit.record_at(
+            &self.listener,
+            &self.route,
+            identity,
+            client,
+            Some(reason),
+            now(),
+        );
+    }
+}
+
+fn now() -> i64 {
+    jiff::Timestamp::now().as_second()
+}
+
+/// The /24 or /64 a client is reported under.
+pub fn source_prefix(client: IpAddr) -> IpNet {
+    let client = client.to_canonical();
+    let len = if client.is_ipv4() { 24 } else { 64 };
+    IpNet::new(client, len).map_or(IpNet::from(client), |n| n.trunc())
+}
+
+impl Audit {
+    pub fn route(self: &Arc<Self>, listener: &str, route: &str) -> RouteAudit {
+        RouteAudit {
+            audit: self.clone(),
+            listener: listener.to_owned(),
+            route: route.to_owned(),
+        }
+    }
+
+    /// Entries kept per table and route; fewer than before evicts now.
+    pub fn set_limit(&self, limit: usize) {
+        self.limit.store(limit, Ordering::Relaxed);
+        let mut routes = self.lock();
+        for r in routes.values_mut() {
+            r.seen.shrink_to(limit);
+            r.would_deny.shrink_to(limit);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), RouteSummary>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record_at(
+        &self,
+        listener: &str,
+        route: &str,
+        identity: Option<String>,
+        client: IpAddr,
+        reason: Option<&str>,
+        now: i64,
+    ) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let key = Key {
+            identity,
+            source: source_prefix(client),
+            reason: reason.unwrap_or_default().to_owned(),
+        };
+        let mut routes = self.lock();
+        let summary = routes
+            .entry((listener.to_owned(), route.to_owned()))
+            .or_default();
+        let table = match reason {
+            Some(_) => &mut summary.would_deny,
+            None => &mut summary.seen,
+        };
+        table.record(key, now, limit);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts a state file error for the metrics.
+    pub fn state_error(&self, e: &RolloutError) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(e.as_str())
+            .or_default() += 1;
+    }
+
+    /// `gateway_audit_state_errors_total`, every reason from the start.
+    pub fn state_errors(&self) -> Vec<(&'static str, u64)> {
+        let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        ["unreadable", "corrupt", "write"]
+            .into_iter()
+            .map(|r| (r, errors.get(r).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Reads `path` into the summary (merging with what is there). A
+    /// missing file is a first start; one that cannot be read or parsed is
+    /// moved aside to `<path>.corrupt` (so later saves do not destroy it)
+    /// and reported: the caller logs and counts it and goes on empty.
+    pub fn load(&self, path: &Path) -> Result<(), RolloutError> {
+        let text = match read_bounded(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(RolloutError::Unreadable {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let state: StateFile = match serde_json::from_slice(&text) {
+            Ok(s) => s,
+            Err(e) => return Err(self.set_aside(path, e.to_string())),
+        };
+        if state.version != STATE_VERSION {
+            return Err(self.set_aside(path, format!("version {}", state.version)));
+        }
+        let limit = self.limit.load(Ordering::Relaxed);
+        let mut routes = self.lock();
+        for r in state.routes {
+            let summary = routes.entry((r.listener, r.route)).or_default();
+            for (table, saved) in [
+                (&mut summary.seen, r.seen),
+                (&mut summary.would_deny, r.would_deny),
+            ] {
+                for e in saved.entries {
+                    let key = Key {
+                        identity: e.identity,
+                        source: e.source,
+                        reason: e.reason,
+                    };
+                    match table.entries.entry(key) {
+                        std::collections::hash_map::Entry::Occupied(mut o) => {
+                            o.get_mut().absorb(e.tally)
+                        }
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(e.tally);
+                        }
+                    }
+                }
+                table.overflow.entries += saved.overflow.entries;
+                if let Some(t) = saved.overflow.tally {
+                    table.spill_tally(t);
+                }
+                table.shrink_to(limit);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_aside(&self, path: &Path, reason: String) -> RolloutError {
+        let mut aside = path.as_os_str().to_owned();
+        aside.push(".corrupt");
+        let reason = match std::fs::rename(path, &aside) {
+            Ok(()) => format!("{reason} (moved to {})", Path::new(&aside).display()),
+            Err(e) => format!("{reason} (could not move it aside: {e})"),
+        };
+        RolloutError::Corrupt {
+            path: path.to_owned(),
+            reason,
+        }
+    }
+
+    /// Writes the summary to `path` if it changed since the last save (or
+    /// `force`): a temp file beside it, mode 0600, fsync, rename.
+    pub fn save(&self, path: &Path, force: bool) -> Result<(), RolloutError> {
+        if !self.dirty.swap(false, Ordering::Relaxed) && !force {
+            return Ok(());
+        }
+        let state = self.snapshot();
+        let body = serde_json::to_vec(&state).unwrap_or_default();
+        let write = |source| RolloutError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let result = (|| {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // A fresh file: one left behind (or planted, or a symlink)
+            // would keep its own mode and owner.
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = result {
+            // Try again next time.
+            self.dirty.store(true, Ordering::Relaxed);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(write(e));
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> StateFile {
+        let routes = self.lock();
+        StateFile {
+            version: STATE_VERSION,
+            routes: routes
+                .iter()
+                .map(|((listener, route), s)| SavedRoute {
+                    listener: listener.clone(),
+                    route: route.clone(),
+                    seen: SavedTable::from(&s.seen),
+                    would_deny: SavedTable::from(&s.would_deny),
+                })
+                .collect(),
+        }
+    }
+
+    /// The report on `routes` (listener, route, its current mode), counting
+    /// only what was last seen within `since` of `now`.
+    pub fn report(&self, routes: &[(String, String, Mode)], since: Option<Duration>) -> Report {
+        self.report_at(routes, since, now())
+    }
+
+    fn report_at(
+        &self,
+        routes: &[(String, String, Mode)],
+        since: Option<Duration>,
+        now: i64,
+    ) -> Report {
+        let from =
+            since.map(|d| now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+        let within = |t: &Tally| from.is_none_or(|f| t.last_seen >= f);
+        let summaries = self.lock();
+        let empty = RouteSummary::default();
+        let reports = routes
+            .iter()
+            .map(|(listener, route, mode)| {
+                let s = summaries
+                    .get(&(listener.clone(), route.clone()))
+                    .unwrap_or(&empty);
+                let mut would_deny: Vec<Refusal> = s
+                    .would_deny
+                    .entries
+                    .iter()
+                    .filter(|(_, t)| within(t))
+                    .map(|(k, t)| Refusal {
+                        identity: k.identity.clone(),
+                        source: k.source.to_string(),
+                        reason: k.reason.clone(),
+                        count: t.count,
+                        first_seen: timestamp(t.first_seen),
+                        last_seen: timestamp(t.last_seen),
+                    })
+                    .collect();
+                would_deny.sort_by(|a, b| {
+                    (b.count, &a.identity, &a.reason, &a.source).cmp(&(
+                        a.count,
+                        &b.identity,
+                        &b.reason,
+                        &b.source,
+                    ))
+                });
+                let seen: Vec<(&Key, &Tally)> =
+                    s.seen.entries.iter().filter(|(_, t)| within(t)).collect();
+                let mut clients: Vec<String> = seen
+                    .iter()
+                    .map(|(k, _)| who(k.identity.as_deref(), &k.reason))
+                    .chain(
+                        s.would_deny
+                            .entries
+                            .iter()
+                            .filter(|(_, t)| within(t))
+                            .map(|(k, _)| who(k.identity.as_deref(), &k.reason)),
+                    )
+                    .collect();
+                clients.sort();
+                clients.dedup();
+                // Most connections first, as listed.
+                let mut refused: Vec<String> = Vec::new();
+                for r in &would_deny {
+                    let w = who(r.identity.as_deref(), &r.reason);
+                    if !refused.contains(&w) {
+                        refused.push(w);
+                    }
+                }
+                let overflow = |o: &Overflow| {
+                    o.tally.filter(within).map(|t| Overflowed {
+                        entries: o.entries,
+                        connections: t.count,
+                        last_seen: timestamp(t.last_seen),
+                    })
+                };
+                let would_deny_overflow = overflow(&s.would_deny.overflow);
+                let seen_overflow = overflow(&s.seen.overflow);
+                let clients_seen = clients.len() as u64
+                    + seen_overflow.as_ref().map_or(0, |o| o.entries)
+                    + would_deny_overflow.as_ref().map_or(0, |o| o.entries);
+                let window = match since {
+                    Some(d) => format!("in the last {}", humantime(d)),
+                    None => "in the summary".to_owned(),
+                };
+                let (ready, verdict) = match mode {
+                    Mode::Enforce => (true, "enforce: already enforcing".to_owned()),
+                    Mode::Off => (
+                        false,
+                        "off: nothing is checked, so there is no evidence; switch to audit first"
+                            .to_owned(),
+                    ),
+                    Mode::Audit if !refused.is_empty() => (
+                        false,
+                        format!(
+                            "not ready: {} {} would be refused {window}: {}",
+                            refused.len(),
+                            if refused.len() == 1 { "identity" } else { "identities" },
+                            refused.join(", ")
+                        ),
+                    ),
+                    Mode::Audit if would_deny_overflow.is_some() => (
+                        false,
+                        format!("not ready: would-deny entries that did not fit the summary were seen {window}"),
+                    ),
+                    Mode::Audit if clients_seen == 0 => (
+                        false,
+                        format!("not ready: no clients seen {window}, so no evidence either way"),
+                    ),
+                    Mode::Audit => (true, format!("ready: no would-deny {window}")),
+                };
+                RouteReport {
+                    listener: listener.clone(),
+                    route: route.clone(),
+                    mode: mode.as_str().to_owned(),
+                    clients_seen,
+                    allowed_connections: seen.iter().map(|(_, t)| t.count).sum::<u64>()
+                        + seen_overflow.as_ref().map_or(0, |o| o.connections),
+                    would_deny_connections: would_deny.iter().map(|r| r.count).sum::<u64>()
+                        + would_deny_overflow.as_ref().map_or(0, |o| o.connections),
+                    would_deny,
+                    would_deny_overflow,
+                    ready,
+                    verdict,
+                }
+            })
+            .collect();
+        Report {
+            since_seconds: since.map(|d| d.as_secs()),
+            routes: reports,
+        }
+    }
+}
+
+impl Table {
+    fn spill_tally(&mut self, t: Tally) {
+        match &mut self.overflow.tally {
+            Some(o) => o.absorb(t),
+            None => self.overflow.tally = Some(t),
+        }
+    }
+}
+
+/// What `GET /rollout/report` reads: the summary, and the routes the
+/// gateway serves now with their modes (listener, route, mode).
+pub struct ReportSource {
+    pub audit: Arc<Audit>,
+    pub routes: Box<dyn Fn() -> Vec<(String, String, Mode)> + Send + Sync>,
+}
+
+/// Why a report request was not answered: the HTTP status and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered(pub u16, pub String);
+
+impl ReportSource {
+    /// Answers `route=NAME&since=7d` (both optional; an unknown parameter
+    /// or a route no listener serves is an error, not an empty report).
+    pub fn answer(&self, query: Option<&str>) -> Result<Report, Unanswered> {
+        let bad = |m: String| Unanswered(400, m);
+        let (mut route, mut since) = (None, None);
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v).ok_or_else(|| bad(format!("{k}: bad percent-encoding")))?;
+            match k {
+                "route" => route = Some(v),
+                "since" => {
+                    let d = crate::config::duration::parse(&v).map_err(bad)?;
+                    if d.is_zero() {
+                        return Err(bad("since must be more than 0".into()));
+                    }
+                    since = Some(d);
+                }
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter {other:?}: route=NAME and since=7d are known"
+                    )));
+                }
+            }
+        }
+        let mut routes = (self.routes)();
+        routes.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        if let Some(name) = &route {
+            routes.retain(|(_, r, _)| r == name);
+            if routes.is_empty() {
+                return Err(Unanswered(
+                    404,
+                    format!("no listener serves a route {name:?}"),
+                ));
+            }
+        }
+        Ok(self.audit.report(&routes, since))
+    }
+}
+
+/// `%XX` and `+` decoding of a query value; None when it is not UTF-8 or
+/// an escape is cut short.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut bytes = s.bytes();
+    let mut out = Vec::with_capacity(s.len());
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            b'+' => b' ',
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `%XX` for everything but unreserved characters, for the client side.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path)?;
+    let mut text = Vec::new();
+    f.take(MAX_STATE_BYTES + 1).read_to_end(&mut text)?;
+    if text.len() as u64 > MAX_STATE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {MAX_STATE_BYTES} bytes"),
+        ));
+    }
+    Ok(text)
+}
+
+fn timestamp(unix: i64) -> String {
+    jiff::Timestamp::from_second(unix)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// How a report names a client: its identity, or why it has none. A
+/// certificate that did not verify (unknown CA, expired, revoked, bad) has
+/// no identity the gateway would vouch for, so its names are not shown,
+/// and it is not the same client as one that sent no certificate.
+pub fn who(identity: Option<&str>, reason: &str) -> String {
+    match identity {
+        None if reason.is_empty() || reason == "no_certificate" => "(no certificate)".to_owned(),
+        None => "(unverified certificate)".to_owned(),
+        Some("") => "(no identity)".to_owned(),
+        Some(i) => i.to_owned(),
+    }
+}
+
+/// `GET /rollout/report`, and what `gateway rollout report` prints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The window asked for; none: everything the summary holds (which
+    /// reaches back only as far as the process, or its state file).
+    pub since_seconds: Option<u64>,
+    pub routes: Vec<RouteReport>,
+}
+
+impl Report {
+    /// What `gateway rollout report --format text` prints.
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for r in &self.routes {
+            let _ = writeln!(
+                out,
+                "route {} (listener {}): {}",
+                r.route, r.listener, r.mode
+            );
+            let _ = writeln!(
+                out,
+                "  clients seen: {} (connections: {} let in, {} would be refused)",
+                r.clients_seen, r.allowed_connections, r.would_deny_connections
+            );
+            if !r.would_deny.is_empty() {
+                let _ = writeln!(out, "  would be refused:");
+                for d in &r.would_deny {
+                    let _ = writeln!(
+                        out,
+                        "    {}  from {}  {}  {} connection{}  first {}  last {}",
+                        who(d.identity.as_deref(), &d.reason),
+                        d.source,
+                        d.reason,
+                        d.count,
+                        if d.count == 1 { "" } else { "s" },
+                        d.first_seen,
+                        d.last_seen
+                    );
+                }
+            }
+            if let Some(o) = &r.would_deny_overflow {
+                let _ = writeln!(
+                    out,
+                    "    and {} more entries ({} connections, last {}) that did not fit the summary",
+                    o.entries, o.connections, o.last_seen
+                );
+            }
+            let _ = writeln!(out, "  verdict: {}", r.verdict);
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteReport {
+    pub listener: String,
+    pub route: String,
+    pub mode: String,
+    /// Distinct identities (no certificate counting as one) let in or
+    /// would-deny, plus entries that overflowed the summary.
+    pub clients_seen: u64,
+    pub allowed_connections: u64,
+    pub would_deny_connections: u64,
+    /// Most connections first.
+    pub would_deny: Vec<Refusal>,
+    pub would_deny_overflow: Option<Overflowed>,
+    pub ready: bool,
+    pub verdict: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// None: no certificate.
+    pub identity: Option<String>,
+    pub source: String,
+    pub reason: String,
+    pub count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overflowed {
+    pub entries: u64,
+    pub connections: u64,
+    pub last_seen: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    routes: Vec<SavedRoute>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedRoute {
+    listener: String,
+    route: String,
+    seen: SavedTable,
+    would_deny: SavedTable,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedTable {
+    entries: Vec<SavedEntry>,
+    overflow: Overflow,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedEntry {
+    identity: Option<String>,
+    source: IpNet,
+    #[serde(default)]
+    reason: String,
+    #[serde(flatten)]
+    tally: Tally,
+}
+
+impl From<&Table> for SavedTable {
+    fn from(t: &Table) -> SavedTable {
+        let mut entries: Vec<SavedEntry> = t
+            .entries
+            .iter()
+            .map(|(k, t)| SavedEntry {
+                identity: k.identity.clone(),
+                source: k.source,
+                reason: k.reason.clone(),
+                tally: *t,
+            })
+            .collect();
+        entries.sort_by(|a, b| (&a.identity, &a.reason).cmp(&(&b.identity, &b.reason)));
+        SavedTable {
+            entries,
+            overflow: t.overflow,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// One client on edge/orders at `now`.
+    fn at(audit: &Audit, identity: Option<String>, client: IpAddr, reason: Option<&str>, now: i64) {
+        audit.record_at("edge", "orders", identity, client, reason, now);
+    }
+
+    fn routes(mode: Mode) -> Vec<(String, String, Mode)> {
+        vec![("edge".into(), "orders".into(), mode)]
+    }
+
+    #[test]
+    fn sources_are_reported_as_their_24_or_64() {
+        assert_eq!(source_prefix(ip("192.0.2.77")).to_string(), "192.0.2.0/24");
+        assert_eq!(
+            source_prefix(ip("::ffff:192.0.2.77")).to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            source_prefix(ip("2001:db8:1:2:3:4:5:6")).to_string(),
+            "2001:db8:1:2::/64"
+        );
+    }
+
+    #[test]
+    fn counts_are_exact_and_grouped_by_identity_source_and_reason() {
+        let audit = Audit::default();
+        for _ in 0..3 {
+            at(
+                &audit,
+                Some("spiffe://a".into()),
+                ip("10.0.0.1"),
+                Some("not_allowed"),
+                100,
+            );
+        }
+        at(
+            &audit,
+            Some("spiffe://a".into()),
+            ip("10.0.0.2"),
+            Some("not_allowed"),
+            200,
+        );
+        at(&audit, None, ip("10.0.1.1"), Some("no_certificate"), 150);
+        at(
+            &audit,
+            Some("spiffe://ok".into()),
+            ip("10.0.0.1"),
+            None,
+            150,
+        );
+        let r = audit.report_at(&routes(Mode::Audit), None, 300);
+        let r = &r.routes[0];
+        assert_eq!(r.clients_seen, 3);
+        assert_eq!(r.allowed_connections, 1);
+        assert_eq!(r.would_deny_connections, 5);
+        assert_eq!(r.would_deny.len(), 2);
+        assert_eq!(r.would_deny[0].identity.as_deref(), Some("spiffe://a"));
+        assert_eq!(r.would_deny[0].count, 4);
+        assert_eq!(r.would_deny[0].first_seen, timestamp(100));
+        assert_eq!(r.would_deny[0].last_seen, timestamp(200));
+        assert_eq!(r.would_deny[1].identity, None);
+        assert_eq!(r.would_deny[1].reason, "no_certificate");
+        assert!(!r.ready);
+        assert!(
+            r.verdict
+                .starts_with("not ready: 2 identities would be refused"),
+            "{}",
+            r.verdict
+        );
+    }
+
+    #[test]
+    fn since_filters_on_last_seen() {
+        let audit = Audit::default();
+        at(
+            &audit,
+            Some("old".into()),
+            ip("10.0.0.1"),
+            Some("not_allowed"),
+            100,
+        );
+        at(&audit, Some("ok".into()), ip("10.0.0.1"), None, 1000);
+        let r = audit.report_at(&routes(Mode::Audit), Some(Duration::from_secs(500)), 1100);
+        assert!(r.routes[0].would_deny.is_empty());
+        assert!(r.routes[0].ready, "{}", r.routes[0].verdict);
+        assert_eq!(r.routes[0].verdict, "ready: no would-deny in the last 500s");
+        let r = audit.report_at(&routes(Mode::Audit), None, 1100);
+        assert!(!r.routes[0].ready);
+    }
+
+    #[test]
+    fn the_bound_holds_and_nothing_counted_is_lost() {
+        let audit = Audit::default();
+        audit.set_limit(3);
+        // A heavy hitter first: it stays.
+        for _ in 0..5 {
+            at(
+                &audit,
+                Some("heavy".into()),
+                ip("10.0.0.1"),
+                Some("denied"),
+                10,
+            );
+        }
+        for i in 0..10 {
+            at(
+                &audit,
+                Some(format!("id{i}")),
+                ip("10.0.0.1"),
+                Some("not_allowed"),
+                20 + i,
+            );
+        }
+        let r = audit.report_at(&routes(Mode::Audit), None, 100);
+        let r = &r.routes[0];
+        assert_eq!(r.would_deny.len(), 3);
+        assert_eq!(r.would_deny[0].identity.as_deref(), Some("heavy"));
+        assert_eq!(r.would_deny[0].count, 5);
+        let o = r.would_deny_overflow.as_ref().expect("overflow");
+        assert_eq!(o.entries, 8);
+        assert_eq!(o.connections, 8);
+        assert_eq!(r.would_deny_connections, 15);
+        // The newest are kept beside the heavy hitter.
+        let kept: Vec<_> = r.would_deny[1..]
+            .iter()
+            .map(|x| x.identity.clone().unwrap())
+            .collect();
+        assert!(kept.contains(&"id9".to_owned()), "{kept:?}");
+    }
+
+    #[test]
+    fn lowering_the_limit_evicts_now() {
+        let audit = Audit::default();
+        for i in 0..5 {
+            at(&audit, Some(format!("id{i}")), ip("10.0.0.1"), None, 10);
+        }
+        audit.set_limit(2);
+        let s = audit.lock();
+        let t = &s[&("edge".to_owned(), "orders".to_owned())].seen;
+        assert_eq!(t.entries.len(), 2);
+        assert_eq!(t.overflow.entries, 3);
+    }
+
+    #[test]
+    fn modes_other_than_audit_say_so() {
+        let audit = Audit::default();
+        let r = audit.report_at(&routes(Mode::Enforce), None, 10);
+        assert!(r.routes[0].ready);
+        assert!(r.routes[0].verdict.starts_with("enforce"));
+        let r = audit.report_at(&routes(Mode::Off), None, 10);
+        assert!(!r.routes[0].ready);
+        assert!(r.routes[0].verdict.starts_with("off"));
+        // Audit with nothing seen is no evidence.
+        let r = audit.report_at(&routes(Mode::Audit), None, 10);
+        assert!(!r.routes[0].ready);
+    }
+
+    #[test]
+    fn a_saved_summary_reads_back_the_same_and_is_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.json");
+        let audit = Audit::default();
+        audit.set_limit(1);
+        at(&audit, Some("a".into()), ip("10.0.0.1"), Some("denied"), 10);
+        at(&audit, Some("b".into()), ip("10.0.0.1"), Some("denied"), 11);
+        at(&audit, None, ip("10.0.0.1"), None, 12);
+        audit.save(&path, false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let back = Audit::default();
+        back.load(&path).unwrap();
+        assert_eq!(*back.lock(), *audit.lock());
+        // A temp file left behind readable by all does not lend its mode.
+        let tmp = dir.path().join("audit.json.tmp");
+        std::fs::write(&tmp, b"stale").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+        audit.save(&path, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn queries_are_parsed_strictly() {
+        let source = ReportSource {
+            audit: Arc::default(),
+            routes: Box::new(|| routes(Mode::Audit)),
+        };
+        assert_eq!(
+            source
+                .answer(Some("route=orders&since=7d"))
+                .unwrap()
+                .since_seconds,
+            Some(7 * 86400)
+        );
+        assert_eq!(source.answer(None).unwrap().routes.len(), 1);
+        assert_eq!(source.answer(Some("route=nope")).unwrap_err().0, 404);
+        assert_eq!(source.answer(Some("since=soon")).unwrap_err().0, 400);
+        assert_eq!(source.answer(Some("since=0s")).unwrap_err().0, 400);
+        assert_eq!(source.answer(Some("who=me")).unwrap_err().0, 400);
+        assert_eq!(
+            source.answer(Some("route=%6Frders")).unwrap().routes.len(),
+            1
+        );
+        assert_eq!(source.answer(Some("route=%zz")).unwrap_err().0, 400);
+        assert_eq!(
+            percent_decode(&percent_encode("a b/ü")).as_deref(),
+            Some("a b/ü")
+        );
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.json");
+        std::fs::write(&path, b"{\"version\":1,\"routes\":[{").unwrap();
+        let audit = Audit::default();
+        let e = audit.load(&path).unwrap_err();
+        assert_eq!(e.as_str(), "corrupt");
+        assert!(!path.exists());
+        assert!(dir.path().join("audit.json.corrupt").exists());
+        assert!(audit.lock().is_empty());
+        // A missing file is a first start.
+        assert!(audit.load(&path).is_ok());
+    }
+}
