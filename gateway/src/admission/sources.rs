@@ -295,6 +295,10 @@ impl Limits {
     }
 }
 
+/// The address, prefix and network a handshake was counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Groups([IpNet; 3]);
+
 /// Source addresses, prefixes and networks, each in a bounded table (by
 /// [`Level`]).
 pub(super) struct Sources {
@@ -350,13 +354,14 @@ impl Sources {
 
     /// Counts a handshake `source` wants to start, or says which limit it
     /// would exceed (counting nothing then). Admitted, it is in flight
-    /// until [`Sources::ended`].
+    /// until [`Sources::ended`] with the groups returned: the ones counted
+    /// now, even if a reload changes the prefix lengths meanwhile.
     pub fn start(
         &mut self,
         source: IpAddr,
         settings: &AdmissionSettings,
         now: Instant,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Groups, Refusal> {
         // In flight first: a refusal for it takes no token.
         for level in Level::ALL {
             let cap = Limits::of(level, settings).in_flight;
@@ -383,30 +388,33 @@ impl Sources {
                 t.in_flight += 1;
             }
         }
-        Ok(())
+        Ok(Groups(
+            Level::ALL.map(|level| level.group(source, settings)),
+        ))
     }
 
-    /// A handshake of `source` is over (done, failed or evicted).
-    pub fn ended(&mut self, source: IpAddr, settings: &AdmissionSettings) {
-        for level in Level::ALL {
-            let group = level.group(source, settings);
-            if let Some(t) = self.table(level).get_mut(&group) {
+    /// A handshake counted in `groups` is over (done, failed or evicted).
+    pub fn ended(&mut self, groups: &Groups) {
+        for (level, group) in Level::ALL.into_iter().zip(&groups.0) {
+            if let Some(t) = self.table(level).get_mut(group) {
                 t.in_flight = t.in_flight.saturating_sub(1);
             }
         }
     }
 
-    /// Adds a strike against `source`, its prefix and its network; returns
-    /// the groups that now have their `block_after` within `block_window`
-    /// (and whose counts start again), narrowest first.
+    /// Adds a strike against `source`'s groups from level `from` up (from
+    /// its address: the address, its prefix and its network); returns the
+    /// groups that now have their `block_after` within `block_window` (and
+    /// whose counts start again), narrowest first.
     pub fn strike(
         &mut self,
         source: IpAddr,
+        from: Level,
         settings: &AdmissionSettings,
         now: Instant,
     ) -> Vec<(Level, IpNet)> {
         let mut due = Vec::new();
-        for level in Level::ALL {
+        for level in Level::ALL.into_iter().filter(|l| *l >= from) {
             let after = Limits::of(level, settings).block_after;
             if after == 0 {
                 continue;
@@ -497,18 +505,18 @@ mod tests {
         let now = Instant::now();
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            t.start(a, &s, now).unwrap();
-            t.ended(a, &s);
+            let g = t.start(a, &s, now).unwrap();
+            t.ended(&g);
         }
         assert_eq!(t.start(a, &s, now), Err(Refusal::SourceRate));
         // Half a second later, one token is back (2 per second).
-        t.start(a, &s, now + Duration::from_millis(500)).unwrap();
+        let g = t.start(a, &s, now + Duration::from_millis(500)).unwrap();
         assert_eq!(
             t.start(a, &s, now + Duration::from_millis(500)),
             Err(Refusal::SourceRate)
         );
         // A refused start left nothing in flight.
-        t.ended(a, &s);
+        t.ended(&g);
         assert_eq!(t.in_flight(a), 0);
     }
 
@@ -520,7 +528,8 @@ mod tests {
         };
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        for _ in 0..4 {
+        let first = t.start(ip("192.0.2.1"), &s, now).unwrap();
+        for _ in 1..4 {
             t.start(ip("192.0.2.1"), &s, now).unwrap();
         }
         assert_eq!(
@@ -536,7 +545,7 @@ mod tests {
         );
         // Another /24 is not affected; an ended handshake frees its place.
         t.start(ip("192.0.3.1"), &s, now).unwrap();
-        t.ended(ip("192.0.2.1"), &s);
+        t.ended(&first);
         t.start(ip("192.0.2.3"), &s, now).unwrap();
     }
 
@@ -565,14 +574,14 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let a = ip("192.0.2.9");
-        assert!(t.strike(a, &s, now).is_empty());
-        assert!(t.strike(a, &s, now).is_empty());
+        assert!(t.strike(a, Level::Address, &s, now).is_empty());
+        assert!(t.strike(a, Level::Address, &s, now).is_empty());
         // The window (10 s) passed: the count starts again.
         let later = now + Duration::from_secs(11);
-        assert!(t.strike(a, &s, later).is_empty());
-        assert!(t.strike(a, &s, later).is_empty());
+        assert!(t.strike(a, Level::Address, &s, later).is_empty());
+        assert!(t.strike(a, Level::Address, &s, later).is_empty());
         assert_eq!(
-            t.strike(a, &s, later),
+            t.strike(a, Level::Address, &s, later),
             vec![(Level::Address, "192.0.2.9/32".parse().unwrap())]
         );
     }
@@ -589,17 +598,29 @@ mod tests {
         let now = Instant::now();
         // Two strikes each (never enough for an address): the second
         // address's second makes its /64's fourth.
-        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
-        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
-        assert!(t.strike(ip("2001:db8:1:1::2"), &s, now).is_empty());
+        assert!(
+            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+                .is_empty()
+        );
+        assert!(
+            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+                .is_empty()
+        );
+        assert!(
+            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now)
+                .is_empty()
+        );
         assert_eq!(
-            t.strike(ip("2001:db8:1:1::2"), &s, now),
+            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now),
             vec![(Level::Prefix, "2001:db8:1:1::/64".parse().unwrap())]
         );
         // Other /64s of the same /48 bring it to six.
-        assert!(t.strike(ip("2001:db8:1:2::1"), &s, now).is_empty());
+        assert!(
+            t.strike(ip("2001:db8:1:2::1"), Level::Address, &s, now)
+                .is_empty()
+        );
         assert_eq!(
-            t.strike(ip("2001:db8:1:3::1"), &s, now),
+            t.strike(ip("2001:db8:1:3::1"), Level::Address, &s, now),
             vec![(Level::Network, "2001:db8:1::/48".parse().unwrap())]
         );
         // An IPv4 source's network is its /16.
@@ -686,8 +707,8 @@ mod tests {
             // A second apart: each one's bucket is full again by the next.
             now += Duration::from_secs(1);
             let a = IpAddr::from((0x0a00_0000 + (i << 8)).to_be_bytes());
-            t.start(a, &s, now).unwrap();
-            t.ended(a, &s);
+            let g = t.start(a, &s, now).unwrap();
+            t.ended(&g);
         }
         assert!(t.lens().iter().all(|n| *n <= 100), "{:?}", t.lens());
         assert!(t.forgotten()[0] >= 9_900, "{:?}", t.forgotten());
@@ -704,8 +725,8 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let striker = ip("2001:db8:dead::1");
-        t.strike(striker, &s, now);
-        t.strike(striker, &s, now);
+        t.strike(striker, Level::Address, &s, now);
+        t.strike(striker, Level::Address, &s, now);
         // One failed handshake from each of 10,000 /64s (distinct /48s):
         // each entry holds a strike, so none may be forgotten.
         let mut refused = 0;
@@ -715,9 +736,9 @@ mod tests {
                     .to_be_bytes(),
             );
             match t.start(a, &s, now) {
-                Ok(()) => {
-                    t.ended(a, &s);
-                    t.strike(a, &s, now);
+                Ok(g) => {
+                    t.ended(&g);
+                    t.strike(a, Level::Address, &s, now);
                 }
                 Err(r) => {
                     assert_eq!(r, Refusal::MaxTracked);
@@ -729,7 +750,7 @@ mod tests {
         assert_eq!(t.forgotten(), [0, 0, 0]);
         assert_eq!(t.strikes(striker), 2);
         assert_eq!(
-            t.strike(striker, &s, now),
+            t.strike(striker, Level::Address, &s, now),
             vec![(Level::Address, IpNet::from(striker))]
         );
         // Once the window has passed, they are idle and make room again.
