@@ -317,7 +317,9 @@ pub struct AdmissionSettings {
     /// Source addresses tracked at once, and prefixes and networks
     /// likewise; beyond it the least recently seen idle entry is forgotten
     /// (one with handshakes in flight, strikes or a partly spent bucket
-    /// never is: a new source is refused instead, `max_tracked`).
+    /// never is: a new source is tracked by its coarser groups alone
+    /// instead, and refused, `max_tracked`, only when the networks' table
+    /// is full too).
     pub max_tracked: u32,
     /// Entries on the block list at once (at most 65536, the kernel map's
     /// size); beyond it the entry expiring first gives way.

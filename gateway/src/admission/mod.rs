@@ -94,9 +94,11 @@ pub enum Refusal {
     /// The same for the source's network (a coarser prefix).
     NetworkRate,
     NetworkHandshakes,
-    /// The source is new and the tables of sources are full of ones that
-    /// may not be forgotten yet (handshakes in flight, strikes, spent
-    /// buckets): refused rather than forget what an attacker did.
+    /// The source's network is new and the table of networks is full of
+    /// ones that may not be forgotten yet (handshakes in flight, strikes,
+    /// spent buckets): refused rather than forget what an attacker did.
+    /// (A full table of addresses or prefixes leaves a new source to its
+    /// coarser groups' limits instead.)
     MaxTracked,
     /// Admitted, then evicted by a newer connection.
     Evicted,

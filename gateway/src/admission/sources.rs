@@ -12,7 +12,11 @@
 //! the window, a full bucket: forgetting it loses nothing). Entries that
 //! are not idle are never forgotten: otherwise one connection from each of
 //! 65536 fresh /64s would wipe an attacker's strikes. When no idle entry
-//! is found, the new source is refused (`max_tracked`): fail closed.
+//! is found for its address (or prefix), a new source is tracked by its
+//! coarser groups alone, admitted or refused by their limits: an attacker
+//! holding the table busy cannot have every new source refused. Only when
+//! the networks' table is full too is it refused (`max_tracked`): fail
+//! closed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -295,9 +299,10 @@ impl Limits {
     }
 }
 
-/// The address, prefix and network a handshake was counted in.
+/// The address, prefix and network a handshake was counted in (None: not
+/// tracked at that level, its table full).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Groups([IpNet; 3]);
+pub(super) struct Groups([Option<IpNet>; 3]);
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
 /// [`Level`]).
@@ -362,11 +367,32 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) -> Result<Groups, Refusal> {
+        // Which levels the source is tracked at: a table full of busy
+        // entries (an attacker holding one strike per entry per window)
+        // leaves the source to its coarser groups' limits rather than
+        // refusing it; only a full table of networks, the coarsest,
+        // refuses (fail closed).
+        let mut groups = Groups([None; 3]);
+        for (level, slot) in Level::ALL.into_iter().zip(groups.0.iter_mut()) {
+            if self.tally(level, source, settings, now).is_some() {
+                *slot = Some(level.group(source, settings));
+            } else if level == Level::Network {
+                return Err(Refusal::MaxTracked);
+            }
+        }
+        let tracked = |groups: &Groups| {
+            Level::ALL
+                .into_iter()
+                .zip(groups.0)
+                .filter_map(|(level, g)| g.map(|g| (level, g)))
+                .collect::<Vec<_>>()
+        };
         // In flight first: a refusal for it takes no token.
-        for level in Level::ALL {
+        for (level, group) in tracked(&groups) {
             let cap = Limits::of(level, settings).in_flight;
             let t = self
-                .tally(level, source, settings, now)
+                .table(level)
+                .get_mut(&group)
                 .ok_or(Refusal::MaxTracked)?;
             if cap > 0 && t.in_flight >= cap {
                 return Err(level.refusals().1);
@@ -374,29 +400,28 @@ impl Sources {
         }
         // Then the buckets, narrowest first: a source over its own rate
         // does not drain its prefix's bucket for its neighbours.
-        for level in Level::ALL {
+        for (level, group) in tracked(&groups) {
             let limits = Limits::of(level, settings);
             let t = self
-                .tally(level, source, settings, now)
+                .table(level)
+                .get_mut(&group)
                 .ok_or(Refusal::MaxTracked)?;
             if limits.rate > 0 && !t.bucket.take(limits.rate, limits.burst, now) {
                 return Err(level.refusals().0);
             }
         }
-        for level in Level::ALL {
-            if let Some(t) = self.tally(level, source, settings, now) {
+        for (level, group) in tracked(&groups) {
+            if let Some(t) = self.table(level).get_mut(&group) {
                 t.in_flight += 1;
             }
         }
-        Ok(Groups(
-            Level::ALL.map(|level| level.group(source, settings)),
-        ))
+        Ok(groups)
     }
 
     /// A handshake counted in `groups` is over (done, failed or evicted).
     pub fn ended(&mut self, groups: &Groups) {
         for (level, group) in Level::ALL.into_iter().zip(&groups.0) {
-            if let Some(t) = self.table(level).get_mut(group) {
+            if let Some(t) = group.and_then(|g| self.table(level).get_mut(&g)) {
                 t.in_flight = t.in_flight.saturating_sub(1);
             }
         }

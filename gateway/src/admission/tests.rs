@@ -515,3 +515,47 @@ fn no_block_lands_inside_an_exempt_range() {
     );
     assert!(t.blocked.list().is_empty());
 }
+
+/// An attacker holds the tables of addresses and prefixes busy (a strike
+/// per entry, renewed within each window): a new source from elsewhere is
+/// still admitted, tracked by its network alone and held to its limits;
+/// it is not refused for `max_tracked`.
+#[test]
+fn a_table_held_busy_by_an_attacker_does_not_refuse_new_sources() {
+    let s = AdmissionSettings {
+        max_tracked: 200,
+        network_handshakes_in_flight: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    for i in 0..200u32 {
+        let attacker = format!("10.{}.{}.1", 4 + i / 50, i % 50);
+        drop(admitted(admission.admit(
+            &pool,
+            1000,
+            1000,
+            client(&attacker, 1),
+            None,
+        )));
+    }
+    assert_eq!(admission.tables().sources.lens(), [200, 200, 4]);
+    for round in 0..3 {
+        let new = client(&format!("192.0.2.{}", round + 1), 1);
+        let t = admitted(admission.admit(&pool, 1000, 1000, new, None));
+        t.established();
+        t.authenticated();
+    }
+    // Tracked by its network: its cap holds, and a place is given back
+    // when a handshake ends.
+    let held: Vec<Ticket> = (0..2)
+        .map(|i| admitted(admission.admit(&pool, 1000, 1000, client("192.0.7.1", i), None)))
+        .collect();
+    assert_eq!(
+        refused(admission.admit(&pool, 1000, 1000, client("192.0.8.1", 1), None)),
+        Refusal::NetworkHandshakes
+    );
+    held[0].established();
+    admitted(admission.admit(&pool, 1000, 1000, client("192.0.8.1", 1), None)).established();
+    drop(held);
+}
