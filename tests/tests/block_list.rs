@@ -352,11 +352,12 @@ fn strikes_spread_over_a_24_block_the_24_in_the_kernel() {
     let third = "10.201.1.4";
     t.client.ip(&format!("addr add {third}/24 dev c0"));
     let _gw = t.start(
-        "pin = false\nblock_after = 100\nprefix_block_after = 4\nblock_for = \"1h\"\n",
+        "pin = false\nblock_after = 5\nprefix_block_after = 6\nblock_for = \"1h\"\n",
         "kernel block list attached",
     );
     t.wait_open(CLIENT, listener());
-    // Two addresses fail, neither near its own limit; their /24 goes, and
+    // Two addresses fail, neither reaching its own limit (the prefix's must
+    // be above it); their /24 goes, and
     // a third address of it is dropped in the kernel.
     for from in [CLIENT, STRANGER, CLIENT, STRANGER] {
         t.fail_handshake(from);

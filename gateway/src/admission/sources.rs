@@ -176,6 +176,9 @@ pub(super) struct Tally {
     bucket: Bucket,
     in_flight: u32,
     strikes: u32,
+    /// Strikes of an address passed on to its prefix and network in the
+    /// window (pay-back does not take them back).
+    lent: u32,
     strikes_since: Instant,
 }
 
@@ -185,6 +188,7 @@ impl Tally {
             bucket: Bucket::full(burst, now),
             in_flight: 0,
             strikes: 0,
+            lent: 0,
             strikes_since: now,
         }
     }
@@ -451,13 +455,26 @@ impl Sources {
             };
             if now.saturating_duration_since(t.strikes_since) > settings.block_window {
                 t.strikes = 0;
+                t.lent = 0;
                 t.strikes_since = now;
             }
             t.strikes += 1;
+            // One address gives its prefix and network at most
+            // `block_after` strikes a window, whatever it paid back: their
+            // thresholds are above it, so one address alone (a certificate
+            // holder alternating failures and successes) never gets its
+            // neighbours blocked.
+            let lends = level != Level::Address || t.lent < after;
+            if level == Level::Address && lends {
+                t.lent += 1;
+            }
             if t.strikes >= after {
                 t.strikes = 0;
                 t.strikes_since = now;
                 due.push((level, level.group(source, settings)));
+            }
+            if !lends {
+                break;
             }
         }
         due

@@ -559,3 +559,31 @@ fn a_table_held_busy_by_an_attacker_does_not_refuse_new_sources() {
     admitted(admission.admit(&pool, 1000, 1000, client("192.0.8.1", 1), None)).established();
     drop(held);
 }
+
+/// One address with one certificate alternates a failed and an
+/// authenticated handshake: its own strikes are paid back, and it lends
+/// its /24 at most `block_after` of them a window (below the prefix's
+/// threshold), so its neighbours are never blocked for what it alone did.
+#[test]
+fn one_address_paying_back_its_strikes_never_gets_its_24_blocked() {
+    let s = AdmissionSettings {
+        block_after: 3,
+        prefix_block_after: 4,
+        network_block_after: 5,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let x = client("10.50.1.1", 1);
+    for _ in 0..50 {
+        fail_once(&admission, &pool, x);
+        let t = admitted(admission.admit(&pool, 100, 100, x, None));
+        t.established();
+        t.authenticated();
+    }
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    // Two addresses of it failing together still get it blocked.
+    fail_once(&admission, &pool, client("10.50.1.2", 1));
+    let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
+    assert_eq!(list, vec!["10.50.1.0/24".parse::<IpNet>().unwrap()]);
+}
