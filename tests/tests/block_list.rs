@@ -426,11 +426,7 @@ fn an_exempt_client_is_not_dropped_after_a_restart() {
         return;
     }
     let t = Topology::new();
-    let (_pins, admission) = pinned();
-    let gw = t.start(&admission, "kernel block list attached");
-    t.wait_open(CLIENT, listener());
-    t.block(&["add", CLIENT]);
-    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    let (_pins, admission, gw) = blocking_with_pins(&t, &[CLIENT]);
     stop(gw);
     let exempt = format!("{admission}exempt = [\"10.201.1.0/24\"]\n");
     let _gw = t.start(&exempt, "kernel block list attached");
@@ -448,11 +444,7 @@ fn pinned_entries_beyond_max_blocked_leave_the_kernel_too() {
         return;
     }
     let t = Topology::new();
-    let (_pins, admission) = pinned();
-    let gw = t.start(&admission, "kernel block list attached");
-    t.wait_open(CLIENT, listener());
-    t.block(&["add", STRANGER]);
-    t.block(&["add", CLIENT]);
+    let (_pins, admission, gw) = blocking_with_pins(&t, &[STRANGER, CLIENT]);
     stop(gw);
     let small = format!("{admission}max_blocked = 1\n");
     let _gw = t.start(&small, "kernel block list attached");
@@ -476,11 +468,7 @@ fn an_entry_unblocked_while_the_kernel_list_is_off_stays_unblocked() {
         return;
     }
     let t = Topology::new();
-    let (_pins, admission) = pinned();
-    let mut gw = t.start(&admission, "kernel block list attached");
-    t.wait_open(CLIENT, listener());
-    t.block(&["add", CLIENT]);
-    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    let (_pins, admission, mut gw) = blocking_with_pins(&t, &[CLIENT]);
     t.write_config(&format!("{admission}kernel_block_list = false\n"));
     gw.signal(libc::SIGHUP);
     gw.wait_for("reloaded", 1);
@@ -492,4 +480,17 @@ fn an_entry_unblocked_while_the_kernel_list_is_off_stays_unblocked() {
     let list = t.block(&["list"]);
     assert!(!list.contains(CLIENT), "{list}");
     assert_eq!(t.connect(CLIENT, listener()), Connect::Open, "{list}");
+}
+
+/// A gateway with pinned maps that blocks `sources` by hand (each one
+/// dropped in the kernel): its pins, admission settings and process.
+fn blocking_with_pins(t: &Topology, sources: &[&str]) -> (Pins, String, Proc) {
+    let (pins, admission) = pinned();
+    let gw = t.start(&admission, "kernel block list attached");
+    t.wait_open(CLIENT, listener());
+    for source in sources {
+        t.block(&["add", source]);
+        assert_eq!(t.connect(source, listener()), Connect::Dropped);
+    }
+    (pins, admission, gw)
 }
