@@ -308,7 +308,8 @@ pub struct AdmissionSettings {
     pub block_after: u32,
     /// A prefix (network) whose sources together have this many strikes
     /// within `block_window` is blocked as a whole for `block_for`; 0:
-    /// never. Above `block_after` (`prefix_block_after`), so that one
+    /// never. Must be above `block_after` (`prefix_block_after`), since a
+    /// source lends its groups at most `block_after` strikes a window: one
     /// source alone never blocks its neighbours.
     pub prefix_block_after: u32,
     pub network_block_after: u32,
@@ -325,7 +326,9 @@ pub struct AdmissionSettings {
     /// Source addresses tracked at once, and prefixes and networks
     /// likewise; beyond it the least recently seen idle entry is forgotten
     /// (one with handshakes in flight, strikes or a partly spent bucket
-    /// never is: a new source is refused instead, `max_tracked`).
+    /// never is: a new source is tracked by its coarser groups alone
+    /// instead, and refused, `max_tracked`, only when the networks' table
+    /// is full too).
     pub max_tracked: u32,
     /// Entries on the block list at once (at most 65536, the kernel map's
     /// size); beyond it the entry expiring first gives way.
@@ -739,6 +742,20 @@ impl Config {
                 return Err(at(field, "must be at least 1 when its rate is set"));
             }
         }
+        // One address alone must never get its neighbours blocked: it
+        // lends its prefix and network at most `block_after` strikes a
+        // window, so their thresholds must be above that.
+        if a.block_after > 0 && a.prefix_block_after > 0 && a.prefix_block_after <= a.block_after {
+            return Err(at("prefix_block_after", "must be above block_after (or 0)"));
+        }
+        if a.network_block_after > 0
+            && a.network_block_after <= a.block_after.max(a.prefix_block_after)
+        {
+            return Err(at(
+                "network_block_after",
+                "must be above block_after and prefix_block_after (or 0)",
+            ));
+        }
         if a.max_tracked == 0 {
             return Err(at("max_tracked", "must be at least 1"));
         }
@@ -1040,6 +1057,18 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
             ),
             ("[admission]\nmax_blocked = 70000\n", "max_blocked"),
             ("[admission]\nmax_tracked = 0\n", "max_tracked"),
+            (
+                "[admission]\nblock_after = 100\nprefix_block_after = 100\n",
+                "prefix_block_after",
+            ),
+            (
+                "[admission]\nprefix_block_after = 400\nnetwork_block_after = 300\n",
+                "network_block_after",
+            ),
+            (
+                "[admission]\nblock_after = 100\nprefix_block_after = 0\nnetwork_block_after = 50\n",
+                "network_block_after",
+            ),
             ("[admission]\nblock_for = \"0s\"\n", "block_for"),
             (
                 "[admission]\nsource_handshake_burst = 0\n",

@@ -63,6 +63,22 @@ impl Topology {
     /// (so the block list goes on every interface but `lo`), once the log
     /// says `ready`.
     fn start(&self, admission: &str, ready: &str) -> Proc {
+        let config = self.write_config(admission);
+        let mut gw = start_gateway_in(
+            self.gateway.name(),
+            &config,
+            self.dir.path().join(format!("gateway-{}.log", unique("g"))),
+            ready,
+        );
+        // `ready` may be said while building, before the admin address is
+        // bound: on a slow VM a scrape right after it was refused.
+        gw.wait_for("admin endpoint", 1);
+        gw
+    }
+
+    /// Writes the gateway's configuration with `admission`; returns its
+    /// path (a running gateway reads it again on SIGHUP).
+    fn write_config(&self, admission: &str) -> std::path::PathBuf {
         let toml = format!(
             "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\nadmin_socket = \"{}\"\n{}",
             self.socket().display(),
@@ -74,17 +90,7 @@ impl Topology {
             &[SPIFFE_FRONTEND],
         ) + "\n[admission]\n"
             + admission;
-        let config = self.pki.write("gateway.toml", &toml);
-        let mut gw = start_gateway_in(
-            self.gateway.name(),
-            &config,
-            self.dir.path().join(format!("gateway-{}.log", unique("g"))),
-            ready,
-        );
-        // `ready` may be said while building, before the admin address is
-        // bound: on a slow VM a scrape right after it was refused.
-        gw.wait_for("admin endpoint", 1);
-        gw
+        self.pki.write("gateway.toml", &toml)
     }
 
     /// The gateway's admin socket.
@@ -350,11 +356,12 @@ fn strikes_spread_over_a_24_block_the_24_in_the_kernel() {
     let third = "10.201.1.4";
     t.client.ip(&format!("addr add {third}/24 dev c0"));
     let _gw = t.start(
-        "pin = false\nblock_after = 100\nprefix_block_after = 4\nblock_for = \"1h\"\n",
+        "pin = false\nblock_after = 5\nprefix_block_after = 6\nblock_for = \"1h\"\n",
         "kernel block list attached",
     );
     t.wait_open(CLIENT, listener());
-    // Two addresses fail, neither near its own limit; their /24 goes, and
+    // Two addresses fail, neither reaching its own limit (the prefix's must
+    // be above it); their /24 goes, and
     // a third address of it is dropped in the kernel.
     for from in [CLIENT, STRANGER, CLIENT, STRANGER] {
         t.fail_handshake(from);
@@ -412,4 +419,82 @@ fn metrics_in(t: &Topology) -> String {
 
 fn pins_exist(dir: &Path) -> bool {
     dir.join("BLOCK_V4").exists() && dir.join("BLOCK_V6").exists()
+}
+
+/// A restart with a range made exempt: an entry inside it that the
+/// previous gateway left pinned is unblocked, in the kernel too (the
+/// exempt cleanup runs after the pinned list is taken over).
+#[test]
+fn an_exempt_client_is_not_dropped_after_a_restart() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let (_pins, admission, gw) = blocking_with_pins(&t, &[CLIENT]);
+    stop(gw);
+    let exempt = format!("{admission}exempt = [\"10.201.1.0/24\"]\n");
+    let _gw = t.start(&exempt, "kernel block list attached");
+    let list = t.block(&["list"]);
+    assert!(!list.contains(CLIENT), "{list}");
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Open, "{list}");
+}
+
+/// A restart with a smaller `max_blocked`: a pinned entry that does not
+/// fit the gateway's list leaves the kernel's too (nothing could remove it
+/// there otherwise).
+#[test]
+fn pinned_entries_beyond_max_blocked_leave_the_kernel_too() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let (_pins, admission, gw) = blocking_with_pins(&t, &[STRANGER, CLIENT]);
+    stop(gw);
+    let small = format!("{admission}max_blocked = 1\n");
+    let _gw = t.start(&small, "kernel block list attached");
+    let list = t.block(&["list"]);
+    let (gone, kept) = if list.contains(&format!("{CLIENT}/32")) {
+        (STRANGER, CLIENT)
+    } else {
+        (CLIENT, STRANGER)
+    };
+    assert!(list.contains(&format!("{kept}/32")), "{list}");
+    assert_eq!(t.connect(gone, listener()), Connect::Open, "{list}");
+    assert_eq!(t.connect(kept, listener()), Connect::Dropped, "{list}");
+}
+
+/// An entry removed by hand while `kernel_block_list` is off does not come
+/// back from the pinned maps when it is turned on again: after the first
+/// start the gateway's own list is the truth.
+#[test]
+fn an_entry_unblocked_while_the_kernel_list_is_off_stays_unblocked() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let (_pins, admission, mut gw) = blocking_with_pins(&t, &[CLIENT]);
+    t.write_config(&format!("{admission}kernel_block_list = false\n"));
+    gw.signal(libc::SIGHUP);
+    gw.wait_for("reloaded", 1);
+    t.block(&["remove", CLIENT]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Open);
+    t.write_config(&admission);
+    gw.signal(libc::SIGHUP);
+    gw.wait_for("reloaded", 2);
+    let list = t.block(&["list"]);
+    assert!(!list.contains(CLIENT), "{list}");
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Open, "{list}");
+}
+
+/// A gateway with pinned maps that blocks `sources` by hand (each one
+/// dropped in the kernel): its pins, admission settings and process.
+fn blocking_with_pins(t: &Topology, sources: &[&str]) -> (Pins, String, Proc) {
+    let (pins, admission) = pinned();
+    let gw = t.start(&admission, "kernel block list attached");
+    t.wait_open(CLIENT, listener());
+    for source in sources {
+        t.block(&["add", source]);
+        assert_eq!(t.connect(source, listener()), Connect::Dropped);
+    }
+    (pins, admission, gw)
 }

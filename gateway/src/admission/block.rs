@@ -124,6 +124,11 @@ impl BlockList {
             })
     }
 
+    /// The entry for exactly `net`, if any.
+    pub fn get(&self, net: &IpNet) -> Option<&Blocked> {
+        self.entries.get(net)
+    }
+
     /// The entries `pick` picks.
     pub fn select(&self, pick: impl Fn(&Blocked) -> bool) -> Vec<IpNet> {
         self.entries

@@ -38,6 +38,11 @@ pub(super) struct Kernel {
     pub attach_failures: u64,
     /// Map writes that failed, since start.
     pub write_failures: u64,
+    /// A configuration was applied: from then on the gateway's own list is
+    /// the truth, and a program loaded again (the list re-enabled, another
+    /// pin directory) drops what its pinned maps hold beyond it (an entry
+    /// unblocked meanwhile must not come back).
+    configured: bool,
 }
 
 impl Kernel {
@@ -52,6 +57,7 @@ impl Kernel {
         list: &[Blocked],
         now: Instant,
     ) -> Vec<(IpNet, BlockReason, Option<Instant>)> {
+        let first = !std::mem::replace(&mut self.configured, true);
         if !settings.kernel_block_list {
             if self.filter.take().is_some() {
                 tracing::info!("admission: kernel block list detached (kernel_block_list = false)");
@@ -83,6 +89,13 @@ impl Kernel {
                 Ok(mut filter) => {
                     self.pin_dir = wanted.pin_dir.clone();
                     adopted = take_over(&mut filter, now);
+                    if !first {
+                        for (net, _, _) in adopted.drain(..) {
+                            if !list.iter().any(|b| b.net == net) {
+                                remove_from(&mut filter, net);
+                            }
+                        }
+                    }
                     self.filter = Some(filter);
                     for b in list {
                         self.insert(b, now);
@@ -187,6 +200,12 @@ impl Kernel {
                 None
             }
         }
+    }
+}
+
+fn remove_from(filter: &mut BlockFilter, net: IpNet) {
+    if let Err(e) = filter.remove(net) {
+        tracing::warn!(%net, error = %e, "admission: an entry the gateway no longer blocks could not be removed from the kernel block list");
     }
 }
 

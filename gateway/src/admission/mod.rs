@@ -21,7 +21,8 @@
 //! network), and so is a refusal for exceeding a limit; enough strikes
 //! within a window block the source (or the prefix, or the network) for a
 //! while. Eviction by a newcomer is no strike (the listener was full, not
-//! the source at fault); a handshake that authenticated with a verified
+//! the source at fault), but for an address evicted more than a few times
+//! a window; a handshake that authenticated with a verified
 //! certificate pays one strike of its address back. The block list also
 //! lives in the kernel (`kernel`), where an
 //! XDP program drops a blocked source's new connections before a socket
@@ -62,7 +63,7 @@ pub use sources::Level;
 use block::BlockList;
 use pool::Place;
 use refusals::RefusalLog;
-use sources::Sources;
+use sources::{Groups, Sources};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdmissionError {
@@ -94,9 +95,11 @@ pub enum Refusal {
     /// The same for the source's network (a coarser prefix).
     NetworkRate,
     NetworkHandshakes,
-    /// The source is new and the tables of sources are full of ones that
-    /// may not be forgotten yet (handshakes in flight, strikes, spent
-    /// buckets): refused rather than forget what an attacker did.
+    /// The source's network is new and the table of networks is full of
+    /// ones that may not be forgotten yet (handshakes in flight, strikes,
+    /// spent buckets): refused rather than forget what an attacker did.
+    /// (A full table of addresses or prefixes leaves a new source to its
+    /// coarser groups' limits instead.)
     MaxTracked,
     /// Admitted, then evicted by a newer connection before its ClientHello
     /// was complete.
@@ -161,18 +164,19 @@ impl Refusal {
         }
     }
 
-    /// Whether it counts against the source (towards a block): it exceeded
-    /// a limit of its own, rather than finding the listener full.
-    fn strikes(self) -> bool {
-        matches!(
-            self,
-            Refusal::SourceRate
-                | Refusal::SourceHandshakes
-                | Refusal::PrefixRate
-                | Refusal::PrefixHandshakes
-                | Refusal::NetworkRate
-                | Refusal::NetworkHandshakes
-        )
+    /// Whether it counts towards a block, and from which level up: a
+    /// source that exceeded a limit of its own is struck (and so are its
+    /// prefix and network); a refusal for a prefix's or a network's shared
+    /// limit strikes only that group, never the address refused (an
+    /// attacker who drains its /24's bucket would otherwise get an
+    /// innocent neighbour blocked). A full listener strikes no one.
+    fn strikes(self) -> Option<Level> {
+        match self {
+            Refusal::SourceRate | Refusal::SourceHandshakes => Some(Level::Address),
+            Refusal::PrefixRate | Refusal::PrefixHandshakes => Some(Level::Prefix),
+            Refusal::NetworkRate | Refusal::NetworkHandshakes => Some(Level::Network),
+            _ => None,
+        }
     }
 }
 
@@ -279,21 +283,8 @@ impl Admission {
         let now = Instant::now();
         let mut t = self.tables();
         t.sources.configure(settings, now);
-        let mut gone = t.blocked.set_capacity(settings.max_blocked as usize);
-        // A range made exempt is unblocked at once, in the kernel too: an
-        // entry inside it, or one that covers part of it.
-        for e in &settings.exempt {
-            for net in t
-                .blocked
-                .select(|b| e.contains(&b.net) || b.net.contains(e))
-            {
-                t.blocked.remove(&net);
-                tracing::info!(%net, exempt = %e, "admission: unblocked: exempt now");
-                gone.push(net);
-            }
-        }
         let mut kernel = self.kernel();
-        for net in gone {
+        for net in t.blocked.set_capacity(settings.max_blocked as usize) {
             kernel.remove(net);
         }
         let list = t.blocked.list();
@@ -306,12 +297,37 @@ impl Admission {
                 continue;
             }
             let ttl = expires.map(|e| e.saturating_duration_since(now));
-            if let Added::Yes { .. } =
-                t.blocked
-                    .add(net, reason, Level::of(net, settings), ttl, now)
+            match t
+                .blocked
+                .add(net, reason, Level::of(net, settings), ttl, now)
             {
-                tracing::info!(%net, reason = reason.as_str(), ?ttl, "admission: blocked, as the previous gateway left it");
+                Added::Yes { displaced } => {
+                    tracing::info!(%net, reason = reason.as_str(), ?ttl, "admission: blocked, as the previous gateway left it");
+                    if let Some(old) = displaced {
+                        kernel.remove(old);
+                    }
+                }
+                // Not on the gateway's list: not in the kernel's either.
+                Added::Full => kernel.remove(net),
             }
+        }
+        // After adoption, so that what a previous gateway left is cleaned
+        // too.
+        let mut gone = Vec::new();
+        // A range made exempt is unblocked at once, in the kernel too: an
+        // entry inside it, or one that covers part of it.
+        for e in &settings.exempt {
+            for net in t
+                .blocked
+                .select(|b| e.contains(&b.net) || b.net.contains(e))
+            {
+                t.blocked.remove(&net);
+                tracing::info!(%net, exempt = %e, "admission: unblocked: exempt now");
+                gone.push(net);
+            }
+        }
+        for net in gone {
+            kernel.remove(net);
         }
     }
 
@@ -345,20 +361,24 @@ impl Admission {
         let now = Instant::now();
         let source = client.ip().to_canonical();
         let exempt = settings.exempt.iter().any(|n| n.contains(&source));
+        let mut groups = None;
         if !exempt {
             let mut t = self.tables();
             if t.blocked.lookup(source, now).is_some() {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
-            if let Err(refusal) = t.sources.start(source, &settings, now) {
-                if refusal.strikes() {
-                    for (level, net) in t.sources.strike(source, &settings, now) {
-                        self.block_locked(&mut t, level, net, &settings, now);
+            match t.sources.start(source, &settings, now) {
+                Ok(g) => groups = Some(g),
+                Err(refusal) => {
+                    if let Some(from) = refusal.strikes() {
+                        for (level, net) in t.sources.strike(source, from, &settings, now) {
+                            self.block_locked(&mut t, level, net, &settings, now);
+                        }
                     }
+                    drop(t);
+                    return self.refuse(listener, refusal, source, now);
                 }
-                drop(t);
-                return self.refuse(listener, refusal, source, now);
             }
         }
         let socket = socket.and_then(|s| match s.as_fd().try_clone_to_owned() {
@@ -376,7 +396,7 @@ impl Admission {
                     id: taken.id,
                     place: taken.place,
                     source,
-                    exempt,
+                    groups,
                     paid_back: AtomicBool::new(false),
                 };
                 match taken.evicted {
@@ -385,8 +405,8 @@ impl Admission {
                 }
             }
             Err(refusal) => {
-                if !exempt {
-                    self.tables().sources.ended(source, &settings);
+                if let Some(groups) = &groups {
+                    self.tables().sources.ended(groups);
                 }
                 self.refuse(listener, refusal, source, now)
             }
@@ -422,16 +442,21 @@ impl Admission {
 
     /// A handshake of `source` ended without authenticating: a strike,
     /// unless a newcomer evicted it (the listener was full: not the
-    /// source's doing, and a busy NAT's clients would block it).
-    fn failed(&self, source: IpAddr, evicted: bool) {
+    /// source's doing, and a busy NAT's clients would block it) and the
+    /// source was not evicted more than a few times this window.
+    fn failed(&self, source: IpAddr, groups: &Groups, evicted: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
         let mut t = self.tables();
-        t.sources.ended(source, &settings);
-        if evicted {
+        t.sources.ended(groups);
+        // Admitted before a reload made it exempt: an exempt source is
+        // never struck.
+        if settings.exempt.iter().any(|e| e.contains(&source))
+            || (evicted && !t.sources.evicted(source, &settings, now))
+        {
             return;
         }
-        for (level, net) in t.sources.strike(source, &settings, now) {
+        for (level, net) in t.sources.strike(source, Level::Address, &settings, now) {
             self.block_locked(&mut t, level, net, &settings, now);
         }
     }
@@ -451,8 +476,12 @@ impl Admission {
         if t.blocked.covers(net, now) {
             return;
         }
-        if let Some(e) = settings.exempt.iter().find(|e| net.contains(*e)) {
-            tracing::debug!(%net, exempt = %e, "admission: not blocked: it covers an exempt range");
+        if let Some(e) = settings
+            .exempt
+            .iter()
+            .find(|e| e.contains(&net) || net.contains(*e))
+        {
+            tracing::debug!(%net, exempt = %e, "admission: not blocked: it is in, or covers, an exempt range");
             return;
         }
         let expires = now + settings.block_for;
@@ -532,17 +561,14 @@ impl Admission {
                 if let Some(old) = displaced {
                     kernel.remove(old);
                 }
-                let entry = t
-                    .blocked
-                    .list()
-                    .into_iter()
-                    .find(|b| b.net == net)
-                    .unwrap_or(Blocked {
-                        net,
-                        reason: BlockReason::Manual,
-                        level,
-                        expires: ttl.map(|t| now + t),
-                    });
+                // The one entry, not a copy of the list: every accept
+                // waits for this lock.
+                let entry = t.blocked.get(&net).cloned().unwrap_or(Blocked {
+                    net,
+                    reason: BlockReason::Manual,
+                    level,
+                    expires: ttl.map(|t| now + t),
+                });
                 kernel.insert(&entry, now);
                 tracing::info!(%net, ?ttl, "admission: blocked by hand");
                 Ok(entry)
@@ -561,8 +587,10 @@ impl Admission {
         let net = net.trunc();
         let mut t = self.tables();
         let removed = t.blocked.remove(&net);
+        // The kernel's copy too, even when the gateway had no such entry:
+        // one left behind there would still drop the source.
+        self.kernel().remove(net);
         if removed {
-            self.kernel().remove(net);
             tracing::info!(%net, "admission: unblocked by hand");
         }
         removed
@@ -726,7 +754,8 @@ pub struct Ticket {
     id: u64,
     place: Arc<Place>,
     source: IpAddr,
-    exempt: bool,
+    /// Where its handshake is counted (None: the source is exempt).
+    groups: Option<Groups>,
     /// [`Ticket::authenticated`] paid back its strike.
     paid_back: AtomicBool,
 }
@@ -742,12 +771,10 @@ impl Ticket {
     pub fn established(&self) {
         if self.stage() < Stage::Established {
             self.pool.advance(self.id, &self.place, Stage::Established);
-            if self.stage() == Stage::Established && !self.exempt {
-                let settings = self.admission.settings.load();
-                self.admission
-                    .tables()
-                    .sources
-                    .ended(self.source, &settings);
+            if self.stage() == Stage::Established
+                && let Some(groups) = &self.groups
+            {
+                self.admission.tables().sources.ended(groups);
             }
         }
     }
@@ -760,7 +787,7 @@ impl Ticket {
     /// with a certificate the PKI issued (who holds it is known, and it
     /// can be revoked). Its prefix and network keep their strikes.
     pub fn authenticated(&self) {
-        if !self.exempt
+        if self.groups.is_some()
             && self.stage() == Stage::Established
             && !self.paid_back.swap(true, Ordering::Relaxed)
         {
@@ -812,8 +839,8 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         let evicted = self.stage() == Stage::Evicted;
         let in_handshake = self.pool.release(self.id, &self.place);
-        if in_handshake && !self.exempt {
-            self.admission.failed(self.source, evicted);
+        if in_handshake && let Some(groups) = &self.groups {
+            self.admission.failed(self.source, groups, evicted);
         }
     }
 }

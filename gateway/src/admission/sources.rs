@@ -12,7 +12,11 @@
 //! the window, a full bucket: forgetting it loses nothing). Entries that
 //! are not idle are never forgotten: otherwise one connection from each of
 //! 65536 fresh /64s would wipe an attacker's strikes. When no idle entry
-//! is found, the new source is refused (`max_tracked`): fail closed.
+//! is found for its address (or prefix), a new source is tracked by its
+//! coarser groups alone, admitted or refused by their limits: an attacker
+//! holding the table busy cannot have every new source refused. Only when
+//! the networks' table is full too is it refused (`max_tracked`): fail
+//! closed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -30,6 +34,10 @@ use super::Refusal;
 /// Each busy entry looked at goes to the back, so the next search starts
 /// past it.
 const SEARCH: usize = 32;
+
+/// Evictions of one address's handshakes within `block_window` that are
+/// no strike.
+const FREE_EVICTIONS: u32 = 8;
 
 /// A map of at most `capacity` entries: inserting into a full one forgets
 /// the least recently used idle entry. Lookups and inserts are O(log n).
@@ -172,7 +180,13 @@ pub(super) struct Tally {
     bucket: Bucket,
     in_flight: u32,
     strikes: u32,
+    /// Strikes of an address passed on to its prefix and network in the
+    /// window (pay-back does not take them back).
+    lent: u32,
     strikes_since: Instant,
+    /// An address's handshakes evicted by newcomers, since `evictions_since`.
+    evictions: u32,
+    evictions_since: Instant,
 }
 
 impl Tally {
@@ -181,7 +195,10 @@ impl Tally {
             bucket: Bucket::full(burst, now),
             in_flight: 0,
             strikes: 0,
+            lent: 0,
             strikes_since: now,
+            evictions: 0,
+            evictions_since: now,
         }
     }
 
@@ -295,6 +312,11 @@ impl Limits {
     }
 }
 
+/// The address, prefix and network a handshake was counted in (None: not
+/// tracked at that level, its table full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Groups([Option<IpNet>; 3]);
+
 /// Source addresses, prefixes and networks, each in a bounded table (by
 /// [`Level`]).
 pub(super) struct Sources {
@@ -350,18 +372,40 @@ impl Sources {
 
     /// Counts a handshake `source` wants to start, or says which limit it
     /// would exceed (counting nothing then). Admitted, it is in flight
-    /// until [`Sources::ended`].
+    /// until [`Sources::ended`] with the groups returned: the ones counted
+    /// now, even if a reload changes the prefix lengths meanwhile.
     pub fn start(
         &mut self,
         source: IpAddr,
         settings: &AdmissionSettings,
         now: Instant,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Groups, Refusal> {
+        // Which levels the source is tracked at: a table full of busy
+        // entries (an attacker holding one strike per entry per window)
+        // leaves the source to its coarser groups' limits rather than
+        // refusing it; only a full table of networks, the coarsest,
+        // refuses (fail closed).
+        let mut groups = Groups([None; 3]);
+        for (level, slot) in Level::ALL.into_iter().zip(groups.0.iter_mut()) {
+            if self.tally(level, source, settings, now).is_some() {
+                *slot = Some(level.group(source, settings));
+            } else if level == Level::Network {
+                return Err(Refusal::MaxTracked);
+            }
+        }
+        let tracked = |groups: &Groups| {
+            Level::ALL
+                .into_iter()
+                .zip(groups.0)
+                .filter_map(|(level, g)| g.map(|g| (level, g)))
+                .collect::<Vec<_>>()
+        };
         // In flight first: a refusal for it takes no token.
-        for level in Level::ALL {
+        for (level, group) in tracked(&groups) {
             let cap = Limits::of(level, settings).in_flight;
             let t = self
-                .tally(level, source, settings, now)
+                .table(level)
+                .get_mut(&group)
                 .ok_or(Refusal::MaxTracked)?;
             if cap > 0 && t.in_flight >= cap {
                 return Err(level.refusals().1);
@@ -369,44 +413,46 @@ impl Sources {
         }
         // Then the buckets, narrowest first: a source over its own rate
         // does not drain its prefix's bucket for its neighbours.
-        for level in Level::ALL {
+        for (level, group) in tracked(&groups) {
             let limits = Limits::of(level, settings);
             let t = self
-                .tally(level, source, settings, now)
+                .table(level)
+                .get_mut(&group)
                 .ok_or(Refusal::MaxTracked)?;
             if limits.rate > 0 && !t.bucket.take(limits.rate, limits.burst, now) {
                 return Err(level.refusals().0);
             }
         }
-        for level in Level::ALL {
-            if let Some(t) = self.tally(level, source, settings, now) {
+        for (level, group) in tracked(&groups) {
+            if let Some(t) = self.table(level).get_mut(&group) {
                 t.in_flight += 1;
             }
         }
-        Ok(())
+        Ok(groups)
     }
 
-    /// A handshake of `source` is over (done, failed or evicted).
-    pub fn ended(&mut self, source: IpAddr, settings: &AdmissionSettings) {
-        for level in Level::ALL {
-            let group = level.group(source, settings);
-            if let Some(t) = self.table(level).get_mut(&group) {
+    /// A handshake counted in `groups` is over (done, failed or evicted).
+    pub fn ended(&mut self, groups: &Groups) {
+        for (level, group) in Level::ALL.into_iter().zip(&groups.0) {
+            if let Some(t) = group.and_then(|g| self.table(level).get_mut(&g)) {
                 t.in_flight = t.in_flight.saturating_sub(1);
             }
         }
     }
 
-    /// Adds a strike against `source`, its prefix and its network; returns
-    /// the groups that now have their `block_after` within `block_window`
-    /// (and whose counts start again), narrowest first.
+    /// Adds a strike against `source`'s groups from level `from` up (from
+    /// its address: the address, its prefix and its network); returns the
+    /// groups that now have their `block_after` within `block_window` (and
+    /// whose counts start again), narrowest first.
     pub fn strike(
         &mut self,
         source: IpAddr,
+        from: Level,
         settings: &AdmissionSettings,
         now: Instant,
     ) -> Vec<(Level, IpNet)> {
         let mut due = Vec::new();
-        for level in Level::ALL {
+        for level in Level::ALL.into_iter().filter(|l| *l >= from) {
             let after = Limits::of(level, settings).block_after;
             if after == 0 {
                 continue;
@@ -418,16 +464,46 @@ impl Sources {
             };
             if now.saturating_duration_since(t.strikes_since) > settings.block_window {
                 t.strikes = 0;
+                t.lent = 0;
                 t.strikes_since = now;
             }
             t.strikes += 1;
+            // One address gives its prefix and network at most
+            // `block_after` strikes a window, whatever it paid back: their
+            // thresholds are above it, so one address alone (a certificate
+            // holder alternating failures and successes) never gets its
+            // neighbours blocked.
+            let lends = level != Level::Address || t.lent < after;
+            if level == Level::Address && lends {
+                t.lent += 1;
+            }
             if t.strikes >= after {
                 t.strikes = 0;
                 t.strikes_since = now;
                 due.push((level, level.group(source, settings)));
             }
+            if !lends {
+                break;
+            }
         }
         due
+    }
+
+    /// A handshake of `source` was evicted by a newcomer: no strike for the
+    /// first few within `block_window` (the listener was full, not the
+    /// source at fault), a strike for each one past them (true): else an
+    /// attacker whose own connections evict each other fails handshakes
+    /// without end and is never blocked.
+    pub fn evicted(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+        let Some(t) = self.addresses.get_mut(&IpNet::from(source)) else {
+            return false;
+        };
+        if now.saturating_duration_since(t.evictions_since) > settings.block_window {
+            t.evictions = 0;
+            t.evictions_since = now;
+        }
+        t.evictions += 1;
+        t.evictions > FREE_EVICTIONS
     }
 
     /// A handshake of `source` authenticated with a verified certificate:
@@ -497,18 +573,18 @@ mod tests {
         let now = Instant::now();
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            t.start(a, &s, now).unwrap();
-            t.ended(a, &s);
+            let g = t.start(a, &s, now).unwrap();
+            t.ended(&g);
         }
         assert_eq!(t.start(a, &s, now), Err(Refusal::SourceRate));
         // Half a second later, one token is back (2 per second).
-        t.start(a, &s, now + Duration::from_millis(500)).unwrap();
+        let g = t.start(a, &s, now + Duration::from_millis(500)).unwrap();
         assert_eq!(
             t.start(a, &s, now + Duration::from_millis(500)),
             Err(Refusal::SourceRate)
         );
         // A refused start left nothing in flight.
-        t.ended(a, &s);
+        t.ended(&g);
         assert_eq!(t.in_flight(a), 0);
     }
 
@@ -520,7 +596,8 @@ mod tests {
         };
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        for _ in 0..4 {
+        let first = t.start(ip("192.0.2.1"), &s, now).unwrap();
+        for _ in 1..4 {
             t.start(ip("192.0.2.1"), &s, now).unwrap();
         }
         assert_eq!(
@@ -536,7 +613,7 @@ mod tests {
         );
         // Another /24 is not affected; an ended handshake frees its place.
         t.start(ip("192.0.3.1"), &s, now).unwrap();
-        t.ended(ip("192.0.2.1"), &s);
+        t.ended(&first);
         t.start(ip("192.0.2.3"), &s, now).unwrap();
     }
 
@@ -565,14 +642,14 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let a = ip("192.0.2.9");
-        assert!(t.strike(a, &s, now).is_empty());
-        assert!(t.strike(a, &s, now).is_empty());
+        assert!(t.strike(a, Level::Address, &s, now).is_empty());
+        assert!(t.strike(a, Level::Address, &s, now).is_empty());
         // The window (10 s) passed: the count starts again.
         let later = now + Duration::from_secs(11);
-        assert!(t.strike(a, &s, later).is_empty());
-        assert!(t.strike(a, &s, later).is_empty());
+        assert!(t.strike(a, Level::Address, &s, later).is_empty());
+        assert!(t.strike(a, Level::Address, &s, later).is_empty());
         assert_eq!(
-            t.strike(a, &s, later),
+            t.strike(a, Level::Address, &s, later),
             vec![(Level::Address, "192.0.2.9/32".parse().unwrap())]
         );
     }
@@ -589,17 +666,29 @@ mod tests {
         let now = Instant::now();
         // Two strikes each (never enough for an address): the second
         // address's second makes its /64's fourth.
-        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
-        assert!(t.strike(ip("2001:db8:1:1::1"), &s, now).is_empty());
-        assert!(t.strike(ip("2001:db8:1:1::2"), &s, now).is_empty());
+        assert!(
+            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+                .is_empty()
+        );
+        assert!(
+            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+                .is_empty()
+        );
+        assert!(
+            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now)
+                .is_empty()
+        );
         assert_eq!(
-            t.strike(ip("2001:db8:1:1::2"), &s, now),
+            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now),
             vec![(Level::Prefix, "2001:db8:1:1::/64".parse().unwrap())]
         );
         // Other /64s of the same /48 bring it to six.
-        assert!(t.strike(ip("2001:db8:1:2::1"), &s, now).is_empty());
+        assert!(
+            t.strike(ip("2001:db8:1:2::1"), Level::Address, &s, now)
+                .is_empty()
+        );
         assert_eq!(
-            t.strike(ip("2001:db8:1:3::1"), &s, now),
+            t.strike(ip("2001:db8:1:3::1"), Level::Address, &s, now),
             vec![(Level::Network, "2001:db8:1::/48".parse().unwrap())]
         );
         // An IPv4 source's network is its /16.
@@ -686,8 +775,8 @@ mod tests {
             // A second apart: each one's bucket is full again by the next.
             now += Duration::from_secs(1);
             let a = IpAddr::from((0x0a00_0000 + (i << 8)).to_be_bytes());
-            t.start(a, &s, now).unwrap();
-            t.ended(a, &s);
+            let g = t.start(a, &s, now).unwrap();
+            t.ended(&g);
         }
         assert!(t.lens().iter().all(|n| *n <= 100), "{:?}", t.lens());
         assert!(t.forgotten()[0] >= 9_900, "{:?}", t.forgotten());
@@ -704,8 +793,8 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let striker = ip("2001:db8:dead::1");
-        t.strike(striker, &s, now);
-        t.strike(striker, &s, now);
+        t.strike(striker, Level::Address, &s, now);
+        t.strike(striker, Level::Address, &s, now);
         // One failed handshake from each of 10,000 /64s (distinct /48s):
         // each entry holds a strike, so none may be forgotten.
         let mut refused = 0;
@@ -715,9 +804,9 @@ mod tests {
                     .to_be_bytes(),
             );
             match t.start(a, &s, now) {
-                Ok(()) => {
-                    t.ended(a, &s);
-                    t.strike(a, &s, now);
+                Ok(g) => {
+                    t.ended(&g);
+                    t.strike(a, Level::Address, &s, now);
                 }
                 Err(r) => {
                     assert_eq!(r, Refusal::MaxTracked);
@@ -729,7 +818,7 @@ mod tests {
         assert_eq!(t.forgotten(), [0, 0, 0]);
         assert_eq!(t.strikes(striker), 2);
         assert_eq!(
-            t.strike(striker, &s, now),
+            t.strike(striker, Level::Address, &s, now),
             vec![(Level::Address, IpNet::from(striker))]
         );
         // Once the window has passed, they are idle and make room again.

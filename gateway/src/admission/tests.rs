@@ -395,3 +395,236 @@ fn a_range_made_exempt_by_a_reload_is_unblocked() {
     assert_eq!(list, vec!["10.10.0.1/32".parse::<IpNet>().unwrap()]);
     admitted(admission.admit(&pool, 10, 10, client("10.9.1.1", 1), None)).established();
 }
+
+/// An attacker holds its /24's shared in-flight places; its neighbour,
+/// refused for the prefix's limit again and again, is not struck for it
+/// (it exceeded nothing of its own), so it is never blocked. The prefix
+/// is struck instead: enough of that blocks the /24, attacker included.
+#[test]
+fn a_neighbour_refused_for_its_prefix_limit_is_not_struck() {
+    let s = AdmissionSettings {
+        source_handshakes_in_flight: 2,
+        prefix_handshakes_in_flight: 2,
+        block_after: 3,
+        prefix_block_after: 6,
+        network_block_after: 0,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let attacker = client("10.9.0.66", 1);
+    let neighbour = client("10.9.0.7", 1);
+    let held: Vec<Ticket> = (0..2)
+        .map(|_| admitted(admission.admit(&pool, 100, 100, attacker, None)))
+        .collect();
+    for _ in 0..5 {
+        assert_eq!(
+            refused(admission.admit(&pool, 100, 100, neighbour, None)),
+            Refusal::PrefixHandshakes
+        );
+    }
+    assert_eq!(admission.tables().sources.strikes(neighbour.ip()), 0);
+    for t in held {
+        t.established();
+    }
+    admitted(admission.admit(&pool, 100, 100, neighbour, None)).established();
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    // The sixth refusal for the prefix's cap is the prefix's sixth strike.
+    let held: Vec<Ticket> = (0..2)
+        .map(|_| admitted(admission.admit(&pool, 100, 100, attacker, None)))
+        .collect();
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, neighbour, None)),
+        Refusal::PrefixHandshakes
+    );
+    let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
+    assert_eq!(list, vec!["10.9.0.0/24".parse::<IpNet>().unwrap()]);
+    drop(held);
+}
+
+/// A reload changes the prefix length while handshakes are in flight: they
+/// end in the groups they were counted in, so the old /24 is not left
+/// holding places no one holds (which would refuse it for good).
+#[test]
+fn a_reload_of_the_prefix_length_leaves_no_handshake_counted_in_flight() {
+    let s = AdmissionSettings {
+        prefix_handshakes_in_flight: 2,
+        prefix_block_after: 0,
+        network_block_after: 0,
+        block_after: 1000,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let t1 = admitted(admission.admit(&pool, 100, 100, client("10.3.0.1", 1), None));
+    let t2 = admitted(admission.admit(&pool, 100, 100, client("10.3.0.2", 1), None));
+    let s25 = AdmissionSettings {
+        ipv4_prefix: 25,
+        ..s.clone()
+    };
+    admission.configure(&s25, &[]);
+    t1.established();
+    drop(t2);
+    admission.configure(&s, &[]);
+    for i in 0..2 {
+        admitted(admission.admit(&pool, 100, 100, client("10.3.0.99", i), None)).established();
+    }
+    // And the /25 (counted nothing) did not go below zero for anyone.
+    admission.configure(&s25, &[]);
+    let held: Vec<Ticket> = (0..2)
+        .map(|i| admitted(admission.admit(&pool, 100, 100, client("10.3.0.5", i), None)))
+        .collect();
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, client("10.3.0.6", 1), None)),
+        Refusal::PrefixHandshakes
+    );
+    drop(held);
+}
+
+/// A handshake admitted before a reload made its source exempt fails
+/// after it: no strike, no block (in or covering an exempt range).
+#[test]
+fn a_source_made_exempt_while_in_its_handshake_is_not_blocked() {
+    let s = AdmissionSettings {
+        block_after: 1,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let t = admitted(admission.admit(&pool, 100, 100, client("10.7.7.7", 1), None));
+    let exempt = AdmissionSettings {
+        exempt: vec!["10.7.0.0/16".parse().unwrap()],
+        ..s.clone()
+    };
+    admission.configure(&exempt, &[]);
+    drop(t);
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    admitted(admission.admit(&pool, 100, 100, client("10.7.7.7", 1), None)).established();
+}
+
+/// A block due for an address inside an exempt range is not made, even
+/// when its strikes were counted before the range became exempt.
+#[test]
+fn no_block_lands_inside_an_exempt_range() {
+    let s = AdmissionSettings {
+        block_after: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let mut t = admission.tables();
+    let exempt = AdmissionSettings {
+        exempt: vec!["10.8.0.0/16".parse().unwrap()],
+        ..s.clone()
+    };
+    admission.block_locked(
+        &mut t,
+        Level::Address,
+        "10.8.1.1/32".parse().unwrap(),
+        &exempt,
+        Instant::now(),
+    );
+    assert!(t.blocked.list().is_empty());
+}
+
+/// An attacker holds the tables of addresses and prefixes busy (a strike
+/// per entry, renewed within each window): a new source from elsewhere is
+/// still admitted, tracked by its network alone and held to its limits;
+/// it is not refused for `max_tracked`.
+#[test]
+fn a_table_held_busy_by_an_attacker_does_not_refuse_new_sources() {
+    let s = AdmissionSettings {
+        max_tracked: 200,
+        network_handshakes_in_flight: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    for i in 0..200u32 {
+        let attacker = format!("10.{}.{}.1", 4 + i / 50, i % 50);
+        drop(admitted(admission.admit(
+            &pool,
+            1000,
+            1000,
+            client(&attacker, 1),
+            None,
+        )));
+    }
+    assert_eq!(admission.tables().sources.lens(), [200, 200, 4]);
+    for round in 0..3 {
+        let new = client(&format!("192.0.2.{}", round + 1), 1);
+        let t = admitted(admission.admit(&pool, 1000, 1000, new, None));
+        t.established();
+        t.authenticated();
+    }
+    // Tracked by its network: its cap holds, and a place is given back
+    // when a handshake ends.
+    let held: Vec<Ticket> = (0..2)
+        .map(|i| admitted(admission.admit(&pool, 1000, 1000, client("192.0.7.1", i), None)))
+        .collect();
+    assert_eq!(
+        refused(admission.admit(&pool, 1000, 1000, client("192.0.8.1", 1), None)),
+        Refusal::NetworkHandshakes
+    );
+    held[0].established();
+    admitted(admission.admit(&pool, 1000, 1000, client("192.0.8.1", 1), None)).established();
+    drop(held);
+}
+
+/// One address with one certificate alternates a failed and an
+/// authenticated handshake: its own strikes are paid back, and it lends
+/// its /24 at most `block_after` of them a window (below the prefix's
+/// threshold), so its neighbours are never blocked for what it alone did.
+#[test]
+fn one_address_paying_back_its_strikes_never_gets_its_24_blocked() {
+    let s = AdmissionSettings {
+        block_after: 3,
+        prefix_block_after: 4,
+        network_block_after: 5,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let x = client("10.50.1.1", 1);
+    for _ in 0..50 {
+        fail_once(&admission, &pool, x);
+        let t = admitted(admission.admit(&pool, 100, 100, x, None));
+        t.established();
+        t.authenticated();
+    }
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    // Two addresses of it failing together still get it blocked.
+    fail_once(&admission, &pool, client("10.50.1.2", 1));
+    let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
+    assert_eq!(list, vec!["10.50.1.0/24".parse::<IpNet>().unwrap()]);
+}
+
+/// Sources whose own connections evict each other from a full listener
+/// fail handshake after handshake: past a few evictions a window, each one
+/// is a strike, and they end up blocked.
+#[test]
+fn sources_that_keep_being_evicted_are_blocked_in_the_end() {
+    let s = AdmissionSettings {
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_in_flight: 0,
+        prefix_block_after: 0,
+        network_block_after: 0,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let mut held: Vec<Ticket> = Vec::new();
+    let mut blocked = 0;
+    for i in 0..400u16 {
+        let from = client(&format!("10.2.0.{}", 1 + i % 8), i);
+        match admission.admit(&pool, 8, 4, from, None) {
+            Answer::Admit(t) | Answer::Evict { ticket: t, .. } => held.push(t),
+            Answer::Refuse(Refusal::Blocked) => blocked += 1,
+            Answer::Refuse(r) => panic!("refused: {r:?}"),
+        }
+        held.retain(|t| t.stage() != Stage::Evicted);
+    }
+    drop(held);
+    assert_eq!(admission.blocked().len(), 8, "{:?}", admission.blocked());
+    assert!(blocked > 0);
+}
