@@ -21,8 +21,7 @@
 //! network), and so is a refusal for exceeding a limit; enough strikes
 //! within a window block the source (or the prefix, or the network) for a
 //! while. Eviction by a newcomer is no strike (the listener was full, not
-//! the source at fault), but for an address evicted more than a few times
-//! a window; a handshake that authenticated with a verified
+//! the source at fault); a handshake that authenticated with a verified
 //! certificate pays one strike of its address back. The block list also
 //! lives in the kernel (`kernel`), where an
 //! XDP program drops a blocked source's new connections before a socket
@@ -442,8 +441,7 @@ impl Admission {
 
     /// A handshake of `source` ended without authenticating: a strike,
     /// unless a newcomer evicted it (the listener was full: not the
-    /// source's doing, and a busy NAT's clients would block it) and the
-    /// source was not evicted more than a few times this window.
+    /// source's doing, and a busy NAT's clients would block it).
     fn failed(&self, source: IpAddr, groups: &Groups, evicted: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
@@ -451,9 +449,7 @@ impl Admission {
         t.sources.ended(groups);
         // Admitted before a reload made it exempt: an exempt source is
         // never struck.
-        if settings.exempt.iter().any(|e| e.contains(&source))
-            || (evicted && !t.sources.evicted(source, &settings, now))
-        {
+        if evicted || settings.exempt.iter().any(|e| e.contains(&source)) {
             return;
         }
         for (level, net) in t.sources.strike(source, Level::Address, &settings, now) {

@@ -35,10 +35,6 @@ use super::Refusal;
 /// past it.
 const SEARCH: usize = 32;
 
-/// Evictions of one address's handshakes within `block_window` that are
-/// no strike.
-const FREE_EVICTIONS: u32 = 8;
-
 /// A map of at most `capacity` entries: inserting into a full one forgets
 /// the least recently used idle entry. Lookups and inserts are O(log n).
 pub(super) struct Lru<K, V> {
@@ -184,9 +180,6 @@ pub(super) struct Tally {
     /// window (pay-back does not take them back).
     lent: u32,
     strikes_since: Instant,
-    /// An address's handshakes evicted by newcomers, since `evictions_since`.
-    evictions: u32,
-    evictions_since: Instant,
 }
 
 impl Tally {
@@ -197,8 +190,6 @@ impl Tally {
             strikes: 0,
             lent: 0,
             strikes_since: now,
-            evictions: 0,
-            evictions_since: now,
         }
     }
 
@@ -487,23 +478,6 @@ impl Sources {
             }
         }
         due
-    }
-
-    /// A handshake of `source` was evicted by a newcomer: no strike for the
-    /// first few within `block_window` (the listener was full, not the
-    /// source at fault), a strike for each one past them (true): else an
-    /// attacker whose own connections evict each other fails handshakes
-    /// without end and is never blocked.
-    pub fn evicted(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
-        let Some(t) = self.addresses.get_mut(&IpNet::from(source)) else {
-            return false;
-        };
-        if now.saturating_duration_since(t.evictions_since) > settings.block_window {
-            t.evictions = 0;
-            t.evictions_since = now;
-        }
-        t.evictions += 1;
-        t.evictions > FREE_EVICTIONS
     }
 
     /// A handshake of `source` authenticated with a verified certificate:

@@ -597,34 +597,3 @@ fn one_address_paying_back_its_strikes_never_gets_its_24_blocked() {
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
     assert_eq!(list, vec!["10.50.1.0/24".parse::<IpNet>().unwrap()]);
 }
-
-/// Sources whose own connections evict each other from a full listener
-/// fail handshake after handshake: past a few evictions a window, each one
-/// is a strike, and they end up blocked.
-#[test]
-fn sources_that_keep_being_evicted_are_blocked_in_the_end() {
-    let s = AdmissionSettings {
-        source_handshakes_in_flight: 0,
-        prefix_handshakes_in_flight: 0,
-        network_handshakes_in_flight: 0,
-        prefix_block_after: 0,
-        network_block_after: 0,
-        ..settings()
-    };
-    let admission = Admission::new(&s, Arc::new(Metrics::default()));
-    let pool = admission.pool("edge");
-    let mut held: Vec<Ticket> = Vec::new();
-    let mut blocked = 0;
-    for i in 0..400u16 {
-        let from = client(&format!("10.2.0.{}", 1 + i % 8), i);
-        match admission.admit(&pool, 8, 4, from, None) {
-            Answer::Admit(t) | Answer::Evict { ticket: t, .. } => held.push(t),
-            Answer::Refuse(Refusal::Blocked) => blocked += 1,
-            Answer::Refuse(r) => panic!("refused: {r:?}"),
-        }
-        held.retain(|t| t.stage() != Stage::Evicted);
-    }
-    drop(held);
-    assert_eq!(admission.blocked().len(), 8, "{:?}", admission.blocked());
-    assert!(blocked > 0);
-}
