@@ -81,6 +81,8 @@ pub enum AdminError {
     InUse(PathBuf),
     #[error("admin_socket {0}: exists and is not a socket; refusing to replace it")]
     NotSocket(PathBuf),
+    #[error("admin_socket {path}: {why}")]
+    UnsafeDir { path: PathBuf, why: String },
     #[error("admin_tls: {0}")]
     Tls(String),
 }
@@ -728,12 +730,19 @@ fn check_width(net: IpNet, force: bool) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// Where `admin_socket` is served: bound under a temporary name, made
-/// 0600, then renamed into place, so it is never reachable with a looser
-/// mode. A stale socket (no one answers) is replaced; a live one or
-/// anything that is not a socket is refused.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+/// Where `admin_socket` is served: its directory must be root's or this
+/// user's and writable by no one else (else whoever can write there could
+/// swap a name for a symlink and have root chown what it points to). Bound
+/// 0600 under a temporary name, then linked into place, which fails rather
+/// than replace anything that appeared there. A stale socket (no one
+/// answers) is replaced; a live one or anything that is not a socket is
+/// refused.
+pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), AdminError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    crate::safe_dir::check_parent_of(path).map_err(|why| AdminError::UnsafeDir {
+        path: path.to_owned(),
+        why,
+    })?;
     let err = |what, source| AdminError::Socket {
         path: path.to_owned(),
         what,
@@ -754,21 +763,62 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
     temporary.push(format!(".{}.tmp", std::process::id()));
     let temporary = PathBuf::from(temporary);
     let _ = std::fs::remove_file(&temporary);
-    let socket = UnixListener::bind(&temporary).map_err(|e| err("binding", e))?;
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err("making it 0600", e))
-        .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| err("moving it in place", e)));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e);
+    let socket = bind_private(&temporary).map_err(|e| err("binding", e))?;
+    // link(2) neither follows a symlink at the temporary name nor replaces
+    // what is at `path`.
+    let placed = std::fs::hard_link(&temporary, path).map_err(|e| err("moving it in place", e));
+    let _ = std::fs::remove_file(&temporary);
+    placed?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err("reading it", e))?;
+    Ok((
+        socket,
+        SocketFile {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
+}
+
+/// Binds `path` under umask 0177, so the socket is 0600 from its first
+/// moment. The umask is the process's: a file another thread creates
+/// meanwhile is made 0600 too (tighter, never looser); it is restored at
+/// once.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    // SAFETY: umask has no preconditions and cannot fail.
+    let before = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(before) };
+    bound
+}
+
+/// The file `bind_socket` placed: removed at exit only while it is still
+/// that file, not whatever has taken its name since.
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
-    Ok(socket)
 }
 
 /// Gives `admin_socket` to the user the gateway is about to become, so
-/// that user (and root) can use it after the drop, and nobody else.
+/// that user (and root) can use it after the drop, and nobody else. Never
+/// through a symlink (its directory is checked, but a chown as root should
+/// not depend on that alone).
 pub fn give_socket(path: &Path, uid: u32, gid: u32) -> Result<(), AdminError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| AdminError::Socket {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| AdminError::Socket {
         path: path.to_owned(),
         what: "giving it to the gateway's user",
         source,

@@ -196,7 +196,7 @@ pub struct App {
     admin: Option<TcpListener>,
     admin_clients: Vec<ipnet::IpNet>,
     /// `admin_socket`: where, and the socket bound there.
-    admin_socket: Option<(std::path::PathBuf, tokio::net::UnixListener)>,
+    admin_socket: Option<(crate::admin::SocketFile, tokio::net::UnixListener)>,
     /// `admin_tls`, for the TCP door.
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// What `GET /readyz` answers.
@@ -298,8 +298,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let admin_socket = match &config.admin_socket {
         Some(path) => {
             let path = config.resolve(path);
-            let socket = crate::admin::bind_socket(&path)?;
-            Some((path, socket))
+            let (socket, file) = crate::admin::bind_socket(&path)?;
+            Some((file, socket))
         }
         None => None,
     };
@@ -381,7 +381,7 @@ impl App {
 
     /// Where `admin_socket` is served, when configured.
     pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
-        self.admin_socket.as_ref().map(|(p, _)| p.clone())
+        self.admin_socket.as_ref().map(|(f, _)| f.path.clone())
     }
 
     /// Live connections right now.
@@ -413,13 +413,13 @@ impl App {
         // endpoint holds the guard and admission, whose drop says goodbye.
         let _admin_stop_on_drop = admin_stop.clone().drop_guard();
         let admin_socket = self.admin_socket.take();
-        let admin_path = admin_socket.as_ref().map(|(p, _)| p.clone());
+        let admin_file = admin_socket.as_ref().map(|(f, _)| f.clone());
         if self.admin.is_some() || admin_socket.is_some() {
             if let Some(addr) = self.admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 tracing::info!(%addr, "admin endpoint: GET /metrics, /healthz, /readyz, /block, /connections");
             }
-            if let Some(path) = &admin_path {
-                tracing::info!(path = %path.display(), "admin socket: every admin route, and block list changes");
+            if let Some(file) = &admin_file {
+                tracing::info!(path = %file.path.display(), "admin socket: every admin route, and block list changes");
             }
             let sources = crate::metrics::Sources {
                 metrics: self.metrics.clone(),
@@ -517,8 +517,8 @@ impl App {
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
         }
         admin_stop.cancel();
-        if let Some(path) = admin_path {
-            let _ = std::fs::remove_file(path);
+        if let Some(file) = admin_file {
+            file.remove();
         }
         tracing::info!("shutdown complete");
     }
