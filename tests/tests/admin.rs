@@ -448,3 +448,27 @@ async fn with_admin_tls_only_clients_of_its_ca_are_served() {
         "{metrics}"
     );
 }
+
+/// A `"for"` that parses but would overflow the clock is answered with a
+/// 400 naming the limit, not a panic of the connection's task.
+#[tokio::test]
+async fn a_block_for_beyond_ten_years_is_a_400_not_a_panic() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "admin_socket = \"admin.sock\"").await;
+    let path = gw.admin_socket.clone().unwrap();
+    let r = over_socket(
+        &path,
+        &post_block(
+            "application/json",
+            r#"{"source": "192.0.2.7", "for": "213503982334601d"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status(&r), 400, "{r:?} (empty: the task panicked)");
+    assert!(body(&r).contains("at most 10 years"), "{r}");
+    // Nothing was taken, and the endpoint still answers.
+    let list = over_socket(&path, &get("/block")).await;
+    assert_eq!(status(&list), 200, "{list}");
+    assert!(!body(&list).contains("192.0.2.7"), "{list}");
+}
