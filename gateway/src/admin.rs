@@ -194,9 +194,58 @@ struct Refusals {
     /// With `admin_tls`: no TLS handshake with a certificate from
     /// `client_ca` (plain HTTP, no certificate, another CA).
     tls: AtomicU64,
+    /// A TCP peer not in `admin_clients` (403).
+    client: AtomicU64,
+    /// A Host that is not the endpoint's address or localhost (403).
+    host: AtomicU64,
+    /// A block list change over TCP (403).
+    tcp_change: AtomicU64,
+    /// A request hyper could not parse, or a malformed one (400).
+    bad_request: AtomicU64,
+    /// A method the route does not take (405).
+    method: AtomicU64,
+    /// A body that is not JSON (415).
+    media_type: AtomicU64,
+    /// Headers or a body over the limits (431, 413).
+    too_large: AtomicU64,
+}
+
+/// Why a request was refused with a 403, carried in the reply's
+/// extensions to where it is counted.
+#[derive(Debug, Clone, Copy)]
+enum Forbidden {
+    Client,
+    Host,
+    TcpChange,
 }
 
 impl Refusals {
+    /// Counts `reply` if it refuses the request.
+    fn count(&self, reply: &Reply) {
+        let counter = match reply.status() {
+            StatusCode::FORBIDDEN => match reply.extensions().get::<Forbidden>() {
+                Some(Forbidden::Client) => &self.client,
+                Some(Forbidden::Host) => &self.host,
+                Some(Forbidden::TcpChange) | None => &self.tcp_change,
+            },
+            StatusCode::BAD_REQUEST => &self.bad_request,
+            StatusCode::METHOD_NOT_ALLOWED => &self.method,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => &self.media_type,
+            StatusCode::PAYLOAD_TOO_LARGE => &self.too_large,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts what hyper refused before any route saw it (its 431 or 400).
+    fn count_unparsed(&self, e: &hyper::Error) {
+        if e.is_parse_too_large() {
+            self.too_large.fetch_add(1, Ordering::Relaxed);
+        } else if e.is_parse() {
+            self.bad_request.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn render(&self, out: &mut String) {
         let series: Vec<(&'static str, u64)> = [
             ("connections", &self.connections),
@@ -205,6 +254,13 @@ impl Refusals {
             ("deadline", &self.deadline),
             ("peer", &self.peer),
             ("tls", &self.tls),
+            ("client", &self.client),
+            ("host", &self.host),
+            ("tcp_change", &self.tcp_change),
+            ("bad_request", &self.bad_request),
+            ("method", &self.method),
+            ("media_type", &self.media_type),
+            ("too_large", &self.too_large),
         ]
         .into_iter()
         .map(|(reason, n)| (reason, n.load(Ordering::Relaxed)))
@@ -212,7 +268,7 @@ impl Refusals {
         out.push_str(&crate::metrics::render_with(move |e| {
             e.counter(
                 "gateway_admin_refused_total",
-                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls).",
+                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls), a TCP peer not in admin_clients (client), a Host not the endpoint's address or localhost (host), a block list change over TCP (tcp_change), a malformed request (bad_request), a method the route does not take (method), a body not JSON (media_type), headers or a body over the limits (too_large).",
                 series.iter().map(|&(reason, n)| ([("reason", reason)], n)),
             )
         }));
@@ -357,7 +413,11 @@ where
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
             answering.answering.store(true, Ordering::Relaxed);
-            async move { Ok::<_, Infallible>(route(&shared, peer, req).await) }
+            async move {
+                let reply = route(&shared, peer, req).await;
+                shared.refused.count(&reply);
+                Ok::<_, Infallible>(reply)
+            }
         });
         let mut http = hyper::server::conn::http1::Builder::new();
         // One request per connection: what scrapers and the CLI send, and
@@ -380,7 +440,12 @@ where
         let mut reading_headers = true;
         loop {
             tokio::select! {
-                _ = &mut conn => break,
+                served = &mut conn => {
+                    if let Err(e) = served {
+                        refused.count_unparsed(&e);
+                    }
+                    break;
+                }
                 // Counted by whoever evicted it.
                 () = s.evict.cancelled() => break,
                 () = &mut headers_due, if reading_headers => {
@@ -515,13 +580,13 @@ fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Rep
         return None;
     };
     if !allowed(&routes.clients, addr.ip()) {
-        return Some(json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(format!(
+        return Some(forbidden(
+            Forbidden::Client,
+            format!(
                 "{} is not in admin_clients: {} is not served to it",
                 addr.ip(),
                 req.uri().path()
-            )),
+            ),
         ));
     }
     let host = req
@@ -530,11 +595,9 @@ fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Rep
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if !host_is_literal(host) {
-        return Some(json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(format!(
-                "Host {host:?}: name the admin endpoint by its address or localhost"
-            )),
+        return Some(forbidden(
+            Forbidden::Host,
+            format!("Host {host:?}: name the admin endpoint by its address or localhost"),
         ));
     }
     None
@@ -602,12 +665,10 @@ async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Rep
         return not_allowed("GET, HEAD, POST, DELETE");
     }
     if let Peer::Tcp(_) = peer {
-        return json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(
-                "the block list is changed through admin_socket only (gateway block add|remove uses it)"
-                    .into(),
-            ),
+        return forbidden(
+            Forbidden::TcpChange,
+            "the block list is changed through admin_socket only (gateway block add|remove uses it)"
+                .into(),
         );
     }
     if method == Method::DELETE {
@@ -917,6 +978,13 @@ fn not_found() -> Reply {
         "not found: GET /metrics, /healthz, /readyz, /connections, and /block (GET; POST, DELETE on admin_socket)\n"
             .into(),
     )
+}
+
+/// A 403, marked with why for `gateway_admin_refused_total`.
+fn forbidden(why: Forbidden, problem: String) -> Reply {
+    let mut reply = json(StatusCode::FORBIDDEN, &Problem::new(problem));
+    reply.extensions_mut().insert(why);
+    reply
 }
 
 fn not_allowed(allow: &'static str) -> Reply {

@@ -472,3 +472,63 @@ async fn a_block_for_beyond_ten_years_is_a_400_not_a_panic() {
     assert_eq!(status(&list), 200, "{list}");
     assert!(!body(&list).contains("192.0.2.7"), "{list}");
 }
+
+/// The refused count of `reason` in a `/metrics` body.
+fn refused(metrics: &str, reason: &str) -> u64 {
+    let series = format!("gateway_admin_refused_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in {metrics}"))
+}
+
+/// Every refusal is counted, under its reason: hyper's own (too many
+/// headers, garbage), a rebinding page's Host, a change over TCP, a wrong
+/// method, a body that is not JSON, one too large.
+#[tokio::test]
+async fn every_refusal_is_counted_by_reason() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "admin_socket = \"admin.sock\"").await;
+    let path = gw.admin_socket.clone().unwrap();
+    let many: String = (0..40).map(|i| format!("X-{i}: a\r\n")).collect();
+    let huge = format!("{{\"source\": \"{}\"}}", "1".repeat(20_000));
+    let tcp = [
+        (
+            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n"),
+            "too_large",
+        ),
+        ("GARBAGE\r\n\r\n".to_owned(), "bad_request"),
+        (
+            "GET /connections HTTP/1.1\r\nHost: rebind.example\r\n\r\n".to_owned(),
+            "host",
+        ),
+        (post_block("application/json", "{}"), "tcp_change"),
+        (
+            "PUT /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_owned(),
+            "method",
+        ),
+    ];
+    let socket = [
+        (post_block("text/plain", "{}"), "media_type"),
+        (post_block("application/json", &huge), "too_large"),
+        (
+            post_block("application/json", "{\"source\": 7}"),
+            "bad_request",
+        ),
+    ];
+    for (request, reason) in tcp.iter().chain(&socket) {
+        let before = refused(&gw.scrape().await, reason);
+        let r = if tcp.iter().any(|(q, _)| q == request) {
+            over_tcp(&gw, request).await
+        } else {
+            over_socket(&path, request).await
+        };
+        assert!(!r.starts_with("HTTP/1.1 2"), "{r}");
+        assert_eq!(
+            refused(&gw.scrape().await, reason),
+            before + 1,
+            "{reason}: {r}"
+        );
+    }
+}
