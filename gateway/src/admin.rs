@@ -126,8 +126,9 @@ pub struct Routes {
     /// The block list, where the endpoint has one (the gateway's, not the
     /// remote guard's).
     pub admission: Option<Arc<Admission>>,
-    /// Who may read `/block` and `/connections` over TCP.
-    pub clients: Vec<IpNet>,
+    /// Who may read `/block` and `/connections` over TCP; a reload swaps
+    /// it.
+    pub clients: Arc<arc_swap::ArcSwap<Vec<IpNet>>>,
     pub health: Arc<Health>,
     /// The live connections, for `GET /connections` (the gateway's).
     pub registry: Option<Arc<Registry>>,
@@ -579,7 +580,7 @@ fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Rep
     let Peer::Tcp(addr) = peer else {
         return None;
     };
-    if !allowed(&routes.clients, addr.ip()) {
+    if !allowed(&routes.clients.load(), addr.ip()) {
         return Some(forbidden(
             Forbidden::Client,
             format!(

@@ -194,7 +194,7 @@ pub struct App {
     reload_stats: Arc<ReloadStats>,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
-    admin_clients: Vec<ipnet::IpNet>,
+    admin_clients: Arc<arc_swap::ArcSwap<Vec<ipnet::IpNet>>>,
     /// `admin_socket`: where, and the socket bound there.
     admin_socket: Option<(crate::admin::SocketFile, tokio::net::UnixListener)>,
     /// `admin_tls`, for the TCP door.
@@ -315,7 +315,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         reload_stats: Arc::default(),
         metrics,
         admin,
-        admin_clients: config.admin_clients.clone(),
+        admin_clients: Arc::new(arc_swap::ArcSwap::from_pointee(
+            config.admin_clients.clone(),
+        )),
         admin_socket,
         admin_tls,
         health: Arc::default(),
@@ -641,6 +643,9 @@ impl App {
         );
         report.connections_closed = self.registry.reverify();
         self.crls.record(&served_crls(&state));
+        // Read at each request: a narrowed list applies to the next one.
+        self.admin_clients
+            .store(Arc::new(config.admin_clients.clone()));
         Ok(report)
     }
 }

@@ -532,3 +532,29 @@ async fn every_refusal_is_counted_by_reason() {
         );
     }
 }
+
+/// A reload that narrows `admin_clients` applies to the next request:
+/// loopback, taken off the list, is refused /connections (and counted);
+/// widened again, it is served.
+#[tokio::test]
+async fn a_reload_of_admin_clients_applies_to_the_next_request() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "").await;
+    let toml = |extra: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{extra}\n{}",
+            listener_toml(&pki, "edge", "")
+        ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    assert_eq!(status(&over_tcp(&gw, &get("/connections")).await), 200);
+    gw.reload_toml(&pki, &toml("admin_clients = [\"192.0.2.0/24\"]"))
+        .await
+        .unwrap();
+    let r = over_tcp(&gw, &get("/connections")).await;
+    assert_eq!(status(&r), 403, "{r}");
+    assert!(body(&r).contains("not in admin_clients"), "{r}");
+    assert_eq!(refused(&gw.scrape().await, "client"), 1);
+    gw.reload_toml(&pki, &toml("")).await.unwrap();
+    assert_eq!(status(&over_tcp(&gw, &get("/connections")).await), 200);
+}
