@@ -969,7 +969,19 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
 
 fn json(status: StatusCode, value: &impl Serialize) -> Reply {
     let body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into()) + "\n";
-    text(status, "application/json", body)
+    let mut r = text(status, "application/json", body);
+    // Who is blocked and who is connected: never kept by a cache, never
+    // read by a browser as anything but JSON.
+    let headers = r.headers_mut();
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 fn not_found() -> Reply {

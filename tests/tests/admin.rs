@@ -558,3 +558,17 @@ async fn a_reload_of_admin_clients_applies_to_the_next_request() {
     gw.reload_toml(&pki, &toml("")).await.unwrap();
     assert_eq!(status(&over_tcp(&gw, &get("/connections")).await), 200);
 }
+
+/// JSON answers (the block list, the connections, refusals) are kept by no
+/// cache and read by no browser as anything but JSON.
+#[tokio::test]
+async fn json_answers_are_not_stored_nor_sniffed() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "").await;
+    for path in ["/connections", "/block"] {
+        let r = over_tcp(&gw, &get(path)).await.to_ascii_lowercase();
+        assert!(r.contains("\r\ncache-control: no-store\r\n"), "{r}");
+        assert!(r.contains("\r\nx-content-type-options: nosniff\r\n"), "{r}");
+    }
+}
