@@ -83,6 +83,8 @@ pub enum AdminError {
     InUse(PathBuf),
     #[error("admin_socket {0}: exists and is not a socket; refusing to replace it")]
     NotSocket(PathBuf),
+    #[error("admin_socket {path}: {why}")]
+    UnsafeDir { path: PathBuf, why: String },
     #[error("admin_tls: {0}")]
     Tls(String),
 }
@@ -126,8 +128,9 @@ pub struct Routes {
     /// The block list, where the endpoint has one (the gateway's, not the
     /// remote guard's).
     pub admission: Option<Arc<Admission>>,
-    /// Who may read `/block` and `/connections` over TCP.
-    pub clients: Vec<IpNet>,
+    /// Who may read `/block` and `/connections` over TCP; a reload swaps
+    /// it.
+    pub clients: Arc<arc_swap::ArcSwap<Vec<IpNet>>>,
     pub health: Arc<Health>,
     /// The live connections, for `GET /connections` (the gateway's).
     pub registry: Option<Arc<Registry>>,
@@ -196,9 +199,58 @@ struct Refusals {
     /// With `admin_tls`: no TLS handshake with a certificate from
     /// `client_ca` (plain HTTP, no certificate, another CA).
     tls: AtomicU64,
+    /// A TCP peer not in `admin_clients` (403).
+    client: AtomicU64,
+    /// A Host that is not the endpoint's address or localhost (403).
+    host: AtomicU64,
+    /// A block list change over TCP (403).
+    tcp_change: AtomicU64,
+    /// A request hyper could not parse, or a malformed one (400).
+    bad_request: AtomicU64,
+    /// A method the route does not take (405).
+    method: AtomicU64,
+    /// A body that is not JSON (415).
+    media_type: AtomicU64,
+    /// Headers or a body over the limits (431, 413).
+    too_large: AtomicU64,
+}
+
+/// Why a request was refused with a 403, carried in the reply's
+/// extensions to where it is counted.
+#[derive(Debug, Clone, Copy)]
+enum Forbidden {
+    Client,
+    Host,
+    TcpChange,
 }
 
 impl Refusals {
+    /// Counts `reply` if it refuses the request.
+    fn count(&self, reply: &Reply) {
+        let counter = match reply.status() {
+            StatusCode::FORBIDDEN => match reply.extensions().get::<Forbidden>() {
+                Some(Forbidden::Client) => &self.client,
+                Some(Forbidden::Host) => &self.host,
+                Some(Forbidden::TcpChange) | None => &self.tcp_change,
+            },
+            StatusCode::BAD_REQUEST => &self.bad_request,
+            StatusCode::METHOD_NOT_ALLOWED => &self.method,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => &self.media_type,
+            StatusCode::PAYLOAD_TOO_LARGE => &self.too_large,
+            _ => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts what hyper refused before any route saw it (its 431 or 400).
+    fn count_unparsed(&self, e: &hyper::Error) {
+        if e.is_parse_too_large() {
+            self.too_large.fetch_add(1, Ordering::Relaxed);
+        } else if e.is_parse() {
+            self.bad_request.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn render(&self, out: &mut String) {
         let series: Vec<(&'static str, u64)> = [
             ("connections", &self.connections),
@@ -207,6 +259,13 @@ impl Refusals {
             ("deadline", &self.deadline),
             ("peer", &self.peer),
             ("tls", &self.tls),
+            ("client", &self.client),
+            ("host", &self.host),
+            ("tcp_change", &self.tcp_change),
+            ("bad_request", &self.bad_request),
+            ("method", &self.method),
+            ("media_type", &self.media_type),
+            ("too_large", &self.too_large),
         ]
         .into_iter()
         .map(|(reason, n)| (reason, n.load(Ordering::Relaxed)))
@@ -214,7 +273,7 @@ impl Refusals {
         out.push_str(&crate::metrics::render_with(move |e| {
             e.counter(
                 "gateway_admin_refused_total",
-                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls).",
+                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls), a TCP peer not in admin_clients (client), a Host not the endpoint's address or localhost (host), a block list change over TCP (tcp_change), a malformed request (bad_request), a method the route does not take (method), a body not JSON (media_type), headers or a body over the limits (too_large).",
                 series.iter().map(|&(reason, n)| ([("reason", reason)], n)),
             )
         }));
@@ -359,7 +418,11 @@ where
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
             answering.answering.store(true, Ordering::Relaxed);
-            async move { Ok::<_, Infallible>(route(&shared, peer, req).await) }
+            async move {
+                let reply = route(&shared, peer, req).await;
+                shared.refused.count(&reply);
+                Ok::<_, Infallible>(reply)
+            }
         });
         let mut http = hyper::server::conn::http1::Builder::new();
         // One request per connection: what scrapers and the CLI send, and
@@ -382,7 +445,12 @@ where
         let mut reading_headers = true;
         loop {
             tokio::select! {
-                _ = &mut conn => break,
+                served = &mut conn => {
+                    if let Err(e) = served {
+                        refused.count_unparsed(&e);
+                    }
+                    break;
+                }
                 // Counted by whoever evicted it.
                 () = s.evict.cancelled() => break,
                 () = &mut headers_due, if reading_headers => {
@@ -527,14 +595,14 @@ fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Rep
     let Peer::Tcp(addr) = peer else {
         return None;
     };
-    if !allowed(&routes.clients, addr.ip()) {
-        return Some(json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(format!(
+    if !allowed(&routes.clients.load(), addr.ip()) {
+        return Some(forbidden(
+            Forbidden::Client,
+            format!(
                 "{} is not in admin_clients: {} is not served to it",
                 addr.ip(),
                 req.uri().path()
-            )),
+            ),
         ));
     }
     let host = req
@@ -543,11 +611,9 @@ fn untrusted(routes: &Routes, peer: Peer, req: &Request<Incoming>) -> Option<Rep
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
     if !host_is_literal(host) {
-        return Some(json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(format!(
-                "Host {host:?}: name the admin endpoint by its address or localhost"
-            )),
+        return Some(forbidden(
+            Forbidden::Host,
+            format!("Host {host:?}: name the admin endpoint by its address or localhost"),
         ));
     }
     None
@@ -615,12 +681,10 @@ async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Rep
         return not_allowed("GET, HEAD, POST, DELETE");
     }
     if let Peer::Tcp(_) = peer {
-        return json(
-            StatusCode::FORBIDDEN,
-            &Problem::new(
-                "the block list is changed through admin_socket only (gateway block add|remove uses it)"
-                    .into(),
-            ),
+        return forbidden(
+            Forbidden::TcpChange,
+            "the block list is changed through admin_socket only (gateway block add|remove uses it)"
+                .into(),
         );
     }
     if method == Method::DELETE {
@@ -743,12 +807,19 @@ fn check_width(net: IpNet, force: bool) -> Result<IpNet, String> {
     Ok(net)
 }
 
-/// Where `admin_socket` is served: bound under a temporary name, made
-/// 0600, then renamed into place, so it is never reachable with a looser
-/// mode. A stale socket (no one answers) is replaced; a live one or
-/// anything that is not a socket is refused.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
-    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+/// Where `admin_socket` is served: its directory must be root's or this
+/// user's and writable by no one else (else whoever can write there could
+/// swap a name for a symlink and have root chown what it points to). Bound
+/// 0600 under a temporary name, then linked into place, which fails rather
+/// than replace anything that appeared there. A stale socket (no one
+/// answers) is replaced; a live one or anything that is not a socket is
+/// refused.
+pub fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile), AdminError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    crate::safe_dir::check_parent_of(path).map_err(|why| AdminError::UnsafeDir {
+        path: path.to_owned(),
+        why,
+    })?;
     let err = |what, source| AdminError::Socket {
         path: path.to_owned(),
         what,
@@ -769,21 +840,62 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, AdminError> {
     temporary.push(format!(".{}.tmp", std::process::id()));
     let temporary = PathBuf::from(temporary);
     let _ = std::fs::remove_file(&temporary);
-    let socket = UnixListener::bind(&temporary).map_err(|e| err("binding", e))?;
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err("making it 0600", e))
-        .and_then(|()| std::fs::rename(&temporary, path).map_err(|e| err("moving it in place", e)));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e);
+    let socket = bind_private(&temporary).map_err(|e| err("binding", e))?;
+    // link(2) neither follows a symlink at the temporary name nor replaces
+    // what is at `path`.
+    let placed = std::fs::hard_link(&temporary, path).map_err(|e| err("moving it in place", e));
+    let _ = std::fs::remove_file(&temporary);
+    placed?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err("reading it", e))?;
+    Ok((
+        socket,
+        SocketFile {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
+}
+
+/// Binds `path` under umask 0177, so the socket is 0600 from its first
+/// moment. The umask is the process's: a file another thread creates
+/// meanwhile is made 0600 too (tighter, never looser); it is restored at
+/// once.
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    // SAFETY: umask has no preconditions and cannot fail.
+    let before = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(before) };
+    bound
+}
+
+/// The file `bind_socket` placed: removed at exit only while it is still
+/// that file, not whatever has taken its name since.
+#[derive(Debug, Clone)]
+pub struct SocketFile {
+    pub path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino))
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
-    Ok(socket)
 }
 
 /// Gives `admin_socket` to the user the gateway is about to become, so
-/// that user (and root) can use it after the drop, and nobody else.
+/// that user (and root) can use it after the drop, and nobody else. Never
+/// through a symlink (its directory is checked, but a chown as root should
+/// not depend on that alone).
 pub fn give_socket(path: &Path, uid: u32, gid: u32) -> Result<(), AdminError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|source| AdminError::Socket {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|source| AdminError::Socket {
         path: path.to_owned(),
         what: "giving it to the gateway's user",
         source,
@@ -872,7 +984,19 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
 
 fn json(status: StatusCode, value: &impl Serialize) -> Reply {
     let body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".into()) + "\n";
-    text(status, "application/json", body)
+    let mut r = text(status, "application/json", body);
+    // Who is blocked and who is connected: never kept by a cache, never
+    // read by a browser as anything but JSON.
+    let headers = r.headers_mut();
+    headers.insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
+    headers.insert(
+        hyper::header::X_CONTENT_TYPE_OPTIONS,
+        hyper::header::HeaderValue::from_static("nosniff"),
+    );
+    r
 }
 
 fn not_found() -> Reply {
@@ -882,6 +1006,13 @@ fn not_found() -> Reply {
         "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, and /block (GET; POST, DELETE on admin_socket)\n"
             .into(),
     )
+}
+
+/// A 403, marked with why for `gateway_admin_refused_total`.
+fn forbidden(why: Forbidden, problem: String) -> Reply {
+    let mut reply = json(StatusCode::FORBIDDEN, &Problem::new(problem));
+    reply.extensions_mut().insert(why);
+    reply
 }
 
 fn not_allowed(allow: &'static str) -> Reply {

@@ -194,9 +194,9 @@ pub struct App {
     reload_stats: Arc<ReloadStats>,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
-    admin_clients: Vec<ipnet::IpNet>,
+    admin_clients: Arc<arc_swap::ArcSwap<Vec<ipnet::IpNet>>>,
     /// `admin_socket`: where, and the socket bound there.
-    admin_socket: Option<(std::path::PathBuf, tokio::net::UnixListener)>,
+    admin_socket: Option<(crate::admin::SocketFile, tokio::net::UnixListener)>,
     /// `admin_tls`, for the TCP door.
     admin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// What `GET /readyz` answers.
@@ -310,8 +310,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let admin_socket = match &config.admin_socket {
         Some(path) => {
             let path = config.resolve(path);
-            let socket = crate::admin::bind_socket(&path)?;
-            Some((path, socket))
+            let (socket, file) = crate::admin::bind_socket(&path)?;
+            Some((file, socket))
         }
         None => None,
     };
@@ -327,7 +327,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         reload_stats: Arc::default(),
         metrics,
         admin,
-        admin_clients: config.admin_clients.clone(),
+        admin_clients: Arc::new(arc_swap::ArcSwap::from_pointee(
+            config.admin_clients.clone(),
+        )),
         admin_socket,
         admin_tls,
         health: Arc::default(),
@@ -394,7 +396,7 @@ impl App {
 
     /// Where `admin_socket` is served, when configured.
     pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
-        self.admin_socket.as_ref().map(|(p, _)| p.clone())
+        self.admin_socket.as_ref().map(|(f, _)| f.path.clone())
     }
 
     /// Live connections right now.
@@ -426,13 +428,13 @@ impl App {
         // endpoint holds the guard and admission, whose drop says goodbye.
         let _admin_stop_on_drop = admin_stop.clone().drop_guard();
         let admin_socket = self.admin_socket.take();
-        let admin_path = admin_socket.as_ref().map(|(p, _)| p.clone());
+        let admin_file = admin_socket.as_ref().map(|(f, _)| f.clone());
         if self.admin.is_some() || admin_socket.is_some() {
             if let Some(addr) = self.admin.as_ref().and_then(|s| s.local_addr().ok()) {
                 tracing::info!(%addr, "admin endpoint: GET /metrics, /healthz, /readyz, /block, /connections");
             }
-            if let Some(path) = &admin_path {
-                tracing::info!(path = %path.display(), "admin socket: every admin route, and block list changes");
+            if let Some(file) = &admin_file {
+                tracing::info!(path = %file.path.display(), "admin socket: every admin route, and block list changes");
             }
             let sources = crate::metrics::Sources {
                 metrics: self.metrics.clone(),
@@ -542,8 +544,8 @@ impl App {
         }
         self.save_audit(true).await;
         admin_stop.cancel();
-        if let Some(path) = admin_path {
-            let _ = std::fs::remove_file(path);
+        if let Some(file) = admin_file {
+            file.remove();
         }
         tracing::info!("shutdown complete");
     }
@@ -680,6 +682,9 @@ impl App {
         );
         report.connections_closed = self.registry.reverify();
         self.crls.record(&served_crls(&state));
+        // Read at each request: a narrowed list applies to the next one.
+        self.admin_clients
+            .store(Arc::new(config.admin_clients.clone()));
         Ok(report)
     }
 }

@@ -969,8 +969,21 @@ pub mod duration {
         }
     }
 
+    /// The longest duration taken (10 years): far beyond any timeout or
+    /// block worth setting, and far below what `Instant + Duration`
+    /// overflows at, which would panic whoever adds it to the clock.
+    pub const LONGEST: Duration = Duration::from_secs(10 * 365 * 86_400);
+
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
+        let d = parse_unbounded(s)?;
+        if d > LONGEST {
+            return Err(format!("{s:?} is too long: at most 10 years (\"3650d\")"));
+        }
+        Ok(d)
+    }
+
+    fn parse_unbounded(s: &str) -> Result<Duration, String> {
         let split = s
             .find(|c: char| !c.is_ascii_digit())
             .ok_or_else(|| format!("{s:?} has no unit: write e.g. \"10s\", \"250ms\", \"5m\""))?;
@@ -995,6 +1008,25 @@ pub mod duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duration_beyond_ten_years_is_refused_not_added_to_the_clock() {
+        assert_eq!(
+            duration::parse("3650d"),
+            Ok(std::time::Duration::from_secs(3650 * 86_400))
+        );
+        for long in ["3651d", "213503982334601d", "18446744073709551615ms"] {
+            let why = duration::parse(long).unwrap_err();
+            assert!(why.contains("at most 10 years"), "{long}: {why}");
+        }
+        // Every duration setting goes through it: `block_for` too.
+        let c = Config::parse(
+            &format!("{MINIMAL}\n[admission]\nblock_for = \"213503982334601d\"\n"),
+            Path::new("t.toml"),
+            Path::new("/"),
+        );
+        assert!(c.unwrap_err().to_string().contains("at most 10 years"));
+    }
 
     const MINIMAL: &str = r#"
 [[listeners]]

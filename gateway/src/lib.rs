@@ -28,6 +28,7 @@ pub mod proxy_protocol;
 pub mod registry;
 pub mod remote_guard;
 pub mod rollout;
+pub mod safe_dir;
 pub mod sock_diag;
 pub mod spiffe;
 pub mod state;

@@ -551,20 +551,54 @@ fn check(
     Ok(())
 }
 
-/// The pid file of a serving gateway; removed when it stops.
-struct PidFile(PathBuf);
+/// The pid file of a serving gateway; removed when it stops, if it is
+/// still the file written.
+struct PidFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
 
 impl PidFile {
+    /// Written while the gateway may still be root, perhaps in a directory
+    /// its `user` can write: never through a symlink or into a file already
+    /// there (a stale one is unlinked first; one planted after that makes
+    /// the start fail rather than have root write where it points).
     fn write(path: &std::path::Path) -> anyhow::Result<PidFile> {
-        std::fs::write(path, format!("{}\n", std::process::id()))
-            .map_err(|e| anyhow::anyhow!("cannot write pid file {}: {e}", path.display()))?;
-        Ok(PidFile(path.to_owned()))
+        use std::io::Write as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        let fail =
+            |e: std::io::Error| anyhow::anyhow!("cannot write pid file {}: {e}", path.display());
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(fail)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes())
+            .map_err(fail)?;
+        let meta = file.metadata().map_err(fail)?;
+        Ok(PidFile {
+            path: path.to_owned(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino));
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -607,7 +641,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
     // default action.
     let signals = runtime.block_on(async { Signals::install() })?;
     tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let app = gateway::build(&config).await?;
         // Once everything is bound: a pid file names a gateway that serves.
         let _pid_file = pid_file.map(PidFile::write).transpose()?;
@@ -651,7 +685,13 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         app.run().await;
         stop_watching.cancel();
         Ok(())
-    })
+    });
+    // A start that fails before the drop leaves the runtime's threads
+    // waiting at the gate: release them before the runtime waits for them,
+    // or the error is never printed and the process never exits.
+    drop(gate);
+    drop(runtime);
+    served
 }
 
 /// Everything privileged is done: become `target`, then read every file

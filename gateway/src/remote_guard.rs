@@ -522,7 +522,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                     crate::metrics::render_with(move |out| render(&guard, &stats, out))
                 }),
                 admission: None,
-                clients: Vec::new(),
+                clients: Arc::new(arc_swap::ArcSwap::from_pointee(Vec::new())),
                 health,
                 registry: None,
                 tls: None,

@@ -448,3 +448,127 @@ async fn with_admin_tls_only_clients_of_its_ca_are_served() {
         "{metrics}"
     );
 }
+
+/// A `"for"` that parses but would overflow the clock is answered with a
+/// 400 naming the limit, not a panic of the connection's task.
+#[tokio::test]
+async fn a_block_for_beyond_ten_years_is_a_400_not_a_panic() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "admin_socket = \"admin.sock\"").await;
+    let path = gw.admin_socket.clone().unwrap();
+    let r = over_socket(
+        &path,
+        &post_block(
+            "application/json",
+            r#"{"source": "192.0.2.7", "for": "213503982334601d"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status(&r), 400, "{r:?} (empty: the task panicked)");
+    assert!(body(&r).contains("at most 10 years"), "{r}");
+    // Nothing was taken, and the endpoint still answers.
+    let list = over_socket(&path, &get("/block")).await;
+    assert_eq!(status(&list), 200, "{list}");
+    assert!(!body(&list).contains("192.0.2.7"), "{list}");
+}
+
+/// The refused count of `reason` in a `/metrics` body.
+fn refused(metrics: &str, reason: &str) -> u64 {
+    let series = format!("gateway_admin_refused_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in {metrics}"))
+}
+
+/// Every refusal is counted, under its reason: hyper's own (too many
+/// headers, garbage), a rebinding page's Host, a change over TCP, a wrong
+/// method, a body that is not JSON, one too large.
+#[tokio::test]
+async fn every_refusal_is_counted_by_reason() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "admin_socket = \"admin.sock\"").await;
+    let path = gw.admin_socket.clone().unwrap();
+    let many: String = (0..40).map(|i| format!("X-{i}: a\r\n")).collect();
+    let huge = format!("{{\"source\": \"{}\"}}", "1".repeat(20_000));
+    let tcp = [
+        (
+            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n"),
+            "too_large",
+        ),
+        ("GARBAGE\r\n\r\n".to_owned(), "bad_request"),
+        (
+            "GET /connections HTTP/1.1\r\nHost: rebind.example\r\n\r\n".to_owned(),
+            "host",
+        ),
+        (post_block("application/json", "{}"), "tcp_change"),
+        (
+            "PUT /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_owned(),
+            "method",
+        ),
+    ];
+    let socket = [
+        (post_block("text/plain", "{}"), "media_type"),
+        (post_block("application/json", &huge), "too_large"),
+        (
+            post_block("application/json", "{\"source\": 7}"),
+            "bad_request",
+        ),
+    ];
+    for (request, reason) in tcp.iter().chain(&socket) {
+        let before = refused(&gw.scrape().await, reason);
+        let r = if tcp.iter().any(|(q, _)| q == request) {
+            over_tcp(&gw, request).await
+        } else {
+            over_socket(&path, request).await
+        };
+        assert!(!r.starts_with("HTTP/1.1 2"), "{r}");
+        assert_eq!(
+            refused(&gw.scrape().await, reason),
+            before + 1,
+            "{reason}: {r}"
+        );
+    }
+}
+
+/// A reload that narrows `admin_clients` applies to the next request:
+/// loopback, taken off the list, is refused /connections (and counted);
+/// widened again, it is served.
+#[tokio::test]
+async fn a_reload_of_admin_clients_applies_to_the_next_request() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "").await;
+    let toml = |extra: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{extra}\n{}",
+            listener_toml(&pki, "edge", "")
+        ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+    };
+    assert_eq!(status(&over_tcp(&gw, &get("/connections")).await), 200);
+    gw.reload_toml(&pki, &toml("admin_clients = [\"192.0.2.0/24\"]"))
+        .await
+        .unwrap();
+    let r = over_tcp(&gw, &get("/connections")).await;
+    assert_eq!(status(&r), 403, "{r}");
+    assert!(body(&r).contains("not in admin_clients"), "{r}");
+    assert_eq!(refused(&gw.scrape().await, "client"), 1);
+    gw.reload_toml(&pki, &toml("")).await.unwrap();
+    assert_eq!(status(&over_tcp(&gw, &get("/connections")).await), 200);
+}
+
+/// JSON answers (the block list, the connections, refusals) are kept by no
+/// cache and read by no browser as anything but JSON.
+#[tokio::test]
+async fn json_answers_are_not_stored_nor_sniffed() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(&pki, &backend, "").await;
+    for path in ["/connections", "/block"] {
+        let r = over_tcp(&gw, &get(path)).await.to_ascii_lowercase();
+        assert!(r.contains("\r\ncache-control: no-store\r\n"), "{r}");
+        assert!(r.contains("\r\nx-content-type-options: nosniff\r\n"), "{r}");
+    }
+}

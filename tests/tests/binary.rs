@@ -558,6 +558,44 @@ async fn the_pid_file_names_the_serving_gateway_until_it_stops() {
     assert!(!pid_file.exists(), "the pid file outlived the gateway");
 }
 
+/// A pid file name that is a symlink (planted by whoever may write the
+/// pid file's directory) is replaced, never followed: the file it points
+/// to stays as it was. At exit the pid file goes only while it is still
+/// the one written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_symlink_at_the_pid_file_is_replaced_not_written_through() {
+    let pki = Pki::new();
+    let config = write_config(&pki, dead_port());
+    let victim = pki.write("victim", "precious\n");
+    let pid_file = pki.path("gateway.pid");
+    std::os::unix::fs::symlink(&victim, &pid_file).unwrap();
+    let stderr = pki.path("gateway.stderr");
+    let mut gw = run_binary(
+        &config,
+        &stderr,
+        &["--pid-file".as_ref(), pid_file.as_os_str()],
+    );
+    wait_listening(&stderr);
+    wait_for("the pid file", || {
+        std::fs::symlink_metadata(&pid_file).is_ok_and(|m| m.file_type().is_file())
+    });
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        gw.0.id().to_string()
+    );
+    // Replaced behind the gateway's back: not its file to remove. (Moved
+    // aside, not deleted, so the new file cannot reuse its inode.)
+    std::fs::rename(&pid_file, pki.path("moved.pid")).unwrap();
+    std::fs::write(&pid_file, "someone else's\n").unwrap();
+    signal(&gw.0, "TERM");
+    assert!(exit_status(&mut gw.0, "SIGTERM").success());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        "someone else's\n"
+    );
+}
+
 /// A SIGHUP sent the moment the gateway says it listens reloads it: the
 /// handlers are in place before the first line that says it is up, so the
 /// signal's default action (exit) never applies.
@@ -815,7 +853,14 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
     }
     let pki = Pki::new();
     let admin = dead_port();
-    let socket = pki.path("admin.sock");
+    // root's, as its directory must be when root binds it for nobody.
+    let run_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        run_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = run_dir.path().join("admin.sock");
     let top = format!(
         "admin = \"{admin}\"\nadmin_socket = \"{}\"\naccess_log = \"{}\"",
         socket.display(),
@@ -874,6 +919,44 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(credentials_of(gw.0.id())[0].0, NOBODY, "still nobody");
+}
+
+/// Started as root with `user = "nobody"`, the admin socket may not be
+/// set up in a directory nobody can write: there nobody (whom the drop
+/// contains, and who can force a restart by making the gateway exit) could
+/// swap the socket's names for symlinks and have root chown any file to it.
+/// The start stops, naming the directory; nothing is bound there.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let (backend, _) = one_line_backend().await;
+    let socket = pki.path("admin.sock");
+    let config = pki.write(
+        "gateway.toml",
+        &(format!(
+            "user = \"nobody\"\nadmin_socket = \"{}\"\naccess_log = \"off\"\n",
+            socket.display()
+        ) + &listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(&pki);
+    let stderr = pki.path("gateway.stderr");
+    let mut gw = run_binary(&config, &stderr, &[]);
+    let status = exit_status(&mut gw.0, "a start with an unsafe socket directory");
+    assert!(!status.success());
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    let dir = pki.path("").display().to_string();
+    let dir = dir.trim_end_matches('/');
+    assert!(
+        err.contains(&format!("its directory {dir} belongs to uid 65534")),
+        "{err}"
+    );
+    assert!(!socket.exists(), "bound anyway");
+    assert_eq!(log_count(&stderr, "dropped privileges"), 0, "{err}");
 }
 
 /// Without a feature that needs one, nothing is kept; and a key only root

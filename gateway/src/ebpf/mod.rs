@@ -357,7 +357,7 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
             Err(e) => return Err(unsafe_dir(format!("{}: {e}", above.display()))),
         };
-        check_owner(&meta, euid, true)
+        crate::safe_dir::check(&meta, euid, true)
             .map_err(|why| unsafe_dir(format!("{} {why}", above.display())))?;
     }
     std::fs::DirBuilder::new()
@@ -376,7 +376,7 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), EbpfError> {
     if meta.uid() != euid {
         return Err(pin_dir_not_ours(dir, meta.uid(), Account::effective()));
     }
-    check_owner(&meta, euid, false).map_err(|why| unsafe_dir(format!("it {why}")))
+    crate::safe_dir::check(&meta, euid, false).map_err(|why| unsafe_dir(format!("it {why}")))
 }
 
 /// Why a pin directory owned by `owner` is refused to `gateway`, which
@@ -479,30 +479,6 @@ fn is_bpffs(path: &Path) -> bool {
     // SAFETY: a valid path and a statfs to fill.
     let rc = unsafe { libc::statfs(at.as_ptr(), &raw mut fs) };
     rc == 0 && fs.f_type as i64 == BPF_FS_MAGIC
-}
-
-/// Why a directory on the way to a pin directory (`sticky_ok`) or the pin
-/// directory itself is not safe, if it is not: a symlink, another user's,
-/// or writable by group or others.
-fn check_owner(meta: &std::fs::Metadata, euid: u32, sticky_ok: bool) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    if meta.file_type().is_symlink() {
-        return Err("is a symbolic link".into());
-    }
-    if !meta.is_dir() {
-        return Err("is not a directory".into());
-    }
-    let owner = meta.uid();
-    let ours = owner == euid || (sticky_ok && owner == 0);
-    if !ours {
-        return Err(format!("belongs to uid {owner}"));
-    }
-    let mode = meta.mode();
-    let sticky = mode & libc::S_ISVTX != 0;
-    if mode & 0o022 != 0 && !(sticky_ok && sticky) {
-        return Err(format!("is writable by others (mode {:o})", mode & 0o7777));
-    }
-    Ok(())
 }
 
 /// Opens directory `dir` itself, never what a symlink there points to.
