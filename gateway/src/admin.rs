@@ -168,7 +168,7 @@ pub fn tls_acceptor(
     )
     .build()
     .map_err(|e| err(&e))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| err(&e))?
         .with_client_cert_verifier(verifier)
@@ -180,6 +180,10 @@ pub fn tls_acceptor(
                 tls.key.display()
             ))
         })?;
+    // A resumed session skips the client-certificate verifier: an expired
+    // or replaced certificate would keep working. Full handshakes only.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -234,10 +234,22 @@ impl Registration {
         };
         // A reload since register judged it before this flag was set.
         if !Arc::ptr_eq(&current, &self.registered_under) {
-            self.entry
-                .judged()
-                .against(&current, &current.tls)
-                .map(drop)?;
+            let (route, verified) = self.entry.judged().against(&current, &current.tls)?;
+            // What the chain check learned (the CRLs' next update, the
+            // CAs' expiry) is the tick's to watch; a reload that judged it
+            // by this same state before the flag checked no chain. (A newer
+            // state's reload judges it again itself.)
+            let mut j = self
+                .entry
+                .judgement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if Arc::ptr_eq(&j.state, &current) {
+                if let Some(v) = verified {
+                    j.verified = v;
+                }
+                j.route = route;
+            }
         }
         Ok(())
     }

@@ -419,6 +419,25 @@ async fn with_admin_tls_only_clients_of_its_ca_are_served() {
     assert_eq!(status(&ok), 200, "{ok}");
     assert!(body(&ok).contains("gateway_build_info"), "{ok}");
 
+    // No resumption: a resumed session would skip the certificate check
+    // (an expired or replaced certificate would keep working).
+    let resuming = pki.frontend_config();
+    for _ in 0..2 {
+        let tcp = TcpStream::connect(admin).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(resuming.clone())
+            .connect(name.clone(), tcp)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // Read the answer (and any ticket the server would send).
+        let mut out = Vec::new();
+        s.write_all(get("/healthz").as_bytes()).await.unwrap();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut out)).await;
+    }
+
     // Plain HTTP on the TLS door: a TLS alert, no HTTP answer.
     let plain = over_tcp(&gw, &get("/metrics")).await;
     assert!(!plain.contains("HTTP/1.1"), "{plain:?}");
