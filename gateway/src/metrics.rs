@@ -780,19 +780,26 @@ pub fn gauge<L: EncodeLabelSet, V: EncodeGaugeValue>(
     out.gauge(name, help, series)
 }
 
+/// `metrics`' series alone: no live connections, guard or admission (for
+/// unit tests here and in `admission`).
+#[cfg(test)]
+pub(crate) fn render_alone(metrics: Arc<Metrics>) -> String {
+    Sources {
+        metrics,
+        registry: Arc::default(),
+        reloads: Arc::default(),
+        guard: None,
+        admission: None,
+    }
+    .render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn render(metrics: Arc<Metrics>) -> String {
-        Sources {
-            metrics,
-            registry: Arc::default(),
-            reloads: Arc::default(),
-            guard: None,
-            admission: None,
-        }
-        .render()
+        render_alone(metrics)
     }
 
     /// A reload builds the state again and takes its series again: it must

@@ -26,14 +26,7 @@ fn admission_metrics(admission: &Arc<Admission>) -> String {
 
 /// The gateway's series without listeners, routes or admission's own.
 fn all_metrics(metrics: Arc<Metrics>) -> String {
-    crate::metrics::Sources {
-        metrics,
-        registry: Arc::default(),
-        reloads: Arc::default(),
-        guard: None,
-        admission: None,
-    }
-    .render()
+    crate::metrics::render_alone(metrics)
 }
 
 fn admitted(a: Answer) -> Ticket {
