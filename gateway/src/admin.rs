@@ -11,6 +11,9 @@
 //!   `localhost` in `Host` (a DNS-rebinding page names its own host).
 //! - `GET /rollout/report?route=NAME&since=7d` (the audit report, see
 //!   `rollout`: it names identities) as `/connections`.
+//! - `GET /rollout/history` (the config revisions, see `revisions`) as
+//!   `/connections`; `POST /rollout/revert` (`{"revision": N, "force":
+//!   false}`) on `admin_socket` only, JSON only, like a block list change.
 //! - `admin_socket` (a Unix socket, mode 0600, owned by the user the
 //!   gateway runs as): every route, including the changes (`POST /block`,
 //!   `DELETE /block`). A source address proves nothing about who sent a
@@ -138,6 +141,46 @@ pub struct Routes {
     pub rollout: Option<crate::rollout::ReportSource>,
     /// `admin_tls`: the TCP door speaks TLS and wants a client certificate.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The revision history and revert (the gateway's, with a history).
+    pub revisions: Option<Revisions>,
+}
+
+/// What `revert` answers: the revision it became, or (status, why not).
+pub type RevertAnswer = Result<Reverted, (u16, String)>;
+
+/// `GET /rollout/history` and `POST /rollout/revert`.
+pub struct Revisions {
+    pub history: Box<dyn Fn() -> crate::revisions::History + Send + Sync>,
+    #[allow(clippy::type_complexity)]
+    pub revert: Box<
+        dyn Fn(
+                u64,
+                bool,
+            )
+                -> std::pin::Pin<Box<dyn std::future::Future<Output = RevertAnswer> + Send>>
+            + Send
+            + Sync,
+    >,
+}
+
+/// `POST /rollout/revert`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reverted {
+    /// The revision the revert was recorded as (none: the history could
+    /// not be written; the revert applies all the same).
+    pub revision: Option<u64>,
+    pub reverted_to: u64,
+    pub connections_closed: usize,
+    /// What changed, in words (as the log line says).
+    pub changes: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevertRequest {
+    revision: u64,
+    #[serde(default)]
+    force: bool,
 }
 
 /// `admin_tls` as a TLS acceptor: the endpoint's chain and key (a key
@@ -551,9 +594,13 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
     // HEAD is GET without the body (hyper leaves it out).
     let read = matches!(*req.method(), Method::GET | Method::HEAD);
     match path.as_str() {
-        "/metrics" | "/healthz" | "/readyz" | "/connections" | "/rollout/report" if !read => {
+        "/metrics" | "/healthz" | "/readyz" | "/connections" | "/rollout/report"
+        | "/rollout/history"
+            if !read =>
+        {
             not_allowed("GET, HEAD")
         }
+        "/rollout/revert" if *req.method() != Method::POST => not_allowed("POST"),
         "/metrics" => {
             let mut body = (routes.metrics)();
             shared.refused.render(&mut body);
@@ -568,12 +615,18 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
                 format!("not ready: {why}\n"),
             ),
         },
-        "/connections" | "/block" | "/rollout/report" => {
+        "/connections" | "/block" | "/rollout/report" | "/rollout/history" | "/rollout/revert" => {
             if let Some(refusal) = untrusted(routes, peer, &req) {
                 return refusal;
             }
             match (path.as_str(), &routes.registry, &routes.admission) {
                 ("/connections", Some(registry), _) => connections(registry),
+                ("/rollout/history", ..) if let Some(r) = &routes.revisions => {
+                    json(StatusCode::OK, &(r.history)())
+                }
+                ("/rollout/revert", ..) if let Some(r) = &routes.revisions => {
+                    revert(r, peer, req).await
+                }
                 ("/block", _, Some(admission)) => block(admission, peer, req).await,
                 ("/rollout/report", ..) if let Some(r) = &routes.rollout => {
                     match r.answer(req.uri().query()) {
@@ -694,29 +747,9 @@ async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Rep
     if method == Method::DELETE {
         return unblock(admission, &req);
     }
-    let json_body = req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json_body {
-        return json(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &Problem::new("POST /block takes Content-Type: application/json".into()),
-        );
-    }
-    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return json(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &Problem::new(format!("reading the body: {e}")),
-            );
-        }
+    let body = match json_body(req).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
     };
     let add: AddRequest = match serde_json::from_slice(&body) {
         Ok(a) => a,
@@ -753,6 +786,71 @@ async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Rep
             StatusCode::INSUFFICIENT_STORAGE,
             &Problem::new(e.to_string()),
         ),
+    }
+}
+
+/// `POST /rollout/revert`: the socket only (a revert changes what the
+/// gateway enforces), JSON only.
+async fn revert(revisions: &Revisions, peer: Peer, req: Request<Incoming>) -> Reply {
+    if let Peer::Tcp(_) = peer {
+        return forbidden(
+            Forbidden::TcpChange,
+            "a revert is asked for through admin_socket only (gateway rollout revert uses it)"
+                .into(),
+        );
+    }
+    let body = match json_body(req).await {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let ask: RevertRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &Problem::new(format!(
+                    "expected {{\"revision\": N, \"force\": true (optional)}}: {e}"
+                )),
+            );
+        }
+    };
+    match (revisions.revert)(ask.revision, ask.force).await {
+        Ok(done) => json(StatusCode::OK, &done),
+        Err((status, message)) => json(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::CONFLICT),
+            &Problem::new(message),
+        ),
+    }
+}
+
+/// A change's body: `Content-Type: application/json` (a cross-site form
+/// cannot send it), at most `MAX_BODY_BYTES`.
+async fn json_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
+    let is_json = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &Problem::new(format!(
+                "{} {} takes Content-Type: application/json",
+                req.method(),
+                req.uri().path()
+            )),
+        ));
+    }
+    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) => Err(json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &Problem::new(format!("reading the body: {e}")),
+        )),
     }
 }
 
@@ -1007,7 +1105,7 @@ fn not_found() -> Reply {
     text(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, and /block (GET; POST, DELETE on admin_socket)\n"
+        "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, /rollout/history, /block (GET; POST, DELETE on admin_socket), and POST /rollout/revert (admin_socket)\n"
             .into(),
     )
 }
@@ -1204,6 +1302,29 @@ pub mod client {
         serde_json::from_slice(&body).map_err(|e| ClientError::Http {
             at: at.clone(),
             reason: format!("not an audit report: {e}"),
+        })
+    }
+
+    /// `GET /rollout/history`, for `gateway rollout history`.
+    pub async fn rollout_history(at: &Endpoint) -> Result<crate::revisions::History, ClientError> {
+        let body = request(at, Method::GET, "/rollout/history", None).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not a revision history: {e}"),
+        })
+    }
+
+    /// `POST /rollout/revert`, for `gateway rollout revert N`.
+    pub async fn rollout_revert(
+        at: &Endpoint,
+        revision: u64,
+        force: bool,
+    ) -> Result<Reverted, ClientError> {
+        let body = serde_json::to_string(&RevertRequest { revision, force }).unwrap_or_default();
+        let body = request(at, Method::POST, "/rollout/revert", Some(body)).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not a revert's answer: {e}"),
         })
     }
 

@@ -27,6 +27,7 @@ use crate::config::Config;
 use crate::listener::{self, Shared};
 use crate::metrics::Metrics;
 use crate::registry::{self, Registry};
+use crate::revisions::{How, Revision, RevisionError};
 use crate::state::{ListenerState, Route, State, StateError};
 use crate::tls::{TlsError, crl};
 
@@ -86,6 +87,44 @@ pub struct ReloadReport {
     pub listeners_stopped: Vec<String>,
     /// Live connections closed because the new state no longer allows them.
     pub connections_closed: usize,
+    /// The revision it was recorded as (none: no history, or it could not
+    /// be written).
+    pub revision: Option<u64>,
+}
+
+/// Why `gateway rollout revert N` was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RevertError {
+    #[error("no revision history: set revisions_dir (or audit_state)")]
+    NoHistory,
+    #[error(transparent)]
+    Revision(#[from] RevisionError),
+    #[error(
+        "revision {number} named files that changed since it ran: {files}; its config would now apply them as they are (revert --force does)"
+    )]
+    FilesChanged { number: u64, files: String },
+    #[error("revision {number} was read from {was}, the gateway now runs {now}: not reverted")]
+    OtherFile {
+        number: u64,
+        was: PathBuf,
+        now: PathBuf,
+    },
+    #[error("revision {number}'s config does not parse any more: {reason}")]
+    Unparsable { number: u64, reason: String },
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+}
+
+impl RevertError {
+    /// The admin endpoint's status for it.
+    pub fn status(&self) -> u16 {
+        match self {
+            RevertError::NoHistory | RevertError::Revision(RevisionError::Unknown(_)) => 404,
+            RevertError::Reload(ReloadError::ShuttingDown) => 503,
+            RevertError::Reload(ReloadError::Invalid(_)) | RevertError::Unparsable { .. } => 422,
+            _ => 409,
+        }
+    }
 }
 
 /// For the log line: what changed, in words.
@@ -122,6 +161,9 @@ pub struct ReloadStats {
 
 struct ReloadRequest {
     config: Config,
+    /// What the revision history records it as: a reload, or a revert
+    /// to a revision (whose text is then written back to the config file).
+    revert_to: Option<u64>,
     reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
 }
 
@@ -130,6 +172,7 @@ struct ReloadRequest {
 pub struct ReloadHandle {
     tx: mpsc::Sender<ReloadRequest>,
     stats: Arc<ReloadStats>,
+    revisions: Option<Arc<crate::revisions::Store>>,
 }
 
 impl ReloadHandle {
@@ -143,12 +186,61 @@ impl ReloadHandle {
     }
 
     async fn apply(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.send(config, None).await
+    }
+
+    async fn send(
+        &self,
+        config: Config,
+        revert_to: Option<u64>,
+    ) -> Result<ReloadReport, ReloadError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(ReloadRequest { config, reply })
+            .send(ReloadRequest {
+                config,
+                revert_to,
+                reply,
+            })
             .await
             .map_err(|_| ReloadError::ShuttingDown)?;
         rx.await.map_err(|_| ReloadError::ShuttingDown)?
+    }
+
+    /// The revision history, when there is one.
+    pub fn revisions(&self) -> Option<&Arc<crate::revisions::Store>> {
+        self.revisions.as_ref()
+    }
+
+    /// Restores revision `number` through the same validate-then-swap path
+    /// as any reload; its text is written back to the config file first,
+    /// so the next reload from the file keeps it. Refused when a file it
+    /// named no longer hashes the same, unless `force`.
+    pub async fn revert(&self, number: u64, force: bool) -> Result<ReloadReport, RevertError> {
+        crate::systemd::reloading();
+        let result = self.revert_unannounced(number, force).await;
+        match &result {
+            Ok(report) => crate::systemd::reloaded::<_, ReloadError>(&Ok(report)),
+            Err(e) => {
+                if !matches!(e, RevertError::Reload(_)) {
+                    // Refused before reaching the reload: count and log it
+                    // as the reload would.
+                    self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(revision = number, reason = %e, "revert refused, running state kept");
+                }
+                crate::systemd::reloaded::<(), _>(&Err(e));
+            }
+        }
+        result
+    }
+
+    async fn revert_unannounced(
+        &self,
+        number: u64,
+        force: bool,
+    ) -> Result<ReloadReport, RevertError> {
+        let store = self.revisions.as_ref().ok_or(RevertError::NoHistory)?;
+        let config = revision_config(store, number, force)?;
+        Ok(self.send(config, Some(number)).await?)
     }
 
     /// Reads the config file again and reloads; a file that does not parse is
@@ -171,6 +263,37 @@ impl ReloadHandle {
     pub fn stats(&self) -> &ReloadStats {
         &self.stats
     }
+}
+
+/// Revision `number`'s config, if it may be restored: intact, from the
+/// config file the gateway runs, its named files unchanged (or `force`).
+fn revision_config(
+    store: &crate::revisions::Store,
+    number: u64,
+    force: bool,
+) -> Result<Config, RevertError> {
+    let revision = store.get(number)?;
+    if let Some(now) = store.current().map(|c| c.config_path)
+        && now != revision.config_path
+    {
+        return Err(RevertError::OtherFile {
+            number,
+            was: revision.config_path,
+            now,
+        });
+    }
+    let changed = revision.changed_files();
+    if !changed.is_empty() && !force {
+        let files: Vec<String> = changed.iter().map(|p| p.display().to_string()).collect();
+        return Err(RevertError::FilesChanged {
+            number,
+            files: files.join(", "),
+        });
+    }
+    revision.config().map_err(|e| RevertError::Unparsable {
+        number,
+        reason: e.to_string(),
+    })
 }
 
 /// A listener that is serving.
@@ -209,6 +332,12 @@ pub struct App {
     admission: Arc<Admission>,
     /// Where the audit report's summary is kept (`audit_state`).
     audit_state: Option<PathBuf>,
+    /// The revision history (`revisions_dir`), and the config started
+    /// with, recorded once `run` starts (after any privilege drop, as the
+    /// user that will write the later ones).
+    revisions: Option<Arc<crate::revisions::Store>>,
+    start_revision: Option<Revision>,
+    auto_revert: Option<crate::revisions::AutoRevert>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -316,6 +445,12 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         None => None,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
+    let revisions = config
+        .revisions_dir()
+        .map(|dir| Arc::new(crate::revisions::Store::new(dir, config.revisions_keep)));
+    let start_revision = revisions
+        .as_ref()
+        .map(|_| Revision::of(config, How::Start, None));
     Ok(App {
         bound,
         drain_timeout: state.drain_timeout,
@@ -338,6 +473,9 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         crls,
         admission,
         audit_state,
+        revisions,
+        start_revision,
+        auto_revert: config.auto_revert(),
     })
 }
 
@@ -376,6 +514,7 @@ impl App {
         ReloadHandle {
             tx: self.reload_tx.clone(),
             stats: self.reload_stats.clone(),
+            revisions: self.revisions.clone(),
         }
     }
 
@@ -453,6 +592,28 @@ impl App {
                     health: self.health.clone(),
                     registry: Some(self.registry.clone()),
                     tls: self.admin_tls.take(),
+                    revisions: self.revisions.clone().map(|store| {
+                        let metrics = self.metrics.clone();
+                        let handle = self.reload_handle();
+                        crate::admin::Revisions {
+                            history: Box::new(move || store.history(&metrics.revisions)),
+                            revert: Box::new(move |number, force| {
+                                let handle = handle.clone();
+                                Box::pin(async move {
+                                    handle
+                                        .revert(number, force)
+                                        .await
+                                        .map(|report| crate::admin::Reverted {
+                                            revision: report.revision,
+                                            reverted_to: number,
+                                            connections_closed: report.connections_closed,
+                                            changes: report.to_string(),
+                                        })
+                                        .map_err(|e| (e.status(), e.to_string()))
+                                })
+                            }),
+                        }
+                    }),
                     rollout: Some(crate::rollout::ReportSource {
                         audit: self.metrics.audit.clone(),
                         routes: {
@@ -488,34 +649,96 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(start) = self.start_revision.take() {
+            self.record(start);
+        }
+        let mut rollback = Rollback {
+            started: tokio::time::Instant::now(),
+            samples: crate::revisions::Samples::default(),
+            armed: None,
+            settings: self.auto_revert,
+        };
         loop {
-            tokio::select! {
+            let job = tokio::select! {
                 () = self.shutdown.cancelled() => break,
-                Some(req) = self.reload_rx.recv() => {
-                    let result = self.reload(&req.config, &mut running, &shared).await;
-                    match &result {
-                        Ok(report) => {
-                            drain_timeout = req.config.drain_timeout;
-                            expiry_warning = req.config.expiry_warning;
-                            self.metrics.audit.set_limit(req.config.audit_entries);
-                            self.metrics.set_expiries(crate::expiry::collect(&req.config));
-                            self.metrics.warn_expiring(expiry_warning);
-                            self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(changes = %report, "reloaded");
-                        }
-                        Err(e) => {
-                            self.reload_stats.failed.fetch_add(1, Ordering::Relaxed);
-                            log_refused(e);
-                        }
-                    }
-                    let _ = req.reply.send(result);
-                }
+                Some(req) = self.reload_rx.recv() => Job {
+                    how: if req.revert_to.is_some() { How::Revert } else { How::Reload },
+                    config: req.config,
+                    revert_to: req.revert_to,
+                    reply: Some(req.reply),
+                },
                 _ = tick.tick() => {
                     self.registry.tick();
                     self.admission.tick();
+                    match self.watch_rollback(&mut rollback) {
+                        Some(job) => job,
+                        None => continue,
+                    }
                 }
-                _ = expiry_check.tick() => self.metrics.warn_expiring(expiry_warning),
-                _ = audit_save.tick(), if self.audit_state.is_some() => self.save_audit(false).await,
+                _ = expiry_check.tick() => {
+                    self.metrics.warn_expiring(expiry_warning);
+                    continue;
+                }
+                _ = audit_save.tick(), if self.audit_state.is_some() => {
+                    self.save_audit(false).await;
+                    continue;
+                }
+            };
+            let before = self.current_revision();
+            let mut result = self
+                .apply(&job.config, job.revert_to, &mut running, &shared)
+                .await;
+            match &mut result {
+                Ok(report) => {
+                    report.revision =
+                        self.record(Revision::of(&job.config, job.how, job.revert_to));
+                    drain_timeout = job.config.drain_timeout;
+                    expiry_warning = job.config.expiry_warning;
+                    self.metrics.audit.set_limit(job.config.audit_entries);
+                    self.metrics
+                        .set_expiries(crate::expiry::collect(&job.config));
+                    self.metrics.warn_expiring(expiry_warning);
+                    self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
+                    match job.how {
+                        How::AutoRevert => {
+                            self.metrics
+                                .revisions
+                                .auto_applied
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                revision = ?report.revision,
+                                reverted_to = ?job.revert_to,
+                                changes = %report,
+                                "auto_revert: reverted to the previous revision"
+                            );
+                        }
+                        How::Revert => tracing::warn!(
+                            revision = ?report.revision,
+                            reverted_to = ?job.revert_to,
+                            changes = %report,
+                            "reverted"
+                        ),
+                        How::Reload | How::Start => {
+                            tracing::info!(changes = %report, "reloaded")
+                        }
+                    }
+                    rollback.applied(job.how, before, report.revision, &self.metrics);
+                    rollback.settings = job.config.auto_revert();
+                }
+                Err(e) => {
+                    self.reload_stats.failed.fetch_add(1, Ordering::Relaxed);
+                    log_refused(e);
+                    if job.how == How::AutoRevert {
+                        self.metrics
+                            .revisions
+                            .auto_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(reverted_to = ?job.revert_to, reason = %e.reason(), "auto_revert: the revert was refused: the reload that broke handshakes still serves");
+                    }
+                }
+            }
+            if let Some(reply) = job.reply {
+                let _ = reply.send(result);
             }
         }
         self.health.set_draining();
@@ -548,6 +771,122 @@ impl App {
             file.remove();
         }
         tracing::info!("shutdown complete");
+    }
+
+    /// The revision serving now, when there is a history.
+    fn current_revision(&self) -> Option<u64> {
+        self.revisions
+            .as_ref()
+            .and_then(|s| s.current())
+            .map(|r| r.number)
+    }
+
+    /// Records an applied config in the history; a history that cannot be
+    /// written is logged and counted, and serving goes on.
+    fn record(&self, revision: Revision) -> Option<u64> {
+        let store = self.revisions.as_ref()?;
+        let how = revision.how;
+        match store.record(revision) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(how = how.as_str(), error = %e, "revision history: this config was not recorded");
+                self.metrics.revisions.error(&e);
+                None
+            }
+        }
+    }
+
+    /// Each tick: sample the trust failures; when a watched reload made
+    /// them jump, the revert to the revision it replaced.
+    fn watch_rollback(&self, rollback: &mut Rollback) -> Option<Job> {
+        use crate::revisions::Judgement;
+        let now = rollback.started.elapsed().as_secs_f64();
+        let count = self.metrics.trust_failures.load(Ordering::Relaxed);
+        rollback.samples.push(now, count);
+        let (armed, settings) = rollback.armed.as_ref()?;
+        match armed.judge(settings, now, count) {
+            Judgement::Watching => return None,
+            Judgement::Passed => {
+                tracing::info!(
+                    revision = armed.revision,
+                    failures = count.saturating_sub(armed.count_at),
+                    "auto_revert: the reload passed its window"
+                );
+                rollback.armed = None;
+                return None;
+            }
+            Judgement::Revert => {}
+        }
+        let (armed, settings) = rollback.armed.take()?;
+        tracing::error!(
+            revision = armed.revision,
+            previous = armed.previous,
+            failures = count.saturating_sub(armed.count_at),
+            seconds = now - armed.at,
+            baseline_per_second = armed.baseline,
+            factor = settings.factor,
+            "auto_revert: certificate check failures jumped after the reload: reverting to the previous revision"
+        );
+        let refused = |why: String| {
+            self.metrics
+                .revisions
+                .auto_failed
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(revision = armed.previous, reason = %why, "auto_revert: the revert was refused: the reload that broke handshakes still serves");
+            None
+        };
+        // Never past a revision a newer reload replaced (a newer reload
+        // re-arms, so this is the last line of defence).
+        if self.current_revision() != Some(armed.revision) {
+            return refused(format!("revision {} no longer serves", armed.revision));
+        }
+        let store = self.revisions.as_ref()?;
+        match revision_config(store, armed.previous, false) {
+            Ok(config) => Some(Job {
+                config,
+                how: How::AutoRevert,
+                revert_to: Some(armed.previous),
+                reply: None,
+            }),
+            Err(e) => refused(e.to_string()),
+        }
+    }
+
+    /// A reload, and for a revert the revision's text written back to the
+    /// config file first (so the next reload from the file, SIGHUP or a
+    /// watched change, keeps the revert rather than silently undoing it);
+    /// a revert whose text cannot be written is not applied, and a reload
+    /// that fails puts the file's old text back.
+    async fn apply(
+        &self,
+        config: &Config,
+        revert_to: Option<u64>,
+        running: &mut HashMap<String, Running>,
+        shared: &Shared,
+    ) -> Result<ReloadReport, ReloadError> {
+        let Some(number) = revert_to else {
+            return self.reload(config, running, shared).await;
+        };
+        let path = &config.source;
+        let old = std::fs::read(path).map_err(|e| {
+            ReloadError::Invalid(format!(
+                "revert to revision {number}: cannot read the config file {}: {e}",
+                path.display()
+            ))
+        })?;
+        crate::revisions::replace_file(path, config.text.as_bytes()).map_err(|e| {
+            ReloadError::Invalid(format!(
+                "revert to revision {number}: cannot write its config back to {} (the next reload from the file would undo it): {e}",
+                path.display()
+            ))
+        })?;
+        let result = self.reload(config, running, shared).await;
+        if result.is_err()
+            && let Err(e) = crate::revisions::replace_file(path, &old)
+        {
+            tracing::error!(path = %path.display(), error = %e, "revert failed and the config file's previous text could not be put back");
+        }
+        result
     }
 
     /// Writes the audit summary to `audit_state` (when it changed, or
@@ -686,6 +1025,55 @@ impl App {
         self.admin_clients
             .store(Arc::new(config.admin_clients.clone()));
         Ok(report)
+    }
+}
+
+/// A config to apply: asked for (a reload or a revert, answered on
+/// `reply`) or decided by `auto_revert`.
+struct Job {
+    config: Config,
+    how: How,
+    revert_to: Option<u64>,
+    reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
+}
+
+/// `auto_revert`'s state in the run loop.
+struct Rollback {
+    started: tokio::time::Instant,
+    samples: crate::revisions::Samples,
+    /// The reload being watched, with the settings in force when it came.
+    armed: Option<(crate::revisions::Armed, crate::revisions::AutoRevert)>,
+    /// The serving config's `auto_revert`.
+    settings: Option<crate::revisions::AutoRevert>,
+}
+
+impl Rollback {
+    /// After a config was applied: a reload to a new revision is watched
+    /// (with the settings of the config it replaced, so a reload cannot
+    /// switch off the check of itself); a revert is never watched (no
+    /// loop), and a reload that changed nothing leaves the watch as it is.
+    fn applied(&mut self, how: How, before: Option<u64>, now: Option<u64>, metrics: &Metrics) {
+        if how == How::Reload && now.is_some() && now == before {
+            return;
+        }
+        self.armed = None;
+        let (How::Reload, Some(settings), Some(previous), Some(revision)) =
+            (how, self.settings, before, now)
+        else {
+            return;
+        };
+        let at = self.started.elapsed().as_secs_f64();
+        let count = metrics.trust_failures.load(Ordering::Relaxed);
+        self.armed = Some((
+            crate::revisions::Armed {
+                at,
+                count_at: count,
+                baseline: self.samples.rate_before(at, count, settings.window),
+                revision,
+                previous,
+            },
+            settings,
+        ));
     }
 }
 

@@ -95,6 +95,31 @@ pub struct Config {
     /// would-deny), the rest counted as overflow.
     #[serde(default = "default_audit_entries")]
     pub audit_entries: usize,
+    /// Where every applied config is kept as a numbered revision (its text
+    /// and the SHA-256 of each file it names; see `revisions`), for
+    /// `gateway rollout history|revert` and `auto_revert`. Default: the
+    /// directory `revisions` beside `audit_state`; neither set: no history.
+    /// Read at start.
+    pub revisions_dir: Option<PathBuf>,
+    /// Revisions kept in `revisions_dir`, the oldest removed first.
+    #[serde(default = "default_revisions_keep")]
+    pub revisions_keep: usize,
+    /// Revert a reload by itself when, within `auto_revert_window` after
+    /// it, the handshakes failing their certificate check (unknown_ca,
+    /// bad_certificate, expired) come at more than `auto_revert_factor`
+    /// times the rate of the hour before it, and number at least
+    /// `auto_revert_min_failures`. Needs a revision history.
+    #[serde(default)]
+    pub auto_revert: bool,
+    #[serde(default = "default_auto_revert_window", with = "duration")]
+    pub auto_revert_window: Duration,
+    #[serde(default = "default_auto_revert_factor")]
+    pub auto_revert_factor: f64,
+    #[serde(default = "default_auto_revert_min_failures")]
+    pub auto_revert_min_failures: u64,
+    /// The text this was parsed from (a revision keeps it).
+    #[serde(skip)]
+    pub text: String,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -584,6 +609,18 @@ pub(crate) fn canonical_net(net: ipnet::IpNet) -> Result<ipnet::IpNet, String> {
 fn default_audit_entries() -> usize {
     crate::rollout::DEFAULT_ENTRIES
 }
+fn default_revisions_keep() -> usize {
+    crate::revisions::DEFAULT_KEEP
+}
+fn default_auto_revert_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_auto_revert_factor() -> f64 {
+    10.0
+}
+fn default_auto_revert_min_failures() -> u64 {
+    10
+}
 fn default_admin_clients() -> Vec<ipnet::IpNet> {
     ["127.0.0.0/8", "::1/128"]
         .iter()
@@ -622,8 +659,29 @@ impl Config {
         })?;
         config.base_dir = base_dir.to_owned();
         config.source = source.to_owned();
+        config.text = text.to_owned();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Where the revision history is kept: `revisions_dir`, else
+    /// `revisions` beside `audit_state` (the state directory the operator
+    /// already chose), else nowhere.
+    pub fn revisions_dir(&self) -> Option<PathBuf> {
+        match (&self.revisions_dir, &self.audit_state) {
+            (Some(dir), _) => Some(self.resolve(dir)),
+            (None, Some(state)) => self.resolve(state).parent().map(|d| d.join("revisions")),
+            (None, None) => None,
+        }
+    }
+
+    /// `auto_revert`'s settings, when it is on.
+    pub fn auto_revert(&self) -> Option<crate::revisions::AutoRevert> {
+        self.auto_revert.then_some(crate::revisions::AutoRevert {
+            window: self.auto_revert_window,
+            factor: self.auto_revert_factor,
+            min_failures: self.auto_revert_min_failures,
+        })
     }
 
     /// Resolves a path from the file against the config file's directory.
@@ -692,6 +750,7 @@ impl Config {
             self.validate_routes(&at, l)?;
         }
         self.validate_admission()?;
+        self.validate_revisions()?;
         if self.group.is_some() && self.user.is_none() {
             return Err(self.invalid("group is set without user: set user too".into()));
         }
@@ -702,6 +761,36 @@ impl Config {
                     domains,
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    fn validate_revisions(&self) -> Result<(), ConfigError> {
+        if self.revisions_keep < 2 {
+            return Err(self.invalid(
+                "revisions_keep must be at least 2 (the config serving and one to go back to)"
+                    .into(),
+            ));
+        }
+        if !self.auto_revert {
+            return Ok(());
+        }
+        if self.revisions_dir().is_none() {
+            return Err(self.invalid(
+                "auto_revert needs a revision history: set revisions_dir (or audit_state)".into(),
+            ));
+        }
+        if self.auto_revert_window.is_zero() {
+            return Err(self.invalid("auto_revert_window must be more than 0".into()));
+        }
+        if !(self.auto_revert_factor.is_finite() && self.auto_revert_factor >= 1.0) {
+            return Err(self.invalid("auto_revert_factor must be a number, at least 1".into()));
+        }
+        if self.auto_revert_min_failures == 0 {
+            return Err(self.invalid(
+                "auto_revert_min_failures must be at least 1 (one failure after a quiet hour is no jump)"
+                    .into(),
+            ));
         }
         Ok(())
     }

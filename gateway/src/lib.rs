@@ -27,6 +27,7 @@ pub mod privilege;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod remote_guard;
+pub mod revisions;
 pub mod rollout;
 pub mod safe_dir;
 pub mod sock_diag;

@@ -78,7 +78,9 @@ enum Command {
     /// Rolling out enforcement: `rollout report` asks a running gateway
     /// (through its admin endpoint) whether its audit routes are ready to
     /// enforce. Exit status: 0 every route asked about is ready, 1 one is
-    /// not, 2 the question could not be answered.
+    /// not, 2 the question could not be answered. `rollout history` lists
+    /// the config revisions, `rollout revert N` restores one (exit 0 done,
+    /// 2 refused or not asked).
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,
@@ -153,6 +155,22 @@ enum RolloutCommand {
         since: Option<String>,
         #[arg(long, value_enum, default_value = "text")]
         format: ReportFormat,
+    },
+    /// The config revisions the gateway applied, newest first: number,
+    /// time, how (start, reload, revert, auto-revert), the config's
+    /// SHA-256, and whether the files it named still hash the same.
+    History {
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
+    /// Restore revision N through the reload path (admin socket only); its
+    /// config text is written back to the config file. Refused when a
+    /// file it named changed since, unless --force.
+    Revert {
+        revision: u64,
+        /// Apply its config even though files it named changed since.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -785,11 +803,39 @@ fn rollout(
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let RolloutCommand::Report {
-            route,
-            since,
-            format,
-        } = command;
+        let (route, since, format) = match command {
+            RolloutCommand::Report {
+                route,
+                since,
+                format,
+            } => (route, since, format),
+            RolloutCommand::History { format } => {
+                let history = runtime.block_on(gateway::admin::client::rollout_history(&at))?;
+                match format {
+                    ReportFormat::Text => print!("{}", history.text()),
+                    ReportFormat::Json => {
+                        println!("{}", serde_json::to_string_pretty(&history)?)
+                    }
+                }
+                return Ok(true);
+            }
+            RolloutCommand::Revert { revision, force } => {
+                let done = runtime.block_on(gateway::admin::client::rollout_revert(
+                    &at, revision, force,
+                ))?;
+                match done.revision {
+                    Some(n) => println!(
+                        "reverted to revision {revision} (now revision {n}): {}",
+                        done.changes
+                    ),
+                    None => println!(
+                        "reverted to revision {revision} (not recorded in the history: see the gateway's log): {}",
+                        done.changes
+                    ),
+                }
+                return Ok(true);
+            }
+        };
         let report = runtime.block_on(gateway::admin::client::rollout_report(
             &at,
             route.as_deref(),

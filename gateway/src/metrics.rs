@@ -99,6 +99,21 @@ impl HandshakeFailure {
         HandshakeFailure::NoRoute,
     ];
 
+    /// A certificate that does not pass the trust configuration's check
+    /// (`auto_revert` watches these): a CA bundle that no longer trusts
+    /// the clients' CA, a chain that no longer verifies. Not a revocation
+    /// or a policy refusal (an operator's deliberate refusals, which a
+    /// revert must never undo), nor timeouts, protocol errors, unknown
+    /// names or missing certificates (what any scanner causes).
+    pub fn is_trust(self) -> bool {
+        matches!(
+            self,
+            HandshakeFailure::UnknownCa
+                | HandshakeFailure::BadCertificate
+                | HandshakeFailure::Expired
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             HandshakeFailure::NoCertificate => "no_certificate",
@@ -122,10 +137,15 @@ pub struct ListenerStats {
     pub handshake: Histogram,
     /// In the order of `HandshakeFailure::ALL`.
     failures: [Counter; 9],
+    /// `Metrics::trust_failures`.
+    trust_failures: Arc<AtomicU64>,
 }
 
 impl ListenerStats {
     pub fn handshake_failed(&self, why: HandshakeFailure) {
+        if why.is_trust() {
+            self.trust_failures.fetch_add(1, Ordering::Relaxed);
+        }
         let [
             no_certificate,
             unknown_ca,
@@ -158,6 +178,7 @@ impl Default for ListenerStats {
         ListenerStats {
             handshake: Histogram::new(HANDSHAKE_BUCKETS),
             failures: Default::default(),
+            trust_failures: Arc::default(),
         }
     }
 }
@@ -375,6 +396,11 @@ pub struct Metrics {
     pub access_log_lost: Arc<AtomicU64>,
     /// The audit report's summary, kept across reloads like the counters.
     pub audit: Arc<crate::rollout::Audit>,
+    /// Handshakes that failed their certificate check (`is_trust`), all
+    /// listeners together: what `auto_revert` watches after a reload.
+    pub trust_failures: Arc<AtomicU64>,
+    /// The revision history's errors and the automatic reverts.
+    pub revisions: Arc<crate::revisions::Counters>,
 }
 
 impl Default for Metrics {
@@ -393,6 +419,8 @@ impl Default for Metrics {
             stale_crl_uses: Mutex::default(),
             access_log_lost: Arc::default(),
             audit: Arc::default(),
+            trust_failures: Arc::default(),
+            revisions: Arc::default(),
         }
     }
 }
@@ -445,6 +473,7 @@ impl Metrics {
                     reason: why.as_str(),
                 })
             }),
+            trust_failures: self.trust_failures.clone(),
         })
     }
 
@@ -576,6 +605,22 @@ impl Metrics {
                 .state_errors()
                 .into_iter()
                 .map(|(reason, n)| ([("reason", reason)], n)),
+        )?;
+        out.counter(
+            "gateway_revisions_errors_total",
+            "Failures to write (write) or read (unreadable, corrupt) the config revision history (revisions_dir).",
+            self.revisions
+                .errors()
+                .into_iter()
+                .map(|(reason, n)| ([("reason", reason)], n)),
+        )?;
+        out.counter(
+            "gateway_auto_reverts_total",
+            "Reloads reverted by auto_revert after handshake failures jumped, by result (applied, failed).",
+            self.revisions
+                .auto_reverts()
+                .into_iter()
+                .map(|(result, n)| ([("result", result)], n)),
         )?;
         out.counter(
             "gateway_access_log_lost_total",

@@ -115,6 +115,23 @@ pub fn wait_listening(stderr: &Path) -> SocketAddr {
     crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The binary's admin address, from its "admin endpoint" log line.
+pub fn admin_addr(stderr: &Path) -> SocketAddr {
+    let mut found = None;
+    wait_for("the admin endpoint's log line", || {
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        found = log.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["fields"]["message"]
+                .as_str()?
+                .starts_with("admin endpoint")
+                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
+        });
+        found.is_some()
+    });
+    found.unwrap()
+}
+
 /// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
 /// `stderr`.
 pub fn run_binary(config: &Path, stderr: &Path, extra: &[&std::ffi::OsStr]) -> Reap {

@@ -1,0 +1,479 @@
+//! Config revisions and rollback end to end, with the built binary:
+//! `gateway rollout history` lists what was applied, `gateway rollout
+//! revert N` restores it (clients refused by a narrowing reload are served
+//! again, connections re-verified, the config file written back so the
+//! next SIGHUP keeps it), a revision whose CA file changed is refused
+//! without `--force`, the TCP door takes no revert, and `auto_revert`
+//! undoes a reload to a broken trust bundle but not a harmless one under
+//! normal traffic.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use gateway::pki::{Authority, LeafSpec};
+use gateway::revisions::{History, How};
+use gateway_tests::process::{
+    Reap, admin_addr, exit_status, log_count, run_binary, scrape, series, signal, wait_for,
+    wait_listening,
+};
+use gateway_tests::*;
+
+const ORDERS: &str = "orders.example.internal";
+
+/// A running binary: its process, listener, admin endpoint and socket.
+struct Binary {
+    proc: Reap,
+    app: SocketAddr,
+    admin: SocketAddr,
+    socket: PathBuf,
+    config: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Binary {
+    fn start(pki: &Pki, toml: &str) -> Binary {
+        let config = pki.write("gateway.toml", toml);
+        let stderr = pki.path("gateway.stderr");
+        let proc = run_binary(&config, &stderr, &[]);
+        let app = wait_listening(&stderr);
+        let admin = admin_addr(&stderr);
+        Binary {
+            proc,
+            app,
+            admin,
+            socket: pki.path("admin.sock"),
+            config,
+            stderr,
+        }
+    }
+
+    /// Writes `toml` to the config file and sends SIGHUP; waits for the
+    /// reload (applied or refused) to be logged.
+    fn reload(&self, toml: &str) {
+        std::fs::write(&self.config, toml).unwrap();
+        self.hup();
+    }
+
+    fn hup(&self) {
+        let done = || {
+            log_count(&self.stderr, "reloaded")
+                + log_count(&self.stderr, "reload refused, running state kept")
+        };
+        let before = done();
+        signal(&self.proc.0, "HUP");
+        wait_for("the reload", || done() > before);
+    }
+
+    /// `gateway rollout ARGS --socket S`: (exit code, stdout, stderr).
+    fn rollout(&self, args: &[&str]) -> (i32, String, String) {
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = self.socket.display().to_string();
+        all.extend(["--socket", &socket]);
+        cli(&all)
+    }
+
+    fn history(&self) -> History {
+        let (code, out, err) = self.rollout(&["history", "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn stop(mut self) {
+        signal(&self.proc.0, "TERM");
+        let status = exit_status(&mut self.proc.0, "SIGTERM");
+        assert!(status.success(), "{status}");
+    }
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(gateway_binary())
+        .arg("rollout")
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// (number, how, reverted_to) of each revision, newest first.
+fn listed(h: &History) -> Vec<(u64, How, Option<u64>)> {
+    h.revisions
+        .iter()
+        .map(|r| (r.number, r.how, r.reverted_to))
+        .collect()
+}
+
+/// The top of the config: admin endpoint and socket, the history in
+/// `revisions/` of the PKI directory, no file watching (SIGHUP only).
+fn head(pki: &Pki, extra: &str) -> String {
+    format!(
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"{}\"\nrevisions_dir = \"{}\"\nwatch_files = false\n{extra}",
+        pki.path("admin.sock").display(),
+        pki.path("revisions").display(),
+    )
+}
+
+fn config(pki: &Pki, extra: &str, backend: SocketAddr, allow: &[&str]) -> String {
+    with_test_defaults(
+        &(head(pki, extra)
+            + &listener_toml(pki, "edge", "")
+            + &route_toml("orders", &[ORDERS], &[backend], allow)),
+    )
+}
+
+/// A client with the allowed identity from a CA the gateway never
+/// trusted, and that CA's bundle written to `name`.
+fn foreign(pki: &Pki, name: &str) -> (ClientCreds, PathBuf) {
+    let root = Authority::root("foreign root").unwrap();
+    let leaf = root
+        .issue(&LeafSpec::client("frontend", &[SPIFFE_FRONTEND]))
+        .unwrap();
+    let creds = pki.creds("foreign", &leaf, &root);
+    (creds, pki.write(name, &root.cert_pem))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_restores_the_previous_behaviour_and_the_next_sighup_keeps_it() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let intruder = pki.client("intruder", &LeafSpec::client("i", &[SPIFFE_OTHER]));
+    let v1 = config(&pki, "", backend.addr, &[SPIFFE_FRONTEND]);
+    let b = Binary::start(&pki, &v1);
+    passes(b.app, ORDERS, pki.frontend_config(), b"v1").await;
+
+    // A narrowing reload: the frontend is refused, the intruder let in.
+    let v2 = config(&pki, "", backend.addr, &[SPIFFE_OTHER]);
+    b.reload(&v2);
+    assert_eq!(
+        refusal(b.app, ORDERS, pki.frontend_config()).await,
+        rustls::AlertDescription::AccessDenied
+    );
+    let mut live = connect(b.app, ORDERS, pki.client_config(Some(&intruder)))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    live.write_all(b"hi").await.unwrap();
+    let mut two = [0u8; 2];
+    live.read_exact(&mut two).await.unwrap();
+
+    let h = b.history();
+    assert_eq!(
+        listed(&h),
+        [(2, How::Reload, None), (1, How::Start, None)],
+        "{h:?}"
+    );
+    assert_eq!(h.current, Some(2));
+    assert!(h.revisions.iter().all(|r| r.files_unchanged));
+    assert!(h.skipped.is_empty());
+    // The text form: number, time, how, the config's hash, the files.
+    let (code, text, _) = b.rollout(&["history"]);
+    assert_eq!(code, 0);
+    let first: Vec<&str> = text.lines().collect();
+    assert!(first[0].starts_with("*    2  "), "{text}");
+    assert!(first[0].contains("  reload  "), "{text}");
+    assert!(first[0].ends_with("files unchanged"), "{text}");
+    assert!(
+        first[1].starts_with("     1  ") && first[1].contains(" start "),
+        "{text}"
+    );
+    assert!(
+        first[0].contains(&format!(
+            "config sha256:{}",
+            &h.revisions[0].config_sha256[..16]
+        )),
+        "{text}"
+    );
+
+    // Not through the TCP door, whoever asks.
+    let (code, _, err) = cli(&["revert", "1", "--admin", &b.admin.to_string()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("403") && err.contains("admin_socket only"),
+        "{err}"
+    );
+    assert_eq!(b.history().revisions.len(), 2);
+
+    // Through the socket: revision 1 again, as revision 3.
+    let (code, out, err) = b.rollout(&["revert", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with(
+            "reverted to revision 1 (now revision 3): 1 connection closed by re-verification"
+        ),
+        "{out}"
+    );
+    passes(b.app, ORDERS, pki.frontend_config(), b"back").await;
+    // The intruder's connection, let in by revision 2, was re-verified
+    // and closed.
+    let mut buf = [0u8; 8];
+    let ended = tokio::time::timeout(STEP, live.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "still open: {ended:?}"
+    );
+    assert_eq!(
+        refusal(b.app, ORDERS, pki.client_config(Some(&intruder))).await,
+        rustls::AlertDescription::AccessDenied
+    );
+    let h = b.history();
+    assert_eq!(
+        listed(&h),
+        [
+            (3, How::Revert, Some(1)),
+            (2, How::Reload, None),
+            (1, How::Start, None)
+        ]
+    );
+    assert_eq!(h.revisions[0].config_sha256, h.revisions[2].config_sha256);
+
+    // The config file holds revision 1's text: the next SIGHUP keeps the
+    // revert (and, changing nothing, is no new revision).
+    assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v1);
+    b.hup();
+    passes(b.app, ORDERS, pki.frontend_config(), b"kept").await;
+    assert_eq!(b.history().revisions.len(), 3);
+
+    // Each revision is a private file in the history directory.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let files: Vec<_> = std::fs::read_dir(pki.path("revisions"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 3, "{files:?}");
+        for f in files {
+            let mode = std::fs::metadata(&f).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+            // Hashes of the key file, never its content.
+            let text = std::fs::read_to_string(&f).unwrap();
+            assert!(!text.contains("PRIVATE KEY"), "{}", f.display());
+        }
+    }
+    // An unknown revision: said so, nothing changed.
+    let (code, _, err) = b.rollout(&["revert", "42"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("404") && err.contains("no revision 42"),
+        "{err}"
+    );
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_whose_ca_file_changed_is_refused_without_force() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    // The listener's CA bundle in a file of its own, to change under it.
+    let ca = pki.write("bundle.pem", &pki.root.cert_pem);
+    let with_ca = |allow: &[&str]| {
+        config(&pki, "", backend.addr, allow).replace(
+            &pki.path("client-roots.pem").display().to_string(),
+            &ca.display().to_string(),
+        )
+    };
+    let b = Binary::start(&pki, &with_ca(&[SPIFFE_FRONTEND]));
+    b.reload(&with_ca(&[SPIFFE_OTHER]));
+    // The bundle file is replaced: revision 1 would not run as it ran.
+    let (_, other) = foreign(&pki, "other.pem");
+    std::fs::copy(&other, &ca).unwrap();
+    let h = b.history();
+    let one = h.revisions.iter().find(|r| r.number == 1).unwrap();
+    assert!(!one.files_unchanged);
+    assert_eq!(one.changed_files, vec![ca.clone()]);
+    let (_, text, _) = b.rollout(&["history"]);
+    assert!(
+        text.contains(&format!("files changed: {}", ca.display())),
+        "{text}"
+    );
+
+    let (code, _, err) = b.rollout(&["revert", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("409")
+            && err.contains("revision 1 named files that changed since it ran")
+            && err.contains(&ca.display().to_string()),
+        "{err}"
+    );
+    assert_eq!(b.history().revisions.len(), 2);
+    // The config file is untouched by a refused revert.
+    assert_eq!(
+        std::fs::read_to_string(&b.config).unwrap(),
+        with_ca(&[SPIFFE_OTHER])
+    );
+
+    // --force applies its config with the bundle as it is now.
+    let (code, out, err) = b.rollout(&["revert", "1", "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("reverted to revision 1 (now revision 3)"),
+        "{out}"
+    );
+    assert_eq!(listed(&b.history())[0], (3, How::Revert, Some(1)));
+    b.stop();
+}
+
+/// Connections from the allowed client; each must get through.
+async fn serve_allowed(addr: SocketAddr, pki: &Pki, n: usize) {
+    for _ in 0..n {
+        passes(addr, ORDERS, pki.frontend_config(), b"ok").await;
+    }
+}
+
+/// Connections from a client no bundle trusts; each must be refused.
+async fn refuse(addr: SocketAddr, pki: &Pki, creds: &ClientCreds, n: usize) {
+    for _ in 0..n {
+        let _ = refusal(addr, ORDERS, pki.client_config(Some(creds))).await;
+    }
+}
+
+fn auto_reverts(metrics: &str, result: &str) -> u64 {
+    series(
+        metrics,
+        &format!("gateway_auto_reverts_total{{result=\"{result}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let settings = "auto_revert = true\nauto_revert_window = \"3s\"\nauto_revert_factor = 10\nauto_revert_min_failures = 5\n";
+    let v1 = config(&pki, settings, backend.addr, &[SPIFFE_FRONTEND]);
+    let b = Binary::start(&pki, &v1);
+    let (stranger, other_bundle) = foreign(&pki, "other-roots.pem");
+    serve_allowed(b.app, &pki, 5).await;
+
+    // A harmless reload under normal traffic, the odd stranger refused:
+    // below the floor, watched for its window and kept.
+    let v2 = v1.replace("watch_files = false", "watch_files = false\n# harmless");
+    b.reload(&v2);
+    serve_allowed(b.app, &pki, 10).await;
+    refuse(b.app, &pki, &stranger, 2).await;
+    wait_for("the harmless reload's window to pass", || {
+        log_count(&b.stderr, "auto_revert: the reload passed its window") == 1
+    });
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert_eq!(
+        listed(&b.history()),
+        [(2, How::Reload, None), (1, How::Start, None)]
+    );
+
+    // A reload to a bundle that does not trust the clients' CA: every
+    // allowed client now fails its handshake, and the gateway goes back.
+    let broken = v2.replace(
+        &pki.path("client-roots.pem").display().to_string(),
+        &other_bundle.display().to_string(),
+    );
+    b.reload(&broken);
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(tls) = connect(b.app, ORDERS, pki.frontend_config()).await
+                && echo_roundtrip(tls, b"x".to_vec()).await.is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(failed.is_ok(), "not reverted within 5 s");
+    serve_allowed(b.app, &pki, 3).await;
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 1, "{metrics}");
+    assert_eq!(auto_reverts(&metrics, "failed"), 0, "{metrics}");
+    assert!(
+        series(
+            &metrics,
+            "gateway_handshake_failures_total{listener=\"edge\",reason=\"unknown_ca\"}"
+        ) >= 5
+    );
+    assert_eq!(
+        listed(&b.history()),
+        [
+            (4, How::AutoRevert, Some(2)),
+            (3, How::Reload, None),
+            (2, How::Reload, None),
+            (1, How::Start, None)
+        ]
+    );
+    // Loudly: an error line saying so; and the file holds revision 2 again.
+    let log = std::fs::read_to_string(&b.stderr).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"level\":\"ERROR\"")
+            && l.contains("auto_revert: reverted to the previous revision")),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v2);
+
+    // A revert is never watched: more failures now revert nothing.
+    refuse(b.app, &pki, &stranger, 12).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 1, "{metrics}");
+    assert_eq!(b.history().revisions.len(), 4);
+    b.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auto_revert_that_cannot_be_applied_is_logged_and_counted() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let ca = pki.write("bundle.pem", &pki.root.cert_pem);
+    let settings =
+        "auto_revert = true\nauto_revert_window = \"5s\"\nauto_revert_min_failures = 3\n";
+    let v1 = config(&pki, settings, backend.addr, &[SPIFFE_FRONTEND]).replace(
+        &pki.path("client-roots.pem").display().to_string(),
+        &ca.display().to_string(),
+    );
+    let b = Binary::start(&pki, &v1);
+    // The bundle is replaced in place and reloaded: the revision before
+    // named the same file, now changed, so going back would apply the
+    // broken bundle again; the revert is refused, loudly.
+    let (_, other) = foreign(&pki, "other.pem");
+    std::fs::copy(&other, &ca).unwrap();
+    b.reload(&v1.replace("watch_files = false", "watch_files = false\n# new bundle"));
+    refuse(b.app, &pki, &pki.frontend(), 5).await;
+    wait_for("the refused auto-revert", || {
+        log_count(
+            &b.stderr,
+            "auto_revert: the revert was refused: the reload that broke handshakes still serves",
+        ) == 1
+    });
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "failed"), 1, "{metrics}");
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert_eq!(b.history().revisions.len(), 2);
+    b.stop();
+}
+
+/// A history directory others can write is never written; the gateway
+/// serves on, says why and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_that_cannot_be_written_never_stops_serving() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let dir = pki.path("revisions");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let b = Binary::start(&pki, &config(&pki, "", backend.addr, &[SPIFFE_FRONTEND]));
+    passes(b.app, ORDERS, pki.frontend_config(), b"served").await;
+    wait_for("the history error", || {
+        log_count(&b.stderr, "revision history: this config was not recorded") == 1
+    });
+    let metrics = scrape(b.admin).await;
+    assert_eq!(
+        series(&metrics, "gateway_revisions_errors_total{reason=\"write\"}"),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    assert!(Path::new(&dir).is_dir());
+    b.stop();
+}
