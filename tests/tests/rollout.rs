@@ -7,9 +7,9 @@
 //! fails the test: the guide cannot drift from the product.
 //!
 //! What is mapped, and nothing else: the guide's directories
-//! (`/etc/gateway`, `/var/log/gateway`, `/run/gateway`) into a temporary
-//! one; its addresses to loopback (the listener's `:8443` and the admin
-//! endpoint's `:9901` to free ports, the backends' `10.0.x.x` addresses
+//! (`/etc/gateway`, `/var/log/gateway`, `/run/gateway`, `/var/lib/gateway`)
+//! into a temporary one; its addresses to loopback (the listener's `:8443`
+//! and the admin endpoint's `:9901` to free ports, the backends' `10.0.x.x` addresses
 //! to backends this test runs). `gateway run …` is started in the
 //! background, as the user would in another terminal, and killed at the
 //! end, failure or not.
@@ -145,6 +145,7 @@ impl Walk {
             ("/etc/gateway".into(), dir("etc/gateway")),
             ("/var/log/gateway".into(), dir("var/log/gateway")),
             ("/run/gateway".into(), dir("run/gateway")),
+            ("/var/lib/gateway".into(), dir("var/lib/gateway")),
             ("0.0.0.0:8443".into(), format!("127.0.0.1:{gateway_port}")),
             ("127.0.0.1:8443".into(), format!("127.0.0.1:{gateway_port}")),
             ("127.0.0.1:9901".into(), format!("127.0.0.1:{admin_port}")),
@@ -476,6 +477,40 @@ impl Walk {
                 )
                 .await;
             }
+            "stage-2-reverted" => {
+                let history = &self.output_of("rollout history").stdout;
+                let lines: Vec<&str> = history.lines().collect();
+                assert_eq!(lines.len(), 3, "{history}");
+                for (line, (number, how)) in lines.iter().zip([
+                    ("*    3", "reload"),
+                    ("     2", "reload"),
+                    ("     1", "start"),
+                ]) {
+                    assert!(
+                        line.starts_with(&format!("{number}  "))
+                            && line.contains(&format!("  {how}  "))
+                            && line.contains("  config sha256:")
+                            && line.ends_with("  files unchanged"),
+                        "{history}"
+                    );
+                }
+                let revert = &self.output_of("rollout revert").stdout;
+                assert!(
+                    revert.starts_with("reverted to revision 2 (now revision 4): "),
+                    "{revert}"
+                );
+                // Audit again: the caller without a certificate passes,
+                // and the file says so for the next reload.
+                passes(
+                    addr,
+                    "orders.example.internal",
+                    self.client(None),
+                    b"again\n",
+                )
+                .await;
+                let config = std::fs::read_to_string(self.etc("gateway.toml")).expect("config");
+                assert!(config.contains("mode = \"audit\""), "{config}");
+            }
             "stage-3-audit" => {
                 assert_eq!(self.output_of("alice-laptop.key").stdout, "ping\n");
                 // A service certificate on the people's route: would be denied.
@@ -677,6 +712,7 @@ async fn the_rollout_guide_runs_as_written() {
             "stage-2-audit",
             "stage-2-watched",
             "stage-2-enforced",
+            "stage-2-reverted",
             "stage-3-audit",
             "stage-3-enforced",
             "revoked",
