@@ -593,10 +593,9 @@ impl App {
                     registry: Some(self.registry.clone()),
                     tls: self.admin_tls.take(),
                     revisions: self.revisions.clone().map(|store| {
-                        let metrics = self.metrics.clone();
                         let handle = self.reload_handle();
                         crate::admin::Revisions {
-                            history: Box::new(move || store.history(&metrics.revisions)),
+                            history: Box::new(move || store.history()),
                             revert: Box::new(move |number, force| {
                                 let handle = handle.clone();
                                 Box::pin(async move {
@@ -649,6 +648,13 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(store) = &self.revisions {
+            // What a revert could never use: said and counted once.
+            for e in store.list().1 {
+                tracing::error!(error = %e, "revision history: an entry is skipped");
+                self.metrics.revisions.error(&e);
+            }
+        }
         if let Some(start) = self.start_revision.take() {
             self.record(start);
         }

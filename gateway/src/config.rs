@@ -684,6 +684,28 @@ impl Config {
         })
     }
 
+    /// Every file the config depends on, itself among them, sorted: what
+    /// `watch` watches and a revision hashes.
+    pub fn named_files(&self) -> Vec<PathBuf> {
+        let config = self;
+        let mut files = vec![config.source.clone()];
+        for l in &config.listeners {
+            files.extend([&l.cert, &l.key, &l.client_ca].map(|p| config.resolve(p)));
+            files.extend(l.crls.iter().map(|p| config.resolve(p)));
+            for u in l.routes.iter().filter_map(|r| r.upstream_tls.as_ref()) {
+                files.push(config.resolve(&u.ca));
+                files.extend(u.cert.iter().chain(&u.key).map(|p| config.resolve(p)));
+            }
+        }
+        for b in config.trust.values() {
+            files.push(config.resolve(&b.ca));
+            files.extend(b.crls.iter().map(|p| config.resolve(p)));
+        }
+        files.sort();
+        files.dedup();
+        files
+    }
+
     /// Resolves a path from the file against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {

@@ -4,7 +4,7 @@
 //! and a reload that breaks clients can go back by itself (`auto_revert`).
 //!
 //! A revision is the config's text and the SHA-256 of every file it names
-//! (`watch::watched_files`: certificates, keys, CA bundles, CRLs): hashes
+//! (`Config::named_files`: certificates, keys, CA bundles, CRLs): hashes
 //! only, never the files, so no key material is copied. A revert restores
 //! the text; the files must still be what the revision saw, or the revert
 //! would apply something that never ran (refused unless forced).
@@ -122,7 +122,8 @@ pub struct Revision {
 impl Revision {
     /// `config` as applied now, its named files hashed as they are.
     pub fn of(config: &Config, how: How, reverted_to: Option<u64>) -> Revision {
-        let files = crate::watch::watched_files(config)
+        let files = config
+            .named_files()
             .into_iter()
             .filter(|f| *f != config.source)
             .map(|path| NamedFile {
@@ -426,13 +427,10 @@ impl Store {
         (good, bad)
     }
 
-    /// The history as served; unusable entries are counted once each time
-    /// they are met.
-    pub fn history(&self, counters: &Counters) -> History {
+    /// The history as served, unusable entries listed as skipped (the
+    /// gateway counts them once, when it starts: `App::run`).
+    pub fn history(&self) -> History {
         let (revisions, bad) = self.list();
-        for e in &bad {
-            counters.error(e);
-        }
         History {
             revisions: revisions
                 .iter()
@@ -829,14 +827,14 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend"]
         let text = std::fs::read_to_string(store.path_of(4)).unwrap();
         std::fs::write(store.path_of(4), text.replace("# 2", "# X")).unwrap();
         std::fs::write(store.path_of(3), b"{not json").unwrap();
-        let counters = Counters::default();
-        let h = store.history(&counters);
+        let h = store.history();
         assert_eq!(
             h.revisions.iter().map(|r| r.number).collect::<Vec<_>>(),
             [5]
         );
         assert_eq!(h.skipped.len(), 2, "{:?}", h.skipped);
-        assert_eq!(counters.corrupt.load(Ordering::Relaxed), 2);
+        let (_, bad) = store.list();
+        assert!(bad.iter().all(|e| e.as_str() == "corrupt"), "{bad:?}");
         assert!(matches!(store.get(4), Err(RevisionError::Corrupt { .. })));
         assert!(matches!(store.get(99), Err(RevisionError::Unknown(99))));
         // A new store (a restart) numbers on from the newest on disk.

@@ -14,24 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::app::ReloadHandle;
 use crate::config::Config;
 
-/// Every file a config depends on, the config itself first.
+/// Every file a config depends on, the config itself among them.
 pub fn watched_files(config: &Config) -> Vec<PathBuf> {
-    let mut files = vec![config.source.clone()];
-    for l in &config.listeners {
-        files.extend([&l.cert, &l.key, &l.client_ca].map(|p| config.resolve(p)));
-        files.extend(l.crls.iter().map(|p| config.resolve(p)));
-        for u in l.routes.iter().filter_map(|r| r.upstream_tls.as_ref()) {
-            files.push(config.resolve(&u.ca));
-            files.extend(u.cert.iter().chain(&u.key).map(|p| config.resolve(p)));
-        }
-    }
-    for b in config.trust.values() {
-        files.push(config.resolve(&b.ca));
-        files.extend(b.crls.iter().map(|p| config.resolve(p)));
-    }
-    files.sort();
-    files.dedup();
-    files
+    config.named_files()
 }
 
 /// What says a file changed: its modification time, and its inode and

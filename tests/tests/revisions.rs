@@ -262,6 +262,50 @@ async fn revert_restores_the_previous_behaviour_and_the_next_sighup_keeps_it() {
         "{err}"
     );
     b.stop();
+
+    // A tampered entry (revision 2 made to allow everyone): at the next
+    // start it is logged, counted, listed as skipped, and never restored.
+    let two = pki.path("revisions/rev-0000000002.json");
+    let tampered = std::fs::read_to_string(&two)
+        .unwrap()
+        .replace(SPIFFE_OTHER, "spiffe://example.internal/ns/shop/sa/anyone");
+    std::fs::write(&two, tampered).unwrap();
+    let b = Binary::start(&pki, &v1);
+    let metrics = scrape(b.admin).await;
+    assert_eq!(
+        series(
+            &metrics,
+            "gateway_revisions_errors_total{reason=\"corrupt\"}"
+        ),
+        1,
+        "{metrics}"
+    );
+    assert_eq!(
+        log_count(&b.stderr, "revision history: an entry is skipped"),
+        1
+    );
+    let h = b.history();
+    assert_eq!(
+        listed(&h),
+        [
+            (4, How::Start, None),
+            (3, How::Revert, Some(1)),
+            (1, How::Start, None)
+        ]
+    );
+    assert_eq!(h.skipped.len(), 1);
+    assert!(
+        h.skipped[0].contains("its config text does not match its hash"),
+        "{h:?}"
+    );
+    let (code, _, err) = b.rollout(&["revert", "2"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("409") && err.contains("is not one this gateway wrote"),
+        "{err}"
+    );
+    passes(b.app, ORDERS, pki.frontend_config(), b"v1 still").await;
+    b.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
