@@ -691,9 +691,16 @@ impl App {
                 }
             };
             let before = self.current_revision();
+            if job.how == How::AutoRevert {
+                // Asked-for reloads tell systemd in `ReloadHandle`.
+                crate::systemd::reloading();
+            }
             let mut result = self
                 .apply(&job.config, job.revert_to, &mut running, &shared)
                 .await;
+            if job.how == How::AutoRevert {
+                crate::systemd::reloaded(&result);
+            }
             match &mut result {
                 Ok(report) => {
                     report.revision =

@@ -1139,20 +1139,7 @@ mod tests {
         assert!(c.unwrap_err().to_string().contains("at most 10 years"));
     }
 
-    const MINIMAL: &str = r#"
-[[listeners]]
-name = "edge"
-bind = "127.0.0.1:8443"
-cert = "server-chain.pem"
-key = "server.key"
-client_ca = "client-roots.pem"
-
-[[listeners.routes]]
-name = "orders"
-server_names = ["orders.example.internal"]
-backends = ["127.0.0.1:9000", "127.0.0.1:9001"]
-allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.internal"]
-"#;
+    const MINIMAL: &str = crate::testing::MINIMAL_CONFIG;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(

@@ -529,6 +529,8 @@ fn write_atomic(
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let result = (|| {
+        // A fresh file: one left behind (or planted, or a symlink) would
+        // keep its own mode and owner.
         match std::fs::remove_file(&tmp) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -548,8 +550,11 @@ fn write_atomic(
         f.write_all(body)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)?.sync_all()?;
+        // The rename itself made durable; the file is in place either way.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            let _ = d.sync_all();
         }
         Ok(())
     })();
@@ -735,19 +740,7 @@ mod tests {
         Config::load(&path).unwrap()
     }
 
-    const MINIMAL: &str = r#"
-[[listeners]]
-name = "edge"
-bind = "127.0.0.1:8443"
-cert = "server-chain.pem"
-key = "server.key"
-client_ca = "client-roots.pem"
-
-[[listeners.routes]]
-name = "orders"
-backends = ["127.0.0.1:9000"]
-allow = ["spiffe://example.internal/ns/shop/sa/frontend"]
-"#;
+    const MINIMAL: &str = crate::testing::MINIMAL_CONFIG;
 
     #[test]
     fn the_history_defaults_beside_audit_state_and_auto_revert_needs_one() {

@@ -21,7 +21,6 @@
 //! `GET /rollout/report` serves [`Report`]; `gateway rollout report` prints it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -386,30 +385,9 @@ impl Audit {
             path: path.to_owned(),
             source,
         };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let result = (|| {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            // A fresh file: one left behind (or planted, or a symlink)
-            // would keep its own mode and owner.
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if let Err(e) = result {
+        if let Err(e) = crate::revisions::write_private(path, &body) {
             // Try again next time.
             self.dirty.store(true, Ordering::Relaxed);
-            let _ = std::fs::remove_file(&tmp);
             return Err(write(e));
         }
         Ok(())

@@ -8,6 +8,22 @@ use crate::pki::{Authority, LeafSpec};
 use crate::policy::Policy;
 use crate::state::{ListenerState, Route, State};
 
+/// A config that parses (one listener, one route), its files not read.
+pub const MINIMAL_CONFIG: &str = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:8443"
+cert = "server-chain.pem"
+key = "server.key"
+client_ca = "client-roots.pem"
+
+[[listeners.routes]]
+name = "orders"
+server_names = ["orders.example.internal"]
+backends = ["127.0.0.1:9000", "127.0.0.1:9001"]
+allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.internal"]
+"#;
+
 /// A listener ("edge", one route "api") as the gateway builds it from a
 /// config, built once per test binary.
 pub fn listener_state() -> Arc<ListenerState> {

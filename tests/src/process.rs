@@ -132,6 +132,19 @@ pub fn admin_addr(stderr: &Path) -> SocketAddr {
     found.unwrap()
 }
 
+/// `gateway ARGS` with the built binary: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(crate::gateway_binary())
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
 /// `stderr`.
 pub fn run_binary(config: &Path, stderr: &Path, extra: &[&std::ffi::OsStr]) -> Reap {

@@ -9,14 +9,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use gateway::pki::{Authority, LeafSpec};
 use gateway::revisions::{History, How};
 use gateway_tests::process::{
-    Reap, admin_addr, exit_status, log_count, run_binary, scrape, series, signal, wait_for,
-    wait_listening,
+    Reap, admin_addr, exit_status, log_count, run_binary, run_cli, scrape, series, signal,
+    wait_for, wait_listening,
 };
 use gateway_tests::*;
 
@@ -87,17 +86,11 @@ impl Binary {
     }
 }
 
+/// `gateway rollout ARGS`.
 fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(gateway_binary())
-        .arg("rollout")
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["rollout"];
+    all.extend(args);
+    run_cli(&all)
 }
 
 /// (number, how, reverted_to) of each revision, newest first.

@@ -6,12 +6,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use gateway::pki::{Authority, LeafSpec};
 use gateway::rollout::{Report, RouteReport};
 use gateway_tests::process::{
-    Reap, admin_addr, run_binary, scrape, series, signal, wait_for, wait_listening,
+    Reap, admin_addr, run_binary, run_cli, scrape, series, signal, wait_for, wait_listening,
 };
 use gateway_tests::*;
 
@@ -278,16 +277,10 @@ async fn the_report_is_only_for_admin_clients_and_refuses_bad_questions() {
 
 /// `gateway rollout report ARGS` with the built binary: (exit code, stdout, stderr).
 fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(gateway_binary())
-        .args(["rollout", "report", "--admin", &admin.to_string()])
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let admin = admin.to_string();
+    let mut all = vec!["rollout", "report", "--admin", &admin];
+    all.extend(args);
+    run_cli(&all)
 }
 
 struct Binary {
