@@ -415,7 +415,7 @@ async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() 
             {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
