@@ -206,11 +206,6 @@ impl ReloadHandle {
         rx.await.map_err(|_| ReloadError::ShuttingDown)?
     }
 
-    /// The revision history, when there is one.
-    pub fn revisions(&self) -> Option<&Arc<crate::revisions::Store>> {
-        self.revisions.as_ref()
-    }
-
     /// Restores revision `number` through the same validate-then-swap path
     /// as any reload; its text is written back to the config file first,
     /// so the next reload from the file keeps it. Refused when a file it
