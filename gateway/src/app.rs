@@ -1096,3 +1096,57 @@ fn gate_backends(state: &State, guard: Option<&crate::guard::Guard>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::revisions::AutoRevert;
+
+    fn rollback(settings: Option<AutoRevert>) -> Rollback {
+        Rollback {
+            started: tokio::time::Instant::now(),
+            samples: crate::revisions::Samples::default(),
+            armed: None,
+            settings,
+        }
+    }
+
+    const ON: AutoRevert = AutoRevert {
+        window: Duration::from_secs(60),
+        factor: 10.0,
+        min_failures: 10,
+    };
+
+    /// (revision watched, the one it would go back to).
+    fn watched(r: &Rollback) -> Option<(u64, u64)> {
+        r.armed.as_ref().map(|(a, _)| (a.revision, a.previous))
+    }
+
+    #[tokio::test]
+    async fn a_reload_is_watched_a_revert_never_and_a_newer_reload_replaces_the_watch() {
+        let metrics = Metrics::default();
+        let mut r = rollback(Some(ON));
+        r.applied(How::Reload, Some(1), Some(2), &metrics);
+        assert_eq!(watched(&r), Some((2, 1)));
+        // A reload that changed nothing (the same revision) keeps watching.
+        r.applied(How::Reload, Some(2), Some(2), &metrics);
+        assert_eq!(watched(&r), Some((2, 1)));
+        // A newer reload: the watch moves to it, and would go back to 2,
+        // never past it to 1.
+        r.applied(How::Reload, Some(2), Some(3), &metrics);
+        assert_eq!(watched(&r), Some((3, 2)));
+        // A revert, by hand or automatic, is never watched: no loop.
+        for how in [How::Revert, How::AutoRevert] {
+            r.applied(How::Reload, Some(3), Some(4), &metrics);
+            r.applied(how, Some(4), Some(5), &metrics);
+            assert_eq!(watched(&r), None, "{how:?}");
+        }
+        // No history written (no revision number): nothing to go back to.
+        r.applied(How::Reload, Some(5), None, &metrics);
+        assert_eq!(watched(&r), None);
+        // auto_revert off in the config serving before the reload.
+        let mut off = rollback(None);
+        off.applied(How::Reload, Some(1), Some(2), &metrics);
+        assert_eq!(watched(&off), None);
+    }
+}

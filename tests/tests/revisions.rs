@@ -182,6 +182,10 @@ async fn revert_restores_the_previous_behaviour_and_the_next_sighup_keeps_it() {
         "{text}"
     );
 
+    // The history is a read: admin_clients have it over TCP too.
+    let (code, out, err) = cli(&["history", "--admin", &b.admin.to_string()]);
+    assert_eq!((code, out), (0, text.clone()), "{err}");
+
     // Not through the TCP door, whoever asks.
     let (code, _, err) = cli(&["revert", "1", "--admin", &b.admin.to_string()]);
     assert_eq!(code, 2, "{err}");
