@@ -644,6 +644,7 @@ impl App {
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(store) = &self.revisions {
+            tracing::info!(dir = %store.dir().display(), auto_revert = self.auto_revert.is_some(), "revision history: every applied config is kept (gateway rollout history, revert)");
             // What a revert could never use: said and counted once.
             for e in store.list().1 {
                 tracing::error!(error = %e, "revision history: an entry is skipped");
