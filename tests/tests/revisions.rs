@@ -412,6 +412,7 @@ async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() 
         &other_bundle.display().to_string(),
     );
     b.reload(&broken);
+    let broke = std::time::Instant::now();
     let failed = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             if let Ok(tls) = connect(b.app, ORDERS, pki.frontend_config()).await
@@ -424,6 +425,10 @@ async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() 
     })
     .await;
     assert!(failed.is_ok(), "not reverted within 5 s");
+    eprintln!(
+        "auto_revert: the allowed client served again {:?} after the broken reload",
+        broke.elapsed()
+    );
     serve_allowed(b.app, &pki, 3).await;
     let metrics = scrape(b.admin).await;
     assert_eq!(auto_reverts(&metrics, "applied"), 1, "{metrics}");
