@@ -12,7 +12,7 @@
 //! - `GET /rollout/report?route=NAME&since=7d` (the audit report, see
 //!   `rollout`: it names identities) as `/connections`.
 //! - `GET /readyz?strict` as `/readyz`, and 503 also while a certificate or
-//!   CRL of the gateway's is within `expiry_warning` (the same files,
+//!   CRL of the gateway's is inside its warning window (the same files,
 //!   subjects and dates `/metrics` exports to the same callers).
 //! - `admin_socket` (a Unix socket, mode 0600, owned by the user the
 //!   gateway runs as): every route, including the changes (`POST /block`,
@@ -588,9 +588,10 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
 }
 
 /// `GET /readyz`: may the gateway get new clients (load balancers ask
-/// this; it never looks at expiry). `GET /readyz?strict`: also nothing of
-/// the gateway's runs out within `expiry_warning` (or has): else 503 with
-/// one line per certificate or CRL, which file, what and when. Any other
+/// this; it never looks at expiry). `GET /readyz?strict`: also no
+/// certificate or CRL of the gateway's is inside its warning window
+/// (`expiry::warns_at`) or has run out: else 503 with one line for each,
+/// which file, what and when. Any other
 /// parameter is refused, so a typo is not taken for the plain question.
 fn readyz(routes: &Routes, query: Option<&str>) -> Reply {
     let mut strict = false;
@@ -622,7 +623,7 @@ fn readyz(routes: &Routes, query: Option<&str>) -> Reply {
         return text(StatusCode::OK, "text/plain", "ready\n".into());
     }
     let mut body = format!(
-        "not ready: {} certificate{} or CRL{} within expiry_warning\n",
+        "not ready: {} certificate{} or CRL{} inside the warning window\n",
         expiring.len(),
         if expiring.len() == 1 { "" } else { "s" },
         if expiring.len() == 1 { "" } else { "s" },

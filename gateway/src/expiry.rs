@@ -30,6 +30,9 @@ pub struct Expiry {
     pub subject: String,
     /// Seconds since the epoch.
     pub at: i64,
+    /// Since when it is good (notBefore, thisUpdate): with `at`, its
+    /// lifetime, which narrows its warning window (see [`warns_at`]).
+    pub valid_from: i64,
     /// The routes (listener, route) that stop serving, or refuse every
     /// client, when it runs out: a listener's certificate all of the
     /// listener's, a client CA or CRL the routes that verify with it.
@@ -133,6 +136,18 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
 }
 
 /// Ties what was found since `from` to `routes`.
+/// When something good from `valid_from` to `at` enters its warning
+/// window: `warning` (`expiry_warning`) before `at`, or the last third of
+/// its lifetime when that is shorter. What is meant to be short-lived is
+/// renewed by then (cert-manager at two thirds, SPIRE at half), so a
+/// seven-day CRL published daily or a one-hour client certificate is not
+/// flagged all its life; one that stopped being renewed is, with a third
+/// of its life left to act.
+pub fn warns_at(valid_from: i64, at: i64, warning: i64) -> i64 {
+    let third = (at.saturating_sub(valid_from) / 3).max(0);
+    at.saturating_sub(warning.min(third))
+}
+
 fn scope(out: &mut [Expiry], from: usize, routes: &[(String, String)]) {
     for e in out.iter_mut().skip(from) {
         e.routes = routes.to_vec();
@@ -164,14 +179,14 @@ impl Watched {
         self.lock().1
     }
 
-    /// What runs out within `expiry_warning` of `now` (or already has),
+    /// What is inside its warning window at `now` (or has run out),
     /// soonest first.
     pub fn within_warning(&self, now: i64) -> Vec<Expiry> {
         let (all, warning) = &*self.lock();
-        let horizon = i64::try_from(warning.as_secs()).unwrap_or(i64::MAX);
+        let warning = i64::try_from(warning.as_secs()).unwrap_or(i64::MAX);
         let mut soon: Vec<Expiry> = all
             .iter()
-            .filter(|e| e.seconds_left(now) <= horizon)
+            .filter(|e| now >= warns_at(e.valid_from, e.at, warning))
             .cloned()
             .collect();
         soon.sort_by(|a, b| (a.at, &a.role).cmp(&(b.at, &b.role)));
@@ -198,6 +213,7 @@ fn certs(out: &mut Vec<Expiry>, role: &str, path: &Path) {
                 file: path.to_owned(),
                 subject: c.subject().to_string(),
                 at: c.validity().not_after.timestamp(),
+                valid_from: c.validity().not_before.timestamp(),
                 routes: Vec::new(),
             });
         }
@@ -223,6 +239,7 @@ fn crls(out: &mut Vec<Expiry>, role: &str, paths: &[PathBuf], policy: CrlExpired
                 file: crl.file.clone(),
                 subject: crl.issuer.clone(),
                 at,
+                valid_from: crl.this_update,
                 routes: Vec::new(),
             });
         }
@@ -293,6 +310,22 @@ mod tests {
         assert_eq!(human(2 * 3_600 + 60), "2 hours 1 minute");
         assert_eq!(human(90), "1 minute 30 seconds");
         assert_eq!(human(5), "5 seconds");
+    }
+
+    /// The window is `expiry_warning`, or the last third of the lifetime
+    /// when that is shorter.
+    #[test]
+    fn the_warning_window_is_narrowed_by_a_short_lifetime() {
+        let day = 86_400;
+        let warning = 30 * day;
+        // A year: expiry_warning.
+        assert_eq!(warns_at(0, 365 * day, warning), 335 * day);
+        // Seven days (a CRL published daily): its last third.
+        assert_eq!(warns_at(0, 7 * day, warning), 7 * day - 7 * day / 3);
+        // One hour: the last 20 minutes.
+        assert_eq!(warns_at(0, 3600, warning), 2400);
+        // Backwards validity: the window is empty, not negative.
+        assert_eq!(warns_at(100, 50, warning), 50);
     }
 
     /// upstream_tls's CA and client certificate are watched like the rest:

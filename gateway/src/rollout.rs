@@ -27,9 +27,10 @@
 //! notAfter, or within the last third of their lifetime when that is
 //! shorter (a healthy client renews by then, so a one-hour credential is
 //! not flagged all its life, but one still used with ten minutes left is).
-//! It also lists the gateway's own certificates and CRLs inside
-//! `expiry_warning`; one that fails closed makes each route it serves not
-//! ready (see [`Report`]).
+//! It also lists the gateway's own certificates and CRLs inside their
+//! window (the same rule, `expiry::warns_at`; a CRL's lifetime from its
+//! thisUpdate); one that fails closed makes each route it serves not ready
+//! (see [`Report`]).
 //!
 //! `GET /rollout/report` serves [`Report`]; `gateway rollout report` prints it.
 
@@ -203,8 +204,7 @@ impl CertSeen {
     /// When it enters its warning window: `warning` before notAfter, or
     /// the last third of its lifetime when that is shorter.
     fn warns_at(&self, warning: i64) -> i64 {
-        let third = (self.not_after.saturating_sub(self.not_before) / 3).max(0);
-        self.not_after.saturating_sub(warning.min(third))
+        crate::expiry::warns_at(self.not_before, self.not_after, warning)
     }
 
     fn listed(&self, now: i64, warning: i64) -> bool {
@@ -942,8 +942,8 @@ pub struct Report {
     /// `expiry_warning`.
     #[serde(default)]
     pub expiry_warning_seconds: u64,
-    /// Every certificate and CRL of the gateway's config within
-    /// `expiry_warning`, soonest first, whichever routes it serves.
+    /// Every certificate and CRL of the gateway's config inside its
+    /// warning window, soonest first, whichever routes it serves.
     #[serde(default)]
     pub expiring: Vec<Expiring>,
     pub routes: Vec<RouteReport>,
@@ -989,11 +989,7 @@ impl Report {
                 );
             }
             if !r.expiring.is_empty() {
-                let _ = writeln!(
-                    out,
-                    "  certificates and CRLs within expiry_warning ({}):",
-                    humantime(Duration::from_secs(self.expiry_warning_seconds))
-                );
+                let _ = writeln!(out, "  certificates and CRLs inside their warning window:");
                 for e in &r.expiring {
                     let _ = writeln!(out, "    {}", e.description);
                 }
@@ -1031,8 +1027,7 @@ impl Report {
         if !rest.is_empty() {
             let _ = writeln!(
                 out,
-                "other certificates and CRLs within expiry_warning ({}):",
-                humantime(Duration::from_secs(self.expiry_warning_seconds))
+                "other certificates and CRLs inside their warning window:"
             );
             for e in rest {
                 let _ = writeln!(out, "  {}", e.description);
@@ -1055,8 +1050,8 @@ pub struct RouteReport {
     /// Most connections first.
     pub would_deny: Vec<Refusal>,
     pub would_deny_overflow: Option<Overflowed>,
-    /// The gateway's certificates and CRLs within `expiry_warning` that
-    /// this route needs (its listener's certificate, the CA and CRLs it
+    /// The gateway's certificates and CRLs inside their warning window
+    /// that this route needs (its listener's certificate, the CA and CRLs it
     /// verifies clients with, its `upstream_tls`).
     #[serde(default)]
     pub expiring: Vec<Expiring>,
@@ -1074,7 +1069,7 @@ pub struct RouteReport {
     pub verdict: String,
 }
 
-/// A certificate or CRL of the gateway's within `expiry_warning`.
+/// A certificate or CRL of the gateway's inside its warning window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expiring {
     /// What the file is for, e.g. "listener edge cert".
@@ -1616,6 +1611,7 @@ mod tests {
             file: "x.pem".into(),
             subject: "CN=x".into(),
             at: 100 + 3 * DAY,
+            valid_from: 100 - 300 * DAY,
             routes: vec![("edge".into(), route.into())],
         };
         let warn = e(
@@ -1645,7 +1641,7 @@ mod tests {
             assert_eq!(r.expiring.len(), 2);
             assert!(
                 r.text()
-                    .contains("other certificates and CRLs within expiry_warning")
+                    .contains("other certificates and CRLs inside their warning window")
             );
         }
     }
