@@ -110,6 +110,38 @@ pub fn exits_within(child: &mut Child, limit: Duration) -> Option<std::process::
     }
 }
 
+/// The binary's admin address, from its "admin endpoint" log line.
+pub fn admin_addr(stderr: &Path) -> SocketAddr {
+    let mut found = None;
+    wait_for("the admin endpoint's log line", || {
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        found = log.lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            v["fields"]["message"]
+                .as_str()?
+                .starts_with("admin endpoint")
+                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
+        });
+        found.is_some()
+    });
+    found.unwrap()
+}
+
+/// `gateway rollout report --admin ADMIN ARGS` with the built binary:
+/// (exit code, stdout, stderr).
+pub fn rollout_report(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(crate::gateway_binary())
+        .args(["rollout", "report", "--admin", &admin.to_string()])
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The address the binary says it listens on (its stderr), once it does.
 pub fn wait_listening(stderr: &Path) -> SocketAddr {
     crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))

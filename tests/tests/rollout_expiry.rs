@@ -7,12 +7,10 @@
 //! a restart through `audit_state`, and printed by `gateway rollout report`.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Command;
 
 use gateway::pki::LeafSpec;
 use gateway::rollout::{Report, RouteReport};
-use gateway_tests::process::{Reap, run_binary, signal, wait_for, wait_listening};
+use gateway_tests::process::{Reap, admin_addr, run_binary, signal, wait_listening};
 use gateway_tests::*;
 use time::{Duration, OffsetDateTime};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -341,34 +339,11 @@ async fn exactly_the_client_certificate_not_renewed_is_listed_and_kept_across_a_
     assert!(again.last_seen > last_seen, "{again:?} after {last_seen}");
 }
 
-/// The binary's admin address, from its "admin endpoint" log line.
-fn admin_addr(stderr: &Path) -> SocketAddr {
-    let mut found = None;
-    wait_for("the admin endpoint's log line", || {
-        let log = std::fs::read_to_string(stderr).unwrap_or_default();
-        found = log.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            v["fields"]["message"]
-                .as_str()?
-                .starts_with("admin endpoint")
-                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
-        });
-        found.is_some()
-    });
-    found.unwrap()
-}
-
-/// `gateway rollout report --admin ADMIN ARGS`: (exit code, stdout).
+/// `gateway rollout report --admin ADMIN ARGS`: (exit code, stdout and
+/// stderr).
 fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String) {
-    let out = Command::new(gateway_binary())
-        .args(["rollout", "report", "--admin", &admin.to_string()])
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let (code, out, err) = process::rollout_report(admin, args);
+    (code, out + &err)
 }
 
 fn stop(mut proc: Reap) {

@@ -6,11 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use gateway::pki::{Authority, LeafSpec};
 use gateway::rollout::{Report, RouteReport};
-use gateway_tests::process::{Reap, run_binary, scrape, series, signal, wait_for, wait_listening};
+use gateway_tests::process::rollout_report as cli;
+use gateway_tests::process::{
+    Reap, admin_addr, run_binary, scrape, series, signal, wait_for, wait_listening,
+};
 use gateway_tests::*;
 
 const ORDERS: &str = "orders.example.internal";
@@ -272,37 +274,6 @@ async fn the_report_is_only_for_admin_clients_and_refuses_bad_questions() {
         let e = ask(admin, route, since).await.unwrap_err();
         assert!(e.to_string().contains(status), "{e}");
     }
-}
-
-/// The binary's admin address, from its "admin endpoint" log line.
-fn admin_addr(stderr: &Path) -> SocketAddr {
-    let mut found = None;
-    wait_for("the admin endpoint's log line", || {
-        let log = std::fs::read_to_string(stderr).unwrap_or_default();
-        found = log.lines().find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).ok()?;
-            v["fields"]["message"]
-                .as_str()?
-                .starts_with("admin endpoint")
-                .then(|| v["fields"]["addr"].as_str()?.parse().ok())?
-        });
-        found.is_some()
-    });
-    found.unwrap()
-}
-
-/// `gateway rollout report ARGS` with the built binary: (exit code, stdout, stderr).
-fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(gateway_binary())
-        .args(["rollout", "report", "--admin", &admin.to_string()])
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 struct Binary {
