@@ -245,20 +245,19 @@ impl Certs {
     /// does not depend on hashing).
     fn shrink_to(&mut self, len: usize, now: i64, warning: i64) {
         while self.entries.len() > len {
-            let rank = |k: &CertKey, s: &CertSeen| {
-                let stale = now.saturating_sub(s.last_seen) > CLIENTS_SEEN_WITHIN;
-                (
-                    stale,
-                    stale.then_some(-s.last_seen),
-                    !s.listed(now, warning),
-                    s.not_after,
-                    k.clone(),
-                )
-            };
             let Some(last) = self
                 .entries
                 .iter()
-                .max_by_key(|(k, s)| rank(k, s))
+                .max_by_key(|&(k, s)| {
+                    let stale = now.saturating_sub(s.last_seen) > CLIENTS_SEEN_WITHIN;
+                    (
+                        stale,
+                        stale.then_some(-s.last_seen),
+                        !s.listed(now, warning),
+                        s.not_after,
+                        k,
+                    )
+                })
                 .map(|(k, _)| k.clone())
             else {
                 return;
