@@ -14,6 +14,9 @@
 //! - `GET /rollout/history` (the config revisions, see `revisions`) as
 //!   `/connections`; `POST /rollout/revert` (`{"revision": N, "force":
 //!   false}`) on `admin_socket` only, JSON only, like a block list change.
+//! - `GET /readyz?strict` as `/readyz`, and 503 also while a certificate or
+//!   CRL of the gateway's is inside its warning window (the same files,
+//!   subjects and dates `/metrics` exports to the same callers).
 //! - `admin_socket` (a Unix socket, mode 0600, owned by the user the
 //!   gateway runs as): every route, including the changes (`POST /block`,
 //!   `DELETE /block`). A source address proves nothing about who sent a
@@ -607,14 +610,7 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
             text(StatusCode::OK, crate::metrics::CONTENT_TYPE, body)
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => match routes.health.not_ready() {
-            None => text(StatusCode::OK, "text/plain", "ready\n".into()),
-            Some(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("not ready: {why}\n"),
-            ),
-        },
+        "/readyz" => readyz(routes, req.uri().query()),
         "/connections" | "/block" | "/rollout/report" | "/rollout/history" | "/rollout/revert" => {
             if let Some(refusal) = untrusted(routes, peer, &req) {
                 return refusal;
@@ -642,6 +638,54 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
         }
         _ => not_found(),
     }
+}
+
+/// `GET /readyz`: may the gateway get new clients (load balancers ask
+/// this; it never looks at expiry). `GET /readyz?strict`: also no
+/// certificate or CRL of the gateway's is inside its warning window
+/// (`expiry::warns_at`) or has run out: else 503 with one line for each,
+/// which file, what and when. Any other
+/// parameter is refused, so a typo is not taken for the plain question.
+fn readyz(routes: &Routes, query: Option<&str>) -> Reply {
+    let mut strict = false;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair {
+            "strict" => strict = true,
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown parameter {other:?}: /readyz and /readyz?strict are known\n"),
+                );
+            }
+        }
+    }
+    if let Some(why) = routes.health.not_ready() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!("not ready: {why}\n"),
+        );
+    }
+    let now = jiff::Timestamp::now().as_second();
+    let expiring = match (&routes.rollout, strict) {
+        (Some(r), true) => r.expiries.within_warning(now),
+        _ => Vec::new(),
+    };
+    if expiring.is_empty() {
+        return text(StatusCode::OK, "text/plain", "ready\n".into());
+    }
+    let mut body = format!(
+        "not ready: {} certificate{} or CRL{} inside the warning window\n",
+        expiring.len(),
+        if expiring.len() == 1 { "" } else { "s" },
+        if expiring.len() == 1 { "" } else { "s" },
+    );
+    for e in &expiring {
+        body.push_str(&crate::expiry::describe(e, now));
+        body.push('\n');
+    }
+    text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
 }
 
 /// Who may read who is blocked and who is connected: the socket's peers,

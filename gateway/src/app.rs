@@ -383,7 +383,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let state = State::build(config, &metrics)?;
     let crls = crl::Enforced::default();
     crls.record(&served_crls(&state));
-    metrics.set_expiries(crate::expiry::collect(config));
+    metrics.set_expiries(crate::expiry::collect(config), config.expiry_warning);
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
     gate_backends(&state, guard.as_deref());
@@ -614,6 +614,7 @@ impl App {
                             let registry = self.registry.clone();
                             Box::new(move || registry.routes())
                         },
+                        expiries: self.metrics.expiries.clone(),
                     }),
                 },
                 admin_stop.clone(),
@@ -705,7 +706,7 @@ impl App {
                     expiry_warning = job.config.expiry_warning;
                     self.metrics.audit.set_limit(job.config.audit_entries);
                     self.metrics
-                        .set_expiries(crate::expiry::collect(&job.config));
+                        .set_expiries(crate::expiry::collect(&job.config), expiry_warning);
                     self.metrics.warn_expiring(expiry_warning);
                     self.reload_stats.succeeded.fetch_add(1, Ordering::Relaxed);
                     match job.how {

@@ -40,7 +40,9 @@ pub struct Config {
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
-    /// Log a warning for certificates and CRLs running out within this.
+    /// Log a warning for certificates and CRLs running out within this;
+    /// with the last third of a lifetime when shorter, the warning window
+    /// of `/readyz?strict` and the audit report (`expiry::warns_at`).
     #[serde(default = "default_expiry_warning", with = "duration")]
     pub expiry_warning: Duration,
     /// The eBPF guard: only the gateway may connect to the routes' backends.

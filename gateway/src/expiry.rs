@@ -1,8 +1,12 @@
 //! When things run out: every certificate and CRL the config names, with the
 //! moment it stops being good. `gateway check` warns and fails on horizons,
-//! the running gateway logs warnings and exports seconds-to-expiry.
+//! the running gateway logs warnings and exports seconds-to-expiry, and
+//! [`Watched`] holds the serving state's for `GET /readyz?strict` and the
+//! audit report, with the routes each one stops when it runs out.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -26,6 +30,13 @@ pub struct Expiry {
     pub subject: String,
     /// Seconds since the epoch.
     pub at: i64,
+    /// Since when it is good (notBefore, thisUpdate): with `at`, its
+    /// lifetime, which narrows its warning window (see [`warns_at`]).
+    pub valid_from: i64,
+    /// The routes (listener, route) that stop serving, or refuse every
+    /// client, when it runs out: a listener's certificate all of the
+    /// listener's, a client CA or CRL the routes that verify with it.
+    pub routes: Vec<(String, String)>,
 }
 
 impl Expiry {
@@ -46,12 +57,25 @@ impl Expiry {
 /// reports those).
 pub fn collect(config: &Config) -> Vec<Expiry> {
     let mut out = Vec::new();
+    let route = |l: &str, r: &str| (l.to_owned(), r.to_owned());
     for l in &config.listeners {
+        let all: Vec<_> = l.routes.iter().map(|r| route(&l.name, &r.name)).collect();
+        // The listener's client CA verifies the routes without a bundle of
+        // their own.
+        let own_ca: Vec<_> = l
+            .routes
+            .iter()
+            .filter(|r| r.trust.is_none() && r.device.is_none())
+            .map(|r| route(&l.name, &r.name))
+            .collect();
+        let from = out.len();
         certs(
             &mut out,
             &format!("listener {} cert", l.name),
             &config.resolve(&l.cert),
         );
+        scope(&mut out, from, &all);
+        let from = out.len();
         certs(
             &mut out,
             &format!("listener {} client_ca", l.name),
@@ -63,9 +87,11 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &l.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
             l.crl_expired,
         );
+        scope(&mut out, from, &own_ca);
         // When one of these lapses, every backend of the route fails.
         for r in &l.routes {
             let Some(u) = &r.upstream_tls else { continue };
+            let from = out.len();
             certs(
                 &mut out,
                 &format!("route {} upstream_tls ca", r.name),
@@ -78,9 +104,11 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
                     &config.resolve(cert),
                 );
             }
+            scope(&mut out, from, &[route(&l.name, &r.name)]);
         }
     }
     for (name, b) in &config.trust {
+        let from = out.len();
         certs(
             &mut out,
             &format!("trust {name} ca"),
@@ -92,8 +120,78 @@ pub fn collect(config: &Config) -> Vec<Expiry> {
             &b.crls.iter().map(|c| config.resolve(c)).collect::<Vec<_>>(),
             b.crl_expired,
         );
+        let users: Vec<_> = config
+            .listeners
+            .iter()
+            .flat_map(|l| l.routes.iter().map(move |r| (l, r)))
+            .filter(|(_, r)| {
+                r.trust.as_ref() == Some(name)
+                    || r.device.as_ref().is_some_and(|d| &d.trust == name)
+            })
+            .map(|(l, r)| route(&l.name, &r.name))
+            .collect();
+        scope(&mut out, from, &users);
     }
     out
+}
+
+/// Ties what was found since `from` to `routes`.
+/// When something good from `valid_from` to `at` enters its warning
+/// window: `warning` (`expiry_warning`) before `at`, or the last third of
+/// its lifetime when that is shorter. What is meant to be short-lived is
+/// renewed by then (cert-manager at two thirds, SPIRE at half), so a
+/// seven-day CRL published daily or a one-hour client certificate is not
+/// flagged all its life; one that stopped being renewed is, with a third
+/// of its life left to act.
+pub fn warns_at(valid_from: i64, at: i64, warning: i64) -> i64 {
+    let third = (at.saturating_sub(valid_from) / 3).max(0);
+    at.saturating_sub(warning.min(third))
+}
+
+fn scope(out: &mut [Expiry], from: usize, routes: &[(String, String)]) {
+    for e in out.iter_mut().skip(from) {
+        e.routes = routes.to_vec();
+    }
+}
+
+/// The serving state's certificates and CRLs and its `expiry_warning`, as
+/// the last start or reload left them.
+#[derive(Debug, Default)]
+pub struct Watched {
+    now: Mutex<(Vec<Expiry>, Duration)>,
+}
+
+impl Watched {
+    pub fn set(&self, expiries: Vec<Expiry>, warning: Duration) {
+        *self.lock() = (expiries, warning);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<Expiry>, Duration)> {
+        self.now.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn all(&self) -> Vec<Expiry> {
+        self.lock().0.clone()
+    }
+
+    /// `expiry_warning`.
+    pub fn warning(&self) -> Duration {
+        self.lock().1
+    }
+
+    /// What is inside its warning window at `now` (or has run out),
+    /// soonest first.
+    pub fn within_warning(&self, now: i64) -> Vec<Expiry> {
+        let (all, warning) = &*self.lock();
+        let warning = i64::try_from(warning.as_secs()).unwrap_or(i64::MAX);
+        let mut soon: Vec<Expiry> = all
+            .iter()
+            .filter(|e| now >= warns_at(e.valid_from, e.at, warning))
+            .cloned()
+            .collect();
+        soon.sort_by(|a, b| (a.at, &a.role).cmp(&(b.at, &b.role)));
+        soon
+    }
 }
 
 fn pem_blocks(path: &Path) -> Vec<Vec<u8>> {
@@ -115,6 +213,8 @@ fn certs(out: &mut Vec<Expiry>, role: &str, path: &Path) {
                 file: path.to_owned(),
                 subject: c.subject().to_string(),
                 at: c.validity().not_after.timestamp(),
+                valid_from: c.validity().not_before.timestamp(),
+                routes: Vec::new(),
             });
         }
     }
@@ -139,23 +239,30 @@ fn crls(out: &mut Vec<Expiry>, role: &str, paths: &[PathBuf], policy: CrlExpired
                 file: crl.file.clone(),
                 subject: crl.issuer.clone(),
                 at,
+                valid_from: crl.this_update,
+                routes: Vec::new(),
             });
         }
     }
 }
 
+/// "expires in 2 days 3 hours", "expired 5 minutes ago".
+pub fn when(at: i64, now: i64) -> String {
+    let left = at - now;
+    if left <= 0 {
+        format!("expired {} ago", human(-left))
+    } else {
+        format!("expires in {}", human(left))
+    }
+}
+
 /// A line for an operator: what, which file, and when.
 pub fn describe(e: &Expiry, now: i64) -> String {
-    let left = e.seconds_left(now);
     let what = match e.kind {
         Kind::Certificate => "certificate",
         Kind::Crl(_) => "CRL (next update)",
     };
-    let when = if left <= 0 {
-        format!("expired {} ago", human(-left))
-    } else {
-        format!("expires in {}", human(left))
-    };
+    let when = when(e.at, now);
     let effect = match e.kind {
         Kind::Crl(CrlExpired::Refuse) => {
             "; once stale, the clients it covers are refused (crl_expired = \"refuse\")"
@@ -205,6 +312,22 @@ mod tests {
         assert_eq!(human(5), "5 seconds");
     }
 
+    /// The window is `expiry_warning`, or the last third of the lifetime
+    /// when that is shorter.
+    #[test]
+    fn the_warning_window_is_narrowed_by_a_short_lifetime() {
+        let day = 86_400;
+        let warning = 30 * day;
+        // A year: expiry_warning.
+        assert_eq!(warns_at(0, 365 * day, warning), 335 * day);
+        // Seven days (a CRL published daily): its last third.
+        assert_eq!(warns_at(0, 7 * day, warning), 7 * day - 7 * day / 3);
+        // One hour: the last 20 minutes.
+        assert_eq!(warns_at(0, 3600, warning), 2400);
+        // Backwards validity: the window is empty, not negative.
+        assert_eq!(warns_at(100, 50, warning), 50);
+    }
+
     /// upstream_tls's CA and client certificate are watched like the rest:
     /// when either lapses, every backend of the route fails.
     #[test]
@@ -250,6 +373,48 @@ upstream_tls = { ca = "ca.pem", server_name = "b.internal", cert = "up.pem", key
             (2..=3).contains(&found[1].1),
             "the client certificate: {found:?}"
         );
+    }
+
+    /// Each file is tied to the routes it stops: the listener's certificate
+    /// to all of them, its client CA to those without a bundle of their
+    /// own, a bundle to the routes that name it.
+    #[test]
+    fn each_file_names_the_routes_it_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::root("routes root").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
+        let text = r#"
+[trust.partners]
+ca = "ca.pem"
+
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+cert = "ca.pem"
+key = "ca.key"
+client_ca = "ca.pem"
+
+[[listeners.routes]]
+name = "own"
+backends = ["127.0.0.1:1"]
+
+[[listeners.routes]]
+name = "partner"
+server_names = ["p.example"]
+backends = ["127.0.0.1:1"]
+trust = "partners"
+"#;
+        let config = Config::parse(text, &dir.path().join("g.toml"), dir.path()).unwrap();
+        let routes = |role: &str| {
+            collect(&config)
+                .into_iter()
+                .find(|e| e.role == role)
+                .map(|e| e.routes.into_iter().map(|(_, r)| r).collect::<Vec<_>>())
+                .unwrap()
+        };
+        assert_eq!(routes("listener edge cert"), ["own", "partner"]);
+        assert_eq!(routes("listener edge client_ca"), ["own"]);
+        assert_eq!(routes("trust partners ca"), ["partner"]);
     }
 
     /// Monitoring watches the CRLs the bundles enforce: the newest of each

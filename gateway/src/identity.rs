@@ -35,6 +35,9 @@ pub struct Identity {
     pub serial: String,
     /// notAfter, seconds since the epoch.
     pub not_after: i64,
+    /// notBefore, seconds since the epoch: with notAfter, the lifetime the
+    /// audit report judges renewal by.
+    pub not_before: i64,
 }
 
 /// A subject's common name as `match_common_name` may use it.
@@ -117,6 +120,7 @@ impl Identity {
         let mut id = Identity {
             serial: cert.tbs_certificate.raw_serial_as_string(),
             not_after: cert.validity().not_after.timestamp(),
+            not_before: cert.validity().not_before.timestamp(),
             common_name,
             ..Identity::default()
         };

@@ -865,6 +865,14 @@ fn judge<T>(
             HandshakeFailure::NoCertificate,
         )),
     };
+    // Every route, any mode, each client let in with a verified
+    // certificate: the report's expiring client certificates.
+    if result.is_ok()
+        && (objection.is_none() || route.mode() == Mode::Audit)
+        && let Some(identity) = conn.identity_value.as_deref()
+    {
+        route.stats.audit.certificate(identity);
+    }
     match (&result, objection) {
         (Ok(_), None) => {
             conn.verdict = Verdict::Allow;

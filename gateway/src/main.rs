@@ -77,10 +77,12 @@ enum Command {
     Man,
     /// Rolling out enforcement: `rollout report` asks a running gateway
     /// (through its admin endpoint) whether its audit routes are ready to
-    /// enforce. Exit status: 0 every route asked about is ready, 1 one is
-    /// not, 2 the question could not be answered. `rollout history` lists
-    /// the config revisions, `rollout revert N` restores one (exit 0 done,
-    /// 2 refused or not asked).
+    /// enforce, and what runs out soon (the gateway's certificates and
+    /// CRLs, which hold the routes they serve; clients' certificates seen
+    /// in the last day). Exit status: 0 every route asked about is ready, 1
+    /// one is not, 2 the question could not be answered. `rollout history`
+    /// lists the config revisions, `rollout revert N` restores one (exit 0
+    /// done, 2 refused or not asked).
     Rollout {
         #[command(subcommand)]
         command: RolloutCommand,

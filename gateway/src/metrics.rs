@@ -387,7 +387,9 @@ impl Instruments {
 #[derive(Debug)]
 pub struct Metrics {
     instruments: Instruments,
-    expiries: Mutex<Vec<crate::expiry::Expiry>>,
+    /// The serving state's certificates and CRLs, and `expiry_warning`
+    /// (also read by `/readyz?strict` and the audit report).
+    pub expiries: Arc<crate::expiry::Watched>,
     /// Checks that met a CRL past its nextUpdate, by bundle and its
     /// `crl_expired` (refused, or used with a warning).
     stale_crl_uses: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
@@ -415,7 +417,7 @@ impl Default for Metrics {
         }
         Metrics {
             instruments,
-            expiries: Mutex::default(),
+            expiries: Arc::default(),
             stale_crl_uses: Mutex::default(),
             access_log_lost: Arc::default(),
             audit: Arc::default(),
@@ -477,21 +479,18 @@ impl Metrics {
         })
     }
 
-    /// The certificates and CRLs of the state now serving.
-    pub fn set_expiries(&self, expiries: Vec<crate::expiry::Expiry>) {
-        *self.expiries.lock().unwrap_or_else(|p| p.into_inner()) = expiries;
+    /// The certificates and CRLs of the state now serving, and its
+    /// `expiry_warning`.
+    pub fn set_expiries(&self, expiries: Vec<crate::expiry::Expiry>, warning: Duration) {
+        self.expiries.set(expiries, warning);
+        self.audit.set_warning(warning);
     }
 
     /// Logs a warning for each certificate or CRL running out within `horizon`.
     pub fn warn_expiring(&self, horizon: Duration) {
         let now = jiff::Timestamp::now().as_second();
         let horizon = i64::try_from(horizon.as_secs()).unwrap_or(i64::MAX);
-        for e in self
-            .expiries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for e in &self.expiries.all() {
             if e.seconds_left(now) <= horizon {
                 tracing::warn!(file = %e.file.display(), "{}", crate::expiry::describe(e, now));
             }
@@ -628,11 +627,7 @@ impl Metrics {
             [(NO_LABELS, self.access_log_lost.load(Ordering::Relaxed))],
         )?;
         let now = jiff::Timestamp::now().as_second();
-        let expiries = self
-            .expiries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let expiries = self.expiries.all();
         out.gauge(
             "gateway_certificate_expiry_seconds",
             "Seconds until a certificate the config names expires (negative: expired).",

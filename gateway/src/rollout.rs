@@ -18,6 +18,20 @@
 //! and set aside as `<file>.corrupt`; the gateway starts with an empty
 //! summary rather than refusing to start over evidence it cannot read.
 //!
+//! Every route, in any mode, also keeps the client certificates it let in
+//! (identity as above, serial, notBefore, notAfter, last seen), at most
+//! `audit_entries` of them: when full, a certificate not seen for a day
+//! gives way first, then one outside its warning window, then the one that
+//! runs out last, into an overflow count. The report lists those seen in
+//! the last day that are inside their window: within `expiry_warning` of
+//! notAfter, or within the last third of their lifetime when that is
+//! shorter (a healthy client renews by then, so a one-hour credential is
+//! not flagged all its life, but one still used with ten minutes left is).
+//! It also lists the gateway's own certificates and CRLs inside their
+//! window (the same rule, `expiry::warns_at`; a CRL's lifetime from its
+//! thisUpdate); one that fails closed makes each route it serves not ready
+//! (see [`Report`]).
+//!
 //! `GET /rollout/report` serves [`Report`]; `gateway rollout report` prints it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,7 +53,10 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(5);
 /// A state file larger than this is not read (it cannot be one this
 /// gateway wrote with a sane `audit_entries`).
 const MAX_STATE_BYTES: u64 = 64 << 20;
-const STATE_VERSION: u32 = 1;
+/// 2 added the client certificates; 1 is read as having none.
+const STATE_VERSION: u32 = 2;
+/// A client certificate is listed when it was last seen within this.
+pub const CLIENTS_SEEN_WITHIN: i64 = 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
@@ -163,6 +180,100 @@ impl Table {
 struct RouteSummary {
     seen: Table,
     would_deny: Table,
+    clients: Certs,
+}
+
+/// A client certificate: whose, and which.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct CertKey {
+    identity: String,
+    serial: String,
+}
+
+/// When a client certificate is good, and when it was last used (Unix
+/// seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct CertSeen {
+    not_before: i64,
+    not_after: i64,
+    last_seen: i64,
+}
+
+impl CertSeen {
+    /// When it enters its warning window: `warning` before notAfter, or
+    /// the last third of its lifetime when that is shorter.
+    fn warns_at(&self, warning: i64) -> i64 {
+        crate::expiry::warns_at(self.not_before, self.not_after, warning)
+    }
+
+    fn listed(&self, now: i64, warning: i64) -> bool {
+        now.saturating_sub(self.last_seen) <= CLIENTS_SEEN_WITHIN && now >= self.warns_at(warning)
+    }
+}
+
+/// What did not fit the certificate table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct CertOverflow {
+    entries: u64,
+    /// Of those, the ones inside their window when they gave way, and the
+    /// last time one of them was seen.
+    listed: u64,
+    listed_last_seen: Option<i64>,
+}
+
+/// At most `limit` client certificates, the rest counted in `overflow`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Certs {
+    entries: HashMap<CertKey, CertSeen>,
+    overflow: CertOverflow,
+}
+
+impl Certs {
+    fn record(&mut self, key: CertKey, seen: CertSeen, warning: i64, limit: usize) {
+        if let Some(s) = self.entries.get_mut(&key) {
+            s.last_seen = s.last_seen.max(seen.last_seen);
+            return;
+        }
+        self.entries.insert(key, seen);
+        self.shrink_to(limit, seen.last_seen, warning);
+    }
+
+    /// Gives way, until `len` remain: the certificate not seen for the
+    /// longest if that is over a day, else one outside its window, else
+    /// the one that runs out last (by key among equals, so the choice
+    /// does not depend on hashing).
+    fn shrink_to(&mut self, len: usize, now: i64, warning: i64) {
+        while self.entries.len() > len {
+            let Some(last) = self
+                .entries
+                .iter()
+                .max_by_key(|&(k, s)| {
+                    let stale = now.saturating_sub(s.last_seen) > CLIENTS_SEEN_WITHIN;
+                    (
+                        stale,
+                        stale.then_some(-s.last_seen),
+                        !s.listed(now, warning),
+                        s.not_after,
+                        k,
+                    )
+                })
+                .map(|(k, _)| k.clone())
+            else {
+                return;
+            };
+            if let Some(s) = self.entries.remove(&last) {
+                self.overflow.entries += 1;
+                if s.listed(now, warning) {
+                    self.overflow.listed += 1;
+                    self.overflow.listed_last_seen = Some(
+                        self.overflow
+                            .listed_last_seen
+                            .map_or(s.last_seen, |l| l.max(s.last_seen)),
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Every route's summary, shared by all generations of the state.
@@ -170,6 +281,8 @@ struct RouteSummary {
 pub struct Audit {
     routes: Mutex<BTreeMap<(String, String), RouteSummary>>,
     limit: AtomicUsize,
+    /// `expiry_warning` in seconds, for the client certificates.
+    warning: std::sync::atomic::AtomicI64,
     dirty: AtomicBool,
     /// State file errors by reason (see [`RolloutError::as_str`]).
     errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -180,6 +293,7 @@ impl Default for Audit {
         Audit {
             routes: Mutex::default(),
             limit: AtomicUsize::new(DEFAULT_ENTRIES),
+            warning: std::sync::atomic::AtomicI64::new(30 * 86_400),
             dirty: AtomicBool::new(false),
             errors: Mutex::default(),
         }
@@ -225,6 +339,19 @@ impl RouteAudit {
     }
 }
 
+impl RouteAudit {
+    /// A client the route let in with a verified certificate, in any mode.
+    pub fn certificate(&self, identity: &crate::identity::Identity) {
+        self.audit.certificate_at(
+            &self.listener,
+            &self.route,
+            identity.names().join(","),
+            identity,
+            now(),
+        );
+    }
+}
+
 fn now() -> i64 {
     jiff::Timestamp::now().as_second()
 }
@@ -249,10 +376,48 @@ impl Audit {
     pub fn set_limit(&self, limit: usize) {
         self.limit.store(limit, Ordering::Relaxed);
         let mut routes = self.lock();
+        let warning = self.warning.load(Ordering::Relaxed);
         for r in routes.values_mut() {
             r.seen.shrink_to(limit);
             r.would_deny.shrink_to(limit);
+            r.clients.shrink_to(limit, now(), warning);
         }
+    }
+
+    /// `expiry_warning`: when a client certificate is listed.
+    pub fn set_warning(&self, warning: Duration) {
+        self.warning.store(
+            i64::try_from(warning.as_secs()).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn certificate_at(
+        &self,
+        listener: &str,
+        route: &str,
+        name: String,
+        identity: &crate::identity::Identity,
+        now: i64,
+    ) {
+        let limit = self.limit.load(Ordering::Relaxed);
+        let warning = self.warning.load(Ordering::Relaxed);
+        let key = CertKey {
+            identity: name,
+            serial: identity.serial.clone(),
+        };
+        let seen = CertSeen {
+            not_before: identity.not_before,
+            not_after: identity.not_after,
+            last_seen: now,
+        };
+        let mut routes = self.lock();
+        routes
+            .entry((listener.to_owned(), route.to_owned()))
+            .or_default()
+            .clients
+            .record(key, seen, warning, limit);
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), RouteSummary>> {
@@ -324,13 +489,26 @@ impl Audit {
             Ok(s) => s,
             Err(e) => return Err(self.set_aside(path, e.to_string())),
         };
-        if state.version != STATE_VERSION {
+        if !(1..=STATE_VERSION).contains(&state.version) {
             return Err(self.set_aside(path, format!("version {}", state.version)));
         }
         let limit = self.limit.load(Ordering::Relaxed);
+        let warning = self.warning.load(Ordering::Relaxed);
         let mut routes = self.lock();
         for r in state.routes {
             let summary = routes.entry((r.listener, r.route)).or_default();
+            for c in r.clients.entries {
+                let key = CertKey {
+                    identity: c.identity,
+                    serial: c.serial,
+                };
+                summary.clients.record(key, c.seen, warning, usize::MAX);
+            }
+            let o = &mut summary.clients.overflow;
+            o.entries += r.clients.overflow.entries;
+            o.listed += r.clients.overflow.listed;
+            o.listed_last_seen = o.listed_last_seen.max(r.clients.overflow.listed_last_seen);
+            summary.clients.shrink_to(limit, now(), warning);
             for (table, saved) in [
                 (&mut summary.seen, r.seen),
                 (&mut summary.would_deny, r.would_deny),
@@ -404,6 +582,7 @@ impl Audit {
                     route: route.clone(),
                     seen: SavedTable::from(&s.seen),
                     would_deny: SavedTable::from(&s.would_deny),
+                    clients: SavedCerts::from(&s.clients),
                 })
                 .collect(),
         }
@@ -411,16 +590,25 @@ impl Audit {
 
     /// The report on `routes` (listener, route, its current mode), counting
     /// only what was last seen within `since` of `now`.
-    pub fn report(&self, routes: &[(String, String, Mode)], since: Option<Duration>) -> Report {
-        self.report_at(routes, since, now())
+    /// `expiring`: the gateway's certificates and CRLs within
+    /// `expiry_warning` (see `expiry::Watched::within_warning`).
+    pub fn report(
+        &self,
+        routes: &[(String, String, Mode)],
+        since: Option<Duration>,
+        expiring: &[crate::expiry::Expiry],
+    ) -> Report {
+        self.report_at(routes, since, expiring, now())
     }
 
     fn report_at(
         &self,
         routes: &[(String, String, Mode)],
         since: Option<Duration>,
+        expiring: &[crate::expiry::Expiry],
         now: i64,
     ) -> Report {
+        let warning = self.warning.load(Ordering::Relaxed);
         let from =
             since.map(|d| now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
         let within = |t: &Tally| from.is_none_or(|f| t.last_seen >= f);
@@ -519,6 +707,36 @@ impl Audit {
                     ),
                     Mode::Audit => (true, format!("ready: no would-deny {window}")),
                 };
+                let key = (listener.clone(), route.clone());
+                let own: Vec<&crate::expiry::Expiry> =
+                    expiring.iter().filter(|e| e.routes.contains(&key)).collect();
+                // What fails closed when it runs out stops this route
+                // whatever its mode: renew it before anything else.
+                let blocking: Vec<String> = own
+                    .iter()
+                    .filter(|e| e.fails_closed())
+                    .map(|e| format!("{} ({})", e.role, crate::expiry::when(e.at, now)))
+                    .collect();
+                let (ready, verdict) = if blocking.is_empty() {
+                    (ready, verdict)
+                } else {
+                    (
+                        false,
+                        format!("not ready: renew first: {}; then {verdict}", blocking.join(", ")),
+                    )
+                };
+                let mut expiring_clients: Vec<(&CertKey, &CertSeen)> = s
+                    .clients
+                    .entries
+                    .iter()
+                    .filter(|(_, c)| c.listed(now, warning))
+                    .collect();
+                expiring_clients.sort_by_key(|(k, c)| (c.not_after, *k));
+                let o = &s.clients.overflow;
+                let expiring_clients_overflow = (o.listed > 0
+                    && o.listed_last_seen
+                        .is_some_and(|l| now.saturating_sub(l) <= CLIENTS_SEEN_WITHIN))
+                .then_some(o.listed);
                 RouteReport {
                     listener: listener.clone(),
                     route: route.clone(),
@@ -530,6 +748,18 @@ impl Audit {
                         + would_deny_overflow.as_ref().map_or(0, |o| o.connections),
                     would_deny,
                     would_deny_overflow,
+                    expiring: own.iter().map(|e| Expiring::new(e, now)).collect(),
+                    expiring_clients: expiring_clients
+                        .into_iter()
+                        .map(|(k, c)| ExpiringClient {
+                            identity: k.identity.clone(),
+                            serial: k.serial.clone(),
+                            not_after: timestamp(c.not_after),
+                            seconds_left: c.not_after.saturating_sub(now),
+                            last_seen: timestamp(c.last_seen),
+                        })
+                        .collect(),
+                    expiring_clients_overflow,
                     ready,
                     verdict,
                 }
@@ -537,6 +767,8 @@ impl Audit {
             .collect();
         Report {
             since_seconds: since.map(|d| d.as_secs()),
+            expiry_warning_seconds: u64::try_from(warning).unwrap_or(0),
+            expiring: expiring.iter().map(|e| Expiring::new(e, now)).collect(),
             routes: reports,
         }
     }
@@ -556,6 +788,8 @@ impl Table {
 pub struct ReportSource {
     pub audit: Arc<Audit>,
     pub routes: Box<dyn Fn() -> Vec<(String, String, Mode)> + Send + Sync>,
+    /// The gateway's certificates and CRLs.
+    pub expiries: Arc<crate::expiry::Watched>,
 }
 
 /// Why a report request was not answered: the HTTP status and a message.
@@ -598,7 +832,8 @@ impl ReportSource {
                 ));
             }
         }
-        Ok(self.audit.report(&routes, since))
+        let expiring = self.expiries.within_warning(now());
+        Ok(self.audit.report(&routes, since, &expiring))
     }
 }
 
@@ -681,6 +916,13 @@ pub struct Report {
     /// The window asked for; none: everything the summary holds (which
     /// reaches back only as far as the process, or its state file).
     pub since_seconds: Option<u64>,
+    /// `expiry_warning`.
+    #[serde(default)]
+    pub expiry_warning_seconds: u64,
+    /// Every certificate and CRL of the gateway's config inside its
+    /// warning window, soonest first, whichever routes it serves.
+    #[serde(default)]
+    pub expiring: Vec<Expiring>,
     pub routes: Vec<RouteReport>,
 }
 
@@ -723,7 +965,50 @@ impl Report {
                     o.entries, o.connections, o.last_seen
                 );
             }
+            if !r.expiring.is_empty() {
+                let _ = writeln!(out, "  certificates and CRLs inside their warning window:");
+                for e in &r.expiring {
+                    let _ = writeln!(out, "    {}", e.description);
+                }
+            }
+            if !r.expiring_clients.is_empty() || r.expiring_clients_overflow.is_some() {
+                let _ = writeln!(
+                    out,
+                    "  client certificates seen in the last day inside their warning window:"
+                );
+                for c in &r.expiring_clients {
+                    let _ = writeln!(
+                        out,
+                        "    {}  serial {}  not after {}  last seen {}",
+                        c.identity, c.serial, c.not_after, c.last_seen
+                    );
+                }
+                if let Some(n) = r.expiring_clients_overflow {
+                    let _ = writeln!(out, "    and {n} more that did not fit the summary");
+                }
+            }
             let _ = writeln!(out, "  verdict: {}", r.verdict);
+        }
+        // What no route shown needs (a bundle no route names, or routes
+        // left out by --route).
+        let shown: Vec<&str> = self
+            .routes
+            .iter()
+            .flat_map(|r| r.expiring.iter().map(|e| e.description.as_str()))
+            .collect();
+        let rest: Vec<&Expiring> = self
+            .expiring
+            .iter()
+            .filter(|e| !shown.contains(&e.description.as_str()))
+            .collect();
+        if !rest.is_empty() {
+            let _ = writeln!(
+                out,
+                "other certificates and CRLs inside their warning window:"
+            );
+            for e in rest {
+                let _ = writeln!(out, "  {}", e.description);
+            }
         }
         out
     }
@@ -742,8 +1027,75 @@ pub struct RouteReport {
     /// Most connections first.
     pub would_deny: Vec<Refusal>,
     pub would_deny_overflow: Option<Overflowed>,
+    /// The gateway's certificates and CRLs inside their warning window
+    /// that this route needs (its listener's certificate, the CA and CRLs it
+    /// verifies clients with, its `upstream_tls`).
+    #[serde(default)]
+    pub expiring: Vec<Expiring>,
+    /// Client certificates seen in the last day inside their warning
+    /// window, soonest first.
+    #[serde(default)]
+    pub expiring_clients: Vec<ExpiringClient>,
+    /// More of those that did not fit the summary.
+    #[serde(default)]
+    pub expiring_clients_overflow: Option<u64>,
+    /// Ready to enforce: for `audit` the evidence says no one would be
+    /// refused; for every mode nothing it needs that fails closed runs out
+    /// within `expiry_warning`.
     pub ready: bool,
     pub verdict: String,
+}
+
+/// A certificate or CRL of the gateway's inside its warning window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiring {
+    /// What the file is for, e.g. "listener edge cert".
+    pub role: String,
+    /// "certificate" or "crl".
+    pub kind: String,
+    pub file: String,
+    /// The certificate's subject or the CRL's issuer.
+    pub subject: String,
+    /// notAfter, or the CRL's nextUpdate.
+    pub at: String,
+    /// Negative: already run out.
+    pub seconds_left: i64,
+    /// Running out refuses clients or stops the route (every certificate;
+    /// a CRL unless `crl_expired = "warn"`).
+    pub fails_closed: bool,
+    /// The line `gateway check` and the log say.
+    pub description: String,
+}
+
+impl Expiring {
+    fn new(e: &crate::expiry::Expiry, now: i64) -> Expiring {
+        Expiring {
+            role: e.role.clone(),
+            kind: match e.kind {
+                crate::expiry::Kind::Certificate => "certificate",
+                crate::expiry::Kind::Crl(_) => "crl",
+            }
+            .to_owned(),
+            file: e.file.display().to_string(),
+            subject: e.subject.clone(),
+            at: timestamp(e.at),
+            seconds_left: e.seconds_left(now),
+            fails_closed: e.fails_closed(),
+            description: crate::expiry::describe(e, now),
+        }
+    }
+}
+
+/// A client certificate inside its warning window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpiringClient {
+    /// As the audit report names clients: the certificate's names.
+    pub identity: String,
+    pub serial: String,
+    pub not_after: String,
+    /// Negative: expired (a client still let in on an audit route).
+    pub seconds_left: i64,
+    pub last_seen: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -776,6 +1128,42 @@ struct SavedRoute {
     route: String,
     seen: SavedTable,
     would_deny: SavedTable,
+    /// Absent from version 1.
+    #[serde(default)]
+    clients: SavedCerts,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedCerts {
+    entries: Vec<SavedCert>,
+    overflow: CertOverflow,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedCert {
+    identity: String,
+    serial: String,
+    #[serde(flatten)]
+    seen: CertSeen,
+}
+
+impl From<&Certs> for SavedCerts {
+    fn from(c: &Certs) -> SavedCerts {
+        let mut entries: Vec<SavedCert> = c
+            .entries
+            .iter()
+            .map(|(k, s)| SavedCert {
+                identity: k.identity.clone(),
+                serial: k.serial.clone(),
+                seen: *s,
+            })
+            .collect();
+        entries.sort_by(|a, b| (&a.identity, &a.serial).cmp(&(&b.identity, &b.serial)));
+        SavedCerts {
+            entries,
+            overflow: c.overflow,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -871,7 +1259,7 @@ mod tests {
             None,
             150,
         );
-        let r = audit.report_at(&routes(Mode::Audit), None, 300);
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], 300);
         let r = &r.routes[0];
         assert_eq!(r.clients_seen, 3);
         assert_eq!(r.allowed_connections, 1);
@@ -903,11 +1291,16 @@ mod tests {
             100,
         );
         at(&audit, Some("ok".into()), ip("10.0.0.1"), None, 1000);
-        let r = audit.report_at(&routes(Mode::Audit), Some(Duration::from_secs(500)), 1100);
+        let r = audit.report_at(
+            &routes(Mode::Audit),
+            Some(Duration::from_secs(500)),
+            &[],
+            1100,
+        );
         assert!(r.routes[0].would_deny.is_empty());
         assert!(r.routes[0].ready, "{}", r.routes[0].verdict);
         assert_eq!(r.routes[0].verdict, "ready: no would-deny in the last 500s");
-        let r = audit.report_at(&routes(Mode::Audit), None, 1100);
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], 1100);
         assert!(!r.routes[0].ready);
     }
 
@@ -934,7 +1327,7 @@ mod tests {
                 20 + i,
             );
         }
-        let r = audit.report_at(&routes(Mode::Audit), None, 100);
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], 100);
         let r = &r.routes[0];
         assert_eq!(r.would_deny.len(), 3);
         assert_eq!(r.would_deny[0].identity.as_deref(), Some("heavy"));
@@ -967,14 +1360,14 @@ mod tests {
     #[test]
     fn modes_other_than_audit_say_so() {
         let audit = Audit::default();
-        let r = audit.report_at(&routes(Mode::Enforce), None, 10);
+        let r = audit.report_at(&routes(Mode::Enforce), None, &[], 10);
         assert!(r.routes[0].ready);
         assert!(r.routes[0].verdict.starts_with("enforce"));
-        let r = audit.report_at(&routes(Mode::Off), None, 10);
+        let r = audit.report_at(&routes(Mode::Off), None, &[], 10);
         assert!(!r.routes[0].ready);
         assert!(r.routes[0].verdict.starts_with("off"));
         // Audit with nothing seen is no evidence.
-        let r = audit.report_at(&routes(Mode::Audit), None, 10);
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], 10);
         assert!(!r.routes[0].ready);
     }
 
@@ -1009,6 +1402,7 @@ mod tests {
         let source = ReportSource {
             audit: Arc::default(),
             routes: Box::new(|| routes(Mode::Audit)),
+            expiries: Arc::default(),
         };
         assert_eq!(
             source
@@ -1031,6 +1425,202 @@ mod tests {
             percent_decode(&percent_encode("a b/ü")).as_deref(),
             Some("a b/ü")
         );
+    }
+
+    const DAY: i64 = 86_400;
+
+    /// A client certificate of `name` (serial = name) good from
+    /// `not_before` to `not_after`, seen on edge/orders at `now`.
+    fn cert(audit: &Audit, name: &str, not_before: i64, not_after: i64, now: i64) {
+        let identity = crate::identity::Identity {
+            uris: vec![name.to_owned()],
+            serial: name.to_owned(),
+            not_before,
+            not_after,
+            ..Default::default()
+        };
+        audit.certificate_at("edge", "orders", name.to_owned(), &identity, now);
+    }
+
+    fn listed(audit: &Audit, now: i64) -> Vec<String> {
+        let r = audit.report_at(&routes(Mode::Enforce), None, &[], now);
+        r.routes[0]
+            .expiring_clients
+            .iter()
+            .map(|c| c.identity.clone())
+            .collect()
+    }
+
+    /// Listed: seen within a day and inside the window, which is
+    /// `expiry_warning` or the last third of the lifetime if shorter.
+    #[test]
+    fn client_certificates_are_listed_inside_their_window_when_seen_in_the_last_day() {
+        let audit = Audit::default();
+        audit.set_warning(Duration::from_secs(30 * DAY as u64));
+        let now = 1_000 * DAY;
+        // One hour of life: ten minutes left is past its renewal, fifty
+        // five minutes left is a fresh one (not noise all its life).
+        cert(&audit, "stale-1h", now - 50 * 60, now + 10 * 60, now);
+        cert(&audit, "fresh-1h", now - 5 * 60, now + 55 * 60, now);
+        // A year of life: the 30 days of expiry_warning decide.
+        cert(
+            &audit,
+            "year-10d-left",
+            now - 355 * DAY,
+            now + 10 * DAY,
+            now,
+        );
+        cert(
+            &audit,
+            "year-200d-left",
+            now - 165 * DAY,
+            now + 200 * DAY,
+            now,
+        );
+        // Inside its window but last seen two days ago: renewed, or gone.
+        cert(
+            &audit,
+            "gone",
+            now - 355 * DAY,
+            now + 5 * DAY,
+            now - 2 * DAY,
+        );
+        // Expired and still let in (an audit route): listed, first.
+        cert(&audit, "expired", now - 10 * DAY, now - 60, now);
+        assert_eq!(
+            listed(&audit, now),
+            ["expired", "stale-1h", "year-10d-left"]
+        );
+        let r = audit.report_at(&routes(Mode::Enforce), None, &[], now);
+        let c = &r.routes[0].expiring_clients[1];
+        assert_eq!((c.seconds_left, c.serial.as_str()), (600, "stale-1h"));
+        assert_eq!(c.not_after, timestamp(now + 600));
+        // Client certificates are the clients' to renew: not the verdict's.
+        assert!(r.routes[0].ready, "{}", r.routes[0].verdict);
+        // A smaller expiry_warning narrows the long-lived ones' window.
+        audit.set_warning(Duration::from_secs(7 * DAY as u64));
+        assert_eq!(listed(&audit, now), ["expired", "stale-1h"]);
+    }
+
+    /// At most `audit_entries`: a certificate not seen for a day gives way
+    /// first, then one outside its window, then the one running out last;
+    /// what gives way is counted, and listed ones said in the report.
+    #[test]
+    fn the_client_certificate_table_is_bounded_soonest_first() {
+        let audit = Audit::default();
+        audit.set_limit(3);
+        audit.set_warning(Duration::from_secs(30 * DAY as u64));
+        let now = 1_000 * DAY;
+        let year = |left: i64| (now + left - 365 * DAY, now + left);
+        let (b, a) = year(2 * DAY);
+        cert(&audit, "old-news", b, a, now - 3 * DAY);
+        let (b, a) = year(300 * DAY);
+        cert(&audit, "healthy", b, a, now);
+        for i in 0..6 {
+            let (b, a) = year((10 + i) * DAY);
+            cert(&audit, &format!("soon{i}"), b, a, now);
+        }
+        let s = audit.lock();
+        let t = &s[&("edge".to_owned(), "orders".to_owned())].clients;
+        let mut kept: Vec<&str> = t.entries.keys().map(|k| k.identity.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["soon0", "soon1", "soon2"]);
+        // old-news, healthy, soon3..5 gave way; three of them were listed.
+        assert_eq!(t.overflow.entries, 5);
+        assert_eq!(t.overflow.listed, 3);
+        drop(s);
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], now);
+        assert_eq!(r.routes[0].expiring_clients.len(), 3);
+        assert_eq!(r.routes[0].expiring_clients_overflow, Some(3));
+        // Lowering the limit evicts now, the latest first.
+        audit.set_limit(1);
+        assert_eq!(listed(&audit, now), ["soon0"]);
+        // An overflow last seen over a day ago is not "seen in the last day".
+        let r = audit.report_at(&routes(Mode::Audit), None, &[], now + 2 * DAY);
+        assert_eq!(r.routes[0].expiring_clients_overflow, None);
+    }
+
+    /// Version 2 keeps the client certificates; a version 1 file (before
+    /// them) still reads.
+    #[test]
+    fn client_certificates_are_saved_and_version_1_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.json");
+        let audit = Audit::default();
+        audit.set_limit(1);
+        let now = 1_000 * DAY;
+        cert(&audit, "a", now - 50 * 60, now + 10 * 60, now);
+        cert(&audit, "b", now - 50 * 60, now + 20 * 60, now);
+        audit.save(&path, false).unwrap();
+        let back = Audit::default();
+        back.load(&path).unwrap();
+        assert_eq!(*back.lock(), *audit.lock());
+        let v1 = r#"{"version":1,"routes":[{"listener":"edge","route":"orders",
+            "seen":{"entries":[{"identity":"x","source":"10.0.0.0/24","count":2,
+            "first_seen":5,"last_seen":6}],"overflow":{"entries":0,"tally":null}},
+            "would_deny":{"entries":[],"overflow":{"entries":0,"tally":null}}}]}"#;
+        std::fs::write(&path, v1).unwrap();
+        let old = Audit::default();
+        old.load(&path).unwrap();
+        let s = old.lock();
+        let r = &s[&("edge".to_owned(), "orders".to_owned())];
+        assert_eq!(r.seen.entries.len(), 1);
+        assert!(r.clients.entries.is_empty());
+        drop(s);
+        std::fs::write(&path, v1.replace("\"version\":1", "\"version\":3")).unwrap();
+        assert_eq!(
+            Audit::default().load(&path).unwrap_err().as_str(),
+            "corrupt"
+        );
+    }
+
+    /// The gateway's own certificates and CRLs: a route they serve is not
+    /// ready while one that fails closed is inside expiry_warning, whatever
+    /// its mode; a CRL used stale anyway is listed but does not block.
+    #[test]
+    fn expiring_certificates_and_crls_hold_the_routes_they_serve() {
+        use crate::expiry::{Expiry, Kind};
+        let audit = Audit::default();
+        at(&audit, Some("ok".into()), ip("10.0.0.1"), None, 100);
+        let e = |kind, role: &str, route: &str| Expiry {
+            kind,
+            role: role.to_owned(),
+            file: "x.pem".into(),
+            subject: "CN=x".into(),
+            at: 100 + 3 * DAY,
+            valid_from: 100 - 300 * DAY,
+            routes: vec![("edge".into(), route.into())],
+        };
+        let warn = e(
+            Kind::Crl(crate::config::CrlExpired::Warn),
+            "trust t crl",
+            "orders",
+        );
+        let r = audit.report_at(&routes(Mode::Audit), None, std::slice::from_ref(&warn), 100);
+        assert!(r.routes[0].ready, "{}", r.routes[0].verdict);
+        assert_eq!(r.routes[0].expiring.len(), 1);
+        assert!(!r.routes[0].expiring[0].fails_closed);
+        let cert = e(Kind::Certificate, "listener edge cert", "orders");
+        let other = e(Kind::Certificate, "trust u ca", "billing");
+        for mode in [Mode::Audit, Mode::Enforce] {
+            let r = audit.report_at(&routes(mode), None, &[cert.clone(), other.clone()], 100);
+            let route = &r.routes[0];
+            assert!(!route.ready);
+            assert!(
+                route
+                    .verdict
+                    .starts_with("not ready: renew first: listener edge cert (expires in 3 days)"),
+                "{}",
+                route.verdict
+            );
+            // The whole gateway's list has both; the route only its own.
+            assert_eq!(route.expiring.len(), 1);
+            assert_eq!(r.expiring.len(), 2);
+            assert!(
+                r.text()
+                    .contains("other certificates and CRLs inside their warning window")
+            );
+        }
     }
 
     #[test]

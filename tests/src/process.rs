@@ -110,11 +110,6 @@ pub fn exits_within(child: &mut Child, limit: Duration) -> Option<std::process::
     }
 }
 
-/// The address the binary says it listens on (its stderr), once it does.
-pub fn wait_listening(stderr: &Path) -> SocketAddr {
-    crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
-}
-
 /// The binary's admin address, from its "admin endpoint" log line.
 pub fn admin_addr(stderr: &Path) -> SocketAddr {
     let mut found = None;
@@ -130,6 +125,20 @@ pub fn admin_addr(stderr: &Path) -> SocketAddr {
         found.is_some()
     });
     found.unwrap()
+}
+
+/// `gateway rollout report --admin ADMIN ARGS` with the built binary:
+/// (exit code, stdout, stderr).
+pub fn rollout_report(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let admin = admin.to_string();
+    let mut all = vec!["rollout", "report", "--admin", &admin];
+    all.extend(args);
+    run_cli(&all)
+}
+
+/// The address the binary says it listens on (its stderr), once it does.
+pub fn wait_listening(stderr: &Path) -> SocketAddr {
+    crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `gateway ARGS` with the built binary: (exit code, stdout, stderr).

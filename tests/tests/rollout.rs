@@ -619,6 +619,9 @@ impl Walk {
                     ) && curl.contains("gateway_crl_next_update_seconds{"),
                     "{curl}"
                 );
+                // Fresh CRLs and a 30-day certificate are within 30 days but
+                // not inside their warning window.
+                assert_eq!(self.output_of("readyz?strict").stdout, "ready\n");
             }
             other => panic!("docs/rollout.md has a walk marker this test does not know: {other}"),
         }

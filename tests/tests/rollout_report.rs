@@ -9,8 +9,9 @@ use std::path::Path;
 
 use gateway::pki::{Authority, LeafSpec};
 use gateway::rollout::{Report, RouteReport};
+use gateway_tests::process::rollout_report as cli;
 use gateway_tests::process::{
-    Reap, admin_addr, run_binary, run_cli, scrape, series, signal, wait_for, wait_listening,
+    Reap, admin_addr, run_binary, scrape, series, signal, wait_for, wait_listening,
 };
 use gateway_tests::*;
 
@@ -273,14 +274,6 @@ async fn the_report_is_only_for_admin_clients_and_refuses_bad_questions() {
         let e = ask(admin, route, since).await.unwrap_err();
         assert!(e.to_string().contains(status), "{e}");
     }
-}
-
-/// `gateway rollout report ARGS` with the built binary: (exit code, stdout, stderr).
-fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let admin = admin.to_string();
-    let mut all = vec!["rollout", "report", "--admin", &admin];
-    all.extend(args);
-    run_cli(&all)
 }
 
 struct Binary {

@@ -330,7 +330,8 @@ impl Authority {
         serials: &[&[u8]],
         next_update: OffsetDateTime,
     ) -> Result<String, PkiError> {
-        self.crl_with(crl_number, serials, next_update, None)
+        let this_update = OffsetDateTime::now_utc() - Duration::minutes(1);
+        self.crl_with(crl_number, serials, this_update, next_update, None)
     }
 
     /// A CRL valid for a day whose issuing distribution point limits it to
@@ -359,19 +360,32 @@ impl Authority {
             },
             scope: Some(scope),
         };
-        self.crl_with(crl_number, serials, next_update, Some(idp))
+        let this_update = OffsetDateTime::now_utc() - Duration::minutes(1);
+        self.crl_with(crl_number, serials, this_update, next_update, Some(idp))
+    }
+
+    /// A CRL published at `this_update` (to test one that has aged).
+    pub fn crl_published(
+        &self,
+        crl_number: u64,
+        serials: &[&[u8]],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, PkiError> {
+        self.crl_with(crl_number, serials, this_update, next_update, None)
     }
 
     fn crl_with(
         &self,
         crl_number: u64,
         serials: &[&[u8]],
+        this_update: OffsetDateTime,
         next_update: OffsetDateTime,
         issuing_distribution_point: Option<rcgen::CrlIssuingDistributionPoint>,
     ) -> Result<String, PkiError> {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(1),
+            this_update,
             next_update,
             crl_number: SerialNumber::from(crl_number),
             issuing_distribution_point,
