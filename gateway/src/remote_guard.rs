@@ -527,6 +527,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 registry: None,
                 tls: None,
                 rollout: None,
+                reloads: None,
             },
             stop.clone(),
         ));
