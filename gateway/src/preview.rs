@@ -250,7 +250,10 @@ impl Preview {
             }
         }
         let window = match self.since_seconds {
-            Some(s) => format!("in the last {s}s"),
+            Some(s) => format!(
+                "in the last {}",
+                crate::rollout::humantime(std::time::Duration::from_secs(s))
+            ),
             None => "in the audit report".to_owned(),
         };
         let _ = writeln!(

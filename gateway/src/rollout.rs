@@ -712,7 +712,8 @@ fn timestamp(unix: i64) -> String {
         .unwrap_or_else(|_| unix.to_string())
 }
 
-fn humantime(d: Duration) -> String {
+/// A duration as the config would write it ("7d", "2h", "90s").
+pub fn humantime(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
