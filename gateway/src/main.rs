@@ -862,6 +862,11 @@ fn check_against(
             && preview.would_close.is_empty()
             && preview.orphaned.is_empty())
     });
+    yes_no_or_error(result)
+}
+
+/// A question's exit status: 0 yes, 1 no, 2 no answer (said on stderr).
+fn yes_no_or_error(result: anyhow::Result<bool>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -944,14 +949,7 @@ fn rollout(
         }
         Ok(report.routes.iter().all(|r| r.ready))
     });
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("gateway: {}", error_chain(&e));
-            ExitCode::from(2)
-        }
-    }
+    yes_no_or_error(result)
 }
 
 /// The admin endpoint: `--socket`, `--admin`, or `admin_socket` (else

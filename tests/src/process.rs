@@ -171,3 +171,16 @@ pub fn user_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/passwd")
         .is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
 }
+
+/// `gateway ARGS` with the built binary: (exit code, stdout, stderr).
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
+    let out = Command::new(crate::gateway_binary())
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -6,12 +6,11 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use gateway::admin::client::{self, ClientError, Endpoint};
 use gateway::registry::AFTER_RELOAD;
-use gateway_tests::process::{Reap, run_binary, signal, wait_for, wait_listening};
+use gateway_tests::process::{Reap, cli, run_binary, signal, wait_for, wait_listening};
 use gateway_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -343,29 +342,16 @@ async fn the_preview_and_reload_are_refused_over_tcp() {
     // The CLI refuses an address before asking, pointing at the socket.
     let admin = s.gw.admin_addr.unwrap();
     for against in [format!("http://{admin}"), admin.to_string()] {
-        let out = Command::new(gateway_binary())
-            .args(["check", "--config"])
-            .arg(&candidate)
-            .args(["--against", &against])
-            .output()
-            .expect("gateway runs");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let (code, _, stderr) = cli(&[
+            os("check"),
+            os("--config"),
+            candidate.as_os_str(),
+            os("--against"),
+            os(&against),
+        ]);
+        assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains("admin socket only"), "{stderr}");
     }
-}
-
-/// `gateway ARGS` with the built binary: (exit code, stdout, stderr).
-fn cli(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
-    let out = Command::new(gateway_binary())
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn os(s: &str) -> &std::ffi::OsStr {

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 
 use gateway::pki::{Authority, LeafSpec};
 use gateway::rollout::{Report, RouteReport};
@@ -293,16 +292,10 @@ fn admin_addr(stderr: &Path) -> SocketAddr {
 
 /// `gateway rollout report ARGS` with the built binary: (exit code, stdout, stderr).
 fn cli(admin: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(gateway_binary())
-        .args(["rollout", "report", "--admin", &admin.to_string()])
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let admin = admin.to_string();
+    let mut all = vec!["rollout", "report", "--admin", &admin];
+    all.extend_from_slice(args);
+    process::cli(&all)
 }
 
 struct Binary {
