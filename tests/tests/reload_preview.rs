@@ -469,3 +469,44 @@ async fn the_binary_previews_guards_and_is_forced_by_cli_and_by_the_sighup_marke
     closed(&mut c).await;
     signal(&proc.0, "TERM");
 }
+
+#[tokio::test]
+async fn a_preview_records_no_crl_it_read() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let toml = config(&pki, &backend, "", &crls, &[SPIFFE_FRONTEND]);
+    let gw = start(&pki, &toml).await;
+    // A newer CRL only previewed: a real reload would put it into service,
+    // and an older one after it would be refused as a rollback.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(5, &[]).unwrap());
+    let preview = client::preview(&socket(&gw), &pki.path("gateway.toml"), None)
+        .await
+        .expect("preview");
+    assert_eq!(preview.refused, None);
+    assert!(preview.guard.exempt.is_some(), "{:?}", preview.guard);
+    pki.write("clients.crl.pem", &pki.intermediate.crl(2, &[]).unwrap());
+    client::reload(&socket(&gw), false)
+        .await
+        .expect("CRL 2 after a preview of CRL 5 is no rollback: the preview recorded nothing");
+    // Whereas after a real reload to 5, 2 is refused.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(5, &[]).unwrap());
+    client::reload(&socket(&gw), false)
+        .await
+        .expect("reload to 5");
+    pki.write("clients.crl.pem", &pki.intermediate.crl(3, &[]).unwrap());
+    let e = client::reload(&socket(&gw), false).await.unwrap_err();
+    assert!(e.to_string().contains("422"), "{e}");
+    let preview = client::preview(&socket(&gw), &pki.path("gateway.toml"), None)
+        .await
+        .expect("preview");
+    assert!(
+        preview
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.contains("older")),
+        "{:?}",
+        preview.refused
+    );
+}
