@@ -895,7 +895,12 @@ impl crate::admin::Reloads for AdminReloads {
             // against its own directory.
             let candidate = match Config::load(&config) {
                 Ok(c) => c,
-                Err(e) => return problem(422, e.to_string()),
+                // What a reload of that file would say: refused.
+                Err(e) => {
+                    let mut p = crate::preview::Preview::new(config.display().to_string(), None);
+                    p.refused = Some(e.to_string());
+                    return answer(200, p);
+                }
             };
             match self.handle.preview(candidate, since).await {
                 Ok(p) => answer(200, p),

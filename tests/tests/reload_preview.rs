@@ -338,6 +338,20 @@ async fn the_preview_and_reload_are_refused_over_tcp() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("absolute"), "{e}");
+    // A candidate that does not parse is a refused reload, not a failed
+    // question.
+    let broken = s.pki.write("broken.toml", "listeners = 7\n");
+    let p = client::preview(&socket(&s.gw), &broken, None)
+        .await
+        .expect("answered");
+    assert!(
+        p.refused
+            .as_deref()
+            .is_some_and(|r| r.contains("listeners")),
+        "{:?}",
+        p.refused
+    );
+    assert!(p.would_close.is_empty());
 
     // The CLI refuses an address before asking, pointing at the socket.
     let admin = s.gw.admin_addr.unwrap();
