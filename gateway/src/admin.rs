@@ -146,6 +146,9 @@ pub struct Routes {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The revision history and revert (the gateway's, with a history).
     pub revisions: Option<Revisions>,
+    /// `POST /reload` and `POST /reload/preview` (the gateway's, on
+    /// admin_socket only).
+    pub reloads: Option<Box<dyn Reloads>>,
 }
 
 /// What `revert` answers: the revision it became, or (status, why not).
@@ -184,6 +187,52 @@ struct RevertRequest {
     revision: u64,
     #[serde(default)]
     force: bool,
+}
+
+/// An answer from the app: its status and JSON body.
+pub struct Answer {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+pub type Answering<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>;
+
+/// What the app does for `POST /reload` and `POST /reload/preview`.
+pub trait Reloads: Send + Sync {
+    /// Reloads the config file the gateway was started with; `force`:
+    /// even over the reload guard.
+    fn reload(&self, force: bool) -> Answering<'_>;
+    /// Previews a reload to the config file at `config` (absolute).
+    fn preview(&self, config: PathBuf, since: Option<Duration>) -> Answering<'_>;
+}
+
+/// `POST /reload`'s body (all optional).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadRequest {
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// `POST /reload`'s answer when the reload applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reloaded {
+    pub listeners_started: Vec<String>,
+    pub listeners_stopped: Vec<String>,
+    pub connections_closed: usize,
+    /// What changed, in words (as the log line says it).
+    pub changes: String,
+}
+
+/// `POST /reload/preview`'s body.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    /// The candidate config file, an absolute path the gateway reads.
+    pub config: PathBuf,
+    /// The audit report's window (e.g. "7d"); none: all it remembers.
+    #[serde(default)]
+    pub since: Option<String>,
 }
 
 /// `admin_tls` as a TLS acceptor: the endpoint's chain and key (a key
@@ -253,7 +302,7 @@ struct Refusals {
     client: AtomicU64,
     /// A Host that is not the endpoint's address or localhost (403).
     host: AtomicU64,
-    /// A block list change over TCP (403).
+    /// A change (block list, reload, reload preview) over TCP (403).
     tcp_change: AtomicU64,
     /// A request hyper could not parse, or a malformed one (400).
     bad_request: AtomicU64,
@@ -323,7 +372,7 @@ impl Refusals {
         out.push_str(&crate::metrics::render_with(move |e| {
             e.counter(
                 "gateway_admin_refused_total",
-                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls), a TCP peer not in admin_clients (client), a Host not the endpoint's address or localhost (host), a block list change over TCP (tcp_change), a malformed request (bad_request), a method the route does not take (method), a body not JSON (media_type), headers or a body over the limits (too_large).",
+                "Admin endpoint connections refused or cut: all slots busy (connections), cut for a new one (evicted), headers too slow (header_timeout), request too slow (deadline), a socket peer neither root nor the gateway's user (peer), no TLS handshake with a certificate from admin_tls.client_ca (tls), a TCP peer not in admin_clients (client), a Host not the endpoint's address or localhost (host), a change (block list, reload) over TCP (tcp_change), a malformed request (bad_request), a method the route does not take (method), a body not JSON (media_type), headers or a body over the limits (too_large).",
                 series.iter().map(|&(reason, n)| ([("reason", reason)], n)),
             )
         }));
@@ -611,6 +660,17 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
         }
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => readyz(routes, req.uri().query()),
+        "/reload" | "/reload/preview" => match (&routes.reloads, peer) {
+            (_, Peer::Tcp(_)) => forbidden(
+                Forbidden::TcpChange,
+                format!(
+                    "{path} is served on admin_socket only: the candidate makes the gateway read files (gateway check --against and gateway reload use the socket)"
+                ),
+            ),
+            (None, _) => not_found(),
+            (_, _) if *req.method() != Method::POST => not_allowed("POST"),
+            (Some(reloads), Peer::Socket) => reload(reloads.as_ref(), &path, req).await,
+        },
         "/connections" | "/block" | "/rollout/report" | "/rollout/history" | "/rollout/revert" => {
             if let Some(refusal) = untrusted(routes, peer, &req) {
                 return refusal;
@@ -791,20 +851,9 @@ async fn block(admission: &Admission, peer: Peer, req: Request<Incoming>) -> Rep
     if method == Method::DELETE {
         return unblock(admission, &req);
     }
-    let body = match json_body(req).await {
-        Ok(b) => b,
-        Err(reply) => return reply,
-    };
-    let add: AddRequest = match serde_json::from_slice(&body) {
+    let add: AddRequest = match read_json(req, "{\"source\": \"192.0.2.7\" or \"192.0.2.0/24\", \"for\": \"1h\" (optional), \"force\": true (optional)}").await {
         Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &Problem::new(format!(
-                    "expected {{\"source\": \"192.0.2.7\" or \"192.0.2.0/24\", \"for\": \"1h\" (optional), \"force\": true (optional)}}: {e}"
-                )),
-            );
-        }
+        Err(reply) => return reply,
     };
     let net = match parse_source(&add.source).and_then(|n| check_width(n, add.force)) {
         Ok(n) => n,
@@ -843,21 +892,11 @@ async fn revert(revisions: &Revisions, peer: Peer, req: Request<Incoming>) -> Re
                 .into(),
         );
     }
-    let body = match json_body(req).await {
-        Ok(b) => b,
-        Err(reply) => return reply,
-    };
-    let ask: RevertRequest = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                &Problem::new(format!(
-                    "expected {{\"revision\": N, \"force\": true (optional)}}: {e}"
-                )),
-            );
-        }
-    };
+    let ask: RevertRequest =
+        match read_json(req, "{\"revision\": N, \"force\": true (optional)}").await {
+            Ok(a) => a,
+            Err(reply) => return reply,
+        };
     match (revisions.revert)(ask.revision, ask.force).await {
         Ok(done) => json(StatusCode::OK, &done),
         Err((status, message)) => json(
@@ -867,35 +906,91 @@ async fn revert(revisions: &Revisions, peer: Peer, req: Request<Incoming>) -> Re
     }
 }
 
-/// A change's body: `Content-Type: application/json` (a cross-site form
-/// cannot send it), at most `MAX_BODY_BYTES`.
-async fn json_body(req: Request<Incoming>) -> Result<Bytes, Reply> {
-    let is_json = req
+/// A change's JSON body: `Content-Type: application/json` (a cross-site
+/// form cannot send it), within `MAX_BODY_BYTES`, shaped like `expected`.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, Reply> {
+    let path = req.uri().path().to_owned();
+    let json_body = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
+    if !json_body {
         return Err(json(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &Problem::new(format!(
-                "{} {} takes Content-Type: application/json",
-                req.method(),
-                req.uri().path()
-            )),
+            &Problem::new(format!("POST {path} takes Content-Type: application/json")),
         ));
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
+    let body = Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
-    {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => Err(json(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &Problem::new(format!("reading the body: {e}")),
-        )),
-    }
+        .map_err(|e| {
+            json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &Problem::new(format!("reading the body: {e}")),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &Problem::new(format!("expected {expected}: {e}")),
+        )
+    })
+}
+
+/// `POST /reload` (`{"force": true}` optional) and `POST /reload/preview`
+/// (`{"config": "/abs/candidate.toml", "since": "7d"}`).
+async fn reload(reloads: &dyn Reloads, path: &str, req: Request<Incoming>) -> Reply {
+    let answer = if path == "/reload" {
+        // An empty body is `{}`.
+        let empty = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+        let r: ReloadRequest = if empty {
+            ReloadRequest::default()
+        } else {
+            match read_json(req, "{\"force\": true} (optional)").await {
+                Ok(r) => r,
+                Err(reply) => return reply,
+            }
+        };
+        reloads.reload(r.force).await
+    } else {
+        let r: PreviewRequest = match read_json(
+            req,
+            "{\"config\": \"/absolute/candidate.toml\", \"since\": \"7d\" (optional)}",
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(reply) => return reply,
+        };
+        if !r.config.is_absolute() {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &Problem::new(format!(
+                    "config {:?}: an absolute path (the gateway's working directory is not yours)",
+                    r.config
+                )),
+            );
+        }
+        let since = match r.since.as_deref().map(crate::config::duration::parse) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => return json(StatusCode::BAD_REQUEST, &Problem::new(e)),
+        };
+        reloads.preview(r.config, since).await
+    };
+    json(
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &answer.body,
+    )
 }
 
 /// `DELETE /block?source=NET`.
@@ -1149,7 +1244,7 @@ fn not_found() -> Reply {
     text(
         StatusCode::NOT_FOUND,
         "text/plain",
-        "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, /rollout/history, /block (GET; POST, DELETE on admin_socket), and POST /rollout/revert (admin_socket)\n"
+        "not found: GET /metrics, /healthz, /readyz, /connections, /rollout/report, /rollout/history, /block (GET; POST, DELETE on admin_socket), and POST /rollout/revert, /reload, /reload/preview (admin_socket)\n"
             .into(),
     )
 }
@@ -1369,6 +1464,35 @@ pub mod client {
         serde_json::from_slice(&body).map_err(|e| ClientError::Http {
             at: at.clone(),
             reason: format!("not a revert's answer: {e}"),
+        })
+    }
+
+    /// `POST /reload`, for `gateway reload`: the report, or the refusal
+    /// (`ClientError::Refused`, 409 when the reload guard held it).
+    pub async fn reload(at: &Endpoint, force: bool) -> Result<Reloaded, ClientError> {
+        let body = serde_json::to_string(&ReloadRequest { force }).unwrap_or_default();
+        let body = request(at, Method::POST, "/reload", Some(body)).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not a reload report: {e}"),
+        })
+    }
+
+    /// `POST /reload/preview`, for `gateway check --against`.
+    pub async fn preview(
+        at: &Endpoint,
+        config: &Path,
+        since: Option<&str>,
+    ) -> Result<crate::preview::Preview, ClientError> {
+        let body = serde_json::to_string(&PreviewRequest {
+            config: config.to_owned(),
+            since: since.map(str::to_owned),
+        })
+        .unwrap_or_default();
+        let body = request(at, Method::POST, "/reload/preview", Some(body)).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Http {
+            at: at.clone(),
+            reason: format!("not a reload preview: {e}"),
         })
     }
 

@@ -60,6 +60,9 @@ pub enum AppError {
 pub enum ReloadError {
     #[error("reload refused, running state kept: {0}")]
     Invalid(String),
+    /// The reload guard (`max_reload_closes`) held it: see `preview`.
+    #[error("reload refused, running state kept: {}", .0.refusal())]
+    Guarded(crate::preview::GuardCheck),
     #[error("the gateway is shutting down")]
     ShuttingDown,
 }
@@ -69,6 +72,7 @@ impl ReloadError {
     pub fn reason(&self) -> String {
         match self {
             ReloadError::Invalid(why) => why.clone(),
+            ReloadError::Guarded(check) => check.refusal(),
             e => e.to_string(),
         }
     }
@@ -77,7 +81,18 @@ impl ReloadError {
 /// The log line for a refused reload: the message says what happened, the
 /// field says why, each once.
 fn log_refused(e: &ReloadError) {
-    tracing::error!(reason = %e.reason(), "reload refused, running state kept");
+    match e {
+        ReloadError::Guarded(check) => {
+            let counted: Vec<String> = check
+                .counted
+                .iter()
+                .map(|(l, n)| format!("{l}={n}"))
+                .collect();
+            tracing::error!(reason = %e.reason(), max_reload_closes = check.limit.unwrap_or(0),
+                closes = %counted.join(","), "reload refused by the reload guard, running state kept");
+        }
+        _ => tracing::error!(reason = %e.reason(), "reload refused, running state kept"),
+    }
 }
 
 /// What a successful reload changed.
@@ -157,6 +172,10 @@ impl std::fmt::Display for ReloadReport {
 pub struct ReloadStats {
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
+    /// Refused by the reload guard (also counted in `failed`).
+    pub guard_refused: AtomicU64,
+    /// Applied by force over the reload guard.
+    pub guard_forced: AtomicU64,
 }
 
 struct ReloadRequest {
@@ -164,13 +183,23 @@ struct ReloadRequest {
     /// What the revision history records it as: a reload, or a revert
     /// to a revision (whose text is then written back to the config file).
     revert_to: Option<u64>,
+    /// Apply it even if the reload guard would hold it.
+    force: bool,
     reply: oneshot::Sender<Result<ReloadReport, ReloadError>>,
 }
 
-/// Asks the running app to reload.
+struct PreviewRequest {
+    config: Config,
+    /// The audit report's window for `seen_refused`.
+    since: Option<Duration>,
+    reply: oneshot::Sender<crate::preview::Preview>,
+}
+
+/// Asks the running app to reload, or to preview a reload.
 #[derive(Clone)]
 pub struct ReloadHandle {
     tx: mpsc::Sender<ReloadRequest>,
+    preview_tx: mpsc::Sender<PreviewRequest>,
     stats: Arc<ReloadStats>,
     revisions: Option<Arc<crate::revisions::Store>>,
 }
@@ -179,26 +208,37 @@ impl ReloadHandle {
     /// Applies `config` whole or not at all; systemd hears `RELOADING=1`
     /// before and `READY=1` after, whichever it was.
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+        self.reload_forced(config, false).await
+    }
+
+    /// As `reload`; with `force`, the reload guard does not hold it.
+    pub async fn reload_forced(
+        &self,
+        config: Config,
+        force: bool,
+    ) -> Result<ReloadReport, ReloadError> {
         crate::systemd::reloading();
-        let result = self.apply(config).await;
+        let result = self.apply(config, force).await;
         crate::systemd::reloaded(&result);
         result
     }
 
-    async fn apply(&self, config: Config) -> Result<ReloadReport, ReloadError> {
-        self.send(config, None).await
+    async fn apply(&self, config: Config, force: bool) -> Result<ReloadReport, ReloadError> {
+        self.send(config, None, force).await
     }
 
     async fn send(
         &self,
         config: Config,
         revert_to: Option<u64>,
+        force: bool,
     ) -> Result<ReloadReport, ReloadError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(ReloadRequest {
                 config,
                 revert_to,
+                force,
                 reply,
             })
             .await
@@ -235,14 +275,45 @@ impl ReloadHandle {
     ) -> Result<ReloadReport, RevertError> {
         let store = self.revisions.as_ref().ok_or(RevertError::NoHistory)?;
         let config = revision_config(store, number, force)?;
-        Ok(self.send(config, Some(number)).await?)
+        // A revert is a change like any other: the reload guard holds it
+        // unless forced.
+        Ok(self.send(config, Some(number), force).await?)
+    }
+
+    /// What reloading to `config` would do, with nothing changed: the
+    /// candidate built and every live connection judged against it by the
+    /// reload's own code (see `preview`).
+    pub async fn preview(
+        &self,
+        config: Config,
+        since: Option<Duration>,
+    ) -> Result<crate::preview::Preview, ReloadError> {
+        let (reply, rx) = oneshot::channel();
+        self.preview_tx
+            .send(PreviewRequest {
+                config,
+                since,
+                reply,
+            })
+            .await
+            .map_err(|_| ReloadError::ShuttingDown)?;
+        rx.await.map_err(|_| ReloadError::ShuttingDown)
     }
 
     /// Reads the config file again and reloads; a file that does not parse is
     /// a failed reload like any other.
     pub async fn reload_file(&self, path: &Path) -> Result<ReloadReport, ReloadError> {
+        self.reload_file_forced(path, false).await
+    }
+
+    /// As `reload_file`; with `force`, the reload guard does not hold it.
+    pub async fn reload_file_forced(
+        &self,
+        path: &Path,
+        force: bool,
+    ) -> Result<ReloadReport, ReloadError> {
         match Config::load(path) {
-            Ok(config) => self.reload(config).await,
+            Ok(config) => self.reload_forced(config, force).await,
             Err(e) => {
                 crate::systemd::reloading();
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -309,6 +380,8 @@ pub struct App {
     registry: Arc<Registry>,
     reload_tx: mpsc::Sender<ReloadRequest>,
     reload_rx: mpsc::Receiver<ReloadRequest>,
+    preview_tx: mpsc::Sender<PreviewRequest>,
+    preview_rx: mpsc::Receiver<PreviewRequest>,
     reload_stats: Arc<ReloadStats>,
     metrics: Arc<Metrics>,
     admin: Option<TcpListener>,
@@ -333,6 +406,9 @@ pub struct App {
     revisions: Option<Arc<crate::revisions::Store>>,
     start_revision: Option<Revision>,
     auto_revert: Option<crate::revisions::AutoRevert>,
+    /// The config file it was started with (`POST /reload` reads it
+    /// again); None: built from a config that came from no file.
+    config_file: Option<PathBuf>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -446,6 +522,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let start_revision = revisions
         .as_ref()
         .map(|_| Revision::of(config, How::Start, None));
+    let (preview_tx, preview_rx) = mpsc::channel(4);
     Ok(App {
         bound,
         drain_timeout: state.drain_timeout,
@@ -454,6 +531,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         registry: Arc::new(Registry::default()),
         reload_tx,
         reload_rx,
+        preview_tx,
+        preview_rx,
         reload_stats: Arc::default(),
         metrics,
         admin,
@@ -471,6 +550,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         revisions,
         start_revision,
         auto_revert: config.auto_revert(),
+        config_file: Some(config.source.clone()).filter(|p| p.is_file()),
     })
 }
 
@@ -508,6 +588,7 @@ impl App {
     pub fn reload_handle(&self) -> ReloadHandle {
         ReloadHandle {
             tx: self.reload_tx.clone(),
+            preview_tx: self.preview_tx.clone(),
             stats: self.reload_stats.clone(),
             revisions: self.revisions.clone(),
         }
@@ -616,6 +697,10 @@ impl App {
                         },
                         expiries: self.metrics.expiries.clone(),
                     }),
+                    reloads: Some(Box::new(AdminReloads {
+                        handle: self.reload_handle(),
+                        config_file: self.config_file.clone(),
+                    })),
                 },
                 admin_stop.clone(),
             ));
@@ -664,10 +749,15 @@ impl App {
         loop {
             let job = tokio::select! {
                 () = self.shutdown.cancelled() => break,
+                Some(req) = self.preview_rx.recv() => {
+                    let _ = req.reply.send(self.preview(&req.config, req.since));
+                    continue;
+                }
                 Some(req) = self.reload_rx.recv() => Job {
                     how: if req.revert_to.is_some() { How::Revert } else { How::Reload },
                     config: req.config,
                     revert_to: req.revert_to,
+                    force: req.force,
                     reply: Some(req.reply),
                 },
                 _ = tick.tick() => {
@@ -693,7 +783,7 @@ impl App {
                 crate::systemd::reloading();
             }
             let mut result = self
-                .apply(&job.config, job.revert_to, &mut running, &shared)
+                .apply(&job.config, job.revert_to, job.force, &mut running, &shared)
                 .await;
             if job.how == How::AutoRevert {
                 crate::systemd::reloaded(&result);
@@ -856,6 +946,10 @@ impl App {
                 config,
                 how: How::AutoRevert,
                 revert_to: Some(armed.previous),
+                // Held by the reload guard like any change: a jump in
+                // failures an attacker can cause must not close more live
+                // connections than the operator allows.
+                force: false,
                 reply: None,
             }),
             Err(e) => refused(e.to_string()),
@@ -871,11 +965,12 @@ impl App {
         &self,
         config: &Config,
         revert_to: Option<u64>,
+        force: bool,
         running: &mut HashMap<String, Running>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
         let Some(number) = revert_to else {
-            return self.reload(config, running, shared).await;
+            return self.reload(config, force, running, shared).await;
         };
         let path = &config.source;
         let old = std::fs::read(path).map_err(|e| {
@@ -890,7 +985,7 @@ impl App {
                 path.display()
             ))
         })?;
-        let result = self.reload(config, running, shared).await;
+        let result = self.reload(config, force, running, shared).await;
         if result.is_err()
             && let Err(e) = crate::revisions::replace_file(path, &old)
         {
@@ -939,9 +1034,63 @@ impl App {
         }
     }
 
+    /// The reload of `config` up to its swap, with nothing changed: the
+    /// candidate built (with counters of its own, so no series appears),
+    /// its CRLs checked against those in service without recording them,
+    /// and the dry run `reload` makes and the guard reads. A candidate
+    /// that does not build is the preview's `refused`.
+    fn preview(&self, config: &Config, since: Option<Duration>) -> crate::preview::Preview {
+        use crate::preview::{GuardCheck, Preview};
+        let name = config.source.display().to_string();
+        let state = match State::from_config(config) {
+            Ok(s) => s,
+            Err(e) => {
+                let mut p = Preview::new(name, None);
+                p.refused = Some(e.to_string());
+                return p;
+            }
+        };
+        let candidate = listeners_of(&state);
+        let dry = self.registry.dry_run(&candidate);
+        let mut p = Preview::new(name, Some(&dry));
+        p.refused = self
+            .crls
+            .check(&served_crls(&state))
+            .err()
+            .map(|e| e.to_string());
+        p.routes = crate::preview::route_changes(
+            &self.registry.routes(),
+            &registry::routes_of(&candidate),
+        );
+        p.guard = GuardCheck::judge(
+            config.max_reload_closes,
+            &p.would_close,
+            self.brings_crl(&candidate),
+        );
+        p.since_seconds = since.map(|d| d.as_secs());
+        p.seen_refused = crate::preview::seen_refused(&self.metrics.audit, &candidate, since);
+        p
+    }
+
+    /// `candidate` enforces a CRL the running state does not: news of
+    /// revocation, which the reload guard never holds back.
+    fn brings_crl(&self, candidate: &registry::Listeners) -> bool {
+        let now: std::collections::HashSet<[u8; 32]> = self
+            .registry
+            .listeners()
+            .values()
+            .flat_map(|l| l.tls.crls().map(|c| c.digest))
+            .collect();
+        candidate
+            .values()
+            .flat_map(|l| l.tls.crls())
+            .any(|c| !now.contains(&c.digest))
+    }
+
     async fn reload(
         &self,
         config: &Config,
+        force: bool,
         running: &mut HashMap<String, Running>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
@@ -966,6 +1115,27 @@ impl App {
             refused_crl(&e);
             ReloadError::Invalid(e.to_string())
         })?;
+        // The dry run a preview shows: the guard counts it, and once the
+        // states are published it is what closes connections.
+        let candidate = listeners_of(&state);
+        let dry = self.registry.dry_run(&candidate);
+        let check = crate::preview::GuardCheck::judge(
+            config.max_reload_closes,
+            &dry.closes(),
+            self.brings_crl(&candidate),
+        );
+        if check.holds() {
+            if !force {
+                self.reload_stats
+                    .guard_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(ReloadError::Guarded(check));
+            }
+            self.reload_stats
+                .guard_forced
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(reason = %check.refusal(), "reload guard overridden: forced");
+        }
         // Bind what is new before touching anything, so a port in use leaves
         // the running state whole.
         let mut fresh = Vec::new();
@@ -1021,15 +1191,8 @@ impl App {
         // After every swap and before re-verifying: a handshake that read
         // an older state sees the generation moved when it goes live and is
         // judged again then; one that went live before is in the snapshot.
-        self.registry.publish(
-            state
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), l.clone()))
-                .collect(),
-            state.drain_timeout,
-        );
-        report.connections_closed = self.registry.reverify();
+        self.registry.publish(candidate, state.drain_timeout);
+        report.connections_closed = self.registry.apply(dry);
         self.crls.record(&served_crls(&state));
         // Read at each request: a narrowed list applies to the next one.
         self.admin_clients
@@ -1044,6 +1207,8 @@ struct Job {
     config: Config,
     how: How,
     revert_to: Option<u64>,
+    /// Past the reload guard (`max_reload_closes`).
+    force: bool,
     reply: Option<oneshot::Sender<Result<ReloadReport, ReloadError>>>,
 }
 
@@ -1085,6 +1250,80 @@ impl Rollback {
             settings,
         ));
     }
+}
+
+/// `POST /reload` and `POST /reload/preview` on the admin socket.
+struct AdminReloads {
+    handle: ReloadHandle,
+    config_file: Option<PathBuf>,
+}
+
+fn answer(status: u16, body: impl serde::Serialize) -> crate::admin::Answer {
+    crate::admin::Answer {
+        status,
+        body: serde_json::to_value(body).unwrap_or_default(),
+    }
+}
+
+fn problem(status: u16, error: String) -> crate::admin::Answer {
+    answer(status, serde_json::json!({ "error": error }))
+}
+
+impl crate::admin::Reloads for AdminReloads {
+    fn reload(&self, force: bool) -> crate::admin::Answering<'_> {
+        Box::pin(async move {
+            let Some(path) = &self.config_file else {
+                return problem(
+                    409,
+                    "the gateway was not started from a config file: nothing to read again".into(),
+                );
+            };
+            tracing::info!(force, "reload requested on the admin socket");
+            match self.handle.reload_file_forced(path, force).await {
+                Ok(report) => answer(
+                    200,
+                    crate::admin::Reloaded {
+                        listeners_started: report.listeners_started.clone(),
+                        listeners_stopped: report.listeners_stopped.clone(),
+                        connections_closed: report.connections_closed,
+                        changes: report.to_string(),
+                    },
+                ),
+                Err(e @ ReloadError::Guarded(_)) => problem(409, e.to_string()),
+                Err(e @ ReloadError::ShuttingDown) => problem(503, e.to_string()),
+                Err(e @ ReloadError::Invalid(_)) => problem(422, e.to_string()),
+            }
+        })
+    }
+
+    fn preview(&self, config: PathBuf, since: Option<Duration>) -> crate::admin::Answering<'_> {
+        Box::pin(async move {
+            // Read as a reload reads its file: relative paths in it
+            // against its own directory.
+            let candidate = match Config::load(&config) {
+                Ok(c) => c,
+                // What a reload of that file would say: refused.
+                Err(e) => {
+                    let mut p = crate::preview::Preview::new(config.display().to_string(), None);
+                    p.refused = Some(e.to_string());
+                    return answer(200, p);
+                }
+            };
+            match self.handle.preview(candidate, since).await {
+                Ok(p) => answer(200, p),
+                Err(e) => problem(503, e.to_string()),
+            }
+        })
+    }
+}
+
+/// A state's listeners by name, as the registry holds them.
+fn listeners_of(state: &State) -> registry::Listeners {
+    state
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.clone()))
+        .collect()
 }
 
 /// Hostname backends resolve at connect time: the guard protects each

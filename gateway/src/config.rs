@@ -122,6 +122,11 @@ pub struct Config {
     /// The text this was parsed from (a revision keeps it).
     #[serde(skip)]
     pub text: String,
+    /// The reload guard: a reload that would close more than this many
+    /// live connections on any one listener (for anything but revocation)
+    /// is refused unless forced (`gateway reload --force`, or SIGHUP after
+    /// the force marker). None: no guard.
+    pub max_reload_closes: Option<usize>,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -1170,6 +1175,20 @@ mod tests {
         assert_eq!(c.listeners[0].routes.len(), 4);
         assert_eq!(c.trust.len(), 2);
         assert_eq!(c.listeners[0].idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn max_reload_closes_is_off_by_default_and_a_count_or_refused() {
+        assert_eq!(parse(MINIMAL).unwrap().max_reload_closes, None);
+        // 0: no reload may close a live connection unless forced.
+        let c = parse(&format!("max_reload_closes = 0\n{MINIMAL}")).unwrap();
+        assert_eq!(c.max_reload_closes, Some(0));
+        for bad in ["-1", "1.5", "\"ten\"", "true"] {
+            let err = parse(&format!("max_reload_closes = {bad}\n{MINIMAL}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("max_reload_closes"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod netlink;
 pub mod offload;
 pub mod pki;
 pub mod policy;
+pub mod preview;
 pub mod privilege;
 pub mod proxy_protocol;
 pub mod registry;

@@ -46,6 +46,37 @@ enum Command {
         /// Fail when anything runs out within this.
         #[arg(long, default_value = "1d")]
         fail_within: String,
+        /// Preview a reload to --config on a running gateway instead: its
+        /// admin socket, or its config file (whose admin_socket is used).
+        /// The gateway builds the candidate without applying it and says
+        /// which live connections the reload would close or orphan, which
+        /// routes change, which audited clients would be refused, and what
+        /// the reload guard would say. Exit status: 0 it would apply and
+        /// close nothing, 1 it would close or orphan connections or be
+        /// refused, 2 the question could not be answered.
+        #[arg(long, value_name = "SOCKET_OR_CONFIG")]
+        against: Option<String>,
+        /// With --against: the audit report's window for the clients it
+        /// would refuse (e.g. 7d); default: all the gateway remembers.
+        #[arg(long, requires = "against")]
+        since: Option<String>,
+        /// With --against: text or json.
+        #[arg(long, value_enum, default_value = "text", requires = "against")]
+        format: ReportFormat,
+    },
+    /// Reload a running gateway from the config file it was started with,
+    /// through its admin socket, and print what changed or why it was
+    /// refused (exit status 1). `--force` applies a reload the reload
+    /// guard (max_reload_closes) would refuse.
+    Reload {
+        #[arg(long)]
+        force: bool,
+        /// The admin socket (default: `admin_socket` of --config).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The gateway's config, to read `admin_socket` from.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// The eBPF guard outside a running gateway: on a backend host, let only
     /// the gateways reach the protected ports (`--config guard.toml`); or
@@ -399,9 +430,23 @@ fn main() -> ExitCode {
         Command::Run { config, pid_file } => run(&config, pid_file.as_deref()),
         Command::Check {
             config,
+            against: Some(against),
+            since,
+            format,
+            ..
+        } => return check_against(&config, &against, since.as_deref(), format),
+        Command::Check {
+            config,
             warn_within,
             fail_within,
+            against: None,
+            ..
         } => check(&config, warn_within.as_deref(), &fail_within),
+        Command::Reload {
+            force,
+            socket,
+            config,
+        } => reload(force, socket, config.as_deref()),
         Command::Pki { command } => pki(command),
         Command::Block {
             command,
@@ -689,6 +734,11 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
                 }
             });
         }
+        let force_marker = config.admin_socket.as_ref().map(|s| {
+            config
+                .resolve(s)
+                .with_file_name(gateway::preview::FORCE_MARKER)
+        });
         let stop_watching = tokio_util::sync::CancellationToken::new();
         if config.watch_files {
             let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
@@ -698,7 +748,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         }
         let path = path.to_owned();
         tokio::spawn(async move {
-            signals.serve(&path, reload).await;
+            signals.serve(&path, force_marker.as_deref(), reload).await;
             gateway::systemd::stopping(registry.len());
             shutdown.shutdown();
         });
@@ -775,16 +825,30 @@ impl Signals {
         })
     }
 
-    /// SIGHUP reloads; SIGTERM/SIGINT return (to shut down).
-    async fn serve(mut self, path: &std::path::Path, reload: gateway::app::ReloadHandle) {
+    /// SIGHUP reloads (forced when `force_marker` is there, which it
+    /// consumes); SIGTERM/SIGINT return (to shut down).
+    async fn serve(
+        mut self,
+        path: &std::path::Path,
+        force_marker: Option<&std::path::Path>,
+        reload: gateway::app::ReloadHandle,
+    ) {
         loop {
             let name = tokio::select! {
                 _ = self.term.recv() => "SIGTERM",
                 _ = self.int.recv() => "SIGINT",
                 _ = self.hup.recv() => {
-                    tracing::info!(signal = "SIGHUP", "reload requested");
+                    let force = match force_marker.map(gateway::preview::take_force_marker) {
+                        None | Some(Ok(false)) => false,
+                        Some(Ok(true)) => true,
+                        Some(Err(why)) => {
+                            tracing::error!(reason = %why, "reload force marker not trusted: reloading unforced");
+                            false
+                        }
+                    };
+                    tracing::info!(signal = "SIGHUP", force, "reload requested");
                     // Errors are logged and counted by the reload itself.
-                    let _ = reload.reload_file(path).await;
+                    let _ = reload.reload_file_forced(path, force).await;
                     continue;
                 }
             };
@@ -792,6 +856,90 @@ impl Signals {
             return;
         }
     }
+}
+
+/// `gateway check --against`: 0 the reload would apply and close nothing,
+/// 1 it would close or orphan connections or be refused, 2 could not tell.
+fn check_against(
+    candidate: &std::path::Path,
+    against: &str,
+    since: Option<&str>,
+    format: ReportFormat,
+) -> ExitCode {
+    let result = socket_of(against).and_then(|at| {
+        // The gateway's working directory is not ours.
+        let candidate = std::path::absolute(candidate)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let preview = runtime.block_on(gateway::admin::client::preview(&at, &candidate, since))?;
+        match format {
+            ReportFormat::Text => print!("{}", preview.text()),
+            ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&preview)?),
+        }
+        Ok(preview.refused.is_none()
+            && !preview.guard.holds()
+            && preview.would_close.is_empty()
+            && preview.orphaned.is_empty())
+    });
+    yes_no_or_error(result)
+}
+
+/// A question's exit status: 0 yes, 1 no, 2 no answer (said on stderr).
+fn yes_no_or_error(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("gateway: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--against`: the admin socket itself, or a config file naming it. The
+/// preview makes the gateway read files, so it is asked on the socket
+/// only, never over TCP.
+fn socket_of(against: &str) -> anyhow::Result<gateway::admin::client::Endpoint> {
+    use gateway::admin::client::Endpoint;
+    use std::os::unix::fs::FileTypeExt as _;
+    if against.contains("://") || against.parse::<std::net::SocketAddr>().is_ok() {
+        anyhow::bail!(
+            "--against {against}: a reload preview makes the gateway read files, so it is served on the admin socket only, never over TCP; name the socket (--against /run/gateway/admin.sock) or the gateway's config (--against /etc/gateway/gateway.toml)"
+        );
+    }
+    let path = std::path::Path::new(against);
+    let meta = std::fs::metadata(path).map_err(|e| anyhow::anyhow!("--against {against}: {e}"))?;
+    if meta.file_type().is_socket() {
+        return Ok(Endpoint::Socket(path.to_owned()));
+    }
+    let config = gateway::Config::load(path)?;
+    match &config.admin_socket {
+        Some(p) => Ok(Endpoint::Socket(config.resolve(p))),
+        None => anyhow::bail!(
+            "{against}: no admin_socket (set admin_socket = \"/run/gateway/admin.sock\"): a reload preview is served there only"
+        ),
+    }
+}
+
+/// `gateway reload`: the report, or why it was refused.
+fn reload(
+    force: bool,
+    socket: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let at = match endpoint(socket, None, config)? {
+        at @ gateway::admin::client::Endpoint::Socket(_) => at,
+        gateway::admin::client::Endpoint::Tcp(a) => anyhow::bail!(
+            "the gateway's config has only the TCP admin endpoint {a}: a reload is asked on admin_socket only"
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let reloaded = runtime.block_on(gateway::admin::client::reload(&at, force))?;
+    println!("reloaded: {}", reloaded.changes);
+    Ok(())
 }
 
 /// `gateway rollout`: 0 ready, 1 not ready, 2 could not tell.
@@ -849,14 +997,7 @@ fn rollout(
         }
         Ok(report.routes.iter().all(|r| r.ready))
     });
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
-        Err(e) => {
-            eprintln!("gateway: {}", error_chain(&e));
-            ExitCode::from(2)
-        }
-    }
+    yes_no_or_error(result)
 }
 
 /// The admin endpoint: `--socket`, `--admin`, or `admin_socket` (else

@@ -709,6 +709,20 @@ impl Sources {
                 ),
             ],
         )?;
+        out.counter(
+            "gateway_reload_guard_total",
+            "Reloads the reload guard (max_reload_closes) held: refused (also counted as failed reloads), or forced through.",
+            [
+                (
+                    [("result", "refused")],
+                    self.reloads.guard_refused.load(Ordering::Relaxed),
+                ),
+                (
+                    [("result", "forced")],
+                    self.reloads.guard_forced.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
         if let Some(guard) = &self.guard {
             guard.render_metrics(out)?;
         }

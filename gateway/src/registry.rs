@@ -46,8 +46,8 @@ use crate::forward::Moved;
 use crate::identity::Identity;
 use crate::policy::{Subject, Verdict};
 use crate::state::{ListenerState, Route};
-use crate::tls::ListenerTls;
 use crate::tls::bundle::Verified;
+use crate::tls::{ListenerTls, Rejected};
 
 /// One live connection, as the registry holds it.
 struct Entry {
@@ -153,6 +153,18 @@ type Intermediates = Arc<[CertificateDer<'static>]>;
 /// Every serving listener's current state, by name.
 pub type Listeners = HashMap<String, Arc<ListenerState>>;
 
+/// Every route of `listeners`: (listener, route, mode).
+pub fn routes_of(listeners: &Listeners) -> Vec<(String, String, Mode)> {
+    listeners
+        .values()
+        .flat_map(|l| {
+            l.routes
+                .iter()
+                .map(|r| (l.name.clone(), r.name.clone(), r.mode()))
+        })
+        .collect()
+}
+
 #[derive(Default)]
 pub struct Registry {
     next_id: AtomicU64,
@@ -234,7 +246,11 @@ impl Registration {
         };
         // A reload since register judged it before this flag was set.
         if !Arc::ptr_eq(&current, &self.registered_under) {
-            let (route, verified) = self.entry.judged().against(&current, &current.tls)?;
+            let (route, verified) = self
+                .entry
+                .judged()
+                .against(&current, &current.tls)
+                .map_err(|r| r.why)?;
             // What the chain check learned (the CRLs' next update, the
             // CAs' expiry) is the tick's to watch; a reload that judged it
             // by this same state before the flag checked no chain. (A newer
@@ -329,16 +345,12 @@ impl Registry {
 
     /// Every route the current state serves: (listener, route, mode).
     pub fn routes(&self) -> Vec<(String, String, crate::config::Mode)> {
-        let inner = self.lock();
-        inner
-            .listeners
-            .values()
-            .flat_map(|l| {
-                l.routes
-                    .iter()
-                    .map(|r| (l.name.clone(), r.name.clone(), r.mode()))
-            })
-            .collect()
+        routes_of(&self.lock().listeners)
+    }
+
+    /// The current listeners' states, by name.
+    pub fn listeners(&self) -> Listeners {
+        self.lock().listeners.clone()
     }
 
     /// The current generation; read it before the listener's state.
@@ -397,7 +409,7 @@ impl Registry {
                     now
                 }
                 Ok((now, None)) => now,
-                Err(why) => return Err(Refused(why)),
+                Err(r) => return Err(Refused(r.why)),
             };
             // Audit refuses nothing, so `against` checks no chain; but the
             // backend is about to be told whether the client was admitted,
@@ -409,7 +421,7 @@ impl Registry {
                             verified = v;
                             None
                         }
-                        Err(why) => Some(why),
+                        Err(r) => Some(r.why),
                     }
                 }
                 (Mode::Audit, None) => Some("client presented no certificate".into()),
@@ -510,63 +522,79 @@ impl Registry {
     /// besides its own. Returns how many were closed.
     pub fn reverify(&self) -> usize {
         let listeners = self.lock().listeners.clone();
-        let mut current_crls = None;
-        // A removed listener's kept TLS with the current CRLs, built once
-        // per kept state (many connections share one). The state is held
-        // too, so no other can take its address meanwhile.
-        type Merged = (Arc<ListenerState>, Result<Arc<ListenerTls>, String>);
-        let mut merged: HashMap<*const ListenerState, Merged> = HashMap::new();
+        let dry = self.dry_run(&listeners);
+        self.apply(dry)
+    }
+
+    /// Judges every live connection against `listeners` as `reverify`
+    /// would once they are published, and changes nothing: a reload's dry
+    /// run. The preview reports it, the reload's guard counts it, and the
+    /// reload applies it (`apply`), so all three rest on one judgement.
+    pub fn dry_run(&self, listeners: &Listeners) -> DryRun {
+        DryRun {
+            listeners: listeners.clone(),
+            outcomes: judge_all(listeners, self.snapshot_with_ids()),
+        }
+    }
+
+    /// Applies a dry run made against the states published since:
+    /// closes what it refused, records what it kept. A connection that went
+    /// live after it, or whose own facts changed since (its backend reached,
+    /// its backend told it was admitted), or a dry run against other states
+    /// than the current ones, is judged anew. Returns how many were closed.
+    pub fn apply(&self, dry: DryRun) -> usize {
+        let listeners = self.lock().listeners.clone();
+        let same_states = listeners.len() == dry.listeners.len()
+            && listeners.iter().all(|(name, l)| {
+                dry.listeners
+                    .get(name)
+                    .is_some_and(|judged| Arc::ptr_eq(l, judged))
+            });
+        let mut judged: HashMap<u64, Outcome> = if same_states {
+            dry.outcomes.into_iter().map(|o| (o.id, o)).collect()
+        } else {
+            HashMap::new()
+        };
+        let mut outcomes = Vec::new();
+        let mut again = Vec::new();
+        for (id, entry) in self.snapshot_with_ids() {
+            match judged.remove(&id) {
+                Some(o) if o.still_fits(&entry) => outcomes.push(o),
+                _ => again.push((id, entry)),
+            }
+        }
+        outcomes.extend(judge_all(&listeners, again));
         let mut closed = 0;
-        for entry in self.snapshot() {
-            let (state, tls) = match listeners.get(&entry.listener) {
-                Some(l) => (l.clone(), None),
-                None => {
-                    let kept = entry.judgement().state;
-                    let (_, tls) = merged.entry(Arc::as_ptr(&kept)).or_insert_with(|| {
-                        let crls = current_crls.get_or_insert_with(|| {
-                            listeners
-                                .values()
-                                .flat_map(|l| l.tls.crls().cloned())
-                                .collect::<Vec<_>>()
-                        });
-                        let tls = kept
-                            .tls
-                            .with_more_crls(crls)
-                            .map(Arc::new)
-                            .map_err(|e| e.to_string());
-                        (kept.clone(), tls)
-                    });
-                    let tls = tls.clone();
-                    (kept, Some(tls))
-                }
-            };
-            let judged = match &tls {
-                None => entry.judged().against(&state, &state.tls),
-                Some(Ok(tls)) => entry.judged().against(&state, tls),
-                Some(Err(why)) => Err(why.clone()),
-            };
-            match judged {
-                Ok((route, verified)) => {
-                    let serving = listeners.contains_key(&entry.listener);
-                    let mut j = entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(v) = verified {
+        for o in outcomes {
+            match o.verdict {
+                Ok(kept) => {
+                    let mut j = o.entry.judgement.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(v) = kept.verified {
                         j.verified = v;
                     }
-                    j.state = state;
-                    j.route = route;
-                    j.orphaned = if serving {
+                    j.state = kept.state;
+                    j.route = kept.route;
+                    j.orphaned = if kept.serving {
                         None
                     } else {
                         Some(j.orphaned.unwrap_or_else(Instant::now))
                     };
                 }
-                Err(why) => {
-                    entry.close(format!("{AFTER_RELOAD}: {why}"));
+                Err(r) => {
+                    o.entry.close(format!("{AFTER_RELOAD}: {}", r.why));
                     closed += 1;
                 }
             }
         }
         closed
+    }
+
+    fn snapshot_with_ids(&self) -> Vec<(u64, Arc<Entry>)> {
+        self.lock()
+            .live
+            .iter()
+            .map(|(id, e)| (*id, e.clone()))
+            .collect()
     }
 
     /// The periodic check: expiry, lifetime, time windows (policy without the
@@ -599,6 +627,178 @@ impl Registry {
     }
 }
 
+/// Judges `entries` against `listeners`; one whose listener is not among
+/// them against the state it was last judged by, with every CRL of
+/// `listeners` besides its own.
+fn judge_all(listeners: &Listeners, entries: Vec<(u64, Arc<Entry>)>) -> Vec<Outcome> {
+    let mut current_crls = None;
+    // A removed listener's kept TLS with the current CRLs, built once
+    // per kept state (many connections share one). The state is held
+    // too, so no other can take its address meanwhile.
+    type Merged = (Arc<ListenerState>, Result<Arc<ListenerTls>, String>);
+    let mut merged: HashMap<*const ListenerState, Merged> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(entries.len());
+    for (id, entry) in entries {
+        // Read before judging: if either moves meanwhile, `apply` judges
+        // the connection again.
+        let told_admitted = entry.told_admitted.load(Ordering::Acquire);
+        let connected = entry.backend.get().is_some();
+        let (state, tls) = match listeners.get(&entry.listener) {
+            Some(l) => (l.clone(), None),
+            None => {
+                let kept = entry.judgement().state;
+                let (_, tls) = merged.entry(Arc::as_ptr(&kept)).or_insert_with(|| {
+                    let crls = current_crls.get_or_insert_with(|| {
+                        listeners
+                            .values()
+                            .flat_map(|l| l.tls.crls().cloned())
+                            .collect::<Vec<_>>()
+                    });
+                    let tls = kept
+                        .tls
+                        .with_more_crls(crls)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string());
+                    (kept.clone(), tls)
+                });
+                let tls = tls.clone();
+                (kept, Some(tls))
+            }
+        };
+        let judged = match &tls {
+            None => entry.judged().against(&state, &state.tls),
+            Some(Ok(tls)) => entry.judged().against(&state, tls),
+            Some(Err(why)) => Err(Rejected::other(why.clone())),
+        };
+        let serving = listeners.contains_key(&entry.listener);
+        outcomes.push(Outcome {
+            id,
+            entry,
+            told_admitted,
+            connected,
+            verdict: judged.map(|(route, verified)| Kept {
+                state,
+                route,
+                verified,
+                serving,
+            }),
+        });
+    }
+    outcomes
+}
+
+/// Every live connection judged against a set of listener states, nothing
+/// applied yet (see `Registry::dry_run`).
+pub struct DryRun {
+    listeners: Listeners,
+    outcomes: Vec<Outcome>,
+}
+
+/// One connection's judgement in a dry run.
+struct Outcome {
+    id: u64,
+    entry: Arc<Entry>,
+    /// What the judgement saw of the connection's own facts.
+    told_admitted: bool,
+    connected: bool,
+    verdict: Result<Kept, Rejected>,
+}
+
+/// What a kept connection's judgement rests on from now on.
+struct Kept {
+    state: Arc<ListenerState>,
+    route: Arc<Route>,
+    verified: Option<Verified>,
+    /// Its listener is among the judged states (else it drains).
+    serving: bool,
+}
+
+impl Outcome {
+    /// The connection is as it was judged.
+    fn still_fits(&self, entry: &Entry) -> bool {
+        self.told_admitted == entry.told_admitted.load(Ordering::Acquire)
+            && self.connected == entry.backend.get().is_some()
+    }
+
+    fn view(&self, reason: String, revoked: bool) -> Affected {
+        let e = &self.entry;
+        Affected {
+            listener: e.listener.clone(),
+            route: e.via.name.clone(),
+            identity: e.identity.as_ref().map(Identity::names),
+            source: e.client.to_string(),
+            age_seconds: e.opened.elapsed().as_secs(),
+            reason,
+            revoked,
+        }
+    }
+}
+
+/// A live connection a reload would close or orphan, as a preview shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Affected {
+    pub listener: String,
+    pub route: String,
+    /// The client's names; None: no certificate.
+    pub identity: Option<Vec<String>>,
+    /// The client's address and port.
+    pub source: String,
+    pub age_seconds: u64,
+    /// Why it would close (as the access log would say after
+    /// `AFTER_RELOAD`), or why it drains.
+    pub reason: String,
+    /// Closed by the revocation check (the reload guard never counts it).
+    pub revoked: bool,
+}
+
+impl DryRun {
+    /// The connections it would close, by listener, route, then oldest first.
+    pub fn closes(&self) -> Vec<Affected> {
+        let mut v: Vec<Affected> = self
+            .outcomes
+            .iter()
+            .filter_map(|o| {
+                let r = o.verdict.as_ref().err()?;
+                Some(o.view(r.why.clone(), r.revoked))
+            })
+            .collect();
+        sort_affected(&mut v);
+        v
+    }
+
+    /// The connections it would keep whose listener is not among the
+    /// judged states and was serving until now: they drain.
+    pub fn orphans(&self) -> Vec<Affected> {
+        let mut v: Vec<Affected> = self
+            .outcomes
+            .iter()
+            .filter(|o| {
+                o.verdict.as_ref().is_ok_and(|k| !k.serving)
+                    && o.entry.judgement().orphaned.is_none()
+            })
+            .map(|o| {
+                o.view(
+                    "its listener is removed: it drains, closed after drain_timeout".into(),
+                    false,
+                )
+            })
+            .collect();
+        sort_affected(&mut v);
+        v
+    }
+}
+
+fn sort_affected(v: &mut [Affected]) {
+    v.sort_by(|a, b| {
+        (&a.listener, &a.route, b.age_seconds, &a.source).cmp(&(
+            &b.listener,
+            &b.route,
+            a.age_seconds,
+            &b.source,
+        ))
+    });
+}
+
 /// A connection as a reload judges it: what it presented, from where, for
 /// which server name, admitted on which route, and where it went.
 struct Judged<'a> {
@@ -628,17 +828,17 @@ impl Judged<'_> {
         &self,
         listener: &ListenerState,
         tls: &ListenerTls,
-    ) -> Result<(Arc<Route>, Option<Verified>), String> {
+    ) -> Result<(Arc<Route>, Option<Verified>), Rejected> {
         let Some(route) = listener.route_for(self.sni) else {
-            return Err(match self.sni {
+            return Err(Rejected::other(match self.sni {
                 Some(sni) => format!("no route for server name {sni:?}"),
                 None => "no default route (the client sent no server name)".into(),
-            });
+            }));
         };
         if route.name != self.route {
             // Another route's policy and backends; a route that kept the
             // old name elsewhere is not this connection's.
-            return Err(match self.sni {
+            return Err(Rejected::other(match self.sni {
                 Some(sni) => format!(
                     "server name {sni:?} now goes to route {:?}, not {:?}",
                     route.name, self.route
@@ -647,28 +847,29 @@ impl Judged<'_> {
                     "the default route is now {:?}, not {:?}",
                     route.name, self.route
                 ),
-            });
+            }));
         }
         if let Some(via) = self.via {
-            self.still_goes_to(via, route)?;
+            self.still_goes_to(via, route).map_err(Rejected::other)?;
         }
         let verified = match route.mode() {
             // Its backend was told "verified, admitted": only what enforce
             // would admit may keep it.
             Mode::Off if self.told_admitted => {
-                return Err(
+                return Err(Rejected::other(
                     "its backend was told the client is verified, and the route no longer verifies clients (off)"
                         .into(),
-                );
+                ));
             }
             Mode::Audit if self.told_admitted => {
                 let Some(leaf) = self.leaf else {
-                    return Err("its backend was told the client is verified, and it presented no certificate".into());
+                    return Err(Rejected::other("its backend was told the client is verified, and it presented no certificate".into()));
                 };
                 Some(
                     tls.recheck(&route.auth, self.source, leaf, self.intermediates)
-                        .map_err(|why| {
-                            format!("its backend was told the client is verified, and it no longer is: {why}")
+                        .map_err(|r| Rejected {
+                            why: format!("its backend was told the client is verified, and it no longer is: {}", r.why),
+                            revoked: r.revoked,
                         })?,
                 )
             }
@@ -678,12 +879,14 @@ impl Judged<'_> {
                     .auth
                     .policy
                     .admits_source_at(self.source, jiff::Timestamp::now())
-                    .map_err(|why| why.to_string())?;
+                    .map_err(|why| Rejected::other(why.to_string()))?;
                 None
             }
             Mode::Enforce => {
                 let Some(leaf) = self.leaf else {
-                    return Err("route now enforces and the client presented no certificate".into());
+                    return Err(Rejected::other(
+                        "route now enforces and the client presented no certificate".into(),
+                    ));
                 };
                 Some(tls.recheck(&route.auth, self.source, leaf, self.intermediates)?)
             }

@@ -528,6 +528,7 @@ pub async fn run(path: &Path) -> Result<(), RemoteGuardError> {
                 tls: None,
                 rollout: None,
                 revisions: None,
+                reloads: None,
             },
             stop.clone(),
         ));

@@ -774,6 +774,44 @@ impl Audit {
     }
 }
 
+/// One client of a route's summary, for a reload's preview.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// As the summary keeps it; None: no certificate.
+    pub identity: Option<String>,
+    pub source: IpNet,
+    /// Why enforcement would refuse it (`would_deny`); None: let in.
+    pub reason: Option<String>,
+    pub count: u64,
+    pub last_seen: String,
+}
+
+impl Audit {
+    /// The clients `listener`'s `route` let in or would have refused,
+    /// last seen within `since`.
+    pub fn clients(&self, listener: &str, route: &str, since: Option<Duration>) -> Vec<Client> {
+        let now = now();
+        let from =
+            since.map(|d| now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+        let summaries = self.lock();
+        let Some(s) = summaries.get(&(listener.to_owned(), route.to_owned())) else {
+            return Vec::new();
+        };
+        let seen = s.seen.entries.iter().map(|e| (e, false));
+        let denied = s.would_deny.entries.iter().map(|e| (e, true));
+        seen.chain(denied)
+            .filter(|((_, t), _)| from.is_none_or(|f| t.last_seen >= f))
+            .map(|((k, t), denied)| Client {
+                identity: k.identity.clone(),
+                source: k.source,
+                reason: denied.then(|| k.reason.clone()),
+                count: t.count,
+                last_seen: timestamp(t.last_seen),
+            })
+            .collect()
+    }
+}
+
 impl Table {
     fn spill_tally(&mut self, t: Tally) {
         match &mut self.overflow.tally {
@@ -887,7 +925,8 @@ fn timestamp(unix: i64) -> String {
         .unwrap_or_else(|_| unix.to_string())
 }
 
-fn humantime(d: Duration) -> String {
+/// A duration as the config would write it ("7d", "2h", "90s").
+pub fn humantime(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),

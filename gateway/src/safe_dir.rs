@@ -29,6 +29,12 @@ pub fn check(meta: &std::fs::Metadata, euid: u32, sticky_ok: bool) -> Result<(),
     Ok(())
 }
 
+/// The effective user id of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Why `file`'s directory is no place for this process to create `file`
 /// in, if it is not: it must be this user's or root's and writable by no
 /// one else (not even sticky: the name is known in advance). A gateway
@@ -39,8 +45,7 @@ pub fn check_parent_of(file: &Path) -> Result<(), String> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = euid();
     let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let owner = meta.uid();
     check(&meta, euid, false)

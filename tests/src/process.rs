@@ -133,25 +133,12 @@ pub fn rollout_report(admin: SocketAddr, args: &[&str]) -> (i32, String, String)
     let admin = admin.to_string();
     let mut all = vec!["rollout", "report", "--admin", &admin];
     all.extend(args);
-    run_cli(&all)
+    cli(&all)
 }
 
 /// The address the binary says it listens on (its stderr), once it does.
 pub fn wait_listening(stderr: &Path) -> SocketAddr {
     crate::listening_addr(stderr).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `gateway ARGS` with the built binary: (exit code, stdout, stderr).
-pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(crate::gateway_binary())
-        .args(args)
-        .output()
-        .expect("gateway runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `gateway --log-format json run --config CONFIG EXTRA…`, its stderr in
@@ -209,4 +196,17 @@ pub fn give_to_nobody(pki: &crate::Pki) {
 pub fn user_exists(name: &str) -> bool {
     std::fs::read_to_string("/etc/passwd")
         .is_ok_and(|p| p.lines().any(|l| l.split(':').next() == Some(name)))
+}
+
+/// `gateway ARGS` with the built binary: (exit code, stdout, stderr).
+pub fn cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
+    let out = Command::new(crate::gateway_binary())
+        .args(args)
+        .output()
+        .expect("gateway runs");
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use gateway::pki::{Authority, LeafSpec};
 use gateway::revisions::{History, How};
 use gateway_tests::process::{
-    Reap, admin_addr, exit_status, log_count, run_binary, run_cli, scrape, series, signal,
-    wait_for, wait_listening,
+    Reap, admin_addr, exit_status, log_count, run_binary, scrape, series, signal, wait_for,
+    wait_listening,
 };
 use gateway_tests::*;
 
@@ -90,7 +90,7 @@ impl Binary {
 fn cli(args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["rollout"];
     all.extend(args);
-    run_cli(&all)
+    gateway_tests::process::cli(&all)
 }
 
 /// (number, how, reverted_to) of each revision, newest first.

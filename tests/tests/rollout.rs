@@ -442,6 +442,29 @@ impl Walk {
                     "{report}"
                 );
             }
+            "stage-2-previewed" => {
+                // The certificate-less connection held since stage 2's
+                // audit is the one the switch would close, and is still
+                // open: the preview changed nothing.
+                let held = self.held_anonymous.as_ref().expect("held");
+                let preview = &self.output_of("--against").stdout;
+                let close = format!(
+                    "  edge/orders no certificate from 127.0.0.1:{} (age ",
+                    held.port
+                );
+                assert!(
+                    preview.contains("live connections it would close: 1\n")
+                        && preview.contains(&close)
+                        && preview.contains(
+                            "s): route now enforces and the client presented no certificate\n"
+                        )
+                        && preview.contains("  edge/orders: mode audit -> enforce\n")
+                        && preview.contains("clients seen in the last 7d it would refuse: 1\n")
+                        && preview.contains("reload guard: off (no max_reload_closes)\n"),
+                    "{preview}"
+                );
+                assert!(held.closed.is_empty(), "the preview closed nothing");
+            }
             "stage-2-enforced" => {
                 let held = self.held_anonymous.take().expect("held");
                 tokio::time::timeout(STEP, held.closed)
@@ -714,6 +737,7 @@ async fn the_rollout_guide_runs_as_written() {
             "stage-1-flows",
             "stage-2-audit",
             "stage-2-watched",
+            "stage-2-previewed",
             "stage-2-enforced",
             "stage-2-reverted",
             "stage-3-audit",

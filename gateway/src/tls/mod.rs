@@ -229,18 +229,19 @@ impl ListenerTls {
 
     /// Verifies a live connection's client chain again, as its handshake
     /// did but against this (possibly reloaded) state and enforcing. Err
-    /// says why the client would be refused now.
+    /// says why the client would be refused now, and whether for
+    /// revocation (which a reload's guard never holds back).
     pub fn recheck(
         &self,
         route: &RouteAuth,
         source: IpAddr,
         leaf: &rustls_pki_types::CertificateDer<'_>,
         intermediates: &[rustls_pki_types::CertificateDer<'_>],
-    ) -> Result<bundle::Verified, String> {
+    ) -> Result<bundle::Verified, Rejected> {
         let decision = Arc::new(Mutex::new(Decision::default()));
         let verifier = self
             .verifier(route, Mode::Enforce, source, decision.clone())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Rejected::other(e.to_string()))?;
         match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
             Ok(_) => Ok(decision
                 .lock()
@@ -249,10 +250,15 @@ impl ListenerTls {
                 .unwrap_or_default()),
             Err(e) => {
                 let d = decision.lock().unwrap_or_else(|p| p.into_inner());
-                Err(match (&d.refused, &d.verdict) {
+                let why = match (&d.refused, &d.verdict) {
                     (Some(refused), _) => refused.clone(),
                     (None, Some(Verdict::Deny(reason))) => reason.to_string(),
                     _ => e.to_string(),
+                };
+                Err(Rejected {
+                    why,
+                    revoked: d.refused.is_some()
+                        && d.problem == Some(verifier::CertProblem::Revoked),
                 })
             }
         }
@@ -379,6 +385,24 @@ pub fn plaintext_alert(description: rustls::AlertDescription) -> [u8; 7] {
     [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, u8::from(description)]
 }
 
+/// Why a re-check refuses a live connection's client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub why: String,
+    /// The chain's revocation check refused it (revoked, or no CRL could
+    /// vouch for it): what a reload's guard never holds back.
+    pub revoked: bool,
+}
+
+impl Rejected {
+    pub fn other(why: String) -> Rejected {
+        Rejected {
+            why,
+            revoked: false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,7 +503,7 @@ mod tests {
             let why = tls
                 .recheck(&auth, source, &leaf, std::slice::from_ref(&intermediate))
                 .expect_err("re-check of a route with an unknown bundle");
-            assert!(why.contains("\"nope\""), "{why}");
+            assert!(why.why.contains("\"nope\""), "{}", why.why);
         }
     }
 }
