@@ -29,7 +29,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -108,6 +108,9 @@ pub(super) struct Place {
     pace: Mutex<Pace>,
     /// The stage it was evicted in (its stage before `Evicted`).
     evicted_in: AtomicU8,
+    /// Evicted when already below the minimum rate (past the point where
+    /// its watch cuts it for slowness, the cut not yet made).
+    evicted_slow: AtomicBool,
 }
 
 impl Place {
@@ -138,6 +141,12 @@ impl Place {
     /// The stage it was in when evicted.
     pub(super) fn evicted_in(&self) -> Stage {
         Stage::from_u8(self.evicted_in.load(Ordering::Acquire))
+    }
+
+    /// Whether it was evicted below the minimum rate: it had earned its
+    /// cut for slowness (and the strike that goes with it) on its own.
+    pub(super) fn evicted_slow(&self) -> bool {
+        self.evicted_slow.load(Ordering::Acquire)
     }
 
     /// Looks at the kernel's counts: whose turn it is, and the client's
@@ -225,15 +234,27 @@ impl Pool {
                 .chain(s.answered.iter().take(CANDIDATES))
                 .filter_map(|(id, p)| Some((p.progress(now)?, p.stage(), *id)))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            let victim = slowest.and_then(|(_, stage, id)| match stage {
-                Stage::Hello => s.hello.remove(&id),
-                _ => s.answered.remove(&id),
+            let victim = slowest.and_then(|(progress, stage, id)| {
+                let victim = match stage {
+                    Stage::Hello => s.hello.remove(&id),
+                    _ => s.answered.remove(&id),
+                }?;
+                Some((victim, progress))
             });
-            let Some(victim) = victim else {
+            let Some((victim, progress)) = victim else {
                 return Err(refused);
             };
-            let grace = victim.pace.lock().unwrap_or_else(|p| p.into_inner()).grace;
-            s.evicted_from(source_of(victim.client), now + grace, now);
+            let pace = *victim.pace.lock().unwrap_or_else(|p| p.into_inner());
+            s.evicted_from(source_of(victim.client), now + pace.grace, now);
+            // At or below the minimum rate, its watch is due to cut it
+            // (progress, the grace credited, is exactly what the watch
+            // holds it to); a newcomer that comes first must not spare it
+            // the strike. Under load, when watches run late, those are the
+            // very handshakes eviction picks.
+            victim.evicted_slow.store(
+                pace.min_rate > 0 && progress <= f64::from(pace.min_rate),
+                Ordering::Release,
+            );
             victim
                 .evicted_in
                 .store(victim.stage() as u8, Ordering::Release);
@@ -253,6 +274,7 @@ impl Pool {
             turn: Mutex::new(Turn::new(now)),
             pace: Mutex::new(Pace::DEFAULT),
             evicted_in: AtomicU8::new(Stage::Hello as u8),
+            evicted_slow: AtomicBool::new(false),
         });
         s.hello.insert(id, place.clone());
         s.connections += 1;
