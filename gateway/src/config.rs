@@ -330,6 +330,13 @@ pub struct AdmissionSettings {
     /// instead, and refused, `max_tracked`, only when the networks' table
     /// is full too).
     pub max_tracked: u32,
+    /// Entries of the networks' table one IPv6 allocation (an
+    /// `ipv6_allocation`, a /32: what an ISP gets, 65536 /48s) may hold;
+    /// a new network beyond it is refused (`networks_per_allocation`), so
+    /// an attacker in one allocation cannot fill the table for everyone.
+    /// 0: no quota.
+    pub ipv6_allocation: u8,
+    pub networks_per_allocation: u32,
     /// Addresses remembered as known (a handshake authenticated with a
     /// verified certificate within `known_for`); a known source is
     /// admitted past a full networks table, held to its own limits. The
@@ -389,6 +396,8 @@ impl Default for AdmissionSettings {
             block_for: Duration::from_secs(600),
             exempt: Vec::new(),
             max_tracked: 65_536,
+            ipv6_allocation: 32,
+            networks_per_allocation: 4096,
             max_known: 16_384,
             known_for: Duration::from_secs(24 * 3600),
             prefix_spread_block_after: 128,
@@ -742,6 +751,9 @@ impl Config {
         }
         if a.ipv6_network > a.ipv6_prefix {
             return Err(at("ipv6_network", "must be at most ipv6_prefix"));
+        }
+        if a.ipv6_allocation > a.ipv6_network {
+            return Err(at("ipv6_allocation", "must be at most ipv6_network"));
         }
         for (field, rate, burst) in [
             (
@@ -1145,6 +1157,7 @@ allow = ["spiffe://example.internal/ns/shop/sa/frontend", "dns:batch.example.int
                 "spread_half_life",
             ),
             ("[admission]\nknown_for = \"0s\"\n", "known_for"),
+            ("[admission]\nipv6_allocation = 56\n", "ipv6_allocation"),
             (
                 "[admission]\nblock_after = 100\nprefix_block_after = 100\n",
                 "prefix_block_after",

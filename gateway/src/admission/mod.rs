@@ -105,6 +105,10 @@ pub enum Refusal {
     /// (A full table of addresses or prefixes leaves a new source to its
     /// coarser groups' limits instead.)
     MaxTracked,
+    /// The same, and the source's IPv6 allocation (`ipv6_allocation`)
+    /// already holds `networks_per_allocation` entries of the networks'
+    /// table.
+    NetworksPerAllocation,
     /// Admitted, then evicted by a newer connection before its ClientHello
     /// was complete.
     EvictedBeforeHello,
@@ -153,6 +157,7 @@ impl Refusal {
             Refusal::NetworkRate => "network_rate",
             Refusal::NetworkHandshakes => "network_handshakes",
             Refusal::MaxTracked => "max_tracked",
+            Refusal::NetworksPerAllocation => "networks_per_allocation",
             Refusal::EvictedBeforeHello => "evicted_before_hello",
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",

@@ -67,6 +67,9 @@ pub(super) struct Lru<K, V> {
     capacity: usize,
     /// Entries forgotten to make room, since start.
     pub forgotten: u64,
+    /// The keys forgotten since the last [`Lru::take_gone`], for a table
+    /// whose keys are counted elsewhere (None: not kept).
+    gone: Option<Vec<K>>,
 }
 
 impl<K: Hash + Eq + Clone, V> Lru<K, V> {
@@ -77,7 +80,23 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             clock: 0,
             capacity: capacity.max(1),
             forgotten: 0,
+            gone: None,
         }
+    }
+
+    /// Keeps the keys it forgets for [`Lru::take_gone`].
+    pub fn keeping_gone(mut self) -> Self {
+        self.gone = Some(Vec::new());
+        self
+    }
+
+    /// The keys forgotten since the last call.
+    pub fn take_gone(&mut self) -> Vec<K> {
+        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.map.keys()
     }
 
     pub fn len(&self) -> usize {
@@ -101,6 +120,9 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             self.order.remove(&stamp);
             self.map.remove(&key);
             self.forgotten += 1;
+            if let Some(g) = &mut self.gone {
+                g.push(key);
+            }
         }
     }
 
@@ -147,6 +169,9 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             if self.map.get(&key).is_some_and(|(v, _)| idle(v)) {
                 self.map.remove(&key);
                 self.forgotten += 1;
+                if let Some(g) = &mut self.gone {
+                    g.push(key);
+                }
                 return true;
             }
             self.clock += 1;
@@ -368,6 +393,19 @@ impl Limits {
     }
 }
 
+/// The IPv6 allocation (`ipv6_allocation`) `source` is in, while a quota
+/// of networks per allocation is set.
+fn allocation(source: IpAddr, settings: &AdmissionSettings) -> Option<IpNet> {
+    match source {
+        IpAddr::V6(_) if settings.networks_per_allocation > 0 => {
+            IpNet::new(source, settings.ipv6_allocation)
+                .ok()
+                .map(|n| n.trunc())
+        }
+        _ => None,
+    }
+}
+
 /// The address, prefix and network a handshake was counted in (None: not
 /// tracked at that level, its table full), and whether the address's
 /// count is in the known table (a known source past full tables).
@@ -401,6 +439,10 @@ pub(super) struct Sources {
     prefixes: Lru<IpNet, Tally>,
     networks: Lru<IpNet, Tally>,
     known: Lru<IpAddr, Known>,
+    /// Entries of the networks' table per IPv6 allocation
+    /// (`ipv6_allocation`), while `networks_per_allocation` is set: at most
+    /// as many keys as the networks' table has entries.
+    allocations: HashMap<IpNet, u32>,
     /// Handshakes of known sources admitted past a full networks table,
     /// since start.
     pub known_admitted: u64,
@@ -412,8 +454,9 @@ impl Sources {
         Sources {
             addresses: Lru::new(n),
             prefixes: Lru::new(n),
-            networks: Lru::new(n),
+            networks: Lru::new(n).keeping_gone(),
             known: Lru::new(settings.max_known as usize),
+            allocations: HashMap::new(),
             known_admitted: 0,
         }
     }
@@ -456,6 +499,29 @@ impl Sources {
         // verified go first, busy or not.
         self.known
             .set_capacity(settings.max_known as usize, |_| true);
+        // Counted afresh: the allocation's length or quota may have
+        // changed.
+        self.networks.take_gone();
+        self.allocations.clear();
+        let keys: Vec<IpNet> = self.networks.keys().copied().collect();
+        for net in keys {
+            if let Some(a) = allocation(net.addr(), settings) {
+                *self.allocations.entry(a).or_default() += 1;
+            }
+        }
+    }
+
+    /// Whether `source`'s network is not tracked and its IPv6 allocation
+    /// already holds `networks_per_allocation` entries of the networks'
+    /// table: an attacker in one allocation (a /32 holds 65536 /48s)
+    /// cannot fill the table for everyone.
+    fn over_quota(&mut self, source: IpAddr, settings: &AdmissionSettings) -> bool {
+        allocation(source, settings).is_some_and(|a| {
+            self.allocations.get(&a).copied().unwrap_or(0) >= settings.networks_per_allocation
+        }) && self
+            .networks
+            .get_mut(&Level::Network.group(source, settings))
+            .is_none()
     }
 
     /// The entry of `source`'s group at `level`, made if need be; None when
@@ -468,11 +534,43 @@ impl Sources {
         now: Instant,
     ) -> Option<&mut Tally> {
         let limits = Limits::of(level, settings);
-        self.table(level).entry(
-            &level.group(source, settings),
-            || Tally::new(limits.burst, now),
-            |t| t.idle(&limits, settings, now),
-        )
+        let group = level.group(source, settings);
+        if level != Level::Network {
+            return self.table(level).entry(
+                &group,
+                || Tally::new(limits.burst, now),
+                |t| t.idle(&limits, settings, now),
+            );
+        }
+        if self.over_quota(source, settings) {
+            return None;
+        }
+        let fresh = self.networks.get_mut(&group).is_none();
+        let made = self
+            .networks
+            .entry(
+                &group,
+                || Tally::new(limits.burst, now),
+                |t| t.idle(&limits, settings, now),
+            )
+            .is_some();
+        for gone in self.networks.take_gone() {
+            if let Some(a) = allocation(gone.addr(), settings)
+                && let Some(n) = self.allocations.get_mut(&a)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.allocations.remove(&a);
+                }
+            }
+        }
+        if made
+            && fresh
+            && let Some(a) = allocation(source, settings)
+        {
+            *self.allocations.entry(a).or_default() += 1;
+        }
+        self.networks.get_mut(&group)
     }
 
     /// Counts a handshake `source` wants to start, or says which limit it
@@ -503,7 +601,11 @@ impl Sources {
             // A known source still gets in, counted as an address (in the
             // known table if need be): its own limits hold.
             if !self.is_known(source, settings, now) {
-                return Err(Refusal::MaxTracked);
+                return Err(if self.over_quota(source, settings) {
+                    Refusal::NetworksPerAllocation
+                } else {
+                    Refusal::MaxTracked
+                });
             }
             known = address.is_none();
             Some(IpNet::from(source))
@@ -1106,5 +1208,73 @@ mod tests {
         let later = now + Duration::from_secs(61);
         hold(&mut t, later);
         assert_eq!(t.start(known, &s, later), Err(Refusal::MaxTracked));
+    }
+
+    /// One failed handshake from each of many /48s of one /32 (cheap in
+    /// IPv6): past `networks_per_allocation`, that /32's new networks are
+    /// refused, so the networks' table keeps room, and a new source from
+    /// elsewhere is admitted. Once the window has passed, the /32's
+    /// entries are idle again and give way.
+    #[test]
+    fn one_ipv6_allocation_cannot_fill_the_networks_table() {
+        let s = AdmissionSettings {
+            max_tracked: 100,
+            networks_per_allocation: 10,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let mut refused = 0;
+        for i in 0..200u32 {
+            let a = ip(&format!("2001:db8:{:x}::1", 0x100 + i));
+            match t.start(a, &s, now) {
+                Ok(g) => {
+                    t.ended(&g);
+                    t.strike(a, Level::Address, &s, now);
+                }
+                Err(r) => {
+                    assert_eq!(r, Refusal::NetworksPerAllocation);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(refused, 190);
+        assert_eq!(t.lens()[2], 10);
+        // Another /32, and IPv4, are not affected.
+        t.start(ip("2001:db9:1::1"), &s, now).unwrap();
+        t.start(ip("192.0.2.1"), &s, now).unwrap();
+        // A network already tracked is not refused for the quota.
+        t.start(ip("2001:db8:100::2"), &s, now).unwrap();
+        // The quota counts entries, so a reload that tightens it counts
+        // what is there.
+        let tight = AdmissionSettings {
+            networks_per_allocation: 5,
+            ..s.clone()
+        };
+        t.configure(&tight, now);
+        assert_eq!(
+            t.start(ip("2001:db8:ffff::1"), &tight, now),
+            Err(Refusal::NetworksPerAllocation)
+        );
+        // Once idle, the /32's entries give way to newcomers, and the
+        // count follows.
+        let later = now + s.block_window + Duration::from_secs(5);
+        let big = AdmissionSettings {
+            max_tracked: 12,
+            ..s.clone()
+        };
+        t.configure(&big, later);
+        // (The /48 of 2001:db8:100::2 stays: its handshake is in flight.)
+        for i in 0..9u8 {
+            let g = t.start(IpAddr::from([10, i, 0, 1]), &big, later).unwrap();
+            t.ended(&g);
+        }
+        assert_eq!(
+            t.allocations
+                .get(&"2001:db8::/32".parse::<IpNet>().unwrap()),
+            Some(&1)
+        );
+        let g = t.start(ip("2001:db8:ffff::1"), &big, later + Duration::from_secs(1));
+        g.unwrap();
     }
 }

@@ -687,3 +687,38 @@ fn an_eviction_strikes_only_a_handshake_already_below_the_minimum_rate() {
     drop(fresh);
     assert_eq!(admission.tables().sources.strikes(young.ip()), 0);
 }
+
+/// Past `networks_per_allocation`, a new network of the same IPv6 /32 is
+/// refused, counted by its own reason; another /32 is admitted.
+#[test]
+fn networks_past_their_allocations_quota_are_refused_and_counted() {
+    let metrics = Arc::new(Metrics::default());
+    let s = AdmissionSettings {
+        networks_per_allocation: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, metrics.clone());
+    let pool = admission.pool("edge");
+    for net in ["2001:db8:1::1", "2001:db8:2::1"] {
+        // A failed handshake: a strike keeps the entry.
+        drop(admitted(admission.admit(
+            &pool,
+            100,
+            100,
+            client(net, 1),
+            None,
+        )));
+    }
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, client("2001:db8:3::1", 1), None)),
+        Refusal::NetworksPerAllocation
+    );
+    admitted(admission.admit(&pool, 100, 100, client("2001:db9:3::1", 1), None)).established();
+    let text = all_metrics(metrics);
+    assert!(
+        text.contains(
+            "gateway_connections_refused_total{listener=\"edge\",reason=\"networks_per_allocation\"} 1"
+        ),
+        "{text}"
+    );
+}
