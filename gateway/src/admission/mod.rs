@@ -371,12 +371,14 @@ impl Admission {
         let source = client.ip().to_canonical();
         let exempt = settings.exempt.iter().any(|n| n.contains(&source));
         let mut groups = None;
+        let mut known = false;
         if !exempt {
             let mut t = self.tables();
             if t.blocked.lookup(source, now).is_some() {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
+            known = t.sources.is_known(source, &settings, now);
             match t.sources.start(source, &settings, now) {
                 Ok(g) => groups = Some(g),
                 Err(refusal) => {
@@ -397,7 +399,7 @@ impl Admission {
                 None
             }
         });
-        match pool.take(client, socket, max_connections, max_handshakes) {
+        match pool.take(client, socket, max_connections, max_handshakes, known) {
             Ok(taken) => {
                 let ticket = Ticket {
                     admission: self.clone(),

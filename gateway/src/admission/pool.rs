@@ -24,7 +24,9 @@
 //! the listener is full. Otherwise attackers that reconnect when evicted
 //! evict one another in a chain, hundreds a second, so that every one of
 //! them is always young in its turn, and an allowed client in its own turn
-//! (milliseconds) looks no different from them.
+//! (milliseconds) looks no different from them. A known source (a verified
+//! certificate lately) is not held back so: an allowed client evicted in a
+//! stall must not have its address's next clients refused for the grace.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -203,13 +205,19 @@ impl Pool {
     }
 
     /// A slot for `client`, evicting the least progressed handshake when
-    /// the listener (or its handshake share) is full.
+    /// the listener (or its handshake share) is full. A `known` client (a
+    /// verified certificate lately, `sources`) may evict even just after
+    /// its source was evicted: the chain breaker is for attackers who
+    /// reconnect when evicted, and one allowed client evicted (a stall of
+    /// its own) must not have the next ones from its address refused for
+    /// the grace.
     pub(super) fn take(
         &self,
         client: SocketAddr,
         socket: Option<OwnedFd>,
         max_connections: usize,
         max_handshakes: usize,
+        known: bool,
     ) -> Result<Taken, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
@@ -222,7 +230,7 @@ impl Pool {
             } else {
                 Refusal::MaxHandshakesInFlight
             };
-            if !s.may_evict(source_of(client), now) {
+            if !known && !s.may_evict(source_of(client), now) {
                 return Err(refused);
             }
             // A reload may have lowered the limits below what is held: one
@@ -348,7 +356,7 @@ mod tests {
         /// `take` without a socket to read progress from: every handshake
         /// is judged as if its client sent nothing in its turn.
         fn take_plain(&self, c: SocketAddr, max: usize, max_hs: usize) -> Result<Taken, Refusal> {
-            self.take(c, None, max, max_hs)
+            self.take(c, None, max, max_hs, false)
         }
     }
 
@@ -367,7 +375,7 @@ mod tests {
     /// Takes a place for the gateway's end `s`, which stays usable.
     fn take_socket(pool: &Pool, s: &TcpStream, n: u16, max: usize) -> Taken {
         let fd = s.try_clone().unwrap().into();
-        pool.take(client(n), Some(fd), max, max).unwrap()
+        pool.take(client(n), Some(fd), max, max, false).unwrap()
     }
 
     #[test]
@@ -436,10 +444,22 @@ mod tests {
         let (mut ca, sa) = pair();
         let (mut cb, sb) = pair();
         let a = pool
-            .take(client(1), Some(sa.try_clone().unwrap().into()), 10, 2)
+            .take(
+                client(1),
+                Some(sa.try_clone().unwrap().into()),
+                10,
+                2,
+                false,
+            )
             .unwrap();
         let b = pool
-            .take(client(2), Some(sb.try_clone().unwrap().into()), 10, 2)
+            .take(
+                client(2),
+                Some(sb.try_clone().unwrap().into()),
+                10,
+                2,
+                false,
+            )
             .unwrap();
         ca.write_all(b"hello").unwrap();
         cb.write_all(b"hello").unwrap();

@@ -471,7 +471,7 @@ impl Sources {
     }
 
     /// Whether `source` is known: a verified certificate within `known_for`.
-    fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+    pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
         settings.max_known > 0
             && self
                 .known

@@ -722,3 +722,44 @@ fn networks_past_their_allocations_quota_are_refused_and_counted() {
         "{text}"
     );
 }
+
+/// A source just evicted may not evict in turn for the grace (attackers
+/// reconnecting when evicted would evict one another in a chain), but a
+/// known one may: an allowed client evicted in a stall of its own must not
+/// have the next clients of its address refused while the listener is
+/// full.
+#[test]
+fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let allowed = "10.80.0.1";
+    let t = admitted(admission.admit(&pool, 100, 100, client(allowed, 1), None));
+    t.established();
+    t.authenticated();
+    drop(t);
+    let unknown = "10.81.0.1";
+    // The listener (2 places) full: the allowed client's handshake is
+    // evicted by an attacker's, and so is one of the unknown source's.
+    let _a = admitted(admission.admit(&pool, 2, 2, client(allowed, 2), None));
+    let _b = admitted(admission.admit(&pool, 2, 2, client(unknown, 2), None));
+    let mut attackers = Vec::new();
+    for i in 0..2u16 {
+        match admission.admit(&pool, 2, 2, client(&format!("10.82.0.{}", 1 + i), 1), None) {
+            Answer::Evict { ticket, .. } => attackers.push(ticket),
+            _ => panic!("no eviction"),
+        }
+    }
+    // The unknown source may not evict in turn; the known one may.
+    assert_eq!(
+        refused(admission.admit(&pool, 2, 2, client(unknown, 3), None)),
+        Refusal::MaxConnections
+    );
+    match admission.admit(&pool, 2, 2, client(allowed, 3), None) {
+        Answer::Evict { ticket, .. } => ticket.established(),
+        Answer::Admit(_) => panic!("admitted without eviction"),
+        Answer::Refuse(r) => panic!("the known source was refused: {r:?}"),
+    }
+    for t in &attackers {
+        t.established();
+    }
+}
