@@ -864,11 +864,7 @@ async fn a_known_client_is_served_past_a_networks_table_held_full() {
         .await
         .expect("served before the attack");
     for i in 0..40 {
-        let Ok(mut s) = tcp_from(&format!("127.5.{i}.1"), gw.app_addr).await else {
-            continue;
-        };
-        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(closed_within(&mut s, STEP).await.is_some());
+        fail_with_plain_http(&format!("127.5.{i}.1"), gw.app_addr).await;
     }
     assert!(metric(&gw, &refused("max_tracked")).await > 0);
     let before = metric(&gw, &refused("max_tracked")).await;
@@ -908,12 +904,9 @@ async fn a_thin_spread_of_failures_over_a_24_gets_it_blocked() {
     let start = Instant::now();
     let mut failed = 0;
     for i in 1..=60 {
-        let Ok(mut s) = tcp_from(&format!("127.5.200.{i}"), gw.app_addr).await else {
-            continue;
-        };
-        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        assert!(closed_within(&mut s, STEP).await.is_some());
-        failed += 1;
+        if fail_with_plain_http(&format!("127.5.200.{i}"), gw.app_addr).await {
+            failed += 1;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let list = gateway::admin::client::list(&socket(&gw)).await.unwrap();
@@ -933,4 +926,15 @@ async fn a_thin_spread_of_failures_over_a_24_gets_it_blocked() {
     allowed_from(&pki, ORDERS, "127.5.201.1", gw.app_addr)
         .await
         .expect("the next /24 is served");
+}
+
+/// One failed handshake from `from` (plain HTTP), closed by the gateway;
+/// false when it could not even connect.
+async fn fail_with_plain_http(from: &str, gw: std::net::SocketAddr) -> bool {
+    let Ok(mut s) = tcp_from(from, gw).await else {
+        return false;
+    };
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(closed_within(&mut s, STEP).await.is_some());
+    true
 }
