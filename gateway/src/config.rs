@@ -362,6 +362,30 @@ pub struct AdmissionSettings {
     /// instead, and refused, `max_tracked`, only when the networks' table
     /// is full too).
     pub max_tracked: u32,
+    /// Entries of the networks' table one IPv6 allocation (an
+    /// `ipv6_allocation`, a /32: what an ISP gets, 65536 /48s) may hold;
+    /// a new network beyond it is refused (`networks_per_allocation`), so
+    /// an attacker in one allocation cannot fill the table for everyone.
+    /// 0: no quota.
+    pub ipv6_allocation: u8,
+    pub networks_per_allocation: u32,
+    /// Addresses remembered as known (a handshake authenticated with a
+    /// verified certificate within `known_for`); a known source is
+    /// admitted past a full networks table, held to its own limits. The
+    /// least recently verified is forgotten first; 0: none remembered.
+    pub max_known: u32,
+    #[serde(with = "duration")]
+    pub known_for: Duration,
+    /// A prefix's (network's) spread score: each of its addresses adds a
+    /// point for its failures at most once per `block_window`, each that
+    /// authenticated with a verified certificate takes one off likewise
+    /// (never below 0), and the score halves every `spread_half_life`. At
+    /// this score the prefix (network) is blocked; 0: never. Must be
+    /// above what one address alone adds up to (a point a window).
+    pub prefix_spread_block_after: u32,
+    pub network_spread_block_after: u32,
+    #[serde(with = "duration")]
+    pub spread_half_life: Duration,
     /// Entries on the block list at once (at most 65536, the kernel map's
     /// size); beyond it the entry expiring first gives way.
     pub max_blocked: u32,
@@ -404,6 +428,13 @@ impl Default for AdmissionSettings {
             block_for: Duration::from_secs(600),
             exempt: Vec::new(),
             max_tracked: 65_536,
+            ipv6_allocation: 32,
+            networks_per_allocation: 4096,
+            max_known: 16_384,
+            known_for: Duration::from_secs(24 * 3600),
+            prefix_spread_block_after: 128,
+            network_spread_block_after: 512,
+            spread_half_life: Duration::from_secs(600),
             max_blocked: 65_536,
             log_every: Duration::from_secs(10),
             kernel_block_list: true,
@@ -839,6 +870,9 @@ impl Config {
         if a.ipv6_network > a.ipv6_prefix {
             return Err(at("ipv6_network", "must be at most ipv6_prefix"));
         }
+        if a.ipv6_allocation > a.ipv6_network {
+            return Err(at("ipv6_allocation", "must be at most ipv6_network"));
+        }
         for (field, rate, burst) in [
             (
                 "source_handshake_burst",
@@ -877,6 +911,25 @@ impl Config {
         if a.max_tracked == 0 {
             return Err(at("max_tracked", "must be at least 1"));
         }
+        // One address alone must never get its neighbours blocked on the
+        // long horizon either: a point a window, halving every half-life,
+        // adds up to at most 1 / (1 - 2^(-window/half-life)).
+        let one_address =
+            1.0 / (1.0 - (-a.block_window.as_secs_f64() / a.spread_half_life.as_secs_f64()).exp2());
+        for (field, after) in [
+            ("prefix_spread_block_after", a.prefix_spread_block_after),
+            ("network_spread_block_after", a.network_spread_block_after),
+        ] {
+            if after > 0 && f64::from(after) <= one_address {
+                return Err(at(
+                    field,
+                    &format!(
+                        "must be above {:.0}, what one address failing once every block_window adds up to with spread_half_life (or 0)",
+                        one_address.ceil()
+                    ),
+                ));
+            }
+        }
         let kernel_max = gateway_common::MAX_BLOCKED;
         if a.max_blocked == 0 || a.max_blocked > kernel_max {
             return Err(at(
@@ -887,6 +940,8 @@ impl Config {
         for (field, d) in [
             ("block_window", a.block_window),
             ("block_for", a.block_for),
+            ("known_for", a.known_for),
+            ("spread_half_life", a.spread_half_life),
             ("log_every", a.log_every),
         ] {
             if d.is_zero() {
@@ -1208,6 +1263,20 @@ mod tests {
             ),
             ("[admission]\nmax_blocked = 70000\n", "max_blocked"),
             ("[admission]\nmax_tracked = 0\n", "max_tracked"),
+            (
+                "[admission]\nprefix_spread_block_after = 80\n",
+                "prefix_spread_block_after",
+            ),
+            (
+                "[admission]\nblock_window = \"2s\"\nprefix_spread_block_after = 0\nnetwork_spread_block_after = 400\n",
+                "network_spread_block_after",
+            ),
+            (
+                "[admission]\nspread_half_life = \"0s\"\n",
+                "spread_half_life",
+            ),
+            ("[admission]\nknown_for = \"0s\"\n", "known_for"),
+            ("[admission]\nipv6_allocation = 56\n", "ipv6_allocation"),
             (
                 "[admission]\nblock_after = 100\nprefix_block_after = 100\n",
                 "prefix_block_after",

@@ -947,6 +947,7 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         | Refusal::NetworkRate
         | Refusal::NetworkHandshakes
         | Refusal::MaxTracked
+        | Refusal::NetworksPerAllocation
         | Refusal::OutOfDescriptors => HandshakeFailure::Protocol,
     }
 }

@@ -843,3 +843,98 @@ async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
     // The first slow client, and the 31 slow ones still held at 2 s.
     assert_eq!(count("header_timeout"), 32, "{metrics}");
 }
+
+/// An attacker spread over many networks (here /24s, with `ipv4_network`
+/// narrowed so that loopback holds enough of them) fails a handshake from
+/// each, holding the networks' table full of busy entries: a new source
+/// is refused (`max_tracked`, fail closed), but a client that
+/// authenticated before the attack is still served, and counted as such.
+#[tokio::test]
+async fn a_known_client_is_served_past_a_networks_table_held_full() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "",
+        "max_tracked = 32\nipv4_prefix = 28\nipv4_network = 24\nblock_window = \"30s\"",
+    )
+    .await;
+    allowed_from(&pki, ORDERS, "127.5.250.1", gw.app_addr)
+        .await
+        .expect("served before the attack");
+    for i in 0..40 {
+        fail_with_plain_http(&format!("127.5.{i}.1"), gw.app_addr).await;
+    }
+    assert!(metric(&gw, &refused("max_tracked")).await > 0);
+    let before = metric(&gw, &refused("max_tracked")).await;
+    let new = allowed_from(&pki, ORDERS, "127.5.251.1", gw.app_addr).await;
+    assert!(
+        new.is_err(),
+        "a new source was admitted past the full table"
+    );
+    assert_eq!(metric(&gw, &refused("max_tracked")).await, before + 1);
+    for _ in 0..3 {
+        allowed_from(&pki, ORDERS, "127.5.250.1", gw.app_addr)
+            .await
+            .expect("the known client was refused");
+    }
+    assert_eq!(
+        metric(&gw, "gateway_admission_known_admitted_total").await,
+        3
+    );
+}
+
+/// An attacker spread thin over a /24 (each address fails once, far below
+/// every per-window threshold) adds up on the longer horizon (a spread
+/// score, here halving every 10 s): the /24 is blocked, and the next
+/// /24 is served.
+#[tokio::test]
+async fn a_thin_spread_of_failures_over_a_24_gets_it_blocked() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway(
+        &pki,
+        &backend,
+        "",
+        "block_window = \"1s\"\nspread_half_life = \"10s\"\nprefix_spread_block_after = 20\n\
+         network_spread_block_after = 0\nblock_for = \"1h\"",
+    )
+    .await;
+    let start = Instant::now();
+    let mut failed = 0;
+    for i in 1..=60 {
+        if fail_with_plain_http(&format!("127.5.200.{i}"), gw.app_addr).await {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = gateway::admin::client::list(&socket(&gw)).await.unwrap();
+    let nets: Vec<&str> = list.iter().map(|b| b.source.as_str()).collect();
+    assert_eq!(
+        nets,
+        ["127.5.200.0/24"],
+        "after {failed} failures in {:?}",
+        start.elapsed()
+    );
+    assert!(metric(&gw, &refused("blocked")).await > 0);
+    assert!(
+        allowed_from(&pki, ORDERS, "127.5.200.250", gw.app_addr)
+            .await
+            .is_err()
+    );
+    allowed_from(&pki, ORDERS, "127.5.201.1", gw.app_addr)
+        .await
+        .expect("the next /24 is served");
+}
+
+/// One failed handshake from `from` (plain HTTP), closed by the gateway;
+/// false when it could not even connect.
+async fn fail_with_plain_http(from: &str, gw: std::net::SocketAddr) -> bool {
+    let Ok(mut s) = tcp_from(from, gw).await else {
+        return false;
+    };
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(closed_within(&mut s, STEP).await.is_some());
+    true
+}

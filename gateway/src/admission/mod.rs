@@ -21,8 +21,13 @@
 //! network), and so is a refusal for exceeding a limit; enough strikes
 //! within a window block the source (or the prefix, or the network) for a
 //! while. Eviction by a newcomer is no strike (the listener was full, not
-//! the source at fault); a handshake that authenticated with a verified
-//! certificate pays one strike of its address back. The block list also
+//! the source at fault), unless the handshake was already below the
+//! minimum rate (its cut for slowness was due); a handshake that authenticated with a verified
+//! certificate pays one strike of its address back and makes the source
+//! *known*: admitted past a full networks table. A prefix's and network's
+//! failures also add up over a longer horizon (a decaying *spread* score,
+//! one point per failing address a window, one off per succeeding one), so
+//! an attacker spread thin is blocked in the end. The block list also
 //! lives in the kernel (`kernel`), where an
 //! XDP program drops a blocked source's new connections before a socket
 //! exists.
@@ -100,6 +105,10 @@ pub enum Refusal {
     /// (A full table of addresses or prefixes leaves a new source to its
     /// coarser groups' limits instead.)
     MaxTracked,
+    /// The same, and the source's IPv6 allocation (`ipv6_allocation`)
+    /// already holds `networks_per_allocation` entries of the networks'
+    /// table.
+    NetworksPerAllocation,
     /// Admitted, then evicted by a newer connection before its ClientHello
     /// was complete.
     EvictedBeforeHello,
@@ -148,6 +157,7 @@ impl Refusal {
             Refusal::NetworkRate => "network_rate",
             Refusal::NetworkHandshakes => "network_handshakes",
             Refusal::MaxTracked => "max_tracked",
+            Refusal::NetworksPerAllocation => "networks_per_allocation",
             Refusal::EvictedBeforeHello => "evicted_before_hello",
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
@@ -361,12 +371,14 @@ impl Admission {
         let source = client.ip().to_canonical();
         let exempt = settings.exempt.iter().any(|n| n.contains(&source));
         let mut groups = None;
+        let mut known = false;
         if !exempt {
             let mut t = self.tables();
             if t.blocked.lookup(source, now).is_some() {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
+            known = t.sources.is_known(source, &settings, now);
             match t.sources.start(source, &settings, now) {
                 Ok(g) => groups = Some(g),
                 Err(refusal) => {
@@ -387,7 +399,7 @@ impl Admission {
                 None
             }
         });
-        match pool.take(client, socket, max_connections, max_handshakes) {
+        match pool.take(client, socket, max_connections, max_handshakes, known) {
             Ok(taken) => {
                 let ticket = Ticket {
                     admission: self.clone(),
@@ -441,7 +453,8 @@ impl Admission {
 
     /// A handshake of `source` ended without authenticating: a strike,
     /// unless a newcomer evicted it (the listener was full: not the
-    /// source's doing, and a busy NAT's clients would block it).
+    /// source's doing, and a busy NAT's clients would block it) while it
+    /// was still above the minimum rate.
     fn failed(&self, source: IpAddr, groups: &Groups, evicted: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
@@ -526,7 +539,7 @@ impl Admission {
                 self.refusals.note("", "blocked", net.addr(), settings.log_every, now, || {
                     tracing::warn!(%net, level = level.as_str(), block_for = ?settings.block_for, strikes,
                         window = ?settings.block_window,
-                        "admission: blocked: too many failed handshakes or refusals (more blocks are summarized)");
+                        "admission: blocked: too many failed handshakes or refusals within the window, or failures spread over many addresses (more blocks are summarized)");
                 });
             }
             Added::Full => {
@@ -639,13 +652,14 @@ impl Admission {
                 .map(|p| ([("listener", p.listener())], p.handshakes())),
         )?;
         // A copy under the lock (every accept takes it), counted after.
-        let (list, tracked, forgotten, displaced) = {
+        let (list, tracked, forgotten, displaced, known_admitted) = {
             let t = self.tables();
             (
                 t.blocked.snapshot(),
                 t.sources.lens(),
                 t.sources.forgotten(),
                 t.blocked.displaced,
+                t.sources.known_admitted,
             )
         };
         let mut blocked: HashMap<(BlockReason, Level), u64> = HashMap::new();
@@ -669,10 +683,10 @@ impl Admission {
             "Sources put on the block list, by why (strikes: failed handshakes and refusals for exceeding a limit; manual: gateway block add) and how wide (address; prefix: admission.ipv4_prefix, ipv6_prefix; network: wider).",
             kinds(&|k| self.blocks.get(k).map_or(0, |n| n.load(Ordering::Relaxed))),
         )?;
-        let tables = ["sources", "prefixes", "networks"];
+        let tables = ["sources", "prefixes", "networks", "known"];
         out.gauge(
             "gateway_admission_tracked",
-            "Sources, prefixes and networks whose handshakes admission tracks right now (at most admission.max_tracked each).",
+            "Sources, prefixes and networks whose handshakes admission tracks right now (at most admission.max_tracked each), and known sources (a verified certificate within admission.known_for; at most admission.max_known).",
             tables.iter().zip(tracked).map(|(t, n)| ([("table", *t)], n)),
         )?;
         counter(
@@ -684,6 +698,12 @@ impl Admission {
                 .zip(forgotten)
                 .map(|(t, n)| ([("table", *t)], n))
                 .chain([([("table", "blocked")], displaced)]),
+        )?;
+        counter(
+            out,
+            "gateway_admission_known_admitted_total",
+            "Handshakes of known sources (a verified certificate within admission.known_for) admitted while the networks' table was full: refused (max_tracked) otherwise.",
+            [([("", ""); 0], known_admitted)],
         )?;
         let kernel = self.kernel();
         let KernelInterfaces { attached, failed } = kernel.interfaces();
@@ -781,13 +801,19 @@ impl Ticket {
     /// outweigh its few failures. One per handshake, and only for a
     /// verified certificate: laundering a strike costs a full handshake
     /// with a certificate the PKI issued (who holds it is known, and it
-    /// can be revoked). Its prefix and network keep their strikes.
+    /// can be revoked). Its prefix and network keep their strikes. The
+    /// source is known from now on (`known_for`): admitted past a full
+    /// networks table.
     pub fn authenticated(&self) {
         if self.groups.is_some()
             && self.stage() == Stage::Established
             && !self.paid_back.swap(true, Ordering::Relaxed)
         {
-            self.admission.tables().sources.pay_back(self.source);
+            let settings = self.admission.settings.load();
+            self.admission
+                .tables()
+                .sources
+                .verified(self.source, &settings, Instant::now());
         }
     }
 
@@ -833,7 +859,9 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let evicted = self.stage() == Stage::Evicted;
+        // Evicted below the minimum rate, it is struck as the cut for
+        // slowness it had earned would have struck it.
+        let evicted = self.stage() == Stage::Evicted && !self.place.evicted_slow();
         let in_handshake = self.pool.release(self.id, &self.place);
         if in_handshake && let Some(groups) = &self.groups {
             self.admission.failed(self.source, groups, evicted);

@@ -24,12 +24,14 @@
 //! the listener is full. Otherwise attackers that reconnect when evicted
 //! evict one another in a chain, hundreds a second, so that every one of
 //! them is always young in its turn, and an allowed client in its own turn
-//! (milliseconds) looks no different from them.
+//! (milliseconds) looks no different from them. A known source (a verified
+//! certificate lately) is not held back so: an allowed client evicted in a
+//! stall must not have its address's next clients refused for the grace.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -108,6 +110,9 @@ pub(super) struct Place {
     pace: Mutex<Pace>,
     /// The stage it was evicted in (its stage before `Evicted`).
     evicted_in: AtomicU8,
+    /// Evicted when already below the minimum rate (past the point where
+    /// its watch cuts it for slowness, the cut not yet made).
+    evicted_slow: AtomicBool,
 }
 
 impl Place {
@@ -138,6 +143,12 @@ impl Place {
     /// The stage it was in when evicted.
     pub(super) fn evicted_in(&self) -> Stage {
         Stage::from_u8(self.evicted_in.load(Ordering::Acquire))
+    }
+
+    /// Whether it was evicted below the minimum rate: it had earned its
+    /// cut for slowness (and the strike that goes with it) on its own.
+    pub(super) fn evicted_slow(&self) -> bool {
+        self.evicted_slow.load(Ordering::Acquire)
     }
 
     /// Looks at the kernel's counts: whose turn it is, and the client's
@@ -194,13 +205,19 @@ impl Pool {
     }
 
     /// A slot for `client`, evicting the least progressed handshake when
-    /// the listener (or its handshake share) is full.
+    /// the listener (or its handshake share) is full. A `known` client (a
+    /// verified certificate lately, `sources`) may evict even just after
+    /// its source was evicted: the chain breaker is for attackers who
+    /// reconnect when evicted, and one allowed client evicted (a stall of
+    /// its own) must not have the next ones from its address refused for
+    /// the grace.
     pub(super) fn take(
         &self,
         client: SocketAddr,
         socket: Option<OwnedFd>,
         max_connections: usize,
         max_handshakes: usize,
+        known: bool,
     ) -> Result<Taken, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
@@ -213,7 +230,7 @@ impl Pool {
             } else {
                 Refusal::MaxHandshakesInFlight
             };
-            if !s.may_evict(source_of(client), now) {
+            if !known && !s.may_evict(source_of(client), now) {
                 return Err(refused);
             }
             // A reload may have lowered the limits below what is held: one
@@ -225,15 +242,27 @@ impl Pool {
                 .chain(s.answered.iter().take(CANDIDATES))
                 .filter_map(|(id, p)| Some((p.progress(now)?, p.stage(), *id)))
                 .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            let victim = slowest.and_then(|(_, stage, id)| match stage {
-                Stage::Hello => s.hello.remove(&id),
-                _ => s.answered.remove(&id),
+            let victim = slowest.and_then(|(progress, stage, id)| {
+                let victim = match stage {
+                    Stage::Hello => s.hello.remove(&id),
+                    _ => s.answered.remove(&id),
+                }?;
+                Some((victim, progress))
             });
-            let Some(victim) = victim else {
+            let Some((victim, progress)) = victim else {
                 return Err(refused);
             };
-            let grace = victim.pace.lock().unwrap_or_else(|p| p.into_inner()).grace;
-            s.evicted_from(source_of(victim.client), now + grace, now);
+            let pace = *victim.pace.lock().unwrap_or_else(|p| p.into_inner());
+            s.evicted_from(source_of(victim.client), now + pace.grace, now);
+            // At or below the minimum rate, its watch is due to cut it
+            // (progress, the grace credited, is exactly what the watch
+            // holds it to); a newcomer that comes first must not spare it
+            // the strike. Under load, when watches run late, those are the
+            // very handshakes eviction picks.
+            victim.evicted_slow.store(
+                pace.min_rate > 0 && progress <= f64::from(pace.min_rate),
+                Ordering::Release,
+            );
             victim
                 .evicted_in
                 .store(victim.stage() as u8, Ordering::Release);
@@ -253,6 +282,7 @@ impl Pool {
             turn: Mutex::new(Turn::new(now)),
             pace: Mutex::new(Pace::DEFAULT),
             evicted_in: AtomicU8::new(Stage::Hello as u8),
+            evicted_slow: AtomicBool::new(false),
         });
         s.hello.insert(id, place.clone());
         s.connections += 1;
@@ -326,7 +356,7 @@ mod tests {
         /// `take` without a socket to read progress from: every handshake
         /// is judged as if its client sent nothing in its turn.
         fn take_plain(&self, c: SocketAddr, max: usize, max_hs: usize) -> Result<Taken, Refusal> {
-            self.take(c, None, max, max_hs)
+            self.take(c, None, max, max_hs, false)
         }
     }
 
@@ -345,7 +375,7 @@ mod tests {
     /// Takes a place for the gateway's end `s`, which stays usable.
     fn take_socket(pool: &Pool, s: &TcpStream, n: u16, max: usize) -> Taken {
         let fd = s.try_clone().unwrap().into();
-        pool.take(client(n), Some(fd), max, max).unwrap()
+        pool.take(client(n), Some(fd), max, max, false).unwrap()
     }
 
     #[test]
@@ -414,10 +444,22 @@ mod tests {
         let (mut ca, sa) = pair();
         let (mut cb, sb) = pair();
         let a = pool
-            .take(client(1), Some(sa.try_clone().unwrap().into()), 10, 2)
+            .take(
+                client(1),
+                Some(sa.try_clone().unwrap().into()),
+                10,
+                2,
+                false,
+            )
             .unwrap();
         let b = pool
-            .take(client(2), Some(sb.try_clone().unwrap().into()), 10, 2)
+            .take(
+                client(2),
+                Some(sb.try_clone().unwrap().into()),
+                10,
+                2,
+                false,
+            )
             .unwrap();
         ca.write_all(b"hello").unwrap();
         cb.write_all(b"hello").unwrap();

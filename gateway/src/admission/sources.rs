@@ -17,11 +17,34 @@
 //! holding the table busy cannot have every new source refused. Only when
 //! the networks' table is full too is it refused (`max_tracked`): fail
 //! closed.
+//!
+//! Except for a *known* source: an address whose handshake authenticated
+//! with a verified certificate within `known_for`, remembered in a table
+//! of its own (`max_known`, least recently verified forgotten first; only
+//! a verified certificate makes an entry, so an attacker without one
+//! cannot fill it). A known source passes a full networks table, held to
+//! its own address's limits (its entry in the known table counts them
+//! when the addresses' table has no room): an attacker spread over
+//! thousands of networks keeps new sources out, not the clients who were
+//! already served.
+//!
+//! Strikes within a window catch an attacker who fails often; one who
+//! spreads thin (one failure per address per window, over many addresses
+//! of a prefix) stays under every threshold. So each prefix and network
+//! also keeps a *spread* score over a longer horizon: each address adds
+//! at most one point a window for its failures, each address that
+//! authenticated with a verified certificate takes at most one point a
+//! window away (never below zero), and the score halves every
+//! `spread_half_life`. At `prefix_spread_block_after`
+//! (`network_spread_block_after`) the group is blocked. One address alone
+//! can never get there (the config must set the threshold above what one
+//! point a window adds up to), and a prefix whose clients keep succeeding
+//! pays its failing ones' points back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
@@ -44,6 +67,9 @@ pub(super) struct Lru<K, V> {
     capacity: usize,
     /// Entries forgotten to make room, since start.
     pub forgotten: u64,
+    /// The keys forgotten since the last [`Lru::take_gone`], for a table
+    /// whose keys are counted elsewhere (None: not kept).
+    gone: Option<Vec<K>>,
 }
 
 impl<K: Hash + Eq + Clone, V> Lru<K, V> {
@@ -54,7 +80,23 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             clock: 0,
             capacity: capacity.max(1),
             forgotten: 0,
+            gone: None,
         }
+    }
+
+    /// Keeps the keys it forgets for [`Lru::take_gone`].
+    pub fn keeping_gone(mut self) -> Self {
+        self.gone = Some(Vec::new());
+        self
+    }
+
+    /// The keys forgotten since the last call.
+    pub fn take_gone(&mut self) -> Vec<K> {
+        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.map.keys()
     }
 
     pub fn len(&self) -> usize {
@@ -78,6 +120,9 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             self.order.remove(&stamp);
             self.map.remove(&key);
             self.forgotten += 1;
+            if let Some(g) = &mut self.gone {
+                g.push(key);
+            }
         }
     }
 
@@ -124,6 +169,9 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
             if self.map.get(&key).is_some_and(|(v, _)| idle(v)) {
                 self.map.remove(&key);
                 self.forgotten += 1;
+                if let Some(g) = &mut self.gone {
+                    g.push(key);
+                }
                 return true;
             }
             self.clock += 1;
@@ -180,6 +228,13 @@ pub(super) struct Tally {
     /// window (pay-back does not take them back).
     lent: u32,
     strikes_since: Instant,
+    /// A prefix's or network's spread score, as of `spread_at`.
+    spread: f64,
+    spread_at: Instant,
+    /// When an address last gave its groups' spread scores a point, and
+    /// when it last took one off.
+    pointed: Option<Instant>,
+    credited: Option<Instant>,
 }
 
 impl Tally {
@@ -190,13 +245,42 @@ impl Tally {
             strikes: 0,
             lent: 0,
             strikes_since: now,
+            spread: 0.0,
+            spread_at: now,
+            pointed: None,
+            credited: None,
         }
     }
 
+    /// The spread score at `now`: halved every `half_life`.
+    fn spread_at(&self, half_life: Duration, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.spread_at).as_secs_f64();
+        self.spread * (-elapsed / half_life.as_secs_f64().max(1e-3)).exp2()
+    }
+
+    /// Adds `points` (negative: takes them away, never below zero).
+    fn add_spread(&mut self, points: f64, half_life: Duration, now: Instant) -> f64 {
+        self.spread = (self.spread_at(half_life, now) + points).max(0.0);
+        self.spread_at = now;
+        self.spread
+    }
+
     /// Whether forgetting it now loses nothing: no handshake in flight, no
-    /// strike within the window, a bucket full again.
+    /// strike within the window, a bucket full again, a spread score below
+    /// a quarter of its threshold (a lone failure's point is not kept for
+    /// the whole horizon: that would let an attacker hold a network's
+    /// entry busy with one failure every few minutes instead of one a
+    /// window).
     fn idle(&self, limits: &Limits, settings: &AdmissionSettings, now: Instant) -> bool {
         self.in_flight == 0
+            // (An address that gave its point this window keeps it given:
+            // forgotten, it would give another.)
+            && self
+                .pointed
+                .is_none_or(|p| now.saturating_duration_since(p) > settings.block_window)
+            && (limits.spread_after == 0
+                || self.spread_at(settings.spread_half_life, now)
+                    < f64::from(limits.spread_after) / 4.0)
             && (self.strikes == 0
                 || now.saturating_duration_since(self.strikes_since) > settings.block_window)
             && (limits.rate == 0
@@ -276,6 +360,9 @@ struct Limits {
     in_flight: u32,
     /// Strikes within `block_window` that block the group; 0: never.
     block_after: u32,
+    /// The spread score that blocks the group; 0: never (an address has
+    /// none).
+    spread_after: u32,
 }
 
 impl Limits {
@@ -286,34 +373,79 @@ impl Limits {
                 burst: s.source_handshake_burst,
                 in_flight: s.source_handshakes_in_flight,
                 block_after: s.block_after,
+                spread_after: 0,
             },
             Level::Prefix => Limits {
                 rate: s.prefix_handshakes_per_second,
                 burst: s.prefix_handshake_burst,
                 in_flight: s.prefix_handshakes_in_flight,
                 block_after: s.prefix_block_after,
+                spread_after: s.prefix_spread_block_after,
             },
             Level::Network => Limits {
                 rate: s.network_handshakes_per_second,
                 burst: s.network_handshake_burst,
                 in_flight: s.network_handshakes_in_flight,
                 block_after: s.network_block_after,
+                spread_after: s.network_spread_block_after,
             },
         }
     }
 }
 
+/// The IPv6 allocation (`ipv6_allocation`) `source` is in, while a quota
+/// of networks per allocation is set.
+fn allocation(source: IpAddr, settings: &AdmissionSettings) -> Option<IpNet> {
+    match source {
+        IpAddr::V6(_) if settings.networks_per_allocation > 0 => {
+            IpNet::new(source, settings.ipv6_allocation)
+                .ok()
+                .map(|n| n.trunc())
+        }
+        _ => None,
+    }
+}
+
 /// The address, prefix and network a handshake was counted in (None: not
-/// tracked at that level, its table full).
+/// tracked at that level, its table full), and whether the address's
+/// count is in the known table (a known source past full tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Groups([Option<IpNet>; 3]);
+pub(super) struct Groups {
+    nets: [Option<IpNet>; 3],
+    known: bool,
+}
+
+impl Groups {
+    fn tracked(&self) -> impl Iterator<Item = (Level, IpNet)> + use<> {
+        Level::ALL
+            .into_iter()
+            .zip(self.nets)
+            .filter_map(|(level, g)| g.map(|g| (level, g)))
+    }
+}
+
+/// A known source: when its certificate last verified, and its address's
+/// count when the addresses' table has no room for it.
+#[derive(Debug, Clone)]
+struct Known {
+    verified: Instant,
+    tally: Tally,
+}
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
-/// [`Level`]).
+/// [`Level`]), and the known sources.
 pub(super) struct Sources {
     addresses: Lru<IpNet, Tally>,
     prefixes: Lru<IpNet, Tally>,
     networks: Lru<IpNet, Tally>,
+    known: Lru<IpAddr, Known>,
+    /// Entries of the networks' table per IPv6 allocation
+    /// (`ipv6_allocation`), while `networks_per_allocation` is set: at most
+    /// as many keys as the networks' table has entries.
+    allocations: HashMap<IpNet, u32>,
+    /// Handshakes of known sources admitted past a full networks table,
+    /// since start.
+    pub known_admitted: u64,
 }
 
 impl Sources {
@@ -322,8 +454,29 @@ impl Sources {
         Sources {
             addresses: Lru::new(n),
             prefixes: Lru::new(n),
-            networks: Lru::new(n),
+            networks: Lru::new(n).keeping_gone(),
+            known: Lru::new(settings.max_known as usize),
+            allocations: HashMap::new(),
+            known_admitted: 0,
         }
+    }
+
+    /// The count of `group` at `level`: in its table, or for a known
+    /// source's address, in the known table.
+    fn counted(&mut self, level: Level, group: IpNet, known: bool) -> Option<&mut Tally> {
+        if level == Level::Address && known {
+            return self.known.get_mut(&group.addr()).map(|k| &mut k.tally);
+        }
+        self.table(level).get_mut(&group)
+    }
+
+    /// Whether `source` is known: a verified certificate within `known_for`.
+    pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+        settings.max_known > 0
+            && self
+                .known
+                .get_mut(&source)
+                .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
     }
 
     fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
@@ -342,6 +495,33 @@ impl Sources {
                     t.idle(&limits, settings, now)
                 });
         }
+        // Only a verified certificate makes an entry: the least recently
+        // verified go first, busy or not.
+        self.known
+            .set_capacity(settings.max_known as usize, |_| true);
+        // Counted afresh: the allocation's length or quota may have
+        // changed.
+        self.networks.take_gone();
+        self.allocations.clear();
+        let keys: Vec<IpNet> = self.networks.keys().copied().collect();
+        for net in keys {
+            if let Some(a) = allocation(net.addr(), settings) {
+                *self.allocations.entry(a).or_default() += 1;
+            }
+        }
+    }
+
+    /// Whether `source`'s network is not tracked and its IPv6 allocation
+    /// already holds `networks_per_allocation` entries of the networks'
+    /// table: an attacker in one allocation (a /32 holds 65536 /48s)
+    /// cannot fill the table for everyone.
+    fn over_quota(&mut self, source: IpAddr, settings: &AdmissionSettings) -> bool {
+        allocation(source, settings).is_some_and(|a| {
+            self.allocations.get(&a).copied().unwrap_or(0) >= settings.networks_per_allocation
+        }) && self
+            .networks
+            .get_mut(&Level::Network.group(source, settings))
+            .is_none()
     }
 
     /// The entry of `source`'s group at `level`, made if need be; None when
@@ -354,11 +534,43 @@ impl Sources {
         now: Instant,
     ) -> Option<&mut Tally> {
         let limits = Limits::of(level, settings);
-        self.table(level).entry(
-            &level.group(source, settings),
-            || Tally::new(limits.burst, now),
-            |t| t.idle(&limits, settings, now),
-        )
+        let group = level.group(source, settings);
+        if level != Level::Network {
+            return self.table(level).entry(
+                &group,
+                || Tally::new(limits.burst, now),
+                |t| t.idle(&limits, settings, now),
+            );
+        }
+        if self.over_quota(source, settings) {
+            return None;
+        }
+        let fresh = self.networks.get_mut(&group).is_none();
+        let made = self
+            .networks
+            .entry(
+                &group,
+                || Tally::new(limits.burst, now),
+                |t| t.idle(&limits, settings, now),
+            )
+            .is_some();
+        for gone in self.networks.take_gone() {
+            if let Some(a) = allocation(gone.addr(), settings)
+                && let Some(n) = self.allocations.get_mut(&a)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.allocations.remove(&a);
+                }
+            }
+        }
+        if made
+            && fresh
+            && let Some(a) = allocation(source, settings)
+        {
+            *self.allocations.entry(a).or_default() += 1;
+        }
+        self.networks.get_mut(&group)
     }
 
     /// Counts a handshake `source` wants to start, or says which limit it
@@ -376,27 +588,39 @@ impl Sources {
         // leaves the source to its coarser groups' limits rather than
         // refusing it; only a full table of networks, the coarsest,
         // refuses (fail closed).
-        let mut groups = Groups([None; 3]);
-        for (level, slot) in Level::ALL.into_iter().zip(groups.0.iter_mut()) {
+        let mut nets = [None; 3];
+        for (level, slot) in Level::ALL.into_iter().zip(nets.iter_mut()) {
             if self.tally(level, source, settings, now).is_some() {
                 *slot = Some(level.group(source, settings));
-            } else if level == Level::Network {
-                return Err(Refusal::MaxTracked);
             }
         }
-        let tracked = |groups: &Groups| {
-            Level::ALL
-                .into_iter()
-                .zip(groups.0)
-                .filter_map(|(level, g)| g.map(|g| (level, g)))
-                .collect::<Vec<_>>()
+        let [address, prefix, network] = nets;
+        let mut known = false;
+        let past_full = network.is_none();
+        let address = if past_full {
+            // A known source still gets in, counted as an address (in the
+            // known table if need be): its own limits hold.
+            if !self.is_known(source, settings, now) {
+                return Err(if self.over_quota(source, settings) {
+                    Refusal::NetworksPerAllocation
+                } else {
+                    Refusal::MaxTracked
+                });
+            }
+            known = address.is_none();
+            Some(IpNet::from(source))
+        } else {
+            address
+        };
+        let groups = Groups {
+            nets: [address, prefix, network],
+            known,
         };
         // In flight first: a refusal for it takes no token.
-        for (level, group) in tracked(&groups) {
+        for (level, group) in groups.tracked() {
             let cap = Limits::of(level, settings).in_flight;
             let t = self
-                .table(level)
-                .get_mut(&group)
+                .counted(level, group, groups.known)
                 .ok_or(Refusal::MaxTracked)?;
             if cap > 0 && t.in_flight >= cap {
                 return Err(level.refusals().1);
@@ -404,28 +628,30 @@ impl Sources {
         }
         // Then the buckets, narrowest first: a source over its own rate
         // does not drain its prefix's bucket for its neighbours.
-        for (level, group) in tracked(&groups) {
+        for (level, group) in groups.tracked() {
             let limits = Limits::of(level, settings);
             let t = self
-                .table(level)
-                .get_mut(&group)
+                .counted(level, group, groups.known)
                 .ok_or(Refusal::MaxTracked)?;
             if limits.rate > 0 && !t.bucket.take(limits.rate, limits.burst, now) {
                 return Err(level.refusals().0);
             }
         }
-        for (level, group) in tracked(&groups) {
-            if let Some(t) = self.table(level).get_mut(&group) {
+        for (level, group) in groups.tracked() {
+            if let Some(t) = self.counted(level, group, groups.known) {
                 t.in_flight += 1;
             }
+        }
+        if past_full {
+            self.known_admitted += 1;
         }
         Ok(groups)
     }
 
     /// A handshake counted in `groups` is over (done, failed or evicted).
     pub fn ended(&mut self, groups: &Groups) {
-        for (level, group) in Level::ALL.into_iter().zip(&groups.0) {
-            if let Some(t) = group.and_then(|g| self.table(level).get_mut(&g)) {
+        for (level, group) in groups.tracked() {
+            if let Some(t) = self.counted(level, group, groups.known) {
                 t.in_flight = t.in_flight.saturating_sub(1);
             }
         }
@@ -443,16 +669,47 @@ impl Sources {
         now: Instant,
     ) -> Vec<(Level, IpNet)> {
         let mut due = Vec::new();
+        // Whether this failure is the address's first of its window (or
+        // the address is not tracked: fail closed): a point for its
+        // groups' spread scores.
+        let mut spreads = from == Level::Address;
         for level in Level::ALL.into_iter().filter(|l| *l >= from) {
-            let after = Limits::of(level, settings).block_after;
+            let limits = Limits::of(level, settings);
+            if spreads && level != Level::Address && limits.spread_after > 0 {
+                let half_life = settings.spread_half_life;
+                if let Some(t) = self.tally(level, source, settings, now)
+                    && t.add_spread(1.0, half_life, now) >= f64::from(limits.spread_after)
+                {
+                    t.spread = 0.0;
+                    due.push((level, level.group(source, settings)));
+                    // Blocked whole: its strikes within the window go with
+                    // it.
+                    continue;
+                }
+            }
+            // A table full of busy entries: this level's strike is lost,
+            // the source's own (whose entry holds its handshake) is not,
+            // nor a known source's (in the known table).
+            let t = match self.tally(level, source, settings, now) {
+                Some(t) => t,
+                None if level == Level::Address => match self.known.get_mut(&source) {
+                    Some(k) => &mut k.tally,
+                    None => continue,
+                },
+                None => continue,
+            };
+            if level == Level::Address {
+                spreads = t
+                    .pointed
+                    .is_none_or(|p| now.saturating_duration_since(p) > settings.block_window);
+                if spreads {
+                    t.pointed = Some(now);
+                }
+            }
+            let after = limits.block_after;
             if after == 0 {
                 continue;
             }
-            // A table full of busy entries: this level's strike is lost,
-            // the source's own (whose entry holds its handshake) is not.
-            let Some(t) = self.tally(level, source, settings, now) else {
-                continue;
-            };
             if now.saturating_duration_since(t.strikes_since) > settings.block_window {
                 t.strikes = 0;
                 t.lent = 0;
@@ -481,23 +738,55 @@ impl Sources {
     }
 
     /// A handshake of `source` authenticated with a verified certificate:
-    /// one strike of the address is paid back. Only the address's: its
-    /// prefix and network keep theirs, so that one certificate cannot
-    /// launder its neighbours' failures.
-    pub fn pay_back(&mut self, source: IpAddr) {
+    /// one strike of the address is paid back, and the source is known
+    /// (see the module's comment). Only the address's strikes: its prefix
+    /// and network keep theirs, so that one certificate cannot launder its
+    /// neighbours' failures; their spread scores lose one point, at most
+    /// once a window per address, as one failing address adds at most one.
+    pub fn verified(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) {
+        let mut credits = false;
         if let Some(t) = self.addresses.get_mut(&IpNet::from(source)) {
             t.strikes = t.strikes.saturating_sub(1);
+            credits = t
+                .credited
+                .is_none_or(|c| now.saturating_duration_since(c) > settings.block_window);
+            if credits {
+                t.credited = Some(now);
+            }
+        }
+        if credits {
+            for level in [Level::Prefix, Level::Network] {
+                if let Some(t) = self.table(level).get_mut(&level.group(source, settings)) {
+                    t.add_spread(-1.0, settings.spread_half_life, now);
+                }
+            }
+        }
+        if settings.max_known > 0 {
+            let burst = settings.source_handshake_burst;
+            if let Some(k) = self.known.entry(
+                &source,
+                || Known {
+                    verified: now,
+                    tally: Tally::new(burst, now),
+                },
+                |_| true,
+            ) {
+                k.verified = now;
+                k.tally.strikes = k.tally.strikes.saturating_sub(1);
+            }
         }
     }
 
-    /// Entries tracked per level.
-    pub fn lens(&self) -> [usize; 3] {
-        [&self.addresses, &self.prefixes, &self.networks].map(Lru::len)
+    /// Entries tracked per level, and known sources.
+    pub fn lens(&self) -> [usize; 4] {
+        let [a, p, n] = [&self.addresses, &self.prefixes, &self.networks].map(Lru::len);
+        [a, p, n, self.known.len()]
     }
 
-    /// Entries forgotten per level, since start.
-    pub fn forgotten(&self) -> [u64; 3] {
-        [&self.addresses, &self.prefixes, &self.networks].map(|t| t.forgotten)
+    /// Entries forgotten per level, and known sources, since start.
+    pub fn forgotten(&self) -> [u64; 4] {
+        let [a, p, n] = [&self.addresses, &self.prefixes, &self.networks].map(|t| t.forgotten);
+        [a, p, n, self.known.forgotten]
     }
 
     /// Handshakes in flight from `source` as counted here.
@@ -789,7 +1078,7 @@ mod tests {
             }
         }
         assert!(refused >= 9_800, "{refused}");
-        assert_eq!(t.forgotten(), [0, 0, 0]);
+        assert_eq!(t.forgotten(), [0, 0, 0, 0]);
         assert_eq!(t.strikes(striker), 2);
         assert_eq!(
             t.strike(striker, Level::Address, &s, now),
@@ -798,5 +1087,194 @@ mod tests {
         // Once the window has passed, they are idle and make room again.
         let later = now + s.block_window + Duration::from_secs(5);
         t.start(ip("192.0.2.1"), &s, later).unwrap();
+    }
+
+    /// An attacker spread thin over a /24: one failure a second, each
+    /// address failing once every 254 s, far below every threshold of a
+    /// window (`prefix_block_after` is 400 a window). Its failures add up
+    /// over the longer horizon: the /24 is blocked within bounded time
+    /// (about 139 s with the defaults: a point a second against a score
+    /// halving every 10 minutes, to 128).
+    #[test]
+    fn a_thin_spread_of_failures_gets_its_prefix_blocked_in_bounded_time() {
+        let s = AdmissionSettings::default();
+        let mut t = Sources::new(&s);
+        let start = Instant::now();
+        let mut blocked = None;
+        for n in 0..600u32 {
+            let now = start + Duration::from_secs(u64::from(n));
+            let a = IpAddr::from([10, 9, 9, (n % 254 + 1) as u8]);
+            let due = t.strike(a, Level::Address, &s, now);
+            if !due.is_empty() {
+                blocked = Some((n, due));
+                break;
+            }
+        }
+        let (after, due) = blocked.expect("never blocked");
+        assert_eq!(
+            due,
+            vec![(Level::Prefix, "10.9.9.0/24".parse::<IpNet>().unwrap())]
+        );
+        assert!((120..=150).contains(&after), "blocked after {after} s");
+    }
+
+    /// One address of an office's /24 fails once a second for six hours
+    /// (a misconfigured client): the address may be blocked, never its
+    /// /24 or /16, on either horizon.
+    #[test]
+    fn one_failing_address_never_gets_its_prefix_blocked() {
+        let s = AdmissionSettings::default();
+        let mut t = Sources::new(&s);
+        let start = Instant::now();
+        for n in 0..6 * 3600u64 {
+            let now = start + Duration::from_secs(n);
+            for (level, net) in t.strike(ip("10.20.30.40"), Level::Address, &s, now) {
+                assert_eq!(level, Level::Address, "{net} blocked after {n} s");
+            }
+        }
+    }
+
+    /// Three addresses of a /24 fail once a second each, for hours: on the
+    /// long horizon that is a spread, and the /24 is blocked. With five
+    /// other addresses authenticating (a verified certificate) every few
+    /// seconds, the clients that succeed pay the failing ones' points
+    /// back, and the /24 is never blocked.
+    #[test]
+    fn succeeding_clients_of_a_prefix_weigh_against_its_failing_ones() {
+        let s = AdmissionSettings::default();
+        let first_block = |with_successes: bool| {
+            let mut t = Sources::new(&s);
+            let start = Instant::now();
+            for n in 0..3 * 3600u64 {
+                let now = start + Duration::from_secs(n);
+                if with_successes && n % 5 == 0 {
+                    for i in 0..5u8 {
+                        let a = IpAddr::from([10, 30, 1, 100 + i]);
+                        let g = t.start(a, &s, now).unwrap();
+                        t.ended(&g);
+                        t.verified(a, &s, now);
+                    }
+                }
+                for i in 0..3u8 {
+                    let a = IpAddr::from([10, 30, 1, 10 + i]);
+                    for (level, net) in t.strike(a, Level::Address, &s, now) {
+                        if level != Level::Address {
+                            return Some((n, net));
+                        }
+                    }
+                }
+            }
+            None
+        };
+        let (after, net) = first_block(false).expect("never blocked");
+        assert_eq!(net, "10.30.1.0/24".parse::<IpNet>().unwrap());
+        assert!(after < 3600, "blocked after {after} s");
+        assert_eq!(first_block(true), None);
+    }
+
+    /// The networks' table is full of busy entries: a new source is
+    /// refused, a known one (a verified certificate within `known_for`)
+    /// is admitted, held to its own cap (counted in the known table, the
+    /// addresses' being full too), until `known_for` has passed.
+    #[test]
+    fn a_known_source_passes_a_full_networks_table_until_known_for_has_passed() {
+        let s = AdmissionSettings {
+            max_tracked: 10,
+            known_for: Duration::from_secs(60),
+            source_handshakes_per_second: 0,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let known = ip("192.0.2.50");
+        t.verified(known, &s, now);
+        let hold = |t: &mut Sources, at: Instant| {
+            for i in 0..10u8 {
+                t.strike(IpAddr::from([10, i, 0, 1]), Level::Address, &s, at);
+            }
+        };
+        hold(&mut t, now);
+        assert_eq!(
+            t.start(ip("198.51.100.1"), &s, now),
+            Err(Refusal::MaxTracked)
+        );
+        let held: Vec<Groups> = (0..4).map(|_| t.start(known, &s, now).unwrap()).collect();
+        assert_eq!(t.start(known, &s, now), Err(Refusal::SourceHandshakes));
+        t.ended(&held[0]);
+        t.start(known, &s, now).unwrap();
+        assert_eq!(t.known_admitted, 5);
+        // A minute and more later (the attack still holding the table):
+        // no longer known.
+        let later = now + Duration::from_secs(61);
+        hold(&mut t, later);
+        assert_eq!(t.start(known, &s, later), Err(Refusal::MaxTracked));
+    }
+
+    /// One failed handshake from each of many /48s of one /32 (cheap in
+    /// IPv6): past `networks_per_allocation`, that /32's new networks are
+    /// refused, so the networks' table keeps room, and a new source from
+    /// elsewhere is admitted. Once the window has passed, the /32's
+    /// entries are idle again and give way.
+    #[test]
+    fn one_ipv6_allocation_cannot_fill_the_networks_table() {
+        let s = AdmissionSettings {
+            max_tracked: 100,
+            networks_per_allocation: 10,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let mut refused = 0;
+        for i in 0..200u32 {
+            let a = ip(&format!("2001:db8:{:x}::1", 0x100 + i));
+            match t.start(a, &s, now) {
+                Ok(g) => {
+                    t.ended(&g);
+                    t.strike(a, Level::Address, &s, now);
+                }
+                Err(r) => {
+                    assert_eq!(r, Refusal::NetworksPerAllocation);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(refused, 190);
+        assert_eq!(t.lens()[2], 10);
+        // Another /32, and IPv4, are not affected.
+        t.start(ip("2001:db9:1::1"), &s, now).unwrap();
+        t.start(ip("192.0.2.1"), &s, now).unwrap();
+        // A network already tracked is not refused for the quota.
+        t.start(ip("2001:db8:100::2"), &s, now).unwrap();
+        // The quota counts entries, so a reload that tightens it counts
+        // what is there.
+        let tight = AdmissionSettings {
+            networks_per_allocation: 5,
+            ..s.clone()
+        };
+        t.configure(&tight, now);
+        assert_eq!(
+            t.start(ip("2001:db8:ffff::1"), &tight, now),
+            Err(Refusal::NetworksPerAllocation)
+        );
+        // Once idle, the /32's entries give way to newcomers, and the
+        // count follows.
+        let later = now + s.block_window + Duration::from_secs(5);
+        let big = AdmissionSettings {
+            max_tracked: 12,
+            ..s.clone()
+        };
+        t.configure(&big, later);
+        // (The /48 of 2001:db8:100::2 stays: its handshake is in flight.)
+        for i in 0..9u8 {
+            let g = t.start(IpAddr::from([10, i, 0, 1]), &big, later).unwrap();
+            t.ended(&g);
+        }
+        assert_eq!(
+            t.allocations
+                .get(&"2001:db8::/32".parse::<IpNet>().unwrap()),
+            Some(&1)
+        );
+        let g = t.start(ip("2001:db8:ffff::1"), &big, later + Duration::from_secs(1));
+        g.unwrap();
     }
 }

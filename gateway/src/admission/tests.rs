@@ -10,6 +10,9 @@ fn settings() -> AdmissionSettings {
         source_handshakes_in_flight: 2,
         block_after: 3,
         kernel_block_list: false,
+        // The long horizon is tested on its own (`sources`).
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
         ..AdmissionSettings::default()
     }
 }
@@ -542,7 +545,7 @@ fn a_table_held_busy_by_an_attacker_does_not_refuse_new_sources() {
             None,
         )));
     }
-    assert_eq!(admission.tables().sources.lens(), [200, 200, 4]);
+    assert_eq!(admission.tables().sources.lens(), [200, 200, 4, 0]);
     for round in 0..3 {
         let new = client(&format!("192.0.2.{}", round + 1), 1);
         let t = admitted(admission.admit(&pool, 1000, 1000, new, None));
@@ -589,4 +592,174 @@ fn one_address_paying_back_its_strikes_never_gets_its_24_blocked() {
     fail_once(&admission, &pool, client("10.50.1.2", 1));
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
     assert_eq!(list, vec!["10.50.1.0/24".parse::<IpNet>().unwrap()]);
+}
+
+/// An attacker spread over many networks (cheap in IPv6: a /32 holds
+/// 65536 /48s) holds every table full of busy entries: a new source is
+/// refused (`max_tracked`, fail closed), but a source whose handshake
+/// authenticated with a verified certificate lately still gets in, held to
+/// its own limits, until `known_for` has passed.
+#[test]
+fn a_known_client_is_admitted_past_a_networks_table_full_of_attackers() {
+    let s = AdmissionSettings {
+        max_tracked: 64,
+        source_handshakes_in_flight: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    // The client authenticated once, before the attack.
+    let known = client("2001:db8:aaaa::7", 1);
+    let t = admitted(admission.admit(&pool, 1000, 1000, known, None));
+    t.established();
+    t.authenticated();
+    drop(t);
+    // One failed handshake from each of many /48s of one /32: each entry
+    // holds a strike, so none may be forgotten.
+    let mut refused_attackers = 0;
+    for i in 0..200u32 {
+        let attacker = client(&format!("2001:db8:{:x}::1", 0x100 + i), 1);
+        match admission.admit(&pool, 1000, 1000, attacker, None) {
+            Answer::Refuse(Refusal::MaxTracked) => refused_attackers += 1,
+            a => drop(admitted(a)),
+        }
+    }
+    assert!(refused_attackers > 100, "{refused_attackers}");
+    // A new source is refused: the table cannot tell it from the attack.
+    assert_eq!(
+        refused(admission.admit(&pool, 1000, 1000, client("2001:db8:bbbb::1", 1), None)),
+        Refusal::MaxTracked
+    );
+    // The known one gets in, and its own cap holds.
+    let held: Vec<Ticket> = (0..2)
+        .map(|i| {
+            let from = SocketAddr::new(known.ip(), 2 + i);
+            admitted(admission.admit(&pool, 1000, 1000, from, None))
+        })
+        .collect();
+    assert_eq!(
+        refused(admission.admit(&pool, 1000, 1000, known, None)),
+        Refusal::SourceHandshakes
+    );
+    for t in &held {
+        t.established();
+        t.authenticated();
+    }
+    drop(held);
+    let text = admission_metrics(&admission);
+    assert!(
+        text.contains("gateway_admission_tracked{table=\"known\"} 1"),
+        "{text}"
+    );
+}
+
+/// A handshake evicted when already below the minimum rate (its cut for
+/// slowness was due, its watch late: under load the very ones eviction
+/// picks) is struck as that cut would have struck it; one evicted while
+/// still within its pace is not, so a newcomer cannot get its victim's
+/// source struck.
+#[test]
+fn an_eviction_strikes_only_a_handshake_already_below_the_minimum_rate() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let slow = client("10.70.0.1", 1);
+    let young = client("10.71.0.1", 1);
+    // Unmeasured (no socket): judged as sending nothing. The default pace
+    // (256 bytes/s after a 2-s grace) puts it below the rate past 2 s.
+    let late = admitted(admission.admit(&pool, 2, 2, slow, None));
+    std::thread::sleep(Duration::from_millis(2300));
+    let fresh = admitted(admission.admit(&pool, 2, 2, young, None));
+    let evicted = |newcomer: &str| match admission.admit(&pool, 2, 2, client(newcomer, 1), None) {
+        Answer::Evict { victim, ticket } => {
+            ticket.established();
+            (victim, ticket)
+        }
+        Answer::Admit(_) => panic!("admitted without eviction"),
+        Answer::Refuse(r) => panic!("refused: {r:?}"),
+    };
+    let (victim, _first) = evicted("10.72.0.1");
+    assert_eq!(victim, slow);
+    drop(late);
+    assert_eq!(admission.tables().sources.strikes(slow.ip()), 1);
+    // The young one is evicted too, within its pace: no strike.
+    let (victim, _second) = evicted("10.73.0.1");
+    assert_eq!(victim, young);
+    drop(fresh);
+    assert_eq!(admission.tables().sources.strikes(young.ip()), 0);
+}
+
+/// Past `networks_per_allocation`, a new network of the same IPv6 /32 is
+/// refused, counted by its own reason; another /32 is admitted.
+#[test]
+fn networks_past_their_allocations_quota_are_refused_and_counted() {
+    let metrics = Arc::new(Metrics::default());
+    let s = AdmissionSettings {
+        networks_per_allocation: 2,
+        ..settings()
+    };
+    let admission = Admission::new(&s, metrics.clone());
+    let pool = admission.pool("edge");
+    for net in ["2001:db8:1::1", "2001:db8:2::1"] {
+        // A failed handshake: a strike keeps the entry.
+        drop(admitted(admission.admit(
+            &pool,
+            100,
+            100,
+            client(net, 1),
+            None,
+        )));
+    }
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, client("2001:db8:3::1", 1), None)),
+        Refusal::NetworksPerAllocation
+    );
+    admitted(admission.admit(&pool, 100, 100, client("2001:db9:3::1", 1), None)).established();
+    let text = all_metrics(metrics);
+    assert!(
+        text.contains(
+            "gateway_connections_refused_total{listener=\"edge\",reason=\"networks_per_allocation\"} 1"
+        ),
+        "{text}"
+    );
+}
+
+/// A source just evicted may not evict in turn for the grace (attackers
+/// reconnecting when evicted would evict one another in a chain), but a
+/// known one may: an allowed client evicted in a stall of its own must not
+/// have the next clients of its address refused while the listener is
+/// full.
+#[test]
+fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let allowed = "10.80.0.1";
+    let t = admitted(admission.admit(&pool, 100, 100, client(allowed, 1), None));
+    t.established();
+    t.authenticated();
+    drop(t);
+    let unknown = "10.81.0.1";
+    // The listener (2 places) full: the allowed client's handshake is
+    // evicted by an attacker's, and so is one of the unknown source's.
+    let _a = admitted(admission.admit(&pool, 2, 2, client(allowed, 2), None));
+    let _b = admitted(admission.admit(&pool, 2, 2, client(unknown, 2), None));
+    let mut attackers = Vec::new();
+    for i in 0..2u16 {
+        match admission.admit(&pool, 2, 2, client(&format!("10.82.0.{}", 1 + i), 1), None) {
+            Answer::Evict { ticket, .. } => attackers.push(ticket),
+            _ => panic!("no eviction"),
+        }
+    }
+    // The unknown source may not evict in turn; the known one may.
+    assert_eq!(
+        refused(admission.admit(&pool, 2, 2, client(unknown, 3), None)),
+        Refusal::MaxConnections
+    );
+    match admission.admit(&pool, 2, 2, client(allowed, 3), None) {
+        Answer::Evict { ticket, .. } => ticket.established(),
+        Answer::Admit(_) => panic!("admitted without eviction"),
+        Answer::Refuse(r) => panic!("the known source was refused: {r:?}"),
+    }
+    for t in &attackers {
+        t.established();
+    }
 }
