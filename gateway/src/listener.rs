@@ -241,6 +241,9 @@ fn serve<'a>(
                 Ok(Ok(tls)) => tls,
                 Ok(Err(why)) => {
                     handshake_failed(why);
+                    if why.is_trust() && shared.admission.vouched(peer.ip()) {
+                        listener.stats.known_source_failed_trust();
+                    }
                     return conn.record();
                 }
                 Err(_) => {

@@ -142,10 +142,16 @@ pub struct ListenerStats {
 }
 
 impl ListenerStats {
+    /// A certificate check failed for a source admission vouches for
+    /// (exempt, or served a verified certificate lately): what
+    /// `auto_revert` counts. A peer that never held a certificate the PKI issued can
+    /// present a self-signed one as often as it likes; counting those
+    /// would let anyone revert any reload.
+    pub fn known_source_failed_trust(&self) {
+        self.trust_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn handshake_failed(&self, why: HandshakeFailure) {
-        if why.is_trust() {
-            self.trust_failures.fetch_add(1, Ordering::Relaxed);
-        }
         let [
             no_certificate,
             unknown_ca,
@@ -398,8 +404,10 @@ pub struct Metrics {
     pub access_log_lost: Arc<AtomicU64>,
     /// The audit report's summary, kept across reloads like the counters.
     pub audit: Arc<crate::rollout::Audit>,
-    /// Handshakes that failed their certificate check (`is_trust`), all
-    /// listeners together: what `auto_revert` watches after a reload.
+    /// Handshakes that failed their certificate check (`is_trust`) from
+    /// sources admission vouches for (exempt, or a verified certificate
+    /// within `admission.known_for`), all listeners together: what `auto_revert`
+    /// watches after a reload.
     pub trust_failures: Arc<AtomicU64>,
     /// The revision history's errors and the automatic reverts.
     pub revisions: Arc<crate::revisions::Counters>,

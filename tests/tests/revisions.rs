@@ -478,6 +478,8 @@ async fn an_auto_revert_that_cannot_be_applied_is_logged_and_counted() {
         &ca.display().to_string(),
     );
     let b = Binary::start(&pki, &v1);
+    // Served before: the client's address is one auto_revert listens to.
+    serve_allowed(b.app, &pki, 1).await;
     // The bundle is replaced in place and reloaded: the revision before
     // named the same file, now changed, so going back would apply the
     // broken bundle again; the revert is refused, loudly.
@@ -521,5 +523,78 @@ async fn a_history_that_cannot_be_written_never_stops_serving() {
     );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     assert!(Path::new(&dir).is_dir());
+    b.stop();
+}
+
+/// Handshakes from `source` (a loopback address of its own) with a
+/// certificate no bundle trusts; each must be refused.
+async fn refuse_from(
+    addr: SocketAddr,
+    source: std::net::IpAddr,
+    pki: &Pki,
+    creds: &ClientCreds,
+    n: usize,
+) {
+    for _ in 0..n {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config(Some(creds)));
+        let refused =
+            match tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+                .await
+                .expect("the handshake ends")
+            {
+                Err(_) => true,
+                Ok(mut tls) => {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let _ = tls.write_all(b"ping").await;
+                    let mut buf = [0u8; 8];
+                    !matches!(
+                        tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await,
+                        Ok(Ok(n)) if n > 0
+                    )
+                }
+            };
+        assert!(refused, "a certificate from an unknown CA was served");
+    }
+}
+
+/// Anyone can present a self-signed certificate: failures from sources
+/// the gateway never served a verified certificate must not revert a
+/// reload (else any scanner undoes any change, a CA removal included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_revert_ignores_failures_from_sources_never_served() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let settings = "auto_revert = true\nauto_revert_window = \"3s\"\nauto_revert_factor = 10\nauto_revert_min_failures = 5\n";
+    let v1 = config(&pki, settings, backend.addr, &[SPIFFE_FRONTEND]);
+    let b = Binary::start(&pki, &v1);
+    let (stranger, _) = foreign(&pki, "other-roots.pem");
+    serve_allowed(b.app, &pki, 3).await;
+    let v2 = v1.replace("watch_files = false", "watch_files = false\n# harmless");
+    b.reload(&v2);
+    // Forty unknown-CA handshakes from an address never served: far past
+    // the floor and the factor, were they counted.
+    let attacker: std::net::IpAddr = "127.11.0.9".parse().unwrap();
+    refuse_from(b.app, attacker, &pki, &stranger, 40).await;
+    wait_for("the reload's window to pass", || {
+        log_count(&b.stderr, "auto_revert: the reload passed its window") == 1
+    });
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert!(
+        series(
+            &metrics,
+            "gateway_handshake_failures_total{listener=\"edge\",reason=\"unknown_ca\"}"
+        ) >= 40,
+        "{metrics}"
+    );
+    assert_eq!(
+        listed(&b.history()),
+        [(2, How::Reload, None), (1, How::Start, None)]
+    );
+    serve_allowed(b.app, &pki, 1).await;
     b.stop();
 }

@@ -357,6 +357,20 @@ impl Admission {
     /// `socket` is the connection's, when there is one: a duplicate of it
     /// is kept while the handshake lasts, for the kernel's counts of its
     /// progress (eviction, the minimum rate).
+    /// Whether `source` is vouched for: exempt (the operator's own ranges,
+    /// which admission does not track) or known (served a verified
+    /// certificate within `known_for`). What `auto_revert` listens to:
+    /// anyone else can fail a certificate check at will.
+    pub fn vouched(&self, source: IpAddr) -> bool {
+        let settings = self.settings.load();
+        let source = source.to_canonical();
+        settings.exempt.iter().any(|n| n.contains(&source))
+            || self
+                .tables()
+                .sources
+                .is_known(source, &settings, Instant::now())
+    }
+
     pub fn admit(
         self: &Arc<Self>,
         pool: &Arc<Pool>,
