@@ -897,6 +897,14 @@ impl Config {
         // One address alone must never get its neighbours blocked: it
         // lends its prefix and network at most `block_after` strikes a
         // window, so their thresholds must be above that.
+        // What one address lends its groups is capped by `block_after`:
+        // without it, one address alone could get its /24 blocked.
+        if a.block_after == 0 && (a.prefix_block_after > 0 || a.network_block_after > 0) {
+            return Err(at(
+                "block_after",
+                "0 leaves no cap on the strikes one address lends its prefix and network: set it, or set prefix_block_after and network_block_after to 0 too",
+            ));
+        }
         if a.block_after > 0 && a.prefix_block_after > 0 && a.prefix_block_after <= a.block_after {
             return Err(at("prefix_block_after", "must be above block_after (or 0)"));
         }
@@ -1285,6 +1293,7 @@ mod tests {
                 "[admission]\nprefix_block_after = 400\nnetwork_block_after = 300\n",
                 "network_block_after",
             ),
+            ("[admission]\nblock_after = 0\n", "block_after"),
             (
                 "[admission]\nblock_after = 100\nprefix_block_after = 0\nnetwork_block_after = 50\n",
                 "network_block_after",

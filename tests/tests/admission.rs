@@ -571,7 +571,7 @@ async fn a_source_over_its_handshake_rate_is_refused() {
         &pki,
         &backend,
         "",
-        "source_handshakes_per_second = 1\nsource_handshake_burst = 2\nblock_after = 0",
+        "source_handshakes_per_second = 1\nsource_handshake_burst = 2\nblock_after = 0\nprefix_block_after = 0\nnetwork_block_after = 0",
     )
     .await;
     let mut results = Vec::new();
@@ -606,7 +606,7 @@ async fn a_prefix_shares_one_cap_of_handshakes_in_flight() {
         &pki,
         &backend,
         "handshake_min_rate = 0",
-        "prefix_handshakes_in_flight = 4\nblock_after = 0",
+        "prefix_handshakes_in_flight = 4\nblock_after = 0\nprefix_block_after = 0\nnetwork_block_after = 0",
     )
     .await;
     let mut held = Vec::new();
@@ -653,7 +653,7 @@ async fn a_reload_applies_the_admission_settings() {
     gw.reload_toml(
         &pki,
         &(listener("")
-            + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\nblock_after = 0\n"),
+            + "\n[admission]\nsource_handshakes_per_second = 1\nsource_handshake_burst = 1\nblock_after = 0\nprefix_block_after = 0\nnetwork_block_after = 0\n"),
     )
     .await
     .unwrap();

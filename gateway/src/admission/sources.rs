@@ -669,6 +669,9 @@ impl Sources {
         now: Instant,
     ) -> Vec<(Level, IpNet)> {
         let mut due = Vec::new();
+        if from != Level::Address && !self.lends(source, settings, now) {
+            return due;
+        }
         // Whether this failure is the address's first of its window (or
         // the address is not tracked: fail closed): a point for its
         // groups' spread scores.
@@ -735,6 +738,33 @@ impl Sources {
             }
         }
         due
+    }
+
+    /// A refusal for a shared limit (its prefix's or network's bucket or
+    /// handshakes in flight) strikes that group, not the address; but the
+    /// strike is lent by the address, within the same `block_after` a
+    /// window as its own strikes lend: one address draining its /24's
+    /// bucket never gets the /24 (and its neighbours) blocked alone. An
+    /// address the tables cannot hold lends without a cap (fail closed).
+    fn lends(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+        let after = settings.block_after;
+        let t = match self.tally(Level::Address, source, settings, now) {
+            Some(t) => t,
+            None => match self.known.get_mut(&source) {
+                Some(k) => &mut k.tally,
+                None => return true,
+            },
+        };
+        if now.saturating_duration_since(t.strikes_since) > settings.block_window {
+            t.strikes = 0;
+            t.lent = 0;
+            t.strikes_since = now;
+        }
+        if after > 0 && t.lent >= after {
+            return false;
+        }
+        t.lent += 1;
+        true
     }
 
     /// A handshake of `source` authenticated with a verified certificate:
@@ -827,6 +857,37 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// A refusal for its prefix's shared limit strikes the prefix, but one
+    /// address lends it at most `block_after` such strikes a window: alone
+    /// it never gets the /24 (its neighbours) blocked. Two addresses can.
+    #[test]
+    fn one_address_draining_its_prefix_never_gets_the_prefix_blocked_alone() {
+        let s = AdmissionSettings {
+            block_after: 3,
+            prefix_block_after: 5,
+            network_block_after: 0,
+            prefix_spread_block_after: 0,
+            network_spread_block_after: 0,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let one = ip("192.0.2.1");
+        let mut blocked = Vec::new();
+        for _ in 0..50 {
+            blocked.extend(t.strike(one, Level::Prefix, &s, now));
+        }
+        assert!(blocked.is_empty(), "{blocked:?}");
+        // A second address's strikes add to the first one's.
+        for _ in 0..3 {
+            blocked.extend(t.strike(ip("192.0.2.2"), Level::Prefix, &s, now));
+        }
+        assert_eq!(
+            blocked,
+            vec![(Level::Prefix, "192.0.2.0/24".parse::<IpNet>().unwrap())]
+        );
     }
 
     #[test]

@@ -395,7 +395,8 @@ fn a_range_made_exempt_by_a_reload_is_unblocked() {
 /// An attacker holds its /24's shared in-flight places; its neighbour,
 /// refused for the prefix's limit again and again, is not struck for it
 /// (it exceeded nothing of its own), so it is never blocked. The prefix
-/// is struck instead: enough of that blocks the /24, attacker included.
+/// is struck instead, each address lending at most `block_after` strikes
+/// a window: enough addresses block the /24, attacker included.
 #[test]
 fn a_neighbour_refused_for_its_prefix_limit_is_not_struck() {
     let s = AdmissionSettings {
@@ -425,14 +426,27 @@ fn a_neighbour_refused_for_its_prefix_limit_is_not_struck() {
     }
     admitted(admission.admit(&pool, 100, 100, neighbour, None)).established();
     assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
-    // The sixth refusal for the prefix's cap is the prefix's sixth strike.
+    // The neighbour lends the prefix at most block_after (3) strikes a
+    // window: alone it never gets its /24 blocked, however often refused.
     let held: Vec<Ticket> = (0..2)
         .map(|_| admitted(admission.admit(&pool, 100, 100, attacker, None)))
         .collect();
-    assert_eq!(
-        refused(admission.admit(&pool, 100, 100, neighbour, None)),
-        Refusal::PrefixHandshakes
-    );
+    for _ in 0..5 {
+        assert_eq!(
+            refused(admission.admit(&pool, 100, 100, neighbour, None)),
+            Refusal::PrefixHandshakes
+        );
+    }
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    // A second address refused for the same cap lends its own: the
+    // prefix's sixth strike blocks the /24, attacker included.
+    let other = client("10.9.0.8", 1);
+    for _ in 0..3 {
+        assert_eq!(
+            refused(admission.admit(&pool, 100, 100, other, None)),
+            Refusal::PrefixHandshakes
+        );
+    }
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
     assert_eq!(list, vec!["10.9.0.0/24".parse::<IpNet>().unwrap()]);
     drop(held);
