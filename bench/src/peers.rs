@@ -664,3 +664,50 @@ fn config_lines(tuning: &[Tuning], indent: &str) -> String {
         .map(|t| format!("{indent}{}\n", t.line))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tuning the report prints is the tuning the peers ran with.
+    #[test]
+    fn every_tuning_line_the_report_shows_as_set_is_in_the_config_written() {
+        let dir = std::env::temp_dir().join(format!("peers-tuning-{}", std::process::id()));
+        let pki = crate::pki::create(&dir.join("pki")).expect("pki");
+        let (addr, backend) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let setup = Setup::default();
+        haproxy(&pki, addr, backend, &dir, 2, &setup).expect("haproxy config");
+        nginx(&pki, addr, backend, &dir, 2, &setup).expect("nginx config");
+        stunnel(&pki, addr, backend, &dir).expect("stunnel config");
+        for (kind, file) in [
+            (Kind::Haproxy, "haproxy.cfg"),
+            (Kind::Nginx, "nginx.conf"),
+            (Kind::Stunnel, "stunnel.conf"),
+        ] {
+            let config = std::fs::read_to_string(dir.join(file)).expect("config");
+            let tuning = tuning(kind, 2);
+            assert!(!tuning.is_empty(), "{kind:?} shows no tuning");
+            for t in tuning.iter().filter(|t| t.applied) {
+                assert!(
+                    config.lines().any(|l| l.trim() == t.line),
+                    "{kind:?}: `{}` not in\n{config}",
+                    t.line
+                );
+            }
+        }
+        assert!(
+            tuning(Kind::Haproxy, 2)
+                .iter()
+                .any(|t| t.line == "nbthread 2")
+        );
+        assert!(
+            tuning(Kind::Nginx, 2)
+                .iter()
+                .any(|t| t.line == "worker_processes 2;")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
