@@ -913,17 +913,17 @@ reads or writes per MB.\n\
 at the same rate, no peer's upload cost moved beyond run-to-run noise.\n\
 - **Not the tuning.** What the peers' documentation recommends for throughput is their \
 default (table above) but the thread or worker count, which already matched the CPU they get.\n\
-- **Not the client.** Measured back to back, the OpenSSL client cost the peers 0–20% more CPU \
-per GB than the rustls one, not less, and their handshakes 4–7% more CPU each. (With it, the \
-handshake rate is the client's: one stunnel on the load core makes 180–360 a second.)\n\
+- **Not the client.** Measured back to back, the OpenSSL client cost the peers between 2% less \
+and 20% more CPU per GB than the rustls one, and their handshakes 4–12% more CPU each. (With \
+it, the handshake rate is the client's: one stunnel on the load core makes 180–400 a second.)\n\
 - **The machine's load.** What moved every peer was contention for the proxy's CPU. With \
 other builds on both cores, nginx's worker waited, ready to run, 70% of the time, slept some \
-25 times a second and carried megabytes per wakeup; the peers then read 0.89–1.20 CPU-s/GB \
-with the rustls client, the harness's range, and the gateway 0.52–0.79. So the peers fell by \
-a third against the idle run and the gateway by a sixth: a peer pays more per pass through its \
-event loop (a poll, reads per record, a TLS write per 16 KiB buffer, on one thread), and \
-bigger batches save it more. That is the likeliest reading of the harness's figures too; its \
-machine's load was not recorded.\n\n\
+25 times a second and carried megabytes per wakeup. The peers then read 0.87–1.37 CPU-s/GB \
+with the rustls client (scenario by scenario, over five runs), about the harness's range, and \
+the gateway 0.47–0.79: the peers' means fell by 30–45% against the idle run, the gateway's by \
+20–35%, which narrows the gap as the harness saw it. Batching saves a peer more because it pays \
+more per pass through its event loop (a poll, reads per record, a TLS write per 16 KiB buffer). \
+That is the likeliest reading of the harness's figures; its machine's load was not recorded.\n\n\
 So compare peers only in a run whose `waiting` column stays near 0%: its figures are this \
 machine's, not a shared one's.";
 
