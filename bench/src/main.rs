@@ -565,30 +565,26 @@ impl Ctx<'_> {
                         offered.map_or("unpaced".into(), |g| format!("@{g} Gbit/s"))
                     ));
                     if let Some(peer) = e.peer.as_ref().filter(|_| self.plan.rustls) {
-                        match self.rig(peer).bulk(conns, dir, offered).await {
-                            Ok(r) => bulk[pi][si].push(r),
-                            Err(err) => e
-                                .report
-                                .errors
-                                .push(format!("bulk {conns} {dir:?}: {err:#}")),
-                        }
+                        keep(
+                            self.rig(peer).bulk(conns, dir, offered).await,
+                            &mut bulk[pi][si],
+                            &mut e.report.errors,
+                            || format!("bulk {conns} {dir:?}"),
+                        );
                     }
                     check_alive(e);
                     self.bar.inc(1);
                     // Right after the rustls client, so the host's drift
                     // falls on both alike.
                     if let (Some(peer), Some(client), true) = (&e.peer, &e.openssl, paced) {
-                        match self
-                            .openssl_rig(peer, client)
-                            .bulk(conns, dir, offered)
-                            .await
-                        {
-                            Ok(r) => openssl_bulk[pi][si].push(r),
-                            Err(err) => e
-                                .report
-                                .errors
-                                .push(format!("OpenSSL client: bulk {conns} {dir:?}: {err:#}")),
-                        }
+                        keep(
+                            self.openssl_rig(peer, client)
+                                .bulk(conns, dir, offered)
+                                .await,
+                            &mut openssl_bulk[pi][si],
+                            &mut e.report.errors,
+                            || format!("OpenSSL client: bulk {conns} {dir:?}"),
+                        );
                         check_alive(e);
                         self.bar.inc(1);
                     }
@@ -604,24 +600,23 @@ impl Ctx<'_> {
                     ));
                     if let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) {
                         if self.plan.rustls {
-                            match self.rig(peer).handshakes(self.plan.handshake_clients).await {
-                                Ok(h) => handshakes[pi].push(h),
-                                Err(err) => e.report.errors.push(format!("handshakes: {err:#}")),
-                            }
+                            keep(
+                                self.rig(peer).handshakes(self.plan.handshake_clients).await,
+                                &mut handshakes[pi],
+                                &mut e.report.errors,
+                                || "handshakes".to_owned(),
+                            );
                         }
                         self.bar.inc(1);
                         if let Some(client) = &e.openssl {
-                            match self
-                                .openssl_rig(peer, client)
-                                .handshakes(self.plan.handshake_clients)
-                                .await
-                            {
-                                Ok(h) => openssl_handshakes[pi].push(h),
-                                Err(err) => e
-                                    .report
-                                    .errors
-                                    .push(format!("OpenSSL client: handshakes: {err:#}")),
-                            }
+                            keep(
+                                self.openssl_rig(peer, client)
+                                    .handshakes(self.plan.handshake_clients)
+                                    .await,
+                                &mut openssl_handshakes[pi],
+                                &mut e.report.errors,
+                                || "OpenSSL client: handshakes".to_owned(),
+                            );
                             self.bar.inc(1);
                         }
                     }
@@ -903,6 +898,19 @@ impl Ctx<'_> {
             .await
             .map_err(|err| errors.push(format!("latency at {rate:.0}/s: {err:#}")))
             .ok()
+    }
+}
+
+/// Keeps a measurement, or its failure (said as `what`) in `errors`.
+fn keep<T>(
+    result: anyhow::Result<T>,
+    into: &mut Vec<T>,
+    errors: &mut Vec<String>,
+    what: impl FnOnce() -> String,
+) {
+    match result {
+        Ok(r) => into.push(r),
+        Err(err) => errors.push(format!("{}: {err:#}", what())),
     }
 }
 

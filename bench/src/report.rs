@@ -454,8 +454,8 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
     if waited > SHARED {
         let _ = writeln!(
             s,
-            "\n**This machine was shared during the run:** a proxy's threads waited for their CPU \
-             up to {:.0}% of a measurement (table below). The proxies then woke less often to \
+            "\n**This machine was shared during the run:** a proxy's threads, added up, waited for \
+             a CPU for up to {:.0}% of a measurement's length (table below). The proxies then woke less often to \
              bigger batches, and their CPU per GB reads lower than on a machine of their own.",
             waited * 100.0
         );
@@ -914,13 +914,13 @@ at the same rate, no peer's upload cost moved beyond run-to-run noise.\n\
 - **Not the tuning.** What the peers' documentation recommends for throughput is their \
 default (table above) but the thread or worker count, which already matched the CPU they get.\n\
 - **Not the client.** Measured back to back, the OpenSSL client cost the peers between 2% less \
-and 20% more CPU per GB than the rustls one, and their handshakes 4–12% more CPU each. (With \
-it, the handshake rate is the client's: one stunnel on the load core makes 180–400 a second.)\n\
+and 30% more CPU per GB than the rustls one, and their handshakes 4–16% more CPU each. (With \
+it, the handshake rate is the client's: one stunnel on the load core makes 90–400 a second.)\n\
 - **The machine's load.** What moved every peer was contention for the proxy's CPU. With \
 other builds on both cores, nginx's worker waited, ready to run, 70% of the time, slept some \
-25 times a second and carried megabytes per wakeup. The peers then read 0.87–1.37 CPU-s/GB \
-with the rustls client (scenario by scenario, over five runs), about the harness's range, and \
-the gateway 0.47–0.79: the peers' means fell by 30–45% against the idle run, the gateway's by \
+25 times a second and carried megabytes per wakeup. The peers then read 0.85–1.37 CPU-s/GB \
+with the rustls client (scenario by scenario, over six runs), about the harness's range, and \
+the gateway 0.45–0.79: the peers' means fell by 30–45% against the idle run, the gateway's by \
 20–35%, which narrows the gap as the harness saw it. Batching saves a peer more because it pays \
 more per pass through its event loop (a poll, reads per record, a TLS write per 16 KiB buffer). \
 That is the likeliest reading of the harness's figures; its machine's load was not recorded.\n\n\
@@ -1274,7 +1274,7 @@ mod tests {
             md.contains("**This machine was shared during the run:**"),
             "{md}"
         );
-        assert!(md.contains("up to 70% of a measurement"), "{md}");
+        assert!(md.contains("for up to 70% of a measurement"), "{md}");
     }
 
     #[test]
