@@ -162,6 +162,13 @@ pub struct BulkResult {
     /// Proxy CPU-seconds per wall second (1.0 = one core busy).
     pub proxy_cpu_load: f64,
     pub bottleneck: Bottleneck,
+    /// Bytes forwarded per time the proxy slept and woke (KiB): the larger,
+    /// the fewer passes through its event loop per GB.
+    pub proxy_kib_per_wakeup: f64,
+    /// Share of the window the proxy's threads waited, ready, for its CPU:
+    /// above a few percent, something else ran there, the proxy woke less
+    /// often to bigger batches, and its CPU per GB reads low.
+    pub proxy_waiting: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -187,13 +194,18 @@ impl Bottleneck {
 struct Mark {
     at: Instant,
     cpu: f64,
+    sleeps: u64,
+    waited: f64,
     count: u64,
 }
 
 fn mark(proxy: ProcTree, count: u64) -> Mark {
+    let sample = proxy.sample();
     Mark {
         at: Instant::now(),
-        cpu: proxy.sample().cpu_seconds,
+        cpu: sample.cpu_seconds,
+        sleeps: sample.sleeps,
+        waited: sample.waited_seconds,
         count,
     }
 }
@@ -287,6 +299,10 @@ impl Rig<'_> {
             proxy_cpu_s_per_gb: cpu / (bytes / 1e9),
             proxy_cpu_load: load,
             bottleneck: Bottleneck::of(load, self.proxy_cores),
+            proxy_kib_per_wakeup: bytes
+                / 1024.0
+                / (b.sleeps.saturating_sub(a.sleeps)).max(1) as f64,
+            proxy_waiting: (b.waited - a.waited) / secs,
         })
     }
 

@@ -9,6 +9,7 @@ mod abuse;
 mod aead;
 mod backend;
 mod load;
+mod openssl_client;
 mod peers;
 mod pki;
 mod procstat;
@@ -99,6 +100,20 @@ struct RunArgs {
     /// The paced offered load for the CPU-per-GB comparison.
     #[arg(long, default_value_t = 3.0)]
     paced_gbps: f64,
+    /// TLS clients for the paced bulk and handshake scenarios,
+    /// comma-separated: rustls in this process, OpenSSL through stunnel in
+    /// client mode (the other scenarios use rustls).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Client::Rustls, Client::Openssl])]
+    clients: Vec<Client>,
+}
+
+/// The TLS client a measurement drives the proxy with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Client {
+    /// rustls (aws-lc-rs) in the load generator itself.
+    Rustls,
+    /// OpenSSL: stunnel in client mode in front of the plain load generator.
+    Openssl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -157,6 +172,10 @@ struct Plan {
     rounds: usize,
     /// Pairs of one-core and many-core measurements for the projection.
     scaling_rounds: usize,
+    /// Measure the paced bulk and the handshakes with the rustls client.
+    rustls: bool,
+    /// ... and with the OpenSSL client too.
+    openssl: bool,
 }
 
 impl Plan {
@@ -186,6 +205,8 @@ impl Plan {
         if !has(Scenario::Abuse) {
             plan.abuse = None;
         }
+        plan.rustls = args.clients.contains(&Client::Rustls);
+        plan.openssl = args.clients.contains(&Client::Openssl);
         plan
     }
 
@@ -216,6 +237,8 @@ impl Plan {
                 memory: true,
                 scaling: true,
                 abuse: Some(abuse::Plan::new(true)),
+                rustls: true,
+                openssl: true,
             }
         } else {
             Plan {
@@ -237,6 +260,8 @@ impl Plan {
                 memory: true,
                 scaling: true,
                 abuse: Some(abuse::Plan::new(false)),
+                rustls: true,
+                openssl: true,
             }
         }
     }
@@ -260,7 +285,14 @@ impl Plan {
             (Some(_), Kind::Haproxy | Kind::Nginx) => 2,
             _ => 0,
         };
-        rounds * self.bulk.len() as u64 + tls + scaling + abuse
+        // The OpenSSL client repeats the paced bulk and the handshakes.
+        let paced = self.bulk.iter().filter(|b| b.2).count() as u64;
+        let openssl = if kind.tls() && self.openssl {
+            rounds * (paced + u64::from(self.handshakes))
+        } else {
+            0
+        };
+        rounds * self.bulk.len() as u64 + tls + scaling + abuse + openssl
     }
 }
 
@@ -415,6 +447,9 @@ struct Ctx<'a> {
 struct Entry {
     kind: Kind,
     peer: Option<Peer>,
+    /// The OpenSSL client in front of it (TLS peers, while bulk and
+    /// handshakes run).
+    openssl: Option<openssl_client::OpensslClient>,
     /// It failed to start or died: no fresh start for the memory scenario.
     dead: bool,
     report: PeerReport,
@@ -450,6 +485,29 @@ impl Ctx<'_> {
         }
     }
 
+    /// The same peer through the OpenSSL client: plain TCP to stunnel,
+    /// which speaks TLS to the peer.
+    fn openssl_rig(&self, peer: &Peer, client: &openssl_client::OpensslClient) -> Rig<'_> {
+        Rig {
+            target: Target {
+                addr: client.addr,
+                tls: None,
+            },
+            ..self.rig(peer)
+        }
+    }
+
+    fn start_openssl_client(&self, peer: &Peer) -> anyhow::Result<openssl_client::OpensslClient> {
+        openssl_client::OpensslClient::start(
+            self.pki,
+            peer.addr,
+            &self
+                .workdir
+                .join(format!("{}-openssl-client", peer.kind.name())),
+            &self.args.load_cpus,
+        )
+    }
+
     /// Every peer runs at once (pinned to the same CPUs, idle while another
     /// is measured), and each scenario measures them one after the other:
     /// the machine's own drift over the run then falls on all peers alike
@@ -464,16 +522,27 @@ impl Ctx<'_> {
                 let mut report = PeerReport {
                     name: kind.name().into(),
                     version: peers::version(kind, self.bins),
+                    tuning: peers::tuning(kind, self.args.proxy_cpus.len()),
                     ..Default::default()
                 };
                 let peer = self
                     .start(kind)
                     .map_err(|e| report.errors.push(format!("{e:#}")))
                     .ok();
+                report.config = peer.as_ref().and_then(Peer::config);
+                let openssl = peer
+                    .as_ref()
+                    .filter(|p| p.kind.tls() && self.plan.openssl)
+                    .and_then(|p| {
+                        self.start_openssl_client(p)
+                            .map_err(|e| report.errors.push(format!("OpenSSL client: {e:#}")))
+                            .ok()
+                    });
                 Entry {
                     kind,
                     dead: peer.is_none(),
                     peer,
+                    openssl,
                     report,
                 }
             })
@@ -482,6 +551,8 @@ impl Ctx<'_> {
         let mut bulk: Vec<Vec<Vec<load::BulkResult>>> =
             vec![vec![Vec::new(); self.plan.bulk.len()]; entries.len()];
         let mut handshakes: Vec<Vec<load::HandshakeResult>> = vec![Vec::new(); entries.len()];
+        let mut openssl_bulk = bulk.clone();
+        let mut openssl_handshakes = handshakes.clone();
         for round in 0..self.plan.rounds {
             for (si, &(conns, dir, paced)) in self.plan.bulk.iter().enumerate() {
                 let offered = paced.then_some(self.args.paced_gbps);
@@ -493,17 +564,30 @@ impl Ctx<'_> {
                         self.plan.rounds,
                         offered.map_or("unpaced".into(), |g| format!("@{g} Gbit/s"))
                     ));
-                    if let Some(peer) = &e.peer {
-                        match self.rig(peer).bulk(conns, dir, offered).await {
-                            Ok(r) => bulk[pi][si].push(r),
-                            Err(err) => e
-                                .report
-                                .errors
-                                .push(format!("bulk {conns} {dir:?}: {err:#}")),
-                        }
+                    if let Some(peer) = e.peer.as_ref().filter(|_| self.plan.rustls) {
+                        keep(
+                            self.rig(peer).bulk(conns, dir, offered).await,
+                            &mut bulk[pi][si],
+                            &mut e.report.errors,
+                            || format!("bulk {conns} {dir:?}"),
+                        );
                     }
                     check_alive(e);
                     self.bar.inc(1);
+                    // Right after the rustls client, so the host's drift
+                    // falls on both alike.
+                    if let (Some(peer), Some(client), true) = (&e.peer, &e.openssl, paced) {
+                        keep(
+                            self.openssl_rig(peer, client)
+                                .bulk(conns, dir, offered)
+                                .await,
+                            &mut openssl_bulk[pi][si],
+                            &mut e.report.errors,
+                            || format!("OpenSSL client: bulk {conns} {dir:?}"),
+                        );
+                        check_alive(e);
+                        self.bar.inc(1);
+                    }
                 }
             }
             if self.plan.handshakes {
@@ -515,11 +599,26 @@ impl Ctx<'_> {
                         self.plan.rounds
                     ));
                     if let Some(peer) = e.peer.as_ref().filter(|p| p.kind.tls()) {
-                        match self.rig(peer).handshakes(self.plan.handshake_clients).await {
-                            Ok(h) => handshakes[pi].push(h),
-                            Err(err) => e.report.errors.push(format!("handshakes: {err:#}")),
+                        if self.plan.rustls {
+                            keep(
+                                self.rig(peer).handshakes(self.plan.handshake_clients).await,
+                                &mut handshakes[pi],
+                                &mut e.report.errors,
+                                || "handshakes".to_owned(),
+                            );
                         }
                         self.bar.inc(1);
+                        if let Some(client) = &e.openssl {
+                            keep(
+                                self.openssl_rig(peer, client)
+                                    .handshakes(self.plan.handshake_clients)
+                                    .await,
+                                &mut openssl_handshakes[pi],
+                                &mut e.report.errors,
+                                || "OpenSSL client: handshakes".to_owned(),
+                            );
+                            self.bar.inc(1);
+                        }
                     }
                     check_alive(e);
                 }
@@ -531,6 +630,16 @@ impl Ctx<'_> {
                 .filter_map(|v| median_by(v, |b| b.proxy_cpu_s_per_gb))
                 .collect();
             e.report.handshakes = median_by(std::mem::take(&mut handshakes[pi]), |h| h.per_second);
+            e.report.openssl_bulk = openssl_bulk[pi]
+                .drain(..)
+                .filter_map(|v| median_by(v, |b| b.proxy_cpu_s_per_gb))
+                .collect();
+            e.report.openssl_handshakes =
+                median_by(std::mem::take(&mut openssl_handshakes[pi]), |h| {
+                    h.per_second
+                });
+            // Only the bulk and handshake scenarios use it.
+            e.openssl = None;
         }
 
         if self.plan.latency {
@@ -792,8 +901,30 @@ impl Ctx<'_> {
     }
 }
 
+/// Keeps a measurement, or its failure (said as `what`) in `errors`.
+fn keep<T>(
+    result: anyhow::Result<T>,
+    into: &mut Vec<T>,
+    errors: &mut Vec<String>,
+    what: impl FnOnce() -> String,
+) {
+    match result {
+        Ok(r) => into.push(r),
+        Err(err) => errors.push(format!("{}: {err:#}", what())),
+    }
+}
+
 /// A peer that died stops being measured; its log tail goes into the report.
+/// An OpenSSL client that died stops its measurements.
 fn check_alive(e: &mut Entry) {
+    if let Some(client) = &mut e.openssl
+        && !client.alive()
+    {
+        e.report
+            .errors
+            .push("the OpenSSL client (stunnel) died".to_owned());
+        e.openssl = None;
+    }
     if let Some(peer) = &mut e.peer
         && !peer.alive()
     {

@@ -143,7 +143,7 @@ impl Peer {
         let dir = workdir.join(kind.name());
         std::fs::create_dir_all(&dir)?;
         let addr = free_port()?;
-        let mut cmd = match kind {
+        let cmd = match kind {
             Kind::Gateway => gateway(
                 bins,
                 pki,
@@ -157,7 +157,7 @@ impl Peer {
             Kind::GatewayKtls => {
                 gateway(bins, pki, addr, backend, &dir, "kernel", cpus.len(), setup)?
             }
-            Kind::Haproxy => haproxy(pki, addr, backend, &dir, setup)?,
+            Kind::Haproxy => haproxy(pki, addr, backend, &dir, cpus.len(), setup)?,
             Kind::Nginx => nginx(pki, addr, backend, &dir, cpus.len(), setup)?,
             Kind::Stunnel => stunnel(pki, addr, backend, &dir)?,
             Kind::Relay => {
@@ -172,62 +172,30 @@ impl Peer {
                 c
             }
         };
-        let log = std::fs::File::create(dir.join("stderr.log"))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let cpus = cpus.to_vec();
-        // SAFETY: between fork and exec only sched_setaffinity runs, which is
-        // async-signal-safe and allocates nothing (the set is built on the stack).
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || crate::procstat::pin_to(&cpus));
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {}", kind.name()))?;
-        let mut peer = Peer {
+        let child = spawn_listening(cmd, kind.name(), addr, &dir, cpus)?;
+        Ok(Peer {
             kind,
             addr,
             proc: ProcTree { root: child.id() },
             child,
             dir,
-        };
-        peer.wait_ready()?;
-        Ok(peer)
-    }
-
-    fn wait_ready(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited at start ({status}):\n{}",
-                    self.kind.name(),
-                    self.log_tail()
-                );
-            }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
-                // Let multi-process proxies finish starting their workers.
-                std::thread::sleep(Duration::from_millis(300));
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not listen on {} within 15s:\n{}",
-                    self.kind.name(),
-                    self.addr,
-                    self.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        })
     }
 
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        log_tail(&self.dir)
+    }
+
+    /// The config file it was started with, as written.
+    pub fn config(&self) -> Option<String> {
+        let name = match self.kind {
+            Kind::Gateway | Kind::GatewayKtls => "gateway.toml",
+            Kind::Haproxy => "haproxy.cfg",
+            Kind::Nginx => "nginx.conf",
+            Kind::Stunnel => "stunnel.conf",
+            Kind::Relay => return None,
+        };
+        std::fs::read_to_string(self.dir.join(name)).ok()
     }
 
     /// Whether it is still running (a crash mid-run voids its numbers).
@@ -238,19 +206,72 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        // SIGTERM first so nginx's master takes its workers down with it.
-        // SAFETY: kill with a pid we spawned and have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop(&mut self.child);
     }
+}
+
+/// Starts `cmd` pinned to `cpus`, its output in `dir`/stderr.log, and
+/// waits until it accepts connections on `addr`.
+pub(crate) fn spawn_listening(
+    mut cmd: Command,
+    name: &str,
+    addr: SocketAddr,
+    dir: &Path,
+    cpus: &[usize],
+) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join("stderr.log"))?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let cpus = cpus.to_vec();
+    // SAFETY: between fork and exec only sched_setaffinity runs, which is
+    // async-signal-safe and allocates nothing (the set is built on the stack).
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || crate::procstat::pin_to(&cpus));
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited at start ({status}):\n{}", log_tail(dir));
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            // Let multi-process proxies finish starting their workers.
+            std::thread::sleep(Duration::from_millis(300));
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            stop(&mut child);
+            bail!(
+                "{name} did not listen on {addr} within 15s:\n{}",
+                log_tail(dir)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM first so nginx's master takes its workers down with it; SIGKILL
+/// after 5 s.
+pub(crate) fn stop(child: &mut Child) {
+    // SAFETY: kill with a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub(crate) fn log_tail(dir: &Path) -> String {
+    let s = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// Client connections a proxy may hold: each costs it two file descriptors,
@@ -265,12 +286,12 @@ fn max_connections() -> u64 {
     (lim.rlim_cur.saturating_sub(200) / 2).max(100)
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
     let p = dir.join(name);
     std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
     Ok(p)
@@ -342,6 +363,7 @@ fn haproxy(
     addr: SocketAddr,
     backend: SocketAddr,
     dir: &Path,
+    threads: usize,
     setup: &Setup,
 ) -> anyhow::Result<Command> {
     let config = write(
@@ -351,7 +373,7 @@ fn haproxy(
             "global
     maxconn {maxconn}
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256
-defaults
+{tuning}defaults
     mode tcp
     timeout connect 5s
     timeout client {client}
@@ -380,6 +402,7 @@ backend backend
             } else {
                 ""
             },
+            tuning = config_lines(&tuning(Kind::Haproxy, threads), "    "),
             pem = pki.server_pem_bundle.display(),
             maxconn = setup.max_connections.unwrap_or_else(max_connections),
             client = setup
@@ -401,14 +424,17 @@ fn nginx(
     workers: usize,
     setup: &Setup,
 ) -> anyhow::Result<Command> {
+    // worker_processes goes in the main context, the rest in the server.
+    let (main_tuning, server_tuning): (Vec<Tuning>, Vec<Tuning>) = tuning(Kind::Nginx, workers)
+        .into_iter()
+        .partition(|t| t.line.starts_with("worker_processes"));
     let config = write(
         dir,
         "nginx.conf",
         &format!(
             "load_module /usr/lib/nginx/modules/ngx_stream_module.so;
 daemon off;
-worker_processes {workers};
-pid {dir}/nginx.pid;
+{tuning}pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections {worker_connections}; }}
 stream {{
@@ -427,10 +453,12 @@ stream {{
         ssl_handshake_timeout {handshake}s;
         proxy_pass {backend};
         proxy_timeout 10m;
-    }}
+{server_tuning}    }}
 }}
 ",
             dir = dir.display(),
+            tuning = config_lines(&main_tuning, ""),
+            server_tuning = config_lines(&server_tuning, "        "),
             zone = if setup.source_limits {
                 "    limit_conn_zone $binary_remote_addr zone=per_source:10m;\n"
             } else {
@@ -484,7 +512,8 @@ sslVersionMin = TLSv1.3
 ciphersuites = TLS_AES_128_GCM_SHA256
 curves = prime256v1
 TIMEOUTidle = 600
-",
+{tuning}",
+            tuning = config_lines(&tuning(Kind::Stunnel, 1), ""),
             chain = pki.server_chain.display(),
             key = pki.server_key.display(),
             root = pki.root.display(),
@@ -518,4 +547,167 @@ pub fn version(kind: Kind, bins: &Binaries) -> String {
         .find(|l| !l.is_empty() && !l.starts_with("Initializing"))
         .unwrap_or("unknown");
     first.to_owned()
+}
+
+/// One throughput knob of a peer, as its own documentation describes it:
+/// set in the config (`applied`), or left at its default for the reason
+/// given. The report prints them all, so a reader can judge the fairness.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tuning {
+    /// The config line as written (or the default it keeps).
+    pub line: String,
+    pub applied: bool,
+    /// Why, and where the peer's documentation says so.
+    pub why: &'static str,
+}
+
+fn set(line: String, why: &'static str) -> Tuning {
+    Tuning {
+        line,
+        applied: true,
+        why,
+    }
+}
+
+fn kept(line: &str, why: &'static str) -> Tuning {
+    Tuning {
+        line: line.to_owned(),
+        applied: false,
+        why,
+    }
+}
+
+/// The throughput tuning each peer's documentation recommends, for a peer
+/// given `cores` CPUs (documents: HAProxy 2.6's configuration manual from
+/// Debian's haproxy-doc; nginx's module reference at nginx.org, which
+/// Debian's nginx-doc does not ship; stunnel(8) from stunnel4).
+pub fn tuning(kind: Kind, cores: usize) -> Vec<Tuning> {
+    match kind {
+        Kind::Haproxy => vec![
+            set(
+                format!("nbthread {cores}"),
+                "HAProxy manual §3.1 nbthread: by default one thread per CPU the process is \
+                 bound to; written out so the report shows it",
+            ),
+            kept(
+                "tune.bufsize 16384",
+                "§3.2 tune.bufsize: \"strongly recommended not to change this from the default \
+                 value\"; 16 KiB holds one full TLS record",
+            ),
+            kept(
+                "tune.ssl.maxrecord 0",
+                "§3.2 tune.ssl.maxrecord: 0 (no limit) sends full 16 KiB records; a limit is \
+                 for page-load latency on slow links, not throughput",
+            ),
+            kept(
+                "tune.rcvbuf.* / tune.sndbuf.* unset",
+                "§3.2: \"should normally never be set\"; the kernel auto-tunes them",
+            ),
+            kept(
+                "tune.maxpollevents (200)",
+                "§3.2: above 200 trades latency for slightly more bandwidth; the bulk scenarios \
+                 have at most 32 busy sockets, so no poll returns more",
+            ),
+            kept(
+                "no option splice-auto",
+                "§4.2 option splice-auto: kernel splicing moves bytes socket to socket without \
+                 user space; every byte here passes through HAProxy's TLS, so it cannot apply",
+            ),
+        ],
+        Kind::Nginx => vec![
+            set(
+                format!("worker_processes {cores};"),
+                "ngx_core_module worker_processes: \"setting it to the number of available CPU \
+                 cores would be a good start\"; nginx 1.22's `auto` counts the online CPUs, not \
+                 the ones it is pinned to, so the count is given",
+            ),
+            kept(
+                "proxy_buffer_size 16k;",
+                "ngx_stream_proxy_module proxy_buffer_size: the read buffer on each side; its \
+                 default holds one full TLS record, and the docs give no throughput advice",
+            ),
+            kept(
+                "no ssl_buffer_size",
+                "ngx_http_ssl_module only: the stream module writes TLS records as large as \
+                 what it read (up to proxy_buffer_size)",
+            ),
+            kept(
+                "no sendfile",
+                "ngx_http_core_module: serves files from disk; a stream proxy relays sockets",
+            ),
+            kept(
+                "ssl_session_tickets off; no ssl_session_cache",
+                "ngx_stream_ssl_module: resumption only; every connection here is a full \
+                 handshake and the clients never resume",
+            ),
+        ],
+        Kind::Stunnel => vec![
+            kept(
+                "socket = l:TCP_NODELAY=1, r:TCP_NODELAY=1",
+                "stunnel(8) socket: already stunnel's defaults (`stunnel4 -sockets`)",
+            ),
+            kept(
+                "(no throughput options)",
+                "stunnel(8) documents no throughput tuning; Debian's build runs a thread per \
+                 connection (`Threading:PTHREAD`), nothing to size",
+            ),
+        ],
+        Kind::Gateway | Kind::GatewayKtls | Kind::Relay => Vec::new(),
+    }
+}
+
+/// The applied lines, indented, one per line.
+fn config_lines(tuning: &[Tuning], indent: &str) -> String {
+    tuning
+        .iter()
+        .filter(|t| t.applied)
+        .map(|t| format!("{indent}{}\n", t.line))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tuning the report prints is the tuning the peers ran with.
+    #[test]
+    fn every_tuning_line_the_report_shows_as_set_is_in_the_config_written() {
+        let dir = std::env::temp_dir().join(format!("peers-tuning-{}", std::process::id()));
+        let pki = crate::pki::create(&dir.join("pki")).expect("pki");
+        let (addr, backend) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let setup = Setup::default();
+        haproxy(&pki, addr, backend, &dir, 2, &setup).expect("haproxy config");
+        nginx(&pki, addr, backend, &dir, 2, &setup).expect("nginx config");
+        stunnel(&pki, addr, backend, &dir).expect("stunnel config");
+        for (kind, file) in [
+            (Kind::Haproxy, "haproxy.cfg"),
+            (Kind::Nginx, "nginx.conf"),
+            (Kind::Stunnel, "stunnel.conf"),
+        ] {
+            let config = std::fs::read_to_string(dir.join(file)).expect("config");
+            let tuning = tuning(kind, 2);
+            assert!(!tuning.is_empty(), "{kind:?} shows no tuning");
+            for t in tuning.iter().filter(|t| t.applied) {
+                assert!(
+                    config.lines().any(|l| l.trim() == t.line),
+                    "{kind:?}: `{}` not in\n{config}",
+                    t.line
+                );
+            }
+        }
+        assert!(
+            tuning(Kind::Haproxy, 2)
+                .iter()
+                .any(|t| t.line == "nbthread 2")
+        );
+        assert!(
+            tuning(Kind::Nginx, 2)
+                .iter()
+                .any(|t| t.line == "worker_processes 2;")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

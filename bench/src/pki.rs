@@ -20,6 +20,10 @@ pub struct Files {
     pub server_pem_bundle: PathBuf,
     pub client_chain: Vec<CertificateDer<'static>>,
     pub client_key: PrivateKeyDer<'static>,
+    /// The client's chain and key as files, for the OpenSSL-based client
+    /// (stunnel in client mode).
+    pub client_chain_pem: PathBuf,
+    pub client_key_pem: PathBuf,
 }
 
 pub fn create(dir: &Path) -> anyhow::Result<Files> {
@@ -60,5 +64,7 @@ pub fn create(dir: &Path) -> anyhow::Result<Files> {
         client_chain: CertificateDer::pem_slice_iter(client_chain_pem.as_bytes())
             .collect::<Result<_, _>>()?,
         client_key: PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())?,
+        client_chain_pem: write("client-chain.pem", &client_chain_pem)?,
+        client_key_pem: write("client.key", &client.key_pem)?,
     })
 }

@@ -14,6 +14,13 @@ pub struct ProcTree {
 pub struct Sample {
     pub cpu_seconds: f64,
     pub rss_bytes: u64,
+    /// Times any of its threads went to sleep waiting (voluntary context
+    /// switches): each is a wakeup that found work, so bytes per wakeup
+    /// says how much each pass through its event loop carried.
+    pub sleeps: u64,
+    /// Seconds its threads were ready to run but waited for a CPU
+    /// (schedstat's run_delay): others' work on the proxy's CPU.
+    pub waited_seconds: f64,
 }
 
 impl ProcTree {
@@ -22,15 +29,22 @@ impl ProcTree {
         let ticks = clock_ticks();
         let mut cpu = 0u64;
         let mut rss = 0u64;
+        let mut sleeps = 0u64;
+        let mut waited_ns = 0u64;
         for pid in pids {
             if let Some((utime, stime)) = cpu_ticks(pid) {
                 cpu += utime + stime;
             }
             rss += rss_bytes(pid).unwrap_or(0);
+            let (s, w) = thread_waits(pid);
+            sleeps += s;
+            waited_ns += w;
         }
         Sample {
             cpu_seconds: cpu as f64 / ticks,
             rss_bytes: rss,
+            sleeps,
+            waited_seconds: waited_ns as f64 / 1e9,
         }
     }
 
@@ -70,6 +84,34 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 fn cpu_ticks(pid: u32) -> Option<(u64, u64)> {
     let f = stat_fields(pid)?;
     Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
+}
+
+/// Over every thread of `pid`: voluntary context switches, and
+/// nanoseconds spent runnable on a run queue (schedstat's second field).
+fn thread_waits(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut sleeps = 0;
+    let mut waited = 0;
+    for task in tasks.flatten() {
+        let path = task.path();
+        if let Ok(status) = std::fs::read_to_string(path.join("status")) {
+            sleeps += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(schedstat) = std::fs::read_to_string(path.join("schedstat")) {
+            waited += schedstat
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    (sleeps, waited)
 }
 
 pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
