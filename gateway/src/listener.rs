@@ -265,7 +265,16 @@ fn serve<'a>(
                 return conn.record();
             }
         };
-        ticket.established();
+        if !ticket.established() {
+            // Evicted as the handshake completed (both ready in one poll,
+            // and the handshake won): its slot went to the newcomer, so it
+            // is cut as evicted rather than served without one.
+            let cut = watch.cut().await;
+            ticket.cut(&cut);
+            handshake_failed(failure_of(cut.refusal()));
+            conn.reason = cut.to_string();
+            return conn.record();
+        }
         if conn.verified.is_some() && conn.verdict == Verdict::Allow {
             ticket.authenticated();
         }

@@ -797,8 +797,9 @@ impl Ticket {
     }
 
     /// The handshake is done and the route admitted the client: out of the
-    /// handshake share, never evicted.
-    pub fn established(&self) {
+    /// handshake share, never evicted. False when it was evicted first (in
+    /// the same instant, say): it holds no slot and must not be served.
+    pub fn established(&self) -> bool {
         if self.stage() < Stage::Established {
             self.pool.advance(self.id, &self.place, Stage::Established);
             if self.stage() == Stage::Established
@@ -807,6 +808,7 @@ impl Ticket {
                 self.admission.tables().sources.ended(groups);
             }
         }
+        self.stage() == Stage::Established
     }
 
     /// The handshake authenticated the client with a certificate that

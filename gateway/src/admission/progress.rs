@@ -328,6 +328,10 @@ impl<'a> Watch<'a> {
         let Pace { min_rate, grace } = self.pace;
         let place = self.ticket.place();
         loop {
+            // Evicted already (asked after the handshake won the race).
+            if evicted.is_cancelled() {
+                return self.evicted();
+            }
             let now = Instant::now();
             let next = match place.look(now) {
                 Some(Ok(Now::Client { age, received })) => {

@@ -806,3 +806,23 @@ fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
         t.established();
     }
 }
+
+/// A handshake evicted in the instant it completed (the handshake won the
+/// race in the connection's task) is not established: it holds no slot,
+/// and the listener must not serve it.
+#[test]
+fn an_evicted_handshake_cannot_be_established() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let victim = admitted(admission.admit(&pool, 1, 1, client("203.0.113.1", 1), None));
+    victim.place().set_pace(super::progress::Pace {
+        min_rate: 0,
+        grace: Duration::ZERO,
+    });
+    let newcomer = admitted(admission.admit(&pool, 1, 1, client("198.51.100.1", 1), None));
+    assert_eq!(victim.stage(), Stage::Evicted);
+    assert!(!victim.established());
+    assert_eq!(victim.stage(), Stage::Evicted);
+    assert!(newcomer.established());
+    assert_eq!((pool.connections(), pool.handshakes()), (1, 0));
+}
