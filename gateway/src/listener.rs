@@ -275,11 +275,24 @@ fn serve<'a>(
             conn.reason = cut.to_string();
             return conn.record();
         }
-        if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            ticket.authenticated();
-        }
         drop(watch);
         let (route, mut tls) = tls;
+        if conn.verified.is_some() && conn.verdict == Verdict::Allow {
+            ticket.authenticated();
+        } else if !ticket.unauthenticated() {
+            // Let through unauthenticated (audit, `off`), but its source
+            // holds as many such connections as it may: one source of
+            // certless peers does not hold every slot.
+            ticket.refused(Refusal::SourceUnauthenticated);
+            handshake_failed(HandshakeFailure::Policy);
+            conn.verdict = Verdict::Error;
+            conn.reason = format!(
+                "refused: its source holds as many unauthenticated connections as it may ({})",
+                conn.reason
+            );
+            offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+            return conn.record();
+        }
         // The identity leaves for the registry; a PROXY header reports its CN.
         let common_name = conn
             .identity_value
@@ -948,8 +961,10 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         | Refusal::ClientHelloTooLarge
         | Refusal::Incompatible
         | Refusal::HandshakeFailed => HandshakeFailure::Protocol,
-        // Refused at accept, before any handshake: never asked here.
-        Refusal::MaxConnections
+        // Refused at accept, before any handshake, or past it: never
+        // asked here.
+        Refusal::SourceUnauthenticated
+        | Refusal::MaxConnections
         | Refusal::MaxHandshakesInFlight
         | Refusal::Blocked
         | Refusal::SourceRate

@@ -235,3 +235,61 @@ async fn junk_after_a_real_hello_does_not_get_a_far_client_evicted() {
     .await;
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// On a route in `mode = "audit"`, a peer without any certificate
+/// completes its handshake and is let through (the rollout stage before
+/// enforce). One source of such peers holds at most a quarter of
+/// `max_connections`; the rest are refused (`source_unauthenticated`) and
+/// allowed clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certless_source_on_an_audit_route_does_not_hold_every_slot() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
+        listener_toml(&pki, "edge", "max_connections = 20")
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "mode = \"audit\"\n";
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let tcp = tcp_from("127.9.9.1", gw.app_addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
+        let Ok(Ok(mut tls)) = tokio::time::timeout(
+            STEP,
+            tokio_rustls::TlsConnector::from(pki.client_config(None)).connect(name, tcp),
+        )
+        .await
+        else {
+            continue;
+        };
+        // Through to the backend when let through: it echoes.
+        let through = tls.write_all(b"x").await.is_ok() && {
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(STEP, tls.read_exact(&mut b)).await,
+                Ok(Ok(_))
+            )
+        };
+        if through {
+            held.push(tls);
+        }
+    }
+    let mut failed = 0;
+    for _ in 0..10 {
+        if allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    let capped = metric(&gw, &refused("source_unauthenticated")).await;
+    println!(
+        "audit route: one certless source holds {} of 20 slots, {capped} refused; {failed} of 10 allowed clients failed",
+        held.len()
+    );
+    assert_eq!(held.len(), 5, "a quarter of max_connections");
+    assert_eq!(capped, 15);
+    assert_eq!(failed, 0);
+}

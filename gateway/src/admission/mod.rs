@@ -117,6 +117,10 @@ pub enum Refusal {
     EvictedAfterHello,
     /// Admitted, then cut for sending below the minimum rate.
     HandshakeTooSlow,
+    /// Past its handshake and admitted by its route without being
+    /// authenticated (audit would-deny, `mode = "off"`), but its source
+    /// (/24, /64) already holds a quarter of `max_connections` so.
+    SourceUnauthenticated,
     /// Admitted; the handshake took longer than `handshake_timeout`.
     HandshakeTimeout,
     /// Admitted; the client closed (or reset) its connection during the
@@ -161,6 +165,7 @@ impl Refusal {
             Refusal::EvictedBeforeHello => "evicted_before_hello",
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
+            Refusal::SourceUnauthenticated => "source_unauthenticated",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
             Refusal::BadRecord => "bad_record",
@@ -831,6 +836,13 @@ impl Ticket {
                 .sources
                 .verified(self.source, &settings, Instant::now());
         }
+    }
+
+    /// Established but not authenticated (audit would-deny, `mode =
+    /// "off"`): counted against its source's cap of such connections;
+    /// false when the cap is reached (it must not be served).
+    pub fn unauthenticated(&self) -> bool {
+        self.pool.unauthenticated(&self.place)
     }
 
     pub fn stage(&self) -> Stage {

@@ -72,6 +72,11 @@ struct Slots {
     /// Handshakes in the share by source: at most one entry per
     /// handshake.
     sources: HashMap<IpAddr, u32>,
+    /// Established connections not authenticated (audit would-deny,
+    /// `mode = "off"`) by source: at most one entry per connection.
+    unauthenticated: HashMap<IpAddr, u32>,
+    /// `max_connections` as of the last newcomer.
+    max_connections: usize,
     /// Evicting sources' budgets: when each is whole again (a GCRA's
     /// theoretical arrival time).
     evicting: Lru<IpAddr, Instant>,
@@ -85,6 +90,8 @@ impl Default for Slots {
             hello: BTreeMap::new(),
             answered: BTreeMap::new(),
             sources: HashMap::new(),
+            unauthenticated: HashMap::new(),
+            max_connections: 0,
             evicting: Lru::new(MAX_EVICTING_SOURCES),
         }
     }
@@ -159,6 +166,8 @@ pub(super) struct Place {
     /// Evicted when already below the minimum rate (past the point where
     /// its watch cuts it for slowness, the cut not yet made).
     evicted_slow: AtomicBool,
+    /// Established without being authenticated, and counted so.
+    unauthenticated: AtomicBool,
 }
 
 impl Place {
@@ -286,6 +295,7 @@ impl Pool {
     ) -> Result<Taken, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
+        s.max_connections = max_connections;
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
@@ -359,6 +369,7 @@ impl Pool {
             pace: Mutex::new(Pace::DEFAULT),
             evicted_in: AtomicU8::new(Stage::Hello as u8),
             evicted_slow: AtomicBool::new(false),
+            unauthenticated: AtomicBool::new(false),
         });
         s.hello.insert(id, place.clone());
         *s.sources.entry(place.source).or_default() += 1;
@@ -399,6 +410,28 @@ impl Pool {
         }
     }
 
+    /// Counts an established connection that was not authenticated against
+    /// its source's cap (a quarter of `max_connections`): one source (or
+    /// a NAT, or a /64) of certless peers on an audit or `off` route may
+    /// not hold every slot. False when the cap is reached.
+    pub(super) fn unauthenticated(&self, place: &Place) -> bool {
+        let mut s = self.lock();
+        if place.stage() != Stage::Established {
+            return false;
+        }
+        if place.unauthenticated.load(Ordering::Relaxed) {
+            return true;
+        }
+        let cap = u32::try_from((s.max_connections / 4).max(1)).unwrap_or(u32::MAX);
+        let held = s.unauthenticated.entry(place.source).or_default();
+        if *held >= cap {
+            return false;
+        }
+        *held += 1;
+        place.unauthenticated.store(true, Ordering::Relaxed);
+        true
+    }
+
     /// Gives the slot back; says whether the connection was still in its
     /// handshake (or evicted from it).
     pub(super) fn release(&self, id: u64, place: &Place) -> bool {
@@ -415,6 +448,14 @@ impl Pool {
                 }
             }
             Stage::Established => {
+                if place.unauthenticated.swap(false, Ordering::Relaxed)
+                    && let Some(n) = s.unauthenticated.get_mut(&place.source)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.unauthenticated.remove(&place.source);
+                    }
+                }
                 s.connections -= 1;
                 return false;
             }
@@ -729,6 +770,29 @@ mod tests {
             Some(Refusal::MaxHandshakesInFlight)
         );
         assert_eq!(pool.handshakes(), 2);
+    }
+
+    /// Connections established without authentication count against
+    /// their source's cap, a quarter of `max_connections`; one ending
+    /// frees its place; other sources have their own.
+    #[test]
+    fn a_source_holds_at_most_a_quarter_of_the_slots_unauthenticated() {
+        let pool = Pool::new("edge");
+        let certless = |pool: &Pool, ip| {
+            let t = pool.take_plain(from(ip), 8, 8).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            let held = pool.unauthenticated(&t.place);
+            (t, held)
+        };
+        let (a, ok) = certless(&pool, [203, 0, 113, 1]);
+        assert!(ok);
+        let (_b, ok) = certless(&pool, [203, 0, 113, 2]);
+        assert!(ok);
+        let (_c, ok) = certless(&pool, [203, 0, 113, 3]);
+        assert!(!ok, "a third of 8 slots from one /24");
+        assert!(certless(&pool, [198, 51, 100, 1]).1);
+        assert!(!pool.release(a.id, &a.place));
+        assert!(certless(&pool, [203, 0, 113, 4]).1);
     }
 
     #[test]
