@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
-use crate::admission::{Admission, Answer, Refusal, Ticket};
+use crate::admission::{Admission, Answer, Refusal, Stage, Ticket};
 use crate::config::Mode;
 use crate::descriptors::{self, Reserve};
 use crate::forward;
@@ -348,10 +348,17 @@ fn serve<'a>(
             conn.reason = format!("would deny (judged after a reload): {why}");
             route.stats.audited.inc();
         }
+        // Let through unauthenticated: a newcomer to a full listener may
+        // evict it; the registration's token closes it then.
+        ticket.closes_with(&registration.close);
         let why = || {
-            registration
-                .reason()
-                .unwrap_or_else(|| "drain timeout at shutdown".into())
+            registration.reason().unwrap_or_else(|| {
+                if ticket.stage() == Stage::Evicted {
+                    "evicted: the listener was full and it was not authenticated".into()
+                } else {
+                    "drain timeout at shutdown".into()
+                }
+            })
         };
         let standing = crate::proxy_protocol::Standing {
             verdict: conn.verdict,
@@ -465,6 +472,9 @@ fn serve<'a>(
             registration.moved(),
         )
         .await;
+        if ticket.stage() == Stage::Evicted {
+            ticket.refused(Refusal::EvictedUnauthenticated);
+        }
         conn.client_to_backend = transfer.client_to_backend;
         conn.backend_to_client = transfer.backend_to_client;
         route
@@ -964,6 +974,7 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         // Refused at accept, before any handshake, or past it: never
         // asked here.
         Refusal::SourceUnauthenticated
+        | Refusal::EvictedUnauthenticated
         | Refusal::MaxConnections
         | Refusal::MaxHandshakesInFlight
         | Refusal::Blocked

@@ -293,3 +293,52 @@ async fn one_certless_source_on_an_audit_route_does_not_hold_every_slot() {
     assert_eq!(capped, 15);
     assert_eq!(failed, 0);
 }
+
+/// Certless peers from several sources, each within its cap, fill the
+/// listener through an audit route: an allowed client's connection evicts
+/// the oldest of them (closed, counted) and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certless_connections_on_an_audit_route_give_way_to_newcomers() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
+        listener_toml(&pki, "edge", "max_connections = 8")
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "mode = \"audit\"\n";
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let tcp = tcp_from(&format!("127.9.{}.1", 10 + i / 2), gw.app_addr)
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
+            .connect(name, tcp)
+            .await
+            .expect("a certless handshake on an audit route");
+        tls.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        tls.read_exact(&mut b).await.unwrap();
+        held.push(tls);
+    }
+    let mut failed = 0;
+    for _ in 0..4 {
+        if allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    // The oldest certless connection was closed.
+    let mut b = [0u8; 1];
+    let oldest = tokio::time::timeout(STEP, held[0].read(&mut b)).await;
+    let evicted = metric(&gw, &refused("evicted_unauthenticated")).await;
+    println!(
+        "{failed} of 4 allowed clients failed; evicted_unauthenticated {evicted}; oldest: {oldest:?}"
+    );
+    assert_eq!(failed, 0);
+    assert!(matches!(oldest, Ok(Ok(0) | Err(_))), "{oldest:?}");
+    assert!(evicted >= 1);
+}

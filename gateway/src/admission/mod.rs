@@ -121,6 +121,10 @@ pub enum Refusal {
     /// authenticated (audit would-deny, `mode = "off"`), but its source
     /// (/24, /64) already holds a quarter of `max_connections` so.
     SourceUnauthenticated,
+    /// Past its handshake, unauthenticated (audit would-deny, `mode =
+    /// "off"`), and evicted by a newcomer: the listener was full and no
+    /// handshake could be evicted.
+    EvictedUnauthenticated,
     /// Admitted; the handshake took longer than `handshake_timeout`.
     HandshakeTimeout,
     /// Admitted; the client closed (or reset) its connection during the
@@ -166,6 +170,7 @@ impl Refusal {
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
             Refusal::SourceUnauthenticated => "source_unauthenticated",
+            Refusal::EvictedUnauthenticated => "evicted_unauthenticated",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
             Refusal::BadRecord => "bad_record",
@@ -842,7 +847,13 @@ impl Ticket {
     /// "off"`): counted against its source's cap of such connections;
     /// false when the cap is reached (it must not be served).
     pub fn unauthenticated(&self) -> bool {
-        self.pool.unauthenticated(&self.place)
+        self.pool.unauthenticated(self.id, &self.place)
+    }
+
+    /// The token that closes the connection once it is registered: an
+    /// unauthenticated connection evicted by a newcomer is closed with it.
+    pub fn closes_with(&self, close: &CancellationToken) {
+        self.pool.closes_with(&self.place, close);
     }
 
     pub fn stage(&self) -> Stage {

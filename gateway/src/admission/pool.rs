@@ -75,6 +75,9 @@ struct Slots {
     /// Established connections not authenticated (audit would-deny,
     /// `mode = "off"`) by source: at most one entry per connection.
     unauthenticated: HashMap<IpAddr, u32>,
+    /// The same connections by admission order: when the listener is full
+    /// and no handshake can be evicted, a newcomer evicts the oldest.
+    unauthenticated_queue: BTreeMap<u64, Arc<Place>>,
     /// `max_connections` as of the last newcomer.
     max_connections: usize,
     /// Evicting sources' budgets: when each is whole again (a GCRA's
@@ -91,6 +94,7 @@ impl Default for Slots {
             answered: BTreeMap::new(),
             sources: HashMap::new(),
             unauthenticated: HashMap::new(),
+            unauthenticated_queue: BTreeMap::new(),
             max_connections: 0,
             evicting: Lru::new(MAX_EVICTING_SOURCES),
         }
@@ -112,6 +116,20 @@ impl Slots {
             *n -= 1;
             if *n == 0 {
                 self.sources.remove(&place.source);
+            }
+        }
+    }
+
+    /// An unauthenticated connection leaves its source's count and the
+    /// queue.
+    fn unauthenticated_left(&mut self, id: u64, place: &Place) {
+        if place.unauthenticated.swap(false, Ordering::Relaxed) {
+            self.unauthenticated_queue.remove(&id);
+            if let Some(n) = self.unauthenticated.get_mut(&place.source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unauthenticated.remove(&place.source);
+                }
             }
         }
     }
@@ -168,6 +186,8 @@ pub(super) struct Place {
     evicted_slow: AtomicBool,
     /// Established without being authenticated, and counted so.
     unauthenticated: AtomicBool,
+    /// What closes it once registered (an unauthenticated connection's).
+    close: Mutex<Option<CancellationToken>>,
 }
 
 impl Place {
@@ -330,24 +350,42 @@ impl Pool {
                     Some((standing, std::cmp::Reverse(held), *id))
                 })
                 .min();
-            let Some((_, _, id)) = furthest_behind else {
-                return Err(refused);
+            // Then, with every slot held, the oldest connection let through
+            // unauthenticated (audit would-deny, `mode = "off"`).
+            let id = match furthest_behind {
+                Some((_, _, id)) => id,
+                None if full => match s.unauthenticated_queue.first_key_value() {
+                    Some((&id, _)) => id,
+                    None => return Err(refused),
+                },
+                None => return Err(refused),
             };
             if !known && !s.spend(evictor, now) {
                 return Err(refused);
             }
-            let victim = s.hello.remove(&id).or_else(|| s.answered.remove(&id));
+            let victim = s
+                .hello
+                .remove(&id)
+                .or_else(|| s.answered.remove(&id))
+                .or_else(|| s.unauthenticated_queue.get(&id).cloned());
             let Some(victim) = victim else {
                 return Err(refused);
             };
-            s.left(&victim);
-            // At or below the minimum rate, its watch is due to cut it; a
-            // newcomer that comes first must not spare it the strike. Under
-            // load, when watches run late, those are the very handshakes
-            // eviction picks.
-            victim
-                .evicted_slow
-                .store(victim.below_min_rate(now), Ordering::Release);
+            if victim.stage() == Stage::Established {
+                s.unauthenticated_left(id, &victim);
+                if let Some(close) = &*victim.close.lock().unwrap_or_else(|p| p.into_inner()) {
+                    close.cancel();
+                }
+            } else {
+                s.left(&victim);
+                // At or below the minimum rate, its watch is due to cut it;
+                // a newcomer that comes first must not spare it the strike.
+                // Under load, when watches run late, those are the very
+                // handshakes eviction picks.
+                victim
+                    .evicted_slow
+                    .store(victim.below_min_rate(now), Ordering::Release);
+            }
             victim
                 .evicted_in
                 .store(victim.stage() as u8, Ordering::Release);
@@ -370,6 +408,7 @@ impl Pool {
             evicted_in: AtomicU8::new(Stage::Hello as u8),
             evicted_slow: AtomicBool::new(false),
             unauthenticated: AtomicBool::new(false),
+            close: Mutex::new(None),
         });
         s.hello.insert(id, place.clone());
         *s.sources.entry(place.source).or_default() += 1;
@@ -414,7 +453,7 @@ impl Pool {
     /// its source's cap (a quarter of `max_connections`): one source (or
     /// a NAT, or a /64) of certless peers on an audit or `off` route may
     /// not hold every slot. False when the cap is reached.
-    pub(super) fn unauthenticated(&self, place: &Place) -> bool {
+    pub(super) fn unauthenticated(&self, id: u64, place: &Arc<Place>) -> bool {
         let mut s = self.lock();
         if place.stage() != Stage::Established {
             return false;
@@ -429,7 +468,19 @@ impl Pool {
         }
         *held += 1;
         place.unauthenticated.store(true, Ordering::Relaxed);
+        s.unauthenticated_queue.insert(id, place.clone());
         true
+    }
+
+    /// `close` closes `place`'s connection if it is evicted (at once if
+    /// it was already).
+    pub(super) fn closes_with(&self, place: &Place, close: &CancellationToken) {
+        let _s = self.lock();
+        if place.stage() == Stage::Evicted {
+            close.cancel();
+        } else if place.unauthenticated.load(Ordering::Relaxed) {
+            *place.close.lock().unwrap_or_else(|p| p.into_inner()) = Some(close.clone());
+        }
     }
 
     /// Gives the slot back; says whether the connection was still in its
@@ -448,19 +499,13 @@ impl Pool {
                 }
             }
             Stage::Established => {
-                if place.unauthenticated.swap(false, Ordering::Relaxed)
-                    && let Some(n) = s.unauthenticated.get_mut(&place.source)
-                {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.unauthenticated.remove(&place.source);
-                    }
-                }
+                s.unauthenticated_left(id, place);
                 s.connections -= 1;
                 return false;
             }
-            // Its slot went to the connection that evicted it.
-            Stage::Evicted => return true,
+            // Its slot went to the connection that evicted it (past its
+            // handshake if it was established).
+            Stage::Evicted => return place.evicted_in() != Stage::Established,
         }
         s.connections -= 1;
         true
@@ -781,7 +826,7 @@ mod tests {
         let certless = |pool: &Pool, ip| {
             let t = pool.take_plain(from(ip), 8, 8).unwrap();
             pool.advance(t.id, &t.place, Stage::Established);
-            let held = pool.unauthenticated(&t.place);
+            let held = pool.unauthenticated(t.id, &t.place);
             (t, held)
         };
         let (a, ok) = certless(&pool, [203, 0, 113, 1]);
@@ -793,6 +838,34 @@ mod tests {
         assert!(certless(&pool, [198, 51, 100, 1]).1);
         assert!(!pool.release(a.id, &a.place));
         assert!(certless(&pool, [203, 0, 113, 4]).1);
+    }
+
+    /// With every slot held and no handshake to evict, a newcomer evicts
+    /// the oldest connection let through unauthenticated, closing it (at
+    /// once if registered later); authenticated ones never.
+    #[test]
+    fn a_full_listener_evicts_the_oldest_unauthenticated_connection() {
+        let pool = Pool::new("edge");
+        let certless = pool.take_plain(from([203, 0, 113, 1]), 2, 2).unwrap();
+        pool.advance(certless.id, &certless.place, Stage::Established);
+        assert!(pool.unauthenticated(certless.id, &certless.place));
+        let close = CancellationToken::new();
+        pool.closes_with(&certless.place, &close);
+        let authed = pool.take_plain(from([203, 0, 113, 2]), 2, 2).unwrap();
+        pool.advance(authed.id, &authed.place, Stage::Established);
+        let newcomer = pool.take_plain(from([198, 51, 100, 1]), 2, 2).unwrap();
+        assert_eq!(newcomer.evicted, Some(from([203, 0, 113, 1])));
+        assert!(close.is_cancelled());
+        assert_eq!(certless.place.evicted_in(), Stage::Established);
+        // Its end is no failed handshake, and gives back nothing.
+        assert!(!pool.release(certless.id, &certless.place));
+        assert_eq!(pool.connections(), 2);
+        pool.advance(newcomer.id, &newcomer.place, Stage::Established);
+        assert_eq!(
+            pool.take_plain(from([198, 51, 100, 2]), 2, 2).err(),
+            Some(Refusal::MaxConnections)
+        );
+        assert_eq!(authed.place.stage(), Stage::Established);
     }
 
     #[test]
