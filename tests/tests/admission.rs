@@ -413,13 +413,7 @@ async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
             Err(_) => break,
         }
     }
-    let counted: Vec<String> = gw
-        .scrape()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("gateway_connections_refused_total"))
-        .map(str::to_owned)
-        .collect();
+    let counted = refusal_series(&gw).await;
     assert!(
         failures.is_empty(),
         "{} of 40 allowed clients failed: {failures:?}; the gateway said {said:?}; it counted {counted:?}",

@@ -16,6 +16,53 @@ use tokio::net::TcpListener;
 
 const ORDERS: &str = "orders.example.internal";
 
+/// A gateway whose one route, for `ORDERS`, is in `mode = "audit"`.
+async fn audit_gateway(pki: &Pki, backend: &EchoBackend, listener: &str) -> RunningGateway {
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
+        listener_toml(pki, "edge", listener)
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "mode = \"audit\"\n";
+    RunningGateway::start(pki, &toml).await
+}
+
+/// A peer without a certificate through an audit route from `from`: its
+/// connection when let through to the backend (it echoes), else None.
+async fn certless_through(
+    pki: &Pki,
+    from: &str,
+    gw: SocketAddr,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tcp_from(from, gw).await.ok()?;
+    let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
+    let mut tls = tokio::time::timeout(
+        STEP,
+        tokio_rustls::TlsConnector::from(pki.client_config(None)).connect(name, tcp),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tls.write_all(b"x").await.ok()?;
+    let mut b = [0u8; 1];
+    tokio::time::timeout(STEP, tls.read_exact(&mut b))
+        .await
+        .ok()?
+        .ok()?;
+    Some(tls)
+}
+
+/// Allowed clients from 127.0.0.1 straight to `gw`, one after another:
+/// how many failed.
+async fn allowed_failures(pki: &Pki, gw: SocketAddr, clients: usize) -> usize {
+    let mut failed = 0;
+    for _ in 0..clients {
+        if allowed_from(pki, ORDERS, "127.0.0.1", gw).await.is_err() {
+            failed += 1;
+        }
+    }
+    failed
+}
+
 /// One attack at a time: each takes the machine's cores.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -175,13 +222,7 @@ async fn far_clients_under(delay: Duration, attackers: usize, attack: Attack) ->
     for t in tasks {
         t.abort();
     }
-    let counted: Vec<String> = gw
-        .scrape()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("gateway_connections_refused_total"))
-        .map(str::to_owned)
-        .collect();
+    let counted = refusal_series(&gw).await;
     let mut gw = gw;
     let mut said = std::collections::BTreeMap::<String, u32>::new();
     loop {
@@ -251,45 +292,12 @@ async fn one_certless_source_on_an_audit_route_does_not_hold_every_slot() {
     let _one = ONE_AT_A_TIME.lock().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = format!(
-        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
-        listener_toml(&pki, "edge", "max_connections = 20")
-    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
-        + "mode = \"audit\"\n";
-    let gw = RunningGateway::start(&pki, &toml).await;
+    let gw = audit_gateway(&pki, &backend, "max_connections = 20").await;
     let mut held = Vec::new();
     for _ in 0..20 {
-        let tcp = tcp_from("127.9.9.1", gw.app_addr).await.unwrap();
-        let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
-        let Ok(Ok(mut tls)) = tokio::time::timeout(
-            STEP,
-            tokio_rustls::TlsConnector::from(pki.client_config(None)).connect(name, tcp),
-        )
-        .await
-        else {
-            continue;
-        };
-        // Through to the backend when let through: it echoes.
-        let through = tls.write_all(b"x").await.is_ok() && {
-            let mut b = [0u8; 1];
-            matches!(
-                tokio::time::timeout(STEP, tls.read_exact(&mut b)).await,
-                Ok(Ok(_))
-            )
-        };
-        if through {
-            held.push(tls);
-        }
+        held.extend(certless_through(&pki, "127.9.9.1", gw.app_addr).await);
     }
-    let mut failed = 0;
-    for _ in 0..10 {
-        if allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
-            .await
-            .is_err()
-        {
-            failed += 1;
-        }
-    }
+    let failed = allowed_failures(&pki, gw.app_addr, 10).await;
     let capped = metric(&gw, &refused("source_unauthenticated")).await;
     println!(
         "audit route: one certless source holds {} of 20 slots, {capped} refused; {failed} of 10 allowed clients failed",
@@ -308,36 +316,14 @@ async fn certless_connections_on_an_audit_route_give_way_to_newcomers() {
     let _one = ONE_AT_A_TIME.lock().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let toml = format!(
-        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
-        listener_toml(&pki, "edge", "max_connections = 8")
-    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
-        + "mode = \"audit\"\n";
-    let gw = RunningGateway::start(&pki, &toml).await;
+    let gw = audit_gateway(&pki, &backend, "max_connections = 8").await;
     let mut held = Vec::new();
     for i in 0..8 {
-        let tcp = tcp_from(&format!("127.9.{}.1", 10 + i / 2), gw.app_addr)
-            .await
-            .unwrap();
-        let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(None))
-            .connect(name, tcp)
-            .await
-            .expect("a certless handshake on an audit route");
-        tls.write_all(b"x").await.unwrap();
-        let mut b = [0u8; 1];
-        tls.read_exact(&mut b).await.unwrap();
-        held.push(tls);
+        let from = format!("127.9.{}.1", 10 + i / 2);
+        let tls = certless_through(&pki, &from, gw.app_addr).await;
+        held.push(tls.expect("a certless peer through an audit route"));
     }
-    let mut failed = 0;
-    for _ in 0..4 {
-        if allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
-            .await
-            .is_err()
-        {
-            failed += 1;
-        }
-    }
+    let failed = allowed_failures(&pki, gw.app_addr, 4).await;
     // The oldest certless connection was closed.
     let mut b = [0u8; 1];
     let oldest = tokio::time::timeout(STEP, held[0].read(&mut b)).await;
