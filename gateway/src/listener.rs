@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use arc_swap::ArcSwap;
 
 use crate::access_log::{AccessLog, AccessRecord, Verdict, now_rfc3339};
-use crate::admission::{Admission, Answer, Refusal, Ticket};
+use crate::admission::{Admission, Answer, Refusal, Stage, Ticket};
 use crate::config::Mode;
 use crate::descriptors::{self, Reserve};
 use crate::forward;
@@ -265,12 +265,34 @@ fn serve<'a>(
                 return conn.record();
             }
         };
-        ticket.established();
-        if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            ticket.authenticated();
+        if !ticket.established() {
+            // Evicted as the handshake completed (both ready in one poll,
+            // and the handshake won): its slot went to the newcomer, so it
+            // is cut as evicted rather than served without one.
+            let cut = watch.cut().await;
+            ticket.cut(&cut);
+            handshake_failed(failure_of(cut.refusal()));
+            conn.reason = cut.to_string();
+            return conn.record();
         }
         drop(watch);
         let (route, mut tls) = tls;
+        if conn.verified.is_some() && conn.verdict == Verdict::Allow {
+            ticket.authenticated();
+        } else if !ticket.unauthenticated() {
+            // Let through unauthenticated (audit, `off`), but its source
+            // holds as many such connections as it may: one source of
+            // certless peers does not hold every slot.
+            ticket.refused(Refusal::SourceUnauthenticated);
+            handshake_failed(HandshakeFailure::Policy);
+            conn.verdict = Verdict::Error;
+            conn.reason = format!(
+                "refused: its source holds as many unauthenticated connections as it may ({})",
+                conn.reason
+            );
+            offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+            return conn.record();
+        }
         // The identity leaves for the registry; a PROXY header reports its CN.
         let common_name = conn
             .identity_value
@@ -326,10 +348,17 @@ fn serve<'a>(
             conn.reason = format!("would deny (judged after a reload): {why}");
             route.stats.audited.inc();
         }
+        // Let through unauthenticated: a newcomer to a full listener may
+        // evict it; the registration's token closes it then.
+        ticket.closes_with(&registration.close);
         let why = || {
-            registration
-                .reason()
-                .unwrap_or_else(|| "drain timeout at shutdown".into())
+            registration.reason().unwrap_or_else(|| {
+                if ticket.stage() == Stage::Evicted {
+                    "evicted: the listener was full and it was not authenticated".into()
+                } else {
+                    "drain timeout at shutdown".into()
+                }
+            })
         };
         let standing = crate::proxy_protocol::Standing {
             verdict: conn.verdict,
@@ -443,6 +472,9 @@ fn serve<'a>(
             registration.moved(),
         )
         .await;
+        if ticket.stage() == Stage::Evicted {
+            ticket.refused(Refusal::EvictedUnauthenticated);
+        }
         conn.client_to_backend = transfer.client_to_backend;
         conn.backend_to_client = transfer.backend_to_client;
         route
@@ -939,8 +971,11 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         | Refusal::ClientHelloTooLarge
         | Refusal::Incompatible
         | Refusal::HandshakeFailed => HandshakeFailure::Protocol,
-        // Refused at accept, before any handshake: never asked here.
-        Refusal::MaxConnections
+        // Refused at accept, before any handshake, or past it: never
+        // asked here.
+        Refusal::SourceUnauthenticated
+        | Refusal::EvictedUnauthenticated
+        | Refusal::MaxConnections
         | Refusal::MaxHandshakesInFlight
         | Refusal::Blocked
         | Refusal::SourceRate

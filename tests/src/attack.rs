@@ -77,6 +77,16 @@ pub async fn metric(gw: &RunningGateway, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Every series of `gateway_connections_refused_total` the gateway serves.
+pub async fn refusal_series(gw: &RunningGateway) -> Vec<String> {
+    gw.scrape()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gateway_connections_refused_total"))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// The series of `gateway_connections_refused_total` for listener `edge`.
 pub fn refused(reason: &str) -> String {
     format!("gateway_connections_refused_total{{listener=\"edge\",reason=\"{reason}\"}}")

@@ -205,7 +205,8 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
     let gw = gateway(
         &pki,
         &backend,
-        "max_connections = 50\nmax_handshakes_in_flight = 2\nhandshake_min_rate = 0",
+        "max_connections = 50\nmax_handshakes_in_flight = 2\nhandshake_min_rate = 0\n\
+         handshake_grace = \"1s\"",
         "",
     )
     .await;
@@ -220,7 +221,8 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
             .unwrap();
         s.write_all(&hello).await.unwrap();
         stalls.push(s);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A turn past its ClientHello is overdue after half the grace.
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let mut third = tcp_from("127.0.4.3", gw.app_addr).await.unwrap();
     assert!(
@@ -411,13 +413,7 @@ async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
             Err(_) => break,
         }
     }
-    let counted: Vec<String> = gw
-        .scrape()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("gateway_connections_refused_total"))
-        .map(str::to_owned)
-        .collect();
+    let counted = refusal_series(&gw).await;
     assert!(
         failures.is_empty(),
         "{} of 40 allowed clients failed: {failures:?}; the gateway said {said:?}; it counted {counted:?}",

@@ -117,6 +117,14 @@ pub enum Refusal {
     EvictedAfterHello,
     /// Admitted, then cut for sending below the minimum rate.
     HandshakeTooSlow,
+    /// Past its handshake and admitted by its route without being
+    /// authenticated (audit would-deny, `mode = "off"`), but its source
+    /// (/24, /64) already holds a quarter of `max_connections` so.
+    SourceUnauthenticated,
+    /// Past its handshake, unauthenticated (audit would-deny, `mode =
+    /// "off"`), and evicted by a newcomer: the listener was full and no
+    /// handshake could be evicted.
+    EvictedUnauthenticated,
     /// Admitted; the handshake took longer than `handshake_timeout`.
     HandshakeTimeout,
     /// Admitted; the client closed (or reset) its connection during the
@@ -161,6 +169,8 @@ impl Refusal {
             Refusal::EvictedBeforeHello => "evicted_before_hello",
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
+            Refusal::SourceUnauthenticated => "source_unauthenticated",
+            Refusal::EvictedUnauthenticated => "evicted_unauthenticated",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
             Refusal::BadRecord => "bad_record",
@@ -797,8 +807,9 @@ impl Ticket {
     }
 
     /// The handshake is done and the route admitted the client: out of the
-    /// handshake share, never evicted.
-    pub fn established(&self) {
+    /// handshake share, never evicted. False when it was evicted first (in
+    /// the same instant, say): it holds no slot and must not be served.
+    pub fn established(&self) -> bool {
         if self.stage() < Stage::Established {
             self.pool.advance(self.id, &self.place, Stage::Established);
             if self.stage() == Stage::Established
@@ -807,6 +818,7 @@ impl Ticket {
                 self.admission.tables().sources.ended(groups);
             }
         }
+        self.stage() == Stage::Established
     }
 
     /// The handshake authenticated the client with a certificate that
@@ -829,6 +841,19 @@ impl Ticket {
                 .sources
                 .verified(self.source, &settings, Instant::now());
         }
+    }
+
+    /// Established but not authenticated (audit would-deny, `mode =
+    /// "off"`): counted against its source's cap of such connections;
+    /// false when the cap is reached (it must not be served).
+    pub fn unauthenticated(&self) -> bool {
+        self.pool.unauthenticated(self.id, &self.place)
+    }
+
+    /// The token that closes the connection once it is registered: an
+    /// unauthenticated connection evicted by a newcomer is closed with it.
+    pub fn closes_with(&self, close: &CancellationToken) {
+        self.pool.closes_with(&self.place, close);
     }
 
     pub fn stage(&self) -> Stage {

@@ -3,51 +3,57 @@
 //!
 //! Handshakes are kept in two queues by stage, each oldest first: those
 //! still waiting for a complete ClientHello, and those past it. When the
-//! listener is full, a new connection evicts the handshake that has made
-//! the least progress: of the oldest few of each queue, the one whose
-//! client sent the fewest bytes per second of its current turn (since
-//! accept, or since the gateway's last write), the grace credited at the
-//! minimum rate (`progress`). Counts are the kernel's, so a ClientHello
-//! that arrived but is not read yet counts. When equally slow, a handshake
-//! still without its ClientHello goes first, then the oldest.
+//! listener is full, a new connection evicts, of the oldest few of each
+//! queue, the handshake furthest behind a real client (`progress`):
+//! first one still without its ClientHello well after a real client's
+//! would have come, then one past it whose client is well past when its
+//! answer would have come, then one just accepted; the longest waiting
+//! first. Only milestones a peer cannot fake cheaply count (a complete,
+//! parsed ClientHello; the client's flight, answered by the gateway), and
+//! time measured against the round trip to the client: bytes do not, so a
+//! peer streaming junk earns nothing by it. A client early in its turn
+//! past the ClientHello (three round trips, and at least half the grace:
+//! a client 300 ms away signing its answer) is never evicted; nor is a
+//! handshake whose bytes the gateway has not read yet, or whose
+//! ClientHello it holds unanswered (the turn is the gateway's), nor a
+//! connection past its handshake. A source (an IPv4 /24, an IPv6 /64)
+//! holding two more handshakes of the share than the newcomer's gives way
+//! to it regardless (the most crowded first): peers that send real
+//! ClientHellos and keep their turns short cannot keep out a source that
+//! holds none. When there is nothing to evict, the newcomer is refused.
 //!
-//! A slowloris goes, and so does a client that sent its ClientHello and
-//! then trickles junk, or closes its window on the gateway's flight; a
-//! client answering at a client's speed (milliseconds) is far ahead of
-//! them. A handshake whose ClientHello the gateway holds unanswered, or
-//! whose bytes it has not read yet, is not weighed (the turn is the
-//! gateway's), and a connection past its handshake is never evicted by a
-//! newcomer; when there is nothing to evict, the newcomer is refused.
-//!
-//! A source (an IPv4 address, an IPv6 /64) whose handshake was evicted
-//! does not evict in turn for that handshake's grace: it is refused while
-//! the listener is full. Otherwise attackers that reconnect when evicted
-//! evict one another in a chain, hundreds a second, so that every one of
-//! them is always young in its turn, and an allowed client in its own turn
-//! (milliseconds) looks no different from them. A known source (a verified
-//! certificate lately) is not held back so: an allowed client evicted in a
-//! stall must not have its address's next clients refused for the grace.
+//! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
+//! a few a second, with a burst. Attackers that reconnect when evicted
+//! and evict one another churn the handshake share only as fast as their
+//! sources' budgets allow; the victims' sources are not barred, so a
+//! client evicted once may come straight back.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::progress::{Now, Pace, Turn, counted};
+use super::progress::{Class, Now, Pace, Standing, Turn, counted};
+use super::sources::Lru;
 use super::{Refusal, Stage};
 
 /// How many of the oldest handshakes of each stage are weighed for
 /// eviction.
 const CANDIDATES: usize = 8;
 
-/// Sources remembered as just evicted, at most (per listener); past it,
-/// those whose time is up are forgotten, and if none is, no more are
-/// remembered until some are.
-const MAX_EVICTED_SOURCES: usize = 16_384;
+/// Evictions a source (an IPv4 /24, an IPv6 /64) may make, per second
+/// and at once.
+const EVICTIONS_PER_SECOND: u32 = 16;
+const EVICTION_BURST: u32 = 32;
+
+/// Evicting sources tracked per listener, at most: past it, the least
+/// recently seen whose budget is whole again is forgotten (bounded work);
+/// when none is, the newcomer does not evict.
+const MAX_EVICTING_SOURCES: usize = 16_384;
 
 /// One listener's slots, kept across reloads (by listener name).
 pub struct Pool {
@@ -55,7 +61,6 @@ pub struct Pool {
     slots: Mutex<Slots>,
 }
 
-#[derive(Default)]
 struct Slots {
     /// Connections holding a slot: in their handshake or past it.
     connections: usize,
@@ -64,33 +69,97 @@ struct Slots {
     hello: BTreeMap<u64, Arc<Place>>,
     /// Past the ClientHello, the handshake not done yet.
     answered: BTreeMap<u64, Arc<Place>>,
-    /// Sources whose handshake was evicted, until when they may not evict.
-    evicted_sources: HashMap<IpAddr, Instant>,
+    /// Handshakes in the share by source: at most one entry per
+    /// handshake.
+    sources: HashMap<IpAddr, u32>,
+    /// Established connections not authenticated (audit would-deny,
+    /// `mode = "off"`) by source: at most one entry per connection.
+    unauthenticated: HashMap<IpAddr, u32>,
+    /// The same connections by admission order: when the listener is full
+    /// and no handshake can be evicted, a newcomer evicts the oldest.
+    unauthenticated_queue: BTreeMap<u64, Arc<Place>>,
+    /// `max_connections` as of the last newcomer.
+    max_connections: usize,
+    /// Evicting sources' budgets: when each is whole again (a GCRA's
+    /// theoretical arrival time).
+    evicting: Lru<IpAddr, Instant>,
 }
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots {
+            connections: 0,
+            next: 0,
+            hello: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            sources: HashMap::new(),
+            unauthenticated: HashMap::new(),
+            unauthenticated_queue: BTreeMap::new(),
+            max_connections: 0,
+            evicting: Lru::new(MAX_EVICTING_SOURCES),
+        }
+    }
+}
+
+/// One eviction's share of a source's budget.
+const EVICTION_COST: Duration = Duration::from_nanos(1_000_000_000 / EVICTIONS_PER_SECOND as u64);
 
 impl Slots {
-    fn may_evict(&self, source: IpAddr, now: Instant) -> bool {
-        self.evicted_sources
-            .get(&source)
-            .is_none_or(|&until| until <= now)
+    /// Handshakes `source` holds in the share.
+    fn held(&self, source: IpAddr) -> u32 {
+        self.sources.get(&source).copied().unwrap_or(0)
     }
 
-    fn evicted_from(&mut self, source: IpAddr, until: Instant, now: Instant) {
-        if self.evicted_sources.len() >= MAX_EVICTED_SOURCES {
-            self.evicted_sources.retain(|_, &mut u| u > now);
+    /// A handshake of `place`'s source left the share.
+    fn left(&mut self, place: &Place) {
+        if let Some(n) = self.sources.get_mut(&place.source) {
+            *n -= 1;
+            if *n == 0 {
+                self.sources.remove(&place.source);
+            }
         }
-        if self.evicted_sources.len() < MAX_EVICTED_SOURCES {
-            self.evicted_sources.insert(source, until);
+    }
+
+    /// An unauthenticated connection leaves its source's count and the
+    /// queue.
+    fn unauthenticated_left(&mut self, id: u64, place: &Place) {
+        if place.unauthenticated.swap(false, Ordering::Relaxed) {
+            self.unauthenticated_queue.remove(&id);
+            if let Some(n) = self.unauthenticated.get_mut(&place.source) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unauthenticated.remove(&place.source);
+                }
+            }
         }
+    }
+
+    /// Whether `source` may evict now (its budget is not spent).
+    fn may_evict(&mut self, source: IpAddr, now: Instant) -> bool {
+        let burst = EVICTION_COST * EVICTION_BURST;
+        match self.evicting.get_mut(&source) {
+            Some(whole) => whole.saturating_duration_since(now) + EVICTION_COST <= burst,
+            None => true,
+        }
+    }
+
+    /// Spends one eviction of `source`'s budget; false when there was no
+    /// room to track it (then it must not evict).
+    fn spend(&mut self, source: IpAddr, now: Instant) -> bool {
+        let Some(whole) = self.evicting.entry(&source, || now, |&whole| whole <= now) else {
+            return false;
+        };
+        *whole = (*whole).max(now) + EVICTION_COST;
+        true
     }
 }
 
-/// The source an eviction is remembered for: the address, or for IPv6
-/// its /64 (one host may hold all of it).
+/// The source an eviction budget is kept for: an IPv4 /24, an IPv6 /64
+/// (one host may hold all of it).
 fn source_of(client: SocketAddr) -> IpAddr {
     match client.ip().to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-        v4 => v4,
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xff).into()),
     }
 }
 
@@ -99,6 +168,8 @@ pub(super) struct Place {
     stage: AtomicU8,
     evicted: CancellationToken,
     client: SocketAddr,
+    /// Its source, as evictions are budgeted and the share weighed.
+    source: IpAddr,
     accepted: Instant,
     /// A duplicate of the connection's socket, for the kernel's counts of
     /// its progress, while it is in its handshake (None once past it, or
@@ -113,6 +184,10 @@ pub(super) struct Place {
     /// Evicted when already below the minimum rate (past the point where
     /// its watch cuts it for slowness, the cut not yet made).
     evicted_slow: AtomicBool,
+    /// Established without being authenticated, and counted so.
+    unauthenticated: AtomicBool,
+    /// What closes it once registered (an unauthenticated connection's).
+    close: Mutex<Option<CancellationToken>>,
 }
 
 impl Place {
@@ -151,6 +226,23 @@ impl Place {
         self.evicted_slow.load(Ordering::Acquire)
     }
 
+    /// Whether its client is at or past the point where its watch cuts it
+    /// for slowness (`handshake_min_rate` after the grace, on its turn).
+    fn below_min_rate(&self, now: Instant) -> bool {
+        let pace = *self.pace.lock().unwrap_or_else(|p| p.into_inner());
+        let turn = match self.look(now) {
+            Some(Ok(turn)) => turn,
+            Some(Err(_)) | None => self.turn().unmeasured(now),
+        };
+        match turn {
+            Now::Client { age, received } if pace.min_rate > 0 => {
+                age >= pace.grace
+                    + Duration::from_secs_f64(received as f64 / f64::from(pace.min_rate))
+            }
+            _ => false,
+        }
+    }
+
     /// Looks at the kernel's counts: whose turn it is, and the client's
     /// progress in it. None without a descriptor to read them from.
     pub(super) fn look(&self, now: Instant) -> Option<std::io::Result<Now>> {
@@ -158,15 +250,20 @@ impl Place {
         Some(counted(&fd).map(|c| self.turn().look(self.stage(), c, now)))
     }
 
-    /// Progress for eviction (see `progress`); None while the turn is the
-    /// gateway's. Without counts, judged as if the client sent nothing in
+    /// Standing for eviction (see `progress`); None while it may not be
+    /// evicted. Without counts, judged as if the client sent nothing in
     /// its turn: an unmeasured handshake is no safer than a silent one.
-    fn progress(&self, now: Instant) -> Option<f64> {
+    fn standing(&self, now: Instant) -> Option<Standing> {
         let turn = match self.look(now) {
             Some(Ok(turn)) => turn,
             Some(Err(_)) | None => self.turn().unmeasured(now),
         };
-        turn.progress(*self.pace.lock().unwrap_or_else(|p| p.into_inner()))
+        let rtt = self.turn().rtt();
+        turn.standing(
+            self.stage(),
+            *self.pace.lock().unwrap_or_else(|p| p.into_inner()),
+            rtt,
+        )
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {
@@ -204,13 +301,10 @@ impl Pool {
         s.hello.len() + s.answered.len()
     }
 
-    /// A slot for `client`, evicting the least progressed handshake when
+    /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A `known` client (a
-    /// verified certificate lately, `sources`) may evict even just after
-    /// its source was evicted: the chain breaker is for attackers who
-    /// reconnect when evicted, and one allowed client evicted (a stall of
-    /// its own) must not have the next ones from its address refused for
-    /// the grace.
+    /// verified certificate lately, `sources`) evicts outside any
+    /// source's budget.
     pub(super) fn take(
         &self,
         client: SocketAddr,
@@ -221,6 +315,7 @@ impl Pool {
     ) -> Result<Taken, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
+        s.max_connections = max_connections;
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
@@ -230,39 +325,67 @@ impl Pool {
             } else {
                 Refusal::MaxHandshakesInFlight
             };
-            if !known && !s.may_evict(source_of(client), now) {
+            let evictor = source_of(client);
+            if !known && !s.may_evict(evictor, now) {
                 return Err(refused);
             }
             // A reload may have lowered the limits below what is held: one
             // newcomer evicts one, so the excess drains as connections end.
-            let slowest = s
+            // A source holding two more handshakes than the newcomer's
+            // gives way to it, the most crowded first.
+            let mine = s.held(evictor);
+            let furthest_behind = s
                 .hello
                 .iter()
                 .take(CANDIDATES)
                 .chain(s.answered.iter().take(CANDIDATES))
-                .filter_map(|(id, p)| Some((p.progress(now)?, p.stage(), *id)))
-                .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-            let victim = slowest.and_then(|(progress, stage, id)| {
-                let victim = match stage {
-                    Stage::Hello => s.hello.remove(&id),
-                    _ => s.answered.remove(&id),
-                }?;
-                Some((victim, progress))
-            });
-            let Some((victim, progress)) = victim else {
+                .filter_map(|(id, p)| {
+                    let held = s.held(p.source);
+                    let standing = p.standing(now).or_else(|| {
+                        (held >= mine + 2).then(|| {
+                            let age = now.saturating_duration_since(p.accepted);
+                            (Class::Crowded, std::cmp::Reverse(age))
+                        })
+                    })?;
+                    Some((standing, std::cmp::Reverse(held), *id))
+                })
+                .min();
+            // Then, with every slot held, the oldest connection let through
+            // unauthenticated (audit would-deny, `mode = "off"`).
+            let id = match furthest_behind {
+                Some((_, _, id)) => id,
+                None if full => match s.unauthenticated_queue.first_key_value() {
+                    Some((&id, _)) => id,
+                    None => return Err(refused),
+                },
+                None => return Err(refused),
+            };
+            if !known && !s.spend(evictor, now) {
+                return Err(refused);
+            }
+            let victim = s
+                .hello
+                .remove(&id)
+                .or_else(|| s.answered.remove(&id))
+                .or_else(|| s.unauthenticated_queue.get(&id).cloned());
+            let Some(victim) = victim else {
                 return Err(refused);
             };
-            let pace = *victim.pace.lock().unwrap_or_else(|p| p.into_inner());
-            s.evicted_from(source_of(victim.client), now + pace.grace, now);
-            // At or below the minimum rate, its watch is due to cut it
-            // (progress, the grace credited, is exactly what the watch
-            // holds it to); a newcomer that comes first must not spare it
-            // the strike. Under load, when watches run late, those are the
-            // very handshakes eviction picks.
-            victim.evicted_slow.store(
-                pace.min_rate > 0 && progress <= f64::from(pace.min_rate),
-                Ordering::Release,
-            );
+            if victim.stage() == Stage::Established {
+                s.unauthenticated_left(id, &victim);
+                if let Some(close) = &*victim.close.lock().unwrap_or_else(|p| p.into_inner()) {
+                    close.cancel();
+                }
+            } else {
+                s.left(&victim);
+                // At or below the minimum rate, its watch is due to cut it;
+                // a newcomer that comes first must not spare it the strike.
+                // Under load, when watches run late, those are the very
+                // handshakes eviction picks.
+                victim
+                    .evicted_slow
+                    .store(victim.below_min_rate(now), Ordering::Release);
+            }
             victim
                 .evicted_in
                 .store(victim.stage() as u8, Ordering::Release);
@@ -277,14 +400,18 @@ impl Pool {
             stage: AtomicU8::new(Stage::Hello as u8),
             evicted: CancellationToken::new(),
             client,
+            source: source_of(client),
             accepted: now,
             socket: Mutex::new(socket.map(Arc::new)),
             turn: Mutex::new(Turn::new(now)),
             pace: Mutex::new(Pace::DEFAULT),
             evicted_in: AtomicU8::new(Stage::Hello as u8),
             evicted_slow: AtomicBool::new(false),
+            unauthenticated: AtomicBool::new(false),
+            close: Mutex::new(None),
         });
         s.hello.insert(id, place.clone());
+        *s.sources.entry(place.source).or_default() += 1;
         s.connections += 1;
         Ok(Taken { id, place, evicted })
     }
@@ -303,6 +430,11 @@ impl Pool {
             Stage::Answered => s.answered.remove(&id),
             Stage::Established | Stage::Evicted => None,
         };
+        if to == Stage::Established
+            && let Some(p) = &moved
+        {
+            s.left(p);
+        }
         if to == Stage::Answered
             && let Some(p) = moved
         {
@@ -317,23 +449,63 @@ impl Pool {
         }
     }
 
+    /// Counts an established connection that was not authenticated against
+    /// its source's cap (a quarter of `max_connections`): one source (or
+    /// a NAT, or a /64) of certless peers on an audit or `off` route may
+    /// not hold every slot. False when the cap is reached.
+    pub(super) fn unauthenticated(&self, id: u64, place: &Arc<Place>) -> bool {
+        let mut s = self.lock();
+        if place.stage() != Stage::Established {
+            return false;
+        }
+        if place.unauthenticated.load(Ordering::Relaxed) {
+            return true;
+        }
+        let cap = u32::try_from((s.max_connections / 4).max(1)).unwrap_or(u32::MAX);
+        let held = s.unauthenticated.entry(place.source).or_default();
+        if *held >= cap {
+            return false;
+        }
+        *held += 1;
+        place.unauthenticated.store(true, Ordering::Relaxed);
+        s.unauthenticated_queue.insert(id, place.clone());
+        true
+    }
+
+    /// `close` closes `place`'s connection if it is evicted (at once if
+    /// it was already).
+    pub(super) fn closes_with(&self, place: &Place, close: &CancellationToken) {
+        let _s = self.lock();
+        if place.stage() == Stage::Evicted {
+            close.cancel();
+        } else if place.unauthenticated.load(Ordering::Relaxed) {
+            *place.close.lock().unwrap_or_else(|p| p.into_inner()) = Some(close.clone());
+        }
+    }
+
     /// Gives the slot back; says whether the connection was still in its
     /// handshake (or evicted from it).
     pub(super) fn release(&self, id: u64, place: &Place) -> bool {
         let mut s = self.lock();
         match place.stage() {
-            Stage::Hello => {
-                s.hello.remove(&id);
-            }
-            Stage::Answered => {
-                s.answered.remove(&id);
+            Stage::Hello | Stage::Answered => {
+                let queue = if place.stage() == Stage::Hello {
+                    &mut s.hello
+                } else {
+                    &mut s.answered
+                };
+                if let Some(p) = queue.remove(&id) {
+                    s.left(&p);
+                }
             }
             Stage::Established => {
+                s.unauthenticated_left(id, place);
                 s.connections -= 1;
                 return false;
             }
-            // Its slot went to the connection that evicted it.
-            Stage::Evicted => return true,
+            // Its slot went to the connection that evicted it (past its
+            // handshake if it was established).
+            Stage::Evicted => return place.evicted_in() != Stage::Established,
         }
         s.connections -= 1;
         true
@@ -378,42 +550,92 @@ mod tests {
         pool.take(client(n), Some(fd), max, max, false).unwrap()
     }
 
+    /// A pace whose grace makes a ClientHello overdue after 40 ms and a
+    /// turn past it after 200 ms (on loopback, three round trips are less).
+    const QUICK: Pace = Pace {
+        min_rate: 256,
+        grace: Duration::from_millis(400),
+    };
+
+    fn from(ip: [u8; 4]) -> SocketAddr {
+        SocketAddr::from((ip, 1000))
+    }
+
+    /// With no grace: overdue as soon as taken.
+    const NO_GRACE: Pace = Pace {
+        min_rate: 256,
+        grace: Duration::ZERO,
+    };
+
+    /// `take_plain`, the place overdue at once.
+    fn take_overdue(pool: &Pool, c: SocketAddr, max: usize) -> Result<Taken, Refusal> {
+        let t = pool.take_plain(c, max, max)?;
+        t.place.set_pace(NO_GRACE);
+        Ok(t)
+    }
+
+    /// A handshake still without its ClientHello well after a real
+    /// client's would have come goes first, although younger than one
+    /// past its ClientHello; a client early in its turn is never evicted;
+    /// an overdue turn goes before a hello just begun.
     #[test]
-    fn a_full_listener_evicts_the_least_progressed_handshake_hello_first() {
+    fn a_stalled_hello_goes_first_and_a_client_early_in_its_turn_never() {
         let pool = Pool::new("edge");
-        let a = pool.take_plain(client(1), 4, 4).unwrap();
-        let b = pool.take_plain(client(2), 4, 4).unwrap();
-        let c = pool.take_plain(client(3), 4, 4).unwrap();
-        let d = pool.take_plain(client(4), 4, 4).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        // a is the oldest, but its turn (past the ClientHello) just began;
-        // b, silent since accept, is next.
+        let a = pool.take_plain(client(1), 2, 2).unwrap();
+        a.place.set_pace(QUICK);
         pool.advance(a.id, &a.place, Stage::Answered);
-        pool.advance(d.id, &d.place, Stage::Established);
-        let e = pool.take_plain(client(5), 4, 4).unwrap();
-        assert_eq!(e.evicted, Some(client(2)));
-        assert!(b.place.evicted().is_cancelled());
-        assert_eq!(b.place.stage(), Stage::Evicted);
+        let b = pool.take_plain(client(2), 2, 2).unwrap();
+        b.place.set_pace(QUICK);
+        std::thread::sleep(Duration::from_millis(50));
+        let c = pool.take_plain(client(3), 2, 2).unwrap();
+        assert_eq!(c.evicted, Some(client(2)));
         assert_eq!(b.place.evicted_in(), Stage::Hello);
-        let f = pool.take_plain(client(6), 4, 4).unwrap();
-        assert_eq!(f.evicted, Some(client(3)));
-        assert!(c.place.evicted().is_cancelled());
-        assert_eq!(pool.connections(), 4);
-        // Left: a past its ClientHello, d established, e and f waiting
-        // for theirs, silent: they go before a, whose turn is credited
-        // with the grace. With them established, a goes.
-        pool.advance(e.id, &e.place, Stage::Established);
-        pool.advance(f.id, &f.place, Stage::Established);
+        // Just accepted, c may not be evicted yet (its ClientHello is on
+        // its way); nor a, early in its turn: the newcomer is refused.
         assert_eq!(
-            pool.take_plain(client(7), 4, 4).unwrap().evicted,
+            pool.take_plain(client(9), 2, 2).err(),
+            Some(Refusal::MaxConnections)
+        );
+        // c, past 100 ms, its hello not overdue yet (200 ms), goes before
+        // a, early in its turn (not evicted before 200 ms).
+        c.place.set_pace(Pace {
+            min_rate: 256,
+            grace: Duration::from_millis(1000),
+        });
+        std::thread::sleep(Duration::from_millis(55));
+        let d = pool.take_plain(client(4), 2, 2).unwrap();
+        assert_eq!(d.evicted, Some(client(3)));
+        assert_eq!(a.place.stage(), Stage::Answered);
+        // With d's hello overdue too, and a's turn not: d goes.
+        d.place.set_pace(QUICK);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            pool.take_plain(client(5), 2, 2).unwrap().evicted,
+            Some(client(4))
+        );
+        // a's turn overdue (past 200 ms): before a hello just begun.
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            pool.take_plain(client(6), 2, 2).unwrap().evicted,
             Some(client(1))
         );
         assert_eq!(a.place.evicted_in(), Stage::Answered);
+        assert_eq!(pool.connections(), 2);
+    }
+
+    /// Only clients early in their turn: nothing to evict, the newcomer is
+    /// refused.
+    #[test]
+    fn clients_early_in_their_turn_are_not_evicted_the_newcomer_is_refused() {
+        let pool = Pool::new("edge");
+        let a = pool.take_plain(client(1), 10, 1).unwrap();
+        pool.advance(a.id, &a.place, Stage::Answered);
+        std::thread::sleep(Duration::from_millis(20));
         assert_eq!(
-            pool.take_plain(client(8), 4, 4).unwrap().evicted,
-            Some(client(7))
+            pool.take_plain(client(2), 10, 1).err(),
+            Some(Refusal::MaxHandshakesInFlight)
         );
-        assert_eq!(pool.connections(), 4);
+        assert!(!a.place.evicted().is_cancelled());
     }
 
     #[test]
@@ -461,6 +683,8 @@ mod tests {
                 false,
             )
             .unwrap();
+        a.place.set_pace(QUICK);
+        b.place.set_pace(QUICK);
         ca.write_all(b"hello").unwrap();
         cb.write_all(b"hello").unwrap();
         // The gateway reads each ClientHello.
@@ -473,12 +697,12 @@ mod tests {
             pool.take_plain(client(3), 10, 2).err(),
             Some(Refusal::MaxHandshakesInFlight)
         );
-        // The gateway answers b: b's turn is the client's, and a newcomer
-        // evicts it rather than grow the share.
+        // The gateway answers b: b's turn is the client's, and once it is
+        // overdue a newcomer evicts it rather than grow the share.
         (&sb).write_all(b"flight").unwrap();
         let mut got = [0u8; 6];
         cb.read_exact(&mut got).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(250));
         let c = pool.take_plain(client(3), 10, 2).unwrap();
         assert_eq!(c.evicted, Some(client(2)));
         assert_eq!(pool.handshakes(), 2);
@@ -488,20 +712,21 @@ mod tests {
         drop((ca, sa));
     }
 
-    /// Past the ClientHello, the client that keeps sending in its turn
-    /// stays, and the one that went silent goes, although it is younger:
-    /// progress, not age, decides.
+    /// Past the ClientHello, bytes in the client's turn that do not end
+    /// it (junk in a record that never completes) earn nothing: of two
+    /// overdue turns the older goes, the one streaming 3 KB/s.
     #[test]
-    fn an_answered_handshake_making_steady_progress_is_not_chosen_over_a_stalled_one() {
+    fn junk_in_the_clients_turn_does_not_protect_it() {
         let pool = Pool::new("edge");
-        let (mut steady, s_steady) = pair();
-        let (mut stalled, s_stalled) = pair();
-        let older = take_socket(&pool, &s_steady, 1, 2);
-        let younger = take_socket(&pool, &s_stalled, 2, 2);
+        let (mut junk, s_junk) = pair();
+        let (mut silent, s_silent) = pair();
+        let older = take_socket(&pool, &s_junk, 1, 2);
+        let younger = take_socket(&pool, &s_silent, 2, 2);
         for (c, s, t) in [
-            (&mut steady, &s_steady, &older),
-            (&mut stalled, &s_stalled, &younger),
+            (&mut junk, &s_junk, &older),
+            (&mut silent, &s_silent, &younger),
         ] {
+            t.place.set_pace(QUICK);
             c.write_all(&[0x16; 300]).unwrap();
             let mut s = s;
             s.read_exact(&mut [0u8; 300]).unwrap();
@@ -510,54 +735,143 @@ mod tests {
             s.write_all(&[0x16; 2000]).unwrap();
             let mut flight = [0u8; 2000];
             c.read_exact(&mut flight).unwrap();
+            // A look, so that the turn is dated from this flight.
+            assert!(t.place.standing(Instant::now()).is_none());
+            if t.id == older.id {
+                // 60 bytes every 20 ms (3 KB/s), read as they come.
+                for _ in 0..10 {
+                    c.write_all(&[0x17; 60]).unwrap();
+                    (&s_junk).read_exact(&mut [0u8; 60]).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
-        // 60 bytes every 20 ms (3 KB/s) from one, nothing from the other.
-        // (The gateway reads them as they come.)
-        for _ in 0..15 {
-            steady.write_all(&[0x17; 60]).unwrap();
-            (&s_steady).read_exact(&mut [0u8; 60]).unwrap();
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        std::thread::sleep(Duration::from_millis(250));
         let newcomer = pool.take_plain(client(3), 2, 2).unwrap();
-        assert_eq!(newcomer.evicted, Some(client(2)));
-        assert!(younger.place.evicted().is_cancelled());
-        assert!(!older.place.evicted().is_cancelled());
-        assert_eq!(older.place.stage(), Stage::Answered);
+        assert_eq!(newcomer.evicted, Some(client(1)));
+        assert!(older.place.evicted().is_cancelled());
+        assert_eq!(younger.place.stage(), Stage::Answered);
     }
 
-    /// A source whose handshake was just evicted does not evict another in
-    /// turn (no chain of reconnects evicting one another); others do, and
-    /// it may again once the evicted handshake's grace is over. For IPv6
-    /// the source is the /64.
+    /// Evicting is budgeted per evicting source (/24), not barred for the
+    /// victim's: a client evicted once may evict in turn at once; one /24
+    /// evicts at most its burst at once, and another /24 still may.
     #[test]
-    fn a_source_just_evicted_does_not_evict_in_turn() {
-        let v6 = |host: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 1, 0, 0, 0, host], 443));
+    fn evicting_is_budgeted_per_evicting_source_not_barred_for_the_victim() {
         let pool = Pool::new("edge");
-        let a = pool.take_plain(v6(1), 2, 2).unwrap();
-        a.place.set_pace(Pace {
-            min_rate: 256,
-            grace: Duration::from_millis(100),
-        });
-        pool.take_plain(client(2), 2, 2).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
+        take_overdue(&pool, from([192, 0, 2, 1]), 1).unwrap();
+        let b = take_overdue(&pool, from([198, 51, 100, 1]), 1).unwrap();
+        assert_eq!(b.evicted, Some(from([192, 0, 2, 1])));
+        // The victim comes straight back, and evicts.
+        let back = take_overdue(&pool, from([192, 0, 2, 1]), 1).unwrap();
+        assert_eq!(back.evicted, Some(from([198, 51, 100, 1])));
+        // One /24, many addresses: its burst, then refused.
+        let mut evicted = 0;
+        for host in 1..=(EVICTION_BURST as u8 + 5) {
+            match take_overdue(&pool, from([203, 0, 113, host]), 1) {
+                Ok(t) => {
+                    assert!(t.evicted.is_some());
+                    evicted += 1;
+                }
+                Err(refusal) => assert_eq!(refusal, Refusal::MaxConnections),
+            }
+        }
+        assert_eq!(evicted, EVICTION_BURST);
+        assert!(take_overdue(&pool, from([203, 0, 114, 1]), 1).is_ok());
+        // IPv6: the /64.
+        let v6 = |host: u16| SocketAddr::from(([0x2001, 0xdb8, 0, 1, 0, 0, 0, host], 443));
+        for host in 0..EVICTION_BURST as u16 {
+            take_overdue(&pool, v6(host), 1).unwrap();
+        }
         assert_eq!(
-            pool.take_plain(client(3), 2, 2).unwrap().evicted,
-            Some(v6(1))
-        );
-        // Another host of that /64 comes at once: refused, nothing evicted.
-        assert_eq!(
-            pool.take_plain(v6(2), 2, 2).err(),
+            take_overdue(&pool, v6(999), 1).err(),
             Some(Refusal::MaxConnections)
         );
+    }
+
+    /// Handshakes no newcomer may evict (early in their turns) still give
+    /// way to a newcomer whose source holds two fewer of the share: a few
+    /// sources that each send real ClientHellos and keep their turns short
+    /// do not keep out one that holds none; balanced sources evict none.
+    #[test]
+    fn a_crowded_source_gives_way_to_one_that_holds_none() {
+        let pool = Pool::new("edge");
+        let mine: Vec<Taken> = (1..=2)
+            .map(|h| pool.take_plain(from([203, 0, 113, h]), 10, 2).unwrap())
+            .collect();
+        for t in &mine {
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        assert_eq!(
+            pool.take_plain(from([203, 0, 113, 3]), 10, 2).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        let other = pool.take_plain(from([198, 51, 100, 1]), 10, 2).unwrap();
+        assert_eq!(other.evicted, Some(from([203, 0, 113, 1])));
+        pool.advance(other.id, &other.place, Stage::Answered);
+        // One each: balanced, nothing gives way.
+        assert_eq!(
+            pool.take_plain(from([192, 0, 2, 1]), 10, 2).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        assert_eq!(pool.handshakes(), 2);
+    }
+
+    /// Connections established without authentication count against
+    /// their source's cap, a quarter of `max_connections`; one ending
+    /// frees its place; other sources have their own.
+    #[test]
+    fn a_source_holds_at_most_a_quarter_of_the_slots_unauthenticated() {
+        let pool = Pool::new("edge");
+        let certless = |pool: &Pool, ip| {
+            let t = pool.take_plain(from(ip), 8, 8).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            let held = pool.unauthenticated(t.id, &t.place);
+            (t, held)
+        };
+        let (a, ok) = certless(&pool, [203, 0, 113, 1]);
+        assert!(ok);
+        let (_b, ok) = certless(&pool, [203, 0, 113, 2]);
+        assert!(ok);
+        let (_c, ok) = certless(&pool, [203, 0, 113, 3]);
+        assert!(!ok, "a third of 8 slots from one /24");
+        assert!(certless(&pool, [198, 51, 100, 1]).1);
+        assert!(!pool.release(a.id, &a.place));
+        assert!(certless(&pool, [203, 0, 113, 4]).1);
+    }
+
+    /// With every slot held and no handshake to evict, a newcomer evicts
+    /// the oldest connection let through unauthenticated, closing it (at
+    /// once if registered later); authenticated ones never.
+    #[test]
+    fn a_full_listener_evicts_the_oldest_unauthenticated_connection() {
+        let pool = Pool::new("edge");
+        let certless = pool.take_plain(from([203, 0, 113, 1]), 2, 2).unwrap();
+        pool.advance(certless.id, &certless.place, Stage::Established);
+        assert!(pool.unauthenticated(certless.id, &certless.place));
+        let close = CancellationToken::new();
+        pool.closes_with(&certless.place, &close);
+        let authed = pool.take_plain(from([203, 0, 113, 2]), 2, 2).unwrap();
+        pool.advance(authed.id, &authed.place, Stage::Established);
+        let newcomer = pool.take_plain(from([198, 51, 100, 1]), 2, 2).unwrap();
+        assert_eq!(newcomer.evicted, Some(from([203, 0, 113, 1])));
+        assert!(close.is_cancelled());
+        assert_eq!(certless.place.evicted_in(), Stage::Established);
+        // Its end is no failed handshake, and gives back nothing.
+        assert!(!pool.release(certless.id, &certless.place));
         assert_eq!(pool.connections(), 2);
-        std::thread::sleep(Duration::from_millis(120));
-        assert!(pool.take_plain(v6(2), 2, 2).unwrap().evicted.is_some());
+        pool.advance(newcomer.id, &newcomer.place, Stage::Established);
+        assert_eq!(
+            pool.take_plain(from([198, 51, 100, 2]), 2, 2).err(),
+            Some(Refusal::MaxConnections)
+        );
+        assert_eq!(authed.place.stage(), Stage::Established);
     }
 
     #[test]
     fn an_evicted_connection_gives_back_nothing_twice() {
         let pool = Pool::new("edge");
-        let a = pool.take_plain(client(1), 1, 1).unwrap();
+        let a = take_overdue(&pool, client(1), 1).unwrap();
         let b = pool.take_plain(client(2), 1, 1).unwrap();
         assert_eq!(b.evicted, Some(client(1)));
         // The evicted connection's task ends later and releases.

@@ -23,11 +23,11 @@
 //! sent, so after the ClientHello only `handshake_timeout` applies there,
 //! and such handshakes are not weighed for eviction.)
 //!
-//! The same turn is what eviction weighs (`pool`): the client's bytes in
-//! its current turn, per second of it, with the grace counted as if sent at
-//! the minimum rate. That is how far the handshake is from being cut for
-//! slowness, so a newcomer evicts the one closest to it, and a client
-//! answering at a client's speed (milliseconds) is far from it.
+//! Eviction (`pool`) weighs the same turn, but by milestones and time,
+//! not bytes: whether the ClientHello is complete, and how long the
+//! client's turn has lasted against the round trip to it
+//! ([`Now::standing`]). Bytes that do not complete a step (junk inside a
+//! record that never parses) earn a peer nothing there.
 //!
 //! The counts are read from a duplicate of the socket (an extra descriptor
 //! for the handshake's length, made at admission), so a socket that has
@@ -107,6 +107,9 @@ pub(super) struct Counted {
     pub since_sent: Duration,
     /// Bytes received and not read by the gateway yet.
     pub unread: u32,
+    /// The kernel's smoothed round-trip time to the client (from the TCP
+    /// handshake on).
+    pub rtt: Duration,
 }
 
 /// The minimum rate a handshake is held to, and its grace.
@@ -123,18 +126,6 @@ impl Pace {
         min_rate: 256,
         grace: Duration::from_secs(2),
     };
-
-    /// The bytes the grace is worth: what a turn is credited with from its
-    /// start. With no minimum rate, still the grace at the default rate,
-    /// so that a turn just begun is not the least progressed.
-    fn credit(self) -> f64 {
-        let rate = if self.min_rate == 0 {
-            Pace::DEFAULT.min_rate
-        } else {
-            self.min_rate
-        };
-        f64::from(rate) * self.grace.as_secs_f64()
-    }
 }
 
 /// Where a handshake is, as of a look at its counts.
@@ -148,18 +139,71 @@ pub(super) enum Now {
     Client { age: Duration, received: u64 },
 }
 
+/// How readily a handshake is evicted, lowest first (see `standing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Class {
+    /// Still without a complete ClientHello, well after a real client's
+    /// would have come (it is the client's first flight).
+    StalledHello,
+    /// Past its ClientHello, the client's turn well past when its answer
+    /// would have come.
+    StalledTurn,
+    /// Still without a complete ClientHello, not long accepted (a round
+    /// trip and a twentieth of the grace, 100 ms, protect it, the time its
+    /// ClientHello takes to come in behind the TCP handshake).
+    NewHello,
+    /// Not otherwise to be evicted, but its source (an IPv4 /24, an IPv6
+    /// /64) holds at least two more handshakes of the share than the
+    /// newcomer's (`pool`): peers that each sent a real ClientHello and
+    /// keep their turns short do not keep out a source that holds none.
+    Crowded,
+}
+
+/// The longest round trip that earns a handshake more time before it is
+/// overdue.
+const MAX_RTT: Duration = Duration::from_millis(500);
+
+/// A handshake's standing for eviction: its class, then the longest
+/// waited first.
+pub(super) type Standing = (Class, std::cmp::Reverse<Duration>);
+
 impl Now {
-    /// Progress for eviction: bytes per second of the client's turn, its
-    /// start credited with the grace at the minimum rate. None while it is
-    /// the gateway's turn (a busy gateway does not count against its
-    /// clients).
-    pub fn progress(self, pace: Pace) -> Option<f64> {
-        match self {
-            Now::Gateway => None,
-            Now::Client { age, received } => {
-                Some((received as f64 + pace.credit()) / age.as_secs_f64().max(1e-3))
+    /// Standing for eviction; None while it may not be evicted: the turn
+    /// is the gateway's (a busy gateway does not count against its
+    /// clients), or the client is still early in its turn past the
+    /// ClientHello: a client answers the gateway's flight one round trip
+    /// and a signature later, be it 1 ms or 300 ms away.
+    ///
+    /// Only milestones a peer cannot fake cheaply count: a complete,
+    /// parsed ClientHello, and the gateway's answer to the client's
+    /// flight. Bytes do not: junk inside a record that never parses
+    /// looks the same to the kernel as a real hello, so a peer that
+    /// streams it earns nothing. A turn is overdue after three round
+    /// trips (the kernel's estimate), and at least a tenth of the grace
+    /// for a ClientHello (200 ms by default), half the grace for the
+    /// client's answer (1 s).
+    pub fn standing(self, stage: Stage, pace: Pace, rtt: Duration) -> Option<Standing> {
+        let Now::Client { age, .. } = self else {
+            return None;
+        };
+        // A peer can inflate the kernel's estimate (by acknowledging
+        // late); past `MAX_RTT` it buys nothing more.
+        let rtt = rtt.min(MAX_RTT);
+        let class = if stage == Stage::Hello {
+            // A real ClientHello comes right behind the TCP handshake.
+            if age < rtt.max(pace.grace / 20) {
+                return None;
+            } else if age < (3 * rtt).max(pace.grace / 10) {
+                Class::NewHello
+            } else {
+                Class::StalledHello
             }
-        }
+        } else if age < (3 * rtt).max(pace.grace / 2) {
+            return None;
+        } else {
+            Class::StalledTurn
+        };
+        Some((class, std::cmp::Reverse(age)))
     }
 }
 
@@ -175,6 +219,8 @@ pub(super) struct Turn {
     /// at a later look happened after it.
     looked: Instant,
     looked_received: u64,
+    /// The kernel's round-trip time to the client, as of the last look.
+    rtt: Duration,
 }
 
 impl Turn {
@@ -186,6 +232,7 @@ impl Turn {
             written: 0,
             looked: at,
             looked_received: 0,
+            rtt: Duration::ZERO,
         }
     }
 
@@ -216,6 +263,7 @@ impl Turn {
         }
         self.looked = now;
         self.looked_received = counted.received;
+        self.rtt = counted.rtt;
         if stage == Stage::Answered && (self.written == 0 || counted.unread > 0) {
             return Now::Gateway;
         }
@@ -223,6 +271,11 @@ impl Turn {
             age: now.saturating_duration_since(self.since),
             received: counted.received.saturating_sub(self.received),
         }
+    }
+
+    /// The round-trip time to the client, as of the last look.
+    pub fn rtt(&self) -> Duration {
+        self.rtt
     }
 
     /// Without counts (no descriptor to read them from): the turn as of
@@ -275,6 +328,10 @@ impl<'a> Watch<'a> {
         let Pace { min_rate, grace } = self.pace;
         let place = self.ticket.place();
         loop {
+            // Evicted already (asked after the handshake won the race).
+            if evicted.is_cancelled() {
+                return self.evicted();
+            }
             let now = Instant::now();
             let next = match place.look(now) {
                 Some(Ok(Now::Client { age, received })) => {
@@ -352,6 +409,7 @@ pub(super) fn counted(fd: &OwnedFd) -> std::io::Result<Counted> {
         delivered: info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0,
         since_sent: Duration::from_millis(u64::from(info.tcpi_last_data_sent)),
         unread: unread(fd)?,
+        rtt: Duration::from_micros(u64::from(info.tcpi_rtt)),
     })
 }
 
@@ -380,6 +438,7 @@ mod tests {
             delivered,
             since_sent,
             unread: 0,
+            rtt: Duration::ZERO,
         }
     }
 
@@ -457,14 +516,19 @@ mod tests {
                 received: 0
             }
         );
+        // Two seconds into its turn, past the ClientHello: overdue, and
+        // bytes sent in the turn (junk or not) do not change that.
         let pace = Pace::DEFAULT;
-        let silent = look.progress(pace).unwrap();
         let busy = Now::Client {
             age: 2000 * MS,
-            received: 1000,
+            received: 16_000,
         };
-        assert!(silent < busy.progress(pace).unwrap());
-        assert_eq!(Now::Gateway.progress(pace), None);
+        assert_eq!(
+            look.standing(Stage::Answered, pace, MS),
+            busy.standing(Stage::Answered, pace, MS)
+        );
+        assert!(look.standing(Stage::Answered, pace, MS).is_some());
+        assert_eq!(Now::Gateway.standing(Stage::Answered, pace, MS), None);
     }
 
     /// The kernel's clock of the last send cannot date a write before the
@@ -484,6 +548,46 @@ mod tests {
                 age: 600 * MS,
                 received: 0
             }
+        );
+    }
+
+    /// A client early in its turn past the ClientHello is not evicted,
+    /// however few bytes it sent, for three round trips and at least half
+    /// the grace; a handshake without its ClientHello goes first once a
+    /// real one would have come, however many bytes it sent.
+    #[test]
+    fn only_milestones_and_time_count_for_eviction_not_bytes() {
+        let pace = Pace::DEFAULT;
+        let client = |age, received| Now::Client { age, received };
+        // A client 300 ms away (its round trip as the kernel sees it):
+        // 800 ms into its turn, not to be evicted; 10 ms away, not before
+        // 1 s.
+        assert_eq!(
+            client(800 * MS, 0).standing(Stage::Answered, pace, 300 * MS),
+            None
+        );
+        assert_eq!(
+            client(990 * MS, 0).standing(Stage::Answered, pace, 10 * MS),
+            None
+        );
+        let stalled = client(1000 * MS, 0).standing(Stage::Answered, pace, 10 * MS);
+        assert_eq!(stalled.map(|s| s.0), Some(Class::StalledTurn));
+        // Before the ClientHello: 16 KB of it in 150 ms is no better than
+        // silence; past 200 ms (three round trips of 1 ms), overdue, and
+        // evicted before any overdue turn, then the oldest first.
+        assert_eq!(client(90 * MS, 0).standing(Stage::Hello, pace, MS), None);
+        let young = client(150 * MS, 16_000).standing(Stage::Hello, pace, MS);
+        assert_eq!(young.map(|s| s.0), Some(Class::NewHello));
+        let busy = client(300 * MS, 16_000).standing(Stage::Hello, pace, MS);
+        let silent = client(250 * MS, 0).standing(Stage::Hello, pace, MS);
+        assert_eq!(busy.map(|s| s.0), Some(Class::StalledHello));
+        assert!(busy < silent && silent < stalled && stalled < young);
+        // Far away (300 ms round trip): its hello is not overdue before 900 ms.
+        assert_eq!(
+            client(800 * MS, 0)
+                .standing(Stage::Hello, pace, 300 * MS)
+                .map(|s| s.0),
+            Some(Class::NewHello)
         );
     }
 }

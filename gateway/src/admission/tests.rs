@@ -151,6 +151,8 @@ fn a_newcomer_evicts_a_stalled_handshake() {
     let live = admitted(admission.admit(&pool, 2, 2, client("203.0.113.2", 1), None));
     live.hello_read();
     live.established();
+    // Past the time a real ClientHello takes to come in (100 ms by default).
+    std::thread::sleep(Duration::from_millis(110));
     match admission.admit(&pool, 2, 2, client("203.0.113.3", 1), None) {
         Answer::Evict { victim, .. } => assert_eq!(victim, client("203.0.113.1", 1)),
         _ => panic!("expected an eviction"),
@@ -159,11 +161,16 @@ fn a_newcomer_evicts_a_stalled_handshake() {
     assert_eq!(slow.stage(), Stage::Evicted);
     drop(slow);
     // The newcomer's ticket was dropped above: it failed, and left. A
-    // handshake past its ClientHello that has gone silent on its turn is
-    // evicted in turn; the live connection never is.
+    // handshake past its ClientHello that has gone silent on its turn
+    // (past half its grace, here 20 ms) is evicted in turn; the live
+    // connection never is.
     let waiting = admitted(admission.admit(&pool, 2, 2, client("203.0.113.4", 1), None));
+    waiting.place().set_pace(super::progress::Pace {
+        min_rate: 256,
+        grace: Duration::from_millis(40),
+    });
     waiting.hello_read();
-    std::thread::sleep(Duration::from_millis(20));
+    std::thread::sleep(Duration::from_millis(40));
     match admission.admit(&pool, 2, 2, client("203.0.113.5", 1), None) {
         Answer::Evict { victim, ticket } => {
             assert_eq!(victim, client("203.0.113.4", 1));
@@ -211,6 +218,12 @@ fn an_evicted_handshake_is_no_strike() {
     let nat = client("203.0.113.9", 1);
     for port in 2..6 {
         let victim = admitted(admission.admit(&pool, 1, 1, nat, None));
+        // Overdue at once (no grace), but held to no minimum rate: to be
+        // evicted, and not for slowness.
+        victim.place().set_pace(super::progress::Pace {
+            min_rate: 0,
+            grace: Duration::ZERO,
+        });
         let newcomer = admitted(admission.admit(&pool, 1, 1, client("198.51.100.9", port), None));
         assert_eq!(victim.stage(), Stage::Evicted);
         drop(victim);
@@ -695,7 +708,9 @@ fn an_eviction_strikes_only_a_handshake_already_below_the_minimum_rate() {
     assert_eq!(victim, slow);
     drop(late);
     assert_eq!(admission.tables().sources.strikes(slow.ip()), 1);
-    // The young one is evicted too, within its pace: no strike.
+    // The young one is evicted too (once past the time a real ClientHello
+    // takes to come in), within its pace: no strike.
+    std::thread::sleep(Duration::from_millis(150));
     let (victim, _second) = evicted("10.73.0.1");
     assert_eq!(victim, young);
     drop(fresh);
@@ -737,11 +752,10 @@ fn networks_past_their_allocations_quota_are_refused_and_counted() {
     );
 }
 
-/// A source just evicted may not evict in turn for the grace (attackers
-/// reconnecting when evicted would evict one another in a chain), but a
-/// known one may: an allowed client evicted in a stall of its own must not
-/// have the next clients of its address refused while the listener is
-/// full.
+/// A source evicted once is not barred from evicting in turn (the budget
+/// is the evicting source's, `pool`), known or not: an allowed client
+/// evicted in a stall of its own must not have the next clients of its
+/// address refused while the listener is full.
 #[test]
 fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
     let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
@@ -754,8 +768,16 @@ fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
     let unknown = "10.81.0.1";
     // The listener (2 places) full: the allowed client's handshake is
     // evicted by an attacker's, and so is one of the unknown source's.
-    let _a = admitted(admission.admit(&pool, 2, 2, client(allowed, 2), None));
-    let _b = admitted(admission.admit(&pool, 2, 2, client(unknown, 2), None));
+    let overdue = |t: &Ticket| {
+        t.place().set_pace(super::progress::Pace {
+            min_rate: 0,
+            grace: Duration::ZERO,
+        });
+    };
+    let a = admitted(admission.admit(&pool, 2, 2, client(allowed, 2), None));
+    let b = admitted(admission.admit(&pool, 2, 2, client(unknown, 2), None));
+    overdue(&a);
+    overdue(&b);
     let mut attackers = Vec::new();
     for i in 0..2u16 {
         match admission.admit(&pool, 2, 2, client(&format!("10.82.0.{}", 1 + i), 1), None) {
@@ -763,17 +785,44 @@ fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
             _ => panic!("no eviction"),
         }
     }
-    // The unknown source may not evict in turn; the known one may.
-    assert_eq!(
-        refused(admission.admit(&pool, 2, 2, client(unknown, 3), None)),
-        Refusal::MaxConnections
-    );
-    match admission.admit(&pool, 2, 2, client(allowed, 3), None) {
-        Answer::Evict { ticket, .. } => ticket.established(),
-        Answer::Admit(_) => panic!("admitted without eviction"),
-        Answer::Refuse(r) => panic!("the known source was refused: {r:?}"),
+    assert_eq!(a.stage(), Stage::Evicted);
+    assert_eq!(b.stage(), Stage::Evicted);
+    for t in &attackers {
+        overdue(t);
+    }
+    // Both sources evict in turn at once.
+    let mut kept = Vec::new();
+    for source in [unknown, allowed] {
+        match admission.admit(&pool, 2, 2, client(source, 3), None) {
+            Answer::Evict { ticket, .. } => {
+                ticket.established();
+                kept.push(ticket);
+            }
+            Answer::Admit(_) => panic!("admitted without eviction"),
+            Answer::Refuse(r) => panic!("{source} was refused: {r:?}"),
+        };
     }
     for t in &attackers {
         t.established();
     }
+}
+
+/// A handshake evicted in the instant it completed (the handshake won the
+/// race in the connection's task) is not established: it holds no slot,
+/// and the listener must not serve it.
+#[test]
+fn an_evicted_handshake_cannot_be_established() {
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let victim = admitted(admission.admit(&pool, 1, 1, client("203.0.113.1", 1), None));
+    victim.place().set_pace(super::progress::Pace {
+        min_rate: 0,
+        grace: Duration::ZERO,
+    });
+    let newcomer = admitted(admission.admit(&pool, 1, 1, client("198.51.100.1", 1), None));
+    assert_eq!(victim.stage(), Stage::Evicted);
+    assert!(!victim.established());
+    assert_eq!(victim.stage(), Stage::Evicted);
+    assert!(newcomer.established());
+    assert_eq!((pool.connections(), pool.handshakes()), (1, 0));
 }
