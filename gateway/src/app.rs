@@ -839,13 +839,7 @@ impl App {
                     } else {
                         None
                     };
-                    rollback.applied(
-                        job.how,
-                        before,
-                        report.revision,
-                        unwatched,
-                        &self.metrics,
-                    );
+                    rollback.applied(job.how, before, report.revision, unwatched, &self.metrics);
                     rollback.settings = job.config.auto_revert();
                 }
                 Err(e) => {
@@ -1008,9 +1002,7 @@ impl App {
                 path.display()
             ))
         })?;
-        let result = self
-            .reload(config, revert_to, force, running, shared)
-            .await;
+        let result = self.reload(config, revert_to, force, running, shared).await;
         if result.is_err()
             && let Err(e) = crate::revisions::replace_file(path, &old)
         {
@@ -1209,7 +1201,10 @@ impl App {
         .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         gate_backends(&state, self.guard.as_deref());
         let mut report = ReloadReport {
-            only_removes_trust_anchors: anchors_only_removed(&self.registry.listeners(), &candidate),
+            only_removes_trust_anchors: anchors_only_removed(
+                &self.registry.listeners(),
+                &candidate,
+            ),
             ..ReloadReport::default()
         };
         let keep: std::collections::HashSet<&str> =
@@ -1489,7 +1484,11 @@ mod tests {
         assert_eq!(watched(&r), Some((2, 1)));
         // Forced, switching auto_revert off, only removing trust anchors:
         // not watched, and the earlier watch ends (it no longer serves).
-        for why in ["forced", "turns auto_revert off", "only removes trust anchors"] {
+        for why in [
+            "forced",
+            "turns auto_revert off",
+            "only removes trust anchors",
+        ] {
             r.applied(How::Reload, Some(1), Some(2), None, &metrics);
             r.applied(How::Reload, Some(2), Some(3), Some(why), &metrics);
             assert_eq!(watched(&r), None, "{why}");

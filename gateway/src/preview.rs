@@ -137,7 +137,7 @@ impl GuardCheck {
                         connections,
                     })
                     .collect();
-                v.sort_by(|a, b| b.connections.cmp(&a.connections));
+                v.sort_by_key(|h| std::cmp::Reverse(h.connections));
                 (l.clone(), v)
             })
             .collect();
@@ -220,13 +220,16 @@ pub fn take_force_marker(marker: &std::path::Path) -> Result<bool, String> {
     std::fs::remove_file(marker).map_err(|e| format!("{at}: cannot remove it: {e}"))?;
     // A file's time may read a hair ahead of the clock (coarse
     // timestamps): that is fresh, not the future.
-    let age = meta.modified().ok().and_then(|m| {
-        match std::time::SystemTime::now().duration_since(m) {
-            Ok(age) => Some(age),
-            Err(e) if e.duration() < std::time::Duration::from_secs(2) => Some(Default::default()),
-            Err(_) => None,
-        }
-    });
+    let age =
+        meta.modified()
+            .ok()
+            .and_then(|m| match std::time::SystemTime::now().duration_since(m) {
+                Ok(age) => Some(age),
+                Err(e) if e.duration() < std::time::Duration::from_secs(2) => {
+                    Some(Default::default())
+                }
+                Err(_) => None,
+            });
     match age {
         Some(age) if age <= FORCE_MARKER_FRESH => Ok(true),
         Some(age) => Err(format!(
@@ -513,7 +516,12 @@ mod tests {
             identity: Some(vec![id.to_owned()]),
             ..close("edge", false)
         };
-        let closes = [who("spiffe://x/b"), who("spiffe://x/a"), who("spiffe://x/a"), close("edge", false)];
+        let closes = [
+            who("spiffe://x/b"),
+            who("spiffe://x/a"),
+            who("spiffe://x/a"),
+            close("edge", false),
+        ];
         let g = GuardCheck::judge(Some(2), &closes, false);
         assert!(g.holds());
         let names: Vec<(&str, usize)> = g.holders["edge"]
@@ -522,10 +530,17 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            vec![("spiffe://x/a", 2), ("no certificate", 1), ("spiffe://x/b", 1)]
+            vec![
+                ("spiffe://x/a", 2),
+                ("no certificate", 1),
+                ("spiffe://x/b", 1)
+            ]
         );
         let why = g.refusal();
-        assert!(why.contains("edge: 4 [spiffe://x/a x2; no certificate x1; spiffe://x/b x1]"), "{why}");
+        assert!(
+            why.contains("edge: 4 [spiffe://x/a x2; no certificate x1; spiffe://x/b x1]"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -281,7 +281,9 @@ async fn a_candidate_without_the_limit_is_judged_by_the_serving_one() {
         "the refusal names the identity and its connections: {message}"
     );
     for h in s.friends.iter_mut().chain(s.others.iter_mut()) {
-        ping(&mut h.tls).await.expect("a refused reload closes nothing");
+        ping(&mut h.tls)
+            .await
+            .expect("a refused reload closes nothing");
     }
     // Forced, it applies; from then on its own (absent) limit serves.
     let reloaded = client::reload(&socket(&s.gw), true).await.expect("forced");

@@ -648,14 +648,20 @@ async fn a_revert_never_silently_lifts_a_revocation() {
     assert_eq!(auto_reverts(&metrics, "failed"), 1, "{metrics}");
     assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
     let log = std::fs::read_to_string(&b.stderr).unwrap();
-    assert!(log.contains("reverting to it would lift those revocations"), "{log}");
+    assert!(
+        log.contains("reverting to it would lift those revocations"),
+        "{log}"
+    );
     assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v2);
     assert_eq!(b.history().revisions.len(), 2);
 
     // By hand: refused without --force, saying why; forced, it applies.
     let (code, out, err) = b.rollout(&["revert", "1"]);
     assert_ne!(code, 0, "{out}");
-    assert!(err.contains("would lift those revocations") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("would lift those revocations") && err.contains("--force"),
+        "{err}"
+    );
     assert!(!served(b.app, &pki, &victim).await, "still revoked");
     let (code, out, err) = b.rollout(&["revert", "1", "--force"]);
     assert_eq!(code, 0, "{out} {err}");
@@ -670,7 +676,12 @@ async fn a_revert_never_silently_lifts_a_revocation() {
 async fn a_forced_reload_or_one_switching_auto_revert_off_is_never_auto_reverted() {
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
-    let v1 = config(&pki, WATCH_3S, backend.addr, &[SPIFFE_FRONTEND, SPIFFE_OTHER]);
+    let v1 = config(
+        &pki,
+        WATCH_3S,
+        backend.addr,
+        &[SPIFFE_FRONTEND, SPIFFE_OTHER],
+    );
     let b = Binary::start(&pki, &v1);
     let intruder = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
     let (stranger, _) = foreign(&pki, "other-roots.pem");
@@ -680,8 +691,7 @@ async fn a_forced_reload_or_one_switching_auto_revert_off_is_never_auto_reverted
     let v2 = config(&pki, WATCH_3S, backend.addr, &[SPIFFE_FRONTEND]);
     std::fs::write(&b.config, &v2).unwrap();
     let socket = b.socket.display().to_string();
-    let (code, out, err) =
-        gateway_tests::process::cli(&["reload", "--force", "--socket", &socket]);
+    let (code, out, err) = gateway_tests::process::cli(&["reload", "--force", "--socket", &socket]);
     assert_eq!(code, 0, "{out} {err}");
     assert!(!served(b.app, &pki, &intruder).await, "narrowed");
     refuse(b.app, &pki, &stranger, 12).await;
@@ -694,7 +704,12 @@ async fn a_forced_reload_or_one_switching_auto_revert_off_is_never_auto_reverted
 
     // Unforced, switching auto_revert off (judged by the settings of v2,
     // which had it on): not watched either.
-    let v3 = config(&pki, "auto_revert = false\n", backend.addr, &[SPIFFE_FRONTEND]);
+    let v3 = config(
+        &pki,
+        "auto_revert = false\n",
+        backend.addr,
+        &[SPIFFE_FRONTEND],
+    );
     b.reload(&v3);
     refuse(b.app, &pki, &stranger, 12).await;
     tokio::time::sleep(PAST_THE_WINDOW).await;
