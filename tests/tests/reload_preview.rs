@@ -205,6 +205,20 @@ async fn a_preview_lists_exactly_what_the_reload_then_closes_and_changes_nothing
     }
 }
 
+/// An unforced reload on the socket, refused by the guard (409): its
+/// message.
+async fn guard_refusal(gw: &RunningGateway) -> String {
+    let refused = client::reload(&socket(gw), false).await.unwrap_err();
+    let ClientError::Refused {
+        status, message, ..
+    } = &refused
+    else {
+        panic!("{refused}");
+    };
+    assert_eq!(*status, 409, "{message}");
+    message.clone()
+}
+
 #[tokio::test]
 async fn the_reload_guard_refuses_over_its_limit_and_force_applies() {
     let mut s = scene("max_reload_closes = 1", "").await;
@@ -216,14 +230,7 @@ async fn the_reload_guard_refuses_over_its_limit_and_force_applies() {
     assert!(preview.guard.holds(), "{:?}", preview.guard);
     assert_eq!(preview.guard.counted.get("edge"), Some(&2));
 
-    let refused = client::reload(&socket(&s.gw), false).await.unwrap_err();
-    let ClientError::Refused {
-        status, message, ..
-    } = &refused
-    else {
-        panic!("{refused}");
-    };
-    assert_eq!(*status, 409, "{message}");
+    let message = guard_refusal(&s.gw).await;
     assert!(
         message.contains("max_reload_closes (1)") && message.contains("edge: 2"),
         "{message}"
@@ -265,14 +272,7 @@ async fn a_candidate_without_the_limit_is_judged_by_the_serving_one() {
     assert_eq!(preview.guard.limit, Some(1), "{:?}", preview.guard);
     assert!(preview.guard.holds(), "{:?}", preview.guard);
 
-    let refused = client::reload(&socket(&s.gw), false).await.unwrap_err();
-    let ClientError::Refused {
-        status, message, ..
-    } = &refused
-    else {
-        panic!("{refused}");
-    };
-    assert_eq!(*status, 409, "{message}");
+    let message = guard_refusal(&s.gw).await;
     assert!(
         message.contains("max_reload_closes (1)")
             && message.contains("edge: 2 [")
