@@ -1394,17 +1394,23 @@ fn listeners_of(state: &State) -> registry::Listeners {
         .collect()
 }
 
-/// `candidate` trusts none of the CAs `now` does not, and drops some: a
+/// `candidate` trusts, on no listener, a CA `now` does not, and drops
+/// some from a listener: a
 /// deliberate withdrawal (a compromised CA taken out), which the removed
 /// CA's holders could otherwise undo through `auto_revert` just by
 /// connecting. A bundle replaced by a different one (some removed, some
 /// added) is not: that is how a broken bundle looks.
 fn anchors_only_removed(now: &registry::Listeners, candidate: &registry::Listeners) -> bool {
     use std::collections::HashSet;
-    let anchors = |ls: &registry::Listeners| -> HashSet<(Vec<u8>, Vec<u8>)> {
-        ls.values()
-            .flat_map(|l| l.tls.trust_anchors())
-            .map(|(s, k)| (s.to_vec(), k.to_vec()))
+    // Per listener: a CA taken off one listener while another still
+    // trusts it is a withdrawal there all the same.
+    let anchors = |ls: &registry::Listeners| -> HashSet<(String, Vec<u8>, Vec<u8>)> {
+        ls.iter()
+            .flat_map(|(name, l)| {
+                l.tls
+                    .trust_anchors()
+                    .map(move |(s, k)| (name.clone(), s.to_vec(), k.to_vec()))
+            })
             .collect()
     };
     let (now, candidate) = (anchors(now), anchors(candidate));
