@@ -105,6 +105,9 @@ pub struct ReloadReport {
     /// The revision it was recorded as (none: no history, or it could not
     /// be written).
     pub revision: Option<u64>,
+    /// It removed trusted CAs and added none (see `anchors_only_removed`):
+    /// `auto_revert` does not watch it.
+    pub only_removes_trust_anchors: bool,
 }
 
 /// Why `gateway rollout revert N` was not applied.
@@ -406,6 +409,10 @@ pub struct App {
     revisions: Option<Arc<crate::revisions::Store>>,
     start_revision: Option<Revision>,
     auto_revert: Option<crate::revisions::AutoRevert>,
+    /// The serving config's `max_reload_closes`: the guard judges a
+    /// candidate by it, so a candidate (or a revision) without the line
+    /// cannot unguard itself.
+    max_reload_closes: std::sync::Mutex<Option<usize>>,
     /// The config file it was started with (`POST /reload` reads it
     /// again); None: built from a config that came from no file.
     config_file: Option<PathBuf>,
@@ -550,6 +557,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         revisions,
         start_revision,
         auto_revert: config.auto_revert(),
+        max_reload_closes: std::sync::Mutex::new(config.max_reload_closes),
         config_file: Some(config.source.clone()).filter(|p| p.is_file()),
     })
 }
@@ -822,7 +830,16 @@ impl App {
                             tracing::info!(changes = %report, "reloaded")
                         }
                     }
-                    rollback.applied(job.how, before, report.revision, &self.metrics);
+                    let unwatched = if job.force {
+                        Some("the reload was forced")
+                    } else if job.config.auto_revert().is_none() {
+                        Some("the reload's own config turns auto_revert off")
+                    } else if report.only_removes_trust_anchors {
+                        Some("the reload only removes trust anchors")
+                    } else {
+                        None
+                    };
+                    rollback.applied(job.how, before, report.revision, unwatched, &self.metrics);
                     rollback.settings = job.config.auto_revert();
                 }
                 Err(e) => {
@@ -970,7 +987,7 @@ impl App {
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
         let Some(number) = revert_to else {
-            return self.reload(config, force, running, shared).await;
+            return self.reload(config, None, force, running, shared).await;
         };
         let path = &config.source;
         let old = std::fs::read(path).map_err(|e| {
@@ -985,7 +1002,7 @@ impl App {
                 path.display()
             ))
         })?;
-        let result = self.reload(config, force, running, shared).await;
+        let result = self.reload(config, revert_to, force, running, shared).await;
         if result.is_err()
             && let Err(e) = crate::revisions::replace_file(path, &old)
         {
@@ -1063,13 +1080,20 @@ impl App {
             &registry::routes_of(&candidate),
         );
         p.guard = GuardCheck::judge(
-            config.max_reload_closes,
+            self.serving_max_reload_closes(),
             &p.would_close,
             self.brings_crl(&candidate),
         );
         p.since_seconds = since.map(|d| d.as_secs());
         p.seen_refused = crate::preview::seen_refused(&self.metrics.audit, &candidate, since);
         p
+    }
+
+    fn serving_max_reload_closes(&self) -> Option<usize> {
+        *self
+            .max_reload_closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// `candidate` enforces a CRL the running state does not: news of
@@ -1090,6 +1114,7 @@ impl App {
     async fn reload(
         &self,
         config: &Config,
+        revert_to: Option<u64>,
         force: bool,
         running: &mut HashMap<String, Running>,
         shared: &Shared,
@@ -1119,8 +1144,27 @@ impl App {
         // states are published it is what closes connections.
         let candidate = listeners_of(&state);
         let dry = self.registry.dry_run(&candidate);
+        // A revert to a revision without a CRL in service now would lift
+        // its revocations: never automatically, by hand only when forced.
+        if let Some(number) = revert_to
+            && !force
+        {
+            let now = self.registry.listeners();
+            let lifted: Vec<String> = candidate
+                .iter()
+                .filter_map(|(name, l)| Some((now.get(name)?, l)))
+                .flat_map(|(now, l)| crl::lifted(now.tls.crls(), l.tls.crls()))
+                .collect();
+            if !lifted.is_empty() {
+                self.metrics.crl_refused("withdrawn");
+                return Err(ReloadError::Invalid(format!(
+                    "revision {number} enforces no CRL of {} (in service now): reverting to it would lift those revocations; `gateway rollout revert {number} --force` does it on purpose",
+                    lifted.join(", ")
+                )));
+            }
+        }
         let check = crate::preview::GuardCheck::judge(
-            config.max_reload_closes,
+            self.serving_max_reload_closes(),
             &dry.closes(),
             self.brings_crl(&candidate),
         );
@@ -1156,7 +1200,13 @@ impl App {
         }
         .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         gate_backends(&state, self.guard.as_deref());
-        let mut report = ReloadReport::default();
+        let mut report = ReloadReport {
+            only_removes_trust_anchors: anchors_only_removed(
+                &self.registry.listeners(),
+                &candidate,
+            ),
+            ..ReloadReport::default()
+        };
         let keep: std::collections::HashSet<&str> =
             state.listeners.iter().map(|l| l.name.as_str()).collect();
         let gone: Vec<String> = running
@@ -1197,6 +1247,10 @@ impl App {
         // Read at each request: a narrowed list applies to the next one.
         self.admin_clients
             .store(Arc::new(config.admin_clients.clone()));
+        *self
+            .max_reload_closes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = config.max_reload_closes;
         Ok(report)
     }
 }
@@ -1224,14 +1278,28 @@ struct Rollback {
 
 impl Rollback {
     /// After a config was applied: a reload to a new revision is watched
-    /// (with the settings of the config it replaced, so a reload cannot
-    /// switch off the check of itself); a revert is never watched (no
-    /// loop), and a reload that changed nothing leaves the watch as it is.
-    fn applied(&mut self, how: How, before: Option<u64>, now: Option<u64>, metrics: &Metrics) {
+    /// (with the settings of the config it replaced); a revert is never
+    /// watched (no loop), and a reload that changed nothing leaves the
+    /// watch as it is. Nor is a reload the operator meant beyond doubt
+    /// (`unwatched` says why: forced, its own config turns auto_revert
+    /// off, or it only removes trust anchors): failures an attacker can
+    /// cause must not veto it.
+    fn applied(
+        &mut self,
+        how: How,
+        before: Option<u64>,
+        now: Option<u64>,
+        unwatched: Option<&str>,
+        metrics: &Metrics,
+    ) {
         if how == How::Reload && now.is_some() && now == before {
             return;
         }
         self.armed = None;
+        if let (How::Reload, Some(_), Some(why)) = (how, self.settings, unwatched) {
+            tracing::warn!(revision = ?now, "auto_revert: not watched: {why}");
+            return;
+        }
         let (How::Reload, Some(settings), Some(previous), Some(revision)) =
             (how, self.settings, before, now)
         else {
@@ -1326,6 +1394,29 @@ fn listeners_of(state: &State) -> registry::Listeners {
         .collect()
 }
 
+/// `candidate` trusts, on no listener, a CA `now` does not, and drops
+/// some from a listener: a
+/// deliberate withdrawal (a compromised CA taken out), which the removed
+/// CA's holders could otherwise undo through `auto_revert` just by
+/// connecting. A bundle replaced by a different one (some removed, some
+/// added) is not: that is how a broken bundle looks.
+fn anchors_only_removed(now: &registry::Listeners, candidate: &registry::Listeners) -> bool {
+    use std::collections::HashSet;
+    // Per listener: a CA taken off one listener while another still
+    // trusts it is a withdrawal there all the same.
+    let anchors = |ls: &registry::Listeners| -> HashSet<(String, Vec<u8>, Vec<u8>)> {
+        ls.iter()
+            .flat_map(|(name, l)| {
+                l.tls
+                    .trust_anchors()
+                    .map(move |(s, k)| (name.clone(), s.to_vec(), k.to_vec()))
+            })
+            .collect()
+    };
+    let (now, candidate) = (anchors(now), anchors(candidate));
+    candidate.is_subset(&now) && candidate.len() < now.len()
+}
+
 /// Hostname backends resolve at connect time: the guard protects each
 /// address before the gateway uses it.
 fn gate_backends(state: &State, guard: Option<&crate::guard::Guard>) {
@@ -1367,27 +1458,46 @@ mod tests {
     async fn a_reload_is_watched_a_revert_never_and_a_newer_reload_replaces_the_watch() {
         let metrics = Metrics::default();
         let mut r = rollback(Some(ON));
-        r.applied(How::Reload, Some(1), Some(2), &metrics);
+        r.applied(How::Reload, Some(1), Some(2), None, &metrics);
         assert_eq!(watched(&r), Some((2, 1)));
         // A reload that changed nothing (the same revision) keeps watching.
-        r.applied(How::Reload, Some(2), Some(2), &metrics);
+        r.applied(How::Reload, Some(2), Some(2), None, &metrics);
         assert_eq!(watched(&r), Some((2, 1)));
         // A newer reload: the watch moves to it, and would go back to 2,
         // never past it to 1.
-        r.applied(How::Reload, Some(2), Some(3), &metrics);
+        r.applied(How::Reload, Some(2), Some(3), None, &metrics);
         assert_eq!(watched(&r), Some((3, 2)));
         // A revert, by hand or automatic, is never watched: no loop.
         for how in [How::Revert, How::AutoRevert] {
-            r.applied(How::Reload, Some(3), Some(4), &metrics);
-            r.applied(how, Some(4), Some(5), &metrics);
+            r.applied(How::Reload, Some(3), Some(4), None, &metrics);
+            r.applied(how, Some(4), Some(5), None, &metrics);
             assert_eq!(watched(&r), None, "{how:?}");
         }
         // No history written (no revision number): nothing to go back to.
-        r.applied(How::Reload, Some(5), None, &metrics);
+        r.applied(How::Reload, Some(5), None, None, &metrics);
         assert_eq!(watched(&r), None);
         // auto_revert off in the config serving before the reload.
         let mut off = rollback(None);
-        off.applied(How::Reload, Some(1), Some(2), &metrics);
+        off.applied(How::Reload, Some(1), Some(2), None, &metrics);
         assert_eq!(watched(&off), None);
+    }
+
+    #[tokio::test]
+    async fn a_reload_the_operator_meant_beyond_doubt_is_never_watched() {
+        let metrics = Metrics::default();
+        let mut r = rollback(Some(ON));
+        r.applied(How::Reload, Some(1), Some(2), None, &metrics);
+        assert_eq!(watched(&r), Some((2, 1)));
+        // Forced, switching auto_revert off, only removing trust anchors:
+        // not watched, and the earlier watch ends (it no longer serves).
+        for why in [
+            "forced",
+            "turns auto_revert off",
+            "only removes trust anchors",
+        ] {
+            r.applied(How::Reload, Some(1), Some(2), None, &metrics);
+            r.applied(How::Reload, Some(2), Some(3), Some(why), &metrics);
+            assert_eq!(watched(&r), None, "{why}");
+        }
     }
 }

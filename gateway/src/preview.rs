@@ -74,7 +74,7 @@ pub struct SeenRefused {
 /// The reload guard's judgement of one dry run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuardCheck {
-    /// `max_reload_closes` of the candidate; None: no guard.
+    /// `max_reload_closes` of the serving config; None: no guard.
     pub limit: Option<usize>,
     /// Why the guard does not apply (revocation); None: it does.
     pub exempt: Option<String>,
@@ -83,7 +83,23 @@ pub struct GuardCheck {
     /// The listeners over the limit: the reload would be refused unless
     /// forced.
     pub over: Vec<String>,
+    /// Per listener over the limit, whose connections it counted (most
+    /// first): an identity the reload removes can hold it back by keeping
+    /// connections open, and the operator who sees that forces it.
+    #[serde(default)]
+    pub holders: BTreeMap<String, Vec<Holder>>,
 }
+
+/// An identity (or "no certificate") and how many of the counted closes
+/// are its connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub identity: String,
+    pub connections: usize,
+}
+
+/// How many identities a refusal names per listener.
+const HOLDERS_NAMED: usize = 10;
 
 impl GuardCheck {
     /// The guard's rule: see the module's comment.
@@ -103,11 +119,34 @@ impl GuardCheck {
                 .collect(),
             _ => Vec::new(),
         };
+        let holders = over
+            .iter()
+            .map(|l| {
+                let mut by: BTreeMap<String, usize> = BTreeMap::new();
+                for c in closes.iter().filter(|c| !c.revoked && &c.listener == l) {
+                    let who = c
+                        .identity
+                        .as_ref()
+                        .map_or_else(|| "no certificate".to_owned(), |n| n.join(","));
+                    *by.entry(who).or_insert(0) += 1;
+                }
+                let mut v: Vec<Holder> = by
+                    .into_iter()
+                    .map(|(identity, connections)| Holder {
+                        identity,
+                        connections,
+                    })
+                    .collect();
+                v.sort_by_key(|h| std::cmp::Reverse(h.connections));
+                (l.clone(), v)
+            })
+            .collect();
         GuardCheck {
             limit,
             exempt,
             counted,
             over,
+            holders,
         }
     }
 
@@ -121,7 +160,22 @@ impl GuardCheck {
         let per: Vec<String> = self
             .over
             .iter()
-            .map(|l| format!("{l}: {}", self.counted.get(l).copied().unwrap_or(0)))
+            .map(|l| {
+                let holders = self.holders.get(l).map(Vec::as_slice).unwrap_or_default();
+                let mut named: Vec<String> = holders
+                    .iter()
+                    .take(HOLDERS_NAMED)
+                    .map(|h| format!("{} x{}", h.identity, h.connections))
+                    .collect();
+                if holders.len() > HOLDERS_NAMED {
+                    named.push(format!("{} more identities", holders.len() - HOLDERS_NAMED));
+                }
+                format!(
+                    "{l}: {} [{}]",
+                    self.counted.get(l).copied().unwrap_or(0),
+                    named.join("; ")
+                )
+            })
             .collect();
         format!(
             "the reload would close more than max_reload_closes ({}) live connections on a listener ({}); preview it with `gateway check --against`, or force it",
@@ -136,12 +190,18 @@ impl GuardCheck {
 /// no one else: `safe_dir`): `touch /run/gateway/reload.force; kill -HUP`.
 pub const FORCE_MARKER: &str = "reload.force";
 
+/// How fresh the force marker must be: one left behind by an earlier
+/// attempt (a SIGHUP that never came, a reload refused for another
+/// reason) must not force an unrelated later one.
+pub const FORCE_MARKER_FRESH: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Consumes the force marker at `marker`: Ok(true) when it was there and
 /// is taken (removed, so it forces one reload only), Ok(false) when there
 /// is none. Err (the reload then goes unforced, the marker left alone)
 /// when it cannot be trusted: its directory others may write, a symbolic
 /// link or anything but a plain file, another user's than root's or the
-/// gateway's, or it cannot be removed.
+/// gateway's, or it cannot be removed. A stale marker (written more than
+/// `FORCE_MARKER_FRESH` ago, or in the future) is removed and is Err too.
 pub fn take_force_marker(marker: &std::path::Path) -> Result<bool, String> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = match std::fs::symlink_metadata(marker) {
@@ -158,7 +218,29 @@ pub fn take_force_marker(marker: &std::path::Path) -> Result<bool, String> {
         return Err(format!("{at}: belongs to uid {}", meta.uid()));
     }
     std::fs::remove_file(marker).map_err(|e| format!("{at}: cannot remove it: {e}"))?;
-    Ok(true)
+    // A file's time may read a hair ahead of the clock (coarse
+    // timestamps): that is fresh, not the future.
+    let age =
+        meta.modified()
+            .ok()
+            .and_then(|m| match std::time::SystemTime::now().duration_since(m) {
+                Ok(age) => Some(age),
+                Err(e) if e.duration() < std::time::Duration::from_secs(2) => {
+                    Some(Default::default())
+                }
+                Err(_) => None,
+            });
+    match age {
+        Some(age) if age <= FORCE_MARKER_FRESH => Ok(true),
+        Some(age) => Err(format!(
+            "{at}: stale (written {}s ago, more than {}s): removed, not honoured",
+            age.as_secs(),
+            FORCE_MARKER_FRESH.as_secs()
+        )),
+        None => Err(format!(
+            "{at}: its time is unknown or in the future: removed, not honoured"
+        )),
+    }
 }
 
 /// Routes (listener, route, mode) that appear, disappear or change mode
@@ -429,6 +511,39 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_names_whose_connections_hold_the_reload() {
+        let who = |id: &str| Affected {
+            identity: Some(vec![id.to_owned()]),
+            ..close("edge", false)
+        };
+        let closes = [
+            who("spiffe://x/b"),
+            who("spiffe://x/a"),
+            who("spiffe://x/a"),
+            close("edge", false),
+        ];
+        let g = GuardCheck::judge(Some(2), &closes, false);
+        assert!(g.holds());
+        let names: Vec<(&str, usize)> = g.holders["edge"]
+            .iter()
+            .map(|h| (h.identity.as_str(), h.connections))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("spiffe://x/a", 2),
+                ("no certificate", 1),
+                ("spiffe://x/b", 1)
+            ]
+        );
+        let why = g.refusal();
+        assert!(
+            why.contains("edge: 4 [spiffe://x/a x2; no certificate x1; spiffe://x/b x1]"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn the_force_marker_forces_once_and_only_as_a_plain_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -453,6 +568,29 @@ mod tests {
         let err = take_force_marker(&marker).expect_err("world-writable dir");
         assert!(err.contains("writable"), "{err}");
         assert!(marker.exists());
+    }
+
+    #[test]
+    fn a_stale_force_marker_is_removed_and_not_honoured() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let marker = dir.path().join(FORCE_MARKER);
+        let old = std::time::SystemTime::now() - FORCE_MARKER_FRESH * 2;
+        std::fs::File::create(&marker)
+            .and_then(|f| f.set_modified(old))
+            .expect("an old marker");
+        let err = take_force_marker(&marker).expect_err("stale");
+        assert!(err.contains("stale"), "{err}");
+        assert!(!marker.exists(), "a stale marker is removed");
+        // One from the future is not fresh either.
+        let later = std::time::SystemTime::now() + FORCE_MARKER_FRESH;
+        std::fs::File::create(&marker)
+            .and_then(|f| f.set_modified(later))
+            .expect("a future marker");
+        assert!(take_force_marker(&marker).is_err());
+        assert!(!marker.exists());
     }
 
     #[test]

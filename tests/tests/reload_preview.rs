@@ -205,6 +205,20 @@ async fn a_preview_lists_exactly_what_the_reload_then_closes_and_changes_nothing
     }
 }
 
+/// An unforced reload on the socket, refused by the guard (409): its
+/// message.
+async fn guard_refusal(gw: &RunningGateway) -> String {
+    let refused = client::reload(&socket(gw), false).await.unwrap_err();
+    let ClientError::Refused {
+        status, message, ..
+    } = &refused
+    else {
+        panic!("{refused}");
+    };
+    assert_eq!(*status, 409, "{message}");
+    message.clone()
+}
+
 #[tokio::test]
 async fn the_reload_guard_refuses_over_its_limit_and_force_applies() {
     let mut s = scene("max_reload_closes = 1", "").await;
@@ -216,14 +230,7 @@ async fn the_reload_guard_refuses_over_its_limit_and_force_applies() {
     assert!(preview.guard.holds(), "{:?}", preview.guard);
     assert_eq!(preview.guard.counted.get("edge"), Some(&2));
 
-    let refused = client::reload(&socket(&s.gw), false).await.unwrap_err();
-    let ClientError::Refused {
-        status, message, ..
-    } = &refused
-    else {
-        panic!("{refused}");
-    };
-    assert_eq!(*status, 409, "{message}");
+    let message = guard_refusal(&s.gw).await;
     assert!(
         message.contains("max_reload_closes (1)") && message.contains("edge: 2"),
         "{message}"
@@ -247,6 +254,43 @@ async fn the_reload_guard_refuses_over_its_limit_and_force_applies() {
     let series = |name: &str| gateway_tests::process::series(&metrics, name);
     assert_eq!(series("gateway_reload_guard_total{result=\"forced\"}"), 1);
     assert_eq!(series("gateway_reloads_total{result=\"ok\"}"), 1);
+}
+
+/// The guard is the serving config's: a candidate that drops the
+/// `max_reload_closes` line (or a revision that never had it) cannot
+/// unguard itself. Its refusal names whose connections it counted, so an
+/// identity the reload removes that holds it back is plain to see.
+#[tokio::test]
+async fn a_candidate_without_the_limit_is_judged_by_the_serving_one() {
+    let mut s = scene("max_reload_closes = 1", "").await;
+    let unguarded = config(&s.pki, &s._backend, "", "", &[SPIFFE_FRONTEND]);
+    write_config(&s.pki, &unguarded);
+    let candidate = s.pki.path("gateway.toml");
+    let preview = client::preview(&socket(&s.gw), &candidate, None)
+        .await
+        .expect("preview");
+    assert_eq!(preview.guard.limit, Some(1), "{:?}", preview.guard);
+    assert!(preview.guard.holds(), "{:?}", preview.guard);
+
+    let message = guard_refusal(&s.gw).await;
+    assert!(
+        message.contains("max_reload_closes (1)")
+            && message.contains("edge: 2 [")
+            && message.contains(SPIFFE_OTHER)
+            && message.contains(" x2]"),
+        "the refusal names the identity and its connections: {message}"
+    );
+    for h in s.friends.iter_mut().chain(s.others.iter_mut()) {
+        ping(&mut h.tls)
+            .await
+            .expect("a refused reload closes nothing");
+    }
+    // Forced, it applies; from then on its own (absent) limit serves.
+    let reloaded = client::reload(&socket(&s.gw), true).await.expect("forced");
+    assert_eq!(reloaded.connections_closed, 2);
+    for h in &mut s.others {
+        closed(&mut h.tls).await;
+    }
 }
 
 #[tokio::test]

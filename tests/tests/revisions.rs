@@ -598,3 +598,173 @@ async fn auto_revert_ignores_failures_from_sources_never_served() {
     serve_allowed(b.app, &pki, 1).await;
     b.stop();
 }
+
+/// A client whose handshake and echo both succeed.
+async fn served(addr: SocketAddr, pki: &Pki, creds: &ClientCreds) -> bool {
+    match connect(addr, ORDERS, pki.client_config(Some(creds))).await {
+        Ok(tls) => echo_roundtrip(tls, b"x".to_vec()).await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Long enough for a watched reload's window ("3s") to end and a tick
+/// to judge it.
+const PAST_THE_WINDOW: Duration = Duration::from_millis(4500);
+
+const WATCH_3S: &str = "auto_revert = true\nauto_revert_window = \"3s\"\nauto_revert_factor = 10\nauto_revert_min_failures = 5\n";
+
+/// A reload adds a CRL revoking a client; failures from a source
+/// auto_revert counts then ask to go back to the revision without it.
+/// That revert would lift the revocation: refused, logged, counted. By
+/// hand it needs `--force`, and the refusal says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_never_silently_lifts_a_revocation() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let (victim, serial) = pki.revocable_frontend("victim");
+    let v1 = config(&pki, WATCH_3S, backend.addr, &[SPIFFE_FRONTEND]);
+    let b = Binary::start(&pki, &v1);
+    assert!(served(b.app, &pki, &victim).await);
+    pki.write("crl.pem", &pki.intermediate.crl(1, &[&serial]).unwrap());
+    let v2 = with_test_defaults(
+        &(head(&pki, WATCH_3S)
+            + &listener_toml(&pki, "edge", &pki.crls_line(&["crl.pem"]))
+            + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])),
+    );
+    b.reload(&v2);
+    assert!(!served(b.app, &pki, &victim).await, "revoked");
+    // From an address auto_revert listens to (the victim was served
+    // from it): enough failures to ask for the revert.
+    let (stranger, _) = foreign(&pki, "other-roots.pem");
+    refuse(b.app, &pki, &stranger, 12).await;
+    wait_for("the refused auto-revert", || {
+        log_count(
+            &b.stderr,
+            "auto_revert: the revert was refused: the reload that broke handshakes still serves",
+        ) == 1
+    });
+    assert!(!served(b.app, &pki, &victim).await, "still revoked");
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "failed"), 1, "{metrics}");
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    let log = std::fs::read_to_string(&b.stderr).unwrap();
+    assert!(
+        log.contains("reverting to it would lift those revocations"),
+        "{log}"
+    );
+    assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v2);
+    assert_eq!(b.history().revisions.len(), 2);
+
+    // By hand: refused without --force, saying why; forced, it applies.
+    let (code, out, err) = b.rollout(&["revert", "1"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("would lift those revocations") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!served(b.app, &pki, &victim).await, "still revoked");
+    let (code, out, err) = b.rollout(&["revert", "1", "--force"]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(served(b.app, &pki, &victim).await, "lifted on purpose");
+    b.stop();
+}
+
+/// While auto_revert is on, failures from a source it counts must not
+/// veto a reload the operator meant beyond doubt: a forced one, or one
+/// whose own config switches auto_revert off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_reload_or_one_switching_auto_revert_off_is_never_auto_reverted() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let v1 = config(
+        &pki,
+        WATCH_3S,
+        backend.addr,
+        &[SPIFFE_FRONTEND, SPIFFE_OTHER],
+    );
+    let b = Binary::start(&pki, &v1);
+    let intruder = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    let (stranger, _) = foreign(&pki, "other-roots.pem");
+    assert!(served(b.app, &pki, &intruder).await);
+
+    // Forced, auto_revert still on in its config.
+    let v2 = config(&pki, WATCH_3S, backend.addr, &[SPIFFE_FRONTEND]);
+    std::fs::write(&b.config, &v2).unwrap();
+    let socket = b.socket.display().to_string();
+    let (code, out, err) = gateway_tests::process::cli(&["reload", "--force", "--socket", &socket]);
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(!served(b.app, &pki, &intruder).await, "narrowed");
+    refuse(b.app, &pki, &stranger, 12).await;
+    tokio::time::sleep(PAST_THE_WINDOW).await;
+    assert!(!served(b.app, &pki, &intruder).await, "still narrowed");
+    assert_eq!(
+        log_count(&b.stderr, "auto_revert: not watched: the reload was forced"),
+        1
+    );
+
+    // Unforced, switching auto_revert off (judged by the settings of v2,
+    // which had it on): not watched either.
+    let v3 = config(
+        &pki,
+        "auto_revert = false\n",
+        backend.addr,
+        &[SPIFFE_FRONTEND],
+    );
+    b.reload(&v3);
+    refuse(b.app, &pki, &stranger, 12).await;
+    tokio::time::sleep(PAST_THE_WINDOW).await;
+    assert!(!served(b.app, &pki, &intruder).await, "still narrowed");
+    assert_eq!(
+        log_count(
+            &b.stderr,
+            "auto_revert: not watched: the reload's own config turns auto_revert off"
+        ),
+        1
+    );
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v3);
+    assert_eq!(b.history().revisions.len(), 3);
+    serve_allowed(b.app, &pki, 1).await;
+    b.stop();
+}
+
+/// Removing a compromised CA: its holders' handshakes now fail, exactly
+/// the failures a broken bundle makes, and they would undo the removal
+/// by connecting. A reload that only removes trust anchors is not
+/// watched (a bundle replaced by another still is: see
+/// `auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_only_removes_a_ca_is_not_auto_reverted() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let (compromised, compromised_root) = foreign(&pki, "compromised-root.pem");
+    let good = std::fs::read_to_string(pki.path("client-roots.pem")).unwrap();
+    let both = pki.write(
+        "both.pem",
+        &(good + &std::fs::read_to_string(&compromised_root).unwrap()),
+    );
+    let v2 = config(&pki, WATCH_3S, backend.addr, &[SPIFFE_FRONTEND]);
+    let v1 = v2.replace(
+        &pki.path("client-roots.pem").display().to_string(),
+        &both.display().to_string(),
+    );
+    let b = Binary::start(&pki, &v1);
+    assert!(served(b.app, &pki, &compromised).await, "v1 trusts it");
+    b.reload(&v2);
+    assert!(!served(b.app, &pki, &compromised).await, "removed");
+    refuse(b.app, &pki, &compromised, 12).await;
+    tokio::time::sleep(PAST_THE_WINDOW).await;
+    assert!(!served(b.app, &pki, &compromised).await, "still removed");
+    let log = std::fs::read_to_string(&b.stderr).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("\"level\":\"WARN\"")
+            && l.contains("auto_revert: not watched: the reload only removes trust anchors")),
+        "{log}"
+    );
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert_eq!(b.history().revisions.len(), 2);
+    serve_allowed(b.app, &pki, 1).await;
+    b.stop();
+}

@@ -121,6 +121,11 @@ impl Bundle {
         })
     }
 
+    /// The CAs this bundle trusts.
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+
     /// The CRLs this bundle enforces.
     pub fn crls(&self) -> &[Arc<Crl>] {
         &self.crls

@@ -50,7 +50,7 @@
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::CertificateRevocationListDer;
 use webpki::{CertRevocationList, OwnedCertRevocationList};
@@ -379,7 +379,7 @@ impl Crl {
 #[derive(Clone, Copy)]
 pub struct Served<'a> {
     pub files: &'a [PathBuf],
-    pub crls: &'a [std::sync::Arc<Crl>],
+    pub crls: &'a [Arc<Crl>],
 }
 
 /// What a configured file filled: a place, named for a log.
@@ -391,6 +391,24 @@ struct Filled {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The places (issuer and scope) a CRL of `now` fills that no CRL of
+/// `target` does, each named for a log: what going to `target` would stop
+/// enforcing (the `Withdrawn` rule, applied to a whole state).
+pub fn lifted<'a>(
+    now: impl IntoIterator<Item = &'a Arc<Crl>>,
+    target: impl IntoIterator<Item = &'a Arc<Crl>>,
+) -> Vec<String> {
+    let kept: HashSet<Place> = target.into_iter().map(|c| Place::of(c)).collect();
+    let mut seen = HashSet::new();
+    now.into_iter()
+        .filter(|c| {
+            let place = Place::of(c);
+            !kept.contains(&place) && seen.insert(place)
+        })
+        .map(|c| format!("{} ({})", c.issuer, c.scope))
+        .collect()
 }
 
 /// The newest CRL this process has put into service for each issuer,

@@ -181,6 +181,17 @@ impl ListenerTls {
         self.all_bundles().flat_map(|b| b.crls())
     }
 
+    /// Every CA this listener trusts (its `client_ca` and the `trust`
+    /// bundles its routes narrow to), each as its subject and key: a
+    /// reload that only removes some is a deliberate withdrawal.
+    pub fn trust_anchors(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.all_bundles().flat_map(|b| {
+            b.anchors()
+                .iter()
+                .map(|a| (a.subject.as_ref(), a.subject_public_key_info.as_ref()))
+        })
+    }
+
     /// Each of this listener's bundles' CRLs and the files they come from.
     pub fn served_crls(&self) -> impl Iterator<Item = crl::Served<'_>> {
         self.all_bundles().map(|b| b.served())
