@@ -105,9 +105,10 @@ pub struct ReloadReport {
     /// The revision it was recorded as (none: no history, or it could not
     /// be written).
     pub revision: Option<u64>,
-    /// It removed trusted CAs and added none (see `anchors_only_removed`):
-    /// `auto_revert` does not watch it.
-    pub only_removes_trust_anchors: bool,
+    /// What it did to the CAs the listeners trust (see `anchors_change`):
+    /// `auto_revert` watches only a reload that changed them other than by
+    /// removing some.
+    pub trust_anchors: AnchorChange,
 }
 
 /// Why `gateway rollout revert N` was not applied.
@@ -834,8 +835,10 @@ impl App {
                         Some("the reload was forced")
                     } else if job.config.auto_revert().is_none() {
                         Some("the reload's own config turns auto_revert off")
-                    } else if report.only_removes_trust_anchors {
+                    } else if report.trust_anchors == AnchorChange::OnlyRemoved {
                         Some("the reload only removes trust anchors")
+                    } else if report.trust_anchors == AnchorChange::Same {
+                        Some("the reload does not change which CAs are trusted")
                     } else {
                         None
                     };
@@ -1201,10 +1204,7 @@ impl App {
         .map_err(|e| ReloadError::Invalid(e.to_string()))?;
         gate_backends(&state, self.guard.as_deref());
         let mut report = ReloadReport {
-            only_removes_trust_anchors: anchors_only_removed(
-                &self.registry.listeners(),
-                &candidate,
-            ),
+            trust_anchors: anchors_change(&self.registry.listeners(), &candidate),
             ..ReloadReport::default()
         };
         let keep: std::collections::HashSet<&str> =
@@ -1394,16 +1394,30 @@ fn listeners_of(state: &State) -> registry::Listeners {
         .collect()
 }
 
-/// `candidate` trusts, on no listener, a CA `now` does not, and drops
-/// some from a listener: a
-/// deliberate withdrawal (a compromised CA taken out), which the removed
-/// CA's holders could otherwise undo through `auto_revert` just by
-/// connecting. A bundle replaced by a different one (some removed, some
-/// added) is not: that is how a broken bundle looks.
-fn anchors_only_removed(now: &registry::Listeners, candidate: &registry::Listeners) -> bool {
+/// What a reload does to the CAs each listener trusts (its `client_ca`
+/// and its routes' `trust` bundles), as `auto_revert` weighs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AnchorChange {
+    /// The same CAs, listener by listener: the reload cannot have broken a
+    /// certificate check (revocations and policy are not what
+    /// `auto_revert` counts), so failures after it are not its doing. A
+    /// certificate-check failure is anyone's to cause: watching such a
+    /// reload would let a peer undo a narrowing or a switch to enforce.
+    #[default]
+    Same,
+    /// Some removed, none added: a deliberate withdrawal (a compromised CA
+    /// taken out), which the removed CA's holders could otherwise undo
+    /// just by connecting.
+    OnlyRemoved,
+    /// Added, or replaced (some removed, some added): how a broken bundle
+    /// looks. Watched.
+    Other,
+}
+
+/// Per listener: a CA taken off one listener while another still trusts
+/// it is a withdrawal there all the same; a new listener's CAs are added.
+fn anchors_change(now: &registry::Listeners, candidate: &registry::Listeners) -> AnchorChange {
     use std::collections::HashSet;
-    // Per listener: a CA taken off one listener while another still
-    // trusts it is a withdrawal there all the same.
     let anchors = |ls: &registry::Listeners| -> HashSet<(String, Vec<u8>, Vec<u8>)> {
         ls.iter()
             .flat_map(|(name, l)| {
@@ -1414,7 +1428,13 @@ fn anchors_only_removed(now: &registry::Listeners, candidate: &registry::Listene
             .collect()
     };
     let (now, candidate) = (anchors(now), anchors(candidate));
-    candidate.is_subset(&now) && candidate.len() < now.len()
+    if candidate == now {
+        AnchorChange::Same
+    } else if candidate.is_subset(&now) {
+        AnchorChange::OnlyRemoved
+    } else {
+        AnchorChange::Other
+    }
 }
 
 /// Hostname backends resolve at connect time: the guard protects each

@@ -130,6 +130,17 @@ fn foreign(pki: &Pki, name: &str) -> (ClientCreds, PathBuf) {
     (creds, pki.write(name, &root.cert_pem))
 }
 
+/// `v` with the listener's CA bundle trusting one more, unrelated CA: a
+/// harmless reload that changes the trust anchors (the only kind
+/// `auto_revert` watches).
+fn with_extra_ca(pki: &Pki, v: &str) -> String {
+    let extra = Authority::root("unrelated extra root").unwrap();
+    let roots = pki.path("client-roots.pem");
+    let both = std::fs::read_to_string(&roots).unwrap() + &extra.cert_pem;
+    let path = pki.write("roots-and-extra.pem", &both);
+    v.replace(&roots.display().to_string(), &path.display().to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revert_restores_the_previous_behaviour_and_the_next_sighup_keeps_it() {
     let pki = Pki::new();
@@ -389,9 +400,10 @@ async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() 
     let (stranger, other_bundle) = foreign(&pki, "other-roots.pem");
     serve_allowed(b.app, &pki, 5).await;
 
-    // A harmless reload under normal traffic, the odd stranger refused:
-    // below the floor, watched for its window and kept.
-    let v2 = v1.replace("watch_files = false", "watch_files = false\n# harmless");
+    // A harmless reload under normal traffic (one more CA trusted), the
+    // odd stranger refused: below the floor, watched for its window and
+    // kept.
+    let v2 = with_extra_ca(&pki, &v1);
     b.reload(&v2);
     serve_allowed(b.app, &pki, 10).await;
     refuse(b.app, &pki, &stranger, 2).await;
@@ -408,7 +420,7 @@ async fn auto_revert_fires_on_a_broken_trust_bundle_and_not_on_normal_traffic() 
     // A reload to a bundle that does not trust the clients' CA: every
     // allowed client now fails its handshake, and the gateway goes back.
     let broken = v2.replace(
-        &pki.path("client-roots.pem").display().to_string(),
+        &pki.path("roots-and-extra.pem").display().to_string(),
         &other_bundle.display().to_string(),
     );
     b.reload(&broken);
@@ -573,7 +585,7 @@ async fn auto_revert_ignores_failures_from_sources_never_served() {
     let b = Binary::start(&pki, &v1);
     let (stranger, _) = foreign(&pki, "other-roots.pem");
     serve_allowed(b.app, &pki, 3).await;
-    let v2 = v1.replace("watch_files = false", "watch_files = false\n# harmless");
+    let v2 = with_extra_ca(&pki, &v1);
     b.reload(&v2);
     // Forty unknown-CA handshakes from an address never served: far past
     // the floor and the factor, were they counted.
@@ -626,11 +638,17 @@ async fn a_revert_never_silently_lifts_a_revocation() {
     let b = Binary::start(&pki, &v1);
     assert!(served(b.app, &pki, &victim).await);
     pki.write("crl.pem", &pki.intermediate.crl(1, &[&serial]).unwrap());
-    let v2 = with_test_defaults(
-        &(head(&pki, WATCH_3S)
-            + &listener_toml(&pki, "edge", &pki.crls_line(&["crl.pem"]))
-            + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])),
+    // The CRL comes with one more trusted CA: a reload auto_revert watches
+    // (a CRL alone changes no trust anchor and is never watched).
+    let v2 = with_extra_ca(
+        &pki,
+        &with_test_defaults(
+            &(head(&pki, WATCH_3S)
+                + &listener_toml(&pki, "edge", &pki.crls_line(&["crl.pem"]))
+                + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])),
+        ),
     );
+    assert!(v2.contains("roots-and-extra.pem"), "{v2}");
     b.reload(&v2);
     assert!(!served(b.app, &pki, &victim).await, "revoked");
     // From an address auto_revert listens to (the victim was served
@@ -767,4 +785,60 @@ async fn a_reload_that_only_removes_a_ca_is_not_auto_reverted() {
     assert_eq!(b.history().revisions.len(), 2);
     serve_allowed(b.app, &pki, 1).await;
     b.stop();
+}
+
+/// A narrowing (or a switch to enforce) changes no trust anchor: it cannot
+/// break a certificate check, so certificate-check failures after it,
+/// even from an address served before (a NAT a client shares with an
+/// attacker), are not its doing and never revert it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_narrowing_is_not_reverted_by_failures_from_an_address_served_before() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let settings = "auto_revert = true\nauto_revert_window = \"3s\"\nauto_revert_factor = 10\nauto_revert_min_failures = 5\n";
+    let intruder = pki.client("intruder", &LeafSpec::client("i", &[SPIFFE_OTHER]));
+    let v1 = config(
+        &pki,
+        settings,
+        backend.addr,
+        &[SPIFFE_FRONTEND, SPIFFE_OTHER],
+    );
+    let b = Binary::start(&pki, &v1);
+    let (stranger, _) = foreign(&pki, "other-roots.pem");
+    // Served from 127.0.0.1 (exempt in tests, so vouched for), as the
+    // attacker below.
+    serve_allowed(b.app, &pki, 2).await;
+    passes(b.app, ORDERS, pki.client_config(Some(&intruder)), b"in").await;
+    let v2 = config(&pki, settings, backend.addr, &[SPIFFE_FRONTEND]);
+    b.reload(&v2);
+    assert!(
+        wait_for_log(
+            &b.stderr,
+            "auto_revert: not watched: the reload does not change which CAs are trusted"
+        ),
+        "the narrowing was watched"
+    );
+    refuse(b.app, &pki, &stranger, 30).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = scrape(b.admin).await;
+    assert_eq!(auto_reverts(&metrics, "applied"), 0, "{metrics}");
+    assert_eq!(
+        listed(&b.history()),
+        [(2, How::Reload, None), (1, How::Start, None)]
+    );
+    let _ = refusal(b.app, ORDERS, pki.client_config(Some(&intruder))).await;
+    serve_allowed(b.app, &pki, 1).await;
+    b.stop();
+}
+
+/// Whether `line` shows up in the log within a few seconds.
+fn wait_for_log(stderr: &Path, line: &str) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        if log_count(stderr, line) > 0 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
