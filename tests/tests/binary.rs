@@ -935,15 +935,27 @@ async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root
     let pki = Pki::new();
     let (backend, _) = one_line_backend().await;
     let socket = pki.path("admin.sock");
-    let config = pki.write(
-        "gateway.toml",
-        &(format!(
+    // The config in root's own directory (one nobody could write is
+    // refused first, see a_config_the_user_could_rewrite_stops_a_start_as_root).
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
             "user = \"nobody\"\nadmin_socket = \"{}\"\naccess_log = \"off\"\n",
             socket.display()
         ) + &listener_toml(&pki, "edge", "")
-            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
-    );
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND]),
+    )
+    .unwrap();
     give_to_nobody(&pki);
+    // The socket's directory nobody's.
+    let status = Command::new("chown")
+        .arg("nobody:")
+        .arg(pki.path(""))
+        .status()
+        .unwrap();
+    assert!(status.success());
     let stderr = pki.path("gateway.stderr");
     let mut gw = run_binary(&config, &stderr, &[]);
     let status = exit_status(&mut gw.0, "a start with an unsafe socket directory");
@@ -957,6 +969,89 @@ async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root
     );
     assert!(!socket.exists(), "bound anyway");
     assert_eq!(log_count(&stderr, "dropped privileges"), 0, "{err}");
+}
+
+/// A start as root with `user` set refuses a config the user could
+/// rewrite (the file or its directory theirs, or writable by their group or
+/// anyone): root reads it at the next start, so a compromised gateway
+/// could delete `user` and be root after a restart. Nothing is bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_the_user_could_rewrite_stops_a_start_as_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let (backend, _) = one_line_backend().await;
+    let config = pki.write(
+        "gateway.toml",
+        &("user = \"nobody\"\naccess_log = \"off\"\n".to_owned()
+            + &listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(&pki);
+    let dir = pki.path("").display().to_string();
+    let dir = dir.trim_end_matches('/').to_owned();
+    let file = config.display().to_string();
+    let chown = |who: &str, path: &str| {
+        assert!(
+            Command::new("chown")
+                .args([who, path])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    type Step<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Step, Step, String); 3] = [
+        (
+            "the file nobody's",
+            Box::new(|| chown("nobody:", &file)),
+            Box::new(|| chown("root:", &file)),
+            format!("{file} belongs to uid 65534"),
+        ),
+        (
+            "the directory nobody's",
+            Box::new(|| chown("nobody:", &dir)),
+            Box::new(|| chown("root:", &dir)),
+            format!("{dir} belongs to uid 65534"),
+        ),
+        (
+            "the file writable by anyone",
+            Box::new(|| {
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap()
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap()
+            }),
+            format!("{file} is writable by others (mode 666)"),
+        ),
+    ];
+    for (what, make, undo, says) in cases {
+        make();
+        // Bounded: a start the check let through would serve on.
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg(gateway_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        undo();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started: {err}");
+        assert!(
+            err.contains("could be rewritten by user \"nobody\"") && err.contains(&says),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("dropped privileges"), "{what}: {err}");
+    }
+    // Root's file in root's directory: it starts and drops.
+    let stderr = pki.path("gateway.stderr");
+    let _gw = run_binary(&config, &stderr, &[]);
+    wait_listening(&stderr);
+    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
 }
 
 /// Without a feature that needs one, nothing is kept; and a key only root
