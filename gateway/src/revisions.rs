@@ -468,10 +468,10 @@ impl Store {
         if number == 0 || number > MAX_NUMBER {
             return Err(RevisionError::Unknown(number));
         }
+        self.check_dir()?;
         if self.was_unwritten(number) {
             return Err(RevisionError::Unwritten(number));
         }
-        self.check_dir()?;
         let path = self.path_of(number);
         match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
