@@ -678,6 +678,8 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         && gateway::safe_dir::euid() == 0
     {
         target.check_config(path)?;
+        // What the gateway writes as that user, root reads back at start.
+        gateway::safe_dir::set_drops_to(target.uid);
     }
     // Each connection is a descriptor: the soft limit's 1024 would be the
     // first thing a flood exhausts.

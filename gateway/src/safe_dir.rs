@@ -65,12 +65,53 @@ pub fn check_parent_of(file: &Path) -> Result<(), String> {
         })
 }
 
-/// `dir` as a place to read or write private state files (revisions,
-/// `audit_state`): the same rule as `check_parent_of` for a file in it.
-/// A directory others can write is as unsafe to read from as to write to:
-/// whatever is there may have been planted.
+/// The user a gateway started as root drops to (`user`), once known: what
+/// it wrote (`audit_state`, revisions, in its `StateDirectory=`) is read
+/// back by root at the next start. Unset: `u32::MAX`, no such user.
+static DROPS_TO: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Records the user this process drops to (before anything is read).
+pub fn set_drops_to(uid: u32) {
+    DROPS_TO.store(uid, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whose files and directories this process trusts to read from: its
+/// own, root's, and the user it drops to (the gateway itself, later).
+fn trusted_owner(owner: u32, euid: u32) -> bool {
+    owner == euid || owner == 0 || owner == DROPS_TO.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `dir` as a place to read private state files from (revisions,
+/// `audit_state`): not a symlink, a directory of a trusted owner (this
+/// user, root, or the user the gateway drops to), writable by no one
+/// else. A directory others can write is as unsafe to read from as to
+/// write to: whatever is there may have been planted. (Reads need no more:
+/// each file is opened without following links and checked on its
+/// descriptor. Writes, by name, use `check_parent_of`.)
 pub fn check_dir(dir: &Path) -> Result<(), String> {
-    check_parent_of(&dir.join("x"))
+    let fail = |why: String| {
+        format!(
+            "the directory {} {why}: anyone who can write there could plant what is read from it; make it the gateway's user's (or root's) and writable by no one else (chmod go-w {0})",
+            dir.display()
+        )
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(fail("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(fail("is not a directory".into()));
+    }
+    if !trusted_owner(meta.uid(), euid()) {
+        return Err(fail(format!("belongs to uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(fail(format!(
+            "is writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Why a private state file cannot be trusted, or reading it failed.
@@ -85,14 +126,14 @@ pub enum PrivateFileError {
 }
 
 /// Why an open file (`meta` from fstat) is no private state file of this
-/// process, if it is not: a regular file, owned by `euid` or root, not
-/// writable by group or others.
+/// process, if it is not: a regular file, owned by `euid`, root or the
+/// user the gateway drops to, not writable by group or others.
 pub fn check_private_file(meta: &std::fs::Metadata, euid: u32) -> Result<(), String> {
     if !meta.is_file() {
         return Err("is not a regular file".into());
     }
     let owner = meta.uid();
-    if owner != euid && owner != 0 {
+    if !trusted_owner(owner, euid) {
         return Err(format!("belongs to uid {owner}, not this process's {euid}"));
     }
     let mode = meta.mode();
@@ -248,5 +289,33 @@ mod tests {
         // Nothing is read from a directory others can write.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(untrusted(&file).contains("writable by others"));
+    }
+
+    /// Root started with `user` reads back what the gateway wrote as that
+    /// user: that user's directory and files are trusted for reading, no
+    /// other user's.
+    #[test]
+    fn what_the_user_dropped_to_wrote_is_read_back_by_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if euid() != 0 {
+            return;
+        }
+        // A uid no other test uses: the setting is process-wide.
+        const USER: u32 = 4242;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.json");
+        std::fs::write(&file, b"{}").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(USER), None).unwrap();
+        std::os::unix::fs::chown(&file, Some(USER), None).unwrap();
+        assert!(
+            check_dir(dir.path())
+                .unwrap_err()
+                .contains("belongs to uid 4242")
+        );
+        set_drops_to(USER);
+        assert_eq!(read_private(&file, 100).unwrap(), b"{}");
+        // Still never a place root creates files in by name.
+        assert!(check_parent_of(&file).is_err());
     }
 }

@@ -1054,6 +1054,55 @@ async fn a_config_the_user_could_rewrite_stops_a_start_as_root() {
     wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
 }
 
+/// Under `user`, the config root reads at start is root's, so the gateway
+/// cannot write a revert back: `rollout revert` is refused, saying why, the
+/// config file and the running state are unchanged (the operator reverts
+/// by hand, as root, from the revision's file).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revert_under_user_is_refused_and_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let revisions = pki.path("revisions");
+    std::fs::create_dir(&revisions).unwrap();
+    std::fs::set_permissions(&revisions, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = pki.path("admin.sock");
+    let top = format!(
+        "access_log = \"off\"\nwatch_files = false\nadmin_socket = \"{}\"\nrevisions_dir = \"{}\"\n[admission]\nkernel_block_list = false",
+        socket.display(),
+        revisions.display()
+    );
+    let (gw, config, stderr, _) = run_as_nobody(&pki, &top).await;
+    let v1 = std::fs::read_to_string(&config).unwrap();
+    let v2 = v1.replace("access_log = \"off\"", "access_log = \"off\"\n# v2");
+    std::fs::write(&config, &v2).unwrap();
+    signal(&gw.0, "HUP");
+    wait_for("the reload", || log_count(&stderr, "reloaded") == 1);
+    let sock = socket.display().to_string();
+    let (code, out, err) = cli(&["rollout", "history", "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("*    2  "), "{out}");
+    let (code, _, err) = cli(&["rollout", "revert", "1", "--socket", &sock]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("cannot write its config back to") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), v2);
+    let (_, out, _) = cli(&["rollout", "history", "--socket", &sock]);
+    assert!(out.starts_with("*    2  "), "still revision 2: {out}");
+    // What the operator restores by hand: the revision's own text.
+    let rev1: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(revisions.join("rev-0000000001.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rev1["config_text"].as_str(), Some(v1.as_str()));
+    drop(gw);
+}
+
 /// Without a feature that needs one, nothing is kept; and a key only root
 /// can read stops the start (a reload as nobody could not read it).
 #[tokio::test(flavor = "multi_thread")]
