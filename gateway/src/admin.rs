@@ -156,7 +156,8 @@ pub type RevertAnswer = Result<Reverted, (u16, String)>;
 
 /// `GET /rollout/history` and `POST /rollout/revert`.
 pub struct Revisions {
-    pub history: Box<dyn Fn() -> crate::revisions::History + Send + Sync>,
+    /// Reads and hashes files: called off the runtime's threads.
+    pub history: Arc<dyn Fn() -> crate::revisions::History + Send + Sync>,
     #[allow(clippy::type_complexity)]
     pub revert: Box<
         dyn Fn(
@@ -678,7 +679,18 @@ async fn route(shared: &Shared, peer: Peer, req: Request<Incoming>) -> Reply {
             match (path.as_str(), &routes.registry, &routes.admission) {
                 ("/connections", Some(registry), _) => connections(registry),
                 ("/rollout/history", ..) if let Some(r) = &routes.revisions => {
-                    json(StatusCode::OK, &(r.history)())
+                    // Every named file of every revision is hashed again:
+                    // file I/O has no place on a worker serving the
+                    // admin endpoint and the metrics.
+                    let history = r.history.clone();
+                    match tokio::task::spawn_blocking(move || history()).await {
+                        Ok(h) => json(StatusCode::OK, &h),
+                        Err(e) => text(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain; charset=utf-8",
+                            format!("the history could not be read: {e}\n"),
+                        ),
+                    }
                 }
                 ("/rollout/revert", ..) if let Some(r) = &routes.revisions => {
                     revert(r, peer, req).await

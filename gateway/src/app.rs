@@ -524,9 +524,12 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         None => None,
     };
     let (reload_tx, reload_rx) = mpsc::channel(4);
-    let revisions = config
-        .revisions_dir()
-        .map(|dir| Arc::new(crate::revisions::Store::new(dir, config.revisions_keep)));
+    let revisions = config.revisions_dir().map(|dir| {
+        Arc::new(
+            crate::revisions::Store::new(dir, config.revisions_keep)
+                .counting(metrics.revisions.clone()),
+        )
+    });
     let start_revision = revisions
         .as_ref()
         .map(|_| Revision::of(config, How::Start, None));
@@ -680,7 +683,7 @@ impl App {
                     revisions: self.revisions.clone().map(|store| {
                         let handle = self.reload_handle();
                         crate::admin::Revisions {
-                            history: Box::new(move || store.history()),
+                            history: Arc::new(move || store.history()),
                             revert: Box::new(move |number, force| {
                                 let handle = handle.clone();
                                 Box::pin(async move {
@@ -743,7 +746,10 @@ impl App {
             // What a revert could never use: said and counted once.
             for e in store.list().1 {
                 tracing::error!(error = %e, "revision history: an entry is skipped");
-                self.metrics.revisions.error(&e);
+                // The store counts what it found untrusted itself.
+                if e.as_str() != "unsafe" {
+                    self.metrics.revisions.error(&e);
+                }
             }
         }
         if let Some(start) = self.start_revision.take() {

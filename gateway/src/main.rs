@@ -672,6 +672,15 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
     // Looked up before anything is bound: an unknown user stops nothing
     // half-started.
     let target = gateway::privilege::Target::resolve(&config)?;
+    // Root reads this config at every start: the user it drops to must not
+    // be able to rewrite it.
+    if let Some(target) = &target
+        && gateway::safe_dir::euid() == 0
+    {
+        target.check_config(path)?;
+        // What the gateway writes as that user, root reads back at start.
+        gateway::safe_dir::set_drops_to(target.uid);
+    }
     // Each connection is a descriptor: the soft limit's 1024 would be the
     // first thing a flood exhausts.
     match gateway::descriptors::raise_limit() {

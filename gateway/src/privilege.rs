@@ -24,6 +24,7 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,17 @@ pub enum PrivilegeError {
     Verify(String),
     #[error("the runtime's threads were not released (the gateway failed before the drop)")]
     Abandoned,
+    #[error(
+        "the config {path} could be rewritten by user {user:?}, whom the gateway drops to: {why}; \
+         root reads it at the next start, so a compromised gateway could make that start keep root \
+         (remove `user`). Make the config and its directory root's and writable by root alone \
+         (chown root: FILE DIR; chmod go-w FILE DIR)"
+    )]
+    ConfigWritable {
+        path: PathBuf,
+        user: String,
+        why: String,
+    },
 }
 
 /// A capability kept after the drop, and the feature that needs it.
@@ -114,6 +126,24 @@ impl Target {
             groups,
             kept: kept(config),
         }))
+    }
+
+    /// Refuses a config (`path`) the dropped-to user could rewrite: the
+    /// file, its directory, or through a symlink the file it names and
+    /// that file's directory (see `safe_dir::writable_by`). Only for a
+    /// start as root: a gateway already running as its user reads what
+    /// that user can write, and nothing is gained by refusing it.
+    pub fn check_config(&self, path: &Path) -> Result<(), PrivilegeError> {
+        let mut groups = self.groups.clone();
+        groups.push(self.gid);
+        match crate::safe_dir::writable_by(path, self.uid, &groups) {
+            None => Ok(()),
+            Some(why) => Err(PrivilegeError::ConfigWritable {
+                path: path.to_owned(),
+                user: self.user.clone(),
+                why,
+            }),
+        }
     }
 
     fn capabilities(&self) -> CapsHashSet {

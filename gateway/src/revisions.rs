@@ -54,6 +54,12 @@ pub enum RevisionError {
     Corrupt { path: PathBuf, reason: String },
     #[error("no revision {0} in the history")]
     Unknown(u64),
+    /// The directory or the file is not one only this user (or root)
+    /// could have written: nothing in it is read.
+    #[error("revision history {path} is not trusted, nothing read from it: {reason}")]
+    Untrusted { path: PathBuf, reason: String },
+    #[error("revision {0} could not be written: not in the history")]
+    Unwritten(u64),
 }
 
 impl RevisionError {
@@ -63,7 +69,8 @@ impl RevisionError {
             RevisionError::Directory { .. } | RevisionError::Write { .. } => "write",
             RevisionError::Unreadable { .. } => "unreadable",
             RevisionError::Corrupt { .. } => "corrupt",
-            RevisionError::Unknown(_) => "unknown",
+            RevisionError::Unknown(_) | RevisionError::Unwritten(_) => "unknown",
+            RevisionError::Untrusted { .. } => "unsafe",
         }
     }
 }
@@ -250,6 +257,9 @@ pub struct Counters {
     pub write: AtomicU64,
     pub unreadable: AtomicU64,
     pub corrupt: AtomicU64,
+    /// A directory or revision file others could have written, met on a
+    /// read (counted by the store, each time).
+    pub untrusted: AtomicU64,
     pub auto_applied: AtomicU64,
     pub auto_failed: AtomicU64,
 }
@@ -260,16 +270,18 @@ impl Counters {
             "write" => &self.write,
             "unreadable" => &self.unreadable,
             "corrupt" => &self.corrupt,
+            "unsafe" => &self.untrusted,
             _ => return,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn errors(&self) -> [(&'static str, u64); 3] {
+    pub fn errors(&self) -> [(&'static str, u64); 4] {
         [
             ("write", self.write.load(Ordering::Relaxed)),
             ("unreadable", self.unreadable.load(Ordering::Relaxed)),
             ("corrupt", self.corrupt.load(Ordering::Relaxed)),
+            ("unsafe", self.untrusted.load(Ordering::Relaxed)),
         ]
     }
 
@@ -288,7 +300,17 @@ pub struct Store {
     keep: usize,
     /// The newest number written or found, and the revision serving now.
     state: Mutex<(u64, Option<Revision>)>,
+    /// Numbers given to revisions whose write failed: whatever appears
+    /// under them later was not written by this process, and is never
+    /// listed or reverted to.
+    unwritten: Mutex<std::collections::BTreeSet<u64>>,
+    counters: std::sync::Arc<Counters>,
 }
+
+/// Revision numbers are written as 10 digits; a file name claiming more
+/// is none of ours (and `rev-18446744073709551615.json` must not make the
+/// next number wrap).
+const MAX_NUMBER: u64 = 9_999_999_999;
 
 impl Store {
     pub fn new(dir: PathBuf, keep: usize) -> Store {
@@ -296,16 +318,37 @@ impl Store {
             dir,
             keep: keep.max(1),
             state: Mutex::new((0, None)),
+            unwritten: Mutex::new(std::collections::BTreeSet::new()),
+            counters: std::sync::Arc::default(),
         }
+    }
+
+    /// Counts what reads meet that others could have written (`unsafe`)
+    /// into the gateway's `gateway_revisions_errors_total`.
+    pub fn counting(mut self, counters: std::sync::Arc<Counters>) -> Store {
+        self.counters = counters;
+        self
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The revision serving now (the last one recorded by this process).
+    /// The revision serving now (the last one recorded by this process);
+    /// its number is 0 when it could not be written.
     pub fn current(&self) -> Option<Revision> {
         self.lock().1.clone()
+    }
+
+    /// Whether `dir` may be read from; an unsafe one is counted.
+    fn check_dir(&self) -> Result<(), RevisionError> {
+        crate::safe_dir::check_dir(&self.dir).map_err(|reason| {
+            self.counters.untrusted.fetch_add(1, Ordering::Relaxed);
+            RevisionError::Untrusted {
+                path: self.dir.clone(),
+                reason,
+            }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Option<Revision>)> {
@@ -325,10 +368,25 @@ impl Store {
             return Ok(Some(current.number));
         }
         let newest = state.0.max(self.newest_on_disk());
-        revision.number = newest + 1;
-        state.0 = revision.number;
-        let number = revision.number;
+        let number = newest
+            .checked_add(1)
+            .filter(|n| *n <= MAX_NUMBER)
+            .ok_or_else(|| RevisionError::Directory {
+                dir: self.dir.clone(),
+                reason: format!("revision numbers are used up ({newest})"),
+            })?;
+        revision.number = number;
+        state.0 = number;
         let written = self.write(&revision);
+        if written.is_err() {
+            // Never "current" nor a revert target: a file that appears
+            // under this number was not written by this process.
+            self.unwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(number);
+            revision.number = 0;
+        }
         // Serving whether or not it was written: a later no-change reload
         // compares against it.
         state.1 = Some(revision);
@@ -349,10 +407,13 @@ impl Store {
             .filter_map(|e| {
                 let name = e.ok()?.file_name();
                 let name = name.to_str()?;
-                name.strip_prefix(PREFIX)?
-                    .strip_suffix(SUFFIX)?
-                    .parse()
-                    .ok()
+                let digits = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+                // Only the names `path_of` makes: ten digits, no sign, no
+                // aliases (rev-1.json and rev-0000000001.json).
+                if digits.len() != 10 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                digits.parse::<u64>().ok().filter(|n| *n <= MAX_NUMBER)
             })
             .collect();
         numbers.sort_unstable();
@@ -396,7 +457,7 @@ impl Store {
     fn prune(&self, newest: u64) {
         let keep = self.keep as u64;
         for n in self.numbers_on_disk() {
-            if n + keep <= newest {
+            if n.saturating_add(keep) <= newest {
                 let _ = std::fs::remove_file(self.path_of(n));
             }
         }
@@ -404,6 +465,13 @@ impl Store {
 
     /// Revision `number`, read back and checked.
     pub fn get(&self, number: u64) -> Result<Revision, RevisionError> {
+        if number == 0 || number > MAX_NUMBER {
+            return Err(RevisionError::Unknown(number));
+        }
+        self.check_dir()?;
+        if self.was_unwritten(number) {
+            return Err(RevisionError::Unwritten(number));
+        }
         let path = self.path_of(number);
         match std::fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -411,15 +479,37 @@ impl Store {
             }
             _ => {}
         }
-        read_revision(&path, number)
+        self.read(&path, number)
+    }
+
+    fn was_unwritten(&self, number: u64) -> bool {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&number)
+    }
+
+    fn read(&self, path: &Path, number: u64) -> Result<Revision, RevisionError> {
+        let r = read_revision(path, number);
+        if let Err(RevisionError::Untrusted { .. }) = &r {
+            self.counters.untrusted.fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Every revision on disk, newest first, and what could not be used.
     pub fn list(&self) -> (Vec<Revision>, Vec<RevisionError>) {
         let mut good = Vec::new();
         let mut bad = Vec::new();
+        if let Err(e) = self.check_dir() {
+            return (good, vec![e]);
+        }
         for n in self.numbers_on_disk().into_iter().rev() {
-            match read_revision(&self.path_of(n), n) {
+            if self.was_unwritten(n) {
+                bad.push(RevisionError::Unwritten(n));
+                continue;
+            }
+            match self.read(&self.path_of(n), n) {
                 Ok(r) => good.push(r),
                 Err(e) => bad.push(e),
             }
@@ -458,9 +548,16 @@ fn read_revision(path: &Path, number: u64) -> Result<Revision, RevisionError> {
         path: path.to_owned(),
         reason,
     };
-    let bytes = read_bounded(path).map_err(|source| RevisionError::Unreadable {
-        path: path.to_owned(),
-        source,
+    use crate::safe_dir::PrivateFileError;
+    let bytes = crate::safe_dir::read_private(path, MAX_REVISION_BYTES).map_err(|e| match e {
+        PrivateFileError::Io(source) => RevisionError::Unreadable {
+            path: path.to_owned(),
+            source,
+        },
+        PrivateFileError::Untrusted(reason) => RevisionError::Untrusted {
+            path: path.to_owned(),
+            reason,
+        },
     })?;
     let r: Revision = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if r.version != FORMAT_VERSION {
@@ -475,26 +572,6 @@ fn read_revision(path: &Path, number: u64) -> Result<Revision, RevisionError> {
     Ok(r)
 }
 
-/// A regular file, not through a symlink, at most `MAX_REVISION_BYTES`.
-fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() || meta.len() > MAX_REVISION_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a regular file of a sane size",
-        ));
-    }
-    let mut out = Vec::new();
-    f.take(MAX_REVISION_BYTES).read_to_end(&mut out)?;
-    Ok(out)
-}
-
 /// `body` into `path` whole or not at all, mode 0600.
 pub fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
     write_atomic(path, body, 0o600, None)
@@ -502,12 +579,32 @@ pub fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
 
 /// The config file's text replaced whole (a revert written back), keeping
 /// its mode and, where this process may, its owner; only in a directory
-/// no one else can write (`safe_dir`).
+/// no one else can write (`safe_dir`), and never a symlink: the rename
+/// would turn the link into a plain file, and every later edit of the
+/// file it named (where config management or a release directory writes)
+/// would be silently ignored. Writing through the link instead would mean
+/// checking a second directory the link's owner chose; refusing is
+/// simpler and says what to do.
 pub fn replace_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     crate::safe_dir::check_parent_of(path)
         .map_err(|why| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why))?;
-    let meta = std::fs::metadata(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is a symbolic link: writing the revision back would replace the link with a plain file and later edits where it points would be ignored; restore the revision's text where the link points (gateway rollout history shows it) and reload",
+                path.display()
+            ),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
     write_atomic(
         path,
         body,
@@ -565,19 +662,51 @@ fn write_atomic(
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
+fn hex(digest: &[u8]) -> String {
+    use std::fmt::Write as _;
+    digest.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A named file larger than this is not hashed (reported as unreadable):
+/// no certificate, key or CRL is this large.
+const MAX_NAMED_FILE_BYTES: u64 = 64 << 20;
+
+/// The SHA-256 of a named file, streamed and bounded, opened without
+/// blocking (a FIFO named as a CA must not stall whoever asks).
 fn hash_file(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > MAX_NAMED_FILE_BYTES {
+        return None;
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut f = f.take(MAX_NAMED_FILE_BYTES + 1);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        ctx.update(buf.get(..n)?);
+    }
+    if total > MAX_NAMED_FILE_BYTES {
+        return None;
+    }
+    Some(hex(ctx.finish().as_ref()))
 }
 
 /// `auto_revert`'s settings, as the config gives them.
@@ -854,6 +983,88 @@ mod tests {
         assert_eq!(e.as_str(), "write");
         assert!(e.to_string().contains("writable by others"), "{e}");
         assert_eq!(std::fs::read_dir(&store_dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_unsafe_directory_is_never_read_and_untrusted_files_are_skipped() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store_dir = dir.path().join("revisions");
+        let counters = std::sync::Arc::new(Counters::default());
+        let store = Store::new(store_dir.clone(), 5).counting(counters.clone());
+        let c = config(dir.path(), MINIMAL);
+        store.record(Revision::of(&c, How::Start, None)).unwrap();
+        let c2 = config(dir.path(), &format!("{MINIMAL}# 2\n"));
+        store.record(Revision::of(&c2, How::Reload, None)).unwrap();
+        assert_eq!(store.list().0.len(), 2);
+        // A revision file group-writable, or another user's: skipped.
+        std::fs::set_permissions(store.path_of(1), std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(matches!(store.get(1), Err(RevisionError::Untrusted { .. })));
+        let (good, bad) = store.list();
+        assert_eq!(good.iter().map(|r| r.number).collect::<Vec<_>>(), [2]);
+        assert_eq!(bad[0].as_str(), "unsafe");
+        if crate::safe_dir::euid() == 0 {
+            std::fs::set_permissions(store.path_of(1), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+            std::os::unix::fs::chown(store.path_of(1), Some(65534), None).unwrap();
+            let e = store.get(1).unwrap_err();
+            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        }
+        // A file name claiming the largest number: skipped, no wrap.
+        std::fs::write(store_dir.join("rev-18446744073709551615.json"), b"{}").unwrap();
+        std::fs::write(store_dir.join("rev-1.json"), b"{}").unwrap();
+        assert_eq!(store.numbers_on_disk(), [1, 2]);
+        let c3 = config(dir.path(), &format!("{MINIMAL}# 3\n"));
+        assert_eq!(
+            store.record(Revision::of(&c3, How::Reload, None)).unwrap(),
+            Some(3)
+        );
+        // The directory writable by others: nothing is read, the history
+        // says why, and each read is counted.
+        let before = counters.untrusted.load(Ordering::Relaxed);
+        std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let h = store.history();
+        assert!(h.revisions.is_empty());
+        assert!(
+            h.skipped[0].contains("not trusted") && h.skipped[0].contains("writable by others"),
+            "{:?}",
+            h.skipped
+        );
+        assert!(matches!(store.get(3), Err(RevisionError::Untrusted { .. })));
+        assert_eq!(counters.untrusted.load(Ordering::Relaxed), before + 2);
+        // A revision whose write failed is not current nor a target, even
+        // when a file appears under its number.
+        let c4 = config(dir.path(), &format!("{MINIMAL}# 4\n"));
+        assert!(store.record(Revision::of(&c4, How::Reload, None)).is_err());
+        assert_eq!(store.current().map(|r| r.number), Some(0));
+        std::fs::set_permissions(&store_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut planted = Revision::of(&c4, How::Reload, None);
+        planted.number = 4;
+        std::fs::write(store.path_of(4), serde_json::to_vec(&planted).unwrap()).unwrap();
+        std::fs::set_permissions(store.path_of(4), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(store.get(4), Err(RevisionError::Unwritten(4))));
+        assert_eq!(store.history().current, None);
+        assert!(!store.list().0.iter().any(|r| r.number == 4));
+    }
+
+    #[test]
+    fn a_symlinked_config_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("release.toml");
+        std::fs::write(&target, "one").unwrap();
+        let link = dir.path().join("gateway.toml");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = replace_file(&link, b"two").unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "one");
+        replace_file(&target, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "two");
     }
 
     #[test]

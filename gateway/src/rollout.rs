@@ -72,6 +72,10 @@ pub enum RolloutError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Its directory, or the file, is one another user could have
+    /// written: never read as evidence, never written.
+    #[error("the audit state {path} is not trusted: {reason}")]
+    Untrusted { path: PathBuf, reason: String },
 }
 
 impl RolloutError {
@@ -81,6 +85,7 @@ impl RolloutError {
             RolloutError::Unreadable { .. } => "unreadable",
             RolloutError::Corrupt { .. } => "corrupt",
             RolloutError::Write { .. } => "write",
+            RolloutError::Untrusted { .. } => "unsafe",
         }
     }
 }
@@ -464,7 +469,7 @@ impl Audit {
     /// `gateway_audit_state_errors_total`, every reason from the start.
     pub fn state_errors(&self) -> Vec<(&'static str, u64)> {
         let errors = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        ["unreadable", "corrupt", "write"]
+        ["unreadable", "corrupt", "write", "unsafe"]
             .into_iter()
             .map(|r| (r, errors.get(r).copied().unwrap_or(0)))
             .collect()
@@ -475,14 +480,33 @@ impl Audit {
     /// moved aside to `<path>.corrupt` (so later saves do not destroy it)
     /// and reported: the caller logs and counts it and goes on empty.
     pub fn load(&self, path: &Path) -> Result<(), RolloutError> {
-        let text = match read_bounded(path) {
+        use crate::safe_dir::PrivateFileError;
+        let untrusted = |reason| RolloutError::Untrusted {
+            path: path.to_owned(),
+            reason,
+        };
+        // A directory others can write: nothing in it is evidence, and
+        // nothing is moved there (saves are refused too).
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        crate::safe_dir::check_dir(dir).map_err(untrusted)?;
+        let text = match crate::safe_dir::read_private(path, MAX_STATE_BYTES) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
+            Err(PrivateFileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(());
+            }
+            Err(PrivateFileError::Io(source)) => {
                 return Err(RolloutError::Unreadable {
                     path: path.to_owned(),
                     source,
                 });
+            }
+            Err(PrivateFileError::Untrusted(reason)) => {
+                // Set aside like a corrupt file, so a later save does not
+                // destroy what someone planted.
+                return Err(untrusted(moved_aside(path, reason)));
             }
         };
         let state: StateFile = match serde_json::from_slice(&text) {
@@ -539,15 +563,9 @@ impl Audit {
     }
 
     fn set_aside(&self, path: &Path, reason: String) -> RolloutError {
-        let mut aside = path.as_os_str().to_owned();
-        aside.push(".corrupt");
-        let reason = match std::fs::rename(path, &aside) {
-            Ok(()) => format!("{reason} (moved to {})", Path::new(&aside).display()),
-            Err(e) => format!("{reason} (could not move it aside: {e})"),
-        };
         RolloutError::Corrupt {
             path: path.to_owned(),
-            reason,
+            reason: moved_aside(path, reason),
         }
     }
 
@@ -563,6 +581,13 @@ impl Audit {
             path: path.to_owned(),
             source,
         };
+        if let Err(reason) = crate::safe_dir::check_parent_of(path) {
+            self.dirty.store(true, Ordering::Relaxed);
+            return Err(RolloutError::Untrusted {
+                path: path.to_owned(),
+                reason,
+            });
+        }
         if let Err(e) = crate::revisions::write_private(path, &body) {
             // Try again next time.
             self.dirty.store(true, Ordering::Relaxed);
@@ -905,18 +930,15 @@ pub fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let f = std::fs::File::open(path)?;
-    let mut text = Vec::new();
-    f.take(MAX_STATE_BYTES + 1).read_to_end(&mut text)?;
-    if text.len() as u64 > MAX_STATE_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {MAX_STATE_BYTES} bytes"),
-        ));
+/// `path` moved to `<path>.corrupt` (so later saves do not destroy it),
+/// and `reason` saying where it went.
+fn moved_aside(path: &Path, reason: String) -> String {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    match std::fs::rename(path, &aside) {
+        Ok(()) => format!("{reason} (moved to {})", Path::new(&aside).display()),
+        Err(e) => format!("{reason} (could not move it aside: {e})"),
     }
-    Ok(text)
 }
 
 fn timestamp(unix: i64) -> String {
@@ -1660,6 +1682,39 @@ mod tests {
                     .contains("other certificates and CRLs inside their warning window")
             );
         }
+    }
+
+    #[test]
+    fn audit_state_others_could_have_written_is_never_evidence() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let path = dir.path().join("audit.json");
+        let audit = Audit::default();
+        at(&audit, Some("ok".into()), ip("10.0.0.1"), None, 100);
+        audit.save(&path, true).unwrap();
+        assert!(Audit::default().load(&path).is_ok());
+        // Group-writable: refused, set aside, nothing loaded.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o620)).unwrap();
+        let fresh = Audit::default();
+        let e = fresh.load(&path).unwrap_err();
+        assert_eq!(e.as_str(), "unsafe");
+        assert!(e.to_string().contains("writable by others"), "{e}");
+        assert!(fresh.lock().is_empty());
+        assert!(!path.exists());
+        assert!(dir.path().join("audit.json.corrupt").exists());
+        // A FIFO planted there does not block the start.
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(fresh.load(&path).unwrap_err().as_str(), "unsafe");
+        // The directory writable by others: nothing read, nothing written.
+        audit.save(&path, true).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Audit::default().load(&path).unwrap_err();
+        assert_eq!(e.as_str(), "unsafe");
+        assert!(path.exists(), "not moved within a directory others write");
+        assert_eq!(audit.save(&path, true).unwrap_err().as_str(), "unsafe");
     }
 
     #[test]

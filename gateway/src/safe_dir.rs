@@ -65,6 +65,164 @@ pub fn check_parent_of(file: &Path) -> Result<(), String> {
         })
 }
 
+/// The user a gateway started as root drops to (`user`), once known: what
+/// it wrote (`audit_state`, revisions, in its `StateDirectory=`) is read
+/// back by root at the next start. Unset: `u32::MAX`, no such user.
+static DROPS_TO: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Records the user this process drops to (before anything is read).
+pub fn set_drops_to(uid: u32) {
+    DROPS_TO.store(uid, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whose files and directories this process trusts to read from: its
+/// own, root's, and the user it drops to (the gateway itself, later).
+fn trusted_owner(owner: u32, euid: u32) -> bool {
+    owner == euid || owner == 0 || owner == DROPS_TO.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `dir` as a place to read private state files from (revisions,
+/// `audit_state`): not a symlink, a directory of a trusted owner (this
+/// user, root, or the user the gateway drops to), writable by no one
+/// else. A directory others can write is as unsafe to read from as to
+/// write to: whatever is there may have been planted. (Reads need no more:
+/// each file is opened without following links and checked on its
+/// descriptor. Writes, by name, use `check_parent_of`.)
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    let fail = |why: String| {
+        format!(
+            "the directory {} {why}: anyone who can write there could plant what is read from it; make it the gateway's user's (or root's) and writable by no one else (chmod go-w {0})",
+            dir.display()
+        )
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if meta.file_type().is_symlink() {
+        return Err(fail("is a symbolic link".into()));
+    }
+    if !meta.is_dir() {
+        return Err(fail("is not a directory".into()));
+    }
+    if !trusted_owner(meta.uid(), euid()) {
+        return Err(fail(format!("belongs to uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(fail(format!(
+            "is writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Why a private state file cannot be trusted, or reading it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateFileError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Not a regular file this user (or root) owns and no one else can
+    /// write: someone else made it, or could have changed it.
+    #[error("{0}")]
+    Untrusted(String),
+}
+
+/// Why an open file (`meta` from fstat) is no private state file of this
+/// process, if it is not: a regular file, owned by `euid`, root or the
+/// user the gateway drops to, not writable by group or others.
+pub fn check_private_file(meta: &std::fs::Metadata, euid: u32) -> Result<(), String> {
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let owner = meta.uid();
+    if !trusted_owner(owner, euid) {
+        return Err(format!("belongs to uid {owner}, not this process's {euid}"));
+    }
+    let mode = meta.mode();
+    if mode & 0o022 != 0 {
+        return Err(format!("is writable by others (mode {:o})", mode & 0o7777));
+    }
+    Ok(())
+}
+
+/// A private state file's bytes, at most `max`: in a directory
+/// `check_dir` accepts, opened without following a symlink and without
+/// blocking (a FIFO planted there must not stall the caller), then checked
+/// by `check_private_file` on the open descriptor (no race with a swap).
+/// One open path for revisions and `audit_state`.
+pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    check_dir(dir).map_err(PrivateFileError::Untrusted)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = f.metadata()?;
+    check_private_file(&meta, euid())
+        .map_err(|why| PrivateFileError::Untrusted(format!("{} {why}", path.display())))?;
+    if meta.len() > max {
+        return Err(PrivateFileError::Untrusted(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    let mut out = Vec::new();
+    f.take(max + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > max {
+        return Err(PrivateFileError::Untrusted(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Why `path` (the config a root-started gateway reads) could be rewritten
+/// by the user it drops to (`uid`, in `groups`), if it could: the file,
+/// the directory it is in, or (a symlink) the directory of the file it
+/// names, owned by that user or writable by one of its groups or by
+/// anyone. A config the dropped process can rewrite is one root reads at
+/// the next start: a compromised gateway could delete `user` from it.
+pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
+    let why = |what: &Path, meta: &std::fs::Metadata| -> Option<String> {
+        let mode = meta.mode();
+        if meta.uid() == uid {
+            Some(format!("{} belongs to uid {uid}", what.display()))
+        } else if mode & 0o020 != 0 && groups.contains(&meta.gid()) {
+            Some(format!(
+                "{} is writable by its group {} (mode {:o})",
+                what.display(),
+                meta.gid(),
+                mode & 0o7777
+            ))
+        } else if mode & 0o002 != 0 {
+            Some(format!(
+                "{} is writable by others (mode {:o})",
+                what.display(),
+                mode & 0o7777
+            ))
+        } else {
+            None
+        }
+    };
+    let parent = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let mut paths = vec![path.to_owned(), parent(path)];
+    if let Ok(real) = std::fs::canonicalize(path) {
+        paths.push(parent(&real));
+        paths.push(real);
+    }
+    paths.iter().find_map(|p| match std::fs::metadata(p) {
+        Ok(meta) => why(p, &meta),
+        Err(e) => Some(format!("{}: {e}", p.display())),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +246,76 @@ mod tests {
         std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
         let why = check_parent_of(&linked.join("admin.sock")).unwrap_err();
         assert!(why.contains("symbolic link"), "{why}");
+    }
+
+    #[test]
+    fn a_private_file_is_read_only_when_it_is_a_regular_file_no_one_else_could_write() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let file = dir.path().join("state.json");
+        std::fs::write(&file, b"ours").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_private(&file, 100).unwrap(), b"ours");
+        let untrusted = |path: &Path| match read_private(path, 100) {
+            Err(PrivateFileError::Untrusted(why)) => why,
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        // Larger than asked for.
+        assert!(
+            matches!(read_private(&file, 2), Err(PrivateFileError::Untrusted(w)) if w.contains("larger"))
+        );
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(untrusted(&file).contains("writable by others"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if euid() == 0 {
+            std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+            assert!(untrusted(&file).contains("belongs to uid 65534"));
+            std::os::unix::fs::chown(&file, Some(0), None).unwrap();
+        }
+        // A FIFO is refused without blocking on it.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(untrusted(&fifo).contains("not a regular file"));
+        // A symlink is not followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(matches!(
+            read_private(&link, 100),
+            Err(PrivateFileError::Io(_))
+        ));
+        // Nothing is read from a directory others can write.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(untrusted(&file).contains("writable by others"));
+    }
+
+    /// Root started with `user` reads back what the gateway wrote as that
+    /// user: that user's directory and files are trusted for reading, no
+    /// other user's.
+    #[test]
+    fn what_the_user_dropped_to_wrote_is_read_back_by_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if euid() != 0 {
+            return;
+        }
+        // A uid no other test uses: the setting is process-wide.
+        const USER: u32 = 4242;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("audit.json");
+        std::fs::write(&file, b"{}").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(USER), None).unwrap();
+        std::os::unix::fs::chown(&file, Some(USER), None).unwrap();
+        assert!(
+            check_dir(dir.path())
+                .unwrap_err()
+                .contains("belongs to uid 4242")
+        );
+        set_drops_to(USER);
+        assert_eq!(read_private(&file, 100).unwrap(), b"{}");
+        // Still never a place root creates files in by name.
+        assert!(check_parent_of(&file).is_err());
     }
 }

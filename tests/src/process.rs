@@ -181,15 +181,29 @@ pub fn credentials_of(pid: u32) -> Vec<(String, String, u64, u64)> {
     out
 }
 
-/// Hands the PKI's directory and files to `nobody`, as an operator hands
-/// the gateway's files to its user.
+/// Hands the PKI's files to `nobody`, as an operator hands the gateway's
+/// keys to its user; the directory and the config (`gateway.toml`) stay
+/// root's and writable by root alone: a start as root refuses a config the
+/// user it drops to could rewrite.
 pub fn give_to_nobody(pki: &crate::Pki) {
+    use std::os::unix::fs::PermissionsExt as _;
     let status = Command::new("chown")
         .args(["-R", "nobody:"])
         .arg(pki.path(""))
         .status()
         .unwrap();
     assert!(status.success());
+    let mut root_s = vec![pki.path("")];
+    if pki.path("gateway.toml").exists() {
+        root_s.push(pki.path("gateway.toml"));
+    }
+    let status = Command::new("chown")
+        .arg("root:")
+        .args(&root_s)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::set_permissions(pki.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 /// Whether the user database knows `name` (a busybox VM has none).

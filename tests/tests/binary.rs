@@ -935,15 +935,27 @@ async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root
     let pki = Pki::new();
     let (backend, _) = one_line_backend().await;
     let socket = pki.path("admin.sock");
-    let config = pki.write(
-        "gateway.toml",
-        &(format!(
+    // The config in root's own directory (one nobody could write is
+    // refused first, see a_config_the_user_could_rewrite_stops_a_start_as_root).
+    let etc = tempfile::tempdir().unwrap();
+    let config = etc.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
             "user = \"nobody\"\nadmin_socket = \"{}\"\naccess_log = \"off\"\n",
             socket.display()
         ) + &listener_toml(&pki, "edge", "")
-            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
-    );
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND]),
+    )
+    .unwrap();
     give_to_nobody(&pki);
+    // The socket's directory nobody's.
+    let status = Command::new("chown")
+        .arg("nobody:")
+        .arg(pki.path(""))
+        .status()
+        .unwrap();
+    assert!(status.success());
     let stderr = pki.path("gateway.stderr");
     let mut gw = run_binary(&config, &stderr, &[]);
     let status = exit_status(&mut gw.0, "a start with an unsafe socket directory");
@@ -957,6 +969,138 @@ async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root
     );
     assert!(!socket.exists(), "bound anyway");
     assert_eq!(log_count(&stderr, "dropped privileges"), 0, "{err}");
+}
+
+/// A start as root with `user` set refuses a config the user could
+/// rewrite (the file or its directory theirs, or writable by their group or
+/// anyone): root reads it at the next start, so a compromised gateway
+/// could delete `user` and be root after a restart. Nothing is bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_the_user_could_rewrite_stops_a_start_as_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let (backend, _) = one_line_backend().await;
+    let config = pki.write(
+        "gateway.toml",
+        &("user = \"nobody\"\naccess_log = \"off\"\n".to_owned()
+            + &listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(&pki);
+    let dir = pki.path("").display().to_string();
+    let dir = dir.trim_end_matches('/').to_owned();
+    let file = config.display().to_string();
+    let chown = |who: &str, path: &str| {
+        assert!(
+            Command::new("chown")
+                .args([who, path])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    type Step<'a> = Box<dyn Fn() + 'a>;
+    let cases: [(&str, Step, Step, String); 3] = [
+        (
+            "the file nobody's",
+            Box::new(|| chown("nobody:", &file)),
+            Box::new(|| chown("root:", &file)),
+            format!("{file} belongs to uid 65534"),
+        ),
+        (
+            "the directory nobody's",
+            Box::new(|| chown("nobody:", &dir)),
+            Box::new(|| chown("root:", &dir)),
+            format!("{dir} belongs to uid 65534"),
+        ),
+        (
+            "the file writable by anyone",
+            Box::new(|| {
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap()
+            }),
+            Box::new(|| {
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap()
+            }),
+            format!("{file} is writable by others (mode 666)"),
+        ),
+    ];
+    for (what, make, undo, says) in cases {
+        make();
+        // Bounded: a start the check let through would serve on.
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg(gateway_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        undo();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started: {err}");
+        assert!(
+            err.contains("could be rewritten by user \"nobody\"") && err.contains(&says),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("dropped privileges"), "{what}: {err}");
+    }
+    // Root's file in root's directory: it starts and drops.
+    let stderr = pki.path("gateway.stderr");
+    let _gw = run_binary(&config, &stderr, &[]);
+    wait_listening(&stderr);
+    wait_for("the drop", || log_count(&stderr, "dropped privileges") == 1);
+}
+
+/// Under `user`, the config root reads at start is root's, so the gateway
+/// cannot write a revert back: `rollout revert` is refused, saying why, the
+/// config file and the running state are unchanged (the operator reverts
+/// by hand, as root, from the revision's file).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revert_under_user_is_refused_and_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new();
+    let revisions = pki.path("revisions");
+    std::fs::create_dir(&revisions).unwrap();
+    std::fs::set_permissions(&revisions, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = pki.path("admin.sock");
+    let top = format!(
+        "access_log = \"off\"\nwatch_files = false\nadmin_socket = \"{}\"\nrevisions_dir = \"{}\"\n[admission]\nkernel_block_list = false",
+        socket.display(),
+        revisions.display()
+    );
+    let (gw, config, stderr, _) = run_as_nobody(&pki, &top).await;
+    let v1 = std::fs::read_to_string(&config).unwrap();
+    let v2 = v1.replace("access_log = \"off\"", "access_log = \"off\"\n# v2");
+    std::fs::write(&config, &v2).unwrap();
+    signal(&gw.0, "HUP");
+    wait_for("the reload", || log_count(&stderr, "reloaded") == 1);
+    let sock = socket.display().to_string();
+    let (code, out, err) = cli(&["rollout", "history", "--socket", &sock]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("*    2  "), "{out}");
+    let (code, _, err) = cli(&["rollout", "revert", "1", "--socket", &sock]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("cannot write its config back to") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), v2);
+    let (_, out, _) = cli(&["rollout", "history", "--socket", &sock]);
+    assert!(out.starts_with("*    2  "), "still revision 2: {out}");
+    // What the operator restores by hand: the revision's own text.
+    let rev1: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(revisions.join("rev-0000000001.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rev1["config_text"].as_str(), Some(v1.as_str()));
+    drop(gw);
 }
 
 /// Without a feature that needs one, nothing is kept; and a key only root

@@ -842,3 +842,105 @@ fn wait_for_log(stderr: &Path, line: &str) -> bool {
     }
     false
 }
+
+/// A `revisions_dir` others can write is never written, and never read
+/// either: a local user plants a well-formed revision 1 (the number the
+/// unwritten start revision held) with a config of their own; the revert
+/// is refused, saying why, nothing is applied or written back, the history
+/// lists nothing but the reason, and the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revision_planted_in_a_directory_others_can_write_is_never_applied() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let dir = pki.path("revisions");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let v1 = config(&pki, "", backend.addr, &[SPIFFE_FRONTEND]);
+    let b = Binary::start(&pki, &v1);
+    let intruder = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    denied(b.app, &pki, &intruder).await;
+    // The plant: revision 1 naming the real config file, its own text.
+    let evil = config(&pki, "# planted", backend.addr, &[SPIFFE_OTHER]);
+    let parsed = gateway::config::Config::parse(&evil, &b.config, &pki.path("")).unwrap();
+    let mut rev = gateway::revisions::Revision::of(&parsed, How::Start, None);
+    rev.number = 1;
+    let planted = dir.join("rev-0000000001.json");
+    std::fs::write(&planted, serde_json::to_vec(&rev).unwrap()).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let (code, _, err) = b.rollout(&["revert", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("not trusted") && err.contains("writable by others"),
+        "{err}"
+    );
+    denied(b.app, &pki, &intruder).await;
+    assert_eq!(std::fs::read_to_string(&b.config).unwrap(), v1);
+    let h = b.history();
+    assert!(h.revisions.is_empty(), "{h:?}");
+    assert_eq!(h.current, None, "an unwritten revision is never current");
+    assert!(
+        h.skipped.iter().any(|s| s.contains("writable by others")),
+        "{h:?}"
+    );
+    let metrics = scrape(b.admin).await;
+    assert!(
+        series(
+            &metrics,
+            "gateway_revisions_errors_total{reason=\"unsafe\"}"
+        ) >= 2,
+        "{metrics}"
+    );
+    b.stop();
+}
+
+/// A revert when the config file is a symlink (config management, a
+/// release directory) is refused, saying why: writing it back would turn
+/// the link into a plain file, and every later edit where the link points
+/// would be silently ignored. The link stays, and the operator's next
+/// change through it takes effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revert_never_replaces_a_symlinked_config() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let v1 = config(&pki, "", backend.addr, &[SPIFFE_FRONTEND, SPIFFE_OTHER]);
+    let target = pki.write("release.toml", &v1);
+    let link = pki.path("gateway.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let stderr = pki.path("gateway.stderr");
+    let proc = run_binary(&link, &stderr, &[]);
+    let app = wait_listening(&stderr);
+    let b = Binary {
+        proc,
+        app,
+        admin: admin_addr(&stderr),
+        socket: pki.path("admin.sock"),
+        config: target.clone(),
+        stderr,
+    };
+    b.reload(&v1.replace("watch_files = false", "watch_files = false\n# v2"));
+    assert_eq!(listed(&b.history()).len(), 2);
+    let (code, _, err) = b.rollout(&["revert", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("is a symbolic link"), "{err}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    // The operator removes the intruder where the link points: applied.
+    let intruder = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    b.reload(&config(&pki, "", backend.addr, &[SPIFFE_FRONTEND]));
+    denied(b.app, &pki, &intruder).await;
+    b.stop();
+}
+
+/// A connection from `creds`, trusted but not allowed: refused by policy.
+async fn denied(addr: SocketAddr, pki: &Pki, creds: &ClientCreds) {
+    assert_eq!(
+        refusal(addr, ORDERS, pki.client_config(Some(creds))).await,
+        rustls::AlertDescription::AccessDenied
+    );
+}

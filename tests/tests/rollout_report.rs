@@ -448,3 +448,95 @@ async fn certificate_problems_are_named_like_handshake_failures() {
         orders.verdict
     );
 }
+
+/// `audit_state` in a directory that became writable by others: a local
+/// user (uid 65534) replaces the saved summary while the gateway is down,
+/// dropping the would-deny evidence. The restart reads nothing from there:
+/// it says why, counts it (`reason="unsafe"`), and the report has no
+/// evidence either way (not ready) instead of the planted "ready".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_state_another_user_could_have_written_is_never_evidence() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() || !process::user_exists("nobody") {
+        eprintln!("skipped: needs root and uid 65534 to plant as");
+        return;
+    }
+    let pki = Pki::new();
+    // The test's tempdir is root's 0700: let uid 65534 reach the state dir.
+    std::fs::set_permissions(pki.path(""), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let backend = EchoBackend::start().await;
+    let dir = pki.path("state");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = dir.join("audit.json");
+    let toml = with_test_defaults(
+        &(admin_toml(&format!(
+            "watch_files = false\naudit_state = \"{}\"\n",
+            state.display()
+        )) + &listener_toml(&pki, "edge", "")
+            + &routes(backend.addr)),
+    );
+    let config = pki.write("gateway.toml", &toml);
+    let stderr = pki.path("gateway.stderr");
+    let b = start_binary(&config, &stderr);
+    send_mix(b.app, &pki, &Clients::new(&pki)).await;
+    let (code, out, _) = cli(b.admin, &["--route", "orders", "--since", "7d"]);
+    assert_eq!(code, 1, "not ready before: {out}");
+    stop(b);
+    assert!(state.exists());
+
+    // The directory made writable by others; the plant: the same shape,
+    // no would-deny entries, written by uid 65534.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    for r in saved["routes"].as_array_mut().unwrap() {
+        r["would_deny"]["entries"] = serde_json::json!([]);
+    }
+    let mut plant = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "cat > {0}.new && mv -f {0}.new {0}",
+            state.display()
+        ))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = plant.stdin.take().unwrap();
+        stdin.write_all(saved.to_string().as_bytes()).unwrap();
+    }
+    assert!(plant.wait().unwrap().success(), "plant as uid 65534");
+
+    std::fs::remove_file(&stderr).unwrap();
+    let b = start_binary(&config, &stderr);
+    let log = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        log.lines().any(
+            |l| l.contains("audit report: starting with an empty summary")
+                && l.contains("is not trusted")
+                && l.contains("writable by others")
+        ),
+        "{log}"
+    );
+    let metrics = scrape(b.admin).await;
+    assert_eq!(
+        series(
+            &metrics,
+            "gateway_audit_state_errors_total{reason=\"unsafe\"}"
+        ),
+        1,
+        "{metrics}"
+    );
+    let (code, out, _) = cli(b.admin, &["--route", "orders", "--since", "7d"]);
+    stop(b);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("not ready: no clients seen"), "{out}");
+}
