@@ -10,8 +10,16 @@
 //! a client's handshake message is refused on its first byte, as no
 //! message a client may send here is one the gateway can take.
 //!
-//! Nothing is buffered: a TLS 1.3 server's session ticket (the one message
-//! taken) is skipped by its length, unparsed, since tickets are never used.
+//! A TLS 1.3 server's session ticket (the one message taken) is never
+//! used, but it is read as rustls reads it (RFC 8446 §4.6.1): its fields
+//! as they arrive, record by record, refused with the alert rustls sends
+//! (decode_error; illegal_parameter for a repeated extension) once the
+//! message is whole, so that a ticket cut short by the stream's end is
+//! not refused where rustls would merely wait. Nothing of it is buffered:
+//! what is kept is the field being read, the bytes left to skip, where
+//! the extension list ends, and, only while a ticket with extensions is
+//! on its way, the set of extension types seen (8 KiB, one bit per
+//! type: rustls refuses any type twice), dropped at the message's end.
 
 use rustls::{AlertDescription, ContentType};
 
@@ -49,12 +57,14 @@ pub(crate) struct PeerRules {
 }
 
 /// A handshake message on its way, across records: its header as it
-/// arrives, then how much of its body is still to be skipped.
+/// arrives, then how much of its body is still to come and, the only
+/// message taken being a ticket, that body read as one.
 #[derive(Default)]
 struct Message {
     header: [u8; 4],
     have: usize,
     left: usize,
+    ticket: Ticket,
 }
 
 impl Message {
@@ -190,21 +200,46 @@ impl PeerRules {
                             format!("peer announced a {len}-byte handshake message"),
                         ));
                     }
+                    if typ != HANDSHAKE_NEW_SESSION_TICKET {
+                        // `judge` lets no other message through.
+                        return Err(Broken::protocol(
+                            AlertDescription::UnexpectedMessage,
+                            format!("peer's handshake message {typ} was not refused by its type"),
+                        ));
+                    }
                     m.left = len;
                     if len == 0 {
-                        *m = Message::default();
+                        self.ticket_ends()?;
                     }
                 }
                 continue;
             }
             let n = m.left.min(fragment.len());
+            let (body, rest) = fragment.split_at_checked(n).unwrap_or((fragment, &[]));
+            m.ticket.take(body, m.left);
             m.left -= n;
-            fragment = fragment.get(n..).unwrap_or_default();
+            fragment = rest;
             if m.left == 0 {
-                *m = Message::default();
+                self.ticket_ends()?;
             }
         }
         Ok(())
+    }
+
+    /// The ticket's last byte arrived: it is judged whole, as rustls
+    /// judges it, and forgotten.
+    fn ticket_ends(&mut self) -> Result<(), Broken> {
+        let message = std::mem::take(&mut self.message);
+        message.ticket.end().map_err(|fault| {
+            let alert = match fault {
+                Malformed::RepeatedExtension(_) => AlertDescription::IllegalParameter,
+                _ => AlertDescription::DecodeError,
+            };
+            Broken::protocol(
+                alert,
+                format!("peer's session ticket is malformed: {fault}"),
+            )
+        })
     }
 
     /// Whether a post-handshake message of this type may be taken.
@@ -233,6 +268,196 @@ impl PeerRules {
     }
 }
 
+/// ExtensionType::EarlyData: its body is exactly a u32.
+const EXTENSION_EARLY_DATA: u16 = 42;
+
+/// What is wrong with a session ticket, in rustls' reading order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Malformed {
+    #[error("it ends inside its {0}")]
+    Short(&'static str),
+    #[error("the length of its {0} overruns what holds it")]
+    Overrun(&'static str),
+    #[error("its ticket is empty")]
+    EmptyTicket,
+    #[error("its early_data extension is {0} bytes, not 4")]
+    EarlyDataLength(u32),
+    #[error("it repeats extension {0}")]
+    RepeatedExtension(u16),
+    #[error("bytes follow its extensions")]
+    Trailing,
+}
+
+/// The numbers of a NewSessionTicket, in order; between them, opaque
+/// fields skipped by their length.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    #[default]
+    Lifetime,
+    AgeAdd,
+    NonceLength,
+    TicketLength,
+    ExtensionsLength,
+    ExtensionType,
+    ExtensionLength,
+    /// The extension list is over: nothing may follow.
+    Done,
+}
+
+impl Field {
+    fn width(self) -> u8 {
+        match self {
+            Field::Lifetime | Field::AgeAdd => 4,
+            Field::NonceLength => 1,
+            Field::Done => 0,
+            _ => 2,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Field::Lifetime => "ticket_lifetime",
+            Field::AgeAdd => "ticket_age_add",
+            Field::NonceLength => "ticket_nonce",
+            Field::TicketLength => "ticket",
+            Field::ExtensionsLength => "extensions",
+            Field::ExtensionType | Field::ExtensionLength => "extension",
+            Field::Done => "end",
+        }
+    }
+}
+
+/// A TLS 1.3 NewSessionTicket's body, read as it arrives. The first fault
+/// is kept and reported at the message's end (rustls reads a message only
+/// once it is whole); the bytes after it are only counted.
+#[derive(Default)]
+struct Ticket {
+    field: Field,
+    /// The current number, as its bytes arrive.
+    number: u32,
+    have: u8,
+    /// Bytes of an opaque field (nonce, ticket, extension body) to skip.
+    skip: u32,
+    /// Message bytes still to come where the extension list ends.
+    list_ends_at: u32,
+    extension: u16,
+    /// Extension types seen, one bit each; only once there are extensions.
+    seen: Option<Box<[u64; 1024]>>,
+    fault: Option<Malformed>,
+}
+
+impl Ticket {
+    /// The next bytes of the body; `left` of it were still to come before
+    /// them (the message's length bounds every field).
+    fn take(&mut self, mut bytes: &[u8], left: usize) {
+        let mut left = u32::try_from(left).unwrap_or(u32::MAX);
+        while !bytes.is_empty() && self.fault.is_none() {
+            if self.skip > 0 {
+                let n = self
+                    .skip
+                    .min(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+                self.skip -= n;
+                left -= n;
+                bytes = bytes.get(n as usize..).unwrap_or_default();
+                continue;
+            }
+            let in_list = matches!(self.field, Field::ExtensionType | Field::ExtensionLength);
+            if self.field == Field::Done || (in_list && left <= self.list_ends_at) {
+                self.fault = Some(if self.field == Field::Done {
+                    Malformed::Trailing
+                } else {
+                    Malformed::Short(self.field.name())
+                });
+                break;
+            }
+            let [byte, rest @ ..] = bytes else { break };
+            bytes = rest;
+            left -= 1;
+            self.number = self.number << 8 | u32::from(*byte);
+            self.have += 1;
+            if self.have == self.field.width() {
+                let number = std::mem::take(&mut self.number);
+                self.have = 0;
+                self.field_read(number, left);
+            }
+        }
+    }
+
+    /// A number is whole; `left` message bytes follow it.
+    fn field_read(&mut self, number: u32, left: u32) {
+        let overrun = |f: Field| Some(Malformed::Overrun(f.name()));
+        self.field = match self.field {
+            Field::Lifetime => Field::AgeAdd,
+            Field::AgeAdd => Field::NonceLength,
+            Field::NonceLength if number > left => return self.fault = overrun(self.field),
+            Field::NonceLength => {
+                self.skip = number;
+                Field::TicketLength
+            }
+            Field::TicketLength if number > left => return self.fault = overrun(self.field),
+            // RFC 8446: opaque ticket<1..2^16-1>.
+            Field::TicketLength if number == 0 => return self.fault = Some(Malformed::EmptyTicket),
+            Field::TicketLength => {
+                self.skip = number;
+                Field::ExtensionsLength
+            }
+            Field::ExtensionsLength if number > left => return self.fault = overrun(self.field),
+            Field::ExtensionsLength => {
+                self.list_ends_at = left - number;
+                self.next_in_list(left)
+            }
+            Field::ExtensionType => {
+                self.extension = u16::try_from(number).unwrap_or(u16::MAX);
+                Field::ExtensionLength
+            }
+            Field::ExtensionLength if number > left - self.list_ends_at => {
+                return self.fault = overrun(self.field);
+            }
+            Field::ExtensionLength => {
+                let seen = self.seen.get_or_insert_with(|| Box::new([0; 1024]));
+                let (word, bit) = (usize::from(self.extension >> 6), self.extension & 63);
+                if let Some(w) = seen.get_mut(word) {
+                    if *w & 1 << bit != 0 {
+                        return self.fault = Some(Malformed::RepeatedExtension(self.extension));
+                    }
+                    *w |= 1 << bit;
+                }
+                if self.extension == EXTENSION_EARLY_DATA && number != 4 {
+                    return self.fault = Some(if number < 4 {
+                        Malformed::Short("early_data extension")
+                    } else {
+                        Malformed::EarlyDataLength(number)
+                    });
+                }
+                self.skip = number;
+                self.next_in_list(left - number)
+            }
+            Field::Done => Field::Done,
+        };
+    }
+
+    /// After an extension (or the list's length), with `left` message
+    /// bytes to follow it.
+    fn next_in_list(&self, left: u32) -> Field {
+        if left == self.list_ends_at {
+            Field::Done
+        } else {
+            Field::ExtensionType
+        }
+    }
+
+    /// The message is whole.
+    fn end(self) -> Result<(), Malformed> {
+        if let Some(fault) = self.fault {
+            return Err(fault);
+        }
+        if self.field != Field::Done || self.skip > 0 {
+            return Err(Malformed::Short(self.field.name()));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,24 +469,193 @@ mod tests {
         m
     }
 
-    /// A server's tickets pass however they are split, and are skipped
-    /// without being kept.
-    #[test]
-    fn a_servers_ticket_is_skipped_across_records() {
-        let ticket = msg(HANDSHAKE_NEW_SESSION_TICKET, &[7; 300]);
-        for split in [1, 2, 3, 4, 5, 150, 303] {
-            let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
-            let (a, b) = ticket.split_at(split);
-            rules.record(ContentType::Handshake, a).unwrap();
-            assert!(rules.message.in_progress(), "split {split}");
-            rules.record(ContentType::Handshake, b).unwrap();
-            assert!(!rules.message.in_progress(), "split {split}");
-            rules.record(ContentType::ApplicationData, b"data").unwrap();
+    /// A NewSessionTicket body: lifetime, age_add, nonce, ticket, then
+    /// the extensions as given (type, body).
+    fn ticket_body(nonce: &[u8], ticket: &[u8], extensions: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut b = vec![0, 0, 0x1c, 0x20, 1, 2, 3, 4];
+        b.push(nonce.len() as u8);
+        b.extend_from_slice(nonce);
+        b.extend_from_slice(&(ticket.len() as u16).to_be_bytes());
+        b.extend_from_slice(ticket);
+        let mut list = Vec::new();
+        for (typ, body) in extensions {
+            list.extend_from_slice(&typ.to_be_bytes());
+            list.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            list.extend_from_slice(body);
         }
+        b.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        b.extend_from_slice(&list);
+        b
+    }
+
+    /// A well-formed ticket, as OpenSSL sends it (nonce, early_data) and
+    /// with an unknown extension beside.
+    fn good_ticket() -> Vec<u8> {
+        ticket_body(
+            &[0, 1],
+            &[7; 200],
+            &[
+                (EXTENSION_EARLY_DATA, &[0, 0, 0x40, 0]),
+                (0xfe0d, &[9, 9, 9]),
+            ],
+        )
+    }
+
+    fn take_ticket(body: &[u8]) -> Result<(), Broken> {
         let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
-        let two = [ticket.clone(), ticket].concat();
-        rules.record(ContentType::Handshake, &two).unwrap();
-        assert!(std::mem::size_of::<PeerRules>() <= 32, "no buffer, ever");
+        rules.record(
+            ContentType::Handshake,
+            &msg(HANDSHAKE_NEW_SESSION_TICKET, body),
+        )?;
+        assert!(!rules.message.in_progress());
+        rules
+            .record(ContentType::ApplicationData, b"data")
+            .map(drop)
+    }
+
+    /// A server's well-formed tickets pass however they are split across
+    /// records, at every byte, and nothing of them is kept after.
+    #[test]
+    fn a_servers_ticket_passes_split_at_every_byte() {
+        for body in [good_ticket(), ticket_body(&[], &[1], &[])] {
+            let ticket = msg(HANDSHAKE_NEW_SESSION_TICKET, &body);
+            for split in 1..ticket.len() {
+                let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
+                let (a, b) = ticket.split_at(split);
+                rules.record(ContentType::Handshake, a).unwrap();
+                assert!(rules.message.in_progress(), "split {split}");
+                rules.record(ContentType::Handshake, b).unwrap();
+                assert!(!rules.message.in_progress(), "split {split}");
+                assert!(rules.message.ticket.seen.is_none(), "split {split}");
+                rules.record(ContentType::ApplicationData, b"data").unwrap();
+            }
+            // Byte by byte, in one record each.
+            let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
+            for b in &ticket {
+                rules.record(ContentType::Handshake, &[*b]).unwrap();
+            }
+            assert!(!rules.message.in_progress());
+        }
+        // Two in one record, as real servers send them.
+        let ticket = msg(HANDSHAKE_NEW_SESSION_TICKET, &good_ticket());
+        let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
+        rules
+            .record(ContentType::Handshake, &[ticket.clone(), ticket].concat())
+            .unwrap();
+        assert!(!rules.message.in_progress());
+        assert!(std::mem::size_of::<PeerRules>() <= 96, "no buffer kept");
+    }
+
+    /// Every ticket rustls refuses is refused, with rustls' alert, only
+    /// once whole: each malformation at its own place.
+    #[test]
+    fn a_malformed_ticket_is_refused_as_rustls_refuses_it() {
+        let good = good_ticket();
+        let decode = AlertDescription::DecodeError;
+        let mut overrun_nonce = good.clone();
+        overrun_nonce[8] = 250;
+        let mut underrun_list = good.clone();
+        let at = good.len() - 15 - 2;
+        underrun_list[at + 1] -= 1; // list one byte short: the last extension overruns it
+        let mut overrun_list = good.clone();
+        overrun_list[at + 1] += 1;
+        let mut overrun_ticket = ticket_body(&[1], &[7; 4], &[]);
+        overrun_ticket[11] = 7;
+        let mut cut_header = ticket_body(&[], &[1], &[]);
+        cut_header.truncate(cut_header.len() - 2);
+        cut_header.extend_from_slice(&[0, 3, 0, 7, 0]);
+        let cases: Vec<(&str, Vec<u8>, AlertDescription, &str)> = vec![
+            (
+                "list ends in an extension",
+                cut_header,
+                decode,
+                "ends inside its extension",
+            ),
+            ("empty body", vec![], decode, "ticket_lifetime"),
+            ("short lifetime", vec![0, 0, 1], decode, "ticket_lifetime"),
+            ("short age_add", vec![0; 7], decode, "ticket_age_add"),
+            ("no nonce length", vec![0; 8], decode, "ticket_nonce"),
+            ("nonce overruns", overrun_nonce, decode, "overruns"),
+            ("no ticket", vec![0; 9], decode, "ends inside its ticket"),
+            (
+                "empty ticket",
+                ticket_body(&[], &[], &[]),
+                decode,
+                "ticket is empty",
+            ),
+            ("ticket overruns", overrun_ticket, decode, "overruns"),
+            (
+                "no extensions",
+                good[..good.len() - 17].to_vec(),
+                decode,
+                "extensions",
+            ),
+            ("list overruns", overrun_list, decode, "overruns"),
+            ("list underruns", underrun_list, decode, "overruns"),
+            (
+                "cut in the list",
+                good[..good.len() - 1].to_vec(),
+                decode,
+                "overruns",
+            ),
+            (
+                "trailing bytes",
+                [&good[..], &[0]].concat(),
+                decode,
+                "bytes follow",
+            ),
+            (
+                "short early_data",
+                ticket_body(&[], &[1], &[(EXTENSION_EARLY_DATA, &[0, 0, 1])]),
+                decode,
+                "ends inside its early_data",
+            ),
+            (
+                "long early_data",
+                ticket_body(&[], &[1], &[(EXTENSION_EARLY_DATA, &[0, 0, 0, 1, 0])]),
+                decode,
+                "5 bytes, not 4",
+            ),
+            (
+                "repeated early_data",
+                ticket_body(
+                    &[],
+                    &[1],
+                    &[
+                        (EXTENSION_EARLY_DATA, &[0; 4]),
+                        (EXTENSION_EARLY_DATA, &[0; 4]),
+                    ],
+                ),
+                AlertDescription::IllegalParameter,
+                "repeats extension 42",
+            ),
+            (
+                "repeated unknown",
+                ticket_body(&[], &[1], &[(7, &[]), (42, &[0; 4]), (7, &[1])]),
+                AlertDescription::IllegalParameter,
+                "repeats extension 7",
+            ),
+        ];
+        for (what, body, alert, why) in cases {
+            let err = take_ticket(&body).expect_err(what);
+            assert_eq!(err.alert, Some(alert), "{what}: {}", err.why);
+            assert!(err.why.contains(why), "{what}: {}", err.why);
+            assert!(err.why.contains("session ticket is malformed"), "{what}");
+        }
+        take_ticket(&good).unwrap();
+    }
+
+    /// A fault is judged only at the message's end, as rustls reads a
+    /// message only whole: a stream cut inside a bad ticket is not refused.
+    #[test]
+    fn a_bad_tickets_fault_waits_for_its_end() {
+        let mut rules = PeerRules::new(Version::Tls13, PeerRole::Server);
+        let mut ticket = msg(HANDSHAKE_NEW_SESSION_TICKET, &ticket_body(&[], &[], &[]));
+        ticket.extend_from_slice(&[0; 3]);
+        ticket[3] += 3;
+        let (a, b) = ticket.split_at(ticket.len() - 1);
+        rules.record(ContentType::Handshake, a).unwrap();
+        assert!(rules.record(ContentType::Handshake, b).is_err());
     }
 
     /// A client has nothing to send here the gateway could take: each of
