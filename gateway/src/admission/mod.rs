@@ -199,6 +199,12 @@ impl Refusal {
     }
 }
 
+/// Whether `source` is in an `exempt` range: not tracked, limited or
+/// blocked by admission.
+fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
+    settings.exempt.iter().any(|n| n.contains(&source))
+}
+
 /// Every (reason, level) a block is counted by, in the order the metrics
 /// list them.
 const BLOCK_KINDS: [(BlockReason, Level); 6] = [
@@ -374,7 +380,7 @@ impl Admission {
     pub fn vouched(&self, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
-        settings.exempt.iter().any(|n| n.contains(&source))
+        exempt(&settings, source)
             || self
                 .tables()
                 .sources
@@ -393,7 +399,7 @@ impl Admission {
         let settings = self.settings.load();
         let now = Instant::now();
         let source = client.ip().to_canonical();
-        let exempt = settings.exempt.iter().any(|n| n.contains(&source));
+        let exempt = exempt(&settings, source);
         let mut groups = None;
         let mut known = false;
         if !exempt {
@@ -486,7 +492,7 @@ impl Admission {
         t.sources.ended(groups);
         // Admitted before a reload made it exempt: an exempt source is
         // never struck.
-        if evicted || settings.exempt.iter().any(|e| e.contains(&source)) {
+        if evicted || exempt(&settings, source) {
             return;
         }
         for (level, net) in t.sources.strike(source, Level::Address, &settings, now) {

@@ -238,6 +238,16 @@ pub(super) struct Tally {
 }
 
 impl Tally {
+    /// Past `block_window` since its strikes began: a new window, with no
+    /// strikes and nothing lent.
+    fn roll_window(&mut self, window: std::time::Duration, now: Instant) {
+        if now.saturating_duration_since(self.strikes_since) > window {
+            self.strikes = 0;
+            self.lent = 0;
+            self.strikes_since = now;
+        }
+    }
+
     fn new(burst: u32, now: Instant) -> Tally {
         Tally {
             bucket: Bucket::full(burst, now),
@@ -713,11 +723,7 @@ impl Sources {
             if after == 0 {
                 continue;
             }
-            if now.saturating_duration_since(t.strikes_since) > settings.block_window {
-                t.strikes = 0;
-                t.lent = 0;
-                t.strikes_since = now;
-            }
+            t.roll_window(settings.block_window, now);
             t.strikes += 1;
             // One address gives its prefix and network at most
             // `block_after` strikes a window, whatever it paid back: their
@@ -755,11 +761,7 @@ impl Sources {
                 None => return true,
             },
         };
-        if now.saturating_duration_since(t.strikes_since) > settings.block_window {
-            t.strikes = 0;
-            t.lent = 0;
-            t.strikes_since = now;
-        }
+        t.roll_window(settings.block_window, now);
         if after > 0 && t.lent >= after {
             return false;
         }
