@@ -756,7 +756,7 @@ pub fn tcp_roundtrip(
             (None, SocketAddr::V4(_)) => socket2_like(libc::AF_INET)?,
             (None, SocketAddr::V6(_)) => socket2_like(libc::AF_INET6)?,
         };
-        connect_with_timeout(&socket, to, Duration::from_millis(700))?;
+        connect_with_timeout(&socket, to, Duration::from_millis(700)).map_err(|e| e.to_string())?;
         let mut stream = std::net::TcpStream::from(socket);
         stream
             .set_read_timeout(Some(Duration::from_secs(2)))
@@ -797,11 +797,15 @@ fn socket2_like(family: i32) -> Result<OwnedFd, String> {
 }
 
 /// connect(2) on a blocking socket, bounded by `timeout` (SO_SNDTIMEO).
+/// The error is the kernel's own: a timeout (`EINPROGRESS`) means no
+/// SYN-ACK came, while `ECONNRESET` means the connection was made and reset
+/// before this thread ran again (a slow VM), which callers must not read as
+/// a drop.
 pub fn connect_with_timeout(
     socket: &OwnedFd,
     to: SocketAddr,
     timeout: Duration,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let tv = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
@@ -822,6 +826,6 @@ pub fn connect_with_timeout(
     if rc == 0 {
         Ok(())
     } else {
-        Err(std::io::Error::last_os_error().to_string())
+        Err(std::io::Error::last_os_error())
     }
 }

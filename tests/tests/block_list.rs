@@ -152,8 +152,28 @@ enum Connect {
 
 fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> Connect {
     let socket = tcp_socket_from(from).expect("bound socket");
-    if connect_with_timeout(&socket, to, Duration::from_millis(800)).is_err() {
-        return Connect::Dropped;
+    match connect_with_timeout(&socket, to, Duration::from_millis(800)) {
+        Ok(()) => {}
+        // SO_SNDTIMEO ran out: no SYN-ACK came.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINPROGRESS | libc::EAGAIN | libc::ETIMEDOUT)
+            ) =>
+        {
+            return Connect::Dropped;
+        }
+        // Made, then reset or closed before connect() returned: on a slow
+        // VM the gateway's refusal can beat the connecting thread.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ECONNRESET | libc::ECONNREFUSED | libc::EPIPE)
+            ) =>
+        {
+            return Connect::Refused;
+        }
+        Err(e) => panic!("connect from {from} to {to}: {e}"),
     }
     let mut stream = TcpStream::from(socket);
     stream

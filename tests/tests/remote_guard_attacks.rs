@@ -59,7 +59,8 @@ fn fragmented_roundtrip(ns: &str, from: Ipv4Addr, to: SocketAddr) -> Result<(), 
         // SAFETY: a valid sockaddr of len bytes.
         let rc = unsafe { libc::bind(socket.as_raw_fd(), std::ptr::from_ref(&at).cast(), len) };
         assert_eq!(rc, 0, "bind {from}");
-        connect_with_timeout(&socket, to, Duration::from_millis(1500))?;
+        connect_with_timeout(&socket, to, Duration::from_millis(1500))
+            .map_err(|e| e.to_string())?;
         let mut s = std::net::TcpStream::from(socket);
         s.set_read_timeout(Some(Duration::from_secs(2)))
             .map_err(|e| e.to_string())?;
