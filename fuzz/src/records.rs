@@ -334,20 +334,25 @@ fn stream(
                 }
             }
             _ => {
-                // A post-handshake message, maybe split across records. Not
-                // a server's ticket: the layer skips those unparsed (it
-                // never uses them), where rustls parses them.
-                let types: &[u8] = if peer_is_client {
+                // A post-handshake message, maybe split across records. A
+                // TLS 1.3 server's ticket is built field by field, since the
+                // layer parses it as rustls does and random bytes seldom
+                // reach past its first length.
+                let types: &[u8] = if peer_is_client || !tls13 {
                     &[4, 24, 1, 0]
                 } else {
-                    &[24, 1, 0]
+                    &[4, 4, 24, 1, 0]
                 };
                 let typ = types[usize::from(input.byte().unwrap_or(0)) % types.len()];
-                let n = usize::from(input.byte().unwrap_or(0) % 8);
-                let body = input.bytes(n);
+                let body = if typ == 4 && !peer_is_client && tls13 {
+                    ticket(input)
+                } else {
+                    let n = usize::from(input.byte().unwrap_or(0) % 8);
+                    input.bytes(n).to_vec()
+                };
                 let len = (body.len() as u32).to_be_bytes();
                 let mut msg = vec![typ, len[1], len[2], len[3]];
-                msg.extend_from_slice(body);
+                msg.extend_from_slice(&body);
                 let split = usize::from(input.byte().unwrap_or(0)) % (msg.len() + 1);
                 for part in [&msg[..split], &msg[split..]] {
                     if !part.is_empty() || !tls13 {
@@ -359,6 +364,44 @@ fn stream(
         }
     }
     out
+}
+
+/// A TLS 1.3 NewSessionTicket body (RFC 8446 §4.6.1) from the script:
+/// the fields rustls reads in turn, each length right unless a bit of the
+/// first byte puts it off by one, extensions early_data (42) or others,
+/// repeated or not, and maybe trailing bytes.
+fn ticket(input: &mut Input<'_>) -> Vec<u8> {
+    let flags = input.byte().unwrap_or(0);
+    let off = |bit: u8, len: usize| if flags & bit != 0 { len + 1 } else { len };
+    // ticket_lifetime and ticket_age_add.
+    let mut body = input.bytes(8).to_vec();
+    let n = usize::from(input.byte().unwrap_or(0) % 8);
+    let nonce = input.bytes(n);
+    body.push(off(1, nonce.len()) as u8);
+    body.extend_from_slice(nonce);
+    let n = usize::from(input.byte().unwrap_or(0) % 16);
+    let ticket = input.bytes(n);
+    body.extend_from_slice(&(off(2, ticket.len()) as u16).to_be_bytes());
+    body.extend_from_slice(ticket);
+    let mut extensions = Vec::new();
+    for _ in 0..input.byte().unwrap_or(0) % 4 {
+        let typ: u16 = match input.byte().unwrap_or(0) % 4 {
+            0 | 1 => 42,
+            2 => 0x0a0a,
+            _ => u16::from(input.byte().unwrap_or(0)),
+        };
+        let n = usize::from(input.byte().unwrap_or(0) % 8);
+        let data = input.bytes(n);
+        extensions.extend_from_slice(&typ.to_be_bytes());
+        extensions.extend_from_slice(&(off(4, data.len()) as u16).to_be_bytes());
+        extensions.extend_from_slice(data);
+    }
+    body.extend_from_slice(&(off(8, extensions.len()) as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    if flags & 16 != 0 {
+        body.extend_from_slice(input.bytes(2));
+    }
+    body
 }
 
 /// The stream through rustls, read by read.
