@@ -110,7 +110,8 @@ for name in sys.argv[1:]:
         .expect("python runs");
     assert!(
         out.status.success(),
-        "PyYAML refused a manifest: {}",
+        "{} could not read the manifests with PyYAML: {}",
+        tools.python.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)
@@ -199,7 +200,7 @@ fn every_manifest_passes_the_kubernetes_schemas() {
 /// of `defaultMode`), the trust ConfigMap, and the emptyDir and hostPath
 /// the init container and the gateway write.
 struct Pod {
-    _pki: Pki,
+    pki: Pki,
     root: tempfile::TempDir,
 }
 
@@ -208,7 +209,7 @@ impl Pod {
         use std::os::unix::fs::PermissionsExt as _;
         let pki = Pki::new();
         let root = tempfile::tempdir().unwrap();
-        let pod = Pod { _pki: pki, root };
+        let pod = Pod { pki, root };
         let spec = &resource(docs, "DaemonSet", "gateway")["spec"]["template"]["spec"];
         let volume = |name: &str| -> &Value {
             spec["volumes"]
@@ -238,7 +239,7 @@ impl Pod {
         let data = secret.join("..2026_12_01_00_00_00.000000000");
         std::fs::create_dir_all(&data).unwrap();
         for (key, file) in [("tls.crt", "server-chain.pem"), ("tls.key", "server.key")] {
-            std::fs::copy(pod._pki.path(file), data.join(key)).unwrap();
+            std::fs::copy(pod.pki.path(file), data.join(key)).unwrap();
             std::fs::set_permissions(data.join(key), std::fs::Permissions::from_mode(mode))
                 .unwrap();
             std::os::unix::fs::symlink(format!("..data/{key}"), secret.join(key)).unwrap();
@@ -248,7 +249,7 @@ impl Pod {
         let trust = pod.mounted("/etc/gateway/trust");
         std::fs::create_dir_all(&trust).unwrap();
         std::fs::copy(
-            pod._pki.path("client-roots.pem"),
+            pod.pki.path("client-roots.pem"),
             trust.join("client-roots.pem"),
         )
         .unwrap();
@@ -256,10 +257,7 @@ impl Pod {
         let next_update = time::OffsetDateTime::now_utc() + time::Duration::days(30);
         std::fs::write(
             trust.join("crl.pem"),
-            pod._pki
-                .intermediate
-                .crl_until(1, &[], next_update)
-                .unwrap(),
+            pod.pki.intermediate.crl_until(1, &[], next_update).unwrap(),
         )
         .unwrap();
 
