@@ -91,9 +91,12 @@ fn tools(test: &str) -> Option<Tools> {
     Some(Tools { validate, python })
 }
 
+/// Every document of every manifest: (file name, document).
+type Docs = Vec<(String, Value)>;
+
 /// Every document of every manifest, as PyYAML (the validator's reader)
 /// reads it: (file name, document).
-fn documents(tools: &Tools) -> Vec<(String, Value)> {
+fn documents(tools: &Tools) -> Docs {
     let script = r#"
 import json, sys, yaml
 for name in sys.argv[1:]:
@@ -129,7 +132,7 @@ for name in sys.argv[1:]:
         .collect()
 }
 
-fn resource<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+fn resource<'a>(docs: &'a Docs, kind: &str, name: &str) -> &'a Value {
     let found: Vec<&Value> = docs
         .iter()
         .map(|(_, d)| d)
@@ -139,13 +142,18 @@ fn resource<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Valu
     found[0]
 }
 
-fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
-    pod[list]
-        .as_array()
-        .unwrap_or_else(|| panic!("no {list}"))
+/// The entry called `name` in a list of named objects (containers,
+/// volumes, env).
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a list: {list}"))
         .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no {list} entry {name}"))
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+fn container<'a>(pod: &'a Value, list: &str, name: &str) -> &'a Value {
+    named(&pod[list], name)
 }
 
 fn validate(tools: &Tools, files: &[PathBuf], version: &str) -> std::process::Output {
@@ -205,20 +213,13 @@ struct Pod {
 }
 
 impl Pod {
-    fn new(docs: &[(String, Value)]) -> Pod {
+    fn new(docs: &Docs) -> Pod {
         use std::os::unix::fs::PermissionsExt as _;
         let pki = Pki::new();
         let root = tempfile::tempdir().unwrap();
         let pod = Pod { pki, root };
         let spec = &resource(docs, "DaemonSet", "gateway")["spec"]["template"]["spec"];
-        let volume = |name: &str| -> &Value {
-            spec["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["name"] == name)
-                .unwrap_or_else(|| panic!("no volume {name}"))
-        };
+        let volume = |name: &str| named(&spec["volumes"], name);
 
         let config = pod.mounted("/etc/gateway/config");
         std::fs::create_dir_all(&config).unwrap();
@@ -285,7 +286,7 @@ impl Pod {
 
     /// The init container's script, run here with `sh` as the pod runs it
     /// (its paths relocated): the rendered /run/gateway/gateway.toml.
-    fn render(&self, docs: &[(String, Value)], variant: &str, node: &str) -> PathBuf {
+    fn render(&self, docs: &Docs, variant: &str, node: &str) -> PathBuf {
         let spec = &resource(docs, "DaemonSet", "gateway")["spec"]["template"]["spec"];
         let init = container(spec, "initContainers", "render-config");
         let command: Vec<&str> = init["command"]
@@ -296,14 +297,7 @@ impl Pod {
             .collect();
         assert_eq!(command[..2], ["/bin/sh", "-ec"], "{command:?}");
         // The node's name from the downward API, and which variant.
-        let env = |name: &str| -> &Value {
-            init["env"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|e| e["name"] == name)
-                .unwrap_or_else(|| panic!("no env {name}"))
-        };
+        let env = |name: &str| named(&init["env"], name);
         assert_eq!(
             env("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
             "spec.nodeName"
@@ -328,30 +322,27 @@ impl Pod {
     }
 }
 
+/// The manifests as read, and a pod's files laid out from them; None
+/// (SKIP) without the validator.
+fn example(test: &str) -> Option<(Docs, Pod)> {
+    let docs = documents(&tools(test)?);
+    let pod = Pod::new(&docs);
+    Some((docs, pod))
+}
+
+/// `gateway check --config CONFIG`: (passed, what it said).
 fn check(config: &Path) -> (bool, String) {
-    let out = Command::new(gateway_binary())
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    let (code, stdout, stderr) = cli(&["check".as_ref(), "--config".as_ref(), config.as_os_str()]);
+    (code == 0, format!("{stdout}{stderr}"))
 }
 
 #[test]
 fn the_standalone_config_as_the_pod_renders_it_passes_gateway_check() {
-    let Some(tools) = tools("the_standalone_config_as_the_pod_renders_it_passes_gateway_check")
+    let Some((docs, pod)) =
+        example("the_standalone_config_as_the_pod_renders_it_passes_gateway_check")
     else {
         return;
     };
-    let docs = documents(&tools);
-    let pod = Pod::new(&docs);
     let config = pod.render(&docs, "standalone.toml", "node-a");
     let (ok, out) = check(&config);
     assert!(
@@ -379,11 +370,10 @@ fn the_standalone_config_as_the_pod_renders_it_passes_gateway_check() {
 
 #[test]
 fn the_fleet_config_keeps_the_standalone_host_local_settings() {
-    let Some(tools) = tools("the_fleet_config_keeps_the_standalone_host_local_settings") else {
+    let Some((docs, pod)) = example("the_fleet_config_keeps_the_standalone_host_local_settings")
+    else {
         return;
     };
-    let docs = documents(&tools);
-    let pod = Pod::new(&docs);
     let fleet: toml::Table = std::fs::read_to_string(pod.render(&docs, "gateway.toml", "node-a"))
         .unwrap()
         .parse()
@@ -441,11 +431,9 @@ fn status(admin: SocketAddr, path: &str) -> u16 {
 
 #[test]
 fn the_probes_and_ports_are_the_gateways() {
-    let Some(tools) = tools("the_probes_and_ports_are_the_gateways") else {
+    let Some((docs, pod)) = example("the_probes_and_ports_are_the_gateways") else {
         return;
     };
-    let docs = documents(&tools);
-    let pod = Pod::new(&docs);
     let config = pod.render(&docs, "standalone.toml", "node-a");
     let text = std::fs::read_to_string(&config).unwrap();
     let parsed = gateway::Config::load(&config).unwrap();
@@ -550,11 +538,9 @@ fn unit_capabilities(unit: &str, feature: &str) -> BTreeSet<String> {
 
 #[test]
 fn the_capabilities_are_the_units_and_the_gateways() {
-    let Some(tools) = tools("the_capabilities_are_the_units_and_the_gateways") else {
+    let Some((docs, pod)) = example("the_capabilities_are_the_units_and_the_gateways") else {
         return;
     };
-    let docs = documents(&tools);
-    let pod = Pod::new(&docs);
     let config = gateway::Config::load(&pod.render(&docs, "standalone.toml", "node-a")).unwrap();
     let unit = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway.service"),
@@ -619,11 +605,9 @@ fn the_capabilities_are_the_units_and_the_gateways() {
 
 #[test]
 fn a_rollout_drains_before_the_kubelet_kills() {
-    let Some(tools) = tools("a_rollout_drains_before_the_kubelet_kills") else {
+    let Some((docs, pod)) = example("a_rollout_drains_before_the_kubelet_kills") else {
         return;
     };
-    let docs = documents(&tools);
-    let pod = Pod::new(&docs);
     let config = gateway::Config::load(&pod.render(&docs, "standalone.toml", "node-a")).unwrap();
     let daemonset = &resource(&docs, "DaemonSet", "gateway")["spec"];
     let grace = daemonset["template"]["spec"]["terminationGracePeriodSeconds"]
