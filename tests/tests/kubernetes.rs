@@ -500,6 +500,16 @@ fn the_probes_and_ports_are_the_gateways() {
         });
     }
     assert_eq!(status(admin, "/livez"), 404);
+
+    // On SIGTERM, while a connection keeps the drain going, readiness
+    // says 503 and liveness stays 200: the node leaves service, and the
+    // kubelet does not kill the drain for a failed liveness probe.
+    let listener = wait_listening(&log);
+    let held = std::net::TcpStream::connect(listener).unwrap();
+    signal(&gw.0, "TERM");
+    wait_for("readyz 503 on SIGTERM", || status(admin, "/readyz") == 503);
+    assert_eq!(status(admin, "/healthz"), 200);
+    drop(held);
     drop(gw);
 }
 
