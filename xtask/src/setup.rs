@@ -38,6 +38,7 @@ pub fn run() -> anyhow::Result<()> {
     cargo_fuzz()?;
     debian_packages(DEBIAN_PACKAGES)?;
     prometheus_parser()?;
+    kubernetes_validate()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -136,7 +137,7 @@ fn cargo_fuzz() -> anyhow::Result<()> {
 /// tests/tests/metrics.rs parses a scrape with: in a venv of its own under
 /// the tool home, since Debian's Python refuses `pip install` outside one.
 fn prometheus_parser() -> anyhow::Result<()> {
-    let venv = tool_home().join("python");
+    let venv = venv();
     let python = venv.join("bin/python3");
     let present =
         || cmd::succeeds(Command::new(&python).args(["-c", "import prometheus_client.parser"]));
@@ -144,7 +145,7 @@ fn prometheus_parser() -> anyhow::Result<()> {
         eprintln!("xtask: Prometheus' Python client: present");
         return Ok(());
     }
-    cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    make_venv(&venv)?;
     cmd::run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "prometheus-client"]))?;
     if !present() {
         bail!(
@@ -153,6 +154,58 @@ fn prometheus_parser() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The release of `kubernetes-validate` (PyPI) the tests pin: it carries
+/// the Kubernetes JSON schemas (1.25 to 1.37) in the package, so it runs
+/// offline once installed.
+const KUBERNETES_VALIDATE: &str = "1.37.0";
+
+/// `kubernetes-validate`, the schema check tests/tests/kubernetes.rs runs
+/// on examples/kubernetes/, in the same venv as Prometheus' parser.
+fn kubernetes_validate() -> anyhow::Result<()> {
+    let venv = venv();
+    let bin = kubernetes_validate_bin();
+    // `--version` prints the bare number.
+    let version = || cmd::output(Command::new(&bin).arg("--version"));
+    if version().is_some_and(|v| v.trim() == KUBERNETES_VALIDATE) {
+        eprintln!("xtask: kubernetes-validate {KUBERNETES_VALIDATE}: present");
+        return Ok(());
+    }
+    make_venv(&venv)?;
+    cmd::run(Command::new(venv.join("bin/python3")).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE}"),
+    ]))?;
+    match version() {
+        Some(v) if v.trim() == KUBERNETES_VALIDATE => Ok(()),
+        other => bail!(
+            "kubernetes-validate {KUBERNETES_VALIDATE} was installed into {} but says {other:?}",
+            venv.display()
+        ),
+    }
+}
+
+/// Where `cargo xtask setup` installs `kubernetes-validate`; `cargo xtask
+/// test` hands it to the tests, which then must run it.
+pub fn kubernetes_validate_bin() -> PathBuf {
+    venv().join("bin/kubernetes-validate")
+}
+
+/// The venv of the Python tools the tests use as oracles (Debian's Python
+/// refuses `pip install` outside one).
+fn venv() -> PathBuf {
+    tool_home().join("python")
+}
+
+fn make_venv(venv: &Path) -> anyhow::Result<()> {
+    if venv.join("bin/python3").exists() {
+        return Ok(());
+    }
+    cmd::run(Command::new("python3").args(["-m", "venv"]).arg(venv))
 }
 
 fn find_libllvm(lib_dir: &Path) -> anyhow::Result<PathBuf> {

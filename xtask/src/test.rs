@@ -29,6 +29,12 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
         }
         Err(e) => eprintln!("xtask: no systemd-analyze from bookworm-backports: {e:#}"),
     }
+    // tests/tests/kubernetes.rs skips without kubernetes-validate when run
+    // by hand; here it must find the one `cargo xtask setup` installs.
+    test.env(
+        "KUBERNETES_VALIDATE",
+        crate::setup::kubernetes_validate_bin(),
+    );
     cmd::run(&mut test)?;
     // The gateway's own protocol code against maintained implementations:
     // a short run of every fuzz target from its committed corpus.
