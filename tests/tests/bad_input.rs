@@ -463,9 +463,11 @@ async fn absurd_client_chains_are_refused_quickly_and_counted() {
         round.push(der(&stranger.cert_pem));
         round.push(der(&pki.intermediate.cert_pem));
     }
+    let (look_alikes, look_alike_key) = look_alike_chain();
     for (name, chain, key) in [
         ("deep", deep, leaf.key_pem.clone()),
         ("round", round, stranger_leaf.key_pem.clone()),
+        ("look-alikes", look_alikes, look_alike_key),
     ] {
         let creds = ClientCreds {
             chain,
@@ -510,4 +512,81 @@ async fn absurd_client_chains_are_refused_quickly_and_counted() {
     allowed_from(&pki, ORDERS, "127.0.0.1", gw.app_addr)
         .await
         .unwrap();
+}
+
+/// 60 self-signed CAs all named like the test PKI's intermediate (a public
+/// name: the gateway's own chain shows it), after a leaf signed by one of
+/// them: no certificate of the PKI's. Made once, it can be replayed.
+fn look_alike_chain() -> (Vec<rustls::pki_types::CertificateDer<'static>>, String) {
+    let leaf_spec = gateway::pki::LeafSpec::client("frontend", &[SPIFFE_FRONTEND]);
+    let fakes: Vec<gateway::pki::Authority> = (0..60)
+        .map(|_| gateway::pki::Authority::root("gateway test intermediate").unwrap())
+        .collect();
+    let leaf = fakes[0].issue(&leaf_spec).unwrap();
+    let mut chain = vec![der(&leaf.cert_pem)];
+    chain.extend(fakes.iter().rev().map(|f| der(&f.cert_pem)));
+    (chain, leaf.key_pem)
+}
+
+/// CPU is not the stranger's to choose: webpki tries every certificate
+/// named like an issuer it looks for, so a chain of 60 look-alikes cost the
+/// gateway about 30 times an allowed handshake (90 ms against 3 ms, release)
+/// before the chain was capped. Measured as the gateway process's own CPU
+/// (the built binary), so the test's clients do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_look_alikes_costs_no_more_than_an_allowed_handshake() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let access_log = pki.path("access.log");
+    let toml = format!("access_log = \"{}\"\n", access_log.display())
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nkernel_block_list = false\npin = false\nexempt = [\"127.0.0.0/8\"]\n";
+    let config = pki.write("gateway.toml", &toml);
+    let stderr = pki.path("gateway.stderr");
+    let gw = gateway_tests::process::run_binary(&config, &stderr, &[]);
+    let addr = gateway_tests::process::wait_listening(&stderr);
+    let cpu = || gateway_tests::cost::process_cpu_ns(gw.0.id());
+    let (chain, key_pem) = look_alike_chain();
+    let crafted = pki.client_config(Some(&ClientCreds {
+        chain,
+        key_pem,
+        cert_path: pki.path("unused.pem"),
+        key_path: pki.path("unused.key"),
+    }));
+    const N: u64 = 30;
+    // Warm both paths.
+    allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.unwrap();
+    let _ = connect(addr, ORDERS, crafted.clone()).await;
+    let before = cpu();
+    for _ in 0..N {
+        allowed_from(&pki, ORDERS, "127.0.0.1", addr).await.unwrap();
+    }
+    let allowed = (cpu() - before) / N;
+    let before = cpu();
+    for _ in 0..N {
+        if let Ok(tls) = connect(addr, ORDERS, crafted.clone()).await {
+            assert!(
+                echo_roundtrip(tls, b"x".to_vec()).await.is_err(),
+                "a look-alike chain was served"
+            );
+        }
+    }
+    let crafted = (cpu() - before) / N;
+    eprintln!(
+        "gateway CPU per handshake: allowed {:.2} ms, 61 look-alike certificates {:.2} ms",
+        allowed as f64 / 1e6,
+        crafted as f64 / 1e6
+    );
+    assert!(
+        crafted <= 3 * allowed,
+        "a certless chain cost {:.1}x an allowed handshake",
+        crafted as f64 / allowed.max(1) as f64
+    );
+    drop(gw);
+    let log = std::fs::read_to_string(&access_log).unwrap();
+    assert!(
+        log.contains("sent 60 CA certificates after its leaf; at most 4"),
+        "{log}"
+    );
 }

@@ -205,12 +205,20 @@ impl Bundle {
     /// any CRL of its issuer without an issuing distribution point. Only
     /// when the leaf's issuer has scoped CRLs alone does a second, strict
     /// pass over the leaf decide, with webpki's own scope rules.
+    ///
+    /// A chain with more than [`MAX_INTERMEDIATES`] CA certificates is
+    /// refused before any path search (see there).
     pub fn verify(
         &self,
         leaf: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Verified, Error> {
+        if intermediates.len() > MAX_INTERMEDIATES {
+            let why = ChainTooLong(intermediates.len());
+            tracing::debug!(reason = %why, "client chain refused");
+            return Err(CertificateError::Other(OtherError(Arc::new(why))).into());
+        }
         let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
         let chain = self.check(
             &ee,
@@ -304,6 +312,29 @@ impl Bundle {
             ca_not_after,
             crl_next_update,
         })
+    }
+}
+
+/// The most CA certificates a client may send after its leaf. A real
+/// chain is a leaf and one to three CAs. webpki's path search tries every
+/// certificate whose subject matches an issuer it looks for, a signature
+/// check each, so a chain of look-alikes named like a real CA (its name is
+/// public) costs the gateway 30 to 60 times an allowed handshake at 60
+/// certificates, before anything tells the sender from a client; at four
+/// the search is a few checks.
+pub const MAX_INTERMEDIATES: usize = 4;
+
+/// A client chain longer than [`MAX_INTERMEDIATES`] allows.
+#[derive(thiserror::Error)]
+#[error(
+    "the client sent {0} CA certificates after its leaf; at most {MAX_INTERMEDIATES} are accepted"
+)]
+struct ChainTooLong(usize);
+
+/// rustls shows an `OtherError` with `Debug`: say it in words there too.
+impl std::fmt::Debug for ChainTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -512,6 +543,32 @@ mod tests {
         assert_eq!(merged.crls()[0].number, newer[0].number);
         let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
         assert_eq!(logged, "");
+    }
+
+    /// Four CAs after the leaf verify, look-alikes among them; one more
+    /// refuses the whole chain before webpki searches it, saying why.
+    #[test]
+    fn a_chain_longer_than_max_intermediates_is_refused_before_any_search() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Authority::root("long root").unwrap();
+        let int = root.intermediate("long intermediate").unwrap();
+        let leaf = der(&int
+            .issue(&LeafSpec::client("c", &["dns:c.example"]))
+            .unwrap()
+            .cert_pem);
+        let look_alike = || der(&Authority::root("long intermediate").unwrap().cert_pem);
+        let mut chain = vec![look_alike(), der(&int.cert_pem)];
+        chain.extend((2..MAX_INTERMEDIATES).map(|_| look_alike()));
+        let bundle = bundle(dir.path(), &root, &[]);
+        let now = UnixTime::now();
+        bundle.verify(&leaf, &chain, now).expect("four CAs verify");
+        chain.push(look_alike());
+        let err = bundle.verify(&leaf, &chain, now).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("sent 5 CA certificates after its leaf; at most 4"),
+            "{err}"
+        );
     }
 
     /// The tick closes a connection once a CRL covering its chain is past
