@@ -629,7 +629,7 @@ async fn an_access_log_nobody_reads_never_stalls_serving() {
         + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
     let config = pki.write("gateway.toml", &with_test_defaults(&toml));
     let stderr = pki.path("gateway.stderr");
-    let _gw = run_binary(&config, &stderr, &[]);
+    let mut gw = run_binary(&config, &stderr, &[]);
     let addr = wait_listening(&stderr);
     let started = Instant::now();
     for i in 0..40 {
@@ -665,4 +665,18 @@ async fn an_access_log_nobody_reads_never_stalls_serving() {
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("40 clients served in {served:?} with the log blocked");
+    // Blocked again, for good: a SIGTERM still ends the gateway, after the
+    // writer's grace.
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    while filler.write(&[b'\n'; 4096]).is_ok() {}
+    passes(addr, ORDERS, pki.frontend_config(), b"blocked for good").await;
+    signal(&gw.0, "TERM");
+    let status = exits_within(&mut gw.0, Duration::from_secs(15))
+        .expect("the gateway did not exit with its access log blocked");
+    assert!(status.success(), "{status}");
+    drop(reader);
 }
