@@ -539,3 +539,98 @@ pub fn now_rfc3339() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(i: u32) -> Option<IpAddr> {
+        Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+    }
+
+    #[test]
+    fn a_reason_writes_its_burst_then_its_rate_and_summarizes_the_rest() {
+        let suppressed = Arc::new(Suppressed::default());
+        let mut bound = Bound::new(Duration::from_secs(10), suppressed.clone());
+        let t0 = Instant::now();
+        let written = (0..100)
+            .filter(|i| bound.take("timeout", source(*i), t0))
+            .count();
+        assert_eq!(written, 32);
+        // Another reason has a bucket of its own.
+        assert!(bound.take("protocol", source(0), t0));
+        // A second later, four more.
+        let t1 = t0 + Duration::from_secs(1);
+        let written = (0..10)
+            .filter(|i| bound.take("timeout", source(*i), t1))
+            .count();
+        assert_eq!(written, 4);
+        assert_eq!(suppressed.counts(), vec![("timeout", 68 + 6)]);
+        // Not due before a period has passed since the first held back.
+        assert!(
+            bound
+                .summaries(t0 + Duration::from_secs(9), false)
+                .is_empty()
+        );
+        let due = bound.summaries(t0 + Duration::from_secs(10), false);
+        assert_eq!(due.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(due[0].trim_end()).unwrap();
+        assert_eq!(
+            v["summary"],
+            "74 more timeout from 74 sources suppressed in the last 10s"
+        );
+        assert_eq!(v["suppressed"], 74);
+        // Said once: nothing held since.
+        assert!(
+            bound
+                .summaries(t0 + Duration::from_secs(30), true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_summary_counts_sources_in_bounded_memory() {
+        let mut bound = Bound::new(Duration::from_secs(1), Arc::default());
+        let t0 = Instant::now();
+        for i in 0..(SOURCES_COUNTED as u32 + 5000) {
+            bound.take("protocol", source(i), t0);
+        }
+        assert_eq!(bound.reasons["protocol"].sources.len(), SOURCES_COUNTED);
+        let due = bound.summaries(t0, true);
+        assert!(
+            due[0].contains(&format!("from at least {SOURCES_COUNTED} sources")),
+            "{}",
+            due[0]
+        );
+    }
+
+    #[test]
+    fn only_unauthenticated_failures_are_bounded() {
+        let record = |failure, identity: Option<Vec<String>>| AccessRecord {
+            time: String::new(),
+            listener: "edge".into(),
+            route: None,
+            mode: None,
+            client: "192.0.2.1:5000".into(),
+            sni: None,
+            identity,
+            verdict: Verdict::Deny,
+            reason: String::new(),
+            backend: None,
+            client_to_backend_bytes: 0,
+            backend_to_client_bytes: 0,
+            duration_ms: 0,
+            tls_version: None,
+            cipher_suite: None,
+            offload: None,
+            offload_reason: None,
+            failure,
+        };
+        assert_eq!(record(Some("timeout"), None).bounded_by(), Some("timeout"));
+        // A verified client refused by policy: only a certificate holder
+        // can cause that line.
+        let who = Some(vec!["spiffe://example.internal/a".to_owned()]);
+        assert_eq!(record(Some("policy"), who).bounded_by(), None);
+        assert_eq!(record(None, None).bounded_by(), None);
+    }
+}
