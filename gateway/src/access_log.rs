@@ -604,9 +604,52 @@ mod tests {
         );
     }
 
-    #[test]
-    fn only_unauthenticated_failures_are_bounded() {
-        let record = |failure, identity: Option<Vec<String>>| AccessRecord {
+    /// A writer blocked on a pipe nobody reads: `emit` never waits; the
+    /// queue takes 4096 lines, the writer one, and the rest are lost,
+    /// counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_full_queue_loses_counted_lines_and_never_blocks() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("log");
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; mkfifo only reads it.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut filler = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        while filler.write(&[b'\n'; 4096]).is_ok() {}
+        let lost = Arc::new(AtomicU64::new(0));
+        let log = AccessLog::open(
+            "log",
+            dir.path(),
+            lost.clone(),
+            Arc::default(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let started = Instant::now();
+        for _ in 0..QUEUED_LINES + 200 {
+            log.emit(record(None, None));
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "emit waited");
+        // The writer may not have taken its line off the queue yet.
+        let lost = lost.load(Ordering::Relaxed);
+        assert!((199..=200).contains(&lost), "{lost} lost");
+        drop(reader);
+        drop(filler);
+    }
+
+    fn record(failure: Option<&'static str>, identity: Option<Vec<String>>) -> AccessRecord {
+        AccessRecord {
             time: String::new(),
             listener: "edge".into(),
             route: None,
@@ -625,7 +668,11 @@ mod tests {
             offload: None,
             offload_reason: None,
             failure,
-        };
+        }
+    }
+
+    #[test]
+    fn only_unauthenticated_failures_are_bounded() {
         assert_eq!(record(Some("timeout"), None).bounded_by(), Some("timeout"));
         // A verified client refused by policy: only a certificate holder
         // can cause that line.
