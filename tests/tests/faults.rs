@@ -601,7 +601,7 @@ async fn a_flood_of_failed_handshakes_takes_a_bounded_number_of_access_log_lines
 /// the reader reads, the lines come, whole.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_access_log_nobody_reads_never_stalls_serving() {
-    use std::io::{Read as _, Write as _};
+    use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
@@ -613,17 +613,8 @@ async fn an_access_log_nobody_reads_never_stalls_serving() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    // Fill the pipe with empty lines, so the gateway's first write blocks.
-    let mut filler = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
-    let mut filled = 0;
-    while let Ok(n) = filler.write(&[b'\n'; 4096]) {
-        filled += n;
-    }
-    assert!(filled > 0);
+    // Empty lines fill the pipe, so the gateway's first write blocks.
+    let filler = fill(&fifo);
     let toml = format!("access_log = \"{}\"\n", fifo.display())
         + &listener_toml(&pki, "edge", "")
         + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
@@ -667,16 +658,29 @@ async fn an_access_log_nobody_reads_never_stalls_serving() {
     eprintln!("40 clients served in {served:?} with the log blocked");
     // Blocked again, for good: a SIGTERM still ends the gateway, after the
     // writer's grace.
-    let mut filler = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .unwrap();
-    while filler.write(&[b'\n'; 4096]).is_ok() {}
+    let filler = fill(&fifo);
     passes(addr, ORDERS, pki.frontend_config(), b"blocked for good").await;
     signal(&gw.0, "TERM");
     let status = exits_within(&mut gw.0, Duration::from_secs(15))
         .expect("the gateway did not exit with its access log blocked");
     assert!(status.success(), "{status}");
-    drop(reader);
+    drop((reader, filler));
+}
+
+/// Fills the pipe of `fifo` (a reader holds it open) with empty lines;
+/// the writing end it gives back keeps them there.
+fn fill(fifo: &std::path::Path) -> std::fs::File {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .unwrap();
+    let mut filled = 0;
+    while let Ok(n) = filler.write(&[b'\n'; 4096]) {
+        filled += n;
+    }
+    assert!(filled > 0, "the pipe was full already");
+    filler
 }
