@@ -366,8 +366,37 @@ pub struct BlockEntry {
     pub expires_ns: u64,
     /// One of [`block_reason`].
     pub reason: u32,
+    /// The length of the prefix this entry blocks (its key's), so that
+    /// the program, finding it expired, can look for a wider entry still
+    /// in force under it. 0 (a /0, or an entry a gateway before this field
+    /// wrote in a pinned map): nothing wider to look for.
+    pub prefix_len: u32,
+}
+
+/// Levels of the block list the program consults for one source, longest
+/// prefix first, past entries that expired: the address, its /24 or /64,
+/// its /16 or /48 (the levels the gateway blocks at), and one wider an
+/// operator may have added. Bounded for the verifier; past them it fails
+/// open (the gateway still refuses at accept).
+pub const BLOCK_LEVELS: u32 = 4;
+
+/// Listeners the kernel block list judges connections to.
+pub const MAX_BLOCK_LISTENERS: u32 = 1024;
+
+/// A listener the block list judges new connections to: its address and
+/// port. An all-zero `addr` is a wildcard listener (any local address of
+/// the family).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockListener {
+    /// IPv4 in the first 4 bytes (the rest zero), or IPv6.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
     /// Explicit padding.
-    pub _pad: u32,
+    pub _pad: u8,
 }
 
 #[cfg(feature = "user")]
@@ -399,4 +428,6 @@ mod user {
     unsafe impl aya::Pod for super::LocalTally {}
     // SAFETY: as above (16 bytes, no implicit padding).
     unsafe impl aya::Pod for super::BlockEntry {}
+    // SAFETY: as above (20 bytes, no implicit padding).
+    unsafe impl aya::Pod for super::BlockListener {}
 }

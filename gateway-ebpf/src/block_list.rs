@@ -1,24 +1,29 @@
 //! `block_list`: the gateway's admission block list, an XDP program on the
 //! interfaces its listeners are reached through (native where the driver
 //! has XDP, generic elsewhere). A new connection (a TCP SYN without ACK) to
-//! a listener's port from a blocked source is dropped before the kernel
+//! a listener (its address and port; a wildcard listener's port on any
+//! local address) from a blocked source is dropped before the kernel
 //! builds a request socket for it; every other packet passes, so
-//! connections a blocked source already holds are left to the gateway.
+//! connections a blocked source already holds, and the host's other
+//! services on the same port of another address, are left alone.
 //!
 //! Fail open: this is the early copy of a list the gateway also checks at
 //! accept, so a packet the program cannot parse (an unknown interface,
 //! VLAN tags or IPv6 extension headers deeper than it walks, a fragment)
-//! passes, counted. An entry past its expiry passes too: a list nobody
-//! tends any more cannot block anyone for longer than it was told.
+//! passes, counted. An entry past its expiry blocks nothing: a list nobody
+//! tends any more cannot block anyone for longer than it was told. Past an
+//! expired entry the program looks for a wider one still in force (as the
+//! gateway does), up to `BLOCK_LEVELS` entries deep.
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use gateway_common::{
-    BlockEntry, LinkKind, MAX_BLOCKED, MAX_INTERFACES, block_counter, block_reason,
+    BLOCK_LEVELS, BlockEntry, BlockListener, LinkKind, MAX_BLOCK_LISTENERS, MAX_BLOCKED,
+    MAX_INTERFACES, block_counter, block_reason,
 };
 
 use crate::budget::{bump, now_ns};
@@ -32,9 +37,11 @@ static BLOCK_V4: LpmTrie<[u8; 4], BlockEntry> =
 static BLOCK_V6: LpmTrie<[u8; 16], BlockEntry> =
     LpmTrie::with_max_entries(MAX_BLOCKED, BPF_F_NO_PREALLOC);
 
-/// Per TCP port: nonzero when one of the gateway's listeners is bound to it.
+/// The gateway's listeners (address and port; an all-zero address for a
+/// wildcard listener): only new connections to them are judged.
 #[map]
-static BLOCK_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+static BLOCK_LISTENERS: HashMap<BlockListener, u8> =
+    HashMap::with_max_entries(MAX_BLOCK_LISTENERS, BPF_F_NO_PREALLOC);
 
 /// The interfaces the program is attached to (by ifindex) and where their
 /// network header starts.
@@ -82,10 +89,12 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 
 /// What the parser found: a new connection to judge, or not.
 enum Parsed {
-    /// A TCP SYN to `port` from `source` (IPv4 in the first 4 bytes).
+    /// A TCP SYN from `source` to `dest`:`port` (IPv4 in the first 4
+    /// bytes, the rest zero).
     Syn {
         v6: bool,
         source: [u8; 16],
+        dest: [u8; 16],
         port: u16,
     },
     /// Not a new TCP connection: passes unjudged.
@@ -95,39 +104,103 @@ enum Parsed {
 }
 
 fn dropped(ctx: &XdpContext) -> bool {
-    let (v6, source, port) = match parse(ctx) {
-        Parsed::Syn { v6, source, port } => (v6, source, port),
+    let (v6, source, dest, port) = match parse(ctx) {
+        Parsed::Syn {
+            v6,
+            source,
+            dest,
+            port,
+        } => (v6, source, dest, port),
         Parsed::Other => return false,
         Parsed::Unparsed => {
             bump(&BLOCK_COUNTERS, block_counter::UNPARSED);
             return false;
         }
     };
-    if !BLOCK_PORTS.get(u32::from(port)).is_some_and(|p| *p != 0) {
+    if !to_listener(v6, dest, port) {
         return false;
     }
     bump(&BLOCK_COUNTERS, block_counter::JUDGED);
-    let entry = if v6 {
-        BLOCK_V6.get(&Key::new(128, source)).copied()
-    } else {
-        BLOCK_V4
-            .get(&Key::new(32, [source[0], source[1], source[2], source[3]]))
-            .copied()
-    };
-    let Some(entry) = entry else {
-        return false;
-    };
-    if now_ns() > entry.expires_ns {
-        bump(&BLOCK_COUNTERS, block_counter::EXPIRED);
-        return false;
+    match blocking(v6, source) {
+        Found::Blocked(reason) => {
+            bump(&BLOCK_COUNTERS, reason);
+            true
+        }
+        Found::Expired => {
+            bump(&BLOCK_COUNTERS, block_counter::EXPIRED);
+            false
+        }
+        Found::Nothing => false,
     }
-    let reason = if entry.reason < block_reason::COUNT {
-        entry.reason
-    } else {
-        block_reason::STRIKES
+}
+
+/// Whether one of the gateway's listeners is on `dest`:`port`: bound to
+/// that address, or to the family's wildcard.
+#[inline(always)]
+fn to_listener(v6: bool, dest: [u8; 16], port: u16) -> bool {
+    let mut key = BlockListener {
+        addr: dest,
+        port,
+        family: if v6 { 6 } else { 4 },
+        _pad: 0,
     };
-    bump(&BLOCK_COUNTERS, reason);
-    true
+    // SAFETY: the value is only tested for presence.
+    if unsafe { BLOCK_LISTENERS.get(&key) }.is_some() {
+        return true;
+    }
+    key.addr = [0; 16];
+    // SAFETY: as above.
+    unsafe { BLOCK_LISTENERS.get(&key) }.is_some()
+}
+
+/// What the block list holds for a source.
+enum Found {
+    /// An entry in force, with its reason's counter.
+    Blocked(u32),
+    /// Only entries past their expiry (passes).
+    Expired,
+    Nothing,
+}
+
+/// The entry in force for `source`: the longest matching prefix, and when
+/// that one has expired the longest one shorter than it, and so on, up to
+/// `BLOCK_LEVELS` entries (the gateway's own check looks at every level).
+#[inline(always)]
+fn blocking(v6: bool, source: [u8; 16]) -> Found {
+    let now = now_ns();
+    let mut len: u32 = if v6 { 128 } else { 32 };
+    let mut found = Found::Nothing;
+    let mut level = 0;
+    while level < BLOCK_LEVELS {
+        let entry = if v6 {
+            BLOCK_V6.get(&Key::new(len, source)).copied()
+        } else {
+            BLOCK_V4
+                .get(&Key::new(len, [source[0], source[1], source[2], source[3]]))
+                .copied()
+        };
+        let Some(entry) = entry else {
+            return found;
+        };
+        if now <= entry.expires_ns {
+            let reason = if entry.reason < block_reason::COUNT {
+                entry.reason
+            } else {
+                block_reason::STRIKES
+            };
+            return Found::Blocked(reason);
+        }
+        found = Found::Expired;
+        // Wider than this one, or nothing left to look for (a /0, an
+        // entry without its length, or one the trie could not have
+        // matched at `len`).
+        if entry.prefix_len == 0 || entry.prefix_len > len {
+            return found;
+        }
+        len = entry.prefix_len - 1;
+        level += 1;
+    }
+    found
 }
 
 fn parse(ctx: &XdpContext) -> Parsed {
@@ -192,7 +265,12 @@ fn parse_v4(ctx: &XdpContext, ip: usize) -> Parsed {
     source[1] = head[13];
     source[2] = head[14];
     source[3] = head[15];
-    tcp_syn(ctx, ip + ihl, false, source)
+    let mut dest = [0u8; 16];
+    dest[0] = head[16];
+    dest[1] = head[17];
+    dest[2] = head[18];
+    dest[3] = head[19];
+    tcp_syn(ctx, ip + ihl, false, source, dest)
 }
 
 const HOP_BY_HOP: u8 = 0;
@@ -209,9 +287,11 @@ fn parse_v6(ctx: &XdpContext, ip: usize) -> Parsed {
         return Parsed::Other;
     }
     let mut source = [0u8; 16];
+    let mut dest = [0u8; 16];
     let mut i = 0;
     while i < 16 {
         source[i] = head[8 + i];
+        dest[i] = head[24 + i];
         i += 1;
     }
     let mut next = head[6];
@@ -235,14 +315,14 @@ fn parse_v6(ctx: &XdpContext, ip: usize) -> Parsed {
         walked += 1;
     }
     match next {
-        IPPROTO_TCP => tcp_syn(ctx, at, true, source),
+        IPPROTO_TCP => tcp_syn(ctx, at, true, source, dest),
         HOP_BY_HOP | ROUTING | FRAGMENT | DEST_OPTS => Parsed::Unparsed,
         _ => Parsed::Other,
     }
 }
 
 /// The TCP header at `l4`: a SYN without ACK is a new connection.
-fn tcp_syn(ctx: &XdpContext, l4: usize, v6: bool, source: [u8; 16]) -> Parsed {
+fn tcp_syn(ctx: &XdpContext, l4: usize, v6: bool, source: [u8; 16], dest: [u8; 16]) -> Parsed {
     let Some(head) = read::<[u8; 14]>(ctx, l4) else {
         return Parsed::Unparsed;
     };
@@ -253,6 +333,7 @@ fn tcp_syn(ctx: &XdpContext, l4: usize, v6: bool, source: [u8; 16]) -> Parsed {
     Parsed::Syn {
         v6,
         source,
+        dest,
         port: u16::from_be_bytes([head[2], head[3]]),
     }
 }

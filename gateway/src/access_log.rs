@@ -2,11 +2,25 @@
 //!
 //! The same records go to in-process subscribers (tests, later the admin
 //! side), so what is asserted is exactly what the operator reads.
+//!
+//! A peer without a certificate must not be able to drive the log (#19):
+//! lines for connections that failed their handshake without a verified
+//! identity (refusals, evictions, timeouts, bad input) are bounded per
+//! failure reason by a token bucket, and what is held back is summarized
+//! and counted (`gateway_access_log_suppressed_total{reason}`). Lines of
+//! authenticated or served connections are never held back. Lines are
+//! written by a thread of their own through a bounded queue: a slow or
+//! full disk (or a pipe nobody reads) loses counted lines, and never
+//! stalls a connection's task.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -52,7 +66,33 @@ pub struct AccessRecord {
     /// Why a connection that could have been offloaded stayed in userspace.
     #[serde(default)]
     pub offload_reason: Option<String>,
+    /// How its handshake failed, as `gateway_handshake_failures_total`
+    /// names it (`timeout`, `protocol`…), when it failed. Not written: it
+    /// is what bounds the line.
+    #[serde(skip)]
+    pub failure: Option<&'static str>,
 }
+
+impl AccessRecord {
+    /// The failure reason this line is bounded under: its handshake failed
+    /// and no verified identity came with it. An authenticated client's
+    /// line (even a policy refusal) and a served connection's are never
+    /// bounded: only a certificate holder can cause them.
+    fn bounded_by(&self) -> Option<&'static str> {
+        self.failure.filter(|_| self.identity.is_none())
+    }
+}
+
+/// Lines held back per failure reason: a burst, then this many a second.
+const LINE_BURST: f64 = 32.0;
+const LINES_PER_SECOND: f64 = 4.0;
+/// Lines waiting for the writer; beyond them a line is lost (counted).
+const QUEUED_LINES: usize = 4096;
+/// Distinct sources a summary counts; beyond, it says "at least".
+const SOURCES_COUNTED: usize = 1024;
+/// How often the writer looks for summaries that are due, and whether it
+/// is asked to close.
+const WRITER_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AccessLogError {
@@ -61,53 +101,85 @@ pub enum AccessLogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot start the access log's writer: {0}")]
+    Writer(tokio::runtime::TryCurrentError),
 }
 
 enum Sink {
     Stdout,
     Stderr,
-    File(Mutex<std::fs::File>),
-    Off,
+    File(std::fs::File),
+}
+
+/// Lines held back, by failure reason, since start
+/// (`gateway_access_log_suppressed_total`).
+#[derive(Debug, Default)]
+pub struct Suppressed(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Suppressed {
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.iter().map(|(r, n)| (*r, *n)).collect()
+    }
+
+    fn add(&self, reason: &'static str) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry(reason).or_default() += 1;
+    }
 }
 
 pub struct AccessLog {
-    sink: Sink,
+    /// None when the log is off.
+    writer: Option<Writer>,
     subscribers: broadcast::Sender<AccessRecord>,
-    /// Lines lost since start (`gateway_access_log_lost_total`).
+    /// Lines lost since start (`gateway_access_log_lost_total`): not
+    /// written, or not queued because the writer was behind.
     lost: Arc<AtomicU64>,
-    /// Lines lost since the last one written: the first loss is logged at
-    /// once, then nothing until a line is written again, which logs how
-    /// many were lost meanwhile (a full disk must not flood the log too).
-    losing: AtomicU64,
+    bound: Arc<Mutex<Bound>>,
+}
+
+/// The connection tasks' end of the writer thread.
+struct Writer {
+    lines: SyncSender<String>,
+    /// Lines not queued since the last one that was: the first is said
+    /// at once, the rest when a line is queued again.
+    behind: AtomicU64,
+    closing: Arc<AtomicBool>,
+    thread: tokio::task::JoinHandle<()>,
 }
 
 impl AccessLog {
     /// `target` is the config's `access_log`: "stdout", "stderr", "off" or a
-    /// path. Lines that cannot be written are counted in `lost`.
+    /// path. Lines that cannot be written are counted in `lost`, lines held
+    /// back in `suppressed`, summarized every `summary_every`.
     pub fn open(
         target: &str,
         base: &std::path::Path,
         lost: Arc<AtomicU64>,
+        suppressed: Arc<Suppressed>,
+        summary_every: Duration,
     ) -> Result<Self, AccessLogError> {
         let sink = match target {
-            "stdout" => Sink::Stdout,
-            "stderr" => Sink::Stderr,
-            "off" => Sink::Off,
+            "stdout" => Some(Sink::Stdout),
+            "stderr" => Some(Sink::Stderr),
+            "off" => None,
             path => {
                 let path = base.join(path);
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|source| AccessLogError::Open { path, source })?;
-                Sink::File(Mutex::new(file))
+                let file =
+                    open_append(&path).map_err(|source| AccessLogError::Open { path, source })?;
+                Some(Sink::File(file))
             }
         };
+        let bound = Arc::new(Mutex::new(Bound::new(summary_every, suppressed)));
+        let writer = match sink {
+            None => None,
+            Some(sink) => Some(Writer::start(sink, lost.clone(), bound.clone())?),
+        };
         Ok(Self {
-            sink,
+            writer,
             subscribers: broadcast::channel(4096).0,
             lost,
-            losing: AtomicU64::new(0),
+            bound,
         })
     }
 
@@ -119,14 +191,10 @@ impl AccessLog {
         }
         let path = base.join(target);
         let existed = path.exists();
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| AccessLogError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        open_append(&path).map_err(|source| AccessLogError::Open {
+            path: path.clone(),
+            source,
+        })?;
         if !existed {
             // Only the probe made it; run creates its own.
             let _ = std::fs::remove_file(&path);
@@ -138,20 +206,16 @@ impl AccessLog {
         self.subscribers.subscribe()
     }
 
+    /// Hands the record's line to the writer, unless it is bounded and
+    /// over its reason's rate. Never blocks.
     pub fn emit(&self, record: AccessRecord) {
-        if !matches!(self.sink, Sink::Off) {
+        if let Some(writer) = &self.writer
+            && self.within_bound(&record)
+        {
             match serde_json::to_string(&record) {
                 Ok(mut line) => {
                     line.push('\n');
-                    let written = match &self.sink {
-                        Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
-                        Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
-                        Sink::File(f) => {
-                            whole_line(&mut f.lock().unwrap_or_else(|p| p.into_inner()), &line)
-                        }
-                        Sink::Off => Ok(()),
-                    };
-                    self.count(written);
+                    writer.queue(line, &self.lost);
                 }
                 Err(e) => tracing::warn!(error = %e, "access log record not serialisable"),
             }
@@ -159,28 +223,274 @@ impl AccessLog {
         // No subscriber is the normal case outside tests.
         let _ = self.subscribers.send(record);
     }
+
+    /// Writes what is queued and the summaries still open, for at most
+    /// `within`: at shutdown, so the last lines are not lost with the
+    /// process.
+    pub async fn close(&self, within: Duration) {
+        let Some(writer) = &self.writer else { return };
+        writer.closing.store(true, Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        loop {
+            if writer.thread.is_finished() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    "access log: the writer did not finish at shutdown; queued lines may be lost"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn within_bound(&self, record: &AccessRecord) -> bool {
+        let Some(reason) = record.bounded_by() else {
+            return true;
+        };
+        let source = record.client.parse::<SocketAddr>().map(|a| a.ip()).ok();
+        let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+        bound.take(reason, source, Instant::now())
+    }
 }
 
-impl AccessLog {
+impl Writer {
+    fn start(
+        sink: Sink,
+        lost: Arc<AtomicU64>,
+        bound: Arc<Mutex<Bound>>,
+    ) -> Result<Self, AccessLogError> {
+        let (lines, queued) = std::sync::mpsc::sync_channel(QUEUED_LINES);
+        let closing = Arc::new(AtomicBool::new(false));
+        // A thread of the runtime's blocking pool, not a thread of our
+        // own: the runtime's start hook narrows it to the privileges the
+        // gateway keeps (`privilege`), as every other thread.
+        let runtime = tokio::runtime::Handle::try_current().map_err(AccessLogError::Writer)?;
+        let thread = runtime.spawn_blocking({
+            let closing = closing.clone();
+            move || {
+                WriterThread {
+                    sink,
+                    lost,
+                    losing: 0,
+                }
+                .run(&queued, &bound, &closing)
+            }
+        });
+        Ok(Self {
+            lines,
+            behind: AtomicU64::new(0),
+            closing,
+            thread,
+        })
+    }
+
+    fn queue(&self, line: String, lost: &AtomicU64) {
+        match self.lines.try_send(line) {
+            Ok(()) => {
+                let behind = self.behind.swap(0, Ordering::Relaxed);
+                if behind > 0 {
+                    tracing::warn!(
+                        lost = behind,
+                        "access log writer caught up after losing lines"
+                    );
+                }
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                lost.fetch_add(1, Ordering::Relaxed);
+                if self.behind.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        "access log writer is behind (a slow or blocked disk): lines are lost (counted in gateway_access_log_lost_total) until it catches up"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The thread that owns the sink: the only one that ever waits on it.
+struct WriterThread {
+    sink: Sink,
+    lost: Arc<AtomicU64>,
+    /// Lines lost since the last one written: the first loss is logged at
+    /// once, then nothing until a line is written again, which logs how
+    /// many were lost meanwhile (a full disk must not flood the log too).
+    losing: u64,
+}
+
+impl WriterThread {
+    fn run(mut self, queued: &Receiver<String>, bound: &Mutex<Bound>, closing: &AtomicBool) {
+        let mut looked = Instant::now();
+        loop {
+            let closed = match queued.recv_timeout(WRITER_TICK) {
+                Ok(line) => {
+                    self.write(&line);
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => closing.load(Ordering::Relaxed),
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            if closed {
+                while let Ok(line) = queued.try_recv() {
+                    self.write(&line);
+                }
+            }
+            let now = Instant::now();
+            if closed || now.saturating_duration_since(looked) >= WRITER_TICK {
+                looked = now;
+                let due = bound
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .summaries(now, closed);
+                for line in due {
+                    self.write(&line);
+                }
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+
+    fn write(&mut self, line: &str) {
+        let written = match &mut self.sink {
+            Sink::Stdout => std::io::stdout().lock().write_all(line.as_bytes()),
+            Sink::Stderr => std::io::stderr().lock().write_all(line.as_bytes()),
+            Sink::File(f) => whole_line(f, line),
+        };
+        self.count(written);
+    }
+
     /// Counts a line lost, and says so in the log when losing starts and
     /// when it ends.
-    fn count(&self, written: std::io::Result<()>) {
+    fn count(&mut self, written: std::io::Result<()>) {
         match written {
             Ok(()) => {
-                let lost = self.losing.swap(0, Ordering::Relaxed);
+                let lost = std::mem::take(&mut self.losing);
                 if lost > 0 {
                     tracing::warn!(lost, "access log written again after losing lines");
                 }
             }
             Err(e) => {
                 self.lost.fetch_add(1, Ordering::Relaxed);
-                if self.losing.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.losing += 1;
+                if self.losing == 1 {
                     tracing::warn!(error = %e,
                         "access log write failed: lines are lost (counted in gateway_access_log_lost_total) until a write succeeds");
                 }
             }
         }
     }
+}
+
+/// Per failure reason, a token bucket for lines and what it held back
+/// since its last summary. The reasons are a handful of static names, so
+/// the map stays small whatever peers do.
+struct Bound {
+    summary_every: Duration,
+    suppressed: Arc<Suppressed>,
+    reasons: HashMap<&'static str, Bucket>,
+}
+
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+    /// Held back since `since`, from how many distinct sources (counted
+    /// up to `SOURCES_COUNTED`).
+    held: u64,
+    sources: HashSet<IpAddr>,
+    since: Instant,
+}
+
+impl Bound {
+    fn new(summary_every: Duration, suppressed: Arc<Suppressed>) -> Self {
+        Self {
+            summary_every,
+            suppressed,
+            reasons: HashMap::new(),
+        }
+    }
+
+    /// Whether a line of `reason` may be written now; if not, it is
+    /// counted for the summary.
+    fn take(&mut self, reason: &'static str, source: Option<IpAddr>, now: Instant) -> bool {
+        let bucket = self.reasons.entry(reason).or_insert_with(|| Bucket {
+            tokens: LINE_BURST,
+            refilled: now,
+            held: 0,
+            sources: HashSet::new(),
+            since: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * LINES_PER_SECOND).min(LINE_BURST);
+        bucket.refilled = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            return true;
+        }
+        if bucket.held == 0 {
+            bucket.since = now;
+        }
+        bucket.held += 1;
+        if let Some(source) = source
+            && bucket.sources.len() < SOURCES_COUNTED
+        {
+            bucket.sources.insert(source);
+        }
+        self.suppressed.add(reason);
+        false
+    }
+
+    /// The summary lines due at `now` (all that hold anything when `all`).
+    fn summaries(&mut self, now: Instant, all: bool) -> Vec<String> {
+        let mut due = Vec::new();
+        for (reason, bucket) in &mut self.reasons {
+            let period = now.saturating_duration_since(bucket.since);
+            if bucket.held == 0 || (!all && period < self.summary_every) {
+                continue;
+            }
+            due.push(summary_line(reason, bucket, period));
+            bucket.held = 0;
+            bucket.sources.clear();
+        }
+        due
+    }
+}
+
+/// "N more <reason> from M sources suppressed in the last Ts", as a JSON
+/// line of its own (no `listener`: it tells the log's reader apart from a
+/// connection's line).
+fn summary_line(reason: &str, bucket: &Bucket, period: Duration) -> String {
+    let sources = bucket.sources.len();
+    let at_least = if sources >= SOURCES_COUNTED {
+        "at least "
+    } else {
+        ""
+    };
+    let seconds = period.as_secs().max(1);
+    let text = format!(
+        "{} more {reason} from {at_least}{sources} sources suppressed in the last {seconds}s",
+        bucket.held
+    );
+    let mut line = serde_json::json!({
+        "time": now_rfc3339(),
+        "summary": text,
+        "reason": reason,
+        "suppressed": bucket.held,
+        "sources": sources,
+        "seconds": seconds,
+    })
+    .to_string();
+    line.push('\n');
+    line
+}
+
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// Appends `line` to `file` whole or not at all: a write cut short by a
@@ -210,7 +520,7 @@ fn whole_line(file: &mut std::fs::File, line: &str) -> std::io::Result<()> {
 }
 
 /// Cuts the `written` bytes of a partial line off the end of `file`
-/// (appended by this process alone, under the sink's lock) and gives back `e`.
+/// (appended by this process alone, from the writer thread) and gives back `e`.
 fn take_back(file: &std::fs::File, written: u64, e: std::io::Error) -> std::io::Error {
     if written > 0 {
         let cut = file
@@ -228,4 +538,146 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(i: u32) -> Option<IpAddr> {
+        Some(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+    }
+
+    #[test]
+    fn a_reason_writes_its_burst_then_its_rate_and_summarizes_the_rest() {
+        let suppressed = Arc::new(Suppressed::default());
+        let mut bound = Bound::new(Duration::from_secs(10), suppressed.clone());
+        let t0 = Instant::now();
+        let written = (0..100)
+            .filter(|i| bound.take("timeout", source(*i), t0))
+            .count();
+        assert_eq!(written, 32);
+        // Another reason has a bucket of its own.
+        assert!(bound.take("protocol", source(0), t0));
+        // A second later, four more.
+        let t1 = t0 + Duration::from_secs(1);
+        let written = (0..10)
+            .filter(|i| bound.take("timeout", source(*i), t1))
+            .count();
+        assert_eq!(written, 4);
+        assert_eq!(suppressed.counts(), vec![("timeout", 68 + 6)]);
+        // Not due before a period has passed since the first held back.
+        assert!(
+            bound
+                .summaries(t0 + Duration::from_secs(9), false)
+                .is_empty()
+        );
+        let due = bound.summaries(t0 + Duration::from_secs(10), false);
+        assert_eq!(due.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(due[0].trim_end()).unwrap();
+        assert_eq!(
+            v["summary"],
+            "74 more timeout from 74 sources suppressed in the last 10s"
+        );
+        assert_eq!(v["suppressed"], 74);
+        // Said once: nothing held since.
+        assert!(
+            bound
+                .summaries(t0 + Duration::from_secs(30), true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_summary_counts_sources_in_bounded_memory() {
+        let mut bound = Bound::new(Duration::from_secs(1), Arc::default());
+        let t0 = Instant::now();
+        for i in 0..(SOURCES_COUNTED as u32 + 5000) {
+            bound.take("protocol", source(i), t0);
+        }
+        assert_eq!(bound.reasons["protocol"].sources.len(), SOURCES_COUNTED);
+        let due = bound.summaries(t0, true);
+        assert!(
+            due[0].contains(&format!("from at least {SOURCES_COUNTED} sources")),
+            "{}",
+            due[0]
+        );
+    }
+
+    /// A writer blocked on a pipe nobody reads: `emit` never waits; the
+    /// queue takes 4096 lines, the writer one, and the rest are lost,
+    /// counted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_full_queue_loses_counted_lines_and_never_blocks() {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("log");
+        let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; mkfifo only reads it.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut filler = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        while filler.write(&[b'\n'; 4096]).is_ok() {}
+        let lost = Arc::new(AtomicU64::new(0));
+        let log = AccessLog::open(
+            "log",
+            dir.path(),
+            lost.clone(),
+            Arc::default(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        let started = Instant::now();
+        for _ in 0..QUEUED_LINES + 200 {
+            log.emit(record(None, None));
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "emit waited");
+        // The writer may not have taken its line off the queue yet.
+        let lost = lost.load(Ordering::Relaxed);
+        assert!((199..=200).contains(&lost), "{lost} lost");
+        drop(reader);
+        drop(filler);
+    }
+
+    fn record(failure: Option<&'static str>, identity: Option<Vec<String>>) -> AccessRecord {
+        AccessRecord {
+            time: String::new(),
+            listener: "edge".into(),
+            route: None,
+            mode: None,
+            client: "192.0.2.1:5000".into(),
+            sni: None,
+            identity,
+            verdict: Verdict::Deny,
+            reason: String::new(),
+            backend: None,
+            client_to_backend_bytes: 0,
+            backend_to_client_bytes: 0,
+            duration_ms: 0,
+            tls_version: None,
+            cipher_suite: None,
+            offload: None,
+            offload_reason: None,
+            failure,
+        }
+    }
+
+    #[test]
+    fn only_unauthenticated_failures_are_bounded() {
+        assert_eq!(record(Some("timeout"), None).bounded_by(), Some("timeout"));
+        // A verified client refused by policy: only a certificate holder
+        // can cause that line.
+        let who = Some(vec!["spiffe://example.internal/a".to_owned()]);
+        assert_eq!(record(Some("policy"), who).bounded_by(), None);
+        assert_eq!(record(None, None).bounded_by(), None);
+    }
 }

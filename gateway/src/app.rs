@@ -475,6 +475,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         &config.access_log,
         &config.base_dir,
         metrics.access_log_lost.clone(),
+        metrics.access_log_suppressed.clone(),
+        config.admission.log_every,
     )?);
     let mut bound = Vec::new();
     for l in state.listeners {
@@ -892,6 +894,8 @@ impl App {
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
         }
         self.save_audit(true).await;
+        // The last lines and summaries, before the process ends with them.
+        self.access_log.close(CLOSE_GRACE).await;
         admin_stop.cancel();
         if let Some(file) = admin_file {
             file.remove();

@@ -152,6 +152,8 @@ struct Conn {
     cipher_suite: Option<String>,
     offload: Option<&'static str>,
     offload_reason: Option<String>,
+    /// How its handshake failed, if it did: bounds its access-log line.
+    failure: Option<HandshakeFailure>,
 }
 
 impl Conn {
@@ -175,7 +177,14 @@ impl Conn {
             cipher_suite: None,
             offload: None,
             offload_reason: None,
+            failure: None,
         }
+    }
+
+    /// Each way out of the handshake counts one failure, once.
+    fn failed(&mut self, listener: &ListenerState, why: HandshakeFailure) {
+        listener.stats.handshake_failed(why);
+        self.failure = Some(why);
     }
 
     fn record(self) -> AccessRecord {
@@ -197,6 +206,7 @@ impl Conn {
             cipher_suite: self.cipher_suite,
             offload: self.offload.map(str::to_owned),
             offload_reason: self.offload_reason,
+            failure: self.failure.map(HandshakeFailure::as_str),
         }
     }
 }
@@ -234,13 +244,11 @@ fn serve<'a>(
                 ticket,
             )),
         );
-        // Each way out of the handshake counts one failure, once.
-        let handshake_failed = |why| listener.stats.handshake_failed(why);
         let tls = tokio::select! {
             r = handshake => match r {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(why)) => {
-                    handshake_failed(why);
+                    conn.failed(listener, why);
                     if why.is_trust() && shared.admission.vouched(peer.ip()) {
                         listener.stats.known_source_failed_trust();
                     }
@@ -248,19 +256,19 @@ fn serve<'a>(
                 }
                 Err(_) => {
                     ticket.refused(Refusal::HandshakeTimeout);
-                    handshake_failed(HandshakeFailure::Timeout);
+                    conn.failed(listener, HandshakeFailure::Timeout);
                     conn.reason = format!("handshake timeout after {:?}", listener.handshake_timeout);
                     return conn.record();
                 }
             },
             cut = Box::pin(watch.cut()) => {
                 ticket.cut(&cut);
-                handshake_failed(failure_of(cut.refusal()));
+                conn.failed(listener, failure_of(cut.refusal()));
                 conn.reason = cut.to_string();
                 return conn.record();
             }
             () = close.cancelled() => {
-                handshake_failed(HandshakeFailure::Timeout);
+                conn.failed(listener, HandshakeFailure::Timeout);
                 conn.reason = "closed during handshake: drain timeout at shutdown".into();
                 return conn.record();
             }
@@ -271,7 +279,7 @@ fn serve<'a>(
             // is cut as evicted rather than served without one.
             let cut = watch.cut().await;
             ticket.cut(&cut);
-            handshake_failed(failure_of(cut.refusal()));
+            conn.failed(listener, failure_of(cut.refusal()));
             conn.reason = cut.to_string();
             return conn.record();
         }
@@ -284,7 +292,7 @@ fn serve<'a>(
             // holds as many such connections as it may: one source of
             // certless peers does not hold every slot.
             ticket.refused(Refusal::SourceUnauthenticated);
-            handshake_failed(HandshakeFailure::Policy);
+            conn.failed(listener, HandshakeFailure::Policy);
             conn.verdict = Verdict::Error;
             conn.reason = format!(
                 "refused: its source holds as many unauthenticated connections as it may ({})",
@@ -323,7 +331,7 @@ fn serve<'a>(
                 conn.verdict = Verdict::Deny;
                 conn.reason = refused.to_string();
                 route.stats.denied.inc();
-                handshake_failed(HandshakeFailure::Policy);
+                conn.failed(listener, HandshakeFailure::Policy);
                 // Reset, not close_notify: a refusal, not an orderly end.
                 offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
                 return conn.record();

@@ -769,9 +769,15 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
     // waiting at the gate: release them before the runtime waits for them,
     // or the error is never printed and the process never exits.
     drop(gate);
-    drop(runtime);
+    // Not a plain drop, which waits for every blocking thread: the access
+    // log's writer may be stuck on a disk or a pipe nobody reads, and it
+    // had its time to finish in the app's shutdown already.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
     served
 }
+
+/// How long the runtime's threads get once the app has stopped.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything privileged is done: become `target`, then read every file
 /// the config names as it, as the next reload will; a file only root could

@@ -402,6 +402,9 @@ pub struct Metrics {
     /// Access-log lines that could not be written (a full disk, an I/O
     /// error), shared with the access log itself.
     pub access_log_lost: Arc<AtomicU64>,
+    /// Access-log lines of failed unauthenticated handshakes held back
+    /// over their reason's rate, shared with the access log.
+    pub access_log_suppressed: Arc<crate::access_log::Suppressed>,
     /// The audit report's summary, kept across reloads like the counters.
     pub audit: Arc<crate::rollout::Audit>,
     /// Handshakes that failed their certificate check (`is_trust`) from
@@ -428,6 +431,7 @@ impl Default for Metrics {
             expiries: Arc::default(),
             stale_crl_uses: Mutex::default(),
             access_log_lost: Arc::default(),
+            access_log_suppressed: Arc::default(),
             audit: Arc::default(),
             trust_failures: Arc::default(),
             revisions: Arc::default(),
@@ -631,8 +635,16 @@ impl Metrics {
         )?;
         out.counter(
             "gateway_access_log_lost_total",
-            "Access-log lines that could not be written (a full disk, an I/O error).",
+            "Access-log lines that could not be written (a full disk, an I/O error, the writer behind).",
             [(NO_LABELS, self.access_log_lost.load(Ordering::Relaxed))],
+        )?;
+        out.counter(
+            "gateway_access_log_suppressed_total",
+            "Access-log lines of handshakes that failed without a verified identity, held back over their reason's rate (summarized in the log), by reason.",
+            self.access_log_suppressed
+                .counts()
+                .into_iter()
+                .map(|(reason, n)| ([("reason", reason)], n)),
         )?;
         let now = jiff::Timestamp::now().as_second();
         let expiries = self.expiries.all();

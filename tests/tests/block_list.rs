@@ -63,7 +63,12 @@ impl Topology {
     /// (so the block list goes on every interface but `lo`), once the log
     /// says `ready`.
     fn start(&self, admission: &str, ready: &str) -> Proc {
-        let config = self.write_config(admission);
+        self.start_on(&["[::]:8443"], admission, ready)
+    }
+
+    /// Like `start`, with a listener on each of `binds`.
+    fn start_on(&self, binds: &[&str], admission: &str, ready: &str) -> Proc {
+        let config = self.write_config_on(binds, admission);
         let mut gw = start_gateway_in(
             self.gateway.name(),
             &config,
@@ -79,17 +84,31 @@ impl Topology {
     /// Writes the gateway's configuration with `admission`; returns its
     /// path (a running gateway reads it again on SIGHUP).
     fn write_config(&self, admission: &str) -> std::path::PathBuf {
-        let toml = format!(
-            "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\nadmin_socket = \"{}\"\n{}",
+        self.write_config_on(&["[::]:8443"], admission)
+    }
+
+    fn write_config_on(&self, binds: &[&str], admission: &str) -> std::path::PathBuf {
+        let mut toml = format!(
+            "access_log = \"off\"\nwatch_files = false\nadmin = \"{ADMIN}\"\nadmin_socket = \"{}\"\n",
             self.socket().display(),
-            listener_toml(&self.pki, "edge", "").replace("127.0.0.1:0", "[::]:8443")
-        ) + &route_toml(
-            "orders",
-            &["orders.example.internal"],
-            &["127.0.0.1:9000".parse().unwrap()],
-            &[SPIFFE_FRONTEND],
-        ) + "\n[admission]\n"
-            + admission;
+        );
+        for (i, bind) in binds.iter().enumerate() {
+            // The first is `edge`, as the metrics the tests read name it.
+            let name = if i == 0 {
+                "edge".into()
+            } else {
+                format!("edge{i}")
+            };
+            toml += &(listener_toml(&self.pki, &name, "").replace("127.0.0.1:0", bind)
+                + &route_toml(
+                    "orders",
+                    &["orders.example.internal"],
+                    &["127.0.0.1:9000".parse().unwrap()],
+                    &[SPIFFE_FRONTEND],
+                ));
+        }
+        toml += "\n[admission]\n";
+        toml += admission;
         self.pki.write("gateway.toml", &toml)
     }
 
@@ -517,4 +536,88 @@ fn blocking_with_pins(t: &Topology, sources: &[&str]) -> (Pins, String, Proc) {
         assert_eq!(t.connect(source, listener()), Connect::Dropped);
     }
     (pins, admission, gw)
+}
+
+/// The program judges a SYN by the listener's address as well as its
+/// port: with the gateway listening on one address of each family, a
+/// blocked source still reaches another service on the same port of
+/// another local address (where no listener of the gateway is), and is
+/// dropped at the gateway's.
+#[test]
+fn a_blocked_source_still_reaches_another_local_address_on_the_listeners_port() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let (other, other_v6) = ("10.201.1.5", "fd00:201::5");
+    t.gateway.ip(&format!("addr add {other}/24 dev g0"));
+    t.gateway
+        .ip(&format!("addr add {other_v6}/64 dev g0 nodad"));
+    let elsewhere: SocketAddr = format!("{other}:8443").parse().unwrap();
+    let elsewhere_v6: SocketAddr = format!("[{other_v6}]:8443").parse().unwrap();
+    for addr in [elsewhere, elsewhere_v6] {
+        let listener = t
+            .gateway
+            .run(move || std::net::TcpListener::bind(addr))
+            .expect("bind");
+        tcp_echo(listener);
+    }
+    let _gw = t.start_on(
+        &[&listener().to_string(), &listener_v6().to_string()],
+        "pin = false\n",
+        "kernel block list attached",
+    );
+    for (from, to) in [
+        (CLIENT, listener()),
+        (CLIENT_V6, listener_v6()),
+        (CLIENT, elsewhere),
+        (CLIENT_V6, elsewhere_v6),
+    ] {
+        t.wait_open(from, to);
+    }
+    t.block(&["add", CLIENT]);
+    t.block(&["add", CLIENT_V6]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    assert_eq!(t.connect(CLIENT_V6, listener_v6()), Connect::Dropped);
+    assert_eq!(t.connect(CLIENT, elsewhere), Connect::Open);
+    assert_eq!(t.connect(CLIENT_V6, elsewhere_v6), Connect::Open);
+    assert!(t.metric("gateway_block_list_drops_total{reason=\"manual\"}") >= 2);
+}
+
+/// An address's entry that has expired does not hide a wider block still
+/// in force: the program looks past it to the /24 (/64), as the gateway
+/// does. The gateway is stopped (SIGSTOP) while the address entry
+/// expires, so its tick cannot take the entry out and its accept cannot
+/// refuse: what the client sees is the kernel's doing.
+#[test]
+fn an_expired_address_entry_does_not_hide_a_wider_block_in_force() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let gw = t.start("pin = false\n", "kernel block list attached");
+    t.wait_open(CLIENT, listener());
+    t.wait_open(CLIENT_V6, listener_v6());
+    t.block(&["add", "10.201.1.0/24", "--for", "1h"]);
+    t.block(&["add", "fd00:201::/64", "--for", "1h"]);
+    let added = Instant::now();
+    t.block(&["add", CLIENT, "--for", "2s"]);
+    t.block(&["add", CLIENT_V6, "--for", "2s"]);
+    gw.signal(libc::SIGSTOP);
+    assert!(
+        added.elapsed() < Duration::from_millis(1500),
+        "too slow to stop: the test proves nothing"
+    );
+    std::thread::sleep(Duration::from_millis(2500).saturating_sub(added.elapsed()));
+    let seen = (
+        t.connect(CLIENT, listener()),
+        t.connect(CLIENT_V6, listener_v6()),
+    );
+    gw.signal(libc::SIGCONT);
+    assert_eq!(seen, (Connect::Dropped, Connect::Dropped));
+    assert!(t.metric("gateway_block_list_drops_total{reason=\"manual\"}") >= 2);
+    assert_eq!(
+        t.metric("gateway_block_list_packets_total{result=\"expired\"}"),
+        0
+    );
 }

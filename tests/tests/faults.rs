@@ -510,3 +510,177 @@ async fn a_full_access_log_disk_loses_counted_lines_and_serving_goes_on() {
 fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+/// An unauthenticated peer cannot drive the access log: 300 connections
+/// that send plain HTTP (each a failed handshake, `protocol`) from one
+/// source, ten allowed clients among them. Each allowed client has its
+/// line; the failures have at most the bound's lines (a burst of 32, then
+/// 4 a second) and the rest are counted in a summary line and in
+/// `gateway_access_log_suppressed_total`, which together account for all 300.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_failed_handshakes_takes_a_bounded_number_of_access_log_lines() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let log = pki.path("access.log");
+    let toml = format!(
+        "access_log = \"{}\"\nadmin = \"127.0.0.1:0\"\n",
+        log.display()
+    ) + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\nexempt = [\"127.0.0.1/32\"]\nlog_every = \"1s\"\n";
+    let gw = RunningGateway::start(&pki, &toml).await;
+    let started = Instant::now();
+    for i in 0..300 {
+        let mut s = tokio::net::TcpStream::connect(gw.app_addr).await.unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut rest)).await;
+        if i % 30 == 0 {
+            passes(gw.app_addr, ORDERS, pki.frontend_config(), b"amid a flood").await;
+        }
+    }
+    let flood = started.elapsed();
+    let suppressed = "gateway_access_log_suppressed_total{reason=\"protocol\"}";
+    let mut lines = Vec::new();
+    // The summary comes once a `log_every` has passed since the first
+    // line held back.
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON lines"))
+            .collect();
+        let summarized: u64 = lines.iter().filter_map(|v| v["suppressed"].as_u64()).sum();
+        if summarized > 0 && summarized == series(&gw.scrape().await, suppressed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let allowed = lines.iter().filter(|v| v["verdict"] == "allow").count();
+    assert_eq!(allowed, 10, "an allowed client's line is missing");
+    let failed = lines
+        .iter()
+        .filter(|v| v["verdict"] == "error" && v["identity"].is_null())
+        .count() as u64;
+    let summaries: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v["summary"].is_string()).collect();
+    let summarized: u64 = summaries
+        .iter()
+        .map(|v| v["suppressed"].as_u64().unwrap())
+        .sum();
+    let bound = 32 + 4 * (flood.as_secs() + 1);
+    assert!(
+        failed <= bound,
+        "{failed} lines for failed handshakes in {flood:?}"
+    );
+    assert_eq!(
+        failed + summarized,
+        300,
+        "{failed} written, {summarized} summarized"
+    );
+    assert_eq!(series(&gw.scrape().await, suppressed), summarized);
+    eprintln!(
+        "300 failed handshakes in {flood:?}: {failed} lines, {summarized} in {} summaries",
+        summaries.len()
+    );
+    for s in &summaries {
+        assert_eq!(s["reason"], "protocol");
+        let text = s["summary"].as_str().unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "{} more protocol from 1 sources suppressed in the last ",
+                s["suppressed"]
+            )),
+            "{text}"
+        );
+    }
+}
+
+/// An access log that is a FIFO whose reader never reads (its pipe full
+/// before the gateway starts): writing blocks, and serving goes on; once
+/// the reader reads, the lines come, whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_access_log_nobody_reads_never_stalls_serving() {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let fifo = pki.path("access.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    // Empty lines fill the pipe, so the gateway's first write blocks.
+    let filler = fill(&fifo);
+    let toml = format!("access_log = \"{}\"\n", fifo.display())
+        + &listener_toml(&pki, "edge", "")
+        + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND]);
+    let config = pki.write("gateway.toml", &with_test_defaults(&toml));
+    let stderr = pki.path("gateway.stderr");
+    let mut gw = run_binary(&config, &stderr, &[]);
+    let addr = wait_listening(&stderr);
+    let started = Instant::now();
+    for i in 0..40 {
+        tokio::time::timeout(
+            STEP,
+            passes(addr, ORDERS, pki.frontend_config(), b"log blocked"),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("client {i} stalled behind the access log"));
+    }
+    let served = started.elapsed();
+    drop(filler);
+    // The reader reads now: the 40 lines arrive.
+    let mut text = Vec::new();
+    let until = Instant::now() + STEP;
+    let mut buf = [0u8; 65536];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_str(l).expect("whole JSON lines"))
+            .collect();
+        if lines.len() == 40 {
+            assert!(lines.iter().all(|v| v["verdict"] == "allow"));
+            break;
+        }
+        assert!(Instant::now() < until, "{} of 40 lines came", lines.len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("40 clients served in {served:?} with the log blocked");
+    // Blocked again, for good: a SIGTERM still ends the gateway, after the
+    // writer's grace.
+    let filler = fill(&fifo);
+    passes(addr, ORDERS, pki.frontend_config(), b"blocked for good").await;
+    signal(&gw.0, "TERM");
+    let status = exits_within(&mut gw.0, Duration::from_secs(15))
+        .expect("the gateway did not exit with its access log blocked");
+    assert!(status.success(), "{status}");
+    drop((reader, filler));
+}
+
+/// Fills the pipe of `fifo` (a reader holds it open) with empty lines;
+/// the writing end it gives back keeps them there.
+fn fill(fifo: &std::path::Path) -> std::fs::File {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo)
+        .unwrap();
+    let mut filled = 0;
+    while let Ok(n) = filler.write(&[b'\n'; 4096]) {
+        filled += n;
+    }
+    assert!(filled > 0, "the pipe was full already");
+    filler
+}

@@ -24,7 +24,7 @@ use super::block::{BlockReason, Blocked};
 struct Wanted {
     pin_dir: Option<PathBuf>,
     interfaces: BTreeSet<String>,
-    ports: BTreeSet<u16>,
+    listening: BTreeSet<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -71,7 +71,7 @@ impl Kernel {
                 Some(names) => names.iter().cloned().collect(),
                 None => listening_interfaces(listening),
             },
-            ports: listening.iter().map(SocketAddr::port).collect(),
+            listening: listening.iter().copied().collect(),
         };
         if wanted.interfaces.is_empty() {
             // Nothing to attach to (a listener on loopback only): nothing
@@ -111,10 +111,10 @@ impl Kernel {
         let Some(filter) = self.filter.as_mut() else {
             return adopted;
         };
-        let ports: Vec<u16> = wanted.ports.iter().copied().collect();
-        if let Err(e) = filter.set_ports(&ports) {
+        let listening: Vec<SocketAddr> = wanted.listening.iter().copied().collect();
+        if let Err(e) = filter.set_listeners(&listening) {
             self.write_failures += 1;
-            tracing::warn!(error = %e, "admission: the kernel block list's ports could not be written");
+            tracing::warn!(error = %e, "admission: the kernel block list's listeners could not be written");
         }
         for (name, _) in filter.attached() {
             if !wanted.interfaces.contains(&name) {
@@ -219,8 +219,14 @@ fn take_over(filter: &mut BlockFilter, now: Instant) -> Vec<(IpNet, BlockReason,
     match filter.entries() {
         Ok(entries) => entries
             .into_iter()
-            .filter(|(net, _, expires)| {
+            .filter(|(net, reason, expires)| {
                 if *expires > kernel_now {
+                    // Written again: a gateway before `prefix_len` left it
+                    // 0, which stops the program's look past an expired
+                    // entry for a wider one.
+                    if let Err(e) = filter.insert(*net, *reason, *expires) {
+                        tracing::warn!(%net, error = %e, "admission: an entry a previous gateway left could not be written again to the kernel block list");
+                    }
                     return true;
                 }
                 if let Err(e) = filter.remove(*net) {

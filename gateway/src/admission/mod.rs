@@ -771,7 +771,7 @@ impl Admission {
             counter(
                 out,
                 "gateway_block_list_packets_total",
-                "Packets the kernel block list looked at past the drops: new connections to a listener's port judged, passed from an expired entry, passed unparsed (fail open).",
+                "Packets the kernel block list looked at past the drops: new connections to a listener judged, passed from expired entries only, passed unparsed (fail open).",
                 [
                     ([("result", "judged")], c.judged),
                     ([("result", "expired")], c.expired),

@@ -1,6 +1,6 @@
 //! The admission block list in the kernel: the `block_list` XDP program on
 //! the interfaces the gateway's listeners are reached through, and its maps
-//! (blocked prefixes with their expiry, the listeners' ports, each
+//! (blocked prefixes with their expiry, the listeners' addresses, each
 //! interface's link header length, drop counters).
 //!
 //! The gateway owns the list (`admission::block`); this is its early copy,
@@ -14,15 +14,18 @@
 //! are not pinned: the program drops nothing once the gateway is gone, when
 //! there is nothing to protect on those ports anyway.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
+use aya::maps::HashMap as AyaHashMap;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap as AyaHashMap};
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{Xdp, XdpMode};
-use gateway_common::{BlockEntry, LinkKind, MAX_BLOCKED, block_counter, block_reason};
+use gateway_common::{
+    BlockEntry, BlockListener, LinkKind, MAX_BLOCK_LISTENERS, MAX_BLOCKED, block_counter,
+    block_reason,
+};
 use ipnet::IpNet;
 
 use super::{
@@ -34,7 +37,7 @@ const PROGRAM: &str = "block_list";
 const MAPS: [&str; 5] = [
     "BLOCK_V4",
     "BLOCK_V6",
-    "BLOCK_PORTS",
+    "BLOCK_LISTENERS",
     "BLOCK_LINKS",
     "BLOCK_COUNTERS",
 ];
@@ -114,6 +117,11 @@ impl BlockFilter {
         }
         let mut loader = loader_with_pins(pin_dir, &MAPS)?;
         let lock = pin_dir.map(lock_pin_dir).transpose()?;
+        if let Some(dir) = pin_dir {
+            // The listeners by port alone, before they were judged by
+            // address too: nothing reads it any more.
+            let _ = std::fs::remove_file(dir.join("BLOCK_PORTS"));
+        }
         let mut ebpf = loader.load(object())?;
         let program: &mut Xdp = program_mut(&mut ebpf, PROGRAM)?;
         program.load().map_err(|source| EbpfError::Program {
@@ -200,30 +208,45 @@ impl BlockFilter {
             .collect()
     }
 
-    /// Makes `ports` the listeners' ports (TCP): only connections to them
-    /// are judged.
-    pub fn set_ports(&mut self, ports: &[u16]) -> Result<(), EbpfError> {
-        let name = "BLOCK_PORTS";
-        let mut array: Array<_, u8> =
-            Array::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
-        // New ports first, then the ones no listener has any more.
-        for port in ports {
-            array
-                .set(u32::from(*port), 1, 0)
+    /// Makes `listening` the listeners (TCP): only new connections to
+    /// them are judged, by address and port (an unspecified address: any
+    /// local address of its family; `[::]` takes IPv4 too, as a dual-stack
+    /// socket does).
+    pub fn set_listeners(&mut self, listening: &[SocketAddr]) -> Result<(), EbpfError> {
+        let name = "BLOCK_LISTENERS";
+        let wanted: BTreeSet<([u8; 16], u16, u8)> =
+            listening.iter().flat_map(|a| listener_keys(*a)).collect();
+        if wanted.len() > MAX_BLOCK_LISTENERS as usize {
+            return Err(EbpfError::TooManyListeners {
+                count: wanted.len(),
+                max: MAX_BLOCK_LISTENERS,
+            });
+        }
+        let mut map: AyaHashMap<_, BlockListener, u8> =
+            AyaHashMap::try_from(self.map_mut(name)?).map_err(|_| EbpfError::MissingMap(name))?;
+        // New listeners first, then the ones that are gone.
+        for (addr, port, family) in &wanted {
+            let key = BlockListener {
+                addr: *addr,
+                port: *port,
+                family: *family,
+                _pad: 0,
+            };
+            map.insert(key, 1, 0)
                 .map_err(|source| EbpfError::MapWrite { name, source })?;
         }
-        let stale: Vec<u32> = array
-            .iter()
-            .enumerate()
-            .filter(|(port, v)| {
-                matches!(v, Ok(v) if *v != 0) && !ports.iter().any(|p| usize::from(*p) == *port)
-            })
-            .map(|(port, _)| port as u32)
+        let stale: Vec<BlockListener> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.addr, k.port, k.family)))
             .collect();
-        for port in stale {
-            array
-                .set(port, 0, 0)
-                .map_err(|source| EbpfError::MapWrite { name, source })?;
+        for key in stale {
+            match map.remove(&key) {
+                Err(source) if !absent(&source) => {
+                    return Err(EbpfError::MapWrite { name, source });
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -234,7 +257,7 @@ impl BlockFilter {
         let entry = BlockEntry {
             expires_ns,
             reason: reason.code(),
-            _pad: 0,
+            prefix_len: u32::from(net.prefix_len()),
         };
         match net.trunc().addr() {
             IpAddr::V4(a) => self.write::<4>("BLOCK_V4", net, a.octets(), Some(entry)),
@@ -342,6 +365,22 @@ impl Drop for BlockFilter {
     }
 }
 
+/// The program's keys for a listener bound to `addr`: (address, port,
+/// family), the address all zero for a wildcard.
+fn listener_keys(addr: SocketAddr) -> Vec<([u8; 16], u16, u8)> {
+    let port = addr.port();
+    let v4 = |octets: [u8; 4]| {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&octets);
+        (a, port, 4)
+    };
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => vec![v4(ip.octets())],
+        IpAddr::V6(ip) if ip.is_unspecified() => vec![([0; 16], port, 6), v4([0; 4])],
+        IpAddr::V6(ip) => vec![(ip.octets(), port, 6)],
+    }
+}
+
 /// Whether a map error says the key was not there.
 fn absent(e: &aya::maps::MapError) -> bool {
     match e {
@@ -362,4 +401,28 @@ pub fn monotonic_ns() -> u64 {
     // always exists on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_are_keyed_by_address_a_wildcard_by_zeros() {
+        let key = |a: &str| listener_keys(a.parse().unwrap());
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(key("10.0.0.1:443"), vec![(v4, 443, 4)]);
+        // A mapped address is the IPv4 one the packets carry.
+        assert_eq!(key("[::ffff:10.0.0.1]:443"), vec![(v4, 443, 4)]);
+        assert_eq!(key("0.0.0.0:443"), vec![([0; 16], 443, 4)]);
+        // A dual-stack wildcard takes IPv4 too.
+        assert_eq!(key("[::]:443"), vec![([0; 16], 443, 6), ([0; 16], 443, 4)]);
+        let v6: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(key("[fd00::1]:443"), vec![(v6.octets(), 443, 6)]);
+        // The map's key has no implicit padding: what userspace writes is
+        // what the program hashes.
+        assert_eq!(std::mem::size_of::<BlockListener>(), 20);
+        assert_eq!(std::mem::size_of::<BlockEntry>(), 16);
+    }
 }

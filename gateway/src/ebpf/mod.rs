@@ -64,6 +64,8 @@ pub enum EbpfError {
     },
     #[error("interface {interface:?}: {reason}")]
     Interface { interface: String, reason: String },
+    #[error("{count} listener addresses, more than the {max} the block list judges")]
+    TooManyListeners { count: usize, max: u32 },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
