@@ -214,11 +214,9 @@ impl Bundle {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Verified, Error> {
-        if intermediates.len() > MAX_INTERMEDIATES {
-            let why = ChainTooLong(intermediates.len());
+        let intermediates = &path_candidates(intermediates).inspect_err(|why| {
             tracing::debug!(reason = %why, "client chain refused");
-            return Err(CertificateError::Other(OtherError(Arc::new(why))).into());
-        }
+        })?;
         let ee = EndEntityCert::try_from(leaf).map_err(pki_error)?;
         let chain = self.check(
             &ee,
@@ -315,21 +313,64 @@ impl Bundle {
     }
 }
 
-/// The most CA certificates a client may send after its leaf. A real
-/// chain is a leaf and one to three CAs. webpki's path search tries every
-/// certificate whose subject matches an issuer it looks for, a signature
-/// check each, so a chain of look-alikes named like a real CA (its name is
-/// public) costs the gateway 30 to 60 times an allowed handshake at 60
-/// certificates, before anything tells the sender from a client; at four
-/// the search is a few checks.
+/// The most CA certificates a client may send after its leaf, roots not
+/// counted. A real chain is a leaf and one to three CAs. webpki's path
+/// search tries every certificate whose subject matches an issuer it looks
+/// for, a signature check each, so a chain of look-alikes named like a real
+/// CA (its name is public) costs the gateway 30 to 60 times an allowed
+/// handshake at 60 certificates, before anything tells the sender from a
+/// client; at four the search is a few checks.
 pub const MAX_INTERMEDIATES: usize = 4;
 
-/// A client chain longer than [`MAX_INTERMEDIATES`] allows.
+/// The most certificates after the leaf that are looked at at all.
+const MAX_SENT: usize = 16;
+
+/// What the path search gets of the CAs a client sent: at most
+/// [`MAX_INTERMEDIATES`] of them once self-issued certificates (roots) are
+/// set aside. A root the client sends cannot help: the path must end at an
+/// anchor of the bundle, which webpki looks among first. So a client that
+/// sends its root too, as some do, is served, while look-alike roots cost
+/// nothing. (A self-issued key-rollover link certificate is set aside too:
+/// a client chain needing one is not supported.)
+fn path_candidates<'a, 'b>(
+    intermediates: &'a [CertificateDer<'b>],
+) -> Result<std::borrow::Cow<'a, [CertificateDer<'b>]>, Error> {
+    let refuse = |why: ChainTooLong| Err(CertificateError::Other(OtherError(Arc::new(why))).into());
+    if intermediates.len() > MAX_SENT {
+        return refuse(ChainTooLong::Sent(intermediates.len()));
+    }
+    let self_issued = |der: &CertificateDer<'_>| {
+        X509Certificate::from_der(der).is_ok_and(|(_, cert)| {
+            cert.tbs_certificate.subject.as_raw() == cert.tbs_certificate.issuer.as_raw()
+        })
+    };
+    let cas = if intermediates.iter().any(self_issued) {
+        std::borrow::Cow::Owned(
+            intermediates
+                .iter()
+                .filter(|der| !self_issued(der))
+                .cloned()
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(intermediates)
+    };
+    if cas.len() > MAX_INTERMEDIATES {
+        return refuse(ChainTooLong::Cas(cas.len()));
+    }
+    Ok(cas)
+}
+
+/// A client chain longer than [`path_candidates`] looks at.
 #[derive(thiserror::Error)]
-#[error(
-    "the client sent {0} CA certificates after its leaf; at most {MAX_INTERMEDIATES} are accepted"
-)]
-struct ChainTooLong(usize);
+enum ChainTooLong {
+    #[error("the client sent {0} certificates after its leaf; at most {MAX_SENT} are looked at")]
+    Sent(usize),
+    #[error(
+        "the client sent {0} CA certificates after its leaf, roots not counted; at most {MAX_INTERMEDIATES} are accepted"
+    )]
+    Cas(usize),
+}
 
 /// rustls shows an `OtherError` with `Debug`: say it in words there too.
 impl std::fmt::Debug for ChainTooLong {
@@ -545,8 +586,10 @@ mod tests {
         assert_eq!(logged, "");
     }
 
-    /// Four CAs after the leaf verify, look-alikes among them; one more
-    /// refuses the whole chain before webpki searches it, saying why.
+    /// Four CAs after the leaf verify, look-alikes among them, and a root
+    /// sent too is set aside; one more CA refuses the whole chain before
+    /// webpki searches it, saying why, and so do more than 16 certificates
+    /// of any kind.
     #[test]
     fn a_chain_longer_than_max_intermediates_is_refused_before_any_search() {
         let dir = tempfile::tempdir().unwrap();
@@ -556,19 +599,35 @@ mod tests {
             .issue(&LeafSpec::client("c", &["dns:c.example"]))
             .unwrap()
             .cert_pem);
-        let look_alike = || der(&Authority::root("long intermediate").unwrap().cert_pem);
+        let other = Authority::root("other root").unwrap();
+        let look_alike = || der(&other.intermediate("long intermediate").unwrap().cert_pem);
         let mut chain = vec![look_alike(), der(&int.cert_pem)];
         chain.extend((2..MAX_INTERMEDIATES).map(|_| look_alike()));
+        chain.push(der(&root.cert_pem));
         let bundle = bundle(dir.path(), &root, &[]);
         let now = UnixTime::now();
-        bundle.verify(&leaf, &chain, now).expect("four CAs verify");
+        bundle
+            .verify(&leaf, &chain, now)
+            .expect("four CAs and the root verify");
         chain.push(look_alike());
         let err = bundle.verify(&leaf, &chain, now).unwrap_err();
         assert!(
             err.to_string()
-                .contains("sent 5 CA certificates after its leaf; at most 4"),
+                .contains("sent 5 CA certificates after its leaf, roots not counted; at most 4"),
             "{err}"
         );
+        let roots: Vec<_> = (0..=MAX_SENT)
+            .map(|_| der(&Authority::root("long intermediate").unwrap().cert_pem))
+            .collect();
+        let err = bundle.verify(&leaf, &roots, now).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("sent 17 certificates after its leaf; at most 16 are looked at"),
+            "{err}"
+        );
+        bundle
+            .verify(&leaf, &[der(&int.cert_pem)], now)
+            .expect("the plain chain verifies");
     }
 
     /// The tick closes a connection once a CRL covering its chain is past
