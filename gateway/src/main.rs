@@ -106,6 +106,12 @@ enum Command {
     },
     /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
     Man,
+    /// A fleet of gateways sharing one policy in etcd (`[fleet]` in each
+    /// host's file).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Rolling out enforcement: `rollout report` asks a running gateway
     /// (through its admin endpoint) whether its audit routes are ready to
     /// enforce, and what runs out soon (the gateway's certificates and
@@ -145,6 +151,22 @@ enum Command {
         /// The gateway's config, to read `admin_socket` or `admin` from.
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Validate a config exactly as `gateway check` does (refusing to
+    /// write anything invalid), then write it as the fleet's document with
+    /// every CA bundle and CRL it names, in one etcd transaction.
+    Push {
+        /// A host file with `[fleet]`: which etcd, which prefix.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The shared document: listeners, routes, trust bundles (their
+        /// files as plain names beside it), guard.
+        #[arg(long)]
+        from: PathBuf,
     },
 }
 
@@ -472,6 +494,9 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "gateway", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
         }
+        Command::Fleet {
+            command: FleetCommand::Push { config, from },
+        } => fleet_push(&config, &from),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),
@@ -667,8 +692,50 @@ impl Drop for PidFile {
     }
 }
 
+/// `gateway fleet push`: what `gateway check` accepts, and nothing else,
+/// goes into etcd.
+fn fleet_push(host: &std::path::Path, from: &std::path::Path) -> anyhow::Result<()> {
+    let host = gateway::fleet::Host::load(host)?
+        .ok_or_else(|| anyhow::anyhow!("{}: no [fleet] section", host.display()))?;
+    check(from, None, "1d")?;
+    let text = std::fs::read_to_string(from)?;
+    let dir = from
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut files = std::collections::BTreeMap::new();
+    for name in gateway::fleet::named_files(&text)? {
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        files.insert(name, bytes);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let revision = runtime.block_on(gateway::fleet::etcd::push(&host, &text, &files))?;
+    println!(
+        "pushed {} and {} file(s) to {} at revision {revision}",
+        from.display(),
+        files.len(),
+        host.prefix()
+    );
+    Ok(())
+}
+
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let config = gateway::Config::load(path)?;
+    // A fleet member's config is its host file and etcd's document (or,
+    // etcd unreachable, the cached one); a plain one is its file.
+    let fleet = gateway::fleet::Host::load(path)?;
+    let (config, document) = match &fleet {
+        Some(host) => {
+            let (config, document) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(gateway::fleet::etcd::start(host))?;
+            (config, Some(document))
+        }
+        None => (gateway::Config::load(path)?, None),
+    };
     // Looked up before anything is bound: an unknown user stops nothing
     // half-started.
     let target = gateway::privilege::Target::resolve(&config)?;
@@ -725,7 +792,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
             if let Some(socket) = app.admin_socket() {
                 gateway::admin::give_socket(&socket, target.uid, target.gid)?;
             }
-            drop_privileges(gate, target, path)?;
+            drop_privileges(gate, target, &config)?;
         }
         // Every listener is bound (and the guard, if any, installed).
         gateway::systemd::ready(config.listeners.len());
@@ -749,7 +816,15 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
                 .with_file_name(gateway::preview::FORCE_MARKER)
         });
         let stop_watching = tokio_util::sync::CancellationToken::new();
-        if config.watch_files {
+        if let (Some(host), Some(document)) = (fleet, document) {
+            // The document's files are written by the fleet source itself:
+            // watching them would reload halfway through its own write.
+            let status = app.metrics().fleet.clone();
+            let (reload, stop) = (reload.clone(), stop_watching.clone());
+            tokio::spawn(gateway::fleet::etcd::follow(
+                host, document, reload, status, stop,
+            ));
+        } else if config.watch_files {
             let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
             tokio::spawn(async move {
                 gateway::watch::watch(&path, &config, reload, WATCH_INTERVAL, stop).await;
@@ -785,7 +860,7 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 fn drop_privileges(
     gate: &gateway::privilege::Gate,
     target: &gateway::privilege::Target,
-    path: &std::path::Path,
+    config: &gateway::Config,
 ) -> anyhow::Result<()> {
     gate.drop_to(target)?;
     let kept: Vec<String> = target
@@ -806,7 +881,12 @@ fn drop_privileges(
             target.user
         )
     };
-    let config = gateway::Config::load(path).map_err(|e| unreadable(&e))?;
+    // The file read again (a fleet member's composed config is read from
+    // its files directory, so the same reads happen).
+    let config = match config.fleet {
+        Some(_) => config.clone(),
+        None => gateway::Config::load(&config.source).map_err(|e| unreadable(&e))?,
+    };
     gateway::state::State::from_config(&config).map_err(|e| unreadable(&e))?;
     Ok(())
 }
