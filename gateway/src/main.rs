@@ -167,6 +167,9 @@ enum FleetCommand {
         /// files as plain names beside it), guard.
         #[arg(long)]
         from: PathBuf,
+        /// As `gateway check`: refuse when anything runs out within this.
+        #[arg(long, default_value = "1d")]
+        fail_within: String,
     },
 }
 
@@ -495,8 +498,13 @@ fn main() -> ExitCode {
             std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
         }
         Command::Fleet {
-            command: FleetCommand::Push { config, from },
-        } => fleet_push(&config, &from),
+            command:
+                FleetCommand::Push {
+                    config,
+                    from,
+                    fail_within,
+                },
+        } => fleet_push(&config, &from, &fail_within),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),
@@ -694,10 +702,14 @@ impl Drop for PidFile {
 
 /// `gateway fleet push`: what `gateway check` accepts, and nothing else,
 /// goes into etcd.
-fn fleet_push(host: &std::path::Path, from: &std::path::Path) -> anyhow::Result<()> {
+fn fleet_push(
+    host: &std::path::Path,
+    from: &std::path::Path,
+    fail_within: &str,
+) -> anyhow::Result<()> {
     let host = gateway::fleet::Host::load(host)?
         .ok_or_else(|| anyhow::anyhow!("{}: no [fleet] section", host.display()))?;
-    check(from, None, "1d")?;
+    check(from, None, fail_within)?;
     let text = std::fs::read_to_string(from)?;
     let dir = from
         .parent()
