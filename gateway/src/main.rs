@@ -171,6 +171,17 @@ enum FleetCommand {
         #[arg(long, default_value = "1d")]
         fail_within: String,
     },
+    /// Every member registered in etcd (name, host, version, the revision
+    /// it serves, when it applied it, what it refused) and whether it is
+    /// on the latest document. Exit status: 0 every member is, 1 one is
+    /// not (or none is registered), 2 etcd could not be asked.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// text or json.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -505,6 +516,9 @@ fn main() -> ExitCode {
                     fail_within,
                 },
         } => fleet_push(&config, &from, &fail_within),
+        Command::Fleet {
+            command: FleetCommand::Status { config, format },
+        } => return yes_no_or_error(fleet_status(&config, format)),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),
@@ -732,6 +746,74 @@ fn fleet_push(
         host.prefix()
     );
     Ok(())
+}
+
+/// `gateway fleet status`: Ok(true) when every registered member serves
+/// the latest document.
+fn fleet_status(host: &std::path::Path, format: ReportFormat) -> anyhow::Result<bool> {
+    let host = gateway::fleet::Host::load(host)?
+        .ok_or_else(|| anyhow::anyhow!("{}: no [fleet] section", host.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (fetched, members) = runtime.block_on(gateway::fleet::etcd::status(&host))?;
+    let latest = fetched.document.as_ref().map(|d| d.revision).ok();
+    let on_latest = |m: &gateway::fleet::MemberRecord| Some(m.revision) == latest;
+    let all = !members.is_empty() && members.iter().all(on_latest);
+    match format {
+        ReportFormat::Json => {
+            let members: Vec<serde_json::Value> = members
+                .iter()
+                .map(|m| {
+                    let mut v = serde_json::to_value(m).unwrap_or_default();
+                    v["on_latest"] = on_latest(m).into();
+                    v
+                })
+                .collect();
+            let body = serde_json::json!({
+                "prefix": host.prefix(),
+                "latest": latest,
+                "latest_refused": fetched.document.as_ref().err().map(|e| e.to_string()),
+                "members": members,
+            });
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        ReportFormat::Text => {
+            match &fetched.document {
+                Ok(d) => println!("{}: document at revision {}", host.prefix(), d.revision),
+                Err(e) => println!("{}: no document a member would serve: {e}", host.prefix()),
+            }
+            for m in &members {
+                let applied = match m.applied_at {
+                    0 => "since its start".to_owned(),
+                    t => jiff::Timestamp::from_second(t)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                };
+                println!(
+                    "{} ({}, {}): revision {} applied {}{}{}",
+                    m.name,
+                    m.address,
+                    m.version,
+                    m.revision,
+                    applied,
+                    if on_latest(m) {
+                        ", latest"
+                    } else {
+                        ", NOT the latest"
+                    },
+                    m.refused
+                        .as_ref()
+                        .map(|(r, why)| format!("; refused revision {r}: {why}"))
+                        .unwrap_or_default()
+                );
+            }
+            if members.is_empty() {
+                println!("no member registered");
+            }
+        }
+    }
+    Ok(all)
 }
 
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {

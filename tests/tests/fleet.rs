@@ -77,6 +77,20 @@ fn push(pki: &Pki, host: &Path, doc: &str) {
     );
 }
 
+/// `gateway fleet status --format json`: exit code and answer.
+fn fleet_status(host: &Path) -> (i32, serde_json::Value) {
+    let out = Command::new(gateway_binary())
+        .args(["fleet", "status", "--format", "json", "--config"])
+        .arg(host)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.code().unwrap_or(-1), value)
+}
+
 /// Whether a client with `creds` gets an echo through route `sni`.
 async fn echoes(addr: SocketAddr, sni: &str, pki: &Pki) -> bool {
     match connect(addr, sni, pki.frontend_config()).await {
@@ -190,9 +204,18 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
     let back = writer.1.await.unwrap().unwrap();
     assert!(back == data, "the other client's stream changed");
 
+    // The member says so in etcd: on the latest document.
+    let before = value(&scrape(admin).await, "gateway_fleet_revision");
+    let (code, status) = fleet_status(&host);
+    assert_eq!(code, 0, "{status}");
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{status}");
+    assert_eq!(members[0]["name"], "gw-1");
+    assert_eq!(members[0]["revision"].as_f64(), Some(before), "{status}");
+    assert_eq!(members[0]["on_latest"], true);
+
     // A broken document written straight into etcd: refused, counted,
     // nothing changes.
-    let before = value(&scrape(admin).await, "gateway_fleet_revision");
     let mut client = etcd.client().await.unwrap();
     // Names a file etcd does not hold: fail closed.
     let missing = document(&pki, &route("orders", ORDERS, backend.addr))

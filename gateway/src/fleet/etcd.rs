@@ -11,7 +11,7 @@ use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{Document, FleetError, Host};
+use super::{Document, FleetError, Host, MemberRecord};
 use crate::app::{ReloadError, ReloadHandle, ReloadReport};
 use crate::config::Config;
 use crate::metrics::FleetStatus;
@@ -75,7 +75,9 @@ pub async fn fetch(
     at: Option<i64>,
 ) -> Result<Fetched, FleetError> {
     let prefix = host.prefix();
-    let mut options = GetOptions::new().with_prefix();
+    // Up to `<prefix>/members/`: the members' own records do not make a
+    // new document.
+    let mut options = GetOptions::new().with_range(format!("{prefix}/members/"));
     if let Some(rev) = at {
         options = options.with_revision(rev);
     }
@@ -229,11 +231,20 @@ pub async fn follow(
             rx.await.map_err(|_| ReloadError::ShuttingDown)?
         })
     }));
+    let record = MemberRecord {
+        name: host.settings.name.clone(),
+        address: hostname(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        revision: serving.revision,
+        applied_at: 0,
+        refused: None,
+    };
     let mut member = Member {
         host,
         serving,
         reload,
         status,
+        record,
     };
     let mut retry = RETRY_MIN;
     loop {
@@ -264,9 +275,61 @@ struct Member {
     serving: Document,
     reload: ReloadHandle,
     status: Arc<FleetStatus>,
+    /// What `gateway fleet status` reads of this member.
+    record: MemberRecord,
+}
+
+/// How long a member's record outlives its last keep-alive.
+const MEMBER_TTL: i64 = 5;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every member's record under `<prefix>/members/`, and the document's
+/// revision now (or why there is none to serve).
+pub async fn status(host: &Host) -> Result<(Fetched, Vec<MemberRecord>), FleetError> {
+    let mut client = connect(host).await?;
+    let fetched = fetch(&mut client, host, None).await?;
+    let resp = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.get(
+            format!("{}/members/", host.prefix()),
+            Some(GetOptions::new().with_prefix()),
+        ),
+    )
+    .await
+    .map_err(|_| FleetError::Etcd("reading the members timed out".into()))?
+    .map_err(etcd_error)?;
+    let members = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    Ok((fetched, members))
 }
 
 impl Member {
+    /// Puts this member's record under its lease; returns what it put.
+    async fn register(&self, client: &mut Client, lease: i64) -> Result<MemberRecord, FleetError> {
+        let key = format!("{}/members/{}", self.host.prefix(), self.record.name);
+        let value = serde_json::to_vec(&self.record).map_err(etcd_error)?;
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.put(
+                key,
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await
+        .map_err(|_| FleetError::Etcd("registering timed out".into()))?
+        .map_err(etcd_error)?;
+        Ok(self.record.clone())
+    }
+
     fn heard(&self) {
         self.status
             .last_heard_ms
@@ -284,12 +347,19 @@ impl Member {
         let mut seen = fetched.revision;
         tracing::info!(revision = seen, "fleet: watching etcd");
         self.consider(fetched).await;
+        let lease = client
+            .lease_grant(MEMBER_TTL, None)
+            .await
+            .map_err(etcd_error)?
+            .id();
+        let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
+        let mut registered = self.register(&mut client, lease).await?;
         let (mut watcher, mut stream) = client
             .watch(
                 format!("{}/", self.host.prefix()),
                 Some(
                     WatchOptions::new()
-                        .with_prefix()
+                        .with_range(format!("{}/members/", self.host.prefix()))
                         .with_start_revision(seen + 1),
                 ),
             )
@@ -317,12 +387,19 @@ impl Member {
                         self.consider(fetched).await;
                     }
                     seen = seen.max(revision);
+                    if registered != self.record {
+                        registered = self.register(&mut client, lease).await?;
+                    }
+                }
+                alive = kept.message() => {
+                    alive.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the lease keep-alive ended".into()))?;
                 }
                 _ = progress.tick() => {
                     if last.elapsed() > SILENT {
                         return Err(FleetError::Etcd(format!("no answer for {:?}", last.elapsed())));
                     }
                     watcher.request_progress().await.map_err(etcd_error)?;
+                    keeper.keep_alive().await.map_err(etcd_error)?;
                 }
             }
         }
@@ -348,13 +425,16 @@ impl Member {
                     tracing::error!(error = %e, "fleet: the last good document could not be cached");
                 }
                 self.status.revision.store(doc.revision, Ordering::Relaxed);
+                self.record.revision = doc.revision;
+                self.record.applied_at = jiff::Timestamp::now().as_second();
                 self.serving = doc;
             }
             Err(e) => self.refused(doc.revision, &e),
         }
     }
 
-    fn refused(&self, revision: i64, why: &str) {
+    fn refused(&mut self, revision: i64, why: &str) {
+        self.record.refused = Some((revision, why.to_owned()));
         self.status.refused.fetch_add(1, Ordering::Relaxed);
         tracing::error!(
             revision,

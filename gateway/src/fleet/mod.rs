@@ -339,6 +339,24 @@ pub fn materialize(dir: &Path, doc: &Document) -> Result<(), FleetError> {
     Ok(())
 }
 
+/// What a member says of itself at `<prefix>/members/<name>`, under a
+/// lease (gone a few seconds after the member is): for `gateway fleet status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub name: String,
+    /// The host it runs on (its hostname).
+    pub address: String,
+    /// The gateway's version.
+    pub version: String,
+    /// The revision of the document it serves.
+    pub revision: i64,
+    /// When it applied that document (Unix seconds; 0: served from the
+    /// cache since its start).
+    pub applied_at: i64,
+    /// The newest revision it refused, and why, if it refused one since.
+    pub refused: Option<(i64, String)>,
+}
+
 /// The cache file's content.
 #[derive(Serialize, Deserialize)]
 struct Cached {
