@@ -766,7 +766,9 @@ fn fleet_status(host: &std::path::Path, format: ReportFormat) -> anyhow::Result<
                 .iter()
                 .map(|m| {
                     let mut v = serde_json::to_value(m).unwrap_or_default();
-                    v["on_latest"] = on_latest(m).into();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("on_latest".into(), on_latest(m).into());
+                    }
                     v
                 })
                 .collect();
