@@ -13,6 +13,8 @@ pub struct Etcd {
     pub peer: SocketAddr,
     data: tempfile::TempDir,
     cluster: String,
+    /// The network namespace it runs in (none: this process's).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -34,8 +36,24 @@ impl Etcd {
             peer,
             data: tempfile::tempdir().expect("etcd data dir"),
             cluster: cluster.to_owned(),
+            netns: None,
             child: None,
         }
+    }
+
+    /// A member of `cluster` in namespace `ns`, on `client` and `peer`
+    /// there; not started.
+    pub fn in_netns(
+        name: &str,
+        ns: &str,
+        client: SocketAddr,
+        peer: SocketAddr,
+        cluster: &str,
+    ) -> Etcd {
+        let mut e = Etcd::new(name, peer, cluster);
+        e.client = client;
+        e.netns = Some(ns.to_owned());
+        e
     }
 
     pub fn url(&self) -> String {
@@ -47,7 +65,11 @@ impl Etcd {
         assert!(self.child.is_none(), "etcd {} already runs", self.name);
         let data: PathBuf = self.data.path().join("data");
         let log = std::fs::File::create(self.data.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
+        let mut cmd = match &self.netns {
+            Some(ns) => crate::netns::in_netns_command(ns, &["etcd"]),
+            None => Command::new("etcd"),
+        };
+        let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&data)
@@ -80,7 +102,11 @@ impl Etcd {
     pub async fn wait_ready(&self) {
         let until = Instant::now() + crate::STEP;
         loop {
-            if let Ok(mut c) = self.client().await
+            if self.netns.is_some() {
+                if self.put_blocking("ready", "1").is_ok() {
+                    return;
+                }
+            } else if let Ok(mut c) = self.client().await
                 && c.get("ready", None).await.is_ok()
             {
                 return;
@@ -101,6 +127,35 @@ impl Etcd {
             .with_connect_timeout(Duration::from_secs(1))
             .with_timeout(Duration::from_secs(2));
         etcd_client::Client::connect([self.url()], Some(options)).await
+    }
+}
+
+impl Etcd {
+    /// Puts `key` through this member, from its namespace (a thread of
+    /// its own there, with a runtime of its own, so the client's sockets
+    /// are made there).
+    pub fn put_blocking(&self, key: &str, value: &str) -> Result<(), String> {
+        let (url, key, value) = (self.url(), key.to_owned(), value.to_owned());
+        let put = move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async move {
+                let options = etcd_client::ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(1))
+                    .with_timeout(Duration::from_secs(2));
+                let mut c = etcd_client::Client::connect([url], Some(options))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.put(key, value, None).await.map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        };
+        match &self.netns {
+            Some(ns) => crate::netns::in_netns(ns, put),
+            None => put(),
+        }
     }
 }
 

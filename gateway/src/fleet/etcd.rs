@@ -23,6 +23,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// heard nothing for `SILENT` is taken for lost and made again.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const SILENT: Duration = Duration::from_secs(2);
+/// Every this many progress ticks (10 s) the prefix is read whole anyway.
+const RECONCILE_TICKS: u32 = 20;
 /// Between attempts to reach etcd again.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -31,9 +33,32 @@ fn etcd_error(e: impl std::fmt::Display) -> FleetError {
     FleetError::Etcd(e.to_string())
 }
 
-/// A client for the member's endpoints, with TLS when `[fleet]` names a
-/// CA or a client certificate.
+/// A client for the first of the member's endpoints that answers a
+/// linearizable read (so never a member cut off from the majority), with
+/// TLS when `[fleet]` names a CA or a client certificate. One endpoint at a
+/// time rather than the client's balancing: that sent requests to a dead
+/// member and failed them while two others were up.
 pub async fn connect(host: &Host) -> Result<Client, FleetError> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let endpoints = &host.settings.etcd;
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for i in 0..endpoints.len() {
+        let Some(endpoint) = endpoints.get((first + i) % endpoints.len()) else {
+            continue;
+        };
+        match connect_one(host, endpoint).await {
+            Ok(client) => return Ok(client),
+            Err(e) => errors.push(format!("{endpoint}: {e}")),
+        }
+    }
+    Err(FleetError::Etcd(format!(
+        "no endpoint answered: {}",
+        errors.join("; ")
+    )))
+}
+
+async fn connect_one(host: &Host, endpoint: &str) -> Result<Client, FleetError> {
     let s = &host.settings;
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
@@ -55,10 +80,22 @@ pub async fn connect(host: &Host) -> Result<Client, FleetError> {
         }
         options = options.with_tls(tls);
     }
-    tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&s.etcd, Some(options)))
+    let probe = async {
+        let mut client = Client::connect([endpoint], Some(options))
+            .await
+            .map_err(etcd_error)?;
+        client
+            .get(
+                format!("{}/config", host.prefix()),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(etcd_error)?;
+        Ok(client)
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, probe)
         .await
-        .map_err(|_| FleetError::Etcd("connecting timed out".into()))?
-        .map_err(etcd_error)
+        .map_err(|_| FleetError::Etcd("no answer in time".into()))?
 }
 
 /// What one read of the prefix found: the etcd revision read at, and the
@@ -344,7 +381,7 @@ impl Member {
         let fetched = fetch(&mut client, &self.host, None).await?;
         self.heard();
         self.status.connected.store(true, Ordering::Relaxed);
-        let mut seen = fetched.revision;
+        let seen = fetched.revision;
         tracing::info!(revision = seen, "fleet: watching etcd");
         self.consider(fetched).await;
         let lease = client
@@ -368,6 +405,7 @@ impl Member {
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = tokio::time::Instant::now();
+        let mut ticks: u32 = 0;
         loop {
             tokio::select! {
                 Some((force, reply)) = requests.recv() => {
@@ -381,12 +419,16 @@ impl Member {
                         // Compacted past `seen`, or refused: read whole again.
                         return Err(FleetError::Etcd(format!("the watch was cancelled: {} (compacted at {})", resp.cancel_reason(), resp.compact_revision())));
                     }
-                    let revision = resp.header().map_or(seen, |h| h.revision());
-                    if !resp.events().is_empty() && revision > seen {
-                        let fetched = fetch(&mut client, &self.host, Some(revision)).await?;
+                    // Any change: read the prefix whole, now (linearizable,
+                    // so at least as new as the change). Not judged by the
+                    // header's revision: etcd before 3.4.25 can send a
+                    // progress notice ahead of events still to come (etcd
+                    // #15220), and a change skipped as already seen would
+                    // never be applied.
+                    if !resp.events().is_empty() {
+                        let fetched = fetch(&mut client, &self.host, None).await?;
                         self.consider(fetched).await;
                     }
-                    seen = seen.max(revision);
                     if registered != self.record {
                         registered = self.register(&mut client, lease).await?;
                     }
@@ -400,6 +442,13 @@ impl Member {
                     }
                     watcher.request_progress().await.map_err(etcd_error)?;
                     keeper.keep_alive().await.map_err(etcd_error)?;
+                    // Now and then the prefix read whole whatever the watch
+                    // said: a change a watch lost is applied late, not never.
+                    ticks += 1;
+                    if ticks.is_multiple_of(RECONCILE_TICKS) {
+                        let fetched = fetch(&mut client, &self.host, None).await?;
+                        self.consider(fetched).await;
+                    }
                 }
             }
         }
@@ -421,12 +470,12 @@ impl Member {
         match self.apply(&doc, false).await {
             Ok(report) => {
                 tracing::info!(revision = doc.revision, changes = %report, "fleet: applied");
-                if let Err(e) = super::save_cache(&self.host, &doc) {
-                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
-                }
                 self.status.revision.store(doc.revision, Ordering::Relaxed);
                 self.record.revision = doc.revision;
                 self.record.applied_at = jiff::Timestamp::now().as_second();
+                if let Err(e) = super::save_cache(&self.host, &doc) {
+                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
+                }
                 self.serving = doc;
             }
             Err(e) => self.refused(doc.revision, &e),
