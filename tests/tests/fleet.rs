@@ -18,21 +18,20 @@ const PREFIX: &str = "/gateway/test";
 const ORDERS: &str = "orders.example.internal";
 const BILLING: &str = "billing.example.internal";
 
-/// The shared document: the listener (its cert and key host paths, its
-/// client CA and CRL plain names beside it) and `routes`.
-fn document(pki: &Pki, routes: &str) -> String {
+/// The shared document: the listener (its cert and key host files, its
+/// client CA and CRL shared ones, all plain names beside the host file
+/// and the document) and `routes`.
+fn document(_pki: &Pki, routes: &str) -> String {
     format!(
         r#"
 [[listeners]]
 name = "edge"
 bind = "127.0.0.1:0"
-cert = "{cert}"
-key = "{key}"
+cert = "server-chain.pem"
+key = "server.key"
 client_ca = "client-roots.pem"
 crls = ["clients.crl.pem"]
-{routes}"#,
-        cert = pki.path("server-chain.pem").display(),
-        key = pki.path("server.key").display(),
+{routes}"#
     )
 }
 

@@ -51,6 +51,10 @@ pub enum FleetError {
     )]
     BadFileName(String),
     #[error(
+        "the fleet document names the host file {0:?} for a certificate or key: a plain name (no directory), read from the host file's directory, so etcd can point a gateway at no other file of the host"
+    )]
+    HostPath(String),
+    #[error(
         "the fleet document names the file {0:?}, which etcd does not hold at <prefix>/files/{0}"
     )]
     MissingFile(String),
@@ -259,8 +263,10 @@ pub fn valid_name(name: &str) -> bool {
 /// Calls `f` on every shared file a document names (a listener's
 /// `client_ca` and `crls`, a trust bundle's `ca` and `crls`, a route's
 /// `upstream_tls.ca`) and puts what it returns in its place. A listener's
-/// `cert` and `key`, and `upstream_tls`'s, are host paths and left alone:
-/// private keys never go into etcd.
+/// `cert` and `key`, and `upstream_tls`'s, are host files, left as they
+/// are: private keys never go into etcd. They must be plain names too,
+/// read from the host file's directory: whoever can write to etcd must
+/// not be able to have a gateway serve with any key its host holds.
 fn rewrite_shared_files(
     table: &mut toml::Table,
     f: &mut dyn FnMut(&str) -> Result<String, FleetError>,
@@ -282,8 +288,18 @@ fn rewrite_shared_files(
             other => Err(FleetError::BadFileName(other.to_string())),
         }
     };
+    let host_files = |t: &toml::Table| -> Result<(), FleetError> {
+        for v in ["cert", "key"].iter().filter_map(|k| t.get(*k)) {
+            match v {
+                toml::Value::String(name) if valid_name(name) => {}
+                other => return Err(FleetError::HostPath(other.to_string())),
+            }
+        }
+        Ok(())
+    };
     if let Some(toml::Value::Array(listeners)) = table.get_mut("listeners") {
         for l in listeners.iter_mut().filter_map(toml::Value::as_table_mut) {
+            host_files(l)?;
             if let Some(v) = l.get_mut("client_ca") {
                 one(v)?;
             }
@@ -292,12 +308,14 @@ fn rewrite_shared_files(
             }
             if let Some(toml::Value::Array(routes)) = l.get_mut("routes") {
                 for r in routes.iter_mut().filter_map(toml::Value::as_table_mut) {
-                    if let Some(v) = r
+                    if let Some(u) = r
                         .get_mut("upstream_tls")
                         .and_then(toml::Value::as_table_mut)
-                        .and_then(|u| u.get_mut("ca"))
                     {
-                        one(v)?;
+                        host_files(u)?;
+                        if let Some(v) = u.get_mut("ca") {
+                            one(v)?;
+                        }
                     }
                 }
             }

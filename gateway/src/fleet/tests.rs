@@ -13,7 +13,7 @@ const DOC: &str = r#"
 [[listeners]]
 name = "edge"
 bind = "127.0.0.1:0"
-cert = "/etc/gateway/server.pem"
+cert = "server.pem"
 key = "server.key"
 client_ca = "clients.pem"
 crls = ["clients.crl"]
@@ -72,10 +72,7 @@ fn the_document_names_shared_files_and_the_host_keeps_key_paths() {
         Path::new("/srv/gw/state/fleet.json.files/partners.pem")
     );
     assert_eq!(config.resolve(&l.key), Path::new("/srv/gw/server.key"));
-    assert_eq!(
-        config.resolve(&l.cert),
-        Path::new("/etc/gateway/server.pem")
-    );
+    assert_eq!(config.resolve(&l.cert), Path::new("/srv/gw/server.pem"));
     assert_eq!(config.admin, Some("127.0.0.1:9000".parse().unwrap()));
     assert!(config.fleet.is_some());
 }
@@ -162,4 +159,29 @@ fn the_cache_round_trips_and_is_not_read_when_others_could_have_written_it() {
     std::fs::set_permissions(h.cache(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let e = load_cache(&h).unwrap_err();
     assert!(e.to_string().contains("writable by others"), "{e}");
+}
+
+/// Whoever writes to etcd cannot point a gateway at another key or
+/// certificate of its host: those are plain names in the host file's
+/// directory.
+#[test]
+fn a_certificate_or_key_path_in_the_document_is_refused() {
+    for (from, to) in [
+        ("cert = \"server.pem\"", "cert = \"/etc/ssl/other.pem\""),
+        ("key = \"server.key\"", "key = \"../other/server.key\""),
+        (
+            "key = \"server.key\"",
+            "key = \"/etc/ssl/private/other.key\"",
+        ),
+    ] {
+        let doc = DOC.replace(from, to);
+        assert_ne!(doc, DOC);
+        let e = named_files(&doc).unwrap_err();
+        assert!(matches!(e, FleetError::HostPath(_)), "{to}: {e}");
+    }
+    let upstream = format!(
+        "{DOC}[listeners.routes.upstream_tls]\nca = \"clients.pem\"\nserver_name = \"b\"\ncert = \"/root/c.pem\"\nkey = \"k.key\"\n"
+    );
+    let e = named_files(&upstream).unwrap_err();
+    assert!(matches!(e, FleetError::HostPath(_)), "{e}");
 }
