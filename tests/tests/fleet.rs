@@ -21,7 +21,7 @@ const BILLING: &str = "billing.example.internal";
 /// The shared document: the listener (its cert and key host files, its
 /// client CA and CRL shared ones, all plain names beside the host file
 /// and the document) and `routes`.
-fn document(_pki: &Pki, routes: &str) -> String {
+fn document(routes: &str) -> String {
     format!(
         r#"
 [[listeners]]
@@ -58,18 +58,31 @@ fn host_file(pki: &Pki, etcd: &[&Etcd], admin: SocketAddr) -> PathBuf {
     )
 }
 
-/// `gateway fleet push`, which must succeed.
-fn push(pki: &Pki, host: &Path, doc: &str) {
+/// `gateway fleet push` (from namespace `ns`, if any), which must succeed.
+fn push(ns: Option<&str>, pki: &Pki, host: &Path, doc: &str) {
     let from = pki.write("shared.toml", doc);
-    let out = Command::new(gateway_binary())
-        .args(["fleet", "push", "--config"])
-        .arg(host)
-        .arg("--from")
-        .arg(&from)
+    let bin = gateway_binary();
+    let args = [
+        bin.to_str().unwrap(),
+        "fleet",
+        "push",
         // The test PKI's CRLs run for a day.
-        .args(["--fail-within", "1h"])
-        .output()
-        .unwrap();
+        "--fail-within",
+        "1h",
+        "--config",
+        host.to_str().unwrap(),
+        "--from",
+        from.to_str().unwrap(),
+    ];
+    let mut cmd = match ns {
+        Some(ns) => gateway_tests::netns::in_netns_command(ns, &args),
+        None => {
+            let mut c = Command::new(args[0]);
+            c.args(&args[1..]);
+            c
+        }
+    };
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "push refused: {}{}",
@@ -91,33 +104,6 @@ fn fleet_status(host: &Path) -> (i32, serde_json::Value) {
     (out.status.code().unwrap_or(-1), value)
 }
 
-/// Whether a client with `creds` gets an echo through route `sni`.
-async fn echoes(addr: SocketAddr, sni: &str, pki: &Pki) -> bool {
-    match connect(addr, sni, pki.frontend_config()).await {
-        Ok(tls) => echo_roundtrip(tls, b"ping".to_vec())
-            .await
-            .is_ok_and(|b| b == b"ping"),
-        Err(_) => false,
-    }
-}
-
-/// How long until route `sni` serves, polling every 20 ms up to `limit`.
-async fn serves_within(
-    addr: SocketAddr,
-    sni: &str,
-    pki: &Pki,
-    limit: Duration,
-) -> Option<Duration> {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if echoes(addr, sni, pki).await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 fn value(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
@@ -132,27 +118,65 @@ fn run_member(pki: &Pki, host: &Path, log: &str) -> (Reap, SocketAddr) {
     (gw, addr)
 }
 
+/// One etcd, one member serving route `orders` pushed to it.
+struct One {
+    etcd: Etcd,
+    pki: Pki,
+    backend: EchoBackend,
+    admin: SocketAddr,
+    host: PathBuf,
+    gw: Reap,
+    addr: SocketAddr,
+}
+
+impl One {
+    async fn start() -> One {
+        let etcd = Etcd::start().await;
+        let pki = Pki::new();
+        let backend = EchoBackend::start().await;
+        pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+        let admin = dead_port();
+        let host = host_file(&pki, &[&etcd], admin);
+        push(
+            None,
+            &pki,
+            &host,
+            &document(&route("orders", ORDERS, backend.addr)),
+        );
+        let (gw, addr) = run_member(&pki, &host, "gw.stderr");
+        assert!(echoes(None, addr, ORDERS, &pki).await);
+        One {
+            etcd,
+            pki,
+            backend,
+            admin,
+            host,
+            gw,
+            addr,
+        }
+    }
+}
+
 #[tokio::test]
 async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_changes_nothing() {
-    let etcd = Etcd::start().await;
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
-    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let admin = dead_port();
-    let host = host_file(&pki, &[&etcd], admin);
-    push(
-        &pki,
-        &host,
-        &document(&pki, &route("orders", ORDERS, backend.addr)),
+    let One {
+        etcd,
+        pki,
+        backend,
+        admin,
+        host,
+        gw: _gw,
+        addr,
+    } = One::start().await;
+    assert!(
+        !echoes(None, addr, BILLING, &pki).await,
+        "no billing route yet"
     );
-    let (_gw, addr) = run_member(&pki, &host, "gw.stderr");
-    assert!(echoes(addr, ORDERS, &pki).await);
-    assert!(!echoes(addr, BILLING, &pki).await, "no billing route yet");
 
     // A route pushed to etcd serves within a second of the push.
     let both = route("orders", ORDERS, backend.addr) + &route("billing", BILLING, backend.addr);
-    push(&pki, &host, &document(&pki, &both));
-    let took = serves_within(addr, BILLING, &pki, Duration::from_secs(1)).await;
+    push(None, &pki, &host, &document(&both));
+    let took = all_serve_within(None, &[addr], BILLING, &pki, Duration::from_secs(1)).await;
     assert!(took.is_some(), "billing not served within 1 s of the push");
     eprintln!("route served {took:?} after the push");
 
@@ -187,18 +211,9 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
         });
         (sent, got)
     };
-    push(&pki, &host, &document(&pki, &both));
+    push(None, &pki, &host, &document(&both));
     let pushed = Instant::now();
-    let mut buf = [0u8; 64];
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(2), a.read(&mut buf)).await {
-            Err(_) => break None,
-            Ok(Ok(0) | Err(_)) => break Some(pushed.elapsed()),
-            Ok(Ok(_)) => {}
-        }
-    };
-    let closed = closed.expect("the revoked client's connection stayed open");
-    assert!(closed < Duration::from_secs(1), "closed after {closed:?}");
+    let closed = closed_within_a_second(&mut a, pushed).await;
     eprintln!("revoked client closed {closed:?} after the push");
     let _w = writer.0.await.unwrap();
     let back = writer.1.await.unwrap().unwrap();
@@ -218,8 +233,8 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
     // nothing changes.
     let mut client = etcd.client().await.unwrap();
     // Names a file etcd does not hold: fail closed.
-    let missing = document(&pki, &route("orders", ORDERS, backend.addr))
-        .replace("clients.crl.pem", "gone.crl.pem");
+    let missing =
+        document(&route("orders", ORDERS, backend.addr)).replace("clients.crl.pem", "gone.crl.pem");
     client
         .put(format!("{PREFIX}/config"), missing, None)
         .await
@@ -245,7 +260,7 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
     assert_eq!(value(&metrics, "gateway_fleet_revision"), before);
     assert_eq!(value(&metrics, "gateway_fleet_connected"), 1.0);
     assert!(
-        echoes(addr, BILLING, &pki).await,
+        echoes(None, addr, BILLING, &pki).await,
         "the last good document serves on"
     );
     assert!(
@@ -257,19 +272,15 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
 
 #[tokio::test]
 async fn without_etcd_the_member_serves_reports_staleness_restarts_from_its_cache_and_converges() {
-    let mut etcd = Etcd::start().await;
-    let pki = Pki::new();
-    let backend = EchoBackend::start().await;
-    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let admin = dead_port();
-    let host = host_file(&pki, &[&etcd], admin);
-    push(
-        &pki,
-        &host,
-        &document(&pki, &route("orders", ORDERS, backend.addr)),
-    );
-    let (gw, addr) = run_member(&pki, &host, "gw.stderr");
-    assert!(echoes(addr, ORDERS, &pki).await);
+    let One {
+        mut etcd,
+        pki,
+        backend,
+        admin,
+        host,
+        gw,
+        addr,
+    } = One::start().await;
     let revision = value(&scrape(admin).await, "gateway_fleet_revision");
     assert!(revision > 0.0);
 
@@ -284,7 +295,7 @@ async fn without_etcd_the_member_serves_reports_staleness_restarts_from_its_cach
         "{metrics}"
     );
     assert_eq!(value(&metrics, "gateway_fleet_revision"), revision);
-    assert!(echoes(addr, ORDERS, &pki).await);
+    assert!(echoes(None, addr, ORDERS, &pki).await);
     live.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     live.read_exact(&mut one).await.unwrap();
@@ -293,7 +304,7 @@ async fn without_etcd_the_member_serves_reports_staleness_restarts_from_its_cach
     drop(gw);
     let (_gw, addr) = run_member(&pki, &host, "gw2.stderr");
     assert!(
-        echoes(addr, ORDERS, &pki).await,
+        echoes(None, addr, ORDERS, &pki).await,
         "not served from the cache"
     );
     let metrics = scrape(admin).await;
@@ -304,8 +315,8 @@ async fn without_etcd_the_member_serves_reports_staleness_restarts_from_its_cach
     etcd.run();
     etcd.wait_ready().await;
     let both = route("orders", ORDERS, backend.addr) + &route("billing", BILLING, backend.addr);
-    push(&pki, &host, &document(&pki, &both));
-    let took = serves_within(addr, BILLING, &pki, Duration::from_secs(10)).await;
+    push(None, &pki, &host, &document(&both));
+    let took = all_serve_within(None, &[addr], BILLING, &pki, Duration::from_secs(10)).await;
     assert!(
         took.is_some(),
         "did not converge once etcd returned:\n{}",
@@ -326,13 +337,17 @@ async fn without_etcd_the_member_serves_reports_staleness_restarts_from_its_cach
 /// there; the gateways are .11, .12, .13.
 const HUB: &str = "10.231.0.1";
 
-/// A TLS connection made from namespace `ns` (the socket is made there).
+/// A TLS connection made from namespace `ns` (the socket is made there),
+/// or from this one.
 async fn connect_in(
-    ns: &str,
+    ns: Option<&str>,
     addr: SocketAddr,
     sni: &str,
     config: std::sync::Arc<rustls::ClientConfig>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let Some(ns) = ns else {
+        return connect(addr, sni, config).await;
+    };
     let tcp = gateway_tests::netns::in_netns(ns, move || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
     })?;
@@ -347,7 +362,27 @@ async fn connect_in(
     .map_err(|_| std::io::Error::other("TLS connect hung"))?
 }
 
-async fn echoes_in(ns: &str, addr: SocketAddr, sni: &str, pki: &Pki) -> bool {
+/// How long after `pushed` the gateway closed `tls`, which must be
+/// within a second.
+async fn closed_within_a_second(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pushed: Instant,
+) -> Duration {
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut buf)).await {
+            Err(_) => panic!("a revoked client's connection stayed open"),
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(_)) => {}
+        }
+    }
+    let closed = pushed.elapsed();
+    assert!(closed < Duration::from_secs(1), "closed after {closed:?}");
+    closed
+}
+
+/// Whether the allowed client gets an echo through route `sni`.
+async fn echoes(ns: Option<&str>, addr: SocketAddr, sni: &str, pki: &Pki) -> bool {
     match connect_in(ns, addr, sni, pki.frontend_config()).await {
         Ok(tls) => echo_roundtrip(tls, b"ping".to_vec())
             .await
@@ -356,9 +391,10 @@ async fn echoes_in(ns: &str, addr: SocketAddr, sni: &str, pki: &Pki) -> bool {
     }
 }
 
-/// How long until route `sni` serves on every gateway, up to `limit`.
+/// How long until route `sni` serves on every gateway, polling every
+/// 20 ms up to `limit`.
 async fn all_serve_within(
-    ns: &str,
+    ns: Option<&str>,
     gws: &[SocketAddr],
     sni: &str,
     pki: &Pki,
@@ -369,7 +405,7 @@ async fn all_serve_within(
     while started.elapsed() < limit {
         let mut still = Vec::new();
         for gw in pending {
-            if !echoes_in(ns, gw, sni, pki).await {
+            if !echoes(ns, gw, sni, pki).await {
                 still.push(gw);
             }
         }
@@ -404,34 +440,6 @@ async fn round_trip(
         }
     }
     back
-}
-
-/// `gateway fleet push` from namespace `ns`.
-fn push_in(ns: &str, pki: &Pki, host: &Path, doc: &str) {
-    let from = pki.write("shared.toml", doc);
-    let bin = gateway_binary();
-    let out = gateway_tests::netns::in_netns_command(
-        ns,
-        &[
-            bin.to_str().unwrap(),
-            "fleet",
-            "push",
-            "--fail-within",
-            "1h",
-            "--config",
-            host.to_str().unwrap(),
-            "--from",
-            from.to_str().unwrap(),
-        ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "push refused: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The issue's fleet: three etcd members and three gateways, each gateway
@@ -499,7 +507,7 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
 
     let pki = Pki::new();
     pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
-    let shared = |routes: &str| document(&pki, routes).replace("127.0.0.1:0", "0.0.0.0:8443");
+    let shared = |routes: &str| document(routes).replace("127.0.0.1:0", "0.0.0.0:8443");
     let member_refs: Vec<&Etcd> = members.iter().collect();
     let admin: SocketAddr = "127.0.0.1:9000".parse().unwrap();
     let hosts: Vec<PathBuf> = (0..3)
@@ -512,8 +520,8 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
             pki.write(&format!("host-{i}.toml"), &text)
         })
         .collect();
-    push_in(
-        hub.name(),
+    push(
+        Some(hub.name()),
         &pki,
         &hosts[0],
         &shared(&route("orders", ORDERS, backend_addr)),
@@ -529,15 +537,22 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
     }
     for gw in &gws {
         assert!(
-            echoes_in(hub.name(), *gw, ORDERS, &pki).await,
+            echoes(Some(hub.name()), *gw, ORDERS, &pki).await,
             "{gw} does not serve"
         );
     }
 
     // A route pushed: every gateway serves it within a second.
     let both = route("orders", ORDERS, backend_addr) + &route("billing", BILLING, backend_addr);
-    push_in(hub.name(), &pki, &hosts[0], &shared(&both));
-    let took = all_serve_within(hub.name(), &gws, BILLING, &pki, Duration::from_secs(1)).await;
+    push(Some(hub.name()), &pki, &hosts[0], &shared(&both));
+    let took = all_serve_within(
+        Some(hub.name()),
+        &gws,
+        BILLING,
+        &pki,
+        Duration::from_secs(1),
+    )
+    .await;
     eprintln!("route on all three gateways {took:?} after the push");
     assert!(took.is_some(), "not on every gateway within 1 s");
 
@@ -547,14 +562,19 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
     let mut revoked = Vec::new();
     let mut others = Vec::new();
     for gw in &gws {
-        let mut a = connect_in(hub.name(), *gw, ORDERS, pki.client_config(Some(&doomed)))
-            .await
-            .unwrap();
+        let mut a = connect_in(
+            Some(hub.name()),
+            *gw,
+            ORDERS,
+            pki.client_config(Some(&doomed)),
+        )
+        .await
+        .unwrap();
         a.write_all(b"a").await.unwrap();
         let mut one = [0u8; 1];
         a.read_exact(&mut one).await.unwrap();
         revoked.push(a);
-        let mut b = connect_in(hub.name(), *gw, ORDERS, pki.frontend_config())
+        let mut b = connect_in(Some(hub.name()), *gw, ORDERS, pki.frontend_config())
             .await
             .unwrap();
         // Through to the backend before the push.
@@ -565,19 +585,10 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
         "clients.crl.pem",
         &pki.intermediate.crl(2, &[&serial]).unwrap(),
     );
-    push_in(hub.name(), &pki, &hosts[0], &shared(&both));
+    push(Some(hub.name()), &pki, &hosts[0], &shared(&both));
     let pushed = Instant::now();
     for a in &mut revoked {
-        let mut buf = [0u8; 64];
-        let closed = loop {
-            match tokio::time::timeout(Duration::from_secs(2), a.read(&mut buf)).await {
-                Err(_) => break None,
-                Ok(Ok(0) | Err(_)) => break Some(pushed.elapsed()),
-                Ok(Ok(_)) => {}
-            }
-        };
-        let closed = closed.expect("a revoked client's connection stayed open");
-        assert!(closed < Duration::from_secs(1), "closed after {closed:?}");
+        closed_within_a_second(a, pushed).await;
     }
     eprintln!(
         "revoked client closed on all three {:?} after the push",
@@ -603,7 +614,7 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
         });
     }
     for gw in &gws {
-        assert!(echoes_in(hub.name(), *gw, BILLING, &pki).await);
+        assert!(echoes(Some(hub.name()), *gw, BILLING, &pki).await);
     }
 
     // One etcd member killed: live streams flow on, every gateway still
@@ -611,9 +622,9 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
     members[0].stop();
     let started = Instant::now();
     let three = both.clone() + &route("front", "gateway.example.internal", backend_addr);
-    push_in(hub.name(), &pki, &hosts[1], &shared(&three));
+    push(Some(hub.name()), &pki, &hosts[1], &shared(&three));
     let took = all_serve_within(
-        hub.name(),
+        Some(hub.name()),
         &gws,
         "gateway.example.internal",
         &pki,
