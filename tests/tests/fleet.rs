@@ -165,7 +165,7 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
         backend,
         admin,
         host,
-        gw: _gw,
+        gw,
         addr,
     } = One::start().await;
     assert!(
@@ -267,6 +267,23 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
         refusal(addr, ORDERS, pki.client_config(Some(&doomed))).await
             == rustls::AlertDescription::CertificateRevoked,
         "the revocation stays"
+    );
+
+    // SIGHUP on a member: the host file read again with the document
+    // serving (not the broken one in etcd), through the same reload.
+    let log = pki.path("gw.stderr");
+    let failed = |m: &str| value(m, "gateway_reloads_total{result=\"failed\"}");
+    let failed_before = failed(&scrape(admin).await);
+    let reloaded = log_count(&log, "reloaded");
+    signal(&gw.0, "HUP");
+    wait_for("the SIGHUP reload", || {
+        log_count(&log, "reloaded") > reloaded
+    });
+    assert!(echoes(None, addr, BILLING, &pki).await);
+    assert_eq!(
+        failed(&scrape(admin).await),
+        failed_before,
+        "the SIGHUP reload failed"
     );
 }
 
