@@ -109,6 +109,15 @@ impl Host {
                 SHARED_KEYS.join(", ")
             )));
         }
+        if table.contains_key("user") {
+            // Root writes the document's files at start and the dropped
+            // user at every revision after, in one directory: no owner of
+            // it is safe for both (see `safe_dir`). Refused until the
+            // files have a directory of the user's made before the drop.
+            return Err(host(
+                "has [fleet] and `user`: a fleet member does not drop privileges yet; start it as the user instead (systemd User=, with the capabilities it needs)".into(),
+            ));
+        }
         if settings.etcd.is_empty() {
             return Err(host("fleet.etcd names no endpoint".into()));
         }

@@ -108,6 +108,8 @@ fn host_local_settings_stay_out_of_the_document_and_shared_ones_out_of_the_host(
         matches!(&e, FleetError::HostLocalInDocument(k) if k == "admin"),
         "{e}"
     );
+    let e = Host::parse(&format!("user = \"nobody\"\n{HOST}"), Path::new("/h.toml")).unwrap_err();
+    assert!(e.to_string().contains("`user`"), "{e}");
     let e = Host::parse(
         &format!("{HOST}\n[trust.x]\nca = \"a.pem\"\n"),
         Path::new("/h.toml"),
