@@ -1104,9 +1104,8 @@ fn socket_of(against: &str) -> anyhow::Result<gateway::admin::client::Endpoint> 
     if meta.file_type().is_socket() {
         return Ok(Endpoint::Socket(path.to_owned()));
     }
-    let config = gateway::Config::load(path)?;
-    match &config.admin_socket {
-        Some(p) => Ok(Endpoint::Socket(config.resolve(p))),
+    match admin_of(path)?.0 {
+        Some(p) => Ok(Endpoint::Socket(p)),
         None => anyhow::bail!(
             "{against}: no admin_socket (set admin_socket = \"/run/gateway/admin.sock\"): a reload preview is served there only"
         ),
@@ -1193,6 +1192,21 @@ fn rollout(
 
 /// The admin endpoint: `--socket`, `--admin`, or `admin_socket` (else
 /// `admin`) of `--config`.
+/// The admin socket (resolved) and TCP endpoint a config file, or a
+/// fleet member's host file, configures.
+fn admin_of(
+    path: &std::path::Path,
+) -> anyhow::Result<(Option<PathBuf>, Option<std::net::SocketAddr>)> {
+    if let Some(host) = gateway::fleet::Host::load(path)? {
+        return Ok(host.admin()?);
+    }
+    let config = gateway::Config::load(path)?;
+    Ok((
+        config.admin_socket.as_ref().map(|p| config.resolve(p)),
+        config.admin,
+    ))
+}
+
 fn endpoint(
     socket: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
@@ -1202,17 +1216,14 @@ fn endpoint(
     Ok(match (socket, admin, config) {
         (Some(p), _, _) => Endpoint::Socket(p),
         (None, Some(a), _) => Endpoint::Tcp(a),
-        (None, None, Some(path)) => {
-            let config = gateway::Config::load(path)?;
-            match (&config.admin_socket, config.admin) {
-                (Some(p), _) => Endpoint::Socket(config.resolve(p)),
-                (None, Some(a)) => Endpoint::Tcp(a),
-                (None, None) => anyhow::bail!(
-                    "{}: no admin endpoint (set admin_socket = \"/run/gateway/admin.sock\")",
-                    path.display()
-                ),
-            }
-        }
+        (None, None, Some(path)) => match admin_of(path)? {
+            (Some(p), _) => Endpoint::Socket(p),
+            (None, Some(a)) => Endpoint::Tcp(a),
+            (None, None) => anyhow::bail!(
+                "{}: no admin endpoint (set admin_socket = \"/run/gateway/admin.sock\")",
+                path.display()
+            ),
+        },
         (None, None, None) => anyhow::bail!(
             "say where the admin endpoint is: --socket PATH, --admin ip:port (reads only) or --config gateway.toml"
         ),

@@ -285,6 +285,15 @@ async fn pushed_routes_and_crls_apply_within_a_second_and_a_broken_document_chan
         failed_before,
         "the SIGHUP reload failed"
     );
+    // The commands that ask a running gateway find a member's admin
+    // endpoint in its host file.
+    let (code, out, err) = cli(&[
+        "rollout".as_ref(),
+        "report".as_ref(),
+        "--config".as_ref(),
+        host.as_os_str(),
+    ]);
+    assert!(code == 0 || code == 1, "not answered ({code}): {out}{err}");
 }
 
 #[tokio::test]

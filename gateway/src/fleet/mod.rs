@@ -157,6 +157,26 @@ impl Host {
         }
     }
 
+    /// The admin endpoint this host file configures: `admin_socket`
+    /// (resolved) and `admin`, for the commands that ask a running member.
+    pub fn admin(&self) -> Result<(Option<PathBuf>, Option<std::net::SocketAddr>), FleetError> {
+        let bad = |field: &str| FleetError::Host {
+            path: self.path.clone(),
+            message: format!("`{field}` is not valid"),
+        };
+        let socket = match self.table.get("admin_socket") {
+            None => None,
+            Some(toml::Value::String(p)) => Some(self.resolve(Path::new(p))),
+            Some(_) => return Err(bad("admin_socket")),
+        };
+        let admin = match self.table.get("admin") {
+            None => None,
+            Some(toml::Value::String(a)) => Some(a.parse().map_err(|_| bad("admin"))?),
+            Some(_) => return Err(bad("admin")),
+        };
+        Ok((socket, admin))
+    }
+
     pub fn cache(&self) -> PathBuf {
         self.resolve(&self.settings.cache)
     }
