@@ -41,7 +41,12 @@ fn etcd_error(e: impl std::fmt::Display) -> FleetError {
 pub async fn connect(host: &Host) -> Result<Client, FleetError> {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let endpoints = &host.settings.etcd;
-    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    // Members start at different endpoints (by name), so a fleet's
+    // watches spread over etcd's members rather than all on the first.
+    let spread = host.settings.name.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let first = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(spread);
     let mut errors = Vec::new();
     for i in 0..endpoints.len() {
         let Some(endpoint) = endpoints.get((first + i) % endpoints.len()) else {
@@ -181,12 +186,32 @@ pub async fn push(
             None,
         ));
     }
-    let mut client = connect(host).await?;
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.txn(Txn::new().and_then(ops)))
-        .await
-        .map_err(|_| FleetError::Etcd("the transaction timed out".into()))?
-        .map_err(etcd_error)?;
-    Ok(resp.header().map_or(0, |h| h.revision()))
+    // Once per endpoint, then once more: a member dying or a leader
+    // election fails a transaction in flight, and writing the same keys
+    // again is harmless (a member applies a document by content).
+    let mut last = None;
+    for _ in 0..=host.settings.etcd.len() {
+        let attempt = async {
+            let mut client = connect(host).await?;
+            let resp = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.txn(Txn::new().and_then(ops.clone())),
+            )
+            .await
+            .map_err(|_| FleetError::Etcd("the transaction timed out".into()))?
+            .map_err(etcd_error)?;
+            Ok::<_, FleetError>(resp.header().map_or(0, |h| h.revision()))
+        };
+        match attempt.await {
+            Ok(revision) => return Ok(revision),
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet push: trying again");
+                last = Some(e);
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| FleetError::Etcd("no endpoint".into())))
 }
 
 /// The config to start with: etcd's document when etcd answers and the
