@@ -130,6 +130,12 @@ pub enum RevertError {
     },
     #[error("revision {number}'s config does not parse any more: {reason}")]
     Unparsable { number: u64, reason: String },
+    /// A fleet member's config comes from etcd: a revert here would be
+    /// undone by the next revision, and would diverge from the fleet.
+    #[error(
+        "revision {number} is a fleet document: revert the fleet by pushing the older document (gateway fleet push), not one member"
+    )]
+    Fleet { number: u64 },
     #[error(transparent)]
     Reload(#[from] ReloadError),
 }
@@ -206,9 +212,30 @@ pub struct ReloadHandle {
     preview_tx: mpsc::Sender<PreviewRequest>,
     stats: Arc<ReloadStats>,
     revisions: Option<Arc<crate::revisions::Store>>,
+    /// Where "read the config again" goes when the config is more than
+    /// its file (a fleet member: the host file and the document from
+    /// etcd); set once by that source.
+    reapply: Arc<std::sync::OnceLock<Reapply>>,
 }
 
+/// Applies the config again from its source, forced or not (SIGHUP,
+/// `POST /reload` on a fleet member).
+pub type Reapply = Arc<
+    dyn Fn(
+            bool,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<ReloadReport, ReloadError>> + Send>,
+        > + Send
+        + Sync,
+>;
+
 impl ReloadHandle {
+    /// Makes `reload_file` read the config from `reapply` instead of the
+    /// file alone (the first call wins).
+    pub fn set_reapply(&self, reapply: Reapply) {
+        let _ = self.reapply.set(reapply);
+    }
+
     /// Applies `config` whole or not at all; systemd hears `RELOADING=1`
     /// before and `READY=1` after, whichever it was.
     pub async fn reload(&self, config: Config) -> Result<ReloadReport, ReloadError> {
@@ -316,6 +343,9 @@ impl ReloadHandle {
         path: &Path,
         force: bool,
     ) -> Result<ReloadReport, ReloadError> {
+        if let Some(reapply) = self.reapply.get() {
+            return reapply(force).await;
+        }
         match Config::load(path) {
             Ok(config) => self.reload_forced(config, force).await,
             Err(e) => {
@@ -360,10 +390,14 @@ fn revision_config(
             files: files.join(", "),
         });
     }
-    revision.config().map_err(|e| RevertError::Unparsable {
+    let config = revision.config().map_err(|e| RevertError::Unparsable {
         number,
         reason: e.to_string(),
-    })
+    })?;
+    if config.fleet.is_some() {
+        return Err(RevertError::Fleet { number });
+    }
+    Ok(config)
 }
 
 /// A listener that is serving.
@@ -417,6 +451,8 @@ pub struct App {
     /// The config file it was started with (`POST /reload` reads it
     /// again); None: built from a config that came from no file.
     config_file: Option<PathBuf>,
+    /// Shared with every `ReloadHandle` (see `ReloadHandle::set_reapply`).
+    reapply: Arc<std::sync::OnceLock<Reapply>>,
 }
 
 /// Starts the shutdown sequence: stop accepting, drain, close.
@@ -565,6 +601,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         auto_revert: config.auto_revert(),
         max_reload_closes: std::sync::Mutex::new(config.max_reload_closes),
         config_file: Some(config.source.clone()).filter(|p| p.is_file()),
+        reapply: Arc::default(),
     })
 }
 
@@ -605,7 +642,14 @@ impl App {
             preview_tx: self.preview_tx.clone(),
             stats: self.reload_stats.clone(),
             revisions: self.revisions.clone(),
+            reapply: self.reapply.clone(),
         }
+    }
+
+    /// The metrics the app counts into (a source such as `fleet` writes
+    /// its own status there).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The eBPF guard, when the config enables it.

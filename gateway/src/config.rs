@@ -39,6 +39,7 @@ pub struct Config {
     /// How long live connections may finish after SIGTERM/SIGINT before they are closed.
     #[serde(default = "default_drain_timeout", with = "duration")]
     pub drain_timeout: Duration,
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     /// Log a warning for certificates and CRLs running out within this;
     /// with the last third of a lifetime when shorter, the warning window
@@ -127,6 +128,9 @@ pub struct Config {
     /// is refused unless forced (`gateway reload --force`, or SIGHUP after
     /// the force marker). None: no guard.
     pub max_reload_closes: Option<usize>,
+    /// A fleet member: listeners, routes, trust bundles, CRLs and the guard
+    /// come from etcd (`fleet`), the rest of this file stays host-local.
+    pub fleet: Option<FleetSettings>,
     /// The directory relative paths are resolved against (the config file's).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -517,6 +521,27 @@ fn default_guard_cgroup() -> PathBuf {
     PathBuf::from("gateway")
 }
 
+/// `[fleet]`: where this member finds the shared config document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSettings {
+    /// etcd endpoints (`http://` or `https://` URLs).
+    pub etcd: Vec<String>,
+    /// The document is `<prefix>/config`, each file it names `<prefix>/files/<name>`.
+    pub prefix: String,
+    /// This member's name, for `gateway fleet status` and the logs.
+    pub name: String,
+    /// The last good document (JSON, 0600, in a directory no one else can
+    /// write), so a restart while etcd is unreachable serves; the files it
+    /// names are written beside it, in `<cache>.files/`.
+    pub cache: PathBuf,
+    /// With `https://` endpoints: the CA etcd's certificate chains to (PEM).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key for etcd's client authentication (PEM).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
 /// A client CA bundle and its revocation lists.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -762,6 +787,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
+            if self.fleet.is_some() {
+                return Err(self.invalid("a [fleet] member's host file: the listeners come from etcd (`gateway fleet push`); check the shared document with `gateway check --config` on it".into()));
+            }
             return Err(self.invalid("no [[listeners]]: nothing to serve".into()));
         }
         let mut names = std::collections::HashSet::new();

@@ -13,6 +13,7 @@ pub mod config;
 pub mod descriptors;
 pub mod ebpf;
 pub mod expiry;
+pub mod fleet;
 pub mod forward;
 pub mod guard;
 pub mod hello;

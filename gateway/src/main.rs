@@ -106,6 +106,12 @@ enum Command {
     },
     /// Print the manual page (roff) to stdout: `gateway man | man -l -`.
     Man,
+    /// A fleet of gateways sharing one policy in etcd (`[fleet]` in each
+    /// host's file).
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Rolling out enforcement: `rollout report` asks a running gateway
     /// (through its admin endpoint) whether its audit routes are ready to
     /// enforce, and what runs out soon (the gateway's certificates and
@@ -145,6 +151,36 @@ enum Command {
         /// The gateway's config, to read `admin_socket` or `admin` from.
         #[arg(long, short, global = true)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Validate a config exactly as `gateway check` does (refusing to
+    /// write anything invalid), then write it as the fleet's document with
+    /// every CA bundle and CRL it names, in one etcd transaction.
+    Push {
+        /// A host file with `[fleet]`: which etcd, which prefix.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The shared document: listeners, routes, trust bundles (their
+        /// files as plain names beside it), guard.
+        #[arg(long)]
+        from: PathBuf,
+        /// As `gateway check`: refuse when anything runs out within this.
+        #[arg(long, default_value = "1d")]
+        fail_within: String,
+    },
+    /// Every member registered in etcd (name, host, version, the revision
+    /// it serves, when it applied it, what it refused) and whether it is
+    /// on the latest document. Exit status: 0 every member is, 1 one is
+    /// not (or none is registered), 2 etcd could not be asked.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// text or json.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
     },
 }
 
@@ -472,6 +508,17 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "gateway", &mut script);
             std::io::Write::write_all(&mut std::io::stdout(), &script).map_err(Into::into)
         }
+        Command::Fleet {
+            command:
+                FleetCommand::Push {
+                    config,
+                    from,
+                    fail_within,
+                },
+        } => fleet_push(&config, &from, &fail_within),
+        Command::Fleet {
+            command: FleetCommand::Status { config, format },
+        } => return yes_no_or_error(fleet_status(&config, format)),
         Command::Man => clap_mangen::Man::new(Cli::command())
             .render(&mut std::io::stdout())
             .map_err(Into::into),
@@ -667,8 +714,124 @@ impl Drop for PidFile {
     }
 }
 
+/// `gateway fleet push`: what `gateway check` accepts, and nothing else,
+/// goes into etcd.
+fn fleet_push(
+    host: &std::path::Path,
+    from: &std::path::Path,
+    fail_within: &str,
+) -> anyhow::Result<()> {
+    let host = gateway::fleet::Host::load(host)?
+        .ok_or_else(|| anyhow::anyhow!("{}: no [fleet] section", host.display()))?;
+    check(from, None, fail_within)?;
+    let text = std::fs::read_to_string(from)?;
+    let dir = from
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let mut files = std::collections::BTreeMap::new();
+    for name in gateway::fleet::named_files(&text)? {
+        let path = dir.join(&name);
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        files.insert(name, bytes);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let revision = runtime.block_on(gateway::fleet::etcd::push(&host, &text, &files))?;
+    println!(
+        "pushed {} and {} file(s) to {} at revision {revision}",
+        from.display(),
+        files.len(),
+        host.prefix()
+    );
+    Ok(())
+}
+
+/// `gateway fleet status`: Ok(true) when every registered member serves
+/// the latest document.
+fn fleet_status(host: &std::path::Path, format: ReportFormat) -> anyhow::Result<bool> {
+    let host = gateway::fleet::Host::load(host)?
+        .ok_or_else(|| anyhow::anyhow!("{}: no [fleet] section", host.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (fetched, members) = runtime.block_on(gateway::fleet::etcd::status(&host))?;
+    let latest = fetched.document.as_ref().map(|d| d.revision).ok();
+    let on_latest = |m: &gateway::fleet::MemberRecord| Some(m.revision) == latest;
+    let all = !members.is_empty() && members.iter().all(on_latest);
+    match format {
+        ReportFormat::Json => {
+            let members: Vec<serde_json::Value> = members
+                .iter()
+                .map(|m| {
+                    let mut v = serde_json::to_value(m).unwrap_or_default();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("on_latest".into(), on_latest(m).into());
+                    }
+                    v
+                })
+                .collect();
+            let body = serde_json::json!({
+                "prefix": host.prefix(),
+                "latest": latest,
+                "latest_refused": fetched.document.as_ref().err().map(|e| e.to_string()),
+                "members": members,
+            });
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        ReportFormat::Text => {
+            match &fetched.document {
+                Ok(d) => println!("{}: document at revision {}", host.prefix(), d.revision),
+                Err(e) => println!("{}: no document a member would serve: {e}", host.prefix()),
+            }
+            for m in &members {
+                let applied = match m.applied_at {
+                    0 => "since its start".to_owned(),
+                    t => jiff::Timestamp::from_second(t)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default(),
+                };
+                println!(
+                    "{} ({}, {}): revision {} applied {}{}{}",
+                    m.name,
+                    m.address,
+                    m.version,
+                    m.revision,
+                    applied,
+                    if on_latest(m) {
+                        ", latest"
+                    } else {
+                        ", NOT the latest"
+                    },
+                    m.refused
+                        .as_ref()
+                        .map(|(r, why)| format!("; refused revision {r}: {why}"))
+                        .unwrap_or_default()
+                );
+            }
+            if members.is_empty() {
+                println!("no member registered");
+            }
+        }
+    }
+    Ok(all)
+}
+
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let config = gateway::Config::load(path)?;
+    // A fleet member's config is its host file and etcd's document (or,
+    // etcd unreachable, the cached one); a plain one is its file.
+    let fleet = gateway::fleet::Host::load(path)?;
+    let (config, document) = match &fleet {
+        Some(host) => {
+            let (config, document) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(gateway::fleet::etcd::start(host))?;
+            (config, Some(document))
+        }
+        None => (gateway::Config::load(path)?, None),
+    };
     // Looked up before anything is bound: an unknown user stops nothing
     // half-started.
     let target = gateway::privilege::Target::resolve(&config)?;
@@ -725,7 +888,7 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
             if let Some(socket) = app.admin_socket() {
                 gateway::admin::give_socket(&socket, target.uid, target.gid)?;
             }
-            drop_privileges(gate, target, path)?;
+            drop_privileges(gate, target, &config)?;
         }
         // Every listener is bound (and the guard, if any, installed).
         gateway::systemd::ready(config.listeners.len());
@@ -749,7 +912,15 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
                 .with_file_name(gateway::preview::FORCE_MARKER)
         });
         let stop_watching = tokio_util::sync::CancellationToken::new();
-        if config.watch_files {
+        if let (Some(host), Some(document)) = (fleet, document) {
+            // The document's files are written by the fleet source itself:
+            // watching them would reload halfway through its own write.
+            let status = app.metrics().fleet.clone();
+            let (reload, stop) = (reload.clone(), stop_watching.clone());
+            tokio::spawn(gateway::fleet::etcd::follow(
+                host, document, reload, status, stop,
+            ));
+        } else if config.watch_files {
             let (path, reload, stop) = (path.to_owned(), reload.clone(), stop_watching.clone());
             tokio::spawn(async move {
                 gateway::watch::watch(&path, &config, reload, WATCH_INTERVAL, stop).await;
@@ -785,7 +956,7 @@ const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
 fn drop_privileges(
     gate: &gateway::privilege::Gate,
     target: &gateway::privilege::Target,
-    path: &std::path::Path,
+    config: &gateway::Config,
 ) -> anyhow::Result<()> {
     gate.drop_to(target)?;
     let kept: Vec<String> = target
@@ -806,7 +977,12 @@ fn drop_privileges(
             target.user
         )
     };
-    let config = gateway::Config::load(path).map_err(|e| unreadable(&e))?;
+    // The file read again (a fleet member's composed config is read from
+    // its files directory, so the same reads happen).
+    let config = match config.fleet {
+        Some(_) => config.clone(),
+        None => gateway::Config::load(&config.source).map_err(|e| unreadable(&e))?,
+    };
     gateway::state::State::from_config(&config).map_err(|e| unreadable(&e))?;
     Ok(())
 }
@@ -928,9 +1104,8 @@ fn socket_of(against: &str) -> anyhow::Result<gateway::admin::client::Endpoint> 
     if meta.file_type().is_socket() {
         return Ok(Endpoint::Socket(path.to_owned()));
     }
-    let config = gateway::Config::load(path)?;
-    match &config.admin_socket {
-        Some(p) => Ok(Endpoint::Socket(config.resolve(p))),
+    match admin_of(path)?.0 {
+        Some(p) => Ok(Endpoint::Socket(p)),
         None => anyhow::bail!(
             "{against}: no admin_socket (set admin_socket = \"/run/gateway/admin.sock\"): a reload preview is served there only"
         ),
@@ -1017,6 +1192,21 @@ fn rollout(
 
 /// The admin endpoint: `--socket`, `--admin`, or `admin_socket` (else
 /// `admin`) of `--config`.
+/// The admin socket (resolved) and TCP endpoint a config file, or a
+/// fleet member's host file, configures.
+fn admin_of(
+    path: &std::path::Path,
+) -> anyhow::Result<(Option<PathBuf>, Option<std::net::SocketAddr>)> {
+    if let Some(host) = gateway::fleet::Host::load(path)? {
+        return Ok(host.admin()?);
+    }
+    let config = gateway::Config::load(path)?;
+    Ok((
+        config.admin_socket.as_ref().map(|p| config.resolve(p)),
+        config.admin,
+    ))
+}
+
 fn endpoint(
     socket: Option<PathBuf>,
     admin: Option<std::net::SocketAddr>,
@@ -1026,17 +1216,14 @@ fn endpoint(
     Ok(match (socket, admin, config) {
         (Some(p), _, _) => Endpoint::Socket(p),
         (None, Some(a), _) => Endpoint::Tcp(a),
-        (None, None, Some(path)) => {
-            let config = gateway::Config::load(path)?;
-            match (&config.admin_socket, config.admin) {
-                (Some(p), _) => Endpoint::Socket(config.resolve(p)),
-                (None, Some(a)) => Endpoint::Tcp(a),
-                (None, None) => anyhow::bail!(
-                    "{}: no admin endpoint (set admin_socket = \"/run/gateway/admin.sock\")",
-                    path.display()
-                ),
-            }
-        }
+        (None, None, Some(path)) => match admin_of(path)? {
+            (Some(p), _) => Endpoint::Socket(p),
+            (None, Some(a)) => Endpoint::Tcp(a),
+            (None, None) => anyhow::bail!(
+                "{}: no admin endpoint (set admin_socket = \"/run/gateway/admin.sock\")",
+                path.display()
+            ),
+        },
         (None, None, None) => anyhow::bail!(
             "say where the admin endpoint is: --socket PATH, --admin ip:port (reads only) or --config gateway.toml"
         ),

@@ -414,6 +414,38 @@ pub struct Metrics {
     pub trust_failures: Arc<AtomicU64>,
     /// The revision history's errors and the automatic reverts.
     pub revisions: Arc<crate::revisions::Counters>,
+    /// A fleet member's view of etcd (`fleet`); served only once enabled.
+    pub fleet: Arc<FleetStatus>,
+}
+
+/// What a fleet member knows of its source: whether it hears etcd now,
+/// the revision it applied, when it last heard from etcd, the revisions
+/// it refused. Written by `fleet`, read at scrape time.
+#[derive(Debug, Default)]
+pub struct FleetStatus {
+    pub enabled: std::sync::atomic::AtomicBool,
+    /// Unix milliseconds when the member started following etcd.
+    pub started_ms: std::sync::atomic::AtomicI64,
+    pub connected: std::sync::atomic::AtomicBool,
+    /// The etcd revision of the document serving now (0: none yet).
+    pub revision: std::sync::atomic::AtomicI64,
+    /// Unix milliseconds of the last answer from etcd (a read, a watch
+    /// event or progress notice); 0: never since start.
+    pub last_heard_ms: std::sync::atomic::AtomicI64,
+    /// Revisions refused (invalid document, missing file, refused reload).
+    pub refused: AtomicU64,
+}
+
+impl FleetStatus {
+    /// Seconds since etcd last answered, or since start when it never did.
+    pub fn staleness(&self) -> f64 {
+        let now = jiff::Timestamp::now().as_millisecond();
+        let last = match self.last_heard_ms.load(Ordering::Relaxed) {
+            0 => self.started_ms.load(Ordering::Relaxed),
+            t => t,
+        };
+        (now - last).max(0) as f64 / 1000.0
+    }
 }
 
 impl Default for Metrics {
@@ -435,6 +467,7 @@ impl Default for Metrics {
             audit: Arc::default(),
             trust_failures: Arc::default(),
             revisions: Arc::default(),
+            fleet: Arc::default(),
         }
     }
 }
@@ -633,6 +666,29 @@ impl Metrics {
                 .into_iter()
                 .map(|(result, n)| ([("result", result)], n)),
         )?;
+        if self.fleet.enabled.load(Ordering::Relaxed) {
+            let fleet = &self.fleet;
+            out.gauge(
+                "gateway_fleet_connected",
+                "1 while the fleet member hears etcd (watching its prefix), 0 while it serves its last good document without it.",
+                [(NO_LABELS, i64::from(fleet.connected.load(Ordering::Relaxed)))],
+            )?;
+            out.gauge(
+                "gateway_fleet_revision",
+                "The etcd revision of the fleet document serving now.",
+                [(NO_LABELS, fleet.revision.load(Ordering::Relaxed))],
+            )?;
+            out.gauge(
+                "gateway_fleet_watch_age_seconds",
+                "Seconds since etcd last answered the fleet member's watch (staleness).",
+                [(NO_LABELS, fleet.staleness())],
+            )?;
+            out.counter(
+                "gateway_fleet_refused",
+                "Fleet revisions refused (invalid document, a named file missing, refused by the reload); the last good one keeps serving.",
+                [(NO_LABELS, fleet.refused.load(Ordering::Relaxed))],
+            )?;
+        }
         out.counter(
             "gateway_access_log_lost_total",
             "Access-log lines that could not be written (a full disk, an I/O error, the writer behind).",

@@ -14,6 +14,7 @@ pub mod attack;
 pub mod bpf;
 pub mod cost;
 pub mod dashboard;
+pub mod etcd;
 pub mod netns;
 pub mod packet;
 pub mod process;

@@ -1,8 +1,9 @@
-//! `cargo xtask demo`: build the gateway and run the demo driver against it.
+//! `cargo xtask demo [--fleet]`: build the gateway and run the demo driver
+//! (or the fleet's) against it.
 
 use crate::cmd;
 
-pub fn run() -> anyhow::Result<()> {
+pub fn run(fleet: bool) -> anyhow::Result<()> {
     cmd::run(cmd::cargo().args([
         "build",
         "--quiet",
@@ -20,7 +21,7 @@ pub fn run() -> anyhow::Result<()> {
                 "--package",
                 "gateway-tests",
                 "--bin",
-                "demo",
+                if fleet { "fleet_demo" } else { "demo" },
                 "--",
             ])
             .arg(binary),

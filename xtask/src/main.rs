@@ -30,7 +30,12 @@ enum Command {
     /// Install what builds and tests need (rust-src, bpf-linker, Debian packages); idempotent.
     Setup,
     /// Run the gateway on a throwaway PKI and show who gets through and who is refused.
-    Demo,
+    Demo {
+        /// A fleet instead: one etcd, two gateways following it, a route
+        /// and a revocation pushed, etcd stopped.
+        #[arg(long)]
+        fleet: bool,
+    },
     /// setup + fmt --check + clippy -D warnings + every test, on this kernel and in the VMs.
     Test {
         /// Skip fmt and clippy (quicker local loop).
@@ -104,9 +109,9 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Setup => setup::run(),
-        Command::Demo => {
+        Command::Demo { fleet } => {
             setup::run()?;
-            demo::run()
+            demo::run(fleet)
         }
         Command::Test { no_lint, no_vm } => {
             setup::run()?;

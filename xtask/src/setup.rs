@@ -37,6 +37,9 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     cargo_fuzz()?;
     debian_packages(DEBIAN_PACKAGES)?;
+    // The fleet tests start their own etcd members on loopback; Debian's
+    // package would also start one as a service on 2379, so not that.
+    debian_packages_without_starting_services(&["etcd-server"])?;
     prometheus_parser()?;
     kubernetes_validate()?;
     eprintln!("xtask: setup complete");

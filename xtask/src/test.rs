@@ -49,7 +49,8 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     // a backend restart and attacks, and the descriptors given back.
     crate::soak::run(SOAK_SECONDS)?;
     // The README's first command must keep working: run it as a test too.
-    crate::demo::run()?;
+    crate::demo::run(false)?;
+    crate::demo::run(true)?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }

@@ -1,0 +1,563 @@
+//! etcd as the fleet's source: `push` (the document and its files in one
+//! transaction), the start (etcd, else the cache) and `follow` (watch the
+//! prefix, apply each new document through the app's reload).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, GetOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{Document, FleetError, Host, MemberRecord};
+use crate::app::{ReloadError, ReloadHandle, ReloadReport};
+use crate::config::Config;
+use crate::metrics::FleetStatus;
+
+/// How long connecting and one read may take before etcd counts as
+/// unreachable (the start then falls back to the cache).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the watch asks etcd for a progress notice; a watch that has
+/// heard nothing for `SILENT` is taken for lost and made again.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+const SILENT: Duration = Duration::from_secs(2);
+/// Every this many progress ticks (10 s) the prefix is read whole anyway.
+const RECONCILE_TICKS: u32 = 20;
+/// Between attempts to reach etcd again.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+fn etcd_error(e: impl std::fmt::Display) -> FleetError {
+    FleetError::Etcd(e.to_string())
+}
+
+/// A client for the first of the member's endpoints that answers a
+/// linearizable read (so never a member cut off from the majority), with
+/// TLS when `[fleet]` names a CA or a client certificate. One endpoint at a
+/// time rather than the client's balancing: that sent requests to a dead
+/// member and failed them while two others were up.
+pub async fn connect(host: &Host) -> Result<Client, FleetError> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let endpoints = &host.settings.etcd;
+    // Members start at different endpoints (by name), so a fleet's
+    // watches spread over etcd's members rather than all on the first.
+    let spread = host.settings.name.bytes().fold(0usize, |h, b| {
+        h.wrapping_mul(31).wrapping_add(usize::from(b))
+    });
+    let first = NEXT.fetch_add(1, Ordering::Relaxed).wrapping_add(spread);
+    let mut errors = Vec::new();
+    for i in 0..endpoints.len() {
+        let Some(endpoint) = endpoints.get((first + i) % endpoints.len()) else {
+            continue;
+        };
+        match connect_one(host, endpoint).await {
+            Ok(client) => return Ok(client),
+            Err(e) => errors.push(format!("{endpoint}: {e}")),
+        }
+    }
+    Err(FleetError::Etcd(format!(
+        "no endpoint answered: {}",
+        errors.join("; ")
+    )))
+}
+
+async fn connect_one(host: &Host, endpoint: &str) -> Result<Client, FleetError> {
+    let s = &host.settings;
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(REQUEST_TIMEOUT)
+        .with_timeout(REQUEST_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT);
+    if s.ca.is_some() || s.cert.is_some() {
+        let read = |p: &std::path::Path| {
+            let p = host.resolve(p);
+            std::fs::read(&p).map_err(|e| FleetError::Etcd(format!("{}: {e}", p.display())))
+        };
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &s.ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&s.cert, &s.key) {
+            crate::tls::certs::check_key_private(&host.resolve(key))
+                .map_err(|e| FleetError::Etcd(e.to_string()))?;
+            tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    let probe = async {
+        let mut client = Client::connect([endpoint], Some(options))
+            .await
+            .map_err(etcd_error)?;
+        client
+            .get(
+                format!("{}/config", host.prefix()),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(etcd_error)?;
+        Ok(client)
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, probe)
+        .await
+        .map_err(|_| FleetError::Etcd("no answer in time".into()))?
+}
+
+/// What one read of the prefix found: the etcd revision read at, and the
+/// document (or why it cannot be served).
+pub struct Fetched {
+    pub revision: i64,
+    pub document: Result<Document, FleetError>,
+}
+
+/// Reads the document and its files at one revision (`at`, or the latest).
+pub async fn fetch(
+    client: &mut Client,
+    host: &Host,
+    at: Option<i64>,
+) -> Result<Fetched, FleetError> {
+    let prefix = host.prefix();
+    // Up to `<prefix>/members/`: the members' own records do not make a
+    // new document.
+    let mut options = GetOptions::new().with_range(format!("{prefix}/members/"));
+    if let Some(rev) = at {
+        options = options.with_revision(rev);
+    }
+    let resp = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.get(format!("{prefix}/"), Some(options)),
+    )
+    .await
+    .map_err(|_| FleetError::Etcd("reading the prefix timed out".into()))?
+    .map_err(etcd_error)?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let config_key = format!("{prefix}/config");
+    let files_prefix = format!("{prefix}/files/");
+    let mut config = None;
+    let mut files = BTreeMap::new();
+    let mut mod_revisions = BTreeMap::new();
+    for kv in resp.kvs() {
+        let Ok(key) = std::str::from_utf8(kv.key()) else {
+            continue;
+        };
+        if key == config_key {
+            config = Some((kv.value().to_vec(), kv.mod_revision()));
+        } else if let Some(name) = key.strip_prefix(&files_prefix) {
+            files.insert(name.to_owned(), kv.value().to_vec());
+            mod_revisions.insert(name.to_owned(), kv.mod_revision());
+        }
+    }
+    let document = match config {
+        None => Err(FleetError::NoDocument(config_key)),
+        Some((text, config_rev)) => match String::from_utf8(text) {
+            Err(_) => Err(FleetError::DocumentSyntax("not UTF-8".into())),
+            Ok(text) => Document::new(config_rev, text, &files).map(|mut doc| {
+                // The document's revision: the newest of its keys, the
+                // same on every member whatever else changed under the
+                // prefix.
+                doc.revision = doc
+                    .files
+                    .keys()
+                    .filter_map(|n| mod_revisions.get(n))
+                    .fold(config_rev, |a, b| a.max(*b));
+                doc
+            }),
+        },
+    };
+    Ok(Fetched { revision, document })
+}
+
+/// Writes `config` (a document) and every file it names, read from
+/// `files`, in one transaction: a member never sees the document without
+/// its files. Returns the revision written.
+pub async fn push(
+    host: &Host,
+    config: &str,
+    files: &BTreeMap<String, Vec<u8>>,
+) -> Result<i64, FleetError> {
+    // The same rules a member applies: a plain name for each, all there, text.
+    let doc = Document::new(0, config.to_owned(), files)?;
+    let prefix = host.prefix();
+    let mut ops = vec![TxnOp::put(format!("{prefix}/config"), config, None)];
+    for (name, text) in &doc.files {
+        ops.push(TxnOp::put(
+            format!("{prefix}/files/{name}"),
+            text.as_bytes(),
+            None,
+        ));
+    }
+    // Once per endpoint, then once more: a member dying or a leader
+    // election fails a transaction in flight, and writing the same keys
+    // again is harmless (a member applies a document by content).
+    let mut last = None;
+    for _ in 0..=host.settings.etcd.len() {
+        let attempt = async {
+            let mut client = connect(host).await?;
+            let resp = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                client.txn(Txn::new().and_then(ops.clone())),
+            )
+            .await
+            .map_err(|_| FleetError::Etcd("the transaction timed out".into()))?
+            .map_err(etcd_error)?;
+            Ok::<_, FleetError>(resp.header().map_or(0, |h| h.revision()))
+        };
+        match attempt.await {
+            Ok(revision) => return Ok(revision),
+            Err(e) => {
+                tracing::warn!(error = %e, "fleet push: trying again");
+                last = Some(e);
+                tokio::time::sleep(RETRY_MIN).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| FleetError::Etcd("no endpoint".into())))
+}
+
+/// The config to start with: etcd's document when etcd answers and the
+/// document is valid, else the last good one from the cache. Its files are
+/// written into the files directory, so `app::build` can read them.
+pub async fn start(host: &Host) -> Result<(Config, Document), FleetError> {
+    let from_etcd = async {
+        let mut client = connect(host).await?;
+        fetch(&mut client, host, None).await
+    };
+    match from_etcd.await {
+        Ok(Fetched {
+            document: Ok(doc), ..
+        }) => match prepare(host, &doc) {
+            Ok(config) => {
+                if let Err(e) = super::save_cache(host, &doc) {
+                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
+                }
+                tracing::info!(
+                    revision = doc.revision,
+                    "fleet: starting from etcd's document"
+                );
+                return Ok((config, doc));
+            }
+            Err(e) => {
+                tracing::error!(revision = doc.revision, error = %e, "fleet: etcd's document is refused: starting from the cache")
+            }
+        },
+        Ok(Fetched {
+            document: Err(e),
+            revision,
+        }) => {
+            tracing::error!(revision, error = %e, "fleet: etcd's document is refused: starting from the cache")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet: etcd unreachable: starting from the cache")
+        }
+    }
+    let doc = super::load_cache(host)?;
+    let config = prepare(host, &doc)?;
+    tracing::info!(revision = doc.revision, cache = %host.cache().display(), "fleet: starting from the cached document");
+    Ok((config, doc))
+}
+
+/// `doc`'s files written, and the member's config composed and built
+/// (what `gateway check` checks).
+fn prepare(host: &Host, doc: &Document) -> Result<Config, FleetError> {
+    let config = host.compose(doc)?;
+    super::materialize(&host.files_dir(), doc)?;
+    crate::state::State::from_config(&config)
+        .map_err(|e| FleetError::DocumentSyntax(e.to_string()))?;
+    Ok(config)
+}
+
+type Reapplying = (bool, oneshot::Sender<Result<ReloadReport, ReloadError>>);
+
+/// A member following its prefix: every new document through `reload`,
+/// `serving` the one it started with. Returns when `stop` fires.
+pub async fn follow(
+    host: Host,
+    serving: Document,
+    reload: ReloadHandle,
+    status: Arc<FleetStatus>,
+    stop: CancellationToken,
+) {
+    status
+        .started_ms
+        .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
+    status.revision.store(serving.revision, Ordering::Relaxed);
+    status.enabled.store(true, Ordering::Relaxed);
+    let (tx, mut requests) = mpsc::channel::<Reapplying>(4);
+    reload.set_reapply(Arc::new(move |force| {
+        let tx = tx.clone();
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            tx.send((force, reply))
+                .await
+                .map_err(|_| ReloadError::ShuttingDown)?;
+            rx.await.map_err(|_| ReloadError::ShuttingDown)?
+        })
+    }));
+    let record = MemberRecord {
+        name: host.settings.name.clone(),
+        address: hostname(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        revision: serving.revision,
+        applied_at: 0,
+        refused: None,
+    };
+    let mut member = Member {
+        host,
+        serving,
+        reload,
+        status,
+        record,
+    };
+    let mut retry = RETRY_MIN;
+    loop {
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            result = member.watch(&mut requests) => result,
+        };
+        member.status.connected.store(false, Ordering::Relaxed);
+        match result {
+            Ok(()) => retry = RETRY_MIN,
+            Err(e) => {
+                tracing::warn!(error = %e, revision = member.serving.revision, "fleet: etcd lost: serving the last good document")
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            Some((force, reply)) = requests.recv() => {
+                let _ = reply.send(member.reapply(force).await);
+            }
+            () = tokio::time::sleep(retry) => {}
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+struct Member {
+    host: Host,
+    serving: Document,
+    reload: ReloadHandle,
+    status: Arc<FleetStatus>,
+    /// What `gateway fleet status` reads of this member.
+    record: MemberRecord,
+}
+
+/// How long a member's record outlives its last keep-alive.
+const MEMBER_TTL: i64 = 5;
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Every member's record under `<prefix>/members/`, and the document's
+/// revision now (or why there is none to serve).
+pub async fn status(host: &Host) -> Result<(Fetched, Vec<MemberRecord>), FleetError> {
+    let mut client = connect(host).await?;
+    let fetched = fetch(&mut client, host, None).await?;
+    let resp = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        client.get(
+            format!("{}/members/", host.prefix()),
+            Some(GetOptions::new().with_prefix()),
+        ),
+    )
+    .await
+    .map_err(|_| FleetError::Etcd("reading the members timed out".into()))?
+    .map_err(etcd_error)?;
+    let members = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect();
+    Ok((fetched, members))
+}
+
+impl Member {
+    /// Puts this member's record under its lease; returns what it put.
+    async fn register(&self, client: &mut Client, lease: i64) -> Result<MemberRecord, FleetError> {
+        let key = format!("{}/members/{}", self.host.prefix(), self.record.name);
+        let value = serde_json::to_vec(&self.record).map_err(etcd_error)?;
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.put(
+                key,
+                value,
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await
+        .map_err(|_| FleetError::Etcd("registering timed out".into()))?
+        .map_err(etcd_error)?;
+        Ok(self.record.clone())
+    }
+
+    fn heard(&self) {
+        self.status
+            .last_heard_ms
+            .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
+    }
+
+    /// One session with etcd: read the prefix, then watch it from the
+    /// revision read, each change read whole at its revision and applied.
+    /// Returns when the watch ends or goes silent.
+    async fn watch(&mut self, requests: &mut mpsc::Receiver<Reapplying>) -> Result<(), FleetError> {
+        let mut client = connect(&self.host).await?;
+        let fetched = fetch(&mut client, &self.host, None).await?;
+        self.heard();
+        self.status.connected.store(true, Ordering::Relaxed);
+        let seen = fetched.revision;
+        tracing::info!(revision = seen, "fleet: watching etcd");
+        self.consider(fetched).await;
+        let lease = client
+            .lease_grant(MEMBER_TTL, None)
+            .await
+            .map_err(etcd_error)?
+            .id();
+        let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
+        let mut registered = self.register(&mut client, lease).await?;
+        let (mut watcher, mut stream) = client
+            .watch(
+                format!("{}/", self.host.prefix()),
+                Some(
+                    WatchOptions::new()
+                        .with_range(format!("{}/members/", self.host.prefix()))
+                        .with_start_revision(seen + 1),
+                ),
+            )
+            .await
+            .map_err(etcd_error)?;
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = tokio::time::Instant::now();
+        let mut ticks: u32 = 0;
+        loop {
+            tokio::select! {
+                Some((force, reply)) = requests.recv() => {
+                    let _ = reply.send(self.reapply(force).await);
+                }
+                msg = stream.message() => {
+                    let resp = msg.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the watch ended".into()))?;
+                    last = tokio::time::Instant::now();
+                    self.heard();
+                    if resp.canceled() {
+                        // Compacted past `seen`, or refused: read whole again.
+                        return Err(FleetError::Etcd(format!("the watch was cancelled: {} (compacted at {})", resp.cancel_reason(), resp.compact_revision())));
+                    }
+                    // Any change: read the prefix whole, now (linearizable,
+                    // so at least as new as the change). Not judged by the
+                    // header's revision: etcd before 3.4.25 can send a
+                    // progress notice ahead of events still to come (etcd
+                    // #15220), and a change skipped as already seen would
+                    // never be applied.
+                    if !resp.events().is_empty() {
+                        let fetched = fetch(&mut client, &self.host, None).await?;
+                        self.consider(fetched).await;
+                    }
+                    if registered != self.record {
+                        registered = self.register(&mut client, lease).await?;
+                    }
+                }
+                alive = kept.message() => {
+                    alive.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the lease keep-alive ended".into()))?;
+                }
+                _ = progress.tick() => {
+                    if last.elapsed() > SILENT {
+                        return Err(FleetError::Etcd(format!("no answer for {:?}", last.elapsed())));
+                    }
+                    watcher.request_progress().await.map_err(etcd_error)?;
+                    keeper.keep_alive().await.map_err(etcd_error)?;
+                    // Now and then the prefix read whole whatever the watch
+                    // said: a change a watch lost is applied late, not never.
+                    ticks += 1;
+                    if ticks.is_multiple_of(RECONCILE_TICKS) {
+                        let fetched = fetch(&mut client, &self.host, None).await?;
+                        self.consider(fetched).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A document read from etcd: applied when new, refused when it cannot
+    /// be served (the last good one keeps serving either way).
+    async fn consider(&mut self, fetched: Fetched) {
+        let doc = match fetched.document {
+            Ok(doc) => doc,
+            Err(e) => {
+                self.refused(fetched.revision, &e.to_string());
+                return;
+            }
+        };
+        if doc.same_as(&self.serving) {
+            return;
+        }
+        match self.apply(&doc, false).await {
+            Ok(report) => {
+                tracing::info!(revision = doc.revision, changes = %report, "fleet: applied");
+                self.status.revision.store(doc.revision, Ordering::Relaxed);
+                self.record.revision = doc.revision;
+                self.record.applied_at = jiff::Timestamp::now().as_second();
+                if let Err(e) = super::save_cache(&self.host, &doc) {
+                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
+                }
+                self.serving = doc;
+            }
+            Err(e) => self.refused(doc.revision, &e),
+        }
+    }
+
+    fn refused(&mut self, revision: i64, why: &str) {
+        self.record.refused = Some((revision, why.to_owned()));
+        self.status.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            revision,
+            serving = self.serving.revision,
+            reason = %why,
+            "fleet: revision refused: the last good document keeps serving"
+        );
+    }
+
+    /// `doc` through the app's reload; on refusal the files of the
+    /// document serving are written back.
+    async fn apply(&self, doc: &Document, force: bool) -> Result<ReloadReport, String> {
+        let result = async {
+            let config = self.host.compose(doc).map_err(|e| e.to_string())?;
+            super::materialize(&self.host.files_dir(), doc).map_err(|e| e.to_string())?;
+            self.reload
+                .reload_forced(config, force)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if result.is_err()
+            && let Err(e) = super::materialize(&self.host.files_dir(), &self.serving)
+        {
+            tracing::error!(error = %e, "fleet: the serving document's files could not be written back");
+        }
+        result
+    }
+
+    /// SIGHUP or `POST /reload`: the host file read again, with the
+    /// document serving.
+    async fn reapply(&mut self, force: bool) -> Result<ReloadReport, ReloadError> {
+        match Host::load(&self.host.path) {
+            Ok(Some(host)) if host.prefix() == self.host.prefix() => self.host = host,
+            Ok(_) => {
+                return Err(ReloadError::Invalid(format!(
+                    "{}: [fleet] removed or its prefix changed: restart the gateway for that",
+                    self.host.path.display()
+                )));
+            }
+            Err(e) => return Err(ReloadError::Invalid(e.to_string())),
+        }
+        let serving = self.serving.clone();
+        let config = self
+            .host
+            .compose(&serving)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        super::materialize(&self.host.files_dir(), &serving)
+            .map_err(|e| ReloadError::Invalid(e.to_string()))?;
+        self.reload.reload_forced(config, force).await
+    }
+}

@@ -1,0 +1,189 @@
+use super::*;
+
+const HOST: &str = r#"
+admin = "127.0.0.1:9000"
+[fleet]
+etcd = ["http://127.0.0.1:2379"]
+prefix = "/gateway/prod/"
+name = "gw-1"
+cache = "state/fleet.json"
+"#;
+
+const DOC: &str = r#"
+[[listeners]]
+name = "edge"
+bind = "127.0.0.1:0"
+cert = "server.pem"
+key = "server.key"
+client_ca = "clients.pem"
+crls = ["clients.crl"]
+[[listeners.routes]]
+name = "r"
+backends = ["127.0.0.1:1"]
+[trust.partners]
+ca = "partners.pem"
+"#;
+
+fn host(dir: &Path) -> Host {
+    Host::parse(HOST, &dir.join("host.toml")).unwrap().unwrap()
+}
+
+fn available(names: &[&str]) -> BTreeMap<String, Vec<u8>> {
+    names
+        .iter()
+        .map(|n| ((*n).to_owned(), b"-----BEGIN X-----\n".to_vec()))
+        .collect()
+}
+
+#[test]
+fn a_plain_config_file_is_no_host_file() {
+    let none = Host::parse("[[listeners]]\n", Path::new("/x/gateway.toml")).unwrap();
+    assert!(none.is_none());
+}
+
+#[test]
+fn the_document_names_shared_files_and_the_host_keeps_key_paths() {
+    assert_eq!(
+        named_files(DOC).unwrap().into_iter().collect::<Vec<_>>(),
+        ["clients.crl", "clients.pem", "partners.pem"]
+    );
+    let dir = Path::new("/srv/gw");
+    let h = host(dir);
+    assert_eq!(h.prefix(), "/gateway/prod");
+    let doc = Document::new(
+        7,
+        DOC.into(),
+        &available(&["clients.pem", "clients.crl", "partners.pem"]),
+    )
+    .unwrap();
+    let config = h.compose(&doc).unwrap();
+    let l = &config.listeners[0];
+    // Shared files from the files directory, host paths from the host.
+    assert_eq!(
+        config.resolve(&l.client_ca),
+        Path::new("/srv/gw/state/fleet.json.files/clients.pem")
+    );
+    assert_eq!(
+        config.resolve(&l.crls[0]),
+        Path::new("/srv/gw/state/fleet.json.files/clients.crl")
+    );
+    assert_eq!(
+        config.resolve(&config.trust["partners"].ca),
+        Path::new("/srv/gw/state/fleet.json.files/partners.pem")
+    );
+    assert_eq!(config.resolve(&l.key), Path::new("/srv/gw/server.key"));
+    assert_eq!(config.resolve(&l.cert), Path::new("/srv/gw/server.pem"));
+    assert_eq!(config.admin, Some("127.0.0.1:9000".parse().unwrap()));
+    assert!(config.fleet.is_some());
+}
+
+#[test]
+fn a_file_the_document_names_and_etcd_lacks_refuses_the_document() {
+    let e = Document::new(1, DOC.into(), &available(&["clients.pem", "partners.pem"])).unwrap_err();
+    assert!(
+        matches!(&e, FleetError::MissingFile(n) if n == "clients.crl"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_path_where_a_shared_file_name_goes_is_refused() {
+    for bad in [
+        "../clients.pem",
+        "/etc/passwd",
+        "sub/clients.pem",
+        ".hidden",
+        "",
+    ] {
+        let doc = DOC.replace("\"clients.pem\"", &format!("{bad:?}"));
+        let e = named_files(&doc).unwrap_err();
+        assert!(matches!(e, FleetError::BadFileName(_)), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn host_local_settings_stay_out_of_the_document_and_shared_ones_out_of_the_host() {
+    let e = named_files(&format!("admin = \"0.0.0.0:9\"\n{DOC}")).unwrap_err();
+    assert!(
+        matches!(&e, FleetError::HostLocalInDocument(k) if k == "admin"),
+        "{e}"
+    );
+    let e = Host::parse(&format!("user = \"nobody\"\n{HOST}"), Path::new("/h.toml")).unwrap_err();
+    assert!(e.to_string().contains("`user`"), "{e}");
+    let e = Host::parse(
+        &format!("{HOST}\n[trust.x]\nca = \"a.pem\"\n"),
+        Path::new("/h.toml"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`trust`"), "{e}");
+}
+
+#[test]
+fn the_cache_round_trips_and_is_not_read_when_others_could_have_written_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("state"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    let h = host(dir.path());
+    let doc = Document::new(
+        9,
+        DOC.into(),
+        &available(&["clients.pem", "clients.crl", "partners.pem"]),
+    )
+    .unwrap();
+    save_cache(&h, &doc).unwrap();
+    let mode = std::fs::metadata(h.cache()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(load_cache(&h).unwrap(), doc);
+    materialize(&h.files_dir(), &doc).unwrap();
+    assert_eq!(
+        std::fs::metadata(h.files_dir())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+    // Another prefix's cache is not this member's last good state.
+    let other = Host::parse(
+        &HOST.replace("/gateway/prod/", "/gateway/test"),
+        &dir.path().join("host.toml"),
+    )
+    .unwrap()
+    .unwrap();
+    assert!(load_cache(&other).is_err());
+    // A cache someone else could have written is never read.
+    std::fs::set_permissions(h.cache(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = load_cache(&h).unwrap_err();
+    assert!(e.to_string().contains("writable by others"), "{e}");
+}
+
+/// Whoever writes to etcd cannot point a gateway at another key or
+/// certificate of its host: those are plain names in the host file's
+/// directory.
+#[test]
+fn a_certificate_or_key_path_in_the_document_is_refused() {
+    for (from, to) in [
+        ("cert = \"server.pem\"", "cert = \"/etc/ssl/other.pem\""),
+        ("key = \"server.key\"", "key = \"../other/server.key\""),
+        (
+            "key = \"server.key\"",
+            "key = \"/etc/ssl/private/other.key\"",
+        ),
+    ] {
+        let doc = DOC.replace(from, to);
+        assert_ne!(doc, DOC);
+        let e = named_files(&doc).unwrap_err();
+        assert!(matches!(e, FleetError::HostPath(_)), "{to}: {e}");
+    }
+    let upstream = format!(
+        "{DOC}[listeners.routes.upstream_tls]\nca = \"clients.pem\"\nserver_name = \"b\"\ncert = \"/root/c.pem\"\nkey = \"k.key\"\n"
+    );
+    let e = named_files(&upstream).unwrap_err();
+    assert!(matches!(e, FleetError::HostPath(_)), "{e}");
+}
