@@ -378,6 +378,17 @@ fn the_fleet_config_keeps_the_standalone_host_local_settings() {
         .unwrap()
         .parse()
         .unwrap();
+    // A fleet document's listener names its cert and key in the host
+    // file's directory: the Secret's, linked there.
+    for file in ["tls.crt", "tls.key"] {
+        let link = pod.mounted(&format!("/run/gateway/{file}"));
+        assert_eq!(
+            std::fs::read_link(&link).unwrap(),
+            pod.mounted(&format!("/etc/gateway/tls/{file}")),
+            "{file}"
+        );
+        std::fs::read(&link).expect("the link reaches the Secret's file");
+    }
     let standalone: toml::Table =
         std::fs::read_to_string(pod.render(&docs, "standalone.toml", "node-a"))
             .unwrap()
