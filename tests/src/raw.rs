@@ -84,6 +84,34 @@ impl RawClient {
         Ok(self.pending())
     }
 
+    /// Like `handshake`, but sends nothing: everything the client would
+    /// write until the handshake is done (in TLS 1.3, its
+    /// middlebox-compatibility ChangeCipherSpec, queued as soon as the
+    /// ServerHello is read, then its last flight) is returned, so a test
+    /// that splits the client's records itself decides where every byte
+    /// goes. `handshake` would send the ChangeCipherSpec mid-way whenever
+    /// the server's flight arrives in more than one read.
+    pub async fn handshake_unsent(&mut self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut unsent = Vec::new();
+        while self.conn.is_handshaking() {
+            unsent.extend(self.pending());
+            let n = tokio::time::timeout(STEP, self.tcp.read(&mut buf))
+                .await
+                .map_err(|_| io::Error::other("handshake read timed out"))??;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut input = &buf[..n];
+            while !input.is_empty() {
+                self.conn.read_tls(&mut input)?;
+            }
+            self.conn.process_new_packets().map_err(io::Error::other)?;
+        }
+        unsent.extend(self.pending());
+        Ok(unsent)
+    }
+
     /// What rustls has queued to send, taken out of it.
     pub fn pending(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
