@@ -122,7 +122,7 @@ enum Scenario {
     Handshakes,
     Latency,
     Memory,
-    /// The gateway on the proxy's and the load's cores together (gateways only).
+    /// The gateway on twice the proxy's cores against the proxy's: on cores of its own where the host has them (measured), else with the load's (projected) (gateways only).
     Scaling,
     /// Allowed clients while others attack, beside HAProxy and nginx.
     Abuse,
