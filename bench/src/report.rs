@@ -1225,6 +1225,24 @@ mod tests {
     use super::*;
     use crate::load::Bottleneck;
 
+    /// A quick run's report of `peers` on CPU 0 (proxy) and 1 (load).
+    fn quick_report(peers: Vec<PeerReport>) -> Report {
+        Report {
+            date: String::new(),
+            mode: "quick",
+            machine: Machine::detect(),
+            proxy_cpus: vec![0],
+            load_cpus: vec![1],
+            paced_gbps: 3.0,
+            latency_rounds: 1,
+            aead: None,
+            record_layer: None,
+            abuse: None,
+            steal: Vec::new(),
+            peers,
+        }
+    }
+
     fn handshakes(cpu_ms: f64) -> HandshakeResult {
         HandshakeResult {
             parallel: 128,
@@ -1279,20 +1297,7 @@ mod tests {
             bulk: runs(0.3, 0.0),
             ..PeerReport::default()
         };
-        let mut report = Report {
-            date: String::new(),
-            mode: "quick",
-            machine: Machine::detect(),
-            proxy_cpus: vec![0],
-            load_cpus: vec![1],
-            paced_gbps: 3.0,
-            latency_rounds: 1,
-            aead: None,
-            record_layer: None,
-            abuse: None,
-            steal: Vec::new(),
-            peers: vec![haproxy, relay],
-        };
+        let mut report = quick_report(vec![haproxy, relay]);
         let md = markdown_text(&report, &[]);
         assert!(md.contains("## How each peer is set up"), "{md}");
         assert!(md.contains("| haproxy | `nbthread 1` | **set** |"), "{md}");
@@ -1396,24 +1401,11 @@ mod tests {
         assert!((s.handshake_rate_speedup.unwrap() - 1.9).abs() < 1e-9);
         assert_eq!(s.speedup(), s.handshake_rate_speedup);
         let md = markdown_text(
-            &Report {
-                date: String::new(),
-                mode: "quick",
-                machine: Machine::detect(),
-                proxy_cpus: vec![0],
-                load_cpus: vec![1],
-                paced_gbps: 3.0,
-                latency_rounds: 1,
-                aead: None,
-                record_layer: None,
-                abuse: None,
-                steal: Vec::new(),
-                peers: vec![PeerReport {
-                    name: "gateway".into(),
-                    scaling: Some(s),
-                    ..PeerReport::default()
-                }],
-            },
+            &quick_report(vec![PeerReport {
+                name: "gateway".into(),
+                scaling: Some(s),
+                ..PeerReport::default()
+            }]),
             &[],
         );
         assert!(md.contains("measured"), "{md}");

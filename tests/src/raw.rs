@@ -63,25 +63,7 @@ impl RawClient {
     /// Sends what is queued and reads the server's flights until rustls
     /// considers the handshake done; returns the last flight unsent.
     pub async fn handshake(&mut self) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0u8; 1 << 16];
-        while self.conn.is_handshaking() {
-            let out = self.pending();
-            if !out.is_empty() {
-                self.tcp.write_all(&out).await?;
-            }
-            let n = tokio::time::timeout(STEP, self.tcp.read(&mut buf))
-                .await
-                .map_err(|_| io::Error::other("handshake read timed out"))??;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            let mut input = &buf[..n];
-            while !input.is_empty() {
-                self.conn.read_tls(&mut input)?;
-            }
-            self.conn.process_new_packets().map_err(io::Error::other)?;
-        }
-        Ok(self.pending())
+        self.drive_handshake(true).await
     }
 
     /// Like `handshake`, but sends nothing: everything the client would
@@ -92,10 +74,22 @@ impl RawClient {
     /// goes. `handshake` would send the ChangeCipherSpec mid-way whenever
     /// the server's flight arrives in more than one read.
     pub async fn handshake_unsent(&mut self) -> io::Result<Vec<u8>> {
+        self.drive_handshake(false).await
+    }
+
+    /// Reads the server's flights until the handshake is done; what the
+    /// client queues meanwhile is sent at once (`send`) or kept, and what
+    /// is left is returned.
+    async fn drive_handshake(&mut self, send: bool) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; 1 << 16];
         let mut unsent = Vec::new();
         while self.conn.is_handshaking() {
-            unsent.extend(self.pending());
+            let out = self.pending();
+            if send && !out.is_empty() {
+                self.tcp.write_all(&out).await?;
+            } else {
+                unsent.extend(out);
+            }
             let n = tokio::time::timeout(STEP, self.tcp.read(&mut buf))
                 .await
                 .map_err(|_| io::Error::other("handshake read timed out"))??;

@@ -36,30 +36,6 @@ fn per_worker(scrape: &str, family: &str) -> Vec<u64> {
         .collect()
 }
 
-async fn ping(tls: &mut TlsStream<TcpStream>, msg: &[u8]) -> std::io::Result<()> {
-    tls.write_all(msg).await?;
-    let mut buf = vec![0u8; msg.len()];
-    tokio::time::timeout(STEP, tls.read_exact(&mut buf))
-        .await
-        .map_err(std::io::Error::other)??;
-    assert_eq!(buf, msg);
-    Ok(())
-}
-
-/// Whether the gateway closes `tls` within `limit`.
-async fn closed_within(tls: &mut TlsStream<TcpStream>, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    let mut buf = [0u8; 64];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, tls.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0) | Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 /// `n` live connections, each past a round trip.
 async fn hold(
     addr: std::net::SocketAddr,
@@ -122,7 +98,7 @@ async fn a_revoking_reload_closes_the_clients_connections_on_every_worker() {
     let report = gw.reload_toml(&pki, &toml).await.unwrap();
     assert_eq!(report.connections_closed, SPREAD);
     for tls in &mut doomed {
-        assert!(closed_within(tls, Duration::from_secs(1)).await);
+        tls_closed_within(tls, Duration::from_secs(1)).await;
     }
     ping(&mut kept[0], b"still flowing").await.unwrap();
     let mut open = Vec::new();
@@ -248,7 +224,7 @@ async fn shutdown_drains_and_closes_every_workers_connections() {
     }
     // Past the drain timeout: every worker's connections are closed.
     for tls in &mut held {
-        assert!(closed_within(tls, Duration::from_secs(3)).await);
+        tls_closed_within(tls, Duration::from_secs(3)).await;
     }
     assert!(gw.shuts_down_within(Duration::from_secs(10)).await);
 }
