@@ -11,7 +11,6 @@ use gateway_tests::*;
 use rustls::AlertDescription;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 const SNI: &str = "orders.example.internal";
 

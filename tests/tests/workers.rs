@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use gateway_tests::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -227,4 +226,56 @@ async fn shutdown_drains_and_closes_every_workers_connections() {
         tls_closed_within(tls, Duration::from_secs(3)).await;
     }
     assert!(gw.shuts_down_within(Duration::from_secs(10)).await);
+}
+
+/// Admission is one for all workers: a source's handshakes in flight are
+/// counted once whichever worker accepted them, and a block refuses it on
+/// every worker.
+#[tokio::test]
+async fn a_sources_limits_and_its_block_hold_across_workers() {
+    use gateway_tests::attack::*;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml = config(
+        &pki,
+        &backend,
+        "admin_socket = \"admin.sock\"",
+        "handshake_min_rate = 0",
+    ) + "\n[admission]\nexempt = [\"127.0.0.1/32\"]\nsource_handshakes_in_flight = 4\n\
+         block_after = 0\nprefix_block_after = 0\nnetwork_block_after = 0\n";
+    let gw = RunningGateway::start(&pki, &toml).await;
+    // Stalled handshakes (no ClientHello) from one address: four hold,
+    // the rest are reset at accept, wherever the kernel sent them.
+    let mut stalls = Vec::new();
+    for _ in 0..SPREAD {
+        if let Ok(s) = tcp_from("127.0.20.1", gw.app_addr).await {
+            stalls.push(s);
+        }
+    }
+    let mut open = 0;
+    for s in &mut stalls {
+        if closed_within(s, Duration::from_millis(300)).await.is_none() {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 4, "one source's handshakes in flight");
+    assert_eq!(
+        metric(&gw, &refused("source_handshakes")).await,
+        SPREAD as u64 - 4
+    );
+
+    let admin = gateway::admin::client::Endpoint::Socket(gw.admin_socket.clone().unwrap());
+    gateway::admin::client::add(&admin, "127.0.21.0/24", None, false)
+        .await
+        .unwrap();
+    for _ in 0..SPREAD {
+        match tcp_from("127.0.21.1", gw.app_addr).await {
+            Ok(mut s) => assert!(closed_within(&mut s, STEP).await.is_some()),
+            // Reset before connect() returned: refused all the same.
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+    assert_eq!(metric(&gw, &refused("blocked")).await, SPREAD as u64);
+    let served = per_worker(&gw.scrape().await, "gateway_worker_connections_total");
+    assert_eq!(served.iter().sum::<u64>(), 4, "only the four were admitted");
 }
