@@ -54,12 +54,15 @@ pub enum AppError {
         bind: SocketAddr,
         source: std::io::Error,
     },
-    /// A listener's sockets (one per worker), or a worker itself.
+    /// A listener's sockets (one per worker).
     #[error("listener {listener:?}: {source}")]
     Workers {
         listener: String,
         source: crate::workers::WorkerError,
     },
+    /// A worker's thread or runtime.
+    #[error(transparent)]
+    StartWorkers(crate::workers::WorkerError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -712,10 +715,7 @@ impl App {
         // Here, not in `build`: after any privilege drop, so the threads
         // inherit the narrowed capabilities (see `workers`).
         let workers =
-            crate::workers::Workers::start(self.workers).map_err(|source| AppError::Workers {
-                listener: "(all)".into(),
-                source,
-            })?;
+            crate::workers::Workers::start(self.workers).map_err(AppError::StartWorkers)?;
         tracing::info!(workers = workers.len(), "workers started");
         let shared = Shared {
             log: self.access_log.clone(),

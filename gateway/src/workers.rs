@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Exposition;
 
+/// How long a worker's runtime waits for its blocking pool as it ends.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The kernel's accept queue per listening socket, as tokio's own bind uses.
 const BACKLOG: i32 = 1024;
 
@@ -161,6 +164,9 @@ impl Workers {
                     };
                     let _ = tx.send(Ok(runtime.handle().clone()));
                     runtime.block_on(until.cancelled());
+                    // Its tasks end with it; a blocking call still running
+                    // in its pool gets a moment, not the shutdown's hold.
+                    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
                 })
                 .map_err(start)?;
             let handle = rx
