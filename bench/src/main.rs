@@ -122,7 +122,7 @@ enum Scenario {
     Handshakes,
     Latency,
     Memory,
-    /// The gateway on the proxy's and the load's cores together (gateways only).
+    /// The gateway on twice the proxy's cores against the proxy's: on cores of its own where the host has them (measured), else with the load's (projected) (gateways only).
     Scaling,
     /// Allowed clients while others attack, beside HAProxy and nginx.
     Abuse,
@@ -301,6 +301,9 @@ const IDLE_CONNECTIONS: usize = 10_000;
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let nofile = procstat::raise_nofile(200_000)?;
+    // Before pinning: the scaling scenario looks here for cores neither
+    // the proxy nor the load has.
+    let allowed_cpus = procstat::allowed_cpus().context("reading the CPU affinity")?;
     procstat::pin_to(&args.load_cpus).context("pinning the load generator")?;
     let bench = std::env::current_exe()?;
     let bins = Binaries {
@@ -367,6 +370,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             plan: &plan,
             client: &client,
             bar: &bar,
+            allowed_cpus: &allowed_cpus,
         };
         let reports = ctx.measure_all().await;
         // Last, on fresh peers set up with the attack's limits.
@@ -441,6 +445,8 @@ struct Ctx<'a> {
     plan: &'a Plan,
     client: &'a std::sync::Arc<rustls::ClientConfig>,
     bar: &'a ProgressBar,
+    /// The CPUs the bench could run on before it pinned itself.
+    allowed_cpus: &'a [usize],
 }
 
 /// One peer through the run: its process (None once it failed) and report.
@@ -690,9 +696,13 @@ impl Ctx<'_> {
         entries.into_iter().map(|e| e.report).collect()
     }
 
-    /// The gateway given the proxy's and the load's cores together, one
-    /// worker per core. The load generator needs one of those cores, so the
-    /// rates it reaches there say little; what multi-core costs shows in the
+    /// The gateway on twice the proxy's cores, one worker per core, against
+    /// the gateway on the proxy's cores, in the same run. Where the host
+    /// has cores neither the proxy nor the load uses, the many-core gateway
+    /// gets those (`dedicated`), and the speed-up is measured: the ratio of
+    /// the handshake rates. Where it has not, it gets the proxy's and the
+    /// load's cores together: the load generator needs one of those cores,
+    /// so the rates it reaches there say little; what multi-core costs shows in the
     /// gateway's CPU per handshake and per GB against a one-core gateway on
     /// the same scenario, and that projects the speed-up on dedicated cores
     /// (cores × one-core cost ÷ many-core cost). Stealing, cross-core wakeups
@@ -704,15 +714,11 @@ impl Ctx<'_> {
     /// hour, and against the main run's figure from minutes earlier the
     /// projection moved with it (1.64 to 1.90 for the same code).
     async fn scaling(&self, kind: Kind) -> anyhow::Result<Option<report::ScalingResult>> {
-        let mut cores: Vec<usize> = self
-            .args
-            .proxy_cpus
-            .iter()
-            .chain(&self.args.load_cpus)
-            .copied()
-            .collect();
-        cores.sort_unstable();
-        cores.dedup();
+        let (cores, dedicated) = scaling_cores(
+            self.allowed_cpus,
+            &self.args.proxy_cpus,
+            &self.args.load_cpus,
+        );
         if cores.len() <= self.args.proxy_cpus.len() {
             eprintln!("gateway-bench: scaling skipped: the load's CPUs add none to the proxy's");
             self.bar.inc(2 * self.plan.scaling_rounds as u64);
@@ -774,8 +780,34 @@ impl Ctx<'_> {
                 bulk,
             });
         }
-        Ok(report::ScalingResult::from_rounds(base, n, rounds))
+        Ok(report::ScalingResult::from_rounds(
+            base, n, dedicated, rounds,
+        ))
     }
+}
+
+/// The many-core gateway's CPUs, and whether they are its own: the
+/// proxy's and as many again that neither the proxy nor the load uses,
+/// where the host has them; else the proxy's and the load's together.
+fn scaling_cores(allowed: &[usize], proxy: &[usize], load: &[usize]) -> (Vec<usize>, bool) {
+    let spare: Vec<usize> = allowed
+        .iter()
+        .filter(|c| !proxy.contains(c) && !load.contains(c))
+        .copied()
+        .collect();
+    let dedicated = !proxy.is_empty() && spare.len() >= proxy.len();
+    let mut cores: Vec<usize> = if dedicated {
+        proxy
+            .iter()
+            .chain(spare.iter().take(proxy.len()))
+            .copied()
+            .collect()
+    } else {
+        proxy.iter().chain(load).copied().collect()
+    };
+    cores.sort_unstable();
+    cores.dedup();
+    (cores, dedicated)
 }
 
 /// Runs the one-core and the many-core measurement one after the other,
@@ -933,5 +965,27 @@ fn check_alive(e: &mut Entry) {
             .push(format!("{} died:\n{}", e.kind.name(), peer.log_tail()));
         e.peer = None;
         e.dead = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scaling_cores;
+
+    #[test]
+    fn the_many_core_gateway_gets_cores_of_its_own_where_the_host_has_them() {
+        // Four CPUs: the proxy's and a spare one, the load on neither.
+        assert_eq!(scaling_cores(&[0, 1, 2, 3], &[0], &[1]), (vec![0, 2], true));
+        assert_eq!(
+            scaling_cores(&[0, 1, 2, 3, 4, 5], &[0, 1], &[2]),
+            (vec![0, 1, 3, 4], true)
+        );
+        // Two CPUs: it shares the load's, and the speed-up is projected.
+        assert_eq!(scaling_cores(&[0, 1], &[0], &[1]), (vec![0, 1], false));
+        // Not enough spare for twice the proxy's: shared, as before.
+        assert_eq!(
+            scaling_cores(&[0, 1, 2, 3], &[0, 1], &[2]),
+            (vec![0, 1, 2], false)
+        );
     }
 }

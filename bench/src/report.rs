@@ -105,6 +105,14 @@ pub struct PeerReport {
 pub struct ScalingResult {
     pub baseline_cores: usize,
     pub cores: usize,
+    /// The many-core gateway had cores of its own (the load ran on none of
+    /// them): its rates are its own, and the speed-up is measured.
+    pub dedicated: bool,
+    /// Median over the rounds of the handshake rate on `cores` ÷ on
+    /// `baseline_cores`: the speed-up as measured (the gateway's own only
+    /// when `dedicated`).
+    pub handshake_rate_speedup: Option<f64>,
+    pub handshake_rate_rounds: Vec<f64>,
     /// Medians over the rounds, on `baseline_cores`.
     pub baseline_handshakes: HandshakeResult,
     pub baseline_bulk: BulkResult,
@@ -136,6 +144,7 @@ impl ScalingResult {
     pub fn from_rounds(
         baseline_cores: usize,
         cores: usize,
+        dedicated: bool,
         rounds: Vec<ScalingRound>,
     ) -> Option<ScalingResult> {
         let factor = cores as f64 / baseline_cores as f64;
@@ -158,12 +167,20 @@ impl ScalingResult {
                 )
             })
             .collect();
+        let handshake_rate_rounds: Vec<f64> = rounds
+            .iter()
+            .filter(|r| r.baseline_handshakes.per_second > 0.0)
+            .map(|r| r.handshakes.per_second / r.baseline_handshakes.per_second)
+            .collect();
         let handshake_speedup = median_by(handshake_rounds.clone(), |&v| v);
         let bulk_speedup = median_by(bulk_rounds.clone(), |&v| v);
         let middle = |key: fn(&ScalingRound) -> f64| median_by(rounds.iter().collect(), |r| key(r));
         Some(ScalingResult {
             baseline_cores,
             cores,
+            dedicated,
+            handshake_rate_speedup: median_by(handshake_rate_rounds.clone(), |&v| v),
+            handshake_rate_rounds,
             baseline_handshakes: middle(|r| r.baseline_handshakes.proxy_cpu_ms_each)?
                 .baseline_handshakes
                 .clone(),
@@ -181,8 +198,12 @@ impl ScalingResult {
         })
     }
 
-    /// The lower projection: the target holds only if both scenarios scale.
+    /// On dedicated cores, the measured handshake rate ratio; else the
+    /// lower projection: the target holds only if both scenarios scale.
     pub fn speedup(&self) -> Option<f64> {
+        if self.dedicated {
+            return self.handshake_rate_speedup;
+        }
         match (self.handshake_speedup, self.bulk_speedup) {
             (Some(h), Some(b)) => Some(h.min(b)),
             (h, b) => h.or(b),
@@ -563,9 +584,35 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
     for p in &r.peers {
         let Some(sc) = &p.scaling else { continue };
         let (name, n, base) = (&p.name, sc.cores, sc.baseline_cores);
+        if sc.dedicated {
+            let _ = writeln!(
+                s,
+                "\n## {name} on {n} cores\n\n\
+                 The gateway with one worker per core on {n} cores of its own (the load on none of \
+                 them) against the gateway with {base} worker(s) on {base} core(s), in the same run: \
+                 the speed-up is **measured**, the median over the rounds of the handshake rate on \
+                 {n} cores ÷ on {base}. A load generator that runs out of CPU first (`bottleneck`) \
+                 makes it err low. The CPU projection is given beside it.\n\n\
+                 | scenario | {base} core(s): rate | {n} cores: rate | measured speed-up | rounds | projected speed-up | bottleneck on {n} |\n|---|---|---|---|---|---|---|"
+            );
+            let _ = writeln!(
+                s,
+                "| full handshakes (handshakes/s) | {:.0} | {:.0} | {} | {} | {} | {:?} |",
+                sc.baseline_handshakes.per_second,
+                sc.handshakes.per_second,
+                f(sc.handshake_rate_speedup, 2),
+                list(&sc.handshake_rate_rounds),
+                f(sc.handshake_speedup, 2),
+                sc.handshakes.bottleneck,
+            );
+            continue;
+        }
         let _ = writeln!(
             s,
             "\n## {name} on {n} cores\n\n\
+             This host has no cores beyond the proxy's and the load's, so the two-core speed-up is \
+             projected, not measured (a host with a spare core per proxy core measures it). The measured \
+             handshake rate ratio, {} (rounds: {}), is capped by the load's share of the cores. \
              The gateway with one worker per core on the proxy's and the load's CPUs together. \
              The load generator needs one of those cores, so the rates below are not the gateway's \
              ceiling; its CPU cost per unit of work against the {base}-core gateway projects the \
@@ -575,7 +622,9 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
              other round measures the {n}-core gateway first, so a drift within a round does too. Sharing \
              a core with the load, and being offered less than it could take, only raise the \
              {n}-core cost, so the projection errs low.\n\n\
-             | scenario | {base} core(s): CPU per unit | {n} cores: CPU per unit | {n} cores: rate | projected speed-up | rounds' projections |\n|---|---|---|---|---|---|"
+             | scenario | {base} core(s): CPU per unit | {n} cores: CPU per unit | {n} cores: rate | projected speed-up | rounds' projections |\n|---|---|---|---|---|---|",
+            f(sc.handshake_rate_speedup, 2),
+            list(&sc.handshake_rate_rounds),
         );
         let _ = writeln!(
             s,
@@ -709,8 +758,14 @@ fn markdown_text(r: &Report, plots: &[String]) -> String {
             row(
                 &mut s,
                 &format!(
-                    "≥ 1.8× on {} cores what {} does (projected, lower of handshakes and bulk)",
-                    sc.cores, sc.baseline_cores
+                    "≥ 1.8× on {} cores what {} does ({})",
+                    sc.cores,
+                    sc.baseline_cores,
+                    if sc.dedicated {
+                        "measured: handshakes/s"
+                    } else {
+                        "projected, lower of handshakes and bulk"
+                    }
                 ),
                 sc.speedup(),
                 2,
@@ -1170,6 +1225,24 @@ mod tests {
     use super::*;
     use crate::load::Bottleneck;
 
+    /// A quick run's report of `peers` on CPU 0 (proxy) and 1 (load).
+    fn quick_report(peers: Vec<PeerReport>) -> Report {
+        Report {
+            date: String::new(),
+            mode: "quick",
+            machine: Machine::detect(),
+            proxy_cpus: vec![0],
+            load_cpus: vec![1],
+            paced_gbps: 3.0,
+            latency_rounds: 1,
+            aead: None,
+            record_layer: None,
+            abuse: None,
+            steal: Vec::new(),
+            peers,
+        }
+    }
+
     fn handshakes(cpu_ms: f64) -> HandshakeResult {
         HandshakeResult {
             parallel: 128,
@@ -1224,20 +1297,7 @@ mod tests {
             bulk: runs(0.3, 0.0),
             ..PeerReport::default()
         };
-        let mut report = Report {
-            date: String::new(),
-            mode: "quick",
-            machine: Machine::detect(),
-            proxy_cpus: vec![0],
-            load_cpus: vec![1],
-            paced_gbps: 3.0,
-            latency_rounds: 1,
-            aead: None,
-            record_layer: None,
-            abuse: None,
-            steal: Vec::new(),
-            peers: vec![haproxy, relay],
-        };
+        let mut report = quick_report(vec![haproxy, relay]);
         let md = markdown_text(&report, &[]);
         assert!(md.contains("## How each peer is set up"), "{md}");
         assert!(md.contains("| haproxy | `nbthread 1` | **set** |"), "{md}");
@@ -1292,7 +1352,7 @@ mod tests {
             round(0.5, 0.6, 0.9, 0.9),
             round(0.6, 0.72, 1.0, 1.0),
         ];
-        let s = ScalingResult::from_rounds(1, 2, rounds).unwrap();
+        let s = ScalingResult::from_rounds(1, 2, false, rounds).unwrap();
         assert!((s.handshake_speedup.unwrap() - 2.0 / 1.2).abs() < 1e-9);
         assert_eq!(s.handshake_rounds.len(), 3);
         assert!(s.bulk_rounds.iter().all(|r| (r - 2.0).abs() < 1e-9));
@@ -1310,10 +1370,49 @@ mod tests {
             round(0.6, 0.5, 1.0, 1.0),
             round(0.7, 0.9, 1.0, 1.0),
         ];
-        let s = ScalingResult::from_rounds(1, 2, paired).unwrap();
+        let s = ScalingResult::from_rounds(1, 2, false, paired).unwrap();
         assert!((s.handshake_speedup.unwrap() - 2.0 * 0.5 / 0.6).abs() < 1e-9);
 
-        assert!(ScalingResult::from_rounds(1, 2, Vec::new()).is_none());
+        assert!(ScalingResult::from_rounds(1, 2, false, Vec::new()).is_none());
+    }
+
+    #[test]
+    fn on_dedicated_cores_the_speed_up_is_the_measured_rate_ratio() {
+        let at = |rate: f64| HandshakeResult {
+            per_second: rate,
+            ..handshakes(0.5)
+        };
+        let round = |one: f64, many: f64| ScalingRound {
+            baseline_handshakes: at(one),
+            handshakes: at(many),
+            baseline_bulk: bulk(1.0),
+            bulk: bulk(1.0),
+        };
+        // Rates 1.9×, 1.5×, 2.0×: the median is 1.9; the CPU per handshake
+        // is the same on both, so the projection would say 2.0.
+        let rounds = || {
+            vec![
+                round(1000.0, 1900.0),
+                round(1000.0, 1500.0),
+                round(800.0, 1600.0),
+            ]
+        };
+        let s = ScalingResult::from_rounds(1, 2, true, rounds()).unwrap();
+        assert!((s.handshake_rate_speedup.unwrap() - 1.9).abs() < 1e-9);
+        assert_eq!(s.speedup(), s.handshake_rate_speedup);
+        let md = markdown_text(
+            &quick_report(vec![PeerReport {
+                name: "gateway".into(),
+                scaling: Some(s),
+                ..PeerReport::default()
+            }]),
+            &[],
+        );
+        assert!(md.contains("measured"), "{md}");
+        assert!(md.contains("1.90"), "{md}");
+        // Sharing a core with the load: the projection stays the figure.
+        let s = ScalingResult::from_rounds(1, 2, false, rounds()).unwrap();
+        assert!((s.speedup().unwrap() - 2.0).abs() < 1e-9);
     }
 
     #[test]

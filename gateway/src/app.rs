@@ -54,6 +54,15 @@ pub enum AppError {
         bind: SocketAddr,
         source: std::io::Error,
     },
+    /// A listener's sockets (one per worker).
+    #[error("listener {listener:?}: {source}")]
+    Workers {
+        listener: String,
+        source: crate::workers::WorkerError,
+    },
+    /// A worker's thread or runtime.
+    #[error(transparent)]
+    StartWorkers(crate::workers::WorkerError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -400,18 +409,23 @@ fn revision_config(
     Ok(config)
 }
 
-/// A listener that is serving.
+/// A listener that is serving: an accept loop on every worker.
 struct Running {
     bind: SocketAddr,
     /// Where it is bound (its port when `bind` said 0).
     local: Option<SocketAddr>,
+    /// One for every worker: a reload's swap reaches them all at once.
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 pub struct App {
-    bound: Vec<(Arc<ListenerState>, TcpListener)>,
+    /// Each listener with its sockets, one per worker.
+    bound: Vec<(Arc<ListenerState>, Vec<std::net::TcpListener>)>,
+    /// `workers`, resolved: how many accept loops per listener.
+    workers: std::num::NonZeroUsize,
+    worker_stats: Arc<crate::workers::Stats>,
     drain_timeout: Duration,
     access_log: Arc<AccessLog>,
     shutdown: CancellationToken,
@@ -465,14 +479,15 @@ impl ShutdownHandle {
     }
 }
 
-async fn bind(l: &ListenerState) -> Result<TcpListener, AppError> {
-    TcpListener::bind(l.bind)
-        .await
-        .map_err(|source| AppError::Bind {
-            listener: l.name.clone(),
-            bind: l.bind,
-            source,
-        })
+/// A listener's sockets, one per worker (see `workers::bind`).
+fn bind(
+    l: &ListenerState,
+    workers: std::num::NonZeroUsize,
+) -> Result<Vec<std::net::TcpListener>, AppError> {
+    crate::workers::bind(l.bind, workers).map_err(|source| AppError::Workers {
+        listener: l.name.clone(),
+        source,
+    })
 }
 
 /// Loads and checks all state, then binds every listener. Errors here are the
@@ -514,17 +529,18 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
         metrics.access_log_suppressed.clone(),
         config.admission.log_every,
     )?);
+    let workers = crate::workers::count(config.workers);
     let mut bound = Vec::new();
     for l in state.listeners {
-        let socket = bind(&l).await?;
-        bound.push((l, socket));
+        let sockets = bind(&l, workers)?;
+        bound.push((l, sockets));
     }
     // After binding (the ports are known) and before serving; the kernel
     // block list is attached here, while the gateway has the privileges.
     let admission = Admission::new(&config.admission, metrics.clone());
     let listening: Vec<SocketAddr> = bound
         .iter()
-        .filter_map(|(_, s)| s.local_addr().ok())
+        .filter_map(|(_, s)| s.first()?.local_addr().ok())
         .collect();
     admission.configure(&config.admission, &listening);
     let admin = match config.admin {
@@ -574,6 +590,8 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     let (preview_tx, preview_rx) = mpsc::channel(4);
     Ok(App {
         bound,
+        workers,
+        worker_stats: Arc::new(crate::workers::Stats::new(workers)),
         drain_timeout: state.drain_timeout,
         access_log,
         shutdown: CancellationToken::new(),
@@ -620,7 +638,7 @@ impl App {
         self.bound
             .iter()
             .find(|(l, _)| l.name == listener)
-            .and_then(|(_, s)| s.local_addr().ok())
+            .and_then(|(_, s)| s.first()?.local_addr().ok())
     }
 
     /// A listener's routes (with their counters), as built.
@@ -684,8 +702,21 @@ impl App {
 
     /// Serves until the shutdown handle fires, reloading on request; then
     /// stops accepting, lets live connections finish for up to the drain
-    /// timeout, and closes the rest.
-    pub async fn run(mut self) {
+    /// timeout, and closes the rest. A gateway that cannot start its
+    /// workers serves nothing (logged); `serve` says so to its caller.
+    pub async fn run(self) {
+        if let Err(e) = self.serve().await {
+            tracing::error!(error = %e, "the gateway did not start serving");
+        }
+    }
+
+    /// `run`, with the error that kept it from serving at all.
+    pub async fn serve(mut self) -> Result<(), AppError> {
+        // Here, not in `build`: after any privilege drop, so the threads
+        // inherit the narrowed capabilities (see `workers`).
+        let workers =
+            crate::workers::Workers::start(self.workers).map_err(AppError::StartWorkers)?;
+        tracing::info!(workers = workers.len(), "workers started");
         let shared = Shared {
             log: self.access_log.clone(),
             tracker: TaskTracker::new(),
@@ -715,6 +746,7 @@ impl App {
                 reloads: self.reload_stats.clone(),
                 guard: self.guard.clone(),
                 admission: Some(self.admission.clone()),
+                workers: Some(self.worker_stats.clone()),
             };
             tokio::spawn(crate::admin::serve(
                 self.admin.take(),
@@ -771,9 +803,9 @@ impl App {
             self.drain_timeout,
         );
         let mut running = HashMap::new();
-        for (l, socket) in std::mem::take(&mut self.bound) {
+        for (l, sockets) in std::mem::take(&mut self.bound) {
             let name = l.name.clone();
-            running.insert(name, self.start(l, socket, &shared));
+            running.insert(name, self.start(l, sockets, &shared, &workers));
         }
         // Every listener is bound and accepting, the guard (if any) was
         // installed by `build`.
@@ -844,7 +876,13 @@ impl App {
                 crate::systemd::reloading();
             }
             let mut result = self
-                .apply(&job.config, job.revert_to, job.force, &mut running, &shared)
+                .apply(
+                    &job.config,
+                    job.revert_to,
+                    job.force,
+                    (&mut running, &workers),
+                    &shared,
+                )
                 .await;
             if job.how == How::AutoRevert {
                 crate::systemd::reloaded(&result);
@@ -916,8 +954,10 @@ impl App {
         self.health.set_draining();
         for (_, r) in running.drain() {
             r.stop.cancel();
-            // The loop exits on the token; its socket closes with it.
-            let _ = r.task.await;
+            // Each loop exits on the token; its socket closes with it.
+            for task in r.tasks {
+                let _ = task.await;
+            }
         }
         let tracker = shared.tracker;
         tracker.close();
@@ -937,6 +977,8 @@ impl App {
             shared.close.cancel();
             let _ = tokio::time::timeout(CLOSE_GRACE, tracker.wait()).await;
         }
+        // Whatever the close left is dropped with the workers' runtimes.
+        workers.stop().await;
         self.save_audit(true).await;
         // The last lines and summaries, before the process ends with them.
         self.access_log.close(CLOSE_GRACE).await;
@@ -945,6 +987,7 @@ impl App {
             file.remove();
         }
         tracing::info!("shutdown complete");
+        Ok(())
     }
 
     /// The revision serving now, when there is a history.
@@ -1040,7 +1083,7 @@ impl App {
         config: &Config,
         revert_to: Option<u64>,
         force: bool,
-        running: &mut HashMap<String, Running>,
+        running: Serving<'_>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
         let Some(number) = revert_to else {
@@ -1082,29 +1125,51 @@ impl App {
         }
     }
 
-    fn start(&self, l: Arc<ListenerState>, socket: TcpListener, shared: &Shared) -> Running {
-        match socket.local_addr() {
-            Ok(addr) => {
-                tracing::info!(listener = %l.name, %addr, routes = l.routes.len(), "listening")
+    /// An accept loop for `l` on every worker, each on its own socket.
+    fn start(
+        &self,
+        l: Arc<ListenerState>,
+        sockets: Vec<std::net::TcpListener>,
+        shared: &Shared,
+        workers: &crate::workers::Workers,
+    ) -> Running {
+        let local = sockets.first().and_then(|s| s.local_addr().ok());
+        match local {
+            Some(addr) => {
+                tracing::info!(listener = %l.name, %addr, routes = l.routes.len(), workers = sockets.len(), "listening")
             }
-            Err(e) => tracing::warn!(listener = %l.name, error = %e, "listening (address unknown)"),
+            None => tracing::warn!(listener = %l.name, "listening (address unknown)"),
         }
         let bind = l.bind;
-        let local = socket.local_addr().ok();
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
-        let task = tokio::spawn(listener::accept_loop(
-            current.clone(),
-            socket,
-            shared.clone(),
-            stop.clone(),
-        ));
+        let tasks = sockets
+            .into_iter()
+            .enumerate()
+            .map(|(worker, socket)| {
+                let (current, shared, stop) = (current.clone(), shared.clone(), stop.clone());
+                let seat = crate::workers::Seat::new(self.worker_stats.clone(), worker);
+                workers.spawn(worker, async move {
+                    // Registered with the worker's own runtime, which
+                    // then drives every connection it accepts.
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => {
+                            listener::accept_loop(current, socket, shared, stop, seat).await
+                        }
+                        Err(e) => {
+                            let name = current.load().name.clone();
+                            tracing::error!(listener = %name, worker, error = %e, "a worker cannot accept on its socket: the kernel sends its share to the others")
+                        }
+                    }
+                })
+            })
+            .collect();
         Running {
             bind,
             local,
             current,
             stop,
-            task,
+            tasks,
         }
     }
 
@@ -1173,7 +1238,7 @@ impl App {
         config: &Config,
         revert_to: Option<u64>,
         force: bool,
-        running: &mut HashMap<String, Running>,
+        (running, workers): Serving<'_>,
         shared: &Shared,
     ) -> Result<ReloadReport, ReloadError> {
         let refused_crl = |e: &crl::CrlError| {
@@ -1243,10 +1308,11 @@ impl App {
         for l in &state.listeners {
             let same = running.get(&l.name).is_some_and(|r| r.bind == l.bind);
             if !same {
-                let socket = bind(l)
-                    .await
-                    .map_err(|e| ReloadError::Invalid(e.to_string()))?;
-                fresh.push((l.clone(), socket));
+                // Every worker's socket, or none: a worker left out would
+                // leave the kernel sending it clients nobody accepts.
+                let sockets =
+                    bind(l, self.workers).map_err(|e| ReloadError::Invalid(e.to_string()))?;
+                fresh.push((l.clone(), sockets));
             }
         }
         // New backends are protected before any route can send to them (the
@@ -1285,10 +1351,10 @@ impl App {
                 r.current.store(l.clone());
             }
         }
-        for (l, socket) in fresh {
+        for (l, sockets) in fresh {
             report.listeners_started.push(l.name.clone());
             let name = l.name.clone();
-            running.insert(name, self.start(l, socket, shared));
+            running.insert(name, self.start(l, sockets, shared, workers));
         }
         let listening: Vec<SocketAddr> = running.values().filter_map(|r| r.local).collect();
         self.admission.configure(&config.admission, &listening);
@@ -1308,6 +1374,12 @@ impl App {
         Ok(report)
     }
 }
+
+/// The listeners serving, and the workers their loops run on.
+type Serving<'a> = (
+    &'a mut HashMap<String, Running>,
+    &'a crate::workers::Workers,
+);
 
 /// A config to apply: asked for (a reload or a revert, answered on
 /// `reply`) or decided by `auto_revert`.

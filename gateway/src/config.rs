@@ -72,8 +72,10 @@ pub struct Config {
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]
     pub watch_files: bool,
-    /// Runtime worker threads; none: one per CPU the process may run on
-    /// (its affinity mask). Read at start; a reload does not change it.
+    /// Accept workers, each a thread with a current-thread runtime and its
+    /// own `SO_REUSEPORT` socket per listener (see `workers`); none: one
+    /// per CPU the process may run on (its affinity mask, a cgroup's CPU
+    /// quota). Read at start; a reload does not change it.
     pub workers: Option<std::num::NonZeroUsize>,
     /// Named client CA bundles (with their CRLs) that routes can narrow to.
     #[serde(default)]

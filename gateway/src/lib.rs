@@ -41,6 +41,7 @@ mod testing;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+pub mod workers;
 
 pub use app::{App, AppError, ShutdownHandle, build};
 pub use config::Config;

@@ -34,12 +34,16 @@ use crate::upstream::{BackendTls, Upstream, UpstreamError};
 /// can wait for it. Every accept reads the listener's current state, so a
 /// reload takes effect for the next connection and refuses none. Admission
 /// decides at accept, before any byte is read, whether the connection may
-/// start a handshake.
+/// start a handshake. One loop per worker and listener (see `workers`): a
+/// connection's task is spawned on the loop's own runtime, so it stays on
+/// the worker that accepted it, while the state, admission and registry it
+/// is judged by are the ones every worker shares.
 pub async fn accept_loop(
     current: Arc<ArcSwap<ListenerState>>,
     socket: TcpListener,
     shared: Shared,
     stop: CancellationToken,
+    seat: crate::workers::Seat,
 ) {
     let name = current.load().name.clone();
     let pool = shared.admission.pool(&name);
@@ -91,13 +95,15 @@ pub async fn accept_loop(
             }
         };
         let shared = shared.clone();
+        let held = seat.admitted();
         shared.tracker.clone().spawn(async move {
             let record = serve(&listener, judged_at, stream, peer, &shared, &ticket).await;
             shared.log.emit(record);
             drop(ticket);
+            drop(held);
         });
     }
-    tracing::info!(listener = %name, "stopped accepting");
+    tracing::info!(listener = %name, worker = seat.worker(), "stopped accepting");
 }
 
 /// With the reserve descriptor given up: accepts the connection waiting in

@@ -863,21 +863,23 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         .as_ref()
         .map(gateway::privilege::Gate::prepare)
         .transpose()?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // Worker 0: the main thread's runtime, which also serves the admin
+    // endpoint and applies reloads; `App::serve` starts the other workers
+    // (see `workers`), after the drop. The hook holds the blocking pool's
+    // threads, the only ones this runtime starts itself.
+    let mut runtime = tokio::runtime::Builder::new_current_thread();
     if let Some(gate) = &gate {
         runtime.on_thread_start(gate.hook());
-    }
-    // tokio's default is the CPUs in the affinity mask, so `taskset` alone
-    // also sizes the runtime.
-    if let Some(n) = config.workers {
-        runtime.worker_threads(n.get());
     }
     let runtime = runtime.enable_all().build()?;
     // Before anything says the gateway is up (its log lines, the pid file):
     // a SIGHUP sent on seeing them must reload, not kill it by the signal's
     // default action.
     let signals = runtime.block_on(async { Signals::install() })?;
-    tracing::info!(workers = runtime.metrics().num_workers(), "runtime started");
+    tracing::info!(
+        workers = gateway::workers::count(config.workers).get(),
+        "runtime started"
+    );
     let served = runtime.block_on(async {
         let app = gateway::build(&config).await?;
         // Once everything is bound: a pid file names a gateway that serves.
@@ -932,9 +934,9 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
             gateway::systemd::stopping(registry.len());
             shutdown.shutdown();
         });
-        app.run().await;
+        let served = app.serve().await;
         stop_watching.cancel();
-        Ok(())
+        Ok(served?)
     });
     // A start that fails before the drop leaves the runtime's threads
     // waiting at the gate: release them before the runtime waits for them,

@@ -751,6 +751,8 @@ pub struct Sources {
     pub reloads: Arc<ReloadStats>,
     pub guard: Option<Arc<crate::guard::Guard>>,
     pub admission: Option<Arc<crate::admission::Admission>>,
+    /// Per worker connections (`workers`).
+    pub workers: Option<Arc<crate::workers::Stats>>,
 }
 
 impl Sources {
@@ -804,6 +806,9 @@ impl Sources {
         }
         if let Some(admission) = &self.admission {
             admission.render_metrics(out)?;
+        }
+        if let Some(workers) = &self.workers {
+            workers.render_metrics(out)?;
         }
         Ok(())
     }
@@ -920,6 +925,7 @@ pub(crate) fn render_alone(metrics: Arc<Metrics>) -> String {
         reloads: Arc::default(),
         guard: None,
         admission: None,
+        workers: None,
     }
     .render()
 }

@@ -17,7 +17,9 @@
 //! 3. the gateway is built on the main thread (binding, eBPF);
 //! 4. `Gate::drop_to`: the user changes on every thread, the main thread
 //!    narrows its capabilities, then opens the gate: every waiting thread
-//!    narrows its own; threads created later inherit the narrow set;
+//!    narrows its own; threads created later inherit the narrow set (the
+//!    accept workers beyond the main thread, see `workers`, are started
+//!    only after this, by `App::serve`);
 //! 5. every thread of the process is read back from /proc and compared
 //!    with the target: any difference, or a thread that did not get there
 //!    in time, and the gateway does not start.

@@ -750,6 +750,30 @@ pub fn payload(len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Sends `msg` and reads its echo back.
+pub async fn ping(tls: &mut TlsStream<TcpStream>, msg: &[u8]) -> std::io::Result<()> {
+    tls.write_all(msg).await?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(STEP, tls.read_exact(&mut buf))
+        .await
+        .map_err(std::io::Error::other)??;
+    assert_eq!(buf, msg);
+    Ok(())
+}
+
+/// Waits until the gateway closes `tls`; returns how long that took.
+pub async fn tls_closed_within(tls: &mut TlsStream<TcpStream>, limit: Duration) -> Duration {
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match tokio::time::timeout(limit, tls.read(&mut buf)).await {
+            Err(_) => panic!("connection still open after {limit:?}"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 /// Writes `data` and closes (close_notify + FIN) while reading everything back.
 pub async fn echo_roundtrip(tls: TlsStream<TcpStream>, data: Vec<u8>) -> std::io::Result<Vec<u8>> {
     let (mut r, mut w) = tokio::io::split(tls);

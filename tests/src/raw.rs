@@ -63,11 +63,32 @@ impl RawClient {
     /// Sends what is queued and reads the server's flights until rustls
     /// considers the handshake done; returns the last flight unsent.
     pub async fn handshake(&mut self) -> io::Result<Vec<u8>> {
+        self.drive_handshake(true).await
+    }
+
+    /// Like `handshake`, but sends nothing: everything the client would
+    /// write until the handshake is done (in TLS 1.3, its
+    /// middlebox-compatibility ChangeCipherSpec, queued as soon as the
+    /// ServerHello is read, then its last flight) is returned, so a test
+    /// that splits the client's records itself decides where every byte
+    /// goes. `handshake` would send the ChangeCipherSpec mid-way whenever
+    /// the server's flight arrives in more than one read.
+    pub async fn handshake_unsent(&mut self) -> io::Result<Vec<u8>> {
+        self.drive_handshake(false).await
+    }
+
+    /// Reads the server's flights until the handshake is done; what the
+    /// client queues meanwhile is sent at once (`send`) or kept, and what
+    /// is left is returned.
+    async fn drive_handshake(&mut self, send: bool) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; 1 << 16];
+        let mut unsent = Vec::new();
         while self.conn.is_handshaking() {
             let out = self.pending();
-            if !out.is_empty() {
+            if send && !out.is_empty() {
                 self.tcp.write_all(&out).await?;
+            } else {
+                unsent.extend(out);
             }
             let n = tokio::time::timeout(STEP, self.tcp.read(&mut buf))
                 .await
@@ -81,7 +102,8 @@ impl RawClient {
             }
             self.conn.process_new_packets().map_err(io::Error::other)?;
         }
-        Ok(self.pending())
+        unsent.extend(self.pending());
+        Ok(unsent)
     }
 
     /// What rustls has queued to send, taken out of it.

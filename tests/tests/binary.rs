@@ -861,8 +861,10 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
     )
     .unwrap();
     let socket = run_dir.path().join("admin.sock");
+    // Two workers: the second's thread starts after the drop and must
+    // hold no more than the main thread kept.
     let top = format!(
-        "admin = \"{admin}\"\nadmin_socket = \"{}\"\naccess_log = \"{}\"",
+        "workers = 2\nadmin = \"{admin}\"\nadmin_socket = \"{}\"\naccess_log = \"{}\"",
         socket.display(),
         pki.path("access.log").display()
     );
@@ -877,7 +879,7 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
         (65534, 0o600)
     );
     let threads = credentials_of(gw.0.id());
-    assert!(threads.len() > 1, "the runtime's threads too: {threads:?}");
+    assert!(threads.len() > 1, "the workers' threads too: {threads:?}");
     for (uid, gid, prm, eff) in &threads {
         assert_eq!(
             (uid.as_str(), gid.as_str()),

@@ -1,0 +1,364 @@
+//! The accept workers (`workers`): one accept loop per worker and
+//! listener, each on a listening socket of its own that the kernel
+//! balances connections across (`SO_REUSEPORT`), each worker a
+//! current-thread runtime, so a connection lives its whole life on the
+//! thread that accepted it: no work stealing, no cross-core wake-ups.
+//!
+//! Worker 0 is the runtime the app runs on (in `gateway run`, the main
+//! thread's, which also serves the admin endpoint and reloads); workers 1..
+//! are threads started here. Everything they decide with is shared, not
+//! copied: the registry, admission (slots, per-source tallies, the block
+//! list), the listener's state behind one `ArcSwap`, the metrics and the
+//! access log; the stop and close tokens reach every worker.
+//!
+//! The threads are started by `App::run`, after any privilege drop:
+//! capabilities are per thread and a new thread inherits its creator's, so
+//! a worker started after the drop holds no more than the main thread kept.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::runtime::Handle;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Exposition;
+
+/// How long a worker's runtime waits for its blocking pool as it ends.
+const RUNTIME_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The kernel's accept queue per listening socket, as tokio's own bind uses.
+const BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot bind {bind}: {source}")]
+    Bind {
+        bind: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot set SO_REUSEPORT on a socket for {bind}, which workers = {workers} needs to give each worker a listening socket of its own: {source} (workers = 1 needs none)"
+    )]
+    Reuseport {
+        bind: SocketAddr,
+        workers: usize,
+        source: std::io::Error,
+    },
+    #[error("worker {worker}: cannot start its thread or runtime: {source}")]
+    Start {
+        worker: usize,
+        source: std::io::Error,
+    },
+}
+
+/// How many workers when the config does not say: one per CPU the process
+/// may run on (its affinity mask, and a cgroup's CPU quota).
+pub fn count(configured: Option<NonZeroUsize>) -> NonZeroUsize {
+    configured
+        .or_else(|| std::thread::available_parallelism().ok())
+        .unwrap_or(NonZeroUsize::MIN)
+}
+
+/// One listening socket per worker on `addr`, non-blocking, listening.
+/// With more than one worker they share the port through `SO_REUSEPORT`;
+/// a socket that cannot have it fails the bind (never fewer sockets than
+/// workers, never a worker silently left out).
+///
+/// `SO_REUSEPORT` would also let the sockets join a group another process
+/// of the same user already listens in, splitting its clients with it: so
+/// the port is first bound without it, which fails as a port in use does
+/// without workers, and only then shared.
+pub fn bind(
+    addr: SocketAddr,
+    workers: NonZeroUsize,
+) -> Result<Vec<std::net::TcpListener>, WorkerError> {
+    let bind_err = |bind, source| WorkerError::Bind { bind, source };
+    let n = workers.get();
+    if n == 1 {
+        return Ok(vec![listen(addr, false).map_err(|e| bind_err(addr, e))?]);
+    }
+    // The probe: it conflicts with any socket bound there, reuseport or not.
+    let probe = socket(addr).map_err(|e| bind_err(addr, e))?;
+    probe.bind(&addr.into()).map_err(|e| bind_err(addr, e))?;
+    let addr = probe
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| bind_err(addr, std::io::Error::other("no local address after bind")))?;
+    drop(probe);
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = socket(addr).map_err(|e| bind_err(addr, e))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(|source| WorkerError::Reuseport {
+                bind: addr,
+                workers: n,
+                source,
+            })?;
+        socket.bind(&addr.into()).map_err(|e| bind_err(addr, e))?;
+        socket.listen(BACKLOG).map_err(|e| bind_err(addr, e))?;
+        sockets.push(socket.into());
+    }
+    Ok(sockets)
+}
+
+fn socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::TCP),
+    )?;
+    // As tokio's bind: a restart is not refused for the last run's
+    // TIME_WAIT connections.
+    socket.set_reuse_address(true)?;
+    Ok(socket)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket(addr)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// The running workers. Dropping this (a `run` aborted) ends the extra
+/// workers' runtimes, and with them whatever still runs there.
+pub struct Workers {
+    extra: Vec<Worker>,
+}
+
+struct Worker {
+    handle: Handle,
+    exit: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Worker 0 is the runtime this is called on; the others get a thread
+    /// and a current-thread runtime each.
+    pub fn start(count: NonZeroUsize) -> Result<Workers, WorkerError> {
+        let mut extra = Vec::with_capacity(count.get() - 1);
+        for worker in 1..count.get() {
+            let start = |source| WorkerError::Start { worker, source };
+            let exit = CancellationToken::new();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let until = exit.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("gateway-w{worker}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    runtime.block_on(until.cancelled());
+                    // Its tasks end with it; a blocking call still running
+                    // in its pool gets a moment, not the shutdown's hold.
+                    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+                })
+                .map_err(start)?;
+            let handle = rx
+                .recv()
+                .map_err(|_| {
+                    start(std::io::Error::other(
+                        "the thread ended before its runtime started",
+                    ))
+                })?
+                .map_err(start)?;
+            extra.push(Worker {
+                handle,
+                exit,
+                thread: Some(thread),
+            });
+        }
+        Ok(Workers { extra })
+    }
+
+    pub fn len(&self) -> usize {
+        self.extra.len() + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Runs `task` on `worker` (0: the runtime `start` was called on).
+    pub fn spawn<F>(&self, worker: usize, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match worker.checked_sub(1).and_then(|i| self.extra.get(i)) {
+            Some(w) => w.handle.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+
+    /// Ends the extra workers' runtimes (after the drain: whatever still
+    /// runs there is dropped) and waits for their threads.
+    pub async fn stop(mut self) {
+        let threads: Vec<_> = self
+            .extra
+            .iter_mut()
+            .filter_map(|w| {
+                w.exit.cancel();
+                w.thread.take()
+            })
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for w in &self.extra {
+            w.exit.cancel();
+        }
+    }
+}
+
+/// Per worker: connections admitted, and open now (from admission to
+/// close, handshakes included).
+#[derive(Debug)]
+pub struct Stats {
+    workers: Vec<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    admitted: AtomicU64,
+    open: AtomicU64,
+}
+
+impl Stats {
+    pub fn new(count: NonZeroUsize) -> Stats {
+        Stats {
+            workers: (0..count.get()).map(|_| Counts::default()).collect(),
+        }
+    }
+
+    /// `gateway_worker_connections_total{worker}` and
+    /// `gateway_worker_open_connections{worker}`.
+    pub fn render_metrics(&self, out: &mut Exposition<'_>) -> std::fmt::Result {
+        let each = |read: fn(&Counts) -> u64| {
+            self.workers
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| ([("worker", i.to_string())], read(c)))
+        };
+        out.counter(
+            "gateway_worker_connections_total",
+            "Connections admitted to a handshake, by the worker that accepted them (the kernel spreads them over the workers' sockets).",
+            each(|c| c.admitted.load(Ordering::Relaxed)),
+        )?;
+        out.gauge(
+            "gateway_worker_open_connections",
+            "Connections a worker holds now, from admission to close (handshakes included).",
+            each(|c| c.open.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// What one worker's accept loops count into.
+#[derive(Debug, Clone)]
+pub struct Seat {
+    stats: Arc<Stats>,
+    worker: usize,
+}
+
+impl Seat {
+    pub fn new(stats: Arc<Stats>, worker: usize) -> Seat {
+        Seat { stats, worker }
+    }
+
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    /// A connection admitted here; open until the `Held` is dropped.
+    pub fn admitted(&self) -> Held {
+        if let Some(c) = self.stats.workers.get(self.worker) {
+            c.admitted.fetch_add(1, Ordering::Relaxed);
+            c.open.fetch_add(1, Ordering::Relaxed);
+        }
+        Held(self.clone())
+    }
+}
+
+/// A connection open on a worker.
+#[derive(Debug)]
+pub struct Held(Seat);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.stats.workers.get(self.0.worker) {
+            c.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two() -> NonZeroUsize {
+        NonZeroUsize::new(2).unwrap()
+    }
+
+    #[test]
+    fn workers_share_a_port_no_one_else_listens_on() {
+        let sockets = bind("127.0.0.1:0".parse().unwrap(), two()).unwrap();
+        assert_eq!(sockets.len(), 2);
+        let addrs: Vec<_> = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
+        assert_eq!(addrs.len(), 2);
+        assert_eq!(addrs[0], addrs[1], "one port for every worker");
+    }
+
+    #[test]
+    fn a_port_another_reuseport_socket_holds_is_in_use() {
+        // Another process of this user sharing the port (a second gateway
+        // started by mistake) must not get half the clients.
+        let other = listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = other.local_addr().unwrap();
+        let err = bind(addr, two()).err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("cannot bind") && e.contains("in use")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_held_connection_counts_until_dropped() {
+        let stats = Arc::new(Stats::new(two()));
+        let seat = Seat::new(stats.clone(), 1);
+        let held = seat.admitted();
+        let read = |i: usize| {
+            let c = &stats.workers[i];
+            (
+                c.admitted.load(Ordering::Relaxed),
+                c.open.load(Ordering::Relaxed),
+            )
+        };
+        assert_eq!((read(0), read(1)), ((0, 0), (1, 1)));
+        drop(held);
+        assert_eq!(read(1), (1, 0));
+    }
+}
