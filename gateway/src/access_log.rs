@@ -3,12 +3,17 @@
 //! The same records go to in-process subscribers (tests, later the admin
 //! side), so what is asserted is exactly what the operator reads.
 //!
-//! A peer without a certificate must not be able to drive the log (#19):
-//! lines for connections that failed their handshake without a verified
-//! identity (refusals, evictions, timeouts, bad input) are bounded per
-//! failure reason by a token bucket, and what is held back is summarized
-//! and counted (`gateway_access_log_suppressed_total{reason}`). Lines of
-//! authenticated or served connections are never held back. Lines are
+//! A peer without a private key must not be able to drive the log (#19):
+//! lines of connections that failed their handshake (refusals, evictions,
+//! timeouts, bad input, a certificate sent without proof of its key), and
+//! of connections served without an identity proven by the handshake
+//! (`audit` and `off` routes), are bounded per reason by a token bucket;
+//! what is held back is summarized and counted
+//! (`gateway_access_log_suppressed_total{reason}`). Past the bucket, each
+//! source (an IPv6 source by its /64) still gets its first line of a
+//! period, for up to `NEWCOMERS` sources, so one source's junk cannot hide
+//! another's refusal. Only lines of connections whose handshake completed
+//! with a proven identity are never held back. Lines are
 //! written by a thread of their own through a bounded queue: a slow or
 //! full disk (or a pipe nobody reads) loses counted lines, and never
 //! stalls a connection's task.
@@ -51,6 +56,12 @@ pub struct AccessRecord {
     /// The client's names in the allow-entry syntax (`spiffe://…`,
     /// `dns:…`, `email:…`, `cn:…`), one array element each.
     pub identity: Option<Vec<String>>,
+    /// The names of a certificate the client sent but never proved it
+    /// holds the key of (its handshake failed before or at the
+    /// CertificateVerify signature): anyone can send a certificate, so
+    /// these name nobody, and are written apart from `identity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_identity: Option<Vec<String>>,
     pub verdict: Verdict,
     /// Why: the allow entry that matched, or what refused or ended the connection.
     pub reason: String,
@@ -74,14 +85,22 @@ pub struct AccessRecord {
 }
 
 impl AccessRecord {
-    /// The failure reason this line is bounded under: its handshake failed
-    /// and no verified identity came with it. An authenticated client's
-    /// line (even a policy refusal) and a served connection's are never
-    /// bounded: only a certificate holder can cause them.
+    /// The reason this line is bounded under: how its handshake failed, or
+    /// `unauthenticated` for a connection served without an identity. Only
+    /// a completed handshake with a proven identity is never bounded: a
+    /// holder of a certificate's key alone can cause that line.
     fn bounded_by(&self) -> Option<&'static str> {
-        self.failure.filter(|_| self.identity.is_none())
+        match (self.failure, &self.identity) {
+            (Some(failure), _) => Some(failure),
+            (None, None) => Some(UNAUTHENTICATED),
+            (None, Some(_)) => None,
+        }
     }
 }
+
+/// The reason lines of connections served without a proven identity are
+/// bounded under (`audit` routes' certless clients, `off` routes).
+pub const UNAUTHENTICATED: &str = "unauthenticated";
 
 /// Lines held back per failure reason: a burst, then this many a second.
 const LINE_BURST: f64 = 32.0;
@@ -90,6 +109,10 @@ const LINES_PER_SECOND: f64 = 4.0;
 const QUEUED_LINES: usize = 4096;
 /// Distinct sources a summary counts; beyond, it says "at least".
 const SOURCES_COUNTED: usize = 1024;
+/// Sources per reason whose first line of a period is written although
+/// the reason's bucket is empty: one source's junk must not hide another
+/// source's line, yet many sources must not lift the bound.
+const NEWCOMERS: usize = 64;
 /// How often the writer looks for summaries that are due, and whether it
 /// is asked to close.
 const WRITER_TICK: Duration = Duration::from_millis(100);
@@ -396,6 +419,12 @@ struct Bound {
 struct Bucket {
     tokens: f64,
     refilled: Instant,
+    /// Sources with a line written since `period` began (up to
+    /// `SOURCES_COUNTED`), and how many were written past an empty bucket
+    /// as a newcomer's first.
+    written: HashSet<IpAddr>,
+    newcomers: usize,
+    period: Instant,
     /// Held back since `since`, from how many distinct sources (counted
     /// up to `SOURCES_COUNTED`).
     held: u64,
@@ -418,6 +447,9 @@ impl Bound {
         let bucket = self.reasons.entry(reason).or_insert_with(|| Bucket {
             tokens: LINE_BURST,
             refilled: now,
+            written: HashSet::new(),
+            newcomers: 0,
+            period: now,
             held: 0,
             sources: HashSet::new(),
             since: now,
@@ -425,8 +457,28 @@ impl Bound {
         let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * LINES_PER_SECOND).min(LINE_BURST);
         bucket.refilled = now;
-        if bucket.tokens >= 1.0 {
+        if now.saturating_duration_since(bucket.period) >= self.summary_every {
+            bucket.period = now;
+            bucket.written.clear();
+            bucket.newcomers = 0;
+        }
+        let source = source.map(source_key);
+        let newcomer = source.is_some_and(|s| !bucket.written.contains(&s));
+        let write = if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
+            true
+        } else if newcomer && bucket.newcomers < NEWCOMERS {
+            bucket.newcomers += 1;
+            true
+        } else {
+            false
+        };
+        if write {
+            if let Some(source) = source
+                && bucket.written.len() < SOURCES_COUNTED
+            {
+                bucket.written.insert(source);
+            }
             return true;
         }
         if bucket.held == 0 {
@@ -455,6 +507,17 @@ impl Bound {
             bucket.sources.clear();
         }
         due
+    }
+}
+
+/// A source as the bound tells sources apart: an IPv4 address (mapped
+/// ones too), an IPv6 /64 (one host commonly holds a whole /64).
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+            v6.to_bits() & !((1u128 << 64) - 1),
+        )),
+        v4 => v4,
     }
 }
 
@@ -553,8 +616,9 @@ mod tests {
         let suppressed = Arc::new(Suppressed::default());
         let mut bound = Bound::new(Duration::from_secs(10), suppressed.clone());
         let t0 = Instant::now();
+        // One source: the burst, then nothing.
         let written = (0..100)
-            .filter(|i| bound.take("timeout", source(*i), t0))
+            .filter(|_| bound.take("timeout", source(0), t0))
             .count();
         assert_eq!(written, 32);
         // Another reason has a bucket of its own.
@@ -562,7 +626,7 @@ mod tests {
         // A second later, four more.
         let t1 = t0 + Duration::from_secs(1);
         let written = (0..10)
-            .filter(|i| bound.take("timeout", source(*i), t1))
+            .filter(|_| bound.take("timeout", source(0), t1))
             .count();
         assert_eq!(written, 4);
         assert_eq!(suppressed.counts(), vec![("timeout", 68 + 6)]);
@@ -577,7 +641,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(due[0].trim_end()).unwrap();
         assert_eq!(
             v["summary"],
-            "74 more timeout from 74 sources suppressed in the last 10s"
+            "74 more timeout from 1 sources suppressed in the last 10s"
         );
         assert_eq!(v["suppressed"], 74);
         // Said once: nothing held since.
@@ -585,6 +649,56 @@ mod tests {
             bound
                 .summaries(t0 + Duration::from_secs(30), true)
                 .is_empty()
+        );
+    }
+
+    /// One source's junk spends the bucket; another source's first line
+    /// is still written, and each new source's, up to `NEWCOMERS` a period.
+    #[test]
+    fn a_new_sources_first_line_passes_an_empty_bucket_up_to_a_cap() {
+        let mut bound = Bound::new(Duration::from_secs(10), Arc::default());
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            bound.take("protocol", source(0), t0);
+        }
+        assert!(
+            bound.take("protocol", source(1), t0),
+            "a newcomer's first line"
+        );
+        assert!(!bound.take("protocol", source(1), t0), "its second");
+        let newcomers = (2..1000)
+            .filter(|i| bound.take("protocol", source(*i), t0))
+            .count();
+        assert_eq!(newcomers, NEWCOMERS - 1);
+        // A new period: newcomers again, even one seen in the last.
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(bound.take("protocol", source(1), t1));
+    }
+
+    /// An IPv6 host commonly holds a /64: its addresses are one source,
+    /// both for the newcomer's line and in a summary's count.
+    #[test]
+    fn an_ipv6_source_is_its_64() {
+        let mut bound = Bound::new(Duration::from_secs(10), Arc::default());
+        let t0 = Instant::now();
+        let host = |i: u128| {
+            Some(IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                0x2001_0db8_0000_0001_0000_0000_0000_0000 + i,
+            )))
+        };
+        let written = (0..100)
+            .filter(|i| bound.take("timeout", host(*i), t0))
+            .count();
+        assert_eq!(written, 32);
+        let due = bound.summaries(t0, true);
+        assert!(
+            due[0].contains("68 more timeout from 1 sources"),
+            "{}",
+            due[0]
+        );
+        assert_eq!(
+            source_key("::ffff:192.0.2.1".parse().unwrap()),
+            "192.0.2.1".parse::<IpAddr>().unwrap()
         );
     }
 
@@ -637,8 +751,10 @@ mod tests {
         )
         .unwrap();
         let started = Instant::now();
+        // Lines the bound never holds back: a proven identity's.
+        let who = vec!["spiffe://example.internal/a".to_owned()];
         for _ in 0..QUEUED_LINES + 200 {
-            log.emit(record(None, None));
+            log.emit(record(None, Some(who.clone())));
         }
         assert!(started.elapsed() < Duration::from_secs(2), "emit waited");
         // The writer may not have taken its line off the queue yet.
@@ -657,6 +773,7 @@ mod tests {
             client: "192.0.2.1:5000".into(),
             sni: None,
             identity,
+            claimed_identity: None,
             verdict: Verdict::Deny,
             reason: String::new(),
             backend: None,
@@ -672,12 +789,28 @@ mod tests {
     }
 
     #[test]
-    fn only_unauthenticated_failures_are_bounded() {
+    fn only_a_completed_handshake_with_a_proven_identity_is_unbounded() {
         assert_eq!(record(Some("timeout"), None).bounded_by(), Some("timeout"));
-        // A verified client refused by policy: only a certificate holder
-        // can cause that line.
+        // A failed handshake is bounded whoever it names.
         let who = Some(vec!["spiffe://example.internal/a".to_owned()]);
-        assert_eq!(record(Some("policy"), who).bounded_by(), None);
-        assert_eq!(record(None, None).bounded_by(), None);
+        assert_eq!(
+            record(Some("policy"), who.clone()).bounded_by(),
+            Some("policy")
+        );
+        // Served without an identity (an audit or off route).
+        assert_eq!(record(None, None).bounded_by(), Some(UNAUTHENTICATED));
+        // Only a key holder causes this one.
+        assert_eq!(record(None, who).bounded_by(), None);
+    }
+
+    #[test]
+    fn a_claimed_identity_is_written_apart_and_only_when_there_is_one() {
+        let mut r = record(Some("protocol"), None);
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(!line.contains("claimed_identity"), "{line}");
+        r.claimed_identity = Some(vec!["spiffe://example.internal/a".to_owned()]);
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["identity"], serde_json::Value::Null);
+        assert_eq!(v["claimed_identity"][0], "spiffe://example.internal/a");
     }
 }

@@ -409,11 +409,58 @@ fn revision_config(
     Ok(config)
 }
 
+/// Where a bound socket accepts connections (its port resolved when
+/// `bind` said 0): its address, and for a dual-stack `[::]` socket also
+/// `0.0.0.0` on its port. Whether `[::]` takes IPv4 too is the socket's
+/// IPV6_V6ONLY (from `net.ipv6.bindv6only` unless set, or inherited), so
+/// it is read back: the kernel block list must not drop IPv4 SYNs to
+/// another service's `0.0.0.0` on that port when it does not (#19).
+fn accepting(socket: &std::net::TcpListener) -> Vec<SocketAddr> {
+    let Ok(addr) = socket.local_addr() else {
+        return Vec::new();
+    };
+    let mut at = vec![addr];
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        match v6_only(socket) {
+            Ok(false) => at.push(SocketAddr::from(([0, 0, 0, 0], addr.port()))),
+            Ok(true) => {}
+            // Unknown: leave IPv4 out; a blocked IPv4 source is then
+            // refused at accept rather than dropped in the kernel.
+            Err(e) => tracing::warn!(%addr, error = %e,
+                "cannot read IPV6_V6ONLY of a [::] listener: its IPv4 side gets no kernel block list"),
+        }
+    }
+    at
+}
+
+/// The socket's IPV6_V6ONLY.
+fn v6_only(socket: &std::net::TcpListener) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the fd is the listener's, open while it is borrowed;
+    // getsockopt writes at most `len` bytes into `value`, which has them.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value != 0)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A listener that is serving: an accept loop on every worker.
 struct Running {
     bind: SocketAddr,
-    /// Where it is bound (its port when `bind` said 0).
-    local: Option<SocketAddr>,
+    /// Where it accepts connections (see `accepting`).
+    local: Vec<SocketAddr>,
     /// One for every worker: a reload's swap reaches them all at once.
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
@@ -538,9 +585,10 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     // After binding (the ports are known) and before serving; the kernel
     // block list is attached here, while the gateway has the privileges.
     let admission = Admission::new(&config.admission, metrics.clone());
+    // The workers' sockets of a listener share its address.
     let listening: Vec<SocketAddr> = bound
         .iter()
-        .filter_map(|(_, s)| s.first()?.local_addr().ok())
+        .flat_map(|(_, s)| s.first().map(accepting).unwrap_or_default())
         .collect();
     admission.configure(&config.admission, &listening);
     let admin = match config.admin {
@@ -1141,6 +1189,7 @@ impl App {
             None => tracing::warn!(listener = %l.name, "listening (address unknown)"),
         }
         let bind = l.bind;
+        let at = sockets.first().map(accepting).unwrap_or_default();
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
         let tasks = sockets
@@ -1166,7 +1215,7 @@ impl App {
             .collect();
         Running {
             bind,
-            local,
+            local: at,
             current,
             stop,
             tasks,
@@ -1356,7 +1405,10 @@ impl App {
             let name = l.name.clone();
             running.insert(name, self.start(l, sockets, shared, workers));
         }
-        let listening: Vec<SocketAddr> = running.values().filter_map(|r| r.local).collect();
+        let listening: Vec<SocketAddr> = running
+            .values()
+            .flat_map(|r| r.local.iter().copied())
+            .collect();
         self.admission.configure(&config.admission, &listening);
         // After every swap and before re-verifying: a handshake that read
         // an older state sees the generation moved when it goes live and is

@@ -149,6 +149,8 @@ struct Conn {
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<Vec<String>>,
+    /// Names of a certificate whose key the peer never proved.
+    claimed_identity: Option<Vec<String>>,
     verdict: Verdict,
     reason: String,
     backend: Option<String>,
@@ -174,6 +176,7 @@ impl Conn {
             mode: None,
             sni: None,
             identity: None,
+            claimed_identity: None,
             verdict: Verdict::Error,
             reason: String::new(),
             backend: None,
@@ -202,6 +205,7 @@ impl Conn {
             client: self.client.to_string(),
             sni: self.sni,
             identity: self.identity,
+            claimed_identity: self.claimed_identity,
             verdict: self.verdict,
             reason: self.reason,
             backend: self.backend,
@@ -876,12 +880,19 @@ fn judge<T>(
     decision: crate::tls::Decision,
     conn: &mut Conn,
 ) -> Result<T, HandshakeFailure> {
-    conn.identity = decision.identity.as_ref().map(|i| i.names());
+    // A certificate names an identity; only its key's signature proves the
+    // peer is it. Unproven names are logged apart and count for nothing.
+    let unproven = decision.identity.is_some() && !decision.proven;
+    if unproven {
+        conn.claimed_identity = decision.identity.as_ref().map(|i| i.names());
+    } else {
+        conn.identity = decision.identity.as_ref().map(|i| i.names());
+        conn.identity_value = decision.identity.map(Box::new);
+        conn.verified = decision.verified.map(Box::new);
+    }
     // The audit report's name for the client: its names as the access log
     // lists them; none when no certificate reached the verifier.
     let audit_identity = conn.identity.as_ref().map(|names| names.join(","));
-    conn.identity_value = decision.identity.map(Box::new);
-    conn.verified = decision.verified.map(Box::new);
     // Nothing reached the verifier: "no certificate" is the refusal only
     // when that is what ended the handshake, not for a handshake that
     // failed before a certificate was asked for.
@@ -900,6 +911,15 @@ fn judge<T>(
                 Some(CertProblem::Bad) | None => HandshakeFailure::BadCertificate,
             },
         )),
+        // The policy judged a name the peer never proved to be: its verdict
+        // is not the peer's. A handshake that failed failed for that;
+        // one that completed without the proof is refused.
+        (None, Some(_)) if unproven => result.is_ok().then(|| {
+            (
+                "the client did not prove it holds its certificate's key".to_owned(),
+                HandshakeFailure::BadCertificate,
+            )
+        }),
         (None, Some(policy::Verdict::Deny(reason))) => {
             reason_name = Some(reason.kind());
             Some((reason.to_string(), HandshakeFailure::Policy))
@@ -1127,5 +1147,61 @@ mod tests {
             assert_eq!(judge(&audit, Ok("stream"), decision, &mut c), Ok("stream"));
             assert_eq!(c.verdict, Verdict::Audit);
         }
+    }
+
+    /// A name the peer never proved (no CertificateVerify signature
+    /// verified) is only claimed: it is not the connection's identity, and
+    /// the policy's verdict on it counts for nothing, even an allow.
+    #[test]
+    fn an_unproven_identity_is_only_claimed() {
+        let claimed = crate::identity::Identity {
+            uris: vec!["spiffe://example.internal/a".into()],
+            ..Default::default()
+        };
+        let decision = Decision {
+            identity: Some(claimed),
+            verdict: Some(crate::policy::Verdict::Allow {
+                matched: "spiffe://example.internal/a".into(),
+            }),
+            ..Decision::default()
+        };
+        // The handshake failed (a bad signature): a failure, not a verdict.
+        let route = crate::testing::route(Mode::Enforce, Policy::default());
+        let mut c = conn();
+        let failed: std::io::Result<&str> = Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature),
+        ));
+        assert_eq!(
+            judge(&route, failed, decision.clone(), &mut c),
+            Err(HandshakeFailure::Protocol)
+        );
+        assert_eq!(c.verdict, Verdict::Error);
+        assert_eq!(c.identity, None);
+        assert_eq!(
+            c.claimed_identity,
+            Some(vec!["spiffe://example.internal/a".to_owned()])
+        );
+        assert!(c.identity_value.is_none());
+        // Completed without the proof (rustls never does): refused.
+        let mut c = conn();
+        assert_eq!(
+            judge(&route, Ok("stream"), decision.clone(), &mut c),
+            Err(HandshakeFailure::BadCertificate)
+        );
+        assert_eq!(c.identity, None);
+        // Proven: the connection's identity.
+        let mut c = conn();
+        let proven = Decision {
+            proven: true,
+            ..decision
+        };
+        assert_eq!(judge(&route, Ok("stream"), proven, &mut c), Ok("stream"));
+        assert_eq!(c.verdict, Verdict::Allow);
+        assert_eq!(
+            c.identity,
+            Some(vec!["spiffe://example.internal/a".to_owned()])
+        );
+        assert_eq!(c.claimed_identity, None);
     }
 }

@@ -696,7 +696,7 @@ impl Metrics {
         )?;
         out.counter(
             "gateway_access_log_suppressed_total",
-            "Access-log lines of handshakes that failed without a verified identity, held back over their reason's rate (summarized in the log), by reason.",
+            "Access-log lines of failed handshakes and of connections served without a proven identity (unauthenticated), held back over their reason's rate (summarized in the log), by reason.",
             self.access_log_suppressed
                 .counts()
                 .into_iter()

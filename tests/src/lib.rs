@@ -192,6 +192,15 @@ impl Pki {
     /// of the certificate against the key (which refuses, say, a leaf with
     /// an unknown critical extension) is skipped, so the gateway sees it.
     pub fn client_config_unchecked(&self, creds: &ClientCreds) -> Arc<ClientConfig> {
+        self.client_config_unchecked_versions(creds, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// `client_config_unchecked`, offering only `versions`.
+    pub fn client_config_unchecked_versions(
+        &self,
+        creds: &ClientCreds,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(self.root_der()).expect("root");
         let provider = gateway::tls::provider();
@@ -201,7 +210,7 @@ impl Pki {
             .expect("client key");
         let certified = rustls::sign::CertifiedKey::new(creds.chain.clone(), key);
         let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));

@@ -621,3 +621,60 @@ fn an_expired_address_entry_does_not_hide_a_wider_block_in_force() {
         0
     );
 }
+
+/// A listener bound to the IPv4-mapped form of an address
+/// (`[::ffff:10.201.1.1]:8443`) takes that address's IPv4 connections:
+/// the block list goes on the interface holding it, and drops a blocked
+/// source's SYN there (#19, review 3 finding 4).
+#[test]
+fn a_listener_on_an_ipv4_mapped_address_gets_the_kernel_block_list() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    let _gw = t.start_on(
+        &[&format!("[::ffff:{GATEWAY}]:8443")],
+        "pin = false\n",
+        "kernel block list attached",
+    );
+    let metrics = metrics_in(&t);
+    assert!(
+        metrics.contains("gateway_block_list_interfaces{interface=\"g0\",mode=\"native\"} 1"),
+        "{metrics}"
+    );
+    t.wait_open(CLIENT, listener());
+    t.block(&["add", CLIENT]);
+    assert_eq!(t.connect(CLIENT, listener()), Connect::Dropped);
+    assert!(t.metric("gateway_block_list_drops_total{reason=\"manual\"}") >= 1);
+}
+
+/// Under `net.ipv6.bindv6only = 1` the gateway's `[::]:8443` takes IPv6
+/// only, and another service of the host holds `0.0.0.0:8443`: a source
+/// the gateway blocked still reaches that service over IPv4, and is
+/// dropped over IPv6, at the gateway's (#19, review 3 finding 5). The
+/// dual-stack `[::]` (the sysctl's default) dropping IPv4 is
+/// `a_blocked_source_is_dropped_in_the_kernel_before_any_socket`.
+#[test]
+fn a_v6_only_wildcard_leaves_another_services_ipv4_socket_alone() {
+    if !root_and_netns() {
+        return;
+    }
+    let t = Topology::new();
+    t.gateway.sysctl("net/ipv6/bindv6only", "1");
+    let neighbour = t
+        .gateway
+        .run(|| std::net::TcpListener::bind("0.0.0.0:8443"))
+        .expect("bind the IPv4 neighbour");
+    tcp_echo(neighbour);
+    let _gw = t.start("pin = false\n", "kernel block list attached");
+    t.wait_open(CLIENT, listener());
+    t.wait_open(CLIENT_V6, listener_v6());
+    t.block(&["add", CLIENT]);
+    t.block(&["add", CLIENT_V6]);
+    assert_eq!(t.connect(CLIENT_V6, listener_v6()), Connect::Dropped);
+    assert_eq!(
+        t.connect(CLIENT, listener()),
+        Connect::Open,
+        "the kernel block list dropped a SYN to another service's IPv4 socket"
+    );
+}

@@ -1083,3 +1083,57 @@ async fn scoped_crls_speak_only_for_the_certificates_in_their_scope() {
         .expect("the connection is still open");
     assert_eq!(&buf, b"stale CA-only CRL");
 }
+
+/// A certificate is public, its key is not. Without the key, the
+/// certificate of an identity the route refuses and that of one it allows
+/// are refused alike (the signature's alert, `decrypt_error`), in TLS 1.3
+/// and 1.2: the alert tells a keyless peer nothing about the policy. Their
+/// lines name no identity, only what was claimed. With its own key the
+/// refused identity gets `access_denied`, its line a `deny` naming it
+/// (#19, review 3 finding 1).
+#[tokio::test]
+async fn without_its_key_a_certificate_learns_nothing_of_the_policy() {
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let toml =
+        listener_toml(&pki, "edge", "tls_versions = [\"1.2\", \"1.3\"]") + &route(&backend, "");
+    let mut gw = RunningGateway::start(&pki, &toml).await;
+    let intruder = pki.client("intruder", &LeafSpec::client("intruder", &[SPIFFE_OTHER]));
+    let stranger = pki.client(
+        "stranger",
+        &LeafSpec::client("stranger", &["spiffe://example.internal/ns/x/sa/y"]),
+    );
+    let without_key = |chain: &ClientCreds| ClientCreds {
+        chain: chain.chain.clone(),
+        key_pem: stranger.key_pem.clone(),
+        cert_path: pki.path("unused.pem"),
+        key_path: pki.path("unused.key"),
+    };
+    let frontend = pki.frontend();
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        for (creds, name) in [(&frontend, SPIFFE_FRONTEND), (&intruder, SPIFFE_OTHER)] {
+            let config = pki.client_config_unchecked_versions(&without_key(creds), &[version]);
+            assert_eq!(
+                refusal(gw.app_addr, SNI, config).await,
+                AlertDescription::DecryptError,
+                "{name} without its key, {version:?}"
+            );
+            let record = gw.next_record().await;
+            assert_eq!(record.verdict, Verdict::Error, "{record:?}");
+            assert_eq!(record.identity, None, "{record:?}");
+            assert_eq!(record.claimed_identity, Some(vec![name.to_owned()]));
+        }
+        // The refused identity with its own key: refused by policy.
+        let config = pki.client_config_versions(Some(&intruder), &[version]);
+        assert_eq!(
+            refusal(gw.app_addr, SNI, config).await,
+            AlertDescription::AccessDenied,
+            "{version:?}"
+        );
+        let record = gw.next_record().await;
+        assert_eq!(record.verdict, Verdict::Deny, "{record:?}");
+        assert_eq!(record.identity, Some(vec![SPIFFE_OTHER.to_owned()]));
+        assert_eq!(record.claimed_identity, None);
+    }
+    assert_eq!(backend.accepted(), 0);
+}

@@ -276,7 +276,13 @@ fn listening_interfaces(listening: &[SocketAddr]) -> BTreeSet<String> {
     addresses
         .into_iter()
         .filter(|(name, ip)| {
-            !loopback(name) && (wildcard || listening.iter().any(|l| l.ip() == *ip))
+            // Canonical: a listener on `::ffff:a.b.c.d` takes the IPv4
+            // packets of an interface holding a.b.c.d.
+            !loopback(name)
+                && (wildcard
+                    || listening
+                        .iter()
+                        .any(|l| l.ip().to_canonical() == ip.to_canonical()))
         })
         .map(|(name, _)| name)
         .collect()

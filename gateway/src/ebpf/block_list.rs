@@ -366,7 +366,9 @@ impl Drop for BlockFilter {
 }
 
 /// The program's keys for a listener bound to `addr`: (address, port,
-/// family), the address all zero for a wildcard.
+/// family), the address all zero for a wildcard. `[::]` is IPv6's only:
+/// a dual-stack socket is listed with `0.0.0.0` too (`app::accepting`),
+/// as only the socket knows whether it takes IPv4.
 fn listener_keys(addr: SocketAddr) -> Vec<([u8; 16], u16, u8)> {
     let port = addr.port();
     let v4 = |octets: [u8; 4]| {
@@ -376,7 +378,6 @@ fn listener_keys(addr: SocketAddr) -> Vec<([u8; 16], u16, u8)> {
     };
     match addr.ip().to_canonical() {
         IpAddr::V4(ip) => vec![v4(ip.octets())],
-        IpAddr::V6(ip) if ip.is_unspecified() => vec![([0; 16], port, 6), v4([0; 4])],
         IpAddr::V6(ip) => vec![(ip.octets(), port, 6)],
     }
 }
@@ -416,8 +417,9 @@ mod tests {
         // A mapped address is the IPv4 one the packets carry.
         assert_eq!(key("[::ffff:10.0.0.1]:443"), vec![(v4, 443, 4)]);
         assert_eq!(key("0.0.0.0:443"), vec![([0; 16], 443, 4)]);
-        // A dual-stack wildcard takes IPv4 too.
-        assert_eq!(key("[::]:443"), vec![([0; 16], 443, 6), ([0; 16], 443, 4)]);
+        // IPv6's wildcard only: whether it takes IPv4 too is the
+        // socket's to say (`app::accepting` lists 0.0.0.0 then).
+        assert_eq!(key("[::]:443"), vec![([0; 16], 443, 6)]);
         let v6: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
         assert_eq!(key("[fd00::1]:443"), vec![(v6.octets(), 443, 6)]);
         // The map's key has no implicit padding: what userspace writes is

@@ -253,25 +253,22 @@ impl ListenerTls {
         let verifier = self
             .verifier(route, Mode::Enforce, source, decision.clone())
             .map_err(|e| Rejected::other(e.to_string()))?;
-        match verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now()) {
-            Ok(_) => Ok(decision
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .verified
-                .unwrap_or_default()),
-            Err(e) => {
-                let d = decision.lock().unwrap_or_else(|p| p.into_inner());
-                let why = match (&d.refused, &d.verdict) {
-                    (Some(refused), _) => refused.clone(),
-                    (None, Some(Verdict::Deny(reason))) => reason.to_string(),
-                    _ => e.to_string(),
-                };
-                Err(Rejected {
-                    why,
-                    revoked: d.refused.is_some()
-                        && d.problem == Some(verifier::CertProblem::Revoked),
-                })
-            }
+        let checked =
+            verifier.verify_client_cert(leaf, intermediates, rustls_pki_types::UnixTime::now());
+        let d = decision.lock().unwrap_or_else(|p| p.into_inner());
+        // The key was proven in the handshake; a policy refusal, which the
+        // verifier holds back until that proof, is the recheck's to give.
+        match (checked, &d.refused, &d.verdict) {
+            (Ok(_), None, Some(Verdict::Allow { .. })) => Ok(d.verified.unwrap_or_default()),
+            (_, Some(refused), _) => Err(Rejected {
+                why: refused.clone(),
+                revoked: d.problem == Some(verifier::CertProblem::Revoked),
+            }),
+            (_, None, Some(Verdict::Deny(reason))) => Err(Rejected::other(reason.to_string())),
+            (Err(e), None, _) => Err(Rejected::other(e.to_string())),
+            (Ok(_), None, None) => Err(Rejected::other(
+                "the verifier reached no verdict".to_owned(),
+            )),
         }
     }
 

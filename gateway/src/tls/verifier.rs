@@ -8,6 +8,13 @@
 //!
 //! In `audit` mode nothing here refuses: every would-deny is recorded and the
 //! handshake goes on, so operators can watch before they block.
+//!
+//! A certificate is public; only the CertificateVerify signature proves
+//! the peer holds its key, and rustls asks for it after
+//! `verify_client_cert`. So the identity counts as `proven` only once that
+//! signature verified, and a policy refusal waits for it: without the key
+//! a peer learns nothing about the policy (the alert is the signature's),
+//! and the access log does not name an identity it never proved (#19).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -34,6 +41,10 @@ pub struct Decision {
     pub problem: Option<CertProblem>,
     /// What the chain check learned (see `bundle::Verified`).
     pub verified: Option<Verified>,
+    /// The client's CertificateVerify signature verified with the
+    /// certificate's key: `identity` is the peer's, not only named by a
+    /// certificate it sent.
+    pub proven: bool,
 }
 
 /// What kind of problem refused a certificate: the `reason` of
@@ -97,6 +108,24 @@ impl ConnectionVerifier {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(error)
+        }
+    }
+
+    /// The peer proved it holds the key: now the policy's refusal, if
+    /// any, is given (access_denied: the client is who it says, but may not
+    /// use this route).
+    fn proven(&self, valid: HandshakeSignatureValid) -> Result<HandshakeSignatureValid, Error> {
+        let mut denied = false;
+        self.record(|d| {
+            d.proven = true;
+            denied = matches!(d.verdict, Some(Verdict::Deny(_)));
+        });
+        if denied && self.mode != Mode::Audit {
+            Err(Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            ))
+        } else {
+            Ok(valid)
         }
     }
 
@@ -169,20 +198,14 @@ impl ClientCertVerifier for ConnectionVerifier {
             source: self.source,
             now: jiff::Timestamp::now(),
         });
-        let allowed = matches!(verdict, Verdict::Allow { .. });
+        // A refusal by policy waits for the signature (`proven`): before
+        // it, the peer may hold the certificate without its key.
         self.record(|d| {
             d.identity = Some(identity);
             d.verdict = Some(verdict);
             d.verified = Some(verified);
         });
-        if allowed {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            // access_denied: the client is who it says, but may not use this route.
-            self.refuse(Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -191,7 +214,9 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, self.chain.algorithms())
+        let valid =
+            rustls::crypto::verify_tls12_signature(message, cert, dss, self.chain.algorithms())?;
+        self.proven(valid)
     }
 
     fn verify_tls13_signature(
@@ -200,7 +225,9 @@ impl ClientCertVerifier for ConnectionVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, self.chain.algorithms())
+        let valid =
+            rustls::crypto::verify_tls13_signature(message, cert, dss, self.chain.algorithms())?;
+        self.proven(valid)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
