@@ -863,9 +863,9 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         .as_ref()
         .map(gateway::privilege::Gate::prepare)
         .transpose()?;
-    // Worker 0: the main thread's runtime, which also serves the admin
-    // endpoint and applies reloads; `App::serve` starts the other workers
-    // (see `workers`), after the drop. The hook holds the blocking pool's
+    // The control plane: the main thread's runtime serves the admin
+    // endpoint, signals and reloads; `App::serve` starts the accept
+    // workers (see `workers`), each a thread, after the drop. The hook holds the blocking pool's
     // threads, the only ones this runtime starts itself.
     let mut runtime = tokio::runtime::Builder::new_current_thread();
     if let Some(gate) = &gate {

@@ -4,9 +4,12 @@
 //! current-thread runtime, so a connection lives its whole life on the
 //! thread that accepted it: no work stealing, no cross-core wake-ups.
 //!
-//! Worker 0 is the runtime the app runs on (in `gateway run`, the main
-//! thread's, which also serves the admin endpoint and reloads); workers 1..
-//! are threads started here. Everything they decide with is shared, not
+//! Every worker is a thread started here. The runtime the app runs on (in
+//! `gateway run`, the main thread's) keeps the control plane: the admin
+//! endpoint, signals, reloads and the fleet watch. A reload builds and
+//! re-judges synchronously (certificates, CRLs, every live connection), so
+//! on a worker's thread it would stall that worker's connections for as
+//! long. Everything the workers decide with is shared, not
 //! copied: the registry, admission (slots, per-source tallies, the block
 //! list), the listener's state behind one `ArcSwap`, the metrics and the
 //! access log; the stop and close tokens reach every worker.
@@ -127,10 +130,10 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpLi
     Ok(socket.into())
 }
 
-/// The running workers. Dropping this (a `run` aborted) ends the extra
+/// The running workers. Dropping this (a `run` aborted) ends the
 /// workers' runtimes, and with them whatever still runs there.
 pub struct Workers {
-    extra: Vec<Worker>,
+    workers: Vec<Worker>,
 }
 
 struct Worker {
@@ -140,11 +143,10 @@ struct Worker {
 }
 
 impl Workers {
-    /// Worker 0 is the runtime this is called on; the others get a thread
-    /// and a current-thread runtime each.
+    /// Each worker gets a thread and a current-thread runtime.
     pub fn start(count: NonZeroUsize) -> Result<Workers, WorkerError> {
-        let mut extra = Vec::with_capacity(count.get() - 1);
-        for worker in 1..count.get() {
+        let mut workers = Vec::with_capacity(count.get());
+        for worker in 0..count.get() {
             let start = |source| WorkerError::Start { worker, source };
             let exit = CancellationToken::new();
             let (tx, rx) = std::sync::mpsc::channel();
@@ -177,40 +179,38 @@ impl Workers {
                     ))
                 })?
                 .map_err(start)?;
-            extra.push(Worker {
+            workers.push(Worker {
                 handle,
                 exit,
                 thread: Some(thread),
             });
         }
-        Ok(Workers { extra })
+        Ok(Workers { workers })
     }
 
     pub fn len(&self) -> usize {
-        self.extra.len() + 1
+        self.workers.len()
     }
 
     pub fn is_empty(&self) -> bool {
         false
     }
 
-    /// Runs `task` on `worker` (0: the runtime `start` was called on).
+    /// Runs `task` on `worker` (taken modulo their number: there is always
+    /// one).
     pub fn spawn<F>(&self, worker: usize, task: F) -> JoinHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        match worker.checked_sub(1).and_then(|i| self.extra.get(i)) {
-            Some(w) => w.handle.spawn(task),
-            None => tokio::spawn(task),
-        }
+        self.workers[worker % self.workers.len()].handle.spawn(task)
     }
 
-    /// Ends the extra workers' runtimes (after the drain: whatever still
-    /// runs there is dropped) and waits for their threads.
+    /// Ends the workers' runtimes (after the drain: whatever still runs
+    /// there is dropped) and waits for their threads.
     pub async fn stop(mut self) {
         let threads: Vec<_> = self
-            .extra
+            .workers
             .iter_mut()
             .filter_map(|w| {
                 w.exit.cancel();
@@ -228,7 +228,7 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
-        for w in &self.extra {
+        for w in &self.workers {
             w.exit.cancel();
         }
     }
