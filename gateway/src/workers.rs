@@ -203,7 +203,12 @@ impl Workers {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.workers[worker % self.workers.len()].handle.spawn(task)
+        match self.workers.get(worker % self.workers.len().max(1)) {
+            Some(w) => w.handle.spawn(task),
+            // `start` makes at least one; were there none, the caller's
+            // runtime serves rather than nobody.
+            None => tokio::spawn(task),
+        }
     }
 
     /// Ends the workers' runtimes (after the drain: whatever still runs
