@@ -380,6 +380,12 @@ pub struct AdmissionSettings {
     /// admitted past a full networks table, held to its own limits. The
     /// least recently verified is forgotten first; 0: none remembered.
     pub max_known: u32,
+    /// Of those, the entries one identity (a certificate's names) may
+    /// hold: a new source of an identity at its quota replaces that
+    /// identity's least recently verified, never another's. One
+    /// certificate holder cannot flush the clients already served. 0: no
+    /// quota.
+    pub known_per_identity: u32,
     #[serde(with = "duration")]
     pub known_for: Duration,
     /// A prefix's (network's) spread score: each of its addresses adds a
@@ -437,6 +443,7 @@ impl Default for AdmissionSettings {
             ipv6_allocation: 32,
             networks_per_allocation: 4096,
             max_known: 16_384,
+            known_per_identity: 1024,
             known_for: Duration::from_secs(24 * 3600),
             prefix_spread_block_after: 128,
             network_spread_block_after: 512,

@@ -296,7 +296,8 @@ fn serve<'a>(
         drop(watch);
         let (route, mut tls) = tls;
         if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            ticket.authenticated();
+            let names = conn.identity.as_deref().unwrap_or_default();
+            ticket.authenticated(&names.join(","));
         } else if !ticket.unauthenticated() {
             // Let through unauthenticated (audit, `off`), but its source
             // holds as many such connections as it may: one source of
