@@ -1,9 +1,8 @@
 //! Second attacker review of admission (#19), kept as regression tests:
 //! each test shows one harm an attacker without a certificate (or with
 //! one, or sharing a prefix with real clients) did on main 0a869bf, with
-//! numbers, and asserts it no longer happens. (Findings 6 and 8, crafted
-//! client chains and one identity holding every slot, are tested where
-//! they are fixed.) Loopback only: attackers from 127.10.0.0/15 and
+//! numbers, and asserts it no longer happens. (Finding 6, crafted
+//! client chains, is tested where it is fixed.) Loopback only: attackers from 127.10.0.0/15 and
 //! 127.50.0.0/16, allowed clients from 127.0.0.1 (not exempt: every test
 //! writes its own `[admission]` table, with the kernel block list off so
 //! nothing is pinned); the IPv6 ones in a network namespace of their own.
@@ -598,6 +597,75 @@ async fn three_tcp_health_checkers_get_their_prefix_blocked() {
     assert!(active.is_ok());
 }
 
+/// FINDING 8 (MEDIUM). Past the handshake, an authenticated connection
+/// holds its slot for as long as it likes and is never evicted, and
+/// nothing caps how many one source or one identity holds: one
+/// certificate holder (any identity a route allows: a batch job, a
+/// compromised device) opens `max_connections` connections and keeps
+/// them (a byte within `idle_timeout`), and every other client of the
+/// listener is refused `max_connections` while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holder_holds_every_slot() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    // Two identities the route allows: a batch job's, which holds, and
+    // the frontend's, whose clients come after.
+    let gw = gateway_allowing(
+        &pki,
+        &backend,
+        "max_connections = 20",
+        "",
+        &[SPIFFE_FRONTEND, BATCH],
+    )
+    .await;
+    let batch = batch_config(&pki);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let tcp = tcp_from("127.0.3.1", gw.app_addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
+        // Past its share (admission.identity_share, half), the gateway
+        // resets the connection after the handshake.
+        let Ok(mut tls) = tokio_rustls::TlsConnector::from(batch.clone())
+            .connect(name, tcp)
+            .await
+        else {
+            continue;
+        };
+        let mut b = [0u8; 1];
+        let echoed = tokio::time::timeout(STEP, async {
+            tls.write_all(b"x").await?;
+            tls.read_exact(&mut b).await
+        })
+        .await;
+        if matches!(echoed, Ok(Ok(_))) {
+            held.push(tls);
+        }
+    }
+    let mut failed = 0;
+    for i in 0..10 {
+        if served(&pki, &format!("127.0.4.{}", i + 1), gw.app_addr)
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    println!(
+        "FINDING 8: one certificate (identity {BATCH}, one address) holds {} of 20 slots; {failed} of 10 clients of another identity, from other addresses, refused; {:#?}",
+        held.len(),
+        refusal_series(&gw).await
+    );
+    assert_eq!(
+        failed, 0,
+        "one certificate holder kept every other client out"
+    );
+    assert_eq!(held.len(), 10, "the holder keeps half the slots");
+    assert_eq!(metric(&gw, &refused("identity_connections")).await, 10);
+}
+
+/// A TCP connection from `from`, made inside `ns` (where the gateway
+/// binary listens), handed to tokio.
 async fn tcp_in(
     ns: &gateway_tests::netns::Netns,
     from: std::net::IpAddr,

@@ -122,6 +122,9 @@ pub enum Refusal {
     /// authenticated (audit would-deny, `mode = "off"`), but its source
     /// (/24, /64) already holds a quarter of `max_connections` so.
     SourceUnauthenticated,
+    /// Past its handshake and authenticated, but its identity already
+    /// holds `identity_share` of the listener's `max_connections`.
+    IdentityConnections,
     /// Past its handshake, unauthenticated (audit would-deny, `mode =
     /// "off"`), and evicted by a newcomer: the listener was full and no
     /// handshake could be evicted.
@@ -171,6 +174,7 @@ impl Refusal {
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
             Refusal::SourceUnauthenticated => "source_unauthenticated",
+            Refusal::IdentityConnections => "identity_connections",
             Refusal::EvictedUnauthenticated => "evicted_unauthenticated",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
@@ -854,12 +858,14 @@ impl Ticket {
     /// can be revoked). Its prefix and network keep their strikes. The
     /// source is known from now on (`known_for`): admitted past a full
     /// networks table, as one of `identity`'s (its certificate's names).
-    pub fn authenticated(&self, identity: &str) {
+    /// False when `identity` already holds its share of the listener's
+    /// slots (`identity_share`): it must not be served.
+    pub fn authenticated(&self, identity: &str) -> bool {
+        let settings = self.admission.settings.load();
         if self.groups.is_some()
             && self.stage() == Stage::Established
             && !self.paid_back.swap(true, Ordering::Relaxed)
         {
-            let settings = self.admission.settings.load();
             self.admission.tables().sources.verified(
                 self.source,
                 identity,
@@ -867,6 +873,11 @@ impl Ticket {
                 Instant::now(),
             );
         }
+        // An exempt source is not limited by admission.
+        self.groups.is_none()
+            || self
+                .pool
+                .identified(&self.place, identity, settings.identity_share)
     }
 
     /// Established but not authenticated (audit would-deny, `mode =

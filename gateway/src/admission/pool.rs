@@ -81,6 +81,11 @@ struct Slots {
     /// The same connections by admission order: when the listener is full
     /// and no handshake can be evicted, a newcomer evicts the oldest.
     unauthenticated_queue: BTreeMap<u64, Arc<Place>>,
+    /// Established authenticated connections by identity (a keyed hash of
+    /// its names): at most one entry per connection.
+    identities: HashMap<u64, u32>,
+    /// Keys the identities' hashes.
+    hasher: std::hash::RandomState,
     /// `max_connections` as of the last newcomer.
     max_connections: usize,
     /// Evicting sources' budgets: when each is whole again (a GCRA's
@@ -99,6 +104,8 @@ impl Default for Slots {
             networks: HashMap::new(),
             unauthenticated: HashMap::new(),
             unauthenticated_queue: BTreeMap::new(),
+            identities: HashMap::new(),
+            hasher: std::hash::RandomState::new(),
             max_connections: 0,
             evicting: Lru::new(MAX_EVICTING_SOURCES),
         }
@@ -222,6 +229,8 @@ pub(super) struct Place {
     evicted_slow: AtomicBool,
     /// Established without being authenticated, and counted so.
     unauthenticated: AtomicBool,
+    /// Established authenticated, counted against this identity's share.
+    identity: Mutex<Option<u64>>,
     /// What closes it once registered (an unauthenticated connection's).
     close: Mutex<Option<CancellationToken>>,
 }
@@ -493,6 +502,7 @@ impl Pool {
             evicted_in: AtomicU8::new(Stage::Hello as u8),
             evicted_slow: AtomicBool::new(false),
             unauthenticated: AtomicBool::new(false),
+            identity: Mutex::new(None),
             close: Mutex::new(None),
         });
         s.hello.insert(id, place.clone());
@@ -557,6 +567,32 @@ impl Pool {
         true
     }
 
+    /// Counts an established authenticated connection against its
+    /// identity's share of `max_connections` (`share`, at least one
+    /// slot; 1.0 or more: no cap). False when the share is held: one
+    /// certificate holder must not keep every other client out.
+    pub(super) fn identified(&self, place: &Place, identity: &str, share: f64) -> bool {
+        let mut s = self.lock();
+        if place.stage() != Stage::Established {
+            return false;
+        }
+        let mut counted = place.identity.lock().unwrap_or_else(|p| p.into_inner());
+        if counted.is_some() {
+            return true;
+        }
+        let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
+        if share < 1.0 {
+            // Rounded down, at least one (NaN is refused by the config).
+            let cap = ((s.max_connections as f64) * share).max(1.0) as u32;
+            if s.identities.get(&key).copied().unwrap_or(0) >= cap {
+                return false;
+            }
+        }
+        *s.identities.entry(key).or_default() += 1;
+        *counted = Some(key);
+        true
+    }
+
     /// `close` closes `place`'s connection if it is evicted (at once if
     /// it was already).
     pub(super) fn closes_with(&self, place: &Place, close: &CancellationToken) {
@@ -585,6 +621,18 @@ impl Pool {
             }
             Stage::Established => {
                 s.unauthenticated_left(id, place);
+                if let Some(key) = place
+                    .identity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    && let Some(n) = s.identities.get_mut(&key)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.identities.remove(&key);
+                    }
+                }
                 s.connections -= 1;
                 return false;
             }
@@ -1013,6 +1061,38 @@ mod tests {
             Some(Refusal::MaxConnections)
         );
         assert_eq!(authed.place.stage(), Stage::Established);
+    }
+
+    /// MEDIUM 8 of the second review: one identity holds at most its
+    /// share of `max_connections` established; another identity is not
+    /// held back by it; a connection ending frees its place.
+    #[test]
+    fn one_identity_holds_at_most_its_share_of_the_slots() {
+        let pool = Pool::new("edge");
+        let live = |pool: &Pool, n: u16, identity: &str| {
+            let t = pool.take_plain(client(n), 10, 10).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            let ok = pool.identified(&t.place, identity, 0.5);
+            (t, ok)
+        };
+        let held: Vec<Taken> = (0..5)
+            .map(|n| {
+                let (t, ok) = live(&pool, n, "batch");
+                assert!(ok);
+                t
+            })
+            .collect();
+        assert!(!live(&pool, 5, "batch").1, "a sixth of 10 slots");
+        assert!(live(&pool, 6, "frontend").1);
+        assert!(!pool.release(held[0].id, &held[0].place));
+        assert!(live(&pool, 7, "batch").1);
+        // 1.0: no cap.
+        let pool = Pool::new("edge");
+        for n in 0..10 {
+            let t = pool.take_plain(client(n), 10, 10).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            assert!(pool.identified(&t.place, "batch", 1.0));
+        }
     }
 
     #[test]
