@@ -156,10 +156,30 @@ async fn certless_peers_one_per_prefix_hold_the_handshake_share() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = started.elapsed();
+    // First-time clients from another network: the attackers' network
+    // (127.10.0.0/16) holds the share, and gives way to them (crowding).
+    let mut strangers = Vec::new();
+    for i in 0..CLIENTS {
+        if let Err(e) = allowed_from(&pki, ORDERS, &format!("127.0.7.{}", i + 1), gw.app_addr).await
+        {
+            strangers.push(e);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.abort();
     }
+    println!(
+        "FINDING 1: {} of {CLIENTS} first-time clients from another network failed ({:?})",
+        strangers.len(),
+        strangers.first()
+    );
+    assert!(
+        strangers.len() <= 1,
+        "{} of {CLIENTS} first-time clients failed",
+        strangers.len()
+    );
     let scrape = gw.scrape().await;
     let series = |prefix: &str| -> Vec<String> {
         scrape
