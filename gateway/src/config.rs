@@ -380,6 +380,17 @@ pub struct AdmissionSettings {
     /// admitted past a full networks table, held to its own limits. The
     /// least recently verified is forgotten first; 0: none remembered.
     pub max_known: u32,
+    /// Of those, the entries one identity (a certificate's names) may
+    /// hold: a new source of an identity at its quota replaces that
+    /// identity's least recently verified, never another's. One
+    /// certificate holder cannot flush the clients already served. 0: no
+    /// quota.
+    pub known_per_identity: u32,
+    /// The share of a listener's `max_connections` one identity (a
+    /// certificate's names) may hold past the handshake: a connection
+    /// past it is refused (`identity_connections`), so one certificate
+    /// holder cannot keep every other client out. 1.0: no cap.
+    pub identity_share: f64,
     #[serde(with = "duration")]
     pub known_for: Duration,
     /// A prefix's (network's) spread score: each of its addresses adds a
@@ -437,6 +448,8 @@ impl Default for AdmissionSettings {
             ipv6_allocation: 32,
             networks_per_allocation: 4096,
             max_known: 16_384,
+            known_per_identity: 1024,
+            identity_share: 0.5,
             known_for: Duration::from_secs(24 * 3600),
             prefix_spread_block_after: 128,
             network_spread_block_after: 512,
@@ -946,6 +959,12 @@ impl Config {
                 "must be above block_after and prefix_block_after (or 0)",
             ));
         }
+        if !(a.identity_share > 0.0 && a.identity_share <= 1.0) {
+            return Err(at(
+                "identity_share",
+                "must be more than 0 and at most 1 (1: no cap)",
+            ));
+        }
         if a.max_tracked == 0 {
             return Err(at("max_tracked", "must be at least 1"));
         }
@@ -1314,6 +1333,8 @@ mod tests {
                 "spread_half_life",
             ),
             ("[admission]\nknown_for = \"0s\"\n", "known_for"),
+            ("[admission]\nidentity_share = 0.0\n", "identity_share"),
+            ("[admission]\nidentity_share = 1.5\n", "identity_share"),
             ("[admission]\nipv6_allocation = 56\n", "ipv6_allocation"),
             (
                 "[admission]\nblock_after = 100\nprefix_block_after = 100\n",

@@ -296,7 +296,19 @@ fn serve<'a>(
         drop(watch);
         let (route, mut tls) = tls;
         if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            ticket.authenticated();
+            let names = conn.identity.as_deref().unwrap_or_default().join(",");
+            if !ticket.authenticated(&names) {
+                // One identity holds its share of the listener's slots.
+                ticket.refused(Refusal::IdentityConnections);
+                conn.failed(listener, HandshakeFailure::Policy);
+                conn.verdict = Verdict::Error;
+                conn.reason = format!(
+                    "refused: its identity holds its share of the listener's connections (admission.identity_share) ({})",
+                    conn.reason
+                );
+                offload::reset_if_dropped(tls.get_ref().0.get_ref(), true);
+                return conn.record();
+            }
         } else if !ticket.unauthenticated() {
             // Let through unauthenticated (audit, `off`), but its source
             // holds as many such connections as it may: one source of
@@ -1008,6 +1020,7 @@ fn failure_of(refusal: Refusal) -> HandshakeFailure {
         // Refused at accept, before any handshake, or past it: never
         // asked here.
         Refusal::SourceUnauthenticated
+        | Refusal::IdentityConnections
         | Refusal::EvictedUnauthenticated
         | Refusal::MaxConnections
         | Refusal::MaxHandshakesInFlight

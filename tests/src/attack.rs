@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use tokio::io::AsyncReadExt as _;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::{Pki, RunningGateway, STEP, echo_roundtrip};
 
@@ -90,4 +90,55 @@ pub async fn refusal_series(gw: &RunningGateway) -> Vec<String> {
 /// The series of `gateway_connections_refused_total` for listener `edge`.
 pub fn refused(reason: &str) -> String {
     format!("gateway_connections_refused_total{{listener=\"edge\",reason=\"{reason}\"}}")
+}
+
+/// A relay that stands for a client far away: it connects to `gw` from
+/// 127.0.0.1 and hands the gateway's bytes to the client `delay` late (a
+/// one-way delay, as on a long path, or a client whose key signs slowly).
+/// The kernel sees a loopback round trip: only the floor protects it.
+pub async fn far_relay(gw: SocketAddr, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(up) = tcp_from("127.0.0.1", gw).await else {
+                    return;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = client.set_nodelay(true);
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                let up_task = tokio::spawn(async move {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = cr.read(&mut buf).await {
+                        if n == 0 || uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = uw.shutdown().await;
+                });
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+                let reader = tokio::spawn(async move {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = ur.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let _ = tx.send((Instant::now() + delay, buf[..n].to_vec()));
+                    }
+                });
+                while let Some((at, bytes)) = rx.recv().await {
+                    tokio::time::sleep_until(at.into()).await;
+                    if cw.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = cw.shutdown().await;
+                reader.abort();
+                up_task.abort();
+            });
+        }
+    });
+    addr
 }

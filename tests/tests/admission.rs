@@ -134,7 +134,8 @@ async fn a_full_listener_evicts_stalled_handshakes_never_live_connections() {
         &pki,
         &backend,
         "max_connections = 3\nmax_handshakes_in_flight = 3\nhandshake_min_rate = 0",
-        "",
+        // Every client here is one identity; its share is tested apart.
+        "identity_share = 1.0\n",
     )
     .await;
     let mut live = connect(gw.app_addr, ORDERS, pki.frontend_config())

@@ -22,7 +22,8 @@
 //! within a window block the source (or the prefix, or the network) for a
 //! while. Eviction by a newcomer is no strike (the listener was full, not
 //! the source at fault), unless the handshake was already below the
-//! minimum rate (its cut for slowness was due); a handshake that authenticated with a verified
+//! minimum rate (its cut for slowness was due) or was silent past its
+//! ClientHello through a turn it overran; a handshake that authenticated with a verified
 //! certificate pays one strike of its address back and makes the source
 //! *known*: admitted past a full networks table. A prefix's and network's
 //! failures also add up over a longer horizon (a decaying *spread* score,
@@ -121,6 +122,9 @@ pub enum Refusal {
     /// authenticated (audit would-deny, `mode = "off"`), but its source
     /// (/24, /64) already holds a quarter of `max_connections` so.
     SourceUnauthenticated,
+    /// Past its handshake and authenticated, but its identity already
+    /// holds `identity_share` of the listener's `max_connections`.
+    IdentityConnections,
     /// Past its handshake, unauthenticated (audit would-deny, `mode =
     /// "off"`), and evicted by a newcomer: the listener was full and no
     /// handshake could be evicted.
@@ -170,6 +174,7 @@ impl Refusal {
             Refusal::EvictedAfterHello => "evicted_after_hello",
             Refusal::HandshakeTooSlow => "handshake_too_slow",
             Refusal::SourceUnauthenticated => "source_unauthenticated",
+            Refusal::IdentityConnections => "identity_connections",
             Refusal::EvictedUnauthenticated => "evicted_unauthenticated",
             Refusal::HandshakeTimeout => "handshake_timeout",
             Refusal::ClientClosed => "client_closed",
@@ -404,11 +409,17 @@ impl Admission {
         let mut known = false;
         if !exempt {
             let mut t = self.tables();
-            if t.blocked.lookup(source, now).is_some() {
+            known = t.sources.is_known(source, &settings, now);
+            // A prefix or network blocked for strikes (its failures, not
+            // this source's) still admits a known source: four failing
+            // neighbours must not lock out the clients already served. An
+            // address's own block, and one made by hand, refuse it.
+            if t.blocked.lookup(source, now).is_some_and(|b| {
+                !(known && b.reason == BlockReason::Strikes && b.level != Level::Address)
+            }) {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
-            known = t.sources.is_known(source, &settings, now);
             match t.sources.start(source, &settings, now) {
                 Ok(g) => groups = Some(g),
                 Err(refusal) => {
@@ -439,6 +450,7 @@ impl Admission {
                     source,
                     groups,
                     paid_back: AtomicBool::new(false),
+                    silent: AtomicBool::new(false),
                 };
                 match taken.evicted {
                     Some(victim) => Answer::Evict { ticket, victim },
@@ -482,17 +494,18 @@ impl Admission {
     }
 
     /// A handshake of `source` ended without authenticating: a strike,
-    /// unless a newcomer evicted it (the listener was full: not the
-    /// source's doing, and a busy NAT's clients would block it) while it
-    /// was still above the minimum rate.
-    fn failed(&self, source: IpAddr, groups: &Groups, evicted: bool) {
+    /// unless `spared`: a newcomer evicted it (the listener was full: not
+    /// the source's doing, and a busy NAT's clients would block it) while
+    /// it was still above the minimum rate, or the client closed before
+    /// sending a byte.
+    fn failed(&self, source: IpAddr, groups: &Groups, spared: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
         let mut t = self.tables();
         t.sources.ended(groups);
         // Admitted before a reload made it exempt: an exempt source is
         // never struck.
-        if evicted || exempt(&settings, source) {
+        if spared || exempt(&settings, source) {
             return;
         }
         for (level, net) in t.sources.strike(source, Level::Address, &settings, now) {
@@ -552,15 +565,21 @@ impl Admission {
                 if let Some(old) = displaced {
                     kernel.remove(old);
                 }
-                kernel.insert(
-                    &Blocked {
-                        net,
-                        reason: BlockReason::Strikes,
-                        level,
-                        expires: Some(expires),
-                    },
-                    now,
-                );
+                // A prefix or network holding known sources, which `admit`
+                // still lets in, stays out of the kernel's copy: XDP would
+                // drop their SYNs before anyone could tell them apart.
+                let spares_known = level != Level::Address && t.sources.knows_in(net);
+                if !spares_known {
+                    kernel.insert(
+                        &Blocked {
+                            net,
+                            reason: BlockReason::Strikes,
+                            level,
+                            expires: Some(expires),
+                        },
+                        now,
+                    );
+                }
                 let strikes = match level {
                     Level::Address => settings.block_after,
                     Level::Prefix => settings.prefix_block_after,
@@ -804,6 +823,9 @@ pub struct Ticket {
     groups: Option<Groups>,
     /// [`Ticket::authenticated`] paid back its strike.
     paid_back: AtomicBool,
+    /// The client closed before sending a byte (a TCP health check, a
+    /// port scan's connect): no strike, it cost the gateway an accept.
+    silent: AtomicBool,
 }
 
 impl Ticket {
@@ -835,18 +857,27 @@ impl Ticket {
     /// with a certificate the PKI issued (who holds it is known, and it
     /// can be revoked). Its prefix and network keep their strikes. The
     /// source is known from now on (`known_for`): admitted past a full
-    /// networks table.
-    pub fn authenticated(&self) {
+    /// networks table, as one of `identity`'s (its certificate's names).
+    /// False when `identity` already holds its share of the listener's
+    /// slots (`identity_share`): it must not be served.
+    pub fn authenticated(&self, identity: &str) -> bool {
+        let settings = self.admission.settings.load();
         if self.groups.is_some()
             && self.stage() == Stage::Established
             && !self.paid_back.swap(true, Ordering::Relaxed)
         {
-            let settings = self.admission.settings.load();
-            self.admission
-                .tables()
-                .sources
-                .verified(self.source, &settings, Instant::now());
+            self.admission.tables().sources.verified(
+                self.source,
+                identity,
+                &settings,
+                Instant::now(),
+            );
         }
+        // An exempt source is not limited by admission.
+        self.groups.is_none()
+            || self
+                .pool
+                .identified(&self.place, identity, settings.identity_share)
     }
 
     /// Established but not authenticated (audit would-deny, `mode =
@@ -893,8 +924,25 @@ impl Ticket {
     /// Counts and logs (bounded) a handshake that ended without a route
     /// decision, for `refusal`. (Its strike comes when the ticket goes.)
     pub fn refused(&self, refusal: Refusal) {
+        if refusal == Refusal::ClientClosed && self.sent_nothing() {
+            self.silent.store(true, Ordering::Relaxed);
+        }
         self.admission
             .note(self.pool.listener(), refusal, self.source, Instant::now());
+    }
+
+    /// Whether the kernel counted no byte from the client, which closed
+    /// within a quarter of the grace (a check connects and closes at
+    /// once; a peer holding its place silently for longer is struck).
+    /// False when it cannot tell (no descriptor): then the close is struck.
+    fn sent_nothing(&self) -> bool {
+        self.stage() == Stage::Hello
+            && self.accepted().elapsed() < self.place.pace().grace / 4
+            && self
+                .socket()
+                .and_then(|fd| progress::counted(&fd).ok())
+                // The kernel counts a FIN as one byte received.
+                .is_some_and(|c| c.received <= 1)
     }
 
     fn evicted_token(&self) -> CancellationToken {
@@ -907,9 +955,10 @@ impl Drop for Ticket {
         // Evicted below the minimum rate, it is struck as the cut for
         // slowness it had earned would have struck it.
         let evicted = self.stage() == Stage::Evicted && !self.place.evicted_slow();
+        let spared = evicted || self.silent.load(Ordering::Relaxed);
         let in_handshake = self.pool.release(self.id, &self.place);
         if in_handshake && let Some(groups) = &self.groups {
-            self.admission.failed(self.source, groups, evicted);
+            self.admission.failed(self.source, groups, spared);
         }
     }
 }

@@ -72,12 +72,20 @@ struct Slots {
     /// Handshakes in the share by source: at most one entry per
     /// handshake.
     sources: HashMap<IpAddr, u32>,
+    /// The same by network (an IPv4 /16, an IPv6 /48): sources rotated
+    /// within one network still add up there.
+    networks: HashMap<IpAddr, u32>,
     /// Established connections not authenticated (audit would-deny,
     /// `mode = "off"`) by source: at most one entry per connection.
     unauthenticated: HashMap<IpAddr, u32>,
     /// The same connections by admission order: when the listener is full
     /// and no handshake can be evicted, a newcomer evicts the oldest.
     unauthenticated_queue: BTreeMap<u64, Arc<Place>>,
+    /// Established authenticated connections by identity (a keyed hash of
+    /// its names): at most one entry per connection.
+    identities: HashMap<u64, u32>,
+    /// Keys the identities' hashes.
+    hasher: std::hash::RandomState,
     /// `max_connections` as of the last newcomer.
     max_connections: usize,
     /// Evicting sources' budgets: when each is whole again (a GCRA's
@@ -93,8 +101,11 @@ impl Default for Slots {
             hello: BTreeMap::new(),
             answered: BTreeMap::new(),
             sources: HashMap::new(),
+            networks: HashMap::new(),
             unauthenticated: HashMap::new(),
             unauthenticated_queue: BTreeMap::new(),
+            identities: HashMap::new(),
+            hasher: std::hash::RandomState::new(),
             max_connections: 0,
             evicting: Lru::new(MAX_EVICTING_SOURCES),
         }
@@ -110,12 +121,28 @@ impl Slots {
         self.sources.get(&source).copied().unwrap_or(0)
     }
 
+    /// Handshakes `network` holds in the share.
+    fn held_in(&self, network: IpAddr) -> u32 {
+        self.networks.get(&network).copied().unwrap_or(0)
+    }
+
+    /// A handshake of `place`'s source joined the share.
+    fn joined(&mut self, place: &Place) {
+        *self.sources.entry(place.source).or_default() += 1;
+        *self.networks.entry(place.network).or_default() += 1;
+    }
+
     /// A handshake of `place`'s source left the share.
     fn left(&mut self, place: &Place) {
-        if let Some(n) = self.sources.get_mut(&place.source) {
-            *n -= 1;
-            if *n == 0 {
-                self.sources.remove(&place.source);
+        for (counts, key) in [
+            (&mut self.sources, place.source),
+            (&mut self.networks, place.network),
+        ] {
+            if let Some(n) = counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&key);
+                }
             }
         }
     }
@@ -163,6 +190,15 @@ fn source_of(client: SocketAddr) -> IpAddr {
     }
 }
 
+/// The network a source is weighed in besides (an IPv4 /16, an IPv6
+/// /48): an attacker rotating its /24s or /64s stays inside a few.
+fn network_of(client: SocketAddr) -> IpAddr {
+    match client.ip().to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & !0xffff).into()),
+    }
+}
+
 /// What the pool and a connection's ticket share about its place.
 pub(super) struct Place {
     stage: AtomicU8,
@@ -170,6 +206,12 @@ pub(super) struct Place {
     client: SocketAddr,
     /// Its source, as evictions are budgeted and the share weighed.
     source: IpAddr,
+    /// Its network, as the share is weighed too.
+    network: IpAddr,
+    /// Its source was known (a verified certificate within `known_for`)
+    /// when admitted: only the ranking evicts it, never a newcomer's
+    /// crowding or another known source.
+    known: bool,
     accepted: Instant,
     /// A duplicate of the connection's socket, for the kernel's counts of
     /// its progress, while it is in its handshake (None once past it, or
@@ -181,11 +223,14 @@ pub(super) struct Place {
     pace: Mutex<Pace>,
     /// The stage it was evicted in (its stage before `Evicted`).
     evicted_in: AtomicU8,
-    /// Evicted when already below the minimum rate (past the point where
-    /// its watch cuts it for slowness, the cut not yet made).
+    /// Evicted at its own fault: already below the minimum rate (past the
+    /// point where its watch cuts it for slowness, the cut not yet made),
+    /// or past its ClientHello without a byte in the turn it had overrun.
     evicted_slow: AtomicBool,
     /// Established without being authenticated, and counted so.
     unauthenticated: AtomicBool,
+    /// Established authenticated, counted against this identity's share.
+    identity: Mutex<Option<u64>>,
     /// What closes it once registered (an unauthenticated connection's).
     close: Mutex<Option<CancellationToken>>,
 }
@@ -220,8 +265,10 @@ impl Place {
         Stage::from_u8(self.evicted_in.load(Ordering::Acquire))
     }
 
-    /// Whether it was evicted below the minimum rate: it had earned its
-    /// cut for slowness (and the strike that goes with it) on its own.
+    /// Whether it was evicted at its own fault: below the minimum rate (it
+    /// had earned its cut for slowness, and the strike that goes with it),
+    /// or silent past its ClientHello well after its answer was due (a
+    /// peer holding a place with a replayed ClientHello).
     pub(super) fn evicted_slow(&self) -> bool {
         self.evicted_slow.load(Ordering::Acquire)
     }
@@ -259,11 +306,34 @@ impl Place {
             Some(Err(_)) | None => self.turn().unmeasured(now),
         };
         let rtt = self.turn().rtt();
-        turn.standing(
-            self.stage(),
-            *self.pace.lock().unwrap_or_else(|p| p.into_inner()),
-            rtt,
-        )
+        turn.standing(self.stage(), self.pace(), rtt)
+    }
+
+    pub(super) fn pace(&self) -> Pace {
+        *self.pace.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Its standing when a newcomer may displace it although the ranking
+    /// protects it; never a known source's (a client already served keeps
+    /// its handshakes early in their turns, in parallel or not). A known
+    /// newcomer displaces any other (`Unknown`): the lane for clients
+    /// already served, which no number of sources each holding one place
+    /// can close. A newcomer from another network displaces one whose
+    /// source, or network, holds two more of the share than its own
+    /// (`Crowded`): peers sending real ClientHellos do not keep out a
+    /// network that holds none.
+    fn displaceable(&self, now: Instant, crowded: bool, newcomer_known: bool) -> Option<Standing> {
+        if self.known {
+            return None;
+        }
+        let waited = std::cmp::Reverse(now.saturating_duration_since(self.accepted));
+        if crowded {
+            Some((Class::Crowded, waited))
+        } else if newcomer_known {
+            Some((Class::Unknown, waited))
+        } else {
+            None
+        }
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {
@@ -331,31 +401,46 @@ impl Pool {
             }
             // A reload may have lowered the limits below what is held: one
             // newcomer evicts one, so the excess drains as connections end.
-            // A source holding two more handshakes than the newcomer's
-            // gives way to it, the most crowded first.
-            let mine = s.held(evictor);
+            // Past the ranking, a crowded source or network gives way (the
+            // most crowded first), and a known newcomer displaces the
+            // oldest handshake of a source not known (`displaceable`); a
+            // known newcomer also looks past the oldest few for one.
+            let network = network_of(client);
+            let (mine, mine_in) = (s.held(evictor), s.held_in(network));
+            let strangers = s
+                .answered
+                .iter()
+                .chain(s.hello.iter())
+                .filter(|(_, p)| known && !p.known)
+                .take(CANDIDATES);
             let furthest_behind = s
                 .hello
                 .iter()
                 .take(CANDIDATES)
                 .chain(s.answered.iter().take(CANDIDATES))
+                .chain(strangers)
                 .filter_map(|(id, p)| {
-                    let held = s.held(p.source);
-                    let standing = p.standing(now).or_else(|| {
-                        (held >= mine + 2).then(|| {
-                            let age = now.saturating_duration_since(p.accepted);
-                            (Class::Crowded, std::cmp::Reverse(age))
-                        })
-                    })?;
-                    Some((standing, std::cmp::Reverse(held), *id))
+                    let (held, held_in) = (s.held(p.source), s.held_in(p.network));
+                    // Only across networks: peers of one network crowding
+                    // one another would keep the whole share young, where
+                    // nothing is old enough to give way to anyone else
+                    // (its prefixes' caps of handshakes in flight bound a
+                    // /24 among its neighbours).
+                    let crowded =
+                        p.network != network && (held >= mine + 2 || held_in >= mine_in + 2);
+                    let standing = match p.standing(now) {
+                        Some(standing) => standing,
+                        None => p.displaceable(now, crowded, known)?,
+                    };
+                    Some((standing, std::cmp::Reverse((held, held_in)), *id))
                 })
                 .min();
             // Then, with every slot held, the oldest connection let through
             // unauthenticated (audit would-deny, `mode = "off"`).
-            let id = match furthest_behind {
-                Some((_, _, id)) => id,
+            let (id, class) = match furthest_behind {
+                Some(((class, _), _, id)) => (id, Some(class)),
                 None if full => match s.unauthenticated_queue.first_key_value() {
-                    Some((&id, _)) => id,
+                    Some((&id, _)) => (id, None),
                     None => return Err(refused),
                 },
                 None => return Err(refused),
@@ -382,9 +467,16 @@ impl Pool {
                 // a newcomer that comes first must not spare it the strike.
                 // Under load, when watches run late, those are the very
                 // handshakes eviction picks.
+                // Past its ClientHello, silent through a turn it overran
+                // (measured: a client whose counts cannot be read is not
+                // blamed): a strike, so that peers replaying a ClientHello
+                // from many sources to hold the share pay for it, their
+                // addresses and their networks' spread scores.
+                let silent = class == Some(Class::StalledTurn)
+                    && matches!(victim.look(now), Some(Ok(Now::Client { received: 0, .. })));
                 victim
                     .evicted_slow
-                    .store(victim.below_min_rate(now), Ordering::Release);
+                    .store(silent || victim.below_min_rate(now), Ordering::Release);
             }
             victim
                 .evicted_in
@@ -401,6 +493,8 @@ impl Pool {
             evicted: CancellationToken::new(),
             client,
             source: source_of(client),
+            network: network_of(client),
+            known,
             accepted: now,
             socket: Mutex::new(socket.map(Arc::new)),
             turn: Mutex::new(Turn::new(now)),
@@ -408,10 +502,11 @@ impl Pool {
             evicted_in: AtomicU8::new(Stage::Hello as u8),
             evicted_slow: AtomicBool::new(false),
             unauthenticated: AtomicBool::new(false),
+            identity: Mutex::new(None),
             close: Mutex::new(None),
         });
         s.hello.insert(id, place.clone());
-        *s.sources.entry(place.source).or_default() += 1;
+        s.joined(&place);
         s.connections += 1;
         Ok(Taken { id, place, evicted })
     }
@@ -472,6 +567,32 @@ impl Pool {
         true
     }
 
+    /// Counts an established authenticated connection against its
+    /// identity's share of `max_connections` (`share`, at least one
+    /// slot; 1.0 or more: no cap). False when the share is held: one
+    /// certificate holder must not keep every other client out.
+    pub(super) fn identified(&self, place: &Place, identity: &str, share: f64) -> bool {
+        let mut s = self.lock();
+        if place.stage() != Stage::Established {
+            return false;
+        }
+        let mut counted = place.identity.lock().unwrap_or_else(|p| p.into_inner());
+        if counted.is_some() {
+            return true;
+        }
+        let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
+        if share < 1.0 {
+            // Rounded down, at least one (NaN is refused by the config).
+            let cap = ((s.max_connections as f64) * share).max(1.0) as u32;
+            if s.identities.get(&key).copied().unwrap_or(0) >= cap {
+                return false;
+            }
+        }
+        *s.identities.entry(key).or_default() += 1;
+        *counted = Some(key);
+        true
+    }
+
     /// `close` closes `place`'s connection if it is evicted (at once if
     /// it was already).
     pub(super) fn closes_with(&self, place: &Place, close: &CancellationToken) {
@@ -500,6 +621,18 @@ impl Pool {
             }
             Stage::Established => {
                 s.unauthenticated_left(id, place);
+                if let Some(key) = place
+                    .identity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    && let Some(n) = s.identities.get_mut(&key)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.identities.remove(&key);
+                    }
+                }
                 s.connections -= 1;
                 return false;
             }
@@ -790,9 +923,10 @@ mod tests {
     }
 
     /// Handshakes no newcomer may evict (early in their turns) still give
-    /// way to a newcomer whose source holds two fewer of the share: a few
-    /// sources that each send real ClientHellos and keep their turns short
-    /// do not keep out one that holds none; balanced sources evict none.
+    /// way to a newcomer of another network whose source holds two fewer
+    /// of the share: a few sources that each send real ClientHellos do not
+    /// keep out one that holds none; balanced sources evict none; a known
+    /// source's handshakes are never crowded out.
     #[test]
     fn a_crowded_source_gives_way_to_one_that_holds_none() {
         let pool = Pool::new("edge");
@@ -815,6 +949,67 @@ mod tests {
             Some(Refusal::MaxHandshakesInFlight)
         );
         assert_eq!(pool.handshakes(), 2);
+        // A known client's parallel handshakes, early in their turns.
+        let pool = Pool::new("edge");
+        for h in 1..=2 {
+            let t = pool
+                .take(from([203, 0, 113, h]), None, 10, 2, true)
+                .unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        assert_eq!(
+            pool.take_plain(from([198, 51, 100, 1]), 10, 2).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+    }
+
+    /// Sources rotated within one network (/16) add up there: each /24
+    /// holds one, yet their /16 gives way to a newcomer from another.
+    #[test]
+    fn sources_rotated_within_a_network_add_up_there() {
+        let pool = Pool::new("edge");
+        for n in 1..=3 {
+            let t = pool.take_plain(from([203, 0, n, 1]), 10, 3).unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        // From the same /16: nothing gives way.
+        assert_eq!(
+            pool.take_plain(from([203, 0, 9, 1]), 10, 3).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        let other = pool.take_plain(from([198, 51, 100, 1]), 10, 3).unwrap();
+        assert_eq!(other.evicted, Some(from([203, 0, 1, 1])));
+    }
+
+    /// HIGH 1 of the second review: a share held by handshakes early in
+    /// their turns, each source holding one, refuses an unknown newcomer;
+    /// a known one displaces the oldest of a source not known, and never a
+    /// known source's handshake.
+    #[test]
+    fn a_known_newcomer_displaces_a_stranger_early_in_its_turn_never_a_known_client() {
+        let pool = Pool::new("edge");
+        let served = pool.take(from([192, 0, 2, 1]), None, 10, 3, true).unwrap();
+        pool.advance(served.id, &served.place, Stage::Answered);
+        for n in 1..=2 {
+            let t = pool.take_plain(from([203, n, 0, 1]), 10, 3).unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        assert_eq!(
+            pool.take_plain(from([198, 51, 100, 1]), 10, 3).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        let known = pool.take(from([192, 0, 2, 7]), None, 10, 3, true).unwrap();
+        assert_eq!(known.evicted, Some(from([203, 1, 0, 1])));
+        pool.advance(known.id, &known.place, Stage::Answered);
+        let again = pool.take(from([192, 0, 3, 7]), None, 10, 3, true).unwrap();
+        assert_eq!(again.evicted, Some(from([203, 2, 0, 1])));
+        pool.advance(again.id, &again.place, Stage::Answered);
+        // Only known clients' handshakes left, early in their turns.
+        assert_eq!(
+            pool.take(from([192, 0, 4, 7]), None, 10, 3, true).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        assert_eq!(served.place.stage(), Stage::Answered);
     }
 
     /// Connections established without authentication count against
@@ -866,6 +1061,38 @@ mod tests {
             Some(Refusal::MaxConnections)
         );
         assert_eq!(authed.place.stage(), Stage::Established);
+    }
+
+    /// MEDIUM 8 of the second review: one identity holds at most its
+    /// share of `max_connections` established; another identity is not
+    /// held back by it; a connection ending frees its place.
+    #[test]
+    fn one_identity_holds_at_most_its_share_of_the_slots() {
+        let pool = Pool::new("edge");
+        let live = |pool: &Pool, n: u16, identity: &str| {
+            let t = pool.take_plain(client(n), 10, 10).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            let ok = pool.identified(&t.place, identity, 0.5);
+            (t, ok)
+        };
+        let held: Vec<Taken> = (0..5)
+            .map(|n| {
+                let (t, ok) = live(&pool, n, "batch");
+                assert!(ok);
+                t
+            })
+            .collect();
+        assert!(!live(&pool, 5, "batch").1, "a sixth of 10 slots");
+        assert!(live(&pool, 6, "frontend").1);
+        assert!(!pool.release(held[0].id, &held[0].place));
+        assert!(live(&pool, 7, "batch").1);
+        // 1.0: no cap.
+        let pool = Pool::new("edge");
+        for n in 0..10 {
+            let t = pool.take_plain(client(n), 10, 10).unwrap();
+            pool.advance(t.id, &t.place, Stage::Established);
+            assert!(pool.identified(&t.place, "batch", 1.0));
+        }
     }
 
     #[test]

@@ -153,10 +153,14 @@ pub(super) enum Class {
     /// ClientHello takes to come in behind the TCP handshake).
     NewHello,
     /// Not otherwise to be evicted, but its source (an IPv4 /24, an IPv6
-    /// /64) holds at least two more handshakes of the share than the
-    /// newcomer's (`pool`): peers that each sent a real ClientHello and
-    /// keep their turns short do not keep out a source that holds none.
+    /// /64) or its network (/16, /48) holds at least two more handshakes
+    /// of the share than the newcomer's, another network's, and its source
+    /// is not known (`pool`): peers that each sent a real ClientHello do not
+    /// keep out a source that holds none.
     Crowded,
+    /// Not otherwise to be evicted, its source not known: a known newcomer (a verified certificate within `known_for`)
+    /// displaces it, the longest waiting first (`pool`).
+    Unknown,
 }
 
 /// The longest round trip that earns a handshake more time before it is

@@ -41,8 +41,8 @@
 //! point a window adds up to), and a prefix whose clients keep succeeding
 //! pays its failing ones' points back.
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::Hash;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,26 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
 
     pub fn keys(&self) -> impl Iterator<Item = &K> {
         self.map.keys()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.map.iter().map(|(k, (v, _))| (k, v))
+    }
+
+    /// The entry for `key`, if it is still tracked (not marked as used).
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.map.get(key).map(|(v, _)| v)
+    }
+
+    /// Forgets `key`'s entry; false when there was none.
+    pub fn remove(&mut self, key: &K) -> bool {
+        match self.map.remove(key) {
+            Some((_, stamp)) => {
+                self.order.remove(&stamp);
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -434,12 +454,23 @@ impl Groups {
     }
 }
 
+/// The key a source is known by: an IPv4 address, an IPv6 /64 (a host's
+/// privacy addresses rotate within it).
+fn known_key(source: IpAddr) -> IpAddr {
+    match source {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
 /// A known source: when its certificate last verified, and its address's
 /// count when the addresses' table has no room for it.
 #[derive(Debug, Clone)]
 struct Known {
     verified: Instant,
     tally: Tally,
+    /// The identity it last verified as (a keyed hash of its names).
+    identity: u64,
 }
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
@@ -449,6 +480,14 @@ pub(super) struct Sources {
     prefixes: Lru<IpNet, Tally>,
     networks: Lru<IpNet, Tally>,
     known: Lru<IpAddr, Known>,
+    /// Known entries by identity, least recently verified first (keys may
+    /// be stale: forgotten or re-verified as another identity since; they
+    /// are skipped and dropped when met, and the whole index is rebuilt
+    /// when it grows past twice the table).
+    by_identity: HashMap<u64, VecDeque<IpAddr>>,
+    indexed: usize,
+    /// Keys the identity hashes (an attacker chooses no collisions).
+    identities: RandomState,
     /// Entries of the networks' table per IPv6 allocation
     /// (`ipv6_allocation`), while `networks_per_allocation` is set: at most
     /// as many keys as the networks' table has entries.
@@ -466,6 +505,9 @@ impl Sources {
             prefixes: Lru::new(n),
             networks: Lru::new(n).keeping_gone(),
             known: Lru::new(settings.max_known as usize),
+            by_identity: HashMap::new(),
+            indexed: 0,
+            identities: RandomState::new(),
             allocations: HashMap::new(),
             known_admitted: 0,
         }
@@ -475,7 +517,10 @@ impl Sources {
     /// source's address, in the known table.
     fn counted(&mut self, level: Level, group: IpNet, known: bool) -> Option<&mut Tally> {
         if level == Level::Address && known {
-            return self.known.get_mut(&group.addr()).map(|k| &mut k.tally);
+            return self
+                .known
+                .get_mut(&known_key(group.addr()))
+                .map(|k| &mut k.tally);
         }
         self.table(level).get_mut(&group)
     }
@@ -485,7 +530,7 @@ impl Sources {
         settings.max_known > 0
             && self
                 .known
-                .get_mut(&source)
+                .get_mut(&known_key(source))
                 .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
     }
 
@@ -705,9 +750,12 @@ impl Sources {
             // nor a known source's (in the known table).
             let t = match self.tally(level, source, settings, now) {
                 Some(t) => t,
-                None if level == Level::Address => match self.known.get_mut(&source) {
+                None if level == Level::Address => match self.known.get_mut(&known_key(source)) {
                     Some(k) => &mut k.tally,
-                    None => continue,
+                    // Untracked, it has no count of what it lent: it
+                    // lends nothing, and adds no spread point (fail open
+                    // for its neighbours; its own limits still refuse).
+                    None => break,
                 },
                 None => continue,
             };
@@ -751,14 +799,15 @@ impl Sources {
     /// strike is lent by the address, within the same `block_after` a
     /// window as its own strikes lend: one address draining its /24's
     /// bucket never gets the /24 (and its neighbours) blocked alone. An
-    /// address the tables cannot hold lends without a cap (fail closed).
+    /// address the tables cannot hold lends nothing: with no count of what
+    /// it lent, one address could otherwise get its neighbours blocked.
     fn lends(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
         let after = settings.block_after;
         let t = match self.tally(Level::Address, source, settings, now) {
             Some(t) => t,
-            None => match self.known.get_mut(&source) {
+            None => match self.known.get_mut(&known_key(source)) {
                 Some(k) => &mut k.tally,
-                None => return true,
+                None => return false,
             },
         };
         t.roll_window(settings.block_window, now);
@@ -775,7 +824,13 @@ impl Sources {
     /// and network keep theirs, so that one certificate cannot launder its
     /// neighbours' failures; their spread scores lose one point, at most
     /// once a window per address, as one failing address adds at most one.
-    pub fn verified(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) {
+    pub fn verified(
+        &mut self,
+        source: IpAddr,
+        identity: &str,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
         let mut credits = false;
         if let Some(t) = self.addresses.get_mut(&IpNet::from(source)) {
             t.strikes = t.strikes.saturating_sub(1);
@@ -794,19 +849,95 @@ impl Sources {
             }
         }
         if settings.max_known > 0 {
+            let key = known_key(source);
+            let identity = self.identities.hash_one(identity);
+            let fresh = self
+                .known
+                .get_mut(&key)
+                .is_none_or(|k| k.identity != identity);
+            if fresh {
+                self.make_room_for(identity, settings);
+            }
             let burst = settings.source_handshake_burst;
             if let Some(k) = self.known.entry(
-                &source,
+                &key,
                 || Known {
                     verified: now,
                     tally: Tally::new(burst, now),
+                    identity,
                 },
                 |_| true,
             ) {
                 k.verified = now;
+                k.identity = identity;
                 k.tally.strikes = k.tally.strikes.saturating_sub(1);
+                if fresh {
+                    self.by_identity.entry(identity).or_default().push_back(key);
+                    self.indexed += 1;
+                }
+            }
+            if self.indexed > 2 * settings.max_known as usize {
+                self.reindex();
             }
         }
+    }
+
+    /// Forgets `identity`'s oldest entries until it holds fewer than its
+    /// quota: `known_per_identity`, and at most a quarter of the table
+    /// (0: no quota).
+    fn make_room_for(&mut self, identity: u64, settings: &AdmissionSettings) {
+        if settings.known_per_identity == 0 {
+            return;
+        }
+        let quota = settings
+            .known_per_identity
+            .min((settings.max_known / 4).max(1));
+        let Some(keys) = self.by_identity.get_mut(&identity) else {
+            return;
+        };
+        // Stale keys out of the count, and a key pushed twice (forgotten,
+        // then verified again) counted once, where it was pushed last.
+        let mut seen = HashSet::new();
+        let mut kept: Vec<IpAddr> = keys
+            .iter()
+            .rev()
+            .filter(|k| {
+                seen.insert(**k) && self.known.get(k).is_some_and(|e| e.identity == identity)
+            })
+            .copied()
+            .collect();
+        kept.reverse();
+        *keys = kept.into();
+        while keys.len() >= quota as usize {
+            let Some(oldest) = keys.pop_front() else {
+                break;
+            };
+            self.known.remove(&oldest);
+            self.known.forgotten += 1;
+        }
+        self.indexed = self.by_identity.values().map(VecDeque::len).sum();
+    }
+
+    /// Rebuilds the identity index from the known table.
+    fn reindex(&mut self) {
+        self.by_identity.clear();
+        let mut entries: Vec<(IpAddr, u64, Instant)> = self
+            .known
+            .iter()
+            .map(|(k, v)| (*k, v.identity, v.verified))
+            .collect();
+        entries.sort_by_key(|e| e.2);
+        self.indexed = entries.len();
+        for (key, identity, _) in entries {
+            self.by_identity.entry(identity).or_default().push_back(key);
+        }
+    }
+
+    /// Whether a source in `net` was known (in the known table, lately
+    /// verified or not): a scan of the table, for the rare prefix or
+    /// network block.
+    pub fn knows_in(&self, net: IpNet) -> bool {
+        self.known.keys().any(|k| net.contains(k))
     }
 
     /// Entries tracked per level, and known sources.
@@ -890,6 +1021,76 @@ mod tests {
             blocked,
             vec![(Level::Prefix, "192.0.2.0/24".parse::<IpNet>().unwrap())]
         );
+    }
+
+    /// MEDIUM 3 of the second review: with the addresses' table full of
+    /// busy entries, an address it cannot hold lends its prefix and
+    /// network nothing, neither strikes nor spread points: it alone never
+    /// gets its neighbours blocked.
+    #[test]
+    fn an_untracked_address_lends_its_neighbours_nothing() {
+        let s = AdmissionSettings {
+            max_tracked: 10,
+            block_after: 3,
+            prefix_block_after: 5,
+            network_block_after: 0,
+            prefix_spread_block_after: 4,
+            network_spread_block_after: 0,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        for i in 1..=10u8 {
+            t.strike(IpAddr::from([10, 0, 0, i]), Level::Address, &s, now);
+        }
+        let mut blocked = Vec::new();
+        for _ in 0..200 {
+            blocked.extend(t.strike(ip("192.0.2.66"), Level::Address, &s, now));
+            blocked.extend(t.strike(ip("192.0.2.66"), Level::Prefix, &s, now));
+        }
+        assert!(blocked.is_empty(), "{blocked:?}");
+    }
+
+    /// MEDIUM 9 of the second review: an IPv6 client is known by its /64,
+    /// so a rotated privacy address is still known; another /64 is not.
+    #[test]
+    fn an_ipv6_client_is_known_by_its_64() {
+        let s = settings();
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        t.verified(ip("2001:db8:1:2::a"), "id", &s, now);
+        assert!(t.is_known(ip("2001:db8:1:2:ffff::b"), &s, now));
+        assert!(!t.is_known(ip("2001:db8:1:3::a"), &s, now));
+        t.verified(ip("192.0.2.1"), "id", &s, now);
+        assert!(t.is_known(ip("192.0.2.1"), &s, now));
+        assert!(!t.is_known(ip("192.0.2.2"), &s, now));
+    }
+
+    /// MEDIUM 4 of the second review: one identity verifying from many
+    /// addresses holds at most its quota of the known table (here a
+    /// quarter of 8), replacing its own oldest entries, never another
+    /// identity's.
+    #[test]
+    fn one_identity_cannot_flush_the_known_table() {
+        let s = AdmissionSettings {
+            max_known: 8,
+            ..settings()
+        };
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        t.verified(ip("192.0.2.1"), "frontend", &s, now);
+        for i in 1..=50u8 {
+            t.verified(IpAddr::from([10, 0, 0, i]), "batch", &s, now);
+        }
+        assert!(t.is_known(ip("192.0.2.1"), &s, now));
+        assert_eq!(t.lens()[3], 3);
+        // The batch identity's newest two are kept, its oldest gone.
+        assert!(t.is_known(ip("10.0.0.50"), &s, now));
+        assert!(t.is_known(ip("10.0.0.49"), &s, now));
+        assert!(!t.is_known(ip("10.0.0.1"), &s, now));
+        // Verifying again from a known address is no new entry.
+        t.verified(ip("10.0.0.50"), "batch", &s, now);
+        assert!(t.is_known(ip("10.0.0.49"), &s, now));
     }
 
     #[test]
@@ -1215,7 +1416,7 @@ mod tests {
                         let a = IpAddr::from([10, 30, 1, 100 + i]);
                         let g = t.start(a, &s, now).unwrap();
                         t.ended(&g);
-                        t.verified(a, &s, now);
+                        t.verified(a, "id", &s, now);
                     }
                 }
                 for i in 0..3u8 {
@@ -1250,7 +1451,7 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let known = ip("192.0.2.50");
-        t.verified(known, &s, now);
+        t.verified(known, "id", &s, now);
         let hold = |t: &mut Sources, at: Instant| {
             for i in 0..10u8 {
                 t.strike(IpAddr::from([10, i, 0, 1]), Level::Address, &s, at);
