@@ -389,7 +389,10 @@ pub struct AdmissionSettings {
     /// The share of a listener's `max_connections` one identity (a
     /// certificate's names) may hold past the handshake: a connection
     /// past it is refused (`identity_connections`), so one certificate
-    /// holder cannot keep every other client out. 1.0: no cap.
+    /// holder cannot keep every other client out. 1.0 (the default): no
+    /// cap, since one identity is often every client of a listener (a
+    /// fleet of frontends under one SPIFFE ID), and capping it by default
+    /// would refuse the very clients the listener is for.
     pub identity_share: f64,
     #[serde(with = "duration")]
     pub known_for: Duration,
@@ -449,7 +452,7 @@ impl Default for AdmissionSettings {
             networks_per_allocation: 4096,
             max_known: 16_384,
             known_per_identity: 1024,
-            identity_share: 0.5,
+            identity_share: 1.0,
             known_for: Duration::from_secs(24 * 3600),
             prefix_spread_block_after: 128,
             network_spread_block_after: 512,

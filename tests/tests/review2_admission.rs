@@ -585,7 +585,7 @@ async fn one_certificate_holder_holds_every_slot() {
         &pki,
         &backend,
         "max_connections = 20",
-        "",
+        "identity_share = 0.5\n",
         &[SPIFFE_FRONTEND, BATCH],
     )
     .await;
@@ -594,7 +594,7 @@ async fn one_certificate_holder_holds_every_slot() {
     for _ in 0..20 {
         let tcp = tcp_from("127.0.3.1", gw.app_addr).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from(ORDERS.to_owned()).unwrap();
-        // Past its share (admission.identity_share, half), the gateway
+        // Past its share (admission.identity_share, set to half), the gateway
         // resets the connection after the handshake.
         let Ok(mut tls) = tokio_rustls::TlsConnector::from(batch.clone())
             .connect(name, tcp)
