@@ -817,3 +817,51 @@ async fn the_document_cannot_name_the_guard_s_host_paths() {
     assert!(!outside.exists(), "{log}");
     assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
 }
+
+/// Whether a client with `config` gets an echo through route `orders`.
+async fn passes(addr: SocketAddr, config: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    match connect(addr, ORDERS, config).await {
+        Ok(tls) => echo_roundtrip(tls, b"ping".to_vec())
+            .await
+            .is_ok_and(|b| b == b"ping"),
+        Err(_) => false,
+    }
+}
+
+/// A restart takes etcd's document through the same CRL rollback check
+/// as a reload, against the cached document's CRLs: an older CRL in etcd
+/// (a backup restored, an older document pushed again) is refused by a
+/// member that restarts as by one running, and the cache's newer CRL
+/// keeps the client revoked (review 4, finding 2).
+#[tokio::test]
+async fn a_restart_does_not_take_an_older_crl_from_etcd_over_the_cache() {
+    let one = One::start().await;
+    let (pki, host, addr) = (&one.pki, &one.host, one.addr);
+    let doc = document(&route("orders", ORDERS, one.backend.addr));
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    let doomed = pki.client_config(Some(&doomed));
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&serial]).unwrap(),
+    );
+    push(None, pki, host, &doc);
+    let started = Instant::now();
+    while passes(addr, doomed.clone()).await {
+        assert!(started.elapsed() < Duration::from_secs(5), "not revoked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    push(None, pki, host, &doc);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!passes(addr, doomed.clone()).await);
+    drop(one.gw);
+    let (_gw, addr) = run_member(pki, host, "gw2.stderr");
+    assert!(echoes(None, addr, ORDERS, pki).await);
+    let log = std::fs::read_to_string(pki.path("gw2.stderr")).unwrap_or_default();
+    assert!(
+        !passes(addr, doomed.clone()).await,
+        "after a restart the revoked client passes:\n{log}"
+    );
+    assert!(log.contains("roll back a CRL"), "{log}");
+    assert!(log.contains("starting from the cached document"), "{log}");
+}

@@ -289,7 +289,7 @@ pub async fn start(host: &Host) -> Result<(Config, Document), FleetError> {
     match from_etcd.await {
         Ok(Fetched {
             document: Ok(doc), ..
-        }) => match prepare(host, &doc) {
+        }) => match prepare_over_cache(host, &doc) {
             Ok(config) => {
                 if let Err(e) = super::save_cache(host, &doc) {
                     tracing::error!(error = %e, "fleet: the last good document could not be cached");
@@ -318,6 +318,39 @@ pub async fn start(host: &Host) -> Result<(Config, Document), FleetError> {
     let config = prepare(host, &doc)?;
     tracing::info!(revision = doc.revision, cache = %host.cache().display(), "fleet: starting from the cached document");
     Ok((config, doc))
+}
+
+/// `prepare` of etcd's `doc`, taken through the same CRL rollback check
+/// a reload does against the cached document's CRLs (review 4, finding
+/// 2): a CRL older than one the cache held (etcd restored from a backup,
+/// an older document pushed again) is refused at a start as it is while
+/// running, and the start falls back to the cache. (The running member
+/// then refuses etcd's document again, counted and in its record.)
+fn prepare_over_cache(host: &Host, doc: &Document) -> Result<Config, FleetError> {
+    let cached = match super::load_cache(host) {
+        Ok(cached) if !cached.same_as(doc) => cached,
+        _ => return prepare(host, doc),
+    };
+    let enforced = crate::tls::crl::Enforced::default();
+    match host.compose(&cached).and_then(|config| {
+        super::materialize(&host.files_dir(), &cached)?;
+        crate::state::State::from_config(&config)
+            .map_err(|e| FleetError::DocumentSyntax(e.to_string()))
+    }) {
+        Ok(state) => enforced.record(&crate::app::served_crls(&state)),
+        // A cache that does not build holds nothing to compare with.
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet: the cached document does not build: etcd's is not compared with it")
+        }
+    }
+    let config = host.compose(doc)?;
+    super::materialize(&host.files_dir(), doc)?;
+    let state = crate::state::State::from_config(&config)
+        .map_err(|e| FleetError::DocumentSyntax(e.to_string()))?;
+    enforced
+        .check(&crate::app::served_crls(&state))
+        .map_err(|e| FleetError::CrlRollback(e.to_string()))?;
+    Ok(config)
 }
 
 /// `doc`'s files written, and the member's config composed and built

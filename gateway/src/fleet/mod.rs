@@ -78,6 +78,8 @@ pub enum FleetError {
         max_document = MAX_DOCUMENT
     )]
     TooLarge(String),
+    #[error("etcd's document would roll back a CRL the cached one enforced: {0}")]
+    CrlRollback(String),
     #[error("the shared file {0:?} is not PEM text")]
     NotText(String),
     #[error("etcd holds no fleet document at {0}")]
