@@ -551,7 +551,7 @@ impl Member {
                         // Compacted past `seen`, or refused: read whole again.
                         return Err(FleetError::Etcd(format!("the watch was cancelled: {} (compacted at {})", resp.cancel_reason(), resp.compact_revision())));
                     }
-                    // Any change: read the prefix whole, now (linearizable,
+                    // Any change: read the document whole, now (linearizable,
                     // so at least as new as the change). Not judged by the
                     // header's revision: etcd before 3.4.25 can send a
                     // progress notice ahead of events still to come (etcd
