@@ -672,7 +672,7 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
 }
 
 /// Every bundle's CRLs in a state, and the files they come from.
-fn served_crls(state: &State) -> Vec<crl::Served<'_>> {
+pub(crate) fn served_crls(state: &State) -> Vec<crl::Served<'_>> {
     state
         .listeners
         .iter()

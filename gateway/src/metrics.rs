@@ -434,6 +434,8 @@ pub struct FleetStatus {
     pub last_heard_ms: std::sync::atomic::AtomicI64,
     /// Revisions refused (invalid document, missing file, refused reload).
     pub refused: AtomicU64,
+    /// Of those, refused for their size (`fleet::MAX_VALUE`, `MAX_DOCUMENT`).
+    pub too_large: AtomicU64,
 }
 
 impl FleetStatus {
@@ -687,6 +689,11 @@ impl Metrics {
                 "gateway_fleet_refused",
                 "Fleet revisions refused (invalid document, a named file missing, refused by the reload); the last good one keeps serving.",
                 [(NO_LABELS, fleet.refused.load(Ordering::Relaxed))],
+            )?;
+            out.counter(
+                "gateway_fleet_too_large",
+                "Fleet revisions refused for their size (over the per-key or whole-document limit); counted in gateway_fleet_refused too.",
+                [(NO_LABELS, fleet.too_large.load(Ordering::Relaxed))],
             )?;
         }
         out.counter(

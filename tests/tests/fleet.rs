@@ -679,3 +679,189 @@ async fn three_etcd_members_three_gateways_routes_crls_and_a_member_killed() {
     }
     drop(running);
 }
+
+/// Keys under the prefix that no document names (files an older push
+/// left, a nested prefix's fleet) are never read: over the etcd client's
+/// 4 MiB answer limit together, they once made every member stop
+/// following for good (review 4, finding 1). `fleet push` deletes the
+/// files no longer named; a nested prefix's keys stay and do not matter.
+#[tokio::test]
+async fn a_revocation_is_applied_whatever_else_the_prefix_holds() {
+    let one = One::start().await;
+    let (pki, host, addr) = (&one.pki, &one.host, one.addr);
+    let mut client = one.etcd.client().await.unwrap();
+    let big = "-----BEGIN X509 CRL-----\n".to_owned() + &"A".repeat(1 << 20);
+    for day in 0..5 {
+        for key in [
+            format!("{PREFIX}/files/crl-2026-11-0{day}.pem"),
+            format!("{PREFIX}/eu/files/crl-2026-11-0{day}.pem"),
+        ] {
+            client.put(key, big.clone(), None).await.unwrap();
+        }
+    }
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    let doomed = pki.client_config(Some(&doomed));
+    assert!(
+        connect(addr, ORDERS, doomed.clone())
+            .await
+            .is_ok_and(|_| true)
+    );
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&serial]).unwrap(),
+    );
+    push(
+        None,
+        pki,
+        host,
+        &document(&route("orders", ORDERS, one.backend.addr)),
+    );
+    let started = Instant::now();
+    let mut revoked = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        let passes = match connect(addr, ORDERS, doomed.clone()).await {
+            Ok(tls) => echo_roundtrip(tls, b"ping".to_vec())
+                .await
+                .is_ok_and(|b| b == b"ping"),
+            Err(_) => false,
+        };
+        if !passes {
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(pki.path("gw.stderr")).unwrap_or_default();
+    assert!(revoked, "the revocation was not applied within 5 s:\n{log}");
+    assert!(!log.contains("message length too large"), "{log}");
+    // The push deleted the files no longer named, not the nested prefix.
+    let left = client
+        .get(
+            format!("{PREFIX}/files/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    let names: Vec<String> = left
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            format!("{PREFIX}/files/client-roots.pem"),
+            format!("{PREFIX}/files/clients.crl.pem")
+        ]
+    );
+    let nested = client
+        .get(
+            format!("{PREFIX}/eu/"),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(nested.count(), 5);
+    let (code, status) = fleet_status(host);
+    assert_eq!(code, 0, "{status}");
+}
+
+/// `[guard]`'s host paths and ids (`cgroup`, `attach_to`, `pin_dir`,
+/// `pin`, `uid`) are host-local: `fleet push` refuses a document that
+/// sets them, and a member refuses one written straight into etcd, so
+/// whoever writes etcd has a (root) member create no directory and write
+/// no `cgroup.procs` outside the cgroup mount (review 4, finding 3).
+#[tokio::test]
+async fn the_document_cannot_name_the_guard_s_host_paths() {
+    let one = One::start().await;
+    let outside = one.pki.path("outside/of/the/cgroup/mount");
+    let doc = document(&route("orders", ORDERS, one.backend.addr))
+        + &format!(
+            "[guard]\nenforcement = \"audit\"\npin = false\ncgroup = {:?}\n",
+            outside.display().to_string()
+        );
+    let from = one.pki.write("guard.toml", &doc);
+    let out = Command::new(gateway_binary())
+        .args(["fleet", "push", "--fail-within", "1h", "--config"])
+        .arg(&one.host)
+        .arg("--from")
+        .arg(&from)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "push took it: {said}");
+    assert!(
+        said.contains("`guard.") && said.contains("host-local"),
+        "{said}"
+    );
+    // Straight into etcd: the member refuses it and writes nothing.
+    let mut client = one.etcd.client().await.unwrap();
+    client
+        .put(format!("{PREFIX}/config"), doc, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = std::fs::read_to_string(one.pki.path("gw.stderr")).unwrap_or_default();
+    assert!(
+        log.contains("`guard.") && log.contains("host-local"),
+        "{log}"
+    );
+    assert!(!outside.exists(), "{log}");
+    assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
+}
+
+/// Whether a client with `config` gets an echo through route `orders`.
+async fn passes(addr: SocketAddr, config: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    match connect(addr, ORDERS, config).await {
+        Ok(tls) => echo_roundtrip(tls, b"ping".to_vec())
+            .await
+            .is_ok_and(|b| b == b"ping"),
+        Err(_) => false,
+    }
+}
+
+/// A restart takes etcd's document through the same CRL rollback check
+/// as a reload, against the cached document's CRLs: an older CRL in etcd
+/// (a backup restored, an older document pushed again) is refused by a
+/// member that restarts as by one running, and the cache's newer CRL
+/// keeps the client revoked (review 4, finding 2).
+#[tokio::test]
+async fn a_restart_does_not_take_an_older_crl_from_etcd_over_the_cache() {
+    let one = One::start().await;
+    let (pki, host, addr) = (&one.pki, &one.host, one.addr);
+    let doc = document(&route("orders", ORDERS, one.backend.addr));
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    let doomed = pki.client_config(Some(&doomed));
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(2, &[&serial]).unwrap(),
+    );
+    push(None, pki, host, &doc);
+    let started = Instant::now();
+    while passes(addr, doomed.clone()).await {
+        assert!(started.elapsed() < Duration::from_secs(5), "not revoked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    push(None, pki, host, &doc);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!passes(addr, doomed.clone()).await);
+    drop(one.gw);
+    let (_gw, addr) = run_member(pki, host, "gw2.stderr");
+    assert!(echoes(None, addr, ORDERS, pki).await);
+    let log = std::fs::read_to_string(pki.path("gw2.stderr")).unwrap_or_default();
+    assert!(
+        !passes(addr, doomed.clone()).await,
+        "after a restart the revoked client passes:\n{log}"
+    );
+    assert!(log.contains("roll back a CRL"), "{log}");
+    assert!(log.contains("starting from the cached document"), "{log}");
+}

@@ -110,60 +110,104 @@ pub struct Fetched {
     pub document: Result<Document, FleetError>,
 }
 
-/// Reads the document and its files at one revision (`at`, or the latest).
+/// An etcd error of a read: an answer over the client's size limit is
+/// `TooLarge` (the document is refused, etcd is not lost).
+fn read_error(e: etcd_client::Error) -> FleetError {
+    let text = e.to_string();
+    if text.contains("message length too large") {
+        FleetError::TooLarge(text)
+    } else {
+        FleetError::Etcd(text)
+    }
+}
+
+/// Reads the document and its files at one revision (`at`, or the
+/// latest): `<prefix>/config`, then only the files it names, each at the
+/// revision the config was read at. Nothing else under the prefix is
+/// read (files no document names, a nested prefix's keys, the members).
 pub async fn fetch(
     client: &mut Client,
     host: &Host,
     at: Option<i64>,
 ) -> Result<Fetched, FleetError> {
     let prefix = host.prefix();
-    // Up to `<prefix>/members/`: the members' own records do not make a
-    // new document.
-    let mut options = GetOptions::new().with_range(format!("{prefix}/members/"));
+    let config_key = format!("{prefix}/config");
+    let mut options = GetOptions::new();
     if let Some(rev) = at {
         options = options.with_revision(rev);
     }
-    let resp = tokio::time::timeout(
+    let resp = match tokio::time::timeout(
         REQUEST_TIMEOUT,
-        client.get(format!("{prefix}/"), Some(options)),
+        client.get(config_key.clone(), Some(options)),
     )
     .await
-    .map_err(|_| FleetError::Etcd("reading the prefix timed out".into()))?
-    .map_err(etcd_error)?;
+    .map_err(|_| FleetError::Etcd("reading the document timed out".into()))?
+    .map_err(read_error)
+    {
+        Ok(resp) => resp,
+        Err(e @ FleetError::TooLarge(_)) => {
+            return Ok(Fetched {
+                revision: at.unwrap_or(0),
+                document: Err(e),
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let revision = resp.header().map_or(0, |h| h.revision());
-    let config_key = format!("{prefix}/config");
-    let files_prefix = format!("{prefix}/files/");
-    let mut config = None;
+    let refused = |e| {
+        Ok(Fetched {
+            revision,
+            document: Err(e),
+        })
+    };
+    let Some(kv) = resp.kvs().first() else {
+        return refused(FleetError::NoDocument(config_key));
+    };
+    let config_rev = kv.mod_revision();
+    if kv.value().len() > super::MAX_VALUE {
+        return refused(FleetError::TooLarge(format!(
+            "its text is {} bytes",
+            kv.value().len()
+        )));
+    }
+    let Ok(text) = String::from_utf8(kv.value().to_vec()) else {
+        return refused(FleetError::DocumentSyntax("not UTF-8".into()));
+    };
+    let names = match super::named_files(&text) {
+        Ok(names) => names,
+        Err(e) => return refused(e),
+    };
     let mut files = BTreeMap::new();
-    let mut mod_revisions = BTreeMap::new();
-    for kv in resp.kvs() {
-        let Ok(key) = std::str::from_utf8(kv.key()) else {
-            continue;
+    let mut newest = config_rev;
+    for name in names {
+        let got = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            client.get(
+                format!("{prefix}/files/{name}"),
+                Some(GetOptions::new().with_revision(revision)),
+            ),
+        )
+        .await
+        .map_err(|_| FleetError::Etcd("reading a file timed out".into()))?
+        .map_err(read_error);
+        let got = match got {
+            Ok(got) => got,
+            Err(FleetError::TooLarge(e)) => {
+                return refused(FleetError::TooLarge(format!("the file {name:?}: {e}")));
+            }
+            Err(e) => return Err(e),
         };
-        if key == config_key {
-            config = Some((kv.value().to_vec(), kv.mod_revision()));
-        } else if let Some(name) = key.strip_prefix(&files_prefix) {
-            files.insert(name.to_owned(), kv.value().to_vec());
-            mod_revisions.insert(name.to_owned(), kv.mod_revision());
+        if let Some(kv) = got.kvs().first() {
+            // The document's revision: the newest of its keys, the same
+            // on every member whatever else changed under the prefix.
+            newest = newest.max(kv.mod_revision());
+            files.insert(name, kv.value().to_vec());
         }
     }
-    let document = match config {
-        None => Err(FleetError::NoDocument(config_key)),
-        Some((text, config_rev)) => match String::from_utf8(text) {
-            Err(_) => Err(FleetError::DocumentSyntax("not UTF-8".into())),
-            Ok(text) => Document::new(config_rev, text, &files).map(|mut doc| {
-                // The document's revision: the newest of its keys, the
-                // same on every member whatever else changed under the
-                // prefix.
-                doc.revision = doc
-                    .files
-                    .keys()
-                    .filter_map(|n| mod_revisions.get(n))
-                    .fold(config_rev, |a, b| a.max(*b));
-                doc
-            }),
-        },
-    };
+    let document = Document::new(config_rev, text, &files).map(|mut doc| {
+        doc.revision = newest;
+        doc
+    });
     Ok(Fetched { revision, document })
 }
 
@@ -186,6 +230,7 @@ pub async fn push(
             None,
         ));
     }
+    let files_prefix = format!("{prefix}/files/");
     // Once per endpoint, then once more: a member dying or a leader
     // election fails a transaction in flight, and writing the same keys
     // again is harmless (a member applies a document by content).
@@ -193,13 +238,32 @@ pub async fn push(
     for _ in 0..=host.settings.etcd.len() {
         let attempt = async {
             let mut client = connect(host).await?;
-            let resp = tokio::time::timeout(
+            // Files no longer named are deleted in the same transaction:
+            // nothing accumulates under the prefix push after push.
+            let keys = tokio::time::timeout(
                 REQUEST_TIMEOUT,
-                client.txn(Txn::new().and_then(ops.clone())),
+                client.get(
+                    files_prefix.clone(),
+                    Some(GetOptions::new().with_prefix().with_keys_only()),
+                ),
             )
             .await
-            .map_err(|_| FleetError::Etcd("the transaction timed out".into()))?
+            .map_err(|_| FleetError::Etcd("listing the files timed out".into()))?
             .map_err(etcd_error)?;
+            let mut ops = ops.clone();
+            for kv in keys.kvs() {
+                let named = std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&files_prefix))
+                    .is_some_and(|n| doc.files.contains_key(n));
+                if !named {
+                    ops.push(TxnOp::delete(kv.key().to_vec(), None));
+                }
+            }
+            let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.txn(Txn::new().and_then(ops)))
+                .await
+                .map_err(|_| FleetError::Etcd("the transaction timed out".into()))?
+                .map_err(etcd_error)?;
             Ok::<_, FleetError>(resp.header().map_or(0, |h| h.revision()))
         };
         match attempt.await {
@@ -225,7 +289,7 @@ pub async fn start(host: &Host) -> Result<(Config, Document), FleetError> {
     match from_etcd.await {
         Ok(Fetched {
             document: Ok(doc), ..
-        }) => match prepare(host, &doc) {
+        }) => match prepare_over_cache(host, &doc) {
             Ok(config) => {
                 if let Err(e) = super::save_cache(host, &doc) {
                     tracing::error!(error = %e, "fleet: the last good document could not be cached");
@@ -254,6 +318,39 @@ pub async fn start(host: &Host) -> Result<(Config, Document), FleetError> {
     let config = prepare(host, &doc)?;
     tracing::info!(revision = doc.revision, cache = %host.cache().display(), "fleet: starting from the cached document");
     Ok((config, doc))
+}
+
+/// `prepare` of etcd's `doc`, taken through the same CRL rollback check
+/// a reload does against the cached document's CRLs (review 4, finding
+/// 2): a CRL older than one the cache held (etcd restored from a backup,
+/// an older document pushed again) is refused at a start as it is while
+/// running, and the start falls back to the cache. (The running member
+/// then refuses etcd's document again, counted and in its record.)
+fn prepare_over_cache(host: &Host, doc: &Document) -> Result<Config, FleetError> {
+    let cached = match super::load_cache(host) {
+        Ok(cached) if !cached.same_as(doc) => cached,
+        _ => return prepare(host, doc),
+    };
+    let enforced = crate::tls::crl::Enforced::default();
+    match host.compose(&cached).and_then(|config| {
+        super::materialize(&host.files_dir(), &cached)?;
+        crate::state::State::from_config(&config)
+            .map_err(|e| FleetError::DocumentSyntax(e.to_string()))
+    }) {
+        Ok(state) => enforced.record(&crate::app::served_crls(&state)),
+        // A cache that does not build holds nothing to compare with.
+        Err(e) => {
+            tracing::warn!(error = %e, "fleet: the cached document does not build: etcd's is not compared with it")
+        }
+    }
+    let config = host.compose(doc)?;
+    super::materialize(&host.files_dir(), doc)?;
+    let state = crate::state::State::from_config(&config)
+        .map_err(|e| FleetError::DocumentSyntax(e.to_string()))?;
+    enforced
+        .check(&crate::app::served_crls(&state))
+        .map_err(|e| FleetError::CrlRollback(e.to_string()))?;
+    Ok(config)
 }
 
 /// `doc`'s files written, and the member's config composed and built
@@ -416,12 +513,22 @@ impl Member {
             .id();
         let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
         let mut registered = self.register(&mut client, lease).await?;
+        // Only the document's keys: `<prefix>/config` and
+        // `<prefix>/files/` (not the members' records, not a nested
+        // prefix's keys), two watches on one stream.
         let (mut watcher, mut stream) = client
             .watch(
-                format!("{}/", self.host.prefix()),
+                format!("{}/config", self.host.prefix()),
+                Some(WatchOptions::new().with_start_revision(seen + 1)),
+            )
+            .await
+            .map_err(etcd_error)?;
+        watcher
+            .watch(
+                format!("{}/files/", self.host.prefix()),
                 Some(
                     WatchOptions::new()
-                        .with_range(format!("{}/members/", self.host.prefix()))
+                        .with_prefix()
                         .with_start_revision(seen + 1),
                 ),
             )
@@ -444,7 +551,7 @@ impl Member {
                         // Compacted past `seen`, or refused: read whole again.
                         return Err(FleetError::Etcd(format!("the watch was cancelled: {} (compacted at {})", resp.cancel_reason(), resp.compact_revision())));
                     }
-                    // Any change: read the prefix whole, now (linearizable,
+                    // Any change: read the document whole, now (linearizable,
                     // so at least as new as the change). Not judged by the
                     // header's revision: etcd before 3.4.25 can send a
                     // progress notice ahead of events still to come (etcd
@@ -485,6 +592,9 @@ impl Member {
         let doc = match fetched.document {
             Ok(doc) => doc,
             Err(e) => {
+                if matches!(e, FleetError::TooLarge(_)) {
+                    self.status.too_large.fetch_add(1, Ordering::Relaxed);
+                }
                 self.refused(fetched.revision, &e.to_string());
                 return;
             }

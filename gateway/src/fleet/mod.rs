@@ -30,6 +30,20 @@ pub const SHARED_KEYS: &[&str] = &["listeners", "trust", "guard"];
 /// Largest cache file read back (a document and its CRLs).
 const MAX_CACHE: u64 = 64 << 20;
 
+/// Largest value of one key a member reads (`<prefix>/config` or one
+/// named file): above etcd's default request limit (1.5 MiB), under the
+/// etcd client's 4 MiB answer limit, so one read never fails for size.
+pub const MAX_VALUE: usize = 3 << 20;
+/// Largest document, its text and every file it names together: well
+/// under `MAX_CACHE` (the cache holds it as JSON).
+pub const MAX_DOCUMENT: usize = 32 << 20;
+
+/// `[guard]` settings that name this host's paths or ids: host-local,
+/// set in each host's file (`[guard]` there holds only these), never in
+/// the document, so whoever writes etcd has a (root) member create no
+/// directory and write no file it chooses.
+pub const GUARD_HOST_KEYS: &[&str] = &["cgroup", "attach_to", "pin_dir", "pin", "uid"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("cannot read host file {path}: {source}")]
@@ -58,6 +72,14 @@ pub enum FleetError {
         "the fleet document names the file {0:?}, which etcd does not hold at <prefix>/files/{0}"
     )]
     MissingFile(String),
+    #[error(
+        "the fleet document is too large: {0} (limits: {max_value} bytes per key, {max_document} bytes for the document and its files together)",
+        max_value = MAX_VALUE,
+        max_document = MAX_DOCUMENT
+    )]
+    TooLarge(String),
+    #[error("etcd's document would roll back a CRL the cached one enforced: {0}")]
+    CrlRollback(String),
     #[error("the shared file {0:?} is not PEM text")]
     NotText(String),
     #[error("etcd holds no fleet document at {0}")]
@@ -103,7 +125,25 @@ impl Host {
             .clone()
             .try_into()
             .map_err(|e| host(format!("at `fleet`: {e}")))?;
-        if let Some(key) = SHARED_KEYS.iter().find(|k| table.contains_key(**k)) {
+        if let Some(guard) = table.get("guard") {
+            let toml::Value::Table(guard) = guard else {
+                return Err(host("`guard` is not a table".into()));
+            };
+            if let Some(key) = guard
+                .keys()
+                .find(|k| !GUARD_HOST_KEYS.contains(&k.as_str()))
+            {
+                return Err(host(format!(
+                    "has [fleet] and sets `guard.{key}`: with [fleet], [guard] in the host file holds only {} (the rest of [guard] comes from etcd)",
+                    GUARD_HOST_KEYS.join(", ")
+                )));
+            }
+        }
+        if let Some(key) = SHARED_KEYS
+            .iter()
+            .filter(|k| **k != "guard")
+            .find(|k| table.contains_key(**k))
+        {
             return Err(host(format!(
                 "has [fleet] and sets `{key}`: with [fleet], {} come from etcd only",
                 SHARED_KEYS.join(", ")
@@ -207,6 +247,17 @@ impl Host {
         })?;
         let mut merged = self.table.clone();
         for (k, v) in shared {
+            // `[guard]`: the document's shared settings and the host
+            // file's host-local ones (no key is in both: each side refuses
+            // the other's).
+            if let (toml::Value::Table(doc_guard), Some(toml::Value::Table(host_guard))) =
+                (&v, merged.get_mut(&k))
+            {
+                for (gk, gv) in doc_guard {
+                    host_guard.insert(gk.clone(), gv.clone());
+                }
+                continue;
+            }
             merged.insert(k, v);
         }
         let text =
@@ -233,12 +284,31 @@ impl Document {
         config: String,
         available: &BTreeMap<String, Vec<u8>>,
     ) -> Result<Document, FleetError> {
+        if config.len() > MAX_VALUE {
+            return Err(FleetError::TooLarge(format!(
+                "its text is {} bytes",
+                config.len()
+            )));
+        }
         let names = named_files(&config)?;
         let mut files = BTreeMap::new();
+        let mut total = config.len();
         for name in names {
             let bytes = available
                 .get(&name)
                 .ok_or_else(|| FleetError::MissingFile(name.clone()))?;
+            if bytes.len() > MAX_VALUE {
+                return Err(FleetError::TooLarge(format!(
+                    "the file {name:?} is {} bytes",
+                    bytes.len()
+                )));
+            }
+            total += bytes.len();
+            if total > MAX_DOCUMENT {
+                return Err(FleetError::TooLarge(format!(
+                    "with the file {name:?}, {total} bytes"
+                )));
+            }
             let text =
                 String::from_utf8(bytes.clone()).map_err(|_| FleetError::NotText(name.clone()))?;
             files.insert(name, text);
@@ -274,6 +344,11 @@ fn document_table(config: &str) -> Result<toml::Table, FleetError> {
         .map_err(|e: toml::de::Error| FleetError::DocumentSyntax(e.to_string()))?;
     if let Some(key) = table.keys().find(|k| !SHARED_KEYS.contains(&k.as_str())) {
         return Err(FleetError::HostLocalInDocument(key.clone()));
+    }
+    if let Some(guard) = table.get("guard").and_then(toml::Value::as_table)
+        && let Some(key) = guard.keys().find(|k| GUARD_HOST_KEYS.contains(&k.as_str()))
+    {
+        return Err(FleetError::HostLocalInDocument(format!("guard.{key}")));
     }
     Ok(table)
 }

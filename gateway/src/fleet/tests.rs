@@ -187,3 +187,75 @@ fn a_certificate_or_key_path_in_the_document_is_refused() {
     let e = named_files(&upstream).unwrap_err();
     assert!(matches!(e, FleetError::HostPath(_)), "{e}");
 }
+
+#[test]
+fn the_guard_s_host_paths_are_host_local_and_the_rest_of_it_shared() {
+    for key in GUARD_HOST_KEYS {
+        let value = match *key {
+            "pin" => "false",
+            "uid" => "0",
+            _ => "\"/etc/anywhere\"",
+        };
+        let doc = format!("{DOC}\n[guard]\nenforcement = \"audit\"\n{key} = {value}\n");
+        let e = named_files(&doc).unwrap_err();
+        assert!(
+            matches!(&e, FleetError::HostLocalInDocument(k) if *k == format!("guard.{key}")),
+            "{key}: {e}"
+        );
+    }
+    let e = Host::parse(
+        &format!("{HOST}\n[guard]\nenforcement = \"off\"\n"),
+        Path::new("/h.toml"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("`guard.enforcement`"), "{e}");
+    // The host file's paths and the document's shared settings: one [guard].
+    let h = Host::parse(
+        &format!("{HOST}\n[guard]\ncgroup = \"gw.slice/gw\"\npin = false\n"),
+        Path::new("/srv/gw/host.toml"),
+    )
+    .unwrap()
+    .unwrap();
+    let doc = Document::new(
+        7,
+        format!("{DOC}\n[guard]\nenforcement = \"audit\"\n"),
+        &available(&["clients.pem", "clients.crl", "partners.pem"]),
+    )
+    .unwrap();
+    let guard = h.compose(&doc).unwrap().guard.unwrap();
+    assert_eq!(guard.cgroup, Path::new("gw.slice/gw"));
+    assert!(!guard.pin);
+    assert_eq!(
+        format!("{:?}", guard.enforcement),
+        format!("{:?}", crate::config::GuardEnforcement::Audit)
+    );
+}
+
+#[test]
+fn a_document_over_the_size_limits_is_refused_with_its_own_error() {
+    let names = ["clients.pem", "clients.crl", "partners.pem"];
+    let mut files = available(&names);
+    files.insert("clients.crl".into(), vec![b'A'; MAX_VALUE + 1]);
+    let e = Document::new(1, DOC.into(), &files).unwrap_err();
+    assert!(matches!(e, FleetError::TooLarge(_)), "{e}");
+    assert!(e.to_string().contains("clients.crl"), "{e}");
+    let e = Document::new(
+        1,
+        format!("{DOC}#{}", "x".repeat(MAX_VALUE)),
+        &available(&names),
+    )
+    .unwrap_err();
+    assert!(matches!(e, FleetError::TooLarge(_)), "{e}");
+    // Each under the per-key limit, over the document's together.
+    let mut doc = DOC.to_owned();
+    let mut files = available(&names);
+    for i in 0..(MAX_DOCUMENT / MAX_VALUE + 1) {
+        doc.push_str(&format!("[trust.t{i}]\nca = \"t{i}.pem\"\n"));
+        files.insert(format!("t{i}.pem"), vec![b'A'; MAX_VALUE]);
+    }
+    let e = Document::new(1, doc, &files).unwrap_err();
+    assert!(
+        matches!(&e, FleetError::TooLarge(m) if m.contains("bytes")),
+        "{e}"
+    );
+}
