@@ -419,7 +419,12 @@ impl HeldClient {
         }
         tcp.write_all(&hello).await.unwrap();
         let mut buf = vec![0u8; 16 << 10];
-        while !tls.wants_write() {
+        // Until the server's whole flight is read: the client queues its
+        // middlebox-compatibility ChangeCipherSpec on the ServerHello
+        // already, so stopping at the first thing it wants to write held
+        // back only that whenever the flight came in two reads, and the
+        // gateway then waited for the rest until its handshake timeout.
+        while tls.is_handshaking() {
             let n = tokio::time::timeout(STEP, tcp.read(&mut buf))
                 .await
                 .expect("the gateway's flight")
