@@ -11,8 +11,11 @@ use crate::cmd;
 /// Debian packages the tests and the demo drive: openssl (`s_client` as a new
 /// user would try the gateway), iproute2 (network namespaces), nftables (a
 /// DNAT rule in front of a port the remote guard protects), QEMU, a static
-/// busybox and xz for the VM kernels (kTLS tests).
+/// busybox and xz for the VM kernels (kTLS tests), and protoc, which the
+/// etcd client's build script needs to compile etcd's API (the gateway's
+/// `[fleet]`): without it nothing builds.
 const DEBIAN_PACKAGES: &[&str] = &[
+    "protobuf-compiler",
     "openssl",
     "iproute2",
     "nftables",
