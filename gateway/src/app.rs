@@ -465,6 +465,9 @@ struct Running {
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// With more than one worker: what the look for other processes
+    /// listening where it accepts needs (see `workers::Watch`).
+    group: Option<crate::workers::Group>,
 }
 
 pub struct App {
@@ -865,6 +868,7 @@ impl App {
         let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut foreign = crate::workers::Watch::default();
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(store) = &self.revisions {
@@ -904,6 +908,11 @@ impl App {
                 _ = tick.tick() => {
                     self.registry.tick();
                     self.admission.tick();
+                    let groups = running
+                        .iter()
+                        .filter_map(|(name, r)| Some((name.as_str(), r.group.as_ref()?)));
+                    self.health
+                        .set_unsafe_to_serve(foreign.look(groups, &self.worker_stats));
                     match self.watch_rollback(&mut rollback) {
                         Some(job) => job,
                         None => continue,
@@ -1190,6 +1199,13 @@ impl App {
         }
         let bind = l.bind;
         let at = sockets.first().map(accepting).unwrap_or_default();
+        let group = match (sockets.len() > 1, local) {
+            (true, Some(addr)) => Some(crate::workers::Group {
+                at: crate::workers::accepting(addr, sockets.first()),
+                ours: crate::workers::inodes(&sockets),
+            }),
+            _ => None,
+        };
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
         let tasks = sockets
@@ -1219,6 +1235,7 @@ impl App {
             current,
             stop,
             tasks,
+            group,
         }
     }
 
