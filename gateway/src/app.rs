@@ -456,6 +456,36 @@ fn v6_only(socket: &std::net::TcpListener) -> std::io::Result<bool> {
     }
 }
 
+/// Accept loops of serving listeners that ended (a loop ends by itself
+/// only by panicking): an error line once each, and why the gateway is not
+/// ready. Its socket closed with it, so the kernel gives its share to the
+/// other workers; one worker fewer is still a fault to repair (restart).
+fn dead_loops<'a>(
+    listeners: impl Iterator<Item = (&'a str, &'a CancellationToken, &'a [JoinHandle<()>])>,
+    said: &mut std::collections::HashSet<(String, usize)>,
+) -> Option<String> {
+    let mut dead = Vec::new();
+    let mut names = Vec::new();
+    for (name, stop, tasks) in listeners {
+        names.push(name);
+        if stop.is_cancelled() {
+            continue;
+        }
+        for (worker, task) in tasks.iter().enumerate() {
+            if task.is_finished() {
+                if said.insert((name.to_owned(), worker)) {
+                    tracing::error!(listener = %name, worker, "an accept loop ended while its listener serves (a panic): the other workers take its share; restart the gateway");
+                }
+                dead.push(format!(
+                    "listener {name}: worker {worker}'s accept loop ended"
+                ));
+            }
+        }
+    }
+    said.retain(|(name, _)| names.contains(&name.as_str()));
+    (!dead.is_empty()).then(|| dead.join(", "))
+}
+
 /// A listener that is serving: an accept loop on every worker.
 struct Running {
     bind: SocketAddr,
@@ -869,6 +899,7 @@ impl App {
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut foreign = crate::workers::Watch::default();
+        let mut ended_loops = std::collections::HashSet::new();
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(store) = &self.revisions {
@@ -911,8 +942,15 @@ impl App {
                     let groups = running
                         .iter()
                         .filter_map(|(name, r)| Some((name.as_str(), r.group.as_ref()?)));
-                    self.health
-                        .set_unsafe_to_serve(foreign.look(groups, &self.worker_stats));
+                    let foreign_socket = foreign.look(groups, &self.worker_stats);
+                    let dead_loop = dead_loops(
+                        running.iter().map(|(n, r)| (n.as_str(), &r.stop, r.tasks.as_slice())),
+                        &mut ended_loops,
+                    );
+                    self.health.set_unsafe_to_serve(match (foreign_socket, dead_loop) {
+                        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                        (a, b) => a.or(b),
+                    });
                     match self.watch_rollback(&mut rollback) {
                         Some(job) => job,
                         None => continue,
@@ -1667,6 +1705,34 @@ mod tests {
     /// (revision watched, the one it would go back to).
     fn watched(r: &Rollback) -> Option<(u64, u64)> {
         r.armed.as_ref().map(|(a, _)| (a.revision, a.previous))
+    }
+
+    #[tokio::test]
+    async fn an_accept_loop_that_panicked_is_said_once_and_keeps_the_gateway_unready() {
+        let live = tokio::spawn(std::future::pending::<()>());
+        let panicked = tokio::spawn(async { panic!("an accept loop's bug") });
+        while !panicked.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let tasks = vec![live, panicked];
+        let serving = CancellationToken::new();
+        let mut said = std::collections::HashSet::new();
+        let listeners = || std::iter::once(("edge", &serving, tasks.as_slice()));
+        let why = dead_loops(listeners(), &mut said);
+        assert_eq!(
+            why.as_deref(),
+            Some("listener edge: worker 1's accept loop ended")
+        );
+        assert_eq!(said.len(), 1);
+        // Still unready at the next look, not said again.
+        assert!(dead_loops(listeners(), &mut said).is_some());
+        assert_eq!(said.len(), 1);
+        // A listener being stopped ends its loops: no fault.
+        serving.cancel();
+        assert_eq!(dead_loops(listeners(), &mut said), None);
+        // A listener gone is forgotten.
+        assert_eq!(dead_loops(std::iter::empty(), &mut said), None);
+        assert!(said.is_empty());
     }
 
     #[tokio::test]

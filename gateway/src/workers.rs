@@ -82,11 +82,14 @@ pub enum WorkerError {
 }
 
 /// How many workers when the config does not say: one per CPU the process
-/// may run on (its affinity mask, and a cgroup's CPU quota).
+/// may run on (its affinity mask, and a cgroup's CPU quota), at most
+/// `MAX_WORKERS`.
 pub fn count(configured: Option<NonZeroUsize>) -> NonZeroUsize {
+    let most = NonZeroUsize::new(crate::config::MAX_WORKERS).unwrap_or(NonZeroUsize::MIN);
     configured
         .or_else(|| std::thread::available_parallelism().ok())
         .unwrap_or(NonZeroUsize::MIN)
+        .min(most)
 }
 
 /// One listening socket per worker on `addr`, non-blocking, listening.
