@@ -486,6 +486,9 @@ fn dead_loops<'a>(
     (!dead.is_empty()).then(|| dead.join(", "))
 }
 
+/// How long a reload waits for a removed listener's accept loops to end.
+const LOOP_STOP: Duration = Duration::from_secs(1);
+
 /// A listener that is serving: an accept loop on every worker.
 struct Running {
     bind: SocketAddr,
@@ -1443,11 +1446,22 @@ impl App {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        let mut stopping = Vec::new();
         for name in gone {
             if let Some(r) = running.remove(&name) {
                 // Stop accepting; its live connections drain on their own.
                 r.stop.cancel();
+                stopping.extend(r.tasks);
                 report.listeners_stopped.push(name);
+            }
+        }
+        // Reported stopped once its sockets are closed (each loop drops its
+        // own as it ends), not while a worker may still accept on one.
+        for task in stopping {
+            if tokio::time::timeout(LOOP_STOP, task).await.is_err() {
+                tracing::warn!(
+                    "an accept loop of a removed listener did not stop within {LOOP_STOP:?}; it stops when its worker next runs"
+                );
             }
         }
         for l in &state.listeners {
