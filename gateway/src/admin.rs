@@ -100,6 +100,9 @@ pub enum AdminError {
 pub struct Health {
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Why the gateway must not get new clients although it serves
+    /// (another process listening where it accepts: `workers::Watch`).
+    unsafe_to_serve: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -115,14 +118,25 @@ impl Health {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Some: not ready for that reason until it is set back to None.
+    pub fn set_unsafe_to_serve(&self, why: Option<String>) {
+        *self
+            .unsafe_to_serve
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
     /// None: ready; otherwise why not.
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<String> {
         if self.draining.load(Ordering::SeqCst) {
-            Some("draining")
+            Some("draining".into())
         } else if !self.ready.load(Ordering::SeqCst) {
-            Some("starting")
+            Some("starting".into())
         } else {
-            None
+            self.unsafe_to_serve
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
         }
     }
 }

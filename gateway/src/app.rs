@@ -456,6 +456,39 @@ fn v6_only(socket: &std::net::TcpListener) -> std::io::Result<bool> {
     }
 }
 
+/// Accept loops of serving listeners that ended (a loop ends by itself
+/// only by panicking): an error line once each, and why the gateway is not
+/// ready. Its socket closed with it, so the kernel gives its share to the
+/// other workers; one worker fewer is still a fault to repair (restart).
+fn dead_loops<'a>(
+    listeners: impl Iterator<Item = (&'a str, &'a CancellationToken, &'a [JoinHandle<()>])>,
+    said: &mut std::collections::HashSet<(String, usize)>,
+) -> Option<String> {
+    let mut dead = Vec::new();
+    let mut names = Vec::new();
+    for (name, stop, tasks) in listeners {
+        names.push(name);
+        if stop.is_cancelled() {
+            continue;
+        }
+        for (worker, task) in tasks.iter().enumerate() {
+            if task.is_finished() {
+                if said.insert((name.to_owned(), worker)) {
+                    tracing::error!(listener = %name, worker, "an accept loop ended while its listener serves (a panic): the other workers take its share; restart the gateway");
+                }
+                dead.push(format!(
+                    "listener {name}: worker {worker}'s accept loop ended"
+                ));
+            }
+        }
+    }
+    said.retain(|(name, _)| names.contains(&name.as_str()));
+    (!dead.is_empty()).then(|| dead.join(", "))
+}
+
+/// How long a reload waits for a removed listener's accept loops to end.
+const LOOP_STOP: Duration = Duration::from_secs(1);
+
 /// A listener that is serving: an accept loop on every worker.
 struct Running {
     bind: SocketAddr,
@@ -465,6 +498,9 @@ struct Running {
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// With more than one worker: what the look for other processes
+    /// listening where it accepts needs (see `workers::Watch`).
+    group: Option<crate::workers::Group>,
 }
 
 pub struct App {
@@ -865,6 +901,8 @@ impl App {
         let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut foreign = crate::workers::Watch::default();
+        let mut ended_loops = std::collections::HashSet::new();
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(store) = &self.revisions {
@@ -904,6 +942,18 @@ impl App {
                 _ = tick.tick() => {
                     self.registry.tick();
                     self.admission.tick();
+                    let groups = running
+                        .iter()
+                        .filter_map(|(name, r)| Some((name.as_str(), r.group.as_ref()?)));
+                    let foreign_socket = foreign.look(groups, &self.worker_stats);
+                    let dead_loop = dead_loops(
+                        running.iter().map(|(n, r)| (n.as_str(), &r.stop, r.tasks.as_slice())),
+                        &mut ended_loops,
+                    );
+                    self.health.set_unsafe_to_serve(match (foreign_socket, dead_loop) {
+                        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                        (a, b) => a.or(b),
+                    });
                     match self.watch_rollback(&mut rollback) {
                         Some(job) => job,
                         None => continue,
@@ -1190,6 +1240,13 @@ impl App {
         }
         let bind = l.bind;
         let at = sockets.first().map(accepting).unwrap_or_default();
+        let group = match (sockets.len() > 1, local) {
+            (true, Some(addr)) => Some(crate::workers::Group {
+                at: crate::workers::accepting(addr, sockets.first()),
+                ours: crate::workers::inodes(&sockets),
+            }),
+            _ => None,
+        };
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
         let tasks = sockets
@@ -1219,6 +1276,7 @@ impl App {
             current,
             stop,
             tasks,
+            group,
         }
     }
 
@@ -1388,11 +1446,22 @@ impl App {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        let mut stopping = Vec::new();
         for name in gone {
             if let Some(r) = running.remove(&name) {
                 // Stop accepting; its live connections drain on their own.
                 r.stop.cancel();
+                stopping.extend(r.tasks);
                 report.listeners_stopped.push(name);
+            }
+        }
+        // Reported stopped once its sockets are closed (each loop drops its
+        // own as it ends), not while a worker may still accept on one.
+        for task in stopping {
+            if tokio::time::timeout(LOOP_STOP, task).await.is_err() {
+                tracing::warn!(
+                    "an accept loop of a removed listener did not stop within {LOOP_STOP:?}; it stops when its worker next runs"
+                );
             }
         }
         for l in &state.listeners {
@@ -1650,6 +1719,34 @@ mod tests {
     /// (revision watched, the one it would go back to).
     fn watched(r: &Rollback) -> Option<(u64, u64)> {
         r.armed.as_ref().map(|(a, _)| (a.revision, a.previous))
+    }
+
+    #[tokio::test]
+    async fn an_accept_loop_that_panicked_is_said_once_and_keeps_the_gateway_unready() {
+        let live = tokio::spawn(std::future::pending::<()>());
+        let panicked = tokio::spawn(async { panic!("an accept loop's bug") });
+        while !panicked.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let tasks = vec![live, panicked];
+        let serving = CancellationToken::new();
+        let mut said = std::collections::HashSet::new();
+        let listeners = || std::iter::once(("edge", &serving, tasks.as_slice()));
+        let why = dead_loops(listeners(), &mut said);
+        assert_eq!(
+            why.as_deref(),
+            Some("listener edge: worker 1's accept loop ended")
+        );
+        assert_eq!(said.len(), 1);
+        // Still unready at the next look, not said again.
+        assert!(dead_loops(listeners(), &mut said).is_some());
+        assert_eq!(said.len(), 1);
+        // A listener being stopped ends its loops: no fault.
+        serving.cancel();
+        assert_eq!(dead_loops(listeners(), &mut said), None);
+        // A listener gone is forgotten.
+        assert_eq!(dead_loops(std::iter::empty(), &mut said), None);
+        assert!(said.is_empty());
     }
 
     #[tokio::test]

@@ -643,6 +643,10 @@ fn default_connect_timeout() -> Duration {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
+/// `workers` beyond this is a typo, not a machine: each worker is a thread
+/// with a runtime and a listening socket per listener.
+pub const MAX_WORKERS: usize = 1024;
+
 fn default_max_connections() -> usize {
     10_000
 }
@@ -804,6 +808,13 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(w) = self.workers
+            && w.get() > MAX_WORKERS
+        {
+            return Err(self.invalid(format!(
+                "workers = {w}: at most {MAX_WORKERS} (each is a thread and, per listener, a listening socket)"
+            )));
+        }
         if self.listeners.is_empty() {
             if self.fleet.is_some() {
                 return Err(self.invalid("a [fleet] member's host file: the listeners come from etcd (`gateway fleet push`); check the shared document with `gateway check --config` on it".into()));
@@ -1408,6 +1419,11 @@ mod tests {
         let zero = format!("workers = 0\n{MINIMAL}");
         let err = parse(&zero).unwrap_err().to_string();
         assert!(err.contains("workers"), "{err}");
+        let most = format!("workers = {MAX_WORKERS}\n{MINIMAL}");
+        assert!(parse(&most).is_ok());
+        let beyond = format!("workers = {}\n{MINIMAL}", MAX_WORKERS + 1);
+        let err = parse(&beyond).unwrap_err().to_string();
+        assert!(err.contains("at most 1024"), "{err}");
     }
 
     #[test]
