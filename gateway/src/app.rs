@@ -498,9 +498,6 @@ struct Running {
     current: Arc<ArcSwap<ListenerState>>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
-    /// With more than one worker: what the look for other processes
-    /// listening where it accepts needs (see `workers::Watch`).
-    group: Option<crate::workers::Group>,
 }
 
 pub struct App {
@@ -901,7 +898,6 @@ impl App {
         let mut expiry_check = tokio::time::interval(EXPIRY_CHECK);
         let mut tick = tokio::time::interval(registry::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut foreign = crate::workers::Watch::default();
         let mut ended_loops = std::collections::HashSet::new();
         let mut audit_save = tokio::time::interval(crate::rollout::SAVE_INTERVAL);
         audit_save.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -942,18 +938,10 @@ impl App {
                 _ = tick.tick() => {
                     self.registry.tick();
                     self.admission.tick();
-                    let groups = running
-                        .iter()
-                        .filter_map(|(name, r)| Some((name.as_str(), r.group.as_ref()?)));
-                    let foreign_socket = foreign.look(groups, &self.worker_stats);
-                    let dead_loop = dead_loops(
+                    self.health.set_unsafe_to_serve(dead_loops(
                         running.iter().map(|(n, r)| (n.as_str(), &r.stop, r.tasks.as_slice())),
                         &mut ended_loops,
-                    );
-                    self.health.set_unsafe_to_serve(match (foreign_socket, dead_loop) {
-                        (Some(a), Some(b)) => Some(format!("{a}; {b}")),
-                        (a, b) => a.or(b),
-                    });
+                    ));
                     match self.watch_rollback(&mut rollback) {
                         Some(job) => job,
                         None => continue,
@@ -1240,13 +1228,6 @@ impl App {
         }
         let bind = l.bind;
         let at = sockets.first().map(accepting).unwrap_or_default();
-        let group = match (sockets.len() > 1, local) {
-            (true, Some(addr)) => Some(crate::workers::Group {
-                at: crate::workers::accepting(addr, sockets.first()),
-                ours: crate::workers::inodes(&sockets),
-            }),
-            _ => None,
-        };
         let current = Arc::new(ArcSwap::new(l));
         let stop = self.shutdown.child_token();
         let tasks = sockets
@@ -1276,7 +1257,6 @@ impl App {
             current,
             stop,
             tasks,
-            group,
         }
     }
 

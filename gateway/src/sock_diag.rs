@@ -1,10 +1,9 @@
 //! The kernel's socket diagnostics (NETLINK_SOCK_DIAG), the little the
-//! gateway needs from them: the connected TCP and UDP sockets of this
-//! network namespace with their peer, owner and cgroup, and closing one
-//! (SOCK_DESTROY, which needs CONFIG_INET_DIAG_DESTROY), for the guard (the
-//! connect hooks judge only connects made after they were attached; this
-//! finds the ones made before); and the listening TCP sockets, for the
-//! accept workers (`workers::foreign_listeners`).
+//! guard needs from them: the connected TCP and UDP sockets of this network
+//! namespace with their peer, owner and cgroup, and closing one
+//! (SOCK_DESTROY, which needs CONFIG_INET_DIAG_DESTROY). The connect hooks
+//! judge only connects made after they were attached; this finds the ones
+//! made before.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -25,8 +24,6 @@ pub struct InetSocket {
     /// The cgroup v2 id of the process that made it; None on kernels that
     /// do not report it (before 5.9).
     pub cgroup: Option<u64>,
-    /// An IPv6 socket's IPV6_V6ONLY (false for IPv4).
-    pub v6_only: bool,
     /// What SOCK_DESTROY needs to find it again.
     id: [u8; SOCKID],
     family: u8,
@@ -37,7 +34,6 @@ const REQ: usize = 8 + SOCKID;
 const MSG: usize = 4 + SOCKID + 20;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
-const INET_DIAG_SKV6ONLY: u16 = 11;
 const INET_DIAG_CGROUP_ID: u16 = 21;
 /// TCP states of connections that carry data (not LISTEN, TIME_WAIT,
 /// CLOSE or request sockets): ESTABLISHED, SYN_SENT, FIN_WAIT1/2,
@@ -45,10 +41,6 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 const TCP_STATES: u32 = (1 << 1) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 11);
 /// A connected UDP socket is "established".
 const UDP_STATES: u32 = 1 << 1;
-/// TCP_LISTEN.
-const LISTEN_STATES: u32 = 1 << 10;
-const TCP: u8 = libc::IPPROTO_TCP as u8;
-const UDP: u8 = libc::IPPROTO_UDP as u8;
 
 /// An inet_diag_req_v2 message of type `kind`.
 // Writes fixed offsets of a buffer of the fixed size made here.
@@ -78,22 +70,14 @@ fn request(
 /// Every connected TCP and UDP socket (IPv4 and IPv6) of this thread's
 /// network namespace.
 pub fn connected_sockets() -> io::Result<Vec<InetSocket>> {
-    dump(&[(TCP, TCP_STATES), (UDP, UDP_STATES)])
-}
-
-/// Every listening TCP socket (IPv4 and IPv6) of this thread's network
-/// namespace.
-pub fn tcp_listeners() -> io::Result<Vec<InetSocket>> {
-    dump(&[(TCP, LISTEN_STATES)])
-}
-
-/// The sockets of each (protocol, states) asked for, both families.
-fn dump(what: &[(u8, u32)]) -> io::Result<Vec<InetSocket>> {
     let fd = crate::netlink::open(libc::NETLINK_SOCK_DIAG, 0)?;
     let mut found = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        for &(protocol, states) in what {
+        for (protocol, states) in [
+            (libc::IPPROTO_TCP as u8, TCP_STATES),
+            (libc::IPPROTO_UDP as u8, UDP_STATES),
+        ] {
             let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
             send(
                 &fd,
@@ -155,12 +139,8 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
         .find(|(kind, _)| *kind == INET_DIAG_CGROUP_ID)
         .and_then(|(_, value)| value.get(..8)?.try_into().ok())
         .map(u64::from_ne_bytes);
-    let v6_only = attributes(attrs)
-        .find(|(kind, _)| *kind == INET_DIAG_SKV6ONLY)
-        .and_then(|(_, value)| value.first().copied())
-        .is_some_and(|v| v != 0);
     Some(InetSocket {
-        protocol: if protocol == TCP {
+        protocol: if protocol == libc::IPPROTO_TCP as u8 {
             Protocol::Tcp
         } else {
             Protocol::Udp
@@ -170,7 +150,6 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
         uid: word(12)?,
         inode: word(16)?,
         cgroup,
-        v6_only,
         id,
         family,
     })
@@ -181,8 +160,8 @@ fn parse(body: &[u8], protocol: u8) -> Option<InetSocket> {
 pub fn destroy(target: &InetSocket) -> io::Result<()> {
     let fd = crate::netlink::open(libc::NETLINK_SOCK_DIAG, 0)?;
     let protocol = match target.protocol {
-        Protocol::Tcp => TCP,
-        Protocol::Udp => UDP,
+        Protocol::Tcp => libc::IPPROTO_TCP as u8,
+        Protocol::Udp => libc::IPPROTO_UDP as u8,
     };
     let flags = (libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16;
     send(
@@ -228,31 +207,5 @@ mod tests {
         assert_eq!(ours.uid, unsafe { libc::geteuid() });
         assert_eq!(ours.protocol, Protocol::Tcp);
         assert!(ours.inode > 0);
-    }
-
-    #[test]
-    fn a_listener_is_listed_with_its_address_and_v6_only() {
-        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let v6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
-        v6.set_only_v6(true).unwrap();
-        v6.bind(&"[::1]:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        v6.listen(8).unwrap();
-        let v6_at = v6.local_addr().unwrap().as_socket().unwrap();
-        let listening = tcp_listeners().expect("sock_diag");
-        let four = listening
-            .iter()
-            .find(|s| s.local == v4.local_addr().unwrap())
-            .expect("the IPv4 listener is listed");
-        assert!(!four.v6_only);
-        assert_eq!(four.peer.port(), 0);
-        let six = listening
-            .iter()
-            .find(|s| s.local == v6_at)
-            .expect("the IPv6 listener is listed");
-        assert!(six.v6_only);
-        // Connected sockets are not listeners.
-        let _client = std::net::TcpStream::connect(v4.local_addr().unwrap()).unwrap();
-        assert!(tcp_listeners().unwrap().iter().all(|s| s.peer.port() == 0));
     }
 }

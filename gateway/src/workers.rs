@@ -1,8 +1,12 @@
 //! The accept workers (`workers`): one accept loop per worker and
-//! listener, each on a listening socket of its own that the kernel
-//! balances connections across (`SO_REUSEPORT`), each worker a
-//! current-thread runtime, so a connection lives its whole life on the
-//! thread that accepted it: no work stealing, no cross-core wake-ups.
+//! listener, all on the listener's one listening socket (each worker
+//! waits on a duplicate of it, and whichever wakes first accepts), each
+//! worker a current-thread runtime, so a connection lives its whole life
+//! on the thread that accepted it: no work stealing, no cross-core
+//! wake-ups. Not `SO_REUSEPORT`: any process of the socket's owner could
+//! join such a group and take a share of the clients (or replace the
+//! group's steering program), which no check can close in time (attacker
+//! review 8); one socket without it is the gateway's alone.
 //!
 //! Every worker is a thread started here. The runtime the app runs on (in
 //! `gateway run`, the main thread's) keeps the control plane: the admin
@@ -43,37 +47,6 @@ pub enum WorkerError {
         bind: SocketAddr,
         source: std::io::Error,
     },
-    #[error(
-        "cannot set SO_REUSEPORT on a socket for {bind}, which workers = {workers} needs to give each worker a listening socket of its own: {source} (workers = 1 needs none)"
-    )]
-    Reuseport {
-        bind: SocketAddr,
-        workers: usize,
-        source: std::io::Error,
-    },
-    #[error(
-        "cannot steer {bind}'s connections to the workers' own sockets (SO_ATTACH_REUSEPORT_CBPF): {source}"
-    )]
-    Steer {
-        bind: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error(
-        "another process listens where {bind} accepts, and would take a share of its clients: {foreign}; stop it (`ss -ltnpe 'sport = :{port}'` names it), or use workers = 1, which shares the port with nobody",
-        port = bind.port(),
-        foreign = list(foreign)
-    )]
-    Foreign {
-        bind: SocketAddr,
-        foreign: Vec<Foreign>,
-    },
-    #[error(
-        "cannot check that no other process listens where {bind} accepts (sock_diag): {source}; workers = 1 shares the port with nobody and needs no check"
-    )]
-    Check {
-        bind: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("worker {worker}: cannot start its thread or runtime: {source}")]
     Start {
         worker: usize,
@@ -92,241 +65,23 @@ pub fn count(configured: Option<NonZeroUsize>) -> NonZeroUsize {
         .min(most)
 }
 
-/// One listening socket per worker on `addr`, non-blocking, listening.
-/// With more than one worker they share the port through `SO_REUSEPORT`;
-/// a socket that cannot have it fails the bind (never fewer sockets than
-/// workers, never a worker silently left out).
-///
-/// `SO_REUSEPORT` would also let the sockets join a group another process
-/// of the same user already listens in, splitting its clients with it: so
-/// the port is first bound without it, which fails as a port in use does
-/// without workers, and only then shared. Once they listen, a program
-/// steers each new connection to one of these sockets (another process of
-/// the user could still join the group: it gets none), and no other
-/// process may listen where they accept (see `foreign_listeners`: such a
-/// socket, there in the moment between the probe and the last listen, or
-/// bound to a narrower address, would take clients the steering cannot).
+/// One listening socket on `addr`, non-blocking, listening, and a
+/// duplicate of it for each further worker: every worker's runtime waits
+/// on the same socket, so the port takes no other listener (the kernel
+/// refuses any other bind there, whoever asks), and a connection goes to
+/// whichever worker wakes first.
 pub fn bind(
     addr: SocketAddr,
     workers: NonZeroUsize,
 ) -> Result<Vec<std::net::TcpListener>, WorkerError> {
     let bind_err = |bind, source| WorkerError::Bind { bind, source };
-    let n = workers.get();
-    if n == 1 {
-        return Ok(vec![listen(addr, false).map_err(|e| bind_err(addr, e))?]);
+    let first = listen(addr).map_err(|e| bind_err(addr, e))?;
+    let mut sockets = Vec::with_capacity(workers.get());
+    for _ in 1..workers.get() {
+        sockets.push(first.try_clone().map_err(|e| bind_err(addr, e))?);
     }
-    // The probe: it conflicts with any socket bound there, reuseport or not.
-    let probe = socket(addr).map_err(|e| bind_err(addr, e))?;
-    probe.bind(&addr.into()).map_err(|e| bind_err(addr, e))?;
-    let addr = probe
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .ok_or_else(|| bind_err(addr, std::io::Error::other("no local address after bind")))?;
-    drop(probe);
-    let mut sockets = Vec::with_capacity(n);
-    for _ in 0..n {
-        let socket = socket(addr).map_err(|e| bind_err(addr, e))?;
-        socket
-            .set_reuse_port(true)
-            .map_err(|source| WorkerError::Reuseport {
-                bind: addr,
-                workers: n,
-                source,
-            })?;
-        socket.bind(&addr.into()).map_err(|e| bind_err(addr, e))?;
-        socket.listen(BACKLOG).map_err(|e| bind_err(addr, e))?;
-        sockets.push(socket.into());
-    }
-    if let Some(first) = sockets.first() {
-        steer(first, n).map_err(|source| WorkerError::Steer { bind: addr, source })?;
-    }
-    let ours = inodes(&sockets);
-    let at = accepting(addr, sockets.first());
-    let foreign = foreign_listeners(&at, &ours)
-        .map_err(|source| WorkerError::Check { bind: addr, source })?;
-    if !foreign.is_empty() {
-        return Err(WorkerError::Foreign {
-            bind: addr,
-            foreign,
-        });
-    }
+    sockets.insert(0, first);
     Ok(sockets)
-}
-
-/// Attaches to the `SO_REUSEPORT` group of `socket` a classic BPF program
-/// that picks one of its first `n` sockets (the workers', which joined it
-/// first and in order) at random for each new connection. Without it the
-/// kernel picks by a hash over every socket of the group: another process
-/// of the same user that joined later would get its share, and a client
-/// choosing its source ports could aim its handshakes at one worker.
-fn steer(socket: &std::net::TcpListener, n: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let n = u32::try_from(n).map_err(std::io::Error::other)?;
-    // A = a random u32 (SKF_AD_RANDOM); A %= n; return A: an index into
-    // the group's sockets.
-    let mut program = [
-        libc::sock_filter {
-            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
-            jt: 0,
-            jf: 0,
-            k: (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16,
-            jt: 0,
-            jf: 0,
-            k: n,
-        },
-        libc::sock_filter {
-            code: (libc::BPF_RET | libc::BPF_A) as u16,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        },
-    ];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
-    // SAFETY: the fd is the listener's, open while it is borrowed; the
-    // kernel copies the `len` instructions `fprog` points at, which live
-    // on this stack frame for the whole call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&raw const fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The socket inode of each of `sockets` (as sock_diag and
-/// `/proc/<pid>/fd` name them).
-pub fn inodes(sockets: &[std::net::TcpListener]) -> Vec<u64> {
-    use std::os::fd::AsRawFd as _;
-    sockets
-        .iter()
-        .filter_map(|s| socket_inode(&format!("/proc/self/fd/{}", s.as_raw_fd())))
-        .collect()
-}
-
-/// The inode of the socket a `/proc/<pid>/fd/<n>` link points at.
-fn socket_inode(link: &str) -> Option<u64> {
-    let target = std::fs::read_link(link).ok()?;
-    target
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
-}
-
-/// Where a listening socket bound at `addr` accepts connections: its
-/// address, canonical (an IPv4-mapped IPv6 address takes IPv4), and for a
-/// dual-stack `[::]` also `0.0.0.0`. `socket` tells a `[::]` socket's
-/// IPV6_V6ONLY; without one, `[::]` is taken as dual-stack.
-pub fn accepting(addr: SocketAddr, socket: Option<&std::net::TcpListener>) -> Vec<SocketAddr> {
-    let v6_only = socket
-        .map(|s| socket2::SockRef::from(s).only_v6().unwrap_or(false))
-        .unwrap_or(false);
-    accepting_at(addr, v6_only)
-}
-
-fn accepting_at(addr: SocketAddr, v6_only: bool) -> Vec<SocketAddr> {
-    let canonical = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-    let mut at = vec![canonical];
-    if addr.is_ipv6() && addr.ip().is_unspecified() && !v6_only {
-        at.push(SocketAddr::from(([0, 0, 0, 0], addr.port())));
-    }
-    at
-}
-
-/// Whether a connection could be meant for both: one port, one family,
-/// and one address or a wildcard on either side.
-fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
-}
-
-/// A listening socket of another process where a listener accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Foreign {
-    pub local: SocketAddr,
-    pub uid: u32,
-    pub inode: u64,
-}
-
-impl std::fmt::Display for Foreign {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (uid {}, socket inode {})",
-            self.local, self.uid, self.inode
-        )
-    }
-}
-
-fn list(foreign: &[Foreign]) -> String {
-    foreign
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The listening TCP sockets that would take connections meant for `at`
-/// (a listener's `accepting` addresses) and that this process does not
-/// hold. With its sockets in an `SO_REUSEPORT` group, the kernel lets any
-/// process of the same user bind there too (`ours` are the listener's
-/// own, which need no look in `/proc`): into the group, or to a narrower
-/// address (127.0.0.1 under 0.0.0.0) or an IPv4 wildcard under a
-/// dual-stack `[::]`, which the kernel prefers to the gateway's sockets.
-pub fn foreign_listeners(at: &[SocketAddr], ours: &[u64]) -> std::io::Result<Vec<Foreign>> {
-    let candidates: Vec<Foreign> = crate::sock_diag::tcp_listeners()?
-        .into_iter()
-        .filter(|s| !ours.contains(&u64::from(s.inode)))
-        .filter(|s| {
-            accepting_at(s.local, s.v6_only)
-                .into_iter()
-                .any(|theirs| at.iter().any(|&mine| overlap(mine, theirs)))
-        })
-        .map(|s| Foreign {
-            local: s.local,
-            uid: s.uid,
-            inode: u64::from(s.inode),
-        })
-        .collect();
-    if candidates.is_empty() {
-        return Ok(candidates);
-    }
-    // Another listener of this gateway, or the one a reload is replacing:
-    // held here, so not another process's.
-    let held = held_sockets()?;
-    Ok(candidates
-        .into_iter()
-        .filter(|f| !held.contains(&f.inode))
-        .collect())
-}
-
-/// The inodes of every socket this process holds.
-fn held_sockets() -> std::io::Result<std::collections::HashSet<u64>> {
-    let mut held = std::collections::HashSet::new();
-    for entry in std::fs::read_dir("/proc/self/fd")? {
-        let path = entry?.path();
-        if let Some(inode) = path.to_str().and_then(socket_inode) {
-            held.insert(inode);
-        }
-    }
-    Ok(held)
 }
 
 fn socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -341,9 +96,8 @@ fn socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     Ok(socket)
 }
 
-fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket(addr)?;
-    socket.set_reuse_port(reuse_port)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
@@ -459,19 +213,10 @@ impl Drop for Workers {
 }
 
 /// Per worker: connections admitted, and open now (from admission to
-/// close, handshakes included). Per listener: other processes' sockets
-/// found listening where it accepts (see `Watch`).
+/// close, handshakes included).
 #[derive(Debug)]
 pub struct Stats {
     workers: Vec<Counts>,
-    foreign: std::sync::Mutex<std::collections::BTreeMap<String, ForeignCounts>>,
-    checks_failed: AtomicU64,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct ForeignCounts {
-    now: u64,
-    seen: u64,
 }
 
 #[derive(Debug, Default)]
@@ -484,8 +229,6 @@ impl Stats {
     pub fn new(count: NonZeroUsize) -> Stats {
         Stats {
             workers: (0..count.get()).map(|_| Counts::default()).collect(),
-            foreign: std::sync::Mutex::default(),
-            checks_failed: AtomicU64::new(0),
         }
     }
 
@@ -507,110 +250,7 @@ impl Stats {
             "gateway_worker_open_connections",
             "Connections a worker holds now, from admission to close (handshakes included).",
             each(|c| c.open.load(Ordering::Relaxed)),
-        )?;
-        let foreign: Vec<(String, ForeignCounts)> = self
-            .foreign
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
-            .unwrap_or_default();
-        out.gauge(
-            "gateway_listener_foreign_sockets",
-            "Other processes' sockets listening now where a listener with workers > 1 accepts (they could take its clients); /readyz is 503 while there is one.",
-            foreign.iter().map(|(l, c)| ([("listener", l.clone())], c.now)),
-        )?;
-        out.counter(
-            "gateway_listener_foreign_sockets_seen_total",
-            "Other processes' sockets found listening where a listener with workers > 1 accepts, each counted once.",
-            foreign.iter().map(|(l, c)| ([("listener", l.clone())], c.seen)),
-        )?;
-        out.counter(
-            "gateway_listener_foreign_checks_failed_total",
-            "Looks for other processes' listening sockets that could not be made (sock_diag); /readyz is 503 until one succeeds.",
-            [(crate::metrics::NO_LABELS, self.checks_failed.load(Ordering::Relaxed))],
         )
-    }
-}
-
-/// The once-a-second look for other processes listening where the
-/// listeners accept (`foreign_listeners`): an error line for each socket
-/// as it appears, a line as it goes, the metrics, and the reason `/readyz`
-/// is 503 while any is there (or the look cannot be made).
-#[derive(Debug, Default)]
-pub struct Watch {
-    alerted: std::collections::HashSet<(String, u64)>,
-    failing: bool,
-}
-
-/// What one listener's look needs: where it accepts and its own sockets.
-#[derive(Debug, Clone)]
-pub struct Group {
-    pub at: Vec<SocketAddr>,
-    pub ours: Vec<u64>,
-}
-
-impl Watch {
-    /// Looks at every `(listener, group)`; returns why the gateway is not
-    /// ready, if it is not.
-    pub fn look<'a>(
-        &mut self,
-        groups: impl Iterator<Item = (&'a str, &'a Group)>,
-        stats: &Stats,
-    ) -> Option<String> {
-        let mut found: Vec<(String, Foreign)> = Vec::new();
-        let mut listeners = Vec::new();
-        let mut failed = None;
-        for (listener, group) in groups {
-            listeners.push(listener.to_owned());
-            match foreign_listeners(&group.at, &group.ours) {
-                Ok(f) => found.extend(f.into_iter().map(|f| (listener.to_owned(), f))),
-                Err(e) => failed = Some(format!("listener {listener}: {e}")),
-            }
-        }
-        if let Some(why) = &failed {
-            stats.checks_failed.fetch_add(1, Ordering::Relaxed);
-            if !self.failing {
-                tracing::error!(error = %why, "cannot look for other processes listening where the listeners accept (sock_diag): not ready until it can");
-            }
-        } else if self.failing {
-            tracing::info!("looking for other processes' listening sockets works again");
-        }
-        self.failing = failed.is_some();
-        let now: std::collections::HashSet<(String, u64)> =
-            found.iter().map(|(l, f)| (l.clone(), f.inode)).collect();
-        let mut counts = stats.foreign.lock().unwrap_or_else(|p| p.into_inner());
-        counts.retain(|l, _| listeners.contains(l));
-        for l in &listeners {
-            counts.entry(l.clone()).or_default().now = 0;
-        }
-        for (listener, f) in &found {
-            let c = counts.entry(listener.clone()).or_default();
-            c.now += 1;
-            if !self.alerted.contains(&(listener.clone(), f.inode)) {
-                c.seen += 1;
-                tracing::error!(
-                    listener = %listener,
-                    socket = %f,
-                    "another process listens where the listener accepts and can take a share of its clients: not ready while it does (stop it; `ss -ltnpe` names it)"
-                );
-            }
-        }
-        drop(counts);
-        for (listener, inode) in self.alerted.difference(&now) {
-            tracing::info!(listener = %listener, inode, "the other process's listening socket is gone");
-        }
-        self.alerted = now;
-        if !found.is_empty() {
-            Some(format!(
-                "another process listens where a listener accepts: {}",
-                found
-                    .iter()
-                    .map(|(l, f)| format!("listener {l}: {f}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        } else {
-            failed.map(|why| format!("cannot look for other processes' listening sockets: {why}"))
-        }
     }
 }
 
@@ -673,8 +313,14 @@ mod tests {
     fn a_port_another_reuseport_socket_holds_is_in_use() {
         // Another process of this user sharing the port (a second gateway
         // started by mistake) must not get half the clients.
-        let other = listen("127.0.0.1:0".parse().unwrap(), true).unwrap();
-        let addr = other.local_addr().unwrap();
+        let other =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        other.set_reuse_port(true).unwrap();
+        other
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        other.listen(8).unwrap();
+        let addr = other.local_addr().unwrap().as_socket().unwrap();
         let err = bind(addr, two()).err().map(|e| e.to_string());
         assert!(
             err.as_deref()
@@ -683,39 +329,37 @@ mod tests {
         );
     }
 
-    #[test]
-    fn where_a_socket_accepts_and_what_overlaps_it() {
-        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        assert_eq!(
-            accepting_at(a("[::]:443"), false),
-            [a("[::]:443"), a("0.0.0.0:443")]
-        );
-        assert_eq!(accepting_at(a("[::]:443"), true), [a("[::]:443")]);
-        assert_eq!(
-            accepting_at(a("[::ffff:127.0.0.1]:443"), false),
-            [a("127.0.0.1:443")]
-        );
-        // A narrower address under the wildcard, and the wildcard over it.
-        assert!(overlap(a("0.0.0.0:443"), a("127.0.0.1:443")));
-        assert!(overlap(a("127.0.0.1:443"), a("0.0.0.0:443")));
-        assert!(overlap(a("[::]:443"), a("[::1]:443")));
-        assert!(overlap(a("127.0.0.1:443"), a("127.0.0.1:443")));
-        // Another address, port or family takes nothing meant for it.
-        assert!(!overlap(a("127.0.0.1:443"), a("127.0.0.2:443")));
-        assert!(!overlap(a("0.0.0.0:443"), a("0.0.0.0:444")));
-        assert!(!overlap(a("0.0.0.0:443"), a("[::]:443")));
+    /// The socket an `SO_REUSEPORT` bind of `addr` would get, or its error.
+    fn joiner(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.bind(&addr.into())?;
+        s.listen(8)?;
+        Ok(s)
     }
 
     #[test]
-    fn the_workers_own_sockets_and_any_this_process_holds_are_not_foreign() {
+    fn no_socket_can_join_or_narrow_the_workers_port() {
+        // Attacker review 8: with SO_REUSEPORT sockets, another socket of
+        // the same user could join the group, or bind a narrower address
+        // under the wildcard, and take clients.
         let sockets = bind("127.0.0.1:0".parse().unwrap(), two()).unwrap();
-        let addr = sockets[0].local_addr().unwrap();
-        let at = accepting(addr, sockets.first());
-        let ours = inodes(&sockets);
-        assert_eq!(ours.len(), 2);
-        assert_eq!(foreign_listeners(&at, &ours).unwrap(), []);
-        // Not the listener's own, but held here (a reload's old sockets).
-        assert_eq!(foreign_listeners(&at, &[]).unwrap(), []);
+        let at = sockets[0].local_addr().unwrap();
+        let err = joiner(at).err().map(|e| e.kind());
+        assert_eq!(err, Some(std::io::ErrorKind::AddrInUse));
+        let wide = bind("0.0.0.0:0".parse().unwrap(), two()).unwrap();
+        let port = wide[0].local_addr().unwrap().port();
+        for narrow in ["127.0.0.1", "127.0.0.2"] {
+            let err = joiner(SocketAddr::new(narrow.parse().unwrap(), port))
+                .err()
+                .map(|e| e.kind());
+            assert_eq!(err, Some(std::io::ErrorKind::AddrInUse), "{narrow}");
+        }
     }
 
     #[test]
