@@ -1,5 +1,7 @@
 //! A real etcd member for the fleet tests: loopback, ports picked free,
-//! a data directory of its own, killed when dropped (a failing test too).
+//! a data directory of its own, killed when dropped (a failing test too);
+//! over plain http, or https with client certificates required
+//! (`EtcdPki`, `Etcd::start_tls`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +17,108 @@ pub struct Etcd {
     cluster: String,
     /// The network namespace it runs in (none: this process's).
     netns: Option<String>,
+    /// https on the client URLs, client certificates required.
+    tls: Option<Tls>,
     child: Option<Child>,
+}
+
+/// What an https member and the harness's own client use.
+#[derive(Clone)]
+struct Tls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// etcd's client PKI, made with rcgen (the gateway's `pki` issues no IP
+/// SANs): `ca.pem`, etcd's `server.pem`/`server.key` (for 127.0.0.1 and
+/// localhost; client auth too, as etcd's own gateway dials itself with
+/// it), a client's `client.pem`/`client.key` (0600), and `other-ca.pem`,
+/// a CA that signed nothing here.
+pub struct EtcdPki {
+    pub dir: tempfile::TempDir,
+}
+
+impl EtcdPki {
+    pub fn new() -> EtcdPki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let pki = EtcdPki {
+            dir: tempfile::tempdir().expect("etcd pki dir"),
+        };
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("ca key")).expect("ca")
+        };
+        let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>,
+                    name: &str,
+                    sans: &[&str],
+                    usages: Vec<ExtendedKeyUsagePurpose>| {
+            let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::ExplicitNoCa;
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            params.extended_key_usages = usages;
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &**issuer).expect("leaf");
+            (cert.pem(), key.serialize_pem())
+        };
+        let root = ca("etcd test CA");
+        pki.write("ca.pem", &root.pem());
+        let (cert, key) = leaf(
+            &root,
+            "etcd",
+            &["127.0.0.1", "localhost"],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+        pki.write("server.pem", &cert);
+        pki.write("server.key", &key);
+        let (cert, key) = leaf(
+            &root,
+            "gateway",
+            &[],
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        );
+        pki.write("client.pem", &cert);
+        pki.write("client.key", &key);
+        pki.write("other-ca.pem", &ca("another CA").pem());
+        pki
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A file of the PKI; a key readable by its owner only.
+    fn write(&self, name: &str, contents: &str) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = self.path(name);
+        std::fs::write(&p, contents).expect("write etcd pki file");
+        if name.ends_with(".key") {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                .expect("key mode 0600");
+        }
+    }
+}
+
+impl Default for EtcdPki {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Etcd {
@@ -37,6 +140,7 @@ impl Etcd {
             data: tempfile::tempdir().expect("etcd data dir"),
             cluster: cluster.to_owned(),
             netns: None,
+            tls: None,
             child: None,
         }
     }
@@ -56,8 +160,33 @@ impl Etcd {
         e
     }
 
+    /// A single-member cluster serving its clients over https with
+    /// `pki`'s server certificate, refusing any client without a
+    /// certificate of `pki`'s CA (`--client-cert-auth`); started and
+    /// answering (to the harness's client, with `client.pem`).
+    pub async fn start_tls(pki: &EtcdPki) -> Etcd {
+        let peer = crate::dead_port();
+        let mut e = Etcd::new("m0", peer, &format!("m0=http://{peer}"));
+        e.tls = Some(Tls {
+            ca: pki.path("ca.pem"),
+            cert: pki.path("server.pem"),
+            key: pki.path("server.key"),
+            client_cert: pki.path("client.pem"),
+            client_key: pki.path("client.key"),
+        });
+        e.run();
+        e.wait_ready().await;
+        e
+    }
+
     pub fn url(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
+    }
+
+    /// The etcd log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default()
     }
 
     /// Starts (or starts again, on the same data and ports) the member.
@@ -69,6 +198,15 @@ impl Etcd {
             Some(ns) => crate::netns::in_netns_command(ns, &["etcd"]),
             None => Command::new("etcd"),
         };
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
@@ -111,8 +249,7 @@ impl Etcd {
             {
                 return;
             }
-            let log =
-                std::fs::read_to_string(self.data.path().join("etcd.log")).unwrap_or_default();
+            let log = self.log();
             assert!(
                 Instant::now() < until,
                 "etcd {} not ready:\n{log}",
@@ -123,10 +260,26 @@ impl Etcd {
     }
 
     pub async fn client(&self) -> Result<etcd_client::Client, etcd_client::Error> {
+        etcd_client::Client::connect([self.url()], Some(self.options())).await
+    }
+
+    /// The harness's client options: with https, `EtcdPki`'s CA and client
+    /// certificate.
+    fn options(&self) -> etcd_client::ConnectOptions {
         let options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_timeout(Duration::from_secs(2));
-        etcd_client::Client::connect([self.url()], Some(options)).await
+        let Some(tls) = &self.tls else {
+            return options;
+        };
+        let read = |p: &PathBuf| std::fs::read(p).expect("etcd pki file");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&tls.client_cert),
+                read(&tls.client_key),
+            ));
+        options.with_tls(tls)
     }
 }
 
@@ -136,15 +289,13 @@ impl Etcd {
     /// are made there).
     pub fn put_blocking(&self, key: &str, value: &str) -> Result<(), String> {
         let (url, key, value) = (self.url(), key.to_owned(), value.to_owned());
+        let options = self.options();
         let put = move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let options = etcd_client::ConnectOptions::new()
-                    .with_connect_timeout(Duration::from_secs(1))
-                    .with_timeout(Duration::from_secs(2));
                 let mut c = etcd_client::Client::connect([url], Some(options))
                     .await
                     .map_err(|e| e.to_string())?;

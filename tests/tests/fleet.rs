@@ -2,14 +2,16 @@
 //! reach it within a second through the reload, a broken document written
 //! straight into etcd is refused and changes nothing, and etcd going away
 //! stops nothing (staleness reported, a restart served from the cache,
-//! convergence when etcd is back).
+//! convergence when etcd is back). Over https: push and follow with a
+//! client certificate, and a member that cannot authenticate etcd or
+//! itself never connects.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use gateway_tests::etcd::Etcd;
+use gateway_tests::etcd::{Etcd, EtcdPki};
 use gateway_tests::process::*;
 use gateway_tests::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -816,6 +818,272 @@ async fn the_document_cannot_name_the_guard_s_host_paths() {
     );
     assert!(!outside.exists(), "{log}");
     assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
+}
+
+/// A host file for a member of an https etcd: `host_file`'s, saved as
+/// `file`, its cache `cache` (in the same private state directory), and
+/// `tls` (`ca`, `cert`, `key` lines) added to `[fleet]`.
+fn tls_host_file(
+    pki: &Pki,
+    etcd: &Etcd,
+    admin: SocketAddr,
+    file: &str,
+    cache: &str,
+    tls: &str,
+) -> PathBuf {
+    let text = std::fs::read_to_string(host_file(pki, &[etcd], admin))
+        .unwrap()
+        .replace("fleet.json", cache);
+    pki.write(file, &(text + tls))
+}
+
+/// `[fleet]`'s `ca`, and `cert` and `key` when given.
+fn tls_lines(ca: &Path, client: Option<(&Path, &Path)>) -> String {
+    let mut lines = format!("ca = {:?}\n", ca.display().to_string());
+    if let Some((cert, key)) = client {
+        lines += &format!(
+            "cert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+    }
+    lines
+}
+
+/// An https etcd requiring client certificates, and a member (`host.toml`,
+/// its cache `fleet.json`) with etcd's CA and a client certificate,
+/// serving route `orders` pushed over https.
+struct Tls {
+    etcd_pki: EtcdPki,
+    one: One,
+}
+
+impl Tls {
+    async fn start() -> Tls {
+        let etcd_pki = EtcdPki::new();
+        let etcd = Etcd::start_tls(&etcd_pki).await;
+        assert!(etcd.url().starts_with("https://127.0.0.1:"));
+        let pki = Pki::new();
+        let backend = EchoBackend::start().await;
+        pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+        let admin = dead_port();
+        let tls = tls_lines(
+            &etcd_pki.path("ca.pem"),
+            Some((&etcd_pki.path("client.pem"), &etcd_pki.path("client.key"))),
+        );
+        let host = tls_host_file(&pki, &etcd, admin, "host-tls.toml", "fleet.json", &tls);
+        push(
+            None,
+            &pki,
+            &host,
+            &document(&route("orders", ORDERS, backend.addr)),
+        );
+        let (gw, addr) = run_member(&pki, &host, "gw.stderr");
+        assert!(
+            echoes(None, addr, ORDERS, &pki).await,
+            "{}",
+            std::fs::read_to_string(pki.path("gw.stderr")).unwrap_or_default()
+        );
+        Tls {
+            etcd_pki,
+            one: One {
+                etcd,
+                pki,
+                backend,
+                admin,
+                host,
+                gw,
+                addr,
+            },
+        }
+    }
+}
+
+/// The admin endpoint's `gateway_fleet_connected`, once it answers.
+async fn connected(admin: SocketAddr) -> f64 {
+    value(&scrape(admin).await, "gateway_fleet_connected")
+}
+
+/// An operator's fleet over https to etcd, as the README's example has
+/// it: `fleet push` with a client certificate writes the document, a
+/// member with `ca`, `cert` and `key` reads it at start, serves it, hears
+/// etcd, follows the next push, and `fleet status` answers over https.
+#[tokio::test]
+async fn over_https_with_a_client_certificate_a_push_is_applied_and_served() {
+    let Tls { etcd_pki: _e, one } = Tls::start().await;
+    let (pki, host, addr, admin) = (&one.pki, &one.host, one.addr, one.admin);
+    let log = || std::fs::read_to_string(pki.path("gw.stderr")).unwrap_or_default();
+    assert!(log().contains("starting from etcd's document"), "{}", log());
+    wait_for("the member hears etcd over https", || {
+        log().contains("fleet: watching etcd")
+    });
+    assert_eq!(connected(admin).await, 1.0, "{}", log());
+    assert!(!echoes(None, addr, BILLING, pki).await);
+
+    // The next push, followed over the same https session.
+    let both =
+        route("orders", ORDERS, one.backend.addr) + &route("billing", BILLING, one.backend.addr);
+    push(None, pki, host, &document(&both));
+    let took = all_serve_within(None, &[addr], BILLING, pki, Duration::from_secs(5)).await;
+    eprintln!("route served {took:?} after the push over https");
+    assert!(took.is_some(), "billing not served:\n{}", log());
+
+    let (code, status) = fleet_status(host);
+    assert_eq!(code, 0, "{status}");
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 1, "{status}");
+    assert_eq!(members[0]["on_latest"], true, "{status}");
+    // Each of these connections presented the client certificate; etcd
+    // refused none.
+    assert!(
+        !one.etcd.log().contains("rejected connection"),
+        "{}",
+        one.etcd.log()
+    );
+}
+
+/// A member that cannot authenticate etcd, or etcd it, never connects,
+/// and says why: (a) its `ca` is not the one etcd's certificate chains to,
+/// (b) it has no client certificate (etcd runs with `--client-cert-auth`),
+/// (c) its client key is readable by its group. With a cache it serves
+/// the cached document (`gateway_fleet_connected 0`); without one it does
+/// not start. `fleet push` and `fleet status` with its host file are
+/// refused for the same reason.
+#[tokio::test]
+async fn over_https_a_member_that_cannot_authenticate_etcd_or_itself_never_connects() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Tls { etcd_pki, one } = Tls::start().await;
+    let pki = &one.pki;
+    // The good member's cache: what the refused ones start from.
+    drop(one.gw);
+    assert!(pki.path("state/fleet.json").is_file());
+
+    let shared_key = pki.path("etcd-client-shared.key");
+    std::fs::copy(etcd_pki.path("client.key"), &shared_key).unwrap();
+    std::fs::set_permissions(&shared_key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let cert = etcd_pki.path("client.pem");
+    let cases = [
+        (
+            "a: a CA etcd's certificate does not chain to",
+            tls_lines(
+                &etcd_pki.path("other-ca.pem"),
+                Some((&cert, &etcd_pki.path("client.key"))),
+            ),
+            "UnknownIssuer",
+            true,
+        ),
+        // etcd's alert races its closing the connection: an attempt
+        // reads "connection closed" as often as the alert.
+        (
+            "b: no client certificate",
+            tls_lines(&etcd_pki.path("ca.pem"), None),
+            "received fatal alert: BadCertificate",
+            false,
+        ),
+        (
+            "c: a client key its group can read",
+            tls_lines(&etcd_pki.path("ca.pem"), Some((&cert, &shared_key))),
+            "private key readable by group or others",
+            true,
+        ),
+    ];
+    for (i, (case, tls, why, every)) in cases.iter().enumerate() {
+        let admin = dead_port();
+        // Its cache: the good member's.
+        let host = tls_host_file(
+            pki,
+            &one.etcd,
+            admin,
+            &format!("host-{i}.toml"),
+            "fleet.json",
+            tls,
+        );
+        let stderr = pki.path(&format!("refused-{i}.stderr"));
+        let log = || std::fs::read_to_string(&stderr).unwrap_or_default();
+        let gw = run_binary(&host, &stderr, &[]);
+        let addr = wait_listening(&stderr);
+        assert!(echoes(None, addr, ORDERS, pki).await, "{case}:\n{}", log());
+        assert!(
+            log().contains("starting from the cached document"),
+            "{case}:\n{}",
+            log()
+        );
+        // Said at the start and by each attempt while it runs (or, in
+        // (b), by some attempt).
+        let until = Instant::now() + STEP;
+        while log().matches(why).count() < if *every { 2 } else { 1 } {
+            assert!(Instant::now() < until, "{case}: not said:\n{}", log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(connected(admin).await, 0.0, "{case}:\n{}", log());
+        drop(gw);
+
+        // No cache: it does not start, and says why.
+        let host = tls_host_file(
+            pki,
+            &one.etcd,
+            admin,
+            &format!("host-{i}-new.toml"),
+            &format!("none-{i}.json"),
+            tls,
+        );
+        let stderr = pki.path(&format!("refused-{i}-new.stderr"));
+        let mut gw = run_binary(&host, &stderr, &[]);
+        let status = exits_within(&mut gw.0, STEP).expect("exits without a cache");
+        let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+        assert!(!status.success(), "{case}:\n{said}");
+        assert!(said.contains("etcd unreachable"), "{case}: {said}");
+        assert!(said.contains(why) || !every, "{case}: {said}");
+        assert!(said.contains(&format!("none-{i}.json")), "{case}: {said}");
+        assert!(!said.contains("\"listening\""), "{case}: {said}");
+
+        // The operator's commands with this host file are refused too.
+        let from = pki.write(
+            "shared.toml",
+            &document(&route("orders", ORDERS, one.backend.addr)),
+        );
+        let (host, from) = (host.to_str().unwrap(), from.to_str().unwrap());
+        let (code, _, said) = cli(&[
+            "fleet",
+            "push",
+            "--fail-within",
+            "1h",
+            "--config",
+            host,
+            "--from",
+            from,
+        ]);
+        assert_ne!(code, 0, "{case}: push went through");
+        assert!(said.contains(why) || !every, "{case}: {said}");
+        let (code, _, said) = cli(&["fleet", "status", "--config", host]);
+        assert_eq!(code, 2, "{case}: {said}");
+        assert!(said.contains(why) || !every, "{case}: {said}");
+        eprintln!("{case}: refused: {}", said.trim());
+    }
+    // No `ca`: the system's roots are not used, so etcd's certificate is
+    // trusted by nothing.
+    let no_ca = format!(
+        "cert = {:?}\nkey = {:?}\n",
+        cert.display().to_string(),
+        etcd_pki.path("client.key").display().to_string()
+    );
+    let host = tls_host_file(
+        pki,
+        &one.etcd,
+        dead_port(),
+        "host-no-ca.toml",
+        "fleet.json",
+        &no_ca,
+    );
+    let (code, _, said) = cli(&["fleet", "status", "--config", host.to_str().unwrap()]);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("UnknownIssuer"), "{said}");
+    // (b) is etcd's refusal: the handshake reached it and it said no.
+    let etcd_log = one.etcd.log();
+    assert!(
+        etcd_log.contains("didn't provide a certificate"),
+        "{etcd_log}"
+    );
 }
 
 /// Whether a client with `config` gets an echo through route `orders`.

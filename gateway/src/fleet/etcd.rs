@@ -29,8 +29,30 @@ const RECONCILE_TICKS: u32 = 20;
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-fn etcd_error(e: impl std::fmt::Display) -> FleetError {
-    FleetError::Etcd(e.to_string())
+fn etcd_error<E: std::error::Error + 'static>(e: E) -> FleetError {
+    FleetError::Etcd(describe(&e))
+}
+
+/// An error and its causes. tonic keeps the cause out of a status's
+/// message (etcd refusing a member without a client certificate reads
+/// "transport error" alone; the TLS alert saying why is its source), and
+/// `etcd_client::Error` does not give its status as a source.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = match e.downcast_ref::<etcd_client::Error>() {
+        Some(etcd_client::Error::GRpcStatus(status)) => std::error::Error::source(status),
+        Some(etcd_client::Error::TransportError(t)) => std::error::Error::source(t),
+        _ => e.source(),
+    };
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A client for the first of the member's endpoints that answers a
@@ -113,7 +135,7 @@ pub struct Fetched {
 /// An etcd error of a read: an answer over the client's size limit is
 /// `TooLarge` (the document is refused, etcd is not lost).
 fn read_error(e: etcd_client::Error) -> FleetError {
-    let text = e.to_string();
+    let text = describe(&e);
     if text.contains("message length too large") {
         FleetError::TooLarge(text)
     } else {
