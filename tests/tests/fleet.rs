@@ -1078,6 +1078,20 @@ async fn over_https_a_member_that_cannot_authenticate_etcd_or_itself_never_conne
     let (code, _, said) = cli(&["fleet", "status", "--config", host.to_str().unwrap()]);
     assert_eq!(code, 2, "{said}");
     assert!(said.contains("UnknownIssuer"), "{said}");
+    // (c) as the error advises: `allow_shared_keys = true` lets the
+    // group-readable key be, as it does a listener's.
+    let shared = tls_host_file(
+        pki,
+        &one.etcd,
+        dead_port(),
+        "host-shared-allowed.toml",
+        "fleet.json",
+        &tls_lines(&etcd_pki.path("ca.pem"), Some((&cert, &shared_key))),
+    );
+    let text = std::fs::read_to_string(&shared).unwrap();
+    std::fs::write(&shared, format!("allow_shared_keys = true\n{text}")).unwrap();
+    let (code, _, said) = cli(&["fleet", "status", "--config", shared.to_str().unwrap()]);
+    assert_eq!(code, 0, "allow_shared_keys: {said}");
     // (b) is etcd's refusal: the handshake reached it and it said no.
     let etcd_log = one.etcd.log();
     assert!(

@@ -101,8 +101,17 @@ async fn connect_one(host: &Host, endpoint: &str) -> Result<Client, FleetError> 
             tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
         }
         if let (Some(cert), Some(key)) = (&s.cert, &s.key) {
-            crate::tls::certs::check_key_private(&host.resolve(key))
-                .map_err(|e| FleetError::Etcd(e.to_string()))?;
+            // As a listener's key: `allow_shared_keys` in the host file
+            // lets a group-readable key be (the error says so).
+            let shared_ok = host
+                .table
+                .get("allow_shared_keys")
+                .and_then(toml::Value::as_bool)
+                .unwrap_or(false);
+            if !shared_ok {
+                crate::tls::certs::check_key_private(&host.resolve(key))
+                    .map_err(|e| FleetError::Etcd(e.to_string()))?;
+            }
             tls = tls.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
         }
         options = options.with_tls(tls);
