@@ -259,3 +259,27 @@ fn a_document_over_the_size_limits_is_refused_with_its_own_error() {
         "{e}"
     );
 }
+
+/// Review 4, finding 4: only what needs etcd's leader keeps a session
+/// alive (a keep-alive answer with a TTL, a watch event).
+#[test]
+fn a_session_lives_on_the_leader_s_answers() {
+    use etcd::Liveness;
+    use std::time::Duration;
+    let start = tokio::time::Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut alive = Liveness::new(start);
+    assert!(alive.check(at(1_900)).is_ok());
+    // Keep-alive answers, then none (a progress notice, answered by a
+    // member without a leader, touches nothing): lost after 2 s.
+    alive.kept(5, at(1_500)).unwrap();
+    assert!(alive.check(at(3_400)).is_ok());
+    let lost = alive.check(at(3_600)).unwrap_err().to_string();
+    assert!(lost.contains("no keep-alive answer"), "{lost}");
+    // A watch event is a commit: a leader was there.
+    alive.event(at(3_700));
+    assert!(alive.check(at(5_600)).is_ok());
+    // TTL 0: the lease is gone, no word of a leader.
+    alive.kept(0, at(5_700)).unwrap();
+    assert!(alive.check(at(5_800)).is_err());
+}
