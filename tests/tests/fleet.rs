@@ -965,3 +965,57 @@ async fn a_member_whose_etcd_member_lost_its_leader_is_not_connected() {
         log()
     );
 }
+
+/// Review 4, finding 5: a member whose lease is gone (revoked here; one
+/// expired over a long pause alike: etcd answers its keep-alives with TTL
+/// 0) is back in `gateway fleet status` within a few seconds, under a new
+/// lease, not gone for good.
+#[tokio::test]
+async fn a_member_whose_lease_is_revoked_registers_again() {
+    let one = One::start().await;
+    let mut client = one.etcd.client().await.unwrap();
+    let key = format!("{PREFIX}/members/gw-1");
+    let lease_of = |resp: etcd_client::GetResponse| resp.kvs().first().map(|kv| kv.lease());
+    let started = Instant::now();
+    let lease = loop {
+        if let Some(lease) = lease_of(client.get(key.as_str(), None).await.unwrap()) {
+            break lease;
+        }
+        assert!(started.elapsed() < STEP, "the member never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    client.lease_revoke(lease).await.unwrap();
+    let revoked = Instant::now();
+    assert_eq!(
+        lease_of(client.get(key.as_str(), None).await.unwrap()),
+        None,
+        "the record outlived its lease"
+    );
+    let mut back = None;
+    while revoked.elapsed() < Duration::from_secs(10) {
+        let (_, status) = fleet_status(&one.host);
+        if status["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["name"] == "gw-1" && m["on_latest"] == true)
+        }) {
+            back = Some(revoked.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the record back {back:?} after its lease was revoked");
+    let log = std::fs::read_to_string(one.pki.path("gw.stderr")).unwrap_or_default();
+    let back = back.unwrap_or_else(|| panic!("the record not back 10 s on:\n{log}"));
+    assert!(
+        back < Duration::from_secs(5),
+        "back only {back:?} on:\n{log}"
+    );
+    let now = lease_of(client.get(key.as_str(), None).await.unwrap());
+    assert!(now.is_some_and(|l| l != lease), "{now:?}, revoked {lease}");
+    assert!(
+        connected_within(one.admin, 1.0, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
+}

@@ -388,12 +388,17 @@ impl Liveness {
         Liveness { heard: now }
     }
 
-    /// A keep-alive answer: the leader's word when it carries a TTL (0:
-    /// the lease is gone, which says nothing of a leader).
+    /// A keep-alive answer. A TTL of 0 or less is etcd saying the lease
+    /// is gone (it expired while the member was paused, or was revoked)
+    /// and the member's record with it: the session ends, and the next
+    /// one takes a new lease and registers again (review 4, finding 5).
     pub(super) fn kept(&mut self, ttl: i64, now: tokio::time::Instant) -> Result<(), FleetError> {
-        if ttl > 0 {
-            self.heard = now;
+        if ttl <= 0 {
+            return Err(FleetError::Etcd(
+                "the member's lease is gone (expired or revoked): registering again".into(),
+            ));
         }
+        self.heard = now;
         Ok(())
     }
 

@@ -260,10 +260,11 @@ fn a_document_over_the_size_limits_is_refused_with_its_own_error() {
     );
 }
 
-/// Review 4, finding 4: only what needs etcd's leader keeps a session
-/// alive (a keep-alive answer with a TTL, a watch event).
+/// Review 4, findings 4 and 5: only what needs etcd's leader keeps a
+/// session alive (a keep-alive answer with a TTL, a watch event), and a
+/// keep-alive answer saying the lease is gone ends it.
 #[test]
-fn a_session_lives_on_the_leader_s_answers() {
+fn a_session_lives_on_the_leader_s_answers_and_ends_with_its_lease() {
     use etcd::Liveness;
     use std::time::Duration;
     let start = tokio::time::Instant::now();
@@ -279,7 +280,11 @@ fn a_session_lives_on_the_leader_s_answers() {
     // A watch event is a commit: a leader was there.
     alive.event(at(3_700));
     assert!(alive.check(at(5_600)).is_ok());
-    // TTL 0: the lease is gone, no word of a leader.
-    alive.kept(0, at(5_700)).unwrap();
+    // TTL 0 (or less): the lease expired or was revoked.
+    for ttl in [0, -1] {
+        let gone = alive.kept(ttl, at(5_700)).unwrap_err().to_string();
+        assert!(gone.contains("lease is gone"), "{gone}");
+    }
+    // ... and it did not count as heard.
     assert!(alive.check(at(5_800)).is_err());
 }
