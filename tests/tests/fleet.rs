@@ -1019,3 +1019,72 @@ async fn a_member_whose_lease_is_revoked_registers_again() {
     );
     assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
 }
+
+/// Review 4, finding 6: the same document pushed again (the same text
+/// and files, a new etcd revision) leaves no member shown behind in
+/// `gateway fleet status`: each records the new revision (and
+/// `gateway_fleet_revision` says it), with no reload.
+#[tokio::test]
+async fn the_same_document_pushed_again_shows_every_member_on_the_latest() {
+    let one = One::start().await;
+    let (pki, host) = (&one.pki, &one.host);
+    // A second member, beside the first.
+    let admin2 = dead_port();
+    let text = std::fs::read_to_string(host)
+        .unwrap()
+        .replace(
+            &format!("admin = \"{}\"", one.admin),
+            &format!("admin = \"{admin2}\""),
+        )
+        .replace("gw-1", "gw-2")
+        .replace("fleet.json", "fleet-2.json");
+    let host2 = pki.write("host-2.toml", &text);
+    let (_gw2, addr2) = run_member(pki, &host2, "gw2.stderr");
+    assert!(echoes(None, addr2, ORDERS, pki).await);
+    let all_latest = |want: usize| {
+        let (code, status) = fleet_status(host);
+        let n = status["members"].as_array().map_or(0, Vec::len);
+        (code == 0 && n == want, status)
+    };
+    wait_for("both members registered on the latest", || all_latest(2).0);
+    let (_, before) = all_latest(2);
+    let logs = [pki.path("gw.stderr"), pki.path("gw2.stderr")];
+    let applied: Vec<usize> = logs
+        .iter()
+        .map(|l| log_count(l, "fleet: applied"))
+        .collect();
+
+    push(
+        None,
+        pki,
+        host,
+        &document(&route("orders", ORDERS, one.backend.addr)),
+    );
+    let pushed = Instant::now();
+    let mut took = None;
+    let mut status = serde_json::Value::Null;
+    while pushed.elapsed() < Duration::from_secs(5) {
+        let (all, now) = all_latest(2);
+        status = now;
+        if all && status["latest"] != before["latest"] {
+            took = Some(pushed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("every member on the re-pushed revision {took:?} after the push");
+    assert!(took.is_some(), "a member shown behind:\n{status:#}");
+    let latest = status["latest"].as_f64().unwrap();
+    assert!(latest > before["latest"].as_f64().unwrap(), "{status:#}");
+    for admin in [one.admin, admin2] {
+        assert_eq!(
+            value(&scrape(admin).await, "gateway_fleet_revision"),
+            latest
+        );
+    }
+    let again: Vec<usize> = logs
+        .iter()
+        .map(|l| log_count(l, "fleet: applied"))
+        .collect();
+    assert_eq!(again, applied, "the same document reloaded");
+}

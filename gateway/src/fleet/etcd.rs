@@ -652,6 +652,9 @@ impl Member {
                     if ticks.is_multiple_of(RECONCILE_TICKS) {
                         let fetched = fetch(&mut client, &self.host, None).await?;
                         self.consider(fetched).await;
+                        if registered != self.record {
+                            registered = self.register(&mut client, lease).await?;
+                        }
                     }
                 }
             }
@@ -671,8 +674,23 @@ impl Member {
                 return;
             }
         };
-        if doc.same_as(&self.serving) {
-            return;
+        match super::step(&self.serving, &doc) {
+            super::Step::Nothing => return,
+            super::Step::Relabel(revision) => {
+                // The same document at another revision (pushed again):
+                // served already, so no reload; the revision it is served
+                // at is recorded, or `fleet status` showed the member
+                // behind until the next change (review 4, finding 6).
+                tracing::info!(revision, "fleet: the document serving, pushed again");
+                self.status.revision.store(revision, Ordering::Relaxed);
+                self.record.revision = revision;
+                self.serving.revision = revision;
+                if let Err(e) = super::save_cache(&self.host, &self.serving) {
+                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
+                }
+                return;
+            }
+            super::Step::Apply => {}
         }
         match self.apply(&doc, false).await {
             Ok(report) => {

@@ -288,3 +288,22 @@ fn a_session_lives_on_the_leader_s_answers_and_ends_with_its_lease() {
     // ... and it did not count as heard.
     assert!(alive.check(at(5_800)).is_err());
 }
+
+/// Review 4, finding 6: the same document pushed again (a new revision)
+/// is recorded at that revision without a reload; another is applied.
+#[test]
+fn the_same_document_at_a_new_revision_is_relabelled_not_reloaded() {
+    let files = available(&["clients.pem", "clients.crl", "partners.pem"]);
+    let serving = Document::new(7, DOC.into(), &files).unwrap();
+    let again = Document::new(9, DOC.into(), &files).unwrap();
+    assert_eq!(step(&serving, &serving), Step::Nothing);
+    assert_eq!(step(&serving, &again), Step::Relabel(9));
+    // etcd restored from a backup numbers anew: what it holds is recorded.
+    assert_eq!(step(&again, &serving), Step::Relabel(7));
+    let changed = Document::new(9, DOC.replace("name = \"r\"", "name = \"s\""), &files).unwrap();
+    assert_eq!(step(&serving, &changed), Step::Apply);
+    let mut other_files = files.clone();
+    other_files.insert("clients.crl".into(), b"-----BEGIN X509 CRL-----\n".to_vec());
+    let new_crl = Document::new(7, DOC.into(), &other_files).unwrap();
+    assert_eq!(step(&serving, &new_crl), Step::Apply);
+}
