@@ -429,8 +429,10 @@ pub struct FleetStatus {
     pub connected: std::sync::atomic::AtomicBool,
     /// The etcd revision of the document serving now (0: none yet).
     pub revision: std::sync::atomic::AtomicI64,
-    /// Unix milliseconds of the last answer from etcd (a read, a watch
-    /// event or progress notice); 0: never since start.
+    /// Unix milliseconds of the last answer from etcd's leader (a read, a
+    /// lease keep-alive answer, a watch event; not a watch progress
+    /// notice, which a member without a leader answers too); 0: never
+    /// since start.
     pub last_heard_ms: std::sync::atomic::AtomicI64,
     /// Revisions refused (invalid document, missing file, refused reload).
     pub refused: AtomicU64,
@@ -672,7 +674,7 @@ impl Metrics {
             let fleet = &self.fleet;
             out.gauge(
                 "gateway_fleet_connected",
-                "1 while the fleet member hears etcd (watching its prefix), 0 while it serves its last good document without it.",
+                "1 while the fleet member hears etcd's leader (watching its prefix), 0 while it serves its last good document without it.",
                 [(NO_LABELS, i64::from(fleet.connected.load(Ordering::Relaxed)))],
             )?;
             out.gauge(
@@ -682,7 +684,7 @@ impl Metrics {
             )?;
             out.gauge(
                 "gateway_fleet_watch_age_seconds",
-                "Seconds since etcd last answered the fleet member's watch (staleness).",
+                "Seconds since etcd's leader last answered the fleet member (a lease keep-alive, a watch event, a read): staleness.",
                 [(NO_LABELS, fleet.staleness())],
             )?;
             out.counter(

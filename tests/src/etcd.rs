@@ -131,6 +131,30 @@ impl Etcd {
         e
     }
 
+    /// A cluster of `n` members on loopback (`m0`, `m1`, …), started and
+    /// answering.
+    pub async fn cluster(n: usize) -> Vec<Etcd> {
+        let peers: Vec<SocketAddr> = (0..n).map(|_| crate::dead_port()).collect();
+        let cluster: Vec<String> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("m{i}=http://{p}"))
+            .collect();
+        let cluster = cluster.join(",");
+        let mut members: Vec<Etcd> = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Etcd::new(&format!("m{i}"), *p, &cluster))
+            .collect();
+        for m in &mut members {
+            m.run();
+        }
+        for m in &members {
+            m.wait_ready().await;
+        }
+        members
+    }
+
     /// A member of a cluster named in `cluster` (`name=http://peer,…`); not started.
     pub fn new(name: &str, peer: SocketAddr, cluster: &str) -> Etcd {
         Etcd {

@@ -1147,3 +1147,226 @@ async fn a_restart_does_not_take_an_older_crl_from_etcd_over_the_cache() {
     assert!(log.contains("roll back a CRL"), "{log}");
     assert!(log.contains("starting from the cached document"), "{log}");
 }
+
+/// `gateway_fleet_connected` of the member at `admin`, polled every 50 ms
+/// until it is `want` or `limit` has passed: how long that took.
+async fn connected_within(admin: SocketAddr, want: f64, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if value(&scrape(admin).await, "gateway_fleet_connected") == want {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Review 4, finding 4: a member whose etcd member has lost its leader
+/// (the other two of three stopped: no quorum) reports `connected 0`
+/// within a few seconds, though that etcd member still answers watch
+/// progress requests from its own state (which once kept the member
+/// "connected" until the 10 s reconcile read failed, missing every push
+/// meanwhile); it serves its last good document; with the two back it is
+/// connected again and takes the next push.
+#[tokio::test]
+async fn a_member_whose_etcd_member_lost_its_leader_is_not_connected() {
+    let mut members = Etcd::cluster(3).await;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let admin = dead_port();
+    // Only the first member's endpoint: the gateway has nowhere else to go.
+    let host = host_file(&pki, &[&members[0]], admin);
+    push(
+        None,
+        &pki,
+        &host,
+        &document(&route("orders", ORDERS, backend.addr)),
+    );
+    let (_gw, addr) = run_member(&pki, &host, "gw.stderr");
+    assert!(echoes(None, addr, ORDERS, &pki).await);
+    let log = || std::fs::read_to_string(pki.path("gw.stderr")).unwrap_or_default();
+    assert!(
+        connected_within(admin, 1.0, Duration::from_secs(5))
+            .await
+            .is_some(),
+        "never connected:\n{}",
+        log()
+    );
+    let revision = value(&scrape(admin).await, "gateway_fleet_revision");
+
+    members[1].stop();
+    members[2].stop();
+    // Up to 20 s, so a failure says how long it took (before the fix:
+    // until the reconcile read failed).
+    let took = connected_within(admin, 0.0, Duration::from_secs(20)).await;
+    eprintln!("connected 0 {took:?} after the quorum was lost");
+    let took = took.unwrap_or_else(|| panic!("still connected 20 s on:\n{}", log()));
+    assert!(
+        took < Duration::from_secs(4),
+        "connected 0 only {took:?} after the quorum was lost:\n{}",
+        log()
+    );
+    // Stale since the quorum went: nothing the leader answers came since.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let metrics = scrape(admin).await;
+    assert!(
+        value(&metrics, "gateway_fleet_watch_age_seconds") >= 2.0,
+        "{metrics}"
+    );
+    assert_eq!(value(&metrics, "gateway_fleet_revision"), revision);
+    assert!(
+        echoes(None, addr, ORDERS, &pki).await,
+        "the last good document serves on"
+    );
+    eprintln!(
+        "{}",
+        log()
+            .lines()
+            .filter(|l| l.contains("etcd lost"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // The two back: connected again, and the next push applied.
+    members[1].run();
+    members[2].run();
+    for m in &members {
+        m.wait_ready().await;
+    }
+    let back = connected_within(admin, 1.0, Duration::from_secs(10)).await;
+    eprintln!("connected 1 {back:?} after the quorum answered again");
+    assert!(back.is_some(), "not connected again:\n{}", log());
+    let both = route("orders", ORDERS, backend.addr) + &route("billing", BILLING, backend.addr);
+    push(None, &pki, &host, &document(&both));
+    let took = all_serve_within(None, &[addr], BILLING, &pki, Duration::from_secs(5)).await;
+    eprintln!("the push after the quorum returned served {took:?} after it");
+    assert!(
+        took.is_some(),
+        "the push after the quorum returned not served within 5 s:\n{}",
+        log()
+    );
+}
+
+/// Review 4, finding 5: a member whose lease is gone (revoked here; one
+/// expired over a long pause alike: etcd answers its keep-alives with TTL
+/// 0) is back in `gateway fleet status` within a few seconds, under a new
+/// lease, not gone for good.
+#[tokio::test]
+async fn a_member_whose_lease_is_revoked_registers_again() {
+    let one = One::start().await;
+    let mut client = one.etcd.client().await.unwrap();
+    let key = format!("{PREFIX}/members/gw-1");
+    let lease_of = |resp: etcd_client::GetResponse| resp.kvs().first().map(|kv| kv.lease());
+    let started = Instant::now();
+    let lease = loop {
+        if let Some(lease) = lease_of(client.get(key.as_str(), None).await.unwrap()) {
+            break lease;
+        }
+        assert!(started.elapsed() < STEP, "the member never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    client.lease_revoke(lease).await.unwrap();
+    let revoked = Instant::now();
+    assert_eq!(
+        lease_of(client.get(key.as_str(), None).await.unwrap()),
+        None,
+        "the record outlived its lease"
+    );
+    let mut back = None;
+    while revoked.elapsed() < Duration::from_secs(10) {
+        let (_, status) = fleet_status(&one.host);
+        if status["members"].as_array().is_some_and(|m| {
+            m.iter()
+                .any(|m| m["name"] == "gw-1" && m["on_latest"] == true)
+        }) {
+            back = Some(revoked.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the record back {back:?} after its lease was revoked");
+    let log = std::fs::read_to_string(one.pki.path("gw.stderr")).unwrap_or_default();
+    let back = back.unwrap_or_else(|| panic!("the record not back 10 s on:\n{log}"));
+    assert!(
+        back < Duration::from_secs(5),
+        "back only {back:?} on:\n{log}"
+    );
+    let now = lease_of(client.get(key.as_str(), None).await.unwrap());
+    assert!(now.is_some_and(|l| l != lease), "{now:?}, revoked {lease}");
+    assert!(
+        connected_within(one.admin, 1.0, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    assert!(echoes(None, one.addr, ORDERS, &one.pki).await);
+}
+
+/// Review 4, finding 6: the same document pushed again (the same text
+/// and files, a new etcd revision) leaves no member shown behind in
+/// `gateway fleet status`: each records the new revision (and
+/// `gateway_fleet_revision` says it), with no reload.
+#[tokio::test]
+async fn the_same_document_pushed_again_shows_every_member_on_the_latest() {
+    let one = One::start().await;
+    let (pki, host) = (&one.pki, &one.host);
+    // A second member, beside the first.
+    let admin2 = dead_port();
+    let text = std::fs::read_to_string(host)
+        .unwrap()
+        .replace(
+            &format!("admin = \"{}\"", one.admin),
+            &format!("admin = \"{admin2}\""),
+        )
+        .replace("gw-1", "gw-2")
+        .replace("fleet.json", "fleet-2.json");
+    let host2 = pki.write("host-2.toml", &text);
+    let (_gw2, addr2) = run_member(pki, &host2, "gw2.stderr");
+    assert!(echoes(None, addr2, ORDERS, pki).await);
+    let all_latest = |want: usize| {
+        let (code, status) = fleet_status(host);
+        let n = status["members"].as_array().map_or(0, Vec::len);
+        (code == 0 && n == want, status)
+    };
+    wait_for("both members registered on the latest", || all_latest(2).0);
+    let (_, before) = all_latest(2);
+    let logs = [pki.path("gw.stderr"), pki.path("gw2.stderr")];
+    let applied: Vec<usize> = logs
+        .iter()
+        .map(|l| log_count(l, "fleet: applied"))
+        .collect();
+
+    push(
+        None,
+        pki,
+        host,
+        &document(&route("orders", ORDERS, one.backend.addr)),
+    );
+    let pushed = Instant::now();
+    let mut took = None;
+    let mut status = serde_json::Value::Null;
+    while pushed.elapsed() < Duration::from_secs(5) {
+        let (all, now) = all_latest(2);
+        status = now;
+        if all && status["latest"] != before["latest"] {
+            took = Some(pushed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("every member on the re-pushed revision {took:?} after the push");
+    assert!(took.is_some(), "a member shown behind:\n{status:#}");
+    let latest = status["latest"].as_f64().unwrap();
+    assert!(latest > before["latest"].as_f64().unwrap(), "{status:#}");
+    for admin in [one.admin, admin2] {
+        assert_eq!(
+            value(&scrape(admin).await, "gateway_fleet_revision"),
+            latest
+        );
+    }
+    let again: Vec<usize> = logs
+        .iter()
+        .map(|l| log_count(l, "fleet: applied"))
+        .collect();
+    assert_eq!(again, applied, "the same document reloaded");
+}

@@ -19,8 +19,10 @@ use crate::metrics::FleetStatus;
 /// How long connecting and one read may take before etcd counts as
 /// unreachable (the start then falls back to the cache).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often the watch asks etcd for a progress notice; a watch that has
-/// heard nothing for `SILENT` is taken for lost and made again.
+/// How often the member renews its lease and asks the watch for a
+/// progress notice. A session in which no keep-alive answer (nor watch
+/// event) has come for `SILENT`, or whose watch has answered nothing for
+/// `SILENT`, is taken for lost and made again (see `Liveness`).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const SILENT: Duration = Duration::from_secs(2);
 /// Every this many progress ticks (10 s) the prefix is read whole anyway.
@@ -87,10 +89,15 @@ pub async fn connect(host: &Host) -> Result<Client, FleetError> {
 
 async fn connect_one(host: &Host, endpoint: &str) -> Result<Client, FleetError> {
     let s = &host.settings;
+    // `require_leader`: a member that has lost its leader (cut off from
+    // the majority, or the majority gone) fails every request at once and
+    // cancels the watch and keep-alive streams, rather than answering
+    // from its own, possibly stale, state (review 4, finding 4).
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT);
+        .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
+        .with_require_leader(true);
     if s.ca.is_some() || s.cert.is_some() {
         let read = |p: &std::path::Path| {
             let p = host.resolve(p);
@@ -394,6 +401,55 @@ fn prepare(host: &Host, doc: &Document) -> Result<Config, FleetError> {
     Ok(config)
 }
 
+/// Whether a session still hears a leader of etcd. Only answers that
+/// need one count: a lease keep-alive answer with a TTL (LeaseKeepAlive is
+/// served by the leader; a follower forwards it) and a watch event (a
+/// change committed). A watch progress notice does not: an etcd member
+/// answers it from its own state, leader or not, so a gateway whose etcd
+/// member was cut off from the majority (or had lost it) stayed
+/// "connected" while it missed every revision, a CRL's too, until the
+/// next reconcile read timed out (review 4, finding 4).
+#[derive(Debug)]
+pub(super) struct Liveness {
+    heard: tokio::time::Instant,
+}
+
+impl Liveness {
+    pub(super) fn new(now: tokio::time::Instant) -> Liveness {
+        Liveness { heard: now }
+    }
+
+    /// A keep-alive answer. A TTL of 0 or less is etcd saying the lease
+    /// is gone (it expired while the member was paused, or was revoked)
+    /// and the member's record with it: the session ends, and the next
+    /// one takes a new lease and registers again (review 4, finding 5).
+    pub(super) fn kept(&mut self, ttl: i64, now: tokio::time::Instant) -> Result<(), FleetError> {
+        if ttl <= 0 {
+            return Err(FleetError::Etcd(
+                "the member's lease is gone (expired or revoked): registering again".into(),
+            ));
+        }
+        self.heard = now;
+        Ok(())
+    }
+
+    /// A watch event: committed, so a leader was there.
+    pub(super) fn event(&mut self, now: tokio::time::Instant) {
+        self.heard = now;
+    }
+
+    /// Err once nothing that needs a leader has come for `SILENT`.
+    pub(super) fn check(&self, now: tokio::time::Instant) -> Result<(), FleetError> {
+        let silent = now.saturating_duration_since(self.heard);
+        if silent > SILENT {
+            return Err(FleetError::Etcd(format!(
+                "no keep-alive answer from etcd's leader for {silent:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 type Reapplying = (bool, oneshot::Sender<Result<ReloadReport, ReloadError>>);
 
 /// A member following its prefix: every new document through `reload`,
@@ -520,6 +576,7 @@ impl Member {
         Ok(self.record.clone())
     }
 
+    /// etcd's leader answered (see `Liveness`): the watch age restarts.
     fn heard(&self) {
         self.status
             .last_heard_ms
@@ -537,12 +594,19 @@ impl Member {
         let seen = fetched.revision;
         tracing::info!(revision = seen, "fleet: watching etcd");
         self.consider(fetched).await;
+        let mut alive = Liveness::new(tokio::time::Instant::now());
         let lease = client
             .lease_grant(MEMBER_TTL, None)
             .await
             .map_err(etcd_error)?
             .id();
-        let (mut keeper, mut kept) = client.lease_keep_alive(lease).await.map_err(etcd_error)?;
+        // Its first answer is awaited: bounded, as a member that loses its
+        // leader meanwhile answers none.
+        let (mut keeper, mut kept) =
+            tokio::time::timeout(REQUEST_TIMEOUT, client.lease_keep_alive(lease))
+                .await
+                .map_err(|_| FleetError::Etcd("the lease keep-alive did not start in time".into()))?
+                .map_err(etcd_error)?;
         let mut registered = self.register(&mut client, lease).await?;
         // Only the document's keys: `<prefix>/config` and
         // `<prefix>/files/` (not the members' records, not a nested
@@ -567,7 +631,9 @@ impl Member {
             .map_err(etcd_error)?;
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = tokio::time::Instant::now();
+        // When the watch last answered anything, a progress notice too:
+        // that says the watch stream lives, not that etcd has a leader.
+        let mut watch_answered = tokio::time::Instant::now();
         let mut ticks: u32 = 0;
         loop {
             tokio::select! {
@@ -576,8 +642,7 @@ impl Member {
                 }
                 msg = stream.message() => {
                     let resp = msg.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the watch ended".into()))?;
-                    last = tokio::time::Instant::now();
-                    self.heard();
+                    watch_answered = tokio::time::Instant::now();
                     if resp.canceled() {
                         // Compacted past `seen`, or refused: read whole again.
                         return Err(FleetError::Etcd(format!("the watch was cancelled: {} (compacted at {})", resp.cancel_reason(), resp.compact_revision())));
@@ -589,6 +654,8 @@ impl Member {
                     // #15220), and a change skipped as already seen would
                     // never be applied.
                     if !resp.events().is_empty() {
+                        alive.event(tokio::time::Instant::now());
+                        self.heard();
                         let fetched = fetch(&mut client, &self.host, None).await?;
                         self.consider(fetched).await;
                     }
@@ -596,12 +663,17 @@ impl Member {
                         registered = self.register(&mut client, lease).await?;
                     }
                 }
-                alive = kept.message() => {
-                    alive.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the lease keep-alive ended".into()))?;
+                answer = kept.message() => {
+                    let answer = answer.map_err(etcd_error)?.ok_or_else(|| FleetError::Etcd("the lease keep-alive ended".into()))?;
+                    alive.kept(answer.ttl(), tokio::time::Instant::now())?;
+                    self.heard();
                 }
                 _ = progress.tick() => {
-                    if last.elapsed() > SILENT {
-                        return Err(FleetError::Etcd(format!("no answer for {:?}", last.elapsed())));
+                    let now = tokio::time::Instant::now();
+                    alive.check(now)?;
+                    let quiet = now.saturating_duration_since(watch_answered);
+                    if quiet > SILENT {
+                        return Err(FleetError::Etcd(format!("the watch answered nothing for {quiet:?}")));
                     }
                     watcher.request_progress().await.map_err(etcd_error)?;
                     keeper.keep_alive().await.map_err(etcd_error)?;
@@ -611,6 +683,9 @@ impl Member {
                     if ticks.is_multiple_of(RECONCILE_TICKS) {
                         let fetched = fetch(&mut client, &self.host, None).await?;
                         self.consider(fetched).await;
+                        if registered != self.record {
+                            registered = self.register(&mut client, lease).await?;
+                        }
                     }
                 }
             }
@@ -630,8 +705,23 @@ impl Member {
                 return;
             }
         };
-        if doc.same_as(&self.serving) {
-            return;
+        match super::step(&self.serving, &doc) {
+            super::Step::Nothing => return,
+            super::Step::Relabel(revision) => {
+                // The same document at another revision (pushed again):
+                // served already, so no reload; the revision it is served
+                // at is recorded, or `fleet status` showed the member
+                // behind until the next change (review 4, finding 6).
+                tracing::info!(revision, "fleet: the document serving, pushed again");
+                self.status.revision.store(revision, Ordering::Relaxed);
+                self.record.revision = revision;
+                self.serving.revision = revision;
+                if let Err(e) = super::save_cache(&self.host, &self.serving) {
+                    tracing::error!(error = %e, "fleet: the last good document could not be cached");
+                }
+                return;
+            }
+            super::Step::Apply => {}
         }
         match self.apply(&doc, false).await {
             Ok(report) => {

@@ -326,6 +326,32 @@ impl Document {
     }
 }
 
+/// What a member serving `serving` does with `read`, a document read
+/// from etcd.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The same document at the same revision.
+    Nothing,
+    /// The same document at another revision (the same text and files
+    /// pushed again): no reload; the member records that revision, the one
+    /// `fleet status` compares with (review 4, finding 6). Any other,
+    /// not only a newer one: etcd restored from a backup numbers anew, and
+    /// the member serves exactly what etcd holds at it.
+    Relabel(i64),
+    /// Another document: through the reload.
+    Apply,
+}
+
+pub fn step(serving: &Document, read: &Document) -> Step {
+    if !read.same_as(serving) {
+        Step::Apply
+    } else if read.revision != serving.revision {
+        Step::Relabel(read.revision)
+    } else {
+        Step::Nothing
+    }
+}
+
 /// The names of the shared files `config` (a document) names, each
 /// checked to be a plain name; a host-local setting in it is refused.
 pub fn named_files(config: &str) -> Result<BTreeSet<String>, FleetError> {

@@ -259,3 +259,51 @@ fn a_document_over_the_size_limits_is_refused_with_its_own_error() {
         "{e}"
     );
 }
+
+/// Review 4, findings 4 and 5: only what needs etcd's leader keeps a
+/// session alive (a keep-alive answer with a TTL, a watch event), and a
+/// keep-alive answer saying the lease is gone ends it.
+#[test]
+fn a_session_lives_on_the_leader_s_answers_and_ends_with_its_lease() {
+    use etcd::Liveness;
+    use std::time::Duration;
+    let start = tokio::time::Instant::now();
+    let at = |ms: u64| start + Duration::from_millis(ms);
+    let mut alive = Liveness::new(start);
+    assert!(alive.check(at(1_900)).is_ok());
+    // Keep-alive answers, then none (a progress notice, answered by a
+    // member without a leader, touches nothing): lost after 2 s.
+    alive.kept(5, at(1_500)).unwrap();
+    assert!(alive.check(at(3_400)).is_ok());
+    let lost = alive.check(at(3_600)).unwrap_err().to_string();
+    assert!(lost.contains("no keep-alive answer"), "{lost}");
+    // A watch event is a commit: a leader was there.
+    alive.event(at(3_700));
+    assert!(alive.check(at(5_600)).is_ok());
+    // TTL 0 (or less): the lease expired or was revoked.
+    for ttl in [0, -1] {
+        let gone = alive.kept(ttl, at(5_700)).unwrap_err().to_string();
+        assert!(gone.contains("lease is gone"), "{gone}");
+    }
+    // ... and it did not count as heard.
+    assert!(alive.check(at(5_800)).is_err());
+}
+
+/// Review 4, finding 6: the same document pushed again (a new revision)
+/// is recorded at that revision without a reload; another is applied.
+#[test]
+fn the_same_document_at_a_new_revision_is_relabelled_not_reloaded() {
+    let files = available(&["clients.pem", "clients.crl", "partners.pem"]);
+    let serving = Document::new(7, DOC.into(), &files).unwrap();
+    let again = Document::new(9, DOC.into(), &files).unwrap();
+    assert_eq!(step(&serving, &serving), Step::Nothing);
+    assert_eq!(step(&serving, &again), Step::Relabel(9));
+    // etcd restored from a backup numbers anew: what it holds is recorded.
+    assert_eq!(step(&again, &serving), Step::Relabel(7));
+    let changed = Document::new(9, DOC.replace("name = \"r\"", "name = \"s\""), &files).unwrap();
+    assert_eq!(step(&serving, &changed), Step::Apply);
+    let mut other_files = files.clone();
+    other_files.insert("clients.crl".into(), b"-----BEGIN X509 CRL-----\n".to_vec());
+    let new_crl = Document::new(7, DOC.into(), &other_files).unwrap();
+    assert_eq!(step(&serving, &new_crl), Step::Apply);
+}
