@@ -30,6 +30,10 @@ use crate::state::{ListenerState, Route};
 use crate::tls::CertProblem;
 use crate::upstream::{BackendTls, Upstream, UpstreamError};
 
+/// How often one accept loop says its accepts fail (with how many it did
+/// not say since).
+const ACCEPT_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Accepts until `stop` fires; each connection runs on `tracker` so shutdown
 /// can wait for it. Every accept reads the listener's current state, so a
 /// reload takes effect for the next connection and refuses none. Admission
@@ -48,6 +52,7 @@ pub async fn accept_loop(
     let name = current.load().name.clone();
     let pool = shared.admission.pool(&name);
     let mut reserve = Reserve::new();
+    let (mut warned, mut quiet): (Option<Instant>, u64) = (None, 0);
     loop {
         let (stream, peer) = tokio::select! {
             () = stop.cancelled() => break,
@@ -62,8 +67,19 @@ pub async fn accept_loop(
                 }
                 Err(e) => {
                     // No reserve to refuse with, or another error: back off
-                    // instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    // instead of spinning. A reserve another thread's
+                    // descriptor took is taken back as soon as one is free
+                    // (attacker review 9, F1: it never was, and every loop
+                    // that lost it logged every 50 ms for good).
+                    reserve.retake();
+                    let now = Instant::now();
+                    if warned.is_none_or(|w| now.saturating_duration_since(w) >= ACCEPT_WARN_EVERY) {
+                        tracing::warn!(listener = %name, error = %e, since_last = quiet, "accept failed");
+                        warned = Some(now);
+                        quiet = 0;
+                    } else {
+                        quiet += 1;
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
@@ -110,7 +126,10 @@ pub async fn accept_loop(
 /// the backlog and resets it, counted, rather than leave it waiting there
 /// unanswered while the listener wakes up for it again and again.
 async fn refuse_without_descriptors(socket: &TcpListener, name: &str, shared: &Shared) {
-    let waiting = tokio::time::timeout(std::time::Duration::from_millis(10), socket.accept()).await;
+    // Only a connection already waiting: every worker wakes for each one
+    // and all but one find none, and a reserve left given up while it
+    // waits is a descriptor another thread takes (attacker review 9, F1).
+    let waiting = tokio::time::timeout(std::time::Duration::ZERO, socket.accept()).await;
     if let Ok(Ok((stream, peer))) = waiting {
         offload::reset_if_dropped(&stream, true);
         drop(stream);
