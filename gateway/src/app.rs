@@ -458,8 +458,8 @@ fn v6_only(socket: &std::net::TcpListener) -> std::io::Result<bool> {
 
 /// Accept loops of serving listeners that ended (a loop ends by itself
 /// only by panicking): an error line once each, and why the gateway is not
-/// ready. Its socket closed with it, so the kernel gives its share to the
-/// other workers; one worker fewer is still a fault to repair (restart).
+/// ready. Its duplicate of the socket closed with it and the other workers
+/// take its share; one worker fewer is still a fault to repair (restart).
 fn dead_loops<'a>(
     listeners: impl Iterator<Item = (&'a str, &'a CancellationToken, &'a [JoinHandle<()>])>,
     said: &mut std::collections::HashSet<(String, usize)>,
@@ -1245,7 +1245,7 @@ impl App {
                         }
                         Err(e) => {
                             let name = current.load().name.clone();
-                            tracing::error!(listener = %name, worker, error = %e, "a worker cannot accept on its socket: the kernel sends its share to the others")
+                            tracing::error!(listener = %name, worker, error = %e, "a worker cannot accept on the listener's socket: the other workers take its share")
                         }
                     }
                 })

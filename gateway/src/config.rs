@@ -72,8 +72,8 @@ pub struct Config {
     /// SIGHUP reloads either way.
     #[serde(default = "default_watch_files")]
     pub watch_files: bool,
-    /// Accept workers, each a thread with a current-thread runtime and its
-    /// own `SO_REUSEPORT` socket per listener (see `workers`); none: one
+    /// Accept workers, each a thread with a current-thread runtime waiting
+    /// on every listener's one socket (see `workers`); none: one
     /// per CPU the process may run on (its affinity mask, a cgroup's CPU
     /// quota). Read at start; a reload does not change it.
     pub workers: Option<std::num::NonZeroUsize>,

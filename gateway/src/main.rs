@@ -819,6 +819,9 @@ fn fleet_status(host: &std::path::Path, format: ReportFormat) -> anyhow::Result<
 }
 
 fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+    // Before any key is read or socket bound: another process of the same
+    // user must not read them out of this one.
+    gateway::privilege::not_dumpable()?;
     // A fleet member's config is its host file and etcd's document (or,
     // etcd unreachable, the cached one); a plain one is its file.
     let fleet = gateway::fleet::Host::load(path)?;

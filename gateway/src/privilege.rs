@@ -450,6 +450,21 @@ fn thread_ids() -> Result<Vec<u32>, PrivilegeError> {
     Ok(ids)
 }
 
+/// Makes the process not dumpable: no other process of its user may read
+/// its memory (its private keys), attach to it, or take a copy of its
+/// listening sockets with `pidfd_getfd` (attacker review 9, F3). A drop to
+/// `user` does this too; a gateway started as that user does not.
+pub fn not_dumpable() -> std::io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes integers only; nothing is read or
+    // written through a pointer.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// The user the process runs as now (after a drop, the dropped-to one).
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

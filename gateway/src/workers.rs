@@ -243,7 +243,7 @@ impl Stats {
         };
         out.counter(
             "gateway_worker_connections_total",
-            "Connections admitted to a handshake, by the worker that accepted them (the kernel spreads them over the workers' sockets).",
+            "Connections admitted to a handshake, by the worker that accepted them (whichever free worker wakes first takes one).",
             each(|c| c.admitted.load(Ordering::Relaxed)),
         )?;
         out.gauge(

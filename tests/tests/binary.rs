@@ -1170,3 +1170,51 @@ fn a_key_readable_by_others_is_refused_unless_allowed() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Started as an unprivileged user (no `user` to drop to), the gateway
+/// is not dumpable: another process of that user can neither read its
+/// memory (its keys) nor take a copy of its listening socket through
+/// `pidfd_getfd` (attacker review 9, F3). The kernel shows it by giving
+/// the process's /proc entries to root.
+#[tokio::test]
+async fn started_as_a_plain_user_the_gateway_is_not_dumpable() {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::os::unix::process::CommandExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to start it as nobody");
+        return;
+    }
+    let pki = Pki::new();
+    let (backend, _) = one_line_backend().await;
+    let config = pki.write(
+        "gateway.toml",
+        &(listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[backend], &[SPIFFE_FRONTEND])),
+    );
+    give_to_nobody(&pki);
+    let stderr = pki.path("gateway.stderr");
+    let child = std::process::Command::new(gateway_binary())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config)
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .uid(65534)
+        .gid(65534)
+        .spawn()
+        .unwrap();
+    let gw = Reap(child);
+    let addr = wait_listening(&stderr);
+    let fd_dir = std::fs::metadata(format!("/proc/{}/fd", gw.0.id())).unwrap();
+    assert_eq!(
+        fd_dir.uid(),
+        0,
+        "its /proc entries are its user's: dumpable"
+    );
+    // And it serves as that user.
+    let tls = connect(addr, "orders.example.internal", pki.frontend_config())
+        .await
+        .unwrap();
+    assert_eq!(
+        echo_roundtrip(tls, b"hi\n".to_vec()).await.unwrap(),
+        b"hi\n"
+    );
+}

@@ -143,7 +143,9 @@ async fn out_of_descriptors(workers: usize) -> (usize, usize, usize) {
     let mut hanging = 0;
     for _ in 0..20 {
         if let Ok(mut s) = tcp_from("127.0.4.2", addr).await
-            && closed_within(&mut s, Duration::from_millis(1000)).await.is_none()
+            && closed_within(&mut s, Duration::from_millis(1000))
+                .await
+                .is_none()
         {
             hanging += 1;
         }
@@ -153,7 +155,9 @@ async fn out_of_descriptors(workers: usize) -> (usize, usize, usize) {
     let warned = log.lines().filter(|l| l.contains("accept failed")).count();
     drop(idle);
     drop(gw);
-    eprintln!("workers={workers}: first wave reset {reset}/100, second wave hanging {hanging}/20, 'accept failed' lines {warned}");
+    eprintln!(
+        "workers={workers}: first wave reset {reset}/100, second wave hanging {hanging}/20, 'accept failed' lines {warned}"
+    );
     (reset, hanging, warned)
 }
 

@@ -1,5 +1,5 @@
-//! Many workers (`workers`), one gateway: the kernel spreads connections
-//! over the workers' SO_REUSEPORT sockets, and what is one today stays one
+//! Many workers (`workers`), one gateway: the workers share each
+//! listener's one socket, and what is one today stays one
 //! across them: the listener's limits, the registry a reload re-verifies,
 //! the listeners a reload adds or removes, the drain at shutdown.
 
@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 
 const SNI: &str = "orders.example.internal";
 const WORKERS: usize = 2;
-/// Enough connections that the kernel's hash leaves no worker without
+/// Enough connections that no worker is left without
 /// one (the odds of that are 2 in 2^24).
 const SPREAD: usize = 24;
 
