@@ -965,3 +965,5 @@ impl Drop for Ticket {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod review7;
