@@ -379,9 +379,10 @@ impl Admission {
     /// is kept while the handshake lasts, for the kernel's counts of its
     /// progress (eviction, the minimum rate).
     /// Whether `source` is vouched for: exempt (the operator's own ranges,
-    /// which admission does not track) or known (served a verified
-    /// certificate within `known_for`). What `auto_revert` listens to:
-    /// anyone else can fail a certificate check at will.
+    /// which admission does not track) or known by its exact address
+    /// (served a verified certificate within `known_for`; not merely in a
+    /// known IPv6 /64). What `auto_revert` listens to: anyone else can
+    /// fail a certificate check at will.
     pub fn vouched(&self, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
@@ -389,7 +390,7 @@ impl Admission {
             || self
                 .tables()
                 .sources
-                .is_known(source, &settings, Instant::now())
+                .verified_here(source, &settings, Instant::now())
     }
 
     pub fn admit(
@@ -409,7 +410,10 @@ impl Admission {
         let mut known = false;
         if !exempt {
             let mut t = self.tables();
-            known = t.sources.is_known(source, &settings, now);
+            // Known by its exact address: a host in a known client's
+            // IPv6 /64 that never verified is only admitted past a full
+            // networks table (`Sources::start`), nothing more.
+            known = t.sources.verified_here(source, &settings, now);
             // A prefix or network blocked for strikes (its failures, not
             // this source's) still admits a known source: four failing
             // neighbours must not lock out the clients already served. An
@@ -964,6 +968,6 @@ impl Drop for Ticket {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod review7;
+#[cfg(test)]
+mod tests;

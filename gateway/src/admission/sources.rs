@@ -463,6 +463,11 @@ fn known_key(source: IpAddr) -> IpAddr {
     }
 }
 
+/// Exact addresses kept per known entry (the newest that verified): an
+/// IPv6 host rotating its privacy addresses verifies from a few at a
+/// time.
+const EXACT: usize = 4;
+
 /// A known source: when its certificate last verified, and its address's
 /// count when the addresses' table has no room for it.
 #[derive(Debug, Clone)]
@@ -471,6 +476,23 @@ struct Known {
     tally: Tally,
     /// The identity it last verified as (a keyed hash of its names).
     identity: u64,
+    /// The exact addresses that verified (at most [`EXACT`], newest last,
+    /// each with when it last did): an IPv6 entry stands for its /64,
+    /// but only these addresses get the privileges a certificate earns
+    /// beyond being admitted past full tables.
+    exact: VecDeque<(IpAddr, Instant)>,
+}
+
+impl Known {
+    /// Notes that `source` verified at `now`, the oldest of its exact
+    /// addresses forgotten past [`EXACT`].
+    fn verified_from(&mut self, source: IpAddr, now: Instant) {
+        self.exact.retain(|(a, _)| *a != source);
+        self.exact.push_back((source, now));
+        while self.exact.len() > EXACT {
+            self.exact.pop_front();
+        }
+    }
 }
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
@@ -525,13 +547,36 @@ impl Sources {
         self.table(level).get_mut(&group)
     }
 
-    /// Whether `source` is known: a verified certificate within `known_for`.
+    /// Whether `source` is known: a verified certificate within
+    /// `known_for` from it, or (IPv6) from its /64: enough to be admitted
+    /// past a full networks table (a host whose privacy address rotated
+    /// is still served), nothing more (see [`Sources::verified_here`]).
     pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
         settings.max_known > 0
             && self
                 .known
                 .get_mut(&known_key(source))
                 .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
+    }
+
+    /// Whether a certificate verified from exactly `source` within
+    /// `known_for` (one of the last few addresses of its /64 that did):
+    /// what the stronger privileges need (handshakes not displaced,
+    /// evicting outside a budget, passing strike blocks of its prefix and
+    /// network, being vouched for). A host without a certificate in a
+    /// known client's /64 (an office LAN, a hosting /64) gets none.
+    pub fn verified_here(
+        &mut self,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        settings.max_known > 0
+            && self.known.get_mut(&known_key(source)).is_some_and(|k| {
+                k.exact.iter().any(|(a, at)| {
+                    *a == source && now.saturating_duration_since(*at) <= settings.known_for
+                })
+            })
     }
 
     fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
@@ -865,11 +910,13 @@ impl Sources {
                     verified: now,
                     tally: Tally::new(burst, now),
                     identity,
+                    exact: VecDeque::new(),
                 },
                 |_| true,
             ) {
                 k.verified = now;
                 k.identity = identity;
+                k.verified_from(source, now);
                 k.tally.strikes = k.tally.strikes.saturating_sub(1);
                 if fresh {
                     self.by_identity.entry(identity).or_default().push_back(key);
@@ -933,11 +980,13 @@ impl Sources {
         }
     }
 
-    /// Whether a source in `net` was known (in the known table, lately
-    /// verified or not): a scan of the table, for the rare prefix or
-    /// network block.
+    /// Whether an address in `net` verified (in the known table, lately
+    /// or not): a scan of the table, for the rare prefix or network
+    /// block.
     pub fn knows_in(&self, net: IpNet) -> bool {
-        self.known.keys().any(|k| net.contains(k))
+        self.known
+            .iter()
+            .any(|(_, k)| k.exact.iter().any(|(a, _)| net.contains(a)))
     }
 
     /// Entries tracked per level, and known sources.
@@ -1064,6 +1113,25 @@ mod tests {
         t.verified(ip("192.0.2.1"), "id", &s, now);
         assert!(t.is_known(ip("192.0.2.1"), &s, now));
         assert!(!t.is_known(ip("192.0.2.2"), &s, now));
+        // Review 7 F2: only the exact addresses that verified (the newest
+        // four of the /64) have the stronger privileges.
+        assert!(t.verified_here(ip("2001:db8:1:2::a"), &s, now));
+        assert!(!t.verified_here(ip("2001:db8:1:2:ffff::b"), &s, now));
+        assert!(t.verified_here(ip("192.0.2.1"), &s, now));
+        for i in 1..=4u16 {
+            t.verified(
+                IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, 0x100 + i]),
+                "id",
+                &s,
+                now,
+            );
+        }
+        assert!(!t.verified_here(ip("2001:db8:1:2::a"), &s, now));
+        assert!(t.verified_here(ip("2001:db8:1:2::101"), &s, now));
+        assert!(t.verified_here(ip("2001:db8:1:2::104"), &s, now));
+        assert_eq!(t.lens()[3], 2);
+        assert!(t.knows_in("2001:db8:1:2::/64".parse().unwrap()));
+        assert!(!t.knows_in("2001:db8:1:3::/64".parse().unwrap()));
     }
 
     /// MEDIUM 4 of the second review: one identity verifying from many
