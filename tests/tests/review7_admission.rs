@@ -40,25 +40,25 @@ async fn batch_from(pki: &Pki, from: &str, gw: std::net::SocketAddr) -> Result<(
     (back == b"ping").then_some(()).ok_or("echo".into())
 }
 
-/// F1 (HIGH). One certificate holder, known from a few addresses, keeps
-/// the handshake share with handshakes early in their client's turn: a
-/// real ClientHello, the gateway's flight read, then 700 ms of silence
-/// (under half the grace: "early in its turn", which the ranking never
-/// evicts), then close, and again. Known handshakes are displaced by no
-/// one (neither a known newcomer nor for crowding), so the client served
-/// before (known) is refused `max_handshakes_in_flight`, as is a
-/// first-time one. `identity_share = 0.5` does not touch it (handshakes
-/// are not counted per identity). Its strikes stay under every threshold.
+/// F1 (fixed). One certificate holder, known from 16 addresses of one
+/// /24, tries to keep the handshake share with handshakes early in their
+/// client's turn: a real ClientHello, the gateway's flight read, then
+/// 700 ms of silence (under half the grace: "early in its turn", which
+/// the ranking never evicts), then close, and again. A known source's
+/// handshakes are spared displacement only while its /24 holds at most
+/// four of the share, so its sixteen are crowded out as an unknown
+/// source's would be: the client served before and first-time clients
+/// from another network get through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn f1_one_certificate_holds_the_handshake_share_against_known_clients() {
-    let (known_failed, _new_failed, blocks) = attack(true).await;
+async fn f1_one_certificate_cannot_hold_the_handshake_share() {
+    let (known_failed, new_failed, _) = attack(true).await;
     assert!(
-        known_failed >= CLIENTS * 3 / 4,
-        "only {known_failed} of {CLIENTS} known clients failed"
+        known_failed <= 2,
+        "{known_failed} of {CLIENTS} known clients failed"
     );
     assert!(
-        blocks.iter().all(|l| l.ends_with(" 0")),
-        "the attacker was blocked: {blocks:?}"
+        new_failed <= 2,
+        "{new_failed} of {CLIENTS} first-time clients failed"
     );
 }
 
