@@ -520,7 +520,11 @@ impl Admission {
     /// Blocks `net` (a source, or its prefix or network) for strikes.
     /// Nothing when something as wide already blocks it, or when it would
     /// cover an exempt range; the narrower strikes entries it covers go
-    /// (they expire no later, and the list's room is bounded).
+    /// (they expire no later, and the list's room is bounded). Except a
+    /// known source's own address block: a prefix or network blocked for
+    /// strikes admits known sources (`admit`), so such a block stays
+    /// under one, and is added under one, or a known source's own
+    /// strikes would never hold it (review 7 F3).
     fn block_locked(
         &self,
         t: &mut Tables,
@@ -529,7 +533,16 @@ impl Admission {
         settings: &AdmissionSettings,
         now: Instant,
     ) {
-        if t.blocked.covers(net, now) {
+        let covered =
+            if level == Level::Address && t.sources.verified_here(net.addr(), settings, now) {
+                // Only by a block that refuses it, known as it is.
+                t.blocked.covers_where(net, now, |b| {
+                    !(b.reason == BlockReason::Strikes && b.level != Level::Address)
+                })
+            } else {
+                t.blocked.covers(net, now)
+            };
+        if covered {
             return;
         }
         if let Some(e) = settings
@@ -544,7 +557,7 @@ impl Admission {
         // (A scan of the list: only for a prefix or a network, whose blocks
         // come at most once per `prefix_block_after` strikes; an address
         // covers nothing but itself.)
-        let covered = match level {
+        let mut covered = match level {
             Level::Address => Vec::new(),
             Level::Prefix | Level::Network => t.blocked.select(|b| {
                 net.contains(&b.net)
@@ -552,6 +565,10 @@ impl Admission {
                     && b.expires.is_some_and(|e| e <= expires)
             }),
         };
+        covered.retain(|old| {
+            !(old.prefix_len() == old.max_prefix_len()
+                && t.sources.verified_here(old.addr(), settings, now))
+        });
         let mut kernel = self.kernel();
         for old in covered {
             t.blocked.remove(&old);

@@ -235,14 +235,13 @@ fn f2_a_neighbour_in_a_known_64_gets_none_of_the_strong_privileges() {
     admitted(admission.admit(&pool, 64, 16, served, None)).established();
 }
 
-/// F3 (MEDIUM). A wider strike block takes the place of the narrower ones
-/// inside it, and a strike block of a prefix or network admits a known
-/// source: so a known source's block of its own address (which README
-/// says refuses it) is lifted by a /24 block its neighbours (or it and
-/// its own other addresses) earn, and while the /24 block lasts the
-/// address can never be blocked again (a wider block covers it).
+/// F3 (fixed). A wider strike block took the place of the narrower ones
+/// inside it, a known source's own address block included, and a strike
+/// block of a prefix admits known sources: the address was let in again,
+/// and could not be blocked again under the /24. Now an address's own
+/// block stays under a wider strike block, and is added under one.
 #[test]
-fn f3_a_prefix_block_lifts_a_known_sources_own_address_block() {
+fn f3_a_prefix_block_keeps_a_known_sources_own_address_block() {
     let s = AdmissionSettings {
         block_after: 3,
         prefix_block_after: 4,
@@ -267,14 +266,38 @@ fn f3_a_prefix_block_lifts_a_known_sources_own_address_block() {
     // first lent 3)...
     fail_once(&admission, &pool, client("192.0.2.11", 1));
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
-    assert_eq!(list, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
-    // ...and the blocked address is admitted again, and fails at will.
-    for _ in 0..30 {
-        fail_once(&admission, &pool, a);
+    assert_eq!(
+        list,
+        vec![
+            "192.0.2.0/24".parse::<IpNet>().unwrap(),
+            "192.0.2.10/32".parse::<IpNet>().unwrap()
+        ]
+    );
+    // ...and the blocked address stays refused.
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, a, None)),
+        Refusal::Blocked
+    );
+
+    // A known address whose own strikes come after the /24's block is
+    // blocked under it.
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let b = client("192.0.2.20", 1);
+    verify(&admission, &pool, b, BATCH);
+    for i in 0..2 {
+        fail_once(&admission, &pool, client("192.0.2.30", 1 + i));
+        fail_once(&admission, &pool, client("192.0.2.31", 1 + i));
     }
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
     assert_eq!(list, vec!["192.0.2.0/24".parse::<IpNet>().unwrap()]);
-    admitted(admission.admit(&pool, 100, 100, a, None)).established();
+    for _ in 0..3 {
+        fail_once(&admission, &pool, b);
+    }
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, b, None)),
+        Refusal::Blocked
+    );
 }
 
 /// F4 (LOW). A block made by hand refuses a known source (README), but
