@@ -900,8 +900,12 @@ impl Sources {
                 .known
                 .get_mut(&key)
                 .is_none_or(|k| k.identity != identity);
-            if fresh {
-                self.make_room_for(identity, settings);
+            // At its quota, an identity's new address is not remembered
+            // (its known ones are refreshed as they verify again): one
+            // holder of a shared identity must not flush that identity's
+            // other clients (review 7 F5).
+            if fresh && !self.has_room_for(identity, settings, now) {
+                return;
             }
             let burst = settings.source_handshake_burst;
             if let Some(k) = self.known.entry(
@@ -929,18 +933,19 @@ impl Sources {
         }
     }
 
-    /// Forgets `identity`'s oldest entries until it holds fewer than its
-    /// quota: `known_per_identity`, and at most a quarter of the table
-    /// (0: no quota).
-    fn make_room_for(&mut self, identity: u64, settings: &AdmissionSettings) {
+    /// Whether `identity` holds fewer entries than its quota:
+    /// `known_per_identity`, and at most a quarter of the table (0: no
+    /// quota). Its entries past `known_for` are forgotten first: they
+    /// are no longer known, and must not hold the quota.
+    fn has_room_for(&mut self, identity: u64, settings: &AdmissionSettings, now: Instant) -> bool {
         if settings.known_per_identity == 0 {
-            return;
+            return true;
         }
         let quota = settings
             .known_per_identity
             .min((settings.max_known / 4).max(1));
         let Some(keys) = self.by_identity.get_mut(&identity) else {
-            return;
+            return true;
         };
         // Stale keys out of the count, and a key pushed twice (forgotten,
         // then verified again) counted once, where it was pushed last.
@@ -955,14 +960,22 @@ impl Sources {
             .collect();
         kept.reverse();
         *keys = kept.into();
-        while keys.len() >= quota as usize {
-            let Some(oldest) = keys.pop_front() else {
-                break;
-            };
-            self.known.remove(&oldest);
-            self.known.forgotten += 1;
+        if keys.len() >= quota as usize {
+            let known = &mut self.known;
+            keys.retain(|k| {
+                let live = known.get(k).is_some_and(|e| {
+                    now.saturating_duration_since(e.verified) <= settings.known_for
+                });
+                if !live {
+                    known.remove(k);
+                    known.forgotten += 1;
+                }
+                live
+            });
         }
+        let room = keys.len() < quota as usize;
         self.indexed = self.by_identity.values().map(VecDeque::len).sum();
+        room
     }
 
     /// Rebuilds the identity index from the known table.
@@ -1136,12 +1149,15 @@ mod tests {
 
     /// MEDIUM 4 of the second review: one identity verifying from many
     /// addresses holds at most its quota of the known table (here a
-    /// quarter of 8), replacing its own oldest entries, never another
-    /// identity's.
+    /// quarter of 8), never another identity's entries. Review 7 F5: nor
+    /// its own: at its quota a new address is not remembered, so one
+    /// holder of a shared identity cannot flush that identity's clients;
+    /// an entry past `known_for` makes room.
     #[test]
     fn one_identity_cannot_flush_the_known_table() {
         let s = AdmissionSettings {
             max_known: 8,
+            known_for: Duration::from_secs(60),
             ..settings()
         };
         let mut t = Sources::new(&s);
@@ -1152,13 +1168,23 @@ mod tests {
         }
         assert!(t.is_known(ip("192.0.2.1"), &s, now));
         assert_eq!(t.lens()[3], 3);
-        // The batch identity's newest two are kept, its oldest gone.
-        assert!(t.is_known(ip("10.0.0.50"), &s, now));
-        assert!(t.is_known(ip("10.0.0.49"), &s, now));
-        assert!(!t.is_known(ip("10.0.0.1"), &s, now));
-        // Verifying again from a known address is no new entry.
-        t.verified(ip("10.0.0.50"), "batch", &s, now);
-        assert!(t.is_known(ip("10.0.0.49"), &s, now));
+        // The batch identity's first two are kept, the others not added.
+        assert!(t.is_known(ip("10.0.0.1"), &s, now));
+        assert!(t.is_known(ip("10.0.0.2"), &s, now));
+        assert!(!t.is_known(ip("10.0.0.50"), &s, now));
+        // Verifying again from a known address refreshes it.
+        let later = now + Duration::from_secs(40);
+        t.verified(ip("10.0.0.2"), "batch", &s, later);
+        t.verified(ip("10.0.0.50"), "batch", &s, later);
+        assert!(!t.is_known(ip("10.0.0.50"), &s, later));
+        // Past `known_for`, 10.0.0.1's entry gives way; 10.0.0.2's,
+        // refreshed, does not.
+        let much_later = now + Duration::from_secs(70);
+        t.verified(ip("10.0.0.50"), "batch", &s, much_later);
+        assert!(t.is_known(ip("10.0.0.50"), &s, much_later));
+        assert!(t.is_known(ip("10.0.0.2"), &s, much_later));
+        assert!(!t.is_known(ip("10.0.0.1"), &s, much_later));
+        assert_eq!(t.lens()[3], 3);
     }
 
     #[test]
