@@ -460,3 +460,62 @@ fn f7_an_unknown_newcomer_scans_the_whole_share() {
     );
     assert!(large > small * 10, "{small:?} {large:?}");
 }
+
+/// F8 (fixed). Known status outlived a revocation or the removal of a CA
+/// for `known_for` (24 h). Now a reload that changes a trust anchor or a
+/// CRL (`App::reload` calls `trust_changed`) leaves no source known until
+/// its next verified handshake: it loses the known privileges (passing a
+/// prefix strike block, being admitted past a full networks table);
+/// `auto_revert` still vouches for it, the reload's watch listening to
+/// the clients served before it.
+#[test]
+fn f8_a_reload_that_changes_the_trust_forgets_the_known_sources() {
+    let s = AdmissionSettings {
+        block_after: 3,
+        prefix_block_after: 4,
+        network_block_after: 50,
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
+        ..defaults()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let a = client("192.0.2.10", 1);
+    verify(&admission, &pool, a, BATCH);
+    for i in 0..2 {
+        fail_once(&admission, &pool, client("192.0.2.30", 1 + i));
+        fail_once(&admission, &pool, client("192.0.2.31", 1 + i));
+    }
+    // Known: it passes its /24's strike block.
+    admitted(admission.admit(&pool, 100, 100, a, None)).established();
+    admission.trust_changed();
+    assert!(admission.vouched(a.ip()));
+    assert!(
+        !admission
+            .tables()
+            .sources
+            .is_known(a.ip(), &s, Instant::now())
+    );
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, a, None)),
+        Refusal::Blocked
+    );
+    // Verified again (from elsewhere: here, the /24 is blocked), known
+    // again.
+    let b = client("198.51.100.7", 1);
+    verify(&admission, &pool, b, BATCH);
+    admission.trust_changed();
+    assert!(
+        !admission
+            .tables()
+            .sources
+            .verified_here(b.ip(), &s, Instant::now())
+    );
+    verify(&admission, &pool, b, BATCH);
+    assert!(
+        admission
+            .tables()
+            .sources
+            .verified_here(b.ip(), &s, Instant::now())
+    );
+}
