@@ -427,11 +427,15 @@ impl Pool {
             // known newcomer also looks past the oldest few for one.
             let network = network_of(client);
             let (mine, mine_in) = (s.held(evictor), s.held_in(network));
+            // (Only a known newcomer walks past the oldest few: for
+            // anyone else the filter would reject every place, and the
+            // search walk the whole share under the lock.)
             let strangers = s
                 .answered
                 .iter()
                 .chain(s.hello.iter())
-                .filter(|(_, p)| known && !p.known)
+                .take_while(|_| known)
+                .filter(|(_, p)| !p.known)
                 .take(CANDIDATES);
             let furthest_behind = s
                 .hello
