@@ -1,6 +1,6 @@
 //! Attacker review 7 of admission (main d522308, after 79ebc88 and
-//! f7abc1a), end to end: finding F1. It asserts the harm, so it PASSES on
-//! the code reviewed (turn the assertion round once fixed).
+//! f7abc1a), end to end: findings F1 and F2, both fixed; the tests
+//! assert the fix.
 //!
 //! Run: `cargo test -p gateway-tests --test review7_admission -- --nocapture`
 

@@ -2,8 +2,9 @@
 //! each test shows, at the level of `Admission` (no sockets: a handshake
 //! without a descriptor is judged by time alone, its turn starting at
 //! `hello_read`, as the real one starts at the gateway's flight), one
-//! harm the current code allows. They assert the harm, so they PASS on
-//! the code reviewed; a fix makes them fail (turn the assertions round).
+//! harm the code reviewed allowed. F1, F2, F3, F5, F7 and F8 are fixed
+//! and their tests assert the fix; F1b, F4 and F6 are not, and theirs
+//! still assert the harm (they fail once it is fixed: turn them round).
 //!
 //! Run: `cargo test -p gateway --lib admission::review7 -- --nocapture`
 
