@@ -381,10 +381,11 @@ pub struct AdmissionSettings {
     /// least recently verified is forgotten first; 0: none remembered.
     pub max_known: u32,
     /// Of those, the entries one identity (a certificate's names) may
-    /// hold: a new source of an identity at its quota replaces that
-    /// identity's least recently verified, never another's. One
-    /// certificate holder cannot flush the clients already served. 0: no
-    /// quota.
+    /// hold: a new address of an identity at its quota is not
+    /// remembered (its known ones are refreshed as they verify again,
+    /// one past `known_for` gives way). One certificate holder cannot
+    /// flush the clients already served, of its identity or another's.
+    /// 0: no quota.
     pub known_per_identity: u32,
     /// The share of a listener's `max_connections` one identity (a
     /// certificate's names) may hold past the handshake: a connection

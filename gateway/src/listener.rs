@@ -315,7 +315,12 @@ fn serve<'a>(
         drop(watch);
         let (route, mut tls) = tls;
         if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            let names = conn.identity.as_deref().unwrap_or_default().join(",");
+            // The admission identity key: the names as a JSON list, as
+            // `Identity`'s Display writes them (names joined with "," made
+            // ["urn:a", "urn:b"] and "urn:a,urn:b" one identity, sharing
+            // their `identity_share` and known quota: review 7 F11).
+            let names = serde_json::to_string(conn.identity.as_deref().unwrap_or_default())
+                .unwrap_or_default();
             if !ticket.authenticated(&names) {
                 // One identity holds its share of the listener's slots.
                 ticket.refused(Refusal::IdentityConnections);

@@ -111,6 +111,12 @@ impl BlockList {
 
     /// Whether an entry as wide as `net` or wider blocks all of it now.
     pub fn covers(&self, net: IpNet, now: Instant) -> bool {
+        self.covers_where(net, now, |_| true)
+    }
+
+    /// Whether an entry as wide as `net` or wider, one that `pick` picks,
+    /// blocks all of it now.
+    pub fn covers_where(&self, net: IpNet, now: Instant, pick: impl Fn(&Blocked) -> bool) -> bool {
         let v6 = net.addr().is_ipv6();
         self.lengths
             .keys()
@@ -119,7 +125,7 @@ impl BlockList {
                 IpNet::new(net.addr(), *len).is_ok_and(|wider| {
                     self.entries
                         .get(&wider.trunc())
-                        .is_some_and(|b| b.expires.is_none_or(|e| e > now))
+                        .is_some_and(|b| b.expires.is_none_or(|e| e > now) && pick(b))
                 })
             })
     }

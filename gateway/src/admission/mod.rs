@@ -379,9 +379,11 @@ impl Admission {
     /// is kept while the handshake lasts, for the kernel's counts of its
     /// progress (eviction, the minimum rate).
     /// Whether `source` is vouched for: exempt (the operator's own ranges,
-    /// which admission does not track) or known (served a verified
-    /// certificate within `known_for`). What `auto_revert` listens to:
-    /// anyone else can fail a certificate check at will.
+    /// which admission does not track) or known by its exact address
+    /// (served a verified certificate within `known_for`; not merely in a
+    /// known IPv6 /64), before the last reload that changed the trust
+    /// too. What `auto_revert` listens to: anyone else can fail a
+    /// certificate check at will.
     pub fn vouched(&self, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
@@ -389,7 +391,16 @@ impl Admission {
             || self
                 .tables()
                 .sources
-                .is_known(source, &settings, Instant::now())
+                .vouched(source, &settings, Instant::now())
+    }
+
+    /// A reload changed a trust anchor or a CRL of some listener: the
+    /// sources known so far are known no more until their next verified
+    /// handshake (a revoked client, or one of a CA taken off, keeps none
+    /// of a known source's privileges); `auto_revert` still vouches for
+    /// them, the clients served before the reload it watches.
+    pub fn trust_changed(&self) {
+        self.tables().sources.trust_changed();
     }
 
     pub fn admit(
@@ -409,7 +420,10 @@ impl Admission {
         let mut known = false;
         if !exempt {
             let mut t = self.tables();
-            known = t.sources.is_known(source, &settings, now);
+            // Known by its exact address: a host in a known client's
+            // IPv6 /64 that never verified is only admitted past a full
+            // networks table (`Sources::start`), nothing more.
+            known = t.sources.verified_here(source, &settings, now);
             // A prefix or network blocked for strikes (its failures, not
             // this source's) still admits a known source: four failing
             // neighbours must not lock out the clients already served. An
@@ -516,7 +530,11 @@ impl Admission {
     /// Blocks `net` (a source, or its prefix or network) for strikes.
     /// Nothing when something as wide already blocks it, or when it would
     /// cover an exempt range; the narrower strikes entries it covers go
-    /// (they expire no later, and the list's room is bounded).
+    /// (they expire no later, and the list's room is bounded). Except a
+    /// known source's own address block: a prefix or network blocked for
+    /// strikes admits known sources (`admit`), so such a block stays
+    /// under one, and is added under one, or a known source's own
+    /// strikes would never hold it (review 7 F3).
     fn block_locked(
         &self,
         t: &mut Tables,
@@ -525,7 +543,16 @@ impl Admission {
         settings: &AdmissionSettings,
         now: Instant,
     ) {
-        if t.blocked.covers(net, now) {
+        let covered =
+            if level == Level::Address && t.sources.verified_here(net.addr(), settings, now) {
+                // Only by a block that refuses it, known as it is.
+                t.blocked.covers_where(net, now, |b| {
+                    !(b.reason == BlockReason::Strikes && b.level != Level::Address)
+                })
+            } else {
+                t.blocked.covers(net, now)
+            };
+        if covered {
             return;
         }
         if let Some(e) = settings
@@ -540,7 +567,7 @@ impl Admission {
         // (A scan of the list: only for a prefix or a network, whose blocks
         // come at most once per `prefix_block_after` strikes; an address
         // covers nothing but itself.)
-        let covered = match level {
+        let mut covered = match level {
             Level::Address => Vec::new(),
             Level::Prefix | Level::Network => t.blocked.select(|b| {
                 net.contains(&b.net)
@@ -548,6 +575,10 @@ impl Admission {
                     && b.expires.is_some_and(|e| e <= expires)
             }),
         };
+        covered.retain(|old| {
+            !(old.prefix_len() == old.max_prefix_len()
+                && t.sources.verified_here(old.addr(), settings, now))
+        });
         let mut kernel = self.kernel();
         for old in covered {
             t.blocked.remove(&old);
@@ -963,5 +994,7 @@ impl Drop for Ticket {
     }
 }
 
+#[cfg(test)]
+mod review7;
 #[cfg(test)]
 mod tests;

@@ -50,6 +50,15 @@ const CANDIDATES: usize = 8;
 const EVICTIONS_PER_SECOND: u32 = 16;
 const EVICTION_BURST: u32 = 32;
 
+/// A known source's handshakes are spared a newcomer's displacement
+/// (crowding, the known lane) only while its source (an IPv4 /24, an
+/// IPv6 /64) holds at most this many of the share, and its network (an
+/// IPv4 /16, an IPv6 /48) at most `KNOWN_SPARED_PER_NETWORK`: a client
+/// already served keeps a few parallel handshakes, but one certificate
+/// verified from a few addresses cannot hold the whole share.
+const KNOWN_SPARED_PER_SOURCE: u32 = 4;
+const KNOWN_SPARED_PER_NETWORK: u32 = 16;
+
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
 /// when none is, the newcomer does not evict.
@@ -210,7 +219,8 @@ pub(super) struct Place {
     network: IpAddr,
     /// Its source was known (a verified certificate within `known_for`)
     /// when admitted: only the ranking evicts it, never a newcomer's
-    /// crowding or another known source.
+    /// crowding or another known source, while its source and network
+    /// hold no more than a few of the share (`displaceable`).
     known: bool,
     accepted: Instant,
     /// A duplicate of the connection's socket, for the kernel's counts of
@@ -314,16 +324,26 @@ impl Place {
     }
 
     /// Its standing when a newcomer may displace it although the ranking
-    /// protects it; never a known source's (a client already served keeps
-    /// its handshakes early in their turns, in parallel or not). A known
-    /// newcomer displaces any other (`Unknown`): the lane for clients
-    /// already served, which no number of sources each holding one place
-    /// can close. A newcomer from another network displaces one whose
-    /// source, or network, holds two more of the share than its own
-    /// (`Crowded`): peers sending real ClientHellos do not keep out a
-    /// network that holds none.
-    fn displaceable(&self, now: Instant, crowded: bool, newcomer_known: bool) -> Option<Standing> {
-        if self.known {
+    /// protects it; never a known source's while its source holds `held`
+    /// of the share and its network `held_in` within
+    /// `KNOWN_SPARED_PER_SOURCE` and `KNOWN_SPARED_PER_NETWORK` (a client
+    /// already served keeps a few handshakes early in their turns; past
+    /// that it is weighed as any other: one certificate from a few
+    /// addresses must not hold the share). A known newcomer displaces any
+    /// other (`Unknown`): the lane for clients already served, which no
+    /// number of sources each holding one place can close. A newcomer
+    /// from another network displaces one whose source, or network,
+    /// holds two more of the share than its own (`Crowded`): peers
+    /// sending real ClientHellos do not keep out a network that holds
+    /// none.
+    fn displaceable(
+        &self,
+        now: Instant,
+        crowded: bool,
+        newcomer_known: bool,
+        (held, held_in): (u32, u32),
+    ) -> Option<Standing> {
+        if self.known && held <= KNOWN_SPARED_PER_SOURCE && held_in <= KNOWN_SPARED_PER_NETWORK {
             return None;
         }
         let waited = std::cmp::Reverse(now.saturating_duration_since(self.accepted));
@@ -407,11 +427,15 @@ impl Pool {
             // known newcomer also looks past the oldest few for one.
             let network = network_of(client);
             let (mine, mine_in) = (s.held(evictor), s.held_in(network));
+            // (Only a known newcomer walks past the oldest few: for
+            // anyone else the filter would reject every place, and the
+            // search walk the whole share under the lock.)
             let strangers = s
                 .answered
                 .iter()
                 .chain(s.hello.iter())
-                .filter(|(_, p)| known && !p.known)
+                .take_while(|_| known)
+                .filter(|(_, p)| !p.known)
                 .take(CANDIDATES);
             let furthest_behind = s
                 .hello
@@ -430,7 +454,7 @@ impl Pool {
                         p.network != network && (held >= mine + 2 || held_in >= mine_in + 2);
                     let standing = match p.standing(now) {
                         Some(standing) => standing,
-                        None => p.displaceable(now, crowded, known)?,
+                        None => p.displaceable(now, crowded, known, (held, held_in))?,
                     };
                     Some((standing, std::cmp::Reverse((held, held_in)), *id))
                 })
@@ -961,6 +985,49 @@ mod tests {
             pool.take_plain(from([198, 51, 100, 1]), 10, 2).err(),
             Some(Refusal::MaxHandshakesInFlight)
         );
+    }
+
+    /// Review 7 F1: a known source's handshakes are spared crowding only
+    /// while its /24 holds at most four of the share (and its /16 at
+    /// most sixteen): past that, one certificate verified from a few
+    /// addresses gives way to a newcomer from another network like any
+    /// other source, and to a known newcomer.
+    #[test]
+    fn a_known_source_holding_more_than_a_few_handshakes_is_crowded_like_any() {
+        let pool = Pool::new("edge");
+        for h in 1..=4 {
+            let t = pool
+                .take(from([203, 0, 113, h]), None, 20, 4, true)
+                .unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        assert_eq!(
+            pool.take_plain(from([198, 51, 100, 1]), 20, 4).err(),
+            Some(Refusal::MaxHandshakesInFlight)
+        );
+        let pool = Pool::new("edge");
+        for h in 1..=5 {
+            let t = pool
+                .take(from([203, 0, 113, h]), None, 20, 5, true)
+                .unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        let other = pool.take_plain(from([198, 51, 100, 1]), 20, 5).unwrap();
+        assert_eq!(other.evicted, Some(from([203, 0, 113, 1])));
+        pool.advance(other.id, &other.place, Stage::Answered);
+        // (Back to four: spared again; the stranger gives way.)
+        let known = pool.take(from([192, 0, 2, 1]), None, 20, 5, true).unwrap();
+        assert_eq!(known.evicted, Some(from([198, 51, 100, 1])));
+        // Seventeen of one /16, four per /24 at most: its network is over.
+        let pool = Pool::new("edge");
+        for n in 0..17u8 {
+            let t = pool
+                .take(from([203, 0, n / 4, 1 + n % 4]), None, 40, 17, true)
+                .unwrap();
+            pool.advance(t.id, &t.place, Stage::Answered);
+        }
+        let other = pool.take_plain(from([198, 51, 100, 1]), 40, 17).unwrap();
+        assert!(other.evicted.is_some());
     }
 
     /// Sources rotated within one network (/16) add up there: each /24

@@ -463,6 +463,11 @@ fn known_key(source: IpAddr) -> IpAddr {
     }
 }
 
+/// Exact addresses kept per known entry (the newest that verified): an
+/// IPv6 host rotating its privacy addresses verifies from a few at a
+/// time.
+const EXACT: usize = 4;
+
 /// A known source: when its certificate last verified, and its address's
 /// count when the addresses' table has no room for it.
 #[derive(Debug, Clone)]
@@ -471,6 +476,26 @@ struct Known {
     tally: Tally,
     /// The identity it last verified as (a keyed hash of its names).
     identity: u64,
+    /// The trust it last verified under ([`Sources::trust_changed`]): an
+    /// entry of an older trust is vouched for, and known no more.
+    trust: u64,
+    /// The exact addresses that verified (at most [`EXACT`], newest last,
+    /// each with when it last did): an IPv6 entry stands for its /64,
+    /// but only these addresses get the privileges a certificate earns
+    /// beyond being admitted past full tables.
+    exact: VecDeque<(IpAddr, Instant)>,
+}
+
+impl Known {
+    /// Notes that `source` verified at `now`, the oldest of its exact
+    /// addresses forgotten past [`EXACT`].
+    fn verified_from(&mut self, source: IpAddr, now: Instant) {
+        self.exact.retain(|(a, _)| *a != source);
+        self.exact.push_back((source, now));
+        while self.exact.len() > EXACT {
+            self.exact.pop_front();
+        }
+    }
 }
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
@@ -495,6 +520,9 @@ pub(super) struct Sources {
     /// Handshakes of known sources admitted past a full networks table,
     /// since start.
     pub known_admitted: u64,
+    /// Bumped by a reload that changes a trust anchor or a CRL: entries
+    /// verified before are known no more (review 7 F8).
+    trust: u64,
 }
 
 impl Sources {
@@ -510,6 +538,7 @@ impl Sources {
             identities: RandomState::new(),
             allocations: HashMap::new(),
             known_admitted: 0,
+            trust: 0,
         }
     }
 
@@ -525,13 +554,64 @@ impl Sources {
         self.table(level).get_mut(&group)
     }
 
-    /// Whether `source` is known: a verified certificate within `known_for`.
+    /// Whether `source` is known: a verified certificate within
+    /// `known_for` from it, or (IPv6) from its /64: enough to be admitted
+    /// past a full networks table (a host whose privacy address rotated
+    /// is still served), nothing more (see [`Sources::verified_here`]).
     pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+        let trust = self.trust;
         settings.max_known > 0
-            && self
-                .known
-                .get_mut(&known_key(source))
-                .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
+            && self.known.get_mut(&known_key(source)).is_some_and(|k| {
+                k.trust == trust && now.saturating_duration_since(k.verified) <= settings.known_for
+            })
+    }
+
+    /// Whether a certificate verified from exactly `source` within
+    /// `known_for` (one of the last few addresses of its /64 that did):
+    /// what the stronger privileges need (handshakes not displaced,
+    /// evicting outside a budget, passing strike blocks of its prefix and
+    /// network, being vouched for). A host without a certificate in a
+    /// known client's /64 (an office LAN, a hosting /64) gets none.
+    pub fn verified_here(
+        &mut self,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let trust = self.trust;
+        self.verified_from(source, settings, now, |k| k.trust == trust)
+    }
+
+    /// Whether a certificate verified from exactly `source` within
+    /// `known_for`, under the trust of now or of before the last reload
+    /// that changed it: what `auto_revert` listens to (the clients served
+    /// before that reload).
+    pub fn vouched(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+        self.verified_from(source, settings, now, |_| true)
+    }
+
+    fn verified_from(
+        &mut self,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+        trusted: impl Fn(&Known) -> bool,
+    ) -> bool {
+        settings.max_known > 0
+            && self.known.get_mut(&known_key(source)).is_some_and(|k| {
+                trusted(k)
+                    && k.exact.iter().any(|(a, at)| {
+                        *a == source && now.saturating_duration_since(*at) <= settings.known_for
+                    })
+            })
+    }
+
+    /// A reload changed a trust anchor or a CRL: every source known so
+    /// far is known no more (a revoked client, one of a CA taken off,
+    /// keeps no privilege), until its next verified handshake; only
+    /// `auto_revert` still vouches for them ([`Sources::vouched`]).
+    pub fn trust_changed(&mut self) {
+        self.trust += 1;
     }
 
     fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
@@ -851,12 +931,17 @@ impl Sources {
         if settings.max_known > 0 {
             let key = known_key(source);
             let identity = self.identities.hash_one(identity);
+            let trust = self.trust;
             let fresh = self
                 .known
                 .get_mut(&key)
-                .is_none_or(|k| k.identity != identity);
-            if fresh {
-                self.make_room_for(identity, settings);
+                .is_none_or(|k| k.identity != identity || k.trust != trust);
+            // At its quota, an identity's new address is not remembered
+            // (its known ones are refreshed as they verify again): one
+            // holder of a shared identity must not flush that identity's
+            // other clients (review 7 F5).
+            if fresh && !self.has_room_for(identity, settings, now) {
+                return;
             }
             let burst = settings.source_handshake_burst;
             if let Some(k) = self.known.entry(
@@ -865,11 +950,19 @@ impl Sources {
                     verified: now,
                     tally: Tally::new(burst, now),
                     identity,
+                    trust,
+                    exact: VecDeque::new(),
                 },
                 |_| true,
             ) {
+                if k.trust != trust {
+                    // Its old addresses verified under another trust.
+                    k.exact.clear();
+                }
                 k.verified = now;
                 k.identity = identity;
+                k.trust = trust;
+                k.verified_from(source, now);
                 k.tally.strikes = k.tally.strikes.saturating_sub(1);
                 if fresh {
                     self.by_identity.entry(identity).or_default().push_back(key);
@@ -882,18 +975,19 @@ impl Sources {
         }
     }
 
-    /// Forgets `identity`'s oldest entries until it holds fewer than its
-    /// quota: `known_per_identity`, and at most a quarter of the table
-    /// (0: no quota).
-    fn make_room_for(&mut self, identity: u64, settings: &AdmissionSettings) {
+    /// Whether `identity` holds fewer entries than its quota:
+    /// `known_per_identity`, and at most a quarter of the table (0: no
+    /// quota). Its entries past `known_for` are forgotten first: they
+    /// are no longer known, and must not hold the quota.
+    fn has_room_for(&mut self, identity: u64, settings: &AdmissionSettings, now: Instant) -> bool {
         if settings.known_per_identity == 0 {
-            return;
+            return true;
         }
         let quota = settings
             .known_per_identity
             .min((settings.max_known / 4).max(1));
         let Some(keys) = self.by_identity.get_mut(&identity) else {
-            return;
+            return true;
         };
         // Stale keys out of the count, and a key pushed twice (forgotten,
         // then verified again) counted once, where it was pushed last.
@@ -902,20 +996,32 @@ impl Sources {
             .iter()
             .rev()
             .filter(|k| {
-                seen.insert(**k) && self.known.get(k).is_some_and(|e| e.identity == identity)
+                seen.insert(**k)
+                    && self
+                        .known
+                        .get(k)
+                        .is_some_and(|e| e.identity == identity && e.trust == self.trust)
             })
             .copied()
             .collect();
         kept.reverse();
         *keys = kept.into();
-        while keys.len() >= quota as usize {
-            let Some(oldest) = keys.pop_front() else {
-                break;
-            };
-            self.known.remove(&oldest);
-            self.known.forgotten += 1;
+        if keys.len() >= quota as usize {
+            let known = &mut self.known;
+            keys.retain(|k| {
+                let live = known.get(k).is_some_and(|e| {
+                    now.saturating_duration_since(e.verified) <= settings.known_for
+                });
+                if !live {
+                    known.remove(k);
+                    known.forgotten += 1;
+                }
+                live
+            });
         }
+        let room = keys.len() < quota as usize;
         self.indexed = self.by_identity.values().map(VecDeque::len).sum();
+        room
     }
 
     /// Rebuilds the identity index from the known table.
@@ -933,11 +1039,13 @@ impl Sources {
         }
     }
 
-    /// Whether a source in `net` was known (in the known table, lately
-    /// verified or not): a scan of the table, for the rare prefix or
-    /// network block.
+    /// Whether an address in `net` verified (in the known table, lately
+    /// or not): a scan of the table, for the rare prefix or network
+    /// block.
     pub fn knows_in(&self, net: IpNet) -> bool {
-        self.known.keys().any(|k| net.contains(k))
+        self.known
+            .iter()
+            .any(|(_, k)| k.trust == self.trust && k.exact.iter().any(|(a, _)| net.contains(a)))
     }
 
     /// Entries tracked per level, and known sources.
@@ -1064,16 +1172,38 @@ mod tests {
         t.verified(ip("192.0.2.1"), "id", &s, now);
         assert!(t.is_known(ip("192.0.2.1"), &s, now));
         assert!(!t.is_known(ip("192.0.2.2"), &s, now));
+        // Review 7 F2: only the exact addresses that verified (the newest
+        // four of the /64) have the stronger privileges.
+        assert!(t.verified_here(ip("2001:db8:1:2::a"), &s, now));
+        assert!(!t.verified_here(ip("2001:db8:1:2:ffff::b"), &s, now));
+        assert!(t.verified_here(ip("192.0.2.1"), &s, now));
+        for i in 1..=4u16 {
+            t.verified(
+                IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, 0x100 + i]),
+                "id",
+                &s,
+                now,
+            );
+        }
+        assert!(!t.verified_here(ip("2001:db8:1:2::a"), &s, now));
+        assert!(t.verified_here(ip("2001:db8:1:2::101"), &s, now));
+        assert!(t.verified_here(ip("2001:db8:1:2::104"), &s, now));
+        assert_eq!(t.lens()[3], 2);
+        assert!(t.knows_in("2001:db8:1:2::/64".parse().unwrap()));
+        assert!(!t.knows_in("2001:db8:1:3::/64".parse().unwrap()));
     }
 
     /// MEDIUM 4 of the second review: one identity verifying from many
     /// addresses holds at most its quota of the known table (here a
-    /// quarter of 8), replacing its own oldest entries, never another
-    /// identity's.
+    /// quarter of 8), never another identity's entries. Review 7 F5: nor
+    /// its own: at its quota a new address is not remembered, so one
+    /// holder of a shared identity cannot flush that identity's clients;
+    /// an entry past `known_for` makes room.
     #[test]
     fn one_identity_cannot_flush_the_known_table() {
         let s = AdmissionSettings {
             max_known: 8,
+            known_for: Duration::from_secs(60),
             ..settings()
         };
         let mut t = Sources::new(&s);
@@ -1084,13 +1214,23 @@ mod tests {
         }
         assert!(t.is_known(ip("192.0.2.1"), &s, now));
         assert_eq!(t.lens()[3], 3);
-        // The batch identity's newest two are kept, its oldest gone.
-        assert!(t.is_known(ip("10.0.0.50"), &s, now));
-        assert!(t.is_known(ip("10.0.0.49"), &s, now));
-        assert!(!t.is_known(ip("10.0.0.1"), &s, now));
-        // Verifying again from a known address is no new entry.
-        t.verified(ip("10.0.0.50"), "batch", &s, now);
-        assert!(t.is_known(ip("10.0.0.49"), &s, now));
+        // The batch identity's first two are kept, the others not added.
+        assert!(t.is_known(ip("10.0.0.1"), &s, now));
+        assert!(t.is_known(ip("10.0.0.2"), &s, now));
+        assert!(!t.is_known(ip("10.0.0.50"), &s, now));
+        // Verifying again from a known address refreshes it.
+        let later = now + Duration::from_secs(40);
+        t.verified(ip("10.0.0.2"), "batch", &s, later);
+        t.verified(ip("10.0.0.50"), "batch", &s, later);
+        assert!(!t.is_known(ip("10.0.0.50"), &s, later));
+        // Past `known_for`, 10.0.0.1's entry gives way; 10.0.0.2's,
+        // refreshed, does not.
+        let much_later = now + Duration::from_secs(70);
+        t.verified(ip("10.0.0.50"), "batch", &s, much_later);
+        assert!(t.is_known(ip("10.0.0.50"), &s, much_later));
+        assert!(t.is_known(ip("10.0.0.2"), &s, much_later));
+        assert!(!t.is_known(ip("10.0.0.1"), &s, much_later));
+        assert_eq!(t.lens()[3], 3);
     }
 
     #[test]
