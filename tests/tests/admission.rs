@@ -12,6 +12,13 @@ use tokio::net::TcpStream;
 
 const ORDERS: &str = "orders.example.internal";
 
+/// `a_known_client_is_served_past_a_networks_table_held_full` runs alone:
+/// with the other tests' handshakes on the same two cores, some of its
+/// attackers' network entries went idle and gave way (2 runs in 10 failed;
+/// most likely an address the full addresses' table could not hold lent
+/// its network no strike).
+static ALONE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 async fn gateway(
     pki: &Pki,
     backend: &EchoBackend,
@@ -50,6 +57,7 @@ fn socket(gw: &RunningGateway) -> gateway::admin::client::Endpoint {
 /// client on the same listener meanwhile is served.
 #[tokio::test]
 async fn a_trickled_client_hello_is_cut_at_the_grace_not_the_timeout() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let mut gw = gateway(
@@ -105,6 +113,7 @@ async fn a_trickled_client_hello_is_cut_at_the_grace_not_the_timeout() {
 /// short.
 #[tokio::test]
 async fn allowed_clients_pass_a_tight_grace_and_a_high_minimum_rate() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -128,6 +137,7 @@ async fn allowed_clients_pass_a_tight_grace_and_a_high_minimum_rate() {
 /// refused.
 #[tokio::test]
 async fn a_full_listener_evicts_stalled_handshakes_never_live_connections() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -214,6 +224,7 @@ async fn a_full_listener_evicts_stalled_handshakes_never_live_connections() {
 /// grows, and live connections are untouched.
 #[tokio::test]
 async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -282,6 +293,7 @@ async fn max_handshakes_in_flight_bounds_the_unauthenticated_share() {
 /// same listener are all served while it lasts.
 #[tokio::test]
 async fn slowloris_from_many_sources_does_not_starve_allowed_clients() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "max_connections = 60", "").await;
@@ -441,6 +453,7 @@ async fn hold_past_the_client_hello(after: AfterHello, min_rate: u32) -> u64 {
 /// allowed client is turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickling_junk_past_the_client_hello_does_not_starve_allowed_clients() {
+    let _shared = ALONE.read().await;
     let evicted = hold_past_the_client_hello(AfterHello::TrickleJunk, 256).await;
     assert!(evicted > 0, "no handshake past its ClientHello was evicted");
 }
@@ -450,6 +463,7 @@ async fn trickling_junk_past_the_client_hello_does_not_starve_allowed_clients() 
 /// cut it, eviction still does; no allowed client is turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_window_past_the_client_hello_does_not_starve_allowed_clients() {
+    let _shared = ALONE.read().await;
     let evicted = hold_past_the_client_hello(AfterHello::ZeroWindow, 0).await;
     assert!(evicted > 0, "no handshake past its ClientHello was evicted");
 }
@@ -477,6 +491,7 @@ fn tokio_util_like_stop() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
 /// Removed from the list by hand, it is judged like anyone again.
 #[tokio::test]
 async fn a_source_that_keeps_failing_is_blocked() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "", "block_after = 5\nblock_for = \"1h\"").await;
@@ -547,6 +562,7 @@ async fn a_source_that_keeps_failing_is_blocked() {
 /// is not blocked while its successes keep up with its failures.
 #[tokio::test]
 async fn authenticated_handshakes_pay_back_strikes_of_their_address() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "", "block_after = 3\nblock_for = \"1h\"").await;
@@ -579,6 +595,7 @@ async fn authenticated_handshakes_pay_back_strikes_of_their_address() {
 
 #[tokio::test]
 async fn a_source_over_its_handshake_rate_is_refused() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -614,6 +631,7 @@ async fn a_source_over_its_handshake_rate_is_refused() {
 /// Addresses of one /24 share its cap of handshakes in flight.
 #[tokio::test]
 async fn a_prefix_shares_one_cap_of_handshakes_in_flight() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -645,6 +663,7 @@ async fn a_prefix_shares_one_cap_of_handshakes_in_flight() {
 /// A reload applies admission's settings to the next accept.
 #[tokio::test]
 async fn a_reload_applies_the_admission_settings() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let listener = |extra: &str| {
@@ -682,6 +701,7 @@ async fn a_reload_applies_the_admission_settings() {
 /// answers as before.
 #[tokio::test]
 async fn the_block_list_through_the_admin_endpoint() {
+    let _shared = ALONE.read().await;
     use gateway::admin::client;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
@@ -742,6 +762,7 @@ async fn the_block_list_through_the_admin_endpoint() {
 /// while `/metrics` still answers it.
 #[tokio::test]
 async fn the_block_routes_are_only_for_admin_clients() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let toml = format!(
@@ -765,6 +786,7 @@ async fn the_block_routes_are_only_for_admin_clients() {
 /// an unknown route or method, slow connections filling every slot.
 #[tokio::test]
 async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(&pki, &backend, "", "").await;
@@ -855,6 +877,7 @@ async fn the_admin_endpoint_bounds_what_a_client_can_hold() {
 /// authenticated before the attack is still served, and counted as such.
 #[tokio::test]
 async fn a_known_client_is_served_past_a_networks_table_held_full() {
+    let _alone = ALONE.write().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
@@ -873,10 +896,17 @@ async fn a_known_client_is_served_past_a_networks_table_held_full() {
     assert!(metric(&gw, &refused("max_tracked")).await > 0);
     let before = metric(&gw, &refused("max_tracked")).await;
     let new = allowed_from(&pki, ORDERS, "127.5.251.1", gw.app_addr).await;
-    assert!(
-        new.is_err(),
-        "a new source was admitted past the full table"
-    );
+    if new.is_ok() {
+        let scrape = gw.scrape().await;
+        let lines: Vec<&str> = scrape
+            .lines()
+            .filter(|l| l.contains("admission") || l.contains("refused"))
+            .collect();
+        panic!(
+            "a new source was admitted past the full table:\n{}",
+            lines.join("\n")
+        );
+    }
     assert_eq!(metric(&gw, &refused("max_tracked")).await, before + 1);
     for _ in 0..3 {
         allowed_from(&pki, ORDERS, "127.5.250.1", gw.app_addr)
@@ -895,6 +925,7 @@ async fn a_known_client_is_served_past_a_networks_table_held_full() {
 /// /24 is served.
 #[tokio::test]
 async fn a_thin_spread_of_failures_over_a_24_gets_it_blocked() {
+    let _shared = ALONE.read().await;
     let pki = Pki::new();
     let backend = EchoBackend::start().await;
     let gw = gateway(
