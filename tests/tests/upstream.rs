@@ -97,6 +97,13 @@ async fn without_our_client_certificate_a_strict_backend_refuses() {
     let r = echo_roundtrip(tls, b"anyone?".to_vec()).await;
     assert!(r.as_ref().map_or(true, |got| got.is_empty()), "{r:?}");
     let rec = gw.next_record().await;
-    assert!(rec.reason.contains("CertificateRequired"), "{}", rec.reason);
+    // TLS 1.3: the gateway's side of the handshake is over before the
+    // backend judges its (missing) certificate, so the backend's alert
+    // comes either to the handshake's end or to the first write, which
+    // then meets a closed connection.
+    let refused = rec.reason.contains("CertificateRequired")
+        || (rec.reason.contains("client → backend")
+            && (rec.reason.contains("Broken pipe") || rec.reason.contains("reset")));
+    assert!(refused, "{}", rec.reason);
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
 }
