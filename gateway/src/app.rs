@@ -1414,8 +1414,6 @@ impl App {
             trust_anchors: anchors_change(&self.registry.listeners(), &candidate),
             ..ReloadReport::default()
         };
-        let trust_changed = report.trust_anchors != AnchorChange::Same
-            || crl_digests(&self.registry.listeners()) != crl_digests(&candidate);
         let keep: std::collections::HashSet<&str> =
             state.listeners.iter().map(|l| l.name.as_str()).collect();
         let gone: Vec<String> = running
@@ -1461,14 +1459,6 @@ impl App {
             .flat_map(|r| r.local.iter().copied())
             .collect();
         self.admission.configure(&config.admission, &listening);
-        if trust_changed {
-            // A revoked client, or one of a CA taken off, must not stay
-            // known for `known_for` (review 7 F8).
-            self.admission.trust_changed();
-            tracing::info!(
-                "admission: trust anchors or CRLs changed; known sources are known again at their next verified handshake"
-            );
-        }
         // After every swap and before re-verifying: a handshake that read
         // an older state sees the generation moved when it goes live and is
         // judged again then; one that went live before is in the snapshot.
@@ -1649,13 +1639,6 @@ pub enum AnchorChange {
     /// Added, or replaced (some removed, some added): how a broken bundle
     /// looks. Watched.
     Other,
-}
-
-/// Every CRL the listeners enforce (by digest).
-fn crl_digests(ls: &registry::Listeners) -> std::collections::HashSet<[u8; 32]> {
-    ls.values()
-        .flat_map(|l| l.tls.crls().map(|c| c.digest))
-        .collect()
 }
 
 /// Per listener: a CA taken off one listener while another still trusts

@@ -381,9 +381,8 @@ impl Admission {
     /// Whether `source` is vouched for: exempt (the operator's own ranges,
     /// which admission does not track) or known by its exact address
     /// (served a verified certificate within `known_for`; not merely in a
-    /// known IPv6 /64), before the last reload that changed the trust
-    /// too. What `auto_revert` listens to: anyone else can fail a
-    /// certificate check at will.
+    /// known IPv6 /64). What `auto_revert` listens to: anyone else can
+    /// fail a certificate check at will.
     pub fn vouched(&self, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
@@ -391,16 +390,7 @@ impl Admission {
             || self
                 .tables()
                 .sources
-                .vouched(source, &settings, Instant::now())
-    }
-
-    /// A reload changed a trust anchor or a CRL of some listener: the
-    /// sources known so far are known no more until their next verified
-    /// handshake (a revoked client, or one of a CA taken off, keeps none
-    /// of a known source's privileges); `auto_revert` still vouches for
-    /// them, the clients served before the reload it watches.
-    pub fn trust_changed(&self) {
-        self.tables().sources.trust_changed();
+                .verified_here(source, &settings, Instant::now())
     }
 
     pub fn admit(

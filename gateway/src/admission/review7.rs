@@ -2,9 +2,12 @@
 //! each test shows, at the level of `Admission` (no sockets: a handshake
 //! without a descriptor is judged by time alone, its turn starting at
 //! `hello_read`, as the real one starts at the gateway's flight), one
-//! harm the code reviewed allowed. F1, F2, F3, F5, F7 and F8 are fixed
-//! and their tests assert the fix; F1b, F4 and F6 are not, and theirs
-//! still assert the harm (they fail once it is fixed: turn them round).
+//! harm the code reviewed allowed. F1, F2, F3, F5 and F7 are fixed and
+//! their tests assert the fix; F1b, F4 and F6 are not, and theirs still
+//! assert the harm (they fail once it is fixed: turn them round). F8's
+//! fix (forget known sources at every trust change) was taken back:
+//! review 10 (R10-1) showed it lock every client out of a flood after
+//! each CRL refresh.
 //!
 //! Run: `cargo test -p gateway --lib admission::review7 -- --nocapture`
 
@@ -460,63 +463,4 @@ fn f7_an_unknown_newcomer_does_not_scan_the_whole_share() {
         "per refused unknown newcomer: {small:?} with 200 handshakes in the share, {large:?} with 20000"
     );
     assert!(large < small * 10, "{small:?} {large:?}");
-}
-
-/// F8 (fixed). Known status outlived a revocation or the removal of a CA
-/// for `known_for` (24 h). Now a reload that changes a trust anchor or a
-/// CRL (`App::reload` calls `trust_changed`) leaves no source known until
-/// its next verified handshake: it loses the known privileges (passing a
-/// prefix strike block, being admitted past a full networks table);
-/// `auto_revert` still vouches for it, the reload's watch listening to
-/// the clients served before it.
-#[test]
-fn f8_a_reload_that_changes_the_trust_forgets_the_known_sources() {
-    let s = AdmissionSettings {
-        block_after: 3,
-        prefix_block_after: 4,
-        network_block_after: 50,
-        prefix_spread_block_after: 0,
-        network_spread_block_after: 0,
-        ..defaults()
-    };
-    let admission = Admission::new(&s, Arc::new(Metrics::default()));
-    let pool = admission.pool("edge");
-    let a = client("192.0.2.10", 1);
-    verify(&admission, &pool, a, BATCH);
-    for i in 0..2 {
-        fail_once(&admission, &pool, client("192.0.2.30", 1 + i));
-        fail_once(&admission, &pool, client("192.0.2.31", 1 + i));
-    }
-    // Known: it passes its /24's strike block.
-    admitted(admission.admit(&pool, 100, 100, a, None)).established();
-    admission.trust_changed();
-    assert!(admission.vouched(a.ip()));
-    assert!(
-        !admission
-            .tables()
-            .sources
-            .is_known(a.ip(), &s, Instant::now())
-    );
-    assert_eq!(
-        refused(admission.admit(&pool, 100, 100, a, None)),
-        Refusal::Blocked
-    );
-    // Verified again (from elsewhere: here, the /24 is blocked), known
-    // again.
-    let b = client("198.51.100.7", 1);
-    verify(&admission, &pool, b, BATCH);
-    admission.trust_changed();
-    assert!(
-        !admission
-            .tables()
-            .sources
-            .verified_here(b.ip(), &s, Instant::now())
-    );
-    verify(&admission, &pool, b, BATCH);
-    assert!(
-        admission
-            .tables()
-            .sources
-            .verified_here(b.ip(), &s, Instant::now())
-    );
 }

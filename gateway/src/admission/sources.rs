@@ -476,9 +476,6 @@ struct Known {
     tally: Tally,
     /// The identity it last verified as (a keyed hash of its names).
     identity: u64,
-    /// The trust it last verified under ([`Sources::trust_changed`]): an
-    /// entry of an older trust is vouched for, and known no more.
-    trust: u64,
     /// The exact addresses that verified (at most [`EXACT`], newest last,
     /// each with when it last did): an IPv6 entry stands for its /64,
     /// but only these addresses get the privileges a certificate earns
@@ -520,9 +517,6 @@ pub(super) struct Sources {
     /// Handshakes of known sources admitted past a full networks table,
     /// since start.
     pub known_admitted: u64,
-    /// Bumped by a reload that changes a trust anchor or a CRL: entries
-    /// verified before are known no more (review 7 F8).
-    trust: u64,
 }
 
 impl Sources {
@@ -538,7 +532,6 @@ impl Sources {
             identities: RandomState::new(),
             allocations: HashMap::new(),
             known_admitted: 0,
-            trust: 0,
         }
     }
 
@@ -559,11 +552,11 @@ impl Sources {
     /// past a full networks table (a host whose privacy address rotated
     /// is still served), nothing more (see [`Sources::verified_here`]).
     pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
-        let trust = self.trust;
         settings.max_known > 0
-            && self.known.get_mut(&known_key(source)).is_some_and(|k| {
-                k.trust == trust && now.saturating_duration_since(k.verified) <= settings.known_for
-            })
+            && self
+                .known
+                .get_mut(&known_key(source))
+                .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
     }
 
     /// Whether a certificate verified from exactly `source` within
@@ -578,40 +571,12 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) -> bool {
-        let trust = self.trust;
-        self.verified_from(source, settings, now, |k| k.trust == trust)
-    }
-
-    /// Whether a certificate verified from exactly `source` within
-    /// `known_for`, under the trust of now or of before the last reload
-    /// that changed it: what `auto_revert` listens to (the clients served
-    /// before that reload).
-    pub fn vouched(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
-        self.verified_from(source, settings, now, |_| true)
-    }
-
-    fn verified_from(
-        &mut self,
-        source: IpAddr,
-        settings: &AdmissionSettings,
-        now: Instant,
-        trusted: impl Fn(&Known) -> bool,
-    ) -> bool {
         settings.max_known > 0
             && self.known.get_mut(&known_key(source)).is_some_and(|k| {
-                trusted(k)
-                    && k.exact.iter().any(|(a, at)| {
-                        *a == source && now.saturating_duration_since(*at) <= settings.known_for
-                    })
+                k.exact.iter().any(|(a, at)| {
+                    *a == source && now.saturating_duration_since(*at) <= settings.known_for
+                })
             })
-    }
-
-    /// A reload changed a trust anchor or a CRL: every source known so
-    /// far is known no more (a revoked client, one of a CA taken off,
-    /// keeps no privilege), until its next verified handshake; only
-    /// `auto_revert` still vouches for them ([`Sources::vouched`]).
-    pub fn trust_changed(&mut self) {
-        self.trust += 1;
     }
 
     fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
@@ -931,11 +896,10 @@ impl Sources {
         if settings.max_known > 0 {
             let key = known_key(source);
             let identity = self.identities.hash_one(identity);
-            let trust = self.trust;
             let fresh = self
                 .known
                 .get_mut(&key)
-                .is_none_or(|k| k.identity != identity || k.trust != trust);
+                .is_none_or(|k| k.identity != identity);
             // At its quota, an identity's new address is not remembered
             // (its known ones are refreshed as they verify again): one
             // holder of a shared identity must not flush that identity's
@@ -950,18 +914,12 @@ impl Sources {
                     verified: now,
                     tally: Tally::new(burst, now),
                     identity,
-                    trust,
                     exact: VecDeque::new(),
                 },
                 |_| true,
             ) {
-                if k.trust != trust {
-                    // Its old addresses verified under another trust.
-                    k.exact.clear();
-                }
                 k.verified = now;
                 k.identity = identity;
-                k.trust = trust;
                 k.verified_from(source, now);
                 k.tally.strikes = k.tally.strikes.saturating_sub(1);
                 if fresh {
@@ -996,11 +954,7 @@ impl Sources {
             .iter()
             .rev()
             .filter(|k| {
-                seen.insert(**k)
-                    && self
-                        .known
-                        .get(k)
-                        .is_some_and(|e| e.identity == identity && e.trust == self.trust)
+                seen.insert(**k) && self.known.get(k).is_some_and(|e| e.identity == identity)
             })
             .copied()
             .collect();
@@ -1045,7 +999,7 @@ impl Sources {
     pub fn knows_in(&self, net: IpNet) -> bool {
         self.known
             .iter()
-            .any(|(_, k)| k.trust == self.trust && k.exact.iter().any(|(a, _)| net.contains(a)))
+            .any(|(_, k)| k.exact.iter().any(|(a, _)| net.contains(a)))
     }
 
     /// Entries tracked per level, and known sources.
