@@ -11,7 +11,7 @@ use crate::cmd;
 /// Debian packages the tests and the demo drive: openssl (`s_client` as a new
 /// user would try the gateway), iproute2 (network namespaces), nftables (a
 /// DNAT rule in front of a port the remote guard protects), QEMU, a static
-/// busybox and xz for the VM kernels (kTLS tests), and protoc, which the
+/// busybox, xz and binutils' `strip` for the VM kernels (kTLS tests), and protoc, which the
 /// etcd client's build script needs to compile etcd's API (the gateway's
 /// `[fleet]`): without it nothing builds.
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -22,6 +22,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",
+    "binutils",
     // docs/rollout.md's commands, which tests/tests/rollout.rs runs.
     "jq",
     "curl",

@@ -141,7 +141,7 @@ pub fn run(only: Option<&str>, selection: &Selection) -> anyhow::Result<()> {
         );
     }
     let binaries = selection.binaries()?;
-    let (tests, gateway) = build_static_tests(&binaries)?;
+    let (tests, gateway) = build_vm_tests(&binaries)?;
     let mut failures = Vec::new();
     let chosen: Vec<&KernelSource> = KERNELS
         .iter()
@@ -181,31 +181,23 @@ fn vm_dir() -> PathBuf {
     cmd::workspace_root().join("target/vm")
 }
 
-/// Statically linked test binaries (no libc to ship in the initramfs).
-const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static -C debuginfo=0";
-
-/// The test binaries by name, and the gateway binary.
-fn build_static_tests(binaries: &[&str]) -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
+/// The VM's test binaries by name, and the gateway binary: the very
+/// artifacts the host's `cargo test` and the black-box tests use, so a
+/// test run compiles the workspace once. They are dynamically linked; the
+/// initramfs carries the host's loader and libraries for them
+/// (`pack_stripped`), as it does for `ip`.
+fn build_vm_tests(binaries: &[&str]) -> anyhow::Result<(Vec<(String, PathBuf)>, PathBuf)> {
     let mut c = cmd::cargo();
+    // The host test stage's own command (default members, no package
+    // filter): another selection could unify features differently and
+    // rebuild part of the tree.
     c.args([
         "test",
         "--no-run",
-        "--package",
-        "gateway-tests",
-        "--target",
-        "x86_64-unknown-linux-gnu",
         "--message-format=json-render-diagnostics",
     ]);
-    for t in binaries {
-        c.args(["--test", t]);
-    }
-    // Only the target's flags: build scripts and the eBPF build stay as they are.
-    c.env(
-        "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-        STATIC_RUSTFLAGS,
-    );
     c.stdout(std::process::Stdio::piped());
-    eprintln!("xtask: $ {} (static, for the VM)", cmd::describe(&c));
+    eprintln!("xtask: $ {} (for the VM)", cmd::describe(&c));
     let out = c.output().context("running cargo test --no-run")?;
     if !out.status.success() {
         bail!("building the VM test binaries failed: {}", out.status);
@@ -218,26 +210,23 @@ fn build_static_tests(binaries: &[&str]) -> anyhow::Result<(Vec<(String, PathBuf
         ) else {
             continue;
         };
-        if binaries.contains(&name.as_str()) && line.contains("\"test\":true") {
+        if binaries.contains(&name.as_str()) && line.contains("\"kind\":[\"test\"]") {
             found.push((name, PathBuf::from(exe)));
         }
     }
     if found.len() != binaries.len() {
         bail!("expected test binaries {binaries:?}, cargo built {found:?}");
     }
-    // Tests that drive the real binary find it through GATEWAY_BIN.
-    cmd::run(
-        cmd::cargo()
-            .args(["build", "--package", "gateway", "--bin", "gateway"])
-            .args(["--target", "x86_64-unknown-linux-gnu"])
-            .env(
-                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-                STATIC_RUSTFLAGS,
-            ),
-    )?;
-    let gateway = cmd::workspace_root().join("target/x86_64-unknown-linux-gnu/debug/gateway");
+    // Tests that drive the real binary find it through GATEWAY_BIN: the
+    // one `cargo xtask test` builds first for the host's black-box tests.
+    cmd::run(&mut cmd::build_gateway())?;
+    let gateway = cmd::workspace_root().join("target/debug/gateway");
     Ok((found, gateway))
 }
+
+/// Statically linked release binaries for the VM benchmark (no libraries
+/// to ship, and the same binaries the host bench measured before).
+const STATIC_RUSTFLAGS: &str = "-C target-feature=+crt-static -C debuginfo=0";
 
 /// The first string value after `key` in one line of cargo's JSON. Cargo
 /// writes paths and target names without escapes we would need to undo.
@@ -705,6 +694,25 @@ fn pack_with_libraries(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Resu
     Ok(())
 }
 
+/// Packs a host-built binary like `pack_with_libraries`, without its debug
+/// sections: the test binaries carry line tables that would make the
+/// initramfs, unpacked into the VM's memory, a third larger. Symbols stay,
+/// so a panic's backtrace still names functions.
+fn pack_stripped(cpio: &mut Cpio, binary: &Path, at: &str) -> anyhow::Result<()> {
+    let dir = vm_dir().join("stripped");
+    std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+    let stripped = dir.join(at.replace('/', "-"));
+    cmd::run(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(binary),
+    )
+    .context("strip (binutils)")?;
+    pack_with_libraries(cpio, &stripped, at)
+}
+
 /// What the VM runs: the test binaries, or the benchmark.
 enum Payload<'a> {
     /// Test binaries, and a name filter for each.
@@ -731,11 +739,6 @@ fn build_initramfs(
         pack_with_libraries(&mut cpio, Path::new(NFT), "usr/sbin/nft")?;
     }
     cpio.file("init", INIT.as_bytes(), 0o755);
-    cpio.file(
-        "bin/gateway",
-        &std::fs::read(gateway).with_context(|| gateway.display().to_string())?,
-        0o755,
-    );
     let modules = modules_in_load_order(kernel)?;
     let mut order = String::new();
     for (name, bytes) in &modules {
@@ -745,6 +748,7 @@ fn build_initramfs(
     cpio.file("modules/order", order.as_bytes(), 0o644);
     let tests = match payload {
         Payload::Tests(tests, filter) => {
+            pack_stripped(&mut cpio, gateway, "bin/gateway")?;
             if let Some(f) = filter {
                 if f.chars()
                     .any(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
@@ -756,6 +760,12 @@ fn build_initramfs(
             tests
         }
         Payload::Bench(bench, args) => {
+            // Static release binaries: nothing to ship beside them.
+            cpio.file(
+                "bin/gateway",
+                &std::fs::read(gateway).with_context(|| gateway.display().to_string())?,
+                0o755,
+            );
             cpio.file(
                 "bin/gateway-bench",
                 &std::fs::read(bench).with_context(|| bench.display().to_string())?,
@@ -772,11 +782,7 @@ fn build_initramfs(
     };
     let mut order = String::new();
     for (name, path) in tests {
-        cpio.file(
-            &format!("tests/{name}"),
-            &std::fs::read(path).with_context(|| path.display().to_string())?,
-            0o755,
-        );
+        pack_stripped(&mut cpio, path, &format!("tests/{name}"))?;
         let _ = writeln!(order, "{name}");
     }
     cpio.file("tests/order", order.as_bytes(), 0o644);
