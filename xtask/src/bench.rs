@@ -86,15 +86,7 @@ const VM_HEADING: &str = "\n## Kernel TLS in a VM";
 fn host(quick: bool, extra: &[String]) -> anyhow::Result<()> {
     setup::debian_packages_without_starting_services(PEER_PACKAGES)?;
     // Release builds: the numbers are about optimised code.
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "gateway",
-        "--bin",
-        "gateway",
-    ]))?;
-    cmd::run(cmd::cargo().args(["build", "--release", "--package", "gateway-bench"]))?;
+    cmd::run(&mut cmd::build_release())?;
     let root = cmd::workspace_root();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);

@@ -12,6 +12,36 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Runs `cmd`, echoing it first; an unsuccessful exit is an error naming it.
+/// `cargo build` of the gateway binary in the dev profile, as the
+/// black-box tests, the VM tests and the demo use it.
+///
+/// Never with `--package`: cargo unifies features over the packages a
+/// command selects, so `-p gateway` resolved aya, the gateway library and
+/// what depends on them differently from the workspace's `cargo test`, and
+/// a clean `cargo xtask test` compiled them twice. `--bin` alone keeps the
+/// default members' selection, the same as `cargo test`'s.
+pub fn build_gateway() -> Command {
+    let mut c = cargo();
+    c.args(["build", "--bin", "gateway"]);
+    c
+}
+
+/// The release binaries of the bench and the soak, in one command for the
+/// same reason as `build_gateway`: built per package they were two
+/// resolutions and two release builds of the gateway library.
+pub fn build_release() -> Command {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "--bin",
+        "gateway",
+        "--bin",
+        "gateway-bench",
+    ]);
+    c
+}
+
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: $ {}", describe(cmd));
     let status = cmd

@@ -4,22 +4,14 @@
 use crate::cmd;
 
 pub fn run(fleet: bool) -> anyhow::Result<()> {
-    cmd::run(cmd::cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "gateway",
-        "--bin",
-        "gateway",
-    ]))?;
+    cmd::run(cmd::build_gateway().arg("--quiet"))?;
     let binary = cmd::workspace_root().join("target/debug/gateway");
     cmd::run(
         cmd::cargo()
             .args([
                 "run",
                 "--quiet",
-                "--package",
-                "gateway-tests",
+                // No `--package`: see `cmd::build_gateway`.
                 "--bin",
                 if fleet { "fleet_demo" } else { "demo" },
                 "--",

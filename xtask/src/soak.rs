@@ -7,9 +7,7 @@ use std::process::Command;
 use crate::cmd;
 
 pub fn run(seconds: u64) -> anyhow::Result<()> {
-    for package in ["gateway", "gateway-bench"] {
-        cmd::run(cmd::cargo().args(["build", "--release", "--package", package]))?;
-    }
+    cmd::run(&mut cmd::build_release())?;
     let root = cmd::workspace_root();
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);

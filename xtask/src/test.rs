@@ -17,7 +17,7 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     }
     // The black-box tests drive the real binary; build it first. Among
     // them tests/tests/rollout.rs walks docs/rollout.md as written.
-    cmd::run(cmd::cargo().args(["build", "--package", "gateway", "--bin", "gateway"]))?;
+    cmd::run(&mut cmd::build_gateway())?;
     let mut test = cmd::cargo();
     test.args(["test", "--no-fail-fast"]);
     // The shipped unit uses Type=notify-reload, which Debian 12's
