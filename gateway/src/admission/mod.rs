@@ -419,11 +419,14 @@ impl Admission {
     /// `socket` is the connection's, when there is one: a duplicate of it
     /// is kept while the handshake lasts, for the kernel's counts of its
     /// progress (eviction, the minimum rate).
-    /// Whether `source` is vouched for: exempt (the operator's own ranges,
-    /// which admission does not track) or known by its exact address
-    /// (served a verified certificate within `known_for`; not merely in a
-    /// known IPv6 /64). What `auto_revert` listens to: anyone else can
-    /// fail a certificate check at will.
+    /// Whether `source` is vouched for on `listener`: exempt (the
+    /// operator's own ranges, which admission does not track) or served
+    /// there a verified certificate from exactly this address within
+    /// `known_for` (not merely in a known IPv6 /64), known still or until
+    /// a reload judged it no longer admitted. What `auto_revert` listens
+    /// to: anyone else can fail a certificate check at will, and a reload
+    /// that broke the trust bundle makes the clients served before it
+    /// known no more, but they are the ones whose failures tell.
     pub fn vouched(&self, listener: &str, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
@@ -431,7 +434,7 @@ impl Admission {
             || self
                 .tables()
                 .sources
-                .verified_here(listener, source, &settings, Instant::now())
+                .vouched(listener, source, &settings, Instant::now())
     }
 
     /// A reload published the listeners' states of `generation`: each

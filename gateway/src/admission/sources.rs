@@ -676,6 +676,10 @@ pub(super) struct Sources {
     holders: HashMap<(u64, u64), Holder>,
     /// The listeners known entries are of, by their key's hash.
     listeners: HashMap<u64, Arc<str>>,
+    /// Exact addresses a reload made known no more, with when they last
+    /// verified: no privilege, but still the clients served before that
+    /// reload that `auto_revert` listens to ([`Sources::vouched`]).
+    formerly: Lru<(u64, IpAddr), Instant>,
     /// Keys the identity and listener hashes (an attacker chooses no
     /// collisions).
     identities: RandomState,
@@ -702,6 +706,7 @@ impl Sources {
             known: Lru::new(settings.max_known as usize),
             holders: HashMap::new(),
             listeners: HashMap::new(),
+            formerly: Lru::new(settings.max_known as usize),
             identities: RandomState::new(),
             judged: 0,
             allocations: HashMap::new(),
@@ -790,6 +795,27 @@ impl Sources {
             })
     }
 
+    /// Whether `source` is vouched for on `listener`: verified here, or
+    /// was until a reload judged it no longer admitted, within
+    /// `known_for`: what `auto_revert` listens to, the clients served
+    /// before the reload it watches (one that broke the trust bundle
+    /// makes them known no more, and their failures are what tells).
+    pub fn vouched(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let lid = self.listener_key(listener);
+        self.verified_at((lid, known_key(source)), source, settings, now)
+            || (settings.max_known > 0
+                && self
+                    .formerly
+                    .get(&(lid, source))
+                    .is_some_and(|at| now.saturating_duration_since(*at) <= settings.known_for))
+    }
+
     /// Whether `source` is verified here on any listener: a block list
     /// entry holds for every listener, so one that would refuse it is
     /// kept out of the way as for a known source.
@@ -831,6 +857,8 @@ impl Sources {
         }
         self.known
             .set_capacity(settings.max_known as usize, |_| false);
+        self.formerly
+            .set_capacity(settings.max_known as usize, |_| true);
         // Counted afresh: the allocation's length or quota may have
         // changed.
         self.networks.take_gone();
@@ -1384,7 +1412,18 @@ impl Sources {
     /// same verification it judged: one made since stays).
     pub fn forget(&mut self, gone: &[(SlotRef, Arc<Proof>)]) {
         for (SlotRef(key, addr), proof) in gone {
-            self.unslot(*key, |s| s.addr == *addr && Arc::ptr_eq(&s.proof, proof));
+            let same = |s: &Slot| s.addr == *addr && Arc::ptr_eq(&s.proof, proof);
+            let at = self
+                .known
+                .get(key)
+                .and_then(|k| k.slots.iter().find(|s| same(s)))
+                .map(|s| s.at);
+            if let Some(at) = at
+                && let Some(v) = self.formerly.entry(&(key.0, *addr), || at, |_| true)
+            {
+                *v = at;
+            }
+            self.unslot(*key, same);
         }
         let live: HashSet<u64> = self.known.keys().map(|k| k.0).collect();
         self.listeners.retain(|l, _| live.contains(l));
