@@ -24,8 +24,10 @@
 //! the source at fault), unless the handshake was already below the
 //! minimum rate (its cut for slowness was due) or was silent past its
 //! ClientHello through a turn it overran; a handshake that authenticated with a verified
-//! certificate pays one strike of its address back and makes the source
-//! *known*: admitted past a full networks table. A prefix's and network's
+//! certificate pays one strike of its address back, and once its
+//! connection is live the source is *known* on that listener: admitted
+//! past a full networks table (each reload judges the known sources
+//! again: [`Admission::revalidate`]). A prefix's and network's
 //! failures also add up over a longer horizon (a decaying *spread* score,
 //! one point per failing address a window, one off per succeeding one), so
 //! an attacker spread thin is blocked in the end. The block list also

@@ -18,15 +18,17 @@
 //! the networks' table is full too is it refused (`max_tracked`): fail
 //! closed.
 //!
-//! Except for a *known* source: an address whose handshake authenticated
-//! with a verified certificate within `known_for`, remembered in a table
-//! of its own (`max_known`, least recently verified forgotten first; only
-//! a verified certificate makes an entry, so an attacker without one
-//! cannot fill it). A known source passes a full networks table, held to
-//! its own address's limits (its entry in the known table counts them
-//! when the addresses' table has no room): an attacker spread over
-//! thousands of networks keeps new sources out, not the clients who were
-//! already served.
+//! Except for a *known* source: an address whose connection on a listener
+//! authenticated with a verified certificate within `known_for`,
+//! remembered per listener in a table of its own (`max_known`, least
+//! recently verified forgotten first; only a verified certificate makes
+//! an entry, so an attacker without one cannot fill it), with what
+//! verified it ([`Proof`]), which each reload judges again. A known
+//! source passes a full networks table, held to its own address's limits
+//! (its entry in the known table counts them when the addresses' table
+//! has no room; the other addresses of its IPv6 /64 share another count):
+//! an attacker spread over thousands of networks keeps new sources out,
+//! not the clients who were already served.
 //!
 //! Strikes within a window catch an attacker who fails often; one who
 //! spreads thin (one failure per address per window, over many addresses
