@@ -1464,6 +1464,24 @@ impl App {
         // judged again then; one that went live before is in the snapshot.
         self.registry.publish(candidate, state.drain_timeout);
         report.connections_closed = self.registry.apply(dry);
+        // Known sources stay known where the new state would admit them
+        // again, and only there: a daily CRL that revokes no one forgets
+        // no one (review 7 F8, review 10 R10-1, R10-3, R10-11).
+        let listeners = self.registry.listeners();
+        let now = jiff::Timestamp::now();
+        let forgotten =
+            self.admission
+                .revalidate(self.registry.generation().get(), |name, source, proof| {
+                    listeners
+                        .get(name)
+                        .is_some_and(|l| crate::admission::still_admits(l, source, proof, now))
+                });
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "admission: known sources this reload no longer trusts or allows are known no more"
+            );
+        }
         self.crls.record(&served_crls(&state));
         // Read at each request: a narrowed list applies to the next one.
         self.admin_clients

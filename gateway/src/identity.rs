@@ -265,6 +265,26 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// Every name with its type spelled out, URIs too (`uri:`): what
+    /// admission keys an identity by. `names` writes URIs as allow entries
+    /// do, bare, so a URI SAN `dns:a.example` (a valid URI) and a DNS SAN
+    /// `a.example` read alike there; here they are two identities, with a
+    /// share and a known quota each (review 10 R10-12).
+    pub fn typed_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        names.extend(self.uris.iter().map(|u| format!("uri:{u}")));
+        names.extend(self.dns.iter().map(|d| format!("dns:{d}")));
+        names.extend(self.emails.iter().map(|e| format!("email:{e}")));
+        if names.is_empty()
+            && let Some(cn) = self.common_name.one()
+        {
+            names.push(format!("cn:{cn}"));
+        }
+        names
+    }
+}
+
 /// The form logs use: the names as a JSON array, so one name can never read
 /// as two (a URI or CN may hold a comma, quotes, brackets).
 impl fmt::Display for Identity {

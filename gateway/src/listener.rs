@@ -240,6 +240,26 @@ impl Conn {
     }
 }
 
+/// What a known source is judged by at a reload
+/// (`Admission::revalidate`): the identity, and each presented
+/// certificate's issuer and serial, the leaf first; as many as the chain
+/// check looks at, and no more.
+pub(crate) fn proof(
+    identity: &crate::identity::Identity,
+    chain: &[rustls_pki_types::CertificateDer<'_>],
+) -> crate::admission::Proof {
+    const LOOKED_AT: usize = 1 + 16;
+    crate::admission::Proof {
+        identity: identity.clone(),
+        certs: chain
+            .iter()
+            .take(LOOKED_AT)
+            .filter_map(|der| webpki::EndEntityCert::try_from(der).ok())
+            .map(|c| (c.issuer().to_vec(), c.serial().to_vec()))
+            .collect(),
+    }
+}
+
 /// An `async` block, not an `async fn`, here and in `relay`: an async fn
 /// keeps its arguments twice (as arguments and as the locals they move
 /// into), and this future lives as long as the connection.
@@ -278,7 +298,7 @@ fn serve<'a>(
                 Ok(Ok(tls)) => tls,
                 Ok(Err(why)) => {
                     conn.failed(listener, why);
-                    if why.is_trust() && shared.admission.vouched(peer.ip()) {
+                    if why.is_trust() && shared.admission.vouched(&listener.name, peer.ip()) {
                         listener.stats.known_source_failed_trust();
                     }
                     return conn.record();
@@ -314,13 +334,25 @@ fn serve<'a>(
         }
         drop(watch);
         let (route, mut tls) = tls;
+        // Made known once the registry takes it (under the state it was
+        // judged by): its admission key, and what verified it.
+        let mut known = None;
         if conn.verified.is_some() && conn.verdict == Verdict::Allow {
-            // The admission identity key: the names as a JSON list, as
-            // `Identity`'s Display writes them (names joined with "," made
-            // ["urn:a", "urn:b"] and "urn:a,urn:b" one identity, sharing
-            // their `identity_share` and known quota: review 7 F11).
-            let names = serde_json::to_string(conn.identity.as_deref().unwrap_or_default())
+            // The admission identity key: the typed names as a JSON list
+            // (names joined with "," made ["urn:a", "urn:b"] and
+            // "urn:a,urn:b" one identity, sharing their `identity_share`
+            // and known quota: review 7 F11; a URI SAN "dns:x" and a DNS
+            // SAN "x" are two: review 10 R10-12).
+            let typed = conn
+                .identity_value
+                .as_deref()
+                .map(crate::identity::Identity::typed_names)
                 .unwrap_or_default();
+            let names = serde_json::to_string(&typed).unwrap_or_default();
+            if let Some(identity) = conn.identity_value.as_deref() {
+                let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                known = Some((names.clone(), proof(identity, chain)));
+            }
             if !ticket.authenticated(&names) {
                 // One identity holds its share of the listener's slots.
                 ticket.refused(Refusal::IdentityConnections);
@@ -387,6 +419,13 @@ fn serve<'a>(
             .stats
             .handshake
             .observe(conn.started.elapsed().as_secs_f64());
+        // Allowed by the current state too (an audit route that now
+        // would deny it earns nothing).
+        if let Some((names, proof)) = known
+            && registration.would_deny.is_none()
+        {
+            ticket.known(&names, proof, judged_at.get());
+        }
         // The route as the current state has it (a reload during the
         // handshake may have changed its mode or backends): connect with it.
         conn.mode = Some(route.mode().as_str());

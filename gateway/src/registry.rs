@@ -176,6 +176,13 @@ pub struct Registry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Generation(u64);
 
+impl Generation {
+    /// Its number: later publications have larger ones.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     /// Bumped by every `publish`.

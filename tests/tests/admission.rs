@@ -973,3 +973,57 @@ async fn fail_with_plain_http(from: &str, gw: std::net::SocketAddr) -> bool {
     assert!(closed_within(&mut s, STEP).await.is_some());
     true
 }
+
+/// Review 10 R10-1 (and review 7 F8), end to end: each reload judges the
+/// known clients again, by what verified them. The daily CRL, which
+/// revokes no one, forgets no one (under a flood, forgetting them locked
+/// every client out); the one that revokes a client makes it known no
+/// more, and only it.
+#[tokio::test]
+async fn a_reload_forgets_only_the_known_clients_it_no_longer_admits() {
+    let _shared = ALONE.read().await;
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    pki.write("clients.crl.pem", &pki.intermediate.crl(1, &[]).unwrap());
+    let crls = pki.crls_line(&["clients.crl.pem"]);
+    let gw = gateway(&pki, &backend, &crls, "").await;
+    let (doomed, serial) = pki.revocable_frontend("doomed");
+    allowed_from(&pki, ORDERS, "127.6.0.1", gw.app_addr)
+        .await
+        .expect("the frontend is served");
+    let tcp = tcp_from("127.6.0.2", gw.app_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config(Some(&doomed)))
+        .connect(ORDERS.try_into().unwrap(), tcp)
+        .await
+        .expect("the doomed client is served");
+    assert_eq!(
+        echo_roundtrip(tls, b"ping".to_vec()).await.unwrap(),
+        b"ping"
+    );
+    let known = "gateway_admission_tracked{table=\"known\"}";
+    let settle = Instant::now() + Duration::from_secs(5);
+    while metric(&gw, known).await < 2 && Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&gw, known).await, 2);
+    let toml = format!(
+        "admin = \"127.0.0.1:0\"\nadmin_socket = \"admin.sock\"\n{}",
+        listener_toml(&pki, "edge", &crls)
+    ) + &route_toml("orders", &[ORDERS], &[backend.addr], &[SPIFFE_FRONTEND])
+        + "\n[admission]\n";
+    // The daily CRL: a new number, no one new revoked.
+    pki.write("clients.crl.pem", &pki.intermediate.crl(2, &[]).unwrap());
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(metric(&gw, known).await, 2, "the daily CRL forgot a client");
+    // The CRL that revokes the doomed client.
+    pki.write(
+        "clients.crl.pem",
+        &pki.intermediate.crl(3, &[&serial]).unwrap(),
+    );
+    gw.reload_toml(&pki, &toml).await.unwrap();
+    assert_eq!(
+        metric(&gw, known).await,
+        1,
+        "the revoked client is still known"
+    );
+}

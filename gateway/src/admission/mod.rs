@@ -24,8 +24,10 @@
 //! the source at fault), unless the handshake was already below the
 //! minimum rate (its cut for slowness was due) or was silent past its
 //! ClientHello through a turn it overran; a handshake that authenticated with a verified
-//! certificate pays one strike of its address back and makes the source
-//! *known*: admitted past a full networks table. A prefix's and network's
+//! certificate pays one strike of its address back, and once its
+//! connection is live the source is *known* on that listener: admitted
+//! past a full networks table (each reload judges the known sources
+//! again: [`Admission::revalidate`]). A prefix's and network's
 //! failures also add up over a longer horizon (a decaying *spread* score,
 //! one point per failing address a window, one off per succeeding one), so
 //! an attacker spread thin is blocked in the end. The block list also
@@ -63,7 +65,7 @@ use crate::state::ListenerState;
 pub use block::{Added, BlockReason, Blocked};
 pub use pool::Pool;
 pub use progress::{Cut, Watch};
-pub use sources::Level;
+pub use sources::{Level, Proof};
 
 use block::BlockList;
 use pool::Place;
@@ -208,6 +210,47 @@ impl Refusal {
 /// blocked by admission.
 fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
     settings.exempt.iter().any(|n| n.contains(&source))
+}
+
+/// Whether `listener`'s state (after a reload) would admit again a known
+/// source of it, from what verified it (`proof`): an issuer of its chain
+/// is still one of the listener's trust anchors (the anchor that verified
+/// it is the issuer of the path's top certificate, which the client
+/// sent), none of its certificates is on a CRL of the listener, and a
+/// route's policy allows its identity from `source` now. What it does not
+/// check (signatures, validity): nothing a reload changes.
+pub fn still_admits(
+    listener: &ListenerState,
+    source: IpAddr,
+    proof: &Proof,
+    now: jiff::Timestamp,
+) -> bool {
+    let anchored = listener
+        .tls
+        .trust_anchors()
+        .any(|(subject, _)| proof.certs.iter().any(|(issuer, _)| issuer == subject));
+    let revoked = || {
+        listener.tls.crls().any(|c| {
+            proof.certs.iter().any(|(issuer, serial)| {
+                c.crl.issuer() == issuer.as_slice()
+                    // A CRL it cannot read counts as listing it.
+                    && c.crl.find_serial(serial).map_or(true, |r| r.is_some())
+            })
+        })
+    };
+    let allowed = || {
+        listener.routes.iter().any(|r| {
+            matches!(
+                r.auth.policy.decide(crate::policy::Subject {
+                    identity: &proof.identity,
+                    source,
+                    now,
+                }),
+                crate::policy::Verdict::Allow { .. }
+            )
+        })
+    };
+    anchored && !revoked() && allowed()
 }
 
 /// Every (reason, level) a block is counted by, in the order the metrics
@@ -378,19 +421,47 @@ impl Admission {
     /// `socket` is the connection's, when there is one: a duplicate of it
     /// is kept while the handshake lasts, for the kernel's counts of its
     /// progress (eviction, the minimum rate).
-    /// Whether `source` is vouched for: exempt (the operator's own ranges,
-    /// which admission does not track) or known by its exact address
-    /// (served a verified certificate within `known_for`; not merely in a
-    /// known IPv6 /64). What `auto_revert` listens to: anyone else can
-    /// fail a certificate check at will.
-    pub fn vouched(&self, source: IpAddr) -> bool {
+    /// Whether `source` is vouched for on `listener`: exempt (the
+    /// operator's own ranges, which admission does not track) or served
+    /// there a verified certificate from exactly this address within
+    /// `known_for` (not merely in a known IPv6 /64), known still or until
+    /// a reload judged it no longer admitted. What `auto_revert` listens
+    /// to: anyone else can fail a certificate check at will, and a reload
+    /// that broke the trust bundle makes the clients served before it
+    /// known no more, but they are the ones whose failures tell.
+    pub fn vouched(&self, listener: &str, source: IpAddr) -> bool {
         let settings = self.settings.load();
         let source = source.to_canonical();
         exempt(&settings, source)
             || self
                 .tables()
                 .sources
-                .verified_here(source, &settings, Instant::now())
+                .vouched(listener, source, &settings, Instant::now())
+    }
+
+    /// A reload published the listeners' states of `generation`: each
+    /// known address stays known only where `still` (its listener, the
+    /// address, what verified it) says that state would admit it again:
+    /// its listener still serves, still trusts an issuer of its chain,
+    /// none of its certificates is on a CRL there, a route still allows
+    /// its identity (review 7 F8, review 10 R10-1, R10-11). Everyone else
+    /// stays known: a daily CRL refresh that revokes no one forgets no
+    /// one. From now on a handshake judged by an older state makes no one
+    /// known (R10-3). Judged outside the tables' lock (every accept takes
+    /// it); gives back how many addresses were forgotten.
+    pub fn revalidate(
+        &self,
+        generation: u64,
+        still: impl Fn(&str, IpAddr, &Proof) -> bool,
+    ) -> usize {
+        let slots = self.tables().sources.judging(generation);
+        let gone: Vec<_> = slots
+            .into_iter()
+            .filter(|(listener, slot, proof)| !still(listener, slot.addr(), proof))
+            .map(|(_, slot, proof)| (slot, proof))
+            .collect();
+        self.tables().sources.forget(&gone);
+        gone.len()
     }
 
     pub fn admit(
@@ -413,7 +484,7 @@ impl Admission {
             // Known by its exact address: a host in a known client's
             // IPv6 /64 that never verified is only admitted past a full
             // networks table (`Sources::start`), nothing more.
-            known = t.sources.verified_here(source, &settings, now);
+            known = t.sources.verified_here(listener, source, &settings, now);
             // A prefix or network blocked for strikes (its failures, not
             // this source's) still admits a known source: four failing
             // neighbours must not lock out the clients already served. An
@@ -424,11 +495,12 @@ impl Admission {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);
             }
-            match t.sources.start(source, &settings, now) {
+            match t.sources.start(listener, source, &settings, now) {
                 Ok(g) => groups = Some(g),
                 Err(refusal) => {
                     if let Some(from) = refusal.strikes() {
-                        for (level, net) in t.sources.strike(source, from, &settings, now) {
+                        for (level, net) in t.sources.strike(listener, source, from, &settings, now)
+                        {
                             self.block_locked(&mut t, level, net, &settings, now);
                         }
                     }
@@ -502,7 +574,7 @@ impl Admission {
     /// the source's doing, and a busy NAT's clients would block it) while
     /// it was still above the minimum rate, or the client closed before
     /// sending a byte.
-    fn failed(&self, source: IpAddr, groups: &Groups, spared: bool) {
+    fn failed(&self, listener: &str, source: IpAddr, groups: &Groups, spared: bool) {
         let settings = self.settings.load();
         let now = Instant::now();
         let mut t = self.tables();
@@ -512,7 +584,10 @@ impl Admission {
         if spared || exempt(&settings, source) {
             return;
         }
-        for (level, net) in t.sources.strike(source, Level::Address, &settings, now) {
+        for (level, net) in t
+            .sources
+            .strike(listener, source, Level::Address, &settings, now)
+        {
             self.block_locked(&mut t, level, net, &settings, now);
         }
     }
@@ -534,7 +609,7 @@ impl Admission {
         now: Instant,
     ) {
         let covered =
-            if level == Level::Address && t.sources.verified_here(net.addr(), settings, now) {
+            if level == Level::Address && t.sources.verified_anywhere(net.addr(), settings, now) {
                 // Only by a block that refuses it, known as it is.
                 t.blocked.covers_where(net, now, |b| {
                     !(b.reason == BlockReason::Strikes && b.level != Level::Address)
@@ -567,7 +642,7 @@ impl Admission {
         };
         covered.retain(|old| {
             !(old.prefix_len() == old.max_prefix_len()
-                && t.sources.verified_here(old.addr(), settings, now))
+                && t.sources.verified_anywhere(old.addr(), settings, now))
         });
         let mut kernel = self.kernel();
         for old in covered {
@@ -876,29 +951,63 @@ impl Ticket {
     /// outweigh its few failures. One per handshake, and only for a
     /// verified certificate: laundering a strike costs a full handshake
     /// with a certificate the PKI issued (who holds it is known, and it
-    /// can be revoked). Its prefix and network keep their strikes. The
-    /// source is known from now on (`known_for`): admitted past a full
-    /// networks table, as one of `identity`'s (its certificate's names).
-    /// False when `identity` already holds its share of the listener's
-    /// slots (`identity_share`): it must not be served.
+    /// can be revoked). Its prefix and network keep their strikes.
+    /// False when `identity` (its certificate's names, typed) already
+    /// holds its share of the listener's slots (`identity_share`): it
+    /// must not be served.
     pub fn authenticated(&self, identity: &str) -> bool {
         let settings = self.admission.settings.load();
         if self.groups.is_some()
             && self.stage() == Stage::Established
             && !self.paid_back.swap(true, Ordering::Relaxed)
         {
-            self.admission.tables().sources.verified(
-                self.source,
-                identity,
-                &settings,
-                Instant::now(),
-            );
+            self.admission
+                .tables()
+                .sources
+                .paid_back(self.source, &settings, Instant::now());
         }
         // An exempt source is not limited by admission.
         self.groups.is_none()
             || self
                 .pool
                 .identified(&self.place, identity, settings.identity_share)
+    }
+
+    /// The authenticated connection went live: the state of generation
+    /// `judged` (or a newer one) admitted it, as `identity` with what
+    /// `proof` holds. Its source is known on this listener from now on
+    /// (`known_for`): admitted past a full networks table, as one of
+    /// `identity`'s. Called after the registry took the connection, not
+    /// at the handshake's end, and ignored if a reload judged the known
+    /// sources since `judged` (review 10 R10-3: a handshake begun before
+    /// a revoking reload must not make its client known again).
+    pub fn known(&self, identity: &str, proof: Proof, judged: u64) {
+        if self.groups.is_none() || self.stage() != Stage::Established {
+            return;
+        }
+        let settings = self.admission.settings.load();
+        self.admission.tables().sources.remember(
+            self.pool.listener(),
+            self.source,
+            identity,
+            Arc::new(proof),
+            judged,
+            &settings,
+            Instant::now(),
+        );
+    }
+
+    /// As the listener does for a verified client its route allowed:
+    /// [`Ticket::authenticated`], and when it may be served, known under
+    /// the current state.
+    #[cfg(test)]
+    pub fn served(&self, identity: &str) -> bool {
+        let ok = self.authenticated(identity);
+        if ok {
+            let judged = self.admission.tables().sources.judged();
+            self.known(identity, Proof::default(), judged);
+        }
+        ok
     }
 
     /// Established but not authenticated (audit would-deny, `mode =
@@ -979,11 +1088,14 @@ impl Drop for Ticket {
         let spared = evicted || self.silent.load(Ordering::Relaxed);
         let in_handshake = self.pool.release(self.id, &self.place);
         if in_handshake && let Some(groups) = &self.groups {
-            self.admission.failed(self.source, groups, spared);
+            self.admission
+                .failed(self.pool.listener(), self.source, groups, spared);
         }
     }
 }
 
+#[cfg(test)]
+mod review10;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]

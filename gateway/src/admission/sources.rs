@@ -18,15 +18,17 @@
 //! the networks' table is full too is it refused (`max_tracked`): fail
 //! closed.
 //!
-//! Except for a *known* source: an address whose handshake authenticated
-//! with a verified certificate within `known_for`, remembered in a table
-//! of its own (`max_known`, least recently verified forgotten first; only
-//! a verified certificate makes an entry, so an attacker without one
-//! cannot fill it). A known source passes a full networks table, held to
-//! its own address's limits (its entry in the known table counts them
-//! when the addresses' table has no room): an attacker spread over
-//! thousands of networks keeps new sources out, not the clients who were
-//! already served.
+//! Except for a *known* source: an address whose connection on a listener
+//! authenticated with a verified certificate within `known_for`,
+//! remembered per listener in a table of its own (`max_known`, least
+//! recently verified forgotten first; only a verified certificate makes
+//! an entry, so an attacker without one cannot fill it), with what
+//! verified it ([`Proof`]), which each reload judges again. A known
+//! source passes a full networks table, held to its own address's limits
+//! (its entry in the known table counts them when the addresses' table
+//! has no room; the other addresses of its IPv6 /64 share another count):
+//! an attacker spread over thousands of networks keeps new sources out,
+//! not the clients who were already served.
 //!
 //! Strikes within a window catch an attacker who fails often; one who
 //! spreads thin (one failure per address per window, over many addresses
@@ -44,6 +46,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
@@ -172,6 +175,15 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         let slot = self.map.get_mut(key)?;
         slot.1 = stamp;
         Some(&mut slot.0)
+    }
+
+    /// Forgets the least recently used entry, busy or not, and gives it
+    /// back: for a table whose entries are counted elsewhere.
+    pub fn pop_oldest(&mut self) -> Option<(K, V)> {
+        let (_, key) = self.order.pop_first()?;
+        let (value, _) = self.map.remove(&key)?;
+        self.forgotten += 1;
+        Some((key, value))
     }
 
     /// The entry for `key`, if it is still tracked (not marked as used).
@@ -437,12 +449,22 @@ fn allocation(source: IpAddr, settings: &AdmissionSettings) -> Option<IpNet> {
 }
 
 /// The address, prefix and network a handshake was counted in (None: not
-/// tracked at that level, its table full), and whether the address's
-/// count is in the known table (a known source past full tables).
+/// tracked at that level, its table full), and where the address's count
+/// is when it is in the known table (a known source past full tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Groups {
     nets: [Option<IpNet>; 3],
-    known: bool,
+    known: Option<(KnownKey, Counted)>,
+}
+
+/// Which count of a known entry a handshake past full tables is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// The exact address that verified: its own limits (review 10,
+    /// R10-10: a host of its /64 that never verified does not use them).
+    Exact(IpAddr),
+    /// Any other address of a known /64: one count for all of them.
+    Strangers,
 }
 
 impl Groups {
@@ -463,36 +485,186 @@ fn known_key(source: IpAddr) -> IpAddr {
     }
 }
 
-/// Exact addresses kept per known entry (the newest that verified): an
-/// IPv6 host rotating its privacy addresses verifies from a few at a
-/// time.
+/// A known entry is per listener (a keyed hash of its name: a certificate
+/// one listener allows earns nothing on another, review 10 R10-11) and
+/// per [`known_key`].
+type KnownKey = (u64, IpAddr);
+
+/// One known slot, as a reload judges it ([`Sources::judging`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRef(KnownKey, IpAddr);
+
+impl SlotRef {
+    /// The exact address that verified.
+    pub fn addr(&self) -> IpAddr {
+        self.1
+    }
+}
+
+/// Exact addresses one identity keeps per known entry (its newest that
+/// verified): an IPv6 host rotating its privacy addresses verifies from a
+/// few at a time.
 const EXACT: usize = 4;
 
-/// A known source: when its certificate last verified, and its address's
-/// count when the addresses' table has no room for it.
+/// Exact addresses per known entry, all identities together: a /64 shared
+/// by several certificate holders (an office LAN, a node's pods).
+const SLOTS: usize = 8;
+
+/// What a known address's certificate was verified with: what a reload
+/// needs to tell whether its new trust and policy would still admit it
+/// ([`super::Admission::revalidate`]), without keeping the chain.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Proof {
+    /// What the routes' policies judge.
+    pub identity: crate::identity::Identity,
+    /// The issuer (its DER name, as webpki and a CRL spell it) and serial
+    /// of each certificate the client presented, leaf first.
+    pub certs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// One exact address of a known entry.
 #[derive(Debug, Clone)]
-struct Known {
-    verified: Instant,
-    tally: Tally,
+struct Slot {
+    addr: IpAddr,
+    /// When it last verified.
+    at: Instant,
     /// The identity it last verified as (a keyed hash of its names).
     identity: u64,
-    /// The exact addresses that verified (at most [`EXACT`], newest last,
-    /// each with when it last did): an IPv6 entry stands for its /64,
-    /// but only these addresses get the privileges a certificate earns
-    /// beyond being admitted past full tables.
-    exact: VecDeque<(IpAddr, Instant)>,
+    proof: Arc<Proof>,
+    /// Its address's count when the addresses' table has no room.
+    tally: Tally,
+}
+
+/// A known source (an IPv4 address, an IPv6 /64) on one listener: the
+/// exact addresses that verified (only they get the privileges a
+/// certificate earns beyond being admitted past full tables), and one
+/// count for the entry's other addresses.
+#[derive(Debug, Clone)]
+struct Known {
+    slots: Vec<Slot>,
+    strangers: Tally,
+    /// The network its identities' quotas count it in (as of its making).
+    net: IpNet,
 }
 
 impl Known {
-    /// Notes that `source` verified at `now`, the oldest of its exact
-    /// addresses forgotten past [`EXACT`].
-    fn verified_from(&mut self, source: IpAddr, now: Instant) {
-        self.exact.retain(|(a, _)| *a != source);
-        self.exact.push_back((source, now));
-        while self.exact.len() > EXACT {
-            self.exact.pop_front();
-        }
+    /// When its newest slot verified.
+    fn newest(&self) -> Option<Instant> {
+        self.slots.iter().map(|s| s.at).max()
     }
+
+    /// When `identity` last verified here.
+    fn last_of(&self, identity: u64) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter(|s| s.identity == identity)
+            .map(|s| s.at)
+            .max()
+    }
+
+    fn holds(&self, identity: u64) -> bool {
+        self.slots.iter().any(|s| s.identity == identity)
+    }
+
+    /// Notes that `source` verified as `identity`: its own slot, or its
+    /// identity's oldest past [`EXACT`], or room among [`SLOTS`]. A full
+    /// entry takes a slot from the identity that holds the most, never
+    /// the last of another (review 10 R10-7: a co-tenant of a /64 with
+    /// another certificate cannot push a client out), else one past
+    /// `known_for`; else `source` is not remembered (None). Gives back
+    /// the other identities whose slot it took.
+    fn place(
+        &mut self,
+        source: IpAddr,
+        identity: u64,
+        proof: Arc<Proof>,
+        known_for: Duration,
+        burst: u32,
+        now: Instant,
+    ) -> Option<Vec<u64>> {
+        let mut lost = Vec::new();
+        if let Some(s) = self.slots.iter_mut().find(|s| s.addr == source) {
+            if s.identity != identity {
+                lost.push(s.identity);
+                s.identity = identity;
+            }
+            s.at = now;
+            s.proof = proof;
+            s.tally.strikes = s.tally.strikes.saturating_sub(1);
+        } else {
+            let oldest_of = |slots: &[Slot], id: u64| {
+                slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.identity == id)
+                    .min_by_key(|(_, s)| s.at)
+                    .map(|(i, _)| i)
+            };
+            let count = |slots: &[Slot], id: u64| slots.iter().filter(|s| s.identity == id).count();
+            let victim = if count(&self.slots, identity) >= EXACT {
+                oldest_of(&self.slots, identity)
+            } else if self.slots.len() < SLOTS {
+                None
+            } else {
+                let top = self
+                    .slots
+                    .iter()
+                    .map(|s| (count(&self.slots, s.identity), s.identity))
+                    .max_by_key(|(n, _)| *n);
+                match top {
+                    Some((n, id)) if n > 1 => oldest_of(&self.slots, id),
+                    _ => {
+                        let stale = self
+                            .slots
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, s)| now.saturating_duration_since(s.at) > known_for)
+                            .min_by_key(|(_, s)| s.at)
+                            .map(|(i, _)| i);
+                        let Some(i) = stale else {
+                            // Every slot of another identity, each its
+                            // last, each within `known_for`.
+                            return None;
+                        };
+                        Some(i)
+                    }
+                }
+            };
+            let slot = Slot {
+                addr: source,
+                at: now,
+                identity,
+                proof,
+                tally: Tally::new(burst, now),
+            };
+            match victim.and_then(|i| self.slots.get_mut(i)) {
+                Some(old) => {
+                    if old.identity != identity {
+                        lost.push(old.identity);
+                    }
+                    *old = slot;
+                }
+                None => self.slots.push(slot),
+            }
+        }
+        Some(lost)
+    }
+}
+
+/// One identity's known entries on one listener: running counts (no scan
+/// at a verification, review 10 R10-9) and the order they verified in.
+#[derive(Debug, Default)]
+struct Holder {
+    entries: u32,
+    /// Its entries per network (/16, /48): each gets at most a quarter of
+    /// the identity's quota (review 10 R10-2).
+    per_net: HashMap<IpNet, u32>,
+    /// Its entries' keys as they verified, oldest first (near enough: an
+    /// entry another identity took a slot of is queued again), each with
+    /// when: an item whose entry verified again since is stale, dropped
+    /// when met at the front, and the queue is compacted past twice its
+    /// entries.
+    order: VecDeque<(IpAddr, Instant)>,
 }
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
@@ -501,15 +673,22 @@ pub(super) struct Sources {
     addresses: Lru<IpNet, Tally>,
     prefixes: Lru<IpNet, Tally>,
     networks: Lru<IpNet, Tally>,
-    known: Lru<IpAddr, Known>,
-    /// Known entries by identity, least recently verified first (keys may
-    /// be stale: forgotten or re-verified as another identity since; they
-    /// are skipped and dropped when met, and the whole index is rebuilt
-    /// when it grows past twice the table).
-    by_identity: HashMap<u64, VecDeque<IpAddr>>,
-    indexed: usize,
-    /// Keys the identity hashes (an attacker chooses no collisions).
+    known: Lru<KnownKey, Known>,
+    /// Per (listener, identity): its known entries.
+    holders: HashMap<(u64, u64), Holder>,
+    /// The listeners known entries are of, by their key's hash.
+    listeners: HashMap<u64, Arc<str>>,
+    /// Exact addresses a reload made known no more, with when they last
+    /// verified: no privilege, but still the clients served before that
+    /// reload that `auto_revert` listens to ([`Sources::vouched`]).
+    formerly: Lru<(u64, IpAddr), Instant>,
+    /// Keys the identity and listener hashes (an attacker chooses no
+    /// collisions).
     identities: RandomState,
+    /// The generation the known entries were last judged at
+    /// ([`Sources::revalidated`]): a handshake judged by an older state
+    /// makes no one known (review 10 R10-3).
+    judged: u64,
     /// Entries of the networks' table per IPv6 allocation
     /// (`ipv6_allocation`), while `networks_per_allocation` is set: at most
     /// as many keys as the networks' table has entries.
@@ -527,56 +706,130 @@ impl Sources {
             prefixes: Lru::new(n),
             networks: Lru::new(n).keeping_gone(),
             known: Lru::new(settings.max_known as usize),
-            by_identity: HashMap::new(),
-            indexed: 0,
+            holders: HashMap::new(),
+            listeners: HashMap::new(),
+            formerly: Lru::new(settings.max_known as usize),
             identities: RandomState::new(),
+            judged: 0,
             allocations: HashMap::new(),
             known_admitted: 0,
         }
     }
 
+    fn listener_key(&self, listener: &str) -> u64 {
+        self.identities.hash_one(("listener", listener))
+    }
+
     /// The count of `group` at `level`: in its table, or for a known
     /// source's address, in the known table.
-    fn counted(&mut self, level: Level, group: IpNet, known: bool) -> Option<&mut Tally> {
-        if level == Level::Address && known {
-            return self
-                .known
-                .get_mut(&known_key(group.addr()))
-                .map(|k| &mut k.tally);
+    fn counted(
+        &mut self,
+        level: Level,
+        group: IpNet,
+        known: Option<(KnownKey, Counted)>,
+    ) -> Option<&mut Tally> {
+        if level == Level::Address
+            && let Some((key, counted)) = known
+        {
+            let k = self.known.get_mut(&key)?;
+            return match counted {
+                Counted::Exact(a) => k
+                    .slots
+                    .iter_mut()
+                    .find(|s| s.addr == a)
+                    .map(|s| &mut s.tally),
+                Counted::Strangers => Some(&mut k.strangers),
+            };
         }
         self.table(level).get_mut(&group)
     }
 
-    /// Whether `source` is known: a verified certificate within
-    /// `known_for` from it, or (IPv6) from its /64: enough to be admitted
-    /// past a full networks table (a host whose privacy address rotated
-    /// is still served), nothing more (see [`Sources::verified_here`]).
-    pub fn is_known(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+    /// Whether `source` is known on `listener`: a verified certificate
+    /// within `known_for` from it, or (IPv6) from its /64: enough to be
+    /// admitted past a full networks table (a host whose privacy address
+    /// rotated is still served), nothing more (see
+    /// [`Sources::verified_here`]).
+    pub fn is_known(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let key = (self.listener_key(listener), known_key(source));
         settings.max_known > 0
             && self
                 .known
-                .get_mut(&known_key(source))
-                .is_some_and(|k| now.saturating_duration_since(k.verified) <= settings.known_for)
+                .get(&key)
+                .and_then(Known::newest)
+                .is_some_and(|at| now.saturating_duration_since(at) <= settings.known_for)
     }
 
-    /// Whether a certificate verified from exactly `source` within
-    /// `known_for` (one of the last few addresses of its /64 that did):
-    /// what the stronger privileges need (handshakes not displaced,
-    /// evicting outside a budget, passing strike blocks of its prefix and
-    /// network, being vouched for). A host without a certificate in a
-    /// known client's /64 (an office LAN, a hosting /64) gets none.
+    /// Whether a certificate verified on `listener` from exactly `source`
+    /// within `known_for`: what the stronger privileges need (handshakes
+    /// not displaced, evicting outside a budget, passing strike blocks of
+    /// its prefix and network, being vouched for). A host without a
+    /// certificate in a known client's /64 (an office LAN, a hosting /64)
+    /// gets none.
     pub fn verified_here(
         &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let key = (self.listener_key(listener), known_key(source));
+        self.verified_at(key, source, settings, now)
+    }
+
+    fn verified_at(
+        &self,
+        key: KnownKey,
         source: IpAddr,
         settings: &AdmissionSettings,
         now: Instant,
     ) -> bool {
         settings.max_known > 0
-            && self.known.get_mut(&known_key(source)).is_some_and(|k| {
-                k.exact.iter().any(|(a, at)| {
-                    *a == source && now.saturating_duration_since(*at) <= settings.known_for
+            && self.known.get(&key).is_some_and(|k| {
+                k.slots.iter().any(|s| {
+                    s.addr == source && now.saturating_duration_since(s.at) <= settings.known_for
                 })
             })
+    }
+
+    /// Whether `source` is vouched for on `listener`: verified here, or
+    /// was until a reload judged it no longer admitted, within
+    /// `known_for`: what `auto_revert` listens to, the clients served
+    /// before the reload it watches (one that broke the trust bundle
+    /// makes them known no more, and their failures are what tells).
+    pub fn vouched(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let lid = self.listener_key(listener);
+        self.verified_at((lid, known_key(source)), source, settings, now)
+            || (settings.max_known > 0
+                && self
+                    .formerly
+                    .get(&(lid, source))
+                    .is_some_and(|at| now.saturating_duration_since(*at) <= settings.known_for))
+    }
+
+    /// Whether `source` is verified here on any listener: a block list
+    /// entry holds for every listener, so one that would refuse it is
+    /// kept out of the way as for a known source.
+    pub fn verified_anywhere(
+        &self,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        self.listeners
+            .keys()
+            .any(|l| self.verified_at((*l, known_key(source)), source, settings, now))
     }
 
     fn table(&mut self, level: Level) -> &mut Lru<IpNet, Tally> {
@@ -596,8 +849,17 @@ impl Sources {
                 });
         }
         // Only a verified certificate makes an entry: the least recently
-        // verified go first, busy or not.
+        // verified go first, busy or not (counted out of their
+        // identities' quotas).
+        while self.known.len() > (settings.max_known as usize).max(1) {
+            match self.known.pop_oldest() {
+                Some((key, k)) => self.drop_entry(key, &k),
+                None => break,
+            }
+        }
         self.known
+            .set_capacity(settings.max_known as usize, |_| false);
+        self.formerly
             .set_capacity(settings.max_known as usize, |_| true);
         // Counted afresh: the allocation's length or quota may have
         // changed.
@@ -673,12 +935,14 @@ impl Sources {
         self.networks.get_mut(&group)
     }
 
-    /// Counts a handshake `source` wants to start, or says which limit it
-    /// would exceed (counting nothing then). Admitted, it is in flight
-    /// until [`Sources::ended`] with the groups returned: the ones counted
-    /// now, even if a reload changes the prefix lengths meanwhile.
+    /// Counts a handshake `source` wants to start on `listener`, or says
+    /// which limit it would exceed (counting nothing then). Admitted, it
+    /// is in flight until [`Sources::ended`] with the groups returned: the
+    /// ones counted now, even if a reload changes the prefix lengths
+    /// meanwhile.
     pub fn start(
         &mut self,
+        listener: &str,
         source: IpAddr,
         settings: &AdmissionSettings,
         now: Instant,
@@ -695,19 +959,28 @@ impl Sources {
             }
         }
         let [address, prefix, network] = nets;
-        let mut known = false;
+        let mut known = None;
         let past_full = network.is_none();
         let address = if past_full {
             // A known source still gets in, counted as an address (in the
-            // known table if need be): its own limits hold.
-            if !self.is_known(source, settings, now) {
+            // known table if need be): an exact address that verified by
+            // its own count, the other addresses of a known /64 by one
+            // count for all of them (review 10 R10-10).
+            let key = (self.listener_key(listener), known_key(source));
+            let counted = if self.verified_at(key, source, settings, now) {
+                Counted::Exact(source)
+            } else if self.is_known(listener, source, settings, now) {
+                Counted::Strangers
+            } else {
                 return Err(if self.over_quota(source, settings) {
                     Refusal::NetworksPerAllocation
                 } else {
                     Refusal::MaxTracked
                 });
+            };
+            if address.is_none() {
+                known = Some((key, counted));
             }
-            known = address.is_none();
             Some(IpNet::from(source))
         } else {
             address
@@ -757,19 +1030,33 @@ impl Sources {
         }
     }
 
+    /// The known count of `source` on `listener`, for an address the
+    /// addresses' table cannot hold: its own slot's if it verified from
+    /// there, else its /64's strangers'.
+    fn known_tally(&mut self, listener: &str, source: IpAddr) -> Option<&mut Tally> {
+        let key = (self.listener_key(listener), known_key(source));
+        let k = self.known.get_mut(&key)?;
+        match k.slots.iter().position(|s| s.addr == source) {
+            Some(i) => k.slots.get_mut(i).map(|s| &mut s.tally),
+            None => Some(&mut k.strangers),
+        }
+    }
+
     /// Adds a strike against `source`'s groups from level `from` up (from
     /// its address: the address, its prefix and its network); returns the
     /// groups that now have their `block_after` within `block_window` (and
-    /// whose counts start again), narrowest first.
+    /// whose counts start again), narrowest first. `listener`: where it
+    /// was, for a known source's count.
     pub fn strike(
         &mut self,
+        listener: &str,
         source: IpAddr,
         from: Level,
         settings: &AdmissionSettings,
         now: Instant,
     ) -> Vec<(Level, IpNet)> {
         let mut due = Vec::new();
-        if from != Level::Address && !self.lends(source, settings, now) {
+        if from != Level::Address && !self.lends(listener, source, settings, now) {
             return due;
         }
         // Whether this failure is the address's first of its window (or
@@ -793,17 +1080,16 @@ impl Sources {
             // A table full of busy entries: this level's strike is lost,
             // the source's own (whose entry holds its handshake) is not,
             // nor a known source's (in the known table).
-            let t = match self.tally(level, source, settings, now) {
-                Some(t) => t,
-                None if level == Level::Address => match self.known.get_mut(&known_key(source)) {
-                    Some(k) => &mut k.tally,
-                    // Untracked, it has no count of what it lent: it
-                    // lends nothing, and adds no spread point (fail open
-                    // for its neighbours; its own limits still refuse).
-                    None => break,
-                },
-                None => continue,
+            let tracked = self.tally(level, source, settings, now).is_some();
+            let t = match (tracked, level) {
+                (true, _) => self.tally(level, source, settings, now),
+                (false, Level::Address) => self.known_tally(listener, source),
+                (false, _) => continue,
             };
+            // Untracked, it has no count of what it lent: it lends
+            // nothing, and adds no spread point (fail open for its
+            // neighbours; its own limits still refuse).
+            let Some(t) = t else { break };
             if level == Level::Address {
                 spreads = t
                     .pointed
@@ -846,15 +1132,21 @@ impl Sources {
     /// bucket never gets the /24 (and its neighbours) blocked alone. An
     /// address the tables cannot hold lends nothing: with no count of what
     /// it lent, one address could otherwise get its neighbours blocked.
-    fn lends(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) -> bool {
+    fn lends(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
         let after = settings.block_after;
-        let t = match self.tally(Level::Address, source, settings, now) {
-            Some(t) => t,
-            None => match self.known.get_mut(&known_key(source)) {
-                Some(k) => &mut k.tally,
-                None => return false,
-            },
+        let tracked = self.tally(Level::Address, source, settings, now).is_some();
+        let t = if tracked {
+            self.tally(Level::Address, source, settings, now)
+        } else {
+            self.known_tally(listener, source)
         };
+        let Some(t) = t else { return false };
         t.roll_window(settings.block_window, now);
         if after > 0 && t.lent >= after {
             return false;
@@ -864,18 +1156,12 @@ impl Sources {
     }
 
     /// A handshake of `source` authenticated with a verified certificate:
-    /// one strike of the address is paid back, and the source is known
-    /// (see the module's comment). Only the address's strikes: its prefix
-    /// and network keep theirs, so that one certificate cannot launder its
-    /// neighbours' failures; their spread scores lose one point, at most
-    /// once a window per address, as one failing address adds at most one.
-    pub fn verified(
-        &mut self,
-        source: IpAddr,
-        identity: &str,
-        settings: &AdmissionSettings,
-        now: Instant,
-    ) {
+    /// one strike of the address is paid back. Only the address's
+    /// strikes: its prefix and network keep theirs, so that one
+    /// certificate cannot launder its neighbours' failures; their spread
+    /// scores lose one point, at most once a window per address, as one
+    /// failing address adds at most one.
+    pub fn paid_back(&mut self, source: IpAddr, settings: &AdmissionSettings, now: Instant) {
         let mut credits = false;
         if let Some(t) = self.addresses.get_mut(&IpNet::from(source)) {
             t.strikes = t.strikes.saturating_sub(1);
@@ -893,113 +1179,265 @@ impl Sources {
                 }
             }
         }
-        if settings.max_known > 0 {
-            let key = known_key(source);
-            let identity = self.identities.hash_one(identity);
-            let fresh = self
-                .known
-                .get_mut(&key)
-                .is_none_or(|k| k.identity != identity);
-            // At its quota, an identity's new address is not remembered
-            // (its known ones are refreshed as they verify again): one
-            // holder of a shared identity must not flush that identity's
-            // other clients (review 7 F5).
-            if fresh && !self.has_room_for(identity, settings, now) {
-                return;
-            }
-            let burst = settings.source_handshake_burst;
-            if let Some(k) = self.known.entry(
-                &key,
-                || Known {
-                    verified: now,
-                    tally: Tally::new(burst, now),
-                    identity,
-                    exact: VecDeque::new(),
-                },
-                |_| true,
-            ) {
-                k.verified = now;
-                k.identity = identity;
-                k.verified_from(source, now);
-                k.tally.strikes = k.tally.strikes.saturating_sub(1);
-                if fresh {
-                    self.by_identity.entry(identity).or_default().push_back(key);
-                    self.indexed += 1;
+    }
+
+    /// `source`'s connection on `listener`, authenticated as `identity`
+    /// (its certificate's names) with a verified certificate (`proof`),
+    /// went live under the state of generation `judged` (see the module's
+    /// comment): the source is known there. Not when a reload judged the
+    /// known entries since (`judged` older than theirs): its handshake
+    /// may have been verified by a trust or policy that no longer admits
+    /// it (review 10 R10-3).
+    #[allow(clippy::too_many_arguments)]
+    pub fn remember(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        identity: &str,
+        proof: Arc<Proof>,
+        judged: u64,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
+        if settings.max_known == 0 || judged < self.judged {
+            return;
+        }
+        let lid = self.listener_key(listener);
+        let key = (lid, known_key(source));
+        let identity = self.identities.hash_one(identity);
+        let net = self
+            .known
+            .get(&key)
+            .map_or_else(|| Level::Network.group(source, settings), |k| k.net);
+        let present = self.known.get(&key).is_some_and(|k| k.holds(identity));
+        // At its quota (or its network's part of it), an identity's new
+        // address is not remembered (its known ones are refreshed as they
+        // verify again): one holder of a shared identity must not flush
+        // that identity's other clients (review 7 F5), nor take the whole
+        // quota from one network (review 10 R10-2).
+        if !present && !self.has_room(lid, identity, net, settings, now) {
+            return;
+        }
+        if self.known.get(&key).is_none() {
+            while self.known.len() >= (settings.max_known as usize).max(1) {
+                match self.known.pop_oldest() {
+                    Some((old, k)) => self.drop_entry(old, &k),
+                    None => break,
                 }
             }
-            if self.indexed > 2 * settings.max_known as usize {
-                self.reindex();
+        }
+        let burst = settings.source_handshake_burst;
+        let Some(k) = self.known.entry(
+            &key,
+            || Known {
+                slots: Vec::new(),
+                strangers: Tally::new(burst, now),
+                net,
+            },
+            |_| false,
+        ) else {
+            return;
+        };
+        let placed = k.place(source, identity, proof, settings.known_for, burst, now);
+        let empty = k.slots.is_empty();
+        let Some(lost) = placed else {
+            if empty {
+                self.known.remove(&key);
             }
+            return;
+        };
+        self.listeners
+            .entry(lid)
+            .or_insert_with(|| Arc::from(listener));
+        for id in lost {
+            self.moved(key, id, net);
+        }
+        let h = self.holders.entry((lid, identity)).or_default();
+        if !present {
+            h.entries += 1;
+            *h.per_net.entry(net).or_default() += 1;
+        }
+        h.order.push_back((key.1, now));
+        if h.order.len() > 2 * h.entries as usize + 8 {
+            self.compact(lid, identity);
         }
     }
 
-    /// Whether `identity` holds fewer entries than its quota:
-    /// `known_per_identity`, and at most a quarter of the table (0: no
-    /// quota). Its entries past `known_for` are forgotten first: they
-    /// are no longer known, and must not hold the quota.
-    fn has_room_for(&mut self, identity: u64, settings: &AdmissionSettings, now: Instant) -> bool {
+    /// Whether `identity` holds fewer entries on listener `lid` than its
+    /// quota (`known_per_identity`, at most a quarter of the table; 0: no
+    /// quota), and fewer in `net` than a quarter of that. Its entries past
+    /// `known_for` are forgotten first, oldest first: they are no longer
+    /// known, and must not hold the quota. Running counts: O(1) but for
+    /// what it forgets (review 10 R10-9).
+    fn has_room(
+        &mut self,
+        lid: u64,
+        identity: u64,
+        net: IpNet,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
         if settings.known_per_identity == 0 {
             return true;
         }
         let quota = settings
             .known_per_identity
             .min((settings.max_known / 4).max(1));
-        let Some(keys) = self.by_identity.get_mut(&identity) else {
-            return true;
-        };
-        // Stale keys out of the count, and a key pushed twice (forgotten,
-        // then verified again) counted once, where it was pushed last.
-        let mut seen = HashSet::new();
-        let mut kept: Vec<IpAddr> = keys
-            .iter()
-            .rev()
-            .filter(|k| {
-                seen.insert(**k) && self.known.get(k).is_some_and(|e| e.identity == identity)
-            })
-            .copied()
-            .collect();
-        kept.reverse();
-        *keys = kept.into();
-        if keys.len() >= quota as usize {
-            let known = &mut self.known;
-            keys.retain(|k| {
-                let live = known.get(k).is_some_and(|e| {
-                    now.saturating_duration_since(e.verified) <= settings.known_for
-                });
-                if !live {
-                    known.remove(k);
-                    known.forgotten += 1;
-                }
-                live
-            });
+        let per_net = (quota / 4).max(1);
+        let full =
+            |h: &Holder| h.entries >= quota || h.per_net.get(&net).copied().unwrap_or(0) >= per_net;
+        loop {
+            let Some(h) = self.holders.get_mut(&(lid, identity)) else {
+                return true;
+            };
+            if !full(h) {
+                return true;
+            }
+            let Some((addr, at)) = h.order.front().copied() else {
+                return false;
+            };
+            let key = (lid, addr);
+            let last = self.known.get(&key).and_then(|k| k.last_of(identity));
+            if last == Some(at) && now.saturating_duration_since(at) <= settings.known_for {
+                // Its oldest entry is still known: so are the others.
+                return false;
+            }
+            h.order.pop_front();
+            if last == Some(at) {
+                self.unslot(key, |s| s.identity == identity);
+            }
         }
-        let room = keys.len() < quota as usize;
-        self.indexed = self.by_identity.values().map(VecDeque::len).sum();
-        room
     }
 
-    /// Rebuilds the identity index from the known table.
-    fn reindex(&mut self) {
-        self.by_identity.clear();
-        let mut entries: Vec<(IpAddr, u64, Instant)> = self
-            .known
-            .iter()
-            .map(|(k, v)| (*k, v.identity, v.verified))
-            .collect();
-        entries.sort_by_key(|e| e.2);
-        self.indexed = entries.len();
-        for (key, identity, _) in entries {
-            self.by_identity.entry(identity).or_default().push_back(key);
+    /// Keeps of `identity`'s queue only the items that are its entries'
+    /// latest.
+    fn compact(&mut self, lid: u64, identity: u64) {
+        let Some(h) = self.holders.get_mut(&(lid, identity)) else {
+            return;
+        };
+        let known = &self.known;
+        let mut seen = HashSet::new();
+        h.order.retain(|(addr, at)| {
+            known.get(&(lid, *addr)).and_then(|k| k.last_of(identity)) == Some(*at)
+                && seen.insert(*addr)
+        });
+    }
+
+    /// `identity` no longer holds a slot of an entry in `net`.
+    fn lose(&mut self, lid: u64, identity: u64, net: IpNet) {
+        let Some(h) = self.holders.get_mut(&(lid, identity)) else {
+            return;
+        };
+        h.entries = h.entries.saturating_sub(1);
+        if let Some(n) = h.per_net.get_mut(&net) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                h.per_net.remove(&net);
+            }
         }
+        if h.entries == 0 {
+            self.holders.remove(&(lid, identity));
+        }
+    }
+
+    /// An entry left the known table: out of its identities' counts.
+    fn drop_entry(&mut self, key: KnownKey, k: &Known) {
+        let mut ids: Vec<u64> = k.slots.iter().map(|s| s.identity).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            self.lose(key.0, id, k.net);
+        }
+    }
+
+    /// Forgets the slots of entry `key` that `gone` picks (and the entry
+    /// when none is left).
+    fn unslot(&mut self, key: KnownKey, gone: impl Fn(&Slot) -> bool) {
+        let Some(k) = self.known.get_mut(&key) else {
+            return;
+        };
+        let mut lost: Vec<u64> = k
+            .slots
+            .iter()
+            .filter(|s| gone(s))
+            .map(|s| s.identity)
+            .collect();
+        k.slots.retain(|s| !gone(s));
+        lost.sort_unstable();
+        lost.dedup();
+        let (net, empty) = (k.net, k.slots.is_empty());
+        if empty {
+            self.known.remove(&key);
+            self.known.forgotten += 1;
+        }
+        for id in lost {
+            self.moved(key, id, net);
+        }
+    }
+
+    /// `identity` lost a slot of entry `key`: out of its counts if it
+    /// holds none there any more, else queued again at its latest one
+    /// (the item for that one may have gone as stale).
+    fn moved(&mut self, key: KnownKey, identity: u64, net: IpNet) {
+        match self.known.get(&key).and_then(|k| k.last_of(identity)) {
+            None => self.lose(key.0, identity, net),
+            Some(at) => {
+                if let Some(h) = self.holders.get_mut(&(key.0, identity)) {
+                    h.order.push_back((key.1, at));
+                    if h.order.len() > 2 * h.entries as usize + 8 {
+                        self.compact(key.0, identity);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every known slot, for a reload to judge (outside the lock): its
+    /// listener, its entry, its address, and what verified it. From now
+    /// on a connection judged by a state older than `generation` makes no
+    /// one known.
+    pub fn judging(&mut self, generation: u64) -> Vec<(Arc<str>, SlotRef, Arc<Proof>)> {
+        self.judged = self.judged.max(generation);
+        let names = &self.listeners;
+        self.known
+            .iter()
+            .flat_map(|(key, k)| {
+                let name = names.get(&key.0).cloned();
+                k.slots.iter().filter_map(move |s| {
+                    Some((name.clone()?, SlotRef(*key, s.addr), s.proof.clone()))
+                })
+            })
+            .collect()
+    }
+
+    /// Forgets the slots a reload judged no longer trusted or allowed (the
+    /// same verification it judged: one made since stays).
+    pub fn forget(&mut self, gone: &[(SlotRef, Arc<Proof>)]) {
+        for (SlotRef(key, addr), proof) in gone {
+            let same = |s: &Slot| s.addr == *addr && Arc::ptr_eq(&s.proof, proof);
+            let at = self
+                .known
+                .get(key)
+                .and_then(|k| k.slots.iter().find(|s| same(s)))
+                .map(|s| s.at);
+            if let Some(at) = at
+                && let Some(v) = self.formerly.entry(&(key.0, *addr), || at, |_| true)
+            {
+                *v = at;
+            }
+            self.unslot(*key, same);
+        }
+        let live: HashSet<u64> = self.known.keys().map(|k| k.0).collect();
+        self.listeners.retain(|l, _| live.contains(l));
     }
 
     /// Whether an address in `net` verified (in the known table, lately
-    /// or not): a scan of the table, for the rare prefix or network
-    /// block.
+    /// or not, on any listener): a scan of the table, for the rare prefix
+    /// or network block.
     pub fn knows_in(&self, net: IpNet) -> bool {
         self.known
             .iter()
-            .any(|(_, k)| k.exact.iter().any(|(a, _)| net.contains(a)))
+            .any(|(_, k)| k.slots.iter().any(|s| net.contains(&s.addr)))
     }
 
     /// Entries tracked per level, and known sources.
@@ -1012,6 +1450,36 @@ impl Sources {
     pub fn forgotten(&self) -> [u64; 4] {
         let [a, p, n] = [&self.addresses, &self.prefixes, &self.networks].map(|t| t.forgotten);
         [a, p, n, self.known.forgotten]
+    }
+
+    /// A verified handshake as the listener reports it (strike paid
+    /// back, then known), judged by the current state.
+    #[cfg(test)]
+    pub fn verified(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        identity: &str,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
+        self.paid_back(source, settings, now);
+        let judged = self.judged;
+        self.remember(
+            listener,
+            source,
+            identity,
+            Arc::default(),
+            judged,
+            settings,
+            now,
+        );
+    }
+
+    /// The generation the known entries were last judged at.
+    #[cfg(test)]
+    pub fn judged(&self) -> u64 {
+        self.judged
     }
 
     /// Handshakes in flight from `source` as counted here.
@@ -1050,6 +1518,8 @@ mod tests {
         }
     }
 
+    const L: &str = "edge";
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -1072,12 +1542,12 @@ mod tests {
         let one = ip("192.0.2.1");
         let mut blocked = Vec::new();
         for _ in 0..50 {
-            blocked.extend(t.strike(one, Level::Prefix, &s, now));
+            blocked.extend(t.strike(L, one, Level::Prefix, &s, now));
         }
         assert!(blocked.is_empty(), "{blocked:?}");
         // A second address's strikes add to the first one's.
         for _ in 0..3 {
-            blocked.extend(t.strike(ip("192.0.2.2"), Level::Prefix, &s, now));
+            blocked.extend(t.strike(L, ip("192.0.2.2"), Level::Prefix, &s, now));
         }
         assert_eq!(
             blocked,
@@ -1103,12 +1573,12 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         for i in 1..=10u8 {
-            t.strike(IpAddr::from([10, 0, 0, i]), Level::Address, &s, now);
+            t.strike(L, IpAddr::from([10, 0, 0, i]), Level::Address, &s, now);
         }
         let mut blocked = Vec::new();
         for _ in 0..200 {
-            blocked.extend(t.strike(ip("192.0.2.66"), Level::Address, &s, now));
-            blocked.extend(t.strike(ip("192.0.2.66"), Level::Prefix, &s, now));
+            blocked.extend(t.strike(L, ip("192.0.2.66"), Level::Address, &s, now));
+            blocked.extend(t.strike(L, ip("192.0.2.66"), Level::Prefix, &s, now));
         }
         assert!(blocked.is_empty(), "{blocked:?}");
     }
@@ -1120,28 +1590,29 @@ mod tests {
         let s = settings();
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        t.verified(ip("2001:db8:1:2::a"), "id", &s, now);
-        assert!(t.is_known(ip("2001:db8:1:2:ffff::b"), &s, now));
-        assert!(!t.is_known(ip("2001:db8:1:3::a"), &s, now));
-        t.verified(ip("192.0.2.1"), "id", &s, now);
-        assert!(t.is_known(ip("192.0.2.1"), &s, now));
-        assert!(!t.is_known(ip("192.0.2.2"), &s, now));
+        t.verified(L, ip("2001:db8:1:2::a"), "id", &s, now);
+        assert!(t.is_known(L, ip("2001:db8:1:2:ffff::b"), &s, now));
+        assert!(!t.is_known(L, ip("2001:db8:1:3::a"), &s, now));
+        t.verified(L, ip("192.0.2.1"), "id", &s, now);
+        assert!(t.is_known(L, ip("192.0.2.1"), &s, now));
+        assert!(!t.is_known(L, ip("192.0.2.2"), &s, now));
         // Review 7 F2: only the exact addresses that verified (the newest
         // four of the /64) have the stronger privileges.
-        assert!(t.verified_here(ip("2001:db8:1:2::a"), &s, now));
-        assert!(!t.verified_here(ip("2001:db8:1:2:ffff::b"), &s, now));
-        assert!(t.verified_here(ip("192.0.2.1"), &s, now));
+        assert!(t.verified_here(L, ip("2001:db8:1:2::a"), &s, now));
+        assert!(!t.verified_here(L, ip("2001:db8:1:2:ffff::b"), &s, now));
+        assert!(t.verified_here(L, ip("192.0.2.1"), &s, now));
         for i in 1..=4u16 {
             t.verified(
+                L,
                 IpAddr::from([0x2001, 0xdb8, 1, 2, 0, 0, 0, 0x100 + i]),
                 "id",
                 &s,
                 now,
             );
         }
-        assert!(!t.verified_here(ip("2001:db8:1:2::a"), &s, now));
-        assert!(t.verified_here(ip("2001:db8:1:2::101"), &s, now));
-        assert!(t.verified_here(ip("2001:db8:1:2::104"), &s, now));
+        assert!(!t.verified_here(L, ip("2001:db8:1:2::a"), &s, now));
+        assert!(t.verified_here(L, ip("2001:db8:1:2::101"), &s, now));
+        assert!(t.verified_here(L, ip("2001:db8:1:2::104"), &s, now));
         assert_eq!(t.lens()[3], 2);
         assert!(t.knows_in("2001:db8:1:2::/64".parse().unwrap()));
         assert!(!t.knows_in("2001:db8:1:3::/64".parse().unwrap()));
@@ -1152,7 +1623,8 @@ mod tests {
     /// quarter of 8), never another identity's entries. Review 7 F5: nor
     /// its own: at its quota a new address is not remembered, so one
     /// holder of a shared identity cannot flush that identity's clients;
-    /// an entry past `known_for` makes room.
+    /// an entry past `known_for` makes room. (Each address in a /16 of
+    /// its own: a network holds at most a quarter of the quota.)
     #[test]
     fn one_identity_cannot_flush_the_known_table() {
         let s = AdmissionSettings {
@@ -1162,28 +1634,28 @@ mod tests {
         };
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        t.verified(ip("192.0.2.1"), "frontend", &s, now);
+        t.verified(L, ip("192.0.2.1"), "frontend", &s, now);
         for i in 1..=50u8 {
-            t.verified(IpAddr::from([10, 0, 0, i]), "batch", &s, now);
+            t.verified(L, IpAddr::from([10, i, 0, 1]), "batch", &s, now);
         }
-        assert!(t.is_known(ip("192.0.2.1"), &s, now));
+        assert!(t.is_known(L, ip("192.0.2.1"), &s, now));
         assert_eq!(t.lens()[3], 3);
         // The batch identity's first two are kept, the others not added.
-        assert!(t.is_known(ip("10.0.0.1"), &s, now));
-        assert!(t.is_known(ip("10.0.0.2"), &s, now));
-        assert!(!t.is_known(ip("10.0.0.50"), &s, now));
+        assert!(t.is_known(L, ip("10.1.0.1"), &s, now));
+        assert!(t.is_known(L, ip("10.2.0.1"), &s, now));
+        assert!(!t.is_known(L, ip("10.50.0.1"), &s, now));
         // Verifying again from a known address refreshes it.
         let later = now + Duration::from_secs(40);
-        t.verified(ip("10.0.0.2"), "batch", &s, later);
-        t.verified(ip("10.0.0.50"), "batch", &s, later);
-        assert!(!t.is_known(ip("10.0.0.50"), &s, later));
-        // Past `known_for`, 10.0.0.1's entry gives way; 10.0.0.2's,
+        t.verified(L, ip("10.2.0.1"), "batch", &s, later);
+        t.verified(L, ip("10.50.0.1"), "batch", &s, later);
+        assert!(!t.is_known(L, ip("10.50.0.1"), &s, later));
+        // Past `known_for`, 10.1.0.1's entry gives way; 10.2.0.1's,
         // refreshed, does not.
         let much_later = now + Duration::from_secs(70);
-        t.verified(ip("10.0.0.50"), "batch", &s, much_later);
-        assert!(t.is_known(ip("10.0.0.50"), &s, much_later));
-        assert!(t.is_known(ip("10.0.0.2"), &s, much_later));
-        assert!(!t.is_known(ip("10.0.0.1"), &s, much_later));
+        t.verified(L, ip("10.50.0.1"), "batch", &s, much_later);
+        assert!(t.is_known(L, ip("10.50.0.1"), &s, much_later));
+        assert!(t.is_known(L, ip("10.2.0.1"), &s, much_later));
+        assert!(!t.is_known(L, ip("10.1.0.1"), &s, much_later));
         assert_eq!(t.lens()[3], 3);
     }
 
@@ -1194,14 +1666,14 @@ mod tests {
         let now = Instant::now();
         let a = ip("192.0.2.1");
         for _ in 0..3 {
-            let g = t.start(a, &s, now).unwrap();
+            let g = t.start(L, a, &s, now).unwrap();
             t.ended(&g);
         }
-        assert_eq!(t.start(a, &s, now), Err(Refusal::SourceRate));
+        assert_eq!(t.start(L, a, &s, now), Err(Refusal::SourceRate));
         // Half a second later, one token is back (2 per second).
-        let g = t.start(a, &s, now + Duration::from_millis(500)).unwrap();
+        let g = t.start(L, a, &s, now + Duration::from_millis(500)).unwrap();
         assert_eq!(
-            t.start(a, &s, now + Duration::from_millis(500)),
+            t.start(L, a, &s, now + Duration::from_millis(500)),
             Err(Refusal::SourceRate)
         );
         // A refused start left nothing in flight.
@@ -1217,25 +1689,25 @@ mod tests {
         };
         let mut t = Sources::new(&s);
         let now = Instant::now();
-        let first = t.start(ip("192.0.2.1"), &s, now).unwrap();
+        let first = t.start(L, ip("192.0.2.1"), &s, now).unwrap();
         for _ in 1..4 {
-            t.start(ip("192.0.2.1"), &s, now).unwrap();
+            t.start(L, ip("192.0.2.1"), &s, now).unwrap();
         }
         assert_eq!(
-            t.start(ip("192.0.2.1"), &s, now),
+            t.start(L, ip("192.0.2.1"), &s, now),
             Err(Refusal::SourceHandshakes)
         );
         // Another address of the same /24 has two left of the prefix's six.
-        t.start(ip("192.0.2.2"), &s, now).unwrap();
-        t.start(ip("192.0.2.2"), &s, now).unwrap();
+        t.start(L, ip("192.0.2.2"), &s, now).unwrap();
+        t.start(L, ip("192.0.2.2"), &s, now).unwrap();
         assert_eq!(
-            t.start(ip("192.0.2.3"), &s, now),
+            t.start(L, ip("192.0.2.3"), &s, now),
             Err(Refusal::PrefixHandshakes)
         );
         // Another /24 is not affected; an ended handshake frees its place.
-        t.start(ip("192.0.3.1"), &s, now).unwrap();
+        t.start(L, ip("192.0.3.1"), &s, now).unwrap();
         t.ended(&first);
-        t.start(ip("192.0.2.3"), &s, now).unwrap();
+        t.start(L, ip("192.0.2.3"), &s, now).unwrap();
     }
 
     #[test]
@@ -1247,14 +1719,14 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         for i in 0..6 {
-            t.start(ip(&format!("2001:db8:1:2::{i:x}")), &s, now)
+            t.start(L, ip(&format!("2001:db8:1:2::{i:x}")), &s, now)
                 .unwrap();
         }
         assert_eq!(
-            t.start(ip("2001:db8:1:2:ffff::1"), &s, now),
+            t.start(L, ip("2001:db8:1:2:ffff::1"), &s, now),
             Err(Refusal::PrefixHandshakes)
         );
-        t.start(ip("2001:db8:1:3::1"), &s, now).unwrap();
+        t.start(L, ip("2001:db8:1:3::1"), &s, now).unwrap();
     }
 
     #[test]
@@ -1263,14 +1735,14 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let a = ip("192.0.2.9");
-        assert!(t.strike(a, Level::Address, &s, now).is_empty());
-        assert!(t.strike(a, Level::Address, &s, now).is_empty());
+        assert!(t.strike(L, a, Level::Address, &s, now).is_empty());
+        assert!(t.strike(L, a, Level::Address, &s, now).is_empty());
         // The window (10 s) passed: the count starts again.
         let later = now + Duration::from_secs(11);
-        assert!(t.strike(a, Level::Address, &s, later).is_empty());
-        assert!(t.strike(a, Level::Address, &s, later).is_empty());
+        assert!(t.strike(L, a, Level::Address, &s, later).is_empty());
+        assert!(t.strike(L, a, Level::Address, &s, later).is_empty());
         assert_eq!(
-            t.strike(a, Level::Address, &s, later),
+            t.strike(L, a, Level::Address, &s, later),
             vec![(Level::Address, "192.0.2.9/32".parse().unwrap())]
         );
     }
@@ -1288,28 +1760,28 @@ mod tests {
         // Two strikes each (never enough for an address): the second
         // address's second makes its /64's fourth.
         assert!(
-            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+            t.strike(L, ip("2001:db8:1:1::1"), Level::Address, &s, now)
                 .is_empty()
         );
         assert!(
-            t.strike(ip("2001:db8:1:1::1"), Level::Address, &s, now)
+            t.strike(L, ip("2001:db8:1:1::1"), Level::Address, &s, now)
                 .is_empty()
         );
         assert!(
-            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now)
+            t.strike(L, ip("2001:db8:1:1::2"), Level::Address, &s, now)
                 .is_empty()
         );
         assert_eq!(
-            t.strike(ip("2001:db8:1:1::2"), Level::Address, &s, now),
+            t.strike(L, ip("2001:db8:1:1::2"), Level::Address, &s, now),
             vec![(Level::Prefix, "2001:db8:1:1::/64".parse().unwrap())]
         );
         // Other /64s of the same /48 bring it to six.
         assert!(
-            t.strike(ip("2001:db8:1:2::1"), Level::Address, &s, now)
+            t.strike(L, ip("2001:db8:1:2::1"), Level::Address, &s, now)
                 .is_empty()
         );
         assert_eq!(
-            t.strike(ip("2001:db8:1:3::1"), Level::Address, &s, now),
+            t.strike(L, ip("2001:db8:1:3::1"), Level::Address, &s, now),
             vec![(Level::Network, "2001:db8:1::/48".parse().unwrap())]
         );
         // An IPv4 source's network is its /16.
@@ -1332,14 +1804,14 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         for i in 0..3 {
-            t.start(ip(&format!("2001:db8:7:{i:x}::1")), &s, now)
+            t.start(L, ip(&format!("2001:db8:7:{i:x}::1")), &s, now)
                 .unwrap();
         }
         assert_eq!(
-            t.start(ip("2001:db8:7:ffff::1"), &s, now),
+            t.start(L, ip("2001:db8:7:ffff::1"), &s, now),
             Err(Refusal::NetworkHandshakes)
         );
-        t.start(ip("2001:db8:8::1"), &s, now).unwrap();
+        t.start(L, ip("2001:db8:8::1"), &s, now).unwrap();
         let s = AdmissionSettings {
             network_handshakes_in_flight: 0,
             network_handshakes_per_second: 1,
@@ -1347,10 +1819,13 @@ mod tests {
             ..s
         };
         let mut t = Sources::new(&s);
-        t.start(ip("10.1.1.1"), &s, now).unwrap();
-        t.start(ip("10.1.2.1"), &s, now).unwrap();
-        assert_eq!(t.start(ip("10.1.3.1"), &s, now), Err(Refusal::NetworkRate));
-        t.start(ip("10.2.3.1"), &s, now).unwrap();
+        t.start(L, ip("10.1.1.1"), &s, now).unwrap();
+        t.start(L, ip("10.1.2.1"), &s, now).unwrap();
+        assert_eq!(
+            t.start(L, ip("10.1.3.1"), &s, now),
+            Err(Refusal::NetworkRate)
+        );
+        t.start(L, ip("10.2.3.1"), &s, now).unwrap();
     }
 
     #[test]
@@ -1365,15 +1840,18 @@ mod tests {
         let now = Instant::now();
         let loud = ip("192.0.2.1");
         for _ in 0..3 {
-            t.start(loud, &s, now).unwrap();
+            t.start(L, loud, &s, now).unwrap();
         }
         for _ in 0..100 {
-            assert_eq!(t.start(loud, &s, now), Err(Refusal::SourceRate));
+            assert_eq!(t.start(L, loud, &s, now), Err(Refusal::SourceRate));
         }
         // Two of the prefix's five tokens are left for the others.
-        t.start(ip("192.0.2.2"), &s, now).unwrap();
-        t.start(ip("192.0.2.3"), &s, now).unwrap();
-        assert_eq!(t.start(ip("192.0.2.4"), &s, now), Err(Refusal::PrefixRate));
+        t.start(L, ip("192.0.2.2"), &s, now).unwrap();
+        t.start(L, ip("192.0.2.3"), &s, now).unwrap();
+        assert_eq!(
+            t.start(L, ip("192.0.2.4"), &s, now),
+            Err(Refusal::PrefixRate)
+        );
     }
 
     #[test]
@@ -1391,12 +1869,12 @@ mod tests {
         // Holds a handshake the whole time: never forgotten, though never
         // seen again.
         let kept = ip("198.51.100.1");
-        t.start(kept, &s, now).unwrap();
+        t.start(L, kept, &s, now).unwrap();
         for i in 0..10_000u32 {
             // A second apart: each one's bucket is full again by the next.
             now += Duration::from_secs(1);
             let a = IpAddr::from((0x0a00_0000 + (i << 8)).to_be_bytes());
-            let g = t.start(a, &s, now).unwrap();
+            let g = t.start(L, a, &s, now).unwrap();
             t.ended(&g);
         }
         assert!(t.lens().iter().all(|n| *n <= 100), "{:?}", t.lens());
@@ -1414,8 +1892,8 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let striker = ip("2001:db8:dead::1");
-        t.strike(striker, Level::Address, &s, now);
-        t.strike(striker, Level::Address, &s, now);
+        t.strike(L, striker, Level::Address, &s, now);
+        t.strike(L, striker, Level::Address, &s, now);
         // One failed handshake from each of 10,000 /64s (distinct /48s):
         // each entry holds a strike, so none may be forgotten.
         let mut refused = 0;
@@ -1424,10 +1902,10 @@ mod tests {
                 (0x2001_0000_0000_0000_0000_0000_0000_0001u128 | (u128::from(i) << 80))
                     .to_be_bytes(),
             );
-            match t.start(a, &s, now) {
+            match t.start(L, a, &s, now) {
                 Ok(g) => {
                     t.ended(&g);
-                    t.strike(a, Level::Address, &s, now);
+                    t.strike(L, a, Level::Address, &s, now);
                 }
                 Err(r) => {
                     assert_eq!(r, Refusal::MaxTracked);
@@ -1439,12 +1917,12 @@ mod tests {
         assert_eq!(t.forgotten(), [0, 0, 0, 0]);
         assert_eq!(t.strikes(striker), 2);
         assert_eq!(
-            t.strike(striker, Level::Address, &s, now),
+            t.strike(L, striker, Level::Address, &s, now),
             vec![(Level::Address, IpNet::from(striker))]
         );
         // Once the window has passed, they are idle and make room again.
         let later = now + s.block_window + Duration::from_secs(5);
-        t.start(ip("192.0.2.1"), &s, later).unwrap();
+        t.start(L, ip("192.0.2.1"), &s, later).unwrap();
     }
 
     /// An attacker spread thin over a /24: one failure a second, each
@@ -1462,7 +1940,7 @@ mod tests {
         for n in 0..600u32 {
             let now = start + Duration::from_secs(u64::from(n));
             let a = IpAddr::from([10, 9, 9, (n % 254 + 1) as u8]);
-            let due = t.strike(a, Level::Address, &s, now);
+            let due = t.strike(L, a, Level::Address, &s, now);
             if !due.is_empty() {
                 blocked = Some((n, due));
                 break;
@@ -1486,7 +1964,7 @@ mod tests {
         let start = Instant::now();
         for n in 0..6 * 3600u64 {
             let now = start + Duration::from_secs(n);
-            for (level, net) in t.strike(ip("10.20.30.40"), Level::Address, &s, now) {
+            for (level, net) in t.strike(L, ip("10.20.30.40"), Level::Address, &s, now) {
                 assert_eq!(level, Level::Address, "{net} blocked after {n} s");
             }
         }
@@ -1508,14 +1986,14 @@ mod tests {
                 if with_successes && n % 5 == 0 {
                     for i in 0..5u8 {
                         let a = IpAddr::from([10, 30, 1, 100 + i]);
-                        let g = t.start(a, &s, now).unwrap();
+                        let g = t.start(L, a, &s, now).unwrap();
                         t.ended(&g);
-                        t.verified(a, "id", &s, now);
+                        t.verified(L, a, "id", &s, now);
                     }
                 }
                 for i in 0..3u8 {
                     let a = IpAddr::from([10, 30, 1, 10 + i]);
-                    for (level, net) in t.strike(a, Level::Address, &s, now) {
+                    for (level, net) in t.strike(L, a, Level::Address, &s, now) {
                         if level != Level::Address {
                             return Some((n, net));
                         }
@@ -1545,27 +2023,29 @@ mod tests {
         let mut t = Sources::new(&s);
         let now = Instant::now();
         let known = ip("192.0.2.50");
-        t.verified(known, "id", &s, now);
+        t.verified(L, known, "id", &s, now);
         let hold = |t: &mut Sources, at: Instant| {
             for i in 0..10u8 {
-                t.strike(IpAddr::from([10, i, 0, 1]), Level::Address, &s, at);
+                t.strike(L, IpAddr::from([10, i, 0, 1]), Level::Address, &s, at);
             }
         };
         hold(&mut t, now);
         assert_eq!(
-            t.start(ip("198.51.100.1"), &s, now),
+            t.start(L, ip("198.51.100.1"), &s, now),
             Err(Refusal::MaxTracked)
         );
-        let held: Vec<Groups> = (0..4).map(|_| t.start(known, &s, now).unwrap()).collect();
-        assert_eq!(t.start(known, &s, now), Err(Refusal::SourceHandshakes));
+        let held: Vec<Groups> = (0..4)
+            .map(|_| t.start(L, known, &s, now).unwrap())
+            .collect();
+        assert_eq!(t.start(L, known, &s, now), Err(Refusal::SourceHandshakes));
         t.ended(&held[0]);
-        t.start(known, &s, now).unwrap();
+        t.start(L, known, &s, now).unwrap();
         assert_eq!(t.known_admitted, 5);
         // A minute and more later (the attack still holding the table):
         // no longer known.
         let later = now + Duration::from_secs(61);
         hold(&mut t, later);
-        assert_eq!(t.start(known, &s, later), Err(Refusal::MaxTracked));
+        assert_eq!(t.start(L, known, &s, later), Err(Refusal::MaxTracked));
     }
 
     /// One failed handshake from each of many /48s of one /32 (cheap in
@@ -1585,10 +2065,10 @@ mod tests {
         let mut refused = 0;
         for i in 0..200u32 {
             let a = ip(&format!("2001:db8:{:x}::1", 0x100 + i));
-            match t.start(a, &s, now) {
+            match t.start(L, a, &s, now) {
                 Ok(g) => {
                     t.ended(&g);
-                    t.strike(a, Level::Address, &s, now);
+                    t.strike(L, a, Level::Address, &s, now);
                 }
                 Err(r) => {
                     assert_eq!(r, Refusal::NetworksPerAllocation);
@@ -1599,10 +2079,10 @@ mod tests {
         assert_eq!(refused, 190);
         assert_eq!(t.lens()[2], 10);
         // Another /32, and IPv4, are not affected.
-        t.start(ip("2001:db9:1::1"), &s, now).unwrap();
-        t.start(ip("192.0.2.1"), &s, now).unwrap();
+        t.start(L, ip("2001:db9:1::1"), &s, now).unwrap();
+        t.start(L, ip("192.0.2.1"), &s, now).unwrap();
         // A network already tracked is not refused for the quota.
-        t.start(ip("2001:db8:100::2"), &s, now).unwrap();
+        t.start(L, ip("2001:db8:100::2"), &s, now).unwrap();
         // The quota counts entries, so a reload that tightens it counts
         // what is there.
         let tight = AdmissionSettings {
@@ -1611,7 +2091,7 @@ mod tests {
         };
         t.configure(&tight, now);
         assert_eq!(
-            t.start(ip("2001:db8:ffff::1"), &tight, now),
+            t.start(L, ip("2001:db8:ffff::1"), &tight, now),
             Err(Refusal::NetworksPerAllocation)
         );
         // Once idle, the /32's entries give way to newcomers, and the
@@ -1624,7 +2104,9 @@ mod tests {
         t.configure(&big, later);
         // (The /48 of 2001:db8:100::2 stays: its handshake is in flight.)
         for i in 0..9u8 {
-            let g = t.start(IpAddr::from([10, i, 0, 1]), &big, later).unwrap();
+            let g = t
+                .start(L, IpAddr::from([10, i, 0, 1]), &big, later)
+                .unwrap();
             t.ended(&g);
         }
         assert_eq!(
@@ -1632,7 +2114,12 @@ mod tests {
                 .get(&"2001:db8::/32".parse::<IpNet>().unwrap()),
             Some(&1)
         );
-        let g = t.start(ip("2001:db8:ffff::1"), &big, later + Duration::from_secs(1));
+        let g = t.start(
+            L,
+            ip("2001:db8:ffff::1"),
+            &big,
+            later + Duration::from_secs(1),
+        );
         g.unwrap();
     }
 }

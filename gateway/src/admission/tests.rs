@@ -243,7 +243,7 @@ fn an_authenticated_handshake_pays_back_a_strike_of_its_address() {
         let ok = admitted(admission.admit(&pool, 100, 100, nat, None));
         ok.established();
         for _ in 0..times {
-            ok.authenticated("spiffe://example.internal/client");
+            ok.served("spiffe://example.internal/client");
         }
     };
     // block_after = 3: failures, each followed by a success with a
@@ -577,7 +577,7 @@ fn a_table_held_busy_by_an_attacker_does_not_refuse_new_sources() {
         let new = client(&format!("192.0.2.{}", round + 1), 1);
         let t = admitted(admission.admit(&pool, 1000, 1000, new, None));
         t.established();
-        t.authenticated("spiffe://example.internal/client");
+        t.served("spiffe://example.internal/client");
     }
     // Tracked by its network: its cap holds, and a place is given back
     // when a handshake ends.
@@ -612,7 +612,7 @@ fn one_address_paying_back_its_strikes_never_gets_its_24_blocked() {
         fail_once(&admission, &pool, x);
         let t = admitted(admission.admit(&pool, 100, 100, x, None));
         t.established();
-        t.authenticated("spiffe://example.internal/client");
+        t.served("spiffe://example.internal/client");
     }
     assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
     // Two addresses of it failing together still get it blocked.
@@ -639,7 +639,7 @@ fn a_known_client_is_admitted_past_a_networks_table_full_of_attackers() {
     let known = client("2001:db8:aaaa::7", 1);
     let t = admitted(admission.admit(&pool, 1000, 1000, known, None));
     t.established();
-    t.authenticated("spiffe://example.internal/client");
+    t.served("spiffe://example.internal/client");
     drop(t);
     // One failed handshake from each of many /48s of one /32: each entry
     // holds a strike, so none may be forgotten.
@@ -670,7 +670,7 @@ fn a_known_client_is_admitted_past_a_networks_table_full_of_attackers() {
     );
     for t in &held {
         t.established();
-        t.authenticated("spiffe://example.internal/client");
+        t.served("spiffe://example.internal/client");
     }
     drop(held);
     let text = admission_metrics(&admission);
@@ -763,7 +763,7 @@ fn a_known_source_evicted_once_still_evicts_for_its_next_clients() {
     let allowed = "10.80.0.1";
     let t = admitted(admission.admit(&pool, 100, 100, client(allowed, 1), None));
     t.established();
-    t.authenticated("spiffe://example.internal/client");
+    t.served("spiffe://example.internal/client");
     drop(t);
     let unknown = "10.81.0.1";
     // The listener (2 places) full: the allowed client's handshake is
@@ -838,7 +838,7 @@ fn a_prefix_blocked_for_strikes_still_admits_its_known_clients() {
     let known = client("198.51.100.9", 1);
     let t = admitted(admission.admit(&pool, 10, 10, known, None));
     assert!(t.established());
-    t.authenticated("spiffe://example.internal/client");
+    t.served("spiffe://example.internal/client");
     drop(t);
     for i in 0..200u32 {
         let source = client(&format!("198.51.100.{}", 20 + i), 1);
