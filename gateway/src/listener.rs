@@ -967,7 +967,7 @@ fn judge<T>(
     }
     // The audit report's name for the client: its names as the access log
     // lists them; none when no certificate reached the verifier.
-    let audit_identity = conn.identity.as_ref().map(|names| names.join(","));
+    let audit_identity = conn.identity.as_deref().map(crate::identity::joined);
     // Nothing reached the verifier: "no certificate" is the refusal only
     // when that is what ended the handshake, not for a handshake that
     // failed before a certificate was asked for.

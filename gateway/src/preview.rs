@@ -124,10 +124,10 @@ impl GuardCheck {
             .map(|l| {
                 let mut by: BTreeMap<String, usize> = BTreeMap::new();
                 for c in closes.iter().filter(|c| !c.revoked && &c.listener == l) {
-                    let who = c
-                        .identity
-                        .as_ref()
-                        .map_or_else(|| "no certificate".to_owned(), |n| n.join(","));
+                    let who = c.identity.as_ref().map_or_else(
+                        || "no certificate".to_owned(),
+                        |n| crate::identity::joined(n),
+                    );
                     *by.entry(who).or_insert(0) += 1;
                 }
                 let mut v: Vec<Holder> = by
@@ -461,7 +461,7 @@ fn identity_of(names: &str) -> crate::identity::Identity {
 
 fn affected(c: &Affected) -> String {
     let who = match &c.identity {
-        Some(names) => names.join(","),
+        Some(names) => crate::identity::joined(names),
         None => "no certificate".to_owned(),
     };
     format!(

@@ -350,7 +350,7 @@ impl RouteAudit {
         self.audit.certificate_at(
             &self.listener,
             &self.route,
-            identity.names().join(","),
+            crate::identity::joined(&identity.names()),
             identity,
             now(),
         );
