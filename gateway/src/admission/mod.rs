@@ -360,7 +360,11 @@ impl Admission {
         for net in t.blocked.set_capacity(settings.max_blocked as usize) {
             kernel.remove(net);
         }
-        let list = t.blocked.list();
+        // What the kernel's copy holds when the program is (re)loaded: the
+        // list without the blocks that spare known sources. Written whole,
+        // they dropped the known sources' SYNs after any reload that loaded
+        // the program again (review 7 F9).
+        let list = kernel_list(&t);
         let adopted = kernel.configure(settings, listening, &list, now);
         for (net, reason, expires) in adopted {
             if t.blocked
@@ -661,20 +665,14 @@ impl Admission {
                 if let Some(old) = displaced {
                     kernel.remove(old);
                 }
-                // A prefix or network holding known sources, which `admit`
-                // still lets in, stays out of the kernel's copy: XDP would
-                // drop their SYNs before anyone could tell them apart.
-                let spares_known = level != Level::Address && t.sources.knows_in(net);
-                if !spares_known {
-                    kernel.insert(
-                        &Blocked {
-                            net,
-                            reason: BlockReason::Strikes,
-                            level,
-                            expires: Some(expires),
-                        },
-                        now,
-                    );
+                let entry = Blocked {
+                    net,
+                    reason: BlockReason::Strikes,
+                    level,
+                    expires: Some(expires),
+                };
+                if !spares_known(&entry, &t.sources) {
+                    kernel.insert(&entry, now);
                 }
                 let strikes = match level {
                     Level::Address => settings.block_after,
@@ -751,6 +749,15 @@ impl Admission {
     }
 
     /// The block list now.
+    /// The entries a (re)loaded kernel program is given: `blocked` without
+    /// the ones that spare known sources.
+    #[cfg(test)]
+    fn kernel_copy(&self) -> Vec<Blocked> {
+        let mut list = kernel_list(&self.tables());
+        list.sort_by_key(|b| b.net);
+        list
+    }
+
     pub fn blocked(&self) -> Vec<Blocked> {
         // Copied under the lock, sorted after: every accept takes it.
         let mut list = self.tables().blocked.snapshot();
@@ -1092,6 +1099,21 @@ impl Drop for Ticket {
                 .failed(self.pool.listener(), self.source, groups, spared);
         }
     }
+}
+
+/// The block list as a (re)loaded kernel program is given it.
+fn kernel_list(t: &Tables) -> Vec<Blocked> {
+    let mut list = t.blocked.list();
+    list.retain(|b| !spares_known(b, &t.sources));
+    list
+}
+
+/// Whether a block stays out of the kernel's copy: a strikes block of a
+/// prefix or network holding known sources, which `admit` still lets in;
+/// XDP would drop their SYNs before anyone could tell them apart. Blocks by
+/// hand and address blocks always go to the kernel.
+fn spares_known(b: &Blocked, sources: &Sources) -> bool {
+    b.reason == BlockReason::Strikes && b.level != Level::Address && sources.knows_in(b.net)
 }
 
 #[cfg(test)]

@@ -305,6 +305,50 @@ fn f3_a_prefix_block_keeps_a_known_sources_own_address_block() {
     );
 }
 
+/// F9 (fixed). A strikes block of a prefix holding a known source stays
+/// out of the kernel's copy when it is made, but a reload that loaded the
+/// XDP program again wrote the whole list into it: the known source's SYNs
+/// were dropped from then on. The copy a (re)loaded program is given now
+/// leaves such a block out, and keeps blocks by hand and address blocks.
+#[test]
+fn f9_a_reloaded_kernel_program_is_not_given_a_block_that_spares_known_sources() {
+    let s = AdmissionSettings {
+        block_after: 3,
+        prefix_block_after: 4,
+        network_block_after: 50,
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
+        ..defaults()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    verify(&admission, &pool, client("192.0.2.20", 1), BATCH);
+    for i in 0..2 {
+        fail_once(&admission, &pool, client("192.0.2.30", 1 + i));
+        fail_once(&admission, &pool, client("192.0.2.31", 1 + i));
+    }
+    for _ in 0..3 {
+        fail_once(&admission, &pool, client("198.51.100.7", 1));
+    }
+    admission
+        .block("203.0.113.0/24".parse().unwrap(), None)
+        .unwrap();
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let all: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
+    assert_eq!(
+        all,
+        [
+            net("192.0.2.0/24"),
+            net("198.51.100.7/32"),
+            net("203.0.113.0/24")
+        ]
+    );
+    let kernel: Vec<IpNet> = admission.kernel_copy().iter().map(|b| b.net).collect();
+    assert_eq!(kernel, [net("198.51.100.7/32"), net("203.0.113.0/24")]);
+    // The known source is still let in by `admit` under its /24's block.
+    admitted(admission.admit(&pool, 100, 100, client("192.0.2.20", 2), None));
+}
+
 /// F4 (LOW). A block made by hand refuses a known source (README), but
 /// the lookup takes the longest match: a strikes block of a /24 inside a
 /// /16 blocked by hand hides the hand-made block from the /24's known
