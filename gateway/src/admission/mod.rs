@@ -494,7 +494,14 @@ impl Admission {
             // neighbours must not lock out the clients already served. An
             // address's own block, and one made by hand, refuse it.
             if t.blocked.lookup(source, now).is_some_and(|b| {
-                !(known && b.reason == BlockReason::Strikes && b.level != Level::Address)
+                let spares = known && b.reason == BlockReason::Strikes && b.level != Level::Address;
+                // The lookup takes the longest match: a block by hand wider
+                // than the strikes block that spares the source refuses it
+                // all the same (review 7 F4).
+                !spares
+                    || t.blocked.covers_where(IpNet::from(source), now, |w| {
+                        w.reason == BlockReason::Manual
+                    })
             }) {
                 drop(t);
                 return self.refuse(listener, Refusal::Blocked, source, now);

@@ -349,13 +349,14 @@ fn f9_a_reloaded_kernel_program_is_not_given_a_block_that_spares_known_sources()
     admitted(admission.admit(&pool, 100, 100, client("192.0.2.20", 2), None));
 }
 
-/// F4 (LOW). A block made by hand refuses a known source (README), but
+/// F4 (fixed). A block made by hand refuses a known source (README), but
 /// the lookup takes the longest match: a strikes block of a /24 inside a
-/// /16 blocked by hand hides the hand-made block from the /24's known
-/// sources (until the /24 block expires; with the kernel copy off or not
-/// attached, or for the spared /24 that never went to XDP).
+/// /16 blocked by hand hid the hand-made block from the /24's known
+/// sources (until the /24 block expired; with the kernel copy off or not
+/// attached, or for the spared /24 that never went to XDP). Now a wider
+/// block by hand refuses them under it.
 #[test]
-fn f4_a_strikes_24_inside_a_manual_16_lets_known_sources_through() {
+fn f4_a_strikes_24_inside_a_manual_16_refuses_its_known_sources() {
     let s = AdmissionSettings {
         block_after: 3,
         prefix_block_after: 4,
@@ -382,7 +383,13 @@ fn f4_a_strikes_24_inside_a_manual_16_lets_known_sources_through() {
         refused(admission.admit(&pool, 100, 100, client("192.0.9.9", 1), None)),
         Refusal::Blocked
     );
-    // The known source in the /24 still gets in.
+    // The known source in the /24 is refused like the rest of the /16...
+    assert_eq!(
+        refused(admission.admit(&pool, 100, 100, a, None)),
+        Refusal::Blocked
+    );
+    // ...and let in under the /24's strikes block once the /16 is lifted.
+    assert!(admission.unblock("192.0.0.0/16".parse().unwrap()));
     admitted(admission.admit(&pool, 100, 100, a, None)).established();
 }
 
