@@ -779,13 +779,19 @@ impl Admission {
     pub fn tick(&self) {
         let now = Instant::now();
         let every = self.settings.load().log_every;
-        let expired = self.tables().blocked.expire(now);
+        // The kernel's copy follows under the tables' lock (taken first, as
+        // everywhere): released in between, a strike could block the same
+        // net again and have its new kernel entry removed here, leaving a
+        // block the kernel no longer dropped (attacker review 2).
+        let mut t = self.tables();
+        let expired = t.blocked.expire(now);
         if !expired.is_empty() {
             let mut kernel = self.kernel();
             for net in expired {
                 kernel.remove(net);
             }
         }
+        drop(t);
         self.refusals.flush(every, now);
     }
 
