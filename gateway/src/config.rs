@@ -657,6 +657,9 @@ fn default_connect_attempts() -> usize {
 fn default_handshake_min_rate() -> u32 {
     256
 }
+/// The shortest `handshake_grace` accepted.
+const MIN_HANDSHAKE_GRACE: Duration = Duration::from_millis(100);
+
 fn default_handshake_grace() -> Duration {
     Duration::from_secs(2)
 }
@@ -861,6 +864,15 @@ impl Config {
                 if d.is_zero() {
                     return Err(self.invalid(format!("{at}.{what} must be more than 0")));
                 }
+            }
+            // A client's turn starts when the gateway's flight leaves: a
+            // grace shorter than a round trip and a signature cuts every
+            // client that is not on the same host (attacker review 2).
+            if l.handshake_grace < MIN_HANDSHAKE_GRACE {
+                return Err(self.invalid(format!(
+                    "{at}.handshake_grace must be at least {}ms: shorter cuts clients a round trip away",
+                    MIN_HANDSHAKE_GRACE.as_millis()
+                )));
             }
             if let Some(domains) = &l.spiffe_trust_domains {
                 self.validate_trust_domains(&format!("{at}.spiffe_trust_domains"), domains)?;
@@ -1281,6 +1293,24 @@ mod tests {
             Path::new("/etc/gateway/gateway.toml"),
             Path::new("/etc/gateway"),
         )
+    }
+
+    #[test]
+    fn a_handshake_grace_shorter_than_a_round_trip_is_refused() {
+        let with = |grace: &str| {
+            parse(&MINIMAL.replace(
+                "client_ca = \"client-roots.pem\"",
+                &format!("client_ca = \"client-roots.pem\"\nhandshake_grace = \"{grace}\""),
+            ))
+        };
+        for short in ["1ms", "99ms"] {
+            let why = with(short).unwrap_err().to_string();
+            assert!(
+                why.contains("(\"edge\").handshake_grace must be at least 100ms"),
+                "{short}: {why}"
+            );
+        }
+        assert!(with("100ms").is_ok());
     }
 
     #[test]
