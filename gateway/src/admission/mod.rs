@@ -1097,6 +1097,8 @@ impl Drop for Ticket {
 #[cfg(test)]
 mod review10;
 #[cfg(test)]
+mod review10_pool;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;
