@@ -24,8 +24,8 @@
 //! lately) displaces, besides, the oldest handshake of a source not known.
 //! A known source's handshakes are spared both, the oldest few of its
 //! source and network and half the share in all (`Slots::spare`); past
-//! that they are weighed like any, after every stranger's. When there is
-//! nothing to evict, the newcomer is refused.
+//! that they are weighed like a stranger's, after every crowded one. When
+//! there is nothing to evict, the newcomer is refused.
 //!
 //! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
 //! a few a second, with a burst; a known newcomer displaces a stranger's
@@ -437,25 +437,32 @@ impl Place {
     /// Its standing when a newcomer may displace it although the ranking
     /// protects it; never a spared one's (a client already served keeps a
     /// few handshakes early in their turns; past that a known source's is
-    /// weighed as any other, but after every place of a source not known:
-    /// one certificate from a few addresses must not hold the share, nor
-    /// strip a busy NAT of its oldest). A known newcomer displaces any
-    /// other (`Unknown`, `Unspared`): the lane for clients already
-    /// served, which no number of sources each holding one place can
-    /// close. A newcomer from another network displaces one whose source,
-    /// or network, holds two more of the share than its own (`Crowded`,
-    /// `Unspared`): peers sending real ClientHellos do not keep out a
-    /// network that holds none.
+    /// weighed as a stranger's: one certificate from a few addresses must
+    /// not hold the share, nor strip a busy NAT of its oldest). A known
+    /// newcomer displaces any other (`Unknown`): the lane for clients
+    /// already served, which no number of sources each holding one place
+    /// can close. A newcomer from another network displaces one whose
+    /// source, or network, holds two more of the share than its own
+    /// (`Crowded`; a known source's past what it is spared, `Unknown`):
+    /// peers sending real ClientHellos do not keep out a network that
+    /// holds none.
     fn displaceable(&self, now: Instant, crowded: bool, newcomer_known: bool) -> Option<Standing> {
         if self.spared() || !(crowded || newcomer_known) {
             return None;
         }
         let waited = std::cmp::Reverse(now.saturating_duration_since(self.accepted));
-        Some(match (self.known, crowded) {
-            (true, _) => (Class::Unspared, waited),
-            (false, true) => (Class::Crowded, waited),
-            (false, false) => (Class::Unknown, waited),
-        })
+        // A known source's handshake past what it is spared is weighed
+        // like a stranger's that is not crowded: after every crowded
+        // stranger's (a busy NAT's clients do not go before a flood's
+        // crowded places), with the others by age (an attacker known from
+        // a few addresses gives up its own oldest, not a first-time
+        // client's new handshake).
+        let class = if crowded && !self.known {
+            Class::Crowded
+        } else {
+            Class::Unknown
+        };
+        Some((class, waited))
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {
@@ -496,7 +503,8 @@ impl Pool {
     /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A `known` client (a
     /// verified certificate lately, `sources`) evicts a source not known's
-    /// outside any source's budget; a known source's within its own.
+    /// handshake, or its own source's, outside any budget; another known
+    /// source's within its own.
     pub(super) fn take(
         &self,
         client: SocketAddr,
@@ -521,14 +529,18 @@ impl Pool {
             let evictor = source_of(client);
             // Whether the newcomer's budget allows one more eviction: a
             // known newcomer without it still displaces a source not
-            // known's handshake (the lane), never a known source's
-            // (review 10, R10-5: one certificate from a few networks
-            // evicted a busy NAT's clients outside any budget).
+            // known's handshake (the lane) and its own source's, never
+            // another known source's (review 10, R10-5: one certificate
+            // from a few networks evicted a busy NAT's clients outside
+            // any budget). Its own: out of budget, an attacker known from
+            // a few addresses of one /24 otherwise gave up first-time
+            // clients' handshakes rather than its own older ones.
             let budget = s.may_evict(evictor, now);
             if !known && !budget {
                 return Err(refused);
             }
-            let may_take = |p: &Place| budget || !p.known;
+            let costs = |p: &Place| p.known && p.source != evictor;
+            let may_take = |p: &Place| budget || !costs(p);
             // A reload may have lowered the limits below what is held: one
             // newcomer evicts one, so the excess drains as connections end.
             // Past the ranking, a crowded source or network gives way (the
@@ -558,36 +570,51 @@ impl Pool {
                         Some(standing) => standing,
                         None => p.displaceable(now, crowded, known)?,
                     };
-                    Some((standing, most, *id, p.known))
+                    Some((standing, most, *id, costs(p)))
                 });
             // Besides, the oldest few handshakes not spared, wherever they
             // are in the queues, for displacement alone (their standing
             // unread: past the oldest of each queue the ranking does not
-            // look, as before): a source not known's, and, within the
-            // budget, a known source's. Spared handshakes, however old,
-            // cannot shield the others, and no newcomer walks the share.
-            let unspared = if budget { CANDIDATES } else { 0 };
+            // look, as before): a source not known's, a known source's
+            // within the budget, and the newcomer's own source's oldest.
+            // Spared handshakes, however old, cannot shield the others,
+            // and no newcomer walks the share.
+            let own = s
+                .waiting
+                .get(&evictor)
+                .and_then(|w| w.first())
+                .and_then(|id| {
+                    s.hello
+                        .get_key_value(id)
+                        .or_else(|| s.answered.get_key_value(id))
+                });
             let displaced = s
                 .strangers
                 .iter()
                 .take(CANDIDATES)
-                .chain(s.unspared.iter().take(unspared))
+                .chain(
+                    s.unspared
+                        .iter()
+                        .take(CANDIDATES)
+                        .filter(|(_, p)| may_take(p)),
+                )
+                .chain(own)
                 .filter_map(|(id, p)| {
                     let (crowded, most) = weigh(p);
-                    Some((p.displaceable(now, crowded, known)?, most, *id, p.known))
+                    Some((p.displaceable(now, crowded, known)?, most, *id, costs(p)))
                 });
             let furthest_behind = ranked.chain(displaced).min();
             // Then, with every slot held, the oldest connection let through
             // unauthenticated (audit would-deny, `mode = "off"`).
-            let (id, class, victim_known) = match furthest_behind {
-                Some(((class, _), _, id, victim_known)) => (id, Some(class), victim_known),
+            let (id, class, costs) = match furthest_behind {
+                Some(((class, _), _, id, costs)) => (id, Some(class), costs),
                 None if full => match s.unauthenticated_queue.first_key_value() {
                     Some((&id, _)) => (id, None, false),
                     None => return Err(refused),
                 },
                 None => return Err(refused),
             };
-            if (!known || victim_known) && !s.spend(evictor, now) {
+            if (!known || costs) && !s.spend(evictor, now) {
                 return Err(refused);
             }
             let victim = s

@@ -162,13 +162,11 @@ pub(super) enum Class {
     /// keep out a source that holds none.
     Crowded,
     /// Not otherwise to be evicted, its source not known: a known newcomer (a verified certificate within `known_for`)
-    /// displaces it, the longest waiting first (`pool`).
+    /// displaces it, the longest waiting first (`pool`). So too a known
+    /// source's handshake past what a known source is spared (`pool`: its
+    /// source's and network's oldest few, half the share in all), crowded
+    /// or not: weighed like a stranger's, never before a crowded one.
     Unknown,
-    /// Not otherwise to be evicted, its source known but the handshake
-    /// past what a known source is spared (`pool`: its source's or
-    /// network's oldest few, half the share in all): crowded or displaced
-    /// by a known newcomer, only after every place of a source not known.
-    Unspared,
 }
 
 /// The longest round trip that earns a handshake more time before it is
