@@ -20,15 +20,21 @@
 //! holding two more handshakes of the share than the newcomer's gives way
 //! to it regardless (the most crowded first): peers that send real
 //! ClientHellos and keep their turns short cannot keep out a source that
-//! holds none. When there is nothing to evict, the newcomer is refused.
+//! holds none. A newcomer whose source is known (a verified certificate
+//! lately) displaces, besides, the oldest handshake of a source not known.
+//! A known source's handshakes are spared both, the oldest few of its
+//! source and network and half the share in all (`Slots::spare`); past
+//! that they are weighed like a stranger's, after every crowded one. When
+//! there is nothing to evict, the newcomer is refused.
 //!
 //! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
-//! a few a second, with a burst. Attackers that reconnect when evicted
-//! and evict one another churn the handshake share only as fast as their
-//! sources' budgets allow; the victims' sources are not barred, so a
-//! client evicted once may come straight back.
+//! a few a second, with a burst; a known newcomer displaces a stranger's
+//! handshake outside it. Attackers that reconnect when evicted and evict
+//! one another churn the handshake share only as fast as their sources'
+//! budgets allow; the victims' sources are not barred, so a client
+//! evicted once may come straight back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -48,14 +54,17 @@ const CANDIDATES: usize = 8;
 /// Evictions a source (an IPv4 /24, an IPv6 /64) may make, per second
 /// and at once.
 const EVICTIONS_PER_SECOND: u32 = 16;
-const EVICTION_BURST: u32 = 32;
+pub(super) const EVICTION_BURST: u32 = 32;
 
-/// A known source's handshakes are spared a newcomer's displacement
-/// (crowding, the known lane) only while its source (an IPv4 /24, an
-/// IPv6 /64) holds at most this many of the share, and its network (an
-/// IPv4 /16, an IPv6 /48) at most `KNOWN_SPARED_PER_NETWORK`: a client
-/// already served keeps a few parallel handshakes, but one certificate
-/// verified from a few addresses cannot hold the whole share.
+/// A known source's handshakes spared a newcomer's displacement
+/// (crowding, the known lane): the oldest this many of its source (an
+/// IPv4 /24, an IPv6 /64) and `KNOWN_SPARED_PER_NETWORK` of its network
+/// (an IPv4 /16, an IPv6 /48), and half the share in all (at least
+/// `KNOWN_SPARED_PER_SOURCE`: one client's own). A client already served
+/// keeps a few parallel handshakes, a busy NAT its oldest few, but one
+/// certificate verified from a few addresses or networks cannot hold the
+/// share; only known handshakes count, so certless peers in a known
+/// client's /16 do not strip it of its own (review 10, R10-4 to R10-6).
 const KNOWN_SPARED_PER_SOURCE: u32 = 4;
 const KNOWN_SPARED_PER_NETWORK: u32 = 16;
 
@@ -84,6 +93,23 @@ struct Slots {
     /// The same by network (an IPv4 /16, an IPv6 /48): sources rotated
     /// within one network still add up there.
     networks: HashMap<IpAddr, u32>,
+    /// Spared known handshakes (`Place::spared`) by source, by network,
+    /// and in all.
+    spared_sources: HashMap<IpAddr, u32>,
+    spared_networks: HashMap<IpAddr, u32>,
+    spared: usize,
+    /// Known handshakes not spared, oldest first, whichever their stage:
+    /// a newcomer weighs the oldest few for displacement past the oldest
+    /// of each queue, so spared handshakes cannot shield them, and finds
+    /// them without a walk (review 10, R10-6, R10-8).
+    unspared: BTreeMap<u64, Arc<Place>>,
+    /// The same by source: when one of its spared handshakes leaves, the
+    /// oldest waiting is spared in its place (a NAT keeps its oldest few
+    /// spared, not whichever came last).
+    waiting: HashMap<IpAddr, BTreeSet<u64>>,
+    /// Handshakes of sources not known, oldest first: the ones a known
+    /// newcomer displaces, found without a walk.
+    strangers: BTreeMap<u64, Arc<Place>>,
     /// Established connections not authenticated (audit would-deny,
     /// `mode = "off"`) by source: at most one entry per connection.
     unauthenticated: HashMap<IpAddr, u32>,
@@ -97,6 +123,8 @@ struct Slots {
     hasher: std::hash::RandomState,
     /// `max_connections` as of the last newcomer.
     max_connections: usize,
+    /// `max_handshakes_in_flight` as of the last newcomer.
+    max_handshakes: usize,
     /// Evicting sources' budgets: when each is whole again (a GCRA's
     /// theoretical arrival time).
     evicting: Lru<IpAddr, Instant>,
@@ -111,11 +139,18 @@ impl Default for Slots {
             answered: BTreeMap::new(),
             sources: HashMap::new(),
             networks: HashMap::new(),
+            spared_sources: HashMap::new(),
+            spared_networks: HashMap::new(),
+            spared: 0,
+            unspared: BTreeMap::new(),
+            waiting: HashMap::new(),
+            strangers: BTreeMap::new(),
             unauthenticated: HashMap::new(),
             unauthenticated_queue: BTreeMap::new(),
             identities: HashMap::new(),
             hasher: std::hash::RandomState::new(),
             max_connections: 0,
+            max_handshakes: 0,
             evicting: Lru::new(MAX_EVICTING_SOURCES),
         }
     }
@@ -135,23 +170,90 @@ impl Slots {
         self.networks.get(&network).copied().unwrap_or(0)
     }
 
-    /// A handshake of `place`'s source joined the share.
-    fn joined(&mut self, place: &Place) {
+    /// A handshake of `place`'s source joined the share: a known one is
+    /// spared if its source, its network and the share have room, else
+    /// waits for its source's room.
+    fn joined(&mut self, place: &Arc<Place>) {
         *self.sources.entry(place.source).or_default() += 1;
         *self.networks.entry(place.network).or_default() += 1;
+        if !place.known {
+            self.strangers.insert(place.id, place.clone());
+        } else if !self.spare(place) {
+            self.unspared.insert(place.id, place.clone());
+            self.waiting
+                .entry(place.source)
+                .or_default()
+                .insert(place.id);
+        }
     }
 
-    /// A handshake of `place`'s source left the share.
+    /// Spares a known handshake if its source, its network and the share
+    /// have room for one more; says whether it did.
+    fn spare(&mut self, place: &Place) -> bool {
+        let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
+        let room = self.spared < cap
+            && self.spared_sources.get(&place.source).copied().unwrap_or(0)
+                < KNOWN_SPARED_PER_SOURCE
+            && self
+                .spared_networks
+                .get(&place.network)
+                .copied()
+                .unwrap_or(0)
+                < KNOWN_SPARED_PER_NETWORK;
+        if room {
+            *self.spared_sources.entry(place.source).or_default() += 1;
+            *self.spared_networks.entry(place.network).or_default() += 1;
+            self.spared += 1;
+            place.spared.store(true, Ordering::Relaxed);
+        }
+        room
+    }
+
+    /// A handshake of `place`'s source left the share (and its queue): a
+    /// spared one makes room for its source's oldest waiting.
     fn left(&mut self, place: &Place) {
-        for (counts, key) in [
-            (&mut self.sources, place.source),
-            (&mut self.networks, place.network),
-        ] {
+        fn less(counts: &mut HashMap<IpAddr, u32>, key: IpAddr) {
             if let Some(n) = counts.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
                     counts.remove(&key);
                 }
+            }
+        }
+        less(&mut self.sources, place.source);
+        less(&mut self.networks, place.network);
+        if place.spared.swap(false, Ordering::Relaxed) {
+            less(&mut self.spared_sources, place.source);
+            less(&mut self.spared_networks, place.network);
+            self.spared -= 1;
+            let oldest = self
+                .waiting
+                .get(&place.source)
+                .and_then(|w| w.first().copied());
+            if let Some(id) = oldest
+                && let Some(next) = self
+                    .hello
+                    .get(&id)
+                    .or_else(|| self.answered.get(&id))
+                    .cloned()
+                && self.spare(&next)
+            {
+                self.unwait(&next);
+            }
+        } else if place.known {
+            self.unwait(place);
+        } else {
+            self.strangers.remove(&place.id);
+        }
+    }
+
+    /// A known handshake no longer waits to be spared.
+    fn unwait(&mut self, place: &Place) {
+        self.unspared.remove(&place.id);
+        if let Some(w) = self.waiting.get_mut(&place.source) {
+            w.remove(&place.id);
+            if w.is_empty() {
+                self.waiting.remove(&place.source);
             }
         }
     }
@@ -217,11 +319,15 @@ pub(super) struct Place {
     source: IpAddr,
     /// Its network, as the share is weighed too.
     network: IpAddr,
+    /// Its id in the pool's queues.
+    id: u64,
     /// Its source was known (a verified certificate within `known_for`)
-    /// when admitted: only the ranking evicts it, never a newcomer's
-    /// crowding or another known source, while its source and network
-    /// hold no more than a few of the share (`displaceable`).
+    /// when admitted.
     known: bool,
+    /// Known and spared (`Slots::spare`): only the ranking evicts it,
+    /// never a newcomer's crowding or a known newcomer. Changed under the
+    /// pool's lock only.
+    spared: AtomicBool,
     accepted: Instant,
     /// A duplicate of the connection's socket, for the kernel's counts of
     /// its progress, while it is in its handshake (None once past it, or
@@ -323,37 +429,40 @@ impl Place {
         *self.pace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Known and spared (read under the pool's lock).
+    fn spared(&self) -> bool {
+        self.spared.load(Ordering::Relaxed)
+    }
+
     /// Its standing when a newcomer may displace it although the ranking
-    /// protects it; never a known source's while its source holds `held`
-    /// of the share and its network `held_in` within
-    /// `KNOWN_SPARED_PER_SOURCE` and `KNOWN_SPARED_PER_NETWORK` (a client
-    /// already served keeps a few handshakes early in their turns; past
-    /// that it is weighed as any other: one certificate from a few
-    /// addresses must not hold the share). A known newcomer displaces any
-    /// other (`Unknown`): the lane for clients already served, which no
-    /// number of sources each holding one place can close. A newcomer
-    /// from another network displaces one whose source, or network,
-    /// holds two more of the share than its own (`Crowded`): peers
-    /// sending real ClientHellos do not keep out a network that holds
-    /// none.
-    fn displaceable(
-        &self,
-        now: Instant,
-        crowded: bool,
-        newcomer_known: bool,
-        (held, held_in): (u32, u32),
-    ) -> Option<Standing> {
-        if self.known && held <= KNOWN_SPARED_PER_SOURCE && held_in <= KNOWN_SPARED_PER_NETWORK {
+    /// protects it; never a spared one's (a client already served keeps a
+    /// few handshakes early in their turns; past that a known source's is
+    /// weighed as a stranger's: one certificate from a few addresses must
+    /// not hold the share, nor strip a busy NAT of its oldest). A known
+    /// newcomer displaces any other (`Unknown`): the lane for clients
+    /// already served, which no number of sources each holding one place
+    /// can close. A newcomer from another network displaces one whose
+    /// source, or network, holds two more of the share than its own
+    /// (`Crowded`; a known source's past what it is spared, `Unknown`):
+    /// peers sending real ClientHellos do not keep out a network that
+    /// holds none.
+    fn displaceable(&self, now: Instant, crowded: bool, newcomer_known: bool) -> Option<Standing> {
+        if self.spared() || !(crowded || newcomer_known) {
             return None;
         }
         let waited = std::cmp::Reverse(now.saturating_duration_since(self.accepted));
-        if crowded {
-            Some((Class::Crowded, waited))
-        } else if newcomer_known {
-            Some((Class::Unknown, waited))
+        // A known source's handshake past what it is spared is weighed
+        // like a stranger's that is not crowded: after every crowded
+        // stranger's (a busy NAT's clients do not go before a flood's
+        // crowded places), with the others by age (an attacker known from
+        // a few addresses gives up its own oldest, not a first-time
+        // client's new handshake).
+        let class = if crowded && !self.known {
+            Class::Crowded
         } else {
-            None
-        }
+            Class::Unknown
+        };
+        Some((class, waited))
     }
 
     fn turn(&self) -> MutexGuard<'_, Turn> {
@@ -393,8 +502,9 @@ impl Pool {
 
     /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A `known` client (a
-    /// verified certificate lately, `sources`) evicts outside any
-    /// source's budget.
+    /// verified certificate lately, `sources`) evicts a source not known's
+    /// handshake, or its own source's, outside any budget; another known
+    /// source's within its own.
     pub(super) fn take(
         &self,
         client: SocketAddr,
@@ -406,6 +516,7 @@ impl Pool {
         let now = Instant::now();
         let mut s = self.lock();
         s.max_connections = max_connections;
+        s.max_handshakes = max_handshakes;
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
@@ -416,60 +527,94 @@ impl Pool {
                 Refusal::MaxHandshakesInFlight
             };
             let evictor = source_of(client);
-            if !known && !s.may_evict(evictor, now) {
+            // Whether the newcomer's budget allows one more eviction: a
+            // known newcomer without it still displaces a source not
+            // known's handshake (the lane) and its own source's, never
+            // another known source's (review 10, R10-5: one certificate
+            // from a few networks evicted a busy NAT's clients outside
+            // any budget). Its own: out of budget, an attacker known from
+            // a few addresses of one /24 otherwise gave up first-time
+            // clients' handshakes rather than its own older ones.
+            let budget = s.may_evict(evictor, now);
+            if !known && !budget {
                 return Err(refused);
             }
+            let costs = |p: &Place| p.known && p.source != evictor;
+            let may_take = |p: &Place| budget || !costs(p);
             // A reload may have lowered the limits below what is held: one
             // newcomer evicts one, so the excess drains as connections end.
             // Past the ranking, a crowded source or network gives way (the
             // most crowded first), and a known newcomer displaces the
-            // oldest handshake of a source not known (`displaceable`); a
-            // known newcomer also looks past the oldest few for one.
+            // oldest handshake not spared (`displaceable`).
             let network = network_of(client);
             let (mine, mine_in) = (s.held(evictor), s.held_in(network));
-            // (Only a known newcomer walks past the oldest few: for
-            // anyone else the filter would reject every place, and the
-            // search walk the whole share under the lock.)
-            let strangers = s
-                .answered
-                .iter()
-                .chain(s.hello.iter())
-                .take_while(|_| known)
-                .filter(|(_, p)| !p.known)
-                .take(CANDIDATES);
-            let furthest_behind = s
+            let weigh = |p: &Place| {
+                let (held, held_in) = (s.held(p.source), s.held_in(p.network));
+                // Only across networks: peers of one network crowding one
+                // another would keep the whole share young, where nothing
+                // is old enough to give way to anyone else (its prefixes'
+                // caps of handshakes in flight bound a /24 among its
+                // neighbours).
+                let crowded = p.network != network && (held >= mine + 2 || held_in >= mine_in + 2);
+                (crowded, std::cmp::Reverse((held, held_in)))
+            };
+            let ranked = s
                 .hello
                 .iter()
                 .take(CANDIDATES)
                 .chain(s.answered.iter().take(CANDIDATES))
-                .chain(strangers)
+                .filter(|(_, p)| may_take(p))
                 .filter_map(|(id, p)| {
-                    let (held, held_in) = (s.held(p.source), s.held_in(p.network));
-                    // Only across networks: peers of one network crowding
-                    // one another would keep the whole share young, where
-                    // nothing is old enough to give way to anyone else
-                    // (its prefixes' caps of handshakes in flight bound a
-                    // /24 among its neighbours).
-                    let crowded =
-                        p.network != network && (held >= mine + 2 || held_in >= mine_in + 2);
+                    let (crowded, most) = weigh(p);
                     let standing = match p.standing(now) {
                         Some(standing) => standing,
-                        None => p.displaceable(now, crowded, known, (held, held_in))?,
+                        None => p.displaceable(now, crowded, known)?,
                     };
-                    Some((standing, std::cmp::Reverse((held, held_in)), *id))
-                })
-                .min();
+                    Some((standing, most, *id, costs(p)))
+                });
+            // Besides, the oldest few handshakes not spared, wherever they
+            // are in the queues, for displacement alone (their standing
+            // unread: past the oldest of each queue the ranking does not
+            // look, as before): a source not known's, a known source's
+            // within the budget, and the newcomer's own source's oldest.
+            // Spared handshakes, however old, cannot shield the others,
+            // and no newcomer walks the share.
+            let own = s
+                .waiting
+                .get(&evictor)
+                .and_then(|w| w.first())
+                .and_then(|id| {
+                    s.hello
+                        .get_key_value(id)
+                        .or_else(|| s.answered.get_key_value(id))
+                });
+            let displaced = s
+                .strangers
+                .iter()
+                .take(CANDIDATES)
+                .chain(
+                    s.unspared
+                        .iter()
+                        .take(CANDIDATES)
+                        .filter(|(_, p)| may_take(p)),
+                )
+                .chain(own)
+                .filter_map(|(id, p)| {
+                    let (crowded, most) = weigh(p);
+                    Some((p.displaceable(now, crowded, known)?, most, *id, costs(p)))
+                });
+            let furthest_behind = ranked.chain(displaced).min();
             // Then, with every slot held, the oldest connection let through
             // unauthenticated (audit would-deny, `mode = "off"`).
-            let (id, class) = match furthest_behind {
-                Some(((class, _), _, id)) => (id, Some(class)),
+            let (id, class, costs) = match furthest_behind {
+                Some(((class, _), _, id, costs)) => (id, Some(class), costs),
                 None if full => match s.unauthenticated_queue.first_key_value() {
-                    Some((&id, _)) => (id, None),
+                    Some((&id, _)) => (id, None, false),
                     None => return Err(refused),
                 },
                 None => return Err(refused),
             };
-            if !known && !s.spend(evictor, now) {
+            if (!known || costs) && !s.spend(evictor, now) {
                 return Err(refused);
             }
             let victim = s
@@ -518,7 +663,9 @@ impl Pool {
             client,
             source: source_of(client),
             network: network_of(client),
+            id,
             known,
+            spared: AtomicBool::new(false),
             accepted: now,
             socket: Mutex::new(socket.map(Arc::new)),
             turn: Mutex::new(Turn::new(now)),
@@ -988,10 +1135,11 @@ mod tests {
     }
 
     /// Review 7 F1: a known source's handshakes are spared crowding only
-    /// while its /24 holds at most four of the share (and its /16 at
-    /// most sixteen): past that, one certificate verified from a few
-    /// addresses gives way to a newcomer from another network like any
-    /// other source, and to a known newcomer.
+    /// up to four of its /24 (and sixteen of its /16), the oldest: past
+    /// that, one certificate verified from a few addresses gives way to a
+    /// newcomer from another network like any other source, and to a
+    /// known newcomer, its handshakes past the four first (review 10
+    /// R10-5: a busy NAT keeps its oldest four).
     #[test]
     fn a_known_source_holding_more_than_a_few_handshakes_is_crowded_like_any() {
         let pool = Pool::new("edge");
@@ -1013,7 +1161,7 @@ mod tests {
             pool.advance(t.id, &t.place, Stage::Answered);
         }
         let other = pool.take_plain(from([198, 51, 100, 1]), 20, 5).unwrap();
-        assert_eq!(other.evicted, Some(from([203, 0, 113, 1])));
+        assert_eq!(other.evicted, Some(from([203, 0, 113, 5])));
         pool.advance(other.id, &other.place, Stage::Answered);
         // (Back to four: spared again; the stranger gives way.)
         let known = pool.take(from([192, 0, 2, 1]), None, 20, 5, true).unwrap();

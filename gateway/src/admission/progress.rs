@@ -96,8 +96,11 @@ impl std::fmt::Display for Cut {
 /// What the kernel counted on one socket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Counted {
-    /// Bytes received from the client.
+    /// Bytes received from the client (a FIN counts one).
     pub received: u64,
+    /// Segments with data received from the client (a FIN alone is none;
+    /// None before Linux 4.6, which does not count them).
+    pub data_in: Option<u32>,
     /// Bytes the gateway handed to the kernel for the client: sent once,
     /// or waiting to be (0 before Linux 4.19, which does not count them).
     pub written: u64,
@@ -159,7 +162,10 @@ pub(super) enum Class {
     /// keep out a source that holds none.
     Crowded,
     /// Not otherwise to be evicted, its source not known: a known newcomer (a verified certificate within `known_for`)
-    /// displaces it, the longest waiting first (`pool`).
+    /// displaces it, the longest waiting first (`pool`). So too a known
+    /// source's handshake past what a known source is spared (`pool`: its
+    /// source's and network's oldest few, half the share in all), crowded
+    /// or not: weighed like a stranger's, never before a crowded one.
     Unknown,
 }
 
@@ -407,8 +413,10 @@ pub(super) fn counted(fd: &OwnedFd) -> std::io::Result<Counted> {
     } else {
         0
     };
+    let segs = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_data_segs_in) + 4;
     Ok(Counted {
         received: info.tcpi_bytes_received,
+        data_in: segs.then_some(info.tcpi_data_segs_in),
         written,
         delivered: info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0,
         since_sent: Duration::from_millis(u64::from(info.tcpi_last_data_sent)),
@@ -438,6 +446,7 @@ mod tests {
     fn counted(received: u64, written: u64, delivered: bool, since_sent: Duration) -> Counted {
         Counted {
             received,
+            data_in: None,
             written,
             delivered,
             since_sent,

@@ -899,3 +899,54 @@ async fn a_connect_closed_before_its_first_byte_is_no_strike() {
         Refusal::Blocked
     );
 }
+
+/// Review 7 F10: the pass for a health check is narrow. One byte then a
+/// reset (no FIN: the kernel counted one byte received, as for a FIN) is
+/// a strike, and so is a silent hold past a twentieth of the grace (100
+/// ms, no longer than any new connection is spared eviction; a quarter
+/// let a peer that inflates its round trip hold a place 500 ms for
+/// nothing).
+#[tokio::test]
+async fn a_byte_then_a_reset_or_a_silent_hold_is_a_strike() {
+    use tokio::io::AsyncReadExt as _;
+    let admission = Admission::new(&settings(), Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closes = async |source: SocketAddr, first: &[u8], hold: Duration, reset: bool| {
+        let c = socket2::Socket::from(std::net::TcpStream::connect(addr).unwrap());
+        let (mut s, _) = listener.accept().await.unwrap();
+        let t = admitted(admission.admit(&pool, 10, 10, source, Some(&s)));
+        assert_eq!(c.send(first).unwrap(), first.len());
+        tokio::time::sleep(hold).await;
+        if reset {
+            c.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(c);
+        let mut buf = [0u8; 8];
+        while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        t.refused(Refusal::ClientClosed);
+    };
+    let reset = client("192.0.2.31", 1);
+    for _ in 0..3 {
+        closes(reset, b"\x16", Duration::from_millis(5), true).await;
+    }
+    assert_eq!(
+        refused(admission.admit(&pool, 10, 10, reset, None)),
+        Refusal::Blocked
+    );
+    let silent = client("192.0.2.32", 1);
+    for _ in 0..3 {
+        closes(silent, b"", Duration::from_millis(150), false).await;
+    }
+    assert_eq!(
+        refused(admission.admit(&pool, 10, 10, silent, None)),
+        Refusal::Blocked
+    );
+    // A check that connects and closes at once still is no strike.
+    let check = client("192.0.2.33", 1);
+    for _ in 0..10 {
+        closes(check, b"", Duration::ZERO, false).await;
+    }
+    admitted(admission.admit(&pool, 10, 10, check, None));
+}
