@@ -18,6 +18,7 @@ pub mod forward;
 pub mod guard;
 pub mod hello;
 pub mod identity;
+pub mod issuer;
 pub mod listener;
 pub mod metrics;
 pub mod netlink;

@@ -364,6 +364,50 @@ impl Store {
         Ok((cert, key))
     }
 
+    /// Signs a device-bound user certificate for the key in `csr_pem`
+    /// (`gateway issuer`): SANs exactly as given, clientAuth, valid from
+    /// five minutes ago (clock skew) for `lifetime`. Recorded in the index
+    /// like any leaf, so `gateway pki revoke SERIAL` revokes it; no file
+    /// is written (the certificate goes back to the requester). Returns
+    /// the leaf followed by the intermediate, and the index entry.
+    pub fn sign_request(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        sans: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, IndexEntry), PkiError> {
+        if let Some(w) = sans.iter().find(|s| s.contains('*')) {
+            return Err(PkiError::Wildcard(w.clone()));
+        }
+        for san in sans.iter().filter(|s| crate::spiffe::claims_spiffe(s)) {
+            crate::spiffe::SpiffeId::parse(san).map_err(|why| PkiError::Store {
+                path: self.dir.clone(),
+                message: format!("SAN {san:?} is not a valid SPIFFE ID: {why}"),
+            })?;
+        }
+        self.within_name_constraints(sans)?;
+        let mut index = self.index()?;
+        let int = self.intermediate()?;
+        let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
+        let now = OffsetDateTime::now_utc();
+        spec.not_before = now - Duration::minutes(5);
+        spec.not_after = now + lifetime;
+        let signed = int.sign_request(csr_pem, &spec)?;
+        let entry = IndexEntry {
+            serial: hex(&signed.serial),
+            name: name.to_owned(),
+            kind: Kind::Device,
+            sans: sans.to_vec(),
+            not_after: rfc3339(spec.not_after),
+            revoked_at: None,
+        };
+        index.issued.push(entry.clone());
+        self.save_index(&index)?;
+        Ok((format!("{}{}", signed.cert_pem, int.cert_pem), entry))
+    }
+
     /// Marks a certificate revoked (by hex serial, or by its PEM file) and
     /// publishes a fresh CRL.
     pub fn revoke(&self, what: &str) -> Result<IndexEntry, PkiError> {
