@@ -20,6 +20,7 @@ pub mod hello;
 pub mod identity;
 pub mod issuer;
 pub mod listener;
+pub mod login;
 pub mod metrics;
 pub mod netlink;
 pub mod offload;

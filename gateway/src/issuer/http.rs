@@ -180,12 +180,41 @@ pub fn form(pairs: &[(&str, &str)]) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// The value of `key` in a query string (`a=1&b=x%20y`), percent- and
+/// plus-decoded; None when absent or not UTF-8 after decoding.
+pub fn query_value(query: &str, key: &str) -> Option<String> {
+    fn decode(s: &str) -> Option<String> {
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'+' => out.push(b' '),
+                b'%' => {
+                    let hex = s.get(i + 1..i + 3)?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 2;
+                }
+                _ => out.push(b),
+            }
+            i += 1;
+        }
+        String::from_utf8(out).ok()
+    }
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(k)? == key).then(|| decode(v)).flatten()
+    })
+}
+
 /// What the provider publishes at `/.well-known/openid-configuration`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Discovery {
     pub issuer: String,
     pub jwks_uri: String,
     pub token_endpoint: String,
+    #[serde(default)]
+    pub authorization_endpoint: Option<String>,
     #[serde(default)]
     pub device_authorization_endpoint: Option<String>,
 }
@@ -236,6 +265,17 @@ impl super::oidc::KeySource for ProviderKeys {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn query_values_are_decoded() {
+        let q = "code=a%2Fb+c&state=xyz&bad=%zz&empty";
+        assert_eq!(super::query_value(q, "code").as_deref(), Some("a/b c"));
+        assert_eq!(super::query_value(q, "state").as_deref(), Some("xyz"));
+        assert_eq!(super::query_value(q, "bad"), None);
+        assert_eq!(super::query_value(q, "empty").as_deref(), Some(""));
+        assert_eq!(super::query_value(q, "missing"), None);
+        assert_eq!(super::query_value("x=%4", "x"), None);
+    }
+
     #[test]
     fn forms_are_encoded() {
         assert_eq!(
