@@ -225,11 +225,14 @@ async fn device_grant(
     nonce: &str,
     say: &impl Fn(&str),
 ) -> Result<String, LoginError> {
-    let endpoint = discovery.device_authorization_endpoint.clone().ok_or_else(|| {
-        LoginError::Provider(
-            "no device_authorization_endpoint: the device flow is not enabled".into(),
-        )
-    })?;
+    let endpoint = discovery
+        .device_authorization_endpoint
+        .clone()
+        .ok_or_else(|| {
+            LoginError::Provider(
+                "no device_authorization_endpoint: the device flow is not enabled".into(),
+            )
+        })?;
     let scope = info.scopes.join(" ");
     let (status, body) = http::request(
         &to_provider,

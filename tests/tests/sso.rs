@@ -1,0 +1,468 @@
+//! Single sign-on end to end (#24), with a real OpenID Connect provider
+//! (`oidc-provider` 9.13.3 from npm, on loopback over HTTPS, started and
+//! killed by each test), the built `gateway issuer` and `gateway login`,
+//! and the gateway enforcing the issued certificate on a route that
+//! requires user and device. The user's browser is `tests/sso/browser.mjs`,
+//! which drives the provider's pages over HTTP as a browser would.
+
+use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway::pki::KeyType;
+use gateway::pki::store::{InitSpec, Kind, Store};
+use gateway_tests::process::Reap;
+use gateway_tests::*;
+use rustls::AlertDescription;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+const PROVIDER_VERSION: &str = "9.13.3";
+const DEVICE_PREFIX: &str = "spiffe://example.internal/device/";
+const SNI: &str = "orders.example.internal";
+
+/// `oidc-provider` installed once per target directory (npm's cache
+/// makes a second install cheap anyway); the provider script beside it,
+/// so that node resolves the package.
+fn provider_dir() -> PathBuf {
+    let target = gateway_binary()
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_owned();
+    let dir = target.join(format!("oidc-provider-{PROVIDER_VERSION}"));
+    // One install at a time (npm's own cache does not take two at once):
+    // the others wait on the lock and then find it done.
+    let lock = std::fs::File::create(target.join("oidc-provider.lock")).unwrap();
+    // SAFETY: flock on a descriptor this function owns; released when
+    // `lock` is dropped at the end of the function.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
+    if !dir
+        .join("node_modules/oidc-provider/package.json")
+        .is_file()
+    {
+        // Installed beside, then renamed: an interrupted install is never
+        // taken for a whole one.
+        let tmp = target.join(format!(
+            "oidc-provider-{PROVIDER_VERSION}.{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join("package.json"), "{\"private\":true}").unwrap();
+        let out = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent"])
+            .arg(format!("oidc-provider@{PROVIDER_VERSION}"))
+            .current_dir(&tmp)
+            .output()
+            .expect("npm runs (node and npm are installed by cargo xtask setup)");
+        assert!(
+            out.status.success(),
+            "npm install oidc-provider: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::rename(&tmp, &dir).unwrap();
+    }
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("sso");
+    for script in ["provider.mjs", "browser.mjs"] {
+        std::fs::copy(scripts.join(script), dir.join(script)).unwrap();
+    }
+    dir
+}
+
+/// A JWKS of one fresh RSA key (`kid`), private parts included, as the
+/// provider signs with it.
+fn provider_keys(path: &Path, kid: &str) {
+    let out = Command::new("node")
+        .arg("-e")
+        .arg(format!(
+            "const {{generateKeyPairSync}}=require('crypto');\
+             const k=generateKeyPairSync('rsa',{{modulusLength:2048}}).privateKey.export({{format:'jwk'}});\
+             k.kid='{kid}';k.use='sig';k.alg='RS256';console.log(JSON.stringify({{keys:[k]}}))"
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(path, out.stdout).unwrap();
+}
+
+struct Sso {
+    dir: tempfile::TempDir,
+    node: PathBuf,
+    provider: Option<Reap>,
+    provider_port: u16,
+    _issuer: Reap,
+    issuer_url: String,
+}
+
+impl Sso {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts (or restarts, same port) the provider signing with `keys`.
+    fn start_provider(&mut self, keys: &str) {
+        self.provider = None;
+        let mut child = Command::new("node")
+            .arg(self.node.join("provider.mjs"))
+            .arg(self.provider_port.to_string())
+            .arg(self.path(keys))
+            .arg(self.path("provider/localhost.pem"))
+            .arg(self.path("provider/localhost.key"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node runs");
+        let stdout = child.stdout.take().unwrap();
+        let reap = Reap(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let port: u16 = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("provider did not start: {line:?}"));
+        self.provider_port = port;
+        self.provider = Some(reap);
+    }
+
+    /// `gateway login` signing in as `account` with `amr`; the login's
+    /// exit status and output.
+    fn login(&self, account: &str, amr: &str, extra: &[&str]) -> (bool, String, String) {
+        let mut child = Command::new(gateway_binary())
+            .arg("login")
+            .args(["--issuer", &self.issuer_url])
+            .args([
+                "--issuer-ca",
+                self.path("provider/ca.pem").to_str().unwrap(),
+            ])
+            .args([
+                "--provider-ca",
+                self.path("provider/ca.pem").to_str().unwrap(),
+            ])
+            .args([
+                "--device-cert",
+                self.path("devices/laptop-7.pem").to_str().unwrap(),
+            ])
+            .args([
+                "--device-key",
+                self.path("devices/laptop-7.key").to_str().unwrap(),
+            ])
+            .args(["--out", self.path("out").to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut stderr = child.stderr.take().unwrap();
+        let mut child = Reap(child);
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        let mut out = first.clone();
+        if let Some(url) = first.trim().strip_prefix("To sign in, open ") {
+            let browser = Command::new("node")
+                .arg(self.node.join("browser.mjs"))
+                .args([url, account, amr, ""])
+                .env("NODE_EXTRA_CA_CERTS", self.path("provider/ca.pem"))
+                .output()
+                .unwrap();
+            assert!(
+                browser.status.success(),
+                "browser: {}",
+                String::from_utf8_lossy(&browser.stderr)
+            );
+        }
+        let status = process::exit_status(&mut child.0, "login");
+        std::io::Read::read_to_string(&mut stdout, &mut out).unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+        (status.success(), out, err)
+    }
+}
+
+/// Provider, device CA with one enrolled laptop, SSO CA, and the issuer
+/// (binary) requiring MFA.
+fn start() -> Sso {
+    let node = provider_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let init = |d: &str, name: &str| {
+        Store::open(&p(d))
+            .init(&InitSpec {
+                name,
+                key_type: KeyType::P256,
+                permitted_dns: None,
+            })
+            .unwrap()
+    };
+    init("provider", "Provider and issuer TLS");
+    Store::open(&p("provider"))
+        .issue(
+            Kind::Server,
+            "localhost",
+            &["dns:localhost".into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    init("devices", "Devices");
+    Store::open(&p("devices"))
+        .issue(
+            Kind::Client,
+            "laptop-7",
+            &[format!("{DEVICE_PREFIX}laptop-7")],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    init("sso", "SSO");
+    provider_keys(&p("keys1.json"), "k1");
+    let mut sso = Sso {
+        dir,
+        node,
+        provider: None,
+        provider_port: 0,
+        _issuer: Reap(Command::new("true").spawn().unwrap()),
+        issuer_url: String::new(),
+    };
+    sso.start_provider("keys1.json");
+    let issuer_port = dead_port().port();
+    std::fs::write(
+        sso.path("issuer.toml"),
+        format!(
+            r#"
+listen = "127.0.0.1:{issuer_port}"
+cert = "provider/localhost.pem"
+key = "provider/localhost.key"
+ca_dir = "sso"
+device_trust = {{ ca = "devices/ca.pem", crls = ["devices/crl.pem"] }}
+device_san_prefix = "{DEVICE_PREFIX}"
+[oidc]
+issuer = "https://localhost:{port}"
+client_id = "gateway"
+ca = "provider/ca.pem"
+jwks_refetch_interval = "1s"
+[profile]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{{local}}"
+email_domains = ["example.internal"]
+"#,
+            port = sso.provider_port
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(sso.path("issuer.log")).unwrap();
+    let issuer = Command::new(gateway_binary())
+        .args(["--log-format", "json", "issuer", "--config"])
+        .arg(sso.path("issuer.toml"))
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    sso._issuer = Reap(issuer);
+    let until = Instant::now() + STEP;
+    while !std::fs::read_to_string(sso.path("issuer.log"))
+        .unwrap_or_default()
+        .contains("issuer listening")
+    {
+        assert!(
+            Instant::now() < until,
+            "issuer did not start: {}",
+            std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sso.issuer_url = format!("https://localhost:{issuer_port}");
+    sso
+}
+
+/// A TLS client presenting `login`'s certificate to the gateway of `pki`.
+fn user_client(pki: &Pki, out: &Path) -> Arc<rustls::ClientConfig> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(out.join("user.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(out.join("user.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.root.cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
+}
+
+/// The gateway with a route for alice on an enrolled device, and one for bob.
+async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> RunningGateway {
+    let toml = format!(
+        "[trust.sso]\nca = \"{}\"\ncrls = [\"{}\"]\nspiffe_trust_domains = [\"example.internal\"]\n",
+        sso.path("sso/ca.pem").display(),
+        sso.path("sso/crl.pem").display(),
+    ) + &listener_toml(pki, "edge", "")
+        + &route_toml(
+            "alice",
+            &[SNI],
+            &[backend],
+            &["email:alice@example.internal"],
+        )
+        + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n")
+        + &route_toml(
+            "bob",
+            &["billing.example.internal"],
+            &[backend],
+            &["email:bob@example.internal"],
+        )
+        + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n");
+    RunningGateway::start(pki, &toml).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_issues_a_device_bound_certificate_that_a_user_and_device_route_admits() {
+    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let sso = Arc::new(sso);
+    let s = sso.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || s.login("alice", "pwd,otp", &[]))
+        .await
+        .unwrap();
+    assert!(ok, "login failed: {out}\n{err}");
+    assert!(
+        out.contains(
+            "signed in as email:alice@example.internal, spiffe://example.internal/user/alice, spiffe://example.internal/device/laptop-7"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("valid until"), "{out}");
+    let key_mode = std::fs::metadata(sso.path("out/user.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        key_mode & 0o777,
+        0o600,
+        "the user's key is the user's alone"
+    );
+
+    // The issuer logged it as JSON, and the SSO CA's index has the serial.
+    let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap();
+    let issued = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["event"] == "issued")
+        .unwrap_or_else(|| panic!("no issuance line in\n{log}"));
+    assert_eq!(issued["fields"]["user"], "alice@example.internal");
+    assert_eq!(
+        issued["fields"]["device"],
+        "spiffe://example.internal/device/laptop-7"
+    );
+    assert_eq!(issued["fields"]["lifetime_secs"], 8 * 3600);
+    let serial = issued["fields"]["serial"].as_str().unwrap().to_owned();
+    assert!(
+        Store::open(&sso.path("sso"))
+            .index()
+            .unwrap()
+            .issued
+            .iter()
+            .any(|e| e.serial == serial)
+    );
+
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let _gw = gateway_for(&pki, &sso, backend.addr).await;
+    let addr = _gw.app_addr;
+    let client = user_client(&pki, &sso.path("out"));
+    passes(addr, SNI, client.clone(), b"alice on laptop-7").await;
+    assert_eq!(
+        refusal(addr, "billing.example.internal", client).await,
+        AlertDescription::AccessDenied,
+        "bob's route is not alice's"
+    );
+    // The device certificate alone names no user, and its CA is not the route's.
+    let device_only = {
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(sso.path("devices/laptop-7.pem"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = PrivateKeyDer::from_pem_file(sso.path("devices/laptop-7.key")).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(pki.root.cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(gateway::tls::provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key)
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        refusal(addr, SNI, device_only).await,
+        AlertDescription::UnknownCA
+    );
+
+    // --renew with hours left does nothing and needs no browser.
+    let s = sso.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || s.login("alice", "", &["--renew"]))
+        .await
+        .unwrap();
+    assert!(ok && out.contains("not renewed"), "{out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_mfa_or_a_device_certificate_nothing_is_issued_and_key_rotation_is_followed() {
+    let mut sso = tokio::task::spawn_blocking(start).await.unwrap();
+
+    // Password only, for a profile that requires MFA.
+    let (ok, out, err) = sso.login("alice", "pwd", &[]);
+    assert!(!ok, "issued without MFA: {out}");
+    assert!(err.contains("MFA required"), "{err}");
+    assert!(!sso.path("out/user.pem").exists());
+
+    // No device certificate: a clear 401, no nonce.
+    let tls =
+        gateway::issuer::http::client_config(Some(&sso.path("provider/ca.pem")), None).unwrap();
+    let (status, body) = gateway::issuer::http::request(
+        &tls,
+        hyper_method_post(),
+        &format!("{}/v1/nonce", sso.issuer_url),
+        Some("application/json"),
+        b"{}".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.as_u16(), 401);
+    assert!(
+        String::from_utf8_lossy(&body).contains("a device certificate is required"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // The provider rotates its signing key (and restarts): the issuer
+    // follows through its JWKS.
+    provider_keys(&sso.path("keys2.json"), "k2");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sso.start_provider("keys2.json");
+    let (ok, out, err) = sso.login("alice", "pwd,otp", &[]);
+    assert!(ok, "login after rotation: {out}\n{err}");
+    let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap();
+    assert!(
+        log.matches("fetched the provider's JWKS").count() >= 2,
+        "the new key was fetched:\n{log}"
+    );
+}
+
+fn hyper_method_post() -> hyper::Method {
+    hyper::Method::POST
+}
