@@ -466,3 +466,60 @@ async fn without_mfa_or_a_device_certificate_nothing_is_issued_and_key_rotation_
 fn hyper_method_post() -> hyper::Method {
     hyper::Method::POST
 }
+
+/// The certificate lives as long as the issuer said, and continuous
+/// verification ends the live connection then, not later: access ends
+/// with the certificate unless the user signs in again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_live_connection_ends_when_the_issued_certificate_does() {
+    let sso = Arc::new(tokio::task::spawn_blocking(start).await.unwrap());
+    let s = sso.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || s.login("alice", "otp", &["--lifetime", "60s"]))
+            .await
+            .unwrap();
+    assert!(ok, "{out}\n{err}");
+    let leaf = CertificateDer::pem_file_iter(sso.path("out/user.pem"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let not_after = gateway::identity::Identity::from_leaf(&leaf)
+        .unwrap()
+        .not_after;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let left = not_after as f64 - now();
+    assert!(
+        (50.0..=60.0).contains(&left),
+        "issued for 60s: {left}s left"
+    );
+
+    let pki = Pki::new();
+    let backend = EchoBackend::start().await;
+    let gw = gateway_for(&pki, &sso, backend.addr).await;
+    let mut tls = connect(gw.app_addr, SNI, user_client(&pki, &sso.path("out")))
+        .await
+        .unwrap();
+    ping(&mut tls, b"before expiry").await.unwrap();
+    tls_closed_within(&mut tls, Duration::from_secs_f64(left + 10.0)).await;
+    let late = now() - not_after as f64;
+    assert!(
+        (-1.0..=3.0).contains(&late),
+        "closed {late:.1}s after the certificate's notAfter"
+    );
+    // And a new connection with it is refused (RFC 5280: notAfter itself
+    // is still inside the validity, so a second past it).
+    tokio::time::sleep(Duration::from_secs_f64(
+        (not_after as f64 + 1.5 - now()).max(0.0),
+    ))
+    .await;
+    assert_eq!(
+        refusal(gw.app_addr, SNI, user_client(&pki, &sso.path("out"))).await,
+        AlertDescription::CertificateExpired
+    );
+}
