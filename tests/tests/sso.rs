@@ -302,9 +302,10 @@ fn user_client(pki: &Pki, out: &Path) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// The gateway with a route for alice on an enrolled device, and one for bob.
-async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> RunningGateway {
-    let toml = format!(
+/// The gateway's config: a route for alice on an enrolled device, and one
+/// for bob, trusting the SSO CA with its CRL.
+fn gateway_toml(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> String {
+    format!(
         "[trust.sso]\nca = \"{}\"\ncrls = [\"{}\"]\nspiffe_trust_domains = [\"example.internal\"]\n",
         sso.path("sso/ca.pem").display(),
         sso.path("sso/crl.pem").display(),
@@ -322,8 +323,11 @@ async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> Run
             &[backend],
             &["email:bob@example.internal"],
         )
-        + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n");
-    RunningGateway::start(pki, &toml).await
+        + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n")
+}
+
+async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> RunningGateway {
+    RunningGateway::start(pki, &gateway_toml(pki, sso, backend)).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -410,6 +414,36 @@ async fn login_issues_a_device_bound_certificate_that_a_user_and_device_route_ad
     assert_eq!(
         refusal(addr, SNI, device_only).await,
         AlertDescription::UnknownCA
+    );
+
+    // `gateway pki revoke` takes the issued serial; the gateway's reload
+    // brings the CRL, closes the live connection and refuses new ones.
+    let mut live = connect(addr, SNI, user_client(&pki, &sso.path("out")))
+        .await
+        .unwrap();
+    ping(&mut live, b"before revocation").await.unwrap();
+    let revoked = Command::new(gateway_binary())
+        .args(["pki", "revoke", "--dir"])
+        .arg(sso.path("sso"))
+        .arg(&serial)
+        .output()
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let config = gateway::Config::parse(
+        &with_test_defaults(&gateway_toml(&pki, &sso, backend.addr)),
+        &pki.path("gateway.toml"),
+        pki.dir.path(),
+    )
+    .unwrap();
+    _gw.reload.reload(config).await.unwrap();
+    tls_closed_within(&mut live, STEP).await;
+    assert_eq!(
+        refusal(addr, SNI, user_client(&pki, &sso.path("out"))).await,
+        AlertDescription::CertificateRevoked
     );
 
     // --renew with hours left does nothing and needs no browser.
