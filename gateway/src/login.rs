@@ -235,7 +235,7 @@ async fn device_grant(
         })?;
     let scope = info.scopes.join(" ");
     let (status, body) = http::request(
-        &to_provider,
+        to_provider,
         Method::POST,
         &endpoint,
         Some("application/x-www-form-urlencoded"),
@@ -267,7 +267,7 @@ async fn device_grant(
             ));
         }
         let (_, body) = http::request(
-            &to_provider,
+            to_provider,
             Method::POST,
             &discovery.token_endpoint,
             Some("application/x-www-form-urlencoded"),

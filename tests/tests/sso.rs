@@ -186,9 +186,13 @@ impl Sso {
     }
 }
 
-/// Provider, device CA with one enrolled laptop, SSO CA, and the issuer
-/// (binary) requiring MFA.
 fn start() -> Sso {
+    start_with("")
+}
+
+/// Provider, device CA with one enrolled laptop, SSO CA, and the issuer
+/// (binary) requiring MFA; `profile` adds to its `[profile]`.
+fn start_with(profile: &str) -> Sso {
     let node = provider_dir();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
@@ -252,6 +256,7 @@ jwks_refetch_interval = "1s"
 require_amr = ["mfa", "otp"]
 user_uri = "spiffe://example.internal/user/{{local}}"
 email_domains = ["example.internal"]
+{profile}
 "#,
             port = sso.provider_port
         ),
@@ -556,4 +561,26 @@ async fn the_live_connection_ends_when_the_issued_certificate_does() {
         refusal(gw.app_addr, SNI, user_client(&pki, &sso.path("out"))).await,
         AlertDescription::CertificateExpired
     );
+}
+
+/// Headless machines: the device authorization grant, where the user
+/// enters a code on another screen. Its tokens carry no nonce, so the
+/// issuer takes them only where the profile allows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_device_grant_works_where_the_profile_allows_it() {
+    let sso = tokio::task::spawn_blocking(|| start_with("device_grant = true"))
+        .await
+        .unwrap();
+    let (ok, out, err) = sso.login("alice", "pwd,mfa", &["--device-flow"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("and enter the code"), "{out}");
+    assert!(
+        out.contains("signed in as email:alice@example.internal"),
+        "{out}"
+    );
+
+    let strict = tokio::task::spawn_blocking(start).await.unwrap();
+    let (ok, out, err) = strict.login("alice", "pwd,mfa", &["--device-flow"]);
+    assert!(!ok, "issued without a nonce: {out}");
+    assert!(err.contains("ID token has no nonce"), "{err}");
 }

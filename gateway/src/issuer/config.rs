@@ -137,6 +137,13 @@ pub struct Profile {
     pub user_uri: Option<String>,
     /// Only users whose verified email is in one of these domains.
     pub email_domains: Vec<String>,
+    /// Accept ID tokens without a nonce, as the device authorization grant
+    /// (RFC 8628, `gateway login --device-flow`) yields them with common
+    /// providers. Each such token is taken once, but it is not bound to
+    /// the device that asked for it, so this is off unless headless
+    /// machines need it.
+    #[serde(default)]
+    pub device_grant: bool,
 }
 
 fn default_lifetime() -> Duration {
@@ -146,22 +153,13 @@ fn default_max_lifetime() -> Duration {
     Duration::from_secs(12 * 3600)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default)]
     pub per_user: Rate,
     #[serde(default)]
     pub per_device: Rate,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            per_user: Rate::default(),
-            per_device: Rate::default(),
-        }
-    }
 }
 
 /// A token bucket: `burst` at once, refilled at `per_hour`.

@@ -25,7 +25,7 @@ use crate::identity::Identity;
 use crate::pki::store::Store;
 use config::IssuerConfig;
 use limit::Limiter;
-use nonce::{NonceError, Nonces};
+use nonce::{NonceError, Nonces, UsedTokens};
 use oidc::{Claims, KeySource, OidcError, TokenVerifier};
 
 /// How long a nonce handed to a device stays usable: the time a user
@@ -139,6 +139,8 @@ pub struct Issuer {
     config: IssuerConfig,
     tokens: TokenVerifier,
     nonces: Nonces,
+    /// Nonce-less tokens taken (with `profile.device_grant`).
+    used: UsedTokens,
     per_user: Limiter,
     per_device: Limiter,
     /// One signer at a time: the index is read, extended and rewritten.
@@ -222,6 +224,7 @@ impl Issuer {
         Ok(Issuer {
             tokens: TokenVerifier::new(&config.oidc, keys),
             nonces: Nonces::new(NONCE_TTL),
+            used: UsedTokens::new(config.oidc.max_token_age + config.oidc.leeway * 2),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
             store: Mutex::new(store),
@@ -317,7 +320,10 @@ impl Issuer {
             })?;
         let claims = self.tokens.verify(&req.id_token).await?;
         *user = claims.email.clone().or(Some(claims.sub.clone()));
-        self.nonces.consume(claims.nonce.as_deref(), device)?;
+        match claims.nonce.as_deref() {
+            None if profile.device_grant => self.used.first_use(&req.id_token)?,
+            nonce => self.nonces.consume(nonce, device)?,
+        }
         mfa(profile, &claims)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();

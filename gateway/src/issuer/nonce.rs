@@ -23,6 +23,8 @@ pub enum NonceError {
     Expired,
     #[error("too many outstanding nonces for this device")]
     TooMany,
+    #[error("ID token was already used (a replay)")]
+    Replayed,
 }
 
 /// How many nonces one device may hold at once, and all devices together:
@@ -88,8 +90,52 @@ impl Nonces {
     }
 }
 
+/// ID tokens without a nonce (`profile.device_grant`), each taken once: a
+/// digest of the token is kept until the issuer would refuse it as too old
+/// anyway.
+pub struct UsedTokens {
+    keep: Duration,
+    map: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl UsedTokens {
+    pub fn new(keep: Duration) -> UsedTokens {
+        UsedTokens {
+            keep,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records `token` as used; refused if it was before (or when the
+    /// record is full: fail closed).
+    pub fn first_use(&self, token: &str) -> Result<(), NonceError> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, until| *until > now);
+        if map.contains_key(&key) {
+            return Err(NonceError::Replayed);
+        }
+        if map.len() >= TOTAL {
+            return Err(NonceError::TooMany);
+        }
+        map.insert(key, now + self.keep);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_token_without_nonce_is_taken_once() {
+        let used = UsedTokens::new(Duration::from_secs(600));
+        assert_eq!(used.first_use("a.b.c"), Ok(()));
+        assert_eq!(used.first_use("a.b.d"), Ok(()));
+        assert_eq!(used.first_use("a.b.c"), Err(NonceError::Replayed));
+    }
+
     use super::*;
 
     const LAPTOP: &str = "spiffe://example.internal/device/laptop-7";

@@ -501,3 +501,20 @@ async fn a_request_whose_signature_does_not_verify_is_refused() {
     let e = s.issuer.issue(Some(&device(LAPTOP)), r).await.unwrap_err();
     assert_eq!(e.reason(), "csr", "{e}");
 }
+
+#[tokio::test]
+async fn with_the_device_grant_a_token_without_nonce_is_taken_once() {
+    let s = setup("device_grant = true");
+    let mut c = claims("x");
+    c.as_object_mut().unwrap().remove("nonce");
+    let t = token(&s.key, &c);
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(t.clone()))
+        .await
+        .unwrap();
+    let e = s.refused(t).await;
+    assert!(matches!(e, Refusal::Nonce(NonceError::Replayed)), "{e}");
+    // A token that has a nonce is still held to it.
+    let e = s.refused(token(&s.key, &claims("made-up"))).await;
+    assert!(matches!(e, Refusal::Nonce(NonceError::Unknown)), "{e}");
+}
