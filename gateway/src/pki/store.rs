@@ -391,7 +391,10 @@ impl Store {
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
+        // Whole seconds, as the certificate holds them, so the index and
+        // the answer say exactly what the certificate does.
         let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
         spec.not_before = now - Duration::minutes(5);
         spec.not_after = now + lifetime;
         let signed = int.sign_request(csr_pem, &spec)?;
