@@ -421,9 +421,17 @@ async fn callback(listener: &tokio::net::TcpListener, state: &str) -> Result<Str
                     Ok::<_, std::convert::Infallible>(r)
                 }
             });
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-            .await;
+        // Bounded: another local process holding a connection open must
+        // not keep the browser's redirect out.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(10),
+            hyper::server::conn::http1::Builder::new()
+                // One answer per connection: a browser keeping it alive
+                // would otherwise hold the sign-in up.
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+        )
+        .await;
         if let Ok(outcome) = rx.try_recv() {
             return outcome.map_err(LoginError::Provider);
         }

@@ -584,3 +584,193 @@ async fn the_device_grant_works_where_the_profile_allows_it() {
     assert!(!ok, "issued without a nonce: {out}");
     assert!(err.contains("ID token has no nonce"), "{err}");
 }
+
+/// The provider's signing key (`keys.json`, as `provider_keys` made it) as
+/// PKCS#1 DER, to sign tokens the provider would never issue.
+fn provider_signing_key(path: &Path) -> jsonwebtoken::EncodingKey {
+    let out = Command::new("node")
+        .arg("-e")
+        .arg(format!(
+            "const c=require('crypto');const k=JSON.parse(require('fs').readFileSync({:?})).keys[0];\
+             process.stdout.write(c.createPrivateKey({{key:k,format:'jwk'}}).export({{format:'der',type:'pkcs1'}}))",
+            path.to_str().unwrap()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    jsonwebtoken::EncodingKey::from_rsa_der(&out.stdout)
+}
+
+/// Each refusal of the issue's list, through the issuer binary with the
+/// JWKS it fetched from the real provider: tokens signed with the
+/// provider's own key but wrong in one way each, and one signed by another
+/// key under the provider's kid.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_issuer_refuses_each_bad_token_with_its_reason() {
+    // Refused attempts count against the device's rate too (checked before
+    // the token, so a flood costs no signature checks): room for all here.
+    let sso = tokio::task::spawn_blocking(|| {
+        start_with("[limits]\nper_device = { burst = 20, per_hour = 60 }")
+    })
+    .await
+    .unwrap();
+    let key = provider_signing_key(&sso.path("keys1.json"));
+    provider_keys(&sso.path("other.json"), "k1");
+    let forger = provider_signing_key(&sso.path("other.json"));
+    let to_issuer = gateway::issuer::http::client_config(
+        Some(&sso.path("provider/ca.pem")),
+        Some((
+            &sso.path("devices/laptop-7.pem"),
+            &sso.path("devices/laptop-7.key"),
+        )),
+    )
+    .unwrap();
+    let post = |path: &str, body: String| {
+        let (tls, url) = (to_issuer.clone(), format!("{}{path}", sso.issuer_url));
+        async move {
+            let (status, body) = gateway::issuer::http::request(
+                &tls,
+                hyper::Method::POST,
+                &url,
+                Some("application/json"),
+                body.into_bytes(),
+            )
+            .await
+            .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (status.as_u16(), v)
+        }
+    };
+    let now = jsonwebtoken::get_current_timestamp();
+    let iss = format!("https://localhost:{}", sso.provider_port);
+    let claims = |nonce: &str| {
+        serde_json::json!({
+            "iss": iss, "sub": "alice", "aud": "gateway", "iat": now, "exp": now + 300,
+            "nonce": nonce, "email": "alice@example.internal", "email_verified": true,
+            "amr": ["pwd", "otp"],
+        })
+    };
+    let sign = |c: &serde_json::Value, key: &jsonwebtoken::EncodingKey| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        h.kid = Some("k1".into());
+        jsonwebtoken::encode(&h, c, key).unwrap()
+    };
+    let csr = || {
+        let k = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&k)
+            .unwrap()
+            .pem()
+            .unwrap()
+    };
+    let request =
+        |token: String| serde_json::json!({ "id_token": token, "csr": csr() }).to_string();
+    type Tweak = Box<dyn Fn(&mut serde_json::Value) + Send>;
+    let cases: Vec<(&str, Tweak, bool, &str)> = vec![
+        (
+            "expired",
+            Box::new(move |c| {
+                c["iat"] = (now - 400).into();
+                c["exp"] = (now - 100).into();
+            }),
+            false,
+            "token_expired",
+        ),
+        (
+            "wrong audience",
+            Box::new(|c| c["aud"] = "another-client".into()),
+            false,
+            "token_audience",
+        ),
+        (
+            "wrong issuer",
+            Box::new(|c| c["iss"] = "https://evil.example.com".into()),
+            false,
+            "token_issuer",
+        ),
+        (
+            "no MFA",
+            Box::new(|c| c["amr"] = serde_json::json!(["pwd"])),
+            false,
+            "no_mfa",
+        ),
+        (
+            "another key under the provider's kid",
+            Box::new(|_| {}),
+            true,
+            "token_signature",
+        ),
+    ];
+    for (what, tweak, forged, reason) in cases {
+        let (_, n) = post("/v1/nonce", "{}".into()).await;
+        let mut c = claims(n["nonce"].as_str().unwrap());
+        tweak(&mut c);
+        let token = sign(&c, if forged { &forger } else { &key });
+        let (status, v) = post("/v1/certificate", request(token)).await;
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (403, Some(reason)),
+            "{what}: {v}"
+        );
+    }
+    // A tampered payload under a good signature.
+    let (_, n) = post("/v1/nonce", "{}".into()).await;
+    let good = sign(&claims(n["nonce"].as_str().unwrap()), &key);
+    let mut c = claims(n["nonce"].as_str().unwrap());
+    c["email"] = "ceo@example.internal".into();
+    let other = sign(&c, &key);
+    let mut parts: Vec<&str> = good.split('.').collect();
+    parts[1] = other.split('.').nth(1).unwrap();
+    let (status, v) = post("/v1/certificate", request(parts.join("."))).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("token_signature")),
+        "{v}"
+    );
+
+    // The good one is taken once; the same token again is a replay.
+    let (status, v) = post("/v1/certificate", request(good.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["certificate"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let (status, v) = post("/v1/certificate", request(good)).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (403, Some("nonce")),
+        "replay: {v}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().contains("already used"),
+        "{v}"
+    );
+
+    // Counted by reason on the issuer's metrics.
+    let tls =
+        gateway::issuer::http::client_config(Some(&sso.path("provider/ca.pem")), None).unwrap();
+    let (_, metrics) = gateway::issuer::http::request(
+        &tls,
+        hyper::Method::GET,
+        &format!("{}/metrics", sso.issuer_url),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    for line in [
+        "gateway_issuer_issued_total 1",
+        "gateway_issuer_refused_total{reason=\"token_signature\"} 2",
+        "gateway_issuer_refused_total{reason=\"nonce\"} 1",
+        "gateway_issuer_refused_total{reason=\"no_mfa\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}
