@@ -393,23 +393,50 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let acceptor = server::acceptor(&config)?;
+        let acceptor: server::Acceptor = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+            server::acceptor(&config)?,
+        ));
         let keys = http::ProviderKeys {
             tls: http::client_config(config.oidc.ca.as_deref(), None)?,
             issuer: config.oidc.issuer.clone(),
         };
         let listener = server::bind(&config).await?;
+        let reload_config = config.clone();
         let issuer = std::sync::Arc::new(
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "issuer listening");
         let stop = tokio_util::sync::CancellationToken::new();
-        let serving = tokio::spawn(server::serve(listener, acceptor, issuer, stop.clone()));
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let serving = tokio::spawn(server::serve(
+            listener,
+            acceptor.clone(),
+            issuer,
+            stop.clone(),
+        ));
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        // The device CRLs change as devices are revoked: read them again
+        // on SIGHUP and every minute, so a revoked device stops getting
+        // certificates without a restart.
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        every.tick().await;
+        loop {
+            let why = tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => "SIGHUP",
+                _ = every.tick() => "timer",
+            };
+            match server::reload(&reload_config, &acceptor) {
+                Ok(()) if why == "timer" => {
+                    tracing::debug!(why, "issuer: device CA and CRLs read again")
+                }
+                Ok(()) => tracing::info!(why, "issuer: device CA and CRLs read again"),
+                Err(e) => tracing::error!(why, error = %e,
+                    "issuer: reading the device CA and CRLs again failed; the previous ones stay in service"),
+            }
         }
         stop.cancel();
         let _ = serving.await;

@@ -774,3 +774,54 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
 }
+
+/// A lost laptop: its device certificate revoked in the device CA, the
+/// issuer (on SIGHUP; also every minute) refuses it at the handshake, so
+/// no user certificate can be obtained from it any more.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
+    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let to_issuer = gateway::issuer::http::client_config(
+        Some(&sso.path("provider/ca.pem")),
+        Some((
+            &sso.path("devices/laptop-7.pem"),
+            &sso.path("devices/laptop-7.key"),
+        )),
+    )
+    .unwrap();
+    let url = format!("{}/v1/nonce", sso.issuer_url);
+    let nonce = || {
+        gateway::issuer::http::request(
+            &to_issuer,
+            hyper::Method::POST,
+            &url,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+    };
+    let (status, _) = nonce().await.unwrap();
+    assert_eq!(status.as_u16(), 200, "an enrolled device gets a nonce");
+
+    let revoked = Command::new(gateway_binary())
+        .args(["pki", "revoke", "--dir"])
+        .arg(sso.path("devices"))
+        .arg(sso.path("devices/laptop-7.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    process::signal(&sso._issuer.0, "HUP");
+    let until = Instant::now() + STEP;
+    while !std::fs::read_to_string(sso.path("issuer.log"))
+        .unwrap_or_default()
+        .contains("device CA and CRLs read again")
+    {
+        assert!(Instant::now() < until, "the issuer did not reload");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = nonce().await.unwrap_err().to_string();
+    assert!(e.contains("CertificateRevoked"), "{e}");
+}

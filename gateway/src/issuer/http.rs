@@ -25,6 +25,19 @@ pub enum HttpError {
 pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 const MAX_ANSWER: usize = 1 << 20;
+
+/// An error with its causes: hyper's "connection error" alone hides the
+/// TLS alert (a revoked device certificate) that caused it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
 const DEADLINE: Duration = Duration::from_secs(15);
 
 /// A TLS client config trusting `ca` (default: the system's anchors), with
@@ -98,8 +111,8 @@ pub async fn request(
             .map_err(|e| fail(format!("TLS: {e}")))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        tokio::spawn(conn);
+            .map_err(|e| fail(chain(&e)))?;
+        let conn = tokio::spawn(conn);
         let mut req = Request::builder()
             .method(method)
             .uri(path)
@@ -111,10 +124,19 @@ pub async fn request(
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| fail(e.to_string()))?;
-        let response = sender
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let response = match sender.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                // The connection's own error says why (a TLS alert: the
+                // device certificate refused); the request's only that
+                // the connection went away.
+                let why = match tokio::time::timeout(Duration::from_secs(1), conn).await {
+                    Ok(Ok(Err(c))) => chain(&c),
+                    _ => chain(&e),
+                };
+                return Err(fail(why));
+            }
+        };
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()

@@ -160,10 +160,24 @@ pub async fn bind(config: &super::config::IssuerConfig) -> Result<TcpListener, S
         })
 }
 
-/// Serves until `stop`.
+/// The acceptor in service; `reload` swaps in one built from the files
+/// as they are now (the device CA and its CRLs, the issuer's certificate).
+pub type Acceptor = Arc<arc_swap::ArcSwap<tokio_rustls::TlsAcceptor>>;
+
+/// Builds the acceptor again and swaps it in; on failure the one in
+/// service stays and the error is returned (never serve without the
+/// device check).
+pub fn reload(config: &super::config::IssuerConfig, current: &Acceptor) -> Result<(), ServerError> {
+    let fresh = acceptor(config)?;
+    current.store(Arc::new(fresh));
+    Ok(())
+}
+
+/// Serves until `stop`. Each connection takes the acceptor in service
+/// when it is accepted.
 pub async fn serve(
     listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Acceptor,
     issuer: Arc<Issuer>,
     stop: CancellationToken,
 ) {
@@ -184,7 +198,7 @@ pub async fn serve(
             tracing::warn!(%peer, "issuer: all connection slots busy; refused");
             continue;
         };
-        let (acceptor, issuer) = (acceptor.clone(), issuer.clone());
+        let (acceptor, issuer) = (acceptor.load_full(), issuer.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let served = tokio::time::timeout(CONNECTION_DEADLINE, async {
