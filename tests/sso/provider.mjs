@@ -30,7 +30,7 @@ server.listen(Number(port), '127.0.0.1', () => {
       // RFC 8252 §7.3: any port of a loopback redirect URI.
       redirect_uris: ['http://127.0.0.1/callback'],
     }],
-    claims: { openid: ['sub', 'acr', 'amr', 'auth_time'], email: ['email', 'email_verified'] },
+    claims: { openid: ['sub', 'acr', 'amr', 'auth_time', 'groups'], email: ['email', 'email_verified'] },
     // Claims in the ID token itself, as the issuer reads them there.
     conformIdTokenClaims: false,
     features: {
@@ -44,7 +44,7 @@ server.listen(Number(port), '127.0.0.1', () => {
     },
     findAccount: async (ctx, id) => ({
       accountId: id,
-      claims: async () => ({ sub: id, email: `${id}@example.internal`, email_verified: true }),
+      claims: async () => ({ sub: id, email: `${id}@example.internal`, email_verified: true, groups: ['everyone', 'sre'] }),
     }),
     ttl: { DeviceCode: 600, IdToken: 300, AccessToken: 300, Session: 600, Interaction: 600, Grant: 600 },
   });

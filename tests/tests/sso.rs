@@ -329,6 +329,13 @@ fn gateway_toml(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> String {
             &["email:bob@example.internal"],
         )
         + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n")
+        + &route_toml(
+            "sre",
+            &["gateway.example.internal"],
+            &[backend],
+            &["spiffe://example.internal/group/sre"],
+        )
+        + &format!("device = {{ trust = \"sso\", san_prefix = \"{DEVICE_PREFIX}\" }}\n")
 }
 
 async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> RunningGateway {
@@ -337,7 +344,13 @@ async fn gateway_for(pki: &Pki, sso: &Sso, backend: std::net::SocketAddr) -> Run
 
 #[tokio::test(flavor = "multi_thread")]
 async fn login_issues_a_device_bound_certificate_that_a_user_and_device_route_admits() {
-    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let sso = tokio::task::spawn_blocking(|| {
+        start_with(
+            "group_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\", \"admins\"]",
+        )
+    })
+    .await
+    .unwrap();
     let sso = Arc::new(sso);
     let s = sso.clone();
     let (ok, out, err) = tokio::task::spawn_blocking(move || s.login("alice", "pwd,otp", &[]))
@@ -346,7 +359,7 @@ async fn login_issues_a_device_bound_certificate_that_a_user_and_device_route_ad
     assert!(ok, "login failed: {out}\n{err}");
     assert!(
         out.contains(
-            "signed in as email:alice@example.internal, spiffe://example.internal/user/alice, spiffe://example.internal/device/laptop-7"
+            "signed in as email:alice@example.internal, spiffe://example.internal/user/alice, spiffe://example.internal/group/sre, spiffe://example.internal/device/laptop-7"
         ),
         "{out}"
     );
@@ -390,6 +403,13 @@ async fn login_issues_a_device_bound_certificate_that_a_user_and_device_route_ad
     let addr = _gw.app_addr;
     let client = user_client(&pki, &sso.path("out"));
     passes(addr, SNI, client.clone(), b"alice on laptop-7").await;
+    passes(
+        addr,
+        "gateway.example.internal",
+        client.clone(),
+        b"a route for the sre group",
+    )
+    .await;
     assert_eq!(
         refusal(addr, "billing.example.internal", client).await,
         AlertDescription::AccessDenied,

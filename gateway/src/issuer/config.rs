@@ -137,6 +137,14 @@ pub struct Profile {
     pub user_uri: Option<String>,
     /// Only users whose verified email is in one of these domains.
     pub email_domains: Vec<String>,
+    /// A URI SAN per group of the token's `groups` claim that is listed in
+    /// `groups`; `{group}` is the group's name. Routes then allow a group:
+    /// `allow = ["spiffe://example.internal/group/sre"]`.
+    pub group_uri: Option<String>,
+    /// The groups that become SANs (others in the token are left out, so a
+    /// user in hundreds of groups does not get a certificate naming them).
+    #[serde(default)]
+    pub groups: Vec<String>,
     /// Accept ID tokens without a nonce, as the device authorization grant
     /// (RFC 8628, `gateway login --device-flow`) yields them with common
     /// providers. Each such token is taken once, but it is not bound to
@@ -229,6 +237,52 @@ impl IssuerConfig {
             let sample = t.replace("{local}", "user");
             crate::spiffe::SpiffeId::parse(&sample)
                 .map_err(|e| invalid("profile.user_uri", format!("{t:?}: {e}")))?;
+        }
+        match (&p.group_uri, p.groups.is_empty()) {
+            (Some(t), false) => {
+                for g in &p.groups {
+                    // One path segment: "sre/admins" would name a group
+                    // below another's.
+                    let segment = !g.is_empty()
+                        && g != "."
+                        && g != ".."
+                        && g.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                    if !segment {
+                        return Err(invalid(
+                            "profile.groups",
+                            format!(
+                                "{g:?}: a group must be one SPIFFE path segment ([A-Za-z0-9._-])"
+                            ),
+                        ));
+                    }
+                    let uri = t.replace("{group}", g);
+                    crate::spiffe::SpiffeId::parse(&uri).map_err(|e| {
+                        invalid("profile.groups", format!("{g:?} makes {uri:?}: {e}"))
+                    })?;
+                }
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "profile.groups",
+                    "group_uri needs the list of groups that become SANs".into(),
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "profile.group_uri",
+                    "groups are listed but no group_uri says how to name them".into(),
+                ));
+            }
+            (None, true) => {}
+        }
+        if let Some(t) = &p.group_uri
+            && !t.contains("{group}")
+        {
+            return Err(invalid(
+                "profile.group_uri",
+                format!("{t:?} has no {{group}}: every group would get the same name"),
+            ));
         }
         if !crate::spiffe::claims_spiffe(&c.device_san_prefix)
             || !c.device_san_prefix.ends_with('/')
@@ -347,6 +401,21 @@ email_domains = ["example.internal"]
         );
         let uri = GOOD.replace("/user/{local}", "/user/{local}/");
         assert!(parse(&uri).unwrap_err().to_string().contains("user_uri"));
+        let groups = GOOD.replace(
+            "email_domains",
+            "group_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\", \"a/b\"]\nemail_domains",
+        );
+        assert!(parse(&groups).unwrap_err().to_string().contains("\"a/b\""));
+        let no_list = GOOD.replace(
+            "email_domains",
+            "group_uri = \"spiffe://example.internal/group/{group}\"\nemail_domains",
+        );
+        assert!(
+            parse(&no_list)
+                .unwrap_err()
+                .to_string()
+                .contains("profile.groups")
+        );
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(
             parse(&unknown)

@@ -184,6 +184,13 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
         crate::spiffe::SpiffeId::parse(&uri).map_err(|_| not_mapped())?;
         sans.push(uri);
     }
+    // Only listed groups, each once, in the profile's order (checked as
+    // SPIFFE IDs when the config was read).
+    if let Some(t) = &profile.group_uri {
+        for g in profile.groups.iter().filter(|g| claims.groups.contains(g)) {
+            sans.push(t.replace("{group}", g));
+        }
+    }
     Ok(sans)
 }
 

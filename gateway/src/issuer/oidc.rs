@@ -112,6 +112,21 @@ pub struct Claims {
     pub amr: Option<Vec<String>>,
     #[serde(default)]
     pub acr: Option<String>,
+    /// Read leniently: a provider that sends something else here gets no
+    /// group SANs, not a refusal.
+    #[serde(default, deserialize_with = "lenient_strings")]
+    pub groups: Vec<String>,
+}
+
+fn lenient_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(match v {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    })
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

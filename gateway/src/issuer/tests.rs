@@ -518,3 +518,48 @@ async fn with_the_device_grant_a_token_without_nonce_is_taken_once() {
     let e = s.refused(token(&s.key, &claims("made-up"))).await;
     assert!(matches!(e, Refusal::Nonce(NonceError::Unknown)), "{e}");
 }
+
+#[tokio::test]
+async fn listed_groups_become_uri_sans_and_others_do_not() {
+    let s = setup(
+        "group_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\", \"admins\"]",
+    );
+    let answer = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| {
+                c["groups"] = json!(["everyone", "admins", "../sre", "sre", 7]);
+            })),
+        )
+        .await
+        .unwrap();
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let id = Identity::from_leaf(&leaf).unwrap();
+    assert_eq!(
+        id.uris,
+        vec![
+            "spiffe://example.internal/user/alice",
+            "spiffe://example.internal/group/sre",
+            "spiffe://example.internal/group/admins",
+            LAPTOP,
+        ]
+    );
+    // A token whose groups claim is not a list gets no group, not a refusal.
+    let answer = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["groups"] = json!("sre"))),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !answer.sans.iter().any(|s| s.contains("/group/")),
+        "{:?}",
+        answer.sans
+    );
+}
