@@ -53,6 +53,24 @@ pub struct LoginArgs {
     /// The device authorization grant (headless machines) instead of the
     /// authorization code flow with PKCE through a browser.
     pub device_flow: bool,
+    /// Open the sign-in URL with `$BROWSER` (default `xdg-open`) as well as
+    /// printing it.
+    pub open_browser: bool,
+}
+
+/// Hands `url` to the user's browser; a failure only loses the
+/// convenience (the URL is printed anyway).
+fn open_browser(url: &str) {
+    let browser = std::env::var_os("BROWSER").unwrap_or_else(|| "xdg-open".into());
+    if let Err(e) = std::process::Command::new(&browser)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+    {
+        tracing::warn!(browser = %browser.to_string_lossy(), error = %e,
+            "could not open the browser: open the URL by hand");
+    }
 }
 
 #[derive(Debug)]
@@ -184,10 +202,16 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     .await?;
     let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
     let discovery = http::discover(&to_provider, &info.issuer).await?;
+    let say_and_open = |msg: &str, url: &str| {
+        say(msg);
+        if args.open_browser {
+            open_browser(url);
+        }
+    };
     let id_token = if args.device_flow {
-        device_grant(&to_provider, &discovery, &info, &nonce.nonce, &say).await?
+        device_grant(&to_provider, &discovery, &info, &nonce.nonce, &say_and_open).await?
     } else {
-        code_flow(&to_provider, &discovery, &info, &nonce.nonce, &say).await?
+        code_flow(&to_provider, &discovery, &info, &nonce.nonce, &say_and_open).await?
     };
     // The key is made here and only its CSR leaves.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
@@ -223,7 +247,7 @@ async fn device_grant(
     discovery: &http::Discovery,
     info: &IssuerInfo,
     nonce: &str,
-    say: &impl Fn(&str),
+    say: &impl Fn(&str, &str),
 ) -> Result<String, LoginError> {
     let endpoint = discovery
         .device_authorization_endpoint
@@ -248,14 +272,20 @@ async fn device_grant(
     .await?;
     let da: DeviceAuthorization = http::json(&endpoint, status, &body)?;
     match &da.verification_uri_complete {
-        Some(complete) => say(&format!(
-            "To sign in, open {complete}\n(or {} and enter the code {})",
-            da.verification_uri, da.user_code
-        )),
-        None => say(&format!(
-            "To sign in, open {} and enter the code {}",
-            da.verification_uri, da.user_code
-        )),
+        Some(complete) => say(
+            &format!(
+                "To sign in, open {complete}\n(or {} and enter the code {})",
+                da.verification_uri, da.user_code
+            ),
+            complete,
+        ),
+        None => say(
+            &format!(
+                "To sign in, open {} and enter the code {}",
+                da.verification_uri, da.user_code
+            ),
+            &da.verification_uri,
+        ),
     }
     let mut interval = Duration::from_secs(da.interval.unwrap_or(5).max(1));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(da.expires_in.min(3600));
@@ -314,7 +344,7 @@ async fn code_flow(
     discovery: &http::Discovery,
     info: &IssuerInfo,
     nonce: &str,
-    say: &impl Fn(&str),
+    say: &impl Fn(&str, &str),
 ) -> Result<String, LoginError> {
     let endpoint = discovery.authorization_endpoint.as_deref().ok_or_else(|| {
         LoginError::Provider("no authorization_endpoint in the provider's discovery".into())
@@ -351,7 +381,8 @@ async fn code_flow(
     ]))
     .unwrap_or_default();
     let sep = if endpoint.contains('?') { '&' } else { '?' };
-    say(&format!("To sign in, open {endpoint}{sep}{query}"));
+    let url = format!("{endpoint}{sep}{query}");
+    say(&format!("To sign in, open {url}"), &url);
     let code = tokio::time::timeout(Duration::from_secs(600), callback(&listener, &state))
         .await
         .map_err(|_| LoginError::Provider("the sign-in was not completed in time".into()))??;

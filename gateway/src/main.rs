@@ -132,6 +132,9 @@ enum Command {
         /// another screen) instead of a browser on this machine.
         #[arg(long)]
         device_flow: bool,
+        /// Also open the sign-in URL in the browser ($BROWSER, else xdg-open).
+        #[arg(long)]
+        browser: bool,
     },
     /// An internal PKI in a directory: root, intermediate, leaves, revocation.
     Pki {
@@ -630,8 +633,10 @@ fn main() -> ExitCode {
             lifetime,
             renew,
             device_flow,
+            browser,
         } => login(gateway::login::LoginArgs {
             device_flow,
+            open_browser: browser,
             issuer,
             issuer_ca,
             provider_ca,

@@ -845,3 +845,66 @@ async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
     let e = nonce().await.unwrap_err().to_string();
     assert!(e.contains("CertificateRevoked"), "{e}");
 }
+
+/// `--browser` hands the URL to `$BROWSER` (here a script running the test
+/// browser), which is how the renewal timer signs in; `--renew` signs in
+/// only when the certificate runs out within the time given.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_opens_the_browser_and_renews_only_when_due() {
+    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let browser = sso.path("browser.sh");
+    std::fs::write(
+        &browser,
+        format!(
+            "#!/bin/sh\nNODE_EXTRA_CA_CERTS={} exec node {} \"$1\" alice pwd,otp \"\" >/dev/null\n",
+            sso.path("provider/ca.pem").display(),
+            sso.node.join("browser.mjs").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&browser, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let login = |renew: &str| {
+        let out = Command::new(gateway_binary())
+            .arg("login")
+            .args(["--browser", "--renew", renew])
+            .args(["--issuer", &sso.issuer_url])
+            .args(["--issuer-ca", sso.path("provider/ca.pem").to_str().unwrap()])
+            .args([
+                "--provider-ca",
+                sso.path("provider/ca.pem").to_str().unwrap(),
+            ])
+            .args([
+                "--device-cert",
+                sso.path("devices/laptop-7.pem").to_str().unwrap(),
+            ])
+            .args([
+                "--device-key",
+                sso.path("devices/laptop-7.key").to_str().unwrap(),
+            ])
+            .args(["--out", sso.path("out").to_str().unwrap()])
+            .env("BROWSER", &browser)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let serial = |text: &str| {
+        text.split("(serial ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .map(str::to_owned)
+    };
+    let first = login("2h");
+    let s1 = serial(&first).unwrap_or_else(|| panic!("no certificate: {first}"));
+    let again = login("2h");
+    assert!(again.contains("not renewed"), "8 hours left: {again}");
+    let renewed = login("9h");
+    let s2 = serial(&renewed).unwrap_or_else(|| panic!("not renewed: {renewed}"));
+    assert_ne!(s1, s2, "a new certificate");
+}

@@ -227,3 +227,58 @@ fn the_unit_is_hardened_to_exposure_4_or_lower() {
         ]
     );
 }
+
+/// `examples/systemd-user/`: the timer and service that renew a user's
+/// single sign-on certificate (docs/sso.md) are valid units. Verified as
+/// system units: `--user` needs a user manager, which a CI runner lacks;
+/// the units use nothing that differs between the two.
+#[test]
+fn the_sso_renewal_timer_and_service_pass_systemd_analyze_verify() {
+    let Some(analyze) = systemd_analyze(
+        "the_sso_renewal_timer_and_service_pass_systemd_analyze_verify",
+        250,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, manpath) = unit_in(dir.path());
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/systemd-user");
+    for name in ["gateway-login.service", "gateway-login.timer"] {
+        let unit = std::fs::read_to_string(examples.join(name))
+            .unwrap()
+            .replace("/usr/bin/gateway", &gateway_binary().display().to_string());
+        std::fs::write(dir.path().join(name), unit).unwrap();
+    }
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(dir.path().join("gateway-login.service"))
+        .arg(dir.path().join("gateway-login.timer"))
+        .env("MANPATH", manpath)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    // What the service runs is what `gateway login` takes.
+    let unit = std::fs::read_to_string(examples.join("gateway-login.service")).unwrap();
+    let exec = unit
+        .split("ExecStart=/usr/bin/gateway ")
+        .nth(1)
+        .unwrap()
+        .split("\n# ")
+        .next()
+        .unwrap()
+        .replace("\\\n", " ");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    let out = Command::new(gateway_binary())
+        .args(args.iter().map(|a| a.replace("%h", "/nonexistent")))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{exec}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
