@@ -225,6 +225,12 @@ impl Issuer {
         store
             .index()
             .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
+        // The key that signs every user certificate: one others can read
+        // has left the issuer's hands (as the gateway refuses for its own).
+        if !config.allow_shared_keys {
+            crate::tls::certs::check_key_private(&store.path("intermediate.key"))
+                .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
+        }
         let ca_path = store.path("ca.pem");
         let ca_pem = std::fs::read_to_string(&ca_path)
             .map_err(|e| Refusal::Internal(format!("{}: {e}", ca_path.display())))?;

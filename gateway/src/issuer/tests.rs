@@ -563,3 +563,19 @@ async fn listed_groups_become_uri_sans_and_others_do_not() {
         answer.sans
     );
 }
+
+#[test]
+fn a_signing_key_others_can_read_stops_the_issuer() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = setup("");
+    let key = s.ca_dir.join("intermediate.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = s.issuer.config().clone();
+    let e = Issuer::new(config.clone(), Box::new(s.keys.clone()))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("intermediate.key"), "{e}");
+    let mut shared = config;
+    shared.allow_shared_keys = true;
+    assert!(Issuer::new(shared, Box::new(s.keys.clone())).is_ok());
+}
