@@ -908,3 +908,47 @@ async fn login_opens_the_browser_and_renews_only_when_due() {
     let s2 = serial(&renewed).unwrap_or_else(|| panic!("not renewed: {renewed}"));
     assert_ne!(s1, s2, "a new certificate");
 }
+
+/// Connections that say nothing give their place back within the handshake
+/// timeout, and one address holds at most `PER_SOURCE`: idle connections
+/// cannot keep users from signing in for long.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_cannot_hold_the_issuer() {
+    use gateway::issuer::server::{HANDSHAKE_TIMEOUT, PER_SOURCE};
+    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let addr: std::net::SocketAddr = sso
+        .issuer_url
+        .replace("https://localhost", "127.0.0.1")
+        .parse()
+        .unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..PER_SOURCE {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let tls =
+        gateway::issuer::http::client_config(Some(&sso.path("provider/ca.pem")), None).unwrap();
+    let config = format!("{}/v1/config", sso.issuer_url);
+    let get =
+        || gateway::issuer::http::request(&tls, hyper::Method::GET, &config, None, Vec::new());
+    assert!(
+        get().await.is_err(),
+        "a 17th connection from the address is refused"
+    );
+    // The idle ones are closed at the handshake timeout…
+    let started = Instant::now();
+    for mut c in idle {
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT * 2,
+            tokio::io::AsyncReadExt::read(&mut c, &mut buf),
+        )
+        .await
+        .expect("closed by the issuer")
+        .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(started.elapsed() <= HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+    // …and the address is served again.
+    let (status, _) = get().await.unwrap();
+    assert_eq!(status.as_u16(), 200);
+}

@@ -40,8 +40,46 @@ pub enum ServerError {
 }
 
 const MAX_BODY: usize = 64 << 10;
+/// A connection's whole life: a login's requests take well under a second
+/// besides a JWKS fetch (15 s at most).
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// The TLS handshake and each request's headers: a client that sends
+/// nothing gives its slot back soon.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 256;
+/// Connections one address may hold, so one host cannot take every slot.
+pub const PER_SOURCE: usize = 16;
+
+/// Connections open per source address.
+#[derive(Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in `Sources`, given back when dropped.
+struct SourceSlot(Arc<Sources>, std::net::IpAddr);
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// The device CA's check, as a route's verifier makes it: chain and CRLs by
 /// the bundle, then the leaf must be an identity the gateway can read and
@@ -182,6 +220,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(Sources::default());
     loop {
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
@@ -194,18 +233,27 @@ pub async fn serve(
                 }
             },
         };
+        let Some(source) = sources.take(peer.ip()) else {
+            tracing::warn!(%peer, "issuer: this address holds {PER_SOURCE} connections; refused");
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "issuer: all connection slots busy; refused");
             continue;
         };
         let (acceptor, issuer) = (acceptor.load_full(), issuer.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, source);
             let served = tokio::time::timeout(CONNECTION_DEADLINE, async {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
                         tracing::info!(%peer, error = %e, "issuer: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "issuer: no TLS handshake in time; closed");
                         return;
                     }
                 };
@@ -225,6 +273,8 @@ pub async fn serve(
                     }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service)
                     .await
                 {
