@@ -579,3 +579,54 @@ fn a_signing_key_others_can_read_stops_the_issuer() {
     shared.allow_shared_keys = true;
     assert!(Issuer::new(shared, Box::new(s.keys.clone())).is_ok());
 }
+
+/// `gateway issuer` signs into the SSO CA's index while an operator runs
+/// `gateway pki revoke` on it: neither may write back an index without the
+/// other's change.
+#[test]
+fn issuing_and_revoking_at_once_lose_neither_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path());
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let sign = |store: &Store| {
+        store
+            .sign_request("alice", &csr(), &sans, time::Duration::hours(1))
+            .unwrap()
+            .1
+            .serial
+    };
+    let first: Vec<String> = (0..12).map(|_| sign(&store)).collect();
+    let (issued, ()) = std::thread::scope(|s| {
+        let issuing = s.spawn(|| {
+            let store = Store::open(dir.path());
+            (0..24).map(|_| sign(&store)).collect::<Vec<_>>()
+        });
+        let revoking = s.spawn(|| {
+            let store = Store::open(dir.path());
+            for serial in &first {
+                store.revoke(serial).unwrap();
+            }
+        });
+        (issuing.join().unwrap(), revoking.join().unwrap())
+    });
+    let index = store.index().unwrap();
+    for serial in first.iter().chain(&issued) {
+        let entry = index.issued.iter().find(|e| &e.serial == serial);
+        assert!(
+            entry.is_some(),
+            "issued serial {serial} lost from the index"
+        );
+    }
+    for serial in &first {
+        let entry = index.issued.iter().find(|e| &e.serial == serial).unwrap();
+        assert!(entry.revoked_at.is_some(), "revocation of {serial} lost");
+    }
+    assert_eq!(index.issued.len(), 36);
+}
