@@ -93,6 +93,49 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/gateway", conflicts_with = "config")]
         pin_dir: PathBuf,
     },
+    /// Single sign-on to short-lived, device-bound client certificates: an
+    /// HTTPS service that checks a user's OIDC ID token (with MFA) from an
+    /// enrolled device (mTLS) and signs the user's CSR (docs/sso.md).
+    Issuer {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// On the user's machine: sign in with the company's identity provider
+    /// through the issuer and write a short-lived certificate (user.pem,
+    /// user.key, ca.pem) to --out.
+    Login {
+        /// The issuer, https://host:port.
+        #[arg(long)]
+        issuer: String,
+        /// This device's certificate (from the device CA) and key.
+        #[arg(long)]
+        device_cert: PathBuf,
+        #[arg(long)]
+        device_key: PathBuf,
+        /// Where to write user.pem, user.key (0600) and ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// Trust anchors for the issuer's TLS (default: the system's).
+        #[arg(long)]
+        issuer_ca: Option<PathBuf>,
+        /// Trust anchors for the provider's TLS (default: the system's).
+        #[arg(long)]
+        provider_ca: Option<PathBuf>,
+        /// Ask for this lifetime (at most the issuer's maximum).
+        #[arg(long)]
+        lifetime: Option<String>,
+        /// Only sign in when the current certificate runs out within this
+        /// (e.g. 2h), for a timer.
+        #[arg(long, value_name = "WITHIN", num_args = 0..=1, default_missing_value = "2h")]
+        renew: Option<String>,
+        /// Sign in with the device authorization grant (a code to enter on
+        /// another screen) instead of a browser on this machine.
+        #[arg(long)]
+        device_flow: bool,
+        /// Also open the sign-in URL in the browser ($BROWSER, else xdg-open).
+        #[arg(long)]
+        browser: bool,
+    },
     /// An internal PKI in a directory: root, intermediate, leaves, revocation.
     Pki {
         #[command(subcommand)]
@@ -346,6 +389,102 @@ fn lifetime(s: &str) -> anyhow::Result<time::Duration> {
     Ok(time::Duration::try_from(d)?)
 }
 
+fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
+    use gateway::issuer::{Issuer, config::IssuerConfig, http, server};
+    let config = IssuerConfig::load(path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let acceptor: server::Acceptor = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
+            server::acceptor(&config)?,
+        ));
+        let keys = http::ProviderKeys {
+            tls: http::client_config(config.oidc.ca.as_deref(), None)?,
+            issuer: config.oidc.issuer.clone(),
+        };
+        let listener = server::bind(&config).await?;
+        let reload_config = config.clone();
+        let issuer = std::sync::Arc::new(
+            Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "issuer listening");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = tokio::spawn(server::serve(
+            listener,
+            acceptor.clone(),
+            issuer,
+            stop.clone(),
+        ));
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        // The device CRLs change as devices are revoked: read them again
+        // on SIGHUP and every minute, so a revoked device stops getting
+        // certificates without a restart.
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        every.tick().await;
+        loop {
+            let why = tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => "SIGHUP",
+                _ = every.tick() => "timer",
+            };
+            match server::reload(&reload_config, &acceptor) {
+                Ok(()) if why == "timer" => {
+                    tracing::debug!(why, "issuer: device CA and CRLs read again")
+                }
+                Ok(()) => tracing::info!(why, "issuer: device CA and CRLs read again"),
+                Err(e) => tracing::error!(why, error = %e,
+                    "issuer: reading the device CA and CRLs again failed; the previous ones stay in service"),
+            }
+        }
+        stop.cancel();
+        let _ = serving.await;
+        Ok(())
+    })
+}
+
+fn login(args: gateway::login::LoginArgs) -> anyhow::Result<()> {
+    use gateway::login::Outcome;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(gateway::login::login(&args, |msg| {
+        println!("{msg}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }))?;
+    let when = |t: i64| {
+        jiff::Timestamp::from_second(t)
+            .map(|t| t.to_string())
+            .unwrap_or_else(|_| t.to_string())
+    };
+    match outcome {
+        Outcome::StillValid(end) => println!(
+            "{}: valid until {}; not renewed",
+            args.out.join("user.pem").display(),
+            when(end)
+        ),
+        Outcome::Issued(answer) => {
+            println!("signed in as {}", answer.sans.join(", "));
+            println!(
+                "certificate {} (serial {})",
+                args.out.join("user.pem").display(),
+                answer.serial
+            );
+            println!(
+                "key         {} (0600, made here)",
+                args.out.join("user.key").display()
+            );
+            println!("valid until {}", answer.not_after);
+        }
+    }
+    Ok(())
+}
+
 fn pki(command: PkiCommand) -> anyhow::Result<()> {
     use gateway::pki::store::{InitSpec, Kind, Store};
     match command {
@@ -483,6 +622,37 @@ fn main() -> ExitCode {
             socket,
             config,
         } => reload(force, socket, config.as_deref()),
+        Command::Issuer { config } => issuer(&config),
+        Command::Login {
+            issuer,
+            device_cert,
+            device_key,
+            out,
+            issuer_ca,
+            provider_ca,
+            lifetime,
+            renew,
+            device_flow,
+            browser,
+        } => login(gateway::login::LoginArgs {
+            device_flow,
+            open_browser: browser,
+            issuer,
+            issuer_ca,
+            provider_ca,
+            device_cert,
+            device_key,
+            out,
+            lifetime,
+            renew_within: match renew.as_deref().map(gateway::config::duration::parse) {
+                None => None,
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => {
+                    eprintln!("gateway: --renew: {e}");
+                    return ExitCode::from(2);
+                }
+            },
+        }),
         Command::Pki { command } => pki(command),
         Command::Block {
             command,

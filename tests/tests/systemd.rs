@@ -227,3 +227,121 @@ fn the_unit_is_hardened_to_exposure_4_or_lower() {
         ]
     );
 }
+
+/// `examples/systemd-user/`: the timer and service that renew a user's
+/// single sign-on certificate (docs/sso.md) are valid units. Verified as
+/// system units: `--user` needs a user manager, which a CI runner lacks;
+/// the units use nothing that differs between the two.
+#[test]
+fn the_sso_renewal_timer_and_service_pass_systemd_analyze_verify() {
+    let Some(analyze) = systemd_analyze(
+        "the_sso_renewal_timer_and_service_pass_systemd_analyze_verify",
+        250,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, manpath) = unit_in(dir.path());
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/systemd-user");
+    for name in ["gateway-login.service", "gateway-login.timer"] {
+        let unit = std::fs::read_to_string(examples.join(name))
+            .unwrap()
+            .replace("/usr/bin/gateway", &gateway_binary().display().to_string());
+        std::fs::write(dir.path().join(name), unit).unwrap();
+    }
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(dir.path().join("gateway-login.service"))
+        .arg(dir.path().join("gateway-login.timer"))
+        .env("MANPATH", manpath)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    // What the service runs is what `gateway login` takes.
+    let unit = std::fs::read_to_string(examples.join("gateway-login.service")).unwrap();
+    let exec = unit
+        .split("ExecStart=/usr/bin/gateway ")
+        .nth(1)
+        .unwrap()
+        .split("\n# ")
+        .next()
+        .unwrap()
+        .replace("\\\n", " ");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    let out = Command::new(gateway_binary())
+        .args(args.iter().map(|a| a.replace("%h", "/nonexistent")))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{exec}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `examples/gateway-issuer.service` (docs/sso.md): a valid unit, hardened
+/// like the gateway's, and what it runs is what `gateway issuer` takes.
+#[test]
+fn the_issuer_unit_passes_verify_and_is_hardened_to_exposure_4_or_lower() {
+    let Some(analyze) = systemd_analyze(
+        "the_issuer_unit_passes_verify_and_is_hardened_to_exposure_4_or_lower",
+        250,
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_, manpath) = unit_in(dir.path());
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gateway-issuer.service");
+    let text = std::fs::read_to_string(&source).unwrap();
+    let unit = dir.path().join("gateway-issuer.service");
+    std::fs::write(
+        &unit,
+        text.replace("/usr/bin/gateway", &gateway_binary().display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .arg(&unit)
+        .env("MANPATH", manpath)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "{stderr}");
+    let out = Command::new(&analyze)
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level:\n{stdout}"));
+    let level: f64 = line
+        .split(':')
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(level <= 4.0, "{line}");
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart=/usr/bin/gateway "))
+        .unwrap();
+    let out = Command::new(gateway_binary())
+        .args(exec.split_whitespace())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{exec}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -46,6 +46,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages_without_starting_services(&["etcd-server"])?;
     prometheus_parser()?;
     kubernetes_validate()?;
+    node_and_npm()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -237,6 +238,18 @@ fn tool_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/root"))
         .join(".cache/gateway-xtask")
+}
+
+/// node and npm for tests/tests/sso.rs, which installs `oidc-provider`
+/// from npm and runs it as the test's OpenID Connect provider. Some
+/// nodejs builds (NodeSource's) carry npm inside and conflict with
+/// Debian's npm package, so npm is installed only when no `npm` runs.
+fn node_and_npm() -> anyhow::Result<()> {
+    debian_packages(&["nodejs"])?;
+    if cmd::output(Command::new("npm").arg("--version")).is_none() {
+        debian_packages(&["npm"])?;
+    }
+    Ok(())
 }
 
 /// Installs the Debian packages of `wanted` that are not installed yet.

@@ -158,6 +158,14 @@ pub struct Issued {
     pub serial: Vec<u8>,
 }
 
+/// A leaf signed for someone else's key (`Authority::sign_request`).
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub cert_pem: String,
+    /// The certificate's serial number, as it would appear in a CRL.
+    pub serial: Vec<u8>,
+}
+
 fn name(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
@@ -310,6 +318,37 @@ impl Authority {
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key_pem(&key),
+            serial,
+        })
+    }
+
+    /// Signs a leaf for the key in a certificate signing request (PEM).
+    /// The request's self-signature must verify (its sender holds the
+    /// key); nothing else in it is used: names, validity and usage come
+    /// from `spec`, as the issuer decided them. The private key never
+    /// leaves the requester. `spec.key_type`, `is_ca` and the unknown
+    /// extension are not used.
+    pub fn sign_request(&self, csr_pem: &str, spec: &LeafSpec) -> Result<Signed, PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&spec.common_name);
+        params.subject_alt_names = spec.sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        params.use_authority_key_identifier_extension = true;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match spec.profile {
+            Profile::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Profile::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Profile::NoEku => vec![],
+        };
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        let serial = X509Certificate::from_der(cert.der())
+            .map(|(_, c)| c.tbs_certificate.raw_serial().to_vec())
+            .unwrap_or_default();
+        Ok(Signed {
+            cert_pem: cert.pem(),
             serial,
         })
     }

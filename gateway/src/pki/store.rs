@@ -141,6 +141,26 @@ impl Store {
         std::fs::read_to_string(&path).map_err(self.io(&path))
     }
 
+    /// Holds the directory for one change: the index is read, changed and
+    /// written whole, and `gateway issuer` signs into it while an operator
+    /// may run `gateway pki revoke`; without the lock one would write back
+    /// an index missing the other's change (an issued serial `revoke`
+    /// cannot find, or a revocation the next CRL leaves out). An advisory
+    /// lock (flock) on `.lock`, released when the guard drops; every
+    /// public method that writes takes it, and only those.
+    fn lock(&self) -> Result<std::fs::File, PkiError> {
+        let path = self.path(".lock");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(self.io(&path))?;
+        file.lock().map_err(self.io(&path))?;
+        Ok(file)
+    }
+
     pub fn index(&self) -> Result<Index, PkiError> {
         let text = self.read("index.json")?;
         serde_json::from_str(&text).map_err(|e| PkiError::Store {
@@ -186,6 +206,7 @@ impl Store {
             });
         }
         std::fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        let _lock = self.lock()?;
         let root = Authority::new_root(&format!("{} root CA", spec.name), spec.key_type, 3650)?;
         let int = root.new_intermediate(
             &format!("{} issuing CA", spec.name),
@@ -199,14 +220,19 @@ impl Store {
         self.write("intermediate.key", &int.key_pem, true)?;
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
-        self.publish_root_crl(&root)?;
-        self.publish_crl(Duration::days(7))?;
+        self.publish_root_crl_locked(&root)?;
+        self.publish_crl_locked(Duration::days(7))?;
         Ok(())
     }
 
     /// Signs and writes `root.crl.pem`: every intermediate the root
     /// revoked, valid until the intermediate expires (at least 30 days).
     pub fn publish_root_crl(&self, root: &Authority) -> Result<PathBuf, PkiError> {
+        let _lock = self.lock()?;
+        self.publish_root_crl_locked(root)
+    }
+
+    fn publish_root_crl_locked(&self, root: &Authority) -> Result<PathBuf, PkiError> {
         let mut index = self.index()?;
         index.root_crl_number += 1;
         let serials: Vec<Vec<u8>> = index
@@ -327,6 +353,7 @@ impl Store {
             })?;
         }
         self.within_name_constraints(sans)?;
+        let _lock = self.lock()?;
         let mut index = self.index()?;
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
@@ -364,6 +391,54 @@ impl Store {
         Ok((cert, key))
     }
 
+    /// Signs a device-bound user certificate for the key in `csr_pem`
+    /// (`gateway issuer`): SANs exactly as given, clientAuth, valid from
+    /// five minutes ago (clock skew) for `lifetime`. Recorded in the index
+    /// like any leaf, so `gateway pki revoke SERIAL` revokes it; no file
+    /// is written (the certificate goes back to the requester). Returns
+    /// the leaf followed by the intermediate, and the index entry.
+    pub fn sign_request(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        sans: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, IndexEntry), PkiError> {
+        if let Some(w) = sans.iter().find(|s| s.contains('*')) {
+            return Err(PkiError::Wildcard(w.clone()));
+        }
+        for san in sans.iter().filter(|s| crate::spiffe::claims_spiffe(s)) {
+            crate::spiffe::SpiffeId::parse(san).map_err(|why| PkiError::Store {
+                path: self.dir.clone(),
+                message: format!("SAN {san:?} is not a valid SPIFFE ID: {why}"),
+            })?;
+        }
+        self.within_name_constraints(sans)?;
+        let _lock = self.lock()?;
+        let mut index = self.index()?;
+        let int = self.intermediate()?;
+        let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
+        let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
+        // Whole seconds, as the certificate holds them, so the index and
+        // the answer say exactly what the certificate does.
+        let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        spec.not_before = now - Duration::minutes(5);
+        spec.not_after = now + lifetime;
+        let signed = int.sign_request(csr_pem, &spec)?;
+        let entry = IndexEntry {
+            serial: hex(&signed.serial),
+            name: name.to_owned(),
+            kind: Kind::Device,
+            sans: sans.to_vec(),
+            not_after: rfc3339(spec.not_after),
+            revoked_at: None,
+        };
+        index.issued.push(entry.clone());
+        self.save_index(&index)?;
+        Ok((format!("{}{}", signed.cert_pem, int.cert_pem), entry))
+    }
+
     /// Marks a certificate revoked (by hex serial, or by its PEM file) and
     /// publishes a fresh CRL.
     pub fn revoke(&self, what: &str) -> Result<IndexEntry, PkiError> {
@@ -383,6 +458,7 @@ impl Store {
                 .to_ascii_lowercase()
                 .replace(':', "")
         };
+        let _lock = self.lock()?;
         let mut index = self.index()?;
         let (intermediate, not_after) = self.intermediate_cert()?;
         if serial == intermediate {
@@ -401,7 +477,7 @@ impl Store {
         }
         let entry = entry.clone();
         self.save_index(&index)?;
-        self.publish_crl(Duration::days(7))?;
+        self.publish_crl_locked(Duration::days(7))?;
         Ok(entry)
     }
 
@@ -435,8 +511,8 @@ impl Store {
             }
         };
         self.save_index(&index)?;
-        self.publish_root_crl(&root)?;
-        self.publish_crl(Duration::days(7))?;
+        self.publish_root_crl_locked(&root)?;
+        self.publish_crl_locked(Duration::days(7))?;
         Ok(entry)
     }
 
@@ -444,8 +520,9 @@ impl Store {
     /// out, and publishes `crl.pem` with it.
     pub fn republish_root_crl(&self, validity: Duration) -> Result<PathBuf, PkiError> {
         let root = self.root("re-signing the root's CRL")?;
-        self.publish_root_crl(&root)?;
-        self.publish_crl(validity)
+        let _lock = self.lock()?;
+        self.publish_root_crl_locked(&root)?;
+        self.publish_crl_locked(validity)
     }
 
     /// Signs and writes the intermediate's CRL listing every revoked serial,
@@ -453,6 +530,11 @@ impl Store {
     /// last signed; the root key is not needed). A store made before the
     /// root signed CRLs gets the root's CRL here if its key is present.
     pub fn publish_crl(&self, validity: Duration) -> Result<PathBuf, PkiError> {
+        let _lock = self.lock()?;
+        self.publish_crl_locked(validity)
+    }
+
+    fn publish_crl_locked(&self, validity: Duration) -> Result<PathBuf, PkiError> {
         let mut index = self.index()?;
         index.crl_number += 1;
         let serials: BTreeSet<Vec<u8>> = index
@@ -471,7 +553,7 @@ impl Store {
         if !self.path("root.crl.pem").exists()
             && let Ok(root) = self.root("the root's first CRL")
         {
-            self.publish_root_crl(&root)?;
+            self.publish_root_crl_locked(&root)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
         // changes daily.

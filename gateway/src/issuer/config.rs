@@ -1,0 +1,427 @@
+//! `issuer.toml`: where the issuer listens, which CA signs, which devices
+//! may ask, which provider vouches for users, and what a user gets.
+//!
+//! Relative paths are read from the config file's directory, as the
+//! gateway's own config does.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{CrlExpired, duration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The longest lifetime a profile may allow: the point of issuing from
+/// single sign-on is that access ends soon after the provider stops
+/// vouching for the user (no renewal), so a week is already generous.
+pub const LONGEST_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    pub listen: SocketAddr,
+    /// The issuer's own certificate chain and key (serverAuth).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Read a key others may read anyway (as the gateway's option).
+    #[serde(default)]
+    pub allow_shared_keys: bool,
+    /// The `gateway pki` directory whose intermediate signs user certificates.
+    pub ca_dir: PathBuf,
+    /// The CA that enrolled devices: the issuance endpoint wants a
+    /// certificate from it.
+    pub device_trust: DeviceTrust,
+    /// The device's URI SAN starts with this, e.g.
+    /// "spiffe://example.internal/device/"; it is copied into the user's
+    /// certificate for the routes' `device.san_prefix`.
+    pub device_san_prefix: String,
+    pub oidc: Oidc,
+    pub profile: Profile,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTrust {
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    #[serde(default)]
+    pub crl_expired: CrlExpired,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Oidc {
+    /// The provider's issuer identifier: `iss` must equal it, and
+    /// discovery is read from `{issuer}/.well-known/openid-configuration`.
+    pub issuer: String,
+    /// The client registered for `gateway login`: `aud` must contain it.
+    pub client_id: String,
+    /// Trust anchors for the provider's TLS (default: the system's).
+    pub ca: Option<PathBuf>,
+    #[serde(default = "default_scopes")]
+    pub scopes: Vec<String>,
+    /// Clock skew allowed on exp, nbf and iat.
+    #[serde(default = "default_leeway", deserialize_with = "duration::deserialize")]
+    pub leeway: Duration,
+    /// An ID token older than this (by `iat`) is refused: it was meant to
+    /// be exchanged at once.
+    #[serde(
+        default = "default_max_token_age",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub max_token_age: Duration,
+    /// An unknown `kid` refetches the JWKS at most this often.
+    #[serde(
+        default = "default_jwks_refetch",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub jwks_refetch_interval: Duration,
+}
+
+fn default_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into()]
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_token_age() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_jwks_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    #[serde(
+        default = "default_lifetime",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub default_lifetime: Duration,
+    /// The hard maximum: a request for more is refused, not shortened.
+    #[serde(
+        default = "default_max_lifetime",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub max_lifetime: Duration,
+    /// MFA: the token's `amr` must contain one of these…
+    #[serde(default)]
+    pub require_amr: Vec<String>,
+    /// …or its `acr` be one of these (either list satisfies; both empty:
+    /// no MFA required).
+    #[serde(default)]
+    pub require_acr: Vec<String>,
+    /// A SPIFFE-style URI SAN for the user; `{local}` is the email's local part.
+    pub user_uri: Option<String>,
+    /// Only users whose verified email is in one of these domains.
+    pub email_domains: Vec<String>,
+    /// A URI SAN per group of the token's `groups` claim that is listed in
+    /// `groups`; `{group}` is the group's name. Routes then allow a group:
+    /// `allow = ["spiffe://example.internal/group/sre"]`.
+    pub group_uri: Option<String>,
+    /// The groups that become SANs (others in the token are left out, so a
+    /// user in hundreds of groups does not get a certificate naming them).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Accept ID tokens without a nonce, as the device authorization grant
+    /// (RFC 8628, `gateway login --device-flow`) yields them with common
+    /// providers. Each such token is taken once, but it is not bound to
+    /// the device that asked for it, so this is off unless headless
+    /// machines need it.
+    #[serde(default)]
+    pub device_grant: bool,
+}
+
+fn default_lifetime() -> Duration {
+    Duration::from_secs(8 * 3600)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(12 * 3600)
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub per_user: Rate,
+    #[serde(default)]
+    pub per_device: Rate,
+}
+
+/// A token bucket: `burst` at once, refilled at `per_hour`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub burst: u32,
+    pub per_hour: u32,
+}
+
+impl Default for Rate {
+    fn default() -> Self {
+        Rate {
+            burst: 5,
+            per_hour: 20,
+        }
+    }
+}
+
+impl IssuerConfig {
+    pub fn load(path: &Path) -> Result<IssuerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, path, base)
+    }
+
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<IssuerConfig, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut c: IssuerConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        let p = &c.profile;
+        if p.max_lifetime > LONGEST_LIFETIME {
+            return Err(invalid(
+                "profile.max_lifetime",
+                "at most 7d: a user certificate should end soon after the provider stops vouching"
+                    .into(),
+            ));
+        }
+        if p.default_lifetime > p.max_lifetime || p.default_lifetime.is_zero() {
+            return Err(invalid(
+                "profile.default_lifetime",
+                "must be above zero and at most profile.max_lifetime".into(),
+            ));
+        }
+        if p.email_domains.is_empty() {
+            return Err(invalid(
+                "profile.email_domains",
+                "name at least one domain: the provider may vouch for users the gateway must not admit"
+                    .into(),
+            ));
+        }
+        if let Some(t) = &p.user_uri {
+            let sample = t.replace("{local}", "user");
+            crate::spiffe::SpiffeId::parse(&sample)
+                .map_err(|e| invalid("profile.user_uri", format!("{t:?}: {e}")))?;
+        }
+        match (&p.group_uri, p.groups.is_empty()) {
+            (Some(t), false) => {
+                for g in &p.groups {
+                    // One path segment: "sre/admins" would name a group
+                    // below another's.
+                    let segment = !g.is_empty()
+                        && g != "."
+                        && g != ".."
+                        && g.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                    if !segment {
+                        return Err(invalid(
+                            "profile.groups",
+                            format!(
+                                "{g:?}: a group must be one SPIFFE path segment ([A-Za-z0-9._-])"
+                            ),
+                        ));
+                    }
+                    let uri = t.replace("{group}", g);
+                    crate::spiffe::SpiffeId::parse(&uri).map_err(|e| {
+                        invalid("profile.groups", format!("{g:?} makes {uri:?}: {e}"))
+                    })?;
+                }
+            }
+            (Some(_), true) => {
+                return Err(invalid(
+                    "profile.groups",
+                    "group_uri needs the list of groups that become SANs".into(),
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "profile.group_uri",
+                    "groups are listed but no group_uri says how to name them".into(),
+                ));
+            }
+            (None, true) => {}
+        }
+        if let Some(t) = &p.group_uri
+            && !t.contains("{group}")
+        {
+            return Err(invalid(
+                "profile.group_uri",
+                format!("{t:?} has no {{group}}: every group would get the same name"),
+            ));
+        }
+        if !crate::spiffe::claims_spiffe(&c.device_san_prefix)
+            || !c.device_san_prefix.ends_with('/')
+        {
+            return Err(invalid(
+                "device_san_prefix",
+                format!(
+                    "{:?}: expected a spiffe:// prefix ending in '/', as routes' device.san_prefix",
+                    c.device_san_prefix
+                ),
+            ));
+        }
+        if !c.oidc.issuer.starts_with("https://") {
+            return Err(invalid(
+                "oidc.issuer",
+                "must be https://: the ID token's keys are fetched from it".into(),
+            ));
+        }
+        for r in [c.limits.per_user, c.limits.per_device] {
+            if r.burst == 0 || r.per_hour == 0 {
+                return Err(invalid(
+                    "limits",
+                    "burst and per_hour must be above zero".into(),
+                ));
+            }
+        }
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut c.cert);
+        resolve(&mut c.key);
+        resolve(&mut c.ca_dir);
+        resolve(&mut c.device_trust.ca);
+        c.device_trust.crls.iter_mut().for_each(resolve);
+        if let Some(ca) = &mut c.oidc.ca {
+            resolve(ca);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:8443"
+cert = "issuer.pem"
+key = "issuer.key"
+ca_dir = "sso"
+device_trust = { ca = "devices/ca.pem", crls = ["devices/crl.pem"] }
+device_san_prefix = "spiffe://example.internal/device/"
+[oidc]
+issuer = "https://login.example.com"
+client_id = "gateway"
+[profile]
+require_amr = ["mfa"]
+user_uri = "spiffe://example.internal/user/{local}"
+email_domains = ["example.internal"]
+"#;
+
+    fn parse(text: &str) -> Result<IssuerConfig, ConfigError> {
+        IssuerConfig::parse(text, Path::new("issuer.toml"), Path::new("/etc/gw"))
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.profile.default_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(c.profile.max_lifetime, Duration::from_secs(12 * 3600));
+        assert_eq!(c.oidc.leeway, Duration::from_secs(30));
+        assert_eq!(c.ca_dir, PathBuf::from("/etc/gw/sso"));
+        assert_eq!(
+            c.device_trust.crls,
+            vec![PathBuf::from("/etc/gw/devices/crl.pem")]
+        );
+    }
+
+    #[test]
+    fn lifetimes_beyond_the_hard_maximum_are_refused() {
+        let long = GOOD.replace("[profile]\n", "[profile]\nmax_lifetime = \"8d\"\n");
+        let e = parse(&long).unwrap_err().to_string();
+        assert!(e.contains("profile.max_lifetime"), "{e}");
+        let above = GOOD.replace("[profile]\n", "[profile]\ndefault_lifetime = \"13h\"\n");
+        let e = parse(&above).unwrap_err().to_string();
+        assert!(e.contains("profile.default_lifetime"), "{e}");
+    }
+
+    #[test]
+    fn an_http_provider_a_bad_prefix_and_no_domains_are_refused() {
+        let http = GOOD.replace("https://login", "http://login");
+        assert!(
+            parse(&http)
+                .unwrap_err()
+                .to_string()
+                .contains("oidc.issuer")
+        );
+        let prefix = GOOD.replace("device/\"", "device\"");
+        assert!(
+            parse(&prefix)
+                .unwrap_err()
+                .to_string()
+                .contains("device_san_prefix")
+        );
+        let domains = GOOD.replace(
+            "email_domains = [\"example.internal\"]",
+            "email_domains = []",
+        );
+        assert!(
+            parse(&domains)
+                .unwrap_err()
+                .to_string()
+                .contains("email_domains")
+        );
+        let uri = GOOD.replace("/user/{local}", "/user/{local}/");
+        assert!(parse(&uri).unwrap_err().to_string().contains("user_uri"));
+        let groups = GOOD.replace(
+            "email_domains",
+            "group_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\", \"a/b\"]\nemail_domains",
+        );
+        assert!(parse(&groups).unwrap_err().to_string().contains("\"a/b\""));
+        let no_list = GOOD.replace(
+            "email_domains",
+            "group_uri = \"spiffe://example.internal/group/{group}\"\nemail_domains",
+        );
+        assert!(
+            parse(&no_list)
+                .unwrap_err()
+                .to_string()
+                .contains("profile.groups")
+        );
+        let unknown = format!("{GOOD}\nsurprise = 1\n");
+        assert!(
+            parse(&unknown)
+                .unwrap_err()
+                .to_string()
+                .contains("surprise")
+        );
+    }
+}

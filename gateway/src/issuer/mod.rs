@@ -1,0 +1,382 @@
+//! `gateway issuer`: single sign-on to short-lived, device-bound client
+//! certificates (see docs/sso.md).
+//!
+//! An enrolled device (mTLS with its device certificate, checked by the
+//! gateway's own `tls::Bundle`) brings a user's OIDC ID token and a CSR;
+//! the issuer checks the token (`oidc`), that its nonce is one it gave this
+//! device (`nonce`), the profile's MFA requirement, maps the claims to the
+//! user's names, and signs the CSR with the SSO CA (`pki::store`) for a
+//! short lifetime. Every decision is logged and counted.
+
+pub mod config;
+pub mod http;
+pub mod limit;
+pub mod nonce;
+pub mod oidc;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+use crate::pki::store::Store;
+use config::IssuerConfig;
+use limit::Limiter;
+use nonce::{NonceError, Nonces, UsedTokens};
+use oidc::{Claims, KeySource, OidcError, TokenVerifier};
+
+/// How long a nonce handed to a device stays usable: the time a user
+/// takes to finish the provider's login and MFA.
+pub const NONCE_TTL: Duration = Duration::from_secs(600);
+
+/// Why a request was refused: what the requester is told (HTTP status
+/// and message) and the `reason` it is counted under.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "a device certificate is required: connect with the device's certificate (--device-cert)"
+    )]
+    NoDevice,
+    #[error("{0}")]
+    Token(#[from] OidcError),
+    #[error("{0}")]
+    Nonce(#[from] NonceError),
+    #[error(
+        "MFA required: the ID token's amr {amr:?} has none of {want_amr:?} and its acr {acr:?} is none of {want_acr:?}"
+    )]
+    NoMfa {
+        amr: Vec<String>,
+        acr: Option<String>,
+        want_amr: Vec<String>,
+        want_acr: Vec<String>,
+    },
+    #[error("ID token has no verified email (email_verified must be true)")]
+    NoVerifiedEmail,
+    #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
+    UserNotMapped(String),
+    #[error("too many certificates for {who}: retry in {retry_after:?}")]
+    RateLimited {
+        who: &'static str,
+        retry_after: Duration,
+    },
+    #[error("lifetime {asked:?} is above this profile's maximum {max:?}")]
+    Lifetime { asked: Duration, max: Duration },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
+    #[error("issuing failed: {0}")]
+    Internal(String),
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NoDevice => "no_device_certificate",
+            Refusal::Token(e) => e.reason(),
+            Refusal::Nonce(_) => "nonce",
+            Refusal::NoMfa { .. } => "no_mfa",
+            Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::Lifetime { .. } => "lifetime",
+            Refusal::BadRequest(_) => "bad_request",
+            Refusal::Csr(_) => "csr",
+            Refusal::Internal(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::NoDevice => 401,
+            Refusal::RateLimited { .. } => 429,
+            Refusal::BadRequest(_) | Refusal::Csr(_) | Refusal::Lifetime { .. } => 400,
+            Refusal::Token(OidcError::Fetch(_)) => 502,
+            Refusal::Internal(_) => 500,
+            _ => 403,
+        }
+    }
+}
+
+/// `POST /v1/certificate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateRequest {
+    pub id_token: String,
+    /// PEM. Only its key is used.
+    pub csr: String,
+    /// Shorter than the profile's default, or longer up to its maximum
+    /// ("4h"); none: the default.
+    #[serde(default)]
+    pub lifetime: Option<String>,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateResponse {
+    /// Leaf then intermediate, PEM.
+    pub certificate: String,
+    /// The SSO CA's root, PEM (what `openssl s_client -CAfile` wants to
+    /// check the chain).
+    pub ca: String,
+    pub serial: String,
+    /// RFC 3339.
+    pub not_after: String,
+    pub sans: Vec<String>,
+}
+
+/// Issuances and refusals, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub issued: u64,
+    pub refused: BTreeMap<&'static str, u64>,
+    pub nonces: u64,
+}
+
+pub struct Issuer {
+    config: IssuerConfig,
+    tokens: TokenVerifier,
+    nonces: Nonces,
+    /// Nonce-less tokens taken (with `profile.device_grant`).
+    used: UsedTokens,
+    per_user: Limiter,
+    per_device: Limiter,
+    /// One signer at a time: the index is read, extended and rewritten.
+    store: Mutex<Store>,
+    ca_pem: String,
+    counters: Mutex<Counters>,
+}
+
+/// The user's names from the token's verified email, by the profile's rules.
+fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, Refusal> {
+    let email = match (&claims.email, claims.email_verified) {
+        (Some(e), Some(true)) => e,
+        _ => return Err(Refusal::NoVerifiedEmail),
+    };
+    let not_mapped = || Refusal::UserNotMapped(email.clone());
+    let (local, domain) = email.rsplit_once('@').ok_or_else(not_mapped)?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    if !profile
+        .email_domains
+        .iter()
+        .any(|d| d.trim_end_matches('.').eq_ignore_ascii_case(&domain))
+    {
+        return Err(not_mapped());
+    }
+    // Only names a route's rule can be written for: a plain local part
+    // that is also a SPIFFE path segment, so the email and the user URI
+    // name the same person one way each.
+    let plain = !local.is_empty()
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..");
+    if !plain {
+        return Err(not_mapped());
+    }
+    let mut sans = vec![format!("email:{local}@{domain}")];
+    if let Some(t) = &profile.user_uri {
+        let uri = t.replace("{local}", local);
+        crate::spiffe::SpiffeId::parse(&uri).map_err(|_| not_mapped())?;
+        sans.push(uri);
+    }
+    // Only listed groups, each once, in the profile's order (checked as
+    // SPIFFE IDs when the config was read).
+    if let Some(t) = &profile.group_uri {
+        for g in profile.groups.iter().filter(|g| claims.groups.contains(g)) {
+            sans.push(t.replace("{group}", g));
+        }
+    }
+    Ok(sans)
+}
+
+fn mfa(profile: &config::Profile, claims: &Claims) -> Result<(), Refusal> {
+    if profile.require_amr.is_empty() && profile.require_acr.is_empty() {
+        return Ok(());
+    }
+    let amr = claims.amr.clone().unwrap_or_default();
+    let by_amr = amr.iter().any(|m| profile.require_amr.contains(m));
+    let by_acr = claims
+        .acr
+        .as_ref()
+        .is_some_and(|a| profile.require_acr.contains(a));
+    if by_amr || by_acr {
+        Ok(())
+    } else {
+        Err(Refusal::NoMfa {
+            amr,
+            acr: claims.acr.clone(),
+            want_amr: profile.require_amr.clone(),
+            want_acr: profile.require_acr.clone(),
+        })
+    }
+}
+
+impl Issuer {
+    /// The issuer for `config`; `keys` is where the provider's JWKS comes
+    /// from (`http::ProviderKeys` in service).
+    pub fn new(config: IssuerConfig, keys: Box<dyn KeySource>) -> Result<Issuer, Refusal> {
+        let store = Store::open(&config.ca_dir);
+        // Fail at start, not at the first user: the CA must be there.
+        store
+            .index()
+            .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
+        // The key that signs every user certificate: one others can read
+        // has left the issuer's hands (as the gateway refuses for its own).
+        if !config.allow_shared_keys {
+            crate::tls::certs::check_key_private(&store.path("intermediate.key"))
+                .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
+        }
+        let ca_path = store.path("ca.pem");
+        let ca_pem = std::fs::read_to_string(&ca_path)
+            .map_err(|e| Refusal::Internal(format!("{}: {e}", ca_path.display())))?;
+        Ok(Issuer {
+            tokens: TokenVerifier::new(&config.oidc, keys),
+            nonces: Nonces::new(NONCE_TTL),
+            used: UsedTokens::new(config.oidc.max_token_age + config.oidc.leeway * 2),
+            per_user: Limiter::new(config.limits.per_user),
+            per_device: Limiter::new(config.limits.per_device),
+            store: Mutex::new(store),
+            ca_pem,
+            counters: Mutex::new(Counters::default()),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &IssuerConfig {
+        &self.config
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut self.counters.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> (u64, u64, BTreeMap<&'static str, u64>) {
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        (c.issued, c.nonces, c.refused.clone())
+    }
+
+    /// The device's name from its verified certificate.
+    fn device<'a>(&self, device: Option<&'a Identity>) -> Result<&'a str, Refusal> {
+        device
+            .and_then(|d| d.device(&self.config.device_san_prefix))
+            .ok_or(Refusal::NoDevice)
+    }
+
+    /// `POST /v1/nonce`.
+    pub fn nonce(&self, device: Option<&Identity>) -> Result<String, Refusal> {
+        let result = self.device(device).and_then(|d| Ok(self.nonces.issue(d)?));
+        match &result {
+            Ok(_) => self.count(|c| c.nonces += 1),
+            Err(e) => self.refused(e, device, None),
+        }
+        result
+    }
+
+    fn refused(&self, e: &Refusal, device: Option<&Identity>, user: Option<&str>) {
+        let reason = e.reason();
+        self.count(|c| *c.refused.entry(reason).or_default() += 1);
+        let device = device
+            .and_then(|d| d.device(&self.config.device_san_prefix))
+            .unwrap_or("-");
+        tracing::warn!(target: "gateway::issuer", event = "refused", reason, device,
+            user = user.unwrap_or("-"), error = %e, "certificate refused");
+    }
+
+    /// `POST /v1/certificate`: the whole decision, then the signature.
+    pub async fn issue(
+        &self,
+        device: Option<&Identity>,
+        req: CertificateRequest,
+    ) -> Result<CertificateResponse, Refusal> {
+        let mut user = None;
+        let result = self.issue_inner(device, req, &mut user).await;
+        if let Err(e) = &result {
+            self.refused(e, device, user.as_deref());
+        }
+        result
+    }
+
+    async fn issue_inner(
+        &self,
+        device: Option<&Identity>,
+        req: CertificateRequest,
+        user: &mut Option<String>,
+    ) -> Result<CertificateResponse, Refusal> {
+        let device = self.device(device)?;
+        let profile = &self.config.profile;
+        let lifetime = match &req.lifetime {
+            None => profile.default_lifetime,
+            Some(l) => crate::config::duration::parse(l).map_err(Refusal::BadRequest)?,
+        };
+        if lifetime > profile.max_lifetime {
+            return Err(Refusal::Lifetime {
+                asked: lifetime,
+                max: profile.max_lifetime,
+            });
+        }
+        if lifetime < Duration::from_secs(60) {
+            return Err(Refusal::BadRequest("lifetime under a minute".into()));
+        }
+        // The device's bucket before any work on the token: a device that
+        // floods is stopped cheaply.
+        self.per_device
+            .take(device, Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited {
+                who: "this device",
+                retry_after,
+            })?;
+        let claims = self.tokens.verify(&req.id_token).await?;
+        *user = claims.email.clone().or(Some(claims.sub.clone()));
+        match claims.nonce.as_deref() {
+            None if profile.device_grant => self.used.first_use(&req.id_token)?,
+            nonce => self.nonces.consume(nonce, device)?,
+        }
+        mfa(profile, &claims)?;
+        let mut sans = user_sans(profile, &claims)?;
+        let email = sans.first().cloned().unwrap_or_default();
+        *user = Some(email.clone());
+        self.per_user
+            .take(&email, Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited {
+                who: "this user",
+                retry_after,
+            })?;
+        sans.push(device.to_owned());
+        let cn = email.trim_start_matches("email:").to_owned();
+        let life =
+            time::Duration::try_from(lifetime).map_err(|e| Refusal::Internal(e.to_string()))?;
+        let (chain, entry) = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            store
+                .sign_request(&cn, &req.csr, &sans, life)
+                .map_err(|e| match e {
+                    crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
+                    other => Refusal::Internal(other.to_string()),
+                })?
+        };
+        self.count(|c| c.issued += 1);
+        // One JSON line per issuance (with `--log-format json`): who, from
+        // which device, on which claims, which serial, for how long.
+        tracing::info!(target: "gateway::issuer", event = "issued",
+            user = %cn, device, sub = %claims.sub, iss = %claims.iss,
+            amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
+            serial = %entry.serial, not_after = %entry.not_after,
+            lifetime_secs = lifetime.as_secs(), sans = ?sans, "certificate issued");
+        Ok(CertificateResponse {
+            certificate: chain,
+            ca: self.ca_pem.clone(),
+            serial: entry.serial,
+            not_after: entry.not_after,
+            sans,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

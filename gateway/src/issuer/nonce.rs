@@ -1,0 +1,168 @@
+//! One-time nonces bound to the device that asked for them.
+//!
+//! `gateway login` asks the issuer for a nonce (over the device's mTLS)
+//! and sends it in its authorization request; the provider puts it in the
+//! ID token. At issuance the nonce must be one this issuer handed to this
+//! same device, not yet used and not expired: a token replayed, or
+//! obtained by another device (a user tricked into completing someone
+//! else's device flow), is refused.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NonceError {
+    #[error("ID token has no nonce: start with `gateway login`, which asks the issuer for one")]
+    Missing,
+    #[error("ID token nonce was not issued by this issuer, or was already used (a replay)")]
+    Unknown,
+    #[error("ID token nonce was issued to another device")]
+    OtherDevice,
+    #[error("ID token nonce expired: log in again")]
+    Expired,
+    #[error("too many outstanding nonces for this device")]
+    TooMany,
+    #[error("ID token was already used (a replay)")]
+    Replayed,
+}
+
+/// How many nonces one device may hold at once, and all devices together:
+/// enough for retries, bounded so a device cannot fill memory.
+const PER_DEVICE: usize = 8;
+const TOTAL: usize = 100_000;
+
+struct Entry {
+    device: String,
+    expires: Instant,
+}
+
+pub struct Nonces {
+    ttl: Duration,
+    map: Mutex<HashMap<String, Entry>>,
+}
+
+impl Nonces {
+    pub fn new(ttl: Duration) -> Nonces {
+        Nonces {
+            ttl,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A fresh nonce for `device`: 32 random bytes, hex.
+    pub fn issue(&self, device: &str) -> Result<String, NonceError> {
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| NonceError::TooMany)?;
+        let nonce: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, e| e.expires > now);
+        let held = map.values().filter(|e| e.device == device).count();
+        if held >= PER_DEVICE || map.len() >= TOTAL {
+            return Err(NonceError::TooMany);
+        }
+        map.insert(
+            nonce.clone(),
+            Entry {
+                device: device.to_owned(),
+                expires: now + self.ttl,
+            },
+        );
+        Ok(nonce)
+    }
+
+    /// Uses up `nonce` if `device` holds it. Only a nonce of this device is
+    /// consumed: another device's attempt leaves it to its owner.
+    pub fn consume(&self, nonce: Option<&str>, device: &str) -> Result<(), NonceError> {
+        let nonce = nonce.ok_or(NonceError::Missing)?;
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.get(nonce).ok_or(NonceError::Unknown)?;
+        if entry.device != device {
+            return Err(NonceError::OtherDevice);
+        }
+        let expired = entry.expires <= Instant::now();
+        map.remove(nonce);
+        if expired {
+            return Err(NonceError::Expired);
+        }
+        Ok(())
+    }
+}
+
+/// ID tokens without a nonce (`profile.device_grant`), each taken once: a
+/// digest of the token is kept until the issuer would refuse it as too old
+/// anyway.
+pub struct UsedTokens {
+    keep: Duration,
+    map: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+impl UsedTokens {
+    pub fn new(keep: Duration) -> UsedTokens {
+        UsedTokens {
+            keep,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records `token` as used; refused if it was before (or when the
+    /// record is full: fail closed).
+    pub fn first_use(&self, token: &str) -> Result<(), NonceError> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, until| *until > now);
+        if map.contains_key(&key) {
+            return Err(NonceError::Replayed);
+        }
+        if map.len() >= TOTAL {
+            return Err(NonceError::TooMany);
+        }
+        map.insert(key, now + self.keep);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_token_without_nonce_is_taken_once() {
+        let used = UsedTokens::new(Duration::from_secs(600));
+        assert_eq!(used.first_use("a.b.c"), Ok(()));
+        assert_eq!(used.first_use("a.b.d"), Ok(()));
+        assert_eq!(used.first_use("a.b.c"), Err(NonceError::Replayed));
+    }
+
+    use super::*;
+
+    const LAPTOP: &str = "spiffe://example.internal/device/laptop-7";
+    const OTHER: &str = "spiffe://example.internal/device/laptop-8";
+
+    #[test]
+    fn a_nonce_is_used_once_and_only_by_its_device() {
+        let n = Nonces::new(Duration::from_secs(300));
+        let nonce = n.issue(LAPTOP).unwrap();
+        assert_eq!(nonce.len(), 64);
+        assert_eq!(n.consume(Some(&nonce), OTHER), Err(NonceError::OtherDevice));
+        assert_eq!(n.consume(Some(&nonce), LAPTOP), Ok(()));
+        assert_eq!(n.consume(Some(&nonce), LAPTOP), Err(NonceError::Unknown));
+        assert_eq!(n.consume(Some("made-up"), LAPTOP), Err(NonceError::Unknown));
+        assert_eq!(n.consume(None, LAPTOP), Err(NonceError::Missing));
+    }
+
+    #[test]
+    fn an_expired_nonce_is_refused_and_devices_hold_few() {
+        let n = Nonces::new(Duration::ZERO);
+        let nonce = n.issue(LAPTOP).unwrap();
+        assert_eq!(n.consume(Some(&nonce), LAPTOP), Err(NonceError::Expired));
+        let n = Nonces::new(Duration::from_secs(300));
+        for _ in 0..PER_DEVICE {
+            n.issue(LAPTOP).unwrap();
+        }
+        assert_eq!(n.issue(LAPTOP), Err(NonceError::TooMany));
+        assert!(n.issue(OTHER).is_ok(), "another device is not held back");
+    }
+}

@@ -1,0 +1,382 @@
+//! The issuer's HTTPS service: TLS 1.3 (no resumption, so every request's
+//! device certificate is checked in full), the device certificate checked
+//! by the gateway's own `tls::Bundle` (chain, clientAuth, CRLs along the
+//! path) and identity rules. A client without a certificate may connect
+//! (`GET /v1/config` tells `gateway login` where the provider is), but the
+//! endpoints that issue answer 401 without one.
+//!
+//! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`,
+//! `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::{CertificateRequest, Issuer, Refusal};
+use crate::identity::Identity;
+use crate::tls::bundle::{Bundle, BundleFiles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Tls(String),
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+const MAX_BODY: usize = 64 << 10;
+/// A connection's whole life: a login's requests take well under a second
+/// besides a JWKS fetch (15 s at most).
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
+/// The TLS handshake and each request's headers: a client that sends
+/// nothing gives its slot back soon.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_CONNECTIONS: usize = 256;
+/// Connections one address may hold, so one host cannot take every slot.
+pub const PER_SOURCE: usize = 16;
+
+/// Connections open per source address.
+#[derive(Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in `Sources`, given back when dropped.
+struct SourceSlot(Arc<Sources>, std::net::IpAddr);
+
+impl Sources {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// The device CA's check, as a route's verifier makes it: chain and CRLs by
+/// the bundle, then the leaf must be an identity the gateway can read and
+/// carry a device SAN under the configured prefix.
+#[derive(Debug)]
+struct DeviceVerifier {
+    bundle: Bundle,
+    prefix: String,
+}
+
+impl ClientCertVerifier for DeviceVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        // Checked per endpoint, so a missing certificate gets a clear 401
+        // rather than an alert (see the module comment).
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.bundle.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.bundle.verify(end_entity, intermediates, now)?;
+        let id = Identity::from_leaf(end_entity)
+            .map_err(|_| Error::InvalidCertificate(CertificateError::NotValidForName))?;
+        self.bundle
+            .admits_uris(&id.uris)
+            .map_err(|_| Error::InvalidCertificate(CertificateError::NotValidForName))?;
+        if id.device(&self.prefix).is_none() {
+            tracing::info!(identity = %id, "issuer: a certificate without a device SAN refused");
+            return Err(Error::InvalidCertificate(CertificateError::NotValidForName));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.bundle.algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.bundle.algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.bundle.algorithms().supported_schemes()
+    }
+}
+
+/// The TLS acceptor for `config`: its certificate, device mTLS.
+pub fn acceptor(
+    config: &super::config::IssuerConfig,
+) -> Result<tokio_rustls::TlsAcceptor, ServerError> {
+    use crate::tls::certs;
+    let err = |e: &dyn std::fmt::Display| ServerError::Tls(e.to_string());
+    if !config.allow_shared_keys {
+        certs::check_key_private(&config.key).map_err(|e| err(&e))?;
+    }
+    let provider = crate::tls::provider();
+    let files = BundleFiles {
+        ca: config.device_trust.ca.clone(),
+        crls: config.device_trust.crls.clone(),
+        crl_expired: config.device_trust.crl_expired,
+        spiffe_trust_domains: None,
+    };
+    let bundle = Bundle::load(
+        "issuer device_trust".into(),
+        &files,
+        provider.signature_verification_algorithms,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .map_err(|e| err(&e))?;
+    let verifier = Arc::new(DeviceVerifier {
+        bundle,
+        prefix: config.device_san_prefix.clone(),
+    });
+    let chain = certs::load_certs(&config.cert).map_err(|e| err(&e))?;
+    let key = certs::load_key(&config.key).map_err(|e| err(&e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| err(&format!("{}: {e}", config.cert.display())))?;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+}
+
+/// Binds `config.listen`.
+pub async fn bind(config: &super::config::IssuerConfig) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// The acceptor in service; `reload` swaps in one built from the files
+/// as they are now (the device CA and its CRLs, the issuer's certificate).
+pub type Acceptor = Arc<arc_swap::ArcSwap<tokio_rustls::TlsAcceptor>>;
+
+/// Builds the acceptor again and swaps it in; on failure the one in
+/// service stays and the error is returned (never serve without the
+/// device check).
+pub fn reload(config: &super::config::IssuerConfig, current: &Acceptor) -> Result<(), ServerError> {
+    let fresh = acceptor(config)?;
+    current.store(Arc::new(fresh));
+    Ok(())
+}
+
+/// Serves until `stop`. Each connection takes the acceptor in service
+/// when it is accepted.
+pub async fn serve(
+    listener: TcpListener,
+    acceptor: Acceptor,
+    issuer: Arc<Issuer>,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let sources = Arc::new(Sources::default());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "issuer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(source) = sources.take(peer.ip()) else {
+            tracing::warn!(%peer, "issuer: this address holds {PER_SOURCE} connections; refused");
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "issuer: all connection slots busy; refused");
+            continue;
+        };
+        let (acceptor, issuer) = (acceptor.load_full(), issuer.clone());
+        tokio::spawn(async move {
+            let _slot = (slot, source);
+            let served = tokio::time::timeout(CONNECTION_DEADLINE, async {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::info!(%peer, error = %e, "issuer: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%peer, "issuer: no TLS handshake in time; closed");
+                        return;
+                    }
+                };
+                let device = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| Identity::from_leaf(leaf).ok());
+                let device = Arc::new(device);
+                let service = hyper::service::service_fn(move |req| {
+                    let (issuer, device) = (issuer.clone(), device.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(&issuer, device.as_ref().as_ref(), req).await,
+                        )
+                    }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                {
+                    tracing::debug!(%peer, error = %e, "issuer: connection ended");
+                }
+            })
+            .await;
+            if served.is_err() {
+                tracing::info!(%peer, "issuer: connection cut at its deadline");
+            }
+        });
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
+    reply(status, "application/json", value.to_string())
+}
+
+fn refusal(e: &Refusal) -> Reply {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);
+    json(
+        status,
+        &serde_json::json!({ "error": e.reason(), "message": e.to_string() }),
+    )
+}
+
+async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incoming>) -> Reply {
+    let (parts, body) = req.into_parts();
+    match (parts.method.clone(), parts.uri.path()) {
+        (Method::GET, "/v1/config") => {
+            let c = issuer.config();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "issuer": c.oidc.issuer,
+                    "client_id": c.oidc.client_id,
+                    "scopes": c.oidc.scopes,
+                    "device_san_prefix": c.device_san_prefix,
+                }),
+            )
+        }
+        (Method::POST, "/v1/nonce") => match issuer.nonce(device) {
+            Ok(nonce) => json(StatusCode::OK, &serde_json::json!({ "nonce": nonce })),
+            Err(e) => refusal(&e),
+        },
+        (Method::POST, "/v1/certificate") => {
+            let body = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return refusal(&Refusal::BadRequest(format!("body: {e}"))),
+            };
+            let req: CertificateRequest = match serde_json::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => return refusal(&Refusal::BadRequest(format!("not a request: {e}"))),
+            };
+            match issuer.issue(device, req).await {
+                Ok(answer) => match serde_json::to_value(&answer) {
+                    Ok(v) => json(StatusCode::OK, &v),
+                    Err(e) => refusal(&Refusal::Internal(e.to_string())),
+                },
+                Err(e) => refusal(&e),
+            }
+        }
+        (Method::GET, "/metrics") => {
+            reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(issuer))
+        }
+        (_, "/v1/config" | "/v1/nonce" | "/v1/certificate" | "/metrics") => json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &serde_json::json!({ "error": "method" }),
+        ),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": "not_found" }),
+        ),
+    }
+}
+
+fn metrics(issuer: &Issuer) -> String {
+    let (issued, nonces, refused) = issuer.counters();
+    let mut out = String::new();
+    out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
+    out.push_str("# TYPE gateway_issuer_issued_total counter\n");
+    out.push_str(&format!("gateway_issuer_issued_total {issued}\n"));
+    out.push_str("# HELP gateway_issuer_nonces_total Nonces handed to devices.\n");
+    out.push_str("# TYPE gateway_issuer_nonces_total counter\n");
+    out.push_str(&format!("gateway_issuer_nonces_total {nonces}\n"));
+    out.push_str("# HELP gateway_issuer_refused_total Requests refused, by reason.\n");
+    out.push_str("# TYPE gateway_issuer_refused_total counter\n");
+    for (reason, n) in refused {
+        out.push_str(&format!(
+            "gateway_issuer_refused_total{{reason=\"{reason}\"}} {n}\n"
+        ));
+    }
+    out
+}

@@ -1,0 +1,632 @@
+//! The issuer's decisions, with a real CA directory, real signatures and
+//! a JWKS the test controls (the end-to-end test uses a real provider).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use serde_json::json;
+
+use super::config::IssuerConfig;
+use super::oidc::KeySource;
+use super::*;
+use crate::pki::KeyType;
+use crate::pki::store::{InitSpec, Store};
+
+const ISS: &str = "https://login.example.com";
+const LAPTOP: &str = "spiffe://example.internal/device/laptop-7";
+const OTHER_LAPTOP: &str = "spiffe://example.internal/device/laptop-8";
+
+/// A provider signing key and its JWK.
+struct SigningKey {
+    kid: String,
+    key: EncodingKey,
+    jwk: Jwk,
+}
+
+fn signing_key(kid: &str) -> SigningKey {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let key = EncodingKey::from_ec_der(&pair.serialize_der());
+    let mut jwk = Jwk::from_encoding_key(&key, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some(kid.into());
+    SigningKey {
+        kid: kid.into(),
+        key,
+        jwk,
+    }
+}
+
+/// A JWKS the test can rotate, counting fetches.
+#[derive(Clone, Default)]
+struct TestKeys {
+    jwks: Arc<Mutex<String>>,
+    fetches: Arc<AtomicUsize>,
+}
+
+impl TestKeys {
+    fn set(&self, keys: &[&SigningKey]) {
+        let keys: Vec<&Jwk> = keys.iter().map(|k| &k.jwk).collect();
+        *self.jwks.lock().unwrap() = json!({ "keys": keys }).to_string();
+    }
+}
+
+impl KeySource for TestKeys {
+    fn fetch(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let text = self.jwks.lock().unwrap().clone();
+        Box::pin(async move { Ok(text) })
+    }
+}
+
+fn now() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+fn claims(nonce: &str) -> serde_json::Value {
+    json!({
+        "iss": ISS, "sub": "u-1", "aud": "gateway", "iat": now(), "exp": now() + 300,
+        "nonce": nonce, "email": "alice@example.internal", "email_verified": true,
+        "amr": ["pwd", "otp"],
+    })
+}
+
+fn token(key: &SigningKey, claims: &serde_json::Value) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(key.kid.clone());
+    jsonwebtoken::encode(&header, claims, &key.key).unwrap()
+}
+
+fn csr() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    // Names the CSR asks for are ignored: the issuer decides.
+    let params = rcgen::CertificateParams::new(vec!["ceo.example.internal".into()]).unwrap();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn device(uri: &str) -> Identity {
+    Identity {
+        uris: vec![uri.into()],
+        ..Identity::default()
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    ca_dir: std::path::PathBuf,
+    issuer: Issuer,
+    keys: TestKeys,
+    key: SigningKey,
+}
+
+fn setup(extra_profile: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("sso");
+    Store::open(&ca_dir)
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+cert = "issuer.pem"
+key = "issuer.key"
+ca_dir = "sso"
+device_trust = {{ ca = "devices/ca.pem" }}
+device_san_prefix = "spiffe://example.internal/device/"
+[oidc]
+issuer = "{ISS}"
+client_id = "gateway"
+jwks_refetch_interval = "1s"
+[profile]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{{local}}"
+email_domains = ["example.internal"]
+{extra_profile}
+"#
+    );
+    let config = IssuerConfig::parse(&text, Path::new("issuer.toml"), dir.path()).unwrap();
+    let keys = TestKeys::default();
+    let key = signing_key("k1");
+    keys.set(&[&key]);
+    let issuer = Issuer::new(config, Box::new(keys.clone())).unwrap();
+    Setup {
+        _dir: dir,
+        ca_dir,
+        issuer,
+        keys,
+        key,
+    }
+}
+
+fn request(id_token: String) -> CertificateRequest {
+    CertificateRequest {
+        id_token,
+        csr: csr(),
+        lifetime: None,
+    }
+}
+
+impl Setup {
+    /// A fresh nonce for the laptop and a token carrying it, with `tweak`
+    /// applied to the claims.
+    fn token(&self, tweak: impl FnOnce(&mut serde_json::Value)) -> String {
+        let nonce = self.issuer.nonce(Some(&device(LAPTOP))).unwrap();
+        let mut c = claims(&nonce);
+        tweak(&mut c);
+        token(&self.key, &c)
+    }
+
+    async fn refused(&self, id_token: String) -> Refusal {
+        self.issuer
+            .issue(Some(&device(LAPTOP)), request(id_token))
+            .await
+            .unwrap_err()
+    }
+}
+
+#[tokio::test]
+async fn a_user_on_an_enrolled_device_gets_a_short_lived_certificate_naming_both() {
+    let s = setup("");
+    let answer = s
+        .issuer
+        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let id = Identity::from_leaf(&leaf).unwrap();
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert_eq!(
+        id.uris,
+        vec!["spiffe://example.internal/user/alice", LAPTOP],
+        "the user's URI and the device's, nothing the CSR asked for"
+    );
+    assert!(id.dns.is_empty(), "the CSR's DNS name is not signed");
+    assert_eq!(id.device("spiffe://example.internal/device/"), Some(LAPTOP));
+    let lifetime = id.not_after - now() as i64;
+    assert!(
+        (8 * 3600 - 60..=8 * 3600).contains(&lifetime),
+        "the default 8h, got {lifetime}s"
+    );
+    // Recorded, so `gateway pki revoke` finds the serial.
+    let store = Store::open(&s.ca_dir);
+    assert!(
+        store
+            .index()
+            .unwrap()
+            .issued
+            .iter()
+            .any(|e| e.serial == answer.serial)
+    );
+    store.revoke(&answer.serial).unwrap();
+    assert_eq!(s.issuer.counters().0, 1);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_each_with_its_reason() {
+    let s = setup("");
+    type Tweak = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Tweak, &str)> = vec![
+        (
+            "expired",
+            Box::new(|c| {
+                c["iat"] = json!(now() - 400);
+                c["exp"] = json!(now() - 100);
+            }),
+            "token_expired",
+        ),
+        (
+            "wrong audience",
+            Box::new(|c| c["aud"] = json!("someone-else")),
+            "token_audience",
+        ),
+        (
+            "several audiences without azp",
+            Box::new(|c| c["aud"] = json!(["gateway", "other"])),
+            "token_audience",
+        ),
+        (
+            "wrong issuer",
+            Box::new(|c| c["iss"] = json!("https://evil.example.com")),
+            "token_issuer",
+        ),
+        (
+            "not yet valid",
+            Box::new(|c| c["nbf"] = json!(now() + 300)),
+            "token_not_yet_valid",
+        ),
+        (
+            "too old",
+            Box::new(|c| c["iat"] = json!(now() - 3600)),
+            "token_expired",
+        ),
+        ("no MFA", Box::new(|c| c["amr"] = json!(["pwd"])), "no_mfa"),
+        (
+            "no amr at all",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("amr");
+            }),
+            "no_mfa",
+        ),
+        (
+            "email not verified",
+            Box::new(|c| c["email_verified"] = json!(false)),
+            "user_not_mapped",
+        ),
+        (
+            "another domain",
+            Box::new(|c| c["email"] = json!("mallory@example.com")),
+            "user_not_mapped",
+        ),
+        (
+            "a local part no rule can name",
+            Box::new(|c| c["email"] = json!("a/b@example.internal")),
+            "user_not_mapped",
+        ),
+        (
+            "no nonce",
+            Box::new(|c| {
+                c.as_object_mut().unwrap().remove("nonce");
+            }),
+            "nonce",
+        ),
+        (
+            "a nonce never issued",
+            Box::new(|c| c["nonce"] = json!("made-up")),
+            "nonce",
+        ),
+    ];
+    for (i, (what, tweak, reason)) in cases.into_iter().enumerate() {
+        // A device each: refusals before the nonce is checked leave it
+        // outstanding, and a device holds only a few.
+        let laptop = device(&format!("spiffe://example.internal/device/case-{i}"));
+        let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+        let mut c = claims(&nonce);
+        tweak(&mut c);
+        let e = s
+            .issuer
+            .issue(Some(&laptop), request(token(&s.key, &c)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), reason, "{what}: {e}");
+    }
+    assert_eq!(s.issuer.counters().0, 0, "nothing issued");
+}
+
+#[tokio::test]
+async fn a_tampered_signature_and_unsigned_or_hmac_tokens_are_refused() {
+    let s = setup("");
+    let good = s.token(|_| {});
+    // Another payload under the original signature.
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let forged = token(&s.key, &{
+        let mut c = claims("x");
+        c["email"] = json!("ceo@example.internal");
+        c
+    });
+    parts[1] = forged.split('.').nth(1).unwrap().to_owned();
+    let e = s.refused(parts.join(".")).await;
+    assert_eq!(e.reason(), "token_signature", "{e}");
+    // HS256 "signed" with the public JWK's bytes, and alg none.
+    let hmac = jsonwebtoken::encode(
+        &Header {
+            kid: Some("k1".into()),
+            ..Header::new(Algorithm::HS256)
+        },
+        &claims("x"),
+        &EncodingKey::from_secret(b"public").unwrap(),
+    )
+    .unwrap();
+    let e = s.refused(hmac).await;
+    assert_eq!(e.reason(), "token_algorithm", "{e}");
+    let none = format!(
+        "{}.{}.",
+        "eyJhbGciOiJub25lIiwia2lkIjoiazEifQ", // {"alg":"none","kid":"k1"}
+        good.split('.').nth(1).unwrap()
+    );
+    let e = s.refused(none).await;
+    assert!(
+        matches!(e.reason(), "token_malformed" | "token_algorithm"),
+        "{e}"
+    );
+    // The good one still works: the refusals consumed nothing of it.
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(good))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_token_is_used_once_and_only_from_the_device_that_asked() {
+    let s = setup("");
+    let t = s.token(|_| {});
+    let e = s
+        .issuer
+        .issue(Some(&device(OTHER_LAPTOP)), request(t.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Refusal::Nonce(NonceError::OtherDevice)), "{e}");
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(t.clone()))
+        .await
+        .unwrap();
+    let e = s.refused(t).await;
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::Unknown)),
+        "replay: {e}"
+    );
+    let e = s
+        .issuer
+        .issue(None, request(s.token(|_| {})))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Refusal::NoDevice), "{e}");
+    assert_eq!(e.status(), 401);
+    assert!(e.to_string().contains("device certificate is required"));
+    let not_a_device = device("spiffe://example.internal/user/alice");
+    assert!(matches!(
+        s.issuer.nonce(Some(&not_a_device)),
+        Err(Refusal::NoDevice)
+    ));
+}
+
+#[tokio::test]
+async fn lifetimes_are_capped_and_an_acr_can_stand_for_mfa() {
+    let s = setup("max_lifetime = \"10h\"\nrequire_acr = [\"urn:mfa\"]");
+    let mut r = request(s.token(|_| {}));
+    r.lifetime = Some("11h".into());
+    let e = s.issuer.issue(Some(&device(LAPTOP)), r).await.unwrap_err();
+    assert_eq!(e.reason(), "lifetime", "{e}");
+    let mut r = request(s.token(|c| {
+        c["amr"] = json!(["pwd"]);
+        c["acr"] = json!("urn:mfa");
+    }));
+    r.lifetime = Some("2h".into());
+    let answer = s.issuer.issue(Some(&device(LAPTOP)), r).await.unwrap();
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let left = Identity::from_leaf(&leaf).unwrap().not_after - now() as i64;
+    assert!((7200 - 60..=7200).contains(&left), "{left}");
+}
+
+#[tokio::test]
+async fn the_issuer_follows_key_rotation_without_hammering_the_provider() {
+    let s = setup("");
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    assert_eq!(s.keys.fetches.load(Ordering::SeqCst), 1);
+    // Past the refetch interval (1s here), the provider rotates: a new key signs, the old one is gone.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let k2 = signing_key("k2");
+    s.keys.set(&[&k2]);
+    let nonce = s.issuer.nonce(Some(&device(LAPTOP))).unwrap();
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(token(&k2, &claims(&nonce))))
+        .await
+        .expect("an unknown kid refetches the JWKS");
+    assert_eq!(s.keys.fetches.load(Ordering::SeqCst), 2);
+    // Made-up kids within the refetch interval cost no fetch.
+    for kid in ["k3", "k4", "k5"] {
+        let e = s
+            .issuer
+            .issue(
+                Some(&device(OTHER_LAPTOP)),
+                request(token(&signing_key(kid), &claims("x"))),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "token_unknown_key", "{e}");
+    }
+    assert_eq!(s.keys.fetches.load(Ordering::SeqCst), 2);
+    // And the old key no longer verifies anything.
+    let e = s.refused(s.token(|_| {})).await;
+    assert_eq!(e.reason(), "token_unknown_key", "{e}");
+}
+
+#[tokio::test]
+async fn users_and_devices_are_rate_limited() {
+    let s = setup("");
+    for _ in 0..5 {
+        s.issuer
+            .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+            .await
+            .unwrap();
+    }
+    let e = s.refused(s.token(|_| {})).await;
+    assert_eq!(e.reason(), "rate_limited", "{e}");
+    assert_eq!(e.status(), 429);
+    // The same user from another device is still limited as a user.
+    let nonce = s.issuer.nonce(Some(&device(OTHER_LAPTOP))).unwrap();
+    let e = s
+        .issuer
+        .issue(
+            Some(&device(OTHER_LAPTOP)),
+            request(token(&s.key, &claims(&nonce))),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Refusal::RateLimited {
+                who: "this user",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_whose_signature_does_not_verify_is_refused() {
+    let s = setup("");
+    let mut r = request(s.token(|_| {}));
+    // Change a character inside the last full base64 line: the
+    // signature's bytes.
+    let lines: Vec<&str> = r.csr.lines().collect();
+    let n = lines.len();
+    let mut tampered = lines.clone();
+    let last_full = lines[n - 3].to_owned();
+    let flipped: String = last_full
+        .chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if i == 10 {
+                if c == 'A' { 'B' } else { 'A' }
+            } else {
+                c
+            }
+        })
+        .collect();
+    tampered[n - 3] = &flipped;
+    r.csr = tampered.join("\n");
+    let e = s.issuer.issue(Some(&device(LAPTOP)), r).await.unwrap_err();
+    assert_eq!(e.reason(), "csr", "{e}");
+}
+
+#[tokio::test]
+async fn with_the_device_grant_a_token_without_nonce_is_taken_once() {
+    let s = setup("device_grant = true");
+    let mut c = claims("x");
+    c.as_object_mut().unwrap().remove("nonce");
+    let t = token(&s.key, &c);
+    s.issuer
+        .issue(Some(&device(LAPTOP)), request(t.clone()))
+        .await
+        .unwrap();
+    let e = s.refused(t).await;
+    assert!(matches!(e, Refusal::Nonce(NonceError::Replayed)), "{e}");
+    // A token that has a nonce is still held to it.
+    let e = s.refused(token(&s.key, &claims("made-up"))).await;
+    assert!(matches!(e, Refusal::Nonce(NonceError::Unknown)), "{e}");
+}
+
+#[tokio::test]
+async fn listed_groups_become_uri_sans_and_others_do_not() {
+    let s = setup(
+        "group_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\", \"admins\"]",
+    );
+    let answer = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| {
+                c["groups"] = json!(["everyone", "admins", "../sre", "sre", 7]);
+            })),
+        )
+        .await
+        .unwrap();
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let id = Identity::from_leaf(&leaf).unwrap();
+    assert_eq!(
+        id.uris,
+        vec![
+            "spiffe://example.internal/user/alice",
+            "spiffe://example.internal/group/sre",
+            "spiffe://example.internal/group/admins",
+            LAPTOP,
+        ]
+    );
+    // A token whose groups claim is not a list gets no group, not a refusal.
+    let answer = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["groups"] = json!("sre"))),
+        )
+        .await
+        .unwrap();
+    assert!(
+        !answer.sans.iter().any(|s| s.contains("/group/")),
+        "{:?}",
+        answer.sans
+    );
+}
+
+#[test]
+fn a_signing_key_others_can_read_stops_the_issuer() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = setup("");
+    let key = s.ca_dir.join("intermediate.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = s.issuer.config().clone();
+    let e = Issuer::new(config.clone(), Box::new(s.keys.clone()))
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("intermediate.key"), "{e}");
+    let mut shared = config;
+    shared.allow_shared_keys = true;
+    assert!(Issuer::new(shared, Box::new(s.keys.clone())).is_ok());
+}
+
+/// `gateway issuer` signs into the SSO CA's index while an operator runs
+/// `gateway pki revoke` on it: neither may write back an index without the
+/// other's change.
+#[test]
+fn issuing_and_revoking_at_once_lose_neither_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path());
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let sign = |store: &Store| {
+        store
+            .sign_request("alice", &csr(), &sans, time::Duration::hours(1))
+            .unwrap()
+            .1
+            .serial
+    };
+    let first: Vec<String> = (0..12).map(|_| sign(&store)).collect();
+    let (issued, ()) = std::thread::scope(|s| {
+        let issuing = s.spawn(|| {
+            let store = Store::open(dir.path());
+            (0..24).map(|_| sign(&store)).collect::<Vec<_>>()
+        });
+        let revoking = s.spawn(|| {
+            let store = Store::open(dir.path());
+            for serial in &first {
+                store.revoke(serial).unwrap();
+            }
+        });
+        (issuing.join().unwrap(), revoking.join().unwrap())
+    });
+    let index = store.index().unwrap();
+    for serial in first.iter().chain(&issued) {
+        let entry = index.issued.iter().find(|e| &e.serial == serial);
+        assert!(
+            entry.is_some(),
+            "issued serial {serial} lost from the index"
+        );
+    }
+    for serial in &first {
+        let entry = index.issued.iter().find(|e| &e.serial == serial).unwrap();
+        assert!(entry.revoked_at.is_some(), "revocation of {serial} lost");
+    }
+    assert_eq!(index.issued.len(), 36);
+}
