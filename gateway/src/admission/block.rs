@@ -40,6 +40,11 @@ pub struct Blocked {
     pub level: Level,
     /// None: until removed.
     pub expires: Option<Instant>,
+    /// Kept out of the kernel's copy: a strikes block of a prefix or
+    /// network that held a known source when it was made (decided once
+    /// then, so that a reload does not scan the known table per block
+    /// under the lock every accept takes; attacker review 12, R12-6).
+    pub spares_known: bool,
 }
 
 /// What adding an entry did.
@@ -182,9 +187,17 @@ impl BlockList {
                 reason,
                 level,
                 expires,
+                spares_known: false,
             },
         );
         Added::Yes { displaced }
+    }
+
+    /// Marks the entry for exactly `net` as kept out of the kernel's copy.
+    pub fn spare_known(&mut self, net: &IpNet) {
+        if let Some(b) = self.entries.get_mut(net) {
+            b.spares_known = true;
+        }
     }
 
     /// Removes the entry for exactly `net`; false when there was none.

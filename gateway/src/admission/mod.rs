@@ -677,8 +677,11 @@ impl Admission {
                     reason: BlockReason::Strikes,
                     level,
                     expires: Some(expires),
+                    spares_known: false,
                 };
-                if !spares_known(&entry, &t.sources) {
+                if spares_known(&entry, &t.sources) {
+                    t.blocked.spare_known(&net);
+                } else {
                     kernel.insert(&entry, now);
                 }
                 let strikes = match level {
@@ -727,6 +730,7 @@ impl Admission {
                     reason: BlockReason::Manual,
                     level,
                     expires: ttl.map(|t| now + t),
+                    spares_known: false,
                 });
                 kernel.insert(&entry, now);
                 tracing::info!(%net, ?ttl, "admission: blocked by hand");
@@ -1122,10 +1126,11 @@ impl Drop for Ticket {
     }
 }
 
-/// The block list as a (re)loaded kernel program is given it.
+/// The block list as a (re)loaded kernel program is given it: without the
+/// blocks that spared known sources when they were made.
 fn kernel_list(t: &Tables) -> Vec<Blocked> {
     let mut list = t.blocked.list();
-    list.retain(|b| !spares_known(b, &t.sources));
+    list.retain(|b| !b.spares_known);
     list
 }
 
