@@ -217,14 +217,13 @@ fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
 /// is still one of the listener's trust anchors (the anchor that verified
 /// it is the issuer of the path's top certificate, which the client
 /// sent), none of its certificates is on a CRL of the listener, and a
-/// route's policy allows its identity from `source` now. What it does not
-/// check (signatures, validity): nothing a reload changes.
-pub fn still_admits(
-    listener: &ListenerState,
-    source: IpAddr,
-    proof: &Proof,
-    now: jiff::Timestamp,
-) -> bool {
+/// route's policy allows its identity from `source` at some time. What it
+/// does not check (signatures, validity, the route's time windows):
+/// nothing a reload changes; a judgement at the reload's instant would
+/// forget every client of an office-hours route at each nightly CRL
+/// reload (attacker review 11, R11-1). Its handshakes still judge the
+/// windows.
+pub fn still_admits(listener: &ListenerState, source: IpAddr, proof: &Proof) -> bool {
     let anchored = listener
         .tls
         .trust_anchors()
@@ -241,11 +240,7 @@ pub fn still_admits(
     let allowed = || {
         listener.routes.iter().any(|r| {
             matches!(
-                r.auth.policy.decide(crate::policy::Subject {
-                    identity: &proof.identity,
-                    source,
-                    now,
-                }),
+                r.auth.policy.decide_at_any_time(&proof.identity, source),
                 crate::policy::Verdict::Allow { .. }
             )
         })

@@ -485,27 +485,26 @@ fn r10_11_still_admits_follows_crls_anchors_and_allow_entries() {
     };
     let (f, b) = (proof_of(&frontend.cert_pem), proof_of(&batch.cert_pem));
     let from: IpAddr = "192.0.2.10".parse().unwrap();
-    let now = jiff::Timestamp::now();
     let both = "\"spiffe://example.internal/ns/shop/sa/frontend\", \"dns:batch.example.internal\"";
     // The daily CRL, revoking no one of them.
     let daily = state("ca.pem", &[b"\x01\x02"], both);
-    assert!(still_admits(&daily, from, &f, now));
-    assert!(still_admits(&daily, from, &b, now));
+    assert!(still_admits(&daily, from, &f));
+    assert!(still_admits(&daily, from, &b));
     // A CRL that revokes batch's certificate.
     let revoking = state("ca.pem", &[&batch.serial], both);
-    assert!(still_admits(&revoking, from, &f, now));
-    assert!(!still_admits(&revoking, from, &b, now));
+    assert!(still_admits(&revoking, from, &f));
+    assert!(!still_admits(&revoking, from, &b));
     // Batch taken out of `allow`.
     let narrowed = state(
         "ca.pem",
         &[],
         "\"spiffe://example.internal/ns/shop/sa/frontend\"",
     );
-    assert!(still_admits(&narrowed, from, &f, now));
-    assert!(!still_admits(&narrowed, from, &b, now));
+    assert!(still_admits(&narrowed, from, &f));
+    assert!(!still_admits(&narrowed, from, &b));
     // The CA that issued them no longer trusted.
     let other_ca = state("other.pem", &[], both);
-    assert!(!still_admits(&other_ca, from, &f, now));
+    assert!(!still_admits(&other_ca, from, &f));
 }
 
 /// R10-12 (LOW). Admission keys an identity by its typed names: a URI SAN
