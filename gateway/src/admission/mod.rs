@@ -447,7 +447,8 @@ impl Admission {
     /// stays known: a daily CRL refresh that revokes no one forgets no
     /// one. From now on a handshake judged by an older state makes no one
     /// known (R10-3). Judged outside the tables' lock (every accept takes
-    /// it); gives back how many addresses were forgotten.
+    /// it); gives back how many verifications were refused (an address
+    /// whose other identities' are still admitted stays known, R11-2).
     pub fn revalidate(
         &self,
         generation: u64,
@@ -459,7 +460,10 @@ impl Admission {
             .filter(|(listener, slot, proof)| !still(listener, slot.addr(), proof))
             .map(|(_, slot, proof)| (slot, proof))
             .collect();
-        self.tables().sources.forget(&gone);
+        let settings = self.settings.load();
+        self.tables()
+            .sources
+            .forget(&gone, &settings, Instant::now());
         gone.len()
     }
 
@@ -1136,6 +1140,8 @@ fn spares_known(b: &Blocked, sources: &Sources) -> bool {
 mod review10;
 #[cfg(test)]
 mod review10_pool;
+#[cfg(test)]
+mod review11;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]
