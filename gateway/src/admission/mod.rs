@@ -213,10 +213,10 @@ fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
 }
 
 /// Whether `listener`'s state (after a reload) would admit again a known
-/// source of it, from what verified it (`proof`): an issuer of its chain
-/// is still one of the listener's trust anchors (the anchor that verified
-/// it is the issuer of the path's top certificate, which the client
-/// sent), none of its certificates is on a CRL of the listener, and a
+/// source of it, from what verified it (`proof`): the anchor its verified
+/// path ended at (subject and key) is still one of the listener's trust
+/// anchors, none of the path's certificates is on a CRL of the listener
+/// (certificates the client sent besides the path are not kept), and a
 /// route's policy allows its identity from `source` at some time. What it
 /// does not check (signatures, validity, the route's time windows):
 /// nothing a reload changes; a judgement at the reload's instant would
@@ -224,10 +224,12 @@ fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
 /// reload (attacker review 11, R11-1). Its handshakes still judge the
 /// windows.
 pub fn still_admits(listener: &ListenerState, source: IpAddr, proof: &Proof) -> bool {
-    let anchored = listener
-        .tls
-        .trust_anchors()
-        .any(|(subject, _)| proof.certs.iter().any(|(issuer, _)| issuer == subject));
+    // The very anchor its path ended at, by name and key: a CA re-keyed
+    // under the same name, or a certificate of a trusted CA the client
+    // sent besides its path, keeps no one known (R11-5).
+    let anchored = listener.tls.trust_anchors().any(|(subject, key)| {
+        subject == proof.anchor.0.as_slice() && key == proof.anchor.1.as_slice()
+    });
     let revoked = || {
         listener.tls.crls().any(|c| {
             proof.certs.iter().any(|(issuer, serial)| {

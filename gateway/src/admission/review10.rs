@@ -44,6 +44,7 @@ fn proof(serial: u8) -> Proof {
     Proof {
         identity: crate::identity::Identity::default(),
         certs: vec![(b"test issuer".to_vec(), vec![serial])],
+        ..Proof::default()
     }
 }
 
@@ -480,10 +481,15 @@ fn r10_11_still_admits_follows_crls_anchors_and_allow_entries() {
         let config = crate::Config::parse(&text, &dir.path().join("g.toml"), dir.path()).unwrap();
         crate::state::State::from_config(&config).unwrap().listeners[0].clone()
     };
+    let issued = state("ca.pem", &[], "\"dns:any\"");
     let proof_of = |pem: &str| {
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
         let identity = crate::identity::Identity::from_leaf(&der).unwrap();
-        crate::listener::proof(&identity, &[der])
+        let path = issued
+            .tls
+            .verified_path(&issued.routes[0].auth, &der, &[])
+            .unwrap();
+        crate::listener::proof(&identity, &path)
     };
     let (f, b) = (proof_of(&frontend.cert_pem), proof_of(&batch.cert_pem));
     let from: IpAddr = "192.0.2.10".parse().unwrap();

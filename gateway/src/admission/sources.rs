@@ -531,8 +531,11 @@ const STRANGERS: usize = 8;
 pub struct Proof {
     /// What the routes' policies judge.
     pub identity: crate::identity::Identity,
+    /// The anchor its path ended at: subject (DER name) and key.
+    pub anchor: (Vec<u8>, Vec<u8>),
     /// The issuer (its DER name, as webpki and a CRL spell it) and serial
-    /// of each certificate the client presented, leaf first.
+    /// of each certificate of the verified path, leaf first (at most
+    /// 1 + `MAX_INTERMEDIATES`, whatever else the client sent).
     pub certs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 

@@ -238,6 +238,21 @@ impl ListenerTls {
         })
     }
 
+    /// The path `route`'s bundle verifies for this chain now, if any.
+    #[cfg(test)]
+    pub fn verified_path(
+        &self,
+        route: &RouteAuth,
+        leaf: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Option<bundle::Path> {
+        self.bundle(route.trust.as_deref())
+            .ok()?
+            .verify_path(leaf, intermediates, rustls_pki_types::UnixTime::now())
+            .ok()
+            .map(|(_, path)| path)
+    }
+
     /// Verifies a live connection's client chain again, as its handshake
     /// did but against this (possibly reloaded) state and enforcing. Err
     /// says why the client would be refused now, and whether for
