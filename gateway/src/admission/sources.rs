@@ -750,6 +750,11 @@ pub(super) struct Sources {
     known: Lru<KnownKey, Known>,
     /// Per (listener, identity): its known entries.
     holders: HashMap<(u64, u64), Holder>,
+    /// Per identity: its known entries over all listeners, held to a
+    /// quarter of the table (one certificate allowed on four listeners
+    /// must not flush the clients already served: attacker review 11,
+    /// R11-9).
+    across: HashMap<u64, u32>,
     /// The listeners known entries are of, by their key's hash.
     listeners: HashMap<u64, Arc<str>>,
     /// Exact addresses a reload made known no more, with when they last
@@ -781,6 +786,7 @@ impl Sources {
             networks: Lru::new(n).keeping_gone(),
             known: Lru::new(settings.max_known as usize),
             holders: HashMap::new(),
+            across: HashMap::new(),
             listeners: HashMap::new(),
             formerly: Lru::new(settings.max_known as usize),
             identities: RandomState::new(),
@@ -1346,11 +1352,15 @@ impl Sources {
         if h.queue(key.1, now, net) {
             self.compact(lid, identity);
         }
+        if !present {
+            *self.across.entry(identity).or_default() += 1;
+        }
     }
 
     /// Whether `identity` may hold one more entry on listener `lid`, in
     /// `net`: below its quota (`known_per_identity`, at most a quarter of
-    /// the table; 0: no quota) and below a quarter of that in `net`. Its
+    /// the table; 0: no quota), below a quarter of that in `net`, and
+    /// below a quarter of the table over all listeners (R11-9). Its
     /// entries past `known_for` are forgotten first, oldest first: they
     /// are no longer known, and must not hold the quota. At the quota, the
     /// least recently verified entry of its largest network makes room if
@@ -1371,15 +1381,15 @@ impl Sources {
         if settings.known_per_identity == 0 {
             return true;
         }
-        let quota = settings
-            .known_per_identity
-            .min((settings.max_known / 4).max(1));
+        let part = (settings.max_known / 4).max(1);
+        let quota = settings.known_per_identity.min(part);
         let per_net = (quota / 4).max(1);
         loop {
-            let Some(h) = self.holders.get_mut(&(lid, identity)) else {
-                return true;
-            };
-            let here = h.in_net(&net);
+            let everywhere = self.across.get(&identity).copied().unwrap_or(0);
+            let (entries, here) = self
+                .holders
+                .get(&(lid, identity))
+                .map_or((0, 0), |h| (h.entries, h.in_net(&net)));
             if here >= per_net {
                 // Its network's part: the holder's other addresses there
                 // must not flush its clients (review 7 F5, R10-2).
@@ -1388,8 +1398,16 @@ impl Sources {
                 }
                 continue;
             }
-            if h.entries < quota {
+            if entries < quota && everywhere < part {
                 return true;
+            }
+            if entries < quota {
+                // Its quarter of the table, over all listeners: only its
+                // stale entries here make room.
+                if !self.forget_stale(lid, identity, settings, now) {
+                    return false;
+                }
+                continue;
             }
             if !self.forget_stale(lid, identity, settings, now) {
                 return self.displace(lid, identity, here);
@@ -1409,7 +1427,7 @@ impl Sources {
     ) -> bool {
         loop {
             let Some(h) = self.holders.get_mut(&(lid, identity)) else {
-                return true;
+                return false;
             };
             let Some((addr, at)) = h.order.front().copied() else {
                 return false;
@@ -1485,6 +1503,12 @@ impl Sources {
             return;
         };
         h.lost(net);
+        if let Some(n) = self.across.get_mut(&identity) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.across.remove(&identity);
+            }
+        }
         if h.entries == 0 {
             self.holders.remove(&(lid, identity));
         }
@@ -1650,6 +1674,9 @@ impl Sources {
         }
         if h.queue(key.1, at, net) {
             self.compact(key.0, id);
+        }
+        if !present {
+            *self.across.entry(id).or_default() += 1;
         }
         true
     }
