@@ -213,41 +213,40 @@ fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
 }
 
 /// Whether `listener`'s state (after a reload) would admit again a known
-/// source of it, from what verified it (`proof`): the anchor its verified
-/// path ended at (subject and key) is still one of the listener's trust
-/// anchors, none of the path's certificates is on a CRL of the listener
-/// (certificates the client sent besides the path are not kept), and a
-/// route's policy allows its identity from `source` at some time. What it
+/// source of it, from what verified it (`proof`): a route of the listener
+/// whose bundle still holds the anchor its verified path ended at
+/// (subject and key), whose bundle's `spiffe_trust_domains` admit its
+/// URIs, and whose policy allows its identity from `source` at some time;
+/// and none of the path's certificates on a CRL of the listener
+/// (certificates the client sent besides the path are not kept). What it
 /// does not check (signatures, validity, the route's time windows):
 /// nothing a reload changes; a judgement at the reload's instant would
 /// forget every client of an office-hours route at each nightly CRL
 /// reload (attacker review 11, R11-1). Its handshakes still judge the
-/// windows.
+/// windows. Per route: a client one route's bundle verified is not kept
+/// known by another route's allowing its name (R11-5, R11-7).
 pub fn still_admits(listener: &ListenerState, source: IpAddr, proof: &Proof) -> bool {
-    // The very anchor its path ended at, by name and key: a CA re-keyed
-    // under the same name, or a certificate of a trusted CA the client
-    // sent besides its path, keeps no one known (R11-5).
-    let anchored = listener.tls.trust_anchors().any(|(subject, key)| {
-        subject == proof.anchor.0.as_slice() && key == proof.anchor.1.as_slice()
-    });
-    let revoked = || {
-        listener.tls.crls().any(|c| {
-            proof.certs.iter().any(|(issuer, serial)| {
-                c.crl.issuer() == issuer.as_slice()
-                    // A CRL it cannot read counts as listing it.
-                    && c.crl.find_serial(serial).map_or(true, |r| r.is_some())
-            })
+    let (subject, key) = (proof.anchor.0.as_slice(), proof.anchor.1.as_slice());
+    let revoked = listener.tls.crls().any(|c| {
+        proof.certs.iter().any(|(issuer, serial)| {
+            c.crl.issuer() == issuer.as_slice()
+                // A CRL it cannot read counts as listing it.
+                && c.crl.find_serial(serial).map_or(true, |r| r.is_some())
         })
-    };
-    let allowed = || {
-        listener.routes.iter().any(|r| {
-            matches!(
+    });
+    !revoked
+        && listener.routes.iter().any(|r| {
+            listener.tls.route_bundle(&r.auth).is_some_and(|b| {
+                // The very anchor, by name and key: a CA re-keyed under
+                // the same name keeps no one known (R11-5).
+                b.anchors().iter().any(|a| {
+                    a.subject.as_ref() == subject && a.subject_public_key_info.as_ref() == key
+                }) && b.admits_uris(&proof.identity.uris).is_ok()
+            }) && matches!(
                 r.auth.policy.decide_at_any_time(&proof.identity, source),
                 crate::policy::Verdict::Allow { .. }
             )
         })
-    };
-    anchored && !revoked() && allowed()
 }
 
 /// Every (reason, level) a block is counted by, in the order the metrics

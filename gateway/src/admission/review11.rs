@@ -527,12 +527,13 @@ fn r11_6_a_padded_chain_adds_nothing_to_a_known_slot() {
     assert!(padded < 1_000, "{padded}");
 }
 
-/// R11-7 (LOW; ARCHITECTURE says it, README not). `still_admits` does
-/// not judge a bundle's `spiffe_trust_domains`: a reload narrowing them
-/// (a partner domain withdrawn) keeps known every client whose identity a
-/// handshake now refuses.
+/// R11-7 (LOW, fixed). `still_admits` did not judge a bundle's
+/// `spiffe_trust_domains`: a reload narrowing them (a partner domain
+/// withdrawn) kept known every client whose identity a handshake now
+/// refuses. Now each route is judged with its own bundle: its anchors,
+/// its trust domains, its policy.
 #[test]
-fn r11_7_a_withdrawn_spiffe_trust_domain_keeps_its_clients_known() {
+fn r11_7_a_withdrawn_spiffe_trust_domain_forgets_its_clients() {
     let pki = Pki::new();
     let leaf = pki
         .root
@@ -543,15 +544,18 @@ fn r11_7_a_withdrawn_spiffe_trust_domain_keeps_its_clients_known() {
         .unwrap();
     let chain = [der(&leaf.cert_pem)];
     let allow = "\"spiffe://partner.example/ns/x/sa/y\"";
+    let before = pki.state("ca.pem", allow, "", "");
+    let verified = proof_of(&before, &chain);
+    let from: IpAddr = "192.0.2.10".parse().unwrap();
+    assert!(still_admits(&before, from, &verified));
     let after = pki.state(
         "ca.pem",
         allow,
         "spiffe_trust_domains = [\"example.internal\"]",
         "",
     );
-    let from: IpAddr = "192.0.2.10".parse().unwrap();
     assert!(!handshake_takes(&after, from, &chain));
-    assert!(still_admits(&after, from, &proof_of(&after, &chain)));
+    assert!(!still_admits(&after, from, &verified));
 }
 
 /// R11-8 (LOW). A reload's judgement holds the tables' lock (every

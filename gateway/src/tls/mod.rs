@@ -176,6 +176,15 @@ impl ListenerTls {
         }
     }
 
+    /// The bundle `route`'s handshakes verify with (None: a bundle name
+    /// not loaded, which refuses every handshake of the route).
+    pub fn route_bundle(&self, route: &RouteAuth) -> Option<&Arc<Bundle>> {
+        match route.trust.as_deref() {
+            None => Some(&self.default_bundle),
+            Some(n) => self.bundles.get(n),
+        }
+    }
+
     /// Every CRL this listener's bundles enforce.
     pub fn crls(&self) -> impl Iterator<Item = &Arc<crl::Crl>> {
         self.all_bundles().flat_map(|b| b.crls())
