@@ -249,6 +249,9 @@ pub fn still_admits(listener: &ListenerState, source: IpAddr, proof: &Proof) -> 
         })
 }
 
+/// Known slots a reload forgets per hold of the tables' lock.
+const FORGET_CHUNK: usize = 2048;
+
 /// Every (reason, level) a block is counted by, in the order the metrics
 /// list them.
 const BLOCK_KINDS: [(BlockReason, Level); 6] = [
@@ -462,9 +465,25 @@ impl Admission {
             .map(|(_, slot, proof)| (slot, proof))
             .collect();
         let settings = self.settings.load();
-        self.tables()
-            .sources
-            .forget(&gone, &settings, Instant::now());
+        // In chunks, the lock released between them: at `max_known` a
+        // reload withdrawing a CA forgets ~131 072 slots, and every
+        // accept waits for the lock (R11-8). A slot's proofs stay in one
+        // chunk: its refused co-users' go before it falls back on one.
+        let mut rest = gone.as_slice();
+        while !rest.is_empty() {
+            let mut end = rest.len().min(FORGET_CHUNK);
+            while let (Some(a), Some(b)) = (rest.get(end.wrapping_sub(1)), rest.get(end))
+                && a.0 == b.0
+            {
+                end += 1;
+            }
+            let (chunk, more) = rest.split_at(end);
+            self.tables()
+                .sources
+                .forget(chunk, &settings, Instant::now());
+            rest = more;
+        }
+        self.tables().sources.prune_listeners();
         gone.len()
     }
 

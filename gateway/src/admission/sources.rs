@@ -1629,6 +1629,11 @@ impl Sources {
             }
             self.unslot(*key, same);
         }
+    }
+
+    /// Forgets the names of listeners no known entry is of any more (after
+    /// [`Sources::forget`]).
+    pub fn prune_listeners(&mut self) {
         let live: HashSet<u64> = self.known.keys().map(|k| k.0).collect();
         self.listeners.retain(|l, _| live.contains(l));
     }
