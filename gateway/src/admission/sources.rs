@@ -463,7 +463,8 @@ enum Counted {
     /// The exact address that verified: its own limits (review 10,
     /// R10-10: a host of its /64 that never verified does not use them).
     Exact(IpAddr),
-    /// Any other address of a known /64: one count for all of them.
+    /// Any other address of a known /64: one count of handshakes for all
+    /// of them (their strikes are each address's own, `Known::struck`).
     Strangers,
 }
 
