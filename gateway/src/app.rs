@@ -1468,13 +1468,12 @@ impl App {
         // again, and only there: a daily CRL that revokes no one forgets
         // no one (review 7 F8, review 10 R10-1, R10-3, R10-11).
         let listeners = self.registry.listeners();
-        let now = jiff::Timestamp::now();
         let forgotten =
             self.admission
                 .revalidate(self.registry.generation().get(), |name, source, proof| {
                     listeners
                         .get(name)
-                        .is_some_and(|l| crate::admission::still_admits(l, source, proof, now))
+                        .is_some_and(|l| crate::admission::still_admits(l, source, proof))
                 });
         if forgotten > 0 {
             tracing::info!(

@@ -381,8 +381,11 @@ pub struct AdmissionSettings {
     /// least recently verified is forgotten first; 0: none remembered.
     pub max_known: u32,
     /// Of those, the entries one identity (a certificate's names) may
-    /// hold: a new address of an identity at its quota is not
-    /// remembered (its known ones are refreshed as they verify again,
+    /// hold per listener (at most a quarter of `max_known`, over all
+    /// listeners too; a quarter of the quota per /16 or /48): at the
+    /// quota a new address is remembered only in the place of its
+    /// largest network's least recently verified entry, from a network
+    /// holding fewer (its known ones are refreshed as they verify again,
     /// one past `known_for` gives way). One certificate holder cannot
     /// flush the clients already served, of its identity or another's.
     /// 0: no quota.

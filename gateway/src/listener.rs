@@ -165,6 +165,8 @@ struct Conn {
     /// the identity: it leaves for the registry, but its room would stay in
     /// the task.
     verified: Option<Box<crate::tls::bundle::Verified>>,
+    /// The path that verified it (for admission's known sources).
+    path: Option<Box<crate::tls::bundle::Path>>,
     mode: Option<&'static str>,
     sni: Option<String>,
     identity: Option<Vec<String>>,
@@ -192,6 +194,7 @@ impl Conn {
             route: None,
             identity_value: None,
             verified: None,
+            path: None,
             mode: None,
             sni: None,
             identity: None,
@@ -241,22 +244,17 @@ impl Conn {
 }
 
 /// What a known source is judged by at a reload
-/// (`Admission::revalidate`): the identity, and each presented
-/// certificate's issuer and serial, the leaf first; as many as the chain
-/// check looks at, and no more.
+/// (`Admission::revalidate`): the identity, and the path its chain check
+/// verified (its anchor, each of its certificates' issuer and serial),
+/// not what else the client sent (attacker review 11, R11-5, R11-6).
 pub(crate) fn proof(
     identity: &crate::identity::Identity,
-    chain: &[rustls_pki_types::CertificateDer<'_>],
+    path: &crate::tls::bundle::Path,
 ) -> crate::admission::Proof {
-    const LOOKED_AT: usize = 1 + 16;
     crate::admission::Proof {
         identity: identity.clone(),
-        certs: chain
-            .iter()
-            .take(LOOKED_AT)
-            .filter_map(|der| webpki::EndEntityCert::try_from(der).ok())
-            .map(|c| (c.issuer().to_vec(), c.serial().to_vec()))
-            .collect(),
+        anchor: path.anchor.clone(),
+        certs: path.certs.clone(),
     }
 }
 
@@ -349,9 +347,10 @@ fn serve<'a>(
                 .map(crate::identity::Identity::typed_names)
                 .unwrap_or_default();
             let names = serde_json::to_string(&typed).unwrap_or_default();
-            if let Some(identity) = conn.identity_value.as_deref() {
-                let chain = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                known = Some((names.clone(), proof(identity, chain)));
+            if let (Some(identity), Some(path)) =
+                (conn.identity_value.as_deref(), conn.path.as_deref())
+            {
+                known = Some((names.clone(), proof(identity, path)));
             }
             if !ticket.authenticated(&names) {
                 // One identity holds its share of the listener's slots.
@@ -964,6 +963,7 @@ fn judge<T>(
         conn.identity = decision.identity.as_ref().map(|i| i.names());
         conn.identity_value = decision.identity.map(Box::new);
         conn.verified = decision.verified.map(Box::new);
+        conn.path = decision.path.map(Box::new);
     }
     // The audit report's name for the client: its names as the access log
     // lists them; none when no certificate reached the verifier.

@@ -213,45 +213,44 @@ fn exempt(settings: &AdmissionSettings, source: IpAddr) -> bool {
 }
 
 /// Whether `listener`'s state (after a reload) would admit again a known
-/// source of it, from what verified it (`proof`): an issuer of its chain
-/// is still one of the listener's trust anchors (the anchor that verified
-/// it is the issuer of the path's top certificate, which the client
-/// sent), none of its certificates is on a CRL of the listener, and a
-/// route's policy allows its identity from `source` now. What it does not
-/// check (signatures, validity): nothing a reload changes.
-pub fn still_admits(
-    listener: &ListenerState,
-    source: IpAddr,
-    proof: &Proof,
-    now: jiff::Timestamp,
-) -> bool {
-    let anchored = listener
-        .tls
-        .trust_anchors()
-        .any(|(subject, _)| proof.certs.iter().any(|(issuer, _)| issuer == subject));
-    let revoked = || {
-        listener.tls.crls().any(|c| {
-            proof.certs.iter().any(|(issuer, serial)| {
-                c.crl.issuer() == issuer.as_slice()
-                    // A CRL it cannot read counts as listing it.
-                    && c.crl.find_serial(serial).map_or(true, |r| r.is_some())
-            })
+/// source of it, from what verified it (`proof`): a route of the listener
+/// whose bundle still holds the anchor its verified path ended at
+/// (subject and key), whose bundle's `spiffe_trust_domains` admit its
+/// URIs, and whose policy allows its identity from `source` at some time;
+/// and none of the path's certificates on a CRL of the listener
+/// (certificates the client sent besides the path are not kept). What it
+/// does not check (signatures, validity, the route's time windows):
+/// nothing a reload changes; a judgement at the reload's instant would
+/// forget every client of an office-hours route at each nightly CRL
+/// reload (attacker review 11, R11-1). Its handshakes still judge the
+/// windows. Per route: a client one route's bundle verified is not kept
+/// known by another route's allowing its name (R11-5, R11-7).
+pub fn still_admits(listener: &ListenerState, source: IpAddr, proof: &Proof) -> bool {
+    let (subject, key) = (proof.anchor.0.as_slice(), proof.anchor.1.as_slice());
+    let revoked = listener.tls.crls().any(|c| {
+        proof.certs.iter().any(|(issuer, serial)| {
+            c.crl.issuer() == issuer.as_slice()
+                // A CRL it cannot read counts as listing it.
+                && c.crl.find_serial(serial).map_or(true, |r| r.is_some())
         })
-    };
-    let allowed = || {
-        listener.routes.iter().any(|r| {
-            matches!(
-                r.auth.policy.decide(crate::policy::Subject {
-                    identity: &proof.identity,
-                    source,
-                    now,
-                }),
+    });
+    !revoked
+        && listener.routes.iter().any(|r| {
+            listener.tls.route_bundle(&r.auth).is_some_and(|b| {
+                // The very anchor, by name and key: a CA re-keyed under
+                // the same name keeps no one known (R11-5).
+                b.anchors().iter().any(|a| {
+                    a.subject.as_ref() == subject && a.subject_public_key_info.as_ref() == key
+                }) && b.admits_uris(&proof.identity.uris).is_ok()
+            }) && matches!(
+                r.auth.policy.decide_at_any_time(&proof.identity, source),
                 crate::policy::Verdict::Allow { .. }
             )
         })
-    };
-    anchored && !revoked() && allowed()
 }
+
+/// Known slots a reload forgets per hold of the tables' lock.
+const FORGET_CHUNK: usize = 2048;
 
 /// Every (reason, level) a block is counted by, in the order the metrics
 /// list them.
@@ -452,7 +451,8 @@ impl Admission {
     /// stays known: a daily CRL refresh that revokes no one forgets no
     /// one. From now on a handshake judged by an older state makes no one
     /// known (R10-3). Judged outside the tables' lock (every accept takes
-    /// it); gives back how many addresses were forgotten.
+    /// it); gives back how many verifications were refused (an address
+    /// whose other identities' are still admitted stays known, R11-2).
     pub fn revalidate(
         &self,
         generation: u64,
@@ -464,7 +464,26 @@ impl Admission {
             .filter(|(listener, slot, proof)| !still(listener, slot.addr(), proof))
             .map(|(_, slot, proof)| (slot, proof))
             .collect();
-        self.tables().sources.forget(&gone);
+        let settings = self.settings.load();
+        // In chunks, the lock released between them: at `max_known` a
+        // reload withdrawing a CA forgets ~131 072 slots, and every
+        // accept waits for the lock (R11-8). A slot's proofs stay in one
+        // chunk: its refused co-users' go before it falls back on one.
+        let mut rest = gone.as_slice();
+        while !rest.is_empty() {
+            let mut end = rest.len().min(FORGET_CHUNK);
+            while let (Some(a), Some(b)) = (rest.get(end.wrapping_sub(1)), rest.get(end))
+                && a.0 == b.0
+            {
+                end += 1;
+            }
+            let (chunk, more) = rest.split_at(end);
+            self.tables()
+                .sources
+                .forget(chunk, &settings, Instant::now());
+            rest = more;
+        }
+        self.tables().sources.prune_listeners();
         gone.len()
     }
 
@@ -1146,6 +1165,8 @@ fn spares_known(b: &Blocked, sources: &Sources) -> bool {
 mod review10;
 #[cfg(test)]
 mod review10_pool;
+#[cfg(test)]
+mod review11;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]

@@ -475,10 +475,15 @@ fn f6_neighbours_strikes_in_a_shared_known_64_do_not_block_an_innocent_address()
     fail_once(&admission, &pool, innocent);
     assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
     admitted(admission.admit(&pool, 100, 100, innocent, None)).established();
-    // The neighbour's third failure is its own block, not the client's.
+    // The neighbour's third failure from one address is that address's
+    // block, not the client's (review 11 R11-3: each stranger address of
+    // the /64 has its own strikes; a third address alone blocks no one).
     fail_once(&admission, &pool, client("2001:db8:5:5::a3", 1));
+    assert!(admission.blocked().is_empty(), "{:?}", admission.blocked());
+    fail_once(&admission, &pool, client("2001:db8:5:5::a1", 1));
+    fail_once(&admission, &pool, client("2001:db8:5:5::a1", 1));
     let list: Vec<IpNet> = admission.blocked().iter().map(|b| b.net).collect();
-    assert_eq!(list, vec!["2001:db8:5:5::a3/128".parse::<IpNet>().unwrap()]);
+    assert_eq!(list, vec!["2001:db8:5:5::a1/128".parse::<IpNet>().unwrap()]);
     admitted(admission.admit(&pool, 100, 100, innocent, None)).established();
 }
 

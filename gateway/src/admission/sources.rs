@@ -43,7 +43,7 @@
 //! point a window adds up to), and a prefix whose clients keep succeeding
 //! pays its failing ones' points back.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher as _, Hash, RandomState};
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -463,7 +463,8 @@ enum Counted {
     /// The exact address that verified: its own limits (review 10,
     /// R10-10: a host of its /64 that never verified does not use them).
     Exact(IpAddr),
-    /// Any other address of a known /64: one count for all of them.
+    /// Any other address of a known /64: one count of handshakes for all
+    /// of them (their strikes are each address's own, `Known::struck`).
     Strangers,
 }
 
@@ -510,6 +511,20 @@ const EXACT: usize = 4;
 /// by several certificate holders (an office LAN, a node's pods).
 const SLOTS: usize = 8;
 
+/// Other identities' proofs one exact address keeps (the newest that
+/// verified from it before its slot's identity): behind a NAT, a reload
+/// that refuses the last verifier falls back on one of them, so revoking
+/// one co-user does not forget the address for everyone behind it
+/// (attacker review 11, R11-2).
+const CO_USERS: usize = 3;
+
+/// Addresses of a known /64 that never verified there, each with its own
+/// strikes (the least recently struck forgotten first): a strangers'
+/// block falls on an address that failed `block_after` times itself, not
+/// on whichever address struck last (attacker review 11, R11-3: a
+/// neighbour's failures got a known client's rotated address blocked).
+const STRANGERS: usize = 8;
+
 /// What a known address's certificate was verified with: what a reload
 /// needs to tell whether its new trust and policy would still admit it
 /// ([`super::Admission::revalidate`]), without keeping the chain.
@@ -517,8 +532,11 @@ const SLOTS: usize = 8;
 pub struct Proof {
     /// What the routes' policies judge.
     pub identity: crate::identity::Identity,
+    /// The anchor its path ended at: subject (DER name) and key.
+    pub anchor: (Vec<u8>, Vec<u8>),
     /// The issuer (its DER name, as webpki and a CRL spell it) and serial
-    /// of each certificate the client presented, leaf first.
+    /// of each certificate of the verified path, leaf first (at most
+    /// 1 + `MAX_INTERMEDIATES`, whatever else the client sent).
     pub certs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -531,6 +549,9 @@ struct Slot {
     /// The identity it last verified as (a keyed hash of its names).
     identity: u64,
     proof: Arc<Proof>,
+    /// Other identities that verified from the address before
+    /// ([`CO_USERS`], newest first), with when and what verified them.
+    others: Vec<(u64, Instant, Arc<Proof>)>,
     /// Its address's count when the addresses' table has no room.
     tally: Tally,
 }
@@ -542,7 +563,11 @@ struct Slot {
 #[derive(Debug, Clone)]
 struct Known {
     slots: Vec<Slot>,
+    /// The count of its other addresses' handshakes (in flight, rate).
     strangers: Tally,
+    /// Their strikes, per address ([`STRANGERS`], least recently struck
+    /// first).
+    struck: Vec<(IpAddr, Tally)>,
     /// The network its identities' quotas count it in (as of its making).
     net: IpNet,
 }
@@ -586,6 +611,9 @@ impl Known {
         if let Some(s) = self.slots.iter_mut().find(|s| s.addr == source) {
             if s.identity != identity {
                 lost.push(s.identity);
+                s.others.retain(|(id, _, _)| *id != identity);
+                s.others.insert(0, (s.identity, s.at, s.proof.clone()));
+                s.others.truncate(CO_USERS);
                 s.identity = identity;
             }
             s.at = now;
@@ -635,6 +663,7 @@ impl Known {
                 at: now,
                 identity,
                 proof,
+                others: Vec::new(),
                 tally: Tally::new(burst, now),
             };
             match victim.and_then(|i| self.slots.get_mut(i)) {
@@ -657,14 +686,60 @@ impl Known {
 struct Holder {
     entries: u32,
     /// Its entries per network (/16, /48): each gets at most a quarter of
-    /// the identity's quota (review 10 R10-2).
-    per_net: HashMap<IpNet, u32>,
+    /// the identity's quota (review 10 R10-2), with their own queue (as
+    /// `order`) to take the least recently verified from at the quota
+    /// (R11-4).
+    per_net: HashMap<IpNet, (u32, VecDeque<(IpAddr, Instant)>)>,
+    /// Its networks by how many entries each holds: the largest without
+    /// a scan.
+    sizes: BTreeSet<(u32, IpNet)>,
     /// Its entries' keys as they verified, oldest first (near enough: an
     /// entry another identity took a slot of is queued again), each with
     /// when: an item whose entry verified again since is stale, dropped
     /// when met at the front, and the queue is compacted past twice its
     /// entries.
     order: VecDeque<(IpAddr, Instant)>,
+}
+
+impl Holder {
+    fn in_net(&self, net: &IpNet) -> u32 {
+        self.per_net.get(net).map_or(0, |(n, _)| *n)
+    }
+
+    /// One more entry, in `net`.
+    fn gained(&mut self, net: IpNet) {
+        self.entries += 1;
+        let n = self.per_net.entry(net).or_default();
+        self.sizes.remove(&(n.0, net));
+        n.0 += 1;
+        self.sizes.insert((n.0, net));
+    }
+
+    /// One entry less, in `net`.
+    fn lost(&mut self, net: IpNet) {
+        self.entries = self.entries.saturating_sub(1);
+        if let Some(n) = self.per_net.get_mut(&net) {
+            self.sizes.remove(&(n.0, net));
+            n.0 = n.0.saturating_sub(1);
+            if n.0 == 0 {
+                self.per_net.remove(&net);
+            } else {
+                self.sizes.insert((n.0, net));
+            }
+        }
+    }
+
+    /// Its entry `addr` (in `net`) verified at `at`. Whether its queues
+    /// want compacting.
+    fn queue(&mut self, addr: IpAddr, at: Instant, net: IpNet) -> bool {
+        self.order.push_back((addr, at));
+        let mut long = self.order.len() > 2 * self.entries as usize + 8;
+        if let Some((n, q)) = self.per_net.get_mut(&net) {
+            q.push_back((addr, at));
+            long |= q.len() > 2 * *n as usize + 8;
+        }
+        long
+    }
 }
 
 /// Source addresses, prefixes and networks, each in a bounded table (by
@@ -676,6 +751,11 @@ pub(super) struct Sources {
     known: Lru<KnownKey, Known>,
     /// Per (listener, identity): its known entries.
     holders: HashMap<(u64, u64), Holder>,
+    /// Per identity: its known entries over all listeners, held to a
+    /// quarter of the table (one certificate allowed on four listeners
+    /// must not flush the clients already served: attacker review 11,
+    /// R11-9).
+    across: HashMap<u64, u32>,
     /// The listeners known entries are of, by their key's hash.
     listeners: HashMap<u64, Arc<str>>,
     /// Exact addresses a reload made known no more, with when they last
@@ -707,6 +787,7 @@ impl Sources {
             networks: Lru::new(n).keeping_gone(),
             known: Lru::new(settings.max_known as usize),
             holders: HashMap::new(),
+            across: HashMap::new(),
             listeners: HashMap::new(),
             formerly: Lru::new(settings.max_known as usize),
             identities: RandomState::new(),
@@ -1030,16 +1111,28 @@ impl Sources {
         }
     }
 
-    /// The known count of `source` on `listener`, for an address the
-    /// addresses' table cannot hold: its own slot's if it verified from
-    /// there, else its /64's strangers'.
-    fn known_tally(&mut self, listener: &str, source: IpAddr) -> Option<&mut Tally> {
+    /// The known count of `source`'s strikes on `listener`, for an
+    /// address the addresses' table cannot hold: its own slot's if it
+    /// verified from there, else its own among its /64's strangers
+    /// ([`STRANGERS`]; one not among them takes the place of the least
+    /// recently struck).
+    fn known_tally(&mut self, listener: &str, source: IpAddr, now: Instant) -> Option<&mut Tally> {
         let key = (self.listener_key(listener), known_key(source));
         let k = self.known.get_mut(&key)?;
-        match k.slots.iter().position(|s| s.addr == source) {
-            Some(i) => k.slots.get_mut(i).map(|s| &mut s.tally),
-            None => Some(&mut k.strangers),
+        if let Some(i) = k.slots.iter().position(|s| s.addr == source) {
+            return k.slots.get_mut(i).map(|s| &mut s.tally);
         }
+        let t = match k.struck.iter().position(|(a, _)| *a == source) {
+            Some(i) => k.struck.remove(i).1,
+            None => {
+                if k.struck.len() >= STRANGERS {
+                    k.struck.remove(0);
+                }
+                Tally::new(0, now)
+            }
+        };
+        k.struck.push((source, t));
+        k.struck.last_mut().map(|(_, t)| t)
     }
 
     /// Adds a strike against `source`'s groups from level `from` up (from
@@ -1083,7 +1176,7 @@ impl Sources {
             let tracked = self.tally(level, source, settings, now).is_some();
             let t = match (tracked, level) {
                 (true, _) => self.tally(level, source, settings, now),
-                (false, Level::Address) => self.known_tally(listener, source),
+                (false, Level::Address) => self.known_tally(listener, source, now),
                 (false, _) => continue,
             };
             // Untracked, it has no count of what it lent: it lends
@@ -1144,7 +1237,7 @@ impl Sources {
         let t = if tracked {
             self.tally(Level::Address, source, settings, now)
         } else {
-            self.known_tally(listener, source)
+            self.known_tally(listener, source, now)
         };
         let Some(t) = t else { return false };
         t.roll_window(settings.block_window, now);
@@ -1232,6 +1325,7 @@ impl Sources {
             || Known {
                 slots: Vec::new(),
                 strangers: Tally::new(burst, now),
+                struck: Vec::new(),
                 net,
             },
             |_| false,
@@ -1254,21 +1348,29 @@ impl Sources {
         }
         let h = self.holders.entry((lid, identity)).or_default();
         if !present {
-            h.entries += 1;
-            *h.per_net.entry(net).or_default() += 1;
+            h.gained(net);
         }
-        h.order.push_back((key.1, now));
-        if h.order.len() > 2 * h.entries as usize + 8 {
+        if h.queue(key.1, now, net) {
             self.compact(lid, identity);
+        }
+        if !present {
+            *self.across.entry(identity).or_default() += 1;
         }
     }
 
-    /// Whether `identity` holds fewer entries on listener `lid` than its
-    /// quota (`known_per_identity`, at most a quarter of the table; 0: no
-    /// quota), and fewer in `net` than a quarter of that. Its entries past
-    /// `known_for` are forgotten first, oldest first: they are no longer
-    /// known, and must not hold the quota. Running counts: O(1) but for
-    /// what it forgets (review 10 R10-9).
+    /// Whether `identity` may hold one more entry on listener `lid`, in
+    /// `net`: below its quota (`known_per_identity`, at most a quarter of
+    /// the table; 0: no quota), below a quarter of that in `net`, and
+    /// below a quarter of the table over all listeners (R11-9). Its
+    /// entries past `known_for` are forgotten first, oldest first: they
+    /// are no longer known, and must not hold the quota. At the quota, the
+    /// least recently verified entry of its largest network makes room if
+    /// that network holds at least two more than `net` (max-min fairness
+    /// across networks: one holder of a shared identity in four networks
+    /// cannot squat the quota, attacker review 11 R11-4, and a network
+    /// holding no more than the newcomer's is never flushed, so a holder
+    /// cannot flush a network it is not in beyond an equal share). Running
+    /// counts and one pass over its queue at most (review 10 R10-9).
     fn has_room(
         &mut self,
         lid: u64,
@@ -1280,33 +1382,101 @@ impl Sources {
         if settings.known_per_identity == 0 {
             return true;
         }
-        let quota = settings
-            .known_per_identity
-            .min((settings.max_known / 4).max(1));
+        let part = (settings.max_known / 4).max(1);
+        let quota = settings.known_per_identity.min(part);
         let per_net = (quota / 4).max(1);
-        let full =
-            |h: &Holder| h.entries >= quota || h.per_net.get(&net).copied().unwrap_or(0) >= per_net;
         loop {
-            let Some(h) = self.holders.get_mut(&(lid, identity)) else {
-                return true;
-            };
-            if !full(h) {
+            let everywhere = self.across.get(&identity).copied().unwrap_or(0);
+            let (entries, here) = self
+                .holders
+                .get(&(lid, identity))
+                .map_or((0, 0), |h| (h.entries, h.in_net(&net)));
+            if here >= per_net {
+                // Its network's part: the holder's other addresses there
+                // must not flush its clients (review 7 F5, R10-2).
+                if !self.forget_stale(lid, identity, settings, now) {
+                    return false;
+                }
+                continue;
+            }
+            if entries < quota && everywhere < part {
                 return true;
             }
+            if entries < quota {
+                // Its quarter of the table, over all listeners: only its
+                // stale entries here make room.
+                if !self.forget_stale(lid, identity, settings, now) {
+                    return false;
+                }
+                continue;
+            }
+            if !self.forget_stale(lid, identity, settings, now) {
+                return self.displace(lid, identity, here);
+            }
+        }
+    }
+
+    /// Forgets `identity`'s oldest entry on `lid` if past `known_for`
+    /// (dropping stale queue items on the way); false if its oldest is
+    /// still known (so are the others) or it has none.
+    fn forget_stale(
+        &mut self,
+        lid: u64,
+        identity: u64,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        loop {
+            let Some(h) = self.holders.get_mut(&(lid, identity)) else {
+                return false;
+            };
             let Some((addr, at)) = h.order.front().copied() else {
                 return false;
             };
             let key = (lid, addr);
             let last = self.known.get(&key).and_then(|k| k.last_of(identity));
             if last == Some(at) && now.saturating_duration_since(at) <= settings.known_for {
-                // Its oldest entry is still known: so are the others.
                 return false;
             }
             h.order.pop_front();
             if last == Some(at) {
                 self.unslot(key, |s| s.identity == identity);
+                return true;
             }
         }
+    }
+
+    /// At its quota, `identity` (with `here` entries in the newcomer's
+    /// network) gives up the least recently verified entry of its largest
+    /// network, if that holds at least two more than `here`.
+    fn displace(&mut self, lid: u64, identity: u64, here: u32) -> bool {
+        let known = &self.known;
+        let Some(h) = self.holders.get_mut(&(lid, identity)) else {
+            return true;
+        };
+        let Some((most, big)) = h.sizes.last().copied() else {
+            return false;
+        };
+        if most < here.saturating_add(2) {
+            return false;
+        }
+        let Some((_, q)) = h.per_net.get_mut(&big) else {
+            return false;
+        };
+        // Its queue's front, past the stale items (dropped: amortised).
+        let victim = loop {
+            let Some((addr, at)) = q.pop_front() else {
+                return false;
+            };
+            if known
+                .get(&(lid, addr))
+                .is_some_and(|k| k.last_of(identity) == Some(at))
+            {
+                break addr;
+            }
+        };
+        self.unslot((lid, victim), |s| s.identity == identity);
+        true
     }
 
     /// Keeps of `identity`'s queue only the items that are its entries'
@@ -1316,11 +1486,16 @@ impl Sources {
             return;
         };
         let known = &self.known;
-        let mut seen = HashSet::new();
-        h.order.retain(|(addr, at)| {
+        let latest = |addr: &IpAddr, at: &Instant, seen: &mut HashSet<IpAddr>| {
             known.get(&(lid, *addr)).and_then(|k| k.last_of(identity)) == Some(*at)
                 && seen.insert(*addr)
-        });
+        };
+        let mut seen = HashSet::new();
+        h.order.retain(|(addr, at)| latest(addr, at, &mut seen));
+        for (_, q) in h.per_net.values_mut() {
+            let mut seen = HashSet::new();
+            q.retain(|(addr, at)| latest(addr, at, &mut seen));
+        }
     }
 
     /// `identity` no longer holds a slot of an entry in `net`.
@@ -1328,11 +1503,11 @@ impl Sources {
         let Some(h) = self.holders.get_mut(&(lid, identity)) else {
             return;
         };
-        h.entries = h.entries.saturating_sub(1);
-        if let Some(n) = h.per_net.get_mut(&net) {
+        h.lost(net);
+        if let Some(n) = self.across.get_mut(&identity) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                h.per_net.remove(&net);
+                self.across.remove(&identity);
             }
         }
         if h.entries == 0 {
@@ -1382,11 +1557,10 @@ impl Sources {
         match self.known.get(&key).and_then(|k| k.last_of(identity)) {
             None => self.lose(key.0, identity, net),
             Some(at) => {
-                if let Some(h) = self.holders.get_mut(&(key.0, identity)) {
-                    h.order.push_back((key.1, at));
-                    if h.order.len() > 2 * h.entries as usize + 8 {
-                        self.compact(key.0, identity);
-                    }
+                if let Some(h) = self.holders.get_mut(&(key.0, identity))
+                    && h.queue(key.1, at, net)
+                {
+                    self.compact(key.0, identity);
                 }
             }
         }
@@ -1403,32 +1577,114 @@ impl Sources {
             .iter()
             .flat_map(|(key, k)| {
                 let name = names.get(&key.0).cloned();
-                k.slots.iter().filter_map(move |s| {
-                    Some((name.clone()?, SlotRef(*key, s.addr), s.proof.clone()))
+                k.slots.iter().flat_map(move |s| {
+                    let name = name.clone();
+                    std::iter::once(&s.proof)
+                        .chain(s.others.iter().map(|(_, _, p)| p))
+                        .filter_map(move |p| {
+                            Some((name.clone()?, SlotRef(*key, s.addr), p.clone()))
+                        })
                 })
             })
             .collect()
     }
 
-    /// Forgets the slots a reload judged no longer trusted or allowed (the
-    /// same verification it judged: one made since stays).
-    pub fn forget(&mut self, gone: &[(SlotRef, Arc<Proof>)]) {
+    /// Forgets the proofs a reload judged no longer trusted or allowed
+    /// (the same verification it judged: one made since stays). A slot
+    /// whose proof goes falls back on its newest co-user's still admitted
+    /// (within `known_for` and its identity's quota), else is forgotten.
+    pub fn forget(
+        &mut self,
+        gone: &[(SlotRef, Arc<Proof>)],
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
+        // The co-users' refused proofs first: a slot falls back only on
+        // one still admitted.
+        for (SlotRef(key, addr), proof) in gone {
+            if let Some(s) = self
+                .known
+                .get_mut(key)
+                .and_then(|k| k.slots.iter_mut().find(|s| s.addr == *addr))
+            {
+                s.others.retain(|(_, _, p)| !Arc::ptr_eq(p, proof));
+            }
+        }
         for (SlotRef(key, addr), proof) in gone {
             let same = |s: &Slot| s.addr == *addr && Arc::ptr_eq(&s.proof, proof);
-            let at = self
+            let Some((at, was, next)) = self
                 .known
                 .get(key)
                 .and_then(|k| k.slots.iter().find(|s| same(s)))
-                .map(|s| s.at);
-            if let Some(at) = at
-                && let Some(v) = self.formerly.entry(&(key.0, *addr), || at, |_| true)
+                .map(|s| (s.at, s.identity, s.others.first().cloned()))
+            else {
+                continue;
+            };
+            if let Some((id, then, p)) = next
+                && self.takes_over(*key, *addr, was, (id, then, p), settings, now)
             {
+                continue;
+            }
+            if let Some(v) = self.formerly.entry(&(key.0, *addr), || at, |_| true) {
                 *v = at;
             }
             self.unslot(*key, same);
         }
+    }
+
+    /// Forgets the names of listeners no known entry is of any more (after
+    /// [`Sources::forget`]).
+    pub fn prune_listeners(&mut self) {
         let live: HashSet<u64> = self.known.keys().map(|k| k.0).collect();
         self.listeners.retain(|l, _| live.contains(l));
+    }
+
+    /// Slot `addr` of entry `key`, whose proof (of identity `was`) a
+    /// reload refused, is held by its newest co-user's (`next`) instead:
+    /// only within `known_for` and the co-user identity's quota.
+    fn takes_over(
+        &mut self,
+        key: KnownKey,
+        addr: IpAddr,
+        was: u64,
+        next: (u64, Instant, Arc<Proof>),
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
+        let (id, at, proof) = next;
+        if now.saturating_duration_since(at) > settings.known_for {
+            return false;
+        }
+        let Some((net, present)) = self.known.get(&key).map(|k| (k.net, k.holds(id))) else {
+            return false;
+        };
+        if !present && !self.has_room(key.0, id, net, settings, now) {
+            return false;
+        }
+        // `has_room` may have forgotten stale slots: looked up again.
+        let Some(s) = self.known.get_mut(&key).and_then(|k| {
+            k.slots
+                .iter_mut()
+                .find(|s| s.addr == addr && s.identity == was)
+        }) else {
+            return false;
+        };
+        s.others.retain(|(o, _, _)| *o != id);
+        s.identity = id;
+        s.at = at;
+        s.proof = proof;
+        self.moved(key, was, net);
+        let h = self.holders.entry((key.0, id)).or_default();
+        if !present {
+            h.gained(net);
+        }
+        if h.queue(key.1, at, net) {
+            self.compact(key.0, id);
+        }
+        if !present {
+            *self.across.entry(id).or_default() += 1;
+        }
+        true
     }
 
     /// Whether an address in `net` verified (in the known table, lately

@@ -81,6 +81,20 @@ pub struct Verified {
     pub crl_next_update: Option<i64>,
 }
 
+/// The path a successful check verified, as admission keeps it for a
+/// known source (`admission::Proof`): the anchor it ended at (subject and
+/// key: a CA re-keyed under the same name is another anchor) and each of
+/// its certificates' issuer and serial, the leaf first; at most
+/// 1 + [`MAX_INTERMEDIATES`] of them, whatever else the client sent
+/// (attacker review 11, R11-5, R11-6).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Path {
+    /// The anchor's subject (DER name) and SubjectPublicKeyInfo.
+    pub anchor: (Vec<u8>, Vec<u8>),
+    /// Issuer (DER name, as a CRL spells it) and serial, leaf first.
+    pub certs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
 impl Bundle {
     /// Loads the anchors and CRLs; `algorithms` verify signatures (the
     /// gateway's remember CA signatures, see `remember`).
@@ -214,6 +228,16 @@ impl Bundle {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<Verified, Error> {
+        self.verify_path(leaf, intermediates, now).map(|(v, _)| v)
+    }
+
+    /// As [`Bundle::verify`], with the path it verified.
+    pub fn verify_path(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(Verified, Path), Error> {
         let intermediates = &path_candidates(intermediates).inspect_err(|why| {
             tracing::debug!(reason = %why, "client chain refused");
         })?;
@@ -252,7 +276,7 @@ impl Bundle {
         now: UnixTime,
         depth: RevocationCheckDepth,
         unknown: UnknownStatusPolicy,
-    ) -> Result<Verified, Error> {
+    ) -> Result<(Verified, Path), Error> {
         let crls: Vec<&CertRevocationList<'_>> = self.crls.iter().map(|c| &c.crl).collect();
         let expiration = match self.crl_expired {
             CrlExpired::Refuse => ExpirationPolicy::Enforce,
@@ -306,10 +330,27 @@ impl Bundle {
             CrlExpired::Warn => None,
         };
         let ca_not_after = earliest_not_after(path.intermediate_certificates().map(|ca| ca.der()))?;
-        Ok(Verified {
-            ca_not_after,
-            crl_next_update,
-        })
+        let anchor = path.anchor();
+        let ids = Path {
+            anchor: (
+                anchor.subject.as_ref().to_vec(),
+                anchor.subject_public_key_info.as_ref().to_vec(),
+            ),
+            certs: std::iter::once((ee.issuer(), ee.serial()))
+                .chain(
+                    path.intermediate_certificates()
+                        .map(|ca| (ca.issuer(), ca.serial())),
+                )
+                .map(|(issuer, serial)| (issuer.to_vec(), serial.to_vec()))
+                .collect(),
+        };
+        Ok((
+            Verified {
+                ca_not_after,
+                crl_next_update,
+            },
+            ids,
+        ))
     }
 }
 

@@ -176,6 +176,15 @@ impl ListenerTls {
         }
     }
 
+    /// The bundle `route`'s handshakes verify with (None: a bundle name
+    /// not loaded, which refuses every handshake of the route).
+    pub fn route_bundle(&self, route: &RouteAuth) -> Option<&Arc<Bundle>> {
+        match route.trust.as_deref() {
+            None => Some(&self.default_bundle),
+            Some(n) => self.bundles.get(n),
+        }
+    }
+
     /// Every CRL this listener's bundles enforce.
     pub fn crls(&self) -> impl Iterator<Item = &Arc<crl::Crl>> {
         self.all_bundles().flat_map(|b| b.crls())
@@ -236,6 +245,21 @@ impl ListenerTls {
             source,
             decision,
         })
+    }
+
+    /// The path `route`'s bundle verifies for this chain now, if any.
+    #[cfg(test)]
+    pub fn verified_path(
+        &self,
+        route: &RouteAuth,
+        leaf: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+    ) -> Option<bundle::Path> {
+        self.bundle(route.trust.as_deref())
+            .ok()?
+            .verify_path(leaf, intermediates, rustls_pki_types::UnixTime::now())
+            .ok()
+            .map(|(_, path)| path)
     }
 
     /// Verifies a live connection's client chain again, as its handshake

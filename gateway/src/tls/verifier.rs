@@ -41,6 +41,9 @@ pub struct Decision {
     pub problem: Option<CertProblem>,
     /// What the chain check learned (see `bundle::Verified`).
     pub verified: Option<Verified>,
+    /// The path the chain check verified (what a reload judges a known
+    /// source by).
+    pub path: Option<super::bundle::Path>,
     /// The client's CertificateVerify signature verified with the
     /// certificate's key: `identity` is the peer's, not only named by a
     /// certificate it sent.
@@ -157,7 +160,7 @@ impl ClientCertVerifier for ConnectionVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = match self.chain.verify(end_entity, intermediates, now) {
+        let (verified, path) = match self.chain.verify_path(end_entity, intermediates, now) {
             Ok(v) => v,
             // unknown_ca when it does not chain to the device CA at all.
             Err(e) if self.device => {
@@ -204,6 +207,7 @@ impl ClientCertVerifier for ConnectionVerifier {
             d.identity = Some(identity);
             d.verdict = Some(verdict);
             d.verified = Some(verified);
+            d.path = Some(path);
         });
         Ok(ClientCertVerified::assertion())
     }
