@@ -482,6 +482,12 @@ impl Admission {
                 .sources
                 .forget(chunk, &settings, Instant::now());
             rest = more;
+            // The mutex is not fair: taken again at once, it went back to
+            // this thread chunk after chunk while accepts woke to find it
+            // held (the whole reload's wait, measured). A pause lets them in.
+            if !rest.is_empty() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
         self.tables().sources.prune_listeners();
         gone.len()
