@@ -610,11 +610,20 @@ impl Member {
         let mut registered = self.register(&mut client, lease).await?;
         // Only the document's keys: `<prefix>/config` and
         // `<prefix>/files/` (not the members' records, not a nested
-        // prefix's keys), two watches on one stream.
+        // prefix's keys), two watches on one stream. A watch answer carries
+        // the values, and etcd batches events: a few large files put at
+        // once made one answer bigger than the client's 4 MiB limit, and
+        // the member dropped its connection and served the last good
+        // document until it reconnected. Fragmented answers stay within
+        // etcd's request size; only the fact of a change is read here.
         let (mut watcher, mut stream) = client
             .watch(
                 format!("{}/config", self.host.prefix()),
-                Some(WatchOptions::new().with_start_revision(seen + 1)),
+                Some(
+                    WatchOptions::new()
+                        .with_start_revision(seen + 1)
+                        .with_fragment(),
+                ),
             )
             .await
             .map_err(etcd_error)?;
@@ -624,7 +633,8 @@ impl Member {
                 Some(
                     WatchOptions::new()
                         .with_prefix()
-                        .with_start_revision(seen + 1),
+                        .with_start_revision(seen + 1)
+                        .with_fragment(),
                 ),
             )
             .await
