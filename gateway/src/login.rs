@@ -468,3 +468,39 @@ async fn callback(listener: &tokio::net::TcpListener, state: &str) -> Result<Str
         }
     }
 }
+
+/// Attacks that succeed on the reviewed code (reviews1, see
+/// /work/helpers/s5/reviews1/findings.md): each test asserts the harm.
+#[cfg(test)]
+mod attack_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// F8: `user.key` is written through `.user.key.tmp` opened with
+    /// O_CREAT but neither O_EXCL nor O_NOFOLLOW, so the 0600 mode is only
+    /// applied when the file is new: a tmp file (or symlink) left in the
+    /// output directory by someone else makes the private key readable.
+    #[test]
+    fn attack_a_planted_tmp_file_makes_the_key_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join(".user.key.tmp");
+        std::fs::write(&planted, "").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let key =
+            super::write(dir.path(), "user.key", "-----BEGIN PRIVATE KEY-----", true).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644, "HARM: the private key is world-readable");
+
+        // A symlink is followed: the key lands in the attacker's file.
+        let theirs = dir.path().join("attacker-owned");
+        std::fs::write(&theirs, "").unwrap();
+        std::os::unix::fs::symlink(&theirs, &planted).unwrap();
+        super::write(dir.path(), "user.key", "SECRET", true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "SECRET",
+            "HARM: the key was written through the planted symlink"
+        );
+    }
+}
