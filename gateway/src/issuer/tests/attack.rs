@@ -199,3 +199,133 @@ async fn attack_the_serial_is_the_requesters_choice() {
         "HARM: the index says one of the two is still good (the CRL revokes both)"
     );
 }
+
+/// F7: the issuer's connection slots are taken at accept, before TLS or a
+/// device certificate, and the per-source cap is per exact address: 16
+/// addresses (an IPv6 /64 holds 2^64 of them) hold all 256 slots with
+/// connections that send nothing, and every other client, enrolled or
+/// not, is cut at once. Each held connection lasts 5 s (handshake), or
+/// 30 s without a device certificate by trickling a POST body; the
+/// attacker simply reconnects.
+#[tokio::test]
+async fn attack_sixteen_addresses_take_every_connection_slot() {
+    use tokio::io::AsyncReadExt as _;
+    let Setup { _dir, issuer, .. } = setup("");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server::serve(
+        listener,
+        acceptor,
+        Arc::new(issuer),
+        stop.clone(),
+    ));
+    let connect_from = |last: u8| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        sock.connect(addr).await.unwrap()
+    };
+    // Is a client served? A served one waits for its ClientHello (open);
+    // a refused one is closed at once.
+    let served = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 1];
+        tokio::time::timeout(std::time::Duration::from_millis(500), c.read(&mut buf))
+            .await
+            .is_err()
+    };
+    assert!(
+        served(connect_from(1).await).await,
+        "before: a client is served"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut held = Vec::new();
+    for last in 2..18u8 {
+        for _ in 0..server::PER_SOURCE {
+            held.push(connect_from(last).await);
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !served(connect_from(1).await).await,
+        "HARM: {} silent connections from 16 addresses shut everyone else out",
+        held.len()
+    );
+    stop.cancel();
+}
+
+/// A JWKS source that can be made slow (a provider timing out).
+#[derive(Clone, Default)]
+struct SlowKeys {
+    inner: TestKeys,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeySource for SlowKeys {
+    fn fetch(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        let slow = self.slow.load(Ordering::SeqCst);
+        let text = self.inner.fetch();
+        Box::pin(async move {
+            if slow {
+                tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            }
+            text.await
+        })
+    }
+}
+
+/// F9: the JWKS cache's lock is held across the refetch (discovery and
+/// JWKS, up to 15 s each in service), and even a token whose kid is cached
+/// takes that lock: one made-up kid from one device, while the provider is
+/// slow or unreachable, stalls every user's issuance for the whole fetch
+/// (repeatable once per `jwks_refetch_interval`, within the device's rate).
+#[tokio::test]
+async fn attack_a_made_up_kid_stalls_every_issuance_while_the_provider_is_slow() {
+    let s = setup("");
+    let keys = SlowKeys::default();
+    keys.inner.set(&[&s.key]);
+    let issuer = Issuer::new(s.issuer.config().clone(), Box::new(keys.clone())).unwrap();
+    let good = |d: &str| {
+        let nonce = issuer.nonce(Some(&device(d))).unwrap();
+        token(&s.key, &claims(&nonce))
+    };
+    issuer
+        .issue(Some(&device(LAPTOP)), request(good(LAPTOP)))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    keys.slow.store(true, Ordering::SeqCst);
+    let made_up = {
+        let nonce = issuer.nonce(Some(&device(OTHER_LAPTOP))).unwrap();
+        token(&signing_key("made-up"), &claims(&nonce))
+    };
+    let victim_token = good(LAPTOP);
+    let (other, laptop) = (device(OTHER_LAPTOP), device(LAPTOP));
+    let attack = issuer.issue(Some(&other), request(made_up));
+    let victim = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let t0 = std::time::Instant::now();
+        let r = issuer.issue(Some(&laptop), request(victim_token)).await;
+        (r, t0.elapsed())
+    };
+    let (_, (r, waited)) = tokio::join!(attack, victim);
+    r.unwrap();
+    assert!(
+        waited >= std::time::Duration::from_millis(2500),
+        "HARM: a token with a cached kid waited {waited:?} for another device's made-up kid"
+    );
+}
