@@ -329,3 +329,52 @@ async fn attack_a_made_up_kid_stalls_every_issuance_while_the_provider_is_slow()
         "HARM: a token with a cached kid waited {waited:?} for another device's made-up kid"
     );
 }
+
+/// F10: MFA is read from `amr`/`acr` alone; `auth_time` is neither asked
+/// for (`max_age`) nor checked, so a provider session whose MFA was a
+/// month ago (the `--renew --browser` timer, or a user approving someone
+/// else's device-flow prompt from an open session) keeps minting
+/// "MFA" certificates.
+#[tokio::test]
+async fn attack_a_month_old_mfa_still_counts() {
+    let s = setup("");
+    s.issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["auth_time"] = json!(now() - 30 * 86_400))),
+        )
+        .await
+        .expect("HARM: MFA done 30 days ago accepted");
+}
+
+/// F2: `nonce.rs` says a token "obtained by another device (a user tricked
+/// into completing someone else's device flow) is refused". It is not: in
+/// device-code phishing the attacker's device starts the flow with its own
+/// nonce (`gateway login --device-flow` sends it), the victim approves the
+/// code at the provider, and the token carries the attacker device's nonce.
+/// With a provider that echoes the nonce in the device grant this works
+/// even with `device_grant = false`; with `device_grant = true`, for any
+/// provider.
+#[tokio::test]
+async fn attack_device_code_phishing_yields_the_victims_certificate_on_the_attackers_device() {
+    let s = setup("");
+    let attacker = device(OTHER_LAPTOP);
+    // The attacker's `gateway login --device-flow` asks for a nonce…
+    let nonce = s.issuer.nonce(Some(&attacker)).unwrap();
+    // …the victim (bob, MFA from an open session) enters the attacker's
+    // user code; the provider's token carries the attacker's nonce.
+    let mut c = claims(&nonce);
+    c["email"] = json!("bob@example.internal");
+    c["sub"] = json!("bob");
+    let answer = s
+        .issuer
+        .issue(Some(&attacker), request(token(&s.key, &c)))
+        .await
+        .expect("HARM: bob's certificate for the attacker's device");
+    let id = leaf_identity(&answer);
+    assert_eq!(id.emails, vec!["bob@example.internal"]);
+    assert_eq!(
+        id.device("spiffe://example.internal/device/"),
+        Some(OTHER_LAPTOP)
+    );
+}
