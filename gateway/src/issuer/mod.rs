@@ -64,6 +64,10 @@ pub enum Refusal {
     },
     #[error("lifetime {asked:?} is above this profile's maximum {max:?}")]
     Lifetime { asked: Duration, max: Duration },
+    #[error(
+        "the device certificate runs out at {device_not_after} (seconds since the epoch), in under a minute: renew the device's enrolment first"
+    )]
+    DeviceExpiring { device_not_after: i64 },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("certificate signing request refused: {0}")]
@@ -82,6 +86,7 @@ impl Refusal {
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
+            Refusal::DeviceExpiring { .. } => "device_expiring",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Csr(_) => "csr",
             Refusal::Internal(_) => "internal",
@@ -263,8 +268,16 @@ impl Issuer {
 
     /// The device's name from its verified certificate.
     fn device<'a>(&self, device: Option<&'a Identity>) -> Result<&'a str, Refusal> {
+        self.device_id(device).map(|(_, name)| name)
+    }
+
+    /// The device's certificate and name.
+    fn device_id<'a>(
+        &self,
+        device: Option<&'a Identity>,
+    ) -> Result<(&'a Identity, &'a str), Refusal> {
         device
-            .and_then(|d| d.device(&self.config.device_san_prefix))
+            .and_then(|d| Some((d, d.device(&self.config.device_san_prefix)?)))
             .ok_or(Refusal::NoDevice)
     }
 
@@ -308,7 +321,7 @@ impl Issuer {
         req: CertificateRequest,
         user: &mut Option<String>,
     ) -> Result<CertificateResponse, Refusal> {
-        let device = self.device(device)?;
+        let (device_cert, device) = self.device_id(device)?;
         let profile = &self.config.profile;
         let lifetime = match &req.lifetime {
             None => profile.default_lifetime,
@@ -351,10 +364,27 @@ impl Issuer {
         let cn = email.trim_start_matches("email:").to_owned();
         let life =
             time::Duration::try_from(lifetime).map_err(|e| Refusal::Internal(e.to_string()))?;
+        // Device-bound means no longer than the device: a certificate
+        // carrying the device's SAN past the device's own notAfter would
+        // keep passing routes' `device.trust` after the enrolment ended.
+        let now = time::OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let device_end = time::OffsetDateTime::from_unix_timestamp(device_cert.not_after)
+            .map_err(|e| Refusal::Internal(format!("device notAfter: {e}")))?;
+        let not_after = (now + life).min(device_end);
+        if not_after - now < time::Duration::minutes(1) {
+            return Err(Refusal::DeviceExpiring {
+                device_not_after: device_cert.not_after,
+            });
+        }
+        let bound = crate::pki::store::BoundDevice {
+            uri: device.to_owned(),
+            serial: device_cert.serial.replace(':', "").to_ascii_lowercase(),
+        };
         let (chain, entry) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             store
-                .sign_request(&cn, &req.csr, &sans, life)
+                .sign_request(&cn, &req.csr, &sans, not_after, Some(&bound))
                 .map_err(|e| match e {
                     crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
                     other => Refusal::Internal(other.to_string()),
@@ -367,7 +397,7 @@ impl Issuer {
             user = %cn, device, sub = %claims.sub, iss = %claims.iss,
             amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
             serial = %entry.serial, not_after = %entry.not_after,
-            lifetime_secs = lifetime.as_secs(), sans = ?sans, "certificate issued");
+            lifetime_secs = (not_after - now).whole_seconds(), sans = ?sans, "certificate issued");
         Ok(CertificateResponse {
             certificate: chain,
             ca: self.ca_pem.clone(),

@@ -15,12 +15,13 @@ fn leaf_identity(answer: &CertificateResponse) -> Identity {
     Identity::from_leaf(&leaf).unwrap()
 }
 
-/// F1: the user certificate is "device-bound", but its notAfter is not
-/// capped at the device certificate's: a device whose enrolment ends in
-/// two minutes (or that is revoked a minute later) leaves behind a
-/// certificate carrying its device SAN for the profile's whole lifetime.
+/// F1: a device-bound user certificate ends no later than the device
+/// certificate it is bound to (a device whose enrolment ends in two
+/// minutes gets a two-minute user certificate, not eight hours carrying
+/// its device SAN); one ending in under a minute is refused; and the index
+/// records the device, so `revoke_device` finds its user certificates.
 #[tokio::test]
-async fn attack_user_certificate_outlives_its_device_certificate() {
+async fn a_user_certificate_ends_with_its_device_certificate() {
     let s = setup("");
     let mut dying = device(LAPTOP);
     dying.not_after = now() as i64 + 120;
@@ -33,11 +34,67 @@ async fn attack_user_certificate_outlives_its_device_certificate() {
     let id = leaf_identity(&answer);
     assert_eq!(id.device("spiffe://example.internal/device/"), Some(LAPTOP));
     assert!(
-        id.not_after > dying.not_after + 7 * 3600,
-        "HARM: the user certificate (notAfter {}) outlives the device's ({}) by hours",
+        id.not_after <= dying.not_after,
+        "the user certificate (notAfter {}) must not outlive the device's ({})",
         id.not_after,
         dying.not_after
     );
+
+    dying.not_after = now() as i64 + 30;
+    let nonce = s.issuer.nonce(Some(&dying)).unwrap();
+    let e = s
+        .issuer
+        .issue(Some(&dying), request(token(&s.key, &claims(&nonce))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "device_expiring", "{e}");
+
+    // The lost laptop: every live user certificate bound to it is found
+    // and revoked, another device's is not.
+    let other = s
+        .issuer
+        .issue(
+            Some(&device(OTHER_LAPTOP)),
+            request({
+                let nonce = s.issuer.nonce(Some(&device(OTHER_LAPTOP))).unwrap();
+                token(&s.key, &claims(&nonce))
+            }),
+        )
+        .await
+        .unwrap();
+    let store = Store::open(&s.ca_dir);
+    let entry = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == answer.serial)
+        .unwrap();
+    assert_eq!(entry.device.as_deref(), Some(LAPTOP));
+    assert_eq!(entry.device_serial.as_deref(), Some("0a0b"));
+    let revoked = store.revoke_device(LAPTOP).unwrap();
+    assert_eq!(
+        revoked.iter().map(|e| &e.serial).collect::<Vec<_>>(),
+        vec![&answer.serial]
+    );
+    let index = store.index().unwrap();
+    let other = index
+        .issued
+        .iter()
+        .find(|e| e.serial == other.serial)
+        .unwrap();
+    assert!(other.revoked_at.is_none(), "another device's is left alone");
+    let crl = std::fs::read_to_string(s.ca_dir.join("crl.pem")).unwrap();
+    let der = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(crl.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let (_, parsed) = x509_parser::parse_x509_crl(der.as_ref()).unwrap();
+    let listed: Vec<String> = parsed
+        .iter_revoked_certificates()
+        .map(|r| crate::pki::store::hex(r.raw_serial()))
+        .collect();
+    assert!(listed.contains(&answer.serial), "{listed:?}");
 }
 
 /// The order n of the P-256 group, big-endian.
