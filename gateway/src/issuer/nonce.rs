@@ -91,8 +91,11 @@ impl Nonces {
 }
 
 /// ID tokens without a nonce (`profile.device_grant`), each taken once: a
-/// digest of the token is kept until the issuer would refuse it as too old
-/// anyway.
+/// digest of what the provider signed (the JWS signing input, header and
+/// payload) is kept until the issuer would refuse it as too old anyway.
+/// Not of the whole token: an ECDSA signature is malleable ((r, s) and
+/// (r, n - s) both verify), so the same token can be sent again as another
+/// string with another signature.
 pub struct UsedTokens {
     keep: Duration,
     map: Mutex<HashMap<[u8; 32], Instant>>,
@@ -106,10 +109,12 @@ impl UsedTokens {
         }
     }
 
-    /// Records `token` as used; refused if it was before (or when the
-    /// record is full: fail closed).
+    /// Records `token` (a verified JWS) as used; refused if it was before
+    /// (or when the record is full: fail closed).
     pub fn first_use(&self, token: &str) -> Result<(), NonceError> {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        // The signing input: everything before the last dot.
+        let signed = token.rsplit_once('.').map_or(token, |(input, _)| input);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signed.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
         let now = Instant::now();
@@ -132,8 +137,11 @@ mod tests {
     fn a_token_without_nonce_is_taken_once() {
         let used = UsedTokens::new(Duration::from_secs(600));
         assert_eq!(used.first_use("a.b.c"), Ok(()));
-        assert_eq!(used.first_use("a.b.d"), Ok(()));
+        assert_eq!(used.first_use("a.x.c"), Ok(()));
         assert_eq!(used.first_use("a.b.c"), Err(NonceError::Replayed));
+        // Another signature over the same header and payload is the same
+        // token.
+        assert_eq!(used.first_use("a.b.d"), Err(NonceError::Replayed));
     }
 
     use super::*;
