@@ -162,6 +162,13 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
     };
     let not_mapped = || Refusal::UserNotMapped(email.clone());
     let (local, domain) = email.rsplit_once('@').ok_or_else(not_mapped)?;
+    // One spelling per user: routes compare `email:` and URIs exactly
+    // (the local part with its case, as RFC 5321 allows), and providers
+    // hand out `Alice@` and `alice@` for one mailbox; the issuer owns the
+    // mapping, so it names every user in lower case (a `deny` rule or
+    // per-user limit for alice is not dodged by the provider's spelling).
+    let local = local.to_ascii_lowercase();
+    let local = local.as_str();
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     if !profile
         .email_domains

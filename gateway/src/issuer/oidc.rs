@@ -1,6 +1,7 @@
 //! OpenID Connect ID tokens, checked with `jsonwebtoken` against the
-//! provider's JWKS: signature (asymmetric algorithms only), `iss`, `aud`
-//! (and `azp` when there are several audiences), `exp` and `nbf` with a
+//! provider's JWKS: signature (asymmetric algorithms only), a `typ` of
+//! `JWT` or none, `iss`, `aud` (and `azp` when there are several audiences
+//! or it is present at all), `exp` and `nbf` with a
 //! small leeway, and an `iat` not older than the token is meant to live
 //! before it is exchanged. Nonce, MFA and the mapping to an identity are
 //! the issuer's rules on the claims this returns (see `issuer::decide`).
@@ -50,8 +51,10 @@ pub enum OidcError {
     Issuer,
     #[error("ID token audience does not contain the client id")]
     Audience,
-    #[error("ID token has several audiences and azp is not the client id")]
-    AuthorizedParty,
+    #[error("ID token azp {0:?} is not the client id (a token issued to another client)")]
+    AuthorizedParty(Option<String>),
+    #[error("JWT type {0:?} is not an ID token")]
+    Type(String),
     #[error("ID token lacks the claim {0}")]
     MissingClaim(String),
     #[error("ID token claims unreadable: {0}")]
@@ -72,7 +75,8 @@ impl OidcError {
             OidcError::Expired | OidcError::TooOld { .. } => "token_expired",
             OidcError::NotYetValid | OidcError::IssuedInFuture(_) => "token_not_yet_valid",
             OidcError::Issuer => "token_issuer",
-            OidcError::Audience | OidcError::AuthorizedParty => "token_audience",
+            OidcError::Audience | OidcError::AuthorizedParty(_) => "token_audience",
+            OidcError::Type(_) => "token_type",
         }
     }
 }
@@ -238,6 +242,14 @@ impl TokenVerifier {
         if !ACCEPTED.contains(&header.alg) {
             return Err(OidcError::Algorithm(header.alg));
         }
+        // An access token or logout token the provider signed for this
+        // client (RFC 9068 `at+jwt`, `logout+jwt`) is not an ID token; ID
+        // tokens carry `JWT` or no type.
+        if let Some(typ) = &header.typ
+            && !typ.eq_ignore_ascii_case("JWT")
+        {
+            return Err(OidcError::Type(typ.clone()));
+        }
         let kid = header.kid.ok_or(OidcError::NoKeyId)?;
         let jwk = self.key(&kid).await?;
         // A key that says which algorithm it is for is used for no other.
@@ -288,9 +300,13 @@ impl TokenVerifier {
                 max: self.max_age,
             });
         }
-        // OIDC Core §3.1.3.7: with several audiences, azp names the client.
-        if claims.aud.len() > 1 && claims.azp.as_deref() != Some(&self.client_id) {
-            return Err(OidcError::AuthorizedParty);
+        // OIDC Core §3.1.3.7: with several audiences, azp names the
+        // client; and an azp that is present names it too, whatever the
+        // audience (a token issued to another client, or exchanged for it,
+        // was not this login's).
+        let azp_needed = claims.aud.len() > 1 || claims.azp.is_some();
+        if azp_needed && claims.azp.as_deref() != Some(&self.client_id) {
+            return Err(OidcError::AuthorizedParty(claims.azp.clone()));
         }
         Ok(claims)
     }

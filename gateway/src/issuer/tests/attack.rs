@@ -152,66 +152,74 @@ async fn a_nonceless_es256_token_malleated_is_still_a_replay() {
     assert_eq!(s.issuer.counters().0, 1, "one login, one certificate");
 }
 
-/// F4: a token whose single audience is this client but whose azp names
+/// F7: a token whose single audience is this client but whose azp names
 /// another client (issued to that client: cross-client tokens, token
-/// exchange) is accepted; OIDC Core 3.1.3.7 item 5 says a present azp
-/// should be the client id.
+/// exchange) is refused (OIDC Core 3.1.3.7 item 5), and so is a JWT the
+/// provider signed that is not an ID token (`typ: at+jwt`).
 #[tokio::test]
-async fn attack_a_token_authorized_for_another_client_is_accepted() {
+async fn a_token_authorized_for_another_client_or_not_an_id_token_is_refused() {
     let s = setup("");
+    let e = s
+        .refused(s.token(|c| c["azp"] = json!("some-other-app")))
+        .await;
+    assert_eq!(e.reason(), "token_audience", "{e}");
+    assert!(e.to_string().contains("some-other-app"), "{e}");
+    // azp = this client is fine.
+    s.issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["azp"] = json!("gateway"))),
+        )
+        .await
+        .unwrap();
+    let nonce = s.issuer.nonce(Some(&device(LAPTOP))).unwrap();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some(s.key.kid.clone());
+    header.typ = Some("at+jwt".into());
+    let t = jsonwebtoken::encode(&header, &claims(&nonce), &s.key.key).unwrap();
+    let e = s.refused(t).await;
+    assert_eq!(e.reason(), "token_type", "{e}");
+}
+
+/// F5: the local part is lower-cased, so one mailbox is one user:
+/// `Alice@` gets `email:alice@…` and `spiffe://…/user/alice`, the names a
+/// route's rule for alice is written with, and shares alice's per-user
+/// rate limit.
+#[tokio::test]
+async fn the_case_of_the_local_part_is_the_same_user() {
+    let s = setup("\n[limits]\nper_user = { burst = 2, per_hour = 1 }");
     let answer = s
         .issuer
         .issue(
             Some(&device(LAPTOP)),
-            request(s.token(|c| c["azp"] = json!("some-other-app"))),
+            request(s.token(|c| c["email"] = json!("Alice@Example.Internal"))),
         )
         .await
-        .expect("HARM: azp of another client accepted");
-    assert_eq!(
-        leaf_identity(&answer).emails,
-        vec!["alice@example.internal"]
+        .unwrap();
+    let id = leaf_identity(&answer);
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert!(
+        id.uris
+            .contains(&"spiffe://example.internal/user/alice".to_owned()),
+        "{:?}",
+        id.uris
     );
-}
-
-/// F5: the local part is taken with its case, so one mailbox is several
-/// users: `Alice@` gets `spiffe://…/user/Alice`, which a route's
-/// `deny = ["spiffe://example.internal/user/alice"]` (or the email rule)
-/// does not match, and a per-user rate limit of one is passed once per
-/// spelling.
-#[tokio::test]
-async fn attack_the_case_of_the_local_part_makes_another_user() {
-    let s = setup("\n[limits]\nper_user = { burst = 1, per_hour = 1 }");
     s.issuer
         .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
         .await
         .unwrap();
-    let e = s.refused(s.token(|_| {})).await;
-    assert_eq!(e.reason(), "rate_limited", "{e}");
-    let answer = s
-        .issuer
-        .issue(
-            Some(&device(LAPTOP)),
-            request(s.token(|c| c["email"] = json!("Alice@example.internal"))),
-        )
-        .await
-        .expect("HARM: the same mailbox in other case is another user");
-    let id = leaf_identity(&answer);
-    assert_eq!(id.emails, vec!["Alice@example.internal"]);
-    assert!(
-        id.uris
-            .contains(&"spiffe://example.internal/user/Alice".to_owned()),
-        "HARM: {:?} is not the user URI a rule for alice names",
-        id.uris
-    );
+    let e = s
+        .refused(s.token(|c| c["email"] = json!("ALICE@example.internal")))
+        .await;
+    assert_eq!(e.reason(), "rate_limited", "one bucket for alice: {e}");
 }
 
-/// F6: the serial is rcgen's default, the SHA-256 of the requester's
-/// public key: a requester chooses it, and two certificates for one key
-/// (two users, two devices, two lifetimes) share a serial (RFC 5280
-/// 4.1.2.2: unique per CA; CA/B BR: 64 random bits), so the index holds
-/// one serial twice and `gateway pki revoke SERIAL` marks only the first.
+/// F6: the serial is random, not rcgen's default (the SHA-256 of the
+/// requester's public key, which a requester chooses): two certificates
+/// for one CSR key get two serials (RFC 5280 4.1.2.2: unique per CA), and
+/// `gateway pki revoke SERIAL` revokes exactly the one it names.
 #[tokio::test]
-async fn attack_the_serial_is_the_requesters_choice() {
+async fn two_certificates_for_one_key_get_two_random_serials() {
     let s = setup("");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let csr = rcgen::CertificateParams::default()
@@ -236,20 +244,26 @@ async fn attack_the_serial_is_the_requesters_choice() {
             .unwrap();
         serials.push(answer.serial);
     }
-    assert_eq!(serials[0], serials[1], "HARM: two certificates, one serial");
+    assert_ne!(serials[0], serials[1], "two certificates, two serials");
+    for serial in &serials {
+        assert_eq!(serial.len(), 32, "16 bytes: {serial}");
+        let first = u8::from_str_radix(&serial[..2], 16).unwrap();
+        assert!(first < 0x80, "positive: {serial}");
+    }
     let store = Store::open(&s.ca_dir);
     store.revoke(&serials[0]).unwrap();
     let index = store.index().unwrap();
-    let entries: Vec<_> = index
-        .issued
-        .iter()
-        .filter(|e| e.serial == serials[0])
-        .collect();
-    assert_eq!(entries.len(), 2);
-    assert!(
-        entries.iter().any(|e| e.revoked_at.is_none()),
-        "HARM: the index says one of the two is still good (the CRL revokes both)"
-    );
+    let state = |serial: &String| {
+        let entries: Vec<_> = index
+            .issued
+            .iter()
+            .filter(|e| &e.serial == serial)
+            .collect();
+        assert_eq!(entries.len(), 1, "{serial} once in the index");
+        entries[0].revoked_at.is_some()
+    };
+    assert!(state(&serials[0]), "the one named is revoked");
+    assert!(!state(&serials[1]), "the other is not");
 }
 
 /// F7: the issuer's connection slots are taken at accept, before TLS or a
