@@ -298,6 +298,12 @@ impl Issuer {
         result
     }
 
+    /// A refusal decided before `issue` (by the server, e.g. no device
+    /// certificate): logged and counted the same way.
+    pub fn refused_early(&self, e: &Refusal) {
+        self.refused(e, None, None);
+    }
+
     fn refused(&self, e: &Refusal, device: Option<&Identity>, user: Option<&str>) {
         let reason = e.reason();
         self.count(|c| *c.refused.entry(reason).or_default() += 1);

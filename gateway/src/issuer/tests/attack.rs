@@ -266,16 +266,16 @@ async fn two_certificates_for_one_key_get_two_random_serials() {
     assert!(!state(&serials[1]), "the other is not");
 }
 
-/// F7: the issuer's connection slots are taken at accept, before TLS or a
-/// device certificate, and the per-source cap is per exact address: 16
-/// addresses (an IPv6 /64 holds 2^64 of them) hold all 256 slots with
-/// connections that send nothing, and every other client, enrolled or
-/// not, is cut at once. Each held connection lasts 5 s (handshake), or
-/// 30 s without a device certificate by trickling a POST body; the
-/// attacker simply reconnects.
+/// F4: the issuer's connection slots are counted per source network (an
+/// IPv4 /24, an IPv6 /64), not per exact address: 16 addresses of one /24
+/// holding silent connections take 16 slots, not all 256, and a client
+/// from another network is still served. A client without a device
+/// certificate is told 401 before it may trickle a `POST
+/// /v1/certificate` body, and is cut `CERTLESS_DEADLINE` after its
+/// handshake rather than after 30 s.
 #[tokio::test]
-async fn attack_sixteen_addresses_take_every_connection_slot() {
-    use tokio::io::AsyncReadExt as _;
+async fn one_network_cannot_take_every_connection_slot_and_certless_clients_are_cut_short() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let Setup { _dir, issuer, .. } = setup("");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
@@ -297,10 +297,9 @@ async fn attack_sixteen_addresses_take_every_connection_slot() {
         Arc::new(issuer),
         stop.clone(),
     ));
-    let connect_from = |last: u8| async move {
+    let connect_from = |ip: [u8; 4]| async move {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
-            .unwrap();
+        sock.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
         sock.connect(addr).await.unwrap()
     };
     // Is a client served? A served one waits for its ClientHello (open);
@@ -311,22 +310,74 @@ async fn attack_sixteen_addresses_take_every_connection_slot() {
             .await
             .is_err()
     };
-    assert!(
-        served(connect_from(1).await).await,
-        "before: a client is served"
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let mut held = Vec::new();
     for last in 2..18u8 {
         for _ in 0..server::PER_SOURCE {
-            held.push(connect_from(last).await);
+            held.push(connect_from([127, 0, 0, last]).await);
         }
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(
-        !served(connect_from(1).await).await,
-        "HARM: {} silent connections from 16 addresses shut everyone else out",
+        !served(connect_from([127, 0, 0, 200]).await).await,
+        "the attacker's /24 holds its {} connections and no more",
+        server::PER_SOURCE
+    );
+    assert!(
+        served(connect_from([127, 0, 1, 1]).await).await,
+        "{} silent connections from one /24 do not shut another network out",
         held.len()
+    );
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // Without a device certificate: 401 before the body, and cut short.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = connect_from([127, 0, 2, 1]).await;
+    let mut tls = connector.connect(name.clone(), tcp).await.unwrap();
+    tls.write_all(
+        b"POST /v1/certificate HTTP/1.1\r\nHost: issuer\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), tls.read(&mut answer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("no_device_certificate"), "{answer}");
+
+    let tcp = connect_from([127, 0, 2, 2]).await;
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let t0 = std::time::Instant::now();
+    // Keep-alive requests, one every second: each within the header
+    // timeout, so only the connection's deadline ends it.
+    let ended = loop {
+        let sent = tls
+            .write_all(b"GET /v1/config HTTP/1.1\r\nHost: issuer\r\n\r\n")
+            .await;
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_secs(2), tls.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 && sent.is_ok() => {}
+            _ => break t0.elapsed(),
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(20) {
+            break t0.elapsed();
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    assert!(
+        ended < server::CERTLESS_DEADLINE + std::time::Duration::from_secs(3),
+        "a certless connection lasted {ended:?}"
     );
     stop.cancel();
 }
