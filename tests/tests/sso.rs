@@ -846,8 +846,9 @@ async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
     assert!(e.contains("CertificateRevoked"), "{e}");
 }
 
-/// `--browser` hands the URL to `$BROWSER` (here a script running the test
-/// browser), which is how the renewal timer signs in; `--renew` signs in
+/// `--browser` hands `$BROWSER` (here a script running the test browser)
+/// a private page forwarding to the URL, which is how the renewal timer
+/// signs in; `--renew` signs in
 /// only when the certificate runs out within the time given.
 #[tokio::test(flavor = "multi_thread")]
 async fn login_opens_the_browser_and_renews_only_when_due() {
@@ -856,7 +857,13 @@ async fn login_opens_the_browser_and_renews_only_when_due() {
     std::fs::write(
         &browser,
         format!(
-            "#!/bin/sh\nNODE_EXTRA_CA_CERTS={} exec node {} \"$1\" alice pwd,otp \"\" >/dev/null\n",
+            // login hands the browser a private page, not the URL (a
+            // command line is readable by every local user): only a 0600
+            // file is accepted here, and its link is followed.
+            "#!/bin/sh\n\
+             [ -f \"$1\" ] && [ \"$(stat -c %a \"$1\")\" = 600 ] || {{ echo \"not a private page: $1\" >&2; exit 3; }}\n\
+             url=$(sed -n 's/^<a href=\"\\(.*\\)\">.*/\\1/p' \"$1\" | sed 's/&quot;/\"/g; s/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')\n\
+             NODE_EXTRA_CA_CERTS={} exec node {} \"$url\" alice pwd,otp \"\" >/dev/null\n",
             sso.path("provider/ca.pem").display(),
             sso.node.join("browser.mjs").display()
         ),

@@ -3,9 +3,15 @@
 //! `gateway login` asks the issuer for a nonce (over the device's mTLS)
 //! and sends it in its authorization request; the provider puts it in the
 //! ID token. At issuance the nonce must be one this issuer handed to this
-//! same device, not yet used and not expired: a token replayed, or
-//! obtained by another device (a user tricked into completing someone
-//! else's device flow), is refused.
+//! same device, not yet used and not expired: a token replayed, or one a
+//! sign-in started on another device obtained, is refused.
+//!
+//! What a nonce cannot do: tell who completed the sign-in. In device-code
+//! phishing the attacker's device starts the flow (with its own nonce) and
+//! the victim enters the code; the token then names the victim and carries
+//! the attacker device's nonce, and is taken. That is the device grant's
+//! nature (RFC 8628 §5.4); docs/sso.md, "Headless machines", says what
+//! limits it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -17,7 +17,6 @@
 //! needs the root key. Revoking the intermediate does.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -137,19 +136,17 @@ impl Store {
 
     fn write(&self, name: &str, contents: &str, secret: bool) -> Result<PathBuf, PkiError> {
         let path = self.path(name);
-        // Written to a temporary name and renamed, so a reader (the gateway's
-        // file watcher) never sees half a file.
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if secret { 0o600 } else { 0o644 })
-            .open(&tmp)
-            .map_err(self.io(&tmp))?;
-        file.write_all(contents.as_bytes()).map_err(self.io(&tmp))?;
-        file.sync_all().map_err(self.io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(self.io(&path))?;
+        // Written to a fresh temporary file (random name, O_EXCL,
+        // O_NOFOLLOW) and renamed, so a reader (the gateway's file watcher)
+        // never sees half a file, and a file or symlink left under a
+        // temporary name can neither make a key readable nor receive it.
+        crate::safe_dir::write_replacing(
+            &self.dir,
+            name,
+            contents.as_bytes(),
+            if secret { 0o600 } else { 0o644 },
+        )
+        .map_err(self.io(&path))?;
         Ok(path)
     }
 
