@@ -168,6 +168,11 @@ struct IssuerInfo {
     scopes: Vec<String>,
     #[serde(default)]
     device_san_prefix: String,
+    /// The profile's `max_auth_age` in seconds: asked of the provider as
+    /// `max_age`, so it makes the user authenticate again when the
+    /// session is older (the issuer refuses such tokens anyway).
+    #[serde(default)]
+    max_age: Option<u64>,
 }
 
 /// The device URI in the device certificate (what the issuer will bind the
@@ -386,16 +391,23 @@ async fn device_grant(
             )
         })?;
     let scope = info.scopes.join(" ");
+    let max_age = info.max_age.map(|a| a.to_string());
     let (status, body) = http::request(
         to_provider,
         Method::POST,
         &endpoint,
         Some("application/x-www-form-urlencoded"),
-        http::form(&[
-            ("client_id", &info.client_id),
-            ("scope", &scope),
-            ("nonce", nonce),
-        ]),
+        http::form(&{
+            let mut p = vec![
+                ("client_id", info.client_id.as_str()),
+                ("scope", scope.as_str()),
+                ("nonce", nonce),
+            ];
+            if let Some(a) = &max_age {
+                p.push(("max_age", a.as_str()));
+            }
+            p
+        }),
     )
     .await?;
     let da: DeviceAuthorization = http::json(&endpoint, status, &body)?;
@@ -504,17 +516,21 @@ async fn code_flow(
     );
     let state = base64url(&random(16)?);
     let scope = info.scopes.join(" ");
-    let query = String::from_utf8(http::form(&[
+    let max_age = info.max_age.map(|a| a.to_string());
+    let mut params = vec![
         ("response_type", "code"),
-        ("client_id", &info.client_id),
-        ("redirect_uri", &redirect_uri),
-        ("scope", &scope),
-        ("state", &state),
+        ("client_id", info.client_id.as_str()),
+        ("redirect_uri", redirect_uri.as_str()),
+        ("scope", scope.as_str()),
+        ("state", state.as_str()),
         ("nonce", nonce),
-        ("code_challenge", &challenge),
+        ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),
-    ]))
-    .unwrap_or_default();
+    ];
+    if let Some(a) = &max_age {
+        params.push(("max_age", a.as_str()));
+    }
+    let query = String::from_utf8(http::form(&params)).unwrap_or_default();
     let sep = if endpoint.contains('?') { '&' } else { '?' };
     let url = format!("{endpoint}{sep}{query}");
     say(&format!("To sign in, open {url}"), &url);

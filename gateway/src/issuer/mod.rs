@@ -53,6 +53,13 @@ pub enum Refusal {
         want_amr: Vec<String>,
         want_acr: Vec<String>,
     },
+    #[error(
+        "the sign-in at the provider was {age:?} ago, more than this profile's max_auth_age {max:?}: sign in again (a token without auth_time counts as too old)"
+    )]
+    AuthTooOld {
+        age: Option<Duration>,
+        max: Duration,
+    },
     #[error("ID token has no verified email (email_verified must be true)")]
     NoVerifiedEmail,
     #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
@@ -83,6 +90,7 @@ impl Refusal {
             Refusal::Token(e) => e.reason(),
             Refusal::Nonce(_) => "nonce",
             Refusal::NoMfa { .. } => "no_mfa",
+            Refusal::AuthTooOld { .. } => "auth_too_old",
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
@@ -204,6 +212,23 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
         }
     }
     Ok(sans)
+}
+
+/// With `max_auth_age`: the user authenticated (and did the MFA the token
+/// reports) within it. `amr`/`acr` say how, not when: a provider session
+/// signed into weeks ago completes a sign-in silently.
+fn auth_age(profile: &config::Profile, claims: &Claims, leeway: Duration) -> Result<(), Refusal> {
+    let Some(max) = profile.max_auth_age else {
+        return Ok(());
+    };
+    let now = jsonwebtoken::get_current_timestamp();
+    let age = claims
+        .auth_time
+        .map(|t| Duration::from_secs(now.saturating_sub(t)));
+    match age {
+        Some(age) if age <= max + leeway => Ok(()),
+        age => Err(Refusal::AuthTooOld { age, max }),
+    }
 }
 
 fn mfa(profile: &config::Profile, claims: &Claims) -> Result<(), Refusal> {
@@ -364,6 +389,7 @@ impl Issuer {
             nonce => self.nonces.consume(nonce, device)?,
         }
         mfa(profile, &claims)?;
+        auth_age(profile, &claims, self.config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
         *user = Some(email.clone());

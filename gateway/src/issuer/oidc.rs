@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
@@ -116,6 +115,10 @@ pub struct Claims {
     pub amr: Option<Vec<String>>,
     #[serde(default)]
     pub acr: Option<String>,
+    /// When the user authenticated at the provider (seconds since the
+    /// epoch).
+    #[serde(default)]
+    pub auth_time: Option<u64>,
     /// Read leniently: a provider that sends something else here gets no
     /// group SANs, not a refusal.
     #[serde(default, deserialize_with = "lenient_strings")]
@@ -169,7 +172,12 @@ pub struct TokenVerifier {
     max_age: Duration,
     refetch_interval: Duration,
     source: Box<dyn KeySource>,
-    cache: Mutex<Cache>,
+    /// Held only to read or replace the keys, never across a fetch: a
+    /// token whose kid is cached never waits for the provider.
+    cache: std::sync::Mutex<Cache>,
+    /// One refetch at a time (single flight): tokens with unknown kids
+    /// wait for the one in progress instead of starting more.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// The JWKS's signing keys that `jsonwebtoken` can use; one unreadable or
@@ -198,40 +206,55 @@ impl TokenVerifier {
             max_age: config.max_token_age,
             refetch_interval: config.jwks_refetch_interval,
             source,
-            cache: Mutex::new(Cache {
+            cache: std::sync::Mutex::new(Cache {
                 keys: Vec::new(),
                 fetched: None,
             }),
+            fetching: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached(&self, kid: &str) -> Option<Jwk> {
+        self.cache()
+            .keys
+            .iter()
+            .find(|k| k.common.key_id.as_deref() == Some(kid))
+            .cloned()
     }
 
     /// The key named `kid`, refetching the JWKS when it is unknown and the
     /// last fetch is older than the refetch interval.
     async fn key(&self, kid: &str) -> Result<Jwk, OidcError> {
-        let mut cache = self.cache.lock().await;
-        let find = |c: &Cache| {
-            c.keys
-                .iter()
-                .find(|k| k.common.key_id.as_deref() == Some(kid))
-                .cloned()
-        };
-        if let Some(k) = find(&cache) {
+        if let Some(k) = self.cached(kid) {
             return Ok(k);
         }
-        let due = cache
-            .fetched
-            .is_none_or(|at| at.elapsed() >= self.refetch_interval);
-        if !due {
-            return Err(OidcError::UnknownKey(kid.to_owned()));
+        let _flight = self.fetching.lock().await;
+        // The fetch this one waited for may have brought the key.
+        if let Some(k) = self.cached(kid) {
+            return Ok(k);
         }
-        // Counted as a fetch even when it fails: a provider that is down
-        // is not asked once per token either.
-        cache.fetched = Some(Instant::now());
+        {
+            let mut cache = self.cache();
+            let due = cache
+                .fetched
+                .is_none_or(|at| at.elapsed() >= self.refetch_interval);
+            if !due {
+                return Err(OidcError::UnknownKey(kid.to_owned()));
+            }
+            // Counted as a fetch even when it fails: a provider that is
+            // down is not asked once per token either.
+            cache.fetched = Some(Instant::now());
+        }
         let text = self.source.fetch().await.map_err(OidcError::Fetch)?;
         let keys = parse_jwks(&text).map_err(OidcError::Fetch)?;
         tracing::info!(keys = keys.len(), "fetched the provider's JWKS");
-        cache.keys = keys;
-        find(&cache).ok_or_else(|| OidcError::UnknownKey(kid.to_owned()))
+        self.cache().keys = keys;
+        self.cached(kid)
+            .ok_or_else(|| OidcError::UnknownKey(kid.to_owned()))
     }
 
     /// Verifies `token` as an ID token for this client and returns its

@@ -355,6 +355,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                     "client_id": c.oidc.client_id,
                     "scopes": c.oidc.scopes,
                     "device_san_prefix": c.device_san_prefix,
+                    "max_age": c.profile.max_auth_age.map(|d| d.as_secs()),
                 }),
             )
         }
