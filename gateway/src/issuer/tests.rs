@@ -641,5 +641,5 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
 }
 
 /// Findings of the attacker's review (reviews1): each test asserts the
-/// harm, so it passes on the reviewed code and fails once it is fixed.
+/// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;

@@ -1,7 +1,7 @@
-//! Attacks on the issuer that succeed on the reviewed code (reviews1,
-//! see /work/helpers/s5/reviews1/findings.md). Each test asserts what the
-//! attacker gets; a fix turns it red, and the test should then be turned
-//! around to assert the refusal.
+//! Attacks of the review of the issuer (reviews1, see
+//! /work/helpers/s5/reviews1/findings.md), turned round once fixed: each
+//! test asserts what the attacker now sees (the refusal), and fails if
+//! the fix is taken out. `residual_*` tests pin a documented limit.
 
 use base64::Engine as _;
 
