@@ -58,12 +58,93 @@ pub struct LoginArgs {
     pub open_browser: bool,
 }
 
-/// Hands `url` to the user's browser; a failure only loses the
-/// convenience (the URL is printed anyway).
-fn open_browser(url: &str) {
+/// Pages handed to the browser, removed when the sign-in ends.
+#[derive(Default)]
+struct BrowserPages(std::sync::Mutex<Vec<PathBuf>>);
+
+impl Drop for BrowserPages {
+    fn drop(&mut self) {
+        let dirs = std::mem::take(self.0.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for dir in dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `s` inside an HTML attribute.
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A fresh directory only this user can enter (0700, a random name that
+/// must not exist yet), under `$XDG_RUNTIME_DIR` or the temporary
+/// directory.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(std::env::temp_dir);
+    let suffix = random(12)
+        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let dir = base.join(format!("gateway-login-{suffix}"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
+}
+
+/// Hands `url` to the user's browser (`$BROWSER`, else `xdg-open`) as a
+/// local page that forwards to it, not as an argument: a command line is
+/// readable by every local user (/proc/PID/cmdline), and the URL's
+/// `state` and PKCE challenge (or a device flow's user code) would let
+/// another user on a shared host complete this sign-in with their own
+/// account (the device would get a certificate naming them). The page is
+/// 0600 in a 0700 directory and removed when the sign-in ends. Only
+/// https URLs are opened. A failure only loses the convenience (the URL
+/// is printed anyway).
+fn open_browser(url: &str, pages: &BrowserPages) {
+    if !url.starts_with("https://") {
+        tracing::warn!(
+            url,
+            "not opening a sign-in URL that is not https: open it by hand"
+        );
+        return;
+    }
+    let page = match private_dir().and_then(|dir| {
+        pages
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(dir.clone());
+        let page = dir.join("sign-in.html");
+        let u = html_escape(url);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&page)?;
+        f.write_all(
+            format!(
+                "<!doctype html>\n<meta charset=\"utf-8\">\n<meta name=\"referrer\" content=\"no-referrer\">\n\
+                 <meta http-equiv=\"refresh\" content=\"0; url={u}\">\n<title>gateway login</title>\n\
+                 <a href=\"{u}\">Continue to sign in</a>\n"
+            )
+            .as_bytes(),
+        )?;
+        Ok(page)
+    }) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write the sign-in page: open the URL by hand");
+            return;
+        }
+    };
     let browser = std::env::var_os("BROWSER").unwrap_or_else(|| "xdg-open".into());
     if let Err(e) = std::process::Command::new(&browser)
-        .arg(url)
+        .arg(&page)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -85,6 +166,34 @@ struct IssuerInfo {
     issuer: String,
     client_id: String,
     scopes: Vec<String>,
+    #[serde(default)]
+    device_san_prefix: String,
+    /// The profile's `max_auth_age` in seconds: asked of the provider as
+    /// `max_age`, so it makes the user authenticate again when the
+    /// session is older (the issuer refuses such tokens anyway).
+    #[serde(default)]
+    max_age: Option<u64>,
+}
+
+/// The device URI in the device certificate (what the issuer will bind the
+/// user certificate to), for the user to check; the file name if it
+/// cannot be read.
+fn device_name(cert: &Path, prefix: &str) -> String {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    std::fs::read(cert)
+        .ok()
+        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).next()?.ok())
+        .and_then(|der| crate::identity::Identity::from_leaf(&der).ok())
+        .and_then(|id| {
+            let p = if prefix.is_empty() {
+                "spiffe://"
+            } else {
+                prefix
+            };
+            id.device(p).map(str::to_owned)
+        })
+        .unwrap_or_else(|| cert.display().to_string())
 }
 
 #[derive(Deserialize)]
@@ -130,24 +239,35 @@ fn not_after(pem: &[u8]) -> Option<i64> {
         .map(|id| id.not_after)
 }
 
+/// Writes `dir/name` by rename through a fresh temporary file (O_EXCL,
+/// O_NOFOLLOW): a file or symlink someone planted under the temporary name
+/// cannot make the key readable or receive it.
 fn write(dir: &Path, name: &str, contents: &str, secret: bool) -> Result<PathBuf, LoginError> {
     let path = dir.join(name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| LoginError::Io { path, source }
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crate::safe_dir::write_replacing(
+        dir,
+        name,
+        contents.as_bytes(),
+        if secret { 0o600 } else { 0o644 },
+    )
+    .map_err(|source| LoginError::Io {
+        path: path.clone(),
+        source,
+    })?;
     Ok(path)
+}
+
+/// `--out` must be a directory no one else can write: whoever can could
+/// swap `user.key` (or `user.pem`) for their own between runs.
+fn check_out_dir(dir: &Path) -> Result<(), LoginError> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| LoginError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    crate::safe_dir::check(&meta, crate::safe_dir::euid(), false).map_err(|why| LoginError::Io {
+        path: dir.to_owned(),
+        source: std::io::Error::other(format!("--out {why}: use a directory only you can write")),
+    })
 }
 
 async fn issuer_call<T: serde::de::DeserializeOwned>(
@@ -186,6 +306,7 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         }
     }
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
+    check_out_dir(&args.out)?;
     let base = args.issuer.trim_end_matches('/');
     let to_issuer = http::client_config(
         args.issuer_ca.as_deref(),
@@ -202,17 +323,28 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     .await?;
     let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
     let discovery = http::discover(&to_provider, &info.issuer).await?;
+    let pages = BrowserPages::default();
     let say_and_open = |msg: &str, url: &str| {
         say(msg);
         if args.open_browser {
-            open_browser(url);
+            open_browser(url, &pages);
         }
     };
     let id_token = if args.device_flow {
-        device_grant(&to_provider, &discovery, &info, &nonce.nonce, &say_and_open).await?
+        let device = device_name(&args.device_cert, &info.device_san_prefix);
+        device_grant(
+            &to_provider,
+            &discovery,
+            &info,
+            &nonce.nonce,
+            &device,
+            &say_and_open,
+        )
+        .await?
     } else {
         code_flow(&to_provider, &discovery, &info, &nonce.nonce, &say_and_open).await?
     };
+    drop(pages);
     // The key is made here and only its CSR leaves.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| LoginError::Key(e.to_string()))?;
@@ -247,6 +379,7 @@ async fn device_grant(
     discovery: &http::Discovery,
     info: &IssuerInfo,
     nonce: &str,
+    device: &str,
     say: &impl Fn(&str, &str),
 ) -> Result<String, LoginError> {
     let endpoint = discovery
@@ -258,30 +391,44 @@ async fn device_grant(
             )
         })?;
     let scope = info.scopes.join(" ");
+    let max_age = info.max_age.map(|a| a.to_string());
     let (status, body) = http::request(
         to_provider,
         Method::POST,
         &endpoint,
         Some("application/x-www-form-urlencoded"),
-        http::form(&[
-            ("client_id", &info.client_id),
-            ("scope", &scope),
-            ("nonce", nonce),
-        ]),
+        http::form(&{
+            let mut p = vec![
+                ("client_id", info.client_id.as_str()),
+                ("scope", scope.as_str()),
+                ("nonce", nonce),
+            ];
+            if let Some(a) = &max_age {
+                p.push(("max_age", a.as_str()));
+            }
+            p
+        }),
     )
     .await?;
     let da: DeviceAuthorization = http::json(&endpoint, status, &body)?;
+    // Whoever enters the code gets a certificate on this device: a code
+    // someone else sends you is phishing (docs/sso.md, "Headless
+    // machines"). The provider's page cannot say which device asked, so
+    // this line is where the user can check it.
+    let whose = format!(
+        "This signs in the device {device}: enter the code only on a sign-in you started on it yourself."
+    );
     match &da.verification_uri_complete {
         Some(complete) => say(
             &format!(
-                "To sign in, open {complete}\n(or {} and enter the code {})",
+                "To sign in, open {complete}\n(or {} and enter the code {})\n{whose}",
                 da.verification_uri, da.user_code
             ),
             complete,
         ),
         None => say(
             &format!(
-                "To sign in, open {} and enter the code {}",
+                "To sign in, open {} and enter the code {}\n{whose}",
                 da.verification_uri, da.user_code
             ),
             &da.verification_uri,
@@ -369,17 +516,21 @@ async fn code_flow(
     );
     let state = base64url(&random(16)?);
     let scope = info.scopes.join(" ");
-    let query = String::from_utf8(http::form(&[
+    let max_age = info.max_age.map(|a| a.to_string());
+    let mut params = vec![
         ("response_type", "code"),
-        ("client_id", &info.client_id),
-        ("redirect_uri", &redirect_uri),
-        ("scope", &scope),
-        ("state", &state),
+        ("client_id", info.client_id.as_str()),
+        ("redirect_uri", redirect_uri.as_str()),
+        ("scope", scope.as_str()),
+        ("state", state.as_str()),
         ("nonce", nonce),
-        ("code_challenge", &challenge),
+        ("code_challenge", challenge.as_str()),
         ("code_challenge_method", "S256"),
-    ]))
-    .unwrap_or_default();
+    ];
+    if let Some(a) = &max_age {
+        params.push(("max_age", a.as_str()));
+    }
+    let query = String::from_utf8(http::form(&params)).unwrap_or_default();
     let sep = if endpoint.contains('?') { '&' } else { '?' };
     let url = format!("{endpoint}{sep}{query}");
     say(&format!("To sign in, open {url}"), &url);
@@ -466,5 +617,110 @@ async fn callback(listener: &tokio::net::TcpListener, state: &str) -> Result<Str
         if let Ok(outcome) = rx.try_recv() {
             return outcome.map_err(LoginError::Provider);
         }
+    }
+}
+
+/// Attacks of the review (reviews1, see
+/// /work/helpers/s5/reviews1/findings.md), each asserting the refusal.
+#[cfg(test)]
+mod attack_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::os::unix::fs::PermissionsExt as _;
+
+    /// F8: `user.key` is written through a fresh temporary file (random
+    /// name, O_EXCL, O_NOFOLLOW): a file or symlink planted under the old
+    /// fixed temporary name neither makes the key readable nor receives
+    /// it; and an `--out` directory others can write is refused.
+    #[test]
+    fn a_planted_tmp_file_neither_exposes_nor_receives_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join(".user.key.tmp");
+        std::fs::write(&planted, "").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let key =
+            super::write(dir.path(), "user.key", "-----BEGIN PRIVATE KEY-----", true).unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the private key is the user's alone");
+
+        std::fs::remove_file(&planted).unwrap();
+        let theirs = dir.path().join("attacker-owned");
+        std::fs::write(&theirs, "").unwrap();
+        std::os::unix::fs::symlink(&theirs, &planted).unwrap();
+        super::write(dir.path(), "user.key", "SECRET", true).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&theirs).unwrap(),
+            "",
+            "the key was not written through the planted symlink"
+        );
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "SECRET");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") && n != ".user.key.tmp")
+            .collect();
+        assert!(left.is_empty(), "no temporary file left: {left:?}");
+
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = super::check_out_dir(&shared).unwrap_err();
+        assert!(e.to_string().contains("writable by others"), "{e}");
+        assert!(super::check_out_dir(dir.path()).is_ok());
+    }
+
+    /// F2: the sign-in page handed to the browser is private and forwards
+    /// to the URL, which never goes on a command line.
+    #[test]
+    fn the_browser_gets_a_private_page_not_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let seen = dir.path().join("seen");
+        let browser = dir.path().join("browser.sh");
+        std::fs::write(
+            &browser,
+            format!(
+                "#!/bin/sh\nstat -c %a \"$1\" > {0}.mode\ncat \"$1\" > {0}.page\necho \"$@\" > {0}\n",
+                seen.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&browser, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: this test's own variables; no other test reads them.
+        unsafe {
+            std::env::set_var("BROWSER", &browser);
+            std::env::set_var("XDG_RUNTIME_DIR", dir.path());
+        }
+        let pages = super::BrowserPages::default();
+        let url = "https://login.example.com/auth?state=s3cret&nonce=n\"x";
+        super::open_browser(url, &pages);
+        for _ in 0..100 {
+            if std::fs::metadata(&seen).is_ok_and(|m| m.len() > 0) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let args = std::fs::read_to_string(&seen).unwrap();
+        assert!(
+            !args.contains("s3cret"),
+            "the URL is on the command line: {args}"
+        );
+        let mode = std::fs::read_to_string(dir.path().join("seen.mode")).unwrap();
+        assert_eq!(mode.trim(), "600");
+        let page = std::fs::read_to_string(dir.path().join("seen.page")).unwrap();
+        assert!(
+            page.contains("url=https://login.example.com/auth?state=s3cret&amp;nonce=n&quot;x"),
+            "{page}"
+        );
+        let page_dir = std::path::Path::new(args.trim())
+            .parent()
+            .unwrap()
+            .to_owned();
+        drop(pages);
+        assert!(!page_dir.exists(), "removed when the sign-in ends");
+        // Not https: not opened.
+        std::fs::remove_file(&seen).unwrap();
+        super::open_browser("file:///etc/passwd", &super::BrowserPages::default());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(!seen.exists());
     }
 }

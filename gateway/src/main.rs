@@ -327,10 +327,16 @@ enum PkiCommand {
     },
     /// Revoke by hex serial or certificate file, and publish a fresh CRL.
     /// Revoking the intermediate (intermediate.pem) needs root.key.
+    /// `--device URI` revokes every live certificate bound to that device
+    /// (in the SSO CA: the user certificates a lost device holds).
     Revoke {
         #[arg(long)]
         dir: PathBuf,
-        serial_or_cert: String,
+        #[arg(required_unless_present = "device", conflicts_with = "device")]
+        serial_or_cert: Option<String>,
+        /// A device URI (spiffe://…/device/NAME).
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
     /// the root's, as last signed).
@@ -538,15 +544,35 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
         PkiCommand::Revoke {
             dir,
             serial_or_cert,
+            device,
         } => {
             let store = Store::open(&dir);
-            let entry = store.revoke(&serial_or_cert)?;
-            println!(
-                "revoked {} (serial {}); published {}",
-                entry.name,
-                entry.serial,
-                store.path("crl.pem").display()
-            );
+            if let Some(uri) = device {
+                let revoked = store.revoke_device(&uri)?;
+                for e in &revoked {
+                    println!(
+                        "revoked {} (serial {}, until {})",
+                        e.name, e.serial, e.not_after
+                    );
+                }
+                if revoked.is_empty() {
+                    println!("no live certificate bound to {uri}: nothing revoked");
+                } else {
+                    println!(
+                        "{} revoked; published {}",
+                        revoked.len(),
+                        store.path("crl.pem").display()
+                    );
+                }
+            } else if let Some(what) = serial_or_cert {
+                let entry = store.revoke(&what)?;
+                println!(
+                    "revoked {} (serial {}); published {}",
+                    entry.name,
+                    entry.serial,
+                    store.path("crl.pem").display()
+                );
+            }
         }
         PkiCommand::Crl {
             dir,

@@ -223,6 +223,35 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
     })
 }
 
+/// Writes `dir/name` whole by rename, through a temporary file that this
+/// call creates: a random name, O_CREAT|O_EXCL (a file someone left there,
+/// with their mode or owner, is never reused) and O_NOFOLLOW (a planted
+/// symlink is not followed), with `mode` from its creation. A reader never
+/// sees half a file; the temporary file is removed if anything fails.
+pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut random = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
+    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -797,10 +797,31 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
 
 /// A lost laptop: its device certificate revoked in the device CA, the
 /// issuer (on SIGHUP; also every minute) refuses it at the handshake, so
-/// no user certificate can be obtained from it any more.
+/// no user certificate can be obtained from it any more; and `gateway pki
+/// revoke --device` revokes the user certificates it already holds. (With
+/// `max_auth_age`, so the sign-in also shows that login asks the provider
+/// for `max_age` and the token's `auth_time` passes.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
-    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let sso = tokio::task::spawn_blocking(|| start_with("max_auth_age = \"1h\""))
+        .await
+        .unwrap();
+    let sso = Arc::new(sso);
+    let s = sso.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || s.login("alice", "pwd,otp", &[]))
+        .await
+        .unwrap();
+    assert!(ok, "login failed: {out}\n{err}");
+    assert!(
+        out.contains("max_age=3600"),
+        "login asks for max_age: {out}"
+    );
+    let serial = out
+        .split("(serial ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .to_owned();
     let to_issuer = gateway::issuer::http::client_config(
         Some(&sso.path("provider/ca.pem")),
         Some((
@@ -844,10 +865,33 @@ async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
     }
     let e = nonce().await.unwrap_err().to_string();
     assert!(e.contains("CertificateRevoked"), "{e}");
+
+    let revoked = Command::new(gateway_binary())
+        .args(["pki", "revoke", "--dir"])
+        .arg(sso.path("sso"))
+        .args(["--device", "spiffe://example.internal/device/laptop-7"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&revoked.stdout);
+    assert!(
+        revoked.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    assert!(said.contains(&format!("(serial {serial},")), "{said}");
+    assert!(said.contains("1 revoked; published"), "{said}");
+    let index = Store::open(&sso.path("sso")).index().unwrap();
+    let entry = index.issued.iter().find(|e| e.serial == serial).unwrap();
+    assert!(entry.revoked_at.is_some());
+    assert_eq!(
+        entry.device.as_deref(),
+        Some("spiffe://example.internal/device/laptop-7")
+    );
 }
 
-/// `--browser` hands the URL to `$BROWSER` (here a script running the test
-/// browser), which is how the renewal timer signs in; `--renew` signs in
+/// `--browser` hands `$BROWSER` (here a script running the test browser)
+/// a private page forwarding to the URL, which is how the renewal timer
+/// signs in; `--renew` signs in
 /// only when the certificate runs out within the time given.
 #[tokio::test(flavor = "multi_thread")]
 async fn login_opens_the_browser_and_renews_only_when_due() {
@@ -856,7 +900,13 @@ async fn login_opens_the_browser_and_renews_only_when_due() {
     std::fs::write(
         &browser,
         format!(
-            "#!/bin/sh\nNODE_EXTRA_CA_CERTS={} exec node {} \"$1\" alice pwd,otp \"\" >/dev/null\n",
+            // login hands the browser a private page, not the URL (a
+            // command line is readable by every local user): only a 0600
+            // file is accepted here, and its link is followed.
+            "#!/bin/sh\n\
+             [ -f \"$1\" ] && [ \"$(stat -c %a \"$1\")\" = 600 ] || {{ echo \"not a private page: $1\" >&2; exit 3; }}\n\
+             url=$(sed -n 's/^<a href=\"\\(.*\\)\">.*/\\1/p' \"$1\" | sed 's/&quot;/\"/g; s/&lt;/</g; s/&gt;/>/g; s/&amp;/\\&/g')\n\
+             NODE_EXTRA_CA_CERTS={} exec node {} \"$url\" alice pwd,otp \"\" >/dev/null\n",
             sso.path("provider/ca.pem").display(),
             sso.node.join("browser.mjs").display()
         ),

@@ -133,6 +133,13 @@ pub struct Profile {
     /// no MFA required).
     #[serde(default)]
     pub require_acr: Vec<String>,
+    /// How long ago the user may have authenticated at the provider: the
+    /// token's `auth_time` must be within it (and present), and `gateway
+    /// login` asks the provider for it (`max_age`), so a provider session
+    /// whose MFA was days ago does not keep minting certificates. None:
+    /// not checked.
+    #[serde(default, deserialize_with = "duration::option::deserialize")]
+    pub max_auth_age: Option<Duration>,
     /// A SPIFFE-style URI SAN for the user; `{local}` is the email's local part.
     pub user_uri: Option<String>,
     /// Only users whose verified email is in one of these domains.

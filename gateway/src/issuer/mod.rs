@@ -53,6 +53,13 @@ pub enum Refusal {
         want_amr: Vec<String>,
         want_acr: Vec<String>,
     },
+    #[error(
+        "the sign-in at the provider was {age:?} ago, more than this profile's max_auth_age {max:?}: sign in again (a token without auth_time counts as too old)"
+    )]
+    AuthTooOld {
+        age: Option<Duration>,
+        max: Duration,
+    },
     #[error("ID token has no verified email (email_verified must be true)")]
     NoVerifiedEmail,
     #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
@@ -64,6 +71,10 @@ pub enum Refusal {
     },
     #[error("lifetime {asked:?} is above this profile's maximum {max:?}")]
     Lifetime { asked: Duration, max: Duration },
+    #[error(
+        "the device certificate runs out at {device_not_after} (seconds since the epoch), in under a minute: renew the device's enrolment first"
+    )]
+    DeviceExpiring { device_not_after: i64 },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("certificate signing request refused: {0}")]
@@ -79,9 +90,11 @@ impl Refusal {
             Refusal::Token(e) => e.reason(),
             Refusal::Nonce(_) => "nonce",
             Refusal::NoMfa { .. } => "no_mfa",
+            Refusal::AuthTooOld { .. } => "auth_too_old",
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
+            Refusal::DeviceExpiring { .. } => "device_expiring",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Csr(_) => "csr",
             Refusal::Internal(_) => "internal",
@@ -157,6 +170,13 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
     };
     let not_mapped = || Refusal::UserNotMapped(email.clone());
     let (local, domain) = email.rsplit_once('@').ok_or_else(not_mapped)?;
+    // One spelling per user: routes compare `email:` and URIs exactly
+    // (the local part with its case, as RFC 5321 allows), and providers
+    // hand out `Alice@` and `alice@` for one mailbox; the issuer owns the
+    // mapping, so it names every user in lower case (a `deny` rule or
+    // per-user limit for alice is not dodged by the provider's spelling).
+    let local = local.to_ascii_lowercase();
+    let local = local.as_str();
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     if !profile
         .email_domains
@@ -192,6 +212,23 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
         }
     }
     Ok(sans)
+}
+
+/// With `max_auth_age`: the user authenticated (and did the MFA the token
+/// reports) within it. `amr`/`acr` say how, not when: a provider session
+/// signed into weeks ago completes a sign-in silently.
+fn auth_age(profile: &config::Profile, claims: &Claims, leeway: Duration) -> Result<(), Refusal> {
+    let Some(max) = profile.max_auth_age else {
+        return Ok(());
+    };
+    let now = jsonwebtoken::get_current_timestamp();
+    let age = claims
+        .auth_time
+        .map(|t| Duration::from_secs(now.saturating_sub(t)));
+    match age {
+        Some(age) if age <= max + leeway => Ok(()),
+        age => Err(Refusal::AuthTooOld { age, max }),
+    }
 }
 
 fn mfa(profile: &config::Profile, claims: &Claims) -> Result<(), Refusal> {
@@ -263,8 +300,16 @@ impl Issuer {
 
     /// The device's name from its verified certificate.
     fn device<'a>(&self, device: Option<&'a Identity>) -> Result<&'a str, Refusal> {
+        self.device_id(device).map(|(_, name)| name)
+    }
+
+    /// The device's certificate and name.
+    fn device_id<'a>(
+        &self,
+        device: Option<&'a Identity>,
+    ) -> Result<(&'a Identity, &'a str), Refusal> {
         device
-            .and_then(|d| d.device(&self.config.device_san_prefix))
+            .and_then(|d| Some((d, d.device(&self.config.device_san_prefix)?)))
             .ok_or(Refusal::NoDevice)
     }
 
@@ -276,6 +321,12 @@ impl Issuer {
             Err(e) => self.refused(e, device, None),
         }
         result
+    }
+
+    /// A refusal decided before `issue` (by the server, e.g. no device
+    /// certificate): logged and counted the same way.
+    pub fn refused_early(&self, e: &Refusal) {
+        self.refused(e, None, None);
     }
 
     fn refused(&self, e: &Refusal, device: Option<&Identity>, user: Option<&str>) {
@@ -308,7 +359,7 @@ impl Issuer {
         req: CertificateRequest,
         user: &mut Option<String>,
     ) -> Result<CertificateResponse, Refusal> {
-        let device = self.device(device)?;
+        let (device_cert, device) = self.device_id(device)?;
         let profile = &self.config.profile;
         let lifetime = match &req.lifetime {
             None => profile.default_lifetime,
@@ -338,6 +389,7 @@ impl Issuer {
             nonce => self.nonces.consume(nonce, device)?,
         }
         mfa(profile, &claims)?;
+        auth_age(profile, &claims, self.config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
         *user = Some(email.clone());
@@ -351,10 +403,27 @@ impl Issuer {
         let cn = email.trim_start_matches("email:").to_owned();
         let life =
             time::Duration::try_from(lifetime).map_err(|e| Refusal::Internal(e.to_string()))?;
+        // Device-bound means no longer than the device: a certificate
+        // carrying the device's SAN past the device's own notAfter would
+        // keep passing routes' `device.trust` after the enrolment ended.
+        let now = time::OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let device_end = time::OffsetDateTime::from_unix_timestamp(device_cert.not_after)
+            .map_err(|e| Refusal::Internal(format!("device notAfter: {e}")))?;
+        let not_after = (now + life).min(device_end);
+        if not_after - now < time::Duration::minutes(1) {
+            return Err(Refusal::DeviceExpiring {
+                device_not_after: device_cert.not_after,
+            });
+        }
+        let bound = crate::pki::store::BoundDevice {
+            uri: device.to_owned(),
+            serial: device_cert.serial.replace(':', "").to_ascii_lowercase(),
+        };
         let (chain, entry) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             store
-                .sign_request(&cn, &req.csr, &sans, life)
+                .sign_request(&cn, &req.csr, &sans, not_after, Some(&bound))
                 .map_err(|e| match e {
                     crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
                     other => Refusal::Internal(other.to_string()),
@@ -367,7 +436,7 @@ impl Issuer {
             user = %cn, device, sub = %claims.sub, iss = %claims.iss,
             amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
             serial = %entry.serial, not_after = %entry.not_after,
-            lifetime_secs = lifetime.as_secs(), sans = ?sans, "certificate issued");
+            lifetime_secs = (not_after - now).whole_seconds(), sans = ?sans, "certificate issued");
         Ok(CertificateResponse {
             certificate: chain,
             ca: self.ca_pem.clone(),

@@ -3,9 +3,15 @@
 //! `gateway login` asks the issuer for a nonce (over the device's mTLS)
 //! and sends it in its authorization request; the provider puts it in the
 //! ID token. At issuance the nonce must be one this issuer handed to this
-//! same device, not yet used and not expired: a token replayed, or
-//! obtained by another device (a user tricked into completing someone
-//! else's device flow), is refused.
+//! same device, not yet used and not expired: a token replayed, or one a
+//! sign-in started on another device obtained, is refused.
+//!
+//! What a nonce cannot do: tell who completed the sign-in. In device-code
+//! phishing the attacker's device starts the flow (with its own nonce) and
+//! the victim enters the code; the token then names the victim and carries
+//! the attacker device's nonce, and is taken. That is the device grant's
+//! nature (RFC 8628 §5.4); docs/sso.md, "Headless machines", says what
+//! limits it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -91,8 +97,11 @@ impl Nonces {
 }
 
 /// ID tokens without a nonce (`profile.device_grant`), each taken once: a
-/// digest of the token is kept until the issuer would refuse it as too old
-/// anyway.
+/// digest of what the provider signed (the JWS signing input, header and
+/// payload) is kept until the issuer would refuse it as too old anyway.
+/// Not of the whole token: an ECDSA signature is malleable ((r, s) and
+/// (r, n - s) both verify), so the same token can be sent again as another
+/// string with another signature.
 pub struct UsedTokens {
     keep: Duration,
     map: Mutex<HashMap<[u8; 32], Instant>>,
@@ -106,10 +115,12 @@ impl UsedTokens {
         }
     }
 
-    /// Records `token` as used; refused if it was before (or when the
-    /// record is full: fail closed).
+    /// Records `token` (a verified JWS) as used; refused if it was before
+    /// (or when the record is full: fail closed).
     pub fn first_use(&self, token: &str) -> Result<(), NonceError> {
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+        // The signing input: everything before the last dot.
+        let signed = token.rsplit_once('.').map_or(token, |(input, _)| input);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, signed.as_bytes());
         let mut key = [0u8; 32];
         key.copy_from_slice(digest.as_ref());
         let now = Instant::now();
@@ -132,8 +143,11 @@ mod tests {
     fn a_token_without_nonce_is_taken_once() {
         let used = UsedTokens::new(Duration::from_secs(600));
         assert_eq!(used.first_use("a.b.c"), Ok(()));
-        assert_eq!(used.first_use("a.b.d"), Ok(()));
+        assert_eq!(used.first_use("a.x.c"), Ok(()));
         assert_eq!(used.first_use("a.b.c"), Err(NonceError::Replayed));
+        // Another signature over the same header and payload is the same
+        // token.
+        assert_eq!(used.first_use("a.b.d"), Err(NonceError::Replayed));
     }
 
     use super::*;

@@ -1,6 +1,7 @@
 //! OpenID Connect ID tokens, checked with `jsonwebtoken` against the
-//! provider's JWKS: signature (asymmetric algorithms only), `iss`, `aud`
-//! (and `azp` when there are several audiences), `exp` and `nbf` with a
+//! provider's JWKS: signature (asymmetric algorithms only), a `typ` of
+//! `JWT` or none, `iss`, `aud` (and `azp` when there are several audiences
+//! or it is present at all), `exp` and `nbf` with a
 //! small leeway, and an `iat` not older than the token is meant to live
 //! before it is exchanged. Nonce, MFA and the mapping to an identity are
 //! the issuer's rules on the claims this returns (see `issuer::decide`).
@@ -16,7 +17,6 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OidcError {
@@ -50,8 +50,10 @@ pub enum OidcError {
     Issuer,
     #[error("ID token audience does not contain the client id")]
     Audience,
-    #[error("ID token has several audiences and azp is not the client id")]
-    AuthorizedParty,
+    #[error("ID token azp {0:?} is not the client id (a token issued to another client)")]
+    AuthorizedParty(Option<String>),
+    #[error("JWT type {0:?} is not an ID token")]
+    Type(String),
     #[error("ID token lacks the claim {0}")]
     MissingClaim(String),
     #[error("ID token claims unreadable: {0}")]
@@ -72,7 +74,8 @@ impl OidcError {
             OidcError::Expired | OidcError::TooOld { .. } => "token_expired",
             OidcError::NotYetValid | OidcError::IssuedInFuture(_) => "token_not_yet_valid",
             OidcError::Issuer => "token_issuer",
-            OidcError::Audience | OidcError::AuthorizedParty => "token_audience",
+            OidcError::Audience | OidcError::AuthorizedParty(_) => "token_audience",
+            OidcError::Type(_) => "token_type",
         }
     }
 }
@@ -112,6 +115,10 @@ pub struct Claims {
     pub amr: Option<Vec<String>>,
     #[serde(default)]
     pub acr: Option<String>,
+    /// When the user authenticated at the provider (seconds since the
+    /// epoch).
+    #[serde(default)]
+    pub auth_time: Option<u64>,
     /// Read leniently: a provider that sends something else here gets no
     /// group SANs, not a refusal.
     #[serde(default, deserialize_with = "lenient_strings")]
@@ -165,7 +172,12 @@ pub struct TokenVerifier {
     max_age: Duration,
     refetch_interval: Duration,
     source: Box<dyn KeySource>,
-    cache: Mutex<Cache>,
+    /// Held only to read or replace the keys, never across a fetch: a
+    /// token whose kid is cached never waits for the provider.
+    cache: std::sync::Mutex<Cache>,
+    /// One refetch at a time (single flight): tokens with unknown kids
+    /// wait for the one in progress instead of starting more.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// The JWKS's signing keys that `jsonwebtoken` can use; one unreadable or
@@ -194,40 +206,55 @@ impl TokenVerifier {
             max_age: config.max_token_age,
             refetch_interval: config.jwks_refetch_interval,
             source,
-            cache: Mutex::new(Cache {
+            cache: std::sync::Mutex::new(Cache {
                 keys: Vec::new(),
                 fetched: None,
             }),
+            fetching: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn cached(&self, kid: &str) -> Option<Jwk> {
+        self.cache()
+            .keys
+            .iter()
+            .find(|k| k.common.key_id.as_deref() == Some(kid))
+            .cloned()
     }
 
     /// The key named `kid`, refetching the JWKS when it is unknown and the
     /// last fetch is older than the refetch interval.
     async fn key(&self, kid: &str) -> Result<Jwk, OidcError> {
-        let mut cache = self.cache.lock().await;
-        let find = |c: &Cache| {
-            c.keys
-                .iter()
-                .find(|k| k.common.key_id.as_deref() == Some(kid))
-                .cloned()
-        };
-        if let Some(k) = find(&cache) {
+        if let Some(k) = self.cached(kid) {
             return Ok(k);
         }
-        let due = cache
-            .fetched
-            .is_none_or(|at| at.elapsed() >= self.refetch_interval);
-        if !due {
-            return Err(OidcError::UnknownKey(kid.to_owned()));
+        let _flight = self.fetching.lock().await;
+        // The fetch this one waited for may have brought the key.
+        if let Some(k) = self.cached(kid) {
+            return Ok(k);
         }
-        // Counted as a fetch even when it fails: a provider that is down
-        // is not asked once per token either.
-        cache.fetched = Some(Instant::now());
+        {
+            let mut cache = self.cache();
+            let due = cache
+                .fetched
+                .is_none_or(|at| at.elapsed() >= self.refetch_interval);
+            if !due {
+                return Err(OidcError::UnknownKey(kid.to_owned()));
+            }
+            // Counted as a fetch even when it fails: a provider that is
+            // down is not asked once per token either.
+            cache.fetched = Some(Instant::now());
+        }
         let text = self.source.fetch().await.map_err(OidcError::Fetch)?;
         let keys = parse_jwks(&text).map_err(OidcError::Fetch)?;
         tracing::info!(keys = keys.len(), "fetched the provider's JWKS");
-        cache.keys = keys;
-        find(&cache).ok_or_else(|| OidcError::UnknownKey(kid.to_owned()))
+        self.cache().keys = keys;
+        self.cached(kid)
+            .ok_or_else(|| OidcError::UnknownKey(kid.to_owned()))
     }
 
     /// Verifies `token` as an ID token for this client and returns its
@@ -237,6 +264,14 @@ impl TokenVerifier {
         let header = decode_header(token).map_err(|e| OidcError::Malformed(e.to_string()))?;
         if !ACCEPTED.contains(&header.alg) {
             return Err(OidcError::Algorithm(header.alg));
+        }
+        // An access token or logout token the provider signed for this
+        // client (RFC 9068 `at+jwt`, `logout+jwt`) is not an ID token; ID
+        // tokens carry `JWT` or no type.
+        if let Some(typ) = &header.typ
+            && !typ.eq_ignore_ascii_case("JWT")
+        {
+            return Err(OidcError::Type(typ.clone()));
         }
         let kid = header.kid.ok_or(OidcError::NoKeyId)?;
         let jwk = self.key(&kid).await?;
@@ -288,9 +323,13 @@ impl TokenVerifier {
                 max: self.max_age,
             });
         }
-        // OIDC Core §3.1.3.7: with several audiences, azp names the client.
-        if claims.aud.len() > 1 && claims.azp.as_deref() != Some(&self.client_id) {
-            return Err(OidcError::AuthorizedParty);
+        // OIDC Core §3.1.3.7: with several audiences, azp names the
+        // client; and an azp that is present names it too, whatever the
+        // audience (a token issued to another client, or exchanged for it,
+        // was not this login's).
+        let azp_needed = claims.aud.len() > 1 || claims.azp.is_some();
+        if azp_needed && claims.azp.as_deref() != Some(&self.client_id) {
+            return Err(OidcError::AuthorizedParty(claims.azp.clone()));
         }
         Ok(claims)
     }

@@ -46,26 +46,50 @@ const CONNECTION_DEADLINE: Duration = Duration::from_secs(30);
 /// The TLS handshake and each request's headers: a client that sends
 /// nothing gives its slot back soon.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection without a device certificate (`GET /v1/config`, one
+/// request) is done well within this after its handshake; it does not get
+/// the 30 s a device's certificate request may need.
+pub const CERTLESS_DEADLINE: Duration = Duration::from_secs(5);
+/// A request body (at most `MAX_BODY`) arrives within this.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: usize = 256;
-/// Connections one address may hold, so one host cannot take every slot.
+/// Connections one source network may hold, so one host cannot take every
+/// slot: an IPv4 /24 or an IPv6 /64 (one host holds a whole /64, and a
+/// /24 is what one attacker cheaply has; see `source_key`).
 pub const PER_SOURCE: usize = 16;
 
-/// Connections open per source address.
+/// Connections open per source network.
 #[derive(Default)]
 struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
 
 /// One connection's place in `Sources`, given back when dropped.
 struct SourceSlot(Arc<Sources>, std::net::IpAddr);
 
+/// The network a peer is counted under: its IPv4 /24 or IPv6 /64 (an
+/// IPv4-mapped IPv6 address as IPv4). Per exact address, 16 addresses
+/// (any host's /64 has 2^64) held every slot.
+pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let v4 = |a: Ipv4Addr| IpAddr::V4(Ipv4Addr::from(a.to_bits() & 0xffff_ff00));
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => v4(m),
+            None => IpAddr::V6(Ipv6Addr::from(a.to_bits() & !u128::from(u64::MAX))),
+        },
+    }
+}
+
 impl Sources {
     fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let key = source_key(ip);
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_default();
+        let n = map.entry(key).or_default();
         if *n >= PER_SOURCE {
             return None;
         }
         *n += 1;
-        Some(SourceSlot(self.clone(), ip))
+        Some(SourceSlot(self.clone(), key))
     }
 }
 
@@ -234,7 +258,7 @@ pub async fn serve(
             },
         };
         let Some(source) = sources.take(peer.ip()) else {
-            tracing::warn!(%peer, "issuer: this address holds {PER_SOURCE} connections; refused");
+            tracing::warn!(%peer, "issuer: this address's network holds {PER_SOURCE} connections; refused");
             continue;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -244,25 +268,32 @@ pub async fn serve(
         let (acceptor, issuer) = (acceptor.load_full(), issuer.clone());
         tokio::spawn(async move {
             let _slot = (slot, source);
-            let served = tokio::time::timeout(CONNECTION_DEADLINE, async {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(t)) => t,
-                    Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "issuer: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%peer, "issuer: no TLS handshake in time; closed");
-                        return;
-                    }
-                };
-                let device = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|leaf| Identity::from_leaf(leaf).ok());
+            let started = tokio::time::Instant::now();
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "issuer: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "issuer: no TLS handshake in time; closed");
+                    return;
+                }
+            };
+            let device = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|leaf| Identity::from_leaf(leaf).ok());
+            // Only a device may keep a slot for a certificate request's
+            // whole deadline; without one, a few seconds for `/v1/config`.
+            let deadline = if device.is_some() {
+                started + CONNECTION_DEADLINE
+            } else {
+                tokio::time::Instant::now() + CERTLESS_DEADLINE
+            };
+            let served = tokio::time::timeout_at(deadline, async {
                 let device = Arc::new(device);
                 let service = hyper::service::service_fn(move |req| {
                     let (issuer, device) = (issuer.clone(), device.clone());
@@ -324,6 +355,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                     "client_id": c.oidc.client_id,
                     "scopes": c.oidc.scopes,
                     "device_san_prefix": c.device_san_prefix,
+                    "max_age": c.profile.max_auth_age.map(|d| d.as_secs()),
                 }),
             )
         }
@@ -332,10 +364,25 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
             Err(e) => refusal(&e),
         },
         (Method::POST, "/v1/certificate") => {
-            let body = match Limited::new(body, MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => return refusal(&Refusal::BadRequest(format!("body: {e}"))),
-            };
+            // No device, no reading: a client without one is told so before
+            // it can hold the connection by trickling a body.
+            if device.is_none() {
+                let e = Refusal::NoDevice;
+                issuer.refused_early(&e);
+                return refusal(&e);
+            }
+            let body =
+                match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect())
+                    .await
+                {
+                    Ok(Ok(b)) => b.to_bytes(),
+                    Ok(Err(e)) => return refusal(&Refusal::BadRequest(format!("body: {e}"))),
+                    Err(_) => {
+                        return refusal(&Refusal::BadRequest(format!(
+                            "body not received within {BODY_TIMEOUT:?}"
+                        )));
+                    }
+                };
             let req: CertificateRequest = match serde_json::from_slice(&body) {
                 Ok(r) => r,
                 Err(e) => return refusal(&Refusal::BadRequest(format!("not a request: {e}"))),
@@ -379,4 +426,20 @@ fn metrics(issuer: &Issuer) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::source_key;
+
+    #[test]
+    fn sources_are_counted_per_ipv4_24_and_ipv6_64() {
+        let key = |s: &str| source_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.77"), "192.0.2.0");
+        assert_eq!(key("::ffff:192.0.2.77"), "192.0.2.0");
+        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+    }
 }

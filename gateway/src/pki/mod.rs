@@ -56,6 +56,19 @@ impl KeyType {
     }
 }
 
+/// A fresh serial: 16 random bytes, the top bit clear so the INTEGER is
+/// positive in 16 bytes (RFC 5280 §4.1.2.2 allows 20; CA/B BR want at
+/// least 64 random bits). Not rcgen's default, a hash of the subject's
+/// public key: for a CSR that is the requester's choice, and two
+/// certificates for one key would share a serial.
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| PkiError::Rcgen(rcgen::Error::RingUnspecified))?;
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
 /// The start of an Ed25519 key in PKCS#8 v2 (RFC 5958: version 1, the
 /// algorithm, the 32-byte seed), after the outer SEQUENCE's tag and length.
 const ED25519_V2_AFTER_LEN: [u8; 14] = [
@@ -310,6 +323,7 @@ impl Authority {
             ext.set_criticality(true);
             params.custom_extensions.push(ext);
         }
+        params.serial_number = Some(random_serial()?);
         let key = spec.key_type.generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         let serial = X509Certificate::from_der(cert.der())
@@ -343,6 +357,7 @@ impl Authority {
             Profile::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Profile::NoEku => vec![],
         };
+        params.serial_number = Some(random_serial()?);
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         let serial = X509Certificate::from_der(cert.der())
             .map(|(_, c)| c.tbs_certificate.raw_serial().to_vec())

@@ -17,7 +17,6 @@
 //! needs the root key. Revoking the intermediate does.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +61,23 @@ pub struct IndexEntry {
     pub not_after: String,
     /// RFC 3339, when revoked.
     pub revoked_at: Option<String>,
+    /// For a device-bound user certificate (`gateway issuer`): the device
+    /// URI it is bound to, so `gateway pki revoke --device` finds every
+    /// user certificate a lost device holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// That device certificate's serial (hex), as the issuer saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_serial: Option<String>,
+}
+
+/// The device a user certificate is bound to, as the issuer verified it.
+#[derive(Debug, Clone)]
+pub struct BoundDevice {
+    /// Its device URI SAN.
+    pub uri: String,
+    /// Its certificate's serial, hex.
+    pub serial: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -120,19 +136,17 @@ impl Store {
 
     fn write(&self, name: &str, contents: &str, secret: bool) -> Result<PathBuf, PkiError> {
         let path = self.path(name);
-        // Written to a temporary name and renamed, so a reader (the gateway's
-        // file watcher) never sees half a file.
-        let tmp = self.path(&format!(".{name}.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(if secret { 0o600 } else { 0o644 })
-            .open(&tmp)
-            .map_err(self.io(&tmp))?;
-        file.write_all(contents.as_bytes()).map_err(self.io(&tmp))?;
-        file.sync_all().map_err(self.io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(self.io(&path))?;
+        // Written to a fresh temporary file (random name, O_EXCL,
+        // O_NOFOLLOW) and renamed, so a reader (the gateway's file watcher)
+        // never sees half a file, and a file or symlink left under a
+        // temporary name can neither make a key readable nor receive it.
+        crate::safe_dir::write_replacing(
+            &self.dir,
+            name,
+            contents.as_bytes(),
+            if secret { 0o600 } else { 0o644 },
+        )
+        .map_err(self.io(&path))?;
         Ok(path)
     }
 
@@ -386,6 +400,8 @@ impl Store {
             sans: sans.to_vec(),
             not_after: rfc3339(spec.not_after),
             revoked_at: None,
+            device: None,
+            device_serial: None,
         });
         self.save_index(&index)?;
         Ok((cert, key))
@@ -393,16 +409,18 @@ impl Store {
 
     /// Signs a device-bound user certificate for the key in `csr_pem`
     /// (`gateway issuer`): SANs exactly as given, clientAuth, valid from
-    /// five minutes ago (clock skew) for `lifetime`. Recorded in the index
-    /// like any leaf, so `gateway pki revoke SERIAL` revokes it; no file
-    /// is written (the certificate goes back to the requester). Returns
-    /// the leaf followed by the intermediate, and the index entry.
+    /// five minutes ago (clock skew) until `not_after` (whole seconds).
+    /// Recorded in the index like any leaf, with the device it is bound
+    /// to, so `gateway pki revoke SERIAL` (or `--device URI`) revokes it;
+    /// no file is written (the certificate goes back to the requester).
+    /// Returns the leaf followed by the intermediate, and the index entry.
     pub fn sign_request(
         &self,
         name: &str,
         csr_pem: &str,
         sans: &[String],
-        lifetime: Duration,
+        not_after: OffsetDateTime,
+        device: Option<&BoundDevice>,
     ) -> Result<(String, IndexEntry), PkiError> {
         if let Some(w) = sans.iter().find(|s| s.contains('*')) {
             return Err(PkiError::Wildcard(w.clone()));
@@ -424,7 +442,7 @@ impl Store {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
         spec.not_before = now - Duration::minutes(5);
-        spec.not_after = now + lifetime;
+        spec.not_after = not_after.replace_nanosecond(0).unwrap_or(not_after);
         let signed = int.sign_request(csr_pem, &spec)?;
         let entry = IndexEntry {
             serial: hex(&signed.serial),
@@ -433,6 +451,8 @@ impl Store {
             sans: sans.to_vec(),
             not_after: rfc3339(spec.not_after),
             revoked_at: None,
+            device: device.map(|d| d.uri.clone()),
+            device_serial: device.map(|d| d.serial.clone()),
         };
         index.issued.push(entry.clone());
         self.save_index(&index)?;
@@ -481,6 +501,37 @@ impl Store {
         Ok(entry)
     }
 
+    /// Revokes every certificate bound to the device `uri` (a lost or
+    /// retired device): the user certificates the issuer signed for it,
+    /// found by the device recorded in the index or, for entries written
+    /// before that, by the device URI among their SANs. Already revoked
+    /// and expired ones are left as they are. Publishes a fresh CRL when
+    /// anything was revoked; returns what was.
+    pub fn revoke_device(&self, uri: &str) -> Result<Vec<IndexEntry>, PkiError> {
+        let _lock = self.lock()?;
+        let mut index = self.index()?;
+        let now = OffsetDateTime::now_utc();
+        let stamp = rfc3339(now);
+        let live = |e: &IndexEntry| {
+            OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
+                // Unreadable: revoke rather than guess it ended.
+                .map_or(true, |t| t > now)
+        };
+        let mut revoked = Vec::new();
+        for e in index.issued.iter_mut() {
+            let bound = e.device.as_deref() == Some(uri) || e.sans.iter().any(|s| s == uri);
+            if bound && e.revoked_at.is_none() && live(e) {
+                e.revoked_at = Some(stamp.clone());
+                revoked.push(e.clone());
+            }
+        }
+        if !revoked.is_empty() {
+            self.save_index(&index)?;
+            self.publish_crl_locked(Duration::days(7))?;
+        }
+        Ok(revoked)
+    }
+
     /// The root revokes the intermediate: the root's CRL lists it, and with
     /// it every certificate the intermediate issued is refused by a gateway
     /// whose bundle has `crl.pem`. Needs the root key.
@@ -505,6 +556,8 @@ impl Store {
                     sans: vec![],
                     not_after: rfc3339(not_after),
                     revoked_at: Some(rfc3339(OffsetDateTime::now_utc())),
+                    device: None,
+                    device_serial: None,
                 };
                 index.revoked_intermediates.push(e.clone());
                 e
