@@ -1174,6 +1174,8 @@ mod review10_pool;
 #[cfg(test)]
 mod review11;
 #[cfg(test)]
+mod review12;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,281 @@
+//! Attacker review 12 of admission after 714df4a ("Merge admpool"): the
+//! handshake pool's spared places, their handover, the own-source lane,
+//! and the health check's pass. Each test asserts the HARM, so it passes
+//! on the reviewed code; a fix should make it fail.
+//!
+//! Handshakes are held without a descriptor (judged by time): past
+//! `advance(.., Answered)` a client's turn is protected for half the grace
+//! (1 s), which these tests finish well within.
+//!
+//! Run: `cargo test -p gateway --lib admission::review12 -- --nocapture`
+
+use super::pool::{EVICTION_BURST, Taken};
+use super::*;
+
+fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A place taken and past its ClientHello: the client's turn, early.
+fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
+    let t = pool.take(c, None, max, share, known).unwrap();
+    pool.advance(t.id, &t.place, Stage::Answered);
+    t
+}
+
+fn live(t: &Taken) -> bool {
+    t.place.stage() == Stage::Answered
+}
+
+/// R12-1. A certificate holder known from 4 /24s of a known client's /16
+/// (VMs of one cloud region, hosting customers of one /48) holds the
+/// /16's 16 spared places, and keeps them by handing each over to its own
+/// next handshake (open the new one, then close the old: the spare goes
+/// to the oldest waiting of the *same source*). The victim's handshakes
+/// are never spared: the /16 holds 17 and more, so every certless
+/// newcomer from another network (the attacker's own, within its
+/// /24's budget) evicts the victim's handshake early in its turn. The
+/// client already served never completes a handshake while the
+/// attacker's 16 live on.
+#[test]
+fn r12_1_a_co_tenant_of_the_victims_16_holds_its_spared_places_and_the_victim_never_completes() {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    // The attacker: known from 10.1.1-4.0/24, 4 each: the /16's 16.
+    let attacker_at = |n: u16| v4([10, 1, 1 + (n / 4) as u8, 1 + (n % 4) as u8], 1000 + n);
+    let mut attacker: Vec<Taken> = (0..16u16)
+        .map(|n| answered(&pool, attacker_at(n), max, share, true))
+        .collect();
+    // Strangers filling the share, one per /16 (not crowded), younger
+    // than everything else: a certless flood, or simply other traffic.
+    let mut strangers: Vec<Taken> = Vec::new();
+    let mut next_stranger = 0u8;
+    let mut fill = |pool: &Pool, strangers: &mut Vec<Taken>| {
+        while pool.handshakes() < share {
+            strangers.push(answered(
+                pool,
+                v4([100 + next_stranger / 4, next_stranger % 4, 0, 1], 1),
+                max,
+                share,
+                false,
+            ));
+            next_stranger += 1;
+        }
+    };
+    let victim_at = |round: u16| v4([10, 1, 9, 5], 20_000 + round);
+    let mut evicted_victims = 0;
+    for round in 0..20u16 {
+        // The attacker rotates its places: a new one from each address,
+        // then the old one closed; the spare passes to the new one.
+        if round % 5 == 4 {
+            for (n, old) in attacker.iter_mut().enumerate() {
+                let new = pool
+                    .take(attacker_at(n as u16), None, max, share, true)
+                    .unwrap();
+                pool.advance(new.id, &new.place, Stage::Answered);
+                assert!(pool.release(old.id, &old.place));
+                *old = new;
+            }
+        }
+        // The known client (re)connects: it gets in (a known newcomer
+        // displaces a stranger, outside any budget), its handshake early
+        // in its turn.
+        let victim = answered(&pool, victim_at(round), max, share, true);
+        fill(&pool, &mut strangers);
+        std::thread::sleep(Duration::from_millis(2));
+        // A certless newcomer from anywhere else: the victim's handshake
+        // goes, crowded out of the /16 the attacker fills.
+        let newcomer = pool
+            .take(
+                v4([150 + round as u8, 18, 0, 1], 1),
+                None,
+                max,
+                share,
+                false,
+            )
+            .unwrap_or_else(|r| panic!("round {round}: {r:?}"));
+        pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
+        strangers.push(newcomer);
+        if victim.place.evicted().is_cancelled() {
+            evicted_victims += 1;
+        }
+    }
+    assert_eq!(
+        evicted_victims, 20,
+        "every handshake of the known client went"
+    );
+    assert!(
+        attacker.iter().all(live),
+        "the attacker's 16 spared handshakes stayed"
+    );
+}
+
+/// R12-2. When a spared handshake ends, only its own source's oldest
+/// waiting handshake is spared in its place: a known client's handshake
+/// refused the spare because the share's half (or its /16's 16) was held
+/// by others is never spared afterwards, even when it is the only known
+/// handshake left. The room goes to whoever joins next (the attacker,
+/// reopening), and the victim's handshake, the oldest known one, is
+/// displaced by a known newcomer from elsewhere (within that newcomer's
+/// budget) before a younger stranger's. README: "when a spared one ends,
+/// its source's oldest other is spared instead"; "the oldest 4 known
+/// handshakes of its source ... half the share in all" are spared.
+#[test]
+fn r12_2_a_known_handshake_refused_the_spare_is_never_spared_when_room_comes() {
+    let (max, share) = (64, 8);
+    // `leave`: whether the attacker's 4 leave before the victim joins
+    // (the control) or after.
+    let run = |leave_first: bool| -> Option<SocketAddr> {
+        let pool = Pool::new("edge");
+        // The attacker holds the share's half (4 of 8) spared.
+        let held: Vec<Taken> = (1..=4u8)
+            .map(|h| answered(&pool, v4([10, 1, 1, h], 1), max, share, true))
+            .collect();
+        let release = |pool: &Pool| {
+            for t in &held {
+                assert!(pool.release(t.id, &t.place));
+            }
+        };
+        if leave_first {
+            release(&pool);
+        }
+        // A client served before joins.
+        let victim = answered(&pool, v4([192, 0, 2, 5], 1), max, share, true);
+        if !leave_first {
+            release(&pool);
+        }
+        // Either way it is now the only known handshake in the share. The
+        // share fills with strangers, younger than it.
+        std::thread::sleep(Duration::from_millis(2));
+        let strangers: Vec<Taken> = (0..7u8)
+            .map(|n| answered(&pool, v4([100 + n, 0, 0, 1], 1), max, share, false))
+            .collect();
+        std::thread::sleep(Duration::from_millis(2));
+        // A known newcomer of another source, within its budget.
+        let other = pool
+            .take(v4([198, 51, 100, 1], 1), None, max, share, true)
+            .unwrap();
+        drop((victim, strangers));
+        other.evicted
+    };
+    // Control: joined with room, the victim's handshake is spared; the
+    // newcomer displaces the oldest stranger.
+    assert_eq!(run(true), Some(v4([100, 0, 0, 1], 1)));
+    // Joined while the attacker held the half: never spared, although the
+    // attacker left; it goes, before every stranger.
+    assert_eq!(run(false), Some(v4([192, 0, 2, 5], 1)));
+}
+
+/// R12-3. The own-source lane: a known newcomer evicts its own source's
+/// (/24, /64) oldest waiting handshake outside any budget. A certificate
+/// holder in a known client's /24 or /64 (a NAT's other user, a hosting
+/// /24, a shared /64) that holds the source's 4 spared places evicts the
+/// victim's every handshake, however many and however fast (bounded only
+/// by the prefix's handshake rate, 1000/s by default), where any other
+/// source evicts at most its burst (32) at once.
+#[test]
+fn r12_3_a_known_co_tenant_evicts_the_victims_handshakes_outside_any_budget() {
+    let pool = Pool::new("edge");
+    let (max, share) = (64, 8);
+    let attacker = [203, 0, 113, 66];
+    let victim = [203, 0, 113, 5];
+    let spared: Vec<Taken> = (0..4u16)
+        .map(|p| answered(&pool, v4(attacker, 1000 + p), max, share, true))
+        .collect();
+    // The victim, a client served before, with 4 handshakes (a connection
+    // pool's, or four users behind one NAT address).
+    let mut victims: Vec<Taken> = (0..4u16)
+        .map(|p| answered(&pool, v4(victim, 2000 + p), max, share, true))
+        .collect();
+    let rounds = 4 * EVICTION_BURST as u16;
+    let mut evicted = 0;
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_micros(200));
+        let t = pool
+            .take(v4(attacker, 3000 + round), None, max, share, true)
+            .unwrap();
+        if t.evicted.is_some_and(|e| e.ip() == IpAddr::from(victim)) {
+            evicted += 1;
+        }
+        // The attacker's newcomer closes (silent within grace/20: no
+        // strike); the victim reconnects.
+        assert!(pool.release(t.id, &t.place));
+        let v = answered(&pool, v4(victim, 4000 + round), max, share, true);
+        victims.push(v);
+    }
+    assert_eq!(
+        evicted, rounds,
+        "every attacker newcomer evicted a victim's"
+    );
+    assert!(evicted > EVICTION_BURST as u16);
+    assert!(spared.iter().all(live));
+    // Any other source, known, is held to its burst.
+    let pool2 = Pool::new("edge");
+    let mut count = 0;
+    let mut held2: Vec<Taken> = (0..8u16)
+        .map(|p| answered(&pool2, v4([192, 0, 2, 1 + p as u8], 1), 64, 8, true))
+        .collect();
+    for round in 0..rounds {
+        let Ok(t) = pool2.take(v4([198, 51, 100, 1], 100 + round), None, 64, 8, true) else {
+            break;
+        };
+        if t.evicted.is_some() {
+            count += 1;
+        }
+        assert!(pool2.release(t.id, &t.place));
+        held2.push(answered(
+            &pool2,
+            v4([192, 0, 3, (round % 200) as u8 + 1], 1),
+            64,
+            8,
+            true,
+        ));
+    }
+    assert!(count <= EVICTION_BURST as u16, "{count}");
+}
+
+/// R12-4. The health check's pass is judged when the gateway reads the
+/// close, not when the client closed: a check that connects and closes
+/// at once, whose close the gateway gets round to 110 ms later (a busy
+/// runtime under the very flood admission is for; 5 ms with the shortest
+/// grace the config accepts, 100 ms), is struck. A load balancer's
+/// checks, from the address its clients come from (HAProxy in TCP mode),
+/// pile up strikes there and, with a small `block_after`, get it blocked.
+#[tokio::test]
+async fn r12_4_a_check_closed_at_once_but_read_late_is_struck() {
+    use tokio::io::AsyncReadExt as _;
+    let settings = AdmissionSettings {
+        source_handshakes_per_second: 1000,
+        source_handshake_burst: 1000,
+        source_handshakes_in_flight: 2,
+        block_after: 3,
+        kernel_block_list: false,
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&settings, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let check = SocketAddr::new("192.0.2.33".parse().unwrap(), 1);
+    for _ in 0..3 {
+        let c = std::net::TcpStream::connect(addr).unwrap();
+        let (mut s, _) = listener.accept().await.unwrap();
+        let t = match admission.admit(&pool, 10, 10, check, Some(&s)) {
+            Answer::Admit(t) | Answer::Evict { ticket: t, .. } => t,
+            Answer::Refuse(r) => panic!("refused: {r:?}"),
+        };
+        // The check closes at once.
+        drop(c);
+        // The gateway's task runs 110 ms later.
+        tokio::time::sleep(Duration::from_millis(110)).await;
+        let mut buf = [0u8; 8];
+        while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        t.refused(Refusal::ClientClosed);
+    }
+    assert!(matches!(
+        admission.admit(&pool, 10, 10, check, None),
+        Answer::Refuse(Refusal::Blocked)
+    ));
+}
