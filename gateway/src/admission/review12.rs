@@ -279,3 +279,107 @@ async fn r12_4_a_check_closed_at_once_but_read_late_is_struck() {
         Answer::Refuse(Refusal::Blocked)
     ));
 }
+
+/// R12-5. Review 7 F10's bound on a silent hold (struck past grace/20,
+/// 100 ms) holds only while nobody evicts the holder: once the share is
+/// full, two sources of the attacker's (two /24s, or /64s) that hold
+/// their places silently before the ClientHello and evict each other's
+/// (a stalled hello goes first) hold each place 250 ms, up to the grace
+/// (2 s), and are never struck: an eviction by a newcomer is no strike
+/// unless the handshake was below the minimum rate, which a silent hello
+/// is not before the grace. Nothing is ever blocked.
+#[test]
+fn r12_5_silent_holders_evicting_each_other_are_never_struck() {
+    let settings = AdmissionSettings {
+        source_handshakes_per_second: 1000,
+        source_handshake_burst: 1000,
+        source_handshakes_in_flight: 2,
+        block_after: 3,
+        kernel_block_list: false,
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&settings, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let a = SocketAddr::new("192.0.2.10".parse().unwrap(), 1);
+    let b = SocketAddr::new("198.51.100.10".parse().unwrap(), 1);
+    let take = |c: SocketAddr| match admission.admit(&pool, 10, 1, c, None) {
+        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => t,
+        Answer::Refuse(r) => panic!("{c}: refused {r:?}"),
+    };
+    let mut held = take(a);
+    for round in 0..8 {
+        // Silent, past grace/20 (and past the stalled-hello mark).
+        std::thread::sleep(Duration::from_millis(250));
+        let next = take(if round % 2 == 0 { b } else { a });
+        assert_eq!(held.stage(), Stage::Evicted);
+        drop(held);
+        held = next;
+    }
+    drop(held);
+    // 4 silent holds of 250 ms each from each address, block_after 3:
+    // neither is struck.
+    assert!(admission.blocked().is_empty());
+    for c in [a, b] {
+        assert!(!matches!(
+            admission.admit(&pool, 10, 1, c, None),
+            Answer::Refuse(Refusal::Blocked)
+        ));
+    }
+}
+
+/// R12-1, at the share's scale. One certificate known from 4 /64s of one
+/// /48 (`share`/32 /48s in general) holds the share's spared half; every
+/// client served before that joins then is not spared, and the
+/// attacker's known newcomers from other /64s (each with its own budget,
+/// 16 a second) displace them, the oldest first: before any of the
+/// flood's younger strangers. Clients already served "still get in" but
+/// do not complete.
+#[test]
+fn r12_1b_holding_the_spared_half_every_known_client_is_displaced_before_the_flood() {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 32);
+    let v6 = |s: &str| SocketAddr::new(s.parse().unwrap(), 1);
+    let held: Vec<Taken> = (0..16u16)
+        .map(|n| {
+            answered(
+                &pool,
+                v6(&format!("2001:db8:66:{:x}::{:x}", n / 4, 1 + n % 4)),
+                max,
+                share,
+                true,
+            )
+        })
+        .collect();
+    // Eight clients served before, each from its own /16.
+    let served: Vec<Taken> = (0..8u8)
+        .map(|n| answered(&pool, v4([20 + n, 1, 1, 1], 1), max, share, true))
+        .collect();
+    std::thread::sleep(Duration::from_millis(2));
+    // The flood's strangers, one per /16, younger.
+    let strangers: Vec<Taken> = (0..8u8)
+        .map(|n| answered(&pool, v4([100 + n, 0, 0, 1], 1), max, share, false))
+        .collect();
+    std::thread::sleep(Duration::from_millis(2));
+    let mut newcomers = Vec::new();
+    for n in 0..8u16 {
+        let t = pool
+            .take(v6(&format!("2001:db8:67:{n:x}::1")), None, max, share, true)
+            .unwrap();
+        let gone = t
+            .evicted
+            .unwrap_or_else(|| panic!("round {n}: {}", pool.handshakes()));
+        assert_eq!(
+            gone,
+            v4([20 + n as u8, 1, 1, 1], 1),
+            "the oldest client served"
+        );
+        // (its own place, unspared and younger, keeps the share full; in
+        // the attack it closes silently within grace/20: no strike)
+        newcomers.push(t);
+    }
+    assert!(served.iter().all(|s| s.place.evicted().is_cancelled()));
+    assert!(strangers.iter().all(live));
+    assert!(held.iter().all(live));
+}
