@@ -383,3 +383,76 @@ fn r12_1b_holding_the_spared_half_every_known_client_is_displaced_before_the_flo
     assert!(strangers.iter().all(live));
     assert!(held.iter().all(live));
 }
+
+/// R12-6. Every reload (`configure`) builds the kernel's copy under the
+/// tables' lock, whether or not a kernel program is loaded, and for each
+/// strikes block of a prefix or network scans the whole known table
+/// (`knows_in`: every entry's every slot): blocks x known entries. With
+/// the known table full of clients served before (16 384 by default) an
+/// attacker that got a few thousand /64s (or /24s) blocked for strikes
+/// (400 failed handshakes each by default) makes each reload hold every
+/// accept's lock that long (65 536 blocks at most: ~10^9 checks).
+#[test]
+fn r12_6_a_reload_scans_the_known_table_once_per_prefix_block_under_the_lock() {
+    let s = AdmissionSettings {
+        source_handshakes_per_second: 0,
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_per_second: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_per_second: 0,
+        network_handshakes_in_flight: 0,
+        block_after: 3,
+        prefix_block_after: 4,
+        network_block_after: 5000,
+        prefix_spread_block_after: 0,
+        network_spread_block_after: 0,
+        kernel_block_list: false,
+        pin: false,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let admit = |c: SocketAddr| match admission.admit(&pool, 1_000_000, 1_000_000, c, None) {
+        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => t,
+        Answer::Refuse(r) => panic!("{c}: refused {r:?}"),
+    };
+    // Clients served before: a full known table.
+    let known = s.max_known as usize;
+    for i in 0..known {
+        let c = v4([10, (i >> 8) as u8, (i & 0xff) as u8, 1], 1);
+        let t = admit(c);
+        assert!(t.established());
+        t.served(&format!("spiffe://example.internal/client/{i}"));
+    }
+    // The attacker: prefix blocks, 4 strikes each (2 addresses x 2).
+    let measure = |admission: &Arc<Admission>| {
+        let at = Instant::now();
+        admission.configure(&s, &[]);
+        at.elapsed()
+    };
+    let base = measure(&admission);
+    let blocks = 2000u32;
+    for p in 0..blocks {
+        for h in 1..=2u8 {
+            for _ in 0..2 {
+                drop(admit(v4(
+                    [172, 16 + (p >> 8) as u8, (p & 0xff) as u8, h],
+                    1,
+                )));
+            }
+        }
+    }
+    let prefix_blocks = admission
+        .blocked()
+        .iter()
+        .filter(|b| b.net.prefix_len() == 24)
+        .count();
+    assert_eq!(prefix_blocks, blocks as usize);
+    let loaded = measure(&admission);
+    println!(
+        "configure: {base:?} with no block, {loaded:?} with {blocks} prefix blocks and {known} known \
+         (~{:.1?} for 65 536 blocks)",
+        loaded.mul_f64(65_536.0 / f64::from(blocks))
+    );
+    assert!(loaded > base * 50, "{loaded:?} vs {base:?}");
+}
