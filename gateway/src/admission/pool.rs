@@ -442,6 +442,10 @@ pub(super) struct Place {
     identities: Vec<u64>,
     spared_as: AtomicU64,
     accepted: Instant,
+    /// When its handshake task first looked at it (`Watch`): a close read
+    /// then was there before the gateway could see it, however late the
+    /// task ran.
+    watched: std::sync::OnceLock<Instant>,
     /// A duplicate of the connection's socket, for the kernel's counts of
     /// its progress, while it is in its handshake (None once past it, or
     /// when no descriptor was left to duplicate it).
@@ -475,6 +479,17 @@ impl Place {
 
     pub fn accepted(&self) -> Instant {
         self.accepted
+    }
+
+    /// Its handshake task looks at it from now on (the first call counts).
+    pub(super) fn watched(&self) {
+        let _ = self.watched.set(Instant::now());
+    }
+
+    /// Since when the gateway could have seen the client close: its task's
+    /// first look, or admission when no task looked.
+    pub(super) fn looked_since(&self) -> Instant {
+        self.watched.get().copied().unwrap_or(self.accepted)
     }
 
     /// The socket's duplicate, while the handshake lasts.
@@ -766,7 +781,12 @@ impl Pool {
                 // blamed): a strike, so that peers replaying a ClientHello
                 // from many sources to hold the share pay for it, their
                 // addresses and their networks' spread scores.
-                let silent = class == Some(Class::StalledTurn)
+                // So too a hello silent (not a byte, not a FIN) well past
+                // when its ClientHello was due: two sources of an attacker's
+                // evicting each other's silent places held each up to the
+                // grace, never struck, where a silent place closed past
+                // grace/20 is (review 12, R12-5).
+                let silent = matches!(class, Some(Class::StalledTurn | Class::StalledHello))
                     && matches!(victim.look(now), Some(Ok(Now::Client { received: 0, .. })));
                 victim
                     .evicted_slow
@@ -794,6 +814,7 @@ impl Pool {
             identities,
             spared_as: AtomicU64::new(0),
             accepted: now,
+            watched: std::sync::OnceLock::new(),
             socket: Mutex::new(socket.map(Arc::new)),
             turn: Mutex::new(Turn::new(now)),
             pace: Mutex::new(Pace::DEFAULT),
