@@ -23,8 +23,9 @@
 //! holds none. A newcomer whose source is known (a verified certificate
 //! lately) displaces, besides, the oldest handshake of a source not known.
 //! A known source's handshakes are spared both, the oldest few of its
-//! source and network and half the share in all (`Slots::spare`); past
-//! that they are weighed like a stranger's, after every crowded one. When
+//! source, its network and its identity, and half the share in all
+//! (`Slots::spare`); past that they are weighed like a stranger's, after
+//! every crowded one. When
 //! there is nothing to evict, the newcomer is refused.
 //!
 //! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
@@ -230,10 +231,9 @@ impl Slots {
     /// room for one more; says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
-        let per_identity = u32::try_from(
-            (self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize),
-        )
-        .unwrap_or(u32::MAX);
+        let per_identity =
+            u32::try_from((self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize))
+                .unwrap_or(u32::MAX);
         if self.spared >= cap
             || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE
             || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
@@ -631,8 +631,8 @@ impl Pool {
     /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A `known` client (a
     /// verified certificate lately, `sources`) evicts a source not known's
-    /// handshake, or its own source's, outside any budget; another known
-    /// source's within its own.
+    /// handshake, or its own identity's in its own source, outside any
+    /// budget; another known client's within its own.
     pub(super) fn take(
         &self,
         client: SocketAddr,

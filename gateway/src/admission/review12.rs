@@ -112,7 +112,10 @@ fn r12_1_a_co_tenant_of_the_victims_16_does_not_hold_its_spared_places() {
         .iter()
         .filter(|t| t.place.stage() == Stage::Evicted)
         .count();
-    assert_eq!(completed, 20, "every handshake of the known client completed");
+    assert_eq!(
+        completed, 20,
+        "every handshake of the known client completed"
+    );
     assert!(
         attacker_evicted >= 12,
         "the attacker's handshakes past its 4 were crowded out: {attacker_evicted}"
@@ -378,12 +381,7 @@ async fn r12_5_silent_holders_evicting_each_other_are_struck() {
     drop(held);
     // `a` evicted silent at rounds 0, 2 and 4: struck 3 times, blocked.
     assert_eq!(blocked, Some(5));
-    assert!(
-        admission
-            .blocked()
-            .iter()
-            .any(|x| x.net.contains(&a.ip()))
-    );
+    assert!(admission.blocked().iter().any(|x| x.net.contains(&a.ip())));
 }
 
 /// R12-1b (fixed), at the share's scale. One certificate known from 4
