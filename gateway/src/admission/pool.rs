@@ -84,8 +84,10 @@ const KNOWN_SPARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
 /// Exact addresses whose identities a listener remembers (the most
 /// recently authenticated), and identities per address (a NAT's several
 /// users): past that the least recent is forgotten, and a handshake from
-/// an address not remembered counts as its source's (/24, /64) own
-/// identity, as before identities were counted.
+/// an address not remembered counts as its network's (/16, /48): all
+/// such of one network as one identity. As its source's, an attacker
+/// that got its own addresses forgotten (16 384 handshakes authenticated
+/// from others) was 4 identities in 4 /24s of a client's /16 again.
 const MAX_SERVED_ADDRESSES: usize = 16_384;
 const IDENTITIES_PER_ADDRESS: usize = 4;
 
@@ -331,12 +333,12 @@ impl Slots {
     }
 
     /// The identities a handshake from `client` is counted as: those that
-    /// lately authenticated from its exact address, else its source's own
-    /// (one certificate unseen here is counted as its /24 or /64).
-    fn identities_of(&self, client: IpAddr, source: IpAddr) -> Vec<u64> {
+    /// lately authenticated from its exact address, else its network's
+    /// (every address of a /16 or /48 not remembered, as one).
+    fn identities_of(&self, client: IpAddr, network: IpAddr) -> Vec<u64> {
         match self.served.get(&client) {
             Some(ids) if !ids.is_empty() => ids.clone(),
-            _ => vec![std::hash::BuildHasher::hash_one(&self.hasher, source)],
+            _ => vec![std::hash::BuildHasher::hash_one(&self.hasher, network)],
         }
     }
 
@@ -648,7 +650,7 @@ impl Pool {
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
-        let identities = s.identities_of(client.ip().to_canonical(), source_of(client));
+        let identities = s.identities_of(client.ip().to_canonical(), network_of(client));
         if full || handshakes >= max_handshakes {
             let refused = if full {
                 Refusal::MaxConnections

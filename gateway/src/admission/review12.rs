@@ -39,11 +39,19 @@ const ATTACKER: &str = "spiffe://example.internal/attacker";
 /// of the victim's handshakes evicted, the attacker's 16 all live.
 #[test]
 fn r12_1_a_co_tenant_of_the_victims_16_does_not_hold_its_spared_places() {
+    r12_1(true);
+    // The same with the attacker's addresses forgotten by the pool (16 384
+    // handshakes authenticated from elsewhere while they were idle): they
+    // count as their /16's one identity, not as 4 /24s.
+    r12_1(false);
+}
+
+fn r12_1(remembered: bool) {
     let pool = Pool::new("edge");
     let (max, share) = (256, 40);
     // The attacker: known from 10.1.1-4.0/24, 4 each, as one identity.
     let attacker_at = |n: u16| v4([10, 1, 1 + (n / 4) as u8, 1 + (n % 4) as u8], 1000 + n);
-    for n in 0..16u16 {
+    for n in (0..16u16).filter(|_| remembered) {
         pool.served_as(attacker_at(n).ip(), ATTACKER);
     }
     let victim_at = |round: u16| v4([10, 1, 9, 5], 20_000 + round);
@@ -184,6 +192,13 @@ fn r12_2_a_known_handshake_refused_the_spare_is_spared_when_room_comes() {
 fn r12_2_a_spare_handed_over_goes_to_the_oldest_waiting_of_the_network() {
     let pool = Pool::new("edge");
     let (max, share) = (64, 8);
+    for h in 1..=4u8 {
+        pool.served_as(IpAddr::from([10, 1, 1, h]), ATTACKER);
+    }
+    pool.served_as(
+        IpAddr::from([10, 1, 9, 5]),
+        "spiffe://example.internal/victim",
+    );
     // The attacker holds the share's half from one /24 (4 of 8).
     let mut held: Vec<Taken> = (1..=4u8)
         .map(|h| answered(&pool, v4([10, 1, 1, h], 1), max, share, true))
