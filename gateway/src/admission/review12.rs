@@ -449,16 +449,14 @@ fn r12_1b_one_identity_does_not_hold_the_spared_half() {
     assert!(held.iter().take(4).all(live));
 }
 
-/// R12-6. Every reload (`configure`) builds the kernel's copy under the
-/// tables' lock, whether or not a kernel program is loaded, and for each
-/// strikes block of a prefix or network scans the whole known table
-/// (`knows_in`: every entry's every slot): blocks x known entries. With
-/// the known table full of clients served before (16 384 by default) an
-/// attacker that got a few thousand /64s (or /24s) blocked for strikes
-/// (400 failed handshakes each by default) makes each reload hold every
-/// accept's lock that long (65 536 blocks at most: ~10^9 checks).
+/// R12-6 (fixed on main, 91fac94). Every reload (`configure`) builds the
+/// kernel's copy under the tables' lock; it scanned, for each strikes
+/// block of a prefix or network, the whole known table (blocks x known
+/// entries: 1.58 s debug with 2000 blocks and 16 384 known). Whether a
+/// block spares known sources is now kept on the entry: the reload is
+/// linear in the blocks (under 1 ms here, debug).
 #[test]
-fn r12_6_a_reload_scans_the_known_table_once_per_prefix_block_under_the_lock() {
+fn r12_6_a_reload_does_not_scan_the_known_table_per_prefix_block() {
     let s = AdmissionSettings {
         source_handshakes_per_second: 0,
         source_handshakes_in_flight: 0,
@@ -519,5 +517,8 @@ fn r12_6_a_reload_scans_the_known_table_once_per_prefix_block_under_the_lock() {
          (~{:.1?} for 65 536 blocks)",
         loaded.mul_f64(65_536.0 / f64::from(blocks))
     );
-    assert!(loaded > base * 50, "{loaded:?} vs {base:?}");
+    assert!(
+        loaded < Duration::from_millis(100),
+        "{loaded:?} vs {base:?}"
+    );
 }
