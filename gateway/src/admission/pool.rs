@@ -25,8 +25,8 @@
 //! A known source's handshakes are spared both, the oldest few of its
 //! source, its network and its identity, and half the share in all
 //! (`Slots::spare`); past that they are weighed like a stranger's, after
-//! every crowded one. When
-//! there is nothing to evict, the newcomer is refused.
+//! every crowded one. When there is nothing to evict, the newcomer is
+//! refused.
 //!
 //! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
 //! a few a second, with a burst; a known newcomer displaces a stranger's
