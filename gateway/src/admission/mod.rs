@@ -1111,8 +1111,11 @@ impl Ticket {
     }
 
     /// Whether the kernel counted no data from the client, which closed
-    /// within a twentieth of the grace (a check connects and closes at
-    /// once; a peer holding its place silently for longer is struck).
+    /// within a twentieth of the grace of the gateway's first look (a
+    /// check connects and closes at once; a peer holding its place
+    /// silently for longer is struck). From the first look, not from
+    /// admission: a check whose close a busy runtime read late was struck
+    /// (review 12, R12-4).
     /// Review 7 F10: within a quarter, a peer inflating the round trip
     /// (a new hello is spared the ranking for one, up to 500 ms) held its
     /// place that long for nothing; within a twentieth it holds it no
@@ -1121,7 +1124,7 @@ impl Ticket {
     /// False when it cannot tell (no descriptor): then the close is struck.
     fn sent_nothing(&self) -> bool {
         self.stage() == Stage::Hello
-            && self.accepted().elapsed() < self.place.pace().grace / 20
+            && self.place.looked_since().elapsed() < self.place.pace().grace / 20
             && self
                 .socket()
                 .and_then(|fd| progress::counted(&fd).ok())
@@ -1173,6 +1176,8 @@ mod review10;
 mod review10_pool;
 #[cfg(test)]
 mod review11;
+#[cfg(test)]
+mod review12;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]

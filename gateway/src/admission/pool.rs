@@ -23,9 +23,10 @@
 //! holds none. A newcomer whose source is known (a verified certificate
 //! lately) displaces, besides, the oldest handshake of a source not known.
 //! A known source's handshakes are spared both, the oldest few of its
-//! source and network and half the share in all (`Slots::spare`); past
-//! that they are weighed like a stranger's, after every crowded one. When
-//! there is nothing to evict, the newcomer is refused.
+//! source, its network and its identity, and half the share in all
+//! (`Slots::spare`); past that they are weighed like a stranger's, after
+//! every crowded one. When there is nothing to evict, the newcomer is
+//! refused.
 //!
 //! Evicting is budgeted per evicting source (an IPv4 /24, an IPv6 /64):
 //! a few a second, with a burst; a known newcomer displaces a stranger's
@@ -35,9 +36,10 @@
 //! evicted once may come straight back.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,27 @@ pub(super) const EVICTION_BURST: u32 = 32;
 /// client's /16 do not strip it of its own (review 10, R10-4 to R10-6).
 const KNOWN_SPARED_PER_SOURCE: u32 = 4;
 const KNOWN_SPARED_PER_NETWORK: u32 = 16;
+
+/// One identity's spared handshakes (the identities that lately
+/// authenticated from the handshake's exact address, `Slots::served`): a
+/// source's worth per network, and a quarter of the spared half in all
+/// (at least a source's worth). One certificate verified from four /24s
+/// of a known client's /16 held the /16's 16 spared places for good, and
+/// from share/32 /48s the spared half: the clients served before were
+/// displaced before the flood (review 12, R12-1, R12-1b). Several
+/// certificates are needed to hold a network's or the share's, each
+/// issued by the PKI and revocable.
+const KNOWN_SPARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
+
+/// Exact addresses whose identities a listener remembers (the most
+/// recently authenticated), and identities per address (a NAT's several
+/// users): past that the least recent is forgotten, and a handshake from
+/// an address not remembered counts as its network's (/16, /48): all
+/// such of one network as one identity. As its source's, an attacker
+/// that got its own addresses forgotten (16 384 handshakes authenticated
+/// from others) was 4 identities in 4 /24s of a client's /16 again.
+const MAX_SERVED_ADDRESSES: usize = 16_384;
+const IDENTITIES_PER_ADDRESS: usize = 4;
 
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
@@ -98,15 +121,25 @@ struct Slots {
     spared_sources: HashMap<IpAddr, u32>,
     spared_networks: HashMap<IpAddr, u32>,
     spared: usize,
+    /// The same by identity (`Place::spared_as`), in all and by network.
+    spared_identities: HashMap<u64, u32>,
+    spared_identity_networks: HashMap<(u64, IpAddr), u32>,
+    /// The identities that lately authenticated from each exact address
+    /// (keyed hashes, the newest last): what a known handshake is spared
+    /// as.
+    served: Lru<IpAddr, Vec<u64>>,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
     /// them without a walk (review 10, R10-6, R10-8).
     unspared: BTreeMap<u64, Arc<Place>>,
-    /// The same by source: when one of its spared handshakes leaves, the
-    /// oldest waiting is spared in its place (a NAT keeps its oldest few
-    /// spared, not whichever came last).
+    /// The same by source and by network: when a spared handshake
+    /// leaves, the oldest waiting of its source, of its network, or of
+    /// the share that fits is spared in its place (a NAT keeps its oldest
+    /// few spared, not whichever came last; a handshake refused the spare
+    /// when it joined is not refused it for life: review 12, R12-2).
     waiting: HashMap<IpAddr, BTreeSet<u64>>,
+    waiting_networks: HashMap<IpAddr, BTreeSet<u64>>,
     /// Handshakes of sources not known, oldest first: the ones a known
     /// newcomer displaces, found without a walk.
     strangers: BTreeMap<u64, Arc<Place>>,
@@ -142,8 +175,12 @@ impl Default for Slots {
             spared_sources: HashMap::new(),
             spared_networks: HashMap::new(),
             spared: 0,
+            spared_identities: HashMap::new(),
+            spared_identity_networks: HashMap::new(),
+            served: Lru::new(MAX_SERVED_ADDRESSES),
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
+            waiting_networks: HashMap::new(),
             strangers: BTreeMap::new(),
             unauthenticated: HashMap::new(),
             unauthenticated_queue: BTreeMap::new(),
@@ -171,8 +208,8 @@ impl Slots {
     }
 
     /// A handshake of `place`'s source joined the share: a known one is
-    /// spared if its source, its network and the share have room, else
-    /// waits for its source's room.
+    /// spared if its source, its network, its identity and the share have
+    /// room, else waits for room.
     fn joined(&mut self, place: &Arc<Place>) {
         *self.sources.entry(place.source).or_default() += 1;
         *self.networks.entry(place.network).or_default() += 1;
@@ -184,61 +221,93 @@ impl Slots {
                 .entry(place.source)
                 .or_default()
                 .insert(place.id);
+            self.waiting_networks
+                .entry(place.network)
+                .or_default()
+                .insert(place.id);
         }
     }
 
-    /// Spares a known handshake if its source, its network and the share
-    /// have room for one more; says whether it did.
+    /// Spares a known handshake if its source, its network, one of its
+    /// identities (the one with the fewest spared) and the share have
+    /// room for one more; says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
-        let room = self.spared < cap
-            && self.spared_sources.get(&place.source).copied().unwrap_or(0)
-                < KNOWN_SPARED_PER_SOURCE
-            && self
-                .spared_networks
-                .get(&place.network)
-                .copied()
-                .unwrap_or(0)
-                < KNOWN_SPARED_PER_NETWORK;
-        if room {
-            *self.spared_sources.entry(place.source).or_default() += 1;
-            *self.spared_networks.entry(place.network).or_default() += 1;
-            self.spared += 1;
-            place.spared.store(true, Ordering::Relaxed);
+        let per_identity =
+            u32::try_from((self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize))
+                .unwrap_or(u32::MAX);
+        if self.spared >= cap
+            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE
+            || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
+        {
+            return false;
         }
-        room
+        let identity = place
+            .identities
+            .iter()
+            .copied()
+            .filter(|i| {
+                count(&self.spared_identities, i) < per_identity
+                    && count(&self.spared_identity_networks, &(*i, place.network))
+                        < KNOWN_SPARED_PER_IDENTITY_NETWORK
+            })
+            .min_by_key(|i| count(&self.spared_identities, i));
+        let Some(identity) = identity else {
+            return false;
+        };
+        *self.spared_sources.entry(place.source).or_default() += 1;
+        *self.spared_networks.entry(place.network).or_default() += 1;
+        *self.spared_identities.entry(identity).or_default() += 1;
+        *self
+            .spared_identity_networks
+            .entry((identity, place.network))
+            .or_default() += 1;
+        self.spared += 1;
+        place.spared_as.store(identity, Ordering::Relaxed);
+        place.spared.store(true, Ordering::Relaxed);
+        true
     }
 
     /// A handshake of `place`'s source left the share (and its queue): a
-    /// spared one makes room for its source's oldest waiting.
+    /// spared one makes room for the oldest waiting handshake that fits,
+    /// of the oldest few of its source, of its network and of the share
+    /// (bounded work). The oldest, not its own source's first: an
+    /// attacker handing its spare over (its next handshake opened, then
+    /// the old one closed) does not keep it from a client that waited
+    /// longer.
     fn left(&mut self, place: &Place) {
-        fn less(counts: &mut HashMap<IpAddr, u32>, key: IpAddr) {
-            if let Some(n) = counts.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    counts.remove(&key);
-                }
-            }
-        }
-        less(&mut self.sources, place.source);
-        less(&mut self.networks, place.network);
+        less(&mut self.sources, &place.source);
+        less(&mut self.networks, &place.network);
         if place.spared.swap(false, Ordering::Relaxed) {
-            less(&mut self.spared_sources, place.source);
-            less(&mut self.spared_networks, place.network);
+            let identity = place.spared_as.load(Ordering::Relaxed);
+            less(&mut self.spared_sources, &place.source);
+            less(&mut self.spared_networks, &place.network);
+            less(&mut self.spared_identities, &identity);
+            less(
+                &mut self.spared_identity_networks,
+                &(identity, place.network),
+            );
             self.spared -= 1;
-            let oldest = self
+            let mut next: Vec<u64> = self
                 .waiting
                 .get(&place.source)
-                .and_then(|w| w.first().copied());
-            if let Some(id) = oldest
-                && let Some(next) = self
-                    .hello
-                    .get(&id)
-                    .or_else(|| self.answered.get(&id))
-                    .cloned()
-                && self.spare(&next)
-            {
-                self.unwait(&next);
+                .into_iter()
+                .chain(self.waiting_networks.get(&place.network))
+                .flat_map(|w| w.iter().take(CANDIDATES))
+                .chain(self.unspared.keys().take(CANDIDATES))
+                .copied()
+                .collect();
+            next.sort_unstable();
+            next.dedup();
+            for id in next {
+                let Some(p) = self.hello.get(&id).or_else(|| self.answered.get(&id)) else {
+                    continue;
+                };
+                let p = p.clone();
+                if self.spare(&p) {
+                    self.unwait(&p);
+                    break;
+                }
             }
         } else if place.known {
             self.unwait(place);
@@ -250,11 +319,26 @@ impl Slots {
     /// A known handshake no longer waits to be spared.
     fn unwait(&mut self, place: &Place) {
         self.unspared.remove(&place.id);
-        if let Some(w) = self.waiting.get_mut(&place.source) {
-            w.remove(&place.id);
-            if w.is_empty() {
-                self.waiting.remove(&place.source);
+        for (waiting, key) in [
+            (&mut self.waiting, place.source),
+            (&mut self.waiting_networks, place.network),
+        ] {
+            if let Some(w) = waiting.get_mut(&key) {
+                w.remove(&place.id);
+                if w.is_empty() {
+                    waiting.remove(&key);
+                }
             }
+        }
+    }
+
+    /// The identities a handshake from `client` is counted as: those that
+    /// lately authenticated from its exact address, else its network's
+    /// (every address of a /16 or /48 not remembered, as one).
+    fn identities_of(&self, client: IpAddr, network: IpAddr) -> Vec<u64> {
+        match self.served.get(&client) {
+            Some(ids) if !ids.is_empty() => ids.clone(),
+            _ => vec![std::hash::BuildHasher::hash_one(&self.hasher, network)],
         }
     }
 
@@ -268,6 +352,18 @@ impl Slots {
                 if *n == 0 {
                     self.unauthenticated.remove(&place.source);
                 }
+            }
+        }
+    }
+
+    /// Notes that `identity` (a keyed hash) authenticated from `client`:
+    /// its known handshakes are spared as that identity's from now on.
+    fn served_as(&mut self, client: IpAddr, identity: u64) {
+        if let Some(ids) = self.served.entry(&client, Vec::new, |_| true) {
+            ids.retain(|&i| i != identity);
+            ids.push(identity);
+            if ids.len() > IDENTITIES_PER_ADDRESS {
+                ids.remove(0);
             }
         }
     }
@@ -289,6 +385,21 @@ impl Slots {
         };
         *whole = (*whole).max(now) + EVICTION_COST;
         true
+    }
+}
+
+/// `key`'s count, 0 when it has none.
+fn count<K: Hash + Eq>(counts: &HashMap<K, u32>, key: &K) -> u32 {
+    counts.get(key).copied().unwrap_or(0)
+}
+
+/// One less for `key`, forgotten at 0.
+fn less<K: Hash + Eq>(counts: &mut HashMap<K, u32>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
     }
 }
 
@@ -328,7 +439,15 @@ pub(super) struct Place {
     /// never a newcomer's crowding or a known newcomer. Changed under the
     /// pool's lock only.
     spared: AtomicBool,
+    /// The identities it is counted as (`Slots::identities_of`), and the
+    /// one it was spared as.
+    identities: Vec<u64>,
+    spared_as: AtomicU64,
     accepted: Instant,
+    /// When its handshake task first looked at it (`Watch`): a close read
+    /// then was there before the gateway could see it, however late the
+    /// task ran.
+    watched: std::sync::OnceLock<Instant>,
     /// A duplicate of the connection's socket, for the kernel's counts of
     /// its progress, while it is in its handshake (None once past it, or
     /// when no descriptor was left to duplicate it).
@@ -362,6 +481,17 @@ impl Place {
 
     pub fn accepted(&self) -> Instant {
         self.accepted
+    }
+
+    /// Its handshake task looks at it from now on (the first call counts).
+    pub(super) fn watched(&self) {
+        let _ = self.watched.set(Instant::now());
+    }
+
+    /// Since when the gateway could have seen the client close: its task's
+    /// first look, or admission when no task looked.
+    pub(super) fn looked_since(&self) -> Instant {
+        self.watched.get().copied().unwrap_or(self.accepted)
     }
 
     /// The socket's duplicate, while the handshake lasts.
@@ -503,8 +633,8 @@ impl Pool {
     /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A `known` client (a
     /// verified certificate lately, `sources`) evicts a source not known's
-    /// handshake, or its own source's, outside any budget; another known
-    /// source's within its own.
+    /// handshake, or its own identity's in its own source, outside any
+    /// budget; another known client's within its own.
     pub(super) fn take(
         &self,
         client: SocketAddr,
@@ -520,6 +650,7 @@ impl Pool {
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
+        let identities = s.identities_of(client.ip().to_canonical(), network_of(client));
         if full || handshakes >= max_handshakes {
             let refused = if full {
                 Refusal::MaxConnections
@@ -539,7 +670,16 @@ impl Pool {
             if !known && !budget {
                 return Err(refused);
             }
-            let costs = |p: &Place| p.known && p.source != evictor;
+            // Its own: of its source and one of its identities (its exact
+            // address's, as lately authenticated). Of its source alone, a
+            // certificate holder in a known client's /24 or /64 (a NAT's
+            // other user, a hosting /24) evicted every handshake of the
+            // client's past what it is spared, outside any budget (review
+            // 12, R12-3). Users of one NAT address remain one another's.
+            let own = |p: &Place| {
+                p.source == evictor && p.identities.iter().any(|i| identities.contains(i))
+            };
+            let costs = |p: &Place| p.known && !own(p);
             let may_take = |p: &Place| budget || !costs(p);
             // A reload may have lowered the limits below what is held: one
             // newcomer evicts one, so the excess drains as connections end.
@@ -582,12 +722,14 @@ impl Pool {
             let own = s
                 .waiting
                 .get(&evictor)
-                .and_then(|w| w.first())
-                .and_then(|id| {
+                .into_iter()
+                .flat_map(|w| w.iter().take(CANDIDATES))
+                .filter_map(|id| {
                     s.hello
                         .get_key_value(id)
                         .or_else(|| s.answered.get_key_value(id))
-                });
+                })
+                .find(|(_, p)| own(p));
             let displaced = s
                 .strangers
                 .iter()
@@ -641,7 +783,12 @@ impl Pool {
                 // blamed): a strike, so that peers replaying a ClientHello
                 // from many sources to hold the share pay for it, their
                 // addresses and their networks' spread scores.
-                let silent = class == Some(Class::StalledTurn)
+                // So too a hello silent (not a byte, not a FIN) well past
+                // when its ClientHello was due: two sources of an attacker's
+                // evicting each other's silent places held each up to the
+                // grace, never struck, where a silent place closed past
+                // grace/20 is (review 12, R12-5).
+                let silent = matches!(class, Some(Class::StalledTurn | Class::StalledHello))
                     && matches!(victim.look(now), Some(Ok(Now::Client { received: 0, .. })));
                 victim
                     .evicted_slow
@@ -666,7 +813,10 @@ impl Pool {
             id,
             known,
             spared: AtomicBool::new(false),
+            identities,
+            spared_as: AtomicU64::new(0),
             accepted: now,
+            watched: std::sync::OnceLock::new(),
             socket: Mutex::new(socket.map(Arc::new)),
             turn: Mutex::new(Turn::new(now)),
             pace: Mutex::new(Pace::DEFAULT),
@@ -752,6 +902,7 @@ impl Pool {
             return true;
         }
         let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
+        s.served_as(place.client.ip().to_canonical(), key);
         if share < 1.0 {
             // Rounded down, at least one (NaN is refused by the config).
             let cap = ((s.max_connections as f64) * share).max(1.0) as u32;
@@ -817,6 +968,15 @@ impl Pool {
 
     fn lock(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// As an authenticated connection from `client` as `identity` notes it
+    /// (`Pool::identified`).
+    #[cfg(test)]
+    pub(super) fn served_as(&self, client: IpAddr, identity: &str) {
+        let mut s = self.lock();
+        let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
+        s.served_as(client.to_canonical(), key);
     }
 }
 

@@ -311,6 +311,7 @@ impl<'a> Watch<'a> {
     pub(super) fn new(ticket: &'a Ticket, min_rate: u32, grace: Duration) -> Watch<'a> {
         let pace = Pace { min_rate, grace };
         ticket.place().set_pace(pace);
+        ticket.place().watched();
         Watch {
             ticket,
             socket: ticket.socket(),
