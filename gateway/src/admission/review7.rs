@@ -511,7 +511,7 @@ fn f7_an_unknown_newcomer_does_not_scan_the_whole_share() {
         for i in 0..n {
             // One handshake per /16: nothing crowded.
             let c = SocketAddr::from(([1 + (i / 256) as u8, (i % 256) as u8, 0, 1], 1));
-            let t = pool.take(c, None, 4 * n, n, false).unwrap();
+            let t = pool.take(c, None, 4 * n, n, None).unwrap();
             pool.advance(t.id, &t.place, Stage::Answered);
             // Early in its turn for a minute: not to be evicted.
             t.place.set_pace(super::progress::Pace {
@@ -523,7 +523,7 @@ fn f7_an_unknown_newcomer_does_not_scan_the_whole_share() {
         let start = Instant::now();
         for i in 0..tries {
             let c = client(&format!("2001:db8:{:x}::1", i), 1);
-            assert!(pool.take(c, None, 4 * n, n, false).is_err());
+            assert!(pool.take(c, None, 4 * n, n, None).is_err());
         }
         start.elapsed() / tries as u32
     };

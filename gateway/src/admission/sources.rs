@@ -851,7 +851,9 @@ impl Sources {
     /// not displaced, evicting outside a budget, passing strike blocks of
     /// its prefix and network, being vouched for). A host without a
     /// certificate in a known client's /64 (an office LAN, a hosting /64)
-    /// gets none.
+    /// gets none. (`admit` asks [`Sources::identities_here`], which says
+    /// the same and who.)
+    #[cfg(test)]
     pub fn verified_here(
         &mut self,
         listener: &str,
@@ -859,8 +861,48 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) -> bool {
+        self.identities_here(listener, source, settings, now)
+            .is_some()
+    }
+
+    /// The identities a handshake from exactly `source` on `listener` is
+    /// counted as, when a certificate verified from it within
+    /// `known_for` ([`Sources::verified_here`]; None otherwise): its
+    /// slot's, and its co-users' that verified from it within
+    /// `known_for` too (a NAT's several users), at most 1 + [`CO_USERS`].
+    /// What the pool spares a known handshake as: however many addresses
+    /// an attacker holds, each is known as the certificates that verified
+    /// from it, never as a network's anonymous share (review 12's gap:
+    /// the pool's own record forgot addresses, and a forgotten one
+    /// counted as its whole /48, one identity per /48). One entry's
+    /// slots, no scan of the table.
+    pub fn identities_here(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> Option<Vec<u64>> {
+        if settings.max_known == 0 {
+            return None;
+        }
         let key = (self.listener_key(listener), known_key(source));
-        self.verified_at(key, source, settings, now)
+        let lately = |at: Instant| now.saturating_duration_since(at) <= settings.known_for;
+        let slot = self
+            .known
+            .get(&key)?
+            .slots
+            .iter()
+            .find(|s| s.addr == source && lately(s.at))?;
+        let mut ids = Vec::with_capacity(1 + CO_USERS);
+        ids.push(slot.identity);
+        ids.extend(
+            slot.others
+                .iter()
+                .filter(|(id, at, _)| lately(*at) && *id != slot.identity)
+                .map(|(id, _, _)| *id),
+        );
+        Some(ids)
     }
 
     fn verified_at(
