@@ -451,6 +451,114 @@ fn r12_1b_one_identity_does_not_hold_the_spared_half() {
     assert!(held.iter().take(4).all(live));
 }
 
+/// R12-1c (fixed, adm13). The pool kept its own record of the identities
+/// per exact address (16 384 addresses), and counted an address it had
+/// forgotten as its whole /48 (or /16), all such as one identity: one
+/// certificate known from `share`/8 /48s, its addresses forgotten (16 384
+/// connections authenticated from elsewhere while it was idle), was
+/// `share`/8 identities and held the spared half, 4 per /48. A known
+/// handshake's identities are now its known slot's (`admit` reads them
+/// under the tables' lock): the attacker holds one identity's part of the
+/// spared places (`share`/8), and the clients served before, coming back,
+/// displace its excess, never each other nor the strangers. Before: the
+/// attacker's 16 handshakes all spared, the clients displaced strangers.
+#[test]
+fn r12_1c_one_certificate_whose_addresses_the_pool_forgot_holds_one_identitys_part() {
+    let s = AdmissionSettings {
+        source_handshakes_per_second: 0,
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_per_second: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_per_second: 0,
+        network_handshakes_in_flight: 0,
+        kernel_block_list: false,
+        pin: false,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let (max, share) = (256, 32);
+    let admit = |c: SocketAddr| match admission.admit(&pool, max, share, c, None) {
+        Answer::Admit(t) => (t, None),
+        Answer::Evict { ticket, victim } => (ticket, Some(victim)),
+        Answer::Refuse(r) => panic!("{c}: refused {r:?}"),
+    };
+    let served = |c: SocketAddr, identity: &str| {
+        let (t, _) = admit(c);
+        assert!(t.established());
+        assert!(t.served(identity));
+    };
+    // The attacker: one certificate, verified from one address in each of
+    // share/8 /48s.
+    let nets = share / 8;
+    let at = |n: usize| SocketAddr::new(format!("2001:db8:{:x}::1", 0x100 + n).parse().unwrap(), 1);
+    for n in 0..nets {
+        served(at(n), ATTACKER);
+    }
+    // Twelve clients served before, each its own certificate and /16.
+    let clients = share / 2 - share / 8;
+    let client = |n: usize| v4([20 + n as u8, 1, 1, 1], 1);
+    for n in 0..clients {
+        served(client(n), &format!("spiffe://example.internal/client/{n}"));
+    }
+    // 16 384 connections authenticated from elsewhere: the adm12 pool
+    // forgot the attacker's addresses (and the clients').
+    for i in 0..16_384u32 {
+        let (t, _) = admit(v4([10, (i >> 8) as u8, i as u8, 1], 1));
+        assert!(t.established());
+        assert!(t.authenticated("spiffe://example.internal/elsewhere"));
+    }
+    // The attacker's handshakes: a source's worth from each address (its
+    // /48's 4), early in their turns.
+    let mut attacker = Vec::new();
+    for n in 0..nets {
+        for _ in 0..4 {
+            let (t, _) = admit(at(n));
+            t.hello_read();
+            attacker.push(t);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    // The rest of the share: strangers, one per /16, younger.
+    let strangers: Vec<Ticket> = (0..share - 4 * nets)
+        .map(|n| {
+            let (t, _) = admit(v4([100 + n as u8, 0, 0, 1], 1));
+            t.hello_read();
+            t
+        })
+        .collect();
+    assert_eq!(pool.handshakes(), share);
+    std::thread::sleep(Duration::from_millis(2));
+    // The clients served before come back.
+    let mut victims = Vec::new();
+    let back: Vec<Ticket> = (0..clients)
+        .map(|n| {
+            let (t, victim) = admit(client(n));
+            t.hello_read();
+            victims.push(victim);
+            t
+        })
+        .collect();
+    let held = attacker
+        .iter()
+        .filter(|t| t.stage() == Stage::Answered)
+        .count();
+    assert_eq!(
+        held,
+        share / 8,
+        "one certificate holds one identity's part of the spared half"
+    );
+    let attackers: Vec<IpAddr> = (0..nets).map(|n| at(n).ip()).collect();
+    assert!(
+        victims
+            .iter()
+            .all(|v| v.is_some_and(|v| attackers.contains(&v.ip()))),
+        "each client displaced one of the attacker's: {victims:?}"
+    );
+    assert!(back.iter().all(|t| t.stage() == Stage::Answered));
+    assert!(strangers.iter().all(|t| t.stage() == Stage::Answered));
+}
+
 /// R12-6 (fixed on main, 91fac94). Every reload (`configure`) builds the
 /// kernel's copy under the tables' lock; it scanned, for each strikes
 /// block of a prefix or network, the whole known table (blocks x known
