@@ -1916,6 +1916,45 @@ mod tests {
         assert!(!t.knows_in("2001:db8:1:3::/64".parse().unwrap()));
     }
 
+    /// What the pool spares a known handshake as: the identities that
+    /// verified from exactly its address within `known_for` (the slot's,
+    /// a NAT's co-users'), each of them; none for an address of a known
+    /// /64 that never verified, nor once the slot is past `known_for`; a
+    /// co-user past it no longer counts.
+    #[test]
+    fn a_known_address_is_known_as_the_identities_that_verified_from_it() {
+        let s = settings();
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let hash = |t: &Sources, id: &str| t.identities.hash_one(id);
+        let nat = ip("192.0.2.1");
+        t.verified(L, nat, "alice", &s, now);
+        let later = now + s.known_for / 2;
+        t.verified(L, nat, "bob", &s, later);
+        let mut ids = t.identities_here(L, nat, &s, later).unwrap();
+        ids.sort_unstable();
+        let mut both = vec![hash(&t, "alice"), hash(&t, "bob")];
+        both.sort_unstable();
+        assert_eq!(ids, both);
+        assert_eq!(t.identities_here(L, ip("192.0.2.2"), &s, later), None);
+        assert_eq!(t.identities_here("other", nat, &s, later), None);
+        // Alice's verification is past `known_for`, Bob's is not.
+        let past = now + s.known_for + Duration::from_secs(1);
+        assert_eq!(
+            t.identities_here(L, nat, &s, past),
+            Some(vec![hash(&t, "bob")])
+        );
+        let gone = later + s.known_for + Duration::from_secs(1);
+        assert_eq!(t.identities_here(L, nat, &s, gone), None);
+        // IPv6: the exact address, not its /64.
+        t.verified(L, ip("2001:db8:1:2::a"), "carol", &s, now);
+        assert_eq!(
+            t.identities_here(L, ip("2001:db8:1:2::a"), &s, now),
+            Some(vec![hash(&t, "carol")])
+        );
+        assert_eq!(t.identities_here(L, ip("2001:db8:1:2::b"), &s, now), None);
+    }
+
     /// MEDIUM 4 of the second review: one identity verifying from many
     /// addresses holds at most its quota of the known table (here a
     /// quarter of 8), never another identity's entries. Review 7 F5: nor
