@@ -1183,6 +1183,8 @@ mod review11;
 #[cfg(test)]
 mod review12;
 #[cfg(test)]
+mod review13;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;
