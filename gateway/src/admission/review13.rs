@@ -106,8 +106,13 @@ fn r13_1(flushed: bool) -> usize {
         // A certless newcomer from elsewhere: 10.1.0.0/16 holds 5 (crowded).
         // (Refused when nothing may give way: the client's handshake is
         // spared, the attacker's too.)
-        if let Ok(newcomer) = pool.take(v4([150 + round as u8, 18, 0, 1], 1), None, max, share, false)
-        {
+        if let Ok(newcomer) = pool.take(
+            v4([150 + round as u8, 18, 0, 1], 1),
+            None,
+            max,
+            share,
+            false,
+        ) {
             pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
             strangers.push(newcomer);
         }
@@ -172,4 +177,46 @@ fn r13_2(flushed: bool) -> usize {
         victim.push(answered(&pool, victim_at(1000 + n), max, share, true));
     }
     evicted
+}
+
+/// R13-1, the known table's side: the flush costs the attacker nothing
+/// there. Its 16 400 verifications from one /64 make one known entry (4
+/// exact slots of its identity, rotating), well within its quota, and
+/// its 4 addresses in the client's /16 stay verified here (known: the
+/// privileges the pool spares), while the pool forgot them and the client.
+#[test]
+fn r13_1_the_flush_leaves_the_attacker_known_in_the_clients_16() {
+    let settings = AdmissionSettings::default();
+    let mut sources = sources::Sources::new(&settings);
+    let now = Instant::now();
+    let attacker_at = |n: u8| IpAddr::from([10, 1, 1, 1 + n]);
+    let proof = Arc::new(sources::Proof::default());
+    for n in 0..4 {
+        sources.remember(
+            "edge",
+            attacker_at(n),
+            ATTACKER,
+            proof.clone(),
+            0,
+            &settings,
+            now,
+        );
+    }
+    let before = sources.lens();
+    for n in 0..16_400u128 {
+        let ip = std::net::Ipv6Addr::from(0x2001_0db8_0000_0001_0000_0000_0000_0000u128 + n + 1);
+        sources.remember(
+            "edge",
+            IpAddr::V6(ip),
+            ATTACKER,
+            proof.clone(),
+            0,
+            &settings,
+            now,
+        );
+    }
+    let after = sources.lens();
+    eprintln!("tables' lengths before {before:?}, after {after:?}");
+    assert!((0..4).all(|n| sources.verified_here("edge", attacker_at(n), &settings, now)));
+    assert_eq!(after[3], before[3] + 1, "one known entry more: the /64");
 }
