@@ -220,3 +220,58 @@ fn r13_1_the_flush_leaves_the_attacker_known_in_the_clients_16() {
     assert!((0..4).all(|n| sources.verified_here("edge", attacker_at(n), &settings, now)));
     assert_eq!(after[3], before[3] + 1, "one known entry more: the /64");
 }
+
+fn admitted(a: Answer) -> Ticket {
+    match a {
+        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => t,
+        Answer::Refuse(r) => panic!("refused: {r:?}"),
+    }
+}
+
+fn v6(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), 1)
+}
+
+/// R13-3 (LOW-MEDIUM). A /64 blocked for strikes by a few failing
+/// co-tenants (a hosting /64, an office LAN) admits a known client only
+/// from the exact address that verified: the same client, its privacy
+/// address rotated (daily on common OSes), is refused `Blocked` for
+/// `block_for`, and cannot verify from the new address to be spared.
+#[test]
+fn r13_3_a_64_blocked_by_its_neighbours_refuses_a_known_clients_rotated_address() {
+    let settings = AdmissionSettings {
+        kernel_block_list: false,
+        pin: false,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&settings, Arc::new(crate::metrics::Metrics::default()));
+    let pool = admission.pool("edge");
+    let client = v6("2001:db8:0:1::a");
+    let t = admitted(admission.admit(&pool, 100_000, 100_000, client, None));
+    assert!(t.established());
+    assert!(t.served(VICTIM));
+    drop(t);
+    // Five co-tenants fail 100 handshakes each within the window.
+    for n in 0..5u32 {
+        let a = v6(&format!("2001:db8:0:1::b{n}"));
+        for _ in 0..100 {
+            if let Answer::Admit(t) | Answer::Evict { ticket: t, .. } =
+                admission.admit(&pool, 100_000, 100_000, a, None)
+            {
+                drop(t);
+            }
+        }
+    }
+    let list = admission.blocked();
+    assert!(
+        list.iter()
+            .any(|b| b.net == "2001:db8:0:1::/64".parse::<IpNet>().unwrap()),
+        "{list:?}"
+    );
+    // The exact address that verified still gets in; its rotated one not.
+    admitted(admission.admit(&pool, 100_000, 100_000, client, None));
+    assert!(matches!(
+        admission.admit(&pool, 100_000, 100_000, v6("2001:db8:0:1::c"), None),
+        Answer::Refuse(Refusal::Blocked)
+    ));
+}
