@@ -4,179 +4,202 @@
 //!
 //! Run: `cargo test -p gateway --lib admission::review13 -- --nocapture`
 
-use super::pool::Taken;
 use super::*;
 
 fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
-/// A place taken and past its ClientHello: the client's turn, early.
-fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take(c, None, max, share, known).unwrap();
-    pool.advance(t.id, &t.place, Stage::Answered);
-    t
-}
-
 const ATTACKER: &str = "[\"uri:spiffe://example.internal/attacker\"]";
 const VICTIM: &str = "[\"uri:spiffe://example.internal/victim\"]";
 
-/// What the listener does for each connection that authenticated
-/// (`Ticket::authenticated` -> `Pool::identified`), from 16 400 fresh
-/// addresses of ONE IPv6 /64 with one certificate: each connection is
-/// taken, completes, is identified (the pool notes the address as the
-/// identity's, before any `identity_share` check), and closes. The known
-/// table keeps that /64 as one entry (4 exact slots of the identity);
-/// the pool's memory of served addresses (16 384, no bound per /64 or
-/// per identity) is flushed of every other address.
-fn flush(pool: &Pool, max: usize, share: usize, identity_share: f64) -> usize {
-    let mut refused_by_share = 0;
+/// No rate or in-flight limits per source, prefix or network: these tests
+/// are about what the pool spares, not about the limits.
+fn unlimited() -> AdmissionSettings {
+    AdmissionSettings {
+        source_handshakes_per_second: 0,
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_per_second: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_per_second: 0,
+        network_handshakes_in_flight: 0,
+        kernel_block_list: false,
+        pin: false,
+        ..AdmissionSettings::default()
+    }
+}
+
+/// A connection admitted (evicting or not) as a listener would.
+fn admit_at(
+    admission: &Arc<Admission>,
+    pool: &Arc<Pool>,
+    max: usize,
+    share: usize,
+    c: SocketAddr,
+) -> (Ticket, Option<SocketAddr>) {
+    match admission.admit(pool, max, share, c, None) {
+        Answer::Admit(t) => (t, None),
+        Answer::Evict { ticket, victim } => (ticket, Some(victim)),
+        Answer::Refuse(r) => panic!("{c}: refused {r:?}"),
+    }
+}
+
+/// Served with `identity`: its handshake done, its connection live, then
+/// closed.
+fn served(admission: &Arc<Admission>, pool: &Arc<Pool>, c: SocketAddr, identity: &str) {
+    let (t, _) = admit_at(admission, pool, 100_000, 100_000, c);
+    assert!(t.established());
+    assert!(t.served(identity));
+}
+
+/// 16 400 authentications with one certificate from fresh addresses of
+/// ONE IPv6 /64, each closed after: what flushed the pool's own record of
+/// served addresses (16 384, no bound per /64 or identity) before the
+/// pool took identities from the known table.
+fn flush(admission: &Arc<Admission>, pool: &Arc<Pool>) {
     for n in 0..16_400u128 {
         let ip = std::net::Ipv6Addr::from(0x2001_0db8_0000_0001_0000_0000_0000_0000u128 + n + 1);
-        let t = pool
-            .take(SocketAddr::from((ip, 40_000)), None, max, share, true)
-            .unwrap();
-        pool.advance(t.id, &t.place, Stage::Established);
-        if !pool.identified(&t.place, ATTACKER, identity_share) {
-            refused_by_share += 1;
-        }
-        // The first stays connected: the identity holds its share.
-        if n > 0 {
-            pool.release(t.id, &t.place);
-        }
+        let (t, _) = admit_at(
+            admission,
+            pool,
+            100_000,
+            100_000,
+            SocketAddr::from((ip, 40_000)),
+        );
+        assert!(t.established());
+        // Remembered or not (the identity's quota): either way, closed.
+        let _ = t.served(ATTACKER);
     }
-    refused_by_share
 }
 
-/// R13-1 (MEDIUM-HIGH). One certificate and one IPv6 /64 make the pool
-/// forget every client it served: 16 400 authentications from fresh
-/// addresses of the /64 (each refused after its handshake by a small
-/// `identity_share`, even) push every other address out of `served`.
-/// Every known client then counts as its /16's one identity, which the
-/// attacker (known from 4 addresses of the client's /16, forgotten too)
-/// holds: the client's handshakes are never spared, and certless
-/// newcomers from elsewhere crowd them out. Control (no flush): the
-/// client is its own identity, spared, and completes 20 of 20.
+/// R13-1 (MEDIUM-HIGH, fixed with the pool taking identities from the
+/// known table, adm13). One certificate and one IPv6 /64 made the pool
+/// forget every client it had served: 16 400 authentications from fresh
+/// addresses of the /64 pushed every other address out of the pool's own
+/// record, every known client then counted as its /16's one identity,
+/// which the attacker (known from 4 addresses of the client's /16) held,
+/// so the client's handshakes were never spared and certless newcomers
+/// crowded them out: 0 of 20 completed. Now the client's handshake
+/// carries its known slot's identity, which the flush (one known entry)
+/// does not touch: spared, it completes 20 of 20.
 #[test]
-fn r13_1_one_64_flushes_the_pools_identities_and_a_known_client_never_completes() {
-    assert_eq!(r13_1(false), 20, "control: the known client completes");
-    assert_eq!(r13_1(true), 0, "after the flush: never completes");
-}
-
-fn r13_1(flushed: bool) -> usize {
-    let pool = Pool::new("edge");
+fn r13_1_one_64_cannot_make_the_pool_forget_who_a_known_client_is() {
+    let s = unlimited();
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
     let (max, share) = (256, 40);
     let attacker_at = |n: u16| v4([10, 1, 1, 1 + n as u8], 1000 + n);
     let victim_at = |round: u16| v4([10, 1, 9, 5], 20_000 + round);
-    // Both verified on this listener: the attacker from 4 addresses of
-    // 10.1.1.0/24, the client from 10.1.9.5.
     for n in 0..4u16 {
-        pool.served_as(attacker_at(n).ip(), ATTACKER);
+        served(&admission, &pool, attacker_at(n), ATTACKER);
     }
-    pool.served_as(victim_at(0).ip(), VICTIM);
-    if flushed {
-        // The attacker's identity is capped at one connection: each
-        // flushing connection is refused after its handshake, and
-        // still noted.
-        let refused = flush(&pool, max, share, 1.0 / max as f64);
-        assert!(refused > 16_000, "refused by identity_share: {refused}");
-    }
-    // The attacker holds 4 known handshakes in 10.1.1.0/24 (it rotates
-    // them as they near the handshake timeout).
-    let attacker: Vec<Taken> = (0..4u16)
-        .map(|n| answered(&pool, attacker_at(n), max, share, true))
+    served(&admission, &pool, victim_at(0), VICTIM);
+    flush(&admission, &pool);
+    // The attacker holds 4 known handshakes in 10.1.1.0/24, early in
+    // their turns.
+    let attacker: Vec<Ticket> = (0..4u16)
+        .map(|n| {
+            let (t, _) = admit_at(&admission, &pool, max, share, attacker_at(n));
+            t.hello_read();
+            t
+        })
         .collect();
-    let mut strangers: Vec<Taken> = Vec::new();
+    let mut strangers: Vec<Ticket> = Vec::new();
     let mut next = 0u8;
     let mut completed = 0;
     for round in 0..20u16 {
-        let victim = answered(&pool, victim_at(round), max, share, true);
+        let (victim, _) = admit_at(&admission, &pool, max, share, victim_at(round));
+        victim.hello_read();
         // Strangers fill the share, one per /16 (not crowded).
         while pool.handshakes() < share {
-            strangers.push(answered(
+            let (t, _) = admit_at(
+                &admission,
                 &pool,
-                v4([100 + next / 4, next % 4, 0, 1], 1),
                 max,
                 share,
-                false,
-            ));
+                v4([100 + next / 4, next % 4, 0, 1], 1),
+            );
+            t.hello_read();
+            strangers.push(t);
             next += 1;
         }
         std::thread::sleep(Duration::from_millis(2));
-        // A certless newcomer from elsewhere: 10.1.0.0/16 holds 5 (crowded).
-        // (Refused when nothing may give way: the client's handshake is
-        // spared, the attacker's too.)
-        if let Ok(newcomer) = pool.take(
-            v4([150 + round as u8, 18, 0, 1], 1),
-            None,
+        // A certless newcomer from elsewhere: 10.1.0.0/16 holds 5.
+        if let Answer::Admit(t) | Answer::Evict { ticket: t, .. } = admission.admit(
+            &pool,
             max,
             share,
-            false,
+            v4([150 + round as u8, 18, 0, 1], 1),
+            None,
         ) {
-            pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
-            strangers.push(newcomer);
+            t.hello_read();
+            strangers.push(t);
         }
-        pool.advance(victim.id, &victim.place, Stage::Established);
-        if victim.place.stage() == Stage::Established {
+        if victim.established() {
             completed += 1;
-            pool.release(victim.id, &victim.place);
         }
     }
-    assert!(
-        attacker.iter().all(|t| t.place.stage() == Stage::Answered),
-        "the attacker's 4 are all still there"
-    );
-    completed
+    assert_eq!(completed, 20, "the known client completes every handshake");
+    assert!(attacker.iter().all(|t| t.stage() == Stage::Answered));
 }
 
-/// R13-2 (MEDIUM). The same flush reopens R12-3: the client and a
-/// certificate holder in its /24 (a NAT's other address, a hosting /24)
-/// both count as their /16's identity, so they are "own" to each other:
-/// the attacker's known newcomers evict every unspared handshake of the
-/// client outside any budget. Control: 32 at most (the burst).
+/// R13-2 (MEDIUM, fixed with R13-1). After the same flush the client and
+/// a certificate holder in its /24 both counted as their /16's identity,
+/// "own" to each other: the holder's known newcomers evicted every one of
+/// the client's 128 handshakes outside any budget. Now the client is its
+/// own identity: the holder pays its budget (a burst of 32, 16/s).
 #[test]
-fn r13_2_after_the_flush_a_known_co_tenant_evicts_the_clients_handshakes_for_free() {
-    let control = r13_2(false);
-    let flushed = r13_2(true);
-    eprintln!("evictions of the client: control {control}, flushed {flushed}");
-    // The budget refills at 16/s while the loop runs.
-    assert!(control <= 40, "control: within the budget: {control}");
-    assert_eq!(flushed, 128, "after the flush: every one of 128");
-}
-
-fn r13_2(flushed: bool) -> usize {
-    let pool = Pool::new("edge");
+fn r13_2_after_the_flush_a_known_co_tenant_still_pays_to_evict_the_client() {
+    let s = unlimited();
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
     let (max, share) = (256, 8);
-    let attacker_ip = v4([10, 1, 9, 7], 1);
+    let attacker_at = |n: u16| v4([10, 1, 9, 7], n);
     let victim_at = |n: u16| v4([10, 1, 9, 5], 20_000 + n);
-    pool.served_as(attacker_ip.ip(), ATTACKER);
-    pool.served_as(victim_at(0).ip(), VICTIM);
-    if flushed {
-        flush(&pool, max, share, 1.0);
-    }
-    // The attacker holds the /24's 4 spared places (after the flush, as
-    // the /16's identity: the client's handshakes are spared none).
-    let _held: Vec<Taken> = (0..4u16)
-        .map(|n| answered(&pool, v4([10, 1, 9, 7], 2 + n), max, share, true))
+    served(&admission, &pool, attacker_at(1), ATTACKER);
+    served(&admission, &pool, victim_at(0), VICTIM);
+    flush(&admission, &pool);
+    let held: Vec<Ticket> = (0..4u16)
+        .map(|n| {
+            let (t, _) = admit_at(&admission, &pool, max, share, attacker_at(2 + n));
+            t.hello_read();
+            t
+        })
         .collect();
-    let mut victim: Vec<Taken> = (0..4u16)
-        .map(|n| answered(&pool, victim_at(n), max, share, true))
+    let mut victim: Vec<Ticket> = (0..4u16)
+        .map(|n| {
+            let (t, _) = admit_at(&admission, &pool, max, share, victim_at(n));
+            t.hello_read();
+            t
+        })
         .collect();
     let mut evicted = 0;
     for n in 0..128u16 {
         std::thread::sleep(Duration::from_millis(1));
-        let Ok(t) = pool.take(v4([10, 1, 9, 7], 100 + n), None, max, share, true) else {
-            continue;
+        let t = match admission.admit(&pool, max, share, attacker_at(100 + n), None) {
+            Answer::Admit(t) => t,
+            Answer::Evict { ticket, victim } => {
+                if victim.ip() == victim_at(0).ip() {
+                    evicted += 1;
+                }
+                ticket
+            }
+            Answer::Refuse(_) => continue,
         };
-        if t.evicted.is_some_and(|e| e.ip() == victim_at(0).ip()) {
-            evicted += 1;
-        }
         // The attacker's newcomer closes at once; the client reconnects.
-        pool.release(t.id, &t.place);
-        victim.retain(|v| v.place.stage() != Stage::Evicted);
-        victim.push(answered(&pool, victim_at(1000 + n), max, share, true));
+        drop(t);
+        victim.retain(|v| v.stage() != Stage::Evicted);
+        if let Answer::Admit(t) | Answer::Evict { ticket: t, .. } =
+            admission.admit(&pool, max, share, victim_at(1000 + n), None)
+        {
+            t.hello_read();
+            victim.push(t);
+        }
     }
-    evicted
+    eprintln!("evictions of the client: {evicted}");
+    // The budget refills at 16/s while the loop runs.
+    assert!(evicted <= 40, "within the budget: {evicted}");
+    assert!(held.iter().all(|t| t.stage() == Stage::Answered));
 }
 
 /// R13-1, the known table's side: the flush costs the attacker nothing
