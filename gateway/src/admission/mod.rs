@@ -1185,6 +1185,8 @@ mod review12;
 #[cfg(test)]
 mod review13;
 #[cfg(test)]
+mod review14;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;
