@@ -173,3 +173,79 @@ fn r14_2(once_shared: bool) -> u16 {
     println!("once_shared {once_shared}: {evicted} of {rounds} evicted the NAT's client");
     evicted
 }
+
+/// R14-3 (MEDIUM where clients share NAT addresses, e.g. a carrier's
+/// CGNAT /16). A NAT address's handshake "counts as whichever of its
+/// identities has room" (README), and the known table lists every
+/// certificate that verified from it within `known_for`: one certificate
+/// that verified from 4 NAT addresses (4 /24s of one /16) where 4 other
+/// clients verified too is spared as THEIR identities past its own 4, and
+/// holds the /16's 16 spared places. A known client elsewhere in the /16
+/// is never spared and a certless flood evicts every one of its
+/// handshakes: 0 of 20 (control, the attacker alone at those addresses:
+/// 4 spared, the client's 20 of 20). README: "one certificate verified
+/// from many addresses or networks holds at most 4 spared places per /16
+/// or /48".
+#[test]
+fn r14_3_one_certificate_borrows_its_nat_co_users_identities_and_holds_the_16() {
+    assert_eq!(r14_3(true), 0, "with co-users, none completes");
+    assert_eq!(r14_3(false), 20, "alone, the attacker holds its 4");
+}
+
+fn r14_3(co_users: bool) -> usize {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    let nat = |i: u8| [10, 1, 1 + i, 5];
+    for i in 0..4u8 {
+        if co_users {
+            pool.served_as(
+                IpAddr::from(nat(i)),
+                &format!("spiffe://example.internal/user{i}"),
+            );
+        }
+        pool.served_as(IpAddr::from(nat(i)), ATTACKER);
+    }
+    let victim_ip = [10, 1, 9, 5];
+    pool.served_as(IpAddr::from(victim_ip), VICTIM);
+    let attacker: Vec<Taken> = (0..16u16)
+        .map(|n| answered(&pool, v4(nat((n / 4) as u8), 1000 + n), max, share, true))
+        .collect();
+    let mut strangers: Vec<Taken> = Vec::new();
+    let mut next_stranger = 0u16;
+    let mut completed = 0;
+    for round in 0..20u16 {
+        let victim = answered(&pool, v4(victim_ip, 20_000 + round), max, share, true);
+        while pool.handshakes() < share {
+            let n = next_stranger;
+            next_stranger += 1;
+            strangers.push(answered(
+                &pool,
+                v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
+                max,
+                share,
+                false,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        if let Ok(newcomer) = pool.take_served(
+            v4([150 + round as u8, 18, 0, 1], 1),
+            None,
+            max,
+            share,
+            false,
+        ) {
+            pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
+            strangers.push(newcomer);
+        }
+        pool.advance(victim.id, &victim.place, Stage::Established);
+        if victim.place.stage() == Stage::Established {
+            completed += 1;
+        }
+    }
+    let held = attacker.iter().filter(|t| live(t)).count();
+    println!("co_users {co_users}: attacker holds {held} of 16; client {completed} of 20");
+    if co_users {
+        assert_eq!(held, 16, "all 16 of the attacker's spared");
+    }
+    completed
+}
