@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -82,6 +82,19 @@ const KNOWN_SPARED_PER_NETWORK: u32 = 16;
 /// issued by the PKI and revocable.
 const KNOWN_SPARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
 
+/// One identity's spared handshakes per source (an IPv4 /24, an IPv6
+/// /64).
+const KNOWN_SPARED_PER_IDENTITY_SOURCE: u32 = KNOWN_SPARED_PER_SOURCE;
+
+/// A known address's spared handshakes: a source's worth of its own,
+/// while its source (/24, /64) holds twice that: one certificate verified
+/// from one address of a known client's /24 held all of the /24's spared
+/// places, and the client was never spared (review 14, R14-1); now it
+/// holds its identity's 4 of the /24's 8, and the client's address has
+/// its own.
+const KNOWN_SPARED_PER_ADDRESS: u32 = KNOWN_SPARED_PER_SOURCE;
+const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
+
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
 /// when none is, the newcomer does not evict.
@@ -113,11 +126,14 @@ struct Slots {
     /// Spared known handshakes (`Place::spared`) by source, by network,
     /// and in all.
     spared_sources: HashMap<IpAddr, u32>,
+    spared_addresses: HashMap<IpAddr, u32>,
     spared_networks: HashMap<IpAddr, u32>,
     spared: usize,
-    /// The same by identity (`Place::spared_as`), in all and by network.
+    /// The same by identity (every one of a spared place's identities), in
+    /// all, by network and by source.
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
+    spared_identity_sources: HashMap<(u64, IpAddr), u32>,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -163,10 +179,12 @@ impl Default for Slots {
             sources: HashMap::new(),
             networks: HashMap::new(),
             spared_sources: HashMap::new(),
+            spared_addresses: HashMap::new(),
             spared_networks: HashMap::new(),
             spared: 0,
             spared_identities: HashMap::new(),
             spared_identity_networks: HashMap::new(),
+            spared_identity_sources: HashMap::new(),
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -217,42 +235,55 @@ impl Slots {
         }
     }
 
-    /// Spares a known handshake if its source, its network, one of its
-    /// identities (the one with the fewest spared) and the share have
-    /// room for one more; says whether it did.
+    /// Spares a known handshake if its source, its network, every one of
+    /// its identities and the share have room for one more; says whether
+    /// it did. Every identity of a NAT address is charged: charged as
+    /// whichever had room, one certificate verified from NAT addresses
+    /// other clients used borrowed their identities' room and held a
+    /// /16's 16 spared places alone (review 14, R14-3).
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
             u32::try_from((self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize))
                 .unwrap_or(u32::MAX);
         if self.spared >= cap
-            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE
+            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE_IN_ALL
+            || count(&self.spared_addresses, &place.client.ip().to_canonical())
+                >= KNOWN_SPARED_PER_ADDRESS
             || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
+            // No identity to charge: never spared (fail closed).
+            || place.identities.is_empty()
         {
             return false;
         }
-        let identity = place
-            .identities
-            .iter()
-            .copied()
-            .filter(|i| {
-                count(&self.spared_identities, i) < per_identity
-                    && count(&self.spared_identity_networks, &(*i, place.network))
-                        < KNOWN_SPARED_PER_IDENTITY_NETWORK
-            })
-            .min_by_key(|i| count(&self.spared_identities, i));
-        let Some(identity) = identity else {
+        let room = place.identities.iter().all(|i| {
+            count(&self.spared_identities, i) < per_identity
+                && count(&self.spared_identity_networks, &(*i, place.network))
+                    < KNOWN_SPARED_PER_IDENTITY_NETWORK
+                && count(&self.spared_identity_sources, &(*i, place.source))
+                    < KNOWN_SPARED_PER_IDENTITY_SOURCE
+        });
+        if !room {
             return false;
-        };
+        }
         *self.spared_sources.entry(place.source).or_default() += 1;
-        *self.spared_networks.entry(place.network).or_default() += 1;
-        *self.spared_identities.entry(identity).or_default() += 1;
         *self
-            .spared_identity_networks
-            .entry((identity, place.network))
+            .spared_addresses
+            .entry(place.client.ip().to_canonical())
             .or_default() += 1;
+        *self.spared_networks.entry(place.network).or_default() += 1;
+        for &i in &place.identities {
+            *self.spared_identities.entry(i).or_default() += 1;
+            *self
+                .spared_identity_networks
+                .entry((i, place.network))
+                .or_default() += 1;
+            *self
+                .spared_identity_sources
+                .entry((i, place.source))
+                .or_default() += 1;
+        }
         self.spared += 1;
-        place.spared_as.store(identity, Ordering::Relaxed);
         place.spared.store(true, Ordering::Relaxed);
         true
     }
@@ -268,14 +299,17 @@ impl Slots {
         less(&mut self.sources, &place.source);
         less(&mut self.networks, &place.network);
         if place.spared.swap(false, Ordering::Relaxed) {
-            let identity = place.spared_as.load(Ordering::Relaxed);
             less(&mut self.spared_sources, &place.source);
-            less(&mut self.spared_networks, &place.network);
-            less(&mut self.spared_identities, &identity);
             less(
-                &mut self.spared_identity_networks,
-                &(identity, place.network),
+                &mut self.spared_addresses,
+                &place.client.ip().to_canonical(),
             );
+            less(&mut self.spared_networks, &place.network);
+            for &i in &place.identities {
+                less(&mut self.spared_identities, &i);
+                less(&mut self.spared_identity_networks, &(i, place.network));
+                less(&mut self.spared_identity_sources, &(i, place.source));
+            }
             self.spared -= 1;
             let mut next: Vec<u64> = self
                 .waiting
@@ -407,10 +441,9 @@ pub(super) struct Place {
     /// pool's lock only.
     spared: AtomicBool,
     /// The identities it is counted as (a known one's: its known slot's,
-    /// `Sources::identities_here`; none for a stranger), and the one it
-    /// was spared as.
+    /// `Sources::identities_here`; none for a stranger); a spared one is
+    /// charged to each.
     identities: Vec<u64>,
-    spared_as: AtomicU64,
     accepted: Instant,
     /// When its handshake task first looked at it (`Watch`): a close read
     /// then was there before the gateway could see it, however late the
@@ -655,8 +688,15 @@ impl Pool {
             // other user, a hosting /24) evicted every handshake of the
             // client's past what it is spared, outside any budget (review
             // 12, R12-3). Users of one NAT address remain one another's.
+            // Every identity of the place must be the newcomer's: with one
+            // in common, a certificate that verified once from a client's
+            // NAT address (its co-user there for `known_for`) evicted the
+            // client's handshakes for free from any other address of the
+            // /24 (review 14, R14-2).
             let own = |p: &Place| {
-                p.source == evictor && p.identities.iter().any(|i| identities.contains(i))
+                p.source == evictor
+                    && !p.identities.is_empty()
+                    && p.identities.iter().all(|i| identities.contains(i))
             };
             let costs = |p: &Place| p.known && !own(p);
             let may_take = |p: &Place| budget || !costs(p);
@@ -793,7 +833,6 @@ impl Pool {
             known,
             spared: AtomicBool::new(false),
             identities,
-            spared_as: AtomicU64::new(0),
             accepted: now,
             watched: std::sync::OnceLock::new(),
             socket: Mutex::new(socket.map(Arc::new)),
