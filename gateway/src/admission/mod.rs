@@ -1187,6 +1187,8 @@ mod review13;
 #[cfg(test)]
 mod review14;
 #[cfg(test)]
+mod review15;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,191 @@
+//! Attacker review 15 of admission after 9d28f68 (a NAT address's spared
+//! handshake charged to every one of its identities). Each test asserts
+//! the HARM on the reviewed code, with a control; a fix should make it
+//! fail.
+//!
+//! Handshakes are held without a descriptor (judged by time), as in
+//! review 14; `served_as` stands in for `Sources::identities_here`.
+//!
+//! Run: `cargo test -p gateway --lib admission::review15 -- --nocapture`
+
+use super::pool::Taken;
+use super::*;
+
+fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A place taken and past its ClientHello: the client's turn, early.
+fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
+    let t = pool.take_served(c, None, max, share, known).unwrap();
+    pool.advance(t.id, &t.place, Stage::Answered);
+    t
+}
+
+fn live(t: &Taken) -> bool {
+    t.place.stage() == Stage::Answered
+}
+
+const ATTACKER: &str = "spiffe://example.internal/attacker";
+const VICTIM: &str = "spiffe://example.internal/victim";
+
+/// R15-1 (MEDIUM, a NAT address shared once). The inverse of R14-3's
+/// fix: a NAT address's handshake is spared only if EVERY identity that
+/// verified from it within `known_for` (24 h) has room. A certificate
+/// that verified once from a client's NAT address (a café's, an office's,
+/// a CGNAT's egress), then holds its identity's spared places (share/8,
+/// at least 4) from its own addresses in other networks, leaves that NAT
+/// address no spare at all for a day: every handshake of every user there
+/// joins unspared, and while the address holds 2 or more in the share it
+/// is crowded for any newcomer from another network. A certless flood
+/// evicts all but its newest: of a busy NAT's 4 at once, 1 completes (20
+/// of 80), the oldest never (README: "a busy NAT keeps its oldest 4";
+/// control, the same attacker without the one past verification from the
+/// NAT: 80 of 80, the oldest 20 of 20). One exhausted identity does this
+/// to every address it ever verified from, however many.
+#[test]
+fn r15_1_one_exhausted_identity_unspares_every_nat_address_it_once_used() {
+    let (nat, client) = r15_1(true);
+    assert!(
+        nat <= 20,
+        "the NAT completes 1 of its 4 a round: {nat} of 80"
+    );
+    assert_eq!(client, 0, "none of the client's (the oldest) completed");
+    assert_eq!(
+        r15_1(false),
+        (80, 20),
+        "control: the NAT's 4 spared, 80 of 80"
+    );
+}
+
+fn r15_1(once_shared: bool) -> (usize, usize) {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    let nat = [10, 1, 9, 5];
+    // The attacker's own addresses: two other networks, nowhere near.
+    let own = [[198, 51, 100, 7], [192, 0, 2, 7]];
+    for a in own {
+        pool.served_as(IpAddr::from(a), ATTACKER);
+    }
+    if once_shared {
+        // Hours ago, once, through the NAT address.
+        pool.served_as(IpAddr::from(nat), ATTACKER);
+    }
+    pool.served_as(IpAddr::from(nat), VICTIM);
+    // The attacker holds its identity's share/8 = 5 spared places (4 in
+    // one network, 1 in another), far from the NAT.
+    let attacker: Vec<Taken> = (0..5u16)
+        .map(|n| {
+            answered(
+                &pool,
+                v4(own[usize::from(n / 4)], 1000 + n),
+                max,
+                share,
+                true,
+            )
+        })
+        .collect();
+    let (nat_done, client_done) = flood(&pool, nat, max, share);
+    assert!(attacker.iter().all(live), "the attacker's 5 all held");
+    println!("once_shared {once_shared}: NAT {nat_done} of 80; client {client_done} of 20");
+    (nat_done, client_done)
+}
+
+/// 20 rounds of a flood: `at` opens 4 handshakes at once (the first the
+/// oldest), strangers from other networks fill the share, 8 certless
+/// newcomers from other networks come, then `at`'s 4 try to complete.
+/// Says how many of `at`'s 80 completed, and of the 20 firsts.
+fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usize, usize) {
+    let mut strangers: Vec<Taken> = Vec::new();
+    let mut next_stranger = 0u16;
+    let (mut done, mut first_done) = (0, 0);
+    for round in 0..20u16 {
+        // 4 handshakes at once (a busy NAT's users', a client's parallel
+        // ones), the first the oldest.
+        let now: Vec<Taken> = (0..4u16)
+            .map(|n| answered(&pool, v4(at, 20_000 + 4 * round + n), max, share, true))
+            .collect();
+        // Strangers filling the share, one per /16 (not crowded).
+        while pool.handshakes() < share {
+            let n = next_stranger;
+            next_stranger += 1;
+            strangers.push(answered(
+                &pool,
+                v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
+                max,
+                share,
+                false,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        // Certless newcomers of the flood, each from another network.
+        for k in 0..8u8 {
+            if let Ok(newcomer) = pool.take_served(
+                v4([150 + round as u8, 18 + k, 0, 1], 1),
+                None,
+                max,
+                share,
+                false,
+            ) {
+                pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
+                strangers.push(newcomer);
+            }
+        }
+        for (n, t) in now.iter().enumerate() {
+            pool.advance(t.id, &t.place, Stage::Established);
+            if t.place.stage() == Stage::Established {
+                done += 1;
+                if n == 0 {
+                    first_done += 1;
+                }
+            }
+        }
+    }
+    (done, first_done)
+}
+
+/// R15-2 (MEDIUM, a shared NAT address). Charging a NAT address's spared
+/// handshake to every identity makes its users pay for one another: a
+/// certificate holder behind a NAT address where a client verified (a
+/// café, an office, a CGNAT) holds the address's 4 spared places, and
+/// each is charged to the client's identity too. The client's identity
+/// is then at its 4 in that /16 (/48): at its own address elsewhere in
+/// the /16 (home on the same carrier, another office /24) none of its
+/// parallel handshakes is spared, and a certless flood evicts them (the
+/// /16 crowded by the attacker's 4 too): 0 of 80 (control, the attacker at a
+/// NAT address the client never used: 80 of 80). From two such
+/// addresses in two networks (a roaming client) the attacker's 8 spend
+/// the client's share/8 in all: it is spared nowhere.
+#[test]
+fn r15_2_an_attacker_at_a_shared_nat_address_spends_its_co_users_identity() {
+    let (done, first) = r15_2(true);
+    assert!(
+        done <= 20,
+        "at most 1 of the client's 4 a round: {done} of 80"
+    );
+    assert_eq!(first, 0, "the oldest of its parallel 4 never completes");
+    assert_eq!(r15_2(false), (80, 20), "control: 80 of 80");
+}
+
+fn r15_2(client_used_the_nat: bool) -> (usize, usize) {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    let nat = [10, 1, 7, 5];
+    let home = [10, 1, 9, 5];
+    if client_used_the_nat {
+        // Earlier today, through the NAT address.
+        pool.served_as(IpAddr::from(nat), VICTIM);
+    }
+    pool.served_as(IpAddr::from(nat), ATTACKER);
+    pool.served_as(IpAddr::from(home), VICTIM);
+    // The attacker's 4 at the NAT address: what README allows it.
+    let attacker: Vec<Taken> = (0..4u16)
+        .map(|n| answered(&pool, v4(nat, 1000 + n), max, share, true))
+        .collect();
+    let (done, first) = flood(&pool, home, max, share);
+    assert!(attacker.iter().all(live), "the attacker's 4 all held");
+    println!(
+        "client_used_the_nat {client_used_the_nat}: client {done} of 80; oldest {first} of 20"
+    );
+    (done, first)
+}
