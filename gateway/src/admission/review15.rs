@@ -189,3 +189,39 @@ fn r15_2(client_used_the_nat: bool) -> (usize, usize) {
     );
     (done, first)
 }
+
+/// R15-3 (LOW, a legitimate case). An office's NAT of two addresses in
+/// one /24, its users seen at both (README: the /24 holds 8 spared, each
+/// address 4): every handshake at either address is charged to all of
+/// its users' identities, each at most 4 per source, so the first
+/// address's 4 spend every user's room in the /24 and the second address
+/// is spared nothing; a flood evicts its parallel handshakes: 0 of 80
+/// (control, different users at the two addresses: 80 of 80).
+#[test]
+fn r15_3_a_two_address_office_nat_is_spared_4_not_8() {
+    let (done, _) = r15_3(true);
+    assert!(done <= 20, "the second address is not spared: {done} of 80");
+    assert_eq!(r15_3(false).0, 80, "control: 80 of 80");
+}
+
+fn r15_3(same_users: bool) -> (usize, usize) {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    let (first, second) = ([10, 1, 9, 5], [10, 1, 9, 6]);
+    for u in 0..3 {
+        let user = format!("spiffe://example.internal/user{u}");
+        pool.served_as(IpAddr::from(first), &user);
+        let other = format!("spiffe://example.internal/other{u}");
+        pool.served_as(
+            IpAddr::from(second),
+            if same_users { &user } else { &other },
+        );
+    }
+    let held: Vec<Taken> = (0..4u16)
+        .map(|n| answered(&pool, v4(first, 1000 + n), max, share, true))
+        .collect();
+    let result = flood(&pool, second, max, share);
+    assert!(held.iter().all(live), "the first address's 4 held");
+    println!("same_users {same_users}: second address {} of 80", result.0);
+    result
+}
