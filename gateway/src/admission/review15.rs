@@ -103,14 +103,14 @@ fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usize, usize) {
         // 4 handshakes at once (a busy NAT's users', a client's parallel
         // ones), the first the oldest.
         let now: Vec<Taken> = (0..4u16)
-            .map(|n| answered(&pool, v4(at, 20_000 + 4 * round + n), max, share, true))
+            .map(|n| answered(pool, v4(at, 20_000 + 4 * round + n), max, share, true))
             .collect();
         // Strangers filling the share, one per /16 (not crowded).
         while pool.handshakes() < share {
             let n = next_stranger;
             next_stranger += 1;
             strangers.push(answered(
-                &pool,
+                pool,
                 v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
                 max,
                 share,
