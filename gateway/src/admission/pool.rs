@@ -95,6 +95,16 @@ const KNOWN_SPARED_PER_IDENTITY_SOURCE: u32 = KNOWN_SPARED_PER_SOURCE;
 const KNOWN_SPARED_PER_ADDRESS: u32 = KNOWN_SPARED_PER_SOURCE;
 const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
 
+/// Spared handshakes at shared addresses (a NAT address several
+/// identities verified from within `known_for`) per network (/16, /48),
+/// charged to none of their identities. Charged to whichever had room,
+/// one certificate borrowed its co-users' (review 14, R14-3); charged to
+/// every one, one certificate that had verified once from a NAT address
+/// and spent its own identity's places elsewhere left the NAT spared
+/// nothing, and one at a shared address spent its co-users' places
+/// (review 15, R15-1, R15-2).
+const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
+
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
 /// when none is, the newcomer does not evict.
@@ -134,6 +144,8 @@ struct Slots {
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
+    /// Spared at shared addresses, by network.
+    spared_shared: HashMap<IpAddr, u32>,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -185,6 +197,7 @@ impl Default for Slots {
             spared_identities: HashMap::new(),
             spared_identity_networks: HashMap::new(),
             spared_identity_sources: HashMap::new(),
+            spared_shared: HashMap::new(),
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -235,12 +248,10 @@ impl Slots {
         }
     }
 
-    /// Spares a known handshake if its source, its network, every one of
-    /// its identities and the share have room for one more; says whether
-    /// it did. Every identity of a NAT address is charged: charged as
-    /// whichever had room, one certificate verified from NAT addresses
-    /// other clients used borrowed their identities' room and held a
-    /// /16's 16 spared places alone (review 14, R14-3).
+    /// Spares a known handshake if its address, its source, its network,
+    /// its identity (a shared address's: the shared places of its
+    /// network, `KNOWN_SPARED_SHARED_PER_NETWORK`) and the share have room
+    /// for one more; says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
@@ -256,15 +267,32 @@ impl Slots {
         {
             return false;
         }
-        let room = place.identities.iter().all(|i| {
-            count(&self.spared_identities, i) < per_identity
-                && count(&self.spared_identity_networks, &(*i, place.network))
-                    < KNOWN_SPARED_PER_IDENTITY_NETWORK
-                && count(&self.spared_identity_sources, &(*i, place.source))
-                    < KNOWN_SPARED_PER_IDENTITY_SOURCE
-        });
-        if !room {
-            return false;
+        match place.identities.as_slice() {
+            [i] => {
+                if count(&self.spared_identities, i) >= per_identity
+                    || count(&self.spared_identity_networks, &(*i, place.network))
+                        >= KNOWN_SPARED_PER_IDENTITY_NETWORK
+                    || count(&self.spared_identity_sources, &(*i, place.source))
+                        >= KNOWN_SPARED_PER_IDENTITY_SOURCE
+                {
+                    return false;
+                }
+                *self.spared_identities.entry(*i).or_default() += 1;
+                *self
+                    .spared_identity_networks
+                    .entry((*i, place.network))
+                    .or_default() += 1;
+                *self
+                    .spared_identity_sources
+                    .entry((*i, place.source))
+                    .or_default() += 1;
+            }
+            _ => {
+                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK {
+                    return false;
+                }
+                *self.spared_shared.entry(place.network).or_default() += 1;
+            }
         }
         *self.spared_sources.entry(place.source).or_default() += 1;
         *self
@@ -272,17 +300,6 @@ impl Slots {
             .entry(place.client.ip().to_canonical())
             .or_default() += 1;
         *self.spared_networks.entry(place.network).or_default() += 1;
-        for &i in &place.identities {
-            *self.spared_identities.entry(i).or_default() += 1;
-            *self
-                .spared_identity_networks
-                .entry((i, place.network))
-                .or_default() += 1;
-            *self
-                .spared_identity_sources
-                .entry((i, place.source))
-                .or_default() += 1;
-        }
         self.spared += 1;
         place.spared.store(true, Ordering::Relaxed);
         true
@@ -305,10 +322,13 @@ impl Slots {
                 &place.client.ip().to_canonical(),
             );
             less(&mut self.spared_networks, &place.network);
-            for &i in &place.identities {
-                less(&mut self.spared_identities, &i);
-                less(&mut self.spared_identity_networks, &(i, place.network));
-                less(&mut self.spared_identity_sources, &(i, place.source));
+            match place.identities.as_slice() {
+                [i] => {
+                    less(&mut self.spared_identities, i);
+                    less(&mut self.spared_identity_networks, &(*i, place.network));
+                    less(&mut self.spared_identity_sources, &(*i, place.source));
+                }
+                _ => less(&mut self.spared_shared, &place.network),
             }
             self.spared -= 1;
             let mut next: Vec<u64> = self
