@@ -144,8 +144,9 @@ struct Slots {
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
-    /// Spared at shared addresses, by network.
+    /// Spared at shared addresses, by network and in all.
     spared_shared: HashMap<IpAddr, u32>,
+    spared_shared_in_all: u32,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -198,6 +199,7 @@ impl Default for Slots {
             spared_identity_networks: HashMap::new(),
             spared_identity_sources: HashMap::new(),
             spared_shared: HashMap::new(),
+            spared_shared_in_all: 0,
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -288,10 +290,18 @@ impl Slots {
                     .or_default() += 1;
             }
             _ => {
-                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK {
+                // And one identity's worth across the share (a network's
+                // shared places at least): two
+                // certificates verified from the same addresses make them
+                // shared, and would otherwise hold 8 in every network.
+                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
+                    || self.spared_shared_in_all
+                        >= per_identity.max(KNOWN_SPARED_SHARED_PER_NETWORK)
+                {
                     return false;
                 }
                 *self.spared_shared.entry(place.network).or_default() += 1;
+                self.spared_shared_in_all += 1;
             }
         }
         *self.spared_sources.entry(place.source).or_default() += 1;
@@ -328,7 +338,10 @@ impl Slots {
                     less(&mut self.spared_identity_networks, &(*i, place.network));
                     less(&mut self.spared_identity_sources, &(*i, place.source));
                 }
-                _ => less(&mut self.spared_shared, &place.network),
+                _ => {
+                    less(&mut self.spared_shared, &place.network);
+                    self.spared_shared_in_all -= 1;
+                }
             }
             self.spared -= 1;
             let mut next: Vec<u64> = self
@@ -581,7 +594,7 @@ impl Place {
     }
 
     /// Known and spared (read under the pool's lock).
-    fn spared(&self) -> bool {
+    pub(super) fn spared(&self) -> bool {
         self.spared.load(Ordering::Relaxed)
     }
 

@@ -224,3 +224,45 @@ fn r15_3(same_users: bool) -> (usize, usize) {
     println!("same_users {same_users}: second address {} of 80", result.0);
     result
 }
+
+/// After review 15's fix (a shared address charged to its network's
+/// shared places, none of its identities): two certificates verified from
+/// the same addresses make them shared. From one address in each of many
+/// /48s they would hold 8 spared places in every network and the spared
+/// half; the shared places are one identity's worth across the share
+/// (share/8), so the two hold share/8 there, and a known client of its
+/// own keeps its spare.
+#[test]
+fn r15_4_two_certificates_sharing_their_addresses_hold_one_identitys_worth() {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 64);
+    let second = "spiffe://example.internal/attacker-too";
+    let at = |n: u16| {
+        SocketAddr::new(
+            format!("2001:db8:{:x}::1", 0x100 + n).parse().unwrap(),
+            1000,
+        )
+    };
+    for n in 0..16u16 {
+        pool.served_as(at(n).ip(), ATTACKER);
+        pool.served_as(at(n).ip(), second);
+    }
+    let held: Vec<Taken> = (0..16u16)
+        .flat_map(|n| (0..4u16).map(move |p| (n, p)))
+        .map(|(n, p)| {
+            let mut c = at(n);
+            c.set_port(1000 + p);
+            answered(&pool, c, max, share, true)
+        })
+        .collect();
+    let spared = held.iter().filter(|t| t.place.spared()).count();
+    assert_eq!(
+        spared,
+        share / 8,
+        "the shared addresses hold one identity's worth"
+    );
+    // A known client of its own, elsewhere, is still spared.
+    pool.served_as(IpAddr::from([192, 0, 2, 10]), VICTIM);
+    let client = answered(&pool, v4([192, 0, 2, 10], 1), max, share, true);
+    assert!(client.place.spared());
+}
