@@ -507,13 +507,17 @@ impl Admission {
         let source = client.ip().to_canonical();
         let exempt = exempt(&settings, source);
         let mut groups = None;
-        let mut known = false;
+        // A known source's identities, from its known slot (the pool
+        // spares its handshakes as theirs): looked up with `known`, under
+        // the same lock, so a known handshake always has them.
+        let mut identities = None;
         if !exempt {
             let mut t = self.tables();
             // Known by its exact address: a host in a known client's
             // IPv6 /64 that never verified is only admitted past a full
             // networks table (`Sources::start`), nothing more.
-            known = t.sources.verified_here(listener, source, &settings, now);
+            identities = t.sources.identities_here(listener, source, &settings, now);
+            let known = identities.is_some();
             // A prefix or network blocked for strikes (its failures, not
             // this source's) still admits a known source: four failing
             // neighbours must not lock out the clients already served. An
@@ -552,7 +556,7 @@ impl Admission {
                 None
             }
         });
-        match pool.take(client, socket, max_connections, max_handshakes, known) {
+        match pool.take(client, socket, max_connections, max_handshakes, identities) {
             Ok(taken) => {
                 let ticket = Ticket {
                     admission: self.clone(),
@@ -1178,6 +1182,12 @@ mod review10_pool;
 mod review11;
 #[cfg(test)]
 mod review12;
+#[cfg(test)]
+mod review13;
+#[cfg(test)]
+mod review14;
+#[cfg(test)]
+mod review15;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]

@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -70,8 +70,9 @@ pub(super) const EVICTION_BURST: u32 = 32;
 const KNOWN_SPARED_PER_SOURCE: u32 = 4;
 const KNOWN_SPARED_PER_NETWORK: u32 = 16;
 
-/// One identity's spared handshakes (the identities that lately
-/// authenticated from the handshake's exact address, `Slots::served`): a
+/// One identity's spared handshakes (a known handshake's identities are
+/// its known slot's, the certificates that lately verified from its exact
+/// address: `Sources::identities_here`, handed over by `admit`): a
 /// source's worth per network, and a quarter of the spared half in all
 /// (at least a source's worth). One certificate verified from four /24s
 /// of a known client's /16 held the /16's 16 spared places for good, and
@@ -81,15 +82,28 @@ const KNOWN_SPARED_PER_NETWORK: u32 = 16;
 /// issued by the PKI and revocable.
 const KNOWN_SPARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
 
-/// Exact addresses whose identities a listener remembers (the most
-/// recently authenticated), and identities per address (a NAT's several
-/// users): past that the least recent is forgotten, and a handshake from
-/// an address not remembered counts as its network's (/16, /48): all
-/// such of one network as one identity. As its source's, an attacker
-/// that got its own addresses forgotten (16 384 handshakes authenticated
-/// from others) was 4 identities in 4 /24s of a client's /16 again.
-const MAX_SERVED_ADDRESSES: usize = 16_384;
-const IDENTITIES_PER_ADDRESS: usize = 4;
+/// One identity's spared handshakes per source (an IPv4 /24, an IPv6
+/// /64).
+const KNOWN_SPARED_PER_IDENTITY_SOURCE: u32 = KNOWN_SPARED_PER_SOURCE;
+
+/// A known address's spared handshakes: a source's worth of its own,
+/// while its source (/24, /64) holds twice that: one certificate verified
+/// from one address of a known client's /24 held all of the /24's spared
+/// places, and the client was never spared (review 14, R14-1); now it
+/// holds its identity's 4 of the /24's 8, and the client's address has
+/// its own.
+const KNOWN_SPARED_PER_ADDRESS: u32 = KNOWN_SPARED_PER_SOURCE;
+const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
+
+/// Spared handshakes at shared addresses (a NAT address several
+/// identities verified from within `known_for`) per network (/16, /48),
+/// charged to none of their identities. Charged to whichever had room,
+/// one certificate borrowed its co-users' (review 14, R14-3); charged to
+/// every one, one certificate that had verified once from a NAT address
+/// and spent its own identity's places elsewhere left the NAT spared
+/// nothing, and one at a shared address spent its co-users' places
+/// (review 15, R15-1, R15-2).
+const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
 
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
@@ -100,6 +114,9 @@ const MAX_EVICTING_SOURCES: usize = 16_384;
 pub struct Pool {
     listener: String,
     slots: Mutex<Slots>,
+    /// The pool's tests' stand-in for the known table (`served_as`).
+    #[cfg(test)]
+    served: Mutex<HashMap<IpAddr, Vec<u64>>>,
 }
 
 struct Slots {
@@ -119,15 +136,17 @@ struct Slots {
     /// Spared known handshakes (`Place::spared`) by source, by network,
     /// and in all.
     spared_sources: HashMap<IpAddr, u32>,
+    spared_addresses: HashMap<IpAddr, u32>,
     spared_networks: HashMap<IpAddr, u32>,
     spared: usize,
-    /// The same by identity (`Place::spared_as`), in all and by network.
+    /// The same by identity (every one of a spared place's identities), in
+    /// all, by network and by source.
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
-    /// The identities that lately authenticated from each exact address
-    /// (keyed hashes, the newest last): what a known handshake is spared
-    /// as.
-    served: Lru<IpAddr, Vec<u64>>,
+    spared_identity_sources: HashMap<(u64, IpAddr), u32>,
+    /// Spared at shared addresses, by network and in all.
+    spared_shared: HashMap<IpAddr, u32>,
+    spared_shared_in_all: u32,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -173,11 +192,14 @@ impl Default for Slots {
             sources: HashMap::new(),
             networks: HashMap::new(),
             spared_sources: HashMap::new(),
+            spared_addresses: HashMap::new(),
             spared_networks: HashMap::new(),
             spared: 0,
             spared_identities: HashMap::new(),
             spared_identity_networks: HashMap::new(),
-            served: Lru::new(MAX_SERVED_ADDRESSES),
+            spared_identity_sources: HashMap::new(),
+            spared_shared: HashMap::new(),
+            spared_shared_in_all: 0,
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -228,42 +250,67 @@ impl Slots {
         }
     }
 
-    /// Spares a known handshake if its source, its network, one of its
-    /// identities (the one with the fewest spared) and the share have
-    /// room for one more; says whether it did.
+    /// Spares a known handshake if its address, its source, its network,
+    /// its identity (a shared address's: the shared places of its
+    /// network, `KNOWN_SPARED_SHARED_PER_NETWORK`) and the share have room
+    /// for one more; says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
             u32::try_from((self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize))
                 .unwrap_or(u32::MAX);
         if self.spared >= cap
-            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE
+            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE_IN_ALL
+            || count(&self.spared_addresses, &place.client.ip().to_canonical())
+                >= KNOWN_SPARED_PER_ADDRESS
             || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
+            // No identity to charge: never spared (fail closed).
+            || place.identities.is_empty()
         {
             return false;
         }
-        let identity = place
-            .identities
-            .iter()
-            .copied()
-            .filter(|i| {
-                count(&self.spared_identities, i) < per_identity
-                    && count(&self.spared_identity_networks, &(*i, place.network))
-                        < KNOWN_SPARED_PER_IDENTITY_NETWORK
-            })
-            .min_by_key(|i| count(&self.spared_identities, i));
-        let Some(identity) = identity else {
-            return false;
-        };
+        match place.identities.as_slice() {
+            [i] => {
+                if count(&self.spared_identities, i) >= per_identity
+                    || count(&self.spared_identity_networks, &(*i, place.network))
+                        >= KNOWN_SPARED_PER_IDENTITY_NETWORK
+                    || count(&self.spared_identity_sources, &(*i, place.source))
+                        >= KNOWN_SPARED_PER_IDENTITY_SOURCE
+                {
+                    return false;
+                }
+                *self.spared_identities.entry(*i).or_default() += 1;
+                *self
+                    .spared_identity_networks
+                    .entry((*i, place.network))
+                    .or_default() += 1;
+                *self
+                    .spared_identity_sources
+                    .entry((*i, place.source))
+                    .or_default() += 1;
+            }
+            _ => {
+                // And one identity's worth across the share (a network's
+                // shared places at least): two
+                // certificates verified from the same addresses make them
+                // shared, and would otherwise hold 8 in every network.
+                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
+                    || self.spared_shared_in_all
+                        >= per_identity.max(KNOWN_SPARED_SHARED_PER_NETWORK)
+                {
+                    return false;
+                }
+                *self.spared_shared.entry(place.network).or_default() += 1;
+                self.spared_shared_in_all += 1;
+            }
+        }
         *self.spared_sources.entry(place.source).or_default() += 1;
-        *self.spared_networks.entry(place.network).or_default() += 1;
-        *self.spared_identities.entry(identity).or_default() += 1;
         *self
-            .spared_identity_networks
-            .entry((identity, place.network))
+            .spared_addresses
+            .entry(place.client.ip().to_canonical())
             .or_default() += 1;
+        *self.spared_networks.entry(place.network).or_default() += 1;
         self.spared += 1;
-        place.spared_as.store(identity, Ordering::Relaxed);
         place.spared.store(true, Ordering::Relaxed);
         true
     }
@@ -279,14 +326,23 @@ impl Slots {
         less(&mut self.sources, &place.source);
         less(&mut self.networks, &place.network);
         if place.spared.swap(false, Ordering::Relaxed) {
-            let identity = place.spared_as.load(Ordering::Relaxed);
             less(&mut self.spared_sources, &place.source);
-            less(&mut self.spared_networks, &place.network);
-            less(&mut self.spared_identities, &identity);
             less(
-                &mut self.spared_identity_networks,
-                &(identity, place.network),
+                &mut self.spared_addresses,
+                &place.client.ip().to_canonical(),
             );
+            less(&mut self.spared_networks, &place.network);
+            match place.identities.as_slice() {
+                [i] => {
+                    less(&mut self.spared_identities, i);
+                    less(&mut self.spared_identity_networks, &(*i, place.network));
+                    less(&mut self.spared_identity_sources, &(*i, place.source));
+                }
+                _ => {
+                    less(&mut self.spared_shared, &place.network);
+                    self.spared_shared_in_all -= 1;
+                }
+            }
             self.spared -= 1;
             let mut next: Vec<u64> = self
                 .waiting
@@ -332,16 +388,6 @@ impl Slots {
         }
     }
 
-    /// The identities a handshake from `client` is counted as: those that
-    /// lately authenticated from its exact address, else its network's
-    /// (every address of a /16 or /48 not remembered, as one).
-    fn identities_of(&self, client: IpAddr, network: IpAddr) -> Vec<u64> {
-        match self.served.get(&client) {
-            Some(ids) if !ids.is_empty() => ids.clone(),
-            _ => vec![std::hash::BuildHasher::hash_one(&self.hasher, network)],
-        }
-    }
-
     /// An unauthenticated connection leaves its source's count and the
     /// queue.
     fn unauthenticated_left(&mut self, id: u64, place: &Place) {
@@ -352,18 +398,6 @@ impl Slots {
                 if *n == 0 {
                     self.unauthenticated.remove(&place.source);
                 }
-            }
-        }
-    }
-
-    /// Notes that `identity` (a keyed hash) authenticated from `client`:
-    /// its known handshakes are spared as that identity's from now on.
-    fn served_as(&mut self, client: IpAddr, identity: u64) {
-        if let Some(ids) = self.served.entry(&client, Vec::new, |_| true) {
-            ids.retain(|&i| i != identity);
-            ids.push(identity);
-            if ids.len() > IDENTITIES_PER_ADDRESS {
-                ids.remove(0);
             }
         }
     }
@@ -439,10 +473,10 @@ pub(super) struct Place {
     /// never a newcomer's crowding or a known newcomer. Changed under the
     /// pool's lock only.
     spared: AtomicBool,
-    /// The identities it is counted as (`Slots::identities_of`), and the
-    /// one it was spared as.
+    /// The identities it is counted as (a known one's: its known slot's,
+    /// `Sources::identities_here`; none for a stranger); a spared one is
+    /// charged to each.
     identities: Vec<u64>,
-    spared_as: AtomicU64,
     accepted: Instant,
     /// When its handshake task first looked at it (`Watch`): a close read
     /// then was there before the gateway could see it, however late the
@@ -560,7 +594,7 @@ impl Place {
     }
 
     /// Known and spared (read under the pool's lock).
-    fn spared(&self) -> bool {
+    pub(super) fn spared(&self) -> bool {
         self.spared.load(Ordering::Relaxed)
     }
 
@@ -612,6 +646,8 @@ impl Pool {
         Pool {
             listener: listener.to_owned(),
             slots: Mutex::default(),
+            #[cfg(test)]
+            served: Mutex::default(),
         }
     }
 
@@ -631,17 +667,21 @@ impl Pool {
     }
 
     /// A slot for `client`, evicting the handshake furthest behind when
-    /// the listener (or its handshake share) is full. A `known` client (a
-    /// verified certificate lately, `sources`) evicts a source not known's
-    /// handshake, or its own identity's in its own source, outside any
-    /// budget; another known client's within its own.
+    /// the listener (or its handshake share) is full. A known client (a
+    /// verified certificate lately from its exact address, `sources`:
+    /// `known` holds the identities that verified from it) evicts a
+    /// source not known's handshake, or its own identity's in its own
+    /// source, outside any budget; another known client's within its own.
+    /// Its handshake is spared as one of those identities: the pool keeps
+    /// no record of its own (which forgot addresses), so a known address
+    /// is never counted as its network's anonymous share.
     pub(super) fn take(
         &self,
         client: SocketAddr,
         socket: Option<OwnedFd>,
         max_connections: usize,
         max_handshakes: usize,
-        known: bool,
+        known: Option<Vec<u64>>,
     ) -> Result<Taken, Refusal> {
         let now = Instant::now();
         let mut s = self.lock();
@@ -650,7 +690,12 @@ impl Pool {
         let handshakes = s.hello.len() + s.answered.len();
         let full = s.connections >= max_connections;
         let mut evicted = None;
-        let identities = s.identities_of(client.ip().to_canonical(), network_of(client));
+        // Known without an identity (never from `admit`): spared as none,
+        // so never spared (`Slots::spare`).
+        let (known, identities) = match known {
+            Some(ids) => (true, ids),
+            None => (false, Vec::new()),
+        };
         if full || handshakes >= max_handshakes {
             let refused = if full {
                 Refusal::MaxConnections
@@ -676,8 +721,15 @@ impl Pool {
             // other user, a hosting /24) evicted every handshake of the
             // client's past what it is spared, outside any budget (review
             // 12, R12-3). Users of one NAT address remain one another's.
+            // Every identity of the place must be the newcomer's: with one
+            // in common, a certificate that verified once from a client's
+            // NAT address (its co-user there for `known_for`) evicted the
+            // client's handshakes for free from any other address of the
+            // /24 (review 14, R14-2).
             let own = |p: &Place| {
-                p.source == evictor && p.identities.iter().any(|i| identities.contains(i))
+                p.source == evictor
+                    && !p.identities.is_empty()
+                    && p.identities.iter().all(|i| identities.contains(i))
             };
             let costs = |p: &Place| p.known && !own(p);
             let may_take = |p: &Place| budget || !costs(p);
@@ -814,7 +866,6 @@ impl Pool {
             known,
             spared: AtomicBool::new(false),
             identities,
-            spared_as: AtomicU64::new(0),
             accepted: now,
             watched: std::sync::OnceLock::new(),
             socket: Mutex::new(socket.map(Arc::new)),
@@ -902,7 +953,6 @@ impl Pool {
             return true;
         }
         let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
-        s.served_as(place.client.ip().to_canonical(), key);
         if share < 1.0 {
             // Rounded down, at least one (NaN is refused by the config).
             let cap = ((s.max_connections as f64) * share).max(1.0) as u32;
@@ -970,13 +1020,45 @@ impl Pool {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// As an authenticated connection from `client` as `identity` notes it
-    /// (`Pool::identified`).
+    /// For the pool's own tests, which have no known table: notes that
+    /// `identity` verified from `client` (as the known table's slot would
+    /// hold it, at most four, the newest last) for `take_served`.
     #[cfg(test)]
     pub(super) fn served_as(&self, client: IpAddr, identity: &str) {
-        let mut s = self.lock();
-        let key = std::hash::BuildHasher::hash_one(&s.hasher, identity);
-        s.served_as(client.to_canonical(), key);
+        let key = std::hash::BuildHasher::hash_one(&self.lock().hasher, identity);
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = served.entry(client.to_canonical()).or_default();
+        ids.retain(|&i| i != key);
+        ids.push(key);
+        if ids.len() > 4 {
+            ids.remove(0);
+        }
+    }
+
+    /// `take`, for the pool's own tests: a `known` client with the
+    /// identities `served_as` noted for its address; one the test named
+    /// none for verified as its network's certificate (the tests written
+    /// before identities counted: one client per network).
+    #[cfg(test)]
+    pub(super) fn take_served(
+        &self,
+        client: SocketAddr,
+        socket: Option<OwnedFd>,
+        max_connections: usize,
+        max_handshakes: usize,
+        known: bool,
+    ) -> Result<Taken, Refusal> {
+        let identities = known.then(|| {
+            let served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+            match served.get(&client.ip().to_canonical()) {
+                Some(ids) => ids.clone(),
+                None => vec![std::hash::BuildHasher::hash_one(
+                    &self.lock().hasher,
+                    network_of(client),
+                )],
+            }
+        });
+        self.take(client, socket, max_connections, max_handshakes, identities)
     }
 }
 
@@ -992,7 +1074,7 @@ mod tests {
         /// `take` without a socket to read progress from: every handshake
         /// is judged as if its client sent nothing in its turn.
         fn take_plain(&self, c: SocketAddr, max: usize, max_hs: usize) -> Result<Taken, Refusal> {
-            self.take(c, None, max, max_hs, false)
+            self.take_served(c, None, max, max_hs, false)
         }
     }
 
@@ -1011,7 +1093,8 @@ mod tests {
     /// Takes a place for the gateway's end `s`, which stays usable.
     fn take_socket(pool: &Pool, s: &TcpStream, n: u16, max: usize) -> Taken {
         let fd = s.try_clone().unwrap().into();
-        pool.take(client(n), Some(fd), max, max, false).unwrap()
+        pool.take_served(client(n), Some(fd), max, max, false)
+            .unwrap()
     }
 
     /// A pace whose grace makes a ClientHello overdue after 40 ms and a
@@ -1130,7 +1213,7 @@ mod tests {
         let (mut ca, sa) = pair();
         let (mut cb, sb) = pair();
         let a = pool
-            .take(
+            .take_served(
                 client(1),
                 Some(sa.try_clone().unwrap().into()),
                 10,
@@ -1139,7 +1222,7 @@ mod tests {
             )
             .unwrap();
         let b = pool
-            .take(
+            .take_served(
                 client(2),
                 Some(sb.try_clone().unwrap().into()),
                 10,
@@ -1284,7 +1367,7 @@ mod tests {
         let pool = Pool::new("edge");
         for h in 1..=2 {
             let t = pool
-                .take(from([203, 0, 113, h]), None, 10, 2, true)
+                .take_served(from([203, 0, 113, h]), None, 10, 2, true)
                 .unwrap();
             pool.advance(t.id, &t.place, Stage::Answered);
         }
@@ -1305,7 +1388,7 @@ mod tests {
         let pool = Pool::new("edge");
         for h in 1..=4 {
             let t = pool
-                .take(from([203, 0, 113, h]), None, 20, 4, true)
+                .take_served(from([203, 0, 113, h]), None, 20, 4, true)
                 .unwrap();
             pool.advance(t.id, &t.place, Stage::Answered);
         }
@@ -1316,7 +1399,7 @@ mod tests {
         let pool = Pool::new("edge");
         for h in 1..=5 {
             let t = pool
-                .take(from([203, 0, 113, h]), None, 20, 5, true)
+                .take_served(from([203, 0, 113, h]), None, 20, 5, true)
                 .unwrap();
             pool.advance(t.id, &t.place, Stage::Answered);
         }
@@ -1324,13 +1407,15 @@ mod tests {
         assert_eq!(other.evicted, Some(from([203, 0, 113, 5])));
         pool.advance(other.id, &other.place, Stage::Answered);
         // (Back to four: spared again; the stranger gives way.)
-        let known = pool.take(from([192, 0, 2, 1]), None, 20, 5, true).unwrap();
+        let known = pool
+            .take_served(from([192, 0, 2, 1]), None, 20, 5, true)
+            .unwrap();
         assert_eq!(known.evicted, Some(from([198, 51, 100, 1])));
         // Seventeen of one /16, four per /24 at most: its network is over.
         let pool = Pool::new("edge");
         for n in 0..17u8 {
             let t = pool
-                .take(from([203, 0, n / 4, 1 + n % 4]), None, 40, 17, true)
+                .take_served(from([203, 0, n / 4, 1 + n % 4]), None, 40, 17, true)
                 .unwrap();
             pool.advance(t.id, &t.place, Stage::Answered);
         }
@@ -1363,7 +1448,9 @@ mod tests {
     #[test]
     fn a_known_newcomer_displaces_a_stranger_early_in_its_turn_never_a_known_client() {
         let pool = Pool::new("edge");
-        let served = pool.take(from([192, 0, 2, 1]), None, 10, 3, true).unwrap();
+        let served = pool
+            .take_served(from([192, 0, 2, 1]), None, 10, 3, true)
+            .unwrap();
         pool.advance(served.id, &served.place, Stage::Answered);
         for n in 1..=2 {
             let t = pool.take_plain(from([203, n, 0, 1]), 10, 3).unwrap();
@@ -1373,15 +1460,20 @@ mod tests {
             pool.take_plain(from([198, 51, 100, 1]), 10, 3).err(),
             Some(Refusal::MaxHandshakesInFlight)
         );
-        let known = pool.take(from([192, 0, 2, 7]), None, 10, 3, true).unwrap();
+        let known = pool
+            .take_served(from([192, 0, 2, 7]), None, 10, 3, true)
+            .unwrap();
         assert_eq!(known.evicted, Some(from([203, 1, 0, 1])));
         pool.advance(known.id, &known.place, Stage::Answered);
-        let again = pool.take(from([192, 0, 3, 7]), None, 10, 3, true).unwrap();
+        let again = pool
+            .take_served(from([192, 0, 3, 7]), None, 10, 3, true)
+            .unwrap();
         assert_eq!(again.evicted, Some(from([203, 2, 0, 1])));
         pool.advance(again.id, &again.place, Stage::Answered);
         // Only known clients' handshakes left, early in their turns.
         assert_eq!(
-            pool.take(from([192, 0, 4, 7]), None, 10, 3, true).err(),
+            pool.take_served(from([192, 0, 4, 7]), None, 10, 3, true)
+                .err(),
             Some(Refusal::MaxHandshakesInFlight)
         );
         assert_eq!(served.place.stage(), Stage::Answered);

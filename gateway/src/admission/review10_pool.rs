@@ -20,7 +20,7 @@ fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
 
 /// A place taken and past its ClientHello: the client's turn, early.
 fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take(c, None, max, share, known).unwrap();
+    let t = pool.take_served(c, None, max, share, known).unwrap();
     pool.advance(t.id, &t.place, Stage::Answered);
     t
 }
@@ -51,7 +51,7 @@ fn r10_4_a_certless_attacker_in_the_victims_16_does_not_strip_its_known_handshak
     let mut theirs = Vec::new();
     for n in 0..8u8 {
         let t = pool
-            .take(v4([198, 51, 100 + n, 1], 1), None, max, share, false)
+            .take_served(v4([198, 51, 100 + n, 1], 1), None, max, share, false)
             .unwrap();
         let gone = t.evicted.expect("a newcomer evicts").ip();
         assert_ne!(gone, victim_at.ip(), "the known client's went");
@@ -84,7 +84,7 @@ fn r10_5_a_busy_nat_keeps_its_oldest_known_handshakes_and_known_newcomers_pay_to
     let mut mine = Vec::new();
     for host in 1..=100u8 {
         let t = pool
-            .take(v4([198, 51, 100, host], 1), None, max, share, true)
+            .take_served(v4([198, 51, 100, host], 1), None, max, share, true)
             .unwrap();
         pool.advance(t.id, &t.place, Stage::Answered);
         mine.push(t);
@@ -105,7 +105,9 @@ fn r10_5_a_busy_nat_keeps_its_oldest_known_handshakes_and_known_newcomers_pay_to
     }
     // The NAT's next client gets in (in place of a handshake past what
     // its source or the attacker's is spared: the oldest such).
-    let next = pool.take(v4(nat, 2000), None, max, share, true).unwrap();
+    let next = pool
+        .take_served(v4(nat, 2000), None, max, share, true)
+        .unwrap();
     assert!(next.evicted.is_some());
     for t in &nats[..4] {
         assert_eq!(t.place.stage(), Stage::Answered);
@@ -130,7 +132,7 @@ fn r10_5_a_nats_oldest_waiting_handshake_is_spared_when_one_ends() {
     let _more = answered(&pool, v4([40, 0, 0, 1], 1), max, share, true);
     std::thread::sleep(Duration::from_millis(5));
     let t = pool
-        .take(v4([198, 51, 100, 1], 1), None, max, share, true)
+        .take_served(v4([198, 51, 100, 1], 1), None, max, share, true)
         .unwrap();
     assert_eq!(t.evicted, Some(v4(nat, 1005)));
     assert_eq!(nats[4].place.stage(), Stage::Answered);
@@ -156,10 +158,12 @@ fn r10_5_past_its_budget_a_known_newcomer_displaces_a_stranger_never_a_known_han
     // a time, from its budget; then the stranger's instead.
     let mut evictions = 0;
     let (theirs, mine) = loop {
-        let theirs = pool.take(v4([192, 0, 2, 1], 1), None, 64, 2, true).unwrap();
+        let theirs = pool
+            .take_served(v4([192, 0, 2, 1], 1), None, 64, 2, true)
+            .unwrap();
         overdue(&theirs);
         let mine = pool
-            .take(v4([198, 51, 100, 1], 1), None, 64, 2, true)
+            .take_served(v4([198, 51, 100, 1], 1), None, 64, 2, true)
             .unwrap();
         if mine.evicted != Some(v4([192, 0, 2, 1], 1)) {
             break (theirs, mine);
@@ -181,7 +185,7 @@ fn r10_5_past_its_budget_a_known_newcomer_displaces_a_stranger_never_a_known_han
         .collect();
     let young = answered(&pool, v4([203, 0, 113, 2], 1), max, share, false);
     let again = pool
-        .take(v4([198, 51, 100, 6], 1), None, max, share, true)
+        .take_served(v4([198, 51, 100, 6], 1), None, max, share, true)
         .unwrap();
     assert_eq!(again.evicted, Some(v4([198, 51, 100, 5], 1)));
     assert_eq!(young.place.stage(), Stage::Answered);
@@ -215,11 +219,11 @@ fn r10_5b_a_known_newcomer_evicts_the_flood_before_a_busy_nats_client() {
     }
     std::thread::sleep(Duration::from_millis(5));
     let served = pool
-        .take(v4([192, 0, 2, 10], 1), None, max, share, true)
+        .take_served(v4([192, 0, 2, 10], 1), None, max, share, true)
         .unwrap();
     assert_eq!(served.evicted, Some(v4([30, 0, 0, 1], 1)));
     let again = pool
-        .take(v4([192, 0, 2, 11], 1), None, max, share, true)
+        .take_served(v4([192, 0, 2, 11], 1), None, max, share, true)
         .unwrap();
     assert_eq!(again.evicted, Some(v4([31, 0, 0, 1], 1)));
 }
@@ -240,7 +244,7 @@ fn r10_5b_a_known_sources_excess_goes_before_a_younger_strangers_handshake() {
     let first_time = answered(&pool, v4([203, 0, 113, 1], 1), max, share, false);
     std::thread::sleep(Duration::from_millis(5));
     let next = pool
-        .take(v4([198, 51, 100, 99], 1), None, max, share, true)
+        .take_served(v4([198, 51, 100, 99], 1), None, max, share, true)
         .unwrap();
     assert_eq!(next.evicted, Some(v4([198, 51, 100, 5], 1)));
     assert_eq!(first_time.place.stage(), Stage::Answered);
@@ -272,14 +276,14 @@ fn r10_6_one_48_holds_at_most_half_a_small_share() {
         )
     };
     let served = pool
-        .take(v4([192, 0, 2, 10], 1), None, max, share, true)
+        .take_served(v4([192, 0, 2, 10], 1), None, max, share, true)
         .unwrap();
     assert!(in_48(served.evicted), "a client served before");
     pool.advance(served.id, &served.place, Stage::Answered);
     let mut theirs = vec![served];
     let mut n = 0u8;
     loop {
-        match pool.take(v4([198, 51, n, 1], 1), None, max, share, false) {
+        match pool.take_served(v4([198, 51, n, 1], 1), None, max, share, false) {
             Ok(t) => {
                 assert!(in_48(t.evicted), "a first-time client");
                 pool.advance(t.id, &t.place, Stage::Answered);
@@ -324,7 +328,7 @@ fn r10_8_a_known_newcomer_does_not_scan_the_whole_share() {
                 for i in 0..tries {
                     let c = client(&format!("2001:db8:{:x}::1", i), 1);
                     assert_eq!(
-                        pool.take(c, None, n, 2 * n, true).err(),
+                        pool.take_served(c, None, n, 2 * n, true).err(),
                         Some(Refusal::MaxConnections)
                     );
                 }
@@ -357,12 +361,12 @@ fn r10_8_a_known_newcomer_finds_a_stranger_past_the_oldest_few() {
         .collect();
     std::thread::sleep(Duration::from_millis(5));
     assert_eq!(
-        pool.take(v4([198, 51, 100, 1], 1), None, max, share, false)
+        pool.take_served(v4([198, 51, 100, 1], 1), None, max, share, false)
             .err(),
         Some(Refusal::MaxHandshakesInFlight)
     );
     let served = pool
-        .take(v4([192, 0, 2, 10], 1), None, max, share, true)
+        .take_served(v4([192, 0, 2, 10], 1), None, max, share, true)
         .unwrap();
     assert_eq!(served.evicted, Some(v4([40, 0, 0, 1], 1)));
     assert!(spared.iter().all(|t| t.place.stage() == Stage::Answered));

@@ -18,7 +18,7 @@ fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
 
 /// A place taken and past its ClientHello: the client's turn, early.
 fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take(c, None, max, share, known).unwrap();
+    let t = pool.take_served(c, None, max, share, known).unwrap();
     pool.advance(t.id, &t.place, Stage::Answered);
     t
 }
@@ -40,9 +40,11 @@ const ATTACKER: &str = "spiffe://example.internal/attacker";
 #[test]
 fn r12_1_a_co_tenant_of_the_victims_16_does_not_hold_its_spared_places() {
     r12_1(true);
-    // The same with the attacker's addresses forgotten by the pool (16 384
-    // handshakes authenticated from elsewhere while they were idle): they
-    // count as their /16's one identity, not as 4 /24s.
+    // The same with the test naming no identity for the attacker's
+    // addresses: the pool's stand-in for the known table (`take_served`)
+    // has them verified as their /16's one certificate. (The pool no
+    // longer forgets a known address's identities: they are its known
+    // slot's, R12-1c.)
     r12_1(false);
 }
 
@@ -83,7 +85,7 @@ fn r12_1(remembered: bool) {
         if round % 5 == 4 {
             for (n, old) in attacker.iter_mut().enumerate() {
                 let new = pool
-                    .take(attacker_at(n as u16), None, max, share, true)
+                    .take_served(attacker_at(n as u16), None, max, share, true)
                     .unwrap();
                 pool.advance(new.id, &new.place, Stage::Answered);
                 if old.place.stage() == Stage::Evicted {
@@ -100,7 +102,7 @@ fn r12_1(remembered: bool) {
         // A certless newcomer from anywhere else: the /16 the attacker
         // fills is crowded, but the victim's handshake is spared.
         let newcomer = pool
-            .take(
+            .take_served(
                 v4([150 + round as u8, 18, 0, 1], 1),
                 None,
                 max,
@@ -170,7 +172,7 @@ fn r12_2_a_known_handshake_refused_the_spare_is_spared_when_room_comes() {
         std::thread::sleep(Duration::from_millis(2));
         // A known newcomer of another source, within its budget.
         let other = pool
-            .take(v4([198, 51, 100, 1], 1), None, max, share, true)
+            .take_served(v4([198, 51, 100, 1], 1), None, max, share, true)
             .unwrap();
         drop((victim, strangers));
         other.evicted
@@ -220,7 +222,7 @@ fn r12_2_a_spare_handed_over_goes_to_the_oldest_waiting_of_the_network() {
         .collect();
     std::thread::sleep(Duration::from_millis(2));
     let other = pool
-        .take(v4([198, 51, 100, 1], 1), None, max, share, true)
+        .take_served(v4([198, 51, 100, 1], 1), None, max, share, true)
         .unwrap();
     assert_eq!(other.evicted, Some(v4([10, 1, 1, 1], 2)));
     assert_eq!(victim.place.stage(), Stage::Answered);
@@ -252,7 +254,7 @@ fn r12_3_a_known_co_tenant_pays_its_budget_to_evict_the_victims_handshakes() {
     let mut evicted = 0;
     for round in 0..rounds {
         std::thread::sleep(Duration::from_micros(200));
-        let Ok(t) = pool.take(v4(attacker, 3000 + round), None, max, share, true) else {
+        let Ok(t) = pool.take_served(v4(attacker, 3000 + round), None, max, share, true) else {
             continue;
         };
         if t.evicted.is_some_and(|e| e.ip() == IpAddr::from(victim)) {
@@ -260,7 +262,7 @@ fn r12_3_a_known_co_tenant_pays_its_budget_to_evict_the_victims_handshakes() {
         }
         // The attacker's newcomer closes; the victim reconnects.
         assert!(pool.release(t.id, &t.place));
-        if let Ok(v) = pool.take(v4(victim, 4000 + round), None, max, share, true) {
+        if let Ok(v) = pool.take_served(v4(victim, 4000 + round), None, max, share, true) {
             pool.advance(v.id, &v.place, Stage::Answered);
             victims.push(v);
         }
@@ -435,7 +437,7 @@ fn r12_1b_one_identity_does_not_hold_the_spared_half() {
     let mut newcomers = Vec::new();
     for n in 0..8u16 {
         let t = pool
-            .take(v6(&format!("2001:db8:67:{n:x}::1")), None, max, share, true)
+            .take_served(v6(&format!("2001:db8:67:{n:x}::1")), None, max, share, true)
             .unwrap();
         let gone = t
             .evicted
@@ -447,6 +449,114 @@ fn r12_1b_one_identity_does_not_hold_the_spared_half() {
     assert!(served.iter().all(live));
     assert!(strangers.iter().all(live));
     assert!(held.iter().take(4).all(live));
+}
+
+/// R12-1c (fixed, adm13). The pool kept its own record of the identities
+/// per exact address (16 384 addresses), and counted an address it had
+/// forgotten as its whole /48 (or /16), all such as one identity: one
+/// certificate known from `share`/8 /48s, its addresses forgotten (16 384
+/// connections authenticated from elsewhere while it was idle), was
+/// `share`/8 identities and held the spared half, 4 per /48. A known
+/// handshake's identities are now its known slot's (`admit` reads them
+/// under the tables' lock): the attacker holds one identity's part of the
+/// spared places (`share`/8), and the clients served before, coming back,
+/// displace its excess, never each other nor the strangers. Before: the
+/// attacker's 16 handshakes all spared, the clients displaced strangers.
+#[test]
+fn r12_1c_one_certificate_whose_addresses_the_pool_forgot_holds_one_identitys_part() {
+    let s = AdmissionSettings {
+        source_handshakes_per_second: 0,
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_per_second: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_per_second: 0,
+        network_handshakes_in_flight: 0,
+        kernel_block_list: false,
+        pin: false,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let (max, share) = (256, 32);
+    let admit = |c: SocketAddr| match admission.admit(&pool, max, share, c, None) {
+        Answer::Admit(t) => (t, None),
+        Answer::Evict { ticket, victim } => (ticket, Some(victim)),
+        Answer::Refuse(r) => panic!("{c}: refused {r:?}"),
+    };
+    let served = |c: SocketAddr, identity: &str| {
+        let (t, _) = admit(c);
+        assert!(t.established());
+        assert!(t.served(identity));
+    };
+    // The attacker: one certificate, verified from one address in each of
+    // share/8 /48s.
+    let nets = share / 8;
+    let at = |n: usize| SocketAddr::new(format!("2001:db8:{:x}::1", 0x100 + n).parse().unwrap(), 1);
+    for n in 0..nets {
+        served(at(n), ATTACKER);
+    }
+    // Twelve clients served before, each its own certificate and /16.
+    let clients = share / 2 - share / 8;
+    let client = |n: usize| v4([20 + n as u8, 1, 1, 1], 1);
+    for n in 0..clients {
+        served(client(n), &format!("spiffe://example.internal/client/{n}"));
+    }
+    // 16 384 connections authenticated from elsewhere: the adm12 pool
+    // forgot the attacker's addresses (and the clients').
+    for i in 0..16_384u32 {
+        let (t, _) = admit(v4([10, (i >> 8) as u8, i as u8, 1], 1));
+        assert!(t.established());
+        assert!(t.authenticated("spiffe://example.internal/elsewhere"));
+    }
+    // The attacker's handshakes: a source's worth from each address (its
+    // /48's 4), early in their turns.
+    let mut attacker = Vec::new();
+    for n in 0..nets {
+        for _ in 0..4 {
+            let (t, _) = admit(at(n));
+            t.hello_read();
+            attacker.push(t);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2));
+    // The rest of the share: strangers, one per /16, younger.
+    let strangers: Vec<Ticket> = (0..share - 4 * nets)
+        .map(|n| {
+            let (t, _) = admit(v4([100 + n as u8, 0, 0, 1], 1));
+            t.hello_read();
+            t
+        })
+        .collect();
+    assert_eq!(pool.handshakes(), share);
+    std::thread::sleep(Duration::from_millis(2));
+    // The clients served before come back.
+    let mut victims = Vec::new();
+    let back: Vec<Ticket> = (0..clients)
+        .map(|n| {
+            let (t, victim) = admit(client(n));
+            t.hello_read();
+            victims.push(victim);
+            t
+        })
+        .collect();
+    let held = attacker
+        .iter()
+        .filter(|t| t.stage() == Stage::Answered)
+        .count();
+    assert_eq!(
+        held,
+        share / 8,
+        "one certificate holds one identity's part of the spared half"
+    );
+    let attackers: Vec<IpAddr> = (0..nets).map(|n| at(n).ip()).collect();
+    assert!(
+        victims
+            .iter()
+            .all(|v| v.is_some_and(|v| attackers.contains(&v.ip()))),
+        "each client displaced one of the attacker's: {victims:?}"
+    );
+    assert!(back.iter().all(|t| t.stage() == Stage::Answered));
+    assert!(strangers.iter().all(|t| t.stage() == Stage::Answered));
 }
 
 /// R12-6 (fixed on main, 91fac94). Every reload (`configure`) builds the

@@ -851,7 +851,9 @@ impl Sources {
     /// not displaced, evicting outside a budget, passing strike blocks of
     /// its prefix and network, being vouched for). A host without a
     /// certificate in a known client's /64 (an office LAN, a hosting /64)
-    /// gets none.
+    /// gets none. (`admit` asks [`Sources::identities_here`], which says
+    /// the same and who.)
+    #[cfg(test)]
     pub fn verified_here(
         &mut self,
         listener: &str,
@@ -859,8 +861,48 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) -> bool {
+        self.identities_here(listener, source, settings, now)
+            .is_some()
+    }
+
+    /// The identities a handshake from exactly `source` on `listener` is
+    /// counted as, when a certificate verified from it within
+    /// `known_for` ([`Sources::verified_here`]; None otherwise): its
+    /// slot's, and its co-users' that verified from it within
+    /// `known_for` too (a NAT's several users), at most 1 + [`CO_USERS`].
+    /// What the pool spares a known handshake as: however many addresses
+    /// an attacker holds, each is known as the certificates that verified
+    /// from it, never as a network's anonymous share (review 12's gap:
+    /// the pool's own record forgot addresses, and a forgotten one
+    /// counted as its whole /48, one identity per /48). One entry's
+    /// slots, no scan of the table.
+    pub fn identities_here(
+        &mut self,
+        listener: &str,
+        source: IpAddr,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> Option<Vec<u64>> {
+        if settings.max_known == 0 {
+            return None;
+        }
         let key = (self.listener_key(listener), known_key(source));
-        self.verified_at(key, source, settings, now)
+        let lately = |at: Instant| now.saturating_duration_since(at) <= settings.known_for;
+        let slot = self
+            .known
+            .get(&key)?
+            .slots
+            .iter()
+            .find(|s| s.addr == source && lately(s.at))?;
+        let mut ids = Vec::with_capacity(1 + CO_USERS);
+        ids.push(slot.identity);
+        ids.extend(
+            slot.others
+                .iter()
+                .filter(|(id, at, _)| lately(*at) && *id != slot.identity)
+                .map(|(id, _, _)| *id),
+        );
+        Some(ids)
     }
 
     fn verified_at(
@@ -1872,6 +1914,45 @@ mod tests {
         assert_eq!(t.lens()[3], 2);
         assert!(t.knows_in("2001:db8:1:2::/64".parse().unwrap()));
         assert!(!t.knows_in("2001:db8:1:3::/64".parse().unwrap()));
+    }
+
+    /// What the pool spares a known handshake as: the identities that
+    /// verified from exactly its address within `known_for` (the slot's,
+    /// a NAT's co-users'), each of them; none for an address of a known
+    /// /64 that never verified, nor once the slot is past `known_for`; a
+    /// co-user past it no longer counts.
+    #[test]
+    fn a_known_address_is_known_as_the_identities_that_verified_from_it() {
+        let s = settings();
+        let mut t = Sources::new(&s);
+        let now = Instant::now();
+        let hash = |t: &Sources, id: &str| t.identities.hash_one(id);
+        let nat = ip("192.0.2.1");
+        t.verified(L, nat, "alice", &s, now);
+        let later = now + s.known_for / 2;
+        t.verified(L, nat, "bob", &s, later);
+        let mut ids = t.identities_here(L, nat, &s, later).unwrap();
+        ids.sort_unstable();
+        let mut both = vec![hash(&t, "alice"), hash(&t, "bob")];
+        both.sort_unstable();
+        assert_eq!(ids, both);
+        assert_eq!(t.identities_here(L, ip("192.0.2.2"), &s, later), None);
+        assert_eq!(t.identities_here("other", nat, &s, later), None);
+        // Alice's verification is past `known_for`, Bob's is not.
+        let past = now + s.known_for + Duration::from_secs(1);
+        assert_eq!(
+            t.identities_here(L, nat, &s, past),
+            Some(vec![hash(&t, "bob")])
+        );
+        let gone = later + s.known_for + Duration::from_secs(1);
+        assert_eq!(t.identities_here(L, nat, &s, gone), None);
+        // IPv6: the exact address, not its /64.
+        t.verified(L, ip("2001:db8:1:2::a"), "carol", &s, now);
+        assert_eq!(
+            t.identities_here(L, ip("2001:db8:1:2::a"), &s, now),
+            Some(vec![hash(&t, "carol")])
+        );
+        assert_eq!(t.identities_here(L, ip("2001:db8:1:2::b"), &s, now), None);
     }
 
     /// MEDIUM 4 of the second review: one identity verifying from many
