@@ -381,14 +381,18 @@ async fn decisions_are_counted_on_the_admin_endpoint_across_reloads() {
         refusal(gw.app_addr, SNI, pki.client_config(Some(&other))).await,
         rustls::AlertDescription::AccessDenied
     );
-    let metrics = gw.scrape().await;
+    // The client reads the alert as the gateway's connection task goes
+    // on to count it: the count may come a moment later.
+    let denied =
+        "gateway_route_decisions_total{listener=\"edge\",route=\"orders\",verdict=\"deny\"} 1";
+    let until = Instant::now() + STEP;
+    let mut metrics = gw.scrape().await;
+    while !metrics.contains(denied) && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = gw.scrape().await;
+    }
     assert!(metrics.contains(audited), "{metrics}");
-    assert!(
-        metrics.contains(
-            "gateway_route_decisions_total{listener=\"edge\",route=\"orders\",verdict=\"deny\"} 1"
-        ),
-        "{metrics}"
-    );
+    assert!(metrics.contains(denied), "{metrics}");
     assert!(
         metrics.contains("gateway_reloads_total{result=\"ok\"} 1"),
         "{metrics}"
