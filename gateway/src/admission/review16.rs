@@ -112,24 +112,38 @@ fn v6(net: u16, host: u16, port: u16) -> SocketAddr {
 /// half"). Control: the same two certificates from the same addresses,
 /// each address verified by one of them (not shared): they hold their
 /// identities' share/8 each, and the NAT keeps its 4: 80 of 80.
-/// Measured at the default share (10000 connections, 2500 handshakes).
+/// Measured at the default share (10000 connections, 2500 handshakes),
+/// and at a share of 64 (256 connections), where the whole budget is one
+/// network's 8: two addresses of one /48, 8 handshakes.
 #[test]
 fn r16_1_two_certificates_take_every_nats_shared_places() {
-    let (held, nat) = r16_1(true);
+    let (held, nat) = r16_1(true, 10_000, 2500);
     assert_eq!(held, 2500 / 8, "the attacker holds every shared place");
     assert_eq!(nat, (20, 0), "the NAT: 20 of 80, the oldest never");
-    let (held, nat) = r16_1(false);
+    let (held, nat) = r16_1(false, 10_000, 2500);
     assert_eq!(held, 2 * (2500 / 8), "control: each identity's share/8");
     assert_eq!(nat, (80, 20), "control: the NAT keeps its 4, 80 of 80");
+    // A smaller listener (256 connections, a share of 64): the shared
+    // places across the share are one network's 8, which the two
+    // certificates hold from two addresses of one /48.
+    let (held, nat) = r16_1(true, 256, 64);
+    assert_eq!(held, 8, "8 handshakes hold every shared place");
+    assert_eq!(nat, (20, 0), "the NAT: 20 of 80, the oldest never");
+    let (_, nat) = r16_1(false, 256, 64);
+    assert_eq!(nat, (80, 20), "control: 80 of 80");
 }
 
-fn r16_1(shared: bool) -> (usize, (usize, usize)) {
+fn r16_1(shared: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
     let pool = Pool::new("edge");
-    let (max, share) = (10_000, 2500);
     // 8 per /48 at two addresses: share/8 / 8 networks hold the budget
-    // (39, and one more for the control's two identities, which hold 4
-    // per network each).
-    let nets = if shared { 39 } else { 2 * 2500 / 8 / 8 + 1 };
+    // (39 with the defaults; the control's two identities hold 4 per
+    // network each, so twice as many).
+    let budget = (share / 8).max(8);
+    let nets = if shared {
+        budget.div_ceil(8)
+    } else {
+        2 * budget.div_ceil(8) + 1
+    } as u16;
     for net in 0..nets {
         for host in [1, 2] {
             let ip = v6(net, host, 0).ip();
@@ -161,7 +175,9 @@ fn r16_1(shared: bool) -> (usize, (usize, usize)) {
         attacker.iter().filter(|t| t.place.spared()).all(live),
         "the attacker's spared places all held"
     );
-    println!("shared {shared}: attacker spared {held}; NAT {result:?} (of 80, of 20)");
+    println!(
+        "shared {shared}, share {share}: attacker spared {held}; NAT {result:?} (of 80, of 20)"
+    );
     (held, result)
 }
 
