@@ -299,3 +299,36 @@ fn r16_3(from_the_nat: bool) -> usize {
     println!("from_the_nat {from_the_nat}: the client's handshakes evicted {evicted} of 44");
     evicted
 }
+
+/// R16-4 (LOW, docs). README's rule for a shared address ("a known
+/// handshake is spared as it joins if ... (a shared address: its network
+/// fewer than 8 at shared addresses), and the share fewer than half its
+/// places") leaves out 8203d80's cap across the share (share/8, at least
+/// 8): a NAT address whose exact address, /24, /16 and shared places are
+/// all empty, the share's spared half nearly empty, is refused its spare
+/// because shared addresses elsewhere hold share/8. ARCHITECTURE.md says
+/// besides "the handshake counts as whichever has room" (R14-3's rule,
+/// gone since a3d1d24). Control: the same NAT address with the other
+/// network's shared addresses at 7 is spared.
+#[test]
+fn r16_4_a_nat_address_meeting_every_stated_rule_is_not_spared() {
+    assert!(!r16_4(8), "every stated rule met, not spared");
+    assert!(r16_4(7), "control: spared");
+}
+
+fn r16_4(elsewhere: u16) -> bool {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 64);
+    for host in [1, 2] {
+        pool.served_as(v6(0, host, 0).ip(), ATTACKER);
+        pool.served_as(v6(0, host, 0).ip(), ATTACKER_TOO);
+    }
+    let held: Vec<Taken> = (0..elsewhere)
+        .map(|n| answered(&pool, v6(0, 1 + n / 4, 1000 + n), max, share, true))
+        .collect();
+    assert!(held.iter().all(|t| t.place.spared()));
+    let nat = [10, 1, 9, 5];
+    pool.served_as(IpAddr::from(nat), VICTIM);
+    pool.served_as(IpAddr::from(nat), VICTIM_TOO);
+    answered(&pool, v4(nat, 1), max, share, true).place.spared()
+}
