@@ -1189,6 +1189,8 @@ mod review14;
 #[cfg(test)]
 mod review15;
 #[cfg(test)]
+mod review16;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;
