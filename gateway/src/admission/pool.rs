@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,13 +97,25 @@ const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
 
 /// Spared handshakes at shared addresses (a NAT address several
 /// identities verified from within `known_for`) per network (/16, /48),
-/// charged to none of their identities. Charged to whichever had room,
-/// one certificate borrowed its co-users' (review 14, R14-3); charged to
-/// every one, one certificate that had verified once from a NAT address
-/// and spent its own identity's places elsewhere left the NAT spared
-/// nothing, and one at a shared address spent its co-users' places
-/// (review 15, R15-1, R15-2).
+/// apart from the network's own-address places: one certificate
+/// verified from a few NAT addresses of a /16 held the /16's 16 (review
+/// 14, R14-3), and two certificates verified from the same addresses
+/// held it with their own (review 16, R16-2); now a known client at its
+/// own address keeps its network's own places whatever happens at NATs.
 const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
+
+/// What one identity is charged for at shared addresses per network: a
+/// shared place is charged to one of its identities, the one with the
+/// most room, so four identities fill a network's shared places, as four
+/// fill its own. Charged to none, two certificates verified from the same
+/// addresses filled every network's and, capped across the share, took
+/// every NAT's (review 16, R16-1); charged to every one, a certificate
+/// that spent its room elsewhere and had verified once from a NAT address
+/// left the NAT nothing, and one at a shared address spent its co-users'
+/// own places (review 15, R15-1, R15-2): now an identity out of room is
+/// simply not the one charged, and shared places never touch an
+/// identity's own-address room in a network.
+const KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK: u32 = 2;
 
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
@@ -139,14 +151,16 @@ struct Slots {
     spared_addresses: HashMap<IpAddr, u32>,
     spared_networks: HashMap<IpAddr, u32>,
     spared: usize,
-    /// The same by identity (every one of a spared place's identities), in
-    /// all, by network and by source.
+    /// The same by the identity each is charged to (`Place::charged`):
+    /// in all (own and shared places), and for own places by network and
+    /// by source.
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
-    /// Spared at shared addresses, by network and in all.
+    /// Spared at shared addresses, by network, and by identity charged
+    /// and network.
     spared_shared: HashMap<IpAddr, u32>,
-    spared_shared_in_all: u32,
+    spared_shared_identity_networks: HashMap<(u64, IpAddr), u32>,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -199,7 +213,7 @@ impl Default for Slots {
             spared_identity_networks: HashMap::new(),
             spared_identity_sources: HashMap::new(),
             spared_shared: HashMap::new(),
-            spared_shared_in_all: 0,
+            spared_shared_identity_networks: HashMap::new(),
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -250,10 +264,12 @@ impl Slots {
         }
     }
 
-    /// Spares a known handshake if its address, its source, its network,
-    /// its identity (a shared address's: the shared places of its
-    /// network, `KNOWN_SPARED_SHARED_PER_NETWORK`) and the share have room
-    /// for one more; says whether it did.
+    /// Spares a known handshake if its address, its source and the share
+    /// have room, and an identity to charge it to: a single-identity
+    /// address's own identity, with room in all, in the network and in
+    /// the source, and the network's own places; a shared address's
+    /// identity with the most room among its identities, and the
+    /// network's shared places. Says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
@@ -263,15 +279,15 @@ impl Slots {
             || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE_IN_ALL
             || count(&self.spared_addresses, &place.client.ip().to_canonical())
                 >= KNOWN_SPARED_PER_ADDRESS
-            || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
-            // No identity to charge: never spared (fail closed).
-            || place.identities.is_empty()
         {
             return false;
         }
-        match place.identities.as_slice() {
+        let charged = match place.identities.as_slice() {
+            // No identity to charge: never spared (fail closed).
+            [] => return false,
             [i] => {
-                if count(&self.spared_identities, i) >= per_identity
+                if count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
+                    || count(&self.spared_identities, i) >= per_identity
                     || count(&self.spared_identity_networks, &(*i, place.network))
                         >= KNOWN_SPARED_PER_IDENTITY_NETWORK
                     || count(&self.spared_identity_sources, &(*i, place.source))
@@ -279,7 +295,6 @@ impl Slots {
                 {
                     return false;
                 }
-                *self.spared_identities.entry(*i).or_default() += 1;
                 *self
                     .spared_identity_networks
                     .entry((*i, place.network))
@@ -288,29 +303,40 @@ impl Slots {
                     .spared_identity_sources
                     .entry((*i, place.source))
                     .or_default() += 1;
+                *self.spared_networks.entry(place.network).or_default() += 1;
+                *i
             }
-            _ => {
-                // And one identity's worth across the share (a network's
-                // shared places at least): two
-                // certificates verified from the same addresses make them
-                // shared, and would otherwise hold 8 in every network.
-                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
-                    || self.spared_shared_in_all
-                        >= per_identity.max(KNOWN_SPARED_SHARED_PER_NETWORK)
-                {
+            many => {
+                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK {
                     return false;
                 }
+                // The most room in the network, then in all; ties to the
+                // lowest key, so the choice depends on nothing a peer sends.
+                let room = |i: &u64| {
+                    let here = count(&self.spared_shared_identity_networks, &(*i, place.network));
+                    let all = count(&self.spared_identities, i);
+                    (here < KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK && all < per_identity)
+                        .then_some((here, all, *i))
+                };
+                let Some((_, _, i)) = many.iter().filter_map(room).min() else {
+                    return false;
+                };
+                *self
+                    .spared_shared_identity_networks
+                    .entry((i, place.network))
+                    .or_default() += 1;
                 *self.spared_shared.entry(place.network).or_default() += 1;
-                self.spared_shared_in_all += 1;
+                i
             }
-        }
+        };
+        *self.spared_identities.entry(charged).or_default() += 1;
         *self.spared_sources.entry(place.source).or_default() += 1;
         *self
             .spared_addresses
             .entry(place.client.ip().to_canonical())
             .or_default() += 1;
-        *self.spared_networks.entry(place.network).or_default() += 1;
         self.spared += 1;
+        place.charged.store(charged, Ordering::Relaxed);
         place.spared.store(true, Ordering::Relaxed);
         true
     }
@@ -331,17 +357,20 @@ impl Slots {
                 &mut self.spared_addresses,
                 &place.client.ip().to_canonical(),
             );
-            less(&mut self.spared_networks, &place.network);
-            match place.identities.as_slice() {
-                [i] => {
-                    less(&mut self.spared_identities, i);
-                    less(&mut self.spared_identity_networks, &(*i, place.network));
-                    less(&mut self.spared_identity_sources, &(*i, place.source));
-                }
-                _ => {
-                    less(&mut self.spared_shared, &place.network);
-                    self.spared_shared_in_all -= 1;
-                }
+            // Uncharged as it was charged: its identities are fixed when
+            // it is taken.
+            let i = place.charged.load(Ordering::Relaxed);
+            less(&mut self.spared_identities, &i);
+            if place.identities.len() == 1 {
+                less(&mut self.spared_networks, &place.network);
+                less(&mut self.spared_identity_networks, &(i, place.network));
+                less(&mut self.spared_identity_sources, &(i, place.source));
+            } else {
+                less(&mut self.spared_shared, &place.network);
+                less(
+                    &mut self.spared_shared_identity_networks,
+                    &(i, place.network),
+                );
             }
             self.spared -= 1;
             let mut next: Vec<u64> = self
@@ -474,9 +503,11 @@ pub(super) struct Place {
     /// pool's lock only.
     spared: AtomicBool,
     /// The identities it is counted as (a known one's: its known slot's,
-    /// `Sources::identities_here`; none for a stranger); a spared one is
-    /// charged to each.
+    /// `Sources::identities_here`; none for a stranger).
     identities: Vec<u64>,
+    /// The identity a spared one is charged to (`Slots::spare`). Changed
+    /// under the pool's lock only.
+    charged: AtomicU64,
     accepted: Instant,
     /// When its handshake task first looked at it (`Watch`): a close read
     /// then was there before the gateway could see it, however late the
@@ -725,11 +756,17 @@ impl Pool {
             // in common, a certificate that verified once from a client's
             // NAT address (its co-user there for `known_for`) evicted the
             // client's handshakes for free from any other address of the
-            // /24 (review 14, R14-2).
+            // /24 (review 14, R14-2). And past its exact address, only a
+            // single identity's: from a shared address a newcomer counts as
+            // every co-user there, and a certificate that verified once
+            // from a client's NAT address evicted the client's other
+            // address's handshakes for free (review 16, R16-3).
+            let at = client.ip().to_canonical();
             let own = |p: &Place| {
                 p.source == evictor
                     && !p.identities.is_empty()
                     && p.identities.iter().all(|i| identities.contains(i))
+                    && (p.client.ip().to_canonical() == at || identities.len() == 1)
             };
             let costs = |p: &Place| p.known && !own(p);
             let may_take = |p: &Place| budget || !costs(p);
@@ -865,6 +902,7 @@ impl Pool {
             id,
             known,
             spared: AtomicBool::new(false),
+            charged: AtomicU64::new(0),
             identities,
             accepted: now,
             watched: std::sync::OnceLock::new(),
