@@ -1191,6 +1191,8 @@ mod review15;
 #[cfg(test)]
 mod review16;
 #[cfg(test)]
+mod review17;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,226 @@
+//! Attacker review 17 of admission after d0a4f21 (the pool's spared
+//! rules: a shared (NAT) address's spared handshake charged to one of
+//! its identities, the one with the most room, 2 per identity per
+//! network, within its network's 8 shared places, apart from the 16 of
+//! single-identity addresses). Each test asserts the HARM on the
+//! reviewed code, next to a control without the attack; a fix should
+//! make it fail.
+//!
+//! Handshakes are held without a descriptor (judged by time), as in
+//! reviews 14 to 16: past `advance(.., Answered)` a client's turn is
+//! protected for half the grace (1 s), which these tests finish well
+//! within. `served_as` is the pool's stand-in for the known table
+//! (`Sources::identities_here`): an exact address's identities, several
+//! making it a shared (NAT) address.
+//!
+//! Run: `cargo test -p gateway --lib admission::review17 -- --nocapture`
+
+use super::pool::Taken;
+use super::*;
+
+fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A place taken and past its ClientHello: the client's turn, early.
+fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
+    let t = pool.take_served(c, None, max, share, known).unwrap();
+    pool.advance(t.id, &t.place, Stage::Answered);
+    t
+}
+
+fn live(t: &Taken) -> bool {
+    t.place.stage() == Stage::Answered
+}
+
+const ATTACKER: &str = "spiffe://example.internal/attacker";
+const VICTIM: &str = "spiffe://example.internal/victim";
+const VICTIM_TOO: &str = "spiffe://example.internal/victim-colleague";
+
+/// A real user of a NAT (CGNAT) address the attacker also verified from.
+fn user(n: u8) -> String {
+    format!("spiffe://example.internal/user{n}")
+}
+
+/// 20 rounds of a flood (reviews 15 and 16's): `at` opens 4 handshakes
+/// at once (the first the oldest), strangers from other networks fill
+/// the share, 8 certless newcomers from other networks come, then `at`'s
+/// 4 try to complete. Says how many of `at`'s 80 completed, and of the 20
+/// firsts.
+fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usize, usize) {
+    let mut strangers: Vec<Taken> = Vec::new();
+    let mut next_stranger = 0u32;
+    let (mut done, mut first_done) = (0, 0);
+    for round in 0..20u16 {
+        let now: Vec<Taken> = (0..4u16)
+            .map(|n| answered(pool, v4(at, 20_000 + 4 * round + n), max, share, true))
+            .collect();
+        // Strangers filling the share, one per /16 (not crowded).
+        while pool.handshakes() < share {
+            let n = next_stranger;
+            next_stranger += 1;
+            strangers.push(answered(
+                pool,
+                v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
+                max,
+                share,
+                false,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        for k in 0..8u8 {
+            if let Ok(newcomer) = pool.take_served(
+                v4([150 + round as u8, 18 + k, 0, 1], 1),
+                None,
+                max,
+                share,
+                false,
+            ) {
+                pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
+                strangers.push(newcomer);
+            }
+        }
+        for (n, t) in now.iter().enumerate() {
+            pool.advance(t.id, &t.place, Stage::Established);
+            if t.place.stage() == Stage::Established {
+                done += 1;
+                if n == 0 {
+                    first_done += 1;
+                }
+            }
+        }
+    }
+    (done, first_done)
+}
+
+/// R17-1 (MEDIUM, one certificate, verified once from a NAT address in a
+/// known client's /24 where another user verified too). A shared
+/// address's spared handshake is charged to one of its identities by
+/// network only (`Slots::spare`, the `many` arm): the per-identity cap
+/// per source (/24, /64, 4) is not checked there, and the co-user's 2
+/// are taken too. One certificate holds its 4 at an address of its own
+/// in the client's /24 and 4 more at a NAT address of the /24 (2 charged
+/// to it, 2 to the co-user): the /24's 8 (`KNOWN_SPARED_PER_SOURCE_IN_ALL`)
+/// are all held, and the client at its own address, a third identity
+/// the attacker never touched, is spared nothing. Its /24 then holds 12
+/// of the share and is crowded for every certless newcomer from another
+/// network: of a busy client's 4 at once, none completes (0 of 80; at a
+/// share of 40, where an identity's share/8 is 5, the attacker holds 7
+/// and the client's oldest of each burst completes, 20 of 80). README
+/// ("Before the handshake"): "its identity fewer than 4 in that source
+/// ...; one certificate at one address of a known client's /24 holds
+/// that address's 4, and the client's address keeps its own"; "What it
+/// checks": "neither one certificate, ... nor a co-user of a NAT address
+/// takes a served client's places". Control: the same certificate at the
+/// same two addresses with no co-user at the second (a single-identity
+/// address): its identity's 4 in the /24, and the client keeps its 4:
+/// 80 of 80.
+#[test]
+fn r17_1_one_certificate_and_a_nat_co_user_hold_a_clients_24() {
+    let (held, client) = r17_1(true);
+    assert_eq!(held, 8, "one certificate holds the /24's 8");
+    assert_eq!(client, (0, 0), "the client is spared nothing: 0 of 80");
+    let (held, client) = r17_1(false);
+    assert_eq!(held, 4, "control: its identity's 4 in the /24");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+}
+
+fn r17_1(co_user: bool) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    // A share of 64: an identity's 8 in all (share/8), room for its 4
+    // own and 4 more.
+    let (max, share) = (256, 64);
+    let home = [10, 1, 9, 7];
+    let mine = [10, 1, 9, 20];
+    let nat = [10, 1, 9, 5];
+    pool.served_as(IpAddr::from(home), VICTIM);
+    pool.served_as(IpAddr::from(mine), ATTACKER);
+    if co_user {
+        // A real user of the office's NAT address, not the client.
+        pool.served_as(IpAddr::from(nat), &user(1));
+    }
+    pool.served_as(IpAddr::from(nat), ATTACKER);
+    let attacker: Vec<Taken> = [mine, nat]
+        .iter()
+        .flat_map(|a| (0..4u16).map(move |p| v4(*a, 1000 + p)))
+        .map(|c| answered(&pool, c, max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    let started = Instant::now();
+    let result = flood(&pool, home, max, share);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "within the turn"
+    );
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!("co_user {co_user}: attacker spared {held}; client {result:?} (of 80, of 20)");
+    (held, result)
+}
+
+/// R17-2 (MEDIUM, one certificate at two addresses of a CGNAT /16 where
+/// other users verified too). Every shared place past the attacker's own
+/// 2 in a network is charged to a co-user with room, so one certificate
+/// holds 2 for itself and 2 for each co-user, up to the network's 8
+/// shared places: from two addresses of a carrier's /16 (4 each, the
+/// address's cap), with 4 other users among them, it holds all 8. Every
+/// other NAT address of the /16 (the carrier's other customers, which
+/// the attacker never used) is then spared nothing: a busy one completes
+/// none of 80 under a certless flood.
+/// README: "one certificate verified from many addresses or networks
+/// holds at most 4 spared places per /16 or /48" and "a shared (NAT)
+/// address within its network's shared places, so neither one
+/// certificate, ... nor a co-user of a NAT address takes a served
+/// client's places". (R14-3's test bounds the attacker to "the shared 8
+/// at most"; the harm is to the network's other NAT addresses.) Control:
+/// the same certificate at the same two addresses with no co-users
+/// there: its identity's 4 in the /16, and the NAT keeps its 4: 80 of 80.
+#[test]
+fn r17_2_one_certificate_at_two_cgnat_addresses_takes_the_16s_shared_places() {
+    let (held, nat) = r17_2(true);
+    assert_eq!(held, 8, "one certificate holds the /16's shared 8");
+    assert_eq!(
+        nat,
+        (0, 0),
+        "every other NAT of the /16: nothing spared, 0 of 80"
+    );
+    let (held, nat) = r17_2(false);
+    assert_eq!(held, 4, "control: its identity's 4 in the /16");
+    assert_eq!(nat, (80, 20), "control: the NAT keeps its 4");
+}
+
+fn r17_2(co_users: bool) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    let (max, share) = (256, 40);
+    let cgnat = |i: u8| [10, 1, 20 + i, 5];
+    for i in 0..2u8 {
+        if co_users {
+            for u in 0..2u8 {
+                pool.served_as(IpAddr::from(cgnat(i)), &user(2 * i + u));
+            }
+        }
+        pool.served_as(IpAddr::from(cgnat(i)), ATTACKER);
+    }
+    let attacker: Vec<Taken> = (0..8u16)
+        .map(|n| answered(&pool, v4(cgnat((n / 4) as u8), 1000 + n), max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    // Another CGNAT address of the /16, two users verified from it.
+    let nat = [10, 1, 9, 5];
+    pool.served_as(IpAddr::from(nat), VICTIM);
+    pool.served_as(IpAddr::from(nat), VICTIM_TOO);
+    let started = Instant::now();
+    let result = flood(&pool, nat, max, share);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "within the turn"
+    );
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!("co_users {co_users}: attacker spared {held}; NAT {result:?} (of 80, of 20)");
+    (held, result)
+}
