@@ -224,3 +224,82 @@ fn r17_2(co_users: bool) -> (usize, (usize, usize)) {
     println!("co_users {co_users}: attacker spared {held}; NAT {result:?} (of 80, of 20)");
     (held, result)
 }
+
+/// R17-3 (MEDIUM, one certificate at two CGNAT addresses in each of
+/// share/16 networks where other users verified too: 4 /16s for a share
+/// of 64, 157 for the default 2500). R17-2 in every network the
+/// certificate reaches: what it holds at shared addresses past its own 2
+/// per network is charged to its co-users, so its identity's share/8 in
+/// all (`per_identity`) bounds none of it, and one certificate holds
+/// the share's whole spared half. Every known client anywhere, at its
+/// own address in a network the attacker never used, is then spared
+/// nothing: of a busy one's 4 at once under a certless flood, about
+/// the newest completes (20 of 80; 21 at the defaults), the oldest
+/// never. README:
+/// "one certificate verified from many addresses or networks holds at
+/// most 4 spared places per /16 or /48 and a quarter of the spared
+/// half: the clients already served keep theirs". Control: the same
+/// certificate at the same addresses with no co-users: its share/8, and
+/// the client keeps its 4: 80 of 80.
+#[test]
+fn r17_3_one_certificate_at_cgnat_addresses_holds_the_spared_half() {
+    let (held, client) = r17_3(true, 256, 64);
+    assert_eq!(held, 32, "one certificate holds the spared half");
+    assert_eq!(
+        client,
+        (20, 0),
+        "a client elsewhere is spared nothing: the oldest never"
+    );
+    let (held, client) = r17_3(false, 256, 64);
+    assert_eq!(held, 8, "control: its identity's share/8");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+    // The defaults (10000 connections, a share of 2500): 157 /16s.
+    let (held, client) = r17_3(true, 10_000, 2500);
+    assert_eq!(held, 1250, "one certificate holds the spared half");
+    assert_eq!(client.1, 0, "the oldest of each burst never completes");
+    assert!(client.0 <= 21, "about the newest of each burst: {client:?}");
+    let (held, client) = r17_3(false, 10_000, 2500);
+    assert_eq!(held, 2500 / 8, "control: its identity's share/8");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+}
+
+fn r17_3(co_users: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    // 8 per network (two addresses, 4 each) fill the spared half.
+    let nets = (share / 2).div_ceil(8);
+    let cgnat = |net: usize, k: usize| [20 + (net / 250) as u8, (net % 250) as u8, 20 + k as u8, 5];
+    for net in 0..nets {
+        for k in 0..2 {
+            let ip = IpAddr::from(cgnat(net, k));
+            if co_users {
+                for u in 0..3 {
+                    pool.served_as(ip, &format!("spiffe://example.internal/user-{net}-{k}-{u}"));
+                }
+            }
+            pool.served_as(ip, ATTACKER);
+        }
+    }
+    let attacker: Vec<Taken> = (0..nets)
+        .flat_map(|net| (0..2).map(move |k| cgnat(net, k)))
+        .flat_map(|a| (0..4u16).map(move |p| v4(a, 1000 + p)))
+        .map(|c| answered(&pool, c, max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    let home = [10, 1, 9, 7];
+    pool.served_as(IpAddr::from(home), VICTIM);
+    let started = Instant::now();
+    let result = flood(&pool, home, max, share);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "within the turn"
+    );
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!(
+        "co_users {co_users}, share {share}: attacker spared {held} of {}; client {result:?} (of 80, of 20)",
+        attacker.len()
+    );
+    (held, result)
+}
