@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -97,25 +97,31 @@ const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
 
 /// Spared handshakes at shared addresses (a NAT address several
 /// identities verified from within `known_for`) per network (/16, /48),
-/// apart from the network's own-address places: one certificate
-/// verified from a few NAT addresses of a /16 held the /16's 16 (review
-/// 14, R14-3), and two certificates verified from the same addresses
-/// held it with their own (review 16, R16-2); now a known client at its
-/// own address keeps its network's own places whatever happens at NATs.
+/// apart from the network's and the /24's (/64's) places at addresses of
+/// one identity: one certificate verified from a few NAT addresses of a
+/// /16 held the /16's 16 (review 14, R14-3), two certificates verified
+/// from the same addresses held it with their own (review 16, R16-2), and
+/// one certificate with a co-user at a NAT address of a client's /24 held
+/// the /24's 8 (review 17, R17-1): a known client at its own address keeps
+/// its /24's and its network's places whatever happens at NATs.
 const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
 
-/// What one identity is charged for at shared addresses per network: a
-/// shared place is charged to one of its identities, the one with the
-/// most room, so four identities fill a network's shared places, as four
-/// fill its own. Charged to none, two certificates verified from the same
-/// addresses filled every network's and, capped across the share, took
-/// every NAT's (review 16, R16-1); charged to every one, a certificate
-/// that spent its room elsewhere and had verified once from a NAT address
-/// left the NAT nothing, and one at a shared address spent its co-users'
-/// own places (review 15, R15-1, R15-2): now an identity out of room is
-/// simply not the one charged, and shared places never touch an
-/// identity's own-address room in a network.
-const KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK: u32 = 2;
+/// What each identity present at a shared address is charged per network
+/// for that address's spared handshakes: every one of them is charged,
+/// as any handshake there may be any one's. Charged to none (with a cap
+/// across the share), two certificates verified from the same addresses
+/// took every NAT's shared places (review 16, R16-1); charged to the one
+/// with the most room, one certificate at NAT addresses spent its
+/// co-users' room and held a network's shared places and, from enough
+/// networks, the whole spared half (review 17, R17-2, R17-3). Charged to
+/// all, an identity holds 4 per network at shared addresses, and share/8
+/// in all with its own places, wherever it verified. The price, failing
+/// closed: a NAT address where a certificate holder verified is spared
+/// nothing while that identity has spent its room (review 15, R15-1);
+/// its handshakes there cannot be told from its co-users'. Shared places
+/// have room apart from an identity's own in a network, so a co-user at a
+/// NAT does not spend a client's places at its own address (R15-2).
+const KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
 
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
@@ -151,14 +157,14 @@ struct Slots {
     spared_addresses: HashMap<IpAddr, u32>,
     spared_networks: HashMap<IpAddr, u32>,
     spared: usize,
-    /// The same by the identity each is charged to (`Place::charged`):
-    /// in all (own and shared places), and for own places by network and
-    /// by source.
+    /// The same by identity: in all (own and shared places, each of a
+    /// shared place's identities charged), and for own places by network
+    /// and by source.
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
-    /// Spared at shared addresses, by network, and by identity charged
-    /// and network.
+    /// Spared at shared addresses, by network, and by identity and
+    /// network.
     spared_shared: HashMap<IpAddr, u32>,
     spared_shared_identity_networks: HashMap<(u64, IpAddr), u32>,
     /// Known handshakes not spared, oldest first, whichever their stage:
@@ -264,29 +270,29 @@ impl Slots {
         }
     }
 
-    /// Spares a known handshake if its address, its source and the share
-    /// have room, and an identity to charge it to: a single-identity
-    /// address's own identity, with room in all, in the network and in
-    /// the source, and the network's own places; a shared address's
-    /// identity with the most room among its identities, and the
-    /// network's shared places. Says whether it did.
+    /// Spares a known handshake if its address and the share have room,
+    /// and: at a single-identity address, its source's and network's own
+    /// places and its identity in all, in the network and in the source;
+    /// at a shared address, the network's shared places and every one of
+    /// its identities, in all and at shared addresses of the network. Says
+    /// whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
             u32::try_from((self.max_handshakes / 8).max(KNOWN_SPARED_PER_SOURCE as usize))
                 .unwrap_or(u32::MAX);
         if self.spared >= cap
-            || count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE_IN_ALL
             || count(&self.spared_addresses, &place.client.ip().to_canonical())
                 >= KNOWN_SPARED_PER_ADDRESS
         {
             return false;
         }
-        let charged = match place.identities.as_slice() {
+        match place.identities.as_slice() {
             // No identity to charge: never spared (fail closed).
             [] => return false,
             [i] => {
-                if count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
+                if count(&self.spared_sources, &place.source) >= KNOWN_SPARED_PER_SOURCE_IN_ALL
+                    || count(&self.spared_networks, &place.network) >= KNOWN_SPARED_PER_NETWORK
                     || count(&self.spared_identities, i) >= per_identity
                     || count(&self.spared_identity_networks, &(*i, place.network))
                         >= KNOWN_SPARED_PER_IDENTITY_NETWORK
@@ -295,6 +301,7 @@ impl Slots {
                 {
                     return false;
                 }
+                *self.spared_identities.entry(*i).or_default() += 1;
                 *self
                     .spared_identity_networks
                     .entry((*i, place.network))
@@ -303,40 +310,35 @@ impl Slots {
                     .spared_identity_sources
                     .entry((*i, place.source))
                     .or_default() += 1;
+                *self.spared_sources.entry(place.source).or_default() += 1;
                 *self.spared_networks.entry(place.network).or_default() += 1;
-                *i
             }
             many => {
-                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK {
+                let room = |i: &u64| {
+                    count(&self.spared_identities, i) < per_identity
+                        && count(&self.spared_shared_identity_networks, &(*i, place.network))
+                            < KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK
+                };
+                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
+                    || !many.iter().all(room)
+                {
                     return false;
                 }
-                // The most room in the network, then in all; ties to the
-                // lowest key, so the choice depends on nothing a peer sends.
-                let room = |i: &u64| {
-                    let here = count(&self.spared_shared_identity_networks, &(*i, place.network));
-                    let all = count(&self.spared_identities, i);
-                    (here < KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK && all < per_identity)
-                        .then_some((here, all, *i))
-                };
-                let Some((_, _, i)) = many.iter().filter_map(room).min() else {
-                    return false;
-                };
-                *self
-                    .spared_shared_identity_networks
-                    .entry((i, place.network))
-                    .or_default() += 1;
+                for i in many {
+                    *self.spared_identities.entry(*i).or_default() += 1;
+                    *self
+                        .spared_shared_identity_networks
+                        .entry((*i, place.network))
+                        .or_default() += 1;
+                }
                 *self.spared_shared.entry(place.network).or_default() += 1;
-                i
             }
-        };
-        *self.spared_identities.entry(charged).or_default() += 1;
-        *self.spared_sources.entry(place.source).or_default() += 1;
+        }
         *self
             .spared_addresses
             .entry(place.client.ip().to_canonical())
             .or_default() += 1;
         self.spared += 1;
-        place.charged.store(charged, Ordering::Relaxed);
         place.spared.store(true, Ordering::Relaxed);
         true
     }
@@ -352,25 +354,31 @@ impl Slots {
         less(&mut self.sources, &place.source);
         less(&mut self.networks, &place.network);
         if place.spared.swap(false, Ordering::Relaxed) {
-            less(&mut self.spared_sources, &place.source);
             less(
                 &mut self.spared_addresses,
                 &place.client.ip().to_canonical(),
             );
             // Uncharged as it was charged: its identities are fixed when
             // it is taken.
-            let i = place.charged.load(Ordering::Relaxed);
-            less(&mut self.spared_identities, &i);
-            if place.identities.len() == 1 {
-                less(&mut self.spared_networks, &place.network);
-                less(&mut self.spared_identity_networks, &(i, place.network));
-                less(&mut self.spared_identity_sources, &(i, place.source));
-            } else {
-                less(&mut self.spared_shared, &place.network);
-                less(
-                    &mut self.spared_shared_identity_networks,
-                    &(i, place.network),
-                );
+            match place.identities.as_slice() {
+                [] => {}
+                [i] => {
+                    less(&mut self.spared_identities, i);
+                    less(&mut self.spared_identity_networks, &(*i, place.network));
+                    less(&mut self.spared_identity_sources, &(*i, place.source));
+                    less(&mut self.spared_sources, &place.source);
+                    less(&mut self.spared_networks, &place.network);
+                }
+                many => {
+                    for i in many {
+                        less(&mut self.spared_identities, i);
+                        less(
+                            &mut self.spared_shared_identity_networks,
+                            &(*i, place.network),
+                        );
+                    }
+                    less(&mut self.spared_shared, &place.network);
+                }
             }
             self.spared -= 1;
             let mut next: Vec<u64> = self
@@ -505,9 +513,6 @@ pub(super) struct Place {
     /// The identities it is counted as (a known one's: its known slot's,
     /// `Sources::identities_here`; none for a stranger).
     identities: Vec<u64>,
-    /// The identity a spared one is charged to (`Slots::spare`). Changed
-    /// under the pool's lock only.
-    charged: AtomicU64,
     accepted: Instant,
     /// When its handshake task first looked at it (`Watch`): a close read
     /// then was there before the gateway could see it, however late the
@@ -902,7 +907,6 @@ impl Pool {
             id,
             known,
             spared: AtomicBool::new(false),
-            charged: AtomicU64::new(0),
             identities,
             accepted: now,
             watched: std::sync::OnceLock::new(),

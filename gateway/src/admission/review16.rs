@@ -1,7 +1,9 @@
 //! Attacker review 16 of admission after ab538a6 (the pool's spared
 //! rules of a3d1d24 and 8203d80: a shared address's spared handshake
 //! charged to its network's shared places, and to one identity's worth
-//! of them across the share). Each test asserts the HARM on the reviewed
+//! of them across the share). Fixed since (d0a4f21, then review 17's
+//! charge to every identity present): each test now asserts the fix,
+//! the harm measured before in its comment. Each test asserted the HARM on the reviewed
 //! code, next to a control without the attack; a fix should make it fail.
 //!
 //! Handshakes are held without a descriptor (judged by time), as in
@@ -117,13 +119,14 @@ fn v6(net: u16, host: u16, port: u16) -> SocketAddr {
 /// network's 8: two addresses of one /48, 8 handshakes.
 #[test]
 fn r16_1_two_certificates_take_every_nats_shared_places() {
-    // Fixed: each shared place is charged to one of its identities (2
-    // per network, share/8 in all, with its own places), so the two
-    // certificates at shared addresses hold two identities' worth, as at
-    // their own; no budget across the share is left for them to fill,
-    // and the NAT keeps its 4. Before: 312 held, the NAT 20 of 80.
+    // Fixed: each shared place is charged to every one of its identities
+    // (4 per network at shared addresses, share/8 in all with their own
+    // places; review 17), so the two certificates at addresses they share
+    // hold one identity's worth, and at their own two; no budget across
+    // the share is left for them to fill, and the NAT keeps its 4.
+    // Before: 312 held and the NAT 20 of 80.
     let (held, nat) = r16_1(true, 10_000, 2500);
-    assert_eq!(held, 2 * (2500 / 8), "two identities' share/8");
+    assert_eq!(held, 2500 / 8, "both charged: one identity's share/8");
     assert_eq!(nat, (80, 20), "the NAT keeps its 4, 80 of 80");
     let (held, nat) = r16_1(false, 10_000, 2500);
     assert_eq!(held, 2 * (2500 / 8), "control: each identity's share/8");
@@ -132,7 +135,7 @@ fn r16_1_two_certificates_take_every_nats_shared_places() {
     // shared places across the share were one network's 8, held from two
     // addresses of one /48, and the NAT completed 20 of 80.
     let (held, nat) = r16_1(true, 256, 64);
-    assert_eq!(held, 2 * (64 / 8), "two identities' share/8");
+    assert_eq!(held, 64 / 8, "both charged: one identity's share/8");
     assert_eq!(nat, (80, 20), "the NAT keeps its 4, 80 of 80");
     let (_, nat) = r16_1(false, 256, 64);
     assert_eq!(nat, (80, 20), "control: 80 of 80");
@@ -202,13 +205,14 @@ fn r16_1(shared: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
 /// each, 8 of 16, and the client keeps its 4: 80 of 80.
 #[test]
 fn r16_2_two_certificates_hold_a_networks_16_spared_places() {
-    // Fixed: shared places have their own 8 per network, 2 per identity,
-    // apart from the network's 16 at single-identity addresses; the two
-    // certificates hold their 4 each there (share 40: 5 in all each, so
-    // 1 more each at the shared addresses) and the client's own address
-    // keeps its 4. Before: 16 held, the client 0 of 80.
+    // Fixed: shared places have their own 8 per network, apart from the
+    // network's 16 at single-identity addresses, each charged to both
+    // identities; the two hold their 4 each at their own addresses and
+    // (share 40: 5 in all each) 1 more at the shared ones, and the
+    // client's own address keeps its 4. Before: 16 held, the client 0 of
+    // 80.
     let (held, client) = r16_2(true);
-    assert_eq!(held, 10, "each identity's 5 at a share of 40");
+    assert_eq!(held, 9, "each identity's 5 at a share of 40, one shared");
     assert_eq!(client, (80, 20), "the client keeps its 4");
     let (held, client) = r16_2(false);
     assert_eq!(held, 8, "control: 4 per identity");
