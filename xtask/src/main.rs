@@ -4,6 +4,7 @@
 //! nothing but `cargo xtask demo` or `cargo xtask test`.
 
 mod bench;
+mod binaries;
 mod cmd;
 mod demo;
 mod fuzz;

@@ -10,6 +10,11 @@ const FUZZ_SECONDS: u64 = 15;
 /// The soak's length in a test run (`cargo xtask soak` runs longer).
 const SOAK_SECONDS: u64 = 60;
 
+/// Test binaries run at once. Most of a binary's time is waiting (timers,
+/// sockets, child processes), so more than the machine's 2 cores are busy
+/// only in bursts; each binary still runs its own tests on every core.
+const TEST_JOBS: usize = 3;
+
 pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     if lint {
         cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -18,24 +23,24 @@ pub fn run(lint: bool, vm: bool) -> anyhow::Result<()> {
     // The black-box tests drive the real binary; build it first. Among
     // them tests/tests/rollout.rs walks docs/rollout.md as written.
     cmd::run(&mut cmd::build_gateway())?;
-    let mut test = cmd::cargo();
-    test.args(["test", "--no-fail-fast"]);
+    let mut env = Vec::new();
     // The shipped unit uses Type=notify-reload, which Debian 12's
     // systemd-analyze (252) cannot verify; without a newer one that part
     // of tests/tests/systemd.rs skips with a message.
     match crate::vm::fetch_systemd_analyze() {
-        Ok(bin) => {
-            test.env("SYSTEMD_ANALYZE", bin);
-        }
+        Ok(bin) => env.push(("SYSTEMD_ANALYZE".to_owned(), bin.display().to_string())),
         Err(e) => eprintln!("xtask: no systemd-analyze from bookworm-backports: {e:#}"),
     }
     // tests/tests/kubernetes.rs skips without kubernetes-validate when run
     // by hand; here it must find the one `cargo xtask setup` installs.
-    test.env(
-        "KUBERNETES_VALIDATE",
-        crate::setup::kubernetes_validate_bin(),
-    );
-    cmd::run(&mut test)?;
+    env.push((
+        "KUBERNETES_VALIDATE".to_owned(),
+        crate::setup::kubernetes_validate_bin()
+            .display()
+            .to_string(),
+    ));
+    let binaries = crate::binaries::build()?;
+    crate::binaries::run_all(&binaries, TEST_JOBS, &env)?;
     // The gateway's own protocol code against maintained implementations:
     // a short run of every fuzz target from its committed corpus.
     crate::fuzz::run(FUZZ_SECONDS, crate::fuzz::Corpus::Keep)?;
