@@ -46,6 +46,22 @@ pub struct IssuerConfig {
     pub allow_shared_keys: bool,
     /// The `gateway pki` directory whose intermediate signs user certificates.
     pub ca_dir: PathBuf,
+    /// How long each CRL the issuer signs for `ca_dir` is valid (its
+    /// nextUpdate), as `gateway pki crl --next-update`.
+    #[serde(
+        default = "default_crl_next_update",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub crl_next_update: Duration,
+    /// The issuer re-signs that CRL once its nextUpdate is closer than
+    /// this: with the defaults (7d, 6d) daily, so a CRL that cannot be
+    /// re-signed leaves six days to notice (the failures are logged and
+    /// counted) before routes with `crl_expired = "refuse"` refuse users.
+    #[serde(
+        default = "default_crl_republish_before",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub crl_republish_before: Duration,
     /// The CA that enrolled devices: the issuance endpoint wants a
     /// certificate from it.
     pub device_trust: DeviceTrust,
@@ -99,6 +115,12 @@ pub struct Oidc {
     pub jwks_refetch_interval: Duration,
 }
 
+fn default_crl_next_update() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_crl_republish_before() -> Duration {
+    Duration::from_secs(6 * 86_400)
+}
 fn default_scopes() -> Vec<String> {
     vec!["openid".into(), "email".into()]
 }
@@ -299,6 +321,20 @@ impl IssuerConfig {
                 format!(
                     "{:?}: expected a spiffe:// prefix ending in '/', as routes' device.san_prefix",
                     c.device_san_prefix
+                ),
+            ));
+        }
+        // Checked every minute: at least an hour between re-signings, and
+        // at least an hour for retries before the CRL goes stale.
+        let hour = Duration::from_secs(3600);
+        if c.crl_republish_before < hour
+            || c.crl_next_update.saturating_sub(c.crl_republish_before) < hour
+        {
+            return Err(invalid(
+                "crl_republish_before",
+                format!(
+                    "{:?}: at least 1h, and at least 1h below crl_next_update ({:?})",
+                    c.crl_republish_before, c.crl_next_update
                 ),
             ));
         }

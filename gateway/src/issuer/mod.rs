@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
-use crate::pki::store::Store;
+use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
 use limit::Limiter;
 use nonce::{NonceError, Nonces, UsedTokens};
@@ -140,12 +140,16 @@ pub struct CertificateResponse {
     pub sans: Vec<String>,
 }
 
-/// Issuances and refusals, for `/metrics`.
-#[derive(Debug, Default)]
+/// Issuances, refusals and the CRL's re-signing, for `/metrics`.
+#[derive(Debug, Default, Clone)]
 pub struct Counters {
     pub issued: u64,
     pub refused: BTreeMap<&'static str, u64>,
     pub nonces: u64,
+    /// The SSO CA's CRL re-signed (`maintain_crl`).
+    pub crl_published: u64,
+    /// Re-signing it failed (retried at the next check).
+    pub crl_publish_failures: u64,
 }
 
 pub struct Issuer {
@@ -160,6 +164,11 @@ pub struct Issuer {
     store: Mutex<Store>,
     ca_pem: String,
     counters: Mutex<Counters>,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// The user's names from the token's verified email, by the profile's rules.
@@ -293,9 +302,47 @@ impl Issuer {
     }
 
     /// A snapshot of the counters.
-    pub fn counters(&self) -> (u64, u64, BTreeMap<&'static str, u64>) {
-        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        (c.issued, c.nonces, c.refused.clone())
+    pub fn counters(&self) -> Counters {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-signs the SSO CA's CRL when it is due (`crl_republish_before`),
+    /// as `Store::refresh_crl` decides under the store's lock. `gateway
+    /// issuer` calls it at start and every minute, so a failure (a full
+    /// disk, an unreadable key, the lock held) is retried a minute later;
+    /// each is logged and counted, never dropped.
+    pub fn maintain_crl(&self) -> Result<CrlRefresh, crate::pki::PkiError> {
+        let result = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            store.refresh_crl(
+                time::Duration::try_from(self.config.crl_next_update)
+                    .unwrap_or(time::Duration::days(7)),
+                time::Duration::try_from(self.config.crl_republish_before)
+                    .unwrap_or(time::Duration::days(6)),
+            )
+        };
+        match &result {
+            Ok(CrlRefresh::Fresh { .. }) => {}
+            Ok(CrlRefresh::Published {
+                crl_number,
+                next_update,
+                revoked,
+            }) => {
+                self.count(|c| c.crl_published += 1);
+                tracing::info!(target: "gateway::issuer", event = "crl_published",
+                    crl_number, next_update = %rfc3339(*next_update), revoked,
+                    "the SSO CA's CRL re-signed");
+            }
+            Err(e) => {
+                self.count(|c| c.crl_publish_failures += 1);
+                tracing::error!(target: "gateway::issuer", event = "crl_publish_failed",
+                    error = %e, "re-signing the SSO CA's CRL failed; retried in a minute");
+            }
+        }
+        result
     }
 
     /// The device's name from its verified certificate.

@@ -409,8 +409,14 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
     }
 }
 
-fn metrics(issuer: &Issuer) -> String {
-    let (issued, nonces, refused) = issuer.counters();
+pub(crate) fn metrics(issuer: &Issuer) -> String {
+    let super::Counters {
+        issued,
+        refused,
+        nonces,
+        crl_published,
+        crl_publish_failures,
+    } = issuer.counters();
     let mut out = String::new();
     out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
     out.push_str("# TYPE gateway_issuer_issued_total counter\n");
@@ -418,6 +424,18 @@ fn metrics(issuer: &Issuer) -> String {
     out.push_str("# HELP gateway_issuer_nonces_total Nonces handed to devices.\n");
     out.push_str("# TYPE gateway_issuer_nonces_total counter\n");
     out.push_str(&format!("gateway_issuer_nonces_total {nonces}\n"));
+    out.push_str(
+        "# HELP gateway_issuer_crl_published_total The SSO CA's CRL re-signed by the issuer.\n",
+    );
+    out.push_str("# TYPE gateway_issuer_crl_published_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_crl_published_total {crl_published}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_crl_publish_failures_total Re-signing the SSO CA's CRL failed (retried every minute).\n");
+    out.push_str("# TYPE gateway_issuer_crl_publish_failures_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_crl_publish_failures_total {crl_publish_failures}\n"
+    ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");
     for (reason, n) in refused {

@@ -216,7 +216,7 @@ async fn a_user_on_an_enrolled_device_gets_a_short_lived_certificate_naming_both
             .any(|e| e.serial == answer.serial)
     );
     store.revoke(&answer.serial).unwrap();
-    assert_eq!(s.issuer.counters().0, 1);
+    assert_eq!(s.issuer.counters().issued, 1);
 }
 
 #[tokio::test]
@@ -307,7 +307,7 @@ async fn bad_tokens_are_refused_each_with_its_reason() {
             .unwrap_err();
         assert_eq!(e.reason(), reason, "{what}: {e}");
     }
-    assert_eq!(s.issuer.counters().0, 0, "nothing issued");
+    assert_eq!(s.issuer.counters().issued, 0, "nothing issued");
 }
 
 #[tokio::test]
@@ -638,6 +638,99 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
         assert!(entry.revoked_at.is_some(), "revocation of {serial} lost");
     }
     assert_eq!(index.issued.len(), 36);
+}
+
+/// The intermediate's CRL in `ca_dir/crl.pem` (written first): its bytes,
+/// number, nextUpdate and whether it lists `serial`.
+fn sso_crl(ca_dir: &Path, serial: &str) -> (Vec<u8>, String, i64, bool) {
+    let path = ca_dir.join("crl.pem");
+    let crls = crate::tls::crl::load_all(std::slice::from_ref(&path)).unwrap();
+    let crl = &crls[0];
+    assert!(crl.issuer.contains("SSO issuing CA"), "{}", crl.issuer);
+    let raw: Vec<u8> = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+        .collect();
+    let listed = crl.crl.find_serial(&raw).unwrap().is_some();
+    (
+        std::fs::read(&path).unwrap(),
+        format!("{:?}", crl.number),
+        crl.next_update.unwrap(),
+        listed,
+    )
+}
+
+/// Nothing but the issuer re-publishes the SSO CA's CRL, and routes with
+/// `crl_expired = "refuse"` refuse every user once it is past its
+/// nextUpdate: the issuer re-signs it while it still has
+/// `crl_republish_before` (6 days of 7) left, from the index as it is then
+/// (a revocation an operator made meanwhile stays in it), and counts it; a
+/// failure leaves the old CRL, is counted, and the next check retries.
+#[tokio::test]
+async fn the_issuer_re_signs_the_crl_before_it_goes_stale_keeping_every_revocation() {
+    let s = setup("");
+    let answer = s
+        .issuer
+        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    // The operator revokes it with `gateway pki revoke` (a 7-day CRL).
+    let operator = Store::open(&s.ca_dir);
+    operator.revoke(&answer.serial).unwrap();
+    assert_eq!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh {
+            next_update: time::OffsetDateTime::from_unix_timestamp(
+                sso_crl(&s.ca_dir, &answer.serial).2
+            )
+            .unwrap()
+        },
+        "a CRL with 7 days left is left alone"
+    );
+    // Two days on, as its nextUpdate says: 5 days left, due.
+    operator.publish_crl(time::Duration::days(5)).unwrap();
+    let (aged, aged_number, aged_next, listed) = sso_crl(&s.ca_dir, &answer.serial);
+    assert!(listed);
+
+    // The signing key cannot be read: nothing published, counted, retried.
+    let key = s.ca_dir.join("intermediate.key");
+    let away = s.ca_dir.join("intermediate.key.away");
+    std::fs::rename(&key, &away).unwrap();
+    assert!(s.issuer.maintain_crl().is_err());
+    assert_eq!(s.issuer.counters().crl_publish_failures, 1);
+    assert_eq!(s.issuer.counters().crl_published, 0);
+    assert_eq!(
+        sso_crl(&s.ca_dir, &answer.serial).0,
+        aged,
+        "the old CRL stays"
+    );
+    std::fs::rename(&away, &key).unwrap();
+
+    let published = s.issuer.maintain_crl().unwrap();
+    assert!(
+        matches!(published, CrlRefresh::Published { revoked: 1, .. }),
+        "{published:?}"
+    );
+    let (_, number, next, listed) = sso_crl(&s.ca_dir, &answer.serial);
+    assert!(listed, "the operator's revocation is in the re-signed CRL");
+    assert_ne!(number, aged_number);
+    let week = now() as i64 + 7 * 86_400;
+    assert!(
+        (week - 60..=week + 1).contains(&next) && next > aged_next,
+        "valid 7 days again: {next}"
+    );
+    assert_eq!(s.issuer.counters().crl_published, 1);
+    let metrics = server::metrics(&s.issuer);
+    assert!(
+        metrics.contains("gateway_issuer_crl_published_total 1\n")
+            && metrics.contains("gateway_issuer_crl_publish_failures_total 1\n"),
+        "{metrics}"
+    );
+    // Fresh again: the next minute's check leaves it.
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
 }
 
 /// Findings of the attacker's review (reviews1): each test asserts the

@@ -92,6 +92,19 @@ pub struct Index {
     pub revoked_intermediates: Vec<IndexEntry>,
 }
 
+/// What `Store::refresh_crl` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrlRefresh {
+    /// The CRL had more than `republish_before` left: left as it was.
+    Fresh { next_update: OffsetDateTime },
+    /// Re-signed: its number, its nextUpdate and how many serials it lists.
+    Published {
+        crl_number: u64,
+        next_update: OffsetDateTime,
+        revoked: usize,
+    },
+}
+
 /// How long `init`'s intermediate lives.
 const INTERMEDIATE_DAYS: i64 = 730;
 
@@ -576,6 +589,64 @@ impl Store {
         let _lock = self.lock()?;
         self.publish_root_crl_locked(&root)?;
         self.publish_crl_locked(validity)
+    }
+
+    /// Re-signs `crl.pem` when the intermediate's CRL in it has less than
+    /// `republish_before` left before its nextUpdate (or is missing or
+    /// unreadable), valid for `validity`; otherwise leaves it. Under the
+    /// lock, from the index as it is then, so a revocation `gateway pki
+    /// revoke` made meanwhile is in the new CRL. `gateway issuer` calls
+    /// this every minute: nothing else re-publishes the SSO CA's CRL, and
+    /// routes with `crl_expired = "refuse"` refuse every user once it is
+    /// past its nextUpdate.
+    pub fn refresh_crl(
+        &self,
+        validity: Duration,
+        republish_before: Duration,
+    ) -> Result<CrlRefresh, PkiError> {
+        let _lock = self.lock()?;
+        let now = OffsetDateTime::now_utc();
+        if let Some(next_update) = self.crl_next_update()?
+            && next_update - now > republish_before
+        {
+            return Ok(CrlRefresh::Fresh { next_update });
+        }
+        self.publish_crl_locked(validity)?;
+        let index = self.index()?;
+        Ok(CrlRefresh::Published {
+            crl_number: index.crl_number,
+            next_update: now + validity,
+            revoked: index
+                .issued
+                .iter()
+                .filter(|e| e.revoked_at.is_some())
+                .count(),
+        })
+    }
+
+    /// The nextUpdate of the intermediate's CRL in `crl.pem`; None when the
+    /// file is missing or holds no readable CRL of the intermediate (then
+    /// it is due anyway).
+    fn crl_next_update(&self) -> Result<Option<OffsetDateTime>, PkiError> {
+        use x509_parser::prelude::FromDer as _;
+        use x509_parser::revocation_list::CertificateRevocationList;
+        let Ok(text) = self.read("crl.pem") else {
+            return Ok(None);
+        };
+        let subject = self.with_intermediate(|cert| Ok(cert.subject().as_raw().to_vec()))?;
+        for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+            let Ok(pem) = pem else { break };
+            let Ok((_, crl)) = CertificateRevocationList::from_der(&pem.contents) else {
+                continue;
+            };
+            if crl.issuer().as_raw() != subject.as_slice() {
+                continue;
+            }
+            return Ok(crl
+                .next_update()
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()));
+        }
+        Ok(None)
     }
 
     /// Signs and writes the intermediate's CRL listing every revoked serial,
