@@ -640,6 +640,122 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
     assert_eq!(index.issued.len(), 36);
 }
 
+/// The other user's half of
+/// `a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held`,
+/// which runs this test binary again as that user: a revocation in the
+/// store it names.
+#[test]
+#[ignore = "run by another test, as another user"]
+fn as_another_user_revoke_in_the_store() {
+    let (Ok(dir), Ok(serial)) = (
+        std::env::var("GATEWAY_TEST_STORE"),
+        std::env::var("GATEWAY_TEST_SERIAL"),
+    ) else {
+        return;
+    };
+    Store::open(Path::new(&dir)).revoke(&serial).unwrap();
+}
+
+/// An operator's `gateway pki revoke` as root left a lock file root's and
+/// 0600 in the SSO CA's directory; the issuer runs as its own user, owner
+/// of the directory. That user must still take the lock, and still wait
+/// while root holds it. Real users: the test (root) runs this binary again
+/// as `nobody` (65534).
+#[test]
+fn a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = Store::open(&ca);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let serial = store
+        .sign_request(
+            "alice",
+            &csr(),
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+            None,
+        )
+        .unwrap()
+        .1
+        .serial;
+    // The store is the issuer's user's, as /var/lib/gateway-issuer/sso…
+    let own = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    own(dir.path());
+    own(&ca);
+    for f in std::fs::read_dir(&ca).unwrap() {
+        own(&f.unwrap().path());
+    }
+    // …but root left the lock file, with the mode it was made with (made
+    // afresh here: the store's own may have been chowned above).
+    let _ = std::fs::remove_file(ca.join(".lock"));
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(ca.join(".lock"))
+            .unwrap(),
+    );
+    let held = store.lock().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "issuer::tests::as_another_user_revoke_in_the_store",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("GATEWAY_TEST_STORE", &ca)
+        .env("GATEWAY_TEST_SERIAL", &serial)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let early = child.try_wait().unwrap();
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        early.is_none(),
+        "the other user's revoke did not wait for root's lock: {said}"
+    );
+    assert!(
+        out.status.success(),
+        "the issuer's user could not write: {said}"
+    );
+    assert!(said.contains("1 passed"), "{said}");
+    let entry = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == serial)
+        .unwrap();
+    assert!(entry.revoked_at.is_some(), "revoked by the other user");
+}
+
 /// The intermediate's CRL in `ca_dir/crl.pem` (written first): its bytes,
 /// number, nextUpdate and whether it lists `serial`.
 fn sso_crl(ca_dir: &Path, serial: &str) -> (Vec<u8>, String, i64, bool) {

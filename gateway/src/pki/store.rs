@@ -17,7 +17,6 @@
 //! needs the root key. Revoking the intermediate does.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -173,19 +172,20 @@ impl Store {
     /// may run `gateway pki revoke`; without the lock one would write back
     /// an index missing the other's change (an issued serial `revoke`
     /// cannot find, or a revocation the next CRL leaves out). An advisory
-    /// lock (flock) on `.lock`, released when the guard drops; every
-    /// public method that writes takes it, and only those.
-    fn lock(&self) -> Result<std::fs::File, PkiError> {
-        let path = self.path(".lock");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(self.io(&path))?;
-        file.lock().map_err(self.io(&path))?;
-        Ok(file)
+    /// lock (flock) on the directory itself, opened read-only, released
+    /// when the guard drops; every public method that writes takes it, and
+    /// only those.
+    ///
+    /// Not on a `.lock` file inside it, as before: one created by root (an
+    /// operator's `gateway pki revoke` under sudo) was root's and 0600, so
+    /// the issuer, running as its own user, could not open it and stopped
+    /// signing. The directory is there whoever wrote last, and anyone who
+    /// may read the store may open it; flock excludes across users and
+    /// descriptors alike, whatever the open mode.
+    pub(crate) fn lock(&self) -> Result<std::fs::File, PkiError> {
+        let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
+        dir.lock().map_err(self.io(&self.dir))?;
+        Ok(dir)
     }
 
     pub fn index(&self) -> Result<Index, PkiError> {
