@@ -640,6 +640,82 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
     assert_eq!(index.issued.len(), 36);
 }
 
+/// A CSR for a fresh key of `alg`, as rcgen makes it.
+fn csr_for(alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// A CSR for a fresh key that `openssl req` makes (`-newkey …`): rcgen
+/// (aws-lc-rs) makes no RSA key under 2048 bits and no secp256k1 key.
+fn openssl_csr(newkey: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=x",
+        ])
+        .args(newkey)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The CSR gives only its key, and the key is the requester's choice: a
+/// weak one or one routes cannot verify is refused (400 `csr_key`, with
+/// what was wrong), logged and counted; the kinds the gateway uses are
+/// signed.
+#[tokio::test]
+async fn csrs_with_weak_or_unusable_keys_are_refused_and_usable_ones_signed() {
+    let s = setup("[limits]\nper_user = { burst = 20, per_hour = 20 }");
+    let ask = |i: usize, csr: String| {
+        let laptop = device(&format!("spiffe://example.internal/device/key-{i}"));
+        let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+        let req = CertificateRequest {
+            id_token: token(&s.key, &claims(&nonce)),
+            csr,
+            lifetime: None,
+        };
+        let issuer = &s.issuer;
+        async move { issuer.issue(Some(&laptop), req).await }
+    };
+    let refused = [
+        (
+            csr_for(&rcgen::PKCS_ECDSA_P521_SHA512),
+            "ECDSA on the curve 1.3.132.0.35",
+        ),
+        (openssl_csr(&["-newkey", "rsa:1024"]), "RSA of 1024 bits"),
+        (
+            openssl_csr(&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"]),
+            "ECDSA on the curve 1.3.132.0.10",
+        ),
+    ];
+    for (i, (csr, says)) in refused.into_iter().enumerate() {
+        let e = ask(i, csr).await.unwrap_err();
+        assert_eq!((e.reason(), e.status()), ("csr_key", 400), "{says}: {e}");
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
+    let counters = s.issuer.counters();
+    assert_eq!(counters.refused.get("csr_key"), Some(&3));
+    assert_eq!(counters.issued, 0);
+    let usable = [
+        csr_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        csr_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        csr_for(&rcgen::PKCS_ED25519),
+        csr_for(&rcgen::PKCS_RSA_SHA256),
+    ];
+    for (i, csr) in usable.into_iter().enumerate() {
+        ask(10 + i, csr).await.unwrap();
+    }
+    assert_eq!(s.issuer.counters().issued, 4);
+}
+
 /// The other user's half of
 /// `a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held`,
 /// which runs this test binary again as that user: a revocation in the
