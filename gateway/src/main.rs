@@ -410,6 +410,7 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             issuer: config.oidc.issuer.clone(),
         };
         let listener = server::bind(&config).await?;
+        let metrics_listener = server::bind_metrics(&config).await?;
         let reload_config = config.clone();
         let issuer = std::sync::Arc::new(
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -425,6 +426,10 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             let _ = tokio::task::spawn_blocking(move || issuer.maintain_crl()).await;
         };
         maintain_crl(issuer.clone()).await;
+        if let Some(m) = metrics_listener {
+            tracing::info!(addr = %m.local_addr()?, "issuer metrics listening");
+            tokio::spawn(server::serve_metrics(m, issuer.clone(), stop.clone()));
+        }
         let serving = tokio::spawn(server::serve(
             listener,
             acceptor.clone(),

@@ -99,6 +99,8 @@ struct Sso {
     provider_port: u16,
     _issuer: Reap,
     issuer_url: String,
+    /// The issuer's `metrics_listen` (plain HTTP, loopback).
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl Sso {
@@ -234,6 +236,7 @@ fn start_with(profile: &str) -> Sso {
         provider_port: 0,
         _issuer: Reap(Command::new("true").spawn().unwrap()),
         issuer_url: String::new(),
+        metrics_addr: dead_port(),
     };
     sso.start_provider("keys1.json");
     let issuer_port = dead_port().port();
@@ -242,6 +245,7 @@ fn start_with(profile: &str) -> Sso {
         format!(
             r#"
 listen = "127.0.0.1:{issuer_port}"
+metrics_listen = "{metrics}"
 cert = "provider/localhost.pem"
 key = "provider/localhost.key"
 ca_dir = "sso"
@@ -258,7 +262,8 @@ user_uri = "spiffe://example.internal/user/{{local}}"
 email_domains = ["example.internal"]
 {profile}
 "#,
-            port = sso.provider_port
+            port = sso.provider_port,
+            metrics = sso.metrics_addr,
         ),
     )
     .unwrap();
@@ -772,10 +777,11 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
         "{v}"
     );
 
-    // Counted by reason on the issuer's metrics.
+    // Counted by reason on the issuer's metrics, which a client of its
+    // listener cannot read (it needs no certificate to connect there)…
     let tls =
         gateway::issuer::http::client_config(Some(&sso.path("provider/ca.pem")), None).unwrap();
-    let (_, metrics) = gateway::issuer::http::request(
+    let (status, body) = gateway::issuer::http::request(
         &tls,
         hyper::Method::GET,
         &format!("{}/metrics", sso.issuer_url),
@@ -784,7 +790,20 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
     )
     .await
     .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    // …but a scrape of `metrics_listen` on loopback can.
+    let metrics = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(sso.metrics_addr)
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
     for line in [
         "gateway_issuer_issued_total 1",
         "gateway_issuer_refused_total{reason=\"token_signature\"} 2",

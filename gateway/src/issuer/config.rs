@@ -38,6 +38,12 @@ pub const LONGEST_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     pub listen: SocketAddr,
+    /// Where `GET /metrics` is served, in plain HTTP, to whoever reaches
+    /// it: a loopback address only (scrape it from the host, or through a
+    /// local agent), as the gateway's own `admin`. None: not served. Never
+    /// on `listen`, where any client may connect without a certificate.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The issuer's own certificate chain and key (serverAuth).
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -324,6 +330,16 @@ impl IssuerConfig {
                 ),
             ));
         }
+        if let Some(m) = c.metrics_listen
+            && !m.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{m}: a loopback address only (metrics are served in plain HTTP to whoever reaches them)"
+                ),
+            ));
+        }
         // Checked every minute: at least an hour between re-signings, and
         // at least an hour for retries before the CRL goes stale.
         let hour = Duration::from_secs(3600);
@@ -458,6 +474,16 @@ email_domains = ["example.internal"]
                 .unwrap_err()
                 .to_string()
                 .contains("profile.groups")
+        );
+        let open = GOOD.replace(
+            "listen = \"127.0.0.1:8443\"",
+            "listen = \"127.0.0.1:8443\"\nmetrics_listen = \"0.0.0.0:9464\"",
+        );
+        assert!(
+            parse(&open)
+                .unwrap_err()
+                .to_string()
+                .contains("metrics_listen")
         );
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(

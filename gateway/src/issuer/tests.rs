@@ -716,6 +716,103 @@ async fn csrs_with_weak_or_unusable_keys_are_refused_and_usable_ones_signed() {
     assert_eq!(s.issuer.counters().issued, 4);
 }
 
+/// A client without a certificate reaches the issuer's listener (it must,
+/// for `GET /v1/config`), but not its counters: `/metrics` is not served
+/// there, only on `metrics_listen`, a loopback address.
+#[tokio::test]
+async fn a_client_without_a_certificate_cannot_read_the_metrics() {
+    let s = setup("");
+    s.issuer.nonce(Some(&device(LAPTOP))).unwrap();
+    // The issuer's TLS certificate, from a CA the client trusts.
+    let tls_dir = s._dir.path().join("tls");
+    let tls = Store::open(&tls_dir);
+    tls.init(&InitSpec {
+        name: "TLS",
+        key_type: KeyType::P256,
+        permitted_dns: None,
+    })
+    .unwrap();
+    let (cert, key) = tls
+        .issue(
+            crate::pki::store::Kind::Server,
+            "localhost",
+            &["dns:localhost".into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    let server_tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            crate::tls::certs::load_certs(&cert).unwrap(),
+            crate::tls::certs::load_key(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_tls)),
+    ));
+    let issuer = Arc::new(s.issuer);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(server::serve(
+        listener,
+        acceptor,
+        issuer.clone(),
+        stop.clone(),
+    ));
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    tokio::spawn(server::serve_metrics(
+        metrics_listener,
+        issuer.clone(),
+        stop.clone(),
+    ));
+
+    let certless = http::client_config(Some(&tls_dir.join("ca.pem")), None).unwrap();
+    let (status, body) = http::request(
+        &certless,
+        hyper::Method::GET,
+        &format!("https://localhost:{port}/metrics"),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains("gateway_issuer_"), "{body}");
+    // `/v1/config` stays open: `gateway login` reads it before it has
+    // anything to present.
+    let (status, _) = http::request(
+        &certless,
+        hyper::Method::GET,
+        &format!("https://localhost:{port}/v1/config"),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+
+    // On the loopback metrics address, a scrape gets them.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("gateway_issuer_nonces_total 1\n"),
+        "{answer}"
+    );
+    stop.cancel();
+}
+
 /// The other user's half of
 /// `a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held`,
 /// which runs this test binary again as that user: a revocation in the
