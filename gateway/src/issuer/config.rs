@@ -68,6 +68,14 @@ pub struct IssuerConfig {
         deserialize_with = "duration::deserialize"
     )]
     pub crl_republish_before: Duration,
+    /// Entries of `ca_dir`'s index.json whose certificate expired more
+    /// than this long ago are dropped when the CRL is re-signed (a revoked
+    /// one leaves the CRL with it): the issuer adds one per sign-in.
+    #[serde(
+        default = "default_index_retention",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub index_retention: Duration,
     /// The CA that enrolled devices: the issuance endpoint wants a
     /// certificate from it.
     pub device_trust: DeviceTrust,
@@ -126,6 +134,9 @@ fn default_crl_next_update() -> Duration {
 }
 fn default_crl_republish_before() -> Duration {
     Duration::from_secs(6 * 86_400)
+}
+fn default_index_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 fn default_scopes() -> Vec<String> {
     vec!["openid".into(), "email".into()]

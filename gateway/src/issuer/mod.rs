@@ -158,6 +158,8 @@ pub struct Counters {
     pub crl_published: u64,
     /// Re-signing it failed (retried at the next check).
     pub crl_publish_failures: u64,
+    /// Index entries dropped, expired more than `index_retention` ago.
+    pub index_pruned: u64,
 }
 
 pub struct Issuer {
@@ -394,6 +396,8 @@ impl Issuer {
                     .unwrap_or(time::Duration::days(7)),
                 time::Duration::try_from(self.config.crl_republish_before)
                     .unwrap_or(time::Duration::days(6)),
+                time::Duration::try_from(self.config.index_retention)
+                    .unwrap_or(time::Duration::days(30)),
             )
         };
         match &result {
@@ -402,10 +406,14 @@ impl Issuer {
                 crl_number,
                 next_update,
                 revoked,
+                pruned,
             }) => {
-                self.count(|c| c.crl_published += 1);
+                self.count(|c| {
+                    c.crl_published += 1;
+                    c.index_pruned += *pruned as u64;
+                });
                 tracing::info!(target: "gateway::issuer", event = "crl_published",
-                    crl_number, next_update = %rfc3339(*next_update), revoked,
+                    crl_number, next_update = %rfc3339(*next_update), revoked, pruned,
                     "the SSO CA's CRL re-signed");
             }
             Err(e) => {

@@ -494,6 +494,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         nonces,
         crl_published,
         crl_publish_failures,
+        index_pruned,
     } = issuer.counters();
     let mut out = String::new();
     out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
@@ -513,6 +514,11 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_crl_publish_failures_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_crl_publish_failures_total {crl_publish_failures}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_index_pruned_total SSO CA index entries dropped, expired more than index_retention ago.\n");
+    out.push_str("# TYPE gateway_issuer_index_pruned_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_index_pruned_total {index_pruned}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");

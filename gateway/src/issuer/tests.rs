@@ -813,6 +813,86 @@ async fn a_client_without_a_certificate_cannot_read_the_metrics() {
     stop.cancel();
 }
 
+/// The issuer adds an index entry per sign-in and the index is rewritten
+/// whole on each: when it re-signs the CRL it drops, under the lock, the
+/// entries of certificates expired more than `index_retention` (30 days)
+/// ago, revoked or not (a revoked one leaves the CRL too, as RFC 5280
+/// allows); recent and live ones stay, and so do their revocations.
+#[tokio::test]
+async fn re_signing_the_crl_drops_entries_expired_longer_than_the_retention() {
+    let s = setup("");
+    let store = Store::open(&s.ca_dir);
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let sign = || {
+        store
+            .sign_request(
+                "alice",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                None,
+            )
+            .unwrap()
+            .1
+            .serial
+    };
+    let (old_revoked, old, recent_revoked, live) = (sign(), sign(), sign(), sign());
+    store.revoke(&old_revoked).unwrap();
+    store.revoke(&recent_revoked).unwrap();
+    // Age them as if signed long ago: two expired 40 days ago, one 10.
+    let ago = |days| {
+        (time::OffsetDateTime::now_utc() - time::Duration::days(days))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let mut index = store.index().unwrap();
+    for e in &mut index.issued {
+        if e.serial == old_revoked || e.serial == old {
+            e.not_after = ago(40);
+        } else if e.serial == recent_revoked {
+            e.not_after = ago(10);
+        }
+    }
+    std::fs::write(
+        s.ca_dir.join("index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    store.publish_crl(time::Duration::days(5)).unwrap();
+    assert!(sso_crl(&s.ca_dir, &old_revoked).3);
+
+    let published = s.issuer.maintain_crl().unwrap();
+    assert!(
+        matches!(
+            published,
+            CrlRefresh::Published {
+                pruned: 2,
+                revoked: 1,
+                ..
+            }
+        ),
+        "{published:?}"
+    );
+    let kept: Vec<String> = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .map(|e| e.serial)
+        .collect();
+    assert_eq!(kept, vec![recent_revoked.clone(), live]);
+    assert!(
+        !sso_crl(&s.ca_dir, &old_revoked).3,
+        "expired 40 days ago: off the CRL"
+    );
+    assert!(
+        sso_crl(&s.ca_dir, &recent_revoked).3,
+        "expired 10 days ago: still listed"
+    );
+    assert_eq!(s.issuer.counters().index_pruned, 2);
+    assert!(server::metrics(&s.issuer).contains("gateway_issuer_index_pruned_total 2\n"));
+}
+
 /// The other user's half of
 /// `a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held`,
 /// which runs this test binary again as that user: a revocation in the

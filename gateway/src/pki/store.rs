@@ -96,11 +96,13 @@ pub struct Index {
 pub enum CrlRefresh {
     /// The CRL had more than `republish_before` left: left as it was.
     Fresh { next_update: OffsetDateTime },
-    /// Re-signed: its number, its nextUpdate and how many serials it lists.
+    /// Re-signed: its number, its nextUpdate, how many serials it lists,
+    /// and how many expired entries left the index first.
     Published {
         crl_number: u64,
         next_update: OffsetDateTime,
         revoked: usize,
+        pruned: usize,
     },
 }
 
@@ -599,10 +601,18 @@ impl Store {
     /// this every minute: nothing else re-publishes the SSO CA's CRL, and
     /// routes with `crl_expired = "refuse"` refuse every user once it is
     /// past its nextUpdate.
+    ///
+    /// Before re-signing, drops from the index every leaf that expired
+    /// more than `retention` ago, revoked or not: the issuer adds one per
+    /// sign-in, and the index is read and rewritten whole on each. A
+    /// revoked one leaves the CRL with it, as RFC 5280 §3.3 allows once a
+    /// certificate has expired (no verifier accepts it anyway). An entry
+    /// whose notAfter cannot be read is kept.
     pub fn refresh_crl(
         &self,
         validity: Duration,
         republish_before: Duration,
+        retention: Duration,
     ) -> Result<CrlRefresh, PkiError> {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
@@ -610,6 +620,17 @@ impl Store {
             && next_update - now > republish_before
         {
             return Ok(CrlRefresh::Fresh { next_update });
+        }
+        let mut index = self.index()?;
+        let before = index.issued.len();
+        let cutoff = now - retention;
+        index.issued.retain(|e| {
+            OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
+                .map_or(true, |t| t >= cutoff)
+        });
+        let pruned = before - index.issued.len();
+        if pruned > 0 {
+            self.save_index(&index)?;
         }
         self.publish_crl_locked(validity)?;
         let index = self.index()?;
@@ -621,6 +642,7 @@ impl Store {
                 .iter()
                 .filter(|e| e.revoked_at.is_some())
                 .count(),
+            pruned,
         })
     }
 
