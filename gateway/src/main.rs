@@ -420,7 +420,8 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         let stop = tokio_util::sync::CancellationToken::new();
         // The SSO CA's CRL: nothing else re-publishes it, and routes with
         // `crl_expired = "refuse"` refuse every user once it is stale.
-        // Checked now and every minute (a failure is retried then).
+        // Checked now, on SIGHUP and every minute (a failure is retried
+        // then).
         let maintain_crl = |issuer: std::sync::Arc<Issuer>| async move {
             // Signing and file I/O under the store's lock: off the runtime.
             let _ = tokio::task::spawn_blocking(move || issuer.maintain_crl()).await;
@@ -451,9 +452,7 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
                 _ = hup.recv() => "SIGHUP",
                 _ = every.tick() => "timer",
             };
-            if why == "timer" {
-                maintain_crl(issuer.clone()).await;
-            }
+            maintain_crl(issuer.clone()).await;
             match server::reload(&reload_config, &acceptor) {
                 Ok(()) if why == "timer" => {
                     tracing::debug!(why, "issuer: device CA and CRLs read again")

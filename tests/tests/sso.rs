@@ -906,6 +906,50 @@ async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
         entry.device.as_deref(),
         Some("spiffe://example.internal/device/laptop-7")
     );
+
+    // Days later, as the SSO CA's CRL tells it (re-published by hand with
+    // a day left): the issuer re-signs it (at once on SIGHUP, as every
+    // minute), valid a week again, still listing the operator's revocation.
+    let aged = Command::new(gateway_binary())
+        .args(["pki", "crl", "--next-update", "1d", "--dir"])
+        .arg(sso.path("sso"))
+        .output()
+        .unwrap();
+    assert!(
+        aged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&aged.stderr)
+    );
+    process::signal(&sso._issuer.0, "HUP");
+    let until = Instant::now() + STEP;
+    while !std::fs::read_to_string(sso.path("issuer.log"))
+        .unwrap_or_default()
+        .contains("\"event\":\"crl_published\"")
+    {
+        assert!(
+            Instant::now() < until,
+            "the issuer did not re-sign the CRL: {}",
+            std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let crls = gateway::tls::crl::load_all(&[sso.path("sso/crl.pem")]).unwrap();
+    let crl = crls.first().unwrap();
+    let week = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 7 * 86_400;
+    let next = crl.next_update.unwrap();
+    assert!((week - 120..=week + 1).contains(&next), "{next} vs {week}");
+    let raw: Vec<u8> = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        crl.crl.find_serial(&raw).unwrap().is_some(),
+        "the revocation is kept"
+    );
 }
 
 /// `--browser` hands `$BROWSER` (here a script running the test browser)

@@ -385,7 +385,7 @@ impl Issuer {
 
     /// Re-signs the SSO CA's CRL when it is due (`crl_republish_before`),
     /// as `Store::refresh_crl` decides under the store's lock. `gateway
-    /// issuer` calls it at start and every minute, so a failure (a full
+    /// issuer` calls it at start, on SIGHUP and every minute, so a failure (a full
     /// disk, an unreadable key, the lock held) is retried a minute later;
     /// each is logged and counted, never dropped.
     pub fn maintain_crl(&self) -> Result<CrlRefresh, crate::pki::PkiError> {
