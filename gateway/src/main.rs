@@ -410,6 +410,7 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             issuer: config.oidc.issuer.clone(),
         };
         let listener = server::bind(&config).await?;
+        let metrics_listener = server::bind_metrics(&config).await?;
         let reload_config = config.clone();
         let issuer = std::sync::Arc::new(
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -417,10 +418,23 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         tracing::info!(%addr, "issuer listening");
         let stop = tokio_util::sync::CancellationToken::new();
+        // The SSO CA's CRL: nothing else re-publishes it, and routes with
+        // `crl_expired = "refuse"` refuse every user once it is stale.
+        // Checked now, on SIGHUP and every minute (a failure is retried
+        // then).
+        let maintain_crl = |issuer: std::sync::Arc<Issuer>| async move {
+            // Signing and file I/O under the store's lock: off the runtime.
+            let _ = tokio::task::spawn_blocking(move || issuer.maintain_crl()).await;
+        };
+        maintain_crl(issuer.clone()).await;
+        if let Some(m) = metrics_listener {
+            tracing::info!(addr = %m.local_addr()?, "issuer metrics listening");
+            tokio::spawn(server::serve_metrics(m, issuer.clone(), stop.clone()));
+        }
         let serving = tokio::spawn(server::serve(
             listener,
             acceptor.clone(),
-            issuer,
+            issuer.clone(),
             stop.clone(),
         ));
         use tokio::signal::unix::{SignalKind, signal};
@@ -438,6 +452,7 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
                 _ = hup.recv() => "SIGHUP",
                 _ = every.tick() => "timer",
             };
+            maintain_crl(issuer.clone()).await;
             match server::reload(&reload_config, &acceptor) {
                 Ok(()) if why == "timer" => {
                     tracing::debug!(why, "issuer: device CA and CRLs read again")

@@ -99,6 +99,8 @@ struct Sso {
     provider_port: u16,
     _issuer: Reap,
     issuer_url: String,
+    /// The issuer's `metrics_listen` (plain HTTP, loopback).
+    metrics_addr: std::net::SocketAddr,
 }
 
 impl Sso {
@@ -234,6 +236,7 @@ fn start_with(profile: &str) -> Sso {
         provider_port: 0,
         _issuer: Reap(Command::new("true").spawn().unwrap()),
         issuer_url: String::new(),
+        metrics_addr: dead_port(),
     };
     sso.start_provider("keys1.json");
     let issuer_port = dead_port().port();
@@ -242,6 +245,7 @@ fn start_with(profile: &str) -> Sso {
         format!(
             r#"
 listen = "127.0.0.1:{issuer_port}"
+metrics_listen = "{metrics}"
 cert = "provider/localhost.pem"
 key = "provider/localhost.key"
 ca_dir = "sso"
@@ -258,7 +262,8 @@ user_uri = "spiffe://example.internal/user/{{local}}"
 email_domains = ["example.internal"]
 {profile}
 "#,
-            port = sso.provider_port
+            port = sso.provider_port,
+            metrics = sso.metrics_addr,
         ),
     )
     .unwrap();
@@ -772,10 +777,11 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
         "{v}"
     );
 
-    // Counted by reason on the issuer's metrics.
+    // Counted by reason on the issuer's metrics, which a client of its
+    // listener cannot read (it needs no certificate to connect there)…
     let tls =
         gateway::issuer::http::client_config(Some(&sso.path("provider/ca.pem")), None).unwrap();
-    let (_, metrics) = gateway::issuer::http::request(
+    let (status, body) = gateway::issuer::http::request(
         &tls,
         hyper::Method::GET,
         &format!("{}/metrics", sso.issuer_url),
@@ -784,7 +790,20 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
     )
     .await
     .unwrap();
-    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    // …but a scrape of `metrics_listen` on loopback can.
+    let metrics = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(sso.metrics_addr)
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
     for line in [
         "gateway_issuer_issued_total 1",
         "gateway_issuer_refused_total{reason=\"token_signature\"} 2",
@@ -886,6 +905,50 @@ async fn a_revoked_device_gets_nothing_after_the_issuer_rereads_its_crl() {
     assert_eq!(
         entry.device.as_deref(),
         Some("spiffe://example.internal/device/laptop-7")
+    );
+
+    // Days later, as the SSO CA's CRL tells it (re-published by hand with
+    // a day left): the issuer re-signs it (at once on SIGHUP, as every
+    // minute), valid a week again, still listing the operator's revocation.
+    let aged = Command::new(gateway_binary())
+        .args(["pki", "crl", "--next-update", "1d", "--dir"])
+        .arg(sso.path("sso"))
+        .output()
+        .unwrap();
+    assert!(
+        aged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&aged.stderr)
+    );
+    process::signal(&sso._issuer.0, "HUP");
+    let until = Instant::now() + STEP;
+    while !std::fs::read_to_string(sso.path("issuer.log"))
+        .unwrap_or_default()
+        .contains("\"event\":\"crl_published\"")
+    {
+        assert!(
+            Instant::now() < until,
+            "the issuer did not re-sign the CRL: {}",
+            std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let crls = gateway::tls::crl::load_all(&[sso.path("sso/crl.pem")]).unwrap();
+    let crl = crls.first().unwrap();
+    let week = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 7 * 86_400;
+    let next = crl.next_update.unwrap();
+    assert!((week - 120..=week + 1).contains(&next), "{next} vs {week}");
+    let raw: Vec<u8> = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        crl.crl.find_serial(&raw).unwrap().is_some(),
+        "the revocation is kept"
     );
 }
 

@@ -38,6 +38,12 @@ pub const LONGEST_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     pub listen: SocketAddr,
+    /// Where `GET /metrics` is served, in plain HTTP, to whoever reaches
+    /// it: a loopback address only (scrape it from the host, or through a
+    /// local agent), as the gateway's own `admin`. None: not served. Never
+    /// on `listen`, where any client may connect without a certificate.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// The issuer's own certificate chain and key (serverAuth).
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -46,6 +52,30 @@ pub struct IssuerConfig {
     pub allow_shared_keys: bool,
     /// The `gateway pki` directory whose intermediate signs user certificates.
     pub ca_dir: PathBuf,
+    /// How long each CRL the issuer signs for `ca_dir` is valid (its
+    /// nextUpdate), as `gateway pki crl --next-update`.
+    #[serde(
+        default = "default_crl_next_update",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub crl_next_update: Duration,
+    /// The issuer re-signs that CRL once its nextUpdate is closer than
+    /// this: with the defaults (7d, 6d) daily, so a CRL that cannot be
+    /// re-signed leaves six days to notice (the failures are logged and
+    /// counted) before routes with `crl_expired = "refuse"` refuse users.
+    #[serde(
+        default = "default_crl_republish_before",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub crl_republish_before: Duration,
+    /// Entries of `ca_dir`'s index.json whose certificate expired more
+    /// than this long ago are dropped when the CRL is re-signed (a revoked
+    /// one leaves the CRL with it): the issuer adds one per sign-in.
+    #[serde(
+        default = "default_index_retention",
+        deserialize_with = "duration::deserialize"
+    )]
+    pub index_retention: Duration,
     /// The CA that enrolled devices: the issuance endpoint wants a
     /// certificate from it.
     pub device_trust: DeviceTrust,
@@ -99,6 +129,15 @@ pub struct Oidc {
     pub jwks_refetch_interval: Duration,
 }
 
+fn default_crl_next_update() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_crl_republish_before() -> Duration {
+    Duration::from_secs(6 * 86_400)
+}
+fn default_index_retention() -> Duration {
+    Duration::from_secs(30 * 86_400)
+}
 fn default_scopes() -> Vec<String> {
     vec!["openid".into(), "email".into()]
 }
@@ -302,6 +341,30 @@ impl IssuerConfig {
                 ),
             ));
         }
+        if let Some(m) = c.metrics_listen
+            && !m.ip().is_loopback()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{m}: a loopback address only (metrics are served in plain HTTP to whoever reaches them)"
+                ),
+            ));
+        }
+        // Checked every minute: at least an hour between re-signings, and
+        // at least an hour for retries before the CRL goes stale.
+        let hour = Duration::from_secs(3600);
+        if c.crl_republish_before < hour
+            || c.crl_next_update.saturating_sub(c.crl_republish_before) < hour
+        {
+            return Err(invalid(
+                "crl_republish_before",
+                format!(
+                    "{:?}: at least 1h, and at least 1h below crl_next_update ({:?})",
+                    c.crl_republish_before, c.crl_next_update
+                ),
+            ));
+        }
         if !c.oidc.issuer.starts_with("https://") {
             return Err(invalid(
                 "oidc.issuer",
@@ -422,6 +485,16 @@ email_domains = ["example.internal"]
                 .unwrap_err()
                 .to_string()
                 .contains("profile.groups")
+        );
+        let open = GOOD.replace(
+            "listen = \"127.0.0.1:8443\"",
+            "listen = \"127.0.0.1:8443\"\nmetrics_listen = \"0.0.0.0:9464\"",
+        );
+        assert!(
+            parse(&open)
+                .unwrap_err()
+                .to_string()
+                .contains("metrics_listen")
         );
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(

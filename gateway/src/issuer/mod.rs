@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
-use crate::pki::store::Store;
+use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
 use limit::Limiter;
 use nonce::{NonceError, Nonces, UsedTokens};
@@ -79,6 +79,10 @@ pub enum Refusal {
     BadRequest(String),
     #[error("certificate signing request refused: {0}")]
     Csr(String),
+    #[error(
+        "the CSR's key is {0}: the issuer signs only ECDSA P-256 or P-384, Ed25519, or RSA of at least {MIN_RSA_BITS} bits; make the key with `gateway login` (P-256) or one of those"
+    )]
+    CsrKey(String),
     #[error("issuing failed: {0}")]
     Internal(String),
 }
@@ -97,6 +101,7 @@ impl Refusal {
             Refusal::DeviceExpiring { .. } => "device_expiring",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Csr(_) => "csr",
+            Refusal::CsrKey(_) => "csr_key",
             Refusal::Internal(_) => "internal",
         }
     }
@@ -105,7 +110,10 @@ impl Refusal {
         match self {
             Refusal::NoDevice => 401,
             Refusal::RateLimited { .. } => 429,
-            Refusal::BadRequest(_) | Refusal::Csr(_) | Refusal::Lifetime { .. } => 400,
+            Refusal::BadRequest(_)
+            | Refusal::Csr(_)
+            | Refusal::CsrKey(_)
+            | Refusal::Lifetime { .. } => 400,
             Refusal::Token(OidcError::Fetch(_)) => 502,
             Refusal::Internal(_) => 500,
             _ => 403,
@@ -140,12 +148,18 @@ pub struct CertificateResponse {
     pub sans: Vec<String>,
 }
 
-/// Issuances and refusals, for `/metrics`.
-#[derive(Debug, Default)]
+/// Issuances, refusals and the CRL's re-signing, for `/metrics`.
+#[derive(Debug, Default, Clone)]
 pub struct Counters {
     pub issued: u64,
     pub refused: BTreeMap<&'static str, u64>,
     pub nonces: u64,
+    /// The SSO CA's CRL re-signed (`maintain_crl`).
+    pub crl_published: u64,
+    /// Re-signing it failed (retried at the next check).
+    pub crl_publish_failures: u64,
+    /// Index entries dropped, expired more than `index_retention` ago.
+    pub index_pruned: u64,
 }
 
 pub struct Issuer {
@@ -160,6 +174,75 @@ pub struct Issuer {
     store: Mutex<Store>,
     ca_pem: String,
     counters: Mutex<Counters>,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The smallest RSA key the issuer signs for: `gateway pki`'s own RSA
+/// keys are 2048 bits (`KeyType::Rsa2048`), as is the floor of the
+/// gateway's TLS stack (rustls/webpki verify RSA from 2048 bits).
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// The CSR's key is one the issuer signs for: ECDSA on P-256 or P-384,
+/// Ed25519, or RSA of at least `MIN_RSA_BITS`. The issuer decides every
+/// name in the certificate, but the key is the requester's: a weak one
+/// (RSA-1024) or one the gateway's verifier cannot use (P-521,
+/// secp256k1) would make a certificate that is forgeable or useless.
+/// Returns the key's kind for the log.
+fn csr_key(csr_pem: &str) -> Result<String, Refusal> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::oid_registry as oid;
+    use x509_parser::prelude::FromDer as _;
+    let bad = |what: &str| Refusal::Csr(format!("not a PEM certificate request: {what}"));
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(&e.to_string()))?;
+    if !pem.label.ends_with("CERTIFICATE REQUEST") {
+        return Err(bad(&format!("a PEM {:?}", pem.label)));
+    }
+    let (_, csr) =
+        X509CertificationRequest::from_der(&pem.contents).map_err(|e| bad(&e.to_string()))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg = &spki.algorithm.algorithm;
+    if *alg == oid::OID_SIG_ED25519 {
+        return Ok("Ed25519".into());
+    }
+    if *alg == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.clone().oid().ok());
+        return match curve {
+            Some(c) if c == oid::OID_EC_P256 => Ok("ECDSA P-256".into()),
+            Some(c) if c == oid::OID_NIST_EC_P384 => Ok("ECDSA P-384".into()),
+            Some(c) => Err(Refusal::CsrKey(format!("ECDSA on the curve {c}"))),
+            None => Err(Refusal::CsrKey("ECDSA without a named curve".into())),
+        };
+    }
+    if *alg == oid::OID_PKCS1_RSAENCRYPTION {
+        let Ok(x509_parser::public_key::PublicKey::RSA(rsa)) = spki.parsed() else {
+            return Err(Refusal::CsrKey("an RSA key that does not parse".into()));
+        };
+        // The modulus' bits, leading zero bytes (DER's sign byte) aside.
+        let modulus = rsa
+            .modulus
+            .iter()
+            .position(|&b| b != 0)
+            .and_then(|i| rsa.modulus.get(i..))
+            .unwrap_or_default();
+        let bits = modulus.first().map_or(0, |&top| {
+            (modulus.len() - 1) * 8 + (8 - top.leading_zeros() as usize)
+        });
+        return if bits >= MIN_RSA_BITS {
+            Ok(format!("RSA-{bits}"))
+        } else {
+            Err(Refusal::CsrKey(format!("RSA of {bits} bits")))
+        };
+    }
+    Err(Refusal::CsrKey(format!("of the algorithm {alg}")))
 }
 
 /// The user's names from the token's verified email, by the profile's rules.
@@ -293,9 +376,53 @@ impl Issuer {
     }
 
     /// A snapshot of the counters.
-    pub fn counters(&self) -> (u64, u64, BTreeMap<&'static str, u64>) {
-        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        (c.issued, c.nonces, c.refused.clone())
+    pub fn counters(&self) -> Counters {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-signs the SSO CA's CRL when it is due (`crl_republish_before`),
+    /// as `Store::refresh_crl` decides under the store's lock. `gateway
+    /// issuer` calls it at start, on SIGHUP and every minute, so a failure (a full
+    /// disk, an unreadable key, the lock held) is retried a minute later;
+    /// each is logged and counted, never dropped.
+    pub fn maintain_crl(&self) -> Result<CrlRefresh, crate::pki::PkiError> {
+        let result = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            store.refresh_crl(
+                time::Duration::try_from(self.config.crl_next_update)
+                    .unwrap_or(time::Duration::days(7)),
+                time::Duration::try_from(self.config.crl_republish_before)
+                    .unwrap_or(time::Duration::days(6)),
+                time::Duration::try_from(self.config.index_retention)
+                    .unwrap_or(time::Duration::days(30)),
+            )
+        };
+        match &result {
+            Ok(CrlRefresh::Fresh { .. }) => {}
+            Ok(CrlRefresh::Published {
+                crl_number,
+                next_update,
+                revoked,
+                pruned,
+            }) => {
+                self.count(|c| {
+                    c.crl_published += 1;
+                    c.index_pruned += *pruned as u64;
+                });
+                tracing::info!(target: "gateway::issuer", event = "crl_published",
+                    crl_number, next_update = %rfc3339(*next_update), revoked, pruned,
+                    "the SSO CA's CRL re-signed");
+            }
+            Err(e) => {
+                self.count(|c| c.crl_publish_failures += 1);
+                tracing::error!(target: "gateway::issuer", event = "crl_publish_failed",
+                    error = %e, "re-signing the SSO CA's CRL failed; retried in a minute");
+            }
+        }
+        result
     }
 
     /// The device's name from its verified certificate.
@@ -416,6 +543,7 @@ impl Issuer {
                 device_not_after: device_cert.not_after,
             });
         }
+        let key = csr_key(&req.csr)?;
         let bound = crate::pki::store::BoundDevice {
             uri: device.to_owned(),
             serial: device_cert.serial.replace(':', "").to_ascii_lowercase(),
@@ -435,7 +563,7 @@ impl Issuer {
         tracing::info!(target: "gateway::issuer", event = "issued",
             user = %cn, device, sub = %claims.sub, iss = %claims.iss,
             amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
-            serial = %entry.serial, not_after = %entry.not_after,
+            serial = %entry.serial, not_after = %entry.not_after, key,
             lifetime_secs = (not_after - now).whole_seconds(), sans = ?sans, "certificate issued");
         Ok(CertificateResponse {
             certificate: chain,

@@ -2,11 +2,15 @@
 //! device certificate is checked in full), the device certificate checked
 //! by the gateway's own `tls::Bundle` (chain, clientAuth, CRLs along the
 //! path) and identity rules. A client without a certificate may connect
-//! (`GET /v1/config` tells `gateway login` where the provider is), but the
-//! endpoints that issue answer 401 without one.
+//! (`GET /v1/config` says where the provider is; `gateway login` presents
+//! the device certificate for it too), but the endpoints that issue
+//! answer 401 without one.
 //!
-//! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`,
-//! `GET /metrics`.
+//! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`.
+//! `GET /metrics` is served apart, in plain HTTP on a loopback address
+//! (`metrics_listen`, `serve_metrics`), never here: this listener takes
+//! clients without a certificate, and a scraper should not need a device
+//! certificate (one that may also ask for nonces) to read counters.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -395,10 +399,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                 Err(e) => refusal(&e),
             }
         }
-        (Method::GET, "/metrics") => {
-            reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(issuer))
-        }
-        (_, "/v1/config" | "/v1/nonce" | "/v1/certificate" | "/metrics") => json(
+        (_, "/v1/config" | "/v1/nonce" | "/v1/certificate") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({ "error": "method" }),
         ),
@@ -409,8 +410,92 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
     }
 }
 
-fn metrics(issuer: &Issuer) -> String {
-    let (issued, nonces, refused) = issuer.counters();
+/// Connections the metrics listener serves at once (a scraper or two).
+const METRICS_CONNECTIONS: usize = 8;
+/// A scrape's whole connection: a request or two, well within this.
+const METRICS_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Binds `metrics_listen`, if set.
+pub async fn bind_metrics(
+    config: &super::config::IssuerConfig,
+) -> Result<Option<TcpListener>, ServerError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| ServerError::Listen { addr, source })
+}
+
+/// Serves `GET /metrics` in plain HTTP on `listener` (`metrics_listen`, a
+/// loopback address) until `stop`, with the issuer's limits: a few
+/// connections at once, each cut at `METRICS_DEADLINE`.
+pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "issuer metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "issuer metrics: all connection slots busy; refused");
+            continue;
+        };
+        let issuer = issuer.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let issuer = issuer.clone();
+                async move {
+                    Ok::<_, std::convert::Infallible>(match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics") => reply(
+                            StatusCode::OK,
+                            "text/plain; version=0.0.4",
+                            metrics(&issuer),
+                        ),
+                        (_, "/metrics") => json(
+                            StatusCode::METHOD_NOT_ALLOWED,
+                            &serde_json::json!({ "error": "method" }),
+                        ),
+                        _ => json(
+                            StatusCode::NOT_FOUND,
+                            &serde_json::json!({ "error": "not_found" }),
+                        ),
+                    })
+                }
+            });
+            let served = tokio::time::timeout(
+                METRICS_DEADLINE,
+                hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
+                    .serve_connection(TokioIo::new(tcp), service),
+            )
+            .await;
+            if let Ok(Err(e)) = served {
+                tracing::debug!(%peer, error = %e, "issuer metrics: connection ended");
+            }
+        });
+    }
+}
+
+pub(crate) fn metrics(issuer: &Issuer) -> String {
+    let super::Counters {
+        issued,
+        refused,
+        nonces,
+        crl_published,
+        crl_publish_failures,
+        index_pruned,
+    } = issuer.counters();
     let mut out = String::new();
     out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
     out.push_str("# TYPE gateway_issuer_issued_total counter\n");
@@ -418,6 +503,23 @@ fn metrics(issuer: &Issuer) -> String {
     out.push_str("# HELP gateway_issuer_nonces_total Nonces handed to devices.\n");
     out.push_str("# TYPE gateway_issuer_nonces_total counter\n");
     out.push_str(&format!("gateway_issuer_nonces_total {nonces}\n"));
+    out.push_str(
+        "# HELP gateway_issuer_crl_published_total The SSO CA's CRL re-signed by the issuer.\n",
+    );
+    out.push_str("# TYPE gateway_issuer_crl_published_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_crl_published_total {crl_published}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_crl_publish_failures_total Re-signing the SSO CA's CRL failed (retried every minute).\n");
+    out.push_str("# TYPE gateway_issuer_crl_publish_failures_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_crl_publish_failures_total {crl_publish_failures}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_index_pruned_total SSO CA index entries dropped, expired more than index_retention ago.\n");
+    out.push_str("# TYPE gateway_issuer_index_pruned_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_index_pruned_total {index_pruned}\n"
+    ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");
     for (reason, n) in refused {

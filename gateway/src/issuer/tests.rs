@@ -216,7 +216,7 @@ async fn a_user_on_an_enrolled_device_gets_a_short_lived_certificate_naming_both
             .any(|e| e.serial == answer.serial)
     );
     store.revoke(&answer.serial).unwrap();
-    assert_eq!(s.issuer.counters().0, 1);
+    assert_eq!(s.issuer.counters().issued, 1);
 }
 
 #[tokio::test]
@@ -307,7 +307,7 @@ async fn bad_tokens_are_refused_each_with_its_reason() {
             .unwrap_err();
         assert_eq!(e.reason(), reason, "{what}: {e}");
     }
-    assert_eq!(s.issuer.counters().0, 0, "nothing issued");
+    assert_eq!(s.issuer.counters().issued, 0, "nothing issued");
 }
 
 #[tokio::test]
@@ -638,6 +638,468 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
         assert!(entry.revoked_at.is_some(), "revocation of {serial} lost");
     }
     assert_eq!(index.issued.len(), 36);
+}
+
+/// A CSR for a fresh key of `alg`, as rcgen makes it.
+fn csr_for(alg: &'static rcgen::SignatureAlgorithm) -> String {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    let params = rcgen::CertificateParams::new(vec![]).unwrap();
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+/// A CSR for a fresh key that `openssl req` makes (`-newkey …`): rcgen
+/// (aws-lc-rs) makes no RSA key under 2048 bits and no secp256k1 key.
+fn openssl_csr(newkey: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=x",
+        ])
+        .args(newkey)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The CSR gives only its key, and the key is the requester's choice: a
+/// weak one or one routes cannot verify is refused (400 `csr_key`, with
+/// what was wrong), logged and counted; the kinds the gateway uses are
+/// signed.
+#[tokio::test]
+async fn csrs_with_weak_or_unusable_keys_are_refused_and_usable_ones_signed() {
+    let s = setup("[limits]\nper_user = { burst = 20, per_hour = 20 }");
+    let ask = |i: usize, csr: String| {
+        let laptop = device(&format!("spiffe://example.internal/device/key-{i}"));
+        let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+        let req = CertificateRequest {
+            id_token: token(&s.key, &claims(&nonce)),
+            csr,
+            lifetime: None,
+        };
+        let issuer = &s.issuer;
+        async move { issuer.issue(Some(&laptop), req).await }
+    };
+    let refused = [
+        (
+            csr_for(&rcgen::PKCS_ECDSA_P521_SHA512),
+            "ECDSA on the curve 1.3.132.0.35",
+        ),
+        (openssl_csr(&["-newkey", "rsa:1024"]), "RSA of 1024 bits"),
+        (
+            openssl_csr(&["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"]),
+            "ECDSA on the curve 1.3.132.0.10",
+        ),
+    ];
+    for (i, (csr, says)) in refused.into_iter().enumerate() {
+        let e = ask(i, csr).await.unwrap_err();
+        assert_eq!((e.reason(), e.status()), ("csr_key", 400), "{says}: {e}");
+        assert!(e.to_string().contains(says), "{says}: {e}");
+    }
+    let counters = s.issuer.counters();
+    assert_eq!(counters.refused.get("csr_key"), Some(&3));
+    assert_eq!(counters.issued, 0);
+    let usable = [
+        csr_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        csr_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        csr_for(&rcgen::PKCS_ED25519),
+        csr_for(&rcgen::PKCS_RSA_SHA256),
+    ];
+    for (i, csr) in usable.into_iter().enumerate() {
+        ask(10 + i, csr).await.unwrap();
+    }
+    assert_eq!(s.issuer.counters().issued, 4);
+}
+
+/// A client without a certificate reaches the issuer's listener (it must,
+/// for `GET /v1/config`), but not its counters: `/metrics` is not served
+/// there, only on `metrics_listen`, a loopback address.
+#[tokio::test]
+async fn a_client_without_a_certificate_cannot_read_the_metrics() {
+    let s = setup("");
+    s.issuer.nonce(Some(&device(LAPTOP))).unwrap();
+    // The issuer's TLS certificate, from a CA the client trusts.
+    let tls_dir = s._dir.path().join("tls");
+    let tls = Store::open(&tls_dir);
+    tls.init(&InitSpec {
+        name: "TLS",
+        key_type: KeyType::P256,
+        permitted_dns: None,
+    })
+    .unwrap();
+    let (cert, key) = tls
+        .issue(
+            crate::pki::store::Kind::Server,
+            "localhost",
+            &["dns:localhost".into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    let server_tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            crate::tls::certs::load_certs(&cert).unwrap(),
+            crate::tls::certs::load_key(&key).unwrap(),
+        )
+        .unwrap();
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_tls)),
+    ));
+    let issuer = Arc::new(s.issuer);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(server::serve(
+        listener,
+        acceptor,
+        issuer.clone(),
+        stop.clone(),
+    ));
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap();
+    tokio::spawn(server::serve_metrics(
+        metrics_listener,
+        issuer.clone(),
+        stop.clone(),
+    ));
+
+    let certless = http::client_config(Some(&tls_dir.join("ca.pem")), None).unwrap();
+    let (status, body) = http::request(
+        &certless,
+        hyper::Method::GET,
+        &format!("https://localhost:{port}/metrics"),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains("gateway_issuer_"), "{body}");
+    // `/v1/config` stays open: `gateway login` reads it before it has
+    // anything to present.
+    let (status, _) = http::request(
+        &certless,
+        hyper::Method::GET,
+        &format!("https://localhost:{port}/v1/config"),
+        None,
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+
+    // On the loopback metrics address, a scrape gets them.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(metrics_addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("gateway_issuer_nonces_total 1\n"),
+        "{answer}"
+    );
+    stop.cancel();
+}
+
+/// The issuer adds an index entry per sign-in and the index is rewritten
+/// whole on each: when it re-signs the CRL it drops, under the lock, the
+/// entries of certificates expired more than `index_retention` (30 days)
+/// ago, revoked or not (a revoked one leaves the CRL too, as RFC 5280
+/// allows); recent and live ones stay, and so do their revocations.
+#[tokio::test]
+async fn re_signing_the_crl_drops_entries_expired_longer_than_the_retention() {
+    let s = setup("");
+    let store = Store::open(&s.ca_dir);
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let sign = || {
+        store
+            .sign_request(
+                "alice",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                None,
+            )
+            .unwrap()
+            .1
+            .serial
+    };
+    let (old_revoked, old, recent_revoked, live) = (sign(), sign(), sign(), sign());
+    store.revoke(&old_revoked).unwrap();
+    store.revoke(&recent_revoked).unwrap();
+    // Age them as if signed long ago: two expired 40 days ago, one 10.
+    let ago = |days| {
+        (time::OffsetDateTime::now_utc() - time::Duration::days(days))
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let mut index = store.index().unwrap();
+    for e in &mut index.issued {
+        if e.serial == old_revoked || e.serial == old {
+            e.not_after = ago(40);
+        } else if e.serial == recent_revoked {
+            e.not_after = ago(10);
+        }
+    }
+    std::fs::write(
+        s.ca_dir.join("index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    store.publish_crl(time::Duration::days(5)).unwrap();
+    assert!(sso_crl(&s.ca_dir, &old_revoked).3);
+
+    let published = s.issuer.maintain_crl().unwrap();
+    assert!(
+        matches!(
+            published,
+            CrlRefresh::Published {
+                pruned: 2,
+                revoked: 1,
+                ..
+            }
+        ),
+        "{published:?}"
+    );
+    let kept: Vec<String> = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .map(|e| e.serial)
+        .collect();
+    assert_eq!(kept, vec![recent_revoked.clone(), live]);
+    assert!(
+        !sso_crl(&s.ca_dir, &old_revoked).3,
+        "expired 40 days ago: off the CRL"
+    );
+    assert!(
+        sso_crl(&s.ca_dir, &recent_revoked).3,
+        "expired 10 days ago: still listed"
+    );
+    assert_eq!(s.issuer.counters().index_pruned, 2);
+    assert!(server::metrics(&s.issuer).contains("gateway_issuer_index_pruned_total 2\n"));
+}
+
+/// The other user's half of
+/// `a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held`,
+/// which runs this test binary again as that user: a revocation in the
+/// store it names.
+#[test]
+#[ignore = "run by another test, as another user"]
+fn as_another_user_revoke_in_the_store() {
+    let (Ok(dir), Ok(serial)) = (
+        std::env::var("GATEWAY_TEST_STORE"),
+        std::env::var("GATEWAY_TEST_SERIAL"),
+    ) else {
+        return;
+    };
+    Store::open(Path::new(&dir)).revoke(&serial).unwrap();
+}
+
+/// An operator's `gateway pki revoke` as root left a lock file root's and
+/// 0600 in the SSO CA's directory; the issuer runs as its own user, owner
+/// of the directory. That user must still take the lock, and still wait
+/// while root holds it. Real users: the test (root) runs this binary again
+/// as `nobody` (65534).
+#[test]
+fn a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_held() {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::process::CommandExt as _;
+    const NOBODY: u32 = 65534;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = Store::open(&ca);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let serial = store
+        .sign_request(
+            "alice",
+            &csr(),
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+            None,
+        )
+        .unwrap()
+        .1
+        .serial;
+    // The store is the issuer's user's, as /var/lib/gateway-issuer/sso…
+    let own = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    own(dir.path());
+    own(&ca);
+    for f in std::fs::read_dir(&ca).unwrap() {
+        own(&f.unwrap().path());
+    }
+    // …but root left the lock file, with the mode it was made with (made
+    // afresh here: the store's own may have been chowned above).
+    let _ = std::fs::remove_file(ca.join(".lock"));
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(ca.join(".lock"))
+            .unwrap(),
+    );
+    let held = store.lock().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "issuer::tests::as_another_user_revoke_in_the_store",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("GATEWAY_TEST_STORE", &ca)
+        .env("GATEWAY_TEST_SERIAL", &serial)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let early = child.try_wait().unwrap();
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        early.is_none(),
+        "the other user's revoke did not wait for root's lock: {said}"
+    );
+    assert!(
+        out.status.success(),
+        "the issuer's user could not write: {said}"
+    );
+    assert!(said.contains("1 passed"), "{said}");
+    let entry = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == serial)
+        .unwrap();
+    assert!(entry.revoked_at.is_some(), "revoked by the other user");
+}
+
+/// The intermediate's CRL in `ca_dir/crl.pem` (written first): its bytes,
+/// number, nextUpdate and whether it lists `serial`.
+fn sso_crl(ca_dir: &Path, serial: &str) -> (Vec<u8>, String, i64, bool) {
+    let path = ca_dir.join("crl.pem");
+    let crls = crate::tls::crl::load_all(std::slice::from_ref(&path)).unwrap();
+    let crl = &crls[0];
+    assert!(crl.issuer.contains("SSO issuing CA"), "{}", crl.issuer);
+    let raw: Vec<u8> = (0..serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&serial[i..i + 2], 16).unwrap())
+        .collect();
+    let listed = crl.crl.find_serial(&raw).unwrap().is_some();
+    (
+        std::fs::read(&path).unwrap(),
+        format!("{:?}", crl.number),
+        crl.next_update.unwrap(),
+        listed,
+    )
+}
+
+/// Nothing but the issuer re-publishes the SSO CA's CRL, and routes with
+/// `crl_expired = "refuse"` refuse every user once it is past its
+/// nextUpdate: the issuer re-signs it while it still has
+/// `crl_republish_before` (6 days of 7) left, from the index as it is then
+/// (a revocation an operator made meanwhile stays in it), and counts it; a
+/// failure leaves the old CRL, is counted, and the next check retries.
+#[tokio::test]
+async fn the_issuer_re_signs_the_crl_before_it_goes_stale_keeping_every_revocation() {
+    let s = setup("");
+    let answer = s
+        .issuer
+        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    // The operator revokes it with `gateway pki revoke` (a 7-day CRL).
+    let operator = Store::open(&s.ca_dir);
+    operator.revoke(&answer.serial).unwrap();
+    assert_eq!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh {
+            next_update: time::OffsetDateTime::from_unix_timestamp(
+                sso_crl(&s.ca_dir, &answer.serial).2
+            )
+            .unwrap()
+        },
+        "a CRL with 7 days left is left alone"
+    );
+    // Two days on, as its nextUpdate says: 5 days left, due.
+    operator.publish_crl(time::Duration::days(5)).unwrap();
+    let (aged, aged_number, aged_next, listed) = sso_crl(&s.ca_dir, &answer.serial);
+    assert!(listed);
+
+    // The signing key cannot be read: nothing published, counted, retried.
+    let key = s.ca_dir.join("intermediate.key");
+    let away = s.ca_dir.join("intermediate.key.away");
+    std::fs::rename(&key, &away).unwrap();
+    assert!(s.issuer.maintain_crl().is_err());
+    assert_eq!(s.issuer.counters().crl_publish_failures, 1);
+    assert_eq!(s.issuer.counters().crl_published, 0);
+    assert_eq!(
+        sso_crl(&s.ca_dir, &answer.serial).0,
+        aged,
+        "the old CRL stays"
+    );
+    std::fs::rename(&away, &key).unwrap();
+
+    let published = s.issuer.maintain_crl().unwrap();
+    assert!(
+        matches!(published, CrlRefresh::Published { revoked: 1, .. }),
+        "{published:?}"
+    );
+    let (_, number, next, listed) = sso_crl(&s.ca_dir, &answer.serial);
+    assert!(listed, "the operator's revocation is in the re-signed CRL");
+    assert_ne!(number, aged_number);
+    let week = now() as i64 + 7 * 86_400;
+    assert!(
+        (week - 60..=week + 1).contains(&next) && next > aged_next,
+        "valid 7 days again: {next}"
+    );
+    assert_eq!(s.issuer.counters().crl_published, 1);
+    let metrics = server::metrics(&s.issuer);
+    assert!(
+        metrics.contains("gateway_issuer_crl_published_total 1\n")
+            && metrics.contains("gateway_issuer_crl_publish_failures_total 1\n"),
+        "{metrics}"
+    );
+    // Fresh again: the next minute's check leaves it.
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
 }
 
 /// Findings of the attacker's review (reviews1): each test asserts the

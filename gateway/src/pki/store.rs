@@ -17,7 +17,6 @@
 //! needs the root key. Revoking the intermediate does.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -92,6 +91,21 @@ pub struct Index {
     pub revoked_intermediates: Vec<IndexEntry>,
 }
 
+/// What `Store::refresh_crl` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CrlRefresh {
+    /// The CRL had more than `republish_before` left: left as it was.
+    Fresh { next_update: OffsetDateTime },
+    /// Re-signed: its number, its nextUpdate, how many serials it lists,
+    /// and how many expired entries left the index first.
+    Published {
+        crl_number: u64,
+        next_update: OffsetDateTime,
+        revoked: usize,
+        pruned: usize,
+    },
+}
+
 /// How long `init`'s intermediate lives.
 const INTERMEDIATE_DAYS: i64 = 730;
 
@@ -160,19 +174,20 @@ impl Store {
     /// may run `gateway pki revoke`; without the lock one would write back
     /// an index missing the other's change (an issued serial `revoke`
     /// cannot find, or a revocation the next CRL leaves out). An advisory
-    /// lock (flock) on `.lock`, released when the guard drops; every
-    /// public method that writes takes it, and only those.
-    fn lock(&self) -> Result<std::fs::File, PkiError> {
-        let path = self.path(".lock");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(self.io(&path))?;
-        file.lock().map_err(self.io(&path))?;
-        Ok(file)
+    /// lock (flock) on the directory itself, opened read-only, released
+    /// when the guard drops; every public method that writes takes it, and
+    /// only those.
+    ///
+    /// Not on a `.lock` file inside it, as before: one created by root (an
+    /// operator's `gateway pki revoke` under sudo) was root's and 0600, so
+    /// the issuer, running as its own user, could not open it and stopped
+    /// signing. The directory is there whoever wrote last, and anyone who
+    /// may read the store may open it; flock excludes across users and
+    /// descriptors alike, whatever the open mode.
+    pub(crate) fn lock(&self) -> Result<std::fs::File, PkiError> {
+        let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
+        dir.lock().map_err(self.io(&self.dir))?;
+        Ok(dir)
     }
 
     pub fn index(&self) -> Result<Index, PkiError> {
@@ -576,6 +591,84 @@ impl Store {
         let _lock = self.lock()?;
         self.publish_root_crl_locked(&root)?;
         self.publish_crl_locked(validity)
+    }
+
+    /// Re-signs `crl.pem` when the intermediate's CRL in it has less than
+    /// `republish_before` left before its nextUpdate (or is missing or
+    /// unreadable), valid for `validity`; otherwise leaves it. Under the
+    /// lock, from the index as it is then, so a revocation `gateway pki
+    /// revoke` made meanwhile is in the new CRL. `gateway issuer` calls
+    /// this every minute: nothing else re-publishes the SSO CA's CRL, and
+    /// routes with `crl_expired = "refuse"` refuse every user once it is
+    /// past its nextUpdate.
+    ///
+    /// Before re-signing, drops from the index every leaf that expired
+    /// more than `retention` ago, revoked or not: the issuer adds one per
+    /// sign-in, and the index is read and rewritten whole on each. A
+    /// revoked one leaves the CRL with it, as RFC 5280 §3.3 allows once a
+    /// certificate has expired (no verifier accepts it anyway). An entry
+    /// whose notAfter cannot be read is kept.
+    pub fn refresh_crl(
+        &self,
+        validity: Duration,
+        republish_before: Duration,
+        retention: Duration,
+    ) -> Result<CrlRefresh, PkiError> {
+        let _lock = self.lock()?;
+        let now = OffsetDateTime::now_utc();
+        if let Some(next_update) = self.crl_next_update()?
+            && next_update - now > republish_before
+        {
+            return Ok(CrlRefresh::Fresh { next_update });
+        }
+        let mut index = self.index()?;
+        let before = index.issued.len();
+        let cutoff = now - retention;
+        index.issued.retain(|e| {
+            OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
+                .map_or(true, |t| t >= cutoff)
+        });
+        let pruned = before - index.issued.len();
+        if pruned > 0 {
+            self.save_index(&index)?;
+        }
+        self.publish_crl_locked(validity)?;
+        let index = self.index()?;
+        Ok(CrlRefresh::Published {
+            crl_number: index.crl_number,
+            next_update: now + validity,
+            revoked: index
+                .issued
+                .iter()
+                .filter(|e| e.revoked_at.is_some())
+                .count(),
+            pruned,
+        })
+    }
+
+    /// The nextUpdate of the intermediate's CRL in `crl.pem`; None when the
+    /// file is missing or holds no readable CRL of the intermediate (then
+    /// it is due anyway).
+    fn crl_next_update(&self) -> Result<Option<OffsetDateTime>, PkiError> {
+        use x509_parser::prelude::FromDer as _;
+        use x509_parser::revocation_list::CertificateRevocationList;
+        let Ok(text) = self.read("crl.pem") else {
+            return Ok(None);
+        };
+        let subject = self.with_intermediate(|cert| Ok(cert.subject().as_raw().to_vec()))?;
+        for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+            let Ok(pem) = pem else { break };
+            let Ok((_, crl)) = CertificateRevocationList::from_der(&pem.contents) else {
+                continue;
+            };
+            if crl.issuer().as_raw() != subject.as_slice() {
+                continue;
+            }
+            return Ok(crl
+                .next_update()
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()));
+        }
+        Ok(None)
     }
 
     /// Signs and writes the intermediate's CRL listing every revoked serial,
