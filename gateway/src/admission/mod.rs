@@ -1195,4 +1195,6 @@ mod review17;
 #[cfg(test)]
 mod review7;
 #[cfg(test)]
+mod testing;
+#[cfg(test)]
 mod tests;

@@ -10,24 +10,8 @@
 //! Run: `cargo test -p gateway --lib admission::review12 -- --nocapture`
 
 use super::pool::{EVICTION_BURST, Taken};
+use super::testing::*;
 use super::*;
-
-fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
-}
-
-/// A place taken and past its ClientHello: the client's turn, early.
-fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take_served(c, None, max, share, known).unwrap();
-    pool.advance(t.id, &t.place, Stage::Answered);
-    t
-}
-
-fn live(t: &Taken) -> bool {
-    t.place.stage() == Stage::Answered
-}
-
-const ATTACKER: &str = "spiffe://example.internal/attacker";
 
 /// R12-1 (fixed). A certificate holder known from 4 /24s of a known
 /// client's /16 (VMs of one cloud region, hosting customers of one /48)

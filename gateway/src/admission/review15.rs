@@ -16,25 +16,8 @@
 //! Run: `cargo test -p gateway --lib admission::review15 -- --nocapture`
 
 use super::pool::Taken;
+use super::testing::*;
 use super::*;
-
-fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
-}
-
-/// A place taken and past its ClientHello: the client's turn, early.
-fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take_served(c, None, max, share, known).unwrap();
-    pool.advance(t.id, &t.place, Stage::Answered);
-    t
-}
-
-fn live(t: &Taken) -> bool {
-    t.place.stage() == Stage::Answered
-}
-
-const ATTACKER: &str = "spiffe://example.internal/attacker";
-const VICTIM: &str = "spiffe://example.internal/victim";
 
 /// R15-1 (MEDIUM, a NAT address shared once). The inverse of R14-3's
 /// fix: a NAT address's handshake is spared only if EVERY identity that
@@ -99,59 +82,6 @@ fn r15_1(once_shared: bool) -> (usize, usize) {
     assert!(attacker.iter().all(live), "the attacker's 5 all held");
     println!("once_shared {once_shared}: NAT {nat_done} of 80; client {client_done} of 20");
     (nat_done, client_done)
-}
-
-/// 20 rounds of a flood: `at` opens 4 handshakes at once (the first the
-/// oldest), strangers from other networks fill the share, 8 certless
-/// newcomers from other networks come, then `at`'s 4 try to complete.
-/// Says how many of `at`'s 80 completed, and of the 20 firsts.
-fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usize, usize) {
-    let mut strangers: Vec<Taken> = Vec::new();
-    let mut next_stranger = 0u16;
-    let (mut done, mut first_done) = (0, 0);
-    for round in 0..20u16 {
-        // 4 handshakes at once (a busy NAT's users', a client's parallel
-        // ones), the first the oldest.
-        let now: Vec<Taken> = (0..4u16)
-            .map(|n| answered(pool, v4(at, 20_000 + 4 * round + n), max, share, true))
-            .collect();
-        // Strangers filling the share, one per /16 (not crowded).
-        while pool.handshakes() < share {
-            let n = next_stranger;
-            next_stranger += 1;
-            strangers.push(answered(
-                pool,
-                v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
-                max,
-                share,
-                false,
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-        // Certless newcomers of the flood, each from another network.
-        for k in 0..8u8 {
-            if let Ok(newcomer) = pool.take_served(
-                v4([150 + round as u8, 18 + k, 0, 1], 1),
-                None,
-                max,
-                share,
-                false,
-            ) {
-                pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
-                strangers.push(newcomer);
-            }
-        }
-        for (n, t) in now.iter().enumerate() {
-            pool.advance(t.id, &t.place, Stage::Established);
-            if t.place.stage() == Stage::Established {
-                done += 1;
-                if n == 0 {
-                    first_done += 1;
-                }
-            }
-        }
-    }
-    (done, first_done)
 }
 
 /// R15-2 (MEDIUM, a shared NAT address). Charging a NAT address's spared
