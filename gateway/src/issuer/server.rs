@@ -250,16 +250,8 @@ pub async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let sources = Arc::new(Sources::default());
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "issuer accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = accept(&listener, &stop, "issuer").await else {
+            return;
         };
         let Some(source) = sources.take(peer.ip()) else {
             tracing::warn!(%peer, "issuer: this address's network holds {PER_SOURCE} connections; refused");
@@ -428,22 +420,36 @@ pub async fn bind_metrics(
         .map_err(|source| ServerError::Listen { addr, source })
 }
 
+/// The next connection on `listener`, or None once `stop` is cancelled.
+/// A failed accept (out of descriptors, mostly) is logged and tried
+/// again a moment later, rather than spun on.
+async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => return Some(x),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Serves `GET /metrics` in plain HTTP on `listener` (`metrics_listen`, a
 /// loopback address) until `stop`, with the issuer's limits: a few
 /// connections at once, each cut at `METRICS_DEADLINE`.
 pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     loop {
-        let (tcp, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "issuer metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = accept(&listener, &stop, "issuer metrics").await else {
+            return;
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "issuer metrics: all connection slots busy; refused");

@@ -85,6 +85,23 @@ fn token(key: &SigningKey, claims: &serde_json::Value) -> String {
     jsonwebtoken::encode(&header, claims, &key.key).unwrap()
 }
 
+/// Signs a fresh CSR for alice on the laptop, valid an hour, straight
+/// through the store (no issuer); its serial.
+fn sign_for_alice(store: &Store) -> String {
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    store
+        .sign_request(
+            "alice",
+            &csr(),
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+            None,
+        )
+        .unwrap()
+        .1
+        .serial
+}
+
 fn csr() -> String {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     // Names the CSR asks for are ignored: the issuer decides.
@@ -597,20 +614,7 @@ fn issuing_and_revoking_at_once_lose_neither_change() {
             permitted_dns: None,
         })
         .unwrap();
-    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
-    let sign = |store: &Store| {
-        store
-            .sign_request(
-                "alice",
-                &csr(),
-                &sans,
-                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-                None,
-            )
-            .unwrap()
-            .1
-            .serial
-    };
+    let sign = sign_for_alice;
     let first: Vec<String> = (0..12).map(|_| sign(&store)).collect();
     let (issued, ()) = std::thread::scope(|s| {
         let issuing = s.spawn(|| {
@@ -822,20 +826,7 @@ async fn a_client_without_a_certificate_cannot_read_the_metrics() {
 async fn re_signing_the_crl_drops_entries_expired_longer_than_the_retention() {
     let s = setup("");
     let store = Store::open(&s.ca_dir);
-    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
-    let sign = || {
-        store
-            .sign_request(
-                "alice",
-                &csr(),
-                &sans,
-                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-                None,
-            )
-            .unwrap()
-            .1
-            .serial
-    };
+    let sign = || sign_for_alice(&store);
     let (old_revoked, old, recent_revoked, live) = (sign(), sign(), sign(), sign());
     store.revoke(&old_revoked).unwrap();
     store.revoke(&recent_revoked).unwrap();
@@ -934,18 +925,7 @@ fn a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_h
             permitted_dns: None,
         })
         .unwrap();
-    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
-    let serial = store
-        .sign_request(
-            "alice",
-            &csr(),
-            &sans,
-            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
-            None,
-        )
-        .unwrap()
-        .1
-        .serial;
+    let serial = sign_for_alice(&store);
     // The store is the issuer's user's, as /var/lib/gateway-issuer/sso…
     let own = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
     own(dir.path());
