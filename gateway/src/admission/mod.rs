@@ -849,6 +849,17 @@ impl Admission {
                 .iter()
                 .map(|p| ([("listener", p.listener())], p.handshakes())),
         )?;
+        out.gauge(
+            "gateway_known_handshakes_in_flight",
+            "Of those, handshakes from known sources (a verified certificate within admission.known_for), per listener: spared displacement (spared=\"true\"), or waiting for a spare (spared=\"false\"; the known bounds are held).",
+            pools.iter().flat_map(|p| {
+                let (spared, waiting) = p.known_handshakes();
+                [
+                    ([("listener", p.listener()), ("spared", "true")], spared),
+                    ([("listener", p.listener()), ("spared", "false")], waiting),
+                ]
+            }),
+        )?;
         // A copy under the lock (every accept takes it), counted after.
         let (list, tracked, forgotten, displaced, known_admitted) = {
             let t = self.tables();

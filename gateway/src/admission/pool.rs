@@ -702,6 +702,13 @@ impl Pool {
         s.hello.len() + s.answered.len()
     }
 
+    /// Of those, the known ones: spared displacement, and waiting for a
+    /// spare (`Slots::spare`).
+    pub fn known_handshakes(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.spared, s.unspared.len())
+    }
+
     /// A slot for `client`, evicting the handshake furthest behind when
     /// the listener (or its handshake share) is full. A known client (a
     /// verified certificate lately from its exact address, `sources`:

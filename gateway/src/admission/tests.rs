@@ -680,6 +680,43 @@ fn a_known_client_is_admitted_past_a_networks_table_full_of_attackers() {
     );
 }
 
+/// Known handshakes show on `/metrics`, spared or waiting: what an
+/// operator under a flood reads to see whether clients served before
+/// still have their places.
+#[test]
+fn known_handshakes_are_counted_spared_and_waiting() {
+    let s = AdmissionSettings {
+        source_handshakes_in_flight: 16,
+        ..settings()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let known = client("192.0.2.7", 1);
+    let t = admitted(admission.admit(&pool, 1000, 1000, known, None));
+    t.established();
+    t.served("spiffe://example.internal/client");
+    drop(t);
+    // Six at once from the known address: its 4 spared, 2 waiting.
+    let held: Vec<Ticket> = (0..6)
+        .map(|i| admitted(admission.admit(&pool, 1000, 1000, client("192.0.2.7", 10 + i), None)))
+        .collect();
+    let text = admission_metrics(&admission);
+    assert!(
+        text.contains("gateway_known_handshakes_in_flight{listener=\"edge\",spared=\"true\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway_known_handshakes_in_flight{listener=\"edge\",spared=\"false\"} 2"),
+        "{text}"
+    );
+    drop(held);
+    let text = admission_metrics(&admission);
+    assert!(
+        text.contains("gateway_known_handshakes_in_flight{listener=\"edge\",spared=\"true\"} 0"),
+        "{text}"
+    );
+}
+
 /// A handshake evicted when already below the minimum rate (its cut for
 /// slowness was due, its watch late: under load the very ones eviction
 /// picks) is struck as that cut would have struck it; one evicted while
