@@ -356,3 +356,73 @@ fn r18_2(exempt: bool) -> (usize, usize) {
     );
     (done, refused)
 }
+
+/// R18-4 (LOW at the defaults: one certificate that verified last from a
+/// NAT address, then from 256 addresses of the NAT's /16 and its
+/// quota's rest elsewhere; cheaper where `known_per_identity` is set
+/// lower; and a legitimate misfire for an identity a fleet shares). When
+/// an identity at its quota (`known_per_identity`) verifies from a new
+/// address, it gives up the least recently verified entry of its
+/// largest network (`Sources::displace`), by `unslot`: the whole slot of
+/// that address goes, the co-users' proofs with it (`Slot::others`), and
+/// an IPv4 entry with no other slot is forgotten. Where the identity was
+/// the last to verify from a NAT address, every other user behind it is
+/// known no more there: not spared, no known lane, refused under a
+/// flood as strangers (R18-2's measure). A reload that refuses the last
+/// verifier's proof falls back on its newest co-user's (review 11,
+/// R11-2: "revoking one co-user does not forget the address for
+/// everyone behind it"); the quota does not. Measured with a quota of 8
+/// (2 per network): after the attacker's 8 more verifications (one more
+/// address in the NAT's /16, 6 in other networks, then a 7th), the two
+/// users' NAT address has no identities (`identities_here`: None), and
+/// their next handshake there is a stranger's, not spared. Control: the
+/// same verifications without the last one (below the quota): the NAT
+/// address keeps its three identities and the handshake is spared.
+#[test]
+fn r18_4_an_identitys_quota_forgets_a_nat_addresss_co_users() {
+    let (ids, spared) = r18_4(true);
+    assert_eq!(ids, None, "HARM: the NAT address is known no more");
+    assert!(!spared, "HARM: its users' handshake is a stranger's");
+    let (ids, spared) = r18_4(false);
+    assert_eq!(ids, Some(3), "control: the two users and the attacker");
+    assert!(spared, "control: spared");
+}
+
+fn r18_4(at_quota: bool) -> (Option<usize>, bool) {
+    let mut s = unlimited(Vec::new());
+    s.known_per_identity = 8;
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let serve = |c: SocketAddr, who: &str| {
+        let t = admit_at(&admission, &pool, 256, 64, c).unwrap();
+        assert!(t.established());
+        assert!(t.served(who));
+    };
+    let nat = [10, 1, 9, 5];
+    serve(v4(nat, 10), VICTIM);
+    serve(v4(nat, 11), VICTIM_TOO);
+    // The attacker, once behind the same NAT: the last to verify there.
+    serve(v4(nat, 12), ATTACKER);
+    // One more address of its own in the /16 (its network's part, 2),
+    // then one in each of 6 other networks: the NAT's, its own in the /16
+    // and 6 more are 8, its quota.
+    serve(v4([10, 1, 30, 5], 1), ATTACKER);
+    for n in 0..6u8 {
+        serve(v4([20 + n, 0, 0, 1], 1), ATTACKER);
+    }
+    if at_quota {
+        // At its quota, a new address from a network holding none of its
+        // entries: its largest network (the NAT's, 2) gives up its least
+        // recently verified entry, the NAT address.
+        serve(v4([30, 0, 0, 1], 1), ATTACKER);
+    }
+    let ids = admission
+        .tables()
+        .sources
+        .identities_here("edge", IpAddr::from(nat), &s, Instant::now())
+        .map(|ids| ids.len());
+    let t = admit_at(&admission, &pool, 256, 64, v4(nat, 20)).unwrap();
+    let spared = t.place.spared();
+    println!("at quota {at_quota}: NAT identities {ids:?}, its next handshake spared {spared}");
+    (ids, spared)
+}
