@@ -123,7 +123,11 @@ enum Held {
 /// another /16: the NAT keeps its 4, 80 of 80. One certificate on a
 /// carrier's CGNAT verifies from every address the carrier rotates it
 /// through, and each of those (each shared with the carrier's other
-/// customers) is unspared by the same 4 handshakes.
+/// customers) is unspared by the same 4 handshakes. The 4 handshakes at
+/// the other address need not even be the attacker's: the pool cannot
+/// tell them from its co-user's there, so that user's own busy traffic
+/// does it (the variant `SameNetworkCoUser` measures exactly that), and
+/// the certificate's cost is one verification at each NAT address.
 #[test]
 fn r18_1_four_shared_handshakes_in_the_16_unspare_a_nat_the_certificate_once_used() {
     let (max, share) = (10_000, 2500);
