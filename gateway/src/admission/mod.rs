@@ -1204,6 +1204,8 @@ mod review16;
 #[cfg(test)]
 mod review17;
 #[cfg(test)]
+mod review18;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod testing;
