@@ -1,0 +1,249 @@
+//! Attacks of the second review of single sign-on issuance (reviews2, see
+//! /work/helpers/s6/reviews2/findings.md). Each test asserts the HARM the
+//! reviewed code allows (it passes on that code), with a control showing
+//! the same steps without the attacker's part succeed; a fix turns it round.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const NOBODY: u32 = 65534;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether someone holds the store's directory lock (flock on the directory).
+fn lock_held(dir: &Path) -> bool {
+    let d = std::fs::File::open(dir).unwrap();
+    match d.try_lock() {
+        Ok(()) => false,
+        Err(std::fs::TryLockError::WouldBlock) => true,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// S2-1: the store's lock is an flock on the directory, and `gateway pki
+/// init` makes the directory 0755 (umask 022, as docs/sso.md's "Setting it
+/// up" runs it): any local user who may open the directory may take the
+/// lock, for as long as they like (`flock sso sleep infinity`). The
+/// issuer's `lock()` waits without bound: its CRL re-signing hangs with
+/// nothing logged or counted (docs/sso.md says "the lock held" is a
+/// failure, logged, counted and retried), and every sign-in hangs inside
+/// the issuer's async handler (a tokio worker blocked in flock or on the
+/// store's std Mutex: two of them freeze a 2-core issuer's runtime).
+/// Control: with no one holding it, both return at once.
+#[test]
+fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_uncounted() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as another local user");
+        return;
+    }
+    let s = setup("");
+    // The store's parent readable as /etc/gateway is; the store as `pki
+    // init` made it.
+    let parent = s.ca_dir.parent().unwrap();
+    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mode = std::fs::metadata(&s.ca_dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "pki init's directory: others may open it");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // Control: nobody holds it; a check and a sign-in are immediate.
+    let t = Instant::now();
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+    rt.block_on(
+        s.issuer
+            .issue(Some(&device(LAPTOP)), request(s.token(|_| {}))),
+    )
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+
+    // The CRL is due (5 days left of 7), as a day later.
+    Store::open(&s.ca_dir)
+        .publish_crl(time::Duration::days(5))
+        .unwrap();
+    let token = s.token(|_| {});
+
+    // An unprivileged local user takes the lock, for 4 s here.
+    let mut holder = std::process::Command::new("flock")
+        .arg(&s.ca_dir)
+        .args(["sleep", "4"])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !lock_held(&s.ca_dir) {
+        assert!(t.elapsed() < Duration::from_secs(3), "flock never held it");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let resign = scope.spawn(|| s.issuer.maintain_crl());
+        let sign = scope.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(s.issuer.issue(Some(&device(LAPTOP)), request(token)))
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        // HARM: both still waiting, and the wait is neither a failure nor
+        // counted nor logged (no `crl_publish_failed`).
+        assert!(!resign.is_finished(), "re-signing did not wait");
+        assert!(!sign.is_finished(), "the sign-in did not wait");
+        let c = s.issuer.counters();
+        assert_eq!(c.crl_publish_failures, 0, "the held lock is not a failure");
+        assert_eq!(c.crl_published, 0);
+        assert!(holder.wait().unwrap().success());
+        // They finish only when the local user lets go.
+        assert!(matches!(
+            resign.join().unwrap(),
+            Ok(CrlRefresh::Published { .. })
+        ));
+        sign.join().unwrap().unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(2));
+    });
+}
+
+/// The issuer's user's half of S2-2: a sign-in in the store `GATEWAY_TEST_STORE`
+/// (what `Issuer::issue` does last).
+#[test]
+#[ignore = "run by another test, as another user"]
+fn as_the_issuers_user_sign_in_the_store() {
+    let Ok(dir) = std::env::var("GATEWAY_TEST_STORE") else {
+        return;
+    };
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    Store::open(Path::new(&dir))
+        .sign_request(
+            "alice",
+            &csr(),
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+            None,
+        )
+        .unwrap();
+}
+
+/// Runs a helper test of this binary, as `uid` (None: this process's),
+/// with `umask`; its output and whether it passed.
+fn helper(name: &str, store: &Path, serial: &str, uid: Option<u32>, umask: u32) -> (bool, String) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", name, "--ignored", "--nocapture"])
+        .env("GATEWAY_TEST_STORE", store)
+        .env("GATEWAY_TEST_SERIAL", serial);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    // SAFETY: umask is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(umask as libc::mode_t);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success() && said.contains("1 passed"), said)
+}
+
+/// S2-2: docs/sso.md says `gateway pki revoke` beside the issuer "works
+/// whoever runs the command, root included, as long as the issuer's user
+/// may read the directory". But the store writes each file with the
+/// caller's umask: root with a hardened umask (027, as CIS benchmarks ask,
+/// and sudo keeps it) rewrites index.json as root's 0640 (and crl.pem too),
+/// and the issuer's user can no longer read the index: every sign-in and
+/// every CRL re-signing fails from then on (until someone chmods it), and
+/// a gateway reading crl.pem as its own user cannot load the CRL that
+/// carries the revocation. Control: the same revoke under umask 022 leaves
+/// the issuer's user signing.
+#[test]
+fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_cannot_read() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as two users");
+        return;
+    }
+    let run = |umask: u32| {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("sso");
+        let store = Store::open(&ca);
+        store
+            .init(&InitSpec {
+                name: "SSO",
+                key_type: KeyType::P256,
+                permitted_dns: None,
+            })
+            .unwrap();
+        let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+        let serial = store
+            .sign_request(
+                "alice",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                None,
+            )
+            .unwrap()
+            .1
+            .serial;
+        // The store is the issuer's user's, as /var/lib/gateway-issuer/sso.
+        let own = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+        own(dir.path());
+        own(&ca);
+        for f in std::fs::read_dir(&ca).unwrap() {
+            own(&f.unwrap().path());
+        }
+        // Root revokes (`sudo gateway pki revoke --dir … SERIAL`).
+        let (ok, said) = helper(
+            "issuer::tests::as_another_user_revoke_in_the_store",
+            &ca,
+            &serial,
+            None,
+            umask,
+        );
+        assert!(ok, "root's revoke: {said}");
+        let meta = std::fs::metadata(ca.join("index.json")).unwrap();
+        let crl = std::fs::metadata(ca.join("crl.pem")).unwrap();
+        // The issuer's user signs the next user in.
+        let (signed, said) = helper(
+            "issuer::tests::attack2::as_the_issuers_user_sign_in_the_store",
+            &ca,
+            "",
+            Some(NOBODY),
+            0o077,
+        );
+        (
+            signed,
+            said,
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            meta.permissions().mode() & 0o777,
+            crl.permissions().mode() & 0o777,
+        )
+    };
+    // Control: root's umask 022.
+    let (signed, said, owner, mode, _) = run(0o022);
+    assert!(signed, "control: the issuer's user signs: {said}");
+    assert_eq!((owner, mode), (0, 0o644));
+    // HARM: root's umask 027.
+    let (signed, said, owner, mode, crl_mode) = run(0o027);
+    assert_eq!((owner, mode, crl_mode), (0, 0o640, 0o640));
+    assert!(!signed, "the issuer's user still signed: {said}");
+    assert!(
+        said.contains("index.json") && said.contains("Permission denied"),
+        "{said}"
+    );
+}
