@@ -247,3 +247,61 @@ fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_can
         "{said}"
     );
 }
+
+/// The subjectPublicKeyInfo (DER) of the first certificate or CSR in `pem`
+/// whose PEM line starts a line (as x509-parser reads PEM).
+fn spki_of(pem: &str) -> Vec<u8> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    if p.label.ends_with("CERTIFICATE REQUEST") {
+        let (_, csr) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&p.contents)
+                .unwrap();
+        csr.certification_request_info.subject_pki.raw.to_vec()
+    } else {
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&p.contents).unwrap();
+        cert.tbs_certificate.subject_pki.raw.to_vec()
+    }
+}
+
+/// S2-3: the CSR key policy (`csr_key`) reads the first PEM block whose
+/// `-----BEGIN` starts a line (x509-parser), but the signer (rcgen's
+/// `from_pem`, the `pem` crate) takes the first `-----BEGIN ` anywhere,
+/// mid-line too. A `csr` of `x` + CSR A, then CSR B: the policy checks B,
+/// the certificate is for A's key, and the issuance log's `key` names B's.
+/// What still refuses a weak A (RSA-1024, P-521) is only rcgen's own
+/// self-signature check (x509-parser's verify with aws-lc-rs: RSA
+/// 2048-8192, P-256/P-384, Ed25519; SHA-1 RSA from 1024 bits, which rcgen
+/// then does not take), answered 400 `csr`, not the policy's `csr_key`.
+/// Control: A alone is checked by the policy (`csr_key` for RSA-1024).
+#[tokio::test]
+async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() {
+    let s = setup("[limits]\nper_user = { burst = 20, per_hour = 20 }");
+    let ask = |i: usize, csr: String| {
+        let laptop = device(&format!("spiffe://example.internal/device/key-{i}"));
+        let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+        let req = CertificateRequest {
+            id_token: token(&s.key, &claims(&nonce)),
+            csr,
+            lifetime: None,
+        };
+        let issuer = &s.issuer;
+        async move { issuer.issue(Some(&laptop), req).await }
+    };
+    // A: RSA-2048 (allowed, but not what the policy looked at).
+    let a = super::csr_for(&rcgen::PKCS_RSA_SHA256);
+    let b = csr();
+    let answer = ask(0, format!("x{a}{b}")).await.unwrap();
+    assert_eq!(spki_of(&answer.certificate), spki_of(&a), "signed: A's key");
+    assert_ne!(
+        spki_of(&answer.certificate),
+        spki_of(&b),
+        "checked: B's key"
+    );
+    // A weak A: the policy passes it (it sees B); rcgen's check refuses.
+    let weak = super::openssl_csr(&["-newkey", "rsa:1024"]);
+    let e = ask(1, weak.clone()).await.unwrap_err();
+    assert_eq!(e.reason(), "csr_key", "control: alone, the policy: {e}");
+    let e = ask(2, format!("x{weak}{}", csr())).await.unwrap_err();
+    assert_eq!(e.reason(), "csr", "smuggled, past the policy: {e}");
+}
