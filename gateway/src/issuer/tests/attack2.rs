@@ -305,3 +305,116 @@ async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() 
     let e = ask(2, format!("x{weak}{}", csr())).await.unwrap_err();
     assert_eq!(e.reason(), "csr", "smuggled, past the policy: {e}");
 }
+
+/// One scrape of `GET /metrics` at `addr`: the answer, or what it got.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return "connect failed".into();
+    };
+    let _ = tcp
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// S2-4: `metrics_listen` serves 8 connections at once, each kept up to
+/// `HANDSHAKE_TIMEOUT` (5 s) silent and `METRICS_DEADLINE` (10 s) in all,
+/// with no per-peer share: any local user on the issuer's host opens 8
+/// silent connections (again as each is cut) and every scrape is closed
+/// unanswered. The counters docs/sso.md says to alert on
+/// (`gateway_issuer_crl_publish_failures_total`, "six days remain before
+/// users are refused") go dark, with S2-1's uncounted hang behind them.
+/// Control: without the 8, the scrape is answered.
+#[tokio::test]
+async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswered() {
+    let s = setup("");
+    let issuer = Arc::new(s.issuer);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(server::serve_metrics(
+        listener,
+        issuer.clone(),
+        stop.clone(),
+    ));
+    // Control.
+    assert!(scrape(addr).await.starts_with("HTTP/1.1 200"));
+    // HARM: 8 silent connections, and the scraper is turned away.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        let answer = scrape(addr).await;
+        assert!(!answer.contains("gateway_issuer_"), "scraped: {answer}");
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        scrape(addr).await.starts_with("HTTP/1.1 200"),
+        "control after"
+    );
+    stop.cancel();
+}
+
+/// S2-5: `gateway pki revoke` writes the revocation into index.json, then
+/// signs the CRL; when the signing fails (here the intermediate key is
+/// unreadable for a moment; a full disk, a crash, S2-2's files do the
+/// same) the command errs but the index says revoked. The issuer's
+/// minute check looks only at the CRL's nextUpdate: the CRL is "fresh",
+/// nothing is re-signed, and the certificate the index calls revoked
+/// passes routes until the CRL is due (up to a day with the defaults, up
+/// to `crl_next_update - crl_republish_before`). A second `revoke` of the
+/// same serial would publish, if the operator knew to. Control: a revoke
+/// that signs lists the serial at once.
+#[tokio::test]
+async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_fresh() {
+    let s = setup("");
+    let operator = Store::open(&s.ca_dir);
+    let sign = || {
+        let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+        operator
+            .sign_request(
+                "alice",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(8),
+                None,
+            )
+            .unwrap()
+            .1
+            .serial
+    };
+    // Control.
+    let first = sign();
+    operator.revoke(&first).unwrap();
+    assert!(super::sso_crl(&s.ca_dir, &first).3);
+    // The CRL's signing fails after the index was written.
+    let second = sign();
+    let key = s.ca_dir.join("intermediate.key");
+    let away = s.ca_dir.join("intermediate.key.away");
+    std::fs::rename(&key, &away).unwrap();
+    assert!(operator.revoke(&second).is_err());
+    std::fs::rename(&away, &key).unwrap();
+    let entry = operator
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == second)
+        .unwrap();
+    assert!(entry.revoked_at.is_some(), "the index says revoked");
+    // HARM: the issuer's check leaves it out.
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+    assert!(
+        !super::sso_crl(&s.ca_dir, &second).3,
+        "the revoked serial is not on the CRL routes read"
+    );
+}
