@@ -418,3 +418,83 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
         "the revoked serial is not on the CRL routes read"
     );
 }
+
+/// S2-7: `gateway pki revoke SERIAL_OR_CERT` takes its argument as a
+/// certificate file whenever a file of that name exists in the operator's
+/// working directory. The holder of the certificate being revoked, a local
+/// user who knows its serial (it is theirs), plants a file named as that
+/// serial in a directory others can write (/tmp, a shared work directory)
+/// holding another certificate of the same CA (their own older one, or
+/// another user's); the operator's `cd /tmp; gateway pki revoke --dir sso
+/// SERIAL` then revokes that one instead and prints "revoked
+/// alice@example.internal (serial …)": the certificate meant stays valid.
+/// (With root.key still beside the store, a planted `intermediate.pem`
+/// revokes the SSO intermediate and with it every user.) Control: the
+/// same command in a directory with no such file revokes the serial.
+#[test]
+fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = Store::open(&ca);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    let sign = || {
+        store
+            .sign_request(
+                "alice@example.internal",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(8),
+                None,
+            )
+            .unwrap()
+    };
+    let revoked = |serial: &str| {
+        store
+            .index()
+            .unwrap()
+            .issued
+            .into_iter()
+            .any(|e| e.serial == serial && e.revoked_at.is_some())
+    };
+    let run_in = |cwd: &Path, serial: &str| {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "issuer::tests::as_another_user_revoke_in_the_store",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("GATEWAY_TEST_STORE", &ca)
+            .env("GATEWAY_TEST_SERIAL", serial)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    // Control: in a clean directory, the serial is revoked.
+    let (_, first) = sign();
+    let clean = tempfile::tempdir().unwrap();
+    run_in(clean.path(), &first.serial);
+    assert!(revoked(&first.serial));
+    assert!(super::sso_crl(&ca, &first.serial).3);
+
+    // HARM: the attacker's certificate (to be revoked) and a decoy.
+    let (_, target) = sign();
+    let (decoy_pem, decoy) = sign();
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join(&target.serial), &decoy_pem).unwrap();
+    run_in(shared.path(), &target.serial);
+    assert!(!revoked(&target.serial), "the serial typed was not revoked");
+    assert!(
+        !super::sso_crl(&ca, &target.serial).3,
+        "and is not on the CRL"
+    );
+    assert!(revoked(&decoy.serial), "the planted certificate was");
+}
