@@ -498,3 +498,139 @@ fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_ce
     );
     assert!(revoked(&decoy.serial), "the planted certificate was");
 }
+
+/// An issuer serving on loopback with `device_trust_ca` (relative to its
+/// directory) as its device CA; its SSO CA in `sso`, its TLS certificate
+/// `tls/localhost.pem`. Returns the port and what stops it.
+async fn serve_with_device_ca(
+    dir: &Path,
+    device_trust_ca: &str,
+) -> (u16, tokio_util::sync::CancellationToken) {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+cert = "tls/localhost.pem"
+key = "tls/localhost.key"
+ca_dir = "sso"
+device_trust = {{ ca = "{device_trust_ca}" }}
+device_san_prefix = "spiffe://example.internal/device/"
+[oidc]
+issuer = "{ISS}"
+client_id = "gateway"
+[profile]
+email_domains = ["example.internal"]
+"#
+    );
+    let config = IssuerConfig::parse(&text, Path::new("issuer.toml"), dir).unwrap();
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        server::acceptor(&config).unwrap(),
+    ));
+    let issuer = Arc::new(Issuer::new(config, Box::new(TestKeys::default())).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server::serve(listener, acceptor, issuer, stop.clone()));
+    (port, stop)
+}
+
+/// S2-8: docs/sso.md: "the SSO CA is never the issuer's device trust, so
+/// an issued certificate cannot be used to obtain another". Nothing
+/// enforces it: `device_trust.ca` may name the SSO CA's own `ca.pem` (an
+/// operator keeping one CA for devices and users), the config loads, and
+/// a user certificate the issuer signed (clientAuth, carrying the device
+/// URI) is then a device certificate: its holder asks for nonces and, with
+/// a token, new user certificates, from any machine, without the device's
+/// key, past the device's revocation in its own CA, for as long as they
+/// keep renewing. Control: with a separate device CA, the user
+/// certificate is refused at the handshake.
+#[tokio::test]
+async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let sso = Store::open(&dir.path().join("sso"));
+    sso.init(&InitSpec {
+        name: "SSO",
+        key_type: KeyType::P256,
+        permitted_dns: None,
+    })
+    .unwrap();
+    let devices = Store::open(&dir.path().join("devices"));
+    devices
+        .init(&InitSpec {
+            name: "Devices",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let tls = Store::open(&dir.path().join("tls"));
+    tls.init(&InitSpec {
+        name: "TLS",
+        key_type: KeyType::P256,
+        permitted_dns: None,
+    })
+    .unwrap();
+    tls.issue(
+        crate::pki::store::Kind::Server,
+        "localhost",
+        &["dns:localhost".into()],
+        None,
+        KeyType::P256,
+    )
+    .unwrap();
+    // A user certificate as the issuer signs it, with its key.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let user_csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let sans = vec![
+        "email:alice@example.internal".to_owned(),
+        "spiffe://example.internal/device/laptop-7".to_owned(),
+    ];
+    let (chain, _) = sso
+        .sign_request(
+            "alice@example.internal",
+            &user_csr,
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(8),
+            None,
+        )
+        .unwrap();
+    let (user_pem, user_key) = (dir.path().join("user.pem"), dir.path().join("user.key"));
+    std::fs::write(&user_pem, chain).unwrap();
+    std::fs::write(&user_key, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(&user_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let client = http::client_config(
+        Some(&dir.path().join("tls/ca.pem")),
+        Some((&user_pem, &user_key)),
+    )
+    .unwrap();
+    let nonce = |port: u16| {
+        let client = client.clone();
+        async move {
+            http::request(
+                &client,
+                hyper::Method::POST,
+                &format!("https://localhost:{port}/v1/nonce"),
+                None,
+                Vec::new(),
+            )
+            .await
+            .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+        }
+    };
+    // Control: a separate device CA refuses the user certificate.
+    let (port, stop) = serve_with_device_ca(dir.path(), "devices/ca.pem").await;
+    assert!(
+        nonce(port).await.is_err(),
+        "control: refused at the handshake"
+    );
+    stop.cancel();
+    // HARM: the SSO CA as device trust loads, and the user certificate
+    // gets a nonce as the device.
+    let (port, stop) = serve_with_device_ca(dir.path(), "sso/ca.pem").await;
+    let (status, body) = nonce(port).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"nonce\""), "{body}");
+    stop.cancel();
+}
