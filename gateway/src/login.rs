@@ -723,4 +723,43 @@ mod attack_tests {
         std::thread::sleep(std::time::Duration::from_millis(300));
         assert!(!seen.exists());
     }
+
+    /// S2-6 (reviews2, /work/helpers/s6/reviews2/findings.md; asserts the
+    /// harm): the loopback callback serves one connection at a time, each
+    /// for up to 10 s, in the order the kernel queued them. A local user
+    /// who finds the port (`ss -ltn`) and queues silent connections before
+    /// the browser's redirect arrives delays it 10 s per connection: 61 of
+    /// them keep it out past `code_flow`'s 600 s and the sign-in fails,
+    /// however quickly the user signed in (the 10 s bound stops one
+    /// connection, not a queue of them). Measured with one queued
+    /// connection (10 s, real time). Control: with none, at once.
+    #[tokio::test]
+    async fn s2_6_a_local_user_queues_silent_connections_and_delays_the_redirect_10s_each() {
+        use tokio::io::AsyncWriteExt as _;
+        let redirect = b"GET /callback?state=S&code=C HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+        let wait = |queued: usize| async move {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut held = Vec::new();
+            for _ in 0..queued {
+                held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            let mut browser = tokio::net::TcpStream::connect(addr).await.unwrap();
+            browser.write_all(redirect).await.unwrap();
+            let started = std::time::Instant::now();
+            let code = super::callback(&listener, "S").await.unwrap();
+            (code, started.elapsed(), held)
+        };
+        let (code, took, _) = wait(0).await;
+        assert_eq!(code, "C", "control");
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+        let (code, took, _held) = wait(1).await;
+        assert_eq!(code, "C");
+        assert!(
+            took >= std::time::Duration::from_millis(9_900),
+            "one queued silent connection delayed the redirect only {took:?}"
+        );
+    }
 }

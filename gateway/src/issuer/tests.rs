@@ -1085,3 +1085,7 @@ async fn the_issuer_re_signs_the_crl_before_it_goes_stale_keeping_every_revocati
 /// Findings of the attacker's review (reviews1): each test asserts the
 /// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;
+
+/// Findings of the second attacker review (reviews2): tests asserting the
+/// harm the reviewed code allows.
+mod attack2;
