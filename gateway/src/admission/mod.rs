@@ -510,13 +510,18 @@ impl Admission {
         // A known source's identities, from its known slot (the pool
         // spares its handshakes as theirs): looked up with `known`, under
         // the same lock, so a known handshake always has them.
-        let mut identities = None;
-        if !exempt {
-            let mut t = self.tables();
-            // Known by its exact address: a host in a known client's
-            // IPv6 /64 that never verified is only admitted past a full
-            // networks table (`Sources::start`), nothing more.
-            identities = t.sources.identities_here(listener, source, &settings, now);
+        // Exempt sources too: exempt means never limited nor blocked, not
+        // never known, so an exempted NAT's clients served before keep
+        // their places (review 18, R18-2: never known, they were
+        // strangers' in the pool, 20 of 80 served and 57 refused in a
+        // flood). Known by its exact address: a host in a known client's
+        // IPv6 /64 that never verified is only admitted past a full
+        // networks table (`Sources::start`), nothing more.
+        let mut t = self.tables();
+        let identities = t.sources.identities_here(listener, source, &settings, now);
+        if exempt {
+            drop(t);
+        } else {
             let known = identities.is_some();
             // A prefix or network blocked for strikes (its failures, not
             // this source's) still admits a known source: four failing
@@ -548,6 +553,8 @@ impl Admission {
                     return self.refuse(listener, refusal, source, now);
                 }
             }
+            // The pool's lock is never taken under the tables'.
+            drop(t);
         }
         let socket = socket.and_then(|s| match s.as_fd().try_clone_to_owned() {
             Ok(fd) => Some(fd),
@@ -1046,7 +1053,8 @@ impl Ticket {
     /// sources since `judged` (review 10 R10-3: a handshake begun before
     /// a revoking reload must not make its client known again).
     pub fn known(&self, identity: &str, proof: Proof, judged: u64) {
-        if self.groups.is_none() || self.stage() != Stage::Established {
+        // Exempt sources too (no groups): see `admit`.
+        if self.stage() != Stage::Established {
             return;
         }
         let settings = self.admission.settings.load();

@@ -95,34 +95,24 @@ const KNOWN_SPARED_PER_IDENTITY_SOURCE: u32 = KNOWN_SPARED_PER_SOURCE;
 const KNOWN_SPARED_PER_ADDRESS: u32 = KNOWN_SPARED_PER_SOURCE;
 const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
 
-/// Spared handshakes at shared addresses (a NAT address several
-/// identities verified from within `known_for`) per network (/16, /48),
-/// apart from the network's and the /24's (/64's) places at addresses of
-/// one identity: one certificate verified from a few NAT addresses of a
-/// /16 held the /16's 16 (review 14, R14-3), two certificates verified
-/// from the same addresses held it with their own (review 16, R16-2), and
-/// one certificate with a co-user at a NAT address of a client's /24 held
-/// the /24's 8 (review 17, R17-1): a known client at its own address keeps
-/// its /24's and its network's places whatever happens at NATs.
-const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
-
-/// What each identity present at a shared address is charged per network
-/// for that address's spared handshakes: every one of them is charged,
-/// as any handshake there may be any one's. Charged to none (with a cap
-/// across the share), two certificates verified from the same addresses
-/// took every NAT's shared places (review 16, R16-1); charged to the one
-/// with the most room, one certificate at NAT addresses spent its
-/// co-users' room and held a network's shared places and, from enough
-/// networks, the whole spared half (review 17, R17-2, R17-3). Charged to
-/// all, an identity holds 4 per network at shared addresses, and share/8
-/// in all with its own places, wherever it verified. The price, failing
-/// closed: a NAT address where a certificate holder verified is spared
-/// nothing while that identity has spent its room (review 15, R15-1);
-/// its handshakes there cannot be told from its co-users'. Shared places
-/// have room apart from an identity's own in a network, so a co-user at a
-/// NAT does not spend a client's places at its own address (R15-2).
-const KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK: u32 = KNOWN_SPARED_PER_SOURCE;
-
+/// A shared address's spared handshakes (a NAT address several
+/// identities verified from within `known_for`) stand apart from the
+/// /24's (/64's) and the network's places at single-identity addresses,
+/// within the address's 4, and are charged to every identity present in
+/// all (its share/8, with its own places), as any handshake there may be
+/// any one's; they have no part of a network to share out. The rules it
+/// took: counted in the network's 16, one certificate at a few NAT
+/// addresses of a /16 held them (review 14, R14-3); charged to none,
+/// two certificates verified from the same addresses filled every
+/// network's (review 16, R16-1, R16-2); charged to the identity with the
+/// most room, one certificate at NAT addresses spent its co-users' room
+/// and held a client's /24, a /16's shared places and, from enough
+/// networks, the spared half (review 17); with a network's 8 and 4 per
+/// identity there, 4 handshakes at one NAT address unspared every other
+/// NAT address of the /16 where that identity had verified (review 18,
+/// R18-1). The price, failing closed: a NAT address where a certificate
+/// holder verified is spared nothing while that identity holds its
+/// share/8 spared places (review 15, R15-1).
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
 /// when none is, the newcomer does not evict.
@@ -163,10 +153,6 @@ struct Slots {
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
-    /// Spared at shared addresses, by network, and by identity and
-    /// network.
-    spared_shared: HashMap<IpAddr, u32>,
-    spared_shared_identity_networks: HashMap<(u64, IpAddr), u32>,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -218,8 +204,6 @@ impl Default for Slots {
             spared_identities: HashMap::new(),
             spared_identity_networks: HashMap::new(),
             spared_identity_sources: HashMap::new(),
-            spared_shared: HashMap::new(),
-            spared_shared_identity_networks: HashMap::new(),
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -273,8 +257,7 @@ impl Slots {
     /// Spares a known handshake if its address and the share have room,
     /// and: at a single-identity address, its source's and network's own
     /// places and its identity in all, in the network and in the source;
-    /// at a shared address, the network's shared places and every one of
-    /// its identities, in all and at shared addresses of the network. Says
+    /// at a shared address, every one of its identities in all. Says
     /// whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
@@ -314,24 +297,15 @@ impl Slots {
                 *self.spared_networks.entry(place.network).or_default() += 1;
             }
             many => {
-                let room = |i: &u64| {
-                    count(&self.spared_identities, i) < per_identity
-                        && count(&self.spared_shared_identity_networks, &(*i, place.network))
-                            < KNOWN_SPARED_SHARED_PER_IDENTITY_NETWORK
-                };
-                if count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
-                    || !many.iter().all(room)
+                if !many
+                    .iter()
+                    .all(|i| count(&self.spared_identities, i) < per_identity)
                 {
                     return false;
                 }
                 for i in many {
                     *self.spared_identities.entry(*i).or_default() += 1;
-                    *self
-                        .spared_shared_identity_networks
-                        .entry((*i, place.network))
-                        .or_default() += 1;
                 }
-                *self.spared_shared.entry(place.network).or_default() += 1;
             }
         }
         *self
@@ -372,12 +346,7 @@ impl Slots {
                 many => {
                     for i in many {
                         less(&mut self.spared_identities, i);
-                        less(
-                            &mut self.spared_shared_identity_networks,
-                            &(*i, place.network),
-                        );
                     }
-                    less(&mut self.spared_shared, &place.network);
                 }
             }
             self.spared -= 1;

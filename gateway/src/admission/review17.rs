@@ -118,10 +118,11 @@ fn r17_1(co_user: bool) -> (usize, (usize, usize)) {
 #[test]
 fn r17_2_one_certificate_at_two_cgnat_addresses_takes_the_16s_shared_places() {
     // Fixed: a shared place is charged to every identity present, the
-    // attacker's too: 4 per network at shared addresses, and the /16's
-    // other NATs keep theirs. Before: 8 held, the other NAT 0 of 80.
+    // attacker's too, within its share/8 in all (5 at this share of 40),
+    // and a NAT address's places are its own: the /16's other NATs keep
+    // theirs. Before: 8 held, the other NAT 0 of 80.
     let (held, nat) = r17_2(true);
-    assert_eq!(held, 4, "its identity's 4 at shared addresses of the /16");
+    assert_eq!(held, 5, "its identity's share/8");
     assert_eq!(nat, (80, 20), "every other NAT of the /16 keeps its 4");
     let (held, nat) = r17_2(false);
     assert_eq!(held, 4, "control: its identity's 4 in the /16");

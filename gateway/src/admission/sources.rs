@@ -560,6 +560,19 @@ struct Slot {
 /// exact addresses that verified (only they get the privileges a
 /// certificate earns beyond being admitted past full tables), and one
 /// count for the entry's other addresses.
+/// A co-user's proof at a slot: its identity, when it verified, what
+/// verified it.
+type CoUser = (u64, Instant, Arc<Proof>);
+
+/// Whether a co-user taking over a slot may make room in its identity's
+/// quota (a reload's judgement, once per slot) or must find it there (a
+/// quota's own displacement: no chain of them).
+#[derive(Clone, Copy)]
+enum Room {
+    Make,
+    AsItIs,
+}
+
 #[derive(Debug, Clone)]
 struct Known {
     slots: Vec<Slot>,
@@ -1413,6 +1426,29 @@ impl Sources {
     /// holding no more than the newcomer's is never flushed, so a holder
     /// cannot flush a network it is not in beyond an equal share). Running
     /// counts and one pass over its queue at most (review 10 R10-9).
+    /// Whether `identity` has room for an entry in `net` without making
+    /// any (`has_room` without forgetting or displacing).
+    fn room_as_it_is(
+        &self,
+        lid: u64,
+        identity: u64,
+        net: IpNet,
+        settings: &AdmissionSettings,
+    ) -> bool {
+        if settings.known_per_identity == 0 {
+            return true;
+        }
+        let part = (settings.max_known / 4).max(1);
+        let quota = settings.known_per_identity.min(part);
+        let per_net = (quota / 4).max(1);
+        let everywhere = self.across.get(&identity).copied().unwrap_or(0);
+        let (entries, here) = self
+            .holders
+            .get(&(lid, identity))
+            .map_or((0, 0), |h| (h.entries, h.in_net(&net)));
+        here < per_net && entries < quota && everywhere < part
+    }
+
     fn has_room(
         &mut self,
         lid: u64,
@@ -1453,7 +1489,7 @@ impl Sources {
                 continue;
             }
             if !self.forget_stale(lid, identity, settings, now) {
-                return self.displace(lid, identity, here);
+                return self.displace(lid, identity, here, settings, now);
             }
         }
     }
@@ -1482,7 +1518,7 @@ impl Sources {
             }
             h.order.pop_front();
             if last == Some(at) {
-                self.unslot(key, |s| s.identity == identity);
+                self.give_up(key, identity, settings, now);
                 return true;
             }
         }
@@ -1491,7 +1527,14 @@ impl Sources {
     /// At its quota, `identity` (with `here` entries in the newcomer's
     /// network) gives up the least recently verified entry of its largest
     /// network, if that holds at least two more than `here`.
-    fn displace(&mut self, lid: u64, identity: u64, here: u32) -> bool {
+    fn displace(
+        &mut self,
+        lid: u64,
+        identity: u64,
+        here: u32,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) -> bool {
         let known = &self.known;
         let Some(h) = self.holders.get_mut(&(lid, identity)) else {
             return true;
@@ -1517,8 +1560,40 @@ impl Sources {
                 break addr;
             }
         };
-        self.unslot((lid, victim), |s| s.identity == identity);
+        self.give_up((lid, victim), identity, settings, now);
         true
+    }
+
+    /// `identity` gives up its slots of entry `key` (its quota made room,
+    /// or they went stale): each falls back on its newest co-user's proof
+    /// when that is recent and its identity has room as things are (no
+    /// room made for it: no chain of displacements), else goes. Dropped
+    /// whole, a NAT address's slot took its other users' proofs with it:
+    /// one certificate at its quota, the last to verify there, made them
+    /// strangers (review 18, R18-4).
+    fn give_up(
+        &mut self,
+        key: KnownKey,
+        identity: u64,
+        settings: &AdmissionSettings,
+        now: Instant,
+    ) {
+        let slots: Vec<(IpAddr, Option<CoUser>)> =
+            self.known.get(&key).map_or_else(Vec::new, |k| {
+                k.slots
+                    .iter()
+                    .filter(|s| s.identity == identity)
+                    .map(|s| (s.addr, s.others.first().cloned()))
+                    .collect()
+            });
+        for (addr, next) in slots {
+            if let Some(next) = next
+                && self.takes_over(key, addr, identity, next, Room::AsItIs, settings, now)
+            {
+                continue;
+            }
+            self.unslot(key, |s| s.addr == addr && s.identity == identity);
+        }
     }
 
     /// Keeps of `identity`'s queue only the items that are its entries'
@@ -1663,7 +1738,7 @@ impl Sources {
                 continue;
             };
             if let Some((id, then, p)) = next
-                && self.takes_over(*key, *addr, was, (id, then, p), settings, now)
+                && self.takes_over(*key, *addr, was, (id, then, p), Room::Make, settings, now)
             {
                 continue;
             }
@@ -1684,12 +1759,14 @@ impl Sources {
     /// Slot `addr` of entry `key`, whose proof (of identity `was`) a
     /// reload refused, is held by its newest co-user's (`next`) instead:
     /// only within `known_for` and the co-user identity's quota.
+    #[allow(clippy::too_many_arguments)]
     fn takes_over(
         &mut self,
         key: KnownKey,
         addr: IpAddr,
         was: u64,
         next: (u64, Instant, Arc<Proof>),
+        room: Room,
         settings: &AdmissionSettings,
         now: Instant,
     ) -> bool {
@@ -1700,7 +1777,11 @@ impl Sources {
         let Some((net, present)) = self.known.get(&key).map(|k| (k.net, k.holds(id))) else {
             return false;
         };
-        if !present && !self.has_room(key.0, id, net, settings, now) {
+        let fits = match room {
+            Room::Make => self.has_room(key.0, id, net, settings, now),
+            Room::AsItIs => self.room_as_it_is(key.0, id, net, settings),
+        };
+        if !present && !fits {
             return false;
         }
         // `has_room` may have forgotten stale slots: looked up again.
@@ -1712,9 +1793,15 @@ impl Sources {
             return false;
         };
         s.others.retain(|(o, _, _)| *o != id);
+        let before = (s.identity, s.at, std::mem::replace(&mut s.proof, proof));
         s.identity = id;
         s.at = at;
-        s.proof = proof;
+        if let Room::AsItIs = room {
+            // Given up for its quota, not refused: it still verified from
+            // here, a co-user the pool charges for the address's places.
+            s.others.insert(0, before);
+            s.others.truncate(CO_USERS);
+        }
         self.moved(key, was, net);
         let h = self.holders.entry((key.0, id)).or_default();
         if !present {
