@@ -7,6 +7,12 @@
 //! generates the key here (0600, it never leaves the machine), sends only a
 //! CSR with the ID token, and writes the certificate where TLS tools find
 //! it: `user.pem` (leaf + intermediate), `user.key`, `ca.pem`.
+//!
+//! When the issuer's profile allows renewal without the user (`refresh`),
+//! the sign-in also asks for a refresh token (`offline_access`), kept in
+//! `refresh_token` (0600) beside the key, and `--renew` trades it at the
+//! provider for a fresh ID token, with no browser (docs/sso.md, "Renewal
+//! without the user").
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -15,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::Method;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::issuer::http::{self, HttpError};
 use crate::issuer::{CertificateRequest, CertificateResponse};
@@ -24,8 +30,11 @@ use crate::issuer::{CertificateRequest, CertificateResponse};
 pub enum LoginError {
     #[error("{0}")]
     Http(#[from] HttpError),
-    #[error("the issuer refused: {0}")]
-    Refused(String),
+    #[error("the issuer refused: {status}: {message}")]
+    Refused {
+        status: hyper::StatusCode,
+        message: String,
+    },
     #[error("the provider: {0}")]
     Provider(String),
     #[error("{path}: {source}")]
@@ -35,6 +44,10 @@ pub enum LoginError {
     },
     #[error("key: {0}")]
     Key(String),
+    #[error(
+        "renewal refused: {0}; the refresh token is removed: sign in again with `gateway login`"
+    )]
+    Renewal(String),
 }
 
 pub struct LoginArgs {
@@ -157,6 +170,8 @@ fn open_browser(url: &str, pages: &BrowserPages) {
 #[derive(Debug)]
 pub enum Outcome {
     Issued(CertificateResponse),
+    /// `--renew` with the refresh token: issued with no one signing in.
+    Renewed(CertificateResponse),
     /// `--renew` and the certificate lasts longer than asked: its notAfter.
     StillValid(i64),
 }
@@ -173,6 +188,9 @@ struct IssuerInfo {
     /// session is older (the issuer refuses such tokens anyway).
     #[serde(default)]
     max_age: Option<u64>,
+    /// The profile renews with refresh tokens: the sign-in asks for one.
+    #[serde(default)]
+    refresh: bool,
 }
 
 /// The device URI in the device certificate (what the issuer will bind the
@@ -217,6 +235,8 @@ struct DeviceAuthorization {
 struct TokenAnswer {
     #[serde(default)]
     id_token: Option<String>,
+    #[serde(default)]
+    refresh_token: Option<String>,
     #[serde(default)]
     error: Option<String>,
     #[serde(default)]
@@ -285,9 +305,86 @@ async fn issuer_call<T: serde::de::DeserializeOwned>(
         let why = serde_json::from_slice::<IssuerError>(&answer)
             .map(|e| e.message)
             .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
-        return Err(LoginError::Refused(format!("{status}: {why}")));
+        return Err(LoginError::Refused {
+            status,
+            message: why,
+        });
     }
     http::json(url, status, &answer).map_err(LoginError::from)
+}
+
+/// The refresh token's file in `--out`, beside `user.key`.
+pub const REFRESH_TOKEN: &str = "refresh_token";
+
+/// What `refresh_token` holds: the token and whom it is for, so it is
+/// only ever sent to the provider and client that issued it (an issuer
+/// whose config now names another provider does not get it sent there).
+#[derive(Serialize, Deserialize)]
+struct StoredRefresh {
+    provider: String,
+    client_id: String,
+    refresh_token: String,
+}
+
+/// Stores a refresh token (a credential, like the key: 0600, written as
+/// `user.key` is, by rename through a fresh O_EXCL|O_NOFOLLOW file, so a
+/// rotated one replaces the old one whole or not at all).
+fn store_refresh(dir: &Path, info: &IssuerInfo, token: &str) -> Result<(), LoginError> {
+    let stored = StoredRefresh {
+        provider: info.issuer.clone(),
+        client_id: info.client_id.clone(),
+        refresh_token: token.to_owned(),
+    };
+    let text = serde_json::to_string(&stored).map_err(|e| LoginError::Key(e.to_string()))?;
+    write(dir, REFRESH_TOKEN, &text, true).map(|_| ())
+}
+
+/// Removes the refresh token (a refused renewal, or a sign-in that got
+/// none); none there is fine.
+fn remove_refresh(dir: &Path) -> Result<(), LoginError> {
+    let path = dir.join(REFRESH_TOKEN);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(LoginError::Io { path, source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The stored refresh token, if there is one: a regular file (not
+/// followed if a symlink), this user's, readable by no one else.
+fn read_refresh(dir: &Path) -> Result<Option<StoredRefresh>, LoginError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let path = dir.join(REFRESH_TOKEN);
+    let bad = |why: String| LoginError::Io {
+        path: path.clone(),
+        source: std::io::Error::other(why),
+    };
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() || meta.uid() != crate::safe_dir::euid() || meta.mode() & 0o077 != 0 {
+        return Err(bad(format!(
+            "not a private file of this user (mode {:o}, uid {}): remove it and sign in again",
+            meta.mode() & 0o7777,
+            meta.uid()
+        )));
+    }
+    let mut text = String::new();
+    f.take(64 << 10)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| bad(format!("unreadable: {e}")))
 }
 
 /// The whole flow. `say` shows the user where to sign in.
@@ -314,6 +411,23 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     )?;
     let info: IssuerInfo =
         issuer_call(&to_issuer, &format!("{base}/v1/config"), Method::GET, None).await?;
+    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
+    // Renewal without the user: only for `--renew` (a user who runs
+    // `gateway login` is there to sign in), only when the issuer renews
+    // that way, and only with a token from this provider and client.
+    if args.renew_within.is_some()
+        && info.refresh
+        && let Some(stored) = read_refresh(&args.out)?
+    {
+        if stored.provider == info.issuer && stored.client_id == info.client_id {
+            return renew(args, &to_issuer, &to_provider, base, &info, stored).await;
+        }
+        tracing::warn!(
+            provider = %stored.provider,
+            "the stored refresh token is for another provider or client than the issuer's; removed, signing in"
+        );
+        remove_refresh(&args.out)?;
+    }
     let nonce: Nonce = issuer_call(
         &to_issuer,
         &format!("{base}/v1/nonce"),
@@ -321,7 +435,6 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         Some("{}".into()),
     )
     .await?;
-    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
     let discovery = http::discover(&to_provider, &info.issuer).await?;
     let pages = BrowserPages::default();
     let say_and_open = |msg: &str, url: &str| {
@@ -330,7 +443,7 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
             open_browser(url, &pages);
         }
     };
-    let id_token = if args.device_flow {
+    let tokens = if args.device_flow {
         let device = device_name(&args.device_cert, &info.device_san_prefix);
         device_grant(
             &to_provider,
@@ -345,6 +458,30 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         code_flow(&to_provider, &discovery, &info, &nonce.nonce, &say_and_open).await?
     };
     drop(pages);
+    let answer = certificate(
+        args,
+        &to_issuer,
+        &format!("{base}/v1/certificate"),
+        tokens.id_token,
+    )
+    .await?;
+    // A refresh token from an earlier sign-in continues that one; this
+    // sign-in's (or none) replaces it.
+    match tokens.refresh_token {
+        Some(t) if info.refresh => store_refresh(&args.out, &info, &t)?,
+        _ => remove_refresh(&args.out)?,
+    }
+    Ok(Outcome::Issued(answer))
+}
+
+/// A key made here, its CSR and `id_token` to the issuer's `url`; the
+/// files written.
+async fn certificate(
+    args: &LoginArgs,
+    to_issuer: &Arc<rustls::ClientConfig>,
+    url: &str,
+    id_token: String,
+) -> Result<CertificateResponse, LoginError> {
     // The key is made here and only its CSR leaves.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| LoginError::Key(e.to_string()))?;
@@ -358,19 +495,93 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         lifetime: args.lifetime.clone(),
     };
     let body = serde_json::to_string(&request).map_err(|e| LoginError::Key(e.to_string()))?;
-    let answer: CertificateResponse = issuer_call(
-        &to_issuer,
-        &format!("{base}/v1/certificate"),
-        Method::POST,
-        Some(body),
-    )
-    .await?;
+    let answer: CertificateResponse = issuer_call(to_issuer, url, Method::POST, Some(body)).await?;
     // Key first: a certificate never sits beside a key it does not match
     // for longer than a rename.
     write(&args.out, "user.key", &key.serialize_pem(), true)?;
     write(&args.out, "user.pem", &answer.certificate, false)?;
     write(&args.out, "ca.pem", &answer.ca, false)?;
-    Ok(Outcome::Issued(answer))
+    Ok(answer)
+}
+
+/// `--renew` with the stored refresh token: a fresh ID token from the
+/// provider's token endpoint, no browser, to `POST /v1/renewal`. When the
+/// provider refuses it (the user disabled, the token revoked or expired)
+/// or the issuer does (the sign-in older than `max_auth_age`, the issuer
+/// restarted), the token is removed and the error says to sign in again:
+/// the next run signs in as without one. A network failure keeps it.
+async fn renew(
+    args: &LoginArgs,
+    to_issuer: &Arc<rustls::ClientConfig>,
+    to_provider: &Arc<rustls::ClientConfig>,
+    base: &str,
+    info: &IssuerInfo,
+    stored: StoredRefresh,
+) -> Result<Outcome, LoginError> {
+    let discovery = http::discover(to_provider, &info.issuer).await?;
+    let (status, body) = http::request(
+        to_provider,
+        Method::POST,
+        &discovery.token_endpoint,
+        Some("application/x-www-form-urlencoded"),
+        http::form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", &stored.refresh_token),
+            ("client_id", &info.client_id),
+        ]),
+    )
+    .await?;
+    let answer: TokenAnswer = serde_json::from_slice(&body)
+        .map_err(|e| LoginError::Provider(format!("token endpoint ({status}): {e}")))?;
+    // Rotated: the provider spent the old token (using it again would
+    // revoke the whole grant), so the new one is stored before anything
+    // else can fail.
+    if let Some(t) = &answer.refresh_token {
+        store_refresh(&args.out, info, t)?;
+    }
+    let id_token = match (answer.id_token, answer.error) {
+        (Some(t), _) => t,
+        (None, Some(error)) => {
+            remove_refresh(&args.out)?;
+            return Err(LoginError::Renewal(format!(
+                "the provider refused the refresh token ({error}: {})",
+                answer.error_description.unwrap_or_default()
+            )));
+        }
+        (None, None) => {
+            return Err(LoginError::Provider(format!(
+                "no ID token for the refresh token ({status})"
+            )));
+        }
+    };
+    match certificate(args, to_issuer, &format!("{base}/v1/renewal"), id_token).await {
+        Ok(answer) => Ok(Outcome::Renewed(answer)),
+        Err(LoginError::Refused { status, message }) if status == hyper::StatusCode::FORBIDDEN => {
+            remove_refresh(&args.out)?;
+            Err(LoginError::Renewal(format!(
+                "the issuer refused the refreshed ID token ({status}: {message})"
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the provider's token endpoint gave a sign-in.
+struct Tokens {
+    id_token: String,
+    /// With `offline_access` (the issuer's profile renews with refresh
+    /// tokens), if the provider granted it.
+    refresh_token: Option<String>,
+}
+
+/// The scopes to ask for: the issuer's, and `offline_access` (a refresh
+/// token) when its profile renews with them.
+fn scopes(info: &IssuerInfo) -> String {
+    let mut scopes = info.scopes.clone();
+    if info.refresh && !scopes.iter().any(|s| s == "offline_access") {
+        scopes.push("offline_access".into());
+    }
+    scopes.join(" ")
 }
 
 /// RFC 8628: the user signs in on another screen; this polls for the token.
@@ -381,7 +592,7 @@ async fn device_grant(
     nonce: &str,
     device: &str,
     say: &impl Fn(&str, &str),
-) -> Result<String, LoginError> {
+) -> Result<Tokens, LoginError> {
     let endpoint = discovery
         .device_authorization_endpoint
         .clone()
@@ -390,7 +601,7 @@ async fn device_grant(
                 "no device_authorization_endpoint: the device flow is not enabled".into(),
             )
         })?;
-    let scope = info.scopes.join(" ");
+    let scope = scopes(info);
     let max_age = info.max_age.map(|a| a.to_string());
     let (status, body) = http::request(
         to_provider,
@@ -436,7 +647,7 @@ async fn device_grant(
     }
     let mut interval = Duration::from_secs(da.interval.unwrap_or(5).max(1));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(da.expires_in.min(3600));
-    let id_token = loop {
+    let tokens = loop {
         tokio::time::sleep(interval).await;
         if tokio::time::Instant::now() > deadline {
             return Err(LoginError::Provider(
@@ -458,7 +669,12 @@ async fn device_grant(
         let answer: TokenAnswer = serde_json::from_slice(&body)
             .map_err(|e| LoginError::Provider(format!("token endpoint: {e}")))?;
         match (answer.id_token, answer.error.as_deref()) {
-            (Some(t), _) => break t,
+            (Some(id_token), _) => {
+                break Tokens {
+                    id_token,
+                    refresh_token: answer.refresh_token,
+                };
+            }
             (None, Some("authorization_pending")) => {}
             (None, Some("slow_down")) => interval += Duration::from_secs(5),
             (None, error) => {
@@ -470,7 +686,7 @@ async fn device_grant(
             }
         }
     };
-    Ok(id_token)
+    Ok(tokens)
 }
 
 fn base64url(bytes: &[u8]) -> String {
@@ -492,7 +708,7 @@ async fn code_flow(
     info: &IssuerInfo,
     nonce: &str,
     say: &impl Fn(&str, &str),
-) -> Result<String, LoginError> {
+) -> Result<Tokens, LoginError> {
     let endpoint = discovery.authorization_endpoint.as_deref().ok_or_else(|| {
         LoginError::Provider("no authorization_endpoint in the provider's discovery".into())
     })?;
@@ -515,7 +731,7 @@ async fn code_flow(
         aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()).as_ref(),
     );
     let state = base64url(&random(16)?);
-    let scope = info.scopes.join(" ");
+    let scope = scopes(info);
     let max_age = info.max_age.map(|a| a.to_string());
     let mut params = vec![
         ("response_type", "code"),
@@ -529,6 +745,11 @@ async fn code_flow(
     ];
     if let Some(a) = &max_age {
         params.push(("max_age", a.as_str()));
+    }
+    // OIDC Core §11: `offline_access` is granted only with a consent
+    // prompt (providers drop it otherwise).
+    if info.refresh {
+        params.push(("prompt", "consent"));
     }
     let query = String::from_utf8(http::form(&params)).unwrap_or_default();
     let sep = if endpoint.contains('?') { '&' } else { '?' };
@@ -553,13 +774,17 @@ async fn code_flow(
     .await?;
     let answer: TokenAnswer = serde_json::from_slice(&body)
         .map_err(|e| LoginError::Provider(format!("token endpoint ({status}): {e}")))?;
-    answer.id_token.ok_or_else(|| {
-        LoginError::Provider(format!(
+    match answer.id_token {
+        Some(id_token) => Ok(Tokens {
+            id_token,
+            refresh_token: answer.refresh_token,
+        }),
+        None => Err(LoginError::Provider(format!(
             "no ID token ({status}): {} {}",
             answer.error.unwrap_or_default(),
             answer.error_description.unwrap_or_default()
-        ))
-    })
+        ))),
+    }
 }
 
 /// Waits for the browser's redirect with our `state`; anything else on the
@@ -667,6 +892,44 @@ mod attack_tests {
         let e = super::check_out_dir(&shared).unwrap_err();
         assert!(e.to_string().contains("writable by others"), "{e}");
         assert!(super::check_out_dir(dir.path()).is_ok());
+    }
+
+    /// The refresh token is a credential kept as the key is: 0600,
+    /// replaced whole when rotated, and read only from a private regular
+    /// file (not one others can read, not through a symlink).
+    #[test]
+    fn the_refresh_token_is_stored_privately_and_read_only_from_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let info: super::IssuerInfo = serde_json::from_str(
+            r#"{"issuer":"https://login.example.com","client_id":"gateway","scopes":["openid"],"refresh":true}"#,
+        )
+        .unwrap();
+        assert_eq!(super::scopes(&info), "openid offline_access");
+        assert!(super::read_refresh(dir.path()).unwrap().is_none());
+        super::store_refresh(dir.path(), &info, "rt-1").unwrap();
+        let path = dir.path().join(super::REFRESH_TOKEN);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        super::store_refresh(dir.path(), &info, "rt-2").unwrap();
+        let stored = super::read_refresh(dir.path()).unwrap().unwrap();
+        assert_eq!(stored.refresh_token, "rt-2", "the rotated one replaced it");
+        assert_eq!(stored.provider, "https://login.example.com");
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = super::read_refresh(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("not a private file"), "{e}");
+
+        std::fs::remove_file(&path).unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        super::store_refresh(elsewhere.path(), &info, "planted").unwrap();
+        std::os::unix::fs::symlink(elsewhere.path().join(super::REFRESH_TOKEN), &path).unwrap();
+        assert!(
+            super::read_refresh(dir.path()).is_err(),
+            "a symlink is not followed"
+        );
+        super::remove_refresh(dir.path()).unwrap();
+        super::remove_refresh(dir.path()).unwrap();
+        assert!(super::read_refresh(dir.path()).unwrap().is_none());
     }
 
     /// F2: the sign-in page handed to the browser is private and forwards

@@ -125,7 +125,9 @@ enum Command {
         #[arg(long)]
         lifetime: Option<String>,
         /// Only sign in when the current certificate runs out within this
-        /// (e.g. 2h), for a timer.
+        /// (e.g. 2h), for a timer; with a refresh token from the last
+        /// sign-in (the issuer's profile allows it), renew with it instead,
+        /// without a browser.
         #[arg(long, value_name = "WITHIN", num_args = 0..=1, default_missing_value = "2h")]
         renew: Option<String>,
         /// Sign in with the device authorization grant (a code to enter on
@@ -499,6 +501,24 @@ fn login(args: gateway::login::LoginArgs) -> anyhow::Result<()> {
             println!(
                 "key         {} (0600, made here)",
                 args.out.join("user.key").display()
+            );
+            println!("valid until {}", answer.not_after);
+            if args.out.join(gateway::login::REFRESH_TOKEN).exists() {
+                println!(
+                    "refresh     {} (0600: --renew renews with it, no browser)",
+                    args.out.join(gateway::login::REFRESH_TOKEN).display()
+                );
+            }
+        }
+        Outcome::Renewed(answer) => {
+            println!(
+                "renewed without signing in (refresh token) as {}",
+                answer.sans.join(", ")
+            );
+            println!(
+                "certificate {} (serial {})",
+                args.out.join("user.pem").display(),
+                answer.serial
             );
             println!("valid until {}", answer.not_after);
         }

@@ -2,7 +2,10 @@
 // loopback over HTTPS. Started and stopped by tests/tests/sso.rs.
 //
 // argv: port (0: any), keys.json (a JWKS with private keys; the first
-// signs), cert.pem, key.pem. Prints "listening PORT" once serving.
+// signs), cert.pem, key.pem, and a file of disabled accounts (one a line,
+// read at each lookup, so a test disables a user while the provider runs:
+// their refresh tokens are then refused). Prints "listening PORT" once
+// serving.
 // The interaction pages finish a login at once as the account and with
 // the amr/acr the (test) browser puts in the interaction URL's query:
 // /interaction/UID?account=alice&amr=pwd,otp&acr=...
@@ -10,7 +13,14 @@ import fs from 'node:fs';
 import https from 'node:https';
 import Provider from 'oidc-provider';
 
-const [port, keysFile, certFile, keyFile] = process.argv.slice(2);
+const [port, keysFile, certFile, keyFile, disabledFile] = process.argv.slice(2);
+const disabled = (id) => {
+  try {
+    return fs.readFileSync(disabledFile, 'utf8').split('\n').includes(id);
+  } catch {
+    return false;
+  }
+};
 const jwks = JSON.parse(fs.readFileSync(keysFile, 'utf8'));
 const server = https.createServer({
   cert: fs.readFileSync(certFile),
@@ -25,7 +35,7 @@ server.listen(Number(port), '127.0.0.1', () => {
       client_id: 'gateway',
       application_type: 'native',
       token_endpoint_auth_method: 'none',
-      grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code'],
+      grant_types: ['authorization_code', 'urn:ietf:params:oauth:grant-type:device_code', 'refresh_token'],
       response_types: ['code'],
       // RFC 8252 §7.3: any port of a loopback redirect URI.
       redirect_uris: ['http://127.0.0.1/callback'],
@@ -42,11 +52,13 @@ server.listen(Number(port), '127.0.0.1', () => {
         successSource: async (ctx) => { ctx.body = '<html><body>signed in</body></html>'; },
       },
     },
-    findAccount: async (ctx, id) => ({
+    // A disabled account is not found: its sign-ins and refresh tokens
+    // are refused (invalid_grant).
+    findAccount: async (ctx, id) => (disabled(id) ? undefined : {
       accountId: id,
       claims: async () => ({ sub: id, email: `${id}@example.internal`, email_verified: true, groups: ['everyone', 'sre'] }),
     }),
-    ttl: { DeviceCode: 600, IdToken: 300, AccessToken: 300, Session: 600, Interaction: 600, Grant: 600 },
+    ttl: { DeviceCode: 600, IdToken: 300, AccessToken: 300, RefreshToken: 3600, Session: 600, Interaction: 600, Grant: 3600 },
   });
   provider.proxy = false;
   const callback = provider.callback();

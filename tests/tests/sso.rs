@@ -117,6 +117,7 @@ impl Sso {
             .arg(self.path(keys))
             .arg(self.path("provider/localhost.pem"))
             .arg(self.path("provider/localhost.key"))
+            .arg(self.path("disabled-accounts"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -1020,6 +1021,84 @@ async fn login_opens_the_browser_and_renews_only_when_due() {
     let renewed = login("9h");
     let s2 = serial(&renewed).unwrap_or_else(|| panic!("not renewed: {renewed}"));
     assert_ne!(s1, s2, "a new certificate");
+    assert!(
+        !sso.path("out/refresh_token").exists(),
+        "a profile without refresh asks for no refresh token"
+    );
+}
+
+/// Renewal without the user (profile `refresh`): the sign-in stores a
+/// refresh token (0600) beside the key; `--renew` when due trades it at
+/// the provider for a fresh ID token, with no browser, and the issuer
+/// signs a new certificate on it; the rotated refresh token replaces the
+/// stored one. Once the user is disabled at the provider, the refresh
+/// token is refused there, the renewal fails with a message saying to
+/// sign in again, and the token is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn renew_uses_the_refresh_token_without_a_browser_until_the_user_is_disabled() {
+    let sso = tokio::task::spawn_blocking(|| start_with("refresh = true\nmax_auth_age = \"1h\""))
+        .await
+        .unwrap();
+    let serial = |text: &str| {
+        text.split("(serial ")
+            .nth(1)
+            .and_then(|s| s.split(')').next())
+            .map(str::to_owned)
+    };
+    let stored = sso.path("out/refresh_token");
+    let (ok, first, err) = sso.login("alice", "pwd,otp", &["--renew", "9h"]);
+    assert!(ok, "{first}\n{err}");
+    assert!(
+        first.starts_with("To sign in"),
+        "the first one signs in: {first}"
+    );
+    let s1 = serial(&first).unwrap_or_else(|| panic!("no certificate: {first}"));
+    let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the refresh token is the user's alone");
+    let r1 = std::fs::read_to_string(&stored).unwrap();
+
+    // 8 hours left, due within 9h: renewed with the refresh token. No
+    // sign-in URL is printed (the helper would drive a browser for one).
+    // A second later: the provider's refreshed ID token carries no jti,
+    // so within the same second it is the sign-in's token again, which
+    // the issuer has taken (a replay, refused).
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ok, renewed, err) = sso.login("alice", "", &["--renew", "9h"]);
+    assert!(ok, "{renewed}\n{err}");
+    assert!(!renewed.contains("To sign in"), "{renewed}");
+    assert!(
+        renewed.contains("renewed without signing in (refresh token)"),
+        "{renewed}"
+    );
+    let s2 = serial(&renewed).unwrap_or_else(|| panic!("no certificate: {renewed}"));
+    assert_ne!(s1, s2, "a new certificate");
+    let r2 = std::fs::read_to_string(&stored).unwrap();
+    assert_ne!(
+        r1, r2,
+        "the provider rotated the refresh token and it was kept"
+    );
+    let mode = std::fs::metadata(&stored).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap();
+    assert!(log.contains("\"grant\":\"refresh\""), "{log}");
+    let pem = std::fs::read(sso.path("out/user.pem")).unwrap();
+
+    // The user is disabled at the provider: the refresh is refused.
+    std::fs::write(sso.path("disabled-accounts"), "alice\n").unwrap();
+    let (ok, out, err) = sso.login("alice", "", &["--renew", "9h"]);
+    assert!(!ok, "renewed a disabled user: {out}");
+    assert!(!out.contains("To sign in"), "{out}");
+    assert!(
+        err.contains("renewal refused: the provider refused the refresh token (invalid_grant")
+            && err.contains("sign in again"),
+        "{err}"
+    );
+    assert!(!stored.exists(), "the refused refresh token is removed");
+    assert_eq!(
+        std::fs::read(sso.path("out/user.pem")).unwrap(),
+        pem,
+        "the certificate in place is left alone"
+    );
 }
 
 /// Connections that say nothing give their place back within the handshake

@@ -198,6 +198,15 @@ pub struct Profile {
     /// machines need it.
     #[serde(default)]
     pub device_grant: bool,
+    /// Renewal without the user: `gateway login` asks the provider for a
+    /// refresh token (`offline_access`), and `gateway login --renew`
+    /// trades it for a fresh ID token, which `POST /v1/renewal` takes
+    /// only from the device whose sign-in it continues, once, and only
+    /// while that sign-in's `auth_time` is within `max_auth_age` (so
+    /// this needs `max_auth_age`). Off: every certificate needs the user
+    /// at the provider (docs/sso.md, "Renewal without the user").
+    #[serde(default)]
+    pub refresh: bool,
 }
 
 fn default_lifetime() -> Duration {
@@ -270,6 +279,13 @@ impl IssuerConfig {
             return Err(invalid(
                 "profile.default_lifetime",
                 "must be above zero and at most profile.max_lifetime".into(),
+            ));
+        }
+        if p.refresh && p.max_auth_age.is_none() {
+            return Err(invalid(
+                "profile.refresh",
+                "needs max_auth_age: without it a refresh token would renew certificates on one MFA forever"
+                    .into(),
             ));
         }
         if p.email_domains.is_empty() {
@@ -496,6 +512,17 @@ email_domains = ["example.internal"]
                 .to_string()
                 .contains("metrics_listen")
         );
+        let refresh = GOOD.replace("[profile]\n", "[profile]\nrefresh = true\n");
+        let e = parse(&refresh).unwrap_err().to_string();
+        assert!(
+            e.contains("profile.refresh") && e.contains("max_auth_age"),
+            "{e}"
+        );
+        let bounded = GOOD.replace(
+            "[profile]\n",
+            "[profile]\nrefresh = true\nmax_auth_age = \"12h\"\n",
+        );
+        assert!(parse(&bounded).unwrap().profile.refresh);
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(
             parse(&unknown)

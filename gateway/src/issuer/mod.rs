@@ -25,7 +25,7 @@ use crate::identity::Identity;
 use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
 use limit::Limiter;
-use nonce::{NonceError, Nonces, UsedTokens};
+use nonce::{NonceError, Nonces, SignIns, UsedTokens};
 use oidc::{Claims, KeySource, OidcError, TokenVerifier};
 
 /// How long a nonce handed to a device stays usable: the time a user
@@ -75,6 +75,10 @@ pub enum Refusal {
         "the device certificate runs out at {device_not_after} (seconds since the epoch), in under a minute: renew the device's enrolment first"
     )]
     DeviceExpiring { device_not_after: i64 },
+    #[error(
+        "this issuer's profile does not renew with refresh tokens (refresh = false): sign in again with `gateway login`"
+    )]
+    RefreshNotAllowed,
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("certificate signing request refused: {0}")]
@@ -99,6 +103,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
             Refusal::DeviceExpiring { .. } => "device_expiring",
+            Refusal::RefreshNotAllowed => "refresh_not_allowed",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Csr(_) => "csr",
             Refusal::CsrKey(_) => "csr_key",
@@ -121,7 +126,29 @@ impl Refusal {
     }
 }
 
-/// `POST /v1/certificate`.
+/// How the ID token was obtained, by the endpoint it came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// `POST /v1/certificate`: the user signed in just now, with a nonce
+    /// this issuer gave the device (or, with `device_grant`, none).
+    SignIn,
+    /// `POST /v1/renewal`: `gateway login --renew` traded its refresh
+    /// token for this ID token, with no one at the provider; it carries
+    /// the nonce of the sign-in it continues (see `nonce::SignIns`).
+    Refresh,
+}
+
+impl Grant {
+    /// For the issuance log line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Grant::SignIn => "sign_in",
+            Grant::Refresh => "refresh",
+        }
+    }
+}
+
+/// `POST /v1/certificate` and `POST /v1/renewal`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateRequest {
@@ -152,6 +179,8 @@ pub struct CertificateResponse {
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
     pub issued: u64,
+    /// Of `issued`, those on a refreshed ID token (`Grant::Refresh`).
+    pub refreshed: u64,
     pub refused: BTreeMap<&'static str, u64>,
     pub nonces: u64,
     /// The SSO CA's CRL re-signed (`maintain_crl`).
@@ -166,8 +195,12 @@ pub struct Issuer {
     config: IssuerConfig,
     tokens: TokenVerifier,
     nonces: Nonces,
-    /// Nonce-less tokens taken (with `profile.device_grant`).
+    /// Tokens taken without a nonce to consume (with `profile.device_grant`,
+    /// and refreshed ones), and, with `profile.refresh`, every token taken,
+    /// so a sign-in's own token is not taken again as a renewal.
     used: UsedTokens,
+    /// Sign-ins a refreshed token may continue (with `profile.refresh`).
+    sign_ins: SignIns,
     per_user: Limiter,
     per_device: Limiter,
     /// One signer at a time: the index is read, extended and rewritten.
@@ -358,6 +391,7 @@ impl Issuer {
             tokens: TokenVerifier::new(&config.oidc, keys),
             nonces: Nonces::new(NONCE_TTL),
             used: UsedTokens::new(config.oidc.max_token_age + config.oidc.leeway * 2),
+            sign_ins: SignIns::default(),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
             store: Mutex::new(store),
@@ -472,8 +506,20 @@ impl Issuer {
         device: Option<&Identity>,
         req: CertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
+        self.issue_as(device, req, Grant::SignIn).await
+    }
+
+    /// `POST /v1/certificate` (`Grant::SignIn`) or `POST /v1/renewal`
+    /// (`Grant::Refresh`): the same decision, but for how the token's
+    /// replay is stopped.
+    pub async fn issue_as(
+        &self,
+        device: Option<&Identity>,
+        req: CertificateRequest,
+        grant: Grant,
+    ) -> Result<CertificateResponse, Refusal> {
         let mut user = None;
-        let result = self.issue_inner(device, req, &mut user).await;
+        let result = self.issue_inner(device, req, grant, &mut user).await;
         if let Err(e) = &result {
             self.refused(e, device, user.as_deref());
         }
@@ -484,10 +530,14 @@ impl Issuer {
         &self,
         device: Option<&Identity>,
         req: CertificateRequest,
+        grant: Grant,
         user: &mut Option<String>,
     ) -> Result<CertificateResponse, Refusal> {
         let (device_cert, device) = self.device_id(device)?;
         let profile = &self.config.profile;
+        if grant == Grant::Refresh && !profile.refresh {
+            return Err(Refusal::RefreshNotAllowed);
+        }
         let lifetime = match &req.lifetime {
             None => profile.default_lifetime,
             Some(l) => crate::config::duration::parse(l).map_err(Refusal::BadRequest)?,
@@ -511,9 +561,22 @@ impl Issuer {
             })?;
         let claims = self.tokens.verify(&req.id_token).await?;
         *user = claims.email.clone().or(Some(claims.sub.clone()));
-        match claims.nonce.as_deref() {
-            None if profile.device_grant => self.used.first_use(&req.id_token)?,
-            nonce => self.nonces.consume(nonce, device)?,
+        // Replay: a sign-in's token uses up its nonce; a refreshed token's
+        // nonce was used by the sign-in it continues, which must be this
+        // device's and this user's, and the token itself is taken once,
+        // by what the provider signed (as a nonce-less device-grant one).
+        match (grant, claims.nonce.as_deref()) {
+            (_, None) if profile.device_grant => self.used.first_use(&req.id_token)?,
+            (Grant::SignIn, nonce) => {
+                self.nonces.consume(nonce, device)?;
+                if profile.refresh {
+                    self.used.first_use(&req.id_token)?;
+                }
+            }
+            (Grant::Refresh, nonce) => {
+                self.sign_ins.check(nonce, device, &claims.sub)?;
+                self.used.first_use(&req.id_token)?;
+            }
         }
         mfa(profile, &claims)?;
         auth_age(profile, &claims, self.config.oidc.leeway)?;
@@ -557,11 +620,25 @@ impl Issuer {
                     other => Refusal::Internal(other.to_string()),
                 })?
         };
-        self.count(|c| c.issued += 1);
+        self.count(|c| {
+            c.issued += 1;
+            if grant == Grant::Refresh {
+                c.refreshed += 1;
+            }
+        });
+        // A sign-in that issued may be continued by refreshed tokens from
+        // this device, while `max_auth_age` allows (checked again on each).
+        if profile.refresh
+            && grant == Grant::SignIn
+            && let (Some(nonce), Some(max)) = (claims.nonce.as_deref(), profile.max_auth_age)
+        {
+            self.sign_ins
+                .record(nonce, device, &claims.sub, max + self.config.oidc.leeway);
+        }
         // One JSON line per issuance (with `--log-format json`): who, from
         // which device, on which claims, which serial, for how long.
         tracing::info!(target: "gateway::issuer", event = "issued",
-            user = %cn, device, sub = %claims.sub, iss = %claims.iss,
+            user = %cn, device, grant = grant.name(), sub = %claims.sub, iss = %claims.iss,
             amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
             serial = %entry.serial, not_after = %entry.not_after, key,
             lifetime_secs = (not_after - now).whole_seconds(), sans = ?sans, "certificate issued");

@@ -31,6 +31,10 @@ pub enum NonceError {
     TooMany,
     #[error("ID token was already used (a replay)")]
     Replayed,
+    #[error(
+        "the refreshed ID token continues no sign-in this issuer took from this device (another device's, one older than max_auth_age, or one before the issuer restarted): sign in again with `gateway login`"
+    )]
+    SignInUnknown,
 }
 
 /// How many nonces one device may hold at once, and all devices together:
@@ -137,6 +141,70 @@ impl UsedTokens {
     }
 }
 
+/// Sign-ins a device completed (with `profile.refresh`): the nonce of the
+/// ID token that was taken, with the device and user it was taken for.
+/// A refreshed ID token carries the nonce of the sign-in it continues
+/// (OIDC Core §12.2), already used, so it is not a nonce to consume
+/// again; what it proves, through this record, is that the sign-in was
+/// this device's and this user's. A refresh token copied to another
+/// device yields ID tokens that this record refuses there. Kept in memory
+/// only, for `max_auth_age`: after a restart every device signs in again
+/// once (fail closed).
+pub struct SignIns {
+    map: Mutex<HashMap<String, SignIn>>,
+}
+
+struct SignIn {
+    device: String,
+    sub: String,
+    expires: Instant,
+}
+
+impl Default for SignIns {
+    fn default() -> Self {
+        SignIns {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl SignIns {
+    /// Remembers that `device` signed `sub` in with `nonce`, for `keep`.
+    pub fn record(&self, nonce: &str, device: &str, sub: &str, keep: Duration) {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, e| e.expires > now);
+        if map.len() >= TOTAL {
+            // Full: this sign-in cannot be refreshed (its renewal is
+            // refused and the user signs in again), nothing else is lost.
+            tracing::warn!(
+                target: "gateway::issuer",
+                "{TOTAL} sign-ins held for renewal; this one cannot be refreshed"
+            );
+            return;
+        }
+        map.insert(
+            nonce.to_owned(),
+            SignIn {
+                device: device.to_owned(),
+                sub: sub.to_owned(),
+                expires: now + keep,
+            },
+        );
+    }
+
+    /// A refreshed token's `nonce` names a sign-in of `device` and `sub`
+    /// that is still held.
+    pub fn check(&self, nonce: Option<&str>, device: &str, sub: &str) -> Result<(), NonceError> {
+        let nonce = nonce.ok_or(NonceError::Missing)?;
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(nonce) {
+            Some(e) if e.device == device && e.sub == sub && e.expires > Instant::now() => Ok(()),
+            _ => Err(NonceError::SignInUnknown),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -165,6 +233,28 @@ mod tests {
         assert_eq!(n.consume(Some(&nonce), LAPTOP), Err(NonceError::Unknown));
         assert_eq!(n.consume(Some("made-up"), LAPTOP), Err(NonceError::Unknown));
         assert_eq!(n.consume(None, LAPTOP), Err(NonceError::Missing));
+    }
+
+    #[test]
+    fn a_sign_in_is_continued_only_by_its_device_and_user_while_held() {
+        let s = SignIns::default();
+        s.record("n1", LAPTOP, "alice", Duration::from_secs(300));
+        s.record("n0", LAPTOP, "alice", Duration::ZERO);
+        assert_eq!(s.check(Some("n1"), LAPTOP, "alice"), Ok(()));
+        assert_eq!(s.check(Some("n1"), LAPTOP, "alice"), Ok(()), "kept");
+        for (nonce, device, sub) in [
+            (Some("n1"), OTHER, "alice"),
+            (Some("n1"), LAPTOP, "bob"),
+            (Some("n2"), LAPTOP, "alice"),
+            (Some("n0"), LAPTOP, "alice"),
+        ] {
+            assert_eq!(
+                s.check(nonce, device, sub),
+                Err(NonceError::SignInUnknown),
+                "{nonce:?} {device} {sub}"
+            );
+        }
+        assert_eq!(s.check(None, LAPTOP, "alice"), Err(NonceError::Missing));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! the device certificate for it too), but the endpoints that issue
 //! answer 401 without one.
 //!
-//! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`.
+//! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`,
+//! `POST /v1/renewal` (a refreshed ID token, `Grant::Refresh`).
 //! `GET /metrics` is served apart, in plain HTTP on a loopback address
 //! (`metrics_listen`, `serve_metrics`), never here: this listener takes
 //! clients without a certificate, and a scraper should not need a device
@@ -28,7 +29,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{CertificateRequest, Issuer, Refusal};
+use super::{CertificateRequest, Grant, Issuer, Refusal};
 use crate::identity::Identity;
 use crate::tls::bundle::{Bundle, BundleFiles};
 
@@ -352,6 +353,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                     "scopes": c.oidc.scopes,
                     "device_san_prefix": c.device_san_prefix,
                     "max_age": c.profile.max_auth_age.map(|d| d.as_secs()),
+                    "refresh": c.profile.refresh,
                 }),
             )
         }
@@ -359,7 +361,12 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
             Ok(nonce) => json(StatusCode::OK, &serde_json::json!({ "nonce": nonce })),
             Err(e) => refusal(&e),
         },
-        (Method::POST, "/v1/certificate") => {
+        (Method::POST, path @ ("/v1/certificate" | "/v1/renewal")) => {
+            let grant = if path == "/v1/renewal" {
+                Grant::Refresh
+            } else {
+                Grant::SignIn
+            };
             // No device, no reading: a client without one is told so before
             // it can hold the connection by trickling a body.
             if device.is_none() {
@@ -383,7 +390,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                 Ok(r) => r,
                 Err(e) => return refusal(&Refusal::BadRequest(format!("not a request: {e}"))),
             };
-            match issuer.issue(device, req).await {
+            match issuer.issue_as(device, req, grant).await {
                 Ok(answer) => match serde_json::to_value(&answer) {
                     Ok(v) => json(StatusCode::OK, &v),
                     Err(e) => refusal(&Refusal::Internal(e.to_string())),
@@ -391,7 +398,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                 Err(e) => refusal(&e),
             }
         }
-        (_, "/v1/config" | "/v1/nonce" | "/v1/certificate") => json(
+        (_, "/v1/config" | "/v1/nonce" | "/v1/certificate" | "/v1/renewal") => json(
             StatusCode::METHOD_NOT_ALLOWED,
             &serde_json::json!({ "error": "method" }),
         ),
@@ -496,6 +503,7 @@ pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: Can
 pub(crate) fn metrics(issuer: &Issuer) -> String {
     let super::Counters {
         issued,
+        refreshed,
         refused,
         nonces,
         crl_published,
@@ -506,6 +514,9 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
     out.push_str("# TYPE gateway_issuer_issued_total counter\n");
     out.push_str(&format!("gateway_issuer_issued_total {issued}\n"));
+    out.push_str("# HELP gateway_issuer_refreshed_total User certificates issued on a refreshed ID token (gateway login --renew without the user; also in issued_total).\n");
+    out.push_str("# TYPE gateway_issuer_refreshed_total counter\n");
+    out.push_str(&format!("gateway_issuer_refreshed_total {refreshed}\n"));
     out.push_str("# HELP gateway_issuer_nonces_total Nonces handed to devices.\n");
     out.push_str("# TYPE gateway_issuer_nonces_total counter\n");
     out.push_str(&format!("gateway_issuer_nonces_total {nonces}\n"));

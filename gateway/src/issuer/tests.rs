@@ -1089,3 +1089,131 @@ mod attack;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
+
+/// Renewal without the user (`profile.refresh`): a refreshed ID token
+/// (the provider's answer to a refresh token) carries the nonce of the
+/// sign-in it continues. It renews only on the device and for the user of
+/// that sign-in, each token once, with the whole check of a first token
+/// (MFA, `max_auth_age` against the original `auth_time`).
+#[tokio::test]
+async fn a_refreshed_token_renews_only_its_sign_ins_device_and_user_once_within_max_auth_age() {
+    let s = setup(
+        "refresh = true\nmax_auth_age = \"1h\"\n[limits]\nper_device = { burst = 50, per_hour = 50 }\nper_user = { burst = 50, per_hour = 50 }",
+    );
+    let laptop = device(LAPTOP);
+    let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+    let signed_in = now() - 600;
+    let mut first = claims(&nonce);
+    first["auth_time"] = json!(signed_in);
+    let first = token(&s.key, &first);
+    s.issuer
+        .issue(Some(&laptop), request(first.clone()))
+        .await
+        .unwrap();
+    // What the provider's refresh grant returns: the same sign-in (nonce,
+    // auth_time, amr), issued again later.
+    let refreshed = |tweak: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = claims(&nonce);
+        c["auth_time"] = json!(signed_in);
+        c["iat"] = json!(now() - 1);
+        tweak(&mut c);
+        token(&s.key, &c)
+    };
+    let renew = |device: &Identity, t: String| {
+        let device = device.clone();
+        let issuer = &s.issuer;
+        async move {
+            issuer
+                .issue_as(Some(&device), request(t), Grant::Refresh)
+                .await
+        }
+    };
+    let t = refreshed(&|_| {});
+    let answer = renew(&laptop, t.clone()).await.unwrap();
+    assert!(
+        answer.sans.contains(&LAPTOP.to_owned()),
+        "{:?}",
+        answer.sans
+    );
+    assert_eq!(s.issuer.counters().refreshed, 1);
+    assert_eq!(s.issuer.counters().issued, 2);
+
+    let e = renew(&laptop, t).await.unwrap_err();
+    assert!(matches!(e, Refusal::Nonce(NonceError::Replayed)), "{e}");
+    // The sign-in's own token is not taken again as a renewal.
+    let e = renew(&laptop, first).await.unwrap_err();
+    assert!(matches!(e, Refusal::Nonce(NonceError::Replayed)), "{e}");
+    // A refresh token copied to another device, another user's token
+    // under this sign-in's nonce, a nonce no sign-in used.
+    let e = renew(
+        &device(OTHER_LAPTOP),
+        refreshed(&|c| c["iat"] = json!(now() - 2)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "{e}"
+    );
+    assert!(e.to_string().contains("sign in again"), "{e}");
+    let e = renew(&laptop, refreshed(&|c| c["sub"] = json!("u-2")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "{e}"
+    );
+    let e = renew(&laptop, refreshed(&|c| c["nonce"] = json!("made-up")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "{e}"
+    );
+    // Refreshing does not extend the MFA past max_auth_age.
+    let e = renew(
+        &laptop,
+        refreshed(&|c| c["auth_time"] = json!(now() - 2 * 3600)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.reason(), "auth_too_old", "{e}");
+    // Checked as a first token is: MFA, expiry, audience.
+    let e = renew(&laptop, refreshed(&|c| c["amr"] = json!(["pwd"])))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "no_mfa", "{e}");
+    let e = renew(&laptop, refreshed(&|c| c["exp"] = json!(now() - 120)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "token_expired", "{e}");
+    let e = renew(&laptop, refreshed(&|c| c["aud"] = json!("other")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "token_audience", "{e}");
+    assert_eq!(s.issuer.counters().refreshed, 1);
+    let m = server::metrics(&s.issuer);
+    assert!(m.contains("gateway_issuer_refreshed_total 1\n"), "{m}");
+}
+
+/// Without `profile.refresh` nothing is renewed from a refreshed token,
+/// whatever it carries, and `/v1/config` does not ask for refresh tokens.
+#[tokio::test]
+async fn a_profile_without_refresh_renews_nothing() {
+    let s = setup("max_auth_age = \"1h\"");
+    let laptop = device(LAPTOP);
+    let t = s.token(|c| c["auth_time"] = json!(now()));
+    s.issuer
+        .issue(Some(&laptop), request(t.clone()))
+        .await
+        .unwrap();
+    let e = s
+        .issuer
+        .issue_as(Some(&laptop), request(t), Grant::Refresh)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Refusal::RefreshNotAllowed), "{e}");
+    assert_eq!(e.reason(), "refresh_not_allowed");
+    assert_eq!(e.status(), 403);
+    assert!(!s.issuer.config().profile.refresh);
+}
