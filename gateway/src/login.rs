@@ -69,6 +69,8 @@ pub struct LoginArgs {
     /// Open the sign-in URL with `$BROWSER` (default `xdg-open`) as well as
     /// printing it.
     pub open_browser: bool,
+    /// The issuer's profile to sign in under (none: its `default`).
+    pub profile: Option<String>,
 }
 
 /// Pages handed to the browser, removed when the sign-in ends.
@@ -323,16 +325,25 @@ pub const REFRESH_TOKEN: &str = "refresh_token";
 struct StoredRefresh {
     provider: String,
     client_id: String,
+    /// The issuer profile of the sign-in it continues (none: the default).
+    #[serde(default)]
+    profile: Option<String>,
     refresh_token: String,
 }
 
 /// Stores a refresh token (a credential, like the key: 0600, written as
 /// `user.key` is, by rename through a fresh O_EXCL|O_NOFOLLOW file, so a
 /// rotated one replaces the old one whole or not at all).
-fn store_refresh(dir: &Path, info: &IssuerInfo, token: &str) -> Result<(), LoginError> {
+fn store_refresh(
+    dir: &Path,
+    info: &IssuerInfo,
+    profile: Option<&str>,
+    token: &str,
+) -> Result<(), LoginError> {
     let stored = StoredRefresh {
         provider: info.issuer.clone(),
         client_id: info.client_id.clone(),
+        profile: profile.map(str::to_owned),
         refresh_token: token.to_owned(),
     };
     let text = serde_json::to_string(&stored).map_err(|e| LoginError::Key(e.to_string()))?;
@@ -405,12 +416,25 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
     check_out_dir(&args.out)?;
     let base = args.issuer.trim_end_matches('/');
+    // The profile goes with every request that is decided by it.
+    let query = match &args.profile {
+        Some(p) => format!(
+            "?{}",
+            String::from_utf8(http::form(&[("profile", p)])).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
     let to_issuer = http::client_config(
         args.issuer_ca.as_deref(),
         Some((&args.device_cert, &args.device_key)),
     )?;
-    let info: IssuerInfo =
-        issuer_call(&to_issuer, &format!("{base}/v1/config"), Method::GET, None).await?;
+    let info: IssuerInfo = issuer_call(
+        &to_issuer,
+        &format!("{base}/v1/config{query}"),
+        Method::GET,
+        None,
+    )
+    .await?;
     let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
     // Renewal without the user: only for `--renew` (a user who runs
     // `gateway login` is there to sign in), only when the issuer renews
@@ -419,12 +443,17 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         && info.refresh
         && let Some(stored) = read_refresh(&args.out)?
     {
-        if stored.provider == info.issuer && stored.client_id == info.client_id {
-            return renew(args, &to_issuer, &to_provider, base, &info, stored).await;
+        if stored.provider == info.issuer
+            && stored.client_id == info.client_id
+            && stored.profile == args.profile
+        {
+            let url = format!("{base}/v1/renewal{query}");
+            return renew(args, &to_issuer, &to_provider, &url, &info, stored).await;
         }
         tracing::warn!(
             provider = %stored.provider,
-            "the stored refresh token is for another provider or client than the issuer's; removed, signing in"
+            profile = stored.profile.as_deref().unwrap_or("-"),
+            "the stored refresh token is for another provider, client or profile than this login's; removed, signing in"
         );
         remove_refresh(&args.out)?;
     }
@@ -461,14 +490,14 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     let answer = certificate(
         args,
         &to_issuer,
-        &format!("{base}/v1/certificate"),
+        &format!("{base}/v1/certificate{query}"),
         tokens.id_token,
     )
     .await?;
     // A refresh token from an earlier sign-in continues that one; this
     // sign-in's (or none) replaces it.
     match tokens.refresh_token {
-        Some(t) if info.refresh => store_refresh(&args.out, &info, &t)?,
+        Some(t) if info.refresh => store_refresh(&args.out, &info, args.profile.as_deref(), &t)?,
         _ => remove_refresh(&args.out)?,
     }
     Ok(Outcome::Issued(answer))
@@ -514,7 +543,7 @@ async fn renew(
     args: &LoginArgs,
     to_issuer: &Arc<rustls::ClientConfig>,
     to_provider: &Arc<rustls::ClientConfig>,
-    base: &str,
+    url: &str,
     info: &IssuerInfo,
     stored: StoredRefresh,
 ) -> Result<Outcome, LoginError> {
@@ -537,7 +566,7 @@ async fn renew(
     // revoke the whole grant), so the new one is stored before anything
     // else can fail.
     if let Some(t) = &answer.refresh_token {
-        store_refresh(&args.out, info, t)?;
+        store_refresh(&args.out, info, args.profile.as_deref(), t)?;
     }
     let id_token = match (answer.id_token, answer.error) {
         (Some(t), _) => t,
@@ -554,7 +583,7 @@ async fn renew(
             )));
         }
     };
-    match certificate(args, to_issuer, &format!("{base}/v1/renewal"), id_token).await {
+    match certificate(args, to_issuer, url, id_token).await {
         Ok(answer) => Ok(Outcome::Renewed(answer)),
         Err(LoginError::Refused { status, message }) if status == hyper::StatusCode::FORBIDDEN => {
             remove_refresh(&args.out)?;
@@ -906,14 +935,15 @@ mod attack_tests {
         .unwrap();
         assert_eq!(super::scopes(&info), "openid offline_access");
         assert!(super::read_refresh(dir.path()).unwrap().is_none());
-        super::store_refresh(dir.path(), &info, "rt-1").unwrap();
+        super::store_refresh(dir.path(), &info, None, "rt-1").unwrap();
         let path = dir.path().join(super::REFRESH_TOKEN);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        super::store_refresh(dir.path(), &info, "rt-2").unwrap();
+        super::store_refresh(dir.path(), &info, Some("sre"), "rt-2").unwrap();
         let stored = super::read_refresh(dir.path()).unwrap().unwrap();
         assert_eq!(stored.refresh_token, "rt-2", "the rotated one replaced it");
         assert_eq!(stored.provider, "https://login.example.com");
+        assert_eq!(stored.profile.as_deref(), Some("sre"));
 
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = super::read_refresh(dir.path()).err().unwrap().to_string();
@@ -921,7 +951,7 @@ mod attack_tests {
 
         std::fs::remove_file(&path).unwrap();
         let elsewhere = tempfile::tempdir().unwrap();
-        super::store_refresh(elsewhere.path(), &info, "planted").unwrap();
+        super::store_refresh(elsewhere.path(), &info, None, "planted").unwrap();
         std::os::unix::fs::symlink(elsewhere.path().join(super::REFRESH_TOKEN), &path).unwrap();
         assert!(
             super::read_refresh(dir.path()).is_err(),

@@ -121,9 +121,13 @@ enum Command {
         /// Trust anchors for the provider's TLS (default: the system's).
         #[arg(long)]
         provider_ca: Option<PathBuf>,
-        /// Ask for this lifetime (at most the issuer's maximum).
+        /// Ask for this lifetime (at most the profile's maximum).
         #[arg(long)]
         lifetime: Option<String>,
+        /// The issuer's profile to sign in under (its rules: MFA,
+        /// lifetimes, names, renewal); none: its `default` profile.
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
         /// Only sign in when the current certificate runs out within this
         /// (e.g. 2h), for a timer; with a refresh token from the last
         /// sign-in (the issuer's profile allows it), renew with it instead,
@@ -492,7 +496,11 @@ fn login(args: gateway::login::LoginArgs) -> anyhow::Result<()> {
             when(end)
         ),
         Outcome::Issued(answer) => {
-            println!("signed in as {}", answer.sans.join(", "));
+            println!(
+                "signed in as {} (profile {})",
+                answer.sans.join(", "),
+                answer.profile
+            );
             println!(
                 "certificate {} (serial {})",
                 args.out.join("user.pem").display(),
@@ -512,8 +520,9 @@ fn login(args: gateway::login::LoginArgs) -> anyhow::Result<()> {
         }
         Outcome::Renewed(answer) => {
             println!(
-                "renewed without signing in (refresh token) as {}",
-                answer.sans.join(", ")
+                "renewed without signing in (refresh token) as {} (profile {})",
+                answer.sans.join(", "),
+                answer.profile
             );
             println!(
                 "certificate {} (serial {})",
@@ -695,7 +704,9 @@ fn main() -> ExitCode {
             renew,
             device_flow,
             browser,
+            profile,
         } => login(gateway::login::LoginArgs {
+            profile,
             device_flow,
             open_browser: browser,
             issuer,

@@ -196,6 +196,19 @@ fn start() -> Sso {
 /// Provider, device CA with one enrolled laptop, SSO CA, and the issuer
 /// (binary) requiring MFA; `profile` adds to its `[profile]`.
 fn start_with(profile: &str) -> Sso {
+    start_with_profiles(&format!(
+        r#"[profile]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{{local}}"
+email_domains = ["example.internal"]
+{profile}
+"#
+    ))
+}
+
+/// As `start_with`, with `profiles` as the whole of the issuer's
+/// `[profile…]` tables.
+fn start_with_profiles(profiles: &str) -> Sso {
     let node = provider_dir();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
@@ -257,11 +270,7 @@ issuer = "https://localhost:{port}"
 client_id = "gateway"
 ca = "provider/ca.pem"
 jwks_refetch_interval = "1s"
-[profile]
-require_amr = ["mfa", "otp"]
-user_uri = "spiffe://example.internal/user/{{local}}"
-email_domains = ["example.internal"]
-{profile}
+{profiles}
 "#,
             port = sso.provider_port,
             metrics = sso.metrics_addr,
@@ -806,10 +815,10 @@ async fn the_issuer_refuses_each_bad_token_with_its_reason() {
         answer
     };
     for line in [
-        "gateway_issuer_issued_total 1",
-        "gateway_issuer_refused_total{reason=\"token_signature\"} 2",
-        "gateway_issuer_refused_total{reason=\"nonce\"} 1",
-        "gateway_issuer_refused_total{reason=\"no_mfa\"} 1",
+        "gateway_issuer_issued_total{profile=\"default\"} 1",
+        "gateway_issuer_refused_total{profile=\"default\",reason=\"token_signature\"} 2",
+        "gateway_issuer_refused_total{profile=\"default\",reason=\"nonce\"} 1",
+        "gateway_issuer_refused_total{profile=\"default\",reason=\"no_mfa\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
     }
@@ -1143,4 +1152,83 @@ async fn idle_connections_cannot_hold_the_issuer() {
     // …and the address is served again.
     let (status, _) = get().await.unwrap();
     assert_eq!(status.as_u16(), 200);
+}
+
+/// Several profiles: `gateway login --profile NAME` signs in under that
+/// profile's rules. Without MFA the default profile (which requires it)
+/// refuses, the `kiosk` profile (which does not) issues its own 1-hour
+/// certificate, named in the output, the certificate's subject and the
+/// issuer's log; an unknown profile is refused before any sign-in, with
+/// the names there are.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_signs_in_under_the_profile_it_names() {
+    let sso = tokio::task::spawn_blocking(|| {
+        start_with_profiles(
+            r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{local}"
+email_domains = ["example.internal"]
+[profile.kiosk]
+email_domains = ["example.internal"]
+default_lifetime = "1h"
+max_lifetime = "1h"
+"#,
+        )
+    })
+    .await
+    .unwrap();
+    let (ok, out, err) = sso.login("alice", "pwd", &[]);
+    assert!(!ok, "the default profile issued without MFA: {out}");
+    assert!(err.contains("MFA required"), "{err}");
+
+    let (ok, out, err) = sso.login("alice", "pwd", &["--profile", "kiosk"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "signed in as email:alice@example.internal, spiffe://example.internal/device/laptop-7 (profile kiosk)"
+        ),
+        "{out}"
+    );
+    let subject = Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-nameopt", "RFC2253", "-in"])
+        .arg(sso.path("out/user.pem"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&subject.stdout).trim(),
+        "subject=OU=kiosk,CN=alice@example.internal"
+    );
+    let pem = std::fs::read(sso.path("out/user.pem")).unwrap();
+    let leaf = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .unwrap()
+        .unwrap();
+    let id = gateway::identity::Identity::from_leaf(&leaf).unwrap();
+    let lifetime = id.not_after - time_now();
+    assert!((3500..=3600).contains(&lifetime), "kiosk's 1h: {lifetime}s");
+    let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"event\":\"issued\"") && l.contains("\"profile\":\"kiosk\"")),
+        "{log}"
+    );
+
+    let (ok, out, err) = sso.login("alice", "pwd,otp", &["--profile", "admins"]);
+    assert!(!ok, "{out}");
+    assert!(
+        !out.contains("To sign in"),
+        "refused before the sign-in: {out}"
+    );
+    assert!(
+        err.contains("no profile \"admins\" on this issuer (it has: default, kiosk)"),
+        "{err}"
+    );
+}
+
+fn time_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }

@@ -24,7 +24,7 @@ pub enum ConfigError {
     #[error("{path}: {field}: {message}")]
     Invalid {
         path: PathBuf,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
@@ -84,7 +84,9 @@ pub struct IssuerConfig {
     /// certificate for the routes' `device.san_prefix`.
     pub device_san_prefix: String,
     pub oidc: Oidc,
-    pub profile: Profile,
+    /// `[profile]`: the one profile, named `default`; or `[profile.NAME]`
+    /// tables, one per profile (`gateway login --profile NAME`).
+    pub profile: Profiles,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -149,6 +151,96 @@ fn default_max_token_age() -> Duration {
 }
 fn default_jwks_refetch() -> Duration {
     Duration::from_secs(10)
+}
+
+/// The profile a request that names none gets.
+pub const DEFAULT_PROFILE: &str = "default";
+
+/// The issuer's profiles by name. `[profile]` with its fields is the one
+/// profile, named `default` (as before several profiles existed); with
+/// `[profile.NAME]` tables each is a profile, and fields directly under
+/// `[profile]` beside them are refused rather than guessed at (defaults
+/// for the others? a profile of their own?). Names go into certificates,
+/// logs and metric labels: 1 to 32 of `a-z`, `0-9`, `-`, `_`.
+#[derive(Debug, Clone)]
+pub struct Profiles {
+    by_name: std::collections::BTreeMap<String, Profile>,
+    /// `[profile]` alone: its fields are named `profile.FIELD` in errors.
+    unnamed: bool,
+}
+
+impl Profiles {
+    /// The profile `name` names, or `default` for none.
+    pub fn get(&self, name: Option<&str>) -> Option<(&str, &Profile)> {
+        self.by_name
+            .get_key_value(name.unwrap_or(DEFAULT_PROFILE))
+            .map(|(n, p)| (n.as_str(), p))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Profile)> {
+        self.by_name.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.by_name.keys().map(String::as_str).collect()
+    }
+
+    /// How a profile's field is named in errors.
+    fn field(&self, name: &str, field: &str) -> String {
+        if self.unnamed {
+            format!("profile.{field}")
+        } else {
+            format!("profile.{name}.{field}")
+        }
+    }
+}
+
+/// A profile name: what a certificate, a log line and a metric label carry.
+pub fn valid_profile_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_'))
+}
+
+impl<'de> Deserialize<'de> for Profiles {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let table = toml::Table::deserialize(d)?;
+        let (named, fields): (Vec<_>, Vec<_>) = table.iter().partition(|(_, v)| v.is_table());
+        if named.is_empty() {
+            let p: Profile = toml::Value::Table(table)
+                .try_into()
+                .map_err(D::Error::custom)?;
+            return Ok(Profiles {
+                by_name: [(DEFAULT_PROFILE.to_owned(), p)].into(),
+                unnamed: true,
+            });
+        }
+        if !fields.is_empty() {
+            let loose: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+            return Err(D::Error::custom(format!(
+                "fields directly under [profile] ({}) beside [profile.NAME] tables: put each in a named profile ([profile.{DEFAULT_PROFILE}] is the one `gateway login` gets without --profile)",
+                loose.join(", ")
+            )));
+        }
+        let mut by_name = std::collections::BTreeMap::new();
+        for (name, v) in table {
+            if !valid_profile_name(&name) {
+                return Err(D::Error::custom(format!(
+                    "[profile.{name}]: a profile name is 1 to 32 of a-z, 0-9, '-', '_' (it goes into certificates, logs and metric labels)"
+                )));
+            }
+            let p: Profile = v
+                .try_into()
+                .map_err(|e| D::Error::custom(format!("[profile.{name}]: {e}")))?;
+            by_name.insert(name, p);
+        }
+        Ok(Profiles {
+            by_name,
+            unnamed: false,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,95 +354,20 @@ impl IssuerConfig {
                 path: path.to_owned(),
                 message: e.to_string(),
             })?;
-        let invalid = |field, message: String| ConfigError::Invalid {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
             path: path.to_owned(),
             field,
             message,
         };
-        let p = &c.profile;
-        if p.max_lifetime > LONGEST_LIFETIME {
-            return Err(invalid(
-                "profile.max_lifetime",
-                "at most 7d: a user certificate should end soon after the provider stops vouching"
-                    .into(),
-            ));
-        }
-        if p.default_lifetime > p.max_lifetime || p.default_lifetime.is_zero() {
-            return Err(invalid(
-                "profile.default_lifetime",
-                "must be above zero and at most profile.max_lifetime".into(),
-            ));
-        }
-        if p.refresh && p.max_auth_age.is_none() {
-            return Err(invalid(
-                "profile.refresh",
-                "needs max_auth_age: without it a refresh token would renew certificates on one MFA forever"
-                    .into(),
-            ));
-        }
-        if p.email_domains.is_empty() {
-            return Err(invalid(
-                "profile.email_domains",
-                "name at least one domain: the provider may vouch for users the gateway must not admit"
-                    .into(),
-            ));
-        }
-        if let Some(t) = &p.user_uri {
-            let sample = t.replace("{local}", "user");
-            crate::spiffe::SpiffeId::parse(&sample)
-                .map_err(|e| invalid("profile.user_uri", format!("{t:?}: {e}")))?;
-        }
-        match (&p.group_uri, p.groups.is_empty()) {
-            (Some(t), false) => {
-                for g in &p.groups {
-                    // One path segment: "sre/admins" would name a group
-                    // below another's.
-                    let segment = !g.is_empty()
-                        && g != "."
-                        && g != ".."
-                        && g.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-                    if !segment {
-                        return Err(invalid(
-                            "profile.groups",
-                            format!(
-                                "{g:?}: a group must be one SPIFFE path segment ([A-Za-z0-9._-])"
-                            ),
-                        ));
-                    }
-                    let uri = t.replace("{group}", g);
-                    crate::spiffe::SpiffeId::parse(&uri).map_err(|e| {
-                        invalid("profile.groups", format!("{g:?} makes {uri:?}: {e}"))
-                    })?;
-                }
-            }
-            (Some(_), true) => {
-                return Err(invalid(
-                    "profile.groups",
-                    "group_uri needs the list of groups that become SANs".into(),
-                ));
-            }
-            (None, false) => {
-                return Err(invalid(
-                    "profile.group_uri",
-                    "groups are listed but no group_uri says how to name them".into(),
-                ));
-            }
-            (None, true) => {}
-        }
-        if let Some(t) = &p.group_uri
-            && !t.contains("{group}")
-        {
-            return Err(invalid(
-                "profile.group_uri",
-                format!("{t:?} has no {{group}}: every group would get the same name"),
-            ));
+        for (name, p) in c.profile.iter() {
+            let field = |f: &str| c.profile.field(name, f);
+            check_profile(p, field).map_err(|(field, message)| invalid(field, message))?;
         }
         if !crate::spiffe::claims_spiffe(&c.device_san_prefix)
             || !c.device_san_prefix.ends_with('/')
         {
             return Err(invalid(
-                "device_san_prefix",
+                "device_san_prefix".into(),
                 format!(
                     "{:?}: expected a spiffe:// prefix ending in '/', as routes' device.san_prefix",
                     c.device_san_prefix
@@ -361,7 +378,7 @@ impl IssuerConfig {
             && !m.ip().is_loopback()
         {
             return Err(invalid(
-                "metrics_listen",
+                "metrics_listen".into(),
                 format!(
                     "{m}: a loopback address only (metrics are served in plain HTTP to whoever reaches them)"
                 ),
@@ -374,7 +391,7 @@ impl IssuerConfig {
             || c.crl_next_update.saturating_sub(c.crl_republish_before) < hour
         {
             return Err(invalid(
-                "crl_republish_before",
+                "crl_republish_before".into(),
                 format!(
                     "{:?}: at least 1h, and at least 1h below crl_next_update ({:?})",
                     c.crl_republish_before, c.crl_next_update
@@ -383,14 +400,14 @@ impl IssuerConfig {
         }
         if !c.oidc.issuer.starts_with("https://") {
             return Err(invalid(
-                "oidc.issuer",
+                "oidc.issuer".into(),
                 "must be https://: the ID token's keys are fetched from it".into(),
             ));
         }
         for r in [c.limits.per_user, c.limits.per_device] {
             if r.burst == 0 || r.per_hour == 0 {
                 return Err(invalid(
-                    "limits",
+                    "limits".into(),
                     "burst and per_hour must be above zero".into(),
                 ));
             }
@@ -410,6 +427,87 @@ impl IssuerConfig {
         }
         Ok(c)
     }
+}
+
+/// One profile's own rules; `field` names a field of it for the error
+/// (`profile.max_lifetime`, or `profile.sre.max_lifetime`).
+fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (String, String)> {
+    if p.max_lifetime > LONGEST_LIFETIME {
+        return Err((
+            field("max_lifetime"),
+            "at most 7d: a user certificate should end soon after the provider stops vouching"
+                .into(),
+        ));
+    }
+    if p.default_lifetime > p.max_lifetime || p.default_lifetime.is_zero() {
+        return Err((
+            field("default_lifetime"),
+            "must be above zero and at most max_lifetime".into(),
+        ));
+    }
+    if p.refresh && p.max_auth_age.is_none() {
+        return Err((
+            field("refresh"),
+            "needs max_auth_age: without it a refresh token would renew certificates on one MFA forever"
+                .into(),
+        ));
+    }
+    if p.email_domains.is_empty() {
+        return Err((
+            field("email_domains"),
+            "name at least one domain: the provider may vouch for users the gateway must not admit"
+                .into(),
+        ));
+    }
+    if let Some(t) = &p.user_uri {
+        let sample = t.replace("{local}", "user");
+        crate::spiffe::SpiffeId::parse(&sample)
+            .map_err(|e| (field("user_uri"), format!("{t:?}: {e}")))?;
+    }
+    match (&p.group_uri, p.groups.is_empty()) {
+        (Some(t), false) => {
+            for g in &p.groups {
+                // One path segment: "sre/admins" would name a group
+                // below another's.
+                let segment = !g.is_empty()
+                    && g != "."
+                    && g != ".."
+                    && g.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                if !segment {
+                    return Err((
+                        field("groups"),
+                        format!("{g:?}: a group must be one SPIFFE path segment ([A-Za-z0-9._-])"),
+                    ));
+                }
+                let uri = t.replace("{group}", g);
+                crate::spiffe::SpiffeId::parse(&uri)
+                    .map_err(|e| (field("groups"), format!("{g:?} makes {uri:?}: {e}")))?;
+            }
+        }
+        (Some(_), true) => {
+            return Err((
+                field("groups"),
+                "group_uri needs the list of groups that become SANs".into(),
+            ));
+        }
+        (None, false) => {
+            return Err((
+                field("group_uri"),
+                "groups are listed but no group_uri says how to name them".into(),
+            ));
+        }
+        (None, true) => {}
+    }
+    if let Some(t) = &p.group_uri
+        && !t.contains("{group}")
+    {
+        return Err((
+            field("group_uri"),
+            format!("{t:?} has no {{group}}: every group would get the same name"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -439,8 +537,10 @@ email_domains = ["example.internal"]
     #[test]
     fn defaults_and_relative_paths() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.profile.default_lifetime, Duration::from_secs(8 * 3600));
-        assert_eq!(c.profile.max_lifetime, Duration::from_secs(12 * 3600));
+        let (name, p) = c.profile.get(None).unwrap();
+        assert_eq!(name, "default", "[profile] alone is the default profile");
+        assert_eq!(p.default_lifetime, Duration::from_secs(8 * 3600));
+        assert_eq!(p.max_lifetime, Duration::from_secs(12 * 3600));
         assert_eq!(c.oidc.leeway, Duration::from_secs(30));
         assert_eq!(c.ca_dir, PathBuf::from("/etc/gw/sso"));
         assert_eq!(
@@ -522,7 +622,15 @@ email_domains = ["example.internal"]
             "[profile]\n",
             "[profile]\nrefresh = true\nmax_auth_age = \"12h\"\n",
         );
-        assert!(parse(&bounded).unwrap().profile.refresh);
+        assert!(
+            parse(&bounded)
+                .unwrap()
+                .profile
+                .get(None)
+                .unwrap()
+                .1
+                .refresh
+        );
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(
             parse(&unknown)
@@ -530,5 +638,36 @@ email_domains = ["example.internal"]
                 .to_string()
                 .contains("surprise")
         );
+    }
+
+    #[test]
+    fn named_profiles_each_checked_and_not_mixed_with_loose_fields() {
+        let named = GOOD.replace("[profile]\n", "[profile.default]\n")
+            + "[profile.sre]\nemail_domains = [\"example.internal\"]\nmax_lifetime = \"2h\"\ndefault_lifetime = \"1h\"\n";
+        let c = parse(&named).unwrap();
+        assert_eq!(c.profile.names(), vec!["default", "sre"]);
+        assert_eq!(
+            c.profile.get(Some("sre")).unwrap().1.max_lifetime,
+            Duration::from_secs(7200)
+        );
+        assert_eq!(c.profile.get(None).unwrap().0, "default");
+        assert!(c.profile.get(Some("nope")).is_none());
+        // Each profile is checked, and its errors name it.
+        let bad = named.replace("max_lifetime = \"2h\"", "max_lifetime = \"9d\"");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("profile.sre.max_lifetime"), "{e}");
+        let unknown = named.replace("max_lifetime = \"2h\"", "max_lifetime = \"2h\"\nmfa = true");
+        let e = parse(&unknown).unwrap_err().to_string();
+        assert!(e.contains("[profile.sre]") && e.contains("mfa"), "{e}");
+        // Fields directly under [profile] beside named ones: refused.
+        let mixed = format!("{GOOD}[profile.sre]\nemail_domains = [\"example.internal\"]\n");
+        let e = parse(&mixed).unwrap_err().to_string();
+        assert!(
+            e.contains("fields directly under [profile]") && e.contains("require_amr"),
+            "{e}"
+        );
+        let name = named.replace("[profile.sre]", "[profile.\"SRE team\"]");
+        let e = parse(&name).unwrap_err().to_string();
+        assert!(e.contains("a profile name is"), "{e}");
     }
 }

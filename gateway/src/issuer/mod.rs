@@ -79,6 +79,11 @@ pub enum Refusal {
         "this issuer's profile does not renew with refresh tokens (refresh = false): sign in again with `gateway login`"
     )]
     RefreshNotAllowed,
+    #[error("{}", unknown_profile(asked.as_deref(), known))]
+    UnknownProfile {
+        asked: Option<String>,
+        known: Vec<String>,
+    },
     #[error("bad request: {0}")]
     BadRequest(String),
     #[error("certificate signing request refused: {0}")]
@@ -104,6 +109,7 @@ impl Refusal {
             Refusal::Lifetime { .. } => "lifetime",
             Refusal::DeviceExpiring { .. } => "device_expiring",
             Refusal::RefreshNotAllowed => "refresh_not_allowed",
+            Refusal::UnknownProfile { .. } => "unknown_profile",
             Refusal::BadRequest(_) => "bad_request",
             Refusal::Csr(_) => "csr",
             Refusal::CsrKey(_) => "csr_key",
@@ -116,6 +122,7 @@ impl Refusal {
             Refusal::NoDevice => 401,
             Refusal::RateLimited { .. } => 429,
             Refusal::BadRequest(_)
+            | Refusal::UnknownProfile { .. }
             | Refusal::Csr(_)
             | Refusal::CsrKey(_)
             | Refusal::Lifetime { .. } => 400,
@@ -123,6 +130,24 @@ impl Refusal {
             Refusal::Internal(_) => 500,
             _ => 403,
         }
+    }
+}
+
+/// What `Refusal::UnknownProfile` tells the requester: which profiles
+/// there are, and how to pick one. A name the requester made up is
+/// quoted, and cut short.
+fn unknown_profile(asked: Option<&str>, known: &[String]) -> String {
+    let known = known.join(", ");
+    match asked {
+        Some(a) => {
+            let a: String = a.chars().take(40).collect();
+            format!(
+                "no profile {a:?} on this issuer (it has: {known}): name one of them with `gateway login --profile`"
+            )
+        }
+        None => format!(
+            "this issuer has no default profile: name one with `gateway login --profile` (it has: {known})"
+        ),
     }
 }
 
@@ -173,11 +198,30 @@ pub struct CertificateResponse {
     /// RFC 3339.
     pub not_after: String,
     pub sans: Vec<String>,
+    /// The profile it was signed under (also its subject's OU).
+    #[serde(default)]
+    pub profile: String,
 }
+
+/// One profile's issuances and refusals.
+#[derive(Debug, Default, Clone)]
+pub struct ProfileCounters {
+    pub issued: u64,
+    pub refreshed: u64,
+    pub refused: BTreeMap<&'static str, u64>,
+}
+
+/// The profile label of a refusal decided before the request's profile
+/// was known (no device certificate, an unknown profile): never a name
+/// the requester sent, so labels stay the configured ones.
+pub const NO_PROFILE: &str = "-";
 
 /// Issuances, refusals and the CRL's re-signing, for `/metrics`.
 #[derive(Debug, Default, Clone)]
 pub struct Counters {
+    /// By profile (`NO_PROFILE` for refusals before one was known); the
+    /// totals below sum them.
+    pub by_profile: BTreeMap<String, ProfileCounters>,
     pub issued: u64,
     /// Of `issued`, those on a refreshed ID token (`Grant::Refresh`).
     pub refreshed: u64,
@@ -479,7 +523,7 @@ impl Issuer {
         let result = self.device(device).and_then(|d| Ok(self.nonces.issue(d)?));
         match &result {
             Ok(_) => self.count(|c| c.nonces += 1),
-            Err(e) => self.refused(e, device, None),
+            Err(e) => self.refused(e, device, None, NO_PROFILE),
         }
         result
     }
@@ -487,17 +531,25 @@ impl Issuer {
     /// A refusal decided before `issue` (by the server, e.g. no device
     /// certificate): logged and counted the same way.
     pub fn refused_early(&self, e: &Refusal) {
-        self.refused(e, None, None);
+        self.refused(e, None, None, NO_PROFILE);
     }
 
-    fn refused(&self, e: &Refusal, device: Option<&Identity>, user: Option<&str>) {
+    fn refused(&self, e: &Refusal, device: Option<&Identity>, user: Option<&str>, profile: &str) {
         let reason = e.reason();
-        self.count(|c| *c.refused.entry(reason).or_default() += 1);
+        self.count(|c| {
+            *c.refused.entry(reason).or_default() += 1;
+            *c.by_profile
+                .entry(profile.to_owned())
+                .or_default()
+                .refused
+                .entry(reason)
+                .or_default() += 1;
+        });
         let device = device
             .and_then(|d| d.device(&self.config.device_san_prefix))
             .unwrap_or("-");
         tracing::warn!(target: "gateway::issuer", event = "refused", reason, device,
-            user = user.unwrap_or("-"), error = %e, "certificate refused");
+            user = user.unwrap_or("-"), profile, error = %e, "certificate refused");
     }
 
     /// `POST /v1/certificate`: the whole decision, then the signature.
@@ -506,35 +558,60 @@ impl Issuer {
         device: Option<&Identity>,
         req: CertificateRequest,
     ) -> Result<CertificateResponse, Refusal> {
-        self.issue_as(device, req, Grant::SignIn).await
+        self.issue_as(device, req, Grant::SignIn, None).await
     }
 
     /// `POST /v1/certificate` (`Grant::SignIn`) or `POST /v1/renewal`
-    /// (`Grant::Refresh`): the same decision, but for how the token's
-    /// replay is stopped.
+    /// (`Grant::Refresh`), under the profile the request names
+    /// (`?profile=NAME`; none: `default`): the same decision, but for how
+    /// the token's replay is stopped, by that profile's rules.
     pub async fn issue_as(
         &self,
         device: Option<&Identity>,
         req: CertificateRequest,
         grant: Grant,
+        profile: Option<&str>,
     ) -> Result<CertificateResponse, Refusal> {
         let mut user = None;
-        let result = self.issue_inner(device, req, grant, &mut user).await;
+        let mut named = NO_PROFILE;
+        let result = self
+            .issue_inner(device, req, grant, profile, &mut user, &mut named)
+            .await;
         if let Err(e) = &result {
-            self.refused(e, device, user.as_deref());
+            self.refused(e, device, user.as_deref(), named);
         }
         result
     }
 
-    async fn issue_inner(
-        &self,
+    /// The profile `asked` names (none: `default`), or why not.
+    pub fn profile(&self, asked: Option<&str>) -> Result<(&str, &config::Profile), Refusal> {
+        self.config
+            .profile
+            .get(asked)
+            .ok_or_else(|| Refusal::UnknownProfile {
+                asked: asked.map(str::to_owned),
+                known: self
+                    .config
+                    .profile
+                    .names()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+            })
+    }
+
+    async fn issue_inner<'a>(
+        &'a self,
         device: Option<&Identity>,
         req: CertificateRequest,
         grant: Grant,
+        asked: Option<&str>,
         user: &mut Option<String>,
+        named: &mut &'a str,
     ) -> Result<CertificateResponse, Refusal> {
         let (device_cert, device) = self.device_id(device)?;
-        let profile = &self.config.profile;
+        let (profile_name, profile) = self.profile(asked)?;
+        *named = profile_name;
         if grant == Grant::Refresh && !profile.refresh {
             return Err(Refusal::RefreshNotAllowed);
         }
@@ -574,7 +651,8 @@ impl Issuer {
                 }
             }
             (Grant::Refresh, nonce) => {
-                self.sign_ins.check(nonce, device, &claims.sub)?;
+                self.sign_ins
+                    .check(nonce, device, &claims.sub, profile_name)?;
                 self.used.first_use(&req.id_token)?;
             }
         }
@@ -614,15 +692,25 @@ impl Issuer {
         let (chain, entry) = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             store
-                .sign_request(&cn, &req.csr, &sans, not_after, Some(&bound))
+                .sign_user_request(
+                    &cn,
+                    &req.csr,
+                    &sans,
+                    not_after,
+                    Some(&bound),
+                    Some(profile_name),
+                )
                 .map_err(|e| match e {
                     crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
                     other => Refusal::Internal(other.to_string()),
                 })?
         };
         self.count(|c| {
+            let p = c.by_profile.entry(profile_name.to_owned()).or_default();
+            p.issued += 1;
             c.issued += 1;
             if grant == Grant::Refresh {
+                p.refreshed += 1;
                 c.refreshed += 1;
             }
         });
@@ -632,13 +720,18 @@ impl Issuer {
             && grant == Grant::SignIn
             && let (Some(nonce), Some(max)) = (claims.nonce.as_deref(), profile.max_auth_age)
         {
-            self.sign_ins
-                .record(nonce, device, &claims.sub, max + self.config.oidc.leeway);
+            self.sign_ins.record(
+                nonce,
+                device,
+                &claims.sub,
+                profile_name,
+                max + self.config.oidc.leeway,
+            );
         }
         // One JSON line per issuance (with `--log-format json`): who, from
         // which device, on which claims, which serial, for how long.
         tracing::info!(target: "gateway::issuer", event = "issued",
-            user = %cn, device, grant = grant.name(), sub = %claims.sub, iss = %claims.iss,
+            user = %cn, device, profile = profile_name, grant = grant.name(), sub = %claims.sub, iss = %claims.iss,
             amr = ?claims.amr.clone().unwrap_or_default(), acr = claims.acr.as_deref().unwrap_or("-"),
             serial = %entry.serial, not_after = %entry.not_after, key,
             lifetime_secs = (not_after - now).whole_seconds(), sans = ?sans, "certificate issued");
@@ -648,6 +741,7 @@ impl Issuer {
             serial: entry.serial,
             not_after: entry.not_after,
             sans,
+            profile: profile_name.to_owned(),
         })
     }
 }

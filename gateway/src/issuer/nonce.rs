@@ -157,6 +157,9 @@ pub struct SignIns {
 struct SignIn {
     device: String,
     sub: String,
+    /// The issuer profile it was taken under: a refresh continues it under
+    /// that profile only.
+    profile: String,
     expires: Instant,
 }
 
@@ -169,8 +172,9 @@ impl Default for SignIns {
 }
 
 impl SignIns {
-    /// Remembers that `device` signed `sub` in with `nonce`, for `keep`.
-    pub fn record(&self, nonce: &str, device: &str, sub: &str, keep: Duration) {
+    /// Remembers that `device` signed `sub` in with `nonce` under
+    /// `profile`, for `keep`.
+    pub fn record(&self, nonce: &str, device: &str, sub: &str, profile: &str, keep: Duration) {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, e| e.expires > now);
@@ -188,18 +192,32 @@ impl SignIns {
             SignIn {
                 device: device.to_owned(),
                 sub: sub.to_owned(),
+                profile: profile.to_owned(),
                 expires: now + keep,
             },
         );
     }
 
     /// A refreshed token's `nonce` names a sign-in of `device` and `sub`
-    /// that is still held.
-    pub fn check(&self, nonce: Option<&str>, device: &str, sub: &str) -> Result<(), NonceError> {
+    /// under `profile` that is still held.
+    pub fn check(
+        &self,
+        nonce: Option<&str>,
+        device: &str,
+        sub: &str,
+        profile: &str,
+    ) -> Result<(), NonceError> {
         let nonce = nonce.ok_or(NonceError::Missing)?;
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(nonce) {
-            Some(e) if e.device == device && e.sub == sub && e.expires > Instant::now() => Ok(()),
+            Some(e)
+                if e.device == device
+                    && e.sub == sub
+                    && e.profile == profile
+                    && e.expires > Instant::now() =>
+            {
+                Ok(())
+            }
             _ => Err(NonceError::SignInUnknown),
         }
     }
@@ -238,23 +256,31 @@ mod tests {
     #[test]
     fn a_sign_in_is_continued_only_by_its_device_and_user_while_held() {
         let s = SignIns::default();
-        s.record("n1", LAPTOP, "alice", Duration::from_secs(300));
-        s.record("n0", LAPTOP, "alice", Duration::ZERO);
-        assert_eq!(s.check(Some("n1"), LAPTOP, "alice"), Ok(()));
-        assert_eq!(s.check(Some("n1"), LAPTOP, "alice"), Ok(()), "kept");
-        for (nonce, device, sub) in [
-            (Some("n1"), OTHER, "alice"),
-            (Some("n1"), LAPTOP, "bob"),
-            (Some("n2"), LAPTOP, "alice"),
-            (Some("n0"), LAPTOP, "alice"),
+        s.record("n1", LAPTOP, "alice", "default", Duration::from_secs(300));
+        s.record("n0", LAPTOP, "alice", "default", Duration::ZERO);
+        assert_eq!(s.check(Some("n1"), LAPTOP, "alice", "default"), Ok(()));
+        assert_eq!(
+            s.check(Some("n1"), LAPTOP, "alice", "default"),
+            Ok(()),
+            "kept"
+        );
+        for (nonce, device, sub, profile) in [
+            (Some("n1"), OTHER, "alice", "default"),
+            (Some("n1"), LAPTOP, "bob", "default"),
+            (Some("n1"), LAPTOP, "alice", "admins"),
+            (Some("n2"), LAPTOP, "alice", "default"),
+            (Some("n0"), LAPTOP, "alice", "default"),
         ] {
             assert_eq!(
-                s.check(nonce, device, sub),
+                s.check(nonce, device, sub, profile),
                 Err(NonceError::SignInUnknown),
-                "{nonce:?} {device} {sub}"
+                "{nonce:?} {device} {sub} {profile}"
             );
         }
-        assert_eq!(s.check(None, LAPTOP, "alice"), Err(NonceError::Missing));
+        assert_eq!(
+            s.check(None, LAPTOP, "alice", "default"),
+            Err(NonceError::Missing)
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! answer 401 without one.
 //!
 //! Routes: `GET /v1/config`, `POST /v1/nonce`, `POST /v1/certificate`,
-//! `POST /v1/renewal` (a refreshed ID token, `Grant::Refresh`).
+//! `POST /v1/renewal` (a refreshed ID token, `Grant::Refresh`); all but
+//! the nonce take `?profile=NAME` (none: the `default` profile).
 //! `GET /metrics` is served apart, in plain HTTP on a loopback address
 //! (`metrics_listen`, `serve_metrics`), never here: this listener takes
 //! clients without a certificate, and a scraper should not need a device
@@ -342,9 +343,20 @@ fn refusal(e: &Refusal) -> Reply {
 
 async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incoming>) -> Reply {
     let (parts, body) = req.into_parts();
+    let profile = parts
+        .uri
+        .query()
+        .and_then(|q| super::http::query_value(q, "profile"));
+    let profile = profile.as_deref();
     match (parts.method.clone(), parts.uri.path()) {
         (Method::GET, "/v1/config") => {
             let c = issuer.config();
+            // The profile's own rules that the sign-in must meet; an
+            // unknown one is answered here already, with the names.
+            let (name, p) = match issuer.profile(profile) {
+                Ok(p) => p,
+                Err(e) => return refusal(&e),
+            };
             json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -352,8 +364,10 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                     "client_id": c.oidc.client_id,
                     "scopes": c.oidc.scopes,
                     "device_san_prefix": c.device_san_prefix,
-                    "max_age": c.profile.max_auth_age.map(|d| d.as_secs()),
-                    "refresh": c.profile.refresh,
+                    "profile": name,
+                    "profiles": c.profile.names(),
+                    "max_age": p.max_auth_age.map(|d| d.as_secs()),
+                    "refresh": p.refresh,
                 }),
             )
         }
@@ -390,7 +404,7 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
                 Ok(r) => r,
                 Err(e) => return refusal(&Refusal::BadRequest(format!("not a request: {e}"))),
             };
-            match issuer.issue_as(device, req, grant).await {
+            match issuer.issue_as(device, req, grant, profile).await {
                 Ok(answer) => match serde_json::to_value(&answer) {
                     Ok(v) => json(StatusCode::OK, &v),
                     Err(e) => refusal(&Refusal::Internal(e.to_string())),
@@ -502,21 +516,35 @@ pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: Can
 
 pub(crate) fn metrics(issuer: &Issuer) -> String {
     let super::Counters {
-        issued,
-        refreshed,
-        refused,
+        by_profile,
         nonces,
         crl_published,
         crl_publish_failures,
         index_pruned,
+        ..
     } = issuer.counters();
     let mut out = String::new();
-    out.push_str("# HELP gateway_issuer_issued_total User certificates issued.\n");
+    // Every configured profile has its line from the start (0 until used).
+    let mut by_profile = by_profile;
+    for name in issuer.config().profile.names() {
+        by_profile.entry(name.to_owned()).or_default();
+    }
+    out.push_str("# HELP gateway_issuer_issued_total User certificates issued, by profile.\n");
     out.push_str("# TYPE gateway_issuer_issued_total counter\n");
-    out.push_str(&format!("gateway_issuer_issued_total {issued}\n"));
-    out.push_str("# HELP gateway_issuer_refreshed_total User certificates issued on a refreshed ID token (gateway login --renew without the user; also in issued_total).\n");
+    for (profile, c) in by_profile.iter().filter(|(p, _)| *p != super::NO_PROFILE) {
+        out.push_str(&format!(
+            "gateway_issuer_issued_total{{profile=\"{profile}\"}} {}\n",
+            c.issued
+        ));
+    }
+    out.push_str("# HELP gateway_issuer_refreshed_total User certificates issued on a refreshed ID token (gateway login --renew without the user; also in issued_total), by profile.\n");
     out.push_str("# TYPE gateway_issuer_refreshed_total counter\n");
-    out.push_str(&format!("gateway_issuer_refreshed_total {refreshed}\n"));
+    for (profile, c) in by_profile.iter().filter(|(p, _)| *p != super::NO_PROFILE) {
+        out.push_str(&format!(
+            "gateway_issuer_refreshed_total{{profile=\"{profile}\"}} {}\n",
+            c.refreshed
+        ));
+    }
     out.push_str("# HELP gateway_issuer_nonces_total Nonces handed to devices.\n");
     out.push_str("# TYPE gateway_issuer_nonces_total counter\n");
     out.push_str(&format!("gateway_issuer_nonces_total {nonces}\n"));
@@ -537,12 +565,14 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str(&format!(
         "gateway_issuer_index_pruned_total {index_pruned}\n"
     ));
-    out.push_str("# HELP gateway_issuer_refused_total Requests refused, by reason.\n");
+    out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");
-    for (reason, n) in refused {
-        out.push_str(&format!(
-            "gateway_issuer_refused_total{{reason=\"{reason}\"}} {n}\n"
-        ));
+    for (profile, c) in &by_profile {
+        for (reason, n) in &c.refused {
+            out.push_str(&format!(
+                "gateway_issuer_refused_total{{profile=\"{profile}\",reason=\"{reason}\"}} {n}\n"
+            ));
+        }
     }
     out
 }

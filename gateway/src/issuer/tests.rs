@@ -128,6 +128,19 @@ struct Setup {
 }
 
 fn setup(extra_profile: &str) -> Setup {
+    setup_profiles(&format!(
+        r#"
+[profile]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{{local}}"
+email_domains = ["example.internal"]
+{extra_profile}
+"#
+    ))
+}
+
+/// The issuer with `profiles` (the `[profile…]` tables and what follows).
+fn setup_profiles(profiles: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("sso");
     Store::open(&ca_dir)
@@ -149,11 +162,7 @@ device_san_prefix = "spiffe://example.internal/device/"
 issuer = "{ISS}"
 client_id = "gateway"
 jwks_refetch_interval = "1s"
-[profile]
-require_amr = ["mfa", "otp"]
-user_uri = "spiffe://example.internal/user/{{local}}"
-email_domains = ["example.internal"]
-{extra_profile}
+{profiles}
 "#
     );
     let config = IssuerConfig::parse(&text, Path::new("issuer.toml"), dir.path()).unwrap();
@@ -1124,7 +1133,7 @@ async fn a_refreshed_token_renews_only_its_sign_ins_device_and_user_once_within_
         let issuer = &s.issuer;
         async move {
             issuer
-                .issue_as(Some(&device), request(t), Grant::Refresh)
+                .issue_as(Some(&device), request(t), Grant::Refresh, None)
                 .await
         }
     };
@@ -1193,7 +1202,10 @@ async fn a_refreshed_token_renews_only_its_sign_ins_device_and_user_once_within_
     assert_eq!(e.reason(), "token_audience", "{e}");
     assert_eq!(s.issuer.counters().refreshed, 1);
     let m = server::metrics(&s.issuer);
-    assert!(m.contains("gateway_issuer_refreshed_total 1\n"), "{m}");
+    assert!(
+        m.contains("gateway_issuer_refreshed_total{profile=\"default\"} 1\n"),
+        "{m}"
+    );
 }
 
 /// Without `profile.refresh` nothing is renewed from a refreshed token,
@@ -1209,11 +1221,133 @@ async fn a_profile_without_refresh_renews_nothing() {
         .unwrap();
     let e = s
         .issuer
-        .issue_as(Some(&laptop), request(t), Grant::Refresh)
+        .issue_as(Some(&laptop), request(t), Grant::Refresh, None)
         .await
         .unwrap_err();
     assert!(matches!(e, Refusal::RefreshNotAllowed), "{e}");
     assert_eq!(e.reason(), "refresh_not_allowed");
     assert_eq!(e.status(), 403);
-    assert!(!s.issuer.config().profile.refresh);
+    assert!(!s.issuer.config().profile.get(None).unwrap().1.refresh);
+}
+
+/// Several profiles (`[profile.NAME]`), each with its own rules: a token
+/// without MFA is refused by the profile requiring it and taken by one
+/// that does not, under that one's lifetime; the certificate (subject OU),
+/// the index, the log and the metrics name the profile. An unknown
+/// profile is refused with the names there are, before the token is
+/// looked at, and counted apart from the configured ones.
+#[tokio::test]
+async fn each_profile_applies_its_own_rules_and_an_unknown_one_is_refused() {
+    let s = setup_profiles(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+user_uri = "spiffe://example.internal/user/{local}"
+email_domains = ["example.internal"]
+[profile.kiosk]
+email_domains = ["example.internal"]
+default_lifetime = "1h"
+max_lifetime = "2h"
+"#,
+    );
+    let laptop = device(LAPTOP);
+    let ask = |profile: Option<&'static str>| {
+        let t = s.token(|c| c["amr"] = json!(["pwd"]));
+        let (issuer, laptop) = (&s.issuer, laptop.clone());
+        async move {
+            issuer
+                .issue_as(Some(&laptop), request(t), Grant::SignIn, profile)
+                .await
+        }
+    };
+    let e = ask(None).await.unwrap_err();
+    assert_eq!(
+        e.reason(),
+        "no_mfa",
+        "the default profile requires MFA: {e}"
+    );
+    let e = ask(Some("default")).await.unwrap_err();
+    assert_eq!(e.reason(), "no_mfa", "{e}");
+    let answer = ask(Some("kiosk")).await.unwrap();
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let id = Identity::from_leaf(&leaf).unwrap();
+    let lifetime = id.not_after - now() as i64;
+    assert!(
+        (3600 - 60..=3600).contains(&lifetime),
+        "kiosk's 1h, got {lifetime}s"
+    );
+    assert_eq!(
+        id.uris,
+        vec![LAPTOP],
+        "kiosk has no user_uri: {:?}",
+        id.uris
+    );
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    let ou: Vec<&str> = cert
+        .subject()
+        .iter_organizational_unit()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(ou, vec!["kiosk"], "{}", cert.subject());
+    let entry = Store::open(&s.ca_dir)
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == answer.serial)
+        .unwrap();
+    assert_eq!(entry.profile.as_deref(), Some("kiosk"));
+
+    let e = ask(Some("admins")).await.unwrap_err();
+    assert!(matches!(e, Refusal::UnknownProfile { .. }), "{e}");
+    assert_eq!((e.reason(), e.status()), ("unknown_profile", 400));
+    assert!(
+        e.to_string().contains("no profile \"admins\"")
+            && e.to_string().contains("(it has: default, kiosk)"),
+        "{e}"
+    );
+    let m = server::metrics(&s.issuer);
+    for line in [
+        "gateway_issuer_issued_total{profile=\"default\"} 0\n",
+        "gateway_issuer_issued_total{profile=\"kiosk\"} 1\n",
+        "gateway_issuer_refused_total{profile=\"default\",reason=\"no_mfa\"} 2\n",
+        "gateway_issuer_refused_total{profile=\"-\",reason=\"unknown_profile\"} 1\n",
+    ] {
+        assert!(m.contains(line), "{line} in\n{m}");
+    }
+    assert!(
+        !m.contains("admins"),
+        "a name a client made up is no label: {m}"
+    );
+}
+
+/// Named profiles without a `default`: a request that names none is
+/// refused, saying which there are.
+#[tokio::test]
+async fn without_a_default_profile_a_request_must_name_one() {
+    let s = setup_profiles(
+        r#"
+[profile.sre]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+"#,
+    );
+    let e = s.refused(s.token(|_| {})).await;
+    assert_eq!(e.reason(), "unknown_profile");
+    assert!(
+        e.to_string().contains("no default profile") && e.to_string().contains("sre"),
+        "{e}"
+    );
+    s.issuer
+        .issue_as(
+            Some(&device(LAPTOP)),
+            request(s.token(|_| {})),
+            Grant::SignIn,
+            Some("sre"),
+        )
+        .await
+        .unwrap();
 }

@@ -133,6 +133,9 @@ pub struct LeafSpec {
     /// RFC 5280 §4.2 says a verifier must reject what it cannot process).
     pub unknown_critical_extension: bool,
     pub key_type: KeyType,
+    /// The subject's OU, e.g. the issuer profile a user certificate was
+    /// signed under (routes ignore it; people and audits read it).
+    pub organizational_unit: Option<String>,
 }
 
 impl LeafSpec {
@@ -147,6 +150,7 @@ impl LeafSpec {
             is_ca: false,
             unknown_critical_extension: false,
             key_type: KeyType::P256,
+            organizational_unit: None,
         }
     }
 
@@ -346,6 +350,11 @@ impl Authority {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&spec.common_name);
+        if let Some(ou) = &spec.organizational_unit {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou.as_str());
+        }
         params.subject_alt_names = spec.sans.iter().map(|s| san(s)).collect::<Result<_, _>>()?;
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;

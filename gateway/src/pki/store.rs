@@ -68,6 +68,9 @@ pub struct IndexEntry {
     /// That device certificate's serial (hex), as the issuer saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_serial: Option<String>,
+    /// The issuer profile it was signed under (its subject's OU too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// The device a user certificate is bound to, as the issuer verified it.
@@ -417,6 +420,7 @@ impl Store {
             revoked_at: None,
             device: None,
             device_serial: None,
+            profile: None,
         });
         self.save_index(&index)?;
         Ok((cert, key))
@@ -436,6 +440,20 @@ impl Store {
         sans: &[String],
         not_after: OffsetDateTime,
         device: Option<&BoundDevice>,
+    ) -> Result<(String, IndexEntry), PkiError> {
+        self.sign_user_request(name, csr_pem, sans, not_after, device, None)
+    }
+
+    /// `sign_request`, naming the issuer `profile` it was signed under in
+    /// the subject's OU and the index entry.
+    pub fn sign_user_request(
+        &self,
+        name: &str,
+        csr_pem: &str,
+        sans: &[String],
+        not_after: OffsetDateTime,
+        device: Option<&BoundDevice>,
+        profile: Option<&str>,
     ) -> Result<(String, IndexEntry), PkiError> {
         if let Some(w) = sans.iter().find(|s| s.contains('*')) {
             return Err(PkiError::Wildcard(w.clone()));
@@ -458,6 +476,7 @@ impl Store {
         let now = now.replace_nanosecond(0).unwrap_or(now);
         spec.not_before = now - Duration::minutes(5);
         spec.not_after = not_after.replace_nanosecond(0).unwrap_or(not_after);
+        spec.organizational_unit = profile.map(str::to_owned);
         let signed = int.sign_request(csr_pem, &spec)?;
         let entry = IndexEntry {
             serial: hex(&signed.serial),
@@ -468,6 +487,7 @@ impl Store {
             revoked_at: None,
             device: device.map(|d| d.uri.clone()),
             device_serial: device.map(|d| d.serial.clone()),
+            profile: profile.map(str::to_owned),
         };
         index.issued.push(entry.clone());
         self.save_index(&index)?;
@@ -573,6 +593,7 @@ impl Store {
                     revoked_at: Some(rfc3339(OffsetDateTime::now_utc())),
                     device: None,
                     device_serial: None,
+                    profile: None,
                 };
                 index.revoked_intermediates.push(e.clone());
                 e
