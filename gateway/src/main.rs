@@ -417,7 +417,6 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         };
         let listener = server::bind(&config).await?;
         let metrics_listener = server::bind_metrics(&config).await?;
-        let reload_config = config.clone();
         let issuer = std::sync::Arc::new(
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
         );
@@ -448,7 +447,10 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         // The device CRLs change as devices are revoked: read them again
         // on SIGHUP and every minute, so a revoked device stops getting
-        // certificates without a restart.
+        // certificates without a restart. SIGHUP reads issuer.toml again
+        // too (which rebuilds the acceptor from the files it names); a
+        // config that is refused leaves the one in service, whose device
+        // CA and CRLs are then read again as on the timer.
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         every.tick().await;
         loop {
@@ -458,8 +460,14 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
                 _ = hup.recv() => "SIGHUP",
                 _ = every.tick() => "timer",
             };
+            let reloaded = why == "SIGHUP"
+                && server::reload_config(path, &issuer, &acceptor).is_ok();
             maintain_crl(issuer.clone()).await;
-            match server::reload(&reload_config, &acceptor) {
+            if reloaded {
+                tracing::info!(why, "issuer: issuer.toml, device CA and CRLs read again");
+                continue;
+            }
+            match server::reload(&issuer.current_config(), &acceptor) {
                 Ok(()) if why == "timer" => {
                     tracing::debug!(why, "issuer: device CA and CRLs read again")
                 }

@@ -1232,3 +1232,92 @@ fn time_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+/// The issuer's `/metrics` from `metrics_listen`.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// SIGHUP reads `issuer.toml` again. A config that does not load (an
+/// unknown field) or changes what takes a restart (`listen`) is refused,
+/// logged and counted, and the one in service keeps issuing under its
+/// rules; a good one (a second profile without MFA) is in service at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_issuer_toml_and_a_bad_one_leaves_the_old_in_service() {
+    let sso = tokio::task::spawn_blocking(start).await.unwrap();
+    let toml = std::fs::read_to_string(sso.path("issuer.toml")).unwrap();
+    let hup_until = |what: &str, n: usize| {
+        process::signal(&sso._issuer.0, "HUP");
+        let until = Instant::now() + STEP;
+        loop {
+            let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default();
+            if log.matches(what).count() >= n {
+                return log;
+            }
+            assert!(Instant::now() < until, "no {what} after SIGHUP:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Not a config: refused, and the old one (MFA required) still serves.
+    std::fs::write(
+        sso.path("issuer.toml"),
+        format!("{toml}\nrequire_mfa = false\n"),
+    )
+    .unwrap();
+    let log = hup_until("\"event\":\"config_reload_failed\"", 1);
+    assert!(log.contains("require_mfa"), "the log says why:\n{log}");
+    // A change that takes a restart: refused as a whole.
+    let port = sso.issuer_url.rsplit(':').next().unwrap().to_owned();
+    std::fs::write(
+        sso.path("issuer.toml"),
+        toml.replacen(&format!("127.0.0.1:{port}"), "127.0.0.1:1", 1)
+            .replace("[profile]", "[profile]\ndefault_lifetime = \"1h\""),
+    )
+    .unwrap();
+    let log = hup_until("\"event\":\"config_reload_failed\"", 2);
+    assert!(
+        log.contains("listen changed: that takes a restart"),
+        "{log}"
+    );
+    let (ok, out, err) = sso.login("alice", "pwd", &[]);
+    assert!(!ok && err.contains("MFA required"), "{out}\n{err}");
+    let (ok, out, err) = sso.login("alice", "pwd,otp", &[]);
+    assert!(ok, "the old config keeps issuing: {out}\n{err}");
+    assert!(
+        out.contains("valid until") && !out.contains("profile kiosk"),
+        "{out}"
+    );
+    let metrics = scrape(sso.metrics_addr);
+    assert!(
+        metrics.contains("gateway_issuer_config_reload_failures_total 2\n")
+            && metrics.contains("gateway_issuer_config_reloads_total 0\n"),
+        "{metrics}"
+    );
+
+    // A good one: named profiles, one without MFA, in service at once.
+    let named = toml.replace("[profile]", "[profile.default]")
+        + "[profile.kiosk]\nemail_domains = [\"example.internal\"]\n";
+    std::fs::write(sso.path("issuer.toml"), named).unwrap();
+    hup_until("\"event\":\"config_reloaded\"", 1);
+    let (ok, out, err) = sso.login("alice", "pwd", &["--profile", "kiosk"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("(profile kiosk)"), "{out}");
+    let (ok, _, err) = sso.login("alice", "pwd", &[]);
+    assert!(
+        !ok && err.contains("MFA required"),
+        "default still requires MFA: {err}"
+    );
+    let metrics = scrape(sso.metrics_addr);
+    assert!(
+        metrics.contains("gateway_issuer_config_reloads_total 1\n")
+            && metrics.contains("gateway_issuer_issued_total{profile=\"kiosk\"} 1\n"),
+        "{metrics}"
+    );
+}

@@ -27,6 +27,10 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    #[error(
+        "{path}: {field} changed: that takes a restart of the issuer (the previous config stays in service)"
+    )]
+    NeedsRestart { path: PathBuf, field: &'static str },
 }
 
 /// The longest lifetime a profile may allow: the point of issuing from
@@ -101,7 +105,7 @@ pub struct DeviceTrust {
     pub crl_expired: CrlExpired,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Oidc {
     /// The provider's issuer identifier: `iss` must equal it, and
@@ -308,7 +312,7 @@ fn default_max_lifetime() -> Duration {
     Duration::from_secs(12 * 3600)
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default)]
@@ -318,7 +322,7 @@ pub struct Limits {
 }
 
 /// A token bucket: `burst` at once, refilled at `per_hour`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rate {
     pub burst: u32,
@@ -335,6 +339,31 @@ impl Default for Rate {
 }
 
 impl IssuerConfig {
+    /// Whether `new` (read from `path` on SIGHUP) may replace this config
+    /// in a running issuer. The profiles, the device trust and prefix,
+    /// the issuer's certificate and the CRL timings take effect at once;
+    /// what the issuer bound or built from at start does not, so a change
+    /// there is refused as a whole rather than half applied: the
+    /// listeners' addresses, the CA directory it signs with, the provider
+    /// (keys cached, tokens checked against it) and the rate limits (their
+    /// buckets).
+    pub fn check_reload(&self, new: &IssuerConfig, path: &Path) -> Result<(), ConfigError> {
+        let changed = [
+            ("listen", self.listen != new.listen),
+            ("metrics_listen", self.metrics_listen != new.metrics_listen),
+            ("ca_dir", self.ca_dir != new.ca_dir),
+            ("oidc", self.oidc != new.oidc),
+            ("limits", self.limits != new.limits),
+        ];
+        match changed.iter().find(|(_, c)| *c) {
+            Some((field, _)) => Err(ConfigError::NeedsRestart {
+                path: path.to_owned(),
+                field,
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<IssuerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -669,5 +698,44 @@ email_domains = ["example.internal"]
         let name = named.replace("[profile.sre]", "[profile.\"SRE team\"]");
         let e = parse(&name).unwrap_err().to_string();
         assert!(e.contains("a profile name is"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_takes_profiles_but_not_what_needs_a_restart() {
+        let old = parse(GOOD).unwrap();
+        // A profile's rule and a CRL timing: taken.
+        let profiles = GOOD
+            .replace("require_amr = [\"mfa\"]", "require_amr = [\"otp\"]")
+            .replace(
+                "ca_dir = \"sso\"\n",
+                "ca_dir = \"sso\"\ncrl_next_update = \"9d\"\n",
+            );
+        let new = parse(&profiles).unwrap_or_else(|e| panic!("{e}\n{profiles}"));
+        old.check_reload(&new, Path::new("issuer.toml")).unwrap();
+        for (field, text) in [
+            ("listen", GOOD.replace("127.0.0.1:8443", "127.0.0.1:8444")),
+            (
+                "oidc",
+                GOOD.replace("client_id = \"gateway\"", "client_id = \"other\""),
+            ),
+            (
+                "ca_dir",
+                GOOD.replace("ca_dir = \"sso\"", "ca_dir = \"sso2\""),
+            ),
+            (
+                "limits",
+                format!("{GOOD}[limits]\nper_user = {{ burst = 1, per_hour = 1 }}\n"),
+            ),
+        ] {
+            let new = parse(&text).unwrap();
+            let e = old
+                .check_reload(&new, Path::new("issuer.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("{field} changed: that takes a restart")),
+                "{field}: {e}"
+            );
+        }
     }
 }

@@ -233,10 +233,17 @@ pub struct Counters {
     pub crl_publish_failures: u64,
     /// Index entries dropped, expired more than `index_retention` ago.
     pub index_pruned: u64,
+    /// `issuer.toml` read again and put in service (SIGHUP).
+    pub config_reloads: u64,
+    /// A new `issuer.toml` refused (unreadable, invalid, or a change that
+    /// takes a restart); the previous one stayed in service.
+    pub config_reload_failures: u64,
 }
 
 pub struct Issuer {
-    config: IssuerConfig,
+    /// Swapped whole on SIGHUP (`replace_config`); each request reads it
+    /// once and decides on that one.
+    config: arc_swap::ArcSwap<IssuerConfig>,
     tokens: TokenVerifier,
     nonces: Nonces,
     /// Tokens taken without a nonce to consume (with `profile.device_grant`,
@@ -374,6 +381,25 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
     Ok(sans)
 }
 
+/// The profile `asked` names in `config` (none: `default`), or why not.
+pub fn profile_of<'a>(
+    config: &'a IssuerConfig,
+    asked: Option<&str>,
+) -> Result<(&'a str, &'a config::Profile), Refusal> {
+    config
+        .profile
+        .get(asked)
+        .ok_or_else(|| Refusal::UnknownProfile {
+            asked: asked.map(str::to_owned),
+            known: config
+                .profile
+                .names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+}
+
 /// With `max_auth_age`: the user authenticated (and did the MFA the token
 /// reports) within it. `amr`/`acr` say how, not when: a provider session
 /// signed into weeks ago completes a sign-in silently.
@@ -441,12 +467,37 @@ impl Issuer {
             store: Mutex::new(store),
             ca_pem,
             counters: Mutex::new(Counters::default()),
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
         })
     }
 
-    pub fn config(&self) -> &IssuerConfig {
-        &self.config
+    /// The config in service (a copy: a SIGHUP may replace it meanwhile).
+    pub fn config(&self) -> IssuerConfig {
+        (*self.config.load_full()).clone()
+    }
+
+    /// The config in service, shared: what a request decides on.
+    pub fn current_config(&self) -> std::sync::Arc<IssuerConfig> {
+        self.config.load_full()
+    }
+
+    /// Puts `new` in service (SIGHUP, after `IssuerConfig::check_reload`
+    /// and the new TLS acceptor were accepted): the next request decides
+    /// on it. Logged and counted.
+    pub fn replace_config(&self, new: IssuerConfig) {
+        let profiles = new.profile.names().join(", ");
+        self.config.store(std::sync::Arc::new(new));
+        self.count(|c| c.config_reloads += 1);
+        tracing::info!(target: "gateway::issuer", event = "config_reloaded", profiles,
+            "issuer.toml read again and in service");
+    }
+
+    /// A new config that was not put in service: logged and counted; the
+    /// one in service stays.
+    pub fn config_reload_failed(&self, error: &dyn std::fmt::Display) {
+        self.count(|c| c.config_reload_failures += 1);
+        tracing::error!(target: "gateway::issuer", event = "config_reload_failed", error = %error,
+            "issuer.toml not reloaded; the previous config stays in service");
     }
 
     fn count(&self, f: impl FnOnce(&mut Counters)) {
@@ -467,14 +518,14 @@ impl Issuer {
     /// disk, an unreadable key, the lock held) is retried a minute later;
     /// each is logged and counted, never dropped.
     pub fn maintain_crl(&self) -> Result<CrlRefresh, crate::pki::PkiError> {
+        let config = self.current_config();
         let result = {
             let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             store.refresh_crl(
-                time::Duration::try_from(self.config.crl_next_update)
-                    .unwrap_or(time::Duration::days(7)),
-                time::Duration::try_from(self.config.crl_republish_before)
+                time::Duration::try_from(config.crl_next_update).unwrap_or(time::Duration::days(7)),
+                time::Duration::try_from(config.crl_republish_before)
                     .unwrap_or(time::Duration::days(6)),
-                time::Duration::try_from(self.config.index_retention)
+                time::Duration::try_from(config.index_retention)
                     .unwrap_or(time::Duration::days(30)),
             )
         };
@@ -514,7 +565,10 @@ impl Issuer {
         device: Option<&'a Identity>,
     ) -> Result<(&'a Identity, &'a str), Refusal> {
         device
-            .and_then(|d| Some((d, d.device(&self.config.device_san_prefix)?)))
+            .and_then(|d| {
+                let prefix = &self.config.load().device_san_prefix;
+                Some((d, d.device(prefix)?))
+            })
             .ok_or(Refusal::NoDevice)
     }
 
@@ -546,7 +600,7 @@ impl Issuer {
                 .or_default() += 1;
         });
         let device = device
-            .and_then(|d| d.device(&self.config.device_san_prefix))
+            .and_then(|d| d.device(&self.config.load().device_san_prefix))
             .unwrap_or("-");
         tracing::warn!(target: "gateway::issuer", event = "refused", reason, device,
             user = user.unwrap_or("-"), profile, error = %e, "certificate refused");
@@ -573,45 +627,34 @@ impl Issuer {
         profile: Option<&str>,
     ) -> Result<CertificateResponse, Refusal> {
         let mut user = None;
-        let mut named = NO_PROFILE;
+        let mut named = None;
         let result = self
             .issue_inner(device, req, grant, profile, &mut user, &mut named)
             .await;
         if let Err(e) = &result {
-            self.refused(e, device, user.as_deref(), named);
+            self.refused(
+                e,
+                device,
+                user.as_deref(),
+                named.as_deref().unwrap_or(NO_PROFILE),
+            );
         }
         result
     }
 
-    /// The profile `asked` names (none: `default`), or why not.
-    pub fn profile(&self, asked: Option<&str>) -> Result<(&str, &config::Profile), Refusal> {
-        self.config
-            .profile
-            .get(asked)
-            .ok_or_else(|| Refusal::UnknownProfile {
-                asked: asked.map(str::to_owned),
-                known: self
-                    .config
-                    .profile
-                    .names()
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-            })
-    }
-
-    async fn issue_inner<'a>(
-        &'a self,
+    async fn issue_inner(
+        &self,
         device: Option<&Identity>,
         req: CertificateRequest,
         grant: Grant,
         asked: Option<&str>,
         user: &mut Option<String>,
-        named: &mut &'a str,
+        named: &mut Option<String>,
     ) -> Result<CertificateResponse, Refusal> {
+        let config = self.current_config();
         let (device_cert, device) = self.device_id(device)?;
-        let (profile_name, profile) = self.profile(asked)?;
-        *named = profile_name;
+        let (profile_name, profile) = profile_of(&config, asked)?;
+        *named = Some(profile_name.to_owned());
         if grant == Grant::Refresh && !profile.refresh {
             return Err(Refusal::RefreshNotAllowed);
         }
@@ -657,7 +700,7 @@ impl Issuer {
             }
         }
         mfa(profile, &claims)?;
-        auth_age(profile, &claims, self.config.oidc.leeway)?;
+        auth_age(profile, &claims, config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
         *user = Some(email.clone());
@@ -725,7 +768,7 @@ impl Issuer {
                 device,
                 &claims.sub,
                 profile_name,
-                max + self.config.oidc.leeway,
+                max + config.oidc.leeway,
             );
         }
         // One JSON line per issuance (with `--log-format json`): who, from

@@ -38,6 +38,8 @@ use crate::tls::bundle::{Bundle, BundleFiles};
 pub enum ServerError {
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Config(#[from] super::config::ConfigError),
     #[error("listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -241,6 +243,37 @@ pub fn reload(config: &super::config::IssuerConfig, current: &Acceptor) -> Resul
     Ok(())
 }
 
+/// SIGHUP: reads `path` (issuer.toml) again and, if it loads, may replace
+/// the one in service (`IssuerConfig::check_reload`) and its TLS acceptor
+/// builds (the device CA and CRLs, the issuer's certificate, as now
+/// named), puts both in service. Otherwise nothing changes: the error is
+/// logged, counted (`gateway_issuer_config_reload_failures_total`) and
+/// returned, and the config in service keeps serving.
+pub fn reload_config(
+    path: &std::path::Path,
+    issuer: &Issuer,
+    current: &Acceptor,
+) -> Result<(), ServerError> {
+    let fresh = super::config::IssuerConfig::load(path)
+        .map_err(ServerError::from)
+        .and_then(|new| {
+            issuer.current_config().check_reload(&new, path)?;
+            let acceptor = acceptor(&new)?;
+            Ok((new, acceptor))
+        });
+    match fresh {
+        Ok((new, acceptor)) => {
+            current.store(Arc::new(acceptor));
+            issuer.replace_config(new);
+            Ok(())
+        }
+        Err(e) => {
+            issuer.config_reload_failed(&e);
+            Err(e)
+        }
+    }
+}
+
 /// Serves until `stop`. Each connection takes the acceptor in service
 /// when it is accepted.
 pub async fn serve(
@@ -350,10 +383,10 @@ async fn handle(issuer: &Issuer, device: Option<&Identity>, req: Request<Incomin
     let profile = profile.as_deref();
     match (parts.method.clone(), parts.uri.path()) {
         (Method::GET, "/v1/config") => {
-            let c = issuer.config();
+            let c = issuer.current_config();
             // The profile's own rules that the sign-in must meet; an
             // unknown one is answered here already, with the names.
-            let (name, p) = match issuer.profile(profile) {
+            let (name, p) = match super::profile_of(&c, profile) {
                 Ok(p) => p,
                 Err(e) => return refusal(&e),
             };
@@ -521,12 +554,14 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         crl_published,
         crl_publish_failures,
         index_pruned,
+        config_reloads,
+        config_reload_failures,
         ..
     } = issuer.counters();
     let mut out = String::new();
     // Every configured profile has its line from the start (0 until used).
     let mut by_profile = by_profile;
-    for name in issuer.config().profile.names() {
+    for name in issuer.current_config().profile.names() {
         by_profile.entry(name.to_owned()).or_default();
     }
     out.push_str("# HELP gateway_issuer_issued_total User certificates issued, by profile.\n");
@@ -564,6 +599,16 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_index_pruned_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_index_pruned_total {index_pruned}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_config_reloads_total issuer.toml read again and put in service (SIGHUP).\n");
+    out.push_str("# TYPE gateway_issuer_config_reloads_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_config_reloads_total {config_reloads}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_config_reload_failures_total A new issuer.toml refused (invalid, unreadable, or a change that takes a restart); the previous one stays in service.\n");
+    out.push_str("# TYPE gateway_issuer_config_reload_failures_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_config_reload_failures_total {config_reload_failures}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");
