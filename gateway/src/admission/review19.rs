@@ -6,7 +6,7 @@
 //!
 //! Run: `cargo test -p gateway --lib admission::review19 -- --nocapture`
 
-use super::testing::{ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, v4};
+use super::testing::{ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, answered, v4};
 use super::*;
 
 /// No rate or in-flight limits per source, prefix or network: these tests
@@ -162,4 +162,72 @@ fn r19_1(next: Next) -> (Option<usize>, bool, bool) {
         "{next:?}: NAT identities {ids:?}, spared {spared}, admitted under a full share {admitted}"
     );
     (ids, spared, admitted)
+}
+
+/// R19-2 (LOW, one certificate; README claim). README: "when a spared
+/// one ends, the oldest waiting known handshake that fits, of the first
+/// few waiting of its source, of its network and of the share, is spared
+/// instead (a busy NAT keeps its oldest 4; an attacker handing its spare
+/// to its own next handshake loses it to a client that waited longer)".
+/// `Slots::left` tries only the first `CANDIDATES` (8) waiting of the
+/// source, of the network and of the share, and stops there: 8 older
+/// waiting handshakes that cannot fit (the attacker's own, at an address
+/// of its own in the NAT's /24, past its identity's 4 in the /24) fill
+/// all three windows, the client that waited longer is never tried, the
+/// freed place stays free, and the attacker's next handshake at the NAT
+/// address takes it as it joins (`joined` spares whoever comes first).
+/// Measured at a NAT address of the client and the attacker (both
+/// verified there): the attacker holds the address's 4, the client's
+/// handshake waits, the attacker ends one of its 4 and opens another.
+/// With 8 shields: the client's handshake is still not spared, the
+/// attacker's new one is (the attacker keeps the NAT's 4 for as long as
+/// it turns them over). Control, no shields: the client's handshake is
+/// spared, the attacker's new one is not. (Within the stated 4 per NAT
+/// address the certificate may hold; what breaks is the stated hand-over
+/// to the client that waited longer, for a NAT's users and, through the
+/// share's first 8, for every client waiting for the spared half.)
+#[test]
+fn r19_2_eight_unfitting_waiting_handshakes_keep_a_freed_spare_from_the_client() {
+    assert_eq!(r19_2(true), (false, true), "the attacker keeps the spare");
+    assert_eq!(
+        r19_2(false),
+        (true, false),
+        "control: the client that waited longer gets it"
+    );
+}
+
+/// (the client's waiting handshake spared after the attacker ends one,
+/// the attacker's next one spared).
+fn r19_2(shields: bool) -> (bool, bool) {
+    let pool = Pool::new("edge");
+    let (max, share) = (10_000, 2500);
+    let nat = [10, 1, 9, 5];
+    let own = [10, 1, 9, 77];
+    pool.served_as(IpAddr::from(nat), VICTIM);
+    pool.served_as(IpAddr::from(nat), ATTACKER);
+    pool.served_as(IpAddr::from(own), ATTACKER);
+    let at_nat: Vec<_> = (0..4u16)
+        .map(|p| answered(&pool, v4(nat, 1000 + p), max, share, true))
+        .collect();
+    assert!(at_nat.iter().all(|t| t.place.spared()));
+    // Its identity's 4 in the /24 at its own address, then (the attack)
+    // 8 more that cannot be spared: they wait, oldest first.
+    let n = if shields { 12 } else { 4 };
+    let mine: Vec<_> = (0..n)
+        .map(|p| answered(&pool, v4(own, 2000 + p), max, share, true))
+        .collect();
+    assert_eq!(mine.iter().filter(|t| t.place.spared()).count(), 4);
+    // The client, behind the NAT: the address's 4 are held, it waits.
+    let client = answered(&pool, v4(nat, 3000), max, share, true);
+    assert!(!client.place.spared());
+    // The attacker hands one of its 4 over: ends it, opens the next.
+    let first = &at_nat[0];
+    pool.release(first.id, &first.place);
+    let client_spared = client.place.spared();
+    let next = answered(&pool, v4(nat, 1004), max, share, true);
+    let next_spared = next.place.spared();
+    println!(
+        "shields {shields}: client spared {client_spared}, attacker's next spared {next_spared}"
+    );
+    (client_spared, next_spared)
 }
