@@ -6,7 +6,8 @@
 //!
 //! Run: `cargo test -p gateway --lib admission::review19 -- --nocapture`
 
-use super::testing::{ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, answered, v4};
+use super::pool::Taken;
+use super::testing::{ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, answered, flood, live, v4};
 use super::*;
 
 /// No rate or in-flight limits per source, prefix or network: these tests
@@ -230,4 +231,85 @@ fn r19_2(shields: bool) -> (bool, bool) {
         "shields {shields}: client spared {client_spared}, attacker's next spared {next_spared}"
     );
     (client_spared, next_spared)
+}
+
+/// R19-3 (MEDIUM, certless: hosts behind NAT addresses where two or more
+/// of the gateway's clients verified within `known_for`: a carrier's
+/// CGNAT pool, share/8 such addresses, 313 with the defaults, 8 for a
+/// share of 64; a botnet on that carrier, or the attacker's own devices
+/// reconnecting through the pool). A handshake from an exact address
+/// is known as the identities that verified from it
+/// (`identities_here`), whoever sends it: a host behind a NAT address
+/// that never held a certificate is one of the NAT's users. Since
+/// d844bff a shared address's spared handshakes have no per-network (or
+/// per-/24) part: only the address's 4 and each identity present's
+/// share/8, charged to the NAT's users, never to the attacker (it has
+/// no identity). So certless hosts at share/8 shared addresses, all in
+/// one /16, hold the share's whole spared half, and every known client
+/// anywhere else, at its own address, is spared nothing: of a busy
+/// client's 4 at once under a certless flood (the reviews' `flood`),
+/// 20 of 80 complete (the newest of each round), not 80. Before d844bff
+/// shared places were 8 per /16 (`KNOWN_SPARED_SHARED_PER_NETWORK`):
+/// the same needed share/16 networks of NAT addresses. README promises
+/// the spared half to "several certificates" ("Several certificates ...
+/// still hold what four identities may: a /16's 16, or the spared half")
+/// and "attackers holding one place each from many /24s or /64s keep
+/// out new sources at worst, never the clients already served"; it
+/// states no such bound for certless hosts at NAT addresses. Control:
+/// the same certless hosts at as many single-user NAT addresses of the
+/// /16 (one identity verified at each): the /24's 8 and the /16's 16,
+/// and the client keeps its 4, 80 of 80.
+#[test]
+fn r19_3_certless_hosts_at_shared_nat_addresses_of_one_16_hold_the_spared_half() {
+    let (held, client) = r19_3(true, 256, 64);
+    assert_eq!(held, 32, "the spared half (64/2), from one /16");
+    assert_eq!(client, (20, 0), "a client elsewhere spared nothing");
+    let (held, client) = r19_3(false, 256, 64);
+    assert_eq!(held, 8, "control: the /24's 8 (all 8 addresses in one /24)");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+    // The defaults (10000 connections, a share of 2500): 313 addresses.
+    let (held, client) = r19_3(true, 10_000, 2500);
+    assert_eq!(held, 1250, "the spared half, from one /16");
+    assert_eq!(client, (20, 0), "a client elsewhere spared nothing");
+    let (held, client) = r19_3(false, 10_000, 2500);
+    assert_eq!(held, 16, "control: the /16's 16");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+}
+
+fn r19_3(shared: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    // 4 per address fill the spared half.
+    let addresses = (share / 2).div_ceil(4);
+    let cgnat = |k: usize| [100, 64, (k / 250) as u8, 1 + (k % 250) as u8];
+    for k in 0..addresses {
+        let ip = IpAddr::from(cgnat(k));
+        // The carrier's customers who use the gateway, verified from the
+        // address within `known_for`; the attacker never verified.
+        pool.served_as(ip, &format!("spiffe://example.internal/user-{k}"));
+        if shared {
+            pool.served_as(ip, &format!("spiffe://example.internal/user-{k}-too"));
+        }
+    }
+    let attacker: Vec<Taken> = (0..addresses)
+        .flat_map(|k| (0..4u16).map(move |p| v4(cgnat(k), 1000 + p)))
+        .map(|c| answered(&pool, c, max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    let home = [10, 1, 9, 7];
+    pool.served_as(IpAddr::from(home), VICTIM);
+    let started = Instant::now();
+    let result = flood(&pool, home, max, share);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "within the turn"
+    );
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!(
+        "shared {shared}, share {share}: certless spared {held} of {}; client {result:?} (of 80, of 20)",
+        attacker.len()
+    );
+    (held, result)
 }
