@@ -1214,6 +1214,8 @@ mod review17;
 #[cfg(test)]
 mod review18;
 #[cfg(test)]
+mod review19;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod testing;
