@@ -98,21 +98,28 @@ const KNOWN_SPARED_PER_SOURCE_IN_ALL: u32 = 2 * KNOWN_SPARED_PER_SOURCE;
 /// A shared address's spared handshakes (a NAT address several
 /// identities verified from within `known_for`) stand apart from the
 /// /24's (/64's) and the network's places at single-identity addresses,
-/// within the address's 4, and are charged to every identity present in
-/// all (its share/8, with its own places), as any handshake there may be
-/// any one's; they have no part of a network to share out. The rules it
-/// took: counted in the network's 16, one certificate at a few NAT
-/// addresses of a /16 held them (review 14, R14-3); charged to none,
-/// two certificates verified from the same addresses filled every
-/// network's (review 16, R16-1, R16-2); charged to the identity with the
-/// most room, one certificate at NAT addresses spent its co-users' room
-/// and held a client's /24, a /16's shared places and, from enough
-/// networks, the spared half (review 17); with a network's 8 and 4 per
-/// identity there, 4 handshakes at one NAT address unspared every other
-/// NAT address of the /16 where that identity had verified (review 18,
-/// R18-1). The price, failing closed: a NAT address where a certificate
-/// holder verified is spared nothing while that identity holds its
-/// share/8 spared places (review 15, R15-1).
+/// within the address's 4, this many per network (/16, /48), and a
+/// quarter of the share in all (`shared_cap`); each is charged to every
+/// identity present in all (its share/8, with its own places), as any
+/// handshake there may be any one's, but to none per network. Anyone
+/// behind a NAT address, certificate or not, holds its places as its
+/// users do: the network's and the share's parts bound what hosts behind
+/// NAT addresses take (review 19, R19-3: with neither, certless hosts at
+/// share/8 CGNAT addresses of one /16 held the spared half), and a
+/// single-identity address keeps the rest. The rules it took: counted
+/// in the network's 16, one certificate at a few NAT addresses of a /16
+/// held them (review 14, R14-3); charged to none, two certificates
+/// verified from the same addresses filled every network's (review 16);
+/// charged to the identity with the most room, one certificate at NAT
+/// addresses held the spared half (review 17); charged 4 per identity
+/// per network, 4 handshakes at one NAT address unspared every other NAT
+/// address of the /16 where that identity had verified (review 18,
+/// R18-1). The prices: hosts behind two NAT addresses of a network hold
+/// its 8; behind NAT addresses of share/32 networks, every NAT's; and a
+/// NAT address where a certificate holder verified is spared nothing
+/// while that identity holds its share/8 (review 15, R15-1).
+const KNOWN_SPARED_SHARED_PER_NETWORK: u32 = 8;
+
 /// Evicting sources tracked per listener, at most: past it, the least
 /// recently seen whose budget is whole again is forgotten (bounded work);
 /// when none is, the newcomer does not evict.
@@ -153,6 +160,9 @@ struct Slots {
     spared_identities: HashMap<u64, u32>,
     spared_identity_networks: HashMap<(u64, IpAddr), u32>,
     spared_identity_sources: HashMap<(u64, IpAddr), u32>,
+    /// Spared at shared addresses, by network and in all.
+    spared_shared: HashMap<IpAddr, u32>,
+    spared_shared_in_all: usize,
     /// Known handshakes not spared, oldest first, whichever their stage:
     /// a newcomer weighs the oldest few for displacement past the oldest
     /// of each queue, so spared handshakes cannot shield them, and finds
@@ -204,6 +214,8 @@ impl Default for Slots {
             spared_identities: HashMap::new(),
             spared_identity_networks: HashMap::new(),
             spared_identity_sources: HashMap::new(),
+            spared_shared: HashMap::new(),
+            spared_shared_in_all: 0,
             unspared: BTreeMap::new(),
             waiting: HashMap::new(),
             waiting_networks: HashMap::new(),
@@ -257,8 +269,8 @@ impl Slots {
     /// Spares a known handshake if its address and the share have room,
     /// and: at a single-identity address, its source's and network's own
     /// places and its identity in all, in the network and in the source;
-    /// at a shared address, every one of its identities in all. Says
-    /// whether it did.
+    /// at a shared address, the network's and the share's shared places
+    /// and every one of its identities in all. Says whether it did.
     fn spare(&mut self, place: &Place) -> bool {
         let cap = (self.max_handshakes / 2).max(KNOWN_SPARED_PER_SOURCE as usize);
         let per_identity =
@@ -297,15 +309,21 @@ impl Slots {
                 *self.spared_networks.entry(place.network).or_default() += 1;
             }
             many => {
-                if !many
-                    .iter()
-                    .all(|i| count(&self.spared_identities, i) < per_identity)
+                let shared_cap =
+                    (self.max_handshakes / 4).max(KNOWN_SPARED_SHARED_PER_NETWORK as usize);
+                if self.spared_shared_in_all >= shared_cap
+                    || count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
+                    || !many
+                        .iter()
+                        .all(|i| count(&self.spared_identities, i) < per_identity)
                 {
                     return false;
                 }
                 for i in many {
                     *self.spared_identities.entry(*i).or_default() += 1;
                 }
+                *self.spared_shared.entry(place.network).or_default() += 1;
+                self.spared_shared_in_all += 1;
             }
         }
         *self
@@ -347,6 +365,8 @@ impl Slots {
                     for i in many {
                         less(&mut self.spared_identities, i);
                     }
+                    less(&mut self.spared_shared, &place.network);
+                    self.spared_shared_in_all -= 1;
                 }
             }
             self.spared -= 1;

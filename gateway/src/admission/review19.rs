@@ -1,8 +1,12 @@
 //! Attacker review 19 of admission after d844bff (the pool's spared
 //! rules with no per-network part at shared addresses, exempt sources
 //! known, and an identity at its known quota giving up a NAT address's
-//! slot to its newest co-user: `Sources::give_up`). Each test asserts
+//! slot to its newest co-user: `Sources::give_up`). Each test asserted
 //! the HARM on the reviewed code, next to a control without the attack.
+//! Fixed since (shared places 8 per network and a quarter of the share
+//! in all; `give_up` tries every co-user), R19-1 and R19-3 assert the
+//! fix; R19-2 still asserts its harm (a bound on the work a spare's
+//! departure does, stated in README).
 //!
 //! Run: `cargo test -p gateway --lib admission::review19 -- --nocapture`
 
@@ -79,15 +83,17 @@ enum Next {
 /// co-user (with room) is never tried.
 #[test]
 fn r19_1_a_quota_give_up_drops_every_co_user_when_the_newest_has_no_room() {
+    // Fixed: every co-user is tried, newest first. Before: (None, false,
+    // false) in both.
     assert_eq!(
         r19_1(Next::SecondCertificateFull),
-        (None, false, false),
-        "the NAT's users forgotten, not spared, refused"
+        (Some(4), true, true),
+        "an older co-user with room takes the slot"
     );
     assert_eq!(
         r19_1(Next::CoUserFull),
-        (None, false, false),
-        "the older co-user, with room, is never tried"
+        (Some(3), true, true),
+        "the older co-user, with room, takes the slot"
     );
     assert_eq!(
         r19_1(Next::SecondCertificateWithRoom),
@@ -261,16 +267,19 @@ fn r19_2(shields: bool) -> (bool, bool) {
 /// and the client keeps its 4, 80 of 80.
 #[test]
 fn r19_3_certless_hosts_at_shared_nat_addresses_of_one_16_hold_the_spared_half() {
+    // Fixed: shared places hold 8 per network and a quarter of the share
+    // in all; single-identity addresses keep the rest. Before: the
+    // spared half, the client 20 of 80 (1250 at the defaults).
     let (held, client) = r19_3(true, 256, 64);
-    assert_eq!(held, 32, "the spared half (64/2), from one /16");
-    assert_eq!(client, (20, 0), "a client elsewhere spared nothing");
+    assert_eq!(held, 8, "the /16's 8 shared places");
+    assert_eq!(client, (80, 20), "a client elsewhere keeps its 4");
     let (held, client) = r19_3(false, 256, 64);
     assert_eq!(held, 8, "control: the /24's 8 (all 8 addresses in one /24)");
     assert_eq!(client, (80, 20), "control: the client keeps its 4");
     // The defaults (10000 connections, a share of 2500): 313 addresses.
     let (held, client) = r19_3(true, 10_000, 2500);
-    assert_eq!(held, 1250, "the spared half, from one /16");
-    assert_eq!(client, (20, 0), "a client elsewhere spared nothing");
+    assert_eq!(held, 8, "the /16's 8 shared places");
+    assert_eq!(client, (80, 20), "a client elsewhere keeps its 4");
     let (held, client) = r19_3(false, 10_000, 2500);
     assert_eq!(held, 16, "control: the /16's 16");
     assert_eq!(client, (80, 20), "control: the client keeps its 4");

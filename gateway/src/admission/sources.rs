@@ -1566,11 +1566,12 @@ impl Sources {
 
     /// `identity` gives up its slots of entry `key` (its quota made room,
     /// or they went stale): each falls back on its newest co-user's proof
-    /// when that is recent and its identity has room as things are (no
-    /// room made for it: no chain of displacements), else goes. Dropped
-    /// whole, a NAT address's slot took its other users' proofs with it:
-    /// one certificate at its quota, the last to verify there, made them
-    /// strangers (review 18, R18-4).
+    /// that is recent and whose identity has room as things are (no room
+    /// made for it: no chain of displacements), else goes. Dropped whole,
+    /// a NAT address's slot took its other users' proofs with it: one
+    /// certificate at its quota, the last to verify there, made them
+    /// strangers (review 18, R18-4); offered to the newest alone, one
+    /// co-user at its own quota did the same (review 19, R19-1).
     fn give_up(
         &mut self,
         key: KnownKey,
@@ -1578,21 +1579,21 @@ impl Sources {
         settings: &AdmissionSettings,
         now: Instant,
     ) {
-        let slots: Vec<(IpAddr, Option<CoUser>)> =
-            self.known.get(&key).map_or_else(Vec::new, |k| {
-                k.slots
-                    .iter()
-                    .filter(|s| s.identity == identity)
-                    .map(|s| (s.addr, s.others.first().cloned()))
-                    .collect()
+        let slots: Vec<(IpAddr, Vec<CoUser>)> = self.known.get(&key).map_or_else(Vec::new, |k| {
+            k.slots
+                .iter()
+                .filter(|s| s.identity == identity)
+                .map(|s| (s.addr, s.others.clone()))
+                .collect()
+        });
+        for (addr, others) in slots {
+            // At most `CO_USERS` tries, newest first.
+            let taken = others.into_iter().any(|next| {
+                self.takes_over(key, addr, identity, next, Room::AsItIs, settings, now)
             });
-        for (addr, next) in slots {
-            if let Some(next) = next
-                && self.takes_over(key, addr, identity, next, Room::AsItIs, settings, now)
-            {
-                continue;
+            if !taken {
+                self.unslot(key, |s| s.addr == addr && s.identity == identity);
             }
-            self.unslot(key, |s| s.addr == addr && s.identity == identity);
         }
     }
 
