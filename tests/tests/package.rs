@@ -109,6 +109,7 @@ fn the_package_installs_and_its_config_checks() {
     for file in [
         "usr/bin/gateway",
         "usr/lib/systemd/system/gateway.service",
+        "usr/lib/systemd/system/gateway-issuer.service",
         "etc/gateway/gateway.toml",
         "usr/share/man/man1/gateway.1.gz",
         "usr/share/bash-completion/completions/gateway",

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `/usr/bin/gateway` | the binary (release build unless `--binary` names one) |
 //! | `/usr/lib/systemd/system/gateway.service` | `examples/gateway.service` |
+//! | `/usr/lib/systemd/system/gateway-issuer.service` | `examples/gateway-issuer.service` (not enabled: it needs `/etc/gateway/issuer.toml` and an SSO CA, docs/sso.md) |
 //! | `/etc/gateway/gateway.toml` | `packaging/deb/gateway.toml`, a conffile |
 //! | `/usr/share/man/man1/gateway.1.gz` | `gateway man` |
 //! | `/usr/share/bash-completion/completions/gateway`, `/usr/share/zsh/vendor-completions/_gateway`, `/usr/share/fish/vendor_completions.d/gateway.fish` | `gateway completions …` |
@@ -36,14 +37,9 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
     let binary = match &options.binary {
         Some(b) => b.clone(),
         None => {
-            cmd::run(cmd::cargo().args([
-                "build",
-                "--release",
-                "-p",
-                "gateway",
-                "--bin",
-                "gateway",
-            ]))?;
+            // No `-p`: the workspace's one feature resolution, as
+            // `cmd::build_release` (another would rebuild half the tree).
+            cmd::run(cmd::cargo().args(["build", "--release", "--bin", "gateway"]))?;
             root.join("target/release/gateway")
         }
     };
@@ -88,6 +84,11 @@ pub fn run(options: &Options) -> anyhow::Result<PathBuf> {
     put(
         "usr/lib/systemd/system/gateway.service",
         &read("examples/gateway.service")?,
+        0o644,
+    )?;
+    put(
+        "usr/lib/systemd/system/gateway-issuer.service",
+        &read("examples/gateway-issuer.service")?,
         0o644,
     )?;
     put(
