@@ -1098,6 +1098,7 @@ mod attack;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
+mod attack3;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the

@@ -1,0 +1,383 @@
+//! Attacker review 3 of SSO issuance (reviews3, see
+//! /work/helpers/s6/reviews3/findings.md): renewal with refresh tokens,
+//! several profiles, reloading issuer.toml. Each test asserts the HARM
+//! (it passes on the code as reviewed) beside a control, and is meant to
+//! be turned round into the refusal once fixed.
+
+use super::*;
+use crate::policy::{IdentityRule, Policy, Verdict};
+
+const PREFIX: &str = "spiffe://example.internal/device/";
+
+fn leaf_identity(answer: &CertificateResponse) -> Identity {
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    Identity::from_leaf(&leaf).unwrap()
+}
+
+/// The route of docs/sso.md, "The route": alice, on an enrolled device.
+fn alices_route() -> Policy {
+    Policy {
+        allow: vec![IdentityRule::try_from("email:alice@example.internal".to_owned()).unwrap()],
+        device_san_prefix: Some(PREFIX.into()),
+        ..Policy::default()
+    }
+}
+
+fn admitted(policy: &Policy, id: &Identity) -> bool {
+    matches!(
+        policy.decide_at_any_time(id, "192.0.2.10".parse().unwrap()),
+        Verdict::Allow { .. }
+    )
+}
+
+/// S3-1: a profile's rules protect nothing that a looser profile also
+/// issues. Every profile is open to every device and user (docs/sso.md,
+/// "Several profiles"), the client picks one with `?profile=`, and the
+/// certificates differ only in the subject's OU, which routes ignore
+/// (and cannot match: no rule kind reads it). With the e2e test's own
+/// pair, `default` (MFA, no device grant) and `kiosk` (no MFA; here also
+/// `device_grant = true` for headless machines), a password alone (no
+/// second factor) or a phished device code gets alice a certificate that
+/// alice's route admits exactly as her MFA one. Control: `default`
+/// refuses both tokens.
+#[tokio::test]
+async fn s3_1_a_looser_profile_issues_what_routes_cannot_tell_from_the_stricter_ones() {
+    let s = setup_profiles(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+max_auth_age = "1h"
+email_domains = ["example.internal"]
+[profile.kiosk]
+email_domains = ["example.internal"]
+device_grant = true
+default_lifetime = "1h"
+"#,
+    );
+    let laptop = device(LAPTOP);
+    let ask = |t: String, profile: &'static str| {
+        let (issuer, laptop) = (&s.issuer, laptop.clone());
+        async move {
+            issuer
+                .issue_as(Some(&laptop), request(t), Grant::SignIn, Some(profile))
+                .await
+        }
+    };
+    // alice's own sign-in, with MFA, under the default profile.
+    let with_mfa = ask(s.token(|c| c["auth_time"] = json!(now())), "default")
+        .await
+        .unwrap();
+    let with_mfa = leaf_identity(&with_mfa);
+    assert!(
+        admitted(&alices_route(), &with_mfa),
+        "control: {with_mfa:?}"
+    );
+
+    // A password without its second factor (amr pwd, no auth_time), and
+    // a nonce-less token (the device grant: a phished code).
+    let no_mfa = |s: &Setup| s.token(|c| c["amr"] = json!(["pwd"]));
+    let e = ask(no_mfa(&s), "default").await.unwrap_err();
+    assert_eq!(e.reason(), "no_mfa", "control: {e}");
+    let nonceless = |s: &Setup| {
+        let mut c = claims("-");
+        c.as_object_mut().unwrap().remove("nonce");
+        c["amr"] = json!(["pwd"]);
+        token(&s.key, &c)
+    };
+    let e = ask(nonceless(&s), "default").await.unwrap_err();
+    assert_eq!(e.reason(), "nonce", "control: {e}");
+
+    for (what, t) in [
+        ("a password alone", no_mfa(&s)),
+        ("a phished device code", nonceless(&s)),
+    ] {
+        let answer = ask(t, "kiosk").await.expect(what);
+        let id = leaf_identity(&answer);
+        assert_eq!(answer.profile, "kiosk");
+        assert!(
+            admitted(&alices_route(), &id),
+            "{what}: alice's route admits the kiosk certificate as her MFA one"
+        );
+        assert_eq!(id.emails, with_mfa.emails, "{what}");
+        assert_eq!(id.device(PREFIX), with_mfa.device(PREFIX), "{what}");
+    }
+}
+
+/// A refresh-capable profile; `extra` is added to it.
+fn refresh_setup(extra: &str) -> Setup {
+    setup_profiles(&format!(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+refresh = true
+max_auth_age = "1h"
+{extra}
+[limits]
+per_device = {{ burst = 50, per_hour = 50 }}
+per_user = {{ burst = 50, per_hour = 50 }}
+"#
+    ))
+}
+
+/// alice signs in on the laptop under `profile`, with MFA `signed_in`
+/// seconds since the epoch; the sign-in's nonce.
+async fn sign_in(s: &Setup, profile: &str, signed_in: u64) -> String {
+    let laptop = device(LAPTOP);
+    let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+    let mut c = claims(&nonce);
+    c["auth_time"] = json!(signed_in);
+    s.issuer
+        .issue_as(
+            Some(&laptop),
+            request(token(&s.key, &c)),
+            Grant::SignIn,
+            Some(profile),
+        )
+        .await
+        .unwrap();
+    nonce
+}
+
+/// What the provider's refresh grant returns for alice's sign-in: the
+/// same `sub`, `amr` and (if `nonce`) nonce, issued now, `iat` made
+/// distinct by `n`.
+fn refreshed(s: &Setup, nonce: Option<&str>, auth_time: u64, n: u64) -> String {
+    let mut c = claims(nonce.unwrap_or("-"));
+    if nonce.is_none() {
+        c.as_object_mut().unwrap().remove("nonce");
+    }
+    c["auth_time"] = json!(auth_time);
+    c["iat"] = json!(now() - n);
+    token(&s.key, &c)
+}
+
+async fn renew(s: &Setup, from: &str, t: String, profile: &str) -> Result<Identity, Refusal> {
+    s.issuer
+        .issue_as(
+            Some(&device(from)),
+            request(t),
+            Grant::Refresh,
+            Some(profile),
+        )
+        .await
+        .map(|a| leaf_identity(&a))
+}
+
+/// S3-2: on a profile with `device_grant = true` and `refresh = true`
+/// (what headless machines, the ones that need renewal without a user,
+/// are given), a refreshed ID token without a nonce skips the sign-in
+/// record (`nonce::SignIns`) entirely: it is taken once, and that is all.
+/// So a stolen refresh token renews on the thief's own enrolled device,
+/// under another profile than its sign-in's, and after an issuer restart,
+/// whenever the refreshed token carries no nonce: always for a
+/// device-grant sign-in (oidc-provider puts none in), and for a
+/// browser (code-flow) sign-in at any provider that leaves the nonce out
+/// of refreshed ID tokens. docs/sso.md says a copied refresh token "is
+/// useless on another device", that it continues its sign-in "under the
+/// same profile only", and that after a restart "each device's next
+/// renewal is refused". Control: the same refreshed token carrying its
+/// sign-in's nonce is refused on the other device, under the other
+/// profile and after the restart.
+#[tokio::test]
+async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after_a_restart() {
+    let extra = "device_grant = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true";
+    let s = refresh_setup(extra);
+    let signed_in = now() - 60;
+    // alice signs in in her browser, on her laptop, under `default`.
+    let nonce = sign_in(&s, "default", signed_in).await;
+
+    // Control: the provider's refreshed token with the sign-in's nonce.
+    let e = renew(
+        &s,
+        OTHER_LAPTOP,
+        refreshed(&s, Some(&nonce), signed_in, 1),
+        "default",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "{e}"
+    );
+    let e = renew(
+        &s,
+        LAPTOP,
+        refreshed(&s, Some(&nonce), signed_in, 2),
+        "headless",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "{e}"
+    );
+
+    // The thief's device, with alice's refresh token: the provider's
+    // refreshed tokens carry no nonce.
+    let id = renew(
+        &s,
+        OTHER_LAPTOP,
+        refreshed(&s, None, signed_in, 3),
+        "default",
+    )
+    .await
+    .expect("renewed on the thief's device");
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+    let id = renew(
+        &s,
+        OTHER_LAPTOP,
+        refreshed(&s, None, signed_in, 4),
+        "headless",
+    )
+    .await
+    .expect("renewed under another profile than its sign-in's");
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+
+    // The issuer restarts: every sign-in it held is gone.
+    let restarted = refresh_setup(extra);
+    let e = renew(
+        &restarted,
+        LAPTOP,
+        {
+            let mut c = claims(&nonce);
+            c["auth_time"] = json!(signed_in);
+            token(&restarted.key, &c)
+        },
+        "default",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
+        "control: {e}"
+    );
+    let id = renew(
+        &restarted,
+        OTHER_LAPTOP,
+        {
+            let mut c = claims("-");
+            c.as_object_mut().unwrap().remove("nonce");
+            c["auth_time"] = json!(signed_in);
+            token(&restarted.key, &c)
+        },
+        "default",
+    )
+    .await
+    .expect("renewed after the restart, on the thief's device, with no sign-in at all");
+    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+}
+
+/// S3-3: `max_auth_age` bounds renewal by the `auth_time` the refreshed
+/// token carries, not by the sign-in's, which the issuer has (it checked
+/// it at the sign-in) but does not keep. A provider that stamps a
+/// refreshed ID token with the time of the refresh (OIDC Core §12.2 says
+/// it must not; the issuer trusts that it does not) renews past the MFA's
+/// `max_auth_age`, for as long as the sign-in is held: `max_auth_age`
+/// after the sign-in, itself up to `max_auth_age` after the MFA, so up to
+/// twice it. Measured with max_auth_age 3 s and no leeway: one second
+/// after a sign-in whose MFA was 3 s old. Control: a refreshed token
+/// carrying the original auth_time is refused (`auth_too_old`).
+#[tokio::test]
+async fn s3_3_max_auth_age_is_judged_on_the_refreshed_tokens_auth_time_not_the_sign_ins() {
+    let s = setup_profiles(
+        r#"
+leeway = "0s"
+[profile]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+refresh = true
+max_auth_age = "3s"
+[limits]
+per_device = { burst = 50, per_hour = 50 }
+per_user = { burst = 50, per_hour = 50 }
+"#,
+    );
+    // At the start of a second, so the sign-in sees its MFA 3 s old.
+    let start = now();
+    while now() == start {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let t0 = now();
+    let mfa = t0 - 3;
+    let nonce = sign_in(&s, "default", mfa).await;
+    while now() < t0 + 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The MFA is now 4 s old, more than max_auth_age.
+    let e = renew(&s, LAPTOP, refreshed(&s, Some(&nonce), mfa, 0), "default")
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "auth_too_old", "control: {e}");
+    let id = renew(&s, LAPTOP, refreshed(&s, Some(&nonce), now(), 0), "default")
+        .await
+        .expect("renewed although the sign-in's MFA is older than max_auth_age");
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert!(
+        now() - mfa > 3,
+        "the MFA renewed on is {}s old",
+        now() - mfa
+    );
+}
+
+/// S3-4: device-code phishing (docs/sso.md, "Headless machines": "the
+/// attacker's device gets a certificate naming the victim") is no longer
+/// one certificate once the profile renews: the sign-in the victim
+/// completed on the attacker's device asks for `offline_access`
+/// (`gateway login --device-flow` adds it when the profile renews), so
+/// the attacker's login stores the victim's refresh token and its timer
+/// renews the victim's certificate on the attacker's device with no
+/// further act of the victim, until `max_auth_age` (or the provider's
+/// refresh-token lifetime). Shown with `device_grant = true` (nonce-less
+/// tokens, oidc-provider); a provider that echoes the nonce in the device
+/// grant does the same with `device_grant = false`. Control: without
+/// `refresh` the renewal is refused.
+#[tokio::test]
+async fn s3_4_a_phished_device_code_under_a_refresh_profile_renews_the_victim_on_the_attackers_device()
+ {
+    let phished = |s: &Setup, iat_back: u64| {
+        let mut c = claims("-");
+        c.as_object_mut().unwrap().remove("nonce");
+        c["email"] = json!("bob@example.internal");
+        c["sub"] = json!("bob");
+        c["auth_time"] = json!(now() - 30);
+        c["iat"] = json!(now() - iat_back);
+        token(&s.key, &c)
+    };
+    let attacker = device(OTHER_LAPTOP);
+    let s = refresh_setup("device_grant = true");
+    s.issuer
+        .issue_as(
+            Some(&attacker),
+            request(phished(&s, 0)),
+            Grant::SignIn,
+            None,
+        )
+        .await
+        .expect("residual (documented): bob's certificate on the attacker's device");
+    for n in 1..=3 {
+        let id = renew(&s, OTHER_LAPTOP, phished(&s, n), "default")
+            .await
+            .expect("renewed without bob");
+        assert_eq!(id.emails, vec!["bob@example.internal"]);
+        assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+    }
+    let s = setup("device_grant = true\nmax_auth_age = \"1h\"");
+    s.issuer
+        .issue_as(
+            Some(&attacker),
+            request(phished(&s, 0)),
+            Grant::SignIn,
+            None,
+        )
+        .await
+        .unwrap();
+    let e = renew(&s, OTHER_LAPTOP, phished(&s, 1), "default")
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "refresh_not_allowed", "control: {e}");
+}
