@@ -453,6 +453,10 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         // CA and CRLs are then read again as on the timer.
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         every.tick().await;
+        // The CRL check runs beside the loop, one at a time: a wait for
+        // the store's lock (up to its deadline) must not hold back the
+        // device CRLs' reload or SIGTERM.
+        let mut crl_check: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let why = tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
@@ -462,7 +466,11 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             };
             let reloaded = why == "SIGHUP"
                 && server::reload_config(path, &issuer, &acceptor).is_ok();
-            maintain_crl(issuer.clone()).await;
+            if crl_check.as_ref().is_none_or(|t| t.is_finished()) {
+                crl_check = Some(tokio::spawn(maintain_crl(issuer.clone())));
+            } else {
+                tracing::warn!(why, "issuer: the previous CRL check is still running; not started again");
+            }
             if reloaded {
                 tracing::info!(why, "issuer: issuer.toml, device CA and CRLs read again");
                 continue;

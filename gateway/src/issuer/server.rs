@@ -556,6 +556,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         index_pruned,
         config_reloads,
         config_reload_failures,
+        store_lock_timeouts,
         ..
     } = issuer.counters();
     let mut out = String::new();
@@ -609,6 +610,11 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_config_reload_failures_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_config_reload_failures_total {config_reload_failures}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_store_lock_timeouts_total Waits for the SSO CA store's lock that gave up (a sign-in answered 503, or a CRL check failed).\n");
+    out.push_str("# TYPE gateway_issuer_store_lock_timeouts_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_store_lock_timeouts_total {store_lock_timeouts}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");

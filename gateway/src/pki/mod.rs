@@ -30,6 +30,13 @@ pub enum PkiError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path}: the store's lock is held by another process; gave up after {waited:?} (retry; if it stays held, find who holds it: fuser -v {path})"
+    )]
+    Locked {
+        path: std::path::PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("{path}: {message}")]
     Store {
         path: std::path::PathBuf,

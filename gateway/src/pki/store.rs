@@ -112,9 +112,14 @@ pub enum CrlRefresh {
 /// How long `init`'s intermediate lives.
 const INTERMEDIATE_DAYS: i64 = 730;
 
+/// How long a change waits for the store's lock before giving up: every
+/// holder keeps it for one signature and a few small files.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
 }
@@ -187,10 +192,54 @@ impl Store {
     /// signing. The directory is there whoever wrote last, and anyone who
     /// may read the store may open it; flock excludes across users and
     /// descriptors alike, whatever the open mode.
+    ///
+    /// Opening the directory needs read permission on it, so `init` leaves
+    /// it readable by its owner only (0711: a gateway running as another
+    /// user still reaches `crl.pem` and `ca.pem` by name) and the issuer
+    /// refuses a `ca_dir` others may read (`check_lock_private`): a local
+    /// user who could open it could hold the lock as long as they like
+    /// (`flock sso sleep infinity`). And no one waits without bound: after
+    /// `LOCK_WAIT` the caller gets `PkiError::Locked` (the issuer answers
+    /// 503 and counts it; its CRL check logs and counts a failure).
     pub(crate) fn lock(&self) -> Result<std::fs::File, PkiError> {
         let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
-        dir.lock().map_err(self.io(&self.dir))?;
-        Ok(dir)
+        let start = std::time::Instant::now();
+        loop {
+            match dir.try_lock() {
+                Ok(()) => return Ok(dir),
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::warn!(dir = %self.dir.display(), waited = ?LOCK_WAIT,
+                        "the store's lock is held by another process; gave up");
+                    return Err(PkiError::Locked {
+                        path: self.dir.clone(),
+                        waited: LOCK_WAIT,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(self.io(&self.dir)(e)),
+            }
+        }
+    }
+
+    /// Refuses a store directory that anyone but its owner may read (so
+    /// open, and lock): see `lock`. Root and the owner can always open it.
+    pub fn check_lock_private(&self) -> Result<(), PkiError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&self.dir).map_err(self.io(&self.dir))?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o044 != 0 {
+            return Err(PkiError::Store {
+                path: self.dir.clone(),
+                message: format!(
+                    "mode {mode:o} lets other users open the directory and hold the store's lock, \
+                     stopping every sign-in: chmod go-r {} (0711 keeps crl.pem and ca.pem readable by name)",
+                    self.dir.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn index(&self) -> Result<Index, PkiError> {
@@ -238,6 +287,20 @@ impl Store {
             });
         }
         std::fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        // Readable (so lockable, see `lock`) by its owner only; whatever
+        // the umask, others may still reach the public files by name.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&self.dir)
+                .map_err(self.io(&self.dir))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(
+                &self.dir,
+                std::fs::Permissions::from_mode((mode & 0o7700) | 0o011 | 0o700),
+            )
+            .map_err(self.io(&self.dir))?;
+        }
         let _lock = self.lock()?;
         let root = Authority::new_root(&format!("{} root CA", spec.name), spec.key_type, 3650)?;
         let int = root.new_intermediate(

@@ -27,15 +27,18 @@ fn lock_held(dir: &Path) -> bool {
 }
 
 /// S2-1: the store's lock is an flock on the directory, and `gateway pki
-/// init` makes the directory 0755 (umask 022, as docs/sso.md's "Setting it
-/// up" runs it): any local user who may open the directory may take the
-/// lock, for as long as they like (`flock sso sleep infinity`). The
-/// issuer's `lock()` waits without bound: its CRL re-signing hangs with
-/// nothing logged or counted (docs/sso.md says "the lock held" is a
-/// failure, logged, counted and retried), and every sign-in hangs inside
-/// the issuer's async handler (a tokio worker blocked in flock or on the
-/// store's std Mutex: two of them freeze a 2-core issuer's runtime).
-/// Control: with no one holding it, both return at once.
+/// init` made the directory 0755 (umask 022, as docs/sso.md's "Setting it
+/// up" runs it): any local user who could open the directory could take the
+/// lock, for as long as they liked (`flock sso sleep infinity`), and the
+/// issuer's `lock()` waited without bound. Measured before the fix: with
+/// `nobody` holding it for 4 s, the CRL re-signing and a sign-in were both
+/// still waiting after 1.5 s with nothing logged or counted
+/// (`crl_publish_failures == 0`), and finished only when `nobody` let go
+/// (a sign-in blocked a tokio worker meanwhile). Fixed: `init` leaves the
+/// directory 0711 (no one else may open it; crl.pem is still reachable by
+/// name), the issuer refuses at start a `ca_dir` others may read, and a
+/// wait for the lock gives up after `LOCK_WAIT`: the re-signing fails,
+/// logged and counted, and the sign-in is answered 503 `store_busy`.
 #[test]
 fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_uncounted() {
     if !is_root() {
@@ -48,7 +51,7 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
     let parent = s.ca_dir.parent().unwrap();
     std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mode = std::fs::metadata(&s.ca_dir).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o755, "pki init's directory: others may open it");
+    assert_eq!(mode, 0o711, "pki init's directory: others may not open it");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,19 +76,28 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
         .unwrap();
     let token = s.token(|_| {});
 
-    // An unprivileged local user takes the lock, for 4 s here.
-    let mut holder = std::process::Command::new("flock")
+    // An unprivileged local user cannot take the lock: the directory will
+    // not open for them.
+    let out = std::process::Command::new("flock")
         .arg(&s.ca_dir)
         .args(["sleep", "4"])
         .uid(NOBODY)
         .gid(NOBODY)
-        .spawn()
+        .output()
         .unwrap();
-    let t = Instant::now();
-    while !lock_held(&s.ca_dir) {
-        assert!(t.elapsed() < Duration::from_secs(3), "flock never held it");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(!out.status.success(), "nobody's flock ran: {out:?}");
+    assert!(!lock_held(&s.ca_dir));
+
+    // The issuer refuses a store others may open, e.g. one an older `pki
+    // init` left 0755.
+    std::fs::set_permissions(&s.ca_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let why = Store::open(&s.ca_dir).check_lock_private().unwrap_err();
+    assert!(why.to_string().contains("chmod go-r"), "{why}");
+    std::fs::set_permissions(&s.ca_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+
+    // Whoever holds it (here root, in this process), the wait is bounded,
+    // logged and counted.
+    let held = Store::open(&s.ca_dir).lock().unwrap();
     let started = Instant::now();
     std::thread::scope(|scope| {
         let resign = scope.spawn(|| s.issuer.maintain_crl());
@@ -96,23 +108,30 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
                 .unwrap();
             rt.block_on(s.issuer.issue(Some(&device(LAPTOP)), request(token)))
         });
-        std::thread::sleep(Duration::from_millis(1500));
-        // HARM: both still waiting, and the wait is neither a failure nor
-        // counted nor logged (no `crl_publish_failed`).
-        assert!(!resign.is_finished(), "re-signing did not wait");
-        assert!(!sign.is_finished(), "the sign-in did not wait");
-        let c = s.issuer.counters();
-        assert_eq!(c.crl_publish_failures, 0, "the held lock is not a failure");
-        assert_eq!(c.crl_published, 0);
-        assert!(holder.wait().unwrap().success());
-        // They finish only when the local user lets go.
-        assert!(matches!(
-            resign.join().unwrap(),
-            Ok(CrlRefresh::Published { .. })
-        ));
-        sign.join().unwrap().unwrap();
-        assert!(started.elapsed() >= Duration::from_secs(2));
+        let resigned = resign.join().unwrap();
+        assert!(
+            matches!(resigned, Err(crate::pki::PkiError::Locked { .. })),
+            "{resigned:?}"
+        );
+        let e = sign.join().unwrap().unwrap_err();
+        assert_eq!((e.status(), e.reason()), (503, "store_busy"), "{e}");
     });
+    let waited = started.elapsed();
+    assert!(
+        waited >= crate::pki::store::LOCK_WAIT && waited < crate::pki::store::LOCK_WAIT * 2,
+        "{waited:?}"
+    );
+    let c = s.issuer.counters();
+    assert_eq!(c.crl_publish_failures, 1, "the held lock is a failure");
+    assert_eq!(c.store_lock_timeouts, 2);
+    assert_eq!(c.refused.get("store_busy"), Some(&1));
+    assert!(server::metrics(&s.issuer).contains("gateway_issuer_store_lock_timeouts_total 2\n"));
+    // Released, the next check re-signs.
+    drop(held);
+    assert!(matches!(
+        s.issuer.maintain_crl(),
+        Ok(CrlRefresh::Published { .. })
+    ));
 }
 
 /// The issuer's user's half of S2-2: a sign-in in the store `GATEWAY_TEST_STORE`
