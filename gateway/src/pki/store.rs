@@ -162,14 +162,31 @@ impl Store {
         // O_NOFOLLOW) and renamed, so a reader (the gateway's file watcher)
         // never sees half a file, and a file or symlink left under a
         // temporary name can neither make a key readable nor receive it.
-        crate::safe_dir::write_replacing(
+        //
+        // Exactly 0644 or 0600 whatever the umask, and when root writes
+        // into a store another user owns (the issuer's, by `sudo gateway
+        // pki revoke`), the file stays that user's: otherwise root's
+        // 0640 or 0600 index.json and crl.pem lock the issuer out of
+        // signing and a gateway out of the CRL.
+        crate::safe_dir::write_replacing_owned(
             &self.dir,
             name,
             contents.as_bytes(),
             if secret { 0o600 } else { 0o644 },
+            self.owner_for_root().map_err(self.io(&self.dir))?,
         )
         .map_err(self.io(&path))?;
         Ok(path)
+    }
+
+    /// When root writes into a directory another user owns: that owner.
+    fn owner_for_root(&self) -> std::io::Result<Option<(u32, u32)>> {
+        use std::os::unix::fs::MetadataExt as _;
+        if crate::safe_dir::euid() != 0 {
+            return Ok(None);
+        }
+        let meta = std::fs::metadata(&self.dir)?;
+        Ok((meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
     }
 
     fn read(&self, name: &str) -> Result<String, PkiError> {
