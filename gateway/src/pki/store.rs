@@ -574,10 +574,22 @@ impl Store {
         Ok((format!("{}{}", signed.cert_pem, int.cert_pem), entry))
     }
 
-    /// Marks a certificate revoked (by hex serial, or by its PEM file) and
-    /// publishes a fresh CRL.
+    /// Marks a leaf revoked (by hex serial, or by its PEM file) and
+    /// publishes a fresh CRL; refuses the intermediate's serial (see
+    /// `revoke_as`).
     pub fn revoke(&self, what: &str) -> Result<IndexEntry, PkiError> {
-        let serial = if Path::new(what).is_file() {
+        self.revoke_as(what, false)
+    }
+
+    /// `what` is a hex serial, or a certificate file only when it has a
+    /// `/` in it (`./NAME.pem`, `pki/NAME.pem`), which no serial has: a
+    /// bare word is never looked up as a file, or a file named as the
+    /// serial, planted in the operator's working directory (/tmp), would
+    /// get another certificate revoked and leave the one meant valid.
+    /// The intermediate (which takes every certificate it issued with it)
+    /// only with `intermediate` (`--intermediate`), and only it then.
+    pub fn revoke_as(&self, what: &str, intermediate: bool) -> Result<IndexEntry, PkiError> {
+        let serial = if what.contains('/') {
             let pem = std::fs::read(what).map_err(self.io(Path::new(what)))?;
             let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| PkiError::Store {
                 path: what.into(),
@@ -589,15 +601,43 @@ impl Store {
             })?;
             hex(cert.tbs_certificate.raw_serial())
         } else {
-            what.trim_start_matches("0x")
+            let serial = what
+                .trim_start_matches("0x")
                 .to_ascii_lowercase()
-                .replace(':', "")
+                .replace(':', "");
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(PkiError::Store {
+                    path: self.dir.clone(),
+                    message: format!(
+                        "{what:?} is not a hex serial; to name a certificate file, give a path with a '/' (./{what})"
+                    ),
+                });
+            }
+            serial
         };
         let _lock = self.lock()?;
         let mut index = self.index()?;
-        let (intermediate, not_after) = self.intermediate_cert()?;
-        if serial == intermediate {
-            return self.revoke_intermediate(index, serial, not_after);
+        let (intermediate_serial, not_after) = self.intermediate_cert()?;
+        match (serial == intermediate_serial, intermediate) {
+            (true, true) => return self.revoke_intermediate(index, serial, not_after),
+            (true, false) => {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "serial {serial} is the intermediate's: revoking it refuses every certificate it issued; \
+                         pass --intermediate if that is what you mean"
+                    ),
+                });
+            }
+            (false, true) => {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "--intermediate, but serial {serial} is not the intermediate's ({intermediate_serial})"
+                    ),
+                });
+            }
+            (false, false) => {}
         }
         let entry = index
             .issued

@@ -453,6 +453,10 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
 /// (With root.key still beside the store, a planted `intermediate.pem`
 /// revokes the SSO intermediate and with it every user.) Control: the
 /// same command in a directory with no such file revokes the serial.
+/// Measured before the fix: with the decoy planted under the target's
+/// serial, the decoy was revoked and the target neither revoked nor on
+/// the CRL. Fixed: a bare word is only ever a serial (a file needs a
+/// path with a '/'), and the intermediate needs `--intermediate`.
 #[test]
 fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -507,18 +511,33 @@ fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_ce
     assert!(revoked(&first.serial));
     assert!(super::sso_crl(&ca, &first.serial).3);
 
-    // HARM: the attacker's certificate (to be revoked) and a decoy.
+    // The attacker's certificate (to be revoked) and a decoy planted
+    // under its serial: the serial typed is what is revoked.
     let (_, target) = sign();
     let (decoy_pem, decoy) = sign();
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join(&target.serial), &decoy_pem).unwrap();
     run_in(shared.path(), &target.serial);
-    assert!(!revoked(&target.serial), "the serial typed was not revoked");
-    assert!(
-        !super::sso_crl(&ca, &target.serial).3,
-        "and is not on the CRL"
-    );
-    assert!(revoked(&decoy.serial), "the planted certificate was");
+    assert!(revoked(&target.serial), "the serial typed is revoked");
+    assert!(super::sso_crl(&ca, &target.serial).3, "and on the CRL");
+    assert!(!revoked(&decoy.serial), "the planted certificate is not");
+
+    // A bare file name is no serial, and the intermediate's own serial is
+    // refused without --intermediate.
+    let int_pem = std::fs::read_to_string(ca.join("intermediate.pem")).unwrap();
+    let e = store.revoke("intermediate.pem").unwrap_err();
+    assert!(e.to_string().contains("not a hex serial"), "{e}");
+    let int_serial = {
+        let (_, p) = x509_parser::pem::parse_x509_pem(int_pem.as_bytes()).unwrap();
+        crate::pki::store::hex(p.parse_x509().unwrap().tbs_certificate.raw_serial())
+    };
+    let e = store.revoke(&int_serial).unwrap_err();
+    assert!(e.to_string().contains("--intermediate"), "{e}");
+    assert!(store.index().unwrap().revoked_intermediates.is_empty());
+    // Asked for, it is revoked.
+    let entry = store.revoke_as(&int_serial, true).unwrap();
+    assert_eq!(entry.serial, int_serial);
+    assert_eq!(store.index().unwrap().revoked_intermediates.len(), 1);
 }
 
 /// An issuer serving on loopback with `device_trust_ca` (relative to its
