@@ -652,7 +652,8 @@ impl Store {
         }
         let entry = entry.clone();
         self.save_index(&index)?;
-        self.publish_crl_locked(Duration::days(7))?;
+        self.publish_crl_locked(Duration::days(7))
+            .map_err(|e| self.not_published(&entry.serial, e))?;
         Ok(entry)
     }
 
@@ -682,9 +683,26 @@ impl Store {
         }
         if !revoked.is_empty() {
             self.save_index(&index)?;
-            self.publish_crl_locked(Duration::days(7))?;
+            self.publish_crl_locked(Duration::days(7)).map_err(|e| {
+                let serials: Vec<&str> = revoked.iter().map(|e| e.serial.as_str()).collect();
+                self.not_published(&serials.join(", "), e)
+            })?;
         }
         Ok(revoked)
+    }
+
+    /// A revocation written to the index whose CRL failed: said plainly,
+    /// with how to publish it (`gateway issuer` also does at its next
+    /// minute's check, seeing a revoked serial the CRL lacks).
+    fn not_published(&self, serials: &str, e: PkiError) -> PkiError {
+        PkiError::Store {
+            path: self.path("crl.pem"),
+            message: format!(
+                "revocation of {serials} recorded in index.json but NOT published: signing the CRL failed ({e}); \
+                 gateways still accept it until `gateway pki crl --dir {}` succeeds",
+                self.dir.display()
+            ),
+        }
     }
 
     /// The root revokes the intermediate: the root's CRL lists it, and with
@@ -757,12 +775,17 @@ impl Store {
     ) -> Result<CrlRefresh, PkiError> {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
-        if let Some(next_update) = self.crl_next_update()?
+        let mut index = self.index()?;
+        // Fresh only if it also lists every serial the index calls
+        // revoked: a `revoke` whose CRL failed after the index was written
+        // (a full disk, a crash, a key briefly unreadable) is published
+        // at the next check, not when the CRL happens to be due.
+        if let Some((next_update, listed)) = self.crl_next_update()?
             && next_update - now > republish_before
+            && revoked_serials(&index).is_subset(&listed)
         {
             return Ok(CrlRefresh::Fresh { next_update });
         }
-        let mut index = self.index()?;
         let before = index.issued.len();
         let cutoff = now - retention;
         index.issued.retain(|e| {
@@ -787,10 +810,10 @@ impl Store {
         })
     }
 
-    /// The nextUpdate of the intermediate's CRL in `crl.pem`; None when the
-    /// file is missing or holds no readable CRL of the intermediate (then
-    /// it is due anyway).
-    fn crl_next_update(&self) -> Result<Option<OffsetDateTime>, PkiError> {
+    /// The nextUpdate of the intermediate's CRL in `crl.pem`, and the
+    /// serials it lists; None when the file is missing or holds no readable
+    /// CRL of the intermediate with a nextUpdate (then it is due anyway).
+    fn crl_next_update(&self) -> Result<Option<CrlState>, PkiError> {
         use x509_parser::prelude::FromDer as _;
         use x509_parser::revocation_list::CertificateRevocationList;
         let Ok(text) = self.read("crl.pem") else {
@@ -805,9 +828,14 @@ impl Store {
             if crl.issuer().as_raw() != subject.as_slice() {
                 continue;
             }
+            let listed = crl
+                .iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec())
+                .collect();
             return Ok(crl
                 .next_update()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()));
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok())
+                .map(|t| (t, listed)));
         }
         Ok(None)
     }
@@ -824,12 +852,7 @@ impl Store {
     fn publish_crl_locked(&self, validity: Duration) -> Result<PathBuf, PkiError> {
         let mut index = self.index()?;
         index.crl_number += 1;
-        let serials: BTreeSet<Vec<u8>> = index
-            .issued
-            .iter()
-            .filter(|e| e.revoked_at.is_some())
-            .filter_map(|e| unhex(&e.serial))
-            .collect();
+        let serials = revoked_serials(&index);
         let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
         let crl = self.intermediate()?.crl_until(
             index.crl_number,
@@ -856,6 +879,19 @@ impl Store {
         };
         self.write("crl.pem", &both, false)
     }
+}
+
+/// The nextUpdate of the intermediate's CRL, and the serials it lists.
+type CrlState = (OffsetDateTime, BTreeSet<Vec<u8>>);
+
+/// The serials of the leaves the index records as revoked.
+fn revoked_serials(index: &Index) -> BTreeSet<Vec<u8>> {
+    index
+        .issued
+        .iter()
+        .filter(|e| e.revoked_at.is_some())
+        .filter_map(|e| unhex(&e.serial))
+        .collect()
 }
 
 pub fn hex(bytes: &[u8]) -> String {

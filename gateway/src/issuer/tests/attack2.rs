@@ -392,7 +392,10 @@ async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswe
 /// passes routes until the CRL is due (up to a day with the defaults, up
 /// to `crl_next_update - crl_republish_before`). A second `revoke` of the
 /// same serial would publish, if the operator knew to. Control: a revoke
-/// that signs lists the serial at once.
+/// that signs lists the serial at once. Measured before the fix:
+/// `maintain_crl` returned `Fresh` and the serial stayed off the CRL.
+/// Fixed: the check re-signs when the index lists a revoked serial the CRL
+/// lacks, and `revoke` says the revocation is recorded but not published.
 #[tokio::test]
 async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_fresh() {
     let s = setup("");
@@ -420,7 +423,11 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
     let key = s.ca_dir.join("intermediate.key");
     let away = s.ca_dir.join("intermediate.key.away");
     std::fs::rename(&key, &away).unwrap();
-    assert!(operator.revoke(&second).is_err());
+    let e = operator.revoke(&second).unwrap_err().to_string();
+    assert!(
+        e.contains("recorded") && e.contains("NOT published") && e.contains("gateway pki crl"),
+        "{e}"
+    );
     std::fs::rename(&away, &key).unwrap();
     let entry = operator
         .index()
@@ -430,15 +437,20 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
         .find(|e| e.serial == second)
         .unwrap();
     assert!(entry.revoked_at.is_some(), "the index says revoked");
-    // HARM: the issuer's check leaves it out.
+    // The issuer's next check publishes it, though the CRL is fresh.
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Published { .. }
+    ));
+    assert!(
+        super::sso_crl(&s.ca_dir, &second).3,
+        "the revoked serial is on the CRL routes read"
+    );
+    // And then it is fresh again.
     assert!(matches!(
         s.issuer.maintain_crl().unwrap(),
         CrlRefresh::Fresh { .. }
     ));
-    assert!(
-        !super::sso_crl(&s.ca_dir, &second).3,
-        "the revoked serial is not on the CRL routes read"
-    );
 }
 
 /// S2-7: `gateway pki revoke SERIAL_OR_CERT` takes its argument as a
