@@ -292,13 +292,9 @@ fn csr_key(csr_pem: &str) -> Result<String, Refusal> {
     use x509_parser::oid_registry as oid;
     use x509_parser::prelude::FromDer as _;
     let bad = |what: &str| Refusal::Csr(format!("not a PEM certificate request: {what}"));
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(&e.to_string()))?;
-    if !pem.label.ends_with("CERTIFICATE REQUEST") {
-        return Err(bad(&format!("a PEM {:?}", pem.label)));
-    }
-    let (_, csr) =
-        X509CertificationRequest::from_der(&pem.contents).map_err(|e| bad(&e.to_string()))?;
+    // Exactly one block, read as the signer reads it (`pki::csr_der`).
+    let der = crate::pki::csr_der(csr_pem).map_err(|e| bad(&e))?;
+    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| bad(&e.to_string()))?;
     let spki = &csr.certification_request_info.subject_pki;
     let alg = &spki.algorithm.algorithm;
     if *alg == oid::OID_SIG_ED25519 {

@@ -296,6 +296,11 @@ fn spki_of(pem: &str) -> Vec<u8> {
 /// 2048-8192, P-256/P-384, Ed25519; SHA-1 RSA from 1024 bits, which rcgen
 /// then does not take), answered 400 `csr`, not the policy's `csr_key`.
 /// Control: A alone is checked by the policy (`csr_key` for RSA-1024).
+/// Measured before the fix: with A = RSA-2048 and B = P-256 the
+/// certificate was for A's key; a smuggled RSA-1024 A came back `csr`
+/// (rcgen's check), past the policy. Fixed: the policy and the signer
+/// read the same DER, and anything but exactly one CERTIFICATE REQUEST
+/// block (text before or after it, a second block) is refused.
 #[tokio::test]
 async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() {
     let s = setup("[limits]\nper_user = { burst = 20, per_hour = 20 }");
@@ -313,19 +318,27 @@ async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() 
     // A: RSA-2048 (allowed, but not what the policy looked at).
     let a = super::csr_for(&rcgen::PKCS_RSA_SHA256);
     let b = csr();
-    let answer = ask(0, format!("x{a}{b}")).await.unwrap();
+    for (i, smuggled) in [format!("x{a}{b}"), format!("{a}{b}"), format!("{b}x")]
+        .into_iter()
+        .enumerate()
+    {
+        let e = ask(i, smuggled).await.unwrap_err();
+        assert_eq!(e.reason(), "csr", "{e}");
+        assert!(e.to_string().contains("one PEM"), "{e}");
+    }
+    // Alone, each is signed for its own key, whitespace around it aside.
+    let answer = ask(3, format!("\n {a}\n")).await.unwrap();
     assert_eq!(spki_of(&answer.certificate), spki_of(&a), "signed: A's key");
-    assert_ne!(
-        spki_of(&answer.certificate),
-        spki_of(&b),
-        "checked: B's key"
-    );
-    // A weak A: the policy passes it (it sees B); rcgen's check refuses.
     let weak = super::openssl_csr(&["-newkey", "rsa:1024"]);
-    let e = ask(1, weak.clone()).await.unwrap_err();
+    let e = ask(4, weak.clone()).await.unwrap_err();
     assert_eq!(e.reason(), "csr_key", "control: alone, the policy: {e}");
-    let e = ask(2, format!("x{weak}{}", csr())).await.unwrap_err();
-    assert_eq!(e.reason(), "csr", "smuggled, past the policy: {e}");
+    let e = ask(5, format!("x{weak}{}", csr())).await.unwrap_err();
+    assert_eq!(
+        e.reason(),
+        "csr",
+        "smuggled: refused before the policy: {e}"
+    );
+    assert!(e.to_string().contains("one PEM"), "{e}");
 }
 
 /// One scrape of `GET /metrics` at `addr`: the answer, or what it got.
