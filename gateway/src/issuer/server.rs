@@ -120,6 +120,78 @@ impl Drop for SourceSlot {
 struct DeviceVerifier {
     bundle: Bundle,
     prefix: String,
+    /// The SSO CA's own keys: a chain through one of them is a user
+    /// certificate, never a device's (see `SsoCa`).
+    sso: SsoCa,
+}
+
+/// The SSO CA's public keys (root and intermediate, SPKI DER) and key
+/// identifiers, from `ca_dir`. An issued user certificate carries the
+/// device URI and clientAuth: were the SSO CA (or a cross-certificate of
+/// its key) among the device trust, it would pass as a device certificate,
+/// and its holder would get nonces and, with the user's token, new user
+/// certificates without the device's key, past the device's revocation.
+#[derive(Debug, Default)]
+struct SsoCa {
+    spkis: Vec<Vec<u8>>,
+    key_ids: Vec<Vec<u8>>,
+}
+
+impl SsoCa {
+    fn load(ca_dir: &std::path::Path) -> Result<SsoCa, ServerError> {
+        use x509_parser::extensions::ParsedExtension;
+        use x509_parser::prelude::FromDer as _;
+        let mut sso = SsoCa::default();
+        for name in ["ca.pem", "root.pem", "intermediate.pem"] {
+            let path = ca_dir.join(name);
+            // root.pem is only the root's copy of ca.pem.
+            if name == "root.pem" && !path.exists() {
+                continue;
+            }
+            let certs = crate::tls::certs::load_certs(&path)
+                .map_err(|e| ServerError::Tls(format!("ca_dir: {e}")))?;
+            for der in &certs {
+                let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+                    .map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))?;
+                sso.spkis
+                    .push(cert.tbs_certificate.subject_pki.raw.to_vec());
+                for ext in cert.extensions() {
+                    if let ParsedExtension::SubjectKeyIdentifier(kid) = ext.parsed_extension() {
+                        sso.key_ids.push(kid.0.to_vec());
+                    }
+                }
+            }
+        }
+        Ok(sso)
+    }
+
+    fn has_key(&self, der: &[u8]) -> bool {
+        use x509_parser::prelude::FromDer as _;
+        x509_parser::certificate::X509Certificate::from_der(der).is_ok_and(|(_, c)| {
+            self.spkis
+                .iter()
+                .any(|k| k.as_slice() == c.tbs_certificate.subject_pki.raw)
+        })
+    }
+
+    /// Whether the leaf was signed by one of the SSO CA's keys, by its
+    /// authorityKeyIdentifier (what the SSO CA puts in every leaf).
+    fn issued(&self, leaf: &[u8]) -> bool {
+        use x509_parser::extensions::ParsedExtension;
+        use x509_parser::prelude::FromDer as _;
+        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf) else {
+            return false;
+        };
+        cert.extensions()
+            .iter()
+            .any(|ext| match ext.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => aki
+                    .key_identifier
+                    .as_ref()
+                    .is_some_and(|k| self.key_ids.iter().any(|i| i.as_slice() == k.0)),
+                _ => false,
+            })
+    }
 }
 
 impl ClientCertVerifier for DeviceVerifier {
@@ -144,6 +216,12 @@ impl ClientCertVerifier for DeviceVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         self.bundle.verify(end_entity, intermediates, now)?;
+        if self.sso.issued(end_entity) || intermediates.iter().any(|c| self.sso.has_key(c)) {
+            tracing::warn!(
+                "issuer: a certificate of the SSO CA presented as a device certificate refused"
+            );
+            return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        }
         let id = Identity::from_leaf(end_entity)
             .map_err(|_| Error::InvalidCertificate(CertificateError::NotValidForName))?;
         self.bundle
@@ -202,9 +280,21 @@ pub fn acceptor(
         Arc::new(AtomicU64::new(0)),
     )
     .map_err(|e| err(&e))?;
+    // At start and at every reload: the SSO CA is never device trust.
+    let sso = SsoCa::load(&config.ca_dir)?;
+    let anchors = certs::load_certs(&config.device_trust.ca).map_err(|e| err(&e))?;
+    if anchors.iter().any(|a| sso.has_key(a)) {
+        return Err(ServerError::Tls(format!(
+            "device_trust.ca {} holds the SSO CA's own key ({}): every user certificate \
+             would then pass as a device certificate; give the device CA, never the SSO CA",
+            config.device_trust.ca.display(),
+            config.ca_dir.display()
+        )));
+    }
     let verifier = Arc::new(DeviceVerifier {
         bundle,
         prefix: config.device_san_prefix.clone(),
+        sso,
     });
     let chain = certs::load_certs(&config.cert).map_err(|e| err(&e))?;
     let key = certs::load_key(&config.key).map_err(|e| err(&e))?;

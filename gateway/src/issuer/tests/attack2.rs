@@ -572,6 +572,15 @@ async fn serve_with_device_ca(
     dir: &Path,
     device_trust_ca: &str,
 ) -> (u16, tokio_util::sync::CancellationToken) {
+    let config = config_with_device_ca(dir, device_trust_ca);
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        server::acceptor(&config).unwrap(),
+    ));
+    serve_config(config, acceptor).await
+}
+
+/// The config `serve_with_device_ca` writes, parsed, for `device_trust_ca`.
+fn config_with_device_ca(dir: &Path, device_trust_ca: &str) -> IssuerConfig {
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -587,10 +596,13 @@ client_id = "gateway"
 email_domains = ["example.internal"]
 "#
     );
-    let config = IssuerConfig::parse(&text, Path::new("issuer.toml"), dir).unwrap();
-    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
-        server::acceptor(&config).unwrap(),
-    ));
+    IssuerConfig::parse(&text, Path::new("issuer.toml"), dir).unwrap()
+}
+
+async fn serve_config(
+    config: IssuerConfig,
+    acceptor: server::Acceptor,
+) -> (u16, tokio_util::sync::CancellationToken) {
     let issuer = Arc::new(Issuer::new(config, Box::new(TestKeys::default())).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -608,7 +620,12 @@ email_domains = ["example.internal"]
 /// a token, new user certificates, from any machine, without the device's
 /// key, past the device's revocation in its own CA, for as long as they
 /// keep renewing. Control: with a separate device CA, the user
-/// certificate is refused at the handshake.
+/// certificate is refused at the handshake. Measured before the fix: with
+/// `sso/ca.pem` as device trust the config and acceptor loaded, and the
+/// user certificate got 200 and a nonce from `POST /v1/nonce`. Fixed: at
+/// start and every reload the acceptor refuses a device trust holding an
+/// SSO CA key, and a presented chain through an SSO CA key (a
+/// cross-certificate) is refused at the handshake.
 #[tokio::test]
 async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -692,11 +709,66 @@ async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_cer
         "control: refused at the handshake"
     );
     stop.cancel();
-    // HARM: the SSO CA as device trust loads, and the user certificate
-    // gets a nonce as the device.
-    let (port, stop) = serve_with_device_ca(dir.path(), "sso/ca.pem").await;
-    let (status, body) = nonce(port).await.unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"nonce\""), "{body}");
+    // The SSO CA as device trust (its root, its intermediate, or beside
+    // the device CA in one file) does not load.
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(dir.path().join("devices/ca.pem")).unwrap()
+            + &std::fs::read_to_string(dir.path().join("sso/ca.pem")).unwrap(),
+    )
+    .unwrap();
+    for ca in ["sso/ca.pem", "sso/intermediate.pem", "both.pem"] {
+        let e = server::acceptor(&config_with_device_ca(dir.path(), ca))
+            .err()
+            .unwrap_or_else(|| panic!("{ca}: loaded"));
+        assert!(e.to_string().contains("SSO CA's own key"), "{ca}: {e}");
+    }
+    // A device CA that cross-certified the SSO intermediate's key: the
+    // chain verifies, and is still refused as a user certificate.
+    let int_pem = std::fs::read_to_string(dir.path().join("sso/intermediate.pem")).unwrap();
+    let int_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(dir.path().join("sso/intermediate.key")).unwrap(),
+    )
+    .unwrap();
+    let devices_root = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(dir.path().join("devices/root.pem")).unwrap(),
+        rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(dir.path().join("devices/root.key")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // The SSO intermediate's name (a CN, as `gateway pki` makes it) and key.
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "SSO issuing CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cross = params.signed_by(&int_key, &devices_root).unwrap();
+    assert!(int_pem.contains("-----BEGIN CERTIFICATE-----"));
+    let leaf = std::fs::read_to_string(&user_pem).unwrap();
+    let leaf = &leaf[..leaf.find("-----END CERTIFICATE-----").unwrap() + 26];
+    std::fs::write(&user_pem, format!("{leaf}{}", cross.pem())).unwrap();
+    let crossed = http::client_config(
+        Some(&dir.path().join("tls/ca.pem")),
+        Some((&user_pem, &user_key)),
+    )
+    .unwrap();
+    let (port, stop) = serve_with_device_ca(dir.path(), "devices/ca.pem").await;
+    let answer = http::request(
+        &crossed,
+        hyper::Method::POST,
+        &format!("https://localhost:{port}/v1/nonce"),
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert!(answer.is_err(), "cross-certified: refused at the handshake");
     stop.cancel();
 }
