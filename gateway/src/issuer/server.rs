@@ -586,24 +586,74 @@ async fn accept(
     }
 }
 
+/// Connections holding a metrics slot that have not sent their request
+/// yet, oldest first: each one's id and what cuts it.
+type Waiting = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>>;
+
 /// Serves `GET /metrics` in plain HTTP on `listener` (`metrics_listen`, a
 /// loopback address) until `stop`, with the issuer's limits: a few
-/// connections at once, each cut at `METRICS_DEADLINE`.
+/// connections at once, each cut at `METRICS_DEADLINE`, one request each.
+///
+/// Every local user may connect to a loopback port, and one who held every
+/// slot with silent connections kept every scrape out (and with it the
+/// alert on `crl_publish_failures_total`). So when all slots are busy, a
+/// new connection takes the slot of the one that has waited longest
+/// without sending its request: a scraper sends it at once and is answered
+/// at once, and a connection that has sent its request is closed once
+/// answered (no keep-alive), so silence is the only way to hold a slot,
+/// and silence gives it up.
 pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let waiting: Waiting = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let Some((tcp, peer)) = accept(&listener, &stop, "issuer metrics").await else {
             return;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "issuer metrics: all connection slots busy; refused");
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let oldest = waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                let Some((_, cut)) = oldest else {
+                    tracing::warn!(%peer, "issuer metrics: all connection slots busy answering; refused");
+                    continue;
+                };
+                tracing::warn!(%peer, "issuer metrics: all connection slots busy; the longest silent connection closed for this one");
+                cut.cancel();
+                // Its task lets go of the slot as it ends.
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    slots.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => continue,
+                }
+            }
         };
+        next_id += 1;
+        let id = next_id;
+        let cut = CancellationToken::new();
+        waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((id, cut.clone()));
         let issuer = issuer.clone();
+        let waiting = waiting.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let asked = waiting.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let issuer = issuer.clone();
+                // It asked: no longer one to close for a newcomer.
+                asked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _)| *i != id);
                 async move {
                     Ok::<_, std::convert::Infallible>(match (req.method(), req.uri().path()) {
                         (&Method::GET, "/metrics") => reply(
@@ -622,14 +672,21 @@ pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: Can
                     })
                 }
             });
-            let served = tokio::time::timeout(
-                METRICS_DEADLINE,
-                hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT)
-                    .serve_connection(TokioIo::new(tcp), service),
-            )
-            .await;
+            let served = tokio::select! {
+                served = tokio::time::timeout(
+                    METRICS_DEADLINE,
+                    hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HANDSHAKE_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(tcp), service),
+                ) => served,
+                () = cut.cancelled() => Ok(Ok(())),
+            };
+            waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(i, _)| *i != id);
             if let Ok(Err(e)) = served {
                 tracing::debug!(%peer, error = %e, "issuer metrics: connection ended");
             }
