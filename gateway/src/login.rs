@@ -398,23 +398,34 @@ fn read_refresh(dir: &Path) -> Result<Option<StoredRefresh>, LoginError> {
         .map_err(|e| bad(format!("unreadable: {e}")))
 }
 
+/// With `--renew`: the notAfter of `out/user.pem` when it lasts longer
+/// than `within`. `out` is checked first: a `user.pem` planted in a
+/// directory others can write would otherwise make `--renew` skip
+/// renewal (the check came after the read, so it was never reached).
+fn renew_not_due(out: &Path, within: Option<Duration>) -> Result<Option<i64>, LoginError> {
+    check_out_dir(out)?;
+    if let Some(within) = within
+        && let Ok(pem) = std::fs::read(out.join("user.pem"))
+        && let Some(end) = not_after(&pem)
+    {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        if end - now > within.as_secs() as i64 {
+            return Ok(Some(end));
+        }
+    }
+    Ok(None)
+}
+
 /// The whole flow. `say` shows the user where to sign in.
 pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, LoginError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| LoginError::Io { path, source }
     };
-    if let Some(within) = args.renew_within
-        && let Ok(pem) = std::fs::read(args.out.join("user.pem"))
-        && let Some(end) = not_after(&pem)
-    {
-        let now = jsonwebtoken::get_current_timestamp() as i64;
-        if end - now > within.as_secs() as i64 {
-            return Ok(Outcome::StillValid(end));
-        }
-    }
     std::fs::create_dir_all(&args.out).map_err(io(&args.out))?;
-    check_out_dir(&args.out)?;
+    if let Some(end) = renew_not_due(&args.out, args.renew_within)? {
+        return Ok(Outcome::StillValid(end));
+    }
     let base = args.issuer.trim_end_matches('/');
     // The profile goes with every request that is decided by it.
     let query = match &args.profile {
@@ -952,6 +963,21 @@ mod attack_tests {
         let e = super::check_out_dir(&shared).unwrap_err();
         assert!(e.to_string().contains("writable by others"), "{e}");
         assert!(super::check_out_dir(dir.path()).is_ok());
+
+        // `--renew` checks the directory before it reads user.pem from
+        // it: a fresh-looking user.pem planted there does not stop renewal.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["alice.example.internal".to_owned()]).unwrap();
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let pem = params.self_signed(&key).unwrap().pem();
+        std::fs::write(shared.join("user.pem"), &pem).unwrap();
+        let within = Some(std::time::Duration::from_secs(7200));
+        let e = super::renew_not_due(&shared, within).unwrap_err();
+        assert!(e.to_string().contains("writable by others"), "{e}");
+        std::fs::write(dir.path().join("user.pem"), &pem).unwrap();
+        assert!(super::renew_not_due(dir.path(), within).unwrap().is_some());
     }
 
     /// The refresh token is a credential kept as the key is: 0600,
