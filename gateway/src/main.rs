@@ -331,8 +331,9 @@ enum PkiCommand {
         #[arg(long, value_enum, default_value_t = KeyArg::P256)]
         key_type: KeyArg,
     },
-    /// Revoke by hex serial or certificate file, and publish a fresh CRL.
-    /// Revoking the intermediate (intermediate.pem) needs root.key.
+    /// Revoke by hex serial or certificate file (a path with a '/':
+    /// ./NAME.pem), and publish a fresh CRL. Revoking the intermediate
+    /// needs --intermediate and root.key.
     /// `--device URI` revokes every live certificate bound to that device
     /// (in the SSO CA: the user certificates a lost device holds).
     Revoke {
@@ -343,6 +344,10 @@ enum PkiCommand {
         /// A device URI (spiffe://…/device/NAME).
         #[arg(long)]
         device: Option<String>,
+        /// The serial or certificate named is the intermediate's: the root
+        /// revokes it, and with it everything it issued.
+        #[arg(long, conflicts_with = "device")]
+        intermediate: bool,
     },
     /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
     /// the root's, as last signed).
@@ -453,6 +458,10 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
         // CA and CRLs are then read again as on the timer.
         let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
         every.tick().await;
+        // The CRL check runs beside the loop, one at a time: a wait for
+        // the store's lock (up to its deadline) must not hold back the
+        // device CRLs' reload or SIGTERM.
+        let mut crl_check: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let why = tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
@@ -462,7 +471,11 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             };
             let reloaded = why == "SIGHUP"
                 && server::reload_config(path, &issuer, &acceptor).is_ok();
-            maintain_crl(issuer.clone()).await;
+            if crl_check.as_ref().is_none_or(|t| t.is_finished()) {
+                crl_check = Some(tokio::spawn(maintain_crl(issuer.clone())));
+            } else {
+                tracing::warn!(why, "issuer: the previous CRL check is still running; not started again");
+            }
             if reloaded {
                 tracing::info!(why, "issuer: issuer.toml, device CA and CRLs read again");
                 continue;
@@ -597,6 +610,7 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             dir,
             serial_or_cert,
             device,
+            intermediate,
         } => {
             let store = Store::open(&dir);
             if let Some(uri) = device {
@@ -617,7 +631,7 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                     );
                 }
             } else if let Some(what) = serial_or_cert {
-                let entry = store.revoke(&what)?;
+                let entry = store.revoke_as(&what, intermediate)?;
                 println!(
                     "revoked {} (serial {}); published {}",
                     entry.name,

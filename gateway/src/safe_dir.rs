@@ -226,11 +226,27 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
 /// Writes `dir/name` whole by rename, through a temporary file that this
 /// call creates: a random name, O_CREAT|O_EXCL (a file someone left there,
 /// with their mode or owner, is never reused) and O_NOFOLLOW (a planted
-/// symlink is not followed), with `mode` from its creation. A reader never
-/// sees half a file; the temporary file is removed if anything fails.
+/// symlink is not followed), with exactly `mode` from its creation (set
+/// again with fchmod: the caller's umask does not apply, so a root with
+/// umask 077 does not leave a public file only root can read). A reader
+/// never sees half a file; the temporary file is removed if anything fails.
 pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    write_replacing_owned(dir, name, contents, mode, None)
+}
+
+/// `write_replacing`, and with `owner` (uid, gid) the file is given to
+/// them before it takes its name (root writing into another user's store:
+/// the file stays that user's).
+pub fn write_replacing_owned(
+    dir: &Path,
+    name: &str,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
     let mut random = [0u8; 8];
     aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
     let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
@@ -242,6 +258,11 @@ pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> st
             .custom_flags(libc::O_NOFOLLOW)
             .mode(mode)
             .open(&tmp)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        // After fchown, which clears set-id bits.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
         std::fs::rename(&tmp, dir.join(name))

@@ -485,11 +485,15 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     std::fs::rename(dir.join("root.key"), &offline).unwrap();
     pki(&["crl", "--dir", s(&dir)]);
     assert_eq!(crls_in(&dir.join("crl.pem")), 2);
-    let err = pki_fails(&["revoke", "--dir", s(&dir), s(&dir.join("intermediate.pem"))]);
+    let int = dir.join("intermediate.pem");
+    let err = pki_fails(&["revoke", "--dir", s(&dir), "--intermediate", s(&int)]);
     assert!(err.contains("needs the root key"), "{err}");
     std::fs::rename(&offline, dir.join("root.key")).unwrap();
 
-    let out = pki(&["revoke", "--dir", s(&dir), s(&dir.join("intermediate.pem"))]);
+    // Never without saying so: it takes every certificate with it.
+    let err = pki_fails(&["revoke", "--dir", s(&dir), s(&int)]);
+    assert!(err.contains("--intermediate"), "{err}");
+    let out = pki(&["revoke", "--dir", s(&dir), "--intermediate", s(&int)]);
     assert!(out.contains("revoked intermediate"), "{out}");
     let (ok, out) = verify();
     assert!(!ok && out.contains("certificate revoked"), "{out}");

@@ -94,6 +94,10 @@ pub enum Refusal {
     CsrKey(String),
     #[error("issuing failed: {0}")]
     Internal(String),
+    /// The store's lock stayed held past `LOCK_WAIT` (an operator's long
+    /// command, or worse): refused rather than queued without bound.
+    #[error("the CA is busy, try again shortly: {0}")]
+    Busy(String),
 }
 
 impl Refusal {
@@ -114,6 +118,7 @@ impl Refusal {
             Refusal::Csr(_) => "csr",
             Refusal::CsrKey(_) => "csr_key",
             Refusal::Internal(_) => "internal",
+            Refusal::Busy(_) => "store_busy",
         }
     }
 
@@ -128,6 +133,7 @@ impl Refusal {
             | Refusal::Lifetime { .. } => 400,
             Refusal::Token(OidcError::Fetch(_)) => 502,
             Refusal::Internal(_) => 500,
+            Refusal::Busy(_) => 503,
             _ => 403,
         }
     }
@@ -238,6 +244,9 @@ pub struct Counters {
     /// A new `issuer.toml` refused (unreadable, invalid, or a change that
     /// takes a restart); the previous one stayed in service.
     pub config_reload_failures: u64,
+    /// Waits for the store's lock that ran out (`LOCK_WAIT`), by a
+    /// sign-in or a CRL check: someone held it far longer than a change.
+    pub store_lock_timeouts: u64,
 }
 
 pub struct Issuer {
@@ -254,8 +263,10 @@ pub struct Issuer {
     sign_ins: SignIns,
     per_user: Limiter,
     per_device: Limiter,
-    /// One signer at a time: the index is read, extended and rewritten.
-    store: Mutex<Store>,
+    /// One signer at a time (the index is read, extended and rewritten)
+    /// by the store's own lock, across processes and threads alike: no
+    /// Mutex here, which a sign-in would wait on inside the runtime.
+    store: Store,
     ca_pem: String,
     counters: Mutex<Counters>,
 }
@@ -281,13 +292,9 @@ fn csr_key(csr_pem: &str) -> Result<String, Refusal> {
     use x509_parser::oid_registry as oid;
     use x509_parser::prelude::FromDer as _;
     let bad = |what: &str| Refusal::Csr(format!("not a PEM certificate request: {what}"));
-    let (_, pem) =
-        x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()).map_err(|e| bad(&e.to_string()))?;
-    if !pem.label.ends_with("CERTIFICATE REQUEST") {
-        return Err(bad(&format!("a PEM {:?}", pem.label)));
-    }
-    let (_, csr) =
-        X509CertificationRequest::from_der(&pem.contents).map_err(|e| bad(&e.to_string()))?;
+    // Exactly one block, read as the signer reads it (`pki::csr_der`).
+    let der = crate::pki::csr_der(csr_pem).map_err(|e| bad(&e))?;
+    let (_, csr) = X509CertificationRequest::from_der(&der).map_err(|e| bad(&e.to_string()))?;
     let spki = &csr.certification_request_info.subject_pki;
     let alg = &spki.algorithm.algorithm;
     if *alg == oid::OID_SIG_ED25519 {
@@ -448,6 +455,10 @@ impl Issuer {
         store
             .index()
             .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
+        // And no other local user may hold its lock (see `Store::lock`).
+        store
+            .check_lock_private()
+            .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
         // The key that signs every user certificate: one others can read
         // has left the issuer's hands (as the gateway refuses for its own).
         if !config.allow_shared_keys {
@@ -464,7 +475,7 @@ impl Issuer {
             sign_ins: SignIns::default(),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
-            store: Mutex::new(store),
+            store,
             ca_pem,
             counters: Mutex::new(Counters::default()),
             config: arc_swap::ArcSwap::from_pointee(config),
@@ -520,8 +531,7 @@ impl Issuer {
     pub fn maintain_crl(&self) -> Result<CrlRefresh, crate::pki::PkiError> {
         let config = self.current_config();
         let result = {
-            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            store.refresh_crl(
+            self.store.refresh_crl(
                 time::Duration::try_from(config.crl_next_update).unwrap_or(time::Duration::days(7)),
                 time::Duration::try_from(config.crl_republish_before)
                     .unwrap_or(time::Duration::days(6)),
@@ -546,7 +556,12 @@ impl Issuer {
                     "the SSO CA's CRL re-signed");
             }
             Err(e) => {
-                self.count(|c| c.crl_publish_failures += 1);
+                self.count(|c| {
+                    c.crl_publish_failures += 1;
+                    if matches!(e, crate::pki::PkiError::Locked { .. }) {
+                        c.store_lock_timeouts += 1;
+                    }
+                });
                 tracing::error!(target: "gateway::issuer", event = "crl_publish_failed",
                     error = %e, "re-signing the SSO CA's CRL failed; retried in a minute");
             }
@@ -732,22 +747,35 @@ impl Issuer {
             uri: device.to_owned(),
             serial: device_cert.serial.replace(':', "").to_ascii_lowercase(),
         };
-        let (chain, entry) = {
-            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-            store
-                .sign_user_request(
-                    &cn,
-                    &req.csr,
-                    &sans,
-                    not_after,
-                    Some(&bound),
-                    Some(profile_name),
-                )
-                .map_err(|e| match e {
-                    crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
-                    other => Refusal::Internal(other.to_string()),
-                })?
-        };
+        // Off the runtime: the store's lock may be waited for (up to
+        // `LOCK_WAIT`), and a blocked worker serves no one else.
+        let store = self.store.clone();
+        let (cn_, csr_, sans_, profile_) = (
+            cn.clone(),
+            req.csr.clone(),
+            sans.clone(),
+            profile_name.to_owned(),
+        );
+        let signed = tokio::task::spawn_blocking(move || {
+            store.sign_user_request(
+                &cn_,
+                &csr_,
+                &sans_,
+                not_after,
+                Some(&bound),
+                Some(&profile_),
+            )
+        })
+        .await
+        .map_err(|e| Refusal::Internal(format!("signing: {e}")))?;
+        let (chain, entry) = signed.map_err(|e| match e {
+            crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
+            crate::pki::PkiError::Locked { .. } => {
+                self.count(|c| c.store_lock_timeouts += 1);
+                Refusal::Busy(e.to_string())
+            }
+            other => Refusal::Internal(other.to_string()),
+        })?;
         self.count(|c| {
             let p = c.by_profile.entry(profile_name.to_owned()).or_default();
             p.issued += 1;

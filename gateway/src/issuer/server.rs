@@ -120,6 +120,78 @@ impl Drop for SourceSlot {
 struct DeviceVerifier {
     bundle: Bundle,
     prefix: String,
+    /// The SSO CA's own keys: a chain through one of them is a user
+    /// certificate, never a device's (see `SsoCa`).
+    sso: SsoCa,
+}
+
+/// The SSO CA's public keys (root and intermediate, SPKI DER) and key
+/// identifiers, from `ca_dir`. An issued user certificate carries the
+/// device URI and clientAuth: were the SSO CA (or a cross-certificate of
+/// its key) among the device trust, it would pass as a device certificate,
+/// and its holder would get nonces and, with the user's token, new user
+/// certificates without the device's key, past the device's revocation.
+#[derive(Debug, Default)]
+struct SsoCa {
+    spkis: Vec<Vec<u8>>,
+    key_ids: Vec<Vec<u8>>,
+}
+
+impl SsoCa {
+    fn load(ca_dir: &std::path::Path) -> Result<SsoCa, ServerError> {
+        use x509_parser::extensions::ParsedExtension;
+        use x509_parser::prelude::FromDer as _;
+        let mut sso = SsoCa::default();
+        for name in ["ca.pem", "root.pem", "intermediate.pem"] {
+            let path = ca_dir.join(name);
+            // root.pem is only the root's copy of ca.pem.
+            if name == "root.pem" && !path.exists() {
+                continue;
+            }
+            let certs = crate::tls::certs::load_certs(&path)
+                .map_err(|e| ServerError::Tls(format!("ca_dir: {e}")))?;
+            for der in &certs {
+                let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+                    .map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))?;
+                sso.spkis
+                    .push(cert.tbs_certificate.subject_pki.raw.to_vec());
+                for ext in cert.extensions() {
+                    if let ParsedExtension::SubjectKeyIdentifier(kid) = ext.parsed_extension() {
+                        sso.key_ids.push(kid.0.to_vec());
+                    }
+                }
+            }
+        }
+        Ok(sso)
+    }
+
+    fn has_key(&self, der: &[u8]) -> bool {
+        use x509_parser::prelude::FromDer as _;
+        x509_parser::certificate::X509Certificate::from_der(der).is_ok_and(|(_, c)| {
+            self.spkis
+                .iter()
+                .any(|k| k.as_slice() == c.tbs_certificate.subject_pki.raw)
+        })
+    }
+
+    /// Whether the leaf was signed by one of the SSO CA's keys, by its
+    /// authorityKeyIdentifier (what the SSO CA puts in every leaf).
+    fn issued(&self, leaf: &[u8]) -> bool {
+        use x509_parser::extensions::ParsedExtension;
+        use x509_parser::prelude::FromDer as _;
+        let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(leaf) else {
+            return false;
+        };
+        cert.extensions()
+            .iter()
+            .any(|ext| match ext.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => aki
+                    .key_identifier
+                    .as_ref()
+                    .is_some_and(|k| self.key_ids.iter().any(|i| i.as_slice() == k.0)),
+                _ => false,
+            })
+    }
 }
 
 impl ClientCertVerifier for DeviceVerifier {
@@ -144,6 +216,12 @@ impl ClientCertVerifier for DeviceVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
         self.bundle.verify(end_entity, intermediates, now)?;
+        if self.sso.issued(end_entity) || intermediates.iter().any(|c| self.sso.has_key(c)) {
+            tracing::warn!(
+                "issuer: a certificate of the SSO CA presented as a device certificate refused"
+            );
+            return Err(Error::InvalidCertificate(CertificateError::UnknownIssuer));
+        }
         let id = Identity::from_leaf(end_entity)
             .map_err(|_| Error::InvalidCertificate(CertificateError::NotValidForName))?;
         self.bundle
@@ -202,9 +280,21 @@ pub fn acceptor(
         Arc::new(AtomicU64::new(0)),
     )
     .map_err(|e| err(&e))?;
+    // At start and at every reload: the SSO CA is never device trust.
+    let sso = SsoCa::load(&config.ca_dir)?;
+    let anchors = certs::load_certs(&config.device_trust.ca).map_err(|e| err(&e))?;
+    if anchors.iter().any(|a| sso.has_key(a)) {
+        return Err(ServerError::Tls(format!(
+            "device_trust.ca {} holds the SSO CA's own key ({}): every user certificate \
+             would then pass as a device certificate; give the device CA, never the SSO CA",
+            config.device_trust.ca.display(),
+            config.ca_dir.display()
+        )));
+    }
     let verifier = Arc::new(DeviceVerifier {
         bundle,
         prefix: config.device_san_prefix.clone(),
+        sso,
     });
     let chain = certs::load_certs(&config.cert).map_err(|e| err(&e))?;
     let key = certs::load_key(&config.key).map_err(|e| err(&e))?;
@@ -496,24 +586,74 @@ async fn accept(
     }
 }
 
+/// Connections holding a metrics slot that have not sent their request
+/// yet, oldest first: each one's id and what cuts it.
+type Waiting = Arc<std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>>;
+
 /// Serves `GET /metrics` in plain HTTP on `listener` (`metrics_listen`, a
 /// loopback address) until `stop`, with the issuer's limits: a few
-/// connections at once, each cut at `METRICS_DEADLINE`.
+/// connections at once, each cut at `METRICS_DEADLINE`, one request each.
+///
+/// Every local user may connect to a loopback port, and one who held every
+/// slot with silent connections kept every scrape out (and with it the
+/// alert on `crl_publish_failures_total`). So when all slots are busy, a
+/// new connection takes the slot of the one that has waited longest
+/// without sending its request: a scraper sends it at once and is answered
+/// at once, and a connection that has sent its request is closed once
+/// answered (no keep-alive), so silence is the only way to hold a slot,
+/// and silence gives it up.
 pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let waiting: Waiting = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let Some((tcp, peer)) = accept(&listener, &stop, "issuer metrics").await else {
             return;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "issuer metrics: all connection slots busy; refused");
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let oldest = waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .pop_front();
+                let Some((_, cut)) = oldest else {
+                    tracing::warn!(%peer, "issuer metrics: all connection slots busy answering; refused");
+                    continue;
+                };
+                tracing::warn!(%peer, "issuer metrics: all connection slots busy; the longest silent connection closed for this one");
+                cut.cancel();
+                // Its task lets go of the slot as it ends.
+                match tokio::time::timeout(
+                    Duration::from_millis(500),
+                    slots.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => continue,
+                }
+            }
         };
+        next_id += 1;
+        let id = next_id;
+        let cut = CancellationToken::new();
+        waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((id, cut.clone()));
         let issuer = issuer.clone();
+        let waiting = waiting.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let asked = waiting.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let issuer = issuer.clone();
+                // It asked: no longer one to close for a newcomer.
+                asked
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _)| *i != id);
                 async move {
                     Ok::<_, std::convert::Infallible>(match (req.method(), req.uri().path()) {
                         (&Method::GET, "/metrics") => reply(
@@ -532,14 +672,21 @@ pub async fn serve_metrics(listener: TcpListener, issuer: Arc<Issuer>, stop: Can
                     })
                 }
             });
-            let served = tokio::time::timeout(
-                METRICS_DEADLINE,
-                hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT)
-                    .serve_connection(TokioIo::new(tcp), service),
-            )
-            .await;
+            let served = tokio::select! {
+                served = tokio::time::timeout(
+                    METRICS_DEADLINE,
+                    hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HANDSHAKE_TIMEOUT)
+                        .keep_alive(false)
+                        .serve_connection(TokioIo::new(tcp), service),
+                ) => served,
+                () = cut.cancelled() => Ok(Ok(())),
+            };
+            waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(i, _)| *i != id);
             if let Ok(Err(e)) = served {
                 tracing::debug!(%peer, error = %e, "issuer metrics: connection ended");
             }
@@ -556,6 +703,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         index_pruned,
         config_reloads,
         config_reload_failures,
+        store_lock_timeouts,
         ..
     } = issuer.counters();
     let mut out = String::new();
@@ -609,6 +757,11 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_config_reload_failures_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_config_reload_failures_total {config_reload_failures}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_store_lock_timeouts_total Waits for the SSO CA store's lock that gave up (a sign-in answered 503, or a CRL check failed).\n");
+    out.push_str("# TYPE gateway_issuer_store_lock_timeouts_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_store_lock_timeouts_total {store_lock_timeouts}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");

@@ -30,11 +30,49 @@ pub enum PkiError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "{path}: the store's lock is held by another process; gave up after {waited:?} (retry; if it stays held, find who holds it: fuser -v {path})"
+    )]
+    Locked {
+        path: std::path::PathBuf,
+        waited: std::time::Duration,
+    },
     #[error("{path}: {message}")]
     Store {
         path: std::path::PathBuf,
         message: String,
     },
+}
+
+/// The DER of a PEM certificate request that is exactly one `CERTIFICATE
+/// REQUEST` block (`NEW CERTIFICATE REQUEST` too), nothing before or after
+/// it but whitespace. PEM readers disagree on the rest (x509-parser takes
+/// a `-----BEGIN` only at a line's start, the `pem` crate rcgen uses takes
+/// one mid-line): the key the issuer's policy checks and the key it signs
+/// must come from the same bytes, so anything they could read differently
+/// is refused.
+pub fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
+    let text = pem.trim();
+    let mut lines = text.lines().map(|l| l.trim_end_matches('\r'));
+    let first = lines.next().unwrap_or_default();
+    let label = first
+        .strip_prefix("-----BEGIN ")
+        .and_then(|l| l.strip_suffix("-----"))
+        .filter(|l| *l == "CERTIFICATE REQUEST" || *l == "NEW CERTIFICATE REQUEST")
+        .ok_or("not one PEM CERTIFICATE REQUEST block: it must start the text")?;
+    let last = lines.next_back().unwrap_or_default();
+    if last != format!("-----END {label}-----") {
+        return Err(format!("not one PEM {label} block: it must end the text"));
+    }
+    if lines.any(|l| l.contains('-') || l.contains(':')) {
+        return Err(format!("not one PEM {label} block: one block, no headers"));
+    }
+    let (rest, parsed) =
+        x509_parser::pem::parse_x509_pem(text.as_bytes()).map_err(|e| e.to_string())?;
+    if !rest.iter().all(u8::is_ascii_whitespace) || parsed.label != label {
+        return Err(format!("not one PEM {label} block"));
+    }
+    Ok(parsed.contents)
 }
 
 /// Key algorithms for new keys.
@@ -347,7 +385,11 @@ impl Authority {
     /// leaves the requester. `spec.key_type`, `is_ca` and the unknown
     /// extension are not used.
     pub fn sign_request(&self, csr_pem: &str, spec: &LeafSpec) -> Result<Signed, PkiError> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        // The same DER the issuer's key policy checked (`csr_der`), not
+        // rcgen's own PEM reading, which takes another block.
+        let der = csr_der(csr_pem)
+            .map_err(|_| PkiError::Rcgen(rcgen::Error::CouldNotParseCertificationRequest))?;
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into())?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&spec.common_name);
         if let Some(ou) = &spec.organizational_unit {

@@ -112,9 +112,14 @@ pub enum CrlRefresh {
 /// How long `init`'s intermediate lives.
 const INTERMEDIATE_DAYS: i64 = 730;
 
+/// How long a change waits for the store's lock before giving up: every
+/// holder keeps it for one signature and a few small files.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
 }
@@ -157,14 +162,31 @@ impl Store {
         // O_NOFOLLOW) and renamed, so a reader (the gateway's file watcher)
         // never sees half a file, and a file or symlink left under a
         // temporary name can neither make a key readable nor receive it.
-        crate::safe_dir::write_replacing(
+        //
+        // Exactly 0644 or 0600 whatever the umask, and when root writes
+        // into a store another user owns (the issuer's, by `sudo gateway
+        // pki revoke`), the file stays that user's: otherwise root's
+        // 0640 or 0600 index.json and crl.pem lock the issuer out of
+        // signing and a gateway out of the CRL.
+        crate::safe_dir::write_replacing_owned(
             &self.dir,
             name,
             contents.as_bytes(),
             if secret { 0o600 } else { 0o644 },
+            self.owner_for_root().map_err(self.io(&self.dir))?,
         )
         .map_err(self.io(&path))?;
         Ok(path)
+    }
+
+    /// When root writes into a directory another user owns: that owner.
+    fn owner_for_root(&self) -> std::io::Result<Option<(u32, u32)>> {
+        use std::os::unix::fs::MetadataExt as _;
+        if crate::safe_dir::euid() != 0 {
+            return Ok(None);
+        }
+        let meta = std::fs::metadata(&self.dir)?;
+        Ok((meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
     }
 
     fn read(&self, name: &str) -> Result<String, PkiError> {
@@ -187,10 +209,54 @@ impl Store {
     /// signing. The directory is there whoever wrote last, and anyone who
     /// may read the store may open it; flock excludes across users and
     /// descriptors alike, whatever the open mode.
+    ///
+    /// Opening the directory needs read permission on it, so `init` leaves
+    /// it readable by its owner only (0711: a gateway running as another
+    /// user still reaches `crl.pem` and `ca.pem` by name) and the issuer
+    /// refuses a `ca_dir` others may read (`check_lock_private`): a local
+    /// user who could open it could hold the lock as long as they like
+    /// (`flock sso sleep infinity`). And no one waits without bound: after
+    /// `LOCK_WAIT` the caller gets `PkiError::Locked` (the issuer answers
+    /// 503 and counts it; its CRL check logs and counts a failure).
     pub(crate) fn lock(&self) -> Result<std::fs::File, PkiError> {
         let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
-        dir.lock().map_err(self.io(&self.dir))?;
-        Ok(dir)
+        let start = std::time::Instant::now();
+        loop {
+            match dir.try_lock() {
+                Ok(()) => return Ok(dir),
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    tracing::warn!(dir = %self.dir.display(), waited = ?LOCK_WAIT,
+                        "the store's lock is held by another process; gave up");
+                    return Err(PkiError::Locked {
+                        path: self.dir.clone(),
+                        waited: LOCK_WAIT,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(self.io(&self.dir)(e)),
+            }
+        }
+    }
+
+    /// Refuses a store directory that anyone but its owner may read (so
+    /// open, and lock): see `lock`. Root and the owner can always open it.
+    pub fn check_lock_private(&self) -> Result<(), PkiError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&self.dir).map_err(self.io(&self.dir))?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o044 != 0 {
+            return Err(PkiError::Store {
+                path: self.dir.clone(),
+                message: format!(
+                    "mode {mode:o} lets other users open the directory and hold the store's lock, \
+                     stopping every sign-in: chmod go-r {} (0711 keeps crl.pem and ca.pem readable by name)",
+                    self.dir.display()
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub fn index(&self) -> Result<Index, PkiError> {
@@ -238,6 +304,20 @@ impl Store {
             });
         }
         std::fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        // Readable (so lockable, see `lock`) by its owner only; whatever
+        // the umask, others may still reach the public files by name.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&self.dir)
+                .map_err(self.io(&self.dir))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(
+                &self.dir,
+                std::fs::Permissions::from_mode((mode & 0o7700) | 0o011 | 0o700),
+            )
+            .map_err(self.io(&self.dir))?;
+        }
         let _lock = self.lock()?;
         let root = Authority::new_root(&format!("{} root CA", spec.name), spec.key_type, 3650)?;
         let int = root.new_intermediate(
@@ -494,10 +574,22 @@ impl Store {
         Ok((format!("{}{}", signed.cert_pem, int.cert_pem), entry))
     }
 
-    /// Marks a certificate revoked (by hex serial, or by its PEM file) and
-    /// publishes a fresh CRL.
+    /// Marks a leaf revoked (by hex serial, or by its PEM file) and
+    /// publishes a fresh CRL; refuses the intermediate's serial (see
+    /// `revoke_as`).
     pub fn revoke(&self, what: &str) -> Result<IndexEntry, PkiError> {
-        let serial = if Path::new(what).is_file() {
+        self.revoke_as(what, false)
+    }
+
+    /// `what` is a hex serial, or a certificate file only when it has a
+    /// `/` in it (`./NAME.pem`, `pki/NAME.pem`), which no serial has: a
+    /// bare word is never looked up as a file, or a file named as the
+    /// serial, planted in the operator's working directory (/tmp), would
+    /// get another certificate revoked and leave the one meant valid.
+    /// The intermediate (which takes every certificate it issued with it)
+    /// only with `intermediate` (`--intermediate`), and only it then.
+    pub fn revoke_as(&self, what: &str, intermediate: bool) -> Result<IndexEntry, PkiError> {
+        let serial = if what.contains('/') {
             let pem = std::fs::read(what).map_err(self.io(Path::new(what)))?;
             let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| PkiError::Store {
                 path: what.into(),
@@ -509,15 +601,43 @@ impl Store {
             })?;
             hex(cert.tbs_certificate.raw_serial())
         } else {
-            what.trim_start_matches("0x")
+            let serial = what
+                .trim_start_matches("0x")
                 .to_ascii_lowercase()
-                .replace(':', "")
+                .replace(':', "");
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(PkiError::Store {
+                    path: self.dir.clone(),
+                    message: format!(
+                        "{what:?} is not a hex serial; to name a certificate file, give a path with a '/' (./{what})"
+                    ),
+                });
+            }
+            serial
         };
         let _lock = self.lock()?;
         let mut index = self.index()?;
-        let (intermediate, not_after) = self.intermediate_cert()?;
-        if serial == intermediate {
-            return self.revoke_intermediate(index, serial, not_after);
+        let (intermediate_serial, not_after) = self.intermediate_cert()?;
+        match (serial == intermediate_serial, intermediate) {
+            (true, true) => return self.revoke_intermediate(index, serial, not_after),
+            (true, false) => {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "serial {serial} is the intermediate's: revoking it refuses every certificate it issued; \
+                         pass --intermediate if that is what you mean"
+                    ),
+                });
+            }
+            (false, true) => {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "--intermediate, but serial {serial} is not the intermediate's ({intermediate_serial})"
+                    ),
+                });
+            }
+            (false, false) => {}
         }
         let entry = index
             .issued
@@ -532,7 +652,8 @@ impl Store {
         }
         let entry = entry.clone();
         self.save_index(&index)?;
-        self.publish_crl_locked(Duration::days(7))?;
+        self.publish_crl_locked(Duration::days(7))
+            .map_err(|e| self.not_published(&entry.serial, e))?;
         Ok(entry)
     }
 
@@ -562,9 +683,26 @@ impl Store {
         }
         if !revoked.is_empty() {
             self.save_index(&index)?;
-            self.publish_crl_locked(Duration::days(7))?;
+            self.publish_crl_locked(Duration::days(7)).map_err(|e| {
+                let serials: Vec<&str> = revoked.iter().map(|e| e.serial.as_str()).collect();
+                self.not_published(&serials.join(", "), e)
+            })?;
         }
         Ok(revoked)
+    }
+
+    /// A revocation written to the index whose CRL failed: said plainly,
+    /// with how to publish it (`gateway issuer` also does at its next
+    /// minute's check, seeing a revoked serial the CRL lacks).
+    fn not_published(&self, serials: &str, e: PkiError) -> PkiError {
+        PkiError::Store {
+            path: self.path("crl.pem"),
+            message: format!(
+                "revocation of {serials} recorded in index.json but NOT published: signing the CRL failed ({e}); \
+                 gateways still accept it until `gateway pki crl --dir {}` succeeds",
+                self.dir.display()
+            ),
+        }
     }
 
     /// The root revokes the intermediate: the root's CRL lists it, and with
@@ -637,12 +775,17 @@ impl Store {
     ) -> Result<CrlRefresh, PkiError> {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
-        if let Some(next_update) = self.crl_next_update()?
+        let mut index = self.index()?;
+        // Fresh only if it also lists every serial the index calls
+        // revoked: a `revoke` whose CRL failed after the index was written
+        // (a full disk, a crash, a key briefly unreadable) is published
+        // at the next check, not when the CRL happens to be due.
+        if let Some((next_update, listed)) = self.crl_next_update()?
             && next_update - now > republish_before
+            && revoked_serials(&index).is_subset(&listed)
         {
             return Ok(CrlRefresh::Fresh { next_update });
         }
-        let mut index = self.index()?;
         let before = index.issued.len();
         let cutoff = now - retention;
         index.issued.retain(|e| {
@@ -667,10 +810,10 @@ impl Store {
         })
     }
 
-    /// The nextUpdate of the intermediate's CRL in `crl.pem`; None when the
-    /// file is missing or holds no readable CRL of the intermediate (then
-    /// it is due anyway).
-    fn crl_next_update(&self) -> Result<Option<OffsetDateTime>, PkiError> {
+    /// The nextUpdate of the intermediate's CRL in `crl.pem`, and the
+    /// serials it lists; None when the file is missing or holds no readable
+    /// CRL of the intermediate with a nextUpdate (then it is due anyway).
+    fn crl_next_update(&self) -> Result<Option<CrlState>, PkiError> {
         use x509_parser::prelude::FromDer as _;
         use x509_parser::revocation_list::CertificateRevocationList;
         let Ok(text) = self.read("crl.pem") else {
@@ -685,9 +828,14 @@ impl Store {
             if crl.issuer().as_raw() != subject.as_slice() {
                 continue;
             }
+            let listed = crl
+                .iter_revoked_certificates()
+                .map(|r| r.raw_serial().to_vec())
+                .collect();
             return Ok(crl
                 .next_update()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()));
+                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok())
+                .map(|t| (t, listed)));
         }
         Ok(None)
     }
@@ -704,12 +852,7 @@ impl Store {
     fn publish_crl_locked(&self, validity: Duration) -> Result<PathBuf, PkiError> {
         let mut index = self.index()?;
         index.crl_number += 1;
-        let serials: BTreeSet<Vec<u8>> = index
-            .issued
-            .iter()
-            .filter(|e| e.revoked_at.is_some())
-            .filter_map(|e| unhex(&e.serial))
-            .collect();
+        let serials = revoked_serials(&index);
         let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
         let crl = self.intermediate()?.crl_until(
             index.crl_number,
@@ -736,6 +879,19 @@ impl Store {
         };
         self.write("crl.pem", &both, false)
     }
+}
+
+/// The nextUpdate of the intermediate's CRL, and the serials it lists.
+type CrlState = (OffsetDateTime, BTreeSet<Vec<u8>>);
+
+/// The serials of the leaves the index records as revoked.
+fn revoked_serials(index: &Index) -> BTreeSet<Vec<u8>> {
+    index
+        .issued
+        .iter()
+        .filter(|e| e.revoked_at.is_some())
+        .filter_map(|e| unhex(&e.serial))
+        .collect()
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -27,15 +27,18 @@ fn lock_held(dir: &Path) -> bool {
 }
 
 /// S2-1: the store's lock is an flock on the directory, and `gateway pki
-/// init` makes the directory 0755 (umask 022, as docs/sso.md's "Setting it
-/// up" runs it): any local user who may open the directory may take the
-/// lock, for as long as they like (`flock sso sleep infinity`). The
-/// issuer's `lock()` waits without bound: its CRL re-signing hangs with
-/// nothing logged or counted (docs/sso.md says "the lock held" is a
-/// failure, logged, counted and retried), and every sign-in hangs inside
-/// the issuer's async handler (a tokio worker blocked in flock or on the
-/// store's std Mutex: two of them freeze a 2-core issuer's runtime).
-/// Control: with no one holding it, both return at once.
+/// init` made the directory 0755 (umask 022, as docs/sso.md's "Setting it
+/// up" runs it): any local user who could open the directory could take the
+/// lock, for as long as they liked (`flock sso sleep infinity`), and the
+/// issuer's `lock()` waited without bound. Measured before the fix: with
+/// `nobody` holding it for 4 s, the CRL re-signing and a sign-in were both
+/// still waiting after 1.5 s with nothing logged or counted
+/// (`crl_publish_failures == 0`), and finished only when `nobody` let go
+/// (a sign-in blocked a tokio worker meanwhile). Fixed: `init` leaves the
+/// directory 0711 (no one else may open it; crl.pem is still reachable by
+/// name), the issuer refuses at start a `ca_dir` others may read, and a
+/// wait for the lock gives up after `LOCK_WAIT`: the re-signing fails,
+/// logged and counted, and the sign-in is answered 503 `store_busy`.
 #[test]
 fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_uncounted() {
     if !is_root() {
@@ -48,7 +51,7 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
     let parent = s.ca_dir.parent().unwrap();
     std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mode = std::fs::metadata(&s.ca_dir).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o755, "pki init's directory: others may open it");
+    assert_eq!(mode, 0o711, "pki init's directory: others may not open it");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -73,19 +76,28 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
         .unwrap();
     let token = s.token(|_| {});
 
-    // An unprivileged local user takes the lock, for 4 s here.
-    let mut holder = std::process::Command::new("flock")
+    // An unprivileged local user cannot take the lock: the directory will
+    // not open for them.
+    let out = std::process::Command::new("flock")
         .arg(&s.ca_dir)
         .args(["sleep", "4"])
         .uid(NOBODY)
         .gid(NOBODY)
-        .spawn()
+        .output()
         .unwrap();
-    let t = Instant::now();
-    while !lock_held(&s.ca_dir) {
-        assert!(t.elapsed() < Duration::from_secs(3), "flock never held it");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(!out.status.success(), "nobody's flock ran: {out:?}");
+    assert!(!lock_held(&s.ca_dir));
+
+    // The issuer refuses a store others may open, e.g. one an older `pki
+    // init` left 0755.
+    std::fs::set_permissions(&s.ca_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let why = Store::open(&s.ca_dir).check_lock_private().unwrap_err();
+    assert!(why.to_string().contains("chmod go-r"), "{why}");
+    std::fs::set_permissions(&s.ca_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+
+    // Whoever holds it (here root, in this process), the wait is bounded,
+    // logged and counted.
+    let held = Store::open(&s.ca_dir).lock().unwrap();
     let started = Instant::now();
     std::thread::scope(|scope| {
         let resign = scope.spawn(|| s.issuer.maintain_crl());
@@ -96,23 +108,30 @@ fn s2_1_a_local_user_holds_the_store_lock_and_signing_and_crl_re_signing_hang_un
                 .unwrap();
             rt.block_on(s.issuer.issue(Some(&device(LAPTOP)), request(token)))
         });
-        std::thread::sleep(Duration::from_millis(1500));
-        // HARM: both still waiting, and the wait is neither a failure nor
-        // counted nor logged (no `crl_publish_failed`).
-        assert!(!resign.is_finished(), "re-signing did not wait");
-        assert!(!sign.is_finished(), "the sign-in did not wait");
-        let c = s.issuer.counters();
-        assert_eq!(c.crl_publish_failures, 0, "the held lock is not a failure");
-        assert_eq!(c.crl_published, 0);
-        assert!(holder.wait().unwrap().success());
-        // They finish only when the local user lets go.
-        assert!(matches!(
-            resign.join().unwrap(),
-            Ok(CrlRefresh::Published { .. })
-        ));
-        sign.join().unwrap().unwrap();
-        assert!(started.elapsed() >= Duration::from_secs(2));
+        let resigned = resign.join().unwrap();
+        assert!(
+            matches!(resigned, Err(crate::pki::PkiError::Locked { .. })),
+            "{resigned:?}"
+        );
+        let e = sign.join().unwrap().unwrap_err();
+        assert_eq!((e.status(), e.reason()), (503, "store_busy"), "{e}");
     });
+    let waited = started.elapsed();
+    assert!(
+        waited >= crate::pki::store::LOCK_WAIT && waited < crate::pki::store::LOCK_WAIT * 2,
+        "{waited:?}"
+    );
+    let c = s.issuer.counters();
+    assert_eq!(c.crl_publish_failures, 1, "the held lock is a failure");
+    assert_eq!(c.store_lock_timeouts, 2);
+    assert_eq!(c.refused.get("store_busy"), Some(&1));
+    assert!(server::metrics(&s.issuer).contains("gateway_issuer_store_lock_timeouts_total 2\n"));
+    // Released, the next check re-signs.
+    drop(held);
+    assert!(matches!(
+        s.issuer.maintain_crl(),
+        Ok(CrlRefresh::Published { .. })
+    ));
 }
 
 /// The issuer's user's half of S2-2: a sign-in in the store `GATEWAY_TEST_STORE`
@@ -170,7 +189,12 @@ fn helper(name: &str, store: &Path, serial: &str, uid: Option<u32>, umask: u32) 
 /// every CRL re-signing fails from then on (until someone chmods it), and
 /// a gateway reading crl.pem as its own user cannot load the CRL that
 /// carries the revocation. Control: the same revoke under umask 022 leaves
-/// the issuer's user signing.
+/// the issuer's user signing. Measured before the fix: under umask 027,
+/// index.json and crl.pem were root's 0640 and `nobody`'s sign-in failed
+/// with "index.json: Permission denied". Fixed: the store writes each file
+/// 0644 (keys 0600) whatever the umask, and root's writes into another
+/// user's store stay that user's; under 027 and 077 alike the issuer's
+/// user signs on.
 #[test]
 fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_cannot_read() {
     if !is_root() {
@@ -234,18 +258,16 @@ fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_can
             crl.permissions().mode() & 0o777,
         )
     };
-    // Control: root's umask 022.
-    let (signed, said, owner, mode, _) = run(0o022);
-    assert!(signed, "control: the issuer's user signs: {said}");
-    assert_eq!((owner, mode), (0, 0o644));
-    // HARM: root's umask 027.
-    let (signed, said, owner, mode, crl_mode) = run(0o027);
-    assert_eq!((owner, mode, crl_mode), (0, 0o640, 0o640));
-    assert!(!signed, "the issuer's user still signed: {said}");
-    assert!(
-        said.contains("index.json") && said.contains("Permission denied"),
-        "{said}"
-    );
+    // Control: root's umask 022; then the hardened ones.
+    for umask in [0o022, 0o027, 0o077] {
+        let (signed, said, owner, mode, crl_mode) = run(umask);
+        assert!(signed, "umask {umask:o}: the issuer's user signs: {said}");
+        assert_eq!(
+            (owner, mode, crl_mode),
+            (NOBODY, 0o644, 0o644),
+            "umask {umask:o}: the store's files stay its owner's, readable"
+        );
+    }
 }
 
 /// The subjectPublicKeyInfo (DER) of the first certificate or CSR in `pem`
@@ -274,6 +296,11 @@ fn spki_of(pem: &str) -> Vec<u8> {
 /// 2048-8192, P-256/P-384, Ed25519; SHA-1 RSA from 1024 bits, which rcgen
 /// then does not take), answered 400 `csr`, not the policy's `csr_key`.
 /// Control: A alone is checked by the policy (`csr_key` for RSA-1024).
+/// Measured before the fix: with A = RSA-2048 and B = P-256 the
+/// certificate was for A's key; a smuggled RSA-1024 A came back `csr`
+/// (rcgen's check), past the policy. Fixed: the policy and the signer
+/// read the same DER, and anything but exactly one CERTIFICATE REQUEST
+/// block (text before or after it, a second block) is refused.
 #[tokio::test]
 async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() {
     let s = setup("[limits]\nper_user = { burst = 20, per_hour = 20 }");
@@ -291,19 +318,27 @@ async fn s2_3_the_csr_key_policy_checks_another_pem_block_than_the_one_signed() 
     // A: RSA-2048 (allowed, but not what the policy looked at).
     let a = super::csr_for(&rcgen::PKCS_RSA_SHA256);
     let b = csr();
-    let answer = ask(0, format!("x{a}{b}")).await.unwrap();
+    for (i, smuggled) in [format!("x{a}{b}"), format!("{a}{b}"), format!("{b}x")]
+        .into_iter()
+        .enumerate()
+    {
+        let e = ask(i, smuggled).await.unwrap_err();
+        assert_eq!(e.reason(), "csr", "{e}");
+        assert!(e.to_string().contains("one PEM"), "{e}");
+    }
+    // Alone, each is signed for its own key, whitespace around it aside.
+    let answer = ask(3, format!("\n {a}\n")).await.unwrap();
     assert_eq!(spki_of(&answer.certificate), spki_of(&a), "signed: A's key");
-    assert_ne!(
-        spki_of(&answer.certificate),
-        spki_of(&b),
-        "checked: B's key"
-    );
-    // A weak A: the policy passes it (it sees B); rcgen's check refuses.
     let weak = super::openssl_csr(&["-newkey", "rsa:1024"]);
-    let e = ask(1, weak.clone()).await.unwrap_err();
+    let e = ask(4, weak.clone()).await.unwrap_err();
     assert_eq!(e.reason(), "csr_key", "control: alone, the policy: {e}");
-    let e = ask(2, format!("x{weak}{}", csr())).await.unwrap_err();
-    assert_eq!(e.reason(), "csr", "smuggled, past the policy: {e}");
+    let e = ask(5, format!("x{weak}{}", csr())).await.unwrap_err();
+    assert_eq!(
+        e.reason(),
+        "csr",
+        "smuggled: refused before the policy: {e}"
+    );
+    assert!(e.to_string().contains("one PEM"), "{e}");
 }
 
 /// One scrape of `GET /metrics` at `addr`: the answer, or what it got.
@@ -327,7 +362,10 @@ async fn scrape(addr: std::net::SocketAddr) -> String {
 /// unanswered. The counters docs/sso.md says to alert on
 /// (`gateway_issuer_crl_publish_failures_total`, "six days remain before
 /// users are refused") go dark, with S2-1's uncounted hang behind them.
-/// Control: without the 8, the scrape is answered.
+/// Control: without the 8, the scrape is answered. Measured before the
+/// fix: with 8 silent connections held, 3 scrapes in a row got no
+/// `gateway_issuer_` text. Fixed: a newcomer takes the slot of the
+/// longest silent connection, so every scrape is answered.
 #[tokio::test]
 async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswered() {
     let s = setup("");
@@ -342,7 +380,8 @@ async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswe
     ));
     // Control.
     assert!(scrape(addr).await.starts_with("HTTP/1.1 200"));
-    // HARM: 8 silent connections, and the scraper is turned away.
+    // 8 silent connections, and more as they are cut: the scraper is
+    // still answered.
     let mut held = Vec::new();
     for _ in 0..8 {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
@@ -350,7 +389,10 @@ async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswe
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..3 {
         let answer = scrape(addr).await;
-        assert!(!answer.contains("gateway_issuer_"), "scraped: {answer}");
+        assert!(answer.starts_with("HTTP/1.1 200"), "scraped: {answer}");
+        assert!(answer.contains("gateway_issuer_"), "scraped: {answer}");
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -370,7 +412,10 @@ async fn s2_4_a_local_user_holds_every_metrics_connection_and_scrapes_go_unanswe
 /// passes routes until the CRL is due (up to a day with the defaults, up
 /// to `crl_next_update - crl_republish_before`). A second `revoke` of the
 /// same serial would publish, if the operator knew to. Control: a revoke
-/// that signs lists the serial at once.
+/// that signs lists the serial at once. Measured before the fix:
+/// `maintain_crl` returned `Fresh` and the serial stayed off the CRL.
+/// Fixed: the check re-signs when the index lists a revoked serial the CRL
+/// lacks, and `revoke` says the revocation is recorded but not published.
 #[tokio::test]
 async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_fresh() {
     let s = setup("");
@@ -398,7 +443,11 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
     let key = s.ca_dir.join("intermediate.key");
     let away = s.ca_dir.join("intermediate.key.away");
     std::fs::rename(&key, &away).unwrap();
-    assert!(operator.revoke(&second).is_err());
+    let e = operator.revoke(&second).unwrap_err().to_string();
+    assert!(
+        e.contains("recorded") && e.contains("NOT published") && e.contains("gateway pki crl"),
+        "{e}"
+    );
     std::fs::rename(&away, &key).unwrap();
     let entry = operator
         .index()
@@ -408,15 +457,20 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
         .find(|e| e.serial == second)
         .unwrap();
     assert!(entry.revoked_at.is_some(), "the index says revoked");
-    // HARM: the issuer's check leaves it out.
+    // The issuer's next check publishes it, though the CRL is fresh.
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Published { .. }
+    ));
+    assert!(
+        super::sso_crl(&s.ca_dir, &second).3,
+        "the revoked serial is on the CRL routes read"
+    );
+    // And then it is fresh again.
     assert!(matches!(
         s.issuer.maintain_crl().unwrap(),
         CrlRefresh::Fresh { .. }
     ));
-    assert!(
-        !super::sso_crl(&s.ca_dir, &second).3,
-        "the revoked serial is not on the CRL routes read"
-    );
 }
 
 /// S2-7: `gateway pki revoke SERIAL_OR_CERT` takes its argument as a
@@ -431,6 +485,10 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
 /// (With root.key still beside the store, a planted `intermediate.pem`
 /// revokes the SSO intermediate and with it every user.) Control: the
 /// same command in a directory with no such file revokes the serial.
+/// Measured before the fix: with the decoy planted under the target's
+/// serial, the decoy was revoked and the target neither revoked nor on
+/// the CRL. Fixed: a bare word is only ever a serial (a file needs a
+/// path with a '/'), and the intermediate needs `--intermediate`.
 #[test]
 fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -485,18 +543,33 @@ fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_ce
     assert!(revoked(&first.serial));
     assert!(super::sso_crl(&ca, &first.serial).3);
 
-    // HARM: the attacker's certificate (to be revoked) and a decoy.
+    // The attacker's certificate (to be revoked) and a decoy planted
+    // under its serial: the serial typed is what is revoked.
     let (_, target) = sign();
     let (decoy_pem, decoy) = sign();
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join(&target.serial), &decoy_pem).unwrap();
     run_in(shared.path(), &target.serial);
-    assert!(!revoked(&target.serial), "the serial typed was not revoked");
-    assert!(
-        !super::sso_crl(&ca, &target.serial).3,
-        "and is not on the CRL"
-    );
-    assert!(revoked(&decoy.serial), "the planted certificate was");
+    assert!(revoked(&target.serial), "the serial typed is revoked");
+    assert!(super::sso_crl(&ca, &target.serial).3, "and on the CRL");
+    assert!(!revoked(&decoy.serial), "the planted certificate is not");
+
+    // A bare file name is no serial, and the intermediate's own serial is
+    // refused without --intermediate.
+    let int_pem = std::fs::read_to_string(ca.join("intermediate.pem")).unwrap();
+    let e = store.revoke("intermediate.pem").unwrap_err();
+    assert!(e.to_string().contains("not a hex serial"), "{e}");
+    let int_serial = {
+        let (_, p) = x509_parser::pem::parse_x509_pem(int_pem.as_bytes()).unwrap();
+        crate::pki::store::hex(p.parse_x509().unwrap().tbs_certificate.raw_serial())
+    };
+    let e = store.revoke(&int_serial).unwrap_err();
+    assert!(e.to_string().contains("--intermediate"), "{e}");
+    assert!(store.index().unwrap().revoked_intermediates.is_empty());
+    // Asked for, it is revoked.
+    let entry = store.revoke_as(&int_serial, true).unwrap();
+    assert_eq!(entry.serial, int_serial);
+    assert_eq!(store.index().unwrap().revoked_intermediates.len(), 1);
 }
 
 /// An issuer serving on loopback with `device_trust_ca` (relative to its
@@ -506,6 +579,15 @@ async fn serve_with_device_ca(
     dir: &Path,
     device_trust_ca: &str,
 ) -> (u16, tokio_util::sync::CancellationToken) {
+    let config = config_with_device_ca(dir, device_trust_ca);
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        server::acceptor(&config).unwrap(),
+    ));
+    serve_config(config, acceptor).await
+}
+
+/// The config `serve_with_device_ca` writes, parsed, for `device_trust_ca`.
+fn config_with_device_ca(dir: &Path, device_trust_ca: &str) -> IssuerConfig {
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -521,10 +603,13 @@ client_id = "gateway"
 email_domains = ["example.internal"]
 "#
     );
-    let config = IssuerConfig::parse(&text, Path::new("issuer.toml"), dir).unwrap();
-    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
-        server::acceptor(&config).unwrap(),
-    ));
+    IssuerConfig::parse(&text, Path::new("issuer.toml"), dir).unwrap()
+}
+
+async fn serve_config(
+    config: IssuerConfig,
+    acceptor: server::Acceptor,
+) -> (u16, tokio_util::sync::CancellationToken) {
     let issuer = Arc::new(Issuer::new(config, Box::new(TestKeys::default())).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -542,7 +627,12 @@ email_domains = ["example.internal"]
 /// a token, new user certificates, from any machine, without the device's
 /// key, past the device's revocation in its own CA, for as long as they
 /// keep renewing. Control: with a separate device CA, the user
-/// certificate is refused at the handshake.
+/// certificate is refused at the handshake. Measured before the fix: with
+/// `sso/ca.pem` as device trust the config and acceptor loaded, and the
+/// user certificate got 200 and a nonce from `POST /v1/nonce`. Fixed: at
+/// start and every reload the acceptor refuses a device trust holding an
+/// SSO CA key, and a presented chain through an SSO CA key (a
+/// cross-certificate) is refused at the handshake.
 #[tokio::test]
 async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -626,11 +716,66 @@ async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_cer
         "control: refused at the handshake"
     );
     stop.cancel();
-    // HARM: the SSO CA as device trust loads, and the user certificate
-    // gets a nonce as the device.
-    let (port, stop) = serve_with_device_ca(dir.path(), "sso/ca.pem").await;
-    let (status, body) = nonce(port).await.unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"nonce\""), "{body}");
+    // The SSO CA as device trust (its root, its intermediate, or beside
+    // the device CA in one file) does not load.
+    let both = dir.path().join("both.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(dir.path().join("devices/ca.pem")).unwrap()
+            + &std::fs::read_to_string(dir.path().join("sso/ca.pem")).unwrap(),
+    )
+    .unwrap();
+    for ca in ["sso/ca.pem", "sso/intermediate.pem", "both.pem"] {
+        let e = server::acceptor(&config_with_device_ca(dir.path(), ca))
+            .err()
+            .unwrap_or_else(|| panic!("{ca}: loaded"));
+        assert!(e.to_string().contains("SSO CA's own key"), "{ca}: {e}");
+    }
+    // A device CA that cross-certified the SSO intermediate's key: the
+    // chain verifies, and is still refused as a user certificate.
+    let int_pem = std::fs::read_to_string(dir.path().join("sso/intermediate.pem")).unwrap();
+    let int_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(dir.path().join("sso/intermediate.key")).unwrap(),
+    )
+    .unwrap();
+    let devices_root = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(dir.path().join("devices/root.pem")).unwrap(),
+        rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(dir.path().join("devices/root.key")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    // The SSO intermediate's name (a CN, as `gateway pki` makes it) and key.
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "SSO issuing CA");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cross = params.signed_by(&int_key, &devices_root).unwrap();
+    assert!(int_pem.contains("-----BEGIN CERTIFICATE-----"));
+    let leaf = std::fs::read_to_string(&user_pem).unwrap();
+    let leaf = &leaf[..leaf.find("-----END CERTIFICATE-----").unwrap() + 26];
+    std::fs::write(&user_pem, format!("{leaf}{}", cross.pem())).unwrap();
+    let crossed = http::client_config(
+        Some(&dir.path().join("tls/ca.pem")),
+        Some((&user_pem, &user_key)),
+    )
+    .unwrap();
+    let (port, stop) = serve_with_device_ca(dir.path(), "devices/ca.pem").await;
+    let answer = http::request(
+        &crossed,
+        hyper::Method::POST,
+        &format!("https://localhost:{port}/v1/nonce"),
+        None,
+        Vec::new(),
+    )
+    .await;
+    assert!(answer.is_err(), "cross-certified: refused at the handshake");
     stop.cancel();
 }
