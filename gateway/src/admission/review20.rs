@@ -1,0 +1,111 @@
+//! Attacker review 20 of admission after a2d9885 (the pool's spared
+//! rules: shared (NAT) places 8 per network and a quarter of the share
+//! in all, charged to no identity per network; exempt sources known;
+//! `Sources::give_up` offering a NAT address's slot to every co-user).
+//! Each test asserts the HARM on the reviewed code, next to a control
+//! without the attack.
+//!
+//! Run: `cargo test -p gateway --lib admission::review20 -- --nocapture`
+
+use super::pool::Taken;
+use super::testing::{VICTIM, answered, flood, live, v4};
+use super::*;
+
+/// R20-1 (MEDIUM, certless: hosts behind NAT addresses where one of the
+/// gateway's clients verified within `known_for` each, in share/32
+/// networks: 2 /16s for a share of 64, 79 with the defaults). R19-3's
+/// fix bounds what certless hosts behind *shared* NAT addresses (two or
+/// more identities) hold: 8 per network, a quarter of the share in all.
+/// A NAT address where a single client verified (a household, a CGNAT
+/// address with one of the gateway's users behind it) is an "address of
+/// its own" to the pool: its handshakes, whoever sends them, are the
+/// client's, spared by the single-identity rules, the address's 4, the
+/// /24's 8, the /16's 16, and the identity's, which is a different real
+/// client's at every address. Nothing bounds the sum across networks
+/// but the spared half itself: certless hosts at 2 such addresses per
+/// /24, 2 /24s per /16, in share/32 /16s hold all of it, and a known
+/// client elsewhere, at its own address, is spared nothing: of its 4
+/// at once under the reviews' certless flood, 20 of 80 complete. README:
+/// "Anyone behind a NAT address, certificate or not, holds its places as
+/// its users do: hosts behind two NAT addresses of a /16 or /48 hold its
+/// 8 shared places, and behind NAT addresses of share/32 networks (78
+/// with the defaults) every NAT's; clients at addresses of their own keep
+/// theirs." The last clause does not hold: the same share/32 networks of
+/// single-user NAT addresses hold the whole spared half (twice the
+/// shared quarter), not "every NAT's". Control: the same certless hosts
+/// in one /16 (its 16 spared), the client keeps its 4, 80 of 80.
+#[test]
+fn r20_1_certless_hosts_at_single_user_nat_addresses_of_share_32_networks_hold_the_spared_half() {
+    // A share of 64 (256 connections): 2 /16s, 8 addresses.
+    let (held, client) = r20_1(true, 256, 64);
+    assert_eq!(held, 32, "the spared half (64 / 2)");
+    assert_eq!(client, (20, 0), "a client elsewhere is spared nothing");
+    let (held, client) = r20_1(false, 256, 64);
+    assert_eq!(held, 16, "control: one /16's 16");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+    // The defaults (10000 connections, a share of 2500): 79 /16s, 313
+    // addresses.
+    let (held, client) = r20_1(true, 10_000, 2500);
+    assert_eq!(held, 1250, "the spared half (2500 / 2)");
+    // Measured 23 of 80 (1 of 20 firsts): the attacker's 2 handshakes
+    // past the spared half are displaced like the client's.
+    assert!(
+        client.0 <= 30,
+        "a client elsewhere is spared nothing: {client:?}"
+    );
+    let (held, client) = r20_1(false, 10_000, 2500);
+    assert_eq!(held, 16, "control: one /16's 16");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+}
+
+/// (certless handshakes spared, the client's (of 80, of 20 firsts)
+/// under the flood). `spread`: the NAT addresses in share/32 /16s (2 per
+/// /24, 2 /24s per /16); else all in one /16 (2 per /24).
+fn r20_1(spread: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    // 4 per address fill the spared half.
+    let addresses = (share / 2).div_ceil(4);
+    let nat = |k: usize| {
+        if spread {
+            // 4 addresses per /16: 2 in each of 2 /24s.
+            [
+                100,
+                64 + (k / 4) as u8,
+                (k / 2 % 2) as u8,
+                1 + (k % 2) as u8,
+            ]
+        } else {
+            [100, 64, (k / 2) as u8, 1 + (k % 2) as u8]
+        }
+    };
+    for k in 0..addresses {
+        // One of the gateway's clients behind each, verified within
+        // `known_for`; the attacker never verified.
+        pool.served_as(
+            IpAddr::from(nat(k)),
+            &format!("spiffe://example.internal/user-{k}"),
+        );
+    }
+    let attacker: Vec<Taken> = (0..addresses)
+        .flat_map(|k| (0..4u16).map(move |p| v4(nat(k), 1000 + p)))
+        .map(|c| answered(&pool, c, max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    let home = [10, 1, 9, 7];
+    pool.served_as(IpAddr::from(home), VICTIM);
+    let started = Instant::now();
+    let result = flood(&pool, home, max, share);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "within the turn"
+    );
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!(
+        "spread {spread}, share {share}: certless spared {held} of {}; client {result:?} (of 80, of 20)",
+        attacker.len()
+    );
+    (held, result)
+}
