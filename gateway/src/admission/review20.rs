@@ -109,3 +109,106 @@ fn r20_1(spread: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
     );
     (held, result)
 }
+
+/// A connection admitted (evicting or not) as a listener would; None
+/// when refused.
+fn admit_at(
+    admission: &Arc<Admission>,
+    pool: &Arc<Pool>,
+    max: usize,
+    share: usize,
+    c: SocketAddr,
+) -> Option<Ticket> {
+    match admission.admit(pool, max, share, c, None) {
+        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => Some(t),
+        Answer::Refuse(_) => None,
+    }
+}
+
+/// R20-2 (LOW; a certless host behind an `exempt` address where a
+/// certificate verified within `known_for`: an office or partner NAT the
+/// operator exempted so that it is never blocked). Since d844bff (R18-2's
+/// fix) exempt sources are known. Exempt, they are never limited: no rate
+/// and no cap of handshakes in flight per source, prefix or network
+/// (`admit` skips `Sources::start`). Known, each newcomer displaces a
+/// stranger's handshake (a first-time client's) outside any eviction
+/// budget, and its own source's too. Together: any host behind the
+/// exempt NAT address, with no certificate, empties the handshake share
+/// of every first-time client at line rate and holds it with its own
+/// handshakes, none of it budgeted. Before d844bff an exempt source was
+/// a stranger in the pool and evicted at 16 a second (32 at once) per
+/// /24; a known source that is not exempt holds at most
+/// `source_handshakes_in_flight` (128) and `source_handshake_burst`
+/// (200). Measured with a share of 400 held by first-time clients early
+/// in their turns: 400 handshakes from the exempt NAT address displace
+/// all 400 and are all admitted; control, the same address not exempt
+/// (default limits): 128 displaced, the rest refused. README states
+/// neither (exempt: "never limited nor blocked, not never known").
+#[test]
+fn r20_2_an_exempt_known_address_displaces_every_first_time_client_outside_any_budget() {
+    let (admitted, displaced) = r20_2(true);
+    assert_eq!(
+        (admitted, displaced),
+        (400, 400),
+        "exempt and known: every stranger displaced, unbudgeted"
+    );
+    let (admitted, displaced) = r20_2(false);
+    assert_eq!(
+        (admitted, displaced),
+        (128, 128),
+        "control: a known address that is not exempt, its 128 in flight"
+    );
+}
+
+/// (the certless host's handshakes admitted, first-time clients'
+/// handshakes displaced by them).
+fn r20_2(exempt: bool) -> (usize, usize) {
+    let nat = [10, 1, 9, 5];
+    let settings = AdmissionSettings {
+        kernel_block_list: false,
+        pin: false,
+        exempt: if exempt {
+            vec!["10.1.9.5/32".parse().unwrap()]
+        } else {
+            Vec::new()
+        },
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&settings, Arc::new(Metrics::default()));
+    let pool = admission.pool("edge");
+    let (max, share) = (1600, 400);
+    // A user of the NAT served before: the address is known.
+    let t = admit_at(&admission, &pool, max, share, v4(nat, 10)).unwrap();
+    assert!(t.established());
+    assert!(t.served(VICTIM));
+    // First-time clients hold the share, early in their turns (one per
+    // /16: not crowded).
+    let mut strangers = Vec::new();
+    let mut n = 0u32;
+    while pool.handshakes() < share {
+        let c = v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1);
+        n += 1;
+        if let Some(t) = admit_at(&admission, &pool, max, share, c) {
+            t.hello_read();
+            strangers.push(t);
+        }
+    }
+    // The certless host behind the NAT address.
+    let mut mine = Vec::new();
+    for p in 0..400u16 {
+        if let Some(t) = admit_at(&admission, &pool, max, share, v4(nat, 20_000 + p)) {
+            t.hello_read();
+            mine.push(t);
+        }
+    }
+    let displaced = strangers
+        .iter()
+        .filter(|t| t.stage() == Stage::Evicted)
+        .count();
+    println!(
+        "exempt {exempt}: the certless host's {} admitted, {displaced} of {} first-time clients displaced",
+        mine.len(),
+        strangers.len()
+    );
+    (mine.len(), displaced)
+}
