@@ -212,3 +212,83 @@ fn r20_2(exempt: bool) -> (usize, usize) {
     );
     (mine.len(), displaced)
 }
+
+/// R20-3 (MEDIUM, a few certificates: 4 allowed on 4 listeners, or 16
+/// on one, with the defaults; IPv6 /64s in a few /48s each). The known
+/// table is one LRU over all listeners (`max_known`, 16384, the least
+/// recently verified forgotten first). One identity holds at most
+/// `known_per_identity` (1024) entries per listener and a quarter of the
+/// table over all listeners (review 11, R11-9's fix): one certificate
+/// cannot flush it, but the bound is per identity, and nothing bounds
+/// the sum. 4 certificates allowed on 4 listeners (4096 entries each,
+/// from 16 /48s per listener: the network's part is 256) or 16 on one
+/// listener fill the whole table, and by verifying again now and then
+/// stay the most recently verified: every client already served, on
+/// every listener, is forgotten and is a stranger under the next flood
+/// (no known lane, no spared places, no pass past a full networks
+/// table). README: "one certificate holder verifying from many
+/// addresses can neither flush the clients already served"; "Several
+/// certificates ... still hold what four identities may" is said of
+/// the pool's spared places, and four identities here hold the whole
+/// known table. Measured at the defaults' ratios (`max_known` 64,
+/// `known_per_identity` 4): 20 clients served before on one listener,
+/// 0 still known after 4 certificates verify from 4 addresses each on
+/// 4 listeners, and 0 after 16 certificates on the clients' listener
+/// alone; control, one certificate on the 4 listeners (R11-9): 20.
+#[test]
+fn r20_3_four_certificates_flush_the_whole_known_table() {
+    assert_eq!(r20_3(4, 4), 0, "4 certificates on 4 listeners");
+    assert_eq!(r20_3(16, 1), 0, "16 certificates on one listener");
+    assert_eq!(r20_3(1, 4), 20, "control: one certificate (R11-9)");
+}
+
+/// Clients served before (of 20) still known after `certs`
+/// certificates each verified from their quota on `listeners`
+/// listeners.
+fn r20_3(certs: u8, listeners: usize) -> usize {
+    let s = AdmissionSettings {
+        kernel_block_list: false,
+        pin: false,
+        max_known: 64,
+        known_per_identity: 4,
+        ..AdmissionSettings::default()
+    };
+    let admission = Admission::new(&s, Arc::new(Metrics::default()));
+    let clients: Vec<IpAddr> = (1..=20u8).map(|i| IpAddr::from([192, 0, 2, i])).collect();
+    let mut t = admission.tables();
+    let now = Instant::now();
+    for (i, c) in clients.iter().enumerate() {
+        t.sources.verified(
+            "edge",
+            *c,
+            &format!("spiffe://example.internal/client-{i}"),
+            &s,
+            now,
+        );
+    }
+    let names = ["edge", "api", "admin-web", "metrics-tls"];
+    for cert in 0..certs {
+        for (l, listener) in names.iter().take(listeners).enumerate() {
+            // Its quota on the listener (4), one per /16 (its network's
+            // part, quota/4).
+            for n in 0..4u8 {
+                t.sources.verified(
+                    listener,
+                    IpAddr::from([20 + cert, 16 * l as u8 + n, 0, 1]),
+                    &format!("spiffe://example.internal/attacker-{cert}"),
+                    &s,
+                    now + Duration::from_millis(1),
+                );
+            }
+        }
+    }
+    let still = clients
+        .iter()
+        .filter(|c| {
+            t.sources
+                .is_known("edge", **c, &s, now + Duration::from_millis(1))
+        })
+        .count();
+    println!("{certs} certificates on {listeners} listeners: {still} of 20 clients still known");
+    still
+}
