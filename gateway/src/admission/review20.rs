@@ -292,3 +292,52 @@ fn r20_3(certs: u8, listeners: usize) -> usize {
     println!("{certs} certificates on {listeners} listeners: {still} of 20 clients still known");
     still
 }
+
+/// R20-4 (LOW, certless hosts behind 2 shared NAT addresses of one /16,
+/// on a listener with a share below 32 handshakes: `max_connections`
+/// below 128 at the default quarter). README: "shared addresses fewer
+/// than a quarter of the share in all". `Slots::spare` caps them at
+/// `(max_handshakes / 4).max(KNOWN_SPARED_SHARED_PER_NETWORK)`, at least
+/// 8, and the spared half at `(max_handshakes / 2).max(4)`: below a share
+/// of 32 the shared places' floor is the whole spared half (8 of a share
+/// of 16), not a quarter of the share (4). Certless hosts behind two NAT
+/// addresses of one /16 (two users verified at each) hold all of it, and
+/// a known client at its own address elsewhere is spared nothing: of its
+/// 4 at once under the reviews' flood, 20 of 80 complete. Control, a
+/// share of 64: the same hosts hold 8 (a quarter: 16), the client keeps
+/// its 4, 80 of 80.
+#[test]
+fn r20_4_below_a_share_of_32_shared_nat_places_hold_the_whole_spared_half() {
+    let (held, client) = r20_4(64, 16);
+    assert_eq!(held, 8, "the spared half of 16, not a quarter (4)");
+    assert_eq!(client, (20, 0), "a client elsewhere is spared nothing");
+    let (held, client) = r20_4(256, 64);
+    assert_eq!(held, 8, "control: the /16's 8 of a quarter of 64");
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+}
+
+/// (certless handshakes spared at 2 shared NAT addresses of one /16, the
+/// client's (of 80, of 20 firsts) under the flood).
+fn r20_4(max: usize, share: usize) -> (usize, (usize, usize)) {
+    let pool = Pool::new("edge");
+    let nat = |k: usize| [100, 64, k as u8, 1];
+    for k in 0..2 {
+        let ip = IpAddr::from(nat(k));
+        pool.served_as(ip, &format!("spiffe://example.internal/user-{k}"));
+        pool.served_as(ip, &format!("spiffe://example.internal/user-{k}-too"));
+    }
+    let attacker: Vec<Taken> = (0..2)
+        .flat_map(|k| (0..4u16).map(move |p| v4(nat(k), 1000 + p)))
+        .map(|c| answered(&pool, c, max, share, true))
+        .collect();
+    let held = attacker.iter().filter(|t| t.place.spared()).count();
+    let home = [10, 1, 9, 7];
+    pool.served_as(IpAddr::from(home), VICTIM);
+    let result = flood(&pool, home, max, share);
+    assert!(
+        attacker.iter().filter(|t| t.place.spared()).all(live),
+        "the attacker's spared places all held"
+    );
+    println!("share {share}: certless spared {held}; client {result:?} (of 80, of 20)");
+    (held, result)
+}
