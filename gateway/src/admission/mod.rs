@@ -1216,6 +1216,8 @@ mod review18;
 #[cfg(test)]
 mod review19;
 #[cfg(test)]
+mod review20;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod testing;
