@@ -868,7 +868,7 @@ impl Admission {
             }),
         )?;
         // A copy under the lock (every accept takes it), counted after.
-        let (list, tracked, forgotten, displaced, known_admitted) = {
+        let (list, tracked, forgotten, displaced, known_admitted, known_full) = {
             let t = self.tables();
             (
                 t.blocked.snapshot(),
@@ -876,6 +876,7 @@ impl Admission {
                 t.sources.forgotten(),
                 t.blocked.displaced,
                 t.sources.known_admitted,
+                t.sources.known_full,
             )
         };
         let mut blocked: HashMap<(BlockReason, Level), u64> = HashMap::new();
@@ -920,6 +921,12 @@ impl Admission {
             "gateway_admission_known_admitted_total",
             "Handshakes of known sources (a verified certificate within admission.known_for) admitted while the networks' table was full: refused (max_tracked) otherwise.",
             [([("", ""); 0], known_admitted)],
+        )?;
+        counter(
+            out,
+            "gateway_admission_known_full_total",
+            "Verified handshakes whose source was not remembered as known: admission.max_known entries, every one verified within admission.known_for (several certificates verifying from many addresses, or a table too small).",
+            [([("", ""); 0], known_full)],
         )?;
         let kernel = self.kernel();
         let KernelInterfaces { attached, failed } = kernel.interfaces();

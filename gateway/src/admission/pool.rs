@@ -309,8 +309,10 @@ impl Slots {
                 *self.spared_networks.entry(place.network).or_default() += 1;
             }
             many => {
-                let shared_cap =
-                    (self.max_handshakes / 4).max(KNOWN_SPARED_SHARED_PER_NETWORK as usize);
+                // A quarter of the share, one address's 4 at least: 8 at
+                // least was the whole spared half below a share of 32
+                // (review 20, R20-4).
+                let shared_cap = (self.max_handshakes / 4).max(KNOWN_SPARED_PER_ADDRESS as usize);
                 if self.spared_shared_in_all >= shared_cap
                     || count(&self.spared_shared, &place.network) >= KNOWN_SPARED_SHARED_PER_NETWORK
                     || !many

@@ -177,6 +177,12 @@ impl<K: Hash + Eq + Clone, V> Lru<K, V> {
         Some(&mut slot.0)
     }
 
+    /// The least recently used entry.
+    pub fn oldest(&self) -> Option<&V> {
+        let (_, key) = self.order.first_key_value()?;
+        self.map.get(key).map(|(v, _)| v)
+    }
+
     /// Forgets the least recently used entry, busy or not, and gives it
     /// back: for a table whose entries are counted elsewhere.
     pub fn pop_oldest(&mut self) -> Option<(K, V)> {
@@ -789,6 +795,9 @@ pub(super) struct Sources {
     /// Handshakes of known sources admitted past a full networks table,
     /// since start.
     pub known_admitted: u64,
+    /// Verifications not remembered: the known table was full of entries
+    /// verified within `known_for`.
+    pub known_full: u64,
 }
 
 impl Sources {
@@ -807,6 +816,7 @@ impl Sources {
             judged: 0,
             allocations: HashMap::new(),
             known_admitted: 0,
+            known_full: 0,
         }
     }
 
@@ -1368,6 +1378,21 @@ impl Sources {
         }
         if self.known.get(&key).is_none() {
             while self.known.len() >= (settings.max_known as usize).max(1) {
+                // Only a stale entry (none of its slots verified within
+                // `known_for`) gives way: a few certificates, each within
+                // its quota, verifying from fresh addresses flushed every
+                // client served before (review 20, R20-3: 0 of 20 still
+                // known). A table full of recent entries remembers no one
+                // new, counted: it keeps out new sources' privileges at
+                // worst, never the clients already served.
+                let stale = self.known.oldest().is_some_and(|k| {
+                    k.newest()
+                        .is_none_or(|at| now.saturating_duration_since(at) > settings.known_for)
+                });
+                if !stale {
+                    self.known_full += 1;
+                    return;
+                }
                 match self.known.pop_oldest() {
                     Some((old, k)) => self.drop_entry(old, &k),
                     None => break,
