@@ -8,7 +8,8 @@
 //! intermediates it revoked), `crl.pem` (the intermediate's current CRL
 //! followed by the root's, so a bundle names one file and revocation
 //! reaches along the whole chain), and one `NAME.pem` (leaf + intermediate)
-//! and `NAME.key` per issued certificate. Keys are written 0600.
+//! and `NAME.key` per issued certificate. Keys and `index.json` are
+//! written 0600.
 //!
 //! The root's CRL is signed at `init` and again only when the root revokes
 //! an intermediate (or `gateway pki crl --root` asks): it is valid until the
@@ -272,7 +273,10 @@ impl Store {
             path: self.path("index.json"),
             message: e.to_string(),
         })?;
-        self.write("index.json", &text, false).map(|_| ())
+        // 0600: who was issued what, for which device, is the store
+        // owner's (the issuer's) business; the directory is 0711, so
+        // another local user who knew the name read it.
+        self.write("index.json", &text, true).map(|_| ())
     }
 
     fn intermediate(&self) -> Result<Authority, PkiError> {

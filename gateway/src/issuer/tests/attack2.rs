@@ -264,8 +264,8 @@ fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_can
         assert!(signed, "umask {umask:o}: the issuer's user signs: {said}");
         assert_eq!(
             (owner, mode, crl_mode),
-            (NOBODY, 0o644, 0o644),
-            "umask {umask:o}: the store's files stay its owner's, readable"
+            (NOBODY, 0o600, 0o644),
+            "umask {umask:o}: the store's files stay its owner's: the index its alone, the CRL readable"
         );
     }
 }
