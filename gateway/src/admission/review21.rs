@@ -180,3 +180,52 @@ fn r21_2(max_known: u32) -> (usize, bool, u64) {
     );
     (still, known, t.sources.known_full)
 }
+
+/// R21-3 (LOW, docs; certless hosts behind NAT addresses where one of
+/// the gateway's clients verified within `known_for` each). README
+/// states R20-1's bound as "16 such per /16 or /48 in share/32 networks
+/// (79 with the defaults: some 1250 clients' addresses), hold the spared
+/// half". Each such address holds its 4 (its own, its identity's 4 in
+/// the /16, a different client's at each), a /24 its 8: 4 addresses per
+/// /16 (2 per /24) hold the /16's 16, and 313 addresses in 79 /16s the
+/// spared half (1250 of 2500) with the defaults, a quarter of the
+/// addresses README states. Control: 16 addresses per /16, as README
+/// counts them, hold no more (16 per /16).
+#[test]
+fn r21_3_four_single_user_nat_addresses_per_16_hold_its_16_not_sixteen() {
+    use super::testing::{answered, v4};
+    let held = |per_16: usize, networks: usize| {
+        let (max, share) = (10_000, 2500);
+        let pool = Pool::new("edge");
+        let mut places = Vec::new();
+        let mut addresses = 0;
+        for n in 0..networks {
+            for k in 0..per_16 {
+                let at = [
+                    100 + (n / 200) as u8,
+                    (n % 200) as u8,
+                    (k / 2) as u8,
+                    1 + (k % 2) as u8,
+                ];
+                pool.served_as(
+                    IpAddr::from(at),
+                    &format!("spiffe://example.internal/user-{n}-{k}"),
+                );
+                addresses += 1;
+                for p in 0..4u16 {
+                    places.push(answered(&pool, v4(at, 1000 + p), max, share, true));
+                }
+            }
+        }
+        let spared = places.iter().filter(|t| t.place.spared()).count();
+        println!("{per_16} addresses per /16 in {networks} /16s ({addresses}): {spared} spared");
+        (addresses, spared)
+    };
+    assert_eq!(held(4, 1), (4, 16), "4 addresses hold a /16's 16");
+    assert_eq!(
+        held(4, 79),
+        (316, 1250),
+        "316 addresses hold the spared half"
+    );
+    assert_eq!(held(16, 1), (16, 16), "control: 16 per /16 hold no more");
+}
