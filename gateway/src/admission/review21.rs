@@ -229,3 +229,69 @@ fn r21_3_four_single_user_nat_addresses_per_16_hold_its_16_not_sixteen() {
     );
     assert_eq!(held(16, 1), (16, 16), "control: 16 per /16 hold no more");
 }
+
+/// R21-4 (MEDIUM, certless: hosts behind an address the client verified
+/// from within `known_for`, in the /16 or /48 (or /24, /64) of the
+/// client's current address: a mobile client whose carrier-grade NAT
+/// mapping moved within its carrier's pool, other subscribers now
+/// behind its former address; an IPv6 neighbour on a shared LAN taking
+/// the client's retired privacy address). README: "clients at addresses
+/// of their own keep theirs, except from hosts behind those very
+/// addresses". A single-identity address's spared places are charged
+/// to its identity per network (4) and per source (4): hosts behind the
+/// client's *former* address, which the gateway knows as the client,
+/// hold the identity's 4 in the network, and the client at its current
+/// address of its own, in the same /16, is spared nothing. Measured
+/// under the reviews' certless flood: the client completes 0 of 80 at
+/// its current address; controls, no one behind its former address, or
+/// as many hosts behind another client's address there: 80 of 80.
+#[test]
+fn r21_4_hosts_behind_a_clients_former_address_take_its_places_at_its_current_one() {
+    let (held, client) = r21_4(true);
+    assert_eq!(held, 4, "certless hosts at the former address: 4 spared");
+    assert!(client.0 <= 30, "the client at its own address: {client:?}");
+    let (held, client) = r21_4(false);
+    assert_eq!(held, 0);
+    assert_eq!(client, (80, 20), "control: the client keeps its 4");
+    // Control: as many hosts behind another client's address of the
+    // same /24 and /16 are spared as many, and the client keeps its 4:
+    // the identity's charge, not the network's crowding.
+    let pool = Pool::new("edge");
+    let (other, current) = ([100, 70, 1, 9], [100, 70, 2, 7]);
+    pool.served_as(IpAddr::from(other), super::testing::VICTIM_TOO);
+    pool.served_as(IpAddr::from(current), super::testing::VICTIM);
+    let hosts: Vec<_> = (0..4u16)
+        .map(|p| {
+            super::testing::answered(&pool, super::testing::v4(other, 3000 + p), 256, 64, true)
+        })
+        .collect();
+    assert_eq!(hosts.iter().filter(|t| t.place.spared()).count(), 4);
+    let client = super::testing::flood(&pool, current, 256, 64);
+    println!("behind another client's address: client {client:?}");
+    assert_eq!(client, (80, 20), "control: another identity's address");
+}
+
+/// (certless handshakes spared at the client's former address, the
+/// client's (of 80, of 20 firsts) at its current one under the flood).
+fn r21_4(behind_former: bool) -> (usize, (usize, usize)) {
+    use super::pool::Taken;
+    use super::testing::{VICTIM, answered, flood, v4};
+    let (max, share) = (256, 64);
+    let pool = Pool::new("edge");
+    // The carrier's pool: the former address and the current one in two
+    // /24s of one /16.
+    let (former, current) = ([100, 70, 1, 9], [100, 70, 2, 7]);
+    pool.served_as(IpAddr::from(former), VICTIM);
+    pool.served_as(IpAddr::from(current), VICTIM);
+    let hosts: Vec<Taken> = if behind_former {
+        (0..4u16)
+            .map(|p| answered(&pool, v4(former, 3000 + p), max, share, true))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let held = hosts.iter().filter(|t| t.place.spared()).count();
+    let client = flood(&pool, current, max, share);
+    println!("behind the former address {behind_former}: {held} spared there; client {client:?}");
+    (held, client)
+}
