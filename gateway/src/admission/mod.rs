@@ -1225,6 +1225,8 @@ mod review19;
 #[cfg(test)]
 mod review20;
 #[cfg(test)]
+mod review21;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod testing;
