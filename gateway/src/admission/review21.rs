@@ -1,7 +1,10 @@
 //! Attacker review 21 of admission after ae690a6 (a full known table
 //! gives way only to a stale entry; shared places a quarter of the
-//! share, 4 at least). Each test asserts the HARM on the reviewed code,
-//! next to a control without the attack.
+//! share, 4 at least). Each test asserted the HARM on the reviewed code,
+//! next to a control without the attack. R21-2 is fixed since (the
+//! table's room is judged before the quota gives anything up) and
+//! asserts the fix; R21-1, R21-3 and R21-4 assert their harm still, as
+//! bounds README states.
 //!
 //! Run: `cargo test -p gateway --lib admission::review21 -- --nocapture`
 
@@ -129,7 +132,8 @@ fn r21_1(revoked: bool) -> (bool, bool, u64) {
 /// stated); what README says of a full table: 8 of 8, the newcomer not.
 #[test]
 fn r21_2_at_a_full_table_the_quota_gives_up_a_client_and_remembers_no_one() {
-    assert_eq!(r21_2(32), (7, false, 1), "a client forgotten for no one");
+    // Fixed: the table's room is judged first. Before: (7, false, 1).
+    assert_eq!(r21_2(32), (8, false, 1), "no client given up for no one");
     assert_eq!(r21_2(64), (7, true, 0), "control: the newcomer takes it");
 }
 

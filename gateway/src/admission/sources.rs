@@ -1368,14 +1368,9 @@ impl Sources {
             .get(&key)
             .map_or_else(|| Level::Network.group(source, settings), |k| k.net);
         let present = self.known.get(&key).is_some_and(|k| k.holds(identity));
-        // At its quota (or its network's part of it), an identity's new
-        // address is not remembered (its known ones are refreshed as they
-        // verify again): one holder of a shared identity must not flush
-        // that identity's other clients (review 7 F5), nor take the whole
-        // quota from one network (review 10 R10-2).
-        if !present && !self.has_room(lid, identity, net, settings, now) {
-            return;
-        }
+        // The table's room first: at its quota the identity gives up one
+        // of its entries for the new one, which must then find a place
+        // (review 21, R21-2: it gave up a client and remembered no one).
         if self.known.get(&key).is_none() {
             while self.known.len() >= (settings.max_known as usize).max(1) {
                 // Only a stale entry (none of its slots verified within
@@ -1398,6 +1393,14 @@ impl Sources {
                     None => break,
                 }
             }
+        }
+        // At its quota (or its network's part of it), an identity's new
+        // address is not remembered (its known ones are refreshed as they
+        // verify again): one holder of a shared identity must not flush
+        // that identity's other clients (review 7 F5), nor take the whole
+        // quota from one network (review 10 R10-2).
+        if !present && !self.has_room(lid, identity, net, settings, now) {
+            return;
         }
         let burst = settings.source_handshake_burst;
         let Some(k) = self.known.entry(
@@ -1438,19 +1441,6 @@ impl Sources {
         }
     }
 
-    /// Whether `identity` may hold one more entry on listener `lid`, in
-    /// `net`: below its quota (`known_per_identity`, at most a quarter of
-    /// the table; 0: no quota), below a quarter of that in `net`, and
-    /// below a quarter of the table over all listeners (R11-9). Its
-    /// entries past `known_for` are forgotten first, oldest first: they
-    /// are no longer known, and must not hold the quota. At the quota, the
-    /// least recently verified entry of its largest network makes room if
-    /// that network holds at least two more than `net` (max-min fairness
-    /// across networks: one holder of a shared identity in four networks
-    /// cannot squat the quota, attacker review 11 R11-4, and a network
-    /// holding no more than the newcomer's is never flushed, so a holder
-    /// cannot flush a network it is not in beyond an equal share). Running
-    /// counts and one pass over its queue at most (review 10 R10-9).
     /// Whether `identity` has room for an entry in `net` without making
     /// any (`has_room` without forgetting or displacing).
     fn room_as_it_is(
@@ -1474,6 +1464,19 @@ impl Sources {
         here < per_net && entries < quota && everywhere < part
     }
 
+    /// Whether `identity` may hold one more entry on listener `lid`, in
+    /// `net`: below its quota (`known_per_identity`, at most a quarter of
+    /// the table; 0: no quota), below a quarter of that in `net`, and
+    /// below a quarter of the table over all listeners (R11-9). Its
+    /// entries past `known_for` are forgotten first, oldest first: they
+    /// are no longer known, and must not hold the quota. At the quota, the
+    /// least recently verified entry of its largest network makes room if
+    /// that network holds at least two more than `net` (max-min fairness
+    /// across networks: one holder of a shared identity in four networks
+    /// cannot squat the quota, attacker review 11 R11-4, and a network
+    /// holding no more than the newcomer's is never flushed, so a holder
+    /// cannot flush a network it is not in beyond an equal share). Running
+    /// counts and one pass over its queue at most (review 10 R10-9).
     fn has_room(
         &mut self,
         lid: u64,
