@@ -1158,7 +1158,9 @@ async fn idle_connections_cannot_hold_the_issuer() {
 /// profile's rules. Without MFA the default profile (which requires it)
 /// refuses, the `kiosk` profile (which does not) issues its own 1-hour
 /// certificate, named in the output, the certificate's subject and the
-/// issuer's log; an unknown profile is refused before any sign-in, with
+/// issuer's log, with names of its own (no email SAN, a kiosk user URI,
+/// CN `kiosk:…`: no route written for the default profile's names admits
+/// it, and no two profiles may share one); an unknown profile is refused before any sign-in, with
 /// the names there are.
 #[tokio::test(flavor = "multi_thread")]
 async fn login_signs_in_under_the_profile_it_names() {
@@ -1171,6 +1173,8 @@ user_uri = "spiffe://example.internal/user/{local}"
 email_domains = ["example.internal"]
 [profile.kiosk]
 email_domains = ["example.internal"]
+email_san = false
+user_uri = "spiffe://example.internal/kiosk/user/{local}"
 default_lifetime = "1h"
 max_lifetime = "1h"
 "#,
@@ -1186,7 +1190,7 @@ max_lifetime = "1h"
     assert!(ok, "{out}\n{err}");
     assert!(
         out.contains(
-            "signed in as email:alice@example.internal, spiffe://example.internal/device/laptop-7 (profile kiosk)"
+            "signed in as spiffe://example.internal/kiosk/user/alice, spiffe://example.internal/device/laptop-7 (profile kiosk)"
         ),
         "{out}"
     );
@@ -1197,7 +1201,7 @@ max_lifetime = "1h"
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&subject.stdout).trim(),
-        "subject=OU=kiosk,CN=alice@example.internal"
+        "subject=OU=kiosk,CN=kiosk:alice@example.internal"
     );
     let pem = std::fs::read(sso.path("out/user.pem")).unwrap();
     let leaf = CertificateDer::pem_slice_iter(&pem)
@@ -1303,7 +1307,7 @@ async fn sighup_reloads_issuer_toml_and_a_bad_one_leaves_the_old_in_service() {
 
     // A good one: named profiles, one without MFA, in service at once.
     let named = toml.replace("[profile]", "[profile.default]")
-        + "[profile.kiosk]\nemail_domains = [\"example.internal\"]\n";
+        + "[profile.kiosk]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/kiosk/user/{local}\"\n";
     std::fs::write(sso.path("issuer.toml"), named).unwrap();
     hup_until("\"event\":\"config_reloaded\"", 1);
     let (ok, out, err) = sso.login("alice", "pwd", &["--profile", "kiosk"]);

@@ -279,6 +279,14 @@ pub struct Profile {
     pub user_uri: Option<String>,
     /// Only users whose verified email is in one of these domains.
     pub email_domains: Vec<String>,
+    /// Whether the certificate carries the user's `email:` SAN (and the
+    /// email as its CN). With several profiles at most one may: routes
+    /// match names, not profiles, so a name two profiles issue lets the
+    /// looser one pass every route written for the stricter. The others
+    /// say `false` and name the user by a `user_uri` of their own (their
+    /// CN is `PROFILE:EMAIL`, which no `cn:` rule for the email matches).
+    #[serde(default = "yes")]
+    pub email_san: bool,
     /// A URI SAN per group of the token's `groups` claim that is listed in
     /// `groups`; `{group}` is the group's name. Routes then allow a group:
     /// `allow = ["spiffe://example.internal/group/sre"]`.
@@ -307,6 +315,9 @@ pub struct Profile {
 
 fn default_lifetime() -> Duration {
     Duration::from_secs(8 * 3600)
+}
+fn yes() -> bool {
+    true
 }
 fn default_max_lifetime() -> Duration {
     Duration::from_secs(12 * 3600)
@@ -392,6 +403,7 @@ impl IssuerConfig {
             let field = |f: &str| c.profile.field(name, f);
             check_profile(p, field).map_err(|(field, message)| invalid(field, message))?;
         }
+        check_profiles_apart(&c.profile).map_err(|(field, message)| invalid(field, message))?;
         if !crate::spiffe::claims_spiffe(&c.device_san_prefix)
             || !c.device_san_prefix.ends_with('/')
         {
@@ -488,6 +500,12 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
                 .into(),
         ));
     }
+    if !p.email_san && p.user_uri.is_none() {
+        return Err((
+            field("email_san"),
+            "false needs a user_uri: the certificate must name its user".into(),
+        ));
+    }
     if let Some(t) = &p.user_uri {
         let sample = t.replace("{local}", "user");
         crate::spiffe::SpiffeId::parse(&sample)
@@ -537,6 +555,65 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
         ));
     }
     Ok(())
+}
+
+/// No two profiles issue the same name, so a route that names a
+/// profile's users (`email:`, its `user_uri`, its `group_uri`) admits only
+/// that profile's certificates: the request picks the profile
+/// (`?profile=`), and routes cannot read it (the subject's OU is no rule),
+/// so one loose profile would otherwise pass every route written for a
+/// strict one, whose MFA, `max_auth_age`, `device_grant` and `refresh`
+/// it was meant to hold to.
+///
+/// The `email:` SAN: at most one profile. URIs: a URI template's text
+/// before its placeholder (`{local}`, `{group}`; the whole text without
+/// one) is never a prefix of another profile's, so their URIs can neither
+/// be equal (two equal URIs share the text before either placeholder, so
+/// one of those texts begins the other) nor nest under each other's
+/// `spiffe-prefix:`. Cautious: a pair that could not collide
+/// (`…/u{local}` and `…/u/{local}`) is refused too; a path per profile
+/// (`spiffe://example.internal/kiosk/user/{local}`) always passes.
+fn check_profiles_apart(profiles: &Profiles) -> Result<(), (String, String)> {
+    let all: Vec<(&str, &Profile)> = profiles.iter().collect();
+    for (i, (a, pa)) in all.iter().enumerate() {
+        for (b, pb) in all.iter().skip(i + 1) {
+            if pa.email_san && pb.email_san {
+                return Err((
+                    profiles.field(b, "email_san"),
+                    format!(
+                        "profiles {a:?} and {b:?} both issue the name email:LOCAL@DOMAIN, so a route allowing email:alice@… cannot tell their certificates apart and admits the looser profile's as the stricter's: set email_san = false in all profiles but one (each of them then names its users by a user_uri of its own)"
+                    ),
+                ));
+            }
+            for (fa, ta) in uri_templates(pa) {
+                for (fb, tb) in uri_templates(pb) {
+                    let (xa, xb) = (before_placeholder(ta), before_placeholder(tb));
+                    if xa.starts_with(xb) || xb.starts_with(xa) {
+                        return Err((
+                            profiles.field(b, fb),
+                            format!(
+                                "{tb:?} of profile {b:?} and {fa} {ta:?} of profile {a:?} can issue the same URI, or one under the other, so routes cannot tell the profiles' certificates apart: give each profile a path of its own (\"spiffe://example.internal/{b}/user/{{local}}\")"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A profile's URI SAN templates, by field.
+fn uri_templates(p: &Profile) -> impl Iterator<Item = (&'static str, &str)> {
+    [("user_uri", &p.user_uri), ("group_uri", &p.group_uri)]
+        .into_iter()
+        .filter_map(|(f, t)| t.as_deref().map(|t| (f, t)))
+}
+
+/// A template's fixed text before its placeholder (all of it without one):
+/// `{` is no SPIFFE ID character, so the first is the placeholder's.
+fn before_placeholder(t: &str) -> &str {
+    t.split('{').next().unwrap_or(t)
 }
 
 #[cfg(test)]
@@ -672,7 +749,7 @@ email_domains = ["example.internal"]
     #[test]
     fn named_profiles_each_checked_and_not_mixed_with_loose_fields() {
         let named = GOOD.replace("[profile]\n", "[profile.default]\n")
-            + "[profile.sre]\nemail_domains = [\"example.internal\"]\nmax_lifetime = \"2h\"\ndefault_lifetime = \"1h\"\n";
+            + "[profile.sre]\nemail_domains = [\"example.internal\"]\nmax_lifetime = \"2h\"\ndefault_lifetime = \"1h\"\nemail_san = false\nuser_uri = \"spiffe://example.internal/sre/user/{local}\"\n";
         let c = parse(&named).unwrap();
         assert_eq!(c.profile.names(), vec!["default", "sre"]);
         assert_eq!(
@@ -698,6 +775,68 @@ email_domains = ["example.internal"]
         let name = named.replace("[profile.sre]", "[profile.\"SRE team\"]");
         let e = parse(&name).unwrap_err().to_string();
         assert!(e.contains("a profile name is"), "{e}");
+    }
+
+    /// S3-1: two profiles never issue the same name (routes match names,
+    /// not profiles), refused at load with both profiles and the name.
+    #[test]
+    fn two_profiles_never_issue_the_same_name() {
+        let named = GOOD.replace("[profile]\n", "[profile.default]\n");
+        let kiosk = |extra: &str| {
+            format!("{named}[profile.kiosk]\nemail_domains = [\"example.internal\"]\n{extra}\n")
+        };
+        // Both put email:alice@… in: refused, naming both and the name.
+        let e = parse(&kiosk("")).unwrap_err().to_string();
+        assert!(
+            e.contains("profile.kiosk.email_san")
+                && e.contains("profiles \"default\" and \"kiosk\"")
+                && e.contains("email:LOCAL@DOMAIN"),
+            "{e}"
+        );
+        // Without the email, a user URI is needed, and one of its own.
+        let e = parse(&kiosk("email_san = false")).unwrap_err().to_string();
+        assert!(
+            e.contains("profile.kiosk.email_san") && e.contains("user_uri"),
+            "{e}"
+        );
+        for (uri, why) in [
+            ("spiffe://example.internal/user/{local}", "the same URIs"),
+            (
+                "spiffe://example.internal/user/k-{local}",
+                "k-alice is kiosk's alice",
+            ),
+            (
+                "spiffe://example.internal/user/kiosk/{local}",
+                "under default's prefix",
+            ),
+            ("spiffe://example.internal/user/kiosk", "one of default's"),
+        ] {
+            let text = kiosk(&format!("email_san = false\nuser_uri = \"{uri}\""));
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(
+                e.contains("profile.kiosk.user_uri")
+                    && e.contains(
+                        "\"spiffe://example.internal/user/{local}\" of profile \"default\""
+                    )
+                    && e.contains("can issue the same URI"),
+                "{why}: {e}"
+            );
+        }
+        // Groups are names too, against users' and groups' of others.
+        let group = |t: &str| {
+            kiosk(&format!(
+                "email_san = false\nuser_uri = \"spiffe://example.internal/kiosk/user/{{local}}\"\ngroup_uri = \"{t}\"\ngroups = [\"sre\"]"
+            ))
+        };
+        let e = parse(&group("spiffe://example.internal/user/{group}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("profile.kiosk.group_uri"), "{e}");
+        // A path per profile: taken, and so is one profile alone.
+        let c = parse(&group("spiffe://example.internal/kiosk/group/{group}")).unwrap();
+        assert!(!c.profile.get(Some("kiosk")).unwrap().1.email_san);
+        assert!(c.profile.get(None).unwrap().1.email_san);
+        assert!(parse(GOOD).unwrap().profile.get(None).unwrap().1.email_san);
     }
 
     #[test]

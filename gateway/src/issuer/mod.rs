@@ -725,8 +725,16 @@ impl Issuer {
                 who: "this user",
                 retry_after,
             })?;
+        // The email SAN only from the one profile that issues it (config:
+        // no two profiles issue the same name); the others' CN names their
+        // profile too, so a `cn:` rule written for the email matches none.
+        let cn = if profile.email_san {
+            email.trim_start_matches("email:").to_owned()
+        } else {
+            sans.retain(|s| *s != email);
+            format!("{profile_name}:{}", email.trim_start_matches("email:"))
+        };
         sans.push(device.to_owned());
-        let cn = email.trim_start_matches("email:").to_owned();
         let life =
             time::Duration::try_from(lifetime).map_err(|e| Refusal::Internal(e.to_string()))?;
         // Device-bound means no longer than the device: a certificate

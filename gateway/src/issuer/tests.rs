@@ -1247,6 +1247,8 @@ user_uri = "spiffe://example.internal/user/{local}"
 email_domains = ["example.internal"]
 [profile.kiosk]
 email_domains = ["example.internal"]
+email_san = false
+user_uri = "spiffe://example.internal/kiosk/user/{local}"
 default_lifetime = "1h"
 max_lifetime = "2h"
 "#,
@@ -1282,10 +1284,11 @@ max_lifetime = "2h"
     );
     assert_eq!(
         id.uris,
-        vec![LAPTOP],
-        "kiosk has no user_uri: {:?}",
+        vec!["spiffe://example.internal/kiosk/user/alice", LAPTOP],
+        "kiosk's own user URI, and no email: {:?}",
         id.uris
     );
+    assert!(id.emails.is_empty(), "{:?}", id.emails);
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let ou: Vec<&str> = cert
         .subject()

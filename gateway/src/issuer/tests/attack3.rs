@@ -33,30 +33,78 @@ fn admitted(policy: &Policy, id: &Identity) -> bool {
     )
 }
 
-/// S3-1: a profile's rules protect nothing that a looser profile also
-/// issues. Every profile is open to every device and user (docs/sso.md,
+/// `profiles` read as issuer.toml's: the error if it does not load.
+fn config_error(profiles: &str) -> Option<String> {
+    let text = format!(
+        r#"
+listen = "127.0.0.1:0"
+cert = "issuer.pem"
+key = "issuer.key"
+ca_dir = "sso"
+device_trust = {{ ca = "devices/ca.pem" }}
+device_san_prefix = "{PREFIX}"
+[oidc]
+issuer = "{ISS}"
+client_id = "gateway"
+{profiles}
+"#
+    );
+    IssuerConfig::parse(&text, Path::new("issuer.toml"), Path::new("/tmp"))
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// S3-1: a profile's rules protected nothing that a looser profile also
+/// issued. Every profile is open to every device and user (docs/sso.md,
 /// "Several profiles"), the client picks one with `?profile=`, and the
-/// certificates differ only in the subject's OU, which routes ignore
+/// certificates differed only in the subject's OU, which routes ignore
 /// (and cannot match: no rule kind reads it). With the e2e test's own
 /// pair, `default` (MFA, no device grant) and `kiosk` (no MFA; here also
 /// `device_grant = true` for headless machines), a password alone (no
-/// second factor) or a phished device code gets alice a certificate that
-/// alice's route admits exactly as her MFA one. Control: `default`
+/// second factor) or a phished device code got alice a certificate that
+/// alice's route admitted exactly as her MFA one (measured before the
+/// fix: both kiosk certificates admitted, with the same email and device
+/// as the MFA one).
+///
+/// Fixed: no two profiles issue the same name. That pair is refused when
+/// the config loads, naming both profiles and the name; with `kiosk`
+/// naming its users under a path of its own (`email_san = false`, its
+/// own `user_uri`), its certificates pass no route written for
+/// `default`'s names (the email, the user URI, a `spiffe-prefix:` of
+/// them), which still admit alice's MFA certificate. Control: `default`
 /// refuses both tokens.
 #[tokio::test]
-async fn s3_1_a_looser_profile_issues_what_routes_cannot_tell_from_the_stricter_ones() {
-    let s = setup_profiles(
-        r#"
+async fn s3_1_a_looser_profile_issues_no_name_that_routes_take_for_the_stricter_ones() {
+    let default = r#"
 [profile.default]
 require_amr = ["mfa", "otp"]
 max_auth_age = "1h"
+user_uri = "spiffe://example.internal/user/{local}"
 email_domains = ["example.internal"]
 [profile.kiosk]
 email_domains = ["example.internal"]
 device_grant = true
 default_lifetime = "1h"
-"#,
+"#;
+    let e = config_error(default).expect("two profiles issuing email:… are refused");
+    assert!(
+        e.contains("profile.kiosk.email_san")
+            && e.contains("profiles \"default\" and \"kiosk\"")
+            && e.contains("email:LOCAL@DOMAIN"),
+        "{e}"
     );
+    let same_uri = format!(
+        "{default}email_san = false\nuser_uri = \"spiffe://example.internal/user/{{local}}\"\n"
+    );
+    let e = config_error(&same_uri).expect("two profiles issuing one URI are refused");
+    assert!(
+        e.contains("profile.kiosk.user_uri") && e.contains("can issue the same URI"),
+        "{e}"
+    );
+
+    let s = setup_profiles(&format!(
+        "{default}email_san = false\nuser_uri = \"spiffe://example.internal/kiosk/user/{{local}}\"\n"
+    ));
     let laptop = device(LAPTOP);
     let ask = |t: String, profile: &'static str| {
         let (issuer, laptop) = (&s.issuer, laptop.clone());
@@ -66,15 +114,32 @@ default_lifetime = "1h"
                 .await
         }
     };
+    let routes = [
+        alices_route(),
+        Policy {
+            allow: vec![
+                IdentityRule::try_from("spiffe://example.internal/user/alice".to_owned()).unwrap(),
+            ],
+            device_san_prefix: Some(PREFIX.into()),
+            ..Policy::default()
+        },
+        Policy {
+            allow: vec![
+                IdentityRule::try_from("spiffe-prefix:spiffe://example.internal/user/".to_owned())
+                    .unwrap(),
+            ],
+            device_san_prefix: Some(PREFIX.into()),
+            ..Policy::default()
+        },
+    ];
     // alice's own sign-in, with MFA, under the default profile.
     let with_mfa = ask(s.token(|c| c["auth_time"] = json!(now())), "default")
         .await
         .unwrap();
     let with_mfa = leaf_identity(&with_mfa);
-    assert!(
-        admitted(&alices_route(), &with_mfa),
-        "control: {with_mfa:?}"
-    );
+    for route in &routes {
+        assert!(admitted(route, &with_mfa), "control: {with_mfa:?}");
+    }
 
     // A password without its second factor (amr pwd, no auth_time), and
     // a nonce-less token (the device grant: a phished code).
@@ -97,12 +162,23 @@ default_lifetime = "1h"
         let answer = ask(t, "kiosk").await.expect(what);
         let id = leaf_identity(&answer);
         assert_eq!(answer.profile, "kiosk");
-        assert!(
-            admitted(&alices_route(), &id),
-            "{what}: alice's route admits the kiosk certificate as her MFA one"
+        for route in &routes {
+            assert!(
+                !admitted(route, &id),
+                "{what}: a route for default's names admits the kiosk certificate {id:?}"
+            );
+        }
+        assert!(id.emails.is_empty(), "{what}: {:?}", id.emails);
+        assert_eq!(
+            id.uris,
+            vec!["spiffe://example.internal/kiosk/user/alice", LAPTOP],
+            "{what}"
         );
-        assert_eq!(id.emails, with_mfa.emails, "{what}");
-        assert_eq!(id.device(PREFIX), with_mfa.device(PREFIX), "{what}");
+        assert_eq!(
+            id.common_name.one(),
+            Some("kiosk:alice@example.internal"),
+            "{what}"
+        );
     }
 }
 
@@ -184,7 +260,7 @@ async fn renew(s: &Setup, from: &str, t: String, profile: &str) -> Result<Identi
 /// profile and after the restart.
 #[tokio::test]
 async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after_a_restart() {
-    let extra = "device_grant = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true";
+    let extra = "device_grant = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/headless/user/{local}\"\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true";
     let s = refresh_setup(extra);
     let signed_in = now() - 60;
     // alice signs in in her browser, on her laptop, under `default`.
@@ -236,7 +312,7 @@ async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after
     )
     .await
     .expect("renewed under another profile than its sign-in's");
-    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
 
     // The issuer restarts: every sign-in it held is gone.
     let restarted = refresh_setup(extra);
