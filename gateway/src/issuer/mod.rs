@@ -700,18 +700,21 @@ impl Issuer {
         // nonce was used by the sign-in it continues, which must be this
         // device's and this user's, and the token itself is taken once,
         // by what the provider signed (as a nonce-less device-grant one).
+        // A refreshed token always needs its nonce, `device_grant` or not:
+        // without one it names no sign-in, and would renew on any device,
+        // under any profile, after a restart.
         match (grant, claims.nonce.as_deref()) {
-            (_, None) if profile.device_grant => self.used.first_use(&req.id_token)?,
+            (Grant::Refresh, nonce) => {
+                self.sign_ins
+                    .check(nonce, device, &claims.sub, profile_name)?;
+                self.used.first_use(&req.id_token)?;
+            }
+            (Grant::SignIn, None) if profile.device_grant => self.used.first_use(&req.id_token)?,
             (Grant::SignIn, nonce) => {
                 self.nonces.consume(nonce, device)?;
                 if profile.refresh {
                     self.used.first_use(&req.id_token)?;
                 }
-            }
-            (Grant::Refresh, nonce) => {
-                self.sign_ins
-                    .check(nonce, device, &claims.sub, profile_name)?;
-                self.used.first_use(&req.id_token)?;
             }
         }
         mfa(profile, &claims)?;

@@ -35,6 +35,10 @@ pub enum NonceError {
         "the refreshed ID token continues no sign-in this issuer took from this device (another device's, one older than max_auth_age, or one before the issuer restarted): sign in again with `gateway login`"
     )]
     SignInUnknown,
+    #[error(
+        "the refreshed ID token carries no nonce, so it names no sign-in of this device: renewal needs a provider that keeps the sign-in's nonce in refreshed ID tokens (OIDC Core 12.2); sign in again with `gateway login`"
+    )]
+    RefreshWithoutNonce,
 }
 
 /// How many nonces one device may hold at once, and all devices together:
@@ -207,7 +211,7 @@ impl SignIns {
         sub: &str,
         profile: &str,
     ) -> Result<(), NonceError> {
-        let nonce = nonce.ok_or(NonceError::Missing)?;
+        let nonce = nonce.ok_or(NonceError::RefreshWithoutNonce)?;
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(nonce) {
             Some(e)
@@ -279,7 +283,7 @@ mod tests {
         }
         assert_eq!(
             s.check(None, LAPTOP, "alice", "default"),
-            Err(NonceError::Missing)
+            Err(NonceError::RefreshWithoutNonce)
         );
     }
 

@@ -245,21 +245,28 @@ async fn renew(s: &Setup, from: &str, t: String, profile: &str) -> Result<Identi
 
 /// S3-2: on a profile with `device_grant = true` and `refresh = true`
 /// (what headless machines, the ones that need renewal without a user,
-/// are given), a refreshed ID token without a nonce skips the sign-in
-/// record (`nonce::SignIns`) entirely: it is taken once, and that is all.
-/// So a stolen refresh token renews on the thief's own enrolled device,
-/// under another profile than its sign-in's, and after an issuer restart,
-/// whenever the refreshed token carries no nonce: always for a
-/// device-grant sign-in (oidc-provider puts none in), and for a
-/// browser (code-flow) sign-in at any provider that leaves the nonce out
-/// of refreshed ID tokens. docs/sso.md says a copied refresh token "is
-/// useless on another device", that it continues its sign-in "under the
-/// same profile only", and that after a restart "each device's next
-/// renewal is refused". Control: the same refreshed token carrying its
-/// sign-in's nonce is refused on the other device, under the other
-/// profile and after the restart.
+/// are given), a refreshed ID token without a nonce skipped the sign-in
+/// record (`nonce::SignIns`) entirely: it was taken once, and that was
+/// all. So a stolen refresh token renewed on the thief's own enrolled
+/// device, under another profile than its sign-in's, and after an issuer
+/// restart, whenever the refreshed token carried no nonce: always for a
+/// device-grant sign-in (oidc-provider puts none in), and for a browser
+/// (code-flow) sign-in at any provider that leaves the nonce out of
+/// refreshed ID tokens (measured before the fix: issued in all three
+/// cases, with the thief's device SAN and alice's names). docs/sso.md
+/// says a copied refresh token "is useless on another device", that it
+/// continues its sign-in "under the same profile only", and that after a
+/// restart "each device's next renewal is refused".
+///
+/// Fixed: a refreshed token without a nonce is refused (`nonce`,
+/// `RefreshWithoutNonce`) whatever the profile's `device_grant`, on any
+/// device, alice's own included: renewal needs the nonce naming a
+/// remembered sign-in of this device, user and profile. Control: the same
+/// refreshed token carrying its sign-in's nonce is refused on the other
+/// device, under the other profile and after the restart, and renews on
+/// alice's laptop under her sign-in's profile.
 #[tokio::test]
-async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after_a_restart() {
+async fn s3_2_a_nonceless_refreshed_token_renews_nothing() {
     let extra = "device_grant = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/headless/user/{local}\"\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true";
     let s = refresh_setup(extra);
     let signed_in = now() - 60;
@@ -293,26 +300,41 @@ async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after
     );
 
     // The thief's device, with alice's refresh token: the provider's
-    // refreshed tokens carry no nonce.
+    // refreshed tokens carry no nonce. Refused everywhere, also where
+    // alice herself would renew.
+    let without_nonce = |e: &Refusal| {
+        matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce))
+            && e.reason() == "nonce"
+            && e.to_string().contains("sign in again")
+    };
+    for (n, (from, profile)) in [
+        (OTHER_LAPTOP, "default"),
+        (OTHER_LAPTOP, "headless"),
+        (LAPTOP, "default"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = renew(
+            &s,
+            from,
+            refreshed(&s, None, signed_in, 3 + n as u64),
+            profile,
+        )
+        .await
+        .unwrap_err();
+        assert!(without_nonce(&e), "{from} {profile}: {e}");
+    }
+    // Control: with the nonce, alice's laptop renews under `default`.
     let id = renew(
         &s,
-        OTHER_LAPTOP,
-        refreshed(&s, None, signed_in, 3),
+        LAPTOP,
+        refreshed(&s, Some(&nonce), signed_in, 7),
         "default",
     )
     .await
-    .expect("renewed on the thief's device");
-    assert_eq!(id.emails, vec!["alice@example.internal"]);
-    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
-    let id = renew(
-        &s,
-        OTHER_LAPTOP,
-        refreshed(&s, None, signed_in, 4),
-        "headless",
-    )
-    .await
-    .expect("renewed under another profile than its sign-in's");
-    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+    .expect("alice's own renewal");
+    assert_eq!(id.device(PREFIX), Some(LAPTOP));
 
     // The issuer restarts: every sign-in it held is gone.
     let restarted = refresh_setup(extra);
@@ -332,7 +354,7 @@ async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after
         matches!(e, Refusal::Nonce(NonceError::SignInUnknown)),
         "control: {e}"
     );
-    let id = renew(
+    let e = renew(
         &restarted,
         OTHER_LAPTOP,
         {
@@ -344,8 +366,8 @@ async fn s3_2_a_nonceless_refreshed_token_renews_on_any_device_profile_and_after
         "default",
     )
     .await
-    .expect("renewed after the restart, on the thief's device, with no sign-in at all");
-    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+    .unwrap_err();
+    assert!(without_nonce(&e), "after the restart: {e}");
 }
 
 /// S3-3: `max_auth_age` bounds renewal by the `auth_time` the refreshed
@@ -408,51 +430,78 @@ per_user = { burst = 50, per_hour = 50 }
 /// the attacker's login stores the victim's refresh token and its timer
 /// renews the victim's certificate on the attacker's device with no
 /// further act of the victim, until `max_auth_age` (or the provider's
-/// refresh-token lifetime). Shown with `device_grant = true` (nonce-less
-/// tokens, oidc-provider); a provider that echoes the nonce in the device
-/// grant does the same with `device_grant = false`. Control: without
-/// `refresh` the renewal is refused.
+/// refresh-token lifetime). With a provider that leaves the nonce out of
+/// device-grant tokens (oidc-provider), S3-2's fix ends that (a refreshed
+/// token without a nonce renews nothing); a provider that echoes the
+/// attacker's nonce in the device grant still renews, shown here (with
+/// `device_grant = false` too). Control: without `refresh` the renewal is
+/// refused.
 #[tokio::test]
 async fn s3_4_a_phished_device_code_under_a_refresh_profile_renews_the_victim_on_the_attackers_device()
  {
-    let phished = |s: &Setup, iat_back: u64| {
-        let mut c = claims("-");
-        c.as_object_mut().unwrap().remove("nonce");
+    let attacker = device(OTHER_LAPTOP);
+    let phished = |s: &Setup, nonce: Option<&str>, iat_back: u64| {
+        let mut c = claims(nonce.unwrap_or("-"));
+        if nonce.is_none() {
+            c.as_object_mut().unwrap().remove("nonce");
+        }
         c["email"] = json!("bob@example.internal");
         c["sub"] = json!("bob");
         c["auth_time"] = json!(now() - 30);
         c["iat"] = json!(now() - iat_back);
         token(&s.key, &c)
     };
-    let attacker = device(OTHER_LAPTOP);
+    for extra in ["device_grant = true", ""] {
+        let s = refresh_setup(extra);
+        // The attacker's login asks for a nonce; the provider echoes it.
+        let nonce = s.issuer.nonce(Some(&attacker)).unwrap();
+        s.issuer
+            .issue_as(
+                Some(&attacker),
+                request(phished(&s, Some(&nonce), 0)),
+                Grant::SignIn,
+                None,
+            )
+            .await
+            .expect("residual (documented): bob's certificate on the attacker's device");
+        for n in 1..=3 {
+            let id = renew(&s, OTHER_LAPTOP, phished(&s, Some(&nonce), n), "default")
+                .await
+                .expect("renewed without bob");
+            assert_eq!(id.emails, vec!["bob@example.internal"]);
+            assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+        }
+    }
+    // A nonce-less device grant (oidc-provider): one certificate, no
+    // renewal (S3-2).
     let s = refresh_setup("device_grant = true");
     s.issuer
         .issue_as(
             Some(&attacker),
-            request(phished(&s, 0)),
-            Grant::SignIn,
-            None,
-        )
-        .await
-        .expect("residual (documented): bob's certificate on the attacker's device");
-    for n in 1..=3 {
-        let id = renew(&s, OTHER_LAPTOP, phished(&s, n), "default")
-            .await
-            .expect("renewed without bob");
-        assert_eq!(id.emails, vec!["bob@example.internal"]);
-        assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
-    }
-    let s = setup("device_grant = true\nmax_auth_age = \"1h\"");
-    s.issuer
-        .issue_as(
-            Some(&attacker),
-            request(phished(&s, 0)),
+            request(phished(&s, None, 0)),
             Grant::SignIn,
             None,
         )
         .await
         .unwrap();
-    let e = renew(&s, OTHER_LAPTOP, phished(&s, 1), "default")
+    let e = renew(&s, OTHER_LAPTOP, phished(&s, None, 1), "default")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce)),
+        "{e}"
+    );
+    let s = setup("device_grant = true\nmax_auth_age = \"1h\"");
+    s.issuer
+        .issue_as(
+            Some(&attacker),
+            request(phished(&s, None, 0)),
+            Grant::SignIn,
+            None,
+        )
+        .await
+        .unwrap();
+    let e = renew(&s, OTHER_LAPTOP, phished(&s, None, 1), "default")
         .await
         .unwrap_err();
     assert_eq!(e.reason(), "refresh_not_allowed", "control: {e}");
