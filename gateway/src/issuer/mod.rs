@@ -410,14 +410,17 @@ pub fn profile_of<'a>(
 /// With `max_auth_age`: the user authenticated (and did the MFA the token
 /// reports) within it. `amr`/`acr` say how, not when: a provider session
 /// signed into weeks ago completes a sign-in silently.
-fn auth_age(profile: &config::Profile, claims: &Claims, leeway: Duration) -> Result<(), Refusal> {
+/// `auth_time` is the token's, or on renewal the sign-in's.
+fn auth_age(
+    profile: &config::Profile,
+    auth_time: Option<u64>,
+    leeway: Duration,
+) -> Result<(), Refusal> {
     let Some(max) = profile.max_auth_age else {
         return Ok(());
     };
     let now = jsonwebtoken::get_current_timestamp();
-    let age = claims
-        .auth_time
-        .map(|t| Duration::from_secs(now.saturating_sub(t)));
+    let age = auth_time.map(|t| Duration::from_secs(now.saturating_sub(t)));
     match age {
         Some(age) if age <= max + leeway => Ok(()),
         age => Err(Refusal::AuthTooOld { age, max }),
@@ -703,10 +706,16 @@ impl Issuer {
         // A refreshed token always needs its nonce, `device_grant` or not:
         // without one it names no sign-in, and would renew on any device,
         // under any profile, after a restart.
+        // On renewal, the MFA's age is the sign-in's `auth_time` as the
+        // issuer checked it (or the token's, if earlier), never a later one
+        // a refreshed token claims.
+        let mut auth_time = claims.auth_time;
         match (grant, claims.nonce.as_deref()) {
             (Grant::Refresh, nonce) => {
-                self.sign_ins
+                let signed_in = self
+                    .sign_ins
                     .check(nonce, device, &claims.sub, profile_name)?;
+                auth_time = Some(auth_time.map_or(signed_in, |t| t.min(signed_in)));
                 self.used.first_use(&req.id_token)?;
             }
             (Grant::SignIn, None) if profile.device_grant => self.used.first_use(&req.id_token)?,
@@ -718,7 +727,7 @@ impl Issuer {
             }
         }
         mfa(profile, &claims)?;
-        auth_age(profile, &claims, config.oidc.leeway)?;
+        auth_age(profile, auth_time, config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
         *user = Some(email.clone());
@@ -797,17 +806,28 @@ impl Issuer {
             }
         });
         // A sign-in that issued may be continued by refreshed tokens from
-        // this device, while `max_auth_age` allows (checked again on each).
+        // this device, while `max_auth_age` allows (checked again on each,
+        // against this sign-in's `auth_time`): held until then, no longer.
         if profile.refresh
             && grant == Grant::SignIn
-            && let (Some(nonce), Some(max)) = (claims.nonce.as_deref(), profile.max_auth_age)
+            && let (Some(nonce), Some(max), Some(auth_time)) = (
+                claims.nonce.as_deref(),
+                profile.max_auth_age,
+                claims.auth_time,
+            )
         {
+            let until = auth_time
+                .saturating_add(max.as_secs())
+                .saturating_add(config.oidc.leeway.as_secs());
+            let left =
+                Duration::from_secs(until.saturating_sub(jsonwebtoken::get_current_timestamp()));
             self.sign_ins.record(
                 nonce,
                 device,
                 &claims.sub,
                 profile_name,
-                max + config.oidc.leeway,
+                auth_time,
+                left.min(max + config.oidc.leeway),
             );
         }
         // One JSON line per issuance (with `--log-format json`): who, from

@@ -152,7 +152,8 @@ impl UsedTokens {
 /// again; what it proves, through this record, is that the sign-in was
 /// this device's and this user's. A refresh token copied to another
 /// device yields ID tokens that this record refuses there. Kept in memory
-/// only, for `max_auth_age`: after a restart every device signs in again
+/// only, until the sign-in's `auth_time` is `max_auth_age` old (renewals
+/// are judged against that `auth_time`): after a restart every device signs in again
 /// once (fail closed).
 pub struct SignIns {
     map: Mutex<HashMap<String, SignIn>>,
@@ -164,6 +165,11 @@ struct SignIn {
     /// The issuer profile it was taken under: a refresh continues it under
     /// that profile only.
     profile: String,
+    /// The sign-in's `auth_time`, as the issuer checked it: renewals are
+    /// judged against it (`max_auth_age`), not against what a refreshed
+    /// token claims (a provider that stamps refreshes anew would extend
+    /// one MFA).
+    auth_time: u64,
     expires: Instant,
 }
 
@@ -177,8 +183,16 @@ impl Default for SignIns {
 
 impl SignIns {
     /// Remembers that `device` signed `sub` in with `nonce` under
-    /// `profile`, for `keep`.
-    pub fn record(&self, nonce: &str, device: &str, sub: &str, profile: &str, keep: Duration) {
+    /// `profile`, authenticated at `auth_time`, for `keep`.
+    pub fn record(
+        &self,
+        nonce: &str,
+        device: &str,
+        sub: &str,
+        profile: &str,
+        auth_time: u64,
+        keep: Duration,
+    ) {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, e| e.expires > now);
@@ -197,20 +211,21 @@ impl SignIns {
                 device: device.to_owned(),
                 sub: sub.to_owned(),
                 profile: profile.to_owned(),
+                auth_time,
                 expires: now + keep,
             },
         );
     }
 
     /// A refreshed token's `nonce` names a sign-in of `device` and `sub`
-    /// under `profile` that is still held.
+    /// under `profile` that is still held: its `auth_time`.
     pub fn check(
         &self,
         nonce: Option<&str>,
         device: &str,
         sub: &str,
         profile: &str,
-    ) -> Result<(), NonceError> {
+    ) -> Result<u64, NonceError> {
         let nonce = nonce.ok_or(NonceError::RefreshWithoutNonce)?;
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(nonce) {
@@ -220,7 +235,7 @@ impl SignIns {
                     && e.profile == profile
                     && e.expires > Instant::now() =>
             {
-                Ok(())
+                Ok(e.auth_time)
             }
             _ => Err(NonceError::SignInUnknown),
         }
@@ -260,12 +275,19 @@ mod tests {
     #[test]
     fn a_sign_in_is_continued_only_by_its_device_and_user_while_held() {
         let s = SignIns::default();
-        s.record("n1", LAPTOP, "alice", "default", Duration::from_secs(300));
-        s.record("n0", LAPTOP, "alice", "default", Duration::ZERO);
-        assert_eq!(s.check(Some("n1"), LAPTOP, "alice", "default"), Ok(()));
+        s.record(
+            "n1",
+            LAPTOP,
+            "alice",
+            "default",
+            1000,
+            Duration::from_secs(300),
+        );
+        s.record("n0", LAPTOP, "alice", "default", 1000, Duration::ZERO);
+        assert_eq!(s.check(Some("n1"), LAPTOP, "alice", "default"), Ok(1000));
         assert_eq!(
             s.check(Some("n1"), LAPTOP, "alice", "default"),
-            Ok(()),
+            Ok(1000),
             "kept"
         );
         for (nonce, device, sub, profile) in [
