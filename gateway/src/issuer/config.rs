@@ -311,6 +311,14 @@ pub struct Profile {
     /// at the provider (docs/sso.md, "Renewal without the user").
     #[serde(default)]
     pub refresh: bool,
+    /// `device_grant` and `refresh` together, accepted as they are: a
+    /// device code phished under this profile (docs/sso.md, "Headless
+    /// machines") then also renews the victim's certificate on the
+    /// attacker's device until `max_auth_age`, wherever the provider puts
+    /// the attacker's nonce in device-grant tokens. Without it that pair
+    /// is a config error (fail closed).
+    #[serde(default)]
+    pub device_grant_refresh: bool,
 }
 
 fn default_lifetime() -> Duration {
@@ -492,6 +500,22 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
             "needs max_auth_age: without it a refresh token would renew certificates on one MFA forever"
                 .into(),
         ));
+    }
+    match (p.device_grant && p.refresh, p.device_grant_refresh) {
+        (true, false) => {
+            return Err((
+                field("refresh"),
+                "with device_grant a phished device code would also renew the victim's certificate on the attacker's device until max_auth_age: give headless machines a profile of their own without refresh, or accept that with device_grant_refresh = true (docs/sso.md, \"Headless machines\")".into(),
+            ));
+        }
+        (false, true) => {
+            return Err((
+                field("device_grant_refresh"),
+                "accepts device_grant and refresh together, but this profile does not have both"
+                    .into(),
+            ));
+        }
+        _ => {}
     }
     if p.email_domains.is_empty() {
         return Err((
@@ -737,6 +761,29 @@ email_domains = ["example.internal"]
                 .1
                 .refresh
         );
+        // S3-4: device_grant with refresh only when accepted as such.
+        let both = GOOD.replace(
+            "[profile]\n",
+            "[profile]\nrefresh = true\nmax_auth_age = \"12h\"\ndevice_grant = true\n",
+        );
+        let e = parse(&both).unwrap_err().to_string();
+        assert!(
+            e.contains("profile.refresh") && e.contains("phished device code"),
+            "{e}"
+        );
+        let accepted = both.replace("[profile]\n", "[profile]\ndevice_grant_refresh = true\n");
+        assert!(
+            parse(&accepted)
+                .unwrap()
+                .profile
+                .get(None)
+                .unwrap()
+                .1
+                .device_grant_refresh
+        );
+        let alone = GOOD.replace("[profile]\n", "[profile]\ndevice_grant_refresh = true\n");
+        let e = parse(&alone).unwrap_err().to_string();
+        assert!(e.contains("profile.device_grant_refresh"), "{e}");
         let unknown = format!("{GOOD}\nsurprise = 1\n");
         assert!(
             parse(&unknown)

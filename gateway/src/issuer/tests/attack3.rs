@@ -188,7 +188,11 @@ default_lifetime = "1h"
 
 /// A refresh-capable profile; `extra` is added to it.
 fn refresh_setup(extra: &str) -> Setup {
-    setup_profiles(&format!(
+    setup_profiles(&refresh_profiles(extra))
+}
+
+fn refresh_profiles(extra: &str) -> String {
+    format!(
         r#"
 [profile.default]
 require_amr = ["mfa", "otp"]
@@ -200,7 +204,7 @@ max_auth_age = "1h"
 per_device = {{ burst = 50, per_hour = 50 }}
 per_user = {{ burst = 50, per_hour = 50 }}
 "#
-    ))
+    )
 }
 
 /// alice signs in on the laptop under `profile`, with MFA `signed_in`
@@ -271,7 +275,7 @@ async fn renew(s: &Setup, from: &str, t: String, profile: &str) -> Result<Identi
 /// alice's laptop under her sign-in's profile.
 #[tokio::test]
 async fn s3_2_a_nonceless_refreshed_token_renews_nothing() {
-    let extra = "device_grant = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/headless/user/{local}\"\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true";
+    let extra = "device_grant = true\ndevice_grant_refresh = true\n[profile.headless]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/headless/user/{local}\"\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true\ndevice_grant_refresh = true";
     let s = refresh_setup(extra);
     let signed_in = now() - 60;
     // alice signs in in her browser, on her laptop, under `default`.
@@ -454,15 +458,29 @@ async fn s3_3_max_auth_age_is_judged_on_the_sign_ins_auth_time_whatever_a_refres
 /// the attacker's login stores the victim's refresh token and its timer
 /// renews the victim's certificate on the attacker's device with no
 /// further act of the victim, until `max_auth_age` (or the provider's
-/// refresh-token lifetime). With a provider that leaves the nonce out of
-/// device-grant tokens (oidc-provider), S3-2's fix ends that (a refreshed
-/// token without a nonce renews nothing); a provider that echoes the
-/// attacker's nonce in the device grant still renews, shown here (with
-/// `device_grant = false` too). Control: without `refresh` the renewal is
-/// refused.
+/// refresh-token lifetime). Measured before the fix with
+/// `device_grant = true` and nonce-less tokens (oidc-provider): three
+/// renewals for bob on the attacker's device.
+///
+/// Fixed: S3-2 ends the nonce-less case (a refreshed token without a
+/// nonce renews nothing), and a profile with both `device_grant` and
+/// `refresh` no longer loads unless the operator accepts the residual
+/// with `device_grant_refresh = true`: a provider that echoes the
+/// attacker's nonce in the device grant still renews the victim, as it
+/// does with `device_grant = false` (documented; the issuer cannot tell
+/// a device-grant token from a browser one). Control: without `refresh`
+/// the renewal is refused.
 #[tokio::test]
-async fn s3_4_a_phished_device_code_under_a_refresh_profile_renews_the_victim_on_the_attackers_device()
+async fn s3_4_device_grant_with_refresh_loads_only_when_accepted_and_a_nonceless_phish_renews_nothing()
  {
+    let e = config_error(&refresh_profiles("device_grant = true"))
+        .expect("device_grant with refresh, not accepted, is refused");
+    assert!(
+        e.contains("profile.default.refresh")
+            && e.contains("phished device code")
+            && e.contains("device_grant_refresh = true"),
+        "{e}"
+    );
     let attacker = device(OTHER_LAPTOP);
     let phished = |s: &Setup, nonce: Option<&str>, iat_back: u64| {
         let mut c = claims(nonce.unwrap_or("-"));
@@ -475,9 +493,32 @@ async fn s3_4_a_phished_device_code_under_a_refresh_profile_renews_the_victim_on
         c["iat"] = json!(now() - iat_back);
         token(&s.key, &c)
     };
-    for extra in ["device_grant = true", ""] {
+    let accepted = "device_grant = true\ndevice_grant_refresh = true";
+    // A nonce-less device grant (oidc-provider): one certificate (the
+    // documented residual), no renewal.
+    let s = refresh_setup(accepted);
+    s.issuer
+        .issue_as(
+            Some(&attacker),
+            request(phished(&s, None, 0)),
+            Grant::SignIn,
+            None,
+        )
+        .await
+        .expect("residual (documented): bob's certificate on the attacker's device");
+    for n in 1..=3 {
+        let e = renew(&s, OTHER_LAPTOP, phished(&s, None, n), "default")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce)),
+            "{e}"
+        );
+    }
+    // The residual accepted (and the same with device_grant = false): a
+    // provider that echoes the attacker's nonce in the device grant.
+    for extra in [accepted, ""] {
         let s = refresh_setup(extra);
-        // The attacker's login asks for a nonce; the provider echoes it.
         let nonce = s.issuer.nonce(Some(&attacker)).unwrap();
         s.issuer
             .issue_as(
@@ -487,34 +528,12 @@ async fn s3_4_a_phished_device_code_under_a_refresh_profile_renews_the_victim_on
                 None,
             )
             .await
-            .expect("residual (documented): bob's certificate on the attacker's device");
-        for n in 1..=3 {
-            let id = renew(&s, OTHER_LAPTOP, phished(&s, Some(&nonce), n), "default")
-                .await
-                .expect("renewed without bob");
-            assert_eq!(id.emails, vec!["bob@example.internal"]);
-            assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
-        }
+            .unwrap();
+        let id = renew(&s, OTHER_LAPTOP, phished(&s, Some(&nonce), 1), "default")
+            .await
+            .expect("residual (documented): renewed without bob");
+        assert_eq!(id.emails, vec!["bob@example.internal"]);
     }
-    // A nonce-less device grant (oidc-provider): one certificate, no
-    // renewal (S3-2).
-    let s = refresh_setup("device_grant = true");
-    s.issuer
-        .issue_as(
-            Some(&attacker),
-            request(phished(&s, None, 0)),
-            Grant::SignIn,
-            None,
-        )
-        .await
-        .unwrap();
-    let e = renew(&s, OTHER_LAPTOP, phished(&s, None, 1), "default")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce)),
-        "{e}"
-    );
     let s = setup("device_grant = true\nmax_auth_age = \"1h\"");
     s.issuer
         .issue_as(
