@@ -579,19 +579,11 @@ async fn renew(
     if let Some(t) = &answer.refresh_token {
         store_refresh(&args.out, info, args.profile.as_deref(), t)?;
     }
-    let id_token = match (answer.id_token, answer.error) {
-        (Some(t), _) => t,
-        (None, Some(error)) => {
+    let id_token = match refreshed_id_token(answer, status) {
+        Ok(t) => t,
+        Err(e) => {
             remove_refresh(&args.out)?;
-            return Err(LoginError::Renewal(format!(
-                "the provider refused the refresh token ({error}: {})",
-                answer.error_description.unwrap_or_default()
-            )));
-        }
-        (None, None) => {
-            return Err(LoginError::Provider(format!(
-                "no ID token for the refresh token ({status})"
-            )));
+            return Err(e);
         }
     };
     match certificate(args, to_issuer, url, id_token).await {
@@ -603,6 +595,28 @@ async fn renew(
             )))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// The ID token in the provider's answer to the refresh token, or why
+/// the refresh token cannot renew: the provider refused it, or answered
+/// without an ID token (OIDC Core §12.2 allows that, and the issuer
+/// renews only on a refreshed ID token). Either way it is removed: kept,
+/// each run of the timer would get the same answer and never reach the
+/// sign-in (`--browser`) while the certificate lapses.
+fn refreshed_id_token(
+    answer: TokenAnswer,
+    status: hyper::StatusCode,
+) -> Result<String, LoginError> {
+    match (answer.id_token, answer.error) {
+        (Some(t), _) => Ok(t),
+        (None, Some(error)) => Err(LoginError::Renewal(format!(
+            "the provider refused the refresh token ({error}: {})",
+            answer.error_description.unwrap_or_default()
+        ))),
+        (None, None) => Err(LoginError::Renewal(format!(
+            "the provider answered the refresh token ({status}) without an ID token, and the issuer renews only on one: this provider cannot renew without the user"
+        ))),
     }
 }
 
@@ -923,6 +937,44 @@ mod attack_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::os::unix::fs::PermissionsExt as _;
+
+    /// `--renew` when the provider answers a refresh token without an ID
+    /// token (OIDC Core §12.2 allows it): the refresh token used to be
+    /// kept and the run ended with a provider error, so every run of the
+    /// timer did the same and never reached the sign-in while the
+    /// certificate lapsed. Now it is a renewal refusal (the token removed,
+    /// `gateway login` named), as the provider's own refusal is.
+    #[test]
+    fn a_refresh_answer_without_an_id_token_ends_renewal_with_a_clear_error() {
+        let answer = |json: &str| serde_json::from_str::<super::TokenAnswer>(json).unwrap();
+        let e = super::refreshed_id_token(
+            answer(r#"{"access_token":"a","refresh_token":"r2"}"#),
+            hyper::StatusCode::OK,
+        )
+        .unwrap_err();
+        assert!(matches!(e, super::LoginError::Renewal(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("without an ID token")
+                && e.contains("the refresh token is removed: sign in again with `gateway login`"),
+            "{e}"
+        );
+        let e = super::refreshed_id_token(
+            answer(r#"{"error":"invalid_grant","error_description":"gone"}"#),
+            hyper::StatusCode::BAD_REQUEST,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("refused the refresh token (invalid_grant: gone)"),
+            "{e}"
+        );
+        assert_eq!(
+            super::refreshed_id_token(answer(r#"{"id_token":"t"}"#), hyper::StatusCode::OK)
+                .unwrap(),
+            "t"
+        );
+    }
 
     /// F8: `user.key` is written through a fresh temporary file (random
     /// name, O_EXCL, O_NOFOLLOW): a file or symlink planted under the old
