@@ -84,3 +84,59 @@ fn r22_1(others: u16) -> (usize, bool) {
     );
     (still, known)
 }
+
+/// R22-2 (LOW, docs and small listeners; one certificate some route
+/// allows, at one address of its own). README: "one certificate verified
+/// from many addresses or networks holds at most ... a quarter of the
+/// spared half in all: the clients already served keep theirs. Several
+/// certificates ... still hold what four identities may". The floors
+/// (`KNOWN_SPARED_PER_SOURCE`: an identity's quarter at least 4, the
+/// spared half at least 4) make one identity's quarter the whole spared
+/// half at a share of 8 or less (the default share of a listener of
+/// `max_connections` 32 or less), and half of it below 16: one
+/// certificate at one address holds every spared place, and every
+/// client served before is spared nothing. Attack: share 8 (max 256), the
+/// attacker's 4 handshakes at one address, then a known client's 4 at
+/// its own address elsewhere: 4 and 0 spared, and under the reviews'
+/// flood the client completes 20 of its 80 (0 of its 20 firsts).
+/// Controls: the same share without the attacker, the client's 4 spared
+/// and 80 of 80; share 64 (max 256) with it: 4 and 4 spared, 80 of 80.
+#[test]
+fn r22_2_at_a_small_share_one_certificate_holds_the_whole_spared_half() {
+    let (attacker, client, flood) = r22_2(256, 8, true);
+    assert_eq!((attacker, client), (4, 0), "one certificate: every spared place");
+    assert!(flood.0 <= 30, "the client under the flood: {flood:?}");
+    let (_, client, flood) = r22_2(256, 8, false);
+    assert_eq!(client, 4, "control: without the attacker, the client's 4");
+    assert_eq!(flood, (80, 20), "control: the same share without the attacker");
+    let (attacker, client, flood) = r22_2(256, 64, true);
+    assert_eq!((attacker, client), (4, 4), "control: the client keeps its 4");
+    assert_eq!(flood, (80, 20), "control: the client under the flood");
+}
+
+/// (the attacker's handshakes spared, the client's spared, the client's
+/// (of 80, of 20 firsts) under the flood) at `max`, `share`, with the
+/// attacker's handshakes or without.
+fn r22_2(max: usize, share: usize, attack: bool) -> (usize, usize, (usize, usize)) {
+    use super::pool::Pool;
+    use super::testing::{ATTACKER, VICTIM, answered, flood, v4};
+    let pool = Pool::new("edge");
+    let (mine, theirs) = ([198, 51, 100, 7], [192, 0, 2, 7]);
+    pool.served_as(IpAddr::from(mine), ATTACKER);
+    pool.served_as(IpAddr::from(theirs), VICTIM);
+    let held: Vec<_> = (0..if attack { 4u16 } else { 0 })
+        .map(|p| answered(&pool, v4(mine, 3000 + p), max, share, true))
+        .collect();
+    let client: Vec<_> = (0..4u16)
+        .map(|p| answered(&pool, v4(theirs, 4000 + p), max, share, true))
+        .collect();
+    let spared = |v: &Vec<super::pool::Taken>| v.iter().filter(|t| t.place.spared()).count();
+    let (a, c) = (spared(&held), spared(&client));
+    for t in &client {
+        pool.advance(t.id, &t.place, Stage::Established);
+        pool.release(t.id, &t.place);
+    }
+    let f = flood(&pool, theirs, max, share);
+    println!("share {share}, attack {attack}: attacker {a} spared, client {c} spared; flood {f:?}");
+    (a, c, f)
+}
