@@ -19,10 +19,6 @@ fn settings(max_known: u32, known_per_identity: u32) -> AdmissionSettings {
     }
 }
 
-fn ip4(a: [u8; 4]) -> IpAddr {
-    IpAddr::from(a)
-}
-
 fn v6(net: u16, lan: u16, host: u16) -> IpAddr {
     IpAddr::from([0x2001, 0xdb8, net, lan, 0, 0, 0, host])
 }
@@ -104,13 +100,25 @@ fn r22_1(others: u16) -> (usize, bool) {
 #[test]
 fn r22_2_at_a_small_share_one_certificate_holds_the_whole_spared_half() {
     let (attacker, client, flood) = r22_2(256, 8, true);
-    assert_eq!((attacker, client), (4, 0), "one certificate: every spared place");
+    assert_eq!(
+        (attacker, client),
+        (4, 0),
+        "one certificate: every spared place"
+    );
     assert!(flood.0 <= 30, "the client under the flood: {flood:?}");
     let (_, client, flood) = r22_2(256, 8, false);
     assert_eq!(client, 4, "control: without the attacker, the client's 4");
-    assert_eq!(flood, (80, 20), "control: the same share without the attacker");
+    assert_eq!(
+        flood,
+        (80, 20),
+        "control: the same share without the attacker"
+    );
     let (attacker, client, flood) = r22_2(256, 64, true);
-    assert_eq!((attacker, client), (4, 4), "control: the client keeps its 4");
+    assert_eq!(
+        (attacker, client),
+        (4, 4),
+        "control: the client keeps its 4"
+    );
     assert_eq!(flood, (80, 20), "control: the client under the flood");
 }
 
