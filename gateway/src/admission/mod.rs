@@ -1227,6 +1227,8 @@ mod review20;
 #[cfg(test)]
 mod review21;
 #[cfg(test)]
+mod review22;
+#[cfg(test)]
 mod review7;
 #[cfg(test)]
 mod testing;
