@@ -2,7 +2,7 @@
 //! judged before an identity at its quota gives an entry up; exempt
 //! sources known; a full table gives way only to a stale entry). Each
 //! test asserts the HARM on the reviewed code, next to a control without
-//! the attack.
+//! the attack: both are LOW bounds README states.
 //!
 //! Run: `cargo test -p gateway --lib admission::review22 -- --nocapture`
 
