@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo test -p gateway --lib admission::review13 -- --nocapture`
 
+use super::testing::unlimited;
 use super::*;
 
 fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
@@ -12,22 +13,6 @@ fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
 
 const ATTACKER: &str = "[\"uri:spiffe://example.internal/attacker\"]";
 const VICTIM: &str = "[\"uri:spiffe://example.internal/victim\"]";
-
-/// No rate or in-flight limits per source, prefix or network: these tests
-/// are about what the pool spares, not about the limits.
-fn unlimited() -> AdmissionSettings {
-    AdmissionSettings {
-        source_handshakes_per_second: 0,
-        source_handshakes_in_flight: 0,
-        prefix_handshakes_per_second: 0,
-        prefix_handshakes_in_flight: 0,
-        network_handshakes_per_second: 0,
-        network_handshakes_in_flight: 0,
-        kernel_block_list: false,
-        pin: false,
-        ..AdmissionSettings::default()
-    }
-}
 
 /// A connection admitted (evicting or not) as a listener would.
 fn admit_at(
@@ -84,7 +69,7 @@ fn flush(admission: &Arc<Admission>, pool: &Arc<Pool>) {
 /// does not touch: spared, it completes 20 of 20.
 #[test]
 fn r13_1_one_64_cannot_make_the_pool_forget_who_a_known_client_is() {
-    let s = unlimited();
+    let s = unlimited(Vec::new());
     let admission = Admission::new(&s, Arc::new(Metrics::default()));
     let pool = admission.pool("edge");
     let (max, share) = (256, 40);
@@ -150,7 +135,7 @@ fn r13_1_one_64_cannot_make_the_pool_forget_who_a_known_client_is() {
 /// own identity: the holder pays its budget (a burst of 32, 16/s).
 #[test]
 fn r13_2_after_the_flush_a_known_co_tenant_still_pays_to_evict_the_client() {
-    let s = unlimited();
+    let s = unlimited(Vec::new());
     let admission = Admission::new(&s, Arc::new(Metrics::default()));
     let pool = admission.pool("edge");
     let (max, share) = (256, 8);

@@ -19,78 +19,8 @@
 //! Run: `cargo test -p gateway --lib admission::review18 -- --nocapture`
 
 use super::pool::Taken;
+use super::testing::*;
 use super::*;
-
-fn v4(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::from((ip, port))
-}
-
-/// A place taken and past its ClientHello: the client's turn, early.
-fn answered(pool: &Pool, c: SocketAddr, max: usize, share: usize, known: bool) -> Taken {
-    let t = pool.take_served(c, None, max, share, known).unwrap();
-    pool.advance(t.id, &t.place, Stage::Answered);
-    t
-}
-
-fn live(t: &Taken) -> bool {
-    t.place.stage() == Stage::Answered
-}
-
-const ATTACKER: &str = "spiffe://example.internal/attacker";
-const ATTACKER_TOO: &str = "spiffe://example.internal/attacker-second";
-const VICTIM: &str = "spiffe://example.internal/victim";
-const VICTIM_TOO: &str = "spiffe://example.internal/victim-colleague";
-
-/// 20 rounds of a flood (reviews 15 to 17's): `at` opens 4 handshakes at
-/// once (the first the oldest), strangers from other networks fill the
-/// share, 8 certless newcomers from other networks come, then `at`'s 4
-/// try to complete. Says how many of `at`'s 80 completed, and of the 20
-/// firsts.
-fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usize, usize) {
-    let mut strangers: Vec<Taken> = Vec::new();
-    let mut next_stranger = 0u32;
-    let (mut done, mut first_done) = (0, 0);
-    for round in 0..20u16 {
-        let now: Vec<Taken> = (0..4u16)
-            .map(|n| answered(pool, v4(at, 20_000 + 4 * round + n), max, share, true))
-            .collect();
-        // Strangers filling the share, one per /16 (not crowded).
-        while pool.handshakes() < share {
-            let n = next_stranger;
-            next_stranger += 1;
-            strangers.push(answered(
-                pool,
-                v4([100 + (n / 200) as u8, (n % 200) as u8, 0, 1], 1),
-                max,
-                share,
-                false,
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(2));
-        for k in 0..8u8 {
-            if let Ok(newcomer) = pool.take_served(
-                v4([150 + round as u8, 18 + k, 0, 1], 1),
-                None,
-                max,
-                share,
-                false,
-            ) {
-                pool.advance(newcomer.id, &newcomer.place, Stage::Answered);
-                strangers.push(newcomer);
-            }
-        }
-        for (n, t) in now.iter().enumerate() {
-            pool.advance(t.id, &t.place, Stage::Established);
-            if t.place.stage() == Stage::Established {
-                done += 1;
-                if n == 0 {
-                    first_done += 1;
-                }
-            }
-        }
-    }
-    (done, first_done)
-}
 
 /// Where the attacker holds its shared places in R18-1.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -220,38 +150,6 @@ fn r18_3(co_user: bool) -> usize {
         .map(|c| answered(&pool, c, max, share, true))
         .collect();
     attacker.iter().filter(|t| t.place.spared()).count()
-}
-
-/// No rate or in-flight limits per source, prefix or network: these tests
-/// are about what the pool spares, not about the limits.
-fn unlimited(exempt: Vec<ipnet::IpNet>) -> AdmissionSettings {
-    AdmissionSettings {
-        source_handshakes_per_second: 0,
-        source_handshakes_in_flight: 0,
-        prefix_handshakes_per_second: 0,
-        prefix_handshakes_in_flight: 0,
-        network_handshakes_per_second: 0,
-        network_handshakes_in_flight: 0,
-        kernel_block_list: false,
-        pin: false,
-        exempt,
-        ..AdmissionSettings::default()
-    }
-}
-
-/// A connection admitted (evicting or not) as a listener would; None
-/// when refused.
-fn admit_at(
-    admission: &Arc<Admission>,
-    pool: &Arc<Pool>,
-    max: usize,
-    share: usize,
-    c: SocketAddr,
-) -> Option<Ticket> {
-    match admission.admit(pool, max, share, c, None) {
-        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => Some(t),
-        Answer::Refuse(_) => None,
-    }
 }
 
 /// R18-2 (MEDIUM, certless; where the operator exempted a NAT, as the

@@ -11,39 +11,10 @@
 //! Run: `cargo test -p gateway --lib admission::review19 -- --nocapture`
 
 use super::pool::Taken;
-use super::testing::{ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, answered, flood, live, v4};
+use super::testing::{
+    ATTACKER, ATTACKER_TOO, VICTIM, VICTIM_TOO, admit_at, answered, flood, live, unlimited, v4,
+};
 use super::*;
-
-/// No rate or in-flight limits per source, prefix or network: these tests
-/// are about the known table and the pool, not about the limits.
-fn unlimited() -> AdmissionSettings {
-    AdmissionSettings {
-        source_handshakes_per_second: 0,
-        source_handshakes_in_flight: 0,
-        prefix_handshakes_per_second: 0,
-        prefix_handshakes_in_flight: 0,
-        network_handshakes_per_second: 0,
-        network_handshakes_in_flight: 0,
-        kernel_block_list: false,
-        pin: false,
-        ..AdmissionSettings::default()
-    }
-}
-
-/// A connection admitted (evicting or not) as a listener would; None
-/// when refused.
-fn admit_at(
-    admission: &Arc<Admission>,
-    pool: &Arc<Pool>,
-    max: usize,
-    share: usize,
-    c: SocketAddr,
-) -> Option<Ticket> {
-    match admission.admit(pool, max, share, c, None) {
-        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => Some(t),
-        Answer::Refuse(_) => None,
-    }
-}
 
 /// Who is the NAT address's newest co-user when the attacker (the last
 /// to verify there) gives the address up at its quota, in R19-1.
@@ -105,7 +76,7 @@ fn r19_1_a_quota_give_up_drops_every_co_user_when_the_newest_has_no_room() {
 /// (identities at the NAT address, its next handshake spared, a
 /// handshake of it admitted with the share full of strangers).
 fn r19_1(next: Next) -> (Option<usize>, bool, bool) {
-    let mut s = unlimited();
+    let mut s = unlimited(Vec::new());
     s.known_per_identity = 8;
     let admission = Admission::new(&s, Arc::new(Metrics::default()));
     let pool = admission.pool("edge");

@@ -11,7 +11,7 @@
 //! Run: `cargo test -p gateway --lib admission::review20 -- --nocapture`
 
 use super::pool::Taken;
-use super::testing::{VICTIM, answered, flood, live, v4};
+use super::testing::{VICTIM, admit_at, answered, flood, live, v4};
 use super::*;
 
 /// R20-1 (MEDIUM, certless: hosts behind NAT addresses where one of the
@@ -111,21 +111,6 @@ fn r20_1(spread: bool, max: usize, share: usize) -> (usize, (usize, usize)) {
         attacker.len()
     );
     (held, result)
-}
-
-/// A connection admitted (evicting or not) as a listener would; None
-/// when refused.
-fn admit_at(
-    admission: &Arc<Admission>,
-    pool: &Arc<Pool>,
-    max: usize,
-    share: usize,
-    c: SocketAddr,
-) -> Option<Ticket> {
-    match admission.admit(pool, max, share, c, None) {
-        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => Some(t),
-        Answer::Refuse(_) => None,
-    }
 }
 
 /// R20-2 (LOW; a certless host behind an `exempt` address where a

@@ -79,3 +79,34 @@ pub(super) fn flood(pool: &Pool, at: [u8; 4], max: usize, share: usize) -> (usiz
     }
     (done, first_done)
 }
+
+/// Admission with no per-source, prefix or network limit (the pool's
+/// rules alone decide), no kernel block list, `exempt` ranges.
+pub(super) fn unlimited(exempt: Vec<ipnet::IpNet>) -> AdmissionSettings {
+    AdmissionSettings {
+        source_handshakes_per_second: 0,
+        source_handshakes_in_flight: 0,
+        prefix_handshakes_per_second: 0,
+        prefix_handshakes_in_flight: 0,
+        network_handshakes_per_second: 0,
+        network_handshakes_in_flight: 0,
+        kernel_block_list: false,
+        pin: false,
+        exempt,
+        ..AdmissionSettings::default()
+    }
+}
+
+/// `admit` from `c`: its ticket, or None when refused.
+pub(super) fn admit_at(
+    admission: &Arc<Admission>,
+    pool: &Arc<Pool>,
+    max: usize,
+    share: usize,
+    c: SocketAddr,
+) -> Option<Ticket> {
+    match admission.admit(pool, max, share, c, None) {
+        Answer::Admit(t) | Answer::Evict { ticket: t, .. } => Some(t),
+        Answer::Refuse(_) => None,
+    }
+}
