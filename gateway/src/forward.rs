@@ -173,14 +173,12 @@ where
         let both = std::pin::pin!(async {
             tokio::try_join!(
                 async {
-                    pump(&client, &backend, from_client, &activity)
-                        .await
-                        .map_err(|b| (Peer::Client, b))
+                    let r = pump(&client, &backend, from_client, &activity).await;
+                    symptom_waits(r).await.map_err(|b| (Peer::Client, b))
                 },
                 async {
-                    pump(&backend, &client, from_backend, &activity)
-                        .await
-                        .map_err(|b| (Peer::Backend, b))
+                    let r = pump(&backend, &client, from_backend, &activity).await;
+                    symptom_waits(r).await.map_err(|b| (Peer::Backend, b))
                 },
             )
         });
@@ -196,6 +194,29 @@ where
             end,
         }
     }
+}
+
+/// How long a direction that failed writing to a peer waits for the other
+/// direction, the one reading from that peer, to say why.
+const CAUSE_GRACE: Duration = Duration::from_millis(100);
+
+/// A direction that failed writing to a peer has often seen only the
+/// symptom (a broken pipe, a reset) of what the other direction is about to
+/// read from that same peer: its fatal alert, say a backend's
+/// `certificate_required` after a TLS 1.3 handshake the gateway thought
+/// complete. So a write failure is held back for `CAUSE_GRACE`, and a
+/// reading failure of the other direction in that time is what the transfer
+/// ends with. The wait is bounded, and a close or the idle timeout still
+/// cuts it short (`until_done`).
+async fn symptom_waits(r: Result<(), Broken>) -> Result<(), Broken> {
+    if let Err(b) = &r
+        && b.writing
+    {
+        // Boxed: this wait comes once in a connection's life, if at all;
+        // inline, its timer would be part of every live connection's task.
+        Box::pin(tokio::time::sleep(CAUSE_GRACE)).await;
+    }
+    r
 }
 
 /// Runs `both` directions of a transfer until they end, the connection
@@ -298,5 +319,87 @@ impl Activity {
             }
             tokio::time::sleep_until(deadline).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One side of a transfer, with nothing behind it.
+    struct Side {
+        backend: bool,
+    }
+
+    impl Leg for Side {
+        fn abort(&self, _: Option<rustls::AlertDescription>) {}
+    }
+
+    /// A transfer whose client direction fails writing to the backend (the
+    /// symptom) and whose backend direction fails `after` with `backend_says`.
+    async fn transfer(after: Duration, backend_says: Broken) -> End {
+        let backend_says = std::sync::Mutex::new(Some(backend_says));
+        let pump = async |src: &Side, _: &Side, _: &AtomicU64, _: &Activity| {
+            if !src.backend {
+                return Err(Broken::writing("Broken pipe (os error 32)"));
+            }
+            tokio::time::sleep(after).await;
+            let said = backend_says.lock().ok().and_then(|mut s| s.take());
+            Err(said.unwrap_or_else(|| Broken::from("said twice")))
+        };
+        let moved = Moved::default();
+        both_ways(
+            Side { backend: false },
+            Side { backend: true },
+            Duration::from_secs(60),
+            tokio_util::sync::CancellationToken::new(),
+            String::new,
+            pump,
+            &moved,
+        )
+        .await
+        .end
+    }
+
+    /// A backend that refuses the gateway (a TLS 1.3 backend's
+    /// certificate_required comes after the gateway's side of the handshake
+    /// is over) shows first as a broken pipe to the direction writing to
+    /// it; the log names the alert it sent, not the broken pipe.
+    #[tokio::test]
+    async fn a_write_failure_gives_way_to_what_the_peer_said() {
+        let alert = "peer sent fatal TLS alert CertificateRequired";
+        let end = transfer(Duration::from_millis(10), Broken::from(alert)).await;
+        assert_eq!(
+            end,
+            End::Error(format!(
+                "backend → client: reading from the backend: {alert}"
+            ))
+        );
+    }
+
+    /// The wait for a cause is bounded: a peer that says nothing more
+    /// leaves the write failure as the reason, after `CAUSE_GRACE`.
+    #[tokio::test]
+    async fn a_write_failure_is_reported_when_no_cause_follows() {
+        let start = Instant::now();
+        let late = Broken::from("peer sent fatal TLS alert CertificateRequired");
+        let end = transfer(Duration::from_secs(30), late).await;
+        let waited = start.elapsed();
+        assert_eq!(
+            end,
+            End::Error(
+                "client → backend: writing to the backend: Broken pipe (os error 32)".into()
+            )
+        );
+        assert!(
+            waited >= CAUSE_GRACE && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        // Another write failure is no cause either.
+        let end = transfer(Duration::from_millis(5), Broken::writing("reset")).await;
+        assert!(
+            matches!(&end, End::Error(e) if e.contains("Broken pipe")),
+            "{end:?}"
+        );
     }
 }
