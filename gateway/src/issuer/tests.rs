@@ -998,6 +998,80 @@ fn a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_h
     assert!(entry.revoked_at.is_some(), "revoked by the other user");
 }
 
+/// During an upgrade an older binary (its issuer not yet restarted, or an
+/// older `gateway pki revoke`) locks `.lock`, not the directory: a newer
+/// one holds that too, so neither writes the index over the other's change.
+/// A `.lock` that is a symlink is refused, never followed.
+#[test]
+fn an_older_binarys_lock_file_keeps_a_newer_one_out() {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = Store::open(&ca);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    let serial = sign_for_alice(&store);
+    let old_lock = ca.join(".lock");
+    let open_old = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&old_lock)
+            .unwrap()
+    };
+    // Control: no older binary holds it; the change is immediate.
+    let t = Instant::now();
+    drop(store.lock().unwrap());
+    assert!(t.elapsed() < Duration::from_millis(500));
+
+    // An older binary holds `.lock` (its own open file: flock excludes
+    // across descriptions, in one process too) for 600 ms.
+    let held = open_old();
+    held.lock().unwrap();
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        let revoke = scope.spawn(|| store.revoke(&serial));
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(
+            !revoke.is_finished(),
+            "revoked while an older binary held .lock"
+        );
+        held.unlock().unwrap();
+        revoke.join().unwrap().unwrap();
+    });
+    assert!(started.elapsed() >= Duration::from_millis(600));
+    let entry = store
+        .index()
+        .unwrap()
+        .issued
+        .into_iter()
+        .find(|e| e.serial == serial)
+        .unwrap();
+    assert!(entry.revoked_at.is_some());
+
+    // One that others may open would let them hold the store: refused at
+    // the issuer's start, as a directory others may read.
+    std::fs::set_permissions(&old_lock, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = store.check_lock_private().unwrap_err().to_string();
+    assert!(e.contains("rm ") && e.contains(".lock"), "{e}");
+    std::fs::set_permissions(&old_lock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    store.check_lock_private().unwrap();
+
+    // Whoever planted a symlink there, it is not followed.
+    std::fs::remove_file(&old_lock).unwrap();
+    std::os::unix::fs::symlink(ca.join("index.json"), &old_lock).unwrap();
+    let e = store.lock().err().expect("a symlinked .lock is refused");
+    assert!(e.to_string().contains(".lock"), "{e}");
+}
+
 /// The intermediate's CRL in `ca_dir/crl.pem` (written first): its bytes,
 /// number, nextUpdate and whether it lists `serial`.
 fn sso_crl(ca_dir: &Path, serial: &str) -> (Vec<u8>, String, i64, bool) {

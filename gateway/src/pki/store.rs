@@ -117,6 +117,42 @@ const INTERMEDIATE_DAYS: i64 = 730;
 /// holder keeps it for one signature and a few small files.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The store held for one change (`Store::lock`); released when dropped.
+pub(crate) struct StoreLock {
+    _dir: std::fs::File,
+    _legacy: Option<std::fs::File>,
+}
+
+/// Opens a `.lock` left by an older binary, if there is one this process
+/// may open: never through a symlink, never a FIFO or device (no blocking
+/// open, nothing but a regular file). None when there is none, or when it
+/// is another user's that this one may not read.
+fn open_legacy_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path);
+    let file = match opened {
+        Ok(file) => file,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::other(
+            "a legacy lock that is not a regular file",
+        ));
+    }
+    Ok(Some(file))
+}
+
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
@@ -219,24 +255,56 @@ impl Store {
     /// (`flock sso sleep infinity`). And no one waits without bound: after
     /// `LOCK_WAIT` the caller gets `PkiError::Locked` (the issuer answers
     /// 503 and counts it; its CRL check logs and counts a failure).
-    pub(crate) fn lock(&self) -> Result<std::fs::File, PkiError> {
-        let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
+    ///
+    /// Binaries from before this lock took a flock on `.lock` instead: while
+    /// an older one still runs beside a newer one (an issuer not yet
+    /// restarted after an upgrade, and the new `gateway pki revoke`), each
+    /// would hold its own lock and a revocation could be written over. So
+    /// where a `.lock` is left and this process may open it, it is held too,
+    /// after the directory (older binaries take only `.lock`: no order to
+    /// deadlock on). One it may not open (root's 0600 file, the issuer's
+    /// user) is passed over, as above.
+    pub(crate) fn lock(&self) -> Result<StoreLock, PkiError> {
         let start = std::time::Instant::now();
+        let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
+        self.hold(&dir, &self.dir, start)?;
+        let legacy_path = self.path(".lock");
+        let legacy = match open_legacy_lock(&legacy_path) {
+            Ok(Some(file)) => {
+                self.hold(&file, &legacy_path, start)?;
+                Some(file)
+            }
+            Ok(None) => None,
+            Err(e) => return Err(self.io(&legacy_path)(e)),
+        };
+        Ok(StoreLock {
+            _dir: dir,
+            _legacy: legacy,
+        })
+    }
+
+    /// Takes `file`'s flock, waiting until `LOCK_WAIT` after `start`.
+    fn hold(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+        start: std::time::Instant,
+    ) -> Result<(), PkiError> {
         loop {
-            match dir.try_lock() {
-                Ok(()) => return Ok(dir),
+            match file.try_lock() {
+                Ok(()) => return Ok(()),
                 Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < LOCK_WAIT => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    tracing::warn!(dir = %self.dir.display(), waited = ?LOCK_WAIT,
+                    tracing::warn!(dir = %self.dir.display(), lock = %path.display(), waited = ?LOCK_WAIT,
                         "the store's lock is held by another process; gave up");
                     return Err(PkiError::Locked {
-                        path: self.dir.clone(),
+                        path: path.to_path_buf(),
                         waited: LOCK_WAIT,
                     });
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(self.io(&self.dir)(e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(self.io(path)(e)),
             }
         }
     }
@@ -254,6 +322,21 @@ impl Store {
                     "mode {mode:o} lets other users open the directory and hold the store's lock, \
                      stopping every sign-in: chmod go-r {} (0711 keeps crl.pem and ca.pem readable by name)",
                     self.dir.display()
+                ),
+            });
+        }
+        // An older binary's `.lock`, held too (see `lock`): the same holds.
+        let legacy = self.path(".lock");
+        if let Ok(meta) = std::fs::symlink_metadata(&legacy)
+            && meta.mode() & 0o044 != 0
+        {
+            return Err(PkiError::Store {
+                path: legacy.clone(),
+                message: format!(
+                    "mode {:o} lets other users open an older binary's lock file and hold the store's lock, \
+                     stopping every sign-in: rm {} once no binary older than the directory lock runs",
+                    meta.mode() & 0o7777,
+                    legacy.display()
                 ),
             });
         }
