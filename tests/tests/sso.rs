@@ -1115,7 +1115,8 @@ async fn renew_uses_the_refresh_token_without_a_browser_until_the_user_is_disabl
 /// cannot keep users from signing in for long.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_cannot_hold_the_issuer() {
-    use gateway::issuer::server::{HANDSHAKE_TIMEOUT, PER_SOURCE};
+    use gateway::issuer::server::HANDSHAKE_TIMEOUT;
+    use gateway::issuer::slots::PER_SOURCE;
     let sso = tokio::task::spawn_blocking(start).await.unwrap();
     let addr: std::net::SocketAddr = sso
         .issuer_url

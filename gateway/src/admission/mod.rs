@@ -69,7 +69,7 @@ pub use sources::{Level, Proof};
 
 use block::BlockList;
 use pool::Place;
-use refusals::RefusalLog;
+pub(crate) use refusals::RefusalLog;
 use sources::{Groups, Sources};
 
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ const SOURCES_PER_SUMMARY: usize = 64;
 const SOURCES_NAMED: usize = 16;
 
 #[derive(Default)]
-pub(super) struct RefusalLog {
+pub(crate) struct RefusalLog {
     pending: Mutex<HashMap<(String, &'static str), Pending>>,
 }
 

@@ -14,6 +14,7 @@ pub mod limit;
 pub mod nonce;
 pub mod oidc;
 pub mod server;
+pub mod slots;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -269,6 +270,9 @@ pub struct Issuer {
     store: Store,
     ca_pem: String,
     counters: Mutex<Counters>,
+    /// The listener's connection slots (`server::serve`), here so
+    /// `/metrics` reports their refusals.
+    pub(crate) slots: slots::Slots,
 }
 
 fn rfc3339(t: time::OffsetDateTime) -> String {
@@ -481,6 +485,7 @@ impl Issuer {
             store,
             ca_pem,
             counters: Mutex::new(Counters::default()),
+            slots: slots::Slots::default(),
             config: arc_swap::ArcSwap::from_pointee(config),
         })
     }

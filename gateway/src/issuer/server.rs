@@ -60,59 +60,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CERTLESS_DEADLINE: Duration = Duration::from_secs(5);
 /// A request body (at most `MAX_BODY`) arrives within this.
 const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONNECTIONS: usize = 256;
-/// Connections one source network may hold, so one host cannot take every
-/// slot: an IPv4 /24 or an IPv6 /64 (one host holds a whole /64, and a
-/// /24 is what one attacker cheaply has; see `source_key`).
-pub const PER_SOURCE: usize = 16;
-
-/// Connections open per source network.
-#[derive(Default)]
-struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One connection's place in `Sources`, given back when dropped.
-struct SourceSlot(Arc<Sources>, std::net::IpAddr);
-
-/// The network a peer is counted under: its IPv4 /24 or IPv6 /64 (an
-/// IPv4-mapped IPv6 address as IPv4). Per exact address, 16 addresses
-/// (any host's /64 has 2^64) held every slot.
-pub fn source_key(ip: std::net::IpAddr) -> std::net::IpAddr {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let v4 = |a: Ipv4Addr| IpAddr::V4(Ipv4Addr::from(a.to_bits() & 0xffff_ff00));
-    match ip {
-        IpAddr::V4(a) => v4(a),
-        IpAddr::V6(a) => match a.to_ipv4_mapped() {
-            Some(m) => v4(m),
-            None => IpAddr::V6(Ipv6Addr::from(a.to_bits() & !u128::from(u64::MAX))),
-        },
-    }
-}
-
-impl Sources {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
-        let key = source_key(ip);
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(key).or_default();
-        if *n >= PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot(self.clone(), key))
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// The device CA's check, as a route's verifier makes it: chain and CRLs by
 /// the bundle, then the leaf must be an identity the gateway can read and
 /// carry a device SAN under the configured prefix.
@@ -372,23 +319,32 @@ pub async fn serve(
     issuer: Arc<Issuer>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let sources = Arc::new(Sources::default());
+    // Summaries of refusals at accept are written when due, not only at
+    // the next refusal.
+    tokio::spawn({
+        let (issuer, stop) = (issuer.clone(), stop.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {
+                        issuer.slots.flush_log(std::time::Instant::now());
+                    }
+                }
+            }
+        }
+    });
     loop {
         let Some((tcp, peer)) = accept(&listener, &stop, "issuer").await else {
             return;
         };
-        let Some(source) = sources.take(peer.ip()) else {
-            tracing::warn!(%peer, "issuer: this address's network holds {PER_SOURCE} connections; refused");
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "issuer: all connection slots busy; refused");
+        // Refused: counted and logged by `Slots`; the connection closes.
+        let Ok(slot) = issuer.slots.take(peer.ip(), std::time::Instant::now()) else {
             continue;
         };
         let (acceptor, issuer) = (acceptor.load_full(), issuer.clone());
         tokio::spawn(async move {
-            let _slot = (slot, source);
+            let _slot = slot;
             let started = tokio::time::Instant::now();
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) => t,
@@ -407,6 +363,11 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| Identity::from_leaf(leaf).ok());
+            if device.is_some() {
+                issuer
+                    .slots
+                    .device_verified(peer.ip(), std::time::Instant::now());
+            }
             // Only a device may keep a slot for a certificate request's
             // whole deadline; without one, a few seconds for `/v1/config`.
             let deadline = if device.is_some() {
@@ -772,21 +733,6 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
             ));
         }
     }
+    issuer.slots.render_metrics(&mut out);
     out
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::source_key;
-
-    #[test]
-    fn sources_are_counted_per_ipv4_24_and_ipv6_64() {
-        let key = |s: &str| source_key(s.parse().unwrap()).to_string();
-        assert_eq!(key("192.0.2.77"), "192.0.2.0");
-        assert_eq!(key("::ffff:192.0.2.77"), "192.0.2.0");
-        assert_eq!(key("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
-        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
-    }
 }

@@ -312,7 +312,7 @@ async fn one_network_cannot_take_every_connection_slot_and_certless_clients_are_
     };
     let mut held = Vec::new();
     for last in 2..18u8 {
-        for _ in 0..server::PER_SOURCE {
+        for _ in 0..super::slots::PER_SOURCE {
             held.push(connect_from([127, 0, 0, last]).await);
         }
     }
@@ -320,7 +320,7 @@ async fn one_network_cannot_take_every_connection_slot_and_certless_clients_are_
     assert!(
         !served(connect_from([127, 0, 0, 200]).await).await,
         "the attacker's /24 holds its {} connections and no more",
-        server::PER_SOURCE
+        super::slots::PER_SOURCE
     );
     assert!(
         served(connect_from([127, 0, 1, 1]).await).await,
@@ -379,6 +379,133 @@ async fn one_network_cannot_take_every_connection_slot_and_certless_clients_are_
         ended < server::CERTLESS_DEADLINE + std::time::Duration::from_secs(3),
         "a certless connection lasted {ended:?}"
     );
+    stop.cancel();
+}
+
+/// F4's residue, narrowed: attackers with 12 networks (16 connections
+/// each, here silent ones) hold every slot anyone may take, 192 of 256. A
+/// device at a network where a device certificate verified before still
+/// gets in (the 64 kept for known networks) and is served; a client from
+/// a network new to the issuer is refused, counted and not logged per
+/// connection. Before: 16 networks held all 256 and no device got in.
+#[tokio::test]
+async fn attackers_holding_every_open_slot_leave_known_networks_the_reserve() {
+    use super::slots::{KNOWN_RESERVE, MAX_CONNECTIONS, PER_SOURCE};
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = |name: &str| {
+        let s = Store::open(&dir.path().join(name.to_lowercase()));
+        s.init(&InitSpec {
+            name,
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+        s
+    };
+    let (_sso, devices, tls) = (store("SSO"), store("Devices"), store("TLS"));
+    tls.issue(
+        crate::pki::store::Kind::Server,
+        "localhost",
+        &["dns:localhost".into()],
+        None,
+        KeyType::P256,
+    )
+    .unwrap();
+    let (device_pem, device_key) = devices
+        .issue(
+            crate::pki::store::Kind::Device,
+            "laptop-7",
+            &[LAPTOP.into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    let config = super::attack2::config_with_device_ca(dir.path(), "devices/ca.pem");
+    let acceptor: server::Acceptor = Arc::new(arc_swap::ArcSwap::from_pointee(
+        server::acceptor(&config).unwrap(),
+    ));
+    let issuer = Arc::new(Issuer::new(config, Box::new(TestKeys::default())).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(server::serve(
+        listener,
+        acceptor,
+        issuer.clone(),
+        stop.clone(),
+    ));
+
+    let client = http::client_config(
+        Some(&dir.path().join("tls/ca.pem")),
+        Some((&device_pem, &device_key)),
+    )
+    .unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let connect_from = |ip: [u8; 4]| async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
+        sock.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap()
+    };
+    // The device asks for a nonce from its office network, 127.0.9.0/24.
+    let nonce_from = |ip: [u8; 4]| {
+        let (connector, name) = (connector.clone(), name.clone());
+        async move {
+            use tokio::io::AsyncWriteExt as _;
+            let tcp = connect_from(ip).await;
+            let mut tls = connector.connect(name, tcp).await?;
+            tls.write_all(b"POST /v1/nonce HTTP/1.1\r\nHost: issuer\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(String::from_utf8_lossy(&answer).into_owned())
+        }
+    };
+    let answer = nonce_from([127, 0, 9, 7]).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The attackers: 12 networks, each at its 16.
+    let open = MAX_CONNECTIONS - KNOWN_RESERVE;
+    let mut held = Vec::new();
+    for net in 0..(open / PER_SOURCE) {
+        for _ in 0..PER_SOURCE {
+            held.push(connect_from([127, 1, u8::try_from(net).unwrap(), 1]).await);
+        }
+    }
+    // Is a connection served (kept open for its hello) or refused (closed)?
+    let served = |mut c: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 1];
+        tokio::time::timeout(Duration::from_millis(500), c.read(&mut buf))
+            .await
+            .is_err()
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !served(connect_from([127, 2, 0, 1]).await).await,
+        "a network new to the issuer finds every open slot busy"
+    );
+    let answer = nonce_from([127, 0, 9, 8]).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the device's known network still signs in: {answer}"
+    );
+    let metrics = server::metrics(&issuer);
+    assert!(
+        metrics.contains("gateway_issuer_connections_refused_total{reason=\"busy\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_issuer_connections_reserved_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("gateway_issuer_known_networks 1\n"),
+        "{metrics}"
+    );
+    drop(held);
     stop.cancel();
 }
 

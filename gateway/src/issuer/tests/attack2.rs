@@ -587,7 +587,7 @@ async fn serve_with_device_ca(
 }
 
 /// The config `serve_with_device_ca` writes, parsed, for `device_trust_ca`.
-fn config_with_device_ca(dir: &Path, device_trust_ca: &str) -> IssuerConfig {
+pub(super) fn config_with_device_ca(dir: &Path, device_trust_ca: &str) -> IssuerConfig {
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
