@@ -524,3 +524,107 @@ device_san_prefix = "spiffe://example.internal/device/"
 issuer = "https://login.example.com"
 client_id = "gateway"
 "#;
+
+/// S4-6: `user_uri` names a user by the email's local part alone
+/// (`{local}`), and `email_domains` may list several domains, so
+/// `alice@partner.example` and `alice@example.internal` get one user URI:
+/// the routes docs/sso.md writes for alice
+/// (`spiffe://example.internal/user/alice`) admit whoever the provider
+/// vouches for as `alice@` in any listed domain (a contractors' or an
+/// acquired company's domain, where the attacker may choose or be given
+/// the name). Under a profile with `email_san = false` the URI is the
+/// certificate's only user name, so no route can tell the two apart.
+/// docs/sso.md: "a verified email in email_domains whose local part is
+/// plain …, so the email and the user URI name one person one way". The
+/// config loads without a word. Control: `bob@partner.example` does not
+/// pass alice's route, and alice's own certificate does.
+#[tokio::test]
+async fn s4_6_one_local_part_in_two_email_domains_is_one_user_uri() {
+    let s = setup_profiles(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal", "partner.example"]
+user_uri = "spiffe://example.internal/user/{local}"
+[profile.kiosk]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal", "partner.example"]
+email_san = false
+user_uri = "spiffe://example.internal/kiosk/user/{local}"
+[limits]
+per_device = { burst = 50, per_hour = 50 }
+"#,
+    );
+    let sign_in = |email: &'static str, sub: &'static str, profile: &'static str| {
+        let t = s.token(|c| {
+            c["email"] = json!(email);
+            c["sub"] = json!(sub);
+        });
+        let issuer = &s.issuer;
+        async move {
+            leaf_identity(
+                &issuer
+                    .issue_as(Some(&device(LAPTOP)), request(t), Grant::SignIn, Some(profile))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    for (profile, alices) in [
+        ("default", "spiffe://example.internal/user/alice"),
+        ("kiosk", "spiffe://example.internal/kiosk/user/alice"),
+    ] {
+        let alices_route = route(alices);
+        let alice = sign_in("alice@example.internal", "u-alice", profile).await;
+        assert!(admitted(&alices_route, &alice), "control: {profile}");
+        let bob = sign_in("bob@partner.example", "u-bob", profile).await;
+        assert!(!admitted(&alices_route, &bob), "control: {profile}");
+        // HARM: the partner's alice is alice.
+        let other = sign_in("alice@partner.example", "u-partner-alice", profile).await;
+        assert!(admitted(&alices_route, &other), "{profile}: {other:?}");
+        if profile == "kiosk" {
+            assert!(other.emails.is_empty(), "nothing else names her");
+            assert_eq!(other.uris, alice.uris, "the same names as alice's");
+        }
+    }
+}
+
+/// S4-7: docs/sso.md's lost laptop: revoke its device certificate in the
+/// device CA, "the issuer reads the device CA and CRLs again on SIGHUP and
+/// every minute … and from then on refuses the laptop", and revoke its
+/// user certificates (`gateway pki revoke --dir sso --device URI`). Run as
+/// written, one after the other, the second finds the certificates issued
+/// so far; until the issuer's next minute the laptop still signs in and
+/// renews (the issuer never reads the SSO index's revocations), and what
+/// it gets then is in no CRL and stays valid for its whole lifetime. The
+/// thief of a laptop holds its device key and the user's refresh token
+/// (docs: "whoever holds both … renews"), and renews as often as the rate
+/// limit allows. Control: the certificate issued before is revoked.
+#[tokio::test]
+async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_the_issuers_next_minute()
+ {
+    let s = setup("");
+    let laptop = device(LAPTOP);
+    let before = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    let revoked = Store::open(&s.ca_dir).revoke_device(LAPTOP).unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert!(super::sso_crl(&s.ca_dir, &before.serial).3, "control");
+    // The laptop asks again before the issuer's next reload.
+    let after = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .expect("issued to the device just revoked");
+    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "on no CRL");
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "nor later");
+    let id = leaf_identity(&after);
+    assert!(id.not_after - now() as i64 > 7 * 3600, "valid for its 8 hours");
+}
