@@ -303,8 +303,12 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
 /// fresh: routes keep accepting every certificate of the revoked
 /// intermediate until the daily re-signing (`crl_republish_before`), and
 /// the error `pki` printed is a bare I/O error, not "recorded … but NOT
-/// published" as for a leaf. Control: a leaf's revocation under the same
-/// failure is published at the next check.
+/// published" as for a leaf. And while the intermediate's key is gone (a
+/// compromised key destroyed or moved off the host), no command can put
+/// the root's revocation into `crl.pem` at all: `pki crl` and `pki crl
+/// --root` sign the intermediate's CRL first, and fail. Control: a
+/// leaf's revocation under the same failure is published at the next
+/// check.
 #[tokio::test]
 async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_while_fresh() {
     let s = setup("");
@@ -338,8 +342,18 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
         .revoke_as(&int_serial, true)
         .unwrap_err()
         .to_string();
-    std::fs::rename(&away, &key).unwrap();
     assert!(!e.contains("NOT published"), "a bare error: {e}");
+    // While the intermediate's key is away (destroyed, as a compromised
+    // key may be), no command puts the root's revocation into crl.pem:
+    // each signs the intermediate's CRL first.
+    assert!(operator.publish_crl(time::Duration::days(7)).is_err());
+    assert!(
+        operator
+            .republish_root_crl(time::Duration::days(7))
+            .is_err()
+    );
+    assert_eq!(crl(), before, "crl.pem untouched");
+    std::fs::rename(&away, &key).unwrap();
     let index = operator.index().unwrap();
     assert!(
         index
@@ -564,7 +578,12 @@ per_device = { burst = 50, per_hour = 50 }
         async move {
             leaf_identity(
                 &issuer
-                    .issue_as(Some(&device(LAPTOP)), request(t), Grant::SignIn, Some(profile))
+                    .issue_as(
+                        Some(&device(LAPTOP)),
+                        request(t),
+                        Grant::SignIn,
+                        Some(profile),
+                    )
                     .await
                     .unwrap(),
             )
@@ -626,5 +645,8 @@ async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_th
     ));
     assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "nor later");
     let id = leaf_identity(&after);
-    assert!(id.not_after - now() as i64 > 7 * 3600, "valid for its 8 hours");
+    assert!(
+        id.not_after - now() as i64 > 7 * 3600,
+        "valid for its 8 hours"
+    );
 }
