@@ -1173,6 +1173,8 @@ mod attack;
 /// harm the reviewed code allows.
 mod attack2;
 mod attack3;
+/// Attacker review 4 (review4): tests asserting the harm the reviewed code allows.
+mod attack4;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the

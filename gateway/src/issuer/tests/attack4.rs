@@ -1,0 +1,652 @@
+//! Attacker review 4 of SSO issuance (review4, see
+//! /work/helpers/s7/review4/findings.md): the fixes of reviews 2 and 3, and
+//! the whole again. Each test asserts the HARM (it passes on the code as
+//! reviewed) beside a control, and is meant to be turned round into the
+//! refusal once fixed.
+
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::process::CommandExt as _;
+
+use super::*;
+use crate::policy::{IdentityRule, Policy, Verdict};
+
+const PREFIX: &str = "spiffe://example.internal/device/";
+
+fn leaf_identity(answer: &CertificateResponse) -> Identity {
+    let leaf = CertificateDer::pem_slice_iter(answer.certificate.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    Identity::from_leaf(&leaf).unwrap()
+}
+
+fn route(allow: &str) -> Policy {
+    Policy {
+        allow: vec![IdentityRule::try_from(allow.to_owned()).unwrap()],
+        device_san_prefix: Some(PREFIX.into()),
+        ..Policy::default()
+    }
+}
+
+fn admitted(policy: &Policy, id: &Identity) -> bool {
+    matches!(
+        policy.decide_at_any_time(id, "192.0.2.10".parse().unwrap()),
+        Verdict::Allow { .. }
+    )
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// What the provider's refresh grant returns for alice: her `sub`, email
+/// and `amr`, issued now (`iat` made distinct by `n`), the sign-in's
+/// `auth_time`, and no nonce (a device-grant sign-in's refresh at
+/// oidc-provider, or any refresh at a provider that leaves the nonce out
+/// of refreshed ID tokens, which docs/sso.md names).
+fn nonceless_refresh(s: &Setup, auth_time: u64, n: u64) -> String {
+    let mut c = claims("-");
+    c.as_object_mut().unwrap().remove("nonce");
+    c["auth_time"] = json!(auth_time);
+    c["iat"] = json!(now() - n);
+    token(&s.key, &c)
+}
+
+/// S4-1: S3-2's fix refuses a nonce-less refreshed ID token at `POST
+/// /v1/renewal`, but the same token is taken at `POST /v1/certificate`
+/// under any profile with `device_grant = true`: the issuer cannot tell a
+/// refreshed token from a device-grant sign-in's (both lack the nonce),
+/// and that path binds it to no device, no sign-in and no profile. So the
+/// thief of alice's refresh token trades it at the provider and signs in
+/// on their own enrolled device, as often as the refresh token lasts:
+///
+/// - in S3-2's own config (`default` with `device_grant` and
+///   `device_grant_refresh`, for headless machines that renew), the thief
+///   gets `default`'s certificate naming alice (her email), which alice's
+///   route admits;
+/// - with a `headless` profile that has `device_grant` and no `refresh`
+///   (what S3-4's error message tells the operator to make), the refresh
+///   token of alice's browser sign-in under `default` signs in under
+///   `headless` long after `default`'s `max_auth_age` (a profile without
+///   `refresh` need not have one), and after an issuer restart.
+///
+/// docs/sso.md: a copied refresh token yields "ID tokens that another
+/// device cannot use", continues its sign-in "under the same profile
+/// only", and a nonce-less refreshed token "is refused too … whatever the
+/// profile's device_grant: otherwise it would renew on any enrolled
+/// device, under any profile, after a restart". Controls: the same tokens
+/// at `/v1/renewal` are refused (S3-2), and at `/v1/certificate` under a
+/// profile without `device_grant` (nonce missing).
+#[tokio::test]
+async fn s4_1_a_nonceless_refreshed_token_signs_in_on_the_thiefs_device_under_a_device_grant_profile()
+ {
+    let limits = "[limits]\nper_device = { burst = 50, per_hour = 50 }\nper_user = { burst = 50, per_hour = 50 }\n";
+    let thief = device(OTHER_LAPTOP);
+    async fn at(
+        s: &Setup,
+        t: String,
+        grant: Grant,
+        profile: &str,
+    ) -> Result<CertificateResponse, Refusal> {
+        s.issuer
+            .issue_as(
+                Some(&device(OTHER_LAPTOP)),
+                request(t),
+                grant,
+                Some(profile),
+            )
+            .await
+    }
+
+    // 1. S3-2's own config.
+    let s = setup_profiles(&format!(
+        "[profile.default]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true\ndevice_grant_refresh = true\n{limits}"
+    ));
+    let signed_in = now() - 60;
+    // Control (S3-2): /v1/renewal refuses it on the thief's device.
+    let e = at(
+        &s,
+        nonceless_refresh(&s, signed_in, 1),
+        Grant::Refresh,
+        "default",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce)),
+        "control: {e}"
+    );
+    // HARM: /v1/certificate takes the next one.
+    let answer = at(
+        &s,
+        nonceless_refresh(&s, signed_in, 2),
+        Grant::SignIn,
+        "default",
+    )
+    .await
+    .expect("the thief's device signs alice in with her refreshed token");
+    let id = leaf_identity(&answer);
+    assert_eq!(id.emails, vec!["alice@example.internal"]);
+    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
+    assert!(admitted(&route("email:alice@example.internal"), &id));
+    // And again with each refresh: not once, as the documented device-code
+    // phish (S3-4's residual) is.
+    for n in 3..6 {
+        at(
+            &s,
+            nonceless_refresh(&s, signed_in, n),
+            Grant::SignIn,
+            "default",
+        )
+        .await
+        .expect("each refresh, another certificate");
+    }
+
+    // 2. `headless` (device_grant, no refresh, no max_auth_age) beside a
+    // `default` that renews.
+    let profiles = format!(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+refresh = true
+max_auth_age = "1h"
+[profile.headless]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+email_san = false
+user_uri = "spiffe://example.internal/headless/user/{{local}}"
+device_grant = true
+{limits}"#
+    );
+    let s = setup_profiles(&profiles);
+    // alice signed in in her browser under `default` a day ago: far past
+    // its max_auth_age of an hour.
+    let a_day_ago = now() - 86_400;
+    let e = at(
+        &s,
+        nonceless_refresh(&s, a_day_ago, 1),
+        Grant::Refresh,
+        "default",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.reason(), "nonce", "control: {e}");
+    let e = at(
+        &s,
+        nonceless_refresh(&s, a_day_ago, 2),
+        Grant::SignIn,
+        "default",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(e, Refusal::Nonce(NonceError::Missing)),
+        "control: {e}"
+    );
+    let answer = at(
+        &s,
+        nonceless_refresh(&s, a_day_ago, 3),
+        Grant::SignIn,
+        "headless",
+    )
+    .await
+    .expect("a day-old sign-in's refresh token signs in under headless");
+    let id = leaf_identity(&answer);
+    assert_eq!(answer.profile, "headless");
+    assert_eq!(
+        id.uris,
+        vec![
+            "spiffe://example.internal/headless/user/alice",
+            OTHER_LAPTOP
+        ]
+    );
+    // After a restart too: nothing of the sign-in is needed.
+    let restarted = setup_profiles(&profiles);
+    restarted
+        .issuer
+        .issue_as(
+            Some(&thief),
+            request(nonceless_refresh(&restarted, a_day_ago, 4)),
+            Grant::SignIn,
+            Some("headless"),
+        )
+        .await
+        .expect("after a restart");
+}
+
+/// S4-2: `gateway pki` run as root in a store another user owns (docs/sso.md:
+/// "it works whoever runs the command, root included"; the store is the
+/// issuer's, and the Debian package runs the issuer and the gateway as
+/// one user, `gateway`) reads the store's files by name, following
+/// symlinks, and writes what it read into `crl.pem`, 0644 in a 0711
+/// directory, given to the store's owner. The owner (or whoever runs code
+/// as that user) links `root.crl.pem` to any file only root may read;
+/// the operator's next `sudo gateway pki revoke --dir sso SERIAL` copies
+/// it whole into `crl.pem`, which every local user may read by name.
+/// Control: the same revoke without the link writes CRLs only.
+#[test]
+fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
+    if !is_root() {
+        eprintln!("skipped: needs root (root's pki command in another user's store)");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("sso");
+    let store = Store::open(&ca);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    // The store is the issuer's user's (here nobody's), as the package has it.
+    for e in std::fs::read_dir(&ca).unwrap() {
+        std::os::unix::fs::lchown(e.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(&ca, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A file only root may read.
+    let secret = dir.path().join("shadow");
+    std::fs::write(&secret, "root:$6$SECRET-HASH:19000:0:99999:7:::\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Control: root revokes; crl.pem holds CRLs only.
+    let first = sign_for_alice(&store);
+    store.revoke(&first).unwrap();
+    let crl = std::fs::read_to_string(ca.join("crl.pem")).unwrap();
+    assert!(!crl.contains("SECRET-HASH"), "control");
+
+    // The store's owner links root.crl.pem to it (as nobody).
+    let link = ca.join("root.crl.pem");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ln -sf {} {}", secret.display(), link.display()))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // root's next revoke.
+    let second = sign_for_alice(&store);
+    store.revoke(&second).unwrap();
+    let crl = ca.join("crl.pem");
+    let text = std::fs::read_to_string(&crl).unwrap();
+    let meta = std::fs::metadata(&crl).unwrap();
+    assert!(
+        text.contains("root:$6$SECRET-HASH"),
+        "the root-only file is in crl.pem: {text}"
+    );
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
+    // Which nobody (and, by name, every local user) reads.
+    let out = std::process::Command::new("cat")
+        .arg(&crl)
+        .uid(NOBODY + 1)
+        .gid(NOBODY + 1)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SECRET-HASH"),
+        "{out:?}"
+    );
+}
+
+/// S4-3: S2-5's fix publishes at the next check a revocation the index
+/// records but the CRL lacks, for leaves only. The root revoking the SSO
+/// intermediate (`pki revoke --intermediate`, its key compromised) writes
+/// the index and `root.crl.pem`, then `crl.pem` (which routes read); when
+/// that last step fails (a full disk, the intermediate's key moved away
+/// as a compromised key is), the issuer's checks still find `crl.pem`
+/// fresh: routes keep accepting every certificate of the revoked
+/// intermediate until the daily re-signing (`crl_republish_before`), and
+/// the error `pki` printed is a bare I/O error, not "recorded … but NOT
+/// published" as for a leaf. And while the intermediate's key is gone (a
+/// compromised key destroyed or moved off the host), no command can put
+/// the root's revocation into `crl.pem` at all: `pki crl` and `pki crl
+/// --root` sign the intermediate's CRL first, and fail. Control: a
+/// leaf's revocation under the same failure is published at the next
+/// check.
+#[tokio::test]
+async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_while_fresh() {
+    let s = setup("");
+    let operator = Store::open(&s.ca_dir);
+    let key = s.ca_dir.join("intermediate.key");
+    let away = s.ca_dir.join("intermediate.key.away");
+    let crl = || std::fs::read(s.ca_dir.join("crl.pem")).unwrap();
+    let root_crl = || std::fs::read(s.ca_dir.join("root.crl.pem")).unwrap();
+
+    // Control: a leaf.
+    let leaf = sign_for_alice(&operator);
+    std::fs::rename(&key, &away).unwrap();
+    let e = operator.revoke(&leaf).unwrap_err().to_string();
+    std::fs::rename(&away, &key).unwrap();
+    assert!(e.contains("NOT published"), "control: {e}");
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Published { .. }
+    ));
+    assert!(super::sso_crl(&s.ca_dir, &leaf).3, "control: published");
+
+    // The intermediate.
+    let int_serial = {
+        let pem = std::fs::read(s.ca_dir.join("intermediate.pem")).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        crate::pki::store::hex(pem.parse_x509().unwrap().tbs_certificate.raw_serial())
+    };
+    let before = crl();
+    std::fs::rename(&key, &away).unwrap();
+    let e = operator
+        .revoke_as(&int_serial, true)
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains("NOT published"), "a bare error: {e}");
+    // While the intermediate's key is away (destroyed, as a compromised
+    // key may be), no command puts the root's revocation into crl.pem:
+    // each signs the intermediate's CRL first.
+    assert!(operator.publish_crl(time::Duration::days(7)).is_err());
+    assert!(
+        operator
+            .republish_root_crl(time::Duration::days(7))
+            .is_err()
+    );
+    assert_eq!(crl(), before, "crl.pem untouched");
+    std::fs::rename(&away, &key).unwrap();
+    let index = operator.index().unwrap();
+    assert!(
+        index
+            .revoked_intermediates
+            .iter()
+            .any(|i| i.serial == int_serial),
+        "the index records the intermediate revoked"
+    );
+    let int_raw: Vec<u8> = (0..int_serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&int_serial[i..i + 2], 16).unwrap())
+        .collect();
+    let lists = |pem: &[u8]| {
+        use x509_parser::prelude::FromDer as _;
+        x509_parser::pem::Pem::iter_from_buffer(pem).any(|p| {
+            let p = p.unwrap();
+            let (_, c) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(&p.contents)
+                    .unwrap();
+            c.iter_revoked_certificates()
+                .any(|r| r.raw_serial() == int_raw.as_slice())
+        })
+    };
+    assert!(lists(&root_crl()), "root.crl.pem lists it");
+    // HARM: the issuer's checks leave crl.pem as it was.
+    for _ in 0..3 {
+        assert!(matches!(
+            s.issuer.maintain_crl().unwrap(),
+            CrlRefresh::Fresh { .. }
+        ));
+    }
+    assert_eq!(crl(), before, "crl.pem untouched");
+    assert!(
+        !lists(&crl()),
+        "the CRL routes read does not revoke the intermediate"
+    );
+}
+
+/// S4-4: the Debian package runs the gateway (every route's TLS, facing
+/// the network) and the issuer as one user, `gateway`, and the issuer's
+/// unit keeps the SSO CA in /var/lib/gateway-issuer (intermediate.key
+/// 0600, that user's). `ProtectSystem=strict` in gateway.service leaves
+/// /var/lib readable, and nothing there hides the issuer's state
+/// directory: code running in the gateway (or a way to make it read a
+/// file) holds the key that signs every user certificate every route
+/// trusts, and can plant links in the store (S4-2). Control: the issuer
+/// checks the key is 0600, which the shared user passes.
+#[test]
+fn s4_4_the_gateway_and_the_issuer_run_as_one_user_that_owns_the_sso_ca_key() {
+    let unit = |text: &str, key: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .collect()
+    };
+    let gateway = include_str!("../../../../examples/gateway.service");
+    let issuer = include_str!("../../../../examples/gateway-issuer.service");
+    assert_eq!(unit(gateway, "User"), vec!["gateway"]);
+    assert_eq!(unit(issuer, "User"), vec!["gateway"], "one user for both");
+    assert_eq!(unit(issuer, "StateDirectory"), vec!["gateway-issuer"]);
+    assert!(
+        unit(gateway, "InaccessiblePaths").is_empty()
+            && unit(gateway, "TemporaryFileSystem").is_empty()
+            && unit(gateway, "DynamicUser").is_empty(),
+        "nothing hides /var/lib/gateway-issuer from the gateway"
+    );
+    assert_eq!(
+        unit(gateway, "ProtectSystem"),
+        vec!["strict"],
+        "read-only, not hidden"
+    );
+}
+
+/// S4-5: S3-1 keeps two profiles' names apart, but not a profile's names
+/// from each other or from devices: the config loads with
+///
+/// - `user_uri` and `group_uri` on one path: a user whose mailbox is
+///   named as a listed group (`sre@`, a shared or newly made account) gets
+///   the group's URI without being in the group;
+/// - `user_uri` under `device_san_prefix`: the user's URI comes before
+///   the device's in the certificate, so routes (`device.san_prefix`,
+///   `Identity::device`, the first URI under it) take the user's name for
+///   the device: `laptop-7@` on another device passes as laptop-7;
+/// - `user_uri` without `{local}`: every user gets the same URI.
+///
+/// Control: the same pair of templates across two profiles is refused.
+#[tokio::test]
+async fn s4_5_a_profiles_own_names_collide_with_its_groups_and_with_devices() {
+    let groups_on_users = r#"
+[profile]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal"]
+user_uri = "spiffe://example.internal/id/{local}"
+group_uri = "spiffe://example.internal/id/{group}"
+groups = ["sre"]
+"#;
+    // Control: across two profiles the same templates are refused.
+    let two = format!(
+        "{ISS_LINE}[profile.default]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/id/{{local}}\"\n[profile.sre]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/sre/user/{{local}}\"\ngroup_uri = \"spiffe://example.internal/id/{{group}}\"\ngroups = [\"sre\"]\n"
+    );
+    let e = IssuerConfig::parse(&two, Path::new("issuer.toml"), Path::new("/tmp"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("can issue the same URI"), "control: {e}");
+
+    let s = setup_profiles(groups_on_users);
+    let sre_route = route("spiffe://example.internal/id/sre");
+    // Control: a member of sre passes, a non-member alice does not.
+    let member = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["groups"] = json!(["sre"]))),
+        )
+        .await
+        .unwrap();
+    assert!(admitted(&sre_route, &leaf_identity(&member)), "control");
+    let alice = s
+        .issuer
+        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    assert!(!admitted(&sre_route, &leaf_identity(&alice)), "control");
+    // HARM: the mailbox sre@, in no group, passes the group's route.
+    let mailbox = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| {
+                c["email"] = json!("sre@example.internal");
+                c["sub"] = json!("u-sre");
+            })),
+        )
+        .await
+        .unwrap();
+    let id = leaf_identity(&mailbox);
+    assert!(admitted(&sre_route, &id), "{id:?}");
+
+    // The user's URI under the device prefix.
+    let s = setup_profiles(
+        "[profile]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/device/{local}\"\n",
+    );
+    let laptop7 = s
+        .issuer
+        .issue(
+            Some(&device(OTHER_LAPTOP)),
+            request({
+                let nonce = s.issuer.nonce(Some(&device(OTHER_LAPTOP))).unwrap();
+                let mut c = claims(&nonce);
+                c["email"] = json!("laptop-7@example.internal");
+                c["sub"] = json!("u-l7");
+                token(&s.key, &c)
+            }),
+        )
+        .await
+        .unwrap();
+    let id = leaf_identity(&laptop7);
+    assert_eq!(
+        id.device(PREFIX),
+        Some(LAPTOP),
+        "issued on laptop-8, read as laptop-7: {id:?}"
+    );
+    assert!(admitted(&route(LAPTOP), &id), "laptop-7's device route");
+
+    // Every user one URI.
+    let one = format!(
+        "{ISS_LINE}[profile]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/user/alice\"\n"
+    );
+    IssuerConfig::parse(&one, Path::new("issuer.toml"), Path::new("/tmp"))
+        .expect("a user_uri without {local} loads");
+}
+
+/// The head of an issuer.toml (as tests.rs's `setup_profiles` writes it).
+const ISS_LINE: &str = r#"
+listen = "127.0.0.1:0"
+cert = "issuer.pem"
+key = "issuer.key"
+ca_dir = "sso"
+device_trust = { ca = "devices/ca.pem" }
+device_san_prefix = "spiffe://example.internal/device/"
+[oidc]
+issuer = "https://login.example.com"
+client_id = "gateway"
+"#;
+
+/// S4-6: `user_uri` names a user by the email's local part alone
+/// (`{local}`), and `email_domains` may list several domains, so
+/// `alice@partner.example` and `alice@example.internal` get one user URI:
+/// the routes docs/sso.md writes for alice
+/// (`spiffe://example.internal/user/alice`) admit whoever the provider
+/// vouches for as `alice@` in any listed domain (a contractors' or an
+/// acquired company's domain, where the attacker may choose or be given
+/// the name). Under a profile with `email_san = false` the URI is the
+/// certificate's only user name, so no route can tell the two apart.
+/// docs/sso.md: "a verified email in email_domains whose local part is
+/// plain …, so the email and the user URI name one person one way". The
+/// config loads without a word. Control: `bob@partner.example` does not
+/// pass alice's route, and alice's own certificate does.
+#[tokio::test]
+async fn s4_6_one_local_part_in_two_email_domains_is_one_user_uri() {
+    let s = setup_profiles(
+        r#"
+[profile.default]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal", "partner.example"]
+user_uri = "spiffe://example.internal/user/{local}"
+[profile.kiosk]
+require_amr = ["mfa", "otp"]
+email_domains = ["example.internal", "partner.example"]
+email_san = false
+user_uri = "spiffe://example.internal/kiosk/user/{local}"
+[limits]
+per_device = { burst = 50, per_hour = 50 }
+"#,
+    );
+    let sign_in = |email: &'static str, sub: &'static str, profile: &'static str| {
+        let t = s.token(|c| {
+            c["email"] = json!(email);
+            c["sub"] = json!(sub);
+        });
+        let issuer = &s.issuer;
+        async move {
+            leaf_identity(
+                &issuer
+                    .issue_as(
+                        Some(&device(LAPTOP)),
+                        request(t),
+                        Grant::SignIn,
+                        Some(profile),
+                    )
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    for (profile, alices) in [
+        ("default", "spiffe://example.internal/user/alice"),
+        ("kiosk", "spiffe://example.internal/kiosk/user/alice"),
+    ] {
+        let alices_route = route(alices);
+        let alice = sign_in("alice@example.internal", "u-alice", profile).await;
+        assert!(admitted(&alices_route, &alice), "control: {profile}");
+        let bob = sign_in("bob@partner.example", "u-bob", profile).await;
+        assert!(!admitted(&alices_route, &bob), "control: {profile}");
+        // HARM: the partner's alice is alice.
+        let other = sign_in("alice@partner.example", "u-partner-alice", profile).await;
+        assert!(admitted(&alices_route, &other), "{profile}: {other:?}");
+        if profile == "kiosk" {
+            assert!(other.emails.is_empty(), "nothing else names her");
+            assert_eq!(other.uris, alice.uris, "the same names as alice's");
+        }
+    }
+}
+
+/// S4-7: docs/sso.md's lost laptop: revoke its device certificate in the
+/// device CA, "the issuer reads the device CA and CRLs again on SIGHUP and
+/// every minute … and from then on refuses the laptop", and revoke its
+/// user certificates (`gateway pki revoke --dir sso --device URI`). Run as
+/// written, one after the other, the second finds the certificates issued
+/// so far; until the issuer's next minute the laptop still signs in and
+/// renews (the issuer never reads the SSO index's revocations), and what
+/// it gets then is in no CRL and stays valid for its whole lifetime. The
+/// thief of a laptop holds its device key and the user's refresh token
+/// (docs: "whoever holds both … renews"), and renews as often as the rate
+/// limit allows. Control: the certificate issued before is revoked.
+#[tokio::test]
+async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_the_issuers_next_minute()
+ {
+    let s = setup("");
+    let laptop = device(LAPTOP);
+    let before = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    let revoked = Store::open(&s.ca_dir).revoke_device(LAPTOP).unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert!(super::sso_crl(&s.ca_dir, &before.serial).3, "control");
+    // The laptop asks again before the issuer's next reload.
+    let after = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .expect("issued to the device just revoked");
+    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "on no CRL");
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "nor later");
+    let id = leaf_identity(&after);
+    assert!(
+        id.not_after - now() as i64 > 7 * 3600,
+        "valid for its 8 hours"
+    );
+}
