@@ -423,6 +423,23 @@ impl IssuerConfig {
                 ),
             ));
         }
+        // A user's or group's URI under the device prefix would be read by
+        // routes as the device (the first URI under it), so a mailbox named
+        // like a laptop would sign in as that laptop.
+        for (name, p) in c.profile.iter() {
+            for (f, t) in uri_templates(p) {
+                let x = before_placeholder(t);
+                if x.starts_with(&c.device_san_prefix) || c.device_san_prefix.starts_with(x) {
+                    return Err(invalid(
+                        c.profile.field(name, f),
+                        format!(
+                            "{t:?} can issue a URI under device_san_prefix {:?}: routes would read it as the device",
+                            c.device_san_prefix
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(m) = c.metrics_listen
             && !m.ip().is_loopback()
         {
@@ -531,9 +548,54 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
         ));
     }
     if let Some(t) = &p.user_uri {
-        let sample = t.replace("{local}", "user");
+        // Every user a name of their own: without `{local}` all users get
+        // one URI; with several domains, `alice@` of each would too.
+        if !t.contains("{local}") {
+            return Err((
+                field("user_uri"),
+                format!("{t:?} has no {{local}}: every user would get the same name"),
+            ));
+        }
+        if p.email_domains.len() > 1 && !t.contains("{domain}") {
+            return Err((
+                field("user_uri"),
+                format!(
+                    "{t:?} has no {{domain}}, but email_domains lists {}: alice@ of each domain would get the same name (\"spiffe://example.internal/user/{{domain}}/{{local}}\")",
+                    p.email_domains.len()
+                ),
+            ));
+        }
+        if t.contains("{domain}") {
+            for d in &p.email_domains {
+                let d = d.trim_end_matches('.');
+                let segment = !d.is_empty()
+                    && !d.starts_with('.')
+                    && d.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'));
+                if !segment {
+                    return Err((
+                        field("email_domains"),
+                        format!("{d:?}: a domain user_uri names ({{domain}}) must be one DNS name ([A-Za-z0-9.-])"),
+                    ));
+                }
+            }
+        }
+        let sample = t
+            .replace("{local}", "user")
+            .replace("{domain}", "example.com");
         crate::spiffe::SpiffeId::parse(&sample)
             .map_err(|e| (field("user_uri"), format!("{t:?}: {e}")))?;
+        if let Some(g) = &p.group_uri {
+            let (xu, xg) = (before_placeholder(t), before_placeholder(g));
+            if xu.starts_with(xg) || xg.starts_with(xu) {
+                return Err((
+                    field("group_uri"),
+                    format!(
+                        "{g:?} and user_uri {t:?} can issue the same URI, or one under the other: a user named like a group would pass the group's routes; give groups a path of their own"
+                    ),
+                ));
+            }
+        }
     }
     match (&p.group_uri, p.groups.is_empty()) {
         (Some(t), false) => {
@@ -634,8 +696,8 @@ fn uri_templates(p: &Profile) -> impl Iterator<Item = (&'static str, &str)> {
         .filter_map(|(f, t)| t.as_deref().map(|t| (f, t)))
 }
 
-/// A template's fixed text before its placeholder (all of it without one):
-/// `{` is no SPIFFE ID character, so the first is the placeholder's.
+/// A template's fixed text before its first placeholder (all of it without
+/// one): `{` is no SPIFFE ID character, so the first is a placeholder's.
 fn before_placeholder(t: &str) -> &str {
     t.split('{').next().unwrap_or(t)
 }
@@ -856,7 +918,6 @@ email_domains = ["example.internal"]
                 "spiffe://example.internal/user/kiosk/{local}",
                 "under default's prefix",
             ),
-            ("spiffe://example.internal/user/kiosk", "one of default's"),
         ] {
             let text = kiosk(&format!("email_san = false\nuser_uri = \"{uri}\""));
             let e = parse(&text).unwrap_err().to_string();
@@ -869,6 +930,16 @@ email_domains = ["example.internal"]
                 "{why}: {e}"
             );
         }
+        // A user URI without `{local}` names every user alike (S4-5).
+        let e = parse(&kiosk(
+            "email_san = false\nuser_uri = \"spiffe://example.internal/kiosk/user\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("profile.kiosk.user_uri") && e.contains("has no {local}"),
+            "{e}"
+        );
         // Groups are names too, against users' and groups' of others.
         let group = |t: &str| {
             kiosk(&format!(

@@ -378,7 +378,7 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
     }
     let mut sans = vec![format!("email:{local}@{domain}")];
     if let Some(t) = &profile.user_uri {
-        let uri = t.replace("{local}", local);
+        let uri = t.replace("{local}", local).replace("{domain}", &domain);
         crate::spiffe::SpiffeId::parse(&uri).map_err(|_| not_mapped())?;
         sans.push(uri);
     }

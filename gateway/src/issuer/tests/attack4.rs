@@ -427,103 +427,85 @@ fn s4_4_the_gateway_and_the_issuer_run_as_one_user_that_owns_the_sso_ca_key() {
     );
 }
 
-/// S4-5: S3-1 keeps two profiles' names apart, but not a profile's names
-/// from each other or from devices: the config loads with
+/// S4-5: S3-1 kept two profiles' names apart, but not a profile's names
+/// from each other or from devices: the config loaded with
 ///
 /// - `user_uri` and `group_uri` on one path: a user whose mailbox is
-///   named as a listed group (`sre@`, a shared or newly made account) gets
-///   the group's URI without being in the group;
+///   named as a listed group (`sre@`, a shared or newly made account) got
+///   the group's URI without being in the group (measured: `sre@`, in no
+///   group, passed the route `spiffe://example.internal/id/sre`);
 /// - `user_uri` under `device_san_prefix`: the user's URI comes before
 ///   the device's in the certificate, so routes (`device.san_prefix`,
-///   `Identity::device`, the first URI under it) take the user's name for
-///   the device: `laptop-7@` on another device passes as laptop-7;
-/// - `user_uri` without `{local}`: every user gets the same URI.
+///   `Identity::device`, the first URI under it) took the user's name for
+///   the device (measured: `laptop-7@` signing in on laptop-8 was read as
+///   laptop-7 and passed laptop-7's device route);
+/// - `user_uri` without `{local}`: every user got the same URI.
 ///
-/// Control: the same pair of templates across two profiles is refused.
-#[tokio::test]
-async fn s4_5_a_profiles_own_names_collide_with_its_groups_and_with_devices() {
-    let groups_on_users = r#"
-[profile]
-require_amr = ["mfa", "otp"]
-email_domains = ["example.internal"]
-user_uri = "spiffe://example.internal/id/{local}"
-group_uri = "spiffe://example.internal/id/{group}"
-groups = ["sre"]
-"#;
+/// Fixed: each of these configs is refused when it loads, naming the
+/// field and why. Control: the same pair of templates across two profiles
+/// was already refused; a profile with its own paths loads.
+#[test]
+fn s4_5_a_profiles_own_names_collide_with_its_groups_and_with_devices() {
+    let parse = |profile: &str| {
+        IssuerConfig::parse(
+            &format!("{ISS_LINE}{profile}"),
+            Path::new("issuer.toml"),
+            Path::new("/tmp"),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
     // Control: across two profiles the same templates are refused.
-    let two = format!(
-        "{ISS_LINE}[profile.default]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/id/{{local}}\"\n[profile.sre]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/sre/user/{{local}}\"\ngroup_uri = \"spiffe://example.internal/id/{{group}}\"\ngroups = [\"sre\"]\n"
-    );
-    let e = IssuerConfig::parse(&two, Path::new("issuer.toml"), Path::new("/tmp"))
-        .unwrap_err()
-        .to_string();
+    let e = parse(
+        "[profile.default]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/id/{local}\"\n[profile.sre]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nemail_san = false\nuser_uri = \"spiffe://example.internal/sre/user/{local}\"\ngroup_uri = \"spiffe://example.internal/id/{group}\"\ngroups = [\"sre\"]\n",
+    )
+    .unwrap_err();
     assert!(e.contains("can issue the same URI"), "control: {e}");
+    // Control: users and groups on paths of their own load.
+    parse(
+        "[profile]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/user/{local}\"\ngroup_uri = \"spiffe://example.internal/group/{group}\"\ngroups = [\"sre\"]\n",
+    )
+    .unwrap();
 
-    let s = setup_profiles(groups_on_users);
-    let sre_route = route("spiffe://example.internal/id/sre");
-    // Control: a member of sre passes, a non-member alice does not.
-    let member = s
-        .issuer
-        .issue(
-            Some(&device(LAPTOP)),
-            request(s.token(|c| c["groups"] = json!(["sre"]))),
-        )
-        .await
-        .unwrap();
-    assert!(admitted(&sre_route, &leaf_identity(&member)), "control");
-    let alice = s
-        .issuer
-        .issue(Some(&device(LAPTOP)), request(s.token(|_| {})))
-        .await
-        .unwrap();
-    assert!(!admitted(&sre_route, &leaf_identity(&alice)), "control");
-    // HARM: the mailbox sre@, in no group, passes the group's route.
-    let mailbox = s
-        .issuer
-        .issue(
-            Some(&device(LAPTOP)),
-            request(s.token(|c| {
-                c["email"] = json!("sre@example.internal");
-                c["sub"] = json!("u-sre");
-            })),
-        )
-        .await
-        .unwrap();
-    let id = leaf_identity(&mailbox);
-    assert!(admitted(&sre_route, &id), "{id:?}");
-
-    // The user's URI under the device prefix.
-    let s = setup_profiles(
-        "[profile]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/device/{local}\"\n",
+    // Users and groups on one path: refused.
+    let e = parse(
+        "[profile]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/id/{local}\"\ngroup_uri = \"spiffe://example.internal/id/{group}\"\ngroups = [\"sre\"]\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("profile.group_uri") && e.contains("a user named like a group"),
+        "{e}"
     );
-    let laptop7 = s
-        .issuer
-        .issue(
-            Some(&device(OTHER_LAPTOP)),
-            request({
-                let nonce = s.issuer.nonce(Some(&device(OTHER_LAPTOP))).unwrap();
-                let mut c = claims(&nonce);
-                c["email"] = json!("laptop-7@example.internal");
-                c["sub"] = json!("u-l7");
-                token(&s.key, &c)
-            }),
-        )
-        .await
-        .unwrap();
-    let id = leaf_identity(&laptop7);
-    assert_eq!(
-        id.device(PREFIX),
-        Some(LAPTOP),
-        "issued on laptop-8, read as laptop-7: {id:?}"
+    // A user's URI under the device prefix, or the prefix under it: refused.
+    for uri in [
+        "spiffe://example.internal/device/{local}",
+        "spiffe://example.internal/device/u/{local}",
+        "spiffe://example.internal/{local}",
+    ] {
+        let e = parse(&format!(
+            "[profile]\nemail_domains = [\"example.internal\"]\nuser_uri = \"{uri}\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("profile.user_uri") && e.contains("routes would read it as the device"),
+            "{uri}: {e}"
+        );
+    }
+    // A group's too.
+    let e = parse(
+        "[profile]\nemail_domains = [\"example.internal\"]\ngroup_uri = \"spiffe://example.internal/device/{group}\"\ngroups = [\"sre\"]\n",
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("profile.group_uri") && e.contains("as the device"),
+        "{e}"
     );
-    assert!(admitted(&route(LAPTOP), &id), "laptop-7's device route");
-
-    // Every user one URI.
-    let one = format!(
-        "{ISS_LINE}[profile]\nrequire_amr = [\"mfa\"]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/user/alice\"\n"
-    );
-    IssuerConfig::parse(&one, Path::new("issuer.toml"), Path::new("/tmp"))
-        .expect("a user_uri without {local} loads");
+    // Every user one URI: refused.
+    let e = parse(
+        "[profile]\nemail_domains = [\"example.internal\"]\nuser_uri = \"spiffe://example.internal/user/alice\"\n",
+    )
+    .unwrap_err();
+    assert!(e.contains("has no {local}"), "{e}");
 }
 
 /// The head of an issuer.toml (as tests.rs's `setup_profiles` writes it).
@@ -539,32 +521,43 @@ issuer = "https://login.example.com"
 client_id = "gateway"
 "#;
 
-/// S4-6: `user_uri` names a user by the email's local part alone
+/// S4-6: `user_uri` named a user by the email's local part alone
 /// (`{local}`), and `email_domains` may list several domains, so
-/// `alice@partner.example` and `alice@example.internal` get one user URI:
+/// `alice@partner.example` and `alice@example.internal` got one user URI:
 /// the routes docs/sso.md writes for alice
-/// (`spiffe://example.internal/user/alice`) admit whoever the provider
+/// (`spiffe://example.internal/user/alice`) admitted whoever the provider
 /// vouches for as `alice@` in any listed domain (a contractors' or an
 /// acquired company's domain, where the attacker may choose or be given
-/// the name). Under a profile with `email_san = false` the URI is the
-/// certificate's only user name, so no route can tell the two apart.
-/// docs/sso.md: "a verified email in email_domains whose local part is
-/// plain …, so the email and the user URI name one person one way". The
-/// config loads without a word. Control: `bob@partner.example` does not
-/// pass alice's route, and alice's own certificate does.
+/// the name). Measured: under both profiles the partner's alice passed
+/// alice's route, and under `email_san = false` her names were alice's.
+///
+/// Fixed: with several domains `user_uri` must name the domain too
+/// (`{domain}`), or the config does not load; with it, each domain's alice
+/// has a URI of her own. Control: `bob@partner.example` does not pass
+/// alice's route, and alice's own certificate does.
 #[tokio::test]
 async fn s4_6_one_local_part_in_two_email_domains_is_one_user_uri() {
+    let loose = format!(
+        "{ISS_LINE}[profile]\nemail_domains = [\"example.internal\", \"partner.example\"]\nuser_uri = \"spiffe://example.internal/user/{{local}}\"\n"
+    );
+    let e = IssuerConfig::parse(&loose, Path::new("issuer.toml"), Path::new("/tmp"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("profile.user_uri") && e.contains("has no {domain}"),
+        "{e}"
+    );
     let s = setup_profiles(
         r#"
 [profile.default]
 require_amr = ["mfa", "otp"]
 email_domains = ["example.internal", "partner.example"]
-user_uri = "spiffe://example.internal/user/{local}"
+user_uri = "spiffe://example.internal/user/{domain}/{local}"
 [profile.kiosk]
 require_amr = ["mfa", "otp"]
 email_domains = ["example.internal", "partner.example"]
 email_san = false
-user_uri = "spiffe://example.internal/kiosk/user/{local}"
+user_uri = "spiffe://example.internal/kiosk/user/{domain}/{local}"
 [limits]
 per_device = { burst = 50, per_hour = 50 }
 "#,
@@ -590,21 +583,31 @@ per_device = { burst = 50, per_hour = 50 }
         }
     };
     for (profile, alices) in [
-        ("default", "spiffe://example.internal/user/alice"),
-        ("kiosk", "spiffe://example.internal/kiosk/user/alice"),
+        (
+            "default",
+            "spiffe://example.internal/user/example.internal/alice",
+        ),
+        (
+            "kiosk",
+            "spiffe://example.internal/kiosk/user/example.internal/alice",
+        ),
     ] {
         let alices_route = route(alices);
         let alice = sign_in("alice@example.internal", "u-alice", profile).await;
         assert!(admitted(&alices_route, &alice), "control: {profile}");
         let bob = sign_in("bob@partner.example", "u-bob", profile).await;
         assert!(!admitted(&alices_route, &bob), "control: {profile}");
-        // HARM: the partner's alice is alice.
+        // The partner's alice is not alice.
         let other = sign_in("alice@partner.example", "u-partner-alice", profile).await;
-        assert!(admitted(&alices_route, &other), "{profile}: {other:?}");
-        if profile == "kiosk" {
-            assert!(other.emails.is_empty(), "nothing else names her");
-            assert_eq!(other.uris, alice.uris, "the same names as alice's");
-        }
+        assert!(!admitted(&alices_route, &other), "{profile}: {other:?}");
+        assert_ne!(other.uris, alice.uris, "{profile}");
+        assert!(
+            other
+                .uris
+                .iter()
+                .any(|u| u.ends_with("/user/partner.example/alice")),
+            "{other:?}"
+        );
     }
 }
 
