@@ -506,9 +506,19 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     )
     .await?;
     // A refresh token from an earlier sign-in continues that one; this
-    // sign-in's (or none) replaces it.
+    // sign-in's (or none) replaces it. Only one the issuer will renew
+    // with is kept: a device-grant sign-in without a nonce is remembered
+    // by no issuer, and its refresh token would be only a secret to steal.
     match tokens.refresh_token {
-        Some(t) if info.refresh => store_refresh(&args.out, &info, args.profile.as_deref(), &t)?,
+        Some(t) if info.refresh && answer.renewable != Some(false) => {
+            store_refresh(&args.out, &info, args.profile.as_deref(), &t)?;
+        }
+        Some(_) if info.refresh => {
+            tracing::warn!(
+                "the issuer cannot renew this sign-in without you (its ID token named no sign-in it remembers, as the device flow's often do): the provider's refresh token is not kept; `gateway login --renew` signs in again"
+            );
+            remove_refresh(&args.out)?;
+        }
         _ => remove_refresh(&args.out)?,
     }
     Ok(Outcome::Issued(answer))
@@ -656,22 +666,23 @@ async fn device_grant(
             )
         })?;
     let scope = scopes(info);
-    let max_age = info.max_age.map(|a| a.to_string());
     let (status, body) = http::request(
         to_provider,
         Method::POST,
         &endpoint,
         Some("application/x-www-form-urlencoded"),
         http::form(&{
-            let mut p = vec![
+            // `max_age=0`: the user authenticates for this sign-in, not
+            // by a provider session from before. The issuer takes a token
+            // without a nonce (most providers' device grant) only with an
+            // `auth_time` just before its `iat`: a refreshed token keeps
+            // its sign-in's, and is refused so.
+            vec![
                 ("client_id", info.client_id.as_str()),
                 ("scope", scope.as_str()),
                 ("nonce", nonce),
-            ];
-            if let Some(a) = &max_age {
-                p.push(("max_age", a.as_str()));
-            }
-            p
+                ("max_age", "0"),
+            ]
         }),
     )
     .await?;

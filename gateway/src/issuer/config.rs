@@ -575,7 +575,9 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
                 if !segment {
                     return Err((
                         field("email_domains"),
-                        format!("{d:?}: a domain user_uri names ({{domain}}) must be one DNS name ([A-Za-z0-9.-])"),
+                        format!(
+                            "{d:?}: a domain user_uri names ({{domain}}) must be one DNS name ([A-Za-z0-9.-])"
+                        ),
                     ));
                 }
             }

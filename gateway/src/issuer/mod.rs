@@ -61,6 +61,12 @@ pub enum Refusal {
         age: Option<Duration>,
         max: Duration,
     },
+    /// A nonce-less ID token (the device grant's) that the user did not
+    /// authenticate for just now: a refreshed token looks the same.
+    #[error(
+        "an ID token without a nonce is taken only from a sign-in the user just authenticated for (device grant), and {0}: sign in again with the device flow"
+    )]
+    NotFreshSignIn(String),
     #[error("ID token has no verified email (email_verified must be true)")]
     NoVerifiedEmail,
     #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
@@ -109,6 +115,7 @@ impl Refusal {
             Refusal::Nonce(_) => "nonce",
             Refusal::NoMfa { .. } => "no_mfa",
             Refusal::AuthTooOld { .. } => "auth_too_old",
+            Refusal::NotFreshSignIn(_) => "not_fresh_sign_in",
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
@@ -208,6 +215,12 @@ pub struct CertificateResponse {
     /// The profile it was signed under (also its subject's OU).
     #[serde(default)]
     pub profile: String,
+    /// Whether refreshed ID tokens may continue this sign-in
+    /// (`POST /v1/renewal`): the profile renews so, and the sign-in was
+    /// remembered (it carried this issuer's nonce). `gateway login` keeps
+    /// a refresh token only then. Absent from older issuers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewable: Option<bool>,
 }
 
 /// One profile's issuances and refusals.
@@ -390,6 +403,31 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
         }
     }
     Ok(sans)
+}
+
+/// A nonce-less ID token names no sign-in of this issuer, so on its own it
+/// cannot be told from a refreshed one (a provider that leaves the nonce
+/// out of refreshed tokens, or a refresh token of a device-grant sign-in):
+/// taken as a sign-in, a stolen refresh token would sign its thief in on
+/// any enrolled device, under any device-grant profile, after restarts.
+/// A refreshed token keeps the original `auth_time` (OIDC Core §12.2); a
+/// device-grant sign-in's is when the user authenticated for it
+/// (`gateway login --device-flow` asks `max_age=0`), minutes before the
+/// token's `iat` at most. So the token must carry `auth_time`, no more
+/// than `max_token_age` (and the leeway) before its `iat`.
+fn fresh_sign_in(claims: &Claims, within: Duration, leeway: Duration) -> Result<u64, Refusal> {
+    let Some(auth_time) = claims.auth_time else {
+        return Err(Refusal::NotFreshSignIn(
+            "this one has no auth_time to tell when".into(),
+        ));
+    };
+    let before = claims.iat.saturating_sub(auth_time);
+    if before > within.as_secs().saturating_add(leeway.as_secs()) {
+        return Err(Refusal::NotFreshSignIn(format!(
+            "this one's user authenticated {before} s before it was issued (more than max_token_age {within:?}): a refreshed token, or a provider session reused"
+        )));
+    }
+    Ok(auth_time)
 }
 
 /// The profile `asked` names in `config` (none: `default`), or why not.
@@ -723,7 +761,17 @@ impl Issuer {
                 auth_time = Some(auth_time.map_or(signed_in, |t| t.min(signed_in)));
                 self.used.first_use(&req.id_token)?;
             }
-            (Grant::SignIn, None) if profile.device_grant => self.used.first_use(&req.id_token)?,
+            (Grant::SignIn, None) if profile.device_grant => {
+                let at = fresh_sign_in(&claims, config.oidc.max_token_age, config.oidc.leeway)?;
+                // Within those minutes: a refresh of a sign-in this issuer
+                // took (with its nonce) keeps that sign-in's `auth_time`.
+                if self.sign_ins.remembers(&claims.sub, at) {
+                    return Err(Refusal::NotFreshSignIn(
+                        "this one continues a sign-in this issuer took with a nonce: a refreshed token".into(),
+                    ));
+                }
+                self.used.first_use(&req.id_token)?;
+            }
             (Grant::SignIn, nonce) => {
                 self.nonces.consume(nonce, device)?;
                 if profile.refresh {
@@ -813,6 +861,7 @@ impl Issuer {
         // A sign-in that issued may be continued by refreshed tokens from
         // this device, while `max_auth_age` allows (checked again on each,
         // against this sign-in's `auth_time`): held until then, no longer.
+        let mut renewable = grant == Grant::Refresh;
         if profile.refresh
             && grant == Grant::SignIn
             && let (Some(nonce), Some(max), Some(auth_time)) = (
@@ -826,7 +875,7 @@ impl Issuer {
                 .saturating_add(config.oidc.leeway.as_secs());
             let left =
                 Duration::from_secs(until.saturating_sub(jsonwebtoken::get_current_timestamp()));
-            self.sign_ins.record(
+            renewable = self.sign_ins.record(
                 nonce,
                 device,
                 &claims.sub,
@@ -849,6 +898,7 @@ impl Issuer {
             not_after: entry.not_after,
             sans,
             profile: profile_name.to_owned(),
+            renewable: Some(renewable && profile.refresh),
         })
     }
 }

@@ -183,7 +183,8 @@ impl Default for SignIns {
 
 impl SignIns {
     /// Remembers that `device` signed `sub` in with `nonce` under
-    /// `profile`, authenticated at `auth_time`, for `keep`.
+    /// `profile`, authenticated at `auth_time`, for `keep`. False when it
+    /// could not be (full): this sign-in cannot be renewed.
     pub fn record(
         &self,
         nonce: &str,
@@ -192,7 +193,7 @@ impl SignIns {
         profile: &str,
         auth_time: u64,
         keep: Duration,
-    ) {
+    ) -> bool {
         let now = Instant::now();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, e| e.expires > now);
@@ -203,7 +204,7 @@ impl SignIns {
                 target: "gateway::issuer",
                 "{TOTAL} sign-ins held for renewal; this one cannot be refreshed"
             );
-            return;
+            return false;
         }
         map.insert(
             nonce.to_owned(),
@@ -215,6 +216,17 @@ impl SignIns {
                 expires: now + keep,
             },
         );
+        true
+    }
+
+    /// Whether a sign-in of `sub` authenticated at `auth_time` is held: a
+    /// nonce-less token with both is a refresh of it (OIDC Core §12.2: a
+    /// refreshed ID token keeps the sign-in's `auth_time`).
+    pub fn remembers(&self, sub: &str, auth_time: u64) -> bool {
+        let now = Instant::now();
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .any(|e| e.expires > now && e.sub == sub && e.auth_time == auth_time)
     }
 
     /// A refreshed token's `nonce` names a sign-in of `device` and `sub`

@@ -151,8 +151,7 @@ default_lifetime = "1h"
     let e = ask(no_mfa(&s), "default").await.unwrap_err();
     assert_eq!(e.reason(), "no_mfa", "control: {e}");
     let nonceless = |s: &Setup| {
-        let mut c = claims("-");
-        c.as_object_mut().unwrap().remove("nonce");
+        let mut c = device_grant_claims();
         c["amr"] = json!(["pwd"]);
         token(&s.key, &c)
     };

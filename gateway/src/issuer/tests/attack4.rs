@@ -53,36 +53,32 @@ fn nonceless_refresh(s: &Setup, auth_time: u64, n: u64) -> String {
     token(&s.key, &c)
 }
 
-/// S4-1: S3-2's fix refuses a nonce-less refreshed ID token at `POST
-/// /v1/renewal`, but the same token is taken at `POST /v1/certificate`
-/// under any profile with `device_grant = true`: the issuer cannot tell a
-/// refreshed token from a device-grant sign-in's (both lack the nonce),
-/// and that path binds it to no device, no sign-in and no profile. So the
-/// thief of alice's refresh token trades it at the provider and signs in
-/// on their own enrolled device, as often as the refresh token lasts:
+/// S4-1: S3-2's fix refused a nonce-less refreshed ID token at `POST
+/// /v1/renewal`, but the same token was taken at `POST /v1/certificate`
+/// under any profile with `device_grant = true`: the issuer could not tell
+/// a refreshed token from a device-grant sign-in's (both lack the nonce),
+/// and that path bound it to no device, no sign-in and no profile. So the
+/// thief of alice's refresh token traded it at the provider and signed in
+/// on their own enrolled device, as often as the refresh token lasted.
+/// Measured: in S3-2's own config (`default` with `device_grant` and
+/// `device_grant_refresh`) the thief got `default`'s certificate naming
+/// alice, four times; with a `headless` profile (`device_grant`, no
+/// `refresh`) beside a `default` that renews, a day-old sign-in's refresh
+/// token signed in under `headless`, after a restart too.
 ///
-/// - in S3-2's own config (`default` with `device_grant` and
-///   `device_grant_refresh`, for headless machines that renew), the thief
-///   gets `default`'s certificate naming alice (her email), which alice's
-///   route admits;
-/// - with a `headless` profile that has `device_grant` and no `refresh`
-///   (what S3-4's error message tells the operator to make), the refresh
-///   token of alice's browser sign-in under `default` signs in under
-///   `headless` long after `default`'s `max_auth_age` (a profile without
-///   `refresh` need not have one), and after an issuer restart.
-///
-/// docs/sso.md: a copied refresh token yields "ID tokens that another
-/// device cannot use", continues its sign-in "under the same profile
-/// only", and a nonce-less refreshed token "is refused too … whatever the
-/// profile's device_grant: otherwise it would renew on any enrolled
-/// device, under any profile, after a restart". Controls: the same tokens
-/// at `/v1/renewal` are refused (S3-2), and at `/v1/certificate` under a
-/// profile without `device_grant` (nonce missing).
+/// Fixed: a nonce-less token is a sign-in's only with an `auth_time` at
+/// most `max_token_age` before its `iat` (a refreshed token keeps its
+/// sign-in's; `gateway login --device-flow` asks `max_age=0`), and not
+/// one of a sign-in this issuer remembers (same `sub` and `auth_time`).
+/// Residual, pinned below: a refresh within `max_token_age` of a sign-in
+/// this issuer does not remember (it restarted since) is taken.
+/// Controls: the same tokens at `/v1/renewal` are refused (S3-2), at
+/// `/v1/certificate` under a profile without `device_grant` (nonce
+/// missing), and a device-grant sign-in's own token is issued.
 #[tokio::test]
 async fn s4_1_a_nonceless_refreshed_token_signs_in_on_the_thiefs_device_under_a_device_grant_profile()
  {
     let limits = "[limits]\nper_device = { burst = 50, per_hour = 50 }\nper_user = { burst = 50, per_hour = 50 }\n";
-    let thief = device(OTHER_LAPTOP);
     async fn at(
         s: &Setup,
         t: String,
@@ -98,12 +94,24 @@ async fn s4_1_a_nonceless_refreshed_token_signs_in_on_the_thiefs_device_under_a_
             )
             .await
     }
+    let refused_as_refresh = |e: &Refusal| e.reason() == "not_fresh_sign_in";
 
-    // 1. S3-2's own config.
-    let s = setup_profiles(&format!(
+    // 1. S3-2's own config. alice signs in on her laptop a minute ago,
+    // with the nonce: remembered for renewal.
+    let one = format!(
         "[profile.default]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\nrefresh = true\nmax_auth_age = \"1h\"\ndevice_grant = true\ndevice_grant_refresh = true\n{limits}"
-    ));
+    );
+    let s = setup_profiles(&one);
     let signed_in = now() - 60;
+    let hers = s
+        .issuer
+        .issue(
+            Some(&device(LAPTOP)),
+            request(s.token(|c| c["auth_time"] = json!(signed_in))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hers.renewable, Some(true), "her sign-in renews");
     // Control (S3-2): /v1/renewal refuses it on the thief's device.
     let e = at(
         &s,
@@ -117,31 +125,41 @@ async fn s4_1_a_nonceless_refreshed_token_signs_in_on_the_thiefs_device_under_a_
         matches!(e, Refusal::Nonce(NonceError::RefreshWithoutNonce)),
         "control: {e}"
     );
-    // HARM: /v1/certificate takes the next one.
-    let answer = at(
-        &s,
-        nonceless_refresh(&s, signed_in, 2),
-        Grant::SignIn,
-        "default",
-    )
-    .await
-    .expect("the thief's device signs alice in with her refreshed token");
-    let id = leaf_identity(&answer);
-    assert_eq!(id.emails, vec!["alice@example.internal"]);
-    assert_eq!(id.device(PREFIX), Some(OTHER_LAPTOP));
-    assert!(admitted(&route("email:alice@example.internal"), &id));
-    // And again with each refresh: not once, as the documented device-code
-    // phish (S3-4's residual) is.
-    for n in 3..6 {
-        at(
+    // /v1/certificate refuses it too, and every refresh after it.
+    for n in 2..6 {
+        let e = at(
             &s,
             nonceless_refresh(&s, signed_in, n),
             Grant::SignIn,
             "default",
         )
         .await
-        .expect("each refresh, another certificate");
+        .unwrap_err();
+        assert!(refused_as_refresh(&e), "{e}");
+        assert!(e.to_string().contains("continues a sign-in"), "{e}");
     }
+    // Control: a device-grant sign-in's own token is issued, and is not
+    // renewable (it named no sign-in), so login keeps no refresh token.
+    let own = at(
+        &s,
+        token(&s.key, &super::device_grant_claims()),
+        Grant::SignIn,
+        "default",
+    )
+    .await
+    .unwrap();
+    assert_eq!(own.renewable, Some(false));
+    // Residual: restarted within `max_token_age` of her sign-in, the
+    // issuer remembers it no more, and takes the thief's refresh once.
+    let restarted = setup_profiles(&one);
+    at(
+        &restarted,
+        nonceless_refresh(&restarted, signed_in, 6),
+        Grant::SignIn,
+        "default",
+    )
+    .await
+    .expect("residual: a refresh within max_token_age of a sign-in forgotten");
 
     // 2. `headless` (device_grant, no refresh, no max_auth_age) beside a
     // `default` that renews.
@@ -185,35 +203,42 @@ device_grant = true
         matches!(e, Refusal::Nonce(NonceError::Missing)),
         "control: {e}"
     );
-    let answer = at(
+    let e = at(
         &s,
         nonceless_refresh(&s, a_day_ago, 3),
         Grant::SignIn,
         "headless",
     )
     .await
-    .expect("a day-old sign-in's refresh token signs in under headless");
-    let id = leaf_identity(&answer);
-    assert_eq!(answer.profile, "headless");
-    assert_eq!(
-        id.uris,
-        vec![
-            "spiffe://example.internal/headless/user/alice",
-            OTHER_LAPTOP
-        ]
-    );
-    // After a restart too: nothing of the sign-in is needed.
+    .unwrap_err();
+    assert!(refused_as_refresh(&e), "{e}");
+    // After a restart too: the age alone refuses it.
     let restarted = setup_profiles(&profiles);
-    restarted
-        .issuer
-        .issue_as(
-            Some(&thief),
-            request(nonceless_refresh(&restarted, a_day_ago, 4)),
-            Grant::SignIn,
-            Some("headless"),
-        )
+    let e = at(
+        &restarted,
+        nonceless_refresh(&restarted, a_day_ago, 4),
+        Grant::SignIn,
+        "headless",
+    )
+    .await
+    .unwrap_err();
+    assert!(refused_as_refresh(&e), "{e}");
+    // And without an auth_time, a nonce-less token says nothing of when.
+    let mut c = claims("-");
+    c.as_object_mut().unwrap().remove("nonce");
+    let e = at(&s, token(&s.key, &c), Grant::SignIn, "headless")
         .await
-        .expect("after a restart");
+        .unwrap_err();
+    assert!(e.to_string().contains("no auth_time"), "{e}");
+    // Control: headless's own device-grant sign-in is issued.
+    at(
+        &s,
+        token(&s.key, &super::device_grant_claims()),
+        Grant::SignIn,
+        "headless",
+    )
+    .await
+    .unwrap();
 }
 
 /// S4-2: `gateway pki` run as root in a store another user owns (docs/sso.md:
