@@ -126,6 +126,16 @@ fn the_package_installs_and_its_config_checks() {
     assert!(user.ends_with(":/nonexistent:/usr/sbin/nologin"), "{user}");
     let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
     assert!(uid < 1000, "a system user: {user}");
+    // The issuer's own user, apart from the gateway's (the SSO CA's key).
+    let issuer_user = passwd
+        .lines()
+        .find(|l| l.starts_with("gateway-issuer:"))
+        .unwrap_or_else(|| panic!("postinst made no gateway-issuer user:\n{passwd}"));
+    assert!(
+        issuer_user.ends_with(":/nonexistent:/usr/sbin/nologin"),
+        "{issuer_user}"
+    );
+    assert_ne!(issuer_user.split(':').nth(2), user.split(':').nth(2));
     let host = std::fs::read_to_string("/etc/passwd").unwrap();
     assert!(
         !host.lines().any(|l| l == user),

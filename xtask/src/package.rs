@@ -11,8 +11,9 @@
 //! | `/usr/share/bash-completion/completions/gateway`, `/usr/share/zsh/vendor-completions/_gateway`, `/usr/share/fish/vendor_completions.d/gateway.fish` | `gateway completions …` |
 //! | `/usr/share/doc/gateway/` | README.md, copyright |
 //!
-//! `postinst` creates the `gateway` system user (`useradd --prefix
-//! $DPKG_ROOT`, so an install into another root leaves this host alone).
+//! `postinst` creates the `gateway` and `gateway-issuer` system users
+//! (`useradd --prefix $DPKG_ROOT`, so an install into another root leaves
+//! this host alone).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -417,15 +417,20 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
     );
 }
 
-/// S4-4: the Debian package runs the gateway (every route's TLS, facing
+/// S4-4: the Debian package ran the gateway (every route's TLS, facing
 /// the network) and the issuer as one user, `gateway`, and the issuer's
 /// unit keeps the SSO CA in /var/lib/gateway-issuer (intermediate.key
-/// 0600, that user's). `ProtectSystem=strict` in gateway.service leaves
-/// /var/lib readable, and nothing there hides the issuer's state
-/// directory: code running in the gateway (or a way to make it read a
-/// file) holds the key that signs every user certificate every route
-/// trusts, and can plant links in the store (S4-2). Control: the issuer
-/// checks the key is 0600, which the shared user passes.
+/// 0600, that user's). `ProtectSystem=strict` in gateway.service left
+/// /var/lib readable, and nothing hid the issuer's state directory: code
+/// running in the gateway (or a way to make it read a file) held the key
+/// that signs every user certificate every route trusts, and could plant
+/// links in the store (S4-2). Measured: both units `User=gateway`, no
+/// `InaccessiblePaths` in gateway.service.
+///
+/// Fixed: the issuer runs as `gateway-issuer` (postinst makes it;
+/// tests/tests/package.rs checks), and gateway.service makes
+/// /var/lib/gateway-issuer inaccessible. Control: the gateway's unit still
+/// runs as `gateway`, read-only to the file system.
 #[test]
 fn s4_4_the_gateway_and_the_issuer_run_as_one_user_that_owns_the_sso_ca_key() {
     let unit = |text: &str, key: &str| -> Vec<String> {
@@ -436,19 +441,20 @@ fn s4_4_the_gateway_and_the_issuer_run_as_one_user_that_owns_the_sso_ca_key() {
     };
     let gateway = include_str!("../../../../examples/gateway.service");
     let issuer = include_str!("../../../../examples/gateway-issuer.service");
-    assert_eq!(unit(gateway, "User"), vec!["gateway"]);
-    assert_eq!(unit(issuer, "User"), vec!["gateway"], "one user for both");
+    assert_eq!(unit(gateway, "User"), vec!["gateway"], "control");
+    assert_eq!(unit(issuer, "User"), vec!["gateway-issuer"]);
+    assert_eq!(unit(issuer, "Group"), vec!["gateway-issuer"]);
     assert_eq!(unit(issuer, "StateDirectory"), vec!["gateway-issuer"]);
-    assert!(
-        unit(gateway, "InaccessiblePaths").is_empty()
-            && unit(gateway, "TemporaryFileSystem").is_empty()
-            && unit(gateway, "DynamicUser").is_empty(),
-        "nothing hides /var/lib/gateway-issuer from the gateway"
-    );
     assert_eq!(
-        unit(gateway, "ProtectSystem"),
-        vec!["strict"],
-        "read-only, not hidden"
+        unit(gateway, "InaccessiblePaths"),
+        vec!["-/var/lib/gateway-issuer"],
+        "the issuer's state is hidden from the gateway"
+    );
+    assert_eq!(unit(gateway, "ProtectSystem"), vec!["strict"], "control");
+    let postinst = include_str!("../../../../packaging/deb/postinst");
+    assert!(
+        postinst.contains("gateway-issuer"),
+        "postinst makes the user"
     );
 }
 
