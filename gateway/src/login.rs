@@ -48,6 +48,11 @@ pub enum LoginError {
         "renewal refused: {0}; the refresh token is removed: sign in again with `gateway login`"
     )]
     Renewal(String),
+    /// The renewal did not happen for a reason that says nothing about the
+    /// refresh token (the provider down or busy, an answer that does not
+    /// parse): the token stays for the next run (the timer's retry).
+    #[error("renewal not done: {0}; the refresh token is kept for the next try")]
+    RenewalKept(String),
 }
 
 pub struct LoginArgs {
@@ -546,10 +551,12 @@ async fn certificate(
 
 /// `--renew` with the stored refresh token: a fresh ID token from the
 /// provider's token endpoint, no browser, to `POST /v1/renewal`. When the
-/// provider refuses it (the user disabled, the token revoked or expired)
-/// or the issuer does (the sign-in older than `max_auth_age`, the issuer
-/// restarted), the token is removed and the error says to sign in again:
-/// the next run signs in as without one. A network failure keeps it.
+/// provider refuses it for good (the user disabled, the token revoked or
+/// expired: see `refreshed_id_token`) or the issuer does (the sign-in
+/// older than `max_auth_age`, the issuer restarted), the token is removed
+/// and the error says to sign in again: the next run signs in as without
+/// one. A provider not reached, or busy, or answering what does not parse
+/// keeps it (`RenewalKept`), and the error says so.
 async fn renew(
     args: &LoginArgs,
     to_issuer: &Arc<rustls::ClientConfig>,
@@ -558,7 +565,12 @@ async fn renew(
     info: &IssuerInfo,
     stored: StoredRefresh,
 ) -> Result<Outcome, LoginError> {
-    let discovery = http::discover(to_provider, &info.issuer).await?;
+    // The provider not reached, or an answer that does not parse, says
+    // nothing about the token: kept, for the timer's next run.
+    let kept = |e: &dyn std::fmt::Display| LoginError::RenewalKept(format!("the provider: {e}"));
+    let discovery = http::discover(to_provider, &info.issuer)
+        .await
+        .map_err(|e| kept(&e))?;
     let (status, body) = http::request(
         to_provider,
         Method::POST,
@@ -570,9 +582,13 @@ async fn renew(
             ("client_id", &info.client_id),
         ]),
     )
-    .await?;
-    let answer: TokenAnswer = serde_json::from_slice(&body)
-        .map_err(|e| LoginError::Provider(format!("token endpoint ({status}): {e}")))?;
+    .await
+    .map_err(|e| kept(&e))?;
+    let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+        kept(&format!(
+            "the token endpoint's answer ({status}) is not a token response: {e}"
+        ))
+    })?;
     // Rotated: the provider spent the old token (using it again would
     // revoke the whole grant), so the new one is stored before anything
     // else can fail.
@@ -581,10 +597,11 @@ async fn renew(
     }
     let id_token = match refreshed_id_token(answer, status) {
         Ok(t) => t,
-        Err(e) => {
+        Err(e @ LoginError::Renewal(_)) => {
             remove_refresh(&args.out)?;
             return Err(e);
         }
+        Err(e) => return Err(e),
     };
     match certificate(args, to_issuer, url, id_token).await {
         Ok(answer) => Ok(Outcome::Renewed(answer)),
@@ -598,24 +615,56 @@ async fn renew(
     }
 }
 
+/// The OAuth errors (RFC 6749 §5.2) that refuse this refresh token for
+/// good, whenever it is sent again: `invalid_grant` (the token invalid,
+/// expired or revoked: the user disabled, the grant ended), and the
+/// refusals of every refresh token of this client (`invalid_client`: the
+/// provider does not know the client; `unauthorized_client`: the client
+/// may not use the refresh grant; `unsupported_grant_type`: the provider
+/// has none). Anything else (`invalid_request`, `invalid_scope`,
+/// `temporarily_unavailable`, a made-up code) says nothing certain about
+/// the token.
+const REFRESH_REFUSED_FOR_GOOD: &[&str] = &[
+    "invalid_grant",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+];
+
 /// The ID token in the provider's answer to the refresh token, or why
-/// the refresh token cannot renew: the provider refused it, or answered
-/// without an ID token (OIDC Core §12.2 allows that, and the issuer
-/// renews only on a refreshed ID token). Either way it is removed: kept,
-/// each run of the timer would get the same answer and never reach the
-/// sign-in (`--browser`) while the certificate lapses.
+/// not. A definite answer that the token cannot renew is a `Renewal`
+/// error, and the token is removed: a refusal from
+/// `REFRESH_REFUSED_FOR_GOOD` in a 400 or 401 answer (as RFC 6749 §5.2
+/// sends them), or a success without an ID token (OIDC Core §12.2 allows
+/// that, and the issuer renews only on a refreshed ID token); kept, each
+/// run of the timer would get the same answer and never reach the
+/// sign-in (`--browser`) while the certificate lapses. Anything else (a
+/// 5xx or 429 even with an OAuth `error`, another error code, another
+/// status) is `RenewalKept`: deleting the token on a provider's bad
+/// minute would make every user sign in again with a browser.
 fn refreshed_id_token(
     answer: TokenAnswer,
     status: hyper::StatusCode,
 ) -> Result<String, LoginError> {
+    let refusal_status = matches!(status.as_u16(), 400 | 401);
     match (answer.id_token, answer.error) {
-        (Some(t), _) => Ok(t),
-        (None, Some(error)) => Err(LoginError::Renewal(format!(
-            "the provider refused the refresh token ({error}: {})",
-            answer.error_description.unwrap_or_default()
-        ))),
-        (None, None) => Err(LoginError::Renewal(format!(
+        (Some(t), _) if status.is_success() => Ok(t),
+        (None, Some(error))
+            if refusal_status && REFRESH_REFUSED_FOR_GOOD.contains(&error.as_str()) =>
+        {
+            Err(LoginError::Renewal(format!(
+                "the provider refused the refresh token ({error}: {})",
+                answer.error_description.unwrap_or_default()
+            )))
+        }
+        (None, None) if status.is_success() => Err(LoginError::Renewal(format!(
             "the provider answered the refresh token ({status}) without an ID token, and the issuer renews only on one: this provider cannot renew without the user"
+        ))),
+        (_, error) => Err(LoginError::RenewalKept(format!(
+            "the provider answered the refresh token {status}{}, which does not refuse the token for good",
+            error
+                .map(|e| format!(" ({e}: {})", answer.error_description.unwrap_or_default()))
+                .unwrap_or_default()
         ))),
     }
 }
@@ -1167,5 +1216,143 @@ mod attack_tests {
                 "{queued} queued silent connections delayed the redirect {took:?}"
             );
         }
+    }
+}
+
+/// `--renew`: which answers remove the refresh token and which keep it.
+#[cfg(test)]
+mod renewal_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use hyper::StatusCode;
+
+    use super::{LoginError, TokenAnswer, refreshed_id_token};
+
+    fn answer(json: &str) -> TokenAnswer {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// Only a definite refusal of the token (RFC 6749 §5.2's
+    /// `invalid_grant`, or of every refresh token of this client, in a
+    /// 400 or 401) removes it; a provider's 5xx or 429 (even with an
+    /// OAuth `error`, `invalid_grant` included), another error code, or
+    /// an error page keep it, and the error says so and why. Before,
+    /// any answer with an `error` removed it, so a provider's bad minute
+    /// sent every timer-renewed user back to the browser.
+    #[test]
+    fn only_a_definite_refusal_removes_the_refresh_token() {
+        let removed = [
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"invalid_grant","error_description":"gone"}"#,
+            ),
+            (StatusCode::UNAUTHORIZED, r#"{"error":"invalid_client"}"#),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unauthorized_client"}"#,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unsupported_grant_type"}"#,
+            ),
+            (StatusCode::OK, r#"{"access_token":"a"}"#),
+        ];
+        for (status, json) in removed {
+            let e = refreshed_id_token(answer(json), status).unwrap_err();
+            assert!(matches!(e, LoginError::Renewal(_)), "{status} {json}: {e}");
+        }
+        let kept = [
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"temporarily_unavailable","error_description":"maintenance"}"#,
+                "503 Service Unavailable (temporarily_unavailable: maintenance)",
+            ),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"error":"invalid_grant"}"#,
+                "500 Internal Server Error (invalid_grant: )",
+            ),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                r#"{"error":"slow_down"}"#,
+                "429 Too Many Requests (slow_down: )",
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"invalid_request"}"#,
+                "400 Bad Request (invalid_request: )",
+            ),
+            (StatusCode::BAD_GATEWAY, r#"{}"#, "502 Bad Gateway"),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"id_token":"t"}"#,
+                "500 Internal Server Error",
+            ),
+        ];
+        for (status, json, says) in kept {
+            let e = refreshed_id_token(answer(json), status).unwrap_err();
+            assert!(
+                matches!(e, LoginError::RenewalKept(_)),
+                "{status} {json}: {e}"
+            );
+            let e = e.to_string();
+            assert!(
+                e.contains(says) && e.contains("the refresh token is kept for the next try"),
+                "{e}"
+            );
+        }
+    }
+
+    /// A provider that cannot be reached keeps the token, and the error
+    /// says so (it used to be the bare connection error).
+    #[tokio::test]
+    async fn an_unreachable_provider_keeps_the_refresh_token_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let info: super::IssuerInfo = serde_json::from_str(&format!(
+            r#"{{"issuer":"https://127.0.0.1:{port}","client_id":"gateway","scopes":["openid"],"refresh":true}}"#
+        ))
+        .unwrap();
+        super::store_refresh(dir.path(), &info, None, "rt-1").unwrap();
+        let stored = super::read_refresh(dir.path()).unwrap().unwrap();
+        let args = super::LoginArgs {
+            issuer: format!("https://127.0.0.1:{port}"),
+            issuer_ca: None,
+            provider_ca: None,
+            device_cert: dir.path().join("device.pem"),
+            device_key: dir.path().join("device.key"),
+            out: dir.path().to_owned(),
+            lifetime: None,
+            renew_within: Some(std::time::Duration::from_secs(3600)),
+            device_flow: false,
+            open_browser: false,
+            profile: None,
+        };
+        let tls = super::http::client_config(None, None).unwrap();
+        let e = super::renew(
+            &args,
+            &tls,
+            &tls,
+            "https://127.0.0.1:1/v1/renewal",
+            &info,
+            stored,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, LoginError::RenewalKept(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the refresh token is kept for the next try"),
+            "{e}"
+        );
+        assert_eq!(
+            super::read_refresh(dir.path())
+                .unwrap()
+                .unwrap()
+                .refresh_token,
+            "rt-1"
+        );
     }
 }
