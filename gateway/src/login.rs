@@ -34,6 +34,9 @@ pub enum LoginError {
     Refused {
         status: hyper::StatusCode,
         message: String,
+        /// The issuer's `error` (its refusal reason: `refresh_not_allowed`,
+        /// `unknown_profile`, …), when its answer says one.
+        reason: Option<String>,
     },
     #[error("the provider: {0}")]
     Provider(String),
@@ -254,6 +257,9 @@ struct TokenAnswer {
 #[derive(Deserialize)]
 struct IssuerError {
     message: String,
+    /// The reason it is counted under (`gateway_issuer_refused_total`).
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// notAfter of the first certificate in `pem`, seconds since the epoch.
@@ -309,12 +315,14 @@ async fn issuer_call<T: serde::de::DeserializeOwned>(
     };
     let (status, answer) = http::request(tls, method, url, ct, body).await?;
     if !status.is_success() {
-        let why = serde_json::from_slice::<IssuerError>(&answer)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
+        let (message, reason) = match serde_json::from_slice::<IssuerError>(&answer) {
+            Ok(e) => (e.message, e.error),
+            Err(_) => (String::from_utf8_lossy(&answer).into_owned(), None),
+        };
         return Err(LoginError::Refused {
             status,
-            message: why,
+            message,
+            reason,
         });
     }
     http::json(url, status, &answer).map_err(LoginError::from)
@@ -444,34 +452,24 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         args.issuer_ca.as_deref(),
         Some((&args.device_cert, &args.device_key)),
     )?;
-    let info: IssuerInfo = issuer_call(
+    let info: IssuerInfo = match issuer_call(
         &to_issuer,
         &format!("{base}/v1/config{query}"),
         Method::GET,
         None,
     )
-    .await?;
-    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
-    // Renewal without the user: only for `--renew` (a user who runs
-    // `gateway login` is there to sign in), only when the issuer renews
-    // that way, and only with a token from this provider and client.
-    if args.renew_within.is_some()
-        && info.refresh
-        && let Some(stored) = read_refresh(&args.out)?
+    .await
     {
-        if stored.provider == info.issuer
-            && stored.client_id == info.client_id
-            && stored.profile == args.profile
-        {
-            let url = format!("{base}/v1/renewal{query}");
-            return renew(args, &to_issuer, &to_provider, &url, &info, stored).await;
+        Ok(info) => info,
+        Err(e) => {
+            forget_refresh_of_gone_profile(&args.out, args.profile.as_deref(), &e)?;
+            return Err(e);
         }
-        tracing::warn!(
-            provider = %stored.provider,
-            profile = stored.profile.as_deref().unwrap_or("-"),
-            "the stored refresh token is for another provider, client or profile than this login's; removed, signing in"
-        );
-        remove_refresh(&args.out)?;
+    };
+    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
+    if let Some(stored) = usable_refresh(args, &info)? {
+        let url = format!("{base}/v1/renewal{query}");
+        return renew(args, &to_issuer, &to_provider, &url, &info, stored).await;
     }
     let nonce: Nonce = issuer_call(
         &to_issuer,
@@ -517,6 +515,85 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         _ => remove_refresh(&args.out)?,
     }
     Ok(Outcome::Issued(answer))
+}
+
+/// Renewal without the user: only for `--renew` (a user who runs `gateway
+/// login` is there to sign in), only when the issuer renews that way, and
+/// only with a token from this provider and client: the stored refresh
+/// token to renew with, if any. One the issuer's profile can never take
+/// is removed, saying why, and the login signs in (as documented): it
+/// stayed on disk until a sign-in succeeded, a credential kept for
+/// nothing, and for ever when no one came to the browser.
+fn usable_refresh(
+    args: &LoginArgs,
+    info: &IssuerInfo,
+) -> Result<Option<StoredRefresh>, LoginError> {
+    if args.renew_within.is_none() {
+        return Ok(None);
+    }
+    let Some(stored) = read_refresh(&args.out)? else {
+        return Ok(None);
+    };
+    if !info.refresh {
+        if stored.profile == args.profile {
+            remove_refresh(&args.out)?;
+            tracing::warn!(
+                path = %args.out.join(REFRESH_TOKEN).display(),
+                profile = stored.profile.as_deref().unwrap_or("-"),
+                "the issuer's profile no longer renews with refresh tokens (refresh = false): the stored refresh token can never be used again and is removed; signing in"
+            );
+        }
+        return Ok(None);
+    }
+    if stored.provider == info.issuer
+        && stored.client_id == info.client_id
+        && stored.profile == args.profile
+    {
+        return Ok(Some(stored));
+    }
+    tracing::warn!(
+        provider = %stored.provider,
+        profile = stored.profile.as_deref().unwrap_or("-"),
+        "the stored refresh token is for another provider, client or profile than this login's; removed, signing in"
+    );
+    remove_refresh(&args.out)?;
+    Ok(None)
+}
+
+/// The issuer answered that `profile` is not one of its profiles
+/// (`unknown_profile`): a refresh token stored for that profile continues
+/// a sign-in no renewal can take any more, so it is removed, saying so.
+/// Any other error leaves it.
+fn forget_refresh_of_gone_profile(
+    out: &Path,
+    profile: Option<&str>,
+    e: &LoginError,
+) -> Result<(), LoginError> {
+    if !matches!(e, LoginError::Refused { reason: Some(r), .. } if r == "unknown_profile") {
+        return Ok(());
+    }
+    if let Ok(Some(stored)) = read_refresh(out)
+        && stored.profile.as_deref() == profile
+    {
+        remove_refresh(out)?;
+        tracing::warn!(
+            path = %out.join(REFRESH_TOKEN).display(),
+            profile = profile.unwrap_or("-"),
+            "the issuer no longer has this profile: the stored refresh token for it can never be used again and is removed"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the issuer's refusal of a renewal is one no later renewal with
+/// this refresh token can get past, so the token is removed: any 403 (the
+/// token's checks, `refresh_not_allowed`), and a profile that is gone
+/// (`unknown_profile`, 400), by the reason it gives or, without one
+/// (an answer that is not its JSON), by the status alone. A 5xx or 429,
+/// or a 400 about this request (`lifetime`), keeps it.
+fn renewal_refused_for_good(status: hyper::StatusCode, reason: Option<&str>) -> bool {
+    status == hyper::StatusCode::FORBIDDEN
+        || matches!(reason, Some("refresh_not_allowed" | "unknown_profile"))
 }
 
 /// A key made here, its CSR and `id_token` to the issuer's `url`; the
@@ -605,13 +682,17 @@ async fn renew(
     };
     match certificate(args, to_issuer, url, id_token).await {
         Ok(answer) => Ok(Outcome::Renewed(answer)),
-        Err(LoginError::Refused { status, message }) if status == hyper::StatusCode::FORBIDDEN => {
+        Err(LoginError::Refused {
+            status,
+            message,
+            reason,
+        }) if renewal_refused_for_good(status, reason.as_deref()) => {
             remove_refresh(&args.out)?;
             Err(LoginError::Renewal(format!(
                 "the issuer refused the refreshed ID token ({status}: {message})"
             )))
         }
-        Err(e) => Err(e),
+        Err(e) => Err(LoginError::RenewalKept(format!("the issuer: {e}"))),
     }
 }
 
@@ -1228,6 +1309,102 @@ mod renewal_tests {
 
     use super::{LoginError, TokenAnswer, refreshed_id_token};
 
+    fn args(out: &std::path::Path, profile: Option<&str>) -> super::LoginArgs {
+        super::LoginArgs {
+            issuer: "https://127.0.0.1:1".into(),
+            issuer_ca: None,
+            provider_ca: None,
+            device_cert: out.join("device.pem"),
+            device_key: out.join("device.key"),
+            out: out.to_owned(),
+            lifetime: None,
+            renew_within: Some(std::time::Duration::from_secs(3600)),
+            device_flow: false,
+            open_browser: false,
+            profile: profile.map(str::to_owned),
+        }
+    }
+
+    fn info(refresh: bool) -> super::IssuerInfo {
+        serde_json::from_str(&format!(
+            r#"{{"issuer":"https://login.example.com","client_id":"gateway","scopes":["openid"],"refresh":{refresh}}}"#
+        ))
+        .unwrap()
+    }
+
+    /// A profile that stopped renewing with refresh tokens (`refresh =
+    /// false` on the issuer, its `/v1/config` says so): `--renew` removes
+    /// the stored token, which can never be used again, and signs in.
+    /// Before, it stayed on disk until a sign-in succeeded (for ever, on
+    /// a machine no one signs in at). A token of another profile in the
+    /// same directory is not this one's to judge.
+    #[test]
+    fn renew_removes_a_refresh_token_the_profile_no_longer_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        super::store_refresh(dir.path(), &info(true), None, "rt-1").unwrap();
+        let still = super::usable_refresh(&args(dir.path(), None), &info(true)).unwrap();
+        assert_eq!(still.unwrap().refresh_token, "rt-1", "control: renews");
+        assert!(
+            super::usable_refresh(&args(dir.path(), None), &info(false))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_none(),
+            "removed: the profile no longer renews"
+        );
+        super::store_refresh(dir.path(), &info(true), Some("sre"), "rt-2").unwrap();
+        assert!(
+            super::usable_refresh(&args(dir.path(), None), &info(false))
+                .unwrap()
+                .is_none()
+        );
+        assert!(super::read_refresh(dir.path()).unwrap().is_some());
+    }
+
+    /// The issuer no longer has the profile (`unknown_profile`, on
+    /// `/v1/config` or on the renewal itself): the token stored for it is
+    /// removed. `refresh_not_allowed` on the renewal removes it too; a
+    /// 5xx, a 429 or a 400 about the request keep it.
+    #[test]
+    fn a_profile_that_is_gone_or_no_longer_renews_removes_its_refresh_token() {
+        let dir = tempfile::tempdir().unwrap();
+        super::store_refresh(dir.path(), &info(true), Some("kiosk"), "rt-1").unwrap();
+        let refused = |status, reason: Option<&str>| LoginError::Refused {
+            status,
+            message: "no".into(),
+            reason: reason.map(str::to_owned),
+        };
+        let busy = refused(StatusCode::SERVICE_UNAVAILABLE, Some("store_busy"));
+        super::forget_refresh_of_gone_profile(dir.path(), Some("kiosk"), &busy).unwrap();
+        assert!(super::read_refresh(dir.path()).unwrap().is_some(), "kept");
+        let gone = refused(StatusCode::BAD_REQUEST, Some("unknown_profile"));
+        super::forget_refresh_of_gone_profile(dir.path(), Some("other"), &gone).unwrap();
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_some(),
+            "another profile's token is kept"
+        );
+        super::forget_refresh_of_gone_profile(dir.path(), Some("kiosk"), &gone).unwrap();
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_none(),
+            "removed"
+        );
+
+        let for_good = |status, reason| super::renewal_refused_for_good(status, reason);
+        assert!(for_good(StatusCode::FORBIDDEN, Some("refresh_not_allowed")));
+        assert!(for_good(StatusCode::FORBIDDEN, None), "fail closed");
+        assert!(for_good(StatusCode::BAD_REQUEST, Some("unknown_profile")));
+        assert!(!for_good(StatusCode::BAD_REQUEST, Some("lifetime")));
+        assert!(!for_good(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("store_busy")
+        ));
+        assert!(!for_good(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("rate_limited")
+        ));
+    }
+
     fn answer(json: &str) -> TokenAnswer {
         serde_json::from_str(json).unwrap()
     }
@@ -1317,19 +1494,7 @@ mod renewal_tests {
         .unwrap();
         super::store_refresh(dir.path(), &info, None, "rt-1").unwrap();
         let stored = super::read_refresh(dir.path()).unwrap().unwrap();
-        let args = super::LoginArgs {
-            issuer: format!("https://127.0.0.1:{port}"),
-            issuer_ca: None,
-            provider_ca: None,
-            device_cert: dir.path().join("device.pem"),
-            device_key: dir.path().join("device.key"),
-            out: dir.path().to_owned(),
-            lifetime: None,
-            renew_within: Some(std::time::Duration::from_secs(3600)),
-            device_flow: false,
-            open_browser: false,
-            profile: None,
-        };
+        let args = args(dir.path(), None);
         let tls = super::http::client_config(None, None).unwrap();
         let e = super::renew(
             &args,
