@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Identity;
 use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
-use limit::Limiter;
+use limit::{Limiter, LogLimiter};
 use nonce::{NonceError, Nonces, SignIns, UsedTokens};
 use oidc::{Claims, KeySource, OidcError, TokenVerifier};
 
@@ -247,6 +247,9 @@ pub struct Counters {
     /// Waits for the store's lock that ran out (`LOCK_WAIT`), by a
     /// sign-in or a CRL check: someone held it far longer than a change.
     pub store_lock_timeouts: u64,
+    /// Refusals counted in `refused` but not logged: past `LogLimiter`'s
+    /// lines for their device and reason.
+    pub refusals_unlogged: u64,
 }
 
 pub struct Issuer {
@@ -263,6 +266,8 @@ pub struct Issuer {
     sign_ins: SignIns,
     per_user: Limiter,
     per_device: Limiter,
+    /// The refusal log lines, per device and reason (see `LogLimiter`).
+    refusal_lines: LogLimiter,
     /// One signer at a time (the index is read, extended and rewritten)
     /// by the store's own lock, across processes and threads alike: no
     /// Mutex here, which a sign-in would wait on inside the runtime.
@@ -478,6 +483,7 @@ impl Issuer {
             sign_ins: SignIns::default(),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
+            refusal_lines: LogLimiter::default(),
             store,
             ca_pem,
             counters: Mutex::new(Counters::default()),
@@ -620,8 +626,17 @@ impl Issuer {
         let device = device
             .and_then(|d| d.device(&self.config.load().device_san_prefix))
             .unwrap_or("-");
+        // Counted above whatever happens; logged within the device's
+        // lines for this reason (a refusal without a device shares "-").
+        let Some(unlogged) = self
+            .refusal_lines
+            .admit(&format!("{device}|{reason}"), Instant::now())
+        else {
+            self.count(|c| c.refusals_unlogged += 1);
+            return;
+        };
         tracing::warn!(target: "gateway::issuer", event = "refused", reason, device,
-            user = user.unwrap_or("-"), profile, error = %e, "certificate refused");
+            user = user.unwrap_or("-"), profile, unlogged, error = %e, "certificate refused");
     }
 
     /// `POST /v1/certificate`: the whole decision, then the signature.
@@ -671,8 +686,21 @@ impl Issuer {
     ) -> Result<CertificateResponse, Refusal> {
         let config = self.current_config();
         let (device_cert, device) = self.device_id(device)?;
-        let (profile_name, profile) = profile_of(&config, asked)?;
-        *named = Some(profile_name.to_owned());
+        let profile = profile_of(&config, asked);
+        if let Ok((name, _)) = &profile {
+            *named = Some((*name).to_owned());
+        }
+        // The device's bucket before anything else a device can repeat
+        // cheaply to be refused (an unknown profile, a lifetime over the
+        // maximum), and before any work on the token: a device that
+        // floods is stopped at its rate.
+        self.per_device
+            .take(device, Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited {
+                who: "this device",
+                retry_after,
+            })?;
+        let (profile_name, profile) = profile?;
         if grant == Grant::Refresh && !profile.refresh {
             return Err(Refusal::RefreshNotAllowed);
         }
@@ -689,14 +717,6 @@ impl Issuer {
         if lifetime < Duration::from_secs(60) {
             return Err(Refusal::BadRequest("lifetime under a minute".into()));
         }
-        // The device's bucket before any work on the token: a device that
-        // floods is stopped cheaply.
-        self.per_device
-            .take(device, Instant::now())
-            .map_err(|retry_after| Refusal::RateLimited {
-                who: "this device",
-                retry_after,
-            })?;
         let claims = self.tokens.verify(&req.id_token).await?;
         *user = claims.email.clone().or(Some(claims.sub.clone()));
         // Replay: a sign-in's token uses up its nonce; a refreshed token's

@@ -704,6 +704,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         config_reloads,
         config_reload_failures,
         store_lock_timeouts,
+        refusals_unlogged,
         ..
     } = issuer.counters();
     let mut out = String::new();
@@ -762,6 +763,11 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_store_lock_timeouts_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_store_lock_timeouts_total {store_lock_timeouts}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_refusals_unlogged_total Refusals counted in refused_total but not logged: past the log lines one device gets for one reason (5, then one a minute).\n");
+    out.push_str("# TYPE gateway_issuer_refusals_unlogged_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_refusals_unlogged_total {refusals_unlogged}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");

@@ -1091,6 +1091,77 @@ async fn the_issuer_re_signs_the_crl_before_it_goes_stale_keeping_every_revocati
     ));
 }
 
+/// Log lines written while `f` runs (this thread's subscriber).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An enrolled device repeating a request refused cheaply (a lifetime
+/// over the profile's maximum, before its token is even read) wrote a
+/// log line each time, and was never rate limited: the lifetime was
+/// checked before the device's bucket. Now the bucket comes first (past
+/// it: 429), and refusal lines are limited per device and reason (5, then
+/// one a minute), each counted in the metrics whether logged or not; the
+/// next line says how many were left out.
+#[tokio::test]
+async fn a_flood_of_cheap_refusals_is_rate_limited_and_not_logged_each_time() {
+    let s = setup("max_lifetime = \"12h\"\n[limits]\nper_device = { burst = 3, per_hour = 20 }");
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let mut answered = std::collections::BTreeMap::<(&str, u16), u32>::new();
+    for _ in 0..200 {
+        let req = CertificateRequest {
+            id_token: "not even read".into(),
+            csr: String::new(),
+            lifetime: Some("30d".into()),
+        };
+        let e = s
+            .issuer
+            .issue(Some(&device(LAPTOP)), req)
+            .await
+            .unwrap_err();
+        *answered.entry((e.reason(), e.status())).or_default() += 1;
+    }
+    assert_eq!(
+        answered,
+        [(("lifetime", 400), 3), (("rate_limited", 429), 197)].into(),
+        "the device's bucket holds 3"
+    );
+    let c = s.issuer.counters();
+    assert_eq!(c.refused.get("lifetime"), Some(&3));
+    assert_eq!(c.refused.get("rate_limited"), Some(&197), "each counted");
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines = logged.matches("certificate refused").count();
+    assert_eq!(
+        lines,
+        3 + limit::LOG_BURST as usize,
+        "3 lifetime lines and the first rate_limited ones, not 200: {logged}"
+    );
+    assert_eq!(c.refusals_unlogged, 200 - lines as u64);
+    let metrics = server::metrics(&s.issuer);
+    assert!(
+        metrics.contains(&format!(
+            "gateway_issuer_refusals_unlogged_total {}\n",
+            200 - lines
+        )),
+        "{metrics}"
+    );
+}
+
 /// Findings of the attacker's review (reviews1): each test asserts the
 /// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;
