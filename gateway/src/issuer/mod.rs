@@ -60,6 +60,10 @@ pub enum Refusal {
         age: Option<Duration>,
         max: Duration,
     },
+    #[error(
+        "the ID token's auth_time {auth_time} is after now ({now}, seconds since the epoch) by more than the leeway: a sign-in cannot be in the future (check the provider's clock)"
+    )]
+    AuthInFuture { auth_time: u64, now: u64 },
     #[error("ID token has no verified email (email_verified must be true)")]
     NoVerifiedEmail,
     #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
@@ -108,6 +112,7 @@ impl Refusal {
             Refusal::Nonce(_) => "nonce",
             Refusal::NoMfa { .. } => "no_mfa",
             Refusal::AuthTooOld { .. } => "auth_too_old",
+            Refusal::AuthInFuture { .. } => "auth_time_in_future",
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
@@ -412,6 +417,21 @@ pub fn profile_of<'a>(
         })
 }
 
+/// An `auth_time` no later than now and `leeway` (the clock skew allowed
+/// on `iat` and `nbf`). A later one is refused whatever the profile: its
+/// age would count as 0, so it passed `max_auth_age` however long the
+/// provider's clock (or a token crafted with it) put it ahead, and a
+/// sign-in remembered for renewal with it stayed young for as long.
+fn auth_time_not_in_future(auth_time: Option<u64>, leeway: Duration) -> Result<(), Refusal> {
+    let now = jsonwebtoken::get_current_timestamp();
+    match auth_time {
+        Some(t) if t > now.saturating_add(leeway.as_secs()) => {
+            Err(Refusal::AuthInFuture { auth_time: t, now })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// With `max_auth_age`: the user authenticated (and did the MFA the token
 /// reports) within it. `amr`/`acr` say how, not when: a provider session
 /// signed into weeks ago completes a sign-in silently.
@@ -421,6 +441,7 @@ fn auth_age(
     auth_time: Option<u64>,
     leeway: Duration,
 ) -> Result<(), Refusal> {
+    auth_time_not_in_future(auth_time, leeway)?;
     let Some(max) = profile.max_auth_age else {
         return Ok(());
     };
@@ -747,6 +768,9 @@ impl Issuer {
             }
         }
         mfa(profile, &claims)?;
+        // The token's own `auth_time` too: on renewal `auth_time` is the
+        // earlier of it and the sign-in's, which would hide a later one.
+        auth_time_not_in_future(claims.auth_time, config.oidc.leeway)?;
         auth_age(profile, auth_time, config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
@@ -836,6 +860,9 @@ impl Issuer {
                 claims.auth_time,
             )
         {
+            // Within the leeway but ahead of this clock: remembered as
+            // now, so renewals end no later than `max_auth_age` from here.
+            let auth_time = auth_time.min(jsonwebtoken::get_current_timestamp());
             let until = auth_time
                 .saturating_add(max.as_secs())
                 .saturating_add(config.oidc.leeway.as_secs());

@@ -1162,6 +1162,63 @@ async fn a_flood_of_cheap_refusals_is_rate_limited_and_not_logged_each_time() {
     );
 }
 
+/// An `auth_time` in the future counted as age 0 and passed
+/// `max_auth_age`: a provider clock (or a token) an hour ahead bought an
+/// hour more of renewals. Later than now and the leeway (30 s) it is
+/// refused, counted as `auth_time_in_future`, on a sign-in and on a
+/// refreshed token (whose own `auth_time` the sign-in's earlier one used
+/// to hide); within the leeway it is taken, and the sign-in is remembered
+/// for renewal as authenticated now, not later.
+#[tokio::test]
+async fn an_auth_time_in_the_future_is_refused_and_never_remembered_ahead() {
+    let s = setup(
+        "refresh = true\nmax_auth_age = \"1h\"\n[limits]\nper_device = { burst = 50, per_hour = 50 }\nper_user = { burst = 50, per_hour = 50 }",
+    );
+    let laptop = device(LAPTOP);
+    let e = s
+        .refused(s.token(|c| c["auth_time"] = json!(now() + 3600)))
+        .await;
+    assert_eq!(
+        (e.reason(), e.status()),
+        ("auth_time_in_future", 403),
+        "{e}"
+    );
+    assert!(e.to_string().contains("cannot be in the future"), "{e}");
+    assert_eq!(
+        s.issuer.counters().refused.get("auth_time_in_future"),
+        Some(&1)
+    );
+
+    let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+    let mut c = claims(&nonce);
+    c["auth_time"] = json!(now() + 20);
+    s.issuer
+        .issue(Some(&laptop), request(token(&s.key, &c)))
+        .await
+        .expect("within the leeway");
+    let remembered = s
+        .issuer
+        .sign_ins
+        .check(Some(&nonce), LAPTOP, "u-1", "default")
+        .unwrap();
+    assert!(remembered <= now(), "remembered ahead: {remembered}");
+
+    let mut r = claims(&nonce);
+    r["auth_time"] = json!(now() + 3600);
+    r["iat"] = json!(now() - 1);
+    let e = s
+        .issuer
+        .issue_as(
+            Some(&laptop),
+            request(token(&s.key, &r)),
+            Grant::Refresh,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "auth_time_in_future", "{e}");
+}
+
 /// Findings of the attacker's review (reviews1): each test asserts the
 /// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;
