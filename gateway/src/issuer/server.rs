@@ -310,6 +310,17 @@ pub fn acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
 
+/// Binds `addr` now, outside any runtime: `gateway issuer` binds before
+/// it drops to `user` (a port below 1024 needs root), and the runtime is
+/// built only after the drop (`privilege::drop_alone`).
+pub fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    let listen = |source| ServerError::Listen { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(listen)?;
+    // tokio takes only non-blocking sockets (`TcpListener::from_std`).
+    listener.set_nonblocking(true).map_err(listen)?;
+    Ok(listener)
+}
+
 /// Binds `config.listen`.
 pub async fn bind(config: &super::config::IssuerConfig) -> Result<TcpListener, ServerError> {
     TcpListener::bind(config.listen)
