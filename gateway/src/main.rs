@@ -479,6 +479,13 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let addr = listener.local_addr()?;
+        // Before it says it is listening: until then SIGHUP's default
+        // action ends the process, and a reload sent as soon as the log
+        // says so (a test, `systemctl reload` right after start) killed
+        // it while the first CRL check ran.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
         tracing::info!(%addr, "issuer listening");
         let stop = tokio_util::sync::CancellationToken::new();
         // The SSO CA's CRL: nothing else re-publishes it, and routes with
@@ -500,9 +507,6 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             issuer.clone(),
             stop.clone(),
         ));
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut hup = signal(SignalKind::hangup())?;
         // The device CRLs change as devices are revoked: read them again
         // on SIGHUP and every minute, so a revoked device stops getting
         // certificates without a restart. SIGHUP reads issuer.toml again

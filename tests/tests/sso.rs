@@ -1470,3 +1470,40 @@ async fn an_issuer_started_as_root_with_user_drops_to_it_on_every_thread() {
         "{log}"
     );
 }
+
+/// A SIGHUP sent as soon as the issuer logs that it listens reloads it.
+/// The handler used to be installed only after the first CRL check, which
+/// waits up to 5 s for the store's lock: a reload in between met SIGHUP's
+/// default action and ended the issuer (seen as a flaky SIGHUP test under
+/// load). Here the lock is held over the start, so that check waits its 5 s.
+#[test]
+fn a_sighup_as_soon_as_the_issuer_listens_reloads_rather_than_ends_it() {
+    let mut held = None;
+    let sso = start_full(
+        "",
+        "[profile]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\n",
+        |dir| {
+            let lock = std::fs::File::open(dir.join("sso")).unwrap();
+            lock.lock().unwrap();
+            held = Some(lock);
+        },
+    );
+    process::signal(&sso._issuer.0, "HUP");
+    let until = Instant::now() + STEP;
+    loop {
+        let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default();
+        if log.contains("\"event\":\"config_reloaded\"") {
+            break;
+        }
+        let mut issuer = std::fs::read_to_string(format!("/proc/{}/stat", sso._issuer.0.id()))
+            .unwrap_or_default();
+        issuer.truncate(issuer.find(')').map_or(0, |i| i + 3));
+        assert!(
+            !issuer.ends_with(" Z") && !issuer.is_empty(),
+            "the issuer ended on the SIGHUP:\n{log}"
+        );
+        assert!(Instant::now() < until, "no reload after SIGHUP:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+}
