@@ -34,6 +34,9 @@ pub enum LoginError {
     Refused {
         status: hyper::StatusCode,
         message: String,
+        /// The issuer's `error` (its refusal reason: `refresh_not_allowed`,
+        /// `unknown_profile`, …), when its answer says one.
+        reason: Option<String>,
     },
     #[error("the provider: {0}")]
     Provider(String),
@@ -48,6 +51,11 @@ pub enum LoginError {
         "renewal refused: {0}; the refresh token is removed: sign in again with `gateway login`"
     )]
     Renewal(String),
+    /// The renewal did not happen for a reason that says nothing about the
+    /// refresh token (the provider down or busy, an answer that does not
+    /// parse): the token stays for the next run (the timer's retry).
+    #[error("renewal not done: {0}; the refresh token is kept for the next try")]
+    RenewalKept(String),
 }
 
 pub struct LoginArgs {
@@ -249,6 +257,9 @@ struct TokenAnswer {
 #[derive(Deserialize)]
 struct IssuerError {
     message: String,
+    /// The reason it is counted under (`gateway_issuer_refused_total`).
+    #[serde(default)]
+    error: Option<String>,
 }
 
 /// notAfter of the first certificate in `pem`, seconds since the epoch.
@@ -304,12 +315,14 @@ async fn issuer_call<T: serde::de::DeserializeOwned>(
     };
     let (status, answer) = http::request(tls, method, url, ct, body).await?;
     if !status.is_success() {
-        let why = serde_json::from_slice::<IssuerError>(&answer)
-            .map(|e| e.message)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&answer).into_owned());
+        let (message, reason) = match serde_json::from_slice::<IssuerError>(&answer) {
+            Ok(e) => (e.message, e.error),
+            Err(_) => (String::from_utf8_lossy(&answer).into_owned(), None),
+        };
         return Err(LoginError::Refused {
             status,
-            message: why,
+            message,
+            reason,
         });
     }
     http::json(url, status, &answer).map_err(LoginError::from)
@@ -439,34 +452,24 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
         args.issuer_ca.as_deref(),
         Some((&args.device_cert, &args.device_key)),
     )?;
-    let info: IssuerInfo = issuer_call(
+    let info: IssuerInfo = match issuer_call(
         &to_issuer,
         &format!("{base}/v1/config{query}"),
         Method::GET,
         None,
     )
-    .await?;
-    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
-    // Renewal without the user: only for `--renew` (a user who runs
-    // `gateway login` is there to sign in), only when the issuer renews
-    // that way, and only with a token from this provider and client.
-    if args.renew_within.is_some()
-        && info.refresh
-        && let Some(stored) = read_refresh(&args.out)?
+    .await
     {
-        if stored.provider == info.issuer
-            && stored.client_id == info.client_id
-            && stored.profile == args.profile
-        {
-            let url = format!("{base}/v1/renewal{query}");
-            return renew(args, &to_issuer, &to_provider, &url, &info, stored).await;
+        Ok(info) => info,
+        Err(e) => {
+            forget_refresh_of_gone_profile(&args.out, args.profile.as_deref(), &e)?;
+            return Err(e);
         }
-        tracing::warn!(
-            provider = %stored.provider,
-            profile = stored.profile.as_deref().unwrap_or("-"),
-            "the stored refresh token is for another provider, client or profile than this login's; removed, signing in"
-        );
-        remove_refresh(&args.out)?;
+    };
+    let to_provider = http::client_config(args.provider_ca.as_deref(), None)?;
+    if let Some(stored) = usable_refresh(args, &info)? {
+        let url = format!("{base}/v1/renewal{query}");
+        return renew(args, &to_issuer, &to_provider, &url, &info, stored).await;
     }
     let nonce: Nonce = issuer_call(
         &to_issuer,
@@ -524,6 +527,85 @@ pub async fn login(args: &LoginArgs, say: impl Fn(&str)) -> Result<Outcome, Logi
     Ok(Outcome::Issued(answer))
 }
 
+/// Renewal without the user: only for `--renew` (a user who runs `gateway
+/// login` is there to sign in), only when the issuer renews that way, and
+/// only with a token from this provider and client: the stored refresh
+/// token to renew with, if any. One the issuer's profile can never take
+/// is removed, saying why, and the login signs in (as documented): it
+/// stayed on disk until a sign-in succeeded, a credential kept for
+/// nothing, and for ever when no one came to the browser.
+fn usable_refresh(
+    args: &LoginArgs,
+    info: &IssuerInfo,
+) -> Result<Option<StoredRefresh>, LoginError> {
+    if args.renew_within.is_none() {
+        return Ok(None);
+    }
+    let Some(stored) = read_refresh(&args.out)? else {
+        return Ok(None);
+    };
+    if !info.refresh {
+        if stored.profile == args.profile {
+            remove_refresh(&args.out)?;
+            tracing::warn!(
+                path = %args.out.join(REFRESH_TOKEN).display(),
+                profile = stored.profile.as_deref().unwrap_or("-"),
+                "the issuer's profile no longer renews with refresh tokens (refresh = false): the stored refresh token can never be used again and is removed; signing in"
+            );
+        }
+        return Ok(None);
+    }
+    if stored.provider == info.issuer
+        && stored.client_id == info.client_id
+        && stored.profile == args.profile
+    {
+        return Ok(Some(stored));
+    }
+    tracing::warn!(
+        provider = %stored.provider,
+        profile = stored.profile.as_deref().unwrap_or("-"),
+        "the stored refresh token is for another provider, client or profile than this login's; removed, signing in"
+    );
+    remove_refresh(&args.out)?;
+    Ok(None)
+}
+
+/// The issuer answered that `profile` is not one of its profiles
+/// (`unknown_profile`): a refresh token stored for that profile continues
+/// a sign-in no renewal can take any more, so it is removed, saying so.
+/// Any other error leaves it.
+fn forget_refresh_of_gone_profile(
+    out: &Path,
+    profile: Option<&str>,
+    e: &LoginError,
+) -> Result<(), LoginError> {
+    if !matches!(e, LoginError::Refused { reason: Some(r), .. } if r == "unknown_profile") {
+        return Ok(());
+    }
+    if let Ok(Some(stored)) = read_refresh(out)
+        && stored.profile.as_deref() == profile
+    {
+        remove_refresh(out)?;
+        tracing::warn!(
+            path = %out.join(REFRESH_TOKEN).display(),
+            profile = profile.unwrap_or("-"),
+            "the issuer no longer has this profile: the stored refresh token for it can never be used again and is removed"
+        );
+    }
+    Ok(())
+}
+
+/// Whether the issuer's refusal of a renewal is one no later renewal with
+/// this refresh token can get past, so the token is removed: any 403 (the
+/// token's checks, `refresh_not_allowed`), and a profile that is gone
+/// (`unknown_profile`, 400), by the reason it gives or, without one
+/// (an answer that is not its JSON), by the status alone. A 5xx or 429,
+/// or a 400 about this request (`lifetime`), keeps it.
+fn renewal_refused_for_good(status: hyper::StatusCode, reason: Option<&str>) -> bool {
+    status == hyper::StatusCode::FORBIDDEN
+        || matches!(reason, Some("refresh_not_allowed" | "unknown_profile"))
+}
+
 /// A key made here, its CSR and `id_token` to the issuer's `url`; the
 /// files written.
 async fn certificate(
@@ -556,10 +638,12 @@ async fn certificate(
 
 /// `--renew` with the stored refresh token: a fresh ID token from the
 /// provider's token endpoint, no browser, to `POST /v1/renewal`. When the
-/// provider refuses it (the user disabled, the token revoked or expired)
-/// or the issuer does (the sign-in older than `max_auth_age`, the issuer
-/// restarted), the token is removed and the error says to sign in again:
-/// the next run signs in as without one. A network failure keeps it.
+/// provider refuses it for good (the user disabled, the token revoked or
+/// expired: see `refreshed_id_token`) or the issuer does (the sign-in
+/// older than `max_auth_age`, the issuer restarted), the token is removed
+/// and the error says to sign in again: the next run signs in as without
+/// one. A provider not reached, or busy, or answering what does not parse
+/// keeps it (`RenewalKept`), and the error says so.
 async fn renew(
     args: &LoginArgs,
     to_issuer: &Arc<rustls::ClientConfig>,
@@ -568,7 +652,12 @@ async fn renew(
     info: &IssuerInfo,
     stored: StoredRefresh,
 ) -> Result<Outcome, LoginError> {
-    let discovery = http::discover(to_provider, &info.issuer).await?;
+    // The provider not reached, or an answer that does not parse, says
+    // nothing about the token: kept, for the timer's next run.
+    let kept = |e: &dyn std::fmt::Display| LoginError::RenewalKept(format!("the provider: {e}"));
+    let discovery = http::discover(to_provider, &info.issuer)
+        .await
+        .map_err(|e| kept(&e))?;
     let (status, body) = http::request(
         to_provider,
         Method::POST,
@@ -580,9 +669,13 @@ async fn renew(
             ("client_id", &info.client_id),
         ]),
     )
-    .await?;
-    let answer: TokenAnswer = serde_json::from_slice(&body)
-        .map_err(|e| LoginError::Provider(format!("token endpoint ({status}): {e}")))?;
+    .await
+    .map_err(|e| kept(&e))?;
+    let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
+        kept(&format!(
+            "the token endpoint's answer ({status}) is not a token response: {e}"
+        ))
+    })?;
     // Rotated: the provider spent the old token (using it again would
     // revoke the whole grant), so the new one is stored before anything
     // else can fail.
@@ -591,41 +684,78 @@ async fn renew(
     }
     let id_token = match refreshed_id_token(answer, status) {
         Ok(t) => t,
-        Err(e) => {
+        Err(e @ LoginError::Renewal(_)) => {
             remove_refresh(&args.out)?;
             return Err(e);
         }
+        Err(e) => return Err(e),
     };
     match certificate(args, to_issuer, url, id_token).await {
         Ok(answer) => Ok(Outcome::Renewed(answer)),
-        Err(LoginError::Refused { status, message }) if status == hyper::StatusCode::FORBIDDEN => {
+        Err(LoginError::Refused {
+            status,
+            message,
+            reason,
+        }) if renewal_refused_for_good(status, reason.as_deref()) => {
             remove_refresh(&args.out)?;
             Err(LoginError::Renewal(format!(
                 "the issuer refused the refreshed ID token ({status}: {message})"
             )))
         }
-        Err(e) => Err(e),
+        Err(e) => Err(LoginError::RenewalKept(format!("the issuer: {e}"))),
     }
 }
 
+/// The OAuth errors (RFC 6749 §5.2) that refuse this refresh token for
+/// good, whenever it is sent again: `invalid_grant` (the token invalid,
+/// expired or revoked: the user disabled, the grant ended), and the
+/// refusals of every refresh token of this client (`invalid_client`: the
+/// provider does not know the client; `unauthorized_client`: the client
+/// may not use the refresh grant; `unsupported_grant_type`: the provider
+/// has none). Anything else (`invalid_request`, `invalid_scope`,
+/// `temporarily_unavailable`, a made-up code) says nothing certain about
+/// the token.
+const REFRESH_REFUSED_FOR_GOOD: &[&str] = &[
+    "invalid_grant",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+];
+
 /// The ID token in the provider's answer to the refresh token, or why
-/// the refresh token cannot renew: the provider refused it, or answered
-/// without an ID token (OIDC Core §12.2 allows that, and the issuer
-/// renews only on a refreshed ID token). Either way it is removed: kept,
-/// each run of the timer would get the same answer and never reach the
-/// sign-in (`--browser`) while the certificate lapses.
+/// not. A definite answer that the token cannot renew is a `Renewal`
+/// error, and the token is removed: a refusal from
+/// `REFRESH_REFUSED_FOR_GOOD` in a 400 or 401 answer (as RFC 6749 §5.2
+/// sends them), or a success without an ID token (OIDC Core §12.2 allows
+/// that, and the issuer renews only on a refreshed ID token); kept, each
+/// run of the timer would get the same answer and never reach the
+/// sign-in (`--browser`) while the certificate lapses. Anything else (a
+/// 5xx or 429 even with an OAuth `error`, another error code, another
+/// status) is `RenewalKept`: deleting the token on a provider's bad
+/// minute would make every user sign in again with a browser.
 fn refreshed_id_token(
     answer: TokenAnswer,
     status: hyper::StatusCode,
 ) -> Result<String, LoginError> {
+    let refusal_status = matches!(status.as_u16(), 400 | 401);
     match (answer.id_token, answer.error) {
-        (Some(t), _) => Ok(t),
-        (None, Some(error)) => Err(LoginError::Renewal(format!(
-            "the provider refused the refresh token ({error}: {})",
-            answer.error_description.unwrap_or_default()
-        ))),
-        (None, None) => Err(LoginError::Renewal(format!(
+        (Some(t), _) if status.is_success() => Ok(t),
+        (None, Some(error))
+            if refusal_status && REFRESH_REFUSED_FOR_GOOD.contains(&error.as_str()) =>
+        {
+            Err(LoginError::Renewal(format!(
+                "the provider refused the refresh token ({error}: {})",
+                answer.error_description.unwrap_or_default()
+            )))
+        }
+        (None, None) if status.is_success() => Err(LoginError::Renewal(format!(
             "the provider answered the refresh token ({status}) without an ID token, and the issuer renews only on one: this provider cannot renew without the user"
+        ))),
+        (_, error) => Err(LoginError::RenewalKept(format!(
+            "the provider answered the refresh token {status}{}, which does not refuse the token for good",
+            error
+                .map(|e| format!(" ({e}: {})", answer.error_description.unwrap_or_default()))
+                .unwrap_or_default()
         ))),
     }
 }
@@ -1178,5 +1308,227 @@ mod attack_tests {
                 "{queued} queued silent connections delayed the redirect {took:?}"
             );
         }
+    }
+}
+
+/// `--renew`: which answers remove the refresh token and which keep it.
+#[cfg(test)]
+mod renewal_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use hyper::StatusCode;
+
+    use super::{LoginError, TokenAnswer, refreshed_id_token};
+
+    fn args(out: &std::path::Path, profile: Option<&str>) -> super::LoginArgs {
+        super::LoginArgs {
+            issuer: "https://127.0.0.1:1".into(),
+            issuer_ca: None,
+            provider_ca: None,
+            device_cert: out.join("device.pem"),
+            device_key: out.join("device.key"),
+            out: out.to_owned(),
+            lifetime: None,
+            renew_within: Some(std::time::Duration::from_secs(3600)),
+            device_flow: false,
+            open_browser: false,
+            profile: profile.map(str::to_owned),
+        }
+    }
+
+    fn info(refresh: bool) -> super::IssuerInfo {
+        serde_json::from_str(&format!(
+            r#"{{"issuer":"https://login.example.com","client_id":"gateway","scopes":["openid"],"refresh":{refresh}}}"#
+        ))
+        .unwrap()
+    }
+
+    /// A profile that stopped renewing with refresh tokens (`refresh =
+    /// false` on the issuer, its `/v1/config` says so): `--renew` removes
+    /// the stored token, which can never be used again, and signs in.
+    /// Before, it stayed on disk until a sign-in succeeded (for ever, on
+    /// a machine no one signs in at). A token of another profile in the
+    /// same directory is not this one's to judge.
+    #[test]
+    fn renew_removes_a_refresh_token_the_profile_no_longer_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        super::store_refresh(dir.path(), &info(true), None, "rt-1").unwrap();
+        let still = super::usable_refresh(&args(dir.path(), None), &info(true)).unwrap();
+        assert_eq!(still.unwrap().refresh_token, "rt-1", "control: renews");
+        assert!(
+            super::usable_refresh(&args(dir.path(), None), &info(false))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_none(),
+            "removed: the profile no longer renews"
+        );
+        super::store_refresh(dir.path(), &info(true), Some("sre"), "rt-2").unwrap();
+        assert!(
+            super::usable_refresh(&args(dir.path(), None), &info(false))
+                .unwrap()
+                .is_none()
+        );
+        assert!(super::read_refresh(dir.path()).unwrap().is_some());
+    }
+
+    /// The issuer no longer has the profile (`unknown_profile`, on
+    /// `/v1/config` or on the renewal itself): the token stored for it is
+    /// removed. `refresh_not_allowed` on the renewal removes it too; a
+    /// 5xx, a 429 or a 400 about the request keep it.
+    #[test]
+    fn a_profile_that_is_gone_or_no_longer_renews_removes_its_refresh_token() {
+        let dir = tempfile::tempdir().unwrap();
+        super::store_refresh(dir.path(), &info(true), Some("kiosk"), "rt-1").unwrap();
+        let refused = |status, reason: Option<&str>| LoginError::Refused {
+            status,
+            message: "no".into(),
+            reason: reason.map(str::to_owned),
+        };
+        let busy = refused(StatusCode::SERVICE_UNAVAILABLE, Some("store_busy"));
+        super::forget_refresh_of_gone_profile(dir.path(), Some("kiosk"), &busy).unwrap();
+        assert!(super::read_refresh(dir.path()).unwrap().is_some(), "kept");
+        let gone = refused(StatusCode::BAD_REQUEST, Some("unknown_profile"));
+        super::forget_refresh_of_gone_profile(dir.path(), Some("other"), &gone).unwrap();
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_some(),
+            "another profile's token is kept"
+        );
+        super::forget_refresh_of_gone_profile(dir.path(), Some("kiosk"), &gone).unwrap();
+        assert!(
+            super::read_refresh(dir.path()).unwrap().is_none(),
+            "removed"
+        );
+
+        let for_good = |status, reason| super::renewal_refused_for_good(status, reason);
+        assert!(for_good(StatusCode::FORBIDDEN, Some("refresh_not_allowed")));
+        assert!(for_good(StatusCode::FORBIDDEN, None), "fail closed");
+        assert!(for_good(StatusCode::BAD_REQUEST, Some("unknown_profile")));
+        assert!(!for_good(StatusCode::BAD_REQUEST, Some("lifetime")));
+        assert!(!for_good(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("store_busy")
+        ));
+        assert!(!for_good(
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("rate_limited")
+        ));
+    }
+
+    fn answer(json: &str) -> TokenAnswer {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// Only a definite refusal of the token (RFC 6749 §5.2's
+    /// `invalid_grant`, or of every refresh token of this client, in a
+    /// 400 or 401) removes it; a provider's 5xx or 429 (even with an
+    /// OAuth `error`, `invalid_grant` included), another error code, or
+    /// an error page keep it, and the error says so and why. Before,
+    /// any answer with an `error` removed it, so a provider's bad minute
+    /// sent every timer-renewed user back to the browser.
+    #[test]
+    fn only_a_definite_refusal_removes_the_refresh_token() {
+        let removed = [
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"invalid_grant","error_description":"gone"}"#,
+            ),
+            (StatusCode::UNAUTHORIZED, r#"{"error":"invalid_client"}"#),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unauthorized_client"}"#,
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"unsupported_grant_type"}"#,
+            ),
+            (StatusCode::OK, r#"{"access_token":"a"}"#),
+        ];
+        for (status, json) in removed {
+            let e = refreshed_id_token(answer(json), status).unwrap_err();
+            assert!(matches!(e, LoginError::Renewal(_)), "{status} {json}: {e}");
+        }
+        let kept = [
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error":"temporarily_unavailable","error_description":"maintenance"}"#,
+                "503 Service Unavailable (temporarily_unavailable: maintenance)",
+            ),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"error":"invalid_grant"}"#,
+                "500 Internal Server Error (invalid_grant: )",
+            ),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                r#"{"error":"slow_down"}"#,
+                "429 Too Many Requests (slow_down: )",
+            ),
+            (
+                StatusCode::BAD_REQUEST,
+                r#"{"error":"invalid_request"}"#,
+                "400 Bad Request (invalid_request: )",
+            ),
+            (StatusCode::BAD_GATEWAY, r#"{}"#, "502 Bad Gateway"),
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                r#"{"id_token":"t"}"#,
+                "500 Internal Server Error",
+            ),
+        ];
+        for (status, json, says) in kept {
+            let e = refreshed_id_token(answer(json), status).unwrap_err();
+            assert!(
+                matches!(e, LoginError::RenewalKept(_)),
+                "{status} {json}: {e}"
+            );
+            let e = e.to_string();
+            assert!(
+                e.contains(says) && e.contains("the refresh token is kept for the next try"),
+                "{e}"
+            );
+        }
+    }
+
+    /// A provider that cannot be reached keeps the token, and the error
+    /// says so (it used to be the bare connection error).
+    #[tokio::test]
+    async fn an_unreachable_provider_keeps_the_refresh_token_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let info: super::IssuerInfo = serde_json::from_str(&format!(
+            r#"{{"issuer":"https://127.0.0.1:{port}","client_id":"gateway","scopes":["openid"],"refresh":true}}"#
+        ))
+        .unwrap();
+        super::store_refresh(dir.path(), &info, None, "rt-1").unwrap();
+        let stored = super::read_refresh(dir.path()).unwrap().unwrap();
+        let args = args(dir.path(), None);
+        let tls = super::http::client_config(None, None).unwrap();
+        let e = super::renew(
+            &args,
+            &tls,
+            &tls,
+            "https://127.0.0.1:1/v1/renewal",
+            &info,
+            stored,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, LoginError::RenewalKept(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the refresh token is kept for the next try"),
+            "{e}"
+        );
+        assert_eq!(
+            super::read_refresh(dir.path())
+                .unwrap()
+                .unwrap()
+                .refresh_token,
+            "rt-1"
+        );
     }
 }

@@ -408,11 +408,66 @@ fn lifetime(s: &str) -> anyhow::Result<time::Duration> {
 
 fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
     use gateway::issuer::{Issuer, config::IssuerConfig, http, server};
+    use gateway::privilege;
     let config = IssuerConfig::load(path)?;
+    // Who it runs as: with `user`, started as root, that user once the
+    // listeners are bound, before the runtime (its threads) exists and
+    // before a byte is read from the network, the CA's key or the files
+    // the config names. Root parsing TLS, HTTP and JSON from anyone who
+    // connects, with the SSO CA's key in memory, is one bug from the host.
+    let euid = privilege::effective_uid();
+    let target = match &config.user {
+        Some(user) => {
+            let target = privilege::Target::alone(user)?;
+            if euid == 0 {
+                // Root reads this config at the next start: the user must
+                // not be able to rewrite it (to drop `user`, say).
+                target.check_config(path)?;
+                gateway::pki::store::Store::open(&config.ca_dir)
+                    .check_owner(target.uid, user)
+                    .map_err(|e| anyhow::anyhow!("ca_dir: {e}"))?;
+                Some(target)
+            } else if euid == target.uid {
+                None
+            } else {
+                return Err(privilege::PrivilegeError::NotRoot {
+                    user: user.clone(),
+                    euid,
+                }
+                .into());
+            }
+        }
+        None => {
+            if euid == 0 {
+                tracing::warn!(
+                    "issuer: running as root without `user` in issuer.toml: it parses TLS, HTTP and JSON \
+                     from the network and holds the SSO CA's key as root, so a bug there is root on this \
+                     host; set user = \"gateway\" (the store chowned to it), or start it as that user \
+                     (examples/gateway-issuer.service)"
+                );
+            }
+            None
+        }
+    };
+    let listener = server::bind_std(config.listen)?;
+    let metrics_listener = config.metrics_listen.map(server::bind_std).transpose()?;
+    if let Some(target) = &target {
+        privilege::drop_alone(target)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        if let Some(target) = &target {
+            // The runtime's threads, made after the drop, checked too.
+            privilege::verify_alone(target)?;
+            tracing::info!(user = %target.user, uid = target.uid, gid = target.gid,
+                "issuer: running as its user (no supplementary groups, no capabilities)");
+        }
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let metrics_listener = metrics_listener
+            .map(tokio::net::TcpListener::from_std)
+            .transpose()?;
         let acceptor: server::Acceptor = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(
             server::acceptor(&config)?,
         ));
@@ -420,12 +475,17 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             tls: http::client_config(config.oidc.ca.as_deref(), None)?,
             issuer: config.oidc.issuer.clone(),
         };
-        let listener = server::bind(&config).await?;
-        let metrics_listener = server::bind_metrics(&config).await?;
         let issuer = std::sync::Arc::new(
             Issuer::new(config, Box::new(keys)).map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         let addr = listener.local_addr()?;
+        // Before it says it is listening: until then SIGHUP's default
+        // action ends the process, and a reload sent as soon as the log
+        // says so (a test, `systemctl reload` right after start) killed
+        // it while the first CRL check ran.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
         tracing::info!(%addr, "issuer listening");
         let stop = tokio_util::sync::CancellationToken::new();
         // The SSO CA's CRL: nothing else re-publishes it, and routes with
@@ -447,9 +507,6 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             issuer.clone(),
             stop.clone(),
         ));
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut hup = signal(SignalKind::hangup())?;
         // The device CRLs change as devices are revoked: read them again
         // on SIGHUP and every minute, so a revoked device stops getting
         // certificates without a restart. SIGHUP reads issuer.toml again

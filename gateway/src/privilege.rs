@@ -398,6 +398,90 @@ fn verify(target: &Target, kept: &CapsHashSet) -> Result<(), PrivilegeError> {
     }
 }
 
+impl Target {
+    /// `gateway issuer`'s `user`: that user's uid and primary group, no
+    /// supplementary groups, no capabilities. The issuer needs nothing
+    /// privileged once its listeners are bound.
+    pub fn alone(user: &str) -> Result<Target, PrivilegeError> {
+        let (uid, gid) = lookup_user(user)?;
+        if uid == 0 {
+            return Err(PrivilegeError::Root(user.to_owned()));
+        }
+        Ok(Target {
+            user: user.to_owned(),
+            uid,
+            gid,
+            groups: Vec::new(),
+            kept: Vec::new(),
+        })
+    }
+}
+
+/// Drops to `target` (from `Target::alone`) for good: the bounding set
+/// emptied while still root, then no supplementary groups, the group and
+/// the user (setgroups, setresgid, setresuid: with keep-caps off the
+/// kernel empties the permitted and effective sets), no inherited or
+/// ambient capabilities, no new privileges; then every thread is read
+/// back from /proc (`verify_alone`). Only while the process has one
+/// thread, so before the runtime: capabilities and no-new-privileges are
+/// per thread, and every thread made later inherits them from this one.
+pub fn drop_alone(target: &Target) -> Result<(), PrivilegeError> {
+    let euid = effective_uid();
+    if euid != 0 {
+        return Err(PrivilegeError::NotRoot {
+            user: target.user.clone(),
+            euid,
+        });
+    }
+    let threads = thread_ids()?.len();
+    if threads != 1 {
+        return Err(PrivilegeError::Threads(threads));
+    }
+    caps::securebits::set_keepcaps(false).map_err(caps_error("keep-caps off"))?;
+    caps::clear(None, CapSet::Bounding).map_err(caps_error("clear bounding"))?;
+    change_user(target)?;
+    caps::clear(None, CapSet::Ambient).map_err(caps_error("clear ambient"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(caps_error("clear inheritable"))?;
+    caps::clear(None, CapSet::Effective).map_err(caps_error("clear effective"))?;
+    caps::clear(None, CapSet::Permitted).map_err(caps_error("clear permitted"))?;
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    os_result("no new privileges", rc)?;
+    verify_alone(target)
+}
+
+/// Every thread of the process runs as `target` with no capabilities, no
+/// supplementary groups and no new privileges (read from
+/// /proc/self/task/*/status): after `drop_alone`, and again once the
+/// runtime's threads exist, before anything is served.
+pub fn verify_alone(target: &Target) -> Result<(), PrivilegeError> {
+    let mut wrong = Vec::new();
+    for tid in thread_ids()? {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+            continue;
+        };
+        let groups = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Groups:"))
+            .map(str::trim);
+        let why = [
+            mismatch(&status, target, 0),
+            (groups != Some("")).then(|| format!("supplementary groups {groups:?}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+        if !why.is_empty() {
+            wrong.push(format!("thread {tid}: {}", why.join(", ")));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(PrivilegeError::Verify(wrong.join("; ")))
+    }
+}
+
 /// What in one thread's /proc status differs from the target, if anything.
 pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
     let field = |name: &str| {
@@ -642,6 +726,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("group is set without user"), "{e}");
+    }
+
+    #[test]
+    fn the_issuers_user_is_alone_and_never_root() {
+        let t = Target::alone("nobody").unwrap();
+        assert_eq!((t.uid, t.groups.len(), t.kept.len()), (65534, 0, 0));
+        assert!(matches!(
+            Target::alone("root"),
+            Err(PrivilegeError::Root(_))
+        ));
+        assert!(matches!(
+            Target::alone("no-such-user-here"),
+            Err(PrivilegeError::UnknownUser(_))
+        ));
     }
 
     #[test]

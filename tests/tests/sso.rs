@@ -209,6 +209,12 @@ email_domains = ["example.internal"]
 /// As `start_with`, with `profiles` as the whole of the issuer's
 /// `[profile…]` tables.
 fn start_with_profiles(profiles: &str) -> Sso {
+    start_full("", profiles, |_| {})
+}
+
+/// As `start_with_profiles`, with `top` at the top of `issuer.toml` and
+/// `prepare` run on the test's directory before the issuer starts.
+fn start_full(top: &str, profiles: &str, prepare: impl FnOnce(&Path)) -> Sso {
     let node = provider_dir();
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
@@ -257,7 +263,7 @@ fn start_with_profiles(profiles: &str) -> Sso {
     std::fs::write(
         sso.path("issuer.toml"),
         format!(
-            r#"
+            r#"{top}
 listen = "127.0.0.1:{issuer_port}"
 metrics_listen = "{metrics}"
 cert = "provider/localhost.pem"
@@ -277,6 +283,7 @@ jwks_refetch_interval = "1s"
         ),
     )
     .unwrap();
+    prepare(sso.dir.path());
     let log = std::fs::File::create(sso.path("issuer.log")).unwrap();
     let issuer = Command::new(gateway_binary())
         .args(["--log-format", "json", "issuer", "--config"])
@@ -1325,4 +1332,179 @@ async fn sighup_reloads_issuer_toml_and_a_bad_one_leaves_the_old_in_service() {
             && metrics.contains("gateway_issuer_issued_total{profile=\"kiosk\"} 1\n"),
         "{metrics}"
     );
+}
+
+/// `chown -R uid:gid path`.
+fn chown_all(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).unwrap();
+    if std::fs::symlink_metadata(path).unwrap().is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_all(&entry.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+/// `user = "nobody"` in issuer.toml: started as root, the issuer binds,
+/// then runs as nobody (uid and gid 65534) on every thread, with no
+/// supplementary groups and no capabilities, and still serves a sign-in
+/// (the SSO CA's store and the issuer's key chowned to it). A store that
+/// is not that user's refuses the start, naming the owner.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_issuer_started_as_root_with_user_drops_to_it_on_every_thread() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let sso = tokio::task::spawn_blocking(|| {
+        start_full(
+            "user = \"nobody\"",
+            "[profile]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\n",
+            |dir| {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+                chown_all(&dir.join("sso"), NOBODY, NOBODY);
+                chown_all(&dir.join("provider/localhost.key"), NOBODY, NOBODY);
+            },
+        )
+    })
+    .await
+    .unwrap();
+    let pid = sso._issuer.0.id();
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(tasks.len() > 1, "the runtime's threads too: {tasks:?}");
+    for task in &tasks {
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(field("Uid:"), "65534 65534 65534 65534", "{task:?}");
+        assert_eq!(field("Gid:"), "65534 65534 65534 65534", "{task:?}");
+        assert_eq!(field("Groups:"), "", "{task:?}");
+        for caps in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(caps), "0000000000000000", "{caps} {task:?}");
+        }
+        assert_eq!(field("NoNewPrivs:"), "1", "{task:?}");
+    }
+    let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap();
+    assert!(log.contains("running as its user"), "{log}");
+
+    let sso = Arc::new(sso);
+    let s = sso.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || s.login("alice", "pwd,otp", &[]))
+        .await
+        .unwrap();
+    assert!(ok, "login failed: {out}\n{err}");
+    assert!(
+        out.contains("signed in as email:alice@example.internal"),
+        "{out}"
+    );
+    let index = std::fs::metadata(sso.path("sso/index.json")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&index),
+        NOBODY,
+        "written as nobody"
+    );
+
+    // The store given back to root: the same config refuses to start,
+    // before it binds (the first issuer still holds the port).
+    chown_all(&sso.path("sso"), 0, 0);
+    let refused = Command::new(gateway_binary())
+        .args(["issuer", "--config"])
+        .arg(sso.path("issuer.toml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("belongs to uid 0, not to user \"nobody\" (uid 65534)"),
+        "{err}"
+    );
+
+    // Without `user`, started as root: it runs, and says why that matters.
+    let toml = std::fs::read_to_string(sso.path("issuer.toml")).unwrap();
+    let listen = toml
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .unwrap()
+        .to_owned();
+    let metrics = toml
+        .lines()
+        .find(|l| l.starts_with("metrics_listen = "))
+        .unwrap()
+        .to_owned();
+    let as_root = toml
+        .replace("user = \"nobody\"", "")
+        .replace(&listen, &format!("listen = \"{}\"", dead_port()))
+        .replace(&metrics, "");
+    std::fs::write(sso.path("issuer-root.toml"), as_root).unwrap();
+    let log = std::fs::File::create(sso.path("issuer-root.log")).unwrap();
+    let _root = Reap(
+        Command::new(gateway_binary())
+            .args(["issuer", "--config"])
+            .arg(sso.path("issuer-root.toml"))
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let until = Instant::now() + STEP;
+    let log = loop {
+        let log = std::fs::read_to_string(sso.path("issuer-root.log")).unwrap();
+        if log.contains("issuer listening") {
+            break log;
+        }
+        assert!(Instant::now() < until, "issuer did not start: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        log.contains("running as root without `user`")
+            && log.contains("holds the SSO CA's key as root"),
+        "{log}"
+    );
+}
+
+/// A SIGHUP sent as soon as the issuer logs that it listens reloads it.
+/// The handler used to be installed only after the first CRL check, which
+/// waits up to 5 s for the store's lock: a reload in between met SIGHUP's
+/// default action and ended the issuer (seen as a flaky SIGHUP test under
+/// load). Here the lock is held over the start, so that check waits its 5 s.
+#[test]
+fn a_sighup_as_soon_as_the_issuer_listens_reloads_rather_than_ends_it() {
+    let mut held = None;
+    let sso = start_full(
+        "",
+        "[profile]\nrequire_amr = [\"mfa\", \"otp\"]\nemail_domains = [\"example.internal\"]\n",
+        |dir| {
+            let lock = std::fs::File::open(dir.join("sso")).unwrap();
+            lock.lock().unwrap();
+            held = Some(lock);
+        },
+    );
+    process::signal(&sso._issuer.0, "HUP");
+    let until = Instant::now() + STEP;
+    loop {
+        let log = std::fs::read_to_string(sso.path("issuer.log")).unwrap_or_default();
+        if log.contains("\"event\":\"config_reloaded\"") {
+            break;
+        }
+        let mut issuer = std::fs::read_to_string(format!("/proc/{}/stat", sso._issuer.0.id()))
+            .unwrap_or_default();
+        issuer.truncate(issuer.find(')').map_or(0, |i| i + 3));
+        assert!(
+            !issuer.ends_with(" Z") && !issuer.is_empty(),
+            "the issuer ended on the SIGHUP:\n{log}"
+        );
+        assert!(Instant::now() < until, "no reload after SIGHUP:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
 }

@@ -42,6 +42,14 @@ pub const LONGEST_LIFETIME: Duration = Duration::from_secs(7 * 86_400);
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     pub listen: SocketAddr,
+    /// The user the issuer runs as, started as root: once `listen` and
+    /// `metrics_listen` are bound and before anything is read from the
+    /// network or `ca_dir`, it takes this user's uid and group, no
+    /// supplementary groups and no capabilities (see
+    /// `privilege::drop_alone`). `ca_dir` must be this user's. None: the
+    /// issuer stays who it was started as (warned about when root).
+    #[serde(default)]
+    pub user: Option<String>,
     /// Where `GET /metrics` is served, in plain HTTP, to whoever reaches
     /// it: a loopback address only (scrape it from the host, or through a
     /// local agent), as the gateway's own `admin`. None: not served. Never
@@ -369,6 +377,7 @@ impl IssuerConfig {
     pub fn check_reload(&self, new: &IssuerConfig, path: &Path) -> Result<(), ConfigError> {
         let changed = [
             ("listen", self.listen != new.listen),
+            ("user", self.user != new.user),
             ("metrics_listen", self.metrics_listen != new.metrics_listen),
             ("ca_dir", self.ca_dir != new.ca_dir),
             ("oidc", self.oidc != new.oidc),
@@ -985,6 +994,7 @@ email_domains = ["example.internal"]
                 "limits",
                 format!("{GOOD}[limits]\nper_user = {{ burst = 1, per_hour = 1 }}\n"),
             ),
+            ("user", format!("user = \"nobody\"\n{GOOD}")),
         ] {
             let new = parse(&text).unwrap();
             let e = old

@@ -56,6 +56,55 @@ impl Limiter {
     }
 }
 
+/// The issuer's refusal log lines, per key (a device and a reason): a
+/// burst, then one a minute. Every refusal is counted in the metrics, but
+/// a line each let one enrolled device, repeating a request that is
+/// refused cheaply (a lifetime over the maximum, past its rate limit),
+/// write as fast as it could send: a full disk, or the lines that matter
+/// lost among them. A line left out is counted (`unlogged`) and the next
+/// line for its key says how many were.
+pub struct LogLimiter {
+    lines: Limiter,
+    /// Left out since the key's last line (keys at most `MAX_KEYS`; past
+    /// that, counted only in the metrics).
+    unlogged: Mutex<HashMap<String, u64>>,
+}
+
+/// Lines per key at once, and per hour after.
+pub const LOG_BURST: u32 = 5;
+pub const LOG_PER_HOUR: u32 = 60;
+
+impl Default for LogLimiter {
+    fn default() -> Self {
+        LogLimiter {
+            lines: Limiter::new(Rate {
+                burst: LOG_BURST,
+                per_hour: LOG_PER_HOUR,
+            }),
+            unlogged: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl LogLimiter {
+    /// Whether a line for `key` may be written at `now`: `Some(n)`, with
+    /// `n` lines left out for it since its last one; `None`: leave it out.
+    pub fn admit(&self, key: &str, now: Instant) -> Option<u64> {
+        let mut unlogged = self.unlogged.lock().unwrap_or_else(|p| p.into_inner());
+        match self.lines.take(key, now) {
+            Ok(()) => Some(unlogged.remove(key).unwrap_or(0)),
+            Err(_) => {
+                if let Some(n) = unlogged.get_mut(key) {
+                    *n += 1;
+                } else if unlogged.len() < MAX_KEYS {
+                    unlogged.insert(key.to_owned(), 1);
+                }
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +128,26 @@ mod tests {
         l.take("alice", t0 + Duration::from_secs(61))
             .expect("one token a minute at 60 an hour");
         l.take("alice", t0 + Duration::from_secs(62)).unwrap_err();
+    }
+
+    #[test]
+    fn log_lines_a_burst_then_one_a_minute_saying_how_many_were_left_out() {
+        let l = LogLimiter::default();
+        let t0 = Instant::now();
+        for _ in 0..LOG_BURST {
+            assert_eq!(l.admit("laptop|lifetime", t0), Some(0));
+        }
+        for _ in 0..100 {
+            assert_eq!(l.admit("laptop|lifetime", t0), None);
+        }
+        assert_eq!(l.admit("laptop|nonce", t0), Some(0), "its own key");
+        assert_eq!(
+            l.admit("laptop|lifetime", t0 + Duration::from_secs(61)),
+            Some(100)
+        );
+        assert_eq!(
+            l.admit("laptop|lifetime", t0 + Duration::from_secs(62)),
+            None
+        );
     }
 }

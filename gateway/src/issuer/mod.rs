@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::identity::Identity;
 use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
-use limit::Limiter;
+use limit::{Limiter, LogLimiter};
 use nonce::{NonceError, Nonces, SignIns, UsedTokens};
 use oidc::{Claims, KeySource, OidcError, TokenVerifier};
 
@@ -67,6 +67,10 @@ pub enum Refusal {
         "an ID token without a nonce is taken only from a sign-in the user just authenticated for (device grant), and {0}: sign in again with the device flow"
     )]
     NotFreshSignIn(String),
+    #[error(
+        "the ID token's auth_time {auth_time} is after now ({now}, seconds since the epoch) by more than the leeway: a sign-in cannot be in the future (check the provider's clock)"
+    )]
+    AuthInFuture { auth_time: u64, now: u64 },
     #[error("ID token has no verified email (email_verified must be true)")]
     NoVerifiedEmail,
     #[error("user {0:?} is not one this issuer may name (email domain or address not usable)")]
@@ -116,6 +120,7 @@ impl Refusal {
             Refusal::NoMfa { .. } => "no_mfa",
             Refusal::AuthTooOld { .. } => "auth_too_old",
             Refusal::NotFreshSignIn(_) => "not_fresh_sign_in",
+            Refusal::AuthInFuture { .. } => "auth_time_in_future",
             Refusal::NoVerifiedEmail | Refusal::UserNotMapped(_) => "user_not_mapped",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
@@ -261,6 +266,9 @@ pub struct Counters {
     /// Waits for the store's lock that ran out (`LOCK_WAIT`), by a
     /// sign-in or a CRL check: someone held it far longer than a change.
     pub store_lock_timeouts: u64,
+    /// Refusals counted in `refused` but not logged: past `LogLimiter`'s
+    /// lines for their device and reason.
+    pub refusals_unlogged: u64,
 }
 
 pub struct Issuer {
@@ -277,6 +285,8 @@ pub struct Issuer {
     sign_ins: SignIns,
     per_user: Limiter,
     per_device: Limiter,
+    /// The refusal log lines, per device and reason (see `LogLimiter`).
+    refusal_lines: LogLimiter,
     /// One signer at a time (the index is read, extended and rewritten)
     /// by the store's own lock, across processes and threads alike: no
     /// Mutex here, which a sign-in would wait on inside the runtime.
@@ -449,6 +459,21 @@ pub fn profile_of<'a>(
         })
 }
 
+/// An `auth_time` no later than now and `leeway` (the clock skew allowed
+/// on `iat` and `nbf`). A later one is refused whatever the profile: its
+/// age would count as 0, so it passed `max_auth_age` however long the
+/// provider's clock (or a token crafted with it) put it ahead, and a
+/// sign-in remembered for renewal with it stayed young for as long.
+fn auth_time_not_in_future(auth_time: Option<u64>, leeway: Duration) -> Result<(), Refusal> {
+    let now = jsonwebtoken::get_current_timestamp();
+    match auth_time {
+        Some(t) if t > now.saturating_add(leeway.as_secs()) => {
+            Err(Refusal::AuthInFuture { auth_time: t, now })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// With `max_auth_age`: the user authenticated (and did the MFA the token
 /// reports) within it. `amr`/`acr` say how, not when: a provider session
 /// signed into weeks ago completes a sign-in silently.
@@ -458,6 +483,7 @@ fn auth_age(
     auth_time: Option<u64>,
     leeway: Duration,
 ) -> Result<(), Refusal> {
+    auth_time_not_in_future(auth_time, leeway)?;
     let Some(max) = profile.max_auth_age else {
         return Ok(());
     };
@@ -520,6 +546,7 @@ impl Issuer {
             sign_ins: SignIns::default(),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
+            refusal_lines: LogLimiter::default(),
             store,
             ca_pem,
             counters: Mutex::new(Counters::default()),
@@ -663,8 +690,17 @@ impl Issuer {
         let device = device
             .and_then(|d| d.device(&self.config.load().device_san_prefix))
             .unwrap_or("-");
+        // Counted above whatever happens; logged within the device's
+        // lines for this reason (a refusal without a device shares "-").
+        let Some(unlogged) = self
+            .refusal_lines
+            .admit(&format!("{device}|{reason}"), Instant::now())
+        else {
+            self.count(|c| c.refusals_unlogged += 1);
+            return;
+        };
         tracing::warn!(target: "gateway::issuer", event = "refused", reason, device,
-            user = user.unwrap_or("-"), profile, error = %e, "certificate refused");
+            user = user.unwrap_or("-"), profile, unlogged, error = %e, "certificate refused");
     }
 
     /// `POST /v1/certificate`: the whole decision, then the signature.
@@ -714,8 +750,21 @@ impl Issuer {
     ) -> Result<CertificateResponse, Refusal> {
         let config = self.current_config();
         let (device_cert, device) = self.device_id(device)?;
-        let (profile_name, profile) = profile_of(&config, asked)?;
-        *named = Some(profile_name.to_owned());
+        let profile = profile_of(&config, asked);
+        if let Ok((name, _)) = &profile {
+            *named = Some((*name).to_owned());
+        }
+        // The device's bucket before anything else a device can repeat
+        // cheaply to be refused (an unknown profile, a lifetime over the
+        // maximum), and before any work on the token: a device that
+        // floods is stopped at its rate.
+        self.per_device
+            .take(device, Instant::now())
+            .map_err(|retry_after| Refusal::RateLimited {
+                who: "this device",
+                retry_after,
+            })?;
+        let (profile_name, profile) = profile?;
         if grant == Grant::Refresh && !profile.refresh {
             return Err(Refusal::RefreshNotAllowed);
         }
@@ -732,14 +781,6 @@ impl Issuer {
         if lifetime < Duration::from_secs(60) {
             return Err(Refusal::BadRequest("lifetime under a minute".into()));
         }
-        // The device's bucket before any work on the token: a device that
-        // floods is stopped cheaply.
-        self.per_device
-            .take(device, Instant::now())
-            .map_err(|retry_after| Refusal::RateLimited {
-                who: "this device",
-                retry_after,
-            })?;
         let claims = self.tokens.verify(&req.id_token).await?;
         *user = claims.email.clone().or(Some(claims.sub.clone()));
         // Replay: a sign-in's token uses up its nonce; a refreshed token's
@@ -780,6 +821,9 @@ impl Issuer {
             }
         }
         mfa(profile, &claims)?;
+        // The token's own `auth_time` too: on renewal `auth_time` is the
+        // earlier of it and the sign-in's, which would hide a later one.
+        auth_time_not_in_future(claims.auth_time, config.oidc.leeway)?;
         auth_age(profile, auth_time, config.oidc.leeway)?;
         let mut sans = user_sans(profile, &claims)?;
         let email = sans.first().cloned().unwrap_or_default();
@@ -870,6 +914,9 @@ impl Issuer {
                 claims.auth_time,
             )
         {
+            // Within the leeway but ahead of this clock: remembered as
+            // now, so renewals end no later than `max_auth_age` from here.
+            let auth_time = auth_time.min(jsonwebtoken::get_current_timestamp());
             let until = auth_time
                 .saturating_add(max.as_secs())
                 .saturating_add(config.oidc.leeway.as_secs());

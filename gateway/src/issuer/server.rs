@@ -257,6 +257,17 @@ pub fn acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
 }
 
+/// Binds `addr` now, outside any runtime: `gateway issuer` binds before
+/// it drops to `user` (a port below 1024 needs root), and the runtime is
+/// built only after the drop (`privilege::drop_alone`).
+pub fn bind_std(addr: SocketAddr) -> Result<std::net::TcpListener, ServerError> {
+    let listen = |source| ServerError::Listen { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(listen)?;
+    // tokio takes only non-blocking sockets (`TcpListener::from_std`).
+    listener.set_nonblocking(true).map_err(listen)?;
+    Ok(listener)
+}
+
 /// Binds `config.listen`.
 pub async fn bind(config: &super::config::IssuerConfig) -> Result<TcpListener, ServerError> {
     TcpListener::bind(config.listen)
@@ -665,6 +676,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         config_reloads,
         config_reload_failures,
         store_lock_timeouts,
+        refusals_unlogged,
         ..
     } = issuer.counters();
     let mut out = String::new();
@@ -723,6 +735,11 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_store_lock_timeouts_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_store_lock_timeouts_total {store_lock_timeouts}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_refusals_unlogged_total Refusals counted in refused_total but not logged: past the log lines one device gets for one reason (5, then one a minute).\n");
+    out.push_str("# TYPE gateway_issuer_refusals_unlogged_total counter\n");
+    out.push_str(&format!(
+        "gateway_issuer_refusals_unlogged_total {refusals_unlogged}\n"
     ));
     out.push_str("# HELP gateway_issuer_refused_total Requests refused, by profile (\"-\": before one was known) and reason.\n");
     out.push_str("# TYPE gateway_issuer_refused_total counter\n");

@@ -1172,6 +1172,134 @@ async fn the_issuer_re_signs_the_crl_before_it_goes_stale_keeping_every_revocati
     ));
 }
 
+/// Log lines written while `f` runs (this thread's subscriber).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An enrolled device repeating a request refused cheaply (a lifetime
+/// over the profile's maximum, before its token is even read) wrote a
+/// log line each time, and was never rate limited: the lifetime was
+/// checked before the device's bucket. Now the bucket comes first (past
+/// it: 429), and refusal lines are limited per device and reason (5, then
+/// one a minute), each counted in the metrics whether logged or not; the
+/// next line says how many were left out.
+#[tokio::test]
+async fn a_flood_of_cheap_refusals_is_rate_limited_and_not_logged_each_time() {
+    let s = setup("max_lifetime = \"12h\"\n[limits]\nper_device = { burst = 3, per_hour = 20 }");
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let mut answered = std::collections::BTreeMap::<(&str, u16), u32>::new();
+    for _ in 0..200 {
+        let req = CertificateRequest {
+            id_token: "not even read".into(),
+            csr: String::new(),
+            lifetime: Some("30d".into()),
+        };
+        let e = s
+            .issuer
+            .issue(Some(&device(LAPTOP)), req)
+            .await
+            .unwrap_err();
+        *answered.entry((e.reason(), e.status())).or_default() += 1;
+    }
+    assert_eq!(
+        answered,
+        [(("lifetime", 400), 3), (("rate_limited", 429), 197)].into(),
+        "the device's bucket holds 3"
+    );
+    let c = s.issuer.counters();
+    assert_eq!(c.refused.get("lifetime"), Some(&3));
+    assert_eq!(c.refused.get("rate_limited"), Some(&197), "each counted");
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines = logged.matches("certificate refused").count();
+    assert_eq!(
+        lines,
+        3 + limit::LOG_BURST as usize,
+        "3 lifetime lines and the first rate_limited ones, not 200: {logged}"
+    );
+    assert_eq!(c.refusals_unlogged, 200 - lines as u64);
+    let metrics = server::metrics(&s.issuer);
+    assert!(
+        metrics.contains(&format!(
+            "gateway_issuer_refusals_unlogged_total {}\n",
+            200 - lines
+        )),
+        "{metrics}"
+    );
+}
+
+/// An `auth_time` in the future counted as age 0 and passed
+/// `max_auth_age`: a provider clock (or a token) an hour ahead bought an
+/// hour more of renewals. Later than now and the leeway (30 s) it is
+/// refused, counted as `auth_time_in_future`, on a sign-in and on a
+/// refreshed token (whose own `auth_time` the sign-in's earlier one used
+/// to hide); within the leeway it is taken, and the sign-in is remembered
+/// for renewal as authenticated now, not later.
+#[tokio::test]
+async fn an_auth_time_in_the_future_is_refused_and_never_remembered_ahead() {
+    let s = setup(
+        "refresh = true\nmax_auth_age = \"1h\"\n[limits]\nper_device = { burst = 50, per_hour = 50 }\nper_user = { burst = 50, per_hour = 50 }",
+    );
+    let laptop = device(LAPTOP);
+    let e = s
+        .refused(s.token(|c| c["auth_time"] = json!(now() + 3600)))
+        .await;
+    assert_eq!(
+        (e.reason(), e.status()),
+        ("auth_time_in_future", 403),
+        "{e}"
+    );
+    assert!(e.to_string().contains("cannot be in the future"), "{e}");
+    assert_eq!(
+        s.issuer.counters().refused.get("auth_time_in_future"),
+        Some(&1)
+    );
+
+    let nonce = s.issuer.nonce(Some(&laptop)).unwrap();
+    let mut c = claims(&nonce);
+    c["auth_time"] = json!(now() + 20);
+    s.issuer
+        .issue(Some(&laptop), request(token(&s.key, &c)))
+        .await
+        .expect("within the leeway");
+    let remembered = s
+        .issuer
+        .sign_ins
+        .check(Some(&nonce), LAPTOP, "u-1", "default")
+        .unwrap();
+    assert!(remembered <= now(), "remembered ahead: {remembered}");
+
+    let mut r = claims(&nonce);
+    r["auth_time"] = json!(now() + 3600);
+    r["iat"] = json!(now() - 1);
+    let e = s
+        .issuer
+        .issue_as(
+            Some(&laptop),
+            request(token(&s.key, &r)),
+            Grant::Refresh,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "auth_time_in_future", "{e}");
+}
+
 /// Findings of the attacker's review (reviews1): each test asserts the
 /// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;

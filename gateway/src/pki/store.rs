@@ -343,6 +343,36 @@ impl Store {
         Ok(())
     }
 
+    /// Refuses a store the issuer's `user` (`uid`, named `user`) does not
+    /// own: the directory, where it writes `index.json` and `crl.pem` by
+    /// rename and takes the lock, and the two private files it reads and
+    /// rewrites (`intermediate.key`, `index.json`). Checked as root before
+    /// the drop, so the error names the owner rather than a later
+    /// "permission denied".
+    pub fn check_owner(&self, uid: u32, user: &str) -> Result<(), PkiError> {
+        use std::os::unix::fs::MetadataExt as _;
+        for path in [
+            self.dir.clone(),
+            self.path("intermediate.key"),
+            self.path("index.json"),
+        ] {
+            let meta = std::fs::symlink_metadata(&path).map_err(self.io(&path))?;
+            if meta.uid() != uid {
+                return Err(PkiError::Store {
+                    path,
+                    message: format!(
+                        "belongs to uid {}, not to user {user:?} (uid {uid}) whom the issuer runs as \
+                         (`user` in issuer.toml): it signs and writes there as that user; \
+                         chown -R {user}: {}",
+                        meta.uid(),
+                        self.dir.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn index(&self) -> Result<Index, PkiError> {
         let text = self.read("index.json")?;
         serde_json::from_str(&text).map_err(|e| PkiError::Store {
