@@ -226,9 +226,97 @@ impl Store {
         Ok((meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
     }
 
+    /// A store file's text, read only as what a store file is: opened
+    /// without following a symlink and without blocking (O_NOFOLLOW,
+    /// O_NONBLOCK: a FIFO planted there stalls no one), a regular file
+    /// (checked on the open descriptor, so no swap between check and
+    /// read), and, when root reads (`sudo gateway pki revoke` in the
+    /// issuer's store), owned by the directory's owner or by root. The
+    /// store's owner (or code running as that user) could otherwise link
+    /// `root.crl.pem` to a file only root may read, and root's next command
+    /// would copy it into `crl.pem`, 0644 (review 4, S4-2). The error
+    /// names the file.
     fn read(&self, name: &str) -> Result<String, PkiError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let path = self.path(name);
-        std::fs::read_to_string(&path).map_err(self.io(&path))
+        let refused = |message: String| PkiError::Store {
+            path: path.clone(),
+            message,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    refused(
+                        "is a symbolic link: the store's files are read only as regular files, never through a link"
+                            .into(),
+                    )
+                } else {
+                    self.io(&path)(e)
+                }
+            })?;
+        let meta = file.metadata().map_err(self.io(&path))?;
+        if !meta.file_type().is_file() {
+            return Err(refused("is not a regular file".into()));
+        }
+        if crate::safe_dir::euid() == 0 {
+            let dir_owner = std::fs::metadata(&self.dir)
+                .map_err(self.io(&self.dir))?
+                .uid();
+            let owner = meta.uid();
+            if owner != 0 && owner != dir_owner {
+                return Err(refused(format!(
+                    "belongs to uid {owner}, neither the store directory's owner (uid {dir_owner}) nor root: root does not read it"
+                )));
+            }
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(self.io(&path))?;
+        Ok(text)
+    }
+
+    /// `read`, and None when there is no such file.
+    fn read_if_present(&self, name: &str) -> Result<Option<String>, PkiError> {
+        match self.read(name) {
+            Ok(text) => Ok(Some(text)),
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The CRLs in the store file `name`, every one issued by the
+    /// certificate in the store file `issuer`: see `parse_crls`. What is
+    /// written out of them is their DER, never the file's bytes.
+    fn read_crls(&self, name: &str, issuer: &str) -> Result<Vec<StoredCrl>, PkiError> {
+        let text = self.read(name)?;
+        let subject = self.subject_of(issuer)?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path(name),
+            message,
+        };
+        let crls = parse_crls(&text).map_err(bad)?;
+        if crls.iter().any(|c| c.issuer != subject) {
+            return Err(bad(format!("holds a CRL not issued by {issuer}")));
+        }
+        Ok(crls)
+    }
+
+    /// The raw subject of the certificate in the store file `name`.
+    fn subject_of(&self, name: &str) -> Result<Vec<u8>, PkiError> {
+        let pem = self.read(name)?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path(name),
+            message,
+        };
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok(cert.subject().as_raw().to_vec())
     }
 
     /// Holds the directory for one change: the index is read, changed and
@@ -372,7 +460,7 @@ impl Store {
     /// The root, with its key: only for what only the root may sign.
     fn root(&self, why: &str) -> Result<Authority, PkiError> {
         let key_path = self.path("root.key");
-        let key = std::fs::read_to_string(&key_path).map_err(|e| PkiError::Store {
+        let key = self.read("root.key").map_err(|e| PkiError::Store {
             path: key_path.clone(),
             message: format!(
                 "{why} needs the root key, which signs the root's CRL: bring root.key back into {} for this command ({e})",
@@ -953,10 +1041,16 @@ impl Store {
             self.publish_root_crl_locked(&root)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
-        // changes daily.
-        let both = match self.read("root.crl.pem") {
-            Ok(root_crl) => format!("{crl}{root_crl}"),
-            Err(_) => {
+        // changes daily. The root's as parsed (each CRL re-encoded from
+        // its DER, issued by the root): never the file's bytes, which
+        // could be anything its owner put there (S4-2).
+        let root_crls = match self.read_if_present("root.crl.pem")? {
+            Some(_) => Some(self.read_crls("root.crl.pem", "root.pem")?),
+            None => None,
+        };
+        let both = match root_crls {
+            Some(root_crls) => format!("{crl}{}", crls_pem(&root_crls)),
+            None => {
                 tracing::warn!(
                     "{}: no root.crl.pem and no root key: crl.pem carries the intermediate's CRL only",
                     self.dir.display()
@@ -970,6 +1064,64 @@ impl Store {
 
 /// The nextUpdate of the intermediate's CRL, and the serials it lists.
 type CrlState = (OffsetDateTime, BTreeSet<Vec<u8>>);
+
+/// One CRL as read from a store file: its DER alone, and what was parsed
+/// from it.
+struct StoredCrl {
+    der: Vec<u8>,
+    issuer: Vec<u8>,
+}
+
+/// The CRLs in `text`: every PEM block must be an `X509 CRL` that parses
+/// whole as one, and there must be one at least. Text around the blocks
+/// is dropped, and only the blocks' DER is ever written again, so nothing
+/// but a CRL goes from a store file into the public `crl.pem`.
+fn parse_crls(text: &str) -> Result<Vec<StoredCrl>, String> {
+    use x509_parser::prelude::FromDer as _;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let mut crls = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|e| format!("not PEM: {e}"))?;
+        if pem.label != "X509 CRL" {
+            return Err(format!(
+                "holds a {:?} block where only CRLs belong",
+                pem.label
+            ));
+        }
+        let issuer = match CertificateRevocationList::from_der(&pem.contents) {
+            Ok(([], crl)) => crl.issuer().as_raw().to_vec(),
+            Ok(_) => return Err("a CRL block with bytes after the CRL".into()),
+            Err(e) => return Err(format!("a block that is not a CRL: {e}")),
+        };
+        crls.push(StoredCrl {
+            der: pem.contents,
+            issuer,
+        });
+    }
+    if crls.is_empty() {
+        return Err("holds no CRL".into());
+    }
+    Ok(crls)
+}
+
+/// `crls` as PEM, from their DER.
+fn crls_pem(crls: &[StoredCrl]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for crl in crls {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&crl.der);
+        out.push_str("-----BEGIN X509 CRL-----\n");
+        let mut rest = b64.as_str();
+        while !rest.is_empty() {
+            let (line, tail) = rest.split_at(rest.len().min(64));
+            out.push_str(line);
+            out.push('\n');
+            rest = tail;
+        }
+        out.push_str("-----END X509 CRL-----\n");
+    }
+    out
+}
 
 /// The serials of the leaves the index records as revoked.
 fn revoked_serials(index: &Index) -> BTreeSet<Vec<u8>> {

@@ -219,13 +219,18 @@ device_grant = true
 /// S4-2: `gateway pki` run as root in a store another user owns (docs/sso.md:
 /// "it works whoever runs the command, root included"; the store is the
 /// issuer's, and the Debian package runs the issuer and the gateway as
-/// one user, `gateway`) reads the store's files by name, following
-/// symlinks, and writes what it read into `crl.pem`, 0644 in a 0711
+/// one user, `gateway`) read the store's files by name, following
+/// symlinks, and wrote what it read into `crl.pem`, 0644 in a 0711
 /// directory, given to the store's owner. The owner (or whoever runs code
-/// as that user) links `root.crl.pem` to any file only root may read;
-/// the operator's next `sudo gateway pki revoke --dir sso SERIAL` copies
-/// it whole into `crl.pem`, which every local user may read by name.
-/// Control: the same revoke without the link writes CRLs only.
+/// as that user) linked `root.crl.pem` to a file only root may read;
+/// the operator's next `sudo gateway pki revoke --dir sso SERIAL` copied
+/// it whole into `crl.pem`, which every local user may read by name
+/// (measured: a 0600 root file's text in crl.pem, 0644, owner nobody,
+/// read by uid 65535). Fixed: store files are opened O_NOFOLLOW, must be
+/// regular files and, for root, the directory owner's or root's, and only
+/// parsed CRLs (re-encoded from their DER) go into `crl.pem`; each
+/// refusal names the file. Control: the same revoke without the link
+/// writes CRLs only.
 #[test]
 fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
     if !is_root() {
@@ -257,41 +262,65 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
     // Control: root revokes; crl.pem holds CRLs only.
     let first = sign_for_alice(&store);
     store.revoke(&first).unwrap();
-    let crl = std::fs::read_to_string(ca.join("crl.pem")).unwrap();
-    assert!(!crl.contains("SECRET-HASH"), "control");
-
-    // The store's owner links root.crl.pem to it (as nobody).
-    let link = ca.join("root.crl.pem");
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("ln -sf {} {}", secret.display(), link.display()))
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    // root's next revoke.
-    let second = sign_for_alice(&store);
-    store.revoke(&second).unwrap();
     let crl = ca.join("crl.pem");
+    let published = std::fs::read_to_string(&crl).unwrap();
+    assert!(!published.contains("SECRET-HASH"), "control");
+    let link = ca.join("root.crl.pem");
+    let root_crl = std::fs::read_to_string(&link).unwrap();
+    let as_nobody = |command: String| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let refused = |why: &str| {
+        let serial = sign_for_alice(&store);
+        let e = store.revoke(&serial).unwrap_err().to_string();
+        assert!(
+            e.contains("NOT published") && e.contains("root.crl.pem") && e.contains(why),
+            "{e}"
+        );
+        let text = std::fs::read_to_string(&crl).unwrap();
+        assert!(!text.contains("SECRET-HASH"), "{text}");
+        assert_eq!(text, published, "crl.pem as it was");
+    };
+
+    // The store's owner links root.crl.pem to it (as nobody): refused.
+    as_nobody(format!("ln -sf {} {}", secret.display(), link.display()));
+    refused("symbolic link");
+    // A hard link (where protected_hardlinks is off): root's own file, a
+    // regular one, but not a CRL.
+    std::fs::remove_file(&link).unwrap();
+    std::fs::hard_link(&secret, &link).unwrap();
+    refused("no CRL");
+    std::fs::remove_file(&link).unwrap();
+    // A third user's file, even a real CRL: root does not read it.
+    std::fs::write(&link, &root_crl).unwrap();
+    std::os::unix::fs::chown(&link, Some(NOBODY + 1), Some(NOBODY + 1)).unwrap();
+    refused("belongs to uid 65535");
+    std::fs::remove_file(&link).unwrap();
+    // The owner's file with text around the root's CRL: only the CRL is
+    // written on.
+    std::fs::write(
+        &link,
+        format!("SECRET-HASH above\n{root_crl}SECRET-HASH below\n"),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let serial = sign_for_alice(&store);
+    store.revoke(&serial).unwrap();
     let text = std::fs::read_to_string(&crl).unwrap();
+    assert!(!text.contains("SECRET-HASH"), "{text}");
+    assert!(
+        text.ends_with(&root_crl),
+        "the root's CRL, re-encoded: {text}"
+    );
     let meta = std::fs::metadata(&crl).unwrap();
-    assert!(
-        text.contains("root:$6$SECRET-HASH"),
-        "the root-only file is in crl.pem: {text}"
-    );
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
-    // Which nobody (and, by name, every local user) reads.
-    let out = std::process::Command::new("cat")
-        .arg(&crl)
-        .uid(NOBODY + 1)
-        .gid(NOBODY + 1)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SECRET-HASH"),
-        "{out:?}"
-    );
 }
 
 /// S4-3: S2-5's fix publishes at the next check a revocation the index
