@@ -638,6 +638,13 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                     entry.serial,
                     store.path("crl.pem").display()
                 );
+                if intermediate {
+                    // Its key is not needed (it may be gone after a
+                    // compromise): the root's new CRL went in as it is.
+                    println!(
+                        "the root's new CRL lists it; the intermediate's own CRL in crl.pem was kept as it was (not re-signed)"
+                    );
+                }
             }
         }
         PkiCommand::Crl {

@@ -549,6 +549,14 @@ impl Issuer {
         };
         match &result {
             Ok(CrlRefresh::Fresh { .. }) => {}
+            Ok(CrlRefresh::RootPublished {
+                revoked_intermediates,
+            }) => {
+                self.count(|c| c.crl_published += 1);
+                tracing::warn!(target: "gateway::issuer", event = "root_crl_published",
+                    revoked_intermediates,
+                    "crl.pem lacked the root's revocation of the intermediate: published now, beside the intermediate's CRL as it was");
+            }
             Ok(CrlRefresh::Published {
                 crl_number,
                 next_update,

@@ -108,6 +108,12 @@ pub enum CrlRefresh {
         revoked: usize,
         pruned: usize,
     },
+    /// `crl.pem` lacked the root's revocation of an intermediate the index
+    /// records (a `revoke --intermediate` that failed half-way): the
+    /// root's CRL was written beside the intermediate's CRL, which was
+    /// kept as it was (fresh, and its key not needed). How many
+    /// intermediates the root's CRL lists.
+    RootPublished { revoked_intermediates: usize },
 }
 
 /// How long `init`'s intermediate lives.
@@ -913,9 +919,64 @@ impl Store {
             }
         };
         self.save_index(&index)?;
-        self.publish_root_crl_locked(&root)?;
-        self.publish_crl_locked(Duration::days(7))?;
+        // Into crl.pem without the intermediate's key: after a compromise
+        // it is moved away or destroyed, and signing the intermediate's
+        // CRL first (as before) left the root's revocation out of the
+        // only file routes read (review 4, S4-3).
+        self.publish_root_crl_locked(&root)
+            .and_then(|_| self.publish_root_beside_locked())
+            .map_err(|e| PkiError::Store {
+                path: self.path("crl.pem"),
+                message: format!(
+                    "revocation of the intermediate {} recorded in index.json but NOT published: {e}; \
+                     gateways still accept every certificate it issued until `gateway pki crl --root --dir {}` \
+                     succeeds (a running `gateway issuer` also publishes it at its next minute's check, \
+                     once root.crl.pem lists it)",
+                    entry.serial,
+                    self.dir.display()
+                ),
+            })?;
         Ok(entry)
+    }
+
+    /// Writes `crl.pem` as the intermediate's CRL already in it, kept as
+    /// it was (parsed, issued by the intermediate; none if there is
+    /// none), followed by the root's CRL from `root.crl.pem` (parsed,
+    /// issued by the root), which must list every intermediate the index
+    /// records revoked. Needs neither key.
+    fn publish_root_beside_locked(&self) -> Result<PathBuf, PkiError> {
+        let index = self.index()?;
+        let root_crls = self.read_crls("root.crl.pem", "root.pem")?;
+        let listed: BTreeSet<Vec<u8>> = root_crls.iter().flat_map(|c| c.listed.clone()).collect();
+        if let Some(missing) = index
+            .revoked_intermediates
+            .iter()
+            .find(|e| unhex(&e.serial).is_none_or(|s| !listed.contains(&s)))
+        {
+            return Err(PkiError::Store {
+                path: self.path("root.crl.pem"),
+                message: format!(
+                    "does not list the intermediate {} that index.json records revoked: re-sign it with \
+                     `gateway pki crl --root --dir {}` (needs root.key)",
+                    missing.serial,
+                    self.dir.display()
+                ),
+            });
+        }
+        let kept = self.crl_state()?.intermediate;
+        if kept.is_none() {
+            tracing::warn!(
+                "{}: crl.pem holds no readable CRL of the intermediate to keep: it now carries the root's CRL only",
+                self.dir.display()
+            );
+        }
+        let text = format!(
+            "{}{}",
+            kept.map(|k| crls_pem(std::slice::from_ref(&k)))
+                .unwrap_or_default(),
+            crls_pem(&root_crls)
+        );
+        self.write("crl.pem", &text, false)
     }
 
     /// Re-signs the root's CRL (needs the root key), e.g. before it runs
@@ -924,6 +985,17 @@ impl Store {
         let root = self.root("re-signing the root's CRL")?;
         let _lock = self.lock()?;
         self.publish_root_crl_locked(&root)?;
+        // A revoked intermediate's key may be gone: its CRL is kept as it
+        // is, and the root's revocation still reaches crl.pem.
+        let (serial, _) = self.intermediate_cert()?;
+        if self
+            .index()?
+            .revoked_intermediates
+            .iter()
+            .any(|e| e.serial == serial)
+        {
+            return self.publish_root_beside_locked();
+        }
         self.publish_crl_locked(validity)
     }
 
@@ -951,15 +1023,32 @@ impl Store {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
         let mut index = self.index()?;
+        let state = self.crl_state()?;
+        // The root's revocation of an intermediate first, and without the
+        // intermediate's key (S4-3): a `revoke --intermediate` that wrote
+        // the index but not crl.pem. A failure here (root.crl.pem does not
+        // list it) is returned, after the intermediate's CRL is seen to.
+        let root_missing = index
+            .revoked_intermediates
+            .iter()
+            .any(|e| unhex(&e.serial).is_none_or(|s| !state.root_listed.contains(&s)));
+        let root_published = root_missing.then(|| self.publish_root_beside_locked());
         // Fresh only if it also lists every serial the index calls
         // revoked: a `revoke` whose CRL failed after the index was written
         // (a full disk, a crash, a key briefly unreadable) is published
         // at the next check, not when the CRL happens to be due.
-        if let Some((next_update, listed)) = self.crl_next_update()?
+        if let Some(crl) = &state.intermediate
+            && let Some(next_update) = crl.next_update
             && next_update - now > republish_before
-            && revoked_serials(&index).is_subset(&listed)
+            && revoked_serials(&index).is_subset(&crl.listed)
         {
-            return Ok(CrlRefresh::Fresh { next_update });
+            return match root_published {
+                None => Ok(CrlRefresh::Fresh { next_update }),
+                Some(Ok(_)) => Ok(CrlRefresh::RootPublished {
+                    revoked_intermediates: index.revoked_intermediates.len(),
+                }),
+                Some(Err(e)) => Err(e),
+            };
         }
         let before = index.issued.len();
         let cutoff = now - retention;
@@ -972,6 +1061,9 @@ impl Store {
             self.save_index(&index)?;
         }
         self.publish_crl_locked(validity)?;
+        if let Some(Err(e)) = root_published {
+            return Err(e);
+        }
         let index = self.index()?;
         Ok(CrlRefresh::Published {
             crl_number: index.crl_number,
@@ -985,34 +1077,27 @@ impl Store {
         })
     }
 
-    /// The nextUpdate of the intermediate's CRL in `crl.pem`, and the
-    /// serials it lists; None when the file is missing or holds no readable
-    /// CRL of the intermediate with a nextUpdate (then it is due anyway).
-    fn crl_next_update(&self) -> Result<Option<CrlState>, PkiError> {
-        use x509_parser::prelude::FromDer as _;
-        use x509_parser::revocation_list::CertificateRevocationList;
+    /// What `crl.pem` holds: the intermediate's CRL, and the serials the
+    /// root's lists. Nothing when the file is missing or does not parse
+    /// whole as CRLs (then it is due anyway).
+    fn crl_state(&self) -> Result<CrlState, PkiError> {
         let Ok(text) = self.read("crl.pem") else {
-            return Ok(None);
+            return Ok(CrlState::default());
         };
-        let subject = self.with_intermediate(|cert| Ok(cert.subject().as_raw().to_vec()))?;
-        for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
-            let Ok(pem) = pem else { break };
-            let Ok((_, crl)) = CertificateRevocationList::from_der(&pem.contents) else {
-                continue;
-            };
-            if crl.issuer().as_raw() != subject.as_slice() {
-                continue;
+        let Ok(crls) = parse_crls(&text) else {
+            return Ok(CrlState::default());
+        };
+        let intermediate = self.subject_of("intermediate.pem")?;
+        let root = self.subject_of("root.pem")?;
+        let mut state = CrlState::default();
+        for crl in crls {
+            if crl.issuer == root {
+                state.root_listed.extend(crl.listed.iter().cloned());
+            } else if crl.issuer == intermediate && state.intermediate.is_none() {
+                state.intermediate = Some(crl);
             }
-            let listed = crl
-                .iter_revoked_certificates()
-                .map(|r| r.raw_serial().to_vec())
-                .collect();
-            return Ok(crl
-                .next_update()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok())
-                .map(|t| (t, listed)));
         }
-        Ok(None)
+        Ok(state)
     }
 
     /// Signs and writes the intermediate's CRL listing every revoked serial,
@@ -1062,14 +1147,22 @@ impl Store {
     }
 }
 
-/// The nextUpdate of the intermediate's CRL, and the serials it lists.
-type CrlState = (OffsetDateTime, BTreeSet<Vec<u8>>);
+/// What `crl.pem` holds (`Store::crl_state`).
+#[derive(Default)]
+struct CrlState {
+    /// The intermediate's CRL.
+    intermediate: Option<StoredCrl>,
+    /// The serials the root's CRL lists (revoked intermediates).
+    root_listed: BTreeSet<Vec<u8>>,
+}
 
 /// One CRL as read from a store file: its DER alone, and what was parsed
 /// from it.
 struct StoredCrl {
     der: Vec<u8>,
     issuer: Vec<u8>,
+    next_update: Option<OffsetDateTime>,
+    listed: BTreeSet<Vec<u8>>,
 }
 
 /// The CRLs in `text`: every PEM block must be an `X509 CRL` that parses
@@ -1088,14 +1181,24 @@ fn parse_crls(text: &str) -> Result<Vec<StoredCrl>, String> {
                 pem.label
             ));
         }
-        let issuer = match CertificateRevocationList::from_der(&pem.contents) {
-            Ok(([], crl)) => crl.issuer().as_raw().to_vec(),
+        let (issuer, next_update, listed) = match CertificateRevocationList::from_der(&pem.contents)
+        {
+            Ok(([], crl)) => (
+                crl.issuer().as_raw().to_vec(),
+                crl.next_update()
+                    .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()),
+                crl.iter_revoked_certificates()
+                    .map(|r| r.raw_serial().to_vec())
+                    .collect(),
+            ),
             Ok(_) => return Err("a CRL block with bytes after the CRL".into()),
             Err(e) => return Err(format!("a block that is not a CRL: {e}")),
         };
         crls.push(StoredCrl {
             der: pem.contents,
             issuer,
+            next_update,
+            listed,
         });
     }
     if crls.is_empty() {

@@ -325,26 +325,28 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
 
 /// S4-3: S2-5's fix publishes at the next check a revocation the index
 /// records but the CRL lacks, for leaves only. The root revoking the SSO
-/// intermediate (`pki revoke --intermediate`, its key compromised) writes
-/// the index and `root.crl.pem`, then `crl.pem` (which routes read); when
-/// that last step fails (a full disk, the intermediate's key moved away
-/// as a compromised key is), the issuer's checks still find `crl.pem`
-/// fresh: routes keep accepting every certificate of the revoked
-/// intermediate until the daily re-signing (`crl_republish_before`), and
-/// the error `pki` printed is a bare I/O error, not "recorded … but NOT
-/// published" as for a leaf. And while the intermediate's key is gone (a
-/// compromised key destroyed or moved off the host), no command can put
-/// the root's revocation into `crl.pem` at all: `pki crl` and `pki crl
-/// --root` sign the intermediate's CRL first, and fail. Control: a
-/// leaf's revocation under the same failure is published at the next
-/// check.
+/// intermediate (`pki revoke --intermediate`, its key compromised) wrote
+/// the index and `root.crl.pem`, then `crl.pem` (which routes read) by
+/// signing the intermediate's CRL first; when that last step failed (a
+/// full disk, the intermediate's key moved away as a compromised key is)
+/// the error was a bare I/O error, and the issuer's checks found
+/// `crl.pem` fresh (measured: three `maintain_crl` returned `Fresh`,
+/// `crl.pem` byte-identical, the revocation only in `root.crl.pem`), and
+/// with the key gone no command (`pki crl`, `pki crl --root`) could put it
+/// in. Fixed: the root's CRL goes into `crl.pem` beside the intermediate's
+/// CRL already there, kept as it was (no intermediate key needed); a
+/// failure says "NOT published"; and the issuer's check publishes it when
+/// the root's CRL in `crl.pem` lacks an intermediate the index records
+/// revoked. Control: a leaf's revocation under the same failure is
+/// published at the next check.
 #[tokio::test]
 async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_while_fresh() {
     let s = setup("");
     let operator = Store::open(&s.ca_dir);
     let key = s.ca_dir.join("intermediate.key");
     let away = s.ca_dir.join("intermediate.key.away");
-    let crl = || std::fs::read(s.ca_dir.join("crl.pem")).unwrap();
+    let crl_path = s.ca_dir.join("crl.pem");
+    let crl = || std::fs::read(&crl_path).unwrap();
     let root_crl = || std::fs::read(s.ca_dir.join("root.crl.pem")).unwrap();
 
     // Control: a leaf.
@@ -365,32 +367,6 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
         let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         crate::pki::store::hex(pem.parse_x509().unwrap().tbs_certificate.raw_serial())
     };
-    let before = crl();
-    std::fs::rename(&key, &away).unwrap();
-    let e = operator
-        .revoke_as(&int_serial, true)
-        .unwrap_err()
-        .to_string();
-    assert!(!e.contains("NOT published"), "a bare error: {e}");
-    // While the intermediate's key is away (destroyed, as a compromised
-    // key may be), no command puts the root's revocation into crl.pem:
-    // each signs the intermediate's CRL first.
-    assert!(operator.publish_crl(time::Duration::days(7)).is_err());
-    assert!(
-        operator
-            .republish_root_crl(time::Duration::days(7))
-            .is_err()
-    );
-    assert_eq!(crl(), before, "crl.pem untouched");
-    std::fs::rename(&away, &key).unwrap();
-    let index = operator.index().unwrap();
-    assert!(
-        index
-            .revoked_intermediates
-            .iter()
-            .any(|i| i.serial == int_serial),
-        "the index records the intermediate revoked"
-    );
     let int_raw: Vec<u8> = (0..int_serial.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&int_serial[i..i + 2], 16).unwrap())
@@ -406,19 +382,69 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
                 .any(|r| r.raw_serial() == int_raw.as_slice())
         })
     };
-    assert!(lists(&root_crl()), "root.crl.pem lists it");
-    // HARM: the issuer's checks leave crl.pem as it was.
-    for _ in 0..3 {
-        assert!(matches!(
-            s.issuer.maintain_crl().unwrap(),
-            CrlRefresh::Fresh { .. }
-        ));
-    }
-    assert_eq!(crl(), before, "crl.pem untouched");
+    // The first CRL of crl.pem: the intermediate's.
+    let first_block = |pem: &[u8]| {
+        x509_parser::pem::Pem::iter_from_buffer(pem)
+            .next()
+            .unwrap()
+            .unwrap()
+            .contents
+    };
+    let before = crl();
+
+    // 1. The revocation fails half-way: crl.pem cannot be replaced (here
+    // a directory in its place). Said plainly.
+    std::fs::remove_file(&crl_path).unwrap();
+    std::fs::create_dir(&crl_path).unwrap();
+    let e = operator
+        .revoke_as(&int_serial, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NOT published"), "{e}");
+    std::fs::remove_dir(&crl_path).unwrap();
+    std::fs::write(&crl_path, &before).unwrap();
+    let index = operator.index().unwrap();
     assert!(
-        !lists(&crl()),
-        "the CRL routes read does not revoke the intermediate"
+        index
+            .revoked_intermediates
+            .iter()
+            .any(|i| i.serial == int_serial),
+        "the index records the intermediate revoked"
     );
+    assert!(lists(&root_crl()), "root.crl.pem lists it");
+    assert!(!lists(&crl()), "not yet in crl.pem");
+    // The issuer's next check publishes it, with the intermediate's key
+    // away: the intermediate's CRL is kept as it was.
+    std::fs::rename(&key, &away).unwrap();
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::RootPublished {
+            revoked_intermediates: 1
+        }
+    ));
+    assert!(
+        lists(&crl()),
+        "the CRL routes read revokes the intermediate"
+    );
+    assert_eq!(first_block(&crl()), first_block(&before), "kept as it was");
+    assert!(super::sso_crl(&s.ca_dir, &leaf).3, "the leaf still listed");
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+
+    // 2. With the key gone, the revocation itself and `pki crl --root`
+    // publish it too.
+    std::fs::write(&crl_path, &before).unwrap();
+    operator.revoke_as(&int_serial, true).unwrap();
+    assert!(lists(&crl()), "revoke --intermediate without its key");
+    std::fs::write(&crl_path, &before).unwrap();
+    operator
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap();
+    assert!(lists(&crl()), "pki crl --root without its key");
+    assert_eq!(first_block(&crl()), first_block(&before), "kept as it was");
+    std::fs::rename(&away, &key).unwrap();
 }
 
 /// S4-4: the Debian package runs the gateway (every route's TLS, facing
