@@ -621,6 +621,11 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                         e.name, e.serial, e.not_after
                     );
                 }
+                // Recorded whether or not it held anything: the issuer
+                // signs for it again only after a re-enrolment.
+                println!(
+                    "{uri} recorded as revoked: the issuer signs nothing more for it unless its device certificate is issued after now"
+                );
                 if revoked.is_empty() {
                     println!("no live certificate bound to {uri}: nothing revoked");
                 } else {

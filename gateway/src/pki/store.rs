@@ -81,6 +81,19 @@ pub struct BoundDevice {
     pub uri: String,
     /// Its certificate's serial, hex.
     pub serial: String,
+    /// Its certificate's notBefore, seconds since the epoch: a device
+    /// `revoke --device` recorded is signed for again only with a
+    /// certificate issued after that (re-enrolled).
+    pub not_before: i64,
+}
+
+/// A device `gateway pki revoke --device` revoked, and when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokedDevice {
+    /// Its device URI.
+    pub uri: String,
+    /// RFC 3339.
+    pub revoked_at: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -93,6 +106,15 @@ pub struct Index {
     /// Intermediates the root revoked.
     #[serde(default)]
     pub revoked_intermediates: Vec<IndexEntry>,
+    /// Devices revoked (`revoke --device`), read under the lock each time
+    /// the issuer signs: it refuses one whose device certificate dates
+    /// from before (S4-7). Kept, never pruned: only an operator adds one
+    /// (a lost or retired device, a few a month at most, ~100 bytes each),
+    /// and no lifetime bounds what a device CA may issue (an MDM's device
+    /// certificates last a year or more), so pruning after any guessed
+    /// lifetime could let the revoked device back in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_devices: Vec<RevokedDevice>,
 }
 
 /// What `Store::refresh_crl` did.
@@ -728,6 +750,9 @@ impl Store {
         self.within_name_constraints(sans)?;
         let _lock = self.lock()?;
         let mut index = self.index()?;
+        if let Some(device) = device {
+            refuse_revoked_device(&index, device)?;
+        }
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
@@ -844,11 +869,24 @@ impl Store {
     /// before that, by the device URI among their SANs. Already revoked
     /// and expired ones are left as they are. Publishes a fresh CRL when
     /// anything was revoked; returns what was.
+    ///
+    /// And records the device revoked, now (even when it holds nothing
+    /// yet): the issuer reads that under the lock when it signs and
+    /// refuses the device unless its certificate was issued after. Before,
+    /// it refused the device only at its next minute's read of the device
+    /// CRLs, and a stolen laptop that renewed meanwhile got a certificate
+    /// on no CRL (S4-7).
     pub fn revoke_device(&self, uri: &str) -> Result<Vec<IndexEntry>, PkiError> {
         let _lock = self.lock()?;
         let mut index = self.index()?;
         let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
         let stamp = rfc3339(now);
+        index.revoked_devices.retain(|d| d.uri != uri);
+        index.revoked_devices.push(RevokedDevice {
+            uri: uri.to_owned(),
+            revoked_at: stamp.clone(),
+        });
         let live = |e: &IndexEntry| {
             OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
                 // Unreadable: revoke rather than guess it ended.
@@ -862,8 +900,8 @@ impl Store {
                 revoked.push(e.clone());
             }
         }
+        self.save_index(&index)?;
         if !revoked.is_empty() {
-            self.save_index(&index)?;
             self.publish_crl_locked(Duration::days(7)).map_err(|e| {
                 let serials: Vec<&str> = revoked.iter().map(|e| e.serial.as_str()).collect();
                 self.not_published(&serials.join(", "), e)
@@ -1224,6 +1262,28 @@ fn crls_pem(crls: &[StoredCrl]) -> String {
         out.push_str("-----END X509 CRL-----\n");
     }
     out
+}
+
+/// Refuses `device` when `revoke --device` recorded its URI and its
+/// certificate's notBefore is not after that: the revoked certificate (or
+/// one from before), not a re-enrolment. A time that does not parse
+/// refuses too.
+fn refuse_revoked_device(index: &Index, device: &BoundDevice) -> Result<(), PkiError> {
+    let Some(revoked) = index.revoked_devices.iter().find(|d| d.uri == device.uri) else {
+        return Ok(());
+    };
+    let at = OffsetDateTime::parse(
+        &revoked.revoked_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(i64::MAX, OffsetDateTime::unix_timestamp);
+    if device.not_before > at {
+        return Ok(());
+    }
+    Err(PkiError::DeviceRevoked {
+        uri: device.uri.clone(),
+        revoked_at: revoked.revoked_at.clone(),
+    })
 }
 
 /// The serials of the leaves the index records as revoked.
