@@ -678,6 +678,11 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                         e.name, e.serial, e.not_after
                     );
                 }
+                // Recorded whether or not it held anything: the issuer
+                // signs for it again only after a re-enrolment.
+                println!(
+                    "{uri} recorded as revoked: the issuer signs nothing more for it unless its device certificate is issued after now"
+                );
                 if revoked.is_empty() {
                     println!("no live certificate bound to {uri}: nothing revoked");
                 } else {
@@ -695,6 +700,13 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                     entry.serial,
                     store.path("crl.pem").display()
                 );
+                if intermediate {
+                    // Its key is not needed (it may be gone after a
+                    // compromise): the root's new CRL went in as it is.
+                    println!(
+                        "the root's new CRL lists it; the intermediate's own CRL in crl.pem was kept as it was (not re-signed)"
+                    );
+                }
             }
         }
         PkiCommand::Crl {

@@ -86,6 +86,10 @@ pub enum Refusal {
         "the device certificate runs out at {device_not_after} (seconds since the epoch), in under a minute: renew the device's enrolment first"
     )]
     DeviceExpiring { device_not_after: i64 },
+    /// The SSO store records the device revoked (`gateway pki revoke
+    /// --device`), and its certificate is from before.
+    #[error("{0}")]
+    DeviceRevoked(String),
     #[error(
         "this issuer's profile does not renew with refresh tokens (refresh = false): sign in again with `gateway login`"
     )]
@@ -125,6 +129,7 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::Lifetime { .. } => "lifetime",
             Refusal::DeviceExpiring { .. } => "device_expiring",
+            Refusal::DeviceRevoked(_) => "device_revoked",
             Refusal::RefreshNotAllowed => "refresh_not_allowed",
             Refusal::UnknownProfile { .. } => "unknown_profile",
             Refusal::BadRequest(_) => "bad_request",
@@ -614,6 +619,14 @@ impl Issuer {
         };
         match &result {
             Ok(CrlRefresh::Fresh { .. }) => {}
+            Ok(CrlRefresh::RootPublished {
+                revoked_intermediates,
+            }) => {
+                self.count(|c| c.crl_published += 1);
+                tracing::warn!(target: "gateway::issuer", event = "root_crl_published",
+                    revoked_intermediates,
+                    "crl.pem lacked the root's revocation of the intermediate: published now, beside the intermediate's CRL as it was");
+            }
             Ok(CrlRefresh::Published {
                 crl_number,
                 next_update,
@@ -863,6 +876,7 @@ impl Issuer {
         let bound = crate::pki::store::BoundDevice {
             uri: device.to_owned(),
             serial: device_cert.serial.replace(':', "").to_ascii_lowercase(),
+            not_before: device_cert.not_before,
         };
         // Off the runtime: the store's lock may be waited for (up to
         // `LOCK_WAIT`), and a blocked worker serves no one else.
@@ -887,6 +901,7 @@ impl Issuer {
         .map_err(|e| Refusal::Internal(format!("signing: {e}")))?;
         let (chain, entry) = signed.map_err(|e| match e {
             crate::pki::PkiError::Rcgen(e) => Refusal::Csr(e.to_string()),
+            e @ crate::pki::PkiError::DeviceRevoked { .. } => Refusal::DeviceRevoked(e.to_string()),
             crate::pki::PkiError::Locked { .. } => {
                 self.count(|c| c.store_lock_timeouts += 1);
                 Refusal::Busy(e.to_string())

@@ -42,6 +42,12 @@ pub enum PkiError {
         path: std::path::PathBuf,
         message: String,
     },
+    /// `gateway pki revoke --device` recorded the device, and its
+    /// certificate is from before that.
+    #[error(
+        "the device {uri} was revoked at {revoked_at} (gateway pki revoke --device) and its device certificate is from before: enrol it again with a new device certificate"
+    )]
+    DeviceRevoked { uri: String, revoked_at: String },
 }
 
 /// The DER of a PEM certificate request that is exactly one `CERTIFICATE

@@ -81,6 +81,19 @@ pub struct BoundDevice {
     pub uri: String,
     /// Its certificate's serial, hex.
     pub serial: String,
+    /// Its certificate's notBefore, seconds since the epoch: a device
+    /// `revoke --device` recorded is signed for again only with a
+    /// certificate issued after that (re-enrolled).
+    pub not_before: i64,
+}
+
+/// A device `gateway pki revoke --device` revoked, and when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokedDevice {
+    /// Its device URI.
+    pub uri: String,
+    /// RFC 3339.
+    pub revoked_at: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -93,6 +106,15 @@ pub struct Index {
     /// Intermediates the root revoked.
     #[serde(default)]
     pub revoked_intermediates: Vec<IndexEntry>,
+    /// Devices revoked (`revoke --device`), read under the lock each time
+    /// the issuer signs: it refuses one whose device certificate dates
+    /// from before (S4-7). Kept, never pruned: only an operator adds one
+    /// (a lost or retired device, a few a month at most, ~100 bytes each),
+    /// and no lifetime bounds what a device CA may issue (an MDM's device
+    /// certificates last a year or more), so pruning after any guessed
+    /// lifetime could let the revoked device back in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_devices: Vec<RevokedDevice>,
 }
 
 /// What `Store::refresh_crl` did.
@@ -108,6 +130,12 @@ pub enum CrlRefresh {
         revoked: usize,
         pruned: usize,
     },
+    /// `crl.pem` lacked the root's revocation of an intermediate the index
+    /// records (a `revoke --intermediate` that failed half-way): the
+    /// root's CRL was written beside the intermediate's CRL, which was
+    /// kept as it was (fresh, and its key not needed). How many
+    /// intermediates the root's CRL lists.
+    RootPublished { revoked_intermediates: usize },
 }
 
 /// How long `init`'s intermediate lives.
@@ -226,9 +254,97 @@ impl Store {
         Ok((meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
     }
 
+    /// A store file's text, read only as what a store file is: opened
+    /// without following a symlink and without blocking (O_NOFOLLOW,
+    /// O_NONBLOCK: a FIFO planted there stalls no one), a regular file
+    /// (checked on the open descriptor, so no swap between check and
+    /// read), and, when root reads (`sudo gateway pki revoke` in the
+    /// issuer's store), owned by the directory's owner or by root. The
+    /// store's owner (or code running as that user) could otherwise link
+    /// `root.crl.pem` to a file only root may read, and root's next command
+    /// would copy it into `crl.pem`, 0644 (review 4, S4-2). The error
+    /// names the file.
     fn read(&self, name: &str) -> Result<String, PkiError> {
+        use std::io::Read as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
         let path = self.path(name);
-        std::fs::read_to_string(&path).map_err(self.io(&path))
+        let refused = |message: String| PkiError::Store {
+            path: path.clone(),
+            message,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    refused(
+                        "is a symbolic link: the store's files are read only as regular files, never through a link"
+                            .into(),
+                    )
+                } else {
+                    self.io(&path)(e)
+                }
+            })?;
+        let meta = file.metadata().map_err(self.io(&path))?;
+        if !meta.file_type().is_file() {
+            return Err(refused("is not a regular file".into()));
+        }
+        if crate::safe_dir::euid() == 0 {
+            let dir_owner = std::fs::metadata(&self.dir)
+                .map_err(self.io(&self.dir))?
+                .uid();
+            let owner = meta.uid();
+            if owner != 0 && owner != dir_owner {
+                return Err(refused(format!(
+                    "belongs to uid {owner}, neither the store directory's owner (uid {dir_owner}) nor root: root does not read it"
+                )));
+            }
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(self.io(&path))?;
+        Ok(text)
+    }
+
+    /// `read`, and None when there is no such file.
+    fn read_if_present(&self, name: &str) -> Result<Option<String>, PkiError> {
+        match self.read(name) {
+            Ok(text) => Ok(Some(text)),
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The CRLs in the store file `name`, every one issued by the
+    /// certificate in the store file `issuer`: see `parse_crls`. What is
+    /// written out of them is their DER, never the file's bytes.
+    fn read_crls(&self, name: &str, issuer: &str) -> Result<Vec<StoredCrl>, PkiError> {
+        let text = self.read(name)?;
+        let subject = self.subject_of(issuer)?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path(name),
+            message,
+        };
+        let crls = parse_crls(&text).map_err(bad)?;
+        if crls.iter().any(|c| c.issuer != subject) {
+            return Err(bad(format!("holds a CRL not issued by {issuer}")));
+        }
+        Ok(crls)
+    }
+
+    /// The raw subject of the certificate in the store file `name`.
+    fn subject_of(&self, name: &str) -> Result<Vec<u8>, PkiError> {
+        let pem = self.read(name)?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path(name),
+            message,
+        };
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok(cert.subject().as_raw().to_vec())
     }
 
     /// Holds the directory for one change: the index is read, changed and
@@ -402,7 +518,7 @@ impl Store {
     /// The root, with its key: only for what only the root may sign.
     fn root(&self, why: &str) -> Result<Authority, PkiError> {
         let key_path = self.path("root.key");
-        let key = std::fs::read_to_string(&key_path).map_err(|e| PkiError::Store {
+        let key = self.read("root.key").map_err(|e| PkiError::Store {
             path: key_path.clone(),
             message: format!(
                 "{why} needs the root key, which signs the root's CRL: bring root.key back into {} for this command ({e})",
@@ -664,6 +780,9 @@ impl Store {
         self.within_name_constraints(sans)?;
         let _lock = self.lock()?;
         let mut index = self.index()?;
+        if let Some(device) = device {
+            refuse_revoked_device(&index, device)?;
+        }
         let int = self.intermediate()?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
@@ -780,11 +899,24 @@ impl Store {
     /// before that, by the device URI among their SANs. Already revoked
     /// and expired ones are left as they are. Publishes a fresh CRL when
     /// anything was revoked; returns what was.
+    ///
+    /// And records the device revoked, now (even when it holds nothing
+    /// yet): the issuer reads that under the lock when it signs and
+    /// refuses the device unless its certificate was issued after. Before,
+    /// it refused the device only at its next minute's read of the device
+    /// CRLs, and a stolen laptop that renewed meanwhile got a certificate
+    /// on no CRL (S4-7).
     pub fn revoke_device(&self, uri: &str) -> Result<Vec<IndexEntry>, PkiError> {
         let _lock = self.lock()?;
         let mut index = self.index()?;
         let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
         let stamp = rfc3339(now);
+        index.revoked_devices.retain(|d| d.uri != uri);
+        index.revoked_devices.push(RevokedDevice {
+            uri: uri.to_owned(),
+            revoked_at: stamp.clone(),
+        });
         let live = |e: &IndexEntry| {
             OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
                 // Unreadable: revoke rather than guess it ended.
@@ -798,8 +930,8 @@ impl Store {
                 revoked.push(e.clone());
             }
         }
+        self.save_index(&index)?;
         if !revoked.is_empty() {
-            self.save_index(&index)?;
             self.publish_crl_locked(Duration::days(7)).map_err(|e| {
                 let serials: Vec<&str> = revoked.iter().map(|e| e.serial.as_str()).collect();
                 self.not_published(&serials.join(", "), e)
@@ -855,9 +987,64 @@ impl Store {
             }
         };
         self.save_index(&index)?;
-        self.publish_root_crl_locked(&root)?;
-        self.publish_crl_locked(Duration::days(7))?;
+        // Into crl.pem without the intermediate's key: after a compromise
+        // it is moved away or destroyed, and signing the intermediate's
+        // CRL first (as before) left the root's revocation out of the
+        // only file routes read (review 4, S4-3).
+        self.publish_root_crl_locked(&root)
+            .and_then(|_| self.publish_root_beside_locked())
+            .map_err(|e| PkiError::Store {
+                path: self.path("crl.pem"),
+                message: format!(
+                    "revocation of the intermediate {} recorded in index.json but NOT published: {e}; \
+                     gateways still accept every certificate it issued until `gateway pki crl --root --dir {}` \
+                     succeeds (a running `gateway issuer` also publishes it at its next minute's check, \
+                     once root.crl.pem lists it)",
+                    entry.serial,
+                    self.dir.display()
+                ),
+            })?;
         Ok(entry)
+    }
+
+    /// Writes `crl.pem` as the intermediate's CRL already in it, kept as
+    /// it was (parsed, issued by the intermediate; none if there is
+    /// none), followed by the root's CRL from `root.crl.pem` (parsed,
+    /// issued by the root), which must list every intermediate the index
+    /// records revoked. Needs neither key.
+    fn publish_root_beside_locked(&self) -> Result<PathBuf, PkiError> {
+        let index = self.index()?;
+        let root_crls = self.read_crls("root.crl.pem", "root.pem")?;
+        let listed: BTreeSet<Vec<u8>> = root_crls.iter().flat_map(|c| c.listed.clone()).collect();
+        if let Some(missing) = index
+            .revoked_intermediates
+            .iter()
+            .find(|e| unhex(&e.serial).is_none_or(|s| !listed.contains(&s)))
+        {
+            return Err(PkiError::Store {
+                path: self.path("root.crl.pem"),
+                message: format!(
+                    "does not list the intermediate {} that index.json records revoked: re-sign it with \
+                     `gateway pki crl --root --dir {}` (needs root.key)",
+                    missing.serial,
+                    self.dir.display()
+                ),
+            });
+        }
+        let kept = self.crl_state()?.intermediate;
+        if kept.is_none() {
+            tracing::warn!(
+                "{}: crl.pem holds no readable CRL of the intermediate to keep: it now carries the root's CRL only",
+                self.dir.display()
+            );
+        }
+        let text = format!(
+            "{}{}",
+            kept.map(|k| crls_pem(std::slice::from_ref(&k)))
+                .unwrap_or_default(),
+            crls_pem(&root_crls)
+        );
+        self.write("crl.pem", &text, false)
     }
 
     /// Re-signs the root's CRL (needs the root key), e.g. before it runs
@@ -866,6 +1053,17 @@ impl Store {
         let root = self.root("re-signing the root's CRL")?;
         let _lock = self.lock()?;
         self.publish_root_crl_locked(&root)?;
+        // A revoked intermediate's key may be gone: its CRL is kept as it
+        // is, and the root's revocation still reaches crl.pem.
+        let (serial, _) = self.intermediate_cert()?;
+        if self
+            .index()?
+            .revoked_intermediates
+            .iter()
+            .any(|e| e.serial == serial)
+        {
+            return self.publish_root_beside_locked();
+        }
         self.publish_crl_locked(validity)
     }
 
@@ -893,15 +1091,32 @@ impl Store {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
         let mut index = self.index()?;
+        let state = self.crl_state()?;
+        // The root's revocation of an intermediate first, and without the
+        // intermediate's key (S4-3): a `revoke --intermediate` that wrote
+        // the index but not crl.pem. A failure here (root.crl.pem does not
+        // list it) is returned, after the intermediate's CRL is seen to.
+        let root_missing = index
+            .revoked_intermediates
+            .iter()
+            .any(|e| unhex(&e.serial).is_none_or(|s| !state.root_listed.contains(&s)));
+        let root_published = root_missing.then(|| self.publish_root_beside_locked());
         // Fresh only if it also lists every serial the index calls
         // revoked: a `revoke` whose CRL failed after the index was written
         // (a full disk, a crash, a key briefly unreadable) is published
         // at the next check, not when the CRL happens to be due.
-        if let Some((next_update, listed)) = self.crl_next_update()?
+        if let Some(crl) = &state.intermediate
+            && let Some(next_update) = crl.next_update
             && next_update - now > republish_before
-            && revoked_serials(&index).is_subset(&listed)
+            && revoked_serials(&index).is_subset(&crl.listed)
         {
-            return Ok(CrlRefresh::Fresh { next_update });
+            return match root_published {
+                None => Ok(CrlRefresh::Fresh { next_update }),
+                Some(Ok(_)) => Ok(CrlRefresh::RootPublished {
+                    revoked_intermediates: index.revoked_intermediates.len(),
+                }),
+                Some(Err(e)) => Err(e),
+            };
         }
         let before = index.issued.len();
         let cutoff = now - retention;
@@ -914,6 +1129,9 @@ impl Store {
             self.save_index(&index)?;
         }
         self.publish_crl_locked(validity)?;
+        if let Some(Err(e)) = root_published {
+            return Err(e);
+        }
         let index = self.index()?;
         Ok(CrlRefresh::Published {
             crl_number: index.crl_number,
@@ -927,34 +1145,27 @@ impl Store {
         })
     }
 
-    /// The nextUpdate of the intermediate's CRL in `crl.pem`, and the
-    /// serials it lists; None when the file is missing or holds no readable
-    /// CRL of the intermediate with a nextUpdate (then it is due anyway).
-    fn crl_next_update(&self) -> Result<Option<CrlState>, PkiError> {
-        use x509_parser::prelude::FromDer as _;
-        use x509_parser::revocation_list::CertificateRevocationList;
+    /// What `crl.pem` holds: the intermediate's CRL, and the serials the
+    /// root's lists. Nothing when the file is missing or does not parse
+    /// whole as CRLs (then it is due anyway).
+    fn crl_state(&self) -> Result<CrlState, PkiError> {
         let Ok(text) = self.read("crl.pem") else {
-            return Ok(None);
+            return Ok(CrlState::default());
         };
-        let subject = self.with_intermediate(|cert| Ok(cert.subject().as_raw().to_vec()))?;
-        for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
-            let Ok(pem) = pem else { break };
-            let Ok((_, crl)) = CertificateRevocationList::from_der(&pem.contents) else {
-                continue;
-            };
-            if crl.issuer().as_raw() != subject.as_slice() {
-                continue;
+        let Ok(crls) = parse_crls(&text) else {
+            return Ok(CrlState::default());
+        };
+        let intermediate = self.subject_of("intermediate.pem")?;
+        let root = self.subject_of("root.pem")?;
+        let mut state = CrlState::default();
+        for crl in crls {
+            if crl.issuer == root {
+                state.root_listed.extend(crl.listed.iter().cloned());
+            } else if crl.issuer == intermediate && state.intermediate.is_none() {
+                state.intermediate = Some(crl);
             }
-            let listed = crl
-                .iter_revoked_certificates()
-                .map(|r| r.raw_serial().to_vec())
-                .collect();
-            return Ok(crl
-                .next_update()
-                .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok())
-                .map(|t| (t, listed)));
         }
-        Ok(None)
+        Ok(state)
     }
 
     /// Signs and writes the intermediate's CRL listing every revoked serial,
@@ -983,10 +1194,16 @@ impl Store {
             self.publish_root_crl_locked(&root)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
-        // changes daily.
-        let both = match self.read("root.crl.pem") {
-            Ok(root_crl) => format!("{crl}{root_crl}"),
-            Err(_) => {
+        // changes daily. The root's as parsed (each CRL re-encoded from
+        // its DER, issued by the root): never the file's bytes, which
+        // could be anything its owner put there (S4-2).
+        let root_crls = match self.read_if_present("root.crl.pem")? {
+            Some(_) => Some(self.read_crls("root.crl.pem", "root.pem")?),
+            None => None,
+        };
+        let both = match root_crls {
+            Some(root_crls) => format!("{crl}{}", crls_pem(&root_crls)),
+            None => {
                 tracing::warn!(
                     "{}: no root.crl.pem and no root key: crl.pem carries the intermediate's CRL only",
                     self.dir.display()
@@ -998,8 +1215,106 @@ impl Store {
     }
 }
 
-/// The nextUpdate of the intermediate's CRL, and the serials it lists.
-type CrlState = (OffsetDateTime, BTreeSet<Vec<u8>>);
+/// What `crl.pem` holds (`Store::crl_state`).
+#[derive(Default)]
+struct CrlState {
+    /// The intermediate's CRL.
+    intermediate: Option<StoredCrl>,
+    /// The serials the root's CRL lists (revoked intermediates).
+    root_listed: BTreeSet<Vec<u8>>,
+}
+
+/// One CRL as read from a store file: its DER alone, and what was parsed
+/// from it.
+struct StoredCrl {
+    der: Vec<u8>,
+    issuer: Vec<u8>,
+    next_update: Option<OffsetDateTime>,
+    listed: BTreeSet<Vec<u8>>,
+}
+
+/// The CRLs in `text`: every PEM block must be an `X509 CRL` that parses
+/// whole as one, and there must be one at least. Text around the blocks
+/// is dropped, and only the blocks' DER is ever written again, so nothing
+/// but a CRL goes from a store file into the public `crl.pem`.
+fn parse_crls(text: &str) -> Result<Vec<StoredCrl>, String> {
+    use x509_parser::prelude::FromDer as _;
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let mut crls = Vec::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|e| format!("not PEM: {e}"))?;
+        if pem.label != "X509 CRL" {
+            return Err(format!(
+                "holds a {:?} block where only CRLs belong",
+                pem.label
+            ));
+        }
+        let (issuer, next_update, listed) = match CertificateRevocationList::from_der(&pem.contents)
+        {
+            Ok(([], crl)) => (
+                crl.issuer().as_raw().to_vec(),
+                crl.next_update()
+                    .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()),
+                crl.iter_revoked_certificates()
+                    .map(|r| r.raw_serial().to_vec())
+                    .collect(),
+            ),
+            Ok(_) => return Err("a CRL block with bytes after the CRL".into()),
+            Err(e) => return Err(format!("a block that is not a CRL: {e}")),
+        };
+        crls.push(StoredCrl {
+            der: pem.contents,
+            issuer,
+            next_update,
+            listed,
+        });
+    }
+    if crls.is_empty() {
+        return Err("holds no CRL".into());
+    }
+    Ok(crls)
+}
+
+/// `crls` as PEM, from their DER.
+fn crls_pem(crls: &[StoredCrl]) -> String {
+    use base64::Engine as _;
+    let mut out = String::new();
+    for crl in crls {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&crl.der);
+        out.push_str("-----BEGIN X509 CRL-----\n");
+        let mut rest = b64.as_str();
+        while !rest.is_empty() {
+            let (line, tail) = rest.split_at(rest.len().min(64));
+            out.push_str(line);
+            out.push('\n');
+            rest = tail;
+        }
+        out.push_str("-----END X509 CRL-----\n");
+    }
+    out
+}
+
+/// Refuses `device` when `revoke --device` recorded its URI and its
+/// certificate's notBefore is not after that: the revoked certificate (or
+/// one from before), not a re-enrolment. A time that does not parse
+/// refuses too.
+fn refuse_revoked_device(index: &Index, device: &BoundDevice) -> Result<(), PkiError> {
+    let Some(revoked) = index.revoked_devices.iter().find(|d| d.uri == device.uri) else {
+        return Ok(());
+    };
+    let at = OffsetDateTime::parse(
+        &revoked.revoked_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .map_or(i64::MAX, OffsetDateTime::unix_timestamp);
+    if device.not_before > at {
+        return Ok(());
+    }
+    Err(PkiError::DeviceRevoked {
+        uri: device.uri.clone(),
+        revoked_at: revoked.revoked_at.clone(),
+    })
+}
 
 /// The serials of the leaves the index records as revoked.
 fn revoked_serials(index: &Index) -> BTreeSet<Vec<u8>> {

@@ -244,13 +244,18 @@ device_grant = true
 /// S4-2: `gateway pki` run as root in a store another user owns (docs/sso.md:
 /// "it works whoever runs the command, root included"; the store is the
 /// issuer's, and the Debian package runs the issuer and the gateway as
-/// one user, `gateway`) reads the store's files by name, following
-/// symlinks, and writes what it read into `crl.pem`, 0644 in a 0711
+/// one user, `gateway`) read the store's files by name, following
+/// symlinks, and wrote what it read into `crl.pem`, 0644 in a 0711
 /// directory, given to the store's owner. The owner (or whoever runs code
-/// as that user) links `root.crl.pem` to any file only root may read;
-/// the operator's next `sudo gateway pki revoke --dir sso SERIAL` copies
-/// it whole into `crl.pem`, which every local user may read by name.
-/// Control: the same revoke without the link writes CRLs only.
+/// as that user) linked `root.crl.pem` to a file only root may read;
+/// the operator's next `sudo gateway pki revoke --dir sso SERIAL` copied
+/// it whole into `crl.pem`, which every local user may read by name
+/// (measured: a 0600 root file's text in crl.pem, 0644, owner nobody,
+/// read by uid 65535). Fixed: store files are opened O_NOFOLLOW, must be
+/// regular files and, for root, the directory owner's or root's, and only
+/// parsed CRLs (re-encoded from their DER) go into `crl.pem`; each
+/// refusal names the file. Control: the same revoke without the link
+/// writes CRLs only.
 #[test]
 fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
     if !is_root() {
@@ -282,65 +287,91 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
     // Control: root revokes; crl.pem holds CRLs only.
     let first = sign_for_alice(&store);
     store.revoke(&first).unwrap();
-    let crl = std::fs::read_to_string(ca.join("crl.pem")).unwrap();
-    assert!(!crl.contains("SECRET-HASH"), "control");
-
-    // The store's owner links root.crl.pem to it (as nobody).
-    let link = ca.join("root.crl.pem");
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("ln -sf {} {}", secret.display(), link.display()))
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    // root's next revoke.
-    let second = sign_for_alice(&store);
-    store.revoke(&second).unwrap();
     let crl = ca.join("crl.pem");
+    let published = std::fs::read_to_string(&crl).unwrap();
+    assert!(!published.contains("SECRET-HASH"), "control");
+    let link = ca.join("root.crl.pem");
+    let root_crl = std::fs::read_to_string(&link).unwrap();
+    let as_nobody = |command: String| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let refused = |why: &str| {
+        let serial = sign_for_alice(&store);
+        let e = store.revoke(&serial).unwrap_err().to_string();
+        assert!(
+            e.contains("NOT published") && e.contains("root.crl.pem") && e.contains(why),
+            "{e}"
+        );
+        let text = std::fs::read_to_string(&crl).unwrap();
+        assert!(!text.contains("SECRET-HASH"), "{text}");
+        assert_eq!(text, published, "crl.pem as it was");
+    };
+
+    // The store's owner links root.crl.pem to it (as nobody): refused.
+    as_nobody(format!("ln -sf {} {}", secret.display(), link.display()));
+    refused("symbolic link");
+    // A hard link (where protected_hardlinks is off): root's own file, a
+    // regular one, but not a CRL.
+    std::fs::remove_file(&link).unwrap();
+    std::fs::hard_link(&secret, &link).unwrap();
+    refused("no CRL");
+    std::fs::remove_file(&link).unwrap();
+    // A third user's file, even a real CRL: root does not read it.
+    std::fs::write(&link, &root_crl).unwrap();
+    std::os::unix::fs::chown(&link, Some(NOBODY + 1), Some(NOBODY + 1)).unwrap();
+    refused("belongs to uid 65535");
+    std::fs::remove_file(&link).unwrap();
+    // The owner's file with text around the root's CRL: only the CRL is
+    // written on.
+    std::fs::write(
+        &link,
+        format!("SECRET-HASH above\n{root_crl}SECRET-HASH below\n"),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let serial = sign_for_alice(&store);
+    store.revoke(&serial).unwrap();
     let text = std::fs::read_to_string(&crl).unwrap();
+    assert!(!text.contains("SECRET-HASH"), "{text}");
+    assert!(
+        text.ends_with(&root_crl),
+        "the root's CRL, re-encoded: {text}"
+    );
     let meta = std::fs::metadata(&crl).unwrap();
-    assert!(
-        text.contains("root:$6$SECRET-HASH"),
-        "the root-only file is in crl.pem: {text}"
-    );
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
-    // Which nobody (and, by name, every local user) reads.
-    let out = std::process::Command::new("cat")
-        .arg(&crl)
-        .uid(NOBODY + 1)
-        .gid(NOBODY + 1)
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("SECRET-HASH"),
-        "{out:?}"
-    );
 }
 
 /// S4-3: S2-5's fix publishes at the next check a revocation the index
 /// records but the CRL lacks, for leaves only. The root revoking the SSO
-/// intermediate (`pki revoke --intermediate`, its key compromised) writes
-/// the index and `root.crl.pem`, then `crl.pem` (which routes read); when
-/// that last step fails (a full disk, the intermediate's key moved away
-/// as a compromised key is), the issuer's checks still find `crl.pem`
-/// fresh: routes keep accepting every certificate of the revoked
-/// intermediate until the daily re-signing (`crl_republish_before`), and
-/// the error `pki` printed is a bare I/O error, not "recorded … but NOT
-/// published" as for a leaf. And while the intermediate's key is gone (a
-/// compromised key destroyed or moved off the host), no command can put
-/// the root's revocation into `crl.pem` at all: `pki crl` and `pki crl
-/// --root` sign the intermediate's CRL first, and fail. Control: a
-/// leaf's revocation under the same failure is published at the next
-/// check.
+/// intermediate (`pki revoke --intermediate`, its key compromised) wrote
+/// the index and `root.crl.pem`, then `crl.pem` (which routes read) by
+/// signing the intermediate's CRL first; when that last step failed (a
+/// full disk, the intermediate's key moved away as a compromised key is)
+/// the error was a bare I/O error, and the issuer's checks found
+/// `crl.pem` fresh (measured: three `maintain_crl` returned `Fresh`,
+/// `crl.pem` byte-identical, the revocation only in `root.crl.pem`), and
+/// with the key gone no command (`pki crl`, `pki crl --root`) could put it
+/// in. Fixed: the root's CRL goes into `crl.pem` beside the intermediate's
+/// CRL already there, kept as it was (no intermediate key needed); a
+/// failure says "NOT published"; and the issuer's check publishes it when
+/// the root's CRL in `crl.pem` lacks an intermediate the index records
+/// revoked. Control: a leaf's revocation under the same failure is
+/// published at the next check.
 #[tokio::test]
 async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_while_fresh() {
     let s = setup("");
     let operator = Store::open(&s.ca_dir);
     let key = s.ca_dir.join("intermediate.key");
     let away = s.ca_dir.join("intermediate.key.away");
-    let crl = || std::fs::read(s.ca_dir.join("crl.pem")).unwrap();
+    let crl_path = s.ca_dir.join("crl.pem");
+    let crl = || std::fs::read(&crl_path).unwrap();
     let root_crl = || std::fs::read(s.ca_dir.join("root.crl.pem")).unwrap();
 
     // Control: a leaf.
@@ -361,32 +392,6 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
         let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         crate::pki::store::hex(pem.parse_x509().unwrap().tbs_certificate.raw_serial())
     };
-    let before = crl();
-    std::fs::rename(&key, &away).unwrap();
-    let e = operator
-        .revoke_as(&int_serial, true)
-        .unwrap_err()
-        .to_string();
-    assert!(!e.contains("NOT published"), "a bare error: {e}");
-    // While the intermediate's key is away (destroyed, as a compromised
-    // key may be), no command puts the root's revocation into crl.pem:
-    // each signs the intermediate's CRL first.
-    assert!(operator.publish_crl(time::Duration::days(7)).is_err());
-    assert!(
-        operator
-            .republish_root_crl(time::Duration::days(7))
-            .is_err()
-    );
-    assert_eq!(crl(), before, "crl.pem untouched");
-    std::fs::rename(&away, &key).unwrap();
-    let index = operator.index().unwrap();
-    assert!(
-        index
-            .revoked_intermediates
-            .iter()
-            .any(|i| i.serial == int_serial),
-        "the index records the intermediate revoked"
-    );
     let int_raw: Vec<u8> = (0..int_serial.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&int_serial[i..i + 2], 16).unwrap())
@@ -402,19 +407,69 @@ async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_whil
                 .any(|r| r.raw_serial() == int_raw.as_slice())
         })
     };
-    assert!(lists(&root_crl()), "root.crl.pem lists it");
-    // HARM: the issuer's checks leave crl.pem as it was.
-    for _ in 0..3 {
-        assert!(matches!(
-            s.issuer.maintain_crl().unwrap(),
-            CrlRefresh::Fresh { .. }
-        ));
-    }
-    assert_eq!(crl(), before, "crl.pem untouched");
+    // The first CRL of crl.pem: the intermediate's.
+    let first_block = |pem: &[u8]| {
+        x509_parser::pem::Pem::iter_from_buffer(pem)
+            .next()
+            .unwrap()
+            .unwrap()
+            .contents
+    };
+    let before = crl();
+
+    // 1. The revocation fails half-way: crl.pem cannot be replaced (here
+    // a directory in its place). Said plainly.
+    std::fs::remove_file(&crl_path).unwrap();
+    std::fs::create_dir(&crl_path).unwrap();
+    let e = operator
+        .revoke_as(&int_serial, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("NOT published"), "{e}");
+    std::fs::remove_dir(&crl_path).unwrap();
+    std::fs::write(&crl_path, &before).unwrap();
+    let index = operator.index().unwrap();
     assert!(
-        !lists(&crl()),
-        "the CRL routes read does not revoke the intermediate"
+        index
+            .revoked_intermediates
+            .iter()
+            .any(|i| i.serial == int_serial),
+        "the index records the intermediate revoked"
     );
+    assert!(lists(&root_crl()), "root.crl.pem lists it");
+    assert!(!lists(&crl()), "not yet in crl.pem");
+    // The issuer's next check publishes it, with the intermediate's key
+    // away: the intermediate's CRL is kept as it was.
+    std::fs::rename(&key, &away).unwrap();
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::RootPublished {
+            revoked_intermediates: 1
+        }
+    ));
+    assert!(
+        lists(&crl()),
+        "the CRL routes read revokes the intermediate"
+    );
+    assert_eq!(first_block(&crl()), first_block(&before), "kept as it was");
+    assert!(super::sso_crl(&s.ca_dir, &leaf).3, "the leaf still listed");
+    assert!(matches!(
+        s.issuer.maintain_crl().unwrap(),
+        CrlRefresh::Fresh { .. }
+    ));
+
+    // 2. With the key gone, the revocation itself and `pki crl --root`
+    // publish it too.
+    std::fs::write(&crl_path, &before).unwrap();
+    operator.revoke_as(&int_serial, true).unwrap();
+    assert!(lists(&crl()), "revoke --intermediate without its key");
+    std::fs::write(&crl_path, &before).unwrap();
+    operator
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap();
+    assert!(lists(&crl()), "pki crl --root without its key");
+    assert_eq!(first_block(&crl()), first_block(&before), "kept as it was");
+    std::fs::rename(&away, &key).unwrap();
 }
 
 /// S4-4: the Debian package ran the gateway (every route's TLS, facing
@@ -646,13 +701,18 @@ per_device = { burst = 50, per_hour = 50 }
 /// device CA, "the issuer reads the device CA and CRLs again on SIGHUP and
 /// every minute … and from then on refuses the laptop", and revoke its
 /// user certificates (`gateway pki revoke --dir sso --device URI`). Run as
-/// written, one after the other, the second finds the certificates issued
-/// so far; until the issuer's next minute the laptop still signs in and
-/// renews (the issuer never reads the SSO index's revocations), and what
-/// it gets then is in no CRL and stays valid for its whole lifetime. The
-/// thief of a laptop holds its device key and the user's refresh token
-/// (docs: "whoever holds both … renews"), and renews as often as the rate
-/// limit allows. Control: the certificate issued before is revoked.
+/// written, one after the other, the second found the certificates issued
+/// so far; until the issuer's next minute the laptop still signed in and
+/// renewed (the issuer never read the SSO index's revocations), and what
+/// it got then was in no CRL and stayed valid for its whole lifetime
+/// (measured: a new 8-hour certificate right after `revoke_device`, on
+/// no CRL then nor after a `maintain_crl`). The thief of a laptop holds
+/// its device key and the user's refresh token (docs: "whoever holds both
+/// … renews"). Fixed: `revoke --device` records the device and when, and
+/// the issuer, signing under the store's lock, refuses a certificate of
+/// that device from before (403 `device_revoked`, counted); a re-enrolled
+/// laptop (a device certificate issued after) signs in again. Control:
+/// the certificate issued before is revoked.
 #[tokio::test]
 async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_the_issuers_next_minute()
  {
@@ -666,21 +726,39 @@ async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_th
     let revoked = Store::open(&s.ca_dir).revoke_device(LAPTOP).unwrap();
     assert_eq!(revoked.len(), 1);
     assert!(super::sso_crl(&s.ca_dir, &before.serial).3, "control");
-    // The laptop asks again before the issuer's next reload.
-    let after = s
+    // The laptop asks again before the issuer's next reload: refused.
+    let e = s
         .issuer
         .issue(Some(&laptop), request(s.token(|_| {})))
         .await
-        .expect("issued to the device just revoked");
-    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "on no CRL");
-    assert!(matches!(
-        s.issuer.maintain_crl().unwrap(),
-        CrlRefresh::Fresh { .. }
-    ));
-    assert!(!super::sso_crl(&s.ca_dir, &after.serial).3, "nor later");
-    let id = leaf_identity(&after);
+        .unwrap_err();
+    assert_eq!((e.reason(), e.status()), ("device_revoked", 403), "{e}");
+    assert!(e.to_string().contains(LAPTOP), "{e}");
+    assert_eq!(s.issuer.counters().refused.get("device_revoked"), Some(&1));
+    // A device revoked before it ever signed in: refused too.
+    let fresh = device(OTHER_LAPTOP);
     assert!(
-        id.not_after - now() as i64 > 7 * 3600,
-        "valid for its 8 hours"
+        Store::open(&s.ca_dir)
+            .revoke_device(OTHER_LAPTOP)
+            .unwrap()
+            .is_empty()
     );
+    let e = s
+        .issuer
+        .issue(Some(&fresh), {
+            let nonce = s.issuer.nonce(Some(&fresh)).unwrap();
+            request(token(&s.key, &claims(&nonce)))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "device_revoked", "{e}");
+    // Re-enrolled: a device certificate issued after the revocation.
+    let reenrolled = Identity {
+        not_before: now() as i64 + 1,
+        ..device(LAPTOP)
+    };
+    s.issuer
+        .issue(Some(&reenrolled), request(s.token(|_| {})))
+        .await
+        .expect("a re-enrolled laptop signs in again");
 }
