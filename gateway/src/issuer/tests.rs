@@ -79,6 +79,31 @@ fn claims(nonce: &str) -> serde_json::Value {
     })
 }
 
+/// A new store in `dir` (made), its CA named `name`, on P-256.
+fn new_store(dir: &Path, name: &str) -> Store {
+    let store = Store::open(dir);
+    store
+        .init(&InitSpec {
+            name,
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    store
+}
+
+/// A server certificate for `localhost` from `tls`: its PEM and key files.
+fn localhost_cert(tls: &Store) -> (std::path::PathBuf, std::path::PathBuf) {
+    tls.issue(
+        crate::pki::store::Kind::Server,
+        "localhost",
+        &["dns:localhost".into()],
+        None,
+        KeyType::P256,
+    )
+    .unwrap()
+}
+
 /// A device-grant sign-in's claims: no nonce (RFC 8628 has none), and
 /// the user authenticated for it half a minute before it was issued.
 fn device_grant_claims() -> serde_json::Value {
@@ -152,13 +177,7 @@ email_domains = ["example.internal"]
 fn setup_profiles(profiles: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("sso");
-    Store::open(&ca_dir)
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    new_store(&ca_dir, "SSO");
     let text = format!(
         r#"
 listen = "127.0.0.1:0"
@@ -622,14 +641,7 @@ fn a_signing_key_others_can_read_stops_the_issuer() {
 #[test]
 fn issuing_and_revoking_at_once_lose_neither_change() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path());
-    store
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    let store = new_store(dir.path(), "SSO");
     let sign = sign_for_alice;
     let first: Vec<String> = (0..12).map(|_| sign(&store)).collect();
     let (issued, ()) = std::thread::scope(|s| {
@@ -745,22 +757,8 @@ async fn a_client_without_a_certificate_cannot_read_the_metrics() {
     s.issuer.nonce(Some(&device(LAPTOP))).unwrap();
     // The issuer's TLS certificate, from a CA the client trusts.
     let tls_dir = s._dir.path().join("tls");
-    let tls = Store::open(&tls_dir);
-    tls.init(&InitSpec {
-        name: "TLS",
-        key_type: KeyType::P256,
-        permitted_dns: None,
-    })
-    .unwrap();
-    let (cert, key) = tls
-        .issue(
-            crate::pki::store::Kind::Server,
-            "localhost",
-            &["dns:localhost".into()],
-            None,
-            KeyType::P256,
-        )
-        .unwrap();
+    let tls = new_store(&tls_dir, "TLS");
+    let (cert, key) = localhost_cert(&tls);
     let server_tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -933,14 +931,7 @@ fn a_lock_root_left_behind_neither_stops_the_issuers_user_nor_lets_it_in_while_h
     }
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("sso");
-    let store = Store::open(&ca);
-    store
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    let store = new_store(&ca, "SSO");
     let serial = sign_for_alice(&store);
     // The store is the issuer's user's, as /var/lib/gateway-issuer/sso…
     let own = |p: &Path| std::os::unix::fs::chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
@@ -1015,14 +1006,7 @@ fn an_older_binarys_lock_file_keeps_a_newer_one_out() {
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("sso");
-    let store = Store::open(&ca);
-    store
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    let store = new_store(&ca, "SSO");
     let serial = sign_for_alice(&store);
     let old_lock = ca.join(".lock");
     let open_old = || {

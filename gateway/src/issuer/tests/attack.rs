@@ -391,25 +391,9 @@ async fn attackers_holding_every_open_slot_leave_known_networks_the_reserve() {
     use super::slots::{KNOWN_RESERVE, MAX_CONNECTIONS, PER_SOURCE};
     use tokio::io::AsyncReadExt as _;
     let dir = tempfile::tempdir().unwrap();
-    let store = |name: &str| {
-        let s = Store::open(&dir.path().join(name.to_lowercase()));
-        s.init(&InitSpec {
-            name,
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
-        s
-    };
+    let store = |name: &str| new_store(&dir.path().join(name.to_lowercase()), name);
     let (_sso, devices, tls) = (store("SSO"), store("Devices"), store("TLS"));
-    tls.issue(
-        crate::pki::store::Kind::Server,
-        "localhost",
-        &["dns:localhost".into()],
-        None,
-        KeyType::P256,
-    )
-    .unwrap();
+    localhost_cert(&tls);
     let (device_pem, device_key) = devices
         .issue(
             crate::pki::store::Kind::Device,

@@ -204,14 +204,7 @@ fn s2_2_root_revoking_with_a_hardened_umask_leaves_an_index_the_issuers_user_can
     let run = |umask: u32| {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("sso");
-        let store = Store::open(&ca);
-        store
-            .init(&InitSpec {
-                name: "SSO",
-                key_type: KeyType::P256,
-                permitted_dns: None,
-            })
-            .unwrap();
+        let store = new_store(&ca, "SSO");
         let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
         let serial = store
             .sign_request(
@@ -493,14 +486,7 @@ async fn s2_5_a_revocation_whose_crl_failed_stays_unpublished_while_the_crl_is_f
 fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("sso");
-    let store = Store::open(&ca);
-    store
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    let store = new_store(&ca, "SSO");
     let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
     let sign = || {
         store
@@ -636,36 +622,10 @@ async fn serve_config(
 #[tokio::test]
 async fn s2_8_with_the_sso_ca_as_device_trust_a_user_certificate_is_a_device_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let sso = Store::open(&dir.path().join("sso"));
-    sso.init(&InitSpec {
-        name: "SSO",
-        key_type: KeyType::P256,
-        permitted_dns: None,
-    })
-    .unwrap();
-    let devices = Store::open(&dir.path().join("devices"));
-    devices
-        .init(&InitSpec {
-            name: "Devices",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
-    let tls = Store::open(&dir.path().join("tls"));
-    tls.init(&InitSpec {
-        name: "TLS",
-        key_type: KeyType::P256,
-        permitted_dns: None,
-    })
-    .unwrap();
-    tls.issue(
-        crate::pki::store::Kind::Server,
-        "localhost",
-        &["dns:localhost".into()],
-        None,
-        KeyType::P256,
-    )
-    .unwrap();
+    let sso = new_store(&dir.path().join("sso"), "SSO");
+    new_store(&dir.path().join("devices"), "Devices");
+    let tls = new_store(&dir.path().join("tls"), "TLS");
+    localhost_cert(&tls);
     // A user certificate as the issuer signs it, with its key.
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let user_csr = rcgen::CertificateParams::default()

@@ -266,14 +266,7 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let ca = dir.path().join("sso");
-    let store = Store::open(&ca);
-    store
-        .init(&InitSpec {
-            name: "SSO",
-            key_type: KeyType::P256,
-            permitted_dns: None,
-        })
-        .unwrap();
+    let store = new_store(&ca, "SSO");
     // The store is the issuer's user's (here nobody's), as the package has it.
     for e in std::fs::read_dir(&ca).unwrap() {
         std::os::unix::fs::lchown(e.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
