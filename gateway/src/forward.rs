@@ -402,4 +402,105 @@ mod tests {
             "{end:?}"
         );
     }
+
+    /// Review 5, S5-1: README ("A reset mid-stream by either side ends the
+    /// other with a reset too (never an orderly end that would pass a cut
+    /// stream for a whole one)"). With `CAUSE_GRACE`, a direction whose
+    /// write met the backend's reset waits 100 ms while the other direction
+    /// goes on; but the write took the socket's pending ECONNRESET, so that
+    /// direction's next read of the backend returns 0, an end of stream:
+    /// a plain backend's "EOF" is passed on as the client's orderly end
+    /// (FIN here; close_notify and FIN to a TLS client, `records::pump`'s
+    /// end, and `splice::half_close` on the kernel path). Only 100 ms later
+    /// is the client reset, after it has taken the cut stream for a whole
+    /// one. Steps: the backend streams to a client that does not read yet
+    /// (the gateway's backend → client direction waits to write), then the
+    /// backend dies with a reset; the client sends a byte (its request's
+    /// next part: the gateway's write to the backend fails), then reads.
+    /// Control: the same reset without the client's byte reaches the client
+    /// as a reset, as before the grace.
+    #[tokio::test]
+    async fn s5_1_a_backends_reset_reaches_the_client_as_an_orderly_end_once_a_write_met_it() {
+        use crate::offload::records::{self, Side};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::net::{TcpListener, TcpSocket};
+
+        const SMALL: u32 = 4096;
+        /// A connection whose accepting end sends into, and whose
+        /// connecting end receives from, small buffers: little is in
+        /// flight, so a reader that stops stalls the writer soon.
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpSocket::new_v4().unwrap();
+            l.set_send_buffer_size(SMALL).unwrap();
+            l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l: TcpListener = l.listen(8).unwrap();
+            let c = TcpSocket::new_v4().unwrap();
+            c.set_recv_buffer_size(SMALL).unwrap();
+            let (c, a) = tokio::join!(c.connect(l.local_addr().unwrap()), l.accept());
+            (c.unwrap(), a.unwrap().0)
+        }
+
+        /// What the client's read to the end says, and the transfer's end.
+        async fn run(client_writes: bool) -> (std::io::Result<usize>, End) {
+            // client (connects, small receive buffer) ↔ gateway (accepted,
+            // small send buffer); gateway (connects) ↔ backend (accepted).
+            let (mut client, gw_client) = pair().await;
+            let (gw_backend, backend) = pair().await;
+            let moved: &'static Moved = Box::leak(Box::new(Moved::default()));
+            let transfer = tokio::spawn(records::forward(
+                Side::Plain(gw_client),
+                Side::Plain(gw_backend),
+                Duration::from_secs(30),
+                tokio_util::sync::CancellationToken::new(),
+                String::new,
+                moved,
+            ));
+            // The backend streams until everything between it and the
+            // client is full: the gateway waits to write to the client.
+            let chunk = vec![7u8; 64 * 1024];
+            let mut stalled = 0;
+            while stalled < 20 {
+                match backend.try_write(&chunk) {
+                    Ok(_) => stalled = 0,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        stalled += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => panic!("backend write: {e}"),
+                }
+            }
+            // The backend dies mid-response: a reset.
+            backend.set_zero_linger().unwrap();
+            drop(backend);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if client_writes {
+                client.write_all(b"x").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut got = Vec::new();
+            let read = client.read_to_end(&mut got).await;
+            let end = transfer.await.unwrap().end;
+            (read, end)
+        }
+
+        // Control: the reading direction finds the reset, and resets.
+        let (read, end) = run(false).await;
+        assert_eq!(
+            read.as_ref().map_err(std::io::Error::kind).err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "control: {read:?}, {end:?}"
+        );
+        assert!(
+            matches!(&end, End::Error(e) if e.contains("reading from the backend")),
+            "control: {end:?}"
+        );
+        // The harm: the client's write met the reset first, and the client
+        // got an orderly end of stream; the log says the transfer failed.
+        let (read, end) = run(true).await;
+        assert!(read.is_ok(), "an orderly end: {read:?} ({end:?})");
+        assert!(
+            matches!(&end, End::Error(e) if e.contains("writing to the backend")),
+            "{end:?}"
+        );
+    }
 }

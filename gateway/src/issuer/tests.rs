@@ -1294,6 +1294,8 @@ mod attack2;
 mod attack3;
 /// Attacker review 4 (review4): tests asserting the harm the reviewed code allows.
 mod attack4;
+/// Attacker review 5 (review5): tests asserting the harm the reviewed code allows.
+mod attack5;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
