@@ -1310,6 +1310,8 @@ mod attack2;
 mod attack3;
 /// Attacker review 4 (review4): tests asserting the harm the reviewed code allows.
 mod attack4;
+/// Attacker review 6 (review6): tests asserting the harm the reviewed code allows.
+mod attack6;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
