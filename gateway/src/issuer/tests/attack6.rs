@@ -371,3 +371,63 @@ async fn s6_6_a_thief_spends_the_nonce_log_lines_first_and_the_victim_is_never_l
     assert_eq!(c.refused.get("nonce"), Some(&13), "counted");
     assert_eq!(c.refusals_unlogged, 8, "7 of the burn and the theft");
 }
+
+/// The other half of `s6_7_a_user_whose_group_is_root_keeps_gid_0`: run
+/// in a mount namespace whose /etc/passwd has that user.
+#[test]
+#[ignore = "run by another test, in a mount namespace"]
+fn in_a_namespace_resolve_the_issuers_user() {
+    let Ok(user) = std::env::var("GATEWAY_TEST_ISSUER_USER") else {
+        return;
+    };
+    let t = Target::alone(&user).unwrap();
+    println!("TARGET uid={} gid={} groups={:?}", t.uid, t.gid, t.groups);
+}
+
+/// S6-7: `Target::alone` refuses uid 0 but takes the user's primary group
+/// whatever it is, 0 included (RHEL's `operator`, `sync`, `halt`,
+/// `shutdown` have group root): the issuer "drops" to group root, and its
+/// verify (`verify_alone`) compares with that target, so nothing notices.
+/// The gateway's own `Target::resolve` has the same gap. Measured in a
+/// mount namespace whose /etc/passwd adds `op:x:11:0`: the target is uid
+/// 11, gid 0. Control: nobody resolves to gid 65534.
+#[test]
+fn s6_7_a_user_whose_group_is_root_keeps_gid_0() {
+    if !is_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    let mut text = std::fs::read_to_string("/etc/passwd").unwrap();
+    text.push_str("op:x:11:0:operator:/:/usr/sbin/nologin\n");
+    std::fs::write(&passwd, text).unwrap();
+    let resolve = |user: &str| {
+        std::process::Command::new("unshare")
+            .arg("-m")
+            .arg("sh")
+            .arg("-c")
+            .arg(format!(
+                "mount --bind {} /etc/passwd && exec {} --exact issuer::tests::attack6::in_a_namespace_resolve_the_issuers_user --ignored --nocapture",
+                passwd.display(),
+                std::env::current_exe().unwrap().display()
+            ))
+            .env("GATEWAY_TEST_ISSUER_USER", user)
+            .output()
+            .unwrap()
+    };
+    let out = resolve("nobody");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() && said.is_empty() {
+        return; // no mount namespaces here
+    }
+    assert!(
+        said.contains("TARGET uid=65534 gid=65534 groups=[]"),
+        "control: {out:?}"
+    );
+    let out = resolve("op");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("TARGET uid=11 gid=0 groups=[]"),
+        "group root taken: {out:?}"
+    );
+}
