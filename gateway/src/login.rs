@@ -1531,4 +1531,55 @@ mod renewal_tests {
             "rt-1"
         );
     }
+
+    /// S6-5 (review6): `--renew` removes the refresh token on any 403 from
+    /// the issuer, as if no later renewal could pass, and on the reasons
+    /// `refresh_not_allowed`/`unknown_profile` whatever the status. But
+    /// some of the issuer's 403s pass by themselves: `auth_time_in_future`
+    /// (5b48b44: the provider's clock more than the leeway ahead; every
+    /// renewing device of the fleet hits it at once) and
+    /// `token_unknown_key` (the provider signing with a new key before the
+    /// issuer's JWKS refetch, at most one per `jwks_refetch_interval`).
+    /// Each deletes every timer-renewed user's refresh token, sending them
+    /// all to the browser: what 4d755a4 stopped for a provider's bad
+    /// minute. And a 503 naming `refresh_not_allowed` removes it while
+    /// docs/sso.md says a 5xx keeps it. Measured on the issuer's own
+    /// refusals (status and reason as it answers them). Control: its
+    /// `store_busy` (503) and `rate_limited` (429) keep the token.
+    #[test]
+    fn s6_5_passing_issuer_403s_remove_the_refresh_token() {
+        use crate::issuer::Refusal;
+        use crate::issuer::oidc::OidcError;
+        let answered = |e: &Refusal| (StatusCode::from_u16(e.status()).unwrap(), Some(e.reason()));
+        let for_good = |(status, reason): (StatusCode, Option<&str>)| {
+            super::renewal_refused_for_good(status, reason)
+        };
+        let busy = Refusal::Busy("lock".into());
+        assert!(!for_good(answered(&busy)), "control: kept");
+        let limited = Refusal::RateLimited {
+            who: "this device",
+            retry_after: std::time::Duration::from_secs(60),
+        };
+        assert!(!for_good(answered(&limited)), "control: kept");
+
+        let skew = Refusal::AuthInFuture {
+            auth_time: 1_000_060,
+            now: 1_000_000,
+        };
+        assert_eq!(
+            answered(&skew),
+            (StatusCode::FORBIDDEN, Some("auth_time_in_future"))
+        );
+        assert!(for_good(answered(&skew)), "removed on a clock skew");
+        let new_key = Refusal::Token(OidcError::UnknownKey("k2".into()));
+        assert_eq!(
+            answered(&new_key),
+            (StatusCode::FORBIDDEN, Some("token_unknown_key"))
+        );
+        assert!(for_good(answered(&new_key)), "removed on a key rotation");
+        assert!(
+            for_good((StatusCode::SERVICE_UNAVAILABLE, Some("refresh_not_allowed"))),
+            "a 5xx removes it"
+        );
+    }
 }

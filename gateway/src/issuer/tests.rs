@@ -1296,6 +1296,8 @@ mod attack3;
 mod attack4;
 /// Attacker review 5 (review5): tests asserting the harm the reviewed code allows.
 mod attack5;
+/// Attacker review 6 (review6): tests asserting the harm the reviewed code allows.
+mod attack6;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
