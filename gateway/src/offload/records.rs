@@ -237,6 +237,7 @@ async fn pump(
         buf.filled -= consumed;
     }
     drop(buf);
+    activity.unless_failed().await;
     if let Side::Records(leg) = dst {
         let close_notify = leg.layer.seal_alert(AlertDescription::CloseNotify)?;
         Box::pin(leg.send_records(&close_notify))

@@ -148,6 +148,7 @@ async fn pump(
             check_records(k, sys::TLS_TX, capacity)?;
         }
     }
+    activity.unless_failed().await;
     Box::pin(half_close(dst)).await
 }
 
