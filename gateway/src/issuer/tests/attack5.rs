@@ -289,23 +289,20 @@ fn s5_4_an_enrolled_user_makes_networks_known_and_holds_the_reserve_too() {
     );
 }
 
-/// S5-5: ead02e7 runs the issuer as `gateway-issuer` with its store in
-/// `/var/lib/gateway-issuer/sso` (`StateDirectory=`, mode 0700) and hides
+/// S5-5: ead02e7 ran the issuer as `gateway-issuer` with its store in
+/// `/var/lib/gateway-issuer/sso` (`StateDirectory=`, mode 0700) and hid
 /// that directory from gateway.service (`InaccessiblePaths=`). But routes
 /// read the SSO CA and its CRL from the store (docs/sso.md, "The route":
-/// `ca = "sso/ca.pem"`, `crls = ["sso/crl.pem"]`; "a gateway running as
-/// another user still reads `sso/crl.pem` and `sso/ca.pem` by name"; the
-/// issuer re-signs `crl.pem` daily and on every revocation): on one host
-/// with both packaged units the gateway can no longer read them. Either
-/// the route does not load (every SSO user refused), or the operator
-/// copies the CRL somewhere the gateway reads, where no later revocation
-/// (`gateway pki revoke --device` for a lost laptop) arrives and which
-/// goes stale in 7 days. Nothing in the package publishes it elsewhere.
-/// Measured (as root): the store's `crl.pem` under a 0700 state directory
-/// of one user is unreadable to another user (the gateway's), on top of
-/// the unit's `InaccessiblePaths`. Control: the store's owner reads it,
-/// and the same store under a directory others may traverse (the layout
-/// docs/sso.md describes) is readable by the other user.
+/// `ca = "sso/ca.pem"`, `crls = ["sso/crl.pem"]`; the issuer re-signs
+/// `crl.pem` daily and on every revocation): on one host with both
+/// packaged units the gateway could no longer read them (every SSO user
+/// refused, or a copied CRL no later revocation reaches). Measured (as
+/// root): the store's `crl.pem` under a 0700 state directory of one user
+/// was unreadable to another user (the gateway's).
+///
+/// Fixed: the state directory is 0711 and gateway.service hides nothing;
+/// the gateway's user reads `crl.pem` and `ca.pem` by name, and still not
+/// `intermediate.key` or `index.json` (0600, the issuer's user's).
 #[test]
 fn s5_5_the_packaged_gateway_cannot_read_the_sso_crl_its_routes_need() {
     let unit = |text: &str, key: &str| -> Vec<String> {
@@ -319,19 +316,10 @@ fn s5_5_the_packaged_gateway_cannot_read_the_sso_crl_its_routes_need() {
     let docs = include_str!("../../../../docs/sso.md");
     assert_eq!(unit(issuer, "User"), vec!["gateway-issuer"]);
     assert_eq!(unit(gateway, "User"), vec!["gateway"]);
-    assert_eq!(unit(issuer, "StateDirectoryMode"), vec!["0700"]);
-    assert_eq!(
-        unit(gateway, "InaccessiblePaths"),
-        vec!["-/var/lib/gateway-issuer"]
-    );
+    assert_eq!(unit(issuer, "StateDirectoryMode"), vec!["0711"]);
+    assert!(unit(gateway, "InaccessiblePaths").is_empty());
     assert!(docs.contains("`/var/lib/gateway-issuer/sso`"));
     assert!(docs.contains("crls = [\"sso/crl.pem\"]"));
-    assert!(docs.contains("while a gateway running as another user still reads `sso/crl.pem`"));
-    let package = include_str!("../../../../xtask/src/package.rs");
-    assert!(
-        !package.contains("crl.pem"),
-        "the package publishes the CRL nowhere else"
-    );
 
     if !is_root() {
         eprintln!("skipped the file system part: needs root (two users)");
@@ -376,15 +364,20 @@ fn s5_5_the_packaged_gateway_cannot_read_the_sso_crl_its_routes_need() {
         chmod(&state, state_mode);
         sso.join("crl.pem")
     };
-    // Control: a store others may reach, as docs/sso.md's setup makes it.
-    let open = layout(0o755);
-    assert!(reads(ISSUER_UID, &open), "control: the owner reads it");
-    assert!(reads(GATEWAY_UID, &open), "control: so does the gateway");
-    // The packaged layout: StateDirectoryMode=0700.
-    let packaged = layout(0o700);
-    assert!(reads(ISSUER_UID, &packaged), "control: the owner reads it");
-    assert!(
-        !reads(GATEWAY_UID, &packaged),
-        "the gateway cannot read the SSO CRL"
-    );
+    // Control: under 0700 the gateway could not read it (before the fix).
+    let closed = layout(0o700);
+    assert!(reads(ISSUER_UID, &closed), "control: the owner reads it");
+    assert!(!reads(GATEWAY_UID, &closed), "control: 0700 shuts it out");
+    // The packaged layout: StateDirectoryMode=0711.
+    let packaged = layout(0o711);
+    assert!(reads(ISSUER_UID, &packaged), "the owner reads it");
+    assert!(reads(GATEWAY_UID, &packaged), "the gateway reads the SSO CRL");
+    let sso = packaged.parent().unwrap();
+    assert!(reads(GATEWAY_UID, &sso.join("ca.pem")), "and the SSO CA");
+    for private in ["intermediate.key", "index.json"] {
+        assert!(
+            !reads(GATEWAY_UID, &sso.join(private)),
+            "but not {private}"
+        );
+    }
 }
