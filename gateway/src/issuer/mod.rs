@@ -26,7 +26,7 @@ use crate::identity::Identity;
 use crate::pki::store::{CrlRefresh, Store};
 use config::IssuerConfig;
 use limit::{Limiter, LogLimiter};
-use nonce::{NonceError, Nonces, SignIns, UsedTokens};
+use nonce::{Authentications, NonceError, Nonces, SignIns, UsedTokens};
 use oidc::{Claims, KeySource, OidcError, TokenVerifier};
 
 /// How long a nonce handed to a device stays usable: the time a user
@@ -288,6 +288,9 @@ pub struct Issuer {
     used: UsedTokens,
     /// Sign-ins a refreshed token may continue (with `profile.refresh`).
     sign_ins: SignIns,
+    /// Recent sign-ins' `sub` and `auth_time`: a nonce-less token naming
+    /// one is a refresh of it (`fresh_sign_in`).
+    authentications: Authentications,
     per_user: Limiter,
     per_device: Limiter,
     /// The refusal log lines, per device and reason (see `LogLimiter`).
@@ -429,7 +432,9 @@ fn user_sans(profile: &config::Profile, claims: &Claims) -> Result<Vec<String>, 
 /// device-grant sign-in's is when the user authenticated for it
 /// (`gateway login --device-flow` asks `max_age=0`), minutes before the
 /// token's `iat` at most. So the token must carry `auth_time`, no more
-/// than `max_token_age` (and the leeway) before its `iat`.
+/// than `max_token_age` (and the leeway) before its `iat`; the caller also
+/// refuses one whose `sub` and `auth_time` a sign-in taken within those
+/// minutes had (`Authentications`).
 fn fresh_sign_in(claims: &Claims, within: Duration, leeway: Duration) -> Result<u64, Refusal> {
     let Some(auth_time) = claims.auth_time else {
         return Err(Refusal::NotFreshSignIn(
@@ -549,6 +554,9 @@ impl Issuer {
             nonces: Nonces::new(NONCE_TTL),
             used: UsedTokens::new(config.oidc.max_token_age + config.oidc.leeway * 2),
             sign_ins: SignIns::default(),
+            authentications: Authentications::new(
+                config.oidc.max_token_age + config.oidc.leeway * 2,
+            ),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),
             refusal_lines: LogLimiter::default(),
@@ -818,18 +826,24 @@ impl Issuer {
             (Grant::SignIn, None) if profile.device_grant => {
                 let at = fresh_sign_in(&claims, config.oidc.max_token_age, config.oidc.leeway)?;
                 // Within those minutes: a refresh of a sign-in this issuer
-                // took (with its nonce) keeps that sign-in's `auth_time`.
-                if self.sign_ins.remembers(&claims.sub, at) {
+                // took (any sign-in, with a nonce or without) keeps that
+                // sign-in's `auth_time`, as the provider wrote it.
+                // The token itself first: one taken before is a replay.
+                self.used.first_use(&req.id_token)?;
+                if self.authentications.taken(&claims.sub, at) {
                     return Err(Refusal::NotFreshSignIn(
-                        "this one continues a sign-in this issuer took with a nonce: a refreshed token".into(),
+                        "this one continues a sign-in this issuer took: a refreshed token".into(),
                     ));
                 }
-                self.used.first_use(&req.id_token)?;
+                self.authentications.record(&claims.sub, at);
             }
             (Grant::SignIn, nonce) => {
                 self.nonces.consume(nonce, device)?;
                 if profile.refresh {
                     self.used.first_use(&req.id_token)?;
+                }
+                if let Some(at) = claims.auth_time {
+                    self.authentications.record(&claims.sub, at);
                 }
             }
         }

@@ -145,6 +145,52 @@ impl UsedTokens {
     }
 }
 
+/// The authentications of recent sign-ins: each sign-in token's `sub`
+/// and `auth_time`, exactly as the provider wrote them, kept while a
+/// refresh of it could still pass as a fresh sign-in (`max_token_age`
+/// and the leeway). A refreshed ID token keeps its sign-in's `auth_time`
+/// (OIDC Core §12.2), so a nonce-less token naming one held here is a
+/// refresh of that sign-in, never a sign-in of its own, whatever device
+/// or profile presents it. In memory: a restart forgets them.
+pub struct Authentications {
+    keep: Duration,
+    map: Mutex<HashMap<(String, u64), Instant>>,
+}
+
+impl Authentications {
+    pub fn new(keep: Duration) -> Authentications {
+        Authentications {
+            keep,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `sub`'s authentication at `auth_time` was a sign-in's this
+    /// issuer took lately; also when the record is full and cannot tell
+    /// (fail closed).
+    pub fn taken(&self, sub: &str, auth_time: u64) -> bool {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, until| *until > now);
+        map.len() >= TOTAL || map.contains_key(&(sub.to_owned(), auth_time))
+    }
+
+    /// Holds `sub`'s authentication at `auth_time` as a sign-in's.
+    pub fn record(&self, sub: &str, auth_time: u64) {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, until| *until > now);
+        if map.len() >= TOTAL {
+            tracing::warn!(
+                target: "gateway::issuer",
+                "{TOTAL} recent sign-ins held; nonce-less sign-ins are refused until some age out"
+            );
+            return;
+        }
+        map.insert((sub.to_owned(), auth_time), now + self.keep);
+    }
+}
+
 /// Sign-ins a device completed (with `profile.refresh`): the nonce of the
 /// ID token that was taken, with the device and user it was taken for.
 /// A refreshed ID token carries the nonce of the sign-in it continues
@@ -217,16 +263,6 @@ impl SignIns {
             },
         );
         true
-    }
-
-    /// Whether a sign-in of `sub` authenticated at `auth_time` is held: a
-    /// nonce-less token with both is a refresh of it (OIDC Core §12.2: a
-    /// refreshed ID token keeps the sign-in's `auth_time`).
-    pub fn remembers(&self, sub: &str, auth_time: u64) -> bool {
-        let now = Instant::now();
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.values()
-            .any(|e| e.expires > now && e.sub == sub && e.auth_time == auth_time)
     }
 
     /// A refreshed token's `nonce` names a sign-in of `device` and `sub`

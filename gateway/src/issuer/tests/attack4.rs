@@ -69,7 +69,8 @@ fn nonceless_refresh(s: &Setup, auth_time: u64, n: u64) -> String {
 /// Fixed: a nonce-less token is a sign-in's only with an `auth_time` at
 /// most `max_token_age` before its `iat` (a refreshed token keeps its
 /// sign-in's; `gateway login --device-flow` asks `max_age=0`), and not
-/// one of a sign-in this issuer remembers (same `sub` and `auth_time`).
+/// the `sub` and `auth_time` of a sign-in this issuer took within those
+/// minutes (reviews 5 and 6 widened this from remembered sign-ins).
 /// Residual, pinned below: a refresh within `max_token_age` of a sign-in
 /// this issuer does not remember (it restarted since) is taken.
 /// Controls: the same tokens at `/v1/renewal` are refused (S3-2), at
