@@ -554,8 +554,12 @@ impl Issuer {
             nonces: Nonces::new(NONCE_TTL),
             used: UsedTokens::new(config.oidc.max_token_age + config.oidc.leeway * 2),
             sign_ins: SignIns::default(),
+            // A refresh passes `fresh_sign_in` while its `iat` is within
+            // `max_token_age` (and the leeway) of the sign-in's
+            // `auth_time`, and is taken while that `iat` is no older than
+            // `max_token_age` (and the leeway): held that long, both ways.
             authentications: Authentications::new(
-                config.oidc.max_token_age + config.oidc.leeway * 2,
+                config.oidc.max_token_age * 2 + config.oidc.leeway * 3,
             ),
             per_user: Limiter::new(config.limits.per_user),
             per_device: Limiter::new(config.limits.per_device),

@@ -147,8 +147,8 @@ impl UsedTokens {
 
 /// The authentications of recent sign-ins: each sign-in token's `sub`
 /// and `auth_time`, exactly as the provider wrote them, kept while a
-/// refresh of it could still pass as a fresh sign-in (`max_token_age`
-/// and the leeway). A refreshed ID token keeps its sign-in's `auth_time`
+/// refresh of it could still pass as a fresh sign-in (minted within
+/// `max_token_age` of it, then presented within `max_token_age` of that). A refreshed ID token keeps its sign-in's `auth_time`
 /// (OIDC Core §12.2), so a nonce-less token naming one held here is a
 /// refresh of that sign-in, never a sign-in of its own, whatever device
 /// or profile presents it. In memory: a restart forgets them.
