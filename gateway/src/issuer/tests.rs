@@ -1310,6 +1310,9 @@ mod attack2;
 mod attack3;
 /// Attacker review 4 (review4): tests asserting the harm the reviewed code allows.
 mod attack4;
+/// Attacker review 7 (s7/review7): the S4-2, S4-3, S4-7 fixes; tests
+/// asserting the harm the reviewed code allows.
+mod attack7;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
