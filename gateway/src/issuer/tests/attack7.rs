@@ -96,6 +96,7 @@ fn serial_of_pem(pem: &[u8]) -> String {
 /// 3. the root key is read from `DIR/root.key` only: the command cannot
 ///    take it from elsewhere, so it sits in the owner's directory (and,
 ///    run as `gateway-issuer` as documented, readable by that user).
+///
 /// Controls: without the swap the same revoke makes the route refuse
 /// alice's certificate.
 #[test]
@@ -461,4 +462,35 @@ fn s7_6_an_unreadable_crl_pem_makes_the_roots_revocation_a_reload_the_gateway_re
         "HARM: the gateway refuses the reload that would revoke: {e}"
     );
     assert!(e.to_string().contains("SSO issuing CA"), "{e}");
+}
+
+/// S7-7: S4-4 moved the issuer to a user of its own (`gateway-issuer`) so
+/// that code running in the gateway cannot read the SSO CA's key, but the
+/// texts an operator reads when setting `user` still name the gateway's
+/// user: docs/sso.md's `issuer.toml` example (`user = "gateway"`), its
+/// "Running as its user" ("The shipped unit starts the issuer as `gateway`
+/// (`User=gateway`)", `chown -R gateway: …/sso`), and the warning a root
+/// start logs ("set user = \"gateway\" (the store chowned to it)").
+/// Followed, they give the gateway's user the key again. Control: the
+/// shipped unit runs the issuer as `gateway-issuer`.
+#[test]
+fn s7_7_the_docs_and_the_root_start_warning_still_name_the_gateways_user_for_the_issuer() {
+    let sso = include_str!("../../../../docs/sso.md");
+    let main = include_str!("../../../src/main.rs");
+    let unit = include_str!("../../../../examples/gateway-issuer.service");
+    assert!(unit.contains("\nUser=gateway-issuer\n"), "control");
+    assert!(sso.contains("# user = \"gateway\" "), "HARM: the example");
+    assert!(
+        sso.contains("The shipped unit starts the issuer as `gateway`\n(`User=gateway`)")
+            || sso.contains("The shipped unit starts the issuer as `gateway` (`User=gateway`)"),
+        "HARM: Running as its user"
+    );
+    assert!(
+        sso.contains("chown -R gateway: …/sso"),
+        "HARM: the error's example"
+    );
+    assert!(
+        main.contains("set user = \\\"gateway\\\" (the store chowned to it)"),
+        "HARM: the warning"
+    );
 }
