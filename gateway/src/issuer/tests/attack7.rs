@@ -494,3 +494,127 @@ fn s7_7_the_docs_and_the_root_start_warning_still_name_the_gateways_user_for_the
         "HARM: the warning"
     );
 }
+
+/// S7-8: after `pki revoke --intermediate` ("Users sign in again only
+/// after a new SSO CA is set up", docs/sso.md) the issuer goes on
+/// signing user certificates with the revoked intermediate whenever its
+/// key is still in the store (the docs say it "may" be gone, not that it
+/// must): `sign_user_request` never reads `revoked_intermediates`. Each
+/// sign-in is answered 200, counted as issued and logged `issued`; the
+/// certificate is refused by a route whose `crl.pem` has the root's new
+/// CRL, and taken by one whose copy predates it (a gateway on another
+/// host, between copies). Control: that route refuses a certificate of
+/// the same intermediate signed before the revocation too, so refusing
+/// to sign takes nothing that works.
+#[tokio::test]
+async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
+    let s = setup("");
+    let laptop = device(LAPTOP);
+    let before = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    // A gateway elsewhere, with the copy of crl.pem made before.
+    let elsewhere = s.ca_dir.parent().unwrap().join("copy");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for f in ["ca.pem", "crl.pem"] {
+        std::fs::copy(s.ca_dir.join(f), elsewhere.join(f)).unwrap();
+    }
+    let operator = Store::open(&s.ca_dir);
+    operator
+        .revoke_as(s.ca_dir.join("intermediate.pem").to_str().unwrap(), true)
+        .unwrap();
+    assert!(
+        gateway_accepts(&s.ca_dir, &before.certificate).is_err(),
+        "control: revoked"
+    );
+    let after = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .expect("HARM: signed with the revoked intermediate");
+    assert_eq!(s.issuer.counters().issued, 2);
+    assert!(gateway_accepts(&s.ca_dir, &after.certificate).is_err());
+    assert_eq!(
+        gateway_accepts(&elsewhere, &after.certificate),
+        Ok(()),
+        "HARM: a route with the earlier crl.pem takes the new certificate"
+    );
+}
+
+/// S7-9: e0455b6 keeps root from copying a file only it may read into
+/// `crl.pem` (parsed CRLs only, re-encoded), but root's `pki issue` still
+/// copies `intermediate.pem`'s text whole into `NAME.pem` (0644, given to
+/// the store's owner): rcgen reads only its first PEM block, and
+/// `Authority::load` keeps the text as it was. A root-owned file that
+/// starts with a certificate (a server's combined cert-and-key PEM, as
+/// haproxy and others keep them) reaches `intermediate.pem` by a hard link
+/// where `fs.protected_hardlinks` is off, or by a rename of a file root
+/// left in the store; root's read takes it (root's own, a regular file),
+/// and the key in it goes out. Control: the same file as `root.crl.pem`
+/// is refused.
+#[test]
+fn s7_9_roots_issue_copies_intermediate_pem_whole_into_a_file_the_owner_reads() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (root's pki command in another user's store)");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("sso");
+    let store = fresh_store(&ca);
+    let int_path = ca.join("intermediate.pem");
+    let int_pem = std::fs::read_to_string(&int_path).unwrap();
+    for e in std::fs::read_dir(&ca).unwrap() {
+        std::os::unix::fs::lchown(e.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(&ca, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A server's combined PEM, root's and 0600 (here a certificate that
+    // parses, followed by its "key").
+    let combined = dir.path().join("site.pem");
+    std::fs::write(
+        &combined,
+        format!(
+            "{int_pem}-----BEGIN PRIVATE KEY-----\nU0VDUkVULUtFWQ==\n-----END PRIVATE KEY-----\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&combined, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::remove_file(&int_path).unwrap();
+    std::fs::hard_link(&combined, &int_path).unwrap();
+    // Control: the same file where a CRL belongs is refused.
+    let root_crl = ca.join("root.crl.pem");
+    let saved = std::fs::read(&root_crl).unwrap();
+    std::fs::remove_file(&root_crl).unwrap();
+    std::fs::hard_link(&combined, &root_crl).unwrap();
+    let e = store
+        .publish_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("where only CRLs belong"), "control: {e}");
+    std::fs::remove_file(&root_crl).unwrap();
+    std::fs::write(&root_crl, saved).unwrap();
+    std::os::unix::fs::chown(&root_crl, Some(NOBODY), Some(NOBODY)).unwrap();
+    // Root issues in the store.
+    let (cert, _) = store
+        .issue(
+            crate::pki::store::Kind::Server,
+            "web",
+            &["dns:web.example.internal".into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    let out = std::fs::read_to_string(&cert).unwrap();
+    let meta = std::fs::metadata(&cert).unwrap();
+    assert!(
+        out.contains("U0VDUkVULUtFWQ=="),
+        "HARM: the root-only key is in {}",
+        cert.display()
+    );
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
+}
