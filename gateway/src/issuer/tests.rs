@@ -1298,6 +1298,9 @@ mod attack4;
 mod attack5;
 /// Attacker review 6 (review6): tests asserting the harm the reviewed code allows.
 mod attack6;
+/// Attacker review 7 (s7/review7): the S4-2, S4-3, S4-7 fixes; tests
+/// asserting the harm the reviewed code allows.
+mod attack7;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the

@@ -1,0 +1,620 @@
+//! Attacker review 7 (s7/review7, see /work/helpers/s7/review7/findings.md):
+//! the S4-2, S4-3 and S4-7 fixes (e0455b6, d9d603d, 9959dd8). Each test
+//! asserts the HARM (it passes on the code as reviewed) beside a control,
+//! and is meant to be turned round into the refusal once fixed.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use rustls_pki_types::UnixTime;
+
+use super::*;
+use crate::tls::bundle::{Bundle, BundleFiles};
+
+fn fresh_store(dir: &Path) -> Store {
+    let store = Store::open(dir);
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
+    store
+}
+
+/// Alice's user certificate on the laptop, straight from the store: the
+/// chain (leaf, intermediate) as the issuer answers it.
+fn alice_chain(store: &Store) -> String {
+    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+    store
+        .sign_request(
+            "alice",
+            &csr(),
+            &sans,
+            time::OffsetDateTime::now_utc() + time::Duration::hours(8),
+            None,
+        )
+        .unwrap()
+        .0
+}
+
+/// A route's bundle as the gateway loads it: `ca.pem` as `client_ca`,
+/// `crl.pem` as its `crls`, stale CRLs refused.
+fn bundle(ca_dir: &Path) -> Bundle {
+    Bundle::load(
+        "trust users".into(),
+        &BundleFiles {
+            ca: ca_dir.join("ca.pem"),
+            crls: vec![ca_dir.join("crl.pem")],
+            crl_expired: crate::config::CrlExpired::Refuse,
+            spiffe_trust_domains: None,
+        },
+        crate::tls::provider().signature_verification_algorithms,
+        Arc::new(AtomicU64::new(0)),
+    )
+    .unwrap()
+}
+
+/// Whether the gateway's chain check (webpki, the route's CRLs) takes
+/// `chain` now.
+fn gateway_accepts(ca_dir: &Path, chain: &str) -> Result<(), String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    bundle(ca_dir)
+        .verify(&certs[0], &certs[1..], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+fn serial_of_pem(pem: &[u8]) -> String {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).unwrap();
+    crate::pki::store::hex(pem.parse_x509().unwrap().tbs_certificate.raw_serial())
+}
+
+/// S7-1: `gateway pki revoke --intermediate` is the documented remedy for
+/// a compromised SSO intermediate key (docs/sso.md "The SSO CA's CRL"),
+/// run in the issuer's store (`--dir sso`, "with root.key brought back
+/// for the command"; the unit's comment runs `pki` there as
+/// `gateway-issuer`). What the root then signs is decided by files the
+/// store's owner (the issuer's user, the likeliest way the key was
+/// lost) writes: the serial it revokes is read from `intermediate.pem`
+/// (and from the PEM file named on the command line, in the same
+/// store), and the root's CRL lists exactly `index.json`'s
+/// `revoked_intermediates`. Measured:
+/// 1. the owner puts another certificate at `intermediate.pem`; the
+///    operator's revoke succeeds, naming a serial that is not the
+///    intermediate's, and a route's bundle (ca.pem + crl.pem, loaded and
+///    checked as the gateway does) still takes alice's certificate from
+///    the real intermediate;
+/// 2. after a correct revocation, the owner drops the entry from
+///    `index.json`; the operator's next `pki crl --root` (needed before the
+///    root's CRL runs out) signs a newer root CRL without it, which the
+///    gateway's rollback guard takes as the newest: the intermediate is
+///    trusted again;
+/// 3. the root key is read from `DIR/root.key` only: the command cannot
+///    take it from elsewhere, so it sits in the owner's directory (and,
+///    run as `gateway-issuer` as documented, readable by that user).
+///
+/// Controls: without the swap the same revoke makes the route refuse
+/// alice's certificate.
+#[test]
+fn s7_1_the_roots_revocation_of_the_intermediate_is_decided_by_files_the_issuers_user_writes() {
+    // Control: the revocation as documented, nothing swapped.
+    let control = tempfile::tempdir().unwrap();
+    let ca = control.path().join("sso");
+    let store = fresh_store(&ca);
+    let chain = alice_chain(&store);
+    assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "control: before");
+    let int_path = ca.join("intermediate.pem");
+    let real = serial_of_pem(&std::fs::read(&int_path).unwrap());
+    let entry = store.revoke_as(int_path.to_str().unwrap(), true).unwrap();
+    assert_eq!(entry.serial, real);
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "control: refused once revoked: {e}");
+
+    // 1. The store's owner (who holds the intermediate's key) swaps
+    // intermediate.pem for a certificate of the same name and key, and
+    // another serial: crl.pem keeps the intermediate's CRL, so a running
+    // gateway takes the new file too.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = fresh_store(&ca);
+    let chain = alice_chain(&store);
+    let int_path = ca.join("intermediate.pem");
+    let real = serial_of_pem(&std::fs::read(&int_path).unwrap());
+    let running = bundle(&ca);
+    let enforced = crate::tls::crl::Enforced::default();
+    enforced.check(&[running.served()]).unwrap();
+    enforced.record(&[running.served()]);
+    let decoy = {
+        let key = rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(ca.join("intermediate.key")).unwrap(),
+        )
+        .unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "SSO issuing CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![0x4d, 0x49, 0x4e, 0x45]));
+        params.self_signed(&key).unwrap().pem()
+    };
+    std::fs::write(&int_path, decoy).unwrap();
+    // The operator, as documented.
+    let entry = store
+        .revoke_as(int_path.to_str().unwrap(), true)
+        .expect("the revoke reports success");
+    assert_ne!(entry.serial, real, "it revoked another serial");
+    assert_eq!(entry.name, "intermediate", "and calls it the intermediate");
+    let reload = bundle(&ca);
+    enforced
+        .check(&[reload.served()])
+        .expect("a running gateway takes the new crl.pem");
+    assert_eq!(
+        gateway_accepts(&ca, &chain),
+        Ok(()),
+        "HARM: the route still takes a certificate of the revoked intermediate"
+    );
+    // Even by serial (the real one), the swap refuses the right one: the
+    // intermediate's serial is read from the same file.
+    let e = store.revoke_as(&real, true).unwrap_err().to_string();
+    assert!(e.contains("is not the intermediate's"), "{e}");
+
+    // 2. A correct revocation, undone by the index at the root's next
+    // re-signing.
+    let dir2 = tempfile::tempdir().unwrap();
+    let ca2 = dir2.path().join("sso");
+    let store2 = fresh_store(&ca2);
+    let chain2 = alice_chain(&store2);
+    store2
+        .revoke_as(ca2.join("intermediate.pem").to_str().unwrap(), true)
+        .unwrap();
+    assert!(gateway_accepts(&ca2, &chain2).is_err(), "revoked");
+    let enforced = crate::tls::crl::Enforced::default();
+    let before = bundle(&ca2);
+    enforced.check(&[before.served()]).unwrap();
+    enforced.record(&[before.served()]);
+    let index_path = ca2.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index["revoked_intermediates"] = json!([]);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    store2
+        .republish_root_crl(time::Duration::days(7))
+        .expect("pki crl --root");
+    let after = bundle(&ca2);
+    enforced
+        .check(&[after.served()])
+        .expect("HARM: the gateway's rollback guard takes the root's newer CRL");
+    assert_eq!(
+        gateway_accepts(&ca2, &chain2),
+        Ok(()),
+        "HARM: the intermediate is trusted again"
+    );
+
+    // 3. The root key only from the store directory.
+    std::fs::rename(ca2.join("root.key"), dir2.path().join("root.key")).unwrap();
+    let e = store2
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bring root.key back into"), "{e}");
+}
+
+/// S7-2: `pki revoke --device URI` records any text as a revoked device
+/// and says "URI recorded as revoked: the issuer signs nothing more for
+/// it"; the issuer matches the record byte for byte against the device
+/// URI SAN. A mistyped URI (the device's name alone, another case, a
+/// trailing slash, a percent-encoded character) is recorded without a
+/// word, and the laptop keeps getting certificates. Control: the exact URI
+/// stops it.
+#[tokio::test]
+async fn s7_2_revoke_device_takes_any_text_and_the_issuer_matches_it_byte_for_byte() {
+    let s = setup(
+        "[limits]\nper_user = { burst = 50, per_hour = 1000 }\nper_device = { burst = 50, per_hour = 1000 }",
+    );
+    let laptop = device(LAPTOP);
+    s.issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    let operator = Store::open(&s.ca_dir);
+    for typo in [
+        "laptop-7",
+        "spiffe://example.internal/device/Laptop-7",
+        "SPIFFE://example.internal/device/laptop-7",
+        "spiffe://example.internal/device/laptop-7/",
+        "spiffe://example.internal/device/laptop%2D7",
+        " spiffe://example.internal/device/laptop-7",
+    ] {
+        let revoked = operator
+            .revoke_device(typo)
+            .expect("recorded without a word");
+        assert!(revoked.is_empty(), "{typo}: nothing revoked");
+        s.issuer
+            .issue(Some(&laptop), request(s.token(|_| {})))
+            .await
+            .unwrap_or_else(|e| panic!("HARM expected: {typo:?} recorded, laptop refused: {e}"));
+    }
+    let recorded = operator.index().unwrap().revoked_devices.len();
+    assert_eq!(recorded, 6, "every typo is kept, never pruned");
+    // Control: the exact URI.
+    assert!(!operator.revoke_device(LAPTOP).unwrap().is_empty());
+    let e = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "device_revoked", "control: {e}");
+}
+
+/// S7-3: the issuer lets a revoked device in again when its certificate's
+/// notBefore is after the revocation, which it takes as a re-enrolment;
+/// but it never compares the certificate itself. A device CA whose clock
+/// runs ahead of the issuer's host (or that dates notBefore forward) gave
+/// the laptop a certificate whose notBefore is after the revocation made
+/// minutes after the enrolment: the very certificate the index recorded
+/// with the laptop's earlier certificates (`device_serial`) signs in again
+/// after `revoke --device`. Control: the same certificate dated before is
+/// refused.
+#[tokio::test]
+async fn s7_3_a_revoked_device_whose_certificate_is_dated_after_the_revocation_signs_in_again() {
+    let s = setup("");
+    // Enrolled a minute ago by a device CA two minutes ahead (notBefore
+    // one minute from now; `pki issue` would even date it five back).
+    let ahead = Identity {
+        not_before: now() as i64 + 60,
+        ..device(LAPTOP)
+    };
+    s.issuer
+        .issue(Some(&ahead), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    let operator = Store::open(&s.ca_dir);
+    let index = operator.index().unwrap();
+    assert!(
+        index
+            .issued
+            .iter()
+            .any(|e| e.device.as_deref() == Some(LAPTOP)
+                && e.device_serial.as_deref() == Some("0a0b")),
+        "the index knows this device certificate's serial"
+    );
+    assert_eq!(operator.revoke_device(LAPTOP).unwrap().len(), 1);
+    let answer = s
+        .issuer
+        .issue(Some(&ahead), request(s.token(|_| {})))
+        .await
+        .expect("HARM: the revoked laptop's own certificate signs in again");
+    assert!(answer.sans.contains(&LAPTOP.to_owned()));
+    // Control: the same certificate, dated five minutes back.
+    let back = Identity {
+        not_before: now() as i64 - 300,
+        ..device(LAPTOP)
+    };
+    let e = s
+        .issuer
+        .issue(Some(&back), request(s.token(|_| {})))
+        .await
+        .unwrap_err();
+    assert_eq!(e.reason(), "device_revoked", "control: {e}");
+}
+
+/// S7-4: e0455b6 reads store files without following links and without
+/// blocking, but `pki revoke` reads the certificate file it is given
+/// (`gateway pki revoke --dir devices devices/laptop-7.pem`, `--dir sso
+/// --intermediate sso/intermediate.pem`: in the store, as documented)
+/// with a plain open and read: a FIFO the store's owner leaves at that
+/// name stalls the command (root's too) until someone writes to it, and a
+/// link is followed. Control: the same FIFO as a store file
+/// (`root.crl.pem`) is refused at once.
+#[test]
+fn s7_4_the_certificate_file_a_revoke_names_is_opened_blocking_and_through_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("sso");
+    let store = fresh_store(&ca);
+    let fifo = ca.join("laptop-7.pem");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (store2, what) = (store.clone(), fifo.to_str().unwrap().to_owned());
+    let waiting = std::thread::spawn(move || {
+        let r = store2.revoke_as(&what, false).map(|_| ());
+        tx.send(r.map_err(|e| e.to_string())).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(1500))
+            .is_err(),
+        "HARM: the revoke is still waiting on the FIFO"
+    );
+    // Release it: a writer that writes nothing.
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    let r = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert!(r.unwrap_err().contains("not a PEM certificate"));
+    waiting.join().unwrap();
+    // Through a link: followed (here to a real certificate elsewhere).
+    std::fs::remove_file(&fifo).unwrap();
+    let serial = sign_for_alice(&store);
+    let elsewhere = dir.path().join("alice.pem");
+    let chain = {
+        // alice's chain as the issuer hands it out, saved outside.
+        let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
+        let (chain, entry) = store
+            .sign_request(
+                "alice",
+                &csr(),
+                &sans,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+                None,
+            )
+            .unwrap();
+        assert_ne!(entry.serial, serial);
+        chain
+    };
+    std::fs::write(&elsewhere, chain).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &fifo).unwrap();
+    store
+        .revoke_as(fifo.to_str().unwrap(), false)
+        .expect("followed the link");
+
+    // Control: a FIFO where a store file belongs is refused at once.
+    let root_crl = ca.join("root.crl.pem");
+    std::fs::remove_file(&root_crl).unwrap();
+    let c = std::ffi::CString::new(root_crl.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let started = std::time::Instant::now();
+    let e = store.revoke(&serial).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "control: {e}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+/// S7-5: the issuer reads `ca_dir/ca.pem` with a plain read that follows
+/// links and checks nothing in it, and returns its text whole as `ca` in
+/// every certificate answer (`gateway login` writes it to the user's
+/// `ca.pem`). Started as root without `user` (warned, not refused), that
+/// is root reading a file the store's owner names and handing it to every
+/// user who signs in: the S4-2 leak by another path. Control: the same
+/// link at a store file `Store` reads is refused.
+#[tokio::test]
+async fn s7_5_the_issuer_serves_whatever_its_ca_pem_links_to() {
+    let s = setup("");
+    let outside = s.ca_dir.parent().unwrap().join("secret");
+    std::fs::write(&outside, "root:$6$SECRET-HASH:19000:0:99999:7:::\n").unwrap();
+    let ca = s.ca_dir.join("ca.pem");
+    std::fs::remove_file(&ca).unwrap();
+    std::os::unix::fs::symlink(&outside, &ca).unwrap();
+    let issuer = Issuer::new(s.issuer.config(), Box::new(s.keys.clone()))
+        .expect("a ca.pem through a link, not a certificate, starts");
+    let laptop = device(LAPTOP);
+    let nonce = issuer.nonce(Some(&laptop)).unwrap();
+    let answer = issuer
+        .issue(Some(&laptop), request(token(&s.key, &claims(&nonce))))
+        .await
+        .unwrap();
+    assert!(
+        answer.ca.contains("SECRET-HASH"),
+        "HARM: the answer carries the linked file: {}",
+        answer.ca
+    );
+    // Control: Store's own reads refuse the link (root.crl.pem here).
+    let root_crl = s.ca_dir.join("root.crl.pem");
+    std::fs::remove_file(&root_crl).unwrap();
+    std::os::unix::fs::symlink(&outside, &root_crl).unwrap();
+    let e = Store::open(&s.ca_dir)
+        .publish_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("symbolic link"), "control: {e}");
+}
+
+/// S7-6: `revoke --intermediate` (and the issuer's check) writes `crl.pem`
+/// as "the intermediate's CRL already there" and the root's; when that
+/// CRL cannot be read (crl.pem missing, holding anything but CRLs, or, for
+/// root, another uid's), `crl_state` says nothing and `crl.pem` is written
+/// with the root's CRL alone (a warning). A running gateway that enforced
+/// the intermediate's CRL from that file then refuses the reload
+/// (`withdrawn`), keeping the state in which the intermediate is not
+/// revoked; with the intermediate's key moved away, as the docs allow,
+/// nothing puts its CRL back. Control: with crl.pem readable the reload is
+/// taken and the revocation enforced.
+#[test]
+fn s7_6_an_unreadable_crl_pem_makes_the_roots_revocation_a_reload_the_gateway_refuses() {
+    let setup_one = || {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("sso");
+        let store = fresh_store(&ca);
+        let chain = alice_chain(&store);
+        let enforced = crate::tls::crl::Enforced::default();
+        let running = bundle(&ca);
+        enforced.check(&[running.served()]).unwrap();
+        enforced.record(&[running.served()]);
+        (dir, ca, store, chain, enforced)
+    };
+    // Control.
+    let (_d, ca, store, chain, enforced) = setup_one();
+    std::fs::rename(ca.join("intermediate.key"), ca.join("away.key")).unwrap();
+    store
+        .revoke_as(ca.join("intermediate.pem").to_str().unwrap(), true)
+        .unwrap();
+    let reload = bundle(&ca);
+    enforced.check(&[reload.served()]).expect("control");
+    assert!(gateway_accepts(&ca, &chain).is_err(), "control: revoked");
+
+    // crl.pem unreadable to the revoke (here a stray line of text after
+    // the CRLs, e.g. a comment an operator added): the revoke succeeds.
+    let (_d, ca, store, _chain, enforced) = setup_one();
+    std::fs::rename(ca.join("intermediate.key"), ca.join("away.key")).unwrap();
+    let crl = ca.join("crl.pem");
+    let mut text = std::fs::read_to_string(&crl).unwrap();
+    text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+    std::fs::write(&crl, text).unwrap();
+    store
+        .revoke_as(ca.join("intermediate.pem").to_str().unwrap(), true)
+        .expect("the revoke reports success");
+    let reload = bundle(&ca);
+    let e = enforced.check(&[reload.served()]).unwrap_err();
+    assert!(
+        matches!(e, crate::tls::crl::CrlError::Withdrawn { .. }),
+        "HARM: the gateway refuses the reload that would revoke: {e}"
+    );
+    assert!(e.to_string().contains("SSO issuing CA"), "{e}");
+}
+
+/// S7-7: S4-4 moved the issuer to a user of its own (`gateway-issuer`) so
+/// that code running in the gateway cannot read the SSO CA's key, but the
+/// texts an operator reads when setting `user` still name the gateway's
+/// user: docs/sso.md's `issuer.toml` example (`user = "gateway"`), its
+/// "Running as its user" ("The shipped unit starts the issuer as `gateway`
+/// (`User=gateway`)", `chown -R gateway: …/sso`), and the warning a root
+/// start logs ("set user = \"gateway\" (the store chowned to it)").
+/// Followed, they give the gateway's user the key again. Control: the
+/// shipped unit runs the issuer as `gateway-issuer`.
+#[test]
+fn s7_7_the_docs_and_the_root_start_warning_still_name_the_gateways_user_for_the_issuer() {
+    let sso = include_str!("../../../../docs/sso.md");
+    let main = include_str!("../../../src/main.rs");
+    let unit = include_str!("../../../../examples/gateway-issuer.service");
+    assert!(unit.contains("\nUser=gateway-issuer\n"), "control");
+    assert!(sso.contains("# user = \"gateway\" "), "HARM: the example");
+    assert!(
+        sso.contains("The shipped unit starts the issuer as `gateway`\n(`User=gateway`)")
+            || sso.contains("The shipped unit starts the issuer as `gateway` (`User=gateway`)"),
+        "HARM: Running as its user"
+    );
+    assert!(
+        sso.contains("chown -R gateway: …/sso"),
+        "HARM: the error's example"
+    );
+    assert!(
+        main.contains("set user = \\\"gateway\\\" (the store chowned to it)"),
+        "HARM: the warning"
+    );
+}
+
+/// S7-8: after `pki revoke --intermediate` ("Users sign in again only
+/// after a new SSO CA is set up", docs/sso.md) the issuer goes on
+/// signing user certificates with the revoked intermediate whenever its
+/// key is still in the store (the docs say it "may" be gone, not that it
+/// must): `sign_user_request` never reads `revoked_intermediates`. Each
+/// sign-in is answered 200, counted as issued and logged `issued`; the
+/// certificate is refused by a route whose `crl.pem` has the root's new
+/// CRL, and taken by one whose copy predates it (a gateway on another
+/// host, between copies). Control: that route refuses a certificate of
+/// the same intermediate signed before the revocation too, so refusing
+/// to sign takes nothing that works.
+#[tokio::test]
+async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
+    let s = setup("");
+    let laptop = device(LAPTOP);
+    let before = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .unwrap();
+    // A gateway elsewhere, with the copy of crl.pem made before.
+    let elsewhere = s.ca_dir.parent().unwrap().join("copy");
+    std::fs::create_dir(&elsewhere).unwrap();
+    for f in ["ca.pem", "crl.pem"] {
+        std::fs::copy(s.ca_dir.join(f), elsewhere.join(f)).unwrap();
+    }
+    let operator = Store::open(&s.ca_dir);
+    operator
+        .revoke_as(s.ca_dir.join("intermediate.pem").to_str().unwrap(), true)
+        .unwrap();
+    assert!(
+        gateway_accepts(&s.ca_dir, &before.certificate).is_err(),
+        "control: revoked"
+    );
+    let after = s
+        .issuer
+        .issue(Some(&laptop), request(s.token(|_| {})))
+        .await
+        .expect("HARM: signed with the revoked intermediate");
+    assert_eq!(s.issuer.counters().issued, 2);
+    assert!(gateway_accepts(&s.ca_dir, &after.certificate).is_err());
+    assert_eq!(
+        gateway_accepts(&elsewhere, &after.certificate),
+        Ok(()),
+        "HARM: a route with the earlier crl.pem takes the new certificate"
+    );
+}
+
+/// S7-9: e0455b6 keeps root from copying a file only it may read into
+/// `crl.pem` (parsed CRLs only, re-encoded), but root's `pki issue` still
+/// copies `intermediate.pem`'s text whole into `NAME.pem` (0644, given to
+/// the store's owner): rcgen reads only its first PEM block, and
+/// `Authority::load` keeps the text as it was. A root-owned file that
+/// starts with a certificate (a server's combined cert-and-key PEM, as
+/// haproxy and others keep them) reaches `intermediate.pem` by a hard link
+/// where `fs.protected_hardlinks` is off, or by a rename of a file root
+/// left in the store; root's read takes it (root's own, a regular file),
+/// and the key in it goes out. Control: the same file as `root.crl.pem`
+/// is refused.
+#[test]
+fn s7_9_roots_issue_copies_intermediate_pem_whole_into_a_file_the_owner_reads() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (root's pki command in another user's store)");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = dir.path().join("sso");
+    let store = fresh_store(&ca);
+    let int_path = ca.join("intermediate.pem");
+    let int_pem = std::fs::read_to_string(&int_path).unwrap();
+    for e in std::fs::read_dir(&ca).unwrap() {
+        std::os::unix::fs::lchown(e.unwrap().path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::chown(&ca, Some(NOBODY), Some(NOBODY)).unwrap();
+    // A server's combined PEM, root's and 0600 (here a certificate that
+    // parses, followed by its "key").
+    let combined = dir.path().join("site.pem");
+    std::fs::write(
+        &combined,
+        format!(
+            "{int_pem}-----BEGIN PRIVATE KEY-----\nU0VDUkVULUtFWQ==\n-----END PRIVATE KEY-----\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&combined, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::remove_file(&int_path).unwrap();
+    std::fs::hard_link(&combined, &int_path).unwrap();
+    // Control: the same file where a CRL belongs is refused.
+    let root_crl = ca.join("root.crl.pem");
+    let saved = std::fs::read(&root_crl).unwrap();
+    std::fs::remove_file(&root_crl).unwrap();
+    std::fs::hard_link(&combined, &root_crl).unwrap();
+    let e = store
+        .publish_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("where only CRLs belong"), "control: {e}");
+    std::fs::remove_file(&root_crl).unwrap();
+    std::fs::write(&root_crl, saved).unwrap();
+    std::os::unix::fs::chown(&root_crl, Some(NOBODY), Some(NOBODY)).unwrap();
+    // Root issues in the store.
+    let (cert, _) = store
+        .issue(
+            crate::pki::store::Kind::Server,
+            "web",
+            &["dns:web.example.internal".into()],
+            None,
+            KeyType::P256,
+        )
+        .unwrap();
+    let out = std::fs::read_to_string(&cert).unwrap();
+    let meta = std::fs::metadata(&cert).unwrap();
+    assert!(
+        out.contains("U0VDUkVULUtFWQ=="),
+        "HARM: the root-only key is in {}",
+        cert.display()
+    );
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
+}
