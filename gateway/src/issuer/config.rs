@@ -575,6 +575,24 @@ fn check_profile(p: &Profile, field: impl Fn(&str) -> String) -> Result<(), (Str
             ));
         }
         if t.contains("{domain}") {
+            // Local parts and domains both hold `.` and `-`: joined within
+            // one segment (`{local}.{domain}`), `alice.eu@example.internal`
+            // and `alice@eu.example.internal` would be one name. Each a
+            // whole path segment, `/` (which neither holds) parts them.
+            let path = t.split_once("://").map_or(t.as_str(), |(_, rest)| rest);
+            let whole = |ph: &str| {
+                path.split('/')
+                    .filter(|seg| seg.contains(ph))
+                    .all(|seg| seg == ph)
+            };
+            if !whole("{local}") || !whole("{domain}") {
+                return Err((
+                    field("user_uri"),
+                    format!(
+                        "{t:?}: with {{domain}}, {{local}} and {{domain}} must each be a whole path segment (\"spiffe://example.internal/user/{{domain}}/{{local}}\"): joined in one, two users could get one name"
+                    ),
+                ));
+            }
             for d in &p.email_domains {
                 let d = d.trim_end_matches('.');
                 let segment = !d.is_empty()

@@ -38,6 +38,19 @@ fn admitted(policy: &Policy, id: &Identity) -> bool {
     )
 }
 
+/// The head of an issuer.toml (as tests.rs's `setup_profiles` writes it).
+const ISS_HEAD: &str = r#"
+listen = "127.0.0.1:0"
+cert = "issuer.pem"
+key = "issuer.key"
+ca_dir = "sso"
+device_trust = { ca = "devices/ca.pem" }
+device_san_prefix = "spiffe://example.internal/device/"
+[oidc]
+issuer = "https://login.example.com"
+client_id = "gateway"
+"#;
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -56,8 +69,10 @@ fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
 /// `alice.eu@example.internal` (a mailbox or alias a user of the parent
 /// domain may be given or choose) and `alice@eu.example.internal` get one
 /// user URI, and routes written for the one admit the other.
-/// Measured: the alias passes alice's route. Control: with `/` between
+/// Measured: the alias passed alice's route. Control: with `/` between
 /// them (docs/sso.md's example) it does not; bob does not either way.
+/// Fixed: with `{domain}`, `{local}` and `{domain}` must each be a whole
+/// path segment, or the config does not load.
 #[tokio::test]
 async fn s5_2_local_and_domain_joined_by_a_dot_make_two_users_one_uri() {
     let config = |sep: &str| {
@@ -73,7 +88,15 @@ per_user = {{ burst = 50, per_hour = 50 }}
 "#
         )
     };
-    for (sep, collide) in [(".", true), ("/", false)] {
+    for joined in [".", "-", "", "_x_"] {
+        let text = format!("{ISS_HEAD}{}", config(joined));
+        let e = IssuerConfig::parse(&text, Path::new("issuer.toml"), Path::new("/tmp"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("whole path segment"), "{joined:?}: {e}");
+    }
+    for (sep, collide) in [("/", false)] {
         let s = setup_profiles(&config(sep));
         let sign_in = async |email: &str, sub: &str| {
             let t = s.token(|c| {
