@@ -374,10 +374,13 @@ pub async fn serve(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .and_then(|leaf| Identity::from_leaf(leaf).ok());
-            if device.is_some() {
-                issuer
-                    .slots
-                    .device_verified(peer.ip(), std::time::Instant::now());
+            if let Some(id) = &device {
+                let prefix = &issuer.current_config().device_san_prefix;
+                if let Some(name) = id.device(prefix) {
+                    issuer
+                        .slots
+                        .device_verified(peer.ip(), name, std::time::Instant::now());
+                }
             }
             // Only a device may keep a slot for a certificate request's
             // whole deadline; without one, a few seconds for `/v1/config`.

@@ -41,6 +41,13 @@ pub const KNOWN_FOR: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Known networks remembered at most; past that the one known longest ago
 /// makes room. Only a device's verified handshake adds one.
 pub const KNOWN_NETWORKS: usize = 4096;
+/// Of the reserve, what one known network may hold: an enrolled user's
+/// networks (or an egress a device shares with others) take their part of
+/// it, not all of it.
+pub const RESERVE_PER_NETWORK: usize = PER_SOURCE / 4;
+/// Networks one device keeps known at most; a fifth replaces its oldest,
+/// so one device can neither spread over the reserve nor flush the table.
+pub const KNOWN_PER_DEVICE: usize = 4;
 /// Refusals of one kind are logged one by one at most once this often;
 /// the rest are summarized.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -69,8 +76,17 @@ impl Refused {
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
     _source: SourceSlot,
+    /// Its network's count in the reserve, if it took from it.
+    _reserved: Option<SourceSlot>,
     /// It took one of the known networks' reserve.
     pub reserved: bool,
+}
+
+/// A network known from a device: when it last verified there, and which
+/// device (`KNOWN_PER_DEVICE`).
+struct Known {
+    at: Instant,
+    device: String,
 }
 
 /// The issuer's connection slots.
@@ -80,8 +96,11 @@ pub struct Slots {
     /// `KNOWN_RESERVE`: known networks' once `open` is full.
     reserve: Arc<Semaphore>,
     sources: Arc<Sources>,
-    /// Network → when a device certificate last verified from it.
-    known: Mutex<HashMap<IpAddr, Instant>>,
+    /// Reserved connections per network (`RESERVE_PER_NETWORK`).
+    reserved_by: Arc<Sources>,
+    /// Network → when and by which device a certificate last verified
+    /// from it.
+    known: Mutex<HashMap<IpAddr, Known>>,
     refused_network_full: AtomicU64,
     refused_busy: AtomicU64,
     /// Connections a known network got from the reserve.
@@ -95,6 +114,7 @@ impl Default for Slots {
             open: Arc::new(Semaphore::new(MAX_CONNECTIONS - KNOWN_RESERVE)),
             reserve: Arc::new(Semaphore::new(KNOWN_RESERVE)),
             sources: Arc::default(),
+            reserved_by: Arc::default(),
             known: Mutex::default(),
             refused_network_full: AtomicU64::new(0),
             refused_busy: AtomicU64::new(0),
@@ -134,12 +154,17 @@ impl Slots {
             return Ok(Slot {
                 _permit: permit,
                 _source: source,
+                _reserved: None,
                 reserved: false,
             });
         }
         if !self.is_known(source.1, now) {
             return Err(Refused::Busy);
         }
+        let share = self
+            .reserved_by
+            .take_up_to(peer, RESERVE_PER_NETWORK)
+            .ok_or(Refused::Busy)?;
         let permit = self
             .reserve
             .clone()
@@ -149,6 +174,7 @@ impl Slots {
         Ok(Slot {
             _permit: permit,
             _source: source,
+            _reserved: Some(share),
             reserved: true,
         })
     }
@@ -156,7 +182,7 @@ impl Slots {
     fn is_known(&self, network: IpAddr, now: Instant) -> bool {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         match known.get(&network) {
-            Some(&at) if now.saturating_duration_since(at) < KNOWN_FOR => true,
+            Some(k) if now.saturating_duration_since(k.at) < KNOWN_FOR => true,
             Some(_) => {
                 known.remove(&network);
                 false
@@ -165,27 +191,40 @@ impl Slots {
         }
     }
 
-    /// A device certificate verified from `peer`: its network is known
-    /// for `KNOWN_FOR` from now.
-    pub fn device_verified(&self, peer: IpAddr, now: Instant) {
+    /// `device`'s certificate verified from `peer`: its network is known
+    /// for `KNOWN_FOR` from now, as one of that device's last
+    /// `KNOWN_PER_DEVICE`.
+    pub fn device_verified(&self, peer: IpAddr, device: &str, now: Instant) {
         let network = source_key(peer);
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if known.len() >= KNOWN_NETWORKS && !known.contains_key(&network) {
-            let stale: Vec<IpAddr> = known
-                .iter()
-                .filter(|(_, at)| now.saturating_duration_since(**at) >= KNOWN_FOR)
-                .map(|(n, _)| *n)
-                .collect();
-            for n in stale {
+        known.retain(|_, k| now.saturating_duration_since(k.at) < KNOWN_FOR);
+        if !known.contains_key(&network) {
+            let oldest = |known: &HashMap<IpAddr, Known>, of: Option<&str>| {
+                known
+                    .iter()
+                    .filter(|(_, k)| of.is_none_or(|d| k.device == d))
+                    .min_by_key(|(_, k)| k.at)
+                    .map(|(n, _)| *n)
+            };
+            let its = known.values().filter(|k| k.device == device).count();
+            if its >= KNOWN_PER_DEVICE
+                && let Some(n) = oldest(&known, Some(device))
+            {
                 known.remove(&n);
             }
             if known.len() >= KNOWN_NETWORKS
-                && let Some(oldest) = known.iter().min_by_key(|(_, at)| **at).map(|(n, _)| *n)
+                && let Some(n) = oldest(&known, None)
             {
-                known.remove(&oldest);
+                known.remove(&n);
             }
         }
-        known.insert(network, now);
+        known.insert(
+            network,
+            Known {
+                at: now,
+                device: device.to_owned(),
+            },
+        );
     }
 
     /// Writes summaries of refusals that are due.
@@ -261,10 +300,18 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 
 impl Sources {
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<SourceSlot> {
+        self.take_up_to(ip, PER_SOURCE)
+    }
+
+    /// A place for `ip`'s network if it holds fewer than `most`.
+    fn take_up_to(self: &Arc<Self>, ip: IpAddr, most: usize) -> Option<SourceSlot> {
         let key = source_key(ip);
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(key).or_default();
-        if *n >= PER_SOURCE {
+        if *n >= most {
+            if *n == 0 {
+                map.remove(&key);
+            }
             return None;
         }
         *n += 1;
@@ -314,25 +361,30 @@ mod tests {
         }
         let office = v4(192, 0, 2, 7);
         assert_eq!(slots.take(office, now).err(), Some(Refused::Busy));
-        slots.device_verified(v4(192, 0, 2, 200), now);
+        slots.device_verified(v4(192, 0, 2, 200), "laptop-1", now);
         let mut reserved = Vec::new();
-        for _ in 0..PER_SOURCE {
+        for _ in 0..RESERVE_PER_NETWORK {
             let slot = slots.take(office, now).unwrap();
             assert!(slot.reserved);
             reserved.push(slot);
         }
-        assert_eq!(slots.take(office, now).err(), Some(Refused::NetworkFull));
+        assert_eq!(
+            slots.take(office, now).err(),
+            Some(Refused::Busy),
+            "the network's part of the reserve"
+        );
         assert_eq!(
             slots.take(v4(198, 51, 100, 1), now).err(),
             Some(Refused::Busy),
             "the attacker's next network"
         );
-        // Known long ago is not known.
-        let later = now + KNOWN_FOR;
+        // A network at its 16 is full, known or not.
         assert_eq!(
-            slots.take(v4(192, 0, 2, 8), later).err(),
+            slots.take(v4(10, 0, 0, 1), now).err(),
             Some(Refused::NetworkFull)
         );
+        // Known long ago is not known.
+        let later = now + KNOWN_FOR;
         drop(reserved);
         assert_eq!(
             slots.take(v4(192, 0, 2, 8), later).err(),
@@ -341,15 +393,15 @@ mod tests {
         let mut metrics = String::new();
         slots.render_metrics(&mut metrics);
         assert!(
-            metrics.contains("gateway_issuer_connections_refused_total{reason=\"busy\"} 3\n"),
+            metrics.contains("gateway_issuer_connections_refused_total{reason=\"busy\"} 4\n"),
             "{metrics}"
         );
         assert!(
             metrics
-                .contains("gateway_issuer_connections_refused_total{reason=\"network_full\"} 2\n"),
+                .contains("gateway_issuer_connections_refused_total{reason=\"network_full\"} 1\n"),
             "{metrics}"
         );
-        assert!(metrics.contains("gateway_issuer_connections_reserved_total 16\n"));
+        assert!(metrics.contains("gateway_issuer_connections_reserved_total 4\n"));
         // Given back, the open slots serve anyone again.
         drop(held);
         assert!(!slots.take(v4(198, 51, 100, 1), later).unwrap().reserved);
@@ -362,10 +414,11 @@ mod tests {
         let slots = Slots::default();
         let now = Instant::now();
         let first = v4(10, 0, 0, 1);
-        slots.device_verified(first, now);
+        slots.device_verified(first, "laptop-0", now);
         for i in 1..=KNOWN_NETWORKS as u32 {
             let net = IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + (i << 8)));
-            slots.device_verified(net, now + Duration::from_millis(u64::from(i)));
+            let at = now + Duration::from_millis(u64::from(i));
+            slots.device_verified(net, &format!("laptop-{i}"), at);
         }
         let known = slots.known.lock().unwrap();
         assert_eq!(known.len(), KNOWN_NETWORKS);
@@ -373,5 +426,28 @@ mod tests {
             !known.contains_key(&source_key(first)),
             "the oldest made room"
         );
+    }
+
+    /// One device keeps its last `KNOWN_PER_DEVICE` networks known: an
+    /// enrolled user's handshakes from ever new networks neither spread
+    /// over the reserve nor push others' networks out.
+    #[test]
+    fn one_device_keeps_few_networks_known() {
+        let slots = Slots::default();
+        let now = Instant::now();
+        let office = v4(192, 0, 2, 7);
+        slots.device_verified(office, "laptop-1", now);
+        for n in 0..40u8 {
+            let at = now + Duration::from_millis(u64::from(n) + 1);
+            slots.device_verified(v4(172, 16, n, 9), "insider", at);
+        }
+        let known = slots.known.lock().unwrap();
+        assert_eq!(known.len(), 1 + KNOWN_PER_DEVICE);
+        assert!(known.contains_key(&source_key(office)), "others' stay");
+        assert!(
+            known.contains_key(&source_key(v4(172, 16, 39, 9))),
+            "its last"
+        );
+        assert!(!known.contains_key(&source_key(v4(172, 16, 0, 9))));
     }
 }

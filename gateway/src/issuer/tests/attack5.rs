@@ -248,22 +248,26 @@ per_user = { burst = 50, per_hour = 50 }
     assert_eq!(s.issuer.counters().issued, 3, "hers, none of the thief's");
 }
 
-/// S5-4: 70fabb0 keeps 64 of 256 slots for networks where a device
-/// certificate verified within 7 days, and docs/sso.md says "devices at
+/// S5-4: 70fabb0 kept 64 of 256 slots for networks where a device
+/// certificate verified within 7 days, and docs/sso.md said "devices at
 /// networks the issuer knows keep signing in through the 64". Any
-/// enrolled user makes a network known with one handshake of their own
-/// device from it (nothing else feeds the table), so with 16 networks (12
-/// for the open 192, 4 made known for the reserve's 64) they hold every
-/// slot again, as F4 did before the reserve; with 4096 /64s (one IPv6
-/// /52) their device's handshakes also push every other network out of
-/// the table (oldest first). An outsider who shares an egress with any
-/// device (a commercial VPN's, a carrier's CGNAT /24, a cloud /24) gets
-/// the same from those networks. Measured: the office (known from a
-/// device yesterday) refused `busy` in both. Controls: without the
-/// insider's known networks, and before the flush, the office gets a
-/// reserved slot.
+/// enrolled user made a network known with one handshake of their own
+/// device from it, so with 16 networks (12 for the open 192, 4 made known
+/// for the reserve's 64) they held every slot again; with 4096 /64s their
+/// device's handshakes pushed every other network out of the table.
+/// Measured: the office (known from a device yesterday) refused `busy` in
+/// both.
+///
+/// Fixed: a known network holds at most `RESERVE_PER_NETWORK` (4) of the
+/// reserve, and one device keeps at most `KNOWN_PER_DEVICE` (4) networks
+/// known (a fifth replaces its oldest): one insider device holds 16 of the
+/// 64 and flushes no one. docs/sso.md states what is left (several
+/// enrolled devices, an egress shared with a device, a restart empties
+/// the table). Control: before the insider, the office gets a reserved
+/// slot.
 #[test]
 fn s5_4_an_enrolled_user_makes_networks_known_and_holds_the_reserve_too() {
+    use super::super::slots::{KNOWN_PER_DEVICE, RESERVE_PER_NETWORK};
     let t0 = std::time::Instant::now();
     let now = t0 + Duration::from_secs(86_400);
     let office = v4(192, 0, 2, 7);
@@ -275,44 +279,48 @@ fn s5_4_an_enrolled_user_makes_networks_known_and_holds_the_reserve_too() {
         }
     };
 
-    // 1. The reserve taken by known networks of the insider's own.
+    // 1. The insider's own networks take their part of the reserve only.
     let slots = Slots::default();
-    slots.device_verified(v4(192, 0, 2, 200), t0); // a colleague, yesterday
+    slots.device_verified(v4(192, 0, 2, 200), "laptop-1", t0); // a colleague, yesterday
     let mut held = Vec::new();
     fill_open(&slots, &mut held);
     // Control: the office gets in from the reserve.
     let control = slots.take(office, now).unwrap();
     assert!(control.reserved, "control");
     drop(control);
-    // The insider's device signs in once from four more networks...
-    for n in 0..(KNOWN_RESERVE / PER_SOURCE) as u8 {
-        slots.device_verified(v4(172, 16, n, 9), now);
+    // The insider's device signs in from 16 more networks...
+    for n in 0..16u8 {
+        slots.device_verified(v4(172, 16, n, 9), "insider", now);
     }
-    // ...whose connections (any client there, no certificate) take the 64.
-    for n in 0..(KNOWN_RESERVE / PER_SOURCE) as u8 {
+    // ...whose connections (any client there) take what they may.
+    let mut taken = 0;
+    for n in 0..16u8 {
         for _ in 0..PER_SOURCE {
-            let s = slots.take(v4(172, 16, n, 1), now).unwrap();
-            assert!(s.reserved);
-            held.push(s);
+            if let Ok(s) = slots.take(v4(172, 16, n, 1), now) {
+                assert!(s.reserved);
+                held.push(s);
+                taken += 1;
+            }
         }
     }
-    assert_eq!(held.len(), MAX_CONNECTIONS);
-    assert_eq!(slots.take(office, now).err(), Some(Refused::Busy));
+    assert_eq!(taken, KNOWN_PER_DEVICE * RESERVE_PER_NETWORK, "16 of 64");
+    let office_gets = slots.take(office, now).unwrap();
+    assert!(office_gets.reserved, "the office still gets in");
+    drop(office_gets);
     drop(held);
 
-    // 2. The table flushed by one IPv6 /52's /64s.
+    // 2. One device's handshakes from one IPv6 /52's /64s flush no one.
     let slots = Slots::default();
-    slots.device_verified(v4(192, 0, 2, 200), t0);
+    slots.device_verified(v4(192, 0, 2, 200), "laptop-1", t0);
     for i in 0..KNOWN_NETWORKS as u128 {
         let net = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_0000_0000u128 + i) << 64 | 1));
-        slots.device_verified(net, now);
+        slots.device_verified(net, "insider", now);
     }
     let mut held = Vec::new();
     fill_open(&slots, &mut held);
-    assert_eq!(
-        slots.take(office, now).err(),
-        Some(Refused::Busy),
-        "the office is no longer known"
+    assert!(
+        slots.take(office, now).unwrap().reserved,
+        "the office is still known"
     );
 }
 
