@@ -8,9 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt as _;
 
 use super::*;
-use crate::issuer::slots::{
-    KNOWN_NETWORKS, KNOWN_RESERVE, MAX_CONNECTIONS, PER_SOURCE, Refused, Slots,
-};
+use crate::issuer::slots::{KNOWN_NETWORKS, KNOWN_RESERVE, MAX_CONNECTIONS, PER_SOURCE, Slots};
 use crate::policy::{IdentityRule, Policy, Verdict};
 
 const PREFIX: &str = "spiffe://example.internal/device/";
