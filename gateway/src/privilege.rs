@@ -52,6 +52,12 @@ pub enum PrivilegeError {
     },
     #[error("user {0:?} is root: running as it drops nothing; name an unprivileged user")]
     Root(String),
+    /// Group 0 is root's group: files root's group may write or read
+    /// (root:root 0640 and 0660 ones) stay open to the dropped process.
+    #[error(
+        "user {user:?}: {what} is root's (gid 0): running with it keeps access to what root's group may read or write; name a user (or `group`) that is not in group root"
+    )]
+    RootGroup { user: String, what: &'static str },
     #[error("user = {user:?} needs the gateway started as root (running as uid {euid})")]
     NotRoot { user: String, euid: u32 },
     #[error(
@@ -121,6 +127,22 @@ impl Target {
             }
             None => (user_gid, group_list(user, user_gid)?),
         };
+        if gid == 0 {
+            return Err(PrivilegeError::RootGroup {
+                user: user.clone(),
+                what: if config.group.is_some() {
+                    "`group`"
+                } else {
+                    "its primary group"
+                },
+            });
+        }
+        if groups.contains(&0) {
+            return Err(PrivilegeError::RootGroup {
+                user: user.clone(),
+                what: "one of its supplementary groups",
+            });
+        }
         Ok(Some(Target {
             user: user.clone(),
             uid,
@@ -407,6 +429,12 @@ impl Target {
         if uid == 0 {
             return Err(PrivilegeError::Root(user.to_owned()));
         }
+        if gid == 0 {
+            return Err(PrivilegeError::RootGroup {
+                user: user.to_owned(),
+                what: "its primary group",
+            });
+        }
         Ok(Target {
             user: user.to_owned(),
             uid,
@@ -482,7 +510,8 @@ pub fn verify_alone(target: &Target) -> Result<(), PrivilegeError> {
     }
 }
 
-/// What in one thread's /proc status differs from the target, if anything.
+/// What in one thread's /proc status differs from the target, if anything
+/// (group 0 among its groups included, whatever the target).
 pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
     let field = |name: &str| {
         status
@@ -495,6 +524,14 @@ pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
         (got.len() != 4 || got.iter().any(|g| *g != want.to_string()))
             .then(|| format!("{name} {}", got.join(" ")))
     };
+    // Group root never, whatever the target says: a target with gid 0
+    // (refused when resolved) must not pass as dropped either.
+    let root_group = |name: &str| {
+        let got = field(name)?;
+        got.split_whitespace()
+            .any(|g| g == "0")
+            .then(|| format!("{name} {got} includes root's group 0"))
+    };
     let set = |name: &str, want: u64| {
         let got = field(name).and_then(|v| u64::from_str_radix(v, 16).ok());
         (got != Some(want)).then(|| format!("{name} {:?}, want {want:016x}", field(name)))
@@ -502,6 +539,8 @@ pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
     let problems: Vec<String> = [
         ids("Uid", target.uid),
         ids("Gid", target.gid),
+        root_group("Gid"),
+        root_group("Groups"),
         set("CapPrm", mask),
         set("CapEff", mask),
         set("CapInh", 0),

@@ -372,27 +372,44 @@ async fn s6_6_a_thief_spends_the_nonce_log_lines_first_and_the_victim_is_never_l
     assert_eq!(c.refusals_unlogged, 8, "7 of the burn and the theft");
 }
 
-/// The other half of `s6_7_a_user_whose_group_is_root_keeps_gid_0`: run
-/// in a mount namespace whose /etc/passwd has that user.
+/// The other half of `s6_7_a_user_whose_group_is_root_is_refused`: run
+/// in a mount namespace whose /etc/passwd has that user; what the
+/// issuer's `Target::alone` and the gateway's `Target::resolve` make of it.
 #[test]
 #[ignore = "run by another test, in a mount namespace"]
 fn in_a_namespace_resolve_the_issuers_user() {
     let Ok(user) = std::env::var("GATEWAY_TEST_ISSUER_USER") else {
         return;
     };
-    let t = Target::alone(&user).unwrap();
-    println!("TARGET uid={} gid={} groups={:?}", t.uid, t.gid, t.groups);
+    match Target::alone(&user) {
+        Ok(t) => println!("TARGET uid={} gid={} groups={:?}", t.uid, t.gid, t.groups),
+        Err(e) => println!("ISSUER REFUSED: {e}"),
+    }
+    let text = format!(
+        "user = \"{user}\"\n[admission]\nkernel_block_list = false\n[[listeners]]\nname = \"e\"\n\
+         bind = \"127.0.0.1:8443\"\ncert = \"c.pem\"\nkey = \"k.key\"\nclient_ca = \"ca.pem\"\n\
+         [[listeners.routes]]\nname = \"r\"\nbackends = [\"127.0.0.1:1\"]\n"
+    );
+    let config = crate::config::Config::parse(&text, Path::new("g.toml"), Path::new("/")).unwrap();
+    match Target::resolve(&config) {
+        Ok(Some(t)) => println!("GATEWAY uid={} gid={} groups={:?}", t.uid, t.gid, t.groups),
+        Ok(None) => println!("GATEWAY none"),
+        Err(e) => println!("GATEWAY REFUSED: {e}"),
+    }
 }
 
-/// S6-7: `Target::alone` refuses uid 0 but takes the user's primary group
-/// whatever it is, 0 included (RHEL's `operator`, `sync`, `halt`,
-/// `shutdown` have group root): the issuer "drops" to group root, and its
-/// verify (`verify_alone`) compares with that target, so nothing notices.
-/// The gateway's own `Target::resolve` has the same gap. Measured in a
-/// mount namespace whose /etc/passwd adds `op:x:11:0`: the target is uid
-/// 11, gid 0. Control: nobody resolves to gid 65534.
+/// S6-7: `Target::alone` refused uid 0 but took the user's primary group
+/// whatever it was, 0 included (RHEL's `operator`, `sync`, `halt`,
+/// `shutdown` have group root): the issuer "dropped" to group root, and
+/// its verify (`verify_alone`) compared with that target, so nothing
+/// noticed. The gateway's own `Target::resolve` had the same gap.
+/// Measured (before the fix) in a mount namespace whose /etc/passwd adds
+/// `op:x:11:0`: the target was uid 11, gid 0. Now both refuse it, naming
+/// root's group, and the post-drop check (`mismatch`) refuses a gid or
+/// group 0 even in a target that has it. Control: nobody resolves to gid
+/// 65534 in both.
 #[test]
-fn s6_7_a_user_whose_group_is_root_keeps_gid_0() {
+fn s6_7_a_user_whose_group_is_root_is_refused() {
     if !is_root() {
         return;
     }
@@ -421,13 +438,39 @@ fn s6_7_a_user_whose_group_is_root_keeps_gid_0() {
         return; // no mount namespaces here
     }
     assert!(
-        said.contains("TARGET uid=65534 gid=65534 groups=[]"),
+        said.contains("TARGET uid=65534 gid=65534 groups=[]")
+            && said.contains("GATEWAY uid=65534 gid=65534 groups=[65534]"),
         "control: {out:?}"
     );
     let out = resolve("op");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!said.contains("gid=0"), "group root taken: {out:?}");
     assert!(
-        said.contains("TARGET uid=11 gid=0 groups=[]"),
-        "group root taken: {out:?}"
+        said.contains("ISSUER REFUSED: user \"op\": its primary group is root's (gid 0)")
+            && said.contains("GATEWAY REFUSED: user \"op\": its primary group is root's (gid 0)"),
+        "{out:?}"
+    );
+
+    // After the drop: a thread in group 0 is refused even when the target
+    // says gid 0 (a target made some other way).
+    let target = Target {
+        user: "op".into(),
+        uid: 11,
+        gid: 0,
+        groups: Vec::new(),
+        kept: Vec::new(),
+    };
+    let status = "Uid:\t11\t11\t11\t11\nGid:\t0\t0\t0\t0\nGroups:\t\n\
+                  CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\n\
+                  CapEff:\t0000000000000000\nCapBnd:\t0000000000000000\n\
+                  CapAmb:\t0000000000000000\nNoNewPrivs:\t1\n";
+    let why = crate::privilege::mismatch(status, &target, 0).expect("gid 0 refused");
+    assert!(why.contains("includes root's group 0"), "{why}");
+    let fine = status.replace("Gid:\t0\t0\t0\t0", "Gid:\t11\t11\t11\t11");
+    let target = Target { gid: 11, ..target };
+    assert_eq!(
+        crate::privilege::mismatch(&fine, &target, 0),
+        None,
+        "control"
     );
 }
