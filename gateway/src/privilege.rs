@@ -79,8 +79,9 @@ pub enum PrivilegeError {
     #[error(
         "the config {path} could be rewritten by user {user:?}, whom the gateway drops to: {why}; \
          root reads it at the next start, so a compromised gateway could make that start keep root \
-         (remove `user`). Make the config and its directory root's and writable by root alone \
-         (chown root: FILE DIR; chmod go-w FILE DIR)"
+         (remove `user`). Make the config and every directory above it root's and writable by \
+         root alone, none of them sticky and world-writable like /tmp (chown root: FILE DIR; \
+         chmod go-w FILE DIR)"
     )]
     ConfigWritable {
         path: PathBuf,
@@ -153,8 +154,8 @@ impl Target {
     }
 
     /// Refuses a config (`path`) the dropped-to user could rewrite: the
-    /// file, its directory, or through a symlink the file it names and
-    /// that file's directory (see `safe_dir::writable_by`). Only for a
+    /// file or any directory above it, on the path as given and through
+    /// every symlink (see `safe_dir::writable_by`). Only for a
     /// start as root: a gateway already running as its user reads what
     /// that user can write, and nothing is gained by refusing it.
     pub fn check_config(&self, path: &Path) -> Result<(), PrivilegeError> {

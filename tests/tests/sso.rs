@@ -216,7 +216,13 @@ fn start_with_profiles(profiles: &str) -> Sso {
 /// `prepare` run on the test's directory before the issuer starts.
 fn start_full(top: &str, profiles: &str, prepare: impl FnOnce(&Path)) -> Sso {
     let node = provider_dir();
-    let dir = tempfile::tempdir().unwrap();
+    // With `user`, a start as root refuses an issuer.toml below a
+    // directory anyone may write, /tmp (sticky) included.
+    let dir = if top.contains("user = ") {
+        gateway_tests::root_only_tempdir()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
     let p = |n: &str| dir.path().join(n);
     let init = |d: &str, name: &str| {
         Store::open(&p(d))

@@ -18,6 +18,16 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// A temporary directory whose every ancestor is root's and writable by
+/// root alone (beside the test binary, not in /tmp, which is
+/// world-writable): where a root start with `user` takes its config from.
+fn root_only_tempdir() -> tempfile::TempDir {
+    let exe = std::env::current_exe().unwrap();
+    tempfile::Builder::new()
+        .tempdir_in(exe.parent().unwrap())
+        .unwrap()
+}
+
 /// A valid issuer.toml naming `user`, nothing read but itself.
 fn issuer_toml(user: Option<&str>, extra: &str) -> String {
     let user = user
@@ -165,72 +175,82 @@ fn s6_2_the_issuers_warning_and_docs_tell_the_operator_to_run_it_as_the_gateways
 }
 
 /// S6-3: `check_config` (the start refused if the dropped-to user could
-/// rewrite issuer.toml) looks at the file, its directory and a symlink's
+/// rewrite issuer.toml) looked at the file, its directory and a symlink's
 /// target, never at the directories above. With issuer.toml in a
 /// root-owned directory under one the issuer's user owns (here
 /// `state/conf/issuer.toml`, `state` the user's, as a store's parent or a
-/// home directory would be), the start passes the check, and the dropped
-/// process (as that user: here a shell as nobody) renames `conf` away and
-/// puts its own issuer.toml there, without `user`: root's next start reads
-/// it and, `user` gone, only warns and stays root. Control: the same file
-/// with its own directory the user's is refused.
+/// home directory would be), the start passed the check, and the dropped
+/// process (measured: a shell as nobody) renamed `conf` away and put its
+/// own issuer.toml there, without `user`: root's next start read it and,
+/// `user` gone, only warned and stayed root. Now every directory above
+/// the file, on the path as given and through its symlinks, up to `/`, is
+/// checked: owned by the user, writable by its group or by anyone (a
+/// sticky /tmp too) is refused, naming the directory. Control: the same
+/// file with every directory above root's passes.
 #[test]
-fn s6_3_an_issuer_toml_under_a_directory_the_user_owns_passes_and_is_rewritten() {
+fn s6_3_an_issuer_toml_under_a_directory_the_user_owns_is_refused() {
     if !is_root() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = root_only_tempdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir(&state).unwrap();
-    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
     let conf = state.join("conf");
     std::fs::create_dir(&conf).unwrap(); // root's, 0755
+    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = conf.join("issuer.toml");
     std::fs::write(&path, issuer_toml(Some("nobody"), "")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     let target = Target::alone("nobody").unwrap();
+    let refused = |p: &Path| match target.check_config(p) {
+        Ok(()) => panic!("{} passes", p.display()),
+        Err(e) => e.to_string(),
+    };
 
-    // Control: a directory of the user's own is refused.
-    let own = state.join("own");
-    std::fs::create_dir(&own).unwrap();
-    std::os::unix::fs::chown(&own, Some(NOBODY), Some(NOBODY)).unwrap();
-    std::fs::write(own.join("issuer.toml"), issuer_toml(Some("nobody"), "")).unwrap();
-    assert!(
-        target.check_config(&own.join("issuer.toml")).is_err(),
-        "control"
-    );
-
-    // The harm: passes, then the user rewrites it.
+    // Control: root's all the way up.
     target
         .check_config(&path)
-        .expect("passes: only the file and its directory are looked at");
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "mv {conf} {state}/old && mkdir {conf} && cat > {conf}/issuer.toml",
-            conf = conf.display(),
-            state = state.display()
-        ))
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(issuer_toml(None, "").as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let config = IssuerConfig::load(&path).unwrap();
-    assert_eq!(config.user, None, "root's next start: no user, stays root");
+        .expect("control: root's all the way");
+
+    // The user's directory two levels up.
+    std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    let why = refused(&path);
+    assert!(
+        why.contains(&format!("{} belongs to uid {NOBODY}", state.display())),
+        "{why}"
+    );
+    // Through a root symlink in a root directory, to the same file.
+    let link = dir.path().join("issuer.toml");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let why = refused(&link);
+    assert!(
+        why.contains(&format!("{} belongs to uid {NOBODY}", state.display())),
+        "{why}"
+    );
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    target
+        .check_config(&link)
+        .expect("control: through the link");
+
+    // Writable by the user's group, or by anyone, sticky or not.
+    std::os::unix::fs::chown(&state, Some(0), Some(NOBODY)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let why = refused(&path);
+    assert!(why.contains("is writable by its group 65534"), "{why}");
+    std::os::unix::fs::chown(&state, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let why = refused(&path);
+    assert!(
+        why.contains(&format!(
+            "{} is writable by others (mode 1777; sticky",
+            state.display()
+        )),
+        "{why}"
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    target.check_config(&path).expect("control: root's again");
 }
 
 /// The issuer's user's half of
@@ -262,7 +282,7 @@ fn s6_4_a_root_only_issuer_toml_passes_the_start_and_every_sighup_fails() {
     if !is_root() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = root_only_tempdir();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.path().join("issuer.toml");
     std::fs::write(&path, issuer_toml(Some("nobody"), "")).unwrap();
