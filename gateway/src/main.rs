@@ -453,6 +453,9 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
     let metrics_listener = config.metrics_listen.map(server::bind_std).transpose()?;
     if let Some(target) = &target {
         privilege::drop_alone(target)?;
+        // Every SIGHUP reads issuer.toml as this user: one it cannot read
+        // stops the start, not each reload.
+        server::check_reloadable(path, &target.user)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

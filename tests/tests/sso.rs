@@ -1448,6 +1448,33 @@ async fn an_issuer_started_as_root_with_user_drops_to_it_on_every_thread() {
         .find(|l| l.starts_with("metrics_listen = "))
         .unwrap()
         .to_owned();
+    // issuer.toml only root can read (root's, 0600): the start stops right
+    // after the drop, saying why, rather than every SIGHUP failing after.
+    chown_all(&sso.path("sso"), NOBODY, NOBODY);
+    let root_only = sso.path("issuer-root-only.toml");
+    std::fs::write(
+        &root_only,
+        toml.replace(&listen, &format!("listen = \"{}\"", dead_port()))
+            .replace(&metrics, ""),
+    )
+    .unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let refused = Command::new("timeout")
+        .arg("20")
+        .arg(gateway_binary())
+        .args(["issuer", "--config"])
+        .arg(&root_only)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("issuer.toml read again as user \"nobody\"")
+            && err.contains("Permission denied"),
+        "{err}"
+    );
+    chown_all(&sso.path("sso"), 0, 0);
+
     let as_root = toml
         .replace("user = \"nobody\"", "")
         .replace(&listen, &format!("listen = \"{}\"", dead_port()))

@@ -254,31 +254,41 @@ fn s6_3_an_issuer_toml_under_a_directory_the_user_owns_is_refused() {
 }
 
 /// The issuer's user's half of
-/// `s6_4_a_root_only_issuer_toml_passes_the_start_and_every_sighup_fails`:
-/// what the dropped issuer does on SIGHUP, `IssuerConfig::load` of the
-/// path it was started with.
+/// `s6_4_a_root_only_issuer_toml_stops_the_start`: what the issuer does
+/// right after its drop (`server::check_reloadable`), as every SIGHUP
+/// after reads issuer.toml by the path it was started with.
 #[test]
 #[ignore = "run by another test, as another user"]
 fn as_the_issuers_user_read_issuer_toml_again() {
     let Ok(path) = std::env::var("GATEWAY_TEST_ISSUER_TOML") else {
         return;
     };
-    IssuerConfig::load(Path::new(&path)).unwrap();
+    if let Err(e) = super::super::server::check_reloadable(Path::new(&path), "nobody") {
+        panic!("REFUSED: {e}");
+    }
 }
 
 /// S6-4: with `user`, root reads issuer.toml at start and the dropped
 /// user reads it on every SIGHUP (`server::reload_config` loads it by
-/// path). The start checks only that the user cannot write it, not that
-/// it can read it: the most natural root-only file (root's, 0600) starts
-/// fine, and every reload then fails (logged, counted), so a tightened
-/// config (a profile or email domain removed, `require_amr` added) is
-/// never put in service while the old one keeps issuing. docs/sso.md
-/// says the files the user must read stop "the start rather than the
-/// first reload". Measured: check_config passes a 0600 root file, and the
-/// issuer's user (the test binary again, as nobody) fails to load it.
-/// Control: the same file 0644 loads as nobody.
+/// path). The start checked only that the user could not write it, not
+/// that it could read it: the most natural root-only file (root's, 0600)
+/// started fine, and every reload then failed (logged, counted), so a
+/// tightened config (a profile or email domain removed, `require_amr`
+/// added) was never put in service while the old one kept issuing.
+/// Measured before the fix: check_config passed a 0600 root file, and the
+/// issuer's user (the test binary again, as nobody) failed to load it
+/// with "Permission denied". Now the start reads it again right after the
+/// drop (`check_reloadable`, called by main.rs after `drop_alone`) and
+/// stops, saying why. Control: the same file 0644 passes as nobody.
 #[test]
-fn s6_4_a_root_only_issuer_toml_passes_the_start_and_every_sighup_fails() {
+fn s6_4_a_root_only_issuer_toml_stops_the_start() {
+    let main = include_str!("../../main.rs");
+    assert!(
+        main.contains(
+            "privilege::drop_alone(target)?;\n        // Every SIGHUP reads issuer.toml as this user: one it cannot read\n        // stops the start, not each reload.\n        server::check_reloadable(path, &target.user)?;"
+        ),
+        "the start reads issuer.toml again right after the drop"
+    );
     if !is_root() {
         return;
     }
@@ -286,7 +296,7 @@ fn s6_4_a_root_only_issuer_toml_passes_the_start_and_every_sighup_fails() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = dir.path().join("issuer.toml");
     std::fs::write(&path, issuer_toml(Some("nobody"), "")).unwrap();
-    let reload_as_nobody = || {
+    let start_as_nobody = || {
         std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -304,19 +314,23 @@ fn s6_4_a_root_only_issuer_toml_passes_the_start_and_every_sighup_fails() {
 
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     target.check_config(&path).unwrap();
-    let out = reload_as_nobody();
+    let out = start_as_nobody();
     assert!(out.status.success(), "control: {out:?}");
 
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     target
         .check_config(&path)
-        .expect("the start's check passes a file the user cannot read");
-    IssuerConfig::load(&path).expect("root reads it at start");
-    let out = reload_as_nobody();
+        .expect("root's, writable by root alone");
+    let out = start_as_nobody();
     let said =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{said}");
-    assert!(said.contains("Permission denied"), "{said}");
+    assert!(
+        said.contains("REFUSED: issuer.toml read again as user \"nobody\"")
+            && said.contains("Permission denied")
+            && said.contains("every SIGHUP reads it as that user"),
+        "{said}"
+    );
 }
 
 /// S6-6: refusal log lines are limited per device and reason, and
