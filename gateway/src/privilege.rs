@@ -58,6 +58,13 @@ pub enum PrivilegeError {
         "user {user:?}: {what} is root's (gid 0): running with it keeps access to what root's group may read or write; name a user (or `group`) that is not in group root"
     )]
     RootGroup { user: String, what: &'static str },
+    #[error(
+        "user {user:?} (uid {uid}) is the gateway's ({why}): the issuer runs as a user of its own \
+         (the package's gateway-issuer), or code running in the network-facing gateway could read \
+         the SSO CA's key and a compromised issuer write the gateway's files; set \
+         user = \"gateway-issuer\" and chown -R gateway-issuer: the CA directory"
+    )]
+    GatewaysUser { user: String, uid: u32, why: String },
     #[error("user = {user:?} needs the gateway started as root (running as uid {euid})")]
     NotRoot { user: String, euid: u32 },
     #[error(
@@ -443,6 +450,65 @@ impl Target {
             groups: Vec::new(),
             kept: Vec::new(),
         })
+    }
+}
+
+/// The gateway's own user as the package makes it (packaging/deb/postinst)
+/// and examples/gateway.service runs it.
+pub const GATEWAY_USER: &str = "gateway";
+/// The gateway's config as the package installs it.
+pub const GATEWAY_CONFIG: &str = "/etc/gateway/gateway.toml";
+
+impl Target {
+    /// Refuses the gateway's user as the issuer's (S4-4: the SSO CA's key
+    /// must be out of the network-facing gateway's reach, and the issuer
+    /// must not write the gateway's files). The gateway's user is known by
+    /// more than its name: refused are the name `gateway` and any user with
+    /// its uid, and, when the gateway's config (`gateway_config`) exists,
+    /// its owner unless root (a gateway started as its user, owning its
+    /// config) and the `user` it names (a gateway started as root).
+    pub fn not_the_gateways(&self, gateway_config: &Path) -> Result<(), PrivilegeError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let refuse = |why: String| {
+            Err(PrivilegeError::GatewaysUser {
+                user: self.user.clone(),
+                uid: self.uid,
+                why,
+            })
+        };
+        if self.user == GATEWAY_USER {
+            return refuse(format!("the package's gateway runs as {GATEWAY_USER:?}"));
+        }
+        match lookup_user(GATEWAY_USER) {
+            Ok((uid, _)) if uid == self.uid => {
+                return refuse(format!("{GATEWAY_USER:?} has the same uid"));
+            }
+            Ok(_) | Err(PrivilegeError::UnknownUser(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let Ok(meta) = std::fs::metadata(gateway_config) else {
+            return Ok(());
+        };
+        if meta.uid() == self.uid {
+            return refuse(format!("it owns {}", gateway_config.display()));
+        }
+        // Only the top-level `user`; a config that does not parse (as
+        // TOML, or readable) names no user here, and the gateway refuses it.
+        let named = std::fs::read_to_string(gateway_config)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("user")?.as_str().map(str::to_owned));
+        if let Some(named) = named {
+            let same = named == self.user
+                || matches!(lookup_user(&named), Ok((uid, _)) if uid == self.uid);
+            if same {
+                return refuse(format!(
+                    "{} drops to user = {named:?}",
+                    gateway_config.display()
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -132,17 +132,19 @@ async fn s6_1_a_sign_in_seconds_ahead_is_not_recognised_and_its_refresh_signs_in
 
 /// S6-2: S4-4 moved the issuer to its own user (`gateway-issuer`) so that
 /// code running in the network-facing gateway (`gateway`) cannot read the
-/// SSO CA's key. 67df6d1, merged beside it, tells the operator the
-/// opposite: a root start without `user` warns "set user = \"gateway\"
-/// (the store chowned to it)", docs/sso.md's issuer.toml shows `# user =
-/// "gateway"`, "Running as its user" says the shipped unit runs it as
+/// SSO CA's key. 67df6d1, merged beside it, told the operator the
+/// opposite: a root start without `user` warned "set user = \"gateway\"
+/// (the store chowned to it)", docs/sso.md's issuer.toml showed `# user =
+/// "gateway"`, "Running as its user" said the shipped unit runs it as
 /// `gateway` (`User=gateway`, false since S4-4) and its own error message
-/// says `chown -R gateway: …/sso`. An operator who follows the product's
-/// own words gives the CA's key to the gateway's user, and nothing at
-/// start refuses `user` = the gateway's user. Control: the units as S4-4
-/// left them.
+/// said `chown -R gateway: …/sso`. An operator who followed the product's
+/// own words gave the CA's key to the gateway's user, and nothing at start
+/// refused `user` = the gateway's user. Now every text names
+/// `gateway-issuer`, and `user` is refused when it is the gateway's: the
+/// name `gateway`, the owner of the gateway's config, or the `user` that
+/// config names. Control: the units as S4-4 left them; another user.
 #[test]
-fn s6_2_the_issuers_warning_and_docs_tell_the_operator_to_run_it_as_the_gateways_user() {
+fn s6_2_the_issuer_refuses_the_gateways_user_and_its_texts_name_its_own() {
     let unit = |text: &str, key: &str| -> Vec<String> {
         text.lines()
             .filter_map(|l| l.strip_prefix(&format!("{key}=")))
@@ -156,22 +158,74 @@ fn s6_2_the_issuers_warning_and_docs_tell_the_operator_to_run_it_as_the_gateways
 
     let main = include_str!("../../main.rs");
     assert!(
-        main.contains(r#"set user = \"gateway\" (the store chowned to it)"#),
-        "the root-start warning names the gateway's user"
+        !main.contains(r#"set user = \"gateway\""#),
+        "root-start warning"
+    );
+    assert!(
+        main.contains(
+            r#"set user = \"gateway-issuer\" (the store chowned to it; never the gateway's"#
+        ),
+        "root-start warning"
     );
     let docs = include_str!("../../../../docs/sso.md");
+    for old in [
+        r#"# user = "gateway" "#,
+        "The shipped unit starts the issuer as `gateway` (`User=gateway`)",
+        "chown -R gateway: …/sso",
+        r#"not to user "gateway" "#,
+    ] {
+        assert!(!docs.contains(old), "docs still say {old:?}");
+    }
+    for new in [
+        r#"# user = "gateway-issuer" "#,
+        "The shipped unit starts the issuer as `gateway-issuer`\n(`User=gateway-issuer`)",
+        "chown -R gateway-issuer: …/sso",
+    ] {
+        assert!(docs.contains(new), "docs do not say {new:?}");
+    }
+
+    // The refusal: by name, whoever owns or is named by the gateway's
+    // config (here a file of the test's; the issuer reads
+    // /etc/gateway/gateway.toml).
+    let as_target = |user: &str, uid: u32| Target {
+        user: user.into(),
+        uid,
+        gid: uid,
+        groups: Vec::new(),
+        kept: Vec::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let none = dir.path().join("none.toml");
+    let e = as_target("gateway", 4243)
+        .not_the_gateways(&none)
+        .unwrap_err();
     assert!(
-        docs.contains(r#"# user = "gateway""#),
-        "issuer.toml example"
+        e.to_string()
+            .contains(r#"user "gateway" (uid 4243) is the gateway's"#)
+            && e.to_string().contains(r#"set user = "gateway-issuer""#),
+        "{e}"
     );
-    assert!(
-        docs.contains("The shipped unit starts the issuer as `gateway` (`User=gateway`)"),
-        "docs say the shipped unit runs the issuer as the gateway's user"
-    );
-    assert!(
-        docs.contains("chown -R gateway: …/sso"),
-        "docs' example error tells to chown the SSO CA to the gateway's user"
-    );
+    let nobody = Target::alone("nobody").unwrap();
+    nobody
+        .not_the_gateways(&none)
+        .expect("control: no gateway here");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, "user = \"nobody\"\n").unwrap();
+    let e = nobody.not_the_gateways(&config).unwrap_err();
+    assert!(e.to_string().contains(r#"drops to user = "nobody""#), "{e}");
+    std::fs::write(&config, "user = \"gateway\"\n").unwrap();
+    nobody
+        .not_the_gateways(&config)
+        .expect("control: the gateway drops to another user");
+    if is_root() {
+        std::os::unix::fs::chown(&config, Some(NOBODY), None).unwrap();
+        let e = nobody.not_the_gateways(&config).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("it owns {}", config.display())),
+            "{e}"
+        );
+    }
 }
 
 /// S6-3: `check_config` (the start refused if the dropped-to user could
