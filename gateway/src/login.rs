@@ -596,14 +596,41 @@ fn forget_refresh_of_gone_profile(
 }
 
 /// Whether the issuer's refusal of a renewal is one no later renewal with
-/// this refresh token can get past, so the token is removed: any 403 (the
-/// token's checks, `refresh_not_allowed`), and a profile that is gone
-/// (`unknown_profile`, 400), by the reason it gives or, without one
-/// (an answer that is not its JSON), by the status alone. A 5xx or 429,
-/// or a 400 about this request (`lifetime`), keeps it.
+/// this refresh token can get past, so the token is removed: a 4xx whose
+/// reason (the issuer's `Refusal::reason`) concerns the token or the
+/// sign-in it continues, which every later refresh of it carries again:
+/// - `nonce`: the sign-in is not one the issuer took from this device (or
+///   the provider leaves the nonce out of refreshed tokens);
+/// - `auth_too_old`, `no_mfa`: the sign-in is too old, or was without the
+///   profile's MFA;
+/// - `user_not_mapped`: the user is not one the issuer names;
+/// - `refresh_not_allowed`, `unknown_profile`: the profile no longer
+///   renews, or is gone;
+/// - `device_revoked`: this device is revoked: it keeps no renewable
+///   credential of the user, who signs in again once it is enrolled anew.
+///
+/// Anything else keeps it: refusals that pass by themselves (the clock:
+/// `auth_time_in_future`, `token_expired`, `token_not_yet_valid`; the
+/// issuer's key cache: `token_unknown_key`; the other `token_*` checks of
+/// the ID token the provider just made, not of the refresh token), the
+/// device's (`device_expiring`, `no_device_certificate`), this request's
+/// (`lifetime`, `csr`, `bad_request`), a 429 or 5xx whatever reason it
+/// carries (the docs promise a 5xx keeps it), and an answer without the
+/// issuer's reason (not its JSON: a proxy's page says nothing about the
+/// token). `not_fresh_sign_in` is a sign-in's refusal, never a renewal's.
 fn renewal_refused_for_good(status: hyper::StatusCode, reason: Option<&str>) -> bool {
-    status == hyper::StatusCode::FORBIDDEN
-        || matches!(reason, Some("refresh_not_allowed" | "unknown_profile"))
+    const FOR_GOOD: &[&str] = &[
+        "nonce",
+        "auth_too_old",
+        "no_mfa",
+        "user_not_mapped",
+        "refresh_not_allowed",
+        "unknown_profile",
+        "device_revoked",
+    ];
+    status.is_client_error()
+        && status != hyper::StatusCode::TOO_MANY_REQUESTS
+        && reason.is_some_and(|r| FOR_GOOD.contains(&r))
 }
 
 /// A key made here, its CSR and `id_token` to the issuer's `url`; the
@@ -1403,7 +1430,10 @@ mod renewal_tests {
 
         let for_good = |status, reason| super::renewal_refused_for_good(status, reason);
         assert!(for_good(StatusCode::FORBIDDEN, Some("refresh_not_allowed")));
-        assert!(for_good(StatusCode::FORBIDDEN, None), "fail closed");
+        assert!(
+            !for_good(StatusCode::FORBIDDEN, None),
+            "not the issuer's answer: says nothing about the token"
+        );
         assert!(for_good(StatusCode::BAD_REQUEST, Some("unknown_profile")));
         assert!(!for_good(StatusCode::BAD_REQUEST, Some("lifetime")));
         assert!(!for_good(
@@ -1532,7 +1562,7 @@ mod renewal_tests {
         );
     }
 
-    /// S6-5 (review6): `--renew` removes the refresh token on any 403 from
+    /// S6-5 (review6): `--renew` removed the refresh token on any 403 from
     /// the issuer, as if no later renewal could pass, and on the reasons
     /// `refresh_not_allowed`/`unknown_profile` whatever the status. But
     /// some of the issuer's 403s pass by themselves: `auth_time_in_future`
@@ -1540,15 +1570,19 @@ mod renewal_tests {
     /// renewing device of the fleet hits it at once) and
     /// `token_unknown_key` (the provider signing with a new key before the
     /// issuer's JWKS refetch, at most one per `jwks_refetch_interval`).
-    /// Each deletes every timer-renewed user's refresh token, sending them
+    /// Each deleted every timer-renewed user's refresh token, sending them
     /// all to the browser: what 4d755a4 stopped for a provider's bad
-    /// minute. And a 503 naming `refresh_not_allowed` removes it while
+    /// minute. And a 503 naming `refresh_not_allowed` removed it while
     /// docs/sso.md says a 5xx keeps it. Measured on the issuer's own
-    /// refusals (status and reason as it answers them). Control: its
-    /// `store_busy` (503) and `rate_limited` (429) keep the token.
+    /// refusals (status and reason as it answers them): both 403s and the
+    /// 503 were judged "for good". Now only a 4xx whose reason concerns
+    /// the token or its sign-in removes it. Control: its `store_busy`
+    /// (503) and `rate_limited` (429) keep the token, and its refusals of
+    /// the sign-in (`nonce`, `auth_too_old`, ...) remove it.
     #[test]
-    fn s6_5_passing_issuer_403s_remove_the_refresh_token() {
+    fn s6_5_passing_issuer_403s_keep_the_refresh_token() {
         use crate::issuer::Refusal;
+        use crate::issuer::nonce::NonceError;
         use crate::issuer::oidc::OidcError;
         let answered = |e: &Refusal| (StatusCode::from_u16(e.status()).unwrap(), Some(e.reason()));
         let for_good = |(status, reason): (StatusCode, Option<&str>)| {
@@ -1570,16 +1604,44 @@ mod renewal_tests {
             answered(&skew),
             (StatusCode::FORBIDDEN, Some("auth_time_in_future"))
         );
-        assert!(for_good(answered(&skew)), "removed on a clock skew");
+        assert!(!for_good(answered(&skew)), "kept on a clock skew");
         let new_key = Refusal::Token(OidcError::UnknownKey("k2".into()));
         assert_eq!(
             answered(&new_key),
             (StatusCode::FORBIDDEN, Some("token_unknown_key"))
         );
-        assert!(for_good(answered(&new_key)), "removed on a key rotation");
+        assert!(!for_good(answered(&new_key)), "kept on a key rotation");
+        for passing in [
+            Refusal::Token(OidcError::Expired),
+            Refusal::Token(OidcError::NotYetValid),
+            Refusal::DeviceExpiring {
+                device_not_after: 1,
+            },
+        ] {
+            assert!(!for_good(answered(&passing)), "kept: {passing}");
+        }
         assert!(
-            for_good((StatusCode::SERVICE_UNAVAILABLE, Some("refresh_not_allowed"))),
-            "a 5xx removes it"
+            !for_good((StatusCode::SERVICE_UNAVAILABLE, Some("refresh_not_allowed"))),
+            "a 5xx keeps it, whatever its reason"
         );
+
+        // Refusals of the token or its sign-in: removed.
+        for gone in [
+            Refusal::Nonce(NonceError::SignInUnknown),
+            Refusal::Nonce(NonceError::RefreshWithoutNonce),
+            Refusal::AuthTooOld {
+                age: None,
+                max: std::time::Duration::from_secs(3600),
+            },
+            Refusal::UserNotMapped("bob@elsewhere".into()),
+            Refusal::RefreshNotAllowed,
+            Refusal::UnknownProfile {
+                asked: Some("kiosk".into()),
+                known: Vec::new(),
+            },
+            Refusal::DeviceRevoked("revoked".into()),
+        ] {
+            assert!(for_good(answered(&gone)), "removed: {gone}");
+        }
     }
 }

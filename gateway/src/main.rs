@@ -419,6 +419,8 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
     let target = match &config.user {
         Some(user) => {
             let target = privilege::Target::alone(user)?;
+            // Never the gateway's user, whoever starts it (S4-4).
+            target.not_the_gateways(std::path::Path::new(privilege::GATEWAY_CONFIG))?;
             if euid == 0 {
                 // Root reads this config at the next start: the user must
                 // not be able to rewrite it (to drop `user`, say).
@@ -442,7 +444,8 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
                 tracing::warn!(
                     "issuer: running as root without `user` in issuer.toml: it parses TLS, HTTP and JSON \
                      from the network and holds the SSO CA's key as root, so a bug there is root on this \
-                     host; set user = \"gateway\" (the store chowned to it), or start it as that user \
+                     host; set user = \"gateway-issuer\" (the store chowned to it; never the gateway's \
+                     user), or start it as that user \
                      (examples/gateway-issuer.service)"
                 );
             }
@@ -453,6 +456,9 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
     let metrics_listener = config.metrics_listen.map(server::bind_std).transpose()?;
     if let Some(target) = &target {
         privilege::drop_alone(target)?;
+        // Every SIGHUP reads issuer.toml as this user: one it cannot read
+        // stops the start, not each reload.
+        server::check_reloadable(path, &target.user)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

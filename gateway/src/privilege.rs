@@ -52,6 +52,19 @@ pub enum PrivilegeError {
     },
     #[error("user {0:?} is root: running as it drops nothing; name an unprivileged user")]
     Root(String),
+    /// Group 0 is root's group: files root's group may write or read
+    /// (root:root 0640 and 0660 ones) stay open to the dropped process.
+    #[error(
+        "user {user:?}: {what} is root's (gid 0): running with it keeps access to what root's group may read or write; name a user (or `group`) that is not in group root"
+    )]
+    RootGroup { user: String, what: &'static str },
+    #[error(
+        "user {user:?} (uid {uid}) is the gateway's ({why}): the issuer runs as a user of its own \
+         (the package's gateway-issuer), or code running in the network-facing gateway could read \
+         the SSO CA's key and a compromised issuer write the gateway's files; set \
+         user = \"gateway-issuer\" and chown -R gateway-issuer: the CA directory"
+    )]
+    GatewaysUser { user: String, uid: u32, why: String },
     #[error("user = {user:?} needs the gateway started as root (running as uid {euid})")]
     NotRoot { user: String, euid: u32 },
     #[error(
@@ -73,8 +86,9 @@ pub enum PrivilegeError {
     #[error(
         "the config {path} could be rewritten by user {user:?}, whom the gateway drops to: {why}; \
          root reads it at the next start, so a compromised gateway could make that start keep root \
-         (remove `user`). Make the config and its directory root's and writable by root alone \
-         (chown root: FILE DIR; chmod go-w FILE DIR)"
+         (remove `user`). Make the config and every directory above it root's and writable by \
+         root alone, none of them sticky and world-writable like /tmp (chown root: FILE DIR; \
+         chmod go-w FILE DIR)"
     )]
     ConfigWritable {
         path: PathBuf,
@@ -121,6 +135,22 @@ impl Target {
             }
             None => (user_gid, group_list(user, user_gid)?),
         };
+        if gid == 0 {
+            return Err(PrivilegeError::RootGroup {
+                user: user.clone(),
+                what: if config.group.is_some() {
+                    "`group`"
+                } else {
+                    "its primary group"
+                },
+            });
+        }
+        if groups.contains(&0) {
+            return Err(PrivilegeError::RootGroup {
+                user: user.clone(),
+                what: "one of its supplementary groups",
+            });
+        }
         Ok(Some(Target {
             user: user.clone(),
             uid,
@@ -131,8 +161,8 @@ impl Target {
     }
 
     /// Refuses a config (`path`) the dropped-to user could rewrite: the
-    /// file, its directory, or through a symlink the file it names and
-    /// that file's directory (see `safe_dir::writable_by`). Only for a
+    /// file or any directory above it, on the path as given and through
+    /// every symlink (see `safe_dir::writable_by`). Only for a
     /// start as root: a gateway already running as its user reads what
     /// that user can write, and nothing is gained by refusing it.
     pub fn check_config(&self, path: &Path) -> Result<(), PrivilegeError> {
@@ -407,6 +437,12 @@ impl Target {
         if uid == 0 {
             return Err(PrivilegeError::Root(user.to_owned()));
         }
+        if gid == 0 {
+            return Err(PrivilegeError::RootGroup {
+                user: user.to_owned(),
+                what: "its primary group",
+            });
+        }
         Ok(Target {
             user: user.to_owned(),
             uid,
@@ -414,6 +450,65 @@ impl Target {
             groups: Vec::new(),
             kept: Vec::new(),
         })
+    }
+}
+
+/// The gateway's own user as the package makes it (packaging/deb/postinst)
+/// and examples/gateway.service runs it.
+pub const GATEWAY_USER: &str = "gateway";
+/// The gateway's config as the package installs it.
+pub const GATEWAY_CONFIG: &str = "/etc/gateway/gateway.toml";
+
+impl Target {
+    /// Refuses the gateway's user as the issuer's (S4-4: the SSO CA's key
+    /// must be out of the network-facing gateway's reach, and the issuer
+    /// must not write the gateway's files). The gateway's user is known by
+    /// more than its name: refused are the name `gateway` and any user with
+    /// its uid, and, when the gateway's config (`gateway_config`) exists,
+    /// its owner unless root (a gateway started as its user, owning its
+    /// config) and the `user` it names (a gateway started as root).
+    pub fn not_the_gateways(&self, gateway_config: &Path) -> Result<(), PrivilegeError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let refuse = |why: String| {
+            Err(PrivilegeError::GatewaysUser {
+                user: self.user.clone(),
+                uid: self.uid,
+                why,
+            })
+        };
+        if self.user == GATEWAY_USER {
+            return refuse(format!("the package's gateway runs as {GATEWAY_USER:?}"));
+        }
+        match lookup_user(GATEWAY_USER) {
+            Ok((uid, _)) if uid == self.uid => {
+                return refuse(format!("{GATEWAY_USER:?} has the same uid"));
+            }
+            Ok(_) | Err(PrivilegeError::UnknownUser(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let Ok(meta) = std::fs::metadata(gateway_config) else {
+            return Ok(());
+        };
+        if meta.uid() == self.uid {
+            return refuse(format!("it owns {}", gateway_config.display()));
+        }
+        // Only the top-level `user`; a config that does not parse (as
+        // TOML, or readable) names no user here, and the gateway refuses it.
+        let named = std::fs::read_to_string(gateway_config)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .and_then(|t| t.get("user")?.as_str().map(str::to_owned));
+        if let Some(named) = named {
+            let same = named == self.user
+                || matches!(lookup_user(&named), Ok((uid, _)) if uid == self.uid);
+            if same {
+                return refuse(format!(
+                    "{} drops to user = {named:?}",
+                    gateway_config.display()
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -482,7 +577,8 @@ pub fn verify_alone(target: &Target) -> Result<(), PrivilegeError> {
     }
 }
 
-/// What in one thread's /proc status differs from the target, if anything.
+/// What in one thread's /proc status differs from the target, if anything
+/// (group 0 among its groups included, whatever the target).
 pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
     let field = |name: &str| {
         status
@@ -495,6 +591,14 @@ pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
         (got.len() != 4 || got.iter().any(|g| *g != want.to_string()))
             .then(|| format!("{name} {}", got.join(" ")))
     };
+    // Group root never, whatever the target says: a target with gid 0
+    // (refused when resolved) must not pass as dropped either.
+    let root_group = |name: &str| {
+        let got = field(name)?;
+        got.split_whitespace()
+            .any(|g| g == "0")
+            .then(|| format!("{name} {got} includes root's group 0"))
+    };
     let set = |name: &str, want: u64| {
         let got = field(name).and_then(|v| u64::from_str_radix(v, 16).ok());
         (got != Some(want)).then(|| format!("{name} {:?}, want {want:016x}", field(name)))
@@ -502,6 +606,8 @@ pub fn mismatch(status: &str, target: &Target, mask: u64) -> Option<String> {
     let problems: Vec<String> = [
         ids("Uid", target.uid),
         ids("Gid", target.gid),
+        root_group("Gid"),
+        root_group("Groups"),
         set("CapPrm", mask),
         set("CapEff", mask),
         set("CapInh", 0),

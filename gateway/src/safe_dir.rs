@@ -181,15 +181,21 @@ pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> 
 }
 
 /// Why `path` (the config a root-started gateway reads) could be rewritten
-/// by the user it drops to (`uid`, in `groups`), if it could: the file,
-/// the directory it is in, or (a symlink) the directory of the file it
-/// names, owned by that user or writable by one of its groups or by
-/// anyone. A config the dropped process can rewrite is one root reads at
-/// the next start: a compromised gateway could delete `user` from it.
+/// by the user it drops to (`uid`, in `groups`), if it could: the file, or
+/// any directory above it up to `/`, on the path as given and on its
+/// canonical path (through every symlink), owned by that user or writable
+/// by one of its groups or by anyone. A config the dropped process can
+/// rewrite is one root reads at the next start: a compromised gateway
+/// could delete `user` from it. Every directory above counts, not only the
+/// file's own: whoever may write any of them can rename the one below
+/// away and put a directory of their own, with their config, in its place.
+/// A sticky world-writable directory (/tmp) is refused too: the sticky bit
+/// keeps others from renaming root's entries, but a name in it that goes
+/// away (a reboot, a tmp cleaner) is anyone's to take.
 pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
     let why = |what: &Path, meta: &std::fs::Metadata| -> Option<String> {
         let mode = meta.mode();
-        if meta.uid() == uid {
+        if meta.uid() == uid && uid != 0 {
             Some(format!("{} belongs to uid {uid}", what.display()))
         } else if mode & 0o020 != 0 && groups.contains(&meta.gid()) {
             Some(format!(
@@ -199,8 +205,13 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
                 mode & 0o7777
             ))
         } else if mode & 0o002 != 0 {
+            let sticky = if mode & libc::S_ISVTX != 0 {
+                "; sticky, but a name in it that goes away is anyone's to take"
+            } else {
+                ""
+            };
             Some(format!(
-                "{} is writable by others (mode {:o})",
+                "{} is writable by others (mode {:o}{sticky})",
                 what.display(),
                 mode & 0o7777
             ))
@@ -208,19 +219,30 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
             None
         }
     };
-    let parent = |p: &Path| match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-        _ => std::path::PathBuf::from("."),
+    // Relative to the directory the process runs in, as it is opened.
+    let given = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(path),
+            Err(e) => return Some(format!("the current directory: {e}")),
+        }
     };
-    let mut paths = vec![path.to_owned(), parent(path)];
-    if let Ok(real) = std::fs::canonicalize(path) {
-        paths.push(parent(&real));
-        paths.push(real);
-    }
-    paths.iter().find_map(|p| match std::fs::metadata(p) {
-        Ok(meta) => why(p, &meta),
-        Err(e) => Some(format!("{}: {e}", p.display())),
-    })
+    let real = match std::fs::canonicalize(path) {
+        Ok(real) => real,
+        Err(e) => return Some(format!("{}: {e}", path.display())),
+    };
+    // The file and each directory above, `/` last; each followed through
+    // a symlink (the link itself can only be replaced through the
+    // directory it is in, which is checked too).
+    given
+        .ancestors()
+        .chain(real.ancestors())
+        .filter(|p| !p.as_os_str().is_empty())
+        .find_map(|p| match std::fs::metadata(p) {
+            Ok(meta) => why(p, &meta),
+            Err(e) => Some(format!("{}: {e}", p.display())),
+        })
 }
 
 /// Writes `dir/name` whole by rename, through a temporary file that this

@@ -37,6 +37,19 @@ pub mod raw;
 /// How long any single step of a test may take before it counts as hung.
 pub const STEP: Duration = Duration::from_secs(20);
 
+/// A temporary directory beside the test binary (target/…/deps), not in
+/// /tmp: a start as root with `user` refuses a config below a directory
+/// that user, or anyone, may write, /tmp (sticky) included. The target
+/// directory's are whoever built it's: root's when root runs the tests
+/// that start the gateway as root.
+pub fn root_only_tempdir() -> tempfile::TempDir {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().expect("the test binary's directory");
+    tempfile::Builder::new()
+        .tempdir_in(dir)
+        .expect("a temporary directory beside the test binary")
+}
+
 /// Root → intermediate → leaves, written to a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,
@@ -60,7 +73,16 @@ impl Pki {
     /// A PKI with the server's chain, key and client CA bundle on disk:
     /// `server-chain.pem`, `server.key`, `client-roots.pem`.
     pub fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Pki::in_dir(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// `Pki::new` in `root_only_tempdir`: for a gateway started as root
+    /// with `user` and its config in the PKI's directory.
+    pub fn new_root_only() -> Pki {
+        Pki::in_dir(root_only_tempdir())
+    }
+
+    fn in_dir(dir: tempfile::TempDir) -> Pki {
         let root = Authority::root("gateway test root").expect("root");
         let intermediate = root
             .intermediate("gateway test intermediate")

@@ -851,7 +851,7 @@ async fn user_drops_every_thread_to_the_documented_capabilities_and_still_reload
         eprintln!("skipped: needs root to drop from");
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new_root_only();
     let admin = dead_port();
     // root's, as its directory must be when root binds it for nobody.
     let run_dir = tempfile::tempdir().unwrap();
@@ -934,12 +934,12 @@ async fn an_admin_socket_in_a_directory_the_user_may_write_stops_a_start_as_root
         eprintln!("skipped: needs root to drop from");
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new_root_only();
     let (backend, _) = one_line_backend().await;
     let socket = pki.path("admin.sock");
     // The config in root's own directory (one nobody could write is
     // refused first, see a_config_the_user_could_rewrite_stops_a_start_as_root).
-    let etc = tempfile::tempdir().unwrap();
+    let etc = gateway_tests::root_only_tempdir();
     let config = etc.path().join("gateway.toml");
     std::fs::write(
         &config,
@@ -984,7 +984,7 @@ async fn a_config_the_user_could_rewrite_stops_a_start_as_root() {
         eprintln!("skipped: needs root to drop from");
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new_root_only();
     let (backend, _) = one_line_backend().await;
     let config = pki.write(
         "gateway.toml",
@@ -1067,7 +1067,7 @@ async fn a_revert_under_user_is_refused_and_changes_nothing() {
         eprintln!("skipped: needs root to drop from");
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new_root_only();
     let revisions = pki.path("revisions");
     std::fs::create_dir(&revisions).unwrap();
     std::fs::set_permissions(&revisions, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -1113,7 +1113,7 @@ async fn user_without_privileged_features_keeps_nothing_and_refuses_unreadable_f
         eprintln!("skipped: needs root to drop from");
         return;
     }
-    let pki = Pki::new();
+    let pki = Pki::new_root_only();
     let top = "access_log = \"off\"\n[admission]\nkernel_block_list = false";
     let (gw, config, _, _) = run_as_nobody(&pki, top).await;
     for (uid, _, prm, eff) in credentials_of(gw.0.id()) {

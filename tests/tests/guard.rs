@@ -918,7 +918,16 @@ async fn as_nobody_the_guard_keeps_its_documented_capabilities_and_still_works()
             + &listener_toml(&pki, "edge", "")
             + &route_toml("orders", &[SNI], backends, &[SPIFFE_FRONTEND])
     };
-    let path = pki.write("gateway.toml", &config(&[backend.addr]));
+    // Root's, in directories root's alone (not /tmp): a start as root
+    // with `user` refuses any other; readable by nobody, who reloads it.
+    let etc = gateway_tests::root_only_tempdir();
+    std::fs::set_permissions(
+        etc.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = etc.path().join("gateway.toml");
+    std::fs::write(&path, config(&[backend.addr])).unwrap();
     give_to_nobody(&pki);
     let stderr = pki.path("gateway.stderr");
     let gw = run_binary(&path, &stderr, &[]);

@@ -216,7 +216,13 @@ fn start_with_profiles(profiles: &str) -> Sso {
 /// `prepare` run on the test's directory before the issuer starts.
 fn start_full(top: &str, profiles: &str, prepare: impl FnOnce(&Path)) -> Sso {
     let node = provider_dir();
-    let dir = tempfile::tempdir().unwrap();
+    // With `user`, a start as root refuses an issuer.toml below a
+    // directory anyone may write, /tmp (sticky) included.
+    let dir = if top.contains("user = ") {
+        gateway_tests::root_only_tempdir()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
     let p = |n: &str| dir.path().join(n);
     let init = |d: &str, name: &str| {
         Store::open(&p(d))
@@ -1442,6 +1448,33 @@ async fn an_issuer_started_as_root_with_user_drops_to_it_on_every_thread() {
         .find(|l| l.starts_with("metrics_listen = "))
         .unwrap()
         .to_owned();
+    // issuer.toml only root can read (root's, 0600): the start stops right
+    // after the drop, saying why, rather than every SIGHUP failing after.
+    chown_all(&sso.path("sso"), NOBODY, NOBODY);
+    let root_only = sso.path("issuer-root-only.toml");
+    std::fs::write(
+        &root_only,
+        toml.replace(&listen, &format!("listen = \"{}\"", dead_port()))
+            .replace(&metrics, ""),
+    )
+    .unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let refused = Command::new("timeout")
+        .arg("20")
+        .arg(gateway_binary())
+        .args(["issuer", "--config"])
+        .arg(&root_only)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("issuer.toml read again as user \"nobody\"")
+            && err.contains("Permission denied"),
+        "{err}"
+    );
+    chown_all(&sso.path("sso"), 0, 0);
+
     let as_root = toml
         .replace("user = \"nobody\"", "")
         .replace(&listen, &format!("listen = \"{}\"", dead_port()))

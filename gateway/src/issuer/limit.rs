@@ -56,7 +56,8 @@ impl Limiter {
     }
 }
 
-/// The issuer's refusal log lines, per key (a device and a reason): a
+/// The issuer's refusal log lines, per key (a device and a reason, and
+/// the user once a token names one): a
 /// burst, then one a minute. Every refusal is counted in the metrics, but
 /// a line each let one enrolled device, repeating a request that is
 /// refused cheaply (a lifetime over the maximum, past its rate limit),

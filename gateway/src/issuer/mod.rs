@@ -120,6 +120,9 @@ impl Refusal {
         match self {
             Refusal::NoDevice => "no_device_certificate",
             Refusal::Token(e) => e.reason(),
+            // `/v1/nonce`'s own refusal, apart from a token's `nonce` (its
+            // log lines too: see `refused`).
+            Refusal::Nonce(NonceError::TooMany) => "nonce_quota",
             Refusal::Nonce(_) => "nonce",
             Refusal::NoMfa { .. } => "no_mfa",
             Refusal::AuthTooOld { .. } => "auth_too_old",
@@ -685,9 +688,22 @@ impl Issuer {
             .ok_or(Refusal::NoDevice)
     }
 
-    /// `POST /v1/nonce`.
+    /// `POST /v1/nonce`. A nonce handed out costs nothing (a device holds
+    /// at most a few), but a refusal (`nonce_quota`) takes from the
+    /// device's rate like any other refusal it can repeat: a device asking
+    /// on and on is stopped at its rate (`rate_limited`).
     pub fn nonce(&self, device: Option<&Identity>) -> Result<String, Refusal> {
-        let result = self.device(device).and_then(|d| Ok(self.nonces.issue(d)?));
+        let result = self.device(device).and_then(|d| {
+            self.nonces.issue(d).or_else(|e| {
+                self.per_device
+                    .take(d, Instant::now())
+                    .map_err(|retry_after| Refusal::RateLimited {
+                        who: "this device",
+                        retry_after,
+                    })?;
+                Err(e.into())
+            })
+        });
         match &result {
             Ok(_) => self.count(|c| c.nonces += 1),
             Err(e) => self.refused(e, device, None, NO_PROFILE),
@@ -716,11 +732,15 @@ impl Issuer {
             .and_then(|d| d.device(&self.config.load().device_san_prefix))
             .unwrap_or("-");
         // Counted above whatever happens; logged within the device's
-        // lines for this reason (a refusal without a device shares "-").
-        let Some(unlogged) = self
-            .refusal_lines
-            .admit(&format!("{device}|{reason}"), Instant::now())
-        else {
+        // lines for this reason (a refusal without a device shares "-"),
+        // and once a token is verified, the user's: refusals that name no
+        // user (or another) cannot spend the lines of one that names its
+        // victim.
+        let key = match user {
+            Some(user) => format!("{device}|{user}|{reason}"),
+            None => format!("{device}|{reason}"),
+        };
+        let Some(unlogged) = self.refusal_lines.admit(&key, Instant::now()) else {
             self.count(|c| c.refusals_unlogged += 1);
             return;
         };

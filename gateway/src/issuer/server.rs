@@ -45,6 +45,16 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "issuer.toml read again as user {user:?}, whom the issuer now runs as: {source}; every \
+         SIGHUP reads it as that user, so each reload would fail and this start's config stay in \
+         service whatever is changed: make it readable by that user (its group, or mode 0644: it \
+         holds no secret), still root's and writable by root alone"
+    )]
+    NotReloadable {
+        user: String,
+        source: super::config::ConfigError,
+    },
 }
 
 const MAX_BODY: usize = 64 << 10;
@@ -297,6 +307,20 @@ pub fn reload(config: &super::config::IssuerConfig, current: &Acceptor) -> Resul
 /// named), puts both in service. Otherwise nothing changes: the error is
 /// logged, counted (`gateway_issuer_config_reload_failures_total`) and
 /// returned, and the config in service keeps serving.
+/// Right after a root start's drop to `user`: issuer.toml read again as
+/// that user, as every SIGHUP does (`reload_config`). A file only root
+/// can read (root's, 0600) passes every check at start and would make
+/// each reload fail; it stops the start instead, like the other files the
+/// user must read.
+pub fn check_reloadable(path: &std::path::Path, user: &str) -> Result<(), ServerError> {
+    super::config::IssuerConfig::load(path)
+        .map(drop)
+        .map_err(|source| ServerError::NotReloadable {
+            user: user.to_owned(),
+            source,
+        })
+}
+
 pub fn reload_config(
     path: &std::path::Path,
     issuer: &Issuer,
