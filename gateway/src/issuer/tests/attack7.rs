@@ -471,28 +471,31 @@ fn s7_6_an_unreadable_crl_pem_makes_the_roots_revocation_a_reload_the_gateway_re
 /// "Running as its user" ("The shipped unit starts the issuer as `gateway`
 /// (`User=gateway`)", `chown -R gateway: …/sso`), and the warning a root
 /// start logs ("set user = \"gateway\" (the store chowned to it)").
-/// Followed, they give the gateway's user the key again. Control: the
-/// shipped unit runs the issuer as `gateway-issuer`.
+/// Followed, they gave the gateway's user the key again. Control: the
+/// shipped unit runs the issuer as `gateway-issuer`. Fixed with S6-2
+/// (987acdc): the texts name `gateway-issuer`, and the issuer refuses the
+/// gateway's user (attack6::s6_2_*).
 #[test]
 fn s7_7_the_docs_and_the_root_start_warning_still_name_the_gateways_user_for_the_issuer() {
     let sso = include_str!("../../../../docs/sso.md");
     let main = include_str!("../../../src/main.rs");
     let unit = include_str!("../../../../examples/gateway-issuer.service");
     assert!(unit.contains("\nUser=gateway-issuer\n"), "control");
-    assert!(sso.contains("# user = \"gateway\" "), "HARM: the example");
+    assert!(!sso.contains("# user = \"gateway\" "), "the example");
     assert!(
-        sso.contains("The shipped unit starts the issuer as `gateway`\n(`User=gateway`)")
-            || sso.contains("The shipped unit starts the issuer as `gateway` (`User=gateway`)"),
-        "HARM: Running as its user"
+        !sso.contains("The shipped unit starts the issuer as `gateway`\n(`User=gateway`)")
+            && !sso.contains("The shipped unit starts the issuer as `gateway` (`User=gateway`)"),
+        "Running as its user"
     );
     assert!(
-        sso.contains("chown -R gateway: …/sso"),
-        "HARM: the error's example"
+        !sso.contains("chown -R gateway: …/sso"),
+        "the error's example"
     );
     assert!(
-        main.contains("set user = \\\"gateway\\\" (the store chowned to it)"),
-        "HARM: the warning"
+        !main.contains("set user = \\\"gateway\\\" (the store chowned to it)"),
+        "the warning"
     );
+    assert!(sso.contains("# user = \"gateway-issuer\""), "names its own");
 }
 
 /// S7-8: after `pki revoke --intermediate` ("Users sign in again only
