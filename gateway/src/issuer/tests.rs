@@ -1301,6 +1301,9 @@ mod attack6;
 /// Attacker review 7 (s7/review7): the S4-2, S4-3, S4-7 fixes; tests
 /// asserting the harm the reviewed code allows.
 mod attack7;
+/// Attacker review 8 (s7/review8): the S5 fixes; tests asserting the harm
+/// the reviewed code allows.
+mod attack8;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
