@@ -856,7 +856,7 @@ impl Issuer {
                 self.used.first_use(&req.id_token)?;
                 if self.authentications.taken(&claims.sub, at) {
                     return Err(Refusal::NotFreshSignIn(
-                        "this one continues a sign-in this issuer took: a refreshed token".into(),
+                        "this one has the user and authentication time of a sign-in this issuer took minutes ago: a refreshed token, or a second sign-in on one provider session (sign in afresh at the provider: log out there, or let it ask again)".into(),
                     ));
                 }
                 self.authentications.record(&claims.sub, at);

@@ -48,6 +48,9 @@ pub const RESERVE_PER_NETWORK: usize = PER_SOURCE / 4;
 /// Networks one device keeps known at most; a fifth replaces its oldest,
 /// so one device can neither spread over the reserve nor flush the table.
 pub const KNOWN_PER_DEVICE: usize = 4;
+/// Devices' claims one network keeps: the most recent (an office's
+/// laptops keep it known; one device's claim going leaves the others').
+pub const CLAIMS_PER_NETWORK: usize = 8;
 /// Refusals of one kind are logged one by one at most once this often;
 /// the rest are summarized.
 const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -100,7 +103,7 @@ pub struct Slots {
     reserved_by: Arc<Sources>,
     /// Network → when and by which device a certificate last verified
     /// from it.
-    known: Mutex<HashMap<IpAddr, Known>>,
+    known: Mutex<HashMap<IpAddr, Vec<Known>>>,
     refused_network_full: AtomicU64,
     refused_busy: AtomicU64,
     /// Connections a known network got from the reserve.
@@ -181,50 +184,78 @@ impl Slots {
 
     fn is_known(&self, network: IpAddr, now: Instant) -> bool {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        match known.get(&network) {
-            Some(k) if now.saturating_duration_since(k.at) < KNOWN_FOR => true,
-            Some(_) => {
-                known.remove(&network);
-                false
-            }
-            None => false,
+        let Some(claims) = known.get_mut(&network) else {
+            return false;
+        };
+        claims.retain(|k| now.saturating_duration_since(k.at) < KNOWN_FOR);
+        if claims.is_empty() {
+            known.remove(&network);
+            return false;
         }
+        true
     }
 
     /// `device`'s certificate verified from `peer`: its network is known
-    /// for `KNOWN_FOR` from now, as one of that device's last
-    /// `KNOWN_PER_DEVICE`.
+    /// for `KNOWN_FOR` from now, by that device's claim, one of its last
+    /// `KNOWN_PER_DEVICE`. Claims are each device's own: a device giving
+    /// up a network (for a newer one) drops its claim only, and a network
+    /// others verified from stays known by theirs.
     pub fn device_verified(&self, peer: IpAddr, device: &str, now: Instant) {
         let network = source_key(peer);
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        known.retain(|_, k| now.saturating_duration_since(k.at) < KNOWN_FOR);
-        if !known.contains_key(&network) {
-            let oldest = |known: &HashMap<IpAddr, Known>, of: Option<&str>| {
-                known
-                    .iter()
-                    .filter(|(_, k)| of.is_none_or(|d| k.device == d))
-                    .min_by_key(|(_, k)| k.at)
-                    .map(|(n, _)| *n)
-            };
-            let its = known.values().filter(|k| k.device == device).count();
-            if its >= KNOWN_PER_DEVICE
-                && let Some(n) = oldest(&known, Some(device))
-            {
-                known.remove(&n);
+        let fresh = |k: &Known| now.saturating_duration_since(k.at) < KNOWN_FOR;
+        if let Some(claim) = known
+            .get_mut(&network)
+            .and_then(|c| c.iter_mut().find(|k| k.device == device))
+        {
+            claim.at = now;
+            return;
+        }
+        // This device's oldest claim makes room for its newest.
+        let mine: Vec<(IpAddr, Instant)> = known
+            .iter()
+            .flat_map(|(n, c)| c.iter().filter(|k| k.device == device).map(|k| (*n, k.at)))
+            .collect();
+        if mine.len() >= KNOWN_PER_DEVICE
+            && let Some((n, _)) = mine.iter().min_by_key(|(_, at)| *at)
+        {
+            let n = *n;
+            if let Some(c) = known.get_mut(&n) {
+                c.retain(|k| k.device != device);
+                if c.is_empty() {
+                    known.remove(&n);
+                }
             }
+        }
+        if !known.contains_key(&network) && known.len() >= KNOWN_NETWORKS {
+            known.retain(|_, c| {
+                c.retain(fresh);
+                !c.is_empty()
+            });
+            let stalest = known
+                .iter()
+                .min_by_key(|(_, c)| c.iter().map(|k| k.at).max())
+                .map(|(n, _)| *n);
             if known.len() >= KNOWN_NETWORKS
-                && let Some(n) = oldest(&known, None)
+                && let Some(n) = stalest
             {
                 known.remove(&n);
             }
         }
-        known.insert(
-            network,
-            Known {
-                at: now,
-                device: device.to_owned(),
-            },
-        );
+        let claims = known.entry(network).or_default();
+        if claims.len() >= CLAIMS_PER_NETWORK
+            && let Some(i) = claims
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, k)| k.at)
+                .map(|(i, _)| i)
+        {
+            claims.swap_remove(i);
+        }
+        claims.push(Known {
+            at: now,
+            device: device.to_owned(),
+        });
     }
 
     /// Writes summaries of refusals that are due.

@@ -137,7 +137,11 @@ async fn s4_1_a_nonceless_refreshed_token_signs_in_on_the_thiefs_device_under_a_
         .await
         .unwrap_err();
         assert!(refused_as_refresh(&e), "{e}");
-        assert!(e.to_string().contains("continues a sign-in"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("a sign-in this issuer took minutes ago"),
+            "{e}"
+        );
     }
     // Control: a device-grant sign-in's own token is issued, and is not
     // renewable (it named no sign-in), so login keeps no refresh token.
