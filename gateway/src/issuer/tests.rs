@@ -1304,6 +1304,9 @@ mod attack7;
 /// Attacker review 8 (s7/review8): the S5 fixes; tests asserting the harm
 /// the reviewed code allows.
 mod attack8;
+/// Attacker review 9 (s7/review9): the S6 and S8-1 fixes; tests asserting
+/// the harm the reviewed code allows.
+mod attack9;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
