@@ -440,6 +440,13 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
             }
         }
         None => {
+            // Started as some user without `user`: that user may not be
+            // the gateway's either (a unit with User=gateway, as older
+            // docs had it), nor share its group.
+            if euid != 0 {
+                privilege::Target::current()?
+                    .not_the_gateways(std::path::Path::new(privilege::GATEWAY_CONFIG))?;
+            }
             if euid == 0 {
                 tracing::warn!(
                     "issuer: running as root without `user` in issuer.toml: it parses TLS, HTTP and JSON \

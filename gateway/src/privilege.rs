@@ -453,6 +453,26 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The user and group this process runs as, for the checks a start
+    /// without `user` makes (`not_the_gateways`).
+    pub fn current() -> Result<Target, PrivilegeError> {
+        let uid = effective_uid();
+        // SAFETY: getegid has no preconditions and cannot fail.
+        let gid = unsafe { libc::getegid() };
+        // Named by its uid: `not_the_gateways` compares uids, and the
+        // passwd lookup by uid is not thread-safe.
+        let user = format!("uid {uid}");
+        Ok(Target {
+            user,
+            uid,
+            gid,
+            groups: Vec::new(),
+            kept: Vec::new(),
+        })
+    }
+}
+
 /// The gateway's own user as the package makes it (packaging/deb/postinst)
 /// and examples/gateway.service runs it.
 pub const GATEWAY_USER: &str = "gateway";
@@ -483,6 +503,13 @@ impl Target {
             Ok((uid, _)) if uid == self.uid => {
                 return refuse(format!("{GATEWAY_USER:?} has the same uid"));
             }
+            // A group shared with the gateway's user gives each the
+            // other's group-readable files (review 9, S9-4).
+            Ok((_, gid)) if gid == self.gid => {
+                return refuse(format!(
+                    "{GATEWAY_USER:?}'s primary group {gid} is its group too"
+                ));
+            }
             Ok(_) | Err(PrivilegeError::UnknownUser(_)) => {}
             Err(e) => return Err(e),
         }
@@ -492,21 +519,48 @@ impl Target {
         if meta.uid() == self.uid {
             return refuse(format!("it owns {}", gateway_config.display()));
         }
-        // Only the top-level `user`; a config that does not parse (as
-        // TOML, or readable) names no user here, and the gateway refuses it.
-        let named = std::fs::read_to_string(gateway_config)
+        if meta.gid() == self.gid && meta.gid() != 0 {
+            return refuse(format!(
+                "its group {} owns {}",
+                self.gid,
+                gateway_config.display()
+            ));
+        }
+        // Only the top-level `user` and `group`; a config that does not
+        // parse (as TOML, or readable) names neither here, and the gateway
+        // refuses it.
+        let table = std::fs::read_to_string(gateway_config)
             .ok()
-            .and_then(|text| text.parse::<toml::Table>().ok())
-            .and_then(|t| t.get("user")?.as_str().map(str::to_owned));
-        if let Some(named) = named {
-            let same = named == self.user
-                || matches!(lookup_user(&named), Ok((uid, _)) if uid == self.uid);
+            .and_then(|text| text.parse::<toml::Table>().ok());
+        let named = |key: &str| {
+            table
+                .as_ref()
+                .and_then(|t| t.get(key)?.as_str().map(str::to_owned))
+        };
+        if let Some(named) = named("user") {
+            let looked_up = lookup_user(&named).ok();
+            let same = named == self.user || looked_up.is_some_and(|(uid, _)| uid == self.uid);
             if same {
                 return refuse(format!(
                     "{} drops to user = {named:?}",
                     gateway_config.display()
                 ));
             }
+            if looked_up.is_some_and(|(_, gid)| gid == self.gid) {
+                return refuse(format!(
+                    "{} drops to user = {named:?}, whose group {} is its group too",
+                    gateway_config.display(),
+                    self.gid
+                ));
+            }
+        }
+        if let Some(group) = named("group")
+            && matches!(lookup_group(&group), Ok(gid) if gid == self.gid)
+        {
+            return refuse(format!(
+                "{} drops to group = {group:?}, its group too",
+                gateway_config.display()
+            ));
         }
         Ok(())
     }

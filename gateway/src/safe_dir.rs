@@ -182,9 +182,9 @@ pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> 
 
 /// Why `path` (the config a root-started gateway reads) could be rewritten
 /// by the user it drops to (`uid`, in `groups`), if it could: the file, or
-/// any directory above it up to `/`, on the path as given and on its
-/// canonical path (through every symlink), owned by that user or writable
-/// by one of its groups or by anyone. A config the dropped process can
+/// any directory its resolution goes through, `/` first, each symlink
+/// followed from the directory it is in (`resolution`), owned by that user
+/// or writable by one of its groups or by anyone. A config the dropped process can
 /// rewrite is one root reads at the next start: a compromised gateway
 /// could delete `user` from it. Every directory above counts, not only the
 /// file's own: whoever may write any of them can rename the one below
@@ -228,21 +228,68 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
             Err(e) => return Some(format!("the current directory: {e}")),
         }
     };
-    let real = match std::fs::canonicalize(path) {
-        Ok(real) => real,
-        Err(e) => return Some(format!("{}: {e}", path.display())),
-    };
-    // The file and each directory above, `/` last; each followed through
-    // a symlink (the link itself can only be replaced through the
-    // directory it is in, which is checked too).
-    given
-        .ancestors()
-        .chain(real.ancestors())
-        .filter(|p| !p.as_os_str().is_empty())
-        .find_map(|p| match std::fs::metadata(p) {
+    // Every directory the path's resolution goes through, and the file:
+    // each checked as met (a symlink can only be replaced through the
+    // directory it is in, which was met before it).
+    match resolution(&given) {
+        Ok(met) => met.iter().find_map(|p| match std::fs::metadata(p) {
             Ok(meta) => why(p, &meta),
             Err(e) => Some(format!("{}: {e}", p.display())),
-        })
+        }),
+        Err(e) => Some(e),
+    }
+}
+
+/// The paths the kernel goes through to open `path` (absolute), one
+/// component at a time: `/`, each directory, the file; a symlink met on
+/// the way is followed from where it is (its target's components taken
+/// next), so a link reached through another link has its own directory
+/// on the list too. Neither the path's ancestors nor its canonical
+/// path's hold that one (review 9, S9-1). More than 40 links: an error,
+/// as the kernel's ELOOP.
+fn resolution(path: &Path) -> Result<Vec<std::path::PathBuf>, String> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let mut todo: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push_front = |todo: &mut VecDeque<std::ffi::OsString>, p: &Path| {
+        for c in p.components().rev() {
+            todo.push_front(c.as_os_str().to_owned());
+        }
+    };
+    push_front(&mut todo, path);
+    let mut cur = std::path::PathBuf::from("/");
+    let mut met = vec![cur.clone()];
+    let mut links = 0;
+    while let Some(part) = todo.pop_front() {
+        let Some(component) = Path::new(&part).components().next() else {
+            continue;
+        };
+        match component {
+            Component::RootDir | Component::Prefix(_) => cur = std::path::PathBuf::from("/"),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                cur.pop();
+            }
+            Component::Normal(name) => {
+                let next = cur.join(name);
+                let meta = std::fs::symlink_metadata(&next)
+                    .map_err(|e| format!("{}: {e}", next.display()))?;
+                if meta.file_type().is_symlink() {
+                    links += 1;
+                    if links > 40 {
+                        return Err(format!("{}: too many symlinks", path.display()));
+                    }
+                    let target = std::fs::read_link(&next)
+                        .map_err(|e| format!("{}: {e}", next.display()))?;
+                    push_front(&mut todo, &target);
+                } else {
+                    cur = next;
+                    met.push(cur.clone());
+                }
+            }
+        }
+    }
+    Ok(met)
 }
 
 /// Writes `dir/name` whole by rename, through a temporary file that this

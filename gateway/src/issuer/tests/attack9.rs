@@ -79,7 +79,10 @@ fn as_nobody(script: &str) -> std::process::Output {
 /// of its own whose issuer.toml has no `user`: root's next start reads
 /// that one (and, without `user`, only warns and stays root). Control:
 /// the same user's directory holding the file itself (one link) is
-/// refused.
+/// refused. Measured before the fix: the two-link chain passed, and after
+/// nobody's `ln -sfn` the config loaded had no `user`. Fixed: the check
+/// walks the path as the kernel resolves it (`safe_dir::resolution`),
+/// each symlink followed from its own directory, so `state` is met.
 #[test]
 fn s9_1_a_symlink_chain_through_the_users_directory_passes_the_config_check() {
     if !is_root() {
@@ -108,35 +111,18 @@ fn s9_1_a_symlink_chain_through_the_users_directory_passes_the_config_check() {
     let why = target.check_config(&direct).unwrap_err().to_string();
     assert!(why.contains("belongs to uid 65534"), "control: {why}");
 
-    // The harm: through two links, `state` is on neither list.
-    target
-        .check_config(&path)
-        .expect("HARM: the chain through the user's directory passes");
-    assert_eq!(
-        crate::issuer::config::IssuerConfig::load(&path)
-            .unwrap()
-            .user
-            .as_deref(),
-        Some("nobody")
+    // Through two links, `state` is met on the way and refused.
+    let why = target.check_config(&path).unwrap_err().to_string();
+    assert!(
+        why.contains("state belongs to uid 65534"),
+        "the chain through the user's directory: {why}"
     );
-    // The dropped user re-points `current` at its own issuer.toml.
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd {s} && mkdir mine && printf '%s' \"$CONF\" > mine/issuer.toml && ln -sfn {s}/mine {s}/current",
-            s = state.display()
-        ))
-        .env("CONF", issuer_toml(None))
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let next_start = crate::issuer::config::IssuerConfig::load(&path).unwrap();
-    assert_eq!(
-        next_start.user, None,
-        "HARM: root's next start reads the user's issuer.toml, without `user`"
-    );
+    // A chain through root's directories only passes.
+    let root_link = etc.join("root-link.toml");
+    let hop = d.path().join("hop");
+    std::os::unix::fs::symlink(&release, &hop).unwrap();
+    std::os::unix::fs::symlink(hop.join("issuer.toml"), &root_link).unwrap();
+    target.check_config(&root_link).unwrap();
 }
 
 /// Writes a POSIX access ACL on `path` granting `uid` rwx (what `setfacl
@@ -279,31 +265,20 @@ fn s9_3_with_the_guard_the_dropped_gateway_rewrites_the_checked_config() {
 /// issuer's user created in the gateway's group), which the issuer keeps
 /// after its drop. Measured: not_the_gateways passes a user with the
 /// gateway's gid. Control: the gateway's uid by `user` is refused.
+///
+/// Fixed: a start without `user` checks the uid and group it runs as too
+/// (`Target::current`), and a group shared with the gateway's user, the
+/// user its config names or the `group` it names is refused.
 #[test]
 fn s9_4_the_issuer_as_the_gateways_user_or_group_is_not_refused() {
     let main = include_str!("../../main.rs");
     let start = main.find("fn issuer(path").unwrap();
     let body = &main[start..start + main[start..].find("let listener = ").unwrap()];
-    assert_eq!(
-        body.matches("not_the_gateways").count(),
-        1,
-        "checked in one branch"
-    );
-    let some = body.find("Some(user) => {").unwrap();
     let none = body.find("None => {").unwrap();
-    let check = body.find("not_the_gateways").unwrap();
     assert!(
-        some < check && check < none,
-        "HARM: only with `user` set; None: {}",
+        body[none..].contains("Target::current()?") && body[none..].contains("not_the_gateways"),
+        "a start without `user` is checked: {}",
         &body[none..]
-    );
-    assert!(
-        body[none..].contains("if euid == 0 {") && !body[none..].contains("not_the_gateways"),
-        "HARM: without `user`, a start as any other uid is neither checked nor warned"
-    );
-    assert!(
-        body.contains("not_the_gateways(std::path::Path::new(privilege::GATEWAY_CONFIG))"),
-        "HARM: only the packaged path is read"
     );
 
     // A shared primary group: the gateway drops to daemon (uid 1, gid 1)
@@ -323,9 +298,10 @@ fn s9_4_the_issuer_as_the_gateways_user_or_group_is_not_refused() {
         e.to_string().contains("drops to user = \"daemon\""),
         "control: {e}"
     );
-    issuer(4243, 1)
-        .not_the_gateways(&config)
-        .expect("HARM: the gateway's group passes");
+    let e = issuer(4243, 1).not_the_gateways(&config).unwrap_err();
+    assert!(e.to_string().contains("group"), "the gateway's group: {e}");
+    // Control: a user and group of its own pass.
+    issuer(4243, 4243).not_the_gateways(&config).unwrap();
 }
 
 /// Not a finding (measured for the report): what one device's handshake
