@@ -213,15 +213,25 @@ impl AccessLog {
             return Ok(());
         }
         let path = base.join(target);
-        let existed = path.exists();
-        open_append(&path).map_err(|source| AccessLogError::Open {
+        let open = |source| AccessLogError::Open {
             path: path.clone(),
             source,
-        })?;
-        if !existed {
-            // Only the probe made it; run creates its own.
-            let _ = std::fs::remove_file(&path);
+        };
+        if std::fs::symlink_metadata(&path).is_ok() {
+            open_append(&path).map_err(open)?;
+            return Ok(());
         }
+        // The probe makes the file only if nothing is there (O_EXCL: not
+        // through a symlink planted meanwhile), and removes what it made;
+        // run creates its own.
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(open)?;
+        let _ = std::fs::remove_file(&path);
         Ok(())
     }
 
@@ -549,11 +559,39 @@ fn summary_line(reason: &str, bucket: &Bucket, period: Duration) -> String {
     line
 }
 
+/// Opens the log for appending, made if missing. Root opens it at start,
+/// in a directory the gateway's user may write (logs): never through a
+/// symlink (one planted there would have root create or append to any
+/// file), never a device, never a file with other names (a hard link to
+/// another file), so root writes only the log itself (review 9, S9-5). A
+/// FIFO is taken: a log reader's pipe (see README, a disk that blocks).
 fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other(format!("{e}: a symlink, which is never followed"))
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    use std::os::unix::fs::FileTypeExt as _;
+    if !meta.file_type().is_file() && !meta.file_type().is_fifo() {
+        return Err(std::io::Error::other("neither a regular file nor a FIFO"));
+    }
+    if meta.file_type().is_file() && meta.nlink() > 1 {
+        return Err(std::io::Error::other(format!(
+            "it has {} names (a hard link): the log must be a file of its own",
+            meta.nlink()
+        )));
+    }
+    Ok(file)
 }
 
 /// Appends `line` to `file` whole or not at all: a write cut short by a
