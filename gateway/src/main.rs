@@ -1192,6 +1192,17 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
         target.check_config(path)?;
         // What the gateway writes as that user, root reads back at start.
         gateway::safe_dir::set_drops_to(target.uid);
+        if target
+            .kept
+            .iter()
+            .any(|k| k.capability == caps::Capability::CAP_DAC_OVERRIDE)
+        {
+            tracing::warn!(
+                config = %path.display(),
+                "with [guard] the gateway keeps CAP_DAC_OVERRIDE as its user, which writes past file modes: \
+                 the check that its user cannot rewrite this config does not hold (README, Running unprivileged)"
+            );
+        }
     }
     // Each connection is a descriptor: the soft limit's 1024 would be the
     // first thing a flood exhausts.

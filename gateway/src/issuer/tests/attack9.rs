@@ -200,7 +200,10 @@ fn s9_2_an_acl_granting_the_user_write_passes_the_config_check() {
 /// CAP_DAC_OVERRIDE appends to a root 0644 file in a root 0755
 /// directory). README says the guard's drop is weak, but the config
 /// check's error and README's paragraph on it promise the next start is
-/// safe. Control: without the capability nobody cannot write it.
+/// safe. Control: without the capability nobody cannot write it. Kept,
+/// as a stated bound: the guard needs the capability (its pins); README
+/// now says the check does not hold with `[guard]`, and such a start logs
+/// a warning saying so.
 #[test]
 fn s9_3_with_the_guard_the_dropped_gateway_rewrites_the_checked_config() {
     let text = "user = \"nobody\"\n[guard]\nenforcement = \"audit\"\n[admission]\nkernel_block_list = false\n\
