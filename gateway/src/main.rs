@@ -348,6 +348,10 @@ enum PkiCommand {
         /// revokes it, and with it everything it issued.
         #[arg(long, conflicts_with = "device")]
         intermediate: bool,
+        /// The root's key, kept offline (root's, 0600), for --intermediate;
+        /// default: DIR/root.key (which the store's owner can read).
+        #[arg(long, requires = "intermediate")]
+        root_key: Option<PathBuf>,
     },
     /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
     /// the root's, as last signed).
@@ -357,9 +361,13 @@ enum PkiCommand {
         /// How long until its next update, e.g. 36h, 7d.
         #[arg(long, default_value = "7d")]
         next_update: String,
-        /// Also re-sign the root's CRL (needs root.key), e.g. before it runs out.
+        /// Also re-sign the root's CRL (needs the root key), e.g. before it runs out.
         #[arg(long)]
         root: bool,
+        /// The root's key, kept offline (root's, 0600), for --root;
+        /// default: DIR/root.key (which the store's owner can read).
+        #[arg(long, requires = "root")]
+        root_key: Option<PathBuf>,
     },
     /// Show what the gateway would see in a certificate and why it would refuse it.
     Inspect {
@@ -626,6 +634,38 @@ fn login(args: gateway::login::LoginArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the root's new CRL lists, and anything an operator must look at:
+/// serials kept although `index.json` dropped them, earlier CRLs that did
+/// not verify, a root key read from the store (S7-1).
+fn print_root_crl(signed: &gateway::pki::store::RootCrlSigned, key_in_store: bool) {
+    println!(
+        "the root's CRL (number {}) lists {}",
+        signed.crl_number,
+        if signed.listed.is_empty() {
+            "no intermediate".to_owned()
+        } else {
+            format!("the intermediate serials {}", signed.listed.join(", "))
+        }
+    );
+    if !signed.restored.is_empty() {
+        println!(
+            "WARNING: index.json no longer recorded {} as revoked, but the root's earlier CRL (signed by its key) did: \
+             kept revoked, and written back to index.json. Someone edited the index: whoever writes the store \
+             (the issuer's user) may be compromised",
+            signed.restored.join(", ")
+        );
+    }
+    for why in &signed.unverified {
+        println!("WARNING: an earlier root CRL was not taken into account: {why}");
+    }
+    if key_in_store {
+        println!(
+            "WARNING: the root key was read from the store, where its owner (the issuer's user) can read and replace it: \
+             keep it offline, root's (0600), give it with --root-key PATH, and run this command as root"
+        );
+    }
+}
+
 fn pki(command: PkiCommand) -> anyhow::Result<()> {
     use gateway::pki::store::{InitSpec, Kind, Store};
     match command {
@@ -651,8 +691,16 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 store.path("crl.pem").display()
             );
             println!(
-                "{} signs only the intermediate and the root's CRL: move it offline now",
+                "{} signs only the intermediate and the root's CRL: move it offline now \
+                 (root's, 0600; later commands take it with --root-key PATH)",
                 store.path("root.key").display()
+            );
+            // Kept with the root key, these tell the intermediate from
+            // anything put in its place in the store later (S7-1).
+            let (serial, fingerprint) = store.intermediate_fingerprint()?;
+            println!(
+                "intermediate: serial {serial}, SHA-256 fingerprint {fingerprint} (keep both, or a copy of {}, with the root key)",
+                store.path("intermediate.pem").display()
             );
         }
         PkiCommand::Issue {
@@ -681,6 +729,7 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             serial_or_cert,
             device,
             intermediate,
+            root_key,
         } => {
             let store = Store::open(&dir);
             if let Some(uri) = device {
@@ -706,18 +755,31 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                     );
                 }
             } else if let Some(what) = serial_or_cert {
-                let entry = store.revoke_as(&what, intermediate)?;
-                println!(
-                    "revoked {} (serial {}); published {}",
-                    entry.name,
-                    entry.serial,
-                    store.path("crl.pem").display()
-                );
                 if intermediate {
+                    let store = store.with_root_key(root_key.as_deref());
+                    let done = store.revoke_intermediate(&what)?;
+                    println!(
+                        "revoked intermediate: serial {}, SHA-256 fingerprint {}",
+                        done.entry.serial, done.fingerprint
+                    );
+                    println!(
+                        "compare both with what `gateway pki init` printed: the root's key signed this certificate, \
+                         but only they tell it is the intermediate you mean"
+                    );
+                    print_root_crl(&done.root_crl, done.key_in_store);
                     // Its key is not needed (it may be gone after a
                     // compromise): the root's new CRL went in as it is.
                     println!(
-                        "the root's new CRL lists it; the intermediate's own CRL in crl.pem was kept as it was (not re-signed)"
+                        "published {}: the root's new CRL, beside the intermediate's own CRL kept as it was (not re-signed)",
+                        store.path("crl.pem").display()
+                    );
+                } else {
+                    let entry = store.revoke_as(&what, false)?;
+                    println!(
+                        "revoked {} (serial {}); published {}",
+                        entry.name,
+                        entry.serial,
+                        store.path("crl.pem").display()
                     );
                 }
             }
@@ -726,11 +788,14 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             dir,
             next_update,
             root,
+            root_key,
         } => {
-            let store = Store::open(&dir);
+            let store = Store::open(&dir).with_root_key(root_key.as_deref());
             let validity = lifetime(&next_update)?;
             let path = if root {
-                store.republish_root_crl(validity)?
+                let (path, signed) = store.republish_root_crl(validity)?;
+                print_root_crl(&signed, root_key.is_none());
+                path
             } else {
                 store.publish_crl(validity)?
             };

@@ -129,8 +129,9 @@ fn issue_client(dir: &Path, name: &str, san: &str) {
     ]);
 }
 
-fn init(dir: &Path) {
-    pki(&["init", "--dir", s(dir), "--name", "Example"]);
+/// `pki init`, and a server certificate; what `init` printed.
+fn init(dir: &Path) -> String {
+    let out = pki(&["init", "--dir", s(dir), "--name", "Example"]);
     pki(&[
         "issue",
         "server",
@@ -141,6 +142,7 @@ fn init(dir: &Path) {
         "--san",
         "dns:orders.example.internal",
     ]);
+    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -441,7 +443,7 @@ async fn expiry_within_the_horizon_is_warned_about_failed_on_and_exported() {
 async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     let harness = Pki::new();
     let dir = harness.path("pki");
-    init(&dir);
+    let printed = init(&dir);
     issue_client(
         &dir,
         "frontend",
@@ -487,14 +489,32 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     assert_eq!(crls_in(&dir.join("crl.pem")), 2);
     let int = dir.join("intermediate.pem");
     let err = pki_fails(&["revoke", "--dir", s(&dir), "--intermediate", s(&int)]);
-    assert!(err.contains("needs the root key"), "{err}");
-    std::fs::rename(&offline, dir.join("root.key")).unwrap();
+    assert!(
+        err.contains("needs the root key") && err.contains("--root-key"),
+        "{err}"
+    );
 
     // Never without saying so: it takes every certificate with it.
     let err = pki_fails(&["revoke", "--dir", s(&dir), s(&int)]);
     assert!(err.contains("--intermediate"), "{err}");
-    let out = pki(&["revoke", "--dir", s(&dir), "--intermediate", s(&int)]);
+    // The root key from where it is kept (S7-1); the fingerprint printed
+    // is openssl's, and init's.
+    let (ok, fingerprint) = openssl(&["x509", "-in", s(&int), "-noout", "-fingerprint", "-sha256"]);
+    assert!(ok, "{fingerprint}");
+    let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_owned();
+    assert!(printed.contains(&fingerprint), "{printed}");
+    let out = pki(&[
+        "revoke",
+        "--dir",
+        s(&dir),
+        "--intermediate",
+        s(&int),
+        "--root-key",
+        s(&offline),
+    ]);
     assert!(out.contains("revoked intermediate"), "{out}");
+    assert!(out.contains(&fingerprint), "{out}");
+    assert!(!out.contains("WARNING"), "{out}");
     let (ok, out) = verify();
     assert!(!ok && out.contains("certificate revoked"), "{out}");
     let gw = gateway_on(&dir, &harness, &backend, true).await;

@@ -1,7 +1,8 @@
 //! `gateway pki`: an internal PKI in a directory the operator names.
 //!
 //! Layout: `root.pem`/`root.key` (long-lived; the key signs only the
-//! intermediate and the root's CRL, and belongs offline after `init`),
+//! intermediate and the root's CRL, and belongs offline after `init`,
+//! given back with `--root-key`),
 //! `intermediate.pem`/`intermediate.key` (issues leaves and their CRL),
 //! `ca.pem` (the trust anchor to give the gateway and clients), `index.json`
 //! (what was issued and revoked), `root.crl.pem` (the root's CRL: which
@@ -181,12 +182,161 @@ fn open_legacy_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     Ok(Some(file))
 }
 
+/// A file named on the command line (`--root-key`), read only as a
+/// regular file: not through a symbolic link, not blocking on a FIFO
+/// (O_NOFOLLOW, O_NONBLOCK; the type checked on the open descriptor).
+fn read_regular(path: &Path) -> Result<String, PkiError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let refused = |message: &str| PkiError::Store {
+        path: path.to_owned(),
+        message: message.into(),
+    };
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                refused("is a symbolic link: name the file itself")
+            } else {
+                io(e)
+            }
+        })?;
+    if !file.metadata().map_err(io)?.file_type().is_file() {
+        return Err(refused("is not a regular file"));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(io)?;
+    Ok(text)
+}
+
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
 #[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+    /// The root's key outside the store (`--root-key`), where the store's
+    /// owner cannot read or replace it; None: `DIR/root.key`, as before.
+    root_key: Option<PathBuf>,
+}
+
+/// The root, loaded for a command only the root may sign: its key, and
+/// its certificate checked against that key, so nothing the store's owner
+/// wrote decides what the root signs (S7-1).
+pub(crate) struct Root {
+    authority: Authority,
+    /// The certificate's raw subject: the issuer of what the root signed.
+    subject: Vec<u8>,
+    /// Its SubjectPublicKeyInfo, DER: what verifies what the root signed.
+    spki: Vec<u8>,
+    /// The key was the store's `root.key` (not `--root-key`).
+    pub key_in_store: bool,
+}
+
+impl Root {
+    /// The root's certificate and key, already checked to match (`Store::root`,
+    /// or freshly made by `init`).
+    fn new(authority: Authority, key_in_store: bool) -> Result<Root, PkiError> {
+        let bad = |message: String| PkiError::Store {
+            path: "root certificate".into(),
+            message,
+        };
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(authority.cert_pem.as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok(Root {
+            subject: cert.subject().as_raw().to_vec(),
+            spki: cert.public_key().raw.to_vec(),
+            authority,
+            key_in_store,
+        })
+    }
+
+    fn public_key(&self) -> Option<x509_parser::x509::SubjectPublicKeyInfo<'_>> {
+        use x509_parser::prelude::FromDer as _;
+        x509_parser::x509::SubjectPublicKeyInfo::from_der(&self.spki)
+            .ok()
+            .map(|(_, spki)| spki)
+    }
+
+    /// Whether `cert` was issued by the root: its issuer is the root's
+    /// subject and its signature verifies under the root's key.
+    fn issued(&self, cert: &X509Certificate<'_>) -> bool {
+        cert.issuer().as_raw() == self.subject.as_slice()
+            && self
+                .public_key()
+                .is_some_and(|key| cert.verify_signature(Some(&key)).is_ok())
+    }
+
+    /// Whether the CRL `der` was signed by the root: issued in its name,
+    /// and its signature verifies under its key. With its number.
+    fn signed_crl(&self, der: &[u8]) -> Option<u64> {
+        use x509_parser::prelude::FromDer as _;
+        let (_, crl) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(der).ok()?;
+        let key = self.public_key()?;
+        if crl.issuer().as_raw() != self.subject.as_slice() || crl.verify_signature(&key).is_err() {
+            return None;
+        }
+        // A number too large for u64 (the root signs small ones): as large
+        // as can be, so the next is refused rather than wrapped.
+        Some(
+            crl.crl_number()
+                .map_or(0, |n| match n.to_u64_digits().as_slice() {
+                    [] => 0,
+                    [n] => *n,
+                    _ => u64::MAX,
+                }),
+        )
+    }
+}
+
+/// What the root's CRL, as just signed, lists (`Store::publish_root_crl`).
+#[derive(Debug, Clone, Default)]
+pub struct RootCrlSigned {
+    /// Its CRL number.
+    pub crl_number: u64,
+    /// Every intermediate serial it lists (hex).
+    pub listed: Vec<String>,
+    /// Serials an earlier root CRL (verified under the root's key) listed
+    /// and `index.json` no longer did: kept, and written back to the
+    /// index. Never empty after a legitimate change: a sign that the
+    /// index was edited.
+    pub restored: Vec<String>,
+    /// Earlier root CRLs that could not be taken into account (unreadable,
+    /// or not signed by the root's key), and why.
+    pub unverified: Vec<String>,
+}
+
+/// What `Store::revoke_intermediate` did.
+#[derive(Debug, Clone)]
+pub struct IntermediateRevoked {
+    /// The index entry (serial, name, revoked_at).
+    pub entry: IndexEntry,
+    /// The revoked certificate's SHA-256 fingerprint, as `openssl x509
+    /// -fingerprint -sha256` and `pki init` print it.
+    pub fingerprint: String,
+    /// The root's new CRL.
+    pub root_crl: RootCrlSigned,
+    /// The root key was the store's `root.key`.
+    pub key_in_store: bool,
+}
+
+/// A certificate's SHA-256 fingerprint, colon-separated upper-case hex, as
+/// `openssl x509 -fingerprint -sha256` prints it.
+pub fn fingerprint(der: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// What `init` needs.
@@ -206,7 +356,17 @@ impl Store {
     pub fn open(dir: &Path) -> Store {
         Store {
             dir: dir.to_owned(),
+            root_key: None,
         }
+    }
+
+    /// The same store, with the root's key read from `key` (`--root-key`)
+    /// rather than `DIR/root.key`: the key belongs offline, root's, out of
+    /// reach of the store's owner, the issuer's user, whose compromise is
+    /// what revoking the intermediate answers (S7-1).
+    pub fn with_root_key(mut self, key: Option<&Path>) -> Store {
+        self.root_key = key.map(Path::to_owned);
+        self
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -515,17 +675,53 @@ impl Store {
         )
     }
 
-    /// The root, with its key: only for what only the root may sign.
-    fn root(&self, why: &str) -> Result<Authority, PkiError> {
-        let key_path = self.path("root.key");
-        let key = self.read("root.key").map_err(|e| PkiError::Store {
+    /// The root, with its key: only for what only the root may sign. The
+    /// key from `--root-key` if given, else `DIR/root.key` (older setups).
+    /// `root.pem` must hold the certificate of that key, self-signed by
+    /// it: the store's owner writes `root.pem`, and a swapped one would
+    /// give the root's CRL another issuer name, which no route applies
+    /// (S7-1).
+    pub(crate) fn root(&self, why: &str) -> Result<Root, PkiError> {
+        let (key_path, key) = match &self.root_key {
+            Some(path) => (path.clone(), read_regular(path)),
+            None => (self.path("root.key"), self.read("root.key")),
+        };
+        let key = key.map_err(|e| PkiError::Store {
             path: key_path.clone(),
             message: format!(
-                "{why} needs the root key, which signs the root's CRL: bring root.key back into {} for this command ({e})",
-                self.dir.display()
+                "{why} needs the root key, which signs the root's CRL: give it with --root-key PATH \
+                 (kept offline, root's; {e})"
             ),
         })?;
-        Authority::load(&self.read("root.pem")?, &key)
+        let pem = self.read("root.pem")?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path("root.pem"),
+            message,
+        };
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        let pair = rcgen::KeyPair::from_pem(&key).map_err(|e| PkiError::Store {
+            path: key_path.clone(),
+            message: format!("not a private key: {e}"),
+        })?;
+        if pair.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+            return Err(bad(format!(
+                "is not the certificate of the root key {} (another public key): it was replaced, \
+                 or the key is another CA's; nothing signed. Restore root.pem from the copy kept \
+                 with the root key (the routes' ca.pem is the root's certificate too)",
+                key_path.display()
+            )));
+        }
+        let root = Root::new(Authority::load(&pem, &key)?, self.root_key.is_none())?;
+        if !root.issued(&cert) {
+            return Err(bad(
+                "is not self-signed by the root key: it was altered; nothing signed. Restore it \
+                 from the copy kept with the root key"
+                    .into(),
+            ));
+        }
+        Ok(root)
     }
 
     /// A root and an intermediate, an empty index and a first CRL.
@@ -565,6 +761,7 @@ impl Store {
         self.write("intermediate.key", &int.key_pem, true)?;
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
+        let root = Root::new(root, true)?;
         self.publish_root_crl_locked(&root)?;
         self.publish_crl_locked(Duration::days(7))?;
         Ok(())
@@ -572,25 +769,105 @@ impl Store {
 
     /// Signs and writes `root.crl.pem`: every intermediate the root
     /// revoked, valid until the intermediate expires (at least 30 days).
-    pub fn publish_root_crl(&self, root: &Authority) -> Result<PathBuf, PkiError> {
-        let _lock = self.lock()?;
-        self.publish_root_crl_locked(root)
-    }
-
-    fn publish_root_crl_locked(&self, root: &Authority) -> Result<PathBuf, PkiError> {
+    ///
+    /// Never un-revokes: it lists what `index.json` records and also every
+    /// serial that a root CRL already in the store (`root.crl.pem`, and
+    /// the root's CRL in `crl.pem`) lists, when that CRL verifies under
+    /// the root's key. The index is the store owner's to write; without
+    /// this, its entry dropped there left the intermediate out of the
+    /// root's next CRL, which gateways take as the newest (S7-1). A serial
+    /// kept that way goes back into the index and is reported. Its number
+    /// follows the largest seen, so gateways never take it as older.
+    fn publish_root_crl_locked(&self, root: &Root) -> Result<RootCrlSigned, PkiError> {
         let mut index = self.index()?;
-        index.root_crl_number += 1;
-        let serials: Vec<Vec<u8>> = index
+        let earlier = self.earlier_root_crls(root);
+        let mut signed = RootCrlSigned {
+            unverified: earlier.unverified,
+            ..RootCrlSigned::default()
+        };
+        let mut serials: BTreeSet<Vec<u8>> = index
             .revoked_intermediates
             .iter()
             .filter_map(|e| unhex(&e.serial))
             .collect();
+        let now = rfc3339(OffsetDateTime::now_utc());
+        for serial in &earlier.listed {
+            if serials.insert(serial.clone()) {
+                signed.restored.push(hex(serial));
+                index.revoked_intermediates.push(IndexEntry {
+                    serial: hex(serial),
+                    name: "intermediate".into(),
+                    kind: Kind::Intermediate,
+                    sans: vec![],
+                    // Unknown: only the root's CRL named it.
+                    not_after: String::new(),
+                    revoked_at: Some(now.clone()),
+                    device: None,
+                    device_serial: None,
+                    profile: None,
+                });
+            }
+        }
+        if !signed.restored.is_empty() {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                restored = ?signed.restored,
+                "index.json no longer records intermediates the root's earlier CRL revoked: kept revoked \
+                 (the index was edited; the store's owner may be compromised)"
+            );
+        }
+        signed.crl_number = index
+            .root_crl_number
+            .max(earlier.crl_number)
+            .checked_add(1)
+            .ok_or_else(|| PkiError::Store {
+                path: self.path("index.json"),
+                message: "the root's CRL number cannot grow any more".into(),
+            })?;
+        index.root_crl_number = signed.crl_number;
+        signed.listed = serials.iter().map(|s| hex(s)).collect();
         let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
         let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
         let next_update = self.intermediate_not_after()?.max(floor);
-        let crl = root.crl_until(index.root_crl_number, &serials, next_update)?;
+        let crl = root
+            .authority
+            .crl_until(signed.crl_number, &serials, next_update)?;
         self.save_index(&index)?;
-        self.write("root.crl.pem", &crl, false)
+        self.write("root.crl.pem", &crl, false)?;
+        Ok(signed)
+    }
+
+    /// What the root CRLs already in the store list, counting only those
+    /// that verify under the root's key (anyone who writes the store could
+    /// put any file there, but only the root signs these).
+    fn earlier_root_crls(&self, root: &Root) -> EarlierRootCrls {
+        let mut earlier = EarlierRootCrls::default();
+        for name in ["root.crl.pem", "crl.pem"] {
+            let crls = match self.read_if_present(name) {
+                Ok(None) => continue,
+                Ok(Some(text)) => parse_crls(&text),
+                Err(e) => Err(e.to_string()),
+            };
+            let crls = match crls {
+                Ok(crls) => crls,
+                Err(e) => {
+                    earlier.unverified.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            for crl in crls.iter().filter(|c| c.issuer == root.subject) {
+                match root.signed_crl(&crl.der) {
+                    Some(number) => {
+                        earlier.listed.extend(crl.listed.iter().cloned());
+                        earlier.crl_number = earlier.crl_number.max(number);
+                    }
+                    None => earlier.unverified.push(format!(
+                        "{name}: a CRL in the root's name that the root's key did not sign (ignored)"
+                    )),
+                }
+            }
+        }
+        earlier
     }
 
     /// Reads `intermediate.pem` and gives it to `read`; an error either
@@ -825,8 +1102,11 @@ impl Store {
     /// The intermediate (which takes every certificate it issued with it)
     /// only with `intermediate` (`--intermediate`), and only it then.
     pub fn revoke_as(&self, what: &str, intermediate: bool) -> Result<IndexEntry, PkiError> {
+        if intermediate {
+            return self.revoke_intermediate(what).map(|r| r.entry);
+        }
         let serial = if what.contains('/') {
-            let pem = std::fs::read(what).map_err(self.io(Path::new(what)))?;
+            let pem = self.read_named(what)?;
             let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).map_err(|e| PkiError::Store {
                 path: what.into(),
                 message: format!("not a PEM certificate: {e}"),
@@ -837,43 +1117,19 @@ impl Store {
             })?;
             hex(cert.tbs_certificate.raw_serial())
         } else {
-            let serial = what
-                .trim_start_matches("0x")
-                .to_ascii_lowercase()
-                .replace(':', "");
-            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(PkiError::Store {
-                    path: self.dir.clone(),
-                    message: format!(
-                        "{what:?} is not a hex serial; to name a certificate file, give a path with a '/' (./{what})"
-                    ),
-                });
-            }
-            serial
+            self.hex_serial(what)?
         };
         let _lock = self.lock()?;
         let mut index = self.index()?;
-        let (intermediate_serial, not_after) = self.intermediate_cert()?;
-        match (serial == intermediate_serial, intermediate) {
-            (true, true) => return self.revoke_intermediate(index, serial, not_after),
-            (true, false) => {
-                return Err(PkiError::Store {
-                    path: self.path("intermediate.pem"),
-                    message: format!(
-                        "serial {serial} is the intermediate's: revoking it refuses every certificate it issued; \
-                         pass --intermediate if that is what you mean"
-                    ),
-                });
-            }
-            (false, true) => {
-                return Err(PkiError::Store {
-                    path: self.path("intermediate.pem"),
-                    message: format!(
-                        "--intermediate, but serial {serial} is not the intermediate's ({intermediate_serial})"
-                    ),
-                });
-            }
-            (false, false) => {}
+        let (intermediate_serial, _) = self.intermediate_cert()?;
+        if serial == intermediate_serial {
+            return Err(PkiError::Store {
+                path: self.path("intermediate.pem"),
+                message: format!(
+                    "serial {serial} is the intermediate's: revoking it refuses every certificate it issued; \
+                     pass --intermediate if that is what you mean"
+                ),
+            });
         }
         let entry = index
             .issued
@@ -954,16 +1210,112 @@ impl Store {
         }
     }
 
-    /// The root revokes the intermediate: the root's CRL lists it, and with
-    /// it every certificate the intermediate issued is refused by a gateway
-    /// whose bundle has `crl.pem`. Needs the root key.
-    fn revoke_intermediate(
-        &self,
-        mut index: Index,
-        serial: String,
-        not_after: OffsetDateTime,
-    ) -> Result<IndexEntry, PkiError> {
+    /// A serial as the operator typed it (hex, `0x`, colons), lower-case.
+    fn hex_serial(&self, what: &str) -> Result<String, PkiError> {
+        let serial = what
+            .trim_start_matches("0x")
+            .to_ascii_lowercase()
+            .replace(':', "");
+        if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(PkiError::Store {
+                path: self.dir.clone(),
+                message: format!(
+                    "{what:?} is not a hex serial; to name a certificate file, give a path with a '/' (./{what})"
+                ),
+            });
+        }
+        Ok(serial)
+    }
+
+    /// The certificate file an operator named (`pki revoke ./NAME.pem`).
+    fn read_named(&self, what: &str) -> Result<Vec<u8>, PkiError> {
+        std::fs::read(what).map_err(self.io(Path::new(what)))
+    }
+
+    /// The root revokes the intermediate (`revoke --intermediate`): the
+    /// root's CRL lists it, and with it every certificate the intermediate
+    /// issued is refused by a gateway whose bundle has `crl.pem`. Needs the
+    /// root key (`--root-key`), not the intermediate's.
+    ///
+    /// What is revoked is a certificate the root's key signed: the first
+    /// such certificate in the file `what` names (a path with a '/': the
+    /// store's `intermediate.pem`, or a copy kept offline, or any chain
+    /// the intermediate issued, whose second certificate it is), or, for a
+    /// serial, `intermediate.pem` if its serial is that. The store's owner
+    /// (the issuer's user, the likeliest way the intermediate's key was
+    /// lost) writes `intermediate.pem`: a forged certificate there, in the
+    /// intermediate's name and with another serial, got that serial
+    /// revoked and the real intermediate left trusted, and the command
+    /// said it succeeded (S7-1). Now it is refused, and the serial and
+    /// fingerprint of what is revoked are returned, to compare with what
+    /// `pki init` printed.
+    pub fn revoke_intermediate(&self, what: &str) -> Result<IntermediateRevoked, PkiError> {
+        use x509_parser::prelude::FromDer as _;
         let root = self.root("revoking the intermediate")?;
+        let forged = |path: PathBuf| {
+            PkiError::Store {
+            path,
+            message: "holds no certificate the root's key signed: it is not this root's intermediate \
+                 (forged, or replaced by whoever writes the store?); nothing revoked. Name a copy of the \
+                 intermediate's certificate you trust, as ./FILE: the one kept with the root key, or \
+                 any user's or route's chain from this CA (its second certificate)"
+                .into(),
+        }
+        };
+        let der = if what.contains('/') {
+            let text = self.read_named(what)?;
+            let mut found = None;
+            for pem in x509_parser::pem::Pem::iter_from_buffer(&text) {
+                let pem = pem.map_err(|e| PkiError::Store {
+                    path: what.into(),
+                    message: format!("not PEM: {e}"),
+                })?;
+                if pem.label == "CERTIFICATE"
+                    && pem.parse_x509().is_ok_and(|cert| root.issued(&cert))
+                {
+                    found = Some(pem.contents);
+                    break;
+                }
+            }
+            found.ok_or_else(|| forged(what.into()))?
+        } else {
+            let serial = self.hex_serial(what)?;
+            let text = self.read("intermediate.pem")?;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(text.as_bytes())
+                .map_err(|_| forged(self.path("intermediate.pem")))?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|_| forged(self.path("intermediate.pem")))?;
+            if !root.issued(&cert) {
+                return Err(forged(self.path("intermediate.pem")));
+            }
+            let theirs = hex(cert.tbs_certificate.raw_serial());
+            if serial != theirs {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: format!(
+                        "--intermediate, but serial {serial} is not the intermediate's ({theirs})"
+                    ),
+                });
+            }
+            pem.contents
+        };
+        let bad = |message: String| PkiError::Store {
+            path: what.into(),
+            message,
+        };
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| bad(format!("not a certificate: {e}")))?;
+        if !cert.is_ca() {
+            return Err(bad(
+                "the certificate the root signed there is not a CA: not the intermediate".into(),
+            ));
+        }
+        let serial = hex(cert.tbs_certificate.raw_serial());
+        let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+            .map_err(|e| bad(e.to_string()))?;
+        let _lock = self.lock()?;
+        let mut index = self.index()?;
         let entry = match index
             .revoked_intermediates
             .iter()
@@ -991,8 +1343,9 @@ impl Store {
         // it is moved away or destroyed, and signing the intermediate's
         // CRL first (as before) left the root's revocation out of the
         // only file routes read (review 4, S4-3).
-        self.publish_root_crl_locked(&root)
-            .and_then(|_| self.publish_root_beside_locked())
+        let root_crl = self
+            .publish_root_crl_locked(&root)
+            .and_then(|signed| self.publish_root_beside_locked().map(|_| signed))
             .map_err(|e| PkiError::Store {
                 path: self.path("crl.pem"),
                 message: format!(
@@ -1004,7 +1357,12 @@ impl Store {
                     self.dir.display()
                 ),
             })?;
-        Ok(entry)
+        Ok(IntermediateRevoked {
+            entry,
+            fingerprint: fingerprint(&der),
+            root_crl,
+            key_in_store: root.key_in_store,
+        })
     }
 
     /// Writes `crl.pem` as the intermediate's CRL already in it, kept as
@@ -1048,23 +1406,42 @@ impl Store {
     }
 
     /// Re-signs the root's CRL (needs the root key), e.g. before it runs
-    /// out, and publishes `crl.pem` with it.
-    pub fn republish_root_crl(&self, validity: Duration) -> Result<PathBuf, PkiError> {
+    /// out, and publishes `crl.pem` with it. Returns what the root's CRL
+    /// lists (never less than it did: see `publish_root_crl_locked`).
+    pub fn republish_root_crl(
+        &self,
+        validity: Duration,
+    ) -> Result<(PathBuf, RootCrlSigned), PkiError> {
         let root = self.root("re-signing the root's CRL")?;
         let _lock = self.lock()?;
-        self.publish_root_crl_locked(&root)?;
+        let signed = self.publish_root_crl_locked(&root)?;
         // A revoked intermediate's key may be gone: its CRL is kept as it
         // is, and the root's revocation still reaches crl.pem.
         let (serial, _) = self.intermediate_cert()?;
-        if self
-            .index()?
-            .revoked_intermediates
-            .iter()
-            .any(|e| e.serial == serial)
-        {
-            return self.publish_root_beside_locked();
-        }
-        self.publish_crl_locked(validity)
+        let path = if signed.listed.contains(&serial) {
+            self.publish_root_beside_locked()?
+        } else {
+            self.publish_crl_locked(validity)?
+        };
+        Ok((path, signed))
+    }
+
+    /// The serial and SHA-256 fingerprint of `intermediate.pem`, as `pki
+    /// init` prints them: kept with the root key, they tell the
+    /// intermediate from anything put in its place later.
+    pub fn intermediate_fingerprint(&self) -> Result<(String, String), PkiError> {
+        let pem = self.read("intermediate.pem")?;
+        let bad = |message: String| PkiError::Store {
+            path: self.path("intermediate.pem"),
+            message,
+        };
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
+        Ok((
+            hex(cert.tbs_certificate.raw_serial()),
+            fingerprint(&parsed.contents),
+        ))
     }
 
     /// Re-signs `crl.pem` when the intermediate's CRL in it has less than
@@ -1213,6 +1590,14 @@ impl Store {
         };
         self.write("crl.pem", &both, false)
     }
+}
+
+/// What the root CRLs in the store list (`Store::earlier_root_crls`).
+#[derive(Default)]
+struct EarlierRootCrls {
+    listed: BTreeSet<Vec<u8>>,
+    crl_number: u64,
+    unverified: Vec<String>,
 }
 
 /// What `crl.pem` holds (`Store::crl_state`).

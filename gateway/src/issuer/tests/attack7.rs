@@ -75,55 +75,63 @@ fn serial_of_pem(pem: &[u8]) -> String {
 
 /// S7-1: `gateway pki revoke --intermediate` is the documented remedy for
 /// a compromised SSO intermediate key (docs/sso.md "The SSO CA's CRL"),
-/// run in the issuer's store (`--dir sso`, "with root.key brought back
-/// for the command"; the unit's comment runs `pki` there as
-/// `gateway-issuer`). What the root then signs is decided by files the
-/// store's owner (the issuer's user, the likeliest way the key was
-/// lost) writes: the serial it revokes is read from `intermediate.pem`
-/// (and from the PEM file named on the command line, in the same
-/// store), and the root's CRL lists exactly `index.json`'s
-/// `revoked_intermediates`. Measured:
-/// 1. the owner puts another certificate at `intermediate.pem`; the
-///    operator's revoke succeeds, naming a serial that is not the
+/// run in the issuer's store (`--dir sso`). What the root signed was
+/// decided by files the store's owner (the issuer's user, the likeliest
+/// way the key was lost) writes. Measured before the fix:
+/// 1. the owner put another certificate at `intermediate.pem` (the
+///    intermediate's name and key, self-signed, another serial); the
+///    operator's revoke succeeded, naming a serial that is not the
 ///    intermediate's, and a route's bundle (ca.pem + crl.pem, loaded and
-///    checked as the gateway does) still takes alice's certificate from
+///    checked as the gateway does) still took alice's certificate from
 ///    the real intermediate;
-/// 2. after a correct revocation, the owner drops the entry from
-///    `index.json`; the operator's next `pki crl --root` (needed before the
-///    root's CRL runs out) signs a newer root CRL without it, which the
-///    gateway's rollback guard takes as the newest: the intermediate is
-///    trusted again;
-/// 3. the root key is read from `DIR/root.key` only: the command cannot
-///    take it from elsewhere, so it sits in the owner's directory (and,
-///    run as `gateway-issuer` as documented, readable by that user).
+/// 2. after a correct revocation, the owner dropped the entry from
+///    `index.json`; the operator's next `pki crl --root` signed a newer
+///    root CRL without it, which the gateway's rollback guard took as the
+///    newest: the intermediate was trusted again;
+/// 3. the root key was read from `DIR/root.key` only ("bring root.key back
+///    into …"), so it sat in the owner's directory; `root.pem` was not
+///    checked against it.
 ///
-/// Controls: without the swap the same revoke makes the route refuse
-/// alice's certificate.
+/// Now: a certificate the root's key did not sign is refused, and a copy
+/// the operator trusts revokes the real one; the root's CRL never lists
+/// less than the one before it (verified under the root's key), and says
+/// what it kept; the key comes from `--root-key`, and a `root.pem` of
+/// another key is refused. Control: the documented revoke refuses alice's
+/// certificate, and prints the fingerprint `init` printed.
 #[test]
 fn s7_1_the_roots_revocation_of_the_intermediate_is_decided_by_files_the_issuers_user_writes() {
     // Control: the revocation as documented, nothing swapped.
     let control = tempfile::tempdir().unwrap();
     let ca = control.path().join("sso");
     let store = fresh_store(&ca);
+    let (serial_at_init, fingerprint_at_init) = store.intermediate_fingerprint().unwrap();
     let chain = alice_chain(&store);
     assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "control: before");
     let int_path = ca.join("intermediate.pem");
     let real = serial_of_pem(&std::fs::read(&int_path).unwrap());
-    let entry = store.revoke_as(int_path.to_str().unwrap(), true).unwrap();
-    assert_eq!(entry.serial, real);
+    assert_eq!(serial_at_init, real);
+    let done = store
+        .revoke_intermediate(int_path.to_str().unwrap())
+        .unwrap();
+    assert_eq!(done.entry.serial, real);
+    assert_eq!(done.fingerprint, fingerprint_at_init, "what init printed");
+    assert_eq!(done.root_crl.listed, vec![real.clone()]);
+    assert!(done.root_crl.restored.is_empty() && done.root_crl.unverified.is_empty());
     let e = gateway_accepts(&ca, &chain).unwrap_err();
     assert!(e.contains("Revoked"), "control: refused once revoked: {e}");
 
     // 1. The store's owner (who holds the intermediate's key) swaps
     // intermediate.pem for a certificate of the same name and key, and
-    // another serial: crl.pem keeps the intermediate's CRL, so a running
-    // gateway takes the new file too.
+    // another serial. The operator kept a copy of the real one with the
+    // root key (or takes it from any user's chain).
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("sso");
     let store = fresh_store(&ca);
     let chain = alice_chain(&store);
     let int_path = ca.join("intermediate.pem");
     let real = serial_of_pem(&std::fs::read(&int_path).unwrap());
+    let kept = dir.path().join("intermediate.pem.offline");
+    std::fs::copy(&int_path, &kept).unwrap();
     let running = bundle(&ca);
     let enforced = crate::tls::crl::Enforced::default();
     enforced.check(&[running.served()]).unwrap();
@@ -142,35 +150,46 @@ fn s7_1_the_roots_revocation_of_the_intermediate_is_decided_by_files_the_issuers
         params.self_signed(&key).unwrap().pem()
     };
     std::fs::write(&int_path, decoy).unwrap();
-    // The operator, as documented.
-    let entry = store
-        .revoke_as(int_path.to_str().unwrap(), true)
-        .expect("the revoke reports success");
-    assert_ne!(entry.serial, real, "it revoked another serial");
-    assert_eq!(entry.name, "intermediate", "and calls it the intermediate");
-    let reload = bundle(&ca);
-    enforced
-        .check(&[reload.served()])
-        .expect("a running gateway takes the new crl.pem");
-    assert_eq!(
-        gateway_accepts(&ca, &chain),
-        Ok(()),
-        "HARM: the route still takes a certificate of the revoked intermediate"
+    // The operator, as documented: refused, nothing revoked.
+    let e = store
+        .revoke_intermediate(int_path.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds no certificate the root's key signed") && e.contains("nothing revoked"),
+        "{e}"
     );
-    // Even by serial (the real one), the swap refuses the right one: the
-    // intermediate's serial is read from the same file.
+    // By serial (the real one): intermediate.pem is still not the root's.
     let e = store.revoke_as(&real, true).unwrap_err().to_string();
-    assert!(e.contains("is not the intermediate's"), "{e}");
+    assert!(
+        e.contains("holds no certificate the root's key signed"),
+        "{e}"
+    );
+    assert!(store.index().unwrap().revoked_intermediates.is_empty());
+    // A user's chain names the real intermediate too (its second
+    // certificate), and so does the copy kept offline.
+    let users = dir.path().join("alice.pem");
+    std::fs::write(&users, &chain).unwrap();
+    let done = store.revoke_intermediate(users.to_str().unwrap()).unwrap();
+    assert_eq!(done.entry.serial, real, "the real intermediate revoked");
+    let again = store.revoke_intermediate(kept.to_str().unwrap()).unwrap();
+    assert_eq!(again.entry.serial, real);
+    let reload = bundle(&ca);
+    enforced.check(&[reload.served()]).unwrap();
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "the route refuses alice: {e}");
 
-    // 2. A correct revocation, undone by the index at the root's next
-    // re-signing.
+    // 2. A correct revocation; the owner then empties the index's record.
+    // The root's next re-signing keeps it (its earlier CRL, verified under
+    // its key, listed it) and reports it.
     let dir2 = tempfile::tempdir().unwrap();
     let ca2 = dir2.path().join("sso");
     let store2 = fresh_store(&ca2);
     let chain2 = alice_chain(&store2);
-    store2
+    let real2 = store2
         .revoke_as(ca2.join("intermediate.pem").to_str().unwrap(), true)
-        .unwrap();
+        .unwrap()
+        .serial;
     assert!(gateway_accepts(&ca2, &chain2).is_err(), "revoked");
     let enforced = crate::tls::crl::Enforced::default();
     let before = bundle(&ca2);
@@ -180,27 +199,77 @@ fn s7_1_the_roots_revocation_of_the_intermediate_is_decided_by_files_the_issuers
     let mut index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
     index["revoked_intermediates"] = json!([]);
+    index["root_crl_number"] = json!(0);
     std::fs::write(&index_path, index.to_string()).unwrap();
-    store2
+    let (_, signed) = store2
         .republish_root_crl(time::Duration::days(7))
         .expect("pki crl --root");
+    assert_eq!(signed.restored, vec![real2.clone()], "reported");
+    assert_eq!(signed.listed, vec![real2.clone()], "kept");
+    assert!(
+        store2
+            .index()
+            .unwrap()
+            .revoked_intermediates
+            .iter()
+            .any(|e| e.serial == real2),
+        "written back to the index"
+    );
     let after = bundle(&ca2);
     enforced
         .check(&[after.served()])
-        .expect("HARM: the gateway's rollback guard takes the root's newer CRL");
-    assert_eq!(
-        gateway_accepts(&ca2, &chain2),
-        Ok(()),
-        "HARM: the intermediate is trusted again"
+        .expect("newer than the CRL before, whatever the index said");
+    let e = gateway_accepts(&ca2, &chain2).unwrap_err();
+    assert!(e.contains("Revoked"), "still revoked: {e}");
+    // Both files' root CRLs gone too (the owner deletes them): what is
+    // left cannot be verified, and the command says what it used.
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    std::fs::remove_file(ca2.join("root.crl.pem")).unwrap();
+    std::fs::write(
+        ca2.join("crl.pem"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (_, signed) = store2.republish_root_crl(time::Duration::days(7)).unwrap();
+    assert!(
+        signed.unverified.iter().any(|u| u.starts_with("crl.pem:")),
+        "{:?}",
+        signed.unverified
     );
 
-    // 3. The root key only from the store directory.
-    std::fs::rename(ca2.join("root.key"), dir2.path().join("root.key")).unwrap();
-    let e = store2
-        .republish_root_crl(time::Duration::days(7))
+    // 3. The root key from outside the store; root.pem checked against it.
+    let dir3 = tempfile::tempdir().unwrap();
+    let ca3 = dir3.path().join("sso");
+    let store3 = fresh_store(&ca3);
+    let offline = dir3.path().join("root.key");
+    std::fs::rename(ca3.join("root.key"), &offline).unwrap();
+    let e = store3
+        .revoke_intermediate(ca3.join("intermediate.pem").to_str().unwrap())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("bring root.key back into"), "{e}");
+    assert!(
+        e.contains("needs the root key") && e.contains("--root-key"),
+        "{e}"
+    );
+    let with_key = Store::open(&ca3).with_root_key(Some(&offline));
+    let (_, signed) = with_key
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap();
+    assert!(signed.listed.is_empty());
+    // A root.pem of another key (the owner's own "root"): refused.
+    let saved = std::fs::read(ca3.join("root.pem")).unwrap();
+    let other = crate::pki::Authority::root("SSO root CA").unwrap();
+    std::fs::write(ca3.join("root.pem"), &other.cert_pem).unwrap();
+    let e = with_key
+        .revoke_intermediate(ca3.join("intermediate.pem").to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is not the certificate of the root key"), "{e}");
+    std::fs::write(ca3.join("root.pem"), saved).unwrap();
+    let done = with_key
+        .revoke_intermediate(ca3.join("intermediate.pem").to_str().unwrap())
+        .unwrap();
+    assert!(!done.key_in_store);
 }
 
 /// S7-2: `pki revoke --device URI` records any text as a revoked device
