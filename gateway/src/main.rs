@@ -768,9 +768,20 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                     );
                     print_root_crl(&done.root_crl, done.key_in_store);
                     // Its key is not needed (it may be gone after a
-                    // compromise): the root's new CRL went in as it is.
+                    // compromise): the root's new CRL went in beside its
+                    // CRL as it was. Said as it happened (S7-6).
+                    use gateway::pki::store::IntermediateCrl;
+                    let beside = match done.intermediate_crl {
+                        IntermediateCrl::Kept => {
+                            "beside the intermediate's own CRL, kept as it was (not re-signed)"
+                        }
+                        IntermediateCrl::Signed => {
+                            "beside the intermediate's own CRL, signed afresh with its key (crl.pem could not be read)"
+                        }
+                        IntermediateCrl::None => "alone: crl.pem held no CRL of the intermediate",
+                    };
                     println!(
-                        "published {}: the root's new CRL, beside the intermediate's own CRL kept as it was (not re-signed)",
+                        "published {}: the root's new CRL, {beside}",
                         store.path("crl.pem").display()
                     );
                 } else {

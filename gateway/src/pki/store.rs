@@ -324,6 +324,8 @@ pub struct IntermediateRevoked {
     pub fingerprint: String,
     /// The root's new CRL.
     pub root_crl: RootCrlSigned,
+    /// What `crl.pem` carries of the intermediate's own CRL.
+    pub intermediate_crl: IntermediateCrl,
     /// The root key was the store's `root.key`.
     pub key_in_store: bool,
 }
@@ -1343,9 +1345,12 @@ impl Store {
         // it is moved away or destroyed, and signing the intermediate's
         // CRL first (as before) left the root's revocation out of the
         // only file routes read (review 4, S4-3).
-        let root_crl = self
+        let (root_crl, intermediate_crl) = self
             .publish_root_crl_locked(&root)
-            .and_then(|signed| self.publish_root_beside_locked().map(|_| signed))
+            .and_then(|signed| {
+                self.publish_root_beside_locked()
+                    .map(|(_, beside)| (signed, beside))
+            })
             .map_err(|e| PkiError::Store {
                 path: self.path("crl.pem"),
                 message: format!(
@@ -1361,6 +1366,7 @@ impl Store {
             entry,
             fingerprint: fingerprint(&der),
             root_crl,
+            intermediate_crl,
             key_in_store: root.key_in_store,
         })
     }
@@ -1369,8 +1375,9 @@ impl Store {
     /// it was (parsed, issued by the intermediate; none if there is
     /// none), followed by the root's CRL from `root.crl.pem` (parsed,
     /// issued by the root), which must list every intermediate the index
-    /// records revoked. Needs neither key.
-    fn publish_root_beside_locked(&self) -> Result<PathBuf, PkiError> {
+    /// records revoked. Needs neither key, but when `crl.pem` cannot be
+    /// read, the intermediate's CRL is signed afresh, or nothing written.
+    fn publish_root_beside_locked(&self) -> Result<(PathBuf, IntermediateCrl), PkiError> {
         let index = self.index()?;
         let root_crls = self.read_crls("root.crl.pem", "root.pem")?;
         let listed: BTreeSet<Vec<u8>> = root_crls.iter().flat_map(|c| c.listed.clone()).collect();
@@ -1389,20 +1396,46 @@ impl Store {
                 ),
             });
         }
-        let kept = self.crl_state()?.intermediate;
-        if kept.is_none() {
+        let state = self.crl_state()?;
+        if let Some(why) = &state.unreadable {
+            // Written without it, crl.pem would withdraw the intermediate's
+            // CRL that gateways enforce from it: they refuse that reload
+            // and keep trusting the intermediate until restarted (S7-6).
+            // Signed afresh if its key is here; else nothing is written.
+            return match self.intermediate() {
+                Ok(_) => self
+                    .publish_crl_locked(Duration::days(7))
+                    .map(|path| (path, IntermediateCrl::Signed)),
+                Err(e) => Err(PkiError::Store {
+                    path: self.path("crl.pem"),
+                    message: format!(
+                        "holds no CRL of the intermediate that could be kept ({why}), and its key cannot sign one ({e}): \
+                         crl.pem is left as it is, since gateways that enforce the intermediate's CRL from it refuse a \
+                         file without it and go on trusting the intermediate. Restore crl.pem (a gateway's copy) or \
+                         intermediate.key and run `gateway pki crl --root --dir {dir}`; or copy {dir}/root.crl.pem to \
+                         crl.pem and restart every gateway that reads it",
+                        dir = self.dir.display()
+                    ),
+                }),
+            };
+        }
+        let kept = state.intermediate;
+        let what = if kept.is_some() {
+            IntermediateCrl::Kept
+        } else {
             tracing::warn!(
-                "{}: crl.pem holds no readable CRL of the intermediate to keep: it now carries the root's CRL only",
+                "{}: crl.pem holds no CRL of the intermediate to keep: it now carries the root's CRL only",
                 self.dir.display()
             );
-        }
+            IntermediateCrl::None
+        };
         let text = format!(
             "{}{}",
             kept.map(|k| crls_pem(std::slice::from_ref(&k)))
                 .unwrap_or_default(),
             crls_pem(&root_crls)
         );
-        self.write("crl.pem", &text, false)
+        Ok((self.write("crl.pem", &text, false)?, what))
     }
 
     /// Re-signs the root's CRL (needs the root key), e.g. before it runs
@@ -1419,7 +1452,7 @@ impl Store {
         // is, and the root's revocation still reaches crl.pem.
         let (serial, _) = self.intermediate_cert()?;
         let path = if signed.listed.contains(&serial) {
-            self.publish_root_beside_locked()?
+            self.publish_root_beside_locked()?.0
         } else {
             self.publish_crl_locked(validity)?
         };
@@ -1523,14 +1556,22 @@ impl Store {
     }
 
     /// What `crl.pem` holds: the intermediate's CRL, and the serials the
-    /// root's lists. Nothing when the file is missing or does not parse
-    /// whole as CRLs (then it is due anyway).
+    /// root's lists. Nothing when the file is missing, and nothing but why
+    /// when it cannot be read or does not parse whole as CRLs (then it is
+    /// due anyway).
     fn crl_state(&self) -> Result<CrlState, PkiError> {
-        let Ok(text) = self.read("crl.pem") else {
-            return Ok(CrlState::default());
+        let unreadable = |why: String| CrlState {
+            unreadable: Some(why),
+            ..CrlState::default()
         };
-        let Ok(crls) = parse_crls(&text) else {
-            return Ok(CrlState::default());
+        let text = match self.read_if_present("crl.pem") {
+            Ok(Some(text)) => text,
+            Ok(None) => return Ok(CrlState::default()),
+            Err(e) => return Ok(unreadable(e.to_string())),
+        };
+        let crls = match parse_crls(&text) {
+            Ok(crls) => crls,
+            Err(why) => return Ok(unreadable(format!("crl.pem {why}"))),
         };
         let intermediate = self.subject_of("intermediate.pem")?;
         let root = self.subject_of("root.pem")?;
@@ -1607,6 +1648,20 @@ struct CrlState {
     intermediate: Option<StoredCrl>,
     /// The serials the root's CRL lists (revoked intermediates).
     root_listed: BTreeSet<Vec<u8>>,
+    /// Why `crl.pem` could not be read, when it is there.
+    unreadable: Option<String>,
+}
+
+/// What became of the intermediate's CRL when the root's was written
+/// into `crl.pem` (`revoke --intermediate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntermediateCrl {
+    /// The one in `crl.pem`, kept as it was (its key not needed).
+    Kept,
+    /// `crl.pem` could not be read: signed afresh with its key.
+    Signed,
+    /// `crl.pem` held none: the root's CRL alone.
+    None,
 }
 
 /// One CRL as read from a store file: its DER alone, and what was parsed

@@ -482,16 +482,21 @@ async fn s7_5_the_issuer_serves_whatever_its_ca_pem_links_to() {
 
 /// S7-6: `revoke --intermediate` (and the issuer's check) writes `crl.pem`
 /// as "the intermediate's CRL already there" and the root's; when that
-/// CRL cannot be read (crl.pem missing, holding anything but CRLs, or, for
-/// root, another uid's), `crl_state` says nothing and `crl.pem` is written
-/// with the root's CRL alone (a warning). A running gateway that enforced
-/// the intermediate's CRL from that file then refuses the reload
-/// (`withdrawn`), keeping the state in which the intermediate is not
-/// revoked; with the intermediate's key moved away, as the docs allow,
-/// nothing puts its CRL back. Control: with crl.pem readable the reload is
-/// taken and the revocation enforced.
+/// CRL could not be read (crl.pem holding anything but CRLs, or, for
+/// root, another uid's), `crl_state` said nothing and `crl.pem` was
+/// written with the root's CRL alone (a warning), while the CLI said the
+/// intermediate's CRL "was kept". Measured: a running gateway that
+/// enforced the intermediate's CRL from that file refused the reload
+/// (`CrlError::Withdrawn` for "SSO issuing CA"), keeping the state in
+/// which the intermediate is not revoked.
+///
+/// Now: with the intermediate's key here, its CRL is signed afresh and the
+/// reload is taken; without it, nothing is written and the revoke says
+/// "NOT published" and why. Control: with crl.pem readable the CRL is kept,
+/// the reload taken and the revocation enforced.
 #[test]
 fn s7_6_an_unreadable_crl_pem_makes_the_roots_revocation_a_reload_the_gateway_refuses() {
+    use crate::pki::store::IntermediateCrl;
     let setup_one = || {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("sso");
@@ -503,34 +508,56 @@ fn s7_6_an_unreadable_crl_pem_makes_the_roots_revocation_a_reload_the_gateway_re
         enforced.record(&[running.served()]);
         (dir, ca, store, chain, enforced)
     };
+    let spoil = |ca: &Path| {
+        let crl = ca.join("crl.pem");
+        let mut text = std::fs::read_to_string(&crl).unwrap();
+        text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        std::fs::write(&crl, &text).unwrap();
+        text
+    };
     // Control.
     let (_d, ca, store, chain, enforced) = setup_one();
     std::fs::rename(ca.join("intermediate.key"), ca.join("away.key")).unwrap();
-    store
-        .revoke_as(ca.join("intermediate.pem").to_str().unwrap(), true)
+    let done = store
+        .revoke_intermediate(ca.join("intermediate.pem").to_str().unwrap())
         .unwrap();
+    assert_eq!(done.intermediate_crl, IntermediateCrl::Kept);
     let reload = bundle(&ca);
     enforced.check(&[reload.served()]).expect("control");
     assert!(gateway_accepts(&ca, &chain).is_err(), "control: revoked");
 
-    // crl.pem unreadable to the revoke (here a stray line of text after
-    // the CRLs, e.g. a comment an operator added): the revoke succeeds.
-    let (_d, ca, store, _chain, enforced) = setup_one();
-    std::fs::rename(ca.join("intermediate.key"), ca.join("away.key")).unwrap();
-    let crl = ca.join("crl.pem");
-    let mut text = std::fs::read_to_string(&crl).unwrap();
-    text.push_str("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
-    std::fs::write(&crl, text).unwrap();
-    store
-        .revoke_as(ca.join("intermediate.pem").to_str().unwrap(), true)
-        .expect("the revoke reports success");
+    // crl.pem unreadable to the revoke (a stray block after the CRLs),
+    // the intermediate's key here: its CRL is signed afresh.
+    let (_d, ca, store, chain, enforced) = setup_one();
+    spoil(&ca);
+    let done = store
+        .revoke_intermediate(ca.join("intermediate.pem").to_str().unwrap())
+        .unwrap();
+    assert_eq!(done.intermediate_crl, IntermediateCrl::Signed);
     let reload = bundle(&ca);
-    let e = enforced.check(&[reload.served()]).unwrap_err();
+    enforced
+        .check(&[reload.served()])
+        .expect("the gateway takes the reload");
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "{e}");
+
+    // The same, its key moved away: refused, crl.pem left as it was.
+    let (_d, ca, store, _chain, _enforced) = setup_one();
+    std::fs::rename(ca.join("intermediate.key"), ca.join("away.key")).unwrap();
+    let spoiled = spoil(&ca);
+    let e = store
+        .revoke_intermediate(ca.join("intermediate.pem").to_str().unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(
-        matches!(e, crate::tls::crl::CrlError::Withdrawn { .. }),
-        "HARM: the gateway refuses the reload that would revoke: {e}"
+        e.contains("NOT published")
+            && e.contains("holds no CRL of the intermediate that could be kept"),
+        "{e}"
     );
-    assert!(e.to_string().contains("SSO issuing CA"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(ca.join("crl.pem")).unwrap(),
+        spoiled
+    );
 }
 
 /// S7-7: S4-4 moved the issuer to a user of its own (`gateway-issuer`) so
