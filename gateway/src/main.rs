@@ -733,8 +733,9 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
         } => {
             let store = Store::open(&dir);
             if let Some(uri) = device {
-                let revoked = store.revoke_device(&uri)?;
-                for e in &revoked {
+                let done = store.revoke_device_uri(&uri)?;
+                let (uri, revoked) = (&done.uri, &done.revoked);
+                for e in revoked {
                     println!(
                         "revoked {} (serial {}, until {})",
                         e.name, e.serial, e.not_after
@@ -745,6 +746,12 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 println!(
                     "{uri} recorded as revoked: the issuer signs nothing more for it unless its device certificate is issued after now"
                 );
+                if !done.ever_bound {
+                    println!(
+                        "WARNING: no certificate in the index was ever bound to {uri}: check the spelling against the \
+                         device certificate's URI SAN (the issuer matches it exactly)"
+                    );
+                }
                 if revoked.is_empty() {
                     println!("no live certificate bound to {uri}: nothing revoked");
                 } else {

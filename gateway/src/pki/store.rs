@@ -88,6 +88,18 @@ pub struct BoundDevice {
     pub not_before: i64,
 }
 
+/// What `Store::revoke_device_uri` did.
+#[derive(Debug, Clone)]
+pub struct DeviceRevoked {
+    /// The URI recorded, normalised.
+    pub uri: String,
+    /// The live certificates bound to it that were revoked.
+    pub revoked: Vec<IndexEntry>,
+    /// Whether any certificate in the index was ever bound to it: if not,
+    /// a misspelling is likely (the issuer matches exactly).
+    pub ever_bound: bool,
+}
+
 /// A device `gateway pki revoke --device` revoked, and when.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokedDevice {
@@ -1165,8 +1177,26 @@ impl Store {
     /// CRLs, and a stolen laptop that renewed meanwhile got a certificate
     /// on no CRL (S4-7).
     pub fn revoke_device(&self, uri: &str) -> Result<Vec<IndexEntry>, PkiError> {
+        self.revoke_device_uri(uri).map(|r| r.revoked)
+    }
+
+    /// `revoke_device`, saying which URI was recorded (normalised: see
+    /// `device_uri`) and whether the index ever bound a certificate to it.
+    pub fn revoke_device_uri(&self, uri: &str) -> Result<DeviceRevoked, PkiError> {
+        let uri = device_uri(uri).map_err(|why| PkiError::Store {
+            path: self.dir.clone(),
+            message: format!(
+                "--device {uri:?}: {why}; nothing recorded. Give the device URI as its device certificate \
+                 carries it (e.g. spiffe://example.internal/device/laptop-7): the issuer matches it exactly"
+            ),
+        })?;
+        let uri = uri.as_str();
         let _lock = self.lock()?;
         let mut index = self.index()?;
+        let ever_bound = index
+            .issued
+            .iter()
+            .any(|e| e.device.as_deref() == Some(uri) || e.sans.iter().any(|s| s == uri));
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
         let stamp = rfc3339(now);
@@ -1195,7 +1225,11 @@ impl Store {
                 self.not_published(&serials.join(", "), e)
             })?;
         }
-        Ok(revoked)
+        Ok(DeviceRevoked {
+            uri: uri.to_owned(),
+            revoked,
+            ever_bound,
+        })
     }
 
     /// A revocation written to the index whose CRL failed: said plainly,
@@ -1732,6 +1766,37 @@ fn crls_pem(crls: &[StoredCrl]) -> String {
         out.push_str("-----END X509 CRL-----\n");
     }
     out
+}
+
+/// A device URI as an operator typed it, in the one spelling the issuer
+/// can match: the issuer compares the record byte for byte with the device
+/// certificate's URI SAN, which a SPIFFE ID only has in its canonical form.
+/// Surrounding blanks are dropped, and the scheme and trust domain of a
+/// SPIFFE ID lower-cased (case-insensitive in a URI, lower case only in a
+/// SPIFFE ID); then it must be URI text with a scheme, and a SPIFFE ID
+/// must be valid. Before, any text was recorded (the device's name alone,
+/// a trailing '/', '%2D') and "recorded as revoked" said, while the
+/// laptop went on signing in (S7-2).
+fn device_uri(typed: &str) -> Result<String, String> {
+    let uri = typed.trim();
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return Err("not a URI (no scheme)".into());
+    };
+    if scheme.is_empty() || !crate::identity::is_uri_text(uri) {
+        return Err("not a URI".into());
+    }
+    if !crate::spiffe::claims_spiffe(uri) {
+        return Ok(uri.to_owned());
+    }
+    let rest = rest
+        .strip_prefix("//")
+        .ok_or("not a SPIFFE ID (spiffe://…)")?;
+    let (domain, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let uri = format!("spiffe://{}{path}", domain.to_ascii_lowercase());
+    crate::spiffe::SpiffeId::parse(&uri).map_err(|why| {
+        format!("not a valid SPIFFE ID, so no device certificate carries it: {why}")
+    })?;
+    Ok(uri)
 }
 
 /// Refuses `device` when `revoke --device` recorded its URI and its
