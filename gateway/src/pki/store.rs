@@ -107,6 +107,10 @@ pub struct RevokedDevice {
     pub uri: String,
     /// RFC 3339.
     pub revoked_at: String,
+    /// The serials (hex) of the device certificates the index had bound
+    /// to it then: refused whatever their notBefore says (S7-3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_serials: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -1200,10 +1204,29 @@ impl Store {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
         let stamp = rfc3339(now);
+        // The device certificates it signed in with, recorded as well as
+        // the time: a certificate dated after the revocation (a device
+        // CA's clock ahead, or one that dates notBefore forward) is no
+        // re-enrolment when it is the very one the index bound to the
+        // device (S7-3). A record made before is merged, not lost.
+        let mut device_serials: BTreeSet<String> = index
+            .revoked_devices
+            .iter()
+            .filter(|d| d.uri == uri)
+            .flat_map(|d| d.device_serials.iter().cloned())
+            .collect();
+        device_serials.extend(
+            index
+                .issued
+                .iter()
+                .filter(|e| e.device.as_deref() == Some(uri))
+                .filter_map(|e| e.device_serial.clone()),
+        );
         index.revoked_devices.retain(|d| d.uri != uri);
         index.revoked_devices.push(RevokedDevice {
             uri: uri.to_owned(),
             revoked_at: stamp.clone(),
+            device_serials: device_serials.into_iter().collect(),
         });
         let live = |e: &IndexEntry| {
             OffsetDateTime::parse(&e.not_after, &time::format_description::well_known::Rfc3339)
@@ -1802,11 +1825,18 @@ fn device_uri(typed: &str) -> Result<String, String> {
 /// Refuses `device` when `revoke --device` recorded its URI and its
 /// certificate's notBefore is not after that: the revoked certificate (or
 /// one from before), not a re-enrolment. A time that does not parse
-/// refuses too.
+/// refuses too. And, whatever its notBefore, a certificate whose serial
+/// the index had bound to the device when it was revoked.
 fn refuse_revoked_device(index: &Index, device: &BoundDevice) -> Result<(), PkiError> {
     let Some(revoked) = index.revoked_devices.iter().find(|d| d.uri == device.uri) else {
         return Ok(());
     };
+    if revoked.device_serials.contains(&device.serial) {
+        return Err(PkiError::DeviceRevoked {
+            uri: device.uri.clone(),
+            revoked_at: revoked.revoked_at.clone(),
+        });
+    }
     let at = OffsetDateTime::parse(
         &revoked.revoked_at,
         &time::format_description::well_known::Rfc3339,

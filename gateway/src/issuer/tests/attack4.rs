@@ -749,9 +749,12 @@ async fn s4_7_a_device_revoked_in_the_sso_store_still_gets_certificates_until_th
         .await
         .unwrap_err();
     assert_eq!(e.reason(), "device_revoked", "{e}");
-    // Re-enrolled: a device certificate issued after the revocation.
+    // Re-enrolled: a device certificate issued after the revocation (a
+    // new certificate, so a new serial: the one the index had bound to
+    // the laptop stays refused, S7-3).
     let reenrolled = Identity {
         not_before: now() as i64 + 1,
+        serial: "0c:0d".into(),
         ..device(LAPTOP)
     };
     s.issuer

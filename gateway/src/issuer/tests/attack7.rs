@@ -340,15 +340,18 @@ async fn s7_2_revoke_device_takes_any_text_and_the_issuer_matches_it_byte_for_by
     assert_eq!(e.reason(), "device_revoked", "control: {e}");
 }
 
-/// S7-3: the issuer lets a revoked device in again when its certificate's
-/// notBefore is after the revocation, which it takes as a re-enrolment;
-/// but it never compares the certificate itself. A device CA whose clock
+/// S7-3: the issuer let a revoked device in again when its certificate's
+/// notBefore was after the revocation, which it took as a re-enrolment,
+/// but never compared the certificate itself. A device CA whose clock
 /// runs ahead of the issuer's host (or that dates notBefore forward) gave
 /// the laptop a certificate whose notBefore is after the revocation made
-/// minutes after the enrolment: the very certificate the index recorded
-/// with the laptop's earlier certificates (`device_serial`) signs in again
-/// after `revoke --device`. Control: the same certificate dated before is
-/// refused.
+/// minutes after the enrolment. Measured: the very certificate the index
+/// recorded with the laptop's user certificates (`device_serial`) signed
+/// in again after `revoke --device`.
+///
+/// Now the revocation records those serials, and the issuer refuses them
+/// whatever the notBefore. Control: the same certificate dated before is
+/// refused, and a re-enrolment (another serial, dated after) signs in.
 #[tokio::test]
 async fn s7_3_a_revoked_device_whose_certificate_is_dated_after_the_revocation_signs_in_again() {
     let s = setup("");
@@ -373,12 +376,14 @@ async fn s7_3_a_revoked_device_whose_certificate_is_dated_after_the_revocation_s
         "the index knows this device certificate's serial"
     );
     assert_eq!(operator.revoke_device(LAPTOP).unwrap().len(), 1);
-    let answer = s
+    let revoked = operator.index().unwrap().revoked_devices;
+    assert_eq!(revoked[0].device_serials, vec!["0a0b".to_owned()]);
+    let e = s
         .issuer
         .issue(Some(&ahead), request(s.token(|_| {})))
         .await
-        .expect("HARM: the revoked laptop's own certificate signs in again");
-    assert!(answer.sans.contains(&LAPTOP.to_owned()));
+        .unwrap_err();
+    assert_eq!(e.reason(), "device_revoked", "its own certificate: {e}");
     // Control: the same certificate, dated five minutes back.
     let back = Identity {
         not_before: now() as i64 - 300,
@@ -390,6 +395,14 @@ async fn s7_3_a_revoked_device_whose_certificate_is_dated_after_the_revocation_s
         .await
         .unwrap_err();
     assert_eq!(e.reason(), "device_revoked", "control: {e}");
+    // A re-enrolment: a new certificate (serial), dated after.
+    let mut again = device(LAPTOP);
+    again.not_before = now() as i64 + 60;
+    again.serial = "0c:0d".into();
+    s.issuer
+        .issue(Some(&again), request(s.token(|_| {})))
+        .await
+        .expect("re-enrolled");
 }
 
 /// S7-4: e0455b6 reads store files without following links and without
