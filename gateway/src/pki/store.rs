@@ -198,9 +198,13 @@ fn open_legacy_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     Ok(Some(file))
 }
 
-/// A file named on the command line (`--root-key`), read only as a
-/// regular file: not through a symbolic link, not blocking on a FIFO
-/// (O_NOFOLLOW, O_NONBLOCK; the type checked on the open descriptor).
+/// The most `read_regular` reads: a certificate or key is a few KiB.
+const NAMED_FILE_MAX: u64 = 1 << 20;
+
+/// A file named on the command line (`--root-key`, the certificate `pki
+/// revoke` names), read only as a regular file: not through a symbolic
+/// link, not blocking on a FIFO (O_NOFOLLOW, O_NONBLOCK; the type checked
+/// on the open descriptor), and at most `NAMED_FILE_MAX` bytes.
 fn read_regular(path: &Path) -> Result<String, PkiError> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -227,7 +231,15 @@ fn read_regular(path: &Path) -> Result<String, PkiError> {
         return Err(refused("is not a regular file"));
     }
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(io)?;
+    (&mut file)
+        .take(NAMED_FILE_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
+    if text.len() as u64 > NAMED_FILE_MAX {
+        return Err(refused(
+            "is larger than a certificate or key can be (1 MiB)",
+        ));
+    }
     Ok(text)
 }
 
@@ -1286,9 +1298,14 @@ impl Store {
         Ok(serial)
     }
 
-    /// The certificate file an operator named (`pki revoke ./NAME.pem`).
+    /// The certificate file an operator named (`pki revoke ./NAME.pem`),
+    /// read as the store reads its own files: often one in the store
+    /// (`sso/intermediate.pem`, `devices/laptop-7.pem`, as the docs show),
+    /// which its owner may replace. A FIFO there stalled root's revoke
+    /// until someone wrote to it, and a link was followed to any file
+    /// (S7-4).
     fn read_named(&self, what: &str) -> Result<Vec<u8>, PkiError> {
-        std::fs::read(what).map_err(self.io(Path::new(what)))
+        read_regular(Path::new(what)).map(String::into_bytes)
     }
 
     /// The root revokes the intermediate (`revoke --intermediate`): the
