@@ -549,9 +549,10 @@ impl Issuer {
             crate::tls::certs::check_key_private(&store.path("intermediate.key"))
                 .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
         }
-        let ca_path = store.path("ca.pem");
-        let ca_pem = std::fs::read_to_string(&ca_path)
-            .map_err(|e| Refusal::Internal(format!("{}: {e}", ca_path.display())))?;
+        // As a store file, and its certificates only (S7-5).
+        let ca_pem = store
+            .ca_pem()
+            .map_err(|e| Refusal::Internal(format!("ca_dir: {e}")))?;
         Ok(Issuer {
             tokens: TokenVerifier::new(&config.oidc, keys),
             nonces: Nonces::new(NONCE_TTL),

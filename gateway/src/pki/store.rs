@@ -1533,6 +1533,20 @@ impl Store {
         Ok((path, signed))
     }
 
+    /// `ca.pem`, the trust anchor the issuer hands every user: read as a
+    /// store file (never through a link, never a FIFO, for root only the
+    /// owner's or root's), and only its certificates, re-encoded. The
+    /// issuer read it with a plain read that followed links and served
+    /// the text whole: a link the store's owner made to a file only root
+    /// may read went to every user an issuer started as root signed in
+    /// (S7-5).
+    pub fn ca_pem(&self) -> Result<String, PkiError> {
+        certs_pem(&self.read("ca.pem")?).map_err(|message| PkiError::Store {
+            path: self.path("ca.pem"),
+            message,
+        })
+    }
+
     /// The serial and SHA-256 fingerprint of `intermediate.pem`, as `pki
     /// init` prints them: kept with the root key, they tell the
     /// intermediate from anything put in its place later.
@@ -1787,6 +1801,49 @@ fn parse_crls(text: &str) -> Result<Vec<StoredCrl>, String> {
         return Err("holds no CRL".into());
     }
     Ok(crls)
+}
+
+/// One PEM block of `label` around `der`, 64 columns.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    let mut rest = b64.as_str();
+    while !rest.is_empty() {
+        let (line, tail) = rest.split_at(rest.len().min(64));
+        out.push_str(line);
+        out.push('\n');
+        rest = tail;
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The certificates in `text`: every PEM block must be a `CERTIFICATE`
+/// that parses whole as one, and there must be one at least. Returned
+/// as PEM re-encoded from their DER, so nothing else in a store file
+/// (text around the blocks, a key block) is ever handed on.
+fn certs_pem(text: &str) -> Result<String, String> {
+    use x509_parser::prelude::FromDer as _;
+    let mut out = String::new();
+    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|e| format!("not PEM: {e}"))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(format!(
+                "holds a {:?} block where only certificates belong",
+                pem.label
+            ));
+        }
+        match X509Certificate::from_der(&pem.contents) {
+            Ok(([], _)) => out.push_str(&pem_block("CERTIFICATE", &pem.contents)),
+            Ok(_) => return Err("a certificate block with bytes after the certificate".into()),
+            Err(e) => return Err(format!("a block that is not a certificate: {e}")),
+        }
+    }
+    if out.is_empty() {
+        return Err("holds no certificate".into());
+    }
+    Ok(out)
 }
 
 /// `crls` as PEM, from their DER.

@@ -465,43 +465,55 @@ fn s7_4_the_certificate_file_a_revoke_names_is_opened_blocking_and_through_links
         .expect("control: a regular file");
 }
 
-/// S7-5: the issuer reads `ca_dir/ca.pem` with a plain read that follows
-/// links and checks nothing in it, and returns its text whole as `ca` in
-/// every certificate answer (`gateway login` writes it to the user's
+/// S7-5: the issuer read `ca_dir/ca.pem` with a plain read that followed
+/// links and checked nothing in it, and returned its text whole as `ca`
+/// in every certificate answer (`gateway login` writes it to the user's
 /// `ca.pem`). Started as root without `user` (warned, not refused), that
-/// is root reading a file the store's owner names and handing it to every
-/// user who signs in: the S4-2 leak by another path. Control: the same
-/// link at a store file `Store` reads is refused.
+/// is root reading a file the store's owner names and handing it to
+/// every user who signs in: the S4-2 leak by another path. Measured:
+/// `answer.ca` carried "SECRET-HASH" from the linked file.
+///
+/// Now `ca.pem` is read as a store file (the link refused, the issuer does
+/// not start) and only its certificates are served, re-encoded. Control:
+/// a regular `ca.pem` is served as the root's certificate.
 #[tokio::test]
 async fn s7_5_the_issuer_serves_whatever_its_ca_pem_links_to() {
     let s = setup("");
+    let ca = s.ca_dir.join("ca.pem");
+    let root = std::fs::read_to_string(&ca).unwrap();
     let outside = s.ca_dir.parent().unwrap().join("secret");
     std::fs::write(&outside, "root:$6$SECRET-HASH:19000:0:99999:7:::\n").unwrap();
-    let ca = s.ca_dir.join("ca.pem");
     std::fs::remove_file(&ca).unwrap();
     std::os::unix::fs::symlink(&outside, &ca).unwrap();
-    let issuer = Issuer::new(s.issuer.config(), Box::new(s.keys.clone()))
-        .expect("a ca.pem through a link, not a certificate, starts");
+    let e = Issuer::new(s.issuer.config(), Box::new(s.keys.clone()))
+        .err()
+        .expect("refused at start")
+        .to_string();
+    assert!(e.contains("symbolic link") && !e.contains("SECRET"), "{e}");
+    // Text around the certificate, and a key block after it: refused.
+    std::fs::remove_file(&ca).unwrap();
+    std::fs::write(
+        &ca,
+        format!(
+            "SECRET-HASH\n{root}-----BEGIN PRIVATE KEY-----\nU0VDUkVU\n-----END PRIVATE KEY-----\n"
+        ),
+    )
+    .unwrap();
+    let e = Issuer::new(s.issuer.config(), Box::new(s.keys.clone()))
+        .err()
+        .expect("refused at start")
+        .to_string();
+    assert!(e.contains("where only certificates belong"), "{e}");
+    // Control: the certificate alone, text around it dropped.
+    std::fs::write(&ca, format!("# the SSO root\n{root}")).unwrap();
+    let issuer = Issuer::new(s.issuer.config(), Box::new(s.keys.clone())).unwrap();
     let laptop = device(LAPTOP);
     let nonce = issuer.nonce(Some(&laptop)).unwrap();
     let answer = issuer
         .issue(Some(&laptop), request(token(&s.key, &claims(&nonce))))
         .await
         .unwrap();
-    assert!(
-        answer.ca.contains("SECRET-HASH"),
-        "HARM: the answer carries the linked file: {}",
-        answer.ca
-    );
-    // Control: Store's own reads refuse the link (root.crl.pem here).
-    let root_crl = s.ca_dir.join("root.crl.pem");
-    std::fs::remove_file(&root_crl).unwrap();
-    std::os::unix::fs::symlink(&outside, &root_crl).unwrap();
-    let e = Store::open(&s.ca_dir)
-        .publish_crl(time::Duration::days(7))
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("symbolic link"), "control: {e}");
+    assert_eq!(answer.ca, root, "control");
 }
 
 /// S7-6: `revoke --intermediate` (and the issuer's check) writes `crl.pem`
