@@ -698,11 +698,23 @@ impl Store {
         self.write("index.json", &text, true).map(|_| ())
     }
 
+    /// The intermediate, with its key. Its certificate as parsed and
+    /// re-encoded, one and nothing else: `issue` and the issuer copy it
+    /// into every chain they hand out (`NAME.pem`, 0644, the owner's), and
+    /// the file's text went whole, so a root-only combined cert-and-key
+    /// PEM that reached `intermediate.pem` (a hard link, a rename of a
+    /// root file left in the store) gave root's `pki issue` the key to
+    /// copy out (S7-9).
     fn intermediate(&self) -> Result<Authority, PkiError> {
-        Authority::load(
-            &self.read("intermediate.pem")?,
-            &self.read("intermediate.key")?,
-        )
+        let bad = |message: String| PkiError::Store {
+            path: self.path("intermediate.pem"),
+            message,
+        };
+        let cert = certs_pem(&self.read("intermediate.pem")?).map_err(bad)?;
+        if cert.matches("-----BEGIN ").count() != 1 {
+            return Err(bad("holds more than one certificate".into()));
+        }
+        Authority::load(&cert, &self.read("intermediate.key")?)
     }
 
     /// The root, with its key: only for what only the root may sign. The

@@ -679,16 +679,20 @@ async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
 }
 
 /// S7-9: e0455b6 keeps root from copying a file only it may read into
-/// `crl.pem` (parsed CRLs only, re-encoded), but root's `pki issue` still
-/// copies `intermediate.pem`'s text whole into `NAME.pem` (0644, given to
+/// `crl.pem` (parsed CRLs only, re-encoded), but root's `pki issue`
+/// copied `intermediate.pem`'s text whole into `NAME.pem` (0644, given to
 /// the store's owner): rcgen reads only its first PEM block, and
-/// `Authority::load` keeps the text as it was. A root-owned file that
+/// `Authority::load` kept the text as it was. A root-owned file that
 /// starts with a certificate (a server's combined cert-and-key PEM, as
 /// haproxy and others keep them) reaches `intermediate.pem` by a hard link
 /// where `fs.protected_hardlinks` is off, or by a rename of a file root
-/// left in the store; root's read takes it (root's own, a regular file),
-/// and the key in it goes out. Control: the same file as `root.crl.pem`
-/// is refused.
+/// left in the store. Measured: `web.pem` held the key block, mode 0644,
+/// uid 65534.
+///
+/// Now the intermediate's certificate is parsed and re-encoded, one and
+/// nothing else: that file is refused and nothing is written. Control:
+/// with the plain `intermediate.pem` back, `issue` writes a chain of the
+/// leaf and the intermediate.
 #[test]
 fn s7_9_roots_issue_copies_intermediate_pem_whole_into_a_file_the_owner_reads() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -721,20 +725,23 @@ fn s7_9_roots_issue_copies_intermediate_pem_whole_into_a_file_the_owner_reads() 
     std::fs::set_permissions(&combined, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::remove_file(&int_path).unwrap();
     std::fs::hard_link(&combined, &int_path).unwrap();
-    // Control: the same file where a CRL belongs is refused.
-    let root_crl = ca.join("root.crl.pem");
-    let saved = std::fs::read(&root_crl).unwrap();
-    std::fs::remove_file(&root_crl).unwrap();
-    std::fs::hard_link(&combined, &root_crl).unwrap();
+    // Root issues in the store: refused, nothing written.
     let e = store
-        .publish_crl(time::Duration::days(7))
+        .issue(
+            crate::pki::store::Kind::Server,
+            "web",
+            &["dns:web.example.internal".into()],
+            None,
+            KeyType::P256,
+        )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("where only CRLs belong"), "control: {e}");
-    std::fs::remove_file(&root_crl).unwrap();
-    std::fs::write(&root_crl, saved).unwrap();
-    std::os::unix::fs::chown(&root_crl, Some(NOBODY), Some(NOBODY)).unwrap();
-    // Root issues in the store.
+    assert!(e.contains("where only certificates belong"), "{e}");
+    assert!(!ca.join("web.pem").exists());
+    // Control: the intermediate's certificate alone.
+    std::fs::remove_file(&int_path).unwrap();
+    std::fs::write(&int_path, &int_pem).unwrap();
+    std::os::unix::fs::chown(&int_path, Some(NOBODY), Some(NOBODY)).unwrap();
     let (cert, _) = store
         .issue(
             crate::pki::store::Kind::Server,
@@ -745,11 +752,7 @@ fn s7_9_roots_issue_copies_intermediate_pem_whole_into_a_file_the_owner_reads() 
         )
         .unwrap();
     let out = std::fs::read_to_string(&cert).unwrap();
+    assert!(out.ends_with(&int_pem) && !out.contains("PRIVATE KEY"));
     let meta = std::fs::metadata(&cert).unwrap();
-    assert!(
-        out.contains("U0VDUkVULUtFWQ=="),
-        "HARM: the root-only key is in {}",
-        cert.display()
-    );
     assert_eq!((meta.mode() & 0o777, meta.uid()), (0o644, NOBODY));
 }
