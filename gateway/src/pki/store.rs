@@ -1020,6 +1020,7 @@ impl Store {
         let _lock = self.lock()?;
         let mut index = self.index()?;
         let int = self.intermediate()?;
+        self.refuse_revoked_intermediate(&index, &int)?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let profile = match kind {
             Kind::Server => Profile::Server,
@@ -1056,6 +1057,29 @@ impl Store {
         });
         self.save_index(&index)?;
         Ok((cert, key))
+    }
+
+    /// Refuses to sign with an intermediate the root revoked: whatever it
+    /// signs is refused where the root's CRL is read, and taken where a
+    /// copy of `crl.pem` from before is (another host, between copies).
+    /// The issuer went on answering 200 and counting `issued` (S7-8);
+    /// users sign in again once a new SSO CA is set up.
+    fn refuse_revoked_intermediate(&self, index: &Index, int: &Authority) -> Result<(), PkiError> {
+        let serial = hex(&int.serial()?);
+        if index
+            .revoked_intermediates
+            .iter()
+            .any(|e| e.serial == serial)
+        {
+            return Err(PkiError::Store {
+                path: self.path("intermediate.pem"),
+                message: format!(
+                    "the root revoked this intermediate (serial {serial}): it signs nothing more; \
+                     set up a new SSO CA (docs/sso.md, \"The SSO CA's CRL\")"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Signs a device-bound user certificate for the key in `csr_pem`
@@ -1103,6 +1127,7 @@ impl Store {
             refuse_revoked_device(&index, device)?;
         }
         let int = self.intermediate()?;
+        self.refuse_revoked_intermediate(&index, &int)?;
         let sans_ref: Vec<&str> = sans.iter().map(String::as_str).collect();
         let mut spec = LeafSpec::new(Profile::Client, name, &sans_ref);
         // Whole seconds, as the certificate holds them, so the index and
