@@ -1,7 +1,7 @@
 //! Attacker review 7 (s7/review7, see /work/helpers/s7/review7/findings.md):
 //! the S4-2, S4-3 and S4-7 fixes (e0455b6, d9d603d, 9959dd8). Each test
-//! asserts the HARM (it passes on the code as reviewed) beside a control,
-//! and is meant to be turned round into the refusal once fixed.
+//! asserted the HARM beside a control; those fixed (branch s7fix) now
+//! assert the fixed behaviour, and their comments keep what was measured.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
