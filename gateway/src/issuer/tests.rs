@@ -1307,6 +1307,9 @@ mod attack8;
 /// Attacker review 9 (s7/review9): the S6 and S8-1 fixes; tests asserting
 /// the harm the reviewed code allows.
 mod attack9;
+/// Attacker review 10 (s7/review10): the S9 fixes; tests asserting the
+/// harm the reviewed code allows.
+mod attack10;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
