@@ -183,8 +183,9 @@ impl AccessLog {
         summary_every: Duration,
     ) -> Result<Self, AccessLogError> {
         let sink = match target {
-            "stdout" => Some(Sink::Stdout),
-            "stderr" => Some(Sink::Stderr),
+            // /dev/stdout is a link into /proc/self/fd: the same stream.
+            "stdout" | "/dev/stdout" => Some(Sink::Stdout),
+            "stderr" | "/dev/stderr" => Some(Sink::Stderr),
             "off" => None,
             path => {
                 let path = base.join(path);
@@ -209,7 +210,10 @@ impl AccessLog {
     /// Whether `open` would succeed, without leaving a file behind:
     /// `gateway check` must refuse what `gateway run` will.
     pub fn check(target: &str, base: &std::path::Path) -> Result<(), AccessLogError> {
-        if matches!(target, "stdout" | "stderr" | "off") {
+        if matches!(
+            target,
+            "stdout" | "stderr" | "off" | "/dev/stdout" | "/dev/stderr"
+        ) {
             return Ok(());
         }
         let path = base.join(target);
@@ -217,6 +221,7 @@ impl AccessLog {
             path: path.clone(),
             source,
         };
+        let path = root_links(&path).map_err(open)?;
         if std::fs::symlink_metadata(&path).is_ok() {
             open_append(&path).map_err(open)?;
             return Ok(());
@@ -567,15 +572,23 @@ fn summary_line(reason: &str, bucket: &Bucket, period: Duration) -> String {
 /// FIFO is taken: a log reader's pipe (see README, a disk that blocks).
 fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let path = root_links(path)?;
+    // O_NONBLOCK: a FIFO nobody reads (one the dropped user planted)
+    // fails the open at once instead of hanging the start; a log reader's
+    // FIFO is then written blocking, as a file is (review 10, S10-3).
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::other(format!("{e}: a symlink, which is never followed"))
+                std::io::Error::other(format!(
+                    "{e}: a symlink in a directory others may write, which is never followed"
+                ))
+            } else if e.raw_os_error() == Some(libc::ENXIO) {
+                std::io::Error::other(format!("{e}: a FIFO no one reads yet"))
             } else {
                 e
             }
@@ -585,6 +598,9 @@ fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     if !meta.file_type().is_file() && !meta.file_type().is_fifo() {
         return Err(std::io::Error::other("neither a regular file nor a FIFO"));
     }
+    if meta.file_type().is_fifo() {
+        clear_nonblock(&file)?;
+    }
     if meta.file_type().is_file() && meta.nlink() > 1 {
         return Err(std::io::Error::other(format!(
             "it has {} names (a hard link): the log must be a file of its own",
@@ -592,6 +608,54 @@ fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
         )));
     }
     Ok(file)
+}
+
+/// `path` with the symlinks at its name followed while each sits in a
+/// directory only root may write (an operator's link): a link in a
+/// directory anyone else may write (the dropped user's log directory) is
+/// left for the O_NOFOLLOW open to refuse (review 10, S10-4).
+fn root_links(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut p = path.to_owned();
+    for _ in 0..8 {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            return Ok(p);
+        };
+        if !meta.file_type().is_symlink() {
+            return Ok(p);
+        }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let d = std::fs::metadata(&dir)?;
+        if d.uid() != 0 || d.mode() & 0o022 != 0 {
+            return Ok(p);
+        }
+        let target = std::fs::read_link(&p)?;
+        p = if target.is_absolute() {
+            target
+        } else {
+            dir.join(target)
+        };
+    }
+    Err(std::io::Error::other("too many symlinks"))
+}
+
+/// Back to blocking writes on a FIFO opened O_NONBLOCK.
+fn clear_nonblock(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this File owns, with integer args.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Appends `line` to `file` whole or not at all: a write cut short by a

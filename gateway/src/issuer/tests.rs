@@ -1288,6 +1288,9 @@ async fn an_auth_time_in_the_future_is_refused_and_never_remembered_ahead() {
 /// refusal the fix brought (or, `residual_*`, a documented limit).
 mod attack;
 
+/// Attacker review 10 (s7/review10): the S9 fixes; tests asserting the
+/// harm the reviewed code allows.
+mod attack10;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
@@ -1307,9 +1310,6 @@ mod attack8;
 /// Attacker review 9 (s7/review9): the S6 and S8-1 fixes; tests asserting
 /// the harm the reviewed code allows.
 mod attack9;
-/// Attacker review 10 (s7/review10): the S9 fixes; tests asserting the
-/// harm the reviewed code allows.
-mod attack10;
 
 /// Renewal without the user (`profile.refresh`): a refreshed ID token
 /// (the provider's answer to a refresh token) carries the nonce of the
