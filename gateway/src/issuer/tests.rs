@@ -1291,6 +1291,9 @@ mod attack;
 /// Attacker review 10 (s7/review10): the S9 fixes; tests asserting the
 /// harm the reviewed code allows.
 mod attack10;
+/// Attacker review 11 (s7/review11): the S7 fixes (pki store) and the
+/// access log's links; tests asserting the harm the reviewed code allows.
+mod attack11;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
