@@ -3,7 +3,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -312,6 +312,12 @@ enum PkiCommand {
         /// Name-constrain the intermediate to DNS names under this domain.
         #[arg(long)]
         permitted_dns: Option<String>,
+        /// Also write the root's CRL here, outside DIR, in a directory only
+        /// root may write (e.g. /etc/gateway/sso-root.crl.pem): routes list
+        /// it beside DIR/crl.pem, so what DIR's owner writes cannot take
+        /// back a revocation of the intermediate.
+        #[arg(long)]
+        root_crl_out: Option<PathBuf>,
     },
     /// Issue a certificate: server (serverAuth only), client or device (clientAuth only).
     Issue {
@@ -352,6 +358,12 @@ enum PkiCommand {
         /// default: DIR/root.key (which the store's owner can read).
         #[arg(long, requires = "intermediate")]
         root_key: Option<PathBuf>,
+        /// Where the root's new CRL also goes, outside DIR, in a directory
+        /// only root may write (e.g. /etc/gateway/sso-root.crl.pem; the
+        /// same file each time): routes list it beside DIR/crl.pem. Needed
+        /// with --intermediate.
+        #[arg(long, requires = "intermediate")]
+        root_crl_out: Option<PathBuf>,
     },
     /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
     /// the root's, as last signed).
@@ -368,6 +380,10 @@ enum PkiCommand {
         /// default: DIR/root.key (which the store's owner can read).
         #[arg(long, requires = "root")]
         root_key: Option<PathBuf>,
+        /// Where the root's new CRL also goes (see `revoke
+        /// --root-crl-out`). Needed with --root.
+        #[arg(long, requires = "root")]
+        root_crl_out: Option<PathBuf>,
     },
     /// Show what the gateway would see in a certificate and why it would refuse it.
     Inspect {
@@ -666,6 +682,18 @@ fn print_root_crl(signed: &gateway::pki::store::RootCrlSigned, key_in_store: boo
     }
 }
 
+/// Where the root's CRL went outside the store, and what routes do with
+/// it (S11-2).
+fn print_root_crl_out(out: Option<&Path>) {
+    if let Some(out) = out {
+        println!(
+            "the root's CRL, outside the store: {} (list it in the crls of every route that trusts this CA, \
+             beside crl.pem, and copy it to gateways on other hosts)",
+            out.display()
+        );
+    }
+}
+
 fn pki(command: PkiCommand) -> anyhow::Result<()> {
     use gateway::pki::store::{InitSpec, Kind, Store};
     match command {
@@ -674,8 +702,9 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             name,
             key_type: k,
             permitted_dns,
+            root_crl_out,
         } => {
-            let store = Store::open(&dir);
+            let store = Store::open(&dir).with_root_crl_out(root_crl_out.as_deref());
             store.init(&InitSpec {
                 name: &name,
                 key_type: key_type(k),
@@ -690,6 +719,7 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 "CRLs for the gateway's bundle: {} (the intermediate's and the root's)",
                 store.path("crl.pem").display()
             );
+            print_root_crl_out(root_crl_out.as_deref());
             println!(
                 "{} signs only the intermediate and the root's CRL: move it offline now \
                  (root's, 0600; later commands take it with --root-key PATH)",
@@ -730,6 +760,7 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             device,
             intermediate,
             root_key,
+            root_crl_out,
         } => {
             let store = Store::open(&dir);
             if let Some(uri) = device {
@@ -763,7 +794,9 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 }
             } else if let Some(what) = serial_or_cert {
                 if intermediate {
-                    let store = store.with_root_key(root_key.as_deref());
+                    let store = store
+                        .with_root_key(root_key.as_deref())
+                        .with_root_crl_out(root_crl_out.as_deref());
                     let done = store.revoke_intermediate(&what)?;
                     println!(
                         "revoked intermediate: serial {}, SHA-256 fingerprint {}",
@@ -791,6 +824,13 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                         "published {}: the root's new CRL, {beside}",
                         store.path("crl.pem").display()
                     );
+                    print_root_crl_out(root_crl_out.as_deref());
+                    println!(
+                        "while the store's owner may be compromised, {} proves nothing (it can put back the file \
+                         from before): make every route's crls for this CA the root's CRL alone and reload \
+                         (docs/sso.md, \"The SSO CA's CRL\")",
+                        store.path("crl.pem").display()
+                    );
                 } else {
                     let entry = store.revoke_as(&what, false)?;
                     println!(
@@ -807,12 +847,16 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             next_update,
             root,
             root_key,
+            root_crl_out,
         } => {
-            let store = Store::open(&dir).with_root_key(root_key.as_deref());
+            let store = Store::open(&dir)
+                .with_root_key(root_key.as_deref())
+                .with_root_crl_out(root_crl_out.as_deref());
             let validity = lifetime(&next_update)?;
             let path = if root {
                 let (path, signed) = store.republish_root_crl(validity)?;
                 print_root_crl(&signed, root_key.is_none());
+                print_root_crl_out(root_crl_out.as_deref());
                 path
             } else {
                 store.publish_crl(validity)?

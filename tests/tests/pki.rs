@@ -503,7 +503,9 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
     assert!(ok, "{fingerprint}");
     let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_owned();
     assert!(printed.contains(&fingerprint), "{printed}");
-    let out = pki(&[
+    // The root's CRL also goes where the store's owner cannot write
+    // (S11-2): without saying where, nothing is signed.
+    let err = pki_fails(&[
         "revoke",
         "--dir",
         s(&dir),
@@ -512,7 +514,22 @@ async fn the_root_revokes_the_intermediate_and_only_that_needs_the_root_key() {
         "--root-key",
         s(&offline),
     ]);
+    assert!(err.contains("--root-crl-out"), "{err}");
+    let root_crl = harness.path("root.crl.out.pem");
+    let out = pki(&[
+        "revoke",
+        "--dir",
+        s(&dir),
+        "--intermediate",
+        s(&int),
+        "--root-key",
+        s(&offline),
+        "--root-crl-out",
+        s(&root_crl),
+    ]);
     assert!(out.contains("revoked intermediate"), "{out}");
+    assert!(out.contains(s(&root_crl)), "{out}");
+    assert!(out.contains("proves nothing"), "{out}");
     assert!(out.contains(&fingerprint), "{out}");
     assert!(!out.contains("WARNING"), "{out}");
     let (ok, out) = verify();

@@ -243,6 +243,28 @@ fn read_regular(path: &Path) -> Result<String, PkiError> {
     Ok(text)
 }
 
+/// Writes the root's CRL `pem` to `out` (`--root-crl-out`), 0644, as the
+/// store's files are written (a fresh temporary file renamed into place,
+/// never through a link), owned by whoever runs this: root.
+fn write_root_crl_out(out: &Path, pem: &str) -> Result<(), PkiError> {
+    let io = |source| PkiError::Io {
+        path: out.to_owned(),
+        source,
+    };
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = out
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| PkiError::Store {
+            path: out.to_owned(),
+            message: "--root-crl-out: not a file name in UTF-8".into(),
+        })?;
+    crate::safe_dir::write_replacing(dir, name, pem.as_bytes(), 0o644).map_err(io)
+}
+
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
@@ -252,6 +274,9 @@ pub struct Store {
     /// The root's key outside the store (`--root-key`), where the store's
     /// owner cannot read or replace it; None: `DIR/root.key`, as before.
     root_key: Option<PathBuf>,
+    /// Where the root's CRL is also written, outside the store
+    /// (`--root-crl-out`): see `with_root_crl_out`.
+    root_crl_out: Option<PathBuf>,
 }
 
 /// The root, loaded for a command only the root may sign: its key, and
@@ -300,6 +325,15 @@ impl Root {
             && self
                 .public_key()
                 .is_some_and(|key| cert.verify_signature(Some(&key)).is_ok())
+    }
+
+    /// Whether `cert` is the root's own certificate (or another in its
+    /// name, or for its key): self-signed, it passes `issued`, and
+    /// revoked "as the intermediate" it revoked nothing a verifier checks
+    /// (a trust anchor is on no CRL) and left the intermediate trusted
+    /// (S11-1).
+    fn is_itself(&self, cert: &X509Certificate<'_>) -> bool {
+        cert.subject().as_raw() == self.subject.as_slice() || cert.public_key().raw == self.spki
     }
 
     /// Whether the CRL `der` was signed by the root: issued in its name,
@@ -387,6 +421,7 @@ impl Store {
         Store {
             dir: dir.to_owned(),
             root_key: None,
+            root_crl_out: None,
         }
     }
 
@@ -396,6 +431,26 @@ impl Store {
     /// what revoking the intermediate answers (S7-1).
     pub fn with_root_key(mut self, key: Option<&Path>) -> Store {
         self.root_key = key.map(Path::to_owned);
+        self
+    }
+
+    /// The same store, with the root's CRL also written to `path`
+    /// (`--root-crl-out`) whenever the root signs one: a file outside the
+    /// store, in a directory only root (or whoever runs this) may write,
+    /// so not the store's owner. Routes list it beside `crl.pem`.
+    ///
+    /// Everything in the store is its owner's to write, and that owner
+    /// (the issuer's user) is the likeliest way the intermediate's key was
+    /// lost: it put back the `crl.pem` from before the root's revocation
+    /// (a fresh CRL of the intermediate, signed with the stolen key, and
+    /// `init`'s root CRL, valid for years), and every gateway started
+    /// afterwards trusted the intermediate again (S11-2). It is also the
+    /// history the root's next CRL never lists less than, or numbers
+    /// below: the store's copies of it are the owner's to delete (S11-3).
+    /// Required for what the root signs after `init` (`revoke
+    /// --intermediate`, `crl --root`).
+    pub fn with_root_crl_out(mut self, path: Option<&Path>) -> Store {
+        self.root_crl_out = path.map(Path::to_owned);
         self
     }
 
@@ -774,6 +829,17 @@ impl Store {
                 message: "a PKI already exists here; refusing to overwrite it".into(),
             });
         }
+        if let Some(out) = &self.root_crl_out {
+            self.check_root_crl_out(out)?;
+            if std::fs::symlink_metadata(out).is_ok() {
+                return Err(PkiError::Store {
+                    path: out.clone(),
+                    message: "--root-crl-out: a file is already there (another PKI's root CRL, that routes may \
+                              list?): remove it first, or name another; nothing created"
+                        .into(),
+                });
+            }
+        }
         std::fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         // Readable (so lockable, see `lock`) by its owner only; whatever
         // the umask, others may still reach the public files by name.
@@ -804,25 +870,60 @@ impl Store {
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
         let root = Root::new(root, true)?;
-        self.publish_root_crl_locked(&root)?;
+        self.publish_root_crl_locked(&root, true)?;
         self.publish_crl_locked(Duration::days(7))?;
         Ok(())
     }
 
-    /// Signs and writes `root.crl.pem`: every intermediate the root
-    /// revoked, valid until the intermediate expires (at least 30 days).
+    /// Signs and writes `root.crl.pem` (and the file `with_root_crl_out`
+    /// names): every intermediate the root revoked, valid until the
+    /// intermediate expires (at least 30 days).
     ///
     /// Never un-revokes: it lists what `index.json` records and also every
-    /// serial that a root CRL already in the store (`root.crl.pem`, and
-    /// the root's CRL in `crl.pem`) lists, when that CRL verifies under
-    /// the root's key. The index is the store owner's to write; without
+    /// serial that an earlier root CRL lists, when that CRL verifies under
+    /// the root's key: the one at `--root-crl-out` (root's, the history
+    /// the store's owner cannot touch), `root.crl.pem`, and the root's CRL
+    /// in `crl.pem`. The index is the store owner's to write; without
     /// this, its entry dropped there left the intermediate out of the
     /// root's next CRL, which gateways take as the newest (S7-1). A serial
     /// kept that way goes back into the index and is reported. Its number
     /// follows the largest seen, so gateways never take it as older.
-    fn publish_root_crl_locked(&self, root: &Root) -> Result<RootCrlSigned, PkiError> {
+    ///
+    /// `init` signs the first; after it (`first` false) a root CRL is
+    /// signed only above one that verifies. None left at all means the
+    /// history was destroyed, most likely by whoever writes the store:
+    /// signing from `index.json` alone (its owner's, and just as easy to
+    /// empty) took a revocation back without a word (S11-3).
+    fn publish_root_crl_locked(&self, root: &Root, first: bool) -> Result<RootCrlSigned, PkiError> {
         let mut index = self.index()?;
-        let earlier = self.earlier_root_crls(root);
+        let out = match first {
+            true => match &self.root_crl_out {
+                Some(out) => {
+                    self.check_root_crl_out(out)?;
+                    Some(out.as_path())
+                }
+                None => None,
+            },
+            false => Some(self.root_crl_out_checked()?),
+        };
+        let earlier = self.earlier_root_crls(root, out)?;
+        if !first && !earlier.verified {
+            return Err(PkiError::Store {
+                path: out.map_or_else(|| self.path("root.crl.pem"), Path::to_owned),
+                message: format!(
+                    "no earlier CRL of the root verifies under its key: neither this file, nor root.crl.pem, nor \
+                     the root's CRL in crl.pem{}. init signed one, so the history was destroyed (whoever writes \
+                     the store may be compromised), and a CRL signed from index.json alone could leave out an \
+                     intermediate the root revoked; nothing signed. Put the root's last CRL here first: the copy \
+                     kept with the root key, or a gateway's copy of crl.pem (only the root's CRL in it is read)",
+                    if earlier.unverified.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", earlier.unverified.join("; "))
+                    }
+                ),
+            });
+        }
         let mut signed = RootCrlSigned {
             unverified: earlier.unverified,
             ..RootCrlSigned::default()
@@ -874,19 +975,117 @@ impl Store {
         let crl = root
             .authority
             .crl_until(signed.crl_number, &serials, next_update)?;
+        // Outside the store first: it is what routes rely on, whatever
+        // becomes of the store's copies.
+        if let Some(out) = out {
+            write_root_crl_out(out, &crl)?;
+        }
         self.save_index(&index)?;
         self.write("root.crl.pem", &crl, false)?;
         Ok(signed)
     }
 
-    /// What the root CRLs already in the store list, counting only those
-    /// that verify under the root's key (anyone who writes the store could
-    /// put any file there, but only the root signs these).
-    fn earlier_root_crls(&self, root: &Root) -> EarlierRootCrls {
+    /// `--root-crl-out`, required after `init` and checked
+    /// (`check_root_crl_out`).
+    fn root_crl_out_checked(&self) -> Result<&Path, PkiError> {
+        let out = self.root_crl_out.as_deref().ok_or_else(|| PkiError::Store {
+            path: self.dir.clone(),
+            message: "the root's CRL also goes outside the store, where routes read it and the store's owner \
+                      cannot write: give --root-crl-out PATH (a file in a directory only root may write, e.g. \
+                      /etc/gateway/sso-root.crl.pem; the same file each time: it is also the history the root's \
+                      next CRL never lists less than); nothing signed"
+                .into(),
+        })?;
+        self.check_root_crl_out(out)?;
+        Ok(out)
+    }
+
+    /// Refuses a `--root-crl-out` the store's owner could write, or that
+    /// is in the store: its directory must be root's (or this user's) and
+    /// writable by no one else, and when root writes into another user's
+    /// store, no directory on the way to it may be that user's or its
+    /// group's to write (`safe_dir::writable_by`).
+    fn check_root_crl_out(&self, out: &Path) -> Result<(), PkiError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let refused = |message: String| PkiError::Store {
+            path: out.to_owned(),
+            message: format!("--root-crl-out: {message}; nothing signed"),
+        };
+        let parent = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if out.file_name().is_none() {
+            return Err(refused("names no file".into()));
+        }
+        crate::safe_dir::check_parent_of(out).map_err(refused)?;
+        if let Some((uid, gid)) = self.owner_for_root().map_err(self.io(&self.dir))?
+            && let Some(why) = crate::safe_dir::writable_by(parent, uid, &[gid])
+        {
+            return Err(refused(format!(
+                "{why}: the store's owner (uid {uid}), whom this file must be safe from, could replace it"
+            )));
+        }
+        let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        if same(parent, &self.dir) {
+            return Err(refused(
+                "is in the store, which its owner writes: name a file outside it".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the root CRLs already signed list, counting only those that
+    /// verify under the root's key (anyone who writes the store could put
+    /// any file there, but only the root signs these). `out` (the root's
+    /// own copy, `--root-crl-out`) when it exists must be readable and
+    /// hold only CRLs the root signed, besides others' CRLs (a gateway's
+    /// `crl.pem` copied there), which are passed over: it is root's, so
+    /// anything else there is refused rather than signed past.
+    fn earlier_root_crls(
+        &self,
+        root: &Root,
+        out: Option<&Path>,
+    ) -> Result<EarlierRootCrls, PkiError> {
         let mut earlier = EarlierRootCrls::default();
+        if let Some(out) = out {
+            let bad = |message: String| PkiError::Store {
+                path: out.to_owned(),
+                message: format!(
+                    "{message}: the root's own copy of its CRL cannot be taken into account; nothing signed"
+                ),
+            };
+            match read_regular(out) {
+                Err(PkiError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(bad(e.to_string())),
+                Ok(text) => {
+                    let crls = parse_crls(&text).map_err(bad)?;
+                    for crl in crls.iter().filter(|c| c.issuer == root.subject) {
+                        let number = root.signed_crl(&crl.der).ok_or_else(|| {
+                            bad(
+                                "holds a CRL in the root's name that the root's key did not sign"
+                                    .into(),
+                            )
+                        })?;
+                        earlier.listed.extend(crl.listed.iter().cloned());
+                        earlier.crl_number = earlier.crl_number.max(number);
+                        earlier.verified = true;
+                    }
+                }
+            }
+        }
         for name in ["root.crl.pem", "crl.pem"] {
             let crls = match self.read_if_present(name) {
-                Ok(None) => continue,
+                Ok(None) => {
+                    if name == "root.crl.pem" {
+                        earlier.unverified.push(format!("{name}: missing"));
+                    }
+                    continue;
+                }
                 Ok(Some(text)) => parse_crls(&text),
                 Err(e) => Err(e.to_string()),
             };
@@ -897,11 +1096,19 @@ impl Store {
                     continue;
                 }
             };
+            // root.crl.pem is the root's alone: another issuer's CRL there
+            // was put by hand (crl.pem holds the intermediate's too).
+            if name == "root.crl.pem" && crls.iter().any(|c| c.issuer != root.subject) {
+                earlier
+                    .unverified
+                    .push(format!("{name}: a CRL in another issuer's name (ignored)"));
+            }
             for crl in crls.iter().filter(|c| c.issuer == root.subject) {
                 match root.signed_crl(&crl.der) {
                     Some(number) => {
                         earlier.listed.extend(crl.listed.iter().cloned());
                         earlier.crl_number = earlier.crl_number.max(number);
+                        earlier.verified = true;
                     }
                     None => earlier.unverified.push(format!(
                         "{name}: a CRL in the root's name that the root's key did not sign (ignored)"
@@ -909,7 +1116,7 @@ impl Store {
                 }
             }
         }
-        earlier
+        Ok(earlier)
     }
 
     /// Reads `intermediate.pem` and gives it to `read`; an error either
@@ -1365,11 +1572,14 @@ impl Store {
     pub fn revoke_intermediate(&self, what: &str) -> Result<IntermediateRevoked, PkiError> {
         use x509_parser::prelude::FromDer as _;
         let root = self.root("revoking the intermediate")?;
+        // Before anything is recorded: a revocation only the store's
+        // owner's files would carry is no revocation (S11-2).
+        self.root_crl_out_checked()?;
         let forged = |path: PathBuf| {
             PkiError::Store {
             path,
-            message: "holds no certificate the root's key signed: it is not this root's intermediate \
-                 (forged, or replaced by whoever writes the store?); nothing revoked. Name a copy of the \
+            message: "holds no certificate the root's key signed but the root's own: it is not this root's \
+                 intermediate (forged, or replaced by whoever writes the store?); nothing revoked. Name a copy of the \
                  intermediate's certificate you trust, as ./FILE: the one kept with the root key, or \
                  any user's or route's chain from this CA (its second certificate)"
                 .into(),
@@ -1384,7 +1594,9 @@ impl Store {
                     message: format!("not PEM: {e}"),
                 })?;
                 if pem.label == "CERTIFICATE"
-                    && pem.parse_x509().is_ok_and(|cert| root.issued(&cert))
+                    && pem
+                        .parse_x509()
+                        .is_ok_and(|cert| root.issued(&cert) && !root.is_itself(&cert))
                 {
                     found = Some(pem.contents);
                     break;
@@ -1401,6 +1613,15 @@ impl Store {
                 .map_err(|_| forged(self.path("intermediate.pem")))?;
             if !root.issued(&cert) {
                 return Err(forged(self.path("intermediate.pem")));
+            }
+            if root.is_itself(&cert) {
+                return Err(PkiError::Store {
+                    path: self.path("intermediate.pem"),
+                    message: "is the root's own certificate, not the intermediate: it was replaced \
+                              (whoever writes the store may be compromised); nothing revoked. Name the copy \
+                              of the intermediate's certificate kept with the root key, as ./FILE"
+                        .into(),
+                });
             }
             let theirs = hex(cert.tbs_certificate.raw_serial());
             if serial != theirs {
@@ -1425,6 +1646,10 @@ impl Store {
             ));
         }
         let serial = hex(cert.tbs_certificate.raw_serial());
+        // The intermediate's CRL in crl.pem is the one in this
+        // certificate's name, not in intermediate.pem's, which the store's
+        // owner may have swapped (S11-1).
+        let subject = cert.subject().as_raw().to_vec();
         let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
             .map_err(|e| bad(e.to_string()))?;
         let _lock = self.lock()?;
@@ -1457,9 +1682,9 @@ impl Store {
         // CRL first (as before) left the root's revocation out of the
         // only file routes read (review 4, S4-3).
         let (root_crl, intermediate_crl) = self
-            .publish_root_crl_locked(&root)
+            .publish_root_crl_locked(&root, false)
             .and_then(|signed| {
-                self.publish_root_beside_locked()
+                self.publish_root_beside_locked(Some(&subject))
                     .map(|(_, beside)| (signed, beside))
             })
             .map_err(|e| PkiError::Store {
@@ -1488,7 +1713,12 @@ impl Store {
     /// issued by the root), which must list every intermediate the index
     /// records revoked. Needs neither key, but when `crl.pem` cannot be
     /// read, the intermediate's CRL is signed afresh, or nothing written.
-    fn publish_root_beside_locked(&self) -> Result<(PathBuf, IntermediateCrl), PkiError> {
+    /// `intermediate`: the raw subject of the intermediate whose CRL is
+    /// kept; None: `intermediate.pem`'s.
+    fn publish_root_beside_locked(
+        &self,
+        intermediate: Option<&[u8]>,
+    ) -> Result<(PathBuf, IntermediateCrl), PkiError> {
         let index = self.index()?;
         let root_crls = self.read_crls("root.crl.pem", "root.pem")?;
         let listed: BTreeSet<Vec<u8>> = root_crls.iter().flat_map(|c| c.listed.clone()).collect();
@@ -1507,7 +1737,7 @@ impl Store {
                 ),
             });
         }
-        let state = self.crl_state()?;
+        let state = self.crl_state(intermediate)?;
         if let Some(why) = &state.unreadable {
             // Written without it, crl.pem would withdraw the intermediate's
             // CRL that gateways enforce from it: they refuse that reload
@@ -1557,13 +1787,14 @@ impl Store {
         validity: Duration,
     ) -> Result<(PathBuf, RootCrlSigned), PkiError> {
         let root = self.root("re-signing the root's CRL")?;
+        self.root_crl_out_checked()?;
         let _lock = self.lock()?;
-        let signed = self.publish_root_crl_locked(&root)?;
+        let signed = self.publish_root_crl_locked(&root, false)?;
         // A revoked intermediate's key may be gone: its CRL is kept as it
         // is, and the root's revocation still reaches crl.pem.
         let (serial, _) = self.intermediate_cert()?;
         let path = if signed.listed.contains(&serial) {
-            self.publish_root_beside_locked()?.0
+            self.publish_root_beside_locked(None)?.0
         } else {
             self.publish_crl_locked(validity)?
         };
@@ -1626,7 +1857,7 @@ impl Store {
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
         let mut index = self.index()?;
-        let state = self.crl_state()?;
+        let state = self.crl_state(None)?;
         // The root's revocation of an intermediate first, and without the
         // intermediate's key (S4-3): a `revoke --intermediate` that wrote
         // the index but not crl.pem. A failure here (root.crl.pem does not
@@ -1635,7 +1866,7 @@ impl Store {
             .revoked_intermediates
             .iter()
             .any(|e| unhex(&e.serial).is_none_or(|s| !state.root_listed.contains(&s)));
-        let root_published = root_missing.then(|| self.publish_root_beside_locked());
+        let root_published = root_missing.then(|| self.publish_root_beside_locked(None));
         // Fresh only if it also lists every serial the index calls
         // revoked: a `revoke` whose CRL failed after the index was written
         // (a full disk, a crash, a key briefly unreadable) is published
@@ -1684,7 +1915,9 @@ impl Store {
     /// root's lists. Nothing when the file is missing, and nothing but why
     /// when it cannot be read or does not parse whole as CRLs (then it is
     /// due anyway).
-    fn crl_state(&self) -> Result<CrlState, PkiError> {
+    /// `intermediate`: the raw subject of the intermediate's CRL; None:
+    /// `intermediate.pem`'s.
+    fn crl_state(&self, intermediate: Option<&[u8]>) -> Result<CrlState, PkiError> {
         let unreadable = |why: String| CrlState {
             unreadable: Some(why),
             ..CrlState::default()
@@ -1698,7 +1931,10 @@ impl Store {
             Ok(crls) => crls,
             Err(why) => return Ok(unreadable(format!("crl.pem {why}"))),
         };
-        let intermediate = self.subject_of("intermediate.pem")?;
+        let intermediate = match intermediate {
+            Some(subject) => subject.to_vec(),
+            None => self.subject_of("intermediate.pem")?,
+        };
         let root = self.subject_of("root.pem")?;
         let mut state = CrlState::default();
         for crl in crls {
@@ -1734,7 +1970,7 @@ impl Store {
         if !self.path("root.crl.pem").exists()
             && let Ok(root) = self.root("the root's first CRL")
         {
-            self.publish_root_crl_locked(&root)?;
+            self.publish_root_crl_locked(&root, true)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
         // changes daily. The root's as parsed (each CRL re-encoded from
@@ -1764,6 +2000,8 @@ struct EarlierRootCrls {
     listed: BTreeSet<Vec<u8>>,
     crl_number: u64,
     unverified: Vec<String>,
+    /// At least one earlier root CRL verified under the root's key.
+    verified: bool,
 }
 
 /// What `crl.pem` holds (`Store::crl_state`).

@@ -48,14 +48,34 @@ fn alice_chain(store: &Store) -> String {
         .0
 }
 
+/// Where the documented operator writes the root's CRL (`--root-crl-out`):
+/// beside the store, in a directory only root (the test) writes.
+fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
+    ca_dir
+        .parent()
+        .unwrap()
+        .join("etc")
+        .join("sso-root.crl.pem")
+}
+
 /// A route's bundle as the gateway loads it: `ca.pem` as `client_ca`,
-/// `crl.pem` as its `crls`, stale CRLs refused.
+/// `crl.pem` and, once written, the root's CRL outside the store (as
+/// docs/sso.md's route lists them) as its `crls`, stale CRLs refused.
 fn bundle(ca_dir: &Path) -> Bundle {
+    let out = root_crl_out(ca_dir);
+    let mut crls = vec![ca_dir.join("crl.pem")];
+    if out.exists() {
+        crls.push(out);
+    }
+    bundle_of(ca_dir, crls)
+}
+
+fn bundle_of(ca_dir: &Path, crls: Vec<std::path::PathBuf>) -> Bundle {
     Bundle::load(
         "trust users".into(),
         &BundleFiles {
             ca: ca_dir.join("ca.pem"),
-            crls: vec![ca_dir.join("crl.pem")],
+            crls,
             crl_expired: crate::config::CrlExpired::Refuse,
             spiffe_trust_domains: None,
         },
@@ -106,64 +126,69 @@ fn documented_store(dir: &Path) -> (Store, Store, std::path::PathBuf) {
         offline.join("intermediate.pem"),
     )
     .unwrap();
-    let operator = Store::open(&ca).with_root_key(Some(&offline.join("root.key")));
+    let out = root_crl_out(&ca);
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    let operator = Store::open(&ca)
+        .with_root_key(Some(&offline.join("root.key")))
+        .with_root_crl_out(Some(&out));
     (store, operator, offline)
 }
 
 /// S11-1: "only a certificate the root's key signed is revoked as the
-/// intermediate" (085f256). The root's own certificate is one: self-signed
-/// by the root's key, in the root's name, a CA. The store's owner (the
-/// issuer's user, holding the stolen intermediate key) copies `root.pem`
-/// over `intermediate.pem`, or puts the root's certificate before the
-/// intermediate in a chain file the operator may name ("any user's
-/// user.pem or a route's chain from this CA works too"). The documented
-/// `revoke --intermediate FILE` then succeeds, prints "revoked
-/// intermediate: serial <the root's>", the root's CRL lists the root's
-/// own serial, and every route keeps trusting the real intermediate (a
-/// trust anchor is not checked against a CRL). Control: the offline copy
-/// revokes the real one and the route refuses alice.
+/// intermediate" (085f256) took the root's own certificate too: self-signed
+/// by the root's key, in the root's name, a CA. Before the fix, with the
+/// store's owner (the issuer's user, holding the stolen intermediate key)
+/// having copied `root.pem` over `intermediate.pem`, the documented
+/// `revoke --intermediate sso/intermediate.pem` succeeded with "revoked
+/// intermediate: serial <the root's>", the root's CRL listed the root's
+/// own serial (on no verifier's path: a trust anchor is not checked
+/// against a CRL), and alice went on being accepted; with the root's
+/// certificate put before the intermediate in a chain file the operator
+/// named, the same, and a running gateway took the reload at once. Now
+/// the root's own certificate is never the one revoked: the swapped file
+/// (by path or by serial) is refused, and in a chain the intermediate
+/// after it is found.
 #[test]
-fn s11_1_the_roots_own_certificate_is_revoked_as_the_intermediate() {
+fn s11_1_the_roots_own_certificate_is_never_revoked_as_the_intermediate() {
     // A: intermediate.pem replaced by root.pem.
     let dir = tempfile::tempdir().unwrap();
-    let (store, operator, offline) = documented_store(dir.path());
+    let (store, operator, _offline) = documented_store(dir.path());
     let ca = dir.path().join("sso");
     let chain = alice_chain(&store);
-    let (real, real_fingerprint) = store.intermediate_fingerprint().unwrap();
+    let (real, _) = store.intermediate_fingerprint().unwrap();
     let root_serial = serial_of_pem(&std::fs::read(ca.join("root.pem")).unwrap());
     assert_ne!(real, root_serial);
     let int_path = ca.join("intermediate.pem");
-    let saved = std::fs::read(&int_path).unwrap();
     std::fs::copy(ca.join("root.pem"), &int_path).unwrap();
-    let done = operator
+    let index_before = std::fs::read_to_string(ca.join("index.json")).unwrap();
+    let e = operator
         .revoke_intermediate(int_path.to_str().unwrap())
-        .expect("accepted as the intermediate");
-    assert_eq!(done.entry.serial, root_serial, "the root's own serial");
-    assert_ne!(done.fingerprint, real_fingerprint);
-    assert_eq!(done.root_crl.listed, vec![root_serial.clone()]);
-    assert!(done.root_crl.unverified.is_empty() && done.root_crl.restored.is_empty());
-    // The owner puts intermediate.pem back; the issuer's next minute check
-    // re-signs the intermediate's CRL (the revoke wrote the root's alone:
-    // crl.pem's intermediate CRL no longer matched intermediate.pem).
-    std::fs::write(&int_path, &saved).unwrap();
-    store
-        .refresh_crl(
-            time::Duration::days(7),
-            time::Duration::days(6),
-            time::Duration::days(30),
-        )
-        .unwrap();
-    assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "A: alice still in");
-    // And the issuer goes on signing (S7-8 looks for the real serial).
-    let _ = alice_chain(&store);
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds no certificate the root's key signed but the root's own"),
+        "{e}"
+    );
+    let e = operator
+        .revoke_intermediate(&root_serial)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is the root's own certificate"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(ca.join("index.json")).unwrap(),
+        index_before,
+        "nothing recorded"
+    );
+    assert!(!root_crl_out(&ca).exists(), "nothing signed");
+    assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "A: nothing revoked");
 
-    // B: a chain file with the root's certificate before the intermediate
-    // (a route's chain in the store, a user's user.pem): crl.pem keeps the
-    // intermediate's CRL, so a running gateway takes the reload at once.
+    // B: a chain file with the root's certificate before the
+    // intermediate: the intermediate after it is the one revoked.
     let dir = tempfile::tempdir().unwrap();
-    let (store, operator, offline_b) = documented_store(dir.path());
+    let (store, operator, _offline_b) = documented_store(dir.path());
     let ca = dir.path().join("sso");
     let chain = alice_chain(&store);
+    let (real, real_fingerprint) = store.intermediate_fingerprint().unwrap();
     let gateway = running_gateway(&ca);
     let root_pem = std::fs::read_to_string(ca.join("root.pem")).unwrap();
     let end = chain.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
@@ -173,8 +198,8 @@ fn s11_1_the_roots_own_certificate_is_revoked_as_the_intermediate() {
     let done = operator
         .revoke_intermediate(planted.to_str().unwrap())
         .unwrap();
-    let root_serial = serial_of_pem(root_pem.as_bytes());
-    assert_eq!(done.entry.serial, root_serial);
+    assert_eq!(done.entry.serial, real);
+    assert_eq!(done.fingerprint, real_fingerprint);
     assert_eq!(
         done.intermediate_crl,
         crate::pki::store::IntermediateCrl::Kept
@@ -183,43 +208,48 @@ fn s11_1_the_roots_own_certificate_is_revoked_as_the_intermediate() {
     gateway
         .check(&[reload.served()])
         .expect("the running gateway takes the reload");
-    assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "B: alice still in");
-
-    // Control: the copy kept offline revokes the real intermediate.
-    let done = operator
-        .revoke_intermediate(offline_b.join("intermediate.pem").to_str().unwrap())
-        .unwrap();
-    assert_ne!(done.entry.serial, root_serial);
     let e = gateway_accepts(&ca, &chain).unwrap_err();
-    assert!(e.contains("Revoked"), "control: {e}");
-    drop(offline);
+    assert!(e.contains("Revoked"), "B: {e}");
 }
 
-/// S11-2: the root's revocation reaches routes only through `sso/crl.pem`,
-/// which the store's owner writes. The documented procedure (root, the
-/// offline key and copy) signs the right CRL, and the owner puts back the
-/// crl.pem from before: a fresh intermediate CRL (it holds the key) and
-/// the root's CRL from `init`, which is valid until the intermediate
-/// expires (two years). A gateway that had not polled yet (every 0.5 s;
-/// inotify is faster) sees nothing older than what it enforces and takes
-/// it; every gateway started afterwards (a restart, a reboot, an upgrade),
-/// and every host the documented rsync copies `sso/crl.pem` to, trusts
-/// the intermediate again. Control: left alone, the route refuses alice.
+/// S11-2: the root's revocation reached routes only through `sso/crl.pem`,
+/// which the store's owner writes. The owner put back the crl.pem from
+/// before (a fresh intermediate CRL, it holds the key, and the root's CRL
+/// from `init`, valid until the intermediate expires): before the fix a
+/// gateway that had not polled yet took it, and every gateway started
+/// afterwards (and every host fed a copy of `sso/crl.pem`) trusted the
+/// intermediate again. Now the root also writes its CRL outside the store
+/// (`--root-crl-out`, required), routes list it beside crl.pem, and the
+/// newest root CRL of the two wins: the put-back changes nothing, for a
+/// running gateway, a restarted one, or a route that (as docs/sso.md says
+/// to after a compromise) lists the root's file alone.
 #[test]
-fn s11_2_the_owner_puts_back_crl_pem_and_the_roots_revocation_is_never_enforced() {
+fn s11_2_the_owner_puts_back_crl_pem_and_the_roots_revocation_still_holds() {
     let dir = tempfile::tempdir().unwrap();
     let (store, operator, offline) = documented_store(dir.path());
     let ca = dir.path().join("sso");
     let chain = alice_chain(&store);
     let init_root_crl = std::fs::read_to_string(ca.join("root.crl.pem")).unwrap();
     let gateway = running_gateway(&ca);
+
+    // Without --root-crl-out the root signs nothing.
+    let e = Store::open(&ca)
+        .with_root_key(Some(&offline.join("root.key")))
+        .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--root-crl-out"), "{e}");
+
     let done = operator
         .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
         .unwrap();
     assert_eq!(done.root_crl.listed.len(), 1);
-    // Control: as the command left it, the route refuses alice.
+    let out = root_crl_out(&ca);
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o644);
+    assert_eq!(meta.uid(), crate::safe_dir::euid());
     let e = gateway_accepts(&ca, &chain).unwrap_err();
-    assert!(e.contains("Revoked"), "control: {e}");
+    assert!(e.contains("Revoked"), "{e}");
     let taken = running_gateway(&ca);
 
     // The owner, at once: a fresh CRL of the intermediate (the stolen
@@ -231,41 +261,53 @@ fn s11_2_the_owner_puts_back_crl_pem_and_the_roots_revocation_is_never_enforced(
     .unwrap();
     let fresh = int.crl(1000, &[]).unwrap();
     std::fs::write(ca.join("crl.pem"), format!("{fresh}{init_root_crl}")).unwrap();
-    // The gateway that had not polled yet: nothing older than it enforces.
+    // The gateway that had not polled yet takes the reload (a newer
+    // intermediate CRL; the root's place filled by the newer root CRL in
+    // the root's file), and in it alice is refused.
     let reload = bundle(&ca);
     gateway
         .check(&[reload.served()])
-        .expect("taken: the same root CRL it enforces, a newer intermediate CRL");
-    // One that took the revocation refuses this as a rollback, until it
-    // restarts (README: "a restart takes whatever CRL the files hold").
-    assert!(taken.check(&[reload.served()]).is_err());
-    assert_eq!(
-        gateway_accepts(&ca, &chain),
-        Ok(()),
-        "alice's certificate from the revoked intermediate"
-    );
-    // And it stays so: root.crl.pem, the only other trace, is read by no
-    // route (the bundle names crl.pem).
+        .expect("the root's newer CRL fills its place");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .map(|c| c.unwrap())
+        .collect();
+    let e = reload
+        .verify(&certs[0], &certs[1..], UnixTime::now())
+        .unwrap_err();
+    assert!(format!("{e:?}").contains("Revoked"), "{e:?}");
+    // One that took the revocation refuses the older root CRL? No: the
+    // newer one is still served beside it; the reload is taken, alice out.
+    taken.check(&[reload.served()]).unwrap();
+    // A gateway started now (a restart, another host).
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "restarted: {e}");
+    // The route after a compromise, as documented: the root's file alone.
+    let alone = bundle_of(&ca, vec![out.clone()]);
+    let e = alone
+        .verify(&certs[0], &certs[1..], UnixTime::now())
+        .unwrap_err();
     assert!(
-        std::fs::read_to_string(ca.join("root.crl.pem")).unwrap() != init_root_crl,
-        "root.crl.pem lists the revocation; no route reads it"
+        format!("{e:?}").contains("Revoked"),
+        "root's file alone: {e:?}"
     );
+    // Whatever the owner makes of crl.pem: gone, or another file.
+    std::fs::write(ca.join("crl.pem"), fresh).unwrap();
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "crl.pem without the root's: {e}");
 }
 
-/// S11-3: "the root CRL lists the union of index.json and every earlier
-/// root CRL that verifies under the root's key, numbered above them" —
-/// above those still in the store. The owner deletes `root.crl.pem`,
-/// leaves crl.pem with the intermediate's CRL only, empties
-/// `revoked_intermediates` and sets `root_crl_number` to 50. The next
-/// `pki crl --root --root-key` (as root, documented "before it runs out")
-/// signs root CRL #51 listing no intermediate: no "restored", no
-/// "unverified" warning (a missing file and a CRL in another issuer's
-/// name are passed over in silence), and a running gateway that enforced
-/// the revocation takes #51 as newer: the intermediate is trusted again
-/// with no restart. Control: with the earlier root CRL still there the
-/// serial is kept and reported.
+/// S11-3: the root CRL lists the union of index.json and every earlier
+/// root CRL that verifies under the root's key, numbered above them.
+/// Before the fix "every earlier" meant those still in the store: the
+/// owner deleted `root.crl.pem`, left crl.pem with the intermediate's CRL
+/// only, emptied `revoked_intermediates` and set `root_crl_number` to 50,
+/// and root's next `pki crl --root --root-key` signed #51 listing no
+/// intermediate, with no warning; a running gateway took it as newer. Now
+/// the root's own copy (`--root-crl-out`, outside the store) is history
+/// too: the serial is kept and reported, the missing file is named; and
+/// with no earlier root CRL left anywhere, nothing is signed.
 #[test]
-fn s11_3_an_emptied_store_history_lets_the_root_sign_an_un_revoking_crl_without_a_warning() {
+fn s11_3_an_emptied_store_history_does_not_un_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let (store, operator, offline) = documented_store(dir.path());
     let ca = dir.path().join("sso");
@@ -278,27 +320,13 @@ fn s11_3_an_emptied_store_history_lets_the_root_sign_an_un_revoking_crl_without_
     let gateway = running_gateway(&ca);
     assert!(gateway_accepts(&ca, &chain).is_err(), "revoked");
 
+    // The owner wipes the history it owns.
     let index_path = ca.join("index.json");
     let mut index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
     index["revoked_intermediates"] = json!([]);
     index["root_crl_number"] = json!(50);
     std::fs::write(&index_path, index.to_string()).unwrap();
-
-    // Control: the earlier root CRL still in the store keeps it.
-    let copy = dir.path().join("control");
-    std::fs::create_dir(&copy).unwrap();
-    for f in std::fs::read_dir(&ca).unwrap() {
-        let f = f.unwrap();
-        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
-    }
-    let (_, signed) = Store::open(&copy)
-        .with_root_key(Some(&offline.join("root.key")))
-        .republish_root_crl(time::Duration::days(7))
-        .unwrap();
-    assert_eq!(signed.restored, vec![real.clone()], "control: restored");
-
-    // The owner wipes the history it owns.
     std::fs::remove_file(ca.join("root.crl.pem")).unwrap();
     let int = crate::pki::Authority::load(
         &std::fs::read_to_string(ca.join("intermediate.pem")).unwrap(),
@@ -306,24 +334,81 @@ fn s11_3_an_emptied_store_history_lets_the_root_sign_an_un_revoking_crl_without_
     )
     .unwrap();
     std::fs::write(ca.join("crl.pem"), int.crl(7, &[]).unwrap()).unwrap();
+
+    // No earlier root CRL anywhere (a fresh --root-crl-out): nothing signed.
+    let elsewhere = dir.path().join("etc").join("elsewhere.crl.pem");
+    let e = Store::open(&ca)
+        .with_root_key(Some(&offline.join("root.key")))
+        .with_root_crl_out(Some(&elsewhere))
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no earlier CRL of the root verifies"), "{e}");
+    assert!(!elsewhere.exists());
+
     let (_, signed) = operator
         .republish_root_crl(time::Duration::days(7))
-        .expect("pki crl --root --root-key");
-    assert!(signed.listed.is_empty(), "{:?}", signed.listed);
+        .expect("pki crl --root --root-key --root-crl-out");
+    assert_eq!(signed.listed, vec![real.clone()]);
+    assert_eq!(signed.restored, vec![real.clone()], "reported");
     assert!(
-        signed.restored.is_empty(),
-        "no 'index.json no longer recorded'"
-    );
-    assert!(
-        signed.unverified.is_empty(),
-        "no 'an earlier root CRL was not taken into account'"
+        signed
+            .unverified
+            .iter()
+            .any(|u| u.contains("root.crl.pem: missing")),
+        "{:?}",
+        signed.unverified
     );
     assert_eq!(signed.crl_number, 51);
     let reload = bundle(&ca);
-    gateway
-        .check(&[reload.served()])
-        .expect("the running gateway takes #51 as newer");
-    assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "un-revoked");
+    gateway.check(&[reload.served()]).unwrap();
+    let e = gateway_accepts(&ca, &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "still revoked: {e}");
+}
+
+/// S11-2's `--root-crl-out` must be out of the store owner's reach: not
+/// in the store, not in a directory others may write. Root only (the
+/// owner is another user); skipped otherwise.
+#[test]
+fn s11_2_the_roots_crl_file_is_refused_where_the_stores_owner_could_write_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _operator, offline) = documented_store(dir.path());
+    let ca = dir.path().join("sso");
+    let chown = std::process::Command::new("chown")
+        .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+        .arg(&ca)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let owners = dir.path().join("owners");
+    std::fs::create_dir(&owners).unwrap();
+    std::os::unix::fs::chown(&owners, Some(NOBODY), Some(NOBODY)).unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for (out, why) in [
+        (ca.join("root-crl.pem"), "--root-crl-out"),
+        (owners.join("root-crl.pem"), "--root-crl-out"),
+        (shared.join("root-crl.pem"), "--root-crl-out"),
+    ] {
+        let e = Store::open(&ca)
+            .with_root_key(Some(&offline.join("root.key")))
+            .with_root_crl_out(Some(&out))
+            .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(why) && e.contains("nothing signed"),
+            "{}: {e}",
+            out.display()
+        );
+        assert!(!out.exists());
+    }
 }
 
 fn mkfifo(path: &Path) {

@@ -11,6 +11,8 @@ use rustls_pki_types::UnixTime;
 use super::*;
 use crate::tls::bundle::{Bundle, BundleFiles};
 
+/// A fresh store, as root's commands see it: with `--root-crl-out`
+/// beside it (S11-2).
 fn fresh_store(dir: &Path) -> Store {
     let store = Store::open(dir);
     store
@@ -20,7 +22,11 @@ fn fresh_store(dir: &Path) -> Store {
             permitted_dns: None,
         })
         .unwrap();
-    store
+    store.with_root_crl_out(Some(&root_crl_out(dir)))
+}
+
+fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
+    ca_dir.parent().unwrap().join("root-crl.pem")
 }
 
 /// Alice's user certificate on the laptop, straight from the store: the
@@ -251,7 +257,9 @@ fn s7_1_the_roots_revocation_of_the_intermediate_is_decided_by_files_the_issuers
         e.contains("needs the root key") && e.contains("--root-key"),
         "{e}"
     );
-    let with_key = Store::open(&ca3).with_root_key(Some(&offline));
+    let with_key = Store::open(&ca3)
+        .with_root_key(Some(&offline))
+        .with_root_crl_out(Some(&root_crl_out(&ca3)));
     let (_, signed) = with_key
         .republish_root_crl(time::Duration::days(7))
         .unwrap();
@@ -651,7 +659,7 @@ async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
         .issue(Some(&laptop), request(s.token(|_| {})))
         .await
         .unwrap();
-    let operator = Store::open(&s.ca_dir);
+    let operator = Store::open(&s.ca_dir).with_root_crl_out(Some(&root_crl_out(&s.ca_dir)));
     operator
         .revoke_as(s.ca_dir.join("intermediate.pem").to_str().unwrap(), true)
         .unwrap();
