@@ -352,7 +352,8 @@ fn s5_5_the_packaged_gateway_cannot_read_the_sso_crl_its_routes_need() {
     assert_eq!(unit(issuer, "StateDirectoryMode"), vec!["0711"]);
     assert!(unit(gateway, "InaccessiblePaths").is_empty());
     assert!(docs.contains("`/var/lib/gateway-issuer/sso`"));
-    assert!(docs.contains("crls = [\"sso/crl.pem\"]"));
+    // And the root's CRL from outside the store (S11-2), root's, 0644.
+    assert!(docs.contains("crls = [\"sso/crl.pem\", \"/etc/gateway/sso-root.crl.pem\"]"));
 
     if !is_root() {
         eprintln!("skipped the file system part: needs root (two users)");
