@@ -354,6 +354,9 @@ fn s5_5_the_packaged_gateway_cannot_read_the_sso_crl_its_routes_need() {
     assert!(docs.contains("`/var/lib/gateway-issuer/sso`"));
     // And the root's CRL from outside the store (S11-2), root's, 0644.
     assert!(docs.contains("crls = [\"sso/crl.pem\", \"/etc/gateway/sso-root.crl.pem\"]"));
+    // The trust anchor too: sso/ca.pem is the issuer's user's to replace.
+    assert!(docs.contains("ca = \"/etc/gateway/sso-ca.pem\""));
+    assert!(!docs.contains("ca = \"sso/ca.pem\""));
 
     if !is_root() {
         eprintln!("skipped the file system part: needs root (two users)");
