@@ -798,6 +798,36 @@ impl Config {
         files
     }
 
+    /// A warning for each trust anchor file (a trust bundle's `ca`, a
+    /// listener's `client_ca`) that someone besides root and the gateway's
+    /// own user could replace (`safe_dir::writable_by_another`): whoever
+    /// that is decides whom the routes on it let in, and no revocation
+    /// reaches a CA they put there. Docs once had SSO routes read
+    /// `ca_dir/ca.pem`, which the issuer's user writes.
+    pub fn trust_anchor_warnings(&self) -> Vec<String> {
+        let anchors = self
+            .trust
+            .iter()
+            .map(|(name, b)| (format!("trust bundle {name:?}"), &b.ca))
+            .chain(
+                self.listeners
+                    .iter()
+                    .map(|l| (format!("listener {:?} client_ca", l.name), &l.client_ca)),
+            );
+        anchors
+            .filter_map(|(what, ca)| {
+                let path = self.resolve(ca);
+                crate::safe_dir::writable_by_another(&path).map(|why| {
+                    format!(
+                        "{what}: {}: {why}: whoever may write there decides whom its routes let in; \
+                         keep trust anchors root's (a copy root owns, e.g. /etc/gateway/sso-ca.pem)",
+                        path.display()
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Resolves a path from the file against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {
@@ -1556,5 +1586,68 @@ mod tests {
                 .to_string()
                 .contains("not host:port")
         );
+    }
+}
+
+#[cfg(test)]
+mod trust_anchor_tests {
+    use super::*;
+
+    /// A trust anchor another user may replace is warned about (it decides
+    /// whom the routes let in, and no revocation reaches a CA put there:
+    /// the SSO store's `ca.pem` is the issuer's user's); root's is not.
+    /// The owner part needs root (a file of another user); skipped
+    /// otherwise.
+    #[test]
+    fn a_trust_anchor_another_user_may_replace_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = dir.path().join("sso");
+        std::fs::create_dir(&store).unwrap();
+        std::fs::write(store.join("ca.pem"), "x").unwrap();
+        std::fs::write(dir.path().join("client-roots.pem"), "x").unwrap();
+        let config = |ca: &str| {
+            Config::parse(
+                &format!(
+                    "{}\n[trust.sso]\nca = \"{ca}\"\n",
+                    crate::testing::MINIMAL_CONFIG
+                ),
+                &dir.path().join("gateway.toml"),
+                dir.path(),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            config("sso/ca.pem").trust_anchor_warnings(),
+            Vec::<String>::new()
+        );
+        // Group-writable for a group other than root's.
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o775)).unwrap();
+        std::os::unix::fs::chown(&store, None, Some(65534)).ok();
+        let w = config("sso/ca.pem").trust_anchor_warnings();
+        if crate::safe_dir::euid() == 0 {
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].contains("trust bundle \"sso\"") && w[0].contains("writable by its group"),
+                "{w:?}"
+            );
+            std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o711)).unwrap();
+            std::os::unix::fs::chown(&store, Some(65534), Some(65534)).unwrap();
+            let w = config("sso/ca.pem").trust_anchor_warnings();
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].contains("belongs to uid 65534") && w[0].contains("decides whom"),
+                "{w:?}"
+            );
+            // A copy root owns, outside the store: no warning.
+            std::fs::copy(store.join("ca.pem"), dir.path().join("sso-ca.pem")).unwrap();
+            assert_eq!(
+                config("sso-ca.pem").trust_anchor_warnings(),
+                Vec::<String>::new()
+            );
+        } else {
+            eprintln!("skipped the owner part: needs root");
+        }
     }
 }

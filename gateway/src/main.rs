@@ -1076,7 +1076,14 @@ fn check(
     let state = gateway::state::State::from_config(&config)?;
     gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
     // An unknown user stops `run` before it binds anything; say so here.
-    if let Some(target) = gateway::privilege::Target::resolve(&config)? {
+    let target = gateway::privilege::Target::resolve(&config)?;
+    if let Some(target) = &target {
+        gateway::safe_dir::set_drops_to(target.uid);
+    }
+    for warning in config.trust_anchor_warnings() {
+        println!("warning: {warning}");
+    }
+    if let Some(target) = target {
         let kept: Vec<String> = target
             .kept
             .iter()
@@ -1330,6 +1337,9 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
                  the check that its user cannot rewrite this config does not hold (README, Running unprivileged)"
             );
         }
+    }
+    for warning in config.trust_anchor_warnings() {
+        tracing::warn!("{warning}");
     }
     // Each connection is a descriptor: the soft limit's 1024 would be the
     // first thing a flood exhausts.

@@ -240,6 +240,54 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
     }
 }
 
+/// Why someone besides root, this process's user and the user it drops
+/// to could change what `path` resolves to (the file, or a directory on
+/// the way to it, through every symlink, as `writable_by` walks it), if
+/// anyone could: another owner, group write for a group other than root's,
+/// write for others (but a sticky directory: the entry below it is checked
+/// on its own), a POSIX ACL. For a warning: a trust anchor another user
+/// may replace decides whom the gateway lets in.
+pub fn writable_by_another(path: &Path) -> Option<String> {
+    let euid = euid();
+    let given = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        match std::env::current_dir() {
+            Ok(cwd) => cwd.join(path),
+            Err(e) => return Some(format!("the current directory: {e}")),
+        }
+    };
+    let met = match resolution(&given) {
+        Ok(met) => met,
+        Err(e) => return Some(e),
+    };
+    met.iter().find_map(|p| {
+        let meta = match std::fs::metadata(p) {
+            Ok(meta) => meta,
+            Err(e) => return Some(format!("{}: {e}", p.display())),
+        };
+        let mode = meta.mode();
+        if !trusted_owner(meta.uid(), euid) {
+            Some(format!("{} belongs to uid {}", p.display(), meta.uid()))
+        } else if mode & 0o020 != 0 && meta.gid() != 0 {
+            Some(format!(
+                "{} is writable by its group {} (mode {:o})",
+                p.display(),
+                meta.gid(),
+                mode & 0o7777
+            ))
+        } else if mode & 0o002 != 0 && !(meta.is_dir() && mode & libc::S_ISVTX != 0) {
+            Some(format!(
+                "{} is writable by others (mode {:o})",
+                p.display(),
+                mode & 0o7777
+            ))
+        } else {
+            has_acl(p)
+        }
+    })
+}
+
 /// A POSIX access ACL on `p`: it may grant the user (or a group of its)
 /// what the mode bits do not show, so the mode-based check cannot judge
 /// it: refused (review 9, S9-2). A file system without ACLs has none.
