@@ -371,18 +371,6 @@ pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> st
     Dir::open_following(dir)?.write_replacing_owned(name, contents, mode, None)
 }
 
-/// `write_replacing`, and with `owner` (uid, gid) the file is given to
-/// them before it takes its name.
-pub fn write_replacing_owned(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> std::io::Result<()> {
-    Dir::open_following(dir)?.write_replacing_owned(name, contents, mode, owner)
-}
-
 /// A directory held open, and everything done in it done relative to
 /// that descriptor (openat, renameat): its path is resolved once, at the
 /// open, so whoever may rename it or its name (the owner of the directory
