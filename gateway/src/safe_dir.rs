@@ -3,7 +3,7 @@
 //! or a user who can could swap a name for a symlink between two calls and
 //! have root chmod, chown or write whatever it points to.
 
-use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::Path;
 
 /// Why a directory on the way to a file (`sticky_ok`) or the file's own
@@ -364,54 +364,241 @@ fn resolution(path: &Path) -> Result<Vec<std::path::PathBuf>, String> {
     Ok(met)
 }
 
-/// Writes `dir/name` whole by rename, through a temporary file that this
-/// call creates: a random name, O_CREAT|O_EXCL (a file someone left there,
-/// with their mode or owner, is never reused) and O_NOFOLLOW (a planted
-/// symlink is not followed), with exactly `mode` from its creation (set
-/// again with fchmod: the caller's umask does not apply, so a root with
-/// umask 077 does not leave a public file only root can read). A reader
-/// never sees half a file; the temporary file is removed if anything fails.
+/// Writes `dir/name` whole by rename: `Dir::write_replacing_owned` in
+/// `dir`, opened once (a link at its name is followed, as this
+/// caller's directory, checked by it, may be one).
 pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    write_replacing_owned(dir, name, contents, mode, None)
+    Dir::open_following(dir)?.write_replacing_owned(name, contents, mode, None)
 }
 
-/// `write_replacing`, and with `owner` (uid, gid) the file is given to
-/// them before it takes its name (root writing into another user's store:
-/// the file stays that user's).
-pub fn write_replacing_owned(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-    mode: u32,
-    owner: Option<(u32, u32)>,
-) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut random = [0u8; 8];
-    aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
-    let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let tmp = dir.join(format!(".{name}.{suffix}.tmp"));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(mode)
-            .open(&tmp)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-        }
-        // After fchown, which clears set-id bits.
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(name))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// A directory held open, and everything done in it done relative to
+/// that descriptor (openat, renameat): its path is resolved once, at the
+/// open, so whoever may rename it or its name (the owner of the directory
+/// above) cannot move later steps elsewhere. Root writing into the SSO
+/// store of the issuer's user, which owns `/var/lib/gateway-issuer`,
+/// stat'ed the store by path, then created and renamed by path: a swap of
+/// `sso` with a symlink in between made root create that user's files in
+/// a directory only root may write (review 11, S11-4).
+#[derive(Debug)]
+pub struct Dir {
+    /// Opened O_RDONLY|O_DIRECTORY: fstat, fchmod, and the dirfd of the
+    /// *at calls (O_PATH, briefly, in `open_name`).
+    fd: std::fs::File,
+}
+
+/// A name in a directory as the *at calls take it: one component, never
+/// `.` or `..`, never with a '/' (which would walk through whatever the
+/// component before it is).
+fn component(name: &str) -> std::io::Result<std::ffi::CString> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a file name in the directory"),
+        ));
     }
-    result
+    std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in a file name"))
+}
+
+impl Dir {
+    /// Opens the directory `path` names itself: a symlink at its last
+    /// name is refused (O_NOFOLLOW), and so is a FIFO or a file there,
+    /// without blocking on it: a FIFO at the store's name hung root's
+    /// `pki revoke` until someone wrote to it (S11-5). The directories
+    /// above are followed, as any open does.
+    pub fn open(path: &Path) -> std::io::Result<Dir> {
+        Dir::open_name(path, false)
+    }
+
+    /// `open`, following a symlink at the last name: for a caller that
+    /// checked the directory (and accepts a link there) and wants its
+    /// files' creation and rename in one and the same directory.
+    pub fn open_following(path: &Path) -> std::io::Result<Dir> {
+        Dir::open_name(path, true)
+    }
+
+    /// Whatever is at the name first (O_PATH: opens a symlink or a FIFO
+    /// as itself, blocks on nothing), its type from fstat, then, a
+    /// directory, that very directory opened for reading (openat "."):
+    /// no second lookup by name for anyone to race, and the refusal says
+    /// what was there (O_DIRECTORY|O_NOFOLLOW alone answers ENOTDIR for a
+    /// symlink and a FIFO alike).
+    fn open_name(path: &Path, follow: bool) -> std::io::Result<Dir> {
+        use std::os::fd::FromRawFd as _;
+        use std::os::unix::ffi::OsStrExt as _;
+        // As components: a trailing '/' (`--dir sso/`) makes the kernel
+        // follow a link at the last name whatever O_NOFOLLOW says.
+        let path: std::path::PathBuf = path.components().collect();
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in a path")
+        })?;
+        let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
+        // SAFETY: a NUL-terminated path and flags; no mode (no O_CREAT).
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | nofollow) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by open, and nothing else owns it.
+        let at = Dir {
+            fd: unsafe { std::fs::File::from_raw_fd(fd) },
+        };
+        let kind = at.fd.metadata()?.file_type();
+        if !kind.is_dir() {
+            let what = if kind.is_symlink() {
+                "is a symbolic link"
+            } else if kind.is_fifo() {
+                "is a FIFO, not a directory"
+            } else {
+                "is not a directory"
+            };
+            let why = if follow {
+                what.to_owned()
+            } else {
+                format!(
+                    "{what}: name the directory itself, not a link to it (it is opened once, never through a link at its name)"
+                )
+            };
+            return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, why));
+        }
+        Ok(Dir { fd: at.reopen()? })
+    }
+
+    /// openat in this directory, the result owned.
+    fn openat(
+        &self,
+        name: &std::ffi::CStr,
+        flags: libc::c_int,
+        mode: u32,
+    ) -> std::io::Result<std::fs::File> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // SAFETY: the directory's descriptor is open while `self` lives,
+        // `name` is NUL-terminated, and the mode is read only with
+        // O_CREAT.
+        let fd = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                name.as_ptr(),
+                flags,
+                mode as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by openat, and nothing else owns it.
+        Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+    }
+
+    /// The directory's own metadata (fstat: the directory opened, not
+    /// whatever its name is now).
+    pub fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
+        self.fd.metadata()
+    }
+
+    /// Sets the directory's mode (fchmod).
+    pub fn set_mode(&self, mode: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        self.fd
+            .set_permissions(std::fs::Permissions::from_mode(mode))
+    }
+
+    /// `name` opened for reading: not through a symlink (ELOOP), and not
+    /// blocking on a FIFO (O_NONBLOCK); the caller checks the type on the
+    /// descriptor.
+    pub fn open_read(&self, name: &str) -> std::io::Result<std::fs::File> {
+        self.openat(
+            &component(name)?,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            0,
+        )
+    }
+
+    /// `name`'s own metadata, a symlink's included (not followed).
+    pub fn symlink_metadata(&self, name: &str) -> std::io::Result<std::fs::Metadata> {
+        self.openat(
+            &component(name)?,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+        )?
+        .metadata()
+    }
+
+    /// Whether anything (a symlink too) is there by `name`.
+    pub fn exists(&self, name: &str) -> std::io::Result<bool> {
+        match self.symlink_metadata(name) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The directory opened again, a new open file description of the
+    /// same directory (whatever its name is now): flock excludes per
+    /// description, so two holders sharing one descriptor would not
+    /// exclude each other, and each lock needs its own.
+    pub fn reopen(&self) -> std::io::Result<std::fs::File> {
+        self.openat(
+            c".",
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            0,
+        )
+    }
+
+    /// Writes `name` whole by rename, through a temporary file that this
+    /// call creates: a random name, O_CREAT|O_EXCL (a file someone left
+    /// there, with their mode or owner, is never reused) and O_NOFOLLOW (a
+    /// planted symlink is not followed), with exactly `mode` from its
+    /// creation (set again with fchmod: the caller's umask does not apply,
+    /// so a root with umask 077 does not leave a public file only root can
+    /// read). With `owner` (uid, gid) the file is given to them before it
+    /// takes its name (root writing into another user's store: the file
+    /// stays that user's). A reader never sees half a file; the temporary
+    /// file is removed if anything fails. Every step in this directory,
+    /// by its descriptor.
+    pub fn write_replacing_owned(
+        &self,
+        name: &str,
+        contents: &[u8],
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let target = component(name)?;
+        let mut random = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut random).map_err(|_| std::io::Error::other("no randomness"))?;
+        let suffix: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let tmp = component(&format!(".{name}.{suffix}.tmp"))?;
+        let mut created = false;
+        let result = (|| {
+            let mut f = self.openat(
+                &tmp,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                mode,
+            )?;
+            created = true;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            }
+            // After fchown, which clears set-id bits.
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(contents)?;
+            f.sync_all()?;
+            let dir = self.fd.as_raw_fd();
+            // SAFETY: the directory's descriptor is open while `self`
+            // lives; both names are NUL-terminated.
+            if unsafe { libc::renameat(dir, tmp.as_ptr(), dir, target.as_ptr()) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })();
+        if result.is_err() && created {
+            // SAFETY: as above; a name, no flags (not a directory).
+            unsafe { libc::unlinkat(self.fd.as_raw_fd(), tmp.as_ptr(), 0) };
+        }
+        result
+    }
 }
 
 #[cfg(test)]
@@ -480,6 +667,151 @@ mod tests {
         // Nothing is read from a directory others can write.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(untrusted(&file).contains("writable by others"));
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// `Dir::open` takes the directory at the name itself: a symlink
+    /// there (spelt with a trailing '/' too, which makes the kernel follow
+    /// it despite O_NOFOLLOW), a FIFO or a file is refused at once and
+    /// says which (S11-4, S11-5). `open_following` takes a link to a
+    /// directory, never a FIFO.
+    #[test]
+    fn a_directory_is_opened_as_itself_never_through_a_link_and_never_waiting_on_a_fifo() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let fifo = d.path().join("fifo");
+        mkfifo(&fifo);
+        let file = d.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let refused = |p: &Path| {
+            let e = Dir::open(p).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory, "{e}");
+            e.to_string()
+        };
+        let trailing = std::path::PathBuf::from(format!("{}/", link.display()));
+        for p in [&link, &trailing] {
+            let e = refused(p);
+            assert!(e.contains("is a symbolic link"), "{e}");
+            assert!(e.contains("name the directory itself"), "{e}");
+        }
+        let started = std::time::Instant::now();
+        assert!(refused(&fifo).contains("is a FIFO"));
+        assert!(Dir::open_following(&fifo).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert!(refused(&file).contains("is not a directory"));
+        assert_eq!(
+            Dir::open(&d.path().join("none")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        assert!(Dir::open(&real).unwrap().metadata().unwrap().is_dir());
+        assert!(Dir::open(&trailing.join("..").join("real/")).is_ok());
+        assert!(Dir::open_following(&link).is_ok());
+    }
+
+    /// Once open, a `Dir` is where everything happens, whatever its name
+    /// becomes: a file written after the directory was moved away and a
+    /// symlink put at its name goes into the directory opened, not where
+    /// the link points (S11-4). Names are single components; a failed
+    /// write leaves no temporary file.
+    #[test]
+    fn what_is_done_in_an_open_directory_stays_there_when_its_name_is_swapped() {
+        use std::os::unix::fs::MetadataExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let store = d.path().join("sso");
+        std::fs::create_dir(&store).unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let dir = Dir::open(&store).unwrap();
+        let ino = dir.metadata().unwrap().ino();
+        let moved = d.path().join("moved");
+        std::fs::rename(&store, &moved).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &store).unwrap();
+
+        dir.write_replacing_owned("index.json", b"{}", 0o600, None)
+            .unwrap();
+        assert_eq!(std::fs::read(moved.join("index.json")).unwrap(), b"{}");
+        assert_eq!(
+            std::fs::metadata(moved.join("index.json"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o600
+        );
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert_eq!(dir.metadata().unwrap().ino(), ino);
+        assert!(dir.exists("index.json").unwrap());
+        assert!(!dir.exists("crl.pem").unwrap());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut dir.open_read("index.json").unwrap(), &mut text)
+            .unwrap();
+        assert_eq!(text, "{}");
+        // A symlink in it: seen as one, never read through.
+        std::os::unix::fs::symlink("index.json", moved.join("link")).unwrap();
+        assert!(
+            dir.symlink_metadata("link")
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            dir.open_read("link").unwrap_err().raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        // One component only.
+        for name in ["", ".", "..", "../elsewhere/x", "a/b"] {
+            assert_eq!(
+                dir.write_replacing_owned(name, b"x", 0o644, None)
+                    .unwrap_err()
+                    .kind(),
+                std::io::ErrorKind::InvalidInput,
+                "{name:?}"
+            );
+        }
+        // The rename fails (a directory has the name): no temporary left.
+        std::fs::create_dir(moved.join("busy")).unwrap();
+        assert!(
+            dir.write_replacing_owned("busy", b"x", 0o644, None)
+                .is_err()
+        );
+        let left: Vec<_> = std::fs::read_dir(&moved)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        // fchmod of the directory opened.
+        dir.set_mode(0o711).unwrap();
+        assert_eq!(
+            std::fs::metadata(&moved).unwrap().permissions().mode() & 0o7777,
+            0o711
+        );
+    }
+
+    /// Each `reopen` is an open file description of its own: flock on
+    /// one excludes the other, as two processes' opens would (two issuer
+    /// threads sharing one `Dir` must still exclude each other).
+    #[test]
+    fn each_reopen_of_a_directory_takes_its_own_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = Dir::open(d.path()).unwrap();
+        let first = dir.reopen().unwrap();
+        let second = dir.reopen().unwrap();
+        first.try_lock().unwrap();
+        assert!(matches!(
+            second.try_lock(),
+            Err(std::fs::TryLockError::WouldBlock)
+        ));
+        drop(first);
+        second.try_lock().unwrap();
     }
 
     /// Root started with `user` reads back what the gateway wrote as that

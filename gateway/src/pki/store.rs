@@ -20,6 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -27,6 +28,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::certificate::X509Certificate;
 
 use super::{Authority, KeyType, LeafSpec, PkiError, Profile};
+use crate::safe_dir::Dir;
 
 /// What `issue` makes: each profile gets exactly the EKU its role needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,13 +174,8 @@ pub(crate) struct StoreLock {
 /// may open: never through a symlink, never a FIFO or device (no blocking
 /// open, nothing but a regular file). None when there is none, or when it
 /// is another user's that this one may not read.
-fn open_legacy_lock(path: &Path) -> std::io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path);
-    let file = match opened {
+fn open_legacy_lock(dir: &Dir) -> std::io::Result<Option<std::fs::File>> {
+    let file = match dir.open_read(".lock") {
         Ok(file) => file,
         Err(e)
             if matches!(
@@ -268,8 +265,11 @@ fn write_root_crl_out(out: &Path, pem: &str) -> Result<(), PkiError> {
 /// The root's CRL is valid at least this long when signed.
 const ROOT_CRL_MIN_DAYS: i64 = 30;
 
+/// An SSO or internal CA's store: `dir`, opened once (`Store::opened`) at
+/// its first use and then used through that descriptor alone.
 #[derive(Clone)]
 pub struct Store {
+    /// As given: what messages name.
     dir: PathBuf,
     /// The root's key outside the store (`--root-key`), where the store's
     /// owner cannot read or replace it; None: `DIR/root.key`, as before.
@@ -277,6 +277,9 @@ pub struct Store {
     /// Where the root's CRL is also written, outside the store
     /// (`--root-crl-out`): see `with_root_crl_out`.
     root_crl_out: Option<PathBuf>,
+    /// `dir` as opened (see `Store::opened`), shared by clones; None until
+    /// an open succeeds.
+    opened: Arc<Mutex<Option<Arc<Dir>>>>,
 }
 
 /// The root, loaded for a command only the root may sign: its key, and
@@ -422,7 +425,43 @@ impl Store {
             dir: dir.to_owned(),
             root_key: None,
             root_crl_out: None,
+            opened: Arc::default(),
         }
+    }
+
+    /// The store's directory, opened once, at the first call that
+    /// succeeds, and kept: every read, write, stat, chmod and lock after
+    /// goes through this descriptor (openat, renameat, fstat), never
+    /// through the path again. The issuer's user owns the directory above
+    /// its store (`/var/lib/gateway-issuer`, StateDirectory=) and may swap
+    /// `sso` for a symlink at any moment: root resolving the path anew at
+    /// each step decided a file's owner from the real store and then
+    /// created it, that user's, wherever the link pointed, in a directory
+    /// only root may write (S11-4). A symlink, a FIFO or a file at the
+    /// store's name is refused, at once (S11-5). An open that fails is not
+    /// kept (`init` opens after creating the directory).
+    ///
+    /// A `gateway issuer` keeps its Store from one config load to the
+    /// next: a store directory moved away under it stays the one it uses
+    /// until it reloads (SIGHUP) or restarts.
+    fn opened(&self) -> Result<Arc<Dir>, PkiError> {
+        let mut slot = self
+            .opened
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(dir) = slot.as_ref() {
+            return Ok(dir.clone());
+        }
+        let dir = Arc::new(Dir::open(&self.dir).map_err(self.io(&self.dir))?);
+        *slot = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Whether the store holds anything (a symlink too) named `name`.
+    fn exists(&self, name: &str) -> Result<bool, PkiError> {
+        self.opened()?
+            .exists(name)
+            .map_err(self.io(&self.path(name)))
     }
 
     /// The same store, with the root's key read from `key` (`--root-key`)
@@ -478,24 +517,31 @@ impl Store {
         // pki revoke`), the file stays that user's: otherwise root's
         // 0640 or 0600 index.json and crl.pem lock the issuer out of
         // signing and a gateway out of the CRL.
-        crate::safe_dir::write_replacing_owned(
-            &self.dir,
-            name,
-            contents.as_bytes(),
-            if secret { 0o600 } else { 0o644 },
-            self.owner_for_root().map_err(self.io(&self.dir))?,
-        )
-        .map_err(self.io(&path))?;
+        //
+        // The owner and the file come from the one directory opened
+        // (`opened`): the owner from its fstat, the file created and
+        // renamed in it by descriptor (S11-4).
+        let owner = self.owner_for_root()?;
+        self.opened()?
+            .write_replacing_owned(
+                name,
+                contents.as_bytes(),
+                if secret { 0o600 } else { 0o644 },
+                owner,
+            )
+            .map_err(self.io(&path))?;
         Ok(path)
     }
 
-    /// When root writes into a directory another user owns: that owner.
-    fn owner_for_root(&self) -> std::io::Result<Option<(u32, u32)>> {
+    /// When root writes into a directory another user owns: that owner,
+    /// from fstat of the store as opened, the directory its files go
+    /// into (S11-4).
+    fn owner_for_root(&self) -> Result<Option<(u32, u32)>, PkiError> {
         use std::os::unix::fs::MetadataExt as _;
         if crate::safe_dir::euid() != 0 {
             return Ok(None);
         }
-        let meta = std::fs::metadata(&self.dir)?;
+        let meta = self.opened()?.metadata().map_err(self.io(&self.dir))?;
         Ok((meta.uid() != 0).then(|| (meta.uid(), meta.gid())))
     }
 
@@ -511,34 +557,29 @@ impl Store {
     /// names the file.
     fn read(&self, name: &str) -> Result<String, PkiError> {
         use std::io::Read as _;
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        use std::os::unix::fs::MetadataExt as _;
         let path = self.path(name);
         let refused = |message: String| PkiError::Store {
             path: path.clone(),
             message,
         };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    refused(
-                        "is a symbolic link: the store's files are read only as regular files, never through a link"
-                            .into(),
-                    )
-                } else {
-                    self.io(&path)(e)
-                }
-            })?;
+        let dir = self.opened()?;
+        let mut file = dir.open_read(name).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                refused(
+                    "is a symbolic link: the store's files are read only as regular files, never through a link"
+                        .into(),
+                )
+            } else {
+                self.io(&path)(e)
+            }
+        })?;
         let meta = file.metadata().map_err(self.io(&path))?;
         if !meta.file_type().is_file() {
             return Err(refused("is not a regular file".into()));
         }
         if crate::safe_dir::euid() == 0 {
-            let dir_owner = std::fs::metadata(&self.dir)
-                .map_err(self.io(&self.dir))?
-                .uid();
+            let dir_owner = dir.metadata().map_err(self.io(&self.dir))?.uid();
             let owner = meta.uid();
             if owner != 0 && owner != dir_owner {
                 return Err(refused(format!(
@@ -627,10 +668,13 @@ impl Store {
     /// user) is passed over, as above.
     pub(crate) fn lock(&self) -> Result<StoreLock, PkiError> {
         let start = std::time::Instant::now();
-        let dir = std::fs::File::open(&self.dir).map_err(self.io(&self.dir))?;
+        // A description of its own (flock excludes per description), of
+        // the directory opened once (S11-4, S11-5).
+        let store = self.opened()?;
+        let dir = store.reopen().map_err(self.io(&self.dir))?;
         self.hold(&dir, &self.dir, start)?;
         let legacy_path = self.path(".lock");
-        let legacy = match open_legacy_lock(&legacy_path) {
+        let legacy = match open_legacy_lock(&store) {
             Ok(Some(file)) => {
                 self.hold(&file, &legacy_path, start)?;
                 Some(file)
@@ -674,7 +718,8 @@ impl Store {
     /// open, and lock): see `lock`. Root and the owner can always open it.
     pub fn check_lock_private(&self) -> Result<(), PkiError> {
         use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(&self.dir).map_err(self.io(&self.dir))?;
+        let dir = self.opened()?;
+        let meta = dir.metadata().map_err(self.io(&self.dir))?;
         let mode = meta.mode() & 0o7777;
         if mode & 0o044 != 0 {
             return Err(PkiError::Store {
@@ -688,7 +733,7 @@ impl Store {
         }
         // An older binary's `.lock`, held too (see `lock`): the same holds.
         let legacy = self.path(".lock");
-        if let Ok(meta) = std::fs::symlink_metadata(&legacy)
+        if let Ok(meta) = dir.symlink_metadata(".lock")
             && meta.mode() & 0o044 != 0
         {
             return Err(PkiError::Store {
@@ -712,12 +757,13 @@ impl Store {
     /// "permission denied".
     pub fn check_owner(&self, uid: u32, user: &str) -> Result<(), PkiError> {
         use std::os::unix::fs::MetadataExt as _;
-        for path in [
-            self.dir.clone(),
-            self.path("intermediate.key"),
-            self.path("index.json"),
-        ] {
-            let meta = std::fs::symlink_metadata(&path).map_err(self.io(&path))?;
+        let dir = self.opened()?;
+        for name in [None, Some("intermediate.key"), Some("index.json")] {
+            let (path, meta) = match name {
+                None => (self.dir.clone(), dir.metadata()),
+                Some(name) => (self.path(name), dir.symlink_metadata(name)),
+            };
+            let meta = meta.map_err(self.io(&path))?;
             if meta.uid() != uid {
                 return Err(PkiError::Store {
                     path,
@@ -823,7 +869,15 @@ impl Store {
 
     /// A root and an intermediate, an empty index and a first CRL.
     pub fn init(&self, spec: &InitSpec<'_>) -> Result<(), PkiError> {
-        if self.path("index.json").exists() {
+        let present = match self.exists("index.json") {
+            Ok(present) => present,
+            // No directory yet: made below.
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        if present {
             return Err(PkiError::Store {
                 path: self.path("index.json"),
                 message: "a PKI already exists here; refusing to overwrite it".into(),
@@ -845,15 +899,14 @@ impl Store {
         // the umask, others may still reach the public files by name.
         {
             use std::os::unix::fs::PermissionsExt as _;
-            let mode = std::fs::metadata(&self.dir)
+            let dir = self.opened()?;
+            let mode = dir
+                .metadata()
                 .map_err(self.io(&self.dir))?
                 .permissions()
                 .mode();
-            std::fs::set_permissions(
-                &self.dir,
-                std::fs::Permissions::from_mode((mode & 0o7700) | 0o011 | 0o700),
-            )
-            .map_err(self.io(&self.dir))?;
+            dir.set_mode((mode & 0o7700) | 0o011 | 0o700)
+                .map_err(self.io(&self.dir))?;
         }
         let _lock = self.lock()?;
         let root = Authority::new_root(&format!("{} root CA", spec.name), spec.key_type, 3650)?;
@@ -1019,18 +1072,20 @@ impl Store {
             return Err(refused("names no file".into()));
         }
         crate::safe_dir::check_parent_of(out).map_err(refused)?;
-        if let Some((uid, gid)) = self.owner_for_root().map_err(self.io(&self.dir))?
+        if let Some((uid, gid)) = self.owner_for_root()?
             && let Some(why) = crate::safe_dir::writable_by(parent, uid, &[gid])
         {
             return Err(refused(format!(
                 "{why}: the store's owner (uid {uid}), whom this file must be safe from, could replace it"
             )));
         }
-        let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        // The store as opened (S11-4); none yet (init): not the same.
+        let store = self.opened().ok().and_then(|d| d.metadata().ok());
+        let same = match (std::fs::metadata(parent), store) {
+            (Ok(a), Some(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
             _ => false,
         };
-        if same(parent, &self.dir) {
+        if same {
             return Err(refused(
                 "is in the store, which its owner writes: name a file outside it".into(),
             ));
@@ -1967,7 +2022,7 @@ impl Store {
             OffsetDateTime::now_utc() + validity,
         )?;
         self.save_index(&index)?;
-        if !self.path("root.crl.pem").exists()
+        if !self.exists("root.crl.pem")?
             && let Ok(root) = self.root("the root's first CRL")
         {
             self.publish_root_crl_locked(&root, true)?;
