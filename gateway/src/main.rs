@@ -1074,9 +1074,9 @@ fn check(
 ) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
-    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
     // An unknown user stops `run` before it binds anything; say so here.
     let target = gateway::privilege::Target::resolve(&config)?;
+    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir, target.as_ref())?;
     if let Some(target) = &target {
         gateway::safe_dir::set_drops_to(target.uid);
     }
