@@ -231,20 +231,37 @@ fn s10_2_child() {
     println!("{verdict}\n{groups}\nCURRENT groups={:?}", target.groups);
 }
 
-/// S10-2: 39454b5 refuses an issuer started (without `user`) as a user
-/// that "shares the gateway's group", but `Target::current` knows only
+/// S10-2: 39454b5 refused an issuer started (without `user`) as a user
+/// that "shares the gateway's group", but `Target::current` knew only
 /// the effective gid (`groups: Vec::new()`) and `not_the_gateways`
-/// compares only `gid`. A unit (User=gateway-issuer) runs the issuer with
+/// compared only `gid`. A unit (User=gateway-issuer) runs the issuer with
 /// that user's supplementary groups (initgroups); one of them the
-/// gateway's group passes. Nor is a supplementary group of the gateway's
+/// gateway's group passed. Nor was a supplementary group of the gateway's
 /// user compared (the gateway keeps its user's groups after the drop).
 /// docs/sso.md: "the user is the gateway's, or shares its group".
-/// Measured (the lib test binary re-run as the child through setpriv):
-/// gateway.toml names user = "nobody" (primary group 65534). As uid 1
-/// gid 1 with supplementary group 65534: passed, while /proc says Groups
-/// 65534. Control: as uid 1 with gid 65534: refused.
+/// Before the fix (the lib test binary re-run as the child through
+/// setpriv): gateway.toml names user = "nobody" (primary group 65534). As
+/// uid 1 gid 1 with supplementary group 65534: passed, while /proc said
+/// Groups 65534 and `Target::current().groups` was `[]`. Fixed:
+/// `Target::current` reads the process's groups (getgroups), and any
+/// group of the issuer's (primary or supplementary) that is one of the
+/// gateway's user's (primary or supplementary), its `group` or the
+/// config's group is refused, the group named (the gateway user's
+/// supplementary groups and the `user` path's group database:
+/// `privilege::tests::a_group_shared_with_the_gateway_as_a_supplementary_one_is_refused`).
+/// Control: as uid 1 with gid 65534: refused; as uid 1 with gid 1 and no
+/// other group: passes.
 #[test]
 fn s10_2_the_issuer_in_the_gateways_group_as_a_supplementary_group_passes() {
+    // With `user`, the issuer is checked in the groups its user's unit
+    // gives it (the privilege test has that path's cases).
+    let main = include_str!("../../main.rs");
+    let start = main.find("fn issuer(path").unwrap();
+    let body = &main[start..start + main[start..].find("None => {").unwrap()];
+    assert!(
+        body.contains(".in_its_groups()?\n                .not_the_gateways("),
+        "{body}"
+    );
     if !is_root()
         || std::process::Command::new("setpriv")
             .arg("--version")
@@ -280,14 +297,17 @@ fn s10_2_the_issuer_in_the_gateways_group_as_a_supplementary_group_passes() {
     // Control: the gateway's user's group as the primary group: refused.
     let out = run(NOBODY, &DAEMON.to_string());
     assert!(out.contains("VERDICT refused"), "control: {out}");
-    // The same group as a supplementary one: passes.
+    // Control: a group of its own alone: passes.
+    let out = run(DAEMON, &DAEMON.to_string());
+    assert!(out.contains("VERDICT passed"), "control: {out}");
+    // The same group as a supplementary one: refused, the group named.
     let out = run(DAEMON, &NOBODY.to_string());
     assert!(
-        out.contains("VERDICT passed"),
+        out.contains("VERDICT refused")
+            && out.contains("drops to user = \"nobody\", which is in group 65534, and so is it"),
         "a supplementary group shared: {out}"
     );
-    assert!(out.contains("65534"), "the child is in the group: {out}");
-    assert!(out.contains("CURRENT groups=[]"), "{out}");
+    assert!(out.contains("CURRENT groups=[65534]"), "{out}");
 }
 
 /// S10-4 (a legitimate setup now refused): fe20b13's O_NOFOLLOW refuses
