@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::privilege::Target;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
@@ -173,11 +175,14 @@ struct Writer {
 
 impl AccessLog {
     /// `target` is the config's `access_log`: "stdout", "stderr", "off" or a
-    /// path. Lines that cannot be written are counted in `lost`, lines held
-    /// back in `suppressed`, summarized every `summary_every`.
+    /// path. `drops_to`: the user a start as root drops to (the config's
+    /// `user`), who must not be able to move the log's directory. Lines
+    /// that cannot be written are counted in `lost`, lines held back in
+    /// `suppressed`, summarized every `summary_every`.
     pub fn open(
         target: &str,
         base: &std::path::Path,
+        drops_to: Option<&Target>,
         lost: Arc<AtomicU64>,
         suppressed: Arc<Suppressed>,
         summary_every: Duration,
@@ -189,8 +194,8 @@ impl AccessLog {
             "off" => None,
             path => {
                 let path = base.join(path);
-                let file =
-                    open_append(&path).map_err(|source| AccessLogError::Open { path, source })?;
+                let file = open_append(&path, drops_to)
+                    .map_err(|source| AccessLogError::Open { path, source })?;
                 Some(Sink::File(file))
             }
         };
@@ -209,7 +214,11 @@ impl AccessLog {
 
     /// Whether `open` would succeed, without leaving a file behind:
     /// `gateway check` must refuse what `gateway run` will.
-    pub fn check(target: &str, base: &std::path::Path) -> Result<(), AccessLogError> {
+    pub fn check(
+        target: &str,
+        base: &std::path::Path,
+        drops_to: Option<&Target>,
+    ) -> Result<(), AccessLogError> {
         if matches!(
             target,
             "stdout" | "stderr" | "off" | "/dev/stdout" | "/dev/stderr"
@@ -221,9 +230,9 @@ impl AccessLog {
             path: path.clone(),
             source,
         };
-        let path = root_links(&path).map_err(open)?;
+        let path = root_links(&path, drops_to).map_err(open)?;
         if std::fs::symlink_metadata(&path).is_ok() {
-            open_append(&path).map_err(open)?;
+            open_append(&path, drops_to).map_err(open)?;
             return Ok(());
         }
         // The probe makes the file only if nothing is there (O_EXCL: not
@@ -568,11 +577,16 @@ fn summary_line(reason: &str, bucket: &Bucket, period: Duration) -> String {
 /// in a directory the gateway's user may write (logs): never through a
 /// symlink (one planted there would have root create or append to any
 /// file), never a device, never a file with other names (a hard link to
-/// another file), so root writes only the log itself (review 9, S9-5). A
-/// FIFO is taken: a log reader's pipe (see README, a disk that blocks).
-fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+/// another file), so root writes only the log itself (review 9, S9-5),
+/// and never in a directory reached through one that user may write
+/// (`root_links`). A FIFO is taken: a log reader's pipe (see README, a
+/// disk that blocks).
+fn open_append(
+    path: &std::path::Path,
+    drops_to: Option<&Target>,
+) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    let path = root_links(path)?;
+    let path = root_links(path, drops_to)?;
     // O_NONBLOCK: a FIFO nobody reads (one the dropped user planted)
     // fails the open at once instead of hanging the start; a log reader's
     // FIFO is then written blocking, as a file is (review 10, S10-3).
@@ -613,21 +627,29 @@ fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
 /// `path` with the symlinks at its name followed while each sits in a
 /// directory only root may write (an operator's link): a link in a
 /// directory anyone else may write (the dropped user's log directory) is
-/// left for the O_NOFOLLOW open to refuse (review 10, S10-4).
-fn root_links(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+/// left for the O_NOFOLLOW open to refuse (review 10, S10-4). Each name
+/// on the way (the log's, each link's) must sit in a directory reached
+/// only through directories `drops_to` cannot write (`reached_safely`).
+fn root_links(
+    path: &std::path::Path,
+    drops_to: Option<&Target>,
+) -> std::io::Result<std::path::PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let mut p = path.to_owned();
     for _ in 0..8 {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => std::path::PathBuf::from("."),
+        };
+        if let Some(user) = drops_to {
+            reached_safely(&dir, user)?;
+        }
         let Ok(meta) = std::fs::symlink_metadata(&p) else {
             return Ok(p);
         };
         if !meta.file_type().is_symlink() {
             return Ok(p);
         }
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => std::path::PathBuf::from("."),
-        };
         let d = std::fs::metadata(&dir)?;
         if d.uid() != 0 || d.mode() & 0o022 != 0 {
             return Ok(p);
@@ -640,6 +662,29 @@ fn root_links(path: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
         };
     }
     Err(std::io::Error::other("too many symlinks"))
+}
+
+/// Refuses a log directory `dir` reached through a directory `user` may
+/// write, `dir` itself aside (it may be the user's: systemd's
+/// LogsDirectory=). O_NOFOLLOW guards the log's name only: a user who may
+/// write the directory above could put a symlink in place of `dir`, and
+/// root, at the next start, would create or append to a file of the log's
+/// name wherever it points (review 10, S10-1). Once every directory on the
+/// way is out of the user's reach, nothing it does moves the open.
+fn reached_safely(dir: &std::path::Path, user: &Target) -> std::io::Result<()> {
+    // A directory that is not there is the open's error, said as such.
+    std::fs::metadata(dir)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+    let mut groups = user.groups.clone();
+    groups.push(user.gid);
+    match crate::safe_dir::writable_above(dir, user.uid, &groups) {
+        None => Ok(()),
+        Some(why) => Err(std::io::Error::other(format!(
+            "its directory {} is reached through a directory user {:?} (whom the gateway drops to) may write: {why}; that user could put a symlink in place of the log's directory and have root create or append to a file of this name anywhere. Keep every directory above the log's root's and writable by root alone (chown root: DIR; chmod go-w DIR), as /var/log is; the log's own directory may be the user's (systemd's LogsDirectory=, /var/log/gateway)",
+            dir.display(),
+            user.user
+        ))),
+    }
 }
 
 /// Back to blocking writes on a FIFO opened O_NONBLOCK.
@@ -847,6 +892,7 @@ mod tests {
         let log = AccessLog::open(
             "log",
             dir.path(),
+            None,
             lost.clone(),
             Arc::default(),
             Duration::from_secs(1),

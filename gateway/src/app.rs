@@ -44,6 +44,9 @@ pub enum AppError {
     State(#[from] StateError),
     #[error(transparent)]
     AccessLog(#[from] AccessLogError),
+    /// The config's `user`, looked up (for the access log's directory).
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),
     #[error(transparent)]
@@ -602,9 +605,13 @@ pub async fn build(config: &Config) -> Result<App, AppError> {
     // Before any socket: with enforcement configured, no guard means no start.
     let guard = crate::guard::Guard::install(config)?.map(Arc::new);
     gate_backends(&state, guard.as_deref());
+    // Opened as root, before the drop to `user`: that user must not be
+    // able to move the log's directory (review 10, S10-1).
+    let drops_to = crate::privilege::Target::resolve(config)?;
     let access_log = Arc::new(AccessLog::open(
         &config.access_log,
         &config.base_dir,
+        drops_to.as_ref(),
         metrics.access_log_lost.clone(),
         metrics.access_log_suppressed.clone(),
         config.admission.log_every,

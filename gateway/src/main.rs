@@ -443,8 +443,13 @@ fn issuer(path: &std::path::Path) -> anyhow::Result<()> {
     let target = match &config.user {
         Some(user) => {
             let target = privilege::Target::alone(user)?;
-            // Never the gateway's user, whoever starts it (S4-4).
-            target.not_the_gateways(std::path::Path::new(privilege::GATEWAY_CONFIG))?;
+            // Never the gateway's user, whoever starts it (S4-4), nor one
+            // in a group of its: with the groups a unit running it as
+            // `user` gives it, though the drop from root keeps none
+            // (S10-2).
+            target
+                .in_its_groups()?
+                .not_the_gateways(std::path::Path::new(privilege::GATEWAY_CONFIG))?;
             if euid == 0 {
                 // Root reads this config at the next start: the user must
                 // not be able to rewrite it (to drop `user`, say).
@@ -1074,9 +1079,9 @@ fn check(
 ) -> anyhow::Result<()> {
     let config = gateway::Config::load(path)?;
     let state = gateway::state::State::from_config(&config)?;
-    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir)?;
     // An unknown user stops `run` before it binds anything; say so here.
     let target = gateway::privilege::Target::resolve(&config)?;
+    gateway::access_log::AccessLog::check(&config.access_log, &config.base_dir, target.as_ref())?;
     if let Some(target) = &target {
         gateway::safe_dir::set_drops_to(target.uid);
     }

@@ -454,8 +454,10 @@ impl Target {
 }
 
 impl Target {
-    /// The user and group this process runs as, for the checks a start
-    /// without `user` makes (`not_the_gateways`).
+    /// The user and groups this process runs as, for the checks a start
+    /// without `user` makes (`not_the_gateways`): its supplementary groups
+    /// too, which a unit (User=) gives it from the group database and its
+    /// SupplementaryGroups= (review 10, S10-2).
     pub fn current() -> Result<Target, PrivilegeError> {
         let uid = effective_uid();
         // SAFETY: getegid has no preconditions and cannot fail.
@@ -467,10 +469,77 @@ impl Target {
             user,
             uid,
             gid,
-            groups: Vec::new(),
+            groups: process_groups()?,
             kept: Vec::new(),
         })
     }
+
+    /// This target (from `alone`) with the groups it may hold as the
+    /// issuer, for `not_the_gateways` only, never for the drop (which keeps
+    /// none): the group database's (getgrouplist, what a unit with User=
+    /// gives it), and this process's own when it already runs as the user
+    /// (a unit's SupplementaryGroups= as well). Whether root or a unit
+    /// starts it, a group shared with the gateway's user is refused alike.
+    pub fn in_its_groups(&self) -> Result<Target, PrivilegeError> {
+        let mut groups = group_list(&self.user, self.gid)?;
+        if effective_uid() == self.uid {
+            for g in process_groups()? {
+                if !groups.contains(&g) {
+                    groups.push(g);
+                }
+            }
+        }
+        Ok(Target {
+            groups,
+            ..self.clone()
+        })
+    }
+
+    /// Its primary group and supplementary groups, group 0 aside (refused
+    /// on its own: `RootGroup`, `mismatch`), which `not_the_gateways`
+    /// compares with the gateway's.
+    fn all_groups(&self) -> Vec<libc::gid_t> {
+        let mut all = vec![self.gid];
+        for g in &self.groups {
+            if !all.contains(g) {
+                all.push(*g);
+            }
+        }
+        all.retain(|g| *g != 0);
+        all
+    }
+}
+
+/// A group in both lists, if any.
+fn shared_group(ours: &[libc::gid_t], theirs: &[libc::gid_t]) -> Option<libc::gid_t> {
+    ours.iter().copied().find(|g| *g != 0 && theirs.contains(g))
+}
+
+/// This process's supplementary groups (getgroups).
+fn process_groups() -> Result<Vec<libc::gid_t>, PrivilegeError> {
+    let failed = || PrivilegeError::Syscall {
+        what: "getgroups",
+        source: std::io::Error::last_os_error(),
+    };
+    for _ in 0..4 {
+        // SAFETY: a size of 0 only asks how many there are.
+        let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+        let len = usize::try_from(n).map_err(|_| failed())?;
+        let mut groups = vec![0 as libc::gid_t; len];
+        // SAFETY: `groups` holds `n` entries; getgroups writes at most that many.
+        let got = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+        match usize::try_from(got) {
+            Ok(got) => {
+                groups.truncate(got);
+                return Ok(groups);
+            }
+            // EINVAL: more groups than a moment ago (another thread's
+            // setgroups): ask again.
+            Err(_) if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) => {}
+            Err(_) => return Err(failed()),
+        }
+    }
+    Err(failed())
 }
 
 /// The gateway's own user as the package makes it (packaging/deb/postinst)
@@ -486,7 +555,12 @@ impl Target {
     /// more than its name: refused are the name `gateway` and any user with
     /// its uid, and, when the gateway's config (`gateway_config`) exists,
     /// its owner unless root (a gateway started as its user, owning its
-    /// config) and the `user` it names (a gateway started as root).
+    /// config) and the `user` it names (a gateway started as root). A group
+    /// shared gives each the other's group-readable files, so any group of
+    /// this target's (`all_groups`: primary and supplementary) is refused
+    /// when it is one of the gateway's user's (primary or supplementary:
+    /// the gateway keeps its user's groups after the drop), the config's
+    /// `group`, or the config file's group (reviews 9 and 10, S9-4, S10-2).
     pub fn not_the_gateways(&self, gateway_config: &Path) -> Result<(), PrivilegeError> {
         use std::os::unix::fs::MetadataExt as _;
         let refuse = |why: String| {
@@ -499,18 +573,20 @@ impl Target {
         if self.user == GATEWAY_USER {
             return refuse(format!("the package's gateway runs as {GATEWAY_USER:?}"));
         }
+        let ours = self.all_groups();
         match lookup_user(GATEWAY_USER) {
             Ok((uid, _)) if uid == self.uid => {
                 return refuse(format!("{GATEWAY_USER:?} has the same uid"));
             }
-            // A group shared with the gateway's user gives each the
-            // other's group-readable files (review 9, S9-4).
-            Ok((_, gid)) if gid == self.gid => {
-                return refuse(format!(
-                    "{GATEWAY_USER:?}'s primary group {gid} is its group too"
-                ));
+            Ok((_, gid)) => {
+                if let Some(g) = shared_group(&ours, &group_list(GATEWAY_USER, gid)?) {
+                    return refuse(format!(
+                        "{GATEWAY_USER:?} is in group {g}, and so is it{}",
+                        if g == gid { " (its primary group)" } else { "" }
+                    ));
+                }
             }
-            Ok(_) | Err(PrivilegeError::UnknownUser(_)) => {}
+            Err(PrivilegeError::UnknownUser(_)) => {}
             Err(e) => return Err(e),
         }
         let Ok(meta) = std::fs::metadata(gateway_config) else {
@@ -519,12 +595,8 @@ impl Target {
         if meta.uid() == self.uid {
             return refuse(format!("it owns {}", gateway_config.display()));
         }
-        if meta.gid() == self.gid && meta.gid() != 0 {
-            return refuse(format!(
-                "its group {} owns {}",
-                self.gid,
-                gateway_config.display()
-            ));
+        if let Some(g) = shared_group(&ours, &[meta.gid()]) {
+            return refuse(format!("its group {g} owns {}", gateway_config.display()));
         }
         // Only the top-level `user` and `group`; a config that does not
         // parse (as TOML, or readable) names neither here, and the gateway
@@ -546,19 +618,24 @@ impl Target {
                     gateway_config.display()
                 ));
             }
-            if looked_up.is_some_and(|(_, gid)| gid == self.gid) {
+            // Every group of the named user's, even with `group` set
+            // (which the gateway then runs with alone): stricter than the
+            // drop, never looser.
+            if let Some((_, gid)) = looked_up
+                && let Some(g) = shared_group(&ours, &group_list(&named, gid)?)
+            {
                 return refuse(format!(
-                    "{} drops to user = {named:?}, whose group {} is its group too",
-                    gateway_config.display(),
-                    self.gid
+                    "{} drops to user = {named:?}, which is in group {g}, and so is it",
+                    gateway_config.display()
                 ));
             }
         }
         if let Some(group) = named("group")
-            && matches!(lookup_group(&group), Ok(gid) if gid == self.gid)
+            && let Ok(gid) = lookup_group(&group)
+            && let Some(g) = shared_group(&ours, &[gid])
         {
             return refuse(format!(
-                "{} drops to group = {group:?}, its group too",
+                "{} drops to group = {group:?} ({g}), a group of its too",
                 gateway_config.display()
             ));
         }
@@ -900,6 +977,72 @@ mod tests {
             Target::alone("no-such-user-here"),
             Err(PrivilegeError::UnknownUser(_))
         ));
+    }
+
+    /// A user of this host's group database with a supplementary group
+    /// (not its primary one, not root's): (user, group name, gid), from
+    /// /etc/group's member lists; None on a host without one.
+    fn member_of_a_supplementary_group() -> Option<(String, String, libc::gid_t)> {
+        let groups = std::fs::read_to_string("/etc/group").ok()?;
+        groups.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let [name, _, gid, members] = fields[..] else {
+                return None;
+            };
+            let gid: libc::gid_t = gid.parse().ok()?;
+            members.split(',').find_map(|member| {
+                let (uid, primary) = lookup_user(member).ok()?;
+                (gid != 0 && uid != 0 && uid != 65534 && primary != gid)
+                    .then(|| (member.to_owned(), name.to_owned(), gid))
+            })
+        })
+    }
+
+    /// S10-2: a group the issuer and the gateway's user share as a
+    /// supplementary one is refused like a primary one, either way round:
+    /// the gateway's user in the issuer's group, and the issuer's `user`
+    /// in the gateway's `group` by the group database (what a unit with
+    /// User= gives it), though the drop from root keeps no groups.
+    #[test]
+    fn a_group_shared_with_the_gateway_as_a_supplementary_one_is_refused() {
+        let Some((member, group, gid)) = member_of_a_supplementary_group() else {
+            eprintln!("skipped: no user with a supplementary group in /etc/group");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gateway.toml");
+        // The gateway's user is in `group`, not as its primary group.
+        std::fs::write(&config, format!("user = {member:?}\n")).unwrap();
+        let issuer = |gid: libc::gid_t| Target {
+            user: "gw-issuer".into(),
+            uid: 4243,
+            gid,
+            groups: Vec::new(),
+            kept: Vec::new(),
+        };
+        let e = issuer(gid).not_the_gateways(&config).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "drops to user = {member:?}, which is in group {gid}, and so is it"
+            )),
+            "{e}"
+        );
+        // Control: a group of its own.
+        issuer(4243).not_the_gateways(&config).unwrap();
+
+        // The issuer's `user` is in the group the gateway drops to.
+        std::fs::write(&config, format!("user = \"nobody\"\ngroup = {group:?}\n")).unwrap();
+        let alone = Target::alone(&member).unwrap();
+        assert!(alone.groups.is_empty(), "the drop keeps no groups");
+        let theirs = alone.in_its_groups().unwrap();
+        assert!(theirs.groups.contains(&gid), "{:?}", theirs.groups);
+        let e = theirs.not_the_gateways(&config).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "drops to group = {group:?} ({gid}), a group of its too"
+            )),
+            "{e}"
+        );
     }
 
     #[test]

@@ -193,6 +193,21 @@ pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> 
 /// keeps others from renaming root's entries, but a name in it that goes
 /// away (a reboot, a tmp cleaner) is anyone's to take.
 pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
+    writable_on_the_way(path, uid, groups, true)
+}
+
+/// `writable_by` for the directories the kernel goes through to reach the
+/// directory `dir`, not `dir` itself: what root creates a file in by name
+/// (the access log) in a directory the dropped user may own, which that
+/// user can then only fill, never move, while every directory on the way
+/// to it is out of its reach (review 10, S10-1). Strict with `..`: the
+/// last directory entered is the one left out, so the directory a `..`
+/// climbs back to is judged too.
+pub fn writable_above(dir: &Path, uid: u32, groups: &[u32]) -> Option<String> {
+    writable_on_the_way(dir, uid, groups, false)
+}
+
+fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> Option<String> {
     let why = |what: &Path, meta: &std::fs::Metadata| -> Option<String> {
         let mode = meta.mode();
         if meta.uid() == uid && uid != 0 {
@@ -232,10 +247,15 @@ pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
     // each checked as met (a symlink can only be replaced through the
     // directory it is in, which was met before it).
     match resolution(&given) {
-        Ok(met) => met.iter().find_map(|p| match std::fs::metadata(p) {
-            Ok(meta) => why(p, &meta).or_else(|| has_acl(p)),
-            Err(e) => Some(format!("{}: {e}", p.display())),
-        }),
+        Ok(mut met) => {
+            if !itself {
+                met.pop();
+            }
+            met.iter().find_map(|p| match std::fs::metadata(p) {
+                Ok(meta) => why(p, &meta).or_else(|| has_acl(p)),
+                Err(e) => Some(format!("{}: {e}", p.display())),
+            })
+        }
         Err(e) => Some(e),
     }
 }

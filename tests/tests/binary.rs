@@ -464,6 +464,65 @@ fn check_refuses_an_access_log_that_run_cannot_open() {
     );
 }
 
+/// Started as root with `user`, `check` and `run` refuse an access log
+/// whose directory is reached through a directory that user may write:
+/// it could put a symlink there in place of the log's directory, and root
+/// would create the log wherever it points (review 10, S10-1). The log's
+/// own directory of the user's, in root's directory (LogsDirectory=),
+/// passes.
+#[test]
+fn an_access_log_below_a_directory_the_user_may_write_stops_a_start_as_root() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !is_root() {
+        eprintln!("skipped: needs root to drop from");
+        return;
+    }
+    let pki = Pki::new_root_only();
+    give_to_nobody(&pki);
+    let mkdir = |p: &std::path::Path| {
+        std::fs::create_dir(p).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    };
+    let (state, logs) = (pki.path("state"), pki.path("logs"));
+    mkdir(&state);
+    mkdir(&state.join("log"));
+    mkdir(&logs);
+    let config = |log: &std::path::Path| {
+        let toml = format!("user = \"nobody\"\naccess_log = \"{}\"\n", log.display())
+            + &listener_toml(&pki, "edge", "")
+            + &route_toml("plain", &[], &[dead_port()], &[SPIFFE_FRONTEND]);
+        pki.write("gateway.toml", &toml)
+    };
+    let below = state.join("log/access.log");
+    let config_below = config(&below);
+    for command in ["check", "run"] {
+        // A `run` that is not refused serves: stopped after 20 s.
+        let out = Command::new("timeout")
+            .arg("20")
+            .arg(gateway_binary())
+            .args([command, "--config"])
+            .arg(&config_below)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} passed: {err}");
+        assert!(
+            err.contains("is reached through a directory user \"nobody\"")
+                && err.contains(&format!("{} belongs to uid 65534", state.display())),
+            "{command}: {err}"
+        );
+        assert!(!below.exists(), "{command} made the log");
+    }
+    // Control: the log's own directory nobody's, in root's.
+    let check = gateway_on("check", &config(&logs.join("access.log")));
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 /// Every close by re-verification begins with one documented prefix, and
 /// the stderr line names the client with its port, as the access log does.
 #[tokio::test(flavor = "multi_thread")]

@@ -3,7 +3,7 @@
 //! asserts the HARM (it passes on the code as reviewed) beside a control,
 //! and is meant to be turned round into the refusal once fixed.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 
 use super::*;
@@ -49,10 +49,24 @@ fn open_log(log: &Path) -> Result<crate::access_log::AccessLog, crate::access_lo
     crate::access_log::AccessLog::open(
         log.to_str().unwrap(),
         Path::new("/"),
+        Some(&nobody_target()),
         Arc::new(std::sync::atomic::AtomicU64::new(0)),
         Arc::new(crate::access_log::Suppressed::default()),
         Duration::from_secs(60),
     )
+}
+
+fn check_log(log: &Path) -> Result<(), crate::access_log::AccessLogError> {
+    crate::access_log::AccessLog::check(
+        log.to_str().unwrap(),
+        Path::new("/"),
+        Some(&nobody_target()),
+    )
+}
+
+/// The user a root start with `user = "nobody"` drops to.
+fn nobody_target() -> Target {
+    Target::alone("nobody").unwrap()
 }
 
 /// S10-1: fe20b13 opens the access log O_NOFOLLOW, which guards the last
@@ -62,11 +76,17 @@ fn open_log(log: &Path) -> Result<crate::access_log::AccessLog, crate::access_lo
 /// directory), the user replaces that middle directory by a symlink, and
 /// root, at the next start, creates and appends to `access.log` in any
 /// directory it names. README ("a link the dropped user planted there is
-/// refused, never made the file root writes to") says more than that.
-/// Measured: nobody swaps `state/log` for `state/log -> protected`;
-/// `AccessLog::open` as root succeeds and `protected/access.log` appears,
-/// root's, where nobody cannot write. Controls: nobody cannot create it
-/// itself; a link at the log's own name is refused (the fix holds there).
+/// refused, never made the file root writes to") said more than that.
+/// Before the fix: nobody swapped `state/log` for `state/log ->
+/// protected`; `AccessLog::check` and `AccessLog::open` as root succeeded
+/// and `protected/access.log` appeared, root's, where nobody cannot write.
+/// Fixed: a log whose directory is reached through a directory the user
+/// it drops to may write (its own directory aside) is refused at `check`
+/// and at open, before and after the swap, the directory named; through a
+/// root-made link too (the path as the kernel resolves it). Controls:
+/// nobody cannot create the victim itself; a log directory of nobody's in
+/// root's directory (LogsDirectory=) is the log; a link at the log's own
+/// name is still refused.
 #[tokio::test]
 async fn s10_1_root_follows_a_symlink_the_user_put_above_the_access_logs_name() {
     if !is_root() {
@@ -76,6 +96,27 @@ async fn s10_1_root_follows_a_symlink_the_user_put_above_the_access_logs_name() 
     let protected = d.path().join("protected");
     mkdir(&protected, 0o755);
     let victim = protected.join("access.log");
+    // Control: nobody cannot make the victim itself.
+    let out = as_nobody(&format!("touch {}", victim.display()));
+    assert!(!out.status.success(), "control: {out:?}");
+
+    // Control: the log's own directory nobody's, in root's (the
+    // LogsDirectory= layout): the log is made there.
+    let logs = d.path().join("logs");
+    mkdir(&logs, 0o755);
+    std::os::unix::fs::chown(&logs, Some(NOBODY), Some(NOBODY)).unwrap();
+    let own = logs.join("access.log");
+    check_log(&own).unwrap();
+    drop(open_log(&own).unwrap());
+    assert!(own.symlink_metadata().unwrap().is_file());
+    // Control: a link at the log's own name is refused (fe20b13 holds).
+    std::fs::remove_file(&own).unwrap();
+    let out = as_nobody(&format!("ln -s {} {}", victim.display(), own.display()));
+    assert!(out.status.success(), "{out:?}");
+    assert!(open_log(&own).is_err(), "control: the link at the name");
+    assert!(!victim.exists());
+
+    // The log one directory below nobody's: refused before any swap.
     let state = d.path().join("state");
     mkdir(&state, 0o755);
     std::os::unix::fs::chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
@@ -83,19 +124,21 @@ async fn s10_1_root_follows_a_symlink_the_user_put_above_the_access_logs_name() 
     mkdir(&logdir, 0o755);
     std::os::unix::fs::chown(&logdir, Some(NOBODY), Some(NOBODY)).unwrap();
     let log = logdir.join("access.log");
-
-    // Control: nobody cannot make the victim itself.
-    let out = as_nobody(&format!("touch {}", victim.display()));
-    assert!(!out.status.success(), "control: {out:?}");
-    // Control: a plain log directory: the log is made there.
-    drop(open_log(&log).unwrap());
-    assert!(log.symlink_metadata().unwrap().is_file() && !victim.exists());
-    // Control: a link at the log's own name is refused (fe20b13 holds).
-    std::fs::remove_file(&log).unwrap();
-    let out = as_nobody(&format!("ln -s {} {}", victim.display(), log.display()));
-    assert!(out.status.success(), "{out:?}");
-    assert!(open_log(&log).is_err(), "control: the link at the name");
-    assert!(!victim.exists());
+    let refused = |e: crate::access_log::AccessLogError| {
+        let e = e.to_string();
+        assert!(
+            e.contains("is reached through a directory user \"nobody\"")
+                && e.contains(&format!("{} belongs to uid {NOBODY}", state.display())),
+            "{e}"
+        );
+    };
+    refused(check_log(&log).unwrap_err());
+    refused(open_log(&log).err().expect("open refused"));
+    assert!(!log.exists());
+    // Reached through a root-made link in root's directory: the same.
+    let link = d.path().join("link");
+    std::os::unix::fs::symlink(&logdir, &link).unwrap();
+    refused(check_log(&link.join("access.log")).unwrap_err());
 
     // The dropped user swaps the directory above the log for a link.
     let out = as_nobody(&format!(
@@ -104,18 +147,13 @@ async fn s10_1_root_follows_a_symlink_the_user_put_above_the_access_logs_name() 
         p = protected.display()
     ));
     assert!(out.status.success(), "{out:?}");
-    // `gateway check` probes through it too (and removes what it made).
-    crate::access_log::AccessLog::check(log.to_str().unwrap(), Path::new("/")).unwrap();
-    let opened = open_log(&log);
+    // `gateway check` and `gateway run` both refuse; nothing is made.
+    refused(check_log(&log).unwrap_err());
+    refused(open_log(&log).err().expect("open refused"));
     assert!(
-        opened.is_ok(),
-        "root opened the log through the user's link"
+        victim.symlink_metadata().is_err(),
+        "root made access.log in the protected directory"
     );
-    let meta = victim
-        .symlink_metadata()
-        .expect("root created access.log in the protected directory");
-    assert!(meta.is_file() && meta.uid() == 0, "root's file: {meta:?}");
-    drop(opened);
 }
 
 /// S10-3: a FIFO at the log's name is taken (fe20b13: "a regular file of
@@ -141,7 +179,7 @@ fn s10_3_a_fifo_the_user_plants_at_the_logs_name_hangs_roots_start() {
     let check = |log: &Path| {
         let log = log.to_owned();
         std::thread::spawn(move || {
-            crate::access_log::AccessLog::check(log.to_str().unwrap(), Path::new("/"))
+            crate::access_log::AccessLog::check(log.to_str().unwrap(), Path::new("/"), None)
         })
     };
     // Control: the user's regular file: returns at once.
@@ -193,20 +231,37 @@ fn s10_2_child() {
     println!("{verdict}\n{groups}\nCURRENT groups={:?}", target.groups);
 }
 
-/// S10-2: 39454b5 refuses an issuer started (without `user`) as a user
-/// that "shares the gateway's group", but `Target::current` knows only
+/// S10-2: 39454b5 refused an issuer started (without `user`) as a user
+/// that "shares the gateway's group", but `Target::current` knew only
 /// the effective gid (`groups: Vec::new()`) and `not_the_gateways`
-/// compares only `gid`. A unit (User=gateway-issuer) runs the issuer with
+/// compared only `gid`. A unit (User=gateway-issuer) runs the issuer with
 /// that user's supplementary groups (initgroups); one of them the
-/// gateway's group passes. Nor is a supplementary group of the gateway's
+/// gateway's group passed. Nor was a supplementary group of the gateway's
 /// user compared (the gateway keeps its user's groups after the drop).
 /// docs/sso.md: "the user is the gateway's, or shares its group".
-/// Measured (the lib test binary re-run as the child through setpriv):
-/// gateway.toml names user = "nobody" (primary group 65534). As uid 1
-/// gid 1 with supplementary group 65534: passed, while /proc says Groups
-/// 65534. Control: as uid 1 with gid 65534: refused.
+/// Before the fix (the lib test binary re-run as the child through
+/// setpriv): gateway.toml names user = "nobody" (primary group 65534). As
+/// uid 1 gid 1 with supplementary group 65534: passed, while /proc said
+/// Groups 65534 and `Target::current().groups` was `[]`. Fixed:
+/// `Target::current` reads the process's groups (getgroups), and any
+/// group of the issuer's (primary or supplementary) that is one of the
+/// gateway's user's (primary or supplementary), its `group` or the
+/// config's group is refused, the group named (the gateway user's
+/// supplementary groups and the `user` path's group database:
+/// `privilege::tests::a_group_shared_with_the_gateway_as_a_supplementary_one_is_refused`).
+/// Control: as uid 1 with gid 65534: refused; as uid 1 with gid 1 and no
+/// other group: passes.
 #[test]
 fn s10_2_the_issuer_in_the_gateways_group_as_a_supplementary_group_passes() {
+    // With `user`, the issuer is checked in the groups its user's unit
+    // gives it (the privilege test has that path's cases).
+    let main = include_str!("../../main.rs");
+    let start = main.find("fn issuer(path").unwrap();
+    let body = &main[start..start + main[start..].find("None => {").unwrap()];
+    assert!(
+        body.contains(".in_its_groups()?\n                .not_the_gateways("),
+        "{body}"
+    );
     if !is_root()
         || std::process::Command::new("setpriv")
             .arg("--version")
@@ -242,14 +297,17 @@ fn s10_2_the_issuer_in_the_gateways_group_as_a_supplementary_group_passes() {
     // Control: the gateway's user's group as the primary group: refused.
     let out = run(NOBODY, &DAEMON.to_string());
     assert!(out.contains("VERDICT refused"), "control: {out}");
-    // The same group as a supplementary one: passes.
+    // Control: a group of its own alone: passes.
+    let out = run(DAEMON, &DAEMON.to_string());
+    assert!(out.contains("VERDICT passed"), "control: {out}");
+    // The same group as a supplementary one: refused, the group named.
     let out = run(DAEMON, &NOBODY.to_string());
     assert!(
-        out.contains("VERDICT passed"),
+        out.contains("VERDICT refused")
+            && out.contains("drops to user = \"nobody\", which is in group 65534, and so is it"),
         "a supplementary group shared: {out}"
     );
-    assert!(out.contains("65534"), "the child is in the group: {out}");
-    assert!(out.contains("CURRENT groups=[]"), "{out}");
+    assert!(out.contains("CURRENT groups=[65534]"), "{out}");
 }
 
 /// S10-4 (a legitimate setup now refused): fe20b13's O_NOFOLLOW refuses
@@ -268,8 +326,8 @@ fn s10_4_a_root_made_link_or_dev_stdout_as_the_log_is_refused() {
     if !is_root() {
         return;
     }
-    AccessLog::check("stdout", Path::new("/")).unwrap();
-    AccessLog::check("/dev/stdout", Path::new("/")).unwrap();
+    AccessLog::check("stdout", Path::new("/"), None).unwrap();
+    AccessLog::check("/dev/stdout", Path::new("/"), None).unwrap();
 
     let d = root_only_tempdir();
     let data = d.path().join("data");
@@ -281,7 +339,7 @@ fn s10_4_a_root_made_link_or_dev_stdout_as_the_log_is_refused() {
     let link = logs.join("access.log");
     std::os::unix::fs::symlink(&real, &link).unwrap();
     // Control: the target itself, in root's directory, is a log.
-    AccessLog::check(real.to_str().unwrap(), Path::new("/")).unwrap();
+    AccessLog::check(real.to_str().unwrap(), Path::new("/"), None).unwrap();
     // The root-made link in a root-only directory is the log.
-    AccessLog::check(link.to_str().unwrap(), Path::new("/")).unwrap();
+    AccessLog::check(link.to_str().unwrap(), Path::new("/"), None).unwrap();
 }

@@ -386,10 +386,13 @@ async fn s9_5_root_follows_the_users_symlink_at_the_access_logs_name() {
     std::os::unix::fs::chown(&logs, Some(NOBODY), Some(NOBODY)).unwrap();
     let log = logs.join("access.log");
     let base = Path::new("/");
+    // The user a root start drops to: the log's own directory is its.
+    let nobody = crate::privilege::Target::alone("nobody").unwrap();
     let open = || {
         AccessLog::open(
             log.to_str().unwrap(),
             base,
+            Some(&nobody),
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
             Arc::new(Suppressed::default()),
             Duration::from_secs(60),
@@ -407,7 +410,7 @@ async fn s9_5_root_follows_the_users_symlink_at_the_access_logs_name() {
     // The dropped user (a compromised gateway) plants a link.
     let out = as_nobody(&format!("ln -s {} {}", victim.display(), log.display()));
     assert!(out.status.success(), "{out:?}");
-    let e = AccessLog::check(log.to_str().unwrap(), base).unwrap_err();
+    let e = AccessLog::check(log.to_str().unwrap(), base, Some(&nobody)).unwrap_err();
     assert!(e.to_string().contains("never followed"), "{e}");
     assert!(!victim.exists(), "`gateway check` made nothing");
     let Err(e) = open() else {
