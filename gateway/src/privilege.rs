@@ -281,17 +281,7 @@ pub struct Gate {
 impl Gate {
     /// Step 1: before the runtime, while the process has one thread.
     pub fn prepare(target: &Target) -> Result<Gate, PrivilegeError> {
-        let euid = effective_uid();
-        if euid != 0 {
-            return Err(PrivilegeError::NotRoot {
-                user: target.user.clone(),
-                euid,
-            });
-        }
-        let threads = thread_ids()?.len();
-        if threads != 1 {
-            return Err(PrivilegeError::Threads(threads));
-        }
+        root_and_alone(target)?;
         caps::securebits::set_keepcaps(true).map_err(caps_error("keep capabilities"))?;
         Ok(Gate {
             shared: Arc::new((Mutex::new(Phase::Pending), Condvar::new())),
@@ -643,15 +633,9 @@ impl Target {
     }
 }
 
-/// Drops to `target` (from `Target::alone`) for good: the bounding set
-/// emptied while still root, then no supplementary groups, the group and
-/// the user (setgroups, setresgid, setresuid: with keep-caps off the
-/// kernel empties the permitted and effective sets), no inherited or
-/// ambient capabilities, no new privileges; then every thread is read
-/// back from /proc (`verify_alone`). Only while the process has one
-/// thread, so before the runtime: capabilities and no-new-privileges are
-/// per thread, and every thread made later inherits them from this one.
-pub fn drop_alone(target: &Target) -> Result<(), PrivilegeError> {
+/// What a drop needs before it starts: root, and one thread (capabilities
+/// are per thread: one made before the drop would keep them).
+fn root_and_alone(target: &Target) -> Result<(), PrivilegeError> {
     let euid = effective_uid();
     if euid != 0 {
         return Err(PrivilegeError::NotRoot {
@@ -663,6 +647,19 @@ pub fn drop_alone(target: &Target) -> Result<(), PrivilegeError> {
     if threads != 1 {
         return Err(PrivilegeError::Threads(threads));
     }
+    Ok(())
+}
+
+/// Drops to `target` (from `Target::alone`) for good: the bounding set
+/// emptied while still root, then no supplementary groups, the group and
+/// the user (setgroups, setresgid, setresuid: with keep-caps off the
+/// kernel empties the permitted and effective sets), no inherited or
+/// ambient capabilities, no new privileges; then every thread is read
+/// back from /proc (`verify_alone`). Only while the process has one
+/// thread, so before the runtime: capabilities and no-new-privileges are
+/// per thread, and every thread made later inherits them from this one.
+pub fn drop_alone(target: &Target) -> Result<(), PrivilegeError> {
+    root_and_alone(target)?;
     caps::securebits::set_keepcaps(false).map_err(caps_error("keep-caps off"))?;
     caps::clear(None, CapSet::Bounding).map_err(caps_error("clear bounding"))?;
     change_user(target)?;

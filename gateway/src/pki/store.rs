@@ -622,6 +622,17 @@ impl Store {
 
     /// The raw subject of the certificate in the store file `name`.
     fn subject_of(&self, name: &str) -> Result<Vec<u8>, PkiError> {
+        self.with_store_cert(name, |cert, _| Ok(cert.subject().as_raw().to_vec()))
+    }
+
+    /// Reads the first certificate of the store file `name` and gives it
+    /// (parsed, and its DER) to `read`; an error either way names the
+    /// file.
+    fn with_store_cert<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&X509Certificate<'_>, &[u8]) -> Result<T, String>,
+    ) -> Result<T, PkiError> {
         let pem = self.read(name)?;
         let bad = |message: String| PkiError::Store {
             path: self.path(name),
@@ -630,7 +641,7 @@ impl Store {
         let (_, parsed) =
             x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        Ok(cert.subject().as_raw().to_vec())
+        read(&cert, &parsed.contents).map_err(bad)
     }
 
     /// Holds the directory for one change: the index is read, changed and
@@ -1180,15 +1191,7 @@ impl Store {
         &self,
         read: impl FnOnce(&X509Certificate<'_>) -> Result<T, String>,
     ) -> Result<T, PkiError> {
-        let pem = self.read("intermediate.pem")?;
-        let bad = |message: String| PkiError::Store {
-            path: self.path("intermediate.pem"),
-            message,
-        };
-        let (_, parsed) =
-            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        read(&cert).map_err(bad)
+        self.with_store_cert("intermediate.pem", |cert, _| read(cert))
     }
 
     fn intermediate_cert(&self) -> Result<(String, OffsetDateTime), PkiError> {
@@ -1874,18 +1877,9 @@ impl Store {
     /// init` prints them: kept with the root key, they tell the
     /// intermediate from anything put in its place later.
     pub fn intermediate_fingerprint(&self) -> Result<(String, String), PkiError> {
-        let pem = self.read("intermediate.pem")?;
-        let bad = |message: String| PkiError::Store {
-            path: self.path("intermediate.pem"),
-            message,
-        };
-        let (_, parsed) =
-            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        let cert = parsed.parse_x509().map_err(|e| bad(e.to_string()))?;
-        Ok((
-            hex(cert.tbs_certificate.raw_serial()),
-            fingerprint(&parsed.contents),
-        ))
+        self.with_store_cert("intermediate.pem", |cert, der| {
+            Ok((hex(cert.tbs_certificate.raw_serial()), fingerprint(der)))
+        })
     }
 
     /// Re-signs `crl.pem` when the intermediate's CRL in it has less than
