@@ -277,6 +277,9 @@ pub struct Counters {
     /// Refusals counted in `refused` but not logged: past `LogLimiter`'s
     /// lines for their device and reason.
     pub refusals_unlogged: u64,
+    /// The root revoked the intermediate the issuer signs with, as the
+    /// last CRL check read the store: every sign-in is refused (500).
+    pub intermediate_revoked: bool,
 }
 
 pub struct Issuer {
@@ -668,7 +671,29 @@ impl Issuer {
                     error = %e, "re-signing the SSO CA's CRL failed; retried in a minute");
             }
         }
+        self.note_intermediate_revoked();
         result
+    }
+
+    /// Says once, at the first check that sees it (and at start), that the
+    /// root revoked the intermediate: every sign-in fails from then on, a
+    /// 500 each, and an operator alerting on one line or a gauge
+    /// (`gateway_issuer_intermediate_revoked`) learns why at once. A store
+    /// that cannot be read leaves the state as it was (the CRL check logs
+    /// that failure itself).
+    fn note_intermediate_revoked(&self) {
+        let Ok(revoked) = self.store.intermediate_revoked() else {
+            return;
+        };
+        let was = self.counters().intermediate_revoked;
+        self.count(|c| c.intermediate_revoked = revoked.is_some());
+        if let Some(serial) = revoked
+            && !was
+        {
+            tracing::error!(target: "gateway::issuer", event = "intermediate_revoked", serial,
+                "the root revoked the SSO intermediate this issuer signs with: every sign-in is refused \
+                 until a new SSO CA is set up (docs/sso.md, \"The SSO CA's CRL\")");
+        }
     }
 
     /// The device's name from its verified certificate.

@@ -704,6 +704,7 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
         config_reload_failures,
         store_lock_timeouts,
         refusals_unlogged,
+        intermediate_revoked,
         ..
     } = issuer.counters();
     let mut out = String::new();
@@ -742,6 +743,12 @@ pub(crate) fn metrics(issuer: &Issuer) -> String {
     out.push_str("# TYPE gateway_issuer_crl_publish_failures_total counter\n");
     out.push_str(&format!(
         "gateway_issuer_crl_publish_failures_total {crl_publish_failures}\n"
+    ));
+    out.push_str("# HELP gateway_issuer_intermediate_revoked 1 when the root revoked the intermediate the issuer signs with (every sign-in refused), as the last CRL check read it.\n");
+    out.push_str("# TYPE gateway_issuer_intermediate_revoked gauge\n");
+    out.push_str(&format!(
+        "gateway_issuer_intermediate_revoked {}\n",
+        u8::from(intermediate_revoked)
     ));
     out.push_str("# HELP gateway_issuer_index_pruned_total SSO CA index entries dropped, expired more than index_retention ago.\n");
     out.push_str("# TYPE gateway_issuer_index_pruned_total counter\n");

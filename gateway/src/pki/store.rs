@@ -1329,6 +1329,19 @@ impl Store {
     /// copy of `crl.pem` from before is (another host, between copies).
     /// The issuer went on answering 200 and counting `issued` (S7-8);
     /// users sign in again once a new SSO CA is set up.
+    /// The serial of `intermediate.pem` when the index records the root's
+    /// revocation of it: from then on the store signs nothing with it
+    /// (`refuse_revoked_intermediate`).
+    pub fn intermediate_revoked(&self) -> Result<Option<String>, PkiError> {
+        let index = self.index()?;
+        let (serial, _) = self.intermediate_cert()?;
+        Ok(index
+            .revoked_intermediates
+            .iter()
+            .any(|e| e.serial == serial)
+            .then_some(serial))
+    }
+
     fn refuse_revoked_intermediate(&self, index: &Index, int: &Authority) -> Result<(), PkiError> {
         let serial = hex(&int.serial()?);
         if index

@@ -689,6 +689,11 @@ async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("the root revoked this intermediate"), "{e}");
+    // And the issuer's CRL check says so, once, and shows it.
+    assert!(!s.issuer.counters().intermediate_revoked);
+    s.issuer.maintain_crl().unwrap();
+    assert!(s.issuer.counters().intermediate_revoked);
+    assert!(super::server::metrics(&s.issuer).contains("gateway_issuer_intermediate_revoked 1\n"));
 }
 
 /// S7-9: e0455b6 keeps root from copying a file only it may read into
