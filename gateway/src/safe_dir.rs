@@ -234,14 +234,9 @@ fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> O
             None
         }
     };
-    // Relative to the directory the process runs in, as it is opened.
-    let given = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        match std::env::current_dir() {
-            Ok(cwd) => cwd.join(path),
-            Err(e) => return Some(format!("the current directory: {e}")),
-        }
+    let given = match absolute(path) {
+        Ok(given) => given,
+        Err(e) => return Some(e),
     };
     // Every directory the path's resolution goes through, and the file:
     // each checked as met (a symlink can only be replaced through the
@@ -260,6 +255,16 @@ fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> O
     }
 }
 
+/// `path` relative to the directory the process runs in, as it is opened.
+fn absolute(path: &Path) -> Result<std::path::PathBuf, String> {
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    std::env::current_dir()
+        .map(|cwd| cwd.join(path))
+        .map_err(|e| format!("the current directory: {e}"))
+}
+
 /// Why someone besides root, this process's user and the user it drops
 /// to could change what `path` resolves to (the file, or a directory on
 /// the way to it, through every symlink, as `writable_by` walks it), if
@@ -269,13 +274,9 @@ fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> O
 /// may replace decides whom the gateway lets in.
 pub fn writable_by_another(path: &Path) -> Option<String> {
     let euid = euid();
-    let given = if path.is_absolute() {
-        path.to_owned()
-    } else {
-        match std::env::current_dir() {
-            Ok(cwd) => cwd.join(path),
-            Err(e) => return Some(format!("the current directory: {e}")),
-        }
+    let given = match absolute(path) {
+        Ok(given) => given,
+        Err(e) => return Some(e),
     };
     let met = match resolution(&given) {
         Ok(met) => met,
