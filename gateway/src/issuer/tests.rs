@@ -1294,6 +1294,10 @@ mod attack10;
 /// Attacker review 11 (s7/review11): the S7 fixes (pki store) and the
 /// access log's links; tests asserting the harm the reviewed code allows.
 mod attack11;
+/// Attacker review 12 (s8/review12): the S11 fixes (root CRL outside the
+/// store, trust anchor copy, store opened once); tests asserting the harm
+/// the reviewed code allows.
+mod attack12;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
