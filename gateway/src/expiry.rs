@@ -195,7 +195,8 @@ impl Watched {
 }
 
 fn pem_blocks(path: &Path) -> Vec<Vec<u8>> {
-    let Ok(data) = std::fs::read(path) else {
+    let Ok(data) = crate::safe_dir::read_bounded(path, crate::safe_dir::MAX_NAMED_FILE_BYTES)
+    else {
         return Vec::new();
     };
     x509_parser::pem::Pem::iter_from_buffer(&data)

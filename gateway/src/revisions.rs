@@ -673,9 +673,9 @@ fn hex(digest: &[u8]) -> String {
     })
 }
 
-/// A named file larger than this is not hashed (reported as unreadable):
-/// no certificate, key or CRL is this large.
-const MAX_NAMED_FILE_BYTES: u64 = 64 << 20;
+// A named file larger than this is not hashed (reported as unreadable):
+// no certificate, key or CRL is this large.
+use crate::safe_dir::MAX_NAMED_FILE_BYTES;
 
 /// The SHA-256 of a named file, streamed and bounded, opened without
 /// blocking (a FIFO named as a CA must not stall whoever asks).

@@ -255,6 +255,51 @@ fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> O
     }
 }
 
+/// The most `read_bounded` reads: a CA bundle or a large CA's CRL is a
+/// few MiB.
+pub const MAX_NAMED_FILE_BYTES: u64 = 64 << 20;
+
+/// A file the config names (a certificate, a CA bundle, a CRL), read
+/// whole, as only a regular file is: opened O_NONBLOCK (a FIFO at its
+/// name neither blocks the open nor is read: the gateway reloads inline
+/// in its control loop, and a FIFO the issuer's user put at `sso/crl.pem`
+/// froze that loop for good, review 12, S12-1), its type checked on the
+/// descriptor (a link to /dev/zero is a device, refused), and at most
+/// `max` bytes, by its size and by what is read (a sparse file, or one
+/// that grows while read, cannot take the host's memory). Symlinks are
+/// followed: operators keep certificates behind them.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "not a regular file ({}): refused",
+            if meta.file_type().is_fifo() {
+                "a FIFO"
+            } else if meta.is_dir() {
+                "a directory"
+            } else {
+                "a device or socket"
+            }
+        )));
+    }
+    let too_large = || std::io::Error::other(format!("larger than {} MiB: refused", max >> 20));
+    if meta.len() > max {
+        return Err(too_large());
+    }
+    let mut data = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > max {
+        return Err(too_large());
+    }
+    Ok(data)
+}
+
 /// `path` relative to the directory the process runs in, as it is opened.
 fn absolute(path: &Path) -> Result<std::path::PathBuf, String> {
     if path.is_absolute() {

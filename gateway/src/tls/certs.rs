@@ -59,10 +59,14 @@ pub enum CertError {
     BadTrustAnchor { path: PathBuf, reason: String },
 }
 
+/// Every PEM file the gateway loads (certificates, CA bundles, CRLs,
+/// keys): `safe_dir::read_bounded`.
 fn read(path: &Path) -> Result<Vec<u8>, CertError> {
-    std::fs::read(path).map_err(|source| CertError::Read {
-        path: path.to_owned(),
-        source,
+    crate::safe_dir::read_bounded(path, crate::safe_dir::MAX_NAMED_FILE_BYTES).map_err(|source| {
+        CertError::Read {
+            path: path.to_owned(),
+            source,
+        }
     })
 }
 

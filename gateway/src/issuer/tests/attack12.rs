@@ -5,7 +5,6 @@
 //! as reviewed) beside a control, and is meant to be turned round into the
 //! refusal once fixed.
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -163,73 +162,63 @@ fn rchar() -> u64 {
         .unwrap()
 }
 
-/// S12-1: the gateway reads each route's CRL files with `std::fs::read`
-/// (tls/certs.rs `read`): through a symlink, blocking on a FIFO, with no
-/// bound on size. docs/sso.md's route lists `sso/crl.pem`, which the
-/// issuer's user (the reason to revoke the intermediate) writes. It
-/// replaces it with a FIFO: every load of the route's CRLs (the gateway's
-/// start, each reload, and the reload `watch_files` starts by itself
-/// within half a second of the change) waits on it without end. The app
-/// builds the new state inline in its control loop (app.rs `apply` ->
-/// `reload` -> `State::build` -> `Bundle::load`), so that loop stops: no
-/// reload completes after it, the operator's step 4 ("crls = the root's
-/// file alone, and `gateway reload`") included, and the running state,
-/// from before the revocation, goes on letting the intermediate's users
-/// in. A writer that never stops (a link to /dev/zero, a FIFO fed
-/// forever, a sparse file) is read until memory runs out.
-/// Measured: the load is still waiting after 1.5 s; a writer then feeds
-/// the FIFO 16 MiB, all of it taken (no cap), and the load fails only at
-/// its end of file. A link at `crl.pem` to a file outside the store is
-/// read through. Control: the same route with `crl.pem` a regular file
-/// loads at once.
+/// S12-1: the gateway read each route's CRL files with `std::fs::read`
+/// (tls/certs.rs `read`): blocking on a FIFO, with no bound on size.
+/// docs/sso.md's route lists `sso/crl.pem`, which the issuer's user (the
+/// reason to revoke the intermediate) writes. Before the fix, a FIFO there
+/// made every load of the route's CRLs (the start, each reload, the one
+/// `watch_files` starts by itself) wait without end, inline in the app's
+/// control loop: no reload completed after it, the operator's step 4
+/// included, and the state from before the revocation went on letting
+/// the intermediate's users in; a writer that never stops (a link to
+/// /dev/zero, a sparse file) was read until memory ran out. Measured then:
+/// still waiting after 1.5 s; a writer's 16 MiB all taken, the load
+/// failing only at its end of file. Now every PEM file the gateway loads
+/// is opened O_NONBLOCK and read only as a regular file of at most 64 MiB
+/// (`safe_dir::read_bounded`): the FIFO, a device behind a link and a
+/// sparse giant are refused at once, naming the file, without reading
+/// them. A link to a regular file is still followed (operators keep
+/// certificates behind links). Control: the regular file loads.
 #[test]
-fn s12_1_a_fifo_at_sso_crl_pem_stalls_every_load_of_the_route_and_a_writer_is_read_without_bound() {
+fn s12_1_a_fifo_or_a_giant_at_sso_crl_pem_is_refused_at_once_not_waited_on() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _operator, _offline) = documented_store(dir.path());
     let ca = dir.path().join("sso");
     let chain = alice_chain(&store);
     // Control: the documented route loads at once, and takes alice.
-    let started = std::time::Instant::now();
     let b = load(&bundle_files(&ca, route(&ca))).unwrap();
-    assert!(started.elapsed() < std::time::Duration::from_secs(1));
     assert_eq!(verify(&b, &chain), Ok(()));
 
-    // The issuer's user: crl.pem becomes a FIFO (0644: the gateway, another
-    // user, opens it through the 0711 store by name, as it does crl.pem).
     let crl = ca.join("crl.pem");
+    let refused_at_once = |what: &str, why: &str| {
+        let before = rchar();
+        let started = std::time::Instant::now();
+        let e = load(&bundle_files(&ca, route(&ca))).unwrap_err();
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        assert!(e.contains("crl.pem") && e.contains(why), "{what}: {e}");
+        assert!(rchar() - before < 1 << 20, "{what}: nothing read");
+    };
+    // A FIFO, no writer.
     std::fs::remove_file(&crl).unwrap();
     mkfifo(&crl);
-    let (tx, rx) = std::sync::mpsc::channel();
-    {
-        let files = bundle_files(&ca, route(&ca));
-        std::thread::spawn(move || {
-            let _ = tx.send(load(&files).map(|_| ()));
-        });
-    }
-    assert!(
-        matches!(
-            rx.recv_timeout(std::time::Duration::from_millis(1500)),
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
-        ),
-        "the route's load should still be waiting on the FIFO"
-    );
-    // A writer comes: 16 MiB, far past any CRL, all read (a pipe holds
-    // 64 KiB: write_all returns only once the reader took the rest).
-    let before = rchar();
-    let mut w = std::fs::OpenOptions::new().write(true).open(&crl).unwrap();
-    let chunk = vec![b'A'; 1 << 20];
-    for _ in 0..16 {
-        w.write_all(&chunk).unwrap();
-    }
-    drop(w);
-    let e = rx
-        .recv_timeout(std::time::Duration::from_secs(10))
-        .expect("the load ends at the writer's end of file")
-        .unwrap_err();
-    assert!(e.contains("crl.pem"), "{e}");
-    assert!(rchar() - before >= 16 << 20, "all 16 MiB were read");
+    refused_at_once("FIFO", "a FIFO");
+    // A link to a device that never ends.
+    std::fs::remove_file(&crl).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &crl).unwrap();
+    refused_at_once("/dev/zero", "a device");
+    // A sparse file of 1 GiB.
+    std::fs::remove_file(&crl).unwrap();
+    std::fs::File::create(&crl)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    refused_at_once("sparse", "larger than 64 MiB");
 
-    // A link at crl.pem, to a file outside the store: followed.
+    // A link at crl.pem, to a regular file outside the store: followed.
     std::fs::remove_file(&crl).unwrap();
     let elsewhere = dir.path().join("elsewhere.pem");
     std::fs::copy(root_crl_out(&ca), &elsewhere).unwrap();
