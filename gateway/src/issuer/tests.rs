@@ -1294,6 +1294,9 @@ mod attack10;
 /// Attacker review 11 (s7/review11): the S7 fixes (pki store) and the
 /// access log's links; tests asserting the harm the reviewed code allows.
 mod attack11;
+/// Attacker review 13 (s8/review13): the S10-1 and S10-2 fixes; tests
+/// asserting the harm the reviewed code allows.
+mod attack13;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
