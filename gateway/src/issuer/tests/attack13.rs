@@ -398,3 +398,148 @@ fn s13_2_an_issuer_in_roots_group_started_by_its_unit_passes() {
         "primary group 0: {out}"
     );
 }
+
+/// The gateway binary beside the lib test binary (`cargo build --bin
+/// gateway` with the same target directory), if built.
+fn gateway_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("gateway");
+    bin.exists().then_some(bin)
+}
+
+/// `gateway run --config CONFIG --pid-file PID_FILE` as root, stopped
+/// (SIGTERM, as systemd does) once `until` holds or 15 s pass.
+fn run_gateway_until(
+    bin: &Path,
+    config: &Path,
+    pid_file: &Path,
+    until: impl Fn() -> bool,
+) -> (u32, String) {
+    let mut gw = std::process::Command::new(bin)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--pid-file")
+        .arg(pid_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = gw.id();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !until() && Instant::now() < deadline {
+        if gw.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let out = gw.wait_with_output().unwrap();
+    (pid, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// S13-3: the S10-1 fix covers the access log only; the pid file, which
+/// root writes at every start just before the drop (main.rs
+/// `PidFile::write`: unlink what is at the name, then O_CREAT|O_EXCL|
+/// O_NOFOLLOW), has no check on the directories above its own. README:
+/// "so a directory the user may write cannot turn root's write into one
+/// anywhere else". With `--pid-file .../state/run/gateway.pid` and
+/// `state` the user's (its StateDirectory= or home), the user swaps `run`
+/// for a symlink, and root's next start unlinks the file of that name in
+/// any directory and creates its own there (root's, 0644, its pid), where
+/// the user cannot write. Measured (the built binary, `user = "nobody"`):
+/// root's `protected/gateway.pid` ("precious", one inode) is replaced by a
+/// new file holding the gateway's pid. Controls: nobody cannot remove the
+/// file itself; with `state/run` a directory of nobody's, the pid file is
+/// written there and `protected` is untouched.
+#[test]
+fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !is_root() {
+        return;
+    }
+    let Some(bin) = gateway_binary() else {
+        eprintln!("skipped: no gateway binary (cargo build --bin gateway)");
+        return;
+    };
+    let d = root_only_tempdir();
+    let ca = crate::pki::Authority::root("attack13 CA").unwrap();
+    let leaf = ca
+        .issue(&crate::pki::LeafSpec::server("gw", &["dns:gw.example"]))
+        .unwrap();
+    let (cert, key, roots) = (
+        d.path().join("s.pem"),
+        d.path().join("s.key"),
+        d.path().join("ca.pem"),
+    );
+    std::fs::write(&cert, &leaf.cert_pem).unwrap();
+    std::fs::write(&key, &leaf.key_pem).unwrap();
+    std::fs::write(&roots, &ca.cert_pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&key, Some(NOBODY), Some(NOBODY)).unwrap();
+    let config = d.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "user = \"nobody\"\naccess_log = \"off\"\n[admission]\nkernel_block_list = false\n\
+             [[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\ncert = {cert:?}\nkey = {key:?}\nclient_ca = {roots:?}\n\
+             [[listeners.routes]]\nname = \"r\"\nserver_names = []\nbackends = [\"127.0.0.1:9\"]\nallow = [\"spiffe://x/y\"]\n"
+        ),
+    )
+    .unwrap();
+
+    let protected = d.path().join("protected");
+    mkdir(&protected, 0o755, 0);
+    let precious = protected.join("gateway.pid");
+    std::fs::write(&precious, "precious\n").unwrap();
+    // A second name for root's file, kept out of the way: its inode stays
+    // taken (no reuse), and its link count says whether `precious` lost it.
+    let keep = d.path().join("keep");
+    std::fs::hard_link(&precious, &keep).unwrap();
+    let inode = precious.metadata().unwrap().ino();
+    // Control: nobody cannot remove it.
+    let out = as_nobody(&format!("rm -f {}", precious.display()));
+    assert!(!out.status.success(), "control: {out:?}");
+
+    let state = d.path().join("state");
+    mkdir(&state, 0o755, NOBODY);
+    let run = state.join("run");
+    mkdir(&run, 0o755, NOBODY);
+    let pid_file = run.join("gateway.pid");
+    // Control: `state/run` nobody's directory: the pid file is written
+    // there (and removed at exit, as the gateway's own).
+    let seen = std::sync::Mutex::new(None);
+    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, || {
+        let now = std::fs::read_to_string(&pid_file).ok();
+        let done = now.as_ref().is_some_and(|s| s.ends_with('\n'));
+        *seen.lock().unwrap() = now;
+        done
+    });
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        Some(format!("{pid}\n")),
+        "control: {err}"
+    );
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
+
+    // The dropped user swaps `run` for a link to `protected`.
+    let out = as_nobody(&format!(
+        "rm -rf {r} && ln -s {p} {r}",
+        r = run.display(),
+        p = protected.display()
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let replaced = || std::fs::read_to_string(&precious).is_ok_and(|s| s != "precious\n");
+    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, replaced);
+    // The harm: root's file in `protected` unlinked and replaced by root.
+    let meta = precious.metadata().unwrap();
+    assert_ne!(meta.ino(), inode, "not replaced: {err}");
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(keep.metadata().unwrap().nlink(), 1, "unlinked by root");
+    assert_eq!(
+        std::fs::read_to_string(&precious).unwrap(),
+        format!("{pid}\n"),
+        "{err}"
+    );
+}
