@@ -543,3 +543,55 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
         "{err}"
     );
 }
+
+/// S13-4: `not_the_gateways` (the issuer's start, root's or its unit's,
+/// with `user` or without) reads the gateway's config whole, by path,
+/// blocking (`std::fs::read_to_string(gateway_config)`), to learn the
+/// `user` and `group` the gateway drops to. A FIFO at that name, which
+/// whoever may write the config's directory can put there (a gateway
+/// started as its user and owning `/etc/gateway`, the layout whose owner
+/// the check names), hangs the issuer's start with no end and no log line,
+/// instead of failing it: the compromised gateway keeps SSO from coming
+/// back. (A link to /dev/zero there grows the issuer's memory without
+/// bound, the same way.) Measured: `Target::not_the_gateways` on a FIFO
+/// had not returned after 300 ms; it returns once a writer comes and
+/// goes. Control: a regular file returns at once.
+#[test]
+fn s13_4_a_fifo_at_the_gateways_config_hangs_the_issuers_start() {
+    let d = tempfile::tempdir().unwrap();
+    let issuer = Target {
+        user: "gw-issuer-13".into(),
+        uid: 4313,
+        gid: 4313,
+        groups: Vec::new(),
+        kept: Vec::new(),
+    };
+    let config = d.path().join("gateway.toml");
+    let check = |path: &Path| {
+        let (issuer, path) = (issuer.clone(), path.to_owned());
+        std::thread::spawn(move || issuer.not_the_gateways(&path))
+    };
+    // Control: a regular file: at once.
+    std::fs::write(&config, "user = \"nobody\"\n").unwrap();
+    let t = check(&config);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(t.is_finished(), "control: a regular file");
+    t.join().unwrap().unwrap();
+
+    std::fs::remove_file(&config).unwrap();
+    let c = std::ffi::CString::new(config.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let t = check(&config);
+    std::thread::sleep(Duration::from_millis(300));
+    // The harm: still blocked in the read.
+    assert!(!t.is_finished(), "the issuer's check returned on a FIFO");
+    // Release it: a writer that writes nothing and goes.
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&config)
+            .unwrap(),
+    );
+    t.join().unwrap().unwrap();
+}
