@@ -1295,9 +1295,12 @@ mod attack10;
 /// access log's links; tests asserting the harm the reviewed code allows.
 mod attack11;
 /// Attacker review 12 (s8/review12): the S11 fixes (root CRL outside the
-/// store, trust anchor copy, store opened once); tests asserting the harm
-/// the reviewed code allows.
+/// store, trust anchor copy, store opened once); each test turned to the
+/// fix.
 mod attack12;
+/// Attacker review 13 (s8/review13): the S10-1 and S10-2 fixes; tests
+/// asserting the harm the reviewed code allows.
+mod attack13;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
