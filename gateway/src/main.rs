@@ -364,6 +364,15 @@ enum PkiCommand {
         /// with --intermediate.
         #[arg(long, requires = "intermediate")]
         root_crl_out: Option<PathBuf>,
+        /// No file at --root-crl-out yet: its first use on this store (the
+        /// store's root CRLs seed it; check the serials listed).
+        #[arg(long, requires = "root_crl_out")]
+        root_crl_new: bool,
+        /// The root's certificate from a copy root owns (e.g. the routes'
+        /// /etc/gateway/sso-ca.pem) rather than DIR/root.pem, which DIR's
+        /// owner may replace.
+        #[arg(long, requires = "intermediate")]
+        root_cert: Option<PathBuf>,
     },
     /// Publish a fresh CRL (crl.pem: the intermediate's, signed now, and
     /// the root's, as last signed).
@@ -384,6 +393,13 @@ enum PkiCommand {
         /// --root-crl-out`). Needed with --root.
         #[arg(long, requires = "root")]
         root_crl_out: Option<PathBuf>,
+        /// No file at --root-crl-out yet (see `revoke --root-crl-new`).
+        #[arg(long, requires = "root_crl_out")]
+        root_crl_new: bool,
+        /// The root's certificate from a copy root owns (see `revoke
+        /// --root-cert`).
+        #[arg(long, requires = "root")]
+        root_cert: Option<PathBuf>,
     },
     /// Show what the gateway would see in a certificate and why it would refuse it.
     Inspect {
@@ -766,6 +782,8 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             intermediate,
             root_key,
             root_crl_out,
+            root_crl_new,
+            root_cert,
         } => {
             let store = Store::open(&dir);
             if let Some(uri) = device {
@@ -801,7 +819,9 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 if intermediate {
                     let store = store
                         .with_root_key(root_key.as_deref())
-                        .with_root_crl_out(root_crl_out.as_deref());
+                        .with_root_crl_out(root_crl_out.as_deref())
+                        .with_root_crl_new(root_crl_new)
+                        .with_root_cert(root_cert.as_deref());
                     let done = store.revoke_intermediate(&what)?;
                     println!(
                         "revoked intermediate: serial {}, SHA-256 fingerprint {}",
@@ -853,10 +873,14 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             root,
             root_key,
             root_crl_out,
+            root_crl_new,
+            root_cert,
         } => {
             let store = Store::open(&dir)
                 .with_root_key(root_key.as_deref())
-                .with_root_crl_out(root_crl_out.as_deref());
+                .with_root_crl_out(root_crl_out.as_deref())
+                .with_root_crl_new(root_crl_new)
+                .with_root_cert(root_cert.as_deref());
             let validity = lifetime(&next_update)?;
             let path = if root {
                 let (path, signed) = store.republish_root_crl(validity)?;

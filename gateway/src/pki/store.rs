@@ -277,6 +277,11 @@ pub struct Store {
     /// Where the root's CRL is also written, outside the store
     /// (`--root-crl-out`): see `with_root_crl_out`.
     root_crl_out: Option<PathBuf>,
+    /// No file at `root_crl_out` yet is expected (`--root-crl-new`).
+    root_crl_new: bool,
+    /// The root's certificate outside the store (`--root-cert`); None:
+    /// the store's `root.pem`, checked against the key.
+    root_cert: Option<PathBuf>,
     /// `dir` as opened (see `Store::opened`), shared by clones; None until
     /// an open succeeds.
     opened: Arc<Mutex<Option<Arc<Dir>>>>,
@@ -425,6 +430,8 @@ impl Store {
             dir: dir.to_owned(),
             root_key: None,
             root_crl_out: None,
+            root_crl_new: false,
+            root_cert: None,
             opened: Arc::default(),
         }
     }
@@ -490,6 +497,24 @@ impl Store {
     /// --intermediate`, `crl --root`).
     pub fn with_root_crl_out(mut self, path: Option<&Path>) -> Store {
         self.root_crl_out = path.map(Path::to_owned);
+        self
+    }
+
+    /// The same store, where no file at `--root-crl-out` is expected yet
+    /// (`--root-crl-new`): its first use on a store made before it, whose
+    /// root CRLs then seed it. Without it a missing file is refused (see
+    /// `sign_root_crl`).
+    pub fn with_root_crl_new(mut self, new: bool) -> Store {
+        self.root_crl_new = new;
+        self
+    }
+
+    /// The same store, with the root's certificate read from `cert`
+    /// (`--root-cert`, a copy root owns, such as the routes' trust anchor)
+    /// rather than the store's `root.pem`, which its owner may replace to
+    /// keep the root from signing (S12-2).
+    pub fn with_root_cert(mut self, cert: Option<&Path>) -> Store {
+        self.root_cert = cert.map(Path::to_owned);
         self
     }
 
@@ -564,7 +589,7 @@ impl Store {
             message,
         };
         let dir = self.opened()?;
-        let mut file = dir.open_read(name).map_err(|e| {
+        let file = dir.open_read(name).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
                 refused(
                     "is a symbolic link: the store's files are read only as regular files, never through a link"
@@ -587,8 +612,19 @@ impl Store {
                 )));
             }
         }
+        // Bounded: a sparse index.json of the owner's made root read
+        // until memory ran out (review 12, S12-2).
+        let max = crate::safe_dir::MAX_NAMED_FILE_BYTES;
+        if meta.len() > max {
+            return Err(refused(format!("is larger than {} MiB", max >> 20)));
+        }
         let mut text = String::new();
-        file.read_to_string(&mut text).map_err(self.io(&path))?;
+        file.take(max + 1)
+            .read_to_string(&mut text)
+            .map_err(self.io(&path))?;
+        if text.len() as u64 > max {
+            return Err(refused(format!("is larger than {} MiB", max >> 20)));
+        }
         Ok(text)
     }
 
@@ -847,9 +883,12 @@ impl Store {
                  (kept offline, root's; {e})"
             ),
         })?;
-        let pem = self.read("root.pem")?;
+        let (cert_path, pem) = match &self.root_cert {
+            Some(path) => (path.clone(), read_regular(path)?),
+            None => (self.path("root.pem"), self.read("root.pem")?),
+        };
         let bad = |message: String| PkiError::Store {
-            path: self.path("root.pem"),
+            path: cert_path.clone(),
             message,
         };
         let (_, parsed) =
@@ -934,75 +973,202 @@ impl Store {
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
         let root = Root::new(root, true)?;
-        self.publish_root_crl_locked(&root, true)?;
+        self.publish_root_crl_locked(&root)?;
         self.publish_crl_locked(Duration::days(7))?;
         Ok(())
     }
 
-    /// Signs and writes `root.crl.pem` (and the file `with_root_crl_out`
-    /// names): every intermediate the root revoked, valid until the
-    /// intermediate expires (at least 30 days).
-    ///
-    /// Never un-revokes: it lists what `index.json` records and also every
-    /// serial that an earlier root CRL lists, when that CRL verifies under
-    /// the root's key: the one at `--root-crl-out` (root's, the history
-    /// the store's owner cannot touch), `root.crl.pem`, and the root's CRL
-    /// in `crl.pem`. The index is the store owner's to write; without
-    /// this, its entry dropped there left the intermediate out of the
-    /// root's next CRL, which gateways take as the newest (S7-1). A serial
-    /// kept that way goes back into the index and is reported. Its number
-    /// follows the largest seen, so gateways never take it as older.
-    ///
-    /// `init` signs the first; after it (`first` false) a root CRL is
-    /// signed only above one that verifies. None left at all means the
-    /// history was destroyed, most likely by whoever writes the store:
-    /// signing from `index.json` alone (its owner's, and just as easy to
-    /// empty) took a revocation back without a word (S11-3).
-    fn publish_root_crl_locked(&self, root: &Root, first: bool) -> Result<RootCrlSigned, PkiError> {
+    /// Signs and writes `root.crl.pem` (and, for `init`, the file
+    /// `with_root_crl_out` names) from the store alone: the root's first
+    /// CRL, by `init`, or for a store made before the root signed CRLs
+    /// whose root key is still in it (`publish_crl`). Everything the root
+    /// signs after that goes through `sign_root_crl`, from what root holds.
+    fn publish_root_crl_locked(&self, root: &Root) -> Result<RootCrlSigned, PkiError> {
         let mut index = self.index()?;
-        let out = match first {
-            true => match &self.root_crl_out {
-                Some(out) => {
-                    self.check_root_crl_out(out)?;
-                    Some(out.as_path())
-                }
-                None => None,
-            },
-            false => Some(self.root_crl_out_checked()?),
+        let out = match &self.root_crl_out {
+            Some(out) => {
+                self.check_root_crl_out(out)?;
+                Some(out.as_path())
+            }
+            None => None,
         };
-        let earlier = self.earlier_root_crls(root, out)?;
-        if !first && !earlier.verified {
+        let earlier = self.store_history(root);
+        let mut serials = earlier.listed.clone();
+        serials.extend(earlier.indexed.iter().cloned());
+        let signed_number = index
+            .root_crl_number
+            .max(earlier.crl_number)
+            .checked_add(1)
+            .ok_or_else(|| PkiError::Store {
+                path: self.path("index.json"),
+                message: "the root's CRL number cannot grow any more".into(),
+            })?;
+        index.root_crl_number = signed_number;
+        let signed = RootCrlSigned {
+            crl_number: signed_number,
+            listed: serials.iter().map(|s| hex(s)).collect(),
+            restored: Vec::new(),
+            unverified: earlier.unverified,
+        };
+        let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
+        let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
+        let next_update = self.intermediate_not_after()?.max(floor);
+        let crl = root
+            .authority
+            .crl_until(signed.crl_number, &serials, next_update)?;
+        if let Some(out) = out {
+            write_root_crl_out(out, &crl)?;
+        }
+        self.save_index(&index)?;
+        self.write("root.crl.pem", &crl, false)?;
+        Ok(signed)
+    }
+
+    /// Signs the root's next CRL from what root holds, and writes it to
+    /// `--root-crl-out` before anything in the store is touched: the
+    /// revocation is in force for every route listing that file from
+    /// then on, whatever the store's owner does.
+    ///
+    /// Its inputs: the root (its key, and its certificate from
+    /// `--root-cert` or the store's checked `root.pem`), the history at
+    /// `--root-crl-out` (every serial it lists is listed again, its number
+    /// is what this one follows), `adding` (the intermediate being
+    /// revoked, from the certificate the operator named, in memory: a
+    /// re-read of `index.json` after writing it gave the store's owner a
+    /// moment to put the old one back, and the root signed a CRL listing
+    /// nothing, S12-5), and `next_update`. The store adds only root CRLs
+    /// that verify under the root's key (never un-revoking what they
+    /// list, nor numbering below them); nothing the owner writes decides a
+    /// number or takes a serial out. The owner's `index.json` (a
+    /// `root_crl_number` of u64::MAX stopped every revocation, S12-2) is
+    /// read only to say what it no longer records.
+    ///
+    /// No file at `--root-crl-out` is taken as no history only with
+    /// `--root-crl-new` (its first use on a store): silently, the owner's
+    /// copy of `init`'s public CRL became the whole history, and the root
+    /// signed a CRL listing nothing above the revocation's (S12-3). Then
+    /// the store's root CRLs and `index.json` seed it, and at least one
+    /// root CRL there must verify.
+    fn sign_root_crl(
+        &self,
+        root: &Root,
+        adding: Option<&[u8]>,
+        next_update: OffsetDateTime,
+    ) -> Result<(String, RootCrlSigned), PkiError> {
+        let out = self.root_crl_out_checked()?;
+        let store = self.store_history(root);
+        let history = match (self.out_history(root, out)?, self.root_crl_new) {
+            (Some(history), _) => history,
+            (None, true) if store.verified => EarlierRootCrls {
+                listed: store.indexed.clone(),
+                ..EarlierRootCrls::default()
+            },
+            (None, true) => {
+                return Err(PkiError::Store {
+                    path: out.to_owned(),
+                    message: format!(
+                        "--root-crl-new, but no CRL of the root in the store verifies under its key either (neither \
+                         root.crl.pem nor crl.pem{}): init signed one, so the history was destroyed (whoever writes \
+                         the store may be compromised); nothing signed. Put the root's last CRL here first: the copy \
+                         kept with the root key, or a gateway's copy of crl.pem (only the root's CRL in it is read)",
+                        if store.unverified.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", store.unverified.join("; "))
+                        }
+                    ),
+                });
+            }
+            (None, false) => {
+                return Err(PkiError::Store {
+                    path: out.to_owned(),
+                    message: "no file here: the root's CRL kept outside the store is the history its next \
+                              CRL never lists less than, and a missing one could be a wrong path; nothing \
+                              signed. Name the file the root's CRL went to before; or, the first time on this \
+                              store, add --root-crl-new (the store's root CRLs seed it; check the serials listed)"
+                        .into(),
+                });
+            }
+        };
+        let mut serials = history.listed.clone();
+        serials.extend(store.listed.iter().cloned());
+        serials.extend(adding.map(<[u8]>::to_vec));
+        let crl_number = history
+            .crl_number
+            .max(store.crl_number)
+            .checked_add(1)
+            .ok_or_else(|| PkiError::Store {
+                path: out.to_owned(),
+                message: "the root's CRL number cannot grow any more; nothing signed".into(),
+            })?;
+        let listed: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
+        let crl = root.authority.crl_until(crl_number, &listed, next_update)?;
+        // What was signed is what was meant: read back before anyone
+        // relies on it.
+        let signed_lists = parse_crls(&crl)
+            .ok()
+            .and_then(|crls| crls.into_iter().next())
+            .map(|c| c.listed)
+            .unwrap_or_default();
+        if signed_lists != serials {
             return Err(PkiError::Store {
-                path: out.map_or_else(|| self.path("root.crl.pem"), Path::to_owned),
-                message: format!(
-                    "no earlier CRL of the root verifies under its key: neither this file, nor root.crl.pem, nor \
-                     the root's CRL in crl.pem{}. init signed one, so the history was destroyed (whoever writes \
-                     the store may be compromised), and a CRL signed from index.json alone could leave out an \
-                     intermediate the root revoked; nothing signed. Put the root's last CRL here first: the copy \
-                     kept with the root key, or a gateway's copy of crl.pem (only the root's CRL in it is read)",
-                    if earlier.unverified.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", earlier.unverified.join("; "))
-                    }
-                ),
+                path: out.to_owned(),
+                message: "the root's new CRL does not list what it was to list; nothing written"
+                    .into(),
             });
         }
-        let mut signed = RootCrlSigned {
-            unverified: earlier.unverified,
-            ..RootCrlSigned::default()
+        write_root_crl_out(out, &crl)?;
+        let restored = match &store.index_read {
+            true => serials
+                .iter()
+                .filter(|s| !store.indexed.contains(*s) && Some(s.as_slice()) != adding)
+                .map(|s| hex(s))
+                .collect(),
+            false => Vec::new(),
         };
-        let mut serials: BTreeSet<Vec<u8>> = index
-            .revoked_intermediates
-            .iter()
-            .filter_map(|e| unhex(&e.serial))
-            .collect();
+        let mut unverified = store.unverified;
+        if !store.index_read {
+            unverified.push("index.json: unreadable (not compared)".into());
+        }
+        Ok((
+            crl,
+            RootCrlSigned {
+                crl_number,
+                listed: serials.iter().map(|s| hex(s)).collect(),
+                restored,
+                unverified,
+            },
+        ))
+    }
+
+    /// After `sign_root_crl`: the store's copies of the root's CRL
+    /// (`root.crl.pem`, then `crl.pem`, as `then` says) and the index's
+    /// record (`entry`, the serials `signed` restored, its number), under
+    /// the store's lock. The revocation is already in force at
+    /// `--root-crl-out`; an error here says so (the issuer's minute check
+    /// publishes into `crl.pem` what the index records, once it can).
+    fn record_root_crl(
+        &self,
+        crl: &str,
+        signed: &RootCrlSigned,
+        entry: Option<&IndexEntry>,
+        then: AfterRootCrl<'_>,
+    ) -> Result<(PathBuf, Option<IntermediateCrl>), PkiError> {
+        let _lock = self.lock()?;
+        let mut index = self.index()?;
         let now = rfc3339(OffsetDateTime::now_utc());
-        for serial in &earlier.listed {
-            if serials.insert(serial.clone()) {
-                signed.restored.push(hex(serial));
-                index.revoked_intermediates.push(IndexEntry {
-                    serial: hex(serial),
+        for serial in &signed.listed {
+            if index
+                .revoked_intermediates
+                .iter()
+                .any(|e| &e.serial == serial)
+            {
+                continue;
+            }
+            index.revoked_intermediates.push(match entry {
+                Some(e) if &e.serial == serial => e.clone(),
+                _ => IndexEntry {
+                    serial: serial.clone(),
                     name: "intermediate".into(),
                     kind: Kind::Intermediate,
                     sans: vec![],
@@ -1012,8 +1178,8 @@ impl Store {
                     device: None,
                     device_serial: None,
                     profile: None,
-                });
-            }
+                },
+            });
         }
         if !signed.restored.is_empty() {
             tracing::warn!(
@@ -1023,30 +1189,25 @@ impl Store {
                  (the index was edited; the store's owner may be compromised)"
             );
         }
-        signed.crl_number = index
-            .root_crl_number
-            .max(earlier.crl_number)
-            .checked_add(1)
-            .ok_or_else(|| PkiError::Store {
-                path: self.path("index.json"),
-                message: "the root's CRL number cannot grow any more".into(),
-            })?;
         index.root_crl_number = signed.crl_number;
-        signed.listed = serials.iter().map(|s| hex(s)).collect();
-        let serials: Vec<&[u8]> = serials.iter().map(Vec::as_slice).collect();
-        let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
-        let next_update = self.intermediate_not_after()?.max(floor);
-        let crl = root
-            .authority
-            .crl_until(signed.crl_number, &serials, next_update)?;
-        // Outside the store first: it is what routes rely on, whatever
-        // becomes of the store's copies.
-        if let Some(out) = out {
-            write_root_crl_out(out, &crl)?;
-        }
         self.save_index(&index)?;
-        self.write("root.crl.pem", &crl, false)?;
-        Ok(signed)
+        self.write("root.crl.pem", crl, false)?;
+        match then {
+            AfterRootCrl::Beside(subject) => self
+                .publish_root_beside_locked(subject)
+                .map(|(path, beside)| (path, Some(beside))),
+            AfterRootCrl::Republish(validity) => {
+                // A revoked intermediate's key may be gone: its CRL is kept
+                // as it is, and the root's revocation still reaches crl.pem.
+                let (serial, _) = self.intermediate_cert()?;
+                if signed.listed.contains(&serial) {
+                    self.publish_root_beside_locked(None)
+                        .map(|(path, beside)| (path, Some(beside)))
+                } else {
+                    self.publish_crl_locked(validity).map(|path| (path, None))
+                }
+            }
+        }
     }
 
     /// `--root-crl-out`, required after `init` and checked
@@ -1083,7 +1244,15 @@ impl Store {
             return Err(refused("names no file".into()));
         }
         crate::safe_dir::check_parent_of(out).map_err(refused)?;
-        if let Some((uid, gid)) = self.owner_for_root()?
+        // No store yet (`init` makes it, as root: root's): no owner to
+        // keep the file from (review 12, S12-4).
+        let owner = match self.owner_for_root() {
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            owner => owner?,
+        };
+        if let Some((uid, gid)) = owner
             && let Some(why) = crate::safe_dir::writable_by(parent, uid, &[gid])
         {
             return Err(refused(format!(
@@ -1104,46 +1273,52 @@ impl Store {
         Ok(())
     }
 
-    /// What the root CRLs already signed list, counting only those that
-    /// verify under the root's key (anyone who writes the store could put
-    /// any file there, but only the root signs these). `out` (the root's
-    /// own copy, `--root-crl-out`) when it exists must be readable and
-    /// hold only CRLs the root signed, besides others' CRLs (a gateway's
-    /// `crl.pem` copied there), which are passed over: it is root's, so
-    /// anything else there is refused rather than signed past.
-    fn earlier_root_crls(
-        &self,
-        root: &Root,
-        out: Option<&Path>,
-    ) -> Result<EarlierRootCrls, PkiError> {
-        let mut earlier = EarlierRootCrls::default();
-        if let Some(out) = out {
-            let bad = |message: String| PkiError::Store {
-                path: out.to_owned(),
-                message: format!(
-                    "{message}: the root's own copy of its CRL cannot be taken into account; nothing signed"
-                ),
-            };
-            match read_regular(out) {
-                Err(PkiError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(bad(e.to_string())),
-                Ok(text) => {
-                    let crls = parse_crls(&text).map_err(bad)?;
-                    for crl in crls.iter().filter(|c| c.issuer == root.subject) {
-                        let number = root.signed_crl(&crl.der).ok_or_else(|| {
-                            bad(
-                                "holds a CRL in the root's name that the root's key did not sign"
-                                    .into(),
-                            )
-                        })?;
-                        earlier.listed.extend(crl.listed.iter().cloned());
-                        earlier.crl_number = earlier.crl_number.max(number);
-                        earlier.verified = true;
-                    }
-                }
+    /// The root's own history at `out` (`--root-crl-out`): None when no
+    /// file is there. Readable, and every CRL in the root's name in it
+    /// signed by the root's key, or an error: it is root's, so anything
+    /// else there is refused rather than signed past. Others' CRLs (a
+    /// gateway's `crl.pem` copied there) are passed over.
+    fn out_history(&self, root: &Root, out: &Path) -> Result<Option<EarlierRootCrls>, PkiError> {
+        let bad = |message: String| PkiError::Store {
+            path: out.to_owned(),
+            message: format!(
+                "{message}: the root's own copy of its CRL cannot be taken into account; nothing signed"
+            ),
+        };
+        let text = match read_regular(out) {
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(None);
             }
+            Err(e) => return Err(bad(e.to_string())),
+            Ok(text) => text,
+        };
+        let mut history = EarlierRootCrls::default();
+        for crl in parse_crls(&text)
+            .map_err(bad)?
+            .iter()
+            .filter(|c| c.issuer == root.subject)
+        {
+            let number = root.signed_crl(&crl.der).ok_or_else(|| {
+                bad("holds a CRL in the root's name that the root's key did not sign".into())
+            })?;
+            history.listed.extend(crl.listed.iter().cloned());
+            history.crl_number = history.crl_number.max(number);
+            history.verified = true;
         }
+        if !history.verified {
+            return Err(bad("holds no CRL of this root".into()));
+        }
+        Ok(Some(history))
+    }
+
+    /// What the store holds of the root's history, best effort: the root
+    /// CRLs in `root.crl.pem` and `crl.pem` that verify under the root's
+    /// key (anyone who writes the store could put any file there, but
+    /// only the root signs these), and the intermediates `index.json`
+    /// records revoked. Whatever cannot be read or does not verify is
+    /// said in `unverified`, never an error: the store is its owner's.
+    fn store_history(&self, root: &Root) -> EarlierRootCrls {
+        let mut earlier = EarlierRootCrls::default();
         for name in ["root.crl.pem", "crl.pem"] {
             let crls = match self.read_if_present(name) {
                 Ok(None) => {
@@ -1182,7 +1357,15 @@ impl Store {
                 }
             }
         }
-        Ok(earlier)
+        if let Ok(index) = self.index() {
+            earlier.index_read = true;
+            earlier.indexed = index
+                .revoked_intermediates
+                .iter()
+                .filter_map(|e| unhex(&e.serial))
+                .collect();
+        }
+        earlier
     }
 
     /// Reads `intermediate.pem` and gives it to `read`; an error either
@@ -1723,59 +1906,103 @@ impl Store {
         let subject = cert.subject().as_raw().to_vec();
         let not_after = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
             .map_err(|e| bad(e.to_string()))?;
-        let _lock = self.lock()?;
-        let mut index = self.index()?;
-        let entry = match index
-            .revoked_intermediates
-            .iter()
-            .find(|e| e.serial == serial)
-        {
-            Some(e) => e.clone(),
-            None => {
-                let e = IndexEntry {
-                    serial,
-                    name: "intermediate".into(),
-                    kind: Kind::Intermediate,
-                    sans: vec![],
-                    not_after: rfc3339(not_after),
-                    revoked_at: Some(rfc3339(OffsetDateTime::now_utc())),
-                    device: None,
-                    device_serial: None,
-                    profile: None,
-                };
-                index.revoked_intermediates.push(e.clone());
-                e
-            }
+        let entry = IndexEntry {
+            serial: serial.clone(),
+            name: "intermediate".into(),
+            kind: Kind::Intermediate,
+            sans: vec![],
+            not_after: rfc3339(not_after),
+            revoked_at: Some(rfc3339(OffsetDateTime::now_utc())),
+            device: None,
+            device_serial: None,
+            profile: None,
         };
-        self.save_index(&index)?;
-        // Into crl.pem without the intermediate's key: after a compromise
-        // it is moved away or destroyed, and signing the intermediate's
-        // CRL first (as before) left the root's revocation out of the
-        // only file routes read (review 4, S4-3).
-        let (root_crl, intermediate_crl) = self
-            .publish_root_crl_locked(&root, false)
-            .and_then(|signed| {
-                self.publish_root_beside_locked(Some(&subject))
-                    .map(|(_, beside)| (signed, beside))
-            })
-            .map_err(|e| PkiError::Store {
-                path: self.path("crl.pem"),
-                message: format!(
-                    "revocation of the intermediate {} recorded in index.json but NOT published: {e}; \
-                     gateways still accept every certificate it issued until `gateway pki crl --root --dir {}` \
-                     succeeds (a running `gateway issuer` also publishes it at its next minute's check, \
-                     once root.crl.pem lists it)",
-                    entry.serial,
-                    self.dir.display()
-                ),
-            })?;
+        let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
+        let _out_lock = self.lock_root_crl_out()?;
+        let (crl, root_crl) = self.sign_root_crl(
+            &root,
+            Some(cert.tbs_certificate.raw_serial()),
+            not_after.max(floor),
+        )?;
+        // In force from here for every route that lists --root-crl-out.
+        // Then the store: crl.pem without the intermediate's key (after a
+        // compromise it is moved away or destroyed, S4-3), best effort (its
+        // owner may stand in the way, S12-2).
+        let (_, intermediate_crl) = self
+            .record_root_crl(
+                &crl,
+                &root_crl,
+                Some(&entry),
+                AfterRootCrl::Beside(Some(&subject)),
+            )
+            .map_err(|e| self.store_not_updated(&entry.serial, e))?;
         Ok(IntermediateRevoked {
             entry,
             fingerprint: fingerprint(&der),
             root_crl,
-            intermediate_crl,
+            intermediate_crl: intermediate_crl.unwrap_or(IntermediateCrl::None),
             key_in_store: root.key_in_store,
         })
+    }
+
+    /// The error when the root's CRL is signed and written at
+    /// `--root-crl-out` but the store could not take it: what is in force
+    /// and what is not.
+    fn store_not_updated(&self, serials: &str, e: PkiError) -> PkiError {
+        PkiError::Store {
+            path: self.path("crl.pem"),
+            message: format!(
+                "the root's CRL revoking {serials} is signed and written to {} (in force for every route that lists \
+                 it), but the store was not updated, and crl.pem NOT published: {e}. Routes that read the root's CRL \
+                 only from crl.pem still accept every certificate the intermediate issued: list the file above in \
+                 them (docs/sso.md, \"The SSO CA's CRL\"); a running `gateway issuer` publishes it into crl.pem at \
+                 its next minute's check once index.json and root.crl.pem record it",
+                self.root_crl_out
+                    .as_deref()
+                    .map_or_else(|| "--root-crl-out".into(), |p| p.display().to_string())
+            ),
+        }
+    }
+
+    /// Holds root's commands that sign the root's CRL one at a time, for
+    /// one `--root-crl-out`: two at once would sign two different CRLs
+    /// with one number, which every gateway refuses to load. A lock file
+    /// beside it (`NAME.lock`), root's and 0600, in the directory only
+    /// root may write (`check_root_crl_out`): no one else can open it, so
+    /// no one else can hold it.
+    fn lock_root_crl_out(&self) -> Result<std::fs::File, PkiError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let out = self.root_crl_out_checked()?;
+        let mut name = out.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        if !file
+            .metadata()
+            .map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .is_file()
+        {
+            return Err(PkiError::Store {
+                path,
+                message: "is not a regular file".into(),
+            });
+        }
+        self.hold(&file, &path, std::time::Instant::now())?;
+        Ok(file)
     }
 
     /// Writes `crl.pem` as the intermediate's CRL already in it, kept as
@@ -1851,24 +2078,36 @@ impl Store {
     }
 
     /// Re-signs the root's CRL (needs the root key), e.g. before it runs
-    /// out, and publishes `crl.pem` with it. Returns what the root's CRL
-    /// lists (never less than it did: see `publish_root_crl_locked`).
+    /// out, at `--root-crl-out` first (`sign_root_crl`), then in the store
+    /// and `crl.pem`. Returns what the root's CRL lists (never less than
+    /// it did).
     pub fn republish_root_crl(
         &self,
         validity: Duration,
     ) -> Result<(PathBuf, RootCrlSigned), PkiError> {
         let root = self.root("re-signing the root's CRL")?;
         self.root_crl_out_checked()?;
-        let _lock = self.lock()?;
-        let signed = self.publish_root_crl_locked(&root, false)?;
-        // A revoked intermediate's key may be gone: its CRL is kept as it
-        // is, and the root's revocation still reaches crl.pem.
-        let (serial, _) = self.intermediate_cert()?;
-        let path = if signed.listed.contains(&serial) {
-            self.publish_root_beside_locked(None)?.0
-        } else {
-            self.publish_crl_locked(validity)?
-        };
+        // Valid until the intermediate expires, read from the store: what
+        // its owner writes there moves only how long this CRL is valid,
+        // never below 30 days (a newer CRL supersedes it whatever it says).
+        let floor = OffsetDateTime::now_utc() + Duration::days(ROOT_CRL_MIN_DAYS);
+        let next_update = self
+            .intermediate_not_after()
+            .map_or(floor, |t| t.max(floor));
+        let _out_lock = self.lock_root_crl_out()?;
+        let (crl, signed) = self.sign_root_crl(&root, None, next_update)?;
+        let (path, _) = self
+            .record_root_crl(&crl, &signed, None, AfterRootCrl::Republish(validity))
+            .map_err(|e| {
+                self.store_not_updated(
+                    &if signed.listed.is_empty() {
+                        "no intermediate".to_owned()
+                    } else {
+                        signed.listed.join(", ")
+                    },
+                    e,
+                )
+            })?;
         Ok((path, signed))
     }
 
@@ -2032,7 +2271,7 @@ impl Store {
         if !self.exists("root.crl.pem")?
             && let Ok(root) = self.root("the root's first CRL")
         {
-            self.publish_root_crl_locked(&root, true)?;
+            self.publish_root_crl_locked(&root)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
         // changes daily. The root's as parsed (each CRL re-encoded from
@@ -2064,6 +2303,21 @@ struct EarlierRootCrls {
     unverified: Vec<String>,
     /// At least one earlier root CRL verified under the root's key.
     verified: bool,
+    /// The intermediates `index.json` records revoked (`store_history`).
+    indexed: BTreeSet<Vec<u8>>,
+    /// `index.json` could be read.
+    index_read: bool,
+}
+
+/// What `record_root_crl` publishes into `crl.pem` after the store's
+/// copy of the root's CRL.
+enum AfterRootCrl<'a> {
+    /// Beside the intermediate's CRL kept as it is, the intermediate's
+    /// CRL found by this subject (None: `intermediate.pem`'s).
+    Beside(Option<&'a [u8]>),
+    /// `crl.pem` afresh (the intermediate's CRL valid this long), or
+    /// beside it when the root revoked the intermediate.
+    Republish(Duration),
 }
 
 /// What `crl.pem` holds (`Store::crl_state`).

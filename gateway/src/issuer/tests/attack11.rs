@@ -117,7 +117,18 @@ fn running_gateway(ca_dir: &Path) -> Enforced {
 /// operator's view of it (`--root-key`), the offline copy and the key.
 fn documented_store(dir: &Path) -> (Store, Store, std::path::PathBuf) {
     let ca = dir.join("sso");
-    let store = fresh_store(&ca);
+    let out = root_crl_out(&ca);
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    // As docs/sso.md inits it: the root's CRL outside the store from the
+    // start.
+    let store = Store::open(&ca).with_root_crl_out(Some(&out));
+    store
+        .init(&InitSpec {
+            name: "SSO",
+            key_type: KeyType::P256,
+            permitted_dns: None,
+        })
+        .unwrap();
     let offline = dir.join("offline");
     std::fs::create_dir(&offline).unwrap();
     std::fs::rename(ca.join("root.key"), offline.join("root.key")).unwrap();
@@ -126,8 +137,6 @@ fn documented_store(dir: &Path) -> (Store, Store, std::path::PathBuf) {
         offline.join("intermediate.pem"),
     )
     .unwrap();
-    let out = root_crl_out(&ca);
-    std::fs::create_dir(out.parent().unwrap()).unwrap();
     let operator = Store::open(&ca)
         .with_root_key(Some(&offline.join("root.key")))
         .with_root_crl_out(Some(&out));
@@ -161,6 +170,7 @@ fn s11_1_the_roots_own_certificate_is_never_revoked_as_the_intermediate() {
     let int_path = ca.join("intermediate.pem");
     std::fs::copy(ca.join("root.pem"), &int_path).unwrap();
     let index_before = std::fs::read_to_string(ca.join("index.json")).unwrap();
+    let out_before = std::fs::read(root_crl_out(&ca)).unwrap();
     let e = operator
         .revoke_intermediate(int_path.to_str().unwrap())
         .unwrap_err()
@@ -179,7 +189,11 @@ fn s11_1_the_roots_own_certificate_is_never_revoked_as_the_intermediate() {
         index_before,
         "nothing recorded"
     );
-    assert!(!root_crl_out(&ca).exists(), "nothing signed");
+    assert_eq!(
+        std::fs::read(root_crl_out(&ca)).unwrap(),
+        out_before,
+        "nothing signed"
+    );
     assert_eq!(gateway_accepts(&ca, &chain), Ok(()), "A: nothing revoked");
 
     // B: a chain file with the root's certificate before the
@@ -335,15 +349,30 @@ fn s11_3_an_emptied_store_history_does_not_un_revoke() {
     .unwrap();
     std::fs::write(ca.join("crl.pem"), int.crl(7, &[]).unwrap()).unwrap();
 
-    // No earlier root CRL anywhere (a fresh --root-crl-out): nothing signed.
+    // A --root-crl-out with no file (a typo, another path): refused, not
+    // taken as no history (S12-3); with --root-crl-new, no earlier root
+    // CRL anywhere in the store: nothing signed either.
     let elsewhere = dir.path().join("etc").join("elsewhere.crl.pem");
-    let e = Store::open(&ca)
+    let elsewhere_store = Store::open(&ca)
         .with_root_key(Some(&offline.join("root.key")))
-        .with_root_crl_out(Some(&elsewhere))
+        .with_root_crl_out(Some(&elsewhere));
+    let e = elsewhere_store
         .republish_root_crl(time::Duration::days(7))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("no earlier CRL of the root verifies"), "{e}");
+    assert!(
+        e.contains("no file here") && e.contains("--root-crl-new"),
+        "{e}"
+    );
+    let e = elsewhere_store
+        .with_root_crl_new(true)
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no CRL of the root in the store verifies"),
+        "{e}"
+    );
     assert!(!elsewhere.exists());
 
     let (_, signed) = operator
@@ -359,7 +388,9 @@ fn s11_3_an_emptied_store_history_does_not_un_revoke() {
         "{:?}",
         signed.unverified
     );
-    assert_eq!(signed.crl_number, 51);
+    // Numbered after the root's own history (init's #1, the revocation's
+    // #2): the index's 50 decides nothing.
+    assert_eq!(signed.crl_number, 3);
     let reload = bundle(&ca);
     gateway.check(&[reload.served()]).unwrap();
     let e = gateway_accepts(&ca, &chain).unwrap_err();

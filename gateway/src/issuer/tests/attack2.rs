@@ -556,6 +556,7 @@ fn s2_7_a_file_named_as_the_serial_in_the_operators_directory_revokes_another_ce
     let entry = store
         .clone()
         .with_root_crl_out(Some(&dir.path().join("root-crl.pem")))
+        .with_root_crl_new(true)
         .revoke_as(&int_serial, true)
         .unwrap();
     assert_eq!(entry.serial, int_serial);

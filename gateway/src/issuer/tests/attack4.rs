@@ -366,7 +366,8 @@ fn s4_2_roots_revoke_copies_a_file_only_root_may_read_into_the_public_crl() {
 async fn s4_3_an_intermediate_revocation_whose_crl_failed_stays_unpublished_while_fresh() {
     let s = setup("");
     let operator = Store::open(&s.ca_dir)
-        .with_root_crl_out(Some(&s.ca_dir.parent().unwrap().join("root-crl.pem")));
+        .with_root_crl_out(Some(&s.ca_dir.parent().unwrap().join("root-crl.pem")))
+        .with_root_crl_new(true);
     let key = s.ca_dir.join("intermediate.key");
     let away = s.ca_dir.join("intermediate.key.away");
     let crl_path = s.ca_dir.join("crl.pem");

@@ -14,7 +14,7 @@ use crate::tls::bundle::{Bundle, BundleFiles};
 /// A fresh store, as root's commands see it: with `--root-crl-out`
 /// beside it (S11-2).
 fn fresh_store(dir: &Path) -> Store {
-    let store = Store::open(dir);
+    let store = Store::open(dir).with_root_crl_out(Some(&root_crl_out(dir)));
     store
         .init(&InitSpec {
             name: "SSO",
@@ -22,7 +22,7 @@ fn fresh_store(dir: &Path) -> Store {
             permitted_dns: None,
         })
         .unwrap();
-    store.with_root_crl_out(Some(&root_crl_out(dir)))
+    store
 }
 
 fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
@@ -659,7 +659,9 @@ async fn s7_8_the_issuer_keeps_signing_with_an_intermediate_the_root_revoked() {
         .issue(Some(&laptop), request(s.token(|_| {})))
         .await
         .unwrap();
-    let operator = Store::open(&s.ca_dir).with_root_crl_out(Some(&root_crl_out(&s.ca_dir)));
+    let operator = Store::open(&s.ca_dir)
+        .with_root_crl_out(Some(&root_crl_out(&s.ca_dir)))
+        .with_root_crl_new(true);
     operator
         .revoke_as(s.ca_dir.join("intermediate.pem").to_str().unwrap(), true)
         .unwrap();
