@@ -1244,20 +1244,29 @@ impl Store {
             return Err(refused("names no file".into()));
         }
         crate::safe_dir::check_parent_of(out).map_err(refused)?;
-        // No store yet (`init` makes it, as root: root's): no owner to
-        // keep the file from (review 12, S12-4).
-        let owner = match self.owner_for_root() {
-            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                None
+        match self.owner_for_root() {
+            Ok(Some((uid, gid))) => {
+                if let Some(why) = crate::safe_dir::writable_by(parent, uid, &[gid]) {
+                    return Err(refused(format!(
+                        "{why}: the store's owner (uid {uid}), whom this file must be safe from, could replace it"
+                    )));
+                }
             }
-            owner => owner?,
-        };
-        if let Some((uid, gid)) = owner
-            && let Some(why) = crate::safe_dir::writable_by(parent, uid, &[gid])
-        {
-            return Err(refused(format!(
-                "{why}: the store's owner (uid {uid}), whom this file must be safe from, could replace it"
-            )));
+            Ok(None) => {}
+            // No store yet (`init` makes it, as root: root's): no owner to
+            // keep the file from (review 12, S12-4).
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            // A store that cannot be opened (its owner put a FIFO or a link
+            // at its name) must not keep the root from signing: the file
+            // is then held to the stricter rule, no one but root (or this
+            // user) anywhere on the way to it.
+            Err(_) => {
+                if let Some(why) = crate::safe_dir::writable_by_another(parent) {
+                    return Err(refused(format!(
+                        "{why}: the store could not be opened to learn its owner, so no one but root may write on the way to this file"
+                    )));
+                }
+            }
         }
         // The store as opened (S11-4); none yet (init): not the same.
         let store = self.opened().ok().and_then(|d| d.metadata().ok());

@@ -509,3 +509,46 @@ fn s12_5_the_owner_putting_back_index_json_never_takes_the_serial_out_of_the_roo
     }
     assert!(trials >= 5, "{trials} trials");
 }
+
+/// S12-2, its last door: before this, a store that could not be opened
+/// (its owner renamed `sso` away and put a FIFO at its name) stopped the
+/// root's revocation before anything was signed: the check of where
+/// `--root-crl-out` may go asked the store for its owner first. Now that
+/// file is held to the stricter rule (no one but root on the way to it)
+/// and the root's CRL is signed and written; only the store's part fails,
+/// said. Control: the route (the real store's files and the root's file)
+/// refuses alice.
+#[test]
+fn s12_2_a_store_that_cannot_be_opened_does_not_keep_the_root_from_revoking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, operator, offline) = documented_store(dir.path());
+    let ca = dir.path().join("sso");
+    let chain = alice_chain(&store);
+    let (real, _) = store.intermediate_fingerprint().unwrap();
+    let anchor = dir.path().join("etc").join("sso-ca.pem");
+    std::fs::copy(ca.join("root.pem"), &anchor).unwrap();
+    let moved = dir.path().join("sso.real");
+    std::fs::rename(&ca, &moved).unwrap();
+    mkfifo(&ca);
+    let started = std::time::Instant::now();
+    let e = Store::open(&ca)
+        .with_root_key(Some(&offline.join("root.key")))
+        .with_root_cert(Some(&anchor))
+        .with_root_crl_out(Some(&root_crl_out(&ca)))
+        .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(e.contains("in force") && e.contains("FIFO"), "{e}");
+    drop(operator);
+    let out = std::fs::read_to_string(root_crl_out(&ca)).unwrap();
+    assert_eq!(crl_serials(&out), vec![real]);
+    let files = BundleFiles {
+        ca: moved.join("ca.pem"),
+        crls: vec![moved.join("crl.pem"), root_crl_out(&ca)],
+        crl_expired: crate::config::CrlExpired::Refuse,
+        spiffe_trust_domains: None,
+    };
+    let e = verify(&load(&files).unwrap(), &chain).unwrap_err();
+    assert!(e.contains("Revoked"), "{e}");
+}
