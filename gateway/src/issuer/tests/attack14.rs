@@ -493,3 +493,76 @@ fn s14_3_a_link_to_a_terminal_at_sso_crl_pem_makes_it_the_gateways_controlling_t
     assert!(status.success(), "{status:?}");
     assert!(rest.iter().any(|l| l.contains("S14_3 alive")), "{rest:?}");
 }
+
+/// S14-4: the root's CRL is to be written "before it touches the store,
+/// so nothing the issuer's user does in sso/ keeps the revocation from
+/// routes" (docs/sso.md step 1). But `revoke_intermediate` first checks
+/// `--root-crl-out` (`check_root_crl_out`), which asks the store's owner
+/// (`owner_for_root`, through `Store::opened`), and any error there but
+/// "no such file" stops the command before anything is signed. The
+/// issuer's user owns the directory above the store (StateDirectory=) and
+/// puts a symbolic link (or a FIFO, or a file) at `sso`'s name, ahead of
+/// time: no code need run during root's command, and a running issuer,
+/// which keeps the store it opened, goes on signing; gateways read
+/// `sso/crl.pem` through the link. The documented command then fails and
+/// nothing is written at `--root-crl-out`: alice stays in. Control: with
+/// nothing at `sso`'s name (moved away), the same command writes the
+/// revocation.
+#[test]
+fn s14_4_a_link_at_the_stores_name_keeps_the_root_from_signing_anything() {
+    let case = |what: &str, spoil: &dyn Fn(&Path)| -> (Result<(), String>, Vec<(u64, Vec<String>)>, Result<(), String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _, offline) = documented_store(dir.path());
+        let ca = dir.path().join("sso");
+        let out = root_crl_out(&ca);
+        let chain = alice_chain(&store);
+        let before = std::fs::read(&out).unwrap();
+        spoil(&ca);
+        // The documented command, a fresh process.
+        let operator = Store::open(&ca)
+            .with_root_key(Some(&offline.join("root.key")))
+            .with_root_cert(Some(&out.parent().unwrap().join("sso-ca.pem")))
+            .with_root_crl_out(Some(&out));
+        let result = operator
+            .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let after = std::fs::read(&out).unwrap();
+        if result.is_err() && what != "moved away" {
+            assert_eq!(before, after, "{what}: nothing written");
+        }
+        let listed = crls_in(&String::from_utf8(after).unwrap());
+        eprintln!("S14-4 {what}: {result:?}");
+        (result, listed, gateway_accepts(&ca, &chain))
+    };
+    // A link at the store's name (to the store, moved beside it).
+    let (result, listed, accepts) = case("link", &|ca| {
+        let real = ca.with_file_name("sso.real");
+        std::fs::rename(ca, &real).unwrap();
+        std::os::unix::fs::symlink(&real, ca).unwrap();
+    });
+    assert!(result.unwrap_err().contains("is a symbolic link"));
+    assert_eq!(listed, vec![(2, vec![])], "nothing revoked at the root's file");
+    assert_eq!(accepts, Ok(()), "alice stays in");
+    // A FIFO at its name (the owner's code, while root runs).
+    let (result, listed, _) = case("fifo", &|ca| {
+        let real = ca.with_file_name("sso.real");
+        std::fs::rename(ca, &real).unwrap();
+        let c = std::ffi::CString::new(ca.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    });
+    assert_eq!(listed, vec![(2, vec![])]);
+    assert!(result.unwrap_err().contains("is a FIFO"));
+    // Control: nothing at its name: signed and written at the root's
+    // file (the store's part said not done).
+    let (result, listed, _) = case("moved away", &|ca| {
+        std::fs::rename(ca, ca.with_file_name("sso.real")).unwrap();
+    });
+    assert!(
+        result.unwrap_err().contains("is signed and written to"),
+        "the store's part only"
+    );
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].0, listed[0].1.len()), (3, 1));
+}
