@@ -213,8 +213,7 @@ fn s14_1_pki_crl_root_signs_a_second_crl_from_the_owners_index_over_root_crl_out
         std::fs::write(ca.join("intermediate.key"), &other.key_pem).unwrap();
         std::fs::remove_file(ca.join("crl.pem")).unwrap();
         let mut index: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(ca.join("index.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(ca.join("index.json")).unwrap()).unwrap();
         index["revoked_intermediates"] = json!([]);
         index["root_crl_number"] = json!(u64::MAX - 1);
         let owners = index.to_string();
@@ -319,11 +318,13 @@ fn crls_of_distinct_issuers(n: usize) -> String {
 /// n CRLs of n different issuers costs n²/2 comparisons. `sso/crl.pem`
 /// is the issuer's user's to write (signatures are not checked at load),
 /// and a gateway reloads it by itself within 0.5 s of a change. Measured
-/// here (debug build): 3 000 CRLs 0.13 s, 12 000 CRLs 1.3 s (x10 for 4x);
-/// a file under 64 MiB holds ~206 000 such CRLs (325 bytes each in PEM),
-/// ~400 s at that rate (printed; a release build is faster by a constant
-/// factor only), every reload and every start, with the control loop
-/// (reloads, `gateway reload`, the once-a-second tick) waiting. Control: the same count of CRLs of one issuer (one
+/// here (debug build): 2 000 CRLs ~0.06 s, 16 000 CRLs ~2.3 s (x30 or more
+/// for 8x; linear would be x8); a file under 64 MiB holds ~206 000 such
+/// CRLs (325 bytes each in PEM), ~400 s at that rate (printed; a release
+/// build is faster by a constant factor only), every reload and every
+/// start, with the control loop (reloads, `gateway reload`, the
+/// once-a-second tick) waiting. Control: the same count of CRLs of one
+/// issuer (one
 /// place, numbered) loads in linear time.
 #[test]
 fn s14_2_a_crl_file_of_many_issuers_costs_the_control_loop_quadratic_time() {
@@ -337,11 +338,16 @@ fn s14_2_a_crl_file_of_many_issuers_costs_the_control_loop_quadratic_time() {
         assert!(loaded.is_ok(), "{name}: {:?}", loaded.err());
         took
     };
-    let (small, large) = (3_000, 12_000);
+    let (small, large) = (2_000, 16_000);
     let small_text = crls_of_distinct_issuers(small);
     let large_text = crls_of_distinct_issuers(large);
     let per_crl = large_text.len() / large;
-    let t_small = time_load("small.pem", &small_text);
+    // The least of three: the small load is short enough for other
+    // tests running beside it to blur.
+    let t_small = (0..3)
+        .map(|_| time_load("small.pem", &small_text))
+        .min()
+        .unwrap();
     let t_large = time_load("large.pem", &large_text);
     let ratio = t_large.as_secs_f64() / t_small.as_secs_f64();
     let fits = (crate::safe_dir::MAX_NAMED_FILE_BYTES as usize) / per_crl;
@@ -351,7 +357,8 @@ fn s14_2_a_crl_file_of_many_issuers_costs_the_control_loop_quadratic_time() {
          {per_crl} bytes each, {fits} fit in 64 MiB: ~{:.0} s at this rate",
         t_large.as_secs_f64() * scale * scale
     );
-    assert!(ratio > 8.0, "quadratic: x{ratio:.1} for 4x the CRLs");
+    // Linear would be x8; quadratic x64.
+    assert!(ratio > 16.0, "quadratic: x{ratio:.1} for 8x the CRLs");
 
     // Control: as many CRLs of one issuer (one place): linear.
     let ca = crate::pki::Authority::root("one issuer").unwrap();
@@ -510,7 +517,13 @@ fn s14_3_a_link_to_a_terminal_at_sso_crl_pem_makes_it_the_gateways_controlling_t
 /// revocation.
 #[test]
 fn s14_4_a_link_at_the_stores_name_keeps_the_root_from_signing_anything() {
-    let case = |what: &str, spoil: &dyn Fn(&Path)| -> (Result<(), String>, Vec<(u64, Vec<String>)>, Result<(), String>) {
+    let case = |what: &str,
+                spoil: &dyn Fn(&Path)|
+     -> (
+        Result<(), String>,
+        Vec<(u64, Vec<String>)>,
+        Result<(), String>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, offline) = documented_store(dir.path());
         let ca = dir.path().join("sso");
@@ -542,7 +555,11 @@ fn s14_4_a_link_at_the_stores_name_keeps_the_root_from_signing_anything() {
         std::os::unix::fs::symlink(&real, ca).unwrap();
     });
     assert!(result.unwrap_err().contains("is a symbolic link"));
-    assert_eq!(listed, vec![(2, vec![])], "nothing revoked at the root's file");
+    assert_eq!(
+        listed,
+        vec![(2, vec![])],
+        "nothing revoked at the root's file"
+    );
     assert_eq!(accepts, Ok(()), "alice stays in");
     // A FIFO at its name (the owner's code, while root runs).
     let (result, listed, _) = case("fifo", &|ca| {
@@ -565,4 +582,151 @@ fn s14_4_a_link_at_the_stores_name_keeps_the_root_from_signing_anything() {
     );
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].0, listed[0].1.len()), (3, 1));
+}
+
+/// Waits (at most 3 s) until a process opens the file `name` in the
+/// directory the inotify descriptor `fd` watches (IN_OPEN: the store's
+/// owner may watch its own directory). False on timeout.
+fn wait_for_open(fd: i32, name: &str) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd of ours.
+        if unsafe { libc::poll(&mut pfd, 1, 3000) } != 1 {
+            return false;
+        }
+        // SAFETY: reading into a buffer we own, of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n > 0);
+        let mut at = 0usize;
+        while at + 16 <= n as usize {
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let raw = &buf[at + 16..at + 16 + len];
+            let got = raw.split(|b| *b == 0).next().unwrap_or_default();
+            if got == name.as_bytes() {
+                return true;
+            }
+            at += 16 + len;
+        }
+    }
+}
+
+/// S14-1, in the documented revocation itself (docs/sso.md step 1), with
+/// the owner's code still running (step 1's `pkill` missed it: a crontab
+/// line of that user starts it again, say). `revoke --intermediate` writes
+/// the right CRL at `--root-crl-out`, then `record_root_crl` ->
+/// `publish_root_beside_locked`: with `crl.pem` unreadable (the owner's
+/// garbage) and the intermediate's key still in the store, it signs the
+/// intermediate's CRL afresh (`publish_crl_locked`), which, finding no
+/// `root.crl.pem`, signs the root's CRL again from the owner's index and
+/// writes it over `--root-crl-out`. The owner watches its directory with
+/// inotify: at root's first open of `intermediate.key` (after root read
+/// `root.crl.pem`) it deletes `root.crl.pem` and puts its `index.json`
+/// back, in a loop for 0.3 s. Measured: the root's file ends with
+/// #u64::MAX listing nothing, the documented route takes alice, and the
+/// command succeeded printing the right serial.
+#[test]
+fn s14_1b_the_documented_revocation_is_overwritten_the_same_way() {
+    let started = Instant::now();
+    let mut trials = 0;
+    loop {
+        assert!(
+            trials < 30 && started.elapsed() < Duration::from_secs(40),
+            "never won in {trials} trials"
+        );
+        trials += 1;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, operator, offline) = documented_store(dir.path());
+        let ca = dir.path().join("sso");
+        let out = root_crl_out(&ca);
+        let chain = alice_chain(&store);
+        let (real, _) = store.intermediate_fingerprint().unwrap();
+        let stolen = crate::pki::Authority::load(
+            &std::fs::read_to_string(ca.join("intermediate.pem")).unwrap(),
+            &std::fs::read_to_string(ca.join("intermediate.key")).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(ca.join("crl.pem"), "garbage").unwrap();
+        let mut index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ca.join("index.json")).unwrap()).unwrap();
+        index["revoked_intermediates"] = json!([]);
+        index["root_crl_number"] = json!(u64::MAX - 1);
+        let owners = index.to_string();
+        // SAFETY: inotify on a directory path we own.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let c = std::ffi::CString::new(ca.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert!(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN) } >= 0);
+        let owner = {
+            let ca = ca.clone();
+            std::thread::spawn(move || {
+                if !wait_for_open(fd, "intermediate.key") {
+                    // SAFETY: our descriptor.
+                    unsafe { libc::close(fd) };
+                    return;
+                }
+                let tmp = ca.join(".owner.tmp");
+                let until = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < until {
+                    let _ = std::fs::remove_file(ca.join("root.crl.pem"));
+                    if std::fs::write(&tmp, &owners).is_ok() {
+                        let _ = std::fs::rename(&tmp, ca.join("index.json"));
+                    }
+                }
+                // SAFETY: our descriptor.
+                unsafe { libc::close(fd) };
+            })
+        };
+        let done = operator
+            .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap())
+            .map_err(|e| e.to_string());
+        owner.join().unwrap();
+        let now = crls_in(&std::fs::read_to_string(&out).unwrap());
+        if now != vec![(u64::MAX, vec![])] {
+            assert!(
+                now.iter().all(|(_, l)| l.contains(&real)),
+                "trial {trials}: {now:?} {done:?}"
+            );
+            continue;
+        }
+        // What the operator is told: the right serial, listed (or, when
+        // the store's part then failed, that the revocation is "signed
+        // and written to" the root's file, "in force").
+        match &done {
+            Ok(done) => {
+                assert_eq!(done.entry.serial, real, "what it printed");
+                assert_eq!(done.root_crl.listed, vec![real.clone()], "what it printed");
+            }
+            Err(e) => assert!(
+                e.contains(&format!("revoking {real} is signed and written to")),
+                "{e}"
+            ),
+        }
+        std::fs::write(
+            ca.join("crl.pem"),
+            stolen
+                .crl_until(
+                    1 << 40,
+                    &[],
+                    time::OffsetDateTime::now_utc() + time::Duration::days(7),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(gateway_accepts(&ca, &chain), Ok(()));
+        eprintln!(
+            "S14-1b won at trial {trials} after {:?}; the command: {}",
+            started.elapsed(),
+            match &done {
+                Ok(_) => "succeeded".to_owned(),
+                Err(e) => e.clone(),
+            }
+        );
+        return;
+    }
 }
