@@ -515,15 +515,17 @@ fn s14_3_a_link_to_a_terminal_at_sso_crl_pem_makes_it_the_gateways_controlling_t
 /// nothing is written at `--root-crl-out`: alice stays in. Control: with
 /// nothing at `sso`'s name (moved away), the same command writes the
 /// revocation.
+/// What one S14-4 case gave: the command, what the root's file lists,
+/// and whether the documented route takes alice.
+type Case = (
+    Result<(), String>,
+    Vec<(u64, Vec<String>)>,
+    Result<(), String>,
+);
+
 #[test]
 fn s14_4_a_link_at_the_stores_name_keeps_the_root_from_signing_anything() {
-    let case = |what: &str,
-                spoil: &dyn Fn(&Path)|
-     -> (
-        Result<(), String>,
-        Vec<(u64, Vec<String>)>,
-        Result<(), String>,
-    ) {
+    let case = |what: &str, spoil: &dyn Fn(&Path)| -> Case {
         let dir = tempfile::tempdir().unwrap();
         let (store, _, offline) = documented_store(dir.path());
         let ca = dir.path().join("sso");
