@@ -1301,6 +1301,10 @@ mod attack12;
 /// Attacker review 13 (s8/review13): the S10-1 and S10-2 fixes; tests
 /// asserting the harm the reviewed code allows.
 mod attack13;
+/// Attacker review 14 (s8/review14): the S12 fixes (bounded PEM reads,
+/// the root's CRL signed from what root holds); tests asserting the harm
+/// the reviewed code allows.
+mod attack14;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
