@@ -594,7 +594,7 @@ fn open_append(
         .create(true)
         .append(true)
         .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {

@@ -387,7 +387,7 @@ fn read_refresh(dir: &Path) -> Result<Option<StoredRefresh>, LoginError> {
     };
     let f = match std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(&path)
     {
         Ok(f) => f,

@@ -158,7 +158,7 @@ pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> 
     check_dir(dir).map_err(PrivateFileError::Untrusted)?;
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
     let meta = f.metadata()?;
     check_private_file(&meta, euid())
@@ -267,13 +267,17 @@ pub const MAX_NAMED_FILE_BYTES: u64 = 64 << 20;
 /// descriptor (a link to /dev/zero is a device, refused), and at most
 /// `max` bytes, by its size and by what is read (a sparse file, or one
 /// that grows while read, cannot take the host's memory). Symlinks are
-/// followed: operators keep certificates behind them.
+/// followed: operators keep certificates behind them. O_NOCTTY: a link to
+/// a terminal the issuer's user holds made it the controlling terminal of
+/// a gateway started without one (a systemd service), and a `^\` typed
+/// there killed it (review 14, S14-3); every file this process opens by a
+/// name someone else may shape is opened so.
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
@@ -574,7 +578,7 @@ impl Dir {
     pub fn open_read(&self, name: &str) -> std::io::Result<std::fs::File> {
         self.openat(
             &component(name)?,
-            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
             0,
         )
     }

@@ -215,7 +215,7 @@ fn read_regular(path: &Path) -> Result<String, PkiError> {
     };
     let mut file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) {
@@ -973,25 +973,30 @@ impl Store {
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
         let root = Root::new(root, true)?;
-        self.publish_root_crl_locked(&root)?;
+        self.publish_root_crl_locked(&root, self.root_crl_out.as_deref())?;
         self.publish_crl_locked(Duration::days(7))?;
         Ok(())
     }
 
-    /// Signs and writes `root.crl.pem` (and, for `init`, the file
-    /// `with_root_crl_out` names) from the store alone: the root's first
-    /// CRL, by `init`, or for a store made before the root signed CRLs
-    /// whose root key is still in it (`publish_crl`). Everything the root
-    /// signs after that goes through `sign_root_crl`, from what root holds.
-    fn publish_root_crl_locked(&self, root: &Root) -> Result<RootCrlSigned, PkiError> {
+    /// Signs and writes `root.crl.pem` from the store alone: the root's
+    /// first CRL, by `init` (which also writes it to `out`, its
+    /// `--root-crl-out`), or for a store made before the root signed CRLs
+    /// whose root key is still in it (`publish_crl`, never `out`).
+    /// Everything the root signs after `init` goes through `sign_root_crl`,
+    /// from what root holds, and only `init` and that write the root's
+    /// file: this one takes its number and serials from files the store's
+    /// owner writes, and reached from a root command (the owner deleted
+    /// `root.crl.pem` while `crl --root` ran) it wrote a CRL numbered
+    /// u64::MAX listing nothing over `--root-crl-out` (review 14, S14-1).
+    fn publish_root_crl_locked(
+        &self,
+        root: &Root,
+        out: Option<&Path>,
+    ) -> Result<RootCrlSigned, PkiError> {
         let mut index = self.index()?;
-        let out = match &self.root_crl_out {
-            Some(out) => {
-                self.check_root_crl_out(out)?;
-                Some(out.as_path())
-            }
-            None => None,
-        };
+        if let Some(out) = out {
+            self.check_root_crl_out(out)?;
+        }
         let earlier = self.store_history(root);
         let mut serials = earlier.listed.clone();
         serials.extend(earlier.indexed.iter().cloned());
@@ -1991,7 +1996,7 @@ impl Store {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|source| PkiError::Io {
                 path: path.clone(),
@@ -2277,10 +2282,18 @@ impl Store {
             OffsetDateTime::now_utc() + validity,
         )?;
         self.save_index(&index)?;
-        if !self.exists("root.crl.pem")?
+        // A store from before the root signed CRLs, its root key still in
+        // it: its first root CRL. Never in a command the root runs with its
+        // key from elsewhere (`--root-key`) or its own file
+        // (`--root-crl-out`): there the root's CRL is `sign_root_crl`'s
+        // alone, and a `root.crl.pem` the owner deleted is no reason to
+        // sign another from the owner's files (S14-1).
+        if self.root_key.is_none()
+            && self.root_crl_out.is_none()
+            && !self.exists("root.crl.pem")?
             && let Ok(root) = self.root("the root's first CRL")
         {
-            self.publish_root_crl_locked(&root)?;
+            self.publish_root_crl_locked(&root, None)?;
         }
         // Intermediate first: `openssl crl -in crl.pem` shows the one that
         // changes daily. The root's as parsed (each CRL re-encoded from

@@ -136,14 +136,27 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
         path: path.to_owned(),
         reason,
     };
-    let crls: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| bad(e.to_string()))?;
+    // Counted before anything is kept: picking the newest CRL of each
+    // issuer is quadratic in the issuers, in the control loop, and a file
+    // of 16 000 CRLs of made-up issuers (signatures are checked later,
+    // per handshake) held it for seconds (review 14, S14-2).
+    let mut crls = Vec::new();
+    for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
+        if crls.len() == MAX_CRLS_PER_FILE {
+            return Err(bad(format!(
+                "holds more than {MAX_CRLS_PER_FILE} CRLs, more than any set of CAs publishes in one file"
+            )));
+        }
+        crls.push(crl.map_err(|e| bad(e.to_string()))?);
+    }
     if crls.is_empty() {
         return Err(bad("no X509 CRL block found".into()));
     }
     Ok(crls)
 }
+
+/// The most CRLs one file may hold (`load_crls`).
+pub const MAX_CRLS_PER_FILE: usize = 1024;
 
 /// Loads the gateway's client chain and key (for upstream mTLS) with the
 /// same start-up checks as the server identity, but for clientAuth.
