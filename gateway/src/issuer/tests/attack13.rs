@@ -318,26 +318,27 @@ fn s13_2_child() {
 }
 
 /// S13-2: "gid 0 aside (refused on its own: RootGroup, mismatch)"
-/// (privilege.rs, `all_groups`): `not_the_gateways` leaves group 0 out of
-/// its comparison because it is said to be refused elsewhere, and
-/// docs/sso.md lists "its primary group is root's (gid 0)" among the
-/// refusals. Neither holds for the issuer a unit starts (User=, the
+/// (privilege.rs, `all_groups`): `not_the_gateways` left group 0 out of
+/// its comparison because it was said to be refused elsewhere, and
+/// docs/sso.md listed "its primary group is root's (gid 0)" among the
+/// refusals. Neither held for the issuer a unit starts (User=, the
 /// documented way): `Target::alone` looks only at the group database's
-/// primary group, `mismatch` and `RootGroup` only at drops from root, and
-/// `in_its_groups`/`Target::current` read the process's groups only for
-/// the overlap, from which 0 is removed. A unit with `Group=root` (or
-/// `SupplementaryGroups=root`, or `usermod -aG root gateway-issuer`) runs
-/// the network-facing issuer, with the SSO CA's key, in root's group, and
-/// its start passes. Measured (the lib test binary re-run by setpriv as
-/// uid 1): with gid 0, and with gid 1 plus supplementary group 0, both
-/// the path without `user` and the path with `user = "daemon"` started as
-/// daemon pass; /proc shows `Gid: 0 …` / `Groups: 0`, and the child reads
-/// a root:root 0640 file. Control: the gateway's user's group (65534,
-/// gateway.toml names user = "nobody") as a supplementary group is
-/// refused in both paths (the S10-2 fix holds); with gid 1 alone, the
-/// root file is unreadable.
+/// primary group, `mismatch` and `RootGroup` only at drops from root.
+/// Before the fix a unit with `Group=root` (or `SupplementaryGroups=root`,
+/// or `usermod -aG root gateway-issuer`) ran the network-facing issuer,
+/// with the SSO CA's key, in root's group, and its start passed. Measured
+/// then (the lib test binary re-run by setpriv as uid 1): with gid 0, and
+/// with gid 1 plus supplementary group 0, both the path without `user` and
+/// the path with `user = "daemon"` started as daemon passed; /proc showed
+/// `Gid: 0 …` / `Groups: 0`, and the child read a root:root 0640 file.
+/// Now `not_the_gateways` refuses gid 0 among the issuer's groups (its
+/// egid too, which `in_its_groups` now adds) on both paths, naming root's
+/// group. Controls: the gateway's user's group (65534, gateway.toml names
+/// user = "nobody") as a supplementary group is refused in both paths (the
+/// S10-2 fix holds); with gid 1 alone, it passes and the root file is
+/// unreadable.
 #[test]
-fn s13_2_an_issuer_in_roots_group_started_by_its_unit_passes() {
+fn s13_2_an_issuer_in_roots_group_started_by_its_unit_is_refused() {
     if !is_root() || !have_setpriv() {
         return;
     }
@@ -379,24 +380,39 @@ fn s13_2_an_issuer_in_roots_group_started_by_its_unit_passes() {
         out.contains("CURRENT passed") && out.contains("READS_ROOT_FILE false"),
         "control: {out}"
     );
-    // Root's group as a supplementary group: passes, reads root's file.
+    // Root's group as a supplementary group (it does read root's file):
+    // refused on both paths, root's group named.
     let out = run(DAEMON, "0");
     assert!(
-        out.contains("CURRENT passed")
-            && out.contains("WITH_USER passed")
-            && out.contains("Groups: 0")
-            && out.contains("READS_ROOT_FILE true"),
+        out.contains("Groups: 0") && out.contains("READS_ROOT_FILE true"),
         "supplementary group 0: {out}"
     );
-    // Root's group as the primary group (a unit's Group=root): passes.
+    for path in ["CURRENT", "WITH_USER"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("{path} ")))
+            .unwrap_or("");
+        assert!(
+            line.contains("refused") && line.contains("is root's (gid 0)"),
+            "supplementary group 0, {path}: {out}"
+        );
+    }
+    // Root's group as the primary group (a unit's Group=root): refused.
     let out = run(0, &DAEMON.to_string());
     assert!(
-        out.contains("CURRENT passed")
-            && out.contains("WITH_USER passed")
-            && out.contains("Gid: 0 0 0 0")
-            && out.contains("READS_ROOT_FILE true"),
+        out.contains("Gid: 0 0 0 0") && out.contains("READS_ROOT_FILE true"),
         "primary group 0: {out}"
     );
+    for path in ["CURRENT", "WITH_USER"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("{path} ")))
+            .unwrap_or("");
+        assert!(
+            line.contains("refused") && line.contains("is root's (gid 0)"),
+            "primary group 0, {path}: {out}"
+        );
+    }
 }
 
 /// The gateway binary beside the lib test binary (`cargo build --bin
@@ -545,19 +561,21 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
 }
 
 /// S13-4: `not_the_gateways` (the issuer's start, root's or its unit's,
-/// with `user` or without) reads the gateway's config whole, by path,
+/// with `user` or without) read the gateway's config whole, by path,
 /// blocking (`std::fs::read_to_string(gateway_config)`), to learn the
 /// `user` and `group` the gateway drops to. A FIFO at that name, which
 /// whoever may write the config's directory can put there (a gateway
 /// started as its user and owning `/etc/gateway`, the layout whose owner
-/// the check names), hangs the issuer's start with no end and no log line,
-/// instead of failing it: the compromised gateway keeps SSO from coming
-/// back. (A link to /dev/zero there grows the issuer's memory without
-/// bound, the same way.) Measured: `Target::not_the_gateways` on a FIFO
-/// had not returned after 300 ms; it returns once a writer comes and
-/// goes. Control: a regular file returns at once.
+/// the check names), hung the issuer's start with no end and no log line:
+/// the compromised gateway kept SSO from coming back (a link to /dev/zero
+/// there grew the issuer's memory without bound). Before the fix:
+/// `Target::not_the_gateways` on a FIFO had not returned after 300 ms, and
+/// returned (passing) once a writer came and went. Now it is read as a
+/// named file is (`safe_dir::read_bounded`): a FIFO or a device there
+/// refuses the start at once, the file named. Control: a regular file
+/// passes at once.
 #[test]
-fn s13_4_a_fifo_at_the_gateways_config_hangs_the_issuers_start() {
+fn s13_4_a_fifo_at_the_gateways_config_refuses_the_issuers_start_at_once() {
     let d = tempfile::tempdir().unwrap();
     let issuer = Target {
         user: "gw-issuer-13".into(),
@@ -584,14 +602,25 @@ fn s13_4_a_fifo_at_the_gateways_config_hangs_the_issuers_start() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let t = check(&config);
     std::thread::sleep(Duration::from_millis(300));
-    // The harm: still blocked in the read.
-    assert!(!t.is_finished(), "the issuer's check returned on a FIFO");
-    // Release it: a writer that writes nothing and goes.
-    drop(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&config)
-            .unwrap(),
+    if !t.is_finished() {
+        // Release it (a writer that writes nothing and goes) before failing.
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&config)
+                .unwrap(),
+        );
+        panic!("the issuer's check still waits on a FIFO after 300 ms");
+    }
+    let e = t.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains(&config.display().to_string()) && e.contains("a FIFO"),
+        "{e}"
     );
-    t.join().unwrap().unwrap();
+
+    // A link to /dev/zero: a device, refused, nothing read.
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+    let e = issuer.not_the_gateways(&config).unwrap_err().to_string();
+    assert!(e.contains("a device"), "{e}");
 }
