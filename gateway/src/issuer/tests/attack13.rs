@@ -152,30 +152,34 @@ fn s13_1_flipper() {
     println!("FLIPS {n}");
 }
 
-/// S13-1: `writable_above` leaves out the last directory the walk
+/// S13-1: `writable_above` left out the last directory the walk
 /// *entered*, taking it for the log's own directory. A symlink `log ->
 /// "."` in the user's directory `state` enters nothing: the walk of
-/// `state/log` ends in `state`, leaves it out, and judges only root's
+/// `state/log` ended in `state`, left it out, and judged only root's
 /// directories above it. So `access_log = ".../state/log/access.log"`,
-/// which the fix refuses while `state/log` is a directory (the S10-1
-/// layout), passes `check` and open once the user has made `log` a link
-/// to "." — though `state/log` is reached through `state`, the user's,
-/// which is what README's rule forbids. The user's own link in its own
-/// directory is then looked up again at the open: "Once every directory
-/// on the way is out of its reach, nothing the user does can move the
-/// open, so there is no race between the check and the open" (81adcf0)
-/// does not hold. A user with a process alive at root's start swaps
-/// `log` between "." and a link to any directory (renameat2
-/// RENAME_EXCHANGE), and root's open, after a walk that saw ".", creates
-/// `access.log` in the other directory: S10-1's harm, through a race.
-/// Measured: a nobody child flipping `state/log` between "." and
-/// `protected`; `AccessLog::open` as root, retried, made
-/// `protected/access.log` (root's, 0640) where nobody cannot write.
-/// Controls: nobody cannot create `protected/access.log`; `state/log` as a
-/// directory of nobody's, and `state/log -> protected` held still, are
-/// refused (the fix holds for both).
+/// which the S10-1 fix refuses while `state/log` is a directory, passed
+/// `check` and open once the user had made `log` a link to "." — though
+/// `state/log` is reached through `state`, the user's, which is what
+/// README's rule forbids. The user's own link in its own directory was
+/// then looked up again at the open (by path), so a user with a process
+/// alive at root's start swapped `log` between "." and a link to any
+/// directory (renameat2 RENAME_EXCHANGE), and root's open, after a walk
+/// that saw ".", created `access.log` in the other directory: S10-1's
+/// harm, through a race. Before the fix: a nobody child flipping
+/// `state/log` between "." and `protected`; `AccessLog::open` as root,
+/// retried, made `protected/access.log` (root's, 0640) where nobody cannot
+/// write, after 1 to 80 opens (about 10 ms); held still, the log went to
+/// `state/access.log`. Now the log's directory is reached one name at a
+/// time through descriptors (`safe_dir::reach_parent`), every directory a
+/// name is looked up in but the log's own judged on its descriptor, and
+/// the log opened in the directory judged: `state/log -> .` is refused
+/// held still, and with the flipper running every open for 2 s is refused
+/// and nothing is made in `protected`. Controls: nobody cannot create
+/// `protected/access.log`; `state/log` as a directory of nobody's, and
+/// `state/log -> protected` held still, are refused (the S10-1 fix holds);
+/// `state/access.log` itself (the user's directory as the log's own) opens.
 #[tokio::test]
-async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_open() {
+async fn s13_1_a_dot_link_in_the_users_directory_is_refused_and_cannot_race_the_open() {
     if !is_root() || !have_setpriv() {
         return;
     }
@@ -208,6 +212,10 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
     assert!(open_log(&log).is_err());
     assert!(!victim.exists());
 
+    // Control: the user's directory as the log's own: opens there.
+    drop(open_log(&state.join("access.log")).unwrap());
+    std::fs::remove_file(state.join("access.log")).unwrap();
+
     // The user's `state/log -> "."` (and `alt -> protected` beside it).
     let out = as_nobody(&format!(
         "cd {} && rm log && ln -s . log && ln -s {} alt",
@@ -215,17 +223,12 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         protected.display()
     ));
     assert!(out.status.success(), "{out:?}");
-    // Held still: check and open pass, the log lands in `state`, the
-    // user's directory, reached as `state/log`.
-    check_log(&log).unwrap();
-    drop(open_log(&log).unwrap());
-    assert!(
-        state
-            .join("access.log")
-            .symlink_metadata()
-            .unwrap()
-            .is_file()
-    );
+    // Held still: refused by check and open, nothing made in `state`.
+    let e = check_log(&log).unwrap_err().to_string();
+    assert!(e.contains("is reached through a directory user"), "{e}");
+    let e = open_log(&log).err().expect("open passed").to_string();
+    assert!(e.contains("is reached through a directory user"), "{e}");
+    assert!(!state.join("access.log").exists());
     assert!(!victim.exists());
 
     // The race: nobody flips `log` between "." and `protected`.
@@ -247,7 +250,7 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         assert!(Instant::now() < ready, "the flipper did not start");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(2);
     let (mut tries, mut refused, mut opened) = (0u32, 0u32, 0u32);
     while !victim.exists() && Instant::now() < deadline {
         tries += 1;
@@ -266,12 +269,11 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         "S13-1: {tries} opens ({opened} passed, {refused} refused), {}",
         String::from_utf8_lossy(&out.stdout).trim()
     );
-    // The harm: root made the log in `protected`.
-    let meta = victim
-        .symlink_metadata()
-        .expect("root's open never landed in protected/ within 5 s");
-    assert!(meta.is_file());
-    assert_eq!(meta.uid(), 0);
+    // No harm: every open refused, nothing made in `protected` or `state`.
+    assert!(!victim.exists(), "root's open landed in protected/");
+    assert_eq!(opened, 0, "an open passed during the flips");
+    assert!(refused > 0);
+    assert!(!state.join("access.log").exists());
 }
 
 /// Child side of S13-2: run as another user and group (by `setpriv`),
