@@ -651,7 +651,12 @@ fn log_dir(
             drops_to.map(|u| u.user.as_str()).unwrap_or_default()
         ))
     };
-    crate::safe_dir::reach_parent(path, drops_to.map(|u| (u.uid, groups.as_slice())), &refuse)
+    crate::safe_dir::reach_parent(
+        path,
+        drops_to.map(|u| (u.uid, groups.as_slice())),
+        true,
+        &refuse,
+    )
 }
 
 /// Back to blocking writes on a FIFO opened O_NONBLOCK.

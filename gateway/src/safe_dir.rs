@@ -256,9 +256,9 @@ fn writable_for(what: &Path, meta: &std::fs::Metadata, uid: u32, groups: &[u32])
 /// what is held, and the file is opened in it (`Dir::open_append`,
 /// `Dir::open_new`). A symlink on the way is followed from the directory
 /// it is in (judged, so out of the user's reach); one at the file's name
-/// only when that directory is root's and writable by root alone (an
-/// operator's link): elsewhere the name is left for the O_NOFOLLOW open
-/// to refuse. At most 40 links, as the kernel.
+/// only with `follow_last` and when that directory is root's and writable
+/// by root alone (an operator's link): otherwise the name is left for the
+/// O_NOFOLLOW open to refuse. At most 40 links, as the kernel.
 ///
 /// The directory is held O_PATH: names are opened, looked at and removed
 /// in it, and nothing is read from it (no read permission needed, as a
@@ -266,6 +266,7 @@ fn writable_for(what: &Path, meta: &std::fs::Metadata, uid: u32, groups: &[u32])
 pub fn reach_parent(
     path: &Path,
     user: Option<(u32, &[u32])>,
+    follow_last: bool,
     refuse: &dyn Fn(String) -> std::io::Error,
 ) -> std::io::Result<(Dir, String)> {
     use std::collections::VecDeque;
@@ -342,7 +343,7 @@ pub fn reach_parent(
                 };
                 let kind = at.metadata()?.file_type();
                 if kind.is_symlink() {
-                    if last && !cur.root_only()? {
+                    if last && !(follow_last && cur.root_only()?) {
                         return Ok((cur, name.to_owned()));
                     }
                     links += 1;

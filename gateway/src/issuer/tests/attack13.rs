@@ -457,22 +457,28 @@ fn run_gateway_until(
     (pid, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// S13-3: the S10-1 fix covers the access log only; the pid file, which
+/// S13-3: the S10-1 fix covered the access log only; the pid file, which
 /// root writes at every start just before the drop (main.rs
 /// `PidFile::write`: unlink what is at the name, then O_CREAT|O_EXCL|
-/// O_NOFOLLOW), has no check on the directories above its own. README:
-/// "so a directory the user may write cannot turn root's write into one
-/// anywhere else". With `--pid-file .../state/run/gateway.pid` and
-/// `state` the user's (its StateDirectory= or home), the user swaps `run`
-/// for a symlink, and root's next start unlinks the file of that name in
-/// any directory and creates its own there (root's, 0644, its pid), where
-/// the user cannot write. Measured (the built binary, `user = "nobody"`):
-/// root's `protected/gateway.pid` ("precious", one inode) is replaced by a
-/// new file holding the gateway's pid. Controls: nobody cannot remove the
-/// file itself; with `state/run` a directory of nobody's, the pid file is
-/// written there and `protected` is untouched.
+/// O_NOFOLLOW, by path), had no check on the directories above its own.
+/// README: "so a directory the user may write cannot turn root's write
+/// into one anywhere else". With `--pid-file .../state/run/gateway.pid`
+/// and `state` the user's (its StateDirectory= or home), the user swapped
+/// `run` for a symlink, and root's next start unlinked the file of that
+/// name in any directory and created its own there (root's, 0644, its
+/// pid), where the user cannot write. Before the fix (the built binary,
+/// `user = "nobody"`): root's `protected/gateway.pid` ("precious", one
+/// inode) was replaced by a new file holding the gateway's pid. Now the
+/// pid file's directory is reached as the access log's is
+/// (`safe_dir::reach_parent`): the start is refused, naming the user's
+/// directory, and `protected/gateway.pid` keeps its inode and bytes.
+/// Controls: nobody cannot remove the file itself; with the pid file's
+/// own directory nobody's (as RuntimeDirectory= makes /run/gateway) and
+/// root's above, the pid file is written there and removed at exit;
+/// `state/run` a directory of nobody's in nobody's `state` is refused as
+/// the access log's directory is, and `protected` is untouched.
 #[test]
-fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere() {
+fn s13_3_a_link_above_the_pid_files_directory_is_refused() {
     use std::os::unix::fs::MetadataExt as _;
     if !is_root() {
         return;
@@ -520,16 +526,15 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
     let out = as_nobody(&format!("rm -f {}", precious.display()));
     assert!(!out.status.success(), "control: {out:?}");
 
-    let state = d.path().join("state");
-    mkdir(&state, 0o755, NOBODY);
-    let run = state.join("run");
-    mkdir(&run, 0o755, NOBODY);
-    let pid_file = run.join("gateway.pid");
-    // Control: `state/run` nobody's directory: the pid file is written
-    // there (and removed at exit, as the gateway's own).
+    // Control: the pid file's own directory the user's (as systemd's
+    // RuntimeDirectory= makes /run/gateway), root's above: written there
+    // (and removed at exit, as the gateway's own).
+    let runtime = d.path().join("runtime");
+    mkdir(&runtime, 0o755, NOBODY);
+    let own = runtime.join("gateway.pid");
     let seen = std::sync::Mutex::new(None);
-    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, || {
-        let now = std::fs::read_to_string(&pid_file).ok();
+    let (pid, err) = run_gateway_until(&bin, &config, &own, || {
+        let now = std::fs::read_to_string(&own).ok();
         let done = now.as_ref().is_some_and(|s| s.ends_with('\n'));
         *seen.lock().unwrap() = now;
         done
@@ -539,6 +544,18 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
         Some(format!("{pid}\n")),
         "control: {err}"
     );
+    assert!(!own.exists(), "removed at exit");
+
+    let state = d.path().join("state");
+    mkdir(&state, 0o755, NOBODY);
+    let run = state.join("run");
+    mkdir(&run, 0o755, NOBODY);
+    let pid_file = run.join("gateway.pid");
+    // Control: `state/run` nobody's directory in nobody's `state`: refused
+    // (the access log's rule, S10-1), nothing written.
+    let (_, err) = run_gateway_until(&bin, &config, &pid_file, || false);
+    assert!(err.contains("is reached through a directory user"), "{err}");
+    assert!(!pid_file.exists());
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
 
     // The dropped user swaps `run` for a link to `protected`.
@@ -549,17 +566,17 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
     ));
     assert!(out.status.success(), "{out:?}");
     let replaced = || std::fs::read_to_string(&precious).is_ok_and(|s| s != "precious\n");
-    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, replaced);
-    // The harm: root's file in `protected` unlinked and replaced by root.
-    let meta = precious.metadata().unwrap();
-    assert_ne!(meta.ino(), inode, "not replaced: {err}");
-    assert_eq!(meta.uid(), 0);
-    assert_eq!(keep.metadata().unwrap().nlink(), 1, "unlinked by root");
-    assert_eq!(
-        std::fs::read_to_string(&precious).unwrap(),
-        format!("{pid}\n"),
+    let (_, err) = run_gateway_until(&bin, &config, &pid_file, replaced);
+    // No harm: the start refused, root's file in `protected` as it was.
+    assert!(
+        err.contains("cannot write pid file")
+            && err.contains("is reached through a directory user"),
         "{err}"
     );
+    let meta = precious.metadata().unwrap();
+    assert_eq!(meta.ino(), inode, "replaced: {err}");
+    assert_eq!(keep.metadata().unwrap().nlink(), 2, "unlinked by root");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
 }
 
 /// S13-4: `not_the_gateways` (the issuer's start, root's or its unit's,
