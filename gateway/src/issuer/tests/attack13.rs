@@ -3,7 +3,7 @@
 //! asserts the HARM (it passes on the code as reviewed) beside a control,
 //! and is meant to be turned round into the refusal once fixed.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
