@@ -1103,6 +1103,94 @@ mod tests {
         );
     }
 
+    /// `reach_parent` holds what it judged: a directory of the user's is
+    /// only ever the last one, a link in it (`dot -> .` too) is refused,
+    /// a link at the name is followed only when asked and in a directory
+    /// root's alone, and a file made after the walk goes into the
+    /// directory walked to, whatever its name has become (S13-1, S13-3).
+    #[test]
+    fn a_files_directory_is_reached_through_descriptors_and_only_its_name_in_the_users() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if euid() != 0 {
+            return;
+        }
+        const USER: u32 = 4343;
+        // Beside the test binary: every directory above is root's, not
+        // the sticky /tmp (refused with a user).
+        let exe = std::env::current_exe().unwrap();
+        let d = tempfile::Builder::new()
+            .tempdir_in(exe.parent().unwrap())
+            .unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mkdir = |p: &Path, owner: u32| {
+            std::fs::create_dir(p).unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(p, Some(owner), Some(owner)).unwrap();
+        };
+        let user = Some((USER, &[USER][..]));
+        let refuse = |why: String| std::io::Error::other(format!("REFUSED {why}"));
+        let reach = |p: &Path, user: Option<(u32, &[u32])>, follow: bool| {
+            reach_parent(p, user, follow, &refuse)
+        };
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let users = d.path().join("users");
+        mkdir(&users, USER);
+        let logs = d.path().join("logs");
+        mkdir(&logs, 0);
+
+        // The user's directory as the file's own: reached.
+        let (dir, name) = reach(&users.join("x.log"), user, true).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(&users), "x.log")
+        );
+        // Below it, or through a link in it (`dot -> .`): refused.
+        mkdir(&users.join("sub"), USER);
+        std::os::unix::fs::symlink(".", users.join("dot")).unwrap();
+        for p in [users.join("sub/x.log"), users.join("dot/x.log")] {
+            let e = reach(&p, user, true).unwrap_err().to_string();
+            assert!(
+                e.contains("REFUSED") && e.contains("belongs to uid 4343"),
+                "{}: {e}",
+                p.display()
+            );
+            // Without a user to keep out: reached.
+            reach(&p, None, true).unwrap();
+        }
+        // `..` and `.` on the way, through root's directories: reached.
+        let (dir, _) = reach(&d.path().join("logs/../logs/./x.log"), user, true).unwrap();
+        assert_eq!(dir.metadata().unwrap().ino(), ino(&logs));
+        // A link at the name in a directory root's alone: followed only
+        // when asked.
+        std::os::unix::fs::symlink("logs/x.log", d.path().join("link.log")).unwrap();
+        let (dir, name) = reach(&d.path().join("link.log"), user, true).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(&logs), "x.log")
+        );
+        let (dir, name) = reach(&d.path().join("link.log"), user, false).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(d.path()), "link.log")
+        );
+        // A missing directory on the way is said as such.
+        let e = reach(&d.path().join("none/x.log"), user, true).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+
+        // What is held is what was judged: `logs` moved away and a link
+        // put at its name after the walk; the file goes into the
+        // directory walked to.
+        let (dir, name) = reach(&logs.join("x.log"), user, true).unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&logs, &moved).unwrap();
+        std::os::unix::fs::symlink(&users, &logs).unwrap();
+        drop(dir.open_new(&name, 0o640).unwrap());
+        assert!(moved.join("x.log").is_file());
+        assert!(!users.join("x.log").exists());
+        dir.remove(&name).unwrap();
+        assert!(!moved.join("x.log").exists());
+    }
+
     /// Each `reopen` is an open file description of its own: flock on
     /// one excludes the other, as two processes' opens would (two issuer
     /// threads sharing one `Dir` must still exclude each other).
