@@ -230,22 +230,16 @@ impl AccessLog {
             path: path.clone(),
             source,
         };
-        let path = root_links(&path, drops_to).map_err(open)?;
-        if std::fs::symlink_metadata(&path).is_ok() {
-            open_append(&path, drops_to).map_err(open)?;
+        let (dir, name) = log_dir(&path, drops_to).map_err(open)?;
+        if dir.exists(&name).map_err(open)? {
+            append_in(&dir, &name).map_err(open)?;
             return Ok(());
         }
         // The probe makes the file only if nothing is there (O_EXCL: not
-        // through a symlink planted meanwhile), and removes what it made;
-        // run creates its own.
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(open)?;
-        let _ = std::fs::remove_file(&path);
+        // through a symlink planted meanwhile), in the directory judged,
+        // and removes what it made; run creates its own.
+        drop(dir.open_new(&name, 0o640).map_err(open)?);
+        let _ = dir.remove(&name);
         Ok(())
     }
 
@@ -579,34 +573,33 @@ fn summary_line(reason: &str, bucket: &Bucket, period: Duration) -> String {
 /// file), never a device, never a file with other names (a hard link to
 /// another file), so root writes only the log itself (review 9, S9-5),
 /// and never in a directory reached through one that user may write
-/// (`root_links`). A FIFO is taken: a log reader's pipe (see README, a
-/// disk that blocks).
+/// (`log_dir`). A FIFO is taken: a log reader's pipe (see README, a disk
+/// that blocks).
 fn open_append(
     path: &std::path::Path,
     drops_to: Option<&Target>,
 ) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
-    let path = root_links(path, drops_to)?;
+    let (dir, name) = log_dir(path, drops_to)?;
+    append_in(&dir, &name)
+}
+
+/// The log `name` in `dir` (from `log_dir`) opened to append.
+fn append_in(dir: &crate::safe_dir::Dir, name: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt as _;
     // O_NONBLOCK: a FIFO nobody reads (one the dropped user planted)
     // fails the open at once instead of hanging the start; a log reader's
     // FIFO is then written blocking, as a file is (review 10, S10-3).
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::other(format!(
-                    "{e}: a symlink in a directory others may write, which is never followed"
-                ))
-            } else if e.raw_os_error() == Some(libc::ENXIO) {
-                std::io::Error::other(format!("{e}: a FIFO no one reads yet"))
-            } else {
-                e
-            }
-        })?;
+    let file = dir.open_append(name, 0o640).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            std::io::Error::other(format!(
+                "{e}: a symlink in a directory others may write, which is never followed"
+            ))
+        } else if e.raw_os_error() == Some(libc::ENXIO) {
+            std::io::Error::other(format!("{e}: a FIFO no one reads yet"))
+        } else {
+            e
+        }
+    })?;
     let meta = file.metadata()?;
     use std::os::unix::fs::FileTypeExt as _;
     if !meta.file_type().is_file() && !meta.file_type().is_fifo() {
@@ -624,67 +617,46 @@ fn open_append(
     Ok(file)
 }
 
-/// `path` with the symlinks at its name followed while each sits in a
-/// directory only root may write (an operator's link): a link in a
-/// directory anyone else may write (the dropped user's log directory) is
-/// left for the O_NOFOLLOW open to refuse (review 10, S10-4). Each name
-/// on the way (the log's, each link's) must sit in a directory reached
-/// only through directories `drops_to` cannot write (`reached_safely`).
-fn root_links(
+/// The log's directory, held open, and the log's name in it
+/// (`safe_dir::reach_parent`): with `drops_to`, every directory a name is
+/// looked up in on the way, the log's own aside (it may be the user's:
+/// systemd's LogsDirectory=), must be out of that user's reach, and the
+/// log is then opened in the very directory judged. O_NOFOLLOW guards the
+/// log's name only: a user who may write a directory above could put a
+/// symlink in place of the log's directory, and root, at the next start,
+/// would create or append to a file of the log's name wherever it points
+/// (review 10, S10-1). Checked by path and opened by path, a link `log ->
+/// .` in the user's own directory passed the check and raced the open
+/// (review 13, S13-1); a symlink met in a directory the user may write is
+/// now refused wherever it is, and the log's name is the only name looked
+/// up in such a directory. A link at the log's name is followed only in a
+/// directory root's alone (an operator's), elsewhere left for the
+/// O_NOFOLLOW open to refuse (review 10, S10-4).
+fn log_dir(
     path: &std::path::Path,
     drops_to: Option<&Target>,
-) -> std::io::Result<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut p = path.to_owned();
-    for _ in 0..8 {
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => std::path::PathBuf::from("."),
-        };
-        if let Some(user) = drops_to {
-            reached_safely(&dir, user)?;
-        }
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            return Ok(p);
-        };
-        if !meta.file_type().is_symlink() {
-            return Ok(p);
-        }
-        let d = std::fs::metadata(&dir)?;
-        if d.uid() != 0 || d.mode() & 0o022 != 0 {
-            return Ok(p);
-        }
-        let target = std::fs::read_link(&p)?;
-        p = if target.is_absolute() {
-            target
-        } else {
-            dir.join(target)
-        };
+) -> std::io::Result<(crate::safe_dir::Dir, String)> {
+    let mut groups = drops_to.map(|u| u.groups.clone()).unwrap_or_default();
+    if let Some(user) = drops_to {
+        groups.push(user.gid);
     }
-    Err(std::io::Error::other("too many symlinks"))
-}
-
-/// Refuses a log directory `dir` reached through a directory `user` may
-/// write, `dir` itself aside (it may be the user's: systemd's
-/// LogsDirectory=). O_NOFOLLOW guards the log's name only: a user who may
-/// write the directory above could put a symlink in place of `dir`, and
-/// root, at the next start, would create or append to a file of the log's
-/// name wherever it points (review 10, S10-1). Once every directory on the
-/// way is out of the user's reach, nothing it does moves the open.
-fn reached_safely(dir: &std::path::Path, user: &Target) -> std::io::Result<()> {
-    // A directory that is not there is the open's error, said as such.
-    std::fs::metadata(dir)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-    let mut groups = user.groups.clone();
-    groups.push(user.gid);
-    match crate::safe_dir::writable_above(dir, user.uid, &groups) {
-        None => Ok(()),
-        Some(why) => Err(std::io::Error::other(format!(
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let refuse = |why: String| {
+        std::io::Error::other(format!(
             "its directory {} is reached through a directory user {:?} (whom the gateway drops to) may write: {why}; that user could put a symlink in place of the log's directory and have root create or append to a file of this name anywhere. Keep every directory above the log's root's and writable by root alone (chown root: DIR; chmod go-w DIR), as /var/log is; the log's own directory may be the user's (systemd's LogsDirectory=, /var/log/gateway)",
             dir.display(),
-            user.user
-        ))),
-    }
+            drops_to.map(|u| u.user.as_str()).unwrap_or_default()
+        ))
+    };
+    crate::safe_dir::reach_parent(
+        path,
+        drops_to.map(|u| (u.uid, groups.as_slice())),
+        true,
+        &refuse,
+    )
 }
 
 /// Back to blocking writes on a FIFO opened O_NONBLOCK.

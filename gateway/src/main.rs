@@ -1175,37 +1175,64 @@ fn check(
 /// The pid file of a serving gateway; removed when it stops, if it is
 /// still the file written.
 struct PidFile {
-    path: PathBuf,
+    /// Its directory, held from the write: the removal happens there,
+    /// whatever its name has become.
+    dir: gateway::safe_dir::Dir,
+    name: String,
     dev: u64,
     ino: u64,
 }
 
 impl PidFile {
     /// Written while the gateway may still be root, perhaps in a directory
-    /// its `user` can write: never through a symlink or into a file already
-    /// there (a stale one is unlinked first; one planted after that makes
-    /// the start fail rather than have root write where it points).
-    fn write(path: &std::path::Path) -> anyhow::Result<PidFile> {
+    /// its `user` (`drops_to`) can write: never through a symlink or into a
+    /// file already there (a stale one is unlinked first; one planted after
+    /// that makes the start fail rather than have root write where it
+    /// points). Its directory is reached as the access log's is
+    /// (`safe_dir::reach_parent`): every directory a name is looked up in
+    /// on the way, the pid file's own aside (root's /run, or the user's
+    /// RuntimeDirectory= /run/gateway), must be out of that user's reach,
+    /// and the unlink and the create happen in the directory judged. By
+    /// path, with no check above its own directory, a user who could
+    /// write the directory above (`--pid-file /var/lib/gateway/run/x.pid`)
+    /// swapped `run` for a link and had root unlink and replace a file of
+    /// that name anywhere (review 13, S13-3).
+    fn write(
+        path: &std::path::Path,
+        drops_to: Option<&gateway::privilege::Target>,
+    ) -> anyhow::Result<PidFile> {
         use std::io::Write as _;
-        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        use std::os::unix::fs::MetadataExt as _;
         let fail =
             |e: std::io::Error| anyhow::anyhow!("cannot write pid file {}: {e}", path.display());
-        match std::fs::remove_file(path) {
+        let mut groups = drops_to.map(|u| u.groups.clone()).unwrap_or_default();
+        if let Some(user) = drops_to {
+            groups.push(user.gid);
+        }
+        let refuse = |why: String| {
+            std::io::Error::other(format!(
+                "it is reached through a directory user {:?} (whom the gateway drops to) may write: {why}; that user could put a symlink in place of the pid file's directory and have root unlink and create a file of this name anywhere. Keep every directory above the pid file's root's and writable by root alone, as /run is; its own directory may be the user's (systemd's RuntimeDirectory=, /run/gateway)",
+                drops_to.map(|u| u.user.as_str()).unwrap_or_default()
+            ))
+        };
+        let (dir, name) = gateway::safe_dir::reach_parent(
+            path,
+            drops_to.map(|u| (u.uid, groups.as_slice())),
+            false,
+            &refuse,
+        )
+        .map_err(fail)?;
+        match dir.remove(&name) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
             _ => {}
         }
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(fail)?;
+        let mut file = dir.open_new(&name, 0o644).map_err(fail)?;
         file.write_all(format!("{}\n", std::process::id()).as_bytes())
             .map_err(fail)?;
         let meta = file.metadata().map_err(fail)?;
         Ok(PidFile {
-            path: path.to_owned(),
+            dir,
+            name,
             dev: meta.dev(),
             ino: meta.ino(),
         })
@@ -1215,10 +1242,12 @@ impl PidFile {
 impl Drop for PidFile {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt as _;
-        let ours = std::fs::symlink_metadata(&self.path)
+        let ours = self
+            .dir
+            .symlink_metadata(&self.name)
             .is_ok_and(|m| (m.dev(), m.ino()) == (self.dev, self.ino));
         if ours {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = self.dir.remove(&self.name);
         }
     }
 }
@@ -1409,7 +1438,9 @@ fn run(path: &std::path::Path, pid_file: Option<&std::path::Path>) -> anyhow::Re
     let served = runtime.block_on(async {
         let app = gateway::build(&config).await?;
         // Once everything is bound: a pid file names a gateway that serves.
-        let _pid_file = pid_file.map(PidFile::write).transpose()?;
+        let _pid_file = pid_file
+            .map(|p| PidFile::write(p, target.as_ref()))
+            .transpose()?;
         if let (Some(gate), Some(target)) = (&gate, &target) {
             // While still root: the socket becomes the dropped-to user's,
             // so it (and root) can use it, and nobody else.

@@ -95,6 +95,16 @@ pub enum PrivilegeError {
         user: String,
         why: String,
     },
+    /// The gateway's config could not be read as a regular file: what it
+    /// says (the user the gateway drops to) would go unchecked.
+    #[error(
+        "cannot read the gateway's config {path} to learn whom the gateway drops to: {source}; \
+         the issuer's start is refused rather than left unchecked (it must be a regular file)"
+    )]
+    GatewayConfig {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A capability kept after the drop, and the feature that needs it.
@@ -473,7 +483,11 @@ impl Target {
     pub fn in_its_groups(&self) -> Result<Target, PrivilegeError> {
         let mut groups = group_list(&self.user, self.gid)?;
         if effective_uid() == self.uid {
-            for g in process_groups()? {
+            // The process's own group too: a unit's Group= (root's, say)
+            // is the egid, which getgroups need not list (S13-2).
+            // SAFETY: getegid has no preconditions and cannot fail.
+            let egid = unsafe { libc::getegid() };
+            for g in std::iter::once(egid).chain(process_groups()?) {
                 if !groups.contains(&g) {
                     groups.push(g);
                 }
@@ -485,9 +499,9 @@ impl Target {
         })
     }
 
-    /// Its primary group and supplementary groups, group 0 aside (refused
-    /// on its own: `RootGroup`, `mismatch`), which `not_the_gateways`
-    /// compares with the gateway's.
+    /// Its primary group and supplementary groups, group 0 aside (which
+    /// `not_the_gateways` refuses before it compares), which
+    /// `not_the_gateways` compares with the gateway's.
     fn all_groups(&self) -> Vec<libc::gid_t> {
         let mut all = vec![self.gid];
         for g in &self.groups {
@@ -563,6 +577,24 @@ impl Target {
         if self.user == GATEWAY_USER {
             return refuse(format!("the package's gateway runs as {GATEWAY_USER:?}"));
         }
+        // Root's group is refused outright, not compared: an issuer a unit
+        // runs with Group=root or SupplementaryGroups=root (or whose user
+        // the group database puts in group root) reads root:root 0640
+        // files, which `Target::alone` (the database's primary group
+        // only) and `mismatch` (drops from root only) never saw (review
+        // 13, S13-2).
+        if self.gid == 0 {
+            return Err(PrivilegeError::RootGroup {
+                user: self.user.clone(),
+                what: "its primary group",
+            });
+        }
+        if self.groups.contains(&0) {
+            return Err(PrivilegeError::RootGroup {
+                user: self.user.clone(),
+                what: "one of its supplementary groups (the group database's, or a unit's SupplementaryGroups=)",
+            });
+        }
         let ours = self.all_groups();
         match lookup_user(GATEWAY_USER) {
             Ok((uid, _)) if uid == self.uid => {
@@ -589,10 +621,29 @@ impl Target {
             return refuse(format!("its group {g} owns {}", gateway_config.display()));
         }
         // Only the top-level `user` and `group`; a config that does not
-        // parse (as TOML, or readable) names neither here, and the gateway
-        // refuses it.
-        let table = std::fs::read_to_string(gateway_config)
-            .ok()
+        // parse as TOML names neither here, and the gateway refuses it.
+        // Read as a named file is (`read_bounded`): a FIFO at its name,
+        // which whoever may write /etc/gateway can put there, hung the
+        // issuer's start for good with no log line, and a link to
+        // /dev/zero took its memory (review 13, S13-4). Anything but a
+        // regular file refuses the start, the file named. A config the
+        // issuer may not read (root:gateway 0640, the issuer run by its
+        // unit) names no one it can check, as before.
+        let text = match crate::safe_dir::read_bounded(
+            gateway_config,
+            crate::safe_dir::MAX_NAMED_FILE_BYTES,
+        ) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => None,
+            Err(source) => {
+                return Err(PrivilegeError::GatewayConfig {
+                    path: gateway_config.to_owned(),
+                    source,
+                });
+            }
+        };
+        let table = text
+            .and_then(|bytes| String::from_utf8(bytes).ok())
             .and_then(|text| text.parse::<toml::Table>().ok());
         let named = |key: &str| {
             table

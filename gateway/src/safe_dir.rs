@@ -193,47 +193,6 @@ pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, PrivateFileError> 
 /// keeps others from renaming root's entries, but a name in it that goes
 /// away (a reboot, a tmp cleaner) is anyone's to take.
 pub fn writable_by(path: &Path, uid: u32, groups: &[u32]) -> Option<String> {
-    writable_on_the_way(path, uid, groups, true)
-}
-
-/// `writable_by` for the directories the kernel goes through to reach the
-/// directory `dir`, not `dir` itself: what root creates a file in by name
-/// (the access log) in a directory the dropped user may own, which that
-/// user can then only fill, never move, while every directory on the way
-/// to it is out of its reach (review 10, S10-1). Strict with `..`: the
-/// last directory entered is the one left out, so the directory a `..`
-/// climbs back to is judged too.
-pub fn writable_above(dir: &Path, uid: u32, groups: &[u32]) -> Option<String> {
-    writable_on_the_way(dir, uid, groups, false)
-}
-
-fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> Option<String> {
-    let why = |what: &Path, meta: &std::fs::Metadata| -> Option<String> {
-        let mode = meta.mode();
-        if meta.uid() == uid && uid != 0 {
-            Some(format!("{} belongs to uid {uid}", what.display()))
-        } else if mode & 0o020 != 0 && groups.contains(&meta.gid()) {
-            Some(format!(
-                "{} is writable by its group {} (mode {:o})",
-                what.display(),
-                meta.gid(),
-                mode & 0o7777
-            ))
-        } else if mode & 0o002 != 0 {
-            let sticky = if mode & libc::S_ISVTX != 0 {
-                "; sticky, but a name in it that goes away is anyone's to take"
-            } else {
-                ""
-            };
-            Some(format!(
-                "{} is writable by others (mode {:o}{sticky})",
-                what.display(),
-                mode & 0o7777
-            ))
-        } else {
-            None
-        }
-    };
     let given = match absolute(path) {
         Ok(given) => given,
         Err(e) => return Some(e),
@@ -242,17 +201,193 @@ fn writable_on_the_way(path: &Path, uid: u32, groups: &[u32], itself: bool) -> O
     // each checked as met (a symlink can only be replaced through the
     // directory it is in, which was met before it).
     match resolution(&given) {
-        Ok(mut met) => {
-            if !itself {
-                met.pop();
-            }
-            met.iter().find_map(|p| match std::fs::metadata(p) {
-                Ok(meta) => why(p, &meta).or_else(|| has_acl(p)),
-                Err(e) => Some(format!("{}: {e}", p.display())),
-            })
-        }
+        Ok(met) => met.iter().find_map(|p| match std::fs::metadata(p) {
+            Ok(meta) => writable_for(p, &meta, uid, groups).or_else(|| has_acl(p)),
+            Err(e) => Some(format!("{}: {e}", p.display())),
+        }),
         Err(e) => Some(e),
     }
+}
+
+/// Why `meta` (of `what`) may be written by `uid` or one of `groups`, if
+/// it may: theirs, writable by one of their groups, or by anyone (sticky
+/// or not).
+fn writable_for(what: &Path, meta: &std::fs::Metadata, uid: u32, groups: &[u32]) -> Option<String> {
+    let mode = meta.mode();
+    if meta.uid() == uid && uid != 0 {
+        Some(format!("{} belongs to uid {uid}", what.display()))
+    } else if mode & 0o020 != 0 && groups.contains(&meta.gid()) {
+        Some(format!(
+            "{} is writable by its group {} (mode {:o})",
+            what.display(),
+            meta.gid(),
+            mode & 0o7777
+        ))
+    } else if mode & 0o002 != 0 {
+        let sticky = if mode & libc::S_ISVTX != 0 {
+            "; sticky, but a name in it that goes away is anyone's to take"
+        } else {
+            ""
+        };
+        Some(format!(
+            "{} is writable by others (mode {:o}{sticky})",
+            what.display(),
+            mode & 0o7777
+        ))
+    } else {
+        None
+    }
+}
+
+/// The directory a file root creates or writes by name is in (the access
+/// log, the pid file), opened by walking to it one name at a time from
+/// `/`, each name looked up through the descriptor of the directory before
+/// it, with the file's name, what is left to open there. With `user` (the
+/// uid and groups a start as root drops to): every directory a name is
+/// looked up in, but the file's own, is judged on its descriptor and must
+/// be out of that user's reach (`writable_for`, an ACL), and `refuse`
+/// says why otherwise; only the file's name is looked up in a directory
+/// the user may write, and the caller opens it O_NOFOLLOW.
+///
+/// By path, the check and the open each resolved the path: a link `log ->
+/// .` in the user's directory entered no directory, so the check left that
+/// directory out as the log's own, and the open, resolving `log` again,
+/// was raced into any directory (review 13, S13-1). Here what is judged is
+/// what is held, and the file is opened in it (`Dir::open_append`,
+/// `Dir::open_new`). A symlink on the way is followed from the directory
+/// it is in (judged, so out of the user's reach); one at the file's name
+/// only with `follow_last` and when that directory is root's and writable
+/// by root alone (an operator's link): otherwise the name is left for the
+/// O_NOFOLLOW open to refuse. At most 40 links, as the kernel.
+///
+/// The directory is held O_PATH: names are opened, looked at and removed
+/// in it, and nothing is read from it (no read permission needed, as a
+/// lookup by path needs none); `set_mode` is not for it.
+pub fn reach_parent(
+    path: &Path,
+    user: Option<(u32, &[u32])>,
+    follow_last: bool,
+    refuse: &dyn Fn(String) -> std::io::Error,
+) -> std::io::Result<(Dir, String)> {
+    use std::collections::VecDeque;
+    use std::os::fd::AsRawFd as _;
+    use std::path::Component;
+    let given = absolute(path).map_err(std::io::Error::other)?;
+    let mut todo: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push_front = |todo: &mut VecDeque<std::ffi::OsString>, p: &Path| {
+        for c in p.components().rev() {
+            todo.push_front(c.as_os_str().to_owned());
+        }
+    };
+    push_front(&mut todo, &given);
+    let root = || Dir::open_path(Path::new("/"));
+    let (mut cur, mut shown) = (root()?, std::path::PathBuf::from("/"));
+    let judge = |dir: &Dir, shown: &Path| -> std::io::Result<()> {
+        let Some((uid, groups)) = user else {
+            return Ok(());
+        };
+        let meta = dir.metadata()?;
+        match writable_for(shown, &meta, uid, groups)
+            .map_or_else(|| dir.acl(shown), |w| Ok(Some(w)))?
+        {
+            None => Ok(()),
+            Some(why) => Err(refuse(why)),
+        }
+    };
+    let mut links = 0;
+    while let Some(part) = todo.pop_front() {
+        let Some(kind) = Path::new(&part).components().next() else {
+            continue;
+        };
+        // The file's name: nothing after it but ".".
+        let last = todo.iter().all(|p| p == ".");
+        match kind {
+            Component::RootDir | Component::Prefix(_) => {
+                (cur, shown) = (root()?, std::path::PathBuf::from("/"));
+            }
+            Component::CurDir => {}
+            Component::ParentDir if last => {
+                return Err(std::io::Error::other(format!(
+                    "{}: does not end in a file name",
+                    path.display()
+                )));
+            }
+            Component::ParentDir => {
+                judge(&cur, &shown)?;
+                cur = cur.open_dir_at(c"..")?;
+                shown.pop();
+            }
+            Component::Normal(name) => {
+                let name = name.to_str().ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{}: a name that is not UTF-8", path.display()),
+                    )
+                })?;
+                let c = component(name)?;
+                if !last {
+                    judge(&cur, &shown)?;
+                }
+                let at = match cur.openat(&c, libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0)
+                {
+                    Ok(at) => at,
+                    Err(e) if last && e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok((cur, name.to_owned()));
+                    }
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", shown.join(name).display()),
+                        ));
+                    }
+                };
+                let kind = at.metadata()?.file_type();
+                if kind.is_symlink() {
+                    if last && !(follow_last && cur.root_only()?) {
+                        return Ok((cur, name.to_owned()));
+                    }
+                    links += 1;
+                    if links > 40 {
+                        return Err(std::io::Error::other(format!(
+                            "{}: too many symlinks",
+                            path.display()
+                        )));
+                    }
+                    push_front(&mut todo, &read_link_fd(at.as_raw_fd())?);
+                } else if last {
+                    return Ok((cur, name.to_owned()));
+                } else if kind.is_dir() {
+                    cur = Dir { fd: at };
+                    shown.push(name);
+                } else {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotADirectory,
+                        format!("{}: not a directory", shown.join(name).display()),
+                    ));
+                }
+            }
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "{}: does not end in a file name",
+        path.display()
+    )))
+}
+
+/// The target of the symlink `fd` (O_PATH|O_NOFOLLOW) is: readlinkat on
+/// the link opened, not on a name someone could swap meanwhile.
+fn read_link_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt as _;
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: `fd` is open, the empty name is NUL-terminated, and `buf`
+    // holds `buf.len()` bytes.
+    let n = unsafe { libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    if n >= buf.len() {
+        return Err(std::io::Error::other("a symlink's target too long"));
+    }
+    buf.truncate(n);
+    Ok(std::ffi::OsString::from_vec(buf).into())
 }
 
 /// The most `read_bounded` reads: a CA bundle or a large CA's CRL is a
@@ -452,7 +587,8 @@ pub fn write_replacing(dir: &Path, name: &str, contents: &[u8], mode: u32) -> st
 #[derive(Debug)]
 pub struct Dir {
     /// Opened O_RDONLY|O_DIRECTORY: fstat, fchmod, and the dirfd of the
-    /// *at calls (O_PATH, briefly, in `open_name`).
+    /// *at calls (O_PATH, briefly, in `open_name`, and for good from
+    /// `reach_parent`, which reads nothing from it).
     fd: std::fs::File,
 }
 
@@ -531,6 +667,112 @@ impl Dir {
             return Err(std::io::Error::new(std::io::ErrorKind::NotADirectory, why));
         }
         Ok(Dir { fd: at.reopen()? })
+    }
+
+    /// `path` itself opened O_PATH (for `reach_parent`'s walk).
+    fn open_path(path: &Path) -> std::io::Result<Dir> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        Ok(Dir {
+            fd: std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+                .open(path)?,
+        })
+    }
+
+    /// The directory `name` (`..` too) opened O_PATH, never through a
+    /// symlink.
+    fn open_dir_at(&self, name: &std::ffi::CStr) -> std::io::Result<Dir> {
+        Ok(Dir {
+            fd: self.openat(
+                name,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0,
+            )?,
+        })
+    }
+
+    /// Root's, and writable by root alone: an operator's link in it is
+    /// the operator's.
+    fn root_only(&self) -> std::io::Result<bool> {
+        let meta = self.metadata()?;
+        // An ACL, or one that cannot be read: not followed (the open
+        // then refuses the link).
+        Ok(meta.uid() == 0
+            && meta.mode() & 0o022 == 0
+            && matches!(self.acl(Path::new("")), Ok(None)))
+    }
+
+    /// A POSIX access ACL on this directory (`has_acl`), through a
+    /// descriptor of its own opened for reading (getxattr needs one that
+    /// is not O_PATH). Fails closed: a directory that cannot be looked at
+    /// is refused by the caller.
+    fn acl(&self, shown: &Path) -> std::io::Result<Option<String>> {
+        use std::os::fd::AsRawFd as _;
+        let fd = self.reopen()?;
+        // SAFETY: `fd` is open; the name is NUL-terminated; a null buffer
+        // of size 0 only asks for the attribute's size.
+        let n = unsafe {
+            libc::fgetxattr(
+                fd.as_raw_fd(),
+                c"system.posix_acl_access".as_ptr(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if n > 0 {
+            return Ok(Some(format!(
+                "{} has a POSIX ACL (getfacl shows it), which may let others write where its mode does not: remove it (setfacl -b)",
+                shown.display()
+            )));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            _ if n == 0 => Ok(None),
+            Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => Ok(None),
+            _ => Err(e),
+        }
+    }
+
+    /// `name` opened to append, created (with `mode`, less the umask) if
+    /// missing: never through a symlink at the name (ELOOP), never
+    /// blocking on a FIFO no one reads (ENXIO; the caller may clear
+    /// O_NONBLOCK once it knows what it opened).
+    pub fn open_append(&self, name: &str, mode: u32) -> std::io::Result<std::fs::File> {
+        self.openat(
+            &component(name)?,
+            libc::O_WRONLY
+                | libc::O_APPEND
+                | libc::O_CREAT
+                | libc::O_NOFOLLOW
+                | libc::O_NONBLOCK
+                | libc::O_NOCTTY
+                | libc::O_CLOEXEC,
+            mode,
+        )
+    }
+
+    /// `name` created for writing, only if nothing (a symlink neither) is
+    /// there: O_CREAT|O_EXCL, with `mode` (less the umask).
+    pub fn open_new(&self, name: &str, mode: u32) -> std::io::Result<std::fs::File> {
+        self.openat(
+            &component(name)?,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            mode,
+        )
+    }
+
+    /// Unlinks `name` in this directory (not a directory; a symlink is
+    /// removed itself, never followed).
+    pub fn remove(&self, name: &str) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let c = component(name)?;
+        // SAFETY: the directory's descriptor is open while `self` lives;
+        // `c` is NUL-terminated; no flags.
+        if unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// openat in this directory, the result owned.
@@ -864,6 +1106,94 @@ mod tests {
             std::fs::metadata(&moved).unwrap().permissions().mode() & 0o7777,
             0o711
         );
+    }
+
+    /// `reach_parent` holds what it judged: a directory of the user's is
+    /// only ever the last one, a link in it (`dot -> .` too) is refused,
+    /// a link at the name is followed only when asked and in a directory
+    /// root's alone, and a file made after the walk goes into the
+    /// directory walked to, whatever its name has become (S13-1, S13-3).
+    #[test]
+    fn a_files_directory_is_reached_through_descriptors_and_only_its_name_in_the_users() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if euid() != 0 {
+            return;
+        }
+        const USER: u32 = 4343;
+        // Beside the test binary: every directory above is root's, not
+        // the sticky /tmp (refused with a user).
+        let exe = std::env::current_exe().unwrap();
+        let d = tempfile::Builder::new()
+            .tempdir_in(exe.parent().unwrap())
+            .unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mkdir = |p: &Path, owner: u32| {
+            std::fs::create_dir(p).unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(p, Some(owner), Some(owner)).unwrap();
+        };
+        let user = Some((USER, &[USER][..]));
+        let refuse = |why: String| std::io::Error::other(format!("REFUSED {why}"));
+        let reach = |p: &Path, user: Option<(u32, &[u32])>, follow: bool| {
+            reach_parent(p, user, follow, &refuse)
+        };
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        let users = d.path().join("users");
+        mkdir(&users, USER);
+        let logs = d.path().join("logs");
+        mkdir(&logs, 0);
+
+        // The user's directory as the file's own: reached.
+        let (dir, name) = reach(&users.join("x.log"), user, true).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(&users), "x.log")
+        );
+        // Below it, or through a link in it (`dot -> .`): refused.
+        mkdir(&users.join("sub"), USER);
+        std::os::unix::fs::symlink(".", users.join("dot")).unwrap();
+        for p in [users.join("sub/x.log"), users.join("dot/x.log")] {
+            let e = reach(&p, user, true).unwrap_err().to_string();
+            assert!(
+                e.contains("REFUSED") && e.contains("belongs to uid 4343"),
+                "{}: {e}",
+                p.display()
+            );
+            // Without a user to keep out: reached.
+            reach(&p, None, true).unwrap();
+        }
+        // `..` and `.` on the way, through root's directories: reached.
+        let (dir, _) = reach(&d.path().join("logs/../logs/./x.log"), user, true).unwrap();
+        assert_eq!(dir.metadata().unwrap().ino(), ino(&logs));
+        // A link at the name in a directory root's alone: followed only
+        // when asked.
+        std::os::unix::fs::symlink("logs/x.log", d.path().join("link.log")).unwrap();
+        let (dir, name) = reach(&d.path().join("link.log"), user, true).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(&logs), "x.log")
+        );
+        let (dir, name) = reach(&d.path().join("link.log"), user, false).unwrap();
+        assert_eq!(
+            (dir.metadata().unwrap().ino(), name.as_str()),
+            (ino(d.path()), "link.log")
+        );
+        // A missing directory on the way is said as such.
+        let e = reach(&d.path().join("none/x.log"), user, true).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+
+        // What is held is what was judged: `logs` moved away and a link
+        // put at its name after the walk; the file goes into the
+        // directory walked to.
+        let (dir, name) = reach(&logs.join("x.log"), user, true).unwrap();
+        let moved = d.path().join("moved");
+        std::fs::rename(&logs, &moved).unwrap();
+        std::os::unix::fs::symlink(&users, &logs).unwrap();
+        drop(dir.open_new(&name, 0o640).unwrap());
+        assert!(moved.join("x.log").is_file());
+        assert!(!users.join("x.log").exists());
+        dir.remove(&name).unwrap();
+        assert!(!moved.join("x.log").exists());
     }
 
     /// Each `reopen` is an open file description of its own: flock on

@@ -277,8 +277,10 @@ fn s12_2_the_stores_owner_cannot_keep_the_root_from_revoking_the_intermediate() 
         let result = operator
             .with_root_cert(Some(&anchor))
             .revoke_intermediate(offline.join("intermediate.pem").to_str().unwrap());
+        // rchar is the whole test process's (other tests read beside
+        // this one): the bound only says the 1 GiB index was not read.
         assert!(
-            rchar() - before < 8 << 20,
+            rchar() - before < 512 << 20,
             "{what}: read at most what a store holds"
         );
         drop(held);

@@ -3,7 +3,7 @@
 //! asserts the HARM (it passes on the code as reviewed) beside a control,
 //! and is meant to be turned round into the refusal once fixed.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,30 +152,34 @@ fn s13_1_flipper() {
     println!("FLIPS {n}");
 }
 
-/// S13-1: `writable_above` leaves out the last directory the walk
+/// S13-1: `writable_above` left out the last directory the walk
 /// *entered*, taking it for the log's own directory. A symlink `log ->
 /// "."` in the user's directory `state` enters nothing: the walk of
-/// `state/log` ends in `state`, leaves it out, and judges only root's
+/// `state/log` ended in `state`, left it out, and judged only root's
 /// directories above it. So `access_log = ".../state/log/access.log"`,
-/// which the fix refuses while `state/log` is a directory (the S10-1
-/// layout), passes `check` and open once the user has made `log` a link
-/// to "." — though `state/log` is reached through `state`, the user's,
-/// which is what README's rule forbids. The user's own link in its own
-/// directory is then looked up again at the open: "Once every directory
-/// on the way is out of its reach, nothing the user does can move the
-/// open, so there is no race between the check and the open" (81adcf0)
-/// does not hold. A user with a process alive at root's start swaps
-/// `log` between "." and a link to any directory (renameat2
-/// RENAME_EXCHANGE), and root's open, after a walk that saw ".", creates
-/// `access.log` in the other directory: S10-1's harm, through a race.
-/// Measured: a nobody child flipping `state/log` between "." and
-/// `protected`; `AccessLog::open` as root, retried, made
-/// `protected/access.log` (root's, 0640) where nobody cannot write.
-/// Controls: nobody cannot create `protected/access.log`; `state/log` as a
-/// directory of nobody's, and `state/log -> protected` held still, are
-/// refused (the fix holds for both).
+/// which the S10-1 fix refuses while `state/log` is a directory, passed
+/// `check` and open once the user had made `log` a link to "." — though
+/// `state/log` is reached through `state`, the user's, which is what
+/// README's rule forbids. The user's own link in its own directory was
+/// then looked up again at the open (by path), so a user with a process
+/// alive at root's start swapped `log` between "." and a link to any
+/// directory (renameat2 RENAME_EXCHANGE), and root's open, after a walk
+/// that saw ".", created `access.log` in the other directory: S10-1's
+/// harm, through a race. Before the fix: a nobody child flipping
+/// `state/log` between "." and `protected`; `AccessLog::open` as root,
+/// retried, made `protected/access.log` (root's, 0640) where nobody cannot
+/// write, after 1 to 80 opens (about 10 ms); held still, the log went to
+/// `state/access.log`. Now the log's directory is reached one name at a
+/// time through descriptors (`safe_dir::reach_parent`), every directory a
+/// name is looked up in but the log's own judged on its descriptor, and
+/// the log opened in the directory judged: `state/log -> .` is refused
+/// held still, and with the flipper running every open for 2 s is refused
+/// and nothing is made in `protected`. Controls: nobody cannot create
+/// `protected/access.log`; `state/log` as a directory of nobody's, and
+/// `state/log -> protected` held still, are refused (the S10-1 fix holds);
+/// `state/access.log` itself (the user's directory as the log's own) opens.
 #[tokio::test]
-async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_open() {
+async fn s13_1_a_dot_link_in_the_users_directory_is_refused_and_cannot_race_the_open() {
     if !is_root() || !have_setpriv() {
         return;
     }
@@ -208,6 +212,10 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
     assert!(open_log(&log).is_err());
     assert!(!victim.exists());
 
+    // Control: the user's directory as the log's own: opens there.
+    drop(open_log(&state.join("access.log")).unwrap());
+    std::fs::remove_file(state.join("access.log")).unwrap();
+
     // The user's `state/log -> "."` (and `alt -> protected` beside it).
     let out = as_nobody(&format!(
         "cd {} && rm log && ln -s . log && ln -s {} alt",
@@ -215,17 +223,12 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         protected.display()
     ));
     assert!(out.status.success(), "{out:?}");
-    // Held still: check and open pass, the log lands in `state`, the
-    // user's directory, reached as `state/log`.
-    check_log(&log).unwrap();
-    drop(open_log(&log).unwrap());
-    assert!(
-        state
-            .join("access.log")
-            .symlink_metadata()
-            .unwrap()
-            .is_file()
-    );
+    // Held still: refused by check and open, nothing made in `state`.
+    let e = check_log(&log).unwrap_err().to_string();
+    assert!(e.contains("is reached through a directory user"), "{e}");
+    let e = open_log(&log).err().expect("open passed").to_string();
+    assert!(e.contains("is reached through a directory user"), "{e}");
+    assert!(!state.join("access.log").exists());
     assert!(!victim.exists());
 
     // The race: nobody flips `log` between "." and `protected`.
@@ -247,7 +250,7 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         assert!(Instant::now() < ready, "the flipper did not start");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(2);
     let (mut tries, mut refused, mut opened) = (0u32, 0u32, 0u32);
     while !victim.exists() && Instant::now() < deadline {
         tries += 1;
@@ -266,12 +269,11 @@ async fn s13_1_a_dot_link_in_the_users_directory_passes_the_walk_and_races_the_o
         "S13-1: {tries} opens ({opened} passed, {refused} refused), {}",
         String::from_utf8_lossy(&out.stdout).trim()
     );
-    // The harm: root made the log in `protected`.
-    let meta = victim
-        .symlink_metadata()
-        .expect("root's open never landed in protected/ within 5 s");
-    assert!(meta.is_file());
-    assert_eq!(meta.uid(), 0);
+    // No harm: every open refused, nothing made in `protected` or `state`.
+    assert!(!victim.exists(), "root's open landed in protected/");
+    assert_eq!(opened, 0, "an open passed during the flips");
+    assert!(refused > 0);
+    assert!(!state.join("access.log").exists());
 }
 
 /// Child side of S13-2: run as another user and group (by `setpriv`),
@@ -318,26 +320,27 @@ fn s13_2_child() {
 }
 
 /// S13-2: "gid 0 aside (refused on its own: RootGroup, mismatch)"
-/// (privilege.rs, `all_groups`): `not_the_gateways` leaves group 0 out of
-/// its comparison because it is said to be refused elsewhere, and
-/// docs/sso.md lists "its primary group is root's (gid 0)" among the
-/// refusals. Neither holds for the issuer a unit starts (User=, the
+/// (privilege.rs, `all_groups`): `not_the_gateways` left group 0 out of
+/// its comparison because it was said to be refused elsewhere, and
+/// docs/sso.md listed "its primary group is root's (gid 0)" among the
+/// refusals. Neither held for the issuer a unit starts (User=, the
 /// documented way): `Target::alone` looks only at the group database's
-/// primary group, `mismatch` and `RootGroup` only at drops from root, and
-/// `in_its_groups`/`Target::current` read the process's groups only for
-/// the overlap, from which 0 is removed. A unit with `Group=root` (or
-/// `SupplementaryGroups=root`, or `usermod -aG root gateway-issuer`) runs
-/// the network-facing issuer, with the SSO CA's key, in root's group, and
-/// its start passes. Measured (the lib test binary re-run by setpriv as
-/// uid 1): with gid 0, and with gid 1 plus supplementary group 0, both
-/// the path without `user` and the path with `user = "daemon"` started as
-/// daemon pass; /proc shows `Gid: 0 …` / `Groups: 0`, and the child reads
-/// a root:root 0640 file. Control: the gateway's user's group (65534,
-/// gateway.toml names user = "nobody") as a supplementary group is
-/// refused in both paths (the S10-2 fix holds); with gid 1 alone, the
-/// root file is unreadable.
+/// primary group, `mismatch` and `RootGroup` only at drops from root.
+/// Before the fix a unit with `Group=root` (or `SupplementaryGroups=root`,
+/// or `usermod -aG root gateway-issuer`) ran the network-facing issuer,
+/// with the SSO CA's key, in root's group, and its start passed. Measured
+/// then (the lib test binary re-run by setpriv as uid 1): with gid 0, and
+/// with gid 1 plus supplementary group 0, both the path without `user` and
+/// the path with `user = "daemon"` started as daemon passed; /proc showed
+/// `Gid: 0 …` / `Groups: 0`, and the child read a root:root 0640 file.
+/// Now `not_the_gateways` refuses gid 0 among the issuer's groups (its
+/// egid too, which `in_its_groups` now adds) on both paths, naming root's
+/// group. Controls: the gateway's user's group (65534, gateway.toml names
+/// user = "nobody") as a supplementary group is refused in both paths (the
+/// S10-2 fix holds); with gid 1 alone, it passes and the root file is
+/// unreadable.
 #[test]
-fn s13_2_an_issuer_in_roots_group_started_by_its_unit_passes() {
+fn s13_2_an_issuer_in_roots_group_started_by_its_unit_is_refused() {
     if !is_root() || !have_setpriv() {
         return;
     }
@@ -379,24 +382,39 @@ fn s13_2_an_issuer_in_roots_group_started_by_its_unit_passes() {
         out.contains("CURRENT passed") && out.contains("READS_ROOT_FILE false"),
         "control: {out}"
     );
-    // Root's group as a supplementary group: passes, reads root's file.
+    // Root's group as a supplementary group (it does read root's file):
+    // refused on both paths, root's group named.
     let out = run(DAEMON, "0");
     assert!(
-        out.contains("CURRENT passed")
-            && out.contains("WITH_USER passed")
-            && out.contains("Groups: 0")
-            && out.contains("READS_ROOT_FILE true"),
+        out.contains("Groups: 0") && out.contains("READS_ROOT_FILE true"),
         "supplementary group 0: {out}"
     );
-    // Root's group as the primary group (a unit's Group=root): passes.
+    for path in ["CURRENT", "WITH_USER"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("{path} ")))
+            .unwrap_or("");
+        assert!(
+            line.contains("refused") && line.contains("is root's (gid 0)"),
+            "supplementary group 0, {path}: {out}"
+        );
+    }
+    // Root's group as the primary group (a unit's Group=root): refused.
     let out = run(0, &DAEMON.to_string());
     assert!(
-        out.contains("CURRENT passed")
-            && out.contains("WITH_USER passed")
-            && out.contains("Gid: 0 0 0 0")
-            && out.contains("READS_ROOT_FILE true"),
+        out.contains("Gid: 0 0 0 0") && out.contains("READS_ROOT_FILE true"),
         "primary group 0: {out}"
     );
+    for path in ["CURRENT", "WITH_USER"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("{path} ")))
+            .unwrap_or("");
+        assert!(
+            line.contains("refused") && line.contains("is root's (gid 0)"),
+            "primary group 0, {path}: {out}"
+        );
+    }
 }
 
 /// The gateway binary beside the lib test binary (`cargo build --bin
@@ -439,22 +457,28 @@ fn run_gateway_until(
     (pid, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-/// S13-3: the S10-1 fix covers the access log only; the pid file, which
+/// S13-3: the S10-1 fix covered the access log only; the pid file, which
 /// root writes at every start just before the drop (main.rs
 /// `PidFile::write`: unlink what is at the name, then O_CREAT|O_EXCL|
-/// O_NOFOLLOW), has no check on the directories above its own. README:
-/// "so a directory the user may write cannot turn root's write into one
-/// anywhere else". With `--pid-file .../state/run/gateway.pid` and
-/// `state` the user's (its StateDirectory= or home), the user swaps `run`
-/// for a symlink, and root's next start unlinks the file of that name in
-/// any directory and creates its own there (root's, 0644, its pid), where
-/// the user cannot write. Measured (the built binary, `user = "nobody"`):
-/// root's `protected/gateway.pid` ("precious", one inode) is replaced by a
-/// new file holding the gateway's pid. Controls: nobody cannot remove the
-/// file itself; with `state/run` a directory of nobody's, the pid file is
-/// written there and `protected` is untouched.
+/// O_NOFOLLOW, by path), had no check on the directories above its own.
+/// README: "so a directory the user may write cannot turn root's write
+/// into one anywhere else". With `--pid-file .../state/run/gateway.pid`
+/// and `state` the user's (its StateDirectory= or home), the user swapped
+/// `run` for a symlink, and root's next start unlinked the file of that
+/// name in any directory and created its own there (root's, 0644, its
+/// pid), where the user cannot write. Before the fix (the built binary,
+/// `user = "nobody"`): root's `protected/gateway.pid` ("precious", one
+/// inode) was replaced by a new file holding the gateway's pid. Now the
+/// pid file's directory is reached as the access log's is
+/// (`safe_dir::reach_parent`): the start is refused, naming the user's
+/// directory, and `protected/gateway.pid` keeps its inode and bytes.
+/// Controls: nobody cannot remove the file itself; with the pid file's
+/// own directory nobody's (as RuntimeDirectory= makes /run/gateway) and
+/// root's above, the pid file is written there and removed at exit;
+/// `state/run` a directory of nobody's in nobody's `state` is refused as
+/// the access log's directory is, and `protected` is untouched.
 #[test]
-fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere() {
+fn s13_3_a_link_above_the_pid_files_directory_is_refused() {
     use std::os::unix::fs::MetadataExt as _;
     if !is_root() {
         return;
@@ -502,16 +526,15 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
     let out = as_nobody(&format!("rm -f {}", precious.display()));
     assert!(!out.status.success(), "control: {out:?}");
 
-    let state = d.path().join("state");
-    mkdir(&state, 0o755, NOBODY);
-    let run = state.join("run");
-    mkdir(&run, 0o755, NOBODY);
-    let pid_file = run.join("gateway.pid");
-    // Control: `state/run` nobody's directory: the pid file is written
-    // there (and removed at exit, as the gateway's own).
+    // Control: the pid file's own directory the user's (as systemd's
+    // RuntimeDirectory= makes /run/gateway), root's above: written there
+    // (and removed at exit, as the gateway's own).
+    let runtime = d.path().join("runtime");
+    mkdir(&runtime, 0o755, NOBODY);
+    let own = runtime.join("gateway.pid");
     let seen = std::sync::Mutex::new(None);
-    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, || {
-        let now = std::fs::read_to_string(&pid_file).ok();
+    let (pid, err) = run_gateway_until(&bin, &config, &own, || {
+        let now = std::fs::read_to_string(&own).ok();
         let done = now.as_ref().is_some_and(|s| s.ends_with('\n'));
         *seen.lock().unwrap() = now;
         done
@@ -521,6 +544,18 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
         Some(format!("{pid}\n")),
         "control: {err}"
     );
+    assert!(!own.exists(), "removed at exit");
+
+    let state = d.path().join("state");
+    mkdir(&state, 0o755, NOBODY);
+    let run = state.join("run");
+    mkdir(&run, 0o755, NOBODY);
+    let pid_file = run.join("gateway.pid");
+    // Control: `state/run` nobody's directory in nobody's `state`: refused
+    // (the access log's rule, S10-1), nothing written.
+    let (_, err) = run_gateway_until(&bin, &config, &pid_file, || false);
+    assert!(err.contains("is reached through a directory user"), "{err}");
+    assert!(!pid_file.exists());
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
 
     // The dropped user swaps `run` for a link to `protected`.
@@ -531,33 +566,35 @@ fn s13_3_a_link_above_the_pid_files_directory_has_root_replace_a_file_anywhere()
     ));
     assert!(out.status.success(), "{out:?}");
     let replaced = || std::fs::read_to_string(&precious).is_ok_and(|s| s != "precious\n");
-    let (pid, err) = run_gateway_until(&bin, &config, &pid_file, replaced);
-    // The harm: root's file in `protected` unlinked and replaced by root.
-    let meta = precious.metadata().unwrap();
-    assert_ne!(meta.ino(), inode, "not replaced: {err}");
-    assert_eq!(meta.uid(), 0);
-    assert_eq!(keep.metadata().unwrap().nlink(), 1, "unlinked by root");
-    assert_eq!(
-        std::fs::read_to_string(&precious).unwrap(),
-        format!("{pid}\n"),
+    let (_, err) = run_gateway_until(&bin, &config, &pid_file, replaced);
+    // No harm: the start refused, root's file in `protected` as it was.
+    assert!(
+        err.contains("cannot write pid file")
+            && err.contains("is reached through a directory user"),
         "{err}"
     );
+    let meta = precious.metadata().unwrap();
+    assert_eq!(meta.ino(), inode, "replaced: {err}");
+    assert_eq!(keep.metadata().unwrap().nlink(), 2, "unlinked by root");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
 }
 
 /// S13-4: `not_the_gateways` (the issuer's start, root's or its unit's,
-/// with `user` or without) reads the gateway's config whole, by path,
+/// with `user` or without) read the gateway's config whole, by path,
 /// blocking (`std::fs::read_to_string(gateway_config)`), to learn the
 /// `user` and `group` the gateway drops to. A FIFO at that name, which
 /// whoever may write the config's directory can put there (a gateway
 /// started as its user and owning `/etc/gateway`, the layout whose owner
-/// the check names), hangs the issuer's start with no end and no log line,
-/// instead of failing it: the compromised gateway keeps SSO from coming
-/// back. (A link to /dev/zero there grows the issuer's memory without
-/// bound, the same way.) Measured: `Target::not_the_gateways` on a FIFO
-/// had not returned after 300 ms; it returns once a writer comes and
-/// goes. Control: a regular file returns at once.
+/// the check names), hung the issuer's start with no end and no log line:
+/// the compromised gateway kept SSO from coming back (a link to /dev/zero
+/// there grew the issuer's memory without bound). Before the fix:
+/// `Target::not_the_gateways` on a FIFO had not returned after 300 ms, and
+/// returned (passing) once a writer came and went. Now it is read as a
+/// named file is (`safe_dir::read_bounded`): a FIFO or a device there
+/// refuses the start at once, the file named. Control: a regular file
+/// passes at once.
 #[test]
-fn s13_4_a_fifo_at_the_gateways_config_hangs_the_issuers_start() {
+fn s13_4_a_fifo_at_the_gateways_config_refuses_the_issuers_start_at_once() {
     let d = tempfile::tempdir().unwrap();
     let issuer = Target {
         user: "gw-issuer-13".into(),
@@ -584,14 +621,25 @@ fn s13_4_a_fifo_at_the_gateways_config_hangs_the_issuers_start() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let t = check(&config);
     std::thread::sleep(Duration::from_millis(300));
-    // The harm: still blocked in the read.
-    assert!(!t.is_finished(), "the issuer's check returned on a FIFO");
-    // Release it: a writer that writes nothing and goes.
-    drop(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&config)
-            .unwrap(),
+    if !t.is_finished() {
+        // Release it (a writer that writes nothing and goes) before failing.
+        drop(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&config)
+                .unwrap(),
+        );
+        panic!("the issuer's check still waits on a FIFO after 300 ms");
+    }
+    let e = t.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e.contains(&config.display().to_string()) && e.contains("a FIFO"),
+        "{e}"
     );
-    t.join().unwrap().unwrap();
+
+    // A link to /dev/zero: a device, refused, nothing read.
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &config).unwrap();
+    let e = issuer.not_the_gateways(&config).unwrap_err().to_string();
+    assert!(e.contains("a device"), "{e}");
 }
