@@ -1305,6 +1305,9 @@ mod attack13;
 /// the root's CRL signed from what root holds); tests asserting the harm
 /// the reviewed code allows.
 mod attack14;
+/// Attacker review 15 (s8/review15): the S14 fixes and the S13 merge;
+/// tests asserting the harm the reviewed code allows.
+mod attack15;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
