@@ -368,3 +368,67 @@ fn s15_2_one_large_crl_costs_every_handshake_a_hash_of_all_of_it() {
         "a verification with the large CRL: {large:?}, with the usual one: {small:?}"
     );
 }
+
+/// S15-4: root's commands read the store's `root.crl.pem` and `crl.pem`
+/// (each up to 64 MiB) and verify every CRL in the root's name in them,
+/// one signature each, with no cap on their count (the gateway's 1024 a
+/// file is not applied here): the store's owner fills both with copies of
+/// `init`'s public root CRL and every `revoke --intermediate` and `crl
+/// --root` spends that long before it writes `--root-crl-out` (forged
+/// copies cost the same, and print one WARNING line each). Measured: the
+/// time of `crl --root` with 4 000 copies in each file against none, and
+/// the estimate for 64 MiB each. Control: the same command on the store as
+/// it was.
+#[test]
+fn s15_4_the_stores_owner_fills_root_crl_pem_and_root_verifies_every_copy() {
+    let base = tempfile::tempdir().unwrap();
+    let sso = base.path().join("sso");
+    let etc = base.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    let out = etc.join("sso-root.crl.pem");
+    Store::open(&sso)
+        .with_root_crl_out(Some(&out))
+        .init(&spec())
+        .unwrap();
+    let offline = base.path().join("offline");
+    std::fs::create_dir(&offline).unwrap();
+    std::fs::rename(sso.join("root.key"), offline.join("root.key")).unwrap();
+    let anchor = etc.join("sso-ca.pem");
+    std::fs::copy(sso.join("root.pem"), &anchor).unwrap();
+    let operator = || {
+        Store::open(&sso)
+            .with_root_key(Some(&offline.join("root.key")))
+            .with_root_cert(Some(&anchor))
+            .with_root_crl_out(Some(&out))
+    };
+    let inits = std::fs::read_to_string(sso.join("root.crl.pem")).unwrap();
+
+    // Control.
+    let t = Instant::now();
+    let (_, signed) = operator()
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap();
+    let usual = t.elapsed();
+    assert_eq!(signed.crl_number, 2);
+
+    // The owner: 4 000 copies of init's CRL in each file.
+    const COPIES: usize = 4000;
+    let filled = inits.repeat(COPIES);
+    std::fs::write(sso.join("root.crl.pem"), &filled).unwrap();
+    let intermediate = std::fs::read_to_string(sso.join("crl.pem")).unwrap();
+    std::fs::write(sso.join("crl.pem"), format!("{intermediate}{filled}")).unwrap();
+    let t = Instant::now();
+    let (_, signed) = operator()
+        .republish_root_crl(time::Duration::days(7))
+        .unwrap();
+    let slowed = t.elapsed();
+    assert_eq!(signed.crl_number, 3);
+    let per_byte = slowed.as_secs_f64() / (2.0 * filled.len() as f64);
+    eprintln!(
+        "s15_4: crl --root {usual:?} -> {slowed:?} with {COPIES} copies ({} bytes) in each file; \
+         at 64 MiB each ≈ {:.0} s (debug)",
+        filled.len(),
+        per_byte * 2.0 * f64::from(64u32 << 20),
+    );
+    assert!(slowed > usual * 20, "{usual:?} -> {slowed:?}");
+}
