@@ -944,17 +944,47 @@ impl Store {
                 });
             }
         }
-        std::fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
+        if let Some(parent) = self.dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(self.io(parent))?;
+        }
+        let made = match std::fs::create_dir(&self.dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(self.io(&self.dir)(e)),
+        };
         // Readable (so lockable, see `lock`) by its owner only; whatever
         // the umask, others may still reach the public files by name.
         {
-            use std::os::unix::fs::PermissionsExt as _;
+            use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
             let dir = self.opened()?;
-            let mode = dir
-                .metadata()
-                .map_err(self.io(&self.dir))?
-                .permissions()
-                .mode();
+            let meta = dir.metadata().map_err(self.io(&self.dir))?;
+            // The store as opened must be whoever runs init's, and, if it
+            // was there before, no one else's to write: root's init into a
+            // directory the issuer's user made (or swapped in after the
+            // mkdir) gave that user every file, root.key and ca.pem
+            // included (review 15, S15-1).
+            let euid = crate::safe_dir::euid();
+            let refused = |why: String| PkiError::Store {
+                path: self.dir.clone(),
+                message: format!(
+                    "{why}: init makes the store itself, as the user who runs it, and hands its files to no \
+                     one (chown the store to the issuer's user only after root.key is moved offline and ca.pem \
+                     copied); remove it or name a new path; nothing created"
+                ),
+            };
+            if meta.uid() != euid {
+                return Err(refused(format!(
+                    "belongs to uid {}, not to uid {euid} who runs init",
+                    meta.uid()
+                )));
+            }
+            if !made && meta.mode() & 0o022 != 0 {
+                return Err(refused(format!(
+                    "was already there, writable by group or others (mode {:o})",
+                    meta.mode() & 0o7777
+                )));
+            }
+            let mode = meta.permissions().mode();
             dir.set_mode((mode & 0o7700) | 0o011 | 0o700)
                 .map_err(self.io(&self.dir))?;
         }
@@ -1266,7 +1296,12 @@ impl Store {
             // is then held to the stricter rule, no one but root (or this
             // user) anywhere on the way to it.
             Err(_) => {
-                if let Some(why) = crate::safe_dir::writable_by_another(parent) {
+                // Another owner or group anywhere on the way, and any
+                // directory others may write, sticky or not (review 15,
+                // S15-3: /tmp passed here, refused the normal way).
+                if let Some(why) = crate::safe_dir::writable_by_another(parent)
+                    .or_else(|| crate::safe_dir::writable_by(parent, u32::MAX, &[]))
+                {
                     return Err(refused(format!(
                         "{why}: the store could not be opened to learn its owner, so no one but root may write on the way to this file"
                     )));

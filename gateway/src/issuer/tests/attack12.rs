@@ -522,7 +522,10 @@ fn s12_5_the_owner_putting_back_index_json_never_takes_the_serial_out_of_the_roo
 /// refuses alice.
 #[test]
 fn s12_2_a_store_that_cannot_be_opened_does_not_keep_the_root_from_revoking() {
-    let dir = tempfile::tempdir().unwrap();
+    // Not under /tmp: with the store unopenable, no directory others may
+    // write (sticky included) may be on the way to the root's file.
+    let exe = std::env::current_exe().unwrap();
+    let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
     let (store, operator, offline) = documented_store(dir.path());
     let ca = dir.path().join("sso");
     let chain = alice_chain(&store);

@@ -478,7 +478,10 @@ type Case = (
 #[test]
 fn s14_4_a_link_at_the_stores_name_does_not_keep_the_root_from_signing() {
     let case = |what: &str, spoil: &dyn Fn(&Path)| -> (Case, String) {
-        let dir = tempfile::tempdir().unwrap();
+        // Not under /tmp: with the store unopenable, no directory others
+        // may write (sticky included) may be on the way to the root's file.
+        let exe = std::env::current_exe().unwrap();
+        let dir = tempfile::tempdir_in(exe.parent().unwrap()).unwrap();
         let (store, _, offline) = documented_store(dir.path());
         let ca = dir.path().join("sso");
         let out = root_crl_out(&ca);

@@ -87,20 +87,19 @@ fn crls_in(pem: &str) -> Vec<(u64, Vec<String>)> {
         .collect()
 }
 
-/// S15-1: `pki init` writes the new CA, root key included, into whatever
-/// directory is at `--dir` when it runs: one the issuer's user made there
-/// (it owns /var/lib/gateway-issuer, StateDirectory=) is taken as the
-/// store, and every file is given to that directory's owner, `root.key`
-/// too (0600, the user's). After the documented revocation, the operator
-/// sets up the new SSO CA ("Users sign in again only after a new SSO CA is
-/// set up") at the documented place; the user, still running code, made
-/// `sso` again the moment the old one was moved away. It reads the new
-/// root key before the operator moves it offline, and `ca.pem`, which the
-/// next documented step copies to the routes' trust anchor, is its to
-/// replace. Control: the same init where nothing stood at the name leaves
-/// root.key root's, and the user cannot read it.
+/// S15-1: `pki init` wrote the new CA, root key included, into whatever
+/// directory was at `--dir`: one the issuer's user made there (it owns
+/// /var/lib/gateway-issuer, StateDirectory=) was taken as the store, and
+/// every file given to that directory's owner, `root.key` too. Measured
+/// before the fix: after the documented init into the user's `sso`,
+/// `root.key` was uid 65534's and that uid read the private key, and
+/// `ca.pem` (copied next into the routes' trust anchor) was its to
+/// replace. Now init refuses a store that is not the runner's ("belongs to
+/// uid 65534"), creating nothing in it. Control: where nothing stood at
+/// the name, init makes the directory, root's, and the user cannot read
+/// root.key.
 #[test]
-fn s15_1_init_into_a_directory_the_issuers_user_made_hands_it_the_new_root_key() {
+fn s15_1_init_refuses_a_directory_the_issuers_user_made() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -118,20 +117,15 @@ fn s15_1_init_into_a_directory_the_issuers_user_made_hands_it_the_new_root_key()
     std::fs::create_dir(&sso).unwrap();
     chown(&sso, USER);
     chmod(&sso, 0o700);
-    // The documented init, as root.
-    Store::open(&sso)
+    // The documented init, as root: refused, nothing in it.
+    let e = Store::open(&sso)
         .with_root_crl_out(Some(&etc.join("sso2-root.crl.pem")))
         .init(&spec())
-        .expect("pki init --dir sso (the user's directory)");
-    let key = std::fs::metadata(sso.join("root.key")).unwrap();
-    assert_eq!(key.uid(), USER, "root.key given to the directory's owner");
-    assert_eq!(key.mode() & 0o777, 0o600);
-    let read = read_as_user(&sso.join("root.key")).expect("the user reads the new root key");
-    assert!(String::from_utf8_lossy(&read).contains("PRIVATE KEY"));
-    // And the root's certificate the operator copies next is the user's.
-    assert_eq!(std::fs::metadata(sso.join("ca.pem")).unwrap().uid(), USER);
-    std::fs::write(sso.join("ca.pem"), b"the user's own CA").unwrap();
-    assert!(read_as_user(&sso.join("ca.pem")).is_some());
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("belongs to uid 65534"), "{e}");
+    assert_eq!(std::fs::read_dir(&sso).unwrap().count(), 0);
+    assert!(!etc.join("sso2-root.crl.pem").exists());
 
     // Control: nothing at the name; init makes the directory, root's.
     let fresh = state.join("sso-new");
@@ -186,16 +180,16 @@ fn users_store(
     (sso, offline, anchor, out)
 }
 
-/// S15-3: when the store cannot be opened (8797919), `--root-crl-out` is
-/// judged by `writable_by_another`, said to be the stricter rule; but that
-/// one passes a sticky world-writable directory on the way (it was written
-/// for a warning about trust anchors), which `writable_by` refuses ("a
-/// name in it that goes away is anyone's to take"). So the store's owner,
-/// with a FIFO at the store's name, turns root's refusal of an out path
-/// under a sticky directory (/tmp/gw/…, /var/tmp/…) into a CRL signed and
-/// written there. Control: the store as it is: refused, nothing written.
+/// S15-3: when the store cannot be opened (8797919), `--root-crl-out` was
+/// judged by `writable_by_another`, said to be the stricter rule, which
+/// passes a sticky world-writable directory on the way (`writable_by`
+/// refuses it). Before the fix the store's owner, with a FIFO at the
+/// store's name, turned root's refusal of an out path under /tmp/gw/ into
+/// a CRL signed and written there. Now that rule refuses any directory
+/// others may write, sticky included: refused either way, nothing
+/// written. Control: the store as it is: refused.
 #[test]
-fn s15_3_a_fifo_at_the_stores_name_lets_root_write_its_crl_under_a_sticky_directory() {
+fn s15_3_a_fifo_at_the_stores_name_does_not_let_root_write_under_a_sticky_directory() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -241,13 +235,13 @@ fn s15_3_a_fifo_at_the_stores_name_lets_root_write_its_crl_under_a_sticky_direct
         .revoke_intermediate(named)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("is signed and written to"), "{e}");
-    let now = crls_in(&std::fs::read_to_string(&out).unwrap());
+    assert!(e.contains("sticky") && e.contains("nothing signed"), "{e}");
     assert_eq!(
-        now,
-        vec![(2, vec![real])],
-        "written under the sticky directory"
+        std::fs::read(&out).unwrap(),
+        before,
+        "nothing written under the sticky directory"
     );
+    drop(real);
 }
 
 fn route_files(sso: &Path, out: &Path, anchor: &Path) -> BundleFiles {
