@@ -66,27 +66,6 @@ fn read_as_user(path: &Path) -> Option<Vec<u8>> {
     out.status.success().then_some(out.stdout)
 }
 
-/// Each CRL in `pem`: its number and the serials (hex) it lists.
-fn crls_in(pem: &str) -> Vec<(u64, Vec<String>)> {
-    use x509_parser::prelude::FromDer as _;
-    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
-        .map(|p| p.unwrap())
-        .map(|p| {
-            let (_, crl) =
-                x509_parser::revocation_list::CertificateRevocationList::from_der(&p.contents)
-                    .unwrap();
-            let number = crl
-                .crl_number()
-                .map_or(0, |n| n.to_u64_digits().first().copied().unwrap_or(0));
-            let listed = crl
-                .iter_revoked_certificates()
-                .map(|r| crate::pki::store::hex(r.raw_serial()))
-                .collect();
-            (number, listed)
-        })
-        .collect()
-}
-
 /// S15-1: `pki init` wrote the new CA, root key included, into whatever
 /// directory was at `--dir`: one the issuer's user made there (it owns
 /// /var/lib/gateway-issuer, StateDirectory=) was taken as the store, and
