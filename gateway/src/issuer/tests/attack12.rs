@@ -31,7 +31,7 @@ fn fresh_store(dir: &Path) -> Store {
     store
 }
 
-fn spec() -> InitSpec<'static> {
+pub(super) fn spec() -> InitSpec<'static> {
     InitSpec {
         name: "SSO",
         key_type: KeyType::P256,
@@ -40,7 +40,7 @@ fn spec() -> InitSpec<'static> {
 }
 
 /// Alice's user certificate (leaf, intermediate) as the issuer answers it.
-fn alice_chain(store: &Store) -> String {
+pub(super) fn alice_chain(store: &Store) -> String {
     let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
     store
         .sign_request(
@@ -56,7 +56,7 @@ fn alice_chain(store: &Store) -> String {
 
 /// Where the documented operator writes the root's CRL (`--root-crl-out`):
 /// beside the store, in a directory only root (the test) writes.
-fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
+pub(super) fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
     ca_dir
         .parent()
         .unwrap()
@@ -80,7 +80,7 @@ fn crl_serials(pem: &str) -> Vec<String> {
         .collect()
 }
 
-fn bundle_files(ca_dir: &Path, crls: Vec<std::path::PathBuf>) -> BundleFiles {
+pub(super) fn bundle_files(ca_dir: &Path, crls: Vec<std::path::PathBuf>) -> BundleFiles {
     BundleFiles {
         ca: ca_dir.join("ca.pem"),
         crls,
@@ -89,7 +89,7 @@ fn bundle_files(ca_dir: &Path, crls: Vec<std::path::PathBuf>) -> BundleFiles {
     }
 }
 
-fn load(files: &BundleFiles) -> Result<Bundle, String> {
+pub(super) fn load(files: &BundleFiles) -> Result<Bundle, String> {
     Bundle::load(
         "trust sso".into(),
         files,
@@ -101,11 +101,11 @@ fn load(files: &BundleFiles) -> Result<Bundle, String> {
 
 /// The route as docs/sso.md "The route" lists it: `sso/crl.pem` and the
 /// root's file outside the store.
-fn route(ca_dir: &Path) -> Vec<std::path::PathBuf> {
+pub(super) fn route(ca_dir: &Path) -> Vec<std::path::PathBuf> {
     vec![ca_dir.join("crl.pem"), root_crl_out(ca_dir)]
 }
 
-fn verify(bundle: &Bundle, chain: &str) -> Result<(), String> {
+pub(super) fn verify(bundle: &Bundle, chain: &str) -> Result<(), String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
         .map(|c| c.unwrap())
         .collect();
@@ -116,13 +116,13 @@ fn verify(bundle: &Bundle, chain: &str) -> Result<(), String> {
 }
 
 /// Whether a gateway started now with the documented route takes `chain`.
-fn gateway_accepts(ca_dir: &Path, chain: &str) -> Result<(), String> {
+pub(super) fn gateway_accepts(ca_dir: &Path, chain: &str) -> Result<(), String> {
     verify(&load(&bundle_files(ca_dir, route(ca_dir)))?, chain)
 }
 
 /// A running gateway's CRL memory, having put the route's CRLs into
 /// service as they are now.
-fn running_gateway(ca_dir: &Path) -> Enforced {
+pub(super) fn running_gateway(ca_dir: &Path) -> Enforced {
     let enforced = Enforced::default();
     let b = load(&bundle_files(ca_dir, route(ca_dir))).unwrap();
     enforced.check(&[b.served()]).unwrap();

@@ -5,47 +5,17 @@
 //! refusal once fixed.
 
 use super::*;
+// The documented route and store helpers, as review 12 wrote them.
+use super::attack12::{
+    alice_chain, bundle_files, gateway_accepts, load, root_crl_out, route, running_gateway, spec,
+    verify,
+};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rustls_pki_types::UnixTime;
-
-use crate::tls::bundle::{Bundle, BundleFiles};
-use crate::tls::crl::Enforced;
-
 // Helpers as in attack12 (private there).
-
-fn spec() -> InitSpec<'static> {
-    InitSpec {
-        name: "SSO",
-        key_type: KeyType::P256,
-        permitted_dns: None,
-    }
-}
-
-fn alice_chain(store: &Store) -> String {
-    let sans = vec!["email:alice@example.internal".to_owned(), LAPTOP.to_owned()];
-    store
-        .sign_request(
-            "alice",
-            &csr(),
-            &sans,
-            time::OffsetDateTime::now_utc() + time::Duration::hours(8),
-            None,
-        )
-        .unwrap()
-        .0
-}
-
-fn root_crl_out(ca_dir: &Path) -> std::path::PathBuf {
-    ca_dir
-        .parent()
-        .unwrap()
-        .join("etc")
-        .join("sso-root.crl.pem")
-}
 
 /// Each CRL in `pem`: its CRL number (u64::MAX if larger) and the serials
 /// (hex) it lists.
@@ -71,55 +41,6 @@ fn crls_in(pem: &str) -> Vec<(u64, Vec<String>)> {
             (number, listed)
         })
         .collect()
-}
-
-fn bundle_files(ca_dir: &Path, crls: Vec<std::path::PathBuf>) -> BundleFiles {
-    BundleFiles {
-        ca: ca_dir.parent().unwrap().join("etc").join("sso-ca.pem"),
-        crls,
-        crl_expired: crate::config::CrlExpired::Refuse,
-        spiffe_trust_domains: None,
-    }
-}
-
-fn load(files: &BundleFiles) -> Result<Bundle, String> {
-    Bundle::load(
-        "trust sso".into(),
-        files,
-        crate::tls::provider().signature_verification_algorithms,
-        Arc::new(AtomicU64::new(0)),
-    )
-    .map_err(|e| e.to_string())
-}
-
-/// The route as docs/sso.md "The route" lists it.
-fn route(ca_dir: &Path) -> Vec<std::path::PathBuf> {
-    vec![ca_dir.join("crl.pem"), root_crl_out(ca_dir)]
-}
-
-fn verify(bundle: &Bundle, chain: &str) -> Result<(), String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain.as_bytes())
-        .map(|c| c.unwrap())
-        .collect();
-    bundle
-        .verify(&certs[0], &certs[1..], UnixTime::now())
-        .map(|_| ())
-        .map_err(|e| format!("{e:?}"))
-}
-
-/// Whether a gateway started now with the documented route takes `chain`.
-fn gateway_accepts(ca_dir: &Path, chain: &str) -> Result<(), String> {
-    verify(&load(&bundle_files(ca_dir, route(ca_dir)))?, chain)
-}
-
-/// A running gateway that put the documented route's CRLs into service
-/// as they are now.
-fn running_gateway(ca_dir: &Path) -> Enforced {
-    let enforced = Enforced::default();
-    let b = load(&bundle_files(ca_dir, route(ca_dir))).unwrap();
-    enforced.check(&[b.served()]).unwrap();
-    enforced.record(&[b.served()]);
-    enforced
 }
 
 /// The documented SSO store (as attack12's): root key offline with a copy
