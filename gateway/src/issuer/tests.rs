@@ -1308,6 +1308,9 @@ mod attack14;
 /// Attacker review 15 (s8/review15): the S14 fixes and the S13 merge;
 /// tests asserting the harm the reviewed code allows.
 mod attack15;
+/// Attacker review 16 (s8/review16): the S15 fixes; tests asserting the
+/// harm the reviewed code allows.
+mod attack16;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
