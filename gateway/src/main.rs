@@ -318,6 +318,15 @@ enum PkiCommand {
         /// back a revocation of the intermediate.
         #[arg(long)]
         root_crl_out: Option<PathBuf>,
+        /// Write the root's key here (0600, root's; then to offline media)
+        /// and never into DIR, whose owner could read it.
+        #[arg(long)]
+        root_key_out: Option<PathBuf>,
+        /// Write the root's certificate here (0644, root's): the routes'
+        /// trust anchor (e.g. /etc/gateway/sso-ca.pem), never read back
+        /// from DIR.
+        #[arg(long)]
+        ca_out: Option<PathBuf>,
     },
     /// Issue a certificate: server (serverAuth only), client or device (clientAuth only).
     Issue {
@@ -724,8 +733,12 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             key_type: k,
             permitted_dns,
             root_crl_out,
+            root_key_out,
+            ca_out,
         } => {
-            let store = Store::open(&dir).with_root_crl_out(root_crl_out.as_deref());
+            let store = Store::open(&dir)
+                .with_root_crl_out(root_crl_out.as_deref())
+                .with_init_outs(root_key_out.as_deref(), ca_out.as_deref());
             store.init(&InitSpec {
                 name: &name,
                 key_type: key_type(k),
@@ -741,10 +754,22 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
                 store.path("crl.pem").display()
             );
             print_root_crl_out(root_crl_out.as_deref());
+            if let Some(ca) = &ca_out {
+                println!(
+                    "the routes' trust anchor, outside the store: {}",
+                    ca.display()
+                );
+            }
             println!(
                 "{} signs only the intermediate and the root's CRL: move it offline now \
                  (root's, 0600; later commands take it with --root-key PATH)",
-                store.path("root.key").display()
+                root_key_out
+                    .unwrap_or_else(|| store.path("root.key"))
+                    .display()
+            );
+            println!(
+                "root: SHA-256 fingerprint {} (the routes' trust anchor must show this one)",
+                store.root_fingerprint()?
             );
             // Kept with the root key, these tell the intermediate from
             // anything put in its place in the store later (S7-1).

@@ -730,3 +730,57 @@ async fn ed25519_keys_load_in_openssl_and_the_gateway() {
         "ed25519",
     ]);
 }
+
+/// `init --root-key-out --ca-out --root-crl-out` (docs/sso.md "Setting it
+/// up"): the root key goes only to its file (0600), never into the
+/// directory; the routes' trust anchor is the root's certificate, the
+/// fingerprint init prints (openssl's); the root's CRL is beside. A file
+/// already at one of them is refused, nothing made (review 16, S16-1).
+#[test]
+fn init_writes_the_root_key_and_the_anchor_outside_the_directory() {
+    use std::os::unix::fs::MetadataExt as _;
+    let harness = Pki::new();
+    let dir = harness.path("sso");
+    let key = harness.path("sso-root.key");
+    let anchor = harness.path("sso-ca.pem");
+    let crl = harness.path("sso-root.crl.pem");
+    let out = pki(&[
+        "init",
+        "--dir",
+        s(&dir),
+        "--name",
+        "SSO",
+        "--root-key-out",
+        s(&key),
+        "--ca-out",
+        s(&anchor),
+        "--root-crl-out",
+        s(&crl),
+    ]);
+    assert!(!dir.join("root.key").exists(), "{out}");
+    assert_eq!(std::fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read(&anchor).unwrap(),
+        std::fs::read(dir.join("root.pem")).unwrap()
+    );
+    assert!(crl.exists());
+    let (ok, fingerprint) = openssl(&[
+        "x509",
+        "-in",
+        s(&anchor),
+        "-noout",
+        "-fingerprint",
+        "-sha256",
+    ]);
+    assert!(ok, "{fingerprint}");
+    let fingerprint = fingerprint.trim().rsplit('=').next().unwrap().to_owned();
+    assert!(
+        out.contains(&format!("root: SHA-256 fingerprint {fingerprint}")),
+        "{out}"
+    );
+    // Again, with the anchor already there: refused, no second store.
+    let again = harness.path("sso2");
+    let err = pki_fails(&["init", "--dir", s(&again), "--ca-out", s(&anchor)]);
+    assert!(err.contains("a file is already there"), "{err}");
+    assert!(!again.exists());
+}

@@ -244,6 +244,14 @@ fn read_regular(path: &Path) -> Result<String, PkiError> {
 /// store's files are written (a fresh temporary file renamed into place,
 /// never through a link), owned by whoever runs this: root.
 fn write_root_crl_out(out: &Path, pem: &str) -> Result<(), PkiError> {
+    write_outside(out, pem, 0o644)
+}
+
+/// Writes `pem` to `out`, a file outside the store (`--root-crl-out`,
+/// `--root-key-out`, `--ca-out`), with `mode`, as the store's files are
+/// written (a fresh temporary file renamed into place, never through a
+/// link), owned by whoever runs this: root.
+fn write_outside(out: &Path, pem: &str, mode: u32) -> Result<(), PkiError> {
     let io = |source| PkiError::Io {
         path: out.to_owned(),
         source,
@@ -257,9 +265,16 @@ fn write_root_crl_out(out: &Path, pem: &str) -> Result<(), PkiError> {
         .and_then(|n| n.to_str())
         .ok_or_else(|| PkiError::Store {
             path: out.to_owned(),
-            message: "--root-crl-out: not a file name in UTF-8".into(),
+            message: "not a file name in UTF-8".into(),
         })?;
-    crate::safe_dir::write_replacing(dir, name, pem.as_bytes(), 0o644).map_err(io)
+    crate::safe_dir::write_replacing(dir, name, pem.as_bytes(), mode).map_err(io)
+}
+
+/// What `init` writes outside the store (`Store::with_init_outs`).
+#[derive(Clone, Debug, Default)]
+struct InitOuts {
+    root_key: Option<PathBuf>,
+    ca: Option<PathBuf>,
 }
 
 /// The root's CRL is valid at least this long when signed.
@@ -282,6 +297,9 @@ pub struct Store {
     /// The root's certificate outside the store (`--root-cert`); None:
     /// the store's `root.pem`, checked against the key.
     root_cert: Option<PathBuf>,
+    /// Where `init` writes the root's key (`--root-key-out`) instead of
+    /// the store, and the root's certificate for routes (`--ca-out`).
+    init_outs: InitOuts,
     /// `dir` as opened (see `Store::opened`), shared by clones; None until
     /// an open succeeds.
     opened: Arc<Mutex<Option<Arc<Dir>>>>,
@@ -432,6 +450,7 @@ impl Store {
             root_crl_out: None,
             root_crl_new: false,
             root_cert: None,
+            init_outs: InitOuts::default(),
             opened: Arc::default(),
         }
     }
@@ -506,6 +525,20 @@ impl Store {
     /// `sign_root_crl`).
     pub fn with_root_crl_new(mut self, new: bool) -> Store {
         self.root_crl_new = new;
+        self
+    }
+
+    /// The same store, whose `init` writes the root's key to `root_key`
+    /// (never into the store) and the root's certificate to `ca`, each a
+    /// new file in a directory only root may write, from memory: read back
+    /// by name from a store whose parent the issuer's user owns, they were
+    /// that user's to swap (its own store renamed into place after init:
+    /// the routes' trust anchor its CA, review 16, S16-1).
+    pub fn with_init_outs(mut self, root_key: Option<&Path>, ca: Option<&Path>) -> Store {
+        self.init_outs = InitOuts {
+            root_key: root_key.map(Path::to_owned),
+            ca: ca.map(Path::to_owned),
+        };
         self
     }
 
@@ -933,6 +966,20 @@ impl Store {
                 message: "a PKI already exists here; refusing to overwrite it".into(),
             });
         }
+        for out in [&self.init_outs.root_key, &self.init_outs.ca]
+            .into_iter()
+            .flatten()
+        {
+            self.check_root_crl_out(out)?;
+            if std::fs::symlink_metadata(out).is_ok() {
+                return Err(PkiError::Store {
+                    path: out.clone(),
+                    message:
+                        "a file is already there: remove it first, or name another; nothing created"
+                            .into(),
+                });
+            }
+        }
         if let Some(out) = &self.root_crl_out {
             self.check_root_crl_out(out)?;
             if std::fs::symlink_metadata(out).is_ok() {
@@ -996,13 +1043,22 @@ impl Store {
             INTERMEDIATE_DAYS,
             spec.permitted_dns,
         )?;
+        // Outside the store first, from memory.
+        if let Some(out) = &self.init_outs.ca {
+            write_outside(out, &root.cert_pem, 0o644)?;
+        }
+        match &self.init_outs.root_key {
+            Some(out) => write_outside(out, &root.key_pem, 0o600)?,
+            None => {
+                self.write("root.key", &root.key_pem, true)?;
+            }
+        }
         self.write("root.pem", &root.cert_pem, false)?;
-        self.write("root.key", &root.key_pem, true)?;
         self.write("intermediate.pem", &int.cert_pem, false)?;
         self.write("intermediate.key", &int.key_pem, true)?;
         self.write("ca.pem", &root.cert_pem, false)?;
         self.save_index(&Index::default())?;
-        let root = Root::new(root, true)?;
+        let root = Root::new(root, self.init_outs.root_key.is_none())?;
         self.publish_root_crl_locked(&root, self.root_crl_out.as_deref())?;
         self.publish_crl_locked(Duration::days(7))?;
         Ok(())
@@ -1269,7 +1325,9 @@ impl Store {
         use std::os::unix::fs::MetadataExt as _;
         let refused = |message: String| PkiError::Store {
             path: out.to_owned(),
-            message: format!("--root-crl-out: {message}; nothing signed"),
+            message: format!(
+                "--root-crl-out (or init's --root-key-out, --ca-out): {message}; nothing signed"
+            ),
         };
         let parent = match out.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -1288,9 +1346,18 @@ impl Store {
                 }
             }
             Ok(None) => {}
-            // No store yet (`init` makes it, as root: root's): no owner to
-            // keep the file from (review 12, S12-4).
-            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            // No store yet (`init` makes it, as root: root's, review 12,
+            // S12-4): no owner to ask, so no one but root (or this user)
+            // may own or group-write anything on the way (the immediate
+            // directory alone let `state/root/…` in the user's `state`
+            // pass, review 16, S16-2).
+            Err(PkiError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(why) = crate::safe_dir::writable_by_another(parent) {
+                    return Err(refused(format!(
+                        "{why}: no store yet to learn its owner from, so no one but root may write on the way to this file"
+                    )));
+                }
+            }
             // A store that cannot be opened (its owner put a FIFO or a link
             // at its name) must not keep the root from signing: the file
             // is then held to the stricter rule, no one but root (or this
@@ -2177,6 +2244,12 @@ impl Store {
     /// The serial and SHA-256 fingerprint of `intermediate.pem`, as `pki
     /// init` prints them: kept with the root key, they tell the
     /// intermediate from anything put in its place later.
+    /// The SHA-256 fingerprint of `root.pem` (as `pki init` prints it):
+    /// the routes' trust anchor must have this one.
+    pub fn root_fingerprint(&self) -> Result<String, PkiError> {
+        self.with_store_cert("root.pem", |_, der| Ok(fingerprint(der)))
+    }
+
     pub fn intermediate_fingerprint(&self) -> Result<(String, String), PkiError> {
         self.with_store_cert("intermediate.pem", |cert, der| {
             Ok((hex(cert.tbs_certificate.raw_serial()), fingerprint(der)))

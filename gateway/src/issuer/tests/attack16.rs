@@ -78,26 +78,20 @@ fn route_accepts(anchor: &Path, crls: Vec<std::path::PathBuf>, chain: &str) -> R
     super::attack12::verify(&bundle, chain)
 }
 
-/// S16-1: init's fix (590bf3b) keeps the issuer's user out of the store
-/// while init runs, but the store's name still lies in that user's
-/// directory (/var/lib/gateway-issuer, 0711, the user's), and the steps
-/// docs/sso.md has root take right after init read it by that name: `mv
-/// sso/root.key` to offline media, `install -m 0644 sso/ca.pem
-/// /etc/gateway/sso-ca.pem`. The user renames root's fresh `sso` away
-/// (a rename in its own directory: no right on `sso` needed) and puts a
-/// store of its own there: root then copies the user's root certificate
-/// into the routes' trust anchor and files the user's root key as the
-/// offline one. Measured: the anchor is the user's CA, not the root init
-/// made, and a gateway with the documented route takes a user
-/// certificate the user signed with its own intermediate. This is the
-/// harm S15-1 named ("ca.pem copied next into the routes' trust anchor
-/// was its to replace"), with the new CA set up where the docs put it
-/// ("the same when a new SSO CA replaces a revoked one").
-/// Control: with the directory above the store root's, the user's rename
-/// is refused and the anchor is the root init made; the user's chain is
-/// refused.
+/// S16-1: after init, docs/sso.md had root read `root.key` and `ca.pem`
+/// back by name from the store, whose name lies in the issuer's user's
+/// directory: the user renamed root's fresh `sso` away and put a store of
+/// its own there, and root copied the user's root certificate into the
+/// routes' trust anchor (measured before the fix: the anchor the user's
+/// CA, a gateway with the documented route taking a chain the user
+/// signed). Now init writes the anchor (`--ca-out`) and the root key
+/// (`--root-key-out`) itself, from memory, to root-only places, and the
+/// docs copy nothing out of the store: whatever the user swaps in after,
+/// the anchor is the root init made, the user's chain is refused, and the
+/// root key never was in the store. Control: the same with the directory
+/// above the store root's.
 #[test]
-fn s16_1_the_issuers_user_swaps_the_new_store_before_roots_documented_copy_of_ca_pem() {
+fn s16_1_init_writes_the_anchor_and_root_key_itself_so_a_swapped_store_gives_nothing() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -133,11 +127,19 @@ fn s16_1_the_issuers_user_swaps_the_new_store_before_roots_documented_copy_of_ca
 
         // Root's documented init of the (new) SSO CA, fixed: root's store.
         let sso = state.join("sso");
+        let offline = base.path().join("offline");
+        std::fs::create_dir(&offline).unwrap();
+        let anchor = etc.join("sso-ca.pem");
         Store::open(&sso)
             .with_root_crl_out(Some(&out))
+            .with_init_outs(Some(&offline.join("root.key")), Some(&anchor))
             .init(&super::attack12::spec())
             .unwrap();
         assert_eq!(std::fs::metadata(&sso).unwrap().uid(), 0);
+        assert!(
+            !sso.join("root.key").exists(),
+            "the root key never in the store"
+        );
         let real_root = std::fs::read_to_string(sso.join("root.pem")).unwrap();
 
         // The user, watching its directory, swaps the store.
@@ -147,39 +149,26 @@ fn s16_1_the_issuers_user_swaps_the_new_store_before_roots_documented_copy_of_ca
         );
         assert_eq!(swapped, users_parent);
 
-        // Root's next documented steps, by name.
-        let offline = base.path().join("offline");
-        std::fs::create_dir(&offline).unwrap();
-        std::fs::rename(sso.join("root.key"), offline.join("root.key")).unwrap();
-        let anchor = etc.join("sso-ca.pem");
-        std::fs::copy(sso.join("ca.pem"), &anchor).unwrap();
+        // Nothing is copied out of the store by name any more.
         let anchored = std::fs::read_to_string(&anchor).unwrap();
+        let key = std::fs::metadata(offline.join("root.key")).unwrap();
+        assert_eq!((key.uid(), key.mode() & 0o777), (0, 0o600));
 
         let accepted = route_accepts(&anchor, vec![sso.join("crl.pem"), out.clone()], &user_chain);
-        if users_parent {
-            // HARM: the routes' anchor is the user's CA, and they take
-            // whatever it signs.
-            assert_ne!(anchored, real_root);
-            assert!(accepted.is_ok(), "{accepted:?}");
-        } else {
-            assert_eq!(anchored, real_root);
-            assert!(accepted.is_err());
-        }
+        assert_eq!(anchored, real_root, "users_parent {users_parent}");
+        assert!(accepted.is_err(), "users_parent {users_parent}");
     }
 }
 
-/// S16-2: with no store yet (init, the new CA's store), `--root-crl-out`
-/// is checked only by `check_parent_of`, its immediate directory: a
-/// root-owned 0755 directory inside the issuer's user's directory passes,
-/// though that user may rename it away and put its own file at the path
-/// the routes list (the "anyone but root anywhere on the way" rule holds
-/// for every later root command, not for init). Measured: init writes
-/// the root's CRL to state/root/sso-root.crl.pem (state the user's), and
-/// the user then replaces the file routes read with one of its own.
-/// Control: the same out path directly in the user's directory is
-/// refused by init.
+/// S16-2: with no store yet (init), `--root-crl-out` was checked only by
+/// `check_parent_of`, its immediate directory: a root-owned directory
+/// inside the issuer's user's directory passed, and the user then renamed
+/// it away and put its own file at the path routes list (measured before
+/// the fix). Now a store not there yet holds the file to the stricter
+/// rule, no one but root anywhere on the way: refused, nothing made.
+/// Control: the user's own directory as the file's: refused.
 #[test]
-fn s16_2_init_takes_a_root_crl_out_below_a_directory_of_the_issuers_user() {
+fn s16_2_init_refuses_a_root_crl_out_below_a_directory_of_the_issuers_user() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -202,16 +191,17 @@ fn s16_2_init_takes_a_root_crl_out_below_a_directory_of_the_issuers_user() {
         .to_string();
     assert!(e.contains("--root-crl-out"), "{e}");
 
-    // HARM: one level down, under a directory of root's, init writes it.
-    Store::open(&base.path().join("sso-b"))
+    // One level down, under a directory of root's in the user's: refused
+    // too (before the fix init wrote it there, and the user then put its
+    // own file where routes read the root's CRL).
+    let e = Store::open(&base.path().join("sso-b"))
         .with_root_crl_out(Some(&out))
         .init(&super::attack12::spec())
-        .unwrap();
-    assert!(out.exists());
-    // And the user puts its own file where routes read the root's CRL.
-    assert!(as_user(
-        &state,
-        "mv root root.old && mkdir root && echo garbage > root/sso-root.crl.pem"
-    ));
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "garbage\n");
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--root-crl-out") && e.contains("belongs to uid"),
+        "{e}"
+    );
+    assert!(!out.exists() && !base.path().join("sso-b").exists());
 }
