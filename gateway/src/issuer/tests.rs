@@ -1311,6 +1311,9 @@ mod attack15;
 /// Attacker review 16 (s8/review16): the S15 fixes; tests asserting the
 /// harm the reviewed code allows.
 mod attack16;
+/// Attacker review 17 (s8/review17): the S16 fixes; tests asserting the
+/// harm the reviewed code allows.
+mod attack17;
 /// Findings of the second attacker review (reviews2): tests asserting the
 /// harm the reviewed code allows.
 mod attack2;
