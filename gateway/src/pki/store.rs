@@ -966,6 +966,43 @@ impl Store {
                 message: "a PKI already exists here; refusing to overwrite it".into(),
             });
         }
+        // One file each: two of them the same path wrote the root's CRL
+        // over its only key, or the key as the routes' anchor (review 17,
+        // S17-1). Compared by directory (device, inode) and name.
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let outs: Vec<&PathBuf> = [
+                &self.init_outs.root_key,
+                &self.init_outs.ca,
+                &self.root_crl_out,
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let place = |p: &Path| {
+                let dir = match p.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                std::fs::metadata(dir)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino(), p.file_name().map(|n| n.to_owned())))
+            };
+            for (i, a) in outs.iter().enumerate() {
+                for b in outs.iter().skip(i + 1) {
+                    if a == b || (place(a).is_some() && place(a) == place(b)) {
+                        return Err(PkiError::Store {
+                            path: (*a).clone(),
+                            message: format!(
+                                "named twice (also as {}): --root-key-out, --ca-out and --root-crl-out are three \
+                                 files; nothing created",
+                                b.display()
+                            ),
+                        });
+                    }
+                }
+            }
+        }
         for out in [&self.init_outs.root_key, &self.init_outs.ca]
             .into_iter()
             .flatten()
@@ -1345,7 +1382,16 @@ impl Store {
                     )));
                 }
             }
-            Ok(None) => {}
+            // The store root's (or this user's): still no one else on the
+            // way, as with no store yet (review 17, S17-2: a root-made
+            // store let `…/gateway-issuer/root/sso-ca.pem` pass).
+            Ok(None) => {
+                if let Some(why) = crate::safe_dir::writable_by_another(parent) {
+                    return Err(refused(format!(
+                        "{why}: no one but root may write on the way to this file"
+                    )));
+                }
+            }
             // No store yet (`init` makes it, as root: root's, review 12,
             // S12-4): no owner to ask, so no one but root (or this user)
             // may own or group-write anything on the way (the immediate
