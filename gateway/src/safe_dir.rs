@@ -408,11 +408,22 @@ pub const MAX_NAMED_FILE_BYTES: u64 = 64 << 20;
 /// there killed it (review 14, S14-3); every file this process opens by a
 /// name someone else may shape is opened so.
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    read_bounded_with(path, max, 0)
+}
+
+/// `read_bounded`, but a symbolic link at the name is not followed (the
+/// open fails with ELOOP): for a file named on `gateway pki`'s command
+/// line that root reads.
+pub fn read_bounded_nofollow(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    read_bounded_with(path, max, libc::O_NOFOLLOW)
+}
+
+fn read_bounded_with(path: &Path, max: u64, flags: libc::c_int) -> std::io::Result<Vec<u8>> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .custom_flags(flags | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {

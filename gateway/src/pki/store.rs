@@ -203,41 +203,23 @@ const NAMED_FILE_MAX: u64 = 1 << 20;
 /// link, not blocking on a FIFO (O_NOFOLLOW, O_NONBLOCK; the type checked
 /// on the open descriptor), and at most `NAMED_FILE_MAX` bytes.
 fn read_regular(path: &Path) -> Result<String, PkiError> {
-    use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let refused = |message: &str| PkiError::Store {
-        path: path.to_owned(),
-        message: message.into(),
-    };
-    let io = |source| PkiError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                refused("is a symbolic link: name the file itself")
-            } else {
-                io(e)
+    let bytes = crate::safe_dir::read_bounded_nofollow(path, NAMED_FILE_MAX).map_err(|source| {
+        if source.raw_os_error() == Some(libc::ELOOP) {
+            PkiError::Store {
+                path: path.to_owned(),
+                message: "is a symbolic link: name the file itself".into(),
             }
-        })?;
-    if !file.metadata().map_err(io)?.file_type().is_file() {
-        return Err(refused("is not a regular file"));
-    }
-    let mut text = String::new();
-    (&mut file)
-        .take(NAMED_FILE_MAX + 1)
-        .read_to_string(&mut text)
-        .map_err(io)?;
-    if text.len() as u64 > NAMED_FILE_MAX {
-        return Err(refused(
-            "is larger than a certificate or key can be (1 MiB)",
-        ));
-    }
-    Ok(text)
+        } else {
+            PkiError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    String::from_utf8(bytes).map_err(|_| PkiError::Store {
+        path: path.to_owned(),
+        message: "is not text (PEM)".into(),
+    })
 }
 
 /// Writes the root's CRL `pem` to `out` (`--root-crl-out`), 0644, as the
